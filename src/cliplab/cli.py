@@ -1,0 +1,143 @@
+"""`cliplab <command> --config X.yaml key=value ...` — one entry point for every stage.
+
+Bad input ends with a one-line ``cliplab: error: …`` and exit code 2 (a traceback only with
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cliplab.errors import CliplabError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", required=config_required, metavar="YAML",
+                   help="YAML recipe (copy one from configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. train.lr=3e-4 train.epochs=2")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cliplab",
+        description="Train, evaluate and adapt CLIP-style image-text models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("quickstart", help="LiT-pretrain on Fashion-MNIST, test zero-shot "
+                       "transfer to held-out classes (a few minutes on a CPU)",
+                       description="Pretrain the lit-minilm preset on Fashion-MNIST with three "
+                       "classes held out, then report zero-shot accuracy on them and on all "
+                       "classes, and a linear probe. Writes a run folder with config.yaml, "
+                       "metrics.jsonl, the checkpoint and results.json.")
+    _add_common(p)
+    p.add_argument("--out", help="run folder (default runs/quickstart-<time>)")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
+                   "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+
+    p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
+                       description="Train a dual encoder on image-text pairs as a recipe says "
+                       "(see configs/pretrain/), then run its zero-shot eval tasks.")
+    _add_common(p, config_required=True)
+    p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint folder, or 'latest' in the run folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+
+    p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
+                       description="Run the zero-shot and linear-probe tasks of a suite YAML on "
+                       "a saved model folder or a preset; print and save results JSON.")
+    p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
+    p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
+    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    return parser
+
+
+def _config(args) -> dict:
+    from cliplab.config import apply_overrides, load_yaml
+
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return apply_overrides(cfg, args.overrides)
+
+
+def cmd_quickstart(args) -> int:
+    from cliplab.quickstart import format_results, run_quickstart
+
+    cfg = _config(args)
+    if args.out:
+        cfg["out"] = args.out
+    if args.data_dir:
+        cfg.setdefault("data", {})["data_dir"] = args.data_dir
+    results = run_quickstart(cfg, progress=not args.no_progress)
+    print(format_results(results))
+    print(f"run folder: {Path(results['model_dir']).parents[2]}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from cliplab.train.pretrain import run_pretrain
+
+    cfg = _config(args)
+    if args.out:
+        cfg["out"] = args.out
+    results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    for name, metrics in results["evals"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    print(f"model: {results['model_dir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.suite import run_suite
+    from cliplab.models.presets import build_model
+
+    suite = apply_overrides(load_yaml(args.suite), args.overrides)
+    model = build_model(args.model)
+    results = {"model": args.model, "suite": args.suite,
+               "results": run_suite(model, suite, progress=not args.no_progress)}
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cliplab`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliplabError as err:
+        if args.debug:
+            raise
+        print(f"cliplab: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Fashion-MNIST from its IDX files (Debian's ``dataset-fashion-mnist`` or any folder)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplab.data.types import LabelledImages
+from cliplab.errors import DataError
+
+DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+              "Bag", "Ankle boot"]
+# Names as a person would write them in a caption; the official names stay in CLASSNAMES.
+PROMPT_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                "bag", "ankle boot"]
+TEMPLATES = [
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of the {}.",
+    "a grayscale image of a {}.",
+    "a product photo of a {}.",
+    "a picture of a {}.",
+    "a small photo of a {}.",
+]
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read IDX file {path}: {err}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
+    return body.reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}; install Debian's "
+                    "`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) or pass "
+                    "--data-dir to a folder holding the four IDX files")
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
+                       limit: int | None = None) -> LabelledImages:
+    """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images."""
+    if split not in FILES:
+        raise DataError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
+    folder = Path(data_dir) if data_dir else DEFAULT_DIR
+    if not folder.is_dir():
+        raise DataError(f"Fashion-MNIST folder {folder} does not exist; install Debian's "
+                        "`dataset-fashion-mnist` or pass --data-dir")
+    image_file, label_file = (_find(folder, stem) for stem in FILES[split])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(f"{image_file} and {label_file} disagree: {images.shape} vs {labels.shape}")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return LabelledImages(torch.from_numpy(images.copy()).unsqueeze(-1),
+                          torch.from_numpy(labels.astype(np.int64)), list(PROMPT_NAMES),
+                          list(TEMPLATES), name=f"fashion-mnist-{split}")

@@ -1,0 +1,271 @@
+"""Manifests: small datasets as a table of image paths plus a caption or a label per row.
+
+A manifest is a CSV, JSONL (``.jsonl`` / ``.json-lines``) or Parquet file, chosen by suffix.
+Relative image paths resolve against the manifest's folder. Malformed manifests raise
+``DataError``; bad samples (missing or corrupt image, empty caption, bad label) are skipped and
+recorded in a ``SkipReport`` under keys like ``"manifest.csv:line 4: images/x.png"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
+from cliplab.errors import DataError
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".parquet": "parquet"}
+IMAGE_COLUMNS = ("image", "path", "filepath", "image_path")
+CAPTION_COLUMNS = ("caption", "text")
+LABEL_COLUMNS = ("label", "class")
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:line {line}: not valid UTF-8 text; save the manifest as UTF-8") from None
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), strict=True)
+    rows, locations = [], []
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
+        columns = [name.strip() for name in reader.fieldnames]
+        for raw in reader:
+            rows.append({k.strip(): v for k, v in raw.items() if k is not None})
+            locations.append(f"line {reader.line_num}")
+    except csv.Error as e:
+        raise DataError(f"{path}:line {reader.reader.line_num}: bad CSV ({_one_line(e)}); "
+                        "fix the quoting on that line") from None
+    return rows, locations, columns
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
+    rows, locations, columns = [], [], {}
+    for number, line in enumerate(_decode(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:line {number}: invalid JSON ({e.msg}, column {e.colno}); "
+                            "fix or delete that line (one JSON object per line)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:line {number}: expected a JSON object such as "
+                            f'{{"image": ..., "caption": ...}}, got {type(row).__name__}; one object per line')
+        rows.append(row)
+        locations.append(f"line {number}")
+        columns.update(dict.fromkeys(row))
+    return rows, locations, list(columns)
+
+
+def _read_parquet(path: Path) -> tuple[list[dict], list[str], list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)}); "
+                        "rewrite it with pyarrow or pandas") from None
+    rows = table.to_pylist()
+    return rows, [f"row {i}" for i in range(1, len(rows) + 1)], list(table.column_names)
+
+
+def _read_table(path: Path) -> tuple[list[dict], list[str], list[str]]:
+    """Rows, their locations (``"line 4"`` / ``"row 3"``) and the column names of a manifest."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown manifest format {path.suffix!r}; use .csv, .jsonl, .json-lines or .parquet")
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}; check the path")
+    return {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path)
+
+
+def read_manifest_rows(path: str | os.PathLike) -> list[dict]:
+    """Parse a CSV, JSONL or Parquet manifest into one dict per row; raise ``DataError`` if malformed."""
+    return _read_table(Path(path))[0]
+
+
+def _column(columns: list[str], given: str | None, names: Sequence[str], flag: str, where: str,
+            required: bool = True) -> str | None:
+    """The column named ``given``, else the first of ``names`` present; ``DataError`` if required."""
+    found = ", ".join(columns) or "none"
+    if given is not None:
+        if given in columns:
+            return given
+        raise DataError(f"{where}: no column {given!r} (found: {found}); fix {flag}= or the header")
+    for name in names:
+        if name in columns:
+            return name
+    if required:
+        raise DataError(f"{where}: no {names[0]} column (looked for {', '.join(names)}; found: {found}); "
+                        f"rename a column or pass {flag}=")
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _labels(values: list[Any], classnames: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
+    """Class names and per-row label indices (None for a missing or unknown label)."""
+    names = ["" if v is None else str(v).strip() for v in values]
+    if classnames is None:
+        present = [v for v, n in zip(values, names) if n]
+        if all(_as_int(v) is not None for v in present):  # integer labels
+            ints = [_as_int(v) if n else None for v, n in zip(values, names)]
+            ints = [i if i is not None and i >= 0 else None for i in ints]
+            top = max((i for i in ints if i is not None), default=-1)
+            return [str(i) for i in range(top + 1)], ints
+        classnames = sorted({n for n in names if n})
+    index = {name: i for i, name in enumerate(classnames)}
+    labels: list[int | None] = []
+    for value, name in zip(values, names):
+        i = index.get(name, _as_int(value)) if name else None
+        labels.append(i if i is not None and 0 <= i < len(classnames) else None)
+    return list(classnames), labels
+
+
+class ManifestDataset(Dataset):
+    """A manifest as a lazy dataset of ``(uint8 [H, W, 3], caption or label index)`` samples.
+
+    ``kind="auto"`` picks pairs when a caption column is given or found (and no ``label_col`` is
+    given), else labelled images. Rows are checked when built; images decode on access.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str = "auto", image_size: int | None = None,
+                 image_col: str | None = None, caption_col: str | None = None,
+                 label_col: str | None = None, classnames: Sequence[str] | None = None,
+                 templates: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        if kind not in ("auto", "pairs", "labelled"):
+            raise DataError(f"unknown manifest kind {kind!r}; use auto, pairs or labelled")
+        if image_size is not None and image_size < 1:
+            raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
+        rows, locations, columns = _read_table(self.path)
+        if not rows:
+            raise DataError(f"{self.path}: manifest has no rows; add one row per image")
+        where = str(self.path) if self.path.suffix.lower() == ".parquet" else f"{self.path}:line 1"
+        image_key = _column(columns, image_col, IMAGE_COLUMNS, "image_col", where)
+        if kind == "auto":
+            text_key = None if label_col is not None else _column(columns, caption_col, CAPTION_COLUMNS,
+                                                                 "caption_col", where, required=False)
+            kind = "pairs" if text_key else "labelled"
+        if kind == "pairs":
+            text_key = _column(columns, caption_col, CAPTION_COLUMNS, "caption_col", where)
+        else:
+            text_key = _column(columns, label_col, LABEL_COLUMNS, "label_col", where)
+        self.kind, self.image_size = kind, image_size
+        raw = ["" if r.get(image_key) is None else str(r[image_key]).strip() for r in rows]
+        self.keys = [f"{self.path.name}:{loc}: {name}" for loc, name in zip(locations, raw)]
+        self.paths = [self.path.parent / Path(name).expanduser() if name else None for name in raw]
+        self.classnames: list[str] = []
+        self.templates: list[str] = []
+        if kind == "pairs":
+            texts = ["" if r.get(text_key) is None else str(r[text_key]).strip() for r in rows]
+            self.targets: list[str | int | None] = [t or None for t in texts]
+            self._bad = "empty_caption"
+        else:
+            self.classnames, self.targets = _labels([r.get(text_key) for r in rows], classnames)
+            self.templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
+            self._bad = "bad_label"
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_image(self, i: int) -> tuple[Image.Image | None, str | None]:
+        """The RGB PIL image of sample ``i`` (resized to ``image_size`` if set), or None and why not."""
+        if self.targets[i] is None:
+            return None, self._bad
+        path = self.paths[i]
+        if path is None or not path.is_file():
+            return None, "missing_file"
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except _PIL_ERRORS:
+            return None, "unreadable_image"
+        size = (self.image_size, self.image_size) if self.image_size else image.size
+        return (image if image.size == size else image.resize(size, _BILINEAR)), None
+
+    def try_load(self, i: int, report: SkipReport | None = None) -> tuple[torch.Tensor, str | int] | None:
+        """Sample ``i`` as ``(uint8 [H, W, 3], target)``, or None (recorded in ``report``) if unusable."""
+        image, reason = self.load_image(i)
+        if image is None:
+            if report is not None:
+                report.add(reason, self.keys[i])
+            return None
+        return torch.from_numpy(np.array(image, dtype=np.uint8)), self.targets[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str | int]:
+        image, reason = self.load_image(i)
+        if image is None:
+            raise DataError(f"{self.keys[i]}: unusable sample ({reason}); use try_load() to skip bad samples")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)), self.targets[i]
+
+
+def load_manifest(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None,
+                  image_col: str | None = None, caption_col: str | None = None,
+                  label_col: str | None = None, classnames: Sequence[str] | None = None,
+                  templates: Sequence[str] | None = None,
+                  progress: bool = True) -> ImageTextPairs | LabelledImages:
+    """Decode a whole manifest into memory, skipping (and reporting) bad samples.
+
+    Images are resized (bilinear) to ``image_size`` square if given, else to the first good
+    image's size. Raises ``DataError`` if the manifest is malformed or no sample is usable.
+    """
+    data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)
+    report = SkipReport()
+    images, targets, size = [], [], None
+    for i in tqdm(range(len(data)), desc=f"decoding {data.path.name}", unit="img", disable=not progress):
+        image, reason = data.load_image(i)
+        if image is None:
+            report.add(reason, data.keys[i])
+            continue
+        size = size or image.size
+        if image.size != size:
+            image = image.resize(size, _BILINEAR)
+        images.append(torch.from_numpy(np.array(image, dtype=np.uint8)))
+        targets.append(data.targets[i])
+    if not images:
+        raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
+                        f"check the image paths (relative to {data.path.parent}) and the caption/label column")
+    stacked, name = torch.stack(images), data.path.stem
+    if data.kind == "pairs":
+        return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report)
+    return LabelledImages(stacked, torch.tensor(targets, dtype=torch.int64), data.classnames,
+                          data.templates, name=name, skipped=report)

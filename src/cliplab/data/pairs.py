@@ -1,0 +1,36 @@
+"""Turn a labelled set into image-text pairs, optionally holding classes out entirely."""
+
+from __future__ import annotations
+
+import torch
+
+from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.errors import DataError
+
+
+def class_indices(classnames: list[str], names: list[str]) -> list[int]:
+    """Indices of ``names`` in ``classnames`` (case-insensitive), with a clear error if absent."""
+    lower = [c.lower() for c in classnames]
+    out = []
+    for name in names:
+        if name.lower() not in lower:
+            raise DataError(f"unknown class {name!r}; classes are: {', '.join(classnames)}")
+        out.append(lower.index(name.lower()))
+    return out
+
+
+def split_classes(data: LabelledImages, heldout: list[str]) -> tuple[LabelledImages, LabelledImages]:
+    """(samples of the seen classes, samples of the held-out classes), labels unchanged."""
+    held = torch.tensor(class_indices(data.classnames, heldout), dtype=torch.long)
+    is_held = torch.isin(data.labels, held)
+    return data.subset(~is_held), data.subset(is_held)
+
+
+def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) -> ImageTextPairs:
+    """Each image gets one caption per template filled with its class name; the class is the
+    caption group, so all captions of a class are positives for all its images."""
+    templates = templates or data.templates
+    per_class = [[t.format(name) for t in templates] for name in data.classnames]
+    captions = [per_class[int(y)] for y in data.labels]
+    return ImageTextPairs(data.images, captions, groups=data.labels.clone(),
+                          name=f"{data.name}-pairs")

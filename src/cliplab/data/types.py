@@ -1,0 +1,92 @@
+"""The two kinds of dataset every cliplab stage speaks: labelled images and image-text pairs.
+
+Images are uint8 tensors laid out ``[N, H, W, C]`` (C is 1 or 3) so that small sets live in
+memory and batches are preprocessed on whole tensors; large sets stream through the same
+per-sample shape (``[H, W, C]`` uint8) from manifests or shards.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SkipReport:
+    """Samples a loader skipped, counted by reason, with the keys (path, line) of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    keys: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, key: str) -> None:
+        """Record that the sample named ``key`` was skipped for ``reason``."""
+        self.counts[reason] += 1
+        self.keys.setdefault(reason, []).append(key)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line such as ``skipped 3 samples: missing_file=2, empty_caption=1``."""
+        if not self.total:
+            return "skipped 0 samples"
+        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
+        return f"skipped {self.total} samples: {parts}"
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}
+
+
+@dataclass
+class LabelledImages:
+    """Images with integer labels, the class names and the prompt templates of the set."""
+
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    labels: torch.Tensor  # int64 [N]
+    classnames: list[str]
+    templates: list[str]
+    name: str = "dataset"
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "LabelledImages":
+        """The samples at ``index`` (a bool mask or integer index), same classes and templates."""
+        return LabelledImages(self.images[index], self.labels[index], self.classnames,
+                              self.templates, self.name)
+
+
+@dataclass
+class ImageTextPairs:
+    """Images each with one or more captions; ``groups`` marks captions that are interchangeable.
+
+    ``captions[i]`` lists the captions of image ``i`` (any of them is a positive for it).
+    ``groups[i]`` is an optional integer id: images sharing a group share their captions' meaning
+    (e.g. the class of a classification set turned into pairs), so the contrastive loss treats
+    their texts as positives too instead of false negatives.
+    """
+
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    captions: list[list[str]]
+    groups: torch.Tensor | None = None  # int64 [N]
+    name: str = "pairs"
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        if len(self.images) != len(self.captions):
+            raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+
+    def __len__(self) -> int:
+        return len(self.captions)

@@ -1,0 +1,21 @@
+"""The one exception type cliplab raises for bad input.
+
+The CLI prints ``str(error)`` on one line and exits with code 2; every message says what was
+wrong, where, and what to do.
+"""
+
+
+class CliplabError(Exception):
+    """Base class of every error cliplab raises on purpose (bad input, missing file, bad config)."""
+
+
+class ConfigError(CliplabError):
+    """A config file, key or value is wrong."""
+
+
+class DataError(CliplabError):
+    """A dataset, manifest or data folder is missing or malformed."""
+
+
+class ModelError(CliplabError):
+    """A model folder or preset cannot be built or loaded."""

@@ -1,0 +1,1 @@
+"""Evaluation: features, zero-shot classification, linear probes and their metrics."""

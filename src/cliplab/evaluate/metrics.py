@@ -1,0 +1,27 @@
+"""Classification metrics with CLIP_benchmark's keys: acc1, acc5, mean_per_class_recall."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+    k = min(k, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    return (topk == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor,
+                          classes: torch.Tensor | None = None) -> float:
+    """Recall averaged over classes present in ``labels`` (so rare classes weigh as much)."""
+    classes = labels.unique() if classes is None else classes
+    recalls = [(pred[labels == c] == c).float().mean() for c in classes if (labels == c).any()]
+    return torch.stack(recalls).mean().item()
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 and mean per-class recall of ``logits [N, C]`` against integer ``labels``."""
+    pred = logits.argmax(dim=1)
+    return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
+            "mean_per_class_recall": mean_per_class_recall(pred, labels)}

@@ -1,0 +1,61 @@
+"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe) on one model."""
+
+from __future__ import annotations
+
+from cliplab.config import check_keys
+from cliplab.data.sources import as_labelled, load_source
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.linear_probe import linear_probe
+from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
+from cliplab.models.dual_encoder import DualEncoder
+
+TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
+             "linear_probe": {"name", "task", "train", "test", "C", "features"}}
+
+
+def _labelled(spec, where: str):
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a data spec such as {{source: digits, split: test}}")
+    return as_labelled(load_source(spec), where)
+
+
+def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
+    """Run one task spec and return its metrics."""
+    kind = task.get("task")
+    if kind not in TASK_KEYS:
+        raise ConfigError(f"unknown task {kind!r}; choose one of: {', '.join(TASK_KEYS)}")
+    name = task.get("name", kind)
+    check_keys(task, TASK_KEYS[kind], f"task {name!r}")
+    if kind == "zeroshot":
+        data = _labelled(task.get("data"), f"task {name!r} data")
+        feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")
+        classifier = zeroshot_classifier(model, data.classnames, data.templates)
+        classes = task.get("classes")
+        if classes is not None:
+            lower = [c.lower() for c in data.classnames]
+            classes = [lower.index(c.lower()) if isinstance(c, str) else int(c) for c in classes]
+        return zeroshot_metrics(feats.embeddings, data.labels, classifier, classes)
+    train = _labelled(task.get("train"), f"task {name!r} train")
+    test = _labelled(task.get("test"), f"task {name!r} test")
+    which = task.get("features", "backbone")
+    if which not in ("backbone", "embeddings"):
+        raise ConfigError(f"task {name!r}: features must be 'backbone' or 'embeddings'")
+    tr = getattr(encode_images(model, train.images, progress=progress), which)
+    te = getattr(encode_images(model, test.images, progress=progress), which)
+    return linear_probe(tr, train.labels, te, test.labels, C=float(task.get("C", 1.0)))
+
+
+def run_suite(model: DualEncoder, suite: dict, progress: bool = True) -> dict:
+    """``{tasks: [...]}`` → ``{task_name: metrics}``."""
+    check_keys(suite, {"tasks"}, "the eval suite")
+    tasks = suite.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError("the eval suite needs a non-empty list 'tasks'")
+    results = {}
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise ConfigError(f"task #{i + 1} of the suite must be a mapping")
+        name = task.get("name", f"{task.get('task')}-{i}")
+        results[name] = run_task(model, task, progress)
+    return results

@@ -1,0 +1,40 @@
+"""Zero-shot classification: a text classifier from class names and prompt templates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cliplab.evaluate.metrics import classification_metrics
+from cliplab.models.dual_encoder import DualEncoder
+
+
+@torch.no_grad()
+def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
+                        templates: Sequence[str]) -> torch.Tensor:
+    """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
+    (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself."""
+    prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
+    emb = model.encode_texts(prompts).float().cpu().view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def zeroshot_logits(image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities ``[N, C]`` of unit image embeddings against the classifier."""
+    return image_embeddings @ classifier.t()
+
+
+def zeroshot_metrics(image_embeddings: torch.Tensor, labels: torch.Tensor,
+                     classifier: torch.Tensor, classes: Sequence[int] | None = None) -> dict:
+    """acc1/acc5/mean per-class recall; with ``classes``, only those classes compete and only
+    images of those classes are scored (e.g. classes held out from training)."""
+    if classes is not None:
+        classes_t = torch.as_tensor(list(classes))
+        keep = torch.isin(labels, classes_t)
+        image_embeddings, labels = image_embeddings[keep], labels[keep]
+        classifier = classifier[classes_t]
+        # relabel to positions within the subset
+        labels = (labels[:, None] == classes_t[None, :]).float().argmax(dim=1)
+    return classification_metrics(zeroshot_logits(image_embeddings, classifier), labels)

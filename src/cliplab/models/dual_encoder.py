@@ -1,0 +1,231 @@
+"""`DualEncoder`: one face over HF CLIP, SigLIP and VisionTextDualEncoder models.
+
+Every stage calls ``encode_image`` / ``encode_text`` / ``tokenize`` / ``preprocess`` and the logit
+scale (and bias) here instead of reaching into a model. A saved folder is a plain HF model
+folder (``config.json`` + ``model.safetensors`` + tokenizer files) plus ``cliplab.json`` holding
+what HF has no field for: the preprocessing and the text pooling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PreTrainedModel, SiglipModel,
+                          VisionTextDualEncoderModel)
+
+from cliplab.errors import ModelError
+from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
+
+MODEL_CLASSES = {
+    "clip": CLIPModel,
+    "siglip": SiglipModel,
+    "vision-text-dual-encoder": VisionTextDualEncoderModel,
+}
+CLIPLAB_FILE = "cliplab.json"
+
+
+def _pooled(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average the token states where ``attention_mask`` is 1 (sentence-transformers pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+class DualEncoder(nn.Module):
+    """A contrastive image-text model: towers, projections, tokenizer and preprocessing.
+
+    ``text_pooling`` is ``"model"`` (the HF model's own pooled output, e.g. CLIP's EOS token) or
+    ``"mean"`` (mean of token states, what sentence encoders such as MiniLM were trained with).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, preprocess: PreprocessConfig,
+                 text_pooling: str = "model", context_length: int | None = None):
+        super().__init__()
+        if model.config.model_type not in MODEL_CLASSES:
+            raise ModelError(f"unsupported model type {model.config.model_type!r}; "
+                             f"cliplab handles {sorted(MODEL_CLASSES)}")
+        if text_pooling not in ("model", "mean"):
+            raise ModelError(f"text_pooling must be 'model' or 'mean', not {text_pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess_config = preprocess
+        self.preprocessor = ImagePreprocessor(preprocess)
+        self.text_pooling = text_pooling
+        self.context_length = context_length or min(getattr(tokenizer, "model_max_length", 77), 512)
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_model
+
+    @property
+    def text_tower(self) -> nn.Module:
+        return self.model.text_model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim if self.kind != "siglip" else \
+            self.model.config.text_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inputs -------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask for ``texts``, padded to the model's context length."""
+        padding = "max_length" if self.kind == "siglip" else "longest"
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True,
+                             max_length=self.context_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def preprocess(self, images, train: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixel values for a batch of uint8 ``[B, H, W, C]`` images (or PIL images)."""
+        return self.preprocessor(images, train=train, generator=generator)
+
+    # -- features -----------------------------------------------------------------------------
+    def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled image-tower output before the projection (what linear probes read)."""
+        return self.model.vision_model(pixel_values=pixel_values).pooler_output
+
+    def text_backbone(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled text-tower output before the projection (what a frozen tower's cache holds)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.text_pooling == "mean":
+            return mean_pool(out.last_hidden_state, attention_mask)
+        return out.pooler_output
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = getattr(self.model, "visual_projection", None)
+        return pooled if proj is None else proj(pooled)
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = getattr(self.model, "text_projection", None)
+        return pooled if proj is None else proj(pooled)
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings ``[B, D]`` (unit length unless ``normalize=False``)."""
+        if self.kind == "siglip":
+            feats = _pooled(self.model.get_image_features(pixel_values=pixel_values))
+        else:
+            feats = self.project_image(self.image_backbone(pixel_values))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """Text embeddings ``[B, D]`` (unit length unless ``normalize=False``)."""
+        if self.kind == "siglip" and self.text_pooling == "model":
+            feats = _pooled(self.model.get_text_features(input_ids=input_ids))
+        else:
+            feats = self.project_text(self.text_backbone(input_ids, attention_mask))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Convenience: tokenize and embed a list of strings in batches (eval mode, no grad)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            out.append(self.encode_text(**tok))
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    # -- training hooks -----------------------------------------------------------------------
+    def freeze_tower(self, tower: str, except_last: int = 0) -> None:
+        """Freeze the ``"image"`` or ``"text"`` tower, optionally leaving its last k layers free."""
+        module = {"image": self.vision_tower, "text": self.text_tower}.get(tower)
+        if module is None:
+            raise ModelError(f"tower must be 'image' or 'text', not {tower!r}")
+        module.requires_grad_(False)
+        if except_last > 0:
+            layers = _encoder_layers(module)
+            for layer in layers[-except_last:]:
+                layer.requires_grad_(True)
+
+    def tower_is_frozen(self, tower: str) -> bool:
+        module = self.vision_tower if tower == "image" else self.text_tower
+        return not any(p.requires_grad for p in module.parameters())
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a plain HF model folder (safetensors) plus tokenizer and ``cliplab.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        meta = {"preprocess": self.preprocess_config.to_dict(), "text_pooling": self.text_pooling,
+                "context_length": self.context_length}
+        (path / CLIPLAB_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
+        """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model folder (no config.json); give a folder "
+                             "written by `cliplab` or HF `save_pretrained`, or a preset name")
+        config = AutoConfig.from_pretrained(path)
+        model_cls = MODEL_CLASSES.get(config.model_type)
+        if model_cls is None:
+            raise ModelError(f"{path}: model type {config.model_type!r} is not a dual encoder "
+                             f"cliplab handles ({', '.join(sorted(MODEL_CLASSES))})")
+        model = model_cls.from_pretrained(path).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        meta_file = path / CLIPLAB_FILE
+        if meta_file.is_file():
+            meta = json.loads(meta_file.read_text())
+            pre = PreprocessConfig.from_dict(meta["preprocess"])
+            return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
+                       meta.get("context_length"))
+        return cls(model, tokenizer, _preprocess_from_hf(path, config))
+
+
+def _preprocess_from_hf(path: Path, config) -> PreprocessConfig:
+    """Read size/mean/std from an HF ``preprocessor_config.json`` when the folder has one."""
+    size = config.vision_config.image_size
+    pre = PreprocessConfig(image_size=size)
+    file = path / "preprocessor_config.json"
+    if file.is_file():
+        d = json.loads(file.read_text())
+        crop = d.get("crop_size") or d.get("size") or size
+        if isinstance(crop, dict):
+            crop = crop.get("height") or crop.get("shortest_edge") or size
+        pre.image_size = int(crop)
+        pre.mean = tuple(d.get("image_mean", pre.mean))
+        pre.std = tuple(d.get("image_std", pre.std))
+    return pre
+
+
+def _encoder_layers(module: nn.Module) -> list[nn.Module]:
+    for attr in ("encoder.layers", "encoder.layer"):
+        obj = module
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ModelError(f"cannot find the layers of {type(module).__name__} to leave unfrozen")

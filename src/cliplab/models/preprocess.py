@@ -1,0 +1,130 @@
+"""Image preprocessing on whole batches of tensors: no torchvision, no per-image Python loop.
+
+Inputs are uint8 images ``[B, H, W, C]`` (C = 1 or 3) or PIL images; outputs are normalised
+float pixel values ``[B, 3, S, S]`` ready for any HF vision tower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class AugmentConfig:
+    """Random train-time augmentation: scale/translate/rotate jitter and horizontal flips."""
+
+    scale: tuple[float, float] = (0.85, 1.1)
+    translate: float = 0.1  # fraction of the image size
+    rotate_deg: float = 10.0
+    hflip: bool = True
+
+
+@dataclass
+class PreprocessConfig:
+    """How a model wants its pixels: output size, normalisation, and train augmentation."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in d.pop("augment", {}).items()})
+        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   augment=aug)
+
+
+def to_uint8_batch(images) -> torch.Tensor:
+    """Turn a uint8 tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, or a list of PIL images of one
+    size, into a uint8 tensor ``[B, H, W, C]``."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
+                           for im in images])
+    images = torch.as_tensor(images)
+    if images.ndim == 3:
+        images = images.unsqueeze(-1)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return images
+
+
+def to_float_rgb(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, C]`` → float ``[B, 3, H, W]`` in [0, 1]; grayscale is repeated to RGB."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        x = x[:, :3]
+    return x
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (bilinear, antialiased) and crop the centre square."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+                      antialias=scale < 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,
+                  fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply an independent random scale/translate/rotate/flip to each image of the batch.
+
+    Done with one ``affine_grid`` + ``grid_sample`` call for the whole batch; pixels pulled from
+    outside the image take ``fill`` (per channel, default 0).
+    """
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator)
+    lo, hi = cfg.scale
+    scale = lo + (hi - lo) * u[:, 0]
+    angle = (u[:, 1] * 2 - 1) * math.radians(cfg.rotate_deg)
+    tx, ty = (u[:, 2] * 2 - 1) * 2 * cfg.translate, (u[:, 3] * 2 - 1) * 2 * cfg.translate
+    flip = torch.where((u[:, 4] < 0.5) & cfg.hflip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
+                         torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    if fill is None:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fill = fill.view(1, -1, 1, 1).to(x)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + fill
+
+
+class ImagePreprocessor:
+    """Callable turning raw images into model pixel values, with optional train augmentation."""
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std).view(1, 3, 1, 1)
+
+    def __call__(self, images, train: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_float_rgb(to_uint8_batch(images))
+        x = resize_center_crop(x, self.config.image_size)
+        if train:
+            # Fill with the border colour so augmented images keep their background.
+            fill = x[:, :, 0, 0].median(dim=0).values
+            x = random_affine(x, self.config.augment, generator, fill=fill)
+        return (x - self.mean) / self.std

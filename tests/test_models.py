@@ -1,0 +1,166 @@
+"""Models: save/load round trips, plain-transformers equivalence, loading HF folders."""
+
+import json
+
+import pytest
+import torch
+from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
+                          VisionTextDualEncoderModel)
+
+from cliplab.errors import ModelError
+from cliplab.models import DualEncoder, build_model
+from cliplab.models.dual_encoder import mean_pool
+from cliplab.models.tokenizer import byte_level_tokenizer
+
+TEXTS = ["a red circle left of a blue square", "three green triangles", "héllo wörld"]
+
+
+def _images(n=3, size=20, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, channels), generator=g, dtype=torch.uint8)
+
+
+def test_tiny_clip_round_trip_in_cliplab_and_plain_transformers(tmp_path, tiny_model):
+    model = tiny_model.eval()
+    pixels = model.preprocess(_images())
+    tok = model.tokenize(TEXTS)
+    with torch.no_grad():
+        img, txt = model.encode_image(pixels), model.encode_text(**tok)
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+    again = DualEncoder.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(again.preprocess(_images())), img)
+        assert torch.equal(again.encode_text(**again.tokenize(TEXTS)), txt)
+
+    plain = CLIPModel.from_pretrained(tmp_path / "m").eval()
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    enc = plain_tok(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        p_img = plain.get_image_features(pixel_values=pixels).pooler_output
+        p_txt = plain.get_text_features(**enc).pooler_output
+    torch.testing.assert_close(torch.nn.functional.normalize(p_img, dim=-1), img)
+    torch.testing.assert_close(torch.nn.functional.normalize(p_txt, dim=-1), txt)
+
+
+def test_clip_text_pools_at_eos_not_at_padding(tiny_model):
+    """Padding a batch must not change a caption's embedding (EOS pooling, not argmax)."""
+    model = tiny_model.eval()
+    with torch.no_grad():
+        alone = model.encode_text(**model.tokenize(["a dog"]))
+        padded = model.encode_text(**model.tokenize(["a dog", "a much longer caption here"]))[:1]
+    torch.testing.assert_close(alone, padded)
+
+
+@pytest.fixture(scope="module")
+def lit_model():
+    return build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+
+
+def test_lit_minilm_round_trip_and_plain_transformers(tmp_path, lit_model):
+    model = lit_model.eval()
+    pixels = model.preprocess(_images(size=16))
+    tok = model.tokenize(TEXTS)
+    with torch.no_grad():
+        img, txt = model.encode_image(pixels), model.encode_text(**tok)
+    model.save(tmp_path / "lit")
+    again = DualEncoder.load(tmp_path / "lit")
+    assert again.text_pooling == "mean"
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(pixels), img)
+        assert torch.equal(again.encode_text(**again.tokenize(TEXTS)), txt)
+
+    plain = VisionTextDualEncoderModel.from_pretrained(tmp_path / "lit").eval()
+    with torch.no_grad():
+        p_img = plain.get_image_features(pixel_values=pixels).pooler_output
+        hidden = plain.text_model(**tok).last_hidden_state
+        p_txt = plain.text_projection(mean_pool(hidden, tok["attention_mask"]))
+    torch.testing.assert_close(torch.nn.functional.normalize(p_img, dim=-1), img)
+    torch.testing.assert_close(torch.nn.functional.normalize(p_txt, dim=-1), txt)
+
+
+def test_lit_minilm_text_tower_is_the_pretrained_sentence_encoder(lit_model):
+    """Identity projection + mean pooling = MiniLM sentence embeddings: related words are close."""
+    emb = lit_model.encode_texts(["a photo of a sneaker.", "a photo of an ankle boot.",
+                                  "a photo of a dress."])
+    sims = emb @ emb.T
+    assert sims[0, 1] > sims[0, 2] + 0.05
+
+
+def test_any_local_hf_clip_folder_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=32, eos_token_id=3),
+                     vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2), projection_dim=8)
+    hf = CLIPModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    byte_level_tokenizer(32).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 16, "width": 16}, "image_mean": [0.5, 0.5, 0.5],
+         "image_std": [0.25, 0.25, 0.25]}))
+    model = DualEncoder.load(tmp_path / "hf")
+    assert model.kind == "clip" and model.preprocess_config.image_size == 16
+    assert model.preprocess_config.std == (0.25, 0.25, 0.25)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = hf.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False), expected)
+
+
+def test_any_local_hf_siglip_folder_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = SiglipConfig(text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=16),
+                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
+                                          intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2))
+    hf = SiglipModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "sig")
+    byte_level_tokenizer(16).save_pretrained(tmp_path / "sig")
+    model = DualEncoder.load(tmp_path / "sig")
+    assert model.kind == "siglip" and model.logit_bias is not None
+    pixels = torch.randn(2, 3, 16, 16)
+    ids = model.tokenize(["a cat", "a dog"])["input_ids"]
+    assert ids.shape[1] == 16  # SigLIP was trained on max-length padding
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels, normalize=False),
+                                   hf.get_image_features(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(model.encode_text(ids, normalize=False),
+                                   hf.get_text_features(input_ids=ids).pooler_output)
+
+
+def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'nope'.*tiny-clip"):
+        build_model("nope")
+    with pytest.raises(ModelError, match="no config.json"):
+        DualEncoder.load(tmp_path)
+    with pytest.raises(ModelError, match="bad option for preset"):
+        build_model("tiny-clip", depth=3)
+
+
+def test_freeze_tower_leaves_last_layers_trainable():
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=3, heads=2,
+                        embed_dim=16)
+    model.freeze_tower("text", except_last=1)
+    layers = model.text_tower.encoder.layers
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[2].parameters())
+    assert not model.tower_is_frozen("text")
+    model.freeze_tower("image")
+    assert model.tower_is_frozen("image")
+
+
+def test_byte_tokenizer_round_trips_any_text(tmp_path):
+    tok = byte_level_tokenizer(48)
+    for text in TEXTS:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == text.lower()
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]

@@ -1,0 +1,62 @@
+"""Batch preprocessing without torchvision."""
+
+import torch
+
+from cliplab.models.preprocess import (AugmentConfig, ImagePreprocessor, PreprocessConfig,
+                                       random_affine, resize_center_crop, to_float_rgb)
+
+
+def test_grayscale_becomes_rgb_and_is_normalised_by_hand():
+    img = torch.tensor([[[[0], [255]], [[51], [102]]]], dtype=torch.uint8)  # [1, 2, 2, 1]
+    pre = ImagePreprocessor(PreprocessConfig(image_size=2, mean=(0.5, 0.5, 0.5),
+                                             std=(0.25, 0.25, 0.25)))
+    out = pre(img)
+    assert out.shape == (1, 3, 2, 2)
+    expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - 0.5) / 0.25
+    for c in range(3):
+        torch.testing.assert_close(out[0, c], expected)
+
+
+def test_resize_keeps_aspect_then_crops_the_centre():
+    x = torch.zeros(1, 3, 10, 20)
+    x[..., :, 5:15] = 1.0  # a bright centre band
+    out = resize_center_crop(x, 10)
+    assert out.shape == (1, 3, 10, 10)
+    assert out.mean() > 0.95  # the crop kept the centre band only
+
+
+def test_rgba_and_pil_inputs():
+    from PIL import Image
+
+    pil = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
+    out = ImagePreprocessor(PreprocessConfig(image_size=4, mean=(0, 0, 0), std=(1, 1, 1)))(pil)
+    assert out.shape == (2, 3, 4, 4)
+    assert torch.allclose(out[0, 0], torch.ones(4, 4)) and torch.allclose(out[1, 2], torch.ones(4, 4))
+    rgba = torch.zeros(1, 4, 4, 4, dtype=torch.uint8)
+    assert to_float_rgb(rgba).shape == (1, 3, 4, 4)
+
+
+def test_identity_augmentation_changes_nothing_and_flip_mirrors():
+    x = torch.rand(3, 3, 8, 8)
+    none = AugmentConfig(scale=(1.0, 1.0), translate=0.0, rotate_deg=0.0, hflip=False)
+    torch.testing.assert_close(random_affine(x, none), x, atol=1e-5, rtol=0)
+
+    flip = AugmentConfig(scale=(1.0, 1.0), translate=0.0, rotate_deg=0.0, hflip=True)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    out = random_affine(x, flip, g)
+    for i in range(3):
+        want = x[i].flip(-1) if u[i, 4] < 0.5 else x[i]
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0)
+
+
+def test_train_augmentation_is_random_but_seeded_and_keeps_background():
+    pre = ImagePreprocessor(PreprocessConfig(image_size=16, mean=(0, 0, 0), std=(1, 1, 1)))
+    img = torch.zeros(4, 16, 16, 1, dtype=torch.uint8)
+    img[:, 6:10, 6:10] = 255
+    a = pre(img, train=True, generator=torch.Generator().manual_seed(1))
+    b = pre(img, train=True, generator=torch.Generator().manual_seed(1))
+    c = pre(img, train=True, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # each image draws its own transform
+    assert a[:, :, 0, 0].abs().max() < 1e-6  # the black background stays black at the borders
