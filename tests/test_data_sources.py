@@ -1,0 +1,96 @@
+"""Built-in sources and the pair/hold-out helpers."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cliplab.data.digits import load_digits
+from cliplab.data.fashion_mnist import load_fashion_mnist, read_idx
+from cliplab.data.pairs import labelled_to_pairs, split_classes
+from cliplab.data.sources import as_pairs, load_source
+from cliplab.errors import ConfigError, DataError
+
+
+def write_idx(path, array: np.ndarray, gz=True):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.fixture()
+def fmnist_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 10)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_fashion_mnist_reads_idx_files_exactly(fmnist_dir):
+    data = load_fashion_mnist("train", fmnist_dir)
+    raw = read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")
+    assert data.images.shape == (30, 28, 28, 1) and data.images.dtype == torch.uint8
+    assert np.array_equal(data.images[..., 0].numpy(), raw)
+    assert data.labels.tolist() == [i % 10 for i in range(30)]
+    assert data.classnames[6] == "shirt" and "{}" in data.templates[0]
+    assert len(load_fashion_mnist("test", fmnist_dir, limit=4)) == 4
+
+
+def test_fashion_mnist_uncompressed_files_work_too(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28)), gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2]), gz=False)
+    assert load_fashion_mnist("test", tmp_path).labels.tolist() == [1, 2]
+
+
+def test_missing_fashion_mnist_names_folder_and_package(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}.*dataset-fashion-mnist"):
+        load_fashion_mnist("train", tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_fashion_mnist("train", tmp_path / "nope")
+
+
+def test_corrupt_idx_is_a_clear_error(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04garbage")
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", np.zeros((3, 4, 4)), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    train, test = load_digits("train"), load_digits("test")
+    assert len(train) + len(test) == 1797
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.max() == 255
+    assert set(test.labels.tolist()) == set(range(10))
+
+
+def test_holdout_and_pairs(fmnist_dir):
+    data = load_fashion_mnist("train", fmnist_dir)
+    seen, held = split_classes(data, ["Shirt", "Sneaker", "Bag"])
+    assert not set(seen.labels.tolist()) & {6, 7, 8}
+    assert set(held.labels.tolist()) == {6, 7, 8}
+    pairs = labelled_to_pairs(seen)
+    assert len(pairs) == len(seen) and torch.equal(pairs.groups, seen.labels)
+    first = int(seen.labels[0])
+    assert pairs.captions[0] == [t.format(seen.classnames[first]) for t in seen.templates]
+    with pytest.raises(DataError, match="unknown class 'Hat'"):
+        split_classes(data, ["Hat"])
+
+
+def test_load_source_by_spec(fmnist_dir):
+    data = load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),
+                        "holdout": ["bag"]})
+    assert 8 not in data.labels.tolist()
+    pairs = as_pairs(load_source({"source": "shapes", "n": 6, "image_size": 32}))
+    assert len(pairs) == 6
+    with pytest.raises(ConfigError, match="unknown data source 'imagenet'"):
+        load_source({"source": "imagenet"})
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_source({"source": "digits", "splt": "train"})
+    with pytest.raises(ConfigError, match="bad option"):
+        load_source({"source": "shapes", "nn": 3})

@@ -1,0 +1,88 @@
+"""The Trainer: learning, frozen towers, checkpoints, exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from cliplab.data.shapes import load_shapes
+from cliplab.errors import ConfigError
+from cliplab.models import DualEncoder, build_model
+from cliplab.train.run_dir import RunDir
+from cliplab.train.trainer import TrainConfig, Trainer
+
+
+def small_model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=48, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_shapes(n=96, seed=0, kinds=("single",), image_size=32)
+
+
+def config(**kw):
+    base = dict(steps=6, batch_size=16, lr=3e-3, warmup=2, log_every=1, progress=False,
+                augment=True)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def test_training_lowers_the_loss_and_writes_a_run(tmp_path, pairs):
+    run = RunDir(tmp_path)
+    model = small_model()
+    Trainer(model, config(steps=60, lr=1e-3, augment=False), run).fit(pairs)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 60 and records[-1]["step"] == 60
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 0.3
+    ckpt = tmp_path / "checkpoints" / "step-60"
+    assert (ckpt / "model" / "model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    reloaded = DualEncoder.load(ckpt / "model")
+    for a, b in zip(reloaded.model.state_dict().values(), model.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs):
+    full = small_model()
+    Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(pairs)
+
+    first = small_model()
+    Trainer(first, config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(pairs)
+    # drop everything after step 3, then resume from it in a fresh process-like state
+    part = RunDir(tmp_path / "part")
+    resumed = small_model(seed=123)  # different init: resume must restore the weights
+    torch.manual_seed(999)
+    Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_locked_text_tower_does_not_change(pairs, tmp_path):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.text_tower.state_dict().items()}
+    img_before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    Trainer(model, config(lock_text=True), None).fit(pairs)
+    for k, v in model.text_tower.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, img_before[k]) for k, v in model.vision_tower.state_dict().items())
+
+
+def test_bf16_autocast_trains(pairs):
+    model = small_model()
+    last = Trainer(model, config(precision="bf16", steps=3), None).fit(pairs)
+    assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_bad_train_options_are_clear_errors(pairs, tmp_path):
+    with pytest.raises(ConfigError, match="unknown train option.*'lrate'"):
+        TrainConfig.from_dict({"lrate": 1})
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig.from_dict({"precision": "fp8"})
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        Trainer(small_model(), config(batch_size=512), None).fit(pairs)
+    with pytest.raises(ConfigError, match="cannot resume"):
+        Trainer(small_model(), config(), RunDir(tmp_path)).fit(pairs, resume=tmp_path)
