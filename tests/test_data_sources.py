@@ -77,7 +77,8 @@ def test_holdout_and_pairs(fmnist_dir):
     pairs = labelled_to_pairs(seen)
     assert len(pairs) == len(seen) and torch.equal(pairs.groups, seen.labels)
     first = int(seen.labels[0])
-    assert pairs.captions[0] == [t.format(seen.classnames[first]) for t in seen.templates]
+    assert pairs.captions[0] == [t.format(seen.descriptions[first]) for t in seen.templates]
+    assert seen.classnames[first] in pairs.captions[0][0]
     with pytest.raises(DataError, match="unknown class 'Hat'"):
         split_classes(data, ["Hat"])
 

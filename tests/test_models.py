@@ -164,3 +164,17 @@ def test_byte_tokenizer_round_trips_any_text(tmp_path):
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]
+
+
+def test_probe_layer_features_come_from_the_last_blocks(tiny_model):
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=3, heads=2,
+                        embed_dim=16).eval()
+    pixels = model.preprocess(_images(n=2, size=16))
+    with torch.no_grad():
+        pooled, feats = model.image_backbone_and_layers(pixels, layers=2)
+        states = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        assert torch.equal(pooled, model.image_backbone(pixels))
+    assert feats.shape == (2, 2 * 2 * 32)
+    last = states[-1]
+    torch.testing.assert_close(feats[:, -64:-32], last[:, 0])
+    torch.testing.assert_close(feats[:, -32:], last[:, 1:].mean(1))

@@ -86,3 +86,17 @@ def test_bad_train_options_are_clear_errors(pairs, tmp_path):
         Trainer(small_model(), config(batch_size=512), None).fit(pairs)
     with pytest.raises(ConfigError, match="cannot resume"):
         Trainer(small_model(), config(), RunDir(tmp_path)).fit(pairs, resume=tmp_path)
+
+
+def test_lr_scale_sets_the_rate_of_matching_parameters():
+    model = small_model()
+    trainer = Trainer(model, config(lr=1e-3, lr_scale={"text_projection": 0.1}), None)
+    opt = trainer._optimizer()
+    text_proj = model.model.text_projection.weight
+    for group in opt.param_groups:
+        holds = any(p is text_proj for p in group["params"])
+        assert group["lr"] == (1e-4 if holds else 1e-3)
+    # weight decay only on matrices, never on the temperature
+    for group in opt.param_groups:
+        if any(p is model.logit_scale for p in group["params"]):
+            assert group["weight_decay"] == 0.0

@@ -12,7 +12,8 @@ import torch
 from cliplab.config import check_keys, deep_merge
 from cliplab.data.fashion_mnist import load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
-from cliplab.evaluate.features import encode_images
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import PROBE_FEATURES, encode_images
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.presets import build_model
@@ -24,15 +25,16 @@ DEFAULTS: dict = {
               "options": {"image_size": 28, "patch_size": 4, "width": 128, "layers": 4,
                           "heads": 4}},
     "data": {"data_dir": None, "heldout": ["Shirt", "Sneaker", "Bag"], "train_limit": None,
-             "test_limit": None},
+             "test_limit": None, "descriptions": True},
     "train": {"epochs": 3, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05,
               "lock_text": True, "augment": True, "multi_positive": True},
-    "eval": {"probe_train_size": 20000, "probe_C": 1.0, "probe_features": "backbone"},
+    "eval": {"probe_train_size": 20000, "probe_l2": None, "probe_features": "layers",
+             "probe_layers": 4},
     "out": None,
 }
 SECTIONS = {"model": {"preset", "options"},
-            "data": {"data_dir", "heldout", "train_limit", "test_limit"},
-            "eval": {"probe_train_size", "probe_C", "probe_features"}}
+            "data": {"data_dir", "heldout", "train_limit", "test_limit", "descriptions"},
+            "eval": {"probe_train_size", "probe_l2", "probe_features", "probe_layers"}}
 
 
 def quickstart_config(user: dict | None = None) -> dict:
@@ -56,8 +58,9 @@ def run_quickstart(config: dict | None = None, progress: bool = True) -> dict:
     run.write_config(cfg)
     data = cfg["data"]
 
-    train_all = load_fashion_mnist("train", data["data_dir"], data["train_limit"])
-    test = load_fashion_mnist("test", data["data_dir"], data["test_limit"])
+    describe = bool(data["descriptions"])
+    train_all = load_fashion_mnist("train", data["data_dir"], data["train_limit"], describe)
+    test = load_fashion_mnist("test", data["data_dir"], data["test_limit"], describe)
     heldout = class_indices(train_all.classnames, data["heldout"])
     seen_train, _ = split_classes(train_all, data["heldout"])
 
@@ -78,8 +81,13 @@ def run_quickstart(config: dict | None = None, progress: bool = True) -> dict:
 def evaluate_transfer(model, train_all, test, heldout: list[int], eval_cfg: dict,
                       progress: bool = True) -> dict:
     """Zero-shot over all classes and over the held-out ones, and a linear probe on all."""
-    classifier = zeroshot_classifier(model, test.classnames, test.templates)
-    test_feats = encode_images(model, test.images, progress=progress, desc="encode test")
+    which = eval_cfg["probe_features"]
+    if which not in PROBE_FEATURES:
+        raise ConfigError(f"eval.probe_features must be one of {PROBE_FEATURES}, not {which!r}")
+    layers = int(eval_cfg["probe_layers"]) if which == "layers" else 0
+    classifier = zeroshot_classifier(model, test.prompt_names, test.templates)
+    test_feats = encode_images(model, test.images, progress=progress, desc="encode test",
+                               probe_layers=layers)
     zs_all = zeroshot_metrics(test_feats.embeddings, test.labels, classifier)
     zs_held = zeroshot_metrics(test_feats.embeddings, test.labels, classifier, classes=heldout)
 
@@ -87,12 +95,9 @@ def evaluate_transfer(model, train_all, test, heldout: list[int], eval_cfg: dict
     pick = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(0))[:n_probe]
     probe_train = train_all.subset(pick)
     train_feats = encode_images(model, probe_train.images, progress=progress,
-                                desc="encode probe train")
-    which = eval_cfg["probe_features"]
-    if which not in ("backbone", "embeddings"):
-        raise ValueError(f"eval.probe_features must be 'backbone' or 'embeddings', not {which!r}")
-    probe = linear_probe(getattr(train_feats, which), probe_train.labels,
-                         getattr(test_feats, which), test.labels, C=float(eval_cfg["probe_C"]))
+                                desc="encode probe train", probe_layers=layers)
+    probe = linear_probe(train_feats.get(which), probe_train.labels, test_feats.get(which),
+                         test.labels, l2=eval_cfg["probe_l2"])
     pred = (test_feats.embeddings @ classifier.t()).argmax(1)
     per_class = {name: (pred[test.labels == c] == c).float().mean().item()
                  for c, name in enumerate(test.classnames) if (test.labels == c).any()}

@@ -18,15 +18,33 @@ CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "
 # Names as a person would write them in a caption; the official names stay in CLASSNAMES.
 PROMPT_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                 "bag", "ankle boot"]
+# Class descriptions used as prompts (CuPL-style): a short visual gloss per class. They tie
+# classes to shared words ("top", "shoe"), which is what lets a model trained without a class
+# place it near its relatives; `descriptions=False` uses the plain names instead.
+DESCRIPTIONS = [
+    "a t-shirt, a short-sleeved top",
+    "trousers, long pants",
+    "a pullover, a long-sleeved sweater",
+    "a dress, a one-piece garment",
+    "a coat, a long-sleeved jacket",
+    "a sandal, an open shoe with straps",
+    "a shirt, a top with a collar and buttons",
+    "a sneaker, a sports shoe",
+    "a bag, a handbag with handles",
+    "an ankle boot, a shoe that covers the ankle",
+]
+PLAIN_PHRASES = ["a t-shirt", "a trouser", "a pullover", "a dress", "a coat", "a sandal",
+                 "a shirt", "a sneaker", "a bag", "an ankle boot"]
+# Templates take a phrase with its article ("a photo of {}." with "a sneaker, a sports shoe").
 TEMPLATES = [
-    "a photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a photo of the {}.",
-    "a grayscale image of a {}.",
-    "a product photo of a {}.",
-    "a picture of a {}.",
-    "a small photo of a {}.",
+    "a photo of {}.",
+    "a black and white photo of {}.",
+    "a low resolution photo of {}.",
+    "an image of {}.",
+    "a grayscale image of {}.",
+    "a product photo of {}.",
+    "a picture of {}.",
+    "a small photo of {}.",
 ]
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -60,8 +78,9 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
-                       limit: int | None = None) -> LabelledImages:
-    """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images."""
+                       limit: int | None = None, descriptions: bool = True) -> LabelledImages:
+    """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images; prompts use
+    the class descriptions unless ``descriptions=False``."""
     if split not in FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
     folder = Path(data_dir) if data_dir else DEFAULT_DIR
@@ -76,4 +95,5 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
         images, labels = images[:limit], labels[:limit]
     return LabelledImages(torch.from_numpy(images.copy()).unsqueeze(-1),
                           torch.from_numpy(labels.astype(np.int64)), list(PROMPT_NAMES),
-                          list(TEMPLATES), name=f"fashion-mnist-{split}")
+                          list(TEMPLATES), name=f"fashion-mnist-{split}",
+                          descriptions=list(DESCRIPTIONS if descriptions else PLAIN_PHRASES))

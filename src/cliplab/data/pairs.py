@@ -27,10 +27,10 @@ def split_classes(data: LabelledImages, heldout: list[str]) -> tuple[LabelledIma
 
 
 def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) -> ImageTextPairs:
-    """Each image gets one caption per template filled with its class name; the class is the
-    caption group, so all captions of a class are positives for all its images."""
+    """Each image gets one caption per template filled with its class name (or description);
+    the class is the caption group, so all captions of a class are positives for its images."""
     templates = templates or data.templates
-    per_class = [[t.format(name) for t in templates] for name in data.classnames]
+    per_class = [[t.format(name) for t in templates] for name in data.prompt_names]
     captions = [per_class[int(y)] for y in data.labels]
     return ImageTextPairs(data.images, captions, groups=data.labels.clone(),
                           name=f"{data.name}-pairs")

@@ -42,7 +42,12 @@ class SkipReport:
 
 @dataclass
 class LabelledImages:
-    """Images with integer labels, the class names and the prompt templates of the set."""
+    """Images with integer labels, the class names and the prompt templates of the set.
+
+    ``descriptions`` (optional, one per class) are short phrases such as "a sneaker, a sports
+    shoe" that fill the templates instead of the bare class names (class descriptions as
+    prompts); results are still reported under ``classnames``.
+    """
 
     images: torch.Tensor  # uint8 [N, H, W, C]
     labels: torch.Tensor  # int64 [N]
@@ -50,20 +55,29 @@ class LabelledImages:
     templates: list[str]
     name: str = "dataset"
     skipped: SkipReport = field(default_factory=SkipReport)
+    descriptions: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
             raise ValueError("images must be a uint8 tensor [N, H, W, C]")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
+            raise ValueError(f"{len(self.descriptions)} descriptions for "
+                             f"{len(self.classnames)} classes")
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def prompt_names(self) -> list[str]:
+        """What fills each class's templates: its description if given, else its name."""
+        return self.descriptions or self.classnames
+
     def subset(self, index: torch.Tensor) -> "LabelledImages":
         """The samples at ``index`` (a bool mask or integer index), same classes and templates."""
         return LabelledImages(self.images[index], self.labels[index], self.classnames,
-                              self.templates, self.name)
+                              self.templates, self.name, descriptions=self.descriptions)
 
 
 @dataclass

@@ -5,13 +5,13 @@ from __future__ import annotations
 from cliplab.config import check_keys
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.errors import ConfigError
-from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.features import PROBE_FEATURES, encode_images
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.dual_encoder import DualEncoder
 
 TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
-             "linear_probe": {"name", "task", "train", "test", "C", "features"}}
+             "linear_probe": {"name", "task", "train", "test", "l2", "features", "layers"}}
 
 
 def _labelled(spec, where: str):
@@ -30,7 +30,7 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
     if kind == "zeroshot":
         data = _labelled(task.get("data"), f"task {name!r} data")
         feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")
-        classifier = zeroshot_classifier(model, data.classnames, data.templates)
+        classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
         classes = task.get("classes")
         if classes is not None:
             lower = [c.lower() for c in data.classnames]
@@ -38,12 +38,13 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
         return zeroshot_metrics(feats.embeddings, data.labels, classifier, classes)
     train = _labelled(task.get("train"), f"task {name!r} train")
     test = _labelled(task.get("test"), f"task {name!r} test")
-    which = task.get("features", "backbone")
-    if which not in ("backbone", "embeddings"):
-        raise ConfigError(f"task {name!r}: features must be 'backbone' or 'embeddings'")
-    tr = getattr(encode_images(model, train.images, progress=progress), which)
-    te = getattr(encode_images(model, test.images, progress=progress), which)
-    return linear_probe(tr, train.labels, te, test.labels, C=float(task.get("C", 1.0)))
+    which = task.get("features", "layers")
+    if which not in PROBE_FEATURES:
+        raise ConfigError(f"task {name!r}: features must be one of {PROBE_FEATURES}")
+    layers = int(task.get("layers", 4)) if which == "layers" else 0
+    tr = encode_images(model, train.images, progress=progress, probe_layers=layers).get(which)
+    te = encode_images(model, test.images, progress=progress, probe_layers=layers).get(which)
+    return linear_probe(tr, train.labels, te, test.labels, l2=task.get("l2"))
 
 
 def run_suite(model: DualEncoder, suite: dict, progress: bool = True) -> dict:

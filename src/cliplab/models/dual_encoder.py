@@ -28,10 +28,6 @@ MODEL_CLASSES = {
 CLIPLAB_FILE = "cliplab.json"
 
 
-def _pooled(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average the token states where ``attention_mask`` is 1 (sentence-transformers pooling)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -100,12 +96,28 @@ class DualEncoder(nn.Module):
         """Pooled image-tower output before the projection (what linear probes read)."""
         return self.model.vision_model(pixel_values=pixel_values).pooler_output
 
+    def image_backbone_and_layers(self, pixel_values: torch.Tensor,
+                                  layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled output and, from the same forward pass, probe features of the last
+        ``layers`` blocks concatenated: per block the class token and the mean of the patch
+        tokens (DINO-style linear evaluation; towers without a class token, such as SigLIP's,
+        give the mean of all tokens)."""
+        out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        states = out.hidden_states[-layers:]
+        if self.kind == "siglip":
+            feats = [h.mean(1) for h in states]
+        else:
+            feats = [torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=1) for h in states]
+        return out.pooler_output, torch.cat(feats, dim=1)
+
     def text_backbone(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled text-tower output before the projection (what a frozen tower's cache holds)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        # SigLIP was trained on max-length padding without a mask; masking changes its output.
+        mask = None if self.kind == "siglip" else attention_mask
+        out = self.model.text_model(input_ids=input_ids, attention_mask=mask)
         if self.text_pooling == "mean":
             return mean_pool(out.last_hidden_state, attention_mask)
         return out.pooler_output
@@ -120,19 +132,13 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings ``[B, D]`` (unit length unless ``normalize=False``)."""
-        if self.kind == "siglip":
-            feats = _pooled(self.model.get_image_features(pixel_values=pixel_values))
-        else:
-            feats = self.project_image(self.image_backbone(pixel_values))
+        feats = self.project_image(self.image_backbone(pixel_values))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``[B, D]`` (unit length unless ``normalize=False``)."""
-        if self.kind == "siglip" and self.text_pooling == "model":
-            feats = _pooled(self.model.get_text_features(input_ids=input_ids))
-        else:
-            feats = self.project_text(self.text_backbone(input_ids, attention_mask))
+        feats = self.project_text(self.text_backbone(input_ids, attention_mask))
         return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()

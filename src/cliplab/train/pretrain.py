@@ -51,7 +51,7 @@ def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) ->
         name = task.pop("name", f"eval{i}")
         data = as_labelled(load_source(task), f"eval task {name!r}")
         feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")
-        classifier = zeroshot_classifier(model, data.classnames, data.templates)
+        classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
         results["evals"][name] = zeroshot_metrics(feats.embeddings, data.labels, classifier)
     results["model_dir"] = str(trainer.last_checkpoint / "model")
     results["wall_time_s"] = round(time.time() - start, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ class TrainConfig:
     lock_image: bool = False
     augment: bool = True
     multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
+    # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
+    lr_scale: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # or "bf16" (autocast on CPU and CUDA)
     device: str = "auto"
     seed: int = 0
@@ -63,6 +65,10 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
         if cfg.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+        if not isinstance(cfg.lr_scale, dict) or not all(
+                isinstance(v, (int, float)) for v in cfg.lr_scale.values()):
+            raise ConfigError("train.lr_scale must map parameter-name substrings to numbers, "
+                              "e.g. {text_projection: 0.1}")
         return cfg
 
 
@@ -97,15 +103,20 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        # No weight decay on gains, biases, embeddings of position/class, and the temperature.
-        decay, no_decay = [], []
+        """AdamW with one group per (weight decay, lr scale). No decay on gains, biases,
+        position/class embeddings or the temperature; ``lr_scale`` multiplies the rate of
+        parameters whose name contains a given substring."""
+        groups: dict[tuple[float, float], list] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             flat = p.ndim < 2 or "logit_" in name or "embeddings" in name
-            (no_decay if flat else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr)
+            scale = next((v for k, v in self.config.lr_scale.items() if k in name), 1.0)
+            wd = 0.0 if flat else self.config.weight_decay
+            groups.setdefault((wd, float(scale)), []).append(p)
+        return torch.optim.AdamW(
+            [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
+             for (wd, scale), ps in groups.items()], lr=self.config.lr)
 
     def fit(self, pairs: ImageTextPairs, resume: str | Path | None = None) -> dict:
         """Train on ``pairs``; returns the last logged metrics. ``resume`` is a checkpoint folder

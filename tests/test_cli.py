@@ -1,0 +1,72 @@
+"""The command line: --help everywhere, one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cliplab.cli import COMMANDS, main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cliplab", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_top_level_help_lists_every_command():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: cliplab " + command in capsys.readouterr().out
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cliplab: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    _one_line_error(run_cli("pretrain", "--config", str(tmp_path / "nope.yaml")),
+                    "nope.yaml", "does not exist")
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {preset: tiny-clip}\ndata: {train: {source: shapes, n: 8}}\n"
+                   "train: {epochs: 1, lrr: 3}\n")
+    _one_line_error(run_cli("pretrain", "--config", str(cfg)), "lrr")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  preset: tiny-clip\n  options: {a: [1, 2}\n")
+    _one_line_error(run_cli("pretrain", "--config", str(cfg)), "bad.yaml:line")
+
+
+def test_bad_override_and_missing_data_dir(tmp_path):
+    _one_line_error(run_cli("quickstart", "train.epochs"), "key=value")
+    _one_line_error(run_cli("quickstart", "--data-dir", str(tmp_path), "--out",
+                            str(tmp_path / "run")), str(tmp_path), "dataset-fashion-mnist")
+
+
+def test_unknown_model_in_eval(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    _one_line_error(run_cli("eval", "--model", "no-such-model", "--suite", str(suite)),
+                    "no-such-model")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = run_cli("--debug", "pretrain", "--config", str(tmp_path / "nope.yaml"))
+    assert out.returncode != 0 and "Traceback" in out.stderr

@@ -1,0 +1,94 @@
+"""`cliplab quickstart` end to end with tiny settings, and the tiny-shapes recipe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import VisionTextDualEncoderModel
+
+from cliplab.quickstart import format_results, quickstart_config
+from cliplab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_quickstart_config_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="epochz"):
+        quickstart_config({"train": {"epochz": 1}})
+    with pytest.raises(ConfigError, match="section 'data'"):
+        quickstart_config({"data": {"held": []}})
+    assert quickstart_config({})["data"]["heldout"] == ["Shirt", "Sneaker", "Bag"]
+
+
+@pytest.fixture()
+def small_fmnist(tmp_path):
+    """A 3000/600 image slice of the real Fashion-MNIST (installed by scripts/setup.sh)."""
+    from tests.test_data_sources import write_idx
+    from cliplab.data.fashion_mnist import read_idx
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for split, n in (("train", 3000), ("t10k", 600)):
+        images = read_idx(FMNIST / f"{split}-images-idx3-ubyte.gz")[:n]
+        labels = read_idx(FMNIST / f"{split}-labels-idx1-ubyte.gz")[:n]
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplab", "quickstart", "--out", str(out), "--data-dir",
+         str(small_fmnist), "--no-progress", "train.epochs=2", "train.batch_size=128",
+         "model.options={image_size: 28, patch_size: 7, width: 64, layers: 2, heads: 2}",
+         "eval.probe_train_size=1500"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "zero-shot top-1, held-out classes" in result.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    for key in ("zeroshot_heldout_acc1", "zeroshot_all_acc1", "linear_probe_acc1"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["wall_time_s"] > 0 and results["heldout_classes"] == ["shirt", "sneaker", "bag"]
+    # 2 epochs on 2100 seen-class images: clearly better than chance on the trained classes
+    seen = [v for k, v in results["zeroshot_per_class_acc1"].items()
+            if k not in ("shirt", "sneaker", "bag")]
+    assert np.mean(seen) > 0.3
+    assert results["linear_probe_acc1"] > 0.5
+
+    assert (out / "config.yaml").is_file()
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all("loss" in m for m in metrics)
+    model_dir = Path(results["model_dir"])
+    assert model_dir.parent.parent.name == "checkpoints"
+    plain = VisionTextDualEncoderModel.from_pretrained(model_dir)  # opens in plain transformers
+    assert plain.config.vision_config.patch_size == 7
+
+
+def test_format_results_table():
+    text = format_results({"zeroshot_heldout_acc1": 0.5, "zeroshot_all_acc1": 0.25,
+                           "linear_probe_acc1": 0.875, "wall_time_s": 61.2,
+                           "heldout_classes": ["shirt"]})
+    assert "50.0%" in text and "25.0%" in text and "87.5%" in text and "61 s" in text
+
+
+@pytest.mark.slow
+def test_tiny_shapes_recipe_learns_colours(tmp_path):
+    """tiny-clip on shapes (the shipped recipe, shortened) beats chance on colour zero-shot."""
+    out = tmp_path / "shapes"
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplab", "pretrain", "--config",
+         str(REPO / "configs/pretrain/tiny-shapes.yaml"), "--out", str(out), "--no-progress",
+         "data.train.n=2000", "train.epochs=3"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["evals"]["colour"]["acc1"] > 0.5  # 8 colours: chance is 12.5%
+    assert (out / "checkpoints").is_dir()
