@@ -166,15 +166,32 @@ def test_byte_tokenizer_round_trips_any_text(tmp_path):
     assert again(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]
 
 
-def test_probe_layer_features_come_from_the_last_blocks(tiny_model):
+def test_probe_features_come_from_the_last_blocks():
     model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=3, heads=2,
                         embed_dim=16).eval()
     pixels = model.preprocess(_images(n=2, size=16))
     with torch.no_grad():
-        pooled, feats = model.image_backbone_and_layers(pixels, layers=2)
+        pooled, feats = model.image_backbone_and_probe(pixels, "layers", layers=2)
+        _, tokens = model.image_backbone_and_probe(pixels, "tokens")
         states = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
         assert torch.equal(pooled, model.image_backbone(pixels))
     assert feats.shape == (2, 2 * 2 * 32)
     last = states[-1]
     torch.testing.assert_close(feats[:, -64:-32], last[:, 0])
     torch.testing.assert_close(feats[:, -32:], last[:, 1:].mean(1))
+    torch.testing.assert_close(tokens, last.flatten(1))  # class token + 4 patches, flattened
+    assert tokens.shape == (2, 5 * 32)
+
+
+def test_inference_helpers_switch_off_dropout_and_restore_the_mode(lit_model):
+    """MiniLM has dropout: embeddings must not change between calls, whatever the mode."""
+    from cliplab.evaluate.features import encode_images
+
+    lit_model.train()
+    a = lit_model.encode_texts(["a photo of a bag."])
+    b = lit_model.encode_texts(["a photo of a bag."])
+    assert torch.equal(a, b) and lit_model.training
+    encode_images(lit_model, _images(n=2, size=16), progress=False)
+    assert lit_model.training and lit_model.text_tower.training
+    lit_model.eval()
+    assert not lit_model.training

@@ -17,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+def test_shipped_quickstart_yaml_equals_the_built_in_defaults():
+    import yaml
+
+    from cliplab.quickstart import DEFAULTS
+
+    assert yaml.safe_load((REPO / "configs/quickstart.yaml").read_text()) == DEFAULTS
+
+
 def test_quickstart_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="epochz"):
         quickstart_config({"train": {"epochz": 1}})

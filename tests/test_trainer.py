@@ -80,6 +80,8 @@ def test_bf16_autocast_trains(pairs):
 def test_bad_train_options_are_clear_errors(pairs, tmp_path):
     with pytest.raises(ConfigError, match="unknown train option.*'lrate'"):
         TrainConfig.from_dict({"lrate": 1})
+    with pytest.raises(ConfigError, match="train.augment option.*'flip'"):
+        TrainConfig.from_dict({"augment": {"flip": False}})
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig.from_dict({"precision": "fp8"})
     with pytest.raises(ConfigError, match="larger than the dataset"):
@@ -100,3 +102,21 @@ def test_lr_scale_sets_the_rate_of_matching_parameters():
     for group in opt.param_groups:
         if any(p is model.logit_scale for p in group["params"]):
             assert group["weight_decay"] == 0.0
+
+
+def test_augment_overrides_reach_the_preprocessor(pairs, monkeypatch):
+    """train.augment={...} replaces the model's augmentation for this run only."""
+    model = small_model()
+    seen = []
+    original = model.preprocess
+
+    def spy(images, train=False, generator=None, augment=None):
+        seen.append((train, augment))
+        return original(images, train=train, generator=generator, augment=augment)
+
+    monkeypatch.setattr(model, "preprocess", spy)
+    Trainer(model, config(steps=1, augment={"hflip": False, "rotate_deg": 0}), None).fit(pairs)
+    train, augment = seen[0]
+    assert train and augment.hflip is False and augment.rotate_deg == 0
+    assert augment.translate == model.preprocess_config.augment.translate
+    assert model.preprocess_config.augment.hflip is True  # the model's own config is untouched

@@ -22,13 +22,14 @@ from cliplab.train.trainer import TrainConfig, Trainer
 
 DEFAULTS: dict = {
     "model": {"preset": "lit-minilm",
-              "options": {"image_size": 28, "patch_size": 4, "width": 128, "layers": 4,
-                          "heads": 4}},
+              "options": {"image_size": 28, "patch_size": 7, "width": 192, "layers": 4,
+                          "heads": 3}},
     "data": {"data_dir": None, "heldout": ["Shirt", "Sneaker", "Bag"], "train_limit": None,
              "test_limit": None, "descriptions": True},
-    "train": {"epochs": 3, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05,
-              "lock_text": True, "augment": True, "multi_positive": True},
-    "eval": {"probe_train_size": 20000, "probe_l2": None, "probe_features": "layers",
+    "train": {"epochs": 9, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05,
+              "lock_text": True, "augment": {"hflip": False}, "multi_positive": True, "precision": "bf16",
+              "lr_scale": {"text_projection": 0.1}},
+    "eval": {"probe_train_size": 20000, "probe_l2": 0.01, "probe_features": "tokens",
              "probe_layers": 4},
     "out": None,
 }
@@ -84,10 +85,10 @@ def evaluate_transfer(model, train_all, test, heldout: list[int], eval_cfg: dict
     which = eval_cfg["probe_features"]
     if which not in PROBE_FEATURES:
         raise ConfigError(f"eval.probe_features must be one of {PROBE_FEATURES}, not {which!r}")
-    layers = int(eval_cfg["probe_layers"]) if which == "layers" else 0
+    layers = int(eval_cfg["probe_layers"])
     classifier = zeroshot_classifier(model, test.prompt_names, test.templates)
     test_feats = encode_images(model, test.images, progress=progress, desc="encode test",
-                               probe_layers=layers)
+                               probe=which, probe_layers=layers)
     zs_all = zeroshot_metrics(test_feats.embeddings, test.labels, classifier)
     zs_held = zeroshot_metrics(test_feats.embeddings, test.labels, classifier, classes=heldout)
 
@@ -95,7 +96,7 @@ def evaluate_transfer(model, train_all, test, heldout: list[int], eval_cfg: dict
     pick = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(0))[:n_probe]
     probe_train = train_all.subset(pick)
     train_feats = encode_images(model, probe_train.images, progress=progress,
-                                desc="encode probe train", probe_layers=layers)
+                                desc="encode probe train", probe=which, probe_layers=layers)
     probe = linear_probe(train_feats.get(which), probe_train.labels, test_feats.get(which),
                          test.labels, l2=eval_cfg["probe_l2"])
     pred = (test_feats.embeddings @ classifier.t()).argmax(1)

@@ -21,11 +21,12 @@ def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tens
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                 max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_iter: int = 200, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights ``[D, C]`` and bias ``[C]`` minimising mean cross-entropy + ``l2/2 * |W|^2``."""
-    x, y = x.double(), y.long()
-    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    x, y = x.to(dtype), y.long()
+    w = torch.zeros(x.shape[1], num_classes, dtype=dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-7, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")

@@ -38,12 +38,14 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
         return zeroshot_metrics(feats.embeddings, data.labels, classifier, classes)
     train = _labelled(task.get("train"), f"task {name!r} train")
     test = _labelled(task.get("test"), f"task {name!r} test")
-    which = task.get("features", "layers")
+    which = task.get("features", "tokens")
     if which not in PROBE_FEATURES:
         raise ConfigError(f"task {name!r}: features must be one of {PROBE_FEATURES}")
-    layers = int(task.get("layers", 4)) if which == "layers" else 0
-    tr = encode_images(model, train.images, progress=progress, probe_layers=layers).get(which)
-    te = encode_images(model, test.images, progress=progress, probe_layers=layers).get(which)
+    layers = int(task.get("layers", 4))
+    tr = encode_images(model, train.images, progress=progress, probe=which,
+                       probe_layers=layers).get(which)
+    te = encode_images(model, test.images, progress=progress, probe=which,
+                       probe_layers=layers).get(which)
     return linear_probe(tr, train.labels, te, test.labels, l2=task.get("l2"))
 
 

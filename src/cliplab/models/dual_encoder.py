@@ -8,6 +8,7 @@ what HF has no field for: the preprocessing and the text pooling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -86,23 +87,30 @@ class DualEncoder(nn.Module):
                              max_length=self.context_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def preprocess(self, images, train: bool = False,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixel values for a batch of uint8 ``[B, H, W, C]`` images (or PIL images)."""
-        return self.preprocessor(images, train=train, generator=generator)
+    def preprocess(self, images, train: bool = False, generator: torch.Generator | None = None,
+                   augment=None) -> torch.Tensor:
+        """Pixel values for a batch of uint8 ``[B, H, W, C]`` images (or PIL images); with
+        ``train``, randomly augmented (``augment``: an ``AugmentConfig`` overriding the model's)."""
+        return self.preprocessor(images, train=train, generator=generator, augment=augment)
 
     # -- features -----------------------------------------------------------------------------
     def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled image-tower output before the projection (what linear probes read)."""
         return self.model.vision_model(pixel_values=pixel_values).pooler_output
 
-    def image_backbone_and_layers(self, pixel_values: torch.Tensor,
-                                  layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled output and, from the same forward pass, probe features of the last
-        ``layers`` blocks concatenated: per block the class token and the mean of the patch
-        tokens (DINO-style linear evaluation; towers without a class token, such as SigLIP's,
-        give the mean of all tokens)."""
+    def image_backbone_and_probe(self, pixel_values: torch.Tensor, kind: str = "tokens",
+                                 layers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled output and, from the same forward pass, linear-probe features:
+
+        - ``"tokens"``: every token state of the last block, flattened (the spatial feature map
+          a probe needs to tell apart classes that differ in where things are);
+        - ``"layers"``: per block of the last ``layers``, the class token and the mean of the
+          patch tokens, concatenated (DINO-style; towers without a class token, such as
+          SigLIP's, give the mean of all tokens).
+        """
         out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+        if kind == "tokens":
+            return out.pooler_output, out.hidden_states[-1].flatten(1)
         states = out.hidden_states[-layers:]
         if self.kind == "siglip":
             feats = [h.mean(1) for h in states]
@@ -145,9 +153,11 @@ class DualEncoder(nn.Module):
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Convenience: tokenize and embed a list of strings in batches (eval mode, no grad)."""
         out = []
-        for i in range(0, len(texts), batch_size):
-            tok = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-            out.append(self.encode_text(**tok))
+        with evaluating(self):
+            for i in range(0, len(texts), batch_size):
+                tok = {k: v.to(self.device)
+                       for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+                out.append(self.encode_text(**tok))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @property
@@ -198,15 +208,26 @@ class DualEncoder(nn.Module):
         if model_cls is None:
             raise ModelError(f"{path}: model type {config.model_type!r} is not a dual encoder "
                              f"cliplab handles ({', '.join(sorted(MODEL_CLASSES))})")
-        model = model_cls.from_pretrained(path).to(device).eval()
+        model = model_cls.from_pretrained(path).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         meta_file = path / CLIPLAB_FILE
         if meta_file.is_file():
             meta = json.loads(meta_file.read_text())
             pre = PreprocessConfig.from_dict(meta["preprocess"])
             return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
-                       meta.get("context_length"))
-        return cls(model, tokenizer, _preprocess_from_hf(path, config))
+                       meta.get("context_length")).eval()
+        return cls(model, tokenizer, _preprocess_from_hf(path, config)).eval()
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode (no dropout) inside the block, the module's previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _preprocess_from_hf(path: Path, config) -> PreprocessConfig:

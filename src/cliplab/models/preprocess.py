@@ -119,12 +119,13 @@ class ImagePreprocessor:
         self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std).view(1, 3, 1, 1)
 
-    def __call__(self, images, train: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images, train: bool = False, generator: torch.Generator | None = None,
+                 augment: AugmentConfig | None = None) -> torch.Tensor:
+        """Pixel values; with ``train`` the random augmentation (``augment`` or the config's)."""
         x = to_float_rgb(to_uint8_batch(images))
         x = resize_center_crop(x, self.config.image_size)
         if train:
             # Fill with the border colour so augmented images keep their background.
             fill = x[:, :, 0, 0].median(dim=0).values
-            x = random_affine(x, self.config.augment, generator, fill=fill)
+            x = random_affine(x, augment or self.config.augment, generator, fill=fill)
         return (x - self.mean) / self.std

@@ -59,7 +59,8 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layer
         projection_dim=embed_dim)
     model = CLIPModel(config)
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return DualEncoder(model, tokenizer, pre, text_pooling="model", context_length=context_length)
+    return DualEncoder(model, tokenizer, pre, text_pooling="model",
+                       context_length=context_length).eval()
 
 
 def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, layers: int = 6,
@@ -84,7 +85,8 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
     with torch.no_grad():
         model.text_projection.weight.copy_(torch.eye(dim))
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return DualEncoder(model, tokenizer, pre, text_pooling="mean", context_length=context_length)
+    return DualEncoder(model, tokenizer, pre, text_pooling="mean",
+                       context_length=context_length).eval()
 
 
 PRESETS: dict[str, Callable[..., DualEncoder]] = {"tiny-clip": tiny_clip, "lit-minilm": lit_minilm}

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs
-from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 
 class CaptionTable:
@@ -39,12 +39,11 @@ class CaptionTable:
 def text_backbone_features(model: DualEncoder, texts: list[str], batch_size: int = 256,
                            progress: bool = True) -> torch.Tensor:
     """Pooled (pre-projection) text-tower features of ``texts``, in eval mode."""
-    was_training = model.text_tower.training
-    model.text_tower.eval()
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="encode captions", disable=not progress,
-                  leave=False):
-        tok = {k: v.to(model.device) for k, v in model.tokenize(texts[i:i + batch_size]).items()}
-        out.append(model.text_backbone(**tok).float())
-    model.text_tower.train(was_training)
+    with evaluating(model.text_tower):
+        for i in tqdm(range(0, len(texts), batch_size), desc="encode captions",
+                      disable=not progress, leave=False):
+            tok = {k: v.to(model.device)
+                   for k, v in model.tokenize(texts[i:i + batch_size]).items()}
+            out.append(model.text_backbone(**tok).float())
     return torch.cat(out)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from cliplab.data.types import ImageTextPairs
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import AugmentConfig
 from cliplab.train.losses import clip_loss
 from cliplab.train.run_dir import RunDir
 from cliplab.train.schedule import build_scheduler
@@ -42,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lock_text: bool = False
     lock_image: bool = False
-    augment: bool = True
+    augment: bool | dict = True  # or overrides of AugmentConfig, e.g. {hflip: false}
     multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -65,6 +66,11 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
         if cfg.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+        if isinstance(cfg.augment, dict):
+            known = {f.name for f in fields(AugmentConfig)}
+            bad = sorted(set(cfg.augment) - known)
+            if bad:
+                raise ConfigError(f"unknown train.augment option(s) {bad}; valid: {sorted(known)}")
         if not isinstance(cfg.lr_scale, dict) or not all(
                 isinstance(v, (int, float)) for v in cfg.lr_scale.values()):
             raise ConfigError("train.lr_scale must map parameter-name substrings to numbers, "
@@ -140,6 +146,11 @@ class Trainer:
         else:
             tokens = self.model.tokenize(table.texts)
 
+        augment = None
+        if isinstance(cfg.augment, dict):
+            base = asdict(self.model.preprocess_config.augment)
+            base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()})
+            augment = AugmentConfig(**base)
         sample_rng = torch.Generator().manual_seed(cfg.seed)
         epoch, pos = 0, 0
         if resume is not None:
@@ -160,8 +171,9 @@ class Trainer:
                 pos += cfg.batch_size
                 caption_ids = table.sample(idx, sample_rng)
                 with self._autocast():
-                    pixels = self.model.preprocess(pairs.images[idx], train=cfg.augment,
-                                                   generator=sample_rng).to(self.device)
+                    pixels = self.model.preprocess(pairs.images[idx], train=bool(cfg.augment),
+                                                   generator=sample_rng,
+                                                   augment=augment).to(self.device)
                     img = self.model.encode_image(pixels, normalize=False)
                     if text_cache is not None:
                         txt = self.model.project_text(text_cache[caption_ids.to(self.device)])

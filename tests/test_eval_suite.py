@@ -1,0 +1,52 @@
+"""`cliplab eval`: a suite of tasks on a saved model gives the numbers the Python API gives."""
+
+import json
+
+import pytest
+import torch
+
+from cliplab.cli import main
+from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
+
+
+def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
+    tiny_model.save(tmp_path / "model")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "tasks:\n"
+        "  - {name: zs, task: zeroshot, data: {source: digits, split: test}}\n"
+        "  - {name: zs-odd, task: zeroshot, data: {source: digits, split: test}, "
+        "classes: [one, three, five]}\n"
+        "  - {name: probe, task: linear_probe, train: {source: digits, split: train}, "
+        "test: {source: digits, split: test}, features: backbone, l2: 0.001}\n")
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite), "--out",
+                 str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())["results"]
+
+    test = load_digits("test")
+    feats = encode_images(tiny_model.eval(), test.images, progress=False)
+    head = zeroshot_classifier(tiny_model, test.prompt_names, test.templates)
+    logits = feats.embeddings @ head.T
+    acc1 = (logits.argmax(1) == test.labels).float().mean().item()
+    assert results["zs"]["acc1"] == pytest.approx(acc1, abs=1e-6)
+    keep = torch.isin(test.labels, torch.tensor([1, 3, 5]))
+    sub = torch.tensor([1, 3, 5])[logits[keep][:, [1, 3, 5]].argmax(1)]
+    assert results["zs-odd"]["acc1"] == pytest.approx(
+        (sub == test.labels[keep]).float().mean().item(), abs=1e-6)
+    # even a random tiny model's backbone features separate 8x8 digits well above chance
+    assert results["probe"]["acc1"] > 0.5
+    assert set(results["zs"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+
+
+def test_suite_errors_name_the_task():
+    with pytest.raises(ConfigError, match="unknown task 'retrieval'"):
+        run_suite(None, {"tasks": [{"task": "retrieval"}]})
+    with pytest.raises(ConfigError, match="unknown key.*'datta'.*task 'a'"):
+        run_suite(None, {"tasks": [{"name": "a", "task": "zeroshot", "datta": {}}]})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        run_suite(None, {"tasks": []})
