@@ -120,3 +120,15 @@ def test_augment_overrides_reach_the_preprocessor(pairs, monkeypatch):
     assert train and augment.hflip is False and augment.rotate_deg == 0
     assert augment.translate == model.preprocess_config.augment.translate
     assert model.preprocess_config.augment.hflip is True  # the model's own config is untouched
+
+
+def test_numbers_written_as_strings_are_numbers():
+    from cliplab.config import apply_overrides
+
+    cfg = apply_overrides({}, ["train.lr=2e-3", "train.batch_size=64", "out=runs/x"])
+    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["batch_size"] == 64
+    assert cfg["out"] == "runs/x"
+    parsed = TrainConfig.from_dict({"lr": "3e-4", "batch_size": "32"})
+    assert parsed.lr == 3e-4 and parsed.batch_size == 32 and isinstance(parsed.batch_size, int)
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        TrainConfig.from_dict({"lr": "fast"})

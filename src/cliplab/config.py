@@ -40,6 +40,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        value = _number_or_same(value)
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
@@ -49,6 +50,16 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return config
+
+
+def _number_or_same(value):
+    """YAML 1.1 reads ``2e-3`` (no dot) as a string; people mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def check_keys(section: dict, known: set[str], where: str) -> None:

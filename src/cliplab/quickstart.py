@@ -26,7 +26,7 @@ DEFAULTS: dict = {
                           "heads": 3}},
     "data": {"data_dir": None, "heldout": ["Shirt", "Sneaker", "Bag"], "train_limit": None,
              "test_limit": None, "descriptions": True},
-    "train": {"epochs": 9, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05,
+    "train": {"epochs": 8, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05, "warmup": 0.05,
               "lock_text": True, "augment": {"hflip": False}, "multi_positive": True, "precision": "bf16",
               "lr_scale": {"text_projection": 0.1}},
     "eval": {"probe_train_size": 20000, "probe_l2": 0.01, "probe_features": "tokens",

@@ -61,6 +61,14 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown train option(s) {unknown}; valid: {sorted(known)}")
+        for f in fields(cls):  # numbers written as strings ("2e-3") become numbers
+            if f.name in d and isinstance(d[f.name], str) and isinstance(f.default, (int, float)) \
+                    and not isinstance(f.default, bool):
+                try:
+                    number = float(d[f.name])
+                    d[f.name] = int(number) if isinstance(f.default, int) else number
+                except ValueError:
+                    raise ConfigError(f"train.{f.name} must be a number, not {d[f.name]!r}") from None
         cfg = cls(**d)
         if cfg.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
@@ -139,12 +147,11 @@ class Trainer:
         scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
         table = CaptionTable(pairs)
         keys_from_groups = cfg.multi_positive and pairs.groups is not None
-        text_cache = None
-        if cfg.lock_text:
-            text_cache = text_backbone_features(self.model, table.texts,
-                                                progress=cfg.progress).to(self.device)
-        else:
-            tokens = self.model.tokenize(table.texts)
+        # A locked tower's caption features are computed once; otherwise captions are
+        # tokenized once and encoded every step.
+        text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
+                                             ).to(self.device) if cfg.lock_text \
+            else self.model.tokenize(table.texts)
 
         augment = None
         if isinstance(cfg.augment, dict):
@@ -175,15 +182,7 @@ class Trainer:
                                                    generator=sample_rng,
                                                    augment=augment).to(self.device)
                     img = self.model.encode_image(pixels, normalize=False)
-                    if text_cache is not None:
-                        txt = self.model.project_text(text_cache[caption_ids.to(self.device)])
-                    else:
-                        ids = tokens["input_ids"][caption_ids]
-                        mask = tokens["attention_mask"][caption_ids]
-                        width = int(mask.sum(1).max())
-                        txt = self.model.encode_text(ids[:, :width].to(self.device),
-                                                     mask[:, :width].to(self.device),
-                                                     normalize=False)
+                    txt = self._text_features(text_source, caption_ids)
                 keys = pairs.groups[idx] if keys_from_groups else caption_ids
                 loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
                                  self.model.logit_scale.float(), keys.to(self.device))
@@ -217,6 +216,17 @@ class Trainer:
                                                         pos)
         self.model.eval()
         return last
+
+    def _text_features(self, source, caption_ids: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text embeddings of the captions ``caption_ids`` for this step, from the
+        cached features of a locked tower or by running the tower on the cached tokens."""
+        if isinstance(source, torch.Tensor):
+            return self.model.project_text(source[caption_ids.to(self.device)])
+        ids, mask = source["input_ids"][caption_ids], source["attention_mask"][caption_ids]
+        if self.model.kind != "siglip":  # SigLIP expects its fixed max-length padding
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
+        return self.model.encode_text(ids.to(self.device), mask.to(self.device), normalize=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, optimizer, scheduler, sample_rng: torch.Generator, epoch: int,
