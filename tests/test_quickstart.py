@@ -94,7 +94,7 @@ def test_tiny_shapes_recipe_learns_colours(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cliplab", "pretrain", "--config",
          str(REPO / "configs/pretrain/tiny-shapes.yaml"), "--out", str(out), "--no-progress",
-         "data.train.n=2000", "train.epochs=3"],
+         "data.train.n=3000", "train.epochs=4"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
