@@ -58,6 +58,7 @@ def test_bad_override_and_missing_data_dir(tmp_path):
     _one_line_error(run_cli("quickstart", "train.epochs"), "key=value")
     _one_line_error(run_cli("quickstart", "--data-dir", str(tmp_path), "--out",
                             str(tmp_path / "run")), str(tmp_path), "dataset-fashion-mnist")
+    assert not (tmp_path / "run").exists()  # no half-made run folder for a run that never ran
 
 
 def test_unknown_model_in_eval(tmp_path):

@@ -95,3 +95,11 @@ def test_load_source_by_spec(fmnist_dir):
         load_source({"source": "digits", "splt": "train"})
     with pytest.raises(ConfigError, match="bad option"):
         load_source({"source": "shapes", "nn": 3})
+
+
+def test_official_and_prompt_class_names_both_work():
+    from cliplab.data.fashion_mnist import canonical_name
+
+    assert canonical_name("T-shirt/top") == "t-shirt"
+    assert canonical_name("Ankle boot") == "ankle boot" == canonical_name("ankle boot")
+    assert canonical_name("Hat") == "Hat"

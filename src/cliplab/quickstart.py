@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cliplab.config import check_keys, deep_merge
-from cliplab.data.fashion_mnist import load_fashion_mnist
+from cliplab.data.fashion_mnist import canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import PROBE_FEATURES, encode_images
@@ -54,16 +54,18 @@ def run_quickstart(config: dict | None = None, progress: bool = True) -> dict:
     """Pretrain, evaluate and write the run folder; returns the results dict."""
     start = time.time()
     cfg = quickstart_config(config)
-    run = RunDir(cfg["out"] or default_run_dir("quickstart"))
-    cfg["out"] = str(run.path)
-    run.write_config(cfg)
     data = cfg["data"]
-
     describe = bool(data["descriptions"])
     train_all = load_fashion_mnist("train", data["data_dir"], data["train_limit"], describe)
     test = load_fashion_mnist("test", data["data_dir"], data["test_limit"], describe)
-    heldout = class_indices(train_all.classnames, data["heldout"])
-    seen_train, _ = split_classes(train_all, data["heldout"])
+    held_names = [canonical_name(n) for n in data["heldout"]]
+    heldout = class_indices(train_all.classnames, held_names)
+    seen_train, _ = split_classes(train_all, held_names)
+
+    # the run folder is made only once the inputs are known to be good
+    run = RunDir(cfg["out"] or default_run_dir("quickstart"))
+    cfg["out"] = str(run.path)
+    run.write_config(cfg)
 
     model = build_model(cfg["model"]["preset"], **(cfg["model"].get("options") or {}))
     train_cfg = TrainConfig.from_dict({**cfg["train"], "progress": progress})

@@ -50,6 +50,16 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
+def canonical_name(name: str) -> str:
+    """The prompt name of a class given by its official name ("T-shirt/top" → "t-shirt") or
+    its prompt name; anything else is returned unchanged (and rejected later by name)."""
+    lower = name.lower()
+    for official, prompt in zip(CLASSNAMES, PROMPT_NAMES):
+        if lower in (official.lower(), prompt):
+            return prompt
+    return name
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
     opener = gzip.open if path.suffix == ".gz" else open

@@ -36,12 +36,12 @@ def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) ->
     if not isinstance(cfg.get("data"), dict) or "train" not in cfg["data"]:
         raise ConfigError("the pretrain config needs data.train (e.g. {source: shapes, n: 4000})")
     train_cfg = TrainConfig.from_dict({**(cfg.get("train") or {}), "progress": progress})
+    pairs = as_pairs(load_source(cfg["data"]["train"]))
+    model = model_from_config(cfg.get("model") or {})
+    # the run folder is made only once the inputs are known to be good
     run = RunDir(cfg.get("out") or default_run_dir("pretrain"))
     cfg = {**cfg, "out": str(run.path)}
     run.write_config(cfg)
-
-    pairs = as_pairs(load_source(cfg["data"]["train"]))
-    model = model_from_config(cfg.get("model") or {})
     trainer = Trainer(model, train_cfg, run)
     last = trainer.fit(pairs, resume=resume)
 
