@@ -44,9 +44,21 @@ def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
 
 
 def test_suite_errors_name_the_task():
-    with pytest.raises(ConfigError, match="unknown task 'retrieval'"):
+    with pytest.raises(ConfigError, match="unknown task 'captioning'"):
+        run_suite(None, {"tasks": [{"task": "captioning"}]})
+    with pytest.raises(ConfigError, match="task 'retrieval' needs data"):
         run_suite(None, {"tasks": [{"task": "retrieval"}]})
     with pytest.raises(ConfigError, match="unknown key.*'datta'.*task 'a'"):
         run_suite(None, {"tasks": [{"name": "a", "task": "zeroshot", "datta": {}}]})
     with pytest.raises(ConfigError, match="non-empty list"):
         run_suite(None, {"tasks": []})
+
+
+def test_suite_runs_retrieval_on_shapes(tiny_model):
+    out = run_suite(tiny_model, {"tasks": [
+        {"name": "ret", "task": "retrieval", "data": {"source": "shapes", "n": 12,
+                                                      "image_size": 32}, "ks": [1, 100]}]},
+        progress=False)
+    assert out["ret"]["image_retrieval_recall@100"] == 1.0
+    assert set(out["ret"]) == {"image_retrieval_recall@1", "text_retrieval_recall@1",
+                               "image_retrieval_recall@100", "text_retrieval_recall@100"}

@@ -1,17 +1,19 @@
-"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe) on one model."""
+"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe, retrieval) on one model."""
 
 from __future__ import annotations
 
 from cliplab.config import check_keys
-from cliplab.data.sources import as_labelled, load_source
+from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import PROBE_FEATURES, encode_images
 from cliplab.evaluate.linear_probe import linear_probe
+from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.dual_encoder import DualEncoder
 
 TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
-             "linear_probe": {"name", "task", "train", "test", "l2", "features", "layers"}}
+             "linear_probe": {"name", "task", "train", "test", "l2", "features", "layers"},
+             "retrieval": {"name", "task", "data", "ks"}}
 
 
 def _labelled(spec, where: str):
@@ -27,6 +29,13 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
         raise ConfigError(f"unknown task {kind!r}; choose one of: {', '.join(TASK_KEYS)}")
     name = task.get("name", kind)
     check_keys(task, TASK_KEYS[kind], f"task {name!r}")
+    if kind == "retrieval":
+        spec = task.get("data")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"task {name!r} needs data: a pair source such as "
+                              "{source: shapes, n: 500}")
+        pairs = as_pairs(load_source(spec))
+        return retrieval(model, pairs, ks=tuple(task.get("ks", (1, 5, 10))), progress=progress)
     if kind == "zeroshot":
         data = _labelled(task.get("data"), f"task {name!r} data")
         feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")

@@ -1,0 +1,49 @@
+"""Retrieval recall@k against hand-computed values on constructed similarities."""
+
+import pytest
+import torch
+
+from cliplab.data.types import ImageTextPairs
+from cliplab.evaluate.retrieval import retrieval, retrieval_metrics
+
+
+def test_recall_at_k_by_hand():
+    # 3 images on the axes; 4 captions: image 0 has two captions, images 1 and 2 one each.
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0.0, 0.0],    # caption of image 0: image 0 ranks 1st
+                          [0.0, 0.9, 0.1],    # caption of image 0: images 1, 2, 0 -> 3rd
+                          [0.0, 1.0, 0.0],    # caption of image 1: 1st
+                          [0.2, 0.0, 0.15]])  # caption of image 2: images 0, 2 -> 2nd
+    owner = torch.tensor([0, 0, 1, 2])
+    m = retrieval_metrics(images, texts, owner, ks=(1, 2, 3))
+    assert m["image_retrieval_recall@1"] == 0.5
+    assert m["image_retrieval_recall@2"] == 0.75
+    assert m["image_retrieval_recall@3"] == 1.0
+    # image -> text: image 0's best caption is caption 0 (its own), image 1's is caption 2
+    # (1.0 > 0.9), image 2's is caption 3 (0.15 > 0.1): all hits at k = 1
+    assert m["text_retrieval_recall@1"] == 1.0
+
+
+def test_image_to_text_counts_any_of_several_captions():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[0.2, 1.0],   # caption 0, of image 0, but closer to image 1
+                          [1.0, 0.0],   # caption 1, of image 0
+                          [0.0, 0.8]])  # caption 2, of image 1
+    owner = torch.tensor([0, 0, 1])
+    m = retrieval_metrics(images, texts, owner, ks=(1, 2))
+    # image 0's top caption is its second one (a hit); image 1's top is caption 0 (a miss),
+    # its own caption 2 comes second
+    assert m["text_retrieval_recall@1"] == 0.5
+    assert m["text_retrieval_recall@2"] == 1.0
+    # text -> image: caption 0 finds image 1 first (miss), captions 1 and 2 hit
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+
+
+def test_retrieval_task_on_a_model(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    pairs = ImageTextPairs(torch.randint(0, 256, (6, 16, 16, 3), generator=g, dtype=torch.uint8),
+                           [["a cat", "one cat"], ["a dog"], ["a car"], ["a bus"], ["a hat"],
+                            ["a cup", "the cup"]])
+    m = retrieval(tiny_model, pairs, ks=(1, 8), progress=False)  # 6 images, 8 captions
+    assert m["image_retrieval_recall@8"] == 1.0 and m["text_retrieval_recall@8"] == 1.0
+    assert 0.0 <= m["image_retrieval_recall@1"] <= 1.0
