@@ -62,3 +62,21 @@ def test_suite_runs_retrieval_on_shapes(tiny_model):
     assert out["ret"]["image_retrieval_recall@100"] == 1.0
     assert set(out["ret"]) == {"image_retrieval_recall@1", "text_retrieval_recall@1",
                                "image_retrieval_recall@100", "text_retrieval_recall@100"}
+
+
+def test_suite_encodes_each_dataset_once(tiny_model, monkeypatch):
+    from cliplab.evaluate import feature_cache as fc
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    calls = []
+    real = fc.encode_images
+    monkeypatch.setattr(fc, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = FeatureCache()
+    run_suite(tiny_model, {"tasks": [
+        {"name": "probe", "task": "linear_probe", "train": {"source": "digits", "split": "train"},
+         "test": {"source": "digits", "split": "test"}, "l2": 0.01},
+        {"name": "zs", "task": "zeroshot", "data": {"source": "digits", "split": "test"}},
+        {"name": "zs-odd", "task": "zeroshot", "data": {"source": "digits", "split": "test"},
+         "classes": [1, 3]}]}, progress=False, cache=cache)
+    assert len(calls) == 2  # digits train once, digits test once for all three tasks
+    assert cache.hits == 2

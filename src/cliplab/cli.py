@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
     p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
     p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
+                   "runs of the same model, data and transform")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -105,13 +107,15 @@ def cmd_pretrain(args) -> int:
 
 def cmd_eval(args) -> int:
     from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import run_suite
     from cliplab.models.presets import build_model
 
     suite = apply_overrides(load_yaml(args.suite), args.overrides)
     model = build_model(args.model)
     results = {"model": args.model, "suite": args.suite,
-               "results": run_suite(model, suite, progress=not args.no_progress)}
+               "results": run_suite(model, suite, progress=not args.no_progress,
+                                    cache=FeatureCache(args.cache_dir))}
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from cliplab.data.types import ImageTextPairs
-from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.features import ImageFeatures, encode_images
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -34,9 +34,11 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
 
 def retrieval(model: DualEncoder, pairs: ImageTextPairs, ks: Sequence[int] = (1, 5, 10),
-              progress: bool = True) -> dict:
-    """Embed every image and every caption of ``pairs`` and report recall@k both ways."""
-    images = encode_images(model, pairs.images, progress=progress, desc="encode images")
+              progress: bool = True, image_features: ImageFeatures | None = None) -> dict:
+    """Embed every image (unless ``image_features`` are given) and every caption of ``pairs``
+    and report recall@k both ways."""
+    images = image_features or encode_images(model, pairs.images, progress=progress,
+                                             desc="encode images")
     texts = [c for caps in pairs.captions for c in caps]
     owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])
     text_emb = model.encode_texts(texts).float().cpu()

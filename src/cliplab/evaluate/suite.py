@@ -5,7 +5,8 @@ from __future__ import annotations
 from cliplab.config import check_keys
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
-from cliplab.evaluate.features import PROBE_FEATURES, encode_images
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.features import PROBE_FEATURES
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
@@ -22,8 +23,10 @@ def _labelled(spec, where: str):
     return as_labelled(load_source(spec), where)
 
 
-def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
-    """Run one task spec and return its metrics."""
+def run_task(model: DualEncoder, task: dict, progress: bool = True,
+             cache: FeatureCache | None = None) -> dict:
+    """Run one task spec and return its metrics; image features come from ``cache``."""
+    cache = cache or FeatureCache()
     kind = task.get("task")
     if kind not in TASK_KEYS:
         raise ConfigError(f"unknown task {kind!r}; choose one of: {', '.join(TASK_KEYS)}")
@@ -35,10 +38,12 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
             raise ConfigError(f"task {name!r} needs data: a pair source such as "
                               "{source: shapes, n: 500}")
         pairs = as_pairs(load_source(spec))
-        return retrieval(model, pairs, ks=tuple(task.get("ks", (1, 5, 10))), progress=progress)
+        feats = cache.features(model, pairs.images, progress=progress, desc=f"encode {name}")
+        return retrieval(model, pairs, ks=tuple(task.get("ks", (1, 5, 10))), progress=progress,
+                         image_features=feats)
     if kind == "zeroshot":
         data = _labelled(task.get("data"), f"task {name!r} data")
-        feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")
+        feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}")
         classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
         classes = task.get("classes")
         if classes is not None:
@@ -51,15 +56,17 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True) -> dict:
     if which not in PROBE_FEATURES:
         raise ConfigError(f"task {name!r}: features must be one of {PROBE_FEATURES}")
     layers = int(task.get("layers", 4))
-    tr = encode_images(model, train.images, progress=progress, probe=which,
-                       probe_layers=layers).get(which)
-    te = encode_images(model, test.images, progress=progress, probe=which,
-                       probe_layers=layers).get(which)
+    probe = which if which in ("tokens", "layers") else None
+    tr = cache.features(model, train.images, probe, layers, progress).get(which)
+    te = cache.features(model, test.images, probe, layers, progress).get(which)
     return linear_probe(tr, train.labels, te, test.labels, l2=task.get("l2"))
 
 
-def run_suite(model: DualEncoder, suite: dict, progress: bool = True) -> dict:
-    """``{tasks: [...]}`` → ``{task_name: metrics}``."""
+def run_suite(model: DualEncoder, suite: dict, progress: bool = True,
+              cache: FeatureCache | None = None) -> dict:
+    """``{tasks: [...]}`` → ``{task_name: metrics}``; every task shares one feature cache, so
+    a dataset is encoded once however many tasks read it."""
+    cache = cache or FeatureCache()
     check_keys(suite, {"tasks"}, "the eval suite")
     tasks = suite.get("tasks")
     if not isinstance(tasks, list) or not tasks:
@@ -69,5 +76,5 @@ def run_suite(model: DualEncoder, suite: dict, progress: bool = True) -> dict:
         if not isinstance(task, dict):
             raise ConfigError(f"task #{i + 1} of the suite must be a mapping")
         name = task.get("name", f"{task.get('task')}-{i}")
-        results[name] = run_task(model, task, progress)
+        results[name] = run_task(model, task, progress, cache)
     return results

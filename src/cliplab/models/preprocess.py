@@ -116,8 +116,6 @@ class ImagePreprocessor:
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(config.std).view(1, 3, 1, 1)
 
     def __call__(self, images, train: bool = False, generator: torch.Generator | None = None,
                  augment: AugmentConfig | None = None) -> torch.Tensor:
@@ -128,4 +126,7 @@ class ImagePreprocessor:
             # Fill with the border colour so augmented images keep their background.
             fill = x[:, :, 0, 0].median(dim=0).values
             x = random_affine(x, augment or self.config.augment, generator, fill=fill)
-        return (x - self.mean) / self.std
+        # read from the config on every call, so an edited config takes effect
+        mean = torch.tensor(self.config.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std

@@ -1,0 +1,110 @@
+"""A cache of image features keyed by (image tower weights, dataset pixels, transform).
+
+Every task of a suite asks the cache; the images of one (model, dataset, transform) are encoded
+once and shared by zero-shot, probes and retrieval. The key changes, and the cache misses, when
+any of the three changes. With a folder the features persist as safetensors files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cliplab.evaluate.features import ImageFeatures, encode_images
+from cliplab.models.dual_encoder import DualEncoder
+
+
+def image_tower_fingerprint(model: DualEncoder) -> str:
+    """Hash of everything image features depend on: vision tower and projection weights, and
+    the preprocessing (size, normalisation)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.model.state_dict().items()):
+        if name.startswith(("vision_model.", "visual_projection.")):
+            h.update(name.encode())
+            h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    pre = model.preprocess_config.to_dict()
+    pre.pop("augment", None)  # train-time only
+    h.update(json.dumps(pre, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """Hash of a uint8 image tensor's shape and pixels."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Image features by key, in memory and (if ``folder`` is given) on disk.
+
+    An entry holds the embeddings, the pooled backbone and optionally one kind of probe
+    features; a request that needs only the first two is served by any entry of its key.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[str, dict[str, ImageFeatures]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model: DualEncoder, images: torch.Tensor) -> str:
+        return f"{image_tower_fingerprint(model)}-{images_fingerprint(images)}"
+
+    @staticmethod
+    def _tag(probe: str | None, probe_layers: int) -> str:
+        if probe == "layers":
+            return f"layers{probe_layers}"
+        return "tokens" if probe == "tokens" else "plain"
+
+    def _lookup(self, key: str, tag: str) -> ImageFeatures | None:
+        entries = self.memory.get(key, {})
+        if tag in entries:
+            return entries[tag]
+        if tag == "plain" and entries:
+            return next(iter(entries.values()))
+        if self.folder is None:
+            return None
+        files = [self.folder / f"{key}-{tag}.safetensors"]
+        if tag == "plain":
+            files += sorted(self.folder.glob(f"{key}-*.safetensors"))
+        for file in files:
+            if file.is_file():
+                tensors = load_file(file)
+                kind = file.stem.rsplit("-", 1)[1]
+                probe_kind = None if kind == "plain" else kind.rstrip("0123456789")
+                feats = ImageFeatures(tensors["embeddings"], tensors["backbone"],
+                                      tensors.get("probe"), probe_kind)
+                self.memory.setdefault(key, {})[kind] = feats
+                return feats
+        return None
+
+    def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
+                 probe_layers: int = 4, progress: bool = True,
+                 desc: str = "encode images") -> ImageFeatures:
+        """The cached features of ``images`` under ``model``, computing them on a miss."""
+        key, tag = self.key(model, images), self._tag(probe, probe_layers)
+        feats = self._lookup(key, tag)
+        if feats is not None:
+            self.hits += 1
+            return feats
+        self.misses += 1
+        feats = encode_images(model, images, progress=progress, desc=desc, probe=probe,
+                              probe_layers=probe_layers)
+        self.memory.setdefault(key, {})[tag] = feats
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone}
+            if feats.probe is not None:
+                tensors["probe"] = feats.probe
+            file = self.folder / f"{key}-{tag}.safetensors"
+            tmp = file.with_name(file.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            tmp.replace(file)
+        return feats

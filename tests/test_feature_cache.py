@@ -1,0 +1,78 @@
+"""The feature cache: one encode per (model, dataset, transform), invalidated by any change."""
+
+import torch
+
+from cliplab.evaluate import feature_cache as fc
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.models import build_model
+
+
+def _model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, seed=seed)
+
+
+def _images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (5, 16, 16, 3), generator=g, dtype=torch.uint8)
+
+
+def count_encodes(monkeypatch):
+    calls = []
+    real = fc.encode_images
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("probe"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc, "encode_images", spy)
+    return calls
+
+
+def test_same_inputs_encode_once_and_plain_requests_reuse_probe_entries(monkeypatch):
+    calls = count_encodes(monkeypatch)
+    cache, model, images = FeatureCache(), _model(), _images()
+    a = cache.features(model, images, probe="tokens", progress=False)
+    b = cache.features(model, images, progress=False)            # zero-shot needs no probe
+    c = cache.features(model, images, probe="tokens", progress=False)
+    assert calls == ["tokens"] and cache.hits == 2 and cache.misses == 1
+    assert torch.equal(a.embeddings, b.embeddings) and c is a
+
+
+def test_any_change_invalidates(monkeypatch):
+    calls = count_encodes(monkeypatch)
+    cache, model, images = FeatureCache(), _model(), _images()
+    cache.features(model, images, progress=False)
+    cache.features(model, _images(seed=1), progress=False)          # other pixels
+    with torch.no_grad():
+        model.model.visual_projection.weight.add_(0.01)               # other weights
+    cache.features(model, images, progress=False)
+    model.preprocess_config.mean = (0.4, 0.4, 0.4)                    # other transform
+    other = cache.features(model, images, progress=False)
+    cache.features(model, images, probe="layers", probe_layers=1, progress=False)  # new probe
+    assert len(calls) == 5 and cache.hits == 0
+    first = cache.memory[next(iter(cache.memory))]["plain"]
+    assert not torch.equal(other.backbone, first.backbone)  # the new mean really was applied
+
+
+def test_text_tower_changes_do_not_invalidate_image_features(monkeypatch):
+    calls = count_encodes(monkeypatch)
+    cache, model, images = FeatureCache(), _model(), _images()
+    cache.features(model, images, progress=False)
+    with torch.no_grad():
+        model.model.text_projection.weight.add_(1.0)
+    cache.features(model, images, progress=False)
+    assert len(calls) == 1
+
+
+def test_disk_cache_survives_a_new_instance(tmp_path, monkeypatch):
+    calls = count_encodes(monkeypatch)
+    model, images = _model(), _images()
+    first = FeatureCache(tmp_path).features(model, images, probe="tokens", progress=False)
+    again = FeatureCache(tmp_path)
+    second = again.features(model, images, probe="tokens", progress=False)
+    plain = FeatureCache(tmp_path).features(model, images, progress=False)
+    assert len(calls) == 1 and again.hits == 1
+    assert torch.equal(first.probe, second.probe) and torch.equal(first.embeddings, plain.embeddings)
+    assert second.get("tokens").shape == first.get("tokens").shape
+    assert not list(tmp_path.glob("*.tmp"))
