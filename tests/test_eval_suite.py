@@ -80,3 +80,17 @@ def test_suite_encodes_each_dataset_once(tiny_model, monkeypatch):
          "classes": [1, 3]}]}, progress=False, cache=cache)
     assert len(calls) == 2  # digits train once, digits test once for all three tasks
     assert cache.hits == 2
+
+
+def test_suite_few_shot_task(tiny_model):
+    out = run_suite(tiny_model, {"tasks": [
+        {"name": "fs", "task": "few_shot", "train": {"source": "digits", "split": "train"},
+         "test": {"source": "digits", "split": "test"}, "shots": [1, 4], "seeds": [0, 1],
+         "methods": ["ncm"]}]}, progress=False)
+    assert set(out["fs"]) == {"ncm_1shot", "ncm_4shot"}
+    assert len(out["fs"]["ncm_4shot"]["acc1_per_seed"]) == 2
+    with pytest.raises(ConfigError, match="task 'bad'.*knn"):
+        run_suite(tiny_model, {"tasks": [
+            {"name": "bad", "task": "few_shot", "train": {"source": "digits", "split": "train"},
+             "test": {"source": "digits", "split": "test"}, "methods": ["knn"]}]},
+            progress=False)

@@ -1,4 +1,5 @@
-"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe, retrieval) on one model."""
+"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe, few-shot, retrieval) on one
+model, all reading image features from one cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import PROBE_FEATURES
+from cliplab.evaluate.few_shot import METHODS, few_shot
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
@@ -14,7 +16,9 @@ from cliplab.models.dual_encoder import DualEncoder
 
 TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
              "linear_probe": {"name", "task", "train", "test", "l2", "features", "layers"},
-             "retrieval": {"name", "task", "data", "ks"}}
+             "retrieval": {"name", "task", "data", "ks"},
+             "few_shot": {"name", "task", "train", "test", "shots", "seeds", "methods", "l2",
+                          "features", "layers"}}
 
 
 def _labelled(spec, where: str):
@@ -52,13 +56,22 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True,
         return zeroshot_metrics(feats.embeddings, data.labels, classifier, classes)
     train = _labelled(task.get("train"), f"task {name!r} train")
     test = _labelled(task.get("test"), f"task {name!r} test")
-    which = task.get("features", "tokens")
+    which = task.get("features", "tokens" if kind == "linear_probe" else "embeddings")
     if which not in PROBE_FEATURES:
         raise ConfigError(f"task {name!r}: features must be one of {PROBE_FEATURES}")
     layers = int(task.get("layers", 4))
     probe = which if which in ("tokens", "layers") else None
     tr = cache.features(model, train.images, probe, layers, progress).get(which)
     te = cache.features(model, test.images, probe, layers, progress).get(which)
+    if kind == "few_shot":
+        try:
+            return few_shot(tr, train.labels, te, test.labels,
+                            shots=tuple(task.get("shots", (1, 2, 4, 8, 16))),
+                            seeds=tuple(task.get("seeds", (0, 1, 2))),
+                            methods=tuple(task.get("methods", METHODS)),
+                            l2=float(task.get("l2", 1e-3)))
+        except ValueError as err:
+            raise ConfigError(f"task {name!r}: {err}") from None
     return linear_probe(tr, train.labels, te, test.labels, l2=task.get("l2"))
 
 

@@ -1,0 +1,41 @@
+"""Few-shot: k-shot sampling, nearest class mean by hand, mean ± std over seeds."""
+
+import pytest
+import torch
+
+from cliplab.evaluate.few_shot import few_shot, nearest_class_mean, sample_k_shot
+
+
+def test_k_shot_takes_k_per_class_deterministically():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    idx = sample_k_shot(labels, 4, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [4, 3, 4]  # class 1 has only 3
+    assert torch.equal(idx, sample_k_shot(labels, 4, seed=0))
+    assert not torch.equal(idx, sample_k_shot(labels, 4, seed=1))
+
+
+def test_nearest_class_mean_by_hand():
+    train_x = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.2, 1.0]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_x = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.1, 0.8]])
+    test_y = torch.tensor([0, 1, 1])
+    # class means point at ~(1, .1) and ~(.1, 1): (0.6, 0.5) is nearer class 0 -> 2 of 3 right
+    m = nearest_class_mean(train_x, train_y, test_x, test_y)
+    assert m["acc1"] == pytest.approx(2 / 3)
+
+
+def test_few_shot_reports_mean_and_std_and_more_shots_help():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 1.2
+    y = torch.arange(800) % 4
+    x = centres[y] + torch.randn(800, 16, generator=g) * 1.5
+    out = few_shot(x[:600], y[:600], x[600:], y[600:], shots=(1, 16), seeds=(0, 1, 2))
+    for key in ("ncm_1shot", "ncm_16shot", "linear_probe_1shot", "linear_probe_16shot"):
+        r = out[key]
+        assert len(r["acc1_per_seed"]) == 3
+        assert r["acc1_mean"] == pytest.approx(sum(r["acc1_per_seed"]) / 3)
+        assert r["acc1_std"] == pytest.approx(torch.tensor(r["acc1_per_seed"]).std(unbiased=False).item())
+    assert out["ncm_16shot"]["acc1_mean"] > out["ncm_1shot"]["acc1_mean"]
+    assert out["linear_probe_16shot"]["acc1_mean"] > out["linear_probe_1shot"]["acc1_mean"]
+    with pytest.raises(ValueError, match="unknown few-shot method"):
+        few_shot(x, y, x, y, methods=("knn",))
