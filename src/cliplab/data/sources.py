@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from cliplab.data.clip_benchmark import load_clip_benchmark
 from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist
 from cliplab.data.manifest import load_manifest
@@ -27,6 +28,7 @@ SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs]] = {
     "digits": load_digits,
     "shapes": _shapes,
     "manifest": load_manifest,
+    "clip-benchmark": load_clip_benchmark,
 }
 
 

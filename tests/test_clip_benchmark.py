@@ -1,0 +1,97 @@
+"""CLIP_benchmark's WebDataset layout read from a local folder; `cliplab eval` on it."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.data.clip_benchmark import load_clip_benchmark
+from cliplab.errors import DataError
+from cliplab.evaluate.features import encode_images
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def classification_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "wds_toy"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("cat\ndog\ncar\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c}.\n")
+    arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(9)]
+    good = [(f"s{i:07d}", {"png": _png(a), "cls": str(i % 3).encode()})
+            for i, a in enumerate(arrays)]
+    write_shard(root / "test" / "0.tar", good[:5])
+    write_shard(root / "test" / "1.tar", good[5:] + [
+        ("s0000100", {"png": b"not an image", "cls": b"1"}),
+        ("s0000101", {"png": _png(arrays[0]), "cls": b"7"}),
+        ("s0000102", {"cls": b"0"})])
+    return root, arrays
+
+
+def test_reads_classification_shards_and_skips_bad_samples(classification_folder):
+    root, arrays = classification_folder
+    data = load_clip_benchmark(root, progress=False)
+    assert data.classnames == ["cat", "dog", "car"]
+    assert data.templates == ["a photo of a {}.", "a {}."]
+    assert len(data) == 9 and data.labels.tolist() == [i % 3 for i in range(9)]
+    assert np.array_equal(data.images[4].numpy(), arrays[4])
+    assert data.skipped.counts == {"unreadable_image": 1, "bad_label": 1, "missing_image": 1}
+    assert "1.tar:s0000100" in data.skipped.keys["unreadable_image"]
+
+
+def test_reads_retrieval_shards(tmp_path):
+    root = tmp_path / "wds_pairs"
+    (root / "test").mkdir(parents=True)
+    img = np.zeros((8, 8, 3), np.uint8)
+    write_shard(root / "test" / "0.tar", [("a", {"jpg": _png(img), "txt": b"a cat\na small cat\n"}),
+                                          ("b", {"jpg": _png(img), "txt": b"  \n"})])
+    pairs = load_clip_benchmark(root, progress=False)
+    assert pairs.captions == [["a cat", "a small cat"]]
+    assert pairs.skipped.counts == {"empty_caption": 1}
+
+
+def test_missing_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no .tar shards"):
+        load_clip_benchmark(tmp_path)
+
+
+def test_cliplab_eval_on_the_folder_equals_hand_computation(classification_folder, tmp_path,
+                                                            tiny_model):
+    root, _ = classification_folder
+    tiny_model.save(tmp_path / "model")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks:\n  - {{name: toy, task: zeroshot, data: "
+                     f"{{source: clip-benchmark, root: '{root}', progress: false}}}}\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite),
+                 "--out", str(out), "--no-progress"]) == 0
+    got = json.loads(out.read_text())["results"]["toy"]["acc1"]
+
+    data = load_clip_benchmark(root, progress=False)
+    emb = encode_images(tiny_model, data.images, progress=False).embeddings
+    prompts = [[t.format(c) for t in data.templates] for c in data.classnames]
+    head = torch.nn.functional.normalize(torch.stack(
+        [torch.nn.functional.normalize(tiny_model.encode_texts(p), dim=-1).mean(0)
+         for p in prompts]), dim=-1)
+    expected = ((emb @ head.T).argmax(1) == data.labels).float().mean().item()
+    assert got == pytest.approx(expected, abs=1e-6)
