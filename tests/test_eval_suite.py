@@ -94,3 +94,15 @@ def test_suite_few_shot_task(tiny_model):
             {"name": "bad", "task": "few_shot", "train": {"source": "digits", "split": "train"},
              "test": {"source": "digits", "split": "test"}, "methods": ["knn"]}]},
             progress=False)
+
+
+def test_suite_compositional_task(tiny_model):
+    out = run_suite(tiny_model, {"tasks": [
+        {"name": "comp", "task": "compositional",
+         "data": {"source": "shapes", "n": 12, "image_size": 32}}]}, progress=False)
+    assert out["comp"]["n"] == 12
+    assert all(0.0 <= out["comp"][f"{k}_acc"] <= 1.0
+               for k in ("attribute_swap", "relation_swap", "word_shuffle"))
+    with pytest.raises(ConfigError, match="exact only on `shapes`"):
+        run_suite(tiny_model, {"tasks": [{"name": "c", "task": "compositional",
+                                          "data": {"source": "digits"}}]}, progress=False)

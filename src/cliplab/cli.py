@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show tracebacks on errors")
 
     p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
-                       description="Run the zero-shot, linear-probe, few-shot and retrieval tasks of a suite YAML on "
-                       "a saved model folder or a preset; print and save results JSON.")
+                       description="Run the zero-shot, linear-probe, few-shot, retrieval and "
+                       "compositional tasks of a suite YAML on a saved model folder or a "
+                       "preset; print and save results JSON.")
     p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
     p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
     p.add_argument("--out", help="write the results JSON here")

@@ -218,6 +218,16 @@ def _phrase(obj: ShapeObject, with_size: bool) -> str:
     return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
+def object_phrase(obj: ShapeObject, with_size: bool = False) -> str:
+    """The noun phrase captions use for ``obj``: "a red circle", "an orange square"."""
+    return _phrase(obj, with_size)
+
+
+def relation_of(a: ShapeObject, b: ShapeObject, image_size: int = 64) -> str | None:
+    """"left of" / "right of" / "above" / "below" when ``a`` clearly stands so to ``b``."""
+    return _relation(a, b, image_size)
+
+
 def captions(scene: Scene) -> list[str]:
     """Equivalent exact captions of ``scene``, the canonical one (``caption``) first."""
     objs, size = scene.objects, scene.image_size

@@ -1,11 +1,13 @@
-"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe, few-shot, retrieval) on one
-model, all reading image features from one cache."""
+"""`cliplab eval`: run a suite of tasks (zero-shot, linear probe, few-shot, retrieval,
+compositional) on one model, all reading image features from one cache."""
 
 from __future__ import annotations
 
 from cliplab.config import check_keys
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
+from cliplab.data.shapes import load_shapes_with_scenes
+from cliplab.evaluate.compositional import compositional
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import PROBE_FEATURES
 from cliplab.evaluate.few_shot import METHODS, few_shot
@@ -17,6 +19,7 @@ from cliplab.models.dual_encoder import DualEncoder
 TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
              "linear_probe": {"name", "task", "train", "test", "l2", "features", "layers"},
              "retrieval": {"name", "task", "data", "ks"},
+             "compositional": {"name", "task", "data", "seed"},
              "few_shot": {"name", "task", "train", "test", "shots", "seeds", "methods", "l2",
                           "features", "layers"}}
 
@@ -45,6 +48,22 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True,
         feats = cache.features(model, pairs.images, progress=progress, desc=f"encode {name}")
         return retrieval(model, pairs, ks=tuple(task.get("ks", (1, 5, 10))), progress=progress,
                          image_features=feats)
+    if kind == "compositional":
+        spec = dict(task.get("data") or {"source": "shapes"})
+        if spec.pop("source", None) != "shapes":
+            raise ConfigError(f"task {name!r}: compositional negatives are exact only on "
+                              "`shapes`; use data: {source: shapes, n: 500}")
+        spec.setdefault("kinds", ["relation"])
+        try:
+            pairs, scenes = load_shapes_with_scenes(**spec)
+        except TypeError as err:
+            raise ConfigError(f"task {name!r}: bad shapes option: {err}") from None
+        feats = cache.features(model, pairs.images, progress=progress, desc=f"encode {name}")
+        try:
+            return compositional(model, pairs.images, scenes, seed=int(task.get("seed", 0)),
+                                 image_emb=feats.embeddings)
+        except ValueError as err:
+            raise ConfigError(f"task {name!r}: {err}") from None
     if kind == "zeroshot":
         data = _labelled(task.get("data"), f"task {name!r} data")
         feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}")

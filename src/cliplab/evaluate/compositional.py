@@ -1,0 +1,78 @@
+"""Compositional probing (ARO / VL-CheckList style): does the model prefer an image's true
+caption over hard negatives made from the same words?
+
+Negative types, exact on `shapes` relation scenes ("a red circle left of a blue square"):
+- ``attribute_swap``: the two objects' colours exchanged ("a blue circle left of a red square");
+- ``relation_swap``: the two objects exchanged around the relation ("a blue square left of a red
+  circle");
+- ``word_shuffle``: the caption's words in a random order.
+A tie between caption and negative counts one half, so a bag-of-words text encoder — which cannot
+tell these apart — scores exactly chance (0.5).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from cliplab.data.shapes import Scene, ShapeObject, object_phrase, relation_of
+from cliplab.evaluate.features import encode_images
+from cliplab.models.dual_encoder import DualEncoder
+
+NEGATIVE_TYPES = ("attribute_swap", "relation_swap", "word_shuffle")
+
+
+def shuffle_words(caption: str, rng: random.Random) -> str:
+    """The caption's words in a random order different from the original (when possible)."""
+    words = caption.split()
+    for _ in range(20):
+        out = words[:]
+        rng.shuffle(out)
+        if out != words:
+            return " ".join(out)
+    return " ".join(words)
+
+
+def relation_negatives(scene: Scene, rng: random.Random) -> tuple[str, dict[str, str]]:
+    """The caption of a two-object relation scene and one negative of each type."""
+    a, b = scene.objects
+    rel = relation_of(a, b, scene.image_size)
+    if rel is None:
+        raise ValueError("the two objects of this scene are not clearly placed")
+    a_swapped = ShapeObject(a.shape, b.color, a.size, a.x, a.y)
+    b_swapped = ShapeObject(b.shape, a.color, b.size, b.x, b.y)
+    true = f"{object_phrase(a)} {rel} {object_phrase(b)}"
+    return true, {
+        "attribute_swap": f"{object_phrase(a_swapped)} {rel} {object_phrase(b_swapped)}",
+        "relation_swap": f"{object_phrase(b)} {rel} {object_phrase(a)}",
+        "word_shuffle": shuffle_words(true, rng)}
+
+
+def preference_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor,
+                        negative_emb: torch.Tensor) -> float:
+    """Fraction of images whose true caption scores above the negative (ties count 1/2)."""
+    s_true = (image_emb * true_emb).sum(-1)
+    s_neg = (image_emb * negative_emb).sum(-1)
+    return ((s_true > s_neg).float() + 0.5 * (s_true == s_neg).float()).mean().item()
+
+
+def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene], seed: int = 0,
+                  progress: bool = True, image_emb: torch.Tensor | None = None) -> dict:
+    """Accuracy of the true caption over each negative type, on relation scenes."""
+    rng = random.Random(seed)
+    keep = [i for i, s in enumerate(scenes) if s.kind == "relation"]
+    if not keep:
+        raise ValueError("the compositional task needs `shapes` relation scenes")
+    if image_emb is None:
+        image_emb = encode_images(model, images[keep], progress=progress).embeddings
+    else:
+        image_emb = image_emb[keep]
+    built = [relation_negatives(scenes[i], rng) for i in keep]
+    true_emb = model.encode_texts([t for t, _ in built]).float()
+    out = {}
+    for kind in NEGATIVE_TYPES:
+        neg_emb = model.encode_texts([negs[kind] for _, negs in built]).float()
+        out[f"{kind}_acc"] = preference_accuracy(image_emb, true_emb, neg_emb)
+    out["n"] = len(keep)
+    return out
