@@ -33,6 +33,7 @@ class ImageFeatures:
 
 
 PROBE_FEATURES = ("embeddings", "backbone", "tokens", "layers")
+EXTRA_PROBES = ("tokens", "layers")  # the ones computed only when asked for
 
 
 @torch.no_grad()
@@ -41,9 +42,9 @@ def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 50
                   probe: str | None = None, probe_layers: int = 4) -> ImageFeatures:
     """Encode uint8 images ``[N, H, W, C]`` with ``model`` in eval mode; with ``probe`` set to
     ``"tokens"`` or ``"layers"`` also those probe features, from the same forward pass."""
-    if probe not in (None, "embeddings", "backbone", "tokens", "layers"):
+    if probe is not None and probe not in PROBE_FEATURES:
         raise ValueError(f"unknown probe features {probe!r}; choose one of {PROBE_FEATURES}")
-    extra = probe if probe in ("tokens", "layers") else None
+    extra = probe if probe in EXTRA_PROBES else None
     emb, back, probes = [], [], []
     with evaluating(model):
         batches = tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress,

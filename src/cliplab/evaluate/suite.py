@@ -4,12 +4,13 @@ compositional) on one model, all reading image features from one cache."""
 from __future__ import annotations
 
 from cliplab.config import check_keys
+from cliplab.data.pairs import class_indices
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
 from cliplab.data.shapes import load_shapes_with_scenes
 from cliplab.evaluate.compositional import compositional
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.features import PROBE_FEATURES
+from cliplab.evaluate.features import EXTRA_PROBES, PROBE_FEATURES
 from cliplab.evaluate.few_shot import METHODS, few_shot
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.retrieval import retrieval
@@ -69,9 +70,10 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True,
         feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}")
         classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
         classes = task.get("classes")
-        if classes is not None:
-            lower = [c.lower() for c in data.classnames]
-            classes = [lower.index(c.lower()) if isinstance(c, str) else int(c) for c in classes]
+        if classes is not None:  # names (any case) or indices
+            names = [c for c in classes if isinstance(c, str)]
+            index = dict(zip(names, class_indices(data.classnames, names)))
+            classes = [index[c] if isinstance(c, str) else int(c) for c in classes]
         return zeroshot_metrics(feats.embeddings, data.labels, classifier, classes)
     train = _labelled(task.get("train"), f"task {name!r} train")
     test = _labelled(task.get("test"), f"task {name!r} test")
@@ -79,7 +81,7 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True,
     if which not in PROBE_FEATURES:
         raise ConfigError(f"task {name!r}: features must be one of {PROBE_FEATURES}")
     layers = int(task.get("layers", 4))
-    probe = which if which in ("tokens", "layers") else None
+    probe = which if which in EXTRA_PROBES else None
     tr = cache.features(model, train.images, probe, layers, progress).get(which)
     te = cache.features(model, test.images, probe, layers, progress).get(which)
     if kind == "few_shot":
