@@ -28,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = False) -> No
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplab",
-        description="Train, evaluate and adapt CLIP-style image-text models.")
+        description="Pretrain and evaluate CLIP-style image-text models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
