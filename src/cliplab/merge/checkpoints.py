@@ -1,0 +1,131 @@
+"""Reading the model folders a merge combines, checking they can be combined, and writing
+the merged folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cliplab.errors import ModelError
+from cliplab.merge.origin import read_origin, weights_fingerprint
+from cliplab.merge.state import check_same_keys
+from cliplab.models.dual_encoder import CLIPLAB_FILE, DualEncoder
+
+# config.json fields that say nothing about the architecture
+VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "dtype",
+                        "torch_dtype", "architectures"}
+# cliplab.json fields that must agree for a merged model to mean the same thing
+SHARED_META_KEYS = ("preprocess", "text_pooling", "context_length")
+
+
+@dataclass
+class Ingredient:
+    """One model folder: its weights (as the loaded HF model names them), its config and
+    cliplab metadata, its weight fingerprint and its recorded pretrained origin (if any)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    config: dict
+    meta: dict
+    fingerprint: str
+    origin: dict | None
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def load_ingredient(path: str | Path) -> Ingredient:
+    """Load a cliplab/HF model folder's weights through `DualEncoder.load` (so HF's own key
+    conversions apply) with its config, metadata and origin record."""
+    path = Path(path)
+    model = DualEncoder.load(path)
+    state = {k: v.detach() for k, v in model.model.state_dict().items()}
+    config = json.loads((path / "config.json").read_text())
+    meta_file = path / CLIPLAB_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path))
+
+
+def first_difference(a, b, prefix: str = "") -> str | None:
+    """The dotted path of the first differing field of two JSON-like values, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if not prefix and key in VOLATILE_CONFIG_KEYS:
+                continue
+            if key not in a or key not in b:
+                return f"{prefix}{key}"
+            diff = first_difference(a[key], b[key], f"{prefix}{key}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else prefix.rstrip(".") or "(value)"
+
+
+def check_architecture(ingredients: list[Ingredient]) -> None:
+    """Same model type and config, same cliplab preprocessing/pooling, same tensor names,
+    shapes and dtypes as the first ingredient; the error names the file and the key."""
+    ref = ingredients[0]
+    for ing in ingredients[1:]:
+        diff = first_difference(ref.config, ing.config)
+        if diff is not None:
+            raise ModelError(f"{ing.path}/config.json differs from {ref.path}/config.json at "
+                             f"{diff!r}: not the same architecture")
+        for key in SHARED_META_KEYS:
+            if ref.meta.get(key) != ing.meta.get(key):
+                raise ModelError(f"{ing.path}/{CLIPLAB_FILE}: {key!r} differs from "
+                                 f"{ref.path}'s; merged weights would be read differently")
+    check_same_keys([i.state for i in ingredients], [i.name for i in ingredients])
+
+
+def check_origin(models: list[Ingredient], base: Ingredient | None) -> dict:
+    """Every recorded ``base`` fingerprint must match the base model's (when given) and each
+    other's. Returns ``{"fingerprint": ..., "path": ..., "unrecorded": [paths]}``."""
+    recorded = [m for m in models if m.origin is not None]
+    if base is not None:
+        unrecorded = [m.name for m in models
+                      if m.origin is None and m.fingerprint != base.fingerprint]
+        for m in recorded:
+            if m.origin["fingerprint"] != base.fingerprint:
+                raise ModelError(f"{m.path}/{CLIPLAB_FILE}: fine-tuned from "
+                                 f"{m.origin.get('path')} (fingerprint "
+                                 f"{m.origin['fingerprint'][:12]}…), not from the base "
+                                 f"{base.path} ({base.fingerprint[:12]}…)")
+        return {"path": str(base.path), "fingerprint": base.fingerprint,
+                "unrecorded": unrecorded}
+    if recorded:
+        ref = recorded[0]
+        for m in recorded[1:]:
+            if m.origin["fingerprint"] != ref.origin["fingerprint"]:
+                raise ModelError(f"{m.path}/{CLIPLAB_FILE}: fine-tuned from "
+                                 f"{m.origin.get('path')}, but {ref.path} from "
+                                 f"{ref.origin.get('path')}: different pretrained origins")
+        # the origin itself may be an ingredient (e.g. the zero-shot model in a soup)
+        unrecorded = [m.name for m in models
+                      if m.origin is None and m.fingerprint != ref.origin["fingerprint"]]
+        return {**ref.origin, "unrecorded": unrecorded}
+    return {"path": None, "fingerprint": None, "unrecorded": [m.name for m in models]}
+
+
+def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str | Path,
+                origin: dict | None, record: dict) -> Path:
+    """Write ``state`` as a normal model folder (config, tokenizer and cliplab.json of
+    ``template``) plus ``merge.json``; ``cliplab.json`` records the common pretrained origin."""
+    out = Path(out)
+    model = DualEncoder.load(template)
+    try:
+        model.model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError(f"merged weights do not fit {template}: "
+                         f"{str(err).splitlines()[0]}") from None
+    model.save(out)
+    if origin and origin.get("fingerprint"):
+        meta_file = out / CLIPLAB_FILE
+        meta = json.loads(meta_file.read_text())
+        meta["base"] = {"path": origin.get("path"), "fingerprint": origin["fingerprint"]}
+        meta_file.write_text(json.dumps(meta, indent=2))
+    (out / "merge.json").write_text(json.dumps(record, indent=2))
+    return out

@@ -1,0 +1,36 @@
+"""Task arithmetic (Ilharco et al. 2023): a task vector is fine-tuned minus pretrained
+weights; vectors are added, negated (scale −1) and scaled, then added back to the base."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cliplab.errors import ConfigError
+from cliplab.merge.state import StateDict, check_same_keys, is_mergeable
+
+
+def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, torch.Tensor]:
+    """``finetuned − base`` for every float tensor (float32); other tensors carry no task."""
+    check_same_keys([base, finetuned], ["base", "fine-tuned model"])
+    return {k: finetuned[k].float() - w.float() for k, w in base.items() if is_mergeable(w)}
+
+
+def combine_task_vectors(vectors: Sequence[dict[str, torch.Tensor]],
+                         scales: Sequence[float] | float = 1.0) -> dict[str, torch.Tensor]:
+    """``Σ λ_i τ_i``: one scale for all vectors or one per vector (−1 negates a task)."""
+    if not vectors:
+        raise ConfigError("task arithmetic needs at least one task vector")
+    if isinstance(scales, (int, float)):
+        scales = [float(scales)] * len(vectors)
+    if len(scales) != len(vectors):
+        raise ConfigError(f"{len(scales)} scales for {len(vectors)} task vectors")
+    return {k: sum(float(s) * v[k] for s, v in zip(scales, vectors)) for k in vectors[0]}
+
+
+def apply_task_vector(base: StateDict, vector: dict[str, torch.Tensor],
+                      scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``base + scale·vector`` in the base's dtypes; tensors the vector lacks are copied."""
+    return {k: (w.float() + scale * vector[k]).to(w.dtype) if k in vector else w.clone()
+            for k, w in base.items()}

@@ -1,0 +1,184 @@
+"""Merge operations on small hand-built state dicts, against hand-computed results."""
+
+import math
+
+import pytest
+import torch
+
+from cliplab.errors import ConfigError, ModelError
+from cliplab.merge import (apply_task_vector, combine_task_vectors, disjoint_mean, elect_sign,
+                           greedy_soup, model_stock, model_stock_ratio, task_vector, ties_merge,
+                           trim_top_fraction, uniform_soup, weights_fingerprint)
+from cliplab.merge.state import check_same_keys
+
+T = torch.tensor
+
+
+def test_uniform_soup_is_the_mean_and_copies_integer_buffers():
+    a = {"w": T([[1.0, 2.0], [3.0, 4.0]]), "b": T([0.0, 2.0]), "ids": T([0, 1, 2])}
+    b = {"w": T([[3.0, 0.0], [1.0, 8.0]]), "b": T([4.0, -2.0]), "ids": T([0, 1, 2])}
+    soup = uniform_soup([a, b])
+    assert torch.equal(soup["w"], T([[2.0, 1.0], [2.0, 6.0]]))
+    assert torch.equal(soup["b"], T([2.0, 0.0]))
+    assert torch.equal(soup["ids"], T([0, 1, 2])) and soup["ids"].dtype == torch.int64
+    weighted = uniform_soup([a, b], weights=[3, 1])  # 0.75 a + 0.25 b
+    assert torch.equal(weighted["b"], T([1.0, 1.0]))
+    assert torch.equal(weighted["w"], T([[1.5, 1.5], [2.5, 5.0]]))
+
+
+def test_uniform_soup_keeps_dtype_and_rejects_bad_input():
+    a = {"w": T([1.0, 2.0], dtype=torch.bfloat16)}
+    b = {"w": T([2.0, 4.0], dtype=torch.bfloat16)}
+    soup = uniform_soup([a, b])
+    assert soup["w"].dtype == torch.bfloat16 and torch.equal(soup["w"].float(), T([1.5, 3.0]))
+    with pytest.raises(ModelError, match="'ids'"):
+        uniform_soup([{"ids": T([0, 1])}, {"ids": T([1, 0])}], names=["A", "B"])
+    with pytest.raises(ConfigError, match="weights"):
+        uniform_soup([a, b], weights=[1.0])
+
+
+def test_state_checks_name_the_model_and_the_key():
+    ref = {"x": torch.zeros(2, 3), "y": torch.zeros(3)}
+    with pytest.raises(ModelError, match=r"B lacks tensor 'y'"):
+        check_same_keys([ref, {"x": torch.zeros(2, 3)}], ["A", "B"])
+    with pytest.raises(ModelError, match=r"B has an extra tensor 'z'"):
+        check_same_keys([ref, {**ref, "z": torch.zeros(1)}], ["A", "B"])
+    with pytest.raises(ModelError, match=r"B: tensor 'x' is \(3, 2\)"):
+        check_same_keys([ref, {**ref, "x": torch.zeros(3, 2)}], ["A", "B"])
+    with pytest.raises(ModelError, match=r"B: tensor 'y' is \(3,\) torch.float16"):
+        check_same_keys([ref, {**ref, "y": torch.zeros(3, dtype=torch.float16)}], ["A", "B"])
+
+
+def _score(state):
+    """A fake held-out accuracy: best when w is 1.2."""
+    return -(state["w"].item() - 1.2) ** 2
+
+
+def test_greedy_soup_keeps_only_ingredients_that_do_not_hurt():
+    values = {"A": 1.0, "B": 3.0, "C": -1.5, "D": 1.5}
+    states = [{"w": T(v)} for v in values.values()]
+    calls = []
+
+    def evaluate(state):
+        calls.append(state["w"].item())
+        return _score(state)
+
+    soup = greedy_soup(states, evaluate, names=list(values))
+    # own scores -0.04, -3.24, -7.29, -0.09 -> order A, D, B, C
+    assert [s["ingredient"] for s in soup.steps] == ["A", "D", "B", "C"]
+    # A+D = 1.25 (score -0.0025, kept); A+D+B = 11/6 (dropped); A+D+C = 1/3 (dropped)
+    assert [s["kept"] for s in soup.steps] == [True, True, False, False]
+    assert soup.kept == [0, 3]
+    assert soup.state["w"].item() == pytest.approx(1.25)
+    assert soup.score == pytest.approx(-0.0025)
+    assert calls[4:] == pytest.approx([1.25, 11 / 6, 1 / 3])  # 4 own scores, then 3 soups
+    # the uniform soup of all four is worse: (1 + 3 - 1.5 + 1.5) / 4 = 1.0
+    assert _score(uniform_soup(states)) < soup.score
+
+
+def test_greedy_soup_keeps_an_ingredient_that_ties():
+    states = [{"w": T(1.0)}, {"w": T(3.0)}]
+    soup = greedy_soup(states, lambda s: 0.5)  # held-out score never drops
+    assert soup.kept == [0, 1] and soup.state["w"].item() == 2.0
+
+
+def test_model_stock_ratio_formula():
+    assert model_stock_ratio(0.5, 2) == pytest.approx(2 / 3)  # 2*0.5 / (0.5 + 1)
+    assert model_stock_ratio(0.5, 3) == pytest.approx(0.75)   # 1.5 / (1 + 1)
+    assert model_stock_ratio(1.0, 5) == pytest.approx(1.0)
+    assert model_stock_ratio(0.0, 2) == 0.0
+    assert model_stock_ratio(-0.3, 2) == 0.0  # obtuse: fall back to the pretrained weights
+
+
+def test_model_stock_with_deltas_at_a_known_angle():
+    base = {"w": T([1.0, 1.0, 0.0]), "frozen": T([5.0, 5.0]), "step": T(7)}
+    d1 = T([1.0, 0.0, 0.0])
+    d2 = T([math.cos(math.pi / 3), math.sin(math.pi / 3), 0.0])  # 60 degrees from d1
+    f1 = {"w": base["w"] + 2 * d1, "frozen": T([5.0, 5.0]), "step": T(7)}
+    f2 = {"w": base["w"] + 3 * d2, "frozen": T([5.0, 5.0]), "step": T(7)}
+    merged, ratios = model_stock(base, [f1, f2])
+    t = 2 * 0.5 / (0.5 + 1)
+    assert ratios["w"] == pytest.approx(t)
+    expected = t * (f1["w"] + f2["w"]) / 2 + (1 - t) * base["w"]
+    torch.testing.assert_close(merged["w"], expected)
+    assert torch.equal(merged["frozen"], base["frozen"])  # zero deltas: t = 0, stays put
+    assert ratios["frozen"] == 0.0 and merged["step"].item() == 7 and "step" not in ratios
+
+    # three deltas with pairwise cosine 1/2: t = 3*0.5 / (2*0.5 + 1) = 0.75
+    zero = {"w": torch.zeros(3)}
+    fts = [{"w": T(v) / math.sqrt(2)} for v in ([1.0, 1, 0], [1.0, 0, 1], [0.0, 1, 1])]
+    merged3, ratios3 = model_stock(zero, fts)
+    assert ratios3["w"] == pytest.approx(0.75)
+    torch.testing.assert_close(merged3["w"], 0.75 * torch.stack([f["w"] for f in fts]).mean(0))
+
+    with pytest.raises(ConfigError, match="at least 2"):
+        model_stock(base, [f1])
+
+
+def test_task_vectors_add_negate_scale():
+    base = {"w": T([1.0, 2.0]), "pos": T([0, 1])}
+    fa = {"w": T([2.0, 2.5]), "pos": T([0, 1])}
+    fb = {"w": T([0.0, 4.0]), "pos": T([0, 1])}
+    ta, tb = task_vector(fa, base), task_vector(fb, base)
+    assert set(ta) == {"w"} and torch.equal(ta["w"], T([1.0, 0.5]))
+    assert torch.equal(apply_task_vector(base, ta)["w"], fa["w"])            # add: the fine-tune
+    assert torch.equal(apply_task_vector(base, ta, -1.0)["w"], T([0.0, 1.5]))  # negate
+    assert torch.equal(apply_task_vector(base, ta, 0.5)["w"], T([1.5, 2.25]))  # scale
+    both = combine_task_vectors([ta, tb])  # (1, .5) + (-1, 2)
+    assert torch.equal(both["w"], T([0.0, 2.5]))
+    mixed = combine_task_vectors([ta, tb], [2.0, -1.0])  # (2, 1) - (-1, 2)
+    assert torch.equal(apply_task_vector(base, mixed)["w"], T([4.0, 1.0]))
+    assert torch.equal(apply_task_vector(base, both)["pos"], base["pos"])
+    with pytest.raises(ConfigError, match="2 task vectors"):
+        combine_task_vectors([ta, tb], [1.0])
+
+
+def _ties_vectors():
+    return [{"w": T([4.0, -1.0, 0.5, -3.0, 2.0]), "b": T([1.0, 0.1])},
+            {"w": T([-2.0, 3.0, -0.2, -1.0, 5.0]), "b": T([-0.5, 1.5])},
+            {"w": T([1.0, -4.0, 0.1, 2.0, -0.3]), "b": T([0.2, -6.0])}]
+
+
+def test_ties_trim_keeps_the_top_fraction_over_the_whole_vector():
+    t1, t2, t3 = (trim_top_fraction(v, 0.4) for v in _ties_vectors())  # 3 of 7 entries
+    assert torch.equal(t1["w"], T([4.0, 0, 0, -3.0, 2.0])) and torch.equal(t1["b"], T([0.0, 0]))
+    assert torch.equal(t2["w"], T([-2.0, 3.0, 0, 0, 5.0])) and torch.equal(t2["b"], T([0.0, 0]))
+    assert torch.equal(t3["w"], T([0.0, -4.0, 0, 2.0, 0])) and torch.equal(t3["b"], T([0.0, -6]))
+    with pytest.raises(ConfigError, match="density"):
+        trim_top_fraction(_ties_vectors()[0], 0.0)
+
+
+def test_ties_sign_election_and_disjoint_mean_by_hand():
+    trimmed = [trim_top_fraction(v, 0.4) for v in _ties_vectors()]
+    # sums: w (2, -1, 0, -1, 7), b (0, -6); signs sum to -1, so zero sums elect -1
+    signs = elect_sign(trimmed)
+    assert torch.equal(signs["w"], T([1.0, -1, -1, -1, 1])) and torch.equal(signs["b"], T([-1.0, -1]))
+    merged = disjoint_mean(trimmed, signs)
+    # w0: only +4 agrees; w1: only -4; w2: none; w3: only -3; w4: (2 + 5) / 2
+    assert torch.equal(merged["w"], T([4.0, -4.0, 0.0, -3.0, 3.5]))
+    assert torch.equal(merged["b"], T([0.0, -6.0]))
+
+
+def test_ties_zero_sum_takes_the_majority_sign():
+    signs = elect_sign([{"x": T([1.0, 2.0, 0.0])}, {"x": T([-1.0, 1.0, 0.0])}])
+    assert torch.equal(signs["x"], T([1.0, 1.0, 1.0]))
+    assert torch.equal(disjoint_mean([{"x": T([1.0, 2.0, 0.0])}, {"x": T([-1.0, 1.0, 0.0])}],
+                                     signs)["x"], T([1.0, 1.5, 0.0]))
+
+
+def test_ties_merge_end_to_end():
+    base = {"w": torch.ones(5), "b": T([2.0, 2.0]), "ids": T([3, 4])}
+    fts = [{"w": 1 + v["w"], "b": 2 + v["b"], "ids": T([3, 4])} for v in _ties_vectors()]
+    merged = ties_merge(base, fts, density=0.4, scale=0.5)
+    torch.testing.assert_close(merged["w"], 1 + 0.5 * T([4.0, -4.0, 0.0, -3.0, 3.5]))
+    torch.testing.assert_close(merged["b"], 2 + 0.5 * T([0.0, -6.0]))
+    assert torch.equal(merged["ids"], base["ids"])
+
+
+def test_weights_fingerprint_ignores_names_but_not_values():
+    a = {"x": T([1.0, 2.0]), "y": T([[3.0]])}
+    renamed = {"layers.y": T([[3.0]]), "layers.x": T([1.0, 2.0])}
+    assert weights_fingerprint(a) == weights_fingerprint(renamed)
+    assert weights_fingerprint(a) != weights_fingerprint({"x": T([1.0, 2.5]), "y": T([[3.0]])})
+    assert weights_fingerprint(a) != weights_fingerprint({"x": T([1.0, 2.0]).half(),
+                                                          "y": T([[3.0]]).half()})
