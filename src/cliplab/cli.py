@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+    # -- merge ---------------------------------------------------------------------------------
+    p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
+                       "arithmetic, TIES",
+                       description="Merge model folders of one architecture and pretrained "
+                       "origin in weight space. uniform: mean; greedy: add ingredients by "
+                       "held-out score while it does not drop (config 'heldout'); model-stock: "
+                       "layer-wise interpolation toward --base; task-arithmetic: --base + "
+                       "scale x (model - base) summed (scale=-1 negates); ties: trim to "
+                       "'density', elect signs, disjoint mean, x scale. Writes a model folder "
+                       "plus merge.json.")
+    _add_common(p)
+    p.add_argument("--method", choices=("uniform", "greedy", "model-stock", "task-arithmetic",
+                                        "ties"), help="how to merge (or 'method' in the config)")
+    p.add_argument("--models", nargs="+", metavar="DIR", help="model folders to merge")
+    p.add_argument("--base", metavar="DIR", help="the pretrained model the others were "
+                   "fine-tuned from (model-stock, task-arithmetic, ties)")
+    p.add_argument("--out", help="new folder for the merged model")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    # -- end merge -----------------------------------------------------------------------------
     return parser
 
 
@@ -125,7 +145,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
+# -- merge -------------------------------------------------------------------------------------
+def cmd_merge(args) -> int:
+    from cliplab.merge.run import run_merge
+
+    cfg = _config(args)
+    for key in ("method", "models", "base", "out"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    record = run_merge(cfg, progress=not args.no_progress)
+    line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"
+    if record["heldout"]:
+        held = record["heldout"]
+        line += f"; held-out {held['metric']}: merged {held['merged']:.4f}, " + ", ".join(
+            f"{k} {v:.4f}" for k, v in held["scores"].items())
+    print(line)
+    return 0
+# -- end merge ---------------------------------------------------------------------------------
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
+            "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

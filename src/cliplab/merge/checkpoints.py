@@ -14,7 +14,8 @@ from cliplab.merge.origin import read_origin, weights_fingerprint
 from cliplab.merge.state import check_same_keys
 from cliplab.models.dual_encoder import CLIPLAB_FILE, DualEncoder
 
-# config.json fields that say nothing about the architecture
+# config.json fields that say nothing about the architecture (tensor dtypes are checked per
+# tensor; a saved dtype field changes when a model is loaded and saved again)
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "dtype",
                         "torch_dtype", "architectures"}
 # cliplab.json fields that must agree for a merged model to mean the same thing
@@ -54,7 +55,7 @@ def first_difference(a, b, prefix: str = "") -> str | None:
     """The dotted path of the first differing field of two JSON-like values, or None."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if not prefix and key in VOLATILE_CONFIG_KEYS:
+            if key in VOLATILE_CONFIG_KEYS:  # at any depth: sub-configs carry them too
                 continue
             if key not in a or key not in b:
                 return f"{prefix}{key}"

@@ -1,0 +1,182 @@
+"""`cliplab merge` on saved model folders: round trips into plain transformers and
+`DualEncoder.load`, architecture and origin checks, held-out scores, one-line CLI errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
+
+from cliplab.cli import main
+from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.suite import run_task
+from cliplab.merge import record_origin, weights_fingerprint
+from cliplab.merge.run import run_merge
+from cliplab.models import DualEncoder, build_model
+
+TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
+            context_length=32)
+HELDOUT = {"task": "zeroshot", "data": {"source": "digits", "split": "test"}}
+
+
+def _perturbed(model: DualEncoder, seed: int, size: float = 0.05) -> DualEncoder:
+    """A stand-in fine-tune: every float weight moved by seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(size * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A base tiny-clip and three 'fine-tunes' of it that record it as their origin."""
+    root = tmp_path_factory.mktemp("family")
+    build_model("tiny-clip", **TINY).save(root / "base")
+    paths = []
+    for seed in (1, 2, 3):
+        folder = _perturbed(DualEncoder.load(root / "base"), seed).save(root / f"ft{seed}")
+        record_origin(folder, root / "base")
+        paths.append(folder)
+    return root, root / "base", paths
+
+
+def _state(path):
+    return DualEncoder.load(path).model.state_dict()
+
+
+def test_uniform_soup_folder_round_trips_in_transformers_and_cliplab(family, tmp_path):
+    _, base, fts = family
+    out = tmp_path / "soup"
+    assert main(["merge", "--method", "uniform", "--models", *map(str, fts), "--out", str(out),
+                 "--no-progress"]) == 0
+    states = [_state(p) for p in fts]
+    merged = DualEncoder.load(out).model.state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(value, sum(s[key] for s in states) / 3, rtol=0, atol=1e-6)
+    plain = CLIPModel.from_pretrained(out).state_dict()
+    auto = AutoModel.from_pretrained(out).state_dict()
+    assert all(torch.equal(plain[k], merged[k]) and torch.equal(auto[k], merged[k])
+               for k in merged)
+    record = json.loads((out / "merge.json").read_text())
+    assert record["method"] == "uniform" and record["models"] == list(map(str, fts))
+    meta = json.loads((out / "cliplab.json").read_text())
+    assert meta["base"]["fingerprint"] == weights_fingerprint(_state(base))
+    assert meta["preprocess"]["image_size"] == 16  # the ingredients' preprocessing carried over
+
+
+def test_task_arithmetic_on_a_lit_model_whose_hf_file_keys_differ(tmp_path):
+    """ViT weights are renamed between HF's file layout and its modules; merging through
+    the loaded model must still give base + scale * (fine-tune - base) in a loadable folder."""
+    base = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    base.save(tmp_path / "base")
+    ft = _perturbed(DualEncoder.load(tmp_path / "base"), 7).save(tmp_path / "ft")
+    record_origin(ft, tmp_path / "base")
+    run_merge({"method": "task-arithmetic", "models": [str(ft)], "base": str(tmp_path / "base"),
+               "scale": -0.5, "out": str(tmp_path / "neg")}, progress=False)
+    b, f = _state(tmp_path / "base"), _state(ft)
+    neg = DualEncoder.load(tmp_path / "neg").model.state_dict()
+    plain = VisionTextDualEncoderModel.from_pretrained(tmp_path / "neg").state_dict()
+    for key in b:
+        torch.testing.assert_close(neg[key], b[key] - 0.5 * (f[key] - b[key]), rtol=0, atol=1e-6)
+        assert torch.equal(plain[key], neg[key])
+
+
+def test_model_stock_and_ties_folders(family, tmp_path):
+    _, base, fts = family
+    rec = run_merge({"method": "model-stock", "models": list(map(str, fts)), "base": str(base),
+                     "out": str(tmp_path / "ms")}, progress=False)
+    # independent random deltas are nearly orthogonal: t is small, the merge stays near base
+    assert 0 <= rec["model_stock"]["mean_ratio"] < 0.2
+    b = _state(base)
+    ms = _state(tmp_path / "ms")
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    t = rec["model_stock"]["ratios"][key]
+    avg = sum(_state(p)[key] for p in fts) / 3
+    torch.testing.assert_close(ms[key], t * avg + (1 - t) * b[key])
+    run_merge({"method": "ties", "models": list(map(str, fts)), "base": str(base),
+               "density": 0.1, "out": str(tmp_path / "ties")}, progress=False)
+    ties = _state(tmp_path / "ties")
+    changed = sum(int((ties[k] != b[k]).sum()) for k in b)
+    total = sum(v.numel() for v in b.values())
+    # each vector keeps 10% of entries; the union of three, minus sign conflicts, is < 30%
+    assert 0.1 * total <= changed <= 0.3 * total
+
+
+def test_greedy_soup_records_scores_that_the_saved_folder_reproduces(family, tmp_path):
+    _, base, fts = family
+    out = tmp_path / "greedy"
+    rec = run_merge({"method": "greedy", "models": [str(base), *map(str, fts[:2])],
+                     "heldout": HELDOUT, "out": str(out)}, progress=False)
+    scores = rec["heldout"]["scores"]
+    first = rec["greedy"]["steps"][0]["ingredient"]
+    assert scores[first] == max(scores.values())  # starts from the best ingredient
+    assert rec["heldout"]["merged"] >= max(scores.values())
+    again = run_task(DualEncoder.load(out), HELDOUT, progress=False)["acc1"]
+    assert again == pytest.approx(rec["heldout"]["merged"])
+    assert json.loads((out / "merge.json").read_text())["greedy"]["kept"][0] == first
+
+
+def test_architecture_mismatch_names_the_file_and_key(family, tmp_path):
+    _, base, fts = family
+    other = build_model("tiny-clip", **{**TINY, "embed_dim": 8}).save(tmp_path / "wide")
+    with pytest.raises(ModelError, match=r"wide/config.json differs .* at 'projection_dim'"):
+        run_merge({"method": "uniform", "models": [str(fts[0]), str(other)],
+                   "out": str(tmp_path / "o")}, progress=False)
+    lit = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    lit.save(tmp_path / "lit")
+    with pytest.raises(ModelError, match=r"lit/config.json differs"):
+        run_merge({"method": "uniform", "models": [str(fts[0]), str(tmp_path / "lit")],
+                   "out": str(tmp_path / "o")}, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_origin_mismatch_names_the_file(family, tmp_path):
+    root, base, fts = family
+    stranger = build_model("tiny-clip", **{**TINY, "seed": 5}).save(tmp_path / "other-base")
+    cousin = _perturbed(DualEncoder.load(stranger), 9).save(tmp_path / "cousin")
+    record_origin(cousin, stranger)
+    with pytest.raises(ModelError, match=r"cousin/cliplab.json: fine-tuned from .*other-base"):
+        run_merge({"method": "uniform", "models": [str(fts[0]), str(cousin)],
+                   "out": str(tmp_path / "o")}, progress=False)
+    with pytest.raises(ModelError, match=r"cousin/cliplab.json: .* not from the base"):
+        run_merge({"method": "task-arithmetic", "models": [str(cousin)], "base": str(base),
+                   "out": str(tmp_path / "o")}, progress=False)
+    # a model without a record is merged but listed as unverified; require_origin refuses it
+    plain = _perturbed(DualEncoder.load(base), 4).save(tmp_path / "plain")
+    rec = run_merge({"method": "uniform", "models": [str(fts[0]), str(plain)],
+                     "out": str(tmp_path / "ok")}, progress=False)
+    assert rec["origin"]["unrecorded"] == [str(plain)]
+    with pytest.raises(ModelError, match="plain records no pretrained origin"):
+        run_merge({"method": "uniform", "models": [str(fts[0]), str(plain)], "require_origin": True,
+                   "out": str(tmp_path / "o2")}, progress=False)
+    # the base itself may be a soup ingredient: its fingerprint is the common origin
+    rec = run_merge({"method": "uniform", "models": [str(base), str(fts[0])],
+                     "out": str(tmp_path / "ok2")}, progress=False)
+    assert rec["origin"]["unrecorded"] == []
+
+
+def test_config_errors_come_before_any_work(family, tmp_path):
+    _, base, fts = family
+    bad = [({"method": "soup", "models": ["a"], "out": "o"}, "not one of"),
+           ({"method": "ties", "models": ["a"], "out": "o"}, "--base"),
+           ({"method": "greedy", "models": ["a"], "out": "o"}, "heldout"),
+           ({"method": "uniform", "models": [str(fts[0])], "out": str(fts[1])}, "not empty"),
+           ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1}, "lamda"),
+           ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
+            "list of scales")]
+    for cfg, fragment in bad:
+        with pytest.raises(ConfigError, match=fragment):
+            run_merge(cfg, progress=False)
+
+
+def test_cli_one_line_errors(family, tmp_path, capsys):
+    _, base, fts = family
+    assert main(["merge", "--method", "task-arithmetic", "--models", str(fts[0]),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cliplab: error:") and "--base" in err[0]
+    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
+                 str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing is not a model folder" in err[0]
