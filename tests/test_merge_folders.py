@@ -10,7 +10,7 @@ from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
 from cliplab.cli import main
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.suite import run_task
-from cliplab.merge import record_origin, weights_fingerprint
+from cliplab.merge import read_origin, record_origin, weights_fingerprint
 from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
 
@@ -180,3 +180,16 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
                  str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing is not a model folder" in err[0]
+
+
+def test_record_origin_on_a_plain_hf_folder_keeps_it_loadable(family, tmp_path):
+    _, base, _ = family
+    hf = DualEncoder.load(base)
+    hf.model.save_pretrained(tmp_path / "hf")
+    hf.tokenizer.save_pretrained(tmp_path / "hf")
+    assert read_origin(tmp_path / "hf") is None
+    record = record_origin(tmp_path / "hf", base)
+    assert read_origin(tmp_path / "hf") == record
+    assert record["fingerprint"] == weights_fingerprint(_state(base))
+    again = DualEncoder.load(tmp_path / "hf")  # cliplab.json written with what load needs
+    assert again.preprocess_config.image_size == hf.preprocess_config.image_size
