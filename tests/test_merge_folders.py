@@ -163,6 +163,8 @@ def test_config_errors_come_before_any_work(family, tmp_path):
            ({"method": "greedy", "models": ["a"], "out": "o"}, "heldout"),
            ({"method": "uniform", "models": [str(fts[0])], "out": str(fts[1])}, "not empty"),
            ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1}, "lamda"),
+           ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 1.5},
+            "density"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
             "list of scales")]
     for cfg, fragment in bad:

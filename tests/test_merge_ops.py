@@ -152,7 +152,8 @@ def test_ties_sign_election_and_disjoint_mean_by_hand():
     trimmed = [trim_top_fraction(v, 0.4) for v in _ties_vectors()]
     # sums: w (2, -1, 0, -1, 7), b (0, -6); signs sum to -1, so zero sums elect -1
     signs = elect_sign(trimmed)
-    assert torch.equal(signs["w"], T([1.0, -1, -1, -1, 1])) and torch.equal(signs["b"], T([-1.0, -1]))
+    assert torch.equal(signs["w"], T([1.0, -1, -1, -1, 1]))
+    assert torch.equal(signs["b"], T([-1.0, -1]))
     merged = disjoint_mean(trimmed, signs)
     # w0: only +4 agrees; w1: only -4; w2: none; w3: only -3; w4: (2 + 5) / 2
     assert torch.equal(merged["w"], T([4.0, -4.0, 0.0, -3.0, 3.5]))

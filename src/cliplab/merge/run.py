@@ -53,14 +53,15 @@ def merge_config(cfg: dict) -> dict:
     if out in inputs or (out.exists() and any(out.iterdir())):
         raise ConfigError(f"output folder {cfg['out']} exists and is not empty (or is an input); "
                           "give a new folder")
-    for key in ("density",):
-        if not isinstance(cfg[key], (int, float)):
-            raise ConfigError(f"merge {key} must be a number, not {cfg[key]!r}")
+    if not isinstance(cfg["density"], (int, float)) or not 0 < cfg["density"] <= 1:
+        raise ConfigError(f"merge density (TIES: fraction of entries kept) must be a number in "
+                          f"(0, 1], not {cfg['density']!r}")
     scale = cfg["scale"]
     if not (isinstance(scale, (int, float)) or (isinstance(scale, list) and all(
             isinstance(s, (int, float)) for s in scale))):
         raise ConfigError(f"merge scale must be a number or a list of numbers, not {scale!r}")
-    if isinstance(scale, list) and (cfg["method"] != "task-arithmetic" or len(scale) != len(models)):
+    if isinstance(scale, list) and (cfg["method"] != "task-arithmetic"
+                                    or len(scale) != len(models)):
         raise ConfigError(f"a list of scales is for task-arithmetic, one per model "
                           f"({len(models)}), got {scale}")
     return cfg
