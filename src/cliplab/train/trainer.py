@@ -2,13 +2,15 @@
 
 What differs between pretraining, LiT, fine-tuning and later adapters is the data, which
 parameters train, the objective and the schedule; the loop, logging, checkpoints and resume
-are shared here.
+are shared here. The objective follows the data: image-text pairs train contrastively,
+labelled images train a classification ``head`` (image features -> logits) with cross-entropy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cliplab.data.types import ImageTextPairs
+from torch import nn
+
+from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import AugmentConfig
@@ -93,23 +97,42 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Contrastive training of a `DualEncoder` on image-text pairs, with checkpoints and resume."""
+    """Training of a `DualEncoder`, with checkpoints and resume: contrastive on image-text
+    pairs, or cross-entropy through ``head`` on labelled images.
 
-    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None):
+    ``head`` (optional) is a module mapping unnormalised image embeddings to class logits; its
+    parameters train with the model's. ``save_model(folder)`` (optional) replaces
+    ``model.save(folder)`` when a checkpoint is written (e.g. to save only a LoRA adapter, or
+    the head beside the model); resuming needs the default.
+    """
+
+    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None,
+                 head: nn.Module | None = None,
+                 save_model: Callable[[Path], None] | None = None):
         self.model = model
         self.config = config
         self.run_dir = run_dir
+        self.head = head
+        self.save_model = save_model
         self.device = resolve_device(config.device)
         self.model.to(self.device)
+        if head is not None:
+            head.to(self.device)
         if config.lock_text:
             model.freeze_tower("text")
         if config.lock_image:
             model.freeze_tower("image")
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for _, p in self._named_parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: every parameter is frozen")
         self.step = 0
         self.last_checkpoint: Path | None = None
+
+    def _named_parameters(self):
+        yield from self.model.named_parameters()
+        if self.head is not None:
+            for name, p in self.head.named_parameters():
+                yield f"head.{name}", p
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -121,7 +144,7 @@ class Trainer:
         position/class embeddings or the temperature; ``lr_scale`` multiplies the rate of
         parameters whose name contains a given substring."""
         groups: dict[tuple[float, float], list] = {}
-        for name, p in self.model.named_parameters():
+        for name, p in self._named_parameters():
             if not p.requires_grad:
                 continue
             flat = p.ndim < 2 or "logit_" in name or "embeddings" in name
@@ -132,38 +155,37 @@ class Trainer:
             [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
              for (wd, scale), ps in groups.items()], lr=self.config.lr)
 
-    def fit(self, pairs: ImageTextPairs, resume: str | Path | None = None) -> dict:
-        """Train on ``pairs``; returns the last logged metrics. ``resume`` is a checkpoint folder
-        (or ``"latest"`` for this run's newest) to continue from exactly."""
+    def fit(self, data: ImageTextPairs | LabelledImages,
+            resume: str | Path | None = None) -> dict:
+        """Train on ``data`` (pairs: contrastive; labelled images: cross-entropy through the
+        head); returns the last logged metrics. ``resume`` is a checkpoint folder (or
+        ``"latest"`` for this run's newest) to continue from exactly."""
         cfg = self.config
-        n = len(pairs)
+        n = len(data)
         if n < cfg.batch_size:
             raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the dataset "
-                              f"({n} pairs)")
+                              f"({n} samples)")
         per_epoch = n // cfg.batch_size
         total = cfg.steps or max(1, round(cfg.epochs * per_epoch))
         warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
         optimizer = self._optimizer()
         scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
-        table = CaptionTable(pairs)
-        keys_from_groups = cfg.multi_positive and pairs.groups is not None
-        # A locked tower's caption features are computed once; otherwise captions are
-        # tokenized once and encoded every step.
-        text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
-                                             ).to(self.device) if cfg.lock_text \
-            else self.model.tokenize(table.texts)
-
         augment = None
         if isinstance(cfg.augment, dict):
             base = asdict(self.model.preprocess_config.augment)
             base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()})
             augment = AugmentConfig(**base)
+        objective = self._classification_objective if isinstance(data, LabelledImages) \
+            else self._contrastive_objective
+        batch_loss = objective(data, augment)
         sample_rng = torch.Generator().manual_seed(cfg.seed)
         epoch, pos = 0, 0
         if resume is not None:
             epoch, pos = self._load_state(resume, optimizer, scheduler, sample_rng)
 
         self.model.train()
+        if self.head is not None:
+            self.head.train()
         if cfg.lock_text:
             self.model.text_tower.eval()  # no dropout in a frozen tower
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not cfg.progress,
@@ -176,16 +198,7 @@ class Trainer:
             while pos + cfg.batch_size <= n and self.step < total:
                 idx = order[pos:pos + cfg.batch_size]
                 pos += cfg.batch_size
-                caption_ids = table.sample(idx, sample_rng)
-                with self._autocast():
-                    pixels = self.model.preprocess(pairs.images[idx], train=bool(cfg.augment),
-                                                   generator=sample_rng,
-                                                   augment=augment).to(self.device)
-                    img = self.model.encode_image(pixels, normalize=False)
-                    txt = self._text_features(text_source, caption_ids)
-                keys = pairs.groups[idx] if keys_from_groups else caption_ids
-                loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                                 self.model.logit_scale.float(), keys.to(self.device))
+                loss = batch_loss(idx, sample_rng)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) \
@@ -215,7 +228,52 @@ class Trainer:
             self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, epoch,
                                                         pos)
         self.model.eval()
+        if self.head is not None:
+            self.head.eval()
         return last
+
+    # -- objectives: a function (batch index, rng) -> loss ---------------------------------------
+    def _pixels(self, images: torch.Tensor, augment, rng: torch.Generator) -> torch.Tensor:
+        """Pixel values of a batch, randomly augmented when ``train.augment`` is on."""
+        return self.model.preprocess(images, train=bool(self.config.augment), generator=rng,
+                                     augment=augment).to(self.device)
+
+    def _contrastive_objective(self, pairs: ImageTextPairs, augment):
+        """CLIP loss of the batch's images against one sampled caption each."""
+        cfg = self.config
+        table = CaptionTable(pairs)
+        keys_from_groups = cfg.multi_positive and pairs.groups is not None
+        # A locked tower's caption features are computed once; otherwise captions are
+        # tokenized once and encoded every step.
+        text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
+                                             ).to(self.device) if cfg.lock_text \
+            else self.model.tokenize(table.texts)
+
+        def batch_loss(idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+            caption_ids = table.sample(idx, rng)
+            with self._autocast():
+                img = self.model.encode_image(self._pixels(pairs.images[idx], augment, rng),
+                                              normalize=False)
+                txt = self._text_features(text_source, caption_ids)
+            keys = pairs.groups[idx] if keys_from_groups else caption_ids
+            return clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
+                             self.model.logit_scale.float(), keys.to(self.device))
+        return batch_loss
+
+    def _classification_objective(self, data: LabelledImages, augment):
+        """Cross-entropy of ``head(image embeddings)`` against the labels."""
+        if self.head is None:
+            raise ConfigError("training on labelled images needs a classification head "
+                              "(Trainer(..., head=...)); turn them into pairs for contrastive "
+                              "training")
+        labels = data.labels.to(self.device)
+
+        def batch_loss(idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+            with self._autocast():
+                pixels = self._pixels(data.images[idx], augment, rng)
+                logits = self.head(self.model.encode_image(pixels, normalize=False))
+            return F.cross_entropy(logits.float(), labels[idx.to(self.device)])
+        return batch_loss
 
     def _text_features(self, source, caption_ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings of the captions ``caption_ids`` for this step, from the
@@ -238,7 +296,10 @@ class Trainer:
                  "config": asdict(self.config)}
 
         def write(folder: Path) -> None:
-            self.model.save(folder / MODEL_DIR)
+            if self.save_model is not None:
+                self.save_model(folder)
+            else:
+                self.model.save(folder / MODEL_DIR)
             torch.save(state, folder / STATE_FILE)
 
         return self.run_dir.atomic_checkpoint(self.step, write)
@@ -248,6 +309,9 @@ class Trainer:
             else Path(resume)
         if folder is None or not (folder / STATE_FILE).is_file():
             raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
+        if self.save_model is not None or self.head is not None:
+            raise ConfigError("resume is only supported for plain model training (no head, "
+                              "no custom checkpoint writer)")
         # weights_only: the state holds tensors, numbers and plain dicts, nothing to unpickle.
         state = torch.load(folder / STATE_FILE, weights_only=True)
         loaded = DualEncoder.load(folder / MODEL_DIR, device=self.device)
