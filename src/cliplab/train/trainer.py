@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from torch import nn
+from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
