@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--shifts", nargs="+", default=SHIFTS)
     parser.add_argument("--out", default="runs/bench-finetune")
+    parser.add_argument("--skip-lora", action="store_true", help="full fine-tuning + WiSE-FT only")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -54,7 +55,7 @@ def main() -> None:
     ft = finetune.run(args.model, {"data": data, "train": {**train, "lr": args.ft_lr,
                                                            "weight_decay": 0.1}},
                       out / "finetune", args.progress)
-    lo = lora.run(args.model, {"data": data, "lora": {"rank": args.rank, "alpha": 2 * args.rank},
+    lo = None if args.skip_lora else lora.run(args.model, {"data": data, "lora": {"rank": args.rank, "alpha": 2 * args.rank},
                                "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}},
                   out / "lora", args.progress)
 
@@ -77,15 +78,16 @@ def main() -> None:
         "epochs": args.epochs,
         "zeroshot_acc1": round(ft["zeroshot"]["acc1"], 4),
         "finetune_acc1": round(ft["finetuned"]["acc1"], 4),
-        "lora_acc1": round(lo["lora"]["acc1"], 4),
-        "lora_minus_finetune": round(lo["lora"]["acc1"] - ft["finetuned"]["acc1"], 4),
         "finetune_trainable_params": ft["params"]["trainable"],
-        "lora_trainable_params": lo["params"]["trainable"],
-        "lora_adapter_params": lo["params"]["lora"],
-        "model_params": lo["params"]["total"],
         "wise_ft": wise,
         "wall_time_s": round(time.time() - start, 1),
     }
+    if lo is not None:
+        summary.update({
+            "lora_acc1": round(lo["lora"]["acc1"], 4),
+            "lora_minus_finetune": round(lo["lora"]["acc1"] - ft["finetuned"]["acc1"], 4),
+            "lora_trainable_params": lo["params"]["trainable"],
+            "lora_adapter_params": lo["params"]["lora"], "model_params": lo["params"]["total"]})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 
