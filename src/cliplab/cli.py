@@ -69,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+
+    # -- adapt (few-shot heads, caches, prompt learning) -------------------------------------
+    from cliplab.adapt import METHODS as ADAPT_METHODS
+
+    p = sub.add_parser("adapt", help="few-shot adaptation: zero-shot head, linear probe, "
+                       "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp",
+                       description="Fit an adaptation method on k shots per class of a labelled "
+                       "training set, score it on the test set, and write the learned adapter "
+                       "(adapter.safetensors + adapter.json), config.yaml and results.json.")
+    _add_common(p)
+    p.add_argument("--method", choices=list(ADAPT_METHODS),
+                   help="adaptation method (default: the config's 'method')")
+    p.add_argument("--model", help="model folder (cliplab or HF) or preset name "
+                   "(default: the config's 'model')")
+    p.add_argument("--out", help="output folder (default: the config's 'out' or "
+                   "runs/adapt-<method>-<time>)")
+    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     return parser
 
 
@@ -125,7 +144,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# -- adapt ------------------------------------------------------------------------------------
+def cmd_adapt(args) -> int:
+    from cliplab.adapt.run import format_results, run_adapt
+
+    cfg = _config(args)
+    for key in ("method", "model", "out", "cache_dir"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    results = run_adapt(cfg, progress=not args.no_progress)
+    print(format_results(results))
+    print(f"adapter and results.json: {results['out']}")
+    return 0
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
+COMMANDS["adapt"] = cmd_adapt
 
 
 def main(argv: list[str] | None = None) -> int:
