@@ -4,7 +4,6 @@ adapter and ``results.json``."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
