@@ -23,9 +23,11 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 
-# alpha=1, beta=5.5: the paper's ImageNet setting; clip_scale=100: CLIP's logit scale, the one
-# alpha is calibrated against. templates/names: the zero-shot head's prompts.
-OPTIONS = {"alpha": 1.0, "beta": 5.5, "clip_scale": 100.0, "search": False,
+# alpha=1, beta=5.5: the paper's ImageNet setting. The paper scales the zero-shot logits by 100,
+# which is CLIP's learned logit scale; clip_scale=null uses the model's own learned scale (100
+# for CLIP), so alpha keeps its meaning on models trained at another temperature.
+# templates/names: the zero-shot head's prompts.
+OPTIONS = {"alpha": 1.0, "beta": 5.5, "clip_scale": None, "search": False,
            "search_scale": [7.0, 3.0], "search_steps": [200, 20], "templates": None,
            "names": "prompt"}
 
@@ -88,6 +90,13 @@ class TipAdapter(Adapter):
                    tensors["values"])
 
 
+def resolve_scale(opts: dict, model: DualEncoder) -> dict:
+    """Fill ``clip_scale`` with the model's learned logit scale when it is not given."""
+    if opts["clip_scale"] is None:
+        opts["clip_scale"] = round(model.logit_scale.detach().float().exp().item(), 4)
+    return opts
+
+
 def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (unit embeddings of the few-shot images) and one-hot values."""
@@ -115,7 +124,7 @@ def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> 
 
 def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
         ctx: AdaptContext) -> TipAdapter:
-    opts = method_options(OPTIONS, options, "tip-adapter")
+    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter"), model)
     weights = text_head(model, train, opts)
     keys, values = build_cache(model, train, ctx)
     return maybe_search(TipAdapter(model, train.classnames, opts, weights, keys, values),

@@ -12,7 +12,8 @@ import torch
 
 from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import OPTIONS as TIP_OPTIONS
-from cliplab.adapt.tip_adapter import TipAdapter, build_cache, maybe_search, tip_logits
+from cliplab.adapt.tip_adapter import (TipAdapter, build_cache, maybe_search, resolve_scale,
+                                      tip_logits)
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot_head import text_head
 from cliplab.data.types import LabelledImages
@@ -23,7 +24,7 @@ OPTIONS = {**TIP_OPTIONS, "epochs": 20, "lr": 1e-3, "batch_size": 256, "weight_d
 
 def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
         ctx: AdaptContext) -> TipAdapter:
-    opts = method_options(OPTIONS, options, "tip-adapter-f")
+    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter-f"), model)
     weights = text_head(model, train, opts)
     keys, values = build_cache(model, train, ctx)
     feats = keys.clone()  # the training features are the (plain) few-shot embeddings
