@@ -29,7 +29,10 @@ def adapt_config(cfg: dict) -> dict:
     """The defaults updated with ``cfg``, checked: unknown keys, method, data specs."""
     check_keys(cfg, set(DEFAULTS), "the adapt config")
     out = {**DEFAULTS, **cfg}
-    method = get_method(out["method"] or "")  # one-line error naming the choices
+    if not out["method"]:
+        raise ConfigError(f"the adapt config needs 'method' (or --method): one of "
+                          f"{', '.join(METHODS)}")
+    method = get_method(out["method"])  # one-line error naming the choices
     for key in ("model", "train", "test"):
         if not out[key]:
             raise ConfigError(f"the adapt config needs {key!r}"
