@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from cliplab.adapt import METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
-from cliplab.adapt.zeroshot_head import text_head
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache

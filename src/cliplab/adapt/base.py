@@ -91,7 +91,8 @@ class Adapter:
         options, class names, and ``extra`` such as the model path)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state().items()}
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous()
+                   for k, v in self.state().items()}
         save_file(tensors, str(folder / TENSORS_FILE))
         meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
                 "classnames": self.classnames, **(extra or {})}

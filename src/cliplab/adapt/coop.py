@@ -132,8 +132,8 @@ class CoOp(Adapter):
         return self.scale * feats.embeddings.float() @ self._text.t()
 
     def state(self):
-        return {"ctx": self.learner.ctx, "ids": self.learner.ids.float(),
-                "mask": self.learner.mask.float(), "scale": self.scale.reshape(1)}
+        return {"ctx": self.learner.ctx, "ids": self.learner.ids, "mask": self.learner.mask,
+                "scale": self.scale.reshape(1)}
 
     @classmethod
     def learner_from_state(cls, model, options, tensors) -> PromptLearner:
