@@ -1,6 +1,6 @@
 """CoOp (Zhou et al., 2022): learn the prompt's context words as vectors.
 
-Each class's prompt is ``[BOS] v_1 … v_M <class text>. [EOS]`` fed to the text tower as input
+Each class's prompt is ``[BOS] v_1 … v_M <class text>. [EOS]`` (no BOS for SigLIP) fed to the text tower as input
 word embeddings (`DualEncoder.token_embedding` / `encode_text_embeddings`); only the M context
 vectors train, both towers stay frozen. The context is shared by all classes (``unified``) or
 one per class (``class_specific``), initialised from the word embeddings of ``init`` (e.g. "a
@@ -37,51 +37,65 @@ def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def leading_specials(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (1 for CLIP's BOS or BERT's
+    CLS, 0 for SigLIP's tokenizer, which only appends EOS)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    return next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+
+
 def prompt_tokens(model: DualEncoder, names: list[str], init: str, n_ctx: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token ids and mask of every class's prompt, and the number M of context slots, which
-    sit at positions ``1 … M`` (right after the start token).
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Token ids and mask of every class's prompt, the first position S of the context slots
+    and their number M: the slots are positions ``S … S+M-1``, right after the start token(s).
 
     With ``init`` the prompts are ``"{init} {name}."`` tokenized as a whole, and the slots hold
-    ``init``'s tokens; without, ``n_ctx`` placeholder tokens are put after the start token.
+    ``init``'s tokens; without, ``n_ctx`` placeholder tokens are put before the class name.
     """
     tok = model.tokenizer
+    start = leading_specials(tok)
     if init:
+        prompts = [f"{init} {name}." for name in names]
         prefix = tok(init, add_special_tokens=False)["input_ids"]
-        enc = model.tokenize([f"{init} {name}." for name in names])
+        lengths = [len(r) for r in tok(prompts)["input_ids"]]
+        enc = model.tokenize(prompts)
         ids, mask, m = enc["input_ids"], enc["attention_mask"], len(prefix)
-        if not (ids[:, 1:1 + m] == torch.tensor(prefix)).all():
+        if max(lengths) <= model.context_length and \
+                not (ids[:, start:start + m] == torch.tensor(prefix)).all():
             raise ModelError(f"the tokenizer does not keep {init!r} as the same tokens in front "
                              "of every class name; use init='' with n_ctx")
     else:
         if n_ctx < 1:
             raise ConfigError("coop option n_ctx must be at least 1 when init is empty")
-        rows = tok([f"{name}." for name in names], add_special_tokens=True)["input_ids"]
+        rows = tok([f"{name}." for name in names])["input_ids"]
         filler = tok("x", add_special_tokens=False)["input_ids"][:1] * n_ctx
-        rows = [row[:1] + filler + row[1:] for row in rows]
-        width = max(map(len, rows)) if model.kind != "siglip" else model.context_length
-        ids, mask = _pad(rows, width, tok.pad_token_id or 0)
+        rows = [row[:start] + filler + row[start:] for row in rows]
+        lengths = [len(r) for r in rows]
+        width = min(max(lengths), model.context_length) if model.kind != "siglip" \
+            else model.context_length
+        ids, mask = _pad([r[:width] for r in rows], width, tok.pad_token_id or 0)
         m = n_ctx
-    if ids.shape[1] > model.context_length or (mask.sum(1) >= model.context_length).any():
+    if max(lengths) > model.context_length:
         raise ModelError(f"a prompt is longer than the text tower's {model.context_length} "
                          "tokens; shorten the class names or the context")
-    return ids, mask, m
+    return ids, mask, start, m
 
 
 class PromptLearner(nn.Module):
     """The learnable context and the fixed rest of every class prompt."""
 
-    def __init__(self, model: DualEncoder, ids: torch.Tensor, mask: torch.Tensor, n_ctx: int,
-                 class_specific: bool, init: bool, seed: int = 0):
+    def __init__(self, model: DualEncoder, ids: torch.Tensor, mask: torch.Tensor, start: int,
+                 n_ctx: int, class_specific: bool, init: bool, seed: int = 0):
         super().__init__()
-        self.n_ctx = n_ctx
+        self.start, self.n_ctx = start, n_ctx
         self.register_buffer("ids", ids)
         self.register_buffer("mask", mask)
         with torch.no_grad():
             embeds = model.token_embedding(ids.to(model.device)).float().cpu()
         self.register_buffer("embeds", embeds)  # frozen word embeddings of the whole prompt
         if init:
-            ctx = embeds[0, 1:1 + n_ctx].clone()
+            ctx = embeds[0, start:start + n_ctx].clone()
         else:
             g = torch.Generator().manual_seed(seed)
             ctx = torch.randn(n_ctx, embeds.shape[-1], generator=g) * 0.02
@@ -94,7 +108,7 @@ class PromptLearner(nn.Module):
         one prompt set per image: ``[B * C, L, W]``, image-major."""
         c = len(self.ids)
         ctx = self.ctx if self.ctx.ndim == 3 else self.ctx.unsqueeze(0).expand(c, -1, -1)
-        head, tail = self.embeds[:, :1], self.embeds[:, 1 + self.n_ctx:]
+        head, tail = self.embeds[:, :self.start], self.embeds[:, self.start + self.n_ctx:]
         if shift is None:
             return torch.cat([head, ctx, tail], dim=1)
         b = len(shift)
@@ -138,8 +152,8 @@ class CoOp(Adapter):
     @classmethod
     def learner_from_state(cls, model, options, tensors) -> PromptLearner:
         learner = PromptLearner(model, tensors["ids"].long(), tensors["mask"].long(),
-                                int(options["n_ctx_used"]), bool(options["class_specific"]),
-                                init=True)
+                                int(options["ctx_start"]), int(options["n_ctx_used"]),
+                                bool(options["class_specific"]), init=True)
         learner.ctx.data.copy_(tensors["ctx"])
         return learner
 
@@ -152,12 +166,12 @@ class CoOp(Adapter):
 def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: int
                   ) -> PromptLearner:
     names = class_texts(train, opts["names"])
-    ids, mask, m = prompt_tokens(model, names, opts["init"], int(opts["n_ctx"]))
-    opts["n_ctx_used"] = m
+    ids, mask, start, m = prompt_tokens(model, names, opts["init"], int(opts["n_ctx"]))
+    opts["ctx_start"], opts["n_ctx_used"] = start, m
     prefix = opts["init"] or " ".join(["X"] * m)  # X: a learned vector with no word behind it
     opts["prompts"] = [f"{prefix} {n}." for n in names]
-    return PromptLearner(model, ids, mask, m, bool(opts["class_specific"]), bool(opts["init"]),
-                         seed)
+    return PromptLearner(model, ids, mask, start, m, bool(opts["class_specific"]),
+                         bool(opts["init"]), seed)
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
