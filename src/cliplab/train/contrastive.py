@@ -75,18 +75,18 @@ def _local(image, text, logit_scale, logit_bias, kind, keys, tile) -> torch.Tens
 
 def _global(image, text, logit_scale, logit_bias, kind, keys, tile) -> torch.Tensor:
     sizes = distributed.gather_sizes(len(image), image.device)
-    offset = sum(sizes[:distributed.rank()])
+    offset, world = sum(sizes[:distributed.rank()]), len(sizes)
     text_all = distributed.all_gather_with_grad(text, sizes)
     keys_all = None if keys is None else distributed.all_gather_with_grad(keys, sizes)
     if kind == "siglip":  # this rank's images against all texts
         if tile is None:
-            return siglip_loss_global(image, text_all, logit_scale, logit_bias, offset, keys,
-                                      keys_all)
-        return tiled_siglip_loss_global(image, text_all, logit_scale, logit_bias, offset, keys,
-                                        keys_all, tile=tile)
+            return siglip_loss_global(image, text_all, logit_scale, logit_bias, offset, world,
+                                      keys, keys_all)
+        return tiled_siglip_loss_global(image, text_all, logit_scale, logit_bias, offset, world,
+                                        keys, keys_all, tile=tile)
     image_all = distributed.all_gather_with_grad(image, sizes)
     if tile is None:
-        return clip_loss_global(image, text, image_all, text_all, logit_scale, offset, keys,
-                                keys_all)
-    return tiled_clip_loss_global(image, text, image_all, text_all, logit_scale, offset, keys,
-                                  keys_all, tile=tile)
+        return clip_loss_global(image, text, image_all, text_all, logit_scale, offset, world,
+                                keys, keys_all)
+    return tiled_clip_loss_global(image, text, image_all, text_all, logit_scale, offset, world,
+                                  keys, keys_all, tile=tile)

@@ -62,24 +62,29 @@ def _row_labels(n: int, offset: int, device: torch.device) -> torch.Tensor:
 
 def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor,
                      text_all: torch.Tensor, logit_scale: torch.Tensor, offset: int,
-                     keys: torch.Tensor | None = None,
+                     world_size: int, keys: torch.Tensor | None = None,
                      keys_all: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of the global-batch InfoNCE loss.
 
     ``image``/``text`` ``[b, D]`` are this rank's rows, ``image_all``/``text_all`` ``[G, D]`` the
     gathered global batch (this rank's rows at ``offset``), ``keys``/``keys_all`` their keys.
     Local images are scored against all texts and local texts against all images (2 b G logits
-    instead of G^2); the mean over ranks of this loss is :func:`clip_loss` of the global batch,
-    and with the gather's backward the gradients match too.
+    instead of G^2). The share is divided by ``G / world_size`` (not ``b``), so the mean over
+    ranks is :func:`clip_loss` of the global batch even when local batches differ in size, and
+    with the gather's backward and DDP's averaging the gradients match too.
     """
     s = logit_scale.exp()
     logits_image = s * image @ text_all.t()
     logits_text = s * text @ image_all.t()
     if keys is None:
         labels = _row_labels(len(image), offset, image.device)
-        return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
-    pos = positive_mask(keys, keys_all)
-    return 0.5 * (soft_cross_entropy(logits_image, pos) + soft_cross_entropy(logits_text, pos))
+        loss = F.cross_entropy(logits_image, labels, reduction="sum") + \
+            F.cross_entropy(logits_text, labels, reduction="sum")
+    else:
+        pos = positive_mask(keys, keys_all)
+        loss = len(image) * (soft_cross_entropy(logits_image, pos) +
+                             soft_cross_entropy(logits_text, pos))
+    return 0.5 * loss * world_size / len(text_all)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -91,15 +96,17 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     label +1 for positives (pair ``i == j``, or equal ``keys``) and -1 otherwise; the loss is
     ``-sum(log sigmoid(label * z)) / B`` over the B x B pairs, as in the paper and big_vision.
     """
-    return siglip_loss_global(image_features, text_features, logit_scale, logit_bias, 0,
+    return siglip_loss_global(image_features, text_features, logit_scale, logit_bias, 0, 1,
                               keys, keys)
 
 
 def siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch.Tensor,
-                       logit_bias: torch.Tensor, offset: int, keys: torch.Tensor | None = None,
+                       logit_bias: torch.Tensor, offset: int, world_size: int,
+                       keys: torch.Tensor | None = None,
                        keys_all: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of the global-batch sigmoid loss: its ``b`` images against all ``G``
-    texts, divided by ``b``; the mean over ranks is :func:`siglip_loss` of the global batch."""
+    texts, divided by ``G / world_size``; the mean over ranks is :func:`siglip_loss` of the
+    global batch."""
     logits = logit_scale.exp() * image @ text_all.t() + logit_bias
     if keys is None:
         cols = torch.arange(len(text_all), device=image.device)
@@ -107,4 +114,4 @@ def siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor, logit_scale:
     else:
         pos = positive_mask(keys, keys_all)
     labels = 2 * pos.to(logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / len(image)
+    return -F.logsigmoid(labels * logits).sum() * world_size / len(text_all)

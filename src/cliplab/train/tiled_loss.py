@@ -154,7 +154,6 @@ class _TiledSoftplusSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         grads = tuple(None if t is None else t * g for t in ctx.grads)
-        del ctx.grads
         return (*grads, None)
 
 
@@ -173,7 +172,8 @@ def tiled_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
 
 def tiled_clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor,
                            text_all: torch.Tensor, logit_scale: torch.Tensor, offset: int,
-                           keys: torch.Tensor | None = None, keys_all: torch.Tensor | None = None,
+                           world_size: int, keys: torch.Tensor | None = None,
+                           keys_all: torch.Tensor | None = None,
                            tile: int = DEFAULT_TILE) -> torch.Tensor:
     """:func:`~cliplab.train.losses.clip_loss_global` in tiles: this rank's images against all
     texts and its texts against all images, O(G D) memory."""
@@ -188,7 +188,8 @@ def tiled_clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: t
         t_image, _ = key_pair_dot(image, keys, text_all, keys_all, per_key_mean=True)
         t_text, _ = key_pair_dot(text, keys, image_all, keys_all, per_key_mean=True)
         target = t_image + t_text
-    return 0.5 * (lse_image.sum() + lse_text.sum() - logit_scale.exp() * target) / len(image)
+    return 0.5 * (lse_image.sum() + lse_text.sum() - logit_scale.exp() * target) * world_size \
+        / len(text_all)
 
 
 def tiled_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -196,12 +197,12 @@ def tiled_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
                       tile: int = DEFAULT_TILE) -> torch.Tensor:
     """:func:`~cliplab.train.losses.siglip_loss` in tiles: same value and gradients, O(B D)
     memory."""
-    return tiled_siglip_loss_global(image, text, logit_scale, logit_bias, 0, keys, keys, tile)
+    return tiled_siglip_loss_global(image, text, logit_scale, logit_bias, 0, 1, keys, keys, tile)
 
 
 def tiled_siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor,
                              logit_scale: torch.Tensor, logit_bias: torch.Tensor, offset: int,
-                             keys: torch.Tensor | None = None,
+                             world_size: int, keys: torch.Tensor | None = None,
                              keys_all: torch.Tensor | None = None,
                              tile: int = DEFAULT_TILE) -> torch.Tensor:
     """:func:`~cliplab.train.losses.siglip_loss_global` in tiles.
@@ -216,4 +217,4 @@ def tiled_siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor,
         pos_dot, n_pos = (image * text_all[offset:offset + len(image)]).sum(), len(image)
     else:
         pos_dot, n_pos = key_pair_dot(image, keys, text_all, keys_all)
-    return (total - logit_scale.exp() * pos_dot - n_pos * bias) / len(image)
+    return (total - logit_scale.exp() * pos_dot - n_pos * bias) * world_size / len(text_all)
