@@ -116,20 +116,43 @@ def _first_line(e: BaseException) -> str:
     return text[0][:300] if text else type(e).__name__
 
 
+def _peer_failure(what: str, e: BaseException) -> DistributedError:
+    return DistributedError(
+        f"rank {rank()} of {world_size()}: {what} failed: another rank stopped or did not answer "
+        f"within the {_timeout_s:g} s timeout; its log has its own error (here: "
+        f"{type(e).__name__}: {_first_line(e)})")
+
+
+# Markers of errors from torch.distributed's backends (gloo, NCCL, c10d) that are raised as a
+# plain RuntimeError, e.g. by DDP's gradient all-reduce when a peer has gone.
+_BACKEND_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "connection closed", "timed out")
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    """Run one torch.distributed call, turning its failure into a DistributedError."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:  # DistError subclasses RuntimeError; gloo raises either
+        raise _peer_failure(what, e) from e
+
+
 @contextlib.contextmanager
 def collective_errors(what: str = "a collective") -> Iterator[None]:
     """Turn a failed collective inside the block into one :class:`DistributedError` line.
 
-    Wrap a training step (forward *and* backward: the gather's backward is a collective too).
-    Only torch.distributed's own errors are translated; anything else propagates unchanged.
+    Wrap a training step (forward *and* backward: the gather's backward and DDP's gradient
+    all-reduce are collectives too). cliplab's own collectives already raise DistributedError;
+    this also translates torch.distributed's errors (DDP's, say); others propagate unchanged.
     """
     try:
         yield
-    except dist.DistError as e:
-        raise DistributedError(
-            f"rank {rank()} of {world_size()}: {what} failed: another rank stopped or did not "
-            f"answer within the {_timeout_s:g} s timeout; see its log for its own error "
-            f"({type(e).__name__}: {_first_line(e)})") from e
+    except DistributedError:
+        raise
+    except RuntimeError as e:
+        text = str(e).lower()
+        if isinstance(e, dist.DistError) or any(m in text for m in _BACKEND_MARKERS):
+            raise _peer_failure(what, e) from e
+        raise
 
 
 def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
@@ -138,7 +161,7 @@ def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
         return [n]
     local = torch.tensor([n], dtype=torch.long, device=device)
     out = [torch.zeros_like(local) for _ in range(world_size())]
-    dist.all_gather(out, local)
+    _collective("all_gather of batch sizes", dist.all_gather, out, local)
     return [int(t) for t in out]
 
 
@@ -148,7 +171,7 @@ def _gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if len(x) < longest:  # all_gather needs equal shapes on every rank: pad, then cut
         x = torch.cat([x, x.new_zeros((longest - len(x), *x.shape[1:]))])
     parts = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(parts, x)
+    _collective("all_gather of features", dist.all_gather, parts, x)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
@@ -171,7 +194,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        _collective("all_reduce of gathered gradients", dist.all_reduce, grad,
+                    op=dist.ReduceOp.SUM)
         return grad[ctx.start:ctx.stop], None
 
 
@@ -201,6 +225,6 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     share of it (for logging; no gradient)."""
     value = value.detach().clone()
     if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        _collective("all_reduce of a logged value", dist.all_reduce, value, op=dist.ReduceOp.SUM)
         value /= world_size()
     return value
