@@ -28,16 +28,29 @@ def _blocks(n: int, tile: int) -> list[slice]:
 
 
 def _check_tile(tile: int) -> int:
-    if not isinstance(tile, int) or tile < 1:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
     return tile
 
 
-def _logaddexp_into(acc: torch.Tensor, z: torch.Tensor, dim: int) -> None:
-    """``acc = logaddexp(acc, logsumexp(z, dim))`` (torch.logsumexp is several times slower
-    than these four passes on CPU)."""
+class _Workspace:
+    """Reused ``tile x tile`` buffers: every block writes into them (``out=`` / in place), so
+    the sweep allocates nothing per block and the allocator cannot pile up freed blocks."""
+
+    def __init__(self, like: torch.Tensor, tile: int, n: int, m: int, count: int):
+        size = min(tile, n) * min(tile, m)
+        self.buffers = [like.new_empty(size) for _ in range(count)]
+
+    def views(self, rows: slice, cols: slice) -> list[torch.Tensor]:
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        return [buf[:shape[0] * shape[1]].view(shape) for buf in self.buffers]
+
+
+def _logaddexp_into(acc: torch.Tensor, z: torch.Tensor, work: torch.Tensor, dim: int) -> None:
+    """``acc = logaddexp(acc, logsumexp(z, dim))`` with ``work`` as scratch (torch.logsumexp
+    is several times slower than these passes on CPU, and allocates)."""
     m = z.amax(dim=dim, keepdim=True)
-    sums = (z - m).exp_().sum(dim=dim)
+    sums = torch.sub(z, m, out=work).exp_().sum(dim=dim)
     torch.logaddexp(acc, sums.log_().add_(m.squeeze(dim)), out=acc)
 
 
@@ -49,6 +62,11 @@ def _exp_shift(lse: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
     return lse, g
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x * y`` without a temporary of their size."""
+    return torch.dot(x.reshape(-1), y.reshape(-1))
+
+
 class _TiledLogSumExp(torch.autograd.Function):
     """Row (and optionally column) log-sum-exps of ``z = exp(log_scale) * a @ b.T``."""
 
@@ -57,13 +75,15 @@ class _TiledLogSumExp(torch.autograd.Function):
         s = log_scale.exp()
         lse_r = a.new_full((len(a),), float("-inf"))
         lse_c = a.new_full((len(b) if cols else 0,), float("-inf"))
+        space = _Workspace(a, tile, len(a), len(b), 2)
         for i in _blocks(len(a), tile):
             a_i = a[i] * s
             for j in _blocks(len(b), tile):
-                z = a_i @ b[j].t()
-                _logaddexp_into(lse_r[i], z, 1)
+                z, work = space.views(i, j)
+                torch.mm(a_i, b[j].t(), out=z)
+                _logaddexp_into(lse_r[i], z, work, 1)
                 if cols:
-                    _logaddexp_into(lse_c[j], z, 0)
+                    _logaddexp_into(lse_c[j], z, work, 0)
         ctx.save_for_backward(a, b, log_scale, lse_r, lse_c)
         ctx.tile, ctx.cols = tile, cols
         return lse_r, lse_c
@@ -75,21 +95,22 @@ class _TiledLogSumExp(torch.autograd.Function):
         need_a, need_b, need_s = ctx.needs_input_grad[:3]
         s = float(log_scale.exp())
         need_a = need_a or (need_s and not need_b)  # d log_scale comes from da (or db)
-        da = torch.zeros_like(a) if need_a else None
-        db = torch.zeros_like(b) if need_b else None
         # d loss / d z_ij = g_r[i] softmax_row(z)_ij + g_c[j] softmax_col(z)_ij
         rows = _exp_shift(lse_r, g_r) if g_r is not None else None
         cols = _exp_shift(lse_c, g_c) if ctx.cols and g_c is not None else None
         if rows is None and cols is None:
             return None, None, None, None, None
+        da = torch.zeros_like(a) if need_a else None
+        db = torch.zeros_like(b) if need_b else None
+        space = _Workspace(a, ctx.tile, len(a), len(b), 2)
         for i in _blocks(len(a), ctx.tile):
             a_i = a[i] * s
             for j in _blocks(len(b), ctx.tile):
-                z = a_i @ b[j].t()
-                p = None
+                z, p = space.views(i, j)
+                torch.mm(a_i, b[j].t(), out=z)
                 if rows is not None:
                     shift, g = rows
-                    p = (z - shift[i, None]).exp_()
+                    torch.sub(z, shift[i, None], out=p).exp_()
                     if g is not None:
                         p.mul_(g[i, None])
                 if cols is not None:
@@ -97,7 +118,7 @@ class _TiledLogSumExp(torch.autograd.Function):
                     q = z.sub_(shift[None, j]).exp_()
                     if g is not None:
                         q.mul_(g[None, j])
-                    p = q if p is None else p.add_(q)
+                    p = q if rows is None else p.add_(q)
                 if da is not None:
                     da[i].addmm_(p, b[j], alpha=s)
                 if db is not None:
@@ -108,11 +129,6 @@ class _TiledLogSumExp(torch.autograd.Function):
             d_log = _dot(da, a) if da is not None else _dot(db, b)
             d_log = d_log.reshape(log_scale.shape)
         return (da if ctx.needs_input_grad[0] else None), db, d_log, None, None
-
-
-def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x * y`` without a temporary of their size."""
-    return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
 class _TiledSoftplusSum(torch.autograd.Function):
@@ -129,11 +145,16 @@ class _TiledSoftplusSum(torch.autograd.Function):
         p_sum = torch.zeros((), dtype=torch.float64, device=a.device)
         da = torch.zeros_like(a) if need_a else None
         db = torch.zeros_like(b) if need_b else None
+        space = _Workspace(a, tile, len(a), len(b), 2)
         for i in _blocks(len(a), tile):
             a_i = a[i] * s
             for j in _blocks(len(b), tile):
-                z = torch.addmm(bias, a_i, b[j].t())
-                total += F.softplus(z).sum(dtype=torch.float64)
+                z, w = space.views(i, j)
+                torch.addmm(bias, a_i, b[j].t(), out=z)
+                # softplus(z) = max(z, 0) + log1p(exp(-|z|)); sum of max(z, 0) = (sum z + sum|z|)/2
+                abs_sum = torch.abs(z, out=w).sum()
+                relu_sum = (z.sum() + abs_sum) / 2
+                total += (w.neg_().exp_().log1p_().sum() + relu_sum).double()
                 if not grads:
                     continue
                 p = z.sigmoid_()
@@ -142,7 +163,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
                 if db is not None:
                     db[j].addmm_(p.t(), a[i], alpha=s)
                 if need_bias:
-                    p_sum += p.sum(dtype=torch.float64)
+                    p_sum += p.sum().double()
         d_log = None
         if need_s:  # sum_ij sigmoid(z_ij) (z_ij - bias) = sum_i <a_i, da_i>
             d_log = (_dot(da, a) if da is not None else _dot(db, b)).reshape(log_scale.shape)
@@ -164,7 +185,7 @@ def tiled_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
     n, logit_scale = len(image), logit_scale.reshape(())
     lse_r, lse_c = _TiledLogSumExp.apply(image, text, logit_scale, _check_tile(tile), True)
     if keys is None:
-        target = (image * text).sum()
+        target = _dot(image, text)
     else:
         target, _ = key_pair_dot(image, keys, text, keys, per_key_mean=True)
     return (0.5 * (lse_r.sum() + lse_c.sum()) - logit_scale.exp() * target) / n
@@ -183,7 +204,7 @@ def tiled_clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: t
     lse_text, _ = _TiledLogSumExp.apply(text, image_all, logit_scale, tile, False)
     if keys is None:
         rows = slice(offset, offset + len(image))
-        target = (image * text_all[rows]).sum() + (text * image_all[rows]).sum()
+        target = _dot(image, text_all[rows]) + _dot(text, image_all[rows])
     else:
         t_image, _ = key_pair_dot(image, keys, text_all, keys_all, per_key_mean=True)
         t_text, _ = key_pair_dot(text, keys, image_all, keys_all, per_key_mean=True)
@@ -214,7 +235,7 @@ def tiled_siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor,
     bias = torch.as_tensor(logit_bias, dtype=image.dtype, device=image.device).reshape(())
     total = _TiledSoftplusSum.apply(image, text_all, logit_scale, bias, _check_tile(tile))
     if keys is None:
-        pos_dot, n_pos = (image * text_all[offset:offset + len(image)]).sum(), len(image)
+        pos_dot, n_pos = _dot(image, text_all[offset:offset + len(image)]), len(image)
     else:
         pos_dot, n_pos = key_pair_dot(image, keys, text_all, keys_all)
     return (total - logit_scale.exp() * pos_dot - n_pos * bias) * world_size / len(text_all)
