@@ -1,10 +1,19 @@
-"""The contrastive loss against a hand-written reference: values and gradients."""
+"""The contrastive losses against hand-written references: values and gradients; SigLIP by hand;
+global-batch shares; the tiled losses against the plain ones."""
+
+import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from cliplab.train.losses import clip_loss
+from cliplab.errors import ConfigError
+from cliplab.train.contrastive import contrastive_loss
+from cliplab.train.losses import (clip_loss, clip_loss_global, key_pair_dot, siglip_loss,
+                                  siglip_loss_global)
+from cliplab.train.tiled_loss import (tiled_clip_loss, tiled_clip_loss_global, tiled_siglip_loss,
+                                      tiled_siglip_loss_global)
 
 
 def reference_loss_and_grads(img: np.ndarray, txt: np.ndarray, scale: float, pos: np.ndarray):
@@ -95,18 +104,6 @@ def test_loss_is_minimal_for_aligned_pairs():
 
 
 # --- SigLIP ---------------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-from cliplab.errors import ConfigError  # noqa: E402
-from cliplab.train.contrastive import contrastive_loss  # noqa: E402
-from cliplab.train.losses import (clip_loss_global, key_pair_dot, siglip_loss,  # noqa: E402
-                                  siglip_loss_global)
-from cliplab.train.tiled_loss import (tiled_clip_loss, tiled_clip_loss_global,  # noqa: E402
-                                      tiled_siglip_loss, tiled_siglip_loss_global)
-
 
 def _softplus(x: float) -> float:
     return math.log1p(math.exp(x))
