@@ -34,3 +34,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     pos = positive_mask(keys, keys)
     return 0.5 * (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t()))
+
+
+def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None, kind="clip",
+                     keys=None, tile=None):
+    return clip_loss(image_features, text_features, logit_scale, keys)
