@@ -130,7 +130,7 @@ class Trainer:
             model.freeze_tower("image", except_last=config.lock_image_except_last)
         if config.loss == "siglip" and model.logit_bias is None:
             raise ConfigError("train.loss=siglip needs a model with a logit bias (a SigLIP "
-                              "model, or tiny-clip with options.logit_bias: true)")
+                              "model, e.g. the tiny-siglip preset)")
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -230,7 +230,8 @@ class Trainer:
                 last = {"step": self.step, "epoch": batches.epoch, "loss": loss.item(),
                         "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "logit_scale": self.model.logit_scale.exp().item(),
-                        "images_per_s": seen / max(time.time() - start, 1e-9)}
+                        "images_per_s": seen / max(time.time() - start, 1e-9),
+                        "time_s": round(time.time() - start, 4)}
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log(last)
             if evaluate and (self.step == total or cfg.eval_every and
