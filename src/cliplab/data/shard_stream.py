@@ -19,7 +19,10 @@ How samples are split, shuffled and resumed (all of it deterministic):
   counted in the main process from the batches it receives (``ShardLoader``): resume needs the
   same world size and number of workers as the run that saved the state (checked).
 * **Corrupt samples** (unreadable image, missing image, empty caption, unreadable metadata) are
-  skipped and recorded with their ``shard:key`` in ``.skipped`` (a ``SkipReport``).
+  skipped and recorded with their ``shard:key`` in ``.skipped`` (a ``SkipReport``). A shard that
+  cannot be read to its end keeps the samples before the damage and is recorded as
+  ``unreadable_shard``, or ``truncated_shard`` when it silently holds fewer samples than its
+  folder's ``index.json`` says.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cliplab.data.shard_index import expand_shards, shard_sample_counts
+from cliplab.data.shard_index import expand_shards, read_index, shard_sample_counts
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
 
@@ -67,8 +70,8 @@ def _decode_image(data: bytes, image_size: int | None, channels: int | None) -> 
         image = im.convert(mode)
     if image_size and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array[..., None] if array.ndim == 2 else array.copy())
+    array = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
 
 
 def _captions_and_group(raw: dict) -> tuple[list[str], int | None]:
@@ -112,6 +115,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skipped = SkipReport()
         self._counts: list[int] | None = None
+        self._index_counts: dict[Path, int] | None = None
         self._reset_position()
 
     # ---- position -------------------------------------------------------------------------
@@ -193,16 +197,36 @@ class ShardStream(IterableDataset):
         return [sum(per_stream) for per_stream in self.stream_sample_counts(workers, epoch)]
 
     # ---- reading --------------------------------------------------------------------------
+    def _expected_counts(self) -> dict[Path, int]:
+        """Sample counts that shard folders' ``index.json`` promise, to notice truncated shards."""
+        if self._index_counts is None:
+            self._index_counts = {}
+            for folder in {p.parent for p in self.shards}:
+                for entry in (read_index(folder) or {"shards": []})["shards"]:
+                    if isinstance(entry, dict) and "name" in entry and "count" in entry:
+                        self._index_counts[folder / entry["name"]] = int(entry["count"])
+        return self._index_counts
+
     def _raw_samples(self, shards: list[Path]) -> Iterator[dict]:
+        """Samples as ``{ext: bytes}``; a broken shard ends in one ``__error__`` item."""
         from webdataset.tariterators import tarfile_samples
 
+        expected = self._expected_counts()
         for shard in shards:
+            read = 0
             try:
                 for sample in tarfile_samples(iter([{"url": str(shard)}])):
                     sample["__shard__"] = shard.name
+                    read += 1
                     yield sample
             except Exception as err:  # tarfile/OSError/ValueError from a broken archive
-                raise DataError(f"cannot read shard {shard}: {str(err).splitlines()[0]}") from None
+                reason = str(err.args[0] if err.args else err).splitlines()[0]
+                yield {"__error__": "unreadable_shard", "__shard__": shard.name,
+                       "__key__": f"after {read} samples ({reason})"}
+                continue
+            if read < expected.get(shard, 0):
+                yield {"__error__": "truncated_shard", "__shard__": shard.name,
+                       "__key__": f"{read} of {expected[shard]} samples"}
 
     def _events(self, local: int, workers: int, start: int) -> Iterator[tuple[int, dict | None, tuple]]:
         """``(position, sample or None, (skip reason, key))`` for one stream, from ``start`` on."""
@@ -220,6 +244,8 @@ class ShardStream(IterableDataset):
             yield pos, decoded, (reason, f"{sample['__shard__']}:{sample['__key__']}")
 
     def _decode(self, raw: dict) -> tuple[dict | None, str | None]:
+        if "__error__" in raw:
+            return None, raw["__error__"]
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             return None, "missing_image"

@@ -37,14 +37,20 @@ def encode_image(image: torch.Tensor, fmt: str = "jpg", quality: int = 95) -> by
     return buf.getvalue()
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Make ``out``; refuse a non-empty one unless ``overwrite`` (then remove only old shard files)."""
+def check_out_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ``DataError`` unless shards may be written to ``out`` (touches nothing)."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"output folder {out} is not empty; choose another --out or pass "
-                            "--overwrite")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"output folder {out} is not empty; choose another --out or pass "
+                        "--overwrite")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out``; with ``overwrite``, remove the old set's files (and nothing else)."""
+    check_out_folder(out, overwrite)
+    if out.is_dir():
         for old in [*out.glob("*.tar"), *out.glob("*_stats.json"), out / INDEX_FILE, out / "stats.json"]:
             if old.is_file():
                 old.unlink()
