@@ -102,7 +102,8 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
         (out / name.replace(".tar", "_stats.json")).write_text(json.dumps(stats, indent=2))
 
     writer = wds.ShardWriter(str(out / "%05d.tar"), maxcount=samples_per_shard, maxsize=float("inf"),
-                             post=finished, verbose=0, encoder=False, mtime=0.0, mode=0o644)
+                             post=finished, verbose=0, encoder=False,
+                             mtime=0, mode=0o644)  # int mtime: no per-member pax header
     writer_box.append(writer)
     with writer:
         for number, (i, caps) in enumerate(tqdm(keep, desc=f"shard {pairs.name}", unit="img",
