@@ -69,6 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+
+    # ---- data: dataset tools (shard) ----
+    p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
+                       description="Dataset tools. `cliplab data shard` writes any built-in "
+                       "source, manifest or shard folder as WebDataset tar shards.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub.required = True
+    p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
+                            description="Write a dataset as WebDataset tar shards in img2dataset's "
+                            "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
+                            "sample, NNNNN_stats.json per shard and index.json. key=value "
+                            "overrides set source options (split=test, n=500) or writer keys "
+                            "(samples_per_shard, image_format, quality).")
+    _add_common(p)
+    p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
+                   "shapes, ...), a manifest file or a shard folder")
+    p.add_argument("--out", metavar="DIR", help="folder to write the shards into")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
+                   help="image encoding (default jpg; png is lossless)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the shards of a non-empty output folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    # ---- end data ----
     return parser
 
 
@@ -125,7 +150,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
+# ---- data: dataset tools (shard) ----
+def cmd_data(args) -> int:
+    from cliplab.config import load_yaml
+    from cliplab.data.shard_job import run_shard, shard_config
+
+    config = load_yaml(args.config) if args.config else {}
+    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config = shard_config(config, args.source, args.overrides)
+    index = run_shard(config, progress=not args.no_progress)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
+          f"{_skip_line(index['skipped'])}")
+    return 0
+
+
+def _skip_line(skipped: dict) -> str:
+    if not skipped["total"]:
+        return "skipped 0 samples"
+    return f"skipped {skipped['total']} samples: " + ", ".join(
+        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
+# ---- end data ----
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

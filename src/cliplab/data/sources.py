@@ -10,6 +10,7 @@ from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist
 from cliplab.data.manifest import load_manifest
 from cliplab.data.pairs import labelled_to_pairs, split_classes
+from cliplab.data.shard_source import load_shards
 from cliplab.data.shapes import load_shapes, shapes_classification
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
@@ -29,6 +30,7 @@ SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs]] = {
     "shapes": _shapes,
     "manifest": load_manifest,
     "clip-benchmark": load_clip_benchmark,
+    "shards": load_shards,
 }
 
 
