@@ -8,6 +8,7 @@ from typing import Callable
 from cliplab.data.clip_benchmark import load_clip_benchmark
 from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist
+from cliplab.data.image_folder import load_image_folder
 from cliplab.data.manifest import load_manifest
 from cliplab.data.pairs import labelled_to_pairs, split_classes
 from cliplab.data.shapes import load_shapes, shapes_classification
@@ -29,6 +30,7 @@ SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs]] = {
     "shapes": _shapes,
     "manifest": load_manifest,
     "clip-benchmark": load_clip_benchmark,
+    "image-folder": load_image_folder,
 }
 
 
