@@ -2,7 +2,7 @@
 (the most frequent colour in `largest` samples, each next one in `ratio` times as many), then
 plot zero-shot colour accuracy against each colour's frequency in the training captions.
 
-    python scripts/long_tail_demo.py --out runs/long-tail-demo [--order-seed 0] [--epochs 12]
+    python scripts/long_tail_demo.py --out runs/long-tail-demo [--order-seed 0] [--epochs 8]
     cliplab report runs/long-tail-demo --out runs/long-tail-report
 
 Writes a run folder (config.yaml, metrics.jsonl, checkpoint, results.json with the long-tail
@@ -32,8 +32,8 @@ MODEL = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 
          "embed_dim": 128}
 
 
-def run_demo(out: str, largest: int = 1600, ratio: float = 0.5, epochs: float = 12,
-             order_seed: int = 0, progress: bool = True) -> dict:
+def run_demo(out: str, largest: int = 600, ratio: float = 0.5, epochs: float = 8,
+             order_seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
     """Train on the imbalanced set, evaluate per colour; returns the long-tail analysis."""
     start = time.time()
     colors = list(COLORS)
@@ -49,7 +49,7 @@ def run_demo(out: str, largest: int = 1600, ratio: float = 0.5, epochs: float = 
     config = {"model": {"preset": "tiny-clip", "options": MODEL},
               "data": {"source": "shapes (single, colours exponentially imbalanced)",
                        "counts": {colors[c]: k for c, k in zip(order.tolist(), counts)}},
-              "train": {"epochs": epochs, "batch_size": 128, "lr": 1e-3, "warmup": 0.1,
+              "train": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "warmup": 0.1,
                         "augment": False, "multi_positive": True, "log_every": 5}}
     run = RunDir(out)
     run.write_config(config)
@@ -76,15 +76,18 @@ def run_demo(out: str, largest: int = 1600, ratio: float = 0.5, epochs: float = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/long-tail-demo")
-    parser.add_argument("--largest", type=int, default=1600)
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--largest", type=int, default=600,
+                        help="samples of the most frequent colour")
+    parser.add_argument("--ratio", type=float, default=0.5,
+                        help="each next colour has this many times the samples")
+    parser.add_argument("--epochs", type=float, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--order-seed", type=int, default=0,
                         help="which colour gets which frequency (a random permutation)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     results = run_demo(args.out, args.largest, args.ratio, args.epochs, args.order_seed,
-                       not args.no_progress)
+                       args.batch_size, not args.no_progress)
     lt = results["evals"]["long_tail"]
     print(json.dumps({"fit": lt["fit"], "per_class": lt["per_class"],
                       "wall_time_s": results["wall_time_s"], "out": args.out}))

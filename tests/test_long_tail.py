@@ -117,7 +117,7 @@ def test_demo_rare_colours_are_recognised_worse(tmp_path):
     spec = importlib.util.spec_from_file_location("long_tail_demo", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    results = demo.run_demo(str(tmp_path / "run"), largest=800, epochs=10, progress=False)
+    results = demo.run_demo(str(tmp_path / "run"), progress=False)
     fit = results["evals"]["long_tail"]["fit"]
     assert fit["n_classes"] == 8
     assert fit["slope"] > 0.1 and not math.isnan(fit["r2"])

@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+
+    # --- report ---------------------------------------------------------------------------
+    p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
+                       "results files and run folders",
+                       description="Read results JSON files (cliplab eval --out) and/or run "
+                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       "report.md and a self-contained report.html: one table per task with "
+                       "one column per model, few-shot curves, accuracy vs concept frequency, "
+                       "training curves. Config keys: title, names (one label per input), "
+                       "plots (true/false). Put the options before the inputs: "
+                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders, then optional key=value "
+                   "overrides (e.g. title=\"my runs\")")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
+                   "report.html and plots/")
+    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     return parser
 
 
@@ -125,7 +145,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
+# --- report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.report import write_report
+
+    # an item with "=" that is not an existing path is an override; the rest are inputs
+    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    inputs = [a for a in args.inputs if a not in overrides]
+    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
+    written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
+    print(f"report: {written['markdown']} and {written['html']} "
+          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+    return 0
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
