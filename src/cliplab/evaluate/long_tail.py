@@ -75,7 +75,10 @@ def training_captions(spec: dict, where: str) -> list[list[str]]:
 def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = True) -> dict:
     """The suite's ``long_tail`` task: zero-shot on ``data``, concept counts in
     ``train_data``; ``concepts`` (one per class) overrides the class names as search terms."""
-    data = as_labelled(load_source(task.get("data") or {}), f"task {name!r} data")
+    if not isinstance(task.get("data"), dict):
+        raise ConfigError(f"task {name!r} needs data: a labelled source such as "
+                          "{source: shapes, attribute: color, n: 800}")
+    data = as_labelled(load_source(task["data"]), f"task {name!r} data")
     captions = training_captions(task.get("train_data"), f"task {name!r} train_data")
     concepts = task.get("concepts") or data.classnames
     if len(concepts) != len(data.classnames):

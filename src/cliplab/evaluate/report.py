@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from cliplab.config import check_keys
 from cliplab.errors import ConfigError
-from cliplab.evaluate.report_inputs import ReportSource, load_sources
+from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.evaluate.report_plots import (is_few_shot, is_long_tail, plot_few_shot,
                                            plot_long_tail, plot_training, slug)
 
@@ -181,7 +181,7 @@ def write_report(inputs: list[str | Path], out: str | Path, config: dict | None 
     names = config.get("names")
     if names is not None and not isinstance(names, list):
         raise ConfigError("report config 'names' must be a list, one label per input")
-    sources = load_sources(list(inputs), names)
+    sources = read_inputs(list(inputs), names)
     title = str(config.get("title") or "cliplab report")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

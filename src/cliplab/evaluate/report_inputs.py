@@ -36,8 +36,8 @@ def read_json(path: Path) -> dict:
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; expected a results JSON file") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); expected "
-                        "the results JSON of `cliplab eval --out` or a run's results.json") from None
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); expected the "
+                        "results JSON of `cliplab eval --out` or a run's results.json") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of results, got {type(data).__name__}")
     return data
@@ -87,7 +87,7 @@ def _model_label(model: str) -> str:
     return "/".join(parts[-2:]) or model
 
 
-def load_source(path: str | Path) -> ReportSource:
+def read_input(path: str | Path) -> ReportSource:
     """Read one report input: a results JSON file or a run folder."""
     path = Path(path)
     if not path.exists():
@@ -115,11 +115,11 @@ def load_source(path: str | Path) -> ReportSource:
     return source
 
 
-def load_sources(paths: list[str | Path], names: list[str] | None = None) -> list[ReportSource]:
+def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list[ReportSource]:
     """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
     if not paths:
         raise DataError("cliplab report needs at least one results file or run folder")
-    sources = [load_source(p) for p in paths]
+    sources = [read_input(p) for p in paths]
     if names is not None:
         if len(names) != len(sources):
             raise DataError(f"{len(names)} names for {len(sources)} report inputs")
