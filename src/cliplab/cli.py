@@ -94,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
     # ---- end data ----
+    # --- report ---------------------------------------------------------------------------
+    p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
+                       "results files and run folders",
+                       description="Read results JSON files (cliplab eval --out) and/or run "
+                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       "report.md and a self-contained report.html: one table per task with "
+                       "one column per model, few-shot curves, accuracy vs concept frequency, "
+                       "training curves. Config keys: title, names (one label per input), "
+                       "plots (true/false). Put the options before the inputs: "
+                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders, then optional key=value "
+                   "overrides (e.g. title=\"my runs\")")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
+                   "report.html and plots/")
+    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     return parser
 
 
@@ -150,32 +169,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-# ---- data: dataset tools (shard) ----
-def cmd_data(args) -> int:
-    from cliplab.config import load_yaml
-    from cliplab.data.shard_job import run_shard, shard_config
-
-    config = load_yaml(args.config) if args.config else {}
-    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    config = shard_config(config, args.source, args.overrides)
-    index = run_shard(config, progress=not args.no_progress)
-    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
-          f"{_skip_line(index['skipped'])}")
-    return 0
-
-
-def _skip_line(skipped: dict) -> str:
-    if not skipped["total"]:
-        return "skipped 0 samples"
-    return f"skipped {skipped['total']} samples: " + ", ".join(
-        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
-# ---- end data ----
-
-
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
-            "data": cmd_data}
+            "data": cmd_data, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import EXTRA_PROBES, PROBE_FEATURES
 from cliplab.evaluate.few_shot import METHODS, few_shot
 from cliplab.evaluate.linear_probe import linear_probe
+from cliplab.evaluate import long_tail, multilabel
 from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.dual_encoder import DualEncoder
@@ -22,7 +23,12 @@ TASK_KEYS = {"zeroshot": {"name", "task", "data", "classes"},
              "retrieval": {"name", "task", "data", "ks"},
              "compositional": {"name", "task", "data", "seed"},
              "few_shot": {"name", "task", "train", "test", "shots", "seeds", "methods", "l2",
-                          "features", "layers"}}
+                          "features", "layers"},
+             "multilabel_zeroshot": multilabel.TASK_KEYS,
+             "long_tail": long_tail.TASK_KEYS}
+# tasks whose runner lives in its own module: (model, task, name, cache, progress) -> metrics
+TASK_RUNNERS = {"multilabel_zeroshot": multilabel.run_multilabel_task,
+                "long_tail": long_tail.run_long_tail_task}
 
 
 def _labelled(spec, where: str):
@@ -40,6 +46,8 @@ def run_task(model: DualEncoder, task: dict, progress: bool = True,
         raise ConfigError(f"unknown task {kind!r}; choose one of: {', '.join(TASK_KEYS)}")
     name = task.get("name", kind)
     check_keys(task, TASK_KEYS[kind], f"task {name!r}")
+    if kind in TASK_RUNNERS:
+        return TASK_RUNNERS[kind](model, task, name, cache, progress)
     if kind == "retrieval":
         spec = task.get("data")
         if not isinstance(spec, dict):
