@@ -169,6 +169,120 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- data: dataset tools (shard) ----
+def cmd_data(args) -> int:
+    from cliplab.config import load_yaml
+    from cliplab.data.shard_job import run_shard, shard_config
+
+    config = load_yaml(args.config) if args.config else {}
+    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config = shard_config(config, args.source, args.overrides)
+    index = run_shard(config, progress=not args.no_progress)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
+          f"{_skip_line(index['skipped'])}")
+    return 0
+
+
+def _skip_line(skipped: dict) -> str:
+    if not skipped["total"]:
+        return "skipped 0 samples"
+    return f"skipped {skipped['total']} samples: " + ", ".join(
+        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
+# ---- end data ----
+
+
+# --- report ---------------------------------------------------------------------------
+    p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
+                       "results files and run folders",
+                       description="Read results JSON files (cliplab eval --out) and/or run "
+                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       "report.md and a self-contained report.html: one table per task with "
+                       "one column per model, few-shot curves, accuracy vs concept frequency, "
+                       "training curves. Config keys: title, names (one label per input), "
+                       "plots (true/false). Put the options before the inputs: "
+                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders, then optional key=value "
+                   "overrides (e.g. title=\"my runs\")")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
+                   "report.html and plots/")
+    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    return parser
+
+
+def _config(args) -> dict:
+    from cliplab.config import apply_overrides, load_yaml
+
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return apply_overrides(cfg, args.overrides)
+
+
+def cmd_quickstart(args) -> int:
+    from cliplab.quickstart import format_results, run_quickstart
+
+    cfg = _config(args)
+    if args.out:
+        cfg["out"] = args.out
+    if args.data_dir:
+        cfg.setdefault("data", {})["data_dir"] = args.data_dir
+    results = run_quickstart(cfg, progress=not args.no_progress)
+    print(format_results(results))
+    print(f"run folder: {Path(results['model_dir']).parents[2]}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from cliplab.train.pretrain import run_pretrain
+
+    cfg = _config(args)
+    if args.out:
+        cfg["out"] = args.out
+    results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    for name, metrics in results["evals"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    print(f"model: {results['model_dir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.evaluate.suite import run_suite
+    from cliplab.models.presets import build_model
+
+    suite = apply_overrides(load_yaml(args.suite), args.overrides)
+    model = build_model(args.model)
+    results = {"model": args.model, "suite": args.suite,
+               "results": run_suite(model, suite, progress=not args.no_progress,
+                                    cache=FeatureCache(args.cache_dir))}
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+# --- report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.report import write_report
+
+    # an item with "=" that is not an existing path is an override; the rest are inputs
+    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    inputs = [a for a in args.inputs if a not in overrides]
+    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
+    written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
+    print(f"report: {written['markdown']} and {written['html']} "
+          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+    return 0
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
             "data": cmd_data, "report": cmd_report}
 
