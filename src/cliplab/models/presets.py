@@ -43,6 +43,19 @@ def minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def _text_config(tokenizer, width: int, layers: int, heads: int, context_length: int) -> dict:
+    """A from-scratch text transformer over the byte-level tokenizer (CLIP and SigLIP keys)."""
+    return dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=context_length, pad_token_id=SPECIAL_TOKENS["<pad>"],
+                bos_token_id=SPECIAL_TOKENS["<bos>"], eos_token_id=SPECIAL_TOKENS["<eos>"])
+
+
+def _vision_config(image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:
+    return dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
+                intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+
+
 def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layers: int = 4,
               heads: int = 4, text_width: int | None = None, text_layers: int | None = None,
               embed_dim: int = 128, context_length: int = 64, seed: int = 0) -> DualEncoder:
@@ -51,14 +64,9 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layer
     tokenizer = byte_level_tokenizer(context_length)
     text_width = text_width or width
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width,
-                         intermediate_size=4 * text_width, num_hidden_layers=text_layers or layers,
-                         num_attention_heads=heads, max_position_embeddings=context_length,
-                         pad_token_id=SPECIAL_TOKENS["<pad>"], bos_token_id=SPECIAL_TOKENS["<bos>"],
-                         eos_token_id=SPECIAL_TOKENS["<eos>"]),
-        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
-                           intermediate_size=4 * width, num_hidden_layers=layers,
-                           num_attention_heads=heads),
+        text_config=_text_config(tokenizer, text_width, text_layers or layers, heads,
+                                 context_length),
+        vision_config=_vision_config(image_size, patch_size, width, layers, heads),
         projection_dim=embed_dim)
     model = CLIPModel(config)
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -75,14 +83,8 @@ def tiny_siglip(image_size: int = 32, patch_size: int = 8, width: int = 128, lay
     torch.manual_seed(seed)
     tokenizer = byte_level_tokenizer(context_length)
     config = SiglipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=width,
-                         intermediate_size=4 * width, num_hidden_layers=text_layers or layers,
-                         num_attention_heads=heads, max_position_embeddings=context_length,
-                         pad_token_id=SPECIAL_TOKENS["<pad>"], bos_token_id=SPECIAL_TOKENS["<bos>"],
-                         eos_token_id=SPECIAL_TOKENS["<eos>"]),
-        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
-                           intermediate_size=4 * width, num_hidden_layers=layers,
-                           num_attention_heads=heads))
+        text_config=_text_config(tokenizer, width, text_layers or layers, heads, context_length),
+        vision_config=_vision_config(image_size, patch_size, width, layers, heads))
     model = SiglipModel(config)
     with torch.no_grad():  # the paper's initialisation: temperature 10, bias -10
         model.logit_scale.fill_(math.log(10.0))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cliplab.errors import ConfigError
+
 
 def positive_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
     """``mask[i, j]`` is True when text ``j`` describes image ``i`` (their keys are equal)."""
@@ -36,6 +38,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return 0.5 * (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t()))
 
 
-def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None, kind="clip",
-                     keys=None, tile=None):
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
+                     kind: str = "clip", keys: torch.Tensor | None = None,
+                     tile: int | None = None) -> torch.Tensor:
+    """The Trainer's loss entry point. Single-process InfoNCE for now: the SigLIP, tiled and
+    cross-rank versions live on the `losses` branch and replace this when it is merged."""
+    if kind != "clip" or tile is not None:
+        raise ConfigError(f"loss {kind!r} with tile={tile} is not available in this build yet")
     return clip_loss(image_features, text_features, logit_scale, keys)
