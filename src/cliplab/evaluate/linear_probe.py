@@ -11,6 +11,7 @@ L2-penalised solution lies in that span) at a fraction of the cost.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,20 @@ from cliplab.evaluate.metrics import classification_metrics
 
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 Weights = tuple[torch.Tensor, torch.Tensor]
+SMALL_PROBLEM = 20_000_000  # samples x dims below which one thread is faster (measured)
+
+
+@contextlib.contextmanager
+def threads_for(numel: int):
+    """One intra-op thread for small fits, whose per-op thread start-up costs more than the
+    arithmetic (3x slower with two threads on a busy 2-core machine); the old count after."""
+    old = torch.get_num_threads()
+    if numel < SMALL_PROBLEM:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -119,12 +134,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if basis is not None:
         train_x, test_x = train_x @ basis, test_x @ basis
     init = None
-    if l2 is None:
-        if len(l2_grid) > 1:
-            l2, init = choose_l2(train_x, train_y, num_classes, l2_grid, val_fraction)
-        else:
-            l2 = l2_grid[0]
-    w, b = fit_logistic(train_x, train_y, num_classes, l2, init=init)
+    with threads_for(train_x.numel()):
+        if l2 is None:
+            if len(l2_grid) > 1:
+                l2, init = choose_l2(train_x, train_y, num_classes, l2_grid, val_fraction)
+            else:
+                l2 = l2_grid[0]
+        w, b = fit_logistic(train_x, train_y, num_classes, l2, init=init)
     metrics = classification_metrics(test_x @ w + b, test_y)
     metrics["l2"] = l2
     return metrics

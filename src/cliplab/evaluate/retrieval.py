@@ -32,19 +32,18 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
     n_texts = len(rows)
     ks = list(ks)
     sims = text_emb @ image_emb.t()  # [U, N], one row per distinct caption
-    hits_t2i = {}
-    top_images = sims.topk(min(max(ks), n_images), dim=1).indices[rows]  # [T, kmax]
-    for k in ks:
-        hits_t2i[k] = (top_images[:, :min(k, n_images)] == text_to_image[:, None]).any(dim=1)
+    # top-k is taken separately for each k: with tied scores (duplicate captions) the first
+    # column of a top-10 need not be the top-1, and recall@k must not depend on the other ks
+    hits_t2i = {k: (sims.topk(min(k, n_images), dim=1).indices[rows]
+                    == text_to_image[:, None]).any(dim=1) for k in ks}
     hits_i2t = {k: torch.zeros(n_images, dtype=torch.bool) for k in ks}
     sims_t = sims.t().contiguous()  # [N, U]
     for start in range(0, n_images, chunk):
-        block = sims_t[start:start + chunk][:, rows]  # [n, T]
-        top_texts = block.topk(min(max(ks), n_texts), dim=1).indices  # [n, kmax]
-        owners = text_to_image[top_texts]  # [n, kmax]
-        mine = owners == torch.arange(start, start + len(block))[:, None]
+        block = sims_t[start:start + chunk][:, rows]  # [n, T]: caption t's score at column t
+        own = torch.arange(start, start + len(block))[:, None]
         for k in ks:
-            hits_i2t[k][start:start + len(block)] = mine[:, :min(k, n_texts)].any(dim=1)
+            top_texts = block.topk(min(k, n_texts), dim=1).indices  # [n, k]
+            hits_i2t[k][start:start + len(block)] = (text_to_image[top_texts] == own).any(dim=1)
     out = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = hits_t2i[k].float().mean().item()
