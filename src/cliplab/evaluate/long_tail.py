@@ -72,7 +72,8 @@ def training_captions(spec: dict, where: str) -> list[list[str]]:
     return as_pairs(load_source(spec)).captions
 
 
-def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = True) -> dict:
+def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = True,
+                       precision: str = "fp32") -> dict:
     """The suite's ``long_tail`` task: zero-shot on ``data``, concept counts in
     ``train_data``; ``concepts`` (one per class) overrides the class names as search terms."""
     if not isinstance(task.get("data"), dict):
@@ -84,8 +85,10 @@ def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = Tru
     if len(concepts) != len(data.classnames):
         raise ConfigError(f"task {name!r}: {len(concepts)} concepts for "
                           f"{len(data.classnames)} classes; give one per class")
-    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}")
-    classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
+    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}",
+                           precision=precision)
+    classifier = zeroshot_classifier(model, data.prompt_names, data.templates, cache.texts,
+                                     precision)
     acc = per_class_accuracy(zeroshot_logits(feats.embeddings, classifier), data.labels,
                              data.classnames)
     table = count_concepts(captions, concepts)

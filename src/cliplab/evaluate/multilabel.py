@@ -60,7 +60,8 @@ def multilabel_zeroshot_metrics(image_embeddings: torch.Tensor, targets: torch.T
 TASK_KEYS = {"name", "task", "data"}
 
 
-def run_multilabel_task(model, task: dict, name: str, cache, progress: bool = True) -> dict:
+def run_multilabel_task(model, task: dict, name: str, cache, progress: bool = True,
+                        precision: str = "fp32") -> dict:
     """The suite's ``multilabel_zeroshot`` task on a multi-label ``data`` spec."""
     spec = task.get("data")
     if not isinstance(spec, dict):
@@ -70,8 +71,10 @@ def run_multilabel_task(model, task: dict, name: str, cache, progress: bool = Tr
     if not isinstance(data, MultiLabelImages):
         raise ConfigError(f"task {name!r}: data must be multi-label (shapes with multilabel: "
                           "true, or multilabel-manifest)")
-    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}")
-    classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
+    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}",
+                           precision=precision)
+    classifier = zeroshot_classifier(model, data.prompt_names, data.templates, cache.texts,
+                                     precision)
     try:
         return multilabel_zeroshot_metrics(feats.embeddings, data.targets, classifier,
                                            data.classnames)
