@@ -228,3 +228,40 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
         _collective("all_reduce of a logged value", dist.all_reduce, value, op=dist.ReduceOp.SUM)
         value /= world_size()
     return value
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if is_distributed():
+        _collective("barrier", dist.barrier)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over ranks, in one coalesced all_reduce.
+
+    The trainer's equivalent of DDP's gradient averaging: DDP's reducer needs every forward to
+    go through its wrapper and would all-reduce once per GradCache chunk, while the trainer
+    calls the towers directly and needs one reduction per optimizer step. A parameter without
+    a gradient on this rank contributes zeros (every rank must send the same shapes).
+    """
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    _collective("all_reduce of gradients", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's ``value`` (any picklable object) on every rank, e.g. a run-folder name that
+    holds a timestamp."""
+    if not is_distributed():
+        return value
+    box = [value]
+    _collective("broadcast from rank 0", dist.broadcast_object_list, box, src=0)
+    return box[0]
