@@ -88,6 +88,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+    # ---- data: dataset tools (shard) ----
+    p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
+                       description="Dataset tools. `cliplab data shard` writes any built-in "
+                       "source, manifest or shard folder as WebDataset tar shards.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub.required = True
+    p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
+                            description="Write a dataset as WebDataset tar shards in img2dataset's "
+                            "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
+                            "sample, NNNNN_stats.json per shard and index.json. key=value "
+                            "overrides set source options (split=test, n=500) or writer keys "
+                            "(samples_per_shard, image_format, quality).")
+    _add_common(p)
+    p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
+                   "shapes, ...), a manifest file or a shard folder")
+    p.add_argument("--out", metavar="DIR", help="folder to write the shards into")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
+                   help="image encoding (default jpg; png is lossless)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the shards of a non-empty output folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    # ---- end data ----
+    # --- report ---------------------------------------------------------------------------
+    p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
+                       "results files and run folders",
+                       description="Read results JSON files (cliplab eval --out) and/or run "
+                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       "report.md and a self-contained report.html: one table per task with "
+                       "one column per model, few-shot curves, accuracy vs concept frequency, "
+                       "training curves. Config keys: title, names (one label per input), "
+                       "plots (true/false). Put the options before the inputs: "
+                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders, then optional key=value "
+                   "overrides (e.g. title=\"my runs\")")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
+                   "report.html and plots/")
+    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     return parser
 
 
@@ -119,6 +162,8 @@ def cmd_pretrain(args) -> int:
     if args.out:
         cfg["out"] = args.out
     results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     for name, metrics in results["evals"].items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     print(f"model: {results['model_dir']}")
@@ -158,8 +203,47 @@ def cmd_adapt(args) -> int:
     return 0
 
 
-COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval}
-COMMANDS["adapt"] = cmd_adapt
+# ---- data: dataset tools (shard) ----
+def cmd_data(args) -> int:
+    from cliplab.config import load_yaml
+    from cliplab.data.shard_job import run_shard, shard_config
+
+    config = load_yaml(args.config) if args.config else {}
+    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config = shard_config(config, args.source, args.overrides)
+    index = run_shard(config, progress=not args.no_progress)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
+          f"{_skip_line(index['skipped'])}")
+    return 0
+
+
+def _skip_line(skipped: dict) -> str:
+    if not skipped["total"]:
+        return "skipped 0 samples"
+    return f"skipped {skipped['total']} samples: " + ", ".join(
+        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
+# ---- end data ----
+
+
+# --- report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.report import write_report
+
+    # an item with "=" that is not an existing path is an override; the rest are inputs
+    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    inputs = [a for a in args.inputs if a not in overrides]
+    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
+    written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
+    print(f"report: {written['markdown']} and {written['html']} "
+          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+    return 0
+
+
+COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
+            "adapt": cmd_adapt, "data": cmd_data, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
