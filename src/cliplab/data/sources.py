@@ -9,28 +9,38 @@ from typing import Callable
 from cliplab.data.clip_benchmark import load_clip_benchmark
 from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist
+from cliplab.data.image_folder import load_image_folder
 from cliplab.data.manifest import load_manifest
+from cliplab.data.multilabel import MultiLabelImages, load_multilabel_manifest, shapes_multilabel
 from cliplab.data.pairs import labelled_to_pairs, split_classes
+from cliplab.data.shard_source import load_shards
 from cliplab.data.shapes import load_shapes, shapes_classification
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 
 
-def _shapes(attribute: str | None = None, **kw) -> LabelledImages | ImageTextPairs:
-    """`shapes` scenes as pairs, or as labelled images by ``attribute`` (shape / color)."""
+def _shapes(attribute: str | None = None, multilabel: bool = False,
+            **kw) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+    """`shapes` scenes as pairs, as labelled images by ``attribute`` (shape / color), or with
+    ``multilabel: true`` as multi-label images (every colour/shape in a scene)."""
+    if multilabel:
+        return shapes_multilabel(attribute=attribute or "color", **kw)
     if attribute is None:
         return load_shapes(**kw)
     kw.pop("kinds", None)
     return shapes_classification(attribute=attribute, **kw)
 
 
-SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs]] = {
+SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs | MultiLabelImages]] = {
     "fashion-mnist": load_fashion_mnist,
     "digits": load_digits,
     "shapes": _shapes,
     "manifest": load_manifest,
     "clip-benchmark": load_clip_benchmark,
+    "shards": load_shards,
+    "image-folder": load_image_folder,
+    "multilabel-manifest": load_multilabel_manifest,
 }
 
 
