@@ -106,3 +106,25 @@ def test_suite_compositional_task(tiny_model):
     with pytest.raises(ConfigError, match="exact only on `shapes`"):
         run_suite(tiny_model, {"tasks": [{"name": "c", "task": "compositional",
                                           "data": {"source": "digits"}}]}, progress=False)
+
+
+def test_suite_encodes_probe_features_in_the_first_pass(tiny_model, monkeypatch):
+    from cliplab.evaluate import feature_cache as fc
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    calls = []
+    real = fc.encode_images
+    monkeypatch.setattr(fc, "encode_images",
+                        lambda *a, **k: calls.append(k.get("probe")) or real(*a, **k))
+    test = {"source": "digits", "split": "test"}
+    out = run_suite(tiny_model, {"tasks": [
+        {"name": "zs", "task": "zeroshot", "data": test},   # runs first, needs no tokens...
+        {"name": "probe", "task": "linear_probe", "train": {"source": "digits", "split": "train"},
+         "test": test, "features": "tokens"}]}, progress=False, cache=FeatureCache())
+    assert calls == ["tokens", "tokens"]  # ...but encodes them for the probe: one pass each
+    assert out["probe"]["l2"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on val
+
+
+def test_suite_precision_is_checked():
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        run_suite(None, {"precision": "fp8", "tasks": [{"task": "zeroshot"}]})

@@ -1,6 +1,7 @@
 """The torch L-BFGS linear probe against scikit-learn's logistic regression."""
 
 import numpy as np
+import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
@@ -28,3 +29,59 @@ def test_probe_separates_blobs_and_reports_metrics():
     x, y = blobs(n=600, seed=1)
     m = linear_probe(x[:400], y[:400], x[400:], y[400:])
     assert m["acc1"] > 0.9 and m["acc5"] == 1.0 and m["l2"] in (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def test_warm_started_l2_path_chooses_what_a_brute_force_search_chooses():
+    from cliplab.evaluate.linear_probe import (DEFAULT_L2_GRID, accuracy, choose_l2,
+                                               validation_split)
+
+    # noisy, overlapping blobs in many dimensions: the validation accuracy depends on the L2
+    x, y = blobs(n=400, d=40, c=4, seed=2, spread=0.35)
+    grid = DEFAULT_L2_GRID
+    train, val = validation_split(len(y), 0.2, 0)
+    brute = {l2: accuracy(x[val], y[val], fit_logistic(x[train], y[train], 4, l2, max_iter=500))
+             for l2 in grid}
+    assert len(set(brute.values())) > 1  # the choice is not a foregone tie
+    expected = max(grid, key=lambda l2: (brute[l2], l2))
+    chosen, (w, b) = choose_l2(x, y, 4, grid)
+    assert chosen == expected
+    assert accuracy(x[val], y[val], (w, b)) == brute[expected]
+    assert choose_l2(x, y, 4, grid, warm_start=False)[0] == expected
+
+
+def test_warm_start_reaches_the_cold_start_optimum():
+    x, y = blobs(n=300, d=10, c=3, seed=4, spread=0.5)
+    cold = fit_logistic(x, y, 3, 1e-3, max_iter=500)
+    warm = fit_logistic(x, y, 3, 1e-3, max_iter=500, init=fit_logistic(x, y, 3, 1e-1))
+
+    def objective(w, b):  # in float64, to see differences float32 L-BFGS stops short of
+        return (torch.nn.functional.cross_entropy((x @ w + b).double(), y)
+                + 0.5e-3 * (w.double() ** 2).sum()).item()
+
+    assert abs(objective(*warm) - objective(*cold)) < 1e-6
+    torch.testing.assert_close(torch.softmax(x @ warm[0] + warm[1], 1),
+                               torch.softmax(x @ cold[0] + cold[1], 1), atol=2e-3, rtol=0)
+
+
+def test_row_space_basis_gives_the_full_space_optimum():
+    from cliplab.evaluate.linear_probe import row_space_basis
+
+    x, y = blobs(n=24, d=200, c=3, seed=5)  # more dimensions than samples
+    q = row_space_basis(x)
+    assert q.shape == (200, 24)
+    torch.testing.assert_close(q.T @ q, torch.eye(24), atol=1e-5, rtol=0)
+    full = fit_logistic(x, y, 3, 1e-2, max_iter=1000)
+    small = fit_logistic(x @ q, y, 3, 1e-2, max_iter=1000)
+    mapped = (q @ small[0], small[1])  # the basis solution as full-space weights
+
+    def objective(w, b):
+        return (torch.nn.functional.cross_entropy((x @ w + b).double(), y)
+                + 0.5e-2 * (w.double() ** 2).sum()).item()
+
+    assert objective(*mapped) == pytest.approx(objective(*full), abs=1e-6)
+    test = blobs(n=60, d=200, c=3, seed=6)[0]
+    assert torch.equal((test @ mapped[0] + mapped[1]).argmax(1),
+                       (test @ full[0] + full[1]).argmax(1))
+    torch.testing.assert_close(torch.softmax(test @ mapped[0] + mapped[1], 1),
+                               torch.softmax(test @ full[0] + full[1], 1), atol=5e-3, rtol=0)
+    assert row_space_basis(x[:, :10]) is None  # fewer dimensions than samples: nothing to gain

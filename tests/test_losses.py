@@ -1,10 +1,19 @@
-"""The contrastive loss against a hand-written reference: values and gradients."""
+"""The contrastive losses against hand-written references: values and gradients; SigLIP by hand;
+global-batch shares; the tiled losses against the plain ones."""
+
+import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from cliplab.train.losses import clip_loss
+from cliplab.errors import ConfigError
+from cliplab.train.contrastive import contrastive_loss
+from cliplab.train.losses import (clip_loss, clip_loss_global, key_pair_dot, siglip_loss,
+                                  siglip_loss_global)
+from cliplab.train.tiled_loss import (tiled_clip_loss, tiled_clip_loss_global, tiled_siglip_loss,
+                                      tiled_siglip_loss_global)
 
 
 def reference_loss_and_grads(img: np.ndarray, txt: np.ndarray, scale: float, pos: np.ndarray):
@@ -92,3 +101,219 @@ def test_loss_is_minimal_for_aligned_pairs():
     aligned = clip_loss(img, img, scale)
     shuffled = clip_loss(img, img[torch.randperm(6, generator=torch.Generator().manual_seed(0))], scale)
     assert aligned < shuffled
+
+
+# --- SigLIP ---------------------------------------------------------------------------------
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_siglip_loss_hand_computed_2x2():
+    # images (1,0), (0,1); texts (0.6,0.8), (0.8,-0.6); scale 2, bias -1:
+    # dots [[0.6, 0.8], [0.8, -0.6]] -> z = 2 dot - 1 = [[0.2, 0.6], [0.6, -2.2]].
+    # Diagonal pairs are positives: -log sigmoid(z) = softplus(-z); the others softplus(z).
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    txt = torch.tensor([[0.6, 0.8], [0.8, -0.6]], dtype=torch.float64)
+    scale = torch.tensor(math.log(2.0), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    loss = siglip_loss(img, txt, scale, bias)
+    expected = (_softplus(-0.2) + _softplus(0.6) + _softplus(0.6) + _softplus(2.2)) / 2
+    assert abs(loss.item() - expected) < 1e-12
+    loss.backward()
+    # d/d bias: positives -sigmoid(-z), negatives sigmoid(z); / B.
+    d_bias = (-_sigmoid(-0.2) + _sigmoid(0.6) + _sigmoid(0.6) - _sigmoid(2.2)) / 2
+    assert abs(bias.grad.item() - d_bias) < 1e-12
+    # d/d log_scale = sum of dz/dlog_scale (= 2 dot) times the same weights.
+    d_scale = (-_sigmoid(-0.2) * 1.2 + _sigmoid(0.6) * 1.6 + _sigmoid(0.6) * 1.6
+               - _sigmoid(2.2) * -1.2) / 2
+    assert abs(scale.grad.item() - d_scale) < 1e-12
+
+
+def test_siglip_keys_make_shared_key_pairs_positive():
+    # Two pairs with the same key: all four pairs are positives, so the loss is the mean of
+    # softplus(-z) over them; with unique keys it is the plain diagonal loss.
+    img, txt = _features(2, 3, 6)
+    s, b = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    z = s.exp() * img @ txt.T + b
+    assert torch.allclose(siglip_loss(img, txt, s, b, torch.tensor([4, 4])),
+                          F.softplus(-z).sum() / 2)
+    assert torch.allclose(siglip_loss(img, txt, s, b, torch.tensor([4, 5])),
+                          siglip_loss(img, txt, s, b))
+
+
+def test_siglip_gradients_match_finite_differences():
+    img, txt = _features(5, 4, 7)
+    args = (img.requires_grad_(), txt.requires_grad_(),
+            torch.tensor(0.7, dtype=torch.float64, requires_grad=True),
+            torch.tensor(-1.5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(siglip_loss, args)
+
+
+def test_key_pair_dot_matches_mask_sum():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g,
+                                                                          dtype=torch.float64)
+    ka, kb = torch.tensor([0, 1, 1, 7, 3, 0]), torch.tensor([1, 0, 0, 0, 9, 1, 3, 3, 2])
+    mask = (ka[:, None] == kb[None, :]).double()
+    dot, n = key_pair_dot(a, ka, b, kb)
+    assert torch.allclose(dot, (mask * (a @ b.T)).sum()) and n == int(mask.sum())
+    # per_key_mean: each pair weighs 1 / #{j : kb[j] == ka[i]}
+    count = torch.tensor([float((kb == k).sum()) for k in ka], dtype=torch.float64)
+    weights = mask / count.clamp(min=1)[:, None]
+    dot_mean, _ = key_pair_dot(a, ka, b, kb, per_key_mean=True)
+    assert torch.allclose(dot_mean, (weights * (a @ b.T)).sum())
+
+
+# --- global-batch shares: ranks simulated in one process -------------------------------------
+
+def _split_losses(kind, img, txt, scale, bias, keys, sizes, tile=None):
+    """Mean over simulated ranks of each rank's share, each seeing the whole batch as 'all'."""
+    total, start = 0.0, 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        k, k_all = (None, None) if keys is None else (keys[rows], keys)
+        if kind == "clip":
+            fn = clip_loss_global if tile is None else \
+                lambda *a: tiled_clip_loss_global(*a, tile=tile)
+            total = total + fn(img[rows], txt[rows], img, txt, scale, start, len(sizes), k, k_all)
+        else:
+            fn = siglip_loss_global if tile is None else \
+                lambda *a: tiled_siglip_loss_global(*a, tile=tile)
+            total = total + fn(img[rows], txt, scale, bias, start, len(sizes), k, k_all)
+        start += n
+    return total / len(sizes)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.parametrize("tile", [None, 3])
+def test_rank_shares_average_to_the_global_loss_and_gradients(kind, with_keys, tile):
+    img, txt = _features(12, 5, 8)
+    keys = torch.tensor([0, 1, 2, 0, 3, 1, 4, 5, 0, 6, 7, 2]) if with_keys else None
+    leaves = [img.requires_grad_(), txt.requires_grad_(),
+              torch.tensor(1.1, dtype=torch.float64, requires_grad=True),
+              torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)]
+    full = (clip_loss(img, txt, leaves[2], keys) if kind == "clip"
+            else siglip_loss(img, txt, leaves[2], leaves[3], keys))
+    g_full = torch.autograd.grad(full, leaves, allow_unused=True)
+    # three "ranks" of unequal size; DDP averages the gradients of their losses
+    shares = _split_losses(kind, img, txt, leaves[2], leaves[3], keys, [4, 3, 5], tile)
+    g_shares = torch.autograd.grad(shares, leaves, allow_unused=True)
+    assert torch.allclose(shares, full, atol=1e-12)
+    for a, b in zip(g_full, g_shares):
+        if a is None:
+            assert b is None or torch.all(b == 0)
+        else:
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+# --- tiled exact losses ---------------------------------------------------------------------
+
+def _plain_and_tiled(kind, b, d, keys, tile, seed=0, dtype=torch.float32, scale=2.3,
+                     lock_text=False):
+    out = []
+    for tiled in (False, True):
+        img, txt = _features(b, d, seed)
+        img, txt = img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_(not lock_text)
+        s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+        bias = torch.tensor(-4.0, dtype=dtype, requires_grad=True)
+        loss = contrastive_loss(img, txt, s, bias if kind == "siglip" else None, kind=kind,
+                                keys=keys, tile=tile if tiled else None)
+        loss.backward()
+        out.append([loss.detach(), img.grad, txt.grad, s.grad, bias.grad])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.parametrize("b,tile", [(1, 4), (16, 4), (33, 8), (50, 64), (97, 16)])
+def test_tiled_loss_equals_plain_loss_and_gradients(kind, with_keys, b, tile):
+    keys = torch.randint(0, max(1, b // 3), (b,), generator=torch.Generator().manual_seed(b)) \
+        if with_keys else None
+    plain, tiled = _plain_and_tiled(kind, b, 32, keys, tile)
+    for name, p, t in zip(["loss", "d_image", "d_text", "d_logit_scale", "d_bias"], plain, tiled):
+        if p is None:
+            assert t is None, name
+            continue
+        torch.testing.assert_close(t, p, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_tiled_loss_with_one_frozen_side(kind):
+    plain, tiled = _plain_and_tiled(kind, 20, 8, None, 6, lock_text=True)
+    assert tiled[2] is None and plain[2] is None
+    for p, t in zip(plain[:2] + plain[3:], tiled[:2] + tiled[3:]):
+        if p is not None:
+            torch.testing.assert_close(t, p, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_clip_is_stable_at_extreme_logits():
+    # scale 100; one image aligned with every text (logits +100), one opposite (-100): a single
+    # shift per block would underflow the second row; per-row/column maxima keep it exact.
+    img = torch.zeros(6, 4)
+    img[:, 0] = 1.0
+    img[3] = torch.tensor([-1.0, 0, 0, 0])
+    txt = F.normalize(torch.rand(6, 4, generator=torch.Generator().manual_seed(1)) +
+                      torch.tensor([3.0, 0, 0, 0]), dim=-1)
+    for t in (img, txt):
+        t.requires_grad_()
+    s = torch.tensor(math.log(100.0), requires_grad=True)
+    plain = clip_loss(img, txt, s)
+    g_plain = torch.autograd.grad(plain, [img, txt, s])
+    tiled = tiled_clip_loss(img, txt, s, tile=2)
+    g_tiled = torch.autograd.grad(tiled, [img, txt, s])
+    assert torch.isfinite(tiled) and abs(tiled.item() - plain.item()) < 1e-4 * abs(plain.item())
+    for p, t in zip(g_plain, g_tiled):
+        torch.testing.assert_close(t, p, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fn", ["clip", "clip_keys", "siglip", "siglip_keys"])
+def test_tiled_backward_matches_finite_differences(fn):
+    img, txt = _features(7, 3, 9)
+    keys = torch.tensor([0, 1, 0, 2, 1, 3, 0])
+    s = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    k = keys if fn.endswith("keys") else None
+    if fn.startswith("clip"):
+        def f(i, t, s):
+            return tiled_clip_loss(i, t, s, k, tile=3)
+        args = (img.requires_grad_(), txt.requires_grad_(), s)
+    else:
+        def f(i, t, s, b):
+            return tiled_siglip_loss(i, t, s, b, k, tile=3)
+        args = (img.requires_grad_(), txt.requires_grad_(), s, b)
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_tiled_loss_never_holds_the_full_logit_matrix():
+    # Every allocation during forward + backward stays far below one B x B fp32 matrix.
+    from torch.profiler import ProfilerActivity, profile
+
+    b, d, tile = 512, 16, 128
+    img, txt = (t.float().requires_grad_() for t in _features(b, d, 10))
+    s = torch.tensor(2.0, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tiled_clip_loss(img, txt, s, tile=tile).backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert biggest < b * b * 4 / 8, biggest
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        clip_loss(img, txt, s).backward()
+    assert max(e.cpu_memory_usage for e in prof.events()) >= b * b * 4  # the check can fail
+
+
+def test_contrastive_loss_rejects_bad_settings():
+    img, txt = _features(4, 3, 11)
+    s = torch.tensor(0.0, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="loss kind 'infonce' is unknown"):
+        contrastive_loss(img, txt, s, kind="infonce")
+    with pytest.raises(ConfigError, match="siglip loss needs a logit_bias"):
+        contrastive_loss(img, txt, s, kind="siglip")
+    with pytest.raises(ConfigError, match="tile must be a positive integer"):
+        contrastive_loss(img, txt, s, tile=0)
+    with pytest.raises(ValueError, match=r"must both be \[batch, dim\]"):
+        contrastive_loss(img, txt[:3], s)

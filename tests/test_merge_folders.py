@@ -195,3 +195,25 @@ def test_record_origin_on_a_plain_hf_folder_keeps_it_loadable(family, tmp_path):
     assert record["fingerprint"] == weights_fingerprint(_state(base))
     again = DualEncoder.load(tmp_path / "hf")  # cliplab.json written with what load needs
     assert again.preprocess_config.image_size == hf.preprocess_config.image_size
+
+
+def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):
+    """Stages fit together: two `cliplab adapt --method finetune` runs (different seeds) record
+    an origin that `cliplab merge --base` accepts; a different base is refused."""
+    _, base, fts = family
+    outs = []
+    for seed in (0, 1):
+        out = tmp_path / f"adapt{seed}"
+        assert main(["adapt", "--method", "finetune", "--model", str(base), "--out", str(out),
+                     "--no-progress", "data.train={source: digits, split: train}",
+                     "data.test={source: digits, split: test}", "data.train_size=64",
+                     f"data.seed={seed}", "train.steps=2", "train.batch_size=32",
+                     "train.augment=false"]) == 0
+        outs.append(out / "checkpoints" / "step-2" / "model")
+    assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
+                 str(base), "--out", str(tmp_path / "soup"), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "soup" / "merge.json").read_text())
+    assert record["origin"]["unrecorded"] == []
+    assert read_origin(tmp_path / "soup")["fingerprint"] == weights_fingerprint(_state(base))
+    assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
+                 str(fts[0]), "--out", str(tmp_path / "bad"), "--no-progress"]) == 2

@@ -89,6 +89,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
     # -- end merge -----------------------------------------------------------------------------
+
+    # -- adapt (few-shot heads, caches, prompt learning; LoRA, fine-tuning, WiSE-FT) ---------
+    from cliplab.adapt import METHODS as ADAPT_METHODS, WEIGHT_METHODS
+
+    p = sub.add_parser("adapt", help="adapt a model: zero-shot head, linear probe, "
+                       "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp, LoRA, fine-tuning, WiSE-FT",
+                       description="Few-shot methods fit on k shots per class of a labelled "
+                       "training set, score on the test set and write the learned adapter "
+                       "(adapter.safetensors + adapter.json); lora, finetune and wise-ft train "
+                       "the model's weights on the training set and write model folders. Every "
+                       "run writes config.yaml and results.json.")
+    _add_common(p)
+    p.add_argument("--method", choices=[*ADAPT_METHODS, *WEIGHT_METHODS],
+                   help="adaptation method (default: the config's 'method')")
+    p.add_argument("--model", help="model folder (cliplab or HF) or preset name "
+                   "(default: the config's 'model')")
+    p.add_argument("--out", help="output folder (default: the config's 'out' or "
+                   "runs/adapt-<method>-<time>)")
+    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    # ---- data: dataset tools (shard) ----
+    p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
+                       description="Dataset tools. `cliplab data shard` writes any built-in "
+                       "source, manifest or shard folder as WebDataset tar shards.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub.required = True
+    p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
+                            description="Write a dataset as WebDataset tar shards in img2dataset's "
+                            "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
+                            "sample, NNNNN_stats.json per shard and index.json. key=value "
+                            "overrides set source options (split=test, n=500) or writer keys "
+                            "(samples_per_shard, image_format, quality).")
+    _add_common(p)
+    p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
+                   "shapes, ...), a manifest file or a shard folder")
+    p.add_argument("--out", metavar="DIR", help="folder to write the shards into")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
+                   help="image encoding (default jpg; png is lossless)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the shards of a non-empty output folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    # ---- end data ----
+    # --- report ---------------------------------------------------------------------------
+    p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
+                       "results files and run folders",
+                       description="Read results JSON files (cliplab eval --out) and/or run "
+                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       "report.md and a self-contained report.html: one table per task with "
+                       "one column per model, few-shot curves, accuracy vs concept frequency, "
+                       "training curves. Config keys: title, names (one label per input), "
+                       "plots (true/false). Put the options before the inputs: "
+                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders, then optional key=value "
+                   "overrides (e.g. title=\"my runs\")")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
+                   "report.html and plots/")
+    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     return parser
 
 
@@ -120,6 +184,8 @@ def cmd_pretrain(args) -> int:
     if args.out:
         cfg["out"] = args.out
     results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     for name, metrics in results["evals"].items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     print(f"model: {results['model_dir']}")
@@ -164,8 +230,69 @@ def cmd_merge(args) -> int:
 # -- end merge ---------------------------------------------------------------------------------
 
 
+
+# -- adapt ------------------------------------------------------------------------------------
+def cmd_adapt(args) -> int:
+    from cliplab.adapt import WEIGHT_METHODS
+    from cliplab.adapt.run import format_results, run_adapt, run_weight_method
+
+    cfg = _config(args)
+    for key in ("method", "model", "out", "cache_dir"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    if cfg.get("method") in WEIGHT_METHODS:
+        results = run_weight_method(cfg, progress=not args.no_progress)
+        print(format_results(results))
+        print(f"models and results.json: {results['out']}")
+        return 0
+    results = run_adapt(cfg, progress=not args.no_progress)
+    print(format_results(results))
+    print(f"adapter and results.json: {results['out']}")
+    return 0
+
+
+# ---- data: dataset tools (shard) ----
+def cmd_data(args) -> int:
+    from cliplab.config import load_yaml
+    from cliplab.data.shard_job import run_shard, shard_config
+
+    config = load_yaml(args.config) if args.config else {}
+    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config = shard_config(config, args.source, args.overrides)
+    index = run_shard(config, progress=not args.no_progress)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
+          f"{_skip_line(index['skipped'])}")
+    return 0
+
+
+def _skip_line(skipped: dict) -> str:
+    if not skipped["total"]:
+        return "skipped 0 samples"
+    return f"skipped {skipped['total']} samples: " + ", ".join(
+        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
+# ---- end data ----
+
+
+# --- report -------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.evaluate.report import write_report
+
+    # an item with "=" that is not an existing path is an override; the rest are inputs
+    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    inputs = [a for a in args.inputs if a not in overrides]
+    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
+    written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
+    print(f"report: {written['markdown']} and {written['html']} "
+          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+    return 0
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
-            "merge": cmd_merge}
+            "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

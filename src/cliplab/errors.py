@@ -19,3 +19,8 @@ class DataError(CliplabError):
 
 class ModelError(CliplabError):
     """A model folder or preset cannot be built or loaded."""
+
+
+class DistributedError(CliplabError):
+    """A distributed run cannot go on: the process group cannot form, or another rank stopped
+    or stopped answering (its own error, if any, is in that rank's log)."""

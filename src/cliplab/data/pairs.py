@@ -34,3 +34,18 @@ def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) 
     captions = [per_class[int(y)] for y in data.labels]
     return ImageTextPairs(data.images, captions, groups=data.labels.clone(),
                           name=f"{data.name}-pairs")
+
+
+def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPairs:
+    """One set holding ``first`` then ``second`` (images must share their size). Groups are kept
+    only when both sets have them, renumbered so the two sets' groups never collide."""
+    if first.images.shape[1:] != second.images.shape[1:]:
+        raise DataError(f"cannot mix {first.name} (images {tuple(first.images.shape[1:])}) with "
+                        f"{second.name} ({tuple(second.images.shape[1:])}); give both the same "
+                        "image size")
+    groups = None
+    if first.groups is not None and second.groups is not None:
+        groups = torch.cat([first.groups, second.groups + int(first.groups.max()) + 1])
+    return ImageTextPairs(torch.cat([first.images, second.images]),
+                          first.captions + second.captions, groups=groups,
+                          name=f"{first.name}+{second.name}")

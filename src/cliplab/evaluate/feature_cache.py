@@ -2,7 +2,8 @@
 
 Every task of a suite asks the cache; the images of one (model, dataset, transform) are encoded
 once and shared by zero-shot, probes and retrieval. The key changes, and the cache misses, when
-any of the three changes. With a folder the features persist as safetensors files.
+any of the three (or the numeric precision) changes. With a folder the features persist as
+safetensors files. ``FeatureCache.texts`` is the text-embedding cache the same tasks share.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cliplab.evaluate.features import ImageFeatures, encode_images
+from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -45,6 +47,7 @@ class FeatureCache:
 
     An entry holds the embeddings, the pooled backbone and optionally one kind of probe
     features; a request that needs only the first two is served by any entry of its key.
+    ``texts`` caches text embeddings (zero-shot prompts, retrieval captions) in memory.
     """
 
     def __init__(self, folder: str | Path | None = None):
@@ -52,10 +55,12 @@ class FeatureCache:
         self.memory: dict[str, dict[str, ImageFeatures]] = {}
         self.hits = 0
         self.misses = 0
+        self.texts = TextFeatureCache()
 
     @staticmethod
-    def key(model: DualEncoder, images: torch.Tensor) -> str:
-        return f"{image_tower_fingerprint(model)}-{images_fingerprint(images)}"
+    def key(model: DualEncoder, images: torch.Tensor, precision: str = "fp32") -> str:
+        suffix = "" if precision == "fp32" else f"_{precision}"  # fp32 keys as before
+        return f"{image_tower_fingerprint(model)}-{images_fingerprint(images)}{suffix}"
 
     @staticmethod
     def _tag(probe: str | None, probe_layers: int) -> str:
@@ -87,16 +92,16 @@ class FeatureCache:
 
     def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                  probe_layers: int = 4, progress: bool = True,
-                 desc: str = "encode images") -> ImageFeatures:
+                 desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:
         """The cached features of ``images`` under ``model``, computing them on a miss."""
-        key, tag = self.key(model, images), self._tag(probe, probe_layers)
+        key, tag = self.key(model, images, precision), self._tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None:
             self.hits += 1
             return feats
         self.misses += 1
         feats = encode_images(model, images, progress=progress, desc=desc, probe=probe,
-                              probe_layers=probe_layers)
+                              probe_layers=probe_layers, precision=precision)
         self.memory.setdefault(key, {})[tag] = feats
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)

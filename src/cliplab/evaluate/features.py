@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cliplab.evaluate.precision import autocast
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 
@@ -39,14 +40,16 @@ EXTRA_PROBES = ("tokens", "layers")  # the ones computed only when asked for
 @torch.no_grad()
 def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 500,
                   progress: bool = True, desc: str = "encode images",
-                  probe: str | None = None, probe_layers: int = 4) -> ImageFeatures:
+                  probe: str | None = None, probe_layers: int = 4,
+                  precision: str = "fp32") -> ImageFeatures:
     """Encode uint8 images ``[N, H, W, C]`` with ``model`` in eval mode; with ``probe`` set to
-    ``"tokens"`` or ``"layers"`` also those probe features, from the same forward pass."""
+    ``"tokens"`` or ``"layers"`` also those probe features, from the same forward pass.
+    ``precision="bf16"`` runs the towers under bfloat16 autocast (outputs stay float32)."""
     if probe is not None and probe not in PROBE_FEATURES:
         raise ValueError(f"unknown probe features {probe!r}; choose one of {PROBE_FEATURES}")
     extra = probe if probe in EXTRA_PROBES else None
     emb, back, probes = [], [], []
-    with evaluating(model):
+    with evaluating(model), autocast(precision, model.device.type):
         batches = tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress,
                        leave=False)
         for i in batches:

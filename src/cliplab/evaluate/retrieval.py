@@ -13,33 +13,57 @@ import torch
 
 from cliplab.data.types import ImageTextPairs
 from cliplab.evaluate.features import ImageFeatures, encode_images
+from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                      text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@k both ways from unit embeddings; ``text_to_image[t]`` is the image of caption t."""
-    sims = text_emb @ image_emb.t()  # [T, N]
-    n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
-    positives = text_to_image[None, :] == torch.arange(n_images)[:, None]  # [N, T]
+                      text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                      text_rows: torch.Tensor | None = None, chunk: int = 512) -> dict:
+    """Recall@k both ways from unit embeddings; ``text_to_image[t]`` is the image of caption t.
+
+    With ``text_rows``, ``text_emb`` holds only distinct captions and caption t's embedding is
+    ``text_emb[text_rows[t]]``: similarities are computed per distinct caption and expanded, which
+    gives the same numbers as the full ``[T, N]`` product without its cost. Similarities are
+    processed ``chunk`` rows at a time, so memory stays ``O(chunk * T)``.
+    """
+    n_images = image_emb.shape[0]
+    rows = torch.arange(text_emb.shape[0]) if text_rows is None else text_rows
+    n_texts = len(rows)
+    ks = list(ks)
+    sims = text_emb @ image_emb.t()  # [U, N], one row per distinct caption
+    # top-k is taken separately for each k: with tied scores (duplicate captions) the first
+    # column of a top-10 need not be the top-1, and recall@k must not depend on the other ks
+    hits_t2i = {k: (sims.topk(min(k, n_images), dim=1).indices[rows]
+                    == text_to_image[:, None]).any(dim=1) for k in ks}
+    hits_i2t = {k: torch.zeros(n_images, dtype=torch.bool) for k in ks}
+    sims_t = sims.t().contiguous()  # [N, U]
+    for start in range(0, n_images, chunk):
+        block = sims_t[start:start + chunk][:, rows]  # [n, T]: caption t's score at column t
+        own = torch.arange(start, start + len(block))[:, None]
+        for k in ks:
+            top_texts = block.topk(min(k, n_texts), dim=1).indices  # [n, k]
+            hits_i2t[k][start:start + len(block)] = (text_to_image[top_texts] == own).any(dim=1)
     out = {}
     for k in ks:
-        top_images = sims.topk(min(k, n_images), dim=1).indices  # [T, k]
-        hit_t2i = (top_images == text_to_image[:, None]).any(dim=1)
-        top_texts = sims.t().topk(min(k, n_texts), dim=1).indices  # [N, k]
-        hit_i2t = positives.gather(1, top_texts).any(dim=1)
-        out[f"image_retrieval_recall@{k}"] = hit_t2i.float().mean().item()
-        out[f"text_retrieval_recall@{k}"] = hit_i2t.float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = hits_t2i[k].float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = hits_i2t[k].float().mean().item()
     return out
 
 
 def retrieval(model: DualEncoder, pairs: ImageTextPairs, ks: Sequence[int] = (1, 5, 10),
-              progress: bool = True, image_features: ImageFeatures | None = None) -> dict:
-    """Embed every image (unless ``image_features`` are given) and every caption of ``pairs``
-    and report recall@k both ways."""
+              progress: bool = True, image_features: ImageFeatures | None = None,
+              text_cache: TextFeatureCache | None = None, precision: str = "fp32") -> dict:
+    """Embed every image (unless ``image_features`` are given) and every distinct caption of
+    ``pairs`` (through ``text_cache`` when given) and report recall@k both ways."""
     images = image_features or encode_images(model, pairs.images, progress=progress,
-                                             desc="encode images")
+                                             desc="encode images", precision=precision)
     texts = [c for caps in pairs.captions for c in caps]
-    owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])
-    text_emb = model.encode_texts(texts).float().cpu()
-    return retrieval_metrics(images.embeddings, text_emb, owner, ks)
+    owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps],
+                         dtype=torch.long)
+    index: dict[str, int] = {}
+    rows = torch.tensor([index.setdefault(t, len(index)) for t in texts], dtype=torch.long)
+    cache = text_cache if text_cache is not None else TextFeatureCache()
+    text_emb = cache.embeddings(model, list(index), progress=progress, precision=precision,
+                                desc="encode captions")
+    return retrieval_metrics(images.embeddings, text_emb, owner, ks, text_rows=rows)

@@ -8,17 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from cliplab.evaluate.metrics import classification_metrics
+from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 
 
 @torch.no_grad()
 def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
-                        templates: Sequence[str]) -> torch.Tensor:
+                        templates: Sequence[str], text_cache: TextFeatureCache | None = None,
+                        precision: str = "fp32") -> torch.Tensor:
     """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
-    (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself."""
+    (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself.
+    With ``text_cache``, prompts already embedded (by an earlier task) are not encoded again."""
     prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
-    emb = model.encode_texts(prompts).float().cpu().view(len(classnames), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+    if text_cache is not None:
+        emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
+    else:
+        emb = model.encode_texts(prompts).float().cpu()
+    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 
 def zeroshot_logits(image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

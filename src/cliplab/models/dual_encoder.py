@@ -149,6 +149,52 @@ class DualEncoder(nn.Module):
         feats = self.project_text(self.text_backbone(input_ids, attention_mask))
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    # -- prompt-learning hooks ----------------------------------------------------------------
+    def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's input word embeddings ``[B, L, W]`` of ``input_ids`` (no position
+        embeddings): what prompt learning (CoOp) edits before ``encode_text_embeddings``."""
+        return self.text_tower.get_input_embeddings()(input_ids)
+
+    def encode_text_embeddings(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor | None = None,
+                               normalize: bool = True) -> torch.Tensor:
+        """Text embeddings ``[B, D]`` from input word embeddings instead of token ids.
+
+        ``encode_text_embeddings(token_embedding(ids), ids, mask)`` equals
+        ``encode_text(ids, mask)``. ``input_ids`` only say where the tower pools (CLIP's EOS
+        token); their embeddings are not read, so placeholders may stand where learned vectors go.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tower = self.text_tower
+        if self.kind == "vision-text-dual-encoder":  # BERT-style towers take inputs_embeds
+            out = tower(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            pooled = mean_pool(out.last_hidden_state, attention_mask) \
+                if self.text_pooling == "mean" else out.pooler_output
+        else:  # CLIP / SigLIP text transformers take only ids: run their parts in order
+            from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+            hidden = tower.embeddings(inputs_embeds=inputs_embeds)
+            if self.kind == "clip":
+                mask = create_causal_mask(config=tower.config, inputs_embeds=hidden,
+                                          attention_mask=attention_mask, cache=None)
+                hidden = tower.encoder(inputs_embeds=hidden, attention_mask=mask,
+                                       is_causal=True).last_hidden_state
+            else:  # SigLIP: no mask, as in text_backbone
+                mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden,
+                                                 attention_mask=None)
+                hidden = tower.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+            hidden = tower.final_layer_norm(hidden)
+            if self.text_pooling == "mean":
+                pooled = mean_pool(hidden, attention_mask)
+            elif self.kind == "siglip":
+                pooled = tower.head(hidden[:, -1])
+            else:
+                pooled = hidden[torch.arange(len(hidden), device=hidden.device),
+                                _clip_eos_positions(input_ids, tower.eos_token_id)]
+        feats = self.project_text(pooled)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Convenience: tokenize and embed a list of strings in batches (eval mode, no grad)."""
@@ -179,6 +225,22 @@ class DualEncoder(nn.Module):
             layers = _encoder_layers(module)
             for layer in layers[-except_last:]:
                 layer.requires_grad_(True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block's activations in backward instead of storing them
+        (less memory, ~30% more compute), in both towers."""
+        towers = [self.model] if self.model.supports_gradient_checkpointing \
+            else [self.vision_tower, self.text_tower]
+        for module in towers:
+            if not getattr(module, "supports_gradient_checkpointing", False):
+                raise ModelError(f"{type(module).__name__} does not support gradient "
+                                 "checkpointing")
+            enable = getattr(module, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def tower_is_frozen(self, tower: str) -> bool:
         module = self.vision_tower if tower == "image" else self.text_tower
@@ -244,6 +306,14 @@ def _preprocess_from_hf(path: Path, config) -> PreprocessConfig:
         pre.mean = tuple(d.get("image_mean", pre.mean))
         pre.std = tuple(d.get("image_std", pre.std))
     return pre
+
+
+def _clip_eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Where HF's CLIP text model pools: the first EOS token (the highest id for old configs)."""
+    ids = input_ids.to(torch.int)
+    if eos_token_id == 2:
+        return ids.argmax(dim=-1)
+    return (ids == eos_token_id).int().argmax(dim=-1)
 
 
 def _encoder_layers(module: nn.Module) -> list[nn.Module]:

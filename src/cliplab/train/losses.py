@@ -34,3 +34,84 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     pos = positive_mask(keys, keys)
     return 0.5 * (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t()))
+
+
+def key_pair_dot(a: torch.Tensor, a_keys: torch.Tensor, b: torch.Tensor, b_keys: torch.Tensor,
+                 per_key_mean: bool = False) -> tuple[torch.Tensor, int]:
+    """``sum of <a_i, b_j> over the pairs with a_keys[i] == b_keys[j]``, in O((n + m) D).
+
+    With ``per_key_mean`` each pair counts ``1 / #{j: b_keys[j] == key}`` (the soft InfoNCE
+    target spreads a row's weight over its positives). Also returns the number of such pairs
+    (SigLIP's bias term). The sums per key replace the B x B positive mask the plain losses use.
+    """
+    uniq, inverse = torch.unique(torch.cat([a_keys, b_keys]), return_inverse=True)
+    ia, ib = inverse[:len(a_keys)], inverse[len(a_keys):]
+    sum_a = a.new_zeros(len(uniq), a.shape[1]).index_add(0, ia, a)
+    sum_b = b.new_zeros(len(uniq), b.shape[1]).index_add(0, ib, b)
+    count_a = torch.bincount(ia, minlength=len(uniq))
+    count_b = torch.bincount(ib, minlength=len(uniq))
+    dots = (sum_a * sum_b).sum(dim=1)
+    if per_key_mean:
+        dots = dots / count_b.clamp(min=1).to(dots.dtype)
+    return dots.sum(), int((count_a * count_b).sum())
+
+
+def _row_labels(n: int, offset: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(offset, offset + n, device=device)
+
+
+def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor,
+                     text_all: torch.Tensor, logit_scale: torch.Tensor, offset: int,
+                     world_size: int, keys: torch.Tensor | None = None,
+                     keys_all: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the global-batch InfoNCE loss.
+
+    ``image``/``text`` ``[b, D]`` are this rank's rows, ``image_all``/``text_all`` ``[G, D]`` the
+    gathered global batch (this rank's rows at ``offset``), ``keys``/``keys_all`` their keys.
+    Local images are scored against all texts and local texts against all images (2 b G logits
+    instead of G^2). The share is divided by ``G / world_size`` (not ``b``), so the mean over
+    ranks is :func:`clip_loss` of the global batch even when local batches differ in size, and
+    with the gather's backward and DDP's averaging the gradients match too.
+    """
+    s = logit_scale.exp()
+    logits_image = s * image @ text_all.t()
+    logits_text = s * text @ image_all.t()
+    if keys is None:
+        labels = _row_labels(len(image), offset, image.device)
+        loss = F.cross_entropy(logits_image, labels, reduction="sum") + \
+            F.cross_entropy(logits_text, labels, reduction="sum")
+    else:
+        pos = positive_mask(keys, keys_all)
+        loss = len(image) * (soft_cross_entropy(logits_image, pos) +
+                             soft_cross_entropy(logits_text, pos))
+    return 0.5 * loss * world_size / len(text_all)
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid loss of SigLIP (Zhai et al. 2023) over L2-normalised features ``[B, D]``.
+
+    Every pair is a binary problem: ``z = exp(logit_scale) * <image_i, text_j> + logit_bias``,
+    label +1 for positives (pair ``i == j``, or equal ``keys``) and -1 otherwise; the loss is
+    ``-sum(log sigmoid(label * z)) / B`` over the B x B pairs, as in the paper and big_vision.
+    """
+    return siglip_loss_global(image_features, text_features, logit_scale, logit_bias, 0, 1,
+                              keys, keys)
+
+
+def siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch.Tensor,
+                       logit_bias: torch.Tensor, offset: int, world_size: int,
+                       keys: torch.Tensor | None = None,
+                       keys_all: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the global-batch sigmoid loss: its ``b`` images against all ``G``
+    texts, divided by ``G / world_size``; the mean over ranks is :func:`siglip_loss` of the
+    global batch."""
+    logits = logit_scale.exp() * image @ text_all.t() + logit_bias
+    if keys is None:
+        cols = torch.arange(len(text_all), device=image.device)
+        pos = _row_labels(len(image), offset, image.device)[:, None] == cols[None, :]
+    else:
+        pos = positive_mask(keys, keys_all)
+    labels = 2 * pos.to(logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() * world_size / len(text_all)

@@ -2,25 +2,32 @@
 
 What differs between pretraining, LiT, fine-tuning and later adapters is the data, which
 parameters train, the objective and the schedule; the loop, logging, checkpoints and resume
-are shared here.
+are shared here. The objective follows the data: image-text pairs train contrastively,
+labelled images train a classification ``head`` (image embeddings -> logits) with cross-entropy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from cliplab.data.types import ImageTextPairs
+from cliplab.data.pairs import concat_pairs
+from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
-from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.preprocess import AugmentConfig
-from cliplab.train.losses import clip_loss
+from cliplab.train import distributed
+from cliplab.train.batches import ReplayBatches
+from cliplab.train.grad_cache import grad_cache_backward
+from cliplab.train.contrastive import contrastive_loss
 from cliplab.train.run_dir import RunDir
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.text_cache import CaptionTable, text_backbone_features
@@ -43,11 +50,23 @@ class TrainConfig:
     grad_clip: float = 1.0
     lock_text: bool = False
     lock_image: bool = False
+    # leave the last k transformer blocks of a locked tower trainable (0: fully locked)
+    lock_text_except_last: int = 0
+    lock_image_except_last: int = 0
     augment: bool | dict = True  # or overrides of AugmentConfig, e.g. {hflip: false}
     multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
     lr_scale: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # or "bf16" (autocast on CPU and CUDA)
+    loss: str = "clip"  # or "siglip" (sigmoid loss; needs a model with a logit bias)
+    # compute the loss in loss_tile x loss_tile blocks: same loss and gradients, memory linear
+    # in the batch instead of quadratic (for global batches whose B x B logits do not fit)
+    loss_tile: int | None = None
+    # GradCache: embed the batch this many pairs at a time (same update as the whole batch)
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    dist_timeout_s: float = 600.0  # under torchrun: how long a rank waits for a silent peer
+    eval_every: int = 0  # run the evaluation callback every N steps (0: never during training)
     device: str = "auto"
     seed: int = 0
     log_every: int = 25
@@ -74,6 +93,15 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
         if cfg.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 for a contrastive loss")
+        if cfg.loss not in ("clip", "siglip"):
+            raise ConfigError(f"train.loss must be 'clip' or 'siglip', not {cfg.loss!r}")
+        if cfg.loss_tile is not None and (isinstance(cfg.loss_tile, bool)
+                                          or not isinstance(cfg.loss_tile, int)
+                                          or cfg.loss_tile < 1):
+            raise ConfigError(f"train.loss_tile must be a positive integer or null, "
+                              f"not {cfg.loss_tile!r}")
+        if cfg.micro_batch_size is not None and cfg.micro_batch_size < 1:
+            raise ConfigError("train.micro_batch_size must be a positive number of pairs")
         if isinstance(cfg.augment, dict):
             known = {f.name for f in fields(AugmentConfig)}
             bad = sorted(set(cfg.augment) - known)
@@ -93,23 +121,56 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Contrastive training of a `DualEncoder` on image-text pairs, with checkpoints and resume."""
+    """Training of a `DualEncoder`, with checkpoints and resume: contrastive on image-text
+    pairs, or cross-entropy through ``head`` on labelled images.
 
-    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None):
+    ``head`` (optional) maps unnormalised image embeddings to class logits; its parameters train
+    with the model's. ``save_model(folder)`` (optional) replaces ``model.save(folder / "model")``
+    when a checkpoint is written (e.g. to save only a LoRA adapter, or the head beside the
+    model); resuming needs the default.
+
+    Under ``torchrun`` every rank builds the same global batch, embeds its own slice, and the
+    loss sees the features of all ranks (gathered with gradients); each rank's loss is its share
+    of the global-batch loss and gradients are averaged across ranks before each optimizer
+    step, so N ranks take the step one process would take on the whole batch.
+    """
+
+    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None,
+                 head: nn.Module | None = None,
+                 save_model: Callable[[Path], None] | None = None):
         self.model = model
         self.config = config
         self.run_dir = run_dir
+        self.head = head
+        self.save_model = save_model
         self.device = resolve_device(config.device)
         self.model.to(self.device)
+        if head is not None:
+            head.to(self.device)
         if config.lock_text:
-            model.freeze_tower("text")
+            model.freeze_tower("text", except_last=config.lock_text_except_last)
         if config.lock_image:
-            model.freeze_tower("image")
-        self.params = [p for p in model.parameters() if p.requires_grad]
+            model.freeze_tower("image", except_last=config.lock_image_except_last)
+        if config.loss == "siglip" and model.logit_bias is None:
+            raise ConfigError("train.loss=siglip needs a model with a logit bias (a SigLIP "
+                              "model, e.g. the tiny-siglip preset)")
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.params = [p for _, p in self._named_parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: every parameter is frozen")
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if config.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={config.batch_size} must divide evenly over "
+                              f"{self.world} ranks")
         self.step = 0
         self.last_checkpoint: Path | None = None
+
+    def _named_parameters(self):
+        yield from self.model.named_parameters()
+        if self.head is not None:
+            for name, p in self.head.named_parameters():
+                yield f"head.{name}", p
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -121,7 +182,7 @@ class Trainer:
         position/class embeddings or the temperature; ``lr_scale`` multiplies the rate of
         parameters whose name contains a given substring."""
         groups: dict[tuple[float, float], list] = {}
-        for name, p in self.model.named_parameters():
+        for name, p in self._named_parameters():
             if not p.requires_grad:
                 continue
             flat = p.ndim < 2 or "logit_" in name or "embeddings" in name
@@ -132,90 +193,170 @@ class Trainer:
             [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
              for (wd, scale), ps in groups.items()], lr=self.config.lr)
 
-    def fit(self, pairs: ImageTextPairs, resume: str | Path | None = None) -> dict:
-        """Train on ``pairs``; returns the last logged metrics. ``resume`` is a checkpoint folder
-        (or ``"latest"`` for this run's newest) to continue from exactly."""
+    def fit(self, pairs: ImageTextPairs | LabelledImages, resume: str | Path | None = None, *,
+            replay: ImageTextPairs | None = None, replay_ratio: float = 0.0,
+            evaluate: Callable[[DualEncoder], dict] | None = None) -> dict:
+        """Train on ``pairs`` (image-text pairs: contrastive; labelled images: cross-entropy
+        through the head); returns the last logged metrics.
+
+        ``resume``: a checkpoint folder (or ``"latest"`` for this run's newest) to continue from
+        exactly. ``replay``/``replay_ratio``: mix that fraction of each batch from an older data
+        set (continued pretraining without forgetting). ``evaluate``: called with the model
+        every ``eval_every`` steps and at the end; its metrics go to ``metrics.jsonl``.
+        """
         cfg = self.config
-        n = len(pairs)
-        if n < cfg.batch_size:
-            raise ConfigError(f"train.batch_size={cfg.batch_size} is larger than the dataset "
-                              f"({n} pairs)")
-        per_epoch = n // cfg.batch_size
-        total = cfg.steps or max(1, round(cfg.epochs * per_epoch))
+        labelled = isinstance(pairs, LabelledImages)
+        if labelled and self.head is None:
+            raise ConfigError("training on labelled images needs a classification head "
+                              "(Trainer(..., head=...)); turn them into pairs for contrastive "
+                              "training")
+        if labelled and replay is not None:
+            raise ConfigError("replay mixes image-text pairs; it does not apply to training a "
+                              "classification head")
+        data = pairs if replay is None else concat_pairs(pairs, replay)
+        batches = ReplayBatches(len(pairs), len(replay) if replay is not None else 0,
+                                cfg.batch_size, replay_ratio, cfg.seed)
+        total = cfg.steps or max(1, round(cfg.epochs * batches.per_epoch))
         warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
         optimizer = self._optimizer()
         scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
-        table = CaptionTable(pairs)
-        keys_from_groups = cfg.multi_positive and pairs.groups is not None
-        # A locked tower's caption features are computed once; otherwise captions are
-        # tokenized once and encoded every step.
-        text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
-                                             ).to(self.device) if cfg.lock_text \
-            else self.model.tokenize(table.texts)
-
-        augment = None
-        if isinstance(cfg.augment, dict):
-            base = asdict(self.model.preprocess_config.augment)
-            base.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()})
-            augment = AugmentConfig(**base)
+        if not labelled:
+            table = CaptionTable(data)
+            keys_from_groups = cfg.multi_positive and data.groups is not None
+            # A fully locked tower's caption features are computed once; otherwise captions are
+            # tokenized once and encoded every step.
+            text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
+                                                 ).to(self.device) \
+                if self.model.tower_is_frozen("text") else self.model.tokenize(table.texts)
+        augment = self._augment_config()
         sample_rng = torch.Generator().manual_seed(cfg.seed)
-        epoch, pos = 0, 0
         if resume is not None:
-            epoch, pos = self._load_state(resume, optimizer, scheduler, sample_rng)
+            self._load_state(resume, optimizer, scheduler, sample_rng, batches)
 
         self.model.train()
-        if cfg.lock_text:
-            self.model.text_tower.eval()  # no dropout in a frozen tower
-        bar = tqdm(total=total, initial=self.step, desc="train", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        if self.head is not None:
+            self.head.train()
+        for tower in ("text", "image"):  # no dropout in a frozen tower
+            if self.model.tower_is_frozen(tower):
+                getattr(self.model, f"{tower}_tower").eval()
+        bar = tqdm(total=total, initial=self.step, desc="train",
+                   disable=not cfg.progress or self.rank > 0, dynamic_ncols=True)
         last: dict = {}
-        start = time.time()
-        seen = 0
+        start, seen = time.time(), 0
+        local = slice(self.rank * cfg.batch_size // self.world,
+                      (self.rank + 1) * cfg.batch_size // self.world)
         while self.step < total:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            while pos + cfg.batch_size <= n and self.step < total:
-                idx = order[pos:pos + cfg.batch_size]
-                pos += cfg.batch_size
+            idx = batches.next()
+            # Every rank draws the whole global batch (captions, augmentation) from the same
+            # generator, so N ranks see exactly what one process would; each embeds its slice.
+            if not labelled:
                 caption_ids = table.sample(idx, sample_rng)
-                with self._autocast():
-                    pixels = self.model.preprocess(pairs.images[idx], train=bool(cfg.augment),
-                                                   generator=sample_rng,
-                                                   augment=augment).to(self.device)
-                    img = self.model.encode_image(pixels, normalize=False)
-                    txt = self._text_features(text_source, caption_ids)
-                keys = pairs.groups[idx] if keys_from_groups else caption_ids
-                loss = clip_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                                 self.model.logit_scale.float(), keys.to(self.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) \
-                    if cfg.grad_clip > 0 else torch.tensor(0.0)
-                optimizer.step()
-                scheduler.step()
-                with torch.no_grad():  # CLIP clamps the temperature at 100
-                    self.model.logit_scale.clamp_(0, 4.6052)
-                self.step += 1
-                seen += len(idx)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    last = {"step": self.step, "epoch": epoch, "loss": loss.item(),
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                            "logit_scale": self.model.logit_scale.exp().item(),
-                            "images_per_s": seen / max(time.time() - start, 1e-9)}
-                    bar.set_postfix(loss=f"{last['loss']:.3f}")
-                    if self.run_dir:
-                        self.run_dir.log(last)
-                if self.run_dir and cfg.save_every and self.step % cfg.save_every == 0 \
-                        and self.step < total:
-                    self.save_checkpoint(optimizer, scheduler, sample_rng, epoch, pos)
-            if pos + cfg.batch_size > n:
-                epoch, pos = epoch + 1, 0
+                keys = (data.groups[idx] if keys_from_groups else caption_ids).to(self.device)
+            with self._autocast():  # as the recipes' numbers were measured
+                pixels = self.model.preprocess(data.images[idx], train=bool(cfg.augment),
+                                               generator=sample_rng, augment=augment)
+            optimizer.zero_grad(set_to_none=True)
+            with distributed.collective_errors(f"training step {self.step + 1}"):
+                if labelled:
+                    loss = self._classification_backward(pixels[local], data.labels[idx][local])
+                else:
+                    loss = self._backward(pixels[local], caption_ids[local], text_source,
+                                          keys[local])
+                distributed.average_gradients(self.params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) \
+                if cfg.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # CLIP clamps the temperature at 100
+                self.model.logit_scale.clamp_(0, 4.6052)
+            self.step += 1
+            seen += len(idx)
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == total:
+                # each rank holds its share of the global-batch loss; their mean is that loss
+                last = {"step": self.step, "epoch": batches.epoch,
+                        "loss": distributed.mean_over_ranks(loss).item(),
+                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "logit_scale": self.model.logit_scale.exp().item(),
+                        "images_per_s": seen / max(time.time() - start, 1e-9),
+                        "time_s": round(time.time() - start, 4)}
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+                self._log(last)
+            if evaluate and (self.step == total or cfg.eval_every and
+                             self.step % cfg.eval_every == 0):
+                self._log({"step": self.step, **self._evaluate(evaluate)})
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
+                self.save_checkpoint(optimizer, scheduler, sample_rng, batches)
         bar.close()
-        if self.run_dir:
-            self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, epoch,
-                                                        pos)
+        self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, batches)
         self.model.eval()
+        if self.head is not None:
+            self.head.eval()
         return last
+
+    def _augment_config(self) -> AugmentConfig | None:
+        if not isinstance(self.config.augment, dict):
+            return None
+        base = asdict(self.model.preprocess_config.augment)
+        base.update({k: tuple(v) if isinstance(v, list) else v
+                     for k, v in self.config.augment.items()})
+        return AugmentConfig(**base)
+
+    def _embed(self, pixels: torch.Tensor, text_source, caption_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unnormalised image and text embeddings of one (micro-)batch."""
+        with self._autocast():
+            img = self.model.encode_image(pixels.to(self.device), normalize=False)
+            txt = self._text_features(text_source, caption_ids)
+        return img, txt
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The configured loss of this rank's embeddings against the global batch (under
+        torchrun, this rank's share of it: features of all ranks are gathered inside)."""
+        img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+        return contrastive_loss(img, txt, self.model.logit_scale, self.model.logit_bias,
+                                kind=self.config.loss, keys=keys, tile=self.config.loss_tile)
+
+    def _backward(self, pixels: torch.Tensor, caption_ids: torch.Tensor, text_source,
+                  keys: torch.Tensor) -> torch.Tensor:
+        """Loss of the step, with its gradients accumulated into the parameters."""
+        chunk = self.config.micro_batch_size
+        if not chunk or chunk >= len(pixels):
+            loss = self._loss(*self._embed(pixels, text_source, caption_ids), keys)
+            loss.backward()
+            return loss.detach()
+        return grad_cache_backward(
+            lambda rows: self._embed(pixels[rows], text_source, caption_ids[rows]),
+            len(pixels), chunk, lambda img, txt: self._loss(img, txt, keys))
+
+    def _classification_backward(self, pixels: torch.Tensor, labels: torch.Tensor
+                                 ) -> torch.Tensor:
+        """Cross-entropy of ``head(image embeddings)``, back-propagated ``micro_batch_size``
+        images at a time (a per-sample loss: plain accumulation gives the whole-batch update)."""
+        labels = labels.to(self.device)
+        chunk = self.config.micro_batch_size or len(pixels)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, len(pixels), chunk):
+            rows = slice(start, start + chunk)
+            with self._autocast():
+                emb = self.model.encode_image(pixels[rows].to(self.device), normalize=False)
+                logits = self.head(emb)
+            loss = F.cross_entropy(logits.float(), labels[rows], reduction="sum") / len(pixels)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _evaluate(self, evaluate: Callable[[DualEncoder], dict]) -> dict:
+        """Metrics of ``evaluate`` in eval mode; under torchrun only rank 0 evaluates (the
+        others go on and wait for it at the next collective)."""
+        if self.rank > 0:
+            return {}
+        with evaluating(self.model):
+            return evaluate(self.model)
+
+    def _log(self, record: dict) -> None:
+        if self.run_dir and self.rank == 0:
+            self.run_dir.log(record)
 
     def _text_features(self, source, caption_ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings of the captions ``caption_ids`` for this step, from the
@@ -229,25 +370,36 @@ class Trainer:
         return self.model.encode_text(ids.to(self.device), mask.to(self.device), normalize=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self, optimizer, scheduler, sample_rng: torch.Generator, epoch: int,
-                        pos: int) -> Path:
-        """``checkpoints/step-N/{model/, trainer_state.pt}``, written to a temp name, renamed."""
-        state = {"step": self.step, "epoch": epoch, "pos": pos,
+    def save_checkpoint(self, optimizer, scheduler, sample_rng: torch.Generator,
+                        batches: ReplayBatches) -> Path | None:
+        """``checkpoints/step-N/{model/, trainer_state.pt}``, written to a temp name, renamed
+        (by rank 0; the others wait for it)."""
+        state = {"step": self.step, "batches": batches.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "sample_rng": sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
                  "config": asdict(self.config)}
 
         def write(folder: Path) -> None:
-            self.model.save(folder / MODEL_DIR)
+            if self.save_model is not None:
+                self.save_model(folder)
+            else:
+                self.model.save(folder / MODEL_DIR)
             torch.save(state, folder / STATE_FILE)
 
-        return self.run_dir.atomic_checkpoint(self.step, write)
+        path = self.run_dir.atomic_checkpoint(self.step, write) \
+            if self.run_dir and self.rank == 0 else None
+        distributed.barrier()
+        return path if self.run_dir is None or self.rank == 0 \
+            else self.run_dir.checkpoint_dir(self.step)
 
-    def _load_state(self, resume, optimizer, scheduler, sample_rng) -> tuple[int, int]:
+    def _load_state(self, resume, optimizer, scheduler, sample_rng, batches) -> None:
         folder = self.run_dir.latest_checkpoint() if resume == "latest" and self.run_dir \
             else Path(resume)
         if folder is None or not (folder / STATE_FILE).is_file():
             raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
+        if self.save_model is not None or self.head is not None:
+            raise ConfigError("resume is only supported for plain model training (no head, "
+                              "no custom checkpoint writer)")
         # weights_only: the state holds tensors, numbers and plain dicts, nothing to unpickle.
         state = torch.load(folder / STATE_FILE, weights_only=True)
         loaded = DualEncoder.load(folder / MODEL_DIR, device=self.device)
@@ -256,5 +408,7 @@ class Trainer:
         scheduler.load_state_dict(state["scheduler"])
         sample_rng.set_state(state["sample_rng"])
         torch.set_rng_state(state["torch_rng"])
+        # checkpoints from before replay existed kept only the epoch and position
+        batches.load_state_dict(state.get("batches")
+                                or {"new": {"epoch": state["epoch"], "pos": state["pos"]}})
         self.step = state["step"]
-        return state["epoch"], state["pos"]

@@ -1,0 +1,96 @@
+"""Fine-tuning on Fashion-MNIST from a LiT checkpoint: full fine-tuning vs LoRA (accuracy and
+trainable parameters), then WiSE-FT's α sweep on the test set and on shifted copies of it.
+
+The paper results this checks (Wortsman et al. 2022; Hu et al. 2021):
+- WiSE-FT: some α strictly between 0 and 1 is at least as good as both endpoints on a shifted set;
+- LoRA trains a small fraction of the parameters and lands within a few points of full
+  fine-tuning.
+
+Prints one JSON line (and writes it to OUT/summary.json):
+
+    .venv/bin/python benchmarks/finetune_wise_ft.py --model RUN/checkpoints/step-N/model \
+        [--train-size 6000] [--test-size 2000] [--epochs 2] [--out runs/bench-finetune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cliplab.adapt import finetune, lora
+from cliplab.adapt.common import load_split
+from cliplab.adapt.finetune import load_finetuned, zeroshot_head
+from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
+from cliplab.models import build_model
+
+SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the LiT (quickstart) model folder")
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--ft-lr", type=float, default=1e-4)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--shifts", nargs="+", default=SHIFTS)
+    parser.add_argument("--out", default="runs/bench-finetune")
+    parser.add_argument("--skip-lora", action="store_true", help="full fine-tuning + WiSE-FT only")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    test = {"source": "fashion-mnist", "split": "test", "limit": args.test_size}
+    data = {"train": {"source": "fashion-mnist", "split": "train"},
+            "train_size": args.train_size, "seed": 0, "test": test}
+    train = {"epochs": args.epochs, "batch_size": 128, "warmup": 0.1,
+             "augment": {"hflip": False}}
+    start = time.time()
+    ft = finetune.run(args.model, {"data": data, "train": {**train, "lr": args.ft_lr,
+                                                           "weight_decay": 0.1}},
+                      out / "finetune", args.progress)
+    lo = None if args.skip_lora else lora.run(args.model, {"data": data, "lora": {"rank": args.rank, "alpha": 2 * args.rank},
+                               "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}},
+                  out / "lora", args.progress)
+
+    zeroshot = build_model(args.model)
+    tuned, head = load_finetuned(ft["model_dir"])
+    sets = {"target": load_split({"test": test}, "test")}
+    for shift in args.shifts:
+        sets[shift] = load_split({"test": {**test, "shift": shift}}, "test")
+    rows = wise_ft_sweep(zeroshot, zeroshot_head(zeroshot, sets["target"]).weight, tuned,
+                         head.weight, sets, DEFAULT_ALPHAS, args.progress)
+    wise = {}
+    for name in sets:
+        accs = {r["alpha"]: round(r[name]["acc1"], 4) for r in rows}
+        interior = {a: v for a, v in accs.items() if 0 < a < 1}
+        best = max(interior, key=interior.get)
+        wise[name] = {"acc1_by_alpha": accs, "best_interior_alpha": best,
+                      "interior_at_least_both_ends": interior[best] >= max(accs[0.0], accs[1.0])}
+    summary = {
+        "model": args.model, "train_images": args.train_size, "test_images": args.test_size,
+        "epochs": args.epochs,
+        "zeroshot_acc1": round(ft["zeroshot"]["acc1"], 4),
+        "finetune_acc1": round(ft["finetuned"]["acc1"], 4),
+        "finetune_trainable_params": ft["params"]["trainable"],
+        "wise_ft": wise,
+        "wall_time_s": round(time.time() - start, 1),
+    }
+    if lo is not None:
+        summary.update({
+            "lora_acc1": round(lo["lora"]["acc1"], 4),
+            "lora_minus_finetune": round(lo["lora"]["acc1"] - ft["finetuned"]["acc1"], 4),
+            "lora_trainable_params": lo["params"]["trainable"],
+            "lora_adapter_params": lo["params"]["lora"], "model_params": lo["params"]["total"]})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

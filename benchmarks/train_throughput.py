@@ -1,0 +1,110 @@
+"""Images/s of a contrastive training step, cliplab vs OpenCLIP, same architecture, one run.
+
+Architecture (issue 3): ViT image 64 px, patch 8, width 256, 6 layers; text width 256, 6 layers,
+context 32; embed 256; batch 128. cliplab runs its real `Trainer` (uint8 images → preprocessing
+→ both towers → loss → AdamW step); OpenCLIP runs `CLIP` + `ClipLoss` + AdamW on ready tensors
+(its data loader's work is not counted), in a separate environment that
+`benchmarks/openclip_env.py` creates (OpenCLIP needs torchvision, which does not import beside
+this machine's CPU torch). Prints one JSON line per precision with ``ratio`` = cliplab / OpenCLIP,
+and with ``--profile`` the ops where cliplab's step spends its time.
+
+    .venv/bin/python benchmarks/train_throughput.py [--precision fp32 bf16] [--steps 8] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openclip_env import openclip_python  # noqa: E402
+
+from cliplab.data.types import ImageTextPairs  # noqa: E402
+from cliplab.models import build_model  # noqa: E402
+from cliplab.train.run_dir import RunDir  # noqa: E402
+from cliplab.train.trainer import TrainConfig, Trainer  # noqa: E402
+
+ARCH = dict(image_size=64, patch_size=8, width=256, layers=6, heads=4, text_width=256,
+            text_layers=6, embed_dim=256, context_length=32, batch_size=128)
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> ImageTextPairs:
+    """Random 64 px images with distinct captions long enough to fill the 32-token context."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, ARCH["image_size"], ARCH["image_size"], 3),
+                           dtype=torch.uint8, generator=gen)
+    captions = [[f"a photo of object number {i:05d} on a plain background"] for i in range(n)]
+    return ImageTextPairs(images, captions)
+
+
+def cliplab_throughput(precision: str, warmup: int, steps: int, profile: bool) -> dict:
+    arch = {k: v for k, v in ARCH.items() if k != "batch_size"}
+    model = build_model("tiny-clip", **arch)
+    b = ARCH["batch_size"]
+    pairs = synthetic_pairs(b * (warmup + steps))
+    cfg = TrainConfig.from_dict(dict(steps=warmup + steps, batch_size=b, lr=1e-4, warmup=0,
+                                     augment=False, multi_positive=False, precision=precision,
+                                     log_every=1, progress=False, device="cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(tmp)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                Trainer(model, cfg, run).fit(pairs)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            print(table, file=sys.stderr)
+        else:
+            Trainer(model, cfg, run).fit(pairs)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").open()]
+    t = {r["step"]: r["time_s"] for r in records}
+    return {"images_per_s": b * steps / (t[warmup + steps] - t[warmup]),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def openclip_throughput(python: Path, precision: str, warmup: int, steps: int) -> dict:
+    from cliplab.models.tokenizer import byte_level_tokenizer
+    args = {**ARCH, "precision": precision, "warmup": warmup, "steps": steps,
+            "threads": torch.get_num_threads(),
+            "vocab_size": len(byte_level_tokenizer(ARCH["context_length"]))}
+    script = Path(__file__).parent / "openclip_train_step.py"
+    out = subprocess.run([str(python), str(script), json.dumps(args)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", action="store_true",
+                        help="print cliplab's top ops (torch profiler) to stderr")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    python = openclip_python()  # None (with the reason on stderr) if it cannot be built
+    for precision in args.precision:
+        mine = cliplab_throughput(precision, args.warmup, args.steps, args.profile)
+        line = {"precision": precision, "batch": ARCH["batch_size"],
+                "cliplab_images_per_s": round(mine["images_per_s"], 2),
+                "cliplab_params": mine["params"]}
+        if python is None:
+            line["openclip"] = "skipped (see stderr)"
+        else:
+            peer = openclip_throughput(python, precision, args.warmup, args.steps)
+            line.update(openclip_images_per_s=round(peer["images_per_s"], 2),
+                        openclip_params=peer["params"],
+                        ratio=round(mine["images_per_s"] / peer["images_per_s"], 3))
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""What every adaptation method shares: the `Adapter` it returns, the context it fits in, and
+how a learned adapter is written (``adapter.safetensors`` + ``adapter.json``) and read back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.dual_encoder import DualEncoder
+
+TENSORS_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdaptContext:
+    """What a method may use besides its model, data and options: the shared feature cache,
+    a validation split (for hyper-parameter search), the seed and whether to show progress."""
+
+    cache: FeatureCache
+    val: LabelledImages | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def features(self, model: DualEncoder, data: LabelledImages, probe: str | None = None,
+                 desc: str = "encode images") -> ImageFeatures:
+        return self.cache.features(model, data.images, probe=probe, progress=self.progress,
+                                   desc=desc)
+
+
+class Adapter:
+    """A learned classifier on top of a (frozen) `DualEncoder`.
+
+    Subclasses set ``method``, keep their learned tensors in ``state()`` and their settings in
+    ``options``, and implement ``feature_logits``; ``from_state`` rebuilds one from both.
+    ``probe`` names the image features ``feature_logits`` needs besides the embeddings
+    (``"tokens"`` / ``"layers"``), or None.
+    """
+
+    method: ClassVar[str] = ""
+    probe: str | None = None
+
+    def __init__(self, model: DualEncoder, classnames: list[str], options: dict):
+        self.model = model
+        self.classnames = list(classnames)
+        self.options = dict(options)
+
+    # -- prediction ---------------------------------------------------------------------------
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        """Class logits ``[N, C]`` from frozen image features."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(self, images_or_features, cache: FeatureCache | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Class logits ``[N, C]`` of uint8 images ``[N, H, W, C]``, of `ImageFeatures`, or of
+        unit image embeddings ``[N, D]`` (float)."""
+        x = images_or_features
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            x = (cache or FeatureCache()).features(self.model, x, probe=self.probe,
+                                                   progress=progress)
+        elif isinstance(x, torch.Tensor):
+            if x.ndim != 2:
+                raise ValueError("float input must be image embeddings [N, D]")
+            x = ImageFeatures(x, torch.empty(len(x), 0))
+        return self.feature_logits(x).float()
+
+    # -- persistence --------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors (what ``save`` writes to safetensors)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, model: DualEncoder, classnames: list[str], options: dict,
+                   tensors: dict[str, torch.Tensor]) -> "Adapter":
+        raise NotImplementedError
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Write ``adapter.safetensors`` (learned tensors) and ``adapter.json`` (method,
+        options, class names, and ``extra`` such as the model path)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous()
+                   for k, v in self.state().items()}
+        save_file(tensors, str(folder / TENSORS_FILE))
+        meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
+                "classnames": self.classnames, **(extra or {})}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        return folder
+
+
+@contextlib.contextmanager
+def frozen(model: DualEncoder):
+    """Every weight of ``model`` frozen and the model in eval mode (no dropout) inside the
+    block; the previous flags and mode are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and tensors of a saved adapter folder, with one-line errors if absent."""
+    folder = Path(folder)
+    meta_file, tensor_file = folder / META_FILE, folder / TENSORS_FILE
+    if not meta_file.is_file() or not tensor_file.is_file():
+        raise ModelError(f"{folder} is not an adapter folder (needs {META_FILE} and "
+                         f"{TENSORS_FILE}, as `cliplab adapt --out` writes)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{meta_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    return meta, load_file(str(tensor_file))
+
+
+def method_options(defaults: dict, given: dict | None, method: str) -> dict:
+    """``defaults`` updated with ``given``; an unknown key is a one-line error naming it."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for adapt method {method!r}; "
+                          f"valid: {sorted(defaults)}")
+    out = dict(defaults)
+    for key, value in given.items():  # "1e-3" written in YAML is a number to a person
+        if isinstance(defaults[key], float) and isinstance(value, (str, int)) \
+                and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"option {key!r} of {method!r} must be a number, "
+                                  f"not {value!r}") from None
+        out[key] = value
+    return out

@@ -1,0 +1,89 @@
+"""CLIP-Adapter (Gao et al., 2021): a residual bottleneck MLP on the frozen image embedding.
+
+    f' = ratio * MLP(f) + (1 - ratio) * f,     MLP(f) = ReLU(W2 ReLU(W1 f))   (no biases)
+
+and logits = logit scale x cos(f', text classifier). Only the MLP trains (cross-entropy on the
+k-shot features); the residual ratio keeps the zero-shot knowledge (ratio 0 is the zero-shot
+head exactly). Reduction 4 and ratio 0.2 are the paper's defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.training import train_steps
+from cliplab.adapt.zeroshot_head import text_head
+from cliplab.data.types import LabelledImages
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.dual_encoder import DualEncoder
+
+OPTIONS = {"ratio": 0.2, "reduction": 4, "epochs": 200, "lr": 1e-3, "batch_size": 32,
+           "weight_decay": 0.01, "optimizer": "adamw", "templates": None, "names": "prompt"}
+
+
+def bottleneck(dim: int, reduction: int) -> nn.Sequential:
+    """Linear(dim, dim/r) - ReLU - Linear(dim/r, dim) - ReLU, without biases (the paper's)."""
+    hidden = max(1, dim // reduction)
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim, bias=False), nn.ReLU(inplace=True))
+
+
+class ClipAdapter(Adapter):
+    method = "clip-adapter"
+
+    def __init__(self, model, classnames, options, weights: torch.Tensor, scale: torch.Tensor,
+                 mlp: nn.Module | None = None):
+        super().__init__(model, classnames, options)
+        self.weights, self.scale = weights, scale.reshape(())
+        self.mlp = mlp or bottleneck(weights.shape[1], int(options["reduction"]))
+
+    def adapted(self, feats: torch.Tensor) -> torch.Tensor:
+        """The residual blend of the adapted and the original embedding (unnormalised)."""
+        ratio = float(self.options["ratio"])
+        return ratio * self.mlp(feats) + (1 - ratio) * feats
+
+    def embedding_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(self.adapted(feats), dim=-1) @ self.weights.t()
+
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        self.mlp.eval()
+        return self.embedding_logits(feats.embeddings.float())
+
+    def state(self):
+        return {"weights": self.weights, "scale": self.scale.reshape(1),
+                **{f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, model, classnames, options, tensors):
+        adapter = cls(model, classnames, options, tensors["weights"], tensors["scale"])
+        adapter.mlp.load_state_dict({k[4:]: v for k, v in tensors.items()
+                                     if k.startswith("mlp.")})
+        return adapter
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+        ctx: AdaptContext) -> ClipAdapter:
+    opts = method_options(OPTIONS, options, "clip-adapter")
+    weights = text_head(model, train, opts)
+    scale = model.logit_scale.detach().float().exp().cpu()
+    torch.manual_seed(ctx.seed)
+    adapter = ClipAdapter(model, train.classnames, opts, weights, scale)
+    feats = ctx.features(model, train, desc="encode train").embeddings.float()
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(adapter.embedding_logits(feats[idx]), train.labels[idx])
+
+    adapter.mlp.train()
+    history = train_steps(list(adapter.mlp.parameters()), loss, len(feats), int(opts["epochs"]),
+                          int(opts["batch_size"]), float(opts["lr"]), opts["optimizer"],
+                          float(opts["weight_decay"]), seed=ctx.seed, progress=ctx.progress,
+                          desc="clip-adapter")
+    adapter.mlp.eval()
+    adapter.options["final_train_loss"] = history[-1]
+    return adapter
+
+
+ADAPTER = ClipAdapter

@@ -1,0 +1,197 @@
+"""CoOp (Zhou et al., 2022): learn the prompt's context words as vectors.
+
+Each class's prompt is ``[BOS] v_1 … v_M <class text>. [EOS]`` (no BOS for SigLIP) fed to the text tower as input
+word embeddings (`DualEncoder.token_embedding` / `encode_text_embeddings`); only the M context
+vectors train, both towers stay frozen. The context is shared by all classes (``unified``) or
+one per class (``class_specific``), initialised from the word embeddings of ``init`` (e.g. "a
+photo of a", so before training the prompts are exactly "a photo of a <class>.") or at random
+(std 0.02) when ``init`` is empty. Optimisation as the paper: SGD lr 0.002, momentum 0.9,
+cosine schedule, batch 32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options
+from cliplab.adapt.training import train_steps
+from cliplab.adapt.zeroshot_head import class_texts
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.dual_encoder import DualEncoder
+
+OPTIONS = {"init": "a photo of a", "n_ctx": 4, "class_specific": False, "names": "class",
+           "epochs": 200, "lr": 0.002, "batch_size": 32, "optimizer": "sgd",
+           "weight_decay": 5e-4, "warmup": 1}
+
+
+def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def leading_specials(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (1 for CLIP's BOS or BERT's
+    CLS, 0 for SigLIP's tokenizer, which only appends EOS)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    return next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+
+
+def prompt_tokens(model: DualEncoder, names: list[str], init: str, n_ctx: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Token ids and mask of every class's prompt, the first position S of the context slots
+    and their number M: the slots are positions ``S … S+M-1``, right after the start token(s).
+
+    With ``init`` the prompts are ``"{init} {name}."`` tokenized as a whole, and the slots hold
+    ``init``'s tokens; without, ``n_ctx`` placeholder tokens are put before the class name.
+    """
+    tok = model.tokenizer
+    start = leading_specials(tok)
+    if init:
+        prompts = [f"{init} {name}." for name in names]
+        prefix = tok(init, add_special_tokens=False)["input_ids"]
+        lengths = [len(r) for r in tok(prompts)["input_ids"]]
+        enc = model.tokenize(prompts)
+        ids, mask, m = enc["input_ids"], enc["attention_mask"], len(prefix)
+        if max(lengths) <= model.context_length and \
+                not (ids[:, start:start + m] == torch.tensor(prefix)).all():
+            raise ModelError(f"the tokenizer does not keep {init!r} as the same tokens in front "
+                             "of every class name; use init='' with n_ctx")
+    else:
+        if n_ctx < 1:
+            raise ConfigError("coop option n_ctx must be at least 1 when init is empty")
+        rows = tok([f"{name}." for name in names])["input_ids"]
+        filler = tok("x", add_special_tokens=False)["input_ids"][:1] * n_ctx
+        rows = [row[:start] + filler + row[start:] for row in rows]
+        lengths = [len(r) for r in rows]
+        width = min(max(lengths), model.context_length) if model.kind != "siglip" \
+            else model.context_length
+        ids, mask = _pad([r[:width] for r in rows], width, tok.pad_token_id or 0)
+        m = n_ctx
+    if max(lengths) > model.context_length:
+        raise ModelError(f"a prompt is longer than the text tower's {model.context_length} "
+                         "tokens; shorten the class names or the context")
+    return ids, mask, start, m
+
+
+class PromptLearner(nn.Module):
+    """The learnable context and the fixed rest of every class prompt."""
+
+    def __init__(self, model: DualEncoder, ids: torch.Tensor, mask: torch.Tensor, start: int,
+                 n_ctx: int, class_specific: bool, init: bool, seed: int = 0):
+        super().__init__()
+        self.start, self.n_ctx = start, n_ctx
+        self.register_buffer("ids", ids)
+        self.register_buffer("mask", mask)
+        with torch.no_grad():
+            embeds = model.token_embedding(ids.to(model.device)).float().cpu()
+        self.register_buffer("embeds", embeds)  # frozen word embeddings of the whole prompt
+        if init:
+            ctx = embeds[0, start:start + n_ctx].clone()
+        else:
+            g = torch.Generator().manual_seed(seed)
+            ctx = torch.randn(n_ctx, embeds.shape[-1], generator=g) * 0.02
+        if class_specific:
+            ctx = ctx.unsqueeze(0).repeat(len(ids), 1, 1)
+        self.ctx = nn.Parameter(ctx)
+
+    def prompt_embeddings(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``[C, L, W]``; with ``shift [B, W]`` (CoCoOp's meta-net output),
+        one prompt set per image: ``[B * C, L, W]``, image-major."""
+        c = len(self.ids)
+        ctx = self.ctx if self.ctx.ndim == 3 else self.ctx.unsqueeze(0).expand(c, -1, -1)
+        head, tail = self.embeds[:, :self.start], self.embeds[:, self.start + self.n_ctx:]
+        if shift is None:
+            return torch.cat([head, ctx, tail], dim=1)
+        b = len(shift)
+        ctx = ctx.unsqueeze(0) + shift[:, None, None, :]  # [B, C, M, W]
+        rest = [t.unsqueeze(0).expand(b, -1, -1, -1) for t in (head, tail)]
+        return torch.cat([rest[0], ctx, rest[1]], dim=2).flatten(0, 1)
+
+    def text_features(self, model: DualEncoder, shift: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Unit text embeddings ``[C, D]`` (or ``[B * C, D]`` with ``shift``)."""
+        embeds = self.prompt_embeddings(shift)
+        reps = len(embeds) // len(self.ids)
+        ids, mask = self.ids.repeat(reps, 1), self.mask.repeat(reps, 1)
+        dev = model.device
+        out = model.encode_text_embeddings(embeds.to(dev, model.text_tower.dtype), ids.to(dev),
+                                           mask.to(dev))
+        return out.float().cpu()
+
+
+class CoOp(Adapter):
+    method = "coop"
+
+    def __init__(self, model, classnames, options, learner: PromptLearner, scale: torch.Tensor):
+        super().__init__(model, classnames, options)
+        self.learner, self.scale = learner, scale.reshape(())
+        self._text: torch.Tensor | None = None
+
+    def train_logits(self, img: torch.Tensor) -> torch.Tensor:
+        return self.scale * img @ self.learner.text_features(self.model).t()
+
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        if self._text is None:  # the prompts are fixed once trained: embed them once
+            with frozen(self.model):
+                self._text = self.learner.text_features(self.model)
+        return self.scale * feats.embeddings.float() @ self._text.t()
+
+    def state(self):
+        return {"ctx": self.learner.ctx, "ids": self.learner.ids, "mask": self.learner.mask,
+                "scale": self.scale.reshape(1)}
+
+    @classmethod
+    def learner_from_state(cls, model, options, tensors) -> PromptLearner:
+        learner = PromptLearner(model, tensors["ids"].long(), tensors["mask"].long(),
+                                int(options["ctx_start"]), int(options["n_ctx_used"]),
+                                bool(options["class_specific"]), init=True)
+        learner.ctx.data.copy_(tensors["ctx"])
+        return learner
+
+    @classmethod
+    def from_state(cls, model, classnames, options, tensors):
+        return cls(model, classnames, options, cls.learner_from_state(model, options, tensors),
+                   tensors["scale"])
+
+
+def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: int
+                  ) -> PromptLearner:
+    names = class_texts(train, opts["names"])
+    ids, mask, start, m = prompt_tokens(model, names, opts["init"], int(opts["n_ctx"]))
+    opts["ctx_start"], opts["n_ctx_used"] = start, m
+    prefix = opts["init"] or " ".join(["X"] * m)  # X: a learned vector with no word behind it
+    opts["prompts"] = [f"{prefix} {n}." for n in names]
+    return PromptLearner(model, ids, mask, start, m, bool(opts["class_specific"]),
+                         bool(opts["init"]), seed)
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+        ctx: AdaptContext) -> CoOp:
+    opts = method_options(OPTIONS, options, "coop")
+    learner = build_learner(model, train, opts, ctx.seed)
+    adapter = CoOp(model, train.classnames, opts, learner,
+                   model.logit_scale.detach().float().exp().cpu())
+    feats = ctx.features(model, train, desc="encode train").embeddings.float()
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(adapter.train_logits(feats[idx]), train.labels[idx])
+
+    with frozen(model):
+        history = train_steps([learner.ctx], loss, len(feats), int(opts["epochs"]),
+                              int(opts["batch_size"]), float(opts["lr"]), opts["optimizer"],
+                              float(opts["weight_decay"]), int(opts["warmup"]), seed=ctx.seed,
+                              progress=ctx.progress, desc="coop")
+    adapter.options["final_train_loss"] = history[-1]
+    return adapter
+
+
+ADAPTER = CoOp

@@ -1,0 +1,73 @@
+"""A classification head on image embeddings, initialised from the zero-shot text classifier.
+
+``logits = scale * normalize(image_embedding) @ weight.T``: at initialisation ``weight`` is the
+zero-shot classifier (unit rows, one per class) and ``scale`` the model's temperature, so the
+head's logits are exactly the zero-shot logits (what WiSE-FT fine-tunes from).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cliplab.errors import ModelError
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models.dual_encoder import DualEncoder
+
+HEAD_FILE = "head.safetensors"
+
+
+class ClassifierHead(nn.Module):
+    """Linear classifier over unit image embeddings with a fixed temperature."""
+
+    def __init__(self, weight: torch.Tensor, scale: float, classnames: Sequence[str]):
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[0] != len(classnames):
+            raise ModelError(f"head weight {tuple(weight.shape)} does not fit "
+                             f"{len(classnames)} classes")
+        self.weight = nn.Parameter(weight.detach().clone().float())
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.classnames = list(classnames)
+
+    @classmethod
+    def from_zeroshot(cls, model: DualEncoder, classnames: Sequence[str],
+                      prompt_names: Sequence[str], templates: Sequence[str]) -> "ClassifierHead":
+        """The zero-shot classifier of ``prompt_names`` x ``templates`` at the model's scale."""
+        weight = zeroshot_classifier(model, prompt_names, templates)
+        return cls(weight, model.logit_scale.detach().exp().item(), classnames)
+
+    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` of (unnormalised or unit) image embeddings ``[B, D]``."""
+        feats = F.normalize(image_embeddings, dim=-1)
+        return self.scale * feats @ self.weight.to(feats.dtype).t()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``head.safetensors`` (weight, scale; class names in the metadata)."""
+        path = Path(folder) / HEAD_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.detach().cpu().contiguous(),
+                   "scale": self.scale.detach().cpu().reshape(1)}, str(path),
+                  metadata={"classnames": json.dumps(self.classnames)})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ClassifierHead":
+        """Read the ``head.safetensors`` of a model or adapter folder."""
+        path = Path(folder) / HEAD_FILE
+        if not path.is_file():
+            raise ModelError(f"{folder} has no {HEAD_FILE}: give a folder written by "
+                             "`cliplab adapt --method finetune` (or lora with a head)")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            classnames = json.loads((f.metadata() or {}).get("classnames", "null") or "null")
+        tensors = load_file(str(path))
+        if classnames is None:
+            classnames = [str(i) for i in range(tensors["weight"].shape[0])]
+        return cls(tensors["weight"], tensors["scale"].item(), classnames)

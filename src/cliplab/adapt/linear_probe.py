@@ -1,0 +1,67 @@
+"""Linear probe: logistic regression on frozen image features of the k-shot set (the harness's
+L-BFGS fit), the supervised starting point of CoOp's and Tip-Adapter's comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import PROBE_FEATURES, EXTRA_PROBES, ImageFeatures
+from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, choose_l2, fit_logistic
+from cliplab.models.dual_encoder import DualEncoder
+
+# features: embeddings | backbone | tokens | layers; l2: a number, or "auto" to choose it from
+# l2_grid on a validation split of the training features.
+OPTIONS = {"features": "embeddings", "l2": 1e-3, "l2_grid": list(DEFAULT_L2_GRID)}
+
+
+class LinearProbe(Adapter):
+    """Logits = standardise(features) @ W + b."""
+
+    method = "linear-probe"
+
+    def __init__(self, model, classnames, options, mean, std, weight, bias):
+        super().__init__(model, classnames, options)
+        self.mean, self.std, self.weight, self.bias = mean, std, weight, bias
+        which = options["features"]
+        self.probe = which if which in EXTRA_PROBES else None
+
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        x = (feats.get(self.options["features"]).float() - self.mean) / self.std
+        return x @ self.weight + self.bias
+
+    def state(self):
+        return {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
+
+    @classmethod
+    def from_state(cls, model, classnames, options, tensors):
+        return cls(model, classnames, options, tensors["mean"], tensors["std"],
+                   tensors["weight"], tensors["bias"])
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+        ctx: AdaptContext) -> LinearProbe:
+    opts = method_options(OPTIONS, options, "linear-probe")
+    which = opts["features"]
+    if which not in PROBE_FEATURES:
+        raise ConfigError(f"linear-probe option features must be one of {PROBE_FEATURES}, "
+                          f"not {which!r}")
+    x = ctx.features(model, train, which if which in EXTRA_PROBES else None,
+                     desc="encode train").get(which).float()
+    mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 sample: nan
+    x = (x - mean) / std
+    num_classes = len(train.classnames)
+    l2 = opts["l2"]
+    if l2 == "auto":
+        l2 = choose_l2(x, train.labels, num_classes, [float(v) for v in opts["l2_grid"]],
+                       seed=ctx.seed)
+    elif not isinstance(l2, (int, float)):
+        raise ConfigError(f"linear-probe option l2 must be a number or 'auto', not {l2!r}")
+    weight, bias = fit_logistic(x, train.labels, num_classes, float(l2))
+    opts["l2"] = float(l2)
+    return LinearProbe(model, train.classnames, opts, mean, std, weight, bias)
+
+
+ADAPTER = LinearProbe

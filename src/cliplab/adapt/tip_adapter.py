@@ -1,0 +1,134 @@
+"""Tip-Adapter (Zhang et al., 2022): a training-free key-value cache of the few-shot set.
+
+Keys are the unit image embeddings of the k-shot images, values their one-hot labels. A test
+embedding ``f`` scores the classes by
+
+    logits = clip_scale * f @ W.T  +  alpha * exp(-beta * (1 - f @ K.T)) @ V
+
+where ``W`` is the zero-shot text classifier: the cache adds what the few shots know to what the
+prompts know. ``alpha`` weighs the cache, ``beta`` sharpens the affinities. With ``search`` the
+pair is chosen on the validation split over the paper's grid (beta in (0.1, search_scale[0]],
+alpha in (0.1, search_scale[1]]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.zeroshot_head import text_head
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.dual_encoder import DualEncoder
+
+# alpha=1, beta=5.5: the paper's ImageNet setting. The paper scales the zero-shot logits by 100,
+# which is CLIP's learned logit scale; clip_scale=null uses the model's own learned scale (100
+# for CLIP), so alpha keeps its meaning on models trained at another temperature.
+# templates/names: the zero-shot head's prompts.
+OPTIONS = {"alpha": 1.0, "beta": 5.5, "clip_scale": None, "search": False,
+           "search_scale": [7.0, 3.0], "search_steps": [200, 20], "templates": None,
+           "names": "prompt"}
+
+
+def cache_logits(feats: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 beta: float) -> torch.Tensor:
+    """``exp(-beta * (1 - feats @ keys.T)) @ values``: affinity-weighted votes of the cache."""
+    affinity = feats @ keys.t()
+    return torch.exp(-beta * (1 - affinity)) @ values
+
+
+def tip_logits(feats, weights, keys, values, alpha: float, beta: float,
+               clip_scale: float) -> torch.Tensor:
+    """Zero-shot logits plus ``alpha`` times the cache's logits."""
+    return clip_scale * feats @ weights.t() + alpha * cache_logits(feats, keys, values, beta)
+
+
+def grid(scale: float, steps: int) -> list[float]:
+    """The paper's search grid: ``steps`` values from 0.1 up to (not including) ``scale``."""
+    return [0.1 + i * (scale - 0.1) / steps for i in range(int(steps))]
+
+
+@torch.no_grad()
+def search_alpha_beta(val_feats, val_labels, weights, keys, values, clip_scale: float,
+                      scale: list[float], steps: list[int]) -> tuple[float, float, float]:
+    """(alpha, beta, val acc1) with the best validation accuracy over the paper's grid; ties
+    go to the first (smallest) pair."""
+    zs = clip_scale * val_feats @ weights.t()
+    affinity = val_feats @ keys.t()
+    best = (-1.0, 0.0, 0.0)
+    for beta in grid(scale[0], steps[0]):
+        cache = torch.exp(-beta * (1 - affinity)) @ values
+        for alpha in grid(scale[1], steps[1]):
+            acc = ((zs + alpha * cache).argmax(1) == val_labels).float().mean().item()
+            if acc > best[0]:
+                best = (acc, alpha, beta)
+    return best[1], best[2], best[0]
+
+
+class TipAdapter(Adapter):
+    """The cache (keys, one-hot values), the zero-shot classifier and (alpha, beta)."""
+
+    method = "tip-adapter"
+
+    def __init__(self, model, classnames, options, weights, keys, values):
+        super().__init__(model, classnames, options)
+        self.weights, self.keys, self.values = weights, keys, values
+
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        o = self.options
+        return tip_logits(feats.embeddings.float(), self.weights, self.keys, self.values,
+                          float(o["alpha"]), float(o["beta"]), float(o["clip_scale"]))
+
+    def state(self):
+        return {"weights": self.weights, "keys": self.keys, "values": self.values}
+
+    @classmethod
+    def from_state(cls, model, classnames, options, tensors):
+        return cls(model, classnames, options, tensors["weights"], tensors["keys"],
+                   tensors["values"])
+
+
+def resolve_scale(opts: dict, model: DualEncoder) -> dict:
+    """Fill ``clip_scale`` with the model's learned logit scale when it is not given."""
+    if opts["clip_scale"] is None:
+        opts["clip_scale"] = round(model.logit_scale.detach().float().exp().item(), 4)
+    return opts
+
+
+def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (unit embeddings of the few-shot images) and one-hot values."""
+    keys = F.normalize(ctx.features(model, train, desc="encode train").embeddings.float(), dim=-1)
+    values = F.one_hot(train.labels, len(train.classnames)).float()
+    return keys, values
+
+
+def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> TipAdapter:
+    """With option ``search``, set (alpha, beta) to the best pair on the validation split."""
+    o = adapter.options
+    if not o["search"]:
+        return adapter
+    if ctx.val is None:
+        raise ConfigError(f"{adapter.method}: search=true needs a validation split "
+                          "(set val_shots, e.g. val_shots=16)")
+    val = F.normalize(ctx.features(model, ctx.val, desc="encode val").embeddings.float(), dim=-1)
+    alpha, beta, acc = search_alpha_beta(val, ctx.val.labels, adapter.weights, adapter.keys,
+                                         adapter.values, float(o["clip_scale"]),
+                                         [float(s) for s in o["search_scale"]],
+                                         [int(s) for s in o["search_steps"]])
+    o.update(alpha=alpha, beta=beta, val_acc1=acc)
+    return adapter
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+        ctx: AdaptContext) -> TipAdapter:
+    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter"), model)
+    weights = text_head(model, train, opts)
+    keys, values = build_cache(model, train, ctx)
+    return maybe_search(TipAdapter(model, train.classnames, opts, weights, keys, values),
+                        model, ctx)
+
+
+ADAPTER = TipAdapter

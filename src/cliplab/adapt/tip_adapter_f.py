@@ -1,0 +1,48 @@
+"""Tip-Adapter-F (Zhang et al., 2022): Tip-Adapter with the cache keys fine-tuned.
+
+The keys start as the few-shot embeddings and are trained (values and the text classifier
+stay fixed) with cross-entropy on the Tip-Adapter logits; AdamW (eps 1e-4), cosine schedule,
+20 epochs as in the paper. Afterwards (alpha, beta) can be searched on the validation split.
+The paper also averages the keys over augmented views; here keys are the plain embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cliplab.adapt.base import AdaptContext, method_options
+from cliplab.adapt.tip_adapter import OPTIONS as TIP_OPTIONS
+from cliplab.adapt.tip_adapter import (TipAdapter, build_cache, maybe_search, resolve_scale,
+                                      tip_logits)
+from cliplab.adapt.training import train_steps
+from cliplab.adapt.zeroshot_head import text_head
+from cliplab.data.types import LabelledImages
+from cliplab.models.dual_encoder import DualEncoder
+
+OPTIONS = {**TIP_OPTIONS, "epochs": 20, "lr": 1e-3, "batch_size": 256, "weight_decay": 0.01}
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+        ctx: AdaptContext) -> TipAdapter:
+    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter-f"), model)
+    weights = text_head(model, train, opts)
+    keys, values = build_cache(model, train, ctx)
+    feats = keys.clone()  # the training features are the (plain) few-shot embeddings
+    learned = torch.nn.Parameter(keys.clone())
+    alpha, beta, scale = float(opts["alpha"]), float(opts["beta"]), float(opts["clip_scale"])
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = tip_logits(feats[idx], weights, learned, values, alpha, beta, scale)
+        return torch.nn.functional.cross_entropy(logits, train.labels[idx])
+
+    history = train_steps([learned], loss, len(feats), int(opts["epochs"]),
+                          int(opts["batch_size"]), float(opts["lr"]), "adamw",
+                          float(opts["weight_decay"]), eps=1e-4, seed=ctx.seed,
+                          progress=ctx.progress, desc="tip-adapter-f")
+    opts["final_train_loss"] = history[-1]
+    adapter = TipAdapter(model, train.classnames, opts, weights, learned.detach(), values)
+    adapter.method = "tip-adapter-f"
+    return maybe_search(adapter, model, ctx)
+
+
+ADAPTER = TipAdapter

@@ -1,0 +1,62 @@
+"""The small supervised loop the few-shot adapters share: minibatches of sample indices,
+SGD or AdamW, warm-up + cosine schedule (the Trainer's), a progress bar.
+
+The `Trainer` runs the contrastive objective on image-text pairs; these methods minimise a
+classification loss over a few hundred cached features and a handful of parameters, which
+needs none of its checkpointing or data machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from cliplab.errors import ConfigError
+from cliplab.train.schedule import build_scheduler
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
+                   weight_decay: float = 0.0, momentum: float = 0.9,
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """``sgd`` (with momentum, as CoOp) or ``adamw`` (as Tip-Adapter-F, CLIP-Adapter)."""
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adamw', not {name!r}")
+
+
+def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                n: int, epochs: int, batch_size: int, lr: float, optimizer: str = "adamw",
+                weight_decay: float = 0.0, warmup: int = 0, eps: float = 1e-8, seed: int = 0,
+                progress: bool = True, desc: str = "adapt") -> list[float]:
+    """Minimise ``loss_fn(batch_indices)`` over ``epochs`` passes of shuffled minibatches of
+    ``range(n)``; returns the mean loss of each epoch."""
+    if epochs < 1 or batch_size < 1 or n < 1:
+        raise ConfigError(f"{desc}: epochs, batch_size and the number of training samples must "
+                          f"be positive (got {epochs}, {batch_size}, {n})")
+    opt = make_optimizer(params, optimizer, lr, weight_decay, eps=eps)
+    per_epoch = -(-n // batch_size)
+    total = epochs * per_epoch
+    sched = build_scheduler(opt, total, min(warmup, total - 1))
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        losses = []
+        for i in range(0, n, batch_size):
+            loss = loss_fn(order[i:i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+        history.append(sum(losses) / len(losses))
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    bar.close()
+    return history

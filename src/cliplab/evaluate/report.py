@@ -1,0 +1,195 @@
+"""`cliplab report`: results of several models or runs side by side, as report.md and a
+self-contained report.html (plots embedded as base64; the same PNGs also sit in ``plots/``).
+
+Each task (section) gets a table, one row per metric, one column per model. Few-shot results
+read as "mean ± std"; long-tail results also get the accuracy-vs-frequency plot; runs with a
+metrics.jsonl get training curves and a table of their last logged values.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cliplab.config import check_keys
+from cliplab.errors import ConfigError
+from cliplab.evaluate.report_inputs import ReportSource, read_inputs
+from cliplab.evaluate.report_plots import (is_few_shot, is_long_tail, plot_few_shot,
+                                           plot_long_tail, plot_training, slug)
+
+CONFIG_KEYS = {"title", "names", "plots"}
+MISSING = "—"
+
+
+@dataclass
+class Table:
+    """Rows of (metric, {model label: value}) under a section heading."""
+
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+
+@dataclass
+class Figure:
+    title: str
+    path: Path
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, object]:
+    """Numbers of a nested metrics dict under dotted keys; ``{acc1_mean, acc1_std}`` pairs
+    become one ``(mean, std)`` value; lists and strings are left out."""
+    out: dict[str, object] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if "acc1_mean" in value and "acc1_std" in value:
+                out[name] = (value["acc1_mean"], value["acc1_std"])
+            else:
+                out.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+        elif value is None:
+            out[name] = None
+    return out
+
+
+def format_value(value: object) -> str:
+    """Integers as they are, floats to 4 decimals (1 from 100 up), (mean, std) as mean ± std."""
+    if value is None:
+        return MISSING
+    if isinstance(value, tuple):
+        return f"{format_value(value[0])} ± {format_value(value[1])}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def build_tables(sources: list[ReportSource]) -> list[Table]:
+    """One table per section (first-seen order), plus the last logged training values."""
+    order: dict[str, None] = {}
+    for source in sources:
+        order.update(dict.fromkeys(source.sections))
+    tables = []
+    for section in order:
+        having = [s for s in sources if section in s.sections]
+        table = Table(section, [s.label for s in having])
+        flat = {s.label: flatten_metrics(s.sections[section]) for s in having}
+        metrics = dict.fromkeys(k for s in having for k in flat[s.label])
+        table.rows = [(m, {label: values.get(m) for label, values in flat.items()})
+                      for m in metrics]
+        if table.rows:
+            tables.append(table)
+    runs = [s for s in sources if s.history]
+    if runs:
+        last = {s.label: flatten_metrics(s.history[-1]) for s in runs}
+        metrics = dict.fromkeys(k for values in last.values() for k in values)
+        tables.append(Table("training (last logged step)", [s.label for s in runs],
+                            [(m, {lb: v.get(m) for lb, v in last.items()}) for m in metrics]))
+    return tables
+
+
+def build_figures(sources: list[ReportSource], plots_dir: Path,
+                  progress: bool = True) -> list[Figure]:
+    """Few-shot and long-tail plots per section (all models in one plot), training curves."""
+    jobs = []
+    order = dict.fromkeys(k for s in sources for k in s.sections)
+    for section in order:
+        runs = [(s.label, s.sections[section]) for s in sources if section in s.sections]
+        if all(is_few_shot(m) for _, m in runs):
+            jobs.append((f"few-shot accuracy vs k: {section}", plot_few_shot, section, runs,
+                         plots_dir / f"few-shot-{slug(section)}.png"))
+        elif all(is_long_tail(m) for _, m in runs):
+            jobs.append((f"accuracy vs concept frequency: {section}", plot_long_tail, section,
+                         runs, plots_dir / f"long-tail-{slug(section)}.png"))
+    figures = []
+    for title, fn, section, runs, path in tqdm(jobs, desc="plots", disable=not progress,
+                                               leave=False):
+        figures.append(Figure(title, fn(section, runs, path)))
+    training = plot_training(sources, plots_dir / "training-curves.png")
+    if training is not None:
+        figures.append(Figure("training curves", training))
+    return figures
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", r"\|").replace("\n", " ")
+
+
+def render_markdown(title: str, sources: list[ReportSource], tables: list[Table],
+                    figures: list[Figure], out_dir: Path) -> str:
+    lines = [f"# {title}", "", "Inputs:", ""]
+    lines += [f"- **{_md_cell(s.label)}**: `{s.path}`" for s in sources]
+    for table in tables:
+        lines += ["", f"## {_md_cell(table.title)}", "",
+                  "| metric | " + " | ".join(_md_cell(c) for c in table.columns) + " |",
+                  "|---|" + "---:|" * len(table.columns)]
+        lines += ["| " + _md_cell(metric) + " | " + " | ".join(
+            format_value(values.get(c)) for c in table.columns) + " |"
+            for metric, values in table.rows]
+    if figures:
+        lines += ["", "## Plots"]
+        for fig in figures:
+            lines += ["", f"### {_md_cell(fig.title)}", "",
+                      f"![{_md_cell(fig.title)}]({fig.path.relative_to(out_dir).as_posix()})"]
+    return "\n".join(lines) + "\n"
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}"
+        "th,td{border:1px solid #ccc;padding:.25em .6em}td.v{text-align:right;"
+        "font-variant-numeric:tabular-nums}th{background:#f3f3f3}img{max-width:100%}")
+
+
+def render_html(title: str, sources: list[ReportSource], tables: list[Table],
+                figures: list[Figure]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{e(title)}</h1>", "<p>Inputs:</p><ul>"]
+    parts += [f"<li><b>{e(s.label)}</b>: <code>{e(str(s.path))}</code></li>" for s in sources]
+    parts.append("</ul>")
+    for table in tables:
+        parts.append(f"<h2>{e(table.title)}</h2><table><thead><tr><th>metric</th>"
+                     + "".join(f"<th>{e(c)}</th>" for c in table.columns)
+                     + "</tr></thead><tbody>")
+        for metric, values in table.rows:
+            parts.append(f"<tr><td>{e(metric)}</td>" + "".join(
+                f'<td class="v">{e(format_value(values.get(c)))}</td>' for c in table.columns)
+                + "</tr>")
+        parts.append("</tbody></table>")
+    if figures:
+        parts.append("<h2>Plots</h2>")
+    for fig in figures:
+        data = base64.b64encode(fig.path.read_bytes()).decode("ascii")
+        parts.append(f"<h3>{e(fig.title)}</h3>"
+                     f'<img alt="{e(fig.title)}" src="data:image/png;base64,{data}">')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(inputs: list[str | Path], out: str | Path, config: dict | None = None,
+                 progress: bool = True) -> dict[str, Path]:
+    """Read ``inputs`` (results JSON files / run folders) and write ``out/report.md``,
+    ``out/report.html`` and ``out/plots/*.png``; returns their paths."""
+    config = dict(config or {})
+    check_keys(config, CONFIG_KEYS, "the report config")
+    names = config.get("names")
+    if names is not None and not isinstance(names, list):
+        raise ConfigError("report config 'names' must be a list, one label per input")
+    sources = read_inputs(list(inputs), names)
+    title = str(config.get("title") or "cliplab report")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(sources)
+    figures = build_figures(sources, out_dir / "plots", progress) \
+        if config.get("plots", True) else []
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(title, sources, tables, figures, out_dir), encoding="utf-8")
+    page = out_dir / "report.html"
+    page.write_text(render_html(title, sources, tables, figures), encoding="utf-8")
+    return {"markdown": md, "html": page, **{f.title: f.path for f in figures}}

@@ -1,0 +1,133 @@
+"""Inputs of `cliplab report`: results JSON files (`cliplab eval --out`) and run folders
+(results.json, metrics.jsonl, config.yaml), read into one shape: a label and metric sections.
+
+Every problem is a one-line ``DataError`` naming the file (and line for metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cliplab.config import load_yaml
+from cliplab.errors import DataError
+
+RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
+_SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
+
+
+@dataclass
+class ReportSource:
+    """One model or run: ``sections`` maps a task (or part of a run) to its metrics dict;
+    ``history`` holds the metrics.jsonl records of a run."""
+
+    label: str
+    path: Path
+    sections: dict[str, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    config: dict | None = None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a DataError naming the file and the problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected a results JSON file") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); expected the "
+                        "results JSON of `cliplab eval --out` or a run's results.json") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object of results, got {type(data).__name__}")
+    return data
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file (blank lines ignored)."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:line {number}: invalid JSON ({err.msg}); one JSON object "
+                            "per line expected") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:line {number}: expected a JSON object, "
+                            f"got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def result_sections(data: dict) -> dict[str, dict]:
+    """Metric sections of a results object: its ``results``/``evals`` mapping if it has one,
+    every other mapping under its own key, and top-level numbers under ``run``."""
+    sections: dict[str, dict] = {}
+    for key in _SECTION_KEYS:
+        if isinstance(data.get(key), dict):
+            sections.update({k: v for k, v in data[key].items() if isinstance(v, dict)})
+    scalars = {}
+    for key, value in data.items():
+        if key in _SECTION_KEYS and isinstance(value, dict):
+            continue
+        if isinstance(value, dict):
+            sections.setdefault(key, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[key] = value
+    if scalars:
+        sections["run"] = scalars
+    return sections
+
+
+def _model_label(model: str) -> str:
+    """A short name for a model path or preset: drop checkpoint plumbing, keep the last two."""
+    parts = [p for p in Path(model).parts if p not in ("model", "checkpoints", "/", ".")]
+    return "/".join(parts[-2:]) or model
+
+
+def read_input(path: str | Path) -> ReportSource:
+    """Read one report input: a results JSON file or a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"report input {path} does not exist; give results JSON files "
+                        "(cliplab eval --out) or run folders")
+    if path.is_file():
+        data = read_json(path)
+        label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
+            else path.stem
+        source = ReportSource(label, path, result_sections(data))
+        if not source.sections:
+            raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
+                            "top-level keys)")
+        return source
+    present = [name for name in RUN_FILES if (path / name).is_file()]
+    if not {"results.json", "metrics.jsonl"} & set(present):
+        raise DataError(f"run folder {path} has neither results.json nor metrics.jsonl")
+    source = ReportSource(path.name or str(path), path)
+    if "results.json" in present:
+        source.sections = result_sections(read_json(path / "results.json"))
+    if "metrics.jsonl" in present:
+        source.history = read_history(path / "metrics.jsonl")
+    if "config.yaml" in present:
+        source.config = load_yaml(path / "config.yaml")
+    return source
+
+
+def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list[ReportSource]:
+    """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
+    if not paths:
+        raise DataError("cliplab report needs at least one results file or run folder")
+    sources = [read_input(p) for p in paths]
+    if names is not None:
+        if len(names) != len(sources):
+            raise DataError(f"{len(names)} names for {len(sources)} report inputs")
+        for source, name in zip(sources, names):
+            source.label = str(name)
+    seen: dict[str, int] = {}
+    for source in sources:
+        seen[source.label] = seen.get(source.label, 0) + 1
+        if seen[source.label] > 1:
+            source.label = f"{source.label}#{seen[source.label]}"
+    return sources

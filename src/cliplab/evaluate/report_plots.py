@@ -1,0 +1,120 @@
+"""The plots of `cliplab report` (matplotlib, Agg backend, PNG files): few-shot accuracy vs k,
+per-concept accuracy vs training frequency with the log-linear fit, and training curves."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cliplab.evaluate.report_inputs import ReportSource  # noqa: E402
+
+FEW_SHOT_KEY = re.compile(r"^(?P<method>.+)_(?P<k>\d+)shot$")
+TRAINING_CURVES = ("loss", "lr", "logit_scale")
+
+
+def is_few_shot(metrics: dict) -> bool:
+    """A few-shot result: ``<method>_<k>shot`` keys holding acc1_mean / acc1_std."""
+    hits = [k for k, v in metrics.items() if FEW_SHOT_KEY.match(k) and isinstance(v, dict)
+            and "acc1_mean" in v]
+    return bool(hits) and len(hits) == len(metrics)
+
+
+def is_long_tail(metrics: dict) -> bool:
+    """A long-tail result: ``fit`` plus ``per_class`` entries with acc1 and frequency."""
+    per_class = metrics.get("per_class")
+    return isinstance(metrics.get("fit"), dict) and isinstance(per_class, dict) and all(
+        isinstance(v, dict) and {"acc1", "frequency"} <= set(v) for v in per_class.values())
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "plot"
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
+    """Accuracy vs shots per (model, method): mean line with a ± std band; log2 x axis."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, metrics in runs:
+        curves: dict[str, list[tuple[int, float, float]]] = {}
+        for key, value in metrics.items():
+            m = FEW_SHOT_KEY.match(key)
+            curves.setdefault(m["method"], []).append(
+                (int(m["k"]), value["acc1_mean"], value.get("acc1_std", 0.0)))
+        for method, points in curves.items():
+            k, mean, std = zip(*sorted(points))
+            line, = ax.plot(k, mean, marker="o", label=f"{label} · {method}")
+            ax.fill_between(k, [a - s for a, s in zip(mean, std)],
+                            [a + s for a, s in zip(mean, std)], color=line.get_color(),
+                            alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("shots per class (k)")
+    ax.set_ylabel("top-1 accuracy (mean ± std over seeds)")
+    ax.set_title(f"few-shot: {section}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
+    """Per-class accuracy vs training frequency (log x) with each model's fit line; classes of
+    frequency zero cannot sit on a log axis and are counted in the legend instead."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, metrics in runs:
+        points = [(v["frequency"], v["acc1"], c) for c, v in metrics["per_class"].items()]
+        seen = [(f, a, c) for f, a, c in points if f > 0]
+        zero = len(points) - len(seen)
+        fit = metrics["fit"]
+        text = f"{label}"
+        if fit.get("slope") is not None:
+            text += f" (slope {fit['slope']:.3f}/decade, r² {fit['r2']:.2f})"
+        if zero:
+            text += f"; {zero} class(es) at frequency 0 not shown"
+        dots = ax.scatter([p[0] for p in seen], [p[1] for p in seen], label=text)
+        for f, a, c in seen:
+            ax.annotate(c, (f, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if fit.get("slope") is not None and seen:
+            lo, hi = min(p[0] for p in seen), max(p[0] for p in seen)
+            xs = [lo * (hi / lo) ** (i / 20) for i in range(21)]
+            ax.plot(xs, [fit["intercept"] + fit["slope"] * math.log10(x) for x in xs],
+                    color=dots.get_facecolor()[0], linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("concept frequency in training captions (samples)")
+    ax.set_ylabel("zero-shot top-1 accuracy of the class")
+    ax.set_title(f"long tail: {section}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_training(sources: list[ReportSource], path: Path) -> Path | None:
+    """Loss, learning rate and logit scale vs step, one line per run; None without history."""
+    runs = [s for s in sources if s.history]
+    keys = [k for k in TRAINING_CURVES if any(k in r for s in runs for r in s.history)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for source in runs:
+            points = [(r["step"], r[key]) for r in source.history
+                      if isinstance(r.get(key), (int, float)) and "step" in r]
+            if points:
+                ax.plot(*zip(*points), label=source.label)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,82 @@
+"""Which pairs make each training batch: epoch-wise shuffles of an in-memory set, optionally
+mixed with a replay set, with a position that checkpoints save and resume restores."""
+
+from __future__ import annotations
+
+import torch
+
+from cliplab.errors import ConfigError
+
+
+class EpochBatches:
+    """Batches of ``batch_size`` indices from a fresh permutation of ``range(n)`` each epoch
+    (seeded by ``seed + epoch``); the last incomplete batch of an epoch is dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, offset: int = 0):
+        if batch_size > n:
+            raise ConfigError(f"batch of {batch_size} is larger than the dataset ({n} pairs)")
+        self.n, self.batch_size, self.seed, self.offset = n, batch_size, seed, offset
+        self.epoch, self.pos = 0, 0
+        self._order: torch.Tensor | None = None
+
+    @property
+    def per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(self.n, generator=gen) + self.offset
+        return self._order
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        idx = self._permutation()[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
+
+
+class ReplayBatches:
+    """Global batches of ``batch_size`` where ``round(ratio * batch_size)`` come from the replay
+    set (indices ``n_new…n_new+n_old-1``) and the rest from the new data; epochs count the new
+    data. ``ratio = 0`` is plain `EpochBatches` over the new data."""
+
+    def __init__(self, n_new: int, n_old: int, batch_size: int, ratio: float, seed: int):
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"replay ratio must be in [0, 1), not {ratio}")
+        n_replay = round(ratio * batch_size) if n_old else 0
+        if ratio > 0 and n_replay == 0:
+            raise ConfigError(f"replay ratio {ratio} gives no replayed pair in a batch of "
+                              f"{batch_size}")
+        self.new = EpochBatches(n_new, batch_size - n_replay, seed)
+        self.old = EpochBatches(n_old, n_replay, seed + 7919, offset=n_new) if n_replay else None
+
+    @property
+    def per_epoch(self) -> int:
+        return self.new.per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.new.epoch
+
+    def next(self) -> torch.Tensor:
+        idx = self.new.next()
+        return idx if self.old is None else torch.cat([idx, self.old.next()])
+
+    def state_dict(self) -> dict:
+        state = {"new": self.new.state_dict()}
+        if self.old is not None:
+            state["old"] = self.old.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.new.load_state_dict(state["new"])
+        if self.old is not None and "old" in state:
+            self.old.load_state_dict(state["old"])

@@ -1,0 +1,62 @@
+"""Run under ``torchrun --nproc-per-node N``: one Trainer step per scenario; each rank saves the
+gradients it would apply (after averaging) and its logged loss to ``OUT/rank{R}.pt``.
+Without torchrun it runs the same scenarios in one process (the reference)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from cliplab.data.shapes import load_shapes
+from cliplab.models import build_model
+from cliplab.train import distributed
+from cliplab.train.trainer import TrainConfig, Trainer
+
+# name -> (preset, train options); every one a batch of 16 split over the ranks
+SCENARIOS = {
+    "clip": ("tiny-clip", {}),
+    "clip-keys-tiled": ("tiny-clip", {"loss_tile": 3}),
+    "clip-gradcache": ("tiny-clip", {"micro_batch_size": 3}),
+    "siglip": ("tiny-siglip", {"loss": "siglip"}),
+    "siglip-tiled-gradcache": ("tiny-siglip", {"loss": "siglip", "loss_tile": 5,
+                                                "micro_batch_size": 4}),
+}
+
+
+def one_step(preset: str, options: dict) -> dict:
+    """Gradients after one step's backward and averaging, and the step's (global) loss."""
+    torch.manual_seed(0)
+    model = build_model(preset, image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                        context_length=48, seed=0)
+    pairs = load_shapes(n=48, seed=0, kinds=("single",), image_size=32)
+    cfg = TrainConfig.from_dict(dict(steps=1, batch_size=16, lr=1e-3, warmup=1, grad_clip=0,
+                                     log_every=1, progress=False, augment=False, **options))
+    trainer = Trainer(model, cfg)
+    grads: dict = {}
+    step = torch.optim.AdamW.step
+
+    def capture(opt, *a, **kw):  # the gradients the optimizer is about to apply
+        grads.update({k: p.grad.clone() for k, p in model.model.named_parameters()
+                      if p.grad is not None})
+        return step(opt, *a, **kw)
+
+    torch.optim.AdamW.step = capture
+    try:
+        last = trainer.fit(pairs)
+    finally:
+        torch.optim.AdamW.step = step
+    return {"grads": grads, "loss": last["loss"]}
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    info = distributed.init_distributed(backend="gloo", timeout_s=120)
+    results = {name: one_step(*spec) for name, spec in SCENARIOS.items()}
+    torch.save(results, os.path.join(out, f"rank{info.rank}.pt"))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

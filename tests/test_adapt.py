@@ -1,0 +1,217 @@
+"""Adaptation methods: hand-computed Tip-Adapter logits, CLIP-Adapter ratio 0 and CoOp before
+training equal zero-shot heads, gradients reach only the learned tensors, and every method's
+saved adapter loads back with identical logits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliplab.adapt import METHODS, AdaptContext, get_method, load_adapter
+from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
+from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.few_shot import sample_k_shot
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=48)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = load_digits("train"), load_digits("test")
+    return train.subset(sample_k_shot(train.labels, 2, 0)), test.subset(torch.arange(60))
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return AdaptContext(FeatureCache(), progress=False)
+
+
+# -- Tip-Adapter --------------------------------------------------------------------------------
+def test_tip_adapter_logits_match_hand_computation():
+    # 2-d unit features, 2 classes; keys: one shot each, values one-hot.
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    values = torch.eye(2)
+    weights = torch.tensor([[0.6, 0.8], [0.8, 0.6]])  # zero-shot text classifier
+    f = torch.tensor([[0.6, 0.8]])
+    # affinities 0.6 and 0.8; cache logits exp(-2*(1-0.6)), exp(-2*(1-0.8))
+    expected_cache = torch.tensor([[math.exp(-0.8), math.exp(-0.4)]])
+    torch.testing.assert_close(tip_adapter.cache_logits(f, keys, values, beta=2.0), expected_cache)
+    # clip logits 10 * (1.0, 0.96); total with alpha 3
+    expected = torch.tensor([[10 * 1.0 + 3 * math.exp(-0.8), 10 * 0.96 + 3 * math.exp(-0.4)]])
+    torch.testing.assert_close(tip_adapter.tip_logits(f, weights, keys, values, 3.0, 2.0, 10.0),
+                               expected)
+
+
+def test_tip_adapter_search_finds_the_cache_when_prompts_mislead():
+    # the text classifier is swapped (always wrong); the cache is right: the search must give
+    # the cache enough weight to win, and val accuracy 1.
+    keys = torch.eye(2)
+    values = torch.eye(2)
+    weights = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    val = F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0]]), dim=-1)
+    alpha, beta, acc = tip_adapter.search_alpha_beta(val, torch.tensor([0, 1]), weights, keys,
+                                                     values, 1.0, [7.0, 3.0], [20, 10])
+    assert acc == 1.0
+    logits = tip_adapter.tip_logits(val, weights, keys, values, alpha, beta, 1.0)
+    assert logits.argmax(1).tolist() == [0, 1]
+    assert tip_adapter.grid(3.0, 10)[0] == pytest.approx(0.1)
+    assert max(tip_adapter.grid(3.0, 10)) < 3.0
+
+
+def test_tip_adapter_f_trains_only_the_keys_and_lowers_the_loss(model, digits, ctx):
+    train, _ = digits
+    plain = tip_adapter.fit(model, train, {}, ctx)
+    tuned = tip_adapter_f.fit(model, train, {"epochs": 30, "lr": 1e-2, "alpha": 1.0,
+                                             "clip_scale": 10.0}, ctx)
+    torch.testing.assert_close(tuned.values, plain.values)
+    torch.testing.assert_close(tuned.weights, plain.weights)
+    assert not torch.allclose(tuned.keys, plain.keys)
+    feats = ctx.features(model, train)
+
+    def loss(a):
+        return F.cross_entropy(tip_adapter.tip_logits(feats.embeddings, a.weights, a.keys,
+                                                      a.values, 1.0, 5.5, 10.0), train.labels)
+    assert loss(tuned) < loss(plain)
+
+
+# -- CLIP-Adapter -------------------------------------------------------------------------------
+def test_clip_adapter_ratio_zero_is_the_zero_shot_head(model, digits, ctx):
+    train, test = digits
+    adapter = clip_adapter.fit(model, train, {"ratio": 0.0, "epochs": 2}, ctx)
+    zs = METHODS["zeroshot"].fit(model, train, {}, ctx)
+    torch.testing.assert_close(adapter.logits(test.images, ctx.cache),
+                               zs.logits(test.images, ctx.cache))
+
+
+def test_clip_adapter_residual_blend(model, digits, ctx):
+    train, _ = digits
+    adapter = clip_adapter.fit(model, train, {"ratio": 0.3, "epochs": 1}, ctx)
+    f = F.normalize(torch.randn(4, 16), dim=-1)
+    expected = 0.3 * torch.relu(adapter.mlp[2](torch.relu(adapter.mlp[0](f)))) + 0.7 * f
+    torch.testing.assert_close(adapter.adapted(f), expected)
+
+
+# -- CoOp / CoCoOp ------------------------------------------------------------------------------
+def _coop_matches_zero_shot_prompt(model, digits, ctx):
+    train, test = digits
+    adapter = coop.fit(model, train, {"epochs": 1, "lr": 0.0, "init": "a photo of a"}, ctx)
+    head = zeroshot_classifier(model, train.classnames, ["a photo of a {}."])
+    feats = ctx.features(model, test).embeddings
+    scale = model.logit_scale.exp().item()
+    torch.testing.assert_close(adapter.logits(feats), scale * feats @ head.t(),
+                               atol=1e-5, rtol=1e-5)
+    assert adapter.options["prompts"][3] == "a photo of a three."
+
+
+def test_coop_before_training_equals_zero_shot_of_its_prompt(model, digits, ctx):
+    _coop_matches_zero_shot_prompt(model, digits, ctx)
+
+
+def test_coop_before_training_equals_zero_shot_on_bert_tower(digits, ctx):
+    """The same on a WordPiece/BERT text tower, mean pooled (the lit-minilm preset)."""
+    lit = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    _coop_matches_zero_shot_prompt(lit, digits, ctx)
+
+
+def test_coop_before_training_equals_zero_shot_on_siglip_without_bos(digits, ctx):
+    """SigLIP's tokenizer puts no start token before the text: the context starts at 0."""
+    from tokenizers import processors
+    from transformers import SiglipConfig, SiglipModel
+
+    from cliplab.models.dual_encoder import DualEncoder
+    from cliplab.models.preprocess import PreprocessConfig
+    from cliplab.models.tokenizer import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    tok = byte_level_tokenizer(48)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", 3)])
+    cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        max_position_embeddings=48),
+                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
+                                          intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2))
+    siglip = DualEncoder(SiglipModel(cfg), tok, PreprocessConfig(image_size=16),
+                         context_length=48).eval()
+    assert coop.leading_specials(tok) == 0
+    _coop_matches_zero_shot_prompt(siglip, digits, ctx)
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_coop_gradients_reach_only_the_context(model, digits, class_specific):
+    train, _ = digits
+    opts = coop.OPTIONS | {"class_specific": class_specific}
+    learner = coop.build_learner(model, train, opts, seed=0)
+    adapter = coop.CoOp(model, train.classnames, opts, learner, torch.tensor(10.0))
+    feats = F.normalize(torch.randn(8, 16), dim=-1)
+    from cliplab.adapt.base import frozen
+    with frozen(model):
+        F.cross_entropy(adapter.train_logits(feats), train.labels[:8]).backward()
+        assert all(p.grad is None for p in model.parameters())
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    slots = len(model.tokenizer("a photo of a", add_special_tokens=False)["input_ids"])
+    assert learner.ctx.shape == ((10, slots, 32) if class_specific else (slots, 32))
+    if class_specific:  # each class's context gets only its own prompt's gradient
+        assert (learner.ctx.grad.flatten(1).abs().sum(1) > 0).all()
+    assert all(p.requires_grad for p in model.parameters())  # flags restored after
+
+
+def test_coop_random_context_and_training_changes_prompts(model, digits, ctx):
+    train, test = digits
+    adapter = coop.fit(model, train, {"init": "", "n_ctx": 3, "epochs": 3, "lr": 0.1}, ctx)
+    assert adapter.learner.ctx.shape == (3, 32)
+    assert adapter.options["prompts"][0] == "X X X zero."
+    assert adapter.learner.ids.shape[1] >= len("zero.") + 2 + 3
+
+
+def test_cocoop_with_zero_meta_net_equals_coop(model, digits, ctx):
+    train, test = digits
+    co = cocoop.fit(model, train, {"epochs": 1, "lr": 0.0}, ctx)
+    with torch.no_grad():
+        co.net[2].weight.zero_()
+        co.net[2].bias.zero_()
+    plain = coop.CoOp(model, train.classnames, co.options, co.learner, co.scale)
+    feats = ctx.features(model, test).embeddings[:12]
+    torch.testing.assert_close(co.logits(feats), plain.logits(feats), atol=1e-5, rtol=1e-5)
+
+
+# -- every method: save, load, identical logits ----------------------------------------------
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_round_trip_identical_logits(name, model, digits, tmp_path):
+    train, test = digits
+    val = load_digits("test").subset(torch.arange(100, 140))
+    ctx = AdaptContext(FeatureCache(), val=val, progress=False)
+    options = {"epochs": 2} if "epochs" in METHODS[name].OPTIONS else {}
+    if name.startswith("tip"):
+        options.update(search=True, search_steps=[5, 4])
+    if name == "linear-probe":
+        options.update(features="tokens")
+    adapter = get_method(name).fit(model, train, options, ctx)
+    before = adapter.logits(test.images, ctx.cache)
+    adapter.save(tmp_path / "a")
+    loaded = load_adapter(tmp_path / "a", model)
+    assert loaded.method == name
+    assert torch.equal(loaded.logits(test.images, FeatureCache()), before)
+    assert before.shape == (len(test), 10)
+
+
+def test_bad_inputs_are_one_line_errors(model, digits, ctx, tmp_path):
+    train, _ = digits
+    with pytest.raises(ConfigError, match="unknown adapt method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="'ratioo'"):
+        clip_adapter.fit(model, train, {"ratioo": 1}, ctx)
+    with pytest.raises(ConfigError, match="val_shots"):
+        tip_adapter.fit(model, train, {"search": True}, ctx)
+    with pytest.raises(ModelError, match="not an adapter folder"):
+        load_adapter(tmp_path, model)

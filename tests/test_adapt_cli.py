@@ -1,0 +1,125 @@
+"""`cliplab adapt` end to end on a tiny model and the digits, its files and its one-line errors;
+and (slow, given a trained model) the papers' qualitative results on Fashion-MNIST."""
+
+import json
+import os
+import pytest
+import torch
+
+from cliplab.adapt import load_adapter
+from cliplab.adapt.run import few_shot_split, run_adapt
+from cliplab.cli import main
+from cliplab.data.digits import load_digits
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m") / "model"
+    build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                embed_dim=16, context_length=48).save(folder)
+    return folder
+
+
+def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: coop\ntrain: {source: digits, split: train}\n"
+                   "test: {source: digits, split: test}\nshots: 2\nseed: 3\n"
+                   "options: {epochs: 2}\n")
+    out = tmp_path / "run"
+    code = main(["adapt", "--config", str(cfg), "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "options.n_ctx=2", "options.init=", "method=clip-adapter",
+                 "--method", "coop"])
+    assert code == 0
+    assert "coop" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "coop" and results["train_size"] == 20
+    assert results["options"]["n_ctx_used"] == 2  # the override reached the method
+    assert set(results["test"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert "zeroshot" in results
+    assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
+                                               "config.yaml", "results.json"}
+    # the saved adapter reproduces the reported accuracy
+    model = build_model(str(model_dir))
+    test = load_digits("test")
+    acc = (load_adapter(out, model).logits(test.images).argmax(1) == test.labels).float().mean()
+    assert acc.item() == pytest.approx(results["test"]["acc1"])
+
+
+def test_few_shot_split_is_disjoint_and_seeded():
+    data = load_digits("train")
+    train, val = few_shot_split(data, 4, 2, seed=7)
+    assert len(train) == 40 and len(val) == 20
+    assert torch.bincount(train.labels).tolist() == [4] * 10
+    again, _ = few_shot_split(data, 4, 2, seed=7)
+    assert torch.equal(again.images, train.images)
+    other, _ = few_shot_split(data, 4, 2, seed=8)
+    assert not torch.equal(other.images, train.images)
+    train_rows = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in train_rows for x in val.images)
+
+
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "coop", "--model", "tiny-clip"], "needs 'train'"),
+    (["--method", "coop", "--model", "tiny-clip", "train={source: digits}",
+      "test={source: digits}", "options.nctx=3"], "'nctx'"),
+    (["--method", "coop", "--model", "tiny-clip", "train={source: digits}",
+      "test={source: digits}", "shots=-1"], "'shots'"),
+    (["--model", "tiny-clip", "train={source: digits}", "test={source: digits}"],
+     "needs 'method'"),
+])
+def test_adapt_cli_bad_input_is_one_line(args, fragment, tmp_path, capsys):
+    assert main(["adapt", *args, "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cliplab: error:") and fragment in lines[0]
+    assert not (tmp_path / "o").exists()  # nothing written before the input is known good
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CLIPLAB_ADAPT_MODEL"),
+                    reason="set CLIPLAB_ADAPT_MODEL to a quickstart LiT model folder")
+def test_paper_results_on_fashion_mnist():
+    """CoOp at 16 shots beats the hand-written-prompt zero-shot head, by more than at 1 shot;
+    Tip-Adapter beats it without training (Fashion-MNIST, quickstart LiT model)."""
+    torch.set_num_threads(1)
+    model = build_model(os.environ["CLIPLAB_ADAPT_MODEL"])
+    cache = FeatureCache()
+    base = {"model": "lit", "train": {"source": "fashion-mnist", "split": "train"},
+            "test": {"source": "fashion-mnist", "split": "test", "limit": 3000}, "seed": 1}
+    acc = {}
+    for method, shots, options in [("tip-adapter", 16, {}), ("coop", 1, {"epochs": 100}),
+                                   ("coop", 16, {"epochs": 100})]:
+        res = run_adapt({**base, "method": method, "shots": shots, "options": options},
+                        model=model, progress=False, cache=cache, write=False)
+        acc[method, shots], zeroshot = res["test"]["acc1"], res["zeroshot"]["acc1"]
+    assert acc["tip-adapter", 16] > zeroshot + 0.02
+    assert acc["coop", 16] > zeroshot + 0.05
+    assert acc["coop", 16] - zeroshot > acc["coop", 1] - zeroshot + 0.03
+
+
+def test_adapt_cli_reads_data_section_like_other_stages(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=1"]) == 0
+    assert json.loads((out / "results.json").read_text())["test_size"] == 540
+
+
+def test_adapt_cli_runs_a_weight_method(model_dir, tmp_path, capsys):
+    """`--method finetune` goes through the same command: a model folder and results."""
+    out = tmp_path / "ft"
+    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "data.train_size=64",
+                 "train.steps=2", "train.batch_size=32", "train.augment=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "zeroshot" in printed and "finetuned" in printed and str(out) in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == 64
+    assert (out / "checkpoints" / "step-2" / "model" / "config.json").is_file()
+    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out",
+                 str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
+                 "data.train={source: digits}", "data.test={source: digits}"]) == 2

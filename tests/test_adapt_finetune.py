@@ -1,0 +1,110 @@
+"""Full fine-tuning with a zero-shot-initialised head: init equals zero-shot, what trains,
+learning, save/load with the recorded origin."""
+
+import json
+
+import pytest
+import torch
+
+from cliplab.adapt.finetune import (finetune, image_tower_trainable, load_finetuned, run,
+                                    train_config, zeroshot_head)
+from cliplab.adapt.head import ClassifierHead
+from cliplab.adapt.origin import model_fingerprint, read_base
+from cliplab.adapt.common import head_metrics, subsample
+from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models import build_model
+from cliplab.train.trainer import TrainConfig, Trainer
+
+
+def small_model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=48, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return subsample(load_digits("train"), 256, seed=0)
+
+
+def test_head_init_gives_exactly_the_zero_shot_logits(digits):
+    model = small_model()
+    head = zeroshot_head(model, digits)
+    pixels = model.preprocess(digits.images[:32])
+    with torch.no_grad():
+        logits = head(model.encode_image(pixels, normalize=False))
+        classifier = zeroshot_classifier(model, digits.prompt_names, digits.templates)
+        expected = model.logit_scale.exp() * model.encode_image(pixels) @ classifier.t()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert head.scale.item() == pytest.approx(model.logit_scale.exp().item())
+
+
+def test_only_the_image_tower_and_its_projection_train():
+    model = small_model()
+    image_tower_trainable(model)
+    names = [n for n, p in model.model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(("vision_model.", "visual_projection.")) for n in names)
+    assert len(names) == len(list(model.vision_tower.parameters())) + 1
+
+
+def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
+    from cliplab.train.run_dir import RunDir
+
+    model = small_model()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    zs = head_metrics(model, zeroshot_head(model, digits).weight, digits, progress=False)
+    cfg = train_config({"train": {"epochs": 4, "batch_size": 32, "lr": 5e-3, "augment": False,
+                                  "log_every": 1}}, progress=False)
+    head, trainer = finetune(model, digits, cfg, RunDir(tmp_path), "base-path")
+    after = model.model.state_dict()
+    for name, value in before.items():
+        same = torch.equal(value, after[name])
+        if name.startswith(("text_model.", "text_projection.")) or name == "logit_scale":
+            assert same, name
+    assert not torch.equal(before["visual_projection.weight"], after["visual_projection.weight"])
+    tuned = head_metrics(model, head.weight, digits, progress=False)
+    assert tuned["acc1"] > zs["acc1"] + 0.2  # a random tiny model starts near chance (10%)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    folder = trainer.last_checkpoint / "model"
+    assert read_base(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
+        small_model())}
+    loaded, loaded_head = load_finetuned(folder)
+    for a, b in zip(loaded.model.state_dict().values(), model.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded_head.weight, head.weight)
+    assert loaded_head.classnames == digits.classnames
+
+
+def test_head_round_trip(tmp_path):
+    head = ClassifierHead(torch.randn(3, 5), 7.5, ["a", "b", "c"])
+    head.save(tmp_path)
+    again = ClassifierHead.load(tmp_path)
+    assert torch.equal(again.weight, head.weight) and again.scale.item() == 7.5
+    assert again.classnames == ["a", "b", "c"]
+    with pytest.raises(ModelError, match="head.safetensors"):
+        ClassifierHead.load(tmp_path / "nowhere")
+
+
+def test_labelled_data_without_a_head_is_a_clear_error(digits):
+    trainer = Trainer(small_model(), TrainConfig.from_dict({"steps": 1, "batch_size": 16,
+                                                            "progress": False}))
+    with pytest.raises(ConfigError, match="classification head"):
+        trainer.fit(digits)
+
+
+def test_run_writes_a_model_folder_and_results(tmp_path):
+    small_model().save(tmp_path / "base")
+    cfg = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 256,
+                    "test": {"source": "digits", "split": "test"}},
+           "train": {"steps": 4, "batch_size": 64}}
+    res = run(str(tmp_path / "base"), cfg, tmp_path / "out", progress=False)
+    assert res["train_images"] == 256 and 0 <= res["finetuned"]["acc1"] <= 1
+    assert res["params"]["trainable"] < res["params"]["total"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["model_dir"] == res["model_dir"]
+    assert read_base(res["model_dir"])["path"] == str(tmp_path / "base")
+    with pytest.raises(ConfigError, match="unknown key"):
+        run(str(tmp_path / "base"), {**cfg, "trian": {}}, tmp_path / "bad", progress=False)

@@ -1,0 +1,176 @@
+"""LoRA via peft: target modules per model kind, parameter counts, only adapters train,
+adapter round trip, merge equals unmerged, origin checks, the `run` entry point."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from cliplab.adapt.common import count_parameters, subsample
+from cliplab.adapt.finetune import zeroshot_head
+from cliplab.adapt.lora import (LoraOptions, add_lora, load_adapter, lora_parameter_count,
+                                merge_adapter, run, save_adapter, target_modules)
+from cliplab.adapt.origin import model_fingerprint
+from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError, ModelError
+from cliplab.models import DualEncoder, build_model
+from cliplab.train.trainer import TrainConfig, Trainer
+
+
+def small_model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=48, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return subsample(load_digits("train"), 128, seed=0)
+
+
+def test_target_modules_of_clip_towers():
+    model = small_model()
+    image = target_modules(model, ["image"], "all")
+    assert sorted(n.rsplit(".", 1)[1] for n in image) == sorted(
+        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    assert all(n.startswith("vision_model.encoder.layers.0.") for n in image)
+    both = target_modules(model, ["image", "text"], "attention")
+    assert len(both) == 8 and not any(n.endswith(("fc1", "fc2")) for n in both)
+    assert sorted(target_modules(model, ["text"], ["q_proj", "v_proj"])) == [
+        "text_model.encoder.layers.0.self_attn.q_proj",
+        "text_model.encoder.layers.0.self_attn.v_proj"]
+    with pytest.raises(ModelError, match="no LoRA target modules"):
+        target_modules(model, ["image"], ["query"])
+
+
+def test_target_modules_of_vit_and_minilm_towers():
+    model = build_model("lit-minilm", image_size=14, patch_size=7, width=24, layers=1, heads=2)
+    text = target_modules(model, ["text"], "all")
+    leaves = {n.split(".layer.0.", 1)[1] for n in text if ".layer.0." in n}
+    assert leaves == {"attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense", "intermediate.dense", "output.dense"}
+    assert len(text) == 6 * 6  # MiniLM-L6: six blocks; the pooler is not a target
+    mlp = {n.split(".layer.0.", 1)[1] for n in target_modules(model, ["text"], "mlp")
+           if ".layer.0." in n}
+    assert mlp == {"intermediate.dense", "output.dense"}
+    image = target_modules(model, ["image"], "all")
+    assert len(image) == 6 and all(n.startswith("vision_model.") for n in image)
+
+
+def test_parameter_count_matches_the_hand_count():
+    model = small_model()
+    total = count_parameters(model)["total"]
+    add_lora(model, LoraOptions.from_dict({"rank": 4}))
+    # width 32, MLP 128: q,k,v,out 4 * r(32+32); fc1, fc2 2 * r(32+128)
+    expected = 4 * 4 * (32 + 32) + 2 * 4 * (32 + 128)
+    assert lora_parameter_count(model) == expected == 2304
+    counts = count_parameters(model)
+    assert counts["trainable"] == expected and counts["total"] == total + expected
+
+
+def test_only_lora_parameters_get_gradients_and_change(digits):
+    model = small_model()
+    base = {k: v.clone() for k, v in model.model.state_dict().items()}
+    head = zeroshot_head(model, digits)
+    head.weight.requires_grad_(False)
+    add_lora(model, LoraOptions.from_dict({"rank": 4}))
+    pixels = model.preprocess(digits.images[:16])
+    loss = torch.nn.functional.cross_entropy(head(model.encode_image(pixels, normalize=False)),
+                                             digits.labels[:16])
+    loss.backward()
+    with_grad = [n for n, p in model.model.named_parameters() if p.grad is not None]
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert any("lora_A" in n for n in with_grad)  # B starts at zero, A still gets gradient
+    model.zero_grad()
+
+    Trainer(model, TrainConfig.from_dict({"steps": 3, "batch_size": 32, "lr": 1e-2,
+                                          "progress": False, "lock_text": True}),
+            head=head).fit(digits)
+    state = model.model.state_dict()
+    for name, value in base.items():  # peft keeps the original weight as base_layer
+        key = name if name in state else name.replace(".weight", ".base_layer.weight").replace(
+            ".bias", ".base_layer.bias")
+        assert torch.equal(state[key], value), name
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
+
+
+def _trained_adapter(tmp_path, digits):
+    base = small_model()
+    base.save(tmp_path / "base")
+    model = DualEncoder.load(tmp_path / "base")
+    head = zeroshot_head(model, digits)
+    peft_model = add_lora(model, LoraOptions.from_dict({"rank": 4, "towers": ["image"]}))
+    Trainer(model, TrainConfig.from_dict({"steps": 4, "batch_size": 32, "lr": 1e-2,
+                                          "progress": False, "lock_text": True}),
+            head=head).fit(digits)
+    folder = save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"),
+                          model_fingerprint(base), head)
+    return model, peft_model, head, folder
+
+
+def test_adapter_round_trip_and_merge_give_identical_outputs(tmp_path, digits):
+    model, peft_model, head, folder = _trained_adapter(tmp_path, digits)
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors",
+            "cliplab.json"} <= {p.name for p in folder.iterdir()}
+    pixels = model.preprocess(digits.images[:20])
+    tok = model.tokenize(["a photo of the digit one.", "seven"])
+    with torch.no_grad():
+        img, txt = model.encode_image(pixels), model.encode_text(**tok)
+        plain_img = DualEncoder.load(tmp_path / "base").encode_image(pixels)
+    assert not torch.allclose(img, plain_img, atol=1e-4)  # the adapter does something
+
+    loaded, loaded_peft, loaded_head = load_adapter(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels), img)
+        assert torch.equal(loaded.encode_text(**tok), txt)
+    assert torch.equal(loaded_head.weight, head.weight)
+
+    merged = merge_adapter(loaded, loaded_peft)
+    assert not any("lora_" in n for n in merged.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.encode_image(pixels), img, rtol=1e-5, atol=1e-5)
+    merged.save(tmp_path / "merged")
+    hf = AutoModel.from_pretrained(tmp_path / "merged")  # plain transformers opens it
+    with torch.no_grad():
+        feats = hf.get_image_features(pixel_values=pixels)
+        feats = getattr(feats, "pooler_output", feats)
+    torch.testing.assert_close(torch.nn.functional.normalize(feats, dim=-1), img,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_refuses_a_different_base(tmp_path, digits):
+    _, _, _, folder = _trained_adapter(tmp_path, digits)
+    small_model(seed=5).save(tmp_path / "other")
+    with pytest.raises(ModelError, match="fingerprint"):
+        load_adapter(folder, base=str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("bad,match", [({"towers": ["audio"]}, "towers"),
+                                       ({"objective": "mse"}, "objective"),
+                                       ({"towers": ["text"]}, "image tower only"),
+                                       ({"modules": "ffn"}, "modules"),
+                                       ({"rnak": 4}, "unknown key")])
+def test_bad_lora_options(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        LoraOptions.from_dict(bad)
+
+
+@pytest.mark.parametrize("objective", ["classifier", "contrastive"])
+def test_run_writes_adapter_merged_model_and_counts(tmp_path, objective):
+    small_model().save(tmp_path / "base")
+    towers = ["image"] if objective == "classifier" else ["image", "text"]
+    cfg = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 128,
+                    "test": {"source": "digits", "split": "test"}},
+           "lora": {"rank": 2, "merge": True, "objective": objective, "towers": towers},
+           "train": {"steps": 3, "batch_size": 32}}
+    res = run(str(tmp_path / "base"), cfg, tmp_path / "out", progress=False)
+    p = res["params"]
+    assert 0 < p["lora"] < p["image_tower"] < p["total"]
+    assert p["head"] == (160 if objective == "classifier" else 0)  # 10 classes x 16 dims
+    adapter = json.loads((tmp_path / "out" / "results.json").read_text())["adapter_dir"]
+    loaded, _, _ = load_adapter(adapter)
+    merged = DualEncoder.load(res["merged_dir"])
+    pixels = merged.preprocess(load_digits("test").images[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.encode_image(pixels), loaded.encode_image(pixels),
+                                   rtol=1e-5, atol=1e-5)

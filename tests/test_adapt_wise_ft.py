@@ -1,0 +1,120 @@
+"""WiSE-FT: elementwise interpolation on hand-built state dicts, endpoints of the sweep equal
+the zero-shot and fine-tuned models, best-α choice, origin check, the `run` entry point."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cliplab.adapt.common import head_metrics, subsample
+from cliplab.adapt.finetune import save_finetuned, zeroshot_head
+from cliplab.adapt.origin import model_fingerprint
+from cliplab.adapt.wise_ft import best_alpha, interpolate, run, wise_ft_sweep
+from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError, ModelError
+from cliplab.models import build_model
+
+
+def small_model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=48, seed=seed)
+
+
+def test_interpolation_is_elementwise_on_a_hand_built_state_dict():
+    zs = {"w": torch.tensor([[0.0, 2.0], [4.0, -1.0]]), "b": torch.tensor([1.0]),
+          "ids": torch.tensor([0, 1, 2]), "half": torch.tensor([2.0], dtype=torch.float16)}
+    ft = {"w": torch.tensor([[4.0, -2.0], [0.0, 3.0]]), "b": torch.tensor([-3.0]),
+          "ids": torch.tensor([0, 1, 2]), "half": torch.tensor([6.0], dtype=torch.float16)}
+    out = interpolate(zs, ft, 0.25)  # 0.75 * zs + 0.25 * ft
+    assert torch.equal(out["w"], torch.tensor([[1.0, 1.0], [3.0, 0.0]]))
+    assert torch.equal(out["b"], torch.tensor([0.0]))
+    assert torch.equal(out["ids"], zs["ids"])
+    assert out["half"].dtype == torch.float16 and out["half"].item() == 3.0
+    for alpha, ref in ((0.0, zs), (1.0, ft)):
+        end = interpolate(zs, ft, alpha)
+        assert all(torch.equal(end[k], ref[k]) for k in zs)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.pop("b"), "different weights"),
+    (lambda d: d.__setitem__("w", torch.zeros(3, 2)), "shapes"),
+    (lambda d: d.__setitem__("ids", torch.tensor([2, 1, 0])), "non-float")])
+def test_mismatched_models_are_refused(change, match):
+    zs = {"w": torch.zeros(2, 2), "b": torch.zeros(1), "ids": torch.tensor([0, 1, 2])}
+    ft = copy.deepcopy(zs)
+    change(ft)
+    with pytest.raises(ModelError, match=match):
+        interpolate(zs, ft, 0.5)
+
+
+def test_sweep_endpoints_equal_the_two_models_and_midpoints_interpolate():
+    data = subsample(load_digits("test"), 200, seed=0)
+    shifted = copy.deepcopy(data)
+    shifted.images = 255 - shifted.images
+    zs = small_model()
+    ft = copy.deepcopy(zs)
+    with torch.no_grad():  # a stand-in for fine-tuning: move every image-side weight
+        for name, p in ft.model.named_parameters():
+            if name.startswith(("vision_model.", "visual_projection.")):
+                p.add_(0.3 * torch.randn_like(p))
+    zs_head = zeroshot_head(zs, data).weight.detach()
+    ft_head = zs_head + 0.5 * torch.randn_like(zs_head)
+    sets = {"target": data, "shifted": shifted}
+    rows = wise_ft_sweep(zs, zs_head, ft, ft_head, sets, [0.0, 0.5, 1.0], progress=False)
+    for row, (model, head) in ((rows[0], (zs, zs_head)), (rows[2], (ft, ft_head))):
+        for name, d in sets.items():
+            assert row[name] == head_metrics(model, head, d, progress=False)
+    mid = copy.deepcopy(zs)
+    with torch.no_grad():
+        for (name, p), q, r in zip(mid.model.named_parameters(), zs.model.parameters(),
+                                   ft.model.parameters()):
+            p.copy_(0.5 * q + 0.5 * r)
+    assert rows[1]["target"] == head_metrics(mid, 0.5 * zs_head + 0.5 * ft_head, data,
+                                             progress=False)
+    assert rows[0]["target"] != rows[2]["target"]  # the two ends really differ
+
+
+def test_best_alpha_maximises_the_chosen_score():
+    rows = [{"alpha": a, "target": {"acc1": t}, "shifted": {"acc1": s}}
+            for a, t, s in ((0.0, 0.5, 0.6), (0.5, 0.8, 0.58), (1.0, 0.9, 0.3))]
+    assert best_alpha(rows, "mean")["alpha"] == 0.5      # (0.8 + 0.58) / 2 = 0.69
+    assert best_alpha(rows, "target")["alpha"] == 1.0
+    assert best_alpha(rows, "shifted")["alpha"] == 0.0
+
+
+CFG = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 128,
+                "test": {"source": "digits", "split": "test"},
+                "shifted": {"source": "digits", "split": "test", "shift": "invert"}},
+       "train": {"steps": 4, "batch_size": 32, "lr": 3e-3},
+       "wise_ft": {"alphas": [0, 0.5, 1], "save_best": True}}
+
+
+def test_run_sweeps_and_saves_the_best_model(tmp_path):
+    small_model().save(tmp_path / "base")
+    res = run(str(tmp_path / "base"), CFG, tmp_path / "out", progress=False)
+    assert [r["alpha"] for r in res["sweep"]] == [0.0, 0.5, 1.0]
+    assert res["best_alpha"] in (0.0, 0.5, 1.0) and set(res["sweep"][0]) == {
+        "alpha", "target", "shifted"}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["best_alpha"] == \
+        res["best_alpha"]
+    # a second sweep over the saved fine-tune reproduces the numbers without training
+    again = run(str(tmp_path / "base"), {**CFG, "wise_ft": {"alphas": [0, 0.5, 1],
+                                                            "finetuned": res["finetuned"]}},
+                tmp_path / "again", progress=False)
+    assert again["sweep"] == res["sweep"]
+    assert (tmp_path / "out" / "best" / "head.safetensors").is_file()
+
+
+def test_run_refuses_a_finetune_of_another_base(tmp_path):
+    other = small_model(seed=3)
+    data = load_digits("test")
+    folder = save_finetuned(other, zeroshot_head(other, data), tmp_path / "ft",
+                            "elsewhere", model_fingerprint(other))
+    small_model().save(tmp_path / "base")
+    with pytest.raises(ModelError, match="adapted from elsewhere"):
+        run(str(tmp_path / "base"), {**CFG, "wise_ft": {"finetuned": str(folder)}},
+            tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="alphas"):
+        run(str(tmp_path / "base"), {**CFG, "wise_ft": {"alphas": [0, 2]}}, tmp_path / "o2",
+            progress=False)

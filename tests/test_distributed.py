@@ -1,0 +1,242 @@
+"""Two ranks on CPU with gloo: the global-batch losses equal one process on the same batch, and a
+rank that dies or hangs ends the other with a DistributedError instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from cliplab.errors import ConfigError
+from cliplab.train.contrastive import contrastive_loss
+
+SIZES = [5, 7]  # unequal local batches: the gather pads and the shares are weighted
+KEYS = torch.tensor([0, 1, 2, 0, 3, 1, 2, 4, 0, 5, 3, 6])  # positives across ranks too
+CASES = [(kind, keys, tile) for kind in ("clip", "siglip") for keys in (False, True)
+         for tile in (None, 4)]
+
+
+class Towers(torch.nn.Module):
+    """Two linear 'towers' plus the temperature (and bias): enough to check every gradient."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Linear(6, 5)
+        self.text = torch.nn.Linear(4, 5)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.3))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-2.0)) if bias else None
+
+    def forward(self, x_image, x_text):
+        return F.normalize(self.image(x_image), dim=-1), F.normalize(self.text(x_text), dim=-1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(sum(SIZES), 6, generator=g), torch.randn(sum(SIZES), 4, generator=g)
+
+
+def _step(model, forward, x_image, x_text, keys, kind, tile, gather):
+    img, txt = forward(x_image, x_text)
+    loss = contrastive_loss(img, txt, model.logit_scale, model.logit_bias, kind=kind, keys=keys,
+                            tile=tile, gather=gather)
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def single_process_reference(kind: str, with_keys: bool) -> tuple[float, dict]:
+    model = Towers(bias=kind == "siglip")
+    x_image, x_text = _batch()
+    loss, grads = _step(model, model, x_image, x_text, KEYS if with_keys else None, kind, None,
+                        gather=False)
+    return loss.item(), grads
+
+
+# --- what each spawned rank runs ---------------------------------------------------------------
+
+def _equivalence(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cliplab.train.distributed import all_gather_with_grad, mean_over_ranks
+
+    out = {}
+    start = sum(SIZES[:rank])
+    rows = slice(start, start + SIZES[rank])
+    x_image, x_text = _batch()
+    for kind, with_keys, tile in CASES:
+        model = Towers(bias=kind == "siglip")
+        ddp = DistributedDataParallel(model)  # averages the towers' gradients over ranks
+        loss, grads = _step(model, ddp, x_image[rows], x_text[rows],
+                            KEYS[rows] if with_keys else None, kind, tile, gather=None)
+        out[(kind, with_keys, tile)] = (mean_over_ranks(loss).item(), grads)
+
+    # the gather's own gradient, against torch.distributed.nn's (equal sizes only) and by hand
+    from torch.distributed.nn.functional import all_gather as torch_all_gather
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(10 + rank), requires_grad=True)
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(20 + rank))
+    (all_gather_with_grad(x) * w).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    (torch.cat(torch_all_gather(x)) * w).sum().backward()
+    out["gather"] = (ours, x.grad.clone())
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from cliplab.errors import DistributedError
+    from cliplab.train.distributed import collective_errors, init_distributed, shutdown
+
+    out = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        init_distributed(backend="gloo", timeout_s=4.0 if scenario != "equivalence" else 60.0)
+        if scenario == "equivalence":
+            torch.save(_equivalence(rank), out)
+            shutdown()
+            return
+        if rank == 1:  # the rank that fails
+            if scenario == "dead":
+                os._exit(3)
+            time.sleep(120)  # "hung": alive but never joins the next collective
+            return
+        start = time.monotonic()
+        img = F.normalize(torch.randn(4, 5), dim=-1).requires_grad_()
+        try:
+            with collective_errors("the loss step"):
+                contrastive_loss(img, img.detach(), torch.tensor(0.0)).backward()
+            torch.save({"error": None}, out)
+        except DistributedError as e:
+            torch.save({"error": str(e), "seconds": time.monotonic() - start}, out)
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(tmp_path: Path, scenario: str, wait_s: float = 180.0) -> list[mp.Process]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path), scenario), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(wait_s)
+    return procs
+
+
+def _stop(procs: list[mp.Process]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(10)
+
+
+def _errors(tmp_path: Path) -> str:
+    return "\n".join(f.read_text() for f in sorted(tmp_path.glob("*.err")))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    procs = _spawn(tmp, "equivalence")
+    for p in procs:
+        p.join(60)
+    _stop(procs)
+    assert all((tmp / f"rank{r}.pt").exists() for r in range(2)), _errors(tmp)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("kind,with_keys,tile", CASES)
+def test_two_ranks_equal_one_process(two_ranks, kind, with_keys, tile):
+    ref_loss, ref_grads = single_process_reference(kind, with_keys)
+    for rank, results in enumerate(two_ranks):
+        loss, grads = results[(kind, with_keys, tile)]
+        assert abs(loss - ref_loss) < 1e-5, (rank, loss, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5,
+                                       msg=f"rank {rank} d/d {name}")
+
+
+def test_gather_gradient_matches_torch_and_hand_sum(two_ranks):
+    w = [torch.randn(6, 4, generator=torch.Generator().manual_seed(20 + r)) for r in range(2)]
+    for rank, results in enumerate(two_ranks):
+        ours, theirs = results["gather"]
+        # d/dx_rank of sum_r <gather(x), w_r> = sum_r w_r[rows of rank]
+        expected = (w[0] + w[1])[3 * rank:3 * rank + 3]
+        torch.testing.assert_close(ours, expected)
+        torch.testing.assert_close(theirs, expected)
+
+
+@pytest.mark.parametrize("scenario", ["dead", "hung"])
+def test_a_failed_rank_ends_the_other_with_a_clear_error(tmp_path, scenario):
+    start = time.monotonic()
+    procs = _spawn(tmp_path, scenario, wait_s=90)
+    try:
+        elapsed = time.monotonic() - start
+        assert not procs[0].is_alive(), "rank 0 hangs after its peer failed"
+        result = torch.load(tmp_path / "rank0.pt", weights_only=False) \
+            if (tmp_path / "rank0.pt").exists() else None
+        assert result is not None, _errors(tmp_path)
+        assert result["error"] is not None
+        assert re.match(r"rank 0 of 2: all_(gather|reduce) of .* failed: another rank stopped or "
+                        r"did not answer within the 4 s timeout", result["error"]), result["error"]
+        assert "\n" not in result["error"]
+        assert result["seconds"] < 30, result
+        assert elapsed < 90
+    finally:
+        _stop(procs)
+
+
+def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
+    from cliplab.train.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="LOCAL_RANK is not set"):
+        init_distributed()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "five")
+    with pytest.raises(ConfigError, match="RANK='five' is not an integer"):
+        init_distributed()
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    from cliplab.train import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = distributed.init_distributed()
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None)
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather_with_grad(x) is x
+
+
+def test_collective_errors_translates_backend_errors_only():
+    from cliplab.errors import DistributedError
+    from cliplab.train.distributed import collective_errors
+
+    with pytest.raises(DistributedError, match=r"rank 0 of 1: the step failed: another rank .*"
+                                               r"Connection closed by peer"):
+        with collective_errors("the step"):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer\nmore")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        with collective_errors("the step"):
+            torch.randn(2, 3) @ torch.randn(2, 3)

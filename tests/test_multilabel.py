@@ -1,0 +1,82 @@
+"""Multi-label sets and mAP: hand-computed AP, sklearn's AP, shapes labels, the suite task."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from cliplab.data.multilabel import load_multilabel_manifest, shapes_multilabel
+from cliplab.data.shapes import COLORS
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.multilabel import average_precision, mean_average_precision
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+
+
+def test_average_precision_by_hand():
+    scores = torch.tensor([[0.9, 0.9, 0.3], [0.8, 0.5, 0.2], [0.7, 0.5, 0.1], [0.6, 0.1, 0.0]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]])
+    ap = average_precision(scores, targets)
+    # class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2
+    assert ap[0].item() == pytest.approx(5 / 6)
+    # class 1: 0.9 (neg), tie at 0.5 (one pos, one neg) -> P=1/3 at R=1/2; 0.1 (pos) -> P=2/4
+    assert ap[1].item() == pytest.approx(0.5 * 1 / 3 + 0.5 * 2 / 4)
+    assert torch.isnan(ap[2])  # no positive: left out of the mean
+    assert mean_average_precision(scores, targets) == pytest.approx((5 / 6 + 5 / 12) / 2)
+
+
+def test_average_precision_matches_sklearn_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (60, 7), generator=g).float()  # many ties
+    targets = torch.rand(60, 7, generator=g) < 0.3
+    ours = average_precision(scores, targets).numpy()
+    theirs = [average_precision_score(targets[:, c].numpy(), scores[:, c].numpy())
+              for c in range(7)]
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert mean_average_precision(scores, targets) == pytest.approx(
+        average_precision_score(targets.numpy(), scores.numpy(), average="macro"), abs=1e-6)
+
+
+def test_shapes_multilabel_targets_are_the_colours_in_the_pixels():
+    data = shapes_multilabel(n=20, seed=3, attribute="color", image_size=32)
+    assert data.targets.shape == (20, len(COLORS))
+    assert (data.targets.sum(1) == 2).all()  # relation scenes: two objects, two colours
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.uint8)
+    for image, target in zip(data.images, data.targets):
+        present = (image.reshape(-1, 1, 3) == palette[None]).all(-1).any(0)
+        assert present.tolist() == target.tolist()
+    shapes = shapes_multilabel(n=20, seed=3, attribute="shape", image_size=32)
+    assert ((shapes.targets.sum(1) >= 1) & (shapes.targets.sum(1) <= 2)).all()
+
+
+def test_multilabel_manifest(tmp_path):
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text(
+        "image,labels\na.png,cat|dog\nb.png,dog\nc.png,\nmissing.png,cat\nc.png,cow\n")
+    data = load_multilabel_manifest(tmp_path / "m.csv", classnames=["cat", "dog"],
+                                    progress=False)
+    assert data.targets.tolist() == [[True, True], [False, True]]
+    assert data.skipped.counts == {"bad_label": 2, "missing_file": 1}
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "labels": ["owl", "cat"]}\n')
+    data = load_multilabel_manifest(tmp_path / "m.jsonl", progress=False)
+    assert data.classnames == ["cat", "owl"] and data.targets.tolist() == [[True, True]]
+
+
+def test_suite_multilabel_task_matches_sklearn(tiny_model):
+    spec = {"source": "shapes", "multilabel": True, "n": 40, "seed": 5, "image_size": 32}
+    out = run_suite(tiny_model, {"tasks": [
+        {"name": "ml", "task": "multilabel_zeroshot", "data": spec}]}, progress=False)["ml"]
+    data = shapes_multilabel(n=40, seed=5, image_size=32)
+    emb = encode_images(tiny_model, data.images, progress=False).embeddings
+    scores = emb @ zeroshot_classifier(tiny_model, data.classnames, data.templates).T
+    present = data.targets.any(0)
+    expected = average_precision_score(data.targets[:, present].numpy(),
+                                       scores[:, present].numpy(), average="macro")
+    assert out["mean_average_precision"] == pytest.approx(expected, abs=1e-5)
+    assert out["n_classes"] == int(present.sum())
+    with pytest.raises(ConfigError, match="task 'ml2': data must be multi-label"):
+        run_suite(tiny_model, {"tasks": [{"name": "ml2", "task": "multilabel_zeroshot",
+                                          "data": {"source": "digits"}}]}, progress=False)

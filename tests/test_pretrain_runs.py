@@ -1,0 +1,94 @@
+"""`cliplab pretrain` runs: evaluation during training, continued pretraining with replay, and
+exact resume of a run killed with SIGKILL."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cliplab.models import DualEncoder
+from cliplab.train.pretrain import run_pretrain
+
+MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+                                            "layers": 1, "heads": 2, "embed_dim": 16,
+                                            "context_length": 48}}
+SHAPES = {"source": "shapes", "n": 128, "seed": 0, "kinds": ["single"], "image_size": 32}
+
+
+def recipe(out: Path, **train) -> dict:
+    return {"model": MODEL, "data": {"train": SHAPES},
+            "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "warmup": 1, "log_every": 1,
+                      "augment": False, **train},
+            "eval": [{"name": "colour", "source": "shapes", "attribute": "color", "n": 64,
+                      "seed": 1, "image_size": 32}],
+            "out": str(out)}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_evaluation_every_n_steps_is_logged_and_reported(tmp_path):
+    results = run_pretrain(recipe(tmp_path / "run", eval_every=2), progress=False)
+    evals = [r for r in records(tmp_path / "run") if "eval/colour/acc1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert results["evals"]["colour"]["acc1"] == evals[-1]["eval/colour/acc1"]
+
+
+def test_continued_pretraining_starts_from_a_run_and_replays_old_data(tmp_path):
+    run_pretrain(recipe(tmp_path / "first"), progress=False)
+    first = DualEncoder.load(tmp_path / "first" / "checkpoints" / "step-4" / "model")
+    cfg = recipe(tmp_path / "second", lr=0.0, weight_decay=0.0)
+    cfg["model"] = {"path": str(tmp_path / "first")}  # a run folder: its newest checkpoint
+    cfg["data"]["replay"] = {"ratio": 0.25, **SHAPES}
+    cfg["data"]["train"] = {**SHAPES, "seed": 3}
+    results = run_pretrain(cfg, progress=False)
+    second = DualEncoder.load(results["model_dir"])
+    for (k, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), k  # lr 0: the weights it started from, unchanged
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cliplab", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.slow
+def test_run_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
+    steps = 14
+    for name in ("full", "killed"):
+        cfg = recipe(tmp_path / name, steps=steps, save_every=1, augment=True)
+        cfg["eval"] = []
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    full = _cli(["pretrain", "--config", str(tmp_path / "full.yaml"), "--no-progress"])
+    assert full.wait(timeout=300) == 0, full.stderr.read().decode()
+
+    kill_after = random.Random().randint(2, steps - 4)
+    killed = _cli(["pretrain", "--config", str(tmp_path / "killed.yaml"), "--no-progress"])
+    marker = tmp_path / "killed" / "checkpoints" / f"step-{kill_after}"
+    deadline = time.time() + 300
+    while not marker.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "checkpoints" / f"step-{steps}").exists()
+
+    resumed = _cli(["pretrain", "--config", str(tmp_path / "killed.yaml"), "--resume", "latest",
+                    "--no-progress"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    a = load_file(tmp_path / "full" / "checkpoints" / f"step-{steps}" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / f"step-{steps}" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step ~{kill_after}"

@@ -1,0 +1,125 @@
+"""`cliplab pretrain` under torchrun: two gloo ranks on CPU take the step one process takes on
+the same global batch (InfoNCE and SigLIP, plain, tiled and GradCache), the CLI run matches a
+single-process run, and a rank that dies ends the other with one clear error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from trainer_grads import SCENARIOS, one_step  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "trainer_grads.py"
+MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+                                            "layers": 1, "heads": 2, "embed_dim": 16,
+                                            "context_length": 48}}
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("torchrun")
+    done = _torchrun(str(SCRIPT), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_two_ranks_take_the_one_process_step(two_rank_steps, scenario):
+    torch.set_num_threads(1)
+    reference = one_step(*SCENARIOS[scenario])
+    for rank in two_rank_steps:
+        got = rank[scenario]
+        assert got["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+        assert got["grads"].keys() == reference["grads"].keys()
+        for name, grad in reference["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=1e-5, msg=name)
+
+
+def _recipe(out: Path, **train) -> dict:
+    return {"model": MODEL,
+            "data": {"train": {"source": "shapes", "n": 96, "seed": 0, "kinds": ["single"],
+                               "image_size": 32}},
+            "train": {"steps": 3, "batch_size": 32, "lr": 1e-3, "warmup": 1, "log_every": 1,
+                      "augment": True, **train},
+            "out": str(out)}
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(tmp_path / name)))
+    one = subprocess.run([sys.executable, "-m", "cliplab", "pretrain", "--config",
+                          str(tmp_path / "one.yaml"), "--no-progress"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("-m", "cliplab", "pretrain", "--config", str(tmp_path / "two.yaml"),
+                    "--no-progress")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("model: ") == 1  # rank 0 reports
+    # steps 2 and 3 start from weights both runs updated: the whole loop agrees, not one loss
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
+    assert len(_losses(tmp_path / "two")) == 3
+    assert (tmp_path / "two" / "checkpoints" / "step-3" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["train"]["step"] == 3
+
+
+# rank 1 stands in for a GPU that falls off the bus: it exits during its second step
+_DYING_RANK = """
+import os, sys
+from cliplab.train.trainer import Trainer
+backward = Trainer._backward
+def dying(self, *args, **kwargs):
+    if self.step == 1:
+        os._exit(3)
+    return backward(self, *args, **kwargs)
+Trainer._backward = dying
+from cliplab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_dies_ends_the_run_with_one_error_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(tmp_path / "run", steps=5, dist_timeout_s=30)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["pretrain", "--config", str(cfg), "--no-progress"]
+    procs = []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "cliplab", *args] if rank == 0 else \
+            [sys.executable, "-c", _DYING_RANK, *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait(timeout=30)
+    assert procs[1].returncode == 3
+    assert procs[0].returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cliplab: error: rank 0 of 2: ") and "another rank stopped" in last
+    assert "Traceback" not in err

@@ -1,0 +1,151 @@
+"""`cliplab report`: tables side by side, valid PNG plots, parseable HTML, one-line errors."""
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.errors import DataError
+from cliplab.evaluate.report import flatten_metrics, format_value, write_report
+
+
+def _few_shot(base):
+    return {f"ncm_{k}shot": {"acc1_mean": base + 0.1 * i, "acc1_std": 0.02,
+                             "acc1_per_seed": [base + 0.1 * i] * 2}
+            for i, k in enumerate((1, 4, 16))}
+
+
+def _long_tail(slope):
+    return {"fit": {"slope": slope, "intercept": 0.1, "r2": 0.8, "n_classes": 3},
+            "per_class": {"red": {"acc1": 0.9, "frequency": 100},
+                          "blue": {"acc1": 0.5, "frequency": 10},
+                          "green": {"acc1": 0.3, "frequency": 1},
+                          "white": {"acc1": 0.1, "frequency": 0}},
+            "zero_frequency": {"classes": ["white"], "mean_acc1": 0.1}}
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    a = tmp_path / "results-a.json"
+    a.write_text(json.dumps({"model": "runs/alpha/checkpoints/step-10/model", "results": {
+        "zs": {"acc1": 0.8125, "acc5": 1.0, "mean_per_class_recall": 0.75},
+        "fs": _few_shot(0.5), "lt": _long_tail(0.2)}}))
+    b = tmp_path / "results-b.json"
+    b.write_text(json.dumps({"model": "tiny-clip", "results": {
+        "zs": {"acc1": 0.25, "acc5": 0.625, "mean_per_class_recall": 0.3},
+        "fs": _few_shot(0.2), "lt": _long_tail(0.05),
+        "ret": {"image_retrieval_recall@1": 0.375}}}))
+    run = tmp_path / "run-x"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {epochs: 1}\n")
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 4.0 / s, "lr": 1e-3 * s, "logit_scale": 14.0 + s}) + "\n"
+        for s in (1, 2, 3)))
+    (run / "results.json").write_text(json.dumps(
+        {"train": {"loss": 1.5}, "evals": {"zs": {"acc1": 0.5}}, "model_dir": "x",
+         "wall_time_s": 123.45}))
+    return [a, b, run]
+
+
+class _Tables(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cells, self.images, self.stack = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in ("meta", "img", "br", "hr", "link"):  # void elements have no end tag
+            self.stack.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        if self.stack and self.stack[-1] in ("td", "th"):
+            self.cells.append(data)
+
+
+def test_report_tables_plots_and_html(tmp_path, inputs):
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out), "--no-progress", *map(str, inputs),
+                 "title=two models"]) == 0
+    md = (out / "report.md").read_text()
+    assert md.startswith("# two models")
+    # one column per model, rows of metrics, values as written
+    assert "| metric | alpha/step-10 | tiny-clip | run-x |" in md
+    assert "| acc1 | 0.8125 | 0.2500 | 0.5000 |" in md
+    assert "| image_retrieval_recall@1 | 0.3750 |" in md  # a task only one model has
+    assert "| ncm_4shot | 0.6000 ± 0.0200 | 0.3000 ± 0.0200 |" in md
+    assert "| fit.slope | 0.2000 | 0.0500 |" in md
+    assert "| wall_time_s | 123.5 |" in md
+    assert "| logit_scale | 17.0000 |" in md  # last logged training step
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["few-shot-fs.png", "long-tail-lt.png", "training-curves.png"]
+    for name in pngs:
+        with Image.open(out / "plots" / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+        assert f"(plots/{name})" in md
+
+    parser = _Tables()
+    parser.feed((out / "report.html").read_text())
+    parser.close()
+    assert not parser.stack  # every tag closed
+    assert "0.8125" in parser.cells and "0.6000 ± 0.0200" in parser.cells
+    assert len(parser.images) == 3 and all(s.startswith("data:image/png;base64,")
+                                           for s in parser.images)
+
+
+def test_flatten_and_format():
+    flat = flatten_metrics({"a": {"b": 1, "c": [1, 2], "d": "x", "e": None},
+                            "k": {"acc1_mean": 0.5, "acc1_std": 0.1}, "f": True})
+    assert flat == {"a.b": 1, "a.e": None, "k": (0.5, 0.1)}
+    assert [format_value(v) for v in (3, 0.123456, 1234.56, None, (0.5, 0.25))] == \
+        ["3", "0.1235", "1234.6", "—", "0.5000 ± 0.2500"]
+
+
+def test_report_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": {')
+    assert main(["report", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cliplab: error: {bad}: invalid JSON") and "\n" not in err
+    with pytest.raises(DataError, match="report input .*nope.json does not exist"):
+        write_report([tmp_path / "nope.json"], tmp_path / "o")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(DataError, match="run folder .*run has neither results.json"):
+        write_report([run], tmp_path / "o")
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(DataError, match="metrics.jsonl:line 2: invalid JSON"):
+        write_report([run], tmp_path / "o")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="list.json: expected a JSON object"):
+        write_report([tmp_path / "list.json"], tmp_path / "o")
+    (tmp_path / "empty.json").write_text('{"model": "m"}')
+    with pytest.raises(DataError, match="empty.json: no metrics found"):
+        write_report([tmp_path / "empty.json"], tmp_path / "o")
+
+
+def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
+    """A run folder written by `cliplab pretrain` (a few steps) reports its curves."""
+    from cliplab.train.pretrain import run_pretrain
+
+    run_pretrain({"model": {"preset": "tiny-clip",
+                            "options": {"image_size": 32, "patch_size": 16, "width": 32,
+                                        "layers": 1, "heads": 2, "embed_dim": 16}},
+                  "data": {"train": {"source": "shapes", "n": 64, "image_size": 32}},
+                  "train": {"steps": 4, "batch_size": 16, "log_every": 1, "augment": False},
+                  "eval": [{"name": "colour", "source": "shapes", "attribute": "color",
+                            "n": 32, "image_size": 32}],
+                  "out": str(tmp_path / "run")}, progress=False)
+    written = write_report([tmp_path / "run"], tmp_path / "rep", progress=False)
+    md = written["markdown"].read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert f"| acc1 | {results['evals']['colour']['acc1']:.4f} |" in md
+    assert "| step | 4 |" in md
+    assert (tmp_path / "rep" / "plots" / "training-curves.png").is_file()

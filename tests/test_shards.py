@@ -1,0 +1,386 @@
+"""WebDataset shards: writer layout, round trip, rank x worker split, shuffle, exact resume,
+corrupt samples, the `cliplab data shard` command."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.data.shard_loader import collate_samples
+from cliplab.data.shard_stream import ShardStream
+from cliplab.data.shard_writer import write_shards
+from cliplab.data.sources import load_source
+from cliplab.data.types import ImageTextPairs
+from cliplab.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_source({"source": "shapes", "n": 53, "seed": 3, "image_size": 32})
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, shapes):
+    """53 shapes scenes in 9 shards (8 of 6 samples, one of 5), lossless."""
+    out = tmp_path_factory.mktemp("shards") / "shapes"
+    write_shards(shapes, out, samples_per_shard=6, image_format="png", progress=False)
+    return out
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+# ---- writer ------------------------------------------------------------------------------------
+
+def test_writer_layout_counts_and_metadata(shard_dir, shapes):
+    index = json.loads((shard_dir / "index.json").read_text())
+    assert [s["name"] for s in index["shards"]] == [f"{i:05d}.tar" for i in range(9)]
+    assert [s["count"] for s in index["shards"]] == [6] * 8 + [5]
+    assert index["total"] == 53 and index["source"] is None
+    assert json.loads((shard_dir / "00008_stats.json").read_text())["count"] == 5
+    with tarfile.open(shard_dir / "00001.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("000000006.json").read())
+        txt = tar.extractfile("000000006.txt").read().decode()
+    assert names[:3] == ["000000006.json", "000000006.png", "000000006.txt"]
+    assert len(names) == 18
+    assert meta["captions"] == shapes.captions[6] and txt == shapes.captions[6][0]
+    assert meta["group"] == int(shapes.groups[6]) and meta["source_key"].endswith(":6")
+
+
+def test_round_trip_png_is_identical(shard_dir, shapes):
+    pairs = load_source({"source": "shards", "path": str(shard_dir)})
+    assert isinstance(pairs, ImageTextPairs) and len(pairs) == 53
+    assert torch.equal(pairs.images, shapes.images)
+    assert pairs.captions == shapes.captions
+    assert torch.equal(pairs.groups, shapes.groups)
+    assert pairs.skipped.total == 0
+
+
+def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
+    digits = load_source({"source": "digits", "split": "test"})
+    digits = digits.subset(torch.arange(40))
+    write_shards(digits, tmp_path / "png", samples_per_shard=16, image_format="png", progress=False)
+    pairs = load_source({"source": "shards", "path": str(tmp_path / "png"), "progress": False})
+    assert pairs.images.shape == (40, 8, 8, 1) and torch.equal(pairs.images, digits.images)
+    assert torch.equal(pairs.groups, digits.labels)
+    assert pairs.captions[0] == [t.format(digits.classnames[int(digits.labels[0])])
+                                 for t in digits.templates]
+    index = json.loads((tmp_path / "png" / "index.json").read_text())
+    assert index["classnames"] == digits.classnames
+    write_shards(digits, tmp_path / "jpg", image_format="jpg", quality=95, progress=False)
+    lossy = load_source({"source": "shards", "path": str(tmp_path / "jpg"), "progress": False})
+    error = (lossy.images.float() - digits.images.float()).abs().mean()
+    assert 0 < error < 8  # JPEG: close, not equal
+
+
+def test_writer_refuses_non_empty_folder_and_overwrite_replaces(tmp_path, shapes):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty.*--overwrite"):
+        write_shards(shapes, out, progress=False)
+    write_shards(shapes, out, samples_per_shard=10, overwrite=True, progress=False)
+    write_shards(shapes, out, samples_per_shard=30, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert (out / "notes.txt").read_text() == "mine"  # not ours: left alone
+
+
+# ---- reading, splitting, shuffling ---------------------------------------------------------------
+
+def _keys(stream_or_loader):
+    out = []
+    for item in stream_or_loader:
+        out.extend(item["key"] if isinstance(item["key"], list) else [item["key"]])
+    return out
+
+
+def test_every_sample_exactly_once_across_2_ranks_x_2_workers(shard_dir):
+    all_keys = set(_keys(ShardStream(shard_dir, shuffle=False, rank=0, world_size=1)))
+    assert len(all_keys) == 53
+    for epoch in (0, 1):
+        seen, per_rank = [], []
+        for rank in (0, 1):
+            stream = ShardStream(shard_dir, seed=7, shuffle_buffer=8, rank=rank, world_size=2,
+                                 image_size=32)
+            stream.set_epoch(epoch)
+            loader = stream.loader(batch_size=4, num_workers=2)
+            expected = stream.rank_sample_counts(workers=2)
+            keys = _keys(loader)
+            per_rank.append(len(keys))
+            assert len(keys) == expected[rank]
+            seen.extend(keys)
+        assert len(seen) == 53 and set(seen) == all_keys
+        assert sum(per_rank) == 53 and min(per_rank) > 0
+
+
+def test_shard_split_is_a_partition_and_counts_match(shard_dir):
+    stream = ShardStream(shard_dir, seed=1, rank=0, world_size=3)
+    for workers in (1, 2, 4):
+        ids = [i for r in range(3) for w in range(workers)
+               for i in stream.stream_shards(0, r, w, workers)]
+        assert sorted(ids) == list(range(9))
+    assert sum(stream.rank_sample_counts(workers=2)) == 53
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(shard_dir):
+    def order(seed, epoch):
+        stream = ShardStream(shard_dir, seed=seed, shuffle_buffer=10, rank=0, world_size=1)
+        stream.set_epoch(epoch)
+        return _keys(stream)
+
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert a != order(0, 1) and a != order(1, 0)
+    assert sorted(a) == sorted(order(0, 1))
+    unshuffled = _keys(ShardStream(shard_dir, shuffle=False, rank=0, world_size=1))
+    assert unshuffled == sorted(unshuffled) and a != unshuffled
+
+
+def test_in_process_pass_advances_the_epoch(shard_dir):
+    stream = ShardStream(shard_dir, seed=0, rank=0, world_size=1)
+    first = _keys(stream)
+    assert stream.epoch == 1
+    second = _keys(stream)
+    fresh = ShardStream(shard_dir, seed=0, rank=0, world_size=1)
+    fresh.set_epoch(1)
+    assert second == _keys(fresh) and second != first
+
+
+def test_caption_modes(shard_dir, shapes):
+    first = next(iter(ShardStream(shard_dir, shuffle=False, caption="first")))
+    assert first["caption"] == shapes.captions[0][0] and first["group"] == int(shapes.groups[0])
+    every = next(iter(ShardStream(shard_dir, shuffle=False, caption="all")))
+    assert every["caption"] == shapes.captions[0]
+    assert every["image"].dtype == torch.uint8 and every["image"].shape == (32, 32, 3)
+
+    def picks(seed, epoch):
+        stream = ShardStream(shard_dir, shuffle=False, caption="random", seed=seed)
+        stream.set_epoch(epoch)
+        return [s["caption"] for s in stream]
+
+    a = picks(0, 0)
+    assert a == picks(0, 0) and a != picks(0, 1)
+    assert all(c in caps for c, caps in zip(a, shapes.captions))
+
+
+def test_brace_pattern_and_missing_shard(shard_dir):
+    keys = _keys(ShardStream(f"{shard_dir}/{{00000..00002}}.tar", shuffle=False))
+    assert len(keys) == 18 and keys[0].startswith("00000.tar:")
+    with pytest.raises(DataError, match="shard not found: .*00041.tar \\(and 1 more\\)"):
+        ShardStream(f"{shard_dir}/{{00041..00042}}.tar")
+
+
+def test_collate_stacks_and_rejects_mixed_sizes():
+    a = {"image": torch.zeros(4, 4, 3, dtype=torch.uint8), "caption": "x", "key": "s:a", "group": 2}
+    b = {"image": torch.ones(4, 4, 3, dtype=torch.uint8), "caption": "y", "key": "s:b", "group": None}
+    batch = collate_samples([a, b])
+    assert batch["image"].shape == (2, 4, 4, 3) and batch["group"].tolist() == [2, -1]
+    assert batch["caption"] == ["x", "y"] and batch["key"] == ["s:a", "s:b"]
+    c = {**b, "image": torch.zeros(5, 4, 3, dtype=torch.uint8), "key": "s:c"}
+    with pytest.raises(DataError, match="s:c is \\(5, 4, 3\\).*image_size"):
+        collate_samples([a, c])
+
+
+def test_image_size_resizes_so_mixed_sizes_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_tar(tmp_path / "00000.tar", [
+        (f"k{i}", {"png": _png(rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)),
+                   "txt": b"a caption"}) for i in range(4)])
+    with pytest.raises(DataError, match="differ in size"):
+        list(ShardStream(tmp_path, shuffle=False).loader(batch_size=4))
+    batch = next(iter(ShardStream(tmp_path, shuffle=False, image_size=6).loader(batch_size=4)))
+    assert batch["image"].shape == (4, 6, 6, 3)
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+def _batches(loader, limit=None):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def _stream(shard_dir, **kw):
+    return ShardStream(shard_dir, seed=5, shuffle_buffer=10, rank=0, world_size=1, **kw)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 11])
+def test_resume_with_workers_equals_uninterrupted(shard_dir, tmp_path, cut):
+    """Worker 0 reads 5 shards (29 or 30 samples), worker 1 reads 4: with batches of 4 the
+    streams end at different times, so late cuts resume after one worker is exhausted."""
+    full = _batches(_stream(shard_dir).loader(batch_size=4, num_workers=2))
+    assert sum(len(b["key"]) for b in full) == 53 and len(full) == 8 + 6
+
+    first = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    head = _batches(first, limit=cut)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    tail = _batches(resumed)
+
+    assert [b["key"] for b in head + tail] == [b["key"] for b in full]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(head + tail, full))
+    assert resumed.stream.epoch == 1  # the resumed pass finished the epoch
+
+
+def test_resume_in_process_and_at_epoch_end(shard_dir):
+    full = _keys(_stream(shard_dir))
+    stream = _stream(shard_dir)
+    it = iter(stream)
+    head = [next(it)["key"] for _ in range(20)]
+    state = stream.state_dict()
+    resumed = _stream(shard_dir)
+    resumed.load_state_dict(state)
+    assert head + _keys(resumed) == full
+
+    done = _stream(shard_dir)
+    _keys(done)  # a whole epoch: the state points at the start of epoch 1
+    after = _stream(shard_dir)
+    after.load_state_dict(done.state_dict())
+    again = _stream(shard_dir)
+    again.set_epoch(1)
+    assert after.epoch == 1 and _keys(after) == _keys(again)
+
+
+def test_resume_needs_same_workers_and_shards(shard_dir):
+    loader = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    _batches(loader, limit=2)
+    other = _stream(shard_dir).loader(batch_size=4, num_workers=1)
+    other.load_state_dict(loader.state_dict())
+    with pytest.raises(DataError, match="saved with 2"):
+        _batches(other)
+    fewer = ShardStream(f"{shard_dir}/{{00000..00003}}.tar", seed=5, rank=0, world_size=1)
+    with pytest.raises(DataError, match="shards"):
+        fewer.load_state_dict(loader.state_dict())
+
+
+def test_drop_last_and_batches_per_rank(shard_dir):
+    for rank in (0, 1):
+        stream = ShardStream(shard_dir, seed=2, rank=rank, world_size=2)
+        loader = stream.loader(batch_size=4, num_workers=2, drop_last=True)
+        expected = loader.batches_per_rank()[rank]
+        batches = _batches(loader)
+        assert len(batches) == expected and all(len(b["key"]) == 4 for b in batches)
+
+
+# ---- corrupt samples ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def corrupt_dir(tmp_path):
+    rng = np.random.default_rng(1)
+    good = [(f"g{i}", {"png": _png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+                       "txt": f"caption {i}".encode()}) for i in range(6)]
+    _write_tar(tmp_path / "00000.tar", good[:3] + [
+        ("bad_image", {"png": b"\x89PNG not really", "txt": b"a caption"}),
+        ("empty_caption", {"png": good[0][1]["png"], "txt": b"  \n"})])
+    _write_tar(tmp_path / "00001.tar", good[3:] + [
+        ("no_image", {"txt": b"only text"}),
+        ("empty_list", {"png": good[0][1]["png"], "json": b'{"captions": [""]}'})])
+    return tmp_path
+
+
+def test_corrupt_samples_are_skipped_and_counted(corrupt_dir):
+    stream = ShardStream(corrupt_dir, shuffle=False)
+    keys = _keys(stream)
+    assert keys == [f"00000.tar:g{i}" for i in range(3)] + [f"00001.tar:g{i}" for i in range(3, 6)]
+    assert stream.skipped.counts == {"unreadable_image": 1, "empty_caption": 2, "missing_image": 1}
+    assert stream.skipped.keys["unreadable_image"] == ["00000.tar:bad_image"]
+    assert sorted(stream.skipped.keys["empty_caption"]) == ["00000.tar:empty_caption",
+                                                           "00001.tar:empty_list"]
+
+
+def test_skips_inside_workers_reach_the_main_process(corrupt_dir):
+    stream = ShardStream(corrupt_dir, shuffle=False)
+    loader = stream.loader(batch_size=2, num_workers=2, drop_last=True)
+    assert len(_keys(loader)) == 4  # each worker's third good sample is dropped with drop_last
+    assert stream.skipped.total == 4 and stream.skipped.counts["empty_caption"] == 2
+    pairs = load_source({"source": "shards", "path": str(corrupt_dir), "progress": False})
+    assert len(pairs) == 6 and pairs.skipped.total == 4 and pairs.groups is None
+
+
+def test_broken_and_truncated_shards_are_counted(tmp_path, shard_dir):
+    data = (shard_dir / "00000.tar").read_bytes()
+    full = [f"00000.tar:{i:09d}" for i in range(6)]
+    for cut in (len(data) // 2, len(data) // 2 + 100, len(data) // 2 + 700):
+        folder = tmp_path / str(cut)
+        folder.mkdir()
+        (folder / "00000.tar").write_bytes(data[:cut])
+        (folder / "index.json").write_text((shard_dir / "index.json").read_text())
+        stream = ShardStream(folder / "00000.tar", shuffle=False)
+        keys = _keys(stream)
+        assert keys == full[: len(keys)] and len(keys) < 6
+        shard_reasons = {"unreadable_shard", "truncated_shard"} & set(stream.skipped.counts)
+        assert len(shard_reasons) == 1, stream.skipped.to_dict()
+        assert stream.skipped.keys[shard_reasons.pop()][0].startswith("00000.tar:")
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
+    stream = ShardStream([tmp_path / "junk.tar", shard_dir / "00001.tar"], shuffle=False)
+    assert len(_keys(stream)) == 6 and stream.skipped.counts == {"unreadable_shard": 1}
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_writes_shards_from_a_source(tmp_path, capsys):
+    out = tmp_path / "digits"
+    code = main(["data", "shard", "--source", "digits", "--out", str(out), "split=test",
+                 "--samples-per-shard", "200", "--format", "png", "--no-progress"])
+    assert code == 0
+    assert "wrote 540 samples in 3 shards" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"] == {"source": "digits", "split": "test"}
+    assert [s["count"] for s in index["shards"]] == [200, 200, 140]
+
+
+def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("image,caption\n0.png,a\n1.png,\n2.png,c\n")
+    config = tmp_path / "shard.yaml"
+    config.write_text(f"data: {{source: manifest, path: {tmp_path / 'm.csv'}}}\n"
+                      f"out: {tmp_path / 'a'}\nimage_format: png\n")
+    assert main(["data", "shard", "--config", str(config), "--no-progress"]) == 0
+    assert "wrote 2 samples in 1 shards" in capsys.readouterr().out
+    assert main(["data", "shard", "--source", str(tmp_path / "m.csv"), "--out",
+                 str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "skipped 1 samples: empty_caption=1" in capsys.readouterr().out
+
+    assert main(["data", "shard", "--source", "nope", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cliplab: error: unknown data source 'nope'") and "\n" not in err
+    assert main(["data", "shard", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and "--overwrite" in err and "\n" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_rank_and_world_size_come_from_torch_distributed(shard_dir, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    stream = ShardStream(shard_dir, seed=7)
+    assert (stream.rank, stream.world_size) == (1, 2)
+    explicit = ShardStream(shard_dir, seed=7, rank=1, world_size=2)
+    assert _keys(stream) == _keys(explicit)

@@ -1,0 +1,131 @@
+"""The text-feature cache: distinct texts encoded once, same embeddings as without it, and a
+new key whenever the text tower changes."""
+
+import torch
+
+from cliplab.data.types import ImageTextPairs
+from cliplab.evaluate import text_cache as tc
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.retrieval import retrieval, retrieval_metrics
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.text_cache import TextFeatureCache
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models import build_model
+
+TEXTS = ["a cat", "a very small dog on a red mat", "a cat", "one car", "a bus in the rain today"]
+
+
+def _model(seed=0):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=32, seed=seed)
+
+
+def spy_encodes(monkeypatch):
+    calls = []
+    real = tc.encode_texts_sorted
+
+    def spy(model, texts, *args, **kwargs):
+        calls.append(list(texts))
+        return real(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(tc, "encode_texts_sorted", spy)
+    return calls
+
+
+def test_distinct_texts_are_encoded_once_and_reused(monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    cache, model = TextFeatureCache(), _model()
+    first = cache.embeddings(model, TEXTS)
+    assert calls == [["a cat", "a very small dog on a red mat", "one car",
+                      "a bus in the rain today"]]
+    assert (cache.misses, cache.hits) == (4, 0)
+    again = cache.embeddings(model, ["one car", "a new text", "a cat"])
+    assert calls[1] == ["a new text"] and (cache.misses, cache.hits) == (5, 2)
+    assert torch.equal(again[0], first[3]) and torch.equal(again[2], first[0])
+    assert first.shape == (5, 16) and torch.equal(first[0], first[2])
+
+
+def test_cached_embeddings_equal_plain_encoding():
+    model = _model()
+    plain = model.encode_texts(TEXTS).float()
+    cached = TextFeatureCache(batch_size=2).embeddings(model, TEXTS)  # sorted, 2 per batch
+    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached.norm(dim=1), torch.ones(5))
+
+
+def test_text_tower_change_invalidates_and_image_tower_change_does_not(monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    cache, model = TextFeatureCache(), _model()
+    before = cache.embeddings(model, ["a cat"])
+    with torch.no_grad():
+        model.model.vision_model.embeddings.patch_embedding.weight.add_(1.0)
+    cache.embeddings(model, ["a cat"])
+    assert len(calls) == 1  # image weights are no part of a text's key
+    with torch.no_grad():
+        model.model.text_projection.weight.mul_(-1.0)
+    after = cache.embeddings(model, ["a cat"])
+    assert len(calls) == 2 and torch.allclose(after, -before, atol=1e-6)
+    with torch.no_grad():
+        model.model.text_model.final_layer_norm.bias.add_(0.5)
+    cache.embeddings(model, ["a cat"])
+    assert len(calls) == 3
+    cache.embeddings(_model(seed=1), ["a cat"])  # another model altogether
+    assert len(calls) == 4
+
+
+def test_bf16_is_its_own_key_and_close_to_fp32(monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    cache, model = TextFeatureCache(), _model()
+    fp32 = cache.embeddings(model, TEXTS)
+    bf16 = cache.embeddings(model, TEXTS, precision="bf16")
+    assert len(calls) == 2
+    assert (fp32 - bf16).abs().max() < 0.05
+
+
+def test_zeroshot_classifier_with_cache_matches_and_reuses_prompts(monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    model, cache = _model(), TextFeatureCache()
+    names, templates = ["cat", "dog", "car"], ["a photo of {}.", "a {}"]
+    plain = zeroshot_classifier(model, names, templates)
+    cached = zeroshot_classifier(model, names, templates, cache)
+    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=0)
+    zeroshot_classifier(model, names[:2], templates, cache)  # a subset: nothing new to encode
+    assert len(calls) == 1 and cache.hits == 4
+
+
+def test_retrieval_with_duplicate_captions_equals_the_full_similarity_matrix(monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 16, 16, 3), generator=g, dtype=torch.uint8)
+    captions = [["a cat", "one cat"], ["a dog", "a cat"], ["a car"], ["a dog"], ["a cat"],
+                ["a cup", "one cat"]]
+    got = retrieval(model, ImageTextPairs(images, captions), ks=(1, 2, 5), progress=False)
+    assert sorted(calls[0]) == ["a car", "a cat", "a cup", "a dog", "one cat"]
+    # the reference: every caption embedded on its own row, no deduplication
+    from cliplab.evaluate.features import encode_images
+    flat = [c for cs in captions for c in cs]
+    owner = torch.tensor([i for i, cs in enumerate(captions) for _ in cs])
+    ref = retrieval_metrics(encode_images(model, images, progress=False).embeddings,
+                            model.encode_texts(flat).float(), owner, ks=(1, 2, 5))
+    assert got == ref
+
+
+def test_chunked_retrieval_metrics_equal_unchunked():
+    g = torch.Generator().manual_seed(3)
+    images = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(11, 4, generator=g), dim=1)
+    owner = torch.randint(0, 7, (11,), generator=g)
+    assert retrieval_metrics(images, texts, owner, ks=(1, 3), chunk=2) == \
+        retrieval_metrics(images, texts, owner, ks=(1, 3))
+
+
+def test_suite_shares_text_embeddings_between_zeroshot_and_retrieval(tiny_model, monkeypatch):
+    calls = spy_encodes(monkeypatch)
+    cache = FeatureCache()
+    data = {"source": "digits", "split": "test"}
+    run_suite(tiny_model, {"tasks": [{"name": "zs", "task": "zeroshot", "data": data},
+                                     {"name": "ret", "task": "retrieval", "data": data,
+                                      "ks": [1]}]}, progress=False, cache=cache)
+    # retrieval's captions of a labelled set are its prompts: all already embedded
+    assert len(calls) == 1 and cache.texts.misses == len(calls[0])

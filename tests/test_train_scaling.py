@@ -1,0 +1,129 @@
+"""Trainer features for large batches and continued training: GradCache accumulation, gradient
+checkpointing, partly locked towers, replay mixing, evaluation during training."""
+
+import json
+
+import pytest
+import torch
+
+from cliplab.data.pairs import concat_pairs
+from cliplab.data.shapes import load_shapes
+from cliplab.models import build_model
+from cliplab.train.batches import ReplayBatches
+from cliplab.train.grad_cache import grad_cache_backward
+from cliplab.train.run_dir import RunDir
+from cliplab.train.trainer import TrainConfig, Trainer
+
+
+def small_model(seed=0, **kw):
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                       embed_dim=16, context_length=48, seed=seed, **kw)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_shapes(n=64, seed=0, kinds=("single",), image_size=32)
+
+
+def config(**kw):
+    base = dict(steps=3, batch_size=32, lr=3e-3, warmup=1, log_every=1, progress=False,
+                augment=False)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def grads_of_one_step(model, pairs, **kw):
+    """Gradients of the first step (weights after Adam steps would blow up round-off in
+    parameters whose true gradient is zero, such as attention key biases)."""
+    Trainer(model, config(steps=1, grad_clip=0, **kw)).fit(pairs)
+    return {k: p.grad.clone() for k, p in model.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("micro", [8, 12])  # 12 does not divide the batch of 32
+def test_grad_cache_gives_the_large_batch_update(pairs, micro):
+    whole = grads_of_one_step(small_model(), pairs)
+    chunked = grads_of_one_step(small_model(), pairs, micro_batch_size=micro)
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_grad_cache_backward_matches_autograd_with_dropout():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 4))
+    x, y = torch.randn(10, 6), torch.randn(10, 6)
+
+    def loss_fn(a, b):
+        return (a @ b.t()).logsumexp(1).mean()
+
+    def embed(rows):
+        return net(x[rows]), net(y[rows])
+
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    # the reference: the same dropout masks, drawn chunk by chunk as GradCache draws them
+    ref_img, ref_txt = [], []
+    for s in range(0, 10, 4):
+        a, b = embed(slice(s, min(s + 4, 10)))
+        ref_img.append(a)
+        ref_txt.append(b)
+    loss_fn(torch.cat(ref_img), torch.cat(ref_txt)).backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch.set_rng_state(state)
+    grad_cache_backward(embed, 10, 4, loss_fn)
+    for p, g in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_gradient_checkpointing_gives_the_same_update(pairs):
+    plain = grads_of_one_step(small_model(), pairs)
+    model = small_model()
+    ckpt = grads_of_one_step(model, pairs, gradient_checkpointing=True)
+    assert model.model.is_activation_checkpointing
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_locked_tower_except_last_block_trains_only_that_block(pairs):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    Trainer(model, config(lock_image=True, lock_image_except_last=1)).fit(pairs)
+    changed = {k for k, v in model.vision_tower.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("layers.1." in k for k in changed)
+
+
+def test_replay_batches_mix_the_ratio_and_cover_each_set():
+    batches = ReplayBatches(n_new=40, n_old=30, batch_size=10, ratio=0.3, seed=0)
+    seen_new, seen_old = [], []
+    for _ in range(4):  # one epoch of the new data: 40 / 7 -> 5 batches; take 4
+        idx = batches.next()
+        assert len(idx) == 10
+        seen_new += [i for i in idx.tolist() if i < 40]
+        seen_old += [i for i in idx.tolist() if i >= 40]
+    assert len(seen_new) == 28 and len(seen_old) == 12
+    assert len(set(seen_new)) == 28 and len(set(seen_old)) == 12  # no repeats within an epoch
+    assert all(40 <= i < 70 for i in seen_old)
+
+
+def test_replay_training_draws_from_both_sets(pairs):
+    old = load_shapes(n=64, seed=5, kinds=("single",), image_size=32)
+    data = concat_pairs(pairs, old)
+    assert len(data) == 128 and data.captions[64:] == old.captions
+    model = small_model()
+    last = Trainer(model, config(steps=2)).fit(pairs, replay=old, replay_ratio=0.25)
+    assert last["step"] == 2
+
+
+def test_evaluation_runs_every_n_steps_and_lands_in_metrics(pairs, tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model.training)
+        return {"eval/probe": float(len(calls))}
+
+    Trainer(small_model(), config(steps=5, eval_every=2), RunDir(tmp_path)).fit(
+        pairs, evaluate=evaluate)
+    assert calls == [False, False, False]  # steps 2, 4 and the last (5), in eval mode
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval/probe"]) for r in records if "eval/probe" in r]
+    assert evals == [(2, 1.0), (4, 2.0), (5, 3.0)]
