@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from trainer_grads import SCENARIOS, one_step  # noqa: E402
@@ -48,6 +50,7 @@ def test_two_ranks_take_the_one_process_step(two_rank_steps, scenario):
     reference = one_step(*SCENARIOS[scenario])
     for rank in two_rank_steps:
         got = rank[scenario]
+        assert (got["sharded"] > 0) == ("fsdp" in scenario)  # FSDP really sharded the blocks
         assert got["loss"] == pytest.approx(reference["loss"], abs=1e-5)
         assert got["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
@@ -68,9 +71,11 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path, sharded):
     for name in ("one", "two"):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(tmp_path / name)))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(tmp_path / name,
+                                                                      fsdp=sharded)))
     one = subprocess.run([sys.executable, "-m", "cliplab", "pretrain", "--config",
                           str(tmp_path / "one.yaml"), "--no-progress"],
                          env=_env(), capture_output=True, text=True, timeout=300)
@@ -84,6 +89,31 @@ def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path):
     assert len(_losses(tmp_path / "two")) == 3
     assert (tmp_path / "two" / "checkpoints" / "step-3" / "model" / "config.json").is_file()
     assert json.loads((tmp_path / "two" / "results.json").read_text())["train"]["step"] == 3
+    # the checkpoint holds the full weights however they were sharded
+    one_w = load_file(tmp_path / "one" / "checkpoints" / "step-3" / "model" / "model.safetensors")
+    two_w = load_file(tmp_path / "two" / "checkpoints" / "step-3" / "model" / "model.safetensors")
+    assert one_w.keys() == two_w.keys()
+    assert all(one_w[k].shape == two_w[k].shape for k in one_w)
+    CLIPModel.from_pretrained(tmp_path / "two" / "checkpoints" / "step-3" / "model")
+
+
+def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
+    """Weights and AdamW state saved whole from the shards and put back onto them: a run
+    resumed at step 2 ends where the uninterrupted run ends."""
+    full = tmp_path / "full.yaml"
+    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2,
+                                           fsdp=True)))
+    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, fsdp=True)))
+    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
+                     "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
 # rank 1 stands in for a GPU that falls off the bus: it exits during its second step

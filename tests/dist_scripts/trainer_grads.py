@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from cliplab.data.shapes import load_shapes
 from cliplab.models import build_model
@@ -22,7 +23,15 @@ SCENARIOS = {
     "siglip": ("tiny-siglip", {"loss": "siglip"}),
     "siglip-tiled-gradcache": ("tiny-siglip", {"loss": "siglip", "loss_tile": 5,
                                                 "micro_batch_size": 4}),
+    "clip-fsdp": ("tiny-clip", {"fsdp": True, "grad_clip": 0.5}),
+    "siglip-fsdp-gradcache": ("tiny-siglip", {"loss": "siglip", "fsdp": True,
+                                              "micro_batch_size": 5}),
 }
+
+
+def full(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as one plain tensor (FSDP shards are gathered: every rank calls this)."""
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
 
 
 def one_step(preset: str, options: dict) -> dict:
@@ -31,14 +40,14 @@ def one_step(preset: str, options: dict) -> dict:
     model = build_model(preset, image_size=16, patch_size=8, width=32, layers=2, heads=2,
                         context_length=48, seed=0)
     pairs = load_shapes(n=48, seed=0, kinds=("single",), image_size=32)
-    cfg = TrainConfig.from_dict(dict(steps=1, batch_size=16, lr=1e-3, warmup=1, grad_clip=0,
-                                     log_every=1, progress=False, augment=False, **options))
+    cfg = TrainConfig.from_dict({**dict(steps=1, batch_size=16, lr=1e-3, warmup=1, grad_clip=0,
+                                        log_every=1, progress=False, augment=False), **options})
     trainer = Trainer(model, cfg)
     grads: dict = {}
     step = torch.optim.AdamW.step
 
-    def capture(opt, *a, **kw):  # the gradients the optimizer is about to apply
-        grads.update({k: p.grad.clone() for k, p in model.model.named_parameters()
+    def capture(opt, *a, **kw):  # the gradients the optimizer is about to apply (after clipping)
+        grads.update({k: full(p.grad) for k, p in model.model.named_parameters()
                       if p.grad is not None})
         return step(opt, *a, **kw)
 
@@ -47,7 +56,8 @@ def one_step(preset: str, options: dict) -> dict:
         last = trainer.fit(pairs)
     finally:
         torch.optim.AdamW.step = step
-    return {"grads": grads, "loss": last["loss"]}
+    sharded = sum(isinstance(p, DTensor) for p in model.model.parameters())
+    return {"grads": grads, "loss": last["loss"], "sharded": sharded}
 
 
 def main(out: str) -> None:

@@ -242,16 +242,22 @@ class DualEncoder(nn.Module):
                 module.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def tower_layers(self, tower: str) -> list[nn.Module]:
+        """The transformer blocks of the ``"image"`` or ``"text"`` tower, in order."""
+        return _encoder_layers(self.vision_tower if tower == "image" else self.text_tower)
+
     def tower_is_frozen(self, tower: str) -> bool:
         module = self.vision_tower if tower == "image" else self.text_tower
         return not any(p.requires_grad for p in module.parameters())
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write a plain HF model folder (safetensors) plus tokenizer and ``cliplab.json``."""
+    def save(self, path: str | Path, state_dict: dict | None = None) -> Path:
+        """Write a plain HF model folder (safetensors) plus tokenizer and ``cliplab.json``
+        (``state_dict``: the weights to write instead of the module's, e.g. gathered from
+        FSDP shards)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
         meta = {"preprocess": self.preprocess_config.to_dict(), "text_pooling": self.text_pooling,
                 "context_length": self.context_length}
@@ -325,4 +331,4 @@ def _encoder_layers(module: nn.Module) -> list[nn.Module]:
             return list(obj)
         except AttributeError:
             continue
-    raise ModelError(f"cannot find the layers of {type(module).__name__} to leave unfrozen")
+    raise ModelError(f"cannot find the transformer layers of {type(module).__name__}")

@@ -24,7 +24,7 @@ from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.preprocess import AugmentConfig
-from cliplab.train import distributed
+from cliplab.train import distributed, fsdp
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.train.contrastive import contrastive_loss
@@ -65,6 +65,9 @@ class TrainConfig:
     # GradCache: embed the batch this many pairs at a time (same update as the whole batch)
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # under torchrun: shard the towers' blocks (weights, gradients, optimizer state) over the
+    # ranks with FSDP2; a single process ignores it
+    fsdp: bool = False
     dist_timeout_s: float = 600.0  # under torchrun: how long a rank waits for a silent peer
     eval_every: int = 0  # run the evaluation callback every N steps (0: never during training)
     device: str = "auto"
@@ -156,10 +159,16 @@ class Trainer:
                               "model, e.g. the tiny-siglip preset)")
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.sharded = config.fsdp and self.world > 1
+        if self.sharded:
+            if head is not None or save_model is not None:
+                raise ConfigError("train.fsdp shards the towers of plain model training; it "
+                                  "does not take a classification head or a custom writer")
+            fsdp.shard_blocks(model)
         self.params = [p for _, p in self._named_parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: every parameter is frozen")
-        self.world, self.rank = distributed.world_size(), distributed.rank()
         if config.batch_size % self.world:
             raise ConfigError(f"train.batch_size={config.batch_size} must divide evenly over "
                               f"{self.world} ranks")
@@ -262,9 +271,13 @@ class Trainer:
                 else:
                     loss = self._backward(pixels[local], caption_ids[local], text_source,
                                           keys[local])
-                distributed.average_gradients(self.params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) \
-                if cfg.grad_clip > 0 else torch.tensor(0.0)
+                # sharded blocks' gradients arrive reduced (FSDP's reduce-scatter)
+                distributed.average_gradients([p for p in self.params
+                                               if not fsdp.is_sharded(p)])
+            grad_norm = torch.tensor(0.0)
+            if cfg.grad_clip > 0:
+                clip = fsdp.clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+                grad_norm = clip(self.params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():  # CLIP clamps the temperature at 100
@@ -348,8 +361,9 @@ class Trainer:
 
     def _evaluate(self, evaluate: Callable[[DualEncoder], dict]) -> dict:
         """Metrics of ``evaluate`` in eval mode; under torchrun only rank 0 evaluates (the
-        others go on and wait for it at the next collective)."""
-        if self.rank > 0:
+        others go on and wait for it at the next collective) unless the blocks are sharded:
+        then every rank runs the towers (each forward gathers the shards) and rank 0 logs."""
+        if self.rank > 0 and not self.sharded:
             return {}
         with evaluating(self.model):
             return evaluate(self.model)
@@ -374,8 +388,11 @@ class Trainer:
                         batches: ReplayBatches) -> Path | None:
         """``checkpoints/step-N/{model/, trainer_state.pt}``, written to a temp name, renamed
         (by rank 0; the others wait for it)."""
+        weights = fsdp.full_model_state(self.model) if self.sharded else None
         state = {"step": self.step, "batches": batches.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "optimizer": fsdp.full_optimizer_state(self.model, optimizer)
+                 if self.sharded else optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(),
                  "sample_rng": sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
                  "config": asdict(self.config)}
 
@@ -383,7 +400,7 @@ class Trainer:
             if self.save_model is not None:
                 self.save_model(folder)
             else:
-                self.model.save(folder / MODEL_DIR)
+                self.model.save(folder / MODEL_DIR, state_dict=weights)
             torch.save(state, folder / STATE_FILE)
 
         path = self.run_dir.atomic_checkpoint(self.step, write) \
@@ -403,8 +420,12 @@ class Trainer:
         # weights_only: the state holds tensors, numbers and plain dicts, nothing to unpickle.
         state = torch.load(folder / STATE_FILE, weights_only=True)
         loaded = DualEncoder.load(folder / MODEL_DIR, device=self.device)
-        self.model.model.load_state_dict(loaded.model.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_full_state(self.model, loaded.model.state_dict(), optimizer,
+                                 state["optimizer"])
+        else:
+            self.model.model.load_state_dict(loaded.model.state_dict())
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sample_rng.set_state(state["sample_rng"])
         torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,74 @@
+"""FSDP for large towers: each transformer block's weights, gradients and optimizer state are
+sharded over the ranks with torch's ``fully_shard`` (FSDP2), gathered only while a block runs.
+
+The trainer calls the towers' methods rather than one ``forward``, so only the blocks are
+sharded: embeddings, projections, norms and the temperature stay replicated (a small part of a
+large model) and get their gradients averaged by the trainer's all-reduce. Checkpoints gather
+the full weights and optimizer state, so they are plain HF folders whatever the world size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.train import distributed
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard_blocks(model: DualEncoder) -> int:
+    """Shard every transformer block of both towers over the ranks; returns how many."""
+    blocks = model.tower_layers("image") + model.tower_layers("text")
+    for block in blocks:
+        fully_shard(block)
+    return len(blocks)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    return isinstance(param, DTensor)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over sharded and replicated parameters: the global
+    L2 norm counts each shard once and each replicated gradient once."""
+    device = params[0].device  # collectives run where the gradients are (nccl: on the GPU)
+    sharded, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        if is_sharded(p.grad):
+            sharded = sharded + p.grad.to_local().float().pow(2).sum()
+        else:
+            replicated = replicated + p.grad.float().pow(2).sum()
+    sharded = distributed.mean_over_ranks(sharded) * distributed.world_size()
+    norm = (sharded + replicated).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return norm
+
+
+def full_model_state(model: DualEncoder) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (a collective: every rank calls it)."""
+    return get_model_state_dict(model.model, options=_FULL)
+
+
+def full_optimizer_state(model: DualEncoder, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name (a collective)."""
+    return get_optimizer_state_dict(model.model, optimizer, options=_FULL)
+
+
+def load_full_state(model: DualEncoder, weights: dict, optimizer: torch.optim.Optimizer,
+                    optimizer_state: dict) -> None:
+    """Put full weights and optimizer state back onto the shards (every rank calls it)."""
+    set_model_state_dict(model.model, weights, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model.model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True))
