@@ -265,3 +265,12 @@ def broadcast_from_rank0(value):
     box = [value]
     _collective("broadcast from rank 0", dist.broadcast_object_list, box, src=0)
     return box[0]
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order."""
+    if not is_distributed():
+        return [value]
+    out = [None] * world_size()
+    _collective("all_gather of objects", dist.all_gather_object, out, value)
+    return out

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from cliplab.config import check_keys
 from cliplab.data.sources import as_labelled, as_pairs, load_source
-from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.presets import build_model
 from cliplab.train import distributed
 from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.trainer import TrainConfig, Trainer
 
 TOP_KEYS = {"model", "data", "train", "eval", "out"}
@@ -56,7 +57,14 @@ def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) ->
     train_cfg = TrainConfig.from_dict({**(cfg.get("train") or {}), "progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
-        pairs = as_pairs(load_source(cfg["data"]["train"]))
+        spec = cfg["data"]["train"]
+        if isinstance(spec, dict) and spec.get("stream"):
+            if spec.get("source") != "shards":
+                raise ConfigError("data.train.stream streams WebDataset shards: use "
+                                  "{source: shards, path: DIR, stream: true}")
+            pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
+        else:
+            pairs = as_pairs(load_source(spec))
         replay, replay_ratio = _replay(cfg["data"].get("replay"))
         eval_sets = _eval_sets(cfg.get("eval") or [])
         model = model_from_config(cfg.get("model") or {})
@@ -76,9 +84,19 @@ def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) ->
 
         last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
                            evaluate=evaluate if eval_sets else None)
+        skipped = pairs.skipped
+        if isinstance(pairs, StreamBatches):
+            # each rank skipped what its own shards held, once per epoch that read them
+            skipped, seen = SkipReport(), set()
+            for report in distributed.gather_objects(pairs.skipped.to_dict()):
+                for reason, keys in report["keys"].items():
+                    for key in keys:
+                        if (reason, key) not in seen:
+                            seen.add((reason, key))
+                            skipped.add(reason, key)
     finally:
         distributed.shutdown()
-    results: dict = {"train": last, "skipped": pairs.skipped.to_dict(), "evals": evals,
+    results: dict = {"train": last, "skipped": skipped.to_dict(), "evals": evals,
                      "model_dir": str(trainer.last_checkpoint / "model"),
                      "wall_time_s": round(time.time() - start, 1)}
     if trainer.rank == 0:

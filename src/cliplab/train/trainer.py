@@ -19,18 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from cliplab.data.pairs import concat_pairs
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.preprocess import AugmentConfig
 from cliplab.train import distributed, fsdp
-from cliplab.train.batches import ReplayBatches
+from cliplab.train.step_inputs import MemoryInputs, StreamInputs
+from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.train.contrastive import contrastive_loss
 from cliplab.train.run_dir import RunDir
 from cliplab.train.schedule import build_scheduler
-from cliplab.train.text_cache import CaptionTable, text_backbone_features
 
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -202,45 +201,38 @@ class Trainer:
             [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
              for (wd, scale), ps in groups.items()], lr=self.config.lr)
 
-    def fit(self, pairs: ImageTextPairs | LabelledImages, resume: str | Path | None = None, *,
+    def fit(self, pairs: ImageTextPairs | LabelledImages | StreamBatches,
+            resume: str | Path | None = None, *,
             replay: ImageTextPairs | None = None, replay_ratio: float = 0.0,
             evaluate: Callable[[DualEncoder], dict] | None = None) -> dict:
-        """Train on ``pairs`` (image-text pairs: contrastive; labelled images: cross-entropy
-        through the head); returns the last logged metrics.
+        """Train on ``pairs``; returns the last logged metrics.
 
-        ``resume``: a checkpoint folder (or ``"latest"`` for this run's newest) to continue from
-        exactly. ``replay``/``replay_ratio``: mix that fraction of each batch from an older data
-        set (continued pretraining without forgetting). ``evaluate``: called with the model
-        every ``eval_every`` steps and at the end; its metrics go to ``metrics.jsonl``.
+        ``pairs``: image-text pairs (contrastive), labelled images (cross-entropy through the
+        head) or a `StreamBatches` over WebDataset shards (contrastive, each rank its own
+        shards). ``resume``: a checkpoint folder (or ``"latest"`` for this run's newest) to
+        continue from exactly. ``replay``/``replay_ratio``: mix that fraction of each batch
+        from an older data set (continued pretraining without forgetting). ``evaluate``: called
+        with the model every ``eval_every`` steps and at the end; its metrics go to
+        ``metrics.jsonl``.
         """
         cfg = self.config
-        labelled = isinstance(pairs, LabelledImages)
-        if labelled and self.head is None:
-            raise ConfigError("training on labelled images needs a classification head "
-                              "(Trainer(..., head=...)); turn them into pairs for contrastive "
-                              "training")
-        if labelled and replay is not None:
-            raise ConfigError("replay mixes image-text pairs; it does not apply to training a "
-                              "classification head")
-        data = pairs if replay is None else concat_pairs(pairs, replay)
-        batches = ReplayBatches(len(pairs), len(replay) if replay is not None else 0,
-                                cfg.batch_size, replay_ratio, cfg.seed)
-        total = cfg.steps or max(1, round(cfg.epochs * batches.per_epoch))
+        if isinstance(pairs, StreamBatches):
+            if replay is not None:
+                raise ConfigError("replay mixes in-memory sets; it is not available with "
+                                  "streamed shards")
+            inputs = StreamInputs(self, pairs)
+        else:
+            inputs = MemoryInputs(self, pairs, replay, replay_ratio)
+        total = cfg.steps or max(1, round(cfg.epochs * inputs.per_epoch))
         warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
         optimizer = self._optimizer()
         scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
-        if not labelled:
-            table = CaptionTable(data)
-            keys_from_groups = cfg.multi_positive and data.groups is not None
-            # A fully locked tower's caption features are computed once; otherwise captions are
-            # tokenized once and encoded every step.
-            text_source = text_backbone_features(self.model, table.texts, progress=cfg.progress
-                                                 ).to(self.device) \
-                if self.model.tower_is_frozen("text") else self.model.tokenize(table.texts)
-        augment = self._augment_config()
-        sample_rng = torch.Generator().manual_seed(cfg.seed)
+        self._augment = self._augment_config()
+        # streamed ranks hold different images: their augmentations need not be correlated
+        sample_rng = torch.Generator().manual_seed(
+            cfg.seed + (1_000_003 * self.rank if isinstance(inputs, StreamInputs) else 0))
         if resume is not None:
-            self._load_state(resume, optimizer, scheduler, sample_rng, batches)
+            self._load_state(resume, optimizer, scheduler, sample_rng, inputs)
 
         self.model.train()
         if self.head is not None:
@@ -252,25 +244,10 @@ class Trainer:
                    disable=not cfg.progress or self.rank > 0, dynamic_ncols=True)
         last: dict = {}
         start, seen = time.time(), 0
-        local = slice(self.rank * cfg.batch_size // self.world,
-                      (self.rank + 1) * cfg.batch_size // self.world)
         while self.step < total:
-            idx = batches.next()
-            # Every rank draws the whole global batch (captions, augmentation) from the same
-            # generator, so N ranks see exactly what one process would; each embeds its slice.
-            if not labelled:
-                caption_ids = table.sample(idx, sample_rng)
-                keys = (data.groups[idx] if keys_from_groups else caption_ids).to(self.device)
-            with self._autocast():  # as the recipes' numbers were measured
-                pixels = self.model.preprocess(data.images[idx], train=bool(cfg.augment),
-                                               generator=sample_rng, augment=augment)
             optimizer.zero_grad(set_to_none=True)
             with distributed.collective_errors(f"training step {self.step + 1}"):
-                if labelled:
-                    loss = self._classification_backward(pixels[local], data.labels[idx][local])
-                else:
-                    loss = self._backward(pixels[local], caption_ids[local], text_source,
-                                          keys[local])
+                loss = inputs.backward(sample_rng)
                 # sharded blocks' gradients arrive reduced (FSDP's reduce-scatter)
                 distributed.average_gradients([p for p in self.params
                                                if not fsdp.is_sharded(p)])
@@ -283,11 +260,11 @@ class Trainer:
             with torch.no_grad():  # CLIP clamps the temperature at 100
                 self.model.logit_scale.clamp_(0, 4.6052)
             self.step += 1
-            seen += len(idx)
+            seen += cfg.batch_size
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == total:
                 # each rank holds its share of the global-batch loss; their mean is that loss
-                last = {"step": self.step, "epoch": batches.epoch,
+                last = {"step": self.step, "epoch": inputs.epoch,
                         "loss": distributed.mean_over_ranks(loss).item(),
                         "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "logit_scale": self.model.logit_scale.exp().item(),
@@ -299,9 +276,9 @@ class Trainer:
                              self.step % cfg.eval_every == 0):
                 self._log({"step": self.step, **self._evaluate(evaluate)})
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
-                self.save_checkpoint(optimizer, scheduler, sample_rng, batches)
+                self.save_checkpoint(optimizer, scheduler, sample_rng, inputs)
         bar.close()
-        self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, batches)
+        self.last_checkpoint = self.save_checkpoint(optimizer, scheduler, sample_rng, inputs)
         self.model.eval()
         if self.head is not None:
             self.head.eval()
@@ -314,6 +291,12 @@ class Trainer:
         base.update({k: tuple(v) if isinstance(v, list) else v
                      for k, v in self.config.augment.items()})
         return AugmentConfig(**base)
+
+    def pixels(self, images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Model inputs of uint8 ``images``, randomly augmented when ``train.augment`` is on."""
+        with self._autocast():  # as the recipes' numbers were measured
+            return self.model.preprocess(images, train=bool(self.config.augment),
+                                         generator=rng, augment=self._augment)
 
     def _embed(self, pixels: torch.Tensor, text_source, caption_ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,11 +368,11 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, optimizer, scheduler, sample_rng: torch.Generator,
-                        batches: ReplayBatches) -> Path | None:
+                        inputs: MemoryInputs | StreamInputs) -> Path | None:
         """``checkpoints/step-N/{model/, trainer_state.pt}``, written to a temp name, renamed
         (by rank 0; the others wait for it)."""
         weights = fsdp.full_model_state(self.model) if self.sharded else None
-        state = {"step": self.step, "batches": batches.state_dict(),
+        state = {"step": self.step, "batches": inputs.state_dict(),
                  "optimizer": fsdp.full_optimizer_state(self.model, optimizer)
                  if self.sharded else optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(),
@@ -409,7 +392,7 @@ class Trainer:
         return path if self.run_dir is None or self.rank == 0 \
             else self.run_dir.checkpoint_dir(self.step)
 
-    def _load_state(self, resume, optimizer, scheduler, sample_rng, batches) -> None:
+    def _load_state(self, resume, optimizer, scheduler, sample_rng, inputs) -> None:
         folder = self.run_dir.latest_checkpoint() if resume == "latest" and self.run_dir \
             else Path(resume)
         if folder is None or not (folder / STATE_FILE).is_file():
@@ -429,7 +412,6 @@ class Trainer:
         scheduler.load_state_dict(state["scheduler"])
         sample_rng.set_state(state["sample_rng"])
         torch.set_rng_state(state["torch_rng"])
-        # checkpoints from before replay existed kept only the epoch and position
-        batches.load_state_dict(state.get("batches")
-                                or {"new": {"epoch": state["epoch"], "pos": state["pos"]}})
+        inputs.load_state_dict(state.get("batches"),
+                               {"epoch": state.get("epoch", 0), "pos": state.get("pos", 0)})
         self.step = state["step"]

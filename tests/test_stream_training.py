@@ -1,0 +1,129 @@
+"""`cliplab pretrain` streaming WebDataset shards: training runs from `{source: shards,
+stream: true}`, corrupt samples are skipped and counted, a resumed run ends bit-identical to
+the uninterrupted one, and two torchrun ranks each stream their own shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from cliplab.data.shapes import load_shapes
+from cliplab.data.shard_writer import write_shards
+from cliplab.errors import ConfigError
+from cliplab.train.pretrain import run_pretrain
+from cliplab.train.stream_batches import StreamBatches, caption_key
+
+MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+                                            "layers": 1, "heads": 2, "embed_dim": 16,
+                                            "context_length": 48}}
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                    ).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Four shards of 24 `shapes` pairs plus a fifth holding 2 good and 2 corrupt samples."""
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(load_shapes(n=96, seed=0, kinds=("single",), image_size=32), out,
+                 samples_per_shard=24, image_format="png", progress=False)
+    (out / "index.json").unlink()  # the folder is then read as its sorted *.tar files
+    with tarfile.open(out / "00004.tar", "w") as tar:
+        for key, parts in [("good0", {"png": _png(0), "txt": b"a red circle"}),
+                           ("broken", {"png": b"\x89PNG not an image", "txt": b"a red square"}),
+                           ("good1", {"png": _png(1), "txt": b"a blue circle"}),
+                           ("silent", {"png": _png(2), "txt": b"   "})]:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def recipe(out: Path, shards: Path, **train) -> dict:
+    return {"model": MODEL,
+            "data": {"train": {"source": "shards", "path": str(shards), "stream": True,
+                               "image_size": 32, "shuffle_buffer": 16}},
+            "train": {"steps": 6, "batch_size": 16, "lr": 3e-3, "warmup": 1, "log_every": 1,
+                      "augment": True, "progress": False, **train},
+            "out": str(out)}
+
+
+def test_caption_keys_are_stable_and_above_group_ids():
+    assert caption_key("a red circle") == caption_key("a red circle")
+    assert caption_key("a red circle") != caption_key("a red square")
+    assert caption_key("x") >= 1 << 62
+    batch = {"group": torch.tensor([3, -1, 3]), "caption": ["a", "b", "c"]}
+    assert StreamBatches.keys(batch, True).tolist() == [3, caption_key("b"), 3]
+    assert StreamBatches.keys(batch, False).tolist() == [caption_key(c) for c in "abc"]
+
+
+def test_streamed_run_counts_corrupt_samples_and_resumes_bit_identical(shards, tmp_path):
+    full = run_pretrain(recipe(tmp_path / "full", shards, save_every=2), progress=False)
+    # 98 good samples in batches of 16: 6 steps per epoch; the corrupt pair is counted
+    assert full["skipped"]["counts"] == {"unreadable_image": 1, "empty_caption": 1}
+    assert full["skipped"]["keys"]["unreadable_image"] == ["00004.tar:broken"]
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step-2" / "trainer_state.pt",
+                       weights_only=True)
+    assert len(state["batches"]["ranks"]) == 1 and state["batches"]["ranks"][0]["in_epoch"] == 2
+
+    resumed = recipe(tmp_path / "resumed", shards)
+    run_pretrain(resumed, resume=str(tmp_path / "full" / "checkpoints" / "step-2"),
+                 progress=False)
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-6" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-6" / "model" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_streamed_run_crosses_epochs(shards, tmp_path):
+    results = run_pretrain(recipe(tmp_path / "run", shards, steps=None, epochs=2),
+                           progress=False)
+    assert results["train"]["step"] == 12 and results["train"]["epoch"] == 1
+    assert results["skipped"]["total"] == 2  # a corrupt sample read in two epochs is one
+
+
+def test_streaming_needs_shards_and_known_options(shards, tmp_path):
+    cfg = recipe(tmp_path / "a", shards)
+    cfg["data"]["train"] = {"source": "shapes", "stream": True}
+    with pytest.raises(ConfigError, match="streams WebDataset shards"):
+        run_pretrain(cfg, progress=False)
+    cfg = recipe(tmp_path / "b", shards)
+    cfg["data"]["train"]["shufle_buffer"] = 3
+    with pytest.raises(ConfigError, match="shufle_buffer"):
+        run_pretrain(cfg, progress=False)
+
+
+def test_two_torchrun_ranks_stream_their_own_shards(shards, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(recipe(tmp_path / "run", shards, save_every=3)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "cliplab", "pretrain", "--config",
+                           str(cfg), "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["step"] == 6
+    # the corrupt shard belongs to one rank; the report gathers every rank's skips
+    assert results["skipped"]["total"] == 2
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-3" / "trainer_state.pt",
+                       weights_only=True)
+    ranks = state["batches"]["ranks"]
+    assert [r["stream"]["rank"] for r in ranks] == [0, 1]
