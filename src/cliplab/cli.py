@@ -25,14 +25,28 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = False) -> No
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplab",
-        description="Pretrain and evaluate CLIP-style image-text models.")
+        description="The life of a CLIP-style image-text model: write data shards, pretrain "
+        "(also under torchrun), adapt (few-shot heads, prompt learning, LoRA, fine-tuning), "
+        "merge weights, evaluate and report.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_quickstart, _add_data, _add_pretrain, _add_adapt, _add_merge, _add_eval,
+                _add_report):
+        add(sub)
+    return parser
 
+
+def _add_quickstart(sub) -> None:
+    """`cliplab quickstart`: the main job: a small LiT run end to end."""
     p = sub.add_parser("quickstart", help="LiT-pretrain on Fashion-MNIST, test zero-shot "
                        "transfer to held-out classes (a few minutes on a CPU)",
                        description="Pretrain the lit-minilm preset on Fashion-MNIST with three "
@@ -43,74 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/quickstart-<time>)")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
+    _add_debug(p)
 
-    p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
-                       description="Train a dual encoder on image-text pairs as a recipe says "
-                       "(see configs/pretrain/), then run its zero-shot eval tasks.")
-    _add_common(p, config_required=True)
-    p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
-    p.add_argument("--resume", metavar="CKPT",
-                   help="continue from a checkpoint folder, or 'latest' in the run folder")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
 
-    p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
-                       description="Run the zero-shot, linear-probe, few-shot, retrieval and "
-                       "compositional tasks of a suite YAML on a saved model folder or a "
-                       "preset; print and save results JSON.")
-    p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
-    p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
-    p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
-                   "runs of the same model, data and transform")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
-    # -- merge ---------------------------------------------------------------------------------
-    p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
-                       "arithmetic, TIES",
-                       description="Merge model folders of one architecture and pretrained "
-                       "origin in weight space. uniform: mean; greedy: add ingredients by "
-                       "held-out score while it does not drop (config 'heldout'); model-stock: "
-                       "layer-wise interpolation toward --base; task-arithmetic: --base + "
-                       "scale x (model - base) summed (scale=-1 negates); ties: trim to "
-                       "'density', elect signs, disjoint mean, x scale. Writes a model folder "
-                       "plus merge.json.")
-    _add_common(p)
-    p.add_argument("--method", choices=("uniform", "greedy", "model-stock", "task-arithmetic",
-                                        "ties"), help="how to merge (or 'method' in the config)")
-    p.add_argument("--models", nargs="+", metavar="DIR", help="model folders to merge")
-    p.add_argument("--base", metavar="DIR", help="the pretrained model the others were "
-                   "fine-tuned from (model-stock, task-arithmetic, ties)")
-    p.add_argument("--out", help="new folder for the merged model")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
-    # -- end merge -----------------------------------------------------------------------------
-
-    # -- adapt (few-shot heads, caches, prompt learning; LoRA, fine-tuning, WiSE-FT) ---------
-    from cliplab.adapt import METHODS as ADAPT_METHODS, WEIGHT_METHODS
-
-    p = sub.add_parser("adapt", help="adapt a model: zero-shot head, linear probe, "
-                       "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp, LoRA, fine-tuning, WiSE-FT",
-                       description="Few-shot methods fit on k shots per class of a labelled "
-                       "training set, score on the test set and write the learned adapter "
-                       "(adapter.safetensors + adapter.json); lora, finetune and wise-ft train "
-                       "the model's weights on the training set and write model folders. Every "
-                       "run writes config.yaml and results.json.")
-    _add_common(p)
-    p.add_argument("--method", choices=[*ADAPT_METHODS, *WEIGHT_METHODS],
-                   help="adaptation method (default: the config's 'method')")
-    p.add_argument("--model", help="model folder (cliplab or HF) or preset name "
-                   "(default: the config's 'model')")
-    p.add_argument("--out", help="output folder (default: the config's 'out' or "
-                   "runs/adapt-<method>-<time>)")
-    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
-    # ---- data: dataset tools (shard) ----
+def _add_data(sub) -> None:
+    """`cliplab data`: dataset tools (shards)."""
     p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
                        description="Dataset tools. `cliplab data shard` writes any built-in "
                        "source, manifest or shard folder as WebDataset tar shards.")
@@ -131,10 +82,82 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image encoding (default jpg; png is lossless)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the shards of a non-empty output folder")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
-    # ---- end data ----
-    # --- report ---------------------------------------------------------------------------
+    _add_debug(p)
+
+
+def _add_pretrain(sub) -> None:
+    """`cliplab pretrain`: contrastive pretraining from a recipe."""
+    p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
+                       description="Train a dual encoder on image-text pairs as a recipe says "
+                       "(see configs/pretrain/), then run its zero-shot eval tasks.")
+    _add_common(p, config_required=True)
+    p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint folder, or 'latest' in the run folder")
+    _add_debug(p)
+
+
+def _add_adapt(sub) -> None:
+    """`cliplab adapt`: few-shot adaptation and fine-tuning."""
+    from cliplab.adapt import METHODS as ADAPT_METHODS, WEIGHT_METHODS
+
+    p = sub.add_parser("adapt", help="adapt a model: zero-shot head, linear probe, "
+                       "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp, LoRA, fine-tuning, WiSE-FT",
+                       description="Few-shot methods fit on k shots per class of a labelled "
+                       "training set, score on the test set and write the learned adapter "
+                       "(adapter.safetensors + adapter.json); lora, finetune and wise-ft train "
+                       "the model's weights on the training set and write model folders. Every "
+                       "run writes config.yaml and results.json.")
+    _add_common(p)
+    p.add_argument("--method", choices=[*ADAPT_METHODS, *WEIGHT_METHODS],
+                   help="adaptation method (default: the config's 'method')")
+    p.add_argument("--model", help="model folder (cliplab or HF) or preset name "
+                   "(default: the config's 'model')")
+    p.add_argument("--out", help="output folder (default: the config's 'out' or "
+                   "runs/adapt-<method>-<time>)")
+    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    _add_debug(p)
+
+
+def _add_merge(sub) -> None:
+    """`cliplab merge`: weight-space merging."""
+    p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
+                       "arithmetic, TIES",
+                       description="Merge model folders of one architecture and pretrained "
+                       "origin in weight space. uniform: mean; greedy: add ingredients by "
+                       "held-out score while it does not drop (config 'heldout'); model-stock: "
+                       "layer-wise interpolation toward --base; task-arithmetic: --base + "
+                       "scale x (model - base) summed (scale=-1 negates); ties: trim to "
+                       "'density', elect signs, disjoint mean, x scale. Writes a model folder "
+                       "plus merge.json.")
+    _add_common(p)
+    p.add_argument("--method", choices=("uniform", "greedy", "model-stock", "task-arithmetic",
+                                        "ties"), help="how to merge (or 'method' in the config)")
+    p.add_argument("--models", nargs="+", metavar="DIR", help="model folders to merge")
+    p.add_argument("--base", metavar="DIR", help="the pretrained model the others were "
+                   "fine-tuned from (model-stock, task-arithmetic, ties)")
+    p.add_argument("--out", help="new folder for the merged model")
+    _add_debug(p)
+
+
+def _add_eval(sub) -> None:
+    """`cliplab eval`: evaluation suites."""
+    p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
+                       description="Run the zero-shot, linear-probe, few-shot, retrieval and "
+                       "compositional tasks of a suite YAML on a saved model folder or a "
+                       "preset; print and save results JSON.")
+    p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
+    p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
+    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
+                   "runs of the same model, data and transform")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_debug(p)
+
+
+def _add_report(sub) -> None:
+    """`cliplab report`: Markdown + HTML reports."""
     p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
                        "results files and run folders",
                        description="Read results JSON files (cliplab eval --out) and/or run "
@@ -151,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "report.html and plots/")
     p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks on errors")
-    return parser
+    _add_debug(p)
 
 
 def _config(args) -> dict:
@@ -211,7 +232,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-# -- merge -------------------------------------------------------------------------------------
 def cmd_merge(args) -> int:
     from cliplab.merge.run import run_merge
 
@@ -227,11 +247,8 @@ def cmd_merge(args) -> int:
             f"{k} {v:.4f}" for k, v in held["scores"].items())
     print(line)
     return 0
-# -- end merge ---------------------------------------------------------------------------------
 
 
-
-# -- adapt ------------------------------------------------------------------------------------
 def cmd_adapt(args) -> int:
     from cliplab.adapt import WEIGHT_METHODS
     from cliplab.adapt.run import format_results, run_adapt, run_weight_method
@@ -251,7 +268,6 @@ def cmd_adapt(args) -> int:
     return 0
 
 
-# ---- data: dataset tools (shard) ----
 def cmd_data(args) -> int:
     from cliplab.config import load_yaml
     from cliplab.data.shard_job import run_shard, shard_config
@@ -272,10 +288,8 @@ def _skip_line(skipped: dict) -> str:
         return "skipped 0 samples"
     return f"skipped {skipped['total']} samples: " + ", ".join(
         f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
-# ---- end data ----
 
 
-# --- report -------------------------------------------------------------------------------
 def cmd_report(args) -> int:
     from cliplab.config import apply_overrides, load_yaml
     from cliplab.evaluate.report import write_report
