@@ -127,3 +127,22 @@ def test_evaluation_runs_every_n_steps_and_lands_in_metrics(pairs, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval/probe"]) for r in records if "eval/probe" in r]
     assert evals == [(2, 1.0), (4, 2.0), (5, 3.0)]
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_locked_tower_features_are_computed_once_with_the_same_update(pairs, tower,
+                                                                      monkeypatch):
+    """A fully locked tower runs once per dataset (not every step) and the step is unchanged."""
+    lock = {f"lock_{tower}": True}
+    uncached = grads_of_one_step(small_model(), pairs, cache_frozen_features=False, **lock)
+    model = small_model()
+    calls = []
+    backbone = getattr(model, f"{tower}_backbone")
+    monkeypatch.setattr(model, f"{tower}_backbone",
+                        lambda *a, **kw: calls.append(1) or backbone(*a, **kw))
+    Trainer(model, config(steps=3, **lock)).fit(pairs)
+    assert len(calls) == 1  # 64 images / distinct captions: one pass, then only projections
+    cached = grads_of_one_step(small_model(), pairs, **lock)
+    assert cached.keys() == uncached.keys()
+    for k in cached:
+        torch.testing.assert_close(cached[k], uncached[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -104,7 +104,7 @@ def target_modules(model: DualEncoder, towers: list[str], modules: str | list[st
              if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
     for tower in towers:
         if not any(n.startswith(TOWER_PREFIX[tower] + ".") for n in names):
-            module = model.vision_tower if tower == "image" else model.text_tower
+            module = model.tower(tower)
             raise ModelError(f"no LoRA target modules {modules!r} found in the {tower} tower "
                              f"({type(module).__name__}); name them with lora.modules")
     return names

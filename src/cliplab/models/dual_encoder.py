@@ -215,11 +215,15 @@ class DualEncoder(nn.Module):
         return getattr(self.model, "logit_bias", None)
 
     # -- training hooks -----------------------------------------------------------------------
+    def tower(self, name: str) -> nn.Module:
+        """The ``"image"`` or ``"text"`` tower."""
+        if name not in ("image", "text"):
+            raise ModelError(f"tower must be 'image' or 'text', not {name!r}")
+        return self.vision_tower if name == "image" else self.text_tower
+
     def freeze_tower(self, tower: str, except_last: int = 0) -> None:
         """Freeze the ``"image"`` or ``"text"`` tower, optionally leaving its last k layers free."""
-        module = {"image": self.vision_tower, "text": self.text_tower}.get(tower)
-        if module is None:
-            raise ModelError(f"tower must be 'image' or 'text', not {tower!r}")
+        module = self.tower(tower)
         module.requires_grad_(False)
         if except_last > 0:
             layers = _encoder_layers(module)
@@ -244,10 +248,10 @@ class DualEncoder(nn.Module):
 
     def tower_layers(self, tower: str) -> list[nn.Module]:
         """The transformer blocks of the ``"image"`` or ``"text"`` tower, in order."""
-        return _encoder_layers(self.vision_tower if tower == "image" else self.text_tower)
+        return _encoder_layers(self.tower(tower))
 
     def tower_is_frozen(self, tower: str) -> bool:
-        module = self.vision_tower if tower == "image" else self.text_tower
+        module = self.tower(tower)
         return not any(p.requires_grad for p in module.parameters())
 
     # -- persistence --------------------------------------------------------------------------

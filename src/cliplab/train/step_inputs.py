@@ -24,7 +24,8 @@ from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import evaluating
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.stream_batches import StreamBatches
-from cliplab.train.text_cache import CaptionTable, text_backbone_features
+from cliplab.train.captions import CaptionTable
+from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 
 if TYPE_CHECKING:
     from cliplab.train.trainer import Trainer
@@ -50,8 +51,13 @@ class MemoryInputs:
         self.data = data if replay is None else concat_pairs(data, replay)
         rank, world = trainer.rank, trainer.world
         self.local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+        model = trainer.model
+        # a locked image tower without augmentation: each image's features are computed once
+        self.image_features = image_backbone_features(model, self.data.images,
+                                                      progress=cfg.progress).to(trainer.device) \
+            if cfg.cache_frozen_features and not cfg.augment \
+            and model.tower_is_frozen("image") else None
         if not self.labelled:
-            model = trainer.model
             self.table = CaptionTable(self.data)
             self.keys_from_groups = cfg.multi_positive and self.data.groups is not None
             # A fully locked tower's caption features are computed once; otherwise captions
@@ -59,7 +65,8 @@ class MemoryInputs:
             self.text_source = text_backbone_features(model, self.table.texts,
                                                       progress=cfg.progress
                                                       ).to(trainer.device) \
-                if model.tower_is_frozen("text") else model.tokenize(self.table.texts)
+                if cfg.cache_frozen_features and model.tower_is_frozen("text") \
+                else model.tokenize(self.table.texts)
 
     @property
     def per_epoch(self) -> int:
@@ -76,7 +83,8 @@ class MemoryInputs:
             caption_ids = self.table.sample(idx, rng)
             keys = (self.data.groups[idx] if self.keys_from_groups else caption_ids
                     ).to(t.device)
-        pixels = t.pixels(self.data.images[idx], rng)
+        pixels = t.pixels(self.data.images[idx], rng) if self.image_features is None \
+            else self.image_features[idx.to(t.device)]
         if self.labelled:
             return t._classification_backward(pixels[self.local],
                                               self.data.labels[idx][self.local])

@@ -64,6 +64,9 @@ class TrainConfig:
     # GradCache: embed the batch this many pairs at a time (same update as the whole batch)
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # a fully locked tower's features are computed once per dataset (images: only without
+    # augmentation); false recomputes them every step (e.g. when they do not fit in memory)
+    cache_frozen_features: bool = True
     # under torchrun: shard the towers' blocks (weights, gradients, optimizer state) over the
     # ranks with FSDP2; a single process ignores it
     fsdp: bool = False
@@ -239,7 +242,7 @@ class Trainer:
             self.head.train()
         for tower in ("text", "image"):  # no dropout in a frozen tower
             if self.model.tower_is_frozen(tower):
-                getattr(self.model, f"{tower}_tower").eval()
+                self.model.tower(tower).eval()
         bar = tqdm(total=total, initial=self.step, desc="train",
                    disable=not cfg.progress or self.rank > 0, dynamic_ncols=True)
         last: dict = {}
@@ -300,11 +303,19 @@ class Trainer:
 
     def _embed(self, pixels: torch.Tensor, text_source, caption_ids: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unnormalised image and text embeddings of one (micro-)batch."""
+        """Unnormalised image and text embeddings of one (micro-)batch; ``pixels`` are model
+        inputs ``[b, C, H, W]`` or a locked image tower's cached features ``[b, D]``."""
         with self._autocast():
-            img = self.model.encode_image(pixels.to(self.device), normalize=False)
+            img = self._image_embeddings(pixels)
             txt = self._text_features(text_source, caption_ids)
         return img, txt
+
+    def _image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings of model inputs ``[b, C, H, W]``, or of a locked
+        tower's cached features ``[b, D]`` (only the projection runs)."""
+        if pixels.dim() == 2:
+            return self.model.project_image(pixels.to(self.device))
+        return self.model.encode_image(pixels.to(self.device), normalize=False)
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The configured loss of this rank's embeddings against the global batch (under
@@ -335,7 +346,7 @@ class Trainer:
         for start in range(0, len(pixels), chunk):
             rows = slice(start, start + chunk)
             with self._autocast():
-                emb = self.model.encode_image(pixels[rows].to(self.device), normalize=False)
+                emb = self._image_embeddings(pixels[rows])
                 logits = self.head(emb)
             loss = F.cross_entropy(logits.float(), labels[rows], reduction="sum") / len(pixels)
             loss.backward()
