@@ -14,13 +14,9 @@ from cliplab.adapt.common import head_metrics, subsample
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
-from cliplab.models import build_model
 from cliplab.train.trainer import TrainConfig, Trainer
+from tests.tiny_models import small_model
 
-
-def small_model(seed=0):
-    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
-                       embed_dim=16, context_length=48, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ from cliplab.adapt.origin import model_fingerprint
 from cliplab.adapt.wise_ft import best_alpha, interpolate, run, wise_ft_sweep
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
-from cliplab.models import build_model
+from tests.tiny_models import small_model
 
-
-def small_model(seed=0):
-    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
-                       embed_dim=16, context_length=48, seed=seed)
 
 
 def test_interpolation_is_elementwise_on_a_hand_built_state_dict():

@@ -10,7 +10,7 @@ from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.suite import run_suite
-from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
+from cliplab.evaluate.zeroshot import zeroshot_classifier
 
 
 def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import VisionTextDualEncoderModel
 
 from cliplab.quickstart import format_results, quickstart_config

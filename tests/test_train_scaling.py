@@ -8,16 +8,18 @@ import torch
 
 from cliplab.data.pairs import concat_pairs
 from cliplab.data.shapes import load_shapes
-from cliplab.models import build_model
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.train.run_dir import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
+from tests.tiny_models import small_model as _one_block_model
+
+
 
 
 def small_model(seed=0, **kw):
-    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=2, heads=2,
-                       embed_dim=16, context_length=48, seed=seed, **kw)
+    """Two blocks per tower, so 'all but the last block' differs from 'all'."""
+    return _one_block_model(seed, layers=2, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,11 @@ import torch
 
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError
-from cliplab.models import DualEncoder, build_model
+from cliplab.models import DualEncoder
 from cliplab.train.run_dir import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
+from tests.tiny_models import small_model
 
-
-def small_model(seed=0):
-    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
-                       embed_dim=16, context_length=48, seed=seed)
 
 
 @pytest.fixture(scope="module")

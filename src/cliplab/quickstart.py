@@ -5,7 +5,6 @@ training, then zero-shot transfer to them and a linear probe — a small real pi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 

@@ -15,7 +15,6 @@ it). Peak extra memory: a few ``tile x tile`` blocks plus ``O(B D)``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from cliplab.train.losses import key_pair_dot
