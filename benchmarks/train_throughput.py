@@ -8,7 +8,8 @@ context 32; embed 256; batch 128. cliplab runs its real `Trainer` (uint8 images 
 this machine's CPU torch). Prints one JSON line per precision with ``ratio`` = cliplab / OpenCLIP,
 and with ``--profile`` the ops where cliplab's step spends its time.
 
-    .venv/bin/python benchmarks/train_throughput.py [--precision fp32 bf16] [--steps 8] [--profile]
+    .venv/bin/python benchmarks/train_throughput.py [--precision fp32 bf16] [--steps 8]
+        [--repeats 3] [--profile]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,23 +88,33 @@ def main() -> None:
                         choices=["fp32", "bf16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternate the two sides this many times and report medians "
+                        "(a shared machine's load swings single runs by 2x)")
     parser.add_argument("--profile", action="store_true",
                         help="print cliplab's top ops (torch profiler) to stderr")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     python = openclip_python()  # None (with the reason on stderr) if it cannot be built
     for precision in args.precision:
-        mine = cliplab_throughput(precision, args.warmup, args.steps, args.profile)
-        line = {"precision": precision, "batch": ARCH["batch_size"],
-                "cliplab_images_per_s": round(mine["images_per_s"], 2),
-                "cliplab_params": mine["params"]}
+        mine, peer = [], []
+        for i in range(args.repeats):
+            mine.append(cliplab_throughput(precision, args.warmup, args.steps,
+                                           args.profile and i == 0))
+            if python is not None:
+                peer.append(openclip_throughput(python, precision, args.warmup, args.steps))
+        ours = statistics.median(m["images_per_s"] for m in mine)
+        line = {"precision": precision, "batch": ARCH["batch_size"], "repeats": args.repeats,
+                "cliplab_images_per_s": round(ours, 2),
+                "cliplab_runs": [round(m["images_per_s"], 1) for m in mine],
+                "cliplab_params": mine[0]["params"]}
         if python is None:
             line["openclip"] = "skipped (see stderr)"
         else:
-            peer = openclip_throughput(python, precision, args.warmup, args.steps)
-            line.update(openclip_images_per_s=round(peer["images_per_s"], 2),
-                        openclip_params=peer["params"],
-                        ratio=round(mine["images_per_s"] / peer["images_per_s"], 3))
+            theirs = statistics.median(p["images_per_s"] for p in peer)
+            line.update(openclip_images_per_s=round(theirs, 2),
+                        openclip_runs=[round(p["images_per_s"], 1) for p in peer],
+                        openclip_params=peer[0]["params"], ratio=round(ours / theirs, 3))
         print(json.dumps(line), flush=True)
 
 
