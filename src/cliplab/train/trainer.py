@@ -134,10 +134,12 @@ class Trainer:
     when a checkpoint is written (e.g. to save only a LoRA adapter, or the head beside the
     model); resuming needs the default.
 
-    Under ``torchrun`` every rank builds the same global batch, embeds its own slice, and the
-    loss sees the features of all ranks (gathered with gradients); each rank's loss is its share
-    of the global-batch loss and gradients are averaged across ranks before each optimizer
-    step, so N ranks take the step one process would take on the whole batch.
+    Under ``torchrun`` every rank embeds its part of the global batch (a slice of the batch
+    every rank draws alike from an in-memory set, or its own local batch streamed from shards)
+    and the loss sees the features of all ranks (gathered with gradients); each rank's loss is
+    its share of the global-batch loss and gradients are averaged across ranks before each
+    optimizer step, so N ranks take the step one process would take on the whole batch.
+    ``train.fsdp`` shards the towers' blocks (see fsdp.py).
     """
 
     def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None,
