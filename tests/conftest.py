@@ -14,3 +14,39 @@ def tiny_model():
 
     return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
                        embed_dim=16, context_length=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_run(tmp_path_factory):
+    """A run folder of `cliplab pretrain` with the shipped tiny-shapes recipe, shortened
+    (about a minute on 2 cores); slow tests share it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("tiny-shapes") / "run"
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplab", "pretrain", "--config", str(recipe), "--out", str(out),
+         "--no-progress", "data.train.n=3000", "train.epochs=4"],
+        capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lit_run(tmp_path_factory):
+    """A run folder of `cliplab quickstart` shortened to seconds (a 2-block ViT, 12 000
+    Fashion-MNIST images, 2 epochs): a real LiT model for the adaptation tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-lit") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplab", "quickstart", "--out", str(out), "--no-progress",
+         "data.train_limit=12000", "data.test_limit=1000", "train.epochs=2",
+         "model.options={image_size: 28, patch_size: 7, width: 96, layers: 2, heads: 3}",
+         "eval.probe_train_size=1000"],
+        capture_output=True, text=True, timeout=900, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out

@@ -87,15 +87,8 @@ def test_format_results_table():
 
 
 @pytest.mark.slow
-def test_tiny_shapes_recipe_learns_colours(tmp_path):
+def test_tiny_shapes_recipe_learns_colours(tiny_shapes_run):
     """tiny-clip on shapes (the shipped recipe, shortened) beats chance on colour zero-shot."""
-    out = tmp_path / "shapes"
-    result = subprocess.run(
-        [sys.executable, "-m", "cliplab", "pretrain", "--config",
-         str(REPO / "configs/pretrain/tiny-shapes.yaml"), "--out", str(out), "--no-progress",
-         "data.train.n=3000", "train.epochs=4"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((tiny_shapes_run / "results.json").read_text())
     assert results["evals"]["colour"]["acc1"] > 0.5  # 8 colours: chance is 12.5%
-    assert (out / "checkpoints").is_dir()
+    assert (tiny_shapes_run / "checkpoints").is_dir()
