@@ -125,24 +125,14 @@ def test_coop_before_training_equals_zero_shot_on_bert_tower(digits, ctx):
 def test_coop_before_training_equals_zero_shot_on_siglip_without_bos(digits, ctx):
     """SigLIP's tokenizer puts no start token before the text: the context starts at 0."""
     from tokenizers import processors
-    from transformers import SiglipConfig, SiglipModel
 
-    from cliplab.models.dual_encoder import DualEncoder
-    from cliplab.models.preprocess import PreprocessConfig
     from cliplab.models.tokenizer import byte_level_tokenizer
+    from tests.tiny_models import bare_siglip
 
-    torch.manual_seed(0)
     tok = byte_level_tokenizer(48)
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A <eos>", special_tokens=[("<eos>", 3)])
-    cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2,
-                                        max_position_embeddings=48),
-                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
-                                          intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2))
-    siglip = DualEncoder(SiglipModel(cfg), tok, PreprocessConfig(image_size=16),
-                         context_length=48).eval()
+    siglip = bare_siglip(48, tok)
     assert coop.leading_specials(tok) == 0
     _coop_matches_zero_shot_prompt(siglip, digits, ctx)
 

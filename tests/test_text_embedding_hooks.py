@@ -3,28 +3,20 @@ token ids, for CLIP, SigLIP and a BERT-style VisionTextDualEncoder (mean pooled)
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, SiglipConfig, SiglipModel, ViTConfig, ViTModel,
-                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+from transformers import (BertConfig, BertModel, ViTConfig, ViTModel, VisionTextDualEncoderConfig,
+                          VisionTextDualEncoderModel)
 
 from cliplab.models import build_model
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.tokenizer import byte_level_tokenizer
+from tests.tiny_models import bare_siglip
 
 TEXTS = ["a photo of a cat.", "a red square left of a blue circle", "x"]
 
 
 def _siglip() -> DualEncoder:
-    torch.manual_seed(0)
-    tok = byte_level_tokenizer(24)
-    cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2,
-                                        max_position_embeddings=24),
-                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
-                                          intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2))
-    return DualEncoder(SiglipModel(cfg), tok, PreprocessConfig(image_size=16),
-                       context_length=24).eval()
+    return bare_siglip(24)
 
 
 def _bert_dual_encoder() -> DualEncoder:

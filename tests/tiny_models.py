@@ -8,3 +8,24 @@ def small_model(seed: int = 0, **overrides) -> DualEncoder:
     options = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
                    context_length=48, seed=seed)
     return build_model("tiny-clip", **{**options, **overrides})
+
+
+def bare_siglip(context_length: int, tokenizer=None) -> DualEncoder:
+    """A SigLIP built straight from HF's classes (no cliplab preset): 2 text blocks, 1 image
+    block, width 32; ``tokenizer`` defaults to cliplab's byte-level one."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    from cliplab.models.preprocess import PreprocessConfig
+    from cliplab.models.tokenizer import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    tok = tokenizer or byte_level_tokenizer(context_length)
+    cfg = SiglipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        max_position_embeddings=context_length),
+                       vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
+                                          intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2))
+    return DualEncoder(SiglipModel(cfg), tok, PreprocessConfig(image_size=16),
+                       context_length=context_length).eval()
