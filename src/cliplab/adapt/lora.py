@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def add_lora(model: DualEncoder, opts: LoraOptions) -> PeftModel:
     config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
                         lora_dropout=float(opts.dropout),
                         target_modules=target_regex(opts.towers, opts.modules))
-    return get_peft_model(model.model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return get_peft_model(model.model, config)
 
 
 def lora_parameter_count(model: DualEncoder) -> int:
