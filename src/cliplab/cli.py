@@ -89,7 +89,11 @@ def _add_pretrain(sub) -> None:
     """`cliplab pretrain`: contrastive pretraining from a recipe."""
     p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
                        description="Train a dual encoder on image-text pairs as a recipe says "
-                       "(see configs/pretrain/), then run its zero-shot eval tasks.")
+                       "(see configs/pretrain/), then run its zero-shot eval tasks. The same "
+                       "recipe runs on many processes with `torchrun --nproc-per-node N -m "
+                       "cliplab pretrain --config X.yaml`: the loss sees the global batch "
+                       "(train.batch_size over all ranks); train.fsdp shards large towers; "
+                       "data.train {source: shards, stream: true} streams WebDataset shards.")
     _add_common(p, config_required=True)
     p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
