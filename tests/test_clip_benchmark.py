@@ -1,33 +1,18 @@
 """CLIP_benchmark's WebDataset layout read from a local folder; `cliplab eval` on it."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cliplab.cli import main
 from cliplab.data.clip_benchmark import load_clip_benchmark
 from cliplab.errors import DataError
 from cliplab.evaluate.features import encode_images
+from tests.tar_files import png_bytes, write_tar
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture()
@@ -38,12 +23,12 @@ def classification_folder(tmp_path):
     (root / "classnames.txt").write_text("cat\ndog\ncar\n")
     (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c}.\n")
     arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(9)]
-    good = [(f"s{i:07d}", {"png": _png(a), "cls": str(i % 3).encode()})
+    good = [(f"s{i:07d}", {"png": png_bytes(a), "cls": str(i % 3).encode()})
             for i, a in enumerate(arrays)]
-    write_shard(root / "test" / "0.tar", good[:5])
-    write_shard(root / "test" / "1.tar", good[5:] + [
+    write_tar(root / "test" / "0.tar", good[:5])
+    write_tar(root / "test" / "1.tar", good[5:] + [
         ("s0000100", {"png": b"not an image", "cls": b"1"}),
-        ("s0000101", {"png": _png(arrays[0]), "cls": b"7"}),
+        ("s0000101", {"png": png_bytes(arrays[0]), "cls": b"7"}),
         ("s0000102", {"cls": b"0"})])
     return root, arrays
 
@@ -63,8 +48,8 @@ def test_reads_retrieval_shards(tmp_path):
     root = tmp_path / "wds_pairs"
     (root / "test").mkdir(parents=True)
     img = np.zeros((8, 8, 3), np.uint8)
-    write_shard(root / "test" / "0.tar", [("a", {"jpg": _png(img), "txt": b"a cat\na small cat\n"}),
-                                          ("b", {"jpg": _png(img), "txt": b"  \n"})])
+    write_tar(root / "test" / "0.tar", [("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"}),
+                                          ("b", {"jpg": png_bytes(img), "txt": b"  \n"})])
     pairs = load_clip_benchmark(root, progress=False)
     assert pairs.captions == [["a cat", "a small cat"]]
     assert pairs.skipped.counts == {"empty_caption": 1}

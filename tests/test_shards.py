@@ -1,7 +1,6 @@
 """WebDataset shards: writer layout, round trip, rank x worker split, shuffle, exact resume,
 corrupt samples, the `cliplab data shard` command."""
 
-import io
 import json
 import tarfile
 
@@ -17,6 +16,7 @@ from cliplab.data.shard_writer import write_shards
 from cliplab.data.sources import load_source
 from cliplab.data.types import ImageTextPairs
 from cliplab.errors import DataError
+from tests.tar_files import png_bytes, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +32,6 @@ def shard_dir(tmp_path_factory, shapes):
     return out
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 # ---- writer ------------------------------------------------------------------------------------
@@ -201,8 +188,8 @@ def test_collate_stacks_and_rejects_mixed_sizes():
 
 def test_image_size_resizes_so_mixed_sizes_batch(tmp_path):
     rng = np.random.default_rng(0)
-    _write_tar(tmp_path / "00000.tar", [
-        (f"k{i}", {"png": _png(rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)),
+    write_tar(tmp_path / "00000.tar", [
+        (f"k{i}", {"png": png_bytes(rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)),
                    "txt": b"a caption"}) for i in range(4)])
     with pytest.raises(DataError, match="differ in size"):
         list(ShardStream(tmp_path, shuffle=False).loader(batch_size=4))
@@ -289,12 +276,12 @@ def test_drop_last_and_batches_per_rank(shard_dir):
 @pytest.fixture()
 def corrupt_dir(tmp_path):
     rng = np.random.default_rng(1)
-    good = [(f"g{i}", {"png": _png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+    good = [(f"g{i}", {"png": png_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
                        "txt": f"caption {i}".encode()}) for i in range(6)]
-    _write_tar(tmp_path / "00000.tar", good[:3] + [
+    write_tar(tmp_path / "00000.tar", good[:3] + [
         ("bad_image", {"png": b"\x89PNG not really", "txt": b"a caption"}),
         ("empty_caption", {"png": good[0][1]["png"], "txt": b"  \n"})])
-    _write_tar(tmp_path / "00001.tar", good[3:] + [
+    write_tar(tmp_path / "00001.tar", good[3:] + [
         ("no_image", {"txt": b"only text"}),
         ("empty_list", {"png": good[0][1]["png"], "json": b'{"captions": [""]}'})])
     return tmp_path

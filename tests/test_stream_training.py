@@ -4,19 +4,16 @@ the uninterrupted one, and two torchrun ranks each stream their own shards."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from cliplab.data.shapes import load_shapes
@@ -24,17 +21,16 @@ from cliplab.data.shard_writer import write_shards
 from cliplab.errors import ConfigError
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
+from tests.tar_files import png_bytes, write_tar
 
 MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 
 
+
 def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                    ).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +40,11 @@ def shards(tmp_path_factory) -> Path:
     write_shards(load_shapes(n=96, seed=0, kinds=("single",), image_size=32), out,
                  samples_per_shard=24, image_format="png", progress=False)
     (out / "index.json").unlink()  # the folder is then read as its sorted *.tar files
-    with tarfile.open(out / "00004.tar", "w") as tar:
-        for key, parts in [("good0", {"png": _png(0), "txt": b"a red circle"}),
-                           ("broken", {"png": b"\x89PNG not an image", "txt": b"a red square"}),
-                           ("good1", {"png": _png(1), "txt": b"a blue circle"}),
-                           ("silent", {"png": _png(2), "txt": b"   "})]:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(out / "00004.tar", [
+        ("good0", {"png": _png(0), "txt": b"a red circle"}),
+        ("broken", {"png": b"\x89PNG not an image", "txt": b"a red square"}),
+        ("good1", {"png": _png(1), "txt": b"a blue circle"}),
+        ("silent", {"png": _png(2), "txt": b"   "})])
     return out
 
 
