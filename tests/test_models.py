@@ -174,7 +174,8 @@ def test_probe_features_come_from_the_last_blocks():
         pooled, feats = model.image_backbone_and_probe(pixels, "layers", layers=2)
         _, tokens = model.image_backbone_and_probe(pixels, "tokens")
         states = model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-        assert torch.equal(pooled, model.image_backbone(pixels))
+        # image_backbone runs the last block at the class token only: equal up to rounding
+        torch.testing.assert_close(pooled, model.image_backbone(pixels))
     assert feats.shape == (2, 2 * 2 * 32)
     last = states[-1]
     torch.testing.assert_close(feats[:, -64:-32], last[:, 0])

@@ -19,6 +19,8 @@ from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PreTrainedModel,
                           VisionTextDualEncoderModel)
 
 from cliplab.errors import ModelError
+from cliplab.models.pooled_towers import (clip_image_pooled, clip_text_pooled,
+                                          supports_pooled_forward)
 from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
 
 MODEL_CLASSES = {
@@ -96,7 +98,10 @@ class DualEncoder(nn.Module):
     # -- features -----------------------------------------------------------------------------
     def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled image-tower output before the projection (what linear probes read)."""
-        return self.model.vision_model(pixel_values=pixel_values).pooler_output
+        tower = self.vision_tower
+        if self.kind == "clip" and supports_pooled_forward(tower):
+            return clip_image_pooled(tower, pixel_values)
+        return tower(pixel_values=pixel_values).pooler_output
 
     def image_backbone_and_probe(self, pixel_values: torch.Tensor, kind: str = "tokens",
                                  layers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +129,10 @@ class DualEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # SigLIP was trained on max-length padding without a mask; masking changes its output.
+        if self._pools_clip_text():
+            tower = self.text_tower
+            return clip_text_pooled(tower, tower.embeddings(input_ids=input_ids), attention_mask,
+                                    _clip_eos_positions(input_ids, tower.eos_token_id))
         mask = None if self.kind == "siglip" else attention_mask
         out = self.model.text_model(input_ids=input_ids, attention_mask=mask)
         if self.text_pooling == "mean":
@@ -149,6 +158,11 @@ class DualEncoder(nn.Module):
         feats = self.project_text(self.text_backbone(input_ids, attention_mask))
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def _pools_clip_text(self) -> bool:
+        """Whether the text tower is CLIP's, pooled at EOS, and can run its last block there."""
+        return (self.kind == "clip" and self.text_pooling == "model"
+                and supports_pooled_forward(self.text_tower))
+
     # -- prompt-learning hooks ----------------------------------------------------------------
     def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The text tower's input word embeddings ``[B, L, W]`` of ``input_ids`` (no position
@@ -171,6 +185,10 @@ class DualEncoder(nn.Module):
             out = tower(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
             pooled = mean_pool(out.last_hidden_state, attention_mask) \
                 if self.text_pooling == "mean" else out.pooler_output
+        elif self._pools_clip_text():
+            pooled = clip_text_pooled(tower, tower.embeddings(inputs_embeds=inputs_embeds),
+                                      attention_mask,
+                                      _clip_eos_positions(input_ids, tower.eos_token_id))
         else:  # CLIP / SigLIP text transformers take only ids: run their parts in order
             from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
