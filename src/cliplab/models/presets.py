@@ -56,17 +56,31 @@ def _vision_config(image_size: int, patch_size: int, width: int, layers: int, he
                 intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
 
 
+def _check_activation(activation: str) -> str:
+    from transformers.activations import ACT2FN
+    if activation not in ACT2FN:
+        raise ModelError(f"unknown activation {activation!r}; choose from "
+                         f"{', '.join(sorted(ACT2FN))}")
+    return activation
+
+
 def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layers: int = 4,
               heads: int = 4, text_width: int | None = None, text_layers: int | None = None,
-              embed_dim: int = 128, context_length: int = 64, seed: int = 0) -> DualEncoder:
-    """A small CLIP with both towers from scratch and an offline byte-level tokenizer."""
+              embed_dim: int = 128, context_length: int = 64, activation: str = "quick_gelu",
+              seed: int = 0) -> DualEncoder:
+    """A small CLIP with both towers from scratch and an offline byte-level tokenizer.
+
+    ``activation``: the MLP's, ``quick_gelu`` as OpenAI's CLIP or ``gelu`` as OpenCLIP's
+    from-scratch models."""
     torch.manual_seed(seed)
     tokenizer = byte_level_tokenizer(context_length)
     text_width = text_width or width
+    act = _check_activation(activation)
     config = CLIPConfig(
-        text_config=_text_config(tokenizer, text_width, text_layers or layers, heads,
-                                 context_length),
-        vision_config=_vision_config(image_size, patch_size, width, layers, heads),
+        text_config={**_text_config(tokenizer, text_width, text_layers or layers, heads,
+                                    context_length), "hidden_act": act},
+        vision_config={**_vision_config(image_size, patch_size, width, layers, heads),
+                       "hidden_act": act},
         projection_dim=embed_dim)
     model = CLIPModel(config)
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
