@@ -48,7 +48,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> ImageTextPairs:
 
 def cliplab_throughput(precision: str, warmup: int, steps: int, profile: bool) -> dict:
     arch = {k: v for k, v in ARCH.items() if k != "batch_size"}
-    model = build_model("tiny-clip", **arch)
+    model = build_model("tiny-clip", activation="gelu", **arch)  # OpenCLIP's default MLP
     b = ARCH["batch_size"]
     pairs = synthetic_pairs(b * (warmup + steps))
     cfg = TrainConfig.from_dict(dict(steps=warmup + steps, batch_size=b, lr=1e-4, warmup=0,

@@ -141,6 +141,19 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
         DualEncoder.load(tmp_path)
     with pytest.raises(ModelError, match="bad option for preset"):
         build_model("tiny-clip", depth=3)
+    with pytest.raises(ModelError, match="unknown activation 'gelu2'.*quick_gelu"):
+        build_model("tiny-clip", activation="gelu2")
+
+
+def test_tiny_clip_activation_reaches_both_towers_and_survives_a_save(tmp_path):
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        embed_dim=16, activation="gelu")
+    model.save(tmp_path / "m")
+    config = CLIPModel.from_pretrained(tmp_path / "m").config
+    assert config.vision_config.hidden_act == config.text_config.hidden_act == "gelu"
+    x = torch.linspace(-3, 3, 7)
+    mlp = model.vision_tower.encoder.layers[0].mlp
+    torch.testing.assert_close(mlp.activation_fn(x), torch.nn.functional.gelu(x))
 
 
 def test_freeze_tower_leaves_last_layers_trainable():
