@@ -47,10 +47,13 @@ def last_block_at(layer: CLIPEncoderLayer, hidden: torch.Tensor, positions: torc
                                                          attn.head_dim).transpose(1, 2)
     keys = attn.k_proj(normed).view(split).transpose(1, 2)
     values = attn.v_proj(normed).view(split).transpose(1, 2)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    mixed = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=mask, scale=attn.scale,
-        dropout_p=attn.dropout if attn.training else 0.0)
+    # one query per sequence: plain matmuls (HF's eager attention), cheap in every precision
+    scores = (queries @ keys.transpose(-1, -2)) * attn.scale  # [B, heads, 1, N]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+    weights = F.dropout(weights, p=attn.dropout, training=attn.training)
+    mixed = weights @ values  # [B, heads, 1, head_dim]
     pooled = hidden[rows, positions] + attn.out_proj(mixed.reshape(batch, width))
     return pooled + layer.mlp(layer.layer_norm2(pooled))
 
