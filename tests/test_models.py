@@ -209,3 +209,17 @@ def test_inference_helpers_switch_off_dropout_and_restore_the_mode(lit_model):
     assert lit_model.training and lit_model.text_tower.training
     lit_model.eval()
     assert not lit_model.training
+
+
+def test_attention_implementation_is_switched_for_a_block_only_and_changes_no_feature():
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                        embed_dim=16).eval()
+    pixels, tok = model.preprocess(_images(size=16)), model.tokenize(TEXTS)
+    with torch.no_grad():
+        img, txt = model.encode_image(pixels), model.encode_text(**tok)
+        with model.attention_implementation("eager"):
+            assert model.text_tower.encoder.layers[0].self_attn.config._attn_implementation \
+                == "eager"
+            torch.testing.assert_close(model.encode_image(pixels), img)
+            torch.testing.assert_close(model.encode_text(**tok), txt)
+    assert model.vision_tower.config._attn_implementation == "sdpa"

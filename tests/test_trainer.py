@@ -74,6 +74,19 @@ def test_bf16_autocast_trains(pairs):
     assert torch.isfinite(torch.tensor(last["loss"]))
 
 
+def test_bf16_on_cpu_trains_with_eager_attention_then_restores_the_models_kernel(pairs):
+    model = small_model(layers=2)  # the first block runs HF's attention (the last is pooled)
+    seen = []
+    model.tower_layers("image")[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation))
+    Trainer(model, config(precision="bf16", steps=2), None).fit(pairs)
+    assert seen and set(seen) == {"eager"}
+    assert model.model.config._attn_implementation == "sdpa"
+    seen.clear()
+    Trainer(model, config(steps=1), None).fit(pairs)
+    assert seen and set(seen) == {"sdpa"}
+
+
 def test_bad_train_options_are_clear_errors(pairs, tmp_path):
     with pytest.raises(ConfigError, match="unknown train option.*'lrate'"):
         TrainConfig.from_dict({"lrate": 1})

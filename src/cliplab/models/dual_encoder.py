@@ -248,6 +248,20 @@ class DualEncoder(nn.Module):
             for layer in layers[-except_last:]:
                 layer.requires_grad_(True)
 
+    @contextlib.contextmanager
+    def attention_implementation(self, name: str):
+        """Run both towers with HF's attention implementation ``name`` (``"eager"``,
+        ``"sdpa"``, ...) inside the block; the model's own choice is restored after."""
+        previous = getattr(self.model.config, "_attn_implementation", None)
+        if previous is None or previous == name:
+            yield
+            return
+        self.model.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each transformer block's activations in backward instead of storing them
         (less memory, ~30% more compute), in both towers."""
