@@ -188,7 +188,7 @@ class Trainer:
     def _autocast(self):
         """bf16 autocast when ``train.precision`` asks for it. On CPU it also switches the towers
         to HF's eager attention (matmuls + fp32 softmax): PyTorch's CPU flash-attention backward
-        in bf16 is slow at CLIP's short sequences (a third of the step in the throughput
+        in bf16 is slow at CLIP's short sequences (a quarter of the step in the throughput
         benchmark's profile); on CUDA the model keeps its SDPA kernels."""
         if self.config.precision != "bf16":
             return contextlib.nullcontext()
