@@ -2,8 +2,8 @@
 
 Architecture (issue 3): ViT image 64 px, patch 8, width 256, 6 layers; text width 256, 6 layers,
 context 32; embed 256; batch 128; GELU MLPs on both sides (OpenCLIP's default for models built
-from scratch; same parameter count, printed). cliplab runs its real `Trainer` (uint8 images → preprocessing
-→ both towers → loss → AdamW step); OpenCLIP runs `CLIP` + `ClipLoss` + AdamW on ready tensors
+from scratch; same parameter count, printed). cliplab runs its real `Trainer` (uint8 images →
+preprocessing → both towers → loss → AdamW step); OpenCLIP runs `CLIP` + `ClipLoss` + AdamW on ready tensors
 (its data loader's work is not counted), in a separate environment that
 `benchmarks/openclip_env.py` creates (OpenCLIP needs torchvision, which does not import beside
 this machine's CPU torch). Prints one JSON line per precision with ``ratio`` = cliplab / OpenCLIP,

@@ -32,7 +32,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cliplab.data.shard_index import expand_shards, read_index, shard_sample_counts
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # shard_loader imports this module
+    from cliplab.data.shard_loader import ShardLoader
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_MODES = ("first", "random", "all")
@@ -288,7 +291,7 @@ class ShardStream(IterableDataset):
             self._end_epoch()
 
     def loader(self, batch_size: int, num_workers: int = 0, drop_last: bool = False,
-               **dataloader_kw) -> "ShardLoader":
+               **dataloader_kw) -> ShardLoader:
         """Batches over DataLoader workers with a resumable position; see ``ShardLoader``."""
         from cliplab.data.shard_loader import ShardLoader
 

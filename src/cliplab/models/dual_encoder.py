@@ -128,11 +128,11 @@ class DualEncoder(nn.Module):
         """Pooled text-tower output before the projection (what a frozen tower's cache holds)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # SigLIP was trained on max-length padding without a mask; masking changes its output.
         if self._pools_clip_text():
             tower = self.text_tower
             return clip_text_pooled(tower, tower.embeddings(input_ids=input_ids), attention_mask,
                                     _clip_eos_positions(input_ids, tower.eos_token_id))
+        # SigLIP was trained on max-length padding without a mask; masking changes its output.
         mask = None if self.kind == "siglip" else attention_mask
         out = self.model.text_model(input_ids=input_ids, attention_mask=mask)
         if self.text_pooling == "mean":

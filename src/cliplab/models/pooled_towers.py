@@ -39,7 +39,7 @@ def last_block_at(layer: CLIPEncoderLayer, hidden: torch.Tensor, positions: torc
     ``key_mask``: ``[B, N]`` booleans, the keys each pooled position may attend to (None: all).
     """
     attn = layer.self_attn
-    batch, tokens, width = hidden.shape
+    batch, _, width = hidden.shape
     rows = torch.arange(batch, device=hidden.device)
     normed = layer.layer_norm1(hidden)
     split = (batch, -1, attn.num_heads, attn.head_dim)
