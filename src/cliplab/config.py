@@ -1,13 +1,57 @@
-"""YAML configs with ``key=value`` overrides, validated against the keys a stage knows."""
+"""One schema mechanism for every stage's config: YAML + ``key=value`` overrides, validated by
+pydantic models whose errors name the file, the key path and what was expected.
+
+A stage declares its config as a `Section` subclass (nested sections for nested keys) and reads
+it with `load_config(Schema, path, overrides)`; components receive the validated object, never a
+raw dict. Unknown keys, wrong types and renamed keys are all reported in one line before any
+work starts:
+
+    configs/x.yaml: train.batch_size: expected an integer, got 'many'
+    configs/x.yaml: unknown key train.bacth_size (valid: batch_size, epochs, ...)
+    configs/x.yaml: model.preset was renamed: use model.name
+
+Why pydantic: it is the ecosystem's well-kept validator, gives the key path of every error,
+parses numbers written as strings ("2e-3") in one place, and builds a JSON schema for free.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from cliplab.errors import ConfigError
+
+S = TypeVar("S", bound="Section")
+
+
+class Section(BaseModel):
+    """Base of every config schema: unknown keys are errors, defaults are validated too.
+
+    ``renamed`` maps an old key of this section to its new name; a config that still uses the
+    old key gets an error naming the new one (no silent compatibility shims in a 0.x project).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True,
+                              arbitrary_types_allowed=True, protected_namespaces=())
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for old, new in cls.renamed.items():
+                if old in data:
+                    raise ValueError(f"renamed key {old!r}: use {new!r}")
+        return data
+
+    def to_dict(self) -> dict:
+        """Plain YAML-able dict of every key (defaults included), as written to config.yaml."""
+        return self.model_dump(mode="json")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -29,7 +73,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
+def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     """Return a copy of ``config`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
     config = copy.deepcopy(config)
     for item in overrides:
@@ -62,13 +106,6 @@ def _number_or_same(value):
     return value
 
 
-def check_keys(section: dict, known: set[str], where: str) -> None:
-    """Raise a clear error for any key of ``section`` not in ``known``."""
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-
-
 def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated recursively with ``extra`` (neither is modified)."""
     out = copy.deepcopy(base)
@@ -78,3 +115,80 @@ def deep_merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def validate(schema: type[S], data: Any, where: str = "the config") -> S:
+    """``data`` checked against ``schema``; every problem in one `ConfigError` line that names
+    ``where`` (a file, or a description such as "task 'zs'"), the key path and the expectation."""
+    try:
+        return schema.model_validate(data if data is not None else {})
+    except ValidationError as err:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(e, schema) for e in err.errors())
+                          ) from None
+
+
+def load_config(schema: type[S], path: str | Path | None = None,
+                overrides: Sequence[str] = (), defaults: dict | None = None,
+                extra: dict | None = None) -> S:
+    """A stage's validated config: ``defaults`` < the YAML file < ``extra`` (e.g. command-line
+    options) < ``key=value`` overrides."""
+    raw = load_yaml(path) if path else {}
+    raw = deep_merge(defaults or {}, raw)
+    raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
+    raw = apply_overrides(raw, overrides)
+    return validate(schema, raw, str(path) if path else "the config")
+
+
+def _describe(error: dict, schema: type[BaseModel]) -> str:
+    """One error of pydantic as ``key.path: what is wrong``."""
+    loc = [str(p) for p in error["loc"]]
+    path = ".".join(loc) or "(top level)"
+    kind, given = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(schema, error["loc"][:-1])
+        hint = f" (valid: {', '.join(known)})" if known else ""
+        return f"unknown key {path}{hint}"
+    if kind == "missing":
+        return f"{path} is required"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    elif message.startswith("Input should be"):
+        message = "expected" + message[len("Input should be"):]
+    if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
+        message += f", got {given!r}"
+    return f"{path}: {message}"
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a section at ``loc`` accepts (best effort through nested sections)."""
+    node: Any = schema
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        node = _section_type(fields[part].annotation)
+        if node is None:
+            return []
+    fields = getattr(node, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The `BaseModel` inside an annotation such as ``Train``, ``Train | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_keys(section: dict, known: set[str], where: str) -> None:
+    """Raise a clear error for any key of ``section`` not in ``known``.
+
+    Deprecated in favour of `Section` schemas; kept only while stages move over."""
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
