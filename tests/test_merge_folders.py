@@ -158,13 +158,19 @@ def test_origin_mismatch_names_the_file(family, tmp_path):
 
 def test_config_errors_come_before_any_work(family, tmp_path):
     _, base, fts = family
-    bad = [({"method": "soup", "models": ["a"], "out": "o"}, "not one of"),
+    bad = [({"method": "soup", "models": ["a"], "out": "o"},
+            "method: unknown merge method 'soup'; choose one of: uniform, greedy"),
            ({"method": "ties", "models": ["a"], "out": "o"}, "--base"),
            ({"method": "greedy", "models": ["a"], "out": "o"}, "heldout"),
            ({"method": "uniform", "models": [str(fts[0])], "out": str(fts[1])}, "not empty"),
-           ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1}, "lamda"),
+           ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1},
+            r"unknown key lamda \(valid: base, density"),
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 1.5},
-            "density"),
+            "density: expected less than or equal to 1, got 1.5"),
+           ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": "dense"},
+            "density: expected a valid number"),
+           ({"method": "uniform", "models": [], "out": "o"}, "models: "),
+           ({"method": "uniform", "models": ["a"]}, "out is required"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
             "list of scales")]
     for cfg, fragment in bad:
@@ -206,9 +212,9 @@ def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path
         out = tmp_path / f"adapt{seed}"
         assert main(["adapt", "--method", "finetune", "--model", str(base), "--out", str(out),
                      "--no-progress", "data.train={source: digits, split: train}",
-                     "data.test={source: digits, split: test}", "data.train_size=64",
-                     f"data.seed={seed}", "train.steps=2", "train.batch_size=32",
-                     "train.augment=false"]) == 0
+                     "data.test={source: digits, split: test}", "shots=0", "train_size=64",
+                     f"seed={seed}", "options.train.steps=2", "options.train.batch_size=32",
+                     "options.train.augment=false"]) == 0
         outs.append(out / "checkpoints" / "step-2" / "model")
     assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
                  str(base), "--out", str(tmp_path / "soup"), "--no-progress"]) == 0

@@ -22,9 +22,14 @@ from cliplab.models.dual_encoder import DualEncoder
 
 
 def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> MergeConfig:
-    """The validated config, and an output folder that is new (or empty) and not an input."""
+    """The validated config, inputs that are model folders, and an output folder that is new
+    (or empty) and not an input."""
     if not isinstance(cfg, MergeConfig):
         cfg = validate(MergeConfig, cfg, where)
+    for spec in cfg.models + ([cfg.base] if cfg.base else []):
+        if not (Path(spec.name) / "config.json").is_file():  # before any (slow) loading
+            raise ModelError(f"{spec.name} is not a model folder (no config.json): a merge "
+                             "combines folders written by cliplab or HF save_pretrained")
     out = Path(cfg.out).resolve()
     inputs = [Path(m.name).resolve() for m in cfg.models + ([cfg.base] if cfg.base else [])]
     if out in inputs or (out.exists() and any(out.iterdir())):
