@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -31,11 +31,11 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
 
 
 def add_stage_arguments(p: argparse.ArgumentParser, out_help: str,
-                        config_required: bool = False, out_required: bool = False) -> None:
+                        config_required: bool = False) -> None:
     """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides,
     ``--out DIR``, ``--no-progress`` and ``--debug``."""
     _add_common(p, config_required)
-    p.add_argument("--out", metavar="DIR", required=out_required, help=out_help)
+    p.add_argument("--out", metavar="DIR", help=out_help)
     _add_debug(p)
 
 
@@ -208,7 +208,8 @@ def _add_report(sub) -> None:
     p.add_argument("--inputs", nargs="+", metavar="RUN_OR_RESULTS",
                    help="results JSON files and/or run folders (put key=value overrides "
                    "before --inputs or after another option)")
-    add_stage_arguments(p, "folder for report.md, report.html and plots/", out_required=True)
+    add_stage_arguments(p, "folder for report.md, report.html and plots/ (or the config's "
+                        "'out')")
 
 
 def _config(args) -> dict:
@@ -318,9 +319,11 @@ def cmd_report(args) -> int:
     from cliplab.evaluate.report import ReportConfig, write_report
 
     cfg = stage_config(ReportConfig, args, inputs=args.inputs)
-    written = write_report(cfg.inputs, args.out, cfg, progress=not args.no_progress)
+    if not cfg.out:
+        raise ConfigError("say where to write the report: --out DIR")
+    written = write_report(cfg.inputs, cfg.out, cfg, progress=not args.no_progress)
     print(f"report: {written['markdown']} and {written['html']} "
-          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+          f"({len(written) - 2} plot(s) in {Path(cfg.out) / 'plots'})")
     return 0
 
 

@@ -26,10 +26,11 @@ MISSING = "—"
 
 class ReportConfig(Section):
     """`cliplab report`'s settings: ``inputs`` (results JSON files and run folders, or
-    ``--inputs``), ``title``, ``names`` (one label per input) and ``plots`` (false: tables
-    only)."""
+    ``--inputs``), ``out`` (the report folder, or ``--out``), ``title``, ``names`` (one label
+    per input) and ``plots`` (false: tables only)."""
 
     inputs: list[str] = []
+    out: str | None = None
     title: str = "cliplab report"
     names: list[str] | None = None
     plots: bool = True
