@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from cliplab.config import check_keys
 from cliplab.errors import ConfigError, ModelError
-from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.suite import run_task
+from cliplab.evaluate.suite import run_task, task_spec
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (Ingredient, check_architecture, check_origin,
                                        load_ingredient, save_merged)
 from cliplab.merge.model_stock import model_stock
@@ -71,9 +71,11 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
                       progress: bool = False) -> Callable[[StateDict], float]:
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
     ``metric``, with the weights loaded into ``template``."""
+    spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
+
     def evaluate(state: StateDict) -> float:
         template.model.load_state_dict(state, strict=True)
-        metrics = run_task(template, dict(task), progress=progress, cache=FeatureCache())
+        metrics = run_task(template, spec, context.for_new_weights())
         if metric not in metrics:
             raise ConfigError(f"held-out task gives {sorted(metrics)}, not metric {metric!r}")
         return float(metrics[metric])
