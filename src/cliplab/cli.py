@@ -207,16 +207,16 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from cliplab.train.pretrain import run_pretrain
+    from cliplab.config import load_config
+    from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    cfg = _config(args)
-    if args.out:
-        cfg["out"] = args.out
+    cfg = load_config(PretrainConfig, args.config, args.overrides, extra={"out": args.out})
     results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     for name, metrics in results["evals"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        numbers = scalar_metrics(metrics, name)
+        print(", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
     print(f"model: {results['model_dir']}")
     return 0
 

@@ -50,6 +50,11 @@ class TaskSpecBase(Section):
     task: str
     name: str | None = None
 
+    def datasets(self) -> list[DataSpec]:
+        """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
+        return [getattr(self, key) for key, info in type(self).model_fields.items()
+                if info.annotation == DataSpec and getattr(self, key) is not None]
+
     def probes(self) -> list[tuple[DataSpec, str, int]]:
         """(data spec, probe kind, layers) of the extra image features this task will read, so
         the suite computes them in the first pass over that dataset."""
@@ -100,6 +105,13 @@ class TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
         training or between soup ingredients) that keeps the loaded datasets."""
         return dataclasses.replace(self, cache=FeatureCache())
+
+    def preload(self, tasks: Sequence[TaskSpecBase]) -> None:
+        """Load every dataset ``tasks`` will encode now, so a bad source fails before any
+        work (e.g. before training whose evaluation would read it)."""
+        for task in tasks:
+            for spec in task.datasets():
+                self.load(spec)
 
     @property
     def texts(self) -> TextFeatureCache:
