@@ -9,6 +9,7 @@ from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
 
 from cliplab.cli import main
 from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_task
 from cliplab.merge import read_origin, record_origin, weights_fingerprint
 from cliplab.merge.run import run_merge
@@ -112,7 +113,7 @@ def test_greedy_soup_records_scores_that_the_saved_folder_reproduces(family, tmp
     first = rec["greedy"]["steps"][0]["ingredient"]
     assert scores[first] == max(scores.values())  # starts from the best ingredient
     assert rec["heldout"]["merged"] >= max(scores.values())
-    again = run_task(DualEncoder.load(out), HELDOUT, progress=False)["acc1"]
+    again = run_task(DualEncoder.load(out), HELDOUT, TaskContext(progress=False))["acc1"]
     assert again == pytest.approx(rec["heldout"]["merged"])
     assert json.loads((out / "merge.json").read_text())["greedy"]["kept"][0] == first
 

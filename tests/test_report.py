@@ -145,13 +145,14 @@ def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
     """A run folder written by `cliplab pretrain` (a few steps) reports its curves."""
     from cliplab.train.pretrain import run_pretrain
 
-    run_pretrain({"model": {"preset": "tiny-clip",
+    run_pretrain({"model": {"name": "tiny-clip",
                             "options": {"image_size": 32, "patch_size": 16, "width": 32,
                                         "layers": 1, "heads": 2, "embed_dim": 16}},
                   "data": {"train": {"source": "shapes", "n": 64, "image_size": 32}},
                   "train": {"steps": 4, "batch_size": 16, "log_every": 1, "augment": False},
-                  "eval": [{"name": "colour", "source": "shapes", "attribute": "color",
-                            "n": 32, "image_size": 32}],
+                  "eval": {"tasks": [{"name": "colour", "task": "zeroshot",
+                                      "data": {"source": "shapes", "attribute": "color",
+                                               "n": 32, "image_size": 32}}]},
                   "out": str(tmp_path / "run")}, progress=False)
     written = write_report([tmp_path / "run"], tmp_path / "rep", progress=False)
     md = written["markdown"].read_text()

@@ -179,15 +179,19 @@ def _add_merge(sub) -> None:
 def _add_eval(sub) -> None:
     """`cliplab eval`: evaluation suites."""
     p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
-                       description="Run the zero-shot, linear-probe, few-shot, retrieval and "
-                       "compositional tasks of a suite YAML on a saved model folder or a "
-                       "preset; print and save results JSON.")
-    p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
-    p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
-    p.add_argument("--out", help="write the results JSON here")
+                       description="Run the tasks of a suite YAML ({tasks: [...], precision}: "
+                       "zeroshot, linear_probe, few_shot, retrieval, compositional, "
+                       "multilabel_zeroshot, long_tail) on a model; print the results and write "
+                       "OUT/results.json.")
+    p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
+                   help="suite of tasks (copy one from configs/eval/); --suite is an alias")
+    p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
+                   "folder, run folder (its newest checkpoint) or Hugging Face Hub id")
+    p.add_argument("--out", metavar="DIR", help="folder to write results.json into")
     p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
                    "runs of the same model, data and transform")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override suite keys, e.g. precision=bf16")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_debug(p)
 
@@ -234,37 +238,51 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from cliplab.train.pretrain import run_pretrain
+    from cliplab.config import load_config
+    from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    cfg = _config(args)
-    if args.out:
-        cfg["out"] = args.out
+    cfg = load_config(PretrainConfig, args.config, args.overrides, extra={"out": args.out})
     results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     for name, metrics in results["evals"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        numbers = scalar_metrics(metrics, name)
+        print(", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
     print(f"model: {results['model_dir']}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.config import load_config
     from cliplab.evaluate.feature_cache import FeatureCache
-    from cliplab.evaluate.suite import run_suite
-    from cliplab.models.presets import build_model
+    from cliplab.evaluate.suite import SuiteSpec, run_suite
+    from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.resolve import load_model
 
-    suite = apply_overrides(load_yaml(args.suite), args.overrides)
-    model = build_model(args.model)
-    results = {"model": args.model, "suite": args.suite,
-               "results": run_suite(model, suite, progress=not args.no_progress,
-                                    cache=FeatureCache(args.cache_dir))}
+    out = _results_folder(args.out)
+    suite = load_config(SuiteSpec, args.config, args.overrides)
+    model = load_model(args.model)
+    context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
+    results = {"model": args.model, "suite": args.config,
+               "results": run_suite(model, suite, context)}
     text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(text + "\n")
     print(text)
     return 0
+
+
+def _results_folder(out: str | None) -> Path | None:
+    """``--out`` of eval: a folder (made if missing) that will hold results.json."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_file() or (not path.exists() and path.suffix == ".json"):
+        raise CliplabError(f"--out {out} is a file; give a folder (results go to "
+                           f"{path.with_suffix('') if path.suffix == '.json' else path}"
+                           "/results.json)")
+    return path
 
 
 def cmd_merge(args) -> int:

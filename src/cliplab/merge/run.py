@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from cliplab.config import validate
 from cliplab.errors import ConfigError, ModelError
-from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.suite import run_task
+from cliplab.evaluate.suite import run_task, task_spec
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (check_architecture, check_origin,
                                        load_ingredient, save_merged)
 from cliplab.merge.config import MergeConfig
@@ -30,6 +30,8 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> 
         if not (Path(spec.name) / "config.json").is_file():  # before any (slow) loading
             raise ModelError(f"{spec.name} is not a model folder (no config.json): a merge "
                              "combines folders written by cliplab or HF save_pretrained")
+    if cfg.heldout is not None:
+        task_spec(cfg.heldout, f"{where}: heldout")  # a bad task key fails before any work
     out = Path(cfg.out).resolve()
     inputs = [Path(m.name).resolve() for m in cfg.models + ([cfg.base] if cfg.base else [])]
     if out in inputs or (out.exists() and any(out.iterdir())):
@@ -42,9 +44,11 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
                       progress: bool = False) -> Callable[[StateDict], float]:
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
     ``metric``, with the weights loaded into ``template``."""
+    spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
+
     def evaluate(state: StateDict) -> float:
         template.model.load_state_dict(state, strict=True)
-        metrics = run_task(template, dict(task), progress=progress, cache=FeatureCache())
+        metrics = run_task(template, spec, context.for_new_weights())
         if metric not in metrics:
             raise ConfigError(f"held-out task gives {sorted(metrics)}, not metric {metric!r}")
         return float(metrics[metric])
