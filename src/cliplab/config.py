@@ -17,6 +17,7 @@ parses numbers written as strings ("2e-3") in one place, and builds a JSON schem
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -157,13 +158,16 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     return path, message
 
 
-# what pydantic puts in an error's location for the member of a union that failed
-_UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "tuple", "set"}
+# what pydantic puts in an error's location for the member of a union that failed:
+# "float", "constrained-float", "literal['auto']", "function-after[...]", "list[str]", ...
+_UNION_TAG = re.compile(r"(int|float|str|bool|none|list|dict|tuple|set|frozenset|bytes|"
+                        r"constrained-\w+|is-instance\[.*\]|"
+                        r"(literal|function-\w+|list|dict|tuple|set|frozenset|union|"
+                        r"tagged-union|nullable|model|json-or-python|lax-or-strict|chain)\[.*\])")
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part
-                                      or part.startswith(("constrained-", "function-")))
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
 
 
 def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:

@@ -17,7 +17,8 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
-from cliplab.evaluate.metrics import classification_metrics
+from cliplab.evaluate.suite import run_task
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.train.run_dir import RunDir
 
@@ -91,13 +92,11 @@ class Adapter:
     def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
               progress: bool = False) -> dict:
         """``{set name: acc1/acc5/mean per-class recall}`` of the adapter on each labelled set
-        (``test``, and ``shifted`` when the config has one)."""
-        out = {}
-        for name, data in sets.items():
-            feats = cache.features(self.model, data.images, probe=self.probe, progress=progress,
-                                   desc=f"encode {name}")
-            out[name] = classification_metrics(self.logits(feats), data.labels)
-        return out
+        (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
+        with this adapter as its classifier."""
+        context = TaskContext(cache=cache, progress=progress, classifier=self)
+        return {name: run_task(self.model, {"task": "zeroshot", "name": name, "data": data},
+                               context) for name, data in sets.items()}
 
     def summary(self) -> dict:
         """Extra entries for ``results.json`` (parameter counts, written folders); none here."""

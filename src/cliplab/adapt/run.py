@@ -18,6 +18,8 @@ from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.suite import run_task
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
@@ -97,8 +99,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         "test_size": len(sets["test"])}
     zeroshot = None
     if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
-        zeroshot = get_method("zeroshot").fit(model, train, None, ctx).score(
-            {"test": sets["test"]}, cache, progress)["test"]
+        zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
+                            TaskContext(cache=cache, progress=progress))
     adapter: Adapter = method.fit(model, train, options, ctx)
     scores = adapter.score(sets, cache, progress)
     if run is not None:
