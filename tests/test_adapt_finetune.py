@@ -45,7 +45,7 @@ def test_only_the_image_tower_and_its_projection_train():
 
 
 def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
-    from cliplab.train.run_dir import RunDir
+    from cliplab.runs import RunDir
 
     model = small_model()
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

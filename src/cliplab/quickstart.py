@@ -16,7 +16,7 @@ from cliplab.evaluate.features import PROBE_FEATURES, encode_images
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 DEFAULTS: dict = {

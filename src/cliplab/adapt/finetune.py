@@ -20,7 +20,7 @@ from cliplab.config import check_keys, deep_merge
 from cliplab.data.types import LabelledImages
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
 TOP_KEYS = {"method", "data", "train", "finetune"}

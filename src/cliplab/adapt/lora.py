@@ -32,7 +32,7 @@ from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}

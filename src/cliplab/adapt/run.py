@@ -20,7 +20,7 @@ from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.metrics import classification_metrics
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 
 DEFAULTS = {"method": None, "model": None, "train": None, "test": None, "shots": 16, "seed": 1,
             "val_shots": 0, "options": {}, "compare_zeroshot": True, "cache_dir": None,

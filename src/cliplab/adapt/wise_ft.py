@@ -24,7 +24,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR
 
 TOP_KEYS = {"method", "data", "train", "finetune", "wise_ft"}

@@ -14,7 +14,7 @@ from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
 from cliplab.models.presets import build_model
 from cliplab.train import distributed
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.trainer import TrainConfig, Trainer
 
