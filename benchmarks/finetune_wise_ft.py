@@ -25,7 +25,7 @@ from cliplab.adapt import finetune, lora
 from cliplab.adapt.common import load_split
 from cliplab.adapt.finetune import load_finetuned, zeroshot_head
 from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
-from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 
 SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
 
@@ -59,7 +59,7 @@ def main() -> None:
                                "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}},
                   out / "lora", args.progress)
 
-    zeroshot = build_model(args.model)
+    zeroshot = load_model(args.model)
     tuned, head = load_finetuned(ft["model_dir"])
     sets = {"target": load_split({"test": test}, "test")}
     for shift in args.shifts:

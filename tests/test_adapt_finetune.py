@@ -9,7 +9,7 @@ import torch
 from cliplab.adapt.finetune import (finetune, image_tower_trainable, load_finetuned, run,
                                     train_config, zeroshot_head)
 from cliplab.adapt.head import ClassifierHead
-from cliplab.adapt.origin import model_fingerprint, read_base
+from cliplab.models.folder import model_fingerprint, require_origin
 from cliplab.adapt.common import head_metrics, subsample
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
@@ -65,7 +65,7 @@ def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
     assert records[-1]["loss"] < records[0]["loss"]
 
     folder = trainer.last_checkpoint / "model"
-    assert read_base(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
+    assert require_origin(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
         small_model())}
     loaded, loaded_head = load_finetuned(folder)
     for a, b in zip(loaded.model.state_dict().values(), model.model.state_dict().values()):
@@ -101,6 +101,6 @@ def test_run_writes_a_model_folder_and_results(tmp_path):
     assert res["params"]["trainable"] < res["params"]["total"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["model_dir"] == res["model_dir"]
-    assert read_base(res["model_dir"])["path"] == str(tmp_path / "base")
+    assert require_origin(res["model_dir"])["path"] == str(tmp_path / "base")
     with pytest.raises(ConfigError, match="unknown key"):
         run(str(tmp_path / "base"), {**cfg, "trian": {}}, tmp_path / "bad", progress=False)

@@ -11,7 +11,7 @@ from cliplab.adapt.common import count_parameters, subsample
 from cliplab.adapt.finetune import zeroshot_head
 from cliplab.adapt.lora import (LoraOptions, add_lora, load_adapter, lora_parameter_count,
                                 merge_adapter, run, save_adapter, target_modules)
-from cliplab.adapt.origin import model_fingerprint
+from cliplab.models.folder import model_fingerprint
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models import DualEncoder, build_model

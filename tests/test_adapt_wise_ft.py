@@ -9,7 +9,7 @@ import torch
 
 from cliplab.adapt.common import head_metrics, subsample
 from cliplab.adapt.finetune import save_finetuned, zeroshot_head
-from cliplab.adapt.origin import model_fingerprint
+from cliplab.models.folder import model_fingerprint
 from cliplab.adapt.wise_ft import best_alpha, interpolate, run, wise_ft_sweep
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError

@@ -221,10 +221,10 @@ def cmd_eval(args) -> int:
     from cliplab.config import apply_overrides, load_yaml
     from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import run_suite
-    from cliplab.models.presets import build_model
+    from cliplab.models.resolve import load_model
 
     suite = apply_overrides(load_yaml(args.suite), args.overrides)
-    model = build_model(args.model)
+    model = load_model(args.model)
     results = {"model": args.model, "suite": args.suite,
                "results": run_suite(model, suite, progress=not args.no_progress,
                                     cache=FeatureCache(args.cache_dir))}

@@ -15,11 +15,11 @@ from pathlib import Path
 from cliplab.adapt.common import (DATA_KEYS, check_same_classes, count_parameters,
                                   head_metrics, load_split, section)
 from cliplab.adapt.head import ClassifierHead
-from cliplab.adapt.origin import model_fingerprint, read_base, record_base
 from cliplab.config import check_keys, deep_merge
 from cliplab.data.types import LabelledImages
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.folder import model_fingerprint, require_origin, write_origin
+from cliplab.models.resolve import load_model
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
@@ -50,13 +50,13 @@ def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
     """A model folder (``DualEncoder.save``) + ``head.safetensors`` + the origin record."""
     folder = model.save(folder)
     head.save(folder)
-    record_base(folder, base_path, fingerprint, **extra)
+    write_origin(folder, base_path, fingerprint, **extra)
     return folder
 
 
 def load_finetuned(folder: str | Path) -> tuple[DualEncoder, ClassifierHead]:
     """The model and head of a fine-tuned folder."""
-    read_base(folder)  # fails clearly on a folder that is not a fine-tune
+    require_origin(folder)  # fails clearly on a folder that is not a fine-tune
     return DualEncoder.load(folder), ClassifierHead.load(folder)
 
 
@@ -94,7 +94,7 @@ def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
     train_cfg = train_config(cfg, progress)
     train, test = load_split(data_cfg, "train"), load_split(data_cfg, "test")
     check_same_classes(train, test, "data.train and data.test")
-    model = build_model(str(model_path))
+    model = load_model(model_path)
     run_dir = RunDir(out)
     run_dir.write_config({**cfg, "model": str(model_path)})
 

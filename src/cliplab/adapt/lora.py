@@ -25,13 +25,14 @@ from cliplab.adapt.common import (DATA_KEYS, check_same_classes, count_parameter
                                   head_metrics, load_split, section)
 from cliplab.adapt.finetune import save_finetuned, zeroshot_head
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead
-from cliplab.adapt.origin import check_same_origin, model_fingerprint, read_base, record_base
 from cliplab.config import check_keys, deep_merge
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.folder import (check_same_origin, model_fingerprint, require_origin,
+                                  write_origin)
+from cliplab.models.resolve import load_model
 from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -137,7 +138,7 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
     if head is not None:
         head.save(folder)
-    record_base(folder, base_path, fingerprint, adapter="lora",
+    write_origin(folder, base_path, fingerprint, adapter="lora",
                 lora=asdict(options) if options else None)
     return folder
 
@@ -149,8 +150,8 @@ def load_adapter(folder: str | Path, base: str | None = None
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
-    base_path = base or read_base(folder)["path"]
-    model = build_model(str(base_path))
+    base_path = base or require_origin(folder)["path"]
+    model = load_model(base_path)
     check_same_origin(folder, model, str(base_path))
     peft_model = PeftModel.from_pretrained(model.model, str(folder))
     head = ClassifierHead.load(folder) if (folder / HEAD_FILE).is_file() else None
@@ -180,7 +181,7 @@ def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
     train_cfg = train_config(cfg, opts, progress)
     train, test = load_split(data_cfg, "train"), load_split(data_cfg, "test")
     check_same_classes(train, test, "data.train and data.test")
-    model = build_model(str(model_path))
+    model = load_model(model_path)
     fingerprint = model_fingerprint(model)
     full = count_parameters(model)["total"]
     image_full = count_parameters(model.vision_tower)["total"] + sum(
@@ -220,7 +221,7 @@ def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
             save_finetuned(merged, head, merged_dir, str(model_path), fingerprint)
         else:
             merged.save(merged_dir)
-            record_base(merged_dir, str(model_path), fingerprint)
+            write_origin(merged_dir, str(model_path), fingerprint)
         results["merged_dir"] = str(merged_dir)
     results["wall_time_s"] = round(time.time() - start, 1)
     run_dir.write_json("results.json", results)

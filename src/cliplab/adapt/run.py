@@ -19,7 +19,7 @@ from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.metrics import classification_metrics
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.resolve import load_model
 from cliplab.runs import RunDir, default_run_dir
 
 DEFAULTS = {"method": None, "model": None, "train": None, "test": None, "shots": 16, "seed": 1,
@@ -103,7 +103,7 @@ def run_adapt(cfg: dict, model: DualEncoder | None = None, progress: bool = True
                         f"{len(train_all.classnames)}, {test.name}: {len(test.classnames)})")
     seed = int(cfg["seed"])
     train, val = few_shot_split(train_all, cfg["shots"], int(cfg["val_shots"] or 0), seed)
-    model = model or build_model(str(cfg["model"]))
+    model = model or load_model(cfg["model"])
     cache = cache or FeatureCache(cfg["cache_dir"])
     run = None
     if write:

@@ -18,12 +18,12 @@ import torch
 from cliplab.adapt.common import DATA_KEYS, check_same_classes, head_metrics, load_split, section
 from cliplab.adapt.finetune import (TRAIN_DEFAULTS, finetune, load_finetuned, save_finetuned,
                                     train_config, zeroshot_head)
-from cliplab.adapt.origin import check_same_origin, model_fingerprint
 from cliplab.config import check_keys
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.folder import check_same_origin, model_fingerprint
+from cliplab.models.resolve import load_model
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR
 
@@ -105,7 +105,7 @@ def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
     if data_cfg.get("shifted") is not None:
         sets["shifted"] = load_split(data_cfg, "shifted")
         check_same_classes(sets["target"], sets["shifted"], "data.test and data.shifted")
-    zeroshot = build_model(str(model_path))
+    zeroshot = load_model(model_path)
     run_dir = RunDir(out)
     run_dir.write_config({**cfg, "model": str(model_path)})
 

@@ -4,7 +4,6 @@ evaluation of the result."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from cliplab.config import check_keys
 from cliplab.data.sources import as_labelled, as_pairs, load_source
@@ -12,23 +11,13 @@ from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-from cliplab.models.presets import build_model
+from cliplab.models.resolve import load_model
 from cliplab.train import distributed
 from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.trainer import TrainConfig, Trainer
 
 TOP_KEYS = {"model", "data", "train", "eval", "out"}
-
-
-def model_folder(path: str | Path) -> Path:
-    """The model folder behind ``path``: a model folder itself, a checkpoint folder
-    (``…/step-N``, holding ``model/``) or a run folder (its newest checkpoint)."""
-    path = Path(path)
-    if (path / "model").is_dir():
-        return path / "model"
-    latest = RunDir(path).latest_checkpoint() if (path / "checkpoints").is_dir() else None
-    return latest / "model" if latest else path
 
 
 def model_from_config(spec: dict):
@@ -38,10 +27,10 @@ def model_from_config(spec: dict):
         raise ConfigError("config key 'model' must be a mapping with 'preset' or 'path'")
     check_keys(spec, {"preset", "options", "path"}, "section 'model'")
     if "path" in spec:
-        return build_model(str(model_folder(spec["path"])))
+        return load_model(spec["path"])
     if "preset" not in spec:
         raise ConfigError("section 'model' needs 'preset' (e.g. tiny-clip) or 'path'")
-    return build_model(spec["preset"], **(spec.get("options") or {}))
+    return load_model({"name": spec["preset"], "options": spec.get("options") or {}})
 
 
 def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) -> dict:
