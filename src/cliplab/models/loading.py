@@ -77,7 +77,7 @@ def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
     except Exception as err:  # safetensors, torch and transformers each raise their own
         raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
                          f"({_first_line(err)})") from None
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
     if mismatched:
         key, found, expected = mismatched[0]
         raise ModelError(f"{file}: weights do not fit {path / CONFIG_FILE}: {key} has shape "

@@ -102,7 +102,7 @@ def hub_snapshot(repo_id: str) -> Path:
     if hub_offline():
         raise ModelError(f"{repo_id} is neither a folder here nor in the Hugging Face cache "
                          f"({cache}), and HF_HUB_OFFLINE=1: fetch it once with `hf download "
-                         f"{repo_id}` (or unset HF_HUB_OFFLINE)")
+                         f"{repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab fetch it)")
     return _download(repo_id, cache)
 
 
