@@ -26,7 +26,7 @@ from cliplab.adapt.head import zeroshot_classifier_head
 from cliplab.adapt.run import run_adapt
 from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
 from cliplab.data.sources import as_labelled, load_source
-from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 
 SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
 
@@ -62,7 +62,7 @@ def main() -> None:
                      "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}}},
         progress=args.progress)
 
-    zeroshot = build_model(args.model)
+    zeroshot = load_model(args.model)
     tuned, head = load_finetuned(ft["model_dir"])
     sets = {"target": as_labelled(load_source(test), "test")}
     for shift in args.shifts:

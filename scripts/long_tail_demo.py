@@ -26,7 +26,7 @@ from cliplab.evaluate.long_tail import long_tail_analysis
 from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 MODEL = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4,

@@ -12,6 +12,7 @@ from cliplab.cli import main
 from cliplab.data.digits import load_digits
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
                                                "config.yaml", "results.json"}
     # the saved adapter reproduces the reported accuracy
-    model = build_model(str(model_dir))
+    model = load_model(model_dir)
     test = load_digits("test")
     acc = (load_adapter(out, model).logits(test.images).argmax(1) == test.labels).float().mean()
     assert acc.item() == pytest.approx(results["test"]["acc1"])

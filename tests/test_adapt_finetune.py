@@ -10,7 +10,7 @@ from cliplab.adapt.finetune import TRAIN_DEFAULTS, finetune, image_tower_trainab
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.adapt.run import run_adapt
 from cliplab.adapt.training import trainer_config
-from cliplab.adapt.origin import model_fingerprint, read_base
+from cliplab.models.folder import model_fingerprint, require_origin
 from cliplab.adapt.common import head_metrics, subsample
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
@@ -46,7 +46,7 @@ def test_only_the_image_tower_and_its_projection_train():
 
 
 def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
-    from cliplab.train.run_dir import RunDir
+    from cliplab.runs import RunDir
 
     model = small_model()
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -67,7 +67,7 @@ def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
     assert records[-1]["loss"] < records[0]["loss"]
 
     folder = trainer.last_checkpoint / "model"
-    assert read_base(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
+    assert require_origin(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
         small_model())}
     loaded, loaded_head = load_finetuned(folder)
     for a, b in zip(loaded.model.state_dict().values(), model.model.state_dict().values()):
@@ -104,7 +104,7 @@ def test_run_writes_a_model_folder_and_results(tmp_path):
     assert res["params"]["trainable"] < res["params"]["total"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["model_dir"] == res["model_dir"]
-    assert read_base(res["model_dir"])["path"] == str(tmp_path / "base")
+    assert require_origin(res["model_dir"])["path"] == str(tmp_path / "base")
     with pytest.raises(ConfigError, match="unknown key trian"):
         run_adapt({**cfg, "trian": {}, "out": str(tmp_path / "bad")}, progress=False)
     assert not (tmp_path / "bad").exists()

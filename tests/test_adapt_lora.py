@@ -12,7 +12,7 @@ from cliplab.adapt.head import zeroshot_classifier_head
 from cliplab.adapt.lora import (Options, add_lora, load_lora, lora_parameter_count,
                                 merge_adapter, save_adapter, target_modules)
 from cliplab.adapt.base import method_options
-from cliplab.adapt.origin import model_fingerprint
+from cliplab.models.folder import model_fingerprint
 from cliplab.adapt.run import run_adapt
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError

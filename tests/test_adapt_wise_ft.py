@@ -11,7 +11,7 @@ from cliplab.adapt.common import head_metrics, subsample
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import zeroshot_classifier_head
 from cliplab.adapt.run import run_adapt
-from cliplab.adapt.origin import model_fingerprint
+from cliplab.models.folder import model_fingerprint
 from cliplab.adapt.wise_ft import best_alpha, interpolate, wise_ft_sweep
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError

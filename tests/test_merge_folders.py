@@ -11,9 +11,9 @@ from cliplab.cli import main
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_task
-from cliplab.merge import read_origin, record_origin, weights_fingerprint
 from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
+from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
@@ -44,6 +44,11 @@ def family(tmp_path_factory):
 
 def _state(path):
     return DualEncoder.load(path).model.state_dict()
+
+
+def record_origin(folder, base):
+    """What a fine-tune writes: ``base`` (a folder) as the origin of ``folder``."""
+    return write_origin(folder, base, weights_fingerprint(_state(base)))
 
 
 def test_uniform_soup_folder_round_trips_in_transformers_and_cliplab(family, tmp_path):
@@ -185,23 +190,10 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cliplab: error:") and "--base" in err[0]
-    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
-                 str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),  # no bar: stderr
+                 str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing is not a model folder" in err[0]
-
-
-def test_record_origin_on_a_plain_hf_folder_keeps_it_loadable(family, tmp_path):
-    _, base, _ = family
-    hf = DualEncoder.load(base)
-    hf.model.save_pretrained(tmp_path / "hf")
-    hf.tokenizer.save_pretrained(tmp_path / "hf")
-    assert read_origin(tmp_path / "hf") is None
-    record = record_origin(tmp_path / "hf", base)
-    assert read_origin(tmp_path / "hf") == record
-    assert record["fingerprint"] == weights_fingerprint(_state(base))
-    again = DualEncoder.load(tmp_path / "hf")  # cliplab.json written with what load needs
-    assert again.preprocess_config.image_size == hf.preprocess_config.image_size
 
 
 def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):

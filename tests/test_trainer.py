@@ -8,7 +8,7 @@ import torch
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError
 from cliplab.models import DualEncoder
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 from tests.tiny_models import small_model
 

@@ -20,7 +20,7 @@ from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"

@@ -17,13 +17,13 @@ from pydantic import field_validator
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
-from cliplab.adapt.origin import model_fingerprint, read_base, record_base
+from cliplab.models.folder import model_fingerprint, require_origin, write_origin
 from cliplab.adapt.training import trainer_config
 from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
 # Fine-tuning moves pretrained weights: a small rate, a short warm-up, no flips by default.
@@ -59,13 +59,13 @@ def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
     """A model folder (``DualEncoder.save``) + ``head.safetensors`` + the origin record."""
     folder = model.save(folder)
     head.save(folder)
-    record_base(folder, base_path, fingerprint, **extra)
+    write_origin(folder, base_path, fingerprint, **extra)
     return folder
 
 
 def load_finetuned(folder: str | Path) -> tuple[DualEncoder, ClassifierHead]:
     """The model and head of a fine-tuned folder."""
-    read_base(folder)  # fails clearly on a folder that is not a fine-tune
+    require_origin(folder)  # fails clearly on a folder that is not a fine-tune
     return DualEncoder.load(folder), ClassifierHead.load(folder)
 
 

@@ -26,7 +26,7 @@ from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
-from cliplab.adapt.origin import check_same_origin, model_fingerprint, read_base, record_base
+from cliplab.models.folder import check_same_origin, model_fingerprint, require_origin, write_origin
 from cliplab.adapt.training import trainer_config
 from cliplab.config import Section
 from cliplab.data.pairs import labelled_to_pairs
@@ -35,7 +35,7 @@ from cliplab.errors import ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.resolve import load_model
 from cliplab.train.trainer import Trainer
 
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
@@ -134,7 +134,7 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
     if head is not None:
         head.save(folder)
-    record_base(folder, base_path, fingerprint, adapter="lora",
+    write_origin(folder, base_path, fingerprint, adapter="lora",
                 lora=options.to_dict() if options else None)
     return folder
 
@@ -146,8 +146,8 @@ def load_lora(folder: str | Path, base: str | None = None
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
-    base_path = base or read_base(folder)["path"]
-    model = build_model(str(base_path))
+    base_path = base or require_origin(folder)["path"]
+    model = load_model(str(base_path))
     check_same_origin(folder, model, str(base_path))
     peft_model = PeftModel.from_pretrained(model.model, str(folder))
     head = ClassifierHead.load(folder) if (folder / HEAD_FILE).is_file() else None
@@ -195,7 +195,7 @@ class LoraAdapted(Adapter):
                                self.fingerprint)
             else:
                 merged.save(self.merged_dir)
-                record_base(self.merged_dir, self.base_path, self.fingerprint)
+                write_origin(self.merged_dir, self.base_path, self.fingerprint)
         return self.adapter_dir
 
     def summary(self) -> dict:

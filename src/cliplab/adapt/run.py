@@ -23,7 +23,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"

@@ -21,7 +21,7 @@ from cliplab.adapt.common import checked_train_section, head_metrics
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
     save_finetuned
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
-from cliplab.adapt.origin import check_same_origin, model_fingerprint
+from cliplab.models.folder import check_same_origin, model_fingerprint
 from cliplab.adapt.training import trainer_config
 from cliplab.config import Section
 from cliplab.data.types import LabelledImages

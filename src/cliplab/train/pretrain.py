@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import field_validator
@@ -16,9 +15,9 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
-from cliplab.models.spec import ModelField, ModelSpec
+from cliplab.models.spec import ModelField
 from cliplab.train import distributed
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -60,24 +59,6 @@ class PretrainConfig(Section):
         return value
 
 
-def model_folder(path: str | Path) -> Path:
-    """The model folder behind ``path``: a model folder itself, a checkpoint folder
-    (``…/step-N``, holding ``model/``) or a run folder (its newest checkpoint)."""
-    path = Path(path)
-    if (path / "model").is_dir():
-        return path / "model"
-    latest = RunDir(path).latest_checkpoint() if (path / "checkpoints").is_dir() else None
-    return latest / "model" if latest else path
-
-
-def model_from_spec(spec: ModelSpec):
-    """The recipe's model; a run or checkpoint folder starts from its newest weights (with a
-    fresh optimizer and schedule: continued pretraining)."""
-    if Path(spec.name).is_dir():
-        spec = spec.model_copy(update={"name": str(model_folder(spec.name))})
-    return load_model(spec)
-
-
 def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                  progress: bool = True) -> dict:
     """Train the configured model on ``data.train``; run the ``eval`` suite every
@@ -103,7 +84,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         context = TaskContext(progress=False)
         if cfg.eval:
             context.preload(cfg.eval.tasks)  # a bad eval source fails before training
-        model = model_from_spec(cfg.model)
+        model = load_model(cfg.model)
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's
         out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))

@@ -28,7 +28,7 @@ from cliplab.train.step_inputs import MemoryInputs, StreamInputs
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.train.contrastive import contrastive_loss
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.schedule import build_scheduler
 
 STATE_FILE = "trainer_state.pt"
