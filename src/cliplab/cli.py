@@ -274,7 +274,7 @@ def cmd_adapt(args) -> int:
 
 def cmd_data(args) -> int:
     from cliplab.config import load_yaml
-    from cliplab.data.shard_job import run_shard, shard_config
+    from cliplab.data.shards.job import run_shard, shard_config
 
     config = load_yaml(args.config) if args.config else {}
     for key in ("out", "samples_per_shard", "image_format", "overwrite"):

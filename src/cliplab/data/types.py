@@ -1,4 +1,5 @@
-"""The two kinds of dataset every cliplab stage speaks: labelled images and image-text pairs.
+"""The kinds of dataset every cliplab stage speaks: labelled images and image-text pairs (and
+multi-label images, for multi-label evaluation).
 
 Images are uint8 tensors laid out ``[N, H, W, C]`` (C is 1 or 3) so that small sets live in
 memory and batches are preprocessed on whole tensors; large sets stream through the same
@@ -104,3 +105,30 @@ class ImageTextPairs:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+@dataclass
+class MultiLabelImages:
+    """Images with a multi-hot ``targets`` matrix ``[N, C]`` (bool), class names and templates."""
+
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    targets: torch.Tensor  # bool [N, num_classes]
+    classnames: list[str]
+    templates: list[str]
+    name: str = "multilabel"
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        if self.targets.shape != (len(self.images), len(self.classnames)):
+            raise ValueError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
+                             f"got {list(self.targets.shape)}")
+        self.targets = self.targets.bool()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def prompt_names(self) -> list[str]:
+        return self.classnames

@@ -11,7 +11,8 @@ import math
 import torch
 from scipy.stats import linregress
 
-from cliplab.data.concept_frequency import count_concepts, manifest_captions
+from cliplab.data.concepts import count_mentions
+from cliplab.data.manifest import manifest_captions
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.errors import ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
@@ -91,8 +92,7 @@ def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = Tru
                                      precision)
     acc = per_class_accuracy(zeroshot_logits(feats.embeddings, classifier), data.labels,
                              data.classnames)
-    table = count_concepts(captions, concepts)
-    freq = dict(zip(data.classnames, table.counts))
-    out = long_tail_analysis(acc, freq)
-    out["n_train_samples"] = table.n_samples
+    counts, n_samples = count_mentions(captions, concepts)
+    out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
+    out["n_train_samples"] = n_samples
     return out

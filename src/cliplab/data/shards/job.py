@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cliplab.config import apply_overrides, check_keys
 from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
-from cliplab.data.shard_writer import check_out_folder, write_shards
-from cliplab.data.sources import SOURCES, load_source
+from cliplab.data.shards.write import check_out_folder, write_shards
+from cliplab.data.sources import SOURCES, load_source, source_loader
 from cliplab.errors import ConfigError
 
 WRITER_KEYS = {"out", "samples_per_shard", "image_format", "quality", "overwrite"}
@@ -57,8 +57,8 @@ def run_shard(config: dict, progress: bool = True) -> dict:
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = bool(config.get("overwrite", False))
     check_out_folder(out, overwrite)  # before the possibly long load
-    reader = SOURCES.get(spec.get("source"))
-    quiet = {"progress": progress} if reader and "progress" in inspect.signature(reader).parameters \
+    reader = source_loader(spec["source"])
+    quiet = {"progress": progress} if "progress" in inspect.signature(reader).parameters \
         and "progress" not in spec else {}
     data = load_source({**spec, **quiet})
     return write_shards(data, out, samples_per_shard=int(config.get("samples_per_shard", 1000)),
