@@ -41,6 +41,11 @@ class SkipReport:
         return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}
 
 
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+
+
 @dataclass
 class LabelledImages:
     """Images with integer labels, the class names and the prompt templates of the set.
@@ -59,8 +64,7 @@ class LabelledImages:
     descriptions: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        _check_images(self.images)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
@@ -98,8 +102,7 @@ class ImageTextPairs:
     skipped: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        _check_images(self.images)
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
 
@@ -119,8 +122,7 @@ class MultiLabelImages:
     skipped: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        _check_images(self.images)
         if self.targets.shape != (len(self.images), len(self.classnames)):
             raise ValueError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
                              f"got {list(self.targets.shape)}")
