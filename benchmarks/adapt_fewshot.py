@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             accs, zs, times = [], None, []
             for seed in args.seeds:
                 start = time.time()
-                cfg = {"method": method, "model": args.model, "train": train, "test": test,
+                cfg = {"method": method, "model": args.model,
+                       "data": {"train": train, "test": test},
                        "shots": k, "seed": seed, "val_shots": args.val_shots,
                        "options": options.get(method, {})}
                 res = run_adapt(cfg, model=model, progress=False, cache=cache, write=False)

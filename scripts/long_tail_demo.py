@@ -22,7 +22,8 @@ from cliplab.curate.imbalance import exponential_counts, exponential_subsample
 from cliplab.data.shapes import COLORS, load_shapes_with_scenes, shapes_classification
 from cliplab.data.types import ImageTextPairs
 from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.long_tail import long_tail_analysis, per_class_accuracy
+from cliplab.evaluate.long_tail import long_tail_analysis
+from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models import build_model
 from cliplab.train.run_dir import RunDir

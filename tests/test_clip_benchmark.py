@@ -67,9 +67,9 @@ def test_cliplab_eval_on_the_folder_equals_hand_computation(classification_folde
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"tasks:\n  - {{name: toy, task: zeroshot, data: "
                      f"{{source: clip-benchmark, root: '{root}', progress: false}}}}\n")
-    out = tmp_path / "r.json"
+    out = tmp_path / "out" / "results.json"
     assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite),
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out.parent), "--no-progress"]) == 0
     got = json.loads(out.read_text())["results"]["toy"]["acc1"]
 
     data = load_clip_benchmark(root, progress=False)

@@ -327,7 +327,7 @@ def test_broken_and_truncated_shards_are_counted(tmp_path, shard_dir):
 
 def test_cli_writes_shards_from_a_source(tmp_path, capsys):
     out = tmp_path / "digits"
-    code = main(["data", "shard", "--source", "digits", "--out", str(out), "split=test",
+    code = main(["data", "shard", "--source", "digits", "--out", str(out), "data.split=test",
                  "--samples-per-shard", "200", "--format", "png", "--no-progress"])
     assert code == 0
     assert "wrote 540 samples in 3 shards" in capsys.readouterr().out
@@ -357,6 +357,15 @@ def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not empty" in err and "--overwrite" in err and "\n" not in err
     assert not (tmp_path / "c").exists()
+    # the schema names the key path; old shapes get the new name
+    for args, fragment in ((["samples_per_shard=0"], "samples_per_shard: expected greater than"),
+                           (["split=test"], "unknown key split (valid: data, image_format"),
+                           (["source=digits"], "renamed key 'source': use 'data.source"),
+                           ([], "out is required")):
+        out = [] if fragment == "out is required" else ["--out", str(tmp_path / "d")]
+        assert main(["data", "shard", "--source", "digits", *out, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and "\n" not in err, err
 
 
 def test_rank_and_world_size_come_from_torch_distributed(shard_dir, monkeypatch):

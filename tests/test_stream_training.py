@@ -23,7 +23,7 @@ from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
 from tests.tar_files import png_bytes, write_tar
 
-MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 

@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any, Literal
 
-from cliplab.config import apply_overrides, check_keys
+from pydantic import Field, field_validator
+
+from cliplab.config import Section
 from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import SOURCES, load_source, source_loader
 from cliplab.errors import ConfigError
 
-WRITER_KEYS = {"out", "samples_per_shard", "image_format", "quality", "overwrite"}
+
+class ShardConfig(Section):
+    """`cliplab data shard`'s config: ``data`` (a source spec, or ``--source``), ``out`` (the
+    shard folder, or ``--out``) and the writer's settings."""
+
+    renamed = {"source": "data.source (the source spec goes under data:)"}
+    data: dict[str, Any]
+    out: str
+    samples_per_shard: int = Field(1000, ge=1)
+    image_format: Literal["jpg", "png"] = "jpg"
+    quality: int = Field(95, ge=1, le=100)
+    overwrite: bool = False
+
+    @field_validator("data")
+    @classmethod
+    def _names_a_source(cls, value: dict) -> dict:
+        if "source" not in value:
+            raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
+                             "source such as fashion-mnist, a manifest path or a shard folder)")
+        return value
 
 
 def source_spec(name: str) -> dict:
@@ -27,42 +49,19 @@ def source_spec(name: str) -> dict:
                       "a manifest (.csv/.jsonl/.parquet) or a shard folder")
 
 
-def shard_config(config: dict, source: str | None, overrides: list[str]) -> dict:
-    """The job config: ``{data: SPEC, out, samples_per_shard, ...}``. A YAML holding a bare spec
-    (``source:`` at the top) is the ``data`` section; overrides of keys other than the writer's
-    go to ``data`` (``split=test`` means ``data.split=test``)."""
-    if "source" in config and "data" not in config:
-        config = {"data": {k: v for k, v in config.items() if k not in WRITER_KEYS},
-                  **{k: v for k, v in config.items() if k in WRITER_KEYS}}
-    if source is not None:
-        config = {**config, "data": {**(config.get("data") or {}), **source_spec(source)}}
-    routed = [item if item.split("=", 1)[0].split(".", 1)[0] in WRITER_KEYS | {"data"}
-              else f"data.{item}" for item in overrides]
-    config = apply_overrides(config, routed)
-    check_keys(config, WRITER_KEYS | {"data"}, "the shard config")
-    if not isinstance(config.get("data"), dict) or "source" not in config["data"]:
-        raise ConfigError("say what to shard: --source NAME (e.g. fashion-mnist, a manifest "
-                          "path) or a --config with data: {source: ...}")
-    if not config.get("out"):
-        raise ConfigError("say where to write the shards: --out DIR")
-    return config
-
-
-def run_shard(config: dict, progress: bool = True) -> dict:
-    """Load ``config['data']`` and write it as shards; return the index."""
-    out = Path(config["out"])
-    spec = config["data"]
+def run_shard(config: ShardConfig, progress: bool = True) -> dict:
+    """Load ``config.data`` and write it as shards; return the index."""
+    out = Path(config.out)
+    spec = config.data
     for key in ("path", "root"):
         if key in spec and Path(str(spec[key])).resolve() == out.resolve():
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
-    overwrite = bool(config.get("overwrite", False))
+    overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
     reader = source_loader(spec["source"])
     quiet = {"progress": progress} if "progress" in inspect.signature(reader).parameters \
         and "progress" not in spec else {}
     data = load_source({**spec, **quiet})
-    return write_shards(data, out, samples_per_shard=int(config.get("samples_per_shard", 1000)),
-                        image_format=str(config.get("image_format", "jpg")),
-                        quality=int(config.get("quality", 95)),
-                        overwrite=overwrite, source=spec,
-                        progress=progress)
+    return write_shards(data, out, samples_per_shard=config.samples_per_shard,
+                        image_format=config.image_format, quality=config.quality,
+                        overwrite=overwrite, source=spec, progress=progress)

@@ -6,33 +6,27 @@ from __future__ import annotations
 import torch
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.options import PromptOptions
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 
-# templates: null = the dataset's templates (ensembled), or a list such as ["a photo of {}."];
-# names: "prompt" fills them with the dataset's descriptions/prompt names, "class" with the
-# bare class names.
-OPTIONS = {"templates": None, "names": "prompt"}
+
+class Options(PromptOptions):
+    """The zero-shot head has only its prompts."""
 
 
 def class_texts(train: LabelledImages, names: str) -> list[str]:
     """What fills the prompt templates: ``"prompt"`` names/descriptions or bare ``"class"``
     names."""
-    if names not in ("prompt", "class"):
-        raise ConfigError(f"option names must be 'prompt' or 'class', not {names!r}")
     return list(train.prompt_names if names == "prompt" else train.classnames)
 
 
-def text_head(model: DualEncoder, train: LabelledImages, options: dict) -> torch.Tensor:
+def text_head(model: DualEncoder, train: LabelledImages, options: PromptOptions) -> torch.Tensor:
     """The ``[C, D]`` zero-shot classifier that ``options`` (templates, names) describe."""
-    templates = options.get("templates") or train.templates
-    if isinstance(templates, str):
-        templates = [templates]
-    return zeroshot_classifier(model, class_texts(train, options.get("names", "prompt")),
-                               templates)
+    return zeroshot_classifier(model, class_texts(train, options.names),
+                               options.templates or train.templates)
 
 
 class ZeroShotHead(Adapter):
@@ -55,12 +49,12 @@ class ZeroShotHead(Adapter):
         return cls(model, classnames, options, tensors["weights"], tensors["scale"])
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> ZeroShotHead:
-    opts = method_options(OPTIONS, options, "zeroshot")
+    opts = method_options(Options, options, "zeroshot")
     weights = text_head(model, train, opts)
     scale = model.logit_scale.detach().float().exp().cpu()
-    return ZeroShotHead(model, train.classnames, opts, weights, scale)
+    return ZeroShotHead(model, train.classnames, opts.to_dict(), weights, scale)
 
 
 ADAPTER = ZeroShotHead
