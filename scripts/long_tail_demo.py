@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from cliplab.data.concept_frequency import count_concepts
-from cliplab.data.imbalance import exponential_counts, exponential_subsample
+from cliplab.curate.concept_frequency import count_concepts
+from cliplab.curate.imbalance import exponential_counts, exponential_subsample
 from cliplab.data.shapes import COLORS, load_shapes_with_scenes, shapes_classification
 from cliplab.data.types import ImageTextPairs
 from cliplab.evaluate.features import encode_images

@@ -80,3 +80,12 @@ def test_cliplab_eval_on_the_folder_equals_hand_computation(classification_folde
          for p in prompts]), dim=-1)
     expected = ((emb @ head.T).argmax(1) == data.labels).float().mean().item()
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_broken_shard_is_counted_not_fatal(classification_folder):
+    root, arrays = classification_folder
+    (root / "test" / "2.tar").write_bytes(b"not a tar archive at all" * 40)
+    data = load_clip_benchmark(root, progress=False)
+    assert len(data) == 9 and np.array_equal(data.images[8].numpy(), arrays[8])
+    assert data.skipped.counts["unreadable_shard"] == 1
+    assert data.skipped.keys["unreadable_shard"][0].startswith("2.tar:after 0 samples")

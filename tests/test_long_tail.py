@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from cliplab.data.concept_frequency import ConceptFrequencies, concept_pattern, count_concepts
-from cliplab.data.imbalance import exponential_counts, exponential_subsample
+from cliplab.curate.concept_frequency import ConceptFrequencies, count_concepts
+from cliplab.curate.imbalance import exponential_counts, exponential_subsample
+from cliplab.data.concepts import concept_pattern
 from cliplab.data.shapes import shapes_classification
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images

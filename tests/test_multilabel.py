@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from cliplab.data.multilabel import load_multilabel_manifest, shapes_multilabel
-from cliplab.data.shapes import COLORS
+from cliplab.data.multilabel import load_multilabel_manifest
+from cliplab.data.shapes import COLORS, shapes_multilabel
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.multilabel import average_precision, mean_average_precision

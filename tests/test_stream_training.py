@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cliplab.data.shapes import load_shapes
-from cliplab.data.shard_writer import write_shards
+from cliplab.data.shards import write_shards
 from cliplab.errors import ConfigError
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key

@@ -314,7 +314,7 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from cliplab.data.shard_job import ShardConfig, run_shard, source_spec
+    from cliplab.data.shards.job import ShardConfig, run_shard, source_spec
 
     cfg = stage_config(ShardConfig, args,
                        data=source_spec(args.source) if args.source is not None else None,

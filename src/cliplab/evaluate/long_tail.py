@@ -10,7 +10,7 @@ import math
 
 from scipy.stats import linregress
 
-from cliplab.data.concept_frequency import manifest_captions
+from cliplab.data.manifest import manifest_captions
 from cliplab.data.sources import as_pairs, load_source
 from cliplab.errors import ConfigError
 

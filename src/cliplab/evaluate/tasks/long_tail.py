@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from cliplab.data.concept_frequency import count_concepts
+from cliplab.data.concepts import count_mentions
 from cliplab.evaluate.long_tail import long_tail_analysis, training_captions
 from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, task_error
@@ -30,7 +30,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                          "give one per class")
     logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
     acc = per_class_accuracy(logits, data.labels, data.classnames)
-    table = count_concepts(captions, concepts)
-    out = long_tail_analysis(acc, dict(zip(data.classnames, table.counts)))
-    out["n_train_samples"] = table.n_samples
+    counts, n_samples = count_mentions(captions, concepts)
+    out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
+    out["n_train_samples"] = n_samples
     return out

@@ -1,40 +1,23 @@
-"""Write a dataset as WebDataset tar shards in the layout img2dataset writes.
+"""Write a dataset as WebDataset tar shards in the layout img2dataset writes (see ``layout``).
 
-``OUT/00000.tar, 00001.tar, …`` each hold per sample ``{key}.jpg`` (or ``.png``, lossless),
-``{key}.txt`` (the first caption) and ``{key}.json`` (all captions, group, label/class name,
-source key); beside each shard ``00000_stats.json`` (its count), and for the whole set
-``index.json`` (shard names and counts, the source spec, skipped samples). ``index.json`` is
-written last, so a folder that has it is complete.
+Each shard holds per sample ``{key}.jpg`` (or ``.png``, lossless), ``{key}.txt`` (the first
+caption) and ``{key}.json`` (all captions, group, label/class name, source key).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
-from cliplab.data.shard_index import INDEX_FILE, INDEX_FORMAT
+from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
+                                        set_files, shard_stats_name, write_json)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError, DataError
-
-IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
-
-
-def encode_image(image: torch.Tensor, fmt: str = "jpg", quality: int = 95) -> bytes:
-    """A uint8 ``[H, W, C]`` image (C = 1 or 3) as JPEG or PNG bytes (PNG is lossless)."""
-    array = image.numpy()
-    array = array[..., 0] if array.shape[-1] == 1 else array
-    buf = io.BytesIO()
-    options = {"quality": quality} if fmt == "jpg" else {}
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format=IMAGE_FORMATS[fmt], **options)
-    return buf.getvalue()
 
 
 def check_out_folder(out: str | os.PathLike, overwrite: bool) -> None:
@@ -51,9 +34,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     """Make ``out``; with ``overwrite``, remove the old set's files (and nothing else)."""
     check_out_folder(out, overwrite)
     if out.is_dir():
-        for old in [*out.glob("*.tar"), *out.glob("*_stats.json"), out / INDEX_FILE, out / "stats.json"]:
-            if old.is_file():
-                old.unlink()
+        for old in set_files(out):
+            old.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -68,8 +50,8 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     """
     import webdataset as wds
 
-    if image_format not in IMAGE_FORMATS:
-        raise ConfigError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, not {image_format!r}")
+    if image_format not in ENCODE_FORMATS:
+        raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
     if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard must be a positive integer, not {samples_per_shard!r}")
     labelled = data if isinstance(data, LabelledImages) else None
@@ -99,9 +81,9 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
         count = writer_box[0].count
         shards.append({"name": name, "count": count})
         stats = {"count": count, "successes": count, "image_format": image_format}
-        (out / name.replace(".tar", "_stats.json")).write_text(json.dumps(stats, indent=2))
+        write_json(out / shard_stats_name(name), stats)
 
-    writer = wds.ShardWriter(str(out / "%05d.tar"), maxcount=samples_per_shard, maxsize=float("inf"),
+    writer = wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float("inf"),
                              post=finished, verbose=0, encoder=False,
                              mtime=0, mode=0o644)  # int mtime: no per-member pax header
     writer_box.append(writer)
@@ -125,7 +107,6 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     if labelled is not None:
         index["classnames"] = labelled.classnames
         index["templates"] = labelled.templates
-    (out / "stats.json").write_text(json.dumps({"count": index["total"],
-                                                 "skipped": skipped.total}, indent=2))
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    write_json(out / STATS_FILE, {"count": index["total"], "skipped": skipped.total})
+    write_json(out / INDEX_FILE, index)
     return index

@@ -27,28 +27,20 @@ How samples are split, shuffled and resumed (all of it deterministic):
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
-import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cliplab.data.shard_index import expand_shards, read_index, shard_sample_counts
+from cliplab.data.images import UnreadableImage, decode_image
+from cliplab.data.shards.layout import expand_shards, index_counts, shard_sample_counts
+from cliplab.data.shards.samples import captions_and_group, image_part, raw_samples, sample_key
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
 
-if TYPE_CHECKING:  # shard_loader imports this module
-    from cliplab.data.shard_loader import ShardLoader
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_MODES = ("first", "random", "all")
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -66,30 +58,6 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank, world_size
 
 
-def _decode_image(data: bytes, image_size: int | None, channels: int | None) -> torch.Tensor:
-    """uint8 [H, W, C]; grayscale stays one channel unless ``channels`` says otherwise."""
-    with Image.open(io.BytesIO(data)) as im:
-        mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1") else "RGB")
-        image = im.convert(mode)
-    if image_size and image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.array(image, dtype=np.uint8)
-    return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
-
-
-def _captions_and_group(raw: dict) -> tuple[list[str], int | None]:
-    """Captions from the ``.json`` metadata's ``captions`` list, else the ``.txt`` lines."""
-    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
-    if not isinstance(meta, dict):
-        raise ValueError("metadata is not a JSON object")
-    caps = meta.get("captions")
-    if not isinstance(caps, list):
-        caps = raw["txt"].decode("utf-8", "replace").splitlines() if "txt" in raw else []
-    group = meta.get("group")
-    return ([c.strip() for c in caps if isinstance(c, str) and c.strip()],
-            group if isinstance(group, int) and not isinstance(group, bool) else None)
-
-
 class ShardStream(IterableDataset):
     """Samples ``{"image": uint8 [H, W, C], "caption", "key", "group"}`` from tar shards.
 
@@ -97,8 +65,9 @@ class ShardStream(IterableDataset):
     ``caption``: ``"first"``, ``"random"`` (chosen with ``(seed, epoch, key)``) or ``"all"`` (the
     list). ``image_size`` resizes every image to that square (needed to batch mixed sizes);
     ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None.
-    Iterate it directly (in-process) or through ``loader()`` for batches, workers and a
-    resumable position; see the module docstring for how splitting and resuming work.
+    Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
+    for batches, workers and a resumable position; see the module docstring for how splitting
+    and resuming work.
     """
 
     def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], *, seed: int = 0,
@@ -203,40 +172,17 @@ class ShardStream(IterableDataset):
     def _expected_counts(self) -> dict[Path, int]:
         """Sample counts that shard folders' ``index.json`` promise, to notice truncated shards."""
         if self._index_counts is None:
-            self._index_counts = {}
-            for folder in {p.parent for p in self.shards}:
-                for entry in (read_index(folder) or {"shards": []})["shards"]:
-                    if isinstance(entry, dict) and "name" in entry and "count" in entry:
-                        self._index_counts[folder / entry["name"]] = int(entry["count"])
+            self._index_counts = {folder / name: count
+                                  for folder in {p.parent for p in self.shards}
+                                  for name, count in index_counts(folder).items()}
         return self._index_counts
-
-    def _raw_samples(self, shards: list[Path]) -> Iterator[dict]:
-        """Samples as ``{ext: bytes}``; a broken shard ends in one ``__error__`` item."""
-        from webdataset.tariterators import tarfile_samples
-
-        expected = self._expected_counts()
-        for shard in shards:
-            read = 0
-            try:
-                for sample in tarfile_samples(iter([{"url": str(shard)}])):
-                    sample["__shard__"] = shard.name
-                    read += 1
-                    yield sample
-            except Exception as err:  # tarfile/OSError/ValueError from a broken archive
-                reason = str(err.args[0] if err.args else err).splitlines()[0]
-                yield {"__error__": "unreadable_shard", "__shard__": shard.name,
-                       "__key__": f"after {read} samples ({reason})"}
-                continue
-            if read < expected.get(shard, 0):
-                yield {"__error__": "truncated_shard", "__shard__": shard.name,
-                       "__key__": f"{read} of {expected[shard]} samples"}
 
     def _events(self, local: int, workers: int, start: int) -> Iterator[tuple[int, dict | None, tuple]]:
         """``(position, sample or None, (skip reason, key))`` for one stream, from ``start`` on."""
         from webdataset.filters import _shuffle
 
         shards = [self.shards[i] for i in self.stream_shards(self.epoch, self.rank, local, workers)]
-        raw = self._raw_samples(shards)
+        raw = raw_samples(shards, self._expected_counts())
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{local}:buffer")
             raw = _shuffle(raw, self.shuffle_buffer, self.shuffle_buffer, rng=rng)
@@ -244,23 +190,23 @@ class ShardStream(IterableDataset):
             if pos <= start:
                 continue  # already consumed before the resume; not decoded
             decoded, reason = self._decode(sample)
-            yield pos, decoded, (reason, f"{sample['__shard__']}:{sample['__key__']}")
+            yield pos, decoded, (reason, sample_key(sample))
 
     def _decode(self, raw: dict) -> tuple[dict | None, str | None]:
         if "__error__" in raw:
             return None, raw["__error__"]
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        ext = image_part(raw)
         if ext is None:
             return None, "missing_image"
         try:
-            captions, group = _captions_and_group(raw)
+            captions, group = captions_and_group(raw)
         except (ValueError, UnicodeDecodeError):
             return None, "bad_metadata"
         if not captions:
             return None, "empty_caption"
         try:
-            image = _decode_image(raw[ext], self.image_size, self.channels)
-        except _PIL_ERRORS:
+            image = decode_image(raw[ext], self.image_size, self.channels)
+        except UnreadableImage:
             return None, "unreadable_image"
         key = raw["__key__"]
         if self.caption == "first":
@@ -269,7 +215,7 @@ class ShardStream(IterableDataset):
             caption = random.Random(f"{self.seed}:{self.epoch}:{key}").choice(captions)
         else:
             caption = captions
-        return {"image": image, "caption": caption, "key": f"{raw['__shard__']}:{key}",
+        return {"image": image, "caption": caption, "key": sample_key(raw),
                 "group": group}, None
 
     def _worker_stream(self) -> tuple[int, int, int]:
@@ -289,10 +235,3 @@ class ShardStream(IterableDataset):
                 yield sample
         if in_process:
             self._end_epoch()
-
-    def loader(self, batch_size: int, num_workers: int = 0, drop_last: bool = False,
-               **dataloader_kw) -> ShardLoader:
-        """Batches over DataLoader workers with a resumable position; see ``ShardLoader``."""
-        from cliplab.data.shard_loader import ShardLoader
-
-        return ShardLoader(self, batch_size, num_workers, drop_last, **dataloader_kw)

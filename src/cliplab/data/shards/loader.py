@@ -8,7 +8,7 @@ batches out, so ``state_dict()`` is the position of what the caller has actually
 Trainer use::
 
     stream = ShardStream("shards/", seed=0, image_size=32)        # rank from torch.distributed
-    loader = stream.loader(batch_size=256, num_workers=2, drop_last=True)
+    loader = ShardLoader(stream, batch_size=256, num_workers=2, drop_last=True)
     loader.load_state_dict(saved)                                  # when resuming
     for epoch in range(loader.stream.epoch, epochs):
         loader.set_epoch(epoch)                                     # no-op in the resumed epoch
@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from cliplab.data.shard_stream import ShardStream
+from cliplab.data.shards.stream import ShardStream
 from cliplab.errors import ConfigError, DataError
 
 

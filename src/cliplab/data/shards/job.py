@@ -10,8 +10,8 @@ from pydantic import Field, field_validator
 
 from cliplab.config import Section
 from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
-from cliplab.data.shard_writer import check_out_folder, write_shards
-from cliplab.data.sources import SOURCES, load_source
+from cliplab.data.shards.write import check_out_folder, write_shards
+from cliplab.data.sources import SOURCES, load_source, source_loader
 from cliplab.errors import ConfigError
 
 
@@ -58,8 +58,8 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
-    reader = SOURCES.get(spec.get("source"))
-    quiet = {"progress": progress} if reader and "progress" in inspect.signature(reader).parameters \
+    reader = source_loader(spec["source"])
+    quiet = {"progress": progress} if "progress" in inspect.signature(reader).parameters \
         and "progress" not in spec else {}
     data = load_source({**spec, **quiet})
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,

@@ -1,8 +1,10 @@
-"""Where the shards of a WebDataset set are and how many samples each holds.
+"""The layout of a shard folder: file names, ``index.json``, stats, and where the shards are.
 
-A shard folder written by ``cliplab data shard`` has ``index.json`` listing its shards and their
-sample counts; any other folder of ``*.tar`` files, a brace pattern (``data/{00000..00009}.tar``)
-or a list of paths works too, with counts read from the tar headers when asked for.
+A folder written by ``cliplab data shard`` holds ``00000.tar, 00001.tar, …``, beside each shard
+``00000_stats.json`` (its count), ``stats.json`` for the whole set and ``index.json`` (shard names
+and counts, the source spec, skipped samples), written last so a folder that has it is complete.
+Any other folder of ``*.tar`` files, a brace pattern (``data/{00000..00009}.tar``) or a list of
+paths works too for reading, with counts read from the tar headers when asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,24 @@ from cliplab.errors import DataError
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cliplab-shards"
+STATS_FILE = "stats.json"
+SHARD_PATTERN = "%05d.tar"  # webdataset.ShardWriter's pattern: 00000.tar, 00001.tar, …
+
+
+def shard_stats_name(shard_name: str) -> str:
+    """``00000.tar`` → ``00000_stats.json``, the per-shard stats file img2dataset writes."""
+    return shard_name.replace(".tar", "_stats.json")
+
+
+def set_files(folder: Path) -> list[Path]:
+    """The files of a shard set in ``folder`` (shards, stats, index), nothing else there."""
+    candidates = [*folder.glob("*.tar"), *folder.glob("*_stats.json"), folder / INDEX_FILE,
+                  folder / STATS_FILE]
+    return [p for p in candidates if p.is_file()]
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))
 
 
 def read_index(folder: str | os.PathLike) -> dict | None:
@@ -31,6 +51,13 @@ def read_index(folder: str | os.PathLike) -> dict | None:
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DataError(f"{path}: expected a mapping with a 'shards' list")
     return index
+
+
+def index_counts(folder: Path) -> dict[str, int]:
+    """Shard name → sample count, as the folder's ``index.json`` lists them (empty without one)."""
+    index = read_index(folder) or {"shards": []}
+    return {e["name"]: int(e["count"]) for e in index["shards"]
+            if isinstance(e, dict) and "name" in e and "count" in e}
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -83,11 +110,8 @@ def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
     indexes: dict[Path, dict[str, int]] = {}
     counts = []
     for path in paths:
-        folder = path.parent
-        if folder not in indexes:
-            index = read_index(folder) or {"shards": []}
-            indexes[folder] = {e["name"]: int(e["count"]) for e in index["shards"]
-                               if isinstance(e, dict) and "name" in e and "count" in e}
-        known = indexes[folder].get(path.name)
+        if path.parent not in indexes:
+            indexes[path.parent] = index_counts(path.parent)
+        known = indexes[path.parent].get(path.name)
         counts.append(known if known is not None else count_tar_samples(path))
     return counts
