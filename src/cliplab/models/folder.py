@@ -18,14 +18,19 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from cliplab.errors import ModelError
 
-if TYPE_CHECKING:
-    from cliplab.models.dual_encoder import DualEncoder
+
+class WrappedModel(Protocol):
+    """What a fingerprint needs of a `DualEncoder` (named structurally: the wrapper's module
+    imports this one)."""
+
+    model: torch.nn.Module
+
 
 CLIPLAB_FILE = "cliplab.json"
 ORIGIN_KEY = "base"
@@ -76,7 +81,7 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
-def model_fingerprint(model: "DualEncoder") -> str:
+def model_fingerprint(model: WrappedModel) -> str:
     """`weights_fingerprint` of a loaded model's weights: equal iff the same weights."""
     return weights_fingerprint(model.model.state_dict())
 
@@ -113,7 +118,7 @@ def require_origin(folder: str | Path) -> dict:
     return base
 
 
-def check_same_origin(folder: str | Path, base: "DualEncoder", base_name: str) -> None:
+def check_same_origin(folder: str | Path, base: WrappedModel, base_name: str) -> None:
     """Raise a clear error unless ``folder`` was adapted from exactly the weights of ``base``."""
     recorded = require_origin(folder)
     found = model_fingerprint(base)
