@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian's Fashion-MNIST files, and a virtual environment at .venv with cliplab
-# installed (editable) plus its test tools. Re-running it reuses what is already there.
+# installed (editable) plus its test tools and the serve extras (FAISS, FastAPI, Milvus Lite,
+# Playwright), and Debian's chromium for the browser test. Re-running it reuses what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,20 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/trai
   fi
 fi
 
+# Debian's Chromium for the browser test of `cliplab serve` (Playwright drives it; no
+# `playwright install` download).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing Debian's chromium (browser test of cliplab serve)" >&2
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null \
+      || echo "setup: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "setup: no apt-get here; the browser test needs /usr/bin/chromium and will be skipped" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.cliplab-installed
@@ -26,6 +41,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The CPU build first: with it installed, the "torch>=2.4" requirement pulls nothing more.
   .venv/bin/python -m pip install -q "torch==2.13.0" \
     || .venv/bin/python -m pip install -q "torch>=2.4"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,serve,milvus,browser]"
   touch "$stamp"
 fi
