@@ -211,7 +211,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                 vector = embed_images(model, [_read_image(file.file.read(), "file")])
         with lock:
             head = zeroshot_classifier(model, names, [template])
-            probs = zero_shot_probabilities(model, torch.from_numpy(vector), head)[0]
+            probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
         order = torch.argsort(probs, descending=True).tolist()
         return {"id": id, "template": template,
                 "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
@@ -243,6 +243,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
     return app
 
 
+@torch.no_grad()
 def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
                             classifier: torch.Tensor) -> torch.Tensor:
     """``[N, C]`` probabilities from unit embeddings and a zero-shot head: softmax of the scaled
