@@ -87,6 +87,10 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     if cfg.backend == "milvus" and not cfg.uri:
         raise ConfigError("--backend milvus needs --uri (./file.db for Milvus Lite, "
                           "http://HOST:19530 for a server)")
+    if cfg.backend == "milvus":
+        from cliplab.serve.milvus_index import normalise_uri
+
+        normalise_uri(cfg.uri)  # a bad URI fails before the embedding, not after
     model = model if model is not None else load_model(cfg.model)
     fingerprint = weights_fingerprint(model)
     if existing and existing["fingerprint"] != fingerprint:
