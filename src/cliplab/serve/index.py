@@ -24,6 +24,9 @@ class SearchIndex:
         self.backend = self.record["backend"]
         self.vectors = np.load(self.path / VECTORS_FILE, mmap_mode="r")  # [N, D], by id
         if self.backend == "faiss":
+            # one thread per query: requests run concurrently, and OpenMP teams spinning on a
+            # busy machine cost more than they save on a single small search
+            faiss_index._faiss().omp_set_num_threads(1)
             self._faiss = faiss_index.read_faiss(self.path / FAISS_FILE)
             faiss_index.set_search_parameter(self._faiss, self.record["faiss"].get("value"))
         else:
