@@ -1,6 +1,6 @@
 """End to end in a real browser: Playwright drives Debian's Chromium against `cliplab serve` on a
 small `shapes` collection, indexed with a tiny-clip the test trains (a shortened tiny-shapes
-recipe: one small block, three colours, three shapes).
+recipe: two small blocks, three colours, three shapes, 120 steps).
 
 Set CLIPLAB_SERVE_SCREENSHOT=PATH to keep the page's screenshot (docs/serve.png is one)."""
 
@@ -57,9 +57,9 @@ def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> 
 def shapes_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     _run(["pretrain", "--config", str(RECIPE), "--out", str(root / "run"), "--no-progress",
-          "data.train.n=640", "train.batch_size=64", "train.epochs=8", "train.lr=3e-3", "eval=[]",
-          "model.options={image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2, "
-          "embed_dim: 32}", *(f"data.train.{w}" for w in WORLD)], root)
+          "data.train.n=960", "train.batch_size=64", "train.epochs=8", "train.lr=2e-3", "eval=[]",
+          "model.options={image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2, "
+          "embed_dim: 64}", *(f"data.train.{w}" for w in WORLD)], root)
     model = next((root / "run" / "checkpoints").glob("step-*/model"))
     _run(["index", "--model", str(model), "--data", "shapes", "--out", str(root / "index"),
           "--no-progress", "data.n=90", "data.seed=11", *(f"data.{w}" for w in WORLD)], root)
