@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_quickstart, _add_data, _add_pretrain, _add_adapt, _add_merge, _add_eval,
-                _add_report):
+                _add_report, _add_index, _add_serve):
         add(sub)
     return parser
 
@@ -216,6 +216,45 @@ def _add_report(sub) -> None:
                         "'out')")
 
 
+def _add_index(sub) -> None:
+    """`cliplab index`: embed a collection for search."""
+    p = sub.add_parser("index", help="embed an image collection into a search index (FAISS or "
+                       "Milvus)",
+                       description="Embed every image of a collection (an image folder, a "
+                       "manifest, a shard folder or a built-in source) with a model, and write "
+                       "an index folder: vectors, metadata in SQLite, the model's fingerprint. "
+                       "Unreadable images are skipped and listed; a stopped run resumes when "
+                       "the same command is run again. key=value overrides set config keys "
+                       "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500).")
+    _add_common(p)
+    p.add_argument("--model", help="preset, model folder or run folder")
+    p.add_argument("--data", metavar="SOURCE", help="image folder, manifest (.csv/.jsonl/"
+                   ".parquet), shard folder or built-in source name (shapes, digits, ...)")
+    p.add_argument("--out", metavar="INDEX", help="index folder to write")
+    p.add_argument("--add", action="store_true", default=None,
+                   help="append the collection to an existing index")
+    p.add_argument("--backend", choices=("faiss", "milvus"), help="vector store (default faiss)")
+    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530")
+    p.add_argument("--index-type", help="auto (default), flat, hnsw, ivf-flat, ivf-pq or a "
+                   "FAISS factory string")
+    _add_debug(p)
+
+
+def _add_serve(sub) -> None:
+    """`cliplab serve`: the search API and page."""
+    p = sub.add_parser("serve", help="serve an index: search page and HTTP API",
+                       description="Serve an index built by `cliplab index`: a web page (search "
+                       "by text or image, paging, zero-shot labels) and a JSON API (/docs).")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require this key (X-API-Key header) on every API call")
+    p.add_argument("--model", help="the index's model from another place (refused if its "
+                   "weights differ)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="request size limit (MB)")
+    _add_debug(p)
+
+
 def _config(args) -> dict:
     from cliplab.config import apply_overrides, load_yaml
 
@@ -345,9 +384,34 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from cliplab.config import load_config
+    from cliplab.serve.build import build_index
+    from cliplab.serve.collection import source_spec
+    from cliplab.serve.index import describe
+    from cliplab.serve.settings import IndexConfig
+
+    extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
+                                                   "index_type") if getattr(args, key) is not None}
+    if args.data is not None:  # as a spec, so data.KEY=VALUE overrides set source options
+        extra["data"] = source_spec(args.data)
+    cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra)
+    record = build_index(cfg, progress=not args.no_progress)
+    print(f"index {cfg.out}: {describe(record)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cliplab.serve.run import serve
+
+    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+          max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
             "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data,
-            "report": cmd_report}
+            "report": cmd_report, "index": cmd_index, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
