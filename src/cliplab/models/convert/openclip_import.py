@@ -11,8 +11,7 @@ from transformers import AutoTokenizer, CLIPModel
 from cliplab.errors import ModelError
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
-from cliplab.models.convert.openclip_config import (CLIP_EOT_ID, TEXT_DEFAULTS,
-                                                    clip_config_from_openclip)
+from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
 from cliplab.models.convert.openclip_files import OpenClipCheckpoint, read_openclip
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
