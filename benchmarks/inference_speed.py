@@ -32,7 +32,7 @@ from cliplab.models.presets import lit_minilm, tiny_clip
 
 SIZES = {
     "vit-b32": dict(batch=32, build=lambda: tiny_clip(
-        image_size=224, patch_size=32, width=768, layers=12, heads=12, text_width=64,
+        image_size=224, patch_size=32, width=768, layers=12, heads=12, text_width=96,
         text_layers=1, embed_dim=512, context_length=16)),
     "quickstart": dict(batch=256, build=lambda: lit_minilm(
         image_size=28, patch_size=7, width=192, layers=4, heads=3)),
