@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_quickstart, _add_data, _add_pretrain, _add_adapt, _add_merge, _add_eval,
-                _add_report, _add_index, _add_serve):
+                _add_report, _add_convert, _add_export, _add_index, _add_serve):
         add(sub)
     return parser
 
@@ -255,6 +255,66 @@ def _add_serve(sub) -> None:
     _add_debug(p)
 
 
+def _add_convert(sub) -> None:
+    """`cliplab convert`: another framework's checkpoint into a cliplab/transformers folder."""
+    p = sub.add_parser("convert", help="import an OpenCLIP checkpoint as a transformers "
+                       "CLIPModel folder",
+                       description="Convert an OpenCLIP checkpoint (a .pt/.safetensors state "
+                       "dict with its model config JSON, or an open_clip_config.json folder) "
+                       "into a CLIPModel folder with its tokenizer and preprocessing.")
+    p.add_argument("--from", dest="source_format", choices=["open_clip"], default="open_clip",
+                   help="checkpoint format (default open_clip)")
+    p.add_argument("source", metavar="SRC", help="checkpoint file or OpenCLIP folder")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--config", dest="model_config", metavar="JSON",
+                   help="OpenCLIP model config (default: open_clip_config.json or the one "
+                   "*.json beside the weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_debug(p)
+
+
+def _add_export(sub) -> None:
+    """`cliplab export`: a model out as ONNX towers or an OpenCLIP folder."""
+    p = sub.add_parser("export", help="export a model as ONNX towers (optionally int8) or "
+                       "an OpenCLIP folder",
+                       description="Export MODEL (preset, model folder, OpenCLIP checkpoint) "
+                       "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
+                       "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
+                       "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", choices=["onnx", "open_clip"], required=True)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_debug(p)
+
+
+def cmd_convert(args) -> int:
+    from cliplab.models.convert import convert_openclip
+
+    out = convert_openclip(args.source, args.out, config=args.model_config,
+                           overwrite=args.overwrite)
+    print(f"model: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
+    from cliplab.models.resolve import load_model
+
+    if args.quantize and args.format != "onnx":
+        raise CliplabError("--quantize applies to --format onnx only")
+    model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
+        else load_model(args.model)
+    if args.format == "onnx":
+        from cliplab.models.onnx_export import export_onnx
+        out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite)
+    else:
+        out = export_openclip(model, args.out, overwrite=args.overwrite)
+    print(f"exported: {out}")
+    return 0
+
+
 def _config(args) -> dict:
     from cliplab.config import apply_overrides, load_yaml
 
@@ -411,7 +471,8 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
             "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data,
-            "report": cmd_report, "index": cmd_index, "serve": cmd_serve}
+            "report": cmd_report, "convert": cmd_convert, "export": cmd_export,
+            "index": cmd_index, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ A model spec (`cliplab.models.spec.ModelSpec`) names, in the order tried:
 2. an existing path: a model folder (cliplab's, or a plain HF CLIP / SigLIP /
    VisionTextDualEncoder folder), a checkpoint folder (``…/checkpoints/step-N``, holding
    ``model/``) or a run folder (its newest complete checkpoint);
+   an OpenCLIP checkpoint (converted on the way in) or an ONNX export (`cliplab export
+   --format onnx`: an `OnnxEncoder` with the same encode/preprocess face, for inference);
 3. a Hugging Face Hub id (``openai/clip-vit-base-patch32``), read from transformers' own cache
    (``$HF_HUB_CACHE``), so it works offline (``HF_HUB_OFFLINE=1``) once fetched.
 """
@@ -40,6 +42,15 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
     if spec.options:
         raise ModelError(f"model options {sorted(spec.options)} only apply to presets "
                          f"({', '.join(PRESETS)}), not to {spec.name}")
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        from cliplab.models.convert import is_openclip_checkpoint, load_openclip
+        from cliplab.models.onnx_encoder import is_onnx_export, load_onnx
+
+        if is_onnx_export(path):
+            return load_onnx(path)
+        if is_openclip_checkpoint(path):
+            return load_openclip(path, device=device)
     return DualEncoder.load(resolve_model_path(spec), device=device)
 
 
