@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def _add_report(sub) -> None:
                        "plots (true/false). Put the options before the inputs: "
                        "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
-                   help="results JSON files and/or run folders, then optional key=value "
-                   "overrides (e.g. title=\"my runs\")")
+                   help="results JSON files and/or run folders, and key=value overrides "
+                   "(e.g. title=\"my runs\"); an item shaped key=value is always an override "
+                   "(write a file so named as ./title=x.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
                    "report.html and plots/")
     p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
@@ -193,13 +195,13 @@ def _config(args) -> dict:
 
 
 def cmd_quickstart(args) -> int:
-    from cliplab.quickstart import format_results, run_quickstart
+    from cliplab.config import load_config
+    from cliplab.quickstart import QuickstartConfig, format_results, run_quickstart
 
-    cfg = _config(args)
-    if args.out:
-        cfg["out"] = args.out
+    extra: dict = {"out": args.out}
     if args.data_dir:
-        cfg.setdefault("data", {})["data_dir"] = args.data_dir
+        extra["data"] = {"data_dir": args.data_dir}
+    cfg = load_config(QuickstartConfig, args.config, args.overrides, extra=extra)
     results = run_quickstart(cfg, progress=not args.no_progress)
     print(format_results(results))
     print(f"run folder: {Path(results['model_dir']).parents[2]}")
@@ -313,17 +315,23 @@ def _skip_line(skipped: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from cliplab.config import apply_overrides, load_yaml
-    from cliplab.evaluate.report import write_report
+    from cliplab.config import load_config
+    from cliplab.evaluate.report import ReportConfig, write_report
 
-    # an item with "=" that is not an existing path is an override; the rest are inputs
-    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
-    inputs = [a for a in args.inputs if a not in overrides]
-    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
+    # the one rule: an item shaped key=value (a settings key, then "=") is an override, any
+    # other item an input; write a file so named as ./title=x.json
+    overrides = [a for a in args.inputs if OVERRIDE.match(a)]
+    inputs = [a for a in args.inputs if not OVERRIDE.match(a)]
+    if not inputs:
+        raise CliplabError("cliplab report needs at least one results file or run folder")
+    cfg = load_config(ReportConfig, args.config, overrides)
     written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
     print(f"report: {written['markdown']} and {written['html']} "
           f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
     return 0
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
