@@ -64,7 +64,8 @@ from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.few_shot import nearest_class_mean, sample_k_shot
 from cliplab.evaluate.linear_probe import threads_for
 from cliplab.evaluate.metrics import classification_metrics
-from cliplab.evaluate.suite import plan_probes, run_task
+from cliplab.evaluate.suite import plan_probes, run_task, suite_spec
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 
@@ -268,12 +269,14 @@ def run_clip_benchmark_way(model: DualEncoder, spec: dict) -> tuple[dict, dict]:
 
 def run_cliplab(model: DualEncoder, spec: dict) -> tuple[dict, dict]:
     """(results, seconds by task) of cliplab's suite with one shared cache."""
-    cache, results, seconds = FeatureCache(), {}, {}
-    plan = plan_probes(spec["tasks"])
-    for task in spec["tasks"]:  # run_suite's loop, unrolled to time each task
+    results, seconds = {}, {}
+    checked = suite_spec(spec)
+    context = TaskContext(FeatureCache(), progress=False, precision=checked.precision,
+                          probe_plan=plan_probes(checked.tasks))
+    for name, task in zip(checked.task_names(), checked.tasks):  # run_suite's loop, timed
         start = time.perf_counter()
-        results[task["name"]] = run_task(model, task, False, cache, spec["precision"], plan)
-        seconds[task["name"]] = round(time.perf_counter() - start, 2)
+        results[name] = run_task(model, task, context)
+        seconds[name] = round(time.perf_counter() - start, 2)
     return results, seconds
 
 

@@ -129,3 +129,19 @@ def test_suite_encodes_probe_features_in_the_first_pass(tiny_model, monkeypatch)
 def test_suite_precision_is_checked():
     with pytest.raises(ConfigError, match="precision must be one of"):
         run_suite(None, {"precision": "fp8", "tasks": [{"task": "zeroshot"}]})
+
+
+def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}}\n"
+                     "  - {name: r, task: retrieval, dat: {source: digits}}\n")
+    (tmp_path / "taken.json").write_text("{}")
+    for out in ("taken.json", "new.json"):
+        assert main(["eval", "--model", "tiny-clip", "--config", str(suite),
+                     "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "is a file; give a folder" in err
+    assert main(["eval", "--model", "tiny-clip", "--suite", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"cliplab: error: {suite}: tasks[1] (name 'r').data is required; "
+                   "unknown key tasks[1] (name 'r').dat")

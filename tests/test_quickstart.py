@@ -27,9 +27,16 @@ def test_shipped_quickstart_yaml_equals_the_built_in_defaults():
 def test_quickstart_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="epochz"):
         quickstart_config({"train": {"epochz": 1}})
-    with pytest.raises(ConfigError, match="section 'data'"):
+    with pytest.raises(ConfigError, match=r"unknown key data\.held \(valid: data_dir"):
         quickstart_config({"data": {"held": []}})
-    assert quickstart_config({})["data"]["heldout"] == ["Shirt", "Sneaker", "Bag"]
+    with pytest.raises(ConfigError, match="model: renamed key 'preset': use 'name'"):
+        quickstart_config({"model": {"preset": "lit-minilm"}})
+    assert quickstart_config({}).data.heldout == ["Shirt", "Sneaker", "Bag"]
+    # a model mapping without a name and the train mapping update the defaults
+    cfg = quickstart_config({"model": {"options": {"width": 64}}, "train": {"epochs": 1}})
+    assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 64
+    assert cfg.model.options["patch_size"] == 7
+    assert cfg.train["epochs"] == 1 and cfg.train["batch_size"] == 256
 
 
 @pytest.fixture()

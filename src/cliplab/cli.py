@@ -323,13 +323,13 @@ def _config(args) -> dict:
 
 
 def cmd_quickstart(args) -> int:
-    from cliplab.quickstart import format_results, run_quickstart
+    from cliplab.config import load_config
+    from cliplab.quickstart import QuickstartConfig, format_results, run_quickstart
 
-    cfg = _config(args)
-    if args.out:
-        cfg["out"] = args.out
+    extra: dict = {"out": args.out}
     if args.data_dir:
-        cfg.setdefault("data", {})["data_dir"] = args.data_dir
+        extra["data"] = {"data_dir": args.data_dir}
+    cfg = load_config(QuickstartConfig, args.config, args.overrides, extra=extra)
     results = run_quickstart(cfg, progress=not args.no_progress)
     print(format_results(results))
     print(f"run folder: {Path(results['model_dir']).parents[2]}")
@@ -467,6 +467,8 @@ def cmd_serve(args) -> int:
     serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
           max_upload_mb=args.max_upload_mb)
     return 0
+
+
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,

@@ -115,14 +115,16 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
     try:
         return schema.model_validate(data if data is not None else {})
     except ValidationError as err:
-        problems: dict[str, list[str]] = {}  # a union's members fail at one key: one entry
+        # the members of a union that fail at one key are alternatives: one entry, "or"
+        problems: dict[str, list[str]] = {}
         for error in err.errors():
             path, message = _describe(error, schema, prefix)
-            if message not in problems.setdefault(path, []):
-                problems[path].append(message)
+            key = path if path else message  # missing/unknown keys: each its own entry
+            if message not in problems.setdefault(key, []):
+                problems[key].append(message)
         raise ConfigError(f"{where}: " + "; ".join(
-            (f"{path}: " if path else "") + " or ".join(messages)
-            for path, messages in problems.items())) from None
+            (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
+            for key, messages in problems.items())) from None
 
 
 def load_config(schema: type[S], path: str | Path | None = None,
