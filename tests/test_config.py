@@ -1,0 +1,89 @@
+"""The one config mechanism: schemas name the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from cliplab.config import Section, apply_overrides, load_config, validate
+from cliplab.errors import ConfigError
+from cliplab.models.spec import ModelField, ModelSpec
+
+
+class Train(Section):
+    batch_size: int = 8
+    lr: float = 1e-3
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class Recipe(Section):
+    renamed = {"steps": "train.steps"}
+    model: ModelField
+    train: Train = Train()
+
+
+def error_of(data, where="x.yaml") -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(Recipe, data, where)
+    return str(info.value)
+
+
+def test_wrong_type_is_named_even_when_other_keys_are_missing():
+    # the old mechanism reported the missing section first and never named batch_size
+    message = error_of({"train": {"batch_size": "many"}})
+    assert message.startswith("x.yaml: ")
+    assert "train.batch_size: expected a valid integer" in message and "'many'" in message
+    assert "model is required" in message
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_the_valid_ones():
+    assert error_of({"model": "tiny-clip", "train": {"bacth_size": 4}}) == (
+        "x.yaml: unknown key train.bacth_size (valid: batch_size, lr, precision)")
+
+
+def test_renamed_keys_name_the_new_one():
+    assert "renamed key 'steps': use 'train.steps'" in error_of({"model": "m", "steps": 3})
+    assert "renamed key 'preset': use 'name'" in error_of({"model": {"preset": "tiny-clip"}})
+
+
+def test_literal_choices_are_named():
+    message = error_of({"model": "m", "train": {"precision": "fp8"}})
+    assert "train.precision: expected 'fp32' or 'bf16', got 'fp8'" in message
+
+
+def test_numbers_written_as_strings_are_numbers():
+    # PyYAML reads 2e-3 (no dot) as a string; the schema is the one place that parses it
+    cfg = validate(Recipe, {"model": "m", "train": {"lr": "2e-3", "batch_size": "16"}})
+    assert cfg.train.lr == 0.002 and cfg.train.batch_size == 16
+
+
+def test_model_spec_is_a_string_or_a_mapping():
+    assert validate(Recipe, {"model": "runs/x"}).model == ModelSpec(name="runs/x")
+    spec = validate(Recipe, {"model": {"name": "tiny-clip", "options": {"width": 32}}}).model
+    assert spec.name == "tiny-clip" and spec.options == {"width": 32}
+
+
+def test_load_config_layers_defaults_file_extra_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: from-file\ntrain: {batch_size: 4, lr: 0.1}\n")
+    cfg = load_config(Recipe, path, ["train.lr=0.5"], defaults={"train": {"precision": "bf16"}},
+                      extra={"model": "from-flag", "train": None})
+    assert (cfg.model.name, cfg.train.batch_size, cfg.train.lr, cfg.train.precision) == (
+        "from-flag", 4, 0.5, "bf16")
+    with pytest.raises(ConfigError, match=f"{path}: unknown key oops"):
+        load_config(Recipe, path, ["oops=1"])
+
+
+def test_bad_yaml_and_bad_overrides_are_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:line \d+: invalid YAML"):
+        load_config(Recipe, path)
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="'model' is a value, not a section"):
+        apply_overrides({"model": "m"}, ["model.name=x"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Recipe, tmp_path / "missing.yaml")
