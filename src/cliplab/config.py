@@ -195,12 +195,3 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def check_keys(section: dict, known: set[str], where: str) -> None:
-    """Raise a clear error for any key of ``section`` not in ``known``.
-
-    Deprecated in favour of `Section` schemas; kept only while stages move over."""
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
