@@ -18,7 +18,7 @@ import time
 
 from cliplab.adapt.run import run_adapt
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.models.presets import build_model
+from cliplab.models.resolve import load_model
 
 DATA = {"fashion-mnist": ({"source": "fashion-mnist", "split": "train"},
                           {"source": "fashion-mnist", "split": "test"}),
@@ -55,14 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     train, test = DATA[args.data]
     if args.test_limit:
         test = {**test, "limit": args.test_limit} if args.data == "fashion-mnist" else test
-    model = build_model(args.model)
+    model = load_model(args.model)
     cache = FeatureCache()
     for method in args.methods:
         for k in args.shots:
             accs, zs, times = [], None, []
             for seed in args.seeds:
                 start = time.time()
-                cfg = {"method": method, "model": args.model, "train": train, "test": test,
+                cfg = {"method": method, "model": args.model,
+                       "data": {"train": train, "test": test},
                        "shots": k, "seed": seed, "val_shots": args.val_shots,
                        "options": options.get(method, {})}
                 res = run_adapt(cfg, model=model, progress=False, cache=cache, write=False)

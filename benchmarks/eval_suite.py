@@ -65,7 +65,7 @@ from cliplab.evaluate.few_shot import nearest_class_mean, sample_k_shot
 from cliplab.evaluate.linear_probe import threads_for
 from cliplab.evaluate.metrics import classification_metrics
 from cliplab.evaluate.suite import plan_probes, run_task
-from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 EXACT_TOL = 1e-6
@@ -319,7 +319,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    model = build_model(args.model)
+    model = load_model(args.model)
     spec = suite(args.n_train, args.n_test, args.precision)
     encode_images(model, load_source(spec["tasks"][0]["data"]).images[:200], progress=False)
     model.encode_texts(["warm up the text tower"])  # one-off start-up cost out of both timings

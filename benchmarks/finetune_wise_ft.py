@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from cliplab.adapt import finetune, lora
-from cliplab.adapt.common import load_split
-from cliplab.adapt.finetune import load_finetuned, zeroshot_head
+from cliplab.adapt.finetune import load_finetuned
+from cliplab.adapt.head import zeroshot_classifier_head
+from cliplab.adapt.run import run_adapt
 from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
-from cliplab.models import build_model
+from cliplab.data.sources import as_labelled, load_source
+from cliplab.models.resolve import load_model
 
 SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
 
@@ -47,25 +48,27 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     test = {"source": "fashion-mnist", "split": "test", "limit": args.test_size}
-    data = {"train": {"source": "fashion-mnist", "split": "train"},
-            "train_size": args.train_size, "seed": 0, "test": test}
+    common = {"model": args.model, "shots": 0, "train_size": args.train_size, "seed": 0,
+              "data": {"train": {"source": "fashion-mnist", "split": "train"}, "test": test}}
     train = {"epochs": args.epochs, "batch_size": 128, "warmup": 0.1,
              "augment": {"hflip": False}}
     start = time.time()
-    ft = finetune.run(args.model, {"data": data, "train": {**train, "lr": args.ft_lr,
-                                                           "weight_decay": 0.1}},
-                      out / "finetune", args.progress)
-    lo = None if args.skip_lora else lora.run(args.model, {"data": data, "lora": {"rank": args.rank, "alpha": 2 * args.rank},
-                               "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}},
-                  out / "lora", args.progress)
+    ft = run_adapt({**common, "method": "finetune", "out": str(out / "finetune"),
+                    "options": {"train": {**train, "lr": args.ft_lr, "weight_decay": 0.1}}},
+                   progress=args.progress)
+    lo = None if args.skip_lora else run_adapt(
+        {**common, "method": "lora", "out": str(out / "lora"),
+         "options": {"rank": args.rank, "alpha": 2 * args.rank,
+                     "train": {**train, "lr": args.lora_lr, "weight_decay": 0.01}}},
+        progress=args.progress)
 
-    zeroshot = build_model(args.model)
+    zeroshot = load_model(args.model)
     tuned, head = load_finetuned(ft["model_dir"])
-    sets = {"target": load_split({"test": test}, "test")}
+    sets = {"target": as_labelled(load_source(test), "test")}
     for shift in args.shifts:
-        sets[shift] = load_split({"test": {**test, "shift": shift}}, "test")
-    rows = wise_ft_sweep(zeroshot, zeroshot_head(zeroshot, sets["target"]).weight, tuned,
-                         head.weight, sets, DEFAULT_ALPHAS, args.progress)
+        sets[shift] = as_labelled(load_source({**test, "shift": shift}), shift)
+    rows = wise_ft_sweep(zeroshot, zeroshot_classifier_head(zeroshot, sets["target"]).weight,
+                         tuned, head.weight, sets, DEFAULT_ALPHAS, args.progress)
     wise = {}
     for name in sets:
         accs = {r["alpha"]: round(r[name]["acc1"], 4) for r in rows}
@@ -77,15 +80,15 @@ def main() -> None:
         "model": args.model, "train_images": args.train_size, "test_images": args.test_size,
         "epochs": args.epochs,
         "zeroshot_acc1": round(ft["zeroshot"]["acc1"], 4),
-        "finetune_acc1": round(ft["finetuned"]["acc1"], 4),
+        "finetune_acc1": round(ft["test"]["acc1"], 4),
         "finetune_trainable_params": ft["params"]["trainable"],
         "wise_ft": wise,
         "wall_time_s": round(time.time() - start, 1),
     }
     if lo is not None:
         summary.update({
-            "lora_acc1": round(lo["lora"]["acc1"], 4),
-            "lora_minus_finetune": round(lo["lora"]["acc1"] - ft["finetuned"]["acc1"], 4),
+            "lora_acc1": round(lo["test"]["acc1"], 4),
+            "lora_minus_finetune": round(lo["test"]["acc1"] - ft["test"]["acc1"], 4),
             "lora_trainable_params": lo["params"]["trainable"],
             "lora_adapter_params": lo["params"]["lora"], "model_params": lo["params"]["total"]})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

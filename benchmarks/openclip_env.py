@@ -1,9 +1,10 @@
 """A separate virtual environment with OpenCLIP, for side-by-side benchmarks.
 
 OpenCLIP needs torchvision, which does not import beside cliplab's CPU torch, so benchmarks run
-OpenCLIP in its own environment: ``python -m venv`` + ``pip install open-clip-torch`` (this pulls
-torchvision and a CUDA build of torch, several GB, once). The environment is kept under a cache
-folder and reused; a finished one is marked by a stamp file, so an interrupted install is simply
+OpenCLIP in its own environment: ``python -m venv`` + ``pip install open-clip-torch`` with a
+torch/torchvision pair that imports together on this kind of machine (x86_64: torch 2.14.1 +
+torchvision 0.29.1, a CUDA build of several GB; aarch64: 2.9.1 + 0.24.1, a CPU build), once.
+The environment is kept under a cache folder and reused; a finished one is marked by a stamp file, so an interrupted install is simply
 resumed by the next call.
 
     from openclip_env import openclip_python
@@ -17,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
 PACKAGE = "open-clip-torch"
+# OpenCLIP's HFTokenizer (text_cfg.hf_tokenizer_name, local-dir: models) needs transformers
+EXTRAS = ["transformers"]
+# torch/torchvision pairs seen to import together (PyPI's torchvision fails beside torch 2.13 CPU)
+TORCH_PAIRS = {"x86_64": ["torch==2.14.1", "torchvision==0.29.1"],
+               "aarch64": ["torch==2.9.1", "torchvision==0.24.1"]}
 STAMP = ".cliplab-openclip-ready"
 
 
@@ -39,7 +46,7 @@ def _env_python(env_dir: Path) -> Path:
 
 
 def _imports_openclip(python: Path) -> bool:
-    probe = "import open_clip; from open_clip.loss import ClipLoss, SigLipLoss"
+    probe = "import open_clip, transformers; from open_clip.loss import ClipLoss, SigLipLoss"
     return subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0
 
 
@@ -69,8 +76,9 @@ def openclip_python(env_dir: str | Path | None = None, *, create: bool = True,
             env_dir.parent.mkdir(parents=True, exist_ok=True)
             venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
         # Installs are resumable: pip skips what is already there.
+        pins = TORCH_PAIRS.get(platform.machine(), [])
         result = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check",
-                                 "-q", PACKAGE])
+                                 "-q", *pins, PACKAGE, *EXTRAS])
         if result.returncode != 0:
             skip(f"`pip install {PACKAGE}` failed (exit {result.returncode}) in {env_dir}")
             return None

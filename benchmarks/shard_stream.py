@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cliplab.data.shard_stream import ShardStream
-from cliplab.data.shard_writer import write_shards
+from cliplab.data.shards import ShardLoader, ShardStream, write_shards
 from cliplab.data.sources import load_source
 
 
@@ -53,7 +52,7 @@ def plain_webdataset(folder: str, batch_size: int, workers: int) -> int:
 
 def cliplab_stream(folder: str, batch_size: int, workers: int) -> int:
     stream = ShardStream(folder, seed=0, shuffle_buffer=1000, rank=0, world_size=1, caption="first")
-    return sum(len(b["key"]) for b in stream.loader(batch_size, num_workers=workers))
+    return sum(len(b["key"]) for b in ShardLoader(stream, batch_size, num_workers=workers))
 
 
 def main() -> None:

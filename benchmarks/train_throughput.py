@@ -31,7 +31,7 @@ from openclip_env import openclip_python  # noqa: E402
 
 from cliplab.data.types import ImageTextPairs  # noqa: E402
 from cliplab.models import build_model  # noqa: E402
-from cliplab.train.run_dir import RunDir  # noqa: E402
+from cliplab.runs import RunDir  # noqa: E402
 from cliplab.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 ARCH = dict(image_size=64, patch_size=8, width=256, layers=6, heads=4, text_width=256,
@@ -56,7 +56,7 @@ def cliplab_throughput(precision: str, warmup: int, steps: int, profile: bool) -
                                      augment=False, multi_positive=False, precision=precision,
                                      log_every=1, progress=False, device="cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunDir(tmp)
+        run = RunDir(tmp, tensorboard=False)  # as the OpenCLIP side: no event files
         if profile:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile

@@ -46,9 +46,9 @@ from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-from cliplab.merge import (apply_task_vector, greedy_soup, record_origin, task_vector,
-                           uniform_soup, weights_fingerprint)
+from cliplab.merge import apply_task_vector, greedy_soup, task_vector, uniform_soup
 from cliplab.models import DualEncoder, build_model
+from cliplab.models.folder import model_fingerprint, weights_fingerprint, write_origin
 from cliplab.train.trainer import TrainConfig, Trainer
 
 # ingredients: (learning rate, seed, augmentation) — the soup paper's recipe varies all three
@@ -103,13 +103,14 @@ def fine_tune(base: Path, data: LabelledImages, out: Path, lr: float, seed: int,
     """Contrastive fine-tune of ``base`` on ``data`` turned into caption pairs (frozen text
     tower, as the base was trained), saved with its origin recorded."""
     model = DualEncoder.load(base)
+    origin = model_fingerprint(model)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.1, seed=seed,
                       lock_text=True, augment={"hflip": False} if augment else False,
                       lr_scale={"text_projection": 0.1}, precision="bf16", progress=False)
     torch.manual_seed(seed)
     Trainer(model, cfg).fit(labelled_to_pairs(data))
     model.save(out)
-    record_origin(out, base)
+    write_origin(out, base, origin)
     return out
 
 

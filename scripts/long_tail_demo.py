@@ -17,15 +17,16 @@ import time
 
 import torch
 
-from cliplab.data.concept_frequency import count_concepts
-from cliplab.data.imbalance import exponential_counts, exponential_subsample
+from cliplab.curate.concept_frequency import count_concepts
+from cliplab.curate.imbalance import exponential_counts, exponential_subsample
 from cliplab.data.shapes import COLORS, load_shapes_with_scenes, shapes_classification
 from cliplab.data.types import ImageTextPairs
 from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.long_tail import long_tail_analysis, per_class_accuracy
+from cliplab.evaluate.long_tail import long_tail_analysis
+from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 MODEL = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4,

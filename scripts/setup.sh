@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian's Fashion-MNIST files, and a virtual environment at .venv with cliplab
-# installed (editable) plus its test tools. Re-running it reuses what is already there.
+# installed (editable) plus its test tools and the serve extras (FAISS, FastAPI, Milvus Lite,
+# Playwright), and Debian's chromium for the browser test. Re-running it reuses what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FMNIST_DIR=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte" ]; then
-  echo "setup: installing Debian's dataset-fashion-mnist" >&2
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
+# Debian packages the project needs, each installed only when its file is missing.
+apt_install() {  # PACKAGE  FILE-IT-PROVIDES  WHAT-FAILS-WITHOUT-IT
+  [ -e "$2" ] && return 0
+  echo "setup: installing Debian's $1" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
   if command -v apt-get >/dev/null; then
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-      || echo "setup: could not install dataset-fashion-mnist; pass --data-dir to cliplab quickstart" >&2
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "$1" >/dev/null \
+      || echo "setup: could not install $1; $3" >&2
   else
-    echo "setup: no apt-get here; put the Fashion-MNIST IDX files in a folder and pass --data-dir" >&2
+    echo "setup: no apt-get here; $3" >&2
   fi
-fi
+}
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+[ -f "$FMNIST_DIR/train-images-idx3-ubyte" ] || apt_install dataset-fashion-mnist \
+  "$FMNIST_DIR/train-images-idx3-ubyte.gz" "pass --data-dir DIR (the IDX files) to cliplab quickstart"
+# Playwright drives Debian's Chromium in the browser test of `cliplab serve` (no browser download)
+apt_install chromium /usr/bin/chromium "the browser test of cliplab serve will be skipped"
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -26,6 +33,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The CPU build first: with it installed, the "torch>=2.4" requirement pulls nothing more.
   .venv/bin/python -m pip install -q "torch==2.13.0" \
     || .venv/bin/python -m pip install -q "torch>=2.4"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,tensorboard,onnx,serve,milvus,browser]"
   touch "$stamp"
 fi

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from cliplab.adapt import load_adapter
+from cliplab.adapt.finetune import load_finetuned
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
 from cliplab.data.digits import load_digits
+from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +25,13 @@ def model_dir(tmp_path_factory):
 
 def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("method: coop\ntrain: {source: digits, split: train}\n"
-                   "test: {source: digits, split: test}\nshots: 2\nseed: 3\n"
+    cfg.write_text("method: clip-adapter\ndata:\n  train: {source: digits, split: train}\n"
+                   "  test: {source: digits, split: test}\nshots: 2\nseed: 3\n"
                    "options: {epochs: 2}\n")
     out = tmp_path / "run"
     code = main(["adapt", "--config", str(cfg), "--model", str(model_dir), "--out", str(out),
-                 "--no-progress", "options.n_ctx=2", "options.init=", "method=clip-adapter",
-                 "--method", "coop"])
-    assert code == 0
+                 "--no-progress", "options.n_ctx=2", "options.init=", "method=coop"])
+    assert code == 0  # the key=value override beats the file
     assert "coop" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "coop" and results["train_size"] == 20
@@ -39,7 +41,7 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
                                                "config.yaml", "results.json"}
     # the saved adapter reproduces the reported accuracy
-    model = build_model(str(model_dir))
+    model = load_model(model_dir)
     test = load_digits("test")
     acc = (load_adapter(out, model).logits(test.images).argmax(1) == test.labels).float().mean()
     assert acc.item() == pytest.approx(results["test"]["acc1"])
@@ -61,13 +63,24 @@ def test_few_shot_split_is_disjoint_and_seeded():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--method", "coop", "--model", "tiny-clip"], "needs 'train'"),
-    (["--method", "coop", "--model", "tiny-clip", "train={source: digits}",
-      "test={source: digits}", "options.nctx=3"], "'nctx'"),
-    (["--method", "coop", "--model", "tiny-clip", "train={source: digits}",
-      "test={source: digits}", "shots=-1"], "'shots'"),
-    (["--model", "tiny-clip", "train={source: digits}", "test={source: digits}"],
-     "needs 'method'"),
+    (["--method", "coop", "--model", "tiny-clip"], "data is required"),
+    (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "options.nctx=3"], "unknown key options.nctx (valid: "),
+    (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "shots=-1"], "shots: expected greater than or equal to 0"),
+    (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "shots=many"], "shots: expected a valid integer"),
+    (["--model", "tiny-clip", "data.train={source: digits}", "data.test={source: digits}"],
+     "method is required"),
+    (["--method", "coop", "--model", "tiny-clip", "train={source: digits}"],
+     "renamed key 'train': use 'data.train"),
+    (["--method", "lora", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "lora={rank: 4}"], "renamed key 'lora': use 'options'"),
+    (["--method", "finetune", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "options.train.lrr=1"], "options.train: unknown train"),
+    (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "data.train_size=5"],
+     "data: renamed key 'train_size': use 'train_size (at the top level)'"),
 ])
 def test_adapt_cli_bad_input_is_one_line(args, fragment, tmp_path, capsys):
     assert main(["adapt", *args, "--out", str(tmp_path / "o")]) == 2
@@ -86,17 +99,24 @@ def test_adapt_cli_reads_data_section_like_other_stages(model_dir, tmp_path):
 
 
 def test_adapt_cli_runs_a_weight_method(model_dir, tmp_path, capsys):
-    """`--method finetune` goes through the same command: a model folder and results."""
+    """`--method finetune` goes through the same command and config shape: a model folder,
+    its test score next to the zero-shot head's, and results."""
     out = tmp_path / "ft"
     assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out", str(out),
                  "--no-progress", "data.train={source: digits, split: train}",
-                 "data.test={source: digits, split: test}", "data.train_size=64",
-                 "train.steps=2", "train.batch_size=32", "train.augment=false"]) == 0
+                 "data.test={source: digits, split: test}", "shots=0", "train_size=64",
+                 "options.train.steps=2", "options.train.batch_size=32",
+                 "options.train.augment=false"]) == 0
     printed = capsys.readouterr().out
-    assert "zeroshot" in printed and "finetuned" in printed and str(out) in printed
+    assert "zeroshot" in printed and "finetune test" in printed and str(out) in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["train_images"] == 64
-    assert (out / "checkpoints" / "step-2" / "model" / "config.json").is_file()
-    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out",
-                 str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c"), "--no-progress",
-                 "data.train={source: digits}", "data.test={source: digits}"]) == 2
+    assert results["train_size"] == 64 and results["test_size"] == 540
+    model_folder = out / "checkpoints" / "step-2" / "model"
+    assert results["model_dir"] == str(model_folder)
+    assert (model_folder / "config.json").is_file()
+    # the reported score is the saved model and head's
+    model, head = load_finetuned(model_folder)
+    test = load_digits("test")
+    logits = head(encode_images(model, test.images, progress=False).embeddings)
+    acc = (logits.argmax(1) == test.labels).float().mean().item()
+    assert acc == pytest.approx(results["test"]["acc1"])

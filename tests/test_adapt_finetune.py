@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from cliplab.adapt.finetune import (finetune, image_tower_trainable, load_finetuned, run,
-                                    train_config, zeroshot_head)
-from cliplab.adapt.head import ClassifierHead
-from cliplab.adapt.origin import model_fingerprint, read_base
+from cliplab.adapt.finetune import TRAIN_DEFAULTS, finetune, image_tower_trainable, load_finetuned
+from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
+from cliplab.adapt.run import run_adapt
+from cliplab.adapt.training import trainer_config
+from cliplab.models.folder import model_fingerprint, require_origin
 from cliplab.adapt.common import head_metrics, subsample
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
@@ -26,7 +27,7 @@ def digits():
 
 def test_head_init_gives_exactly_the_zero_shot_logits(digits):
     model = small_model()
-    head = zeroshot_head(model, digits)
+    head = zeroshot_classifier_head(model, digits)
     pixels = model.preprocess(digits.images[:32])
     with torch.no_grad():
         logits = head(model.encode_image(pixels, normalize=False))
@@ -45,13 +46,14 @@ def test_only_the_image_tower_and_its_projection_train():
 
 
 def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
-    from cliplab.train.run_dir import RunDir
+    from cliplab.runs import RunDir
 
     model = small_model()
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    zs = head_metrics(model, zeroshot_head(model, digits).weight, digits, progress=False)
-    cfg = train_config({"train": {"epochs": 4, "batch_size": 32, "lr": 5e-3, "augment": False,
-                                  "log_every": 1}}, progress=False)
+    zs = head_metrics(model, zeroshot_classifier_head(model, digits).weight, digits, progress=False)
+    cfg = trainer_config(TRAIN_DEFAULTS, {"epochs": 4, "batch_size": 32, "lr": 5e-3,
+                                          "augment": False, "log_every": 1},
+                         lock_text=True, progress=False)
     head, trainer = finetune(model, digits, cfg, RunDir(tmp_path), "base-path")
     after = model.model.state_dict()
     for name, value in before.items():
@@ -65,7 +67,7 @@ def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
     assert records[-1]["loss"] < records[0]["loss"]
 
     folder = trainer.last_checkpoint / "model"
-    assert read_base(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
+    assert require_origin(folder) == {"path": "base-path", "fingerprint": model_fingerprint(
         small_model())}
     loaded, loaded_head = load_finetuned(folder)
     for a, b in zip(loaded.model.state_dict().values(), model.model.state_dict().values()):
@@ -93,14 +95,16 @@ def test_labelled_data_without_a_head_is_a_clear_error(digits):
 
 def test_run_writes_a_model_folder_and_results(tmp_path):
     small_model().save(tmp_path / "base")
-    cfg = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 256,
+    cfg = {"method": "finetune", "model": str(tmp_path / "base"), "out": str(tmp_path / "out"),
+           "data": {"train": {"source": "digits", "split": "train"},
                     "test": {"source": "digits", "split": "test"}},
-           "train": {"steps": 4, "batch_size": 64}}
-    res = run(str(tmp_path / "base"), cfg, tmp_path / "out", progress=False)
-    assert res["train_images"] == 256 and 0 <= res["finetuned"]["acc1"] <= 1
+           "shots": 0, "train_size": 256, "options": {"train": {"steps": 4, "batch_size": 64}}}
+    res = run_adapt(cfg, progress=False)
+    assert res["train_size"] == 256 and 0 <= res["test"]["acc1"] <= 1
     assert res["params"]["trainable"] < res["params"]["total"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["model_dir"] == res["model_dir"]
-    assert read_base(res["model_dir"])["path"] == str(tmp_path / "base")
-    with pytest.raises(ConfigError, match="unknown key"):
-        run(str(tmp_path / "base"), {**cfg, "trian": {}}, tmp_path / "bad", progress=False)
+    assert require_origin(res["model_dir"])["path"] == str(tmp_path / "base")
+    with pytest.raises(ConfigError, match="unknown key trian"):
+        run_adapt({**cfg, "trian": {}, "out": str(tmp_path / "bad")}, progress=False)
+    assert not (tmp_path / "bad").exists()

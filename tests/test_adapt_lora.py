@@ -8,10 +8,12 @@ import torch
 from transformers import AutoModel
 
 from cliplab.adapt.common import count_parameters, subsample
-from cliplab.adapt.finetune import zeroshot_head
-from cliplab.adapt.lora import (LoraOptions, add_lora, load_adapter, lora_parameter_count,
-                                merge_adapter, run, save_adapter, target_modules)
-from cliplab.adapt.origin import model_fingerprint
+from cliplab.adapt.head import zeroshot_classifier_head
+from cliplab.adapt.lora import (Options, add_lora, load_lora, lora_parameter_count,
+                                merge_adapter, save_adapter, target_modules)
+from cliplab.adapt.base import method_options
+from cliplab.models.folder import model_fingerprint
+from cliplab.adapt.run import run_adapt
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models import DualEncoder, build_model
@@ -57,7 +59,7 @@ def test_target_modules_of_vit_and_minilm_towers():
 def test_parameter_count_matches_the_hand_count():
     model = small_model()
     total = count_parameters(model)["total"]
-    add_lora(model, LoraOptions.from_dict({"rank": 4}))
+    add_lora(model, Options.model_validate({"rank": 4}))
     # width 32, MLP 128: q,k,v,out 4 * r(32+32); fc1, fc2 2 * r(32+128)
     expected = 4 * 4 * (32 + 32) + 2 * 4 * (32 + 128)
     assert lora_parameter_count(model) == expected == 2304
@@ -68,9 +70,9 @@ def test_parameter_count_matches_the_hand_count():
 def test_only_lora_parameters_get_gradients_and_change(digits):
     model = small_model()
     base = {k: v.clone() for k, v in model.model.state_dict().items()}
-    head = zeroshot_head(model, digits)
+    head = zeroshot_classifier_head(model, digits)
     head.weight.requires_grad_(False)
-    add_lora(model, LoraOptions.from_dict({"rank": 4}))
+    add_lora(model, Options.model_validate({"rank": 4}))
     pixels = model.preprocess(digits.images[:16])
     loss = torch.nn.functional.cross_entropy(head(model.encode_image(pixels, normalize=False)),
                                              digits.labels[:16])
@@ -95,8 +97,8 @@ def _trained_adapter(tmp_path, digits):
     base = small_model()
     base.save(tmp_path / "base")
     model = DualEncoder.load(tmp_path / "base")
-    head = zeroshot_head(model, digits)
-    peft_model = add_lora(model, LoraOptions.from_dict({"rank": 4, "towers": ["image"]}))
+    head = zeroshot_classifier_head(model, digits)
+    peft_model = add_lora(model, Options.model_validate({"rank": 4, "towers": ["image"]}))
     Trainer(model, TrainConfig.from_dict({"steps": 4, "batch_size": 32, "lr": 1e-2,
                                           "progress": False, "lock_text": True}),
             head=head).fit(digits)
@@ -116,7 +118,7 @@ def test_adapter_round_trip_and_merge_give_identical_outputs(tmp_path, digits):
         plain_img = DualEncoder.load(tmp_path / "base").encode_image(pixels)
     assert not torch.allclose(img, plain_img, atol=1e-4)  # the adapter does something
 
-    loaded, loaded_peft, loaded_head = load_adapter(folder)
+    loaded, loaded_peft, loaded_head = load_lora(folder)
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(pixels), img)
         assert torch.equal(loaded.encode_text(**tok), txt)
@@ -139,7 +141,7 @@ def test_adapter_refuses_a_different_base(tmp_path, digits):
     _, _, _, folder = _trained_adapter(tmp_path, digits)
     small_model(seed=5).save(tmp_path / "other")
     with pytest.raises(ModelError, match="fingerprint"):
-        load_adapter(folder, base=str(tmp_path / "other"))
+        load_lora(folder, base=str(tmp_path / "other"))
 
 
 @pytest.mark.parametrize("bad,match", [({"towers": ["audio"]}, "towers"),
@@ -149,23 +151,26 @@ def test_adapter_refuses_a_different_base(tmp_path, digits):
                                        ({"rnak": 4}, "unknown key")])
 def test_bad_lora_options(bad, match):
     with pytest.raises(ConfigError, match=match):
-        LoraOptions.from_dict(bad)
+        method_options(Options, bad, "lora")
 
 
 @pytest.mark.parametrize("objective", ["classifier", "contrastive"])
 def test_run_writes_adapter_merged_model_and_counts(tmp_path, objective):
     small_model().save(tmp_path / "base")
     towers = ["image"] if objective == "classifier" else ["image", "text"]
-    cfg = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 128,
+    cfg = {"method": "lora", "model": str(tmp_path / "base"), "out": str(tmp_path / "out"),
+           "data": {"train": {"source": "digits", "split": "train"},
                     "test": {"source": "digits", "split": "test"}},
-           "lora": {"rank": 2, "merge": True, "objective": objective, "towers": towers},
-           "train": {"steps": 3, "batch_size": 32}}
-    res = run(str(tmp_path / "base"), cfg, tmp_path / "out", progress=False)
+           "shots": 0, "train_size": 128,
+           "options": {"rank": 2, "merge": True, "objective": objective, "towers": towers,
+                       "train": {"steps": 3, "batch_size": 32}}}
+    res = run_adapt(cfg, progress=False)
     p = res["params"]
     assert 0 < p["lora"] < p["image_tower"] < p["total"]
+    assert set(res["test"]) == {"acc1", "acc5", "mean_per_class_recall"} and "zeroshot" in res
     assert p["head"] == (160 if objective == "classifier" else 0)  # 10 classes x 16 dims
     adapter = json.loads((tmp_path / "out" / "results.json").read_text())["adapter_dir"]
-    loaded, _, _ = load_adapter(adapter)
+    loaded, _, _ = load_lora(adapter)
     merged = DualEncoder.load(res["merged_dir"])
     pixels = merged.preprocess(load_digits("test").images[:8])
     with torch.no_grad():

@@ -11,13 +11,13 @@ import torch
 
 from cliplab.adapt.run import run_adapt
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.models import build_model
+from cliplab.models.resolve import load_model
 
 
 @pytest.mark.slow
 def test_tip_adapter_and_coop_beat_zero_shot_as_their_papers_report(tiny_lit_run):
     torch.set_num_threads(2)
-    model = build_model(json.loads((tiny_lit_run / "results.json").read_text())["model_dir"])
+    model = load_model(json.loads((tiny_lit_run / "results.json").read_text())["model_dir"])
     cache = FeatureCache()
     base = {"model": "tiny-lit", "seed": 1,
             "data": {"train": {"source": "digits", "split": "train"},

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cliplab.adapt.common import head_metrics, subsample
-from cliplab.adapt.finetune import save_finetuned, zeroshot_head
-from cliplab.adapt.origin import model_fingerprint
-from cliplab.adapt.wise_ft import best_alpha, interpolate, run, wise_ft_sweep
+from cliplab.adapt.finetune import save_finetuned
+from cliplab.adapt.head import zeroshot_classifier_head
+from cliplab.adapt.run import run_adapt
+from cliplab.models.folder import model_fingerprint
+from cliplab.adapt.wise_ft import best_alpha, interpolate, wise_ft_sweep
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from tests.tiny_models import small_model
@@ -54,9 +56,9 @@ def test_sweep_endpoints_equal_the_two_models_and_midpoints_interpolate():
         for name, p in ft.model.named_parameters():
             if name.startswith(("vision_model.", "visual_projection.")):
                 p.add_(0.3 * torch.randn_like(p))
-    zs_head = zeroshot_head(zs, data).weight.detach()
+    zs_head = zeroshot_classifier_head(zs, data).weight.detach()
     ft_head = zs_head + 0.5 * torch.randn_like(zs_head)
-    sets = {"target": data, "shifted": shifted}
+    sets = {"test": data, "shifted": shifted}
     rows = wise_ft_sweep(zs, zs_head, ft, ft_head, sets, [0.0, 0.5, 1.0], progress=False)
     for row, (model, head) in ((rows[0], (zs, zs_head)), (rows[2], (ft, ft_head))):
         for name, d in sets.items():
@@ -66,24 +68,30 @@ def test_sweep_endpoints_equal_the_two_models_and_midpoints_interpolate():
         for (name, p), q, r in zip(mid.model.named_parameters(), zs.model.parameters(),
                                    ft.model.parameters()):
             p.copy_(0.5 * q + 0.5 * r)
-    assert rows[1]["target"] == head_metrics(mid, 0.5 * zs_head + 0.5 * ft_head, data,
+    assert rows[1]["test"] == head_metrics(mid, 0.5 * zs_head + 0.5 * ft_head, data,
                                              progress=False)
-    assert rows[0]["target"] != rows[2]["target"]  # the two ends really differ
+    assert rows[0]["test"] != rows[2]["test"]  # the two ends really differ
 
 
 def test_best_alpha_maximises_the_chosen_score():
-    rows = [{"alpha": a, "target": {"acc1": t}, "shifted": {"acc1": s}}
+    rows = [{"alpha": a, "test": {"acc1": t}, "shifted": {"acc1": s}}
             for a, t, s in ((0.0, 0.5, 0.6), (0.5, 0.8, 0.58), (1.0, 0.9, 0.3))]
     assert best_alpha(rows, "mean")["alpha"] == 0.5      # (0.8 + 0.58) / 2 = 0.69
-    assert best_alpha(rows, "target")["alpha"] == 1.0
+    assert best_alpha(rows, "test")["alpha"] == 1.0
     assert best_alpha(rows, "shifted")["alpha"] == 0.0
 
 
-CFG = {"data": {"train": {"source": "digits", "split": "train"}, "train_size": 128,
+CFG = {"method": "wise-ft",
+       "data": {"train": {"source": "digits", "split": "train"},
                 "test": {"source": "digits", "split": "test"},
                 "shifted": {"source": "digits", "split": "test", "shift": "invert"}},
-       "train": {"steps": 4, "batch_size": 32, "lr": 3e-3},
-       "wise_ft": {"alphas": [0, 0.5, 1], "save_best": True}}
+       "shots": 0, "train_size": 128, "seed": 0,
+       "options": {"alphas": [0, 0.5, 1], "save_best": True,
+                   "train": {"steps": 4, "batch_size": 32, "lr": 3e-3}}}
+
+
+def run(base, cfg, out, progress=False):
+    return run_adapt({**cfg, "model": base, "out": str(out)}, progress=progress)
 
 
 def test_run_sweeps_and_saves_the_best_model(tmp_path):
@@ -91,11 +99,13 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
     res = run(str(tmp_path / "base"), CFG, tmp_path / "out", progress=False)
     assert [r["alpha"] for r in res["sweep"]] == [0.0, 0.5, 1.0]
     assert res["best_alpha"] in (0.0, 0.5, 1.0) and set(res["sweep"][0]) == {
-        "alpha", "target", "shifted"}
+        "alpha", "test", "shifted"}
+    best = res["sweep"][[r["alpha"] for r in res["sweep"]].index(res["best_alpha"])]
+    assert res["test"] == best["test"] and res["shifted"] == best["shifted"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["best_alpha"] == \
         res["best_alpha"]
     # a second sweep over the saved fine-tune reproduces the numbers without training
-    again = run(str(tmp_path / "base"), {**CFG, "wise_ft": {"alphas": [0, 0.5, 1],
+    again = run(str(tmp_path / "base"), {**CFG, "options": {"alphas": [0, 0.5, 1],
                                                             "finetuned": res["finetuned"]}},
                 tmp_path / "again", progress=False)
     assert again["sweep"] == res["sweep"]
@@ -105,12 +115,15 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
 def test_run_refuses_a_finetune_of_another_base(tmp_path):
     other = small_model(seed=3)
     data = load_digits("test")
-    folder = save_finetuned(other, zeroshot_head(other, data), tmp_path / "ft",
+    folder = save_finetuned(other, zeroshot_classifier_head(other, data), tmp_path / "ft",
                             "elsewhere", model_fingerprint(other))
     small_model().save(tmp_path / "base")
     with pytest.raises(ModelError, match="adapted from elsewhere"):
-        run(str(tmp_path / "base"), {**CFG, "wise_ft": {"finetuned": str(folder)}},
+        run(str(tmp_path / "base"), {**CFG, "options": {"finetuned": str(folder)}},
             tmp_path / "out", progress=False)
-    with pytest.raises(ConfigError, match="alphas"):
-        run(str(tmp_path / "base"), {**CFG, "wise_ft": {"alphas": [0, 2]}}, tmp_path / "o2",
+    with pytest.raises(ConfigError, match=r"options\.alphas\.1: expected less than or equal "
+                                          r"to 1, got 2"):
+        run(str(tmp_path / "base"), {**CFG, "options": {"alphas": [0, 2]}}, tmp_path / "o2",
             progress=False)
+    with pytest.raises(ConfigError, match="renamed key 'wise_ft': use 'options'"):
+        run(str(tmp_path / "base"), {**CFG, "wise_ft": {}}, tmp_path / "o3", progress=False)

@@ -67,9 +67,9 @@ def test_cliplab_eval_on_the_folder_equals_hand_computation(classification_folde
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"tasks:\n  - {{name: toy, task: zeroshot, data: "
                      f"{{source: clip-benchmark, root: '{root}', progress: false}}}}\n")
-    out = tmp_path / "r.json"
+    out = tmp_path / "out" / "results.json"
     assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite),
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out.parent), "--no-progress"]) == 0
     got = json.loads(out.read_text())["results"]["toy"]["acc1"]
 
     data = load_clip_benchmark(root, progress=False)
@@ -80,3 +80,12 @@ def test_cliplab_eval_on_the_folder_equals_hand_computation(classification_folde
          for p in prompts]), dim=-1)
     expected = ((emb @ head.T).argmax(1) == data.labels).float().mean().item()
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_broken_shard_is_counted_not_fatal(classification_folder):
+    root, arrays = classification_folder
+    (root / "test" / "2.tar").write_bytes(b"not a tar archive at all" * 40)
+    data = load_clip_benchmark(root, progress=False)
+    assert len(data) == 9 and np.array_equal(data.images[8].numpy(), arrays[8])
+    assert data.skipped.counts["unreadable_shard"] == 1
+    assert data.skipped.keys["unreadable_shard"][0].startswith("2.tar:after 0 samples")

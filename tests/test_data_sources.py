@@ -11,6 +11,7 @@ from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist, read_idx
 from cliplab.data.pairs import labelled_to_pairs, split_classes
 from cliplab.data.sources import as_pairs, load_source
+from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
 
 
@@ -103,3 +104,23 @@ def test_official_and_prompt_class_names_both_work():
     assert canonical_name("T-shirt/top") == "t-shirt"
     assert canonical_name("Ankle boot") == "ankle boot" == canonical_name("ankle boot")
     assert canonical_name("Hat") == "Hat"
+
+
+def toy_source(n: int = 4) -> LabelledImages:
+    """A source defined outside cliplab, registered by one line in the test below."""
+    images = torch.arange(n * 2 * 2, dtype=torch.uint8).reshape(n, 2, 2, 1)
+    return LabelledImages(images, torch.arange(n) % 2, ["even", "odd"], ["a {} number."],
+                          name="toy")
+
+
+def test_a_new_source_is_one_registry_line(monkeypatch):
+    from cliplab.data import sources
+    from cliplab.data.shards.job import source_spec
+
+    monkeypatch.setitem(sources.SOURCES, "toy", "tests.test_data_sources:toy_source")
+    data = load_source({"source": "toy", "n": 6, "holdout": ["odd"], "shift": "invert"})
+    assert data.labels.tolist() == [0, 0, 0] and data.name == "toy-invert"
+    assert data.images[:, 0, 0, 0].tolist() == [255, 247, 239]  # 255 - [0, 8, 16]
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['m'\] for data source 'toy'"):
+        load_source({"source": "toy", "m": 1})
+    assert source_spec("toy") == {"source": "toy"}

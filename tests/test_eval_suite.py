@@ -9,6 +9,7 @@ from cliplab.cli import main
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 
@@ -23,10 +24,9 @@ def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
         "classes: [one, three, five]}\n"
         "  - {name: probe, task: linear_probe, train: {source: digits, split: train}, "
         "test: {source: digits, split: test}, features: backbone, l2: 0.001}\n")
-    out = tmp_path / "results.json"
-    assert main(["eval", "--model", str(tmp_path / "model"), "--suite", str(suite), "--out",
-                 str(out), "--no-progress"]) == 0
-    results = json.loads(out.read_text())["results"]
+    assert main(["eval", "--model", str(tmp_path / "model"), "--config", str(suite), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
 
     test = load_digits("test")
     feats = encode_images(tiny_model.eval(), test.images, progress=False)
@@ -44,13 +44,13 @@ def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
 
 
 def test_suite_errors_name_the_task():
-    with pytest.raises(ConfigError, match="unknown task 'captioning'"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\].task: unknown task 'captioning'"):
         run_suite(None, {"tasks": [{"task": "captioning"}]})
-    with pytest.raises(ConfigError, match="task 'retrieval' needs data"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\].data is required"):
         run_suite(None, {"tasks": [{"task": "retrieval"}]})
-    with pytest.raises(ConfigError, match="unknown key.*'datta'.*task 'a'"):
+    with pytest.raises(ConfigError, match=r"unknown key tasks\[0\] \(name 'a'\).datta"):
         run_suite(None, {"tasks": [{"name": "a", "task": "zeroshot", "datta": {}}]})
-    with pytest.raises(ConfigError, match="non-empty list"):
+    with pytest.raises(ConfigError, match="tasks: needs a non-empty list"):
         run_suite(None, {"tasks": []})
 
 
@@ -58,7 +58,7 @@ def test_suite_runs_retrieval_on_shapes(tiny_model):
     out = run_suite(tiny_model, {"tasks": [
         {"name": "ret", "task": "retrieval", "data": {"source": "shapes", "n": 12,
                                                       "image_size": 32}, "ks": [1, 100]}]},
-        progress=False)
+        TaskContext(progress=False))
     assert out["ret"]["image_retrieval_recall@100"] == 1.0
     assert set(out["ret"]) == {"image_retrieval_recall@1", "text_retrieval_recall@1",
                                "image_retrieval_recall@100", "text_retrieval_recall@100"}
@@ -77,7 +77,7 @@ def test_suite_encodes_each_dataset_once(tiny_model, monkeypatch):
          "test": {"source": "digits", "split": "test"}, "l2": 0.01},
         {"name": "zs", "task": "zeroshot", "data": {"source": "digits", "split": "test"}},
         {"name": "zs-odd", "task": "zeroshot", "data": {"source": "digits", "split": "test"},
-         "classes": [1, 3]}]}, progress=False, cache=cache)
+         "classes": [1, 3]}]}, TaskContext(cache, progress=False))
     assert len(calls) == 2  # digits train once, digits test once for all three tasks
     assert cache.hits == 2
 
@@ -86,26 +86,27 @@ def test_suite_few_shot_task(tiny_model):
     out = run_suite(tiny_model, {"tasks": [
         {"name": "fs", "task": "few_shot", "train": {"source": "digits", "split": "train"},
          "test": {"source": "digits", "split": "test"}, "shots": [1, 4], "seeds": [0, 1],
-         "methods": ["ncm"]}]}, progress=False)
+         "methods": ["ncm"]}]}, TaskContext(progress=False))
     assert set(out["fs"]) == {"ncm_1shot", "ncm_4shot"}
     assert len(out["fs"]["ncm_4shot"]["acc1_per_seed"]) == 2
-    with pytest.raises(ConfigError, match="task 'bad'.*knn"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'bad'\).methods.0: .*'knn'"):
         run_suite(tiny_model, {"tasks": [
             {"name": "bad", "task": "few_shot", "train": {"source": "digits", "split": "train"},
              "test": {"source": "digits", "split": "test"}, "methods": ["knn"]}]},
-            progress=False)
+                 TaskContext(progress=False))
 
 
 def test_suite_compositional_task(tiny_model):
     out = run_suite(tiny_model, {"tasks": [
         {"name": "comp", "task": "compositional",
-         "data": {"source": "shapes", "n": 12, "image_size": 32}}]}, progress=False)
+         "data": {"source": "shapes", "n": 12, "image_size": 32}}]}, TaskContext(progress=False))
     assert out["comp"]["n"] == 12
     assert all(0.0 <= out["comp"][f"{k}_acc"] <= 1.0
                for k in ("attribute_swap", "relation_swap", "word_shuffle"))
     with pytest.raises(ConfigError, match="exact only on `shapes`"):
         run_suite(tiny_model, {"tasks": [{"name": "c", "task": "compositional",
-                                          "data": {"source": "digits"}}]}, progress=False)
+                                          "data": {"source": "digits"}}]},
+                                              TaskContext(progress=False))
 
 
 def test_suite_encodes_probe_features_in_the_first_pass(tiny_model, monkeypatch):
@@ -120,7 +121,7 @@ def test_suite_encodes_probe_features_in_the_first_pass(tiny_model, monkeypatch)
     out = run_suite(tiny_model, {"tasks": [
         {"name": "zs", "task": "zeroshot", "data": test},   # runs first, needs no tokens...
         {"name": "probe", "task": "linear_probe", "train": {"source": "digits", "split": "train"},
-         "test": test, "features": "tokens"}]}, progress=False, cache=FeatureCache())
+         "test": test, "features": "tokens"}]}, TaskContext(FeatureCache(), progress=False))
     assert calls == ["tokens", "tokens"]  # ...but encodes them for the probe: one pass each
     assert out["probe"]["l2"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # chosen on val
 

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
-from cliplab.data.concept_frequency import ConceptFrequencies, concept_pattern, count_concepts
-from cliplab.data.imbalance import exponential_counts, exponential_subsample
+from cliplab.curate.concept_frequency import ConceptFrequencies, count_concepts
+from cliplab.curate.imbalance import exponential_counts, exponential_subsample
+from cliplab.data.concepts import concept_pattern
 from cliplab.data.shapes import shapes_classification
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.long_tail import log_linear_fit, long_tail_analysis
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 
@@ -78,7 +80,7 @@ def test_suite_long_tail_task(tmp_path, tiny_model):
     out = run_suite(tiny_model, {"tasks": [
         {"name": "lt", "task": "long_tail", "data": test_spec,
          "train_data": {"source": "manifest", "path": str(tmp_path / "train.csv")}}]},
-        progress=False)["lt"]
+             TaskContext(progress=False))["lt"]
     test = shapes_classification(n=64, seed=1, attribute="color", image_size=32,
                                  colors=["red", "green", "blue", "white"])
     emb = encode_images(tiny_model, test.images, progress=False).embeddings
@@ -94,7 +96,7 @@ def test_suite_long_tail_task(tmp_path, tiny_model):
         run_suite(tiny_model, {"tasks": [
             {"name": "lt2", "task": "long_tail", "data": test_spec, "concepts": ["x"],
              "train_data": {"source": "manifest", "path": str(tmp_path / "train.csv")}}]},
-            progress=False)
+                 TaskContext(progress=False))
 
 
 def test_exponential_subsample():

@@ -9,10 +9,11 @@ from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
 
 from cliplab.cli import main
 from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_task
-from cliplab.merge import read_origin, record_origin, weights_fingerprint
 from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
+from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
@@ -43,6 +44,11 @@ def family(tmp_path_factory):
 
 def _state(path):
     return DualEncoder.load(path).model.state_dict()
+
+
+def record_origin(folder, base):
+    """What a fine-tune writes: ``base`` (a folder) as the origin of ``folder``."""
+    return write_origin(folder, base, weights_fingerprint(_state(base)))
 
 
 def test_uniform_soup_folder_round_trips_in_transformers_and_cliplab(family, tmp_path):
@@ -112,7 +118,7 @@ def test_greedy_soup_records_scores_that_the_saved_folder_reproduces(family, tmp
     first = rec["greedy"]["steps"][0]["ingredient"]
     assert scores[first] == max(scores.values())  # starts from the best ingredient
     assert rec["heldout"]["merged"] >= max(scores.values())
-    again = run_task(DualEncoder.load(out), HELDOUT, progress=False)["acc1"]
+    again = run_task(DualEncoder.load(out), HELDOUT, TaskContext(progress=False))["acc1"]
     assert again == pytest.approx(rec["heldout"]["merged"])
     assert json.loads((out / "merge.json").read_text())["greedy"]["kept"][0] == first
 
@@ -158,13 +164,19 @@ def test_origin_mismatch_names_the_file(family, tmp_path):
 
 def test_config_errors_come_before_any_work(family, tmp_path):
     _, base, fts = family
-    bad = [({"method": "soup", "models": ["a"], "out": "o"}, "not one of"),
+    bad = [({"method": "soup", "models": ["a"], "out": "o"},
+            "method: unknown merge method 'soup'; choose one of: uniform, greedy"),
            ({"method": "ties", "models": ["a"], "out": "o"}, "--base"),
            ({"method": "greedy", "models": ["a"], "out": "o"}, "heldout"),
            ({"method": "uniform", "models": [str(fts[0])], "out": str(fts[1])}, "not empty"),
-           ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1}, "lamda"),
+           ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1},
+            r"unknown key lamda \(valid: base, density"),
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 1.5},
-            "density"),
+            "density: expected less than or equal to 1, got 1.5"),
+           ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": "dense"},
+            "density: expected a valid number"),
+           ({"method": "uniform", "models": [], "out": "o"}, "models: "),
+           ({"method": "uniform", "models": ["a"]}, "out is required"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
             "list of scales")]
     for cfg, fragment in bad:
@@ -178,23 +190,10 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cliplab: error:") and "--base" in err[0]
-    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
-                 str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),  # no bar: stderr
+                 str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing is not a model folder" in err[0]
-
-
-def test_record_origin_on_a_plain_hf_folder_keeps_it_loadable(family, tmp_path):
-    _, base, _ = family
-    hf = DualEncoder.load(base)
-    hf.model.save_pretrained(tmp_path / "hf")
-    hf.tokenizer.save_pretrained(tmp_path / "hf")
-    assert read_origin(tmp_path / "hf") is None
-    record = record_origin(tmp_path / "hf", base)
-    assert read_origin(tmp_path / "hf") == record
-    assert record["fingerprint"] == weights_fingerprint(_state(base))
-    again = DualEncoder.load(tmp_path / "hf")  # cliplab.json written with what load needs
-    assert again.preprocess_config.image_size == hf.preprocess_config.image_size
 
 
 def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):
@@ -206,9 +205,9 @@ def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path
         out = tmp_path / f"adapt{seed}"
         assert main(["adapt", "--method", "finetune", "--model", str(base), "--out", str(out),
                      "--no-progress", "data.train={source: digits, split: train}",
-                     "data.test={source: digits, split: test}", "data.train_size=64",
-                     f"data.seed={seed}", "train.steps=2", "train.batch_size=32",
-                     "train.augment=false"]) == 0
+                     "data.test={source: digits, split: test}", "shots=0", "train_size=64",
+                     f"seed={seed}", "options.train.steps=2", "options.train.batch_size=32",
+                     "options.train.augment=false"]) == 0
         outs.append(out / "checkpoints" / "step-2" / "model")
     assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
                  str(base), "--out", str(tmp_path / "soup"), "--no-progress"]) == 0

@@ -10,6 +10,7 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, Si
 from cliplab.errors import ModelError
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.dual_encoder import mean_pool
+from cliplab.models.resolve import load_model
 from cliplab.models.tokenizer import byte_level_tokenizer
 
 TEXTS = ["a red circle left of a blue square", "three green triangles", "héllo wörld"]
@@ -135,8 +136,10 @@ def test_any_local_hf_siglip_folder_loads(tmp_path):
 
 
 def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="unknown model 'nope'.*tiny-clip"):
+    with pytest.raises(ModelError, match="unknown preset 'nope'.*tiny-clip"):
         build_model("nope")
+    with pytest.raises(ModelError, match="unknown model 'nope'.*tiny-clip"):
+        load_model("nope")
     with pytest.raises(ModelError, match="no config.json"):
         DualEncoder.load(tmp_path)
     with pytest.raises(ModelError, match="bad option for preset"):

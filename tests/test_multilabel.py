@@ -6,11 +6,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from cliplab.data.multilabel import load_multilabel_manifest, shapes_multilabel
-from cliplab.data.shapes import COLORS
+from cliplab.data.multilabel import load_multilabel_manifest
+from cliplab.data.shapes import COLORS, shapes_multilabel
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.multilabel import average_precision, mean_average_precision
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 
@@ -68,7 +69,8 @@ def test_multilabel_manifest(tmp_path):
 def test_suite_multilabel_task_matches_sklearn(tiny_model):
     spec = {"source": "shapes", "multilabel": True, "n": 40, "seed": 5, "image_size": 32}
     out = run_suite(tiny_model, {"tasks": [
-        {"name": "ml", "task": "multilabel_zeroshot", "data": spec}]}, progress=False)["ml"]
+        {"name": "ml", "task": "multilabel_zeroshot", "data": spec}]},
+            TaskContext(progress=False))["ml"]
     data = shapes_multilabel(n=40, seed=5, image_size=32)
     emb = encode_images(tiny_model, data.images, progress=False).embeddings
     scores = emb @ zeroshot_classifier(tiny_model, data.classnames, data.templates).T
@@ -79,4 +81,5 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
     assert out["n_classes"] == int(present.sum())
     with pytest.raises(ConfigError, match="task 'ml2': data must be multi-label"):
         run_suite(tiny_model, {"tasks": [{"name": "ml2", "task": "multilabel_zeroshot",
-                                          "data": {"source": "digits"}}]}, progress=False)
+                                          "data": {"source": "digits"}}]},
+                                              TaskContext(progress=False))

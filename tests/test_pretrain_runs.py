@@ -15,10 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cliplab.errors import ConfigError
 from cliplab.models import DualEncoder
 from cliplab.train.pretrain import run_pretrain
 
-MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 SHAPES = {"source": "shapes", "n": 128, "seed": 0, "kinds": ["single"], "image_size": 32}
@@ -28,8 +29,9 @@ def recipe(out: Path, **train) -> dict:
     return {"model": MODEL, "data": {"train": SHAPES},
             "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "warmup": 1, "log_every": 1,
                       "augment": False, **train},
-            "eval": [{"name": "colour", "source": "shapes", "attribute": "color", "n": 64,
-                      "seed": 1, "image_size": 32}],
+            "eval": {"tasks": [{"name": "colour", "task": "zeroshot",
+                                "data": {"source": "shapes", "attribute": "color", "n": 64,
+                                         "seed": 1, "image_size": 32}}]},
             "out": str(out)}
 
 
@@ -48,7 +50,7 @@ def test_continued_pretraining_starts_from_a_run_and_replays_old_data(tmp_path):
     run_pretrain(recipe(tmp_path / "first"), progress=False)
     first = DualEncoder.load(tmp_path / "first" / "checkpoints" / "step-4" / "model")
     cfg = recipe(tmp_path / "second", lr=0.0, weight_decay=0.0)
-    cfg["model"] = {"path": str(tmp_path / "first")}  # a run folder: its newest checkpoint
+    cfg["model"] = {"name": str(tmp_path / "first")}  # a run folder: its newest checkpoint
     cfg["data"]["replay"] = {"ratio": 0.25, **SHAPES}
     cfg["data"]["train"] = {**SHAPES, "seed": 3}
     results = run_pretrain(cfg, progress=False)
@@ -68,7 +70,7 @@ def test_run_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
     steps = 14
     for name in ("full", "killed"):
         cfg = recipe(tmp_path / name, steps=steps, save_every=1, augment=True)
-        cfg["eval"] = []
+        cfg["eval"] = None
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     full = _cli(["pretrain", "--config", str(tmp_path / "full.yaml"), "--no-progress"])
     assert full.wait(timeout=300) == 0, full.stderr.read().decode()
@@ -92,3 +94,23 @@ def test_run_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resuming from step ~{kill_after}"
+
+
+def test_old_recipe_keys_name_the_new_ones(tmp_path):
+    cfg = recipe(tmp_path / "run")
+    cfg["eval"] = [{"name": "colour", "source": "shapes", "attribute": "color"}]
+    with pytest.raises(ConfigError, match=r"^the pretrain config: eval: .*use eval.tasks"):
+        run_pretrain(cfg, progress=False)
+    cfg = recipe(tmp_path / "run")
+    cfg["model"] = {"preset": "tiny-clip"}
+    with pytest.raises(ConfigError, match=r"model: renamed key 'preset': use 'name'"):
+        run_pretrain(cfg, progress=False)
+    cfg = recipe(tmp_path / "run", batch_size="many")
+    cfg["eval"]["tasks"].append({"name": "r", "task": "retrieval", "dta": {}})
+    with pytest.raises(ConfigError) as err:
+        run_pretrain(cfg, progress=False)
+    # every problem in one line, before anything is made
+    assert "train.batch_size: expected a valid integer" in str(err.value)
+    assert "eval.tasks[1] (name 'r').data is required" in str(err.value)
+    assert "unknown key eval.tasks[1] (name 'r').dta" in str(err.value)
+    assert not (tmp_path / "run").exists()

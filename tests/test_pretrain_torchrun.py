@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from trainer_grads import SCENARIOS, one_step  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "trainer_grads.py"
-MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 

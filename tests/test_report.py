@@ -71,8 +71,9 @@ class _Tables(HTMLParser):
 
 def test_report_tables_plots_and_html(tmp_path, inputs):
     out = tmp_path / "report"
-    assert main(["report", "--out", str(out), "--no-progress", *map(str, inputs),
-                 "title=two models"]) == 0
+    (tmp_path / "r.yaml").write_text("title: from the file\nplots: true\n")
+    assert main(["report", "--out", str(out), "--no-progress", "--inputs", *map(str, inputs),
+                 "--config", str(tmp_path / "r.yaml"), "title=two models"]) == 0
     md = (out / "report.md").read_text()
     assert md.startswith("# two models")
     # one column per model, rows of metrics, values as written
@@ -111,9 +112,18 @@ def test_flatten_and_format():
 def test_report_errors_name_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"results": {')
-    assert main(["report", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["report", "--inputs", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"cliplab: error: {bad}: invalid JSON") and "\n" not in err
+    # inputs are never guessed: a key=value among them is an input that does not exist
+    assert main(["report", "--out", str(tmp_path / "o"), "--inputs", "title=x", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "report input title=x does not exist" in err and "\n" not in err
+    assert main(["report", "--out", str(tmp_path / "o")]) == 2
+    assert "say what to report: --inputs" in capsys.readouterr().err
+    assert main(["report", "titel=x", "--out", str(tmp_path / "o"), "--inputs", str(bad)]) == 2
+    assert "unknown key titel (valid: inputs, names, out, plots, title)" in \
+        capsys.readouterr().err
     with pytest.raises(DataError, match="report input .*nope.json does not exist"):
         write_report([tmp_path / "nope.json"], tmp_path / "o")
     run = tmp_path / "run"
@@ -135,13 +145,14 @@ def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
     """A run folder written by `cliplab pretrain` (a few steps) reports its curves."""
     from cliplab.train.pretrain import run_pretrain
 
-    run_pretrain({"model": {"preset": "tiny-clip",
+    run_pretrain({"model": {"name": "tiny-clip",
                             "options": {"image_size": 32, "patch_size": 16, "width": 32,
                                         "layers": 1, "heads": 2, "embed_dim": 16}},
                   "data": {"train": {"source": "shapes", "n": 64, "image_size": 32}},
                   "train": {"steps": 4, "batch_size": 16, "log_every": 1, "augment": False},
-                  "eval": [{"name": "colour", "source": "shapes", "attribute": "color",
-                            "n": 32, "image_size": 32}],
+                  "eval": {"tasks": [{"name": "colour", "task": "zeroshot",
+                                      "data": {"source": "shapes", "attribute": "color",
+                                               "n": 32, "image_size": 32}}]},
                   "out": str(tmp_path / "run")}, progress=False)
     written = write_report([tmp_path / "run"], tmp_path / "rep", progress=False)
     md = written["markdown"].read_text()

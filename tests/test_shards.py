@@ -10,9 +10,7 @@ import torch
 from PIL import Image
 
 from cliplab.cli import main
-from cliplab.data.shard_loader import collate_samples
-from cliplab.data.shard_stream import ShardStream
-from cliplab.data.shard_writer import write_shards
+from cliplab.data.shards import ShardLoader, ShardStream, collate_samples, write_shards
 from cliplab.data.sources import load_source
 from cliplab.data.types import ImageTextPairs
 from cliplab.errors import DataError
@@ -108,7 +106,7 @@ def test_every_sample_exactly_once_across_2_ranks_x_2_workers(shard_dir):
             stream = ShardStream(shard_dir, seed=7, shuffle_buffer=8, rank=rank, world_size=2,
                                  image_size=32)
             stream.set_epoch(epoch)
-            loader = stream.loader(batch_size=4, num_workers=2)
+            loader = ShardLoader(stream, batch_size=4, num_workers=2)
             expected = stream.rank_sample_counts(workers=2)
             keys = _keys(loader)
             per_rank.append(len(keys))
@@ -192,8 +190,8 @@ def test_image_size_resizes_so_mixed_sizes_batch(tmp_path):
         (f"k{i}", {"png": png_bytes(rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)),
                    "txt": b"a caption"}) for i in range(4)])
     with pytest.raises(DataError, match="differ in size"):
-        list(ShardStream(tmp_path, shuffle=False).loader(batch_size=4))
-    batch = next(iter(ShardStream(tmp_path, shuffle=False, image_size=6).loader(batch_size=4)))
+        list(ShardLoader(ShardStream(tmp_path, shuffle=False), batch_size=4))
+    batch = next(iter(ShardLoader(ShardStream(tmp_path, shuffle=False, image_size=6), batch_size=4)))
     assert batch["image"].shape == (4, 6, 6, 3)
 
 
@@ -216,13 +214,13 @@ def _stream(shard_dir, **kw):
 def test_resume_with_workers_equals_uninterrupted(shard_dir, tmp_path, cut):
     """Worker 0 reads 5 shards (29 or 30 samples), worker 1 reads 4: with batches of 4 the
     streams end at different times, so late cuts resume after one worker is exhausted."""
-    full = _batches(_stream(shard_dir).loader(batch_size=4, num_workers=2))
+    full = _batches(ShardLoader(_stream(shard_dir), batch_size=4, num_workers=2))
     assert sum(len(b["key"]) for b in full) == 53 and len(full) == 8 + 6
 
-    first = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    first = ShardLoader(_stream(shard_dir), batch_size=4, num_workers=2)
     head = _batches(first, limit=cut)
     torch.save(first.state_dict(), tmp_path / "state.pt")
-    resumed = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    resumed = ShardLoader(_stream(shard_dir), batch_size=4, num_workers=2)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     tail = _batches(resumed)
 
@@ -251,9 +249,9 @@ def test_resume_in_process_and_at_epoch_end(shard_dir):
 
 
 def test_resume_needs_same_workers_and_shards(shard_dir):
-    loader = _stream(shard_dir).loader(batch_size=4, num_workers=2)
+    loader = ShardLoader(_stream(shard_dir), batch_size=4, num_workers=2)
     _batches(loader, limit=2)
-    other = _stream(shard_dir).loader(batch_size=4, num_workers=1)
+    other = ShardLoader(_stream(shard_dir), batch_size=4, num_workers=1)
     other.load_state_dict(loader.state_dict())
     with pytest.raises(DataError, match="saved with 2"):
         _batches(other)
@@ -265,7 +263,7 @@ def test_resume_needs_same_workers_and_shards(shard_dir):
 def test_drop_last_and_batches_per_rank(shard_dir):
     for rank in (0, 1):
         stream = ShardStream(shard_dir, seed=2, rank=rank, world_size=2)
-        loader = stream.loader(batch_size=4, num_workers=2, drop_last=True)
+        loader = ShardLoader(stream, batch_size=4, num_workers=2, drop_last=True)
         expected = loader.batches_per_rank()[rank]
         batches = _batches(loader)
         assert len(batches) == expected and all(len(b["key"]) == 4 for b in batches)
@@ -299,7 +297,7 @@ def test_corrupt_samples_are_skipped_and_counted(corrupt_dir):
 
 def test_skips_inside_workers_reach_the_main_process(corrupt_dir):
     stream = ShardStream(corrupt_dir, shuffle=False)
-    loader = stream.loader(batch_size=2, num_workers=2, drop_last=True)
+    loader = ShardLoader(stream, batch_size=2, num_workers=2, drop_last=True)
     assert len(_keys(loader)) == 4  # each worker's third good sample is dropped with drop_last
     assert stream.skipped.total == 4 and stream.skipped.counts["empty_caption"] == 2
     pairs = load_source({"source": "shards", "path": str(corrupt_dir), "progress": False})
@@ -329,7 +327,7 @@ def test_broken_and_truncated_shards_are_counted(tmp_path, shard_dir):
 
 def test_cli_writes_shards_from_a_source(tmp_path, capsys):
     out = tmp_path / "digits"
-    code = main(["data", "shard", "--source", "digits", "--out", str(out), "split=test",
+    code = main(["data", "shard", "--source", "digits", "--out", str(out), "data.split=test",
                  "--samples-per-shard", "200", "--format", "png", "--no-progress"])
     assert code == 0
     assert "wrote 540 samples in 3 shards" in capsys.readouterr().out
@@ -359,6 +357,15 @@ def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "not empty" in err and "--overwrite" in err and "\n" not in err
     assert not (tmp_path / "c").exists()
+    # the schema names the key path; old shapes get the new name
+    for args, fragment in ((["samples_per_shard=0"], "samples_per_shard: expected greater than"),
+                           (["split=test"], "unknown key split (valid: data, image_format"),
+                           (["source=digits"], "renamed key 'source': use 'data.source"),
+                           ([], "out is required")):
+        out = [] if fragment == "out is required" else ["--out", str(tmp_path / "d")]
+        assert main(["data", "shard", "--source", "digits", *out, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and "\n" not in err, err
 
 
 def test_rank_and_world_size_come_from_torch_distributed(shard_dir, monkeypatch):

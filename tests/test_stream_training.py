@@ -17,13 +17,13 @@ import yaml
 from safetensors.torch import load_file
 
 from cliplab.data.shapes import load_shapes
-from cliplab.data.shard_writer import write_shards
+from cliplab.data.shards import write_shards
 from cliplab.errors import ConfigError
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
 from tests.tar_files import png_bytes, write_tar
 
-MODEL = {"preset": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 

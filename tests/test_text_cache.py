@@ -7,6 +7,7 @@ from cliplab.data.types import ImageTextPairs
 from cliplab.evaluate import text_cache as tc
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.retrieval import retrieval, retrieval_metrics
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -126,6 +127,6 @@ def test_suite_shares_text_embeddings_between_zeroshot_and_retrieval(tiny_model,
     data = {"source": "digits", "split": "test"}
     run_suite(tiny_model, {"tasks": [{"name": "zs", "task": "zeroshot", "data": data},
                                      {"name": "ret", "task": "retrieval", "data": data,
-                                      "ks": [1]}]}, progress=False, cache=cache)
+                                      "ks": [1]}]}, TaskContext(cache, progress=False))
     # retrieval's captions of a labelled set are its prompts: all already embedded
     assert len(calls) == 1 and cache.texts.misses == len(calls[0])

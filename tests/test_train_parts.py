@@ -13,7 +13,7 @@ from cliplab.train.checkpoint import STATE_FILE
 from cliplab.train.config import TrainConfig
 from cliplab.train.embed import Embedder
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.step_batch import StepBatch
 from cliplab.train.step_inputs import MemoryInputs
 from cliplab.train.trainer import Trainer

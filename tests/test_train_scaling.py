@@ -10,7 +10,7 @@ from cliplab.data.pairs import concat_pairs
 from cliplab.data.shapes import load_shapes
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 from tests.tiny_models import small_model as _one_block_model
 

@@ -8,7 +8,7 @@ import torch
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError
 from cliplab.models import DualEncoder
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
 from tests.tiny_models import small_model
@@ -137,8 +137,10 @@ def test_numbers_written_as_strings_are_numbers():
     from cliplab.config import apply_overrides
 
     cfg = apply_overrides({}, ["train.lr=2e-3", "train.batch_size=64", "out=runs/x"])
-    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["batch_size"] == 64
     assert cfg["out"] == "runs/x"
+    # YAML 1.1 reads 2e-3 as a string; the schema makes it the number people mean
+    overridden = TrainConfig.from_dict(cfg["train"])
+    assert overridden.lr == 0.002 and overridden.batch_size == 64
     parsed = TrainConfig.from_dict({"lr": "3e-4", "batch_size": "32"})
     assert parsed.lr == 3e-4 and parsed.batch_size == 32 and isinstance(parsed.batch_size, int)
     with pytest.raises(ConfigError, match=r"train\.lr: expected a valid number.*'fast'"):

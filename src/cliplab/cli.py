@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -30,6 +30,29 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
                    help="show tracebacks on errors")
 
 
+def add_stage_arguments(p: argparse.ArgumentParser, out_help: str,
+                        config_required: bool = False) -> None:
+    """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides,
+    ``--out DIR``, ``--no-progress`` and ``--debug``."""
+    _add_common(p, config_required)
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    _add_debug(p)
+
+
+def stage_config(schema, args: argparse.Namespace, **extra):
+    """The command's validated config (a `cliplab.config.Section`): the ``--config`` file,
+    then the command's own options (``extra``, unset ones skipped, and ``--out``), then the
+    ``key=value`` overrides; errors name the file and the key path."""
+    from cliplab.config import load_config
+
+    return load_config(schema, args.config, args.overrides, extra={**extra, "out": args.out})
+
+
+def config_where(args: argparse.Namespace) -> str:
+    """How errors found after loading name the config (as `load_config` does)."""
+    return str(args.config) if args.config else "the config"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplab",
@@ -40,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_quickstart, _add_data, _add_pretrain, _add_adapt, _add_merge, _add_eval,
-                _add_report):
+                _add_report, _add_convert, _add_export, _add_index, _add_serve):
         add(sub)
     return parser
 
@@ -70,19 +93,20 @@ def _add_data(sub) -> None:
     p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
                             description="Write a dataset as WebDataset tar shards in img2dataset's "
                             "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
-                            "sample, NNNNN_stats.json per shard and index.json. key=value "
-                            "overrides set source options (split=test, n=500) or writer keys "
-                            "(samples_per_shard, image_format, quality).")
-    _add_common(p)
+                            "sample, NNNNN_stats.json per shard and index.json. Config keys: "
+                            "data (the source spec), out, samples_per_shard, image_format, "
+                            "quality, overwrite; key=value overrides set any of them, e.g. "
+                            "data.split=test data.n=500 quality=90.",
+                            epilog="example: cliplab data shard --source fashion-mnist "
+                            "--out shards/fm data.split=test --format png")
     p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
-                   "shapes, ...), a manifest file or a shard folder")
-    p.add_argument("--out", metavar="DIR", help="folder to write the shards into")
+                   "shapes, ...), a manifest file or a shard folder (sets data.source)")
     p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
     p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
                    help="image encoding (default jpg; png is lossless)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the shards of a non-empty output folder")
-    _add_debug(p)
+    add_stage_arguments(p, "folder to write the shards into (or the config's 'out')")
 
 
 def _add_pretrain(sub) -> None:
@@ -103,28 +127,34 @@ def _add_pretrain(sub) -> None:
 
 def _add_adapt(sub) -> None:
     """`cliplab adapt`: few-shot adaptation and fine-tuning."""
-    from cliplab.adapt import METHODS as ADAPT_METHODS, WEIGHT_METHODS
+    from cliplab.adapt import ADAPT_METHODS
 
     p = sub.add_parser("adapt", help="adapt a model: zero-shot head, linear probe, "
                        "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp, LoRA, fine-tuning, WiSE-FT",
-                       description="Few-shot methods fit on k shots per class of a labelled "
-                       "training set, score on the test set and write the learned adapter "
-                       "(adapter.safetensors + adapter.json); lora, finetune and wise-ft train "
-                       "the model's weights on the training set and write model folders. Every "
-                       "run writes config.yaml and results.json.")
-    _add_common(p)
-    p.add_argument("--method", choices=[*ADAPT_METHODS, *WEIGHT_METHODS],
-                   help="adaptation method (default: the config's 'method')")
-    p.add_argument("--model", help="model folder (cliplab or HF) or preset name "
-                   "(default: the config's 'model')")
-    p.add_argument("--out", help="output folder (default: the config's 'out' or "
-                   "runs/adapt-<method>-<time>)")
+                       description="Fit one method on a labelled training set (shots per "
+                       "class drawn with seed from data.train, then train_size at random), "
+                       "score it and the hand-written-prompt zero-shot head on data.test (and "
+                       "data.shifted), and write what it learned: few-shot methods "
+                       "adapter.safetensors + adapter.json; finetune a model folder; lora a "
+                       "peft adapter folder; wise-ft its sweep. Every run writes config.yaml "
+                       "and results.json. Config keys: method, model, data {train, test, "
+                       "shifted}, shots, train_size, val_shots, seed, options (the method's "
+                       "own), compare_zeroshot, cache_dir, out.",
+                       epilog="example: cliplab adapt --method coop --model MODEL_DIR --config "
+                       "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")
+    p.add_argument("--method", choices=list(ADAPT_METHODS),
+                   help="adaptation method (or the config's 'method')")
+    p.add_argument("--model", help="preset, model/checkpoint/run folder or Hub id "
+                   "(or the config's 'model')")
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
-    _add_debug(p)
+    add_stage_arguments(p, "run folder (default: the config's 'out' or "
+                        "runs/adapt-<method>-<time>)")
 
 
 def _add_merge(sub) -> None:
     """`cliplab merge`: weight-space merging."""
+    from cliplab.merge.methods import MERGE_METHODS
+
     p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
                        "arithmetic, TIES",
                        description="Merge model folders of one architecture and pretrained "
@@ -133,29 +163,35 @@ def _add_merge(sub) -> None:
                        "layer-wise interpolation toward --base; task-arithmetic: --base + "
                        "scale x (model - base) summed (scale=-1 negates); ties: trim to "
                        "'density', elect signs, disjoint mean, x scale. Writes a model folder "
-                       "plus merge.json.")
-    _add_common(p)
-    p.add_argument("--method", choices=("uniform", "greedy", "model-stock", "task-arithmetic",
-                                        "ties"), help="how to merge (or 'method' in the config)")
-    p.add_argument("--models", nargs="+", metavar="DIR", help="model folders to merge")
-    p.add_argument("--base", metavar="DIR", help="the pretrained model the others were "
+                       "plus merge.json. Config keys: method, models, base, out, weights, "
+                       "scale, density, heldout, metric, require_origin.",
+                       epilog="example: cliplab merge --method greedy --models FT1 FT2 FT3 "
+                       "--config configs/merge/greedy-soup.yaml --out runs/soup "
+                       "heldout.data.limit=2000")
+    p.add_argument("--method", choices=list(MERGE_METHODS),
+                   help="how to merge (or the config's 'method')")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="model folders to merge")
+    p.add_argument("--base", metavar="MODEL", help="the pretrained model the others were "
                    "fine-tuned from (model-stock, task-arithmetic, ties)")
-    p.add_argument("--out", help="new folder for the merged model")
-    _add_debug(p)
+    add_stage_arguments(p, "new folder for the merged model (or the config's 'out')")
 
 
 def _add_eval(sub) -> None:
     """`cliplab eval`: evaluation suites."""
     p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
-                       description="Run the zero-shot, linear-probe, few-shot, retrieval and "
-                       "compositional tasks of a suite YAML on a saved model folder or a "
-                       "preset; print and save results JSON.")
-    p.add_argument("--model", required=True, help="model folder (cliplab or HF) or preset name")
-    p.add_argument("--suite", required=True, metavar="YAML", help="suite of tasks (configs/eval/)")
-    p.add_argument("--out", help="write the results JSON here")
+                       description="Run the tasks of a suite YAML ({tasks: [...], precision}: "
+                       "zeroshot, linear_probe, few_shot, retrieval, compositional, "
+                       "multilabel_zeroshot, long_tail) on a model; print the results and write "
+                       "OUT/results.json.")
+    p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
+                   help="suite of tasks (copy one from configs/eval/); --suite is an alias")
+    p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
+                   "folder, run folder (its newest checkpoint) or Hugging Face Hub id")
+    p.add_argument("--out", metavar="DIR", help="folder to write results.json into")
     p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
                    "runs of the same model, data and transform")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override suite keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override suite keys, e.g. precision=bf16")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_debug(p)
 
@@ -168,17 +204,115 @@ def _add_report(sub) -> None:
                        "folders (results.json, metrics.jsonl, config.yaml) and write "
                        "report.md and a self-contained report.html: one table per task with "
                        "one column per model, few-shot curves, accuracy vs concept frequency, "
-                       "training curves. Config keys: title, names (one label per input), "
-                       "plots (true/false). Put the options before the inputs: "
-                       "cliplab report --out DIR RUN_OR_RESULTS... [key=value ...]")
-    p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULTS",
-                   help="results JSON files and/or run folders, then optional key=value "
-                   "overrides (e.g. title=\"my runs\")")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, "
-                   "report.html and plots/")
-    p.add_argument("--config", metavar="YAML", help="report settings (title, names, plots)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+                       "training curves. The inputs are named by --inputs (or the config's "
+                       "'inputs'), never guessed from the other arguments. Config keys: "
+                       "inputs, title, names (one label per input), plots (true/false).",
+                       epilog="example: cliplab report --inputs runs/a/results.json runs/b "
+                       "--out reports/ab title=\"a vs b\"")
+    p.add_argument("--inputs", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results JSON files and/or run folders (put key=value overrides "
+                   "before --inputs or after another option)")
+    add_stage_arguments(p, "folder for report.md, report.html and plots/ (or the config's "
+                        "'out')")
+
+
+def _add_index(sub) -> None:
+    """`cliplab index`: embed a collection for search."""
+    p = sub.add_parser("index", help="embed an image collection into a search index (FAISS or "
+                       "Milvus)",
+                       description="Embed every image of a collection (an image folder, a "
+                       "manifest, a shard folder or a built-in source) with a model, and write "
+                       "an index folder: vectors, metadata in SQLite, the model's fingerprint. "
+                       "Unreadable images are skipped and listed; a stopped run resumes when "
+                       "the same command is run again. key=value overrides set config keys "
+                       "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500).")
+    _add_common(p)
+    p.add_argument("--model", help="preset, model folder or run folder")
+    p.add_argument("--data", metavar="SOURCE", help="image folder, manifest (.csv/.jsonl/"
+                   ".parquet), shard folder or built-in source name (shapes, digits, ...)")
+    p.add_argument("--out", metavar="INDEX", help="index folder to write")
+    p.add_argument("--add", action="store_true", default=None,
+                   help="append the collection to an existing index")
+    p.add_argument("--backend", choices=("faiss", "milvus"), help="vector store (default faiss)")
+    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530")
+    p.add_argument("--index-type", help="auto (default), flat, hnsw, ivf-flat, ivf-pq or a "
+                   "FAISS factory string")
     _add_debug(p)
+
+
+def _add_serve(sub) -> None:
+    """`cliplab serve`: the search API and page."""
+    p = sub.add_parser("serve", help="serve an index: search page and HTTP API",
+                       description="Serve an index built by `cliplab index`: a web page (search "
+                       "by text or image, paging, zero-shot labels) and a JSON API (/docs).")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require this key (X-API-Key header) on every API call")
+    p.add_argument("--model", help="the index's model from another place (refused if its "
+                   "weights differ)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="request size limit (MB)")
+    _add_debug(p)
+
+
+def _add_convert(sub) -> None:
+    """`cliplab convert`: another framework's checkpoint into a cliplab/transformers folder."""
+    p = sub.add_parser("convert", help="import an OpenCLIP checkpoint as a transformers "
+                       "CLIPModel folder",
+                       description="Convert an OpenCLIP checkpoint (a .pt/.safetensors state "
+                       "dict with its model config JSON, or an open_clip_config.json folder) "
+                       "into a CLIPModel folder with its tokenizer and preprocessing.")
+    p.add_argument("--from", dest="source_format", choices=["open_clip"], default="open_clip",
+                   help="checkpoint format (default open_clip)")
+    p.add_argument("source", metavar="SRC", help="checkpoint file or OpenCLIP folder")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--config", dest="model_config", metavar="JSON",
+                   help="OpenCLIP model config (default: open_clip_config.json or the one "
+                   "*.json beside the weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_debug(p)
+
+
+def _add_export(sub) -> None:
+    """`cliplab export`: a model out as ONNX towers or an OpenCLIP folder."""
+    p = sub.add_parser("export", help="export a model as ONNX towers (optionally int8) or "
+                       "an OpenCLIP folder",
+                       description="Export MODEL (preset, model folder, OpenCLIP checkpoint) "
+                       "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
+                       "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
+                       "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", choices=["onnx", "open_clip"], required=True)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_debug(p)
+
+
+def cmd_convert(args) -> int:
+    from cliplab.models.convert import convert_openclip
+
+    out = convert_openclip(args.source, args.out, config=args.model_config,
+                           overwrite=args.overwrite)
+    print(f"model: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
+    from cliplab.models.resolve import load_model
+
+    if args.quantize and args.format != "onnx":
+        raise CliplabError("--quantize applies to --format onnx only")
+    model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
+        else load_model(args.model)
+    if args.format == "onnx":
+        from cliplab.models.onnx_export import export_onnx
+        out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite)
+    else:
+        out = export_openclip(model, args.out, overwrite=args.overwrite)
+    print(f"exported: {out}")
+    return 0
 
 
 def _config(args) -> dict:
@@ -203,47 +337,60 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from cliplab.train.pretrain import run_pretrain
+    from cliplab.config import load_config
+    from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    cfg = _config(args)
-    if args.out:
-        cfg["out"] = args.out
+    cfg = load_config(PretrainConfig, args.config, args.overrides, extra={"out": args.out})
     results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     for name, metrics in results["evals"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        numbers = scalar_metrics(metrics, name)
+        print(", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
     print(f"model: {results['model_dir']}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from cliplab.config import apply_overrides, load_yaml
+    from cliplab.config import load_config
     from cliplab.evaluate.feature_cache import FeatureCache
-    from cliplab.evaluate.suite import run_suite
-    from cliplab.models.presets import build_model
+    from cliplab.evaluate.suite import SuiteSpec, run_suite
+    from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.resolve import load_model
 
-    suite = apply_overrides(load_yaml(args.suite), args.overrides)
-    model = build_model(args.model)
-    results = {"model": args.model, "suite": args.suite,
-               "results": run_suite(model, suite, progress=not args.no_progress,
-                                    cache=FeatureCache(args.cache_dir))}
+    out = _results_folder(args.out)
+    suite = load_config(SuiteSpec, args.config, args.overrides)
+    model = load_model(args.model)
+    context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
+    results = {"model": args.model, "suite": args.config,
+               "results": run_suite(model, suite, context)}
     text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(text + "\n")
     print(text)
     return 0
 
 
+def _results_folder(out: str | None) -> Path | None:
+    """``--out`` of eval: a folder (made if missing) that will hold results.json."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_file() or (not path.exists() and path.suffix == ".json"):
+        raise CliplabError(f"--out {out} is a file; give a folder (results go to "
+                           f"{path.with_suffix('') if path.suffix == '.json' else path}"
+                           "/results.json)")
+    return path
+
+
 def cmd_merge(args) -> int:
+    from cliplab.merge.config import MergeConfig
     from cliplab.merge.run import run_merge
 
-    cfg = _config(args)
-    for key in ("method", "models", "base", "out"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    record = run_merge(cfg, progress=not args.no_progress)
+    cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
+                       base=args.base)
+    record = run_merge(cfg, progress=not args.no_progress, where=config_where(args))
     line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"
     if record["heldout"]:
         held = record["heldout"]
@@ -254,35 +401,26 @@ def cmd_merge(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from cliplab.adapt import WEIGHT_METHODS
-    from cliplab.adapt.run import format_results, run_adapt, run_weight_method
+    from cliplab.adapt.config import AdaptConfig
+    from cliplab.adapt.run import format_results, run_adapt
 
-    cfg = _config(args)
-    for key in ("method", "model", "out", "cache_dir"):
-        if getattr(args, key):
-            cfg[key] = getattr(args, key)
-    if cfg.get("method") in WEIGHT_METHODS:
-        results = run_weight_method(cfg, progress=not args.no_progress)
-        print(format_results(results))
-        print(f"models and results.json: {results['out']}")
-        return 0
-    results = run_adapt(cfg, progress=not args.no_progress)
+    cfg = stage_config(AdaptConfig, args, method=args.method, model=args.model,
+                       cache_dir=args.cache_dir)
+    results = run_adapt(cfg, progress=not args.no_progress, where=config_where(args))
     print(format_results(results))
-    print(f"adapter and results.json: {results['out']}")
+    print(f"results.json and what was learned: {results['out']}")
     return 0
 
 
 def cmd_data(args) -> int:
-    from cliplab.config import load_yaml
-    from cliplab.data.shard_job import run_shard, shard_config
+    from cliplab.data.shards.job import ShardConfig, run_shard, source_spec
 
-    config = load_yaml(args.config) if args.config else {}
-    for key in ("out", "samples_per_shard", "image_format", "overwrite"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    config = shard_config(config, args.source, args.overrides)
-    index = run_shard(config, progress=not args.no_progress)
-    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {config['out']}; "
+    cfg = stage_config(ShardConfig, args,
+                       data=source_spec(args.source) if args.source is not None else None,
+                       samples_per_shard=args.samples_per_shard,
+                       image_format=args.image_format, overwrite=args.overwrite)
+    index = run_shard(cfg, progress=not args.no_progress)
+    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {cfg.out}; "
           f"{_skip_line(index['skipped'])}")
     return 0
 
@@ -295,22 +433,46 @@ def _skip_line(skipped: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from cliplab.config import apply_overrides, load_yaml
-    from cliplab.evaluate.report import write_report
+    from cliplab.evaluate.report import ReportConfig, write_report
 
-    # an item with "=" that is not an existing path is an override; the rest are inputs
-    overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
-    inputs = [a for a in args.inputs if a not in overrides]
-    cfg = apply_overrides(load_yaml(args.config) if args.config else {}, overrides)
-    written = write_report(inputs, args.out, cfg, progress=not args.no_progress)
+    cfg = stage_config(ReportConfig, args, inputs=args.inputs)
+    if not cfg.out:
+        raise ConfigError("say where to write the report: --out DIR")
+    written = write_report(cfg.inputs, cfg.out, cfg, progress=not args.no_progress)
     print(f"report: {written['markdown']} and {written['html']} "
-          f"({len(written) - 2} plot(s) in {Path(args.out) / 'plots'})")
+          f"({len(written) - 2} plot(s) in {Path(cfg.out) / 'plots'})")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from cliplab.config import load_config
+    from cliplab.serve.build import build_index
+    from cliplab.serve.collection import source_spec
+    from cliplab.serve.index import describe
+    from cliplab.serve.settings import IndexConfig
+
+    extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
+                                                   "index_type") if getattr(args, key) is not None}
+    if args.data is not None:  # as a spec, so data.KEY=VALUE overrides set source options
+        extra["data"] = source_spec(args.data)
+    cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra)
+    record = build_index(cfg, progress=not args.no_progress)
+    print(f"index {cfg.out}: {describe(record)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from cliplab.serve.run import serve
+
+    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+          max_upload_mb=args.max_upload_mb)
     return 0
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
             "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data,
-            "report": cmd_report}
+            "report": cmd_report, "convert": cmd_convert, "export": cmd_export,
+            "index": cmd_index, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ parses numbers written as strings ("2e-3") in one place, and builds a JSON schem
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -84,7 +85,6 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        value = _number_or_same(value)
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
@@ -94,16 +94,6 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return config
-
-
-def _number_or_same(value):
-    """YAML 1.1 reads ``2e-3`` (no dot) as a string; people mean the number."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -117,14 +107,22 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def validate(schema: type[S], data: Any, where: str = "the config") -> S:
+def validate(schema: type[S], data: Any, where: str = "the config", prefix: str = "") -> S:
     """``data`` checked against ``schema``; every problem in one `ConfigError` line that names
-    ``where`` (a file, or a description such as "task 'zs'"), the key path and the expectation."""
+    ``where`` (a file, or a description such as "task 'zs'"), the key path and the expectation.
+    ``prefix`` is the key path of ``data`` inside a larger config (e.g. ``"options"``), so a
+    section validated on its own is still named by its full path."""
     try:
         return schema.model_validate(data if data is not None else {})
     except ValidationError as err:
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e, schema) for e in err.errors())
-                          ) from None
+        problems: dict[str, list[str]] = {}  # a union's members fail at one key: one entry
+        for error in err.errors():
+            path, message = _describe(error, schema, prefix)
+            if message not in problems.setdefault(path, []):
+                problems[path].append(message)
+        raise ConfigError(f"{where}: " + "; ".join(
+            (f"{path}: " if path else "") + " or ".join(messages)
+            for path, messages in problems.items())) from None
 
 
 def load_config(schema: type[S], path: str | Path | None = None,
@@ -139,17 +137,17 @@ def load_config(schema: type[S], path: str | Path | None = None,
     return validate(schema, raw, str(path) if path else "the config")
 
 
-def _describe(error: dict, schema: type[BaseModel]) -> str:
-    """One error of pydantic as ``key.path: what is wrong``."""
-    loc = [str(p) for p in error["loc"]]
-    path = ".".join(loc) or "(top level)"
+def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
+    """One error of pydantic as (``key.path``, what is wrong)."""
+    loc = [prefix] * bool(prefix) + [str(p) for p in error["loc"] if not _is_union_tag(p)]
+    path = ".".join(loc)
     kind, given = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        known = _known_keys(schema, error["loc"][:-1])
+        known = _known_keys(schema, tuple(p for p in error["loc"][:-1] if not _is_union_tag(p)))
         hint = f" (valid: {', '.join(known)})" if known else ""
-        return f"unknown key {path}{hint}"
+        return "", f"unknown key {path}{hint}"
     if kind == "missing":
-        return f"{path} is required"
+        return "", f"{path} is required"
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -157,7 +155,19 @@ def _describe(error: dict, schema: type[BaseModel]) -> str:
         message = "expected" + message[len("Input should be"):]
     if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
         message += f", got {given!r}"
-    return f"{path}: {message}"
+    return path, message
+
+
+# what pydantic puts in an error's location for the member of a union that failed:
+# "float", "constrained-float", "literal['auto']", "function-after[...]", "list[str]", ...
+_UNION_TAG = re.compile(r"(int|float|str|bool|none|list|dict|tuple|set|frozenset|bytes|"
+                        r"constrained-\w+|is-instance\[.*\]|"
+                        r"(literal|function-\w+|list|dict|tuple|set|frozenset|union|"
+                        r"tagged-union|nullable|model|json-or-python|lax-or-strict|chain)\[.*\])")
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
 
 
 def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:

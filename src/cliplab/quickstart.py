@@ -15,8 +15,8 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.features import PROBE_FEATURES, encode_images
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.models.resolve import load_model
+from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 DEFAULTS: dict = {
@@ -66,7 +66,8 @@ def run_quickstart(config: dict | None = None, progress: bool = True) -> dict:
     cfg["out"] = str(run.path)
     run.write_config(cfg)
 
-    model = build_model(cfg["model"]["preset"], **(cfg["model"].get("options") or {}))
+    model = load_model({"name": cfg["model"]["preset"],
+                        "options": cfg["model"].get("options") or {}})
     train_cfg = TrainConfig.from_dict({**cfg["train"], "progress": progress})
     trainer = Trainer(model, train_cfg, run)
     trainer.fit(labelled_to_pairs(seen_train))

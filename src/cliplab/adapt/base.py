@@ -7,31 +7,42 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from cliplab.config import Section, validate
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
+from cliplab.evaluate.suite import run_task
+from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 FORMAT_VERSION = 1
 
 
+O = TypeVar("O", bound=Section)
+
+
 @dataclass
 class AdaptContext:
     """What a method may use besides its model, data and options: the shared feature cache,
-    a validation split (for hyper-parameter search), the seed and whether to show progress."""
+    a validation split (for hyper-parameter search), the seed, whether to show progress, the
+    run folder (methods that train weights write their checkpoints there; None: nowhere) and
+    the name the model was given by (recorded as the pretrained origin of what is written)."""
 
     cache: FeatureCache
     val: LabelledImages | None = None
     seed: int = 0
     progress: bool = True
+    run: RunDir | None = None
+    model_name: str = ""
 
     def features(self, model: DualEncoder, data: LabelledImages, probe: str | None = None,
                  desc: str = "encode images") -> ImageFeatures:
@@ -43,9 +54,11 @@ class Adapter:
     """A learned classifier on top of a (frozen) `DualEncoder`.
 
     Subclasses set ``method``, keep their learned tensors in ``state()`` and their settings in
-    ``options``, and implement ``feature_logits``; ``from_state`` rebuilds one from both.
-    ``probe`` names the image features ``feature_logits`` needs besides the embeddings
-    (``"tokens"`` / ``"layers"``), or None.
+    ``options`` (the validated options plus what fitting found, as a plain dict), and implement
+    ``feature_logits``; ``from_state`` rebuilds one from both. ``probe`` names the image
+    features ``feature_logits`` needs besides the embeddings (``"tokens"`` / ``"layers"``), or
+    None. Methods that change the model's weights override ``save`` (they write model or peft
+    folders) and may add to ``score`` (WiSE-FT reports a sweep).
     """
 
     method: ClassVar[str] = ""
@@ -75,6 +88,19 @@ class Adapter:
                 raise ValueError("float input must be image embeddings [N, D]")
             x = ImageFeatures(x, torch.empty(len(x), 0))
         return self.feature_logits(x).float()
+
+    def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
+              progress: bool = False) -> dict:
+        """``{set name: acc1/acc5/mean per-class recall}`` of the adapter on each labelled set
+        (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
+        with this adapter as its classifier."""
+        context = TaskContext(cache=cache, progress=progress, classifier=self)
+        return {name: run_task(self.model, {"task": "zeroshot", "name": name, "data": data},
+                               context) for name, data in sets.items()}
+
+    def summary(self) -> dict:
+        """Extra entries for ``results.json`` (parameter counts, written folders); none here."""
+        return {}
 
     # -- persistence --------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
@@ -130,21 +156,11 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(str(tensor_file))
 
 
-def method_options(defaults: dict, given: dict | None, method: str) -> dict:
-    """``defaults`` updated with ``given``; an unknown key is a one-line error naming it."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for adapt method {method!r}; "
-                          f"valid: {sorted(defaults)}")
-    out = dict(defaults)
-    for key, value in given.items():  # "1e-3" written in YAML is a number to a person
-        if isinstance(defaults[key], float) and isinstance(value, (str, int)) \
-                and not isinstance(value, bool):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"option {key!r} of {method!r} must be a number, "
-                                  f"not {value!r}") from None
-        out[key] = value
-    return out
+def method_options(schema: type[O], given: O | dict | None, method: str,
+                   where: str | None = None) -> O:
+    """A method's options as its `Section` schema: ``given`` may be the schema's object, a
+    mapping or None (all defaults); a bad key or value is a one-line error naming ``where``
+    (default: the method) and the key as ``options.KEY``."""
+    if isinstance(given, schema):
+        return given
+    return validate(schema, given or {}, where or f"adapt method {method!r}", prefix="options")

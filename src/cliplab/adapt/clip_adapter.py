@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.options import PromptOptions, TrainingOptions
 from cliplab.adapt.training import train_steps
-from cliplab.adapt.zeroshot_head import text_head
+from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 
-OPTIONS = {"ratio": 0.2, "reduction": 4, "epochs": 200, "lr": 1e-3, "batch_size": 32,
-           "weight_decay": 0.01, "optimizer": "adamw", "templates": None, "names": "prompt"}
+
+class Options(PromptOptions, TrainingOptions):
+    """``ratio``: weight of the adapted embedding in the residual blend (0: zero-shot);
+    ``reduction``: the bottleneck's width divisor; AdamW training on the k-shot features."""
+
+    ratio: float = Field(0.2, ge=0, le=1)
+    reduction: int = Field(4, ge=1)
 
 
 def bottleneck(dim: int, reduction: int) -> nn.Sequential:
@@ -64,10 +71,11 @@ class ClipAdapter(Adapter):
         return adapter
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> ClipAdapter:
-    opts = method_options(OPTIONS, options, "clip-adapter")
-    weights = text_head(model, train, opts)
+    given = method_options(Options, options, "clip-adapter")
+    opts = given.to_dict()
+    weights = text_head(model, train, given)
     scale = model.logit_scale.detach().float().exp().cpu()
     torch.manual_seed(ctx.seed)
     adapter = ClipAdapter(model, train.classnames, opts, weights, scale)

@@ -16,17 +16,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pydantic import Field
+
 from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options
 from cliplab.adapt.coop import CoOp, PromptLearner, build_learner
-from cliplab.adapt.coop import OPTIONS as COOP_OPTIONS
+from cliplab.adapt.coop import Options as CoOpOptions
 from cliplab.adapt.training import train_steps
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 
-OPTIONS = {**COOP_OPTIONS, "epochs": 10, "batch_size": 1, "meta_reduction": 16,
-           "infer_batch": 64}
+
+class Options(CoOpOptions):
+    """CoOp's options plus the meta-net's width divisor and the images per prompt batch at
+    inference; the paper trains 10 epochs at batch 1."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(1, ge=1)
+    meta_reduction: int = Field(16, ge=1)
+    infer_batch: int = Field(64, ge=1)
 
 
 def meta_net(dim: int, width: int, reduction: int) -> nn.Sequential:
@@ -71,11 +79,9 @@ class CoCoOp(Adapter):
         return cls(model, classnames, options, learner, net, tensors["scale"])
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoCoOp:
-    opts = method_options(OPTIONS, options, "cocoop")
-    if int(opts["infer_batch"]) < 1:
-        raise ConfigError("cocoop option infer_batch must be at least 1")
+    opts = method_options(Options, options, "cocoop").to_dict()
     learner = build_learner(model, train, opts, ctx.seed)
     feats = ctx.features(model, train, desc="encode train").embeddings.float()
     torch.manual_seed(ctx.seed)

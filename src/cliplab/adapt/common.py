@@ -1,27 +1,18 @@
-"""What the fine-tuning methods share: config sections, data loading, head accuracy."""
+"""What the methods that train weights share: data subsets, class checks, head accuracy,
+parameter counts, and the check of their ``options.train`` section."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from cliplab.config import check_keys
-from cliplab.data.sources import as_labelled, load_source
+from cliplab.adapt.training import trainer_config
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.metrics import classification_metrics
 from cliplab.models.dual_encoder import DualEncoder
-
-DATA_KEYS = {"train", "test", "shifted", "train_size", "seed"}
-
-
-def section(cfg: dict, name: str, known: set[str]) -> dict:
-    """``cfg[name]`` as a dict (empty if absent), with unknown keys rejected."""
-    value = cfg.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping")
-    check_keys(value, known, f"section {name!r}")
-    return value
 
 
 def subsample(data: LabelledImages, size: int | None, seed: int = 0) -> LabelledImages:
@@ -29,24 +20,9 @@ def subsample(data: LabelledImages, size: int | None, seed: int = 0) -> Labelled
     if size is None or size >= len(data):
         return data
     if size < 1:
-        raise ConfigError(f"data.train_size must be positive, not {size}")
+        raise ConfigError(f"train_size must be positive, not {size}")
     keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:int(size)]
     return data.subset(keep.sort().values)
-
-
-def load_split(data_cfg: dict, split: str) -> LabelledImages:
-    """The labelled set of ``data.<split>`` (train is subsampled to ``data.train_size``)."""
-    spec = data_cfg.get(split)
-    if not isinstance(spec, dict):
-        raise ConfigError(f"the config needs data.{split}, e.g. "
-                          "{source: fashion-mnist, split: " + ("train" if split == "train"
-                                                               else "test") + "}")
-    data = as_labelled(load_source(spec), f"data.{split}")
-    if split == "train":
-        data = subsample(data, data_cfg.get("train_size"), int(data_cfg.get("seed", 0)))
-    if len(data) == 0:
-        raise ConfigError(f"data.{split} holds no images")
-    return data
 
 
 def check_same_classes(a: LabelledImages, b: LabelledImages, where: str) -> None:
@@ -67,3 +43,13 @@ def count_parameters(*modules: torch.nn.Module) -> dict:
     params = [p for m in modules for p in m.parameters()]
     return {"trainable": sum(p.numel() for p in params if p.requires_grad),
             "total": sum(p.numel() for p in params)}
+
+
+def checked_train_section(value: dict[str, Any], defaults: dict) -> dict[str, Any]:
+    """``options.train`` checked against the `Trainer`'s settings before any work (a pydantic
+    validator: a bad key becomes a ValueError that names it)."""
+    try:
+        trainer_config(defaults, value)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return value

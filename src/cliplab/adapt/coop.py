@@ -13,19 +13,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
+from pydantic import Field
 from torch import nn
 
 from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options
+from cliplab.adapt.options import TrainingOptions
 from cliplab.adapt.training import train_steps
-from cliplab.adapt.zeroshot_head import class_texts
+from cliplab.adapt.zeroshot import class_texts
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 
-OPTIONS = {"init": "a photo of a", "n_ctx": 4, "class_specific": False, "names": "class",
-           "epochs": 200, "lr": 0.002, "batch_size": 32, "optimizer": "sgd",
-           "weight_decay": 5e-4, "warmup": 1}
+
+class Options(TrainingOptions):
+    """``init``: the words the context starts from ("" : ``n_ctx`` random vectors);
+    ``class_specific``: one context per class; ``names``: class names or prompt names after
+    the context. The paper's optimisation: SGD lr 0.002, batch 32, one warm-up epoch."""
+
+    init: str = "a photo of a"
+    n_ctx: int = Field(4, ge=1)
+    class_specific: bool = False
+    names: Literal["prompt", "class"] = "class"
+    lr: float = Field(0.002, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup: int = Field(1, ge=0)
 
 
 def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +180,8 @@ class CoOp(Adapter):
 
 def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: int
                   ) -> PromptLearner:
+    """The prompt learner ``opts`` describe; records the context's slots and the prompts'
+    words in ``opts``."""
     names = class_texts(train, opts["names"])
     ids, mask, start, m = prompt_tokens(model, names, opts["init"], int(opts["n_ctx"]))
     opts["ctx_start"], opts["n_ctx_used"] = start, m
@@ -174,9 +191,9 @@ def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: i
                          bool(opts["init"]), seed)
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoOp:
-    opts = method_options(OPTIONS, options, "coop")
+    opts = method_options(Options, options, "coop").to_dict()
     learner = build_learner(model, train, opts, ctx.seed)
     adapter = CoOp(model, train.classnames, opts, learner,
                    model.logit_scale.detach().float().exp().cpu())

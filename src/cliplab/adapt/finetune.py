@@ -9,25 +9,40 @@ pretrained origin (``"base": {path, fingerprint}``).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
-from cliplab.adapt.common import (DATA_KEYS, check_same_classes, count_parameters,
-                                  head_metrics, load_split, section)
-from cliplab.adapt.head import ClassifierHead
-from cliplab.adapt.origin import model_fingerprint, read_base, record_base
-from cliplab.config import check_keys, deep_merge
+from pydantic import field_validator
+
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.common import checked_train_section, count_parameters
+from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
+from cliplab.models.folder import model_fingerprint, require_origin, write_origin
+from cliplab.adapt.training import trainer_config
+from cliplab.config import Section
 from cliplab.data.types import LabelledImages
+from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
-TOP_KEYS = {"method", "data", "train", "finetune"}
-FINETUNE_KEYS = {"train_head"}
 # Fine-tuning moves pretrained weights: a small rate, a short warm-up, no flips by default.
 TRAIN_DEFAULTS = {"epochs": 2, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1,
                   "warmup": 0.1, "augment": {"hflip": False}}
+
+
+class Options(Section):
+    """``train_head``: the zero-shot-initialised head trains with the tower (false: fixed);
+    ``train``: the `Trainer`'s settings (``cliplab.train.trainer.TrainConfig``) over
+    ``TRAIN_DEFAULTS``."""
+
+    train_head: bool = True
+    train: dict[str, Any] = {}
+
+    @field_validator("train")
+    @classmethod
+    def _trainer_settings(cls, value: dict) -> dict:
+        return checked_train_section(value, TRAIN_DEFAULTS)
 
 
 def image_tower_trainable(model: DualEncoder) -> None:
@@ -39,40 +54,28 @@ def image_tower_trainable(model: DualEncoder) -> None:
         proj.requires_grad_(True)
 
 
-def zeroshot_head(model: DualEncoder, data: LabelledImages) -> ClassifierHead:
-    """The head whose logits equal the zero-shot logits on ``data``'s classes and prompts."""
-    return ClassifierHead.from_zeroshot(model, data.classnames, data.prompt_names,
-                                        data.templates)
-
-
 def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
                    base_path: str, fingerprint: str, **extra) -> Path:
     """A model folder (``DualEncoder.save``) + ``head.safetensors`` + the origin record."""
     folder = model.save(folder)
     head.save(folder)
-    record_base(folder, base_path, fingerprint, **extra)
+    write_origin(folder, base_path, fingerprint, **extra)
     return folder
 
 
 def load_finetuned(folder: str | Path) -> tuple[DualEncoder, ClassifierHead]:
     """The model and head of a fine-tuned folder."""
-    read_base(folder)  # fails clearly on a folder that is not a fine-tune
+    require_origin(folder)  # fails clearly on a folder that is not a fine-tune
     return DualEncoder.load(folder), ClassifierHead.load(folder)
 
 
-def train_config(cfg: dict, progress: bool) -> TrainConfig:
-    """``TRAIN_DEFAULTS`` updated by the config's ``train`` section."""
-    merged = deep_merge(TRAIN_DEFAULTS, cfg.get("train") or {})
-    return TrainConfig.from_dict({**merged, "lock_text": True, "progress": progress})
-
-
 def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
-             run: RunDir | None, base_path: str, train_head: bool = True
-             ) -> tuple[ClassifierHead, Trainer]:
+             run: RunDir | None, base_path: str, train_head: bool = True,
+             fingerprint: str | None = None) -> tuple[ClassifierHead, Trainer]:
     """Fine-tune ``model``'s image tower (in place) with a zero-shot-initialised head; with a
     run folder, checkpoints are fine-tuned model folders. Returns the head and the trainer."""
-    fingerprint = model_fingerprint(model)
-    head = zeroshot_head(model, train)
+    fingerprint = fingerprint or model_fingerprint(model)
+    head = zeroshot_classifier_head(model, train)
     head.weight.requires_grad_(train_head)
     image_tower_trainable(model)
 
@@ -84,32 +87,43 @@ def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
     return head, trainer
 
 
-def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
-    """`cliplab adapt --method finetune`: fine-tune on ``data.train``, report zero-shot and
-    fine-tuned accuracy on ``data.test``; writes ``out/`` (run folder + results.json)."""
-    start = time.time()
-    check_keys(cfg, TOP_KEYS, "the finetune config")
-    data_cfg = section(cfg, "data", DATA_KEYS)
-    opts = section(cfg, "finetune", FINETUNE_KEYS)
-    train_cfg = train_config(cfg, progress)
-    train, test = load_split(data_cfg, "train"), load_split(data_cfg, "test")
-    check_same_classes(train, test, "data.train and data.test")
-    model = build_model(str(model_path))
-    run_dir = RunDir(out)
-    run_dir.write_config({**cfg, "model": str(model_path)})
+class FineTuned(Adapter):
+    """A fine-tuned model and its head: logits = the head on the model's image embeddings."""
 
-    zs_test = head_metrics(model, zeroshot_head(model, test).weight, test, progress,
-                           "zero-shot test")
-    head, trainer = finetune(model, train, train_cfg, run_dir, str(model_path),
-                             bool(opts.get("train_head", True)))
-    params = count_parameters(model, head)
-    results = {
-        "method": "finetune", "base": str(model_path), "train_images": len(train),
-        "params": {**params, "fraction": params["trainable"] / params["total"]},
-        "zeroshot": zs_test,
-        "finetuned": head_metrics(model, head.weight, test, progress, "fine-tuned test"),
-        "model_dir": str(trainer.last_checkpoint / MODEL_DIR),
-        "wall_time_s": round(time.time() - start, 1),
-    }
-    run_dir.write_json("results.json", results)
-    return results
+    method = "finetune"
+
+    def __init__(self, model: DualEncoder, classnames, options: dict, head: ClassifierHead,
+                 base_path: str, fingerprint: str, model_dir: Path | None = None):
+        super().__init__(model, classnames, options)
+        self.head, self.base_path, self.fingerprint = head, base_path, fingerprint
+        self.model_dir = model_dir
+
+    def feature_logits(self, feats: ImageFeatures) -> Any:
+        return self.head(feats.embeddings.float()).detach()
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """The model folder ``folder/model`` (unless training already wrote it as its last
+        checkpoint)."""
+        if self.model_dir is None:
+            self.model_dir = save_finetuned(self.model, self.head, Path(folder) / MODEL_DIR,
+                                            self.base_path, self.fingerprint)
+        return self.model_dir
+
+    def summary(self) -> dict:
+        params = count_parameters(self.model, self.head)
+        return {"params": {**params, "fraction": params["trainable"] / params["total"]},
+                "model_dir": str(self.model_dir) if self.model_dir else None}
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
+        ctx: AdaptContext) -> FineTuned:
+    """Fine-tune ``model`` (in place) on the whole of ``train``; checkpoints go to ``ctx.run``."""
+    opts = method_options(Options, options, "finetune")
+    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
+                               progress=ctx.progress)
+    fingerprint = model_fingerprint(model)
+    head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.model_name, opts.train_head,
+                             fingerprint)
+    model_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
+    return FineTuned(model, train.classnames, opts.to_dict(), head, ctx.model_name, fingerprint,
+                     model_dir)

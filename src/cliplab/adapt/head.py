@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
@@ -71,3 +72,9 @@ class ClassifierHead(nn.Module):
         if classnames is None:
             classnames = [str(i) for i in range(tensors["weight"].shape[0])]
         return cls(tensors["weight"], tensors["scale"].item(), classnames)
+
+
+def zeroshot_classifier_head(model: DualEncoder, data: LabelledImages) -> ClassifierHead:
+    """The head whose logits equal the zero-shot logits on ``data``'s classes and prompts."""
+    return ClassifierHead.from_zeroshot(model, data.classnames, data.prompt_names,
+                                        data.templates)

@@ -3,18 +3,26 @@ L-BFGS fit), the supervised starting point of CoOp's and Tip-Adapter's compariso
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.config import Section
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError
-from cliplab.evaluate.features import PROBE_FEATURES, EXTRA_PROBES, ImageFeatures
+from cliplab.evaluate.features import EXTRA_PROBES, ImageFeatures
 from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, choose_l2, fit_logistic
 from cliplab.models.dual_encoder import DualEncoder
 
-# features: embeddings | backbone | tokens | layers; l2: a number, or "auto" to choose it from
-# l2_grid on a validation split of the training features.
-OPTIONS = {"features": "embeddings", "l2": 1e-3, "l2_grid": list(DEFAULT_L2_GRID)}
+
+class Options(Section):
+    """``features``: which frozen features the probe reads; ``l2``: the penalty, or "auto" to
+    choose it from ``l2_grid`` on a validation split of the training features."""
+
+    features: Literal["embeddings", "backbone", "tokens", "layers"] = "embeddings"
+    l2: Annotated[float, Field(ge=0)] | Literal["auto"] = 1e-3
+    l2_grid: list[float] = list(DEFAULT_L2_GRID)
 
 
 class LinearProbe(Adapter):
@@ -41,13 +49,10 @@ class LinearProbe(Adapter):
                    tensors["weight"], tensors["bias"])
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> LinearProbe:
-    opts = method_options(OPTIONS, options, "linear-probe")
+    opts = method_options(Options, options, "linear-probe").to_dict()
     which = opts["features"]
-    if which not in PROBE_FEATURES:
-        raise ConfigError(f"linear-probe option features must be one of {PROBE_FEATURES}, "
-                          f"not {which!r}")
     x = ctx.features(model, train, which if which in EXTRA_PROBES else None,
                      desc="encode train").get(which).float()
     mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 sample: nan
@@ -55,10 +60,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
     num_classes = len(train.classnames)
     l2 = opts["l2"]
     if l2 == "auto":
-        l2 = choose_l2(x, train.labels, num_classes, [float(v) for v in opts["l2_grid"]],
-                       seed=ctx.seed)
-    elif not isinstance(l2, (int, float)):
-        raise ConfigError(f"linear-probe option l2 must be a number or 'auto', not {l2!r}")
+        l2 = choose_l2(x, train.labels, num_classes, opts["l2_grid"], seed=ctx.seed)
     weight, bias = fit_logistic(x, train.labels, num_classes, float(l2))
     opts["l2"] = float(l2)
     return LinearProbe(model, train.classnames, opts, mean, std, weight, bias)

@@ -13,27 +13,30 @@ model's path and fingerprint) that loads back onto its base, or merges into a fu
 from __future__ import annotations
 
 import re
-import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from cliplab.adapt.common import (DATA_KEYS, check_same_classes, count_parameters,
-                                  head_metrics, load_split, section)
-from cliplab.adapt.finetune import save_finetuned, zeroshot_head
-from cliplab.adapt.head import HEAD_FILE, ClassifierHead
-from cliplab.adapt.origin import check_same_origin, model_fingerprint, read_base, record_base
-from cliplab.config import check_keys, deep_merge
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.common import checked_train_section, count_parameters
+from cliplab.adapt.finetune import save_finetuned
+from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
+from cliplab.models.folder import check_same_origin, model_fingerprint, require_origin, write_origin
+from cliplab.adapt.training import trainer_config
+from cliplab.config import Section
 from cliplab.data.pairs import labelled_to_pairs
-from cliplab.errors import ConfigError, ModelError
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ModelError
+from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
-from cliplab.train.trainer import TrainConfig, Trainer
+from cliplab.models.resolve import load_model
+from cliplab.train.trainer import Trainer
 
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
 # regexes of a module name after its block ("…layers.3."); "output.dense" right after the block
@@ -45,47 +48,41 @@ MODULE_FAMILIES = {
 }
 MODULE_FAMILIES["all"] = MODULE_FAMILIES["attention"] + MODULE_FAMILIES["mlp"]
 ADAPTER_DIR = "adapter"
-TOP_KEYS = {"method", "data", "train", "lora"}
+MERGED_DIR = "merged"
 TRAIN_DEFAULTS = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01,
                   "warmup": 0.1, "augment": {"hflip": False}}
 
 
-@dataclass
-class LoraOptions:
-    """The ``lora:`` section: where the adapters go, their size, and what they train for."""
+class Options(Section):
+    """Where the adapters go, their size, and what they train for."""
 
-    towers: list[str] = field(default_factory=lambda: ["image"])  # image, text or both
-    rank: int = 8
+    towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
+    rank: int = Field(8, ge=1)
     alpha: float = 16.0
-    dropout: float = 0.0
-    modules: str | list[str] = "all"  # all | attention | mlp | [module names, e.g. q_proj]
-    objective: str = "classifier"  # classifier (zero-shot-initialised head) | contrastive
+    dropout: float = Field(0.0, ge=0, lt=1)
+    modules: Literal["all", "attention", "mlp"] | list[str] = "all"  # or module names: [q_proj]
+    objective: Literal["classifier", "contrastive"] = "classifier"  # head | captions of labels
     train_head: bool = True  # classifier objective: the head trains with the adapters
     merge: bool = False  # also write the merged full model folder
+    train: dict[str, Any] = {}  # the Trainer's settings over TRAIN_DEFAULTS
 
+    @field_validator("towers", mode="before")
     @classmethod
-    def from_dict(cls, d: dict | None) -> "LoraOptions":
-        d = dict(d or {})
-        check_keys(d, {f.name for f in fields(cls)}, "section 'lora'")
-        opts = cls(**d)
-        if isinstance(opts.towers, str):
-            opts.towers = [opts.towers]
-        bad = sorted(set(opts.towers) - set(TOWER_PREFIX)) or (not opts.towers and ["(none)"])
-        if bad:
-            raise ConfigError(f"lora.towers must list 'image' and/or 'text', not {bad}")
-        if opts.objective not in ("classifier", "contrastive"):
-            raise ConfigError(f"lora.objective must be 'classifier' or 'contrastive', "
-                              f"not {opts.objective!r}")
-        if opts.objective == "classifier" and opts.towers != ["image"]:
-            raise ConfigError("lora.objective=classifier trains the image tower only "
-                              "(the head replaces the text tower); use towers: [image], or "
-                              "objective: contrastive for text-tower adapters")
-        if int(opts.rank) < 1:
-            raise ConfigError(f"lora.rank must be at least 1, not {opts.rank}")
-        if isinstance(opts.modules, str) and opts.modules not in MODULE_FAMILIES:
-            raise ConfigError(f"lora.modules must be one of {sorted(MODULE_FAMILIES)} or a list "
-                              f"of module names, not {opts.modules!r}")
-        return opts
+    def _one_tower(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _trainer_settings(cls, value: dict) -> dict:
+        return checked_train_section(value, TRAIN_DEFAULTS)
+
+    @model_validator(mode="after")
+    def _classifier_trains_the_image_tower(self) -> "Options":
+        if self.objective == "classifier" and self.towers != ["image"]:
+            raise ValueError("objective 'classifier' trains the image tower only (the head "
+                             "replaces the text tower); use towers: [image], or objective: "
+                             "contrastive for text-tower adapters")
+        return self
 
 
 def target_regex(towers: list[str], modules: str | list[str]) -> str:
@@ -107,11 +104,11 @@ def target_modules(model: DualEncoder, towers: list[str], modules: str | list[st
         if not any(n.startswith(TOWER_PREFIX[tower] + ".") for n in names):
             module = model.tower(tower)
             raise ModelError(f"no LoRA target modules {modules!r} found in the {tower} tower "
-                             f"({type(module).__name__}); name them with lora.modules")
+                             f"({type(module).__name__}); name them with options.modules")
     return names
 
 
-def add_lora(model: DualEncoder, opts: LoraOptions) -> PeftModel:
+def add_lora(model: DualEncoder, opts: Options) -> PeftModel:
     """Wrap the target layers of ``model`` (in place) with LoRA adapters; only they train.
     Returns the peft handle (save / merge)."""
     target_modules(model, opts.towers, opts.modules)  # fail clearly before peft does
@@ -129,7 +126,7 @@ def lora_parameter_count(model: DualEncoder) -> int:
 
 
 def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fingerprint: str,
-                 head: ClassifierHead | None = None, options: LoraOptions | None = None) -> Path:
+                 head: ClassifierHead | None = None, options: Options | None = None) -> Path:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``head.safetensors``) and
     ``cliplab.json`` recording the base model."""
     folder = Path(folder)
@@ -137,20 +134,20 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
     if head is not None:
         head.save(folder)
-    record_base(folder, base_path, fingerprint, adapter="lora",
-                lora=asdict(options) if options else None)
+    write_origin(folder, base_path, fingerprint, adapter="lora",
+                lora=options.to_dict() if options else None)
     return folder
 
 
-def load_adapter(folder: str | Path, base: str | None = None
-                 ) -> tuple[DualEncoder, PeftModel, ClassifierHead | None]:
+def load_lora(folder: str | Path, base: str | None = None
+              ) -> tuple[DualEncoder, PeftModel, ClassifierHead | None]:
     """The base model (``base`` or the recorded path; its weights must match the recorded
-    fingerprint) with the adapter of ``folder`` on it, and the head if the adapter has one."""
+    fingerprint) with the LoRA adapter of ``folder`` on it, and the head if it has one."""
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
-    base_path = base or read_base(folder)["path"]
-    model = build_model(str(base_path))
+    base_path = base or require_origin(folder)["path"]
+    model = load_model(str(base_path))
     check_same_origin(folder, model, str(base_path))
     peft_model = PeftModel.from_pretrained(model.model, str(folder))
     head = ClassifierHead.load(folder) if (folder / HEAD_FILE).is_file() else None
@@ -163,65 +160,82 @@ def merge_adapter(model: DualEncoder, peft_model: PeftModel) -> DualEncoder:
     return model
 
 
-def train_config(cfg: dict, opts: LoraOptions, progress: bool) -> TrainConfig:
-    merged = deep_merge(TRAIN_DEFAULTS, cfg.get("train") or {})
+class LoraAdapted(Adapter):
+    """A model with LoRA adapters: logits from the head (classifier objective) or from the
+    zero-shot classifier of the adapted text tower (contrastive objective)."""
+
+    method = "lora"
+
+    def __init__(self, model: DualEncoder, classnames, options: dict, peft_model: PeftModel,
+                 head: ClassifierHead | None, text_head: torch.Tensor | None, base_path: str,
+                 fingerprint: str, params: dict, adapter_dir: Path | None = None):
+        super().__init__(model, classnames, options)
+        self.peft_model, self.head, self.text_head = peft_model, head, text_head
+        self.base_path, self.fingerprint, self.params = base_path, fingerprint, params
+        self.adapter_dir, self.merged_dir = adapter_dir, None
+
+    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+        emb = feats.embeddings.float()
+        if self.head is not None:
+            return self.head(emb).detach()
+        return emb @ self.text_head.t()
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """The peft adapter folder ``folder/adapter`` (unless training already wrote it as its
+        last checkpoint) and, with option ``merge``, the full model folder ``folder/merged``."""
+        opts = Options.model_validate(self.options)
+        if self.adapter_dir is None:
+            self.adapter_dir = save_adapter(self.peft_model, Path(folder) / ADAPTER_DIR,
+                                            self.base_path, self.fingerprint, self.head, opts)
+        if opts.merge and self.merged_dir is None:
+            merged = merge_adapter(self.model, self.peft_model)
+            self.merged_dir = Path(folder) / MERGED_DIR
+            if self.head is not None:
+                save_finetuned(merged, self.head, self.merged_dir, self.base_path,
+                               self.fingerprint)
+            else:
+                merged.save(self.merged_dir)
+                write_origin(self.merged_dir, self.base_path, self.fingerprint)
+        return self.adapter_dir
+
+    def summary(self) -> dict:
+        return {"params": self.params,
+                "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
+                **({"merged_dir": str(self.merged_dir)} if self.merged_dir else {})}
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
+        ctx: AdaptContext) -> LoraAdapted:
+    """Train LoRA adapters on the whole of ``train`` (in place on ``model``); checkpoints are
+    adapter folders in ``ctx.run``."""
+    opts = method_options(Options, options, "lora")
     # a text tower without adapters is frozen: cache its caption features
-    return TrainConfig.from_dict({**merged, "lock_text": "text" not in opts.towers,
-                                  "progress": progress})
-
-
-def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
-    """`cliplab adapt --method lora`: train LoRA adapters on ``data.train``, report accuracy on
-    ``data.test`` before and after and the trainable parameter counts; writes ``out/``."""
-    start = time.time()
-    check_keys(cfg, TOP_KEYS, "the lora config")
-    data_cfg = section(cfg, "data", DATA_KEYS)
-    opts = LoraOptions.from_dict(cfg.get("lora"))
-    train_cfg = train_config(cfg, opts, progress)
-    train, test = load_split(data_cfg, "train"), load_split(data_cfg, "test")
-    check_same_classes(train, test, "data.train and data.test")
-    model = build_model(str(model_path))
+    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,
+                               progress=ctx.progress)
     fingerprint = model_fingerprint(model)
     full = count_parameters(model)["total"]
     image_full = count_parameters(model.vision_tower)["total"] + sum(
         p.numel() for p in getattr(model.model, "visual_projection", nn.Identity()).parameters())
-    run_dir = RunDir(out)
-    run_dir.write_config({**cfg, "model": str(model_path)})
-
-    zs = zeroshot_head(model, test)
-    results = {"method": "lora", "base": str(model_path), "options": asdict(opts),
-               "train_images": len(train),
-               "zeroshot": head_metrics(model, zs.weight, test, progress, "zero-shot test")}
     head = None
     if opts.objective == "classifier":
-        head = zeroshot_head(model, train)
+        head = zeroshot_classifier_head(model, train)
         head.weight.requires_grad_(opts.train_head)
     peft_model = add_lora(model, opts)
 
     def save(folder: Path) -> None:
-        save_adapter(peft_model, folder / ADAPTER_DIR, str(model_path), fingerprint, head, opts)
+        save_adapter(peft_model, folder / ADAPTER_DIR, ctx.model_name, fingerprint, head, opts)
 
-    trainer = Trainer(model, train_cfg, run_dir, head=head, save_model=save)
+    trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
     trainer.fit(train if head is not None else labelled_to_pairs(train))
     n_lora = lora_parameter_count(model)
     n_head = head.weight.numel() if head is not None and opts.train_head else 0
-    results["params"] = {"lora": n_lora, "head": n_head, "trainable": n_lora + n_head,
-                         "total": full, "image_tower": image_full,
-                         "fraction_of_total": (n_lora + n_head) / full,
-                         "fraction_of_image_tower": (n_lora + n_head) / image_full}
-    weight = head.weight if head is not None else zeroshot_classifier(
-        model, test.prompt_names, test.templates)
-    results["lora"] = head_metrics(model, weight, test, progress, "LoRA test")
-    results["adapter_dir"] = str(trainer.last_checkpoint / ADAPTER_DIR)
-    if opts.merge:
-        merged = merge_adapter(model, peft_model)
-        merged_dir = Path(out) / "merged"
-        if head is not None:
-            save_finetuned(merged, head, merged_dir, str(model_path), fingerprint)
-        else:
-            merged.save(merged_dir)
-            record_base(merged_dir, str(model_path), fingerprint)
-        results["merged_dir"] = str(merged_dir)
-    results["wall_time_s"] = round(time.time() - start, 1)
-    run_dir.write_json("results.json", results)
-    return results
+    params = {"lora": n_lora, "head": n_head, "trainable": n_lora + n_head, "total": full,
+              "image_tower": image_full, "fraction_of_total": (n_lora + n_head) / full,
+              "fraction_of_image_tower": (n_lora + n_head) / image_full}
+    text_head = None
+    if head is None:
+        scale = model.logit_scale.detach().float().exp().cpu()
+        text_head = scale * zeroshot_classifier(model, train.prompt_names, train.templates)
+    adapter_dir = trainer.last_checkpoint / ADAPTER_DIR if trainer.last_checkpoint else None
+    return LoraAdapted(model, train.classnames, opts.to_dict(), peft_model, head, text_head,
+                       ctx.model_name, fingerprint, params, adapter_dir)

@@ -13,23 +13,35 @@ alpha in (0.1, search_scale[1]]).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
-from cliplab.adapt.zeroshot_head import text_head
+from cliplab.adapt.options import PromptOptions
+from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 
-# alpha=1, beta=5.5: the paper's ImageNet setting. The paper scales the zero-shot logits by 100,
-# which is CLIP's learned logit scale; clip_scale=null uses the model's own learned scale (100
-# for CLIP), so alpha keeps its meaning on models trained at another temperature.
-# templates/names: the zero-shot head's prompts.
-OPTIONS = {"alpha": 1.0, "beta": 5.5, "clip_scale": None, "search": False,
-           "search_scale": [7.0, 3.0], "search_steps": [200, 20], "templates": None,
-           "names": "prompt"}
+
+class Options(PromptOptions):
+    """alpha=1, beta=5.5: the paper's ImageNet setting. The paper scales the zero-shot logits
+    by 100, CLIP's learned logit scale; ``clip_scale: null`` uses the model's own learned scale
+    (100 for CLIP), so alpha keeps its meaning on models trained at another temperature.
+    ``search``: pick (alpha, beta) on the validation split (``val_shots``) over the paper's
+    grid of ``search_steps`` values up to ``search_scale`` (beta, alpha). Templates/names: the
+    zero-shot head's prompts."""
+
+    alpha: float = 1.0
+    beta: float = 5.5
+    clip_scale: float | None = Field(None, gt=0)
+    search: bool = False
+    search_scale: tuple[float, float] = (7.0, 3.0)
+    search_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200, 20)
 
 
 def cache_logits(feats: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -90,11 +102,13 @@ class TipAdapter(Adapter):
                    tensors["values"])
 
 
-def resolve_scale(opts: dict, model: DualEncoder) -> dict:
-    """Fill ``clip_scale`` with the model's learned logit scale when it is not given."""
-    if opts["clip_scale"] is None:
-        opts["clip_scale"] = round(model.logit_scale.detach().float().exp().item(), 4)
-    return opts
+def resolve_scale(opts: Options, model: DualEncoder) -> dict:
+    """The options as a dict, ``clip_scale`` filled with the model's learned logit scale when
+    it is not given."""
+    out = opts.to_dict()
+    if out["clip_scale"] is None:
+        out["clip_scale"] = round(model.logit_scale.detach().float().exp().item(), 4)
+    return out
 
 
 def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext
@@ -122,10 +136,11 @@ def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> 
     return adapter
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> TipAdapter:
-    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter"), model)
-    weights = text_head(model, train, opts)
+    given = method_options(Options, options, "tip-adapter")
+    opts = resolve_scale(given, model)
+    weights = text_head(model, train, given)
     keys, values = build_cache(model, train, ctx)
     return maybe_search(TipAdapter(model, train.classnames, opts, weights, keys, values),
                         model, ctx)

@@ -10,22 +10,32 @@ from __future__ import annotations
 
 import torch
 
+from pydantic import Field
+
 from cliplab.adapt.base import AdaptContext, method_options
-from cliplab.adapt.tip_adapter import OPTIONS as TIP_OPTIONS
+from cliplab.adapt.tip_adapter import Options as TipOptions
 from cliplab.adapt.tip_adapter import (TipAdapter, build_cache, maybe_search, resolve_scale,
                                       tip_logits)
 from cliplab.adapt.training import train_steps
-from cliplab.adapt.zeroshot_head import text_head
+from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.models.dual_encoder import DualEncoder
 
-OPTIONS = {**TIP_OPTIONS, "epochs": 20, "lr": 1e-3, "batch_size": 256, "weight_decay": 0.01}
+
+class Options(TipOptions):
+    """Tip-Adapter's options plus the keys' training (AdamW, the paper's 20 epochs)."""
+
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, ge=0)
+    batch_size: int = Field(256, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: dict | None,
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> TipAdapter:
-    opts = resolve_scale(method_options(OPTIONS, options, "tip-adapter-f"), model)
-    weights = text_head(model, train, opts)
+    given = method_options(Options, options, "tip-adapter-f")
+    opts = resolve_scale(given, model)
+    weights = text_head(model, train, given)
     keys, values = build_cache(model, train, ctx)
     feats = keys.clone()  # the training features are the (plain) few-shot embeddings
     learned = torch.nn.Parameter(keys.clone())

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from cliplab.config import deep_merge
 from cliplab.errors import ConfigError
 from cliplab.train.schedule import build_scheduler
+from cliplab.train.trainer import TrainConfig
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
@@ -60,3 +62,10 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     bar.close()
     return history
+
+
+def trainer_config(defaults: dict, given: dict, **fixed) -> TrainConfig:
+    """The `Trainer`'s settings of a method that trains weights: the method's ``defaults``
+    updated by the config's ``options.train`` section, then the ``fixed`` settings the method
+    needs (e.g. ``lock_text=True``); bad keys are one-line `ConfigError`s."""
+    return TrainConfig.from_dict({**deep_merge(defaults, given or {}), **fixed})

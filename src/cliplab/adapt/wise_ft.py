@@ -10,28 +10,48 @@ beating) the zero-shot model's robustness under shift.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 
-from cliplab.adapt.common import DATA_KEYS, check_same_classes, head_metrics, load_split, section
-from cliplab.adapt.finetune import (TRAIN_DEFAULTS, finetune, load_finetuned, save_finetuned,
-                                    train_config, zeroshot_head)
-from cliplab.adapt.origin import check_same_origin, model_fingerprint
-from cliplab.config import check_keys
+from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.common import checked_train_section, head_metrics
+from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
+    save_finetuned
+from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
+from cliplab.models.folder import check_same_origin, model_fingerprint
+from cliplab.adapt.training import trainer_config
+from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
-from cliplab.train.run_dir import RunDir
 from cliplab.train.trainer import MODEL_DIR
 
-TOP_KEYS = {"method", "data", "train", "finetune", "wise_ft"}
-WISE_KEYS = {"finetuned", "alphas", "save_best", "select"}
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-SELECT = ("mean", "target", "shifted")  # what "best α" maximises
-__all__ = ["interpolate", "wise_ft_sweep", "run", "TRAIN_DEFAULTS"]
+BEST_DIR = "best"
+__all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_sweep"]
+
+
+class Options(Section):
+    """``finetuned``: a `--method finetune` model folder of the same base (null: fine-tune one
+    here, with ``train_head`` and ``train`` as the finetune method's); ``alphas``: the sweep;
+    ``select``: what the best α maximises (mean of test and shifted top-1, or one of them);
+    ``save_best``: write ``best/``, the model at the best α."""
+
+    finetuned: str | None = None
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field(DEFAULT_ALPHAS, min_length=1)
+    select: Literal["mean", "test", "shifted"] = "mean"
+    save_best: bool = False
+    train_head: bool = True
+    train: dict[str, Any] = {}
+
+    @field_validator("train")
+    @classmethod
+    def _trainer_settings(cls, value: dict) -> dict:
+        return checked_train_section(value, TRAIN_DEFAULTS)
 
 
 def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
@@ -75,72 +95,99 @@ def wise_ft_sweep(zeroshot: DualEncoder, zs_head: torch.Tensor, finetuned: DualE
 
 
 def best_alpha(rows: list[dict], select: str = "mean") -> dict:
-    """The row maximising target, shifted, or their mean top-1 (ties: the smaller α)."""
+    """The row maximising test, shifted, or their mean top-1 (ties: the smaller α); without a
+    shifted set, the test set stands in for it."""
     def score(row):
-        t, s = row["target"]["acc1"], row.get("shifted", row["target"])["acc1"]
-        return {"target": t, "shifted": s, "mean": (t + s) / 2}[select]
+        t, s = row["test"]["acc1"], row.get("shifted", row["test"])["acc1"]
+        return {"test": t, "shifted": s, "mean": (t + s) / 2}[select]
     return max(rows, key=lambda r: (score(r), -r["alpha"]))
 
 
-def _alphas(value) -> list[float]:
-    alphas = DEFAULT_ALPHAS if value is None else value
-    if not isinstance(alphas, list) or not alphas or not all(
-            isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas):
-        raise ConfigError(f"wise_ft.alphas must be a list of numbers in [0, 1], not {value!r}")
-    return [float(a) for a in alphas]
+class WiseFT(Adapter):
+    """The zero-shot and the fine-tuned model with their heads; ``score`` sweeps α and picks
+    the best, after which the adapter is the interpolated model at that α."""
+
+    method = "wise-ft"
+
+    def __init__(self, model: DualEncoder, classnames, options: dict, zs_head: ClassifierHead,
+                 finetuned: DualEncoder, ft_head: ClassifierHead, ft_dir: Path | None,
+                 base_path: str, fingerprint: str):
+        super().__init__(model, classnames, options)
+        self.zs_head, self.finetuned, self.ft_head, self.ft_dir = zs_head, finetuned, ft_head, \
+            ft_dir
+        self.base_path, self.fingerprint = base_path, fingerprint
+        self.alpha: float | None = None
+        self.best_dir: Path | None = None
+        self._at: FineTuned | None = None
+
+    def at(self, alpha: float) -> FineTuned:
+        """The interpolated model and head at ``alpha``."""
+        if self._at is None or self._at.options.get("alpha") != alpha:
+            model = copy.deepcopy(self.model)
+            model.model.load_state_dict(interpolate(self.model.model.state_dict(),
+                                                    self.finetuned.model.state_dict(), alpha))
+            head = copy.deepcopy(self.ft_head)
+            head.weight.data = torch.lerp(self.zs_head.weight.data.float(),
+                                          self.ft_head.weight.data.float(), float(alpha))
+            self._at = FineTuned(model, self.classnames, {"alpha": alpha}, head,
+                                 self.base_path, self.fingerprint)
+        return self._at
+
+    def _chosen(self) -> FineTuned:
+        if self.alpha is None:
+            raise ModelError("WiSE-FT picks its α in score(); call it first")
+        return self.at(self.alpha)
+
+    def logits(self, images_or_features, cache: FeatureCache | None = None,
+               progress: bool = False) -> torch.Tensor:
+        return self._chosen().logits(images_or_features, cache, progress)
+
+    def feature_logits(self, feats):
+        return self._chosen().feature_logits(feats)
+
+    def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
+              progress: bool = False) -> dict:
+        """The α sweep on every set, the best α by ``select``, and the sets' metrics at it."""
+        rows = wise_ft_sweep(self.model, self.zs_head.weight, self.finetuned,
+                             self.ft_head.weight, sets, self.options["alphas"], progress)
+        best = best_alpha(rows, self.options["select"])
+        self.alpha = best["alpha"]
+        return {"sweep": rows, "best_alpha": best["alpha"],
+                **{name: best[name] for name in sets}}
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path | None:
+        """With ``save_best``, ``folder/best``: the model and head at the best α."""
+        if self.options["save_best"] and self.best_dir is None:
+            chosen = self._chosen()
+            self.best_dir = save_finetuned(chosen.model, chosen.head, Path(folder) / BEST_DIR,
+                                           self.base_path, self.fingerprint,
+                                           wise_ft_alpha=self.alpha)
+        return self.best_dir
+
+    def summary(self) -> dict:
+        return {"finetuned": str(self.ft_dir) if self.ft_dir else None,
+                **({"best_dir": str(self.best_dir)} if self.best_dir else {})}
 
 
-def run(model_path: str, cfg: dict, out: Path, progress: bool = True) -> dict:
-    """`cliplab adapt --method wise-ft`: fine-tune ``model_path`` (or take ``wise_ft.finetuned``,
-    a fine-tuned folder of it), sweep α, report target/shifted accuracy and the best α."""
-    start = time.time()
-    check_keys(cfg, TOP_KEYS, "the wise-ft config")
-    data_cfg = section(cfg, "data", DATA_KEYS)
-    opts = section(cfg, "wise_ft", WISE_KEYS)
-    alphas = _alphas(opts.get("alphas"))
-    select = opts.get("select", "mean")
-    if select not in SELECT:
-        raise ConfigError(f"wise_ft.select must be one of {SELECT}, not {select!r}")
-    sets = {"target": load_split(data_cfg, "test")}
-    if data_cfg.get("shifted") is not None:
-        sets["shifted"] = load_split(data_cfg, "shifted")
-        check_same_classes(sets["target"], sets["shifted"], "data.test and data.shifted")
-    zeroshot = build_model(str(model_path))
-    run_dir = RunDir(out)
-    run_dir.write_config({**cfg, "model": str(model_path)})
-
-    if opts.get("finetuned"):
-        ft_dir = Path(opts["finetuned"])
-        check_same_origin(ft_dir, zeroshot, str(model_path))
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
+        ctx: AdaptContext) -> WiseFT:
+    """Fine-tune a copy of ``model`` on ``train`` (or load ``options.finetuned``, which must
+    come from exactly these weights); ``model`` itself stays the zero-shot end."""
+    opts = method_options(Options, options, "wise-ft")
+    fingerprint = model_fingerprint(model)
+    if opts.finetuned:
+        ft_dir = Path(opts.finetuned)
+        check_same_origin(ft_dir, model, ctx.model_name)
         finetuned, ft_head = load_finetuned(ft_dir)
     else:
-        train = load_split(data_cfg, "train")
-        check_same_classes(train, sets["target"], "data.train and data.test")
-        finetuned = copy.deepcopy(zeroshot)
-        ft_head, trainer = finetune(finetuned, train, train_config(cfg, progress), run_dir,
-                                    str(model_path),
-                                    bool(section(cfg, "finetune", {"train_head"}).get(
-                                        "train_head", True)))
-        ft_dir = trainer.last_checkpoint / MODEL_DIR
-    if [c.lower() for c in ft_head.classnames] != [c.lower() for c in sets["target"].classnames]:
+        finetuned = copy.deepcopy(model)
+        train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
+                                   progress=ctx.progress)
+        ft_head, trainer = finetune(finetuned, train, train_cfg, ctx.run, ctx.model_name,
+                                    opts.train_head, fingerprint)
+        ft_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
+    if [c.lower() for c in ft_head.classnames] != [c.lower() for c in train.classnames]:
         raise ConfigError(f"the fine-tuned head's classes {ft_head.classnames} differ from "
-                          f"data.test's {sets['target'].classnames}")
-    zs_head = zeroshot_head(zeroshot, sets["target"])
-    rows = wise_ft_sweep(zeroshot, zs_head.weight, finetuned, ft_head.weight, sets, alphas,
-                         progress)
-    best = best_alpha(rows, select)
-    results = {"method": "wise-ft", "base": str(model_path), "finetuned": str(ft_dir),
-               "sets": {k: v.name for k, v in sets.items()}, "sweep": rows,
-               "select": select, "best_alpha": best["alpha"], "best": best}
-    if opts.get("save_best"):
-        state = interpolate(zeroshot.model.state_dict(), finetuned.model.state_dict(),
-                            best["alpha"])
-        model = copy.deepcopy(zeroshot)
-        model.model.load_state_dict(state)
-        ft_head.weight.data = torch.lerp(zs_head.weight.data, ft_head.weight.data, best["alpha"])
-        results["best_dir"] = str(save_finetuned(model, ft_head, Path(out) / "best",
-                                                 str(model_path), model_fingerprint(zeroshot),
-                                                 wise_ft_alpha=best["alpha"]))
-    results["wall_time_s"] = round(time.time() - start, 1)
-    run_dir.write_json("results.json", results)
-    return results
+                          f"data.train's {train.classnames}")
+    return WiseFT(model, train.classnames, opts.to_dict(), zeroshot_classifier_head(model, train),
+                  finetuned, ft_head, ft_dir, ctx.model_name, fingerprint)

@@ -8,47 +8,16 @@ index) or ``KEY.txt`` (captions, one per line), and, for classification, ``ROOT/
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from cliplab.data.images import UnreadableImage, decode_image, stack_images
+from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
+from cliplab.data.shards.samples import image_part, raw_samples, sample_key, text_lines
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-DEFAULT_TEMPLATES = ["a photo of a {}."]
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _samples(shards: list[Path], progress: bool):
-    """Yield (shard:key, {ext: bytes}) per sample; members of one key are adjacent in a shard."""
-    for shard in tqdm(shards, desc="read shards", disable=not progress, leave=False):
-        try:
-            tar = tarfile.open(shard)
-        except (tarfile.TarError, OSError) as err:
-            raise DataError(f"cannot read shard {shard}: {err}") from None
-        with tar:
-            current, parts = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = Path(member.name).name
-                key, _, ext = name.partition(".")
-                if key != current and current is not None:
-                    yield f"{shard.name}:{current}", parts
-                    parts = {}
-                current = key
-                parts[ext.lower()] = tar.extractfile(member).read()
-            if current is not None:
-                yield f"{shard.name}:{current}", parts
 
 
 def load_clip_benchmark(root: str | Path, split: str = "test", image_size: int | None = None,
@@ -56,26 +25,28 @@ def load_clip_benchmark(root: str | Path, split: str = "test", image_size: int |
     """A CLIP_benchmark WebDataset folder as labelled images (``.cls``) or pairs (``.txt``).
 
     Images are decoded to RGB and resized to ``image_size`` squares (default: the first
-    image's size). Unreadable images and samples without a label/caption are skipped and
-    counted in ``.skipped``.
+    image's size). Unreadable images and shards, and samples without a label/caption are
+    skipped and counted in ``.skipped``.
     """
     root = Path(root)
     shards = sorted((root / split).glob("*.tar"))
     if not shards:
         raise DataError(f"no .tar shards in {root / split}; expected CLIP_benchmark's layout "
                         "ROOT/SPLIT/*.tar")
-    classnames_file = root / "classnames.txt"
-    classnames = _read_lines(classnames_file) if classnames_file.is_file() else None
-    templates_file = root / "zeroshot_classification_templates.txt"
-    templates = [t.replace("{c}", "{}") for t in _read_lines(templates_file)] \
-        if templates_file.is_file() else list(DEFAULT_TEMPLATES)
+    classnames_file = root / CLASSNAMES_FILE
+    classnames = read_lines(classnames_file) if classnames_file.is_file() else None
+    templates = read_templates(root)
 
     skipped = SkipReport()
     images, labels, captions = [], [], []
-    size = image_size
-    for key, parts in _samples(shards, progress):
-        ext = next((e for e in IMAGE_EXTS if e in parts), None)
-        target = parts.get("cls") if classnames is not None else parts.get("txt")
+    for raw in tqdm(raw_samples(shards), desc="read shards", unit="img", disable=not progress,
+                    leave=False):
+        key = sample_key(raw)
+        if "__error__" in raw:
+            skipped.add(raw["__error__"], key)
+            continue
+        ext = image_part(raw)
+        target = raw.get("cls") if classnames is not None else raw.get("txt")
         if ext is None:
             skipped.add("missing_image", key)
             continue
@@ -83,8 +54,8 @@ def load_clip_benchmark(root: str | Path, split: str = "test", image_size: int |
             skipped.add("missing_label" if classnames is not None else "missing_caption", key)
             continue
         try:
-            image = Image.open(io.BytesIO(parts[ext])).convert("RGB")
-        except Exception:  # PIL raises many types for corrupt files
+            image = decode_image(raw[ext], image_size)
+        except UnreadableImage:
             skipped.add("unreadable_image", key)
             continue
         if classnames is not None:
@@ -97,18 +68,15 @@ def load_clip_benchmark(root: str | Path, split: str = "test", image_size: int |
                 continue
             labels.append(label)
         else:
-            caps = [c.strip() for c in target.decode("utf-8", "replace").splitlines() if c.strip()]
+            caps = text_lines(target)
             if not caps:
                 skipped.add("empty_caption", key)
                 continue
             captions.append(caps)
-        size = size or image.width
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        images.append(np.asarray(image))
+        images.append(image)
     if not images:
         raise DataError(f"no usable sample in {root / split} ({skipped.summary()})")
-    pixels = torch.from_numpy(np.stack(images))
+    pixels = stack_images(images)
     name = f"{root.name}-{split}"
     if classnames is not None:
         return LabelledImages(pixels, torch.tensor(labels), classnames, templates, name, skipped)

@@ -13,27 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from cliplab.data.images import UnreadableImage, decode_image, stack_images
+from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import LabelledImages, SkipReport
 from cliplab.errors import DataError
-
-DEFAULT_TEMPLATES = ["a photo of a {}."]
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8 text") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
 
 def _visible(name: str) -> bool:
     return not name.startswith(".")
@@ -45,24 +31,12 @@ def folder_classnames(root: Path, folders: list[Path]) -> list[str]:
     file = root / CLASSNAMES_FILE
     if not file.is_file():
         return [f.name.replace("_", " ").strip() for f in folders]
-    names = _lines(file)
+    names = read_lines(file)
     if len(names) != len(folders):
         raise DataError(f"{file}: {len(names)} class names for {len(folders)} class folders "
                         f"({', '.join(f.name for f in folders)}); give one name per folder, "
                         "in sorted folder order")
     return names
-
-
-def folder_templates(root: Path) -> list[str]:
-    """Templates from the first template file present, ``{c}`` rewritten as ``{}``."""
-    for name in TEMPLATE_FILES:
-        if (root / name).is_file():
-            templates = [t.replace("{c}", "{}") for t in _lines(root / name)]
-            if not templates:
-                raise DataError(f"{root / name}: no templates; write one per line, e.g. "
-                                "'a photo of a {}.'")
-            return templates
-    return list(DEFAULT_TEMPLATES)
 
 
 def load_image_folder(path: str | Path, image_size: int | None = None,
@@ -85,28 +59,22 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
         raise DataError(f"image folder {root} has no class sub-folders; expected "
                         "ROOT/<class name>/<image files>")
     classnames = folder_classnames(root, folders)
-    templates = list(templates) if templates else folder_templates(root)
+    templates = list(templates) if templates else read_templates(root)
     files = [(label, f) for label, folder in enumerate(folders)
              for f in sorted(folder.rglob("*"))
              if f.is_file() and all(_visible(p) for p in f.relative_to(folder).parts)]
 
     skipped = SkipReport()
     images, labels = [], []
-    size = (image_size, image_size) if image_size else None
     for label, file in tqdm(files, desc=f"read {root.name}", disable=not progress, leave=False):
         try:
-            with Image.open(file) as im:
-                image = im.convert("RGB")
-        except _PIL_ERRORS:
+            images.append(decode_image(file, image_size))
+        except UnreadableImage:
             skipped.add("unreadable_image", str(file))
             continue
-        size = size or image.size
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        images.append(np.asarray(image))
         labels.append(label)
     if not images:
         raise DataError(f"image folder {root}: no readable image in {len(files)} files "
                         f"({skipped.summary()})")
-    return LabelledImages(torch.from_numpy(np.stack(images)), torch.tensor(labels),
+    return LabelledImages(stack_images(images), torch.tensor(labels),
                           classnames, templates, name=root.name, skipped=skipped)

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from cliplab.data.images import UnreadableImage, decode_image, stack_images
+from cliplab.data.prompt_files import DEFAULT_TEMPLATES
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
 
@@ -28,9 +28,6 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".parquet":
 IMAGE_COLUMNS = ("image", "path", "filepath", "image_path")
 CAPTION_COLUMNS = ("caption", "text")
 LABEL_COLUMNS = ("label", "class")
-DEFAULT_TEMPLATES = ["a photo of a {}."]
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_BILINEAR = Image.Resampling.BILINEAR
 
 
 def _one_line(error: Exception) -> str:
@@ -109,6 +106,17 @@ def read_manifest_rows(path: str | os.PathLike) -> list[dict]:
     return _read_table(Path(path))[0]
 
 
+def manifest_captions(path: str | os.PathLike, caption_col: str | None = None) -> list[str]:
+    """The caption column of a manifest, read without decoding any image."""
+    rows, _, columns = _read_table(Path(path))
+    col = caption_col or next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if col is None or col not in columns:
+        raise DataError(f"{path}: no caption column (looked for "
+                        f"{caption_col or ', '.join(CAPTION_COLUMNS)}; found: "
+                        f"{', '.join(columns) or 'none'}); pass caption_col")
+    return ["" if r.get(col) is None else str(r[col]) for r in rows]
+
+
 def _column(columns: list[str], given: str | None, names: Sequence[str], flag: str, where: str,
             required: bool = True) -> str | None:
     """The column named ``given``, else the first of ``names`` present; ``DataError`` if required."""
@@ -177,6 +185,7 @@ class ManifestDataset(Dataset):
         if image_size is not None and image_size < 1:
             raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
         rows, locations, columns = _read_table(self.path)
+        self.rows = rows
         if not rows:
             raise DataError(f"{self.path}: manifest has no rows; add one row per image")
         where = str(self.path) if self.path.suffix.lower() == ".parquet" else f"{self.path}:line 1"
@@ -207,20 +216,18 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def load_image(self, i: int) -> tuple[Image.Image | None, str | None]:
-        """The RGB PIL image of sample ``i`` (resized to ``image_size`` if set), or None and why not."""
+    def load_image(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        """Sample ``i``'s image as uint8 ``[H, W, 3]`` (resized to ``image_size`` if set), or
+        None and why not."""
         if self.targets[i] is None:
             return None, self._bad
         path = self.paths[i]
         if path is None or not path.is_file():
             return None, "missing_file"
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except _PIL_ERRORS:
+            return decode_image(path, self.image_size), None
+        except UnreadableImage:
             return None, "unreadable_image"
-        size = (self.image_size, self.image_size) if self.image_size else image.size
-        return (image if image.size == size else image.resize(size, _BILINEAR)), None
 
     def try_load(self, i: int, report: SkipReport | None = None) -> tuple[torch.Tensor, str | int] | None:
         """Sample ``i`` as ``(uint8 [H, W, 3], target)``, or None (recorded in ``report``) if unusable."""
@@ -229,13 +236,13 @@ class ManifestDataset(Dataset):
             if report is not None:
                 report.add(reason, self.keys[i])
             return None
-        return torch.from_numpy(np.array(image, dtype=np.uint8)), self.targets[i]
+        return image, self.targets[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str | int]:
         image, reason = self.load_image(i)
         if image is None:
             raise DataError(f"{self.keys[i]}: unusable sample ({reason}); use try_load() to skip bad samples")
-        return torch.from_numpy(np.array(image, dtype=np.uint8)), self.targets[i]
+        return image, self.targets[i]
 
 
 def load_manifest(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None,
@@ -250,21 +257,16 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto", image_size: int |
     """
     data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)
     report = SkipReport()
-    images, targets, size = [], [], None
+    images, targets = [], []
     for i in tqdm(range(len(data)), desc=f"decoding {data.path.name}", unit="img", disable=not progress):
-        image, reason = data.load_image(i)
-        if image is None:
-            report.add(reason, data.keys[i])
-            continue
-        size = size or image.size
-        if image.size != size:
-            image = image.resize(size, _BILINEAR)
-        images.append(torch.from_numpy(np.array(image, dtype=np.uint8)))
-        targets.append(data.targets[i])
+        sample = data.try_load(i, report)
+        if sample is not None:
+            images.append(sample[0])
+            targets.append(sample[1])
     if not images:
         raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
                         f"check the image paths (relative to {data.path.parent}) and the caption/label column")
-    stacked, name = torch.stack(images), data.path.stem
+    stacked, name = stack_images(images), data.path.stem
     if data.kind == "pairs":
         return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report)
     return LabelledImages(stacked, torch.tensor(targets, dtype=torch.int64), data.classnames,

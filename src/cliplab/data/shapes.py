@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.errors import DataError
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -256,6 +256,14 @@ def caption(scene: Scene) -> str:
     return captions(scene)[0]
 
 
+def render_all(scenes: Sequence[Scene], image_size: int) -> torch.Tensor:
+    """uint8 ``[N, image_size, image_size, 3]`` of every scene rendered."""
+    images = np.zeros((len(scenes), image_size, image_size, 3), np.uint8)
+    for i, scene in enumerate(scenes):
+        images[i] = render(scene)
+    return torch.from_numpy(images)
+
+
 def load_shapes_with_scenes(n: int = 2000, seed: int = 0, kinds: Sequence[str] = KINDS,
                             image_size: int = 64, colors: Sequence[str] | None = None,
                             shapes: Sequence[str] | None = None
@@ -265,14 +273,12 @@ def load_shapes_with_scenes(n: int = 2000, seed: int = 0, kinds: Sequence[str] =
     ``groups`` joins images whose caption lists are identical (each one's texts fit the other).
     """
     scenes = sample_scenes(n, seed, kinds, colors, shapes, image_size)
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
     texts, group_ids = [], {}
-    for i, scene in enumerate(scenes):
-        images[i] = render(scene)
+    for scene in scenes:
         texts.append(captions(scene))
         group_ids.setdefault(tuple(texts[-1]), len(group_ids))
     groups = torch.tensor([group_ids[tuple(t)] for t in texts], dtype=torch.int64)
-    return ImageTextPairs(torch.from_numpy(images), texts, groups, name="shapes"), scenes
+    return ImageTextPairs(render_all(scenes, image_size), texts, groups, name="shapes"), scenes
 
 
 def load_shapes(n: int = 2000, seed: int = 0, kinds: Sequence[str] = KINDS,
@@ -298,10 +304,43 @@ def shapes_classification(n: int = 2000, seed: int = 0, attribute: str = "shape"
         classnames = _check_names(COLORS if colors is None else colors, COLORS, "colour")
     else:
         classnames = _check_names(SHAPES if shapes is None else shapes, SHAPES, "shape")
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    for i, scene in enumerate(scenes):
-        images[i] = render(scene)
     labels = torch.tensor([classnames.index(getattr(s.objects[0], attribute)) for s in scenes],
                           dtype=torch.int64)
-    return LabelledImages(torch.from_numpy(images), labels, classnames,
+    return LabelledImages(render_all(scenes, image_size), labels, classnames,
                           list(_TEMPLATES[attribute]), name=f"shapes-{attribute}")
+
+
+MULTILABEL_TEMPLATES = {"color": ["a {} shape.", "a {} object.", "something coloured {}."],
+                        "shape": ["a {}.", "a {} shape.", "a drawing of a {}."]}
+
+
+def shapes_multilabel(n: int = 1000, seed: int = 0, attribute: str = "color",
+                      kinds: Sequence[str] = ("relation",), image_size: int = 64,
+                      colors: Sequence[str] | None = None,
+                      shapes: Sequence[str] | None = None) -> MultiLabelImages:
+    """Scenes labelled by every ``attribute`` value (colour or shape) they show."""
+    if attribute not in MULTILABEL_TEMPLATES:
+        raise DataError(f"shapes: multi-label attribute must be one of "
+                        f"{sorted(MULTILABEL_TEMPLATES)}, got {attribute!r}")
+    scenes = sample_scenes(n, seed, kinds, colors, shapes, image_size)
+    classnames = list(colors or COLORS) if attribute == "color" else list(shapes or SHAPES)
+    targets = torch.zeros(n, len(classnames), dtype=torch.bool)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            targets[i, classnames.index(getattr(obj, attribute))] = True
+    return MultiLabelImages(render_all(scenes, image_size), targets, classnames,
+                            list(MULTILABEL_TEMPLATES[attribute]),
+                            name=f"shapes-multi-{attribute}")
+
+
+def shapes_source(attribute: str | None = None, multilabel: bool = False,
+                  **kw) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+    """The ``shapes`` data source: scenes as pairs, as labelled images by ``attribute``
+    (shape / color), or with ``multilabel: true`` as multi-label images (every colour/shape in
+    a scene)."""
+    if multilabel:
+        return shapes_multilabel(attribute=attribute or "color", **kw)
+    if attribute is None:
+        return load_shapes(**kw)
+    kw.pop("kinds", None)
+    return shapes_classification(attribute=attribute, **kw)

@@ -1,62 +1,55 @@
-"""Data sources by name, as a config writes them: ``{source: shapes, n: 4000, seed: 1}``."""
+"""Data sources by name, as a config writes them: ``{source: shapes, n: 4000, seed: 1}``.
+
+A source is one function (its keyword arguments are the spec's options) returning labelled
+images, image-text pairs or multi-label images. Adding one = its module + one ``SOURCES`` line
+(``"name": "module:function"``, imported only when that source is used).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from typing import Callable
 
-from cliplab.data.clip_benchmark import load_clip_benchmark
-from cliplab.data.digits import load_digits
-from cliplab.data.fashion_mnist import load_fashion_mnist
-from cliplab.data.image_folder import load_image_folder
-from cliplab.data.manifest import load_manifest
-from cliplab.data.multilabel import MultiLabelImages, load_multilabel_manifest, shapes_multilabel
 from cliplab.data.pairs import labelled_to_pairs, split_classes
-from cliplab.data.shard_source import load_shards
-from cliplab.data.shapes import load_shapes, shapes_classification
 from cliplab.data.shift import apply_shift, parse_shift
-from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.errors import ConfigError
 
+Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
 
-def _shapes(attribute: str | None = None, multilabel: bool = False,
-            **kw) -> LabelledImages | ImageTextPairs | MultiLabelImages:
-    """`shapes` scenes as pairs, as labelled images by ``attribute`` (shape / color), or with
-    ``multilabel: true`` as multi-label images (every colour/shape in a scene)."""
-    if multilabel:
-        return shapes_multilabel(attribute=attribute or "color", **kw)
-    if attribute is None:
-        return load_shapes(**kw)
-    kw.pop("kinds", None)
-    return shapes_classification(attribute=attribute, **kw)
-
-
-SOURCES: dict[str, Callable[..., LabelledImages | ImageTextPairs | MultiLabelImages]] = {
-    "fashion-mnist": load_fashion_mnist,
-    "digits": load_digits,
-    "shapes": _shapes,
-    "manifest": load_manifest,
-    "clip-benchmark": load_clip_benchmark,
-    "shards": load_shards,
-    "image-folder": load_image_folder,
-    "multilabel-manifest": load_multilabel_manifest,
+SOURCES: dict[str, str] = {
+    "fashion-mnist": "cliplab.data.fashion_mnist:load_fashion_mnist",
+    "digits": "cliplab.data.digits:load_digits",
+    "shapes": "cliplab.data.shapes:shapes_source",
+    "manifest": "cliplab.data.manifest:load_manifest",
+    "clip-benchmark": "cliplab.data.clip_benchmark:load_clip_benchmark",
+    "shards": "cliplab.data.shards.read:load_shards",
+    "image-folder": "cliplab.data.image_folder:load_image_folder",
+    "multilabel-manifest": "cliplab.data.multilabel:load_multilabel_manifest",
 }
 
 
-def load_source(spec: dict) -> LabelledImages | ImageTextPairs:
+def source_loader(name: str) -> Callable[..., Dataset]:
+    """The function behind source ``name``; ``ConfigError`` for an unknown name."""
+    if name not in SOURCES:
+        raise ConfigError(f"unknown data source {name!r}; choose one of: {', '.join(SOURCES)}")
+    module, _, function = SOURCES[name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def load_source(spec: dict) -> Dataset:
     """Load the dataset a spec names; ``holdout`` (a list of class names) drops those classes;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
     the images, seeded by ``shift_seed``."""
     spec = dict(spec)
     name = spec.pop("source", None)
-    if name not in SOURCES:
-        raise ConfigError(f"unknown data source {name!r}; choose one of: {', '.join(SOURCES)}")
+    fn = source_loader(name)
     holdout = spec.pop("holdout", None)
     shift, shift_seed = spec.pop("shift", None), spec.pop("shift_seed", 0)
     if shift is not None:
         parse_shift(shift)  # a bad shift fails before a slow load
-    fn = SOURCES[name]
     params = inspect.signature(fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(spec) - set(params))

@@ -1,4 +1,5 @@
-"""The two kinds of dataset every cliplab stage speaks: labelled images and image-text pairs.
+"""The kinds of dataset every cliplab stage speaks: labelled images and image-text pairs (and
+multi-label images, for multi-label evaluation).
 
 Images are uint8 tensors laid out ``[N, H, W, C]`` (C is 1 or 3) so that small sets live in
 memory and batches are preprocessed on whole tensors; large sets stream through the same
@@ -40,6 +41,11 @@ class SkipReport:
         return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}
 
 
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+
+
 @dataclass
 class LabelledImages:
     """Images with integer labels, the class names and the prompt templates of the set.
@@ -58,8 +64,7 @@ class LabelledImages:
     descriptions: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        _check_images(self.images)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
@@ -97,10 +102,35 @@ class ImageTextPairs:
     skipped: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
-            raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+        _check_images(self.images)
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+@dataclass
+class MultiLabelImages:
+    """Images with a multi-hot ``targets`` matrix ``[N, C]`` (bool), class names and templates."""
+
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    targets: torch.Tensor  # bool [N, num_classes]
+    classnames: list[str]
+    templates: list[str]
+    name: str = "multilabel"
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+    def __post_init__(self) -> None:
+        _check_images(self.images)
+        if self.targets.shape != (len(self.images), len(self.classnames)):
+            raise ValueError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
+                             f"got {list(self.targets.shape)}")
+        self.targets = self.targets.bool()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def prompt_names(self) -> list[str]:
+        return self.classnames

@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from scipy.stats import linregress
 
-from cliplab.data.concept_frequency import count_concepts, manifest_captions
-from cliplab.data.sources import as_labelled, as_pairs, load_source
+from cliplab.data.manifest import manifest_captions
+from cliplab.data.sources import as_pairs, load_source
 from cliplab.errors import ConfigError
-from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
-
-TASK_KEYS = {"name", "task", "data", "train_data", "concepts"}
-
-
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
-                       classnames: list[str]) -> dict[str, float]:
-    """Top-1 accuracy (recall) of each class that has test samples."""
-    pred = logits.argmax(1)
-    return {name: (pred[labels == c] == c).float().mean().item()
-            for c, name in enumerate(classnames) if (labels == c).any()}
 
 
 def log_linear_fit(frequencies: list[float], accuracies: list[float]) -> dict:
@@ -70,29 +58,3 @@ def training_captions(spec: dict, where: str) -> list[list[str]]:
                               f"(got {sorted(spec)})")
         return [[c] for c in manifest_captions(spec["path"], spec.get("caption_col"))]
     return as_pairs(load_source(spec)).captions
-
-
-def run_long_tail_task(model, task: dict, name: str, cache, progress: bool = True,
-                       precision: str = "fp32") -> dict:
-    """The suite's ``long_tail`` task: zero-shot on ``data``, concept counts in
-    ``train_data``; ``concepts`` (one per class) overrides the class names as search terms."""
-    if not isinstance(task.get("data"), dict):
-        raise ConfigError(f"task {name!r} needs data: a labelled source such as "
-                          "{source: shapes, attribute: color, n: 800}")
-    data = as_labelled(load_source(task["data"]), f"task {name!r} data")
-    captions = training_captions(task.get("train_data"), f"task {name!r} train_data")
-    concepts = task.get("concepts") or data.classnames
-    if len(concepts) != len(data.classnames):
-        raise ConfigError(f"task {name!r}: {len(concepts)} concepts for "
-                          f"{len(data.classnames)} classes; give one per class")
-    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}",
-                           precision=precision)
-    classifier = zeroshot_classifier(model, data.prompt_names, data.templates, cache.texts,
-                                     precision)
-    acc = per_class_accuracy(zeroshot_logits(feats.embeddings, classifier), data.labels,
-                             data.classnames)
-    table = count_concepts(captions, concepts)
-    freq = dict(zip(data.classnames, table.counts))
-    out = long_tail_analysis(acc, freq)
-    out["n_train_samples"] = table.n_samples
-    return out

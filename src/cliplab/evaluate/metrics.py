@@ -20,6 +20,24 @@ def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor,
     return torch.stack(recalls).mean().item()
 
 
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
+                       classnames: list[str]) -> dict[str, float]:
+    """Top-1 accuracy (recall) of each class that has test samples, by class name."""
+    pred = logits.argmax(1)
+    return {name: (pred[labels == c] == c).float().mean().item()
+            for c, name in enumerate(classnames) if (labels == c).any()}
+
+
+def restrict_classes(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only ``classes`` compete and only their samples count: logits ``[M, len(classes)]``
+    and labels relabelled to positions within ``classes``."""
+    classes_t = torch.as_tensor(list(classes))
+    keep = torch.isin(labels, classes_t)
+    labels = (labels[keep][:, None] == classes_t[None, :]).float().argmax(dim=1)
+    return logits[keep][:, classes_t], labels
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """acc1, acc5 and mean per-class recall of ``logits [N, C]`` against integer ``labels``."""
     pred = logits.argmax(dim=1)

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from cliplab.data.multilabel import MultiLabelImages
-from cliplab.data.sources import load_source
-from cliplab.errors import ConfigError
-from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -44,10 +40,10 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
     return ap.nanmean().item()
 
 
-def multilabel_zeroshot_metrics(image_embeddings: torch.Tensor, targets: torch.Tensor,
-                                classifier: torch.Tensor, classnames: list[str]) -> dict:
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, classnames: list[str]
+                       ) -> dict:
     """``mean_average_precision``, per-class AP and the number of classes scored."""
-    ap = average_precision(zeroshot_logits(image_embeddings, classifier), targets)
+    ap = average_precision(scores, targets)
     scored = ~torch.isnan(ap)
     if not scored.any():
         raise ValueError("no class has a positive sample; mAP is undefined")
@@ -55,28 +51,3 @@ def multilabel_zeroshot_metrics(image_embeddings: torch.Tensor, targets: torch.T
             "per_class_ap": {name: ap[i].item() for i, name in enumerate(classnames)
                              if scored[i]},
             "n_classes": int(scored.sum())}
-
-
-TASK_KEYS = {"name", "task", "data"}
-
-
-def run_multilabel_task(model, task: dict, name: str, cache, progress: bool = True,
-                        precision: str = "fp32") -> dict:
-    """The suite's ``multilabel_zeroshot`` task on a multi-label ``data`` spec."""
-    spec = task.get("data")
-    if not isinstance(spec, dict):
-        raise ConfigError(f"task {name!r} needs data: a multi-label source such as "
-                          "{source: shapes, multilabel: true, n: 500}")
-    data = load_source(spec)
-    if not isinstance(data, MultiLabelImages):
-        raise ConfigError(f"task {name!r}: data must be multi-label (shapes with multilabel: "
-                          "true, or multilabel-manifest)")
-    feats = cache.features(model, data.images, progress=progress, desc=f"encode {name}",
-                           precision=precision)
-    classifier = zeroshot_classifier(model, data.prompt_names, data.templates, cache.texts,
-                                     precision)
-    try:
-        return multilabel_zeroshot_metrics(feats.embeddings, data.targets, classifier,
-                                           data.classnames)
-    except ValueError as err:
-        raise ConfigError(f"task {name!r}: {err}") from None

@@ -15,14 +15,25 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cliplab.config import check_keys
+from cliplab.config import Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.evaluate.report_plots import (is_few_shot, is_long_tail, plot_few_shot,
                                            plot_long_tail, plot_training, slug)
 
-CONFIG_KEYS = {"title", "names", "plots"}
 MISSING = "—"
+
+
+class ReportConfig(Section):
+    """`cliplab report`'s settings: ``inputs`` (results JSON files and run folders, or
+    ``--inputs``), ``out`` (the report folder, or ``--out``), ``title``, ``names`` (one label
+    per input) and ``plots`` (false: tables only)."""
+
+    inputs: list[str] = []
+    out: str | None = None
+    title: str = "cliplab report"
+    names: list[str] | None = None
+    plots: bool = True
 
 
 @dataclass
@@ -172,22 +183,23 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
     return "\n".join(parts) + "\n"
 
 
-def write_report(inputs: list[str | Path], out: str | Path, config: dict | None = None,
+def write_report(inputs: list[str | Path], out: str | Path,
+                 config: ReportConfig | dict | None = None,
                  progress: bool = True) -> dict[str, Path]:
-    """Read ``inputs`` (results JSON files / run folders) and write ``out/report.md``,
-    ``out/report.html`` and ``out/plots/*.png``; returns their paths."""
-    config = dict(config or {})
-    check_keys(config, CONFIG_KEYS, "the report config")
-    names = config.get("names")
-    if names is not None and not isinstance(names, list):
-        raise ConfigError("report config 'names' must be a list, one label per input")
-    sources = read_inputs(list(inputs), names)
-    title = str(config.get("title") or "cliplab report")
+    """Read ``inputs`` (results JSON files / run folders; none given: the config's) and write
+    ``out/report.md``, ``out/report.html`` and ``out/plots/*.png``; returns their paths."""
+    if not isinstance(config, ReportConfig):
+        config = validate(ReportConfig, config or {}, "the report config")
+    inputs = list(inputs) or list(config.inputs)
+    if not inputs:
+        raise ConfigError("say what to report: --inputs RESULTS.json RUN_FOLDER ...")
+    sources = read_inputs(inputs, config.names)
+    title = config.title
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(sources)
     figures = build_figures(sources, out_dir / "plots", progress) \
-        if config.get("plots", True) else []
+        if config.plots else []
     md = out_dir / "report.md"
     md.write_text(render_markdown(title, sources, tables, figures, out_dir), encoding="utf-8")
     page = out_dir / "report.html"

@@ -8,12 +8,10 @@ them, merges and writes a normal model folder plus ``merge.json``.
 """
 
 from cliplab.merge.model_stock import model_stock, model_stock_ratio
-from cliplab.merge.origin import read_origin, record_origin, weights_fingerprint
 from cliplab.merge.soup import GreedySoup, greedy_soup, uniform_soup
 from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
 from cliplab.merge.ties import disjoint_mean, elect_sign, ties_merge, trim_top_fraction
 
 __all__ = ["GreedySoup", "apply_task_vector", "combine_task_vectors", "disjoint_mean",
-           "elect_sign", "greedy_soup", "model_stock", "model_stock_ratio", "read_origin",
-           "record_origin", "task_vector", "ties_merge", "trim_top_fraction", "uniform_soup",
-           "weights_fingerprint"]
+           "elect_sign", "greedy_soup", "model_stock", "model_stock_ratio", "task_vector",
+           "ties_merge", "trim_top_fraction", "uniform_soup"]

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from cliplab.errors import ModelError
-from cliplab.merge.origin import read_origin, weights_fingerprint
 from cliplab.merge.state import check_same_keys
-from cliplab.models.dual_encoder import CLIPLAB_FILE, DualEncoder
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights_fingerprint,
+                                  write_origin)
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
 # tensor; a saved dtype field changes when a model is loaded and saved again)
@@ -46,8 +47,7 @@ def load_ingredient(path: str | Path) -> Ingredient:
     model = DualEncoder.load(path)
     state = {k: v.detach() for k, v in model.model.state_dict().items()}
     config = json.loads((path / "config.json").read_text())
-    meta_file = path / CLIPLAB_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_meta(path)
     return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path))
 
 
@@ -124,9 +124,6 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
                          f"{str(err).splitlines()[0]}") from None
     model.save(out)
     if origin and origin.get("fingerprint"):
-        meta_file = out / CLIPLAB_FILE
-        meta = json.loads(meta_file.read_text())
-        meta["base"] = {"path": origin.get("path"), "fingerprint": origin["fingerprint"]}
-        meta_file.write_text(json.dumps(meta, indent=2))
+        write_origin(out, origin.get("path"), origin["fingerprint"])
     (out / "merge.json").write_text(json.dumps(record, indent=2))
     return out

@@ -15,20 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PreTrainedModel, SiglipModel,
-                          VisionTextDualEncoderModel)
+from transformers import PreTrainedModel
 
 from cliplab.errors import ModelError
+from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
+from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
+                                     write_processor_config)
+from cliplab.models.loading import MODEL_CLASSES, load_config, load_tokenizer, load_weights
 from cliplab.models.pooled_towers import (clip_image_pooled, clip_text_pooled,
                                           supports_pooled_forward)
 from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
-
-MODEL_CLASSES = {
-    "clip": CLIPModel,
-    "siglip": SiglipModel,
-    "vision-text-dual-encoder": VisionTextDualEncoderModel,
-}
-CLIPLAB_FILE = "cliplab.json"
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +82,8 @@ class DualEncoder(nn.Module):
         """Token ids and attention mask for ``texts``, padded to the model's context length."""
         padding = "max_length" if self.kind == "siglip" else "longest"
         enc = self.tokenizer(list(texts), padding=padding, truncation=True,
-                             max_length=self.context_length, return_tensors="pt")
+                             max_length=self.context_length, return_attention_mask=True,
+                             return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def preprocess(self, images, train: bool = False, generator: torch.Generator | None = None,
@@ -288,39 +285,42 @@ class DualEncoder(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, state_dict: dict | None = None) -> Path:
-        """Write a plain HF model folder (safetensors) plus tokenizer and ``cliplab.json``
+        """Write a plain HF model folder (safetensors) plus tokenizer, the image processor
+        config transformers' pipelines read, a model card and ``cliplab.json``
         (``state_dict``: the weights to write instead of the module's, e.g. gathered from
         FSDP shards)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
-        meta = {"preprocess": self.preprocess_config.to_dict(), "text_pooling": self.text_pooling,
-                "context_length": self.context_length}
-        (path / CLIPLAB_FILE).write_text(json.dumps(meta, indent=2))
+        if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
+            _set_tokenizer_inputs(path, ["input_ids"])
+        write_processor_config(path, self.preprocess_config)
+        write_model_card(path, self.kind, self.text_pooling, self.context_length)
+        write_meta(path, {"preprocess": self.preprocess_config.to_dict(),
+                          "text_pooling": self.text_pooling,
+                          "context_length": self.context_length})
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
-        """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder."""
+        """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder;
+        an unreadable or inconsistent folder is a one-line `ModelError` naming the file."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model folder (no config.json); give a folder "
-                             "written by `cliplab` or HF `save_pretrained`, or a preset name")
-        config = AutoConfig.from_pretrained(path)
-        model_cls = MODEL_CLASSES.get(config.model_type)
-        if model_cls is None:
-            raise ModelError(f"{path}: model type {config.model_type!r} is not a dual encoder "
-                             f"cliplab handles ({', '.join(sorted(MODEL_CLASSES))})")
-        model = model_cls.from_pretrained(path).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        meta_file = path / CLIPLAB_FILE
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            pre = PreprocessConfig.from_dict(meta["preprocess"])
-            return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
-                       meta.get("context_length")).eval()
-        return cls(model, tokenizer, _preprocess_from_hf(path, config)).eval()
+        config = load_config(path)
+        model = load_weights(path, config).to(device)
+        tokenizer = load_tokenizer(path)
+        meta = read_meta(path)
+        if "preprocess" in meta:
+            try:
+                pre = PreprocessConfig.from_dict(meta["preprocess"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ModelError(f"{path / CLIPLAB_FILE}: bad 'preprocess' record "
+                                 f"({type(err).__name__}: {err})") from None
+        else:
+            pre = preprocess_from_processor_config(path, config.vision_config.image_size)
+        return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
+                   meta.get("context_length")).eval()
 
 
 @contextlib.contextmanager
@@ -334,20 +334,12 @@ def evaluating(module: nn.Module):
         module.train(was_training)
 
 
-def _preprocess_from_hf(path: Path, config) -> PreprocessConfig:
-    """Read size/mean/std from an HF ``preprocessor_config.json`` when the folder has one."""
-    size = config.vision_config.image_size
-    pre = PreprocessConfig(image_size=size)
-    file = path / "preprocessor_config.json"
-    if file.is_file():
-        d = json.loads(file.read_text())
-        crop = d.get("crop_size") or d.get("size") or size
-        if isinstance(crop, dict):
-            crop = crop.get("height") or crop.get("shortest_edge") or size
-        pre.image_size = int(crop)
-        pre.mean = tuple(d.get("image_mean", pre.mean))
-        pre.std = tuple(d.get("image_std", pre.std))
-    return pre
+def _set_tokenizer_inputs(folder: Path, names: list[str]) -> None:
+    """Record in the saved ``tokenizer_config.json`` which inputs the tokenizer returns."""
+    file = folder / "tokenizer_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    config["model_input_names"] = names
+    file.write_text(json.dumps(config, indent=2))
 
 
 def _clip_eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

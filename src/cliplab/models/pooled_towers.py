@@ -64,7 +64,7 @@ def clip_image_pooled(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Ten
     *blocks, last = tower.encoder.layers
     for block in blocks:
         hidden = block(hidden, None)
-    cls = torch.zeros(len(hidden), dtype=torch.long, device=hidden.device)
+    cls = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)  # traceable
     return tower.post_layernorm(last_block_at(last, hidden, cls))
 
 

@@ -30,12 +30,18 @@ class AugmentConfig:
 
 @dataclass
 class PreprocessConfig:
-    """How a model wants its pixels: output size, normalisation, and train augmentation."""
+    """How a model wants its pixels: output size, normalisation, and train augmentation.
+
+    ``resize_mode``: ``shortest`` (shorter side to ``image_size``, centre crop), ``squash``
+    (both sides to ``image_size``) or ``longest`` (longer side to ``image_size``, padded with
+    black), as OpenCLIP names them; ``interpolation``: ``bilinear`` or ``bicubic``."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resize_mode: str = "shortest"
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +52,8 @@ class PreprocessConfig:
         aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in d.pop("augment", {}).items()})
         return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   augment=aug)
+                   augment=aug, resize_mode=d.get("resize_mode", "shortest"),
+                   interpolation=d.get("interpolation", "bilinear"))
 
 
 def to_uint8_batch(images) -> torch.Tensor:
@@ -73,15 +80,35 @@ def to_float_rgb(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bilinear, antialiased) and crop the centre square."""
+RESIZE_MODES = ("shortest", "squash", "longest")
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_center_crop(x: torch.Tensor, size: int, mode: str = "shortest",
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    """A ``size`` square: the shorter side resized to ``size`` (antialiased) and the centre
+    cropped (``mode="shortest"``); or both sides resized (``"squash"``); or the longer side
+    resized and the rest padded with zeros (``"longest"``)."""
+    if mode not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES} and interpolation one of "
+                         f"{INTERPOLATIONS}, not {mode!r} / {interpolation!r}")
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+    if mode == "squash":
+        x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False,
+                          antialias=min(h, w) > size)
+        return x.clamp_(0, 1) if interpolation == "bicubic" else x
+    scale = size / (min(h, w) if mode == "shortest" else max(h, w))
+    bound = max if mode == "shortest" else min
+    nh, nw = bound(size, round(h * scale)), bound(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode=interpolation, align_corners=False,
                       antialias=scale < 1)
+    if interpolation == "bicubic":  # bicubic overshoots; PIL's uint8 output is clamped too
+        x = x.clamp_(0, 1)
+    if mode == "longest":
+        top, left = (size - nh) // 2, (size - nw) // 2
+        return F.pad(x, (left, size - nw - left, top, size - nh - top))
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[..., top:top + size, left:left + size]
 
@@ -121,7 +148,8 @@ class ImagePreprocessor:
                  augment: AugmentConfig | None = None) -> torch.Tensor:
         """Pixel values; with ``train`` the random augmentation (``augment`` or the config's)."""
         x = to_float_rgb(to_uint8_batch(images))
-        x = resize_center_crop(x, self.config.image_size)
+        cfg = self.config
+        x = resize_center_crop(x, cfg.image_size, cfg.resize_mode, cfg.interpolation)
         if train:
             # Fill with the border colour so augmented images keep their background.
             fill = x[:, :, 0, 0].median(dim=0).values

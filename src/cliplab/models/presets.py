@@ -138,17 +138,13 @@ PRESETS: dict[str, Callable[..., DualEncoder]] = {
     "tiny-clip": tiny_clip, "tiny-siglip": tiny_siglip, "lit-minilm": lit_minilm}
 
 
-def build_model(name_or_path: str, **overrides) -> DualEncoder:
-    """A preset by name (with keyword overrides) or a saved model folder by path."""
-    if name_or_path in PRESETS:
-        try:
-            return PRESETS[name_or_path](**overrides)
-        except TypeError as err:
-            raise ModelError(f"bad option for preset {name_or_path!r}: {err}") from None
-    if Path(name_or_path).exists():
-        if overrides:
-            raise ModelError(f"options {sorted(overrides)} only apply to presets, not to the "
-                             f"saved model {name_or_path}")
-        return DualEncoder.load(name_or_path)
-    raise ModelError(f"unknown model {name_or_path!r}: give a preset "
-                     f"({', '.join(PRESETS)}) or the path of a saved model folder")
+def build_model(name: str, **options) -> DualEncoder:
+    """A fresh model of preset ``name`` with keyword ``options`` (folders, checkpoints, runs
+    and Hub ids: `cliplab.models.resolve.load_model`)."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)} (a model "
+                         "folder, run or Hub id loads with cliplab.models.resolve.load_model)")
+    try:
+        return PRESETS[name](**options)
+    except TypeError as err:
+        raise ModelError(f"bad option for preset {name!r}: {err}") from None

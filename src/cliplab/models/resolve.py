@@ -1,18 +1,132 @@
-"""The one resolver behind every command and config that names a model."""
+"""The one resolver behind every command and config that names a model.
+
+A model spec (`cliplab.models.spec.ModelSpec`) names, in the order tried:
+
+1. a preset (``tiny-clip``, ...), built fresh with the spec's ``options``;
+2. an existing path: a model folder (cliplab's, or a plain HF CLIP / SigLIP /
+   VisionTextDualEncoder folder), a checkpoint folder (``…/checkpoints/step-N``, holding
+   ``model/``) or a run folder (its newest complete checkpoint);
+   an OpenCLIP checkpoint (converted on the way in) or an ONNX export (`cliplab export
+   --format onnx`: an `OnnxEncoder` with the same encode/preprocess face, for inference);
+3. a Hugging Face Hub id (``openai/clip-vit-base-patch32``), read from transformers' own cache
+   (``$HF_HUB_CACHE``), so it works offline (``HF_HUB_OFFLINE=1``) once fetched.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cliplab.errors import ModelError
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.presets import build_model
+from cliplab.models.presets import PRESETS, build_model
 from cliplab.models.spec import ModelSpec, model_spec
+from cliplab.runs import CHECKPOINTS, latest_checkpoint
+
+MODEL_DIR = "model"  # a checkpoint folder's model folder
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
 def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = "cpu"
                ) -> DualEncoder:
     """A `DualEncoder` from a model spec (preset, model/checkpoint/run folder, Hub id)."""
     spec = model_spec(spec)
-    return build_model(spec.name, **spec.options).to(device)
+    if spec.name in PRESETS:
+        return build_model(spec.name, **spec.options).to(device)
+    if spec.options:
+        raise ModelError(f"model options {sorted(spec.options)} only apply to presets "
+                         f"({', '.join(PRESETS)}), not to {spec.name}")
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        from cliplab.models.convert import is_openclip_checkpoint, load_openclip
+        from cliplab.models.onnx_encoder import is_onnx_export, load_onnx
+
+        if is_onnx_export(path):
+            return load_onnx(path)
+        if is_openclip_checkpoint(path):
+            return load_openclip(path, device=device)
+    return DualEncoder.load(resolve_model_path(spec), device=device)
+
+
+def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
+    """The model folder a non-preset spec names (a folder, checkpoint, run or Hub id)."""
+    spec = model_spec(spec)
+    if spec.name in PRESETS:
+        raise ModelError(f"{spec.name!r} is a preset, built in memory: it has no folder")
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        return model_folder(path)
+    if is_hub_id(spec.name):
+        return hub_snapshot(spec.name)
+    raise ModelError(f"unknown model {spec.name!r}: give a preset ({', '.join(PRESETS)}), a "
+                     "model, checkpoint or run folder, or a Hugging Face Hub id (org/name)")
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model folder behind ``path``: a model folder itself, a checkpoint folder (``…/step-N``,
+    holding ``model/``) or a run folder (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / MODEL_DIR).is_dir():
+        return path / MODEL_DIR
+    if (path / CHECKPOINTS).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ModelError(f"run folder {path} has no complete checkpoint yet "
+                             f"({CHECKPOINTS}/step-N)")
+        if not (latest / MODEL_DIR).is_dir():
+            held = ", ".join(sorted(p.name for p in latest.iterdir())) or "nothing"
+            raise ModelError(f"{latest} holds no {MODEL_DIR}/ folder (it holds {held}): give "
+                             "a run whose checkpoints are whole models")
+        return latest / MODEL_DIR
+    return path
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` that is not a relative path written as one (``./x/y``, ``x/y/z``)."""
+    return bool(HUB_ID.match(name)) and not name.startswith(".")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of Hub model ``repo_id`` in the Hugging Face cache; fetched
+    first when it is not cached and the Hub may be reached (``HF_HUB_OFFLINE`` unset)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as err:  # noqa: BLE001 - a damaged cache entry: say which
+        raise ModelError(f"Hugging Face cache entry of {repo_id} in {cache} cannot be read "
+                         f"({type(err).__name__}: {err})") from None
+    if hub_offline():
+        raise ModelError(f"{repo_id} is neither a folder here nor in the Hugging Face cache "
+                         f"({cache}), and HF_HUB_OFFLINE=1: fetch it once with `hf download "
+                         f"{repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab fetch it)")
+    return _download(repo_id, cache)
+
+
+def _download(repo_id: str, cache: str) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # older repos hold only PyTorch weights
+            hf_hub_download(repo_id, "pytorch_model.bin", cache_dir=cache)
+    except Exception as err:  # noqa: BLE001 - network, auth, no such repo: one line
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot fetch {repo_id} from the Hugging Face Hub "
+                         f"({type(err).__name__}: {first}); with it fetched elsewhere, copy "
+                         f"the cache ({cache}) here and set HF_HUB_OFFLINE=1") from None
+    return folder

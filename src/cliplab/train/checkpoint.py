@@ -18,7 +18,7 @@ import torch
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.train import distributed, fsdp
-from cliplab.train.run_dir import RunDir
+from cliplab.runs import RunDir
 
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"

@@ -1,63 +1,69 @@
-"""`cliplab pretrain`: contrastive pretraining from a YAML recipe, with optional zero-shot
-evaluation of the result."""
+"""`cliplab pretrain`: contrastive pretraining from a YAML recipe, with an evaluation suite
+(the `cliplab eval` schema) run every ``train.eval_every`` steps and at the end."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Any
 
-from cliplab.config import check_keys
-from cliplab.data.sources import as_labelled, as_pairs, load_source
-from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
+from pydantic import field_validator
+
+from cliplab.config import Section, validate
+from cliplab.data.sources import as_pairs, load_source
+from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError
-from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-from cliplab.models.presets import build_model
+from cliplab.evaluate.suite import SuiteSpec, run_suite
+from cliplab.evaluate.tasks import TaskContext
+from cliplab.models.resolve import load_model
+from cliplab.models.spec import ModelField
 from cliplab.train import distributed
-from cliplab.train.run_dir import RunDir, default_run_dir
+from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
-from cliplab.train.trainer import TrainConfig, Trainer
-
-TOP_KEYS = {"model", "data", "train", "eval", "out"}
-
-
-def model_folder(path: str | Path) -> Path:
-    """The model folder behind ``path``: a model folder itself, a checkpoint folder
-    (``…/step-N``, holding ``model/``) or a run folder (its newest checkpoint)."""
-    path = Path(path)
-    if (path / "model").is_dir():
-        return path / "model"
-    latest = RunDir(path).latest_checkpoint() if (path / "checkpoints").is_dir() else None
-    return latest / "model" if latest else path
+from cliplab.train.config import TrainConfig
+from cliplab.train.trainer import Trainer
 
 
-def model_from_config(spec: dict):
-    """``{preset: NAME, options: {...}}`` or ``{path: FOLDER}`` (a model, checkpoint or run
-    folder: continued pretraining starts from its weights with a fresh optimizer/schedule)."""
-    if not isinstance(spec, dict):
-        raise ConfigError("config key 'model' must be a mapping with 'preset' or 'path'")
-    check_keys(spec, {"preset", "options", "path"}, "section 'model'")
-    if "path" in spec:
-        return build_model(str(model_folder(spec["path"])))
-    if "preset" not in spec:
-        raise ConfigError("section 'model' needs 'preset' (e.g. tiny-clip) or 'path'")
-    return build_model(spec["preset"], **(spec.get("options") or {}))
+class PretrainData(Section):
+    """``train``: the pairs to learn from (a data spec); ``replay``: ``{ratio, <data spec>}``,
+    old pairs mixed into every batch (continued pretraining)."""
+
+    train: dict[str, Any]
+    replay: dict[str, Any] | None = None
 
 
-def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) -> dict:
-    """Train the configured model on ``data.train``; evaluate ``eval`` tasks; write the run.
+class PretrainConfig(Section):
+    """A pretraining recipe (configs/pretrain/*.yaml)."""
+
+    model: ModelField
+    data: PretrainData
+    train: TrainConfig = TrainConfig()
+    eval: SuiteSpec | None = None
+    out: str | None = None
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_is_a_suite(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            raise ValueError("eval is a suite in the `cliplab eval` schema now: use eval.tasks, "
+                             "e.g. {tasks: [{name: colour, task: zeroshot, data: {source: "
+                             "shapes, attribute: color}}]}")
+        return value
+
+
+def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
+                 progress: bool = True) -> dict:
+    """Train the configured model on ``data.train``; run the ``eval`` suite every
+    ``train.eval_every`` steps and at the end; write the run.
 
     Under ``torchrun`` each process joins the process group first (``train.dist_timeout_s``
     bounds how long a rank waits for a dead peer) and leaves it at the end; rank 0 writes."""
     start = time.time()
-    check_keys(cfg, TOP_KEYS, "the pretrain config")
-    if not isinstance(cfg.get("data"), dict) or "train" not in cfg["data"]:
-        raise ConfigError("the pretrain config needs data.train (e.g. {source: shapes, n: 4000})")
-    check_keys(cfg["data"], {"train", "replay"}, "section 'data'")
-    train_cfg = TrainConfig.from_dict({**(cfg.get("train") or {}), "progress": progress})
+    if not isinstance(cfg, PretrainConfig):
+        cfg = validate(PretrainConfig, cfg, "the pretrain config")
+    train_cfg = cfg.train.model_copy(update={"progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
-        spec = cfg["data"]["train"]
+        spec = cfg.data.train
         if isinstance(spec, dict) and spec.get("stream"):
             if spec.get("source") != "shards":
                 raise ConfigError("data.train.stream streams WebDataset shards: use "
@@ -65,25 +71,27 @@ def run_pretrain(cfg: dict, resume: str | None = None, progress: bool = True) ->
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
         else:
             pairs = as_pairs(load_source(spec))
-        replay, replay_ratio = _replay(cfg["data"].get("replay"))
-        eval_sets = _eval_sets(cfg.get("eval") or [])
-        model = model_from_config(cfg.get("model") or {})
+        replay, replay_ratio = _replay(cfg.data.replay)
+        context = TaskContext(progress=False)
+        if cfg.eval:
+            context.preload(cfg.eval.tasks)  # a bad eval source fails before training
+        model = load_model(cfg.model)
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's
-        out = cfg.get("out") or distributed.broadcast_from_rank0(default_run_dir("pretrain"))
+        out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))
         run = RunDir(out)
-        cfg = {**cfg, "out": str(run.path)}
+        cfg = cfg.model_copy(update={"out": str(run.path)})
         if distributed.rank() == 0:
-            run.write_config(cfg)
+            run.write_config(cfg.to_dict())
         trainer = Trainer(model, train_cfg, run)
         evals: dict = {}
 
         def evaluate(m) -> dict:
-            evals.update(zeroshot_evals(m, eval_sets, progress=False))
-            return {f"eval/{name}/{k}": v for name, res in evals.items() for k, v in res.items()}
+            evals.update(run_suite(m, cfg.eval, context.for_new_weights()))
+            return scalar_metrics(evals, "eval")
 
         last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
-                           evaluate=evaluate if eval_sets else None)
+                           evaluate=evaluate if cfg.eval else None)
         skipped = pairs.skipped
         if isinstance(pairs, StreamBatches):
             # each rank skipped what its own shards held, once per epoch that read them
@@ -108,7 +116,7 @@ def _replay(spec: dict | None) -> tuple[ImageTextPairs | None, float]:
     """``data.replay: {ratio: 0.2, <source spec>}`` → (old pairs, fraction of each batch)."""
     if not spec:
         return None, 0.0
-    if not isinstance(spec, dict) or "ratio" not in spec:
+    if "ratio" not in spec:
         raise ConfigError("data.replay needs 'ratio' (fraction of each batch, e.g. 0.2) and a "
                           "source spec, e.g. {ratio: 0.2, source: shapes, n: 4000}")
     spec = dict(spec)
@@ -119,21 +127,13 @@ def _replay(spec: dict | None) -> tuple[ImageTextPairs | None, float]:
     return as_pairs(load_source(spec)), ratio
 
 
-def _eval_sets(tasks: list) -> dict[str, LabelledImages]:
-    """The labelled sets of the recipe's zero-shot eval tasks, loaded once."""
-    sets = {}
-    for i, task in enumerate(tasks):
-        task = dict(task)
-        name = task.pop("name", f"eval{i}")
-        sets[name] = as_labelled(load_source(task), f"eval task {name!r}")
-    return sets
-
-
-def zeroshot_evals(model, sets: dict[str, LabelledImages], progress: bool = True) -> dict:
-    """Zero-shot metrics of ``model`` on each named labelled set."""
-    out = {}
-    for name, data in sets.items():
-        feats = encode_images(model, data.images, progress=progress, desc=f"encode {name}")
-        classifier = zeroshot_classifier(model, data.prompt_names, data.templates)
-        out[name] = zeroshot_metrics(feats.embeddings, data.labels, classifier)
+def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
+    """``{prefix/task/key[/sub]: number}``: the numbers of nested results, for metric logs."""
+    out: dict[str, float] = {}
+    for key, value in results.items():
+        path = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out.update(scalar_metrics(value, path))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[path] = value
     return out

@@ -1,5 +1,5 @@
 """Training batches streamed from WebDataset shards: each rank reads its own shards (see
-`cliplab.data.shard_stream`) and embeds its own local batch; the loss gathers the global one.
+`cliplab.data.shards.stream`) and embeds its own local batch; the loss gathers the global one.
 
 Every rank takes the same number of steps per epoch (the smallest rank's batch count, so no
 rank waits at a collective for one that has run dry), and the position of every rank is saved
@@ -13,8 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cliplab.data.shard_loader import ShardLoader
-from cliplab.data.shard_stream import ShardStream
+from cliplab.data.shards import ShardLoader, ShardStream
 from cliplab.errors import ConfigError, DataError
 from cliplab.train import distributed
 

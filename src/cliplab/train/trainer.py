@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.runs import RunDir
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
 from cliplab.train.config import TrainConfig
 from cliplab.train.embed import Embedder
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective, Objective
-from cliplab.train.run_dir import RunDir
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.step_inputs import build_inputs
 from cliplab.train.stream_batches import StreamBatches

@@ -1,0 +1,132 @@
+"""Images/s of the image tower: PyTorch fp32, PyTorch bf16, PyTorch int8 (dynamic), ONNX fp32 and
+ONNX int8 (onnxruntime dynamic quantization), side by side in one run, one JSON line per row.
+
+Sizes: ``vit-b32`` (224 px, patch 32, width 768, 12 layers, random weights: speed only) and
+``quickstart`` (the quickstart's lit-minilm image tower: 28 px, patch 7, width 192, 4 layers).
+Every row runs the same uint8 → embedding work minus preprocessing (pixels are made once), with
+the same number of threads (``--threads``, default torch's), timed as the median of
+``--repeats`` passes over ``--batches`` batches after a warm-up. ``speedup`` is images/s over
+PyTorch fp32 of the same size.
+
+``--accuracy MODEL`` (a model folder or run folder of ``cliplab quickstart``) also reports
+zero-shot top-1 on the Fashion-MNIST test split (all 10 classes, the quickstart's prompts) for
+PyTorch fp32, ONNX fp32 and ONNX int8 of that model.
+
+    .venv/bin/python benchmarks/inference_speed.py [--sizes vit-b32 quickstart] [--accuracy RUN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cliplab.models.onnx_encoder import load_onnx
+from cliplab.models.onnx_export import export_onnx
+from cliplab.models.presets import lit_minilm, tiny_clip
+
+SIZES = {
+    "vit-b32": dict(batch=32, build=lambda: tiny_clip(
+        image_size=224, patch_size=32, width=768, layers=12, heads=12, text_width=96,
+        text_layers=1, embed_dim=512, context_length=16)),
+    "quickstart": dict(batch=256, build=lambda: lit_minilm(
+        image_size=28, patch_size=7, width=192, layers=4, heads=3)),
+}
+
+
+def _time(fn, pixels: list[torch.Tensor], repeats: int) -> float:
+    """Median images/s of ``fn`` over all ``pixels`` batches."""
+    fn(pixels[0])  # warm-up
+    n = sum(len(p) for p in pixels)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for p in pixels:
+            fn(p)
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -> list[dict]:
+    spec = SIZES[size]
+    model = spec["build"]().eval()
+    s = model.preprocess_config.image_size
+    gen = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(spec["batch"], 3, s, s, generator=gen) for _ in range(batches)]
+    fp32_dir = export_onnx(model, tmp / f"{size}-fp32")
+    int8_dir = export_onnx(model, tmp / f"{size}-int8", quantize="int8")
+    onnx_fp32, onnx_int8 = load_onnx(fp32_dir, threads=threads), load_onnx(int8_dir, threads=threads)
+    torch_int8 = torch.ao.quantization.quantize_dynamic(
+        spec["build"]().eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def pytorch(m, bf16=False):
+        def run(p):
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                return m.encode_image(p)
+        return run
+
+    rows = [("pytorch", "fp32", pytorch(model)), ("pytorch", "bf16", pytorch(model, True)),
+            ("pytorch", "int8-dynamic", pytorch(torch_int8)),
+            ("onnx", "fp32", onnx_fp32.encode_image), ("onnx", "int8", onnx_int8.encode_image)]
+    out, base = [], None
+    for runtime, precision, fn in rows:
+        rate = _time(fn, pixels, repeats)
+        base = base or rate
+        out.append({"size": size, "runtime": runtime, "precision": precision,
+                    "batch": spec["batch"], "threads": threads,
+                    "images_per_s": round(rate, 1), "speedup": round(rate / base, 2)})
+    return out
+
+
+def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
+    from cliplab.data.fashion_mnist import load_fashion_mnist
+    from cliplab.evaluate.features import encode_images
+    from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
+    from cliplab.models.resolve import load_model
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():  # a run folder: its newest checkpoint
+        found = sorted(path.glob("checkpoints/step-*/model"),
+                       key=lambda p: int(p.parent.name.split("-")[1]))
+        path = found[-1] if found else path
+    model = load_model(str(path))
+    test = load_fashion_mnist("test")
+    rows = []
+    for name, m in (("pytorch-fp32", model),
+                    ("onnx-fp32", load_onnx(export_onnx(model, tmp / "acc-fp32"))),
+                    ("onnx-int8", load_onnx(export_onnx(model, tmp / "acc-int8",
+                                                        quantize="int8")))):
+        head = zeroshot_classifier(m, test.prompt_names, test.templates)
+        feats = encode_images(m, test.images, progress=False)
+        metrics = zeroshot_metrics(feats.embeddings, test.labels, head)
+        rows.append({"accuracy": "fashion-mnist test, zero-shot all 10 classes",
+                     "model": str(path), "variant": name,
+                     "acc1": round(float(metrics["acc1"]), 4), "n": len(test.labels)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--accuracy", metavar="MODEL_OR_RUN")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for row in speed_rows(size, args.batches, args.repeats, args.threads, Path(tmp)):
+                print(json.dumps(row), flush=True)
+        if args.accuracy:
+            for row in accuracy_rows(args.accuracy, Path(tmp)):
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

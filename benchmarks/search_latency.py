@@ -1,0 +1,128 @@
+"""Vector search at scale: build time, single-query latency (p50/p99 of top-10) and recall@10
+against exact search, for exact search, the index `cliplab index` chooses automatically, and
+one alternative (compressed IVF-PQ). One JSON line per index.
+
+Data (default 1,000,000 x 512, float32 unit vectors, ~2 GB): a mixture of ``--clusters``
+Gaussian clusters. Centres are standard normal directions; a point is its centre plus isotropic
+noise of norm ``--spread`` relative to the centre's (0.8: clusters overlap, as embeddings of a
+real collection do), then normalised. Queries are fresh draws from the same mixture (held out:
+not in the index); the automatic index's nprobe is tuned on another held-out set, as
+`cliplab index` does. Peak memory is about three copies of the vectors (raw, exact index, IVF
+index): ~7 GB at the default size, inside 24 GiB.
+
+Target: p50 <= 5 ms at recall@10 >= 0.95 for the automatic index.
+
+    python benchmarks/search_latency.py            # 1M x 512, a few minutes
+    python benchmarks/search_latency.py --n 200000 # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from cliplab.serve import faiss_index
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, spread: float, seed: int,
+                      centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors from the mixture (and its centres), drawn in blocks to bound memory."""
+    rng = np.random.default_rng(seed)
+    if centres is None:
+        centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        which = rng.integers(0, len(centres), stop - start)
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        block = centres[which] + noise * (spread / np.sqrt(dim))
+        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out, centres
+
+
+def latencies_ms(index, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Milliseconds per single query, one thread (as a server answers concurrent requests)."""
+    faiss = faiss_index._faiss()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        index.search(q[None], k)
+        times.append((time.perf_counter() - start) * 1000)
+    faiss.omp_set_num_threads(threads)
+    return np.asarray(times)
+
+
+def measure(name: str, factory: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+            tune_queries: np.ndarray, recall_target: float, latency_queries: int) -> dict:
+    start = time.perf_counter()
+    index = faiss_index.build_faiss(vectors, factory)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tuned = faiss_index.tune_search(index, vectors, recall_target, queries=tune_queries)
+    tune_s = time.perf_counter() - start
+    faiss_index.set_search_parameter(index, tuned["value"])
+    found = index.search(queries, 10)[1]
+    lat = latencies_ms(index, queries[:latency_queries])
+    return {"index": name, "type": factory, "n": len(vectors), "dim": vectors.shape[1],
+            "build_s": round(build_s, 2), "tune_s": round(tune_s, 2),
+            "search_parameter": tuned["parameter"], "search_value": tuned["value"],
+            "p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "recall_at_10": round(faiss_index.recall_at_k(found, truth), 4),
+            "bytes_per_vector": _bytes_per_vector(index, vectors.shape[1]),
+            "queries": len(queries), "latency_queries": len(lat)}
+
+
+def _bytes_per_vector(index, dim: int) -> int:
+    ivf = faiss_index._ivf(index)
+    return int(ivf.code_size) if ivf is not None else 4 * dim
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the index")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--spread", type=float, default=0.8)
+    parser.add_argument("--queries", type=int, default=500, help="held-out queries for recall")
+    parser.add_argument("--latency-queries", type=int, default=500,
+                        help="single queries timed per index (exact: a fifth of it)")
+    parser.add_argument("--recall", type=float, default=0.95, help="recall@10 target")
+    parser.add_argument("--memory-gb", type=float, default=24, help="memory budget for auto")
+    parser.add_argument("--alternative", default="ivf-pq",
+                        help="the other index to compare (named type or FAISS factory)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="FAISS threads for building (0: all cores)")
+    args = parser.parse_args()
+
+    if args.threads:
+        faiss_index._faiss().omp_set_num_threads(args.threads)
+    start = time.perf_counter()
+    vectors, centres = clustered_vectors(args.n, args.dim, args.clusters, args.spread, args.seed)
+    held_out, _ = clustered_vectors(args.queries + faiss_index.TUNE_QUERIES, args.dim,
+                                    args.clusters, args.spread, args.seed + 1, centres)
+    queries, tune_queries = held_out[:args.queries], held_out[args.queries:]
+    truth = faiss_index.exact_neighbours(queries, vectors, 10)
+    print(json.dumps({"data": "gaussian-mixture", "n": args.n, "dim": args.dim,
+                      "clusters": args.clusters, "spread": args.spread,
+                      "draw_and_truth_s": round(time.perf_counter() - start, 2)}), flush=True)
+    budget = int(args.memory_gb * (1 << 30))
+    runs = [("exact", "Flat", max(20, args.latency_queries // 5)),
+            ("auto", faiss_index.choose_index_type(args.n, args.dim, "auto", budget),
+             args.latency_queries),
+            ("alternative", faiss_index.choose_index_type(args.n, args.dim, args.alternative,
+                                                          budget), args.latency_queries)]
+    for name, factory, timed in runs:
+        print(json.dumps(measure(name, factory, vectors, queries, truth, tune_queries,
+                                 args.recall, timed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The one config shape of `cliplab adapt`, whatever the method:
+
+    method: coop                   # a name of `cliplab.adapt.ADAPT_METHODS`
+    model: MODEL                   # the one model spec (preset, folder, run, Hub id)
+    data: {train: SPEC, test: SPEC, shifted: SPEC}   # shifted: optional, scored like test
+    shots: 16                      # per class from data.train (0: all), drawn with seed
+    train_size: null               # then a random subset of this many (null: all)
+    val_shots: 0                   # per class, disjoint from the shots (hyper-parameter search)
+    seed: 1
+    options: {...}                 # the method's own `Options` section
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from cliplab.adapt import ADAPT_METHODS
+from cliplab.config import Section
+from cliplab.models.spec import ModelField
+
+
+class AdaptData(Section):
+    """Labelled data specs (``{source: NAME, ...}``, as every stage's ``data:``)."""
+
+    renamed = {"train_size": "train_size (at the top level)", "seed": "seed (at the top level)"}
+    train: dict[str, Any]
+    test: dict[str, Any]
+    shifted: dict[str, Any] | None = None
+
+
+class AdaptConfig(Section):
+    """`cliplab adapt`'s config; ``options`` is checked by the method's own ``Options``."""
+
+    renamed = {"train": "data.train (a data spec; Trainer settings go to options.train)",
+               "test": "data.test", "lora": "options", "finetune": "options",
+               "wise_ft": "options"}
+    method: str
+    model: ModelField | None = None
+    data: AdaptData
+    shots: int = Field(16, ge=0)
+    train_size: int | None = Field(None, ge=1)
+    val_shots: int = Field(0, ge=0)
+    seed: int = Field(1, ge=0)
+    options: dict[str, Any] = {}
+    compare_zeroshot: bool = True
+    cache_dir: str | None = None
+    out: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in ADAPT_METHODS:
+            raise ValueError(f"unknown adapt method {value!r}; choose one of: "
+                             f"{', '.join(ADAPT_METHODS)}")
+        return value

@@ -1,0 +1,34 @@
+"""Option groups several adaptation methods share (each method's ``Options`` section extends
+them): which prompts make the text classifier, and how a small head is trained."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cliplab.config import Section
+
+
+class PromptOptions(Section):
+    """The zero-shot classifier's prompts: ``templates`` (null: the dataset's, ensembled; or a
+    list such as ["a photo of {}."]) filled with the dataset's descriptions/prompt names
+    (``names: prompt``) or its bare class names (``names: class``)."""
+
+    templates: list[str] | None = None
+    names: Literal["prompt", "class"] = "prompt"
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _one_template(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class TrainingOptions(Section):
+    """Minibatch training of a few parameters on cached features (`adapt.training`)."""
+
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, ge=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"

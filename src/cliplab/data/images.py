@@ -1,0 +1,90 @@
+"""The one image decoder: bytes or a file → a uint8 ``[H, W, C]`` tensor, optionally resized.
+
+Every source decodes through here, so a corrupt image means the same everywhere: an
+``UnreadableImage`` that the source counts as a skipped sample (``unreadable_image``). Resizing
+is bilinear (PIL) everywhere; sizes are ``(height, width)`` as in the tensors, or an int for a
+square. ``encode_image`` is the inverse, for writing shards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cliplab.errors import DataError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # what shard readers take as the image part
+ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+class UnreadableImage(DataError):
+    """Bytes or a file that PIL cannot decode; sources skip the sample and count it."""
+
+
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    height, width = size
+    return image if image.size == (width, height) else image.resize((width, height), _BILINEAR)
+
+
+def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | None = None,
+                 channels: int | None = 3) -> torch.Tensor:
+    """``source`` (encoded bytes or a file path) as uint8 ``[H, W, C]``.
+
+    ``channels``: 3 gives RGB, 1 grayscale, None keeps grayscale files (PIL modes L and 1) as
+    one channel and makes everything else RGB. ``size`` (an int or ``(height, width)``)
+    resizes bilinearly when the image differs. Raises ``UnreadableImage`` for anything PIL
+    cannot decode (a missing file too).
+    """
+    where = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1") else "RGB")
+            image = im.convert(mode)
+    except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, …)
+        raise UnreadableImage(f"{where}: cannot decode the image ({type(err).__name__})") from None
+    return _to_tensor(_resized(image, _hw(size)) if size else image)
+
+
+def resize_image(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """A uint8 ``[H, W, C]`` image resized bilinearly to ``size`` (unchanged if already so)."""
+    height, width = _hw(size)
+    if tuple(image.shape[:2]) == (height, width):
+        return image
+    array = image.numpy()
+    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return _to_tensor(_resized(pil, (height, width)))
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[N, H, W, C]`` of uint8 images at the first one's size (the others resized
+    bilinearly); if some are grayscale and some colour, all become colour."""
+    size = tuple(images[0].shape[:2])
+    same = [resize_image(im, size) for im in images]
+    if len({im.shape[-1] for im in same}) > 1:
+        same = [im.expand(-1, -1, 3) if im.shape[-1] == 1 else im for im in same]
+    return torch.stack(same)
+
+
+def encode_image(image: torch.Tensor, fmt: str = "jpg", quality: int = 95) -> bytes:
+    """A uint8 ``[H, W, C]`` image (C = 1 or 3) as JPEG or PNG bytes (PNG is lossless)."""
+    array = image.numpy()
+    array = array[..., 0] if array.shape[-1] == 1 else array
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt == "jpg" else {}
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format=ENCODE_FORMATS[fmt], **options)
+    return buf.getvalue()

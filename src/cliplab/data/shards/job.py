@@ -1,0 +1,67 @@
+"""`cliplab data shard`: resolve a source spec and writer settings, then write the shards."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from cliplab.config import Section
+from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
+from cliplab.data.shards.write import check_out_folder, write_shards
+from cliplab.data.sources import SOURCES, load_source, source_loader
+from cliplab.errors import ConfigError
+
+
+class ShardConfig(Section):
+    """`cliplab data shard`'s config: ``data`` (a source spec, or ``--source``), ``out`` (the
+    shard folder, or ``--out``) and the writer's settings."""
+
+    renamed = {"source": "data.source (the source spec goes under data:)"}
+    data: dict[str, Any]
+    out: str
+    samples_per_shard: int = Field(1000, ge=1)
+    image_format: Literal["jpg", "png"] = "jpg"
+    quality: int = Field(95, ge=1, le=100)
+    overwrite: bool = False
+
+    @field_validator("data")
+    @classmethod
+    def _names_a_source(cls, value: dict) -> dict:
+        if "source" not in value:
+            raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
+                             "source such as fashion-mnist, a manifest path or a shard folder)")
+        return value
+
+
+def source_spec(name: str) -> dict:
+    """``{source: NAME}`` for a built-in source; a manifest file or shard folder by its path."""
+    if name in SOURCES:
+        return {"source": name}
+    path = Path(name)
+    if path.suffix.lower() in MANIFEST_FORMATS:
+        return {"source": "manifest", "path": name}
+    if path.is_dir():
+        return {"source": "shards", "path": name}
+    raise ConfigError(f"unknown data source {name!r}: not one of {', '.join(SOURCES)}, "
+                      "a manifest (.csv/.jsonl/.parquet) or a shard folder")
+
+
+def run_shard(config: ShardConfig, progress: bool = True) -> dict:
+    """Load ``config.data`` and write it as shards; return the index."""
+    out = Path(config.out)
+    spec = config.data
+    for key in ("path", "root"):
+        if key in spec and Path(str(spec[key])).resolve() == out.resolve():
+            raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
+    overwrite = config.overwrite
+    check_out_folder(out, overwrite)  # before the possibly long load
+    reader = source_loader(spec["source"])
+    quiet = {"progress": progress} if "progress" in inspect.signature(reader).parameters \
+        and "progress" not in spec else {}
+    data = load_source({**spec, **quiet})
+    return write_shards(data, out, samples_per_shard=config.samples_per_shard,
+                        image_format=config.image_format, quality=config.quality,
+                        overwrite=overwrite, source=spec, progress=progress)

@@ -1,0 +1,117 @@
+"""The layout of a shard folder: file names, ``index.json``, stats, and where the shards are.
+
+A folder written by ``cliplab data shard`` holds ``00000.tar, 00001.tar, …``, beside each shard
+``00000_stats.json`` (its count), ``stats.json`` for the whole set and ``index.json`` (shard names
+and counts, the source spec, skipped samples), written last so a folder that has it is complete.
+Any other folder of ``*.tar`` files, a brace pattern (``data/{00000..00009}.tar``) or a list of
+paths works too for reading, with counts read from the tar headers when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+from cliplab.errors import DataError
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = "cliplab-shards"
+STATS_FILE = "stats.json"
+SHARD_PATTERN = "%05d.tar"  # webdataset.ShardWriter's pattern: 00000.tar, 00001.tar, …
+
+
+def shard_stats_name(shard_name: str) -> str:
+    """``00000.tar`` → ``00000_stats.json``, the per-shard stats file img2dataset writes."""
+    return shard_name.replace(".tar", "_stats.json")
+
+
+def set_files(folder: Path) -> list[Path]:
+    """The files of a shard set in ``folder`` (shards, stats, index), nothing else there."""
+    candidates = [*folder.glob("*.tar"), *folder.glob("*_stats.json"), folder / INDEX_FILE,
+                  folder / STATS_FILE]
+    return [p for p in candidates if p.is_file()]
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))
+
+
+def read_index(folder: str | os.PathLike) -> dict | None:
+    """The folder's ``index.json`` as a dict, None if it has none; ``DataError`` if it is bad."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); rewrite it with `cliplab data shard`") from None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise DataError(f"{path}: expected a mapping with a 'shards' list")
+    return index
+
+
+def index_counts(folder: Path) -> dict[str, int]:
+    """Shard name → sample count, as the folder's ``index.json`` lists them (empty without one)."""
+    index = read_index(folder) or {"shards": []}
+    return {e["name"]: int(e["count"]) for e in index["shards"]
+            if isinstance(e, dict) and "name" in e and "count" in e}
+
+
+def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Local shard paths from a folder, a brace pattern (``::`` joins several) or a list.
+
+    Every path must exist; order is the folder index's, else sorted, else as given.
+    """
+    if isinstance(urls, (str, os.PathLike)):
+        text = str(urls)
+        if Path(text).is_dir():
+            folder = Path(text)
+            index = read_index(folder)
+            if index is not None:
+                paths = [folder / entry["name"] for entry in index["shards"]]
+            else:
+                paths = sorted(folder.glob("*.tar"))
+            if not paths:
+                raise DataError(f"no .tar shards in {folder}; write some with `cliplab data shard`")
+        else:
+            from webdataset.shardlists import expand_urls
+
+            paths = [Path(p) for p in expand_urls(text)]
+    else:
+        paths = [Path(p) for p in urls]
+    if not paths:
+        raise DataError("no shard paths given")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"shard not found: {missing[0]}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return paths
+
+
+def count_tar_samples(path: Path) -> int:
+    """Number of distinct sample keys in a tar (reads headers only)."""
+    keys = set()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isreg():
+                    name = member.name.rsplit("/", 1)[-1]
+                    keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"cannot read shard {path}: {err}") from None
+    return len(keys)
+
+
+def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
+    """Samples per shard: from each folder's ``index.json`` where it lists the shard, else counted."""
+    indexes: dict[Path, dict[str, int]] = {}
+    counts = []
+    for path in paths:
+        if path.parent not in indexes:
+            indexes[path.parent] = index_counts(path.parent)
+        known = indexes[path.parent].get(path.name)
+        counts.append(known if known is not None else count_tar_samples(path))
+    return counts

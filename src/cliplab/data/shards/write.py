@@ -1,0 +1,112 @@
+"""Write a dataset as WebDataset tar shards in the layout img2dataset writes (see ``layout``).
+
+Each shard holds per sample ``{key}.jpg`` (or ``.png``, lossless), ``{key}.txt`` (the first
+caption) and ``{key}.json`` (all captions, group, label/class name, source key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cliplab.data.images import ENCODE_FORMATS, encode_image
+from cliplab.data.pairs import labelled_to_pairs
+from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
+                                        set_files, shard_stats_name, write_json)
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
+from cliplab.errors import ConfigError, DataError
+
+
+def check_out_folder(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raise ``DataError`` unless shards may be written to ``out`` (touches nothing)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"output folder {out} is not empty; choose another --out or pass "
+                        "--overwrite")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out``; with ``overwrite``, remove the old set's files (and nothing else)."""
+    check_out_folder(out, overwrite)
+    if out.is_dir():
+        for old in set_files(out):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
+                 samples_per_shard: int = 1000, image_format: str = "jpg", quality: int = 95,
+                 overwrite: bool = False, source: dict | None = None,
+                 progress: bool = True) -> dict:
+    """Write ``data`` as shards under ``out``; return the index (also saved as ``index.json``).
+
+    Labelled images are written as pairs (one caption per prompt template, the class as group).
+    Samples without a non-empty caption are skipped and counted, as are those the source skipped.
+    """
+    import webdataset as wds
+
+    if image_format not in ENCODE_FORMATS:
+        raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be a positive integer, not {samples_per_shard!r}")
+    labelled = data if isinstance(data, LabelledImages) else None
+    pairs = labelled_to_pairs(data) if labelled is not None else data
+    skipped = SkipReport()
+    for reason, keys in data.skipped.keys.items():
+        for key in keys:
+            skipped.add(reason, key)
+    keep = []
+    for i, caps in enumerate(pairs.captions):
+        caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+        if caps:
+            keep.append((i, caps))
+        else:
+            skipped.add("empty_caption", f"{pairs.name}:{i}")
+    if not keep:
+        raise DataError(f"nothing to write: {pairs.name} has no sample with a caption "
+                        f"({skipped.summary()})")
+
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    shards: list[dict] = []
+    writer_box: list = []
+
+    def finished(fname: str) -> None:  # ShardWriter calls this as each shard closes
+        name = Path(fname).name
+        count = writer_box[0].count
+        shards.append({"name": name, "count": count})
+        stats = {"count": count, "successes": count, "image_format": image_format}
+        write_json(out / shard_stats_name(name), stats)
+
+    writer = wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float("inf"),
+                             post=finished, verbose=0, encoder=False,
+                             mtime=0, mode=0o644)  # int mtime: no per-member pax header
+    writer_box.append(writer)
+    with writer:
+        for number, (i, caps) in enumerate(tqdm(keep, desc=f"shard {pairs.name}", unit="img",
+                                                disable=not progress)):
+            group = None if pairs.groups is None else int(pairs.groups[i])
+            meta = {"key": f"{number:09d}", "captions": caps, "group": group,
+                    "source_key": f"{pairs.name}:{i}"}
+            if labelled is not None:
+                meta["label"] = int(labelled.labels[i])
+                meta["classname"] = labelled.classnames[meta["label"]]
+            writer.write({"__key__": meta["key"],
+                          image_format: encode_image(pairs.images[i], image_format, quality),
+                          "txt": caps[0].encode("utf-8"),
+                          "json": json.dumps(meta).encode("utf-8")})
+
+    index = {"format": INDEX_FORMAT, "version": 1, "name": pairs.name, "source": source,
+             "image_format": image_format, "total": sum(s["count"] for s in shards),
+             "shards": shards, "skipped": skipped.to_dict()}
+    if labelled is not None:
+        index["classnames"] = labelled.classnames
+        index["templates"] = labelled.templates
+    write_json(out / STATS_FILE, {"count": index["total"], "skipped": skipped.total})
+    write_json(out / INDEX_FILE, index)
+    return index

@@ -1,0 +1,165 @@
+"""What every evaluation task shares: the spec base class, the context a task runs in, and the
+`Classifier` hook that lets a task score a learned head instead of the zero-shot one.
+
+A task is a module with a ``Spec`` (a `TaskSpecBase` subclass declaring ``task:
+Literal["<name>"]`` and its own keys) and ``run(model, spec, context) -> dict`` of metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from pydantic import InstanceOf
+
+from cliplab.config import Section
+from cliplab.data.multilabel import MultiLabelImages
+from cliplab.data.sources import as_labelled, as_pairs, load_source
+from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.errors import ConfigError
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.evaluate.text_cache import TextFeatureCache
+from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
+from cliplab.models.dual_encoder import DualEncoder
+
+# a data spec ({source: digits, split: test, ...}) or an already loaded dataset (Python API)
+DataSpec = (dict[str, Any] | InstanceOf[LabelledImages] | InstanceOf[ImageTextPairs]
+            | InstanceOf[MultiLabelImages])
+ProbeKind = Literal["embeddings", "backbone", "tokens", "layers"]
+# data key -> (probe kind, layers) to compute when that dataset is first encoded
+ProbePlan = dict[str, tuple[str, int]]
+
+
+def data_key(spec: DataSpec) -> str:
+    """A stable key of a data spec (an in-memory dataset is keyed by its identity)."""
+    if isinstance(spec, dict):
+        return json.dumps(spec, sort_keys=True, default=str)
+    return f"object:{id(spec)}"
+
+
+class TaskSpecBase(Section):
+    """Keys every task takes: ``task`` (its registry name, narrowed by each subclass to a
+    Literal) and an optional ``name`` for its results."""
+
+    task: str
+    name: str | None = None
+
+    def datasets(self) -> list[DataSpec]:
+        """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
+        return [getattr(self, key) for key, info in type(self).model_fields.items()
+                if info.annotation == DataSpec and getattr(self, key) is not None]
+
+    def probes(self) -> list[tuple[DataSpec, str, int]]:
+        """(data spec, probe kind, layers) of the extra image features this task will read, so
+        the suite computes them in the first pass over that dataset."""
+        return []
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """A learned classifier over image features (e.g. an adapter): ``probe`` names the extra
+    features it needs (``tokens``/``layers``) or None; ``logits`` maps features to ``[N, C]``."""
+
+    probe: str | None
+
+    def logits(self, features: ImageFeatures) -> torch.Tensor: ...
+
+
+class LinearHead:
+    """A `Classifier` from a weight matrix ``[C, D]`` over unit image embeddings (a fine-tuned
+    head or a text classifier; its scale does not change the ranking)."""
+
+    probe = None
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.detach().float().cpu()
+
+    def logits(self, features: ImageFeatures) -> torch.Tensor:
+        return features.embeddings @ self.weight.t()
+
+
+@dataclass
+class TaskContext:
+    """What a task may use besides the model and its spec.
+
+    ``cache``: image and text features shared by every task; ``probe_plan``: the extra
+    features to compute when a dataset is first encoded; ``classifier``: when set, tasks that
+    would score the zero-shot text head (zeroshot, long_tail, multilabel_zeroshot) score it
+    instead; ``datasets``: loaded data by spec, so a dataset is read once per context.
+    """
+
+    cache: FeatureCache = field(default_factory=FeatureCache)
+    progress: bool = True
+    precision: str = "fp32"
+    probe_plan: ProbePlan = field(default_factory=dict)
+    classifier: Classifier | None = None
+    datasets: dict[str, Any] = field(default_factory=dict)
+
+    def for_new_weights(self) -> TaskContext:
+        """A copy with an empty feature cache (for a model whose weights changed, e.g. during
+        training or between soup ingredients) that keeps the loaded datasets."""
+        return dataclasses.replace(self, cache=FeatureCache())
+
+    def preload(self, tasks: Sequence[TaskSpecBase]) -> None:
+        """Load every dataset ``tasks`` will encode now, so a bad source fails before any
+        work (e.g. before training whose evaluation would read it)."""
+        for task in tasks:
+            for spec in task.datasets():
+                self.load(spec)
+
+    @property
+    def texts(self) -> TextFeatureCache:
+        return self.cache.texts
+
+    def load(self, spec: DataSpec) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+        """The dataset a spec names, loaded once per context."""
+        if not isinstance(spec, dict):
+            return spec
+        key = data_key(spec)
+        if key not in self.datasets:
+            self.datasets[key] = load_source(spec)
+        return self.datasets[key]
+
+    def labelled(self, spec: DataSpec, where: str) -> LabelledImages:
+        return as_labelled(self.load(spec), where)
+
+    def pairs(self, spec: DataSpec) -> ImageTextPairs:
+        return as_pairs(self.load(spec))
+
+    def image_features(self, model: DualEncoder, images: torch.Tensor, spec: DataSpec | None,
+                       desc: str, probe: str | None = None, layers: int = 4) -> ImageFeatures:
+        """Features of ``images`` from the cache; ``probe`` (or the plan's entry for ``spec``)
+        names extra features to compute with them."""
+        if probe is None and spec is not None:
+            probe, layers = self.probe_plan.get(data_key(spec), (None, 4))
+        return self.cache.features(model, images, probe, layers, self.progress, desc,
+                                   self.precision)
+
+    def class_logits(self, model: DualEncoder, data: LabelledImages, spec: DataSpec,
+                     desc: str) -> tuple[torch.Tensor, ImageFeatures]:
+        """Logits ``[N, C]`` of ``data``'s images: from ``classifier`` if set, else the
+        zero-shot head of the class prompts (cosine similarities); and the features used."""
+        if self.classifier is not None:
+            probe = self.classifier.probe
+            feats = self.image_features(model, data.images, spec, desc, probe=probe) if probe \
+                else self.image_features(model, data.images, spec, desc)
+            return self.classifier.logits(feats).float(), feats
+        feats = self.image_features(model, data.images, spec, desc)
+        head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
+                                   self.precision)
+        return zeroshot_logits(feats.embeddings, head), feats
+
+
+def task_error(spec: TaskSpecBase, message: str) -> ConfigError:
+    """A `ConfigError` naming the task: ``task 'zs': message``."""
+    return ConfigError(f"task {spec.name or spec.task!r}: {message}")
+
+
+def ints(values: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)

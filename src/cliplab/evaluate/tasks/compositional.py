@@ -1,0 +1,43 @@
+"""Task ``compositional``: true caption against attribute-swap, relation-swap and
+word-shuffle negatives on `shapes` relation scenes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from cliplab.data.shapes import load_shapes_with_scenes
+from cliplab.evaluate.compositional import compositional
+from cliplab.evaluate.tasks.base import TaskContext, TaskSpecBase, task_error
+from cliplab.models.dual_encoder import DualEncoder
+
+
+class Spec(TaskSpecBase):
+    task: Literal["compositional"]
+    data: dict[str, Any] = {"source": "shapes"}
+    seed: int = 0
+
+    @field_validator("data")
+    @classmethod
+    def _shapes_only(cls, data: dict) -> dict:
+        if data.get("source") != "shapes":
+            raise ValueError("compositional negatives are exact only on `shapes`; use "
+                             "{source: shapes, n: 500}")
+        return data
+
+
+def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    options = {k: v for k, v in spec.data.items() if k != "source"}
+    options.setdefault("kinds", ["relation"])
+    try:
+        pairs, scenes = load_shapes_with_scenes(**options)
+    except TypeError as err:
+        raise task_error(spec, f"bad shapes option: {err}") from None
+    feats = context.image_features(model, pairs.images, None,
+                                   f"encode {spec.name or spec.task}")
+    try:
+        return compositional(model, pairs.images, scenes, seed=spec.seed,
+                             image_emb=feats.embeddings)
+    except ValueError as err:
+        raise task_error(spec, str(err)) from None

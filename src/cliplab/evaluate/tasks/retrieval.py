@@ -1,0 +1,24 @@
+"""Task ``retrieval``: image↔text recall@k both ways on an image-text (or labelled) set."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from cliplab.evaluate.retrieval import retrieval
+from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
+from cliplab.models.dual_encoder import DualEncoder
+
+
+class Spec(TaskSpecBase):
+    task: Literal["retrieval"]
+    data: DataSpec
+    ks: list[int] = [1, 5, 10]
+
+
+def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    pairs = context.pairs(spec.data)
+    feats = context.image_features(model, pairs.images, spec.data,
+                                   f"encode {spec.name or spec.task}")
+    return retrieval(model, pairs, ks=tuple(spec.ks), progress=context.progress,
+                     image_features=feats, text_cache=context.texts,
+                     precision=context.precision)

@@ -1,0 +1,52 @@
+"""Task ``zeroshot``: top-1/top-5/mean per-class recall of the zero-shot text head (or of
+``context.classifier``) on a labelled set; ``classes`` restricts it to some classes (e.g.
+ones held out of training); ``per_class: true`` adds each class's accuracy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from cliplab.data.pairs import class_indices
+from cliplab.evaluate.metrics import (classification_metrics, per_class_accuracy,
+                                      restrict_classes)
+from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
+from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits, zeroshot_metrics
+from cliplab.models.dual_encoder import DualEncoder
+
+
+class Spec(TaskSpecBase):
+    task: Literal["zeroshot"]
+    data: DataSpec
+    classes: list[int | str] | None = None  # class names (any case) or indices
+    per_class: bool = False
+
+
+def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    name = spec.name or spec.task
+    data = context.labelled(spec.data, f"task {name!r} data")
+    classes = None
+    if spec.classes is not None:
+        names = [c for c in spec.classes if isinstance(c, str)]
+        index = dict(zip(names, class_indices(data.classnames, names)))
+        classes = [index[c] if isinstance(c, str) else int(c) for c in spec.classes]
+    if context.classifier is not None:
+        logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
+        labels, classnames = data.labels, list(data.classnames)
+        if classes is not None:
+            logits, labels = restrict_classes(logits, data.labels, classes)
+            classnames = [data.classnames[c] for c in classes]
+        out = classification_metrics(logits, labels)
+    else:  # the head itself restricted, exactly as zeroshot_metrics computes it
+        feats = context.image_features(model, data.images, spec.data, f"encode {name}")
+        head = zeroshot_classifier(model, data.prompt_names, data.templates, context.texts,
+                                   context.precision)
+        out = zeroshot_metrics(feats.embeddings, data.labels, head, classes)
+        if spec.per_class:
+            logits, labels = zeroshot_logits(feats.embeddings, head), data.labels
+            classnames = list(data.classnames)
+            if classes is not None:
+                logits, labels = restrict_classes(logits, labels, classes)
+                classnames = [data.classnames[c] for c in classes]
+    if spec.per_class:
+        out["per_class_acc1"] = per_class_accuracy(logits, labels, classnames)
+    return out

@@ -1,0 +1,58 @@
+"""`cliplab merge`'s config: which models, how, and what the methods need."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from cliplab.config import Section
+from cliplab.merge.methods import MERGE_METHODS
+from cliplab.models.spec import ModelField
+
+NEEDS_BASE = ("model-stock", "task-arithmetic", "ties")
+
+
+class MergeConfig(Section):
+    """``models``: the model folders to merge (or ``--models``); ``base``: the pretrained model
+    they were fine-tuned from (model-stock, task-arithmetic, ties); ``heldout``: one eval task
+    (the `cliplab eval` suite schema) scoring every candidate by ``metric``."""
+
+    method: str
+    models: list[ModelField] = Field(min_length=1)
+    base: ModelField | None = None
+    out: str
+    weights: list[Annotated[float, Field(ge=0)]] | None = None  # uniform: one per model (normalised)
+    scale: float | list[float] = 1.0  # task-arithmetic: λ, or one per model; ties: λ
+    density: float = Field(0.2, gt=0, le=1)  # ties: fraction of each task vector kept
+    heldout: dict[str, Any] | None = None
+    metric: str = "acc1"
+    require_origin: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {value!r}; choose one of: "
+                             f"{', '.join(MERGE_METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _what_the_method_needs(self) -> "MergeConfig":
+        n = len(self.models)
+        if self.method in NEEDS_BASE and self.base is None:
+            raise ValueError(f"method {self.method!r} needs the pretrained model: base "
+                             "(or --base P)")
+        if self.method == "model-stock" and n < 2:
+            raise ValueError("model-stock needs at least 2 fine-tuned models")
+        if self.method == "greedy" and self.heldout is None:
+            raise ValueError("the greedy soup needs held-out data to score with: set heldout "
+                             "to an eval task, e.g. {task: zeroshot, data: {source: digits, "
+                             "split: test}}")
+        if isinstance(self.scale, list) and (self.method != "task-arithmetic"
+                                             or len(self.scale) != n):
+            raise ValueError(f"a list of scales is for task-arithmetic, one per model ({n}), "
+                             f"got {self.scale}")
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(f"weights: one per model ({n}), got {self.weights}")
+        return self

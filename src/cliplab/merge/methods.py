@@ -1,0 +1,73 @@
+"""The merge methods of `cliplab merge`: one function per method over state dicts, one
+registry (``MERGE_METHODS``). Adding a method is one function here (or a module with its
+operation) and one registry line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cliplab.merge.model_stock import model_stock
+from cliplab.merge.soup import greedy_soup, uniform_soup
+from cliplab.merge.state import StateDict
+from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
+from cliplab.merge.ties import ties_merge
+
+
+@dataclass
+class MergeInputs:
+    """What a merge method gets: the ingredients' weights and names, the base's weights, the
+    held-out scores (if any), the scoring function (greedy) and the config's settings."""
+
+    states: list[StateDict]
+    names: list[str]
+    base: StateDict | None
+    scores: dict[str, float]
+    evaluate: Callable[[StateDict], float] | None
+    progress: bool
+    weights: list[float] | None = None
+    scale: float | list[float] = 1.0
+    density: float = 0.2
+
+
+def merge_uniform(x: MergeInputs, record: dict) -> dict:
+    record["weights"] = x.weights
+    return uniform_soup(x.states, x.weights, x.names)
+
+
+def merge_greedy(x: MergeInputs, record: dict) -> dict:
+    soup = greedy_soup(x.states, x.evaluate, x.names, [x.scores[n] for n in x.names],
+                       x.progress)
+    record["greedy"] = {"kept": [x.names[i] for i in soup.kept], "score": soup.score,
+                        "steps": soup.steps}
+    return soup.state
+
+
+def merge_model_stock(x: MergeInputs, record: dict) -> dict:
+    merged, ratios = model_stock(x.base, x.states, x.names)
+    values = list(ratios.values())
+    record["model_stock"] = {"mean_ratio": sum(values) / len(values), "min_ratio": min(values),
+                             "max_ratio": max(values), "ratios": ratios}
+    return merged
+
+
+def merge_task_arithmetic(x: MergeInputs, record: dict) -> dict:
+    record["scale"] = x.scale
+    vectors = [task_vector(s, x.base) for s in x.states]
+    return apply_task_vector(x.base, combine_task_vectors(vectors, x.scale))
+
+
+def merge_ties(x: MergeInputs, record: dict) -> dict:
+    record.update(scale=x.scale, density=x.density)
+    return ties_merge(x.base, x.states, float(x.density), float(x.scale), x.names)
+
+
+# the one registry of `cliplab merge --method`: name -> function(inputs, record) -> weights;
+# method-specific settings and results go into ``record`` (merge.json)
+MERGE_METHODS: dict[str, Callable[[MergeInputs, dict], dict]] = {
+    "uniform": merge_uniform,
+    "greedy": merge_greedy,
+    "model-stock": merge_model_stock,
+    "task-arithmetic": merge_task_arithmetic,
+    "ties": merge_ties,
+}

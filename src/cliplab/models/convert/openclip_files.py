@@ -1,0 +1,143 @@
+"""Reading OpenCLIP checkpoints: where the weights and the model config are, and their tensors.
+
+OpenCLIP writes three shapes of checkpoint:
+
+- a training checkpoint ``epoch_N.pt`` (``{"epoch", "name", "state_dict", "optimizer"}``; under
+  DDP every key starts with ``module.``), beside which the user gives the model config JSON;
+- a bare state dict (``.pt``/``.bin``/``.safetensors``) as ``open_clip.create_model(...,
+  pretrained=FILE)`` reads it;
+- a Hub folder: ``open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``) +
+  ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cliplab.errors import ModelError
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class OpenClipCheckpoint:
+    """An OpenCLIP checkpoint read into memory: its weights, model config and preprocessing."""
+
+    weights_file: Path
+    config_file: Path
+    state_dict: dict[str, torch.Tensor]
+    model_cfg: dict
+    preprocess_cfg: dict = field(default_factory=dict)
+
+
+def find_openclip_files(path: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
+    """``(weights_file, config_file)`` of a Hub-style folder or of a weights file (whose config
+    is ``config``, or an ``open_clip_config.json`` / single ``*.json`` beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        if weights is None:
+            raise ModelError(f"{path}: no OpenCLIP weights ({' or '.join(WEIGHT_FILES)})")
+        cfg = Path(config) if config else path / CONFIG_FILE
+        if not cfg.is_file():
+            raise ModelError(f"{path}: no {CONFIG_FILE}; give the model config with --config")
+        return weights, cfg
+    if not path.is_file():
+        raise ModelError(f"{path}: no such OpenCLIP checkpoint file or folder")
+    if config:
+        cfg = Path(config)
+    else:
+        beside = [p for p in sorted(path.parent.glob("*.json")) if _looks_like_config(p)]
+        named = path.parent / CONFIG_FILE
+        if named.is_file():
+            cfg = named
+        elif len(beside) == 1:
+            cfg = beside[0]
+        else:
+            raise ModelError(f"{path}: give the OpenCLIP model config JSON (e.g. ViT-B-32.json) "
+                             "with --config; none or several *.json files lie beside it")
+    if not cfg.is_file():
+        raise ModelError(f"{cfg}: no such OpenCLIP model config file")
+    return path, cfg
+
+
+def _looks_like_config(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and ("model_cfg" in data or "vision_cfg" in data)
+
+
+def read_openclip_config(file: Path) -> tuple[dict, dict]:
+    """``(model_cfg, preprocess_cfg)`` from a model config JSON or an ``open_clip_config.json``."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{file}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{file}: an OpenCLIP config must be a JSON object")
+    if "model_cfg" in data:
+        model_cfg, pre = data["model_cfg"], data.get("preprocess_cfg") or {}
+    else:
+        model_cfg, pre = data, data.get("preprocess_cfg") or {}
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in model_cfg:
+            raise ModelError(f"{file}: OpenCLIP model config has no {key!r}")
+    return model_cfg, pre
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, ``state_dict`` unwrapped and DDP's ``module.`` removed.
+
+    Torch files are read with ``weights_only=True``: nothing in them is unpickled as code."""
+    file = Path(file)
+    if file.suffix not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{file}: not an OpenCLIP weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(file))
+        else:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, zip and unpickling errors have no common base
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{file}: cannot read the checkpoint ({first})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not data or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise ModelError(f"{file}: not a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in data):
+        data = {k[len("module."):]: v for k, v in data.items()}
+    return data
+
+
+def read_openclip(path: str | Path, config: str | Path | None = None) -> OpenClipCheckpoint:
+    """Read an OpenCLIP checkpoint (file or Hub folder) and its config."""
+    weights, cfg = find_openclip_files(path, config)
+    model_cfg, pre = read_openclip_config(cfg)
+    return OpenClipCheckpoint(weights, cfg, read_state_dict(weights), model_cfg, pre)
+
+
+def is_openclip_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like an OpenCLIP checkpoint cliplab can import (a folder with
+    ``open_clip_config.json`` and weights, or a weights file with a config JSON beside it);
+    HF model folders (``config.json``) are not."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file() \
+            and any((path / n).is_file() for n in WEIGHT_FILES)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        try:
+            find_openclip_files(path)
+        except ModelError:
+            return False
+        return True
+    return False

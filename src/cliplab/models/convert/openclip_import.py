@@ -1,0 +1,126 @@
+"""OpenCLIP checkpoint → cliplab/transformers ``CLIPModel`` folder (``cliplab convert``)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, CLIPModel
+
+from cliplab.errors import ModelError
+from cliplab.models.convert.atomic import atomic_folder
+from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
+from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
+from cliplab.models.convert.openclip_files import OpenClipCheckpoint, read_openclip
+from cliplab.models.convert.openclip_weights import openclip_to_hf
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
+    """The tokenizer OpenCLIP would use: with ``text_cfg.hf_tokenizer_name``, the tokenizer files
+    in the checkpoint's folder (as OpenCLIP's ``local-dir:`` loader does), else that name (a
+    folder, relative to the config, or a Hub id in transformers' cache); without it, OpenCLIP's
+    default, CLIP's BPE."""
+    name = ckpt.model_cfg["text_cfg"].get("hf_tokenizer_name")
+    if not name:
+        return clip_bpe_tokenizer(context_length)
+    folder = ckpt.weights_file.parent
+    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        source = str(folder)
+    else:
+        local = ckpt.config_file.parent / name
+        source = str(local) if local.is_dir() else name
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{ckpt.config_file}: text_cfg.hf_tokenizer_name {name!r} cannot be "
+                         f"loaded offline ({str(err).splitlines()[0]})") from None
+    tok.model_max_length = context_length
+    return tok
+
+
+def _eos_id(tok, text_cfg: dict, file: Path) -> int:
+    """The token HF's CLIP text tower must pool at, as OpenCLIP's ``pool_type`` pools."""
+    pool = text_cfg.get("pool_type", TEXT_DEFAULTS["pool_type"])
+    if pool == "eos":
+        eos = int(text_cfg.get("eos_id", 2))
+    else:  # 'argmax': the largest id, which is the end token only if it is the largest
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if eos is None or eos != len(tok) - 1:
+            raise ModelError(f"{file}: text_cfg.pool_type='argmax' pools at the largest token id, "
+                             f"but the tokenizer's end token ({eos}) is not its largest "
+                             f"({len(tok) - 1}); transformers' CLIP pools at the end token")
+    if eos == 2:  # HF's legacy rule: an eos id of 2 means argmax pooling
+        raise ModelError(f"{file}: text_cfg.eos_id 2 cannot be expressed in transformers' CLIP "
+                         "config (it reads id 2 as 'pool at the largest id')")
+    return int(eos)
+
+
+def _preprocess(ckpt: OpenClipCheckpoint, image_size: int) -> PreprocessConfig:
+    """Mean/std/size/resize mode from the model and preprocess configs (OpenCLIP's defaults:
+    OpenAI's mean/std, bicubic, shortest side + centre crop)."""
+    vcfg = ckpt.model_cfg["vision_cfg"]
+    pre = {**ckpt.model_cfg.get("preprocess_cfg", {}), **ckpt.preprocess_cfg}
+    mean = pre.get("mean") or vcfg.get("image_mean") or CLIP_MEAN
+    std = pre.get("std") or vcfg.get("image_std") or CLIP_STD
+    interpolation = pre.get("interpolation") or vcfg.get("image_interpolation") or "bicubic"
+    resize_mode = pre.get("resize_mode") or vcfg.get("image_resize_mode") or "shortest"
+    if interpolation not in ("bicubic", "bilinear") or \
+            resize_mode not in ("shortest", "squash", "longest"):
+        raise ModelError(f"{ckpt.config_file}: preprocessing interpolation={interpolation!r} / "
+                         f"resize_mode={resize_mode!r} is not supported")
+    return PreprocessConfig(image_size=image_size, mean=tuple(float(m) for m in mean),
+                            std=tuple(float(s) for s in std), resize_mode=resize_mode,
+                            interpolation=interpolation)
+
+
+def openclip_to_dual_encoder(src: str | Path, config: str | Path | None = None) -> DualEncoder:
+    """A `DualEncoder` holding the weights of an OpenCLIP checkpoint (file or Hub folder)."""
+    ckpt = read_openclip(src, config)
+    cfg = ckpt.model_cfg
+    if cfg.get("custom_text") and any(k.startswith("transformer.") for k in ckpt.state_dict):
+        raise ModelError(f"{ckpt.config_file}: custom_text is set but {ckpt.weights_file} holds "
+                         "a plain CLIP text tower")
+    context_length = int(cfg["text_cfg"].get("context_length", TEXT_DEFAULTS["context_length"]))
+    tok = _tokenizer(ckpt, context_length)
+    eos = _eos_id(tok, cfg["text_cfg"], ckpt.config_file)
+    hf_config = clip_config_from_openclip(cfg, ckpt.config_file, eos_token_id=eos,
+                                          pad_token_id=tok.pad_token_id or 0,
+                                          bos_token_id=tok.bos_token_id)
+    if len(tok) > hf_config.text_config.vocab_size:
+        raise ModelError(f"{ckpt.config_file}: the tokenizer has {len(tok)} tokens, more than "
+                         f"text_cfg.vocab_size {hf_config.text_config.vocab_size}")
+    with torch.device("meta"):
+        expected = CLIPModel(hf_config).state_dict()
+    state = openclip_to_hf(ckpt.state_dict, expected, ckpt.weights_file,
+                           custom_text=bool(cfg.get("custom_text")))
+    model = CLIPModel(hf_config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state.items()}, strict=False, assign=False)
+    pre = _preprocess(ckpt, hf_config.vision_config.image_size)
+    return DualEncoder(model.eval(), tok, pre, text_pooling="model",
+                       context_length=context_length).eval()
+
+
+def convert_openclip(src: str | Path, out: str | Path, config: str | Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write an OpenCLIP checkpoint as a cliplab model folder at ``out`` (written to a temporary
+    folder beside it and moved into place, so a failure leaves nothing half-written)."""
+    model = openclip_to_dual_encoder(src, config)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        model.save(tmp)
+    return Path(out)
+
+
+def load_openclip(path: str | Path, config: str | Path | None = None,
+                  device: str | torch.device = "cpu") -> DualEncoder:
+    """An OpenCLIP checkpoint as a `DualEncoder`, converted through a temporary cliplab folder
+    (so it behaves exactly as ``cliplab convert`` output would)."""
+    model = openclip_to_dual_encoder(path, config)
+    with tempfile.TemporaryDirectory(prefix="cliplab-openclip-") as tmp:
+        model.save(tmp)
+        return DualEncoder.load(tmp, device=device)

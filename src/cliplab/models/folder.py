@@ -1,0 +1,128 @@
+"""A model folder's own files, in one place: ``cliplab.json``, the pretrained-origin record in
+it, and the weight fingerprint that identifies a model.
+
+A model folder is a plain HF folder (``config.json``, ``model.safetensors``, tokenizer files,
+``preprocessor_config.json``) plus ``cliplab.json`` holding what HF has no field for (the
+preprocessing, the text pooling, the context length) and, for a model fine-tuned, adapted or
+merged from another, its origin::
+
+    "base": {"path": "P as given", "fingerprint": "<weights_fingerprint of P>"}
+
+The record is optional (HF folders and models trained from scratch have none); WiSE-FT,
+adapter loading and merging check it when it is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from cliplab.errors import ModelError
+
+
+class WrappedModel(Protocol):
+    """What a fingerprint needs of a `DualEncoder` (named structurally: the wrapper's module
+    imports this one)."""
+
+    model: torch.nn.Module
+
+
+CLIPLAB_FILE = "cliplab.json"
+ORIGIN_KEY = "base"
+
+
+# -- cliplab.json -------------------------------------------------------------------------------
+def read_meta(folder: str | Path) -> dict:
+    """The folder's ``cliplab.json`` as a dict ({} when it has none)."""
+    file = Path(folder) / CLIPLAB_FILE
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{file}: cannot be read ({err})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{file}: must hold a JSON object, not {type(meta).__name__}")
+    return meta
+
+
+def write_meta(folder: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write ``meta`` as the folder's ``cliplab.json`` (replacing it)."""
+    file = Path(folder) / CLIPLAB_FILE
+    file.write_text(json.dumps(dict(meta), indent=2))
+    return file
+
+
+def update_meta(folder: str | Path, **fields: Any) -> dict:
+    """Set ``fields`` in the folder's ``cliplab.json`` (made if missing); returns the result."""
+    meta = {**read_meta(folder), **fields}
+    write_meta(folder, meta)
+    return meta
+
+
+# -- fingerprints -------------------------------------------------------------------------------
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's dtype, shape and bytes, independent of tensor names and
+    order (HF renames keys between its file layout and its modules; the weights are what
+    identify a model)."""
+    digests = []
+    for tensor in state.values():
+        t = tensor.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests.append(h.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:32]
+
+
+def model_fingerprint(model: WrappedModel) -> str:
+    """`weights_fingerprint` of a loaded model's weights: equal iff the same weights."""
+    return weights_fingerprint(model.model.state_dict())
+
+
+# -- the pretrained-origin record ---------------------------------------------------------------
+def write_origin(folder: str | Path, base_path: str | Path | None, fingerprint: str,
+                 **extra: Any) -> dict:
+    """Record in ``folder/cliplab.json`` that its weights started from ``base_path`` (whose
+    `weights_fingerprint` is ``fingerprint``), with ``extra`` keys beside it. Returns the
+    record. Works on any folder: a cliplab model, a plain HF folder or an adapter folder."""
+    record = {"path": None if base_path is None else str(base_path), "fingerprint": fingerprint}
+    update_meta(folder, **{ORIGIN_KEY: record}, **extra)
+    return record
+
+
+def read_origin(folder: str | Path) -> dict | None:
+    """The origin record ``{path, fingerprint}`` of a folder, or None when it has none."""
+    base = read_meta(folder).get(ORIGIN_KEY)
+    if base is None:
+        return None
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str):
+        raise ModelError(f"{Path(folder) / CLIPLAB_FILE}: {ORIGIN_KEY!r} must be "
+                         "{path: ..., fingerprint: ...}")
+    return base
+
+
+def require_origin(folder: str | Path) -> dict:
+    """The origin record of an adapted, fine-tuned or merged folder; a clear error without."""
+    base = read_origin(folder)
+    if base is None:
+        raise ModelError(f"{folder} records no pretrained origin (no {ORIGIN_KEY!r} in "
+                         f"{CLIPLAB_FILE}); it was not written by `cliplab adapt` or "
+                         "`cliplab merge`")
+    return base
+
+
+def check_same_origin(folder: str | Path, base: WrappedModel, base_name: str) -> None:
+    """Raise a clear error unless ``folder`` was adapted from exactly the weights of ``base``."""
+    recorded = require_origin(folder)
+    found = model_fingerprint(base)
+    if recorded["fingerprint"] != found:
+        raise ModelError(f"{folder} was adapted from {recorded['path']} (fingerprint "
+                         f"{recorded['fingerprint']}), but {base_name} has fingerprint {found}: "
+                         "give the model it was trained from")

@@ -1,0 +1,112 @@
+"""Reading a model folder's config, weights and tokenizer, with every way a folder can be
+damaged (missing or truncated files, bad JSON, weights that do not fit the config) turned into
+one `ModelError` line that names the file and what is wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
+                          PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
+
+from cliplab.errors import ModelError
+
+MODEL_CLASSES = {
+    "clip": CLIPModel,
+    "siglip": SiglipModel,
+    "vision-text-dual-encoder": VisionTextDualEncoderModel,
+}
+CONFIG_FILE = "config.json"
+# in the order transformers prefers them
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+# buffers older checkpoints stored and current models compute instead
+IGNORED_UNEXPECTED = ("position_ids",)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    """The folder's HF config, which must be one of the dual encoders cliplab handles."""
+    file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a model folder (no such folder); give a folder "
+                         "written by `cliplab` or HF `save_pretrained`, or a preset name")
+    if not file.is_file():
+        raise ModelError(f"{path} is not a model folder (no {CONFIG_FILE}); give a folder "
+                         "written by `cliplab` or HF `save_pretrained`, or a preset name")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{file}: cannot be read ({_first_line(err)})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in MODEL_CLASSES:
+        raise ModelError(f"{file}: model type {model_type!r} is not a dual encoder cliplab "
+                         f"handles ({', '.join(sorted(MODEL_CLASSES))})")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{file}: not a valid {model_type} config ({_first_line(err)})") \
+            from None
+
+
+def weights_file(path: Path) -> Path:
+    """The weights file transformers will read from the folder."""
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise ModelError(f"{path}: no weights ({' or '.join(WEIGHT_FILES[::2])})")
+
+
+def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
+    """The HF model of ``config`` with the folder's weights, which must fit it exactly: no
+    tensor of another shape, none missing, none left over."""
+    file = weights_file(path)
+    model_cls = MODEL_CLASSES[config.model_type]
+    try:
+        model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
+    except Exception as err:  # safetensors, torch and transformers each raise their own
+        raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
+                         f"({_first_line(err)})") from None
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        raise ModelError(f"{file}: weights do not fit {path / CONFIG_FILE}: {key} has shape "
+                         f"{list(found)} in the file, {list(expected)} in the config"
+                         + _more(mismatched))
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{file}: weights do not fit {path / CONFIG_FILE}: {missing[0]} "
+                         "is missing from the file" + _more(missing))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or []
+                        if not k.endswith(IGNORED_UNEXPECTED))
+    if unexpected:
+        raise ModelError(f"{file}: weights do not fit {path / CONFIG_FILE}: the file has "
+                         f"{unexpected[0]}, which the config has no place for" + _more(unexpected))
+    return model
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer (``tokenizer.json`` or a vocabulary file must be there:
+    transformers would otherwise build an empty one without a word)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES[:3])}); save "
+                         "one there with tokenizer.save_pretrained(FOLDER)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # the tokenizers library raises plain Exceptions on bad files
+        raise ModelError(f"{path}: the tokenizer cannot be read ({_first_line(err)})") \
+            from None

@@ -1,0 +1,156 @@
+"""`OnnxEncoder`: a folder written by `export_onnx`, run with onnxruntime behind the face every
+stage uses (``preprocess``, ``tokenize``, ``encode_image``, ``encode_text``, ``encode_texts``,
+``image_backbone`` + ``project_image``, ``logit_scale``), so eval (and index/serve) can run the
+exported, optionally int8, towers instead of PyTorch's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplab.errors import ModelError
+from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
+from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by `export_onnx`."""
+    path = Path(path)
+    return path.is_dir() and (path / EXPORT_FILE).is_file()
+
+
+class OnnxEncoder:
+    """Image and text towers from an ONNX export folder (CPU, onnxruntime)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError("running an ONNX export needs onnxruntime: "
+                             "pip install 'cliplab[onnx]'") from None
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not is_onnx_export(path):
+            raise ModelError(f"{path} is not an ONNX export folder (no {EXPORT_FILE})")
+        try:
+            meta = json.loads((path / EXPORT_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ModelError(f"{path / EXPORT_FILE}: not readable JSON ({err})") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = path
+        self.meta = meta
+        self.kind = meta["kind"]
+        self.embed_dim = int(meta["embed_dim"])
+        self.context_length = int(meta["context_length"])
+        self.text_pooling = meta["text_pooling"]
+        self.quantize = meta.get("quantize")
+        self.preprocess_config = PreprocessConfig.from_dict(meta["preprocess"])
+        self.preprocessor = ImagePreprocessor(self.preprocess_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.sessions = {}
+        for name, file in (("image", IMAGE_FILE), ("text", TEXT_FILE)):
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path / file), options,
+                                                           providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime raises its own, unrelated exception types
+                raise ModelError(f"{path / file}: cannot load the ONNX graph "
+                                 f"({str(err).splitlines()[0]})") from None
+        self._text_inputs = {i.name for i in self.sessions["text"].get_inputs()}
+        self.projections = {}
+        if (path / PROJECTIONS_FILE).is_file():
+            from safetensors.torch import load_file
+            self.projections = load_file(str(path / PROJECTIONS_FILE))
+        self.logit_scale = torch.tensor(float(meta["logit_scale"]))
+        bias = meta.get("logit_bias")
+        self.logit_bias = None if bias is None else torch.tensor(float(bias))
+
+    # -- the DualEncoder face -------------------------------------------------------------------
+    device = torch.device("cpu")
+    training = False
+
+    def eval(self) -> "OnnxEncoder":
+        return self
+
+    def train(self, mode: bool = True) -> "OnnxEncoder":
+        if mode:
+            raise ModelError("an ONNX export runs inference only; it cannot be trained")
+        return self
+
+    def to(self, device) -> "OnnxEncoder":
+        if torch.device(device).type != "cpu":
+            raise ModelError("ONNX exports run on the CPU here")
+        return self
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded as the exported model's own tokenize pads."""
+        padding = "max_length" if self.meta.get("pad_to_context") else "longest"
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True,
+                             max_length=self.context_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def preprocess(self, images, train: bool = False, generator=None, augment=None) -> torch.Tensor:
+        return self.preprocessor(images, train=train, generator=generator, augment=augment)
+
+    def _run_image(self, pixel_values: torch.Tensor) -> list[np.ndarray]:
+        x = pixel_values.detach().float().cpu().numpy()
+        return self.sessions["image"].run(None, {"pixel_values": x})
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Unit-length image embeddings ``[B, D]`` (the graph normalises; ``normalize=False``
+        projects the pooled output here instead)."""
+        embeddings, pooled = self._run_image(pixel_values)
+        if normalize:
+            return torch.from_numpy(embeddings)
+        return self.project_image(torch.from_numpy(pooled))
+
+    def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run_image(pixel_values)[1])
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        w = self.projections.get("visual_projection")
+        return pooled if w is None else pooled @ w.t()
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        w = self.projections.get("text_projection")
+        return pooled if w is None else pooled @ w.t()
+
+    def _run_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
+                 "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}
+        return self.sessions["text"].run(
+            None, {k: v for k, v in feeds.items() if k in self._text_inputs})
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        embeddings, pooled = self._run_text(input_ids, attention_mask)
+        if normalize:
+            return torch.from_numpy(embeddings)
+        return self.project_text(torch.from_numpy(pooled))
+
+    def text_backbone(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.from_numpy(self._run_text(input_ids, attention_mask)[1])
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = [self.encode_text(**self.tokenize(texts[i:i + batch_size]))
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def __repr__(self) -> str:
+        return f"OnnxEncoder({self.path}, kind={self.kind}, quantize={self.quantize})"
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> OnnxEncoder:
+    """The towers of an ONNX export folder, run with onnxruntime."""
+    return OnnxEncoder(path, threads=threads)
+
+

@@ -1,0 +1,129 @@
+"""Run folders: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard event files beside it) and
+``checkpoints/step-N/`` written atomically.
+
+Every numeric value of a logged record is also a TensorBoard scalar at the record's ``step``,
+so ``tensorboard --logdir runs/`` shows loss, lr, logit scale, throughput and eval metrics.
+TensorBoard logging is on when the ``tensorboard`` package is importable, unless turned off
+with ``RunDir(..., tensorboard=False)`` or ``CLIPLAB_TENSORBOARD=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import yaml
+
+CHECKPOINTS = "checkpoints"
+TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
+
+
+def default_run_dir(kind: str) -> Path:
+    """``runs/<kind>-<YYYYmmdd-HHMMSS>`` under the current directory."""
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def tensorboard_available() -> bool:
+    """Whether TensorBoard event files can be written (the ``tensorboard`` package is there)."""
+    return find_spec("tensorboard") is not None
+
+
+def tensorboard_wanted(flag: bool | None = None) -> bool:
+    """``flag`` if given; else on unless ``CLIPLAB_TENSORBOARD`` is 0/false/no/off; and only
+    when the package is importable."""
+    if flag is None:
+        flag = os.environ.get(TENSORBOARD_ENV, "1").strip().lower() not in ("0", "false", "no",
+                                                                              "off")
+    return bool(flag) and tensorboard_available()
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a complete ``step-N`` checkpoint folder, else None (temp folders, other names)."""
+    prefix, _, number = folder.name.partition("-")
+    return int(number) if prefix == "step" and number.isdigit() and folder.is_dir() else None
+
+
+def latest_checkpoint(run_path: str | Path) -> Path | None:
+    """The complete checkpoint of run folder ``run_path`` with the highest step, if any."""
+    folder = Path(run_path) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    steps = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None]
+    return max(steps)[1] if steps else None
+
+
+class RunDir:
+    """The folder one run writes everything into.
+
+    ``tensorboard``: write event files beside metrics.jsonl (None: on when available and not
+    turned off by ``CLIPLAB_TENSORBOARD=0``)."""
+
+    def __init__(self, path: str | Path, tensorboard: bool | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.tensorboard = tensorboard_wanted(tensorboard)
+        self._writer = None  # made at the first record, so ranks that never log write nothing
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl and its numbers to the TensorBoard events."""
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self._log_scalars(record)
+
+    def _log_scalars(self, record: dict) -> None:
+        step = record.get("step")
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        if not scalars:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path))
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()  # a killed run keeps every record it logged
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (logging again reopens one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def write_json(self, name: str, data: dict) -> Path:
+        path = self.path / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / CHECKPOINTS / f"step-{step}"
+
+    def atomic_checkpoint(self, step: int, write) -> Path:
+        """Call ``write(tmp_folder)`` then rename the folder to ``checkpoints/step-N``, so a run
+        killed mid-write never leaves a half checkpoint under the final name."""
+        final = self.checkpoint_dir(step)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        """The complete checkpoint with the highest step, if any."""
+        return latest_checkpoint(self.path)

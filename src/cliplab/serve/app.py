@@ -1,0 +1,254 @@
+"""The HTTP API and page of `cliplab serve` (FastAPI): search by text and by image, zero-shot
+labels, indexed images. Every error is JSON ``{"error": "..."}`` with a 4xx code; request bodies
+are bounded; an API key, if set, guards every ``/api`` and ``/images`` route."""
+
+from __future__ import annotations
+
+import io
+import mimetypes
+import secrets
+import threading
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from cliplab.errors import CliplabError
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.serve.embed import embed_images, embed_texts
+from cliplab.serve.index import SearchIndex
+
+MAX_K, MAX_OFFSET, MAX_QUERY_CHARS = 100, 10_000, 1000
+MAX_LABELS, MAX_LABEL_CHARS = 100, 200
+DEFAULT_MAX_UPLOAD = 10 << 20
+MAX_IMAGE_PIXELS = 50_000_000
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a JSON 413 before the app
+    sees it (the body is read in full first, so a chunked upload cannot slip past)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send)
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(send)
+            body.append(chunk)
+            more = message.get("more_body", False)
+        data, sent = b"".join(body), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        response = JSONResponse({"error": f"request body over the {self.limit} byte limit"},
+                                status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def _fail(status: int, message: str):
+    raise HTTPException(status_code=status, detail=message)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body", "path"))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+    return "; ".join(parts) or "invalid request"
+
+
+def _read_image(data: bytes, what: str = "file") -> Image.Image:
+    if not data:
+        _fail(400, f"{what} is empty; upload an image (PNG, JPEG, WebP, ...)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+
+
+def _labels(text: str) -> list[str]:
+    labels = [part.strip() for line in text.splitlines() for part in line.split(",")]
+    labels = list(dict.fromkeys(label for label in labels if label))
+    if len(labels) < 2:
+        _fail(400, "labels: give at least two labels, separated by commas or new lines")
+    if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in labels):
+        _fail(400, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
+    return labels
+
+
+def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+    """The FastAPI app over an opened ``index`` and the ``model`` it was built with."""
+    index.check_model(model)
+    model.eval()
+    lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
+    app = FastAPI(title="cliplab serve", version="1",
+                  description="Search an indexed image collection by text or image and label "
+                  "images zero-shot with the model the index was built with.")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError):
+        return JSONResponse({"error": _validation_message(err)}, status_code=422)
+
+    @app.exception_handler(CliplabError)
+    async def cliplab_error(_: Request, err: CliplabError):
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+    def authorised(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            _fail(401, "missing or wrong API key: send it as the X-API-Key header "
+                  "(or ?api_key= for images)")
+
+    @lru_cache(maxsize=1024)
+    def text_vector(text: str) -> np.ndarray:
+        with lock:
+            return embed_texts(model, [text])
+
+    def results(vector: np.ndarray, k: int, offset: int) -> list[dict]:
+        scores, ids = index.search(vector.reshape(1, -1), k, offset)
+        rows = index.items(ids[0])
+        return [{"id": int(i), "score": round(float(s), 6), "caption": rows[int(i)]["caption"],
+                 "key": rows[int(i)]["key"], "meta": rows[int(i)]["meta"],
+                 "image": f"/images/{int(i)}"}
+                for s, i in zip(scores[0], ids[0]) if int(i) in rows]
+
+    def page(query: dict, found: list[dict], k: int, offset: int) -> dict:
+        return {**query, "k": k, "offset": offset, "total": index.count, "results": found}
+
+    guarded = [Depends(authorised)]
+    k_query = Query(10, ge=1, le=MAX_K, description=f"results per page (1..{MAX_K})")
+    offset_query = Query(0, ge=0, le=MAX_OFFSET, description="results to skip (paging)")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> HTMLResponse:
+        return HTMLResponse(resources.files("cliplab.serve").joinpath("static/index.html")
+                            .read_text(encoding="utf-8"))
+
+    @app.get("/api/health", dependencies=guarded)
+    def health() -> dict:
+        """Index size, model and backend."""
+        rec = index.record
+        return {"status": "ok", "count": index.count, "model": rec["model"]["name"],
+                "fingerprint": index.fingerprint, "backend": index.backend,
+                "index": rec.get("faiss") or rec.get("milvus"), "max_k": MAX_K,
+                "max_upload_bytes": max_upload_bytes}
+
+    @app.get("/api/search", dependencies=guarded)
+    def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS, description="the text to find"),
+                    k: int = k_query, offset: int = offset_query) -> dict:
+        """The ``k`` indexed images closest to the text ``q``, from rank ``offset``."""
+        text = q.strip()
+        if not text:
+            _fail(422, "q: empty query; type what to find, e.g. q=a red circle")
+        return page({"query": text}, results(text_vector(text), k, offset), k, offset)
+
+    @app.post("/api/search/image", dependencies=guarded)
+    def search_image(file: UploadFile = File(..., description="an image file"),
+                     k: int = k_query, offset: int = offset_query) -> dict:
+        """The ``k`` indexed images closest to an uploaded image."""
+        image = _read_image(file.file.read(), "file")
+        with lock:
+            vector = embed_images(model, [image])
+        return page({"query": file.filename or "upload"}, results(vector[0], k, offset), k, offset)
+
+    @app.post("/api/classify", dependencies=guarded)
+    def classify(labels: str = Form(..., description="labels separated by commas or new lines"),
+                 id: int | None = Form(None, description="an indexed image id"),  # noqa: A002
+                 file: UploadFile | None = File(None, description="or an uploaded image"),
+                 template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
+                                      description="prompt template; {} is the label")) -> dict:
+        """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
+        names = _labels(labels)
+        if (id is None) == (file is None):
+            _fail(400, "give exactly one of id (an indexed image) or file (an upload)")
+        if id is not None:
+            if not index.items([id]):
+                _fail(404, f"no indexed image with id {id}")
+            vector = index.vector(id)[None]
+        else:
+            with lock:
+                vector = embed_images(model, [_read_image(file.file.read(), "file")])
+        with lock:
+            head = zeroshot_classifier(model, names, [template])
+            probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
+        order = torch.argsort(probs, descending=True).tolist()
+        return {"id": id, "template": template,
+                "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
+                           for i in order]}
+
+    @app.get("/images/{item_id}", dependencies=guarded)
+    def image(item_id: int) -> Response:
+        """An indexed image, read from its original file (ids only; no path is ever taken)."""
+        row = index.items([item_id]).get(item_id)
+        if row is None:
+            _fail(404, f"no indexed image with id {item_id}")
+        source = index.image_source(row)
+        if "file" in source:
+            path = Path(source["file"])
+            if not path.is_file():
+                _fail(404, f"the image file of id {item_id} is gone")
+            return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0]
+                                or "application/octet-stream")
+        try:
+            with open(source["tar"], "rb") as f:
+                f.seek(int(source["offset"]))
+                data = f.read(int(source["size"]))
+        except OSError:
+            _fail(404, f"the shard holding id {item_id} is gone")
+        return Response(data, media_type=mimetypes.guess_type(source.get("name", ""))[0]
+                        or "application/octet-stream")
+
+    app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    return app
+
+
+@torch.no_grad()
+def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
+                            classifier: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` probabilities from unit embeddings and a zero-shot head: softmax of the scaled
+    cosines (CLIP), independent sigmoids with the bias (SigLIP)."""
+    logits = image_embeddings.float() @ classifier.float().t() * model.logit_scale.exp().float()
+    if model.logit_bias is not None:
+        return torch.sigmoid(logits + model.logit_bias.float())
+    return torch.softmax(logits, dim=-1)

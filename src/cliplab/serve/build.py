@@ -1,0 +1,278 @@
+"""`cliplab index`: embed a collection into an index folder, resumably.
+
+Work happens in ``OUT.partial/``: every ``chunk`` items, the chunk's vectors (``chunks/N.npy``),
+its metadata rows (SQLite, one transaction) and then ``progress.json`` are written, each
+atomically. A killed run is resumed by the same command (rows and chunks past the last progress
+record are dropped first); a different command is refused while the half-built folder exists.
+Only when every item is embedded are the vectors gathered, the vector index built and
+``index.json`` written with ``complete: true``, and the folder renamed to ``OUT``; the server
+opens nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cliplab.errors import ConfigError, DataError
+from cliplab.serve import faiss_index
+from cliplab.serve.collection import PIL_ERRORS, iter_items, source_spec
+from cliplab.serve.embed import embed_images
+from cliplab.models.folder import model_fingerprint
+from cliplab.serve.settings import IndexConfig
+from cliplab.serve.store import MetadataStore
+
+FORMAT = 1
+INDEX_FILE, PROGRESS_FILE, META_FILE = "index.json", "progress.json", "meta.sqlite"
+VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index", "images", "chunks"
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def read_index_json(folder: Path) -> dict | None:
+    file = folder / INDEX_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError:
+        raise DataError(f"{file}: not valid JSON; the index is damaged, rebuild it") from None
+
+
+def _model_record(cfg: IndexConfig) -> dict:
+    spec = cfg.model.to_dict()
+    if Path(spec["name"]).exists():  # a folder: remember where, from anywhere
+        spec["name"] = str(Path(spec["name"]).resolve())
+    return spec
+
+
+def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
+    """Embed ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (append with ``cfg.add``); resume a
+    killed run of the same command. Returns the written ``index.json`` record."""
+    from cliplab.models.resolve import load_model
+
+    out = Path(cfg.out).expanduser().resolve()
+    spec = source_spec(cfg.data)
+    for key in ("path",):
+        if key in spec and Path(spec[key]).resolve() == out:
+            raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
+    existing = read_index_json(out) if out.is_dir() else None
+    if out.exists() and not cfg.add:
+        what = "an index" if existing else "a file or folder"
+        raise ConfigError(f"--out {out} already exists ({what}); pass --add to append to an "
+                          "index, or choose a new --out")
+    if cfg.add and existing is None and not partial_path(out).exists():
+        raise ConfigError(f"--add: {out} is not a complete index to append to")
+    if cfg.backend == "milvus" and not cfg.uri:
+        raise ConfigError("--backend milvus needs --uri (./file.db for Milvus Lite, "
+                          "http://HOST:19530 for a server)")
+    if cfg.backend == "milvus":
+        from cliplab.serve.milvus_index import normalise_uri
+
+        normalise_uri(cfg.uri)  # a bad URI fails before the embedding, not after
+    model = model if model is not None else load_model(cfg.model)
+    fingerprint = model_fingerprint(model)
+    if existing and existing["fingerprint"] != fingerprint:
+        raise ConfigError(f"--add: {out} was built with another model ({existing['model']['name']}, "
+                          f"{existing['fingerprint'][:19]}); this one is {fingerprint[:19]}")
+    request = {"model": _model_record(cfg), "fingerprint": fingerprint, "data": spec,
+               "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
+               "collection": cfg.collection, "index_type": cfg.index_type}
+    work = partial_path(out)
+    finished = read_index_json(work) if work.is_dir() else None
+    if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
+        _swap_in(work, out)  # killed after finishing, before the rename
+        return finished
+    state = _open_work(work, out, request, existing)
+    store = MetadataStore(work / META_FILE)
+    try:
+        if state["phase"] == "embedding":
+            _embed_collection(cfg, model, spec, work, store, state, progress)
+        record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
+    finally:
+        store.close()
+    _swap_in(work, out)
+    return record
+
+
+def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> dict:
+    """The progress state of ``work``: resumed if it holds this request, fresh if absent."""
+    state_file = work / PROGRESS_FILE
+    if work.exists() and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state["request"] != request:
+            raise ConfigError(
+                f"{work} is a half-built index of another `cliplab index` run (model "
+                f"{state['request']['model']['name']}, data {state['request']['data']}); rerun "
+                "that command to resume it, or delete the folder to start over")
+        _drop_unrecorded(work, state)
+        return state
+    if work.exists():  # killed before its first progress record: nothing worth keeping
+        shutil.rmtree(work)
+    (work / CHUNKS_DIR).mkdir(parents=True)
+    (work / IMAGES_DIR).mkdir()
+    state = {"format": FORMAT, "request": request, "phase": "embedding", "position": 0,
+             "count": 0, "skipped": 0, "chunks": 0, "base_chunks": 0}
+    if existing is not None:  # --add: start from a copy of the complete index
+        shutil.copy2(out / META_FILE, work / META_FILE)
+        _save_npy(work / CHUNKS_DIR / f"{0:06d}.npy", np.load(out / VECTORS_FILE))
+        shutil.rmtree(work / IMAGES_DIR)
+        _link_tree(out / IMAGES_DIR, work / IMAGES_DIR)
+        state.update(count=existing["count"], skipped=existing["skipped"], chunks=1,
+                     base_chunks=1)
+    write_json(state_file, state)
+    return state
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link) if src.is_dir() else dst.mkdir()
+
+
+def _drop_unrecorded(work: Path, state: dict) -> None:
+    """Remove what a killed run wrote after its last progress record."""
+    store = MetadataStore(work / META_FILE)
+    store.truncate(state["count"], state["skipped"])
+    store.close()
+    for chunk in (work / CHUNKS_DIR).iterdir():
+        if not chunk.name.endswith(".npy") or ".tmp" in chunk.name or \
+                int(chunk.name.split(".")[0]) >= state["chunks"]:
+            chunk.unlink()
+    for image in (work / IMAGES_DIR).iterdir():
+        if ".tmp" in image.name or int(image.stem) >= state["count"]:
+            image.unlink()
+
+
+def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: MetadataStore,
+                      state: dict, progress: bool) -> None:
+    items = itertools.islice(iter_items(spec, progress=progress), state["position"], None)
+    bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
+               initial=state["position"])
+    while True:
+        chunk = list(itertools.islice(items, cfg.chunk))
+        if not chunk:
+            break
+        known = store.has_keys([item.key for item in chunk])
+        rows, images, skipped = [], [], []
+        for item in chunk:
+            if item.key in known:
+                skipped.append((item.key, "already_indexed"))
+                continue
+            known.add(item.key)
+            try:
+                image = item.read()
+            except PIL_ERRORS as err:
+                skipped.append((item.key, f"unreadable_image: {str(err).splitlines()[0][:200]}"))
+                continue
+            item_id = state["count"] + len(rows)
+            location = item.location
+            if "stored" in location:  # an in-memory source: keep its image with the index
+                rel = f"{IMAGES_DIR}/{item_id}.png"
+                tmp = work / f"{rel}.tmp"
+                image.save(tmp, format="PNG")
+                os.replace(tmp, work / rel)
+                location = {"stored": rel}
+            rows.append({"id": item_id, "key": item.key, "caption": item.caption,
+                         "location": location, "meta": item.meta})
+            images.append(image)
+        if rows:
+            _save_npy(work / CHUNKS_DIR / f"{state['chunks']:06d}.npy",
+                      embed_images(model, images, cfg.batch_size))
+        store.add(rows, skipped)
+        state.update(position=state["position"] + len(chunk), count=state["count"] + len(rows),
+                     skipped=state["skipped"] + len(skipped),
+                     chunks=state["chunks"] + (1 if rows else 0))
+        write_json(work / PROGRESS_FILE, state)
+        bar.update(len(chunk))
+    bar.close()
+    state["phase"] = "finishing"
+    write_json(work / PROGRESS_FILE, state)
+
+
+def _gather_vectors(work: Path, state: dict, dim: int) -> np.ndarray:
+    chunks = [np.load(work / CHUNKS_DIR / f"{i:06d}.npy") for i in range(state["chunks"])]
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
+    if len(vectors) != state["count"]:
+        raise DataError(f"{work}: {len(vectors)} vectors for {state['count']} rows; the "
+                        "half-built index is damaged, delete it and run again")
+    return vectors
+
+
+def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, request: dict,
+            existing: dict | None, dim: int) -> dict:
+    """Gather vectors, build the backend's index and write ``index.json`` (complete)."""
+    if state["count"] == 0:
+        raise DataError(f"nothing to index: every item of {request['data']} was skipped "
+                        f"({_skip_summary(store)}); delete {work} after fixing the data")
+    vectors = _gather_vectors(work, state, dim)
+    _save_npy(work / VECTORS_FILE, vectors)
+    record = {"format": FORMAT, "complete": True, "model": request["model"],
+              "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
+              "count": state["count"], "skipped": state["skipped"], "backend": cfg.backend,
+              "sources": [*(existing or {}).get("sources", []), request["data"]]}
+    if cfg.backend == "faiss":
+        budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
+        factory = faiss_index.choose_index_type(len(vectors), vectors.shape[1], cfg.index_type, budget)
+        index = faiss_index.build_faiss(vectors, factory)
+        tuned = faiss_index.tune_search(index, vectors, cfg.recall)
+        faiss_index.write_faiss(index, work / FAISS_FILE)
+        record["faiss"] = {"type": factory, "recall_target": cfg.recall, **tuned}
+    else:
+        from cliplab.serve.milvus_index import MilvusVectors, normalise_uri
+
+        rows = store.get_many(range(state["count"]))
+        milvus = MilvusVectors(cfg.uri, cfg.collection)
+        milvus.create(vectors.shape[1])
+        milvus.insert(np.arange(state["count"]), vectors,
+                      [{"key": rows[i]["key"], "caption": rows[i]["caption"],
+                        "meta": json.dumps(rows[i]["meta"])} for i in range(state["count"])])
+        milvus.close()
+        record["milvus"] = {"uri": normalise_uri(cfg.uri), "collection": cfg.collection}
+    write_json(work / INDEX_FILE, record)
+    (work / PROGRESS_FILE).unlink()  # from here on the folder is complete (see build_index)
+    shutil.rmtree(work / CHUNKS_DIR)
+    return record
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` folder to ``out`` (the old index, on --add, goes last)."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _skip_summary(store: MetadataStore) -> str:
+    reasons: dict[str, int] = {}
+    for _, reason in store.skipped():
+        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+    return ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "nothing read"

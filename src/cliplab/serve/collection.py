@@ -1,0 +1,220 @@
+"""A collection to index: any image source as a deterministic sequence of items that remember
+where their image lives, so the server reads it from the original file.
+
+- an image folder (any folder of images, searched recursively; the sub-folder is metadata),
+- a manifest (CSV/JSONL/Parquet: path + caption/label; every other column kept as metadata),
+- a shard folder (WebDataset tars: the image is served from its byte range in the tar),
+- any other source `cliplab.data.sources.load_source` knows (``shapes``, ``digits``, ...): those
+  live in memory, so their images are written as PNGs into the index's own folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from cliplab.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".parquet")
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class Item:
+    """One entry of a collection: ``key`` is unique and stable (a path, ``shard.tar:key``,
+    ``source#i``); ``location`` says where the image is served from (``{"file": path}``,
+    ``{"tar": path, "offset": o, "size": s, "name": member}`` or ``{"stored": None}``: to be
+    written by the index); ``read`` decodes the image (raises a PIL error if it cannot)."""
+
+    key: str
+    caption: str
+    location: dict
+    read: Callable[[], Image.Image]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def source_spec(data: str | dict) -> dict:
+    """``{source: ...}`` for a `--data` value: a built-in source name, a manifest file, a shard
+    folder (holding .tar files) or any other folder (of images)."""
+    if isinstance(data, dict):
+        if "source" not in data:
+            raise DataError(f"data spec {data} has no 'source' key")
+        return dict(data)
+    from cliplab.data.sources import SOURCES
+
+    if data in SOURCES:
+        return {"source": data}
+    path = Path(data)
+    if path.suffix.lower() in MANIFEST_SUFFIXES:
+        return {"source": "manifest", "path": str(path)}
+    if path.is_dir():
+        kind = "shards" if any(path.glob("*.tar")) else "image-folder"
+        return {"source": kind, "path": str(path)}
+    raise DataError(f"unknown data {data!r}: not a built-in source ({', '.join(SOURCES)}), "
+                    "a manifest (.csv/.jsonl/.parquet), a shard folder or an image folder")
+
+
+def iter_items(spec: dict, progress: bool = True) -> Iterator[Item]:
+    """The items of the collection ``spec`` names, always in the same order."""
+    spec = dict(spec)
+    kind = spec.get("source")
+    if kind == "image-folder":
+        return _folder_items(_path(spec), spec)
+    if kind == "manifest":
+        return _manifest_items(_path(spec), spec)
+    if kind == "shards":
+        return _shard_items(_path(spec), spec)
+    return _memory_items(spec, progress)
+
+
+def _path(spec: dict) -> Path:
+    if "path" not in spec:
+        raise DataError(f"data source {spec['source']!r} needs a path")
+    return Path(spec["path"]).expanduser().resolve()
+
+
+def _reject_options(spec: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(spec) - allowed - {"source", "path"})
+    if unknown:
+        raise DataError(f"unknown option(s) {unknown} for indexing a {spec['source']} source "
+                        f"(valid: {sorted(allowed | {'path'})})")
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
+    _reject_options(spec, set())
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    for file in files:
+        rel = file.relative_to(root)
+        folder = str(rel.parent) if rel.parent != Path(".") else ""
+        caption = folder.replace("_", " ") if folder else file.stem.replace("_", " ")
+        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: _open_rgb(f),
+                   {"folder": folder} if folder else {})
+
+
+def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
+    from cliplab.data.manifest import IMAGE_COLUMNS, read_manifest_rows
+
+    _reject_options(spec, {"image_col", "caption_col"})
+    rows = read_manifest_rows(path)
+    if not rows:
+        raise DataError(f"{path}: manifest has no rows")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    image_col = spec.get("image_col") or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    if image_col not in columns:
+        raise DataError(f"{path}: no image column (looked for {spec.get('image_col') or IMAGE_COLUMNS}; "
+                        f"found {columns})")
+    text_cols = [spec["caption_col"]] if spec.get("caption_col") else \
+        ["caption", "text", "label", "class"]
+    for number, row in enumerate(rows, 1):
+        name = str(row.get(image_col) or "").strip()
+        file = (path.parent / Path(name).expanduser()).resolve()
+        caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")), "")
+        meta = {k: v for k, v in row.items() if k != image_col}
+        yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file)},
+                   lambda f=file: _open_rgb(f), json.loads(json.dumps(meta, default=str)))
+
+
+def _read_range(tar: Path, offset: int, size: int) -> bytes:
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _decode_bytes(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
+    """Samples of every tar (in the shard index's order): an image member plus ``.txt`` /
+    ``.json`` members of the same key. An unreadable tar yields one item that fails to read."""
+    from cliplab.data.shards import expand_shards
+
+    _reject_options(spec, set())
+    for tar in expand_shards(folder):
+        try:
+            samples = _tar_samples(tar)
+        except (tarfile.TarError, OSError) as err:
+            def fail(err=err):
+                raise OSError(str(err))
+            yield Item(f"{tar.name}", "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
+            continue
+        for key, members in samples:
+            image = next((m for ext, m in members.items() if f".{ext}" in IMAGE_SUFFIXES), None)
+            caption, meta = "", {}
+            if "txt" in members:
+                caption = _read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
+            if "json" in members:
+                try:
+                    meta = json.loads(_read_range(tar, *members["json"][:2]))
+                except ValueError:
+                    meta = {}
+            if image is None:
+                def fail(key=key):
+                    raise OSError(f"no image member for {key}")
+                yield Item(f"{tar.name}:{key}", caption, {"tar": str(tar), "offset": 0, "size": 0},
+                           fail, meta if isinstance(meta, dict) else {})
+                continue
+            offset, size, name = image
+            yield Item(f"{tar.name}:{key}", caption,
+                       {"tar": str(tar), "offset": offset, "size": size, "name": name},
+                       lambda t=tar, o=offset, s=size: _decode_bytes(_read_range(t, o, s)),
+                       meta if isinstance(meta, dict) else {})
+
+
+def _tar_samples(tar: Path) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
+    """``[(key, {ext: (offset, size, member name)})]`` in tar order."""
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
+    with tarfile.open(tar) as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            prefix = member.name[: len(member.name) - len(base)]
+            samples.setdefault(prefix + key, {})[ext.lower()] = \
+                (member.offset_data, member.size, member.name)
+    return list(samples.items())
+
+
+def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
+    """Items of an in-memory source; their images are stored by the index (``{"stored": None}``)."""
+    import inspect
+
+    from cliplab.data.sources import SOURCES, load_source, source_loader
+    from cliplab.data.types import ImageTextPairs
+
+    reader = source_loader(spec["source"]) if spec.get("source") in SOURCES else None
+    quiet = {"progress": progress} if reader and "progress" in inspect.signature(reader).parameters \
+        and "progress" not in spec else {}
+    data = load_source({**spec, **quiet})
+    name = spec["source"]
+    for i in range(len(data)):
+        image = data.images[i].numpy()
+        if isinstance(data, ImageTextPairs):
+            captions = list(data.captions[i])
+            caption, meta = (captions[0] if captions else ""), {"captions": captions}
+        else:
+            label = int(data.labels[i])
+            caption, meta = data.classnames[label], {"label": label}
+        yield Item(f"{name}#{i}", caption, {"stored": None},
+                   lambda a=image: Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB"),
+                   meta)

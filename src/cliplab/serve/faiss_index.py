@@ -1,0 +1,174 @@
+"""FAISS on one machine: choose an index type from the collection size and a memory budget the
+way autofaiss does, build it, tune its search breadth to a recall target, search with paging.
+
+Vectors are unit length and the metric is the inner product, so scores are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from cliplab.errors import ConfigError
+
+EXACT_BELOW = 100_000          # exact search is fast enough (and perfect) below this many vectors
+TUNE_QUERIES = 200
+NAMED_TYPES = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - the serve extra declares it
+        raise ConfigError("the FAISS backend needs faiss-cpu: pip install 'cliplab[serve]'") from None
+    return faiss
+
+
+def default_memory_budget() -> int:
+    """Half the machine's physical memory, in bytes."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for ``n`` vectors: the power of two nearest sqrt(n) (1M -> 1024)."""
+    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))))
+
+
+def pq_bytes(dim: int) -> int:
+    """Bytes per PQ code: dim/8 sub-quantizers (64 for 512-d), a divisor of ``dim``."""
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def choose_index_type(n: int, dim: int, index_type: str = "auto",
+                      memory_budget: int | None = None) -> str:
+    """A FAISS factory string. ``auto``: exact (``Flat``) below 100k vectors; above,
+    ``IVF<nlist>,Flat`` when the raw vectors fit the memory budget, else compressed
+    ``IVF<nlist>,PQ<m>``. Named types (flat, hnsw, ivf-flat, ivf-pq) and raw factory strings
+    (``IVF4096,PQ32``) are taken as given."""
+    nlist = nlist_for(n)
+    named = {"flat": "Flat", "hnsw": "HNSW32,Flat", "ivf-flat": f"IVF{nlist},Flat",
+             "ivf-pq": f"IVF{nlist},PQ{pq_bytes(dim)}"}
+    if index_type in named:
+        return named[index_type]
+    if index_type != "auto":
+        return index_type
+    if n < EXACT_BELOW:
+        return "Flat"
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    return named["ivf-flat"] if n * dim * 4 * 1.1 <= budget else named["ivf-pq"]
+
+
+def build_faiss(vectors: np.ndarray, factory: str, seed: int = 0, train_size: int | None = None):
+    """A trained FAISS index holding ``vectors`` (float32 [N, D], unit rows) under ids 0..N-1."""
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ConfigError(f"bad FAISS index type {factory!r}: {str(err).splitlines()[0]}; use "
+                          f"one of {', '.join(NAMED_TYPES)} or a FAISS factory string") from None
+    if not index.is_trained:
+        ivf = _ivf(index)
+        need = 39 * (ivf.nlist if ivf is not None else 256)
+        size = min(n, train_size or max(need, 10_000))
+        if n < (ivf.nlist if ivf is not None else 1):
+            raise ConfigError(f"index type {factory!r} needs at least {ivf.nlist} vectors, "
+                              f"the collection has {n}; use flat")
+        rng = np.random.default_rng(seed)
+        sample = vectors[np.sort(rng.choice(n, size, replace=False))] if size < n else vectors
+        index.train(sample)
+    for start in range(0, n, 65536):
+        index.add(vectors[start:start + 65536])
+    return index
+
+
+def _ivf(index):
+    faiss = _faiss()
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def search_parameter(index) -> str | None:
+    """The knob that trades speed for recall: ``nprobe`` (IVF), ``efSearch`` (HNSW), or None."""
+    if _ivf(index) is not None:
+        return "nprobe"
+    faiss = _faiss()
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_parameter(index, value: int | None) -> None:
+    name = search_parameter(index)
+    if name is not None and value is not None:
+        _faiss().ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def held_out_queries(vectors: np.ndarray, count: int = TUNE_QUERIES, noise: float = 0.1,
+                     seed: int = 0) -> np.ndarray:
+    """Queries near the data but not in it: random collection vectors plus Gaussian noise of
+    norm ~``noise``, renormalised."""
+    rng = np.random.default_rng(seed + 1)
+    base = vectors[rng.choice(len(vectors), min(count, len(vectors)), replace=False)]
+    q = base + rng.normal(0, noise / math.sqrt(vectors.shape[1]), base.shape).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top-``k`` by inner product (no copy of ``vectors``)."""
+    faiss = _faiss()
+    _, ids = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                       np.ascontiguousarray(vectors, dtype=np.float32), k,
+                       metric=faiss.METRIC_INNER_PRODUCT)
+    return ids
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true top-k found in its returned top-k."""
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int = 10,
+                queries: np.ndarray | None = None) -> dict:
+    """The smallest nprobe / efSearch (powers of two) whose recall@k on held-out queries
+    reaches ``recall_target`` (the largest tried if none does). ``{parameter, value, recall}``."""
+    name = search_parameter(index)
+    if name is None:
+        return {"parameter": None, "value": None, "recall": 1.0}
+    queries = held_out_queries(vectors) if queries is None else queries
+    truth = exact_neighbours(queries, vectors, k)
+    limit = _ivf(index).nlist if name == "nprobe" else 2048
+    value, best = 1 if name == "nprobe" else 16, None
+    while True:
+        set_search_parameter(index, value)
+        recall = recall_at_k(index.search(queries, k)[1], truth)
+        best = {"parameter": name, "value": value, "recall": round(recall, 4)}
+        if recall >= recall_target or value >= limit:
+            return best
+        value *= 2
+
+
+def search(index, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end)."""
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), offset + k)
+    return scores[:, offset:], ids[:, offset:]
+
+
+def write_faiss(index, path) -> None:
+    _faiss().write_index(index, str(path))
+
+
+def read_faiss(path):
+    return _faiss().read_index(str(path))

@@ -1,0 +1,119 @@
+"""An opened, complete index: the model check, vector search with paging, metadata, images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cliplab.errors import DataError, ModelError
+from cliplab.serve import faiss_index
+from cliplab.serve.build import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
+                                 partial_path, read_index_json)
+from cliplab.models.folder import model_fingerprint
+from cliplab.serve.store import MetadataStore
+
+
+class SearchIndex:
+    """A complete index folder opened for search. ``search`` returns ``(scores, ids)``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+        self.record = _complete_record(self.path)
+        self.store = MetadataStore(self.path / META_FILE, readonly=True)
+        self.backend = self.record["backend"]
+        self.vectors = np.load(self.path / VECTORS_FILE, mmap_mode="r")  # [N, D], by id
+        if self.backend == "faiss":
+            # one thread per query: requests run concurrently, and OpenMP teams spinning on a
+            # busy machine cost more than they save on a single small search
+            faiss_index._faiss().omp_set_num_threads(1)
+            self._faiss = faiss_index.read_faiss(self.path / FAISS_FILE)
+            faiss_index.set_search_parameter(self._faiss, self.record["faiss"].get("value"))
+        else:
+            from cliplab.serve.milvus_index import MilvusVectors
+
+            self._milvus = MilvusVectors(self.record["milvus"]["uri"],
+                                         self.record["milvus"]["collection"])
+            found = self._milvus.count()
+            if found != self.record["count"]:
+                raise DataError(f"Milvus collection {self.record['milvus']['collection']} at "
+                                f"{self.record['milvus']['uri']} holds {found} vectors, the index "
+                                f"{self.path} {self.record['count']}; rebuild the index")
+
+    @property
+    def count(self) -> int:
+        return int(self.record["count"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.record["fingerprint"]
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose weights are not the ones the index was built with."""
+        found = model_fingerprint(model)
+        if found != self.fingerprint:
+            raise ModelError(f"{self.path} was built with model {self.record['model']['name']} "
+                             f"({self.fingerprint[:19]}...); the given model is {found[:19]}...: "
+                             "search it with the same model or rebuild the index")
+
+    def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids ``[Q, k]`` of hits ``offset .. offset+k-1`` (id -1 where none)."""
+        if self.backend == "faiss":
+            return faiss_index.search(self._faiss, queries, k, offset)
+        return self._milvus.search(queries, k, offset)
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """The stored unit embedding of ``item_id``."""
+        return np.asarray(self.vectors[int(item_id)], dtype=np.float32)
+
+    def items(self, ids) -> dict[int, dict]:
+        return self.store.get_many([int(i) for i in ids if i >= 0])
+
+    def image_source(self, row: dict) -> dict:
+        """Where row's image is: ``{"file": abs path}`` or ``{"tar", "offset", "size"}``;
+        stored images resolve inside the index folder only."""
+        loc = dict(row["location"])
+        if "stored" in loc:
+            return {"file": str(self.path / loc["stored"])}
+        return loc
+
+    def close(self) -> None:
+        self.store.close()
+        if self.backend == "milvus":
+            self._milvus.close()
+
+
+def _complete_record(path: Path) -> dict:
+    """``index.json`` of a complete index, else a clear refusal (half-built, missing, damaged)."""
+    if path.name.endswith(".partial") or (path / PROGRESS_FILE).exists():
+        raise DataError(f"{path} is a half-built index (its `cliplab index` run was stopped); "
+                        "run the same `cliplab index` command again to resume it")
+    record = read_index_json(path) if path.is_dir() else None
+    if record is None:
+        if partial_path(path).exists():
+            raise DataError(f"{path} is not built yet: {partial_path(path)} holds a stopped "
+                            "`cliplab index` run; run the same command again to resume it")
+        raise DataError(f"{path} is not an index (no {INDEX_FILE}); build one with "
+                        "`cliplab index --model M --data SOURCE --out INDEX`")
+    if not record.get("complete") or record.get("format") != 1:
+        raise DataError(f"{path / INDEX_FILE}: not a complete index (format "
+                        f"{record.get('format')!r}); rebuild it")
+    for name in (META_FILE, VECTORS_FILE) + ((FAISS_FILE,) if record.get("backend") == "faiss" else ()):
+        if not (path / name).is_file():
+            raise DataError(f"{path}: {name} is missing; the index is damaged, rebuild it")
+    return record
+
+
+def describe(record: dict) -> str:
+    """One line for the CLI: count, model, backend and search settings."""
+    backend = record["backend"]
+    how = (f"FAISS {record['faiss']['type']}" + (
+        f", {record['faiss']['parameter']}={record['faiss']['value']} (recall@10 "
+        f"{record['faiss']['recall']:.3f} on held-out queries)"
+        if record["faiss"].get("parameter") else "")) if backend == "faiss" else \
+        f"Milvus {record['milvus']['collection']} at {record['milvus']['uri']}"
+    return (f"{record['count']} items ({record['skipped']} skipped), model "
+            f"{record['model']['name']}, {how}")
+
+
+__all__ = ["SearchIndex", "describe"]

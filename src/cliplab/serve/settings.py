@@ -1,0 +1,27 @@
+"""The config of `cliplab index` (one `Section` schema, like every stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cliplab.config import Section
+from cliplab.models.spec import ModelField
+
+
+class IndexConfig(Section):
+    """What to index with which model, where, and how to search it."""
+
+    model: ModelField
+    data: str | dict[str, Any]
+    out: str
+    add: bool = False                   # append to an existing index instead of refusing it
+    backend: Literal["faiss", "milvus"] = "faiss"
+    uri: str | None = None              # milvus: ./file.db (Milvus Lite) or http://host:19530
+    collection: str = Field("cliplab", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    index_type: str = "auto"            # auto | flat | hnsw | ivf-flat | ivf-pq | FAISS factory
+    recall: float = Field(0.95, gt=0, le=1)   # recall@10 target the search breadth is tuned to
+    max_memory_gb: float | None = Field(None, gt=0)  # budget for auto (default: half the RAM)
+    batch_size: int = Field(64, ge=1, le=4096)
+    chunk: int = Field(1024, ge=1)      # items embedded between two progress records

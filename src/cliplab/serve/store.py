@@ -1,0 +1,88 @@
+"""The metadata of an index in SQLite: one row per id (key, caption, image location, metadata),
+plus the skipped entries with their reasons. Look-ups by id are one indexed query, whatever k."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, caption TEXT NOT NULL,
+    location TEXT NOT NULL, meta TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS skipped (key TEXT NOT NULL, reason TEXT NOT NULL);
+"""
+
+
+class MetadataStore:
+    """Rows ``{id, key, caption, location, meta}``; safe to share between server threads."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._db.executescript(SCHEMA)
+            self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, rows: Iterable[dict], skipped: Iterable[tuple[str, str]] = ()) -> None:
+        """Insert rows and skipped ``(key, reason)`` pairs in one transaction."""
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT INTO items (id, key, caption, location, meta) VALUES (?, ?, ?, ?, ?)",
+                [(r["id"], r["key"], r["caption"], json.dumps(r["location"]), json.dumps(r["meta"]))
+                 for r in rows])
+            self._db.executemany("INSERT INTO skipped (key, reason) VALUES (?, ?)", list(skipped))
+
+    def truncate(self, count: int, skipped_count: int) -> None:
+        """Drop rows with ``id >= count`` and skipped entries past the first ``skipped_count``
+        (what a killed run wrote after its last recorded progress)."""
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM items WHERE id >= ?", (count,))
+            self._db.execute("DELETE FROM skipped WHERE rowid NOT IN "
+                             "(SELECT rowid FROM skipped ORDER BY rowid LIMIT ?)", (skipped_count,))
+
+    def has_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` are already indexed."""
+        if not keys:
+            return set()
+        with self._lock:
+            marks = ",".join("?" * len(keys))
+            return {k for (k,) in self._db.execute(
+                f"SELECT key FROM items WHERE key IN ({marks})", list(keys))}
+
+    def get_many(self, ids: Sequence[int]) -> dict[int, dict]:
+        """Rows by id (ids not in the index are absent)."""
+        out: dict[int, dict] = {}
+        ids = [int(i) for i in ids]
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute("SELECT id, key, caption, location, meta FROM items "
+                                            f"WHERE id IN ({marks})", chunk):
+                    out[row[0]] = {"id": row[0], "key": row[1], "caption": row[2],
+                                   "location": json.loads(row[3]), "meta": json.loads(row[4])}
+        return out
+
+    def get(self, item_id: int) -> dict | None:
+        return self.get_many([item_id]).get(int(item_id))
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._db.execute("SELECT key, reason FROM skipped ORDER BY rowid"))
+
+    def skipped_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM skipped").fetchone()[0]

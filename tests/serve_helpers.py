@@ -1,0 +1,43 @@
+"""Shared helpers of the serve tests: a tiny saved model and small indexes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cliplab.config import validate
+from cliplab.serve.build import build_index
+from cliplab.serve.settings import IndexConfig
+
+SHAPES = {"source": "shapes", "n": 40, "seed": 3, "kinds": ["single"], "image_size": 32}
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny-clip saved as a model folder; another ``seed`` gives other weights."""
+    from cliplab.models import build_model
+
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        embed_dim=16, context_length=32)
+    if seed:  # the preset's initialisation is fixed; move the weights off it
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    model.save(folder)
+    return folder
+
+
+def index_config(model: Path, data, out: Path, **kw) -> IndexConfig:
+    return validate(IndexConfig, {"model": str(model), "data": data, "out": str(out), **kw})
+
+
+def build(model: Path, data, out: Path, **kw) -> dict:
+    return build_index(index_config(model, data, out, **kw), progress=False)
+
+
+def direct_image_embeddings(model, images: torch.Tensor) -> np.ndarray:
+    """Embeddings computed straight from the model (no index code)."""
+    with torch.no_grad():
+        return model.encode_image(model.preprocess(images)).numpy()

@@ -1,0 +1,196 @@
+"""OpenCLIP import/export against embeddings computed by real OpenCLIP (committed fixtures,
+written by scripts/make_openclip_fixtures.py in the OpenCLIP environment)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from cliplab.errors import ModelError
+from cliplab.models.convert import (convert_openclip, export_openclip, is_openclip_checkpoint,
+                                    load_openclip)
+from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
+from cliplab.models.convert.openclip_files import read_state_dict
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.presets import build_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
+SOURCES = {"hub-gelu": FIXTURES / "hub-gelu",
+           "ddp-quickgelu": FIXTURES / "ddp-quickgelu" / "epoch_3.pt"}
+TOL = 1e-4
+
+
+def _expected(name: str) -> tuple[dict, list[str]]:
+    folder = FIXTURES / name
+    return (load_file(str(folder / "expected.safetensors")),
+            json.loads((folder / "captions.json").read_text()))
+
+
+def _features(out) -> torch.Tensor:
+    return getattr(out, "pooler_output", out) if not isinstance(out, torch.Tensor) else out
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_imported_model_matches_openclip(name):
+    expected, captions = _expected(name)
+    model = load_openclip(SOURCES[name])
+    pixels = model.preprocess(expected["images"])
+    with torch.no_grad():
+        image = model.encode_image(pixels)
+        text_from_ids = model.encode_text(expected["input_ids"])
+        text = model.encode_texts(captions)
+        hf_image = F.normalize(_features(model.model.get_image_features(pixel_values=pixels)), dim=-1)
+        hf_text = F.normalize(_features(model.model.get_text_features(
+            input_ids=expected["input_ids"])), dim=-1)
+    for ours in (image, hf_image):
+        assert (ours - expected["image_embeddings"]).abs().max() <= TOL
+    for ours in (text_from_ids, text, hf_text):
+        assert (ours - expected["text_embeddings"]).abs().max() <= TOL
+    # the embeddings are not trivially equal: different images give different embeddings
+    assert (expected["image_embeddings"][0] - expected["image_embeddings"][1]).abs().max() > 0.01
+
+
+def test_activation_and_preprocessing_carried_over():
+    gelu, quick = load_openclip(SOURCES["hub-gelu"]), load_openclip(SOURCES["ddp-quickgelu"])
+    assert gelu.model.config.vision_config.hidden_act == "gelu"
+    assert quick.model.config.text_config.hidden_act == "quick_gelu"
+    pre = gelu.preprocess_config
+    assert (pre.image_size, pre.resize_mode, pre.interpolation) == (32, "squash", "bicubic")
+    assert pre.mean == (0.45, 0.46, 0.41)
+    assert quick.preprocess_config.resize_mode == "shortest"  # OpenCLIP's default
+
+
+def test_converted_folder_opens_in_transformers_and_cliplab(tmp_path):
+    out = convert_openclip(SOURCES["hub-gelu"], tmp_path / "model")
+    expected, _ = _expected("hub-gelu")
+    model = DualEncoder.load(out)
+    with torch.no_grad():
+        image = model.encode_image(model.preprocess(expected["images"]))
+    assert (image - expected["image_embeddings"]).abs().max() <= TOL
+    assert type(AutoModel.from_pretrained(out)).__name__ == "CLIPModel"
+    assert not [p for p in tmp_path.iterdir() if p.name != "model"]  # no temporary left
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_round_trip_is_bit_identical(name, tmp_path):
+    src = SOURCES[name]
+    original = read_state_dict(src if src.is_file() else src / "open_clip_model.safetensors")
+    out = export_openclip(load_openclip(src), tmp_path / "exported")
+    back = load_file(str(out / "open_clip_model.safetensors"))
+    assert set(back) == set(original) - {"attn_mask"}
+    for key, tensor in back.items():
+        assert torch.equal(tensor, original[key]), key
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"].get("quick_gelu", False) == (name == "ddp-quickgelu")
+    # an export re-imports to the same embeddings
+    expected, captions = _expected(name)
+    again = load_openclip(out)
+    with torch.no_grad():
+        text = again.encode_texts(captions)
+    assert (text - expected["text_embeddings"]).abs().max() <= TOL
+
+
+def test_clip_bpe_tokenizer_gives_openclip_ids():
+    tok = clip_bpe_tokenizer()
+    ids = json.loads((FIXTURES / "clip_bpe_ids.json").read_text())
+    assert len(ids) >= 5
+    for caption, want in ids.items():
+        assert tok(caption)["input_ids"] == want, caption
+
+
+def test_is_openclip_checkpoint(tmp_path):
+    assert is_openclip_checkpoint(SOURCES["hub-gelu"])
+    assert is_openclip_checkpoint(SOURCES["ddp-quickgelu"])
+    folder = build_model("tiny-clip").save(tmp_path / "hf")
+    assert not is_openclip_checkpoint(folder)
+    assert not is_openclip_checkpoint(tmp_path / "missing")
+
+
+def _hub_copy(tmp_path) -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(SOURCES["hub-gelu"], dst)
+    return dst
+
+
+def _edit_config(folder: Path, edit) -> None:
+    file = folder / "open_clip_config.json"
+    data = json.loads(file.read_text())
+    edit(data["model_cfg"])
+    file.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("not_state_dict", "not a state dict"),
+    ("truncated", "cannot read the checkpoint"),
+    ("missing_key", "missing key 'visual.ln_post.bias'"),
+    ("unexpected_key", "unexpected key 'visual.extra'"),
+    ("shape", "'visual.conv1.weight' has shape [40, 3, 8, 8], the config implies [40, 3, 16, 16]"),
+    ("timm", "vision_cfg.timm_model_name='vit_base_patch16_siglip_224' is not supported"),
+    ("bad_json", "not a readable JSON file"),
+])
+def test_bad_checkpoints_give_one_line_naming_file_and_key(tmp_path, breakage, message):
+    src = _hub_copy(tmp_path)
+    weights = src / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    if breakage == "not_state_dict":
+        weights.unlink()
+        weights = src / "open_clip_pytorch_model.bin"
+        torch.save([1, 2, 3], weights)
+    elif breakage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif breakage == "missing_key":
+        del state["visual.ln_post.bias"]
+        save_file(state, str(weights))
+    elif breakage == "unexpected_key":
+        state["visual.extra"] = torch.zeros(2)
+        save_file(state, str(weights))
+    elif breakage == "shape":
+        _edit_config(src, lambda cfg: cfg["vision_cfg"].update(patch_size=16))
+    elif breakage == "timm":
+        _edit_config(src, lambda cfg: cfg["vision_cfg"].update(
+            timm_model_name="vit_base_patch16_siglip_224"))
+    elif breakage == "bad_json":
+        (src / "open_clip_config.json").write_text("{not json")
+    out = tmp_path / "out"
+    with pytest.raises(ModelError) as err:
+        convert_openclip(src, out)
+    text = str(err.value)
+    assert "\n" not in text and message in text
+    named = src / ("open_clip_config.json" if breakage in ("timm", "bad_json") else weights.name)
+    assert str(named) in text
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_out_folder_not_overwritten_unless_asked(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ModelError, match="not empty"):
+        convert_openclip(SOURCES["hub-gelu"], out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_openclip(SOURCES["hub-gelu"], out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_export_refuses_non_clip_towers(tmp_path):
+    with pytest.raises(ModelError, match="OpenCLIP export applies to CLIP towers only"):
+        export_openclip(build_model("tiny-siglip"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_the_model_spec_takes_an_openclip_checkpoint(name):
+    from cliplab.models.resolve import load_model
+
+    expected, _ = _expected(name)
+    model = load_model(str(SOURCES[name]))
+    with torch.no_grad():
+        image = model.encode_image(model.preprocess(expected["images"]))
+    assert (image - expected["image_embeddings"]).abs().max() <= TOL

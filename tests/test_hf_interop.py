@@ -1,0 +1,70 @@
+"""Folders cliplab saves open in transformers' own tools: AutoProcessor and the
+zero-shot-image-classification pipeline give cliplab's probabilities.
+
+Images are at the model's size: cliplab resizes in float (torch bilinear, antialiased) while
+the processor resizes a PIL uint8 image and rounds the longer side differently, so resized
+images agree only roughly; at the model's size both only rescale and normalise."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+
+from cliplab.models import DualEncoder, build_model
+
+LABELS = ["red circle", "blue square", "three green triangles"]
+TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis template
+TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2)
+
+
+def _cliplab_probabilities(model: DualEncoder, image: np.ndarray) -> torch.Tensor:
+    """Zero-shot probabilities as the pipeline defines them: softmax over the labels of
+    logit_scale * cos for CLIP, a sigmoid per label (with the bias) for SigLIP."""
+    with torch.no_grad():
+        img = model.encode_image(model.preprocess(torch.from_numpy(image)[None]))
+        txt = model.encode_texts([TEMPLATE.format(label) for label in LABELS])
+        logits = model.logit_scale.exp() * img @ txt.T
+        if model.kind == "siglip":
+            return torch.sigmoid(logits + model.logit_bias)[0]
+        return logits.softmax(-1)[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny-clip", "tiny-siglip"])
+def test_pipeline_probabilities_equal_cliplabs(preset, tmp_path):
+    folder = build_model(preset, **TINY).save(tmp_path / preset)
+    model = DualEncoder.load(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    classify = pipeline("zero-shot-image-classification", model=str(folder))
+    rng = np.random.RandomState(0)
+    for _ in range(2):
+        image = rng.randint(0, 256, (16, 16, 3), dtype=np.uint8)
+        pixels = processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pixels, model.preprocess(torch.from_numpy(image)[None]))
+        scores = {r["label"]: r["score"]
+                  for r in classify(Image.fromarray(image), candidate_labels=LABELS)}
+        expected = _cliplab_probabilities(model, image)
+        found = torch.tensor([scores[label] for label in LABELS])
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6)
+    if preset == "tiny-clip":  # the softmax's spread shows the test compares something
+        assert expected.max() - expected.min() > 0.01
+
+
+def test_saved_processor_config_is_cliplabs_preprocessing(tmp_path):
+    model = build_model("tiny-clip", **TINY)
+    model.preprocess_config.mean = (0.1, 0.2, 0.3)
+    folder = model.save(tmp_path / "m")
+    processor = AutoProcessor.from_pretrained(folder).image_processor
+    assert processor.crop_size == {"height": 16, "width": 16}
+    assert processor.size == {"shortest_edge": 16}
+    assert list(processor.image_mean) == [0.1, 0.2, 0.3]
+    assert DualEncoder.load(folder).preprocess_config.mean == (0.1, 0.2, 0.3)
+
+
+def test_lit_folder_card_warns_that_plain_transformers_differs(tmp_path):
+    lit = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    card = (lit.save(tmp_path / "lit") / "README.md").read_text()
+    assert "plain transformers does not reproduce this model" in card and "mean" in card
+    clip_card = (build_model("tiny-clip", **TINY).save(tmp_path / "clip") / "README.md")
+    assert "does not reproduce" not in clip_card.read_text()
+    assert 'pipeline("zero-shot-image-classification"' in clip_card.read_text()

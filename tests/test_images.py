@@ -1,0 +1,76 @@
+"""The one image decoder: bytes or files to uint8 [H, W, C], resizing, corrupt images, stacking."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.data.images import (UnreadableImage, decode_image, encode_image, resize_image,
+                                 stack_images)
+from cliplab.errors import DataError
+from tests.tar_files import png_bytes
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+GRAY = RNG.integers(0, 256, (6, 10), dtype=np.uint8)
+
+
+def test_bytes_and_files_decode_exactly(tmp_path):
+    assert torch.equal(decode_image(png_bytes(RGB)), torch.from_numpy(RGB))
+    (tmp_path / "x.png").write_bytes(png_bytes(RGB))
+    assert torch.equal(decode_image(tmp_path / "x.png"), torch.from_numpy(RGB))
+    assert torch.equal(decode_image(str(tmp_path / "x.png")), torch.from_numpy(RGB))
+
+
+def test_channels():
+    gray = png_bytes(GRAY)
+    assert decode_image(gray, channels=None).shape == (6, 10, 1)
+    assert torch.equal(decode_image(gray, channels=None)[..., 0], torch.from_numpy(GRAY))
+    rgb = decode_image(gray)  # default: RGB, the gray value in every channel
+    assert rgb.shape == (6, 10, 3) and all(torch.equal(rgb[..., c], rgb[..., 0]) for c in range(3))
+    assert decode_image(png_bytes(RGB), channels=None).shape == (6, 10, 3)
+    one = decode_image(png_bytes(RGB), channels=1)
+    assert torch.equal(one[..., 0], torch.from_numpy(np.array(Image.fromarray(RGB).convert("L"))))
+
+
+def test_resize_is_pil_bilinear_with_height_width_sizes():
+    expected = np.array(Image.fromarray(RGB).resize((4, 3), Image.Resampling.BILINEAR))
+    assert torch.equal(decode_image(png_bytes(RGB), size=(3, 4)), torch.from_numpy(expected))
+    assert torch.equal(resize_image(torch.from_numpy(RGB), (3, 4)), torch.from_numpy(expected))
+    square = np.array(Image.fromarray(RGB).resize((5, 5), Image.Resampling.BILINEAR))
+    assert torch.equal(decode_image(png_bytes(RGB), size=5), torch.from_numpy(square))
+    same = torch.from_numpy(RGB)
+    assert resize_image(same, (6, 10)) is same
+
+
+@pytest.mark.parametrize("source", [b"not an image", png_bytes(RGB)[:40]])
+def test_corrupt_bytes_raise_one_error_type(source):
+    with pytest.raises(UnreadableImage, match="image bytes: cannot decode"):
+        decode_image(source)
+    assert issubclass(UnreadableImage, DataError)
+
+
+def test_missing_or_corrupt_file_names_the_path(tmp_path):
+    with pytest.raises(UnreadableImage, match="nope.png"):
+        decode_image(tmp_path / "nope.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(UnreadableImage, match="bad.jpg: cannot decode"):
+        decode_image(tmp_path / "bad.jpg")
+
+
+def test_stack_at_first_size_and_common_channels():
+    first = torch.from_numpy(RGB)
+    gray = torch.from_numpy(GRAY[:4, :5, None].copy())
+    out = stack_images([first, gray])
+    assert out.shape == (2, 6, 10, 3) and torch.equal(out[0], first)
+    resized = np.array(Image.fromarray(GRAY[:4, :5]).resize((10, 6), Image.Resampling.BILINEAR))
+    assert all(torch.equal(out[1, ..., c], torch.from_numpy(resized)) for c in range(3))
+    assert stack_images([gray, gray]).shape == (2, 4, 5, 1)  # all grayscale stays one channel
+
+
+def test_encode_png_round_trips_and_jpg_is_close():
+    for image in (torch.from_numpy(RGB), torch.from_numpy(GRAY[..., None].copy())):
+        assert torch.equal(decode_image(encode_image(image, "png"), channels=None), image)
+    smooth = torch.arange(64, dtype=torch.uint8).repeat(64, 1)[..., None].expand(-1, -1, 3) * 4
+    back = decode_image(encode_image(smooth.contiguous(), "jpg", quality=95))
+    assert (back.float() - smooth.float()).abs().mean() < 2

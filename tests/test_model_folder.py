@@ -1,0 +1,71 @@
+"""Model folders: cliplab.json, the pretrained-origin record and weight fingerprints."""
+
+import json
+
+import pytest
+import torch
+
+from cliplab.errors import ModelError
+from cliplab.models import DualEncoder
+from cliplab.models.folder import (check_same_origin, model_fingerprint, read_meta,
+                                   read_origin, require_origin, weights_fingerprint,
+                                   write_origin)
+
+T = torch.tensor
+
+
+def test_weights_fingerprint_ignores_names_but_not_values():
+    a = {"x": T([1.0, 2.0]), "y": T([[3.0]])}
+    renamed = {"layers.y": T([[3.0]]), "layers.x": T([1.0, 2.0])}
+    assert weights_fingerprint(a) == weights_fingerprint(renamed)
+    assert weights_fingerprint(a) != weights_fingerprint({"x": T([1.0, 2.5]), "y": T([[3.0]])})
+    assert weights_fingerprint(a) != weights_fingerprint({"x": T([1.0, 2.0]).half(),
+                                                          "y": T([[3.0]]).half()})
+
+
+def test_model_fingerprint_survives_a_save_and_sees_one_changed_weight(tmp_path, tiny_model):
+    tiny_model.save(tmp_path / "m")
+    again = DualEncoder.load(tmp_path / "m")
+    assert model_fingerprint(again) == model_fingerprint(tiny_model)
+    with torch.no_grad():
+        again.model.logit_scale.add_(1e-3)
+    assert model_fingerprint(again) != model_fingerprint(tiny_model)
+
+
+def test_origin_on_a_plain_hf_folder_keeps_it_loadable(tmp_path, tiny_model):
+    tiny_model.model.save_pretrained(tmp_path / "hf")
+    tiny_model.tokenizer.save_pretrained(tmp_path / "hf")
+    assert read_origin(tmp_path / "hf") is None and read_meta(tmp_path / "hf") == {}
+    with pytest.raises(ModelError, match="hf records no pretrained origin"):
+        require_origin(tmp_path / "hf")
+    record = write_origin(tmp_path / "hf", "some/base", "abc123", adapter="lora")
+    assert record == {"path": "some/base", "fingerprint": "abc123"}
+    assert read_origin(tmp_path / "hf") == require_origin(tmp_path / "hf") == record
+    assert json.loads((tmp_path / "hf" / "cliplab.json").read_text()) == {
+        "base": record, "adapter": "lora"}
+    again = DualEncoder.load(tmp_path / "hf")  # a cliplab.json with only the origin record
+    assert again.preprocess_config.image_size == tiny_model.preprocess_config.image_size
+
+
+def test_origin_is_added_to_a_saved_models_settings_not_over_them(tmp_path, tiny_model):
+    folder = tiny_model.save(tmp_path / "m")
+    before = read_meta(folder)
+    write_origin(folder, tmp_path / "base", model_fingerprint(tiny_model))
+    after = read_meta(folder)
+    assert {k: v for k, v in after.items() if k != "base"} == before
+    assert after["base"]["path"] == str(tmp_path / "base")
+    check_same_origin(folder, tiny_model, "the tiny model")  # same weights: no error
+    other = DualEncoder.load(folder)
+    with torch.no_grad():
+        other.model.logit_scale.add_(1.0)
+    with pytest.raises(ModelError, match="was adapted from .*base.*but other has fingerprint"):
+        check_same_origin(folder, other, "other")
+
+
+def test_bad_cliplab_json_is_named(tmp_path):
+    (tmp_path / "cliplab.json").write_text("{\"base\": ")
+    with pytest.raises(ModelError, match=r"cliplab.json: not valid JSON .* line 1"):
+        read_origin(tmp_path)
+    (tmp_path / "cliplab.json").write_text(json.dumps({"base": "P"}))
+    with pytest.raises(ModelError, match=r"cliplab.json: 'base' must be"):
+        read_origin(tmp_path)

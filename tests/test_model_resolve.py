@@ -1,0 +1,99 @@
+"""The one model resolver: presets, model / checkpoint / run folders and Hub ids from the
+Hugging Face cache (laid out here by hand: no network)."""
+
+import shutil
+
+import pytest
+
+from cliplab.cli import main
+from cliplab.errors import ModelError
+from cliplab.models.folder import model_fingerprint
+from cliplab.models.resolve import load_model, resolve_model_path
+from cliplab.runs import RunDir
+
+TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
+            context_length=32)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny-clip (seed 1) saved as a model folder."""
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    load_model({"name": "tiny-clip", "options": {**TINY, "seed": 1}}).save(folder)
+    return folder
+
+
+def _same_weights(a, b) -> bool:
+    return model_fingerprint(a) == model_fingerprint(b)
+
+
+def hub_cache(root, repo_id: str, model_folder, sha: str = "0" * 40):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return repo / "snapshots" / sha
+
+
+def test_a_preset_with_options_and_a_model_folder(saved):
+    model = load_model({"name": "tiny-clip", "options": {**TINY, "seed": 1}})
+    assert model.preprocess_config.image_size == 16
+    assert _same_weights(load_model(str(saved)), model)
+    assert _same_weights(load_model(saved), model)  # a Path is a spec too
+    assert resolve_model_path(str(saved)) == saved
+    with pytest.raises(ModelError, match="options .*only apply to presets"):
+        load_model({"name": str(saved), "options": {"seed": 2}})
+    with pytest.raises(ModelError, match="'tiny-clip' is a preset"):
+        resolve_model_path("tiny-clip")
+
+
+def test_checkpoint_and_run_folders_resolve_to_the_newest_model(saved, tmp_path):
+    run = RunDir(tmp_path / "run", tensorboard=False)
+    with pytest.raises(ModelError, match="run folder .* has no complete checkpoint"):
+        (run.path / "checkpoints").mkdir()
+        resolve_model_path(str(run.path))
+    old = load_model({"name": "tiny-clip", "options": {**TINY, "seed": 2}})
+    run.atomic_checkpoint(5, lambda f: old.save(f / "model"))
+    run.atomic_checkpoint(12, lambda f: shutil.copytree(saved, f / "model"))
+    (run.path / "checkpoints" / "step-20.tmp" / "model").mkdir(parents=True)  # unfinished
+    newest = run.path / "checkpoints" / "step-12" / "model"
+    assert resolve_model_path(str(run.path)) == newest
+    assert resolve_model_path(str(run.path / "checkpoints" / "step-5")) == \
+        run.path / "checkpoints" / "step-5" / "model"
+    assert _same_weights(load_model(str(run.path)), load_model(str(saved)))
+    assert _same_weights(load_model(str(run.path / "checkpoints" / "step-5")), old)
+    adapters = RunDir(tmp_path / "lora", tensorboard=False)
+    adapters.atomic_checkpoint(3, lambda f: (f / "adapter").mkdir())
+    with pytest.raises(ModelError, match=r"step-3 holds no model/ folder \(it holds adapter\)"):
+        load_model(str(adapters.path))
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = hub_cache(cache, "tiny-org/tiny-clip-16", saved)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_path("tiny-org/tiny-clip-16") == snapshot
+    assert _same_weights(load_model("tiny-org/tiny-clip-16"), load_model(str(saved)))
+    with pytest.raises(ModelError, match=r"openai/clip-vit-base-patch32 is neither a folder here "
+                                         r"nor in the Hugging Face cache .*hf download"):
+        load_model("openai/clip-vit-base-patch32")
+    with pytest.raises(ModelError, match="unknown model 'no/such/model'"):
+        load_model("no/such/model")  # two slashes: a missing path, not a Hub id
+
+
+def test_eval_cli_takes_a_hub_id_or_says_how_to_fetch_it(saved, tmp_path, monkeypatch,
+                                                         capsys):
+    hub_cache(tmp_path / "hub", "tiny-org/tiny-clip-16", saved)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--model", "tiny-org/tiny-clip-16", "--suite", str(suite),
+                 "--no-progress"]) == 0
+    assert '"acc1"' in capsys.readouterr().out
+    assert main(["eval", "--model", "google/siglip-base-patch16-224", "--suite", str(suite),
+                 "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "hf download google/siglip-base-patch16-224" in lines[0]

@@ -1,0 +1,119 @@
+"""ONNX export of both towers: onnxruntime's embeddings equal PyTorch's (1e-4), dynamic batch
+and length, int8, and the exported folder behind the DualEncoder face (eval's feature path)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from cliplab.errors import ModelError
+from cliplab.evaluate.features import encode_images
+from cliplab.models.onnx_encoder import OnnxEncoder, is_onnx_export, load_onnx
+from cliplab.models.onnx_export import export_onnx
+from cliplab.models.presets import build_model
+
+TEXTS = ["a photo of a cat", "x", "two red squares left of a much larger blue circle, drawn twice"]
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def clip_export(tmp_path_factory):
+    model = build_model("tiny-clip", image_size=32)
+    out = export_onnx(model, tmp_path_factory.mktemp("onnx") / "tiny-clip")
+    return model, out
+
+
+def _check_equal(model, onnx_model: OnnxEncoder, image_size: int, tol: float = 1e-4) -> None:
+    for batch in (1, 5):  # neither is the batch of 2 the graph was traced with
+        pixels = model.preprocess(_images(batch, image_size, seed=batch))
+        with torch.no_grad():
+            want = model.encode_image(pixels)
+            want_raw = model.encode_image(pixels, normalize=False)
+        assert onnx_model.encode_image(pixels).shape == want.shape
+        assert (onnx_model.encode_image(pixels) - want).abs().max() <= tol
+        assert (onnx_model.encode_image(pixels, normalize=False) - want_raw).abs().max() <= tol
+    for texts in (TEXTS, TEXTS[:1]):  # other lengths and batch sizes than traced
+        tok = model.tokenize(texts)
+        assert torch.equal(onnx_model.tokenize(texts)["input_ids"], tok["input_ids"])
+        with torch.no_grad():
+            want = model.encode_text(**tok)
+        assert (onnx_model.encode_text(**tok) - want).abs().max() <= tol
+        assert (onnx_model.encode_texts(texts) - want).abs().max() <= tol
+
+
+def test_clip_towers_equal_pytorch(clip_export):
+    model, out = clip_export
+    assert is_onnx_export(out) and not is_onnx_export(out.parent)
+    onnx_model = load_onnx(out)
+    assert (onnx_model.kind, onnx_model.embed_dim) == ("clip", model.embed_dim)
+    assert onnx_model.logit_scale.item() == pytest.approx(model.logit_scale.item())
+    _check_equal(model, onnx_model, 32)
+    assert not model.training  # exporting leaves the model as it was
+
+
+def test_eval_feature_path_runs_on_the_export(clip_export):
+    model, out = clip_export
+    images = _images(7, 32, seed=3)
+    want = encode_images(model, images, batch_size=4, progress=False)
+    got = encode_images(load_onnx(out), images, batch_size=4, progress=False)
+    assert (got.embeddings - want.embeddings).abs().max() <= 1e-4
+    assert (got.backbone - want.backbone).abs().max() <= 1e-4
+
+
+def test_siglip_towers_equal_pytorch(tmp_path):
+    model = build_model("tiny-siglip", image_size=32)
+    onnx_model = load_onnx(export_onnx(model, tmp_path / "siglip"))
+    assert onnx_model.logit_bias.item() == pytest.approx(model.logit_bias.item())
+    _check_equal(model, onnx_model, 32)
+
+
+@pytest.mark.slow
+def test_lit_minilm_mean_pooled_text_tower_equal_pytorch(tmp_path):
+    model = build_model("lit-minilm", layers=2)
+    onnx_model = load_onnx(export_onnx(model, tmp_path / "lit"))
+    assert onnx_model.text_pooling == "mean"
+    _check_equal(model, onnx_model, 28)
+
+
+def test_int8_export_is_quantized_and_close(tmp_path):
+    model = build_model("tiny-clip", image_size=32)
+    out = export_onnx(model, tmp_path / "int8", quantize="int8")
+    ops = {node.op_type for node in onnx.load(str(out / "image_encoder.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert json.loads((out / "onnx_export.json").read_text())["quantize"] == "int8"
+    assert not list(out.glob("fp32-*"))
+    onnx_model = load_onnx(out)
+    pixels = model.preprocess(_images(6, 32))
+    with torch.no_grad():
+        want = model.encode_image(pixels)
+    cosine = (onnx_model.encode_image(pixels) * want).sum(-1)
+    assert cosine.min() > 0.98
+    # int8 is not a no-op
+    assert (onnx_model.encode_image(pixels) - want).abs().max() > 1e-5
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ModelError, match="not an ONNX export folder"):
+        OnnxEncoder(tmp_path)
+    with pytest.raises(ModelError, match="--quantize must be int8"):
+        export_onnx(build_model("tiny-clip"), tmp_path / "q", quantize="int4")
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_model_spec_takes_an_onnx_export(clip_export):
+    from cliplab.models.resolve import load_model
+
+    model, out = clip_export
+    loaded = load_model(str(out))
+    assert type(loaded).__name__ == "OnnxEncoder"
+    images = _images(3, 32, seed=4)
+    with torch.no_grad():
+        want = model.encode_image(model.preprocess(images))
+    assert (loaded.encode_image(loaded.preprocess(images)) - want).abs().max() <= 1e-4

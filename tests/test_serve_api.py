@@ -1,0 +1,169 @@
+"""The HTTP API of `cliplab serve` through FastAPI's test client: rankings equal the model's
+own similarities, classify equals the zero-shot head, bad input is a JSON 4xx."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cliplab.data.shapes import load_shapes  # noqa: E402
+from cliplab.errors import ModelError  # noqa: E402
+from cliplab.evaluate.zeroshot import zeroshot_classifier  # noqa: E402
+from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
+from cliplab.serve.app import create_app  # noqa: E402
+from cliplab.serve.index import SearchIndex  # noqa: E402
+from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model  # noqa: E402
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    model_dir = save_tiny_model(root / "model")
+    build(model_dir, SHAPES, root / "idx")
+    model = DualEncoder.load(model_dir)
+    index = SearchIndex(root / "idx")
+    client = TestClient(create_app(index, model, max_upload_bytes=200_000))
+    data = load_shapes(n=40, seed=3, kinds=["single"], image_size=32)
+    return {"client": client, "model": model, "index": index, "data": data, "root": root,
+            "embeddings": direct_image_embeddings(model, data.images)}
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _error(response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_text_search_ranks_by_the_models_own_similarity(served):
+    model, emb = served["model"], served["embeddings"]
+    query = "a red circle"
+    sims = (model.encode_texts([query]).numpy() @ emb.T)[0]
+    order = np.argsort(-sims)
+    body = served["client"].get("/api/search", params={"q": query, "k": 10}).json()
+    assert [r["id"] for r in body["results"]] == order[:10].tolist()
+    assert [r["score"] for r in body["results"]] == pytest.approx(sims[order[:10]].tolist(),
+                                                                  abs=1e-4)
+    first = body["results"][0]
+    assert first["caption"] == served["data"].captions[first["id"]][0]
+    assert first["image"] == f"/images/{first['id']}" and body["total"] == 40
+    page = served["client"].get("/api/search", params={"q": query, "k": 4, "offset": 6}).json()
+    assert [r["id"] for r in page["results"]] == order[6:10].tolist()
+    tail = served["client"].get("/api/search", params={"q": query, "k": 10, "offset": 35}).json()
+    assert [r["id"] for r in tail["results"]] == order[35:].tolist()
+
+
+def test_image_search_finds_the_image_itself_first(served):
+    array = served["data"].images[11].numpy()
+    response = served["client"].post("/api/search/image", params={"k": 5},
+                                     files={"file": ("x.png", _png(array), "image/png")})
+    results = response.json()["results"]
+    assert results[0]["id"] == 11 and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    sims = served["embeddings"] @ served["embeddings"][11]
+    assert [r["id"] for r in results] == np.argsort(-sims)[:5].tolist()
+
+
+def test_classify_equals_the_zero_shot_head(served):
+    model, labels = served["model"], ["red circle", "blue square", "green triangle"]
+    head = zeroshot_classifier(model, labels, ["a photo of a {}."])
+    image = torch.from_numpy(served["embeddings"][5:6])
+    expected = torch.softmax(model.logit_scale.exp() * image @ head.T, dim=-1)[0].tolist()
+    by_id = served["client"].post("/api/classify", data={"labels": "red circle, blue square\n"
+                                                         "green triangle", "id": "5"}).json()
+    got = {entry["label"]: entry["probability"] for entry in by_id["labels"]}
+    assert [got[name] for name in labels] == pytest.approx(expected, abs=1e-5)
+    assert [e["probability"] for e in by_id["labels"]] == \
+        pytest.approx(sorted(expected, reverse=True), abs=1e-5)
+    upload = served["client"].post(
+        "/api/classify", data={"labels": ",".join(labels)},
+        files={"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}).json()
+    assert [e["probability"] for e in upload["labels"]] == \
+        pytest.approx([e["probability"] for e in by_id["labels"]], abs=1e-5)
+
+
+def test_images_are_the_indexed_files(served):
+    response = served["client"].get("/images/3")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    stored = served["root"] / "idx" / "images" / "3.png"
+    assert response.content == stored.read_bytes()
+
+
+def test_health_and_openapi(served):
+    health = served["client"].get("/api/health").json()
+    assert health["count"] == 40 and health["backend"] == "faiss"
+    assert health["fingerprint"] == served["index"].fingerprint
+    paths = served["client"].get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/search/image", "/api/classify", "/images/{item_id}",
+            "/api/health"} <= set(paths)
+    page = served["client"].get("/")
+    assert page.status_code == 200 and 'id="search-form"' in page.text
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"q": "   "}, "empty query"),
+    ({}, "q: Field required"),
+    ({"q": "x", "k": 0}, "k: Input should be greater than or equal to 1"),
+    ({"q": "x", "k": 101}, "k: Input should be less than or equal to 100"),
+    ({"q": "x", "k": "many"}, "k: Input should be a valid integer"),
+    ({"q": "x", "offset": -1}, "offset"),
+    ({"q": "x", "offset": 10_001}, "offset"),
+    ({"q": "x" * 1001}, "q: String should have at most 1000 characters"),
+])
+def test_bad_search_queries_are_422(served, params, words):
+    _error(served["client"].get("/api/search", params=params), 422, words)
+
+
+def test_bad_uploads_and_ids_are_4xx(served):
+    client = served["client"]
+    _error(client.post("/api/search/image", files={"file": ("a.txt", b"hello", "text/plain")}),
+           415, "not an image")
+    _error(client.post("/api/search/image", files={"file": ("e.png", b"", "image/png")}),
+           400, "empty")
+    _error(client.post("/api/search/image",
+                       files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}),
+           413, "byte limit")
+    _error(client.post("/api/search/image"), 422, "file: Field required")
+    _error(client.get("/images/40"), 404, "no indexed image with id 40")
+    _error(client.get("/images/-1"), 404, "no indexed image")
+    _error(client.get("/images/abc"), 422, "item_id")
+    for path in ("/images/../idx/meta.sqlite", "/images/..%2F..%2Fetc%2Fpasswd",
+                 "/images/3/../../index.json"):
+        response = client.get(path)
+        assert response.status_code in (404, 422) and "error" in response.json()
+    _error(client.post("/api/classify", data={"labels": "one", "id": "1"}), 400, "at least two")
+    _error(client.post("/api/classify", data={"labels": "a,b", "id": "99"}), 404, "id 99")
+    _error(client.post("/api/classify", data={"labels": "a,b"}), 400, "exactly one of id")
+    _error(client.post("/api/classify", data={"labels": "a,b", "id": "x"}), 422, "id")
+    _error(client.get("/api/nothing"), 404, "Not Found")
+
+
+def test_api_key_guards_every_route(served):
+    client = TestClient(create_app(served["index"], served["model"], api_key=KEY))
+    _error(client.get("/api/search", params={"q": "a red circle"}), 401, "API key")
+    _error(client.get("/api/search", params={"q": "a red circle"},
+                      headers={"X-API-Key": "wrong"}), 401, "API key")
+    _error(client.get("/images/1"), 401, "API key")
+    _error(client.get("/api/health"), 401, "API key")
+    assert client.get("/api/search", params={"q": "a red circle"},
+                      headers={"X-API-Key": KEY}).status_code == 200
+    assert client.get("/images/1", params={"api_key": KEY}).status_code == 200
+    assert client.get("/").status_code == 200  # the page itself asks for the key
+
+
+def test_another_model_is_refused(served, tmp_path):
+    other = DualEncoder.load(save_tiny_model(tmp_path / "other", seed=2))
+    with pytest.raises(ModelError, match="built with model"):
+        create_app(served["index"], other)

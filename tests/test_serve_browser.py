@@ -1,0 +1,120 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium against `cliplab serve` on a
+small `shapes` collection, indexed with a tiny-clip the test trains (a shortened tiny-shapes
+recipe: two small blocks, three colours, three shapes, 120 steps).
+
+Set CLIPLAB_SERVE_SCREENSHOT=PATH to keep the page's screenshot (docs/serve.png is one)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+RECIPE = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+WORLD = ["kinds=[single]", "colors=[red, green, blue]", "shapes=[circle, square, triangle]",
+         "image_size=32"]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "cliplab", *args], capture_output=True,
+                            text=True, timeout=1500, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            raise AssertionError(f"cliplab serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"cliplab serve did not answer {url} in {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def shapes_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    _run(["pretrain", "--config", str(RECIPE), "--out", str(root / "run"), "--no-progress",
+          "data.train.n=960", "train.batch_size=64", "train.epochs=8", "train.lr=2e-3", "eval=[]",
+          "model.options={image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2, "
+          "embed_dim: 64}", *(f"data.train.{w}" for w in WORLD)], root)
+    model = next((root / "run" / "checkpoints").glob("step-*/model"))
+    _run(["index", "--model", str(model), "--data", "shapes", "--out", str(root / "index"),
+          "--no-progress", "data.n=90", "data.seed=11", *(f"data.{w}" for w in WORLD)], root)
+    return root / "index"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(shapes_index),
+                               "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url + "api/health", server)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1200, "height": 860})
+            page.set_default_timeout(120_000)
+            page.goto(url)
+            page.wait_for_selector("#info:has-text('90 images')")
+
+            page.fill("#q", "a red circle")
+            page.select_option("#k", "12")
+            page.click("#search-btn")
+            page.wait_for_selector("#status:has-text('results for')")
+            captions = page.locator("#grid .card .caption").all_inner_texts()
+            assert len(captions) == 12
+            # the tiny model knows colours well and shapes roughly (measured: 4 of the top 5
+            # are red circles, the fifth a red square)
+            assert all("red circle" in c for c in captions[:2]), captions
+            assert sum("red circle" in c for c in captions[:5]) >= 4, captions
+            assert all(" red " in c for c in captions[:5]), captions
+
+            # upload a collection image: its own copy comes first
+            image = shapes_index / "images" / "17.png"
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#status:has-text('the uploaded image')")
+            assert page.locator("#grid .card").first.get_attribute("data-id") == "17"
+
+            # back to the red circles, then label what is shown
+            page.click("#search-btn")
+            page.wait_for_selector("#status:has-text('results for')")
+            page.fill("#labels", "red circle\nblue square\ngreen triangle")
+            page.click("#label-btn")
+            page.wait_for_selector("#status:has-text('labelled')")
+            labels = page.locator("#grid .card .label").all_inner_texts()
+            assert len(labels) == 12 and all(labels)
+            assert all(text.startswith("red circle") for text in labels[:2]), labels
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(tmp_path / "serve.png"))
+            browser.close()
+        if os.environ.get("CLIPLAB_SERVE_SCREENSHOT"):
+            shutil.copy(tmp_path / "serve.png", os.environ["CLIPLAB_SERVE_SCREENSHOT"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,235 @@
+"""`cliplab index`: sources with their original files, skipped files, resume after a kill,
+refusals, --add, the FAISS index choice and tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.data.shapes import load_shapes
+from cliplab.errors import CliplabError, ConfigError, DataError
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.serve import build as build_module
+from cliplab.serve import faiss_index
+from cliplab.serve.index import SearchIndex
+from cliplab.serve.store import MetadataStore
+from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_in_memory_source_stores_pngs_and_embeds_like_the_model(model_dir, tmp_path):
+    record = build(model_dir, SHAPES, tmp_path / "idx", chunk=16)
+    assert record["count"] == 40 and record["skipped"] == 0
+    assert record["faiss"]["type"] == "Flat"  # exact below 100k vectors
+    index = SearchIndex(tmp_path / "idx")
+    data = load_shapes(n=40, seed=3, kinds=["single"], image_size=32)
+    row = index.items([7])[7]
+    assert row["caption"] == data.captions[7][0] and row["meta"]["captions"] == data.captions[7]
+    stored = np.asarray(Image.open(index.image_source(row)["file"]))
+    assert np.array_equal(stored, data.images[7].numpy())
+    expected = direct_image_embeddings(DualEncoder.load(model_dir), data.images)
+    assert np.allclose(np.asarray(index.vectors), expected, atol=1e-5)
+
+
+def _image_folder(root):
+    root.mkdir()
+    data = load_shapes(n=6, seed=1, kinds=["single"], image_size=32)
+    for i in range(6):
+        sub = root / ("reds" if i % 2 else "others")
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(data.images[i].numpy()).save(sub / f"img_{i}.png")
+    (root / "others" / "broken.png").write_bytes(b"not a png at all")
+    (root / "notes.txt").write_text("not an image")
+    return data
+
+
+def test_image_folder_skips_and_lists_unreadable_files(model_dir, tmp_path):
+    _image_folder(tmp_path / "photos")
+    record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    assert record["count"] == 6 and record["skipped"] == 1
+    index = SearchIndex(tmp_path / "idx")
+    skipped = index.store.skipped()
+    assert skipped[0][0] == "others/broken.png" and skipped[0][1].startswith("unreadable_image")
+    rows = index.items(range(6)).values()
+    assert {r["key"] for r in rows} == {f"{'reds' if i % 2 else 'others'}/img_{i}.png"
+                                        for i in range(6)}
+    for r in rows:  # served from the original file, no copy
+        assert index.image_source(r)["file"] == str((tmp_path / "photos" / r["key"]).resolve())
+        assert r["meta"]["folder"] in ("reds", "others")
+
+
+def test_manifest_columns_become_metadata(model_dir, tmp_path):
+    data = _image_folder(tmp_path / "photos")
+    lines = [json.dumps({"image": f"photos/reds/img_{i}.png", "caption": data.captions[i][0],
+                         "license": "cc-by", "rank": i}) for i in (1, 3, 5)]
+    lines.append(json.dumps({"image": "photos/missing.png", "caption": "gone"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    record = build(model_dir, str(tmp_path / "m.jsonl"), tmp_path / "idx")
+    assert record["count"] == 3 and record["skipped"] == 1
+    row = SearchIndex(tmp_path / "idx").items([1])[1]
+    assert row["caption"] == data.captions[3][0]
+    assert row["meta"] == {"caption": data.captions[3][0], "license": "cc-by", "rank": 3}
+
+
+def test_shards_are_served_from_their_tar(model_dir, tmp_path):
+    from cliplab.data.shards import write_shards
+
+    data = load_shapes(n=12, seed=2, kinds=["single"], image_size=32)
+    write_shards(data, tmp_path / "shards", samples_per_shard=5, image_format="png", progress=False)
+    record = build(model_dir, str(tmp_path / "shards"), tmp_path / "idx")
+    assert record["count"] == 12
+    index = SearchIndex(tmp_path / "idx")
+    for i in (0, 6, 11):
+        source = index.image_source(index.items([i])[i])
+        with open(source["tar"], "rb") as f:
+            f.seek(source["offset"])
+            image = Image.open(__import__("io").BytesIO(f.read(source["size"])))
+            assert np.array_equal(np.asarray(image.convert("RGB")), data.images[i].numpy())
+    assert index.items([4])[4]["caption"] == data.captions[4][0]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs (not even `except Exception`)."""
+
+
+def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_path,
+                                                                 monkeypatch):
+    build(model_dir, SHAPES, tmp_path / "whole", chunk=8)
+    real_add, calls = MetadataStore.add, []
+
+    def add_then_die(self, rows, skipped=()):
+        real_add(self, rows, skipped)
+        calls.append(1)
+        if len(calls) == 3:  # rows of chunk 3 committed, its progress record never written
+            raise Killed
+
+    monkeypatch.setattr(MetadataStore, "add", add_then_die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    monkeypatch.setattr(MetadataStore, "add", real_add)
+
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(DataError, match="not built yet.*run the same command again"):
+        SearchIndex(tmp_path / "idx")
+    with pytest.raises(DataError, match="half-built"):
+        SearchIndex(tmp_path / "idx.partial")
+    progress = json.loads((tmp_path / "idx.partial" / "progress.json").read_text())
+    assert progress["count"] == 16  # two chunks recorded; the third is dropped on resume
+
+    with pytest.raises(ConfigError, match="half-built index of another"):
+        build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", chunk=8)
+    record = build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    assert record["count"] == 40 and not (tmp_path / "idx.partial").exists()
+    resumed, whole = SearchIndex(tmp_path / "idx"), SearchIndex(tmp_path / "whole")
+    assert np.array_equal(np.asarray(resumed.vectors), np.asarray(whole.vectors))
+    assert [r["key"] for r in resumed.items(range(40)).values()] == \
+        [r["key"] for r in whole.items(range(40)).values()]
+    assert sorted(p.name for p in (tmp_path / "idx" / "images").iterdir()) == \
+        sorted(f"{i}.png" for i in range(40))
+
+
+def test_killed_while_finishing_is_resumed(model_dir, tmp_path, monkeypatch):
+    def die(*args, **kw):
+        raise Killed
+
+    monkeypatch.setattr(build_module.faiss_index, "write_faiss", die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx")
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="not built yet"):
+        SearchIndex(tmp_path / "idx")
+    assert build(model_dir, SHAPES, tmp_path / "idx")["count"] == 40
+    assert SearchIndex(tmp_path / "idx").count == 40
+
+
+def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    with pytest.raises(ConfigError, match="already exists.*--add"):
+        build(model_dir, SHAPES, tmp_path / "idx")
+    more = {**SHAPES, "n": 10, "seed": 9}
+    # the same keys (shapes#0..9) are already there: a different source name is needed for
+    # new keys, so add an image folder instead
+    _image_folder(tmp_path / "photos")
+    record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx", add=True)
+    assert record["count"] == 46 and len(record["sources"]) == 2
+    index = SearchIndex(tmp_path / "idx")
+    assert index.items([40])[40]["key"].endswith(".png") and index.items([0])[0]["key"] == "shapes#0"
+    assert np.asarray(index.vectors).shape == (46, 16)
+    again = build(model_dir, more, tmp_path / "idx", add=True)  # shapes#0..9 already indexed
+    assert again["count"] == 46 and again["skipped"] == 1 + 10
+    assert (tmp_path / "idx" / "images" / "39.png").is_file()
+
+
+def test_add_refuses_another_model(model_dir, tmp_path):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    other = save_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(ConfigError, match="built with another model"):
+        build(other, SHAPES, tmp_path / "idx", add=True)
+    with pytest.raises(CliplabError, match="built with model"):
+        SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(other))
+
+
+def test_index_type_follows_size_and_memory():
+    assert faiss_index.choose_index_type(99_999, 512) == "Flat"
+    assert faiss_index.choose_index_type(1_000_000, 512, memory_budget=24 << 30) == "IVF1024,Flat"
+    assert faiss_index.choose_index_type(1_000_000, 512, memory_budget=1 << 30) == "IVF1024,PQ64"
+    assert faiss_index.choose_index_type(10, 512, "hnsw") == "HNSW32,Flat"
+    assert faiss_index.choose_index_type(10, 512, "IVF8,Flat") == "IVF8,Flat"
+    assert faiss_index.nlist_for(4_000_000) == 2048
+
+
+def _clustered(n, dim, centres, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, dim))
+    x = means[rng.integers(0, centres, n)] + 0.5 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_tuning_reaches_the_recall_target_on_held_out_queries():
+    vectors = _clustered(20_000, 32, 50)
+    index = faiss_index.build_faiss(vectors, "IVF128,Flat")
+    tuned = faiss_index.tune_search(index, vectors, recall_target=0.95)
+    assert tuned["parameter"] == "nprobe" and tuned["recall"] >= 0.95
+    queries = faiss_index.held_out_queries(vectors)
+    truth = faiss_index.exact_neighbours(queries, vectors, 10)
+    faiss_index.set_search_parameter(index, tuned["value"])
+    assert faiss_index.recall_at_k(index.search(queries, 10)[1], truth) == \
+        pytest.approx(tuned["recall"], abs=1e-4)
+    if tuned["value"] > 1:  # the next smaller setting misses the target
+        faiss_index.set_search_parameter(index, tuned["value"] // 2)
+        assert faiss_index.recall_at_k(index.search(queries, 10)[1], truth) < 0.95
+    scores, ids = faiss_index.search(index, queries[:1], 5, offset=3)
+    assert ids.shape == (1, 5)
+
+
+def test_exact_search_pages_like_numpy():
+    vectors = _clustered(500, 16, 5)
+    index = faiss_index.build_faiss(vectors, "Flat")
+    q = vectors[:2]
+    order = np.argsort(-(q @ vectors.T), axis=1)
+    scores, ids = faiss_index.search(index, q, 4, offset=6)
+    assert np.array_equal(ids, order[:, 6:10])
+    _, tail = faiss_index.search(index, q, 10, offset=495)
+    assert (tail[:, 5:] == -1).all()
+
+
+def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
+    code = main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
+                 str(tmp_path / "idx"), "--no-progress", "data.n=20", "data.image_size=32"])
+    assert code == 0 and "20 items (0 skipped)" in capsys.readouterr().out
+    assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "unknown data" in capsys.readouterr().err
+    assert main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
+                 str(tmp_path / "y"), "recall=2"]) == 2
+    assert "recall" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert "is not an index" in capsys.readouterr().err
