@@ -1,4 +1,4 @@
-"""No import circles in cliplab.train (imports anywhere in a file count, TYPE_CHECKING ones too:
+"""No import circles in cliplab (imports anywhere in a file count, TYPE_CHECKING ones too:
 a circle hidden behind TYPE_CHECKING is still two modules that need each other)."""
 
 import ast
@@ -67,4 +67,10 @@ def test_the_checker_finds_a_circle():
 def test_train_has_no_import_circles():
     graph = import_graph("cliplab.train")
     assert "cliplab.train.step_inputs" in graph and "cliplab.train.objectives" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_src_has_no_import_circles():
+    graph = import_graph("cliplab")
+    assert len(graph) > 50
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
