@@ -110,7 +110,7 @@ def test_old_recipe_keys_name_the_new_ones(tmp_path):
     with pytest.raises(ConfigError) as err:
         run_pretrain(cfg, progress=False)
     # every problem in one line, before anything is made
-    assert "train: train.batch_size must be a number" in str(err.value)
+    assert "train.batch_size: expected a valid integer" in str(err.value)
     assert "eval.tasks[1] (name 'r').data is required" in str(err.value)
     assert "unknown key eval.tasks[1] (name 'r').dta" in str(err.value)
     assert not (tmp_path / "run").exists()

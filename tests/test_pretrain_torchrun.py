@@ -119,13 +119,14 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
 # rank 1 stands in for a GPU that falls off the bus: it exits during its second step
 _DYING_RANK = """
 import os, sys
-from cliplab.train.trainer import Trainer
-backward = Trainer._backward
-def dying(self, *args, **kwargs):
-    if self.step == 1:
+from cliplab.train.objectives import ContrastiveObjective
+backward, steps = ContrastiveObjective.backward, []
+def dying(self, batch):
+    steps.append(1)
+    if len(steps) == 2:
         os._exit(3)
-    return backward(self, *args, **kwargs)
-Trainer._backward = dying
+    return backward(self, batch)
+ContrastiveObjective.backward = dying
 from cliplab.cli import main
 sys.exit(main(sys.argv[1:]))
 """

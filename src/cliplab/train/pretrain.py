@@ -19,7 +19,8 @@ from cliplab.models.spec import ModelField
 from cliplab.train import distributed
 from cliplab.runs import RunDir, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
-from cliplab.train.trainer import TrainConfig, Trainer
+from cliplab.train.config import TrainConfig
+from cliplab.train.trainer import Trainer
 
 
 class PretrainData(Section):
@@ -35,19 +36,9 @@ class PretrainConfig(Section):
 
     model: ModelField
     data: PretrainData
-    train: dict[str, Any] = {}
+    train: TrainConfig = TrainConfig()
     eval: SuiteSpec | None = None
     out: str | None = None
-
-    @field_validator("train")
-    @classmethod
-    def _train_options(cls, value: dict) -> dict:
-        # until TrainConfig is a Section of its own: checked by its from_dict
-        try:
-            TrainConfig.from_dict(value)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return value
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -69,7 +60,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     start = time.time()
     if not isinstance(cfg, PretrainConfig):
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
-    train_cfg = TrainConfig.from_dict({**cfg.train, "progress": progress})
+    train_cfg = cfg.train.model_copy(update={"progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
         spec = cfg.data.train

@@ -1,60 +1,82 @@
-"""Where each training step's batch comes from, and how it becomes this rank's loss.
+"""Where each training step's batch comes from: every input yields `StepBatch`es.
 
-- `MemoryInputs`: an in-memory set (pairs, optionally mixed with a replay set, or labelled
-  images for a classification head). Every rank draws the whole global batch (indices,
-  captions, augmentation) from the same generator, so N ranks see exactly what one process
-  would, and embeds its own slice.
-- `StreamInputs`: WebDataset shards streamed per rank (`StreamBatches`); each rank reads and
-  embeds its own local batch.
+- `MemoryInputs`: an in-memory set (image-text pairs, optionally mixed with a replay set, or
+  labelled images). Every rank draws the whole global batch (indices, captions, augmentation)
+  from the same generator, so N ranks see exactly what one process would, and keeps its own
+  slice.
+- `StreamInputs`: WebDataset shards streamed per rank (`StreamBatches`); each rank reads its
+  own local batch.
 
-Both back-propagate the step's loss through the trainer (``trainer._backward`` /
-``trainer._classification_backward``) and return it; their ``state_dict`` is the data position
-a checkpoint saves.
+``state_dict`` is the data position a checkpoint saves; ``load_state_dict`` restores it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from cliplab.data.pairs import concat_pairs
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
-from cliplab.models.dual_encoder import evaluating
+from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.train.batches import ReplayBatches
-from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.captions import CaptionTable
+from cliplab.train.config import TrainConfig
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
+from cliplab.train.step_batch import StepBatch
+from cliplab.train.stream_batches import StreamBatches
 
-if TYPE_CHECKING:
-    from cliplab.train.trainer import Trainer
+# uint8 images [b, H, W, C] and the step's generator -> model inputs [b, C, H, W]
+Pixels = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def build_inputs(data: ImageTextPairs | LabelledImages | StreamBatches, *, labelled: bool,
+                 config: TrainConfig, model: DualEncoder, pixels: Pixels, rank: int, world: int,
+                 device: torch.device, replay: ImageTextPairs | None = None,
+                 replay_ratio: float = 0.0) -> "MemoryInputs | StreamInputs":
+    """The inputs over ``data`` for an objective that trains on labelled images
+    (``labelled``) or on image-text pairs; a clear error when the data does not fit it."""
+    if isinstance(data, StreamBatches):
+        if labelled:
+            raise ConfigError("streamed shards train contrastively; a classification head "
+                              "needs labelled images in memory")
+        if replay is not None:
+            raise ConfigError("replay mixes in-memory sets; it is not available with "
+                              "streamed shards")
+        return StreamInputs(data, config, model, pixels, world, device)
+    if isinstance(data, LabelledImages) and not labelled:
+        raise ConfigError("training on labelled images needs a classification head "
+                          "(Trainer(..., head=...)); turn them into pairs for contrastive "
+                          "training")
+    if labelled and not isinstance(data, LabelledImages):
+        raise ConfigError("a classification head trains on labelled images; without a head "
+                          "the trainer trains image-text pairs contrastively")
+    if labelled and replay is not None:
+        raise ConfigError("replay mixes image-text pairs; it does not apply to training a "
+                          "classification head")
+    return MemoryInputs(data, config, model, pixels, rank, world, device, replay, replay_ratio)
 
 
 class MemoryInputs:
-    """Global batches of an in-memory set; this rank embeds rows ``local`` of each."""
+    """Global batches of an in-memory set; this rank keeps rows ``local`` of each."""
 
-    def __init__(self, trainer: "Trainer", data: ImageTextPairs | LabelledImages,
-                 replay: ImageTextPairs | None, replay_ratio: float):
-        cfg = trainer.config
-        self.trainer = trainer
+    ranks_draw_alike = True  # every rank draws the same global batch (and augmentation)
+
+    def __init__(self, data: ImageTextPairs | LabelledImages, config: TrainConfig,
+                 model: DualEncoder, pixels: Pixels, rank: int, world: int,
+                 device: torch.device, replay: ImageTextPairs | None = None,
+                 replay_ratio: float = 0.0):
+        cfg = config
+        self.pixels, self.device = pixels, device
         self.labelled = isinstance(data, LabelledImages)
-        if self.labelled and trainer.head is None:
-            raise ConfigError("training on labelled images needs a classification head "
-                              "(Trainer(..., head=...)); turn them into pairs for contrastive "
-                              "training")
-        if self.labelled and replay is not None:
-            raise ConfigError("replay mixes image-text pairs; it does not apply to training a "
-                              "classification head")
         self.batches = ReplayBatches(len(data), len(replay) if replay is not None else 0,
                                      cfg.batch_size, replay_ratio, cfg.seed)
         self.data = data if replay is None else concat_pairs(data, replay)
-        rank, world = trainer.rank, trainer.world
         self.local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
-        model = trainer.model
         # a locked image tower without augmentation: each image's features are computed once
         self.image_features = image_backbone_features(model, self.data.images,
-                                                      progress=cfg.progress).to(trainer.device) \
+                                                      progress=cfg.progress).to(device) \
             if cfg.cache_frozen_features and not cfg.augment \
             and model.tower_is_frozen("image") else None
         if not self.labelled:
@@ -62,9 +84,8 @@ class MemoryInputs:
             self.keys_from_groups = cfg.multi_positive and self.data.groups is not None
             # A fully locked tower's caption features are computed once; otherwise captions
             # are tokenized once and encoded every step.
-            self.text_source = text_backbone_features(model, self.table.texts,
-                                                      progress=cfg.progress
-                                                      ).to(trainer.device) \
+            self.texts = text_backbone_features(model, self.table.texts,
+                                                progress=cfg.progress).to(device) \
                 if cfg.cache_frozen_features and model.tower_is_frozen("text") \
                 else model.tokenize(self.table.texts)
 
@@ -76,43 +97,42 @@ class MemoryInputs:
     def epoch(self) -> int:
         return self.batches.epoch
 
-    def backward(self, rng: torch.Generator) -> torch.Tensor:
-        """Draw the next global batch, back-propagate this rank's loss, return it."""
-        t, idx = self.trainer, self.batches.next()
-        if not self.labelled:
-            caption_ids = self.table.sample(idx, rng)
-            keys = (self.data.groups[idx] if self.keys_from_groups else caption_ids
-                    ).to(t.device)
-        pixels = t.pixels(self.data.images[idx], rng) if self.image_features is None \
-            else self.image_features[idx.to(t.device)]
+    def next(self, rng: torch.Generator) -> StepBatch:
+        """This rank's share of the next global batch (captions drawn before augmentation)."""
+        idx, local = self.batches.next(), self.local
         if self.labelled:
-            return t._classification_backward(pixels[self.local],
-                                              self.data.labels[idx][self.local])
-        return t._backward(pixels[self.local], caption_ids[self.local], self.text_source,
-                           keys[self.local])
+            return StepBatch(self._images(idx, rng)[local],
+                             labels=self.data.labels[idx][local])
+        captions = self.table.sample(idx, rng)
+        keys = (self.data.groups[idx] if self.keys_from_groups else captions).to(self.device)
+        return StepBatch(self._images(idx, rng)[local], texts=self.texts,
+                         captions=captions[local], keys=keys[local])
+
+    def _images(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        if self.image_features is not None:
+            return self.image_features[idx.to(self.device)]
+        return self.pixels(self.data.images[idx], rng)
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()
 
-    def load_state_dict(self, state: dict | None, legacy: dict) -> None:
-        # checkpoints from before replay existed kept only the epoch and position
-        self.batches.load_state_dict(state or {"new": legacy})
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
 
 
 class StreamInputs:
     """Local batches streamed from shards; captions are tokenized (or, for a locked text
     tower, encoded without a graph) as they arrive."""
 
-    def __init__(self, trainer: "Trainer", stream: StreamBatches):
-        cfg = trainer.config
-        if trainer.head is not None:
-            raise ConfigError("streamed shards train contrastively; a classification head "
-                              "needs labelled images in memory")
-        if stream.local_batch * trainer.world != cfg.batch_size:
+    ranks_draw_alike = False  # streamed ranks hold different images
+
+    def __init__(self, stream: StreamBatches, config: TrainConfig, model: DualEncoder,
+                 pixels: Pixels, world: int, device: torch.device):
+        if stream.local_batch * world != config.batch_size:
             raise ConfigError(f"the stream's local batch ({stream.local_batch}) x "
-                              f"{trainer.world} rank(s) is not train.batch_size="
-                              f"{cfg.batch_size}")
-        self.trainer, self.stream = trainer, stream
+                              f"{world} rank(s) is not train.batch_size={config.batch_size}")
+        self.stream, self.model, self.pixels, self.device = stream, model, pixels, device
+        self.multi_positive = config.multi_positive
 
     @property
     def per_epoch(self) -> int:
@@ -122,24 +142,20 @@ class StreamInputs:
     def epoch(self) -> int:
         return self.stream.epoch
 
-    def backward(self, rng: torch.Generator) -> torch.Tensor:
-        t = self.trainer
+    def next(self, rng: torch.Generator) -> StepBatch:
         batch = self.stream.next()
         captions = list(batch["caption"])
-        tokens = t.model.tokenize(captions)
-        text_source = tokens
-        if t.model.tower_is_frozen("text"):
-            with torch.no_grad(), evaluating(t.model.text_tower):
-                text_source = t.model.text_backbone(
-                    **{k: v.to(t.device) for k, v in tokens.items()}).float()
-        keys = StreamBatches.keys(batch, t.config.multi_positive).to(t.device)
-        pixels = t.pixels(batch["image"], rng)
-        return t._backward(pixels, torch.arange(len(captions)), text_source, keys)
+        texts = self.model.tokenize(captions)
+        if self.model.tower_is_frozen("text"):
+            with torch.no_grad(), evaluating(self.model.text_tower):
+                texts = self.model.text_backbone(
+                    **{k: v.to(self.device) for k, v in texts.items()}).float()
+        keys = StreamBatches.keys(batch, self.multi_positive).to(self.device)
+        return StepBatch(self.pixels(batch["image"], rng), texts=texts,
+                         captions=torch.arange(len(captions)), keys=keys)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
 
-    def load_state_dict(self, state: dict | None, legacy: dict) -> None:
-        if state is None:
-            raise ConfigError("this checkpoint holds no stream position to resume from")
+    def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)

@@ -1,0 +1,99 @@
+"""Training checkpoints: ``checkpoints/step-N/{model/, trainer_state.pt}`` of a run folder,
+written to a temp name and renamed (so a killed run never leaves half a checkpoint), and read
+back so a resumed run continues exactly where the checkpoint left it.
+
+``trainer_state.pt`` holds the step, the data position, the optimizer, scheduler and RNG states
+and the run's config: tensors, numbers and plain dicts, read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from cliplab.errors import ConfigError
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.train import distributed, fsdp
+from cliplab.runs import RunDir
+
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+_STATE_KEYS = ("step", "batches", "optimizer", "scheduler", "sample_rng", "torch_rng")
+
+
+class DataPosition(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and a resume restores, besides the step."""
+
+    model: DualEncoder
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler
+    sample_rng: torch.Generator
+    inputs: DataPosition
+    sharded: bool  # FSDP: weights and optimizer state are gathered whole / put back on shards
+
+
+def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, config: dict,
+                    save_model: Callable[[Path], None] | None = None) -> Path | None:
+    """Write ``checkpoints/step-N`` (every rank calls it: gathering sharded weights and the
+    data positions are collectives; rank 0 writes, the others wait). ``save_model(folder)``
+    replaces ``model.save(folder / "model")`` (e.g. a LoRA adapter; such a checkpoint is not
+    resumable). Returns the folder (None without a run folder)."""
+    weights = fsdp.full_model_state(state.model) if state.sharded else None
+    saved = {"step": step, "batches": state.inputs.state_dict(),
+             "optimizer": fsdp.full_optimizer_state(state.model, state.optimizer)
+             if state.sharded else state.optimizer.state_dict(),
+             "scheduler": state.scheduler.state_dict(),
+             "sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+             "config": config}
+
+    def write(folder: Path) -> None:
+        if save_model is not None:
+            save_model(folder)
+        else:
+            state.model.save(folder / MODEL_DIR, state_dict=weights)
+        torch.save(saved, folder / STATE_FILE)
+
+    rank0 = distributed.rank() == 0
+    path = run_dir.atomic_checkpoint(step, write) if run_dir and rank0 else None
+    distributed.barrier()
+    return path if run_dir is None or rank0 else run_dir.checkpoint_dir(step)
+
+
+def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
+    """The checkpoint folder ``resume`` names (``"latest"``: the run's newest)."""
+    folder = run_dir.latest_checkpoint() if resume == "latest" and run_dir else Path(resume)
+    if folder is None or not (folder / STATE_FILE).is_file():
+        raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
+    return folder
+
+
+def load_checkpoint(folder: Path, state: TrainingState, device: torch.device) -> int:
+    """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
+    ``folder``; returns its step."""
+    saved = torch.load(folder / STATE_FILE, weights_only=True)
+    missing = [k for k in _STATE_KEYS if k not in saved]
+    if missing:
+        raise ConfigError(f"cannot resume: {folder / STATE_FILE} lacks {', '.join(missing)} "
+                          f"(not a checkpoint of this cliplab version)")
+    loaded = DualEncoder.load(folder / MODEL_DIR, device=device)
+    if state.sharded:
+        fsdp.load_full_state(state.model, loaded.model.state_dict(), state.optimizer,
+                             saved["optimizer"])
+    else:
+        state.model.model.load_state_dict(loaded.model.state_dict())
+        state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.sample_rng.set_state(saved["sample_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.inputs.load_state_dict(saved["batches"])
+    return int(saved["step"])

@@ -1,0 +1,92 @@
+"""`TrainConfig`: the ``train:`` section of every stage that updates weights (pretrain, quickstart,
+adapt's fine-tuning and LoRA), as one `cliplab.config.Section` schema."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator
+
+from cliplab.config import Section, validate
+from cliplab.models.preprocess import AugmentConfig
+
+AUGMENT_KEYS = tuple(f.name for f in fields(AugmentConfig))
+
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads true/false as 1/0 for an int; for a count that is always a mistake
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+PositiveInt = Annotated[Integer, Field(gt=0)]
+NonNegativeInt = Annotated[Integer, Field(ge=0)]
+
+
+class TrainConfig(Section):
+    """Settings of one training run (every field is a YAML key under ``train:``)."""
+
+    epochs: PositiveFloat = 1.0
+    steps: PositiveInt | None = None  # overrides epochs when set
+    # at least 2: a contrastive loss needs a negative
+    batch_size: Annotated[Integer, Field(ge=2)] = 256
+    lr: NonNegativeFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.05
+    warmup: NonNegativeFloat = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
+    lock_text: bool = False
+    lock_image: bool = False
+    # leave the last k transformer blocks of a locked tower trainable (0: fully locked)
+    lock_text_except_last: NonNegativeInt = 0
+    lock_image_except_last: NonNegativeInt = 0
+    augment: bool | dict[str, Any] = True  # or overrides of AugmentConfig, e.g. {hflip: false}
+    multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
+    # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
+    lr_scale: dict[str, float] = Field(default_factory=dict)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPU and CUDA
+    loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid loss; needs a logit bias
+    # compute the loss in loss_tile x loss_tile blocks: same loss and gradients, memory linear
+    # in the batch instead of quadratic (for global batches whose B x B logits do not fit)
+    loss_tile: PositiveInt | None = None
+    # GradCache: embed the batch this many pairs at a time (same update as the whole batch)
+    micro_batch_size: PositiveInt | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # a fully locked tower's features are computed once per dataset (images: only without
+    # augmentation); false recomputes them every step (e.g. when they do not fit in memory)
+    cache_frozen_features: bool = True
+    # under torchrun: shard the towers' blocks (weights, gradients, optimizer state) over the
+    # ranks with FSDP2; a single process ignores it
+    fsdp: bool = False
+    dist_timeout_s: PositiveFloat = 600.0  # under torchrun: how long a rank waits for a peer
+    eval_every: NonNegativeInt = 0  # run the evaluation callback every N steps (0: never)
+    device: str = "auto"
+    seed: Integer = 0
+    log_every: PositiveInt = 25
+    save_every: NonNegativeInt = 0  # 0: only the final checkpoint
+    progress: bool = True
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment_keys(cls, value: bool | dict) -> bool | dict:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(AUGMENT_KEYS))
+            if unknown:
+                raise ValueError(f"unknown augment option(s) {unknown} "
+                                 f"(valid: {', '.join(AUGMENT_KEYS)})")
+        return value
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = "the config") -> "TrainConfig":
+        """``d`` (the ``train:`` section) validated; errors name ``train.<key>``."""
+        return validate(_TrainSection, {"train": d or {}}, where).train
+
+
+class _TrainSection(Section):
+    """A config holding only ``train:``, so that errors of `TrainConfig.from_dict` carry the
+    key path ``train.<key>`` as they do inside a stage's full schema."""
+
+    train: TrainConfig

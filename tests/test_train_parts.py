@@ -1,0 +1,151 @@
+"""The trainer's parts on their own: TrainConfig's schema, the objectives against hand-computed
+losses, one StepBatch shape from every input, ranks splitting the global batch, checkpoints."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliplab.config import Section, validate
+from cliplab.data.digits import load_digits
+from cliplab.data.shapes import load_shapes
+from cliplab.errors import ConfigError
+from cliplab.train.checkpoint import STATE_FILE
+from cliplab.train.config import TrainConfig
+from cliplab.train.embed import Embedder
+from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective
+from cliplab.runs import RunDir
+from cliplab.train.step_batch import StepBatch
+from cliplab.train.step_inputs import MemoryInputs
+from cliplab.train.trainer import Trainer
+from tests.tiny_models import small_model
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_shapes(n=32, seed=0, kinds=("single",), image_size=32)
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig.from_dict({"steps": 2, "batch_size": 8, "warmup": 1, "log_every": 1,
+                                  "progress": False, "augment": False, **kw})
+
+
+# -- TrainConfig ------------------------------------------------------------------------------
+def test_train_config_defaults_and_errors_name_the_key():
+    cfg = TrainConfig.from_dict(None)
+    assert (cfg.batch_size, cfg.lr, cfg.loss, cfg.precision, cfg.steps, cfg.augment) == \
+        (256, 1e-3, "clip", "fp32", None, True)
+    assert TrainConfig.from_dict({"augment": {"hflip": False}}).augment == {"hflip": False}
+    for key, value, message in [
+            ("batch_size", 1, r"train\.batch_size: expected greater than or equal to 2"),
+            ("loss", "hinge", r"train\.loss: expected 'clip' or 'siglip', got 'hinge'"),
+            ("loss_tile", True, r"train\.loss_tile: expected an integer, got True"),
+            ("micro_batch_size", 0, r"train\.micro_batch_size: expected greater than 0"),
+            ("lr_scale", {"text": "x"}, r"train\.lr_scale\.text: expected a valid number"),
+            ("steps", 0, r"train\.steps: expected greater than 0")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({key: value})
+
+
+def test_train_config_inside_a_stage_schema_names_file_and_key():
+    class Stage(Section):
+        train: TrainConfig = TrainConfig()
+
+    with pytest.raises(ConfigError, match=r"^x\.yaml: train\.batch_size: expected a valid "
+                                          r"integer.*'many'$"):
+        validate(Stage, {"train": {"batch_size": "many"}}, "x.yaml")
+    assert validate(Stage, {}, "x.yaml").train.batch_size == 256
+
+
+# -- objectives -------------------------------------------------------------------------------
+def _loaded_batch(model, pairs, n=6):
+    tokens = model.tokenize([c[0] for c in pairs.captions[:n]])
+    pixels = model.preprocess(pairs.images[:n])
+    return StepBatch(pixels, texts=tokens, captions=torch.arange(n), keys=torch.arange(n))
+
+
+def test_contrastive_objective_is_clips_loss_and_gradcache_the_same_update(pairs):
+    model = small_model()
+    batch = _loaded_batch(model, pairs)
+    # by hand: symmetric cross-entropy of exp(scale) * cosine similarities
+    img = F.normalize(model.encode_image(batch.images, normalize=False), dim=-1)
+    txt = F.normalize(model.encode_text(batch.texts["input_ids"], batch.texts["attention_mask"],
+                                        normalize=False), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.t()
+    target = torch.arange(6)
+    expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    expected.backward()
+    want = {k: p.grad.clone() for k, p in model.model.named_parameters() if p.grad is not None}
+    embed = Embedder(model, torch.device("cpu"), "fp32", augment=False)
+    for chunk in (None, 4):
+        model.zero_grad(set_to_none=True)
+        loss = ContrastiveObjective(embed, "clip", micro_batch_size=chunk).backward(batch)
+        torch.testing.assert_close(loss, expected.detach())
+        for k, g in want.items():
+            torch.testing.assert_close(dict(model.model.named_parameters())[k].grad, g,
+                                       rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_classification_objective_is_cross_entropy_in_any_micro_batches():
+    model = small_model()
+    digits = load_digits("train")
+    head = torch.nn.Linear(16, 10)
+    batch = StepBatch(model.preprocess(digits.images[:7]), labels=digits.labels[:7])
+    expected = F.cross_entropy(head(model.encode_image(batch.images, normalize=False)),
+                               batch.labels)
+    expected.backward()
+    want = head.weight.grad.clone()
+    embed = Embedder(model, torch.device("cpu"), "fp32", augment=False)
+    for chunk in (None, 3):
+        head.zero_grad(set_to_none=True)
+        loss = ClassificationObjective(embed, head, micro_batch_size=chunk).backward(batch)
+        torch.testing.assert_close(loss, expected.detach())
+        torch.testing.assert_close(head.weight.grad, want)
+
+
+def test_siglip_needs_a_logit_bias():
+    with pytest.raises(ConfigError, match="train.loss=siglip needs a model with a logit bias"):
+        Trainer(small_model(), config(loss="siglip"))
+
+
+def test_the_objective_is_chosen_by_the_trainer_and_the_data_must_fit_it(pairs):
+    assert isinstance(Trainer(small_model(), config()).objective, ContrastiveObjective)
+    trainer = Trainer(small_model(), config(), head=torch.nn.Linear(16, 3))
+    assert isinstance(trainer.objective, ClassificationObjective)
+    with pytest.raises(ConfigError, match="a classification head trains on labelled images"):
+        trainer.fit(pairs)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def test_two_ranks_each_take_their_half_of_the_same_global_batch(pairs):
+    model = small_model()
+    embed = Embedder(model, torch.device("cpu"), "fp32", augment=True)
+    cfg = config(augment=True)
+
+    def batches(rank, world):
+        inputs = MemoryInputs(pairs, cfg, model, embed.pixels, rank, world, torch.device("cpu"))
+        rng = torch.Generator().manual_seed(0)
+        return [inputs.next(rng) for _ in range(5)]  # 4 batches per epoch: crosses an epoch
+
+    for whole, a, b in zip(batches(0, 1), batches(0, 2), batches(1, 2)):
+        assert len(a) == len(b) == 4 and len(whole) == 8
+        assert torch.equal(torch.cat([a.images, b.images]), whole.images)
+        assert torch.equal(torch.cat([a.captions, b.captions]), whole.captions)
+        assert torch.equal(torch.cat([a.keys, b.keys]), whole.keys)
+        assert a.texts is whole.texts or torch.equal(a.texts["input_ids"],
+                                                     whole.texts["input_ids"])
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(pairs, tmp_path):
+    run = RunDir(tmp_path)
+    cfg = config(steps=1)
+    Trainer(small_model(), cfg, run).fit(pairs)
+    state_file = run.checkpoint_dir(1) / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    assert state["config"] == cfg.to_dict() and state["step"] == 1
+    assert state["batches"] == {"new": {"epoch": 0, "pos": 8}}
+    del state["batches"]  # as checkpoints written before replay existed
+    torch.save(state, state_file)
+    with pytest.raises(ConfigError, match=r"cannot resume: .*trainer_state.pt lacks batches"):
+        Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
