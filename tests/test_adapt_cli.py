@@ -77,7 +77,7 @@ def test_few_shot_split_is_disjoint_and_seeded():
     (["--method", "lora", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "lora={rank: 4}"], "renamed key 'lora': use 'options'"),
     (["--method", "finetune", "--model", "tiny-clip", "data.train={source: digits}",
-      "data.test={source: digits}", "options.train.lrr=1"], "options.train: unknown train"),
+      "data.test={source: digits}", "options.train.lrr=1"], "options.train: unknown key lrr"),
     (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "data.train_size=5"],
      "data: renamed key 'train_size': use 'train_size (at the top level)'"),

@@ -109,7 +109,8 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def validate(schema: type[S], data: Any, where: str = "the config", prefix: str = "") -> S:
     """``data`` checked against ``schema``; every problem in one `ConfigError` line that names
-    ``where`` (a file, or a description such as "task 'zs'"), the key path and the expectation.
+    ``where`` (a file, or a description such as "task 'zs'"; empty: none), the key path and the
+    expectation.
     ``prefix`` is the key path of ``data`` inside a larger config (e.g. ``"options"``), so a
     section validated on its own is still named by its full path."""
     try:
@@ -122,7 +123,7 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
             key = path if path else message  # missing/unknown keys: each its own entry
             if message not in problems.setdefault(key, []):
                 problems[key].append(message)
-        raise ConfigError(f"{where}: " + "; ".join(
+        raise ConfigError((f"{where}: " if where else "") + "; ".join(
             (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
             for key, messages in problems.items())) from None
 

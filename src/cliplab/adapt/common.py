@@ -49,7 +49,7 @@ def checked_train_section(value: dict[str, Any], defaults: dict) -> dict[str, An
     """``options.train`` checked against the `Trainer`'s settings before any work (a pydantic
     validator: a bad key becomes a ValueError that names it)."""
     try:
-        trainer_config(defaults, value)
+        trainer_config(defaults, value, where="")
     except ConfigError as err:
         raise ValueError(str(err)) from None
     return value

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from cliplab.config import deep_merge
+from cliplab.config import deep_merge, validate
 from cliplab.errors import ConfigError
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.trainer import TrainConfig
@@ -64,8 +64,9 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     return history
 
 
-def trainer_config(defaults: dict, given: dict, **fixed) -> TrainConfig:
+def trainer_config(defaults: dict, given: dict, where: str = "options.train", **fixed
+                   ) -> TrainConfig:
     """The `Trainer`'s settings of a method that trains weights: the method's ``defaults``
     updated by the config's ``options.train`` section, then the ``fixed`` settings the method
-    needs (e.g. ``lock_text=True``); bad keys are one-line `ConfigError`s."""
-    return TrainConfig.from_dict({**deep_merge(defaults, given or {}), **fixed})
+    needs (e.g. ``lock_text=True``); bad keys are one-line `ConfigError`s naming ``where``."""
+    return validate(TrainConfig, {**deep_merge(defaults, given or {}), **fixed}, where)
