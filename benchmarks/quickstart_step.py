@@ -12,7 +12,7 @@ with the medians (a shared machine's load swings single runs). With ``--profile`
 pooled run under torch.profiler prints the top ops and the time per phase to stderr.
 
     .venv/bin/python benchmarks/quickstart_step.py [--steps 10] [--warmup 2] [--repeats 5]
-        [--precision fp32|bf16] [--profile]
+        [--precision fp32|bf16] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="override the recipe's train.precision (bf16 autocast is ~10x "
                         "slower than fp32 on CPUs without native bf16, e.g. AVX2-only)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's); on a loaded machine 1 thread "
+                        "avoids OpenMP barrier stalls that hide compute differences")
     parser.add_argument("--profile", action="store_true",
                         help="also profile pooled steps (top ops and phases to stderr)")
     args = parser.parse_args()
@@ -126,6 +129,8 @@ def main() -> None:
     options, train = quickstart_recipe()
     if args.precision:
         train["precision"] = args.precision
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model("lit-minilm", **options)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     pairs = synthetic_pairs(train["batch_size"] * (args.warmup + args.steps),
@@ -143,6 +148,7 @@ def main() -> None:
         "model": {"preset": "lit-minilm", **options}, "batch": train["batch_size"],
         "precision": train.get("precision"),
         "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "threads": torch.get_num_threads(),
         "steps": args.steps, "repeats": args.repeats,
         "pooled_steps_per_s": round(statistics.median(runs["pooled"]), 3),
         "hf_steps_per_s": round(statistics.median(runs["hf"]), 3),
