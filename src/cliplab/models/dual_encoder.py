@@ -22,7 +22,7 @@ from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
 from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
                                      write_processor_config)
 from cliplab.models.loading import MODEL_CLASSES, load_config, load_tokenizer, load_weights
-from cliplab.models.pooled_towers import (clip_image_pooled, clip_text_pooled,
+from cliplab.models.pooled_towers import (clip_text_pooled, image_pooled,
                                           supports_pooled_forward)
 from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
 
@@ -96,8 +96,8 @@ class DualEncoder(nn.Module):
     def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled image-tower output before the projection (what linear probes read)."""
         tower = self.vision_tower
-        if self.kind == "clip" and supports_pooled_forward(tower):
-            return clip_image_pooled(tower, pixel_values)
+        if supports_pooled_forward(tower):  # CLIP's and ViT towers: last block at the CLS token
+            return image_pooled(tower, pixel_values)
         return tower(pixel_values=pixel_values).pooler_output
 
     def image_backbone_and_probe(self, pixel_values: torch.Tensor, kind: str = "tokens",
@@ -351,7 +351,7 @@ def _clip_eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Ten
 
 
 def _encoder_layers(module: nn.Module) -> list[nn.Module]:
-    for attr in ("encoder.layers", "encoder.layer"):
+    for attr in ("encoder.layers", "encoder.layer", "layers"):  # layers: transformers 5's ViT
         obj = module
         try:
             for part in attr.split("."):
