@@ -93,7 +93,7 @@ def test_bad_train_options_are_clear_errors(pairs, tmp_path):
         TrainConfig.from_dict({"lrate": 1})
     with pytest.raises(ConfigError, match=r"train\.augment: unknown augment option.*'flip'"):
         TrainConfig.from_dict({"augment": {"flip": False}})
-    with pytest.raises(ConfigError, match=r"train\.precision: expected 'fp32' or 'bf16'"):
+    with pytest.raises(ConfigError, match=r"train\.precision: expected 'fp32', 'bf16' or 'auto'"):
         TrainConfig.from_dict({"precision": "fp8"})
     with pytest.raises(ConfigError, match="larger than the dataset"):
         Trainer(small_model(), config(batch_size=512), None).fit(pairs)
@@ -145,3 +145,31 @@ def test_numbers_written_as_strings_are_numbers():
     assert parsed.lr == 3e-4 and parsed.batch_size == 32 and isinstance(parsed.batch_size, int)
     with pytest.raises(ConfigError, match=r"train\.lr: expected a valid number.*'fast'"):
         TrainConfig.from_dict({"lr": "fast"})
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import warnings
+
+    from cliplab.models import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    assert precision.resolve_precision("auto", cpu) == "fp32"
+    with pytest.warns(UserWarning, match="emulated"):
+        assert precision.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_precision("bf16", cpu) == "bf16"
+    assert precision.resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_the_trainer_runs_in_the_resolved_precision(monkeypatch):
+    from cliplab.models import precision
+
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(precision, "bf16_is_native", lambda device, n=native: n)
+        trainer = Trainer(small_model(), TrainConfig.from_dict(
+            {"precision": "auto", "progress": False, "batch_size": 4}))
+        assert trainer.precision == expected and trainer.embed.precision == expected

@@ -27,7 +27,7 @@ DEFAULT_MODEL = {"name": "lit-minilm",
                              "heads": 3}}
 DEFAULT_TRAIN = {"epochs": 8, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.05,
                  "warmup": 0.05, "lock_text": True, "augment": {"hflip": False},
-                 "multi_positive": True, "precision": "bf16",
+                 "multi_positive": True, "precision": "auto",
                  "lr_scale": {"text_projection": 0.1}}
 
 
@@ -73,7 +73,6 @@ class QuickstartConfig(Section):
         return deep_merge(DEFAULT_TRAIN, value) if isinstance(value, dict) else value
 
 
-DEFAULTS: dict = QuickstartConfig().to_dict()
 
 
 def quickstart_config(user: QuickstartConfig | dict | None = None,

@@ -47,7 +47,8 @@ class TrainConfig(Section):
     multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
     lr_scale: dict[str, float] = Field(default_factory=dict)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPU and CUDA
+    # bf16: autocast on CPU and CUDA; auto: bf16 where the device has native bf16 units, else fp32
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid loss; needs a logit bias
     # compute the loss in loss_tile x loss_tile blocks: same loss and gradients, memory linear
     # in the batch instead of quadratic (for global batches whose B x B logits do not fit)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.precision import resolve_precision
 from cliplab.runs import RunDir
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
@@ -73,7 +74,8 @@ class Trainer:
             model.freeze_tower("text", except_last=config.lock_text_except_last)
         if config.lock_image:
             model.freeze_tower("image", except_last=config.lock_image_except_last)
-        self.embed = Embedder(model, self.device, config.precision, config.augment)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.embed = Embedder(model, self.device, self.precision, config.augment)
         self.objective: Objective = ContrastiveObjective(
             self.embed, config.loss, config.loss_tile, config.micro_batch_size) \
             if head is None else \
