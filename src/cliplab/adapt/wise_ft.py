@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
-from cliplab.adapt.common import checked_train_section, head_metrics
+from cliplab.adapt.common import head_metrics
+from cliplab.adapt.finetune import Options as FinetuneOptions
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
     save_finetuned
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint
 from cliplab.adapt.training import trainer_config
-from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -35,23 +35,16 @@ BEST_DIR = "best"
 __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_sweep"]
 
 
-class Options(Section):
-    """``finetuned``: a `--method finetune` model folder of the same base (null: fine-tune one
-    here, with ``train_head`` and ``train`` as the finetune method's); ``alphas``: the sweep;
-    ``select``: what the best α maximises (mean of test and shifted top-1, or one of them);
-    ``save_best``: write ``best/``, the model at the best α."""
+class Options(FinetuneOptions):
+    """The finetune method's options (``train_head``, ``train``: used when it fine-tunes here)
+    plus ``finetuned``: a `--method finetune` model folder of the same base (null: fine-tune one
+    here); ``alphas``: the sweep; ``select``: what the best α maximises (mean of test and
+    shifted top-1, or one of them); ``save_best``: write ``best/``, the model at the best α."""
 
     finetuned: str | None = None
     alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field(DEFAULT_ALPHAS, min_length=1)
     select: Literal["mean", "test", "shifted"] = "mean"
     save_best: bool = False
-    train_head: bool = True
-    train: dict[str, Any] = {}
-
-    @field_validator("train")
-    @classmethod
-    def _trainer_settings(cls, value: dict) -> dict:
-        return checked_train_section(value, TRAIN_DEFAULTS)
 
 
 def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],

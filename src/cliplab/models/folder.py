@@ -37,17 +37,22 @@ ORIGIN_KEY = "base"
 
 
 # -- cliplab.json -------------------------------------------------------------------------------
+def read_json(file: Path) -> Any:
+    """A JSON file of a model folder; unreadable or invalid JSON is a one-line `ModelError`."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{file}: cannot be read ({str(err).splitlines()[0]})") from None
+
+
 def read_meta(folder: str | Path) -> dict:
     """The folder's ``cliplab.json`` as a dict ({} when it has none)."""
     file = Path(folder) / CLIPLAB_FILE
     if not file.is_file():
         return {}
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"{file}: cannot be read ({err})") from None
+    meta = read_json(file)
     if not isinstance(meta, dict):
         raise ModelError(f"{file}: must hold a JSON object, not {type(meta).__name__}")
     return meta

@@ -4,13 +4,13 @@ one `ModelError` line that names the file and what is wrong."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
                           PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
 
 from cliplab.errors import ModelError
+from cliplab.models.folder import read_json
 
 MODEL_CLASSES = {
     "clip": CLIPModel,
@@ -41,12 +41,7 @@ def load_config(path: Path) -> PretrainedConfig:
     if not file.is_file():
         raise ModelError(f"{path} is not a model folder (no {CONFIG_FILE}); give a folder "
                          "written by `cliplab` or HF `save_pretrained`, or a preset name")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ModelError(f"{file}: cannot be read ({_first_line(err)})") from None
+    raw = read_json(file)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in MODEL_CLASSES:
         raise ModelError(f"{file}: model type {model_type!r} is not a dual encoder cliplab "
