@@ -57,7 +57,7 @@ def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> 
 def shapes_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     _run(["pretrain", "--config", str(RECIPE), "--out", str(root / "run"), "--no-progress",
-          "data.train.n=960", "train.batch_size=64", "train.epochs=8", "train.lr=2e-3", "eval=[]",
+          "data.train.n=960", "train.batch_size=64", "train.epochs=8", "train.lr=2e-3", "eval=null",
           "model.options={image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2, "
           "embed_dim: 64}", *(f"data.train.{w}" for w in WORLD)], root)
     model = next((root / "run" / "checkpoints").glob("step-*/model"))
