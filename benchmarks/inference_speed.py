@@ -29,6 +29,7 @@ import torch
 from cliplab.models.onnx_encoder import load_onnx
 from cliplab.models.onnx_export import export_onnx
 from cliplab.models.presets import lit_minilm, tiny_clip
+from cliplab.models.precision import bf16_is_native
 
 SIZES = {
     "vit-b32": dict(batch=32, build=lambda: tiny_clip(
@@ -70,7 +71,10 @@ def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -
                 return m.encode_image(p)
         return run
 
-    rows = [("pytorch", "fp32", pytorch(model)), ("pytorch", "bf16", pytorch(model, True)),
+    # emulated bf16 (CPUs without bf16 units) is tens of times slower: not worth timing
+    bf16 = [("pytorch", "bf16", pytorch(model, True))] \
+        if bf16_is_native(torch.device("cpu")) else []
+    rows = [("pytorch", "fp32", pytorch(model)), *bf16,
             ("pytorch", "int8-dynamic", pytorch(torch_int8)),
             ("onnx", "fp32", onnx_fp32.encode_image), ("onnx", "int8", onnx_int8.encode_image)]
     out, base = [], None
@@ -87,13 +91,9 @@ def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
     from cliplab.data.fashion_mnist import load_fashion_mnist
     from cliplab.evaluate.features import encode_images
     from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-    from cliplab.models.resolve import load_model
+    from cliplab.models.resolve import load_model, resolve_model_path
 
-    path = Path(model_path)
-    if not (path / "config.json").is_file():  # a run folder: its newest checkpoint
-        found = sorted(path.glob("checkpoints/step-*/model"),
-                       key=lambda p: int(p.parent.name.split("-")[1]))
-        path = found[-1] if found else path
+    path = resolve_model_path(model_path)  # a run folder: its newest checkpoint
     model = load_model(str(path))
     test = load_fashion_mnist("test")
     rows = []
