@@ -117,3 +117,16 @@ def test_the_model_spec_takes_an_onnx_export(clip_export):
     with torch.no_grad():
         want = model.encode_image(model.preprocess(images))
     assert (loaded.encode_image(loaded.preprocess(images)) - want).abs().max() <= 1e-4
+
+
+def test_cliplab_eval_runs_on_an_export(clip_export, tmp_path):
+    from cliplab.cli import main
+
+    _, out = clip_export
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, "
+                     "split: test}}\n")
+    assert main(["eval", "--config", str(suite), "--model", str(out), "--out",
+                 str(tmp_path / "res"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert 0.0 <= results["results"]["zs"]["acc1"] <= 1.0

@@ -23,6 +23,8 @@ from cliplab.models.dual_encoder import DualEncoder
 def image_tower_fingerprint(model: DualEncoder) -> str:
     """Hash of everything image features depend on: vision tower and projection weights, and
     the preprocessing (size, normalisation)."""
+    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
+        return model.tower_fingerprint("image")
     h = hashlib.sha256()
     for name, tensor in sorted(model.model.state_dict().items()):
         if name.startswith(("vision_model.", "visual_projection.")):

@@ -24,6 +24,8 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 def text_tower_fingerprint(model: DualEncoder) -> str:
     """Hash of everything text embeddings depend on: text tower and projection weights, the
     tokenizer's vocabulary and settings, the pooling and the context length."""
+    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
+        return model.tower_fingerprint("text")
     h = hashlib.sha256()
     for name, tensor in sorted(model.model.state_dict().items()):
         if name.startswith(("text_model.", "text_projection.")):

@@ -5,6 +5,7 @@ exported, optionally int8, towers instead of PyTorch's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -144,6 +145,12 @@ class OnnxEncoder:
         out = [self.encode_text(**self.tokenize(texts[i:i + batch_size]))
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    def tower_fingerprint(self, tower: str) -> str:
+        """Hash of a tower's ONNX graph and the export record (the feature caches' key)."""
+        h = hashlib.sha256((self.path / (IMAGE_FILE if tower == "image" else TEXT_FILE)).read_bytes())
+        h.update((self.path / EXPORT_FILE).read_bytes())
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({self.path}, kind={self.kind}, quantize={self.quantize})"
