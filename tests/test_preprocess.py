@@ -60,3 +60,13 @@ def test_train_augmentation_is_random_but_seeded_and_keeps_background():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[1])  # each image draws its own transform
     assert a[:, :, 0, 0].abs().max() < 1e-6  # the black background stays black at the borders
+
+
+def test_grayscale_is_augmented_as_one_channel_with_the_same_pixels_as_its_rgb_copy():
+    pre = ImagePreprocessor(PreprocessConfig(image_size=12))
+    gray = torch.randint(0, 256, (5, 12, 12, 1), dtype=torch.uint8)
+    rgb = gray.expand(-1, -1, -1, 3).contiguous()
+    for train in (False, True):
+        a = pre(gray, train=train, generator=torch.Generator().manual_seed(3))
+        b = pre(rgb, train=train, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

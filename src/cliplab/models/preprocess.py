@@ -70,14 +70,21 @@ def to_uint8_batch(images) -> torch.Tensor:
     return images
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, C]`` → float ``[B, C, H, W]`` in [0, 1] (grayscale stays one channel,
+    an alpha channel is dropped)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return x[:, :3] if x.shape[1] == 4 else x
+
+
+def as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[B, 1 or 3, H, W]`` → ``[B, 3, H, W]``: grayscale repeated (a view)."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 def to_float_rgb(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, H, W, C]`` → float ``[B, 3, H, W]`` in [0, 1]; grayscale is repeated to RGB."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 4:
-        x = x[:, :3]
-    return x
+    return as_rgb(to_float(images))
 
 
 RESIZE_MODES = ("shortest", "squash", "longest")
@@ -147,13 +154,16 @@ class ImagePreprocessor:
     def __call__(self, images, train: bool = False, generator: torch.Generator | None = None,
                  augment: AugmentConfig | None = None) -> torch.Tensor:
         """Pixel values; with ``train`` the random augmentation (``augment`` or the config's)."""
-        x = to_float_rgb(to_uint8_batch(images))
+        # grayscale is resized and augmented as one channel and repeated to RGB last: the same
+        # pixels for a third of the work
+        x = to_float(to_uint8_batch(images))
         cfg = self.config
         x = resize_center_crop(x, cfg.image_size, cfg.resize_mode, cfg.interpolation)
         if train:
             # Fill with the border colour so augmented images keep their background.
             fill = x[:, :, 0, 0].median(dim=0).values
             x = random_affine(x, augment or self.config.augment, generator, fill=fill)
+        x = as_rgb(x)
         # read from the config on every call, so an edited config takes effect
         mean = torch.tensor(self.config.mean, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.config.std, dtype=x.dtype).view(1, 3, 1, 1)
