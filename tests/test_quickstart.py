@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import VisionTextDualEncoderModel
 
 from cliplab.quickstart import format_results, quickstart_config
@@ -83,6 +84,21 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     assert model_dir.parent.parent.name == "checkpoints"
     plain = VisionTextDualEncoderModel.from_pretrained(model_dir)  # opens in plain transformers
     assert plain.config.vision_config.patch_size == 7
+
+
+def test_validation_split_is_the_last_training_images_and_the_test_split_is_not_read(
+        small_fmnist, tmp_path):
+    from cliplab.data.fashion_mnist import load_fashion_mnist
+    from cliplab.quickstart import QuickstartData, load_splits
+
+    (small_fmnist / "t10k-images-idx3-ubyte.gz").unlink()  # reading it would fail
+    train, val = load_splits(QuickstartData(data_dir=str(small_fmnist), validation=500))
+    full = load_fashion_mnist("train", str(small_fmnist))
+    assert len(train) == 2500 and len(val) == 500
+    assert torch.equal(torch.cat([train.images, val.images]), full.images)
+    assert torch.equal(val.labels, full.labels[2500:])
+    with pytest.raises(ConfigError, match=r"data.validation: 3000 is not below the 3000"):
+        load_splits(QuickstartData(data_dir=str(small_fmnist), validation=3000))
 
 
 def test_format_results_table():

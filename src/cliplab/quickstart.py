@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from cliplab.config import Section, deep_merge, validate
 from cliplab.data.fashion_mnist import canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
@@ -39,6 +40,9 @@ class QuickstartData(Section):
     train_limit: int | None = None
     test_limit: int | None = None
     descriptions: bool = True
+    # the last N training images become the evaluation set and the test split is not read:
+    # for choosing a recipe without looking at the numbers it reports
+    validation: int | None = Field(None, gt=0)
 
 
 class QuickstartEval(Section):
@@ -88,8 +92,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     start = time.time()
     cfg = quickstart_config(config)
     data = cfg.data
-    train_all = load_fashion_mnist("train", data.data_dir, data.train_limit, data.descriptions)
-    test = load_fashion_mnist("test", data.data_dir, data.test_limit, data.descriptions)
+    train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]
     heldout = class_indices(train_all.classnames, held_names)
     seen_train, _ = split_classes(train_all, held_names)
@@ -106,11 +109,28 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     final = trainer.last_checkpoint / "model"
 
     results = evaluate_transfer(model, train_all, test, heldout, cfg.eval, progress)
-    results.update({"heldout_classes": [train_all.classnames[i] for i in heldout],
+    results.update({"evaluated_on": "test" if data.validation is None
+                    else f"validation (the last {data.validation} training images)",
+                    "heldout_classes": [train_all.classnames[i] for i in heldout],
                     "train_pairs": len(seen_train), "steps": trainer.step,
                     "model_dir": str(final), "wall_time_s": round(time.time() - start, 1)})
     run.write_json("results.json", results)
     return results
+
+
+def load_splits(data: QuickstartData) -> tuple[LabelledImages, LabelledImages]:
+    """(training images, evaluation images): the train and test splits, or with
+    ``validation: N`` the first and the last N images of the train split."""
+    train_all = load_fashion_mnist("train", data.data_dir, data.train_limit, data.descriptions)
+    if data.validation is None:
+        return train_all, load_fashion_mnist("test", data.data_dir, data.test_limit,
+                                             data.descriptions)
+    n = len(train_all)
+    if data.validation >= n:
+        raise ConfigError(f"data.validation: {data.validation} is not below the {n} training "
+                          "images")
+    cut = n - data.validation
+    return train_all.subset(torch.arange(cut)), train_all.subset(torch.arange(cut, n))
 
 
 def transfer_suite(train_all: LabelledImages, test: LabelledImages, heldout: list[int],
