@@ -38,6 +38,10 @@ def test_fashion_mnist_reads_idx_files_exactly(fmnist_dir):
     assert data.labels.tolist() == [i % 10 for i in range(30)]
     assert data.classnames[6] == "shirt" and "{}" in data.templates[0]
     assert len(load_fashion_mnist("test", fmnist_dir, limit=4)) == 4
+    tail = load_fashion_mnist("train", fmnist_dir, offset=2, limit=3)
+    assert torch.equal(tail.images, data.images[2:5]) and torch.equal(tail.labels, data.labels[2:5])
+    with pytest.raises(DataError, match="offset 99 is outside"):
+        load_fashion_mnist("train", fmnist_dir, offset=99)
 
 
 def test_fashion_mnist_uncompressed_files_work_too(tmp_path):

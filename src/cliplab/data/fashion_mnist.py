@@ -88,9 +88,11 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
-                       limit: int | None = None, descriptions: bool = True) -> LabelledImages:
-    """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images; prompts use
-    the class descriptions unless ``descriptions=False``."""
+                       limit: int | None = None, descriptions: bool = True,
+                       offset: int = 0) -> LabelledImages:
+    """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images (from image
+    ``offset``, at most ``limit`` of them); prompts use the class descriptions unless
+    ``descriptions=False``."""
     if split not in FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
     folder = Path(data_dir) if data_dir else DEFAULT_DIR
@@ -101,8 +103,11 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or len(images) != len(labels):
         raise DataError(f"{image_file} and {label_file} disagree: {images.shape} vs {labels.shape}")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+    if not 0 <= offset < len(images):
+        raise DataError(f"Fashion-MNIST {split}: offset {offset} is outside its {len(images)} "
+                        "images")
+    stop = None if limit is None else offset + limit
+    images, labels = images[offset:stop], labels[offset:stop]
     return LabelledImages(torch.from_numpy(images.copy()).unsqueeze(-1),
                           torch.from_numpy(labels.astype(np.int64)), list(PROMPT_NAMES),
                           list(TEMPLATES), name=f"fashion-mnist-{split}",
