@@ -91,3 +91,17 @@ def test_exactly_one_rule():
             step_spec({"step": "clip_score", "model": "tiny-clip", **rule}, "c.yaml", "steps[1]")
     with pytest.raises(ConfigError, match=r"steps\[1\]\.keep_top"):
         step_spec({"step": "clip_score", "model": "tiny-clip", "keep_top": 0}, "c.yaml", "steps[1]")
+
+
+def test_an_onnx_export_scores_like_its_pytorch_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cliplab.models.onnx_export import export_onnx
+
+    model = small_model()
+    export = export_onnx(model, tmp_path / "onnx")
+    pool = load_shapes(n=10, seed=3, kinds=("single",), image_size=32)
+    batch = PoolBatch([str(i) for i in range(10)], [c[0] for c in pool.captions],
+                      [Image.fromarray(im.numpy()) for im in pool.images])
+    onnx_scores = step_for(export, keep_top=0.5).map(batch)["clip_score"]
+    torch_scores = step_for(model.save(tmp_path / "torch"), keep_top=0.5).map(batch)["clip_score"]
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
