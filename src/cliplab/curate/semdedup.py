@@ -72,12 +72,12 @@ def normalise_rows(embeddings: np.ndarray) -> np.ndarray:
     x = np.array(embeddings, dtype=np.float32, copy=True)
     if x.ndim != 2:
         raise DataError(f"embeddings must be a 2-d array, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
+    norms = np.sqrt(np.einsum("nd,nd->n", x, x))
+    bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         raise DataError(f"{int(bad.sum())} embedding rows are zero or not finite "
                         f"(first at row {int(np.flatnonzero(bad)[0])})")
-    x /= norms
+    x /= norms[:, None]
     return x
 
 
@@ -186,11 +186,13 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.n
         return (kept, *_nearest_kept(xc, kept))
     sims = xc @ xc.T
     sims.fill_diagonal_(-math.inf)
-    hits = torch.nonzero(sims > threshold).numpy()
-    hits = hits[hits[:, 0] < hits[:, 1]]
-    kept = _greedy_keep(m, hits[:, 0], hits[:, 1])
     value, index = sims.max(dim=1)
     value, index = value.numpy().copy(), index.numpy().copy()
+    rows = np.flatnonzero(value > threshold)  # only these rows have pairs above the threshold
+    hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
+    first, second = rows[hits[:, 0]], hits[:, 1]
+    upper = first < second
+    kept = _greedy_keep(m, first[upper], second[upper])
     if not kept.all():  # rows whose nearest member was dropped: their nearest kept one instead
         redo = np.flatnonzero(~kept[index])
         kept_pos = np.flatnonzero(kept)
