@@ -122,22 +122,8 @@ def _blocks(m: int, columns: int):
         yield start, min(m, start + rows)
 
 
-def _pairs_above(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(a, b)``, ``a < b`` (positions in ``xc``), with cosine above ``threshold``."""
-    first, second = [], []
-    for start, stop in _blocks(len(xc), len(xc)):
-        sims = xc[start:stop] @ xc[start:].T  # only columns >= start: the upper triangle
-        hits = torch.nonzero(torch.triu(sims > threshold, diagonal=1))
-        if len(hits):
-            first.append(hits[:, 0].numpy() + start)
-            second.append(hits[:, 1].numpy() + start)
-    if not first:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(first), np.concatenate(second)
-
-
 def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Visit positions 0..m-1; keep one unless an earlier kept position is its pair."""
+    """Visit positions 0..m-1; keep one unless an earlier kept position is its pair (a < b)."""
     keep = np.ones(m, dtype=bool)
     if not len(a):
         return keep
@@ -151,55 +137,43 @@ def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _nearest_kept(xc: torch.Tensor, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per position: cosine to and position of the most similar other kept position."""
-    m = len(xc)
-    kept_pos = np.flatnonzero(kept)
-    best = np.full(m, -1.0, dtype=np.float32)
-    arg = np.full(m, -1, dtype=np.int64)
-    if len(kept_pos) == 0:
-        return best, arg
-    xk = xc[torch.from_numpy(kept_pos)]
-    column_of = np.full(m, -1, dtype=np.int64)
-    column_of[kept_pos] = np.arange(len(kept_pos))
-    for start, stop in _blocks(m, len(kept_pos)):
-        sims = xc[start:stop] @ xk.T
-        own = column_of[start:stop]
-        rows = np.flatnonzero(own >= 0)
-        if len(rows):
-            sims[torch.from_numpy(rows), torch.from_numpy(own[rows])] = -math.inf
-        value, index = sims.max(dim=1)
-        value = value.numpy()
-        finite = np.isfinite(value)
-        best[start:stop][finite] = value[finite]
-        arg[start:stop][finite] = kept_pos[index.numpy()[finite]]
-    return best, arg
-
-
 def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's members (unit rows in visit order): ``(kept, similarity to the most similar
-    other kept member, its position)``. One similarity matrix when it fits in a block, else two
-    blocked passes (pairs above the threshold, then similarities to the kept members)."""
+    other kept member, its position)``, from one pass of blocked similarity rows: each row's
+    maximum, and its pairs above the threshold only where that maximum is above it. Rows whose
+    most similar member was dropped are then compared with the kept members again."""
     m = len(xc)
-    if m * m > BLOCK_ELEMENTS:
-        kept = _greedy_keep(m, *_pairs_above(xc, threshold))
-        return (kept, *_nearest_kept(xc, kept))
-    sims = xc @ xc.T
-    sims.fill_diagonal_(-math.inf)
-    value, index = sims.max(dim=1)
-    value, index = value.numpy().copy(), index.numpy().copy()
-    rows = np.flatnonzero(value > threshold)  # only these rows have pairs above the threshold
-    hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
-    first, second = rows[hits[:, 0]], hits[:, 1]
+    value = np.empty(m, dtype=np.float32)
+    index = np.empty(m, dtype=np.int64)
+    first, second = [], []
+    for start, stop in _blocks(m, m):
+        sims = xc[start:stop] @ xc.T
+        sims[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf  # not itself
+        v, i = sims.max(dim=1)
+        value[start:stop], index[start:stop] = v.numpy(), i.numpy()
+        rows = np.flatnonzero(value[start:stop] > threshold)
+        if len(rows):
+            hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
+            first.append(rows[hits[:, 0]] + start)
+            second.append(hits[:, 1])
+    first = np.concatenate(first) if first else np.zeros(0, np.int64)
+    second = np.concatenate(second) if second else np.zeros(0, np.int64)
     upper = first < second
     kept = _greedy_keep(m, first[upper], second[upper])
-    if not kept.all():  # rows whose nearest member was dropped: their nearest kept one instead
-        redo = np.flatnonzero(~kept[index])
+    redo = np.flatnonzero(np.isfinite(value) & ~kept[np.maximum(index, 0)])
+    if len(redo):  # rows whose most similar member was dropped: their most similar kept one
         kept_pos = np.flatnonzero(kept)
-        if len(redo):
-            sub = sims[torch.from_numpy(redo)][:, torch.from_numpy(kept_pos)]
-            v, j = sub.max(dim=1)
-            value[redo], index[redo] = v.numpy(), kept_pos[j.numpy()]
+        xk = xc[torch.from_numpy(kept_pos)]
+        column_of = np.full(m, -1, dtype=np.int64)
+        column_of[kept_pos] = np.arange(len(kept_pos))
+        for start, stop in _blocks(len(redo), len(kept_pos)):
+            part = redo[start:stop]
+            sims = xc[torch.from_numpy(part)] @ xk.T
+            own = column_of[part]
+            mine = np.flatnonzero(own >= 0)
+            sims[torch.from_numpy(mine), torch.from_numpy(own[mine])] = -math.inf
+            v, j = sims.max(dim=1)
+            value[part], index[part] = v.numpy(), kept_pos[j.numpy()]
     lonely = ~np.isfinite(value)  # no other kept member
     return kept, np.where(lonely, -1.0, value).astype(np.float32), np.where(lonely, -1, index)
 
