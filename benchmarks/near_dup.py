@@ -96,7 +96,13 @@ def main() -> None:
     parser.add_argument("--n-clusters", default="auto")
     parser.add_argument("--exact-n", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="default: every core")
     args = parser.parse_args()
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     n_clusters = args.n_clusters if args.n_clusters == "auto" else int(args.n_clusters)
 
     rows, pairs, group = planted_pool(args.n, args.dim, args.components, args.spread,
