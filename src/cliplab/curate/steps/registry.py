@@ -15,6 +15,8 @@ from cliplab.curate.steps.base import Step, StepSpecBase
 from cliplab.errors import ConfigError
 
 STEPS: dict[str, str] = {
+    "clip_score": "cliplab.curate.steps.clip_score:ClipScore",
+    "semantic_dedup": "cliplab.curate.steps.semantic_dedup:SemanticDedup",
 }
 
 

@@ -1,0 +1,216 @@
+"""SemDeDup (Abbas et al., 2023) on a matrix of embeddings: k-means on the L2-normalised rows,
+then within each cluster drop every item whose cosine similarity to an already kept member
+exceeds ``1 - eps``.
+
+The keep rule: the members of a cluster are visited in a fixed order and an item is kept unless
+it is a near duplicate of a member kept before it (greedy, so a chain a~b~c with a, c apart keeps
+a and c). The order is
+
+- ``"first"`` (default): pool order. The first of a group of near duplicates is kept, as
+  `exact_dedup` does, so the kept item does not depend on the clustering (a k-means seed only
+  changes which pairs get compared), and a user who puts preferred items first keeps them.
+- ``"farthest"``: farthest from the cluster centroid first (SemDeDup's "keep hard examples"),
+  ties in pool order.
+
+Near duplicates that k-means puts into different clusters are not compared: the price of
+comparing within clusters only (more clusters: faster, fewer pairs found).
+
+Fast at a million rows: k-means is trained on a subsample (``max_points_per_centroid`` rows per
+centroid), assignment is one FAISS search over the centroids, and within-cluster similarities
+are blocked matrix products (torch, all threads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cliplab.errors import ConfigError, DataError
+
+KeepRule = Literal["first", "farthest"]
+BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MB of float32)
+
+
+@dataclass
+class SemanticDuplicates:
+    """The result, arrays aligned with the input rows.
+
+    ``keep``: bool; ``duplicate_of``: for a dropped row the index of the kept row of its cluster
+    it is most similar to, -1 for kept rows; ``similarity``: cosine to the most similar *other
+    kept* row of the same cluster (so kept rows are ``<= threshold`` and dropped ones above it;
+    -1.0 where there is no other kept row); ``cluster``: k-means cluster of each row;
+    ``threshold``: ``1 - eps``.
+    """
+
+    keep: np.ndarray
+    duplicate_of: np.ndarray
+    similarity: np.ndarray
+    cluster: np.ndarray
+    n_clusters: int
+    threshold: float
+
+    def clusters(self) -> list[list[int]]:
+        """Groups of near duplicates: the kept row first, then the rows dropped as its duplicates
+        (pool order); only groups with at least one dropped row."""
+        groups: dict[int, list[int]] = {}
+        for i in np.flatnonzero(~self.keep):
+            groups.setdefault(int(self.duplicate_of[i]), []).append(int(i))
+        return [[kept, *dropped] for kept, dropped in sorted(groups.items())]
+
+
+def auto_clusters(n: int) -> int:
+    """The default number of clusters: about sqrt(n) (1000 for a million rows), at least 1."""
+    return max(1, round(math.sqrt(n)))
+
+
+def normalise_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Float32 unit rows (a new array); ``DataError`` for non-finite or all-zero rows."""
+    x = np.array(embeddings, dtype=np.float32, copy=True)
+    if x.ndim != 2:
+        raise DataError(f"embeddings must be a 2-d array, got shape {x.shape}")
+    norms = np.sqrt(np.einsum("nd,nd->n", x, x))
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        raise DataError(f"{int(bad.sum())} embedding rows are zero or not finite "
+                        f"(first at row {int(np.flatnonzero(bad)[0])})")
+    x /= norms[:, None]
+    return x
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - the curate extra declares it
+        raise ConfigError("semantic deduplication needs faiss-cpu: pip install 'cliplab[curate]'") from None
+    return faiss
+
+
+def kmeans_assign(x: np.ndarray, n_clusters: int, seed: int, iterations: int = 10,
+                  max_points_per_centroid: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means on unit rows ``x`` (trained on at most ``max_points_per_centroid`` rows
+    per centroid, drawn by ``seed``): ``(labels [n] int64, centroids [k, d] float32)``."""
+    n, dim = x.shape
+    if n_clusters <= 1:
+        return np.zeros(n, dtype=np.int64), x.mean(0, keepdims=True)
+    faiss = _faiss()
+    kmeans = faiss.Kmeans(dim, n_clusters, niter=iterations, seed=seed, spherical=True,
+                          max_points_per_centroid=max_points_per_centroid, verbose=False)
+    kmeans.cp.min_points_per_centroid = 1  # small pools: no warning, clusters may be tiny
+    kmeans.train(x)
+    _, labels = kmeans.index.search(x, 1)
+    return labels[:, 0].astype(np.int64), kmeans.centroids.astype(np.float32)
+
+
+def _visit_order(labels: np.ndarray, x: np.ndarray, centroids: np.ndarray, keep: KeepRule) -> np.ndarray:
+    """Row indices grouped by cluster, in each cluster the order the keep rule visits them."""
+    pool = np.arange(len(labels))
+    if keep == "first":
+        return np.lexsort((pool, labels))
+    if keep == "farthest":
+        to_centroid = np.einsum("nd,nd->n", x, centroids[labels])
+        return np.lexsort((pool, to_centroid, labels))
+    raise ConfigError(f"semantic dedup: unknown keep rule {keep!r} (choose first or farthest)")
+
+
+def _blocks(m: int, columns: int):
+    rows = max(1, BLOCK_ELEMENTS // max(1, columns))
+    for start in range(0, m, rows):
+        yield start, min(m, start + rows)
+
+
+def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Visit positions 0..m-1; keep one unless an earlier kept position is its pair (a < b)."""
+    keep = np.ones(m, dtype=bool)
+    if not len(a):
+        return keep
+    order = np.lexsort((a, b))
+    a, b = a[order], b[order]
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    ends = np.r_[starts[1:], len(b)]
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if keep[a[s:e]].any():
+            keep[b[s]] = False
+    return keep
+
+
+def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cluster's members (unit rows in visit order): ``(kept, similarity to the most similar
+    other kept member, its position)``, from one pass of blocked similarity rows: each row's
+    maximum, and its pairs above the threshold only where that maximum is above it. Rows whose
+    most similar member was dropped are then compared with the kept members again."""
+    m = len(xc)
+    value = np.empty(m, dtype=np.float32)
+    index = np.empty(m, dtype=np.int64)
+    first, second = [], []
+    for start, stop in _blocks(m, m):
+        sims = xc[start:stop] @ xc.T
+        sims[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf  # not itself
+        v, i = sims.max(dim=1)
+        value[start:stop], index[start:stop] = v.numpy(), i.numpy()
+        rows = np.flatnonzero(value[start:stop] > threshold)
+        if len(rows):
+            hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
+            first.append(rows[hits[:, 0]] + start)
+            second.append(hits[:, 1])
+    first = np.concatenate(first) if first else np.zeros(0, np.int64)
+    second = np.concatenate(second) if second else np.zeros(0, np.int64)
+    upper = first < second
+    kept = _greedy_keep(m, first[upper], second[upper])
+    redo = np.flatnonzero(np.isfinite(value) & ~kept[np.maximum(index, 0)])
+    if len(redo):  # rows whose most similar member was dropped: their most similar kept one
+        kept_pos = np.flatnonzero(kept)
+        xk = xc[torch.from_numpy(kept_pos)]
+        column_of = np.full(m, -1, dtype=np.int64)
+        column_of[kept_pos] = np.arange(len(kept_pos))
+        for start, stop in _blocks(len(redo), len(kept_pos)):
+            part = redo[start:stop]
+            sims = xc[torch.from_numpy(part)] @ xk.T
+            own = column_of[part]
+            mine = np.flatnonzero(own >= 0)
+            sims[torch.from_numpy(mine), torch.from_numpy(own[mine])] = -math.inf
+            v, j = sims.max(dim=1)
+            value[part], index[part] = v.numpy(), kept_pos[j.numpy()]
+    lonely = ~np.isfinite(value)  # no other kept member
+    return kept, np.where(lonely, -1.0, value).astype(np.float32), np.where(lonely, -1, index)
+
+
+def semantic_duplicates(embeddings: np.ndarray, n_clusters: int | Literal["auto"] = "auto",
+                        eps: float = 0.05, seed: int = 0, keep: KeepRule = "first",
+                        kmeans_iterations: int = 10,
+                        max_points_per_centroid: int = 64) -> SemanticDuplicates:
+    """SemDeDup over ``embeddings`` ``[n, d]`` (any scale: rows are L2-normalised first; the
+    input is not modified). ``eps`` in (0, 1]: rows more similar than ``1 - eps`` to a kept row
+    of their cluster are dropped; ``n_clusters`` 1 compares all pairs (exact)."""
+    if not 0 < eps <= 1:
+        raise ConfigError(f"semantic dedup: eps must be in (0, 1], got {eps}")
+    n = len(embeddings)
+    threshold = 1.0 - float(eps)
+    if n == 0:
+        empty = np.zeros(0)
+        return SemanticDuplicates(empty.astype(bool), empty.astype(np.int64),
+                                  empty.astype(np.float32), empty.astype(np.int64), 0, threshold)
+    k = auto_clusters(n) if n_clusters == "auto" else int(n_clusters)
+    if k < 1:
+        raise ConfigError(f"semantic dedup: n_clusters must be >= 1 or 'auto', got {n_clusters}")
+    k = min(k, n)
+    x = normalise_rows(embeddings)
+    labels, centroids = kmeans_assign(x, k, seed, kmeans_iterations, max_points_per_centroid)
+    order = _visit_order(labels, x, centroids, keep)
+    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True])
+
+    keep_mask = np.ones(n, dtype=bool)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, -1.0, dtype=np.float32)
+    xt = torch.from_numpy(x)
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        members = order[start:stop]
+        kept, best, arg = _dedup_cluster(xt[torch.from_numpy(members)], threshold)
+        keep_mask[members] = kept
+        similarity[members] = best
+        dropped = ~kept
+        duplicate_of[members[dropped]] = members[arg[dropped]]
+    return SemanticDuplicates(keep_mask, duplicate_of, similarity, labels, k, threshold)

@@ -1,0 +1,68 @@
+"""Step ``semantic_dedup``: SemDeDup on the image embeddings of any cliplab model.
+
+``map`` embeds each batch's images (column ``embedding``, unit float32 rows); ``decide`` runs
+`cliplab.curate.semdedup.semantic_duplicates` over every item that reached the step: k-means into
+``n_clusters`` clusters, then within each cluster an item whose cosine similarity to an already
+kept member exceeds ``1 - eps`` is dropped. ``keep: first`` (default) keeps the first of a group
+of near duplicates in pool order; ``keep: farthest`` the one farthest from its cluster's
+centroid (SemDeDup's choice).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field
+
+from cliplab.curate.semdedup import semantic_duplicates
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.models.embed import embed_images
+from cliplab.models.spec import ModelField
+
+
+class Spec(StepSpecBase):
+    step: Literal["semantic_dedup"]
+    model: ModelField
+    eps: float = Field(0.05, gt=0, le=1)          # drop above cosine 1 - eps to a kept item
+    n_clusters: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: about sqrt(items)
+    keep: Literal["first", "farthest"] = "first"
+    seed: int | None = None                      # k-means seed (default: the run's seed)
+    batch_size: int = Field(64, ge=1, le=4096)   # images embedded at once
+    kmeans_iterations: int = Field(10, ge=1)
+
+
+class SemanticDedup:
+    """Drops semantic near duplicates (see the module docstring)."""
+
+    Spec = Spec
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.model = None
+        self.seed = spec.seed if spec.seed is not None else 0
+
+    def prepare(self, context: StepContext) -> None:
+        from cliplab.models.resolve import load_model
+
+        self.model = load_model(self.spec.model)
+        self.seed = self.spec.seed if self.spec.seed is not None else context.seed
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        return {"embedding": embed_images(self.model, batch.images, self.spec.batch_size)}
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        spec = self.spec
+        found = semantic_duplicates(columns["embedding"], spec.n_clusters, spec.eps, self.seed,
+                                    spec.keep, spec.kmeans_iterations)
+        reasons = [None if kept else
+                   f"near duplicate of {items.keys[dup]} (cosine {sim:.3f} above {found.threshold:.3f})"
+                   for kept, dup, sim in zip(found.keep.tolist(), found.duplicate_of.tolist(),
+                                             found.similarity.tolist())]
+        clusters = [[items.keys[i] for i in group] for group in found.clusters()]
+        return Decision(keep=found.keep, reasons=reasons, scores=found.similarity,
+                        threshold=found.threshold,
+                        report={"clusters": clusters, "n_clusters": found.n_clusters,
+                                "eps": spec.eps, "keep_rule": spec.keep,
+                                "score": "cosine to the most similar other kept item of the "
+                                         "cluster (-1: none)"})

@@ -1,0 +1,117 @@
+"""`semantic_duplicates` (SemDeDup) on hand-built embeddings with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cliplab.curate import semdedup
+from cliplab.curate.semdedup import auto_clusters, semantic_duplicates
+from cliplab.errors import ConfigError, DataError
+
+
+def unit(*parts: tuple[int, float], dim: int = 8) -> np.ndarray:
+    v = np.zeros(dim, dtype=np.float32)
+    for axis, value in parts:
+        v[axis] = value
+    return v / np.linalg.norm(v)
+
+
+def angle(theta: float) -> np.ndarray:
+    return unit((0, np.cos(theta)), (1, np.sin(theta)))
+
+
+def test_planted_near_duplicates_keep_the_first_in_pool_order():
+    rows = np.stack([
+        unit((0, 1)),                 # 0 kept
+        unit((2, 1)),                 # 1 kept
+        unit((0, 1), (1, 0.1)),       # 2 near duplicate of 0 (cosine 0.995)
+        unit((0, 1), (3, 0.8)),       # 3 same topic as 0, not a duplicate (cosine 0.78)
+        unit((2, 1), (4, 0.2)) * 5,   # 4 near duplicate of 1 (cosine 0.98); scale is ignored
+        unit((0, 1), (1, -0.1)),      # 5 near duplicate of 0 and of 2
+    ])
+    original = rows.copy()
+    result = semantic_duplicates(rows, n_clusters=2, eps=0.05, seed=0)
+    np.testing.assert_array_equal(rows, original)  # the input is not modified
+    assert result.keep.tolist() == [True, True, False, True, False, False]
+    assert result.duplicate_of.tolist() == [-1, -1, 0, -1, 1, 0]
+    assert result.clusters() == [[0, 2, 5], [1, 4]]
+    assert result.threshold == pytest.approx(0.95)
+    # similarity: to the most similar other kept row of the cluster
+    c03 = 1 / np.sqrt(1.64)
+    np.testing.assert_allclose(result.similarity, [c03, -1.0, 1 / np.sqrt(1.01), c03,
+                                                   1 / np.sqrt(1.04), 1 / np.sqrt(1.01)], atol=1e-5)
+    assert (result.similarity[result.keep] <= 0.95).all()
+    assert (result.similarity[~result.keep] > 0.95).all()
+
+
+def test_a_chain_keeps_both_ends_compared_against_kept_rows_only():
+    theta = np.arccos(0.97)  # a~b and b~c at 0.97, a~c at 2*0.97^2-1 = 0.882
+    rows = np.stack([angle(0), angle(theta), angle(2 * theta)])
+    result = semantic_duplicates(rows, n_clusters=1, eps=0.05)
+    assert result.keep.tolist() == [True, False, True]
+    assert result.duplicate_of[1] in (0, 2)
+    np.testing.assert_allclose(result.similarity, [0.8818, 0.97, 0.8818], atol=1e-4)
+
+
+def test_keep_farthest_visits_rows_farthest_from_the_centroid_first():
+    a = unit((0, 1))
+    b = unit((0, 1), (1, 0.2))   # near duplicate of a (0.98)
+    c = unit((1, -1))            # pulls the centroid away from b
+    rows = np.stack([a, b, c])
+    # centroid = mean: a.m = (1 + 0.981 + 0)/3, b.m = (0.981 + 1 - 0.196)/3: b is farther
+    first = semantic_duplicates(rows, n_clusters=1, eps=0.05, keep="first")
+    farthest = semantic_duplicates(rows, n_clusters=1, eps=0.05, keep="farthest")
+    assert first.keep.tolist() == [True, False, True] and first.duplicate_of[1] == 0
+    assert farthest.keep.tolist() == [False, True, True] and farthest.duplicate_of[0] == 1
+    with pytest.raises(ConfigError, match="keep rule"):
+        semantic_duplicates(rows, n_clusters=1, keep="best")
+
+
+def planted(n_base: int, n_dup: int, seed: int, dim: int = 32):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, dim))
+    base = centres[rng.integers(0, 6, n_base)] + 0.8 / np.sqrt(dim) * np.linalg.norm(
+        centres, axis=1).mean() * rng.standard_normal((n_base, dim))
+    originals = rng.choice(n_base, n_dup, replace=False)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    dups = base[originals] + 0.1 / np.sqrt(dim) * rng.standard_normal((n_dup, dim))
+    rows = np.concatenate([base, dups]).astype(np.float32)
+    return rows, originals, n_base + np.arange(n_dup)
+
+
+def test_planted_pairs_are_found_and_nothing_else_and_the_seed_fixes_everything():
+    rows, originals, copies = planted(600, 60, seed=1)
+    one = semantic_duplicates(rows, n_clusters=6, eps=0.05, seed=3)
+    two = semantic_duplicates(rows, n_clusters=6, eps=0.05, seed=3)
+    for field in ("keep", "duplicate_of", "similarity", "cluster"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(two, field))
+    assert one.n_clusters == 6 and len(set(one.cluster.tolist())) == 6
+    # copies come after their originals in pool order, so exactly the copies go
+    assert np.flatnonzero(~one.keep).tolist() == copies.tolist()
+    assert one.duplicate_of[copies].tolist() == originals.tolist()
+    exact = semantic_duplicates(rows, n_clusters=1, eps=0.05)
+    np.testing.assert_array_equal(exact.keep, one.keep)
+
+
+def test_blocked_passes_give_the_same_answer_as_one_matrix(monkeypatch):
+    rows, _, _ = planted(300, 40, seed=2)
+    whole = semantic_duplicates(rows, n_clusters=2, eps=0.05, seed=0)
+    monkeypatch.setattr(semdedup, "BLOCK_ELEMENTS", 1000)  # forces the blocked path
+    blocked = semantic_duplicates(rows, n_clusters=2, eps=0.05, seed=0)
+    np.testing.assert_array_equal(blocked.keep, whole.keep)
+    np.testing.assert_array_equal(blocked.duplicate_of, whole.duplicate_of)
+    np.testing.assert_allclose(blocked.similarity, whole.similarity, atol=1e-6)
+
+
+def test_sizes_and_bad_input():
+    assert auto_clusters(1_000_000) == 1000 and auto_clusters(1) == 1
+    assert semantic_duplicates(np.zeros((0, 4))).keep.shape == (0,)
+    single = semantic_duplicates(np.ones((1, 4)), n_clusters=10)
+    assert single.keep.tolist() == [True] and single.n_clusters == 1
+    with pytest.raises(ConfigError, match="eps"):
+        semantic_duplicates(np.ones((2, 4)), eps=0)
+    rows = np.ones((3, 4))
+    rows[1] = np.nan
+    with pytest.raises(DataError, match="row 1"):
+        semantic_duplicates(rows)
