@@ -15,6 +15,7 @@ from cliplab.curate.steps.base import Step, StepSpecBase
 from cliplab.errors import ConfigError
 
 STEPS: dict[str, str] = {
+    "balance": "cliplab.curate.steps.balance:Balance",
     "decontaminate": "cliplab.curate.steps.decontaminate:Decontaminate",
 }
 
