@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from cliplab.errors import CliplabError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.serve.embed import embed_images, embed_texts
+from cliplab.models.embed import embed_images, embed_texts
 from cliplab.serve.index import SearchIndex
 
 MAX_K, MAX_OFFSET, MAX_QUERY_CHARS = 100, 10_000, 1000

@@ -1,0 +1,45 @@
+"""Embedding PIL images and texts with any model face (`DualEncoder`, `OnnxEncoder`): unit
+float32 numpy rows, no gradients, eval mode. Used by serve (index, queries) and curate (steps)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cliplab.models.dual_encoder import DualEncoder, evaluating
+
+
+def _batches(n: int, batch_size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or n == 0,
+                leave=False)
+
+
+@torch.no_grad()
+def embed_images(model: DualEncoder, images: Sequence[Image.Image], batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
+    """``[N, D]`` unit image embeddings of PIL images of any sizes and modes (converted to RGB)."""
+    out = []
+    with evaluating(model):
+        for start in _batches(len(images), batch_size, "embed images", progress):
+            pixels = torch.cat([model.preprocess(torch.from_numpy(np.array(im.convert("RGB")))[None])
+                                for im in images[start:start + batch_size]])
+            out.append(model.encode_image(pixels.to(model.device)).float().cpu())
+    if not out:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256,
+                progress: bool = False) -> np.ndarray:
+    """``[N, D]`` unit text embeddings."""
+    texts = list(texts)
+    out = [model.encode_texts(texts[start:start + batch_size], batch_size).float().cpu()
+           for start in _batches(len(texts), batch_size, "embed texts", progress)]
+    if not out:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)

@@ -1,0 +1,39 @@
+"""`cliplab.models.embed`: PIL images and texts to unit rows, the same numbers as the towers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cliplab.models import build_model
+from cliplab.models.embed import embed_images, embed_texts
+
+
+def tiny():
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=32)
+
+
+def test_embed_images_matches_the_tower_in_any_batching_and_mode():
+    model = tiny()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
+    images = [Image.fromarray(a) for a in arrays]
+    images[1] = images[1].convert("L")  # grey input is converted to RGB first
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))) for im in images])
+        direct = model.encode_image(model.preprocess(pixels)).numpy()
+    got = embed_images(model, images, batch_size=2, progress=True)
+    assert got.dtype == np.float32 and got.shape == (5, 16)
+    np.testing.assert_allclose(got, direct, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert embed_images(model, []).shape == (0, 16)
+
+
+def test_embed_texts_matches_encode_texts_across_batches():
+    model = tiny()
+    texts = ["a red circle", "a blue square", "two green triangles", "x"]
+    got = embed_texts(model, texts, batch_size=3)
+    np.testing.assert_allclose(got, model.encode_texts(texts).numpy(), atol=1e-5)
+    assert embed_texts(model, []).shape == (0, 16)
