@@ -32,7 +32,7 @@ from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.serve.embed import embed_images
+from cliplab.models.embed import embed_images
 
 THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
 
