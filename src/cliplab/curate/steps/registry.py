@@ -16,6 +16,7 @@ from cliplab.errors import ConfigError
 
 STEPS: dict[str, str] = {
     "balance": "cliplab.curate.steps.balance:Balance",
+    "dfn": "cliplab.curate.steps.dfn:DataFilteringNetwork",
     "decontaminate": "cliplab.curate.steps.decontaminate:Decontaminate",
 }
 
