@@ -23,13 +23,20 @@ TRAIN = {"steps": 60, "batch_size": 32, "lr": 1e-3, "warmup": 0.1}
 
 def test_keep_top_keeps_the_highest_scores_ties_in_pool_order():
     scores = np.array([0.5, 0.1, 0.9, 0.5, 0.3])
-    d = keep_by_score(scores, keep_top=0.5, threshold=None, label="clip score")  # ceil(2.5) = 3
+    d = keep_by_score(scores, keep_top=0.5, threshold=None, label="dfn score")  # round(2.5) = 3
     assert d.keep.tolist() == [True, False, True, True, False]
-    assert d.threshold == 0.5
-    assert d.reasons[1] == "clip score 0.100 below threshold 0.500 (keep_top 0.5)"
+    assert d.threshold == 0.5 and d.report == {"rule": "keep_top 0.5", "kept": 3}
+    assert d.reasons[1] == "dfn score 0.100 below threshold 0.500 (keep_top 0.5)"
     d = keep_by_score(scores, keep_top=0.4, threshold=None, label="s")  # 2: 0.9 and the first 0.5
     assert d.keep.tolist() == [True, False, True, False, False]
-    assert d.reasons[3] == "s 0.500 ties the threshold 0.500 but the top 0.4 is full"
+    assert d.reasons[3] == ("s 0.500 at threshold 0.500, past the cut of keep_top 0.4 "
+                            "(ties in pool order)")
+    d = keep_by_score(scores, keep_top=0.05, threshold=None, label="s")  # round(0.25) = 0
+    assert not d.keep.any() and d.threshold is None
+    assert d.reasons[0] == "s 0.500: keep_top 0.05 of the pool keeps no pair"
+    d = keep_by_score(np.array([np.nan, 0.2, 0.1]), keep_top=0.7, threshold=None, label="s")
+    assert d.keep.tolist() == [False, True, True]  # NaN ranks last
+    assert d.reasons[0] == "s is not a number"
 
 
 def test_threshold_keeps_scores_at_or_above_it_and_drops_nan():
@@ -38,7 +45,7 @@ def test_threshold_keeps_scores_at_or_above_it_and_drops_nan():
     assert d.keep.tolist() == [True, False, False, True]
     assert d.reasons[1] == "dfn score 0.250 below threshold 0.250"
     assert d.reasons[2] == "dfn score is not a number"
-    assert d.threshold == 0.25 and d.report == {"x": 1}
+    assert d.threshold == 0.25 and d.report == {"rule": "threshold 0.25", "kept": 2, "x": 1}
 
 
 @pytest.mark.parametrize("keep_top, threshold, message", [

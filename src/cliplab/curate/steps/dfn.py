@@ -51,8 +51,8 @@ class Spec(StepSpecBase):
     model: ModelField
     trusted: dict[str, Any]
     train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
-    keep_top: float | None = None
-    threshold: float | None = None
+    keep_top: float | None = Field(None, gt=0, le=1)    # fraction of pairs kept, best first
+    threshold: float | None = Field(None, ge=-1, le=1)  # keep pairs scoring at least this
     batch_size: int = Field(64, ge=1)  # of scoring
 
     @field_validator("train", mode="before")
