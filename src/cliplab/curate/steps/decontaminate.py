@@ -130,7 +130,8 @@ class Decontaminate:
             pil = [_pil(im) for im in images]
             hashes += [phash_bits(im) for im in pil]
             if self.model is not None:
-                embeddings.append(embed_images(self.model, pil, self.spec.batch_size))
+                embeddings.append(embed_images(self.model, pil, self.spec.batch_size,
+                                               progress=context.progress))
         self.eval_hashes = np.array(hashes, dtype=np.uint64)
         if self.model is not None:
             self.eval_embeddings = np.concatenate(embeddings)
