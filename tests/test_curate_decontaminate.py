@@ -43,7 +43,7 @@ def pool() -> tuple[PoolBatch, dict[str, str]]:
     return PoolBatch(keys, [f"caption {k}" for k in keys], images), planted
 
 
-def pixel_embeddings(model, images, batch_size=64):
+def pixel_embeddings(model, images, batch_size=64, progress=False):
     """A stand-in for a trained model: the mean-centred 8x8 grey thumbnail, unit length
     (copies score >= 0.9993 against their original, other pool images <= 0.9981)."""
     x = np.stack([np.asarray(im.convert("L").resize((8, 8), Image.BILINEAR), np.float32).ravel()
