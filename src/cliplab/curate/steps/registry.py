@@ -15,8 +15,11 @@ from cliplab.curate.steps.base import Step, StepSpecBase
 from cliplab.errors import ConfigError
 
 STEPS: dict[str, str] = {
-    "clip_score": "cliplab.curate.steps.clip_score:ClipScore",
     "semantic_dedup": "cliplab.curate.steps.semantic_dedup:SemanticDedup",
+    "decontaminate": "cliplab.curate.steps.decontaminate:Decontaminate",
+    "clip_score": "cliplab.curate.steps.clip_score:ClipScore",
+    "dfn": "cliplab.curate.steps.dfn:DataFilteringNetwork",
+    "balance": "cliplab.curate.steps.balance:Balance",
 }
 
 

@@ -1,0 +1,236 @@
+"""``balance``: MetaCLIP's curation (Xu et al. 2023, "Demystifying CLIP Data", Algorithm 1).
+
+Matching: a caption matches metadata entry ``e`` when ``" e "`` is a substring of
+``" caption "``, both normalised alike: lowercase, the punctuation ``, . ; : ? ! "`` wrapped in
+spaces (as MetaCLIP's ``spacing`` does, so ``"a cat."`` matches ``"cat"``), whitespace collapsed
+to single spaces. On normalised text that is exactly "the entry's words occur contiguously among
+the caption's words", which is how it is computed (a dictionary lookup of every word n-gram up to
+the longest entry, instead of one ``in`` per entry).
+
+Sampling, Algorithm 1 part 2::
+
+    entry_count[entry_count < t] = t
+    entry_prob = t / entry_count
+    for image, text in D:
+        for entry_id in text.matched_entry_ids:
+            if random.random() < entry_prob[entry_id]:
+                D_curated.append((image, text)); break
+
+i.e. a pair is kept if ANY of its matched entries is drawn, each independently with probability
+``t / max(count, t)``: entries matched by at most ``t`` pairs keep all their pairs, a head entry
+is sampled down to ``t`` pairs in expectation (plus pairs kept through another of their entries).
+Pairs that match no entry are dropped (``"matches no metadata entry"``). The uniforms of a pair
+come from a counter-based generator keyed by a hash of (``seed``, its key), so the kept set depends only on the seed,
+the pool and the entries, never on chunking or order.
+
+Entries: ``entries`` (a text file, one entry per line), ``vocabulary`` (an inline list), or by
+default n-grams of the pool's own captions: every word unigram and bigram (after the
+normalisation above) that contains no punctuation token and no English stop word
+(scikit-learn's list), kept if at least ``min_count`` captions contain it.
+
+Counts (how many pairs match each entry, before and after) are written as concept frequency
+tables (`cliplab.curate.concept_frequency.ConceptFrequencies` CSV) into the step's work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from cliplab.curate.concept_frequency import ConceptFrequencies
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.errors import ConfigError, DataError
+
+PUNCTUATION = ',.;:?!"'
+_PUNCT = re.compile("([" + re.escape(PUNCTUATION) + "])")
+HISTOGRAM_ENTRIES = 1000  # the report's histograms show at most this many entries (the CSVs all)
+
+
+class Spec(StepSpecBase):
+    """``{step: balance, entries: FILE | vocabulary: [...] (default: pool n-grams), t, seed}``."""
+
+    step: Literal["balance"]
+    entries: str | None = None
+    vocabulary: list[str] | None = None
+    min_count: int = Field(2, ge=1)  # of the default n-gram entries
+    t: int = Field(ge=1)
+    seed: int | None = None  # default: the pipeline's seed
+
+    @model_validator(mode="after")
+    def _one_entry_list(self) -> "Spec":
+        if self.entries is not None and self.vocabulary is not None:
+            raise ValueError("give entries (a file) or vocabulary (a list), not both")
+        if self.vocabulary is not None and not [e for e in self.vocabulary if normalise(e)]:
+            raise ValueError("vocabulary holds no non-empty entry")
+        return self
+
+
+def normalise(text: str) -> str:
+    """Lowercase, punctuation wrapped in spaces, whitespace collapsed (no outer spaces)."""
+    return " ".join(_PUNCT.sub(r" \1 ", text.lower()).split())
+
+
+def read_entries(path: str | Path) -> list[str]:
+    """The entries of a metadata file: one a line, blank lines skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"balance: cannot read the entries file {path}: {err}") from None
+    entries = [line.strip() for line in lines if line.strip()]
+    if not entries:
+        raise DataError(f"balance: the entries file {path} holds no entry")
+    return entries
+
+
+def pool_ngrams(captions: Sequence[str], min_count: int) -> list[str]:
+    """Unigrams and bigrams of the captions (no stop words, no punctuation) that at least
+    ``min_count`` captions contain, most frequent first (ties alphabetical)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    def content(word: str) -> bool:
+        return word not in ENGLISH_STOP_WORDS and not _PUNCT.fullmatch(word)
+
+    counts: Counter = Counter()
+    for caption in captions:
+        words = normalise(caption).split()
+        grams = {w for w in words if content(w)}
+        grams |= {f"{a} {b}" for a, b in zip(words, words[1:]) if content(a) and content(b)}
+        counts.update(grams)
+    return sorted((g for g, c in counts.items() if c >= min_count), key=lambda g: (-counts[g], g))
+
+
+class EntryMatcher:
+    """Which entries a caption matches (MetaCLIP's substring rule, see the module docstring)."""
+
+    def __init__(self, entries: Sequence[str]):
+        self.entries: list[str] = []
+        self.index: dict[tuple[str, ...], int] = {}
+        for entry in entries:
+            words = tuple(normalise(entry).split())
+            if words and words not in self.index:
+                self.index[words] = len(self.entries)
+                self.entries.append(" ".join(words))
+        self.longest = max((len(w) for w in self.index), default=0)
+
+    def __call__(self, caption: str) -> list[int]:
+        """Ids of the entries ``caption`` matches, in entry order, each once."""
+        words = normalise(caption).split()
+        found = {self.index[tuple(words[i:i + n])]
+                 for i in range(len(words)) for n in range(1, min(self.longest, len(words) - i) + 1)
+                 if tuple(words[i:i + n]) in self.index}
+        return sorted(found)
+
+
+_GOLDEN, _MIX1, _MIX2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+                         np.uint64(0x94D049BB133111EB))
+
+
+def key_hashes(seed: int, keys: Sequence[str]) -> np.ndarray:
+    """A 64-bit hash of (``seed``, key) per pool item."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{k}".encode(), digest_size=8)
+                                    .digest(), "little") for k in keys], dtype=np.uint64)
+
+
+def key_uniforms(hashes: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Uniform ``[0, 1)`` number ``draws[i]`` of the item hashed to ``hashes[i]`` (SplitMix64
+    of hash + (draw + 1) * golden ratio: a counter-based generator, vectorised)."""
+    with np.errstate(over="ignore"):
+        z = hashes + (draws.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def balance_sample(matches: Sequence[Sequence[int]], counts: np.ndarray, t: int,
+                   keys: Sequence[str], seed: int) -> np.ndarray:
+    """Algorithm 1's sampling: per pair, one uniform per matched entry (drawn from its key's
+    stream); kept if any uniform is below its entry's probability ``t / max(count, t)``."""
+    prob = t / np.maximum(np.asarray(counts, dtype=np.float64), t)
+    sizes = np.array([len(ids) for ids in matches], dtype=np.int64)
+    item = np.repeat(np.arange(len(matches)), sizes)
+    draw = np.arange(len(item)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    entry = np.fromiter((e for ids in matches for e in ids), dtype=np.int64, count=len(item))
+    drawn = key_uniforms(key_hashes(seed, keys)[item], draw) < prob[entry]
+    keep = np.zeros(len(matches), dtype=bool)
+    np.logical_or.at(keep, item[drawn], True)
+    return keep
+
+
+class Balance:
+    """MetaCLIP balancing of the pairs that reach it over a list of metadata entries."""
+
+    Spec = Spec
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.work: Path | None = None
+        self.seed = spec.seed or 0
+        self.entries: list[str] | None = None
+
+    def prepare(self, context: StepContext) -> None:
+        """Read the entries (a file or the vocabulary; pool n-grams wait for ``decide``)."""
+        self.work = Path(context.work)
+        self.seed = self.spec.seed if self.spec.seed is not None else context.seed
+        if self.spec.entries is not None:
+            self.entries = read_entries(self.spec.entries)
+        elif self.spec.vocabulary is not None:
+            self.entries = list(self.spec.vocabulary)
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        """Nothing per item: matching needs only captions, which ``decide`` has (and the
+        default entries are built from every caption of the pool)."""
+        return {}
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        """Match, count, sample; write the count tables before and after."""
+        entries = self.entries if self.entries is not None else \
+            pool_ngrams(items.captions, self.spec.min_count)
+        matcher = EntryMatcher(entries)
+        matches = [matcher(c) for c in items.captions]
+        before = np.zeros(len(matcher.entries), dtype=np.int64)
+        for ids in matches:
+            before[ids] += 1
+        keep = balance_sample(matches, before, self.spec.t, items.keys, self.seed)
+        after = np.zeros_like(before)
+        for ids, kept in zip(matches, keep):
+            if kept:
+                after[ids] += 1
+        t = self.spec.t
+        reasons: list[str | None] = []
+        for ids, kept in zip(matches, keep):
+            if kept:
+                reasons.append(None)
+            elif not ids:
+                reasons.append("matches no metadata entry")
+            else:
+                shown = ", ".join(f"'{matcher.entries[e]}' ({before[e]} pairs)" for e in ids[:3])
+                more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+                reasons.append(f"not drawn for any of its entries {shown}{more} "
+                               f"(each kept with probability t/count, t={t})")
+        return Decision(keep, reasons, report=self._report(matcher.entries, before, after,
+                                                            len(items), int(keep.sum())))
+
+    def _report(self, entries: list[str], before: np.ndarray, after: np.ndarray,
+                n_before: int, n_after: int) -> dict:
+        assert self.work is not None, "prepare() first"
+        files = {
+            "counts_before": str(ConceptFrequencies(entries, before.tolist(), n_before)
+                                 .save_csv(self.work / "entry_counts_before.csv")),
+            "counts_after": str(ConceptFrequencies(entries, after.tolist(), n_after)
+                                .save_csv(self.work / "entry_counts_after.csv")),
+        }
+        shown = [e for e in np.argsort(-before, kind="stable") if before[e] > 0][:HISTOGRAM_ENTRIES]
+        return {"files": files,
+                "histogram_before": {entries[e]: int(before[e]) for e in shown},
+                "histogram_after": {entries[e]: int(after[e]) for e in shown},
+                "entries": len(entries), "entries_matched": int((before > 0).sum()),
+                "head_entries": int((before > self.spec.t).sum()), "t": self.spec.t,
+                "seed": self.seed}

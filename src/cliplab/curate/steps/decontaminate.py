@@ -1,0 +1,202 @@
+"""``decontaminate``: drop pool images that are near duplicates of an evaluation image.
+
+Two signals, computed against every image of the evaluation sets (embedded and hashed once in
+``prepare``):
+
+- the cosine similarity of the model's unit image embeddings (``threshold``), which catches
+  re-encoded, resized, cropped or lightly edited copies;
+- the Hamming distance of 64-bit perceptual hashes (pHash: the signs of the low-frequency DCT
+  of a 32x32 grey thumbnail, `imagehash.phash`; ``hash_distance``), which needs no model and
+  catches exact and resized/noised copies even when the model is weak.
+
+A pool image is dropped when ``cosine >= threshold`` OR ``hash distance <= hash_distance``
+(either signal alone is evidence of a copy; set one to ``null`` to use only the other). The
+evaluation images come from ``eval_sets`` (data source specs, as ``cliplab.data.sources``
+reads them) and/or every dataset of the tasks of an eval ``suite`` (a `cliplab eval` YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import imagehash
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field, model_validator
+
+from cliplab.config import load_config
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.data.sources import load_source
+from cliplab.errors import ConfigError
+from cliplab.models.resolve import load_model
+from cliplab.models.spec import ModelField
+from cliplab.models.embed import embed_images
+
+THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
+
+
+class Spec(StepSpecBase):
+    """``{step: decontaminate, model, eval_sets: [data specs], suite: PATH, threshold,
+    hash_distance}``."""
+
+    step: Literal["decontaminate"]
+    model: ModelField | None = None  # needed by the embedding signal (threshold)
+    eval_sets: list[dict[str, Any]] = []
+    suite: str | None = None
+    threshold: float | None = Field(0.95, ge=-1, le=1)
+    hash_distance: int | None = Field(4, ge=0, le=64)
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _has_sets_and_a_signal(self) -> "Spec":
+        if not self.eval_sets and self.suite is None:
+            raise ValueError("give eval_sets (data specs) and/or suite (an eval suite YAML)")
+        if self.threshold is None and self.hash_distance is None:
+            raise ValueError("threshold and hash_distance are both null: nothing to match by")
+        if self.threshold is not None and self.model is None:
+            raise ValueError("threshold (embedding similarity) needs a model; or set "
+                             "threshold: null to match by perceptual hash only")
+        for i, spec in enumerate(self.eval_sets):
+            if "source" not in spec:
+                raise ValueError(f"eval_sets[{i}] needs 'source: NAME'")
+        return self
+
+
+def phash_bits(image: Image.Image) -> np.uint64:
+    """The 64-bit perceptual hash of ``image`` packed into one integer."""
+    bits = imagehash.phash(image.convert("RGB")).hash.flatten()
+    return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` Hamming distances between two arrays of packed 64-bit hashes."""
+    return np.bitwise_count(a[:, None] ^ b[None, :]).astype(np.int64)
+
+
+def eval_set_specs(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
+    """(label, data spec) of every evaluation set: ``eval_sets[i]`` and each distinct dataset of
+    the suite's tasks (labelled ``suite:<task name>``)."""
+    sets = [(f"eval_sets[{i}]:{d['source']}", dict(d)) for i, d in enumerate(spec.eval_sets)]
+    if spec.suite is not None:
+        from cliplab.evaluate.suite import SuiteSpec
+
+        if not Path(spec.suite).is_file():
+            raise ConfigError(f"decontaminate: suite {spec.suite} is not a file")
+        suite = load_config(SuiteSpec, spec.suite)
+        seen = {repr(sorted(d.items())) for _, d in sets}
+        for name, task in zip(suite.task_names(), suite.tasks):
+            for data in task.datasets():
+                if not isinstance(data, dict):
+                    continue  # in-memory sets exist only in the Python API
+                key = repr(sorted(data.items()))
+                if key not in seen:
+                    seen.add(key)
+                    sets.append((f"suite:{name}:{data.get('source')}", dict(data)))
+    return sets
+
+
+def _pil(image: torch.Tensor) -> Image.Image:
+    array = image.numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+
+
+class Decontaminate:
+    """Drops pool images whose embedding or perceptual hash matches an evaluation image."""
+
+    Spec = Spec
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.model = None
+        self.labels: list[str] = []  # per evaluation image: "label#index"
+        self.eval_embeddings = np.zeros((0, 0), dtype=np.float32)
+        self.eval_hashes = np.zeros(0, dtype=np.uint64)
+        self._eval_images: list[torch.Tensor] = []  # per set; driver only (not pickled)
+        self._offsets: list[int] = []
+        self.work: Path | None = None
+
+    def prepare(self, context: StepContext) -> None:
+        """Load the model, then embed and hash every evaluation image once."""
+        self.work = Path(context.work)
+        self.model = load_model(self.spec.model) if self.spec.threshold is not None else None
+        embeddings, hashes = [], []
+        for label, data_spec in eval_set_specs(self.spec):
+            images = load_source(data_spec).images
+            self._offsets.append(len(self.labels))
+            self._eval_images.append(images)
+            self.labels += [f"{label}#{i}" for i in range(len(images))]
+            pil = [_pil(im) for im in images]
+            hashes += [phash_bits(im) for im in pil]
+            if self.model is not None:
+                embeddings.append(embed_images(self.model, pil, self.spec.batch_size,
+                                               progress=context.progress))
+        self.eval_hashes = np.array(hashes, dtype=np.uint64)
+        if self.model is not None:
+            self.eval_embeddings = np.concatenate(embeddings)
+        if not self.labels:
+            raise ConfigError("decontaminate: the evaluation sets hold no images")
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_eval_images": []}  # workers need only embeddings and hashes
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        """Per pool image: its best match by cosine and by hash, each with the other signal's
+        value for that same evaluation image."""
+        n = len(batch)
+        hashes = np.array([phash_bits(im) for im in batch.images], dtype=np.uint64)
+        distances = hamming(hashes, self.eval_hashes) if n else np.zeros((0, len(self.labels)))
+        if self.model is not None and n:
+            sims = embed_images(self.model, batch.images, self.spec.batch_size) @ self.eval_embeddings.T
+        else:
+            sims = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+        rows = np.arange(n)
+        by_cos = np.nanargmax(sims, axis=1) if self.model is not None and n else np.zeros(n, int)
+        by_hash = distances.argmin(axis=1) if n else np.zeros(0, int)
+        return {"cosine": sims[rows, by_cos].astype(np.float32), "cosine_match": by_cos,
+                "cosine_match_hash_distance": distances[rows, by_cos],
+                "hash_distance": distances[rows, by_hash], "hash_match": by_hash,
+                "hash_match_cosine": sims[rows, by_hash].astype(np.float32)}
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        """Drop every item whose cosine reaches ``threshold`` or hash distance is within
+        ``hash_distance``; list each match with a thumbnail of the evaluation image."""
+        thr, max_dist = self.spec.threshold, self.spec.hash_distance
+        cosine, distance = columns["cosine"], columns["hash_distance"]
+        by_cos = cosine >= thr if thr is not None else np.zeros(len(items), bool)
+        by_hash = distance <= max_dist if max_dist is not None else np.zeros(len(items), bool)
+        keep = ~(by_cos | by_hash)
+        reasons: list[str | None] = [None] * len(items)
+        matches = []
+        for i in np.flatnonzero(~keep):
+            if by_cos[i]:
+                m, sim, dist = (int(columns["cosine_match"][i]), float(cosine[i]),
+                                int(columns["cosine_match_hash_distance"][i]))
+            else:
+                m, sim, dist = (int(columns["hash_match"][i]),
+                                float(columns["hash_match_cosine"][i]), int(distance[i]))
+            evidence = []
+            if by_cos[i]:
+                evidence.append(f"cosine {sim:.3f} >= {thr}")
+            if by_hash[i]:
+                evidence.append(f"hash distance {dist} <= {max_dist}")
+            reasons[i] = f"near duplicate of evaluation image {self.labels[m]} ({', '.join(evidence)})"
+            matches.append({"key": items.keys[i], "match": self.labels[m],
+                            "similarity": None if np.isnan(sim) else round(sim, 4),
+                            "hash_distance": dist, "match_image": str(self._thumbnail(m))})
+        return Decision(keep, reasons, scores=cosine if thr is not None else None,
+                        threshold=thr, report={"matches": matches,
+                                               "eval_images": len(self.labels)})
+
+    def _thumbnail(self, index: int) -> Path:
+        """A PNG of evaluation image ``index`` in the step's work folder (written once)."""
+        assert self.work is not None, "prepare() first"
+        path = self.work / "eval_images" / f"{index}.png"
+        if not path.exists():
+            s = int(np.searchsorted(self._offsets, index, side="right")) - 1
+            image = _pil(self._eval_images[s][index - self._offsets[s]])
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        return path

@@ -1,0 +1,152 @@
+"""The decontaminate step on a Fashion-MNIST pool with planted copies of evaluation images."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplab.config import validate
+from cliplab.curate.steps import decontaminate
+from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
+from cliplab.curate.steps.decontaminate import Decontaminate, Spec, eval_set_specs
+from cliplab.curate.steps.registry import make_step, step_spec
+from cliplab.data.sources import load_source
+from cliplab.errors import ConfigError
+
+EVAL = {"source": "fashion-mnist", "split": "test", "limit": 100}
+EXACT = [3, 17, 42, 60, 99]  # evaluation images planted as they are
+EDITED = [5, 20, 33, 71, 88]  # ... and resized to 40 px with Gaussian noise (sigma 8)
+
+
+def _pil(image) -> Image.Image:
+    return Image.fromarray(image.numpy()[..., 0]).convert("RGB")
+
+
+def _edited(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    array = np.asarray(image.resize((40, 40), Image.BILINEAR), dtype=float)
+    return Image.fromarray(np.clip(array + rng.normal(0, 8, array.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pool() -> tuple[PoolBatch, dict[str, str]]:
+    """300 Fashion-MNIST training images with the 10 planted copies spread through them;
+    ``planted`` maps each planted key to the evaluation image it copies."""
+    rng = np.random.default_rng(0)
+    evals = [_pil(im) for im in load_source(EVAL).images]
+    others = [_pil(im) for im in load_source({"source": "fashion-mnist", "limit": 300}).images]
+    images, keys, planted = list(others), [f"train#{i}" for i in range(300)], {}
+    for j, i in enumerate(EXACT + EDITED):
+        copy = evals[i] if i in EXACT else _edited(evals[i], rng)
+        at = 30 * j + 7
+        images.insert(at, copy)
+        keys.insert(at, f"planted-{i}")
+        planted[f"planted-{i}"] = f"eval_sets[0]:fashion-mnist#{i}"
+    return PoolBatch(keys, [f"caption {k}" for k in keys], images), planted
+
+
+def pixel_embeddings(model, images, batch_size=64, progress=False):
+    """A stand-in for a trained model: the mean-centred 8x8 grey thumbnail, unit length
+    (copies score >= 0.9993 against their original, other pool images <= 0.9981)."""
+    x = np.stack([np.asarray(im.convert("L").resize((8, 8), Image.BILINEAR), np.float32).ravel()
+                  for im in images])
+    x -= x.mean(1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def run(spec: Spec, batch: PoolBatch, work, chunks: int = 3):
+    step = make_step(spec)
+    step.prepare(StepContext(work=work))
+    parts = [step.map(PoolBatch(batch.keys[s], batch.captions[s], batch.images[s]))
+             for s in (slice(i, None, chunks) for i in range(chunks))]
+    order = np.concatenate([np.arange(len(batch))[i::chunks] for i in range(chunks)])
+    inverse = np.argsort(order)
+    columns = {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+    return step.decide(PoolItems(batch.keys, batch.captions), columns)
+
+
+def dropped(decision, batch):
+    return {k for k, kept in zip(batch.keys, decision.keep) if not kept}
+
+
+def test_perceptual_hash_alone_finds_the_exact_and_most_edited_copies_and_nothing_else(
+        pool, tmp_path):
+    """Measured on this pool: exact copies are at hash distance 0, the edited ones at 0, 2, 4,
+    4 and 8 (pHash of a 28 px image upscaled and noised), every other image at >= 6; so at
+    ``hash_distance: 4`` the hash alone misses the one edited copy at 8 (the embedding finds it,
+    see the next tests) and drops nothing else."""
+    batch, planted = pool
+    spec = step_spec({"step": "decontaminate", "eval_sets": [EVAL], "threshold": None,
+                      "hash_distance": 4}, "test")
+    decision = run(spec, batch, tmp_path)
+    assert dropped(decision, batch) == set(planted) - {"planted-71"}
+    matches = {m["key"]: m for m in decision.report["matches"]}
+    assert {k: m["match"] for k, m in matches.items()} == {
+        k: v for k, v in planted.items() if k != "planted-71"}
+    for i in EXACT:
+        assert matches[f"planted-{i}"]["hash_distance"] == 0
+        assert matches[f"planted-{i}"]["similarity"] is None  # no model, no cosine
+    thumb = Image.open(matches["planted-42"]["match_image"])
+    assert np.array_equal(np.asarray(thumb.convert("RGB")),
+                          np.asarray(_pil(load_source(EVAL).images[42])))
+    reason = decision.reasons[batch.keys.index("planted-42")]
+    assert reason == ("near duplicate of evaluation image eval_sets[0]:fashion-mnist#42 "
+                      "(hash distance 0 <= 4)")
+
+
+def test_embedding_alone_finds_every_planted_copy_and_nothing_else(pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(decontaminate, "embed_images", pixel_embeddings)
+    batch, planted = pool
+    spec = Spec(step="decontaminate", model="tiny-clip", eval_sets=[EVAL], threshold=0.999,
+                hash_distance=None)
+    decision = run(spec, batch, tmp_path)
+    assert dropped(decision, batch) == set(planted)
+    assert decision.threshold == 0.999 and decision.scores.shape == (len(batch),)
+    for m in decision.report["matches"]:
+        assert m["similarity"] >= 0.999 and m["match"] == planted[m["key"]]
+    assert "cosine 1.000 >= 0.999" in decision.reasons[batch.keys.index("planted-3")]
+
+
+def test_either_signal_drops_an_item(pool, tmp_path, monkeypatch):
+    """OR: with both signals every copy goes; each reason names the signals that fired (the
+    edited copy at hash distance 8 falls to the cosine alone)."""
+    monkeypatch.setattr(decontaminate, "embed_images", pixel_embeddings)
+    batch, planted = pool
+    spec = Spec(step="decontaminate", model="tiny-clip", eval_sets=[EVAL], threshold=0.999,
+                hash_distance=4)
+    decision = run(spec, batch, tmp_path)
+    assert dropped(decision, batch) == set(planted)
+    exact = decision.reasons[batch.keys.index("planted-17")]
+    assert "cosine 1.000 >= 0.999" in exact and "hash distance 0 <= 4" in exact
+    edited = decision.reasons[batch.keys.index("planted-71")]
+    assert "cosine" in edited and "hash distance" not in edited
+    match = next(m for m in decision.report["matches"] if m["key"] == "planted-71")
+    assert match["hash_distance"] == 8 and match["similarity"] >= 0.999
+
+
+def test_the_eval_sets_of_a_suite_are_used_once_each(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n"
+                     "  - {name: zs, task: zeroshot, data: {source: digits, split: test}}\n"
+                     "  - {name: zs2, task: zeroshot, data: {source: digits, split: test}}\n"
+                     "  - {name: probe, task: linear_probe, train: {source: digits, split: train},"
+                     " test: {source: digits, split: test}}\n")
+    spec = Spec(step="decontaminate", suite=str(suite), threshold=None)
+    assert eval_set_specs(spec) == [("suite:zs:digits", {"source": "digits", "split": "test"}),
+                                    ("suite:probe:digits", {"source": "digits", "split": "train"})]
+    step = Decontaminate(spec)
+    step.prepare(StepContext(work=tmp_path))
+    assert len(step.labels) == 1797  # every digit once (the train and test splits)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"step": "decontaminate", "threshold": None}, "give eval_sets"),
+    ({"step": "decontaminate", "eval_sets": [EVAL]}, "threshold (embedding similarity) needs a model"),
+    ({"step": "decontaminate", "eval_sets": [{"split": "test"}], "threshold": None},
+     "eval_sets[0] needs 'source: NAME'"),
+    ({"step": "decontaminate", "eval_sets": [EVAL], "threshold": None, "hash_distance": None},
+     "nothing to match by"),
+    ({"step": "decontaminate", "eval_sets": [EVAL], "threshold": None, "hash_distnce": 3},
+     "hash_distnce"),
+])
+def test_bad_specs_are_one_line_config_errors(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        step_spec(data, "curate.yaml", "steps[0]")
