@@ -447,7 +447,7 @@ def cmd_report(args) -> int:
 def cmd_index(args) -> int:
     from cliplab.config import load_config
     from cliplab.serve.build import build_index
-    from cliplab.serve.collection import source_spec
+    from cliplab.data.collection import source_spec
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cliplab.errors import ConfigError, DataError
 from cliplab.serve import faiss_index
-from cliplab.serve.collection import PIL_ERRORS, iter_items, source_spec
+from cliplab.data.collection import PIL_ERRORS, iter_items, source_spec
 from cliplab.serve.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.serve.settings import IndexConfig

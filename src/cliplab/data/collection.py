@@ -1,5 +1,6 @@
-"""A collection to index: any image source as a deterministic sequence of items that remember
-where their image lives, so the server reads it from the original file.
+"""A collection: any image source as a deterministic sequence of items that remember where
+their image lives, so a later stage reads it from the original file (`cliplab index` / `serve`
+serve it from there, `cliplab curate` copies its original bytes into the kept pool).
 
 - an image folder (any folder of images, searched recursively; the sub-folder is metadata),
 - a manifest (CSV/JSONL/Parquet: path + caption/label; every other column kept as metadata),
@@ -84,7 +85,7 @@ def _path(spec: dict) -> Path:
 def _reject_options(spec: dict, allowed: set[str]) -> None:
     unknown = sorted(set(spec) - allowed - {"source", "path"})
     if unknown:
-        raise DataError(f"unknown option(s) {unknown} for indexing a {spec['source']} source "
+        raise DataError(f"unknown option(s) {unknown} for reading a {spec['source']} source "
                         f"(valid: {sorted(allowed | {'path'})})")
 
 
