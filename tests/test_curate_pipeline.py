@@ -225,11 +225,13 @@ def test_whole_config_is_validated_before_any_work(tmp_path):
     path.write_text("data: shapes\nsteps: [{step: exact_dedup}, {step: exact_dedup}]\n")
     with pytest.raises(ConfigError, match="two steps are named 'exact_dedup'"):
         load_config(CurateConfig, path)
+    path.write_text("data: shapes\nsteps: [{step: exact_dedup, name: read}]\n")
+    with pytest.raises(ConfigError, match=r"steps\[0\]: 'read' is the name of reading the pool"):
+        load_config(CurateConfig, path)
     path.write_text("data: shapes\nengine: ray\n")
     with pytest.raises(ConfigError, match="ray engine is not available yet"):
         load_config(CurateConfig, path)
-    cfg = load_config(CurateConfig, tmp_path / "c.yaml" if False else None,
-                      extra={"data": "shapes", "steps": [{"step": "basic", "min_words": 3}]})
+    cfg = load_config(CurateConfig, None, extra={"data": "shapes", "steps": [{"step": "basic", "min_words": 3}]})
     assert cfg.to_dict()["steps"][0]["min_words"] == 3  # each step's own keys survive
 
 
@@ -255,3 +257,33 @@ def test_process_pool_gives_the_same_result(tmp_path):
                      progress=False)
     assert a["steps"][1]["kept"] == b["steps"][1]["kept"] == 6  # 200 x3, 50 x2 planted
     assert dropped_rows(tmp_path / "a") == dropped_rows(tmp_path / "b")
+
+
+def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatch):
+    """A built-in source's images are kept as PNGs for the steps and written to the shards
+    losslessly; a run killed while reading resumes from the last finished chunk."""
+    import cliplab.curate.pipeline as pipeline
+    from cliplab.data.sources import load_source
+
+    real, seen, failed = pipeline.read_item, [], []
+
+    def killed_once(item, number, work):
+        seen.append(item.key)
+        if number == 4 and not failed:
+            failed.append(True)
+            raise RuntimeError("killed while reading")
+        return real(item, number, work)
+
+    monkeypatch.setattr(pipeline, "read_item", killed_once)
+    cfg = config({"source": "shapes", "n": 6, "seed": 3}, [{"step": "exact_dedup"}], chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed while reading"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    seen.clear()
+    summary = run_curation(cfg, tmp_path / "out", progress=False)
+    assert seen == ["shapes#4", "shapes#5"]  # chunks 0 and 1 were not read again
+    assert summary["kept"] == 6
+    source = load_source({"source": "shapes", "n": 6, "seed": 3})
+    kept = list(iter_items({"source": "shards", "path": str(tmp_path / "out/shards")}, progress=False))
+    assert [i.caption for i in kept] == [c[0] for c in source.captions]
+    for item, image in zip(kept, source.images):
+        assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])

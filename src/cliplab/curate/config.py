@@ -69,6 +69,9 @@ class CurateConfig(Section):
                 raise ValueError(message if message.startswith(f"steps[{i}]")
                                  else f"steps[{i}]: {message}") from None
         names = [spec.name or spec.step for spec in specs]
+        if "read" in names:
+            raise ValueError(f"steps[{names.index('read')}]: 'read' is the name of reading the "
+                             "pool (its drops are reported under it); choose another name")
         doubled = sorted({n for n in names if names.count(n) > 1})
         if doubled:
             raise ValueError(f"steps: two steps are named {doubled[0]!r}; give one a `name:`")
