@@ -228,8 +228,8 @@ def test_whole_config_is_validated_before_any_work(tmp_path):
     path.write_text("data: shapes\nsteps: [{step: exact_dedup, name: read}]\n")
     with pytest.raises(ConfigError, match=r"steps\[0\]: 'read' is the name of reading the pool"):
         load_config(CurateConfig, path)
-    path.write_text("data: shapes\nengine: ray\n")
-    with pytest.raises(ConfigError, match="ray engine is not available yet"):
+    path.write_text("data: shapes\nengine: spark\n")
+    with pytest.raises(ConfigError, match="engine: expected 'local' or 'ray'"):
         load_config(CurateConfig, path)
     cfg = load_config(CurateConfig, None, extra={"data": "shapes", "steps": [{"step": "basic", "min_words": 3}]})
     assert cfg.to_dict()["steps"][0]["min_words"] == 3  # each step's own keys survive
@@ -287,3 +287,23 @@ def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatc
     assert [i.caption for i in kept] == [c[0] for c in source.captions]
     for item, image in zip(kept, source.images):
         assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
+
+
+@pytest.mark.slow
+def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
+    ray = pytest.importorskip("ray")
+    steps = [{"step": "basic", "min_words": 4}, {"step": "exact_dedup", "match": "caption"}]
+    data = {"source": "shapes", "n": 60, "seed": 1}
+    local = run_curation(config(data, steps, chunk_size=16), tmp_path / "local", progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_curation(config(data, steps, chunk_size=16, engine="ray", workers=2),
+                              tmp_path / "ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert local["steps"][1]["dropped"] > 0 and local["steps"][2]["dropped"] > 0
+    assert remote["steps"] == [{**s, "seconds": r["seconds"]}
+                               for s, r in zip(local["steps"], remote["steps"])]
+    assert dropped_rows(tmp_path / "ray") == dropped_rows(tmp_path / "local")
+    a, b = (sorted((tmp_path / d / "shards").glob("*.tar")) for d in ("local", "ray"))
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]

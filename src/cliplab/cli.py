@@ -122,6 +122,10 @@ def _add_curate(sub) -> None:
                        "--out runs/curated chunk_size=128")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (or a half-finished run of another config)")
+    p.add_argument("--engine", choices=["local", "ray"], help="local (default: this process, or "
+                   "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
+                   "mapping chunks in parallel")
     add_stage_arguments(p, "folder to write the curated pool and report into", config_required=True)
 
 
@@ -452,7 +456,7 @@ def cmd_curate(args) -> int:
     from cliplab.curate.config import CurateConfig
     from cliplab.curate.pipeline import run_curation
 
-    cfg = stage_config(CurateConfig, args)
+    cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers)
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     steps = ", ".join(f"{s['name']} -{s['dropped']}" for s in summary["steps"])
     print(f"kept {summary['kept']} of {summary['pool']} items ({steps}); wrote "

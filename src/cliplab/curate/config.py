@@ -30,9 +30,10 @@ class OutputSpec(Section):
 class CurateConfig(Section):
     """What to curate (``data``: a built-in source name, a manifest file, a shard folder, an
     image folder or a ``{source: ...}`` mapping), the ``steps`` in order, the ``output``,
-    pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``; ``ray``
-    not yet), local map ``workers`` (processes) and ``examples`` (dropped pairs shown per step
-    in the report)."""
+    pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``: in this
+    process, or ``workers`` processes; ``ray``: Ray Data with ``workers`` actors, on the
+    cluster at ``ray_address`` or a local instance) and ``examples`` (dropped pairs shown per
+    step in the report)."""
 
     data: dict[str, Any]
     steps: list[SerializeAsAny[StepSpecBase]] = []
@@ -41,6 +42,7 @@ class CurateConfig(Section):
     seed: int = 0
     engine: Literal["local", "ray"] = "local"
     workers: int = Field(1, ge=1)
+    ray_address: str | None = None
     examples: int = Field(8, ge=0)
     out: str | None = None
 
@@ -77,13 +79,6 @@ class CurateConfig(Section):
             raise ValueError(f"steps: two steps are named {doubled[0]!r}; give one a `name:`")
         return {**data, "steps": specs}
 
-    @field_validator("engine")
-    @classmethod
-    def _engine_available(cls, value: str) -> str:
-        if value == "ray":
-            raise ValueError("the ray engine is not available yet; use engine: local "
-                             "(workers: N runs the per-chunk work in N processes)")
-        return value
 
 
 def step_name(spec: StepSpecBase) -> str:

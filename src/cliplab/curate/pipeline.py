@@ -45,7 +45,7 @@ from cliplab.errors import ConfigError, DataError
 FORMAT = 1
 READ_STEP = "read"
 # keys that change how the run goes or what the report shows, not which items are kept
-NEUTRAL_KEYS = ("out", "workers", "engine", "examples")
+NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples")
 
 
 def partial_path(out: Path) -> Path:
@@ -73,8 +73,6 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
                  progress: bool = True, overwrite: bool = False) -> dict:
     """Curate ``config.data`` into ``out`` (default ``config.out``); resume a killed run of the
     same config. Returns the summary (also written as ``OUT/summary.json``)."""
-    if config.engine != "local":
-        raise ConfigError(f"engine {config.engine!r} is not available yet; use engine: local")
     if out is None and not config.out:
         raise ConfigError("say where to write the curated pool: --out DIR")
     out = Path(out if out is not None else config.out).expanduser().resolve()
@@ -226,8 +224,14 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
         step = make_step(spec)
         (step_dir / "work").mkdir(parents=True, exist_ok=True)
         step.prepare(StepContext(work=step_dir / "work", seed=config.seed, progress=progress))
-        map_chunks(step, reaching, lambda c: cache / f"{c:06d}.npz", work, config.workers,
-                   desc=f"{folder}", progress=progress)
+        engine = map_chunks
+        if config.engine == "ray":
+            from cliplab.curate.ray_engine import map_chunks_ray, start_ray
+
+            start_ray(config.ray_address, config.workers)
+            engine = map_chunks_ray
+        engine(step, reaching, lambda c: cache / f"{c:06d}.npz", work, config.workers,
+               desc=folder, progress=progress)
         parts = [load_columns(cache / f"{c:06d}.npz") for c in sorted(reaching)]
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         decision = step.decide(items, columns)
