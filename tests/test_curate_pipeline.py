@@ -307,3 +307,28 @@ def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
     assert dropped_rows(tmp_path / "ray") == dropped_rows(tmp_path / "local")
     a, b = (sorted((tmp_path / d / "shards").glob("*.tar")) for d in ("local", "ray"))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_report_draws_matches_and_concept_histograms(tmp_path):
+    from cliplab.curate.report import write_report
+
+    pool = make_folder(tmp_path / "pool", [10, 200])
+    records = [{"key": f"img_0{i}.png", "caption": f"c{i}", "location": {"file": str(pool / f"img_0{i}.png")},
+                "meta": {}} for i in range(2)]
+    decision = Decision(keep=[True, False], reasons=[None, "near duplicate of eval image"],
+                        report={"matches": [{"key": "img_01.png", "match": str(pool / "img_00.png"),
+                                             "similarity": 0.99}],
+                                "histogram_before": {"red": 5, "blue": 1},
+                                "histogram_after": {"red": 2, "blue": 1},
+                                "files": {"counts": str(tmp_path / "work/steps/00-x/work/c.json")}})
+    summary = {"data": {"source": "image-folder"}, "pool": 2, "kept": 1, "dropped": 1,
+               "steps": [{"name": "read", "in": 2, "kept": 2, "dropped": 0, "seconds": 0},
+                         {"name": "x", "in": 2, "kept": 1, "dropped": 1, "seconds": 0}]}
+    work = tmp_path / "work"
+    work.mkdir()
+    write_report(work, summary, [("x", records, decision)], [], examples=4, out=tmp_path / "final")
+    md = (work / "report.md").read_text()
+    assert "### matches (1)" in md and "report/00-x/match-0.png" in md and "report/00-x/match-0-ref.png" in md
+    assert (work / "report/00-x/match-0-ref.png").is_file()
+    assert "report/00-x-concepts.png" in md and (work / "report/00-x-concepts.png").is_file()
+    assert f"| counts | {tmp_path / 'final/steps/00-x/work/c.json'} |" in md

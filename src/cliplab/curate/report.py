@@ -47,15 +47,19 @@ class _Doc:
         self.html.append(f'<img alt="{html.escape(alt)}" src="{html.escape(rel)}">')
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
-        """Cells are text, or ``("img", path)`` for a thumbnail."""
+        """Cells are text, or ``("img", path or [paths])`` for thumbnails."""
+        def paths(cell):
+            return [p for p in ([cell[1]] if isinstance(cell[1], str) or cell[1] is None
+                                else cell[1]) if p]
+
         def md(cell):
             if isinstance(cell, tuple):
-                return f"![]({cell[1]})" if cell[1] else "—"
+                return " ".join(f"![]({p})" for p in paths(cell)) or "—"
             return str(cell).replace("|", r"\|").replace("\n", " ")
 
         def h(cell):
             if isinstance(cell, tuple):
-                return f'<img src="{html.escape(cell[1])}" alt="">' if cell[1] else "—"
+                return " ".join(f'<img src="{html.escape(p)}" alt="">' for p in paths(cell)) or "—"
             return html.escape(str(cell))
 
         self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -161,14 +165,12 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
         report = decision.report
         if report.get("clusters"):
             doc.heading(f"duplicate clusters ({len(report['clusters'])}; the first is kept)", 3)
-            doc.table(["size", "kept", "keys"], [
-                [len(cluster), cluster[0], ", ".join(cluster[:6]) + (" …" if len(cluster) > 6 else "")]
-                for cluster in report["clusters"][:examples]])
-            for n, cluster in enumerate(report["clusters"][:examples]):
-                for m, key in enumerate(cluster[:6]):
-                    rel = _thumbnail(by_key.get(key), work, f"{REPORT_DIR}/{slug}/cluster-{n}-{m}.png")
-                    if rel:
-                        doc.image(rel, f"cluster {n} member {m}: {key}")
+            doc.table(["size", "images (first kept)", "keys"], [
+                [len(cluster),
+                 ("img", [_thumbnail(by_key.get(key), work, f"{REPORT_DIR}/{slug}/cluster-{n}-{m}.png")
+                          for m, key in enumerate(cluster[:6])]),
+                 ", ".join(cluster[:6]) + (" …" if len(cluster) > 6 else "")]
+                for n, cluster in enumerate(report["clusters"][:examples])])
         if report.get("matches"):
             doc.heading(f"matches ({len(report['matches'])})", 3)
             rows = []
