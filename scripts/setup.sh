@@ -33,6 +33,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The CPU build first: with it installed, the "torch>=2.4" requirement pulls nothing more.
   .venv/bin/python -m pip install -q "torch==2.13.0" \
     || .venv/bin/python -m pip install -q "torch>=2.4"
-  .venv/bin/python -m pip install -q -e ".[dev,tensorboard,onnx,serve,curate,milvus,browser]"
+  .venv/bin/python -m pip install -q -e ".[dev,tensorboard,onnx,serve,curate,ray,milvus,browser]"
   touch "$stamp"
 fi

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
-from cliplab.curate.steps.clip_score import ClipScore, Spec, top_fraction
+from cliplab.curate.score_filter import top_fraction
+from cliplab.curate.steps.clip_score import ClipScore, Spec
 from cliplab.curate.steps.registry import step_spec
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplab.config import validate
 from cliplab.curate.steps import decontaminate
 from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
 from cliplab.curate.steps.decontaminate import Decontaminate, Spec, eval_set_specs

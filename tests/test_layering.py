@@ -56,3 +56,14 @@ def test_the_checker_finds_lazy_and_registry_circles(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.sub.b"] == {"pkg.sub.a"} and graph["pkg.c"] == {"pkg.d"}
     assert cycles(graph) == [["pkg.c", "pkg.d"], ["pkg.sub.a", "pkg.sub.b"]]
+
+
+def test_curate_never_imports_serve():
+    """curate and serve are siblings: both read `data.collection`; neither reaches into the other."""
+    def top(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else ""
+
+    crossing = sorted(f"{a} -> {b}" for a, targets in GRAPH.items() for b in targets
+                      if {top(a), top(b)} == {"curate", "serve"})
+    assert crossing == []

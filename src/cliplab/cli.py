@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_quickstart, _add_data, _add_pretrain, _add_adapt, _add_merge, _add_eval,
+    for add in (_add_quickstart, _add_data, _add_curate, _add_pretrain, _add_adapt, _add_merge, _add_eval,
                 _add_report, _add_convert, _add_export, _add_index, _add_serve):
         add(sub)
     return parser
@@ -107,6 +107,26 @@ def _add_data(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the shards of a non-empty output folder")
     add_stage_arguments(p, "folder to write the shards into (or the config's 'out')")
+
+
+def _add_curate(sub) -> None:
+    """`cliplab curate`: filter and deduplicate an image-text pool."""
+    p = sub.add_parser("curate", help="curate an image-text pool: filter, deduplicate, report",
+                       description="Read a pool (a built-in source, a manifest, a shard folder or "
+                       "an image folder), run the config's steps in order (basic rules, exact "
+                       "dedup, ...), and write to --out the kept pool (shards or a manifest), "
+                       "dropped.parquet (every dropped item with its step and reason), "
+                       "summary.json and report.md/report.html. Sources are never modified; a "
+                       "killed run resumes when re-run with the same config.",
+                       epilog="example: cliplab curate --config configs/curate/basic.yaml "
+                       "--out runs/curated chunk_size=128")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (or a half-finished run of another config)")
+    p.add_argument("--engine", choices=["local", "ray"], help="local (default: this process, or "
+                   "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
+                   "mapping chunks in parallel")
+    add_stage_arguments(p, "folder to write the curated pool and report into", config_required=True)
 
 
 def _add_pretrain(sub) -> None:
@@ -432,6 +452,18 @@ def _skip_line(skipped: dict) -> str:
         f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
 
 
+def cmd_curate(args) -> int:
+    from cliplab.curate.config import CurateConfig
+    from cliplab.curate.pipeline import run_curation
+
+    cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers)
+    summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    steps = ", ".join(f"{s['name']} -{s['dropped']}" for s in summary["steps"])
+    print(f"kept {summary['kept']} of {summary['pool']} items ({steps}); wrote "
+          f"{Path(cfg.out) / summary['output']['path']}, dropped.parquet, report.html in {cfg.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from cliplab.evaluate.report import ReportConfig, write_report
 
@@ -447,7 +479,7 @@ def cmd_report(args) -> int:
 def cmd_index(args) -> int:
     from cliplab.config import load_config
     from cliplab.serve.build import build_index
-    from cliplab.serve.collection import source_spec
+    from cliplab.data.collection import source_spec
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 
@@ -472,7 +504,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_eval,
-            "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data,
+            "adapt": cmd_adapt, "merge": cmd_merge, "data": cmd_data, "curate": cmd_curate,
             "report": cmd_report, "convert": cmd_convert, "export": cmd_export,
             "index": cmd_index, "serve": cmd_serve}
 

@@ -1,4 +1,9 @@
-"""Curation: the data stage between sources and training. Today it holds the data statistics
-curation builds on (concept frequency tables, exponentially imbalanced sampling); the
-``cliplab curate`` steps (dedup, filters, decontamination, balancing) will live here, one module
-each."""
+"""Curation: the data stage between sources and training (`cliplab curate`).
+
+``config`` (the schema), ``pipeline`` (`run_curation`: read the pool, run the steps, write the
+outputs; resumable), ``pool`` (items as records that remember where their image lives),
+``engine`` / ``ray_engine`` (a step's ``map`` over chunks, locally or on Ray Data),
+``outputs`` (kept pool, ``dropped.parquet``), ``report`` (report.md/html), ``steps/`` (one
+module per step, one registry), and the statistics curation builds on (concept frequency
+tables, exponentially imbalanced sampling).
+"""

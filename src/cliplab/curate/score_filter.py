@@ -2,9 +2,7 @@
 fraction (``keep_top``) or every pair at or above a ``threshold``.
 
 ``keep_top: f`` keeps exactly ``round(f * n)`` of the ``n`` pairs that reach the step (rounded
-half up); equal scores are ranked in pool order, so the cut is deterministic. (The same rule
-and reasons as ``clip_score`` on the curate-embed branch, so that step can call
-`keep_by_score` too.)
+half up); equal scores are ranked in pool order, so the cut is deterministic.
 """
 
 from __future__ import annotations

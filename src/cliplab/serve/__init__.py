@@ -2,7 +2,8 @@
 metadata in SQLite, the model's fingerprint); `cliplab serve` answers text/image search and
 zero-shot labelling over HTTP (FastAPI) with a plain HTML/JS page.
 
-Modules: ``collection`` (a source as items with their original files), ``store`` (SQLite
+Modules: ``store`` (SQLite
 metadata), ``faiss_index`` / ``milvus_index`` (vector backends), ``build`` (resumable index
-building), ``index`` (an opened, complete index), ``app`` (the HTTP API and page).
+building), ``index`` (an opened, complete index), ``app`` (the HTTP API and page). The
+collection being indexed (a source as items with their original files) is `cliplab.data.collection`.
 """

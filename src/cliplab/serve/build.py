@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cliplab.data.collection import PIL_ERRORS, iter_items, source_spec
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.serve import faiss_index
-from cliplab.serve.collection import PIL_ERRORS, iter_items, source_spec
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import imagehash
 import numpy as np
 import torch
 from PIL import Image
@@ -64,9 +63,18 @@ class Spec(StepSpecBase):
         return self
 
 
+def _imagehash():
+    try:
+        import imagehash
+    except ImportError:
+        raise ConfigError("decontaminate: perceptual hashes need imagehash "
+                          "(pip install 'cliplab[curate]')") from None
+    return imagehash
+
+
 def phash_bits(image: Image.Image) -> np.uint64:
     """The 64-bit perceptual hash of ``image`` packed into one integer."""
-    bits = imagehash.phash(image.convert("RGB")).hash.flatten()
+    bits = _imagehash().phash(image.convert("RGB")).hash.flatten()
     return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
 
 

@@ -15,6 +15,8 @@ from cliplab.curate.steps.base import Step, StepSpecBase
 from cliplab.errors import ConfigError
 
 STEPS: dict[str, str] = {
+    "basic": "cliplab.curate.steps.basic:Basic",
+    "exact_dedup": "cliplab.curate.steps.exact_dedup:ExactDedup",
     "semantic_dedup": "cliplab.curate.steps.semantic_dedup:SemanticDedup",
     "decontaminate": "cliplab.curate.steps.decontaminate:Decontaminate",
     "clip_score": "cliplab.curate.steps.clip_score:ClipScore",

@@ -1,5 +1,6 @@
-"""A collection to index: any image source as a deterministic sequence of items that remember
-where their image lives, so the server reads it from the original file.
+"""A collection: any image source as a deterministic sequence of items that remember where
+their image lives, so a later stage reads it from the original file (`cliplab index` / `serve`
+serve it from there, `cliplab curate` copies its original bytes into the kept pool).
 
 - an image folder (any folder of images, searched recursively; the sub-folder is metadata),
 - a manifest (CSV/JSONL/Parquet: path + caption/label; every other column kept as metadata),
@@ -30,7 +31,8 @@ PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBom
 @dataclass
 class Item:
     """One entry of a collection: ``key`` is unique and stable (a path, ``shard.tar:key``,
-    ``source#i``); ``location`` says where the image is served from (``{"file": path}``,
+    ``source#i``); ``location`` says where the image is read from (``{"file": path}``, plus ``manifest`` and
+    ``line`` for a manifest row,
     ``{"tar": path, "offset": o, "size": s, "name": member}`` or ``{"stored": None}``: to be
     written by the index); ``read`` decodes the image (raises a PIL error if it cannot)."""
 
@@ -84,7 +86,7 @@ def _path(spec: dict) -> Path:
 def _reject_options(spec: dict, allowed: set[str]) -> None:
     unknown = sorted(set(spec) - allowed - {"source", "path"})
     if unknown:
-        raise DataError(f"unknown option(s) {unknown} for indexing a {spec['source']} source "
+        raise DataError(f"unknown option(s) {unknown} for reading a {spec['source']} source "
                         f"(valid: {sorted(allowed | {'path'})})")
 
 
@@ -110,10 +112,10 @@ def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
 
 
 def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
-    from cliplab.data.manifest import IMAGE_COLUMNS, read_manifest_rows
+    from cliplab.data.manifest import IMAGE_COLUMNS, _read_table
 
     _reject_options(spec, {"image_col", "caption_col"})
-    rows = read_manifest_rows(path)
+    rows, lines, _ = _read_table(path)
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -128,7 +130,8 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
         file = (path.parent / Path(name).expanduser()).resolve()
         caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")), "")
         meta = {k: v for k, v in row.items() if k != image_col}
-        yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file)},
+        where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
+        yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
                    lambda f=file: _open_rgb(f), json.loads(json.dumps(meta, default=str)))
 
 

@@ -1,0 +1,86 @@
+"""`cliplab curate`'s config: the pool (``data``), the steps in order, the output and the engine.
+
+The whole config, every step's own keys included, is validated before any work: a bad key in
+the third step is one line naming the file and ``steps[2].key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
+
+from cliplab.config import Section
+from cliplab.curate.steps.base import StepSpecBase
+from cliplab.curate.steps.registry import step_spec
+from cliplab.data.collection import source_spec
+from cliplab.errors import CliplabError
+
+
+class OutputSpec(Section):
+    """How the kept pool is written: ``shards`` (WebDataset tars holding each image's original
+    bytes; in-memory sources as PNG) or ``manifest`` (``kept.parquet``: key, image path,
+    caption, location, metadata; images without a file of their own are copied to ``images/``)."""
+
+    format: Literal["shards", "manifest"] = "shards"
+    samples_per_shard: int = Field(1000, ge=1)
+
+
+class CurateConfig(Section):
+    """What to curate (``data``: a built-in source name, a manifest file, a shard folder, an
+    image folder or a ``{source: ...}`` mapping), the ``steps`` in order, the ``output``,
+    pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``: in this
+    process, or ``workers`` processes; ``ray``: Ray Data with ``workers`` actors, on the
+    cluster at ``ray_address`` or a local instance) and ``examples`` (dropped pairs shown per
+    step in the report)."""
+
+    data: dict[str, Any]
+    steps: list[SerializeAsAny[StepSpecBase]] = []
+    output: OutputSpec = OutputSpec()
+    chunk_size: int = Field(256, ge=1)
+    seed: int = 0
+    engine: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1)
+    ray_address: str | None = None
+    examples: int = Field(8, ge=0)
+    out: str | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _a_source(cls, value: Any) -> dict:
+        if not isinstance(value, (str, Mapping)):
+            raise ValueError("expected a source name or path, or a {source: ...} mapping")
+        try:
+            return source_spec(value if isinstance(value, str) else dict(value))
+        except CliplabError as err:
+            raise ValueError(str(err)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _step_specs(cls, data: Any) -> Any:
+        """Each step validated by its own ``Spec`` (errors name ``steps[i].key``)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("steps"), list):
+            return data
+        specs = []
+        for i, raw in enumerate(data["steps"]):
+            try:
+                specs.append(step_spec(raw, "", prefix=f"steps[{i}]"))
+            except CliplabError as err:
+                message = str(err)
+                raise ValueError(message if message.startswith(f"steps[{i}]")
+                                 else f"steps[{i}]: {message}") from None
+        names = [spec.name or spec.step for spec in specs]
+        if "read" in names:
+            raise ValueError(f"steps[{names.index('read')}]: 'read' is the name of reading the "
+                             "pool (its drops are reported under it); choose another name")
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"steps: two steps are named {doubled[0]!r}; give one a `name:`")
+        return {**data, "steps": specs}
+
+
+
+def step_name(spec: StepSpecBase) -> str:
+    """The name a step is reported under (its ``name``, else its registry name)."""
+    return spec.name or spec.step

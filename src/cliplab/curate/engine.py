@@ -1,0 +1,76 @@
+"""The local engine: a step's ``map`` over the pool's chunks, in this process or in a pool of
+worker processes (the step is pickled once per worker, after ``prepare``). Every finished
+chunk's columns are saved at once, so a killed run maps only the chunks it had not finished."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cliplab.curate.pool import Record, load_batch
+from cliplab.curate.steps.base import Step
+from cliplab.errors import CliplabError
+
+_WORKER_STEP: list = []
+
+
+def save_columns(path: Path, columns: dict[str, np.ndarray], n: int, where: str) -> None:
+    """Write one chunk's columns atomically (checked: arrays, one row per item)."""
+    for name, column in columns.items():
+        column = np.asarray(column)
+        if column.dtype == object or len(column) != n:
+            raise CliplabError(f"{where}: map column {name!r} must be a numeric or string array "
+                               f"with one row per item ({n}), got {column.dtype} x {len(column)}")
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{name: np.asarray(c) for name, c in columns.items()})
+    os.replace(tmp, path)
+
+
+def load_columns(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _map_records(step: Step, records: list[Record], work: Path) -> dict[str, np.ndarray]:
+    return step.map(load_batch(records, work))
+
+
+def _init_worker(step: Step) -> None:
+    _WORKER_STEP[:] = [step]
+
+
+def _map_in_worker(records: list[Record], work: Path) -> dict[str, np.ndarray]:
+    return _map_records(_WORKER_STEP[0], records, work)
+
+
+def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
+               work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
+    """``step.map`` over every chunk (``{chunk number: records}``) whose columns file
+    ``out(number)`` does not exist yet; each result is saved as soon as it is ready."""
+    todo = {c: records for c, records in chunks.items() if not out(c).exists()}
+    total = sum(len(r) for r in chunks.values())
+    bar = tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc=desc,
+               unit="item", disable=not progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for c, records in sorted(todo.items()):
+                save_columns(out(c), _map_records(step, records, work), len(records),
+                             f"{desc} chunk {c}")
+                bar.update(len(records))
+            return
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(step,)) as pool:
+            futures = {pool.submit(_map_in_worker, records, work): c
+                       for c, records in sorted(todo.items())}
+            for future in as_completed(futures):
+                c = futures[future]
+                save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
+                bar.update(len(todo[c]))
+    finally:
+        bar.close()

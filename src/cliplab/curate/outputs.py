@@ -1,0 +1,100 @@
+"""What `cliplab curate` writes besides the report: the kept pool (WebDataset shards with each
+image's original bytes, or a manifest) and ``dropped.parquet`` (key, step, reason, score of every
+dropped item, those dropped at ``read`` included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from cliplab.curate.config import OutputSpec
+from cliplab.curate.pool import Record, image_bytes
+from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
+                                        shard_stats_name, write_json)
+
+SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
+
+
+def write_kept(records: list[Record], work: Path, output: OutputSpec, source: dict,
+               progress: bool = True) -> dict:
+    """Write the kept pool under ``work`` as ``output`` says; returns what was written."""
+    if output.format == "shards":
+        return write_kept_shards(records, work, work / SHARDS_DIR, output.samples_per_shard,
+                                 source, progress)
+    return write_kept_manifest(records, work, work, progress)
+
+
+def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per_shard: int,
+                      source: dict, progress: bool = True) -> dict:
+    """Shards in `cliplab data shard`'s layout (``00000.tar`` ..., ``index.json``); per sample the
+    original image bytes (``KEY.jpg|png|...``), ``KEY.txt`` (the caption) and ``KEY.json``
+    (captions, the pool key, the source's metadata)."""
+    import webdataset as wds
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.iterdir():  # a killed run's half-written shards
+        old.unlink()
+    shards: list[dict] = []
+    box: list = []
+
+    def finished(fname: str) -> None:
+        name = Path(fname).name
+        shards.append({"name": name, "count": box[0].count})
+        write_json(dest / shard_stats_name(name), {"count": box[0].count,
+                                                   "successes": box[0].count})
+
+    writer = wds.ShardWriter(str(dest / SHARD_PATTERN), maxcount=samples_per_shard,
+                             maxsize=float("inf"), post=finished, verbose=0, encoder=False,
+                             mtime=0, mode=0o644)
+    box.append(writer)
+    with writer:
+        for number, record in enumerate(tqdm(records, desc="write shards", unit="item",
+                                             disable=not progress)):
+            data, ext = image_bytes(record["location"], work)
+            key = f"{number:09d}"
+            meta = {"key": key, "captions": [record["caption"]], "group": None,
+                    "source_key": record["key"], "meta": record["meta"]}
+            writer.write({"__key__": key, ext or "jpg": data,
+                          "txt": record["caption"].encode("utf-8"),
+                          "json": json.dumps(meta).encode("utf-8")})
+    total = sum(s["count"] for s in shards)
+    index = {"format": INDEX_FORMAT, "version": 1, "name": "curated", "source": source,
+             "total": total, "shards": shards, "skipped": {"total": 0, "counts": {}, "keys": {}}}
+    write_json(dest / STATS_FILE, {"count": total, "skipped": 0})
+    write_json(dest / INDEX_FILE, index)
+    return {"format": "shards", "path": SHARDS_DIR, "count": total, "shards": len(shards)}
+
+
+def write_kept_manifest(records: list[Record], work: Path, dest: Path,
+                        progress: bool = True) -> dict:
+    """``kept.parquet``: ``image`` (the original file, or a copy under ``images/`` for images
+    that live in a tar or in memory), ``caption``, ``key``, ``location`` and ``meta`` (JSON)."""
+    images = dest / IMAGES_DIR
+    rows = []
+    for number, record in enumerate(tqdm(records, desc="write manifest", unit="item",
+                                         disable=not progress)):
+        location = record["location"]
+        if "file" in location:
+            image = location["file"]
+        else:
+            data, ext = image_bytes(location, work)
+            images.mkdir(exist_ok=True)
+            image = f"{IMAGES_DIR}/{number:09d}.{ext or 'bin'}"
+            (dest / image).write_bytes(data)
+        rows.append({"image": image, "caption": record["caption"], "key": record["key"],
+                     "location": json.dumps(location), "meta": json.dumps(record["meta"])})
+    schema = pa.schema([(name, pa.string()) for name in ("image", "caption", "key", "location",
+                                                         "meta")])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), dest / MANIFEST_FILE)
+    return {"format": "manifest", "path": MANIFEST_FILE, "count": len(rows)}
+
+
+def write_dropped(rows: list[dict], path: Path) -> None:
+    """Every dropped item: ``key``, ``step``, ``reason``, ``score`` (NaN where none)."""
+    schema = pa.schema([("key", pa.string()), ("step", pa.string()), ("reason", pa.string()),
+                        ("score", pa.float64())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

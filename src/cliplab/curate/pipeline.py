@@ -1,0 +1,259 @@
+"""`cliplab curate`: read a pool, run the configured steps in order, write the kept pool, the
+table of every dropped item with its reason, ``summary.json`` and the report.
+
+Work happens in ``OUT.partial/`` and is resumable:
+
+- ``state.json``: the request (the config minus output-neutral keys such as ``workers``); a
+  different request on an existing partial folder is refused (or cleared with ``overwrite``);
+- ``cache/pool/N.json``: chunk ``N`` of the pool as read (records + the items dropped at
+  ``read``), ``cache/pool/done.json`` once the whole source is read; ``cache/images/``: PNGs of
+  an in-memory source's images;
+- ``cache/steps/NN-name/N.npz``: the columns step ``NN`` mapped for chunk ``N``;
+- ``steps/NN-name/decision.json``: the step's finished decision; ``steps/NN-name/work/``: what
+  the step built (its `StepContext.work`), kept in the output.
+
+A killed run, re-run with the same config, maps only chunks without a columns file and decides
+only steps without a decision. When everything is written the cache is removed and the folder
+renamed to ``OUT``. Sources are only ever read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from cliplab.curate.config import CurateConfig, step_name
+from cliplab.curate.engine import load_columns, map_chunks
+from cliplab.curate.outputs import write_dropped, write_kept
+from cliplab.curate.pool import Record, read_item
+from cliplab.curate.report import write_report
+from cliplab.curate.steps.base import Decision, PoolItems, StepContext
+from cliplab.curate.steps.registry import make_step
+from cliplab.data.collection import iter_items
+from cliplab.errors import ConfigError, DataError
+
+FORMAT = 1
+READ_STEP = "read"
+# keys that change how the run goes or what the report shows, not which items are kept
+NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples")
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON written atomically (temp file + rename); numpy values as plain numbers."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_plain))
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
+                 progress: bool = True, overwrite: bool = False) -> dict:
+    """Curate ``config.data`` into ``out`` (default ``config.out``); resume a killed run of the
+    same config. Returns the summary (also written as ``OUT/summary.json``)."""
+    if out is None and not config.out:
+        raise ConfigError("say where to write the curated pool: --out DIR")
+    out = Path(out if out is not None else config.out).expanduser().resolve()
+    if "path" in config.data and Path(config.data["path"]).expanduser().resolve() in (out, *out.parents):
+        raise ConfigError(f"--out {out} is inside the source {config.data['path']}; "
+                          "sources are never written to, choose another --out")
+    _check_out(out, overwrite)
+    work = partial_path(out)
+    if (work / "summary.json").is_file() and not (work / "state.json").exists():
+        _swap_in(work, out)  # killed after finishing, before the rename
+        return json.loads((out / "summary.json").read_text())
+    request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
+    _open_work(work, request, overwrite)
+
+    chunks, dropped, read_seconds = _read_pool(config, work, progress)
+    n_pool = sum(len(c) for c in chunks) + len(dropped)
+    summary_steps = [{"name": READ_STEP, "step": READ_STEP, "in": n_pool,
+                      "kept": n_pool - len(dropped), "dropped": len(dropped),
+                      "seconds": round(read_seconds, 3)}]
+    alive = [np.ones(len(c), dtype=bool) for c in chunks]
+    decisions: list[tuple[str, list[Record], Decision]] = []
+    for index, spec in enumerate(config.steps):
+        name = step_name(spec)
+        folder = f"{index:02d}-{name}"
+        reached = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
+        decision, seconds = _run_step(config, spec, folder, chunks, alive, work, progress)
+        flat = iter(decision.keep)
+        for c in range(len(chunks)):
+            for i in np.flatnonzero(alive[c]):
+                alive[c][i] = next(flat)
+        for i in np.flatnonzero(~decision.keep):
+            score = float(decision.scores[i]) if decision.scores is not None else math.nan
+            dropped.append({"key": reached[i]["key"], "step": name,
+                            "reason": decision.reasons[i], "score": score})
+        summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
+                              "kept": int(decision.keep.sum()),
+                              "dropped": int((~decision.keep).sum()),
+                              "seconds": round(seconds, 3)})
+        decisions.append((name, reached, decision))
+
+    kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
+    outputs = write_kept(kept, work, config.output, config.data, progress)
+    write_dropped(dropped, work / "dropped.parquet")
+    summary = {"format": FORMAT, "data": config.data, "pool": n_pool, "kept": len(kept),
+               "dropped": len(dropped), "steps": summary_steps, "output": outputs}
+    write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
+                 examples=config.examples, out=out)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    (work / "state.json").unlink(missing_ok=True)
+    (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_json(work / "summary.json", summary)  # last: a partial folder with it is complete
+    _swap_in(work, out)
+    return summary
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it, or "
+                          "choose a new --out")
+    if out.is_dir() and (any(out.iterdir()) and not (out / "summary.json").is_file()):
+        raise ConfigError(f"--out {out} is a folder that is not a `cliplab curate` output; "
+                          "--overwrite only replaces those, choose a new --out")
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder")
+
+
+def _open_work(work: Path, request: dict, overwrite: bool) -> None:
+    state = work / "state.json"
+    if work.exists() and state.is_file():
+        if json.loads(state.read_text())["request"] == request:
+            return
+        if not overwrite:
+            raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config; "
+                              "rerun that config to resume it, or pass --overwrite to start over")
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "cache" / "pool").mkdir(parents=True)
+    write_json(state, {"format": FORMAT, "request": request})
+
+
+def _read_pool(config: CurateConfig, work: Path, progress: bool
+               ) -> tuple[list[list[Record]], list[dict], float]:
+    """The pool in chunks of records, the items dropped at ``read`` and the seconds it took
+    (chunks already read by a killed run are loaded, not read again)."""
+    folder = work / "cache" / "pool"
+    done = folder / "done.json"
+    count = 0
+    while (folder / f"{count:06d}.json").is_file():
+        count += 1
+    if not done.is_file():
+        size = config.chunk_size
+        items = itertools.islice(iter_items(config.data, progress=progress), count * size, None)
+        bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size)
+        number = count * size
+        while True:
+            start = time.perf_counter()
+            chunk = list(itertools.islice(items, size))
+            if not chunk:
+                break
+            records, dropped = [], []
+            for item in chunk:
+                record, reason = read_item(item, number, work)
+                number += 1
+                if record is None:
+                    dropped.append({"key": item.key, "step": READ_STEP, "reason": reason,
+                                    "score": math.nan})
+                else:
+                    records.append(record)
+            write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
+                                                      "seconds": time.perf_counter() - start})
+            count += 1
+            bar.update(len(chunk))
+        bar.close()
+        write_json(done, {"chunks": count})
+    chunks, dropped, seconds = [], [], 0.0
+    for c in range(count):
+        data = json.loads((folder / f"{c:06d}.json").read_text())
+        chunks.append(data["records"])
+        dropped += [{**d, "score": math.nan} for d in data["dropped"]]
+        seconds += data["seconds"]
+    if not chunks:
+        raise DataError(f"the pool {config.data} holds no items")
+    return chunks, dropped, seconds
+
+
+def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]],
+              alive: list[np.ndarray], work: Path, progress: bool) -> tuple[Decision, float]:
+    """The decision of one step: the saved one, or prepare → map (missing chunks) → decide."""
+    step_dir = work / "steps" / folder
+    saved = step_dir / "decision.json"
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        scores = None if data["scores"] is None else np.array(data["scores"], dtype=float)
+        return Decision(keep=np.array(data["keep"], dtype=bool), reasons=data["reasons"],
+                        scores=scores, threshold=data["threshold"],
+                        report=data["report"]), data["seconds"]
+    start = time.perf_counter()
+    cache = work / "cache" / "steps" / folder
+    cache.mkdir(parents=True, exist_ok=True)
+    reaching = {c: [r for r, a in zip(records, alive[c]) if a] for c, records in enumerate(chunks)}
+    reaching = {c: r for c, r in reaching.items() if r}
+    items = PoolItems(keys=[r["key"] for c in sorted(reaching) for r in reaching[c]],
+                      captions=[r["caption"] for c in sorted(reaching) for r in reaching[c]])
+    if not items.keys:
+        decision = Decision(keep=np.zeros(0, dtype=bool), reasons=[])
+    else:
+        step = make_step(spec)
+        (step_dir / "work").mkdir(parents=True, exist_ok=True)
+        step.prepare(StepContext(work=step_dir / "work", seed=config.seed, progress=progress))
+        engine = map_chunks
+        if config.engine == "ray":
+            from cliplab.curate.ray_engine import map_chunks_ray, start_ray
+
+            start_ray(config.ray_address, config.workers)
+            engine = map_chunks_ray
+        engine(step, reaching, lambda c: cache / f"{c:06d}.npz", work, config.workers,
+               desc=folder, progress=progress)
+        parts = [load_columns(cache / f"{c:06d}.npz") for c in sorted(reaching)]
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        decision = step.decide(items, columns)
+        if len(decision.keep) != len(items):
+            raise DataError(f"step {folder}: decided on {len(decision.keep)} items, "
+                            f"{len(items)} reached it")
+    seconds = time.perf_counter() - start
+    write_json(saved, {"keep": decision.keep.tolist(), "reasons": decision.reasons,
+                       "scores": None if decision.scores is None else
+                       [float(s) for s in np.asarray(decision.scores, dtype=float)],
+                       "threshold": decision.threshold, "report": decision.report,
+                       "seconds": seconds})
+    return decision, seconds
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` folder to ``out`` (an old output, on overwrite, goes last)."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    if old.exists():
+        shutil.rmtree(old)

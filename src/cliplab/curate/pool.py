@@ -1,0 +1,85 @@
+"""The pool being curated: items as records that remember where their image lives.
+
+A record is ``{"key", "caption", "location", "meta"}`` (JSON). ``location`` is the source's own
+(``{"file": path}`` (+ ``manifest``, ``line``), ``{"tar", "offset", "size", "name"}``) or, for an
+in-memory source, ``{"stored": "cache/images/N.png"}`` relative to the run's work folder, where
+reading the pool wrote it. Images are decoded again whenever a step maps a chunk, so no step
+holds the pool's pixels in memory, and the kept pool is written from the original bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from cliplab.curate.steps.base import PoolBatch
+from cliplab.data.collection import PIL_ERRORS, Item
+
+Record = dict[str, Any]
+
+
+def describe_location(location: dict) -> str:
+    """Where an item's image is, for a reason: ``manifest.csv line 4 (images/x.png)``,
+    ``a.tar member k.jpg``, a file path, or ``memory``."""
+    if "manifest" in location:
+        return f"{location['manifest']} {location['line']} ({location.get('file', '')})"
+    if "tar" in location:
+        return f"{location['tar']} member {location.get('name') or '?'}"
+    if "file" in location:
+        return str(location["file"])
+    return "memory"
+
+
+def image_bytes(location: dict, work: Path) -> tuple[bytes, str]:
+    """The original encoded bytes of an item's image and its extension (``jpg``, ``png``...)."""
+    if "stored" in location:
+        path = work / location["stored"]
+        return path.read_bytes(), "png"
+    if "tar" in location:
+        with open(location["tar"], "rb") as f:
+            f.seek(int(location["offset"]))
+            data = f.read(int(location["size"]))
+        return data, Path(location.get("name") or "x.bin").suffix.lstrip(".").lower()
+    path = Path(location["file"])
+    return path.read_bytes(), path.suffix.lstrip(".").lower()
+
+
+def open_image(location: dict, work: Path) -> Image.Image:
+    """The item's image, decoded as RGB (a PIL error if it cannot be)."""
+    data, _ = image_bytes(location, work)
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str | None]:
+    """``(record, None)`` for a usable item, ``(None, reason)`` for one dropped at ``read``: an
+    unreadable image or an empty caption, named by file (and manifest line)."""
+    where = describe_location(item.location)
+    try:
+        image = item.read()
+    except PIL_ERRORS as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        return None, f"unreadable image at {where}: {first}"
+    if not item.caption or not item.caption.strip():
+        return None, f"empty caption at {where}"
+    location = dict(item.location)
+    if "stored" in location:  # in-memory source: keep a PNG for later steps and the output
+        rel = f"cache/images/{number:09d}.png"
+        tmp = work / f"{rel}.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp, format="PNG")
+        os.replace(tmp, work / rel)
+        location = {"stored": rel}
+    return {"key": item.key, "caption": item.caption, "location": location,
+            "meta": item.meta}, None
+
+
+def load_batch(records: list[Record], work: Path) -> PoolBatch:
+    """The `PoolBatch` of ``records`` (images decoded from where they live)."""
+    return PoolBatch(keys=[r["key"] for r in records], captions=[r["caption"] for r in records],
+                     images=[open_image(r["location"], work) for r in records],
+                     meta=[r["meta"] for r in records])

@@ -1,0 +1,75 @@
+"""The Ray engine: a step's ``map`` as Ray Data ``map_batches`` over the pool's chunks (one
+chunk per batch, the prepared step held by a pool of actors), its ``decide`` on the driver (it
+sees only the columns). Each chunk's columns are saved on the driver as they stream back, so
+a killed run resumes exactly as with the local engine. ``ray.init(address=...)`` reaches an
+existing cluster; without an address a local Ray instance is started."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cliplab.curate.engine import save_columns
+from cliplab.curate.pool import Record, load_batch
+from cliplab.curate.steps.base import Step
+from cliplab.errors import ConfigError
+
+
+def start_ray(address: str | None, workers: int) -> None:
+    """Connect to the cluster at ``address`` (or start a local instance with ``workers``
+    CPUs) unless Ray is already initialised in this process."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("engine: ray needs Ray Data: pip install 'cliplab[ray]'") from None
+    if not ray.is_initialized():
+        options = {"address": address} if address else {"num_cpus": workers}
+        ray.init(**options, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class _ChunkMapper:
+    """A Ray Data actor: the prepared step, mapping one chunk (JSON records) per call."""
+
+    def __init__(self, step: Step, work: str):
+        self.step, self.work = step, Path(work)
+
+    def __call__(self, batch: dict) -> dict:
+        chunks, blobs = [], []
+        for chunk, records in zip(batch["chunk"], batch["records"]):
+            columns = self.step.map(load_batch(json.loads(records), self.work))
+            buffer = io.BytesIO()
+            np.savez(buffer, **{name: np.asarray(col) for name, col in columns.items()})
+            chunks.append(int(chunk))
+            blobs.append(buffer.getvalue())
+        return {"chunk": np.array(chunks), "columns": np.array(blobs, dtype=object)}
+
+
+def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
+                   work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
+    """`cliplab.curate.engine.map_chunks` on Ray Data (Ray must be started: `start_ray`)."""
+    import ray
+
+    todo = {c: records for c, records in chunks.items() if not out(c).exists()}
+    if not todo:
+        return
+    dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(records)}
+                                   for c, records in sorted(todo.items())],
+                                  override_num_blocks=len(todo))
+    mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
+                                 batch_size=1, concurrency=max(1, min(workers, len(todo))))
+    bar = tqdm(total=sum(len(r) for r in todo.values()), desc=desc, unit="item",
+               disable=not progress)
+    for row in mapped.iter_rows():
+        c = int(row["chunk"])
+        with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
+            columns = {name: data[name] for name in data.files}
+        save_columns(out(c), columns, len(todo[c]), f"{desc} chunk {c}")
+        bar.update(len(todo[c]))
+    bar.close()

@@ -1,0 +1,120 @@
+"""``basic``: DataComp's basic filtering rules, each off unless configured.
+
+- ``min_words`` / ``max_words``: caption length in whitespace-separated words;
+- ``min_chars`` / ``max_chars``: caption length in characters (after stripping);
+- ``min_image_side``: the shorter image side in pixels;
+- ``max_aspect_ratio``: the longer side over the shorter one;
+- ``blocklist``: words or phrases, matched case-insensitively as whole words (``"nsfw"`` drops
+  "NSFW pic" but not "unsfwx");
+- ``languages``: keep captions whose language (ISO 639-1, e.g. ``[en]``) is one of these, by
+  langid.py's offline model (it ships inside the PyPI package; ``pip install cliplab[curate]``),
+  with at least ``min_language_confidence`` (its normalised probability).
+
+An item failing several rules is reported under the first, in the order listed above.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.errors import ConfigError
+
+
+class Spec(StepSpecBase):
+    step: Literal["basic"]
+    min_words: int | None = Field(None, ge=0)
+    max_words: int | None = Field(None, ge=1)
+    min_chars: int | None = Field(None, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    min_image_side: int | None = Field(None, ge=1)
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    blocklist: list[str] = []
+    languages: list[str] | None = None
+    min_language_confidence: float = Field(0.0, ge=0, le=1)
+
+
+def blocklist_pattern(terms: list[str]) -> re.Pattern | None:
+    """One case-insensitive regex matching any term as whole words (inner spaces flexible)."""
+    terms = [t.strip() for t in terms if t.strip()]
+    if not terms:
+        return None
+    alternatives = [r"\s+".join(re.escape(w) for w in t.split()) for t in terms]
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+
+
+class Basic:
+    """Per-item measurements in ``map`` (words, characters, size, blocklist hit, language);
+    the rules applied in ``decide``."""
+
+    Spec = Spec
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.identifier: Any = None
+
+    def prepare(self, context: StepContext) -> None:
+        if self.spec.languages:
+            try:
+                from langid.langid import LanguageIdentifier, model
+            except ImportError:
+                raise ConfigError("basic: the languages rule needs langid "
+                                  "(pip install 'cliplab[curate]')") from None
+            self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        pattern = blocklist_pattern(self.spec.blocklist)
+        blocked = []
+        for caption in batch.captions:
+            hit = pattern.search(caption) if pattern else None
+            blocked.append(hit.group(0).lower() if hit else "")
+        langs, probs = [], []
+        for caption in batch.captions:
+            if self.identifier is None:
+                langs.append(""), probs.append(np.nan)
+            else:
+                lang, prob = self.identifier.classify(caption)
+                langs.append(lang), probs.append(float(prob))
+        return {"words": np.array([len(c.split()) for c in batch.captions], dtype=np.int64),
+                "chars": np.array([len(c.strip()) for c in batch.captions], dtype=np.int64),
+                "width": np.array([im.width for im in batch.images], dtype=np.int64),
+                "height": np.array([im.height for im in batch.images], dtype=np.int64),
+                "blocked": np.array(blocked, dtype=str),
+                "language": np.array(langs, dtype="<U8"),
+                "language_prob": np.array(probs, dtype=np.float64)}
+
+    def _reason(self, c: dict[str, Any]) -> str | None:
+        s = self.spec
+        if s.min_words is not None and c["words"] < s.min_words:
+            return f"caption has {c['words']} words, fewer than min_words {s.min_words}"
+        if s.max_words is not None and c["words"] > s.max_words:
+            return f"caption has {c['words']} words, more than max_words {s.max_words}"
+        if s.min_chars is not None and c["chars"] < s.min_chars:
+            return f"caption has {c['chars']} characters, fewer than min_chars {s.min_chars}"
+        if s.max_chars is not None and c["chars"] > s.max_chars:
+            return f"caption has {c['chars']} characters, more than max_chars {s.max_chars}"
+        side = min(c["width"], c["height"])
+        if s.min_image_side is not None and side < s.min_image_side:
+            return (f"image {c['width']}x{c['height']}: shorter side {side} below "
+                    f"min_image_side {s.min_image_side}")
+        aspect = max(c["width"], c["height"]) / max(side, 1)
+        if s.max_aspect_ratio is not None and aspect > s.max_aspect_ratio:
+            return (f"image {c['width']}x{c['height']}: aspect ratio {aspect:.2f} above "
+                    f"max_aspect_ratio {s.max_aspect_ratio}")
+        if c["blocked"]:
+            return f"caption contains blocklisted {c['blocked']!r}"
+        if s.languages and (c["language"] not in s.languages
+                            or c["language_prob"] < s.min_language_confidence):
+            return (f"caption language {c['language']} (p={c['language_prob']:.2f}) not in "
+                    f"{s.languages}" + (f" with p >= {s.min_language_confidence}"
+                                        if s.min_language_confidence else ""))
+        return None
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        reasons = [self._reason({name: col[i].item() if hasattr(col[i], "item") else col[i]
+                                 for name, col in columns.items()}) for i in range(len(items))]
+        return Decision(keep=np.array([r is None for r in reasons], dtype=bool), reasons=reasons)

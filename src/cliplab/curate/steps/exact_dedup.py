@@ -1,0 +1,81 @@
+"""``exact_dedup``: drop exact duplicates, the first in pool order being kept.
+
+The image hash is sha256 of the DECODED pixels (RGB, with the size), not of the file bytes: the
+same picture stored twice as different files (PNG vs re-saved PNG, other metadata, a shard copy
+of a folder image) is a duplicate, and in-memory sources have no file bytes at all. A lossy
+re-encoding changes pixels and is left to ``semantic_dedup``. Captions are compared after
+normalising (lowercase, punctuation stripped, whitespace collapsed).
+
+``match``: ``image`` (same pixels), ``caption`` (same normalised caption) or ``pair`` (both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from typing import Literal
+
+import numpy as np
+
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class Spec(StepSpecBase):
+    step: Literal["exact_dedup"]
+    match: Literal["image", "caption", "pair"] = "image"
+
+
+def normalise_caption(caption: str) -> str:
+    """Lowercase, punctuation removed, runs of whitespace as one space, stripped."""
+    return " ".join(_PUNCTUATION.sub(" ", caption.lower()).split())
+
+
+def image_hash(image) -> str:
+    """sha256 of an RGB image's size and pixels."""
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def caption_hash(caption: str) -> str:
+    return hashlib.sha256(normalise_caption(caption).encode("utf-8")).hexdigest()
+
+
+class ExactDedup:
+    """Hashes per item in ``map``; clusters of equal hashes in ``decide``."""
+
+    Spec = Spec
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+    def prepare(self, context: StepContext) -> None:
+        pass
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        return {"image_hash": np.array([image_hash(im) for im in batch.images], dtype="<U64"),
+                "caption_hash": np.array([caption_hash(c) for c in batch.captions], dtype="<U64")}
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        match = self.spec.match
+        what = {"image": "identical image", "caption": "identical caption (normalised)",
+                "pair": "identical image and caption"}[match]
+        first: dict[tuple, int] = {}
+        clusters: dict[int, list[str]] = {}
+        keep, reasons = np.ones(len(items), dtype=bool), [None] * len(items)
+        for i in range(len(items)):
+            image, caption = str(columns["image_hash"][i]), str(columns["caption_hash"][i])
+            sig = {"image": (image,), "caption": (caption,), "pair": (image, caption)}[match]
+            if sig in first:
+                j = first[sig]
+                keep[i] = False
+                reasons[i] = f"exact duplicate of {items.keys[j]} ({what})"
+                clusters.setdefault(j, [items.keys[j]]).append(items.keys[i])
+            else:
+                first[sig] = i
+        return Decision(keep=keep, reasons=reasons,
+                        report={"clusters": [clusters[j] for j in sorted(clusters)]})

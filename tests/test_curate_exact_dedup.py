@@ -1,0 +1,60 @@
+"""The `exact_dedup` step: planted exact duplicates (by pixels, by normalised caption, by both)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
+from cliplab.curate.steps.exact_dedup import ExactDedup, Spec, image_hash, normalise_caption
+
+
+def image(value: int, size=(8, 8)) -> Image.Image:
+    return Image.fromarray(np.full((*size[::-1], 3), value, dtype=np.uint8))
+
+
+def run(tmp_path, images, captions, **options):
+    step = ExactDedup(Spec(step="exact_dedup", **options))
+    step.prepare(StepContext(work=tmp_path))
+    keys = [f"k{i}" for i in range(len(images))]
+    # two chunks, as the engine maps them, concatenated in pool order
+    half = len(keys) // 2
+    parts = [step.map(PoolBatch(keys[a:b], captions[a:b], images[a:b]))
+             for a, b in ((0, half), (half, len(keys)))]
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return step.decide(PoolItems(keys, captions), cols)
+
+
+def test_identical_pixels_are_duplicates_and_the_first_is_kept(tmp_path):
+    images = [image(10), image(20), image(10), image(10, (8, 4)), image(20), image(30)]
+    d = run(tmp_path, images, ["a", "b", "c", "d", "e", "f"])
+    assert d.keep.tolist() == [True, True, False, True, False, True]
+    assert d.reasons[2] == "exact duplicate of k0 (identical image)"
+    assert d.reasons[4] == "exact duplicate of k1 (identical image)"
+    assert d.report["clusters"] == [["k0", "k2"], ["k1", "k4"]]
+
+
+def test_hash_is_of_decoded_pixels_not_of_the_encoding(tmp_path):
+    a = image(40)
+    b = Image.open(_png_roundtrip(tmp_path, a, optimize=True))
+    assert image_hash(a) == image_hash(b)
+    assert image_hash(a) != image_hash(image(41))
+    assert image_hash(image(0, (4, 2))) != image_hash(image(0, (2, 4)))  # size counts
+
+
+def _png_roundtrip(tmp_path, im, **kw):
+    path = tmp_path / "x.png"
+    im.save(path, **kw)
+    return path
+
+
+def test_captions_are_normalised_before_comparison(tmp_path):
+    assert normalise_caption("  A Dog,  on   the GRASS! ") == "a dog on the grass"
+    captions = ["A dog on grass.", "a  dog on GRASS", "a cat", "a dog on grass"]
+    images = [image(1), image(2), image(3), image(1)]
+    d = run(tmp_path, images, captions, match="caption")
+    assert d.keep.tolist() == [True, False, True, False]
+    assert d.reasons[1] == "exact duplicate of k0 (identical caption (normalised))"
+    d = run(tmp_path, images, captions, match="pair")
+    assert d.keep.tolist() == [True, True, True, False]
+    assert d.report["clusters"] == [["k0", "k3"]]

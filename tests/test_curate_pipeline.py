@@ -1,0 +1,334 @@
+"""`cliplab curate` end to end on hand-built pools: read drops named by file and line, steps in
+order, outputs (shards with the original bytes, manifest, dropped.parquet, summary, report),
+resumption after a kill without re-mapping finished chunks, refusals, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.config import load_config, validate
+from cliplab.curate.config import CurateConfig
+from cliplab.curate.pipeline import partial_path, run_curation
+from cliplab.curate.steps import registry
+from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.data.collection import iter_items
+from cliplab.errors import ConfigError
+
+
+class BrightSpec(StepSpecBase):
+    step: Literal["bright"]
+    threshold: float = 100.0
+    fail_on_chunk: int | None = None
+
+
+class Bright:
+    """A test step: keeps images whose mean pixel is at least ``threshold``; records every map
+    call and, once, raises on the chunk holding item ``fail_on_chunk`` (a killed run)."""
+
+    Spec = BrightSpec
+    calls: list[list[str]] = []
+    failed: list[bool] = []
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def prepare(self, context: StepContext) -> None:
+        (context.work / "table.txt").write_text("built in prepare")
+
+    def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
+        Bright.calls.append(list(batch.keys))
+        if self.spec.fail_on_chunk is not None and len(Bright.calls) - 1 == self.spec.fail_on_chunk \
+                and not Bright.failed:
+            Bright.failed.append(True)
+            raise RuntimeError("killed")
+        return {"mean": np.array([np.asarray(im, dtype=float).mean() for im in batch.images])}
+
+    def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
+        mean = columns["mean"]
+        keep = mean >= self.spec.threshold
+        return Decision(keep=keep, reasons=[None if k else f"mean pixel {m:.0f} below "
+                                            f"{self.spec.threshold:g}" for k, m in zip(keep, mean)],
+                        scores=mean, threshold=self.spec.threshold,
+                        report={"files": {"table": "x"}, "note": "hello"})
+
+
+@pytest.fixture(autouse=True)
+def bright_step(monkeypatch):
+    monkeypatch.setitem(registry.STEPS, "bright", f"{__name__}:Bright")
+    Bright.calls.clear()
+    Bright.failed.clear()
+
+
+def make_folder(root, values):
+    """An image folder: one flat-colour PNG per value (``None``: an unreadable file)."""
+    root.mkdir(parents=True)
+    for i, value in enumerate(values):
+        path = root / f"img_{i:02d}.png"
+        if value is None:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.full((12, 10, 3), value, dtype=np.uint8)).save(path)
+    return root
+
+
+def config(data, steps, **kw):
+    return validate(CurateConfig, {"data": data, "steps": steps, **kw}, "test")
+
+
+STEPS = [{"step": "bright", "threshold": 100}, {"step": "exact_dedup"}]
+# 0..9: bright 200 (dup of 0 at 3 and 7), dark 50, unreadable
+VALUES = [200, 50, 150, 200, None, 120, 50, 200, 90, 250]
+
+
+def test_pool_runs_through_the_steps_and_writes_every_output(tmp_path):
+    folder = make_folder(tmp_path / "pool", VALUES)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    summary = run_curation(config(str(folder), STEPS, chunk_size=3, examples=2),
+                           tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert [(s["name"], s["in"], s["kept"], s["dropped"]) for s in summary["steps"]] == [
+        ("read", 10, 9, 1), ("bright", 9, 6, 3), ("exact_dedup", 6, 4, 2)]
+    assert summary["kept"] == 4 and summary["dropped"] == 6
+    dropped = pq.read_table(out / "dropped.parquet").to_pylist()
+    by_key = {d["key"]: d for d in dropped}
+    assert by_key["img_04.png"]["step"] == "read"
+    assert by_key["img_04.png"]["reason"].startswith(f"unreadable image at {folder / 'img_04.png'}")
+    assert by_key["img_01.png"] == {"key": "img_01.png", "step": "bright",
+                                    "reason": "mean pixel 50 below 100", "score": 50.0}
+    assert by_key["img_07.png"]["reason"] == "exact duplicate of img_00.png (identical image)"
+    assert sorted(by_key) == ["img_01.png", "img_03.png", "img_04.png", "img_06.png",
+                              "img_07.png", "img_08.png"]
+    # the kept shards hold the original file bytes, in pool order
+    kept = list(iter_items({"source": "shards", "path": str(out / "shards")}, progress=False))
+    assert [json.loads(_member(i, "json"))["source_key"] for i in kept] == \
+        ["img_00.png", "img_02.png", "img_05.png", "img_09.png"]
+    assert _image_bytes(kept[1]) == before["img_02.png"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # source untouched
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (out / "steps" / "00-bright" / "work" / "table.txt").is_file()
+    assert not (out / "cache").exists() and not partial_path(out).exists()
+    md = (out / "report.md").read_text()
+    assert "| bright | 9 | 6 | 3 |" in md and "mean pixel 50 below 100" in md
+    assert "report/00-bright-scores.png" in md and (out / "report/00-bright-scores.png").is_file()
+    assert "report/00-bright/drop-1.png" in md  # examples=2 thumbnails
+    assert not (out / "report/00-bright/drop-2.png").exists()
+    assert "duplicate clusters (1; the first is kept)" in md and "img_00.png, img_03.png, img_07.png" in md
+    assert "note: \"hello\"" in md
+    assert '<img src="report/00-bright/drop-0.png"' in (out / "report.html").read_text()
+
+
+def dropped_rows(out):
+    """dropped.parquet's rows, NaN scores as None (NaN != NaN)."""
+    return [{**r, "score": None if r["score"] != r["score"] else r["score"]}
+            for r in pq.read_table(out / "dropped.parquet").to_pylist()]
+
+
+def _member(item, ext):
+    import tarfile
+
+    with tarfile.open(item.location["tar"]) as tar:
+        name = item.location["name"].rsplit(".", 1)[0] + "." + ext
+        return tar.extractfile(name).read()
+
+
+def _image_bytes(item):
+    with open(item.location["tar"], "rb") as f:
+        f.seek(item.location["offset"])
+        return f.read(item.location["size"])
+
+
+def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
+    folder = make_folder(tmp_path / "pool", [200, 210, 220])
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("image,caption\npool/img_00.png,a bright square\n"
+                        "pool/img_01.png,\n,no image here\npool/missing.png,gone\n"
+                        "pool/img_02.png,another one\n")
+    summary = run_curation(config(str(manifest), [{"step": "exact_dedup"}],
+                                  output={"format": "manifest"}), tmp_path / "out", progress=False)
+    assert summary["steps"][0]["dropped"] == 3
+    reasons = {d["key"]: d["reason"] for d in pq.read_table(tmp_path / "out/dropped.parquet").to_pylist()}
+    assert reasons["pool.csv:2:pool/img_01.png"] == \
+        f"empty caption at {manifest} line 3 ({folder / 'img_01.png'})"
+    assert reasons["pool.csv:3:"].startswith(f"unreadable image at {manifest} line 4 (")
+    assert reasons["pool.csv:4:pool/missing.png"].startswith(f"unreadable image at {manifest} line 5")
+    kept = pq.read_table(tmp_path / "out/kept.parquet").to_pylist()
+    assert [(r["image"], r["caption"]) for r in kept] == [
+        (str(folder / "img_00.png"), "a bright square"), (str(folder / "img_02.png"), "another one")]
+    # the written manifest is a cliplab manifest again
+    again = list(iter_items({"source": "manifest", "path": str(tmp_path / "out/kept.parquet")},
+                            progress=False))
+    assert [i.caption for i in again] == ["a bright square", "another one"]
+
+
+def test_a_killed_run_resumes_without_remapping_finished_chunks(tmp_path):
+    folder = make_folder(tmp_path / "pool", VALUES)
+    whole = run_curation(config(str(folder), STEPS, chunk_size=3), tmp_path / "whole", progress=False)
+    Bright.calls.clear()
+    flaky = [{"step": "bright", "threshold": 100, "fail_on_chunk": 2}, {"step": "exact_dedup"}]
+    cfg = config(str(folder), flaky, chunk_size=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert partial_path(tmp_path / "out").is_dir() and not (tmp_path / "out").exists()
+    first = [list(c) for c in Bright.calls]
+    assert len(first) == 3  # chunks 0 and 1 finished, chunk 2 raised
+    Bright.calls.clear()
+    resumed = run_curation(cfg, tmp_path / "out", progress=False)
+    # only the unfinished chunks are mapped again
+    assert Bright.calls == first[2:] + [["img_09.png"]]
+    assert resumed["kept"] == whole["kept"] and \
+        [s["kept"] for s in resumed["steps"]] == [s["kept"] for s in whole["steps"]]
+    assert dropped_rows(tmp_path / "out") == dropped_rows(tmp_path / "whole")
+    a, b = (sorted((tmp_path / d / "shards").glob("*.tar")) for d in ("whole", "out"))
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
+    folder = make_folder(tmp_path / "pool", [200, 50])
+    cfg = config(str(folder), STEPS)
+    run_curation(cfg, tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert run_curation(cfg, tmp_path / "out", progress=False, overwrite=True)["kept"] == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a `cliplab curate` output"):
+        run_curation(cfg, tmp_path / "other", progress=False, overwrite=True)
+    with pytest.raises(ConfigError, match="inside the source"):
+        run_curation(cfg, folder / "curated", progress=False)
+    # a half-finished run of another config is refused
+    flaky = config(str(folder), [{"step": "bright", "fail_on_chunk": 0}])
+    Bright.calls.clear()
+    with pytest.raises(RuntimeError):
+        run_curation(flaky, tmp_path / "new", progress=False)
+    with pytest.raises(ConfigError, match="half-finished `cliplab curate` run of another config"):
+        run_curation(cfg, tmp_path / "new", progress=False)
+    assert run_curation(cfg, tmp_path / "new", progress=False, overwrite=True)["kept"] == 1
+
+
+def test_whole_config_is_validated_before_any_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: shapes\nsteps:\n  - {step: basic, min_words: 2}\n  - {step: exact_dedup}\n"
+                    "  - {step: exact_dedup, name: again, matsh: image}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(CurateConfig, path)
+    assert str(err.value).startswith(f"{path}: ") and "unknown key steps[2].matsh" in str(err.value)
+    path.write_text("data: shapes\nsteps:\n  - {step: nope}\n")
+    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown curation step 'nope'"):
+        load_config(CurateConfig, path)
+    path.write_text("data: shapes\nsteps: [{step: exact_dedup}, {step: exact_dedup}]\n")
+    with pytest.raises(ConfigError, match="two steps are named 'exact_dedup'"):
+        load_config(CurateConfig, path)
+    path.write_text("data: shapes\nsteps: [{step: exact_dedup, name: read}]\n")
+    with pytest.raises(ConfigError, match=r"steps\[0\]: 'read' is the name of reading the pool"):
+        load_config(CurateConfig, path)
+    path.write_text("data: shapes\nengine: spark\n")
+    with pytest.raises(ConfigError, match="engine: expected 'local' or 'ray'"):
+        load_config(CurateConfig, path)
+    cfg = load_config(CurateConfig, None, extra={"data": "shapes", "steps": [{"step": "basic", "min_words": 3}]})
+    assert cfg.to_dict()["steps"][0]["min_words"] == 3  # each step's own keys survive
+
+
+def test_cli_curates_and_reports_bad_keys_in_one_line(tmp_path, capsys):
+    folder = make_folder(tmp_path / "pool", [200, 200, 60])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup}}\n")
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--no-progress", "chunk_size=2"]) == 0
+    assert "kept 2 of 3 items" in capsys.readouterr().out
+    path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup, bogus: 1}}\n")
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cliplab: error: ") and "steps[0].bogus" in err and "\n" not in err
+    assert not (tmp_path / "out2").exists() and not partial_path(tmp_path / "out2").exists()
+
+
+def test_process_pool_gives_the_same_result(tmp_path):
+    folder = make_folder(tmp_path / "pool", VALUES)
+    steps = [{"step": "exact_dedup"}]
+    a = run_curation(config(str(folder), steps, chunk_size=2), tmp_path / "a", progress=False)
+    b = run_curation(config(str(folder), steps, chunk_size=2, workers=2), tmp_path / "b",
+                     progress=False)
+    assert a["steps"][1]["kept"] == b["steps"][1]["kept"] == 6  # 200 x3, 50 x2 planted
+    assert dropped_rows(tmp_path / "a") == dropped_rows(tmp_path / "b")
+
+
+def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatch):
+    """A built-in source's images are kept as PNGs for the steps and written to the shards
+    losslessly; a run killed while reading resumes from the last finished chunk."""
+    import cliplab.curate.pipeline as pipeline
+    from cliplab.data.sources import load_source
+
+    real, seen, failed = pipeline.read_item, [], []
+
+    def killed_once(item, number, work):
+        seen.append(item.key)
+        if number == 4 and not failed:
+            failed.append(True)
+            raise RuntimeError("killed while reading")
+        return real(item, number, work)
+
+    monkeypatch.setattr(pipeline, "read_item", killed_once)
+    cfg = config({"source": "shapes", "n": 6, "seed": 3}, [{"step": "exact_dedup"}], chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed while reading"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    seen.clear()
+    summary = run_curation(cfg, tmp_path / "out", progress=False)
+    assert seen == ["shapes#4", "shapes#5"]  # chunks 0 and 1 were not read again
+    assert summary["kept"] == 6
+    source = load_source({"source": "shapes", "n": 6, "seed": 3})
+    kept = list(iter_items({"source": "shards", "path": str(tmp_path / "out/shards")}, progress=False))
+    assert [i.caption for i in kept] == [c[0] for c in source.captions]
+    for item, image in zip(kept, source.images):
+        assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
+
+
+@pytest.mark.slow
+def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
+    ray = pytest.importorskip("ray")
+    steps = [{"step": "basic", "min_words": 4}, {"step": "exact_dedup", "match": "caption"}]
+    data = {"source": "shapes", "n": 60, "seed": 1}
+    local = run_curation(config(data, steps, chunk_size=16), tmp_path / "local", progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_curation(config(data, steps, chunk_size=16, engine="ray", workers=2),
+                              tmp_path / "ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert local["steps"][1]["dropped"] > 0 and local["steps"][2]["dropped"] > 0
+    assert remote["steps"] == [{**s, "seconds": r["seconds"]}
+                               for s, r in zip(local["steps"], remote["steps"])]
+    assert dropped_rows(tmp_path / "ray") == dropped_rows(tmp_path / "local")
+    a, b = (sorted((tmp_path / d / "shards").glob("*.tar")) for d in ("local", "ray"))
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_report_draws_matches_and_concept_histograms(tmp_path):
+    from cliplab.curate.report import write_report
+
+    pool = make_folder(tmp_path / "pool", [10, 200])
+    records = [{"key": f"img_0{i}.png", "caption": f"c{i}", "location": {"file": str(pool / f"img_0{i}.png")},
+                "meta": {}} for i in range(2)]
+    decision = Decision(keep=[True, False], reasons=[None, "near duplicate of eval image"],
+                        report={"matches": [{"key": "img_01.png", "match": str(pool / "img_00.png"),
+                                             "similarity": 0.99}],
+                                "histogram_before": {"red": 5, "blue": 1},
+                                "histogram_after": {"red": 2, "blue": 1},
+                                "files": {"counts": str(tmp_path / "work/steps/00-x/work/c.json")}})
+    summary = {"data": {"source": "image-folder"}, "pool": 2, "kept": 1, "dropped": 1,
+               "steps": [{"name": "read", "in": 2, "kept": 2, "dropped": 0, "seconds": 0},
+                         {"name": "x", "in": 2, "kept": 1, "dropped": 1, "seconds": 0}]}
+    work = tmp_path / "work"
+    work.mkdir()
+    write_report(work, summary, [("x", records, decision)], [], examples=4, out=tmp_path / "final")
+    md = (work / "report.md").read_text()
+    assert "### matches (1)" in md and "report/00-x/match-0.png" in md and "report/00-x/match-0-ref.png" in md
+    assert (work / "report/00-x/match-0-ref.png").is_file()
+    assert "report/00-x-concepts.png" in md and (work / "report/00-x-concepts.png").is_file()
+    assert f"| counts | {tmp_path / 'final/steps/00-x/work/c.json'} |" in md
