@@ -36,6 +36,24 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return 0.5 * (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t()))
 
 
+def clip_loss_hard_negatives(image_features: torch.Tensor, text_features: torch.Tensor,
+                             negative_features: torch.Tensor, logit_scale: torch.Tensor,
+                             keys: torch.Tensor | None = None) -> torch.Tensor:
+    """NegCLIP's loss: :func:`clip_loss` whose image-to-text side also scores every image
+    against ``negative_features`` ``[M, D]`` (L2-normalised hard-negative captions, negatives
+    of every image); the text-to-image side is unchanged. With ``M = 0`` it is `clip_loss`."""
+    s = logit_scale.exp()
+    logits = s * image_features @ text_features.t()
+    logits_image = torch.cat([logits, s * image_features @ negative_features.t()], dim=1)
+    if keys is None:
+        pos = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    else:
+        pos = positive_mask(keys, keys)
+    pos_image = torch.cat([pos, pos.new_zeros(len(pos), len(negative_features))], dim=1)
+    return 0.5 * (soft_cross_entropy(logits_image, pos_image) +
+                  soft_cross_entropy(logits.t(), pos.t()))
+
+
 def key_pair_dot(a: torch.Tensor, a_keys: torch.Tensor, b: torch.Tensor, b_keys: torch.Tensor,
                  per_key_mean: bool = False) -> tuple[torch.Tensor, int]:
     """``sum of <a_i, b_j> over the pairs with a_keys[i] == b_keys[j]``, in O((n + m) D).

@@ -1,0 +1,132 @@
+"""Hard-negative training (`train.hard_negatives`): the shared caption generators, the
+negative table, NegCLIP's loss and the trainer path that feeds it."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cliplab.data.caption_negatives import (attribute_swap, caption_negatives, parse_relation,
+                                            relation_swap)
+from cliplab.data.shapes import load_shapes
+from cliplab.errors import ConfigError
+from cliplab.runs import RunDir
+from cliplab.train.config import TrainConfig
+from cliplab.train.hard_negatives import HardNegatives, NegativeTable
+from cliplab.train.losses import clip_loss, clip_loss_hard_negatives
+from cliplab.train.step_inputs import MemoryInputs
+from cliplab.train.trainer import Trainer
+from tests.tiny_models import small_model
+
+
+def test_swaps_of_relation_captions_fix_articles_and_keep_sizes():
+    assert attribute_swap("a red circle left of an orange square") == \
+        "an orange circle left of a red square"
+    assert relation_swap("a red circle left of an orange square") == \
+        "an orange square left of a red circle"
+    assert attribute_swap("a small red circle above a large blue cross") == \
+        "a small blue circle above a large red cross"
+    assert relation_swap("a small red circle above a large blue cross") == \
+        "a large blue cross above a small red circle"
+
+
+def test_generators_skip_captions_they_do_not_apply_to():
+    assert parse_relation("three green triangles") is None
+    assert attribute_swap("a small red circle at the top left") is None
+    assert relation_swap("three green triangles") is None
+    assert attribute_swap("a red circle left of a red square") is None  # same colour
+    negs = caption_negatives("three green triangles", random.Random(0))
+    assert list(negs) == ["word_shuffle"]
+    assert sorted(negs["word_shuffle"].split()) == ["green", "three", "triangles"]
+    assert caption_negatives("square", random.Random(0)) == {}  # nothing to reorder
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        caption_negatives("a red circle", random.Random(0), ["colour_swap"])
+
+
+def test_negative_table_drops_other_true_captions_and_samples_per_caption():
+    captions = ["a red circle left of a blue square",
+                "a blue square left of a red circle",  # the first one's relation swap: true here
+                "two red circles"]
+    table = NegativeTable(captions, HardNegatives(kinds=["attribute_swap", "relation_swap"]))
+    negatives_of = {c: {table.texts[int(table.flat[k])]
+                        for k in range(table.offsets[i], table.offsets[i + 1])}
+                    for i, c in enumerate(captions)}
+    assert negatives_of[captions[0]] == {"a blue circle left of a red square"}
+    assert negatives_of[captions[1]] == {"a red square left of a blue circle"}
+    assert negatives_of[captions[2]] == set()
+    ids = table.sample(torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    assert [table.texts[i] if i >= 0 else None for i in ids.tolist()] == \
+        ["a blue circle left of a red square", "a red square left of a blue circle", None,
+         "a blue circle left of a red square"]
+
+
+def test_word_shuffles_follow_the_seed():
+    caps = [f"a red circle left of a blue {s}" for s in ("square", "cross", "triangle")]
+    one = NegativeTable(caps, HardNegatives(kinds=["word_shuffle"], seed=1)).texts
+    assert one == NegativeTable(caps, HardNegatives(kinds=["word_shuffle"], seed=1)).texts
+    assert one != NegativeTable(caps, HardNegatives(kinds=["word_shuffle"], seed=2)).texts
+
+
+def test_hard_negative_loss_hand_computed():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    neg = torch.tensor([[0.6, 0.8]])
+    scale = torch.tensor(0.0)  # logits are the cosines
+    # image 0: logits [1, 0, 0.6] -> -log(e / (e + 1 + e^0.6)); image 1: [0, 1, 0.8]
+    i2t = (-math.log(math.e / (math.e + 1 + math.exp(0.6)))
+           - math.log(math.e / (math.e + 1 + math.exp(0.8)))) / 2
+    t2i = -math.log(math.e / (math.e + 1))  # unchanged: the negatives are texts only
+    got = clip_loss_hard_negatives(image, text, neg, scale)
+    assert got.item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+
+
+def test_no_negatives_is_the_clip_loss_and_keys_still_apply():
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    keys = torch.tensor([0, 1, 1, 2, 3, 3])
+    scale = torch.tensor(2.0)
+    assert torch.allclose(clip_loss_hard_negatives(image, text, text[:0], scale, keys),
+                          clip_loss(image, text, scale, keys))
+    # a negative equal to image 0's caption competes with it: the loss rises
+    assert clip_loss_hard_negatives(image, text, text[:1], scale, keys) > \
+        clip_loss(image, text, scale, keys)
+
+
+def test_config_switch_and_errors():
+    assert TrainConfig.from_dict({"hard_negatives": True}).hard_negatives == HardNegatives()
+    assert TrainConfig.from_dict({"hard_negatives": False}).hard_negatives is None
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives\.kinds"):
+        TrainConfig.from_dict({"hard_negatives": {"kinds": ["colour_swap"]}})
+    with pytest.raises(ConfigError, match="not with train.micro_batch_size"):
+        Trainer(small_model(), TrainConfig.from_dict(
+            {"hard_negatives": True, "micro_batch_size": 4, "progress": False}))
+
+
+@pytest.fixture(scope="module")
+def relation_pairs():
+    return load_shapes(n=48, seed=5, kinds=("relation",), image_size=32)
+
+
+def test_batches_carry_a_negative_of_each_sampled_caption(relation_pairs):
+    cfg = TrainConfig.from_dict({"batch_size": 16, "augment": False, "progress": False,
+                                 "hard_negatives": {"kinds": ["relation_swap"]}})
+    model = small_model()
+    inputs = MemoryInputs(relation_pairs, cfg, model, lambda x, g: x, 0, 1,
+                          torch.device("cpu"))
+    batch = inputs.next(torch.Generator().manual_seed(0))
+    texts = inputs.table.texts + inputs.negatives.texts
+    assert len(batch.negatives) == 16
+    for cap, neg in zip(batch.captions.tolist(), batch.negatives.tolist()):
+        # -1 only where the swap is another scene's true caption
+        assert neg == -1 or texts[neg] == relation_swap(texts[cap])
+    assert (batch.negatives >= 0).float().mean() > 0.5
+
+
+def test_training_with_hard_negatives_runs_and_logs(tmp_path, relation_pairs):
+    cfg = TrainConfig.from_dict({"steps": 3, "batch_size": 16, "augment": False,
+                                 "progress": False, "log_every": 1, "hard_negatives": True})
+    last = Trainer(small_model(), cfg, RunDir(tmp_path)).fit(relation_pairs)
+    assert last["step"] == 3 and math.isfinite(last["loss"])
