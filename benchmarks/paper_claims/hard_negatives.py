@@ -44,6 +44,7 @@ MODEL = {"name": "tiny-clip", "options": {"image_size": 32, "patch_size": 8, "wi
 BASE_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 1e-3, "warmup": 0.1, "augment": False,
               "seed": 0}
 FINETUNE_TRAIN = {"epochs": 3, "batch_size": 64, "lr": 5e-4, "warmup": 0.1, "augment": False}
+FINETUNE_DATA: dict = {}  # extra shapes options of the fine-tunes' scenes
 SPLIT_SEEDS = {"test": {"compositional": 11, "zeroshot": 1},
                "validation": {"compositional": 12, "zeroshot": 3}}
 
@@ -84,7 +85,7 @@ def base_model(work: Path) -> str:
 def finetune(base: str, seed: int, hard_negatives: bool, work: Path, quick: bool) -> str:
     """One fine-tune of ``base`` on fresh scenes; the arms differ only in hard negatives."""
     data = {"source": "shapes", "n": 1500 if quick else 2000, "seed": 100 + seed,
-            "image_size": 32}
+            "image_size": 32, **FINETUNE_DATA}
     train = {**FINETUNE_TRAIN, "seed": seed,
              "hard_negatives": {"seed": 1000 + seed} if hard_negatives else None}
     arm = "hard_negatives" if hard_negatives else "plain"

@@ -3,9 +3,9 @@
 Every caption of the training set gets negatives made from its own words by the generators the
 compositional evaluation uses (`cliplab.data.caption_negatives`: attribute swap, relation swap,
 word shuffle). Each step, every caption in the batch brings one of its negatives (drawn at
-random among the kinds that apply to it) as an extra text column of the image-to-text loss: the
-image must prefer its true caption over the batch's other captions *and* over these near-misses
-(`cliplab.train.losses.clip_loss_hard_negatives`).
+random among the kinds that apply to it) as an extra column of its image's image-to-text
+softmax: the image must prefer its true caption over the batch's other captions *and* over
+this near-miss (`cliplab.train.losses.clip_loss_hard_negatives`).
 
 The word shuffles are drawn once, from ``seed``; keep it apart from the evaluation's seed (the
 `compositional` task's default is 0) so the model never trains on the shuffles it is tested on.
@@ -34,19 +34,18 @@ class HardNegatives(Section):
 
 
 class NegativeTable:
-    """The negatives of a table of unique captions: ``texts`` (unique negative strings, none
-    equal to a caption of the table) and, per caption id, the ids of its negatives in
-    ``texts`` (flat + offsets). A caption none of the kinds applies to has no negative."""
+    """The negatives of a table of unique captions: ``texts`` (unique negative strings) and,
+    per caption id, the ids of its negatives in ``texts`` (flat + offsets). A caption none of
+    the kinds applies to has no negative. A negative may be another image's true caption: the
+    loss scores it only against the image whose caption it was made from."""
 
     def __init__(self, captions: list[str], config: HardNegatives):
         rng = random.Random(config.seed)
-        known = set(captions)
         index: dict[str, int] = {}
         flat, offsets = [], [0]
         for caption in captions:
             for text in caption_negatives(caption, rng, config.kinds).values():
-                if text not in known:  # another image's true caption is no hard negative
-                    flat.append(index.setdefault(text, len(index)))
+                flat.append(index.setdefault(text, len(index)))
             offsets.append(len(flat))
         self.texts = list(index)
         self.flat = torch.tensor(flat, dtype=torch.long)

@@ -53,16 +53,19 @@ class ContrastiveObjective:
             len(batch), chunk, lambda image, text: self.loss(image, text, batch.keys))
 
     def _backward_hard_negatives(self, batch: StepBatch) -> torch.Tensor:
-        """NegCLIP: one pass over the local batch and its negative captions (the trainer
-        allows hard negatives only for the plain single-process CLIP loss)."""
-        rows = batch.negatives[batch.negatives >= 0]
+        """NegCLIP: one pass over the local batch and its images' negative captions (the
+        trainer allows hard negatives only for the plain single-process CLIP loss)."""
+        has = batch.negatives >= 0
         image, text = self.embed.pairs(batch.images, batch.texts, batch.captions)
-        with self.embed.autocast():
-            negative = self.embed.texts(batch.texts, rows) if len(rows) else text[:0]
+        negative = torch.zeros_like(text)
+        if has.any():
+            with self.embed.autocast():
+                made = self.embed.texts(batch.texts, batch.negatives[has])
+            negative[has.to(text.device)] = made.to(text.dtype)
         image, text, negative = (F.normalize(x.float(), dim=-1) for x in (image, text, negative))
         with torch.autocast(image.device.type if image.device.type == "cuda" else "cpu",
                             enabled=False):
-            loss = clip_loss_hard_negatives(image, text, negative, self.embed.model.logit_scale,
-                                            batch.keys)
+            loss = clip_loss_hard_negatives(image, text, negative, has.to(image.device),
+                                            self.embed.model.logit_scale, batch.keys)
         loss.backward()
         return loss.detach()
