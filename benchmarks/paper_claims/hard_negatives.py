@@ -66,16 +66,20 @@ def evaluation(split: str, quick: bool) -> dict:
 
 
 def _pretrain(model, data: dict, train: dict, out: Path) -> str:
-    """The model folder of a `run_pretrain` run in ``out`` (reused when already there)."""
+    """The model folder of a `run_pretrain` run in ``out``-<recipe hash> (reused when that
+    exact recipe already ran there, retrained when anything in it changed)."""
+    import hashlib
     import json
 
     from cliplab.train.pretrain import run_pretrain
 
+    recipe = {"model": model, "data": {"train": data}, "train": train}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    out = out.with_name(f"{out.name}-{digest}")
     results = out / "results.json"
     if results.is_file():
         return json.loads(results.read_text())["model_dir"]
-    cfg = {"model": model, "data": {"train": data}, "train": {**train, "progress": False},
-           "out": str(out)}
+    cfg = {**recipe, "train": {**train, "progress": False}, "out": str(out)}
     return run_pretrain(cfg, progress=False)["model_dir"]
 
 
