@@ -16,37 +16,26 @@ import random
 
 import torch
 
-from cliplab.data.shapes import Scene, ShapeObject, object_phrase, relation_of
+from cliplab.data.caption_negatives import (NEGATIVE_TYPES, attribute_swap, relation_swap,
+                                            shuffle_words)
+from cliplab.data.shapes import Scene, object_phrase, relation_of
 from cliplab.evaluate.features import encode_images
 from cliplab.models.dual_encoder import DualEncoder
 
-NEGATIVE_TYPES = ("attribute_swap", "relation_swap", "word_shuffle")
-
-
-def shuffle_words(caption: str, rng: random.Random) -> str:
-    """The caption's words in a random order different from the original (when possible)."""
-    words = caption.split()
-    for _ in range(20):
-        out = words[:]
-        rng.shuffle(out)
-        if out != words:
-            return " ".join(out)
-    return " ".join(words)
+__all__ = ["NEGATIVE_TYPES", "compositional", "preference_accuracy", "relation_negatives",
+           "shuffle_words"]
 
 
 def relation_negatives(scene: Scene, rng: random.Random) -> tuple[str, dict[str, str]]:
-    """The caption of a two-object relation scene and one negative of each type."""
+    """The caption of a two-object relation scene and one negative of each type (made by the
+    generators hard-negative training uses, `cliplab.data.caption_negatives`)."""
     a, b = scene.objects
     rel = relation_of(a, b, scene.image_size)
     if rel is None:
         raise ValueError("the two objects of this scene are not clearly placed")
-    a_swapped = ShapeObject(a.shape, b.color, a.size, a.x, a.y)
-    b_swapped = ShapeObject(b.shape, a.color, b.size, b.x, b.y)
     true = f"{object_phrase(a)} {rel} {object_phrase(b)}"
-    return true, {
-        "attribute_swap": f"{object_phrase(a_swapped)} {rel} {object_phrase(b_swapped)}",
-        "relation_swap": f"{object_phrase(b)} {rel} {object_phrase(a)}",
-        "word_shuffle": shuffle_words(true, rng)}
+    return true, {"attribute_swap": attribute_swap(true), "relation_swap": relation_swap(true),
+                  "word_shuffle": shuffle_words(true, rng)}
 
 
 def preference_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor,

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveFloat, fi
 
 from cliplab.config import Section, validate
 from cliplab.models.preprocess import AugmentConfig
+from cliplab.train.hard_negatives import HardNegatives
 
 AUGMENT_KEYS = tuple(f.name for f in fields(AugmentConfig))
 
@@ -45,6 +46,9 @@ class TrainConfig(Section):
     lock_image_except_last: NonNegativeInt = 0
     augment: bool | dict[str, Any] = True  # or overrides of AugmentConfig, e.g. {hflip: false}
     multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
+    # NegCLIP-style hard-negative captions (attribute/relation swaps, word shuffles) in the
+    # contrastive loss: true for the defaults, or {kinds: [...], seed: N} (see hard_negatives.py)
+    hard_negatives: HardNegatives | None = None
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
     lr_scale: dict[str, float] = Field(default_factory=dict)
     # bf16: autocast on CPU and CUDA; auto: bf16 where the device has native bf16 units, else fp32
@@ -69,6 +73,13 @@ class TrainConfig(Section):
     log_every: PositiveInt = 25
     save_every: NonNegativeInt = 0  # 0: only the final checkpoint
     progress: bool = True
+
+    @field_validator("hard_negatives", mode="before")
+    @classmethod
+    def _hard_negatives_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
     @field_validator("augment")
     @classmethod

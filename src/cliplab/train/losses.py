@@ -36,6 +36,33 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return 0.5 * (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t()))
 
 
+def clip_loss_hard_negatives(image_features: torch.Tensor, text_features: torch.Tensor,
+                             negative_features: torch.Tensor, has_negative: torch.Tensor,
+                             logit_scale: torch.Tensor, keys: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """NegCLIP's loss: :func:`clip_loss` whose image-to-text side also scores each image
+    ``i`` against its own hard-negative caption ``negative_features[i]`` (L2-normalised
+    ``[B, D]``; rows where ``has_negative`` is False have none). The negative is an extra
+    column of that image's softmax only: a negative made for one image may be true of another
+    image in the batch, so it never competes there. The text-to-image side is unchanged; with no
+    negatives at all it is `clip_loss`."""
+    s = logit_scale.exp()
+    logits = s * image_features @ text_features.t()
+    negative = s * (image_features * negative_features).sum(-1)
+    negative = negative.masked_fill(~has_negative, float("-inf"))
+    logits_image = torch.cat([logits, negative[:, None]], dim=1)
+    if keys is None:
+        pos = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    else:
+        pos = positive_mask(keys, keys)
+    pos_image = torch.cat([pos, pos.new_zeros(len(pos), 1)], dim=1)
+    targets = pos_image.to(logits.dtype) / pos_image.sum(dim=1, keepdim=True)
+    # 0 * -inf would be nan: the target of a missing negative is 0, so drop its term
+    log_p = F.log_softmax(logits_image, dim=1).masked_fill(~torch.isfinite(logits_image), 0.0)
+    i2t = -(targets * log_p).sum(dim=1).mean()
+    return 0.5 * (i2t + soft_cross_entropy(logits.t(), pos.t()))
+
+
 def key_pair_dot(a: torch.Tensor, a_keys: torch.Tensor, b: torch.Tensor, b_keys: torch.Tensor,
                  per_key_mean: bool = False) -> tuple[torch.Tensor, int]:
     """``sum of <a_i, b_j> over the pairs with a_keys[i] == b_keys[j]``, in O((n + m) D).

@@ -17,8 +17,9 @@ class StepBatch:
 
     ``images`` are model inputs ``[b, C, H, W]`` or a locked image tower's cached features
     ``[b, D]``. Image-text pairs carry ``captions`` (one row of ``texts`` per image) and
-    ``keys`` (pairs sharing a key are positives of each other); labelled images carry
-    ``labels``.
+    ``keys`` (pairs sharing a key are positives of each other), and with
+    ``train.hard_negatives`` ``negatives`` (per image, the row of ``texts`` holding a hard
+    negative of its caption, -1 for none); labelled images carry ``labels``.
     """
 
     images: torch.Tensor
@@ -26,6 +27,7 @@ class StepBatch:
     captions: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    negatives: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)

@@ -23,6 +23,7 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.captions import CaptionTable
 from cliplab.train.config import TrainConfig
+from cliplab.train.hard_negatives import NegativeTable
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 from cliplab.train.step_batch import StepBatch
 from cliplab.train.stream_batches import StreamBatches
@@ -44,6 +45,9 @@ def build_inputs(data: ImageTextPairs | LabelledImages | StreamBatches, *, label
         if replay is not None:
             raise ConfigError("replay mixes in-memory sets; it is not available with "
                               "streamed shards")
+        if config.hard_negatives is not None:
+            raise ConfigError("train.hard_negatives needs the pairs in memory; it is not "
+                              "available with streamed shards")
         return StreamInputs(data, config, model, pixels, world, device)
     if isinstance(data, LabelledImages) and not labelled:
         raise ConfigError("training on labelled images needs a classification head "
@@ -82,12 +86,15 @@ class MemoryInputs:
         if not self.labelled:
             self.table = CaptionTable(self.data)
             self.keys_from_groups = cfg.multi_positive and self.data.groups is not None
+            # hard negatives' texts follow the captions' in one text source
+            self.negatives = NegativeTable(self.table.texts, cfg.hard_negatives) \
+                if cfg.hard_negatives is not None else None
+            texts = self.table.texts + (self.negatives.texts if self.negatives else [])
             # A fully locked tower's caption features are computed once; otherwise captions
             # are tokenized once and encoded every step.
-            self.texts = text_backbone_features(model, self.table.texts,
-                                                progress=cfg.progress).to(device) \
+            self.texts = text_backbone_features(model, texts, progress=cfg.progress).to(device) \
                 if cfg.cache_frozen_features and model.tower_is_frozen("text") \
-                else model.tokenize(self.table.texts)
+                else model.tokenize(texts)
 
     @property
     def per_epoch(self) -> int:
@@ -105,8 +112,13 @@ class MemoryInputs:
                              labels=self.data.labels[idx][local])
         captions = self.table.sample(idx, rng)
         keys = (self.data.groups[idx] if self.keys_from_groups else captions).to(self.device)
+        negatives = None
+        if self.negatives is not None:  # rows after the captions'; -1 stays "none"
+            negatives = self.negatives.sample(captions, rng)
+            negatives = torch.where(negatives >= 0, negatives + len(self.table.texts),
+                                    negatives)[local]
         return StepBatch(self._images(idx, rng)[local], texts=self.texts,
-                         captions=captions[local], keys=keys[local])
+                         captions=captions[local], keys=keys[local], negatives=negatives)
 
     def _images(self, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         if self.image_features is not None:

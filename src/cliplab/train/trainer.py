@@ -80,6 +80,8 @@ class Trainer:
             self.embed, config.loss, config.loss_tile, config.micro_batch_size) \
             if head is None else \
             ClassificationObjective(self.embed, head, config.micro_batch_size)
+        if config.hard_negatives is not None:
+            _check_hard_negatives(config, head, distributed.world_size())
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -236,3 +238,19 @@ class Trainer:
             raise ConfigError("resume is only supported for plain model training (no head, "
                               "no custom checkpoint writer)")
         self.step = checkpoint.load_checkpoint(folder, state, self.device)
+
+
+def _check_hard_negatives(config: TrainConfig, head: nn.Module | None, world: int) -> None:
+    """Hard negatives are implemented for the plain CLIP loss in one process; say so
+    instead of silently training without them."""
+    if head is not None:
+        raise ConfigError("train.hard_negatives adds negative captions to the contrastive "
+                          "loss; it does not apply to a classification head")
+    unsupported = [name for name, on in (("train.loss=siglip", config.loss == "siglip"),
+                                         ("train.loss_tile", config.loss_tile is not None),
+                                         ("train.micro_batch_size",
+                                          config.micro_batch_size is not None),
+                                         ("torchrun (several ranks)", world > 1)) if on]
+    if unsupported:
+        raise ConfigError(f"train.hard_negatives works with the plain CLIP loss in one "
+                          f"process; not with {', '.join(unsupported)}")

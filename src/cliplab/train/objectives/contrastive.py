@@ -1,5 +1,6 @@
 """The contrastive objective: CLIP (InfoNCE) or SigLIP loss of image-text pairs against the
-global batch, back-propagated whole or, with ``micro_batch_size``, through GradCache."""
+global batch, back-propagated whole or, with ``micro_batch_size``, through GradCache; with hard
+negatives in the batch, NegCLIP's loss (the images also scored against the negative captions)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from cliplab.errors import ConfigError
 from cliplab.train.contrastive import contrastive_loss
 from cliplab.train.embed import Embedder
 from cliplab.train.grad_cache import grad_cache_backward
+from cliplab.train.losses import clip_loss_hard_negatives
 from cliplab.train.step_batch import StepBatch
 
 
@@ -38,6 +40,8 @@ class ContrastiveObjective:
                                 kind=self.kind, keys=keys, tile=self.tile)
 
     def backward(self, batch: StepBatch) -> torch.Tensor:
+        if batch.negatives is not None:
+            return self._backward_hard_negatives(batch)
         chunk = self.micro_batch_size
         if not chunk or chunk >= len(batch):
             image, text = self.embed.pairs(batch.images, batch.texts, batch.captions)
@@ -47,3 +51,21 @@ class ContrastiveObjective:
         return grad_cache_backward(
             lambda rows: self.embed.pairs(batch.images[rows], batch.texts, batch.captions[rows]),
             len(batch), chunk, lambda image, text: self.loss(image, text, batch.keys))
+
+    def _backward_hard_negatives(self, batch: StepBatch) -> torch.Tensor:
+        """NegCLIP: one pass over the local batch and its images' negative captions (the
+        trainer allows hard negatives only for the plain single-process CLIP loss)."""
+        has = batch.negatives >= 0
+        image, text = self.embed.pairs(batch.images, batch.texts, batch.captions)
+        negative = torch.zeros_like(text)
+        if has.any():
+            with self.embed.autocast():
+                made = self.embed.texts(batch.texts, batch.negatives[has])
+            negative[has.to(text.device)] = made.to(text.dtype)
+        image, text, negative = (F.normalize(x.float(), dim=-1) for x in (image, text, negative))
+        with torch.autocast(image.device.type if image.device.type == "cuda" else "cpu",
+                            enabled=False):
+            loss = clip_loss_hard_negatives(image, text, negative, has.to(image.device),
+                                            self.embed.model.logit_scale, batch.keys)
+        loss.backward()
+        return loss.detach()
