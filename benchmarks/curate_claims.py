@@ -176,6 +176,7 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
             info[f"kept_{keep_top}"] = summary["kept"]
         if chosen is None:  # first seed: keep_top chosen on the validation set only
             chosen = max(candidates, key=lambda k: selection[k]["val"])
+            first_seed = selection_first(selection, candidates)
         arms["filtered"].append(selection[chosen]["test"])
         pools.append(info)
     numbers = {arm: stats(v) for arm, v in arms.items()}
@@ -191,7 +192,7 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
             "setting": {"pool_scenes": n_pool, "shuffled": 0.5, "duplicated": 0.25,
                         "steps": steps, "scorer": "dfn", "dfn_steps": dfn_steps,
                         "trusted_pairs": trusted_n, "keep_top_candidates": candidates,
-                        "keep_top": chosen, "selection_first_seed": selection_first(selection, candidates),
+                        "keep_top": chosen, "selection_first_seed": first_seed,
                         "pools": pools}}
 
 
@@ -204,21 +205,22 @@ def selection_first(selection: dict, candidates: list[float]) -> dict:
 
 def claim_balance(seeds: list[int], quick: bool, work: Path) -> dict:
     largest, t, steps = (300, 20, 150) if quick else (600, 40, 600)
-    counts = exponential_counts(len(COLORS), largest, 0.5)
+    colors = list(COLORS)
+    counts = exponential_counts(len(colors), largest, 0.5)
     arms = {k: [] for k in ("unbalanced_rare3", "balanced_rare3", "unbalanced_slope",
                             "balanced_slope", "unbalanced_all", "balanced_all")}
     kept_sizes = []
     for s in seeds:
-        order = torch.randperm(len(COLORS), generator=torch.Generator().manual_seed(s)).tolist()
-        pairs, scenes = load_shapes_with_scenes(n=len(COLORS) * largest * 3 // 2, seed=200 + s,
+        order = torch.randperm(len(colors), generator=torch.Generator().manual_seed(s)).tolist()
+        pairs, scenes = load_shapes_with_scenes(n=len(colors) * largest * 3 // 2, seed=200 + s,
                                                 kinds=["single"], image_size=IMAGE_SIZE)
-        color_of = torch.tensor([COLORS.index(sc.objects[0].color) for sc in scenes])
+        color_of = torch.tensor([colors.index(sc.objects[0].color) for sc in scenes])
         keep = exponential_subsample(color_of, counts, order, seed=s)
         pool = write_pool(work / f"pool-{s}", pairs.images[keep],
                           [caption(scenes[i]) for i in keep.tolist()])
         suite = [{"name": "long_tail", "task": "long_tail",
                   "data": shapes_spec(attribute="color", n=800, seed=1), "train_data": pool}]
-        balanced, summary = curate(pool, [{"step": "balance", "vocabulary": list(COLORS), "t": t}],
+        balanced, summary = curate(pool, [{"step": "balance", "vocabulary": colors, "t": t}],
                                    work / f"balanced-{s}", s)
         kept_sizes.append({"pool": len(keep), "balanced": summary["kept"]})
         for arm, train in (("unbalanced", pool), ("balanced", balanced)):
