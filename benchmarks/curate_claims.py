@@ -143,9 +143,9 @@ def noisy_pool(n: int, seed: int, shuffled: float, duplicated: float
 
 
 def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
-    n_pool, steps = (1200, 150) if quick else (4000, 800)
+    n_pool, steps = (1200, 150) if quick else (3000, 400)
     candidates = [0.3, 0.5, 0.7] if not quick else [0.4, 0.6]
-    dfn_steps, trusted_n = (60, 400) if quick else (250, 800)
+    dfn_steps, trusted_n = (60, 400) if quick else (150, 800)
 
     def tasks(seed: int, n: int, prefix: str) -> list[dict]:
         return [{"name": f"{prefix}-colour", "task": "zeroshot",
@@ -204,7 +204,7 @@ def selection_first(selection: dict, candidates: list[float]) -> dict:
 # ---------------------------------------------------------------- 2. balancing
 
 def claim_balance(seeds: list[int], quick: bool, work: Path) -> dict:
-    largest, t, steps = (300, 20, 150) if quick else (600, 40, 600)
+    largest, t, steps = (300, 20, 150) if quick else (600, 40, 400)
     colors = list(COLORS)
     counts = exponential_counts(len(colors), largest, 0.5)
     arms = {k: [] for k in ("unbalanced_rare3", "balanced_rare3", "unbalanced_slope",
@@ -252,7 +252,7 @@ def claim_balance(seeds: list[int], quick: bool, work: Path) -> dict:
 # ---------------------------------------------------------------- 3. decontamination
 
 def claim_decontaminate(seeds: list[int], quick: bool, work: Path) -> dict:
-    n_clean, n_test, repeats, steps = (400, 200, 5, 150) if quick else (800, 300, 5, 600)
+    n_clean, n_test, repeats, steps = (400, 200, 5, 150) if quick else (800, 300, 5, 400)
     shift = "noise:0.35"
     arms: dict[str, list[float]] = {"clean": [], "contaminated": [], "decontaminated": []}
     planted_left, sizes = [], []
