@@ -13,6 +13,12 @@ The seed ``s`` sets the pool (its scenes, its planted noise), the curation and t
 Accuracies are top-1 zero-shot in percent; std is the sample std over seeds; the pooled std of
 two arms is ``sqrt((std_a**2 + std_b**2) / 2)``.
 
+Sizes (full / ``--quick``): every tiny-clip pretraining is 400 / 150 steps of batch 64; the
+noisy pool has 3000 / 1200 scenes, the filtering network trains 150 / 60 steps on 800 / 400
+trusted scenes, ``keep_top`` is chosen among 0.3, 0.5, 0.7 / 0.4, 0.6; the imbalanced pool's
+most frequent colour has 600 / 300 scenes, ``t`` = 40 / 20; the decontamination pool holds
+800 / 400 clean scenes plus 300 / 200 test images planted 5 times each.
+
 Verdict rules, fixed BEFORE any number was looked at (a difference inside the noise is a tie,
 and a tie is "not reproduced"):
 
