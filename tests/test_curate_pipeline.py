@@ -15,7 +15,8 @@ from PIL import Image
 from cliplab.cli import main
 from cliplab.config import load_config, validate
 from cliplab.curate.config import CurateConfig
-from cliplab.curate.pipeline import partial_path, run_curation
+from cliplab.curate.pipeline import run_curation
+from cliplab.output_folder import partial_path
 from cliplab.curate.steps import registry
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.collection import iter_items

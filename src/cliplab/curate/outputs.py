@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from cliplab.curate.config import OutputSpec
 from cliplab.curate.pool import Record, image_bytes
 from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
-                                        shard_stats_name, write_json)
+                                        shard_stats_name)
+from cliplab.output_folder import write_json
 
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
 

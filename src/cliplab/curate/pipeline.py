@@ -26,7 +26,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import yaml
@@ -41,32 +40,12 @@ from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import iter_items
 from cliplab.errors import ConfigError, DataError
+from cliplab.output_folder import partial_path, swap_in, write_json
 
 FORMAT = 1
 READ_STEP = "read"
 # keys that change how the run goes or what the report shows, not which items are kept
 NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples")
-
-
-def partial_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """JSON written atomically (temp file + rename); numpy values as plain numbers."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_plain))
-    os.replace(tmp, path)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
@@ -82,7 +61,7 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
     _check_out(out, overwrite)
     work = partial_path(out)
     if (work / "summary.json").is_file() and not (work / "state.json").exists():
-        _swap_in(work, out)  # killed after finishing, before the rename
+        swap_in(work, out)  # killed after finishing, before the rename
         return json.loads((out / "summary.json").read_text())
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     _open_work(work, request, overwrite)
@@ -124,7 +103,7 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
     (work / "state.json").unlink(missing_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     write_json(work / "summary.json", summary)  # last: a partial folder with it is complete
-    _swap_in(work, out)
+    swap_in(work, out)
     return summary
 
 
@@ -245,15 +224,3 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
                        "threshold": decision.threshold, "report": decision.report,
                        "seconds": seconds})
     return decision, seconds
-
-
-def _swap_in(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` folder to ``out`` (an old output, on overwrite, goes last)."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old)

@@ -24,6 +24,7 @@ from cliplab.data.collection import PIL_ERRORS, iter_items, source_spec
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
+from cliplab.output_folder import partial_path, swap_in, write_json
 from cliplab.serve import faiss_index
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
@@ -31,17 +32,6 @@ from cliplab.serve.store import MetadataStore
 FORMAT = 1
 INDEX_FILE, PROGRESS_FILE, META_FILE = "index.json", "progress.json", "meta.sqlite"
 VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index", "images", "chunks"
-
-
-def partial_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -102,7 +92,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
-        _swap_in(work, out)  # killed after finishing, before the rename
+        swap_in(work, out)  # killed after finishing, before the rename
         return finished
     state = _open_work(work, out, request, existing)
     store = MetadataStore(work / META_FILE)
@@ -112,7 +102,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
     finally:
         store.close()
-    _swap_in(work, out)
+    swap_in(work, out)
     return record
 
 
@@ -257,18 +247,6 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     (work / PROGRESS_FILE).unlink()  # from here on the folder is complete (see build_index)
     shutil.rmtree(work / CHUNKS_DIR)
     return record
-
-
-def _swap_in(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` folder to ``out`` (the old index, on --add, goes last)."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _skip_summary(store: MetadataStore) -> str:

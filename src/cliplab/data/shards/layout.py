@@ -35,10 +35,6 @@ def set_files(folder: Path) -> list[Path]:
     return [p for p in candidates if p.is_file()]
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))
-
-
 def read_index(folder: str | os.PathLike) -> dict | None:
     """The folder's ``index.json`` as a dict, None if it has none; ``DataError`` if it is bad."""
     path = Path(folder) / INDEX_FILE

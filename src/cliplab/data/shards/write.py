@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
-                                        set_files, shard_stats_name, write_json)
+                                        set_files, shard_stats_name)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError, DataError
+from cliplab.output_folder import write_json
 
 
 def check_out_folder(out: str | os.PathLike, overwrite: bool) -> None:
