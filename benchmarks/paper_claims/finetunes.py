@@ -78,8 +78,8 @@ def finetune(ctx: ClaimContext, lr: float, epochs: float, seed: int, train_size:
     model = load_model(str(ctx.base))
     options = {"train_head": False,
                "train": {"lr": lr, "epochs": epochs, "seed": seed, "batch_size": 128,
-                         "weight_decay": 0.1, "warmup": 0.1, "augment": {"hflip": False} if augment else False,
-                         "progress": False}}
+                         "weight_decay": 0.1, "warmup": 0.1, "progress": False,
+                         "augment": {"hflip": False} if augment else False}}
     torch.manual_seed(seed)
     adapter = get_method("finetune").fit(
         model, data, options, AdaptContext(cache=FeatureCache(), seed=seed, progress=False,
