@@ -58,6 +58,11 @@ def test_few_shot_split_is_disjoint_and_seeded():
     assert not torch.equal(other.images, train.images)
     train_rows = {bytes(x.numpy()) for x in train.images}
     assert not any(bytes(x.numpy()) in train_rows for x in val.images)
+    # all samples (shots=0) with a validation split: validation first, training the rest
+    rest, val = few_shot_split(data, 0, 3, seed=7)
+    assert torch.bincount(val.labels).tolist() == [3] * 10 and len(rest) == len(data) - 30
+    rest_rows = {bytes(x.numpy()) for x in rest.images}
+    assert not any(bytes(x.numpy()) in rest_rows for x in val.images)
 
 
 

@@ -112,6 +112,40 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
     assert (tmp_path / "out" / "best" / "head.safetensors").is_file()
 
 
+def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,
+                                                                         monkeypatch):
+    import cliplab.adapt.wise_ft as wise_ft
+
+    real_sweep = wise_ft.wise_ft_sweep
+    seen = []
+
+    def sweep(zs, zs_head, ft, ft_head, sets, alphas, progress=True):
+        rows = real_sweep(zs, zs_head, ft, ft_head, sets, alphas, progress)
+        on_validation = len(sets["test"]) == 50  # val_shots=5 x 10 digits
+        seen.append((on_validation, sorted(sets)))
+        for row in rows:  # validation favours α = 0, the reported sets α = 1
+            for name in sets:
+                row[name]["acc1"] = 1 - row["alpha"] if on_validation else row["alpha"]
+        return rows
+
+    monkeypatch.setattr(wise_ft, "wise_ft_sweep", sweep)
+    small_model().save(tmp_path / "base")
+    cfg = {**CFG, "val_shots": 5, "options": {**CFG["options"], "val_shift": "invert"}}
+    res = run(str(tmp_path / "base"), cfg, tmp_path / "out")
+    assert seen == [(False, ["shifted", "test"]), (True, ["shifted", "test"])]
+    assert res["best_alpha"] == 0.0 and res["selected_on"] == "validation + invert"
+    assert res["test"] == res["sweep"][0]["test"] and res["test"]["acc1"] == 0.0
+    assert [r["alpha"] for r in res["validation_sweep"]] == [0.0, 0.5, 1.0]
+    # without a validation split the reported sets choose, and the result says so
+    monkeypatch.setattr(wise_ft, "wise_ft_sweep", sweep)
+    plain = run(str(tmp_path / "base"), {**CFG, "options": {"alphas": [0, 0.5, 1],
+                                                            "finetuned": res["finetuned"]}},
+                tmp_path / "plain")
+    assert plain["best_alpha"] == 1.0 and plain["selected_on"].startswith("the reported sets")
+    with pytest.raises(ConfigError, match="unknown shift 'fog'"):
+        run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
+
+
 def test_run_refuses_a_finetune_of_another_base(tmp_path):
     other = small_model(seed=3)
     data = load_digits("test")

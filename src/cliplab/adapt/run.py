@@ -39,7 +39,13 @@ def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
 def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, seed: int
                    ) -> tuple[LabelledImages, LabelledImages | None]:
     """``shots`` samples per class (all with 0/None) and, disjoint from them, ``val_shots`` per
-    class for validation (None with 0)."""
+    class for validation (None with 0). With all samples and a validation split, the
+    validation samples are drawn first and training gets the rest."""
+    if not shots and val_shots:
+        val_idx = sample_k_shot(train.labels, int(val_shots), seed + 1)
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[val_idx] = False
+        return train.subset(rest.nonzero().flatten()), train.subset(val_idx)
     idx = sample_k_shot(train.labels, int(shots), seed) if shots else torch.arange(len(train))
     val = None
     if val_shots:

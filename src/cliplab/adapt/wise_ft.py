@@ -4,17 +4,19 @@
 of the classification head (the zero-shot head is the zero-shot text classifier). The sweep
 reports, for each α, accuracy on the target test set and on a shifted set; the paper's finding
 is that intermediate α keep the fine-tuned model's target accuracy while recovering (and often
-beating) the zero-shot model's robustness under shift.
+beating) the zero-shot model's robustness under shift. With a validation split (``val_shots``) the α is
+chosen on it (and on its copy shifted by ``options.val_shift``), never on the sets it reports.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.adapt.common import head_metrics
@@ -24,6 +26,7 @@ from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_fin
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint
 from cliplab.adapt.training import trainer_config
+from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -39,12 +42,25 @@ class Options(FinetuneOptions):
     """The finetune method's options (``train_head``, ``train``: used when it fine-tunes here)
     plus ``finetuned``: a `--method finetune` model folder of the same base (null: fine-tune one
     here); ``alphas``: the sweep; ``select``: what the best α maximises (mean of test and
-    shifted top-1, or one of them); ``save_best``: write ``best/``, the model at the best α."""
+    shifted top-1, or one of them); ``save_best``: write ``best/``, the model at the best α;
+    ``val_shift``: the shift (e.g. ``noise:0.3``) making the shifted copy of the validation
+    split the α is chosen on when the run has one (``val_shots``)."""
 
     finetuned: str | None = None
     alphas: list[Annotated[float, Field(ge=0, le=1)]] = Field(DEFAULT_ALPHAS, min_length=1)
     select: Literal["mean", "test", "shifted"] = "mean"
     save_best: bool = False
+    val_shift: str | None = None
+
+    @field_validator("val_shift")
+    @classmethod
+    def _known_shift(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_shift(value)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
@@ -104,8 +120,9 @@ class WiseFT(Adapter):
 
     def __init__(self, model: DualEncoder, classnames, options: dict, zs_head: ClassifierHead,
                  finetuned: DualEncoder, ft_head: ClassifierHead, ft_dir: Path | None,
-                 base_path: str, fingerprint: str):
+                 base_path: str, fingerprint: str, val: LabelledImages | None = None):
         super().__init__(model, classnames, options)
+        self.val = val
         self.zs_head, self.finetuned, self.ft_head, self.ft_dir = zs_head, finetuned, ft_head, \
             ft_dir
         self.base_path, self.fingerprint = base_path, fingerprint
@@ -140,12 +157,27 @@ class WiseFT(Adapter):
 
     def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
               progress: bool = False) -> dict:
-        """The α sweep on every set, the best α by ``select``, and the sets' metrics at it."""
+        """The α sweep on every set, the best α by ``select`` — on the validation split (as
+        ``test``) and its shifted copy (as ``shifted``) when there is one, else on ``sets``
+        themselves — and the sets' metrics at it."""
         rows = wise_ft_sweep(self.model, self.zs_head.weight, self.finetuned,
                              self.ft_head.weight, sets, self.options["alphas"], progress)
-        best = best_alpha(rows, self.options["select"])
-        self.alpha = best["alpha"]
-        return {"sweep": rows, "best_alpha": best["alpha"],
+        extra: dict = {"selected_on": "the reported sets (no validation split: val_shots=0)"}
+        chosen_from = rows
+        if self.val is not None:
+            val_sets = {"test": self.val}
+            if self.options["val_shift"]:
+                val_sets["shifted"] = dataclasses.replace(
+                    self.val, images=apply_shift(self.val.images, self.options["val_shift"]))
+            chosen_from = wise_ft_sweep(self.model, self.zs_head.weight, self.finetuned,
+                                        self.ft_head.weight, val_sets, self.options["alphas"],
+                                        progress)
+            extra = {"selected_on": "validation" + (f" + {self.options['val_shift']}"
+                                                    if self.options["val_shift"] else ""),
+                     "validation_sweep": chosen_from}
+        self.alpha = best_alpha(chosen_from, self.options["select"])["alpha"]
+        best = next(r for r in rows if r["alpha"] == self.alpha)
+        return {"sweep": rows, "best_alpha": self.alpha, **extra,
                 **{name: best[name] for name in sets}}
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path | None:
@@ -183,4 +215,4 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         raise ConfigError(f"the fine-tuned head's classes {ft_head.classnames} differ from "
                           f"data.train's {train.classnames}")
     return WiseFT(model, train.classnames, opts.to_dict(), zeroshot_classifier_head(model, train),
-                  finetuned, ft_head, ft_dir, ctx.model_name, fingerprint)
+                  finetuned, ft_head, ft_dir, ctx.model_name, fingerprint, ctx.val)
