@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
+from cliplab.data.pairs import select_classes
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
@@ -173,6 +174,24 @@ def test_cocoop_with_zero_meta_net_equals_coop(model, digits, ctx):
     plain = coop.CoOp(model, train.classnames, co.options, co.learner, co.scale)
     feats = ctx.features(model, test).embeddings[:12]
     torch.testing.assert_close(co.logits(feats), plain.logits(feats), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [coop, cocoop])
+def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
+    """Base-to-novel: a learned (unified) context before other class names scores each of
+    those classes exactly as it scored that class among all of them, since each class's prompt
+    (and CoCoOp's per-image shift) depends on nothing else."""
+    train, test = digits
+    adapter = method.fit(model, train, {"epochs": 1, "lr": 0.05, "init": ""}, ctx)
+    feats = ctx.features(model, test).embeddings[:8]
+    picked = [3, 1, 7]
+    subset = select_classes(test, [test.classnames[i] for i in picked])
+    moved = adapter.for_classes(subset)
+    assert moved.classnames == subset.classnames and type(moved) is type(adapter)
+    torch.testing.assert_close(moved.logits(feats), adapter.logits(feats)[:, picked],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelError, match="class-specific context belongs to the classes"):
+        coop.fit(model, train, {"epochs": 1, "class_specific": True}, ctx).for_classes(subset)
 
 
 # -- every method: save, load, identical logits ----------------------------------------------
