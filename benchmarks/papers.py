@@ -26,6 +26,7 @@ from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
 
 # claim modules in table order (each: CLAIM, PAPER, BASE, run(ctx) -> entry)
 CLAIMS: list[str] = [
+    "coop", "cocoop", "tip_adapter", "clip_adapter",
 ]
 
 
