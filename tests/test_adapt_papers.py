@@ -5,8 +5,8 @@ The base is the shortened quickstart's LiT model (`tiny_lit_run`: pretrained on 
 hand-prompt zero-shot head is well above chance on all ten Fashion-MNIST classes (33.6% on the
 first 1 000 test images, chance 10%), so adapting it has something to keep or lose. Shots come
 from training images the base never saw. One seed and small sizes; the measurement with
-seeds, spread and the papers' full settings is ``benchmarks/papers.py``, which also holds the claims this base is too weak or too slow for
-here (measured on it, 1 000 test images):
+seeds, spread and the papers' full settings is ``benchmarks/papers.py``, which also holds
+the claims this base is too weak or too slow for here (measured on it, 1 000 test images):
 
 - Tip-Adapter / Tip-Adapter-F ((alpha, beta) searched on 20 validation images per class):
   +2.9 / +3.2 points over zero-shot with seed 1 but +0.2 / -5.5 with seed 2 — the tiny
