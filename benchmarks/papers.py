@@ -26,6 +26,7 @@ from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
 
 # claim modules in table order (each: CLAIM, PAPER, BASE, run(ctx) -> entry)
 CLAIMS: list[str] = [
+    "coop", "cocoop", "tip_adapter", "clip_adapter",
     "wise_ft", "soups", "task_arithmetic",
     "hard_negatives",
 ]
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         result["seconds"] = round(time.perf_counter() - start, 1)
         entries.append(result)
         print(json.dumps(result), flush=True)
-    out.write_text(json.dumps(entries, indent=2) + "\n")
+        out.write_text(json.dumps(entries, indent=2) + "\n")  # finished claims survive a crash
     print(format_table(entries))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
+from cliplab.data.pairs import select_classes
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
@@ -175,6 +176,24 @@ def test_cocoop_with_zero_meta_net_equals_coop(model, digits, ctx):
     torch.testing.assert_close(co.logits(feats), plain.logits(feats), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", [coop, cocoop])
+def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
+    """Base-to-novel: a learned (unified) context before other class names scores each of
+    those classes exactly as it scored that class among all of them, since each class's prompt
+    (and CoCoOp's per-image shift) depends on nothing else."""
+    train, test = digits
+    adapter = method.fit(model, train, {"epochs": 1, "lr": 0.05, "init": ""}, ctx)
+    feats = ctx.features(model, test).embeddings[:8]
+    picked = [3, 1, 7]
+    subset = select_classes(test, [test.classnames[i] for i in picked])
+    moved = adapter.for_classes(subset)
+    assert moved.classnames == subset.classnames and type(moved) is type(adapter)
+    torch.testing.assert_close(moved.logits(feats), adapter.logits(feats)[:, picked],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelError, match="class-specific context belongs to the classes"):
+        coop.fit(model, train, {"epochs": 1, "class_specific": True}, ctx).for_classes(subset)
+
+
 # -- every method: save, load, identical logits ----------------------------------------------
 # the methods whose adapters load back from adapter.json
 FEW_SHOT = [name for name in ADAPT_METHODS if hasattr(get_method(name), "ADAPTER")]
@@ -222,3 +241,41 @@ def test_numbers_written_as_strings_are_numbers(model, digits, ctx):
     train, _ = digits
     adapter = clip_adapter.fit(model, train, {"lr": "1e-2", "epochs": "1"}, ctx)
     assert adapter.options["lr"] == 0.01 and adapter.options["epochs"] == 1
+
+
+def test_tip_adapter_keys_average_augmented_views(model, digits, ctx):
+    """The paper's cache: each key is the normalised mean of its shot's augmented views'
+    embeddings (seeded, so the same seed gives the same keys); 0 views keys the plain ones."""
+    train, _ = digits
+    views = tip_adapter.augmented_embeddings(model, train.images, 3, seed=ctx.seed)
+    assert views.shape == (3, len(train), 16)
+    plain = F.normalize(ctx.features(model, train).embeddings, dim=-1)
+    assert not torch.allclose(F.normalize(views[0], dim=-1), plain, atol=1e-3)  # augmented
+    assert not torch.allclose(views[0], views[1])  # each view its own draw
+    adapter = tip_adapter.fit(model, train, {"augment_views": 3}, ctx)
+    torch.testing.assert_close(adapter.keys, F.normalize(views.mean(0), dim=-1))
+    unaugmented = tip_adapter.fit(model, train, {"augment_views": 0}, ctx)
+    torch.testing.assert_close(unaugmented.keys, plain)
+
+
+def test_tip_adapter_f_trains_on_augmented_views(model, digits, ctx, monkeypatch):
+    """Every training draw sees one of the augmented views the keys were built from."""
+    train, _ = digits
+    seen = []
+    real = tip_adapter_f.tip_logits
+
+    def spy(feats, *args):
+        seen.append(feats.detach().clone())
+        return real(feats, *args)
+
+    monkeypatch.setattr(tip_adapter_f, "tip_logits", spy)
+    tip_adapter_f.fit(model, train, {"augment_views": 2, "epochs": 2, "batch_size": 8}, ctx)
+    views = F.normalize(tip_adapter.augmented_embeddings(model, train.images, 2, ctx.seed),
+                        dim=-1)
+    drawn = torch.cat(seen)
+    assert len(drawn) == 2 * len(train)
+    # each drawn row is a view of some shot, and both views are drawn
+    dist = torch.cdist(drawn, views.flatten(0, 1))
+    assert dist.min(1).values.max() < 1e-3  # cdist is exact to ~1e-4 only
+    which = dist.argmin(1) // len(train)
+    assert set(which.tolist()) == {0, 1}

@@ -10,6 +10,8 @@ from cliplab.adapt.finetune import load_finetuned
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
 from cliplab.data.digits import load_digits
+from cliplab.errors import ConfigError
+from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
 from cliplab.models.resolve import load_model
@@ -63,6 +65,34 @@ def test_few_shot_split_is_disjoint_and_seeded():
     assert torch.bincount(val.labels).tolist() == [3] * 10 and len(rest) == len(data) - 30
     rest_rows = {bytes(x.numpy()) for x in rest.images}
     assert not any(bytes(x.numpy()) in rest_rows for x in val.images)
+
+
+def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
+    """``data.val``: the search's validation split comes from that set (``val_shots`` per
+    class of it), never from the shots' pool."""
+    from cliplab.adapt.run import run_adapt
+
+    cfg = {"method": "tip-adapter", "shots": 2, "val_shots": 3, "seed": 1,
+           "data": {"train": {"source": "digits", "split": "train"},
+                    "test": {"source": "digits", "split": "test"},
+                    "val": {"source": "digits", "split": "test"}},
+           "options": {"search": True, "search_steps": [3, 2]}}
+    res = run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)
+    assert res["train_size"] == 20 and res["val_size"] == 30
+    test = load_digits("test")
+    val = test.subset(sample_k_shot(test.labels, 3, 2))  # val_shots per class, seed + 1
+    adapter = res["adapter"]
+    # the chosen pair's recorded validation accuracy is its accuracy on those 30 test images
+    acc = (adapter.logits(val.images).argmax(1) == val.labels).float().mean().item()
+    assert adapter.options["val_acc1"] == pytest.approx(acc)
+    # all of data.val with val_shots 0
+    res = run_adapt({**cfg, "val_shots": 0}, model=load_model(model_dir), progress=False,
+                    write=False)
+    assert res["val_size"] == len(test)
+    with pytest.raises(ConfigError, match="data.train and data.val: the classes differ"):
+        run_adapt({**cfg, "data": {**cfg["data"], "val": {"source": "fashion-mnist",
+                                                          "limit": 5}}},
+                  model=load_model(model_dir), progress=False, write=False)
 
 
 

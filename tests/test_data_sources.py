@@ -128,3 +128,21 @@ def test_a_new_source_is_one_registry_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['m'\] for data source 'toy'"):
         load_source({"source": "toy", "m": 1})
     assert source_spec("toy") == {"source": "toy"}
+
+
+def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
+    full = load_fashion_mnist("train", fmnist_dir)
+    novel = load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),
+                         "classes": ["bag", "Shirt"]})
+    assert novel.classnames == [full.classnames[8], full.classnames[6]]
+    assert novel.descriptions == [full.descriptions[8], full.descriptions[6]]
+    # the 30 toy images have labels 0..9 three times: bag (8) -> 0, shirt (6) -> 1
+    assert novel.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    assert torch.equal(novel.images[1], full.images[8])
+    with pytest.raises(DataError, match="unknown class 'hat'"):
+        load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir), "classes": ["hat"]})
+    with pytest.raises(DataError, match="twice"):
+        load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),
+                     "classes": ["bag", "Bag"]})
+    with pytest.raises(ConfigError, match="classes needs a labelled source"):
+        load_source({"source": "shapes", "n": 2, "classes": ["x"]})

@@ -67,6 +67,11 @@ class CoCoOp(Adapter):
                 out.append(self.train_logits(img[i:i + step]))
         return torch.cat(out) if out else torch.empty(0, len(self.classnames))
 
+    def for_classes(self, data: LabelledImages) -> "CoCoOp":
+        """The learned context and meta-net for ``data``'s class names (base-to-novel)."""
+        learner, opts = CoOp.transferred_learner(self, data)
+        return CoCoOp(self.model, data.classnames, opts, learner, self.net, self.scale)
+
     def state(self):
         return {**CoOp.state(self), **{f"net.{k}": v for k, v in self.net.state_dict().items()}}
 

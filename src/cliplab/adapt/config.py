@@ -2,10 +2,12 @@
 
     method: coop                   # a name of `cliplab.adapt.ADAPT_METHODS`
     model: MODEL                   # the one model spec (preset, folder, run, Hub id)
-    data: {train: SPEC, test: SPEC, shifted: SPEC}   # shifted: optional, scored like test
+    data: {train: SPEC, test: SPEC, shifted: SPEC, val: SPEC}   # shifted, val: optional
     shots: 16                      # per class from data.train (0: all), drawn with seed
     train_size: null               # then a random subset of this many (null: all)
-    val_shots: 0                   # per class, disjoint from the shots (hyper-parameter search)
+    val_shots: 0                   # per class for hyper-parameter search: from data.val when
+                                   # given (0: all of it), else from data.train disjoint from
+                                   # the shots (0: no validation split)
     seed: 1
     options: {...}                 # the method's own `Options` section
 """
@@ -22,12 +24,14 @@ from cliplab.models.spec import ModelField
 
 
 class AdaptData(Section):
-    """Labelled data specs (``{source: NAME, ...}``, as every stage's ``data:``)."""
+    """Labelled data specs (``{source: NAME, ...}``, as every stage's ``data:``); ``val``: a
+    separate validation set (e.g. held-out images no test is drawn from)."""
 
     renamed = {"train_size": "train_size (at the top level)", "seed": "seed (at the top level)"}
     train: dict[str, Any]
     test: dict[str, Any]
     shifted: dict[str, Any] | None = None
+    val: dict[str, Any] | None = None
 
 
 class AdaptConfig(Section):

@@ -160,6 +160,28 @@ class CoOp(Adapter):
                 self._text = self.learner.text_features(self.model)
         return self.scale * feats.embeddings.float() @ self._text.t()
 
+    def transferred_learner(self, data: LabelledImages) -> tuple[PromptLearner, dict]:
+        """A prompt learner for ``data``'s classes holding this adapter's learned context, and
+        its options; only a unified context (one for all classes) transfers."""
+        if self.options["class_specific"]:
+            raise ModelError(f"{self.method}: a class-specific context belongs to the classes it "
+                             "was learned on; learn a unified one (class_specific: false) to "
+                             "apply it to other classes")
+        opts = dict(self.options)
+        learner = build_learner(self.model, data, opts, seed=0)
+        if learner.ctx.shape != self.learner.ctx.shape:
+            raise ModelError(f"{self.method}: the learned context has shape "
+                             f"{tuple(self.learner.ctx.shape)}, the new classes' prompts need "
+                             f"{tuple(learner.ctx.shape)}")
+        learner.ctx.data.copy_(self.learner.ctx.data)
+        return learner, opts
+
+    def for_classes(self, data: LabelledImages) -> "CoOp":
+        """The learned context in front of ``data``'s class names: base-to-novel evaluation
+        applies prompts learned on some classes to classes never seen in learning."""
+        learner, opts = self.transferred_learner(data)
+        return CoOp(self.model, data.classnames, opts, learner, self.scale)
+
     def state(self):
         return {"ctx": self.learner.ctx, "ids": self.learner.ids, "mask": self.learner.mask,
                 "scale": self.scale.reshape(1)}

@@ -59,6 +59,18 @@ def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, see
     return train.subset(idx), val
 
 
+def validation_split(cfg: AdaptConfig, train: LabelledImages) -> LabelledImages:
+    """``data.val``, or ``val_shots`` per class drawn from it (seeded) when ``val_shots`` is
+    set."""
+    val = as_labelled(load_source(cfg.data.val), "data.val")
+    if len(val) == 0:
+        raise DataError("data.val holds no images")
+    check_same_classes(train, val, "data.train and data.val")
+    if cfg.val_shots:
+        val = val.subset(sample_k_shot(val.labels, int(cfg.val_shots), cfg.seed + 1))
+    return val
+
+
 def load_sets(cfg: AdaptConfig) -> tuple[LabelledImages, dict[str, LabelledImages]]:
     """The whole training set and the scored sets (``test``, and ``shifted`` if given)."""
     train = as_labelled(load_source(cfg.data.train), "data.train")
@@ -86,7 +98,10 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
                           "folder, or a Hugging Face Hub id")
     method = get_method(cfg.method)
     train_all, sets = load_sets(cfg)
-    train, val = few_shot_split(train_all, cfg.shots, cfg.val_shots, cfg.seed)
+    own_val = cfg.data.val is not None
+    train, val = few_shot_split(train_all, cfg.shots, 0 if own_val else cfg.val_shots, cfg.seed)
+    if own_val:
+        val = validation_split(cfg, train_all)
     train = subsample(train, cfg.train_size, cfg.seed)
     model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)

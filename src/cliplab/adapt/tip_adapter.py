@@ -9,6 +9,11 @@ where ``W`` is the zero-shot text classifier: the cache adds what the few shots 
 prompts know. ``alpha`` weighs the cache, ``beta`` sharpens the affinities. With ``search`` the
 pair is chosen on the validation split over the paper's grid (beta in (0.1, search_scale[0]],
 alpha in (0.1, search_scale[1]]).
+
+As the paper's code builds its cache, each key is the mean of the image embeddings of
+``augment_views`` randomly augmented views of its shot (the model's train-time augmentation:
+scale/shift/rotate jitter and flips), normalised; ``augment_views: 0`` keys the plain
+embeddings.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
-from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 
 class Options(PromptOptions):
@@ -33,8 +38,9 @@ class Options(PromptOptions):
     by 100, CLIP's learned logit scale; ``clip_scale: null`` uses the model's own learned scale
     (100 for CLIP), so alpha keeps its meaning on models trained at another temperature.
     ``search``: pick (alpha, beta) on the validation split (``val_shots``) over the paper's
-    grid of ``search_steps`` values up to ``search_scale`` (beta, alpha). Templates/names: the
-    zero-shot head's prompts."""
+    grid of ``search_steps`` values up to ``search_scale`` (beta, alpha). ``augment_views``:
+    keys averaged over this many augmented views of each shot (the paper's 10; 0: plain
+    embeddings). Templates/names: the zero-shot head's prompts."""
 
     alpha: float = 1.0
     beta: float = 5.5
@@ -42,6 +48,7 @@ class Options(PromptOptions):
     search: bool = False
     search_scale: tuple[float, float] = (7.0, 3.0)
     search_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200, 20)
+    augment_views: int = Field(10, ge=0)
 
 
 def cache_logits(feats: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -111,10 +118,35 @@ def resolve_scale(opts: Options, model: DualEncoder) -> dict:
     return out
 
 
-def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext
+@torch.no_grad()
+def augmented_embeddings(model: DualEncoder, images: torch.Tensor, views: int, seed: int,
+                         batch_size: int = 500) -> torch.Tensor:
+    """Image embeddings ``[views, N, D]`` (projected, not normalised) of ``views`` randomly
+    augmented copies of uint8 ``images`` (the model's train-time augmentation, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(views, len(images), model.embed_dim)
+    with evaluating(model):
+        for v in range(views):
+            for i in range(0, len(images), batch_size):
+                pixels = model.preprocess(images[i:i + batch_size], train=True, generator=g)
+                emb = model.project_image(model.image_backbone(pixels.to(model.device)))
+                out[v, i:i + batch_size] = emb.float().cpu()
+    return out
+
+
+def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext,
+                augment_views: int = 0, views: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (unit embeddings of the few-shot images) and one-hot values."""
-    keys = F.normalize(ctx.features(model, train, desc="encode train").embeddings.float(), dim=-1)
+    """Keys and one-hot values. Keys: the unit embeddings of the few-shot images, or with
+    ``augment_views`` the normalised mean of that many augmented views' embeddings (``views``:
+    those embeddings ``[V, N, D]`` when already computed)."""
+    if augment_views or views is not None:
+        if views is None:
+            views = augmented_embeddings(model, train.images, augment_views, ctx.seed)
+        keys = F.normalize(views.mean(0), dim=-1)
+    else:
+        keys = F.normalize(ctx.features(model, train, desc="encode train").embeddings.float(),
+                           dim=-1)
     values = F.one_hot(train.labels, len(train.classnames)).float()
     return keys, values
 
@@ -141,7 +173,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     given = method_options(Options, options, "tip-adapter")
     opts = resolve_scale(given, model)
     weights = text_head(model, train, given)
-    keys, values = build_cache(model, train, ctx)
+    keys, values = build_cache(model, train, ctx, int(opts["augment_views"]))
     return maybe_search(TipAdapter(model, train.classnames, opts, weights, keys, values),
                         model, ctx)
 

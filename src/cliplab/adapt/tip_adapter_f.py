@@ -1,21 +1,23 @@
 """Tip-Adapter-F (Zhang et al., 2022): Tip-Adapter with the cache keys fine-tuned.
 
-The keys start as the few-shot embeddings and are trained (values and the text classifier
-stay fixed) with cross-entropy on the Tip-Adapter logits; AdamW (eps 1e-4), cosine schedule,
-20 epochs as in the paper. Afterwards (alpha, beta) can be searched on the validation split.
-The paper also averages the keys over augmented views; here keys are the plain embeddings.
+The keys start as Tip-Adapter's (the mean embedding of ``augment_views`` augmented views of
+each shot) and are trained (values and the text classifier stay fixed) with cross-entropy on
+the Tip-Adapter logits of augmented training images, as the paper: each time a shot is drawn it
+is seen through one of its augmented views, picked at random; AdamW (eps 1e-4), cosine
+schedule, 20 epochs. Afterwards (alpha, beta) can be searched on the validation split.
+``augment_views: 0`` keys and trains on the plain embeddings.
 """
 
 from __future__ import annotations
 
 import torch
-
+import torch.nn.functional as F
 from pydantic import Field
 
 from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import Options as TipOptions
-from cliplab.adapt.tip_adapter import (TipAdapter, build_cache, maybe_search, resolve_scale,
-                                      tip_logits)
+from cliplab.adapt.tip_adapter import (TipAdapter, augmented_embeddings, build_cache,
+                                      maybe_search, resolve_scale, tip_logits)
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
@@ -36,16 +38,24 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     given = method_options(Options, options, "tip-adapter-f")
     opts = resolve_scale(given, model)
     weights = text_head(model, train, given)
-    keys, values = build_cache(model, train, ctx)
-    feats = keys.clone()  # the training features are the (plain) few-shot embeddings
+    n_views = int(opts["augment_views"])
+    if n_views:  # [V, N, D]: the views the keys average are the ones training sees
+        views = augmented_embeddings(model, train.images, n_views, ctx.seed)
+        keys, values = build_cache(model, train, ctx, views=views)
+        feats = F.normalize(views, dim=-1)
+    else:
+        keys, values = build_cache(model, train, ctx)
+        feats = keys.unsqueeze(0)
     learned = torch.nn.Parameter(keys.clone())
     alpha, beta, scale = float(opts["alpha"]), float(opts["beta"]), float(opts["clip_scale"])
+    pick = torch.Generator().manual_seed(ctx.seed + 1)
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
-        logits = tip_logits(feats[idx], weights, learned, values, alpha, beta, scale)
-        return torch.nn.functional.cross_entropy(logits, train.labels[idx])
+        view = torch.randint(len(feats), (len(idx),), generator=pick)  # one view per draw
+        logits = tip_logits(feats[view, idx], weights, learned, values, alpha, beta, scale)
+        return F.cross_entropy(logits, train.labels[idx])
 
-    history = train_steps([learned], loss, len(feats), int(opts["epochs"]),
+    history = train_steps([learned], loss, feats.shape[1], int(opts["epochs"]),
                           int(opts["batch_size"]), float(opts["lr"]), "adamw",
                           float(opts["weight_decay"]), eps=1e-4, seed=ctx.seed,
                           progress=ctx.progress, desc="tip-adapter-f")

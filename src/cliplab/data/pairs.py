@@ -26,6 +26,22 @@ def split_classes(data: LabelledImages, heldout: list[str]) -> tuple[LabelledIma
     return data.subset(~is_held), data.subset(is_held)
 
 
+def select_classes(data: LabelledImages, names: list[str]) -> LabelledImages:
+    """Only the samples of classes ``names``, relabelled ``0 … len(names)-1`` in that order
+    (class names and descriptions follow): a task over those classes alone, as base-to-novel
+    evaluation scores base and novel classes each among their own."""
+    keep = class_indices(data.classnames, names)
+    if len(set(keep)) != len(keep):
+        raise DataError(f"classes {names} name a class twice")
+    new_label = torch.full((len(data.classnames),), -1, dtype=torch.long)
+    new_label[torch.tensor(keep)] = torch.arange(len(keep))
+    mask = new_label[data.labels] >= 0
+    descriptions = [data.descriptions[i] for i in keep] if data.descriptions else None
+    return LabelledImages(data.images[mask], new_label[data.labels[mask]],
+                          [data.classnames[i] for i in keep], data.templates, data.name,
+                          descriptions=descriptions)
+
+
 def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) -> ImageTextPairs:
     """Each image gets one caption per template filled with its class name (or description);
     the class is the caption group, so all captions of a class are positives for its images."""

@@ -12,7 +12,7 @@ import importlib
 import inspect
 from typing import Callable
 
-from cliplab.data.pairs import labelled_to_pairs, split_classes
+from cliplab.data.pairs import labelled_to_pairs, select_classes, split_classes
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.errors import ConfigError
@@ -41,12 +41,14 @@ def source_loader(name: str) -> Callable[..., Dataset]:
 
 def load_source(spec: dict) -> Dataset:
     """Load the dataset a spec names; ``holdout`` (a list of class names) drops those classes;
+    ``classes`` (a list of class names) keeps only those, relabelled in that order;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
     the images, seeded by ``shift_seed``."""
     spec = dict(spec)
     name = spec.pop("source", None)
     fn = source_loader(name)
     holdout = spec.pop("holdout", None)
+    classes = spec.pop("classes", None)
     shift, shift_seed = spec.pop("shift", None), spec.pop("shift_seed", 0)
     if shift is not None:
         parse_shift(shift)  # a bad shift fails before a slow load
@@ -64,6 +66,10 @@ def load_source(spec: dict) -> Dataset:
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"holdout needs a labelled source; {name!r} gives image-text pairs")
         data, _ = split_classes(data, list(holdout))
+    if classes:
+        if not isinstance(data, LabelledImages):
+            raise ConfigError(f"classes needs a labelled source; {name!r} gives image-text pairs")
+        data = select_classes(data, [str(c) for c in classes])
     if shift is not None:
         data = dataclasses.replace(data, images=apply_shift(data.images, shift, int(shift_seed)),
                                    name=f"{data.name}-{shift}")
