@@ -33,7 +33,7 @@ TEXTS = [f"a {size} {color} {shape}" for size in ("small", "large")
 def build_small_index(out: Path) -> None:
     subprocess.run([sys.executable, "-m", "cliplab", "index", "--model", "tiny-clip", "--data",
                     "shapes", "--out", str(out), "--no-progress", "data.n=1000",
-                    "data.image_size=64"], check=True)
+                    "data.image_size=64"], check=True, stdout=sys.stderr)  # stdout: the JSON only
 
 
 def free_port() -> int:
