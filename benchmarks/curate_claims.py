@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -57,6 +56,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_claims.common import pooled_std  # noqa: E402  the papers' table's noise
 from cliplab.config import validate
 from cliplab.curate.config import CurateConfig
 from cliplab.curate.imbalance import exponential_counts, exponential_subsample
@@ -118,8 +119,9 @@ def stats(values: list[float]) -> dict:
             "values": [round(float(v), 3) for v in arr]}
 
 
-def pooled_std(a: dict, b: dict) -> float:
-    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+def arm_noise(a: dict, b: dict) -> float:
+    """The pooled std over seeds of two arms' ``stats`` (the papers' table's rule)."""
+    return pooled_std(a["values"], b["values"])
 
 
 def log(message: str) -> None:
@@ -187,7 +189,7 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
         pools.append(info)
     numbers = {arm: stats(v) for arm, v in arms.items()}
     gain = numbers["filtered"]["mean"] - numbers["unfiltered"]["mean"]
-    noise = pooled_std(numbers["filtered"], numbers["unfiltered"])
+    noise = arm_noise(numbers["filtered"], numbers["unfiltered"])
     return {"claim": "score filtering beats no filtering at equal steps",
             "paper": "DataComp (Gadre et al. 2023); DFN (Fang et al. 2023)",
             "reproduced": bool(gain > 2 * noise),
@@ -238,9 +240,9 @@ def claim_balance(seeds: list[int], quick: bool, work: Path) -> dict:
             arms[f"{arm}_all"].append(100 * np.mean([v["acc1"] for v in lt["per_class"].values()]))
     numbers = {arm: stats(v) for arm, v in arms.items()}
     rare_gain = numbers["balanced_rare3"]["mean"] - numbers["unbalanced_rare3"]["mean"]
-    rare_noise = pooled_std(numbers["balanced_rare3"], numbers["unbalanced_rare3"])
+    rare_noise = arm_noise(numbers["balanced_rare3"], numbers["unbalanced_rare3"])
     flatter = numbers["unbalanced_slope"]["mean"] - numbers["balanced_slope"]["mean"]
-    slope_noise = pooled_std(numbers["balanced_slope"], numbers["unbalanced_slope"])
+    slope_noise = arm_noise(numbers["balanced_slope"], numbers["unbalanced_slope"])
     return {"claim": "balancing raises the rarest concepts' accuracy and flattens the "
                      "accuracy-vs-log-frequency slope",
             "paper": "MetaCLIP (Xu et al. 2023)",
@@ -290,9 +292,9 @@ def claim_decontaminate(seeds: list[int], quick: bool, work: Path) -> dict:
                              ["test"]["acc1"])
     numbers = {arm: stats(v) for arm, v in arms.items()}
     inflation = numbers["contaminated"]["mean"] - numbers["clean"]["mean"]
-    inflation_noise = pooled_std(numbers["contaminated"], numbers["clean"])
+    inflation_noise = arm_noise(numbers["contaminated"], numbers["clean"])
     residual = numbers["decontaminated"]["mean"] - numbers["clean"]["mean"]
-    residual_noise = pooled_std(numbers["decontaminated"], numbers["clean"])
+    residual_noise = arm_noise(numbers["decontaminated"], numbers["clean"])
     return {"claim": "planted test images inflate test accuracy; decontaminate removes the "
                      "inflation",
             "paper": "CLIP (Radford et al. 2021, data overlap analysis); DataComp (Gadre et al. 2023)",

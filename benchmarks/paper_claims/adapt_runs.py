@@ -9,12 +9,11 @@ minus the mean of B over the seeds exceeds twice their pooled standard deviation
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 
-from paper_claims.common import ClaimContext, test_set, train_pool, validation_pool
+from paper_claims.common import ClaimContext, pooled_std, test_set, train_pool, validation_pool
 
 # per-class validation images the searches see (from the validation pool only)
 VAL_SHOTS = {True: 50, False: 200}
@@ -39,18 +38,19 @@ def adapt_config(ctx: ClaimContext, method: str, shots: int, seed: int,
     return cfg
 
 
-def pooled_std(a: dict, b: dict) -> float:
-    return math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+def arm_noise(a: dict, b: dict) -> float:
+    """`pooled_std` of two ``mean_std`` dicts' per-seed values."""
+    return pooled_std(a["values"], b["values"])
 
 
 def beats(a: dict, b: dict) -> bool:
     """The rule: mean(a) - mean(b) > 2 x pooled std (``mean_std`` dicts, percent points)."""
-    return a["mean"] - b["mean"] > 2 * pooled_std(a, b)
+    return a["mean"] - b["mean"] > 2 * arm_noise(a, b)
 
 
 def verdict(a_name: str, a: dict, b_name: str, b: dict) -> str:
     """``"A > B (+gain, 2σ = x)"`` or ``"A vs B: tie/lower (...)"``, for the note."""
-    gap, bar = a["mean"] - b["mean"], 2 * pooled_std(a, b)
+    gap, bar = a["mean"] - b["mean"], 2 * arm_noise(a, b)
     word = ">" if gap > bar else "tie with" if abs(gap) <= bar else "<"
     return f"{a_name} {word} {b_name} ({gap:+.1f} points, 2σ = {bar:.1f})"
 

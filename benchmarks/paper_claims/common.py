@@ -17,7 +17,9 @@ to lose. Splits, all disjoint:
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,3 +103,10 @@ def entry(claim: str, paper: str, reproduced: bool, seeds: list[int], numbers: d
     note saying why when it did not reproduce."""
     return {"claim": claim, "paper": paper, "reproduced": bool(reproduced), "seeds": list(seeds),
             "numbers": numbers, "base": base, "paper_numbers": paper_numbers, "note": note}
+
+
+def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
+    """The noise every claim's rule compares a gap with: ``sqrt((var a + var b) / 2)`` of two
+    arms' per-seed values (sample variances; 0 for an arm of one value)."""
+    var = [statistics.variance(x) if len(x) > 1 else 0.0 for x in (a, b)]
+    return math.sqrt(sum(var) / 2)

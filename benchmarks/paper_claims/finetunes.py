@@ -12,7 +12,6 @@ needs nothing beyond ``cliplab.merge`` / ``cliplab.adapt.wise_ft.interpolate``.
 
 from __future__ import annotations
 
-import math
 import shutil
 import statistics
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
 
-from paper_claims.common import ClaimContext, train_pool
+from paper_claims.common import ClaimContext, pooled_std, train_pool
 
 _LOADED: dict[str, LabelledImages] = {}
 
@@ -115,12 +114,6 @@ class Scorer:
         return {name: float(run_task(self.model, {"task": "zeroshot", "data": self.sets[name]},
                                      self.context)["acc1"])
                 for name in (names or self.sets)}
-
-
-def pooled_std(a: Sequence[float], b: Sequence[float]) -> float:
-    """``sqrt((var a + var b) / 2)`` over seeds (sample variances; 0 for single values)."""
-    var = [statistics.variance(x) if len(x) > 1 else 0.0 for x in (a, b)]
-    return math.sqrt(sum(var) / 2)
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> str:

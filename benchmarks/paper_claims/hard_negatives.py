@@ -32,10 +32,9 @@ difference hard_negatives − plain, BOTH attribute-swap and relation-swap mean 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
-from paper_claims.common import ClaimContext, entry, mean_std
+from paper_claims.common import ClaimContext, entry, mean_std, pooled_std
 
 CLAIM = ("Hard negatives: NegCLIP-style attribute/relation swaps and word shuffles raise "
          "attribute- and relation-swap accuracy by a wide margin, zero-shot drops < 1 point")
@@ -127,13 +126,6 @@ def scores(model_dir: str, suite: dict, context, fit: dict | None = None) -> dic
                                            "data": fit}]}, context.for_new_weights())["fit"]
         result["relation_swap_on_training_scenes"] = own["relation_swap_acc"]
     return result
-
-
-def pooled_std(a: list[float], b: list[float]) -> float:
-    """sqrt of the mean of the two arms' variances (percent points in, out)."""
-    if len(a) < 2:
-        return 0.0
-    return ((statistics.variance(a) + statistics.variance(b)) / 2) ** 0.5
 
 
 def decide(numbers: dict) -> tuple[bool, str]:
