@@ -85,3 +85,11 @@ def test_row_space_basis_gives_the_full_space_optimum():
     torch.testing.assert_close(torch.softmax(test @ mapped[0] + mapped[1], 1),
                                torch.softmax(test @ full[0] + full[1], 1), atol=5e-3, rtol=0)
     assert row_space_basis(x[:, :10]) is None  # fewer dimensions than samples: nothing to gain
+
+
+def test_a_warm_start_leaves_the_initial_weights_as_they_were():
+    x, y = blobs()
+    init = fit_logistic(x, y, 3, 1e-1)
+    before = [t.clone() for t in init]
+    fit_logistic(x, y, 3, 1e-4, init=init)
+    assert all(torch.equal(a, b) for a, b in zip(init, before))

@@ -60,25 +60,29 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     """Weights ``[D, C]`` and bias ``[C]`` minimising mean cross-entropy + ``l2/2 * |W|^2``,
     starting from ``init`` (a warm start) or zeros."""
     x, y = x.to(dtype), y.long()
+    # the weight is optimised as [C, D] and applied with F.linear: its gradient is then
+    # ``G.T @ x``, which MKL computes ~6x faster than the ``x.T @ G`` of ``x @ w``'s backward
+    # (measured: a 20000 x 3264 probe took 148 s, 0.66 s per L-BFGS evaluation)
     if init is None:
-        w = torch.zeros(x.shape[1], num_classes, dtype=dtype)
+        wt = torch.zeros(num_classes, x.shape[1], dtype=dtype)
         b = torch.zeros(num_classes, dtype=dtype)
     else:
-        w, b = (t.detach().to(dtype).clone() for t in init)
-    w.requires_grad_(True)
+        wt = init[0].detach().t().to(dtype).contiguous().clone()  # never the caller's storage
+        b = init[1].detach().to(dtype).clone()
+    wt.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
+    opt = torch.optim.LBFGS([wt, b], lr=1, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-7, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(F.linear(x, wt, b), y) + 0.5 * l2 * (wt * wt).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach().float(), b.detach().float()
+    return wt.detach().t().float().clone(), b.detach().float()
 
 
 def l2_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
