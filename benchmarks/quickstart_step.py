@@ -3,7 +3,7 @@ full forward, alternated in one process.
 
 The model is `configs/quickstart.yaml`'s (lit-minilm: 28 px ViT, patch 7, width 192, 4 blocks,
 frozen MiniLM text tower whose caption features are cached) and the step is the quickstart's,
-run by cliplab's real `Trainer` with the recipe's `train:` section (batch 256, bf16 autocast,
+run by cliplab's real `Trainer` with the recipe's `train:` section (its batch size and precision,
 shift/scale/rotate augmentation, multi-positive captions), on random uint8 28x28 grayscale
 images with 7 classes x 8 prompt templates as captions. "hf" runs the image tower's plain
 `ViTModel.forward` (the pooled path switched off), "pooled" the default. Both sides train the
