@@ -13,9 +13,11 @@ The seed ``s`` sets the pool (its scenes, its planted noise), the curation and t
 Accuracies are top-1 zero-shot in percent; std is the sample std over seeds; the pooled std of
 two arms is ``sqrt((std_a**2 + std_b**2) / 2)``.
 
-Sizes (full / ``--quick``): every tiny-clip pretraining is 400 / 150 steps of batch 64; the
-noisy pool has 3000 / 1200 scenes, the filtering network trains 150 / 60 steps on 800 / 400
-trusted scenes, ``keep_top`` is chosen among 0.3, 0.5, 0.7 / 0.4, 0.6; the imbalanced pool's
+Sizes (full / ``--quick``): tiny-clip pretrainings are 400 / 150 steps of batch 64, except
+score filtering's, which take DataComp's budget: as many samples as the unfiltered pool holds
+(one pass over it; the filtered arm repeats its smaller pool instead); the noisy pool has
+12 000 / 4 000 scenes, the filtering network trains 150 / 60 steps on 800 / 400 trusted scenes,
+``keep_top`` is chosen among 0.3, 0.5, 0.7 / 0.4, 0.6; the imbalanced pool's
 most frequent colour has 600 / 300 scenes, ``t`` = 40 / 20; the decontamination pool holds
 800 / 400 clean scenes plus 300 / 200 test images planted 5 times each.
 
@@ -146,12 +148,25 @@ def noisy_pool(n: int, seed: int, shuffled: float, duplicated: float
     dups = rng.choice(n, size=round(duplicated * n), replace=False)
     images = torch.cat([pairs.images, pairs.images[dups]])
     all_texts = shuffled_texts + [shuffled_texts[i] for i in dups]
+    wrong_rows = [shuffled_texts[i] != texts[i] for i in range(n)]
+    wrong_rows += [wrong_rows[i] for i in dups]
     return images, all_texts, {"scenes": n, "pairs": len(all_texts), "wrong_captions": int(wrong),
-                               "duplicates": len(dups)}
+                               "duplicates": len(dups), "wrong_rows": wrong_rows}
+
+
+def wrong_fraction_kept(kept_manifest: str, wrong_rows: list[bool]) -> float:
+    """The fraction of kept pairs whose caption is a shuffled one (pool file number = row):
+    how well the filter found the planted noise."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_table(kept_manifest).column("image").to_pylist()
+    return round(sum(wrong_rows[int(Path(n).stem)] for n in names) / max(len(names), 1), 4)
 
 
 def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
-    n_pool, steps = (1200, 150) if quick else (3000, 400)
+    n_pool = 4000 if quick else 12000
+    # DataComp's budget: samples seen = the unfiltered pool's size (pool + duplicates)
+    steps = round(n_pool * 1.25 / TRAIN["batch_size"])
     candidates = [0.3, 0.5, 0.7] if not quick else [0.4, 0.6]
     dfn_steps, trusted_n = (60, 400) if quick else (150, 800)
 
@@ -170,6 +185,8 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
     chosen, selection, pools = None, {}, []
     for s in seeds:
         images, texts, info = noisy_pool(n_pool, 100 + s, shuffled=0.5, duplicated=0.25)
+        wrong_rows = info.pop("wrong_rows")
+        info["wrong_fraction"] = round(sum(wrong_rows) / len(wrong_rows), 4)
         pool = write_pool(work / f"pool-{s}", images, texts)
         log(f"score_filter seed {s}: unfiltered")
         arms["unfiltered"].append(acc(pretrain(pool, steps, s, suite, work / f"run-none-{s}"), "test"))
@@ -182,6 +199,7 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
             evals = pretrain(kept, steps, s, suite, work / f"run-dfn-{s}-{keep_top}")
             selection[keep_top] = {"val": acc(evals, "val"), "test": acc(evals, "test")}
             info[f"kept_{keep_top}"] = summary["kept"]
+            info[f"wrong_fraction_kept_{keep_top}"] = wrong_fraction_kept(kept["path"], wrong_rows)
         if chosen is None:  # first seed: keep_top chosen on the validation set only
             chosen = max(candidates, key=lambda k: selection[k]["val"])
             first_seed = selection_first(selection, candidates)
