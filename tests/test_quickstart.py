@@ -36,7 +36,7 @@ def test_quickstart_config_rejects_unknown_keys():
     cfg = quickstart_config({"model": {"options": {"width": 64}}, "train": {"epochs": 1}})
     assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 64
     assert cfg.model.options["patch_size"] == 7
-    assert cfg.train.epochs == 1 and cfg.train.batch_size == 256
+    assert cfg.train.epochs == 1 and cfg.train.batch_size == 128
 
 
 @pytest.fixture()

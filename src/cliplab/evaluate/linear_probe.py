@@ -82,7 +82,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
         return loss
 
     opt.step(closure)
-    return wt.detach().t().float().clone(), b.detach().float()
+    return wt.detach().t().contiguous().float(), b.detach().float()  # a copy, row-major
 
 
 def l2_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
