@@ -87,3 +87,16 @@ def test_bad_yaml_and_bad_overrides_are_one_line(tmp_path):
         apply_overrides({"model": "m"}, ["model.name=x"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Recipe, tmp_path / "missing.yaml")
+
+
+def test_overrides_index_lists_and_leave_the_original_alone():
+    config = {"steps": [{"step": "basic", "min_words": 2}, {"step": "dfn", "keep_top": 0.3}]}
+    out = apply_overrides(config, ["steps.1.keep_top=0.5", "steps.0=exact_dedup"])
+    assert out["steps"] == ["exact_dedup", {"step": "dfn", "keep_top": 0.5}]
+    assert config["steps"][1]["keep_top"] == 0.3  # the caller's config is not modified
+    with pytest.raises(ConfigError, match=r"index 2 is outside the list's 2 items"):
+        apply_overrides(config, ["steps.2.keep_top=0.5"])
+    with pytest.raises(ConfigError, match=r"'first' indexes a list, so it must be a number"):
+        apply_overrides(config, ["steps.first.keep_top=0.5"])
+    with pytest.raises(ConfigError, match=r"'min_words' is a value, not a section"):
+        apply_overrides(config, ["steps.0.min_words.x=1"])

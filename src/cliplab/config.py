@@ -88,12 +88,30 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if isinstance(node, list):
+                child = node[_list_index(node, part, item)]
+            else:
+                child = node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return config
+
+
+def _list_index(items: list, part: str, item: str) -> int:
+    """``part`` as an index into ``items`` (``steps.1.keep_top=0.3``), or a one-line error."""
+    if not part.lstrip("-").isdigit():
+        raise ConfigError(f"override {item!r}: {part!r} indexes a list, so it must be a number "
+                          f"(0 to {len(items) - 1})")
+    index = int(part)
+    if not 0 <= index < len(items):
+        raise ConfigError(f"override {item!r}: index {index} is outside the list's {len(items)} "
+                          "items")
+    return index
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
