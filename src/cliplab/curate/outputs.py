@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from cliplab.curate.config import OutputSpec
 from cliplab.curate.pool import Record, image_bytes
-from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
-                                        shard_stats_name)
+from cliplab.data.shards.layout import INDEX_FILE, INDEX_FORMAT, STATS_FILE
+from cliplab.data.shards.write import ShardSink
 from cliplab.output_folder import write_json
 
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
@@ -34,25 +34,10 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
     """Shards in `cliplab data shard`'s layout (``00000.tar`` ..., ``index.json``); per sample the
     original image bytes (``KEY.jpg|png|...``), ``KEY.txt`` (the caption) and ``KEY.json``
     (captions, the pool key, the source's metadata)."""
-    import webdataset as wds
-
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.iterdir():  # a killed run's half-written shards
         old.unlink()
-    shards: list[dict] = []
-    box: list = []
-
-    def finished(fname: str) -> None:
-        name = Path(fname).name
-        shards.append({"name": name, "count": box[0].count})
-        write_json(dest / shard_stats_name(name), {"count": box[0].count,
-                                                   "successes": box[0].count})
-
-    writer = wds.ShardWriter(str(dest / SHARD_PATTERN), maxcount=samples_per_shard,
-                             maxsize=float("inf"), post=finished, verbose=0, encoder=False,
-                             mtime=0, mode=0o644)
-    box.append(writer)
-    with writer:
+    with ShardSink(dest, samples_per_shard) as writer:
         for number, record in enumerate(tqdm(records, desc="write shards", unit="item",
                                              disable=not progress)):
             data, ext = image_bytes(record["location"], work)
@@ -62,12 +47,12 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
             writer.write({"__key__": key, ext or "jpg": data,
                           "txt": record["caption"].encode("utf-8"),
                           "json": json.dumps(meta).encode("utf-8")})
-    total = sum(s["count"] for s in shards)
+    total = writer.total
     index = {"format": INDEX_FORMAT, "version": 1, "name": "curated", "source": source,
-             "total": total, "shards": shards, "skipped": {"total": 0, "counts": {}, "keys": {}}}
+             "total": total, "shards": writer.shards, "skipped": {"total": 0, "counts": {}, "keys": {}}}
     write_json(dest / STATS_FILE, {"count": total, "skipped": 0})
     write_json(dest / INDEX_FILE, index)
-    return {"format": "shards", "path": SHARDS_DIR, "count": total, "shards": len(shards)}
+    return {"format": "shards", "path": SHARDS_DIR, "count": total, "shards": len(writer.shards)}
 
 
 def write_kept_manifest(records: list[Record], work: Path, dest: Path,

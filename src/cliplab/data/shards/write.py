@@ -40,6 +40,41 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+class ShardSink:
+    """A WebDataset ``ShardWriter`` in this layout: shards named ``SHARD_PATTERN`` in ``out``, a
+    stats file beside each as it closes (``count``, ``successes`` and ``stats``), and ``shards``,
+    the ``{name, count}`` list the index holds. Use as a context manager."""
+
+    def __init__(self, out: Path, samples_per_shard: int, stats: dict | None = None):
+        import webdataset as wds
+
+        self.out, self.shards, self._stats = Path(out), [], dict(stats or {})
+        self._writer = wds.ShardWriter(str(self.out / SHARD_PATTERN), maxcount=samples_per_shard,
+                                       maxsize=float("inf"), post=self._finished, verbose=0,
+                                       encoder=False,
+                                       mtime=0, mode=0o644)  # int mtime: no per-member pax header
+
+    def _finished(self, fname: str) -> None:  # ShardWriter calls this as each shard closes
+        name, count = Path(fname).name, self._writer.count
+        self.shards.append({"name": name, "count": count})
+        write_json(self.out / shard_stats_name(name),
+                   {"count": count, "successes": count, **self._stats})
+
+    def write(self, sample: dict) -> None:
+        self._writer.write(sample)
+
+    @property
+    def total(self) -> int:
+        return sum(s["count"] for s in self.shards)
+
+    def __enter__(self) -> "ShardSink":
+        self._writer.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.__exit__(*exc)
+
+
 def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                  samples_per_shard: int = 1000, image_format: str = "jpg", quality: int = 95,
                  overwrite: bool = False, source: dict | None = None,
@@ -49,8 +84,6 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     Labelled images are written as pairs (one caption per prompt template, the class as group).
     Samples without a non-empty caption are skipped and counted, as are those the source skipped.
     """
-    import webdataset as wds
-
     if image_format not in ENCODE_FORMATS:
         raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
     if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
@@ -74,21 +107,7 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
 
     out = Path(out)
     _prepare_out(out, overwrite)
-    shards: list[dict] = []
-    writer_box: list = []
-
-    def finished(fname: str) -> None:  # ShardWriter calls this as each shard closes
-        name = Path(fname).name
-        count = writer_box[0].count
-        shards.append({"name": name, "count": count})
-        stats = {"count": count, "successes": count, "image_format": image_format}
-        write_json(out / shard_stats_name(name), stats)
-
-    writer = wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=samples_per_shard, maxsize=float("inf"),
-                             post=finished, verbose=0, encoder=False,
-                             mtime=0, mode=0o644)  # int mtime: no per-member pax header
-    writer_box.append(writer)
-    with writer:
+    with ShardSink(out, samples_per_shard, {"image_format": image_format}) as writer:
         for number, (i, caps) in enumerate(tqdm(keep, desc=f"shard {pairs.name}", unit="img",
                                                 disable=not progress)):
             group = None if pairs.groups is None else int(pairs.groups[i])
@@ -103,8 +122,8 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                           "json": json.dumps(meta).encode("utf-8")})
 
     index = {"format": INDEX_FORMAT, "version": 1, "name": pairs.name, "source": source,
-             "image_format": image_format, "total": sum(s["count"] for s in shards),
-             "shards": shards, "skipped": skipped.to_dict()}
+             "image_format": image_format, "total": writer.total,
+             "shards": writer.shards, "skipped": skipped.to_dict()}
     if labelled is not None:
         index["classnames"] = labelled.classnames
         index["templates"] = labelled.templates
