@@ -121,9 +121,11 @@ def stats(values: list[float]) -> dict:
             "values": [round(float(v), 3) for v in arr]}
 
 
-def arm_noise(a: dict, b: dict) -> float:
-    """The pooled std over seeds of two arms' ``stats`` (the papers' table's rule)."""
-    return pooled_std(a["values"], b["values"])
+def gap(numbers: dict, a: str, b: str) -> tuple[float, float]:
+    """(mean of arm ``a`` - mean of arm ``b``, their pooled std over seeds): the two sides of
+    every rule (the papers' table's noise)."""
+    return (numbers[a]["mean"] - numbers[b]["mean"],
+            pooled_std(numbers[a]["values"], numbers[b]["values"]))
 
 
 def log(message: str) -> None:
@@ -206,8 +208,7 @@ def claim_score_filter(seeds: list[int], quick: bool, work: Path) -> dict:
         arms["filtered"].append(selection[chosen]["test"])
         pools.append(info)
     numbers = {arm: stats(v) for arm, v in arms.items()}
-    gain = numbers["filtered"]["mean"] - numbers["unfiltered"]["mean"]
-    noise = arm_noise(numbers["filtered"], numbers["unfiltered"])
+    gain, noise = gap(numbers, "filtered", "unfiltered")
     return {"claim": "score filtering beats no filtering at equal steps",
             "paper": "DataComp (Gadre et al. 2023); DFN (Fang et al. 2023)",
             "reproduced": bool(gain > 2 * noise),
@@ -257,10 +258,8 @@ def claim_balance(seeds: list[int], quick: bool, work: Path) -> dict:
             arms[f"{arm}_slope"].append(100 * lt["fit"]["slope"])
             arms[f"{arm}_all"].append(100 * np.mean([v["acc1"] for v in lt["per_class"].values()]))
     numbers = {arm: stats(v) for arm, v in arms.items()}
-    rare_gain = numbers["balanced_rare3"]["mean"] - numbers["unbalanced_rare3"]["mean"]
-    rare_noise = arm_noise(numbers["balanced_rare3"], numbers["unbalanced_rare3"])
-    flatter = numbers["unbalanced_slope"]["mean"] - numbers["balanced_slope"]["mean"]
-    slope_noise = arm_noise(numbers["balanced_slope"], numbers["unbalanced_slope"])
+    rare_gain, rare_noise = gap(numbers, "balanced_rare3", "unbalanced_rare3")
+    flatter, slope_noise = gap(numbers, "unbalanced_slope", "balanced_slope")
     return {"claim": "balancing raises the rarest concepts' accuracy and flattens the "
                      "accuracy-vs-log-frequency slope",
             "paper": "MetaCLIP (Xu et al. 2023)",
@@ -309,10 +308,8 @@ def claim_decontaminate(seeds: list[int], quick: bool, work: Path) -> dict:
             arms[arm].append(100 * pretrain(train, steps, s, suite, work / f"run-{arm}-{s}")
                              ["test"]["acc1"])
     numbers = {arm: stats(v) for arm, v in arms.items()}
-    inflation = numbers["contaminated"]["mean"] - numbers["clean"]["mean"]
-    inflation_noise = arm_noise(numbers["contaminated"], numbers["clean"])
-    residual = numbers["decontaminated"]["mean"] - numbers["clean"]["mean"]
-    residual_noise = arm_noise(numbers["decontaminated"], numbers["clean"])
+    inflation, inflation_noise = gap(numbers, "contaminated", "clean")
+    residual, residual_noise = gap(numbers, "decontaminated", "clean")
     return {"claim": "planted test images inflate test accuracy; decontaminate removes the "
                      "inflation",
             "paper": "CLIP (Radford et al. 2021, data overlap analysis); DataComp (Gadre et al. 2023)",
