@@ -67,7 +67,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
         wt = torch.zeros(num_classes, x.shape[1], dtype=dtype)
         b = torch.zeros(num_classes, dtype=dtype)
     else:
-        wt = init[0].detach().t().to(dtype).contiguous().clone()  # never the caller's storage
+        wt = init[0].detach().t().to(dtype).clone(memory_format=torch.contiguous_format)
         b = init[1].detach().to(dtype).clone()
     wt.requires_grad_(True)
     b.requires_grad_(True)
