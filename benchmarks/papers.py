@@ -6,9 +6,9 @@ reported.
 
 Trains the competent base once (`paper_claims.common.competent_base`, kept under
 ``--work``), runs each claim module of `paper_claims`, writes ``examples/results/papers.json``
-(``papers-quick.json`` with ``--quick``): a list with one entry per claim (``claim_id``, ``claim``, ``paper``,
-``reproduced``, ``seeds``, ``numbers``, ``base``, ``paper_numbers``, ``note``), and prints the
-README's table. Never asserts: a claim that does not reproduce says so in the table.
+(``papers-quick.json`` with ``--quick``): a list with one entry per claim (``claim_id``,
+``claim``, ``paper``, ``reproduced``, ``seeds``, ``numbers``, ``base``, ``paper_numbers``,
+``note``), and prints the README's table. Never asserts: a claim that does not reproduce says so in the table.
 With ``--jobs N`` the claims run in N processes of one torch thread each (the longest first);
 the JSON and the table keep the table order.
 """
