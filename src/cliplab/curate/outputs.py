@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 
 from cliplab.curate.config import OutputSpec
 from cliplab.curate.pool import Record, image_bytes
-from cliplab.data.shards.layout import INDEX_FILE, INDEX_FORMAT, STATS_FILE
 from cliplab.data.shards.write import ShardSink
-from cliplab.output_folder import write_json
+from cliplab.data.types import SkipReport
 
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
 
@@ -47,12 +46,9 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
             writer.write({"__key__": key, ext or "jpg": data,
                           "txt": record["caption"].encode("utf-8"),
                           "json": json.dumps(meta).encode("utf-8")})
-    total = writer.total
-    index = {"format": INDEX_FORMAT, "version": 1, "name": "curated", "source": source,
-             "total": total, "shards": writer.shards, "skipped": {"total": 0, "counts": {}, "keys": {}}}
-    write_json(dest / STATS_FILE, {"count": total, "skipped": 0})
-    write_json(dest / INDEX_FILE, index)
-    return {"format": "shards", "path": SHARDS_DIR, "count": total, "shards": len(writer.shards)}
+    writer.write_index("curated", source, SkipReport())  # curation's drops: dropped.parquet
+    return {"format": "shards", "path": SHARDS_DIR, "count": writer.total,
+            "shards": len(writer.shards)}
 
 
 def write_kept_manifest(records: list[Record], work: Path, dest: Path,

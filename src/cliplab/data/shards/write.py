@@ -43,7 +43,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 class ShardSink:
     """A WebDataset ``ShardWriter`` in this layout: shards named ``SHARD_PATTERN`` in ``out``, a
     stats file beside each as it closes (``count``, ``successes`` and ``stats``), and ``shards``,
-    the ``{name, count}`` list the index holds. Use as a context manager."""
+    the ``{name, count}`` list the index holds; `write_index` writes the set's index and stats
+    once the writer is closed. Use as a context manager."""
 
     def __init__(self, out: Path, samples_per_shard: int, stats: dict | None = None):
         import webdataset as wds
@@ -51,8 +52,8 @@ class ShardSink:
         self.out, self.shards, self._stats = Path(out), [], dict(stats or {})
         self._writer = wds.ShardWriter(str(self.out / SHARD_PATTERN), maxcount=samples_per_shard,
                                        maxsize=float("inf"), post=self._finished, verbose=0,
-                                       encoder=False,
-                                       mtime=0, mode=0o644)  # int mtime: no per-member pax header
+                                       encoder=False, mode=0o644,
+                                       mtime=0)  # int mtime: no per-member pax header
 
     def _finished(self, fname: str) -> None:  # ShardWriter calls this as each shard closes
         name, count = Path(fname).name, self._writer.count
@@ -66,6 +67,16 @@ class ShardSink:
     @property
     def total(self) -> int:
         return sum(s["count"] for s in self.shards)
+
+    def write_index(self, name: str, source: dict | None, skipped: SkipReport,
+                    **extra) -> dict:
+        """``index.json`` (format, name, source, total, shards, skipped, ``extra``) and the
+        set's stats file; returns the index."""
+        index = {"format": INDEX_FORMAT, "version": 1, "name": name, "source": source, **extra,
+                 "total": self.total, "shards": self.shards, "skipped": skipped.to_dict()}
+        write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.total})
+        write_json(self.out / INDEX_FILE, index)
+        return index
 
     def __enter__(self) -> "ShardSink":
         self._writer.__enter__()
@@ -121,12 +132,6 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                           "txt": caps[0].encode("utf-8"),
                           "json": json.dumps(meta).encode("utf-8")})
 
-    index = {"format": INDEX_FORMAT, "version": 1, "name": pairs.name, "source": source,
-             "image_format": image_format, "total": writer.total,
-             "shards": writer.shards, "skipped": skipped.to_dict()}
-    if labelled is not None:
-        index["classnames"] = labelled.classnames
-        index["templates"] = labelled.templates
-    write_json(out / STATS_FILE, {"count": index["total"], "skipped": skipped.total})
-    write_json(out / INDEX_FILE, index)
-    return index
+    classes = {} if labelled is None else {"classnames": labelled.classnames,
+                                           "templates": labelled.templates}
+    return writer.write_index(pairs.name, source, skipped, image_format=image_format, **classes)
