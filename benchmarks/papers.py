@@ -8,7 +8,8 @@ Trains the competent base once (`paper_claims.common.competent_base`, kept under
 ``--work``), runs each claim module of `paper_claims`, writes ``examples/results/papers.json``
 (``papers-quick.json`` with ``--quick``): a list with one entry per claim (``claim_id``,
 ``claim``, ``paper``, ``reproduced``, ``seeds``, ``numbers``, ``base``, ``paper_numbers``,
-``note``), and prints the README's table. Never asserts: a claim that does not reproduce says so in the table.
+``note``), and prints the README's table. Never asserts: a claim that does not
+reproduce says so in the table.
 With ``--jobs N`` the claims run in N processes of one torch thread each (the longest first);
 the JSON and the table keep the table order.
 """
@@ -104,10 +105,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def keep(results: list[dict]) -> None:  # finished claims survive a crash
         done.update((r["claim_id"], r) for r in results)
-        entries[:] = [done[n] for n in names if n in done]
-        out.write_text(json.dumps(entries, indent=2) + "\n")
+        out.write_text(json.dumps([done[n] for n in names if n in done], indent=2) + "\n")
 
-    entries: list[dict] = []
     if args.jobs <= 1:
         for name in names:
             keep(run_claims([name], base, args, kind))
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                        for unit in groups(names)]
             for future in concurrent.futures.as_completed(futures):
                 keep(future.result())
-    print(format_table(entries))
+    print(format_table([done[n] for n in names]))
 
 
 if __name__ == "__main__":

@@ -34,4 +34,5 @@ def test_the_table_shows_each_arm_and_says_why_a_claim_failed():
              "note": "X tie with Y", "numbers": {"X": {"mean": 71.234, "std": 0.5},
                                                   "α*": [0.5, 0.25]}}
     rows = papers.format_table([entry]).splitlines()
-    assert rows[2] == "| X > Y | P | X 71.2 ± 0.5; α* [0.5, 0.25] | 90 vs 80 | no — X tie with Y |"
+    assert rows[2] == ("| X > Y | P | X 71.2 ± 0.5; α* [0.5, 0.25] | 90 vs 80 "
+                       "| no — X tie with Y |")
