@@ -58,16 +58,18 @@ def only_classes(data: LabelledImages, names: Sequence[str]) -> LabelledImages:
 
 
 def finetune(ctx: ClaimContext, lr: float, epochs: float, seed: int, train_size: int,
-             classes: Sequence[str] | None = None, augment: bool = True) -> Path:
+             classes: Sequence[str] | None = None, augment: bool = True,
+             cache: Path | None = None) -> Path:
     """The base fine-tuned (image tower, fixed zero-shot head) on ``train_size`` images of the
     training pool drawn with ``seed`` (of ``classes`` only, if given), AdamW at ``lr`` with
     warm-up and cosine decay, with the Trainer's augmentation unless ``augment`` is false
     (horizontal flips never: Fashion-MNIST garments have a side). Written once under the
-    claims' shared ``finetunes/`` folder and reused by every claim asking for the same recipe."""
+    claims' shared ``finetunes/`` folder (``cache``: another folder, for fine-tunes of another
+    base) and reused by every claim asking for the same recipe."""
     tag = f"lr{lr:g}-ep{epochs:g}-n{train_size}-seed{seed}" + ("" if augment else "-noaug")
     if classes:
         tag += "-" + "+".join(c.replace(" ", "_") for c in classes)
-    folder = ctx.work.parent / "finetunes" / tag
+    folder = (cache or ctx.work.parent / "finetunes") / tag
     if (folder / "config.json").is_file():
         return folder
     data = load(train_pool(ctx))

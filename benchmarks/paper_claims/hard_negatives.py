@@ -170,7 +170,7 @@ def run(ctx: ClaimContext) -> dict:
                  numbers[arm]["relation_swap_on_training_scenes"]
                  for arm in ("plain", "hard_negatives")})
     return entry(
-        "hard_negatives", PAPER, reproduced, ctx.seeds, flat, BASE,
+        CLAIM, PAPER, reproduced, ctx.seeds, flat, BASE,
         paper_numbers=("NegCLIP vs CLIP (ViT-B/32, COCO fine-tune): ARO VG-Relation 59→81, "
                        "VG-Attribution 62→71, COCO order 46→86; SyViC: +9.9% on ARO"),
         note=note)

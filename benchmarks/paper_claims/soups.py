@@ -67,7 +67,7 @@ def run(ctx: ClaimContext) -> dict:
                "best single (by test, oracle)": mean_std(arms["oracle"]),
                "greedy vs best single": greedy_vs,
                "ingredients kept": [len(d["kept"]) for d in decisions]}
-    result = entry("soups", PAPER, reproduced, ctx.seeds, numbers, BASE, PAPER_NUMBERS, note)
+    result = entry(CLAIM, PAPER, reproduced, ctx.seeds, numbers, BASE, PAPER_NUMBERS, note)
     result["details"] = {"lrs": LRS, "epochs": EPOCHS, "augment": AUGMENT,
                          "train_size": train_size,
                          "validation_size": val_size, "per_seed": decisions}

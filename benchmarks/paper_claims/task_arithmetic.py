@@ -80,7 +80,7 @@ def run(ctx: ClaimContext) -> dict:
                "control: base": mean_std(arms["base_control"]),
                "+λτ ": mean_std(arms["add_control"]), "−λτ ": mean_std(arms["neg_control"]),
                "λ (on validation) +/−": [[c["add"], c["negate"]] for c in chosen]}
-    result = entry("task_arithmetic", PAPER, reproduced, ctx.seeds, numbers, BASE,
+    result = entry(CLAIM, PAPER, reproduced, ctx.seeds, numbers, BASE,
                    PAPER_NUMBERS, note)
     result["details"] = {"task": HELDOUT, "control": SEEN, "lr": LR, "epochs": EPOCHS,
                          "train_size": train_size, "validation_size": val_size,
