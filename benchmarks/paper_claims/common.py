@@ -65,11 +65,14 @@ def test_set(ctx: ClaimContext) -> dict:
 
 
 def base_recipe(quick: bool) -> dict:
-    """The quickstart config that trains the competent base: its default recipe (5 epochs of
-    batch 128) with the validation pool held out (``--quick``: 3 epochs of batch 256)."""
-    cfg: dict[str, Any] = {"data": {"validation": 60_000 - POOL_SIZE}}
+    """The quickstart config that trains the competent base: the quickstart's recipe as the
+    committed table was measured with (5 epochs of batch 128, shift/scale/rotate jitter — the
+    quickstart has since dropped the jitter) with the validation pool held out (``--quick``: 3
+    epochs of batch 256)."""
+    cfg: dict[str, Any] = {"data": {"validation": 60_000 - POOL_SIZE},
+                           "train": {"augment": {"hflip": False}}}
     if quick:
-        cfg["train"] = {"epochs": 3, "batch_size": 256}
+        cfg["train"].update(epochs=3, batch_size=256)
     return cfg
 
 

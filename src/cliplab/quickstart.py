@@ -27,7 +27,7 @@ DEFAULT_MODEL = {"name": "lit-minilm",
                  "options": {"image_size": 28, "patch_size": 7, "width": 192, "layers": 4,
                              "heads": 3}}
 DEFAULT_TRAIN = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05,
-                 "warmup": 0.05, "lock_text": True, "augment": {"hflip": False},
+                 "warmup": 0.05, "lock_text": True, "augment": False,
                  "multi_positive": True, "precision": "auto",
                  "lr_scale": {"text_projection": 0.1}}
 
