@@ -38,7 +38,8 @@ def tiny_shapes_run(tmp_path_factory):
 def tiny_lit_run(tmp_path_factory):
     """A run folder of `cliplab quickstart` shortened to seconds (a 2-block ViT, 12 000
     Fashion-MNIST images, 2 epochs of batch 256): a real LiT model for the adaptation tests
-    (the batch pinned so the numbers their docstrings quote stay the ones measured)."""
+    (the batch and the jitter augmentation pinned so the numbers their docstrings quote stay
+    the ones measured)."""
     import subprocess
     import sys
 
@@ -46,6 +47,7 @@ def tiny_lit_run(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "cliplab", "quickstart", "--out", str(out), "--no-progress",
          "data.train_limit=12000", "data.test_limit=1000", "train.epochs=2", "train.batch_size=256",
+         "train.augment={hflip: false}",
          "model.options={image_size: 28, patch_size: 7, width: 96, layers: 2, heads: 3}",
          "eval.probe_train_size=1000"],
         capture_output=True, text=True, timeout=900, cwd=out.parent)
