@@ -49,8 +49,8 @@ from cliplab.quickstart import DEFAULT_MODEL, DEFAULT_TRAIN
 from cliplab.runs import RunDir
 from cliplab.train.trainer import TrainConfig, Trainer
 
-from paper_claims.common import SEEN, ClaimContext, entry, mean_std, test_set, train_pool, \
-    validation_pool
+from paper_claims.common import SEEN, ClaimContext, base_recipe, entry, mean_std, test_set, \
+    train_pool, validation_pool
 from paper_claims.finetunes import Scorer, compare, finetune, load, only_classes, state_of
 
 CLAIM = "WiSE-FT: an intermediate α beats both ends on shifted data (α chosen on validation)"
@@ -87,15 +87,13 @@ def diverse_pool(ctx: ClaimContext) -> LabelledImages:
 
 
 def diverse_base(ctx: ClaimContext) -> Path:
-    """This claim's base model folder: the quickstart's model and recipe as the competent base
-    was trained with (``--quick``: 3 epochs of batch 256) on `diverse_pool`; trained once into
+    """This claim's base model folder: the quickstart's model and the competent base's recipe
+    (`base_recipe`, ``--quick`` included) on `diverse_pool`; trained once into
     ``ctx.work / "diverse-base"`` and reused after."""
     run_path = ctx.work / "diverse-base"
     if run_path.is_dir():
         return model_folder(run_path)
-    recipe = {**DEFAULT_TRAIN, "augment": {"hflip": False}, "progress": False}
-    if ctx.quick:
-        recipe.update(epochs=3, batch_size=256)
+    recipe = {**DEFAULT_TRAIN, **base_recipe(ctx.quick)["train"], "progress": False}
     tmp = run_path.with_name(run_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer = Trainer(load_model(DEFAULT_MODEL), TrainConfig(**recipe), RunDir(tmp))
