@@ -68,7 +68,7 @@ def run_steps(model, initial: dict, train: dict, pairs: ImageTextPairs, warmup: 
               steps: int, profiler=None) -> float:
     """Steps/s over ``steps`` quickstart steps after ``warmup`` ones, from the Trainer's log."""
     model.load_state_dict(initial)
-    cfg = TrainConfig.from_dict({**train, "epochs": 1, "steps": warmup + steps, "warmup": 0,
+    cfg = TrainConfig.from_dict({**train, "steps": warmup + steps, "warmup": 0,
                                  "log_every": 1, "progress": False, "device": "cpu"})
     with tempfile.TemporaryDirectory() as tmp:
         with profiler or contextlib.nullcontext():

@@ -45,9 +45,9 @@ from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shift import invert
 from cliplab.data.types import LabelledImages
 from cliplab.models.resolve import load_model, model_folder
-from cliplab.quickstart import DEFAULT_MODEL, DEFAULT_TRAIN
+from cliplab.quickstart import DEFAULT_MODEL, quickstart_config
 from cliplab.runs import RunDir
-from cliplab.train.trainer import TrainConfig, Trainer
+from cliplab.train.trainer import Trainer
 
 from paper_claims.common import SEEN, ClaimContext, base_recipe, entry, mean_std, test_set, \
     train_pool, validation_pool
@@ -93,10 +93,11 @@ def diverse_base(ctx: ClaimContext) -> Path:
     run_path = ctx.work / "diverse-base"
     if run_path.is_dir():
         return model_folder(run_path)
-    recipe = {**DEFAULT_TRAIN, **base_recipe(ctx.quick)["train"], "progress": False}
+    recipe = quickstart_config({"train": base_recipe(ctx.quick)["train"]}, "the diverse base") \
+        .train.model_copy(update={"progress": False})
     tmp = run_path.with_name(run_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer = Trainer(load_model(DEFAULT_MODEL), TrainConfig(**recipe), RunDir(tmp))
+    trainer = Trainer(load_model(DEFAULT_MODEL), recipe, RunDir(tmp))
     trainer.fit(labelled_to_pairs(diverse_pool(ctx)))
     tmp.rename(run_path)
     return model_folder(run_path)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator
+from pydantic import (BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator,
+                      model_validator)
 
 from cliplab.config import Section, validate
 from cliplab.models.preprocess import AugmentConfig
@@ -31,7 +32,7 @@ class TrainConfig(Section):
     """Settings of one training run (every field is a YAML key under ``train:``)."""
 
     epochs: PositiveFloat = 1.0
-    steps: PositiveInt | None = None  # overrides epochs when set
+    steps: PositiveInt | None = None  # the length in optimiser steps instead of epochs
     # at least 2: a contrastive loss needs a negative
     batch_size: Annotated[Integer, Field(ge=2)] = 256
     lr: NonNegativeFloat = 1e-3
@@ -73,6 +74,15 @@ class TrainConfig(Section):
     log_every: PositiveInt = 25
     save_every: NonNegativeInt = 0  # 0: only the final checkpoint
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_or_steps(cls, value: Any) -> Any:
+        # both given, one would silently lose: say so instead
+        if isinstance(value, dict) and value.get("steps") is not None and "epochs" in value:
+            raise ValueError("give the length as epochs or as steps, not both "
+                             f"(epochs: {value['epochs']}, steps: {value['steps']})")
+        return value
 
     @field_validator("hard_negatives", mode="before")
     @classmethod
