@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist
@@ -65,11 +64,7 @@ SOUP_TRAIN = slice(20000, 30000)  # fresh images the soup ingredients are fine-t
 def digits_28(split: str) -> LabelledImages:
     """sklearn's 8x8 digits upsampled to 28x28 (bilinear, as the preprocessing would), so they
     batch with Fashion-MNIST images."""
-    d = load_digits(split)
-    x = F.interpolate(d.images.permute(0, 3, 1, 2).float(), size=(28, 28), mode="bilinear",
-                      align_corners=False)
-    images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return LabelledImages(images, d.labels, d.classnames, d.templates, name=f"digits28-{split}")
+    return load_digits(split, image_size=28)
 
 
 def pretrain_base(out: Path, epochs: float, n_digits: int) -> Path:

@@ -74,6 +74,16 @@ def test_digits_split_is_stratified_and_disjoint():
     assert set(test.labels.tolist()) == set(range(10))
 
 
+def test_digits_upsampled_as_a_source_option():
+    small, big = load_digits("test"), load_source({"source": "digits", "split": "test",
+                                                   "image_size": 28})
+    assert big.images.shape == (len(small), 28, 28, 1) and big.images.dtype == torch.uint8
+    assert torch.equal(big.labels, small.labels)
+    # bilinear upsampling keeps each image's overall brightness (mean within 3 grey levels)
+    assert (big.images.float().mean((1, 2, 3)) - small.images.float().mean((1, 2, 3))).abs() \
+        .max() < 3
+
+
 def test_holdout_and_pairs(fmnist_dir):
     data = load_fashion_mnist("train", fmnist_dir)
     seen, held = split_classes(data, ["Shirt", "Sneaker", "Bag"])

@@ -92,6 +92,28 @@ def competent_base(out: Path, quick: bool, data_dir: str | None = None,
     return Path(run_quickstart(cfg, progress=progress)["model_dir"])
 
 
+def pretrain_once(run_path: Path, pairs, train: dict, where: str) -> Path:
+    """The quickstart's model pretrained on ``pairs`` (an ``ImageTextPairs``) with the
+    quickstart's recipe updated by ``train``, into ``run_path`` once (a run folder, written
+    under a temporary name and renamed when done) and reused after; its model folder."""
+    import shutil
+
+    from cliplab.models.resolve import load_model, model_folder
+    from cliplab.quickstart import DEFAULT_MODEL, quickstart_config
+    from cliplab.runs import RunDir
+    from cliplab.train.trainer import Trainer
+
+    if run_path.is_dir():
+        return model_folder(run_path)
+    recipe = quickstart_config({"train": train}, where).train.model_copy(
+        update={"progress": False})
+    tmp = run_path.with_name(run_path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Trainer(load_model(DEFAULT_MODEL), recipe, RunDir(tmp)).fit(pairs)
+    tmp.rename(run_path)
+    return model_folder(run_path)
+
+
 def mean_std(values: list[float]) -> dict:
     """``{"mean", "std", "values"}`` in percent points (std 0 for one value)."""
     pct = [100.0 * v for v in values]

@@ -59,20 +59,24 @@ def only_classes(data: LabelledImages, names: Sequence[str]) -> LabelledImages:
 
 def finetune(ctx: ClaimContext, lr: float, epochs: float, seed: int, train_size: int,
              classes: Sequence[str] | None = None, augment: bool = True,
-             cache: Path | None = None) -> Path:
+             cache: Path | None = None, data: LabelledImages | None = None) -> Path:
     """The base fine-tuned (image tower, fixed zero-shot head) on ``train_size`` images of the
     training pool drawn with ``seed`` (of ``classes`` only, if given), AdamW at ``lr`` with
     warm-up and cosine decay, with the Trainer's augmentation unless ``augment`` is false
-    (horizontal flips never: Fashion-MNIST garments have a side). Written once under the
+    (horizontal flips never: Fashion-MNIST garments have a side). ``data``: other training
+    images than the pool's (their name enters the folder's name). Written once under the
     claims' shared ``finetunes/`` folder (``cache``: another folder, for fine-tunes of another
     base) and reused by every claim asking for the same recipe."""
     tag = f"lr{lr:g}-ep{epochs:g}-n{train_size}-seed{seed}" + ("" if augment else "-noaug")
+    if data is not None:
+        tag = f"{data.name}-{tag}"
     if classes:
         tag += "-" + "+".join(c.replace(" ", "_") for c in classes)
     folder = (cache or ctx.work.parent / "finetunes") / tag
     if (folder / "config.json").is_file():
         return folder
-    data = load(train_pool(ctx))
+    if data is None:
+        data = load(train_pool(ctx))
     if classes:
         data = only_classes(data, classes)
     data = subsample(data, train_size, seed)

@@ -34,7 +34,6 @@ shifted test.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 from pathlib import Path
 
@@ -44,13 +43,9 @@ from cliplab.adapt.wise_ft import interpolate
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shift import invert
 from cliplab.data.types import LabelledImages
-from cliplab.models.resolve import load_model, model_folder
-from cliplab.quickstart import DEFAULT_MODEL, quickstart_config
-from cliplab.runs import RunDir
-from cliplab.train.trainer import Trainer
 
-from paper_claims.common import SEEN, ClaimContext, base_recipe, entry, mean_std, test_set, \
-    train_pool, validation_pool
+from paper_claims.common import SEEN, ClaimContext, base_recipe, entry, mean_std, \
+    pretrain_once, test_set, train_pool, validation_pool
 from paper_claims.finetunes import Scorer, compare, finetune, load, only_classes, state_of
 
 CLAIM = "WiSE-FT: an intermediate α beats both ends on shifted data (α chosen on validation)"
@@ -90,17 +85,8 @@ def diverse_base(ctx: ClaimContext) -> Path:
     """This claim's base model folder: the quickstart's model and the competent base's recipe
     (`base_recipe`, ``--quick`` included) on `diverse_pool`; trained once into
     ``ctx.work / "diverse-base"`` and reused after."""
-    run_path = ctx.work / "diverse-base"
-    if run_path.is_dir():
-        return model_folder(run_path)
-    recipe = quickstart_config({"train": base_recipe(ctx.quick)["train"]}, "the diverse base") \
-        .train.model_copy(update={"progress": False})
-    tmp = run_path.with_name(run_path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer = Trainer(load_model(DEFAULT_MODEL), recipe, RunDir(tmp))
-    trainer.fit(labelled_to_pairs(diverse_pool(ctx)))
-    tmp.rename(run_path)
-    return model_folder(run_path)
+    return pretrain_once(ctx.work / "diverse-base", labelled_to_pairs(diverse_pool(ctx)),
+                         base_recipe(ctx.quick)["train"], "the diverse base")
 
 
 def run(ctx: ClaimContext) -> dict:

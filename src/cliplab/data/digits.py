@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cliplab.data.types import LabelledImages
 
@@ -12,8 +13,11 @@ TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}.",
              "a blurry photo of the digit {}."]
 
 
-def load_digits(split: str = "all", test_fraction: float = 0.3, seed: int = 0) -> LabelledImages:
-    """Digits as 8x8 grayscale uint8 images; ``train``/``test`` is a fixed stratified split."""
+def load_digits(split: str = "all", test_fraction: float = 0.3, seed: int = 0,
+                image_size: int | None = None) -> LabelledImages:
+    """Digits as 8x8 grayscale uint8 images; ``train``/``test`` is a fixed stratified split.
+    ``image_size``: upsampled (bilinear) to that side, e.g. 28 to batch them with
+    Fashion-MNIST images in one training set."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
@@ -26,5 +30,11 @@ def load_digits(split: str = "all", test_fraction: float = 0.3, seed: int = 0) -
                                                random_state=seed, stratify=labels)
         idx = {"train": idx_train, "test": idx_test}[split]
         images, labels = images[np.sort(idx)], labels[np.sort(idx)]
-    return LabelledImages(torch.from_numpy(images).unsqueeze(-1), torch.from_numpy(labels),
-                          list(CLASSNAMES), list(TEMPLATES), name=f"digits-{split}")
+    pixels = torch.from_numpy(images).unsqueeze(-1)
+    if image_size is not None and image_size != pixels.shape[1]:
+        x = F.interpolate(pixels.permute(0, 3, 1, 2).float(), size=(image_size, image_size),
+                          mode="bilinear", align_corners=False)
+        pixels = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    suffix = "" if image_size is None else f"-{image_size}px"
+    return LabelledImages(pixels, torch.from_numpy(labels), list(CLASSNAMES), list(TEMPLATES),
+                          name=f"digits-{split}{suffix}")
