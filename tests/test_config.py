@@ -102,12 +102,15 @@ def test_overrides_index_lists_and_leave_the_original_alone():
         apply_overrides(config, ["steps.0.min_words.x=1"])
 
 
+
 def test_a_length_in_both_epochs_and_steps_is_refused():
-    # one of the two would silently lose
+    # e.g. a steps override on a config written in epochs: one of the two would silently lose
     from cliplab.train.config import TrainConfig
 
-    with pytest.raises(ConfigError, match=r"run\.yaml: train: give the length as epochs or "
-                                          r"as steps, not both \(epochs: 2, steps: 10\)"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: train: give the length as epochs or as "
+                                          r"steps, not both \(epochs: 2, steps: 10\); set the "
+                                          r"other to null"):
         TrainConfig.from_dict({"epochs": 2, "steps": 10}, "run.yaml")
     assert TrainConfig.from_dict({"epochs": 2, "steps": None}).epochs == 2
-    assert TrainConfig.from_dict({"steps": 10}).steps == 10
+    assert TrainConfig.from_dict({"epochs": None, "steps": 10}).steps == 10
+    assert TrainConfig.from_dict({}).epochs is None and TrainConfig.from_dict({}).steps is None

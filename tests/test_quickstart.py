@@ -37,12 +37,16 @@ def test_quickstart_config_rejects_unknown_keys():
     assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 64
     assert cfg.model.options["patch_size"] == 7
     assert cfg.train.epochs == 1 and cfg.train.batch_size == 128
-    # the default length is in steps; a length in epochs replaces it, both at once is an error
+    # the default length is in steps; a length in epochs replaces it; both at once is an error
+    # (configs/quickstart.yaml holds steps: an epochs override on it needs train.steps=null)
     assert cfg.train.steps is None
     assert quickstart_config({}).train.steps == 1360
     assert quickstart_config({"train": {"steps": 10}}).train.steps == 10
-    with pytest.raises(ConfigError, match="train: .*epochs or as steps, not both"):
-        quickstart_config({"train": {"epochs": 2, "steps": 10}})
+    both = {"train": {"epochs": 2, "steps": 1360}}
+    with pytest.raises(ConfigError, match=r"train: give the length as epochs or as steps, not "
+                                          r"both \(epochs: 2, steps: 1360\); set the other to null"):
+        quickstart_config(both)
+    assert quickstart_config({"train": {"epochs": 2, "steps": None}}).train.epochs == 2
 
 
 @pytest.fixture()

@@ -79,7 +79,7 @@ class QuickstartConfig(Section):
         if not isinstance(value, dict):
             return value
         default = dict(DEFAULT_TRAIN)
-        if "epochs" in value:  # a length in epochs replaces the default one in steps
+        if value.get("epochs") is not None:  # a length in epochs replaces the default steps
             default.pop("steps")
         return deep_merge(default, value)
 

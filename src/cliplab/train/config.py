@@ -31,8 +31,9 @@ NonNegativeInt = Annotated[Integer, Field(ge=0)]
 class TrainConfig(Section):
     """Settings of one training run (every field is a YAML key under ``train:``)."""
 
-    epochs: PositiveFloat = 1.0
-    steps: PositiveInt | None = None  # the length in optimiser steps instead of epochs
+    # the length, in passes over the data or in optimiser steps (one of the two; neither: 1 epoch)
+    epochs: PositiveFloat | None = None
+    steps: PositiveInt | None = None
     # at least 2: a contrastive loss needs a negative
     batch_size: Annotated[Integer, Field(ge=2)] = 256
     lr: NonNegativeFloat = 1e-3
@@ -75,14 +76,13 @@ class TrainConfig(Section):
     save_every: NonNegativeInt = 0  # 0: only the final checkpoint
     progress: bool = True
 
-    @model_validator(mode="before")
-    @classmethod
-    def _epochs_or_steps(cls, value: Any) -> Any:
-        # both given, one would silently lose: say so instead
-        if isinstance(value, dict) and value.get("steps") is not None and "epochs" in value:
-            raise ValueError("give the length as epochs or as steps, not both "
-                             f"(epochs: {value['epochs']}, steps: {value['steps']})")
-        return value
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> "TrainConfig":
+        # both set, one would silently lose (e.g. a steps override on a config in epochs)
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"give the length as epochs or as steps, not both (epochs: "
+                             f"{self.epochs:g}, steps: {self.steps}); set the other to null")
+        return self
 
     @field_validator("hard_negatives", mode="before")
     @classmethod

@@ -120,7 +120,7 @@ class Trainer:
                               model=self.model, pixels=self.embed.pixels, rank=self.rank,
                               world=self.world, device=self.device, replay=replay,
                               replay_ratio=replay_ratio)
-        total = cfg.steps or max(1, round(cfg.epochs * inputs.per_epoch))
+        total = cfg.steps or max(1, round((cfg.epochs or 1.0) * inputs.per_epoch))
         warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
         optimizer = self._optimizer()
         scheduler = build_scheduler(optimizer, total, warmup, cfg.min_lr_ratio)
