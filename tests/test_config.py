@@ -114,3 +114,15 @@ def test_a_length_in_both_epochs_and_steps_is_refused():
     assert TrainConfig.from_dict({"epochs": 2, "steps": None}).epochs == 2
     assert TrainConfig.from_dict({"epochs": None, "steps": 10}).steps == 10
     assert TrainConfig.from_dict({}).epochs is None and TrainConfig.from_dict({}).steps is None
+
+
+def test_a_length_given_replaces_the_default_length():
+    from cliplab.train.config import train_over_defaults
+
+    defaults = {"epochs": 2, "lr": 1e-3, "augment": {"hflip": False}}
+    assert train_over_defaults(defaults, {"steps": 4}) == {"lr": 1e-3, "steps": 4,
+                                                           "augment": {"hflip": False}}
+    assert train_over_defaults(defaults, {"lr": 0.1}) == {"epochs": 2, "lr": 0.1,
+                                                          "augment": {"hflip": False}}
+    assert train_over_defaults({"steps": 9}, {"epochs": 1})["epochs"] == 1
+    assert "steps" not in train_over_defaults({"steps": 9}, {"epochs": 1})

@@ -21,6 +21,7 @@ from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.runs import RunDir, default_run_dir
+from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
 
 DEFAULT_MODEL = {"name": "lit-minilm",
@@ -76,12 +77,7 @@ class QuickstartConfig(Section):
     @field_validator("train", mode="before")
     @classmethod
     def _train_over_default(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        default = dict(DEFAULT_TRAIN)
-        if value.get("epochs") is not None:  # a length in epochs replaces the default steps
-            default.pop("steps")
-        return deep_merge(default, value)
+        return train_over_defaults(DEFAULT_TRAIN, value) if isinstance(value, dict) else value
 
 
 

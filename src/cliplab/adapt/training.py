@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from cliplab.config import deep_merge, validate
+from cliplab.config import validate
 from cliplab.errors import ConfigError
 from cliplab.train.schedule import build_scheduler
+from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig
 
 
@@ -69,4 +70,4 @@ def trainer_config(defaults: dict, given: dict, where: str = "options.train", **
     """The `Trainer`'s settings of a method that trains weights: the method's ``defaults``
     updated by the config's ``options.train`` section, then the ``fixed`` settings the method
     needs (e.g. ``lock_text=True``); bad keys are one-line `ConfigError`s naming ``where``."""
-    return validate(TrainConfig, {**deep_merge(defaults, given or {}), **fixed}, where)
+    return validate(TrainConfig, {**train_over_defaults(defaults, given), **fixed}, where)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator,
                       model_validator)
 
-from cliplab.config import Section, validate
+from cliplab.config import Section, deep_merge, validate
 from cliplab.models.preprocess import AugmentConfig
 from cliplab.train.hard_negatives import HardNegatives
 
@@ -105,6 +105,18 @@ class TrainConfig(Section):
     def from_dict(cls, d: dict | None, where: str = "the config") -> "TrainConfig":
         """``d`` (the ``train:`` section) validated; errors name ``train.<key>``."""
         return validate(_TrainSection, {"train": d or {}}, where).train
+
+
+LENGTH_KEYS = ("epochs", "steps")
+
+
+def train_over_defaults(defaults: dict, given: dict | None) -> dict:
+    """A stage's default ``train:`` settings updated by the ones ``given``; a length given (epochs
+    or steps) replaces the default length, so the two never meet by accident."""
+    given = given or {}
+    if any(given.get(key) is not None for key in LENGTH_KEYS):
+        defaults = {k: v for k, v in defaults.items() if k not in LENGTH_KEYS}
+    return deep_merge(defaults, given)
 
 
 class _TrainSection(Section):

@@ -33,7 +33,7 @@ from cliplab.models.embed import embed_images, embed_texts
 from cliplab.models.resolve import load_model, model_folder
 from cliplab.models.spec import ModelField
 from cliplab.runs import RunDir
-from cliplab.train.config import TrainConfig
+from cliplab.train.config import TrainConfig, train_over_defaults
 from cliplab.train.trainer import Trainer
 
 NETWORK = "filter-network"  # the run folder of the trained network, in the step's work folder
@@ -58,7 +58,7 @@ class Spec(StepSpecBase):
     @field_validator("train", mode="before")
     @classmethod
     def _small_defaults(cls, value: Any) -> Any:
-        return {**TRAIN_DEFAULTS, **value} if isinstance(value, dict) else value
+        return train_over_defaults(TRAIN_DEFAULTS, value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _valid(self) -> "Spec":
