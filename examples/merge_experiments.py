@@ -61,18 +61,12 @@ BASE_TRAIN = slice(0, 20000)     # Fashion-MNIST training images the base is pre
 SOUP_TRAIN = slice(20000, 30000)  # fresh images the soup ingredients are fine-tuned on
 
 
-def digits_28(split: str) -> LabelledImages:
-    """sklearn's 8x8 digits upsampled to 28x28 (bilinear, as the preprocessing would), so they
-    batch with Fashion-MNIST images."""
-    return load_digits(split, image_size=28)
-
-
 def pretrain_base(out: Path, epochs: float, n_digits: int) -> Path:
     """LiT pretraining (quickstart architecture and settings) on Fashion-MNIST plus the first
     ``n_digits`` digits training images, so the base has some skill at both tasks before
     anything is merged."""
     fashion = load_fashion_mnist("train").subset(torch.arange(BASE_TRAIN.start, BASE_TRAIN.stop))
-    digits_train = digits_28("train")
+    digits_train = load_digits("train", image_size=28)  # batches with Fashion-MNIST
     if not 0 < n_digits <= len(digits_train):
         raise SystemExit(f"--base-digits must be in 1..{len(digits_train)}, got {n_digits}")
     digits = digits_train.subset(torch.arange(n_digits))
@@ -170,7 +164,7 @@ def negation_choice(rows: dict[float, dict[str, float]], keep: float = CONTROL_K
 
 def task_arithmetic_experiment(base: Path, out: Path, epochs: float, n_control: int,
                                scales: list[float]) -> dict:
-    digits_train, digits_test = digits_28("train"), digits_28("test")
+    digits_train, digits_test = (load_digits(s, image_size=28) for s in ("train", "test"))
     control = load_fashion_mnist("test", limit=n_control)
     folder = fine_tune(base, digits_train, out / "digits-ft", 3e-4, 0, False, epochs, 128)
     base_state = DualEncoder.load(base).model.state_dict()

@@ -22,13 +22,14 @@ VAL_SHOTS = {True: 50, False: 200}
 def adapt_config(ctx: ClaimContext, method: str, shots: int, seed: int,
                  options: dict | None = None, classes: list[str] | None = None,
                  validate: bool = False, score_on_validation: bool = False,
-                 validation_limit: int | None = None) -> dict:
+                 validation_limit: int | None = None, source: dict | None = None) -> dict:
     """A `run_adapt` config: ``shots`` per class from the training pool, scored on the test set
     (or, with ``score_on_validation``, on the validation pool, for choosing a setting), with
     ``validate`` a validation split from the validation pool for the method's own search;
     ``classes`` restricts every split to those classes; ``validation_limit`` takes only the
-    first images of the validation pool (default: 2 000 with ``--quick``, all without)."""
-    only = {"classes": classes} if classes else {}
+    first images of the validation pool (default: 2 000 with ``--quick``, all without);
+    ``source``: more options of every split's source (e.g. ``{"descriptions": False}``)."""
+    only = {**({"classes": classes} if classes else {}), **(source or {})}
     limit = validation_limit or (2000 if ctx.quick else None)
     val_spec = {**validation_pool(ctx, limit), **only}
     data: dict[str, Any] = {"train": {**train_pool(ctx), **only},

@@ -57,13 +57,6 @@ VALIDATION_IMAGES = 1000
 BARE = {"descriptions": False}  # every split prompts with the bare class names
 
 
-def bare(cfg: dict) -> dict:
-    """A `run_adapt` config whose data splits use the bare class names."""
-    for spec in cfg["data"].values():
-        spec.update(BARE)
-    return cfg
-
-
 def options(ctx: ClaimContext, method: str, lr: float) -> dict:
     epochs = COOP_EPOCHS[16] if method == "coop" else (2 if ctx.quick else 10)
     return {"init": "a photo of", "names": "class", "epochs": epochs, "lr": lr}
@@ -72,10 +65,10 @@ def options(ctx: ClaimContext, method: str, lr: float) -> dict:
 def chosen_lrs(ctx: ClaimContext, model, cache) -> tuple[dict, dict]:
     """Per method, the rate of `LRS` with the best base-class validation accuracy (ties: the
     first), with the first seed; and every (method, rate)'s validation accuracy."""
-    val = {method: {lr: run_adapt(bare(adapt_config(ctx, method, 16, ctx.seeds[0],
-                                                    options(ctx, method, lr), classes=SEEN,
-                                                    score_on_validation=True,
-                                                    validation_limit=VALIDATION_IMAGES)),
+    val = {method: {lr: run_adapt(adapt_config(ctx, method, 16, ctx.seeds[0],
+                                               options(ctx, method, lr), classes=SEEN,
+                                               score_on_validation=True,
+                                               validation_limit=VALIDATION_IMAGES, source=BARE),
                                   model=model, progress=False, cache=cache,
                                   write=False)["test"]["acc1"] for lr in LRS}
            for method in ("coop", "cocoop")}
@@ -93,9 +86,9 @@ def run(ctx: ClaimContext) -> dict:
         lrs, validation = chosen_lrs(ctx, model, cache)
         for seed in ctx.seeds:
             for method in ("coop", "cocoop"):
-                res = run_adapt(bare(adapt_config(ctx, method, 16, seed,
-                                                  options(ctx, method, lrs[method]),
-                                                  classes=SEEN)),
+                res = run_adapt(adapt_config(ctx, method, 16, seed,
+                                             options(ctx, method, lrs[method]), classes=SEEN,
+                                             source=BARE),
                                 model=model, progress=False, cache=cache, write=False)
                 base = res["test"]["acc1"]
                 moved = res["adapter"].for_classes(novel)
