@@ -156,3 +156,17 @@ def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
                      "classes": ["bag", "Bag"]})
     with pytest.raises(ConfigError, match="classes needs a labelled source"):
         load_source({"source": "shapes", "n": 2, "classes": ["x"]})
+
+
+def test_templates_replace_a_classification_sources_prompts():
+    spec = {"source": "shapes", "attribute": "color", "n": 4, "image_size": 32}
+    own = load_source(spec)
+    given = load_source({**spec, "templates": ["a {} circle", "a {c} square"]})
+    assert given.templates == ["a {} circle", "a {} square"] != own.templates
+    assert torch.equal(given.images, own.images) and given.classnames == own.classnames
+    with pytest.raises(ConfigError, match="one '{}' where the class goes; not 'a circle'"):
+        load_source({**spec, "templates": ["a {} circle", "a circle"]})
+    with pytest.raises(ConfigError, match="must be a non-empty list"):
+        load_source({**spec, "templates": "a {} circle"})
+    with pytest.raises(ConfigError, match="templates needs a classification source"):
+        load_source({"source": "shapes", "n": 2, "image_size": 32, "templates": ["a {}"]})

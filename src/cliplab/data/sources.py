@@ -43,7 +43,8 @@ def load_source(spec: dict) -> Dataset:
     """Load the dataset a spec names; ``holdout`` (a list of class names) drops those classes;
     ``classes`` (a list of class names) keeps only those, relabelled in that order;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
-    the images, seeded by ``shift_seed``."""
+    the images, seeded by ``shift_seed``; ``templates`` (a list of prompts, ``{}`` marking the
+    class) replaces a classification source's own prompt templates."""
     spec = dict(spec)
     name = spec.pop("source", None)
     fn = source_loader(name)
@@ -52,6 +53,9 @@ def load_source(spec: dict) -> Dataset:
     shift, shift_seed = spec.pop("shift", None), spec.pop("shift_seed", 0)
     if shift is not None:
         parse_shift(shift)  # a bad shift fails before a slow load
+    templates = spec.pop("templates", None)
+    if templates is not None:
+        templates = check_templates(templates, name)
     params = inspect.signature(fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(spec) - set(params))
@@ -70,10 +74,29 @@ def load_source(spec: dict) -> Dataset:
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"classes needs a labelled source; {name!r} gives image-text pairs")
         data = select_classes(data, [str(c) for c in classes])
+    if templates is not None:
+        if isinstance(data, ImageTextPairs):
+            raise ConfigError(f"templates needs a classification source; {name!r} gives "
+                              "image-text pairs")
+        data = dataclasses.replace(data, templates=templates)
     if shift is not None:
         data = dataclasses.replace(data, images=apply_shift(data.images, shift, int(shift_seed)),
                                    name=f"{data.name}-{shift}")
     return data
+
+
+def check_templates(templates: object, source: str | None) -> list[str]:
+    """``templates`` as a list of prompt strings, each with one ``{}`` (or ``{c}``, as template
+    files write it) for the class; a one-line ``ConfigError`` naming the source otherwise."""
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
+        raise ConfigError(f"templates of data source {source!r} must be a non-empty list of "
+                          f"prompts, e.g. ['a photo of a {{}}.'], got {templates!r}")
+    templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise ConfigError(f"templates of data source {source!r}: every prompt needs one '{{}}' "
+                          f"where the class goes; not {bad[0]!r}")
+    return templates
 
 
 def as_pairs(data: LabelledImages | ImageTextPairs) -> ImageTextPairs:
