@@ -15,8 +15,9 @@ Accuracies are top-1 zero-shot in percent; std is the sample std over seeds; the
 two arms is ``sqrt((std_a**2 + std_b**2) / 2)``.
 
 Sizes (full / ``--quick``): tiny-clip pretrainings are 400 / 150 steps of batch 64, except
-balancing's (100 / 50: ~5 passes over the raw pool) and score filtering's, which take DataComp's budget: as many samples as the unfiltered pool holds
-(one pass over it; the filtered arm repeats its smaller pool instead); the noisy pool has
+balancing's (100 / 50: ~5 passes over the raw pool) and score filtering's, which take
+DataComp's budget: as many samples as the unfiltered pool holds (one pass over it; the
+filtered arm repeats its smaller pool instead); the noisy pool has
 12 000 / 4 000 scenes, the filtering network trains 150 / 60 steps on 800 / 400 trusted scenes,
 ``keep_top`` is chosen among 0.3, 0.5, 0.7 / 0.4, 0.6 (``score_filter_80``: 0.1, 0.2, 0.3,
 0.5); the imbalanced pool's
