@@ -31,7 +31,10 @@ and pretraining from scratch with hard negatives on 20 000 scenes (57.6 / 54.0 /
 57.4 / 54.0 / 97.6). Every time the hard negatives teach word order and nothing of binding.
 The loss does reach the swaps: on 256 scenes trained 100 epochs with attribute swaps only, the
 model fits 96% of its own training swaps (83% without them) — it memorises them and does not
-generalise.
+generalise. A linear probe for the colour of a given shape in two-object scenes (50% for a
+model that knows both colours but not which is which) reads 50.1 / 52.7% from the 20 000-scene
+pilot's image embeddings (plain / hard negatives) and 57.9 / 57.8% from its caption
+embeddings: the image tower carries no binding for the swaps to use.
 
 Also reported, as a diagnostic and not part of the rule: each fine-tune's relation-swap
 accuracy on 500 of its own training scenes, i.e. against the very swaps the hard-negative arm
