@@ -102,7 +102,6 @@ def test_overrides_index_lists_and_leave_the_original_alone():
         apply_overrides(config, ["steps.0.min_words.x=1"])
 
 
-
 def test_a_length_in_both_epochs_and_steps_is_refused():
     # e.g. a steps override on a config written in epochs: one of the two would silently lose
     from cliplab.train.config import TrainConfig

@@ -72,10 +72,10 @@ META_REDUCTION = 64
 
 
 def options(ctx: ClaimContext, method: str, lr: float) -> dict:
+    common = {"init": "a photo of", "names": "class", "lr": lr}
     if method == "coop":
-        return {"init": "a photo of", "names": "class", "epochs": COOP_EPOCHS[16], "lr": lr}
-    return {"init": "a photo of", "names": "class", "epochs": 2 if ctx.quick else 10, "lr": lr,
-            "meta_reduction": META_REDUCTION}
+        return {**common, "epochs": COOP_EPOCHS[16]}
+    return {**common, "epochs": 2 if ctx.quick else 10, "meta_reduction": META_REDUCTION}
 
 
 def chosen_lrs(ctx: ClaimContext, model, cache) -> tuple[dict, dict]:

@@ -22,8 +22,8 @@ at 5e-4) was chosen among three on the validation sets (shapes seeds 12 and 3,
 the rule either: 30 base / 20 fine-tune epochs (attribute 71.6 vs 71.2, relation 49.8 vs 55.2),
 and the same at tiny-clip's preset size, width 128 and 4 layers (attribute 68.8 vs 74.0,
 relation 48.2 vs 50.4, zero-shot 78.9 vs 77.0: plain vs hard negatives). Later pilots on the
-same validation sets (seed 1; `/work/hn16` scripts, plain vs hard negatives, attribute /
-relation / word shuffle): 16 000 fresh fine-tune scenes for 3 epochs (65.6 / 48.4 / 79.4 vs
+same validation sets (seed 1; plain vs hard negatives, attribute / relation / word shuffle):
+16 000 fresh fine-tune scenes for 3 epochs (65.6 / 48.4 / 79.4 vs
 65.8 / 48.2 / 97.2); 64-pixel scenes with 16-pixel patches (56.0 / 45.8 / 80.6 vs 57.0 / 49.0 /
 84.8); a 20 000-scene base with a 16 000-scene fine-tune at 64 pixels (63.2 / 50.8 / 82.4 vs
 63.2 / 52.4 / 96.2), also with a 4-layer text tower (64.8 / 50.0 / 82.0 vs 60.0 / 48.8 / 95.4);

@@ -36,6 +36,7 @@ std over seeds): reproduced if, on test, the task accuracy with +λτ is above t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def run(ctx: ClaimContext) -> dict:
             "test task": task_test, "test control": load(test_set(ctx))}
     score = Scorer(base_dir, sets)
     base = state_of(base_dir)
-    tuned = ClaimContext(base_dir, ctx.seeds, ctx.quick, ctx.work, ctx.data_dir)
+    tuned = dataclasses.replace(ctx, base=base_dir)  # fine-tunes start from the digits base
     val_names, test_names = ["val task", "val control"], ["test task", "test control"]
     val_base, test_base = score(base, val_names), score(base, test_names)
     arms = {k: [] for k in ("base_task", "base_control", "add_task", "add_control",
