@@ -36,6 +36,23 @@ model that knows both colours but not which is which) reads 50.1 / 52.7% from th
 pilot's image embeddings (plain / hard negatives) and 57.9 / 57.8% from its caption
 embeddings: the image tower carries no binding for the swaps to use.
 
+A competent text tower does not close it either (later pilots, the same validation sets and
+seed; plain vs hard negatives, attribute / relation swap). A LiT base — `lit-minilm`, its
+pretrained MiniLM text tower locked, which already orders words (word shuffle 93–98% before
+any fine-tune) — pretrained on 3 000 scenes (32 px, patch 8): 49.2 / 52.0 vs 48.2 / 51.0; on
+10 000 scenes at 64 px (patch 8): 50.6 / 49.8 vs 52.8 / 52.0, and at 32 px (patch 4): 52.2 /
+50.2 vs 53.0 / 51.2; from that base with 30 fine-tune epochs 59.0 / 53.0 vs 60.6 / 53.4, with
+the two swaps as the only negatives 63.0 / 51.8, and with the text tower unlocked for that
+fine-tune 76.2 / 49.2 vs 78.2 / 48.0 (training MiniLM on the scenes' captions lifts attribute
+swaps in both arms alike, and costs word order: 67%). Two things stand in the way at this
+scale. This claim's base names shapes at chance (validation: shape 27.0% of four, colour
+54.4%; 66% for the best LiT base above). And binding is slow to learn for these image towers
+even from labels: the 10 000-scene LiT base's image tower, trained end to end with a linear
+head on the 2 000 fine-tune scenes to name the colour of the left (upper) object, takes ~10
+epochs to reach 85–90% (74% after 6 from the 3 000-scene LiT base), and the colour of a named
+shape stays at 52–55% after 15 epochs. One swapped caption in a softmax of 65, which MiniLM
+puts at cosine 0.97 from the true caption (a word shuffle at 0.86), is a far weaker signal.
+
 Also reported, as a diagnostic and not part of the rule: each fine-tune's relation-swap
 accuracy on 500 of its own training scenes, i.e. against the very swaps the hard-negative arm
 trained on — whether the model can fit them at all.
