@@ -89,11 +89,17 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             page.wait_for_selector("#status:has-text('results for')")
             captions = page.locator("#grid .card .caption").all_inner_texts()
             assert len(captions) == 12
-            # the tiny model knows colours well and shapes roughly (measured: 4 of the top 5
-            # are red circles, the fifth a red square)
-            assert all("red circle" in c for c in captions[:2]), captions
-            assert sum("red circle" in c for c in captions[:5]) >= 4, captions
+            # the tiny model knows colours reliably and shapes barely: over training seeds 0-4,
+            # one or two threads, 8 or 20 epochs, the top 5 were always of the query's colour,
+            # while the red circles among them ranged from 0 to 5 — so only colour is asserted
             assert all(" red " in c for c in captions[:5]), captions
+
+            # a second query replaces the grid with its own results
+            page.fill("#q", "a blue square")
+            page.click("#search-btn")
+            page.wait_for_selector("#status:has-text('results for “a blue square”')")
+            captions = page.locator("#grid .card .caption").all_inner_texts()
+            assert len(captions) == 12 and all(" blue " in c for c in captions[:5]), captions
 
             # upload a collection image: its own copy comes first
             image = shapes_index / "images" / "17.png"
@@ -102,13 +108,16 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             assert page.locator("#grid .card").first.get_attribute("data-id") == "17"
 
             # back to the red circles, then label what is shown
+            page.fill("#q", "a red circle")
             page.click("#search-btn")
-            page.wait_for_selector("#status:has-text('results for')")
+            page.wait_for_selector("#status:has-text('results for “a red circle”')")
             page.fill("#labels", "red circle\nblue square\ngreen triangle")
             page.click("#label-btn")
             page.wait_for_selector("#status:has-text('labelled')")
             labels = page.locator("#grid .card .label").all_inner_texts()
             assert len(labels) == 12 and all(labels)
+            # red images of any shape are nearer "red circle" than the other labels (so in
+            # every model above)
             assert all(text.startswith("red circle") for text in labels[:2]), labels
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(tmp_path / "serve.png"))
