@@ -176,6 +176,19 @@ def test_cocoop_with_zero_meta_net_equals_coop(model, digits, ctx):
     torch.testing.assert_close(co.logits(feats), plain.logits(feats), atol=1e-5, rtol=1e-5)
 
 
+def test_cocoop_scoring_bar_follows_progress(model, digits, ctx, capsys):
+    """CoCoOp's per-image prompt loop shows a bar on long sets only when asked (a run with
+    --no-progress prints none)."""
+    train, test = digits
+    co = cocoop.fit(model, train, {"epochs": 1, "lr": 0.0, "infer_batch": 1}, ctx)
+    feats = ctx.features(model, test).embeddings[:12]
+    capsys.readouterr()
+    quiet = co.logits(feats)
+    assert "cocoop prompts" not in capsys.readouterr().err
+    torch.testing.assert_close(co.logits(feats, progress=True), quiet)
+    assert "cocoop prompts" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", [coop, cocoop])
 def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
     """Base-to-novel: a learned (unified) context before other class names scores each of

@@ -70,8 +70,9 @@ class Adapter:
         self.options = dict(options)
 
     # -- prediction ---------------------------------------------------------------------------
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
-        """Class logits ``[N, C]`` from frozen image features."""
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
+        """Class logits ``[N, C]`` from frozen image features (``progress``: a bar where the
+        method's own scoring is long, e.g. CoCoOp's prompts per image)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -87,7 +88,7 @@ class Adapter:
             if x.ndim != 2:
                 raise ValueError("float input must be image embeddings [N, D]")
             x = ImageFeatures(x, torch.empty(len(x), 0))
-        return self.feature_logits(x).float()
+        return self.feature_logits(x, progress).float()
 
     def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
               progress: bool = False) -> dict:

@@ -55,7 +55,7 @@ class ClipAdapter(Adapter):
     def embedding_logits(self, feats: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(self.adapted(feats), dim=-1) @ self.weights.t()
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         self.mlp.eval()
         return self.embedding_logits(feats.embeddings.float())
 

@@ -56,14 +56,14 @@ class CoCoOp(Adapter):
         text = text.view(len(img), len(self.classnames), -1)
         return self.scale * torch.einsum("bd,bcd->bc", img, text)
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         img = feats.embeddings.float()
         step = int(self.options["infer_batch"])
         out = []
         with frozen(self.model):
             self.net.eval()
             for i in tqdm(range(0, len(img), step), desc="cocoop prompts", leave=False,
-                          disable=len(img) <= 10 * step):
+                          disable=not progress or len(img) <= 10 * step):
                 out.append(self.train_logits(img[i:i + step]))
         return torch.cat(out) if out else torch.empty(0, len(self.classnames))
 

@@ -154,7 +154,7 @@ class CoOp(Adapter):
     def train_logits(self, img: torch.Tensor) -> torch.Tensor:
         return self.scale * img @ self.learner.text_features(self.model).t()
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         if self._text is None:  # the prompts are fixed once trained: embed them once
             with frozen(self.model):
                 self._text = self.learner.text_features(self.model)

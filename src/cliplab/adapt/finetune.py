@@ -98,7 +98,7 @@ class FineTuned(Adapter):
         self.head, self.base_path, self.fingerprint = head, base_path, fingerprint
         self.model_dir = model_dir
 
-    def feature_logits(self, feats: ImageFeatures) -> Any:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> Any:
         return self.head(feats.embeddings.float()).detach()
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:

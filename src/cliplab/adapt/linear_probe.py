@@ -36,7 +36,7 @@ class LinearProbe(Adapter):
         which = options["features"]
         self.probe = which if which in EXTRA_PROBES else None
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         x = (feats.get(self.options["features"]).float() - self.mean) / self.std
         return x @ self.weight + self.bias
 

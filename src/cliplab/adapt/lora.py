@@ -174,7 +174,7 @@ class LoraAdapted(Adapter):
         self.base_path, self.fingerprint, self.params = base_path, fingerprint, params
         self.adapter_dir, self.merged_dir = adapter_dir, None
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         emb = feats.embeddings.float()
         if self.head is not None:
             return self.head(emb).detach()

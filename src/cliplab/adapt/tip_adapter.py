@@ -95,7 +95,7 @@ class TipAdapter(Adapter):
         super().__init__(model, classnames, options)
         self.weights, self.keys, self.values = weights, keys, values
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         o = self.options
         return tip_logits(feats.embeddings.float(), self.weights, self.keys, self.values,
                           float(o["alpha"]), float(o["beta"]), float(o["clip_scale"]))

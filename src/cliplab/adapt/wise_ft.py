@@ -152,8 +152,8 @@ class WiseFT(Adapter):
                progress: bool = False) -> torch.Tensor:
         return self._chosen().logits(images_or_features, cache, progress)
 
-    def feature_logits(self, feats):
-        return self._chosen().feature_logits(feats)
+    def feature_logits(self, feats, progress: bool = False):
+        return self._chosen().feature_logits(feats, progress)
 
     def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
               progress: bool = False) -> dict:

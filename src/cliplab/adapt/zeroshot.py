@@ -38,7 +38,7 @@ class ZeroShotHead(Adapter):
         super().__init__(model, classnames, options)
         self.weights, self.scale = weights, scale.reshape(())
 
-    def feature_logits(self, feats: ImageFeatures) -> torch.Tensor:
+    def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
         return self.scale * feats.embeddings.float() @ self.weights.t()
 
     def state(self):

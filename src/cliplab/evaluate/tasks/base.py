@@ -64,11 +64,12 @@ class TaskSpecBase(Section):
 @runtime_checkable
 class Classifier(Protocol):
     """A learned classifier over image features (e.g. an adapter): ``probe`` names the extra
-    features it needs (``tokens``/``layers``) or None; ``logits`` maps features to ``[N, C]``."""
+    features it needs (``tokens``/``layers``) or None; ``logits`` maps features to ``[N, C]``
+    (``progress``: the task's progress flag, for classifiers whose scoring is long)."""
 
     probe: str | None
 
-    def logits(self, features: ImageFeatures) -> torch.Tensor: ...
+    def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor: ...
 
 
 class LinearHead:
@@ -80,7 +81,7 @@ class LinearHead:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.detach().float().cpu()
 
-    def logits(self, features: ImageFeatures) -> torch.Tensor:
+    def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
         return features.embeddings @ self.weight.t()
 
 
@@ -149,7 +150,7 @@ class TaskContext:
             probe = self.classifier.probe
             feats = self.image_features(model, data.images, spec, desc, probe=probe) if probe \
                 else self.image_features(model, data.images, spec, desc)
-            return self.classifier.logits(feats).float(), feats
+            return self.classifier.logits(feats, progress=self.progress).float(), feats
         feats = self.image_features(model, data.images, spec, desc)
         head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
                                    self.precision)
