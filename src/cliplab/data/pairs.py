@@ -54,7 +54,8 @@ def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) 
 
 def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPairs:
     """One set holding ``first`` then ``second`` (images must share their size). Groups are kept
-    only when both sets have them, renumbered so the two sets' groups never collide."""
+    only when both sets have them, renumbered so the two sets' groups never collide; partners
+    are kept (re-indexed) when either set has them."""
     if first.images.shape[1:] != second.images.shape[1:]:
         raise DataError(f"cannot mix {first.name} (images {tuple(first.images.shape[1:])}) with "
                         f"{second.name} ({tuple(second.images.shape[1:])}); give both the same "
@@ -62,6 +63,13 @@ def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPair
     groups = None
     if first.groups is not None and second.groups is not None:
         groups = torch.cat([first.groups, second.groups + int(first.groups.max()) + 1])
+    partners = None
+    if first.partners is not None or second.partners is not None:
+        def own(p: ImageTextPairs, offset: int) -> torch.Tensor:
+            if p.partners is None:
+                return torch.full((len(p),), -1, dtype=torch.int64)
+            return torch.where(p.partners >= 0, p.partners + offset, p.partners)
+        partners = torch.cat([own(first, 0), own(second, len(first))])
     return ImageTextPairs(torch.cat([first.images, second.images]),
                           first.captions + second.captions, groups=groups,
-                          name=f"{first.name}+{second.name}")
+                          name=f"{first.name}+{second.name}", partners=partners)

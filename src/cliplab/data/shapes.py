@@ -9,6 +9,10 @@ every object pixel is exactly its palette colour. Three kinds of scene:
   the other: "a red circle left of a blue square";
 * ``count``    two to four identical objects: "three green triangles".
 
+With ``counterfactuals`` each relation scene is followed by its twin, the same two objects with
+their positions or their colours exchanged (its caption is the original's relation or attribute
+swap): hard-negative images for ``train.hard_negatives.images: partners``.
+
 Everything is deterministic by seed: the same arguments give bit-identical images and captions.
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import copy
 
 import numpy as np
 import torch
@@ -264,21 +270,83 @@ def render_all(scenes: Sequence[Scene], image_size: int) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+# Counterfactual twins: the image-side counterpart of a hard-negative caption (SyViC /
+# COCO-Counterfactuals style), for ``train.hard_negatives.images: partners``.
+
+def _fits(scene: Scene) -> bool:
+    """Every object lies wholly inside the canvas."""
+    size = scene.image_size
+    return all(size_radius(o.size, size) <= v < size - size_radius(o.size, size)
+               for o in scene.objects for v in (o.x, o.y))
+
+
+def position_twin(scene: Scene) -> Scene | None:
+    """The relation scene with its two objects' centres exchanged ("a red circle left of a blue
+    square" -> "a blue square left of a red circle"); None where an object would leave the
+    canvas (a large object moved to a small one's place near the edge)."""
+    twin = copy.deepcopy(scene)
+    a, b = twin.objects
+    a.x, a.y, b.x, b.y = b.x, b.y, a.x, a.y
+    return twin if _fits(twin) else None
+
+
+def colour_twin(scene: Scene) -> Scene:
+    """The relation scene with its two objects' colours exchanged ("a red circle left of a blue
+    square" -> "a blue circle left of a red square")."""
+    twin = copy.deepcopy(scene)
+    a, b = twin.objects
+    a.color, b.color = b.color, a.color
+    return twin
+
+
+def counterfactual_twin(scene: Scene, index: int) -> Scene | None:
+    """The twin of the ``index``-th scene: position twins for even, colour twins for odd
+    indices (a colour twin where the position twin does not fit); None for a scene that is not
+    a two-object relation."""
+    if scene.kind != "relation" or len(scene.objects) != 2:
+        return None
+    twin = position_twin(scene) if index % 2 == 0 else None
+    return twin or colour_twin(scene)
+
+
 def load_shapes_with_scenes(n: int = 2000, seed: int = 0, kinds: Sequence[str] = KINDS,
                             image_size: int = 64, colors: Sequence[str] | None = None,
-                            shapes: Sequence[str] | None = None
+                            shapes: Sequence[str] | None = None, counterfactuals: bool = False
                             ) -> tuple[ImageTextPairs, list[Scene]]:
     """``n`` rendered scenes as image-text pairs (captions = ``captions(scene)``), plus the scenes.
 
     ``groups`` joins images whose caption lists are identical (each one's texts fit the other).
+    With ``counterfactuals`` every relation scene is followed by its counterfactual twin
+    (`counterfactual_twin`: positions or colours exchanged) and the two are each other's
+    ``partners``; the set then holds up to ``2 n`` images.
     """
     scenes = sample_scenes(n, seed, kinds, colors, shapes, image_size)
+    partners = None
+    if counterfactuals:
+        scenes, partners = _with_twins(scenes)
     texts, group_ids = [], {}
     for scene in scenes:
         texts.append(captions(scene))
         group_ids.setdefault(tuple(texts[-1]), len(group_ids))
     groups = torch.tensor([group_ids[tuple(t)] for t in texts], dtype=torch.int64)
-    return ImageTextPairs(render_all(scenes, image_size), texts, groups, name="shapes"), scenes
+    return ImageTextPairs(render_all(scenes, image_size), texts, groups, name="shapes",
+                          partners=partners), scenes
+
+
+def _with_twins(scenes: list[Scene]) -> tuple[list[Scene], torch.Tensor]:
+    """``scenes`` each followed by its twin (where it has one), and each image's partner index
+    (-1: none)."""
+    out: list[Scene] = []
+    partners: list[int] = []
+    for i, scene in enumerate(scenes):
+        twin = counterfactual_twin(scene, i)
+        out.append(scene)
+        if twin is None:
+            partners.append(-1)
+            continue
+        out.append(twin)
+        partners += [len(out) - 1, len(out) - 2]
+    return out, torch.tensor(partners, dtype=torch.int64)
 
 
 def load_shapes(n: int = 2000, seed: int = 0, kinds: Sequence[str] = KINDS,
@@ -338,9 +406,12 @@ def shapes_source(attribute: str | None = None, multilabel: bool = False,
     """The ``shapes`` data source: scenes as pairs, as labelled images by ``attribute``
     (shape / color), or with ``multilabel: true`` as multi-label images (every colour/shape in
     a scene)."""
+    if attribute is None and not multilabel:
+        return load_shapes(**kw)
+    if kw.pop("counterfactuals", False):
+        raise DataError("shapes: counterfactuals (twin scenes) are made for image-text pairs; "
+                        "drop them, or drop attribute/multilabel")
     if multilabel:
         return shapes_multilabel(attribute=attribute or "color", **kw)
-    if attribute is None:
-        return load_shapes(**kw)
     kw.pop("kinds", None)
     return shapes_classification(attribute=attribute, **kw)

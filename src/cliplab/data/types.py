@@ -93,6 +93,9 @@ class ImageTextPairs:
     ``groups[i]`` is an optional integer id: images sharing a group share their captions' meaning
     (e.g. the class of a classification set turned into pairs), so the contrastive loss treats
     their texts as positives too instead of false negatives.
+    ``partners[i]`` is an optional index of image ``i``'s hard-negative image (e.g. its
+    counterfactual twin; -1: none), which ``train.hard_negatives.images: partners`` puts in the
+    same batch.
     """
 
     images: torch.Tensor  # uint8 [N, H, W, C]
@@ -100,11 +103,18 @@ class ImageTextPairs:
     groups: torch.Tensor | None = None  # int64 [N]
     name: str = "pairs"
     skipped: SkipReport = field(default_factory=SkipReport)
+    partners: torch.Tensor | None = None  # int64 [N], -1: none
 
     def __post_init__(self) -> None:
         _check_images(self.images)
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+        if self.partners is not None:
+            n = len(self.captions)
+            if self.partners.shape != (n,) or self.partners.dtype != torch.int64 \
+                    or bool(((self.partners < -1) | (self.partners >= n)).any()) \
+                    or bool((self.partners == torch.arange(n)).any()):
+                raise ValueError(f"partners must be int64 [{n}] of other images' indices or -1")
 
     def __len__(self) -> int:
         return len(self.captions)

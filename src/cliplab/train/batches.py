@@ -43,19 +43,53 @@ class EpochBatches:
         self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
 
 
+class PartnerBatches(EpochBatches):
+    """`EpochBatches` whose epoch order places each index next to one of its hard-negative
+    ``candidates`` (``[n, k]`` indices, -1 padding): walking a fresh permutation, an index not
+    yet placed is followed by a random candidate of it not yet placed, if any. Every index is
+    still placed once per epoch; a pair stays in one batch unless a batch boundary cuts it."""
+
+    def __init__(self, candidates: torch.Tensor, batch_size: int, seed: int, offset: int = 0):
+        super().__init__(len(candidates), batch_size, seed, offset)
+        self.candidates = candidates
+
+    def _permutation(self) -> torch.Tensor:
+        if self._order is None:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            walk = torch.randperm(self.n, generator=gen).tolist()
+            ranked = self.candidates.gather(
+                1, torch.rand(self.candidates.shape, generator=gen).argsort(dim=1)).tolist()
+            placed = [False] * self.n
+            order: list[int] = []
+            for i in walk:
+                if placed[i]:
+                    continue
+                placed[i] = True
+                order.append(i)
+                partner = next((j for j in ranked[i] if j >= 0 and not placed[j]), None)
+                if partner is not None:
+                    placed[partner] = True
+                    order.append(partner)
+            self._order = torch.tensor(order) + self.offset
+        return self._order
+
+
 class ReplayBatches:
     """Global batches of ``batch_size`` where ``round(ratio * batch_size)`` come from the replay
     set (indices ``n_new…n_new+n_old-1``) and the rest from the new data; epochs count the new
-    data. ``ratio = 0`` is plain `EpochBatches` over the new data."""
+    data. ``ratio = 0`` is plain `EpochBatches` over the new data. With ``partners`` (hard-negative
+    candidates of the new data, ``[n_new, k]``) the new data's batches are `PartnerBatches`."""
 
-    def __init__(self, n_new: int, n_old: int, batch_size: int, ratio: float, seed: int):
+    def __init__(self, n_new: int, n_old: int, batch_size: int, ratio: float, seed: int,
+                 partners: torch.Tensor | None = None):
         if not 0 <= ratio < 1:
             raise ConfigError(f"replay ratio must be in [0, 1), not {ratio}")
         n_replay = round(ratio * batch_size) if n_old else 0
         if ratio > 0 and n_replay == 0:
             raise ConfigError(f"replay ratio {ratio} gives no replayed pair in a batch of "
                               f"{batch_size}")
-        self.new = EpochBatches(n_new, batch_size - n_replay, seed)
+        self.new = EpochBatches(n_new, batch_size - n_replay, seed) if partners is None \
+            else PartnerBatches(partners, batch_size - n_replay, seed)
         self.old = EpochBatches(n_old, n_replay, seed + 7919, offset=n_new) if n_replay else None
 
     @property

@@ -9,6 +9,14 @@ this near-miss (`cliplab.train.losses.clip_loss_hard_negatives`).
 
 The word shuffles are drawn once, from ``seed``; keep it apart from the evaluation's seed (the
 `compositional` task's default is 0) so the model never trains on the shuffles it is tested on.
+
+Hard-negative *images* (``images``) put near-miss images in the same batch, so each caption
+must also beat them in its text-to-image softmax (and their captions are near-miss columns of
+its image's): ``partners`` takes each image's partner from the data (e.g. the counterfactual
+twins of ``{source: shapes, counterfactuals: true}``), ``neighbours`` one of its ``neighbours``
+nearest images by the starting model's image embeddings (NegCLIP's mined hard-negative images).
+Batches are then built from pairs of an image and its hard-negative image
+(`cliplab.train.batches.PartnerBatches`).
 """
 
 from __future__ import annotations
@@ -21,16 +29,22 @@ from pydantic import Field
 
 from cliplab.config import Section
 from cliplab.data.caption_negatives import NEGATIVE_TYPES, caption_negatives
+from cliplab.data.types import ImageTextPairs
+from cliplab.errors import ConfigError
+from cliplab.models.dual_encoder import DualEncoder
 
 NegativeKind = Literal["attribute_swap", "relation_swap", "word_shuffle"]
 
 
 class HardNegatives(Section):
-    """``train.hard_negatives``: which negative kinds to make (``kinds``) and the seed of the
-    word shuffles (``seed``; the compositional evaluation uses 0)."""
+    """``train.hard_negatives``: which negative kinds to make (``kinds``), the seed of the
+    word shuffles (``seed``; the compositional evaluation uses 0), and where hard-negative
+    images come from (``images``: none, the data's ``partners``, or mined ``neighbours``)."""
 
     kinds: list[NegativeKind] = Field(default_factory=lambda: list(NEGATIVE_TYPES), min_length=1)
     seed: int = 1
+    images: Literal["none", "partners", "neighbours"] = "none"
+    neighbours: int = Field(3, ge=1)  # with images: neighbours, the candidates per image
 
 
 class NegativeTable:
@@ -60,3 +74,37 @@ class NegativeTable:
         ids = self.flat[(start + pick).clamp(max=max(len(self.flat) - 1, 0))] \
             if len(self.flat) else torch.zeros_like(caption_ids)
         return torch.where(count > 0, ids, torch.full_like(ids, -1))
+
+
+def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """For each row of unit-length ``features`` ``[n, D]``, the indices ``[n, k]`` of its ``k``
+    most similar other rows (cosine; computed ``chunk`` rows at a time, never ``n x n``)."""
+    k = min(k, len(features) - 1)
+    out = []
+    for start in range(0, len(features), chunk):
+        sims = features[start:start + chunk] @ features.t()
+        rows = torch.arange(len(sims))
+        sims[rows, rows + start] = float("-inf")  # never its own neighbour
+        out.append(sims.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def negative_image_candidates(data: ImageTextPairs, config: HardNegatives, model: DualEncoder,
+                              progress: bool = False) -> torch.Tensor | None:
+    """``[n, k]`` hard-negative image candidates of each image of ``data`` (-1: none) for
+    ``config.images``, or None when hard-negative images are off."""
+    if config.images == "none":
+        return None
+    if config.images == "partners":
+        if data.partners is None or not bool((data.partners >= 0).any()):
+            raise ConfigError(f"train.hard_negatives.images: partners needs data whose images "
+                              f"have partners (e.g. {{source: shapes, counterfactuals: true}}); "
+                              f"{data.name} has none — or use images: neighbours")
+        return data.partners[:, None]
+    if len(data) < 2:
+        raise ConfigError("train.hard_negatives.images: neighbours needs at least two images")
+    from cliplab.evaluate.features import encode_images
+
+    features = encode_images(model, data.images, progress=progress,
+                             desc="mine hard-negative images").embeddings
+    return nearest_neighbours(features, config.neighbours)

@@ -23,7 +23,7 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.captions import CaptionTable
 from cliplab.train.config import TrainConfig
-from cliplab.train.hard_negatives import NegativeTable
+from cliplab.train.hard_negatives import NegativeTable, negative_image_candidates
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 from cliplab.train.step_batch import StepBatch
 from cliplab.train.stream_batches import StreamBatches
@@ -74,8 +74,10 @@ class MemoryInputs:
         cfg = config
         self.pixels, self.device = pixels, device
         self.labelled = isinstance(data, LabelledImages)
+        partners = negative_image_candidates(data, cfg.hard_negatives, model, cfg.progress) \
+            if cfg.hard_negatives is not None and not self.labelled else None
         self.batches = ReplayBatches(len(data), len(replay) if replay is not None else 0,
-                                     cfg.batch_size, replay_ratio, cfg.seed)
+                                     cfg.batch_size, replay_ratio, cfg.seed, partners)
         self.data = data if replay is None else concat_pairs(data, replay)
         self.local = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
         # a locked image tower without augmentation: each image's features are computed once

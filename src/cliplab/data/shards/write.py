@@ -116,6 +116,9 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
         raise DataError(f"nothing to write: {pairs.name} has no sample with a caption "
                         f"({skipped.summary()})")
 
+    # a hard-negative partner (e.g. a counterfactual twin) is kept as its sample's key
+    number_of = {i: number for number, (i, _) in enumerate(keep)}
+    partners = getattr(pairs, "partners", None)
     out = Path(out)
     _prepare_out(out, overwrite)
     with ShardSink(out, samples_per_shard, {"image_format": image_format}) as writer:
@@ -124,6 +127,8 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
             group = None if pairs.groups is None else int(pairs.groups[i])
             meta = {"key": f"{number:09d}", "captions": caps, "group": group,
                     "source_key": f"{pairs.name}:{i}"}
+            if partners is not None and int(partners[i]) in number_of:
+                meta["partner_key"] = f"{number_of[int(partners[i])]:09d}"
             if labelled is not None:
                 meta["label"] = int(labelled.labels[i])
                 meta["classname"] = labelled.classnames[meta["label"]]
