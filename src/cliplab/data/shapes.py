@@ -18,10 +18,9 @@ Everything is deterministic by seed: the same arguments give bit-identical image
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
-
-import copy
 
 import numpy as np
 import torch

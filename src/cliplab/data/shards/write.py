@@ -118,7 +118,7 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
 
     # a hard-negative partner (e.g. a counterfactual twin) is kept as its sample's key
     number_of = {i: number for number, (i, _) in enumerate(keep)}
-    partners = getattr(pairs, "partners", None)
+    partners = pairs.partners
     out = Path(out)
     _prepare_out(out, overwrite)
     with ShardSink(out, samples_per_shard, {"image_format": image_format}) as writer:
