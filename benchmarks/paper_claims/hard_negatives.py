@@ -71,8 +71,8 @@ BASE = ("tiny-clip pretrained from scratch on 3 000 shapes scenes (seed 0), fine
 
 MODEL = {"name": "tiny-clip", "options": {"image_size": 32, "patch_size": 8, "width": 64,
                                           "layers": 2, "heads": 4, "embed_dim": 64}}
-# fixed before any number: pretraining long enough to know colours and relations' words,
-# a fine-tune of a few epochs at a lower rate; augmentation off ("left of" must stay true)
+# fixed before any number: pretraining long enough to know colours and relations' words;
+# augmentation off here and in the fine-tunes ("left of" must stay true)
 BASE_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 1e-3, "warmup": 0.1, "augment": False,
               "seed": 0}
 # 100 epochs: chosen on the validation sets (6 and 24 did not move the swaps; see above)
