@@ -3,10 +3,13 @@ carry through the data layer, and the batches that put each image beside its har
 (`train.hard_negatives.images`)."""
 
 import json
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from cliplab.data.caption_negatives import attribute_swap, relation_swap
 from cliplab.data.pairs import concat_pairs
@@ -94,7 +97,6 @@ def test_shards_keep_each_samples_partner(tmp_path, twins):
     from cliplab.data.shards.write import write_shards
 
     write_shards(twins[0], tmp_path / "s", samples_per_shard=100, progress=False)
-    import tarfile
     with tarfile.open(next((tmp_path / "s").glob("*.tar"))) as tar:
         metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers()
                  if m.name.endswith(".json")]
@@ -162,15 +164,13 @@ def test_inputs_pair_images_with_their_twins_and_say_when_data_has_none(twins):
     assert inputs(plain, "neighbours").batches.next().shape == (16,)
     with pytest.raises(ConfigError, match=r"train\.hard_negatives\.images"):
         TrainConfig.from_dict({"hard_negatives": {"images": "twins"}})
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives\.neighbours"):
+        TrainConfig.from_dict({"hard_negatives": {"images": "neighbours", "neighbours": True}})
 
 
 def test_the_shipped_hard_negatives_recipe_trains_and_scores_swaps(tmp_path):
     """configs/pretrain/hard-negatives-shapes.yaml, shortened and from a small model: the
     twins load, the partner batches and caption negatives train, the suite scores the swaps."""
-    from pathlib import Path
-
-    import yaml
-
     from cliplab.train.pretrain import run_pretrain
 
     recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "hard-negatives-shapes.yaml"

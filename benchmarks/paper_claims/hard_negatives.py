@@ -47,8 +47,8 @@ moved (68.2 / 50.1): binding appears late. The claim therefore trains 100 epochs
 unchanged.
 
 Also reported, as a diagnostic and not part of the rule: each fine-tune's relation-swap
-accuracy on 500 of its own training scenes (the twins included) — whether it fits the very
-swaps it trained against.
+accuracy on the first 500 of its own training scenes and their twins — whether it fits the
+very swaps it trained against.
 
 Reproduced — the rule, written before any number was seen: with ``gain`` the per-seed
 difference hard_negatives − plain, BOTH attribute-swap and relation-swap mean gains are

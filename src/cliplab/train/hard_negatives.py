@@ -44,7 +44,8 @@ class HardNegatives(Section):
     kinds: list[NegativeKind] = Field(default_factory=lambda: list(NEGATIVE_TYPES), min_length=1)
     seed: int = 1
     images: Literal["none", "partners", "neighbours"] = "none"
-    neighbours: int = Field(3, ge=1)  # with images: neighbours, the candidates per image
+    # with images: neighbours, the candidates per image (strict: `true` is not a count)
+    neighbours: int = Field(3, ge=1, strict=True)
 
 
 class NegativeTable:
