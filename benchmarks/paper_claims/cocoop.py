@@ -38,6 +38,18 @@ validation-pool images only), by the harmonic mean: seed 1, D/16 87.9, D/16 with
 5e-3 88.0, D/4 89.0, D/64 90.7; seed 2, D/16 88.7, D/64 89.2. D/64 (a 6-unit meta-net) kept the
 inner-novel accuracy higher (89.4 / 86.7 vs 84.1 / 84.6).
 
+Why this base and not one that knows the novel classes: the paper's novel classes are unseen by
+the prompt learner only (CLIP's pretraining saw them; its zero-shot is higher on novel than on
+base), while this base never saw them. Two such bases were checked on validation images only,
+CoOp alone, seed 1 (CoCoOp not run), with the switch criterion written down first — CoOp loses
+more novel accuracy against zero-shot than on this base measured the same way (base / novel,
+whole validation pool: zero-shot 74.3 / 59.7, CoOp 88.4 / 55.7, −4.0) and still gains ≥ 5 on
+base: the competent base's recipe on all ten classes of the training pool (5 epochs), zero-shot
+73.9 / 97.8, CoOp 88.6 / 97.7 (−0.1); the same base with the paper's split in half by label
+order (base t-shirt … coat, novel sandal … ankle boot), 64.8 / 93.2 → 83.8 / 92.7 (−0.5). A base
+that knows the novel classes keeps them under CoOp's learned context, so there CoOp forgets
+nothing for CoCoOp to win back; this base, where CoOp forgets most, stays.
+
 Reproduced when (rule fixed in advance, `adapt_runs.beats`): CoCoOp's novel accuracy beats
 CoOp's and CoCoOp's harmonic mean beats CoOp's (mean gap > 2 x pooled std over the seeds).
 """
