@@ -13,6 +13,7 @@ import yaml
 
 from cliplab.data.caption_negatives import attribute_swap, relation_swap
 from cliplab.data.pairs import concat_pairs
+from cliplab.data.shards.read import resolve_partners
 from cliplab.data.shapes import (Scene, ShapeObject, colour_twin, load_shapes,
                                  load_shapes_with_scenes, position_twin)
 from cliplab.data.sources import load_source
@@ -102,6 +103,20 @@ def test_shards_keep_each_samples_partner(tmp_path, twins):
                  if m.name.endswith(".json")]
     partner = {m["key"]: m["partner_key"] for m in metas}
     assert partner["000000000"] == "000000001" and partner["000000001"] == "000000000"
+    # read back, each sample has its partner again: training with `images: partners` can
+    # start from shards as from the generator
+    back = load_source({"source": "shards", "path": str(tmp_path / "s"), "progress": False})
+    assert torch.equal(back.partners, twins[0].partners)
+    assert back.captions == twins[0].captions
+
+
+def test_partner_keys_that_name_no_single_other_sample_are_dropped_with_a_warning():
+    keys = ["000", "001", "002", "002", "003"]
+    with pytest.warns(UserWarning, match="2 of 4 partner_key"):
+        partners = resolve_partners(keys, ["001", "000", "002", None, "003"], "here")
+    # "002" is not unique and "003" is the sample's own key: no partner for either
+    assert partners.tolist() == [1, 0, -1, -1, -1]
+    assert resolve_partners(keys, [None] * 5, "here") is None
 
 
 def test_partner_batches_keep_pairs_together_and_cover_each_image_once():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from tqdm.auto import tqdm
 
 from cliplab.data.images import stack_images
 from cliplab.data.shards.layout import read_index
+from cliplab.data.shards.samples import bare_key
 from cliplab.data.shards.stream import ShardStream
 from cliplab.data.types import ImageTextPairs
 from cliplab.errors import DataError
@@ -17,17 +19,21 @@ from cliplab.errors import DataError
 def load_shards(path: str | os.PathLike, image_size: int | None = None,
                 progress: bool = True) -> ImageTextPairs:
     """All samples of the shards at ``path`` (folder or brace pattern) in shard order, with all
-    their captions and groups. Images are resized to ``image_size`` squares, else to the first
-    image's size; if some are grayscale and some colour, all become colour. Corrupt samples
-    are skipped and counted in ``.skipped``."""
+    their captions, groups and hard-negative partners (``partner_key``s resolved to indices; a
+    partner that is not among the samples read, or whose key is not unique, becomes -1 with a
+    warning). Images are resized to ``image_size`` squares, else to the first image's size; if
+    some are grayscale and some colour, all become colour. Corrupt samples are skipped and
+    counted in ``.skipped``."""
     stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size,
                          rank=0, world_size=1)
     total = sum(stream.rank_sample_counts()) if progress else None
-    images, captions, groups = [], [], []
+    images, captions, groups, keys, partner_keys = [], [], [], [], []
     for sample in tqdm(stream, total=total, desc="read shards", unit="img", disable=not progress):
         images.append(sample["image"])
         captions.append(sample["caption"])
         groups.append(sample["group"])
+        keys.append(bare_key(sample["key"]))
+        partner_keys.append(sample["partner_key"])
     if not images:
         raise DataError(f"no usable sample in {path} ({stream.skipped.summary()})")
     group_ids = None
@@ -36,5 +42,30 @@ def load_shards(path: str | os.PathLike, image_size: int | None = None,
         group_ids = torch.tensor([g if g is not None else next(fresh) for g in groups])
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
+    partners = resolve_partners(keys, partner_keys, path)
     return ImageTextPairs(stack_images(images), captions, group_ids, name=name,
-                          skipped=stream.skipped)
+                          skipped=stream.skipped, partners=partners)
+
+
+def resolve_partners(keys: list[str], partner_keys: list[str | None],
+                     where: str | os.PathLike) -> torch.Tensor | None:
+    """Each sample's partner index (int64, -1: none) from its ``partner_key``, None when no
+    sample names one. Keys that are missing, not unique or the sample's own become -1, and a
+    warning says how many."""
+    if all(p is None for p in partner_keys):
+        return None
+    index: dict[str, int | None] = {}
+    for i, key in enumerate(keys):
+        index[key] = None if key in index else i  # None: the key is not unique
+    partners, lost = [-1] * len(keys), 0
+    for i, key in enumerate(partner_keys):
+        j = None if key is None else index.get(key)
+        if j is not None and j != i:
+            partners[i] = j
+        elif key is not None:
+            lost += 1
+    if lost:
+        named = sum(key is not None for key in partner_keys)
+        warnings.warn(f"{where}: {lost} of {named} partner_key(s) name no single other sample "
+                      "read; those samples have no partner")
+    return torch.tensor(partners, dtype=torch.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from cliplab.data.images import IMAGE_EXTS
 
@@ -44,24 +45,39 @@ def sample_key(raw: dict) -> str:
     return f"{raw['__shard__']}:{raw['__key__']}"
 
 
+def bare_key(key: str) -> str:
+    """The sample's own key (``000000006``) of a `sample_key` (``shard:key``)."""
+    return key.rsplit(":", 1)[-1]
+
+
 def image_part(raw: dict) -> str | None:
     """The extension of the sample's image part, None if it has none."""
     return next((ext for ext in IMAGE_EXTS if ext in raw), None)
 
 
-def captions_and_group(raw: dict) -> tuple[list[str], int | None]:
+class SampleMeta(NamedTuple):
+    """What a sample's text parts say: its captions, its caption ``group`` (or None) and the
+    key of its hard-negative partner in the same shard folder (``partner_key``, or None)."""
+
+    captions: list[str]
+    group: int | None
+    partner_key: str | None
+
+
+def sample_meta(raw: dict) -> SampleMeta:
     """Captions from the ``.json`` metadata's ``captions`` list, else the ``.txt`` lines; the
-    metadata's integer ``group`` or None. ``ValueError``/``UnicodeDecodeError`` if the
-    metadata is unreadable."""
+    metadata's integer ``group`` and string ``partner_key``, else None.
+    ``ValueError``/``UnicodeDecodeError`` if the metadata is unreadable."""
     meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
     caps = meta.get("captions")
     if not isinstance(caps, list):
         caps = text_lines(raw["txt"]) if "txt" in raw else []
-    group = meta.get("group")
-    return ([c.strip() for c in caps if isinstance(c, str) and c.strip()],
-            group if isinstance(group, int) and not isinstance(group, bool) else None)
+    group, partner = meta.get("group"), meta.get("partner_key")
+    return SampleMeta([c.strip() for c in caps if isinstance(c, str) and c.strip()],
+                      group if isinstance(group, int) and not isinstance(group, bool) else None,
+                      partner if isinstance(partner, str) else None)
 
 
 def text_lines(data: bytes) -> list[str]:

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cliplab.data.images import UnreadableImage, decode_image
 from cliplab.data.shards.layout import expand_shards, index_counts, shard_sample_counts
-from cliplab.data.shards.samples import captions_and_group, image_part, raw_samples, sample_key
+from cliplab.data.shards.samples import image_part, raw_samples, sample_key, sample_meta
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
 
@@ -59,12 +59,14 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 class ShardStream(IterableDataset):
-    """Samples ``{"image": uint8 [H, W, C], "caption", "key", "group"}`` from tar shards.
+    """Samples ``{"image": uint8 [H, W, C], "caption", "key", "group", "partner_key"}`` from
+    tar shards.
 
     ``urls``: a shard folder, a brace pattern (``data/{00000..00009}.tar``) or a list of paths.
     ``caption``: ``"first"``, ``"random"`` (chosen with ``(seed, epoch, key)``) or ``"all"`` (the
     list). ``image_size`` resizes every image to that square (needed to batch mixed sizes);
-    ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None.
+    ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None,
+    ``partner_key`` the key of its hard-negative partner (e.g. its counterfactual twin) or None.
     Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
     for batches, workers and a resumable position; see the module docstring for how splitting
     and resuming work.
@@ -199,7 +201,7 @@ class ShardStream(IterableDataset):
         if ext is None:
             return None, "missing_image"
         try:
-            captions, group = captions_and_group(raw)
+            captions, group, partner_key = sample_meta(raw)
         except (ValueError, UnicodeDecodeError):
             return None, "bad_metadata"
         if not captions:
@@ -216,7 +218,7 @@ class ShardStream(IterableDataset):
         else:
             caption = captions
         return {"image": image, "caption": caption, "key": sample_key(raw),
-                "group": group}, None
+                "group": group, "partner_key": partner_key}, None
 
     def _worker_stream(self) -> tuple[int, int, int]:
         """(this worker's stream, streams per rank, its start position)."""
