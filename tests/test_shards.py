@@ -59,6 +59,14 @@ def test_round_trip_png_is_identical(shard_dir, shapes):
     assert pairs.skipped.total == 0
 
 
+def test_a_callers_progress_setting_reaches_the_shards_read_bar(shard_dir, capsys):
+    spec = {"source": "shards", "path": str(shard_dir)}
+    load_source(spec, progress=False)
+    assert "read shards" not in capsys.readouterr().err
+    load_source({**spec, "progress": True}, progress=False)  # the spec's own wins
+    assert "read shards" in capsys.readouterr().err
+
+
 def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
     digits = load_source({"source": "digits", "split": "test"})
     digits = digits.subset(torch.arange(40))

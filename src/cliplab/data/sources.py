@@ -39,8 +39,9 @@ def source_loader(name: str) -> Callable[..., Dataset]:
     return getattr(importlib.import_module(module), function)
 
 
-def load_source(spec: dict) -> Dataset:
-    """Load the dataset a spec names; ``holdout`` (a list of class names) drops those classes;
+def load_source(spec: dict, progress: bool | None = None) -> Dataset:
+    """Load the dataset a spec names; ``progress`` is the default of a loader's own
+    ``progress`` option (e.g. the shards' read bar; the spec's own wins); ``holdout`` (a list of class names) drops those classes;
     ``classes`` (a list of class names) keeps only those, relabelled in that order;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
     the images, seeded by ``shift_seed``; ``templates`` (a list of prompts, ``{}`` marking the
@@ -57,6 +58,8 @@ def load_source(spec: dict) -> Dataset:
     if templates is not None:
         templates = check_templates(templates, name)
     params = inspect.signature(fn).parameters
+    if progress is not None and "progress" in params:
+        spec.setdefault("progress", progress)
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(spec) - set(params))
         if unknown:

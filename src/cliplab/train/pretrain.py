@@ -70,8 +70,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                                   "{source: shards, path: DIR, stream: true}")
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
         else:
-            pairs = as_pairs(load_source(spec))
-        replay, replay_ratio = _replay(cfg.data.replay)
+            pairs = as_pairs(load_source(spec, progress))
+        replay, replay_ratio = _replay(cfg.data.replay, progress)
         context = TaskContext(progress=False)
         if cfg.eval:
             context.preload(cfg.eval.tasks)  # a bad eval source fails before training
@@ -112,7 +112,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     return results
 
 
-def _replay(spec: dict | None) -> tuple[ImageTextPairs | None, float]:
+def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, float]:
     """``data.replay: {ratio: 0.2, <source spec>}`` → (old pairs, fraction of each batch)."""
     if not spec:
         return None, 0.0
@@ -124,7 +124,7 @@ def _replay(spec: dict | None) -> tuple[ImageTextPairs | None, float]:
         ratio = float(spec.pop("ratio"))
     except (TypeError, ValueError):
         raise ConfigError("data.replay.ratio must be a number in [0, 1)") from None
-    return as_pairs(load_source(spec)), ratio
+    return as_pairs(load_source(spec, progress)), ratio
 
 
 def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
