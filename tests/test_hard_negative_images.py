@@ -111,11 +111,11 @@ def test_shards_keep_each_samples_partner(tmp_path, twins):
 
 
 def test_partner_keys_that_name_no_single_other_sample_are_dropped_with_a_warning():
-    keys = ["000", "001", "002", "002", "003"]
-    with pytest.warns(UserWarning, match="2 of 4 partner_key"):
-        partners = resolve_partners(keys, ["001", "000", "002", None, "003"], "here")
-    # "002" is not unique and "003" is the sample's own key: no partner for either
-    assert partners.tolist() == [1, 0, -1, -1, -1]
+    keys = ["000", "001", "002", "002", "003", "004"]
+    with pytest.warns(UserWarning, match="3 of 5 partner_key"):
+        partners = resolve_partners(keys, ["001", "000", "002", "999", "003", None], "here")
+    # "002" is not unique, "999" names no sample and "003" is the sample's own key
+    assert partners.tolist() == [1, 0, -1, -1, -1, -1]
     assert resolve_partners(keys, [None] * 5, "here") is None
 
 
