@@ -200,15 +200,10 @@ def _tar_samples(tar: Path) -> list[tuple[str, dict[str, tuple[int, int, str]]]]
 
 def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
     """Items of an in-memory source; their images are stored by the index (``{"stored": None}``)."""
-    import inspect
-
-    from cliplab.data.sources import SOURCES, load_source, source_loader
+    from cliplab.data.sources import load_source
     from cliplab.data.types import ImageTextPairs
 
-    reader = source_loader(spec["source"]) if spec.get("source") in SOURCES else None
-    quiet = {"progress": progress} if reader and "progress" in inspect.signature(reader).parameters \
-        and "progress" not in spec else {}
-    data = load_source({**spec, **quiet})
+    data = load_source(spec, progress)
     name = spec["source"]
     for i in range(len(data)):
         image = data.images[i].numpy()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ from pydantic import Field, field_validator
 from cliplab.config import Section
 from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
 from cliplab.data.shards.write import check_out_folder, write_shards
-from cliplab.data.sources import SOURCES, load_source, source_loader
+from cliplab.data.sources import SOURCES, load_source
 from cliplab.errors import ConfigError
 
 
@@ -58,10 +57,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
-    reader = source_loader(spec["source"])
-    quiet = {"progress": progress} if "progress" in inspect.signature(reader).parameters \
-        and "progress" not in spec else {}
-    data = load_source({**spec, **quiet})
+    data = load_source(spec, progress)
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)

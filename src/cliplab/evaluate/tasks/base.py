@@ -124,7 +124,7 @@ class TaskContext:
             return spec
         key = data_key(spec)
         if key not in self.datasets:
-            self.datasets[key] = load_source(spec)
+            self.datasets[key] = load_source(spec, self.progress)
         return self.datasets[key]
 
     def labelled(self, spec: DataSpec, where: str) -> LabelledImages:
