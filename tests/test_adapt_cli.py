@@ -133,6 +133,19 @@ def test_adapt_cli_reads_data_section_like_other_stages(model_dir, tmp_path):
     assert json.loads((out / "results.json").read_text())["test_size"] == 540
 
 
+def test_adapt_no_progress_quiets_the_shards_read_bar(model_dir, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert main(["data", "shard", "--source", "digits", "data.split=test", "--out", str(shards),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    data = [f"data.{name}={{source: shards, path: {shards}}}" for name in ("train", "test")]
+    args = ["adapt", "--method", "zeroshot", "--model", str(model_dir), "shots=1", *data]
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "read shards" not in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "loud")]) == 0
+    assert "read shards" in capsys.readouterr().err
+
+
 def test_adapt_cli_runs_a_weight_method(model_dir, tmp_path, capsys):
     """`--method finetune` goes through the same command and config shape: a model folder,
     its test score next to the zero-shot head's, and results."""

@@ -11,8 +11,8 @@ from PIL import Image
 
 from cliplab.cli import main
 from cliplab.data.shards import ShardLoader, ShardStream, collate_samples, write_shards
-from cliplab.data.sources import load_source
-from cliplab.data.types import ImageTextPairs
+from cliplab.data.sources import as_pairs, load_source
+from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
 from tests.tar_files import png_bytes, write_tar
 
@@ -71,8 +71,12 @@ def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
     digits = load_source({"source": "digits", "split": "test"})
     digits = digits.subset(torch.arange(40))
     write_shards(digits, tmp_path / "png", samples_per_shard=16, image_format="png", progress=False)
-    pairs = load_source({"source": "shards", "path": str(tmp_path / "png"), "progress": False})
-    assert pairs.images.shape == (40, 8, 8, 1) and torch.equal(pairs.images, digits.images)
+    back = load_source({"source": "shards", "path": str(tmp_path / "png"), "progress": False})
+    assert isinstance(back, LabelledImages)  # classification stages take it
+    assert back.images.shape == (40, 8, 8, 1) and torch.equal(back.images, digits.images)
+    assert torch.equal(back.labels, digits.labels)
+    assert back.classnames == digits.classnames and back.templates == digits.templates
+    pairs = as_pairs(back)
     assert torch.equal(pairs.groups, digits.labels)
     assert pairs.captions[0] == [t.format(digits.classnames[int(digits.labels[0])])
                                  for t in digits.templates]
@@ -82,6 +86,22 @@ def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
     lossy = load_source({"source": "shards", "path": str(tmp_path / "jpg"), "progress": False})
     error = (lossy.images.float() - digits.images.float()).abs().mean()
     assert 0 < error < 8  # JPEG: close, not equal
+
+
+def test_shards_read_back_labelled_only_when_every_group_is_a_listed_class(tmp_path):
+    digits = load_source({"source": "digits", "split": "test"}).subset(torch.arange(30))
+    digits.descriptions = [f"the handwritten digit {n}" for n in digits.classnames]
+    write_shards(digits, tmp_path / "s", image_format="png", progress=False)
+    spec = {"source": "shards", "path": str(tmp_path / "s"), "progress": False}
+    back = load_source(spec)
+    assert isinstance(back, LabelledImages) and back.descriptions == digits.descriptions
+    index_file = tmp_path / "s" / "index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**index, "classnames": index["classnames"][:3]}))
+    assert isinstance(load_source(spec), ImageTextPairs)  # labels beyond the listed classes
+    index_file.write_text(json.dumps({k: v for k, v in index.items() if k != "classnames"}))
+    pairs = load_source(spec)
+    assert isinstance(pairs, ImageTextPairs) and torch.equal(pairs.groups, digits.labels)
 
 
 def test_writer_refuses_non_empty_folder_and_overwrite_replaces(tmp_path, shapes):

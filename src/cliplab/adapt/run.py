@@ -59,10 +59,11 @@ def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, see
     return train.subset(idx), val
 
 
-def validation_split(cfg: AdaptConfig, train: LabelledImages) -> LabelledImages:
+def validation_split(cfg: AdaptConfig, train: LabelledImages,
+                     progress: bool = True) -> LabelledImages:
     """``data.val``, or ``val_shots`` per class drawn from it (seeded) when ``val_shots`` is
     set."""
-    val = as_labelled(load_source(cfg.data.val), "data.val")
+    val = as_labelled(load_source(cfg.data.val, progress), "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
     check_same_classes(train, val, "data.train and data.val")
@@ -71,12 +72,13 @@ def validation_split(cfg: AdaptConfig, train: LabelledImages) -> LabelledImages:
     return val
 
 
-def load_sets(cfg: AdaptConfig) -> tuple[LabelledImages, dict[str, LabelledImages]]:
+def load_sets(cfg: AdaptConfig, progress: bool = True
+              ) -> tuple[LabelledImages, dict[str, LabelledImages]]:
     """The whole training set and the scored sets (``test``, and ``shifted`` if given)."""
-    train = as_labelled(load_source(cfg.data.train), "data.train")
-    sets = {"test": as_labelled(load_source(cfg.data.test), "data.test")}
+    train = as_labelled(load_source(cfg.data.train, progress), "data.train")
+    sets = {"test": as_labelled(load_source(cfg.data.test, progress), "data.test")}
     if cfg.data.shifted is not None:
-        sets["shifted"] = as_labelled(load_source(cfg.data.shifted), "data.shifted")
+        sets["shifted"] = as_labelled(load_source(cfg.data.shifted, progress), "data.shifted")
     for name, data in {"train": train, **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
@@ -97,11 +99,11 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         raise ConfigError(f"{where}: model is required (or --model): a preset, a model or run "
                           "folder, or a Hugging Face Hub id")
     method = get_method(cfg.method)
-    train_all, sets = load_sets(cfg)
+    train_all, sets = load_sets(cfg, progress)
     own_val = cfg.data.val is not None
     train, val = few_shot_split(train_all, cfg.shots, 0 if own_val else cfg.val_shots, cfg.seed)
     if own_val:
-        val = validation_split(cfg, train_all)
+        val = validation_split(cfg, train_all, progress)
     train = subsample(train, cfg.train_size, cfg.seed)
     model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)

@@ -12,18 +12,20 @@ from cliplab.data.images import stack_images
 from cliplab.data.shards.layout import read_index
 from cliplab.data.shards.samples import bare_key
 from cliplab.data.shards.stream import ShardStream
-from cliplab.data.types import ImageTextPairs
+from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
 
 
 def load_shards(path: str | os.PathLike, image_size: int | None = None,
-                progress: bool = True) -> ImageTextPairs:
+                progress: bool = True) -> ImageTextPairs | LabelledImages:
     """All samples of the shards at ``path`` (folder or brace pattern) in shard order, with all
     their captions, groups and hard-negative partners (``partner_key``s resolved to indices; a
     partner that is not among the samples read, or whose key is not unique, becomes -1 with a
-    warning). Images are resized to ``image_size`` squares, else to the first image's size; if
-    some are grayscale and some colour, all become colour. Corrupt samples are skipped and
-    counted in ``.skipped``."""
+    warning). Shards of a classification source (the folder's ``index.json`` lists its class
+    names, and every sample's group is one of them) come back as labelled images, so
+    classification stages take them too. Images are resized to ``image_size`` squares, else to
+    the first image's size; if some are grayscale and some colour, all become colour. Corrupt
+    samples are skipped and counted in ``.skipped``."""
     stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size,
                          rank=0, world_size=1)
     total = sum(stream.rank_sample_counts()) if progress else None
@@ -42,9 +44,21 @@ def load_shards(path: str | os.PathLike, image_size: int | None = None,
         group_ids = torch.tensor([g if g is not None else next(fresh) for g in groups])
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
+    if has_labels(index, groups):
+        return LabelledImages(stack_images(images), group_ids, list(index["classnames"]),
+                              list(index.get("templates") or ["{}"]), name,
+                              skipped=stream.skipped, descriptions=index.get("descriptions"))
     partners = resolve_partners(keys, partner_keys, path)
     return ImageTextPairs(stack_images(images), captions, group_ids, name=name,
                           skipped=stream.skipped, partners=partners)
+
+
+def has_labels(index: dict | None, groups: list[int | None]) -> bool:
+    """Whether the shards hold a classification set: the index names its classes and every
+    sample's group is one of them (`write_shards` writes a labelled set's class as its group)."""
+    classnames = (index or {}).get("classnames")
+    return (isinstance(classnames, list) and len(classnames) > 0
+            and all(g is not None and 0 <= g < len(classnames) for g in groups))
 
 
 def resolve_partners(keys: list[str], partner_keys: list[str | None],

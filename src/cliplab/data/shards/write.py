@@ -92,7 +92,8 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                  progress: bool = True) -> dict:
     """Write ``data`` as shards under ``out``; return the index (also saved as ``index.json``).
 
-    Labelled images are written as pairs (one caption per prompt template, the class as group).
+    Labelled images are written as pairs (one caption per prompt template, the class as group);
+    the index keeps their class names and templates, so `load_shards` reads them back labelled.
     Samples without a non-empty caption are skipped and counted, as are those the source skipped.
     """
     if image_format not in ENCODE_FORMATS:
@@ -139,4 +140,6 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
 
     classes = {} if labelled is None else {"classnames": labelled.classnames,
                                            "templates": labelled.templates}
+    if labelled is not None and labelled.descriptions:
+        classes["descriptions"] = labelled.descriptions
     return writer.write_index(pairs.name, source, skipped, image_format=image_format, **classes)
