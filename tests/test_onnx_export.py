@@ -130,3 +130,28 @@ def test_cliplab_eval_runs_on_an_export(clip_export, tmp_path):
                  str(tmp_path / "res"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     assert 0.0 <= results["results"]["zs"]["acc1"] <= 1.0
+
+
+def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export, tmp_path, capsys):
+    """The exported graph has no token states: the default probe says so and how to go on; a
+    probe of the pooled output runs and equals the PyTorch model's within tolerance."""
+    from cliplab.cli import main
+
+    model, out = clip_export
+    probe = ("  - {name: p, task: linear_probe, train: {source: digits, split: train}, "
+             "test: {source: digits, split: test}")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks:\n{probe}}}\n")
+    assert main(["eval", "--config", str(suite), "--model", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no 'tokens' probe features" in err
+    suite.write_text(f"tasks:\n{probe}, features: backbone}}\n")
+    scores = []
+    for spec in (out, tmp_path / "torch"):
+        if spec != out:
+            model.save(spec)
+        assert main(["eval", "--config", str(suite), "--model", str(spec), "--out",
+                     str(tmp_path / spec.name / "res"), "--no-progress"]) == 0
+        scores.append(json.loads((tmp_path / spec.name / "res" / "results.json")
+                                 .read_text())["results"]["p"]["acc1"])
+    assert scores[0] == pytest.approx(scores[1], abs=0.02)

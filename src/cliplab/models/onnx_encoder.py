@@ -113,6 +113,13 @@ class OnnxEncoder:
     def image_backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._run_image(pixel_values)[1])
 
+    def image_backbone_and_probe(self, pixel_values: torch.Tensor, kind: str = "tokens",
+                                 layers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not available: the exported graph returns only the pooled output and the embedding."""
+        raise ModelError(f"{self.path}: an ONNX export has no {kind!r} probe features (its graph "
+                         "returns only the pooled output); set the probe's features to "
+                         "backbone or embeddings, or probe the model folder it came from")
+
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         w = self.projections.get("visual_projection")
         return pooled if w is None else pooled @ w.t()
