@@ -1,5 +1,6 @@
 """The command line: --help everywhere, one-line errors with exit code 2."""
 
+import json
 import subprocess
 import sys
 
@@ -59,6 +60,22 @@ def test_bad_override_and_missing_data_dir(tmp_path):
     _one_line_error(run_cli("quickstart", "--data-dir", str(tmp_path), "--out",
                             str(tmp_path / "run")), str(tmp_path), "dataset-fashion-mnist")
     assert not (tmp_path / "run").exists()  # no half-made run folder for a run that never ran
+
+
+def test_overrides_may_follow_options_and_unknown_flags_show_the_commands_usage(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--source", "digits", "data.split=test", "--out", str(out),
+                 "samples_per_shard=100", "--no-progress", "image_format=png"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert [s["count"] for s in index["shards"]] == [100] * 5 + [40]
+    assert index["image_format"] == "png"
+    with pytest.raises(SystemExit):
+        main(["eval", "--config", "s.yaml", "--model", "m", "--bogus"])
+    err = capsys.readouterr().err
+    assert "usage: cliplab eval" in err and "unrecognized arguments: --bogus" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "INDEX", "port=1"])  # serve takes no overrides
+    assert "unrecognized arguments: port=1" in capsys.readouterr().err
 
 
 def test_unknown_model_in_eval(tmp_path):

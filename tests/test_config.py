@@ -72,8 +72,13 @@ def test_load_config_layers_defaults_file_extra_and_overrides(tmp_path):
                       extra={"model": "from-flag", "train": None})
     assert (cfg.model.name, cfg.train.batch_size, cfg.train.lr, cfg.train.precision) == (
         "from-flag", 4, 0.5, "bf16")
-    with pytest.raises(ConfigError, match=f"{path}: unknown key oops"):
+    with pytest.raises(ConfigError, match=f"^{path} \\+ command line: unknown key oops"):
         load_config(Recipe, path, ["oops=1"])
+    with pytest.raises(ConfigError, match="^the command line: .*unknown key oops"):
+        load_config(Recipe, None, ["oops=1"])
+    path.write_text("model: m\noops: 1\n")
+    with pytest.raises(ConfigError, match=f"^{path}: unknown key oops"):
+        load_config(Recipe, path)
 
 
 def test_bad_yaml_and_bad_overrides_are_one_line(tmp_path):

@@ -17,11 +17,11 @@ from cliplab.errors import CliplabError, ConfigError
 EXIT_BAD_INPUT = 2
 
 
-def _add_common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+def _add_common(p: argparse.ArgumentParser, example: str, config_required: bool = False) -> None:
     p.add_argument("--config", required=config_required, metavar="YAML",
                    help="YAML recipe (copy one from configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, e.g. train.lr=3e-4 train.epochs=2")
+                   help=f"override config keys (anywhere on the line), e.g. {example}")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -30,11 +30,11 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
                    help="show tracebacks on errors")
 
 
-def add_stage_arguments(p: argparse.ArgumentParser, out_help: str,
+def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
                         config_required: bool = False) -> None:
-    """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides,
-    ``--out DIR``, ``--no-progress`` and ``--debug``."""
-    _add_common(p, config_required)
+    """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides
+    (``example`` shows some in ``--help``), ``--out DIR``, ``--no-progress`` and ``--debug``."""
+    _add_common(p, example, config_required)
     p.add_argument("--out", metavar="DIR", help=out_help)
     _add_debug(p)
 
@@ -50,7 +50,9 @@ def stage_config(schema, args: argparse.Namespace, **extra):
 
 def config_where(args: argparse.Namespace) -> str:
     """How errors found after loading name the config (as `load_config` does)."""
-    return str(args.config) if args.config else "the config"
+    from cliplab.config import config_source
+
+    return config_source(args.config, bool(getattr(args, "overrides", None)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +78,7 @@ def _add_quickstart(sub) -> None:
                        "classes held out, then report zero-shot accuracy on them and on all "
                        "classes, and a linear probe. Writes a run folder with config.yaml, "
                        "metrics.jsonl, the checkpoint and results.json.")
-    _add_common(p)
+    _add_common(p, "train.epochs=1 train.batch_size=128")
     p.add_argument("--out", help="run folder (default runs/quickstart-<time>)")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
@@ -106,7 +108,8 @@ def _add_data(sub) -> None:
                    help="image encoding (default jpg; png is lossless)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the shards of a non-empty output folder")
-    add_stage_arguments(p, "folder to write the shards into (or the config's 'out')")
+    add_stage_arguments(p, "folder to write the shards into (or the config's 'out')",
+                        "data.split=test samples_per_shard=500 image_format=png")
 
 
 def _add_curate(sub) -> None:
@@ -126,7 +129,8 @@ def _add_curate(sub) -> None:
                    "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
     p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
                    "mapping chunks in parallel")
-    add_stage_arguments(p, "folder to write the curated pool and report into", config_required=True)
+    add_stage_arguments(p, "folder to write the curated pool and report into",
+                        "steps.0.min_words=3 workers=2", config_required=True)
 
 
 def _add_pretrain(sub) -> None:
@@ -138,7 +142,7 @@ def _add_pretrain(sub) -> None:
                        "cliplab pretrain --config X.yaml`: the loss sees the global batch "
                        "(train.batch_size over all ranks); train.fsdp shards large towers; "
                        "data.train {source: shards, stream: true} streams WebDataset shards.")
-    _add_common(p, config_required=True)
+    _add_common(p, "train.lr=3e-4 train.epochs=2", config_required=True)
     p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue from a checkpoint folder, or 'latest' in the run folder")
@@ -168,7 +172,7 @@ def _add_adapt(sub) -> None:
                    "(or the config's 'model')")
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
     add_stage_arguments(p, "run folder (default: the config's 'out' or "
-                        "runs/adapt-<method>-<time>)")
+                        "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")
 
 
 def _add_merge(sub) -> None:
@@ -193,7 +197,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--models", nargs="+", metavar="MODEL", help="model folders to merge")
     p.add_argument("--base", metavar="MODEL", help="the pretrained model the others were "
                    "fine-tuned from (model-stock, task-arithmetic, ties)")
-    add_stage_arguments(p, "new folder for the merged model (or the config's 'out')")
+    add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
+                        "heldout.data.limit=2000 scale=0.5")
 
 
 def _add_eval(sub) -> None:
@@ -233,7 +238,7 @@ def _add_report(sub) -> None:
                    help="results JSON files and/or run folders (put key=value overrides "
                    "before --inputs or after another option)")
     add_stage_arguments(p, "folder for report.md, report.html and plots/ (or the config's "
-                        "'out')")
+                        "'out')", "title=\"a vs b\" plots=false")
 
 
 def _add_index(sub) -> None:
@@ -246,8 +251,9 @@ def _add_index(sub) -> None:
                        "Unreadable images are skipped and listed; a stopped run resumes when "
                        "the same command is run again. key=value overrides set config keys "
                        "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500).")
-    _add_common(p)
-    p.add_argument("--model", help="preset, model folder or run folder")
+    _add_common(p, "index_type=hnsw batch_size=32")
+    p.add_argument("--model", help="preset, model folder, checkpoint folder, run folder (its "
+                   "newest checkpoint) or Hugging Face Hub id")
     p.add_argument("--data", metavar="SOURCE", help="image folder, manifest (.csv/.jsonl/"
                    ".parquet), shard folder or built-in source name (shapes, digits, ...)")
     p.add_argument("--out", metavar="INDEX", help="index folder to write")
@@ -301,8 +307,11 @@ def _add_export(sub) -> None:
                        "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
                        "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
                        "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", choices=["onnx", "open_clip"], required=True)
+    p.add_argument("model", metavar="MODEL", help="preset, model folder, checkpoint folder, run "
+                   "folder (its newest checkpoint) or Hugging Face Hub id")
+    p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
+                   help="onnx: image and text graphs for onnxruntime; open_clip: "
+                   "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -509,10 +518,39 @@ COMMANDS = {"quickstart": cmd_quickstart, "pretrain": cmd_pretrain, "eval": cmd_
             "index": cmd_index, "serve": cmd_serve}
 
 
+def parse_command_line(parser: argparse.ArgumentParser,
+                       argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments, with ``key=value`` overrides taken wherever they stand (argparse alone
+    takes them only before the first option); anything else unknown is an error in the
+    command's own usage."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in overrides]
+    if not hasattr(args, "overrides"):
+        unknown = rest
+    if unknown:
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
+def command_parser(parser: argparse.ArgumentParser,
+                   args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser the arguments chose, e.g. ``cliplab data shard``'s."""
+    while True:
+        choices = next((a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, choices.dest, None) if choices is not None else None
+        if chosen is None:
+            return parser
+        parser = choices.choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         return COMMANDS[args.command](args)
     except CliplabError as err:

@@ -155,7 +155,15 @@ def load_config(schema: type[S], path: str | Path | None = None,
     raw = deep_merge(defaults or {}, raw)
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
     raw = apply_overrides(raw, overrides)
-    return validate(schema, raw, str(path) if path else "the config")
+    from_command_line = bool(overrides) or any(v is not None for v in (extra or {}).values())
+    return validate(schema, raw, config_source(path, from_command_line))
+
+
+def config_source(path: str | Path | None, from_command_line: bool) -> str:
+    """How errors name a config: its file, the command line, or both."""
+    if path and from_command_line:
+        return f"{path} + command line"
+    return str(path) if path else ("the command line" if from_command_line else "the config")
 
 
 def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
