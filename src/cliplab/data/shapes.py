@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -400,17 +400,26 @@ def shapes_multilabel(n: int = 1000, seed: int = 0, attribute: str = "color",
                             name=f"shapes-multi-{attribute}")
 
 
-def shapes_source(attribute: str | None = None, multilabel: bool = False,
-                  **kw) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+def shapes_source(attribute: str | None = None, multilabel: bool = False, n: int | None = None,
+                  seed: int = 0, kinds: Sequence[str] | None = None, image_size: int = 64,
+                  colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None,
+                  counterfactuals: bool = False
+                  ) -> LabelledImages | ImageTextPairs | MultiLabelImages:
     """The ``shapes`` data source: scenes as pairs, as labelled images by ``attribute``
-    (shape / color), or with ``multilabel: true`` as multi-label images (every colour/shape in
-    a scene)."""
+    (shape / color; single-object scenes, so ``kinds`` does not apply), or with
+    ``multilabel: true`` as multi-label images (every colour/shape in a scene). ``n`` and
+    ``kinds`` default to each form's own defaults."""
+    kw: dict[str, Any] = {"seed": seed, "image_size": image_size, "colors": colors,
+                          "shapes": shapes}
+    if n is not None:
+        kw["n"] = n
     if attribute is None and not multilabel:
-        return load_shapes(**kw)
-    if kw.pop("counterfactuals", False):
+        return load_shapes(**kw, **({"kinds": kinds} if kinds is not None else {}),
+                           counterfactuals=counterfactuals)
+    if counterfactuals:
         raise DataError("shapes: counterfactuals (twin scenes) are made for image-text pairs; "
                         "drop them, or drop attribute/multilabel")
     if multilabel:
-        return shapes_multilabel(attribute=attribute or "color", **kw)
-    kw.pop("kinds", None)
+        return shapes_multilabel(attribute=attribute or "color", **kw,
+                                 **({"kinds": kinds} if kinds is not None else {}))
     return shapes_classification(attribute=attribute, **kw)
