@@ -211,6 +211,11 @@ def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
     with pytest.raises(ConfigError, match="half-finished `cliplab curate` run of another config"):
         run_curation(cfg, tmp_path / "new", progress=False)
     assert run_curation(cfg, tmp_path / "new", progress=False, overwrite=True)["kept"] == 1
+    # a run that failed before reading anything (a bad source option) does not block the next
+    with pytest.raises(ConfigError, match="unknown option"):
+        run_curation(config({"source": "shapes", "nn": 4}, STEPS), tmp_path / "fixed",
+                     progress=False)
+    assert run_curation(cfg, tmp_path / "fixed", progress=False)["kept"] == 1
 
 
 def test_whole_config_is_validated_before_any_work(tmp_path):

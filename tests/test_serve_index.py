@@ -177,6 +177,28 @@ def test_add_refuses_another_model(model_dir, tmp_path):
         SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(other))
 
 
+def test_a_failed_run_with_nothing_embedded_does_not_block_the_corrected_one(model_dir, tmp_path,
+                                                                           monkeypatch):
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("caption\nno image column\n")
+    with pytest.raises(CliplabError):
+        build(model_dir, str(manifest), tmp_path / "idx", chunk=8)
+    assert (tmp_path / "idx.partial").is_dir()
+    assert build(model_dir, SHAPES, tmp_path / "idx", chunk=8)["count"] == 40
+
+
+def test_bad_index_type_and_stray_uri_fail_before_any_embedding(model_dir, tmp_path, monkeypatch):
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the options")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    with pytest.raises(ConfigError, match=r"^bad FAISS index type 'hnws': could not parse "
+                                          r"index string hnws; use one of"):
+        build(model_dir, SHAPES, tmp_path / "a", index_type="hnws")
+    with pytest.raises(ConfigError, match="--uri .* add --backend milvus"):
+        build(model_dir, SHAPES, tmp_path / "b", uri=str(tmp_path / "x.db"))
+
+
 def test_index_type_follows_size_and_memory():
     assert faiss_index.choose_index_type(99_999, 512) == "Flat"
     assert faiss_index.choose_index_type(1_000_000, 512, memory_budget=24 << 30) == "IVF1024,Flat"

@@ -125,7 +125,8 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     if work.exists() and state.is_file():
         if json.loads(state.read_text())["request"] == request:
             return
-        if not overwrite:
+        # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
+        if not overwrite and any((work / "cache" / "pool").glob("*.json")):
             raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config; "
                               "rerun that config to resume it, or pass --overwrite to start over")
     if work.exists():

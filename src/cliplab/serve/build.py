@@ -74,6 +74,9 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
                           "index, or choose a new --out")
     if cfg.add and existing is None and not partial_path(out).exists():
         raise ConfigError(f"--add: {out} is not a complete index to append to")
+    if cfg.uri and cfg.backend != "milvus":
+        raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
+                          "default backend, faiss, keeps its index in --out)")
     if cfg.backend == "milvus" and not cfg.uri:
         raise ConfigError("--backend milvus needs --uri (./file.db for Milvus Lite, "
                           "http://HOST:19530 for a server)")
@@ -82,6 +85,9 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
 
         normalise_uri(cfg.uri)  # a bad URI fails before the embedding, not after
     model = model if model is not None else load_model(cfg.model)
+    if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
+        faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
+            faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))
     fingerprint = model_fingerprint(model)
     if existing and existing["fingerprint"] != fingerprint:
         raise ConfigError(f"--add: {out} was built with another model ({existing['model']['name']}, "
@@ -111,14 +117,16 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
     state_file = work / PROGRESS_FILE
     if work.exists() and state_file.is_file():
         state = json.loads(state_file.read_text())
-        if state["request"] != request:
+        nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
+        if state["request"] != request and not nothing_embedded:
             raise ConfigError(
                 f"{work} is a half-built index of another `cliplab index` run (model "
                 f"{state['request']['model']['name']}, data {state['request']['data']}); rerun "
                 "that command to resume it, or delete the folder to start over")
-        _drop_unrecorded(work, state)
-        return state
-    if work.exists():  # killed before its first progress record: nothing worth keeping
+        if state["request"] == request:
+            _drop_unrecorded(work, state)
+            return state
+    if work.exists():  # stopped before its first progress record: nothing worth keeping
         shutil.rmtree(work)
     (work / CHUNKS_DIR).mkdir(parents=True)
     (work / IMAGES_DIR).mkdir()

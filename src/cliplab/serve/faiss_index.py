@@ -66,16 +66,23 @@ def choose_index_type(n: int, dim: int, index_type: str = "auto",
     return named["ivf-flat"] if n * dim * 4 * 1.1 <= budget else named["ivf-pq"]
 
 
+def empty_faiss(dim: int, factory: str):
+    """An untrained FAISS index of ``factory``; ``ConfigError`` naming the type if FAISS cannot
+    build it (so a bad ``index_type`` can be caught before any embedding)."""
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0].rsplit(": ", 1)[-1]  # FAISS prefixes its C++ location
+        raise ConfigError(f"bad FAISS index type {factory!r}: {reason}; use one of "
+                          f"{', '.join(NAMED_TYPES)} or a FAISS factory string") from None
+
+
 def build_faiss(vectors: np.ndarray, factory: str, seed: int = 0, train_size: int | None = None):
     """A trained FAISS index holding ``vectors`` (float32 [N, D], unit rows) under ids 0..N-1."""
-    faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ConfigError(f"bad FAISS index type {factory!r}: {str(err).splitlines()[0]}; use "
-                          f"one of {', '.join(NAMED_TYPES)} or a FAISS factory string") from None
+    index = empty_faiss(dim, factory)
     if not index.is_trained:
         ivf = _ivf(index)
         need = 39 * (ivf.nlist if ivf is not None else 256)
