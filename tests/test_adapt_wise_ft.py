@@ -3,6 +3,7 @@ the zero-shot and fine-tuned models, best-α choice, origin check, the `run` ent
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from cliplab.adapt.common import head_metrics, subsample
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import zeroshot_classifier_head
 from cliplab.adapt.run import run_adapt
+from cliplab.cli import main
+from cliplab.runs import latest_checkpoint
 from cliplab.models.folder import model_fingerprint
 from cliplab.adapt.wise_ft import best_alpha, interpolate, wise_ft_sweep
 from cliplab.data.digits import load_digits
@@ -161,3 +164,29 @@ def test_run_refuses_a_finetune_of_another_base(tmp_path):
             progress=False)
     with pytest.raises(ConfigError, match="renamed key 'wise_ft': use 'options'"):
         run(str(tmp_path / "base"), {**CFG, "wise_ft": {}}, tmp_path / "o3", progress=False)
+
+
+def test_finetuned_may_be_a_finetune_run_folder(tmp_path, capsys):
+    """``options.finetuned`` takes `--method finetune`'s run folder (its newest checkpoint), a
+    checkpoint folder or the model folder, with the same result; a missing path is one line."""
+    small_model().save(tmp_path / "base")
+    ft = run_adapt({"method": "finetune", "model": str(tmp_path / "base"),
+                    "out": str(tmp_path / "ft"), "data": CFG["data"], "shots": 0,
+                    "train_size": 64, "options": {"train": {"steps": 2, "batch_size": 32}}},
+                   progress=False)
+    model_dir = ft["model_dir"]
+    assert model_dir == str(latest_checkpoint(tmp_path / "ft") / "model")
+    results = [run(str(tmp_path / "base"), {**CFG, "options": {"alphas": [0, 0.5, 1],
+                                                               "finetuned": str(given)}},
+                   tmp_path / f"w{i}")
+               for i, given in enumerate([tmp_path / "ft", Path(model_dir).parent, model_dir])]
+    assert all(r["finetuned"] == model_dir for r in results)
+    assert results[0]["sweep"] == results[1]["sweep"] == results[2]["sweep"]
+    missing = tmp_path / "runs" / "ft9"
+    assert main(["adapt", "--method", "wise-ft", "--model", str(tmp_path / "base"),
+                 "--out", str(tmp_path / "o"), "--no-progress",
+                 "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", f"options.finetuned={missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"options.finetuned: {missing} does not exist" in err[0]
+    assert not (tmp_path / "o").exists()

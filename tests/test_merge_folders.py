@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
 
+from cliplab.adapt.run import run_adapt
 from cliplab.cli import main
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.tasks import TaskContext
@@ -14,9 +15,11 @@ from cliplab.evaluate.suite import run_task
 from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
+from cliplab.runs import latest_checkpoint
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
+KEY = "vision_model.encoder.layers.0.mlp.fc1.weight"
 HELDOUT = {"task": "zeroshot", "data": {"source": "digits", "split": "test"}}
 
 
@@ -167,8 +170,10 @@ def test_config_errors_come_before_any_work(family, tmp_path):
     bad = [({"method": "soup", "models": ["a"], "out": "o"},
             "method: unknown merge method 'soup'; choose one of: uniform, greedy"),
            ({"method": "ties", "models": ["a"], "out": "o"}, "--base"),
-           ({"method": "greedy", "models": ["a"], "out": "o"}, "heldout"),
-           ({"method": "uniform", "models": [str(fts[0])], "out": str(fts[1])}, "not empty"),
+           ({"method": "greedy", "models": ["a", "b"], "out": "o"}, "heldout"),
+           ({"method": "greedy", "models": ["a"], "out": "o"}, "at least 2"),
+           ({"method": "uniform", "models": [str(fts[0]), str(fts[1])], "out": str(fts[2])},
+            "not empty"),
            ({"method": "uniform", "models": ["a"], "out": "o", "lamda": 1},
             r"unknown key lamda \(valid: base, density"),
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 1.5},
@@ -193,7 +198,11 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]),  # no bar: stderr
                  str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "missing is not a model folder" in err[0]
+    assert len(err) == 1 and f"--models {tmp_path / 'missing'} does not exist" in err[0]
+    assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "uniform needs at least 2 fine-tuned models" in err[0]
 
 
 def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):
@@ -216,3 +225,60 @@ def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path
     assert read_origin(tmp_path / "soup")["fingerprint"] == weights_fingerprint(_state(base))
     assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
                  str(fts[0]), "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(family):
+    """Two `cliplab adapt --method finetune` run folders (seeds 0, 1) of the family's base."""
+    root, base, _ = family
+    runs = []
+    for seed in (0, 1):
+        run_adapt({"method": "finetune", "model": str(base), "out": str(root / f"run{seed}"),
+                   "data": {"train": {"source": "digits", "split": "train"},
+                            "test": {"source": "digits", "split": "test"}},
+                   "shots": 0, "train_size": 64, "seed": seed,
+                   "options": {"train": {"steps": 2, "batch_size": 32}}}, progress=False)
+        runs.append(root / f"run{seed}")
+    return runs
+
+
+def test_run_and_checkpoint_folders_merge_as_their_model_folders(family, finetune_runs,
+                                                                   tmp_path):
+    """A run folder stands for its newest checkpoint's model folder, as everywhere else."""
+    _, base, _ = family
+    models = [latest_checkpoint(r) / "model" for r in finetune_runs]
+    assert main(["merge", "--method", "uniform", "--models", *map(str, finetune_runs),
+                 "--out", str(tmp_path / "from-runs"), "--no-progress"]) == 0
+    assert main(["merge", "--method", "uniform", "--models", *map(str, models),
+                 "--out", str(tmp_path / "from-models"), "--no-progress"]) == 0
+    a, b = _state(tmp_path / "from-runs"), _state(tmp_path / "from-models")
+    assert not torch.equal(_state(models[0])[KEY], _state(models[1])[KEY])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    record = json.loads((tmp_path / "from-runs" / "merge.json").read_text())
+    assert record["models"] == list(map(str, models)) and record["origin"]["unrecorded"] == []
+    # --base as a run folder, the models as checkpoint folders
+    pre = tmp_path / "pretrain-run"
+    DualEncoder.load(base).save(pre / "checkpoints" / "step-5" / "model")
+    rec = run_merge({"method": "task-arithmetic", "models": [str(m.parent) for m in models],
+                     "base": str(pre), "out": str(tmp_path / "ta")}, progress=False)
+    assert rec["base"] == str(pre / "checkpoints" / "step-5" / "model")
+    run_merge({"method": "task-arithmetic", "models": list(map(str, models)),
+               "base": str(base), "out": str(tmp_path / "ta-folders")}, progress=False)
+    a, b = _state(tmp_path / "ta"), _state(tmp_path / "ta-folders")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_missing_inputs_and_presets_are_one_line_errors(family, tmp_path, capsys):
+    _, base, fts = family
+    missing = tmp_path / "runs" / "ft9"
+    for argv, fragment in [(["--models", str(fts[0]), str(missing), "--base", str(base)],
+                            f"--models {missing} does not exist"),
+                           (["--models", str(fts[0]), "--base", str(missing)],
+                            f"--base {missing} does not exist"),
+                           (["--models", str(fts[0]), "--base", "tiny-clip"],
+                            "merge needs model folders; tiny-clip (--base) is a preset")]:
+        assert main(["merge", "--method", "task-arithmetic", *argv, "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cliplab: error:") and fragment in err[0]
+    assert not (tmp_path / "o").exists()

@@ -3,8 +3,9 @@ zero-shot text classifier (the fine-tuning WiSE-FT starts from).
 
 The image tower and its projection train, with the head, by cross-entropy through the one
 `Trainer` loop; the text tower, text projection and temperature stay as they were. The result
-is a normal model folder plus ``head.safetensors``, whose ``cliplab.json`` records the
-pretrained origin (``"base": {path, fingerprint}``).
+is a run folder whose checkpoints (``checkpoints/step-N/model``) are normal model folders plus
+``head.safetensors``; each ``cliplab.json`` records the pretrained origin
+(``"base": {path, fingerprint}``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.resolve import model_folder
 from cliplab.train.trainer import MODEL_DIR
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -40,9 +41,10 @@ __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_swe
 
 class Options(FinetuneOptions):
     """The finetune method's options (``train_head``, ``train``: used when it fine-tunes here)
-    plus ``finetuned``: a `--method finetune` model folder of the same base (null: fine-tune one
-    here); ``alphas``: the sweep; ``select``: what the best α maximises (mean of test and
-    shifted top-1, or one of them); ``save_best``: write ``best/``, the model at the best α;
+    plus ``finetuned``: a `--method finetune` result of the same base — its run folder (the
+    newest checkpoint), a checkpoint folder or a model folder (null: fine-tune one here);
+    ``alphas``: the sweep; ``select``: what the best α maximises (mean of test and shifted
+    top-1, or one of them); ``save_best``: write ``best/``, the model at the best α;
     ``val_shift``: the shift (e.g. ``noise:0.3``) making the shifted copy of the validation
     split the α is chosen on when the run has one (``val_shots``)."""
 
@@ -51,6 +53,14 @@ class Options(FinetuneOptions):
     select: Literal["mean", "test", "shifted"] = "mean"
     save_best: bool = False
     val_shift: str | None = None
+
+    @field_validator("finetuned")
+    @classmethod
+    def _existing(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().exists():
+            raise ValueError(f"{value} does not exist (give a finetune run, checkpoint or "
+                             "model folder)")
+        return value
 
     @field_validator("val_shift")
     @classmethod
@@ -196,12 +206,12 @@ class WiseFT(Adapter):
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> WiseFT:
-    """Fine-tune a copy of ``model`` on ``train`` (or load ``options.finetuned``, which must
-    come from exactly these weights); ``model`` itself stays the zero-shot end."""
+    """Fine-tune a copy of ``model`` on ``train`` (or load ``options.finetuned``'s model
+    folder, which must come from exactly these weights); ``model`` stays the zero-shot end."""
     opts = method_options(Options, options, "wise-ft")
     fingerprint = model_fingerprint(model)
     if opts.finetuned:
-        ft_dir = Path(opts.finetuned)
+        ft_dir = model_folder(Path(opts.finetuned).expanduser())
         check_same_origin(ft_dir, model, ctx.model_name)
         finetuned, ft_head = load_finetuned(ft_dir)
     else:

@@ -14,9 +14,10 @@ NEEDS_BASE = ("model-stock", "task-arithmetic", "ties")
 
 
 class MergeConfig(Section):
-    """``models``: the model folders to merge (or ``--models``); ``base``: the pretrained model
-    they were fine-tuned from (model-stock, task-arithmetic, ties); ``heldout``: one eval task
-    (the `cliplab eval` suite schema) scoring every candidate by ``metric``."""
+    """``models``: the model, checkpoint or run folders to merge (or ``--models``); ``base``:
+    the pretrained model they were fine-tuned from (model-stock, task-arithmetic, ties);
+    ``heldout``: one eval task (the `cliplab eval` suite schema) scoring every candidate by
+    ``metric``."""
 
     method: str
     models: list[ModelField] = Field(min_length=1)
@@ -43,8 +44,9 @@ class MergeConfig(Section):
         if self.method in NEEDS_BASE and self.base is None:
             raise ValueError(f"method {self.method!r} needs the pretrained model: base "
                              "(or --base P)")
-        if self.method == "model-stock" and n < 2:
-            raise ValueError("model-stock needs at least 2 fine-tuned models")
+        if self.method in ("model-stock", "uniform", "greedy") and n < 2:
+            raise ValueError(f"{self.method} needs at least 2 fine-tuned models (one model "
+                             "merged alone is a copy of it)")
         if self.method == "greedy" and self.heldout is None:
             raise ValueError("the greedy soup needs held-out data to score with: set heldout "
                              "to an eval task, e.g. {task: zeroshot, data: {source: digits, "

@@ -1,5 +1,6 @@
-"""`cliplab merge`: read model folders, check they share architecture and pretrained origin,
-merge them with one method, write a normal model folder plus ``merge.json``."""
+"""`cliplab merge`: read model folders (a run or checkpoint folder: its newest model), check
+they share architecture and pretrained origin, merge them with one method, write a normal
+model folder plus ``merge.json``."""
 
 from __future__ import annotations
 
@@ -13,23 +14,31 @@ from cliplab.config import validate
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.suite import run_task, task_spec
 from cliplab.evaluate.tasks import TaskContext
-from cliplab.merge.checkpoints import (check_architecture, check_origin,
+from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
                                        load_ingredient, save_merged)
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.spec import ModelSpec
+
+
+def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
+    """``spec`` naming the model folder it resolves to (unchanged when it is one)."""
+    folder = ingredient_folder(spec.name, option)
+    return spec if folder == Path(spec.name).expanduser() else ModelSpec(name=str(folder))
 
 
 def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> MergeConfig:
-    """The validated config, inputs that are model folders, and an output folder that is new
-    (or empty) and not an input."""
+    """The validated config with its inputs resolved to model folders (run and checkpoint
+    folders: the newest checkpoint's), and an output folder that is new (or empty) and not an
+    input."""
     if not isinstance(cfg, MergeConfig):
         cfg = validate(MergeConfig, cfg, where)
-    for spec in cfg.models + ([cfg.base] if cfg.base else []):
-        if not (Path(spec.name) / "config.json").is_file():  # before any (slow) loading
-            raise ModelError(f"{spec.name} is not a model folder (no config.json): a merge "
-                             "combines folders written by cliplab or HF save_pretrained")
+    # before any (slow) loading: every input resolved to its model folder
+    cfg = cfg.model_copy(update={
+        "models": [folder_spec(m, "--models") for m in cfg.models],
+        "base": folder_spec(cfg.base, "--base") if cfg.base else None})
     if cfg.heldout is not None:
         task_spec(cfg.heldout, f"{where}: heldout")  # a bad task key fails before any work
     out = Path(cfg.out).resolve()
