@@ -174,3 +174,17 @@ def test_templates_replace_a_classification_sources_prompts():
         load_source({**spec, "templates": "a {} circle"})
     with pytest.raises(ConfigError, match="templates needs a classification source"):
         load_source({"source": "shapes", "n": 2, "image_size": 32, "templates": ["a {}"]})
+
+
+def test_selecting_classes_keeps_what_loading_skipped(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name / "ok.png")
+    (tmp_path / "dog" / "bad.png").write_bytes(b"not a png")
+    spec = {"source": "image-folder", "path": str(tmp_path), "progress": False}
+    for extra in ({"classes": ["cat"]}, {"holdout": ["dog"]}):
+        data = load_source({**spec, **extra})
+        assert len(data) == 1 and data.skipped.total == 1
+        assert data.skipped.keys == {"unreadable_image": [str(tmp_path / "dog" / "bad.png")]}

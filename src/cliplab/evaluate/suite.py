@@ -10,6 +10,7 @@ pass over the images.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,9 +133,32 @@ def run_suite(model: DualEncoder, suite: SuiteSpec | Mapping | list,
               context: TaskContext | None = None) -> dict:
     """``{task name: metrics}`` of every task of ``suite`` (validated whole first); the tasks
     share ``context``'s feature cache, so a dataset is encoded once however many tasks read
-    it, and a text (prompt or caption) once however many tasks and images use it."""
+    it, and a text (prompt or caption) once however many tasks and images use it. A task
+    whose data skipped samples (unreadable, missing, empty) gets them under ``skipped`` and
+    one line on stderr."""
     suite = suite_spec(suite)
     context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
                                   probe_plan=plan_probes(suite.tasks))
-    return {name: run_task(model, task, context)
-            for name, task in zip(suite.task_names(), suite.tasks)}
+    results = {}
+    for name, task in zip(suite.task_names(), suite.tasks):
+        skipped = report_skips(name, task, context)
+        results[name] = run_task(model, task, context)
+        if skipped:
+            results[name] = {**results[name], "skipped": skipped}
+    return results
+
+
+def report_skips(name: str, task: TaskSpecBase, context: TaskContext) -> dict | None:
+    """The samples ``task``'s datasets skipped (``SkipReport.to_dict()``, None if none), told
+    once per context on stderr: ``zs: skipped 2 of 30 samples (missing_file=1,
+    unreadable_image=1) in DATA``."""
+    report, total, where = context.skipped(task)
+    if not report.total:
+        return None
+    counts = ", ".join(f"{reason}={n}" for reason, n in sorted(report.counts.items()))
+    line = (f"{name}: skipped {report.total} of {total} samples ({counts}) in "
+            f"{', '.join(where)}")
+    if line not in context.reported:
+        context.reported.add(line)
+        print(line, file=sys.stderr)
+    return report.to_dict()

@@ -132,6 +132,8 @@ def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in results.items():
         path = f"{prefix}/{key}"
+        if key == "skipped":  # the data's skip record, the same at every evaluation
+            continue
         if isinstance(value, dict):
             out.update(scalar_metrics(value, path))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):

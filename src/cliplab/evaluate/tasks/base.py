@@ -20,7 +20,7 @@ from pydantic import InstanceOf
 from cliplab.config import Section
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
-from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
@@ -41,6 +41,14 @@ def data_key(spec: DataSpec) -> str:
     if isinstance(spec, dict):
         return json.dumps(spec, sort_keys=True, default=str)
     return f"object:{id(spec)}"
+
+
+def data_origin(spec: DataSpec, data: Any) -> str:
+    """Where a dataset came from, for messages: its spec's path or root, else its source
+    name (an in-memory dataset: its name)."""
+    if isinstance(spec, dict):
+        return str(spec.get("path") or spec.get("root") or spec.get("source"))
+    return str(getattr(data, "name", "dataset"))
 
 
 class TaskSpecBase(Section):
@@ -92,7 +100,9 @@ class TaskContext:
     ``cache``: image and text features shared by every task; ``probe_plan``: the extra
     features to compute when a dataset is first encoded; ``classifier``: when set, tasks that
     would score the zero-shot text head (zeroshot, long_tail, multilabel_zeroshot) score it
-    instead; ``datasets``: loaded data by spec, so a dataset is read once per context.
+    instead; ``datasets``: loaded data by spec, so a dataset is read once per context;
+    ``reported``: skip lines already printed (shared by copies, so repeated evaluations during
+    training print each once).
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -101,6 +111,7 @@ class TaskContext:
     probe_plan: ProbePlan = field(default_factory=dict)
     classifier: Classifier | None = None
     datasets: dict[str, Any] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
@@ -126,6 +137,24 @@ class TaskContext:
         if key not in self.datasets:
             self.datasets[key] = load_source(spec, self.progress)
         return self.datasets[key]
+
+    def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
+        """What the datasets of ``task`` skipped (merged, each set once), how many samples
+        they held before skipping, and where the sets that skipped some came from."""
+        report, total, where, seen = SkipReport(), 0, [], set()
+        for spec in task.datasets():
+            if data_key(spec) in seen:
+                continue
+            seen.add(data_key(spec))
+            data = self.load(spec)
+            skipped: SkipReport = getattr(data, "skipped", None) or SkipReport()
+            total += len(data) + skipped.total
+            if skipped.total:
+                report.counts.update(skipped.counts)
+                for reason, keys in skipped.keys.items():
+                    report.keys.setdefault(reason, []).extend(keys)
+                where.append(data_origin(spec, data))
+        return report, total, where
 
     def labelled(self, spec: DataSpec, where: str) -> LabelledImages:
         return as_labelled(self.load(spec), where)

@@ -1,0 +1,105 @@
+"""`cliplab eval` tells which samples its tasks' data skipped: one stderr line per task and a
+``skipped`` record in that task's results (absent when nothing was skipped)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.tasks import TaskContext
+from cliplab.models import build_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m") / "model"
+    build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                embed_dim=16, context_length=48).save(folder)
+    return folder
+
+
+def _png(path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture()
+def bad_data(tmp_path):
+    """An image folder (6 good PNGs, a corrupt PNG, a truncated JPEG), a labelled CSV (4 good
+    rows, a missing file) and a caption CSV (3 good rows, a corrupt image, a missing file, an
+    empty caption)."""
+    folder = tmp_path / "pets"
+    for c, cls in enumerate(["cat", "dog"]):
+        for i in range(3):
+            _png(folder / cls / f"{i}.png", seed=10 * c + i)
+    (folder / "cat" / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(300))
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(jpeg, format="JPEG")
+    (folder / "dog" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\npets/cat/0.png,cat\npets/dog/0.png,dog\n"
+                      "pets/cat/gone.png,cat\npets/cat/1.png,cat\npets/dog/1.png,dog\n")
+    captions = tmp_path / "captions.csv"
+    captions.write_text("image,caption\npets/cat/0.png,a cat\npets/cat/corrupt.png,noise\n"
+                        "pets/dog/0.png,a dog\npets/dog/gone.png,gone\npets/dog/1.png,\" \"\n"
+                        "pets/cat/2.png,another cat\n")
+    return folder, labels, captions
+
+
+def test_eval_prints_and_records_skipped_samples(model_dir, bad_data, tmp_path, capsys):
+    folder, labels, captions = bad_data
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "tasks:\n"
+        f"  - {{name: zs, task: zeroshot, data: {{source: image-folder, path: '{folder}'}}}}\n"
+        f"  - {{name: probe, task: linear_probe, l2: 0.01, features: embeddings,\n"
+        f"      train: {{source: image-folder, path: '{folder}'}},\n"
+        f"      test: {{source: manifest, path: '{labels}'}}}}\n"
+        f"  - {{name: ret, task: retrieval, ks: [1], data: {{source: manifest, "
+        f"path: '{captions}'}}}}\n"
+        "  - {name: clean, task: zeroshot, data: {source: digits, split: test}}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model_dir), "--config", str(suite), "--out", str(out),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "skipped" in line] == [
+        f"zs: skipped 2 of 8 samples (unreadable_image=2) in {folder}",
+        f"probe: skipped 3 of 13 samples (missing_file=1, unreadable_image=2) in "
+        f"{folder}, {labels}",
+        f"ret: skipped 3 of 6 samples (empty_caption=1, missing_file=1, unreadable_image=1) "
+        f"in {captions}",
+    ]
+    results = json.loads((out / "results.json").read_text())["results"]
+    unreadable = [str(folder / "cat" / "corrupt.png"), str(folder / "dog" / "truncated.jpg")]
+    assert results["zs"]["skipped"] == {"total": 2, "counts": {"unreadable_image": 2},
+                                        "keys": {"unreadable_image": unreadable}}
+    assert results["probe"]["skipped"] == {
+        "total": 3, "counts": {"unreadable_image": 2, "missing_file": 1},
+        "keys": {"unreadable_image": unreadable,
+                 "missing_file": ["labels.csv:line 4: pets/cat/gone.png"]}}
+    assert results["ret"]["skipped"] == {
+        "total": 3, "counts": {"unreadable_image": 1, "missing_file": 1, "empty_caption": 1},
+        "keys": {"unreadable_image": ["captions.csv:line 3: pets/cat/corrupt.png"],
+                 "missing_file": ["captions.csv:line 5: pets/dog/gone.png"],
+                 "empty_caption": ["captions.csv:line 6: pets/dog/1.png"]}}
+    assert "skipped" not in results["clean"] and "acc1" in results["zs"]
+
+
+def test_repeated_evaluations_print_once_and_record_each_time(model_dir, bad_data, capsys):
+    from cliplab.models.resolve import load_model
+
+    folder, _, _ = bad_data
+    model = load_model(str(model_dir))
+    suite = [{"name": "zs", "task": "zeroshot",
+              "data": {"source": "image-folder", "path": str(folder)}}]
+    context = TaskContext(progress=False)
+    first = run_suite(model, suite, context)
+    again = run_suite(model, suite, context.for_new_weights())  # as pretraining's evals do
+    assert first["zs"]["skipped"]["total"] == again["zs"]["skipped"]["total"] == 2
+    err = capsys.readouterr().err
+    assert err.count("zs: skipped 2 of 8 samples") == 1
