@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,30 @@ def test_unknown_model_in_eval(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     out = run_cli("--debug", "pretrain", "--config", str(tmp_path / "nope.yaml"))
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
+    """A second pretrain into the same --out would mix its checkpoints and metrics with the
+    first's (and `--model OUT` would load the higher step, the old run's): refused, unchanged;
+    --resume latest continues it; --resume latest of a folder without checkpoints says so."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    args = ["pretrain", "--config", str(recipe), "--no-progress",
+            "data.train.n=64", "train.epochs=1", "train.batch_size=32", "eval=null",
+            "model.options.width=32", "model.options.layers=1", "model.options.embed_dim=16"]
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "train.save_every=1"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main([*args, "--out", str(out), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cliplab: error: --out {out} already holds a run (checkpoints up to "
+                   "step-2); continue it with --resume latest, or choose a new --out"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert main([*args, "--out", str(out), "train.epochs=2", "--resume", "latest"]) == 0
+    assert (out / "checkpoints" / "step-4").is_dir()
+    assert main([*args, "--out", str(tmp_path / "new"), "--resume", "latest"]) == 2
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["adapt", "--method", "zeroshot", "--model", str(out), "--out", str(out),
+                 "data.train={source: digits, split: train}", "--no-progress",
+                 "data.test={source: digits, split: test}", "shots=1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.runs import RunDir, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -94,6 +94,8 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     """Pretrain, evaluate and write the run folder; returns the results dict."""
     start = time.time()
     cfg = quickstart_config(config)
+    if cfg.out:  # before any slow loading
+        check_new_run(cfg.out)
     data = cfg.data
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from cliplab.errors import ConfigError
+
 CHECKPOINTS = "checkpoints"
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 
@@ -55,6 +57,27 @@ def latest_checkpoint(run_path: str | Path) -> Path | None:
         return None
     steps = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None]
     return max(steps)[1] if steps else None
+
+
+def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = False) -> None:
+    """Refuse to start a run in a folder that already holds one (its checkpoints, metrics or
+    results would mix with the new run's, and ``--model OUT`` would load whichever step is
+    highest); continuing it needs ``resume`` (a ``resumable`` command's), and
+    ``resume="latest"`` needs a checkpoint."""
+    out = Path(out)
+    newest = latest_checkpoint(out)
+    if resume == "latest" and newest is None:
+        raise ConfigError(f"--resume latest: {out} holds no checkpoint to continue; start "
+                          "without --resume")
+    if resume is not None:
+        return
+    held = [name for name in (CHECKPOINTS, "metrics.jsonl", "results.json")
+            if (out / name).exists()]
+    if held:
+        what = f"checkpoints up to {newest.name}" if newest else ", ".join(held)
+        way_on = "continue it with --resume latest, or " if resumable else ""
+        raise ConfigError(f"--out {out} already holds a run ({what}); {way_on}choose a new "
+                          "--out")
 
 
 class RunDir:

@@ -23,7 +23,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
-from cliplab.runs import RunDir, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
@@ -98,6 +98,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if model is None and cfg.model is None:
         raise ConfigError(f"{where}: model is required (or --model): a preset, a model or run "
                           "folder, or a Hugging Face Hub id")
+    if write and cfg.out:  # before any slow loading
+        check_new_run(cfg.out)
     method = get_method(cfg.method)
     train_all, sets = load_sets(cfg, progress)
     own_val = cfg.data.val is not None

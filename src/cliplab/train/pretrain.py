@@ -17,7 +17,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import distributed
-from cliplab.runs import RunDir, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
@@ -60,6 +60,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     start = time.time()
     if not isinstance(cfg, PretrainConfig):
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
+    if cfg.out:  # before any slow loading
+        check_new_run(cfg.out, resume, resumable=True)
     train_cfg = cfg.train.model_copy(update={"progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
