@@ -133,7 +133,7 @@ def toy_source(n: int = 4) -> LabelledImages:
 
 def test_a_new_source_is_one_registry_line(monkeypatch):
     from cliplab.data import sources
-    from cliplab.data.shards.job import source_spec
+    from cliplab.data.collection import source_spec
 
     monkeypatch.setitem(sources.SOURCES, "toy", "tests.test_data_sources:toy_source")
     data = load_source({"source": "toy", "n": 6, "holdout": ["odd"], "shift": "invert"})

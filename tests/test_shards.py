@@ -364,6 +364,21 @@ def test_cli_writes_shards_from_a_source(tmp_path, capsys):
     assert [s["count"] for s in index["shards"]] == [200, 200, 140]
 
 
+def test_cli_shards_an_image_folder_of_class_subfolders(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "pets" / name / f"{i}.png")
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--source", str(tmp_path / "pets"), "--out", str(out),
+                 "--format", "png", "--no-progress"]) == 0
+    back = load_source({"source": "shards", "path": str(out), "progress": False})
+    assert isinstance(back, LabelledImages) and back.classnames == ["cat", "dog"]
+    assert back.labels.tolist() == [0, 0, 1, 1]
+
+
 def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     rng = np.random.default_rng(2)
     for i in range(3):
@@ -380,7 +395,8 @@ def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
 
     assert main(["data", "shard", "--source", "nope", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("cliplab: error: unknown data source 'nope'") and "\n" not in err
+    assert err.startswith("cliplab: error: unknown data 'nope': not a built-in source") \
+        and "\n" not in err
     assert main(["data", "shard", "--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "not empty" in err and "--overwrite" in err and "\n" not in err

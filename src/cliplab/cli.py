@@ -98,11 +98,12 @@ def _add_data(sub) -> None:
                             "sample, NNNNN_stats.json per shard and index.json. Config keys: "
                             "data (the source spec), out, samples_per_shard, image_format, "
                             "quality, overwrite; key=value overrides set any of them, e.g. "
-                            "data.split=test data.n=500 quality=90.",
+                            "data.split=test data.limit=500 quality=90.",
                             epilog="example: cliplab data shard --source fashion-mnist "
                             "--out shards/fm data.split=test --format png")
     p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
-                   "shapes, ...), a manifest file or a shard folder (sets data.source)")
+                   "shapes, ...), a manifest file, a shard folder or an image folder of class "
+                   "sub-folders (sets data.source)")
     p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
     p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
                    help="image encoding (default jpg; png is lossless)")
@@ -442,7 +443,8 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from cliplab.data.shards.job import ShardConfig, run_shard, source_spec
+    from cliplab.data.collection import source_spec
+    from cliplab.data.shards.job import ShardConfig, run_shard
 
     cfg = stage_config(ShardConfig, args,
                        data=source_spec(args.source) if args.source is not None else None,

@@ -8,9 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from cliplab.config import Section
-from cliplab.data.manifest import FORMATS as MANIFEST_FORMATS
 from cliplab.data.shards.write import check_out_folder, write_shards
-from cliplab.data.sources import SOURCES, load_source
+from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError
 
 
@@ -31,21 +30,9 @@ class ShardConfig(Section):
     def _names_a_source(cls, value: dict) -> dict:
         if "source" not in value:
             raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
-                             "source such as fashion-mnist, a manifest path or a shard folder)")
+                             "source such as fashion-mnist, a manifest path, a shard folder or an image "
+                             "folder of class sub-folders)")
         return value
-
-
-def source_spec(name: str) -> dict:
-    """``{source: NAME}`` for a built-in source; a manifest file or shard folder by its path."""
-    if name in SOURCES:
-        return {"source": name}
-    path = Path(name)
-    if path.suffix.lower() in MANIFEST_FORMATS:
-        return {"source": "manifest", "path": name}
-    if path.is_dir():
-        return {"source": "shards", "path": name}
-    raise ConfigError(f"unknown data source {name!r}: not one of {', '.join(SOURCES)}, "
-                      "a manifest (.csv/.jsonl/.parquet) or a shard folder")
 
 
 def run_shard(config: ShardConfig, progress: bool = True) -> dict:
