@@ -232,3 +232,14 @@ def test_bad_csv_quoting_names_line(tmp_path):
     path.write_text('image,caption\na.png,fine\na.png,"ok" trailing\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"quotes\.csv:line 3: bad CSV"):
         read_manifest_rows(path)
+
+
+def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path):
+    """An unquoted comma would otherwise cut the caption short without a word."""
+    path = tmp_path / "commas.csv"
+    path.write_text('image,caption\na.png,"a cat, sleeping"\nb.png,a dog, running\n')
+    with pytest.raises(DataError, match=r"^.*commas\.csv:line 3: 3 fields, the header names 2; "
+                                        r"put a field holding commas in double quotes"):
+        read_manifest_rows(path)
+    path.write_text('image,caption\na.png,"a cat, sleeping"\n')
+    assert read_manifest_rows(path)[0]["caption"] == "a cat, sleeping"

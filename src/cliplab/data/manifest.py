@@ -52,7 +52,11 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
             raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
         columns = [name.strip() for name in reader.fieldnames]
         for raw in reader:
-            rows.append({k.strip(): v for k, v in raw.items() if k is not None})
+            if None in raw:  # more fields than the header names: a caption's comma unquoted?
+                raise DataError(f"{path}:line {reader.line_num}: {len(columns) + len(raw[None])} "
+                                f"fields, the header names {len(columns)}; put a field holding "
+                                'commas in double quotes ("a cat, sleeping")')
+            rows.append({k.strip(): v for k, v in raw.items()})
             locations.append(f"line {reader.line_num}")
     except csv.Error as e:
         raise DataError(f"{path}:line {reader.reader.line_num}: bad CSV ({_one_line(e)}); "
