@@ -140,6 +140,11 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
         build_model("nope")
     with pytest.raises(ModelError, match="unknown model 'nope'.*tiny-clip"):
         load_model("nope")
+    # a misspelt preset with options is named as unknown (not as "options only for presets")
+    with pytest.raises(ModelError, match="unknown model 'tiny-clp'.*did you mean 'tiny-clip'"):
+        load_model({"name": "tiny-clp", "options": {"width": 32}})
+    with pytest.raises(ModelError, match=f"^model folder {tmp_path / 'gone'} does not exist$"):
+        load_model(str(tmp_path / "gone"))
     with pytest.raises(ModelError, match="no config.json"):
         DualEncoder.load(tmp_path)
     with pytest.raises(ModelError, match="bad option for preset"):

@@ -14,6 +14,7 @@ A model spec (`cliplab.models.spec.ModelSpec`) names, in the order tried:
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -39,6 +40,8 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
     spec = model_spec(spec)
     if spec.name in PRESETS:
         return build_model(spec.name, **spec.options).to(device)
+    if not Path(spec.name).expanduser().exists() and not is_hub_id(spec.name):
+        raise unknown_model(spec.name)
     if spec.options:
         raise ModelError(f"model options {sorted(spec.options)} only apply to presets "
                          f"({', '.join(PRESETS)}), not to {spec.name}")
@@ -64,8 +67,20 @@ def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
         return model_folder(path)
     if is_hub_id(spec.name):
         return hub_snapshot(spec.name)
-    raise ModelError(f"unknown model {spec.name!r}: give a preset ({', '.join(PRESETS)}), a "
-                     "model, checkpoint or run folder, or a Hugging Face Hub id (org/name)")
+    raise unknown_model(spec.name)
+
+
+def unknown_model(name: str) -> ModelError:
+    """The error for a name that is no preset, no existing path and no Hub id: a path that
+    does not exist when it is written as one, else the kinds of names there are (and the
+    preset it is closest to)."""
+    if os.sep in name or name.startswith((".", "~")):
+        return ModelError(f"model folder {name} does not exist")
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), a "
+                      f"model, checkpoint or run folder, or a Hugging Face Hub id "
+                      f"(org/name){hint}")
 
 
 def model_folder(path: str | Path) -> Path:
