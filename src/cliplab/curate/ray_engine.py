@@ -63,7 +63,8 @@ def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[i
                                    for c, records in sorted(todo.items())],
                                   override_num_blocks=len(todo))
     mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
-                                 batch_size=1, concurrency=max(1, min(workers, len(todo))))
+                                 batch_size=1, compute=ray.data.ActorPoolStrategy(
+                                     size=max(1, min(workers, len(todo)))))
     bar = tqdm(total=sum(len(r) for r in todo.values()), desc=desc, unit="item",
                disable=not progress)
     for row in mapped.iter_rows():
