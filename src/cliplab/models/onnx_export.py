@@ -16,6 +16,8 @@ quantization (``torch.ao.quantization.quantize_dynamic`` of the ``Linear`` layer
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,18 +64,31 @@ def _require_onnx():
 
 def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, file: Path) -> None:
     # The TorchScript exporter: about 10x faster here than the dynamo one (dynamo=True) on these
-    # towers, with the same outputs (checked to 1e-6 on tiny-clip).
-    torch.onnx.export(module, args, str(file), input_names=names,
-                      output_names=["embeddings", "pooled"], opset_version=OPSET,
-                      dynamic_axes={**dynamic, "embeddings": {0: "batch"},
-                                    "pooled": {0: "batch"}}, dynamo=False)
+    # towers, with the same outputs (checked to 1e-6 on tiny-clip). Its tracer warns about
+    # transformers' shape checks it freezes; the exported graphs are tested against PyTorch at
+    # other batch sizes and lengths, so the warnings are not shown to users.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(module, args, str(file), input_names=names,
+                          output_names=["embeddings", "pooled"], opset_version=OPSET,
+                          dynamic_axes={**dynamic, "embeddings": {0: "batch"},
+                                        "pooled": {0: "batch"}}, dynamo=False)
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """onnxruntime dynamic int8 quantization of ``src`` into ``dst``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    # onnxruntime advises shape pre-processing on the root logger at every call; dynamic int8
+    # quantization of these graphs does not need it (the int8 export is tested for closeness)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None,
