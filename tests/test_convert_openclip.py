@@ -129,6 +129,7 @@ def _edit_config(folder: Path, edit) -> None:
 @pytest.mark.parametrize("breakage, message", [
     ("not_state_dict", "not a state dict"),
     ("truncated", "cannot read the checkpoint"),
+    ("pickled_object", "holds Python objects besides tensors"),
     ("missing_key", "missing key 'visual.ln_post.bias'"),
     ("unexpected_key", "unexpected key 'visual.extra'"),
     ("shape", "'visual.conv1.weight' has shape [40, 3, 8, 8], the config implies [40, 3, 16, 16]"),
@@ -143,6 +144,10 @@ def test_bad_checkpoints_give_one_line_naming_file_and_key(tmp_path, breakage, m
         weights.unlink()
         weights = src / "open_clip_pytorch_model.bin"
         torch.save([1, 2, 3], weights)
+    elif breakage == "pickled_object":
+        weights.unlink()
+        weights = src / "open_clip_pytorch_model.bin"
+        torch.save({"visual.proj": torch.zeros(2), "extra": Path("x")}, weights)
     elif breakage == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif breakage == "missing_key":

@@ -107,8 +107,14 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         else:
             data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors, zip and unpickling errors have no common base
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{file}: cannot read the checkpoint ({first})") from None
+        if "Weights only load failed" in str(err):
+            raise ModelError(f"{file}: the checkpoint holds Python objects besides tensors, and "
+                             "cliplab reads checkpoints weights-only (it never runs pickled "
+                             "code); save the state dict alone, or as .safetensors") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelError(f"{file}: cannot read the checkpoint ({type(err).__name__}"
+                         f"{': ' + first if first else ''}); is it a PyTorch or safetensors "
+                         "file?") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data or \
