@@ -116,3 +116,16 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
                  "data.train={source: digits, split: train}", "--no-progress",
                  "data.test={source: digits, split: test}", "shots=1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, split: test}}\n"
+                     "  - {name: probe, task: linear_probe, train: {source: digits, split: train},"
+                     " test: {source: digits, split: test, splt: 1}}\n")
+    assert main(["eval", "--config", str(suite), "--model", "tiny-clip"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"cliplab: error: {suite}: tasks[1] (name 'probe'): unknown option(s) "
+                           "['splt'] for data source 'digits'; valid: ['image_size', 'seed', "
+                           "'split', 'test_fraction'] and, for any source, ['classes', "
+                           "'holdout', 'shift', 'shift_seed', 'templates']")

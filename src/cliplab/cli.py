@@ -390,8 +390,9 @@ def cmd_eval(args) -> int:
 
     out = _results_folder(args.out)
     suite = load_config(SuiteSpec, args.config, args.overrides)
-    model = load_model(args.model)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
+    context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
+    model = load_model(args.model)
     results = {"model": args.model, "suite": args.config,
                "results": run_suite(model, suite, context)}
     text = json.dumps(results, indent=2)

@@ -76,7 +76,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         replay, replay_ratio = _replay(cfg.data.replay, progress)
         context = TaskContext(progress=False)
         if cfg.eval:
-            context.preload(cfg.eval.tasks)  # a bad eval source fails before training
+            context.preload(cfg.eval.tasks, "eval.tasks")  # a bad eval source fails before training
         model = load_model(cfg.model)
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's

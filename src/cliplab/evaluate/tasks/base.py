@@ -21,7 +21,7 @@ from cliplab.config import Section
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
-from cliplab.errors import ConfigError
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.text_cache import TextFeatureCache
@@ -118,12 +118,17 @@ class TaskContext:
         training or between soup ingredients) that keeps the loaded datasets."""
         return dataclasses.replace(self, cache=FeatureCache())
 
-    def preload(self, tasks: Sequence[TaskSpecBase]) -> None:
+    def preload(self, tasks: Sequence[TaskSpecBase], where: str = "tasks") -> None:
         """Load every dataset ``tasks`` will encode now, so a bad source fails before any
-        work (e.g. before training whose evaluation would read it)."""
-        for task in tasks:
-            for spec in task.datasets():
-                self.load(spec)
+        work (e.g. before training whose evaluation would read it); errors name the task
+        (``where[i] (name 'zs'): ...``)."""
+        for i, task in enumerate(tasks):
+            try:
+                for spec in task.datasets():
+                    self.load(spec)
+            except CliplabError as err:
+                label = f" (name {task.name!r})" if task.name else ""
+                raise type(err)(f"{where}[{i}]{label}: {err}") from None
 
     @property
     def texts(self) -> TextFeatureCache:
