@@ -17,6 +17,12 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    """``tiny_model`` saved as a model folder (read-only: tests write elsewhere)."""
+    return tiny_model.save(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes_run(tmp_path_factory):
     """A run folder of `cliplab pretrain` with the shipped tiny-shapes recipe, shortened
     (about a minute on 2 cores); slow tests share it."""

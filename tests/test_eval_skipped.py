@@ -11,15 +11,11 @@ from PIL import Image
 from cliplab.cli import main
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.tasks import TaskContext
-from cliplab.models import build_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("m") / "model"
-    build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
-                embed_dim=16, context_length=48).save(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _png(path, seed: int) -> None:
