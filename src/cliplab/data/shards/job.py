@@ -30,8 +30,8 @@ class ShardConfig(Section):
     def _names_a_source(cls, value: dict) -> dict:
         if "source" not in value:
             raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
-                             "source such as fashion-mnist, a manifest path, a shard folder or an image "
-                             "folder of class sub-folders)")
+                             "source such as fashion-mnist, a manifest path, a shard folder "
+                             "or an image folder of class sub-folders)")
         return value
 
 
