@@ -129,3 +129,15 @@ def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
                            "['splt'] for data source 'digits'; valid: ['image_size', 'seed', "
                            "'split', 'test_fraction'] and, for any source, ['classes', "
                            "'holdout', 'shift', 'shift_seed', 'templates']")
+
+
+def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):
+    from cliplab.runs import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261202-120000")
+    first = default_run_dir("adapt-coop")
+    first.mkdir(parents=True)
+    second = default_run_dir("adapt-coop")
+    assert (first.name, second.name) == ("adapt-coop-20261202-120000",
+                                         "adapt-coop-20261202-120000-2")

@@ -26,8 +26,14 @@ TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 
 
 def default_run_dir(kind: str) -> Path:
-    """``runs/<kind>-<YYYYmmdd-HHMMSS>`` under the current directory."""
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<kind>-<YYYYmmdd-HHMMSS>`` under the current directory (``-2``, ``-3``, ... after
+    it when runs started within the same second, so two runs never share a folder)."""
+    base = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def tensorboard_available() -> bool:
