@@ -100,6 +100,13 @@ def test_report_tables_plots_and_html(tmp_path, inputs):
     assert len(parser.images) == 3 and all(s.startswith("data:image/png;base64,")
                                            for s in parser.images)
 
+    # the same folder rewritten without the run: its training curves do not linger as current
+    (out / "plots" / "notes.txt").write_text("mine")
+    assert main(["report", "--out", str(out), "--no-progress", "--inputs",
+                 *map(str, inputs[:2])]) == 0
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "few-shot-fs.png", "long-tail-lt.png", "notes.txt"]
+
 
 def test_flatten_and_format():
     flat = flatten_metrics({"a": {"b": 1, "c": [1, 2], "d": "x", "e": None},

@@ -197,9 +197,15 @@ def write_report(inputs: list[str | Path], out: str | Path,
     title = config.title
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rewrite = (out_dir / "report.md").is_file()
     tables = build_tables(sources)
     figures = build_figures(sources, out_dir / "plots", progress) \
         if config.plots else []
+    if rewrite:  # a previous report's plots that this one does not draw would look current
+        drawn = {f.path.resolve() for f in figures}
+        for old in (out_dir / "plots").glob("*.png"):
+            if old.resolve() not in drawn:
+                old.unlink()
     md = out_dir / "report.md"
     md.write_text(render_markdown(title, sources, tables, figures, out_dir), encoding="utf-8")
     page = out_dir / "report.html"
