@@ -168,3 +168,26 @@ def test_adapt_cli_runs_a_weight_method(model_dir, tmp_path, capsys):
     logits = head(encode_images(model, test.images, progress=False).embeddings)
     acc = (logits.argmax(1) == test.labels).float().mean().item()
     assert acc == pytest.approx(results["test"]["acc1"])
+
+
+def test_adapt_tells_what_loading_its_sets_skipped(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    pets = tmp_path / "pets"
+    for name, colour in (("cat", "red"), ("dog", "blue")):
+        (pets / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), colour).save(pets / name / f"{i}.png")
+    (pets / "dog" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", f"data.train={{source: image-folder, path: {pets}}}",
+                 "data.test={source: image-folder, path: " + str(pets) + ", progress: false}",
+                 "shots=1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    line = "skipped 1 of 7 samples (unreadable_image=1) in " + str(pets)
+    assert [e for e in err if "skipped" in e] == [f"data.train: {line}", f"data.test: {line}"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped"]["test"] == {"total": 1, "counts": {"unreadable_image": 1},
+                                          "keys": {"unreadable_image": [str(pets / "dog" /
+                                                                            "bad.png")]}}

@@ -282,3 +282,21 @@ def test_missing_inputs_and_presets_are_one_line_errors(family, tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cliplab: error:") and fragment in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_greedy_soup_tells_what_its_heldout_data_skipped(family, tmp_path, capsys):
+    from PIL import Image
+
+    _, _, fts = family
+    pets = tmp_path / "pets"
+    for name, colour in (("cat", "red"), ("dog", "blue")):
+        (pets / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), colour).save(pets / name / f"{i}.png")
+    (pets / "cat" / "bad.png").write_bytes(b"not a png")
+    heldout = {"task": "zeroshot", "data": {"source": "image-folder", "path": str(pets),
+                                            "progress": False}}
+    run_merge({"method": "greedy", "models": [str(f) for f in fts[:2]], "heldout": heldout,
+               "out": str(tmp_path / "soup")}, progress=False)
+    err = capsys.readouterr().err
+    assert f"heldout: skipped 1 of 5 samples (unreadable_image=1) in {pets}" in err.splitlines()

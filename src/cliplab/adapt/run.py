@@ -4,6 +4,7 @@ write what was learned, ``config.yaml`` and ``results.json``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
+from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
@@ -86,6 +88,18 @@ def load_sets(cfg: AdaptConfig, progress: bool = True
     return train, sets
 
 
+def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages]) -> dict[str, dict]:
+    """What loading each set skipped (``{set: SkipReport.to_dict()}``; sets that skipped
+    nothing left out), each told in one line on stderr."""
+    skipped = {}
+    for name, data in loaded.items():
+        if data.skipped.total:
+            where = data_origin(getattr(cfg.data, name), data)
+            print(data.skipped.line(f"data.{name}", len(data), where), file=sys.stderr)
+            skipped[name] = data.skipped.to_dict()
+    return skipped
+
+
 def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progress: bool = True,
               cache: FeatureCache | None = None, write: bool = True,
               where: str = "the adapt config") -> dict[str, Any]:
@@ -102,6 +116,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         check_new_run(cfg.out)
     method = get_method(cfg.method)
     train_all, sets = load_sets(cfg, progress)
+    skipped = report_skips(cfg, {"train": train_all, **sets})
     own_val = cfg.data.val is not None
     train, val = few_shot_split(train_all, cfg.shots, 0 if own_val else cfg.val_shots, cfg.seed)
     if own_val:
@@ -135,6 +150,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if zeroshot is not None:
         results["zeroshot"] = zeroshot
     results.update(adapter.summary())
+    if skipped:
+        results["skipped"] = skipped
     results["wall_time_s"] = round(time.time() - start, 1)
     if run is not None:
         run.write_json("results.json", results)

@@ -40,6 +40,12 @@ class SkipReport:
     def to_dict(self) -> dict:
         return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}
 
+    def line(self, label: str, kept: int, where: str) -> str:
+        """One line telling a user what was lost: ``zs: skipped 2 of 30 samples
+        (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read)."""
+        counts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
+        return f"{label}: skipped {self.total} of {kept + self.total} samples ({counts}) in {where}"
+
 
 def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4 or images.dtype != torch.uint8:

@@ -155,9 +155,7 @@ def report_skips(name: str, task: TaskSpecBase, context: TaskContext) -> dict | 
     report, total, where = context.skipped(task)
     if not report.total:
         return None
-    counts = ", ".join(f"{reason}={n}" for reason, n in sorted(report.counts.items()))
-    line = (f"{name}: skipped {report.total} of {total} samples ({counts}) in "
-            f"{', '.join(where)}")
+    line = report.line(name, total - report.total, ", ".join(where))
     if line not in context.reported:
         context.reported.add(line)
         print(line, file=sys.stderr)

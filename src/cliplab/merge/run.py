@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from cliplab.config import validate
 from cliplab.errors import ConfigError, ModelError
-from cliplab.evaluate.suite import run_task, task_spec
+from cliplab.evaluate.suite import report_skips, run_task, task_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
                                        load_ingredient, save_merged)
@@ -54,6 +54,7 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
     ``metric``, with the weights loaded into ``template``."""
     spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
+    report_skips("heldout", spec, context)  # told once, before any scoring
 
     def evaluate(state: StateDict) -> float:
         template.model.load_state_dict(state, strict=True)
