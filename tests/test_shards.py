@@ -422,3 +422,19 @@ def test_rank_and_world_size_come_from_torch_distributed(shard_dir, monkeypatch)
     assert (stream.rank, stream.world_size) == (1, 2)
     explicit = ShardStream(shard_dir, seed=7, rank=1, world_size=2)
     assert _keys(stream) == _keys(explicit)
+
+
+def test_data_shard_says_where_a_damaged_shard_stopped(tmp_path, capsys):
+    digits = load_source({"source": "digits", "split": "test"}).subset(torch.arange(100))
+    write_shards(digits, tmp_path / "whole", samples_per_shard=100, image_format="png",
+                 progress=False)
+    tar = tmp_path / "whole" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    assert main(["data", "shard", "--source", str(tmp_path / "whole"), "--out",
+                 str(tmp_path / "again"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    kept = json.loads((tmp_path / "again" / "index.json").read_text())["total"]
+    assert 0 < kept < 100
+    # not "skipped 1 samples": the lost samples are told by where the shard stopped
+    assert out.strip().endswith(f"skipped 0 samples; 1 shard(s) read only in part (00000.tar:"
+                                f"{kept} of 100 samples)")

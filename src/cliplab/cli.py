@@ -452,16 +452,11 @@ def cmd_data(args) -> int:
                        samples_per_shard=args.samples_per_shard,
                        image_format=args.image_format, overwrite=args.overwrite)
     index = run_shard(cfg, progress=not args.no_progress)
+    from cliplab.data.types import SkipReport
+
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {cfg.out}; "
-          f"{_skip_line(index['skipped'])}")
+          f"{SkipReport.from_dict(index['skipped']).summary()}")
     return 0
-
-
-def _skip_line(skipped: dict) -> str:
-    if not skipped["total"]:
-        return "skipped 0 samples"
-    return f"skipped {skipped['total']} samples: " + ", ".join(
-        f"{reason}={n}" for reason, n in sorted(skipped["counts"].items()))
 
 
 def cmd_curate(args) -> int:

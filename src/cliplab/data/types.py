@@ -31,11 +31,27 @@ class SkipReport:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        """One line such as ``skipped 3 samples: missing_file=2, empty_caption=1``."""
-        if not self.total:
-            return "skipped 0 samples"
-        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
-        return f"skipped {self.total} samples: {parts}"
+        """One line such as ``skipped 3 samples: missing_file=2, empty_caption=1``; shards that
+        could not be read to their end are told apart, with where each stopped (their lost
+        samples are not counted one by one)."""
+        shards = {r: n for r, n in self.counts.items() if r.endswith("_shard")}
+        samples = {r: n for r, n in self.counts.items() if r not in shards}
+        text = f"skipped {sum(samples.values())} samples"
+        if samples:
+            text += ": " + ", ".join(f"{reason}={n}" for reason, n in sorted(samples.items()))
+        if shards:
+            where = "; ".join(key for reason in sorted(shards) for key in self.keys.get(reason, []))
+            text += f"; {sum(shards.values())} shard(s) read only in part ({where})"
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SkipReport":
+        """The report `to_dict` wrote."""
+        report = cls()
+        for reason, keys in data.get("keys", {}).items():
+            for key in keys:
+                report.add(reason, key)
+        return report
 
     def to_dict(self) -> dict:
         return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}

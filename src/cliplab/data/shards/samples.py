@@ -32,8 +32,9 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
                 yield sample
         except Exception as err:  # tarfile/OSError/ValueError from a broken archive
             reason = str(err.args[0] if err.args else err).splitlines()[0]
+            of = f" of {expected[shard]}" if shard in expected else ""
             yield {"__error__": "unreadable_shard", "__shard__": shard.name,
-                   "__key__": f"after {read} samples ({reason})"}
+                   "__key__": f"after {read}{of} samples ({reason})"}
             continue
         if read < expected.get(shard, 0):
             yield {"__error__": "truncated_shard", "__shard__": shard.name,

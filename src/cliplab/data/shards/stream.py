@@ -122,10 +122,7 @@ class ShardStream(IterableDataset):
         self._workers = state["num_workers"]
         self._positions = [int(p) for p in state["positions"]]
         self._next_stream = int(state["next_stream"])
-        self.skipped = SkipReport()
-        for reason, keys in state.get("skipped", {}).get("keys", {}).items():
-            for key in keys:
-                self.skipped.add(reason, key)
+        self.skipped = SkipReport.from_dict(state.get("skipped", {}))
 
     def _check_workers(self, workers: int) -> None:
         if self._workers is not None and self._workers != workers:
