@@ -15,6 +15,7 @@ from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
 from cliplab.models.resolve import load_model
+from tests.image_folders import pets_folder
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +172,7 @@ def test_adapt_cli_runs_a_weight_method(model_dir, tmp_path, capsys):
 
 
 def test_adapt_tells_what_loading_its_sets_skipped(model_dir, tmp_path, capsys):
-    from PIL import Image
-
-    pets = tmp_path / "pets"
-    for name, colour in (("cat", "red"), ("dog", "blue")):
-        (pets / name).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (16, 16), colour).save(pets / name / f"{i}.png")
-    (pets / "dog" / "bad.png").write_bytes(b"not a png")
+    pets = pets_folder(tmp_path / "pets", per_class=3, broken_in="dog")
     out = tmp_path / "run"
     assert main(["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out", str(out),
                  "--no-progress", f"data.train={{source: image-folder, path: {pets}}}",

@@ -16,6 +16,7 @@ from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 from cliplab.runs import latest_checkpoint
+from tests.image_folders import pets_folder
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
@@ -285,15 +286,8 @@ def test_missing_inputs_and_presets_are_one_line_errors(family, tmp_path, capsys
 
 
 def test_greedy_soup_tells_what_its_heldout_data_skipped(family, tmp_path, capsys):
-    from PIL import Image
-
     _, _, fts = family
-    pets = tmp_path / "pets"
-    for name, colour in (("cat", "red"), ("dog", "blue")):
-        (pets / name).mkdir(parents=True)
-        for i in range(2):
-            Image.new("RGB", (16, 16), colour).save(pets / name / f"{i}.png")
-    (pets / "cat" / "bad.png").write_bytes(b"not a png")
+    pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")
     heldout = {"task": "zeroshot", "data": {"source": "image-folder", "path": str(pets),
                                             "progress": False}}
     run_merge({"method": "greedy", "models": [str(f) for f in fts[:2]], "heldout": heldout,
