@@ -16,6 +16,7 @@ from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 from cliplab.runs import latest_checkpoint
+from tests.hub_cache import hub_cache
 from tests.image_folders import pets_folder
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
@@ -266,6 +267,21 @@ def test_run_and_checkpoint_folders_merge_as_their_model_folders(family, finetun
     run_merge({"method": "task-arithmetic", "models": list(map(str, models)),
                "base": str(base), "out": str(tmp_path / "ta-folders")}, progress=False)
     a, b = _state(tmp_path / "ta"), _state(tmp_path / "ta-folders")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_hub_ids_in_the_local_cache_merge_as_their_folders(family, tmp_path, monkeypatch):
+    """merge reads its inputs through the one model resolver, Hub ids included."""
+    _, _, fts = family
+    for i, ft in enumerate(fts[:2]):
+        hub_cache(tmp_path / "hub", f"org/ft{i}", ft)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_merge({"method": "uniform", "models": ["org/ft0", "org/ft1"],
+               "out": str(tmp_path / "from-hub")}, progress=False)
+    run_merge({"method": "uniform", "models": [str(f) for f in fts[:2]],
+               "out": str(tmp_path / "from-folders")}, progress=False)
+    a, b = _state(tmp_path / "from-hub"), _state(tmp_path / "from-folders")
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

@@ -10,6 +10,7 @@ from cliplab.errors import ModelError
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.resolve import load_model, resolve_model_path
 from cliplab.runs import RunDir
+from tests.hub_cache import hub_cache
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
@@ -25,15 +26,6 @@ def saved(tmp_path_factory):
 
 def _same_weights(a, b) -> bool:
     return model_fingerprint(a) == model_fingerprint(b)
-
-
-def hub_cache(root, repo_id: str, model_folder, sha: str = "0" * 40):
-    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/}."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(model_folder, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    return repo / "snapshots" / sha
 
 
 def test_a_preset_with_options_and_a_model_folder(saved):

@@ -31,7 +31,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.resolve import model_folder
+from cliplab.models.resolve import is_hub_id, resolve_model_path
 from cliplab.train.trainer import MODEL_DIR
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -57,7 +57,8 @@ class Options(FinetuneOptions):
     @field_validator("finetuned")
     @classmethod
     def _existing(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().exists():
+        if value is not None and not Path(value).expanduser().exists() \
+                and not is_hub_id(value):
             raise ValueError(f"{value} does not exist (give a finetune run, checkpoint or "
                              "model folder)")
         return value
@@ -211,7 +212,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     opts = method_options(Options, options, "wise-ft")
     fingerprint = model_fingerprint(model)
     if opts.finetuned:
-        ft_dir = model_folder(Path(opts.finetuned).expanduser())
+        ft_dir = resolve_model_path(opts.finetuned)
         check_same_origin(ft_dir, model, ctx.model_name)
         finetuned, ft_head = load_finetuned(ft_dir)
     else:

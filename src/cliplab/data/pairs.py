@@ -39,7 +39,7 @@ def select_classes(data: LabelledImages, names: list[str]) -> LabelledImages:
     descriptions = [data.descriptions[i] for i in keep] if data.descriptions else None
     return LabelledImages(data.images[mask], new_label[data.labels[mask]],
                           [data.classnames[i] for i in keep], data.templates, data.name,
-                          descriptions=descriptions)
+                          skipped=data.skipped, descriptions=descriptions)
 
 
 def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) -> ImageTextPairs:

@@ -68,7 +68,6 @@ def load_source(spec: dict, progress: bool | None = None) -> Dataset:
         raise ConfigError(f"unknown option(s) {unknown} for data source {name!r}; valid: "
                           f"{sorted(params)} and, for any source, {COMMON_OPTIONS}")
     data = fn(**spec)
-    skipped = data.skipped  # what loading skipped stays told when classes are selected below
     if holdout:
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"holdout needs a labelled source; {name!r} gives image-text pairs")
@@ -85,7 +84,6 @@ def load_source(spec: dict, progress: bool | None = None) -> Dataset:
     if shift is not None:
         data = dataclasses.replace(data, images=apply_shift(data.images, shift, int(shift_seed)),
                                    name=f"{data.name}-{shift}")
-    data.skipped = skipped
     return data
 
 

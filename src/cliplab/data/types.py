@@ -38,7 +38,7 @@ class SkipReport:
         samples = {r: n for r, n in self.counts.items() if r not in shards}
         text = f"skipped {sum(samples.values())} samples"
         if samples:
-            text += ": " + ", ".join(f"{reason}={n}" for reason, n in sorted(samples.items()))
+            text += ": " + _counts_text(samples)
         if shards:
             where = "; ".join(key for reason in sorted(shards) for key in self.keys.get(reason, []))
             text += f"; {sum(shards.values())} shard(s) read only in part ({where})"
@@ -59,8 +59,13 @@ class SkipReport:
     def line(self, label: str, kept: int, where: str) -> str:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples
         (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read)."""
-        counts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
-        return f"{label}: skipped {self.total} of {kept + self.total} samples ({counts}) in {where}"
+        return (f"{label}: skipped {self.total} of {kept + self.total} samples "
+                f"({_counts_text(self.counts)}) in {where}")
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    """``empty_caption=1, missing_file=2``: counts by reason, in reason order."""
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -102,9 +107,11 @@ class LabelledImages:
         return self.descriptions or self.classnames
 
     def subset(self, index: torch.Tensor) -> "LabelledImages":
-        """The samples at ``index`` (a bool mask or integer index), same classes and templates."""
+        """The samples at ``index`` (a bool mask or integer index), same classes and templates
+        (and the record of what loading the set skipped)."""
         return LabelledImages(self.images[index], self.labels[index], self.classnames,
-                              self.templates, self.name, descriptions=self.descriptions)
+                              self.templates, self.name, skipped=self.skipped,
+                              descriptions=self.descriptions)
 
 
 @dataclass

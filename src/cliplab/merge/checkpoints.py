@@ -15,7 +15,7 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights_fingerprint,
                                   write_origin)
 from cliplab.models.presets import PRESETS
-from cliplab.models.resolve import model_folder
+from cliplab.models.resolve import is_hub_id, resolve_model_path
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
 # tensor; a saved dtype field changes when a model is loaded and saved again)
@@ -43,17 +43,16 @@ class Ingredient:
 
 
 def ingredient_folder(name: str, option: str) -> Path:
-    """The model folder a merge input names: a model folder, a checkpoint folder or a run
-    folder (its newest checkpoint), as `cliplab.models.resolve.model_folder` finds it;
-    ``option`` (``--models``, ``--base``) names the input in errors."""
+    """The model folder a merge input names, as the resolver finds it for every command (a
+    model, checkpoint or run folder, or a Hub id in the local cache); presets, built in
+    memory, have none. ``option`` (``--models``, ``--base``) names the input in errors."""
     if name in PRESETS:
         raise ModelError(f"merge needs model folders; {name} ({option}) is a preset: save it "
                          "to a folder first")
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise ModelError(f"{option} {name} does not exist (merge needs a local model, "
-                         "checkpoint or run folder; Hub ids are not fetched)")
-    folder = model_folder(path)
+    if not Path(name).expanduser().exists() and not is_hub_id(name):
+        raise ModelError(f"{option} {name} does not exist (merge needs a model, checkpoint "
+                         "or run folder, or a Hugging Face Hub id)")
+    folder = resolve_model_path(name)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{name} is not a model folder (no config.json): a merge combines "
                          "folders written by cliplab or HF save_pretrained, or run/checkpoint "
