@@ -96,6 +96,34 @@ def test_shards_are_served_from_their_tar(model_dir, tmp_path):
     assert index.items([4])[4]["caption"] == data.captions[4][0]
 
 
+
+def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tmp_path, capsys):
+    """A shard cut short (a copy that stopped) gives its samples before the cut, the same
+    ones the training and evaluation reader keeps, and one skip saying how far it got."""
+    from cliplab.data.shards import write_shards
+    from cliplab.data.shards.read import load_shards
+
+    data = load_shapes(n=12, seed=2, kinds=["single"], image_size=32)
+    write_shards(data, tmp_path / "shards", samples_per_shard=6, image_format="png",
+                 progress=False)
+    first = tmp_path / "shards" / "00000.tar"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    read = load_shards(tmp_path / "shards", progress=False)
+    out = tmp_path / "idx"
+    assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "shards"),
+                 "--out", str(out), "--no-progress"]) == 0
+    index = SearchIndex(out)
+    keys = [index.items([i])[i]["key"] for i in range(index.count)]
+    assert 6 < len(keys) < 12 and len(keys) == len(read)  # the 6 of 00001.tar and some of 00000
+    assert keys[-6:] == [f"00001.tar:{k:09d}" for k in range(6, 12)]
+    (key, reason), = index.store.skipped()
+    assert key == "00000.tar" and reason.startswith(
+        f"truncated_shard: 00000.tar: read {len(keys) - 6} of 6 samples, then:")
+    record = json.loads((out / "index.json").read_text())
+    assert record["skipped"] == 1 and record["skipped_reasons"] == {"truncated_shard": 1}
+    assert ("skipped 1 item(s) (truncated_shard=1); each is listed with its reason in "
+            f"{out / 'meta.sqlite'} (table skipped)") in capsys.readouterr().err
+
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after the raise runs (not even `except Exception`)."""
 

@@ -497,6 +497,12 @@ def cmd_index(args) -> int:
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra)
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
+    if record["skipped"]:
+        from cliplab.data.types import counts_text
+
+        reasons = counts_text(record.get("skipped_reasons", {}))
+        print(f"skipped {record['skipped']} item(s) ({reasons}); each is listed with its reason "
+              f"in {Path(cfg.out) / 'meta.sqlite'} (table skipped)", file=sys.stderr)
     return 0
 
 

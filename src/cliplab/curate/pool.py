@@ -63,7 +63,8 @@ def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str |
         image = item.read()
     except PIL_ERRORS as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        return None, f"unreadable image at {where}: {first}"
+        what = getattr(err, "reason", "unreadable_image").replace("_", " ")  # truncated shard
+        return None, f"{what} at {where}: {first}"
     if not item.caption or not item.caption.strip():
         return None, f"empty caption at {where}"
     location = dict(item.location)

@@ -146,56 +146,91 @@ def _decode_bytes(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+class ShardReadError(OSError):
+    """A shard that could be read only in part (or not at all); ``reason`` names the skip."""
+
+    reason = "truncated_shard"
+
+
 def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     """Samples of every tar (in the shard index's order): an image member plus ``.txt`` /
-    ``.json`` members of the same key. An unreadable tar yields one item that fails to read."""
+    ``.json`` members of the same key. A tar that cannot be read to its end gives the samples
+    before the damage, then one item named after the tar that fails to read with a
+    `ShardReadError` saying how far it got (so the loss is counted, not hidden)."""
     from cliplab.data.shards import expand_shards
+    from cliplab.data.shards.layout import index_counts
 
     _reject_options(spec, set())
     for tar in expand_shards(folder):
-        try:
-            samples = _tar_samples(tar)
-        except (tarfile.TarError, OSError) as err:
-            def fail(err=err):
-                raise OSError(str(err))
-            yield Item(f"{tar.name}", "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
-            continue
+        samples, damage = _tar_samples(tar)
         for key, members in samples:
-            image = next((m for ext, m in members.items() if f".{ext}" in IMAGE_SUFFIXES), None)
-            caption, meta = "", {}
-            if "txt" in members:
-                caption = _read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
-            if "json" in members:
-                try:
-                    meta = json.loads(_read_range(tar, *members["json"][:2]))
-                except ValueError:
-                    meta = {}
-            if image is None:
-                def fail(key=key):
-                    raise OSError(f"no image member for {key}")
-                yield Item(f"{tar.name}:{key}", caption, {"tar": str(tar), "offset": 0, "size": 0},
-                           fail, meta if isinstance(meta, dict) else {})
-                continue
-            offset, size, name = image
-            yield Item(f"{tar.name}:{key}", caption,
-                       {"tar": str(tar), "offset": offset, "size": size, "name": name},
-                       lambda t=tar, o=offset, s=size: _decode_bytes(_read_range(t, o, s)),
-                       meta if isinstance(meta, dict) else {})
+            yield _tar_item(tar, key, members)
+        if damage is not None:
+            expected = index_counts(tar.parent).get(tar.name)
+            message = (f"{tar.name}: read {len(samples)}"
+                       + (f" of {expected}" if expected is not None else "")
+                       + f" samples, then: {damage}")
+
+            def fail(message=message):
+                raise ShardReadError(message)
+            yield Item(tar.name, "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
 
 
-def _tar_samples(tar: Path) -> list[tuple[str, dict[str, tuple[int, int, str]]]]:
-    """``[(key, {ext: (offset, size, member name)})]`` in tar order."""
+def _tar_item(tar: Path, key: str, members: dict[str, tuple[int, int, str]]) -> Item:
+    """The item of sample ``key`` of ``tar``: its image read from its byte range."""
+    image = next((m for ext, m in members.items() if f".{ext}" in IMAGE_SUFFIXES), None)
+    caption, meta = "", {}
+    if "txt" in members:
+        caption = _read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
+    if "json" in members:
+        try:
+            meta = json.loads(_read_range(tar, *members["json"][:2]))
+        except ValueError:
+            meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    if image is None:
+        def fail(key=key):
+            raise OSError(f"no image member for {key}")
+        return Item(f"{tar.name}:{key}", caption, {"tar": str(tar), "offset": 0, "size": 0},
+                    fail, meta)
+    offset, size, name = image
+    return Item(f"{tar.name}:{key}", caption,
+                {"tar": str(tar), "offset": offset, "size": size, "name": name},
+                lambda t=tar, o=offset, s=size: _decode_bytes(_read_range(t, o, s)), meta)
+
+
+def _tar_samples(tar: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int, str]]]],
+                                     str | None]:
+    """``[(key, {ext: (offset, size, member name)})]`` in tar order, and what stopped the
+    reading early (None when the tar was read to its end). A sample whose members the damage
+    cut off is left out; one whose data runs past the end fails when its image is read."""
     samples: dict[str, dict[str, tuple[int, int, str]]] = {}
-    with tarfile.open(tar) as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            prefix = member.name[: len(member.name) - len(base)]
-            samples.setdefault(prefix + key, {})[ext.lower()] = \
-                (member.offset_data, member.size, member.name)
-    return list(samples.items())
+    try:
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                prefix = member.name[: len(member.name) - len(base)]
+                samples.setdefault(prefix + key, {})[ext.lower()] = \
+                    (member.offset_data, member.size, member.name)
+            damage = None if _ends_with_marker(tar, archive.offset) else \
+                "the file ends early (no end-of-archive marker)"
+    except (tarfile.TarError, OSError) as err:
+        damage = str(err) or type(err).__name__
+    if damage is not None and samples:  # the last sample may have lost members to the damage
+        samples.popitem()
+    return list(samples.items()), damage
+
+
+def _ends_with_marker(tar: Path, offset: int) -> bool:
+    """Whether a zero block follows the last member (at ``offset``), as it does in every
+    complete tar; `tarfile` stops without an error where a cut-off file runs out instead."""
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and not any(block)
 
 
 def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:

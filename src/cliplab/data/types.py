@@ -38,7 +38,7 @@ class SkipReport:
         samples = {r: n for r, n in self.counts.items() if r not in shards}
         text = f"skipped {sum(samples.values())} samples"
         if samples:
-            text += ": " + _counts_text(samples)
+            text += ": " + counts_text(samples)
         if shards:
             where = "; ".join(key for reason in sorted(shards) for key in self.keys.get(reason, []))
             text += f"; {sum(shards.values())} shard(s) read only in part ({where})"
@@ -60,10 +60,10 @@ class SkipReport:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples
         (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read)."""
         return (f"{label}: skipped {self.total} of {kept + self.total} samples "
-                f"({_counts_text(self.counts)}) in {where}")
+                f"({counts_text(self.counts)}) in {where}")
 
 
-def _counts_text(counts: dict[str, int]) -> str:
+def counts_text(counts: dict[str, int]) -> str:
     """``empty_caption=1, missing_file=2``: counts by reason, in reason order."""
     return ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
 

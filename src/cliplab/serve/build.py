@@ -15,12 +15,14 @@ import itertools
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from cliplab.data.collection import PIL_ERRORS, iter_items, source_spec
+from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
@@ -185,7 +187,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
             try:
                 image = item.read()
             except PIL_ERRORS as err:
-                skipped.append((item.key, f"unreadable_image: {str(err).splitlines()[0][:200]}"))
+                reason = getattr(err, "reason", "unreadable_image")  # e.g. truncated_shard
+                skipped.append((item.key, f"{reason}: {str(err).splitlines()[0][:200]}"))
                 continue
             item_id = state["count"] + len(rows)
             location = item.location
@@ -231,7 +234,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     _save_npy(work / VECTORS_FILE, vectors)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
               "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
-              "count": state["count"], "skipped": state["skipped"], "backend": cfg.backend,
+              "count": state["count"], "skipped": state["skipped"],
+              "skipped_reasons": skip_counts(store), "backend": cfg.backend,
               "sources": [*(existing or {}).get("sources", []), request["data"]]}
     if cfg.backend == "faiss":
         budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
@@ -257,8 +261,10 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     return record
 
 
+def skip_counts(store: MetadataStore) -> dict[str, int]:
+    """Skipped items by reason (``unreadable_image``, ``truncated_shard``, ``already_indexed``)."""
+    return dict(Counter(reason.split(":")[0] for _, reason in store.skipped()))
+
+
 def _skip_summary(store: MetadataStore) -> str:
-    reasons: dict[str, int] = {}
-    for _, reason in store.skipped():
-        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-    return ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "nothing read"
+    return counts_text(skip_counts(store)) or "nothing read"
