@@ -61,14 +61,18 @@ def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, see
     return train.subset(idx), val
 
 
-def validation_split(cfg: AdaptConfig, train: LabelledImages,
-                     progress: bool = True) -> LabelledImages:
-    """``data.val``, or ``val_shots`` per class drawn from it (seeded) when ``val_shots`` is
-    set."""
+def load_validation(cfg: AdaptConfig, train: LabelledImages,
+                    progress: bool = True) -> LabelledImages:
+    """``data.val`` as loaded, checked against the training set's classes."""
     val = as_labelled(load_source(cfg.data.val, progress), "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
     check_same_classes(train, val, "data.train and data.val")
+    return val
+
+
+def draw_validation(cfg: AdaptConfig, val: LabelledImages) -> LabelledImages:
+    """``val_shots`` per class drawn from ``data.val`` (seeded) when set, else all of it."""
     if cfg.val_shots:
         val = val.subset(sample_k_shot(val.labels, int(cfg.val_shots), cfg.seed + 1))
     return val
@@ -116,11 +120,13 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         check_new_run(cfg.out)
     method = get_method(cfg.method)
     train_all, sets = load_sets(cfg, progress)
-    skipped = report_skips(cfg, {"train": train_all, **sets})
-    own_val = cfg.data.val is not None
-    train, val = few_shot_split(train_all, cfg.shots, 0 if own_val else cfg.val_shots, cfg.seed)
-    if own_val:
-        val = validation_split(cfg, train_all, progress)
+    own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
+    skipped = report_skips(cfg, {"train": train_all, **sets,
+                                 **({"val": own_val} if own_val is not None else {})})
+    train, val = few_shot_split(train_all, cfg.shots, 0 if own_val is not None else cfg.val_shots,
+                                cfg.seed)
+    if own_val is not None:
+        val = draw_validation(cfg, own_val)
     train = subsample(train, cfg.train_size, cfg.seed)
     model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)
