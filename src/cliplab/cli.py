@@ -58,9 +58,10 @@ def config_where(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplab",
-        description="The life of a CLIP-style image-text model: write data shards, pretrain "
-        "(also under torchrun), adapt (few-shot heads, prompt learning, LoRA, fine-tuning), "
-        "merge weights, evaluate and report.")
+        description="The life of a CLIP-style image-text model: curate data and write "
+        "shards, pretrain (also under torchrun), adapt (few-shot heads, prompt learning, LoRA, "
+        "fine-tuning), merge weights, evaluate and report, convert and export, index and serve "
+        "search. `cliplab COMMAND --help` tells each command's options and config keys.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
