@@ -145,6 +145,24 @@ def _image_bytes(item):
         return f.read(item.location["size"])
 
 
+def test_a_truncated_shard_is_read_to_its_cut_and_dropped_as_such(tmp_path):
+    from cliplab.data.shapes import load_shapes
+    from cliplab.data.shards import write_shards
+
+    data = load_shapes(n=12, seed=2, kinds=["single"], image_size=32)
+    write_shards(data, tmp_path / "shards", samples_per_shard=6, image_format="png",
+                 progress=False)
+    first = tmp_path / "shards" / "00000.tar"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    summary = run_curation(config({"source": "shards", "path": str(tmp_path / "shards")}, []),
+                           tmp_path / "out", progress=False)
+    dropped = pq.read_table(tmp_path / "out/dropped.parquet").to_pylist()
+    (drop,) = dropped
+    read = summary["kept"] - 6  # the samples of 00000.tar before the cut
+    assert 0 < read < 6 and summary["pool"] == summary["kept"] + 1
+    assert drop["key"] == "00000.tar" and drop["reason"].startswith(
+        f"truncated shard at {first}: 00000.tar: read {read} of 6 samples, then:")
+
 def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
     folder = make_folder(tmp_path / "pool", [200, 210, 220])
     manifest = tmp_path / "pool.csv"

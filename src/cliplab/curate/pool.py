@@ -28,7 +28,8 @@ def describe_location(location: dict) -> str:
     if "manifest" in location:
         return f"{location['manifest']} {location['line']} ({location.get('file', '')})"
     if "tar" in location:
-        return f"{location['tar']} member {location.get('name') or '?'}"
+        name = location.get("name")  # none for a tar as a whole (e.g. a truncated one)
+        return f"{location['tar']} member {name}" if name else str(location["tar"])
     if "file" in location:
         return str(location["file"])
     return "memory"
