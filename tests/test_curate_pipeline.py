@@ -273,6 +273,21 @@ def test_cli_curates_and_reports_bad_keys_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out2").exists() and not partial_path(tmp_path / "out2").exists()
 
 
+
+def test_cli_data_replaces_the_configs_whole_source(tmp_path, capsys):
+    """``--data`` stands for the whole source: the config's ``n``/``seed`` (options of its
+    ``shapes`` source, which an image folder does not take) are dropped, not merged in; a
+    ``data.KEY=VALUE`` override then sets an option of the new source."""
+    folder = make_folder(tmp_path / "pool", [200, 200, 60])
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: shapes, n: 300, seed: 0}\nsteps:\n  - {step: exact_dedup}\n")
+    assert main(["curate", "--config", str(path), "--data", str(folder),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "kept 2 of 3 items" in capsys.readouterr().out
+    assert main(["curate", "--config", str(path), "--data", "shapes", "data.n=5",
+                 "--out", str(tmp_path / "out2"), "--no-progress"]) == 0
+    assert "of 5 items" in capsys.readouterr().out
+
 def test_process_pool_gives_the_same_result(tmp_path):
     folder = make_folder(tmp_path / "pool", VALUES)
     steps = [{"step": "exact_dedup"}]

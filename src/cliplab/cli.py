@@ -39,13 +39,30 @@ def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
     _add_debug(p)
 
 
+def add_data_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--data SOURCE``: the collection a command reads, replacing the config's ``data``."""
+    p.add_argument("--data", *aliases, dest="data", metavar="SOURCE",
+                   help="built-in source (shapes, digits, fashion-mnist, ...), a manifest "
+                   "(.csv/.jsonl/.parquet), a shard folder or an image folder; replaces the "
+                   "config's data (data.KEY=VALUE overrides then set its options)")
+
+
+def data_spec(args: argparse.Namespace) -> dict | None:
+    """The ``{source: ...}`` spec of ``--data``, None when it is not given."""
+    from cliplab.data.collection import source_spec
+
+    return source_spec(args.data) if getattr(args, "data", None) is not None else None
+
+
 def stage_config(schema, args: argparse.Namespace, **extra):
     """The command's validated config (a `cliplab.config.Section`): the ``--config`` file,
-    then the command's own options (``extra``, unset ones skipped, and ``--out``), then the
-    ``key=value`` overrides; errors name the file and the key path."""
+    then the command's own options (``extra``, unset ones skipped, ``--out``, and ``--data``,
+    which replaces the file's data spec), then the ``key=value`` overrides; errors name the
+    file and the key path."""
     from cliplab.config import load_config
 
-    return load_config(schema, args.config, args.overrides, extra={**extra, "out": args.out})
+    return load_config(schema, args.config, args.overrides, extra={**extra, "out": args.out},
+                       replace={"data": data_spec(args)})
 
 
 def config_where(args: argparse.Namespace) -> str:
@@ -100,11 +117,9 @@ def _add_data(sub) -> None:
                             "data (the source spec), out, samples_per_shard, image_format, "
                             "quality, overwrite; key=value overrides set any of them, e.g. "
                             "data.split=test data.limit=500 quality=90.",
-                            epilog="example: cliplab data shard --source fashion-mnist "
+                            epilog="example: cliplab data shard --data fashion-mnist "
                             "--out shards/fm data.split=test --format png")
-    p.add_argument("--source", metavar="NAME|PATH", help="built-in source (fashion-mnist, digits, "
-                   "shapes, ...), a manifest file, a shard folder or an image folder of class "
-                   "sub-folders (sets data.source)")
+    add_data_argument(p, "--source")
     p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per tar (default 1000)")
     p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
                    help="image encoding (default jpg; png is lossless)")
@@ -117,20 +132,21 @@ def _add_data(sub) -> None:
 def _add_curate(sub) -> None:
     """`cliplab curate`: filter and deduplicate an image-text pool."""
     p = sub.add_parser("curate", help="curate an image-text pool: filter, deduplicate, report",
-                       description="Read a pool (a built-in source, a manifest, a shard folder or "
-                       "an image folder), run the config's steps in order (basic rules, exact "
+                       description="Read a pool (--data, or the config's data: a built-in "
+                       "source, a manifest, a shard folder or an image folder), run the config's steps in order (basic rules, exact "
                        "dedup, ...), and write to --out the kept pool (shards or a manifest), "
                        "dropped.parquet (every dropped item with its step and reason), "
                        "summary.json and report.md/report.html. Sources are never modified; a "
                        "killed run resumes when re-run with the same config.",
                        epilog="example: cliplab curate --config configs/curate/basic.yaml "
-                       "--out runs/curated chunk_size=128")
+                       "--data photos/ --out runs/curated chunk_size=128")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (or a half-finished run of another config)")
     p.add_argument("--engine", choices=["local", "ray"], help="local (default: this process, or "
                    "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
     p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
                    "mapping chunks in parallel")
+    add_data_argument(p)
     add_stage_arguments(p, "folder to write the curated pool and report into",
                         "steps.0.min_words=3 workers=2", config_required=True)
 
@@ -256,8 +272,7 @@ def _add_index(sub) -> None:
     _add_common(p, "index_type=hnsw batch_size=32")
     p.add_argument("--model", help="preset, model folder, checkpoint folder, run folder (its "
                    "newest checkpoint) or Hugging Face Hub id")
-    p.add_argument("--data", metavar="SOURCE", help="image folder, manifest (.csv/.jsonl/"
-                   ".parquet), shard folder or built-in source name (shapes, digits, ...)")
+    add_data_argument(p)
     p.add_argument("--out", metavar="INDEX", help="index folder to write")
     p.add_argument("--add", action="store_true", default=None,
                    help="append the collection to an existing index")
@@ -445,12 +460,9 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from cliplab.data.collection import source_spec
     from cliplab.data.shards.job import ShardConfig, run_shard
 
-    cfg = stage_config(ShardConfig, args,
-                       data=source_spec(args.source) if args.source is not None else None,
-                       samples_per_shard=args.samples_per_shard,
+    cfg = stage_config(ShardConfig, args, samples_per_shard=args.samples_per_shard,
                        image_format=args.image_format, overwrite=args.overwrite)
     index = run_shard(cfg, progress=not args.no_progress)
     from cliplab.data.types import SkipReport
@@ -487,15 +499,13 @@ def cmd_report(args) -> int:
 def cmd_index(args) -> int:
     from cliplab.config import load_config
     from cliplab.serve.build import build_index
-    from cliplab.data.collection import source_spec
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 
     extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
                                                    "index_type") if getattr(args, key) is not None}
-    if args.data is not None:  # as a spec, so data.KEY=VALUE overrides set source options
-        extra["data"] = source_spec(args.data)
-    cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra)
+    cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
+                      replace={"data": data_spec(args)})
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
     if record["skipped"]:

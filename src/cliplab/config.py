@@ -148,14 +148,18 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
 
 def load_config(schema: type[S], path: str | Path | None = None,
                 overrides: Sequence[str] = (), defaults: dict | None = None,
-                extra: dict | None = None) -> S:
+                extra: dict | None = None, replace: dict | None = None) -> S:
     """A stage's validated config: ``defaults`` < the YAML file < ``extra`` (e.g. command-line
-    options) < ``key=value`` overrides."""
+    options, merged into the file's sections) and ``replace`` (options that stand for a whole
+    section, such as ``--data``: the file's section is dropped, not merged, so a new source
+    keeps none of the old one's options) < ``key=value`` overrides."""
     raw = load_yaml(path) if path else {}
     raw = deep_merge(defaults or {}, raw)
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
+    raw.update({k: v for k, v in (replace or {}).items() if v is not None})
     raw = apply_overrides(raw, overrides)
-    from_command_line = bool(overrides) or any(v is not None for v in (extra or {}).values())
+    from_command_line = bool(overrides) or any(
+        v is not None for v in [*(extra or {}).values(), *(replace or {}).values()])
     return validate(schema, raw, config_source(path, from_command_line))
 
 
