@@ -133,8 +133,9 @@ def _add_curate(sub) -> None:
     """`cliplab curate`: filter and deduplicate an image-text pool."""
     p = sub.add_parser("curate", help="curate an image-text pool: filter, deduplicate, report",
                        description="Read a pool (--data, or the config's data: a built-in "
-                       "source, a manifest, a shard folder or an image folder), run the config's steps in order (basic rules, exact "
-                       "dedup, ...), and write to --out the kept pool (shards or a manifest), "
+                       "source, a manifest, a shard folder or an image folder), run the config's "
+                       "steps in order (basic rules, exact dedup, ...), and write to --out the "
+                       "kept pool (shards or a manifest), "
                        "dropped.parquet (every dropped item with its step and reason), "
                        "summary.json and report.md/report.html. Sources are never modified; a "
                        "killed run resumes when re-run with the same config.",
