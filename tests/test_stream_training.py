@@ -102,15 +102,21 @@ def test_streaming_needs_shards_and_known_options(shards, tmp_path):
         run_pretrain(cfg, progress=False)
 
 
-def test_two_torchrun_ranks_stream_their_own_shards(shards, tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(recipe(tmp_path / "run", shards, save_every=3)))
+def _torchrun_pretrain(cfg: Path, *args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m", "cliplab", "pretrain", "--config",
-                           str(cfg), "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(cfg), "--no-progress", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_torchrun_ranks_stream_their_own_shards(shards, tmp_path):
+    """...and a resumed two-rank run ends bit-identical to the uninterrupted one: each rank
+    gets its own sample and augmentation generators back (they differ between ranks)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(recipe(tmp_path / "run", shards, save_every=3)))
+    _torchrun_pretrain(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["step"] == 6
     # the corrupt shard belongs to one rank; the report gathers every rank's skips
@@ -119,3 +125,9 @@ def test_two_torchrun_ranks_stream_their_own_shards(shards, tmp_path):
                        weights_only=True)
     ranks = state["batches"]["ranks"]
     assert [r["stream"]["rank"] for r in ranks] == [0, 1]
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(yaml.safe_dump(recipe(tmp_path / "resumed", shards)))
+    _torchrun_pretrain(resumed, "--resume", str(tmp_path / "run" / "checkpoints" / "step-3"))
+    a = load_file(tmp_path / "run" / "checkpoints" / "step-6" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-6" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

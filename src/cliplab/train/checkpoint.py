@@ -54,6 +54,10 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
              if state.sharded else state.optimizer.state_dict(),
              "scheduler": state.scheduler.state_dict(),
              "sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+             # each rank's own: ranks that draw their own samples (streams) and augmentations
+             # hold different generator states, and a resume must give each its own back
+             "rank_rngs": distributed.gather_objects(
+                 {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state()}),
              "config": config}
 
     def write(folder: Path) -> None:
@@ -93,7 +97,12 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device) ->
         state.model.model.load_state_dict(loaded.model.state_dict())
         state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    state.sample_rng.set_state(saved["sample_rng"])
-    torch.set_rng_state(saved["torch_rng"])
+    rngs = saved.get("rank_rngs")
+    # a checkpoint of another number of ranks (or of an older version) has no state of this
+    # rank's: rank 0's is the right one where ranks draw alike (in-memory data)
+    mine = rngs[distributed.rank()] if isinstance(rngs, list) and \
+        len(rngs) == distributed.world_size() else saved
+    state.sample_rng.set_state(mine["sample_rng"])
+    torch.set_rng_state(mine["torch_rng"])
     state.inputs.load_state_dict(saved["batches"])
     return int(saved["step"])
