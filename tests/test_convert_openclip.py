@@ -89,7 +89,11 @@ def test_round_trip_is_bit_identical(name, tmp_path):
         assert torch.equal(tensor, original[key]), key
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["model_cfg"].get("quick_gelu", False) == (name == "ddp-quickgelu")
-    # an export re-imports to the same embeddings
+    # an export re-imports to the same embeddings, wherever the folder is moved: its config
+    # names no path of the machine that wrote it
+    assert config["model_cfg"]["text_cfg"].get("hf_tokenizer_name", ".") == "."
+    assert str(tmp_path) not in (out / "open_clip_config.json").read_text()
+    out = out.rename(tmp_path / "moved")
     expected, captions = _expected(name)
     again = load_openclip(out)
     with torch.no_grad():

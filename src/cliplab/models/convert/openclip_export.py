@@ -3,8 +3,11 @@
 Writes ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and
 ``open_clip_model.safetensors``, the layout ``open_clip.create_model_from_pretrained(
 "local-dir:DIR")`` and ``hf-hub:`` read. A model whose tokenizer is not CLIP's BPE carries its
-tokenizer files in the folder and names it in ``text_cfg.hf_tokenizer_name`` (OpenCLIP's
-``local-dir:`` loader reads them from the folder), pooled at its end token (``pool_type: eos``).
+tokenizer files in the folder and names it in ``text_cfg.hf_tokenizer_name`` as ``"."`` (the
+folder itself: OpenCLIP's ``local-dir:`` loader reads the files from the folder, cliplab reads
+the name relative to the config; no machine path is written, so the folder can move; before
+pushing it to the Hub, set the name to the repository id, which OpenCLIP's ``hf-hub:`` loader
+reads), pooled at its end token (``pool_type: eos``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def openclip_state_and_config(model: DualEncoder, tokenizer_name: str | None = N
 def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as an OpenCLIP folder at ``out`` (temporary folder, then moved)."""
     out = Path(out)
-    state, config = openclip_state_and_config(model, tokenizer_name=str(out.resolve()))
+    state, config = openclip_state_and_config(model, tokenizer_name=".")
     with atomic_folder(out, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
