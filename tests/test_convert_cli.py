@@ -25,10 +25,18 @@ def test_convert_then_export_open_clip(tmp_path, capsys):
     assert back.model.config.vision_config.hidden_size == 48
 
 
-def test_export_onnx_from_an_openclip_checkpoint(tmp_path):
+def test_export_onnx_from_an_openclip_checkpoint(tmp_path, capsys):
     assert main(["export", str(FIXTURES / "hub-gelu"), "--format", "onnx",
                  "--out", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "image_encoder.onnx").is_file()
+    capsys.readouterr()
+    for fmt in ("onnx", "open_clip"):  # an export is not a model to export again
+        assert main(["export", str(tmp_path / "onnx"), "--format", fmt,
+                     "--out", str(tmp_path / f"again-{fmt}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"cliplab: error: {tmp_path / 'onnx'} is an ONNX export; export the "
+                       "PyTorch model it was made from (a model, checkpoint or run folder)")
+        assert not (tmp_path / f"again-{fmt}").exists()
 
 
 def test_errors_are_one_line_exit_2(tmp_path, capsys):

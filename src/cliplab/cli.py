@@ -347,12 +347,16 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
+    from cliplab.models.dual_encoder import DualEncoder
     from cliplab.models.resolve import load_model
 
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
     model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
         else load_model(args.model)
+    if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
+        raise CliplabError(f"{args.model} is an ONNX export; export the PyTorch model it was "
+                           "made from (a model, checkpoint or run folder)")
     if args.format == "onnx":
         from cliplab.models.onnx_export import export_onnx
         out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite)
