@@ -146,7 +146,7 @@ def _add_curate(sub) -> None:
     p.add_argument("--engine", choices=["local", "ray"], help="local (default: this process, or "
                    "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
     p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
-                   "mapping chunks in parallel")
+                   "mapping chunks in parallel (default: the config's workers, 1)")
     add_data_argument(p)
     add_stage_arguments(p, "folder to write the curated pool and report into",
                         "steps.0.min_words=3 workers=2", config_required=True)
