@@ -149,6 +149,11 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
         DualEncoder.load(tmp_path)
     with pytest.raises(ModelError, match="bad option for preset"):
         build_model("tiny-clip", depth=3)
+    # transformers' own config checks become the same one-line error, with their reason
+    with pytest.raises(ModelError, match=r"^bad option for preset 'tiny-clip' \(\{'width': 7\}\): "
+                       r"The hidden size \(7\) is not a multiple of the number of attention "
+                       r"heads \(4\)\.$"):
+        build_model("tiny-clip", width=7)
     with pytest.raises(ModelError, match="unknown activation 'gelu2'.*quick_gelu"):
         build_model("tiny-clip", activation="gelu2")
 

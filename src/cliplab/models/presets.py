@@ -144,7 +144,12 @@ def build_model(name: str, **options) -> DualEncoder:
     if name not in PRESETS:
         raise ModelError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)} (a model "
                          "folder, run or Hub id loads with cliplab.models.resolve.load_model)")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return PRESETS[name](**options)
-    except TypeError as err:
-        raise ModelError(f"bad option for preset {name!r}: {err}") from None
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        # transformers' config checks (e.g. width not a multiple of heads) say why on the last
+        # line of a multi-line message
+        why = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        raise ModelError(f"bad option for preset {name!r} ({options}): {why}") from None
