@@ -118,6 +118,27 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_run_refused_at_its_start_leaves_no_folder(tmp_path, capsys):
+    """A run that fails before its first step (its config written, nothing else) removes the
+    folder it made, so the corrected command starts clean; a folder that was there stays."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    args = ["pretrain", "--config", str(recipe), "--no-progress", "data.train.n=64",
+            "train.batch_size=128", "eval=null"]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "batch of 128 is larger than the dataset (64 pairs)" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main([*args, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
+    # adapt: a method that refuses its options while fitting
+    assert main(["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "--no-progress",
+                 "--out", str(tmp_path / "adapt"), "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=1", "val_shots=0",
+                 "compare_zeroshot=false", "options.search=true"]) == 2
+    assert "search=true needs a validation split" in capsys.readouterr().err
+    assert not (tmp_path / "adapt").exists()
+
+
 def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
     suite = tmp_path / "s.yaml"
     suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, split: test}}\n"

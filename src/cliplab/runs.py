@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -85,6 +87,21 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
         raise ConfigError(f"--out {out} already holds a run ({what}); {way_on}choose a new "
                           "--out")
 
+
+
+@contextmanager
+def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
+    """Run the block; if it fails while the run folder ``path`` (made by this command:
+    ``existed`` is False) holds nothing but its ``config.yaml``, remove the folder, so a run
+    refused at its start (a batch larger than the data, ...) leaves nothing behind."""
+    try:
+        yield
+    except Exception:
+        path = Path(path)
+        if not existed and path.is_dir() and \
+                {p.name for p in path.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
+        raise
 
 class RunDir:
     """The folder one run writes everything into.

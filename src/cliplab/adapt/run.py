@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
-from cliplab.runs import RunDir, check_new_run, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
@@ -131,9 +132,11 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)
     cache = cache or FeatureCache(cfg.cache_dir)
-    run = None
+    run, existed = None, True
     if write:
-        run = RunDir(cfg.out or default_run_dir(f"adapt-{cfg.method}"))
+        out = cfg.out or default_run_dir(f"adapt-{cfg.method}")
+        existed = Path(out).exists()
+        run = RunDir(out)
         run.write_config({**cfg.to_dict(), "out": str(run.path), "options": options.to_dict()})
 
     torch.manual_seed(cfg.seed)
@@ -147,7 +150,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
         zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
                             TaskContext(cache=cache, progress=progress))
-    adapter: Adapter = method.fit(model, train, options, ctx)
+    with removed_if_unstarted(run.path if run else "", existed):
+        adapter: Adapter = method.fit(model, train, options, ctx)
     scores = adapter.score(sets, cache, progress)
     if run is not None:
         adapter.save(run.path, extra={"model": model_name, "shots": cfg.shots,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import field_validator
@@ -17,7 +18,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import distributed
-from cliplab.runs import RunDir, check_new_run, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
@@ -81,19 +82,21 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's
         out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))
+        existed = Path(out).exists()
         run = RunDir(out)
         cfg = cfg.model_copy(update={"out": str(run.path)})
         if distributed.rank() == 0:
             run.write_config(cfg.to_dict())
-        trainer = Trainer(model, train_cfg, run)
         evals: dict = {}
 
         def evaluate(m) -> dict:
             evals.update(run_suite(m, cfg.eval, context.for_new_weights()))
             return scalar_metrics(evals, "eval")
 
-        last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
-                           evaluate=evaluate if cfg.eval else None)
+        with removed_if_unstarted(run.path, existed):
+            trainer = Trainer(model, train_cfg, run)
+            last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
+                               evaluate=evaluate if cfg.eval else None)
         skipped = pairs.skipped
         if isinstance(pairs, StreamBatches):
             # each rank skipped what its own shards held, once per epoch that read them
