@@ -74,3 +74,35 @@ def test_map_columns_are_one_row_per_item(tmp_path):
     assert cols["width"].tolist() == [3, 3] and cols["height"].tolist() == [5, 5]
     assert all(len(c) == 2 and c.dtype != object for c in cols.values())
     assert np.isnan(cols["language_prob"]).all()
+
+
+@pytest.mark.parametrize("unit", ["words", "chars"])
+def test_a_minimum_above_its_maximum_is_a_config_error(tmp_path, unit):
+    from cliplab.config import load_config
+    from cliplab.curate.config import CurateConfig
+    from cliplab.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: shapes\nsteps:\n  - {{step: exact_dedup}}\n"
+                    f"  - {{step: basic, min_{unit}: 50, max_{unit}: 40}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(CurateConfig, path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert f"steps[1]: min_{unit} 50 is above max_{unit} 40" in message
+    equal = Spec(step="basic", **{f"min_{unit}": 4, f"max_{unit}": 4})  # a range of one
+    assert getattr(equal, f"min_{unit}") == getattr(equal, f"max_{unit}") == 4
+
+
+def test_a_prepared_step_pickles_and_detects_languages_after(tmp_path):
+    """Worker processes get the step pickled after ``prepare``; they build the identifier."""
+    import pickle
+
+    pytest.importorskip("langid")
+    step = Basic(Spec(step="basic", languages=["en"]))
+    step.prepare(StepContext(work=tmp_path))
+    copy = pickle.loads(pickle.dumps(step))
+    batch = PoolBatch(["a", "b"], ["a dog runs on the beach", "ein Hund spielt am Strand"],
+                      [Image.new("RGB", (8, 8))] * 2)
+    assert copy.map(batch)["language"].tolist() == step.map(batch)["language"].tolist() == \
+        ["en", "de"]

@@ -371,3 +371,100 @@ def test_report_draws_matches_and_concept_histograms(tmp_path):
     assert (work / "report/00-x/match-0-ref.png").is_file()
     assert "report/00-x-concepts.png" in md and (work / "report/00-x-concepts.png").is_file()
     assert f"| counts | {tmp_path / 'final/steps/00-x/work/c.json'} |" in md
+
+
+def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, capsys):
+    """A step that drops everything leaves later steps with 0 items: the run still finishes,
+    with every output written and the shards a valid set of 0 samples."""
+    folder = make_folder(tmp_path / "pool", VALUES)
+    summary = run_curation(config(str(folder), [{"step": "bright", "threshold": 300},
+                                                {"step": "exact_dedup"}], chunk_size=3),
+                           tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert [(s["name"], s["in"], s["kept"], s["dropped"]) for s in summary["steps"]] == [
+        ("read", 10, 9, 1), ("bright", 9, 0, 9), ("exact_dedup", 0, 0, 0)]
+    assert summary["kept"] == 0 and summary["output"]["count"] == 0
+    assert len(dropped_rows(out)) == 10
+    assert (out / "summary.json").is_file() and (out / "report.md").is_file()
+    assert (out / "steps/01-exact_dedup/decision.json").is_file()
+    assert not partial_path(out).exists()
+    assert json.loads((out / "shards/index.json").read_text())["total"] == 0
+    assert list(iter_items({"source": "shards", "path": str(out / "shards")},
+                           progress=False)) == []
+    assert "warning: nothing was kept: bright dropped the last 9 item(s)" in capsys.readouterr().err
+
+
+def test_the_last_step_dropping_everything_writes_an_empty_shard_set(tmp_path):
+    folder = make_folder(tmp_path / "pool", [200, 50])
+    summary = run_curation(config(str(folder), [{"step": "bright", "threshold": 300}]),
+                           tmp_path / "out", progress=False)
+    assert summary["kept"] == 0
+    index = json.loads((tmp_path / "out/shards/index.json").read_text())
+    assert index["total"] == 0 and sum(s["count"] for s in index["shards"]) == 0
+    assert list(iter_items({"source": "shards", "path": str(tmp_path / "out/shards")},
+                           progress=False)) == []
+
+
+def test_cli_a_pool_of_only_bad_rows_keeps_0(tmp_path, capsys):
+    make_folder(tmp_path / "photos", [200])
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("image,caption\nnope.png,a thing\nphotos/img_00.png,\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {manifest}\nsteps: [{{step: exact_dedup}}]\n"
+                    "output: {format: manifest}\n")
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "kept 0 of 2 items" in captured.out
+    assert "nothing was kept: read dropped the last 2 item(s)" in captured.err
+    out = tmp_path / "out"
+    assert pq.read_table(out / "kept.parquet").num_rows == 0
+    assert [r["step"] for r in dropped_rows(out)] == ["read", "read"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"][1] == {**summary["steps"][1], "in": 0, "kept": 0, "dropped": 0}
+
+
+def test_process_pool_runs_the_language_rule(tmp_path):
+    """The basic step's language identifier does not pickle; worker processes build their own
+    and keep what one process keeps."""
+    pytest.importorskip("langid")
+    folder = make_folder(tmp_path / "pool", [10, 20, 30, 40, 50, 60])
+    manifest = tmp_path / "pool.csv"
+    captions = ["a photo of a dog playing on the beach with a red ball",
+                "ein Hund spielt am Strand mit einem roten Ball",
+                "a small cat is sleeping on the warm sofa",
+                "un chien joue sur la plage avec une balle rouge",
+                "two people are riding bicycles along the river",
+                "eine Katze schläft auf dem warmen Sofa"]
+    manifest.write_text("image,caption\n" + "".join(
+        f"pool/img_{i:02d}.png,{c}\n" for i, c in enumerate(captions)))
+    steps = [{"step": "basic", "languages": ["en"]}]
+    a = run_curation(config(str(manifest), steps, chunk_size=2), tmp_path / "a", progress=False)
+    b = run_curation(config(str(manifest), steps, chunk_size=2, workers=2), tmp_path / "b",
+                     progress=False)
+    assert a["steps"][1]["kept"] == b["steps"][1]["kept"] == 3
+    assert dropped_rows(tmp_path / "a") == dropped_rows(tmp_path / "b")
+    assert all(r["reason"].startswith("caption language ") for r in dropped_rows(tmp_path / "b"))
+
+
+def test_manifest_of_an_in_memory_source_reads_back_with_its_images(tmp_path):
+    """An in-memory source's images are copied beside kept.parquet; the manifest reads back
+    as the same pairs, and no path in it names the run's removed cache."""
+    from cliplab.data.sources import load_source
+
+    data = {"source": "shapes", "n": 5, "seed": 3}
+    run_curation(config(data, [{"step": "exact_dedup"}], output={"format": "manifest"}),
+                 tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    rows = pq.read_table(out / "kept.parquet").to_pylist()
+    assert len(rows) == 5 and not (out / "cache").exists()
+    for row in rows:
+        assert (out / row["image"]).is_file()
+        location = json.loads(row["location"])
+        assert (out / location["stored"]).is_file() and location["stored"] == row["image"]
+    again = list(iter_items({"source": "manifest", "path": str(out / "kept.parquet")},
+                            progress=False))
+    source = load_source(data)
+    assert [i.caption for i in again] == [c[0] for c in source.captions]
+    for item, image in zip(again, source.images):
+        assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])

@@ -54,7 +54,9 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
 def write_kept_manifest(records: list[Record], work: Path, dest: Path,
                         progress: bool = True) -> dict:
     """``kept.parquet``: ``image`` (the original file, or a copy under ``images/`` for images
-    that live in a tar or in memory), ``caption``, ``key``, ``location`` and ``meta`` (JSON)."""
+    that live in a tar or in memory), ``caption``, ``key``, ``location`` and ``meta`` (JSON).
+    ``location`` is the source's (a file, a tar member); an in-memory source's image, which
+    lived only in the run's cache, is ``{"stored": "images/N.png"}``, its copy in ``dest``."""
     images = dest / IMAGES_DIR
     rows = []
     for number, record in enumerate(tqdm(records, desc="write manifest", unit="item",
@@ -67,6 +69,8 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
             images.mkdir(exist_ok=True)
             image = f"{IMAGES_DIR}/{number:09d}.{ext or 'bin'}"
             (dest / image).write_bytes(data)
+            if "stored" in location:  # the cache it was read from is removed after the run
+                location = {"stored": image}
         rows.append({"image": image, "caption": record["caption"], "key": record["key"],
                      "location": json.dumps(location), "meta": json.dumps(record["meta"])})
     schema = pa.schema([(name, pa.string()) for name in ("image", "caption", "key", "location",

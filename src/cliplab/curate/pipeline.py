@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
         decisions.append((name, reached, decision))
 
     kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
+    if not kept:
+        print(nothing_kept_warning(summary_steps), file=sys.stderr)
     outputs = write_kept(kept, work, config.output, config.data, progress)
     write_dropped(dropped, work / "dropped.parquet")
     summary = {"format": FORMAT, "data": config.data, "pool": n_pool, "kept": len(kept),
@@ -105,6 +108,13 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
     write_json(work / "summary.json", summary)  # last: a partial folder with it is complete
     swap_in(work, out)
     return summary
+
+
+def nothing_kept_warning(steps: list[dict]) -> str:
+    """The line told when a run keeps no item, naming the step that dropped the last ones."""
+    last = next(s for s in steps if s["kept"] == 0)
+    return (f"cliplab curate: warning: nothing was kept: {last['name']} dropped the last "
+            f"{last['dropped']} item(s); the output holds 0 items")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -192,6 +202,7 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
                         scores=scores, threshold=data["threshold"],
                         report=data["report"]), data["seconds"]
     start = time.perf_counter()
+    step_dir.mkdir(parents=True, exist_ok=True)  # also for a step no item reached
     cache = work / "cache" / "steps" / folder
     cache.mkdir(parents=True, exist_ok=True)
     reaching = {c: [r for r, a in zip(records, alive[c]) if a] for c, records in enumerate(chunks)}

@@ -19,7 +19,7 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.errors import ConfigError
@@ -37,6 +37,16 @@ class Spec(StepSpecBase):
     languages: list[str] | None = None
     min_language_confidence: float = Field(0.0, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _ranges(self) -> "Spec":
+        """``min_words <= max_words`` and ``min_chars <= max_chars`` (else nothing passes)."""
+        for unit in ("words", "chars"):
+            low, high = getattr(self, f"min_{unit}"), getattr(self, f"max_{unit}")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"min_{unit} {low} is above max_{unit} {high}, so no caption "
+                                 f"can pass; lower min_{unit} or raise max_{unit}")
+        return self
+
 
 def blocklist_pattern(terms: list[str]) -> re.Pattern | None:
     """One case-insensitive regex matching any term as whole words (inner spaces flexible)."""
@@ -45,6 +55,16 @@ def blocklist_pattern(terms: list[str]) -> re.Pattern | None:
         return None
     alternatives = [r"\s+".join(re.escape(w) for w in t.split()) for t in terms]
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+
+
+def language_identifier() -> Any:
+    """langid.py's offline identifier with normalised probabilities."""
+    try:
+        from langid.langid import LanguageIdentifier, model
+    except ImportError:
+        raise ConfigError("basic: the languages rule needs langid "
+                          "(pip install 'cliplab[curate]')") from None
+    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
 
 
 class Basic:
@@ -57,14 +77,20 @@ class Basic:
         self.spec = spec
         self.identifier: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the language identifier (it holds local functions); a worker
+        process builds its own on first use."""
+        return {**self.__dict__, "identifier": None}
+
     def prepare(self, context: StepContext) -> None:
         if self.spec.languages:
-            try:
-                from langid.langid import LanguageIdentifier, model
-            except ImportError:
-                raise ConfigError("basic: the languages rule needs langid "
-                                  "(pip install 'cliplab[curate]')") from None
-            self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+            self.identifier = language_identifier()
+
+    def _identifier(self) -> Any:
+        """langid's identifier when the languages rule is on (built once per process)."""
+        if self.spec.languages and self.identifier is None:
+            self.identifier = language_identifier()
+        return self.identifier
 
     def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         pattern = blocklist_pattern(self.spec.blocklist)
@@ -72,12 +98,13 @@ class Basic:
         for caption in batch.captions:
             hit = pattern.search(caption) if pattern else None
             blocked.append(hit.group(0).lower() if hit else "")
+        identifier = self._identifier()
         langs, probs = [], []
         for caption in batch.captions:
-            if self.identifier is None:
+            if identifier is None:
                 langs.append(""), probs.append(np.nan)
             else:
-                lang, prob = self.identifier.classify(caption)
+                lang, prob = identifier.classify(caption)
                 langs.append(lang), probs.append(float(prob))
         return {"words": np.array([len(c.split()) for c in batch.captions], dtype=np.int64),
                 "chars": np.array([len(c.strip()) for c in batch.captions], dtype=np.int64),
