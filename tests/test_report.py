@@ -167,3 +167,16 @@ def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
     assert f"| acc1 | {results['evals']['colour']['acc1']:.4f} |" in md
     assert "| step | 4 |" in md
     assert (tmp_path / "rep" / "plots" / "training-curves.png").is_file()
+
+
+def test_a_results_file_is_named_after_its_folder_when_its_name_says_nothing(tmp_path):
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    for run in ("baseline", "tuned"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "results.json").write_text(json.dumps({"zs": {"acc1": 0.5}}))
+    (tmp_path / "ablation.json").write_text(json.dumps({"zs": {"acc1": 0.4}}))
+    sources = read_inputs([tmp_path / "baseline" / "results.json",
+                           tmp_path / "tuned" / "results.json", tmp_path / "ablation.json"])
+    assert [s.label for s in sources] == ["baseline", "tuned", "ablation"]
+

@@ -87,6 +87,12 @@ def _model_label(model: str) -> str:
     return "/".join(parts[-2:]) or model
 
 
+def _file_label(path: Path) -> str:
+    """A results file's name, or its folder's where the name says nothing (``results.json``
+    as ``cliplab eval --out DIR`` writes it: every such input would be "results")."""
+    return path.parent.resolve().name if path.stem == "results" else path.stem
+
+
 def read_input(path: str | Path) -> ReportSource:
     """Read one report input: a results JSON file or a run folder."""
     path = Path(path)
@@ -96,7 +102,7 @@ def read_input(path: str | Path) -> ReportSource:
     if path.is_file():
         data = read_json(path)
         label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
-            else path.stem
+            else _file_label(path)
         source = ReportSource(label, path, result_sections(data))
         if not source.sections:
             raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
