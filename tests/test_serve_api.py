@@ -76,6 +76,17 @@ def test_image_search_finds_the_image_itself_first(served):
     assert [r["id"] for r in results] == np.argsort(-sims)[:5].tolist()
 
 
+def test_image_search_takes_k_and_offset_as_form_fields(served):
+    array, client = served["data"].images[11].numpy(), served["client"]
+    order = np.argsort(-(served["embeddings"] @ served["embeddings"][11])).tolist()
+    upload = {"file": ("x.png", _png(array), "image/png")}
+    body = client.post("/api/search/image", data={"k": "3", "offset": "2"}, files=upload).json()
+    assert (body["k"], body["offset"]) == (3, 2)
+    assert [r["id"] for r in body["results"]] == order[2:5]
+    _error(client.post("/api/search/image", data={"k": "0"}, files=upload), 422,
+           "k: Input should be greater than or equal to 1")
+
+
 def test_classify_equals_the_zero_shot_head(served):
     model, labels = served["model"], ["red circle", "blue square", "green triangle"]
     head = zeroshot_classifier(model, labels, ["a photo of a {}."])
@@ -148,6 +159,26 @@ def test_bad_uploads_and_ids_are_4xx(served):
     _error(client.post("/api/classify", data={"labels": "a,b"}), 400, "exactly one of id")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "x"}), 422, "id")
     _error(client.get("/api/nothing"), 404, "Not Found")
+
+
+@pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}"])
+def test_a_template_without_exactly_one_label_slot_is_400(served, template):
+    response = served["client"].post("/api/classify",
+                                     data={"labels": "a,b", "id": "1", "template": template})
+    _error(response, 400, "exactly one {}")
+    assert repr(template) in response.json()["error"]
+
+
+def test_a_template_with_c_or_doubled_braces_is_used(served):
+    model, labels = served["model"], ["red circle", "blue square"]
+    image = torch.from_numpy(served["embeddings"][2:3])
+    for template, prompt in (("{c}, {{drawn}}", "{}, {{drawn}}"), ("a {} shape", "a {} shape")):
+        head = zeroshot_classifier(model, labels, [prompt])
+        expected = torch.softmax(model.logit_scale.exp() * image @ head.T, dim=-1)[0].tolist()
+        body = served["client"].post("/api/classify", data={
+            "labels": ",".join(labels), "id": "2", "template": template}).json()
+        got = {entry["label"]: entry["probability"] for entry in body["labels"]}
+        assert [got[name] for name in labels] == pytest.approx(expected, abs=1e-5)
 
 
 def test_api_key_guards_every_route(served):

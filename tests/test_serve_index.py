@@ -4,6 +4,7 @@ refusals, --add, the FAISS index choice and tuning."""
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from cliplab.cli import main
 from cliplab.data.shapes import load_shapes
-from cliplab.errors import CliplabError, ConfigError, DataError
+from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.serve import build as build_module
 from cliplab.serve import faiss_index
@@ -271,6 +272,60 @@ def test_exact_search_pages_like_numpy():
     assert (tail[:, 5:] == -1).all()
 
 
+@pytest.mark.parametrize("name, words", [
+    ("faiss.index", "not a FAISS index FAISS can read"),
+    ("meta.sqlite", "not a readable index metadata database"),
+    ("vectors.npy", "not a readable NumPy array"),
+])
+def test_a_damaged_index_file_is_refused_at_open(model_dir, tmp_path, capsys, name, words):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    (tmp_path / "idx" / name).write_text("garbage\n")
+    with pytest.raises(DataError, match="rebuild it with `cliplab index`") as caught:
+        SearchIndex(tmp_path / "idx")
+    assert str(tmp_path / "idx" / name) in str(caught.value) and words in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert main(["serve", str(tmp_path / "idx")]) == 2
+    assert f"cliplab: error: {tmp_path / 'idx' / name}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factory, parameter", [("HNSW32,Flat", 16), ("IVF64,Flat", 1)])
+def test_deep_pages_of_an_approximate_index_are_full_and_continue_each_other(factory, parameter):
+    """Pages far past what the tuned breadth reaches (efSearch 16, or one IVF list of ~50
+    vectors) still hold k hits; pages searched at one breadth (depths 320..640) continue each
+    other exactly, and a walk over every page shows nearly every item once."""
+    vectors = _clustered(3000, 32, 30)
+    index = faiss_index.build_faiss(vectors, factory)
+    faiss_index.set_search_parameter(index, parameter)
+    queries = faiss_index.held_out_queries(vectors, 4)
+    _, deep = faiss_index.search(index, queries, 100, offset=500)
+    assert deep.shape == (4, 100) and (deep >= 0).all()
+    pages = [faiss_index.search(index, queries, 100, offset)[1] for offset in range(0, 3000, 100)]
+    walked = np.concatenate(pages, axis=1)
+    assert (walked >= 0).all()
+    assert all(len(set(row)) >= 2970 for row in walked)  # overlaps only where breadth grows
+    _, two_pages = faiss_index.search(index, queries, 200, offset=400)
+    assert np.array_equal(two_pages, np.concatenate(pages[4:6], axis=1))
+
+
+def test_a_short_approximate_search_falls_back_to_the_stored_vectors(monkeypatch):
+    vectors = _clustered(500, 16, 5)
+    index = faiss_index.build_faiss(vectors, "HNSW32,Flat")
+    search = faiss_index._deep_search
+
+    def short(index, queries, depth):
+        scores, ids = search(index, queries, depth)
+        ids[:, 50:] = -1
+        return scores, ids
+
+    monkeypatch.setattr(faiss_index, "_deep_search", short)
+    q = vectors[:2]
+    order = np.argsort(-(q @ vectors.T), axis=1)
+    _, ids = faiss_index.search(index, q, 10, offset=60, vectors=vectors)
+    assert np.array_equal(ids, order[:, 60:70])
+    _, tail = faiss_index.search(index, q, 10, offset=495, vectors=vectors)
+    assert np.array_equal(tail[:, :5], order[:, 495:]) and (tail[:, 5:] == -1).all()
+
+
 def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
     code = main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
                  str(tmp_path / "idx"), "--no-progress", "data.n=20", "data.image_size=32"])
@@ -283,3 +338,42 @@ def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
     assert "recall" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "is not an index" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_taken_port_or_a_bad_host_before_starting(model_dir, tmp_path, capsys):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "idx"), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert f"cliplab: error: port {port} on 127.0.0.1 is already in use" in err
+    assert "--port" in err and len(err.strip().splitlines()) == 1 and "http://" not in out
+    assert main(["serve", str(tmp_path / "idx"), "--host", "no.such.host.invalid"]) == 2
+    out, err = capsys.readouterr()
+    assert "cliplab: error: --host no.such.host.invalid: cannot resolve it" in err
+    assert "http://" not in out
+
+
+def test_an_index_of_a_run_folder_keeps_serving_its_checkpoint(tmp_path):
+    """The index records the checkpoint a run folder resolved to, so a newer checkpoint of the
+    run does not change what serve loads; a model gone or changed asks for --model."""
+    from cliplab.serve.run import open_app
+
+    run = tmp_path / "run"
+    first = save_tiny_model(run / "checkpoints" / "step-1" / "model")
+    record = build(run, SHAPES, tmp_path / "idx")
+    assert record["model"]["name"] == str(first.resolve())
+    save_tiny_model(run / "checkpoints" / "step-2" / "model", seed=2)
+    assert open_app(str(tmp_path / "idx")) is not None
+    old = json.loads((tmp_path / "idx" / "index.json").read_text())
+    old["model"]["name"] = str(run.resolve())  # as indexes recorded a run folder before
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(old))
+    with pytest.raises(ModelError, match="now holds other weights.*pass --model"):
+        open_app(str(tmp_path / "idx"))
+    assert open_app(str(tmp_path / "idx"), model=str(first)) is not None
+    old["model"]["name"] = str(tmp_path / "moved")
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(old))
+    with pytest.raises(ModelError, match="which is gone; pass --model"):
+        open_app(str(tmp_path / "idx"))

@@ -3,6 +3,11 @@ exact FAISS index, through the index and through the API."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -51,3 +56,24 @@ def test_milvus_needs_a_uri(tmp_path):
     with pytest.raises(ConfigError, match="must end in .db"):
         build(save_tiny_model(tmp_path / "m2"), SHAPES, tmp_path / "idx2", backend="milvus",
               uri=str(tmp_path / "x.txt"))
+
+
+
+def test_a_milvus_index_built_by_another_process_is_loaded_for_search(tmp_path):
+    """Milvus keeps a collection released on disk until a client loads it: opening an index
+    that `cliplab index` built in another process (as `cliplab serve` does) must load it."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = {"source": "shapes", "n": 40, "image_size": 32}
+    build(model_dir, data, tmp_path / "exact", index_type="flat")
+    done = subprocess.run(
+        [sys.executable, "-m", "cliplab", "index", "--model", str(model_dir), "--data", "shapes",
+         "--out", str(tmp_path / "milvus"), "--backend", "milvus", "--uri",
+         str(tmp_path / "search.db"), "--no-progress", "data.n=40", "data.image_size=32",
+         "collection=reopened"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    exact, milvus = SearchIndex(tmp_path / "exact"), SearchIndex(tmp_path / "milvus")
+    queries = np.asarray(exact.vectors)[[3, 30]] + 0.05
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert np.array_equal(milvus.search(queries, 8, 2)[1], exact.search(queries, 8, 2)[1])
+    milvus.close()

@@ -295,7 +295,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", help="require this key (X-API-Key header) on every API call")
     p.add_argument("--model", help="the index's model from another place (refused if its "
                    "weights differ)")
-    p.add_argument("--max-upload-mb", type=float, default=10, help="request size limit (MB)")
+    p.add_argument("--max-upload-mb", type=float, default=10,
+                   help="request size limit in MB (default 10)")
     _add_debug(p)
 
 

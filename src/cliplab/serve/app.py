@@ -20,7 +20,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from cliplab.errors import CliplabError
+from cliplab.data.sources import check_templates
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
@@ -110,6 +111,19 @@ def _labels(text: str) -> list[str]:
     return labels
 
 
+def _template(text: str) -> str:
+    """The prompt template with exactly one ``{}`` (or ``{c}``) where the label goes, that formats
+    with a label in it; a 400 otherwise."""
+    try:
+        template = check_templates([text], "template")[0]
+        if "\0" not in template.format("\0"):  # "{{}}" is a literal "{}", no label
+            raise ValueError(text)
+    except (ConfigError, ValueError, IndexError, KeyError):
+        _fail(400, f"template {text!r}: give a prompt with exactly one {{}} where the label "
+              f"goes (other braces doubled), e.g. {DEFAULT_TEMPLATE!r}")
+    return template
+
+
 def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
     """The FastAPI app over an opened ``index`` and the ``model`` it was built with."""
@@ -185,8 +199,16 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
 
     @app.post("/api/search/image", dependencies=guarded)
     def search_image(file: UploadFile = File(..., description="an image file"),
-                     k: int = k_query, offset: int = offset_query) -> dict:
-        """The ``k`` indexed images closest to an uploaded image."""
+                     k: int = k_query, offset: int = offset_query,
+                     k_form: int | None = Form(None, alias="k", ge=1, le=MAX_K,
+                                               description="or k as a form field"),
+                     offset_form: int | None = Form(None, alias="offset", ge=0, le=MAX_OFFSET,
+                                                    description="or offset as a form field"),
+                     ) -> dict:
+        """The ``k`` indexed images closest to an uploaded image; ``k`` and ``offset`` may be
+        query parameters or form fields (a form field wins)."""
+        k = k if k_form is None else k_form
+        offset = offset if offset_form is None else offset_form
         image = _read_image(file.file.read(), "file")
         with lock:
             vector = embed_images(model, [image])
@@ -199,7 +221,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                  template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
                                       description="prompt template; {} is the label")) -> dict:
         """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
-        names = _labels(labels)
+        names, prompt = _labels(labels), _template(template)
         if (id is None) == (file is None):
             _fail(400, "give exactly one of id (an indexed image) or file (an upload)")
         if id is not None:
@@ -210,7 +232,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
             with lock:
                 vector = embed_images(model, [_read_image(file.file.read(), "file")])
         with lock:
-            head = zeroshot_classifier(model, names, [template])
+            head = zeroshot_classifier(model, names, [prompt])
             probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
         order = torch.argsort(probs, descending=True).tolist()
         return {"id": id, "template": template,

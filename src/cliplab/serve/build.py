@@ -53,9 +53,16 @@ def read_index_json(folder: Path) -> dict | None:
 
 
 def _model_record(cfg: IndexConfig) -> dict:
+    """The model spec to record: a folder as an absolute path, a run folder as the model folder
+    of its newest checkpoint (the one embedded; later checkpoints hold other weights)."""
     spec = cfg.model.to_dict()
-    if Path(spec["name"]).exists():  # a folder: remember where, from anywhere
-        spec["name"] = str(Path(spec["name"]).resolve())
+    path = Path(spec["name"]).expanduser()
+    if path.exists():  # a folder: remember where, from anywhere
+        from cliplab.models.resolve import model_folder
+        from cliplab.runs import CHECKPOINTS
+
+        folder = model_folder(path) if (path / CHECKPOINTS).is_dir() else path
+        spec["name"] = str(folder.resolve())
     return spec
 
 

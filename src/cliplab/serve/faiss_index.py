@@ -11,10 +11,11 @@ import os
 
 import numpy as np
 
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 
 EXACT_BELOW = 100_000          # exact search is fast enough (and perfect) below this many vectors
 TUNE_QUERIES = 200
+TUNE_K = 10                    # search breadth is tuned for recall@10
 NAMED_TYPES = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 
 
@@ -147,7 +148,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int = 10,
+def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int = TUNE_K,
                 queries: np.ndarray | None = None) -> dict:
     """The smallest nprobe / efSearch (powers of two) whose recall@k on held-out queries
     reaches ``recall_target`` (the largest tried if none does). ``{parameter, value, recall}``."""
@@ -167,10 +168,78 @@ def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int 
         value *= 2
 
 
-def search(index, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end)."""
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), offset + k)
+def search(index, queries: np.ndarray, k: int, offset: int = 0,
+           vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end).
+
+    An approximate index (IVF, HNSW) is searched broader than its tuned breadth when the page
+    lies deeper than that breadth reaches, so a page is full while the collection has more;
+    a query still short of ``offset + k`` hits is searched exactly over ``vectors`` (the
+    stored ``[N, D]`` embeddings), if given."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    depth = offset + k
+    scores, ids = _deep_search(index, queries, depth)
+    short = _short(ids, depth, index.ntotal)
+    if short.any() and vectors is not None:
+        scores[short], ids[short] = _exact_search(queries[short], vectors, depth)
     return scores[:, offset:], ids[:, offset:]
+
+
+def _short(ids: np.ndarray, depth: int, total: int) -> np.ndarray:
+    """Which rows of ``ids`` hold fewer than ``min(depth, total)`` hits."""
+    return (ids[:, :min(depth, total)] < 0).any(axis=1)
+
+
+def _deep_search(index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``depth`` of an index at a breadth made for that depth (per call, not on the
+    shared index), doubled while some query gets fewer than ``depth`` hits, up to a limit."""
+    name = search_parameter(index)
+    if name is None:
+        return index.search(queries, depth)
+    value, limit = _breadth(index, name, depth)
+    while True:
+        scores, ids = _search_with(index, queries, depth, name, value)
+        if value >= limit or not _short(ids, depth, index.ntotal).any():
+            return scores, ids
+        value = min(limit, 2 * value)
+
+
+def _breadth(index, name: str, depth: int) -> tuple[int, int]:
+    """``(start, limit)`` of ``nprobe`` / ``efSearch`` for the top ``depth``: the tuned value
+    (tuned for the top ``TUNE_K``) times the power of two ``m`` with ``TUNE_K * m >= depth``,
+    so deeper pages keep about the recall of the first (HNSW: at most 4x the depth, where
+    recall is high anyway). Pages of one power of two are searched alike and continue each
+    other without duplicates."""
+    scale = 1 << max(0, math.ceil(math.log2(depth / TUNE_K)))
+    if name == "nprobe":
+        ivf = _ivf(index)
+        return min(ivf.nlist, ivf.nprobe * scale), ivf.nlist
+    bucket, tuned = TUNE_K * scale, _faiss().downcast_index(index).hnsw.efSearch
+    ef = max(bucket, tuned, min(tuned * scale, 4 * bucket))
+    return ef, 4 * ef
+
+
+def _search_with(index, queries: np.ndarray, depth: int, name: str, value: int):
+    """``index.search`` with ``nprobe`` / ``efSearch`` = ``value`` for this call only (safe
+    while other threads search the same index)."""
+    faiss = _faiss()
+    inner = (faiss.SearchParametersIVF(nprobe=int(value)) if name == "nprobe"
+             else faiss.SearchParametersHNSW(efSearch=int(value)))
+    params = inner
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):  # e.g. OPQ16,IVF..
+        params = faiss.SearchParametersPreTransform(index_params=inner)
+    return index.search(queries, depth, params=params)
+
+
+def _exact_search(queries: np.ndarray, vectors: np.ndarray, depth: int):
+    """Exact top ``depth`` scores and ids over ``vectors`` (-1 past the end)."""
+    scores = np.full((len(queries), depth), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), depth), -1, dtype=np.int64)
+    found = min(depth, len(vectors))
+    scores[:, :found], ids[:, :found] = _faiss().knn(
+        queries, np.ascontiguousarray(vectors, dtype=np.float32), found,
+        metric=_faiss().METRIC_INNER_PRODUCT)
+    return scores, ids
 
 
 def write_faiss(index, path) -> None:
@@ -178,4 +247,10 @@ def write_faiss(index, path) -> None:
 
 
 def read_faiss(path):
-    return _faiss().read_index(str(path))
+    """The FAISS index in ``path``; a ``DataError`` naming the file if FAISS cannot read it."""
+    try:
+        return _faiss().read_index(str(path))
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0].rsplit(": ", 1)[-1]  # FAISS prefixes its C++ location
+        raise DataError(f"{path}: not a FAISS index FAISS can read ({reason}); the index is "
+                        "damaged, rebuild it with `cliplab index`") from None

@@ -22,8 +22,13 @@ class SearchIndex:
         self.path = Path(path).expanduser().resolve()
         self.record = _complete_record(self.path)
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
+        try:
+            self.store.check()
+            self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count)  # [N, D], by id
+        except DataError:
+            self.store.close()
+            raise
         self.backend = self.record["backend"]
-        self.vectors = np.load(self.path / VECTORS_FILE, mmap_mode="r")  # [N, D], by id
         if self.backend == "faiss":
             # one thread per query: requests run concurrently, and OpenMP teams spinning on a
             # busy machine cost more than they save on a single small search
@@ -35,6 +40,7 @@ class SearchIndex:
 
             self._milvus = MilvusVectors(self.record["milvus"]["uri"],
                                          self.record["milvus"]["collection"])
+            self._milvus.load()
             found = self._milvus.count()
             if found != self.record["count"]:
                 raise DataError(f"Milvus collection {self.record['milvus']['collection']} at "
@@ -60,7 +66,7 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids ``[Q, k]`` of hits ``offset .. offset+k-1`` (id -1 where none)."""
         if self.backend == "faiss":
-            return faiss_index.search(self._faiss, queries, k, offset)
+            return faiss_index.search(self._faiss, queries, k, offset, self.vectors)
         return self._milvus.search(queries, k, offset)
 
     def vector(self, item_id: int) -> np.ndarray:
@@ -103,6 +109,19 @@ def _complete_record(path: Path) -> dict:
         if not (path / name).is_file():
             raise DataError(f"{path}: {name} is missing; the index is damaged, rebuild it")
     return record
+
+
+def _read_vectors(path: Path, count: int) -> np.ndarray:
+    """The stored embeddings ``[count, D]``, memory-mapped; a ``DataError`` if damaged."""
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError):
+        raise DataError(f"{path}: not a readable NumPy array; the index is damaged, rebuild it "
+                        "with `cliplab index`") from None
+    if vectors.ndim != 2 or len(vectors) != count:
+        raise DataError(f"{path}: holds an array of shape {vectors.shape}, not {count} vectors; "
+                        "the index is damaged, rebuild it with `cliplab index`")
+    return vectors
 
 
 def describe(record: dict) -> str:

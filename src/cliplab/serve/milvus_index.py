@@ -76,6 +76,12 @@ class MilvusVectors:
         if hasattr(self.client, "flush"):
             self.client.flush(self.collection)
 
+    def load(self) -> None:
+        """Load the collection for search: Milvus keeps an existing collection released (on
+        disk only) until a client loads it, and refuses to search it until then."""
+        if self.client.has_collection(self.collection):
+            self.client.load_collection(self.collection)
+
     def count(self) -> int:
         if not self.client.has_collection(self.collection):
             return 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
+import socket
+from pathlib import Path
 
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.index import SearchIndex
 
 
@@ -16,8 +20,27 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
-    loaded = load_model(model or index.record["model"])
+    loaded = load_model(model) if model is not None else _recorded_model(index)
     return create_app(index, loaded, api_key=api_key, max_upload_bytes=int(max_upload_mb * (1 << 20)))
+
+
+def _recorded_model(index: SearchIndex):
+    """The model the index records, checked against its fingerprint; a ``ModelError`` saying
+    to pass ``--model`` if that folder is gone or now holds other weights."""
+    from cliplab.models.resolve import load_model
+
+    name = index.record["model"]["name"]
+    if Path(name).is_absolute() and not Path(name).exists():
+        raise ModelError(f"{index.path} was built with model {name}, which is gone; pass --model "
+                         "with that model (a copy with the same weights)")
+    loaded = load_model(index.record["model"])
+    try:
+        index.check_model(loaded)
+    except ModelError:
+        raise ModelError(f"{index.path} was built with model {name}, which now holds other "
+                         "weights (a newer checkpoint?); pass --model with the model it was "
+                         "built with, or rebuild the index") from None
+    return loaded
 
 
 def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str | None = None,
@@ -29,12 +52,41 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
         raise ConfigError(f"--port {port}: must be 1..65535")
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb {max_upload_mb}: must be positive")
+    check_address(host, port)
     app = open_app(index_path, model, api_key, max_upload_mb)
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
               "reach this address can search the collection")
-    print(f"cliplab serve: http://{host}:{port}/  (API schema at /docs; Ctrl-C stops)", flush=True)
+    print(f"cliplab serve: http://{host}:{port}/  (API schema at /openapi.json, docs at /docs; "
+          "Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` the way uvicorn will, then let it go: a ``ConfigError`` saying what
+    to change if the port is taken or the host is not an address of this machine."""
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(bind())
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host}: cannot resolve it ({err.strerror}); give an address "
+                          "of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use (another server?); "
+                              "pick another with --port") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host}: not an address of this machine; give one of its "
+                              "addresses, e.g. 127.0.0.1 or 0.0.0.0") from None
+        if err.errno == errno.EACCES:
+            raise ConfigError(f"--port {port}: not allowed to listen on it (ports below 1024 "
+                              "need privileges); pick another with --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}; check --host "
+                          "and --port") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from cliplab.errors import DataError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, caption TEXT NOT NULL,
@@ -31,6 +33,16 @@ class MetadataStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def check(self) -> None:
+        """Read the database once (a damaged file fails only on first read): a ``DataError``
+        naming it if it is not a readable index metadata database."""
+        try:
+            with self._lock:
+                self._db.execute("SELECT id, key, caption, location, meta FROM items LIMIT 1")
+        except sqlite3.DatabaseError as err:
+            raise DataError(f"{self.path}: not a readable index metadata database ({err}); the "
+                            "index is damaged, rebuild it with `cliplab index`") from None
 
     def add(self, rows: Iterable[dict], skipped: Iterable[tuple[str, str]] = ()) -> None:
         """Insert rows and skipped ``(key, reason)`` pairs in one transaction."""
