@@ -188,3 +188,24 @@ def test_adapt_tells_what_loading_its_sets_skipped(model_dir, tmp_path, capsys):
     assert results["skipped"]["test"] == {"total": 1, "counts": {"unreadable_image": 1},
                                           "keys": {"unreadable_image": [str(pets / "dog" /
                                                                             "bad.png")]}}
+
+
+def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones(
+        model_dir, tmp_path, capsys):
+    """shots=0 with val_shots drew every image of a 3-per-class set into validation, and the
+    method trained on nothing (the run 'succeeded' at chance); classes short of ``shots`` are
+    told instead of printed as 'N per class'."""
+    pets = pets_folder(tmp_path / "pets", per_class=3, broken_in="dog")
+    data = [f"data.train={{source: image-folder, path: {pets}}}",
+            f"data.test={{source: image-folder, path: {pets}}}", "--no-progress",
+            "--model", str(model_dir)]
+    assert main(["adapt", "--method", "linear-probe", *data, "shots=0", "val_shots=3",
+                 "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "data.train leaves no training image of 2 class(es) (cat, dog) after val_shots" in err
+    assert not (tmp_path / "empty").exists()
+    assert main(["adapt", "--method", "linear-probe", *data, "shots=5",
+                 "--out", str(tmp_path / "short")]) == 0
+    assert ("adapt: warning: 2 class(es) have fewer than shots=5 training images and train on "
+            "what they have (cat=3, dog=3)") in capsys.readouterr().err
+

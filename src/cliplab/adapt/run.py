@@ -62,6 +62,24 @@ def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, see
     return train.subset(idx), val
 
 
+def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: bool) -> None:
+    """Every class keeps a training image after the split (a ``DataError`` naming those
+    without); classes with fewer than ``shots`` are told on stderr (they train on what they
+    have, and "N per class" would not be true of them)."""
+    counts = torch.bincount(train.labels, minlength=len(train.classnames)).tolist()
+    missing = [name for name, n in zip(train.classnames, counts) if n == 0]
+    if missing:
+        why = ("after val_shots drew the validation split from it; give more images, or "
+               "lower val_shots") if val_drawn else "; give images of every class"
+        raise DataError(f"data.train leaves no training image of {len(missing)} class(es) "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) {why}")
+    short = [f"{name}={n}" for name, n in zip(train.classnames, counts) if shots and n < shots]
+    if short:
+        print(f"adapt: warning: {len(short)} class(es) have fewer than shots={shots} training "
+              f"images and train on what they have ({', '.join(short[:10])}"
+              f"{', ...' if len(short) > 10 else ''})", file=sys.stderr)
+
+
 def load_validation(cfg: AdaptConfig, train: LabelledImages,
                     progress: bool = True) -> LabelledImages:
     """``data.val`` as loaded, checked against the training set's classes."""
@@ -128,6 +146,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
                                 cfg.seed)
     if own_val is not None:
         val = draw_validation(cfg, own_val)
+    check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
     train = subsample(train, cfg.train_size, cfg.seed)
     model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)
