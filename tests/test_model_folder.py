@@ -47,6 +47,17 @@ def test_origin_on_a_plain_hf_folder_keeps_it_loadable(tmp_path, tiny_model):
     assert again.preprocess_config.image_size == tiny_model.preprocess_config.image_size
 
 
+def test_a_base_given_as_a_relative_path_is_recorded_absolute(tmp_path, tiny_model,
+                                                              monkeypatch):
+    """`cliplab adapt --model ft1` (a folder in the working folder) recorded "ft1", so the
+    adapter could not find its base from anywhere else."""
+    tiny_model.save(tmp_path / "ft1")
+    folder = tiny_model.save(tmp_path / "adapted")
+    monkeypatch.chdir(tmp_path)
+    record = write_origin(folder, "ft1", model_fingerprint(tiny_model))
+    assert record["path"] == str((tmp_path / "ft1").resolve())
+
+
 def test_origin_is_added_to_a_saved_models_settings_not_over_them(tmp_path, tiny_model):
     folder = tiny_model.save(tmp_path / "m")
     before = read_meta(folder)

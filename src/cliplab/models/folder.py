@@ -96,8 +96,13 @@ def write_origin(folder: str | Path, base_path: str | Path | None, fingerprint: 
                  **extra: Any) -> dict:
     """Record in ``folder/cliplab.json`` that its weights started from ``base_path`` (whose
     `weights_fingerprint` is ``fingerprint``), with ``extra`` keys beside it. Returns the
-    record. Works on any folder: a cliplab model, a plain HF folder or an adapter folder."""
-    record = {"path": None if base_path is None else str(base_path), "fingerprint": fingerprint}
+    record. Works on any folder: a cliplab model, a plain HF folder or an adapter folder. A
+    base that is a path is recorded absolute (so the record holds from any working folder); a
+    preset or Hub id as given."""
+    path = None if base_path is None else str(base_path)
+    if path is not None and Path(path).expanduser().exists():
+        path = str(Path(path).expanduser().resolve())
+    record = {"path": path, "fingerprint": fingerprint}
     update_meta(folder, **{ORIGIN_KEY: record}, **extra)
     return record
 
