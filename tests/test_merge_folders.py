@@ -205,6 +205,12 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "uniform needs at least 2 fine-tuned models" in err[0]
+    # a key=value after --models is an override, not a model (it read '--models weights=...
+    # does not exist')
+    assert main(["merge", "--method", "uniform", "--models", str(fts[0]), str(fts[1]),
+                 "weights=[1]", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights" in err[0] and "does not exist" not in err[0]
 
 
 def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):

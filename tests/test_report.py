@@ -122,10 +122,14 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert main(["report", "--inputs", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"cliplab: error: {bad}: invalid JSON") and "\n" not in err
-    # inputs are never guessed: a key=value among them is an input that does not exist
-    assert main(["report", "--out", str(tmp_path / "o"), "--inputs", "title=x", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "report input title=x does not exist" in err and "\n" not in err
+    # a key=value word among the inputs is an override (anywhere, as for every command)...
+    assert main(["report", "--out", str(tmp_path / "o"), "--inputs", "titel=x", str(bad)]) == 2
+    assert "unknown key titel" in capsys.readouterr().err
+    # ...unless a file of that name exists: then it is an input
+    (tmp_path / "title=x").write_text('{"results": {')
+    assert main(["report", "--out", str(tmp_path / "o"), "--inputs",
+                 str(tmp_path / "title=x")]) == 2
+    assert f"{tmp_path / 'title=x'}: invalid JSON" in capsys.readouterr().err
     assert main(["report", "--out", str(tmp_path / "o")]) == 2
     assert "say what to report: --inputs" in capsys.readouterr().err
     assert main(["report", "titel=x", "--out", str(tmp_path / "o"), "--inputs", str(bad)]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -254,8 +255,8 @@ def _add_report(sub) -> None:
                        epilog="example: cliplab report --inputs runs/a/results.json runs/b "
                        "--out reports/ab title=\"a vs b\"")
     p.add_argument("--inputs", nargs="+", metavar="RUN_OR_RESULTS",
-                   help="results JSON files and/or run folders (put key=value overrides "
-                   "before --inputs or after another option)")
+                   help="results JSON files and/or run folders (key=value words among them "
+                   "are overrides)")
     add_stage_arguments(p, "folder for report.md, report.html and plots/ (or the config's "
                         "'out')", "title=\"a vs b\" plots=false")
 
@@ -551,9 +552,27 @@ def parse_command_line(parser: argparse.ArgumentParser,
         unknown = rest
     if unknown:
         command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        overrides += _overrides_taken_as_values(args)
     if overrides and hasattr(args, "overrides"):
         args.overrides = [*(args.overrides or []), *overrides]
     return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+def _overrides_taken_as_values(args: argparse.Namespace) -> list[str]:
+    """``key=value`` words a many-valued option (``--models A B``, ``--inputs ...``) swallowed
+    because they followed it, taken back out of it (a path of that form that exists stays)."""
+    taken = []
+    for name in ("models", "inputs"):
+        values = getattr(args, name, None)
+        if isinstance(values, list):
+            keep = [v for v in values if not _OVERRIDE.match(v) or Path(v).exists()]
+            taken += [v for v in values if v not in keep]
+            setattr(args, name, keep)
+    return taken
 
 
 def command_parser(parser: argparse.ArgumentParser,
