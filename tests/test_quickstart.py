@@ -32,6 +32,11 @@ def test_quickstart_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="model: renamed key 'preset': use 'name'"):
         quickstart_config({"model": {"preset": "lit-minilm"}})
     assert quickstart_config({}).data.heldout == ["Shirt", "Sneaker", "Bag"]
+    # no held-out class failed only after training, with an IndexError
+    with pytest.raises(ConfigError, match=r"data\.heldout: .*at least 1 item"):
+        quickstart_config({"data": {"heldout": []}})
+    with pytest.raises(ConfigError, match=r"data\.train_limit: expected greater than 0"):
+        quickstart_config({"data": {"train_limit": 0}})
     # a model mapping without a name and the train mapping update the defaults
     cfg = quickstart_config({"model": {"options": {"width": 64}}, "train": {"epochs": 1}})
     assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 64

@@ -39,9 +39,10 @@ class QuickstartData(Section):
     """Fashion-MNIST: where the IDX files are, which classes training never sees, limits."""
 
     data_dir: str | None = None
-    heldout: list[str] = ["Shirt", "Sneaker", "Bag"]
-    train_limit: int | None = None
-    test_limit: int | None = None
+    # at least one: the zero-shot transfer is measured on them (and at most 9: one is learnt)
+    heldout: list[str] = Field(["Shirt", "Sneaker", "Bag"], min_length=1, max_length=9)
+    train_limit: int | None = Field(None, gt=0)
+    test_limit: int | None = Field(None, gt=0)
     descriptions: bool = True
     # the last N training images become the evaluation set and the test split is not read:
     # for choosing a recipe without looking at the numbers it reports
