@@ -182,7 +182,7 @@ def _add_adapt(sub) -> None:
                        "adapter.safetensors + adapter.json; finetune a model folder; lora a "
                        "peft adapter folder; wise-ft its sweep. Every run writes config.yaml "
                        "and results.json. Config keys: method, model, data {train, test, "
-                       "shifted}, shots, train_size, val_shots, seed, options (the method's "
+                       "shifted, val}, shots, train_size, val_shots, seed, options (the method's "
                        "own), compare_zeroshot, cache_dir, out.",
                        epilog="example: cliplab adapt --method coop --model MODEL_DIR --config "
                        "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")

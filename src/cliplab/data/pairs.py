@@ -19,6 +19,29 @@ def class_indices(classnames: list[str], names: list[str]) -> list[int]:
     return out
 
 
+def check_same_classes(first: LabelledImages, second: LabelledImages, where: str,
+                       names: tuple[str, str] = ("train", "test")) -> None:
+    """A one-line `DataError` unless ``first`` and ``second`` have the same class names
+    (any case) in the same order: labels are class indices, so a classifier fitted on one
+    set is only scored right on the other when index i is the same class in both."""
+    a, b = list(first.classnames), list(second.classnames)
+    if [c.lower() for c in a] == [c.lower() for c in b]:
+        return
+    one, two = names
+    if len(a) != len(b):
+        detail = f"{one} has {len(a)} classes, {two} has {len(b)}"
+    else:
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x.lower() != y.lower())
+        detail = f"class {i} is {a[i]!r} in {one} but {b[i]!r} in {two}"
+    raise DataError(f"{where}: {one} and {two} must have the same classes in the same order; "
+                    f"{detail} ({one}: {_few(a)}; {two}: {_few(b)})")
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
+                                       else "")
+
+
 def split_classes(data: LabelledImages, heldout: list[str]) -> tuple[LabelledImages, LabelledImages]:
     """(samples of the seen classes, samples of the held-out classes), labels unchanged."""
     held = torch.tensor(class_indices(data.classnames, heldout), dtype=torch.long)

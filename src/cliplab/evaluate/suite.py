@@ -18,7 +18,7 @@ from pydantic import ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from cliplab.config import Section, validate
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.precision import PRECISIONS
 from cliplab.evaluate.tasks import (TASKS, ProbePlan, TaskContext, TaskSpec, TaskSpecBase,
                                     data_key, spec_class)
@@ -69,9 +69,10 @@ class SuiteSpec(Section):
             except ValueError as err:
                 errors.append(InitErrorDetails(type="value_error", loc=(label, "task"),
                                                input=raw, ctx={"error": err}))
+        errors += _doubled_names(data["tasks"])
         if errors:  # with the other keys' errors, so one run reports every problem
             try:
-                cls.model_validate({**data, "tasks": tasks or [_PLACEHOLDER]})
+                cls.model_validate({**data, "tasks": [_PLACEHOLDER]})  # tasks: checked above
             except ValidationError as err:
                 errors += [InitErrorDetails(type=e["type"], loc=e["loc"], input=e.get("input"),
                                             ctx=e.get("ctx", {})) for e in err.errors()]
@@ -88,6 +89,24 @@ class SuiteSpec(Section):
     def task_names(self) -> list[str]:
         """The results key of every task: its ``name``, or ``<task>-<index>``."""
         return [t.name or f"{t.task}-{i}" for i, t in enumerate(self.tasks)]
+
+
+def _doubled_names(tasks: list) -> list[InitErrorDetails]:
+    """An error for each task whose results key (its ``name``, else ``<task>-<index>``, as
+    `SuiteSpec.task_names` gives it) an earlier task already has: ``run_suite`` would keep
+    only the last one's results."""
+    errors, first = [], {}
+    for i, raw in enumerate(tasks):
+        get = raw.get if isinstance(raw, Mapping) else lambda key: getattr(raw, key, None)
+        name = get("name") or f"{get('task')}-{i}"
+        if name in first:
+            what = f"the name {name!r}" if get("name") else f"its results name {name!r}"
+            fix = "names must be unique" if get("name") else "give it a `name:`"
+            errors.append(InitErrorDetails(type="value_error", loc=(task_label(i, raw),),
+                                           input=raw, ctx={"error": ValueError(
+                f"{what} is already used by tasks[{first[name]}]; {fix}")}))
+        first.setdefault(name, i)
+    return errors
 
 
 def suite_spec(suite: SuiteSpec | Mapping | list, where: str = "the eval suite") -> SuiteSpec:
@@ -126,6 +145,9 @@ def run_task(model: DualEncoder, spec: TaskSpecBase | Mapping,
     spec = task_spec(spec, f"task {spec.get('name') or spec.get('task')!r}"
                      if isinstance(spec, Mapping) else "the task")
     context = context or TaskContext()
+    empty = context.empty_data(spec)
+    if empty:
+        raise DataError(f"task {spec.name or spec.task!r}: {empty} holds no images")
     return TASKS[spec.task].run(model, spec, context)
 
 

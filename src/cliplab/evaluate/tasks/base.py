@@ -21,7 +21,7 @@ from cliplab.config import Section
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
-from cliplab.errors import CliplabError, ConfigError
+from cliplab.errors import CliplabError, ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.text_cache import TextFeatureCache
@@ -60,7 +60,11 @@ class TaskSpecBase(Section):
 
     def datasets(self) -> list[DataSpec]:
         """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
-        return [getattr(self, key) for key, info in type(self).model_fields.items()
+        return [spec for _, spec in self.data_keys()]
+
+    def data_keys(self) -> list[tuple[str, DataSpec]]:
+        """(key, data spec) of each of this task's `DataSpec` keys that is set."""
+        return [(key, getattr(self, key)) for key, info in type(self).model_fields.items()
                 if info.annotation == DataSpec and getattr(self, key) is not None]
 
     def probes(self) -> list[tuple[DataSpec, str, int]]:
@@ -126,9 +130,21 @@ class TaskContext:
             try:
                 for spec in task.datasets():
                     self.load(spec)
+                empty = self.empty_data(task)
+                if empty:
+                    raise DataError(f"{empty} holds no images")
             except CliplabError as err:
                 label = f" (name {task.name!r})" if task.name else ""
                 raise type(err)(f"{where}[{i}]{label}: {err}") from None
+
+    def empty_data(self, task: TaskSpecBase) -> str | None:
+        """The key (e.g. ``data``, ``train``) of the first dataset of ``task`` that holds no
+        images (a ``limit: 0``, a filter that kept nothing), else None: no metric is defined
+        on it."""
+        for key, spec in task.data_keys():
+            if len(self.load(spec)) == 0:
+                return key
+        return None
 
     @property
     def texts(self) -> TextFeatureCache:

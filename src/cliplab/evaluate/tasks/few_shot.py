@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+import torch
+from pydantic import Field
+
+from cliplab.data.pairs import check_same_classes
+from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
@@ -16,10 +21,10 @@ class Spec(TaskSpecBase):
     task: Literal["few_shot"]
     train: DataSpec
     test: DataSpec
-    shots: list[int] = [1, 2, 4, 8, 16]
-    seeds: list[int] = [0, 1, 2]
-    methods: list[Literal["ncm", "linear_probe"]] = ["ncm", "linear_probe"]
-    l2: float = 1e-3
+    shots: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 4, 8, 16], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    methods: list[Literal["ncm", "linear_probe"]] = Field(["ncm", "linear_probe"], min_length=1)
+    l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
     layers: int = 4
 
@@ -30,5 +35,24 @@ class Spec(TaskSpecBase):
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    name = spec.name or spec.task
+    train = context.labelled(spec.train, f"task {name!r} train")
+    check_same_classes(train, context.labelled(spec.test, f"task {name!r} test"),
+                       f"task {name!r}")
+    check_enough_shots(spec, train.labels, train.classnames)  # both before any encoding
     return few_shot(*probe_features(model, spec, context), shots=tuple(spec.shots),
                     seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
+
+
+def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str]) -> None:
+    """A one-line `DataError` naming the classes of ``train`` with fewer images than the
+    largest of ``shots`` (sampling would take all of them, and a ``<k>shot`` result would not
+    be k-shot)."""
+    k = max(spec.shots)
+    counts = torch.bincount(labels, minlength=len(classnames)).tolist()
+    short = [f"{name} ({n})" for name, n in zip(classnames, counts) if n < k]
+    if short:
+        listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
+                                         else "")
+        raise DataError(f"task {spec.name or spec.task!r}: shots {k} needs {k} train images "
+                        f"of every class; these have fewer: {listed}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
@@ -12,7 +14,7 @@ from cliplab.models.dual_encoder import DualEncoder
 class Spec(TaskSpecBase):
     task: Literal["retrieval"]
     data: DataSpec
-    ks: list[int] = [1, 5, 10]
+    ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1)
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:

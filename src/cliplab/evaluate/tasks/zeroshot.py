@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from cliplab.data.pairs import class_indices
+from cliplab.errors import CliplabError
 from cliplab.evaluate.metrics import (classification_metrics, per_class_accuracy,
                                       restrict_classes)
-from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
+from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, task_error
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits, zeroshot_metrics
 from cliplab.models.dual_encoder import DualEncoder
 
@@ -17,7 +20,8 @@ from cliplab.models.dual_encoder import DualEncoder
 class Spec(TaskSpecBase):
     task: Literal["zeroshot"]
     data: DataSpec
-    classes: list[int | str] | None = None  # class names (any case) or indices
+    # class names (any case) or indices; omitted: every class
+    classes: list[int | str] | None = Field(None, min_length=1)
     per_class: bool = False
 
 
@@ -26,9 +30,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     data = context.labelled(spec.data, f"task {name!r} data")
     classes = None
     if spec.classes is not None:
-        names = [c for c in spec.classes if isinstance(c, str)]
-        index = dict(zip(names, class_indices(data.classnames, names)))
-        classes = [index[c] if isinstance(c, str) else int(c) for c in spec.classes]
+        classes = chosen_classes(spec, data.classnames)
     if context.classifier is not None:
         logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
         labels, classnames = data.labels, list(data.classnames)
@@ -49,4 +51,20 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                 classnames = [data.classnames[c] for c in classes]
     if spec.per_class:
         out["per_class_acc1"] = per_class_accuracy(logits, labels, classnames)
+    return out
+
+
+def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
+    """The indices of ``spec.classes`` (names, any case, or indices) in ``classnames``; a
+    one-line error naming the task and listing the classes for an unknown one."""
+    names = [c for c in spec.classes if isinstance(c, str)]
+    try:
+        index = dict(zip(names, class_indices(classnames, names)))
+    except CliplabError as err:
+        raise task_error(spec, f"classes: {err}") from None
+    out = [index[c] if isinstance(c, str) else int(c) for c in spec.classes]
+    bad = [c for c in spec.classes if not isinstance(c, str) and not 0 <= c < len(classnames)]
+    if bad:
+        raise task_error(spec, f"classes: no class has index {bad[0]} (indices run 0 to "
+                         f"{len(classnames) - 1}); classes are: {', '.join(classnames)}")
     return out
