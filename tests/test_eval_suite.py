@@ -26,7 +26,9 @@ def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
         "test: {source: digits, split: test}, features: backbone, l2: 0.001}\n")
     assert main(["eval", "--model", str(tmp_path / "model"), "--config", str(suite), "--out",
                  str(tmp_path / "out"), "--no-progress"]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["precision"] == "fp32"  # the report tells fp32 and bf16 runs apart by it
+    results = written["results"]
 
     test = load_digits("test")
     feats = encode_images(tiny_model.eval(), test.images, progress=False)

@@ -184,3 +184,14 @@ def test_a_results_file_is_named_after_its_folder_when_its_name_says_nothing(tmp
                            tmp_path / "tuned" / "results.json", tmp_path / "ablation.json"])
     assert [s.label for s in sources] == ["baseline", "tuned", "ablation"]
 
+
+def test_a_reduced_precision_eval_is_labelled_with_it(tmp_path):
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    for precision in ("fp32", "bf16"):
+        (tmp_path / f"{precision}.json").write_text(json.dumps(
+            {"model": "runs/base/checkpoints/step-8/model", "precision": precision,
+             "results": {"zs": {"acc1": 0.5}}}))
+    sources = read_inputs([tmp_path / "fp32.json", tmp_path / "bf16.json"])
+    assert [s.label for s in sources] == ["base/step-8", "base/step-8 [bf16]"]
+

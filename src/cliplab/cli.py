@@ -416,7 +416,7 @@ def cmd_eval(args) -> int:
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
     model = load_model(args.model)
-    results = {"model": args.model, "suite": args.config,
+    results = {"model": args.model, "suite": args.config, "precision": suite.precision,
                "results": run_suite(model, suite, context)}
     text = json.dumps(results, indent=2)
     if out is not None:

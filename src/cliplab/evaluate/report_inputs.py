@@ -103,6 +103,8 @@ def read_input(path: str | Path) -> ReportSource:
         data = read_json(path)
         label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
             else _file_label(path)
+        if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
+            label += f" [{data['precision']}]"
         source = ReportSource(label, path, result_sections(data))
         if not source.sections:
             raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
