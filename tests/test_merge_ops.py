@@ -148,6 +148,15 @@ def test_ties_trim_keeps_the_top_fraction_over_the_whole_vector():
         trim_top_fraction(_ties_vectors()[0], 0.0)
 
 
+def test_ties_density_is_a_fraction_of_the_entries_the_fine_tune_changed():
+    """A partial fine-tune (here: 4 changed entries among 12, the rest frozen) keeps half of
+    its changes at density 0.5, not every change (half of 12 entries would be 6 > 4)."""
+    vector = {"tower": T([0.0] * 8), "head": T([1.0, -4.0, 2.0, -0.5])}
+    trimmed = trim_top_fraction(vector, 0.5)
+    assert torch.equal(trimmed["head"], T([0.0, -4.0, 2.0, 0.0]))
+    assert torch.equal(trimmed["tower"], T([0.0] * 8))
+
+
 def test_ties_sign_election_and_disjoint_mean_by_hand():
     trimmed = [trim_top_fraction(v, 0.4) for v in _ties_vectors()]
     # sums: w (2, -1, 0, -1, 7), b (0, -6); signs sum to -1, so zero sums elect -1

@@ -16,14 +16,17 @@ Vector = dict[str, torch.Tensor]
 
 
 def trim_top_fraction(vector: Vector, density: float) -> Vector:
-    """Keep the ``density`` fraction of entries with the largest magnitude over the whole
-    vector (all tensors together, as the paper does); zero the rest. Entries tied with the
-    smallest kept magnitude are kept too."""
+    """Keep the ``density`` fraction of the fine-tune's changed entries with the largest
+    magnitude over the whole vector (all tensors together, as the paper does); zero the rest.
+    The fraction is of the entries the fine-tune changed: entries it left at the base (a
+    frozen tower's) are not part of the task vector, and counting them would keep every
+    change of a partial fine-tune (the paper's full fine-tunes change every entry, where the
+    two readings agree). Entries tied with the smallest kept magnitude are kept too."""
     if not 0 < density <= 1:
         raise ConfigError(f"TIES density (fraction of entries kept) must be in (0, 1], "
                           f"not {density}")
     magnitudes = torch.cat([v.abs().reshape(-1) for v in vector.values()])
-    n_keep = max(1, round(density * magnitudes.numel()))
+    n_keep = max(1, round(density * int(torch.count_nonzero(magnitudes))))
     threshold = torch.topk(magnitudes, n_keep, sorted=False).values.min()
     return {k: torch.where((v.abs() >= threshold) & (v != 0), v, torch.zeros_like(v))
             for k, v in vector.items()}
