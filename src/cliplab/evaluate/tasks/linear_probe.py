@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
+from cliplab.data.pairs import check_same_classes
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
 from cliplab.evaluate.features import EXTRA_PROBES
@@ -15,7 +18,7 @@ class Spec(TaskSpecBase):
     task: Literal["linear_probe"]
     train: DataSpec
     test: DataSpec
-    l2: float | None = None
+    l2: float | None = Field(None, gt=0)  # omitted: chosen on a validation split
     features: ProbeKind = "tokens"
     layers: int = 4
 
@@ -30,6 +33,7 @@ def probe_features(model: DualEncoder, spec, context: TaskContext):
     name = spec.name or spec.task
     train = context.labelled(spec.train, f"task {name!r} train")
     test = context.labelled(spec.test, f"task {name!r} test")
+    check_same_classes(train, test, f"task {name!r}")
     extra = spec.features if spec.features in EXTRA_PROBES else None
     tr = context.image_features(model, train.images, spec.train, f"encode {name} train",
                                 probe=extra, layers=spec.layers).get(spec.features)

@@ -1,0 +1,152 @@
+"""Eval task specs and data that cannot give a meaningful number are refused with one line
+naming the task, before any work: mismatched classes, doubled names, empty or unknown
+classes, empty data, out-of-range values, more shots than a class has."""
+
+import pytest
+import torch
+
+from cliplab.data.pairs import check_same_classes
+from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError, DataError
+from cliplab.evaluate.suite import run_suite, suite_spec
+from cliplab.evaluate.tasks import TaskContext
+
+DIGITS = {"source": "digits", "split": "test"}
+
+
+def labelled(classnames: list[str], n_per_class: int = 2) -> LabelledImages:
+    labels = torch.arange(len(classnames)).repeat_interleave(n_per_class)
+    images = torch.randint(0, 256, (len(labels), 16, 16, 3), dtype=torch.uint8)
+    return LabelledImages(images, labels, classnames, ["a photo of a {}."], "toy")
+
+
+def run(model, *tasks):
+    return run_suite(model, {"tasks": list(tasks)}, TaskContext(progress=False))
+
+
+# 1. train and test must have the same classes
+
+
+def test_check_same_classes_names_the_first_difference():
+    check_same_classes(labelled(["Cat", "dog"]), labelled(["cat", "DOG"]), "here")  # any case
+    with pytest.raises(DataError, match=r"^here: train and test must have the same classes in "
+                                        r"the same order; class 1 is 'dog' in train but 'cow'"):
+        check_same_classes(labelled(["cat", "dog"]), labelled(["cat", "cow"]), "here")
+    with pytest.raises(DataError, match="train has 2 classes, test has 3"):
+        check_same_classes(labelled(["cat", "dog"]), labelled(["cat", "dog", "cow"]), "here")
+
+
+@pytest.mark.parametrize("task", ["linear_probe", "few_shot"])
+def test_probe_tasks_refuse_train_and_test_with_different_classes(tiny_model, task):
+    spec = {"name": "p", "task": task, "features": "embeddings", "l2": 0.01,
+            "train": labelled([f"c{i}" for i in range(10)]), "test": DIGITS}
+    if task == "few_shot":
+        spec.update(shots=[1], seeds=[0], methods=["ncm"])
+    with pytest.raises(DataError, match=r"^task 'p': train and test must have the same classes"
+                                        r" in the same order; class 0 is 'c0' in train but "
+                                        r"'zero' in test"):
+        run(tiny_model, spec)
+
+
+# 2. task names are unique
+
+
+def test_suite_refuses_two_tasks_of_one_name():
+    with pytest.raises(ConfigError, match=r"^suite.yaml: tasks\[1\] \(name 'zs'\): the name "
+                                          r"'zs' is already used by tasks\[0\]; names must be "
+                                          r"unique$"):
+        suite_spec([{"name": "zs", "task": "zeroshot", "data": DIGITS},
+                    {"name": "zs", "task": "zeroshot", "data": DIGITS, "per_class": True}],
+                   "suite.yaml")
+
+
+def test_suite_refuses_a_name_that_an_unnamed_task_is_reported_under():
+    # an unnamed task's results go under '<task>-<index>'
+    with pytest.raises(ConfigError, match=r"tasks\[1\]: its results name 'zeroshot-1' is "
+                                          r"already used by tasks\[0\]; give it a `name:`"):
+        suite_spec([{"name": "zeroshot-1", "task": "zeroshot", "data": DIGITS},
+                    {"task": "zeroshot", "data": DIGITS}], "suite.yaml")
+    # two unnamed tasks of one type do not collide: their keys are zeroshot-0, zeroshot-1
+    suite = suite_spec([{"task": "zeroshot", "data": DIGITS}, {"task": "zeroshot", "data": DIGITS}])
+    assert suite.task_names() == ["zeroshot-0", "zeroshot-1"]
+
+
+# 3. one-line errors instead of tracebacks
+
+
+def test_zeroshot_refuses_empty_classes():
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'zs'\).classes: List should have "
+                                          r"at least 1 item"):
+        suite_spec([{"name": "zs", "task": "zeroshot", "data": DIGITS, "classes": []}])
+
+
+@pytest.mark.parametrize("classes", [[12], [-1], ["zero", 10]])
+def test_zeroshot_refuses_a_class_index_out_of_range(tiny_model, classes):
+    with pytest.raises(ConfigError, match=r"^task 'zs': classes: no class has index -?1[02]? "
+                                          r"\(indices run 0 to 9\); classes are: zero, one,"):
+        run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS, "classes": classes})
+
+
+def test_zeroshot_unknown_class_name_names_the_task(tiny_model):
+    with pytest.raises(ConfigError, match=r"^task 'zs': classes: unknown class 'twelve'; "
+                                          r"classes are: zero, one"):
+        run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS,
+                         "classes": ["one", "twelve"]})
+
+
+
+def test_zeroshot_with_classes_still_works(tiny_model):
+    out = run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS,
+                           "classes": ["one", 2]})
+    assert 0.0 <= out["zs"]["acc1"] <= 1.0
+
+
+def test_few_shot_refuses_zero_shots():
+    with pytest.raises(ConfigError, match=r"tasks\[0\].shots.0: .*greater than 0"):
+        suite_spec([{"task": "few_shot", "train": DIGITS, "test": DIGITS, "shots": [0]}])
+
+
+def test_empty_data_is_one_line_naming_the_task(tiny_model):
+    empty = labelled(["zero", "one"], n_per_class=0)  # as a source with `limit: 0` gives
+    with pytest.raises(DataError, match=r"^task 'x': data holds no images$"):
+        run(tiny_model, {"name": "x", "task": "zeroshot", "data": empty})
+    with pytest.raises(DataError, match=r"^task 'few_shot': test holds no images$"):
+        run(tiny_model, {"task": "few_shot", "train": DIGITS, "test": empty})
+    suite = suite_spec([{"name": "x", "task": "zeroshot", "data": empty}])
+    with pytest.raises(DataError, match=r"^suite.yaml: tasks\[0\] \(name 'x'\): data holds no "
+                                        r"images$"):
+        TaskContext(progress=False).preload(suite.tasks, "suite.yaml: tasks")
+
+
+# 4. values out of range
+
+
+@pytest.mark.parametrize("task, key, message", [
+    ({"task": "linear_probe", "train": DIGITS, "test": DIGITS, "l2": -1}, "l2",
+     "greater than 0"),
+    ({"task": "linear_probe", "train": DIGITS, "test": DIGITS, "l2": 0}, "l2",
+     "greater than 0"),
+    ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "l2": -1}, "l2", "greater than 0"),
+    ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "seeds": []}, "seeds",
+     "at least 1 item"),
+    ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "methods": []}, "methods",
+     "at least 1 item"),
+    ({"task": "retrieval", "data": DIGITS, "ks": [0]}, r"ks.0", "greater than 0"),
+    ({"task": "retrieval", "data": DIGITS, "ks": []}, "ks", "at least 1 item"),
+])
+def test_task_values_out_of_range_are_refused(task, key, message):
+    with pytest.raises(ConfigError, match=rf"^suite.yaml: tasks\[0\].{key}: .*{message}"):
+        suite_spec([task], "suite.yaml")
+
+
+def test_few_shot_refuses_more_shots_than_a_class_has(tiny_model):
+    train = labelled(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"], n_per_class=3)
+    train.labels[0] = 1  # 'zero' keeps 2 images, 'one' gets 4
+    with pytest.raises(DataError, match=r"^task 'fs': shots 3 needs 3 train images of every "
+                                        r"class; these have fewer: zero \(2\)$"):
+        run(tiny_model, {"name": "fs", "task": "few_shot", "train": train, "test": DIGITS,
+                         "shots": [1, 3], "seeds": [0], "methods": ["ncm"]})
+    out = run(tiny_model, {"name": "fs", "task": "few_shot", "train": train, "test": DIGITS,
+                           "shots": [2], "seeds": [0], "methods": ["ncm"]})
+    assert set(out["fs"]) == {"ncm_2shot"}
