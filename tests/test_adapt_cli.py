@@ -10,7 +10,7 @@ from cliplab.adapt.finetune import load_finetuned
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
 from cliplab.data.digits import load_digits
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
@@ -90,7 +90,9 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
     res = run_adapt({**cfg, "val_shots": 0}, model=load_model(model_dir), progress=False,
                     write=False)
     assert res["val_size"] == len(test)
-    with pytest.raises(ConfigError, match="data.train and data.val: the classes differ"):
+    with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
+                       "classes in the same order; class 0 is 'zero' in data.train but "
+                       "'t-shirt' in data.val"):
         run_adapt({**cfg, "data": {**cfg["data"], "val": {"source": "fashion-mnist",
                                                           "limit": 5}}},
                   model=load_model(model_dir), progress=False, write=False)

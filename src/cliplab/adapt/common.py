@@ -25,11 +25,6 @@ def subsample(data: LabelledImages, size: int | None, seed: int = 0) -> Labelled
     return data.subset(keep.sort().values)
 
 
-def check_same_classes(a: LabelledImages, b: LabelledImages, where: str) -> None:
-    if [c.lower() for c in a.classnames] != [c.lower() for c in b.classnames]:
-        raise ConfigError(f"{where}: the classes differ ({a.classnames} vs {b.classnames})")
-
-
 def head_metrics(model: DualEncoder, weight: torch.Tensor, data: LabelledImages,
                  progress: bool = True, desc: str = "evaluate") -> dict:
     """acc1/acc5/mean per-class recall of ``normalize(image) @ weight.T`` (the scale of a head

@@ -13,9 +13,10 @@ import torch
 
 from cliplab.adapt import AdaptContext, Adapter, get_method
 from cliplab.adapt.base import method_options
-from cliplab.adapt.common import check_same_classes, subsample
+from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
+from cliplab.data.pairs import check_same_classes
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
@@ -86,7 +87,7 @@ def load_validation(cfg: AdaptConfig, train: LabelledImages,
     val = as_labelled(load_source(cfg.data.val, progress), "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
-    check_same_classes(train, val, "data.train and data.val")
+    check_same_classes(train, val, "adapt", ("data.train", "data.val"))
     return val
 
 
@@ -107,7 +108,7 @@ def load_sets(cfg: AdaptConfig, progress: bool = True
     for name, data in {"train": train, **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
-        check_same_classes(train, data, f"data.train and data.{name}")
+        check_same_classes(train, data, "adapt", ("data.train", f"data.{name}"))
     return train, sets
 
 
