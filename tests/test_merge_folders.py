@@ -185,7 +185,12 @@ def test_config_errors_come_before_any_work(family, tmp_path):
            ({"method": "uniform", "models": [], "out": "o"}, "models: "),
            ({"method": "uniform", "models": ["a"]}, "out is required"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
-            "list of scales")]
+            "list of scales"),
+           # keys set for another method were ignored without a word
+           ({"method": "task-arithmetic", "models": ["a", "b"], "base": "p", "out": "o",
+             "weights": [1, 3]}, r"weights=\[1.0, 3.0\] does not apply to 'task-arithmetic'"),
+           ({"method": "uniform", "models": ["a", "b"], "out": "o", "scale": 0.5,
+             "density": 0.5}, "scale=0.5, density=0.5 does not apply to 'uniform'")]
     for cfg, fragment in bad:
         with pytest.raises(ConfigError, match=fragment):
             run_merge(cfg, progress=False)

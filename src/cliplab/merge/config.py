@@ -11,6 +11,7 @@ from cliplab.merge.methods import MERGE_METHODS
 from cliplab.models.spec import ModelField
 
 NEEDS_BASE = ("model-stock", "task-arithmetic", "ties")
+SCALED = ("task-arithmetic", "ties")  # the methods that take ``scale``
 
 
 class MergeConfig(Section):
@@ -57,4 +58,11 @@ class MergeConfig(Section):
                              f"got {self.scale}")
         if self.weights is not None and len(self.weights) != n:
             raise ValueError(f"weights: one per model ({n}), got {self.weights}")
+        unused = [f"{key}={value}" for key, value, methods in (
+            ("weights", self.weights, ("uniform",)), ("scale", self.scale, SCALED),
+            ("density", self.density, ("ties",)))
+            if value != type(self).model_fields[key].default and self.method not in methods]
+        if unused:  # set for another method: it would be ignored without a word
+            raise ValueError(f"{', '.join(unused)} does not apply to {self.method!r} (weights: "
+                             "uniform; scale: task-arithmetic, ties; density: ties)")
         return self
