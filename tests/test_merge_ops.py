@@ -9,6 +9,7 @@ from cliplab.errors import ConfigError, ModelError
 from cliplab.merge import (apply_task_vector, combine_task_vectors, disjoint_mean, elect_sign,
                            greedy_soup, model_stock, model_stock_ratio, task_vector, ties_merge,
                            trim_top_fraction, uniform_soup)
+from cliplab.merge.model_stock import ratio_summary
 from cliplab.merge.state import check_same_keys
 
 T = torch.tensor
@@ -113,6 +114,19 @@ def test_model_stock_with_deltas_at_a_known_angle():
 
     with pytest.raises(ConfigError, match="at least 2"):
         model_stock(base, [f1])
+
+
+def test_model_stock_summary_leaves_out_the_tensors_no_fine_tune_changed():
+    """merge.json's mean ratio is over the tensors the fine-tunes changed: a frozen tensor's
+    t=0 (by construction) would pull it toward 0."""
+    base = {"w": T([1.0, 1.0]), "frozen": T([5.0, 5.0])}
+    fts = [{"w": T([2.0, 1.0]), "frozen": T([5.0, 5.0])},
+           {"w": T([2.0, 1.5]), "frozen": T([5.0, 5.0])}]
+    _, ratios = model_stock(base, fts)
+    summary = ratio_summary(ratios, base, fts)
+    assert ratios["frozen"] == 0.0 and ratios["w"] > 0.5
+    assert summary["mean_ratio"] == summary["min_ratio"] == pytest.approx(ratios["w"])
+    assert summary["unchanged_tensors"] == 1 and summary["ratios"] == ratios
 
 
 def test_task_vectors_add_negate_scale():

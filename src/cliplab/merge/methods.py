@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cliplab.merge.model_stock import model_stock
+from cliplab.merge.model_stock import model_stock, ratio_summary
 from cliplab.merge.soup import greedy_soup, uniform_soup
 from cliplab.merge.state import StateDict
 from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
@@ -45,9 +45,7 @@ def merge_greedy(x: MergeInputs, record: dict) -> dict:
 
 def merge_model_stock(x: MergeInputs, record: dict) -> dict:
     merged, ratios = model_stock(x.base, x.states, x.names)
-    values = list(ratios.values())
-    record["model_stock"] = {"mean_ratio": sum(values) / len(values), "min_ratio": min(values),
-                             "max_ratio": max(values), "ratios": ratios}
+    record["model_stock"] = ratio_summary(ratios, x.base, x.states)
     return merged
 
 

@@ -55,3 +55,16 @@ def model_stock(base: StateDict, finetuned: Sequence[StateDict],
         out[key] = (t * avg + (1 - t) * w0f).to(w0.dtype)
         ratios[key] = t
     return out, ratios
+
+
+def ratio_summary(ratios: dict[str, float], base: StateDict,
+                  finetuned: Sequence[StateDict]) -> dict:
+    """Mean, min and max of the ratios t over the tensors some fine-tune changed (a frozen
+    tower's tensors sit at t=0 by construction, and would pull the mean toward it), how many
+    tensors were left unchanged, and every ratio."""
+    changed = [k for k in ratios if any(not torch.equal(s[k], base[k]) for s in finetuned)]
+    values = [ratios[k] for k in changed] or list(ratios.values())
+    return {"mean_ratio": sum(values) / len(values), "min_ratio": min(values),
+            "max_ratio": max(values), "unchanged_tensors": len(ratios) - len(changed),
+            "ratios": ratios}
+
