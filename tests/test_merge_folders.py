@@ -190,7 +190,9 @@ def test_config_errors_come_before_any_work(family, tmp_path):
            ({"method": "task-arithmetic", "models": ["a", "b"], "base": "p", "out": "o",
              "weights": [1, 3]}, r"weights=\[1.0, 3.0\] does not apply to 'task-arithmetic'"),
            ({"method": "uniform", "models": ["a", "b"], "out": "o", "scale": 0.5,
-             "density": 0.5}, "scale=0.5, density=0.5 does not apply to 'uniform'")]
+             "density": 0.5}, "scale=0.5, density=0.5 does not apply to 'uniform'"),
+           ({"method": "uniform", "models": [str(fts[0]), str(fts[1]), str(fts[0])],
+             "out": str(tmp_path / "o")}, f"--models lists {fts[0].resolve()} twice")]
     for cfg, fragment in bad:
         with pytest.raises(ConfigError, match=fragment):
             run_merge(cfg, progress=False)

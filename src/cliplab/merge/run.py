@@ -41,6 +41,11 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> 
         "base": folder_spec(cfg.base, "--base") if cfg.base else None})
     if cfg.heldout is not None:
         task_spec(cfg.heldout, f"{where}: heldout")  # a bad task key fails before any work
+    folders = [Path(m.name).resolve() for m in cfg.models]
+    twice = next((f for i, f in enumerate(folders) if f in folders[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"--models lists {twice} twice (it would count double); give each "
+                          "model once, and weights=[...] to weight one more (uniform)")
     out = Path(cfg.out).resolve()
     inputs = [Path(m.name).resolve() for m in cfg.models + ([cfg.base] if cfg.base else [])]
     if out in inputs or (out.exists() and any(out.iterdir())):
