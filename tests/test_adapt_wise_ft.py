@@ -116,7 +116,7 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
 
 
 def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     import cliplab.adapt.wise_ft as wise_ft
 
     real_sweep = wise_ft.wise_ft_sweep
@@ -145,6 +145,16 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
                                                             "finetuned": res["finetuned"]}},
                 tmp_path / "plain")
     assert plain["best_alpha"] == 1.0 and plain["selected_on"].startswith("the reported sets")
+    assert "selected_by" not in plain
+    # select=shifted with a validation split but no shifted copy of it: said, not silent
+    capsys.readouterr()
+    shiftless = run(str(tmp_path / "base"), {**cfg, "options": {
+        "alphas": [0, 0.5, 1], "finetuned": res["finetuned"], "select": "shifted"}},
+        tmp_path / "shiftless")
+    assert shiftless["selected_by"] == "test (select=shifted, but no shifted set to choose on)"
+    assert ("wise-ft: warning: select=shifted, but there is no shifted set to choose α on "
+            "(options.val_shift makes one of the validation split); test accuracy chose it"
+            ) in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown shift 'fog'"):
         run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -186,6 +187,12 @@ class WiseFT(Adapter):
             extra = {"selected_on": "validation" + (f" + {self.options['val_shift']}"
                                                     if self.options["val_shift"] else ""),
                      "validation_sweep": chosen_from}
+        if self.options["select"] == "shifted" and "shifted" not in chosen_from[0]:
+            extra["selected_by"] = "test (select=shifted, but no shifted set to choose on)"
+            print("wise-ft: warning: select=shifted, but there is no shifted set to choose α "
+                  "on (" + ("options.val_shift makes one of the validation split"
+                            if self.val is not None else "set data.shifted, or val_shots and "
+                            "options.val_shift") + "); test accuracy chose it", file=sys.stderr)
         self.alpha = best_alpha(chosen_from, self.options["select"])["alpha"]
         best = next(r for r in rows if r["alpha"] == self.alpha)
         return {"sweep": rows, "best_alpha": self.alpha, **extra,
