@@ -16,7 +16,7 @@ from cliplab.adapt.base import method_options
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
-from cliplab.data.pairs import check_same_classes
+from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
@@ -67,14 +67,14 @@ def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: 
     """Every class keeps a training image after the split (a ``DataError`` naming those
     without); classes with fewer than ``shots`` are told on stderr (they train on what they
     have, and "N per class" would not be true of them)."""
-    counts = torch.bincount(train.labels, minlength=len(train.classnames)).tolist()
-    missing = [name for name, n in zip(train.classnames, counts) if n == 0]
+    missing = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if missing:
         why = ("after val_shots drew the validation split from it; give more images, or "
                "lower val_shots") if val_drawn else "; give images of every class"
         raise DataError(f"data.train leaves no training image of {len(missing)} class(es) "
                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) {why}")
-    short = [f"{name}={n}" for name, n in zip(train.classnames, counts) if shots and n < shots]
+    short = [f"{name}={n}" for name, n in
+             classes_with_fewer(train.labels, train.classnames, shots or 0)]
     if short:
         print(f"adapt: warning: {len(short)} class(es) have fewer than shots={shots} training "
               f"images and train on what they have ({', '.join(short[:10])}"

@@ -37,6 +37,13 @@ def check_same_classes(first: LabelledImages, second: LabelledImages, where: str
                     f"{detail} ({one}: {_few(a)}; {two}: {_few(b)})")
 
 
+def classes_with_fewer(labels: torch.Tensor, classnames: list[str], k: int
+                       ) -> list[tuple[str, int]]:
+    """``(class name, count)`` of every class with fewer than ``k`` samples (none: 0)."""
+    counts = torch.bincount(labels, minlength=len(classnames)).tolist()
+    return [(name, n) for name, n in zip(classnames, counts) if n < k]
+
+
 def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
                                        else "")

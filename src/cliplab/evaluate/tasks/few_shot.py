@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from cliplab.data.pairs import check_same_classes
+from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.features import EXTRA_PROBES
@@ -49,8 +49,7 @@ def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str]) 
     largest of ``shots`` (sampling would take all of them, and a ``<k>shot`` result would not
     be k-shot)."""
     k = max(spec.shots)
-    counts = torch.bincount(labels, minlength=len(classnames)).tolist()
-    short = [f"{name} ({n})" for name, n in zip(classnames, counts) if n < k]
+    short = [f"{name} ({n})" for name, n in classes_with_fewer(labels, classnames, k)]
     if short:
         listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
                                          else "")
