@@ -144,6 +144,20 @@ def test_a_new_source_is_one_registry_line(monkeypatch):
     assert source_spec("toy") == {"source": "toy"}
 
 
+def test_a_folder_named_like_a_path_source_is_that_folder(tmp_path, monkeypatch):
+    """`--data shards` for a folder called shards: the bare name of a source that needs a path
+    names no data, so the folder wins; a source complete by name stays the built-in one."""
+    from cliplab.data.collection import source_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert source_spec("shards") == {"source": "shards"}  # no such folder: the source
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    assert source_spec("shards") == {"source": "shards", "path": "shards"}
+    (tmp_path / "digits").mkdir()
+    assert source_spec("digits") == {"source": "digits"}
+
+
 def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
     full = load_fashion_mnist("train", fmnist_dir)
     novel = load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),

@@ -50,11 +50,13 @@ def source_spec(data: str | dict) -> dict:
         if "source" not in data:
             raise DataError(f"data spec {data} has no 'source' key")
         return dict(data)
-    from cliplab.data.sources import SOURCES
+    from cliplab.data.sources import SOURCES, needs_options
 
-    if data in SOURCES:
-        return {"source": data}
     path = Path(data)
+    # a bare name is a built-in source unless that source needs a path and a file or folder
+    # of that name exists (`--data shards` for a folder called shards)
+    if data in SOURCES and not (needs_options(data) and path.exists()):
+        return {"source": data}
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return {"source": "manifest", "path": str(path)}
     if path.is_dir():

@@ -41,6 +41,14 @@ def source_loader(name: str) -> Callable[..., Dataset]:
     return getattr(importlib.import_module(module), function)
 
 
+def needs_options(name: str) -> bool:
+    """Whether source ``name`` has a required option (a ``path``, a ``root``): its bare name
+    names no data."""
+    params = inspect.signature(source_loader(name)).parameters.values()
+    return any(p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD
+               for p in params)
+
+
 def load_source(spec: dict, progress: bool | None = None) -> Dataset:
     """Load the dataset a spec names; ``progress`` is the default of a loader's own
     ``progress`` option (e.g. the shards' read bar; the spec's own wins); ``holdout`` (a list
