@@ -211,3 +211,38 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
     assert ("adapt: warning: 2 class(es) have fewer than shots=5 training images and train on "
             "what they have (cat=3, dog=3)") in capsys.readouterr().err
 
+
+
+def test_eval_of_a_fine_tuned_folder_scores_its_own_classes_with_its_head(model_dir, tmp_path,
+                                                                          capsys):
+    """`cliplab eval` of a finetune's model folder gives adapt's test accuracy (its
+    head.safetensors scores the digits), the text head for data of other classes, and
+    `--head text` the text head everywhere."""
+    out = tmp_path / "ft"
+    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=0", "train_size=128",
+                 "options.train.steps=6", "options.train.batch_size=64",
+                 "options.train.lr=0.01", "options.train.augment=false"]) == 0
+    adapted = json.loads((out / "results.json").read_text())
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n"
+                     "  - {task: zeroshot, name: digits, data: {source: digits, split: test}}\n"
+                     "  - {task: zeroshot, name: shapes,\n"
+                     "     data: {source: shapes, attribute: color, n: 60, image_size: 32}}\n")
+    folder = out / "checkpoints" / "step-6" / "model"
+    capsys.readouterr()
+    runs = {}
+    for head in ("auto", "text"):
+        assert main(["eval", "--config", str(suite), "--model", str(out), "--no-progress",
+                     "--head", head]) == 0
+        printed = capsys.readouterr()
+        runs[head] = json.loads(printed.out)
+        assert ("fine-tuned head" in printed.err) == (head == "auto")
+    auto, text = runs["auto"]["results"], runs["text"]["results"]
+    assert runs["auto"]["head"] == str(folder / "head.safetensors")
+    assert auto["digits"]["classifier"] == str(folder / "head.safetensors")
+    assert auto["digits"]["acc1"] == pytest.approx(adapted["test"]["acc1"])
+    assert auto["digits"]["acc1"] != pytest.approx(text["digits"]["acc1"])  # the head mattered
+    assert "classifier" not in auto["shapes"] and auto["shapes"] == text["shapes"]
+    assert runs["text"]["head"] is None and "classifier" not in text["digits"]

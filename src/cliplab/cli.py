@@ -233,6 +233,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
                    "folder, run folder (its newest checkpoint) or Hugging Face Hub id")
     p.add_argument("--out", metavar="DIR", help="folder to write results.json into")
+    p.add_argument("--head", choices=("auto", "text"), default="auto",
+                   help="auto (default): a model folder's fine-tuned head.safetensors scores "
+                   "the zero-shot tasks over its own classes; text: the zero-shot text head "
+                   "scores every task")
     p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
                    "runs of the same model, data and transform")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -416,7 +420,14 @@ def cmd_eval(args) -> int:
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
     model = load_model(args.model)
+    head = _fine_tuned_head(args.model) if args.head == "auto" else None
+    if head is not None:
+        context.classifier = head
+        print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
+              "head (each says so under 'classifier'); --head text scores the text head",
+              file=sys.stderr)
     results = {"model": args.model, "suite": args.config, "precision": suite.precision,
+               "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
     text = json.dumps(results, indent=2)
     if out is not None:
@@ -424,6 +435,16 @@ def cmd_eval(args) -> int:
         (out / "results.json").write_text(text + "\n")
     print(text)
     return 0
+
+
+def _fine_tuned_head(model: str):
+    """The `LinearHead` of the model folder ``model`` names, if it holds a head.safetensors."""
+    from cliplab.adapt.head import saved_head_classifier
+    from cliplab.models.resolve import resolve_model_path
+
+    if not Path(model).expanduser().is_dir():
+        return None  # a preset, a Hub id or a checkpoint file: no saved head
+    return saved_head_classifier(resolve_model_path(model))
 
 
 def _results_folder(out: str | None) -> Path | None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
+from cliplab.evaluate.tasks.base import LinearHead
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 
@@ -72,6 +73,16 @@ class ClassifierHead(nn.Module):
         if classnames is None:
             classnames = [str(i) for i in range(tensors["weight"].shape[0])]
         return cls(tensors["weight"], tensors["scale"].item(), classnames)
+
+
+def saved_head_classifier(folder: str | Path) -> LinearHead | None:
+    """The fine-tuned head saved in a model folder (``head.safetensors``, written by
+    finetune, lora, wise-ft) as an eval `Classifier` for its own classes, labelled with its
+    path; None for a folder without one."""
+    if not (Path(folder) / HEAD_FILE).is_file():
+        return None
+    head = ClassifierHead.load(folder)
+    return LinearHead(head.weight, head.classnames, label=str(Path(folder) / HEAD_FILE))
 
 
 def zeroshot_classifier_head(model: DualEncoder, data: LabelledImages) -> ClassifierHead:

@@ -86,12 +86,22 @@ class Classifier(Protocol):
 
 class LinearHead:
     """A `Classifier` from a weight matrix ``[C, D]`` over unit image embeddings (a fine-tuned
-    head or a text classifier; its scale does not change the ranking)."""
+    head or a text classifier; its scale does not change the ranking).
+
+    With ``classnames`` it scores only data of those classes, in that order (other data gets
+    the zero-shot text head); ``label`` names it in the results of the tasks it scored."""
 
     probe = None
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, classnames: Sequence[str] | None = None,
+                 label: str | None = None):
         self.weight = weight.detach().float().cpu()
+        self.classnames = None if classnames is None else list(classnames)
+        self.label = label
+
+    def covers(self, classnames: Sequence[str]) -> bool:
+        """Whether this head's rows are ``classnames`` (any head without names covers all)."""
+        return self.classnames is None or self.classnames == list(classnames)
 
     def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
         return features.embeddings @ self.weight.t()
@@ -192,15 +202,30 @@ class TaskContext:
         return self.cache.features(model, images, probe, layers, self.progress, desc,
                                    self.precision)
 
+    def classifier_for(self, data: LabelledImages) -> Classifier | None:
+        """``classifier``, unless it names the classes it scores (``covers``) and ``data``'s
+        are others: then None, the zero-shot text head."""
+        covers = getattr(self.classifier, "covers", None)
+        if covers is not None and not covers(data.classnames):
+            return None
+        return self.classifier
+
+    def scored_by(self, data: LabelledImages) -> dict:
+        """``{"classifier": label}`` for the results of a task whose ``data`` a labelled
+        classifier scored (e.g. a model's fine-tuned head), else ``{}``."""
+        label = getattr(self.classifier_for(data), "label", None)
+        return {"classifier": label} if label else {}
+
     def class_logits(self, model: DualEncoder, data: LabelledImages, spec: DataSpec,
                      desc: str) -> tuple[torch.Tensor, ImageFeatures]:
         """Logits ``[N, C]`` of ``data``'s images: from ``classifier`` if set, else the
         zero-shot head of the class prompts (cosine similarities); and the features used."""
-        if self.classifier is not None:
-            probe = self.classifier.probe
+        classifier = self.classifier_for(data)
+        if classifier is not None:
+            probe = classifier.probe
             feats = self.image_features(model, data.images, spec, desc, probe=probe) if probe \
                 else self.image_features(model, data.images, spec, desc)
-            return self.classifier.logits(feats, progress=self.progress).float(), feats
+            return classifier.logits(feats, progress=self.progress).float(), feats
         feats = self.image_features(model, data.images, spec, desc)
         head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
                                    self.precision)

@@ -33,4 +33,4 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     counts, n_samples = count_mentions(captions, concepts)
     out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
     out["n_train_samples"] = n_samples
-    return out
+    return {**out, **context.scored_by(data)}

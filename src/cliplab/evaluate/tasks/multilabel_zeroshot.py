@@ -23,6 +23,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                          "multilabel-manifest)")
     scores, _ = context.class_logits(model, data, spec.data, f"encode {spec.name or spec.task}")
     try:
-        return multilabel_metrics(scores, data.targets, data.classnames)
+        metrics = multilabel_metrics(scores, data.targets, data.classnames)
     except ValueError as err:
         raise task_error(spec, str(err)) from None
+    return {**metrics, **context.scored_by(data)}

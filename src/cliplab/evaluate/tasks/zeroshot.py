@@ -31,7 +31,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     classes = None
     if spec.classes is not None:
         classes = chosen_classes(spec, data.classnames)
-    if context.classifier is not None:
+    if context.classifier_for(data) is not None:
         logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
         labels, classnames = data.labels, list(data.classnames)
         if classes is not None:
@@ -51,7 +51,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                 classnames = [data.classnames[c] for c in classes]
     if spec.per_class:
         out["per_class_acc1"] = per_class_accuracy(logits, labels, classnames)
-    return out
+    return {**out, **context.scored_by(data)}
 
 
 def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
