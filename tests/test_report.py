@@ -195,3 +195,42 @@ def test_a_reduced_precision_eval_is_labelled_with_it(tmp_path):
     sources = read_inputs([tmp_path / "fp32.json", tmp_path / "bf16.json"])
     assert [s.label for s in sources] == ["base/step-8", "base/step-8 [bf16]"]
 
+
+
+def _blue_pixels(path, right_half: bool = False) -> int:
+    """Pixels near matplotlib's first line colour (C0, #1f77b4) in a plot (or its right half)."""
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        if right_half:
+            rgb = rgb.crop((rgb.width // 2, 0, rgb.width, rgb.height))
+        return sum(1 for r, g, b in rgb.getdata()
+                   if abs(r - 0x1f) < 40 and abs(g - 0x77) < 40 and abs(b - 0xb4) < 40)
+
+
+def test_a_run_with_one_logged_step_draws_its_point(tmp_path):
+    """A one-record metrics.jsonl draws a dot on each curve (a line of one point drew
+    nothing: the plot was empty)."""
+    run = tmp_path / "short"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 2.0, "lr": 1e-3}) + "\n")
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out), "--no-progress", "--inputs", str(run)]) == 0
+    # the lr panel (right; the loss panel's legend has a blue sample line of its own)
+    assert _blue_pixels(out / "plots" / "training-curves.png", right_half=True) > 10
+
+
+def test_a_wise_ft_sweep_gets_a_table_and_an_accuracy_vs_alpha_plot(tmp_path):
+    rows = [{"alpha": a, "test": {"acc1": 0.5 + 0.2 * a, "acc5": 1.0},
+             "shifted": {"acc1": 0.4 + a * (1 - a)}} for a in (0.0, 0.5, 1.0)]
+    res = tmp_path / "wise" / "results.json"
+    res.parent.mkdir()
+    res.write_text(json.dumps({"method": "wise-ft", "sweep": rows, "best_alpha": 0.5,
+                               "test": rows[1]["test"], "shifted": rows[1]["shifted"]}))
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out), "--no-progress", "--inputs", str(res)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## sweep" in md
+    assert "| α 0.5.test | 0.6000 |" in md and "| α 0.5.shifted | 0.6500 |" in md
+    assert "| α 1.test | 0.7000 |" in md and "| best_alpha | 0.5000 |" in md
+    plot = out / "plots" / "alpha-sweep-sweep.png"
+    assert "(plots/alpha-sweep-sweep.png)" in md and _blue_pixels(plot) > 20

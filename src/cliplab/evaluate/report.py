@@ -2,8 +2,9 @@
 self-contained report.html (plots embedded as base64; the same PNGs also sit in ``plots/``).
 
 Each task (section) gets a table, one row per metric, one column per model. Few-shot results
-read as "mean ± std"; long-tail results also get the accuracy-vs-frequency plot; runs with a
-metrics.jsonl get training curves and a table of their last logged values.
+read as "mean ± std"; long-tail results also get the accuracy-vs-frequency plot, α sweeps
+(wise-ft) the accuracy-vs-α plot; runs with a metrics.jsonl get training curves and a table of
+their last logged values.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from tqdm.auto import tqdm
 from cliplab.config import Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
-from cliplab.evaluate.report_plots import (is_few_shot, is_long_tail, plot_few_shot,
-                                           plot_long_tail, plot_training, slug)
+from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
+                                           plot_alpha_sweep, plot_few_shot, plot_long_tail,
+                                           plot_training, slug)
 
 MISSING = "—"
 
@@ -114,6 +116,9 @@ def build_figures(sources: list[ReportSource], plots_dir: Path,
         if all(is_few_shot(m) for _, m in runs):
             jobs.append((f"few-shot accuracy vs k: {section}", plot_few_shot, section, runs,
                          plots_dir / f"few-shot-{slug(section)}.png"))
+        elif all(is_alpha_sweep(m) for _, m in runs):
+            jobs.append((f"accuracy vs α: {section}", plot_alpha_sweep, section, runs,
+                         plots_dir / f"alpha-sweep-{slug(section)}.png"))
         elif all(is_long_tail(m) for _, m in runs):
             jobs.append((f"accuracy vs concept frequency: {section}", plot_long_tail, section,
                          runs, plots_dir / f"long-tail-{slug(section)}.png"))

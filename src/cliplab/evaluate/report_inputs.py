@@ -63,7 +63,8 @@ def read_history(path: Path) -> list[dict]:
 
 def result_sections(data: dict) -> dict[str, dict]:
     """Metric sections of a results object: its ``results``/``evals`` mapping if it has one,
-    every other mapping under its own key, and top-level numbers under ``run``."""
+    every other mapping under its own key, an α sweep (wise-ft's ``sweep``) as
+    ``{"α 0.5": {set: acc1}}``, and top-level numbers under ``run``."""
     sections: dict[str, dict] = {}
     for key in _SECTION_KEYS:
         if isinstance(data.get(key), dict):
@@ -72,13 +73,26 @@ def result_sections(data: dict) -> dict[str, dict]:
     for key, value in data.items():
         if key in _SECTION_KEYS and isinstance(value, dict):
             continue
-        if isinstance(value, dict):
+        sweep = alpha_sweep(value)
+        if sweep:
+            sections.setdefault(key, sweep)
+        elif isinstance(value, dict):
             sections.setdefault(key, value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             scalars[key] = value
     if scalars:
         sections["run"] = scalars
     return sections
+
+
+def alpha_sweep(rows: object) -> dict[str, dict] | None:
+    """``{"α 0.5": {set name: acc1}}`` of a list of sweep rows (``{"alpha": 0.5, "test":
+    {"acc1": ...}, ...}``, as wise-ft writes them); None for anything else."""
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and isinstance(r.get("alpha"), (int, float)) for r in rows):
+        return None
+    return {f"α {r['alpha']:g}": {name: m["acc1"] for name, m in r.items()
+                                  if isinstance(m, dict) and "acc1" in m} for r in rows}
 
 
 def _model_label(model: str) -> str:

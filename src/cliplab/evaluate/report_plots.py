@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cliplab.evaluate.report_inputs import ReportSource  # noqa: E402
 
 FEW_SHOT_KEY = re.compile(r"^(?P<method>.+)_(?P<k>\d+)shot$")
+ALPHA_KEY = re.compile(r"^α (?P<alpha>\S+)$")
 TRAINING_CURVES = ("loss", "lr", "logit_scale")
 
 
@@ -23,6 +24,12 @@ def is_few_shot(metrics: dict) -> bool:
     hits = [k for k, v in metrics.items() if FEW_SHOT_KEY.match(k) and isinstance(v, dict)
             and "acc1_mean" in v]
     return bool(hits) and len(hits) == len(metrics)
+
+
+def is_alpha_sweep(metrics: dict) -> bool:
+    """An α sweep (`report_inputs.alpha_sweep`): ``α <value>`` keys holding {set: acc1}."""
+    return bool(metrics) and all(ALPHA_KEY.match(k) and isinstance(v, dict)
+                                 for k, v in metrics.items())
 
 
 def is_long_tail(metrics: dict) -> bool:
@@ -63,6 +70,25 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
     ax.set_xlabel("shots per class (k)")
     ax.set_ylabel("top-1 accuracy (mean ± std over seeds)")
     ax.set_title(f"few-shot: {section}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
+    """Top-1 accuracy vs the interpolation α, one line per (model, set): WiSE-FT's curve."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, metrics in runs:
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for key, sets in metrics.items():
+            alpha = float(ALPHA_KEY.match(key)["alpha"])
+            for name, acc in sets.items():
+                curves.setdefault(name, []).append((alpha, acc))
+        for name, points in curves.items():
+            ax.plot(*zip(*sorted(points)), marker="o", label=f"{label} · {name}")
+    ax.set_xlabel("α (0: zero-shot, 1: fine-tuned)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"weight interpolation: {section}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -110,8 +136,9 @@ def plot_training(sources: list[ReportSource], path: Path) -> Path | None:
         for source in runs:
             points = [(r["step"], r[key]) for r in source.history
                       if isinstance(r.get(key), (int, float)) and "step" in r]
-            if points:
-                ax.plot(*zip(*points), label=source.label)
+            if points:  # markers on short runs: a single logged step is a dot, not nothing
+                ax.plot(*zip(*points), label=source.label,
+                        marker="o" if len(points) <= 30 else None, markersize=3)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
