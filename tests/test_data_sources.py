@@ -202,3 +202,36 @@ def test_selecting_classes_keeps_what_loading_skipped(tmp_path):
         data = load_source({**spec, **extra})
         assert len(data) == 1 and data.skipped.total == 1
         assert data.skipped.keys == {"unreadable_image": [str(tmp_path / "dog" / "bad.png")]}
+
+
+def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
+    """A shard sample with two image members, and one whose only image is a GIF: the
+    collection reader (index, curate) takes the member the shard stream (training, eval)
+    takes, and no image where the stream finds none."""
+    import io
+
+    from PIL import Image
+
+    from cliplab.data.collection import iter_items
+    from cliplab.data.shards.read import load_shards
+    from tests.tar_files import png_bytes, write_tar
+
+    red, blue = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    jpg, gif = io.BytesIO(), io.BytesIO()
+    Image.fromarray(blue).save(jpg, format="JPEG", quality=100)
+    Image.fromarray(red).save(gif, format="GIF")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_tar(folder / "s-000000.tar", [
+        ("a", {"png": png_bytes(red), "jpg": jpg.getvalue(), "txt": b"two images"}),
+        ("b", {"gif": gif.getvalue(), "txt": b"a gif"}),
+    ])
+    stream = load_shards(folder, progress=False)
+    assert stream.captions == [["two images"]] and stream.skipped.total == 1
+    items = {item.key: item for item in iter_items({"source": "shards", "path": str(folder)},
+                                                   progress=False)}
+    pixels = np.asarray(items["s-000000.tar:a"].read())
+    assert np.abs(pixels.astype(int) - stream.images[0].numpy()).max() <= 8  # the JPEG, blue
+    with pytest.raises(OSError, match="no image member"):
+        items["s-000000.tar:b"].read()

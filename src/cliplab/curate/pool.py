@@ -9,7 +9,6 @@ holds the pool's pixels in memory, and the kept pool is written from the origina
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch
-from cliplab.data.collection import PIL_ERRORS, Item
+from cliplab.data.collection import PIL_ERRORS, Item, open_rgb, read_range
 
 Record = dict[str, Any]
 
@@ -41,9 +40,7 @@ def image_bytes(location: dict, work: Path) -> tuple[bytes, str]:
         path = work / location["stored"]
         return path.read_bytes(), "png"
     if "tar" in location:
-        with open(location["tar"], "rb") as f:
-            f.seek(int(location["offset"]))
-            data = f.read(int(location["size"]))
+        data = read_range(location["tar"], int(location["offset"]), int(location["size"]))
         return data, Path(location.get("name") or "x.bin").suffix.lstrip(".").lower()
     path = Path(location["file"])
     return path.read_bytes(), path.suffix.lstrip(".").lower()
@@ -51,9 +48,7 @@ def image_bytes(location: dict, work: Path) -> tuple[bytes, str]:
 
 def open_image(location: dict, work: Path) -> Image.Image:
     """The item's image, decoded as RGB (a PIL error if it cannot be)."""
-    data, _ = image_bytes(location, work)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    return open_rgb(image_bytes(location, work)[0])
 
 
 def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str | None]:

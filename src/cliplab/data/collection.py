@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from cliplab.data.shards.samples import image_part
 from cliplab.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -92,8 +93,10 @@ def _reject_options(spec: dict, allowed: set[str]) -> None:
                         f"(valid: {sorted(allowed | {'path'})})")
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
+def open_rgb(source: Path | bytes) -> Image.Image:
+    """An image file or encoded bytes decoded as RGB (a PIL error, one of ``PIL_ERRORS``, if
+    it cannot be)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
         return im.convert("RGB")
 
 
@@ -109,7 +112,7 @@ def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
         rel = file.relative_to(root)
         folder = str(rel.parent) if rel.parent != Path(".") else ""
         caption = folder.replace("_", " ") if folder else file.stem.replace("_", " ")
-        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: _open_rgb(f),
+        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: open_rgb(f),
                    {"folder": folder} if folder else {})
 
 
@@ -134,18 +137,14 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
         meta = {k: v for k, v in row.items() if k != image_col}
         where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
         yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
-                   lambda f=file: _open_rgb(f), json.loads(json.dumps(meta, default=str)))
+                   lambda f=file: open_rgb(f), json.loads(json.dumps(meta, default=str)))
 
 
-def _read_range(tar: Path, offset: int, size: int) -> bytes:
+def read_range(tar: str | Path, offset: int, size: int) -> bytes:
+    """``size`` bytes of ``tar`` from ``offset``: one member of a shard, read in place."""
     with open(tar, "rb") as f:
         f.seek(offset)
         return f.read(size)
-
-
-def _decode_bytes(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
 
 
 class ShardReadError(OSError):
@@ -180,13 +179,13 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
 
 def _tar_item(tar: Path, key: str, members: dict[str, tuple[int, int, str]]) -> Item:
     """The item of sample ``key`` of ``tar``: its image read from its byte range."""
-    image = next((m for ext, m in members.items() if f".{ext}" in IMAGE_SUFFIXES), None)
+    image = members.get(image_part(members) or "")  # the member training and eval read
     caption, meta = "", {}
     if "txt" in members:
-        caption = _read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
+        caption = read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
     if "json" in members:
         try:
-            meta = json.loads(_read_range(tar, *members["json"][:2]))
+            meta = json.loads(read_range(tar, *members["json"][:2]))
         except ValueError:
             meta = {}
     meta = meta if isinstance(meta, dict) else {}
@@ -198,7 +197,7 @@ def _tar_item(tar: Path, key: str, members: dict[str, tuple[int, int, str]]) -> 
     offset, size, name = image
     return Item(f"{tar.name}:{key}", caption,
                 {"tar": str(tar), "offset": offset, "size": size, "name": name},
-                lambda t=tar, o=offset, s=size: _decode_bytes(_read_range(t, o, s)), meta)
+                lambda t=tar, o=offset, s=size: open_rgb(read_range(t, o, s)), meta)
 
 
 def _tar_samples(tar: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int, str]]]],

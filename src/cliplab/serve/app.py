@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from cliplab.data.collection import read_range
 from cliplab.data.sources import check_templates
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -253,9 +254,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
             return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0]
                                 or "application/octet-stream")
         try:
-            with open(source["tar"], "rb") as f:
-                f.seek(int(source["offset"]))
-                data = f.read(int(source["size"]))
+            data = read_range(source["tar"], int(source["offset"]), int(source["size"]))
         except OSError:
             _fail(404, f"the shard holding id {item_id} is gone")
         return Response(data, media_type=mimetypes.guess_type(source.get("name", ""))[0]
