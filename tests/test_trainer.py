@@ -132,6 +132,10 @@ def test_augment_overrides_reach_the_preprocessor(pairs, monkeypatch):
     assert augment.translate == model.preprocess_config.augment.translate
     assert model.preprocess_config.augment.hflip is True  # the model's own config is untouched
 
+    seen.clear()  # no overrides ({}) is the model's own augmentation, on (it switched it off)
+    Trainer(model, config(steps=1, augment={}), None).fit(pairs)
+    assert seen[0][0] is True
+
 
 def test_numbers_written_as_strings_are_numbers():
     from cliplab.config import apply_overrides

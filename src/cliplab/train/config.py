@@ -99,7 +99,7 @@ class TrainConfig(Section):
             if unknown:
                 raise ValueError(f"unknown augment option(s) {unknown} "
                                  f"(valid: {', '.join(AUGMENT_KEYS)})")
-        return value
+        return value if value != {} else True  # no overrides: the model's augmentation, on
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "the config") -> "TrainConfig":
