@@ -16,6 +16,7 @@ from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.serve import build as build_module
 from cliplab.serve import faiss_index
+from cliplab.serve.store import MetadataStore
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model
@@ -277,11 +278,19 @@ def test_exact_search_pages_like_numpy():
     ("meta.sqlite", "not a readable index metadata database"),
     ("vectors.npy", "not a readable NumPy array"),
 ])
-def test_a_damaged_index_file_is_refused_at_open(model_dir, tmp_path, capsys, name, words):
+def test_a_damaged_index_file_is_refused_at_open(model_dir, tmp_path, capsys, monkeypatch,
+                                                 name, words):
     build(model_dir, SHAPES, tmp_path / "idx")
     (tmp_path / "idx" / name).write_text("garbage\n")
+    opened, closed = [], []
+    real_init, real_close = MetadataStore.__init__, MetadataStore.close
+    monkeypatch.setattr(MetadataStore, "__init__",
+                        lambda self, *a, **k: (opened.append(self), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(MetadataStore, "close",
+                        lambda self: (closed.append(self), real_close(self))[1])
     with pytest.raises(DataError, match="rebuild it with `cliplab index`") as caught:
         SearchIndex(tmp_path / "idx")
+    assert opened and closed == opened  # the refused index's database is not left open
     assert str(tmp_path / "idx" / name) in str(caught.value) and words in str(caught.value)
     assert "\n" not in str(caught.value)
     assert main(["serve", str(tmp_path / "idx")]) == 2

@@ -22,30 +22,34 @@ class SearchIndex:
         self.path = Path(path).expanduser().resolve()
         self.record = _complete_record(self.path)
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
-        try:
+        self.backend = self.record["backend"]
+        self._milvus = None
+        try:  # a refused index leaves no open connection behind (sqlite, Milvus)
             self.store.check()
             self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count)  # [N, D], by id
+            self._open_backend()
         except DataError:
-            self.store.close()
+            self.close()
             raise
-        self.backend = self.record["backend"]
+
+    def _open_backend(self) -> None:
         if self.backend == "faiss":
             # one thread per query: requests run concurrently, and OpenMP teams spinning on a
             # busy machine cost more than they save on a single small search
             faiss_index._faiss().omp_set_num_threads(1)
             self._faiss = faiss_index.read_faiss(self.path / FAISS_FILE)
             faiss_index.set_search_parameter(self._faiss, self.record["faiss"].get("value"))
-        else:
-            from cliplab.serve.milvus_index import MilvusVectors
+            return
+        from cliplab.serve.milvus_index import MilvusVectors
 
-            self._milvus = MilvusVectors(self.record["milvus"]["uri"],
-                                         self.record["milvus"]["collection"])
-            self._milvus.load()
-            found = self._milvus.count()
-            if found != self.record["count"]:
-                raise DataError(f"Milvus collection {self.record['milvus']['collection']} at "
-                                f"{self.record['milvus']['uri']} holds {found} vectors, the index "
-                                f"{self.path} {self.record['count']}; rebuild the index")
+        self._milvus = MilvusVectors(self.record["milvus"]["uri"],
+                                     self.record["milvus"]["collection"])
+        self._milvus.load()
+        found = self._milvus.count()
+        if found != self.record["count"]:
+            raise DataError(f"Milvus collection {self.record['milvus']['collection']} at "
+                            f"{self.record['milvus']['uri']} holds {found} vectors, the index "
+                            f"{self.path} {self.record['count']}; rebuild the index")
 
     @property
     def count(self) -> int:
@@ -86,7 +90,7 @@ class SearchIndex:
 
     def close(self) -> None:
         self.store.close()
-        if self.backend == "milvus":
+        if self._milvus is not None:
             self._milvus.close()
 
 
