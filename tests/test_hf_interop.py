@@ -68,3 +68,26 @@ def test_lit_folder_card_warns_that_plain_transformers_differs(tmp_path):
     clip_card = (build_model("tiny-clip", **TINY).save(tmp_path / "clip") / "README.md")
     assert "does not reproduce" not in clip_card.read_text()
     assert 'pipeline("zero-shot-image-classification"' in clip_card.read_text()
+
+
+def test_a_lit_folder_resaved_by_transformers_keeps_its_preprocessing_and_warns(tmp_path,
+                                                                                capsys):
+    """transformers' processor.save_pretrained writes processor_config.json (the image
+    processor nested in it) and no cliplab.json: the normalisation is still read, and the
+    lost text pooling is told, not silently replaced."""
+    from transformers import AutoModel
+
+    lit = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    lit.preprocess_config.mean = (0.1, 0.2, 0.3)
+    folder = lit.save(tmp_path / "lit")
+    resaved = tmp_path / "resaved"
+    AutoModel.from_pretrained(folder).save_pretrained(resaved)
+    AutoProcessor.from_pretrained(folder).save_pretrained(resaved)
+    assert not (resaved / "preprocessor_config.json").exists()  # what the fallback is for
+    capsys.readouterr()
+    again = DualEncoder.load(resaved)
+    assert again.preprocess_config.mean == (0.1, 0.2, 0.3)
+    assert again.text_pooling == "model"
+    assert "has no cliplab.json" in capsys.readouterr().err
+    DualEncoder.load(folder)  # cliplab's own folder: no warning
+    assert capsys.readouterr().err == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -319,6 +320,11 @@ class DualEncoder(nn.Module):
                                  f"({type(err).__name__}: {err})") from None
         else:
             pre = preprocess_from_processor_config(path, config.vision_config.image_size)
+        if "text_pooling" not in meta and config.model_type == "vision-text-dual-encoder":
+            print(f"cliplab: warning: {path} has no {CLIPLAB_FILE}: its texts are embedded by "
+                  "the text model's pooler, as transformers does; a cliplab LiT model pools by "
+                  f"mean (a folder re-saved by transformers lost its {CLIPLAB_FILE}: copy it "
+                  "back)", file=sys.stderr)
         return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
                    meta.get("context_length")).eval()
 

@@ -12,6 +12,7 @@ from cliplab.errors import ModelError
 from cliplab.models.preprocess import PreprocessConfig
 
 PROCESSOR_FILE = "preprocessor_config.json"
+COMBINED_PROCESSOR_FILE = "processor_config.json"  # transformers' newer processor.save_pretrained
 CARD_FILE = "README.md"
 PIL_BILINEAR = 2
 
@@ -37,15 +38,23 @@ def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
 
 def preprocess_from_processor_config(folder: str | Path, image_size: int) -> PreprocessConfig:
     """cliplab's eval preprocessing from a folder's ``preprocessor_config.json`` (size, mean,
-    std), or the model's ``image_size`` with CLIP's normalisation when the folder has none."""
+    std) or, as newer transformers save a processor, ``processor_config.json``'s
+    ``image_processor``; the model's ``image_size`` with CLIP's normalisation when it has
+    neither."""
     pre = PreprocessConfig(image_size=image_size)
     file = Path(folder) / PROCESSOR_FILE
     if not file.is_file():
-        return pre
+        file = Path(folder) / COMBINED_PROCESSOR_FILE
+        if not file.is_file():
+            return pre
     try:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if file.name == COMBINED_PROCESSOR_FILE:
+        d = d.get("image_processor") if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            return pre
     crop = d.get("crop_size") or d.get("size") or image_size
     if isinstance(crop, dict):
         crop = crop.get("height") or crop.get("shortest_edge") or image_size
