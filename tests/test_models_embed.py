@@ -37,3 +37,15 @@ def test_embed_texts_matches_encode_texts_across_batches():
     got = embed_texts(model, texts, batch_size=3)
     np.testing.assert_allclose(got, model.encode_texts(texts).numpy(), atol=1e-5)
     assert embed_texts(model, []).shape == (0, 16)
+    # one string is one text (it was embedded one character per row)
+    np.testing.assert_allclose(embed_texts(model, "a red circle"), got[:1], atol=1e-5)
+    assert model.encode_texts("a blue square").shape == (1, 16)
+
+
+def test_one_template_string_is_one_prompt_per_class():
+    from cliplab.evaluate.zeroshot import zeroshot_classifier
+
+    model = tiny()
+    names = ["circle", "square"]
+    torch.testing.assert_close(zeroshot_classifier(model, names, "a photo of a {}."),
+                               zeroshot_classifier(model, names, ["a photo of a {}."]))

@@ -60,3 +60,14 @@ def test_latest_checkpoint_is_the_highest_complete_step(tmp_path):
     (tmp_path / "checkpoints" / "step-11.tmp").mkdir()  # a write that was killed
     (tmp_path / "checkpoints" / "notes").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-10"
+
+
+def test_results_with_numpy_numbers_are_written_as_plain_json(tmp_path):
+    """A run's results.json takes numpy scalars and arrays as plain numbers (it raised
+    TypeError where the other stages' writer did not)."""
+    import numpy as np
+
+    path = RunDir(tmp_path).write_json("results.json", {"acc1": np.float32(0.5),
+                                                         "counts": np.arange(3)})
+    assert json.loads(path.read_text()) == {"acc1": 0.5, "counts": [0, 1, 2]}
+    assert not list(tmp_path.glob("*.tmp"))

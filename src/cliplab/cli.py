@@ -372,13 +372,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _config(args) -> dict:
-    from cliplab.config import apply_overrides, load_yaml
-
-    cfg = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return apply_overrides(cfg, args.overrides)
-
-
 def cmd_quickstart(args) -> int:
     from cliplab.config import load_config
     from cliplab.quickstart import QuickstartConfig, format_results, run_quickstart
@@ -414,6 +407,7 @@ def cmd_eval(args) -> int:
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
     from cliplab.models.resolve import load_model
+    from cliplab.output_folder import write_json
 
     out = _results_folder(args.out)
     suite = load_config(SuiteSpec, args.config, args.overrides)
@@ -429,11 +423,10 @@ def cmd_eval(args) -> int:
     results = {"model": args.model, "suite": args.config, "precision": suite.precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
-    text = json.dumps(results, indent=2)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(text + "\n")
-    print(text)
+        write_json(out / "results.json", results)  # atomic, as every stage writes its results
+    print(json.dumps(results, indent=2))
     return 0
 
 

@@ -6,9 +6,9 @@ it with `load_config(Schema, path, overrides)`; components receive the validated
 raw dict. Unknown keys, wrong types and renamed keys are all reported in one line before any
 work starts:
 
-    configs/x.yaml: train.batch_size: expected an integer, got 'many'
-    configs/x.yaml: unknown key train.bacth_size (valid: batch_size, epochs, ...)
-    configs/x.yaml: model.preset was renamed: use model.name
+    configs/x.yaml: train.batch_size: expected a valid integer, ..., got 'many'
+    configs/x.yaml: unknown key train.bacth_size (valid: augment, batch_size, ...)
+    configs/x.yaml: model: renamed key 'preset': use 'name'
 
 Why pydantic: it is the ecosystem's well-kept validator, gives the key path of every error,
 parses numbers written as strings ("2e-3") in one place, and builds a JSON schema for free.

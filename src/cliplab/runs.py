@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from cliplab.errors import ConfigError
+from cliplab.output_folder import write_json
 
 CHECKPOINTS = "checkpoints"
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
@@ -148,10 +149,9 @@ class RunDir:
             self._writer = None
 
     def write_json(self, name: str, data: dict) -> Path:
+        """``name`` in the run folder, written atomically (`output_folder.write_json`)."""
         path = self.path / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_json(path, data)
         return path
 
     def checkpoint_dir(self, step: int) -> Path:

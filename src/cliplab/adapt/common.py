@@ -1,4 +1,4 @@
-"""What the methods that train weights share: data subsets, class checks, head accuracy,
+"""What the methods that train weights share: data subsets, head accuracy,
 parameter counts, and the check of their ``options.train`` section."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cliplab.evaluate.metrics import classification_metrics
+from cliplab.evaluate.metrics import classification_metrics, restrict_classes
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 
@@ -18,7 +18,9 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
                         precision: str = "fp32") -> torch.Tensor:
     """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
     (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself.
-    With ``text_cache``, prompts already embedded (by an earlier task) are not encoded again."""
+    With ``text_cache``, prompts already embedded (by an earlier task) are not encoded again.
+    One template may be given as a string."""
+    templates = [templates] if isinstance(templates, str) else templates
     prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
     if text_cache is not None:
         emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
@@ -36,11 +38,7 @@ def zeroshot_metrics(image_embeddings: torch.Tensor, labels: torch.Tensor,
                      classifier: torch.Tensor, classes: Sequence[int] | None = None) -> dict:
     """acc1/acc5/mean per-class recall; with ``classes``, only those classes compete and only
     images of those classes are scored (e.g. classes held out from training)."""
+    logits = zeroshot_logits(image_embeddings, classifier)
     if classes is not None:
-        classes_t = torch.as_tensor(list(classes))
-        keep = torch.isin(labels, classes_t)
-        image_embeddings, labels = image_embeddings[keep], labels[keep]
-        classifier = classifier[classes_t]
-        # relabel to positions within the subset
-        labels = (labels[:, None] == classes_t[None, :]).float().argmax(dim=1)
-    return classification_metrics(zeroshot_logits(image_embeddings, classifier), labels)
+        logits, labels = restrict_classes(logits, labels, list(classes))
+    return classification_metrics(logits, labels)

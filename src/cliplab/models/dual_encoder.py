@@ -212,8 +212,10 @@ class DualEncoder(nn.Module):
         return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Convenience: tokenize and embed a list of strings in batches (eval mode, no grad)."""
+    def encode_texts(self, texts: list[str] | str, batch_size: int = 256) -> torch.Tensor:
+        """Convenience: tokenize and embed a list of strings (one string: a batch of one) in
+        batches (eval mode, no grad)."""
+        texts = [texts] if isinstance(texts, str) else texts  # not one text per character
         out = []
         with evaluating(self):
             for i in range(0, len(texts), batch_size):

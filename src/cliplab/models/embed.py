@@ -34,10 +34,10 @@ def embed_images(model: DualEncoder, images: Sequence[Image.Image], batch_size: 
 
 
 @torch.no_grad()
-def embed_texts(model: DualEncoder, texts: Sequence[str], batch_size: int = 256,
+def embed_texts(model: DualEncoder, texts: Sequence[str] | str, batch_size: int = 256,
                 progress: bool = False) -> np.ndarray:
-    """``[N, D]`` unit text embeddings."""
-    texts = list(texts)
+    """``[N, D]`` unit text embeddings (one string: ``[1, D]``)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
     out = [model.encode_texts(texts[start:start + batch_size], batch_size).float().cpu()
            for start in _batches(len(texts), batch_size, "embed texts", progress)]
     if not out:

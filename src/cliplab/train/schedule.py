@@ -8,7 +8,8 @@ import torch
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warm-up from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
+    """Linear warm-up over ``warmup_steps`` (step 0 at ``1/warmup_steps`` of the rate, so no
+    step is wasted at 0), then cosine decay from 1 to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)

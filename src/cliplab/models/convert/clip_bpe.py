@@ -36,7 +36,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(BPE_FILE, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = lines[1:N_MERGES + 1]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
