@@ -292,3 +292,18 @@ def test_tip_adapter_f_trains_on_augmented_views(model, digits, ctx, monkeypatch
     assert dist.min(1).values.max() < 1e-3  # cdist is exact to ~1e-4 only
     which = dist.argmin(1) // len(train)
     assert set(which.tolist()) == {0, 1}
+
+
+def test_an_adapter_refuses_a_model_it_was_not_fitted_on(model, digits, ctx, tmp_path):
+    """load_adapter on other weights fails in one line (it scored their features with the
+    adapter without a word)."""
+    import copy
+
+    train, _ = digits
+    get_method("linear-probe").fit(model, train, {}, ctx).save(tmp_path / "a")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(ModelError, match="fitted on other weights"):
+        load_adapter(tmp_path / "a", other)
+    assert load_adapter(tmp_path / "a", model).method == "linear-probe"

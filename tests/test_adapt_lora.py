@@ -176,3 +176,26 @@ def test_run_writes_adapter_merged_model_and_counts(tmp_path, objective):
     with torch.no_grad():
         torch.testing.assert_close(merged.encode_image(pixels), loaded.encode_image(pixels),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_fitted_in_python_records_the_folder_its_model_came_from(tmp_path, digits):
+    """`fit` from Python with no model name records the loaded model's own folder (it
+    recorded the working folder, so load_lora failed); a model built in memory records no
+    path, and load_lora asks for base= in one line."""
+    from cliplab.adapt import AdaptContext, get_method
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.runs import RunDir
+
+    small_model().save(tmp_path / "base")
+    options = {"rank": 2, "train": {"steps": 1, "batch_size": 16}}
+    ctx = AdaptContext(FeatureCache(), progress=False, run=RunDir(tmp_path / "run"))
+    adapted = get_method("lora").fit(DualEncoder.load(tmp_path / "base"), digits, options, ctx)
+    adapted.save(tmp_path / "run")
+    loaded, _, _ = load_lora(adapted.adapter_dir)
+    assert loaded.source == str((tmp_path / "base").resolve())
+
+    ctx = AdaptContext(FeatureCache(), progress=False, run=RunDir(tmp_path / "run2"))
+    adapted = get_method("lora").fit(small_model(), digits, options, ctx)
+    with pytest.raises(ModelError, match="records no path of the model.*pass base="):
+        load_lora(adapted.adapter_dir)
+    assert load_lora(adapted.adapter_dir, base=str(tmp_path / "base"))[0] is not None

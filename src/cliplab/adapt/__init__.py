@@ -27,6 +27,7 @@ from types import ModuleType
 from cliplab.adapt.base import AdaptContext, Adapter, read_adapter
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.folder import model_fingerprint
 
 # name -> module, imported on first use (peft, behind lora, is heavy)
 ADAPT_METHODS: dict[str, str] = {
@@ -55,8 +56,14 @@ def get_method(name: str) -> ModuleType:
 
 def load_adapter(folder: str | Path, model: DualEncoder) -> Adapter:
     """A few-shot adapter saved by ``Adapter.save`` (``adapter.json`` + ``adapter.safetensors``),
-    on the model it was trained with."""
+    on the model it was trained with (another model is refused: its features are not the
+    ones the adapter learned on)."""
     meta, tensors = read_adapter(folder)
+    recorded = meta.get("fingerprint")  # adapters saved before it was recorded: not checked
+    if recorded is not None and recorded != model_fingerprint(model):
+        raise ModelError(f"{folder} was fitted on other weights than the model given (weights "
+                         f"fingerprint {recorded}); load it with the model it was fitted on"
+                         + (f" ({meta['model']})" if meta.get("model") else ""))
     name = meta.get("method")
     module = get_method(name) if name in ADAPT_METHODS else None
     adapter_class = getattr(module, "ADAPTER", None)

@@ -20,11 +20,13 @@ from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.folder import model_fingerprint
 from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 FORMAT_VERSION = 1
+DEFAULT_SEED = 1  # the adapt config's default too: Python and `cliplab adapt` draw alike
 
 
 O = TypeVar("O", bound=Section)
@@ -35,14 +37,20 @@ class AdaptContext:
     """What a method may use besides its model, data and options: the shared feature cache,
     a validation split (for hyper-parameter search), the seed, whether to show progress, the
     run folder (methods that train weights write their checkpoints there; None: nowhere) and
-    the name the model was given by (recorded as the pretrained origin of what is written)."""
+    the name the model was given by (recorded as the pretrained origin of what is written;
+    None: the folder it was loaded from, see `origin`)."""
 
     cache: FeatureCache
     val: LabelledImages | None = None
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     progress: bool = True
     run: RunDir | None = None
-    model_name: str = ""
+    model_name: str | None = None
+
+    def origin(self, model: DualEncoder) -> str | None:
+        """The base recorded in what a method writes: ``model_name``, else the folder
+        ``model`` was loaded from, else None (a model built in memory: no path to record)."""
+        return self.model_name or model.source
 
     def features(self, model: DualEncoder, data: LabelledImages, probe: str | None = None,
                  desc: str = "encode images") -> ImageFeatures:
@@ -115,14 +123,16 @@ class Adapter:
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Write ``adapter.safetensors`` (learned tensors) and ``adapter.json`` (method,
-        options, class names, and ``extra`` such as the model path)."""
+        options, class names, the model's weights fingerprint, and ``extra`` such as the
+        model path)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous()
                    for k, v in self.state().items()}
         save_file(tensors, str(folder / TENSORS_FILE))
         meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
-                "classnames": self.classnames, **(extra or {})}
+                "classnames": self.classnames, "fingerprint": model_fingerprint(self.model),
+                **(extra or {})}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from cliplab.adapt import ADAPT_METHODS
+from cliplab.adapt.base import DEFAULT_SEED
 from cliplab.config import Section
 from cliplab.models.spec import ModelField
 
@@ -46,7 +47,7 @@ class AdaptConfig(Section):
     shots: int = Field(16, ge=0)
     train_size: int | None = Field(None, ge=1)
     val_shots: int = Field(0, ge=0)
-    seed: int = Field(1, ge=0)
+    seed: int = Field(DEFAULT_SEED, ge=0)
     options: dict[str, Any] = {}
     compare_zeroshot: bool = True
     cache_dir: str | None = None

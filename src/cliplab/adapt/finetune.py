@@ -123,8 +123,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
                                progress=ctx.progress)
     fingerprint = model_fingerprint(model)
-    head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.model_name, opts.train_head,
-                             fingerprint)
+    head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),
+                             opts.train_head, fingerprint)
     model_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
-    return FineTuned(model, train.classnames, opts.to_dict(), head, ctx.model_name, fingerprint,
-                     model_dir)
+    return FineTuned(model, train.classnames, opts.to_dict(), head, ctx.origin(model),
+                     fingerprint, model_dir)

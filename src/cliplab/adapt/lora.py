@@ -12,6 +12,7 @@ model's path and fingerprint) that loads back onto its base, or merges into a fu
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -115,10 +116,18 @@ def add_lora(model: DualEncoder, opts: Options) -> PeftModel:
     config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
                         lora_dropout=float(opts.dropout),
                         target_modules=target_regex(opts.towers, opts.modules))
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
+    with _quiet_peft():
+        return get_peft_model(model.model, config)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers a deprecated question (``is_gradient_checkpointing``): the
+    FutureWarning is not the user's to act on."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
-        return get_peft_model(model.model, config)
+        yield
 
 
 def lora_parameter_count(model: DualEncoder) -> int:
@@ -147,9 +156,13 @@ def load_lora(folder: str | Path, base: str | None = None
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
     base_path = base or require_origin(folder)["path"]
+    if base_path is None:
+        raise ModelError(f"{folder} records no path of the model it was adapted from (it was "
+                         "built in memory): pass base=MODEL")
     model = load_model(str(base_path))
     check_same_origin(folder, model, str(base_path))
-    peft_model = PeftModel.from_pretrained(model.model, str(folder))
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model.model, str(folder))
     head = ClassifierHead.load(folder) if (folder / HEAD_FILE).is_file() else None
     return model.eval(), peft_model, head
 
@@ -212,7 +225,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     # a text tower without adapters is frozen: cache its caption features
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,
                                progress=ctx.progress)
-    fingerprint = model_fingerprint(model)
+    fingerprint, origin = model_fingerprint(model), ctx.origin(model)
     full = count_parameters(model)["total"]
     image_full = count_parameters(model.vision_tower)["total"] + sum(
         p.numel() for p in getattr(model.model, "visual_projection", nn.Identity()).parameters())
@@ -223,7 +236,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     peft_model = add_lora(model, opts)
 
     def save(folder: Path) -> None:
-        save_adapter(peft_model, folder / ADAPTER_DIR, ctx.model_name, fingerprint, head, opts)
+        save_adapter(peft_model, folder / ADAPTER_DIR, origin, fingerprint, head, opts)
 
     trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
     trainer.fit(train if head is not None else labelled_to_pairs(train))
@@ -238,4 +251,4 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         text_head = scale * zeroshot_classifier(model, train.prompt_names, train.templates)
     adapter_dir = trainer.last_checkpoint / ADAPTER_DIR if trainer.last_checkpoint else None
     return LoraAdapted(model, train.classnames, opts.to_dict(), peft_model, head, text_head,
-                       ctx.model_name, fingerprint, params, adapter_dir)
+                       origin, fingerprint, params, adapter_dir)

@@ -149,8 +149,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         val = draw_validation(cfg, own_val)
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
     train = subsample(train, cfg.train_size, cfg.seed)
-    model_name = str(cfg.model) if cfg.model is not None else "(given model)"
     model = model if model is not None else load_model(cfg.model)
+    given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True
     if write:
@@ -161,7 +161,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
 
     torch.manual_seed(cfg.seed)
     ctx = AdaptContext(cache=cache, val=val, seed=cfg.seed, progress=progress, run=run,
-                       model_name=model_name)
+                       model_name=given)
+    model_name = ctx.origin(model) or "(given model)"
     results: dict[str, Any] = {
         "method": cfg.method, "model": model_name, "shots": cfg.shots, "seed": cfg.seed,
         "train_size": len(train), "val_size": len(val) if val else 0,

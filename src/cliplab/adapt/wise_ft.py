@@ -220,17 +220,17 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     fingerprint = model_fingerprint(model)
     if opts.finetuned:
         ft_dir = resolve_model_path(opts.finetuned)
-        check_same_origin(ft_dir, model, ctx.model_name)
+        check_same_origin(ft_dir, model, ctx.origin(model) or "the given model")
         finetuned, ft_head = load_finetuned(ft_dir)
     else:
         finetuned = copy.deepcopy(model)
         train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
                                    progress=ctx.progress)
-        ft_head, trainer = finetune(finetuned, train, train_cfg, ctx.run, ctx.model_name,
+        ft_head, trainer = finetune(finetuned, train, train_cfg, ctx.run, ctx.origin(model),
                                     opts.train_head, fingerprint)
         ft_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
     if [c.lower() for c in ft_head.classnames] != [c.lower() for c in train.classnames]:
         raise ConfigError(f"the fine-tuned head's classes {ft_head.classnames} differ from "
                           f"data.train's {train.classnames}")
     return WiseFT(model, train.classnames, opts.to_dict(), zeroshot_classifier_head(model, train),
-                  finetuned, ft_head, ft_dir, ctx.model_name, fingerprint, ctx.val)
+                  finetuned, ft_head, ft_dir, ctx.origin(model), fingerprint, ctx.val)

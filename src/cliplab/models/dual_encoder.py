@@ -50,6 +50,7 @@ class DualEncoder(nn.Module):
         if text_pooling not in ("model", "mean"):
             raise ModelError(f"text_pooling must be 'model' or 'mean', not {text_pooling!r}")
         self.model = model
+        self.source: str | None = None  # the folder `load` read it from (None: built in memory)
         self.tokenizer = tokenizer
         self.preprocess_config = preprocess
         self.preprocessor = ImagePreprocessor(preprocess)
@@ -327,8 +328,10 @@ class DualEncoder(nn.Module):
                   "the text model's pooler, as transformers does; a cliplab LiT model pools by "
                   f"mean (a folder re-saved by transformers lost its {CLIPLAB_FILE}: copy it "
                   "back)", file=sys.stderr)
-        return cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
-                   meta.get("context_length")).eval()
+        loaded = cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
+                     meta.get("context_length")).eval()
+        loaded.source = str(path.resolve())
+        return loaded
 
 
 @contextlib.contextmanager

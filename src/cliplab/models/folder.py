@@ -99,7 +99,7 @@ def write_origin(folder: str | Path, base_path: str | Path | None, fingerprint: 
     record. Works on any folder: a cliplab model, a plain HF folder or an adapter folder. A
     base that is a path is recorded absolute (so the record holds from any working folder); a
     preset or Hub id as given."""
-    path = None if base_path is None else str(base_path)
+    path = str(base_path) if base_path else None  # "" or None: no path known
     if path is not None and Path(path).expanduser().exists():
         path = str(Path(path).expanduser().resolve())
     record = {"path": path, "fingerprint": fingerprint}
