@@ -235,3 +235,13 @@ def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
     assert np.abs(pixels.astype(int) - stream.images[0].numpy()).max() <= 8  # the JPEG, blue
     with pytest.raises(OSError, match="no image member"):
         items["s-000000.tar:b"].read()
+
+
+def test_labels_outside_the_classes_are_refused():
+    images = torch.zeros((3, 4, 4, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="label 3 is no class index: 3 classes, so labels "
+                                         "run 0 to 2"):
+        LabelledImages(images, torch.tensor([0, 3, 1]), ["a", "b", "c"], ["{}"])
+    with pytest.raises(ValueError, match="label -1 is no class index"):
+        LabelledImages(images, torch.tensor([0, -1, 1]), ["a", "b", "c"], ["{}"])
+    assert len(LabelledImages(images, torch.tensor([0, 2, 1]), ["a", "b", "c"], ["{}"])) == 3

@@ -137,6 +137,9 @@ def test_a_classifier_stands_in_for_the_zeroshot_head(tiny_model):
     assert sub["acc1"] == pytest.approx((pred == data.labels[keep]).float().mean().item(),
                                         abs=1e-6)
     assert set(sub["per_class_acc1"]) == {data.classnames[c] for c in (1, 3, 5)}
+    # a head of other classes is refused (3 rows scored 10-class data, at 15%, without a word)
+    with pytest.raises(ConfigError, match="the classifier scores 3 classes, the data 10"):
+        run_task(tiny_model, spec, TaskContext(progress=False, classifier=LinearHead(head[:3])))
 
 
 def test_per_class_accuracy_by_hand(tiny_model):

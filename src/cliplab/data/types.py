@@ -94,6 +94,10 @@ class LabelledImages:
         _check_images(self.images)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        outside = self.labels[(self.labels < 0) | (self.labels >= len(self.classnames))]
+        if len(outside):  # such a label would score as wrong everywhere, without a word
+            raise ValueError(f"label {int(outside[0])} is no class index: {len(self.classnames)} "
+                             f"classes, so labels run 0 to {len(self.classnames) - 1}")
         if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
             raise ValueError(f"{len(self.descriptions)} descriptions for "
                              f"{len(self.classnames)} classes")

@@ -225,7 +225,12 @@ class TaskContext:
             probe = classifier.probe
             feats = self.image_features(model, data.images, spec, desc, probe=probe) if probe \
                 else self.image_features(model, data.images, spec, desc)
-            return classifier.logits(feats, progress=self.progress).float(), feats
+            logits = classifier.logits(feats, progress=self.progress).float()
+            if logits.shape[1] != len(data.classnames):
+                raise ConfigError(f"the classifier scores {logits.shape[1]} classes, the data "
+                                  f"{len(data.classnames)} ({', '.join(data.classnames[:5])}"
+                                  f"{', ...' if len(data.classnames) > 5 else ''})")
+            return logits, feats
         feats = self.image_features(model, data.images, spec, desc)
         head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
                                    self.precision)
