@@ -145,6 +145,11 @@ def test_task_vectors_add_negate_scale():
     assert torch.equal(apply_task_vector(base, both)["pos"], base["pos"])
     with pytest.raises(ConfigError, match="2 task vectors"):
         combine_task_vectors([ta, tb], [1.0])
+    # entries of other names are refused, not dropped (the base came back unchanged)
+    with pytest.raises(ConfigError, match="1 task-vector tensor.* not in the base.*x.w"):
+        apply_task_vector(base, {"x.w": ta["w"]})
+    with pytest.raises(ConfigError, match="task vectors 0 and 1 cover different tensors"):
+        combine_task_vectors([ta, {"v": tb["w"]}])
 
 
 def _ties_vectors():

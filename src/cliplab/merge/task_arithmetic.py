@@ -26,11 +26,21 @@ def combine_task_vectors(vectors: Sequence[dict[str, torch.Tensor]],
         scales = [float(scales)] * len(vectors)
     if len(scales) != len(vectors):
         raise ConfigError(f"{len(scales)} scales for {len(vectors)} task vectors")
+    for i, vector in enumerate(vectors[1:], 1):
+        if vector.keys() != vectors[0].keys():
+            odd = sorted(vector.keys() ^ vectors[0].keys())
+            raise ConfigError(f"task vectors 0 and {i} cover different tensors (e.g. {odd[0]}); "
+                              "make them from models of one architecture")
     return {k: sum(float(s) * v[k] for s, v in zip(scales, vectors)) for k in vectors[0]}
 
 
 def apply_task_vector(base: StateDict, vector: dict[str, torch.Tensor],
                       scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """``base + scale·vector`` in the base's dtypes; tensors the vector lacks are copied."""
+    """``base + scale·vector`` in the base's dtypes; tensors the vector lacks are copied (a
+    vector entry the base lacks is refused: it would be dropped without a word)."""
+    stray = sorted(vector.keys() - base.keys())
+    if stray:
+        raise ConfigError(f"{len(stray)} task-vector tensor(s) are not in the base (e.g. "
+                          f"{stray[0]}); make the vector from this base's state dict")
     return {k: (w.float() + scale * vector[k]).to(w.dtype) if k in vector else w.clone()
             for k, w in base.items()}
