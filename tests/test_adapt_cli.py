@@ -246,3 +246,31 @@ def test_eval_of_a_fine_tuned_folder_scores_its_own_classes_with_its_head(model_
     assert auto["digits"]["acc1"] != pytest.approx(text["digits"]["acc1"])  # the head mattered
     assert "classifier" not in auto["shapes"] and auto["shapes"] == text["shapes"]
     assert runs["text"]["head"] is None and "classifier" not in text["digits"]
+
+
+def test_run_and_checkpoint_folders_load_like_their_model_folders(model_dir, tmp_path):
+    """load_lora, load_finetuned and saved_head_classifier take the run folder (its newest
+    checkpoint) or a checkpoint folder, as every model argument does."""
+    from cliplab.adapt.finetune import load_finetuned
+    from cliplab.adapt.head import saved_head_classifier
+    from cliplab.adapt.lora import load_lora
+    from cliplab.errors import ModelError
+
+    data = ["data.train={source: digits, split: train}", "data.test={source: digits, "
+            "split: test}", "shots=0", "train_size=32", "options.train.steps=1",
+            "options.train.batch_size=32", "compare_zeroshot=false", "--no-progress"]
+    ft, lora = tmp_path / "ft", tmp_path / "lora"
+    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out", str(ft),
+                 *data]) == 0
+    assert main(["adapt", "--method", "lora", "--model", str(model_dir), "--out", str(lora),
+                 *data, "options.rank=2"]) == 0
+    step = ft / "checkpoints" / "step-1"
+    for folder in (ft, step):
+        _, head = load_finetuned(folder)
+        assert torch.equal(head.weight, load_finetuned(step / "model")[1].weight)
+        assert saved_head_classifier(folder).label == str(step / "model" / "head.safetensors")
+    adapter = lora / "checkpoints" / "step-1" / "adapter"
+    for folder in (lora, adapter.parent):
+        assert load_lora(folder)[2] is not None
+    with pytest.raises(ModelError, match="not a LoRA adapter folder.*nor a checkpoint or run"):
+        load_lora(ft)

@@ -433,11 +433,10 @@ def cmd_eval(args) -> int:
 def _fine_tuned_head(model: str):
     """The `LinearHead` of the model folder ``model`` names, if it holds a head.safetensors."""
     from cliplab.adapt.head import saved_head_classifier
-    from cliplab.models.resolve import resolve_model_path
 
     if not Path(model).expanduser().is_dir():
         return None  # a preset, a Hub id or a checkpoint file: no saved head
-    return saved_head_classifier(resolve_model_path(model))
+    return saved_head_classifier(Path(model).expanduser())
 
 
 def _results_folder(out: str | None) -> Path | None:

@@ -24,6 +24,7 @@ from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.resolve import model_folder
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
@@ -65,7 +66,9 @@ def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
 
 
 def load_finetuned(folder: str | Path) -> tuple[DualEncoder, ClassifierHead]:
-    """The model and head of a fine-tuned folder."""
+    """The model and head of a fine-tuned model folder (or of a finetune run or checkpoint
+    folder's model)."""
+    folder = model_folder(folder)
     require_origin(folder)  # fails clearly on a folder that is not a fine-tune
     return DualEncoder.load(folder), ClassifierHead.load(folder)
 

@@ -21,6 +21,7 @@ from cliplab.errors import ModelError
 from cliplab.evaluate.tasks.base import LinearHead
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.resolve import model_folder
 
 HEAD_FILE = "head.safetensors"
 
@@ -60,11 +61,15 @@ class ClassifierHead(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> "ClassifierHead":
-        """Read the ``head.safetensors`` of a model or adapter folder."""
+        """Read the ``head.safetensors`` of a model or adapter folder (or of the model of a
+        checkpoint or run folder)."""
         path = Path(folder) / HEAD_FILE
         if not path.is_file():
-            raise ModelError(f"{folder} has no {HEAD_FILE}: give a folder written by "
-                             "`cliplab adapt --method finetune` (or lora with a head)")
+            path = model_folder(folder) / HEAD_FILE
+        if not path.is_file():
+            raise ModelError(f"{folder} has no {HEAD_FILE}: give the model folder of a "
+                             "`cliplab adapt --method finetune` run (RUN/checkpoints/step-N/"
+                             "model) or a lora adapter folder with a head")
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -77,9 +82,10 @@ class ClassifierHead(nn.Module):
 
 def saved_head_classifier(folder: str | Path) -> LinearHead | None:
     """The fine-tuned head saved in a model folder (``head.safetensors``, written by
-    finetune, lora, wise-ft) as an eval `Classifier` for its own classes, labelled with its
-    path; None for a folder without one."""
-    if not (Path(folder) / HEAD_FILE).is_file():
+    finetune, lora, wise-ft; a checkpoint or run folder means its model's) as an eval
+    `Classifier` for its own classes, labelled with its path; None for a folder without one."""
+    folder = model_folder(folder)
+    if not (folder / HEAD_FILE).is_file():
         return None
     head = ClassifierHead.load(folder)
     return LinearHead(head.weight, head.classnames, label=str(Path(folder) / HEAD_FILE))

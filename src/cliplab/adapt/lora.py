@@ -37,6 +37,7 @@ from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
+from cliplab.runs import CHECKPOINTS, latest_checkpoint
 from cliplab.train.trainer import Trainer
 
 TOWER_PREFIX = {"image": "vision_model", "text": "text_model"}
@@ -151,10 +152,10 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
 def load_lora(folder: str | Path, base: str | None = None
               ) -> tuple[DualEncoder, PeftModel, ClassifierHead | None]:
     """The base model (``base`` or the recorded path; its weights must match the recorded
-    fingerprint) with the LoRA adapter of ``folder`` on it, and the head if it has one."""
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise ModelError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
+    fingerprint) with the LoRA adapter of ``folder`` on it, and the head if it has one.
+    ``folder``: an adapter folder, a checkpoint holding ``adapter/`` or a lora run folder (its
+    newest checkpoint's)."""
+    folder = adapter_folder(folder)
     base_path = base or require_origin(folder)["path"]
     if base_path is None:
         raise ModelError(f"{folder} records no path of the model it was adapted from (it was "
@@ -165,6 +166,18 @@ def load_lora(folder: str | Path, base: str | None = None
         peft_model = PeftModel.from_pretrained(model.model, str(folder))
     head = ClassifierHead.load(folder) if (folder / HEAD_FILE).is_file() else None
     return model.eval(), peft_model, head
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The peft adapter folder behind ``path``: itself, its ``adapter/`` (a checkpoint) or
+    its newest checkpoint's (a run folder); a one-line error for anything else."""
+    path = Path(path)
+    latest = latest_checkpoint(path) if (path / CHECKPOINTS).is_dir() else None
+    for candidate in (path, path / ADAPTER_DIR, *([latest / ADAPTER_DIR] if latest else [])):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ModelError(f"{path} is not a LoRA adapter folder (no adapter_config.json), nor a "
+                     "checkpoint or run folder of `cliplab adapt --method lora`")
 
 
 def merge_adapter(model: DualEncoder, peft_model: PeftModel) -> DualEncoder:
