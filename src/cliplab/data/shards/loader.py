@@ -22,6 +22,7 @@ the next one.
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -129,6 +130,18 @@ class ShardLoader:
             return [sum(n // self.batch_size for n in rank) for rank in per_stream]
         return [sum(-(-n // self.batch_size) for n in rank) for rank in per_stream]
 
+    def _warn_if_drop_last_leaves_nothing(self) -> None:
+        """One stderr line when this rank's streams all hold fewer samples than a batch, so
+        ``drop_last`` will yield nothing (each worker batches its own stream)."""
+        if not self.drop_last:
+            return
+        mine = self.stream.stream_sample_counts(self.workers)[self.stream.rank]
+        if sum(mine) and max(mine) < self.batch_size:
+            print(f"ShardLoader: warning: each of this rank's {self.workers} stream(s) holds "
+                  f"fewer than batch_size={self.batch_size} samples (at most {max(mine)}), so "
+                  "drop_last=True yields no batch; use fewer workers, a smaller batch or "
+                  "drop_last=False", file=sys.stderr)
+
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
 
@@ -140,6 +153,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.stream._check_workers(self.workers)
+        self._warn_if_drop_last_leaves_nothing()
         loader = DataLoader(_WorkerBatches(self.stream, self.batch_size, self.drop_last),
                             batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             persistent_workers=False, in_order=True, **self.dataloader_kw)
