@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from cliplab.data.pairs import check_same_classes, classes_with_fewer
+from cliplab.data.pairs import classes_with_fewer
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
-from cliplab.evaluate.tasks.linear_probe import probe_features
+from cliplab.evaluate.tasks.linear_probe import probe_features, probe_sets
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -35,12 +35,9 @@ class Spec(TaskSpecBase):
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
-    name = spec.name or spec.task
-    train = context.labelled(spec.train, f"task {name!r} train")
-    check_same_classes(train, context.labelled(spec.test, f"task {name!r} test"),
-                       f"task {name!r}")
-    check_enough_shots(spec, train.labels, train.classnames)  # both before any encoding
-    return few_shot(*probe_features(model, spec, context), shots=tuple(spec.shots),
+    sets = probe_sets(spec, context)
+    check_enough_shots(spec, sets[0].labels, sets[0].classnames)  # both before any encoding
+    return few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
                     seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
 
 

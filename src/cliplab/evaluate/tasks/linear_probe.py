@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from cliplab.data.pairs import check_same_classes
+from cliplab.data.types import LabelledImages
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
 from cliplab.evaluate.features import EXTRA_PROBES
@@ -28,12 +29,21 @@ class Spec(TaskSpecBase):
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
 
-def probe_features(model: DualEncoder, spec, context: TaskContext):
-    """(train features, train labels, test features, test labels) of a probe-style spec."""
+def probe_sets(spec, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
+    """The train and test sets of a probe-style spec, checked to have the same classes."""
     name = spec.name or spec.task
     train = context.labelled(spec.train, f"task {name!r} train")
     test = context.labelled(spec.test, f"task {name!r} test")
     check_same_classes(train, test, f"task {name!r}")
+    return train, test
+
+
+def probe_features(model: DualEncoder, spec, context: TaskContext,
+                   sets: tuple[LabelledImages, LabelledImages] | None = None):
+    """(train features, train labels, test features, test labels) of a probe-style spec
+    (``sets``: its `probe_sets`, when the caller has them already)."""
+    name = spec.name or spec.task
+    train, test = sets or probe_sets(spec, context)
     extra = spec.features if spec.features in EXTRA_PROBES else None
     tr = context.image_features(model, train.images, spec.train, f"encode {name} train",
                                 probe=extra, layers=spec.layers).get(spec.features)
