@@ -86,6 +86,24 @@ def test_head_round_trip(tmp_path):
         ClassifierHead.load(tmp_path / "nowhere")
 
 
+def test_a_head_scores_an_eval_task_as_its_classifier(digits):
+    """TaskContext(classifier=head) takes a ClassifierHead as it is (it had no `probe`):
+    the head's accuracy on its own classes, the text head on others."""
+    from cliplab.evaluate.suite import run_task
+    from cliplab.evaluate.tasks import LinearHead, TaskContext
+
+    model = small_model()
+    torch.manual_seed(0)
+    head = ClassifierHead(torch.randn(10, model.embed_dim), 5.0, digits.classnames)
+    spec = {"task": "zeroshot", "data": digits}
+    got = run_task(model, spec, TaskContext(progress=False, classifier=head))
+    want = run_task(model, spec, TaskContext(progress=False, classifier=LinearHead(head.weight)))
+    assert got == want
+    other = ClassifierHead(head.weight, 5.0, [f"c{i}" for i in range(10)])
+    assert run_task(model, spec, TaskContext(progress=False, classifier=other)) == \
+        run_task(model, spec, TaskContext(progress=False))
+
+
 def test_labelled_data_without_a_head_is_a_clear_error(digits):
     trainer = Trainer(small_model(), TrainConfig.from_dict({"steps": 1, "batch_size": 16,
                                                             "progress": False}))

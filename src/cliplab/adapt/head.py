@@ -18,6 +18,7 @@ from torch import nn
 
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
+from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.tasks.base import LinearHead
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
@@ -27,7 +28,10 @@ HEAD_FILE = "head.safetensors"
 
 
 class ClassifierHead(nn.Module):
-    """Linear classifier over unit image embeddings with a fixed temperature."""
+    """Linear classifier over unit image embeddings with a fixed temperature; also an eval
+    `Classifier` (``TaskContext(classifier=head)``) for data of its own classes."""
+
+    probe = None  # it reads the embeddings only
 
     def __init__(self, weight: torch.Tensor, scale: float, classnames: Sequence[str]):
         super().__init__()
@@ -49,6 +53,16 @@ class ClassifierHead(nn.Module):
         """Logits ``[B, C]`` of (unnormalised or unit) image embeddings ``[B, D]``."""
         feats = F.normalize(image_embeddings, dim=-1)
         return self.scale * feats @ self.weight.to(feats.dtype).t()
+
+    @torch.no_grad()
+    def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
+        """The eval `Classifier` face: logits of image features' embeddings."""
+        return self(features.embeddings)
+
+    def covers(self, classnames: Sequence[str]) -> bool:
+        """Whether this head's rows are ``classnames`` (data of other classes gets the text
+        head)."""
+        return self.classnames == list(classnames)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``head.safetensors`` (weight, scale; class names in the metadata)."""
