@@ -66,6 +66,18 @@ def test_suite_runs_retrieval_on_shapes(tiny_model):
                                "image_retrieval_recall@100", "text_retrieval_recall@100"}
 
 
+def test_a_model_spec_is_loaded_like_a_model_argument(tiny_model, tmp_path):
+    """run_suite / run_task take a model folder (any model spec) as the CLI does (a path
+    string failed deep inside the feature cache)."""
+    from cliplab.evaluate.suite import run_task
+
+    folder = tiny_model.save(tmp_path / "m")
+    task = {"task": "zeroshot", "name": "zs", "data": {"source": "digits", "split": "test"}}
+    want = run_task(tiny_model, task, TaskContext(progress=False))
+    assert run_task(str(folder), task, TaskContext(progress=False)) == want
+    assert run_suite(folder, [task], TaskContext(progress=False)) == {"zs": want}
+
+
 def test_suite_encodes_each_dataset_once(tiny_model, monkeypatch):
     from cliplab.evaluate import feature_cache as fc
     from cliplab.evaluate.feature_cache import FeatureCache

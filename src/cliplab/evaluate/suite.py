@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError, field_validator, model_validator
@@ -139,11 +140,22 @@ def plan_probes(tasks: list[TaskSpecBase]) -> ProbePlan:
     return plan
 
 
-def run_task(model: DualEncoder, spec: TaskSpecBase | Mapping,
+def as_model(model: DualEncoder | str | Path | Mapping) -> DualEncoder:
+    """A loaded model as it is; a model spec (preset, folder, run, Hub id, ...) loaded."""
+    if isinstance(model, (str, Path, Mapping)):
+        from cliplab.models.resolve import load_model
+
+        return load_model(str(model) if isinstance(model, Path) else model)
+    return model
+
+
+def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
              context: TaskContext | None = None) -> dict:
-    """Metrics of one task (a spec or a mapping with ``task: NAME``) on ``model``."""
+    """Metrics of one task (a spec or a mapping with ``task: NAME``) on ``model`` (a loaded
+    model or any model spec)."""
     spec = task_spec(spec, f"task {spec.get('name') or spec.get('task')!r}"
                      if isinstance(spec, Mapping) else "the task")
+    model = as_model(model)
     context = context or TaskContext()
     empty = context.empty_data(spec)
     if empty:
@@ -151,7 +163,7 @@ def run_task(model: DualEncoder, spec: TaskSpecBase | Mapping,
     return TASKS[spec.task].run(model, spec, context)
 
 
-def run_suite(model: DualEncoder, suite: SuiteSpec | Mapping | list,
+def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapping | list,
               context: TaskContext | None = None) -> dict:
     """``{task name: metrics}`` of every task of ``suite`` (validated whole first); the tasks
     share ``context``'s feature cache, so a dataset is encoded once however many tasks read
@@ -159,6 +171,7 @@ def run_suite(model: DualEncoder, suite: SuiteSpec | Mapping | list,
     whose data skipped samples (unreadable, missing, empty) gets them under ``skipped`` and
     one line on stderr."""
     suite = suite_spec(suite)
+    model = as_model(model)
     context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
                                   probe_plan=plan_probes(suite.tasks))
     results = {}
