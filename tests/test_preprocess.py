@@ -34,6 +34,12 @@ def test_rgba_and_pil_inputs():
     assert torch.allclose(out[0, 0], torch.ones(4, 4)) and torch.allclose(out[1, 2], torch.ones(4, 4))
     rgba = torch.zeros(1, 4, 4, 4, dtype=torch.uint8)
     assert to_float_rgb(rgba).shape == (1, 3, 4, 4)
+    pre = ImagePreprocessor(PreprocessConfig(image_size=4, mean=(0, 0, 0), std=(1, 1, 1)))
+    torch.testing.assert_close(pre(pil[0]), out[:1])  # one PIL image: a batch of one
+    import pytest
+
+    with pytest.raises(ValueError, match="different sizes.*embed_images resizes"):
+        pre([pil[0], Image.new("RGB", (6, 8))])
 
 
 def test_identity_augmentation_changes_nothing_and_flip_mirrors():

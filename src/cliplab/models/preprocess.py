@@ -57,11 +57,18 @@ class PreprocessConfig:
 
 
 def to_uint8_batch(images) -> torch.Tensor:
-    """Turn a uint8 tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, or a list of PIL images of one
-    size, into a uint8 tensor ``[B, H, W, C]``."""
+    """Turn a uint8 tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, a list of PIL images of one
+    size, or one PIL image (a batch of one), into a uint8 tensor ``[B, H, W, C]``."""
+    if isinstance(images, Image.Image):
+        images = [images]
     if isinstance(images, (list, tuple)):
-        images = np.stack([np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
-                           for im in images])
+        arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
+                  for im in images]
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes {shapes[:3]} do not make one batch; "
+                             "cliplab.models.embed.embed_images resizes each first")
+        images = np.stack(arrays)
     images = torch.as_tensor(images)
     if images.ndim == 3:
         images = images.unsqueeze(-1)
