@@ -80,3 +80,24 @@ def test_bad_cliplab_json_is_named(tmp_path):
     (tmp_path / "cliplab.json").write_text(json.dumps({"base": "P"}))
     with pytest.raises(ModelError, match=r"cliplab.json: 'base' must be"):
         read_origin(tmp_path)
+
+
+def test_saving_weights_that_do_not_fit_is_refused_before_writing(tmp_path):
+    """save(state_dict=...) of another model's weights wrote a folder that only failed when
+    loaded; it is refused first, and nothing is written."""
+    import pytest
+    import torch
+
+    from cliplab.errors import ModelError
+    from cliplab.models import build_model
+
+    small = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    state = dict(small.model.state_dict())
+    with pytest.raises(ModelError, match="1 key.s. missing .e.g. logit_scale"):
+        small.save(tmp_path / "a", state_dict={k: v for k, v in state.items()
+                                               if k != "logit_scale"})
+    bad = {**state, "text_projection.weight": torch.zeros(3, 3)}
+    with pytest.raises(ModelError, match=r"text_projection.weight is \(3, 3\)"):
+        small.save(tmp_path / "b", state_dict=bad)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    small.save(tmp_path / "c", state_dict=state)  # its own weights: fine

@@ -294,6 +294,8 @@ class DualEncoder(nn.Module):
         (``state_dict``: the weights to write instead of the module's, e.g. gathered from
         FSDP shards)."""
         path = Path(path)
+        if state_dict is not None:
+            self._check_fits(state_dict)  # before writing: a folder that cannot load back
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
@@ -305,6 +307,21 @@ class DualEncoder(nn.Module):
                           "text_pooling": self.text_pooling,
                           "context_length": self.context_length})
         return path
+
+    def _check_fits(self, state_dict: dict) -> None:
+        """A `ModelError` naming the first key ``state_dict`` lacks, has extra or shapes
+        otherwise than this model's weights."""
+        own = self.model.state_dict()
+        missing, extra = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+        if missing or extra:
+            raise ModelError(f"state_dict does not fit this {self.kind} model: "
+                             + (f"{len(missing)} key(s) missing (e.g. {missing[0]})" if missing
+                                else "") + ("; " if missing and extra else "")
+                             + (f"{len(extra)} unknown (e.g. {extra[0]})" if extra else ""))
+        for key, value in state_dict.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ModelError(f"state_dict does not fit this {self.kind} model: {key} is "
+                                 f"{tuple(value.shape)}, the model's {tuple(own[key].shape)}")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
