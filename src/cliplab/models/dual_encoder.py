@@ -312,7 +312,8 @@ class DualEncoder(nn.Module):
         """A `ModelError` naming the first key ``state_dict`` lacks, has extra or shapes
         otherwise than this model's weights."""
         own = self.model.state_dict()
-        missing, extra = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+        missing = sorted(own.keys() - state_dict.keys())
+        extra = sorted(state_dict.keys() - own.keys())
         if missing or extra:
             raise ModelError(f"state_dict does not fit this {self.kind} model: "
                              + (f"{len(missing)} key(s) missing (e.g. {missing[0]})" if missing
