@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from cliplab.data.images import to_pil
 from cliplab.data.shards.samples import image_part
 from cliplab.errors import DataError
 
@@ -250,5 +251,5 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
             label = int(data.labels[i])
             caption, meta = data.classnames[label], {"label": label}
         yield Item(f"{name}#{i}", caption, {"stored": None},
-                   lambda a=image: Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB"),
+                   lambda a=image: to_pil(a).convert("RGB"),
                    meta)

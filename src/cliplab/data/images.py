@@ -60,14 +60,18 @@ def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | 
     return _to_tensor(_resized(image, _hw(size)) if size else image)
 
 
+def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
+    """A uint8 ``[H, W, C]`` image (C = 1 or 3) as a PIL image (mode L or RGB)."""
+    array = np.ascontiguousarray(image.numpy() if isinstance(image, torch.Tensor) else image)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
 def resize_image(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """A uint8 ``[H, W, C]`` image resized bilinearly to ``size`` (unchanged if already so)."""
     height, width = _hw(size)
     if tuple(image.shape[:2]) == (height, width):
         return image
-    array = image.numpy()
-    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    return _to_tensor(_resized(pil, (height, width)))
+    return _to_tensor(_resized(to_pil(image), (height, width)))
 
 
 def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,9 +86,7 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def encode_image(image: torch.Tensor, fmt: str = "jpg", quality: int = 95) -> bytes:
     """A uint8 ``[H, W, C]`` image (C = 1 or 3) as JPEG or PNG bytes (PNG is lossless)."""
-    array = image.numpy()
-    array = array[..., 0] if array.shape[-1] == 1 else array
     buf = io.BytesIO()
     options = {"quality": quality} if fmt == "jpg" else {}
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format=ENCODE_FORMATS[fmt], **options)
+    to_pil(image).save(buf, format=ENCODE_FORMATS[fmt], **options)
     return buf.getvalue()

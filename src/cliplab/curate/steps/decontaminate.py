@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from cliplab.config import load_config
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.data.images import to_pil
 from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError
 from cliplab.models.resolve import load_model
@@ -106,8 +107,7 @@ def eval_set_specs(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _pil(image: torch.Tensor) -> Image.Image:
-    array = image.numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+    return to_pil(image).convert("RGB")
 
 
 class Decontaminate:
