@@ -51,6 +51,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, title, grid and legend of a one-axis plot, then the PNG written."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
     """Accuracy vs shots per (model, method): mean line with a ± std band; log2 x axis."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -67,12 +77,8 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
                             [a + s for a, s in zip(mean, std)], color=line.get_color(),
                             alpha=0.2)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("shots per class (k)")
-    ax.set_ylabel("top-1 accuracy (mean ± std over seeds)")
-    ax.set_title(f"few-shot: {section}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "shots per class (k)",
+                   "top-1 accuracy (mean ± std over seeds)", f"few-shot: {section}")
 
 
 def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
@@ -86,12 +92,8 @@ def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> 
                 curves.setdefault(name, []).append((alpha, acc))
         for name, points in curves.items():
             ax.plot(*zip(*sorted(points)), marker="o", label=f"{label} · {name}")
-    ax.set_xlabel("α (0: zero-shot, 1: fine-tuned)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title(f"weight interpolation: {section}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "α (0: zero-shot, 1: fine-tuned)", "top-1 accuracy",
+                   f"weight interpolation: {section}")
 
 
 def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
@@ -117,12 +119,8 @@ def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Pa
             ax.plot(xs, [fit["intercept"] + fit["slope"] * math.log10(x) for x in xs],
                     color=dots.get_facecolor()[0], linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel("concept frequency in training captions (samples)")
-    ax.set_ylabel("zero-shot top-1 accuracy of the class")
-    ax.set_title(f"long tail: {section}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "concept frequency in training captions (samples)",
+                   "zero-shot top-1 accuracy of the class", f"long tail: {section}")
 
 
 def plot_training(sources: list[ReportSource], path: Path) -> Path | None:
