@@ -174,6 +174,11 @@ def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
                      "classes": ["bag", "Bag"]})
     with pytest.raises(ConfigError, match="classes needs a labelled source"):
         load_source({"source": "shapes", "n": 2, "classes": ["x"]})
+    # [] kept every class, and one name was read letter by letter
+    with pytest.raises(ConfigError, match=r"classes: \[\] keeps no class"):
+        load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir), "classes": []})
+    bag = load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir), "classes": "Bag"})
+    assert bag.classnames == [full.classnames[8]] and len(bag) == 3
 
 
 def test_templates_replace_a_classification_sources_prompts():

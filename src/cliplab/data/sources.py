@@ -80,7 +80,11 @@ def load_source(spec: dict, progress: bool | None = None) -> Dataset:
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"holdout needs a labelled source; {name!r} gives image-text pairs")
         data, _ = split_classes(data, list(holdout))
-    if classes:
+    if classes is not None:
+        classes = [classes] if isinstance(classes, str) else list(classes)  # not its letters
+        if not classes:
+            raise ConfigError(f"data source {name!r}: classes: [] keeps no class; leave it out "
+                              "to keep every class")
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"classes needs a labelled source; {name!r} gives image-text pairs")
         data = select_classes(data, [str(c) for c in classes])
