@@ -198,6 +198,28 @@ def test_config_errors_come_before_any_work(family, tmp_path):
             run_merge(cfg, progress=False)
 
 
+def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, capsys):
+    """A non-empty --out is refused naming --overwrite; with it the folder is replaced whole
+    (nothing of the old one left, no .partial beside it)."""
+    _, _, fts = family
+    out = tmp_path / "soup"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["merge", "--method", "uniform", "--models", str(fts[0]), str(fts[1]), "--out",
+            str(out), "--no-progress"]
+    assert main(args) == 2
+    assert "not empty; give a new folder or --overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"  # untouched
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "merge.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
+    merged = DualEncoder.load(out).model.state_dict()
+    states = [_state(p) for p in fts[:2]]
+    key = next(iter(merged))
+    torch.testing.assert_close(merged[key], (states[0][key] + states[1][key]) / 2,
+                               rtol=0, atol=1e-6)
+
+
 def test_cli_one_line_errors(family, tmp_path, capsys):
     _, base, fts = family
     assert main(["merge", "--method", "task-arithmetic", "--models", str(fts[0]),

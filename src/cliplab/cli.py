@@ -219,6 +219,8 @@ def _add_merge(sub) -> None:
                    "fine-tuned from (model-stock, task-arithmetic, ties)")
     add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
                         "heldout.data.limit=2000 scale=0.5")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (once the merge is written)")
 
 
 def _add_eval(sub) -> None:
@@ -457,7 +459,8 @@ def cmd_merge(args) -> int:
 
     cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
                        base=args.base)
-    record = run_merge(cfg, progress=not args.no_progress, where=config_where(args))
+    record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
+                       overwrite=args.overwrite)
     line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"
     if record["heldout"]:
         held = record["heldout"]

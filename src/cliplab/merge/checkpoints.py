@@ -4,6 +4,7 @@ the merged folder."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights
                                   write_origin)
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
+from cliplab.output_folder import partial_path, swap_in, write_json
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
 # tensor; a saved dtype field changes when a model is loaded and saved again)
@@ -134,7 +136,8 @@ def check_origin(models: list[Ingredient], base: Ingredient | None) -> dict:
 def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str | Path,
                 origin: dict | None, record: dict) -> Path:
     """Write ``state`` as a normal model folder (config, tokenizer and cliplab.json of
-    ``template``) plus ``merge.json``; ``cliplab.json`` records the common pretrained origin."""
+    ``template``) plus ``merge.json``; ``cliplab.json`` records the common pretrained origin.
+    It is built in ``OUT.partial`` and renamed to ``out`` complete (replacing what was there)."""
     out = Path(out)
     model = DualEncoder.load(template)
     try:
@@ -142,8 +145,12 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
     except RuntimeError as err:
         raise ModelError(f"merged weights do not fit {template}: "
                          f"{str(err).splitlines()[0]}") from None
-    model.save(out)
+    work = partial_path(out)
+    if work.exists():
+        shutil.rmtree(work)  # a merge killed while writing
+    model.save(work)
     if origin and origin.get("fingerprint"):
-        write_origin(out, origin.get("path"), origin["fingerprint"])
-    (out / "merge.json").write_text(json.dumps(record, indent=2))
+        write_origin(work, origin.get("path"), origin["fingerprint"])
+    write_json(work / "merge.json", record)
+    swap_in(work, out)
     return out

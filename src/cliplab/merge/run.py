@@ -29,10 +29,11 @@ def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
     return spec if folder == Path(spec.name).expanduser() else ModelSpec(name=str(folder))
 
 
-def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> MergeConfig:
+def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
+                   overwrite: bool = False) -> MergeConfig:
     """The validated config with its inputs resolved to model folders (run and checkpoint
-    folders: the newest checkpoint's), and an output folder that is new (or empty) and not an
-    input."""
+    folders: the newest checkpoint's), and an output folder that is not an input and is new
+    (or empty, or ``overwrite``)."""
     if not isinstance(cfg, MergeConfig):
         cfg = validate(MergeConfig, cfg, where)
     # before any (slow) loading: every input resolved to its model folder
@@ -48,9 +49,11 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config") -> 
                           "model once, and weights=[...] to weight one more (uniform)")
     out = Path(cfg.out).resolve()
     inputs = [Path(m.name).resolve() for m in cfg.models + ([cfg.base] if cfg.base else [])]
-    if out in inputs or (out.exists() and any(out.iterdir())):
-        raise ConfigError(f"output folder {cfg.out} exists and is not empty (or is an input); "
-                          "give a new folder")
+    if out in inputs:
+        raise ConfigError(f"output folder {cfg.out} is one of the inputs; give a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"output folder {cfg.out} exists and is not empty; give a new folder "
+                          "or --overwrite to replace it")
     return cfg
 
 
@@ -71,10 +74,11 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
 
 
 def run_merge(cfg: MergeConfig | dict, progress: bool = True,
-              where: str = "the merge config") -> dict:
-    """Merge as ``cfg`` says (see `MergeConfig`); returns the ``merge.json`` record."""
+              where: str = "the merge config", overwrite: bool = False) -> dict:
+    """Merge as ``cfg`` says (see `MergeConfig`); returns the ``merge.json`` record.
+    ``overwrite`` replaces a non-empty output folder (only once the merge is written)."""
     start = time.time()
-    cfg = checked_config(cfg, where)
+    cfg = checked_config(cfg, where, overwrite)
     method, paths = cfg.method, [m.name for m in cfg.models]
     base_path = cfg.base.name if cfg.base else None
     bar = tqdm(paths + ([base_path] if base_path else []), desc="load models",
