@@ -114,3 +114,43 @@ def test_old_recipe_keys_name_the_new_ones(tmp_path):
     assert "eval.tasks[1] (name 'r').data is required" in str(err.value)
     assert "unknown key eval.tasks[1] (name 'r').dta" in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_records(tmp_path):
+    """Resuming a finished run wiped its results (an empty loop wrote them anew); a changed
+    setting was taken without a word (the restored optimizer kept the old rate while
+    config.yaml said the new one); records logged after the checkpoint came twice."""
+    out = tmp_path / "run"
+    run_pretrain(recipe(out, save_every=2), progress=False)
+    done = (out / "results.json").read_text()
+    whole = [r["step"] for r in records(out)]
+    with pytest.raises(ConfigError, match="nothing to resume: .*step-4 is at step 4 of 4"):
+        run_pretrain(recipe(out, save_every=2), resume="latest", progress=False)
+    assert (out / "results.json").read_text() == done
+
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "step-4")  # as if stopped after step 4 was logged
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"train\.lr \(checkpoint 0\.003, now 0\.1\)"):
+        run_pretrain(recipe(out, save_every=2, lr=0.1), resume="latest", progress=False)
+    assert (out / "config.yaml").read_text() == config
+    wider = recipe(out, save_every=2)
+    wider["model"] = {**MODEL, "options": {**MODEL["options"], "width": 64}}
+    with pytest.raises(ConfigError, match="weights or optimizer do not fit this run's model"):
+        run_pretrain(wider, resume="latest", progress=False)
+    # how the run is shown and saved may change
+    run_pretrain(recipe(out, save_every=3, log_every=1), resume="latest", progress=False)
+    assert [r["step"] for r in records(out)] == whole  # steps 3, 4 and the eval once each
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint.*remove it"):
+        run_pretrain(recipe(out), resume="latest", progress=False)
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint.*or remove it"):
+        run_pretrain(recipe(out), progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        run_pretrain(recipe(tmp_path / "file"), progress=False)

@@ -177,3 +177,41 @@ def test_the_trainer_runs_in_the_resolved_precision(monkeypatch):
         trainer = Trainer(small_model(), TrainConfig.from_dict(
             {"precision": "auto", "progress": False, "batch_size": 4}))
         assert trainer.precision == expected and trainer.embed.precision == expected
+
+
+def test_lr_scale_refuses_negative_and_unmatched_keys_and_the_longest_key_wins():
+    with pytest.raises(ConfigError, match=r"train\.lr_scale\.text_projection: expected "
+                                          r"greater than or equal to 0"):
+        TrainConfig.from_dict({"lr_scale": {"text_projection": -1}})
+    with pytest.raises(ConfigError, match="'text_projecton' is in the name of no trainable"):
+        Trainer(small_model(), config(lr_scale={"text_projecton": 0.0}), None)._optimizer()
+    for scales in ({"text": 2.0, "text_projection": 0.0}, {"text_projection": 0.0, "text": 2.0}):
+        model = small_model()  # the same rates whatever the keys' order
+        opt = Trainer(model, config(lr=1e-3, lr_scale=scales), None)._optimizer()
+        rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert rate[id(model.model.text_projection.weight)] == 0.0
+        assert rate[id(next(model.model.text_model.parameters()))] == 2e-3
+
+
+def test_the_logged_rate_is_the_one_each_step_used(tmp_path, pairs):
+    """Step 1 of a 2-step warm-up runs at lr/2, the last at its cosine value (the log showed
+    the next step's rate, ending at a 0 that never trained)."""
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=3, warmup=2, lr=1e-3, augment=False), run).fit(pairs)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_device_and_lock_options_are_checked(pairs):
+    with pytest.raises(ConfigError, match=r"train\.device: 'gpu' is no device"):
+        TrainConfig.from_dict({"device": "gpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"train\.device: 'cuda', but this PyTorch sees "
+                                              "no CUDA device"):
+            TrainConfig.from_dict({"device": "cuda"})
+    with pytest.raises(ConfigError, match="lock_text_except_last .* needs lock_text: true"):
+        TrainConfig.from_dict({"lock_text_except_last": 1})
+    from cliplab.errors import ModelError
+
+    with pytest.raises(ModelError, match="the text tower has 1 blocks"):
+        Trainer(small_model(), config(lock_text=True, lock_text_except_last=1), None)

@@ -74,20 +74,33 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
     highest); continuing it needs ``resume`` (a ``resumable`` command's), and
     ``resume="latest"`` needs a checkpoint."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run")
     newest = latest_checkpoint(out)
-    if resume == "latest" and newest is None:
-        raise ConfigError(f"--resume latest: {out} holds no checkpoint to continue; start "
-                          "without --resume")
-    if resume is not None:
-        return
     held = [name for name in (CHECKPOINTS, "metrics.jsonl", "results.json")
             if (out / name).exists()]
+    if resume == "latest" and newest is None:
+        stopped = " (its run stopped before its first checkpoint: remove it or choose a new " \
+                  "--out)" if held else "; start without --resume"
+        raise ConfigError(f"--resume latest: {out} holds no checkpoint to continue{stopped}")
+    if resume is not None:
+        return
     if held:
         what = f"checkpoints up to {newest.name}" if newest else ", ".join(held)
-        way_on = "continue it with --resume latest, or " if resumable else ""
-        raise ConfigError(f"--out {out} already holds a run ({what}); {way_on}choose a new "
-                          "--out")
+        way_on = "continue it with --resume latest, or " if resumable and newest else ""
+        stopped = ", stopped before its first checkpoint" if not newest and resumable else ""
+        raise ConfigError(f"--out {out} already holds a run ({what}{stopped}); {way_on}choose "
+                          "a new --out" + ("" if way_on else " or remove it"))
 
+
+
+def _record_step(line: str) -> float:
+    """The ``step`` of a metrics.jsonl line (a line without one, or unreadable: -inf, kept)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return float("-inf")
+    return step if isinstance(step, (int, float)) else float("-inf")
 
 
 @contextmanager
@@ -116,6 +129,7 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
         self.tensorboard = tensorboard_wanted(tensorboard)
         self._writer = None  # made at the first record, so ranks that never log write nothing
+        self._purge_step: int | None = None  # TensorBoard events from this step on are stale
 
     def write_config(self, config: dict) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -127,6 +141,19 @@ class RunDir:
         if self.tensorboard:
             self._log_scalars(record)
 
+    def drop_records_after(self, step: int) -> None:
+        """Forget what was logged after ``step`` (a resume from that step's checkpoint logs
+        those steps again): metrics.jsonl keeps its records up to ``step``, and TensorBoard
+        purges its later events when it next writes."""
+        if self.metrics_file.is_file():
+            lines = self.metrics_file.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _record_step(line) <= step]
+            if len(kept) < len(lines):
+                tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, self.metrics_file)
+        self._purge_step = step + 1
+
     def _log_scalars(self, record: dict) -> None:
         step = record.get("step")
         scalars = {k: float(v) for k, v in record.items()
@@ -137,7 +164,7 @@ class RunDir:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.path))
+            self._writer = SummaryWriter(log_dir=str(self.path), purge_step=self._purge_step)
         for key, value in scalars.items():
             self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()  # a killed run keeps every record it logged

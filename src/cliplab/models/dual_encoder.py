@@ -246,6 +246,10 @@ class DualEncoder(nn.Module):
         module.requires_grad_(False)
         if except_last > 0:
             layers = _encoder_layers(module)
+            if except_last >= len(layers):  # then nothing would be locked
+                raise ModelError(f"the {tower} tower has {len(layers)} blocks: leave fewer than "
+                                 f"that trainable (lock_{tower}_except_last={except_last}), or "
+                                 f"do not lock it")
             for layer in layers[-except_last:]:
                 layer.requires_grad_(True)
 

@@ -23,6 +23,11 @@ from cliplab.runs import RunDir
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 _STATE_KEYS = ("step", "batches", "optimizer", "scheduler", "sample_rng", "torch_rng")
+# train keys a resume may change: how the run is shown, saved and placed, and how the same
+# numbers are computed; any other change would make the resumed run another run
+RESUME_MAY_CHANGE = {"progress", "log_every", "save_every", "eval_every", "device",
+                     "dist_timeout_s", "cache_frozen_features", "gradient_checkpointing",
+                     "loss_tile", "micro_batch_size"}
 
 
 class DataPosition(Protocol):
@@ -81,21 +86,42 @@ def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
     return folder
 
 
-def load_checkpoint(folder: Path, state: TrainingState, device: torch.device) -> int:
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """``train.KEY (checkpoint A, now B)`` for each train key whose value differs, except
+    those in `RESUME_MAY_CHANGE`."""
+    return [f"train.{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})"
+            for key in sorted(saved.keys() | now.keys())
+            if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key)]
+
+
+def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
+                    config: dict | None = None) -> int:
     """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
-    ``folder``; returns its step."""
+    ``folder``; returns its step. ``config`` (the train config now) must be the checkpoint's
+    but for `RESUME_MAY_CHANGE` keys: a resume continues the run as it was configured."""
     saved = torch.load(folder / STATE_FILE, weights_only=True)
     missing = [k for k in _STATE_KEYS if k not in saved]
     if missing:
         raise ConfigError(f"cannot resume: {folder / STATE_FILE} lacks {', '.join(missing)} "
                           f"(not a checkpoint of this cliplab version)")
+    changed = config_changes(saved.get("config") or {}, config) if config is not None else []
+    if changed:
+        raise ConfigError(f"cannot resume {folder}: a resume continues the run as it was "
+                          f"configured, and {'; '.join(changed)}; drop the change, or start "
+                          f"a new --out from {folder / MODEL_DIR} as the model")
     loaded = DualEncoder.load(folder / MODEL_DIR, device=device)
-    if state.sharded:
-        fsdp.load_full_state(state.model, loaded.model.state_dict(), state.optimizer,
-                             saved["optimizer"])
-    else:
-        state.model.model.load_state_dict(loaded.model.state_dict())
-        state.optimizer.load_state_dict(saved["optimizer"])
+    try:
+        if state.sharded:
+            fsdp.load_full_state(state.model, loaded.model.state_dict(), state.optimizer,
+                                 saved["optimizer"])
+        else:
+            state.model.model.load_state_dict(loaded.model.state_dict())
+            state.optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:  # another model or trainable set
+        first = str(err).strip().splitlines()
+        raise ConfigError(f"cannot resume {folder}: its weights or optimizer do not fit this "
+                          f"run's model ({first[-1].strip() if first else type(err).__name__}); "
+                          "resume with the model the run started with") from None
     state.scheduler.load_state_dict(saved["scheduler"])
     rngs = saved.get("rank_rngs")
     # a checkpoint of another number of ranks (or of an older version) has no state of this

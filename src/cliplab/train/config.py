@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import (BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator,
                       model_validator)
 
@@ -26,6 +27,23 @@ def _not_a_bool(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 PositiveInt = Annotated[Integer, Field(gt=0)]
 NonNegativeInt = Annotated[Integer, Field(ge=0)]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device (``auto``: CUDA when there is one); a ValueError
+    (validation names it ``train.device``) for a name torch does not know or a device this
+    machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is no device (cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r}, but this PyTorch sees no CUDA device; use cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name!r}, but this machine has no MPS device; use cpu or auto")
+    return device
 
 
 class TrainConfig(Section):
@@ -52,7 +70,8 @@ class TrainConfig(Section):
     # contrastive loss: true for the defaults, or {kinds: [...], seed: N} (see hard_negatives.py)
     hard_negatives: HardNegatives | None = None
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
-    lr_scale: dict[str, float] = Field(default_factory=dict)
+    # (the longest matching substring wins; each must match some trainable parameter)
+    lr_scale: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     # bf16: autocast on CPU and CUDA; auto: bf16 where the device has native bf16 units, else fp32
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid loss; needs a logit bias
@@ -82,6 +101,10 @@ class TrainConfig(Section):
         if self.epochs is not None and self.steps is not None:
             raise ValueError(f"give the length as epochs or as steps, not both (epochs: "
                              f"{self.epochs:g}, steps: {self.steps}); set the other to null")
+        for tower in ("text", "image"):  # ignored without the lock: every block trained
+            if getattr(self, f"lock_{tower}_except_last") and not getattr(self, f"lock_{tower}"):
+                raise ValueError(f"lock_{tower}_except_last leaves blocks of a locked tower "
+                                 f"trainable; it needs lock_{tower}: true")
         return self
 
     @field_validator("hard_negatives", mode="before")
@@ -89,6 +112,12 @@ class TrainConfig(Section):
     def _hard_negatives_switch(cls, value: Any) -> Any:
         if isinstance(value, bool):
             return {} if value else None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        resolve_device(value)
         return value
 
     @field_validator("augment")

@@ -85,7 +85,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         existed = Path(out).exists()
         run = RunDir(out)
         cfg = cfg.model_copy(update={"out": str(run.path)})
-        if distributed.rank() == 0:
+        # a resume into the run's own folder keeps the config it was started with
+        if distributed.rank() == 0 and (resume is None or not (run.path / "config.yaml").is_file()):
             run.write_config(cfg.to_dict())
         evals: dict = {}
 

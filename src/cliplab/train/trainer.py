@@ -24,7 +24,7 @@ from cliplab.models.precision import resolve_precision
 from cliplab.runs import RunDir
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
-from cliplab.train.config import TrainConfig
+from cliplab.train.config import TrainConfig, resolve_device
 from cliplab.train.embed import Embedder
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective, Objective
 from cliplab.train.schedule import build_scheduler
@@ -33,12 +33,6 @@ from cliplab.train.stream_batches import StreamBatches
 
 # TrainConfig, MODEL_DIR and STATE_FILE are imported from here by other stages
 __all__ = ["Trainer", "TrainConfig", "MODEL_DIR", "STATE_FILE", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:
@@ -130,7 +124,7 @@ class Trainer:
         state = TrainingState(self.model, optimizer, scheduler, sample_rng, inputs,
                               self.sharded)
         if resume is not None:
-            self._resume(resume, state)
+            self._resume(resume, state, total)
 
         self._train_mode()
         bar = tqdm(total=total, initial=self.step, desc="train",
@@ -144,6 +138,7 @@ class Trainer:
                 loss = self.objective.backward(batch)  # embed, loss, backward
                 distributed.average_gradients(self.replicated_params)
             grad_norm = self._clip_gradients()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves to the next)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():  # CLIP clamps the temperature at 100
@@ -155,7 +150,7 @@ class Trainer:
                 # each rank holds its share of the global-batch loss; their mean is that loss
                 last = {"step": self.step, "epoch": inputs.epoch,
                         "loss": distributed.mean_over_ranks(loss).item(),
-                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "lr": lr, "grad_norm": float(grad_norm),
                         "logit_scale": self.model.logit_scale.exp().item(),
                         "images_per_s": seen / max(time.time() - start, 1e-9),
                         "time_s": round(time.time() - start, 4)}
@@ -181,15 +176,25 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW with one group per (weight decay, lr scale). No decay on gains, biases,
         position/class embeddings or the temperature; ``lr_scale`` multiplies the rate of
-        parameters whose name contains a given substring."""
+        parameters whose name contains a given substring (the longest such substring's
+        scale wins; one in no trainable parameter's name is a one-line error)."""
         groups: dict[tuple[float, float], list] = {}
+        by_length = sorted(self.config.lr_scale.items(), key=lambda kv: -len(kv[0]))
+        used: set[str] = set()
         for name, p in self._named_parameters():
             if not p.requires_grad:
                 continue
             flat = p.ndim < 2 or "logit_" in name or "embeddings" in name
-            scale = next((v for k, v in self.config.lr_scale.items() if k in name), 1.0)
+            key = next((k for k, _ in by_length if k in name), None)  # the most specific
+            used.update(k for k in self.config.lr_scale if k in name)
+            scale = self.config.lr_scale[key] if key is not None else 1.0
             wd = 0.0 if flat else self.config.weight_decay
             groups.setdefault((wd, float(scale)), []).append(p)
+        unmatched = sorted(set(self.config.lr_scale) - used)
+        if unmatched:
+            raise ConfigError(f"train.lr_scale: {unmatched[0]!r} is in the name of no trainable "
+                              "parameter (a typo, or a frozen tower's?); parameter names look "
+                              f"like {next(n for n, p in self._named_parameters())!r}")
         return torch.optim.AdamW(
             [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
              for (wd, scale), ps in groups.items()], lr=self.config.lr)
@@ -232,12 +237,18 @@ class Trainer:
         return checkpoint.save_checkpoint(self.run_dir, self.step, state, self.config.to_dict(),
                                           self.save_model)
 
-    def _resume(self, resume: str | Path, state: TrainingState) -> None:
+    def _resume(self, resume: str | Path, state: TrainingState, total: int) -> None:
         folder = checkpoint.resume_folder(resume, self.run_dir)
         if self.save_model is not None or self.head is not None:
             raise ConfigError("resume is only supported for plain model training (no head, "
                               "no custom checkpoint writer)")
-        self.step = checkpoint.load_checkpoint(folder, state, self.device)
+        self.step = checkpoint.load_checkpoint(folder, state, self.device,
+                                               self.config.to_dict())
+        if self.step >= total:  # training on would write its results anew from nothing
+            raise ConfigError(f"nothing to resume: {folder} is at step {self.step} of "
+                              f"{total}, the run is complete")
+        if self.run_dir and self.rank == 0:
+            self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
 
 
 def _check_hard_negatives(config: TrainConfig, head: nn.Module | None, world: int) -> None:
