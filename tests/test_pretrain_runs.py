@@ -136,8 +136,24 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
     assert (out / "config.yaml").read_text() == config
     wider = recipe(out, save_every=2)
     wider["model"] = {**MODEL, "options": {**MODEL["options"], "width": 64}}
-    with pytest.raises(ConfigError, match="weights or optimizer do not fit this run's model"):
+    with pytest.raises(ConfigError, match=r"cannot resume .*: a resume continues the run as it "
+                                          r"was configured, and model \("):
         run_pretrain(wider, resume="latest", progress=False)
+    # the checkpoint's own check, for a resume from Python without the run's config.yaml
+    from cliplab.train.trainer import Trainer
+    from cliplab.train.config import TrainConfig
+    from cliplab.data.sources import as_pairs, load_source
+    from cliplab.models.resolve import load_model
+    from cliplab.runs import RunDir
+
+    trainer = Trainer(load_model(wider["model"]), TrainConfig.from_dict(
+        {**recipe(out, save_every=2)["train"], "progress": False}), RunDir(tmp_path / "py"))
+    with pytest.raises(ConfigError, match="weights or optimizer do not fit this run's model"):
+        trainer.fit(as_pairs(load_source(SHAPES)), resume=out / "checkpoints" / "step-2")
+    trainer = Trainer(load_model(MODEL), TrainConfig.from_dict(
+        {**recipe(out, lr=0.1)["train"], "progress": False}), RunDir(tmp_path / "py2"))
+    with pytest.raises(ConfigError, match=r"train\.lr \(checkpoint 0\.003, now 0\.1\)"):
+        trainer.fit(as_pairs(load_source(SHAPES)), resume=out / "checkpoints" / "step-2")
     # how the run is shown and saved may change
     run_pretrain(recipe(out, save_every=3, log_every=1), resume="latest", progress=False)
     assert [r["step"] for r in records(out)] == whole  # steps 3, 4 and the eval once each

@@ -23,11 +23,12 @@ from cliplab.runs import RunDir
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 _STATE_KEYS = ("step", "batches", "optimizer", "scheduler", "sample_rng", "torch_rng")
-# train keys a resume may change: how the run is shown, saved and placed, and how the same
-# numbers are computed; any other change would make the resumed run another run
+# train keys a resume may change: how the run is shown, saved and placed, how the same
+# numbers are computed, and its length (a run extended: the schedule follows the new length
+# from the step reached); any other change would make the resumed run another run
 RESUME_MAY_CHANGE = {"progress", "log_every", "save_every", "eval_every", "device",
                      "dist_timeout_s", "cache_frozen_features", "gradient_checkpointing",
-                     "loss_tile", "micro_batch_size"}
+                     "loss_tile", "micro_batch_size", "epochs", "steps"}
 
 
 class DataPosition(Protocol):
@@ -94,6 +95,21 @@ def config_changes(saved: dict, now: dict) -> list[str]:
             if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key)]
 
 
+def resume_refused(where: str | Path, changed: list[str]) -> ConfigError:
+    """The error for a resume whose config differs from the run's in ``changed``."""
+    return ConfigError(f"cannot resume {where}: a resume continues the run as it was "
+                       f"configured, and {'; '.join(changed)} changed; drop the change, or "
+                       "start a new --out with the run's checkpoint as its model")
+
+
+def run_config_changes(saved: dict, now: dict) -> list[str]:
+    """`config_changes` of a whole run config (``config.yaml``): its ``model`` and ``data``
+    must be the same too."""
+    changed = [f"{key} ({saved.get(key)!r} in the run, now {now.get(key)!r})"
+               for key in ("model", "data") if saved.get(key) != now.get(key)]
+    return changed + config_changes(saved.get("train") or {}, now.get("train") or {})
+
+
 def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
                     config: dict | None = None) -> int:
     """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
@@ -106,9 +122,7 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
                           f"(not a checkpoint of this cliplab version)")
     changed = config_changes(saved.get("config") or {}, config) if config is not None else []
     if changed:
-        raise ConfigError(f"cannot resume {folder}: a resume continues the run as it was "
-                          f"configured, and {'; '.join(changed)}; drop the change, or start "
-                          f"a new --out from {folder / MODEL_DIR} as the model")
+        raise resume_refused(folder, changed)
     loaded = DualEncoder.load(folder / MODEL_DIR, device=device)
     try:
         if state.sharded:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import field_validator
 
-from cliplab.config import Section, validate
+from cliplab.config import Section, load_yaml, validate
 from cliplab.data.sources import as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError
@@ -17,7 +17,7 @@ from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.train import distributed
+from cliplab.train import checkpoint, distributed
 from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.config import TrainConfig
@@ -63,6 +63,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
     if cfg.out:  # before any slow loading
         check_new_run(cfg.out, resume, resumable=True)
+        if resume is not None:
+            _check_resumed_config(Path(cfg.out), cfg)
     train_cfg = cfg.train.model_copy(update={"progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
@@ -85,8 +87,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         existed = Path(out).exists()
         run = RunDir(out)
         cfg = cfg.model_copy(update={"out": str(run.path)})
-        # a resume into the run's own folder keeps the config it was started with
-        if distributed.rank() == 0 and (resume is None or not (run.path / "config.yaml").is_file()):
+        if distributed.rank() == 0:
             run.write_config(cfg.to_dict())
         evals: dict = {}
 
@@ -116,6 +117,16 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     if trainer.rank == 0:
         run.write_json("results.json", results)
     return results
+
+
+def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
+    """Refuse a resume whose model, data or train keys (but those a resume may change)
+    differ from the run's own ``config.yaml``, before config.yaml is rewritten."""
+    saved = out / "config.yaml"
+    if saved.is_file():
+        changed = checkpoint.run_config_changes(load_yaml(saved) or {}, cfg.to_dict())
+        if changed:
+            raise checkpoint.resume_refused(out, changed)
 
 
 def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, float]:
