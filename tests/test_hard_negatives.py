@@ -116,6 +116,26 @@ def test_config_switch_and_errors():
             {"hard_negatives": True, "micro_batch_size": 4, "progress": False}))
 
 
+def test_kinds_that_give_no_caption_a_negative_stop_with_a_one_line_error():
+    captions = ["a small red circle at the top left", "three green triangles"]
+    with pytest.raises(ConfigError, match=r"^train\.hard_negatives: none of the 2 training "
+                       r"captions .*\['attribute_swap'\] \(attribute_swap needs two objects") \
+            as info:
+        NegativeTable(captions, HardNegatives(kinds=["attribute_swap"]))
+    assert "\n" not in str(info.value)
+    # one caption with a negative is enough
+    assert len(NegativeTable(captions, HardNegatives(kinds=["word_shuffle"])).texts) == 2
+
+
+def test_training_single_object_scenes_with_swaps_only_is_refused(tmp_path):
+    single = load_shapes(n=24, seed=5, kinds=("single",), image_size=32)
+    cfg = TrainConfig.from_dict({"steps": 3, "batch_size": 8, "augment": False,
+                                 "progress": False,
+                                 "hard_negatives": {"kinds": ["attribute_swap"]}})
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives: .*attribute_swap"):
+        Trainer(small_model(), cfg, RunDir(tmp_path)).fit(single)
+
+
 @pytest.fixture(scope="module")
 def relation_pairs():
     return load_shapes(n=48, seed=5, kinds=("relation",), image_size=32)

@@ -129,3 +129,22 @@ def test_tiny_shapes_recipe_learns_colours(tiny_shapes_run):
     results = json.loads((tiny_shapes_run / "results.json").read_text())
     assert results["evals"]["colour"]["acc1"] > 0.5  # 8 colours: chance is 12.5%
     assert (tiny_shapes_run / "checkpoints").is_dir()
+
+
+def test_a_quickstart_refused_at_its_start_leaves_no_folder(tmp_path, small_fmnist):
+    """A batch larger than the data stops before the first step: the --out folder the run
+    made (its config.yaml, nothing else) is removed, as pretrain and adapt do; one that was
+    there before stays."""
+    from cliplab.quickstart import run_quickstart
+
+    user = {"data": {"data_dir": str(small_fmnist), "train_limit": 100},
+            "model": {"options": {"width": 32, "layers": 1, "heads": 2}}}
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"train\.batch_size: a batch of 128 is larger"):
+        run_quickstart({**user, "out": str(out)}, progress=False)
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        run_quickstart({**user, "out": str(mine)}, progress=False)
+    assert mine.is_dir()

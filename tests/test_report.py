@@ -234,3 +234,21 @@ def test_a_wise_ft_sweep_gets_a_table_and_an_accuracy_vs_alpha_plot(tmp_path):
     assert "| α 1.test | 0.7000 |" in md and "| best_alpha | 0.5000 |" in md
     plot = out / "plots" / "alpha-sweep-sweep.png"
     assert "(plots/alpha-sweep-sweep.png)" in md and _blue_pixels(plot) > 20
+
+
+def test_a_run_ending_in_an_eval_record_still_reports_its_last_training_values(tmp_path):
+    """The training table takes each metric's last logged value, not the last record's keys
+    alone (a run's final record is often its eval: no loss, lr or logit_scale)."""
+    run = tmp_path / "run-e"
+    run.mkdir()
+    records = [{"step": 1, "loss": 3.0, "lr": 1e-3, "logit_scale": 14.0},
+               {"step": 2, "loss": 2.5, "lr": 2e-3, "logit_scale": 15.0},
+               {"step": 2, "eval/zs/acc1": 0.625},
+               {"step": 2, "eval/zs/acc1": None}]  # a null hides no number
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = write_report([run], tmp_path / "rep", {"plots": False}, progress=False)[
+        "markdown"].read_text()
+    assert "## training (last logged value of each metric)" in md
+    for row in ("| step | 2 |", "| loss | 2.5000 |", "| lr | 0.0020 |",
+                "| logit_scale | 15.0000 |", "| eval/zs/acc1 | 0.6250 |"):
+        assert row in md

@@ -149,3 +149,40 @@ def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(p
     torch.save(state, state_file)
     with pytest.raises(ConfigError, match=r"cannot resume: .*trainer_state.pt lacks batches"):
         Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
+
+
+def test_a_batch_larger_than_its_data_names_the_keys():
+    """Plain batches name train.batch_size and data.train; with a replay set the share of each
+    batch the user never wrote is spelt out from the keys they did write."""
+    from cliplab.train.batches import ReplayBatches
+
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: a batch of 128 is larger than "
+                       r"the dataset \(50 pairs\) in data\.train; "):
+        ReplayBatches(50, 0, 128, 0.0, seed=0)
+    with pytest.raises(ConfigError, match=r"^the replay share of each batch \(32 of "
+                       r"train\.batch_size=128 at data\.replay\.ratio=0\.25\) is larger than "
+                       r"data\.replay \(10 pairs\); "):
+        ReplayBatches(500, 10, 128, 0.25, seed=0)
+    with pytest.raises(ConfigError, match=r"^the new-data share of each batch \(96 of "
+                       r"train\.batch_size=128 at data\.replay\.ratio=0\.25\) is larger than "
+                       r"the dataset \(50 pairs\) in data\.train; "):
+        ReplayBatches(50, 100, 128, 0.25, seed=0)
+    with pytest.raises(ConfigError, match=r"^data\.replay\.ratio=0\.001 gives no replayed pair"):
+        ReplayBatches(50, 100, 16, 0.001, seed=0)
+    assert ReplayBatches(96, 32, 128, 0.25, seed=0).next().shape == (128,)  # exactly fits
+
+
+def test_pretrain_prints_counts_as_integers_and_metrics_to_three_decimals(monkeypatch, capsys):
+    """`cliplab pretrain`'s eval summary: ``compositional/n=100``, not ``n=100.000``."""
+    from pathlib import Path
+
+    import cliplab.train.pretrain as pretrain
+    from cliplab.cli import main
+
+    results = {"evals": {"compositional": {"attribute_swap": 0.56789, "n": 100}},
+               "model_dir": "runs/x/checkpoints/step-3/model"}
+    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, resume, progress: results)
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    assert main(["pretrain", "--config", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "compositional/attribute_swap=0.568, compositional/n=100\n" in out

@@ -397,8 +397,9 @@ def cmd_pretrain(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     for name, metrics in results["evals"].items():
-        numbers = scalar_metrics(metrics, name)
-        print(", ".join(f"{k}={v:.3f}" for k, v in numbers.items()))
+        numbers = scalar_metrics(metrics, name)  # counts (n, ...) stay integers
+        print(", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"
+                        for k, v in numbers.items()))
     print(f"model: {results['model_dir']}")
     return 0
 

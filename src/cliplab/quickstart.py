@@ -5,6 +5,7 @@ training, then zero-shot transfer to them and a linear probe — a small real pi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.runs import RunDir, check_new_run, default_run_dir
+from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -104,14 +105,18 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     seen_train, _ = split_classes(train_all, held_names)
 
     # the run folder is made only once the inputs are known to be good
-    run = RunDir(cfg.out or default_run_dir("quickstart"))
+    out = cfg.out or default_run_dir("quickstart")
+    existed = Path(out).exists()
+    run = RunDir(out)
     cfg = cfg.model_copy(update={"out": str(run.path)})
     run.write_config(cfg.to_dict())
 
-    model = load_model(cfg.model)
-    train_cfg = cfg.train.model_copy(update={"progress": progress})
-    trainer = Trainer(model, train_cfg, run)
-    trainer.fit(labelled_to_pairs(seen_train))
+    # refused before its first step (a batch larger than the data, ...): no folder is left
+    with removed_if_unstarted(run.path, existed):
+        model = load_model(cfg.model)
+        train_cfg = cfg.train.model_copy(update={"progress": progress})
+        trainer = Trainer(model, train_cfg, run)
+        trainer.fit(labelled_to_pairs(seen_train))
     final = trainer.last_checkpoint / "model"
 
     results = evaluate_transfer(model, train_all, test, heldout, cfg.eval, progress)

@@ -4,7 +4,7 @@ self-contained report.html (plots embedded as base64; the same PNGs also sit in 
 Each task (section) gets a table, one row per metric, one column per model. Few-shot results
 read as "mean ± std"; long-tail results also get the accuracy-vs-frequency plot, α sweeps
 (wise-ft) the accuracy-vs-α plot; runs with a metrics.jsonl get training curves and a table of
-their last logged values.
+each metric's last logged value.
 """
 
 from __future__ import annotations
@@ -82,8 +82,18 @@ def format_value(value: object) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
+def last_logged(history: list[dict]) -> dict[str, object]:
+    """Each metric's last logged value over a run's metrics.jsonl records (in order), so a
+    final eval record does not hide the loss, lr and logit_scale logged before it."""
+    merged: dict[str, object] = {}
+    for record in history:  # a null never hides a number logged before it
+        merged.update((key, value) for key, value in flatten_metrics(record).items()
+                      if value is not None or key not in merged)
+    return merged
+
+
 def build_tables(sources: list[ReportSource]) -> list[Table]:
-    """One table per section (first-seen order), plus the last logged training values."""
+    """One table per section (first-seen order), plus each run's last logged values."""
     order: dict[str, None] = {}
     for source in sources:
         order.update(dict.fromkeys(source.sections))
@@ -99,9 +109,10 @@ def build_tables(sources: list[ReportSource]) -> list[Table]:
             tables.append(table)
     runs = [s for s in sources if s.history]
     if runs:
-        last = {s.label: flatten_metrics(s.history[-1]) for s in runs}
+        last = {s.label: last_logged(s.history) for s in runs}
         metrics = dict.fromkeys(k for values in last.values() for k in values)
-        tables.append(Table("training (last logged step)", [s.label for s in runs],
+        tables.append(Table("training (last logged value of each metric)",
+                            [s.label for s in runs],
                             [(m, {lb: v.get(m) for lb, v in last.items()}) for m in metrics]))
     return tables
 

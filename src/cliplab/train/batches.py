@@ -8,13 +8,29 @@ import torch
 from cliplab.errors import ConfigError
 
 
+def check_batch_fits(n_new: int, n_old: int, batch_size: int, ratio: float,
+                     n_replay: int) -> None:
+    """A one-line error naming the keys when a batch's share of the new data (``data.train``,
+    ``batch_size - n_replay``) or of the replay set (``data.replay``, ``n_replay``) is larger
+    than that set (``n_new`` / ``n_old`` pairs)."""
+    share = f"of train.batch_size={batch_size} at data.replay.ratio={ratio}"
+    if n_replay > n_old:
+        raise ConfigError(f"the replay share of each batch ({n_replay} {share}) is larger than "
+                          f"data.replay ({n_old} pairs); lower data.replay.ratio or "
+                          "train.batch_size, or replay more pairs")
+    if batch_size - n_replay > n_new:
+        what = f"the new-data share of each batch ({batch_size - n_replay} {share})" \
+            if n_replay else f"train.batch_size: a batch of {batch_size}"
+        raise ConfigError(f"{what} is larger than the dataset ({n_new} pairs) in data.train; "
+                          "lower train.batch_size or train on more pairs")
+
+
 class EpochBatches:
     """Batches of ``batch_size`` indices from a fresh permutation of ``range(n)`` each epoch
     (seeded by ``seed + epoch``); the last incomplete batch of an epoch is dropped."""
 
     def __init__(self, n: int, batch_size: int, seed: int, offset: int = 0):
-        if batch_size > n:
-            raise ConfigError(f"batch of {batch_size} is larger than the dataset ({n} pairs)")
+        check_batch_fits(n, 0, batch_size, 0.0, 0)
         self.n, self.batch_size, self.seed, self.offset = n, batch_size, seed, offset
         self.epoch, self.pos = 0, 0
         self._order: torch.Tensor | None = None
@@ -83,11 +99,12 @@ class ReplayBatches:
     def __init__(self, n_new: int, n_old: int, batch_size: int, ratio: float, seed: int,
                  partners: torch.Tensor | None = None):
         if not 0 <= ratio < 1:
-            raise ConfigError(f"replay ratio must be in [0, 1), not {ratio}")
+            raise ConfigError(f"data.replay.ratio must be in [0, 1), not {ratio}")
         n_replay = round(ratio * batch_size) if n_old else 0
         if ratio > 0 and n_replay == 0:
-            raise ConfigError(f"replay ratio {ratio} gives no replayed pair in a batch of "
-                              f"{batch_size}")
+            raise ConfigError(f"data.replay.ratio={ratio} gives no replayed pair in a batch of "
+                              f"train.batch_size={batch_size}")
+        check_batch_fits(n_new, n_old, batch_size, ratio, n_replay)
         self.new = EpochBatches(n_new, batch_size - n_replay, seed) if partners is None \
             else PartnerBatches(partners, batch_size - n_replay, seed)
         self.old = EpochBatches(n_old, n_replay, seed + 7919, offset=n_new) if n_replay else None

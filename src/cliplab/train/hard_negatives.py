@@ -34,6 +34,10 @@ from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 
 NegativeKind = Literal["attribute_swap", "relation_swap", "word_shuffle"]
+# what a caption needs for each kind to give it a negative (for the error when none does)
+_NEEDS = {"attribute_swap": "two objects of different colours around a relation",
+          "relation_swap": "two objects around a relation",
+          "word_shuffle": "two or more different words"}
 
 
 class HardNegatives(Section):
@@ -62,6 +66,8 @@ class NegativeTable:
             for text in caption_negatives(caption, rng, config.kinds).values():
                 flat.append(index.setdefault(text, len(index)))
             offsets.append(len(flat))
+        if captions and not flat:
+            raise ConfigError(_no_negatives(len(captions), config.kinds))
         self.texts = list(index)
         self.flat = torch.tensor(flat, dtype=torch.long)
         self.offsets = torch.tensor(offsets, dtype=torch.long)
@@ -75,6 +81,15 @@ class NegativeTable:
         ids = self.flat[(start + pick).clamp(max=max(len(self.flat) - 1, 0))] \
             if len(self.flat) else torch.zeros_like(caption_ids)
         return torch.where(count > 0, ids, torch.full_like(ids, -1))
+
+
+def _no_negatives(n: int, kinds: list[str]) -> str:
+    """The one-line error for a caption set none of ``kinds`` gives a negative."""
+    needs = "; ".join(f"{kind} needs {_NEEDS[kind]}" for kind in kinds)
+    fix = "train on captions they apply to" + \
+        ("" if "word_shuffle" in kinds else " or add word_shuffle to the kinds")
+    return (f"train.hard_negatives: none of the {n} training captions gets a negative of kinds "
+            f"{list(kinds)} ({needs}), so training would have no hard negatives; {fix}")
 
 
 def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
