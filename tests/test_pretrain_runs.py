@@ -159,6 +159,13 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
     assert [r["step"] for r in records(out)] == whole  # steps 3, 4 and the eval once each
 
 
+def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):
+    cfg = {**recipe(tmp_path / "run", eval_every=2), "eval": None}
+    run_pretrain(cfg, progress=False)
+    assert "train.eval_every=2 has no eval: suite" in capsys.readouterr().err
+    assert not [r for r in records(tmp_path / "run") if any(k.startswith("eval/") for k in r)]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         check_new_run(cfg.out, resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
+    if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:
+        print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
+              "to run, so nothing is evaluated during training", file=sys.stderr)
     train_cfg = cfg.train.model_copy(update={"progress": progress})
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
