@@ -1,6 +1,7 @@
 """Built-in sources and the pair/hold-out helpers."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -250,3 +251,53 @@ def test_labels_outside_the_classes_are_refused():
     with pytest.raises(ValueError, match="label -1 is no class index"):
         LabelledImages(images, torch.tensor([0, -1, 1]), ["a", "b", "c"], ["{}"])
     assert len(LabelledImages(images, torch.tensor([0, 2, 1]), ["a", "b", "c"], ["{}"])) == 3
+
+
+def test_a_damaged_shards_last_sample_is_kept_or_lost_as_the_stream_reader_does(tmp_path):
+    """A tar cut after its last sample's image and captions (only a later member lost) keeps
+    that sample in the collection reader (index, curate) as in the stream reader (training,
+    eval); cut inside one of its members, both lose it (the collection reader dropped the
+    last sample of every damaged tar)."""
+    import tarfile
+
+    from cliplab.data.collection import iter_items
+    from cliplab.data.shards.read import load_shards
+    from tests.tar_files import png_bytes, write_tar
+
+    rng = np.random.default_rng(0)
+    for name, kept in (("header of k2.txt", 3), ("data of k2.json", 2)):
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        tar = folder / "s-000000.tar"
+        write_tar(tar, [(f"k{i}", {"png": png_bytes(rng.integers(0, 256, (8, 8, 3), np.uint8)),
+                                   "json": json.dumps({"captions": [f"caption {i}"]}).encode(),
+                                   "txt": f"caption {i}".encode()}) for i in range(3)])
+        with tarfile.open(tar) as archive:
+            member = archive.getmember(name.split()[-1])
+            cut = member.offset + 100 if name.startswith("header") else member.offset_data + 5
+        tar.write_bytes(tar.read_bytes()[:cut])
+        stream = load_shards(folder, progress=False)
+        keys = [item.key for item in iter_items({"source": "shards", "path": str(folder)},
+                                                progress=False) if ":" in item.key]
+        assert len(stream) == kept and keys == [f"s-000000.tar:k{i}" for i in range(kept)]
+
+
+def test_a_skip_line_tells_truncated_shards_apart_from_samples():
+    from cliplab.data.types import SkipReport
+
+    report = SkipReport()
+    report.add("unreadable_image", "a.tar:1")
+    report.add("truncated_shard", "b.tar")
+    assert report.line("zs", 10, "DATA") == ("zs: skipped 1 of 11 samples (unreadable_image=1)"
+                                             ", and 1 shard(s) read only in part "
+                                             "(truncated_shard=1) in DATA")
+
+
+def test_labelled_data_made_pairs_keeps_what_loading_skipped():
+    from cliplab.data.types import SkipReport
+
+    skipped = SkipReport()
+    skipped.add("unreadable_image", "cat/bad.jpg")
+    data = LabelledImages(torch.zeros((2, 4, 4, 3), dtype=torch.uint8), torch.tensor([0, 1]),
+                          ["cat", "dog"], ["a {}"], skipped=skipped)
+    assert labelled_to_pairs(data).skipped.total == 1

@@ -221,8 +221,11 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int, s
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:
         damage = str(err) or type(err).__name__
-    if damage is not None and samples:  # the last sample may have lost members to the damage
-        samples.popitem()
+    if damage is not None and samples:  # the damage may have cut the last sample's data
+        key, members = next(reversed(samples.items()))
+        size = tar.stat().st_size  # kept when its members are whole, as the stream keeps it
+        if any(offset + length > size for offset, length, _ in members.values()):
+            samples.pop(key)
     return list(samples.items()), damage
 
 

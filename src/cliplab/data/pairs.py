@@ -79,7 +79,7 @@ def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) 
     per_class = [[t.format(name) for t in templates] for name in data.prompt_names]
     captions = [per_class[int(y)] for y in data.labels]
     return ImageTextPairs(data.images, captions, groups=data.labels.clone(),
-                          name=f"{data.name}-pairs")
+                          name=f"{data.name}-pairs", skipped=data.skipped)  # nothing lost unsaid
 
 
 def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPairs:

@@ -58,9 +58,18 @@ class SkipReport:
 
     def line(self, label: str, kept: int, where: str) -> str:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples
-        (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read)."""
-        return (f"{label}: skipped {self.total} of {kept + self.total} samples "
-                f"({counts_text(self.counts)}) in {where}")
+        (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read); shards
+        read only in part are told apart, as in `summary`."""
+        shards = {r: n for r, n in self.counts.items() if r.endswith("_shard")}
+        samples = {r: n for r, n in self.counts.items() if r not in shards}
+        lost = sum(samples.values())
+        text = f"{label}: skipped {lost} of {kept + lost} samples"
+        if samples:
+            text += f" ({counts_text(samples)})"
+        if shards:
+            text += f", and {sum(shards.values())} shard(s) read only in part " \
+                    f"({counts_text(shards)})"
+        return text + f" in {where}"
 
 
 def counts_text(counts: dict[str, int]) -> str:
