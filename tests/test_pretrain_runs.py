@@ -166,6 +166,20 @@ def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):
     assert not [r for r in records(tmp_path / "run") if any(k.startswith("eval/") for k in r)]
 
 
+def test_pretraining_on_an_image_folder_reports_what_it_skipped(tmp_path, capsys):
+    """Labelled data made into caption pairs kept its skip record (pretrain said 0), and
+    the run tells it on stderr besides results.json."""
+    from tests.image_folders import pets_folder
+
+    folder = pets_folder(tmp_path / "pets", per_class=4, broken_in="cat")
+    cfg = recipe(tmp_path / "run", steps=1, batch_size=4)
+    cfg["data"]["train"] = {"source": "image-folder", "path": str(folder), "image_size": 16}
+    cfg["eval"] = None
+    results = run_pretrain(cfg, progress=False)
+    assert results["skipped"]["counts"] == {"unreadable_image": 1}
+    assert "data.train: skipped 1 samples: unreadable_image=1" in capsys.readouterr().err
+
+
 def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

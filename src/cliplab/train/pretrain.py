@@ -120,6 +120,9 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                      "wall_time_s": round(time.time() - start, 1)}
     if trainer.rank == 0:
         run.write_json("results.json", results)
+        if skipped.total:  # told, not only written down
+            print(f"data.train: {skipped.summary()}; each is listed under 'skipped' in "
+                  f"{run.path / 'results.json'}", file=sys.stderr)
     return results
 
 
