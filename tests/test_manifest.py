@@ -183,8 +183,29 @@ def test_missing_column_raises(tmp_path):
     with pytest.raises(DataError, match="'words'"):
         load_manifest(captions_only, caption_col="words", progress=False)
     neither = write_manifest(tmp_path / "neither.jsonl", [{"image": "a.png", "note": "x"}])
-    with pytest.raises(DataError, match="neither.jsonl.*label"):
+    # a misspelt caption column read as a missing label column
+    with pytest.raises(DataError, match=r"neither.jsonl:line 1: no caption or label column "
+                                        r"\(looked for caption, text, label, class; found: "
+                                        r"image, note\)"):
         load_manifest(neither, progress=False)
+
+
+def test_a_caption_that_is_no_text_is_skipped_not_written_as_its_repr(tmp_path):
+    from cliplab.data.collection import iter_items
+
+    for i in range(3):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "0.png", "caption": ["a red cat", "a cat"]},
+        {"image": "1.png", "caption": {"en": "cat"}}, {"image": "2.png", "caption": 12345}]))
+    data = load_manifest(path, progress=False)
+    assert data.captions == [["12345"]] and dict(data.skipped.counts) == {"bad_caption": 2}
+    items = list(iter_items({"source": "manifest", "path": str(path)}, progress=False))
+    assert [item.caption for item in items] == ["", "", "12345"]
+    with pytest.raises(DataError, match="no column 'words'"):
+        list(iter_items({"source": "manifest", "path": str(path), "caption_col": "words"},
+                        progress=False))
 
 
 def test_custom_column_names(tmp_path):

@@ -129,12 +129,17 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
     if image_col not in columns:
         raise DataError(f"{path}: no image column (looked for {spec.get('image_col') or IMAGE_COLUMNS}; "
                         f"found {columns})")
+    if spec.get("caption_col") and spec["caption_col"] not in columns:
+        raise DataError(f"{path}: no column {spec['caption_col']!r} (found {columns}); fix "
+                        "caption_col or the header")
     text_cols = [spec["caption_col"]] if spec.get("caption_col") else \
         ["caption", "text", "label", "class"]
     for number, row in enumerate(rows, 1):
         name = str(row.get(image_col) or "").strip()
         file = (path.parent / Path(name).expanduser()).resolve()
-        caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")), "")
+        # a caption that is no text (a list, an object) is none, not its Python repr
+        caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")
+                        and not isinstance(row[c], (list, dict))), "")
         meta = {k: v for k, v in row.items() if k != image_col}
         where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
         yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},

@@ -197,6 +197,11 @@ class ManifestDataset(Dataset):
         if kind == "auto":
             text_key = None if label_col is not None else _column(columns, caption_col, CAPTION_COLUMNS,
                                                                  "caption_col", where, required=False)
+            if text_key is None and label_col is None and not set(LABEL_COLUMNS) & set(columns):
+                raise DataError(f"{where}: no caption or label column (looked for "
+                                f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found: "
+                                f"{', '.join(columns)}); rename a column or pass caption_col= "
+                                "or label_col=")
             kind = "pairs" if text_key else "labelled"
         if kind == "pairs":
             text_key = _column(columns, caption_col, CAPTION_COLUMNS, "caption_col", where)
@@ -208,8 +213,12 @@ class ManifestDataset(Dataset):
         self.paths = [self.path.parent / Path(name).expanduser() if name else None for name in raw]
         self.classnames: list[str] = []
         self.templates: list[str] = []
+        self._bad_rows: set[int] = set()  # captions that are no text (a list, an object)
         if kind == "pairs":
-            texts = ["" if r.get(text_key) is None else str(r[text_key]).strip() for r in rows]
+            values = [r.get(text_key) for r in rows]
+            self._bad_rows = {i for i, v in enumerate(values) if isinstance(v, (list, dict))}
+            texts = ["" if v is None or i in self._bad_rows else str(v).strip()
+                     for i, v in enumerate(values)]
             self.targets: list[str | int | None] = [t or None for t in texts]
             self._bad = "empty_caption"
         else:
@@ -224,7 +233,7 @@ class ManifestDataset(Dataset):
         """Sample ``i``'s image as uint8 ``[H, W, 3]`` (resized to ``image_size`` if set), or
         None and why not."""
         if self.targets[i] is None:
-            return None, self._bad
+            return None, "bad_caption" if i in self._bad_rows else self._bad
         path = self.paths[i]
         if path is None or not path.is_file():
             return None, "missing_file"
