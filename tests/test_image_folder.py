@@ -68,3 +68,15 @@ def test_folder_errors_name_the_path(tmp_path, folder):
     (bad / "y.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="no readable image in 1 files"):
         load_image_folder(tmp_path / "bad", progress=False)
+
+
+def test_a_class_folder_without_readable_images_is_told(folder, capsys):
+    """An empty class folder stays a class (a zero-shot candidate) but is named on stderr:
+    nothing of it is scored or learnt (eval ran over it without a word)."""
+    (folder / "empty_class").mkdir()
+    (folder / "broken_class").mkdir()
+    (folder / "broken_class" / "x.jpg").write_bytes(b"not a jpeg")
+    data = load_image_folder(folder, progress=False)
+    assert data.classnames[:2] == ["broken class", "empty class"]
+    assert "2 class folder(s) hold no readable image: broken_class, empty_class" in \
+        capsys.readouterr().err

@@ -11,6 +11,7 @@ paths.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -76,5 +77,10 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
     if not images:
         raise DataError(f"image folder {root}: no readable image in {len(files)} files "
                         f"({skipped.summary()})")
+    empty = [folders[c].name for c in sorted(set(range(len(folders))) - set(labels))]
+    if empty:  # still classes (zero-shot candidates), but nothing of theirs is scored or learnt
+        print(f"image folder {root}: warning: {len(empty)} class folder(s) hold no readable "
+              f"image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
+              file=sys.stderr)
     return LabelledImages(stack_images(images), torch.tensor(labels),
                           classnames, templates, name=root.name, skipped=skipped)
