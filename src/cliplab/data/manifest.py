@@ -234,6 +234,10 @@ class ManifestDataset(Dataset):
         None and why not."""
         if self.targets[i] is None:
             return None, "bad_caption" if i in self._bad_rows else self._bad
+        return self.read_image(i)
+
+    def read_image(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        """Row ``i``'s image whatever its caption or label (None and why if it has none)."""
         path = self.paths[i]
         if path is None or not path.is_file():
             return None, "missing_file"

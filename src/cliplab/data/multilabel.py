@@ -50,7 +50,7 @@ def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels",
         if not labels or any(n not in index for n in labels):
             report.add("bad_label", data.keys[i])
             continue
-        image, reason = data.load_image(i)
+        image, reason = data.read_image(i)  # its labels were checked above
         if image is None:
             report.add(reason, data.keys[i])
             continue
