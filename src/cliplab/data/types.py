@@ -30,12 +30,17 @@ class SkipReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def _samples_and_shards(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts by reason of lost samples, and of shards read only in part (``*_shard``:
+        each stands for an unknown number of samples)."""
+        shards = {r: n for r, n in self.counts.items() if r.endswith("_shard")}
+        return {r: n for r, n in self.counts.items() if r not in shards}, shards
+
     def summary(self) -> str:
         """One line such as ``skipped 3 samples: missing_file=2, empty_caption=1``; shards that
         could not be read to their end are told apart, with where each stopped (their lost
         samples are not counted one by one)."""
-        shards = {r: n for r, n in self.counts.items() if r.endswith("_shard")}
-        samples = {r: n for r, n in self.counts.items() if r not in shards}
+        samples, shards = self._samples_and_shards()
         text = f"skipped {sum(samples.values())} samples"
         if samples:
             text += ": " + counts_text(samples)
@@ -60,8 +65,7 @@ class SkipReport:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples
         (missing_file=1, unreadable_image=1) in DATA`` (``kept``: the samples read); shards
         read only in part are told apart, as in `summary`."""
-        shards = {r: n for r, n in self.counts.items() if r.endswith("_shard")}
-        samples = {r: n for r, n in self.counts.items() if r not in shards}
+        samples, shards = self._samples_and_shards()
         lost = sum(samples.values())
         text = f"{label}: skipped {lost} of {kept + lost} samples"
         if samples:
