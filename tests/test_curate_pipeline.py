@@ -177,8 +177,8 @@ def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
     reasons = {d["key"]: d["reason"] for d in pq.read_table(tmp_path / "out/dropped.parquet").to_pylist()}
     assert reasons["pool.csv:2:pool/img_01.png"] == \
         f"empty caption at {manifest} line 3 ({folder / 'img_01.png'})"
-    assert reasons["pool.csv:3:"].startswith(f"unreadable image at {manifest} line 4 (")
-    assert reasons["pool.csv:4:pool/missing.png"].startswith(f"unreadable image at {manifest} line 5")
+    assert reasons["pool.csv:3:"].startswith(f"missing file at {manifest} line 4 (")
+    assert reasons["pool.csv:4:pool/missing.png"].startswith(f"missing file at {manifest} line 5")
     kept = pq.read_table(tmp_path / "out/kept.parquet").to_pylist()
     assert [(r["image"], r["caption"]) for r in kept] == [
         (str(folder / "img_00.png"), "a bright square"), (str(folder / "img_02.png"), "another one")]

@@ -39,9 +39,61 @@ def test_classes_labels_and_skipped_files(folder):
     assert data.images.dtype == torch.uint8
     assert data.images[0, 0, 0].tolist() == [255, 0, 0]
     assert data.images[2, 4, 4].tolist() == [0, 0, 255]  # resized, still blue
-    assert data.skipped.counts == {"unreadable_image": 1}
+    assert data.skipped.counts == {"not_an_image": 1, "unreadable_image": 1}
     assert data.skipped.keys["unreadable_image"] == [str(folder / "tabby_cat" / "broken.jpg")]
+    assert data.skipped.keys["not_an_image"] == [str(folder / "notes.txt")]
     assert data.templates == ["a photo of a {}."]
+
+
+def test_every_file_is_an_image_or_counted(folder):
+    """The shared file rule (`folder_files`): images by suffix in any case; a file that is no
+    image, an image outside a class folder and a link to nothing are counted by path, never
+    dropped unseen; captions beside images and the folder's own text files are not data."""
+    blue = np.zeros((8, 8, 3), np.uint8)
+    blue[..., 2] = 255
+    _write(folder / "tabby_cat" / "d.PNG", blue)
+    (folder / "tabby_cat" / "d.txt").write_text("a sleepy tabby")  # d.PNG's caption
+    (folder / "tabby_cat" / "e").write_bytes((folder / "tabby_cat" / "c.png").read_bytes())
+    _write(folder / "loose.png", blue)
+    (folder / "golden_retriever" / "gone.png").symlink_to(folder / "nowhere.png")
+    (folder / "templates.txt").write_text("a photo of a {}.\n")
+    data = load_image_folder(folder, progress=False)
+    assert data.labels.tolist() == [0, 0, 1, 1]
+    assert dict(data.skipped.counts) == {"not_an_image": 2, "unreadable_image": 1,
+                                         "outside_class_folder": 1, "missing_file": 1}
+    assert data.skipped.keys["not_an_image"] == [str(folder / "notes.txt"),
+                                                 str(folder / "tabby_cat" / "e")]
+    assert data.skipped.keys["outside_class_folder"] == [str(folder / "loose.png")]
+    assert data.skipped.keys["missing_file"] == [str(folder / "golden_retriever" / "gone.png")]
+
+
+def test_the_collection_reader_takes_the_same_images(folder):
+    """index/curate read a folder as a collection: the same images as the labelled reader,
+    the same files counted (as items whose read fails with the same reason), a caption file
+    beside an image as its caption and a JSON file beside it as its metadata."""
+    from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason
+
+    (folder / "tabby_cat" / "c.txt").write_text(" a blue square \n")
+    (folder / "tabby_cat" / "c.json").write_text('{"url": "http://x/c.png"}')
+    (folder / "tabby_cat" / "e").write_bytes(b"no suffix")
+    labelled = load_image_folder(folder, progress=False)
+    read, failed = [], {}
+    for item in iter_items({"source": "image-folder", "path": str(folder)}):
+        try:
+            item.read()
+            read.append(item)
+        except PIL_ERRORS as err:
+            failed[item.key] = skip_reason(err)
+    assert len(read) == len(labelled)
+    assert failed == {"notes.txt": "not_an_image", "tabby_cat/broken.jpg": "unreadable_image",
+                      "tabby_cat/e": "not_an_image"}
+    assert {k for ks in labelled.skipped.keys.values() for k in ks} == \
+        {str(folder / key) for key in failed}
+    c = next(item for item in read if item.key == "tabby_cat/c.png")
+    assert c.caption == "a blue square"
+    assert c.meta == {"folder": "tabby_cat", "url": "http://x/c.png"}
+    a = next(item for item in read if item.key == "golden_retriever/a.png")
+    assert a.caption == "golden retriever"
 
 
 def test_image_size_classnames_and_templates_files(folder):

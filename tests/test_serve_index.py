@@ -56,10 +56,12 @@ def _image_folder(root):
 def test_image_folder_skips_and_lists_unreadable_files(model_dir, tmp_path):
     _image_folder(tmp_path / "photos")
     record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
-    assert record["count"] == 6 and record["skipped"] == 1
+    assert record["count"] == 6 and record["skipped"] == 2
+    assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
     index = SearchIndex(tmp_path / "idx")
-    skipped = index.store.skipped()
-    assert skipped[0][0] == "others/broken.png" and skipped[0][1].startswith("unreadable_image")
+    skipped = dict(index.store.skipped())
+    assert skipped["others/broken.png"].startswith("unreadable_image")
+    assert skipped["notes.txt"].startswith("not_an_image: notes.txt: not an image")
     rows = index.items(range(6)).values()
     assert {r["key"] for r in rows} == {f"{'reds' if i % 2 else 'others'}/img_{i}.png"
                                         for i in range(6)}
@@ -197,7 +199,7 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     assert index.items([40])[40]["key"].endswith(".png") and index.items([0])[0]["key"] == "shapes#0"
     assert np.asarray(index.vectors).shape == (46, 16)
     again = build(model_dir, more, tmp_path / "idx", add=True)  # shapes#0..9 already indexed
-    assert again["count"] == 46 and again["skipped"] == 1 + 10
+    assert again["count"] == 46 and again["skipped"] == 2 + 10
     assert (tmp_path / "idx" / "images" / "39.png").is_file()
 
 

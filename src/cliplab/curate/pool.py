@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch
-from cliplab.data.collection import PIL_ERRORS, Item, open_rgb, read_range
+from cliplab.data.collection import PIL_ERRORS, Item, open_rgb, read_range, skip_reason
 
 Record = dict[str, Any]
 
@@ -59,7 +59,7 @@ def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str |
         image = item.read()
     except PIL_ERRORS as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        what = getattr(err, "reason", "unreadable_image").replace("_", " ")  # truncated shard
+        what = skip_reason(err).replace("_", " ")
         return None, f"{what} at {where}: {first}"
     if not item.caption or not item.caption.strip():
         return None, f"empty caption at {where}"

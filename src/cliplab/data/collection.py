@@ -2,7 +2,8 @@
 their image lives, so a later stage reads it from the original file (`cliplab index` / `serve`
 serve it from there, `cliplab curate` copies its original bytes into the kept pool).
 
-- an image folder (any folder of images, searched recursively; the sub-folder is metadata),
+- an image folder (any folder of images, searched recursively; the sub-folder is metadata,
+  ``NAME.txt`` / ``NAME.json`` beside an image its caption and metadata),
 - a manifest (CSV/JSONL/Parquet: path + caption/label; every other column kept as metadata),
 - a shard folder (WebDataset tars: the image is served from its byte range in the tar),
 - any other source `cliplab.data.sources.load_source` knows (``shapes``, ``digits``, ...): those
@@ -21,11 +22,11 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from cliplab.data.folder_files import IMAGE_SUFFIXES, list_folder, sidecar
 from cliplab.data.images import to_pil
 from cliplab.data.shards.samples import image_part
 from cliplab.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".parquet")
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -102,19 +103,63 @@ def open_rgb(source: Path | bytes) -> Image.Image:
 
 
 def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
+    """The folder's images (`cliplab.data.folder_files`' rule): the caption is the image's
+    ``NAME.txt`` beside it if there is one, else its sub-folder's name, else its file name; a
+    ``NAME.json`` object beside it joins its metadata. Files that are no image come as items
+    that fail to read, so index and curate count them."""
     _reject_options(spec, set())
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
+    listed = list_folder(root)
+    if not listed.images:
         raise DataError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    for file in files:
+    skipped = {path: reason for reason, path in listed.skipped}
+    for file in sorted(listed.images + list(skipped)):
         rel = file.relative_to(root)
+        if file in skipped:
+            yield Item(str(rel), "", {"file": str(file)},
+                       lambda f=file, r=skipped[file]: _refuse(f, r))
+            continue
         folder = str(rel.parent) if rel.parent != Path(".") else ""
+        meta = {"folder": folder} if folder else {}
         caption = folder.replace("_", " ") if folder else file.stem.replace("_", " ")
-        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: open_rgb(f),
-                   {"folder": folder} if folder else {})
+        if (text := sidecar(file, ".txt")) is not None:
+            caption = text.read_text(encoding="utf-8", errors="replace").strip()
+        if (extra := sidecar(file, ".json")) is not None:
+            try:
+                loaded = json.loads(extra.read_text(encoding="utf-8", errors="replace"))
+            except ValueError:
+                loaded = None
+            meta.update(loaded if isinstance(loaded, dict) else {})
+        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: open_rgb(f), meta)
+
+
+class SkippedFile(OSError):
+    """An item with no image to read; ``reason`` names the skip (``not_an_image``,
+    ``missing_file``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _refuse(path: Path, reason: str) -> Image.Image:
+    raise SkippedFile(reason, f"{path.name}: no file behind the link" if reason == "missing_file"
+                      else f"{path.name}: not an image (its suffix is not one of "
+                      f"{', '.join(IMAGE_SUFFIXES)})")
+
+
+def _no_path() -> Image.Image:
+    raise SkippedFile("missing_file", "the row names no image file")
+
+
+def skip_reason(err: BaseException) -> str:
+    """The skip reason an item's failed ``read`` is counted under: the error's own ``reason``
+    (a damaged shard, a file that is no image), ``missing_file`` for a file that is gone, else
+    ``unreadable_image``."""
+    if isinstance(err, FileNotFoundError):
+        return "missing_file"
+    return getattr(err, "reason", "unreadable_image")
 
 
 def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
@@ -143,7 +188,8 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
         meta = {k: v for k, v in row.items() if k != image_col}
         where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
         yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
-                   lambda f=file: open_rgb(f), json.loads(json.dumps(meta, default=str)))
+                   (lambda f=file: open_rgb(f)) if name else _no_path,
+                   json.loads(json.dumps(meta, default=str)))
 
 
 def read_range(tar: str | Path, offset: int, size: int) -> bytes:

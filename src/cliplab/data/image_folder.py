@@ -4,9 +4,9 @@ torchvision's ``ImageFolder`` and of most hand-made evaluation sets.
 Class names come from the sub-folder names (sorted, underscores read as spaces) unless
 ``ROOT/classnames.txt`` gives one name per line in the same sorted order. Prompt templates come
 from ``ROOT/templates.txt`` or ``ROOT/zeroshot_classification_templates.txt`` (one per line,
-``{}`` or ``{c}`` marking the class name) when present. Every non-hidden file under a class
-folder is read as an image; the ones that cannot be decoded are skipped and counted with their
-paths.
+``{}`` or ``{c}`` marking the class name) when present. Which files are images follows
+`cliplab.data.folder_files` (by suffix, as torchvision does); images that cannot be decoded,
+other files, and images outside a class folder are skipped and counted with their paths.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cliplab.data.folder_files import list_folder
 from cliplab.data.images import UnreadableImage, decode_image, stack_images
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import LabelledImages, SkipReport
@@ -46,8 +47,10 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
     """All images under ``path``'s class sub-folders as labelled images.
 
     Images are decoded to RGB and resized (bilinear) to ``image_size`` squares, default the
-    first good image's size. Unreadable files are skipped and listed in ``.skipped`` under
-    ``unreadable_image``; ``templates`` overrides the folder's template file.
+    first good image's size. Files that are not usable images are skipped and listed in
+    ``.skipped`` (``unreadable_image``, ``not_an_image``, ``missing_file``, and
+    ``outside_class_folder`` for an image at the root); ``templates`` overrides the folder's
+    template file.
     """
     root = Path(path)
     if not root.is_dir():
@@ -61,11 +64,16 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
                         "ROOT/<class name>/<image files>")
     classnames = folder_classnames(root, folders)
     templates = list(templates) if templates else read_templates(root)
-    files = [(label, f) for label, folder in enumerate(folders)
-             for f in sorted(folder.rglob("*"))
-             if f.is_file() and all(_visible(p) for p in f.relative_to(folder).parts)]
-
     skipped = SkipReport()
+    loose = list_folder(root, recursive=False)  # files beside the class folders
+    for reason, path in [("outside_class_folder", p) for p in loose.images] + loose.skipped:
+        skipped.add(reason, str(path))
+    files = []
+    for label, folder in enumerate(folders):
+        listed = list_folder(folder, top=root)
+        files += [(label, f) for f in listed.images]
+        for reason, path in listed.skipped:
+            skipped.add(reason, str(path))
     images, labels = [], []
     for label, file in tqdm(files, desc=f"read {root.name}", disable=not progress, leave=False):
         try:

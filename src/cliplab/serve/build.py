@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cliplab.data.collection import PIL_ERRORS, iter_items, source_spec
+from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason, source_spec
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.embed import embed_images
@@ -194,7 +194,7 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
             try:
                 image = item.read()
             except PIL_ERRORS as err:
-                reason = getattr(err, "reason", "unreadable_image")  # e.g. truncated_shard
+                reason = skip_reason(err)
                 skipped.append((item.key, f"{reason}: {str(err).splitlines()[0][:200]}"))
                 continue
             item_id = state["count"] + len(rows)
