@@ -93,12 +93,38 @@ def test_clip_adapter_ratio_zero_is_the_zero_shot_head(model, digits, ctx):
                                zs.logits(test.images, ctx.cache))
 
 
-def test_clip_adapter_residual_blend(model, digits, ctx):
+def test_clip_adapter_residual_blend(model):
+    """f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f with the bottleneck's (bias-free)
+    weights set by hand, ratio 0.3; logits = scale * cos(f', class weights). Worked out:
+    f = (0.8, 0.2, -0.4, 0.4): W1 f = (1.2, 0.6), W2 h = (1.2, 1.2, -1.2, 0.6) -> ReLU
+    (1.2, 1.2, 0, 0.6); f' = 0.3 * that + 0.7 * f = (0.92, 0.50, -0.28, 0.46), |f'|^2 = 1.3864.
+    f = (-1, 0, 0, 0): W1 f = (-1, 0) -> ReLU 0, so f' = 0.7 f."""
+    weights = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # 2 classes, dim 4
+    adapter = clip_adapter.ClipAdapter(model, ["a", "b"], {"ratio": 0.3, "reduction": 2},
+                                       weights, torch.tensor(10.0))
+    W1 = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # 4 -> 4 / 2
+    W2 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [1.0, -1.0]])  # 2 -> 4
+    adapter.mlp.load_state_dict({"0.weight": W1, "2.weight": W2})  # strict: no biases
+    adapter.mlp.eval()
+    f = torch.tensor([[0.8, 0.2, -0.4, 0.4], [-1.0, 0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        blended, logits = adapter.adapted(f), adapter.embedding_logits(f)
+    torch.testing.assert_close(blended, torch.tensor([[0.92, 0.50, -0.28, 0.46],
+                                                      [-0.7, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(logits, torch.tensor([[9.2 / math.sqrt(1.3864),
+                                                      4.6 / math.sqrt(1.3864)],
+                                                     [-10.0, 0.0]]))
+
+
+def test_clip_adapter_fit_builds_the_papers_bottleneck(model, digits, ctx):
+    """fit's adapter: Linear(16, 16 / reduction) - ReLU - Linear(., 16) - ReLU, no biases,
+    blending with the ratio it was given."""
     train, _ = digits
-    adapter = clip_adapter.fit(model, train, {"ratio": 0.3, "epochs": 1}, ctx)
-    f = F.normalize(torch.randn(4, 16), dim=-1)
-    expected = 0.3 * torch.relu(adapter.mlp[2](torch.relu(adapter.mlp[0](f)))) + 0.7 * f
-    torch.testing.assert_close(adapter.adapted(f), expected)
+    adapter = clip_adapter.fit(model, train, {"ratio": 0.3, "reduction": 4, "epochs": 1}, ctx)
+    assert adapter.options["ratio"] == 0.3
+    assert [tuple(p.shape) for p in adapter.mlp.parameters()] == [(4, 16), (16, 4)]
+    assert [type(m) for m in adapter.mlp] == [torch.nn.Linear, torch.nn.ReLU,
+                                              torch.nn.Linear, torch.nn.ReLU]
 
 
 # -- CoOp / CoCoOp ------------------------------------------------------------------------------

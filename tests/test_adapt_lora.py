@@ -67,6 +67,43 @@ def test_parameter_count_matches_the_hand_count():
     assert counts["trainable"] == expected and counts["total"] == total + expected
 
 
+def test_lora_alpha_scales_the_update_and_merging_folds_it_in():
+    """rank 4, alpha 16: a wrapped Linear computes W x + b + (16 / 4) B A x (LoRA's alpha / r
+    scaling; checked with A and B set by hand, dropout off in eval mode), and merging writes
+    W + 4 B A into the plain layer. options.dropout is the dropout on the LoRA branch."""
+    model = small_model()
+    fc1 = model.model.vision_model.encoder.layers[0].mlp.fc1  # Linear 32 -> 128
+    W, b = fc1.weight.detach().clone(), fc1.bias.detach().clone()
+    targets = target_modules(model, ["image"], "all")
+    peft_model = add_lora(model, Options.model_validate({"rank": 4, "alpha": 16.0,
+                                                          "dropout": 0.25}))
+    layer = model.model.vision_model.encoder.layers[0].mlp.fc1
+    assert layer.lora_dropout["default"].p == 0.25
+    for name in targets:  # every target got the same options
+        wrapped = model.model.get_submodule(name)
+        assert wrapped.lora_dropout["default"].p == 0.25, name
+        assert wrapped.r["default"] == 4 and wrapped.lora_alpha["default"] == 16.0, name
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 32, generator=g) * 0.1  # lora_A: in -> rank
+    B = torch.randn(128, 4, generator=g) * 0.1  # lora_B: rank -> out (zero at init)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    model.eval()
+    x = torch.randn(5, 32, generator=g)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, x @ W.t() + b + 4.0 * (x @ A.t()) @ B.t())
+    assert not torch.allclose(out, x @ W.t() + b + (x @ A.t()) @ B.t(), atol=1e-3)
+
+    merged = merge_adapter(model, peft_model)
+    plain = merged.model.vision_model.encoder.layers[0].mlp.fc1
+    assert type(plain) is torch.nn.Linear
+    torch.testing.assert_close(plain.weight, W + 4.0 * B @ A)
+    torch.testing.assert_close(plain.bias, b)
+
+
 def test_only_lora_parameters_get_gradients_and_change(digits):
     model = small_model()
     base = {k: v.clone() for k, v in model.model.state_dict().items()}

@@ -1,9 +1,11 @@
 """The Trainer: learning, frozen towers, checkpoints, exact resume."""
 
 import json
+import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError
@@ -179,6 +181,79 @@ def test_the_trainer_runs_in_the_resolved_precision(monkeypatch):
         assert trainer.precision == expected and trainer.embed.precision == expected
 
 
+DECAYED = ("text_projection.weight", "visual_projection.weight",  # matrices
+           "vision_model.encoder.layers.0.self_attn.q_proj.weight",
+           "text_model.encoder.layers.0.mlp.fc1.weight")
+NOT_DECAYED = ("logit_scale",  # the temperature, biases, norm gains, position/class embeddings
+               "vision_model.encoder.layers.0.self_attn.q_proj.bias",
+               "text_model.encoder.layers.0.mlp.fc1.bias",
+               "vision_model.encoder.layers.0.layer_norm1.weight",
+               "text_model.final_layer_norm.bias",
+               "vision_model.embeddings.class_embedding",
+               "vision_model.embeddings.position_embedding.weight",
+               "text_model.embeddings.position_embedding.weight")
+
+
+def test_weight_decay_falls_on_matrices_not_on_biases_norms_embeddings_or_temperature():
+    """train.weight_decay is the decay of the group holding each weight matrix; biases,
+    LayerNorm gains, position/class embeddings and logit_scale sit in groups without decay;
+    every trainable parameter is in exactly one group."""
+    model = small_model()
+    opt = Trainer(model, config(weight_decay=0.2), None)._optimizer()
+    decay = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert id(p) not in decay
+            decay[id(p)] = group["weight_decay"]
+    params = dict(model.model.named_parameters())
+    assert set(decay) == {id(p) for p in params.values()}
+    for name in DECAYED:
+        assert decay[id(params[name])] == 0.2, name
+    for name in NOT_DECAYED:
+        assert decay[id(params[name])] == 0.0, name
+
+
+def test_one_step_is_adamw_with_decoupled_weight_decay(pairs):
+    """One step (no warm-up, no clipping) from the gradient g it saw: Adam's first step is
+    lr * g / (|g| + eps) (bias-corrected moments m = g, v = g^2), and AdamW shrinks a decayed
+    weight by (1 - lr * weight_decay) first: p1 = p0 * (1 - lr * wd) - lr * g / (|g| + 1e-8),
+    with wd = 0 for biases, gains and the temperature (which stays below the clamp here)."""
+    lr, wd = 0.05, 0.5
+    model = small_model()
+    params = dict(model.model.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    grads = {}
+
+    def record(optimizer, args, kwargs):
+        grads.update({name: p.grad.clone() for name, p in params.items()
+                      if p.grad is not None})
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        Trainer(model, config(steps=1, warmup=0, lr=lr, weight_decay=wd, grad_clip=0,
+                              augment=False), None).fit(pairs)
+    finally:
+        handle.remove()
+    for names, decay in ((DECAYED, wd), (NOT_DECAYED, 0.0)):
+        for name in names:
+            g, p0 = grads[name], before[name]
+            expected = p0 * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)
+            torch.testing.assert_close(params[name].detach(), expected, rtol=1e-5, atol=1e-6,
+                                       msg=name)
+    assert model.logit_scale.item() < 4.6  # the temperature was not clamped in this test
+
+
+def test_logit_scale_is_clamped_at_ln_100_after_each_step(pairs):
+    """CLIP's temperature limit: a logit_scale of 5.0 (exp = 148) is ln(100) = 4.6052 after one
+    step, and the log shows the scale 100."""
+    model = small_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    last = Trainer(model, config(steps=1, warmup=0, lr=1e-4, augment=False), None).fit(pairs)
+    assert model.logit_scale.item() == pytest.approx(4.6052, abs=1e-6)
+    assert last["logit_scale"] == pytest.approx(100.0, rel=1e-4)
+
+
 def test_lr_scale_refuses_negative_and_unmatched_keys_and_the_longest_key_wins():
     with pytest.raises(ConfigError, match=r"train\.lr_scale\.text_projection: expected "
                                           r"greater than or equal to 0"):
@@ -200,6 +275,22 @@ def test_the_logged_rate_is_the_one_each_step_used(tmp_path, pairs):
     Trainer(small_model(), config(steps=3, warmup=2, lr=1e-3, augment=False), run).fit(pairs)
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_a_run_follows_warmup_then_cosine_down_to_min_lr_ratio(tmp_path, pairs):
+    """A 10-step run with 2 warm-up steps and train.min_lr_ratio=0.1 logs, per step s, the rate
+    lr * (s + 1) / 2 during warm-up, then lr * (0.1 + 0.9 * (1 + cos(pi * (s - 2) / 8)) / 2)
+    (hand formula; the floor 0.1 * lr would be reached at step 10)."""
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=10, warmup=2, lr=1e-3, min_lr_ratio=0.1,
+                                  augment=False), run).fit(pairs)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    expected = [1e-3 * (s + 1) / 2 if s < 2 else
+                1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)))
+                for s in range(10)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9)
+    assert records[6]["lr"] == pytest.approx(0.55e-3)  # half-way through the decay
 
 
 def test_device_and_lock_options_are_checked(pairs):

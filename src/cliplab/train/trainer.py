@@ -175,7 +175,9 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW with one group per (weight decay, lr scale). No decay on gains, biases,
-        position/class embeddings or the temperature; ``lr_scale`` multiplies the rate of
+        the temperature or anything under an ``embeddings`` module (token, patch, position and
+        class embeddings; open_clip decays the token and patch ones, timm the patch one);
+        ``lr_scale`` multiplies the rate of
         parameters whose name contains a given substring (the longest such substring's
         scale wins; one in no trainable parameter's name is a one-line error)."""
         groups: dict[tuple[float, float], list] = {}
