@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed), then run the quickstart pipeline; extra arguments go to `cliplab quickstart`.
+# Set up (if needed), then run the quickstart pipeline; extra arguments go to `cliplab quickstart`
+# and are read from the folder this script was called from (a relative --out lands there).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/cliplab quickstart "$@"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+(cd "$repo" && bash scripts/setup.sh)
+exec "$repo/.venv/bin/cliplab" quickstart "$@"
