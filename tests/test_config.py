@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -130,3 +131,24 @@ def test_a_length_given_replaces_the_default_length():
                                                           "augment": {"hflip": False}}
     assert train_over_defaults({"steps": 9}, {"epochs": 1})["epochs"] == 1
     assert "steps" not in train_over_defaults({"steps": 9}, {"epochs": 1})
+
+
+def test_a_length_override_replaces_the_files_other_length(tmp_path):
+    """A recipe written in epochs takes `train.steps=N` (and one in steps `train.epochs=N`)
+    without `train.epochs=null` beside it; lengths inside a list (a curate step's `train`) too.
+    Both overridden is still the user's contradiction, refused by the schema."""
+    config = {"train": {"epochs": 5, "lr": 0.1}, "steps": [{"train": {"steps": 9}}]}
+    assert apply_overrides(config, ["train.steps=500"])["train"] == \
+        {"epochs": None, "steps": 500, "lr": 0.1}
+    assert apply_overrides(config, ["steps.0.train.epochs=1"])["steps"][0]["train"] == \
+        {"steps": None, "epochs": 1}
+    both = apply_overrides(config, ["train.steps=500", "train.epochs=2"])["train"]
+    assert both == {"epochs": 2, "steps": 500, "lr": 0.1}
+    assert apply_overrides(config, ["train.steps=null"])["train"]["epochs"] == 5
+    assert config["train"] == {"epochs": 5, "lr": 0.1}  # the given config is left alone
+
+    from cliplab.quickstart import QuickstartConfig
+
+    recipe = Path(__file__).parents[1] / "configs" / "quickstart.yaml"  # written in steps
+    cfg = load_config(QuickstartConfig, recipe, ["train.epochs=1"])
+    assert (cfg.train.epochs, cfg.train.steps) == (1, None)

@@ -74,9 +74,16 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# a run's length is given one way: epochs or steps of a ``train`` mapping
+LENGTH_KEYS = ("epochs", "steps")
+
+
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-    """Return a copy of ``config`` with ``a.b.c=value`` overrides applied (values parsed as YAML)."""
+    """Return a copy of ``config`` with ``a.b.c=value`` overrides applied (values parsed as YAML).
+    An override giving a ``train`` mapping's length (``train.steps=500``) clears the config's
+    other length (``epochs``) unless that is overridden too."""
     config = copy.deepcopy(config)
+    _clear_replaced_lengths(config, [item.partition("=") for item in overrides])
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -100,6 +107,25 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         else:
             node[parts[-1]] = value
     return config
+
+
+def _clear_replaced_lengths(config: dict, items: list[tuple[str, str, str]]) -> None:
+    given = {key for key, sep, raw in items if sep and raw.strip() not in ("", "null", "~")}
+    named = {key for key, _, _ in items}
+    for key in given:
+        prefix, _, last = key.rpartition(".")
+        if last not in LENGTH_KEYS or not (prefix == "train" or prefix.endswith(".train")):
+            continue
+        node: Any = config
+        for part in prefix.split("."):  # through mappings and list positions (steps.0.train)
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = node.get(part) if isinstance(node, dict) else None
+        for other in LENGTH_KEYS:
+            if other != last and f"{prefix}.{other}" not in named and isinstance(node, dict) \
+                    and node.get(other) is not None:
+                node[other] = None
 
 
 def _list_index(items: list, part: str, item: str) -> int:

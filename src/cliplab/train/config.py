@@ -10,7 +10,7 @@ import torch
 from pydantic import (BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator,
                       model_validator)
 
-from cliplab.config import Section, deep_merge, validate
+from cliplab.config import LENGTH_KEYS, Section, deep_merge, validate
 from cliplab.models.preprocess import AugmentConfig
 from cliplab.train.hard_negatives import HardNegatives
 
@@ -135,8 +135,6 @@ class TrainConfig(Section):
         """``d`` (the ``train:`` section) validated; errors name ``train.<key>``."""
         return validate(_TrainSection, {"train": d or {}}, where).train
 
-
-LENGTH_KEYS = ("epochs", "steps")
 
 
 def train_over_defaults(defaults: dict, given: dict | None) -> dict:
