@@ -252,3 +252,26 @@ def test_a_run_ending_in_an_eval_record_still_reports_its_last_training_values(t
     for row in ("| step | 2 |", "| loss | 2.5000 |", "| lr | 0.0020 |",
                 "| logit_scale | 15.0000 |", "| eval/zs/acc1 | 0.6250 |"):
         assert row in md
+
+
+def test_hyper_parameters_and_skip_records_are_no_metric_tables(tmp_path):
+    """A pretrain run's results.json (train record, skip record) and an adapt result (options)
+    give tables of metrics only: the skip total is a number of the run, adapt's options are
+    not a task, and a run folder's last training record is in the training table once."""
+    from cliplab.evaluate.report_inputs import read_input
+
+    run = tmp_path / "pre"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({
+        "train": {"step": 4, "loss": 2.0}, "evals": {"zs": {"acc1": 0.5}},
+        "skipped": {"total": 3, "counts": {"missing_file": 3}, "keys": {"missing_file": ["a"]}},
+        "model_dir": "pre/checkpoints/step-4/model", "wall_time_s": 9.0}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 2.0}) + "\n")
+    assert read_input(run).sections == {"zs": {"acc1": 0.5},
+                                        "run": {"skipped": 3, "wall_time_s": 9.0}}
+    adapt = tmp_path / "tip.json"
+    adapt.write_text(json.dumps({"method": "tip-adapter", "shots": 2, "options": {
+        "alpha": 1.0, "names": "prompt", "search": False}, "test": {"acc1": 0.6},
+        "zeroshot": {"acc1": 0.55}}))
+    assert read_input(adapt).sections == {"test": {"acc1": 0.6}, "zeroshot": {"acc1": 0.55},
+                                          "run": {"shots": 2}}

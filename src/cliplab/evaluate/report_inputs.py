@@ -15,6 +15,9 @@ from cliplab.errors import DataError
 
 RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
 _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
+# mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
+# (its total is reported as a number of the run)
+_NOT_METRICS = ("options", "skipped")
 
 
 @dataclass
@@ -63,8 +66,9 @@ def read_history(path: Path) -> list[dict]:
 
 def result_sections(data: dict) -> dict[str, dict]:
     """Metric sections of a results object: its ``results``/``evals`` mapping if it has one,
-    every other mapping under its own key, an α sweep (wise-ft's ``sweep``) as
-    ``{"α 0.5": {set: acc1}}``, and top-level numbers under ``run``."""
+    every other mapping under its own key (not adapt's ``options``), an α sweep (wise-ft's
+    ``sweep``) as ``{"α 0.5": {set: acc1}}``, and top-level numbers (and the number of
+    skipped samples) under ``run``."""
     sections: dict[str, dict] = {}
     for key in _SECTION_KEYS:
         if isinstance(data.get(key), dict):
@@ -72,6 +76,10 @@ def result_sections(data: dict) -> dict[str, dict]:
     scalars = {}
     for key, value in data.items():
         if key in _SECTION_KEYS and isinstance(value, dict):
+            continue
+        if key in _NOT_METRICS:
+            if isinstance(value, dict) and isinstance(value.get("total"), int):
+                scalars[key] = value["total"]
             continue
         sweep = alpha_sweep(value)
         if sweep:
@@ -132,6 +140,8 @@ def read_input(path: str | Path) -> ReportSource:
         source.sections = result_sections(read_json(path / "results.json"))
     if "metrics.jsonl" in present:
         source.history = read_history(path / "metrics.jsonl")
+        # results.json's `train` is the last logged record: the training table shows it
+        source.sections.pop("train", None)
     if "config.yaml" in present:
         source.config = load_yaml(path / "config.yaml")
     return source
