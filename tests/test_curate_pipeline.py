@@ -261,6 +261,21 @@ def test_whole_config_is_validated_before_any_work(tmp_path):
     assert cfg.to_dict()["steps"][0]["min_words"] == 3  # each step's own keys survive
 
 
+def test_a_missing_step_model_is_refused_before_the_pool_is_read(tmp_path, monkeypatch):
+    """A misspelt model of a later step is named (with the step) before any item is read and
+    leaves no partial folder that would block the corrected command."""
+    import cliplab.curate.pipeline as pipeline
+
+    read = []
+    monkeypatch.setattr(pipeline, "_read_pool", lambda *a: read.append(1))
+    steps = [{"step": "exact_dedup"},
+             {"step": "clip_score", "model": "runs/nothere", "keep_top": 0.5}]
+    with pytest.raises(ConfigError, match=r"steps\[1\]\.model \(clip_score\): .*runs/nothere"
+                                          r".* does not exist"):
+        run_curation(config("shapes", steps), tmp_path / "out", progress=False)
+    assert not read and not (tmp_path / "out.partial").exists()
+
+
 def test_cli_curates_and_reports_bad_keys_in_one_line(tmp_path, capsys):
     folder = make_folder(tmp_path / "pool", [200, 200, 60])
     path = tmp_path / "c.yaml"

@@ -40,7 +40,7 @@ from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import iter_items
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.output_folder import partial_path, swap_in, write_json
 
 FORMAT = 1
@@ -60,6 +60,7 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
         raise ConfigError(f"--out {out} is inside the source {config.data['path']}; "
                           "sources are never written to, choose another --out")
     _check_out(out, overwrite)
+    _check_step_models(config)
     work = partial_path(out)
     if (work / "summary.json").is_file() and not (work / "state.json").exists():
         swap_in(work, out)  # killed after finishing, before the rename
@@ -115,6 +116,23 @@ def nothing_kept_warning(steps: list[dict]) -> str:
     last = next(s for s in steps if s["kept"] == 0)
     return (f"cliplab curate: warning: nothing was kept: {last['name']} dropped the last "
             f"{last['dropped']} item(s); the output holds 0 items")
+
+
+def _check_step_models(config: CurateConfig) -> None:
+    """Every step's model found before any work: a misspelt one surfaced only after the pool
+    was read and the steps before it ran, leaving a partial folder of that config behind."""
+    from cliplab.models.presets import PRESETS
+    from cliplab.models.resolve import resolve_model_path
+    from cliplab.models.spec import model_spec
+
+    for index, spec in enumerate(config.steps):
+        model = getattr(spec, "model", None)
+        if model is None or model_spec(model).name in PRESETS:
+            continue
+        try:
+            resolve_model_path(model)
+        except ModelError as err:
+            raise ConfigError(f"steps[{index}].model ({step_name(spec)}): {err}") from None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
