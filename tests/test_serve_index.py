@@ -189,9 +189,7 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     build(model_dir, SHAPES, tmp_path / "idx")
     with pytest.raises(ConfigError, match="already exists.*--add"):
         build(model_dir, SHAPES, tmp_path / "idx")
-    more = {**SHAPES, "n": 10, "seed": 9}
-    # the same keys (shapes#0..9) are already there: a different source name is needed for
-    # new keys, so add an image folder instead
+    more = {**SHAPES, "n": 10}  # the first 10 of the same source: shapes#0..9 again
     _image_folder(tmp_path / "photos")
     record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx", add=True)
     assert record["count"] == 46 and len(record["sources"]) == 2
@@ -201,6 +199,30 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     again = build(model_dir, more, tmp_path / "idx", add=True)  # shapes#0..9 already indexed
     assert again["count"] == 46 and again["skipped"] == 2 + 10
     assert (tmp_path / "idx" / "images" / "39.png").is_file()
+
+
+def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, tmp_path):
+    """Two folders whose files share names (two cameras' IMG_0000.jpg), or the same built-in
+    source with another seed, are different items: --add indexes them under keys naming
+    their source; adding one of them again indexes nothing new."""
+    data = load_shapes(n=6, seed=3, kinds=["single"], image_size=32)
+    for folder, offset in (("cam_a", 0), ("cam_b", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            Image.fromarray(data.images[offset + i].numpy()).save(
+                tmp_path / folder / f"IMG_{i:04d}.png")
+    build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx")
+    record = build(model_dir, str(tmp_path / "cam_b"), tmp_path / "idx", add=True)
+    assert record["count"] == 6 and record["skipped"] == 0
+    keys = [r["key"] for r in SearchIndex(tmp_path / "idx").items(range(6)).values()]
+    assert keys[:3] == ["IMG_0000.png", "IMG_0001.png", "IMG_0002.png"]
+    assert keys[3:] == [f"{(tmp_path / 'cam_b').resolve()}|IMG_{i:04d}.png" for i in range(3)]
+    for again in ("cam_a", "cam_b"):
+        record = build(model_dir, str(tmp_path / again), tmp_path / "idx", add=True)
+        assert record["count"] == 6
+    other_seed = build(model_dir, {**SHAPES, "n": 4, "seed": 9}, tmp_path / "idx", add=True)
+    assert other_seed["count"] == 10
+    assert SearchIndex(tmp_path / "idx").count == 10
 
 
 def test_add_refuses_another_model(model_dir, tmp_path):

@@ -113,7 +113,8 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     store = MetadataStore(work / META_FILE)
     try:
         if state["phase"] == "embedding":
-            _embed_collection(cfg, model, spec, work, store, state, progress)
+            _embed_collection(cfg, model, spec, work, store, state, progress,
+                              key_prefix(spec, existing))
         record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
     finally:
         store.close()
@@ -175,8 +176,33 @@ def _drop_unrecorded(work: Path, state: dict) -> None:
             image.unlink()
 
 
+def key_prefix(spec: dict, existing: dict | None) -> str:
+    """What the keys of ``spec``'s items start with: nothing for the index's first source (and
+    for adding it again, whose items are then already indexed); the source in full for any
+    other, so two folders' ``IMG_0001.jpg`` (or two seeds' ``shapes#1``) are two items."""
+    sources = (existing or {}).get("sources") or []
+    if not sources or _source_identity(sources[0]) == _source_identity(spec):
+        return ""
+    return _source_identity(spec) + "|"
+
+
+# options saying how many of a source's items to read, not which: `shapes` with n=10 is the
+# first 10 items of n=40
+_SIZE_OPTIONS = ("n", "limit", "progress")
+
+
+def _source_identity(spec: dict) -> str:
+    """A source spec as one string, its path resolved (``photos`` and ``./photos/`` are one)
+    and its size options left out."""
+    spec = {k: v for k, v in spec.items() if k not in _SIZE_OPTIONS}
+    if "path" in spec:
+        spec["path"] = str(Path(spec["path"]).expanduser().resolve())
+        return spec.pop("path") + ("" if len(spec) <= 1 else json.dumps(spec, sort_keys=True))
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
 def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: MetadataStore,
-                      state: dict, progress: bool) -> None:
+                      state: dict, progress: bool, prefix: str = "") -> None:
     items = itertools.islice(iter_items(spec, progress=progress), state["position"], None)
     bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
                initial=state["position"])
@@ -184,6 +210,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
         chunk = list(itertools.islice(items, cfg.chunk))
         if not chunk:
             break
+        for item in chunk:
+            item.key = prefix + item.key
         known = store.has_keys([item.key for item in chunk])
         rows, images, skipped = [], [], []
         for item in chunk:
