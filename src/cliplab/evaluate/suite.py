@@ -165,7 +165,9 @@ def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Map
 
 def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapping | list,
               context: TaskContext | None = None) -> dict:
-    """``{task name: metrics}`` of every task of ``suite`` (validated whole first); the tasks
+    """``{task name: metrics}`` of every task of ``suite`` (validated whole, and its data read
+    and checked, before any task runs: a bad class of the last task is not found after the
+    first ones' encoding); the tasks
     share ``context``'s feature cache, so a dataset is encoded once however many tasks read
     it, and a text (prompt or caption) once however many tasks and images use it. A task
     whose data skipped samples (unreadable, missing, empty) gets them under ``skipped`` and
@@ -174,6 +176,10 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     model = as_model(model)
     context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
                                   probe_plan=plan_probes(suite.tasks))
+    for task in suite.tasks:  # every set read and checked before the first task encodes
+        for spec in task.datasets():
+            context.load(spec)
+        task.check(context)
     results = {}
     for name, task in zip(suite.task_names(), suite.tasks):
         skipped = report_skips(name, task, context)

@@ -67,6 +67,10 @@ class TaskSpecBase(Section):
         return [(key, getattr(self, key)) for key, info in type(self).model_fields.items()
                 if info.annotation == DataSpec and getattr(self, key) is not None]
 
+    def check(self, context: "TaskContext") -> None:
+        """Check this task against its loaded data (e.g. class names) before any task of the
+        suite runs; a one-line error if it cannot run. Nothing to check by default."""
+
     def probes(self) -> list[tuple[DataSpec, str, int]]:
         """(data spec, probe kind, layers) of the extra image features this task will read, so
         the suite computes them in the first pass over that dataset."""

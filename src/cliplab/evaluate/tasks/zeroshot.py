@@ -24,6 +24,11 @@ class Spec(TaskSpecBase):
     classes: list[int | str] | None = Field(None, min_length=1)
     per_class: bool = False
 
+    def check(self, context: TaskContext) -> None:
+        if self.classes is not None:
+            chosen_classes(self, context.labelled(self.data, f"task {self.name or self.task!r} "
+                                                             "data").classnames)
+
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     name = spec.name or spec.task
