@@ -68,10 +68,12 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_path("tiny-org/tiny-clip-16") == snapshot
     assert _same_weights(load_model("tiny-org/tiny-clip-16"), load_model(str(saved)))
-    with pytest.raises(ModelError, match=r"openai/clip-vit-base-patch32 is neither a folder here "
-                                         r"nor in the Hugging Face cache .*hf download"):
+    with pytest.raises(ModelError, match=r"openai/clip-vit-base-patch32 does not exist \(no "
+                                         r"such file or folder, and no preset of that name\) "
+                                         r"and is not in the Hugging Face cache .*hf download"):
         load_model("openai/clip-vit-base-patch32")
-    with pytest.raises(ModelError, match="^model folder no/such/model does not exist$"):
+    with pytest.raises(ModelError, match=r"^no/such/model does not exist \(no such file or "
+                                        r"folder, and no preset of that name\)$"):
         load_model("no/such/model")  # two slashes: a missing path, not a Hub id
 
 

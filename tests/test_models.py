@@ -143,7 +143,8 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
     # a misspelt preset with options is named as unknown (not as "options only for presets")
     with pytest.raises(ModelError, match="unknown model 'tiny-clp'.*did you mean 'tiny-clip'"):
         load_model({"name": "tiny-clp", "options": {"width": 32}})
-    with pytest.raises(ModelError, match=f"^model folder {tmp_path / 'gone'} does not exist$"):
+    with pytest.raises(ModelError, match=f"^{tmp_path / 'gone'} does not exist \\(no such file or "
+                                        "folder, and no preset of that name\\)$"):
         load_model(str(tmp_path / "gone"))
     with pytest.raises(ModelError, match="no config.json"):
         DualEncoder.load(tmp_path)

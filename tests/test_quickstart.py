@@ -24,6 +24,18 @@ def test_shipped_quickstart_yaml_equals_the_built_in_defaults():
     assert shipped == quickstart_config({})
 
 
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs dataset-fashion-mnist")
+def test_an_unknown_held_out_class_names_its_key_and_leaves_no_run(tmp_path):
+    from cliplab.quickstart import run_quickstart
+
+    with pytest.raises(ConfigError, match=r"^data\.heldout: unknown class 'Sandl'; classes "
+                                          r"are: t-shirt, trouser"):
+        run_quickstart({"data": {"heldout": ["Coat", "Sandl"], "train_limit": 50,
+                                 "test_limit": 50}, "out": str(tmp_path / "run")},
+                       progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_quickstart_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="epochz"):
         quickstart_config({"train": {"epochz": 1}})

@@ -368,7 +368,10 @@ def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
     assert code == 0 and "20 items (0 skipped)" in capsys.readouterr().out
     assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "nothing"),
                  "--out", str(tmp_path / "x"), "--no-progress"]) == 2
-    assert "unknown data" in capsys.readouterr().err
+    assert "nothing does not exist (no such file or folder" in capsys.readouterr().err
+    assert main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
+                 str(tmp_path / "z"), "--no-progress", "data.n=abc"]) == 2
+    assert capsys.readouterr().err.startswith("cliplab: error: data: ")
     assert main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
                  str(tmp_path / "y"), "recall=2"]) == 2
     assert "recall" in capsys.readouterr().err

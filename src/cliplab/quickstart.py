@@ -15,7 +15,7 @@ from cliplab.config import Section, deep_merge, validate
 from cliplab.data.fashion_mnist import canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
@@ -101,7 +101,10 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     data = cfg.data
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]
-    heldout = class_indices(train_all.classnames, held_names)
+    try:
+        heldout = class_indices(train_all.classnames, held_names)
+    except DataError as err:
+        raise ConfigError(f"data.heldout: {err}") from None
     seen_train, _ = split_classes(train_all, held_names)
 
     # the run folder is made only once the inputs are known to be good

@@ -17,7 +17,7 @@ from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer
-from cliplab.data.sources import as_labelled, load_source
+from cliplab.data.sources import as_labelled, check_options, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -37,6 +37,12 @@ def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
     if not isinstance(cfg, AdaptConfig):
         cfg = validate(AdaptConfig, cfg, where)
     options = method_options(get_method(cfg.method).Options, cfg.options, cfg.method, where)
+    for name in ("train", "test", "shifted", "val"):  # before the first (slow) load
+        if getattr(cfg.data, name) is not None:
+            try:
+                check_options(getattr(cfg.data, name), f"data.{name}")
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}" if where else str(err)) from None
     return cfg, options
 
 
@@ -84,7 +90,7 @@ def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: 
 def load_validation(cfg: AdaptConfig, train: LabelledImages,
                     progress: bool = True) -> LabelledImages:
     """``data.val`` as loaded, checked against the training set's classes."""
-    val = as_labelled(load_source(cfg.data.val, progress), "data.val")
+    val = as_labelled(load_source(cfg.data.val, progress, "data.val"), "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
     check_same_classes(train, val, "adapt", ("data.train", "data.val"))
@@ -101,10 +107,11 @@ def draw_validation(cfg: AdaptConfig, val: LabelledImages) -> LabelledImages:
 def load_sets(cfg: AdaptConfig, progress: bool = True
               ) -> tuple[LabelledImages, dict[str, LabelledImages]]:
     """The whole training set and the scored sets (``test``, and ``shifted`` if given)."""
-    train = as_labelled(load_source(cfg.data.train, progress), "data.train")
-    sets = {"test": as_labelled(load_source(cfg.data.test, progress), "data.test")}
+    train = as_labelled(load_source(cfg.data.train, progress, "data.train"), "data.train")
+    sets = {"test": as_labelled(load_source(cfg.data.test, progress, "data.test"), "data.test")}
     if cfg.data.shifted is not None:
-        sets["shifted"] = as_labelled(load_source(cfg.data.shifted, progress), "data.shifted")
+        sets["shifted"] = as_labelled(load_source(cfg.data.shifted, progress, "data.shifted"),
+                                      "data.shifted")
     for name, data in {"train": train, **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")

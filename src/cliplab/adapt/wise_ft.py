@@ -29,7 +29,7 @@ from cliplab.models.folder import check_same_origin, model_fingerprint
 from cliplab.adapt.training import trainer_config
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import CliplabError, ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import is_hub_id, resolve_model_path
@@ -58,10 +58,16 @@ class Options(FinetuneOptions):
     @field_validator("finetuned")
     @classmethod
     def _existing(cls, value: str | None) -> str | None:
+        # resolved here, with the other options: a bad one fails before any image is encoded
         if value is not None and not Path(value).expanduser().exists() \
                 and not is_hub_id(value):
-            raise ValueError(f"{value} does not exist (give a finetune run, checkpoint or "
-                             "model folder)")
+            raise ValueError(f"{value} does not exist (no such file or folder; give a finetune "
+                             "run, checkpoint or model folder)")
+        if value is not None:
+            try:
+                resolve_model_path(value)
+            except CliplabError as err:
+                raise ValueError(str(err)) from None
         return value
 
     @field_validator("val_shift")

@@ -48,13 +48,17 @@ class Item:
 
 def source_spec(data: str | dict) -> dict:
     """``{source: ...}`` for a `--data` value: a built-in source name, a manifest file, a shard
-    folder (holding .tar files) or any other folder (of images)."""
+    folder (holding .tar files) or any other folder (of images). A mapping's options are
+    checked against its source (unknown options, wrong types: `check_options`) unless the
+    collection reads that kind itself; a path that does not exist says so."""
+    from cliplab.data.sources import SOURCES, check_options, needs_options
+
     if isinstance(data, dict):
         if "source" not in data:
             raise DataError(f"data spec {data} has no 'source' key")
-        return dict(data)
-    from cliplab.data.sources import SOURCES, needs_options
-
+        if data["source"] in ("image-folder", "manifest", "shards"):
+            return dict(data)
+        return check_options(data)
     path = Path(data)
     # a bare name is a built-in source unless that source needs a path and a file or folder
     # of that name exists (`--data shards` for a folder called shards)
@@ -65,6 +69,10 @@ def source_spec(data: str | dict) -> dict:
     if path.is_dir():
         kind = "shards" if any(path.glob("*.tar")) else "image-folder"
         return {"source": kind, "path": str(path)}
+    if not path.expanduser().exists() and ("/" in data or "\\" in data
+                                           or data.startswith((".", "~"))):
+        raise DataError(f"{data} does not exist (no such file or folder, and no built-in "
+                        f"source of that name: {', '.join(SOURCES)})")
     raise DataError(f"unknown data {data!r}: not a built-in source ({', '.join(SOURCES)}), "
                     "a manifest (.csv/.jsonl/.parquet), a shard folder or an image folder")
 

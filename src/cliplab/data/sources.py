@@ -8,14 +8,19 @@ images, image-text pairs or multi-label images. Adding one = its module + one ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
-from typing import Callable
+import typing
+from typing import Any, Callable
+
+from pydantic import ConfigDict, TypeAdapter, create_model
 
 from cliplab.data.pairs import labelled_to_pairs, select_classes, split_classes
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
-from cliplab.errors import ConfigError
+from cliplab.config import Section, validate
+from cliplab.errors import CliplabError, ConfigError
 
 Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
 # what `load_source` itself does to any source's data
@@ -49,32 +54,109 @@ def needs_options(name: str) -> bool:
                for p in params)
 
 
-def load_source(spec: dict, progress: bool | None = None) -> Dataset:
+def load_source(spec: dict, progress: bool | None = None, where: str | None = None) -> Dataset:
     """Load the dataset a spec names; ``progress`` is the default of a loader's own
     ``progress`` option (e.g. the shards' read bar; the spec's own wins); ``holdout`` (a list
     of class names) drops those classes; ``classes`` (a list of class names) keeps only those,
     relabelled in that order;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
     the images, seeded by ``shift_seed``; ``templates`` (a list of prompts, ``{}`` marking the
-    class) replaces a classification source's own prompt templates."""
-    spec = dict(spec)
+    class) replaces a classification source's own prompt templates.
+    ``where``: the spec's key path in its config (e.g. ``data.test``), named by every error
+    about its options (see `check_options`)."""
+    spec = check_options(spec, where)
     name = spec.pop("source", None)
     fn = source_loader(name)
     holdout = spec.pop("holdout", None)
     classes = spec.pop("classes", None)
     shift, shift_seed = spec.pop("shift", None), spec.pop("shift_seed", 0)
-    if shift is not None:
-        parse_shift(shift)  # a bad shift fails before a slow load
     templates = spec.pop("templates", None)
     if templates is not None:
         templates = check_templates(templates, name)
     params = inspect.signature(fn).parameters
     if progress is not None and "progress" in params:
         spec.setdefault("progress", progress)
-    unknown = sorted(set(spec) - set(params))
+    try:
+        return _load(fn, name, spec, holdout, classes, shift, shift_seed, templates)
+    except CliplabError as err:
+        if where and not str(err).startswith(where):
+            raise type(err)(f"{where}: {err}") from None
+        raise
+
+
+def check_options(spec: dict, where: str | None = None) -> dict:
+    """``spec`` (a copy) with its options checked against its source function's signature
+    (and `COMMON_OPTIONS`): unknown options and values of the wrong type (``n: abc``) are a
+    one-line `ConfigError` naming ``where`` (the spec's key path, e.g. ``data.test``; None:
+    the source) and the key; numbers written as strings become numbers."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where or 'a data spec'} must be a mapping such as "
+                          f"{{source: shapes, n: 100}}, not {spec!r}")
+    spec = dict(spec)
+    name = spec.get("source")
+    if name is None:
+        raise ConfigError(f"{where or 'data spec ' + repr(spec)}: no 'source' key "
+                          f"(one of: {', '.join(SOURCES)})")
+    try:
+        fn = source_loader(name)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.source: {err}" if where else str(err)) from None
+    params = inspect.signature(fn).parameters
+    options = {k: v for k, v in spec.items() if k != "source"}
+    unknown = sorted(set(options) - set(params) - set(COMMON_OPTIONS))
+    if unknown and where:
+        s = "s" * (len(unknown) > 1)
+        raise ConfigError(f"{where}: unknown option{s} {', '.join(map(repr, unknown))} for "
+                          f"{name} (valid: {', '.join(sorted(params))}; for any source: "
+                          f"{', '.join(COMMON_OPTIONS)})")
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for data source {name!r}; valid: "
                           f"{sorted(params)} and, for any source, {COMMON_OPTIONS}")
+    if spec.get("shift") is not None:
+        try:
+            parse_shift(spec["shift"])  # a bad shift fails before a slow load
+        except ConfigError as err:
+            raise ConfigError(f"{where}.shift: {err}" if where else str(err)) from None
+    checked = validate(_options_schema(fn), {k: v for k, v in options.items() if k in params},
+                       where="" if where else f"data source {name!r}", prefix=where or "")
+    for key in options:
+        if key in params:
+            spec[key] = getattr(checked, key)
+    return spec
+
+
+@functools.lru_cache(maxsize=None)
+def _options_schema(fn: Callable) -> type[Section]:
+    """A `Section` whose fields are ``fn``'s keyword arguments, typed by its type hints (a
+    hint pydantic cannot check counts as any value; required ones are optional here: a
+    missing one is the function's own error)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - a hint that does not resolve: check no types
+        hints = {}
+    fields: dict[str, Any] = {}
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        hint = hints.get(param.name, Any)
+        try:
+            TypeAdapter(hint)
+        except Exception:  # noqa: BLE001 - not a type pydantic knows
+            hint = Any
+        default = None if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (hint, default)
+    return create_model(f"{fn.__name__}_options", __base__=_Options, **fields)
+
+
+class _Options(Section):
+    """A source function's options (defaults are the function's business, not checked)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=False,
+                              arbitrary_types_allowed=True, protected_namespaces=())
+
+
+def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift: Any,
+          shift_seed: Any, templates: list[str] | None) -> Dataset:
     data = fn(**spec)
     if holdout:
         if not isinstance(data, LabelledImages):

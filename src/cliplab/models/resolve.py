@@ -74,8 +74,9 @@ def unknown_model(name: str) -> ModelError:
     """The error for a name that is no preset, no existing path and no Hub id: a path that
     does not exist when it is written as one, else the kinds of names there are (and the
     preset it is closest to)."""
-    if os.sep in name or name.startswith((".", "~")):
-        return ModelError(f"model folder {name} does not exist")
+    if os.sep in name or "/" in name or name.startswith((".", "~")):
+        return ModelError(f"{name} does not exist (no such file or folder, and no preset of "
+                          "that name)")
     close = difflib.get_close_matches(name, PRESETS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), a "
@@ -103,8 +104,10 @@ def model_folder(path: str | Path) -> Path:
 
 
 def is_hub_id(name: str) -> bool:
-    """``org/name`` that is not a relative path written as one (``./x/y``, ``x/y/z``)."""
-    return bool(HUB_ID.match(name)) and not name.startswith(".")
+    """``org/name`` that is not a relative path written as one (``./x/y``, ``x/y/z``, or
+    ``runs/x`` where ``runs`` is a folder here: a path, even when ``x`` is missing)."""
+    return (bool(HUB_ID.match(name)) and not name.startswith(".")
+            and not Path(name.split("/")[0]).is_dir())
 
 
 def hub_offline() -> bool:
@@ -126,8 +129,9 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelError(f"Hugging Face cache entry of {repo_id} in {cache} cannot be read "
                          f"({type(err).__name__}: {err})") from None
     if hub_offline():
-        raise ModelError(f"{repo_id} is neither a folder here nor in the Hugging Face cache "
-                         f"({cache}), and HF_HUB_OFFLINE=1: fetch it once with `hf download "
+        raise ModelError(f"{repo_id} does not exist (no such file or folder, and no preset of "
+                         f"that name) and is not in the Hugging Face cache ({cache}); if it is "
+                         f"a Hub id, HF_HUB_OFFLINE=1: fetch it once with `hf download "
                          f"{repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab fetch it)")
     return _download(repo_id, cache)
 

@@ -72,7 +72,10 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     from cliplab.models.resolve import load_model
 
     out = Path(cfg.out).expanduser().resolve()
-    spec = source_spec(cfg.data)
+    try:
+        spec = source_spec(cfg.data)
+    except ConfigError as err:  # an option of a built-in source's spec
+        raise ConfigError(f"data: {err}") from None
     for key in ("path",):
         if key in spec and Path(spec[key]).resolve() == out:
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")

@@ -79,7 +79,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                                   "{source: shards, path: DIR, stream: true}")
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
         else:
-            pairs = as_pairs(load_source(spec, progress))
+            pairs = as_pairs(load_source(spec, progress, "data.train"))
         replay, replay_ratio = _replay(cfg.data.replay, progress)
         context = TaskContext(progress=False)
         if cfg.eval:
@@ -148,7 +148,7 @@ def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, f
         ratio = float(spec.pop("ratio"))
     except (TypeError, ValueError):
         raise ConfigError("data.replay.ratio must be a number in [0, 1)") from None
-    return as_pairs(load_source(spec, progress)), ratio
+    return as_pairs(load_source(spec, progress, "data.replay")), ratio
 
 
 def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:

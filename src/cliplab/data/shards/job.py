@@ -44,7 +44,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
-    data = load_source(spec, progress)
+    data = load_source(spec, progress, "data")
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)
