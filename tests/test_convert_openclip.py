@@ -184,6 +184,12 @@ def test_out_folder_not_overwritten_unless_asked(tmp_path):
     with pytest.raises(ModelError, match="not empty"):
         convert_openclip(SOURCES["hub-gelu"], out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ModelError, match="only a previous convert output"):
+        convert_openclip(SOURCES["hub-gelu"], out, overwrite=True)  # not a model folder
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    convert_openclip(SOURCES["hub-gelu"], out)
+    (out / "keep.txt").write_text("mine")  # a previous model folder: replaced whole
     convert_openclip(SOURCES["hub-gelu"], out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 

@@ -210,6 +210,14 @@ def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, ca
     assert main(args) == 2
     assert "not empty; give a new folder or --overwrite" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"  # untouched
+    # --overwrite replaces only a previous merge output, never a folder of other files
+    assert main([*args, "--overwrite"]) == 2
+    assert "only a previous merge output" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"  # untouched
+    (out / "notes.txt").unlink()
+    assert main(args) == 0
+    (out / "notes.txt").write_text("mine")  # a previous merge output, with a file added
+    assert main(args) == 2
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "merge.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]

@@ -110,6 +110,11 @@ def test_writer_refuses_non_empty_folder_and_overwrite_replaces(tmp_path, shapes
     (out / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty.*--overwrite"):
         write_shards(shapes, out, progress=False)
+    with pytest.raises(DataError, match="only a previous shard output"):  # not a shard set
+        write_shards(shapes, out, overwrite=True, progress=False)
+    (out / "notes.txt").unlink()
+    write_shards(shapes, out, samples_per_shard=10, progress=False)
+    (out / "notes.txt").write_text("mine")
     write_shards(shapes, out, samples_per_shard=10, overwrite=True, progress=False)
     write_shards(shapes, out, samples_per_shard=30, overwrite=True, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]

@@ -220,7 +220,8 @@ def _add_merge(sub) -> None:
     add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
                         "heldout.data.limit=2000 scale=0.5")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (once the merge is written)")
+                   help="replace a previous merge output (a model folder) at --out, once the "
+                   "merge is written")
 
 
 def _add_eval(sub) -> None:
@@ -234,7 +235,10 @@ def _add_eval(sub) -> None:
                    help="suite of tasks (copy one from configs/eval/); --suite is an alias")
     p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
                    "folder, run folder (its newest checkpoint) or Hugging Face Hub id")
-    p.add_argument("--out", metavar="DIR", help="folder to write results.json into")
+    p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
+                   "run folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results.json of a previous eval --out")
     p.add_argument("--head", choices=("auto", "text"), default="auto",
                    help="auto (default): a model folder's fine-tuned head.safetensors scores "
                    "the zero-shot tasks over its own classes; text: the zero-shot text head "
@@ -321,7 +325,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--config", dest="model_config", metavar="JSON",
                    help="OpenCLIP model config (default: open_clip_config.json or the one "
                    "*.json beside the weights)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous convert output (a model folder) at --out")
     _add_debug(p)
 
 
@@ -340,7 +345,8 @@ def _add_export(sub) -> None:
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export of the same format at --out")
     _add_debug(p)
 
 
@@ -360,6 +366,7 @@ def cmd_export(args) -> int:
 
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
+    _check_export_out(args)  # before the (slow) loading
     model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
         else load_model(args.model)
     if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
@@ -367,11 +374,24 @@ def cmd_export(args) -> int:
                            "made from (a model, checkpoint or run folder)")
     if args.format == "onnx":
         from cliplab.models.onnx_export import export_onnx
-        out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite)
+        out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite,
+                          inputs=[args.model])
     else:
-        out = export_openclip(model, args.out, overwrite=args.overwrite)
+        out = export_openclip(model, args.out, overwrite=args.overwrite, inputs=[args.model])
     print(f"exported: {out}")
     return 0
+
+
+def _check_export_out(args) -> None:
+    """`check_out` of export's --out, with the previous-output test of its format."""
+    from cliplab.output_folder import check_out, has_files
+
+    if args.format == "onnx":
+        kind, previous = "ONNX export", has_files("onnx_export.json")
+    else:
+        kind, previous = "OpenCLIP export", has_files("open_clip_config.json",
+                                                      "open_clip_model.safetensors")
+    check_out(args.out, kind, [args.model], args.overwrite, previous)
 
 
 def cmd_quickstart(args) -> int:
@@ -393,7 +413,11 @@ def cmd_pretrain(args) -> int:
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
     cfg = load_config(PretrainConfig, args.config, args.overrides, extra={"out": args.out})
-    results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        _resume_hint(cfg.out)
+        raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     for name, metrics in results["evals"].items():
@@ -401,7 +425,36 @@ def cmd_pretrain(args) -> int:
         print(", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"
                         for k, v in numbers.items()))
     print(f"model: {results['model_dir']}")
+    run = _run_folder_of(results["model_dir"])
+    if run is not None:
+        print(f"run folder: {run} (results.json, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _run_folder_of(model_dir) -> Path | None:
+    """The run folder holding the model folder ``RUN/checkpoints/step-N/model``, if it is one."""
+    path = Path(model_dir)
+    for parent in path.parents:
+        if parent.name == "checkpoints":
+            return parent.parent
+    return None
+
+
+def _resume_hint(out: str | None) -> None:
+    """After Ctrl-C: how to continue the run in ``out`` if it holds a checkpoint (the run
+    folder named by --out or the config; a default runs/pretrain-<time> is the newest such)."""
+    from cliplab.runs import latest_checkpoint
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run = Path(out) if out else None
+    if run is None:  # the default run folder: the newest runs/pretrain-* this run started
+        runs = sorted(Path("runs").glob("pretrain-*"), key=lambda p: p.stat().st_mtime)
+        run = runs[-1] if runs else None
+    if run is not None and latest_checkpoint(run) is not None:
+        print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
+              f"with --resume latest (cliplab pretrain --out {run} --resume latest, the same "
+              "config)", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -412,7 +465,7 @@ def cmd_eval(args) -> int:
     from cliplab.models.resolve import load_model
     from cliplab.output_folder import write_json
 
-    out = _results_folder(args.out)
+    out = _results_folder(args.out, args.model, args.overwrite)
     suite = load_config(SuiteSpec, args.config, args.overrides)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
@@ -430,6 +483,8 @@ def cmd_eval(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", results)  # atomic, as every stage writes its results
     print(json.dumps(results, indent=2))
+    if out is not None:
+        print(f"wrote {out / 'results.json'}", file=sys.stderr)
     return 0
 
 
@@ -442,16 +497,27 @@ def _fine_tuned_head(model: str):
     return saved_head_classifier(Path(model).expanduser())
 
 
-def _results_folder(out: str | None) -> Path | None:
-    """``--out`` of eval: a folder (made if missing) that will hold results.json."""
+EVAL_FILES = ("results.json", "results.json.tmp")  # what eval writes into its --out
+
+
+def _results_folder(out: str | None, model: str | None = None,
+                    overwrite: bool = False) -> Path | None:
+    """``--out`` of eval: a folder (made if missing) that will hold results.json: new or empty,
+    or with ``overwrite`` a previous eval output (a folder of its results.json only); never a
+    file, a run folder or the model's folder."""
+    from cliplab.output_folder import check_out, is_run_folder, only_files
+
     if out is None:
         return None
     path = Path(out)
-    if path.is_file() or (not path.exists() and path.suffix == ".json"):
-        raise CliplabError(f"--out {out} is a file; give a folder (results go to "
-                           f"{path.with_suffix('') if path.suffix == '.json' else path}"
-                           "/results.json)")
-    return path
+    if not path.exists() and path.suffix == ".json":
+        raise CliplabError(f"--out {out} names a file; choose a folder (results go to "
+                           f"{path.with_suffix('')}/results.json)")
+    if not path.is_file() and is_run_folder(path):
+        raise CliplabError(f"--out {out} is a run folder (its results.json is the run's); "
+                           f"choose a new folder for the eval results, e.g. {path}-eval")
+    return check_out(path, "eval", [model], overwrite, only_files(*EVAL_FILES),
+                     error=CliplabError)
 
 
 def cmd_merge(args) -> int:
@@ -488,6 +554,9 @@ def cmd_data(args) -> int:
 
     cfg = stage_config(ShardConfig, args, samples_per_shard=args.samples_per_shard,
                        image_format=args.image_format, overwrite=args.overwrite)
+    from cliplab.data.shards.write import check_out_folder
+
+    check_out_folder(cfg.out, cfg.overwrite, [cfg.data.get(key) for key in ("path", "root")])
     index = run_shard(cfg, progress=not args.no_progress)
     from cliplab.data.types import SkipReport
 
@@ -501,11 +570,22 @@ def cmd_curate(args) -> int:
     from cliplab.curate.pipeline import run_curation
 
     cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers)
+    _check_out_is_not_input(cfg.out, [cfg.data.get(key) for key in ("path", "root")]
+                            if isinstance(cfg.data, dict) else [])
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     steps = ", ".join(f"{s['name']} -{s['dropped']}" for s in summary["steps"])
     print(f"kept {summary['kept']} of {summary['pool']} items ({steps}); wrote "
           f"{Path(cfg.out) / summary['output']['path']}, dropped.parquet, report.html in {cfg.out}")
     return 0
+
+
+def _check_out_is_not_input(out: str | None, inputs: list) -> None:
+    """The file and input checks of `check_out` alone, for curate and index (which keep their
+    own logic for an existing folder)."""
+    from cliplab.output_folder import check_out
+
+    if out:
+        check_out(out, "", inputs, may_exist=True, previous=lambda folder: True)
 
 
 def cmd_report(args) -> int:
@@ -530,6 +610,8 @@ def cmd_index(args) -> int:
                                                    "index_type") if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})
+    _check_out_is_not_input(cfg.out, [cfg.model.name, *([cfg.data.get("path")]
+                                                  if isinstance(cfg.data, dict) else [])])
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
     if record["skipped"]:

@@ -1,6 +1,11 @@
 """Output folders built where a reader cannot mistake them for finished work: a long job writes
 into ``OUT.partial/`` (so a killed run can resume there) and renames it to ``OUT`` once complete.
-Used by ``cliplab curate`` and ``cliplab index``; JSON files are written atomically."""
+Used by ``cliplab curate`` and ``cliplab index``; JSON files are written atomically.
+
+`check_out` is the one rule every command applies to its ``--out`` before any work: a file is
+refused, an ``--out`` that is, holds or lies inside an input (or a run's checkpoints) is refused,
+a non-empty folder needs ``--overwrite``, and ``--overwrite`` replaces only a previous output of
+the same kind (never a folder of other files)."""
 
 from __future__ import annotations
 
@@ -8,9 +13,79 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+
+from cliplab.errors import CliplabError, ConfigError
+
+RUN_MARKERS = ("checkpoints", "metrics.jsonl", "config.yaml")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run (its checkpoints/, metrics.jsonl or config.yaml)."""
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def has_files(*names: str) -> Callable[[Path], bool]:
+    """A previous-output test: the folder holds every one of ``names``."""
+    return lambda folder: all((folder / name).exists() for name in names)
+
+
+MODEL_FOLDER = has_files("cliplab.json", "config.json")  # a model folder cliplab wrote
+
+
+def only_files(*names: str) -> Callable[[Path], bool]:
+    """A previous-output test: the folder holds ``names[0]`` and nothing but ``names``."""
+    return lambda folder: (folder / names[0]).is_file() and \
+        all(p.name in names for p in folder.iterdir())
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and folder in path.parents
+
+
+def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
+              overwrite: bool = False, previous: Callable[[Path], bool] | None = None,
+              error: type[CliplabError] = ConfigError, may_exist: bool = False) -> Path:
+    """Refuse an ``--out`` a ``kind`` command (``merge``, ``eval``, ...) must not write, before any
+    work, touching nothing: a file; a path equal to, holding or inside an existing input (paths
+    compared resolved) or inside a run's checkpoints/; a non-empty folder without ``overwrite``
+    (``may_exist``: the command rewrites a previous output in place without it); with it, a
+    folder that is not a previous output of that kind (``previous(folder)``). Returns ``out``."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"--out {out} is a file; choose a folder")
+    here = path.resolve()
+    for given in inputs:
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue  # a preset or Hub id: no folder of the user's
+        source = _resolved(str(given))
+        how = "is" if here == source else "holds" if _inside(source, here) else \
+            "lies inside" if _inside(here, source) else None
+        if how:
+            raise error(f"--out {out} {how} the input {given}; choose another folder")
+    for parent in here.parents:
+        if parent.name == "checkpoints" and is_run_folder(parent.parent):
+            raise error(f"--out {out} lies inside the checkpoints of the run folder "
+                        f"{parent.parent}; choose another folder")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    is_previous = previous is not None and previous(path)
+    if is_previous and (overwrite or may_exist):
+        return path
+    if not overwrite and not may_exist:
+        raise error(f"--out {out} is not empty; give a new folder or --overwrite to replace a "
+                    f"previous {kind} output")
+    other = sorted(p.name for p in path.iterdir())[0]
+    flag = "--overwrite replaces" if overwrite else f"cliplab {kind} rewrites"
+    raise error(f"{flag} only a previous {kind} output; {out} holds other files (e.g. "
+                f"{other}); choose a new folder")
 
 
 def partial_path(out: Path) -> Path:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from cliplab.config import Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
+from cliplab.output_folder import check_out, has_files
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -209,6 +210,9 @@ def write_report(inputs: list[str | Path], out: str | Path,
     inputs = list(inputs) or list(config.inputs)
     if not inputs:
         raise ConfigError("say what to report: --inputs RESULTS.json RUN_FOLDER ...")
+    # never a file or an input's folder; an existing folder only if it holds a previous report
+    check_out(out, "report", [str(i) for i in inputs], may_exist=True,
+              previous=has_files("report.md"))
     sources = read_inputs(inputs, config.names)
     title = config.title
     out_dir = Path(out)

@@ -21,6 +21,7 @@ from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
+from cliplab.output_folder import MODEL_FOLDER, check_out
 
 
 def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
@@ -32,10 +33,11 @@ def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
 def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
                    overwrite: bool = False) -> MergeConfig:
     """The validated config with its inputs resolved to model folders (run and checkpoint
-    folders: the newest checkpoint's), and an output folder that is not an input and is new
-    (or empty, or ``overwrite``)."""
+    folders: the newest checkpoint's), and an output folder `check_out` accepts (not a file, not
+    an input, new or empty, or with ``overwrite`` a previous model folder)."""
     if not isinstance(cfg, MergeConfig):
         cfg = validate(MergeConfig, cfg, where)
+    given = [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
     # before any (slow) loading: every input resolved to its model folder
     cfg = cfg.model_copy(update={
         "models": [folder_spec(m, "--models") for m in cfg.models],
@@ -47,13 +49,10 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
     if twice is not None:
         raise ConfigError(f"--models lists {twice} twice (it would count double); give each "
                           "model once, and weights=[...] to weight one more (uniform)")
-    out = Path(cfg.out).resolve()
-    inputs = [Path(m.name).resolve() for m in cfg.models + ([cfg.base] if cfg.base else [])]
-    if out in inputs:
-        raise ConfigError(f"output folder {cfg.out} is one of the inputs; give a new folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"output folder {cfg.out} exists and is not empty; give a new folder "
-                          "or --overwrite to replace it")
+    # the run/checkpoint folders given and the model folders they stand for: none is --out,
+    # holds it or lies inside it
+    inputs = given + [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
+    check_out(cfg.out, "merge", inputs, overwrite, MODEL_FOLDER)
     return cfg
 
 

@@ -28,11 +28,13 @@ from torch import nn
 from cliplab.errors import ModelError
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.output_folder import has_files
 
 EXPORT_FILE = "onnx_export.json"
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
 PROJECTIONS_FILE = "projections.safetensors"
 OPSET = 18
+ONNX_EXPORT = has_files(EXPORT_FILE)  # a previous ONNX export
 
 
 class _ImageTower(nn.Module):
@@ -92,8 +94,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 
 def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None,
-                overwrite: bool = False) -> Path:
-    """Write ``model``'s towers as ONNX (``quantize="int8"``: dynamically quantized) to ``out``."""
+                overwrite: bool = False, inputs=()) -> Path:
+    """Write ``model``'s towers as ONNX (``quantize="int8"``: dynamically quantized) to ``out``
+    (``overwrite``: replacing a previous ONNX export there; never one of the ``inputs``)."""
     _require_onnx()
     if quantize not in (None, "int8"):
         raise ModelError(f"--quantize must be int8 (or left out), not {quantize!r}")
@@ -104,7 +107,8 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
     tok = model.tokenize(["a photo of a cat", "two dogs"])
     # the exporter restores the wrappers' train/eval mode afterwards: they are built in eval
     # mode and `evaluating` puts the user's model back as it was
-    with atomic_folder(out, overwrite=overwrite) as tmp, torch.no_grad(), evaluating(model):
+    with atomic_folder(out, overwrite, "ONNX export", ONNX_EXPORT, inputs) as tmp, \
+            torch.no_grad(), evaluating(model):
         for tower, args, names, dynamic, file in (
                 (_ImageTower(model).eval(), (pixels,), ["pixel_values"],
                  {"pixel_values": {0: "batch"}}, IMAGE_FILE),

@@ -18,17 +18,14 @@ from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN,
                                         set_files, shard_stats_name)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import ConfigError, DataError
-from cliplab.output_folder import write_json
+from cliplab.output_folder import check_out, write_json
 
 
-def check_out_folder(out: str | os.PathLike, overwrite: bool) -> None:
-    """Raise ``DataError`` unless shards may be written to ``out`` (touches nothing)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"output folder {out} is not empty; choose another --out or pass "
-                        "--overwrite")
+def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None:
+    """Raise ``DataError`` unless shards may be written to ``out`` (touches nothing): the one
+    `check_out` rule, a previous shard set being what ``overwrite`` may replace."""
+    check_out(out, "shard", inputs, overwrite, lambda folder: bool(set_files(folder)),
+              error=DataError)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:

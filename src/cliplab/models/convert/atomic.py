@@ -9,17 +9,17 @@ import tempfile
 from pathlib import Path
 
 from cliplab.errors import CliplabError, ModelError
+from cliplab.output_folder import MODEL_FOLDER, check_out
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False):
+def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "model",
+                  previous=MODEL_FOLDER, inputs=()):
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is
-    removed and ``out`` is left as it was. A non-empty ``out`` is refused unless ``overwrite``."""
+    removed and ``out`` is left as it was. ``out`` must pass `check_out` (a non-empty ``out`` is
+    refused unless ``overwrite`` and it is a previous ``kind`` output: ``previous(out)``)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"--out {out} is not empty; choose a new folder or pass --overwrite")
+    check_out(out, kind, inputs, overwrite, previous, error=ModelError)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -23,6 +23,7 @@ from cliplab.models.convert.openclip_config import CLIP_EOT_ID, openclip_config_
 from cliplab.models.convert.openclip_files import CONFIG_FILE, WEIGHT_FILES
 from cliplab.models.convert.openclip_weights import hf_to_openclip
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.output_folder import has_files
 
 
 def _is_clip_bpe(tokenizer) -> bool:
@@ -56,11 +57,16 @@ def openclip_state_and_config(model: DualEncoder, tokenizer_name: str | None = N
     return state, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` as an OpenCLIP folder at ``out`` (temporary folder, then moved)."""
+OPENCLIP_EXPORT = has_files(CONFIG_FILE, WEIGHT_FILES[0])  # a previous OpenCLIP export
+
+
+def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False,
+                    inputs=()) -> Path:
+    """Write ``model`` as an OpenCLIP folder at ``out`` (temporary folder, then moved;
+    ``overwrite``: replacing a previous OpenCLIP export there; never one of the ``inputs``)."""
     out = Path(out)
     state, config = openclip_state_and_config(model, tokenizer_name=".")
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite, "OpenCLIP export", OPENCLIP_EXPORT, inputs) as tmp:
         save_file(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:

@@ -9,13 +9,14 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 
 from cliplab.errors import ModelError
-from cliplab.models.convert.atomic import atomic_folder
+from cliplab.models.convert.atomic import MODEL_FOLDER, atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
 from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
 from cliplab.models.convert.openclip_files import OpenClipCheckpoint, read_openclip
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from cliplab.output_folder import check_out
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -109,9 +110,13 @@ def openclip_to_dual_encoder(src: str | Path, config: str | Path | None = None) 
 def convert_openclip(src: str | Path, out: str | Path, config: str | Path | None = None,
                      overwrite: bool = False) -> Path:
     """Write an OpenCLIP checkpoint as a cliplab model folder at ``out`` (written to a temporary
-    folder beside it and moved into place, so a failure leaves nothing half-written)."""
+    folder beside it and moved into place, so a failure leaves nothing half-written).
+    ``overwrite`` replaces only a previous model folder; ``src`` and ``config`` are never
+    touched."""
+    inputs = (src, config)
+    check_out(out, "convert", inputs, overwrite, MODEL_FOLDER, error=ModelError)  # before work
     model = openclip_to_dual_encoder(src, config)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite, "convert", MODEL_FOLDER, inputs) as tmp:
         model.save(tmp)
     return Path(out)
 

@@ -1,0 +1,275 @@
+"""The one --out rule (`cliplab.output_folder.check_out`): an --out that is a file, an input (or
+holds one, or lies inside one) or an unrelated folder is refused on one line (exit 2) and left
+as it was; --overwrite replaces only a previous output of the same kind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cliplab.cli import main
+
+OPENCLIP = Path(__file__).parent / "fixtures" / "openclip" / "hub-gelu"
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to check a folder survived unchanged)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cliplab: error: "), err
+    return err.removeprefix("cliplab: error: ")
+
+
+@pytest.fixture
+def run(tiny_model_dir, tmp_path) -> Path:
+    """A (fake) fine-tune run folder: config, metrics, one checkpoint with its model."""
+    folder = tmp_path / "runs" / "ft1"
+    shutil.copytree(tiny_model_dir, folder / "checkpoints" / "step-1" / "model")
+    (folder / "config.yaml").write_text("model: {name: tiny-clip}\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    (folder / "results.json").write_text('{"run": "mine"}')
+    return folder
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "mydocs"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    return folder
+
+
+@pytest.fixture
+def ufile(tmp_path) -> Path:
+    file = tmp_path / "ufile.txt"
+    file.write_text("mine")
+    return file
+
+
+def _merge(models, out, *extra) -> list[str]:
+    return ["merge", "--method", "uniform", "--models", *map(str, models), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def test_merge_never_deletes_an_input_run_folder(run, tiny_model_dir, tmp_path, capsys):
+    before = _tree(run)
+    assert main(_merge([tiny_model_dir, run], run, "--overwrite")) == 2
+    assert _one_line(capsys) == f"--out {run} is the input {run}; choose another folder"
+    # the runs/ folder holding the input, and a folder inside the input, are refused alike
+    assert main(_merge([tiny_model_dir, run], run.parent, "--overwrite")) == 2
+    assert _one_line(capsys) == (f"--out {run.parent} holds the input {run}; choose another "
+                                 "folder")
+    inner = run / "checkpoints" / "step-1" / "model"
+    assert main(_merge([tiny_model_dir, run], inner / "x", "--overwrite")) == 2
+    assert "lies inside the input" in _one_line(capsys)
+    assert _tree(run) == before
+
+
+def test_merge_overwrite_refuses_other_folders_and_files(run, tiny_model_dir, docs, ufile,
+                                                         tmp_path, capsys):
+    assert main(_merge([tiny_model_dir, run], docs, "--overwrite")) == 2
+    assert _one_line(capsys) == (f"--overwrite replaces only a previous merge output; {docs} "
+                                 "holds other files (e.g. thesis.txt); choose a new folder")
+    assert _tree(docs) == {"thesis.txt": b"years of work"}
+    for flags in ((), ("--overwrite",)):
+        assert main(_merge([tiny_model_dir, run], ufile, *flags)) == 2
+        assert _one_line(capsys) == f"--out {ufile} is a file; choose a folder"
+        assert ufile.read_text() == "mine" and not (tmp_path / "ufile.txt.old").exists()
+    # a previous merge output is replaced with --overwrite (and refused without)
+    soup = tmp_path / "soup"
+    assert main(_merge([tiny_model_dir, run], soup)) == 0
+    assert main(_merge([tiny_model_dir, run], soup)) == 2
+    assert "not empty; give a new folder or --overwrite" in _one_line(capsys)
+    assert main(_merge([tiny_model_dir, run], soup, "--overwrite")) == 0
+    assert (soup / "merge.json").is_file()
+
+
+def test_export_never_deletes_its_input_or_other_folders(run, tiny_model_dir, docs, ufile,
+                                                         tmp_path, capsys):
+    before = _tree(run)
+    assert main(["export", str(run), "--format", "onnx", "--out", str(run), "--overwrite"]) == 2
+    assert _one_line(capsys) == f"--out {run} is the input {run}; choose another folder"
+    assert _tree(run) == before
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    kept = _tree(model)
+    assert main(["export", str(model), "--format", "open_clip", "--out", str(model),
+                 "--overwrite"]) == 2
+    assert _one_line(capsys) == f"--out {model} is the input {model}; choose another folder"
+    assert _tree(model) == kept
+    for fmt, kind in (("onnx", "ONNX export"), ("open_clip", "OpenCLIP export")):
+        assert main(["export", str(model), "--format", fmt, "--out", str(docs),
+                     "--overwrite"]) == 2
+        assert _one_line(capsys) == (f"--overwrite replaces only a previous {kind} output; "
+                                     f"{docs} holds other files (e.g. thesis.txt); choose a "
+                                     "new folder")
+        assert main(["export", str(model), "--format", fmt, "--out", str(ufile),
+                     "--overwrite"]) == 2
+        assert _one_line(capsys) == f"--out {ufile} is a file; choose a folder"
+    assert _tree(docs) == {"thesis.txt": b"years of work"} and ufile.read_text() == "mine"
+
+
+def test_export_overwrite_replaces_a_previous_export(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "oc"
+    args = ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "not empty" in _one_line(capsys)
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "open_clip_config.json").is_file()
+    # an OpenCLIP export is not what --format onnx may replace
+    assert main(["export", str(tiny_model_dir), "--format", "onnx", "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "only a previous ONNX export output" in _one_line(capsys)
+
+
+def test_convert_never_deletes_its_source_or_other_folders(docs, ufile, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(OPENCLIP, src)
+    kept = _tree(src)
+    assert main(["convert", str(src), "--out", str(src), "--overwrite"]) == 2
+    assert _one_line(capsys) == f"--out {src} is the input {src}; choose another folder"
+    assert main(["convert", str(src), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert _one_line(capsys) == f"--out {tmp_path} holds the input {src}; choose another folder"
+    assert _tree(src) == kept
+    assert main(["convert", str(src), "--out", str(docs), "--overwrite"]) == 2
+    assert _one_line(capsys) == ("--overwrite replaces only a previous convert output; "
+                                 f"{docs} holds other files (e.g. thesis.txt); choose a new "
+                                 "folder")
+    assert main(["convert", str(src), "--out", str(ufile), "--overwrite"]) == 2
+    assert _one_line(capsys) == f"--out {ufile} is a file; choose a folder"
+    assert _tree(docs) == {"thesis.txt": b"years of work"} and ufile.read_text() == "mine"
+    out = tmp_path / "model"
+    assert main(["convert", str(src), "--out", str(out)]) == 0
+    assert main(["convert", str(src), "--out", str(out), "--overwrite"]) == 0  # its own output
+    assert (out / "config.json").is_file()
+
+
+def test_shard_overwrite_replaces_only_a_shard_set(docs, ufile, tmp_path):
+    from cliplab.data.shards import check_out_folder
+    from cliplab.errors import DataError
+
+    with pytest.raises(DataError, match="only a previous shard output; .* thesis.txt"):
+        check_out_folder(docs, overwrite=True)
+    with pytest.raises(DataError, match="is a file; choose a folder$"):
+        check_out_folder(ufile, overwrite=True)
+    with pytest.raises(DataError, match="holds the input"):
+        check_out_folder(tmp_path, overwrite=True, inputs=[docs])
+    assert _tree(docs) == {"thesis.txt": b"years of work"}
+
+
+@pytest.fixture
+def suite(tmp_path) -> Path:
+    file = tmp_path / "suite.yaml"
+    file.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, "
+                    "split: test}}\n")
+    return file
+
+
+def _eval(model, suite, out, *extra) -> list[str]:
+    return ["eval", "--model", str(model), "--config", str(suite), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def test_eval_refuses_a_run_folder_and_needs_overwrite(run, tiny_model_dir, suite, docs, ufile,
+                                                       tmp_path, capsys):
+    other = tmp_path / "p1"
+    shutil.copytree(run, other)
+    before = _tree(other)
+    for flags in ((), ("--overwrite",)):
+        assert main(_eval(tiny_model_dir, suite, other, *flags)) == 2
+        assert _one_line(capsys).startswith(f"--out {other} is a run folder")
+        assert main(_eval(tiny_model_dir, suite, ufile, *flags)) == 2
+        assert _one_line(capsys) == f"--out {ufile} is a file; choose a folder"
+    assert _tree(other) == before and ufile.read_text() == "mine"
+    assert main(_eval(tiny_model_dir, suite, docs, "--overwrite")) == 2
+    assert "only a previous eval output" in _one_line(capsys)
+    assert _tree(docs) == {"thesis.txt": b"years of work"}
+
+    out = tmp_path / "res"
+    assert main(_eval(tiny_model_dir, suite, out)) == 0
+    assert f"wrote {out / 'results.json'}" in capsys.readouterr().err
+    first = (out / "results.json").read_text()
+    assert main(_eval(tiny_model_dir, suite, out)) == 2  # earlier results are not replaced
+    assert "not empty; give a new folder or --overwrite" in _one_line(capsys)
+    assert (out / "results.json").read_text() == first
+    assert main(_eval(tiny_model_dir, suite, out, "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_report_out_a_file_or_other_folder_is_a_one_line_error(docs, ufile, tmp_path, capsys):
+    res = tmp_path / "X" / "results.json"
+    res.parent.mkdir()
+    res.write_text(json.dumps({"model": "m", "results": {"zs": {"acc1": 0.5}}}))
+    assert main(["report", "--inputs", str(res), "--out", str(ufile), "--no-progress"]) == 2
+    assert _one_line(capsys) == f"--out {ufile} is a file; choose a folder"
+    assert main(["report", "--inputs", str(res), "--out", str(docs), "--no-progress"]) == 2
+    assert "only a previous report output" in _one_line(capsys)
+    assert main(["report", "--inputs", str(res), "--out", str(res.parent),
+                 "--no-progress"]) == 2
+    assert "holds the input" in _one_line(capsys)
+    assert _tree(docs) == {"thesis.txt": b"years of work"} and ufile.read_text() == "mine"
+
+
+def test_every_command_says_the_same_of_an_out_that_is_a_file(run, tiny_model_dir, suite, ufile,
+                                                              tmp_path, capsys):
+    photos = tmp_path / "photos"
+    (photos / "cat").mkdir(parents=True)
+    line = f"--out {ufile} is a file; choose a folder"
+    for args in (_merge([tiny_model_dir, run], ufile),
+                 ["curate", "--config", str(Path(__file__).parents[1] / "configs" / "curate" /
+                                            "basic.yaml"),
+                  "--data", str(photos), "--out", str(ufile), "--no-progress"],
+                 ["index", "--model", str(tiny_model_dir), "--data", str(photos), "--out",
+                  str(ufile), "--no-progress"],
+                 _eval(tiny_model_dir, suite, ufile),
+                 ["convert", str(OPENCLIP), "--out", str(ufile)],
+                 ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(ufile)]):
+        assert main(args) == 2, args
+        assert _one_line(capsys) == line, args
+    assert ufile.read_text() == "mine"
+
+
+def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    import cliplab.train.pretrain as pretrain
+
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    out = tmp_path / "run"
+    model = out / "checkpoints" / "step-4" / "model"
+
+    def finished(cfg, resume=None, progress=True):
+        shutil.copytree(tiny_model_dir, model)
+        return {"evals": {}, "model_dir": str(model)}
+
+    monkeypatch.setattr(pretrain, "run_pretrain", finished)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 0
+    assert f"run folder: {out}" in capsys.readouterr().out
+
+
+def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import cliplab.train.pretrain as pretrain
+
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    out = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, out / "checkpoints" / "step-4" / "model")
+
+    def interrupted(cfg, resume=None, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "resume with --resume latest" in err and str(out) in err
+    assert err.strip().endswith("cliplab: interrupted")
+    # no checkpoint: no hint
+    fresh = tmp_path / "fresh"
+    assert main(["pretrain", "--config", str(recipe), "--out", str(fresh), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "cliplab: interrupted"
