@@ -8,7 +8,7 @@ import torch
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
-from cliplab.evaluate.suite import run_suite, suite_spec
+from cliplab.evaluate.suite import run_suite, run_task, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 
 DIGITS = {"source": "digits", "split": "test"}
@@ -96,9 +96,26 @@ def test_zeroshot_unknown_class_name_names_the_task(tiny_model):
 
 
 def test_zeroshot_with_classes_still_works(tiny_model):
+    """``classes`` by name and by index: only classes 1 and 2 compete and only their images
+    count; acc1 and mean per-class recall as computed by hand from the model's embeddings and
+    its text head (as in test_eval_cli_matches_hand_computed_zeroshot)."""
+    from cliplab.data.digits import load_digits
+    from cliplab.evaluate.features import encode_images
+    from cliplab.evaluate.zeroshot import zeroshot_classifier
+
     out = run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS,
                            "classes": ["one", 2]})
-    assert 0.0 <= out["zs"]["acc1"] <= 1.0
+    test = load_digits("test")
+    feats = encode_images(tiny_model.eval(), test.images, progress=False)
+    logits = feats.embeddings @ zeroshot_classifier(tiny_model, test.prompt_names,
+                                                    test.templates).T
+    keep = (test.labels == 1) | (test.labels == 2)
+    pred = torch.tensor([1, 2])[logits[keep][:, [1, 2]].argmax(1)]
+    right = pred == test.labels[keep]
+    assert out["zs"]["acc1"] == pytest.approx(right.float().mean().item(), abs=1e-6)
+    recall = [right[test.labels[keep] == c].float().mean().item() for c in (1, 2)]
+    assert out["zs"]["mean_per_class_recall"] == pytest.approx(sum(recall) / 2, abs=1e-6)
+    assert out["zs"]["acc5"] == 1.0  # two classes compete
 
 
 def test_few_shot_refuses_zero_shots():
@@ -108,10 +125,13 @@ def test_few_shot_refuses_zero_shots():
 
 def test_empty_data_is_one_line_naming_the_task(tiny_model):
     empty = labelled(["zero", "one"], n_per_class=0)  # as a source with `limit: 0` gives
-    with pytest.raises(DataError, match=r"^task 'x': data holds no images$"):
+    with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'x'\): data holds no images$"):
         run(tiny_model, {"name": "x", "task": "zeroshot", "data": empty})
-    with pytest.raises(DataError, match=r"^task 'few_shot': test holds no images$"):
-        run(tiny_model, {"task": "few_shot", "train": DIGITS, "test": empty})
+    with pytest.raises(DataError, match=r"^tasks\[1\]: test holds no images$"):
+        run(tiny_model, {"name": "y", "task": "zeroshot", "data": DIGITS},
+            {"task": "few_shot", "train": DIGITS, "test": empty})
+    with pytest.raises(DataError, match=r"^task 'x': data holds no images$"):
+        run_task(tiny_model, {"name": "x", "task": "zeroshot", "data": empty})
     suite = suite_spec([{"name": "x", "task": "zeroshot", "data": empty}])
     with pytest.raises(DataError, match=r"^suite.yaml: tasks\[0\] \(name 'x'\): data holds no "
                                         r"images$"):

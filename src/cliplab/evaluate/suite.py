@@ -176,10 +176,7 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     model = as_model(model)
     context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
                                   probe_plan=plan_probes(suite.tasks))
-    for task in suite.tasks:  # every set read and checked before the first task encodes
-        for spec in task.datasets():
-            context.load(spec)
-        task.check(context)
+    context.preload(suite.tasks)  # every set read and checked before the first task encodes
     results = {}
     for name, task in zip(suite.task_names(), suite.tasks):
         skipped = report_skips(name, task, context)

@@ -137,9 +137,10 @@ class TaskContext:
         return dataclasses.replace(self, cache=FeatureCache())
 
     def preload(self, tasks: Sequence[TaskSpecBase], where: str = "tasks") -> None:
-        """Load every dataset ``tasks`` will encode now, so a bad source fails before any
-        work (e.g. before training whose evaluation would read it); errors name the task
-        (``where[i] (name 'zs'): ...``)."""
+        """Load every dataset ``tasks`` will encode now and check each task against its data
+        (`TaskSpecBase.check`), so a bad source or class fails before any work (e.g. before
+        training whose evaluation would read it); errors name the task (``where[i] (name
+        'zs'): ...``; a check's own errors name it themselves)."""
         for i, task in enumerate(tasks):
             try:
                 for spec in task.datasets():
@@ -150,6 +151,7 @@ class TaskContext:
             except CliplabError as err:
                 label = f" (name {task.name!r})" if task.name else ""
                 raise type(err)(f"{where}[{i}]{label}: {err}") from None
+            task.check(self)
 
     def empty_data(self, task: TaskSpecBase) -> str | None:
         """The key (e.g. ``data``, ``train``) of the first dataset of ``task`` that holds no
