@@ -59,3 +59,56 @@ def test_bag_of_words_model_is_at_chance_on_swaps_and_shuffles():
     assert out["relation_swap_acc"] == 0.5
     assert out["word_shuffle_acc"] == 0.5
     assert out["n"] == 60
+
+
+class OrderAwareModel(BagOfWordsModel):
+    """Word vectors weighted by position (word i counts i + 1 times): captions with the same
+    words in another order embed elsewhere, so images embedded at their true caption prefer
+    it over every negative."""
+
+    def encode_texts(self, texts):
+        return F.normalize(torch.stack([sum((i + 1) * self._vec(w)
+                                            for i, w in enumerate(t.split()))
+                                        for t in texts]), dim=-1)
+
+
+def test_an_order_aware_model_prefers_the_true_caption_over_every_negative():
+    """Images embedded at their true caption, an order-aware text encoder: every kind of
+    negative embeds away from the caption, so each accuracy is exactly 1 (a negative scored as
+    the caption itself would tie, 0.5)."""
+    pairs, scenes = load_shapes_with_scenes(n=60, seed=3, kinds=("relation",), image_size=32)
+    rng = random.Random(0)
+    trues = [relation_negatives(s, rng)[0] for s in scenes]
+    model = OrderAwareModel(trues)
+    out = compositional(model, pairs.images, scenes, image_emb=model.encode_texts(trues))
+    assert out == {"attribute_swap_acc": 1.0, "relation_swap_acc": 1.0, "word_shuffle_acc": 1.0,
+                   "n": 60}
+
+
+class LookupModel:
+    """A text encoder mapping each of a few known captions to its own basis vector (any other
+    text is an error)."""
+
+    def __init__(self, texts):
+        self.index = {t: i for i, t in enumerate(texts)}
+
+    def encode_texts(self, texts):
+        return torch.eye(len(self.index))[[self.index[t] for t in texts]]
+
+
+def test_each_negative_kind_is_scored_against_its_own_negative():
+    """On one hand-built scene the caption and its three negatives (the word shuffle drawn
+    with the task's seed) embed on four axes; the image scores caption 1, attribute swap 2,
+    relation swap 0, word shuffle 1, so the accuracies are 0 / 1 / 0.5: a kind scored with
+    another kind's negative (or with the caption itself) gives other numbers."""
+    scene = Scene([ShapeObject("circle", "red", "small", 12, 32),
+                   ShapeObject("square", "orange", "large", 50, 32)], "relation", 64)
+    for seed in (0, 7):
+        true, negs = relation_negatives(scene, random.Random(seed))
+        model = LookupModel([true, negs["attribute_swap"], negs["relation_swap"],
+                             negs["word_shuffle"]])
+        image_emb = torch.tensor([[1.0, 2.0, 0.0, 1.0]])
+        out = compositional(model, torch.zeros(1, 8, 8, 3, dtype=torch.uint8), [scene],
+                            seed=seed, image_emb=image_emb)
+        assert out == {"attribute_swap_acc": 0.0, "relation_swap_acc": 1.0,
+                       "word_shuffle_acc": 0.5, "n": 1}

@@ -57,13 +57,31 @@ def test_suite_errors_name_the_task():
 
 
 def test_suite_runs_retrieval_on_shapes(tiny_model):
+    """recall@k of the task for every k asked, and recall@1 / @2 as ranked by hand from the
+    model's own embeddings of the same rendered scenes: the rank of each caption's image among
+    the images, and of each image's best caption among all captions."""
+    from cliplab.data.shapes import load_shapes
+
     out = run_suite(tiny_model, {"tasks": [
         {"name": "ret", "task": "retrieval", "data": {"source": "shapes", "n": 12,
-                                                      "image_size": 32}, "ks": [1, 100]}]},
-        TaskContext(progress=False))
-    assert out["ret"]["image_retrieval_recall@100"] == 1.0
-    assert set(out["ret"]) == {"image_retrieval_recall@1", "text_retrieval_recall@1",
-                               "image_retrieval_recall@100", "text_retrieval_recall@100"}
+                                                      "image_size": 32}, "ks": [1, 2, 100]}]},
+        TaskContext(progress=False))["ret"]
+    assert out["image_retrieval_recall@100"] == out["text_retrieval_recall@100"] == 1.0
+    assert set(out) == {f"{way}_retrieval_recall@{k}" for way in ("image", "text")
+                        for k in (1, 2, 100)}
+    pairs = load_shapes(n=12, image_size=32)
+    texts = [c for caps in pairs.captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])
+    images = encode_images(tiny_model.eval(), pairs.images, progress=False).embeddings
+    sims = tiny_model.encode_texts(texts).float() @ images.T  # [captions, 12 images]
+    image_rank = (sims > sims[torch.arange(len(texts)), owner][:, None]).sum(1) + 1
+    text_rank = torch.stack([(sims[:, i] > sims[owner == i, i].max()).sum() + 1
+                             for i in range(12)])
+    for k in (1, 2):
+        assert out[f"image_retrieval_recall@{k}"] == pytest.approx(
+            (image_rank <= k).float().mean().item(), abs=1e-6), k
+        assert out[f"text_retrieval_recall@{k}"] == pytest.approx(
+            (text_rank <= k).float().mean().item(), abs=1e-6), k
 
 
 def test_a_model_spec_is_loaded_like_a_model_argument(tiny_model, tmp_path):
@@ -111,12 +129,28 @@ def test_suite_few_shot_task(tiny_model):
 
 
 def test_suite_compositional_task(tiny_model):
+    """The task renders `shapes` relation scenes (its data options and seed passed on) and
+    scores each negative kind as computed by hand from the model's own embeddings: image ·
+    caption against image · negative, ties one half."""
+    import random
+
+    from cliplab.data.shapes import load_shapes_with_scenes
+    from cliplab.evaluate.compositional import relation_negatives
+
     out = run_suite(tiny_model, {"tasks": [
-        {"name": "comp", "task": "compositional",
+        {"name": "comp", "task": "compositional", "seed": 5,
          "data": {"source": "shapes", "n": 12, "image_size": 32}}]}, TaskContext(progress=False))
     assert out["comp"]["n"] == 12
-    assert all(0.0 <= out["comp"][f"{k}_acc"] <= 1.0
-               for k in ("attribute_swap", "relation_swap", "word_shuffle"))
+    pairs, scenes = load_shapes_with_scenes(n=12, image_size=32, kinds=["relation"])
+    image_emb = encode_images(tiny_model.eval(), pairs.images, progress=False).embeddings
+    rng = random.Random(5)
+    built = [relation_negatives(s, rng) for s in scenes]
+    s_true = (image_emb * tiny_model.encode_texts([t for t, _ in built]).float()).sum(-1)
+    for kind in ("attribute_swap", "relation_swap", "word_shuffle"):
+        neg = tiny_model.encode_texts([negs[kind] for _, negs in built]).float()
+        s_neg = (image_emb * neg).sum(-1)
+        want = ((s_true > s_neg).float() + 0.5 * (s_true == s_neg).float()).mean().item()
+        assert out["comp"][f"{kind}_acc"] == pytest.approx(want, abs=1e-6), kind
     with pytest.raises(ConfigError, match="exact only on `shapes`"):
         run_suite(tiny_model, {"tasks": [{"name": "c", "task": "compositional",
                                           "data": {"source": "digits"}}]},
@@ -154,7 +188,7 @@ def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
         assert main(["eval", "--model", "tiny-clip", "--config", str(suite),
                      "--out", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert "\n" not in err and "is a file; give a folder" in err
+        assert "\n" not in err and "; choose a folder" in err
     assert main(["eval", "--model", "tiny-clip", "--suite", str(suite)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"cliplab: error: {suite}: tasks[1] (name 'r').data is required; "

@@ -24,6 +24,20 @@ def test_nearest_class_mean_by_hand():
     assert m["acc1"] == pytest.approx(2 / 3)
 
 
+def test_nearest_class_mean_normalises_training_rows_before_averaging():
+    """A class-0 training row of large norm pointing near class 1 counts as one unit vector:
+    class 0's mean stays at ~30 degrees, so a test row at ~75 degrees is class 1. Averaged
+    unnormalised, the long row would drag class 0's mean to ~81 degrees and take that row."""
+    train_x = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.2, 1.0], [3.0, 30.0]])
+    train_y = torch.tensor([0, 0, 1, 1, 0])
+    test_x = torch.tensor([[0.9, 0.1], [0.6, 0.5], [0.1, 0.8], [0.26, 0.97]])
+    test_y = torch.tensor([0, 1, 1, 1])
+    # predictions 0, 0, 1, 1: only (0.6, 0.5) wrong; class 1 recall 2/3
+    m = nearest_class_mean(train_x, train_y, test_x, test_y)
+    assert m["acc1"] == pytest.approx(3 / 4)
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_few_shot_reports_mean_and_std_and_more_shots_help():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 1.2
@@ -39,3 +53,29 @@ def test_few_shot_reports_mean_and_std_and_more_shots_help():
     assert out["linear_probe_16shot"]["acc1_mean"] > out["linear_probe_1shot"]["acc1_mean"]
     with pytest.raises(ValueError, match="unknown few-shot method"):
         few_shot(x, y, x, y, methods=("knn",))
+
+
+def test_few_shot_scores_each_seed_on_its_own_k_shot_sample():
+    """Seed i's accuracy is that of the classifier fitted on ``sample_k_shot(train_y, k,
+    seeds[i])`` (recomputed here); on noisy data one shot per class varies with the draw, so
+    the std over seeds is above zero."""
+    from cliplab.evaluate.linear_probe import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 1.2
+    y = torch.arange(800) % 4
+    x = centres[y] + torch.randn(800, 16, generator=g) * 1.5
+    train_x, train_y, test_x, test_y = x[:600], y[:600], x[600:], y[600:]
+    seeds = (3, 11, 42)
+    out = few_shot(train_x, train_y, test_x, test_y, shots=(1, 4), seeds=seeds, l2=1e-2)
+    for k in (1, 4):
+        for i, seed in enumerate(seeds):
+            idx = sample_k_shot(train_y, k, seed)
+            assert len(idx) == 4 * k
+            want = nearest_class_mean(train_x[idx], train_y[idx], test_x, test_y)["acc1"]
+            assert out[f"ncm_{k}shot"]["acc1_per_seed"][i] == pytest.approx(want, abs=1e-9)
+            want = linear_probe(train_x[idx], train_y[idx], test_x, test_y, l2=1e-2)["acc1"]
+            assert out[f"linear_probe_{k}shot"]["acc1_per_seed"][i] == pytest.approx(want,
+                                                                                   abs=1e-9)
+    assert out["ncm_1shot"]["acc1_std"] > 0.0
+    assert out["linear_probe_1shot"]["acc1_std"] > 0.0

@@ -93,3 +93,18 @@ def test_a_warm_start_leaves_the_initial_weights_as_they_were():
     before = [t.clone() for t in init]
     fit_logistic(x, y, 3, 1e-4, init=init)
     assert all(torch.equal(a, b) for a, b in zip(init, before))
+
+
+def test_probe_acc5_with_eight_overlapping_classes():
+    """acc5 over 8 overlapping classes is below 1 and equals the top-5 hit rate of the probe
+    refitted by hand (standardised with the training features' mean and std, the given L2),
+    each test row's label counted when fewer than 5 classes score above it."""
+    x, y = blobs(n=800, d=6, c=8, seed=3, spread=0.6)
+    m = linear_probe(x[:600], y[:600], x[600:], y[600:], l2=1e-2)
+    mean, std = x[:600].mean(0), x[:600].std(0)
+    w, b = fit_logistic((x[:600] - mean) / std, y[:600], 8, 1e-2)
+    logits = (x[600:] - mean) / std @ w + b
+    rank = (logits > logits[torch.arange(200), y[600:]][:, None]).sum(1) + 1
+    assert m["acc1"] == pytest.approx((rank == 1).float().mean().item(), abs=1e-6)
+    assert m["acc5"] == pytest.approx((rank <= 5).float().mean().item(), abs=1e-6)
+    assert m["acc1"] < m["acc5"] < 1.0

@@ -60,3 +60,22 @@ def test_zeroshot_of_a_known_toy_model():
     # the car direction) wrong -> 3/4
     sub = zeroshot_metrics(images, labels, head, classes=[1, 2])
     assert sub["acc1"] == 0.75
+
+
+def test_acc5_by_hand_with_eight_classes():
+    """With 8 classes, top-5 is a real cut: a label ranked 1st, 5th, 6th and 8th counts for
+    acc5 in the first two rows only (and acc1 in the first)."""
+    ranks = [1, 5, 6, 8]  # where each row's label ranks
+    labels = torch.tensor([3, 0, 7, 5])
+    logits = torch.empty(4, 8)
+    for row, (label, rank) in enumerate(zip(labels.tolist(), ranks)):
+        others = [c for c in range(8) if c != label]
+        order = others[:rank - 1] + [label] + others[rank - 1:]  # classes, best first
+        logits[row, order] = torch.linspace(1.0, 0.3, 8)
+    assert [int((logits[r] >= logits[r, labels[r]]).sum()) for r in range(4)] == ranks
+    m = classification_metrics(logits, labels)
+    assert m["acc1"] == 0.25
+    assert m["acc5"] == 0.5
+    assert topk_accuracy(logits, labels, 6) == 0.75
+    assert topk_accuracy(logits, labels, 7) == 0.75
+    assert topk_accuracy(logits, labels, 8) == 1.0

@@ -119,17 +119,46 @@ def test_the_model_spec_takes_an_onnx_export(clip_export):
     assert (loaded.encode_image(loaded.preprocess(images)) - want).abs().max() <= 1e-4
 
 
-def test_cliplab_eval_runs_on_an_export(clip_export, tmp_path):
-    from cliplab.cli import main
+@pytest.fixture(scope="module")
+def centred_export(tmp_path_factory):
+    """A tiny-clip whose pooled image features are centred on the digits test set (the final
+    layer norm's bias less their mean), exported: a fresh model puts every digit in one
+    class, this one spreads its zero-shot predictions over all ten."""
+    from cliplab.data.digits import load_digits
 
-    _, out = clip_export
+    model = build_model("tiny-clip", image_size=32).eval()
+    pooled = encode_images(model, load_digits("test").images, progress=False).backbone
+    with torch.no_grad():
+        model.model.vision_model.post_layernorm.bias -= pooled.mean(0)
+    return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "centred")
+
+
+def test_cliplab_eval_runs_on_an_export(centred_export, tmp_path):
+    """`cliplab eval` on an export gives the zero-shot accuracy of the PyTorch model it came
+    from (its embeddings x its text head, by hand). The export's logits are within ~1e-5 of
+    PyTorch's (2e-6 measured): an image whose top two logits are closer than 2e-5 may go either
+    way, so each such near-tie may move acc1 by 1/N."""
+    from cliplab.cli import main
+    from cliplab.data.digits import load_digits
+    from cliplab.evaluate.zeroshot import zeroshot_classifier
+
+    model, out = centred_export
     suite = tmp_path / "suite.yaml"
     suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, "
                      "split: test}}\n")
     assert main(["eval", "--config", str(suite), "--model", str(out), "--out",
                  str(tmp_path / "res"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert 0.0 <= results["results"]["zs"]["acc1"] <= 1.0
+    test = load_digits("test")
+    with torch.no_grad():
+        logits = (encode_images(model.eval(), test.images, progress=False).embeddings
+                  @ zeroshot_classifier(model, test.prompt_names, test.templates).T)
+    acc1 = (logits.argmax(1) == test.labels).float().mean().item()
+    top2 = logits.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] < 2e-5).sum())
+    # the comparison means something: few near-ties, predictions over every class
+    assert near_ties < len(test.labels) / 20 and logits.argmax(1).unique().numel() == 10
+    assert abs(results["results"]["zs"]["acc1"] - acc1) <= near_ties / len(test.labels) + 1e-6
 
 
 def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export, tmp_path, capsys):
@@ -151,7 +180,7 @@ def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export,
         if spec != out:
             model.save(spec)
         assert main(["eval", "--config", str(suite), "--model", str(spec), "--out",
-                     str(tmp_path / spec.name / "res"), "--no-progress"]) == 0
-        scores.append(json.loads((tmp_path / spec.name / "res" / "results.json")
+                     str(tmp_path / f"res-{spec.name}"), "--no-progress"]) == 0
+        scores.append(json.loads((tmp_path / f"res-{spec.name}" / "results.json")
                                  .read_text())["results"]["p"]["acc1"])
     assert scores[0] == pytest.approx(scores[1], abs=0.02)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cliplab.data.types import ImageTextPairs
+from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.retrieval import retrieval, retrieval_metrics
 
 
@@ -44,6 +45,19 @@ def test_retrieval_task_on_a_model(tiny_model):
     pairs = ImageTextPairs(torch.randint(0, 256, (6, 16, 16, 3), generator=g, dtype=torch.uint8),
                            [["a cat", "one cat"], ["a dog"], ["a car"], ["a bus"], ["a hat"],
                             ["a cup", "the cup"]])
-    m = retrieval(tiny_model, pairs, ks=(1, 8), progress=False)  # 6 images, 8 captions
+    m = retrieval(tiny_model, pairs, ks=(1, 2, 8), progress=False)  # 6 images, 8 captions
     assert m["image_retrieval_recall@8"] == 1.0 and m["text_retrieval_recall@8"] == 1.0
-    assert 0.0 <= m["image_retrieval_recall@1"] <= 1.0
+    # by hand from the model's own embeddings: the rank of each caption's image among the
+    # images, and of each image's best caption among the captions
+    texts = [c for caps in pairs.captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])
+    images = encode_images(tiny_model.eval(), pairs.images, progress=False).embeddings
+    sims = tiny_model.encode_texts(texts).float() @ images.T  # [8 captions, 6 images]
+    image_rank = (sims > sims[torch.arange(8), owner][:, None]).sum(1) + 1
+    text_rank = torch.stack([(sims[:, i] > sims[owner == i, i].max()).sum() + 1
+                             for i in range(6)])
+    for k in (1, 2):
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(
+            (image_rank <= k).float().mean().item()), k
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(
+            (text_rank <= k).float().mean().item()), k
