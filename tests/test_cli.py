@@ -109,6 +109,14 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert main([*args, "--out", str(out), "train.epochs=2", "--resume", "latest"]) == 0
     assert (out / "checkpoints" / "step-4").is_dir()
+    # without --config a resume reads the run's config.yaml: none of the overrides retyped
+    assert main(["pretrain", "--out", str(out), "--resume", "latest", "--no-progress",
+                 "train.epochs=3"]) == 0
+    assert (out / "checkpoints" / "step-6").is_dir()
+    assert main(["pretrain", "--out", str(tmp_path / "none"), "--resume", "latest"]) == 2
+    assert "none/config.yaml does not exist" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(tmp_path / "none")]) == 2
+    assert "pretrain needs --config RECIPE" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "new"), "--resume", "latest"]) == 2
     assert "holds no checkpoint to continue" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

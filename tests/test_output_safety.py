@@ -267,7 +267,7 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
     monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
     assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 130
     err = capsys.readouterr().err
-    assert "resume with --resume latest" in err and str(out) in err
+    assert f"resume with: cliplab pretrain --out {out} --resume latest" in err
     assert err.strip().endswith("cliplab: interrupted")
     # no checkpoint: no hint
     fresh = tmp_path / "fresh"

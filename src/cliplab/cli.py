@@ -162,10 +162,12 @@ def _add_pretrain(sub) -> None:
                        "cliplab pretrain --config X.yaml`: the loss sees the global batch "
                        "(train.batch_size over all ranks); train.fsdp shards large towers; "
                        "data.train {source: shards, stream: true} streams WebDataset shards.")
-    _add_common(p, "train.lr=3e-4 train.epochs=2", config_required=True)
+    _add_common(p, "train.lr=3e-4 train.epochs=2")
     p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
-                   help="continue from a checkpoint folder, or 'latest' in the run folder")
+                   help="continue from a checkpoint folder, or 'latest' in the run folder; "
+                   "without --config the run's own config.yaml is read (with the overrides "
+                   "it was started with)")
     _add_debug(p)
 
 
@@ -412,7 +414,8 @@ def cmd_pretrain(args) -> int:
     from cliplab.config import load_config
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides, extra={"out": args.out})
+    cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
+                      extra={"out": args.out})
     try:
         results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -429,6 +432,21 @@ def cmd_pretrain(args) -> int:
     if run is not None:
         print(f"run folder: {run} (results.json, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _pretrain_recipe(args) -> str | Path:
+    """``--config``, or for ``--resume`` the run folder's own config.yaml (the recipe with the
+    overrides it was started with, so a resume needs none of them retyped)."""
+    if args.config is not None:
+        return args.config
+    saved = Path(args.out) / "config.yaml" if args.out else None
+    if args.resume and saved is not None and saved.is_file():
+        return saved
+    if args.resume:
+        raise ConfigError("pretrain --resume without --config reads the run's config.yaml: give "
+                          "the run folder as --out" + (f" ({saved} does not exist)" if saved
+                                                       else ""))
+    raise ConfigError("pretrain needs --config RECIPE (copy one from configs/pretrain/)")
 
 
 def _run_folder_of(model_dir) -> Path | None:
@@ -453,8 +471,7 @@ def _resume_hint(out: str | None) -> None:
         run = runs[-1] if runs else None
     if run is not None and latest_checkpoint(run) is not None:
         print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
-              f"with --resume latest (cliplab pretrain --out {run} --resume latest, the same "
-              "config)", file=sys.stderr)
+              f"with: cliplab pretrain --out {run} --resume latest", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
