@@ -236,7 +236,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
                    help="suite of tasks (copy one from configs/eval/); --suite is an alias")
     p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
-                   "folder, run folder (its newest checkpoint) or Hugging Face Hub id")
+                   "folder, run folder (its newest checkpoint), Hugging Face Hub id, OpenCLIP "
+                   "checkpoint or ONNX export")
     p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
                    "run folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -301,7 +302,8 @@ def _add_serve(sub) -> None:
     """`cliplab serve`: the search API and page."""
     p = sub.add_parser("serve", help="serve an index: search page and HTTP API",
                        description="Serve an index built by `cliplab index`: a web page (search "
-                       "by text or image, paging, zero-shot labels) and a JSON API (/docs).")
+                       "by text or image, paging, zero-shot labels) and a JSON API (schema at /openapi.json; "
+                       "the /docs page loads Swagger UI from a CDN, so it is blank offline).")
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -336,12 +338,13 @@ def _add_export(sub) -> None:
     """`cliplab export`: a model out as ONNX towers or an OpenCLIP folder."""
     p = sub.add_parser("export", help="export a model as ONNX towers (optionally int8) or "
                        "an OpenCLIP folder",
-                       description="Export MODEL (preset, model folder, OpenCLIP checkpoint) "
+                       description="Export MODEL (preset, model, checkpoint or run folder, "
+                       "Hub id, OpenCLIP checkpoint) "
                        "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
                        "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
                        "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
     p.add_argument("model", metavar="MODEL", help="preset, model folder, checkpoint folder, run "
-                   "folder (its newest checkpoint) or Hugging Face Hub id")
+                   "folder (its newest checkpoint), Hugging Face Hub id or OpenCLIP checkpoint")
     p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
                    help="onnx: image and text graphs for onnxruntime; open_clip: "
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
