@@ -61,6 +61,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs):
         assert torch.equal(a, b), name
 
 
+def test_keep_checkpoints_keeps_the_newest_and_the_run_still_resumes(tmp_path, pairs):
+    """save_every=1 with keep_checkpoints=2 leaves step-5 and step-6 of a 6-step run (every
+    save removes what is older than the newest two), and the run extends from its latest."""
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=6, save_every=1, keep_checkpoints=2), run).fit(pairs)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-5", "step-6"]
+    Trainer(small_model(), config(steps=8, save_every=1, keep_checkpoints=2), run).fit(
+        pairs, resume=run.latest_checkpoint())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-7", "step-8"]
+    with pytest.raises(ConfigError, match="keep_checkpoints: expected greater than 0"):
+        config(keep_checkpoints=0)
+
+
 def test_locked_text_tower_does_not_change(pairs, tmp_path):
     model = small_model()
     before = {k: v.clone() for k, v in model.text_tower.state_dict().items()}

@@ -200,3 +200,14 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         """The complete checkpoint with the highest step, if any."""
         return latest_checkpoint(self.path)
+
+    def keep_newest_checkpoints(self, keep: int) -> list[Path]:
+        """Remove all but the ``keep`` complete checkpoints with the highest steps; returns
+        the removed folders."""
+        folder = self.path / CHECKPOINTS
+        steps = sorted((step, p) for p in folder.iterdir()
+                       if (step := checkpoint_step(p)) is not None) if folder.is_dir() else []
+        old = [p for _, p in steps[:-keep]] if keep > 0 else []
+        for path in old:
+            shutil.rmtree(path)
+        return old

@@ -26,9 +26,9 @@ _STATE_KEYS = ("step", "batches", "optimizer", "scheduler", "sample_rng", "torch
 # train keys a resume may change: how the run is shown, saved and placed, how the same
 # numbers are computed, and its length (a run extended: the schedule follows the new length
 # from the step reached); any other change would make the resumed run another run
-RESUME_MAY_CHANGE = {"progress", "log_every", "save_every", "eval_every", "device",
-                     "dist_timeout_s", "cache_frozen_features", "gradient_checkpointing",
-                     "loss_tile", "micro_batch_size", "epochs", "steps"}
+RESUME_MAY_CHANGE = {"progress", "log_every", "save_every", "keep_checkpoints", "eval_every",
+                     "device", "dist_timeout_s", "cache_frozen_features",
+                     "gradient_checkpointing", "loss_tile", "micro_batch_size", "epochs", "steps"}
 
 
 class DataPosition(Protocol):
@@ -75,6 +75,8 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
 
     rank0 = distributed.rank() == 0
     path = run_dir.atomic_checkpoint(step, write) if run_dir and rank0 else None
+    if path is not None and config.get("keep_checkpoints"):  # older ones go once this is whole
+        run_dir.keep_newest_checkpoints(int(config["keep_checkpoints"]))
     distributed.barrier()
     return path if run_dir is None or rank0 else run_dir.checkpoint_dir(step)
 

@@ -93,6 +93,7 @@ class TrainConfig(Section):
     seed: Integer = 0
     log_every: PositiveInt = 25
     save_every: NonNegativeInt = 0  # 0: only the final checkpoint
+    keep_checkpoints: PositiveInt | None = None  # the newest N kept after each save (None: all)
     progress: bool = True
 
     @model_validator(mode="after")
