@@ -389,13 +389,14 @@ def cmd_export(args) -> int:
 
 def _check_export_out(args) -> None:
     """`check_out` of export's --out, with the previous-output test of its format."""
-    from cliplab.output_folder import check_out, has_files
+    from cliplab.models.convert.openclip_export import OPENCLIP_EXPORT
+    from cliplab.models.onnx_export import ONNX_EXPORT
+    from cliplab.output_folder import check_out
 
     if args.format == "onnx":
-        kind, previous = "ONNX export", has_files("onnx_export.json")
+        kind, previous = "ONNX export", ONNX_EXPORT
     else:
-        kind, previous = "OpenCLIP export", has_files("open_clip_config.json",
-                                                      "open_clip_model.safetensors")
+        kind, previous = "OpenCLIP export", OPENCLIP_EXPORT
     check_out(args.out, kind, [args.model], args.overwrite, previous)
 
 
