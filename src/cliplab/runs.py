@@ -201,12 +201,14 @@ class RunDir:
         """The complete checkpoint with the highest step, if any."""
         return latest_checkpoint(self.path)
 
-    def keep_newest_checkpoints(self, keep: int) -> list[Path]:
-        """Remove all but the ``keep`` complete checkpoints with the highest steps; returns
-        the removed folders."""
+    def keep_newest_checkpoints(self, keep: int, step: int) -> list[Path]:
+        """Remove the complete checkpoints before the newest ``keep`` up to ``step`` (the one
+        just saved, always kept; later steps, e.g. of a run resumed from an earlier one, are
+        left alone); returns the removed folders."""
         folder = self.path / CHECKPOINTS
-        steps = sorted((step, p) for p in folder.iterdir()
-                       if (step := checkpoint_step(p)) is not None) if folder.is_dir() else []
+        steps = sorted((n, p) for p in folder.iterdir()
+                       if (n := checkpoint_step(p)) is not None and n <= step) \
+            if folder.is_dir() else []
         old = [p for _, p in steps[:-keep]] if keep > 0 else []
         for path in old:
             shutil.rmtree(path)

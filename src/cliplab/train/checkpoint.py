@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
     rank0 = distributed.rank() == 0
     path = run_dir.atomic_checkpoint(step, write) if run_dir and rank0 else None
     if path is not None and config.get("keep_checkpoints"):  # older ones go once this is whole
-        run_dir.keep_newest_checkpoints(int(config["keep_checkpoints"]))
+        run_dir.keep_newest_checkpoints(int(config["keep_checkpoints"]), step)
     distributed.barrier()
     return path if run_dir is None or rank0 else run_dir.checkpoint_dir(step)
 
