@@ -214,8 +214,46 @@ def test_report_out_a_file_or_other_folder_is_a_one_line_error(docs, ufile, tmp_
     assert "only a previous report output" in _one_line(capsys)
     assert main(["report", "--inputs", str(res), "--out", str(res.parent),
                  "--no-progress"]) == 2
-    assert "holds the input" in _one_line(capsys)
+    assert "only a previous report output" in _one_line(capsys)
     assert _tree(docs) == {"thesis.txt": b"years of work"} and ufile.read_text() == "mine"
+    # a new folder inside the input's folder is fine: a report writes only its own files
+    assert main(["report", "--inputs", str(res), "--out", str(res.parent / "report"),
+                 "--no-progress"]) == 0
+    assert json.loads(res.read_text())["results"] == {"zs": {"acc1": 0.5}}
+
+
+def test_merge_leaves_a_users_old_and_partial_folders_beside_out_alone(run, tiny_model_dir,
+                                                                      tmp_path, capsys):
+    """The merged folder is built, and the replaced one moved, under fresh hidden names: a
+    user's own soup.old / soup.partial beside --out survive a merge and an --overwrite."""
+    soup = tmp_path / "soup"
+    for name in ("soup.old", "soup.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("mine")
+    assert main(_merge([tiny_model_dir, run], soup)) == 0
+    assert main(_merge([tiny_model_dir, run], soup, "--overwrite")) == 0
+    for name in ("soup.old", "soup.partial"):
+        assert _tree(tmp_path / name) == {"mine.txt": b"mine"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "soup"))) == \
+        ["soup", "soup.old", "soup.partial"]
+
+
+def test_a_folder_called_checkpoints_is_no_run_and_dot_is_no_out_name(run, tiny_model_dir,
+                                                                       tmp_path, capsys,
+                                                                       monkeypatch):
+    """Only a run's checkpoints (beside its config.yaml / metrics.jsonl) are refused as --out;
+    a user's own ~/checkpoints/x is fine. `--out .` is refused before any work (it failed
+    after the merge, with a traceback)."""
+    mine = tmp_path / "work" / "checkpoints" / "soup"
+    assert main(_merge([tiny_model_dir, run], mine)) == 0 and (mine / "merge.json").is_file()
+    assert main(_merge([tiny_model_dir, run], run / "checkpoints" / "x")) == 2
+    assert "lies inside" in _one_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(_merge([tiny_model_dir, run], ".")) == 2
+    assert "names the current or a parent folder" in _one_line(capsys)
+    assert not any(empty.iterdir())
 
 
 def test_every_command_says_the_same_of_an_out_that_is_a_file(run, tiny_model_dir, suite, ufile,

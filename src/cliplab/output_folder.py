@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -59,6 +60,9 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     (``may_exist``: the command rewrites a previous output in place without it); with it, a
     folder that is not a previous output of that kind (``previous(folder)``). Returns ``out``."""
     path = Path(out).expanduser()
+    if path.name in ("", ".", ".."):
+        raise error(f"--out {out} names the current or a parent folder; give the name of a "
+                    "folder to write")
     if path.exists() and not path.is_dir():
         raise error(f"--out {out} is a file; choose a folder")
     here = path.resolve()
@@ -70,8 +74,9 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
             "lies inside" if _inside(here, source) else None
         if how:
             raise error(f"--out {out} {how} the input {given}; choose another folder")
-    for parent in here.parents:
-        if parent.name == "checkpoints" and is_run_folder(parent.parent):
+    for parent in here.parents:  # a run's checkpoints: RUN/checkpoints beside its config/metrics
+        if parent.name == "checkpoints" and any(
+                (parent.parent / name).is_file() for name in ("config.yaml", "metrics.jsonl")):
             raise error(f"--out {out} lies inside the checkpoints of the run folder "
                         f"{parent.parent}; choose another folder")
     if not path.is_dir() or not any(path.iterdir()):
@@ -97,14 +102,12 @@ def swap_in(work: Path, out: Path) -> None:
     """Rename the finished ``work`` folder to ``out``; an existing ``out`` (an overwritten or
     appended-to output) is moved aside first and removed last, so ``out`` is never missing
     while an old copy could still be read."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    # a fresh hidden name beside ``out``: a user's own ``OUT.old`` is never touched
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     if out.exists():
-        os.replace(out, old)
+        os.replace(out, old)  # onto the empty folder mkdtemp made
     os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any, indent: int = 2) -> None:

@@ -210,9 +210,9 @@ def write_report(inputs: list[str | Path], out: str | Path,
     inputs = list(inputs) or list(config.inputs)
     if not inputs:
         raise ConfigError("say what to report: --inputs RESULTS.json RUN_FOLDER ...")
-    # never a file or an input's folder; an existing folder only if it holds a previous report
-    check_out(out, "report", [str(i) for i in inputs], may_exist=True,
-              previous=has_files("report.md"))
+    # never a file; an existing folder only if it holds a previous report (a new folder inside
+    # a run is fine: a report writes only report.md/.html and plots/)
+    check_out(out, "report", may_exist=True, previous=has_files("report.md"))
     sources = read_inputs(inputs, config.names)
     title = config.title
     out_dir = Path(out)
