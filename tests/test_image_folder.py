@@ -132,3 +132,27 @@ def test_a_class_folder_without_readable_images_is_told(folder, capsys):
     assert data.classnames[:2] == ["broken class", "empty class"]
     assert "2 class folder(s) hold no readable image: broken_class, empty_class" in \
         capsys.readouterr().err
+
+
+def test_linked_folders_uppercase_captions_and_jpe_files_count_the_same_in_both_readers(
+        folder, tmp_path):
+    """A class folder holding a link to another folder of images, a `.jpe` JPEG and an
+    upper-case `NAME.TXT` caption: both readers take the linked images (each real folder once,
+    a link loop ends), the `.jpe`, and the caption; nothing is dropped without a count."""
+    from cliplab.data.collection import iter_items
+
+    extra = tmp_path / "extra"
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    _write(extra / "e1.png", red)
+    (folder / "golden_retriever" / "more").symlink_to(extra, target_is_directory=True)
+    (extra / "loop").symlink_to(extra, target_is_directory=True)
+    Image.fromarray(red).save(folder / "golden_retriever" / "c.jpe", format="JPEG")
+    (folder / "golden_retriever" / "c.TXT").write_text("a red square")
+    labelled = load_image_folder(folder, progress=False)
+    assert labelled.labels.tolist() == [0, 0, 0, 0, 1]  # a, c.jpe, more/e1, nested/b; tabby c
+    items = {item.key: item for item in iter_items({"source": "image-folder",
+                                                    "path": str(folder)})}
+    assert {"golden_retriever/more/e1.png", "golden_retriever/c.jpe"} <= set(items)
+    assert items["golden_retriever/c.jpe"].caption == "a red square"
+    assert not any(k.endswith(".TXT") for k in items)

@@ -109,3 +109,15 @@ def test_wise_ft_checks_options_finetuned_before_encoding(tmp_path, capsys, monk
     assert "options.finetuned: runs/nothere does not exist" in line
     assert "hf download" not in line
     assert not encoded
+
+
+def test_one_string_for_a_list_option_is_a_list_of_one(tmp_path):
+    """`data.kinds=single` (one kind where the loader takes a list) loads as it did before the
+    options were type-checked; pydantic alone refuses a str as a sequence."""
+    from cliplab.data.sources import check_options, load_source
+
+    spec = check_options({"source": "shapes", "kinds": "single", "colors": "red", "n": "6"})
+    assert spec == {"source": "shapes", "kinds": ["single"], "colors": ["red"], "n": 6}
+    data = load_source({"source": "shapes", "kinds": "single", "colors": "red", "n": 6,
+                        "image_size": 32})
+    assert len(data) == 6 and all("red" in c[0] for c in data.captions)

@@ -269,6 +269,11 @@ def test_hyper_parameters_and_skip_records_are_no_metric_tables(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 2.0}) + "\n")
     assert read_input(run).sections == {"zs": {"acc1": 0.5},
                                         "run": {"skipped": 3, "wall_time_s": 9.0}}
+    # an eval task named "train" is a task: only the file's own last training record goes
+    results = json.loads((run / "results.json").read_text())
+    results["evals"]["train"] = {"acc1": 0.9}
+    (run / "results.json").write_text(json.dumps(results))
+    assert read_input(run).sections["train"] == {"acc1": 0.9}
     adapt = tmp_path / "tip.json"
     adapt.write_text(json.dumps({"method": "tip-adapter", "shots": 2, "options": {
         "alpha": 1.0, "names": "prompt", "search": False}, "test": {"acc1": 0.6},

@@ -4,6 +4,7 @@ refusals, --add, the FAISS index choice and tuning."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import numpy as np
@@ -211,7 +212,12 @@ def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, 
         for i in range(3):
             Image.fromarray(data.images[offset + i].numpy()).save(
                 tmp_path / folder / f"IMG_{i:04d}.png")
-    build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        build(model_dir, "cam_a", tmp_path / "idx")  # a relative path, recorded resolved
+    finally:
+        os.chdir(cwd)
     record = build(model_dir, str(tmp_path / "cam_b"), tmp_path / "idx", add=True)
     assert record["count"] == 6 and record["skipped"] == 0
     keys = [r["key"] for r in SearchIndex(tmp_path / "idx").items(range(6)).values()]
@@ -220,6 +226,14 @@ def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, 
     for again in ("cam_a", "cam_b"):
         record = build(model_dir, str(tmp_path / again), tmp_path / "idx", add=True)
         assert record["count"] == 6
+    # the first source added again from another working folder, by a relative path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    try:
+        assert build(model_dir, "../cam_a", tmp_path / "idx", add=True)["count"] == 6
+    finally:
+        os.chdir(cwd)
     other_seed = build(model_dir, {**SHAPES, "n": 4, "seed": 9}, tmp_path / "idx", add=True)
     assert other_seed["count"] == 10
     assert SearchIndex(tmp_path / "idx").count == 10

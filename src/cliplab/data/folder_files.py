@@ -14,13 +14,15 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cliplab.data.prompt_files import CLASSNAMES_FILE, TEMPLATE_FILES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                  ".ppm", ".pgm", ".pbm", ".pnm", ".avif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif",
+                  ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".avif")
 SIDECAR_SUFFIXES = (".txt", ".json")
 FOLDER_FILES = (CLASSNAMES_FILE, *TEMPLATE_FILES)
 
@@ -44,8 +46,8 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True) -> 
     files skipped with their reason. ``top`` is the dataset's root when ``root`` is one of its
     class folders (its template and class-name files are not skipped as non-images)."""
     top = root if top is None else top
-    paths = sorted(p for p in (root.rglob("*") if recursive else root.iterdir())
-                   if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    paths = sorted(_walk(root) if recursive else
+                   (p for p in root.iterdir() if not p.name.startswith(".")))
     stems = {(p.parent, p.stem) for p in paths if p.is_file() and is_image_file(p)}
     found = FolderFiles()
     for path in paths:
@@ -64,7 +66,23 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True) -> 
     return found
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every visible file (and link to nothing) under ``root``, following linked folders as
+    the labelled reader's class folders do (each real folder once: a link loop ends)."""
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        yield from (Path(folder) / name for name in files if not name.startswith("."))
+
+
 def sidecar(image: Path, suffix: str) -> Path | None:
-    """The ``.txt`` / ``.json`` file beside ``image`` with its name, if there is one."""
-    path = image.with_suffix(suffix)
-    return path if path.is_file() else None
+    """The ``.txt`` / ``.json`` file (either case) beside ``image`` with its name, if any."""
+    for candidate in (suffix, suffix.upper()):
+        if (path := image.with_suffix(candidate)).is_file():
+            return path
+    return None

@@ -117,12 +117,28 @@ def check_options(spec: dict, where: str | None = None) -> dict:
             parse_shift(spec["shift"])  # a bad shift fails before a slow load
         except ConfigError as err:
             raise ConfigError(f"{where}.shift: {err}" if where else str(err)) from None
-    checked = validate(_options_schema(fn), {k: v for k, v in options.items() if k in params},
-                       where="" if where else f"data source {name!r}", prefix=where or "")
+    schema = _options_schema(fn)
+    given = {k: ([v] if isinstance(v, str) and _one_for_a_list(schema, k, v) else v)
+             for k, v in options.items() if k in params}
+    checked = validate(schema, given, where="" if where else f"data source {name!r}",
+                       prefix=where or "")
     for key in options:
         if key in params:
             spec[key] = getattr(checked, key)
     return spec
+
+
+def _one_for_a_list(schema: type[Section], key: str, value: str) -> bool:
+    """Whether ``key`` takes a list of strings but not one string: ``kinds: single`` is one
+    kind, as the loaders read it (pydantic refuses a str as a sequence)."""
+    adapter = TypeAdapter(schema.model_fields[key].annotation)
+    for candidate, wanted in ((value, False), ([value], True)):
+        try:
+            adapter.validate_python(candidate)
+            return wanted
+        except Exception:  # noqa: BLE001 - pydantic's ValidationError, or a type it cannot check
+            continue
+    return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -137,11 +137,12 @@ def read_input(path: str | Path) -> ReportSource:
         raise DataError(f"run folder {path} has neither results.json nor metrics.jsonl")
     source = ReportSource(path.name or str(path), path)
     if "results.json" in present:
-        source.sections = result_sections(read_json(path / "results.json"))
+        results = read_json(path / "results.json")
+        if "metrics.jsonl" in present:  # its `train` is the last logged record, shown there
+            results.pop("train", None)
+        source.sections = result_sections(results)
     if "metrics.jsonl" in present:
         source.history = read_history(path / "metrics.jsonl")
-        # results.json's `train` is the last logged record: the training table shows it
-        source.sections.pop("train", None)
     if "config.yaml" in present:
         source.config = load_yaml(path / "config.yaml")
     return source

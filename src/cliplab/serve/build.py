@@ -76,6 +76,8 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         spec = source_spec(cfg.data)
     except ConfigError as err:  # an option of a built-in source's spec
         raise ConfigError(f"data: {err}") from None
+    if "path" in spec:  # recorded resolved: an --add from another folder finds it the same
+        spec["path"] = str(Path(spec["path"]).expanduser().resolve())
     for key in ("path",):
         if key in spec and Path(spec[key]).resolve() == out:
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
