@@ -311,3 +311,20 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
     fresh = tmp_path / "fresh"
     assert main(["pretrain", "--config", str(recipe), "--out", str(fresh), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip() == "cliplab: interrupted"
+
+
+def test_curate_and_index_leave_a_users_partial_folder_beside_out_alone(tiny_model_dir,
+                                                                        tmp_path, capsys):
+    """curate and index resume in OUT.partial; a folder of that name holding the user's own
+    files (no progress record) is refused, untouched, instead of removed."""
+    for argv in (["curate", "--config", str(Path(__file__).parents[1] / "configs" / "curate"
+                                            / "basic.yaml"), "--data", "shapes", "data.n=8"],
+                 ["index", "--model", str(tiny_model_dir), "--data", "shapes", "data.n=8"]):
+        out = tmp_path / argv[0]
+        mine = tmp_path / f"{argv[0]}.partial"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 2
+        assert _one_line(capsys) == (f"{mine} is not a `cliplab {argv[0]}` work folder (it "
+                                     "holds notes.txt); move it away or choose another --out")
+        assert _tree(mine) == {"notes.txt": b"mine"} and not out.exists()

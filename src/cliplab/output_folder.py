@@ -98,6 +98,20 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def remove_own_work(work: Path, kind: str, own: tuple[str, ...]) -> None:
+    """Remove the work folder ``work`` (``OUT.partial``) of a ``kind`` run that never recorded
+    progress, if it holds only what such a run writes there (``own``); a folder of that name
+    holding anything else is the user's: refused, untouched."""
+    if not work.exists():
+        return
+    other = sorted(p.name for p in work.iterdir() if p.name not in own) if work.is_dir() \
+        else [work.name]
+    if other:
+        raise ConfigError(f"{work} is not a `cliplab {kind}` work folder (it holds {other[0]}); "
+                          "move it away or choose another --out")
+    shutil.rmtree(work)
+
+
 def swap_in(work: Path, out: Path) -> None:
     """Rename the finished ``work`` folder to ``out``; an existing ``out`` (an overwritten or
     appended-to output) is moved aside first and removed last, so ``out`` is never missing

@@ -41,7 +41,7 @@ from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import iter_items
 from cliplab.errors import ConfigError, DataError, ModelError
-from cliplab.output_folder import partial_path, swap_in, write_json
+from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 
 FORMAT = 1
 READ_STEP = "read"
@@ -157,8 +157,10 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
         if not overwrite and any((work / "cache" / "pool").glob("*.json")):
             raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config; "
                               "rerun that config to resume it, or pass --overwrite to start over")
-    if work.exists():
+    if state.is_file():
         shutil.rmtree(work)
+    else:  # no state: a folder of that name is ours only if it holds just our cache
+        remove_own_work(work, "curate", ("cache",))
     (work / "cache" / "pool").mkdir(parents=True)
     write_json(state, {"format": FORMAT, "request": request})
 

@@ -26,7 +26,7 @@ from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
-from cliplab.output_folder import partial_path, swap_in, write_json
+from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 from cliplab.serve import faiss_index
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
@@ -141,8 +141,10 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
         if state["request"] == request:
             _drop_unrecorded(work, state)
             return state
-    if work.exists():  # stopped before its first progress record: nothing worth keeping
+    if state_file.is_file():  # another request that embedded nothing yet
         shutil.rmtree(work)
+    else:  # stopped before its first progress record (or a user's folder of that name)
+        remove_own_work(work, "index", (CHUNKS_DIR, IMAGES_DIR, META_FILE))
     (work / CHUNKS_DIR).mkdir(parents=True)
     (work / IMAGES_DIR).mkdir()
     state = {"format": FORMAT, "request": request, "phase": "embedding", "position": 0,
