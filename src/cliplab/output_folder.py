@@ -9,24 +9,26 @@ the same kind (never a folder of other files)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from cliplab.errors import CliplabError, ConfigError
 
-RUN_MARKERS = ("checkpoints", "metrics.jsonl", "config.yaml")
+RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # what a run writes first
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a training run (its checkpoints/, metrics.jsonl or config.yaml)."""
-    return folder.is_dir() and any((folder / name).exists() for name in RUN_MARKERS)
+    """Whether ``folder`` holds a training run (its metrics.jsonl or config.yaml; a folder that
+    merely has a checkpoints/ sub-folder is not one)."""
+    return folder.is_dir() and any((folder / name).is_file() for name in RUN_MARKERS)
 
 
 def has_files(*names: str) -> Callable[[Path], bool]:
@@ -74,9 +76,8 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
             "lies inside" if _inside(here, source) else None
         if how:
             raise error(f"--out {out} {how} the input {given}; choose another folder")
-    for parent in here.parents:  # a run's checkpoints: RUN/checkpoints beside its config/metrics
-        if parent.name == "checkpoints" and any(
-                (parent.parent / name).is_file() for name in ("config.yaml", "metrics.jsonl")):
+    for parent in here.parents:
+        if parent.name == "checkpoints" and is_run_folder(parent.parent):
             raise error(f"--out {out} lies inside the checkpoints of the run folder "
                         f"{parent.parent}; choose another folder")
     if not path.is_dir() or not any(path.iterdir()):
@@ -110,6 +111,21 @@ def remove_own_work(work: Path, kind: str, own: tuple[str, ...]) -> None:
         raise ConfigError(f"{work} is not a `cliplab {kind}` work folder (it holds {other[0]}); "
                           "move it away or choose another --out")
     shutil.rmtree(work)
+
+
+@contextlib.contextmanager
+def built_beside(out: Path) -> Iterator[Path]:
+    """Yield a fresh hidden folder beside ``out`` to build the output in; it replaces ``out``
+    (`swap_in`) when the block succeeds and is removed if it fails, leaving ``out`` as it was.
+    The name is new each time, so no folder of the user's is ever taken for it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    swap_in(work, out)
 
 
 def swap_in(work: Path, out: Path) -> None:

@@ -4,8 +4,6 @@ the merged folder."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights
                                   write_origin)
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
-from cliplab.output_folder import swap_in, write_json
+from cliplab.output_folder import built_beside, write_json
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
 # tensor; a saved dtype field changes when a model is loaded and saved again)
@@ -147,17 +145,9 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
     except RuntimeError as err:
         raise ModelError(f"merged weights do not fit {template}: "
                          f"{str(err).splitlines()[0]}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh hidden folder beside ``out`` (a user's own OUT.partial is never touched), removed
-    # if the writing fails
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with built_beside(out) as work:
         model.save(work)
         if origin and origin.get("fingerprint"):
             write_origin(work, origin.get("path"), origin["fingerprint"])
         write_json(work / "merge.json", record)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    swap_in(work, out)
     return out
