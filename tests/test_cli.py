@@ -170,3 +170,13 @@ def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monk
     second = default_run_dir("adapt-coop")
     assert (first.name, second.name) == ("adapt-coop-20261202-120000",
                                          "adapt-coop-20261202-120000-2")
+
+
+def test_version_is_the_package_version():
+    from cliplab import __version__
+    from importlib.metadata import version
+
+    out = run_cli("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"cliplab {__version__}"
+    assert version("cliplab") == __version__

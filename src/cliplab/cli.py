@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from cliplab import __version__
 from cliplab.errors import CliplabError, ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tuning), merge weights, evaluate and report, convert and export, index and serve "
         "search. `cliplab COMMAND --help` tells each command's options and config keys.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"cliplab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_quickstart, _add_data, _add_curate, _add_pretrain, _add_adapt, _add_merge, _add_eval,
