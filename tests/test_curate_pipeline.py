@@ -20,7 +20,7 @@ from cliplab.output_folder import partial_path
 from cliplab.curate.steps import registry
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.collection import iter_items
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 
 
 class BrightSpec(StepSpecBase):
@@ -208,6 +208,55 @@ def test_a_killed_run_resumes_without_remapping_finished_chunks(tmp_path):
     assert dropped_rows(tmp_path / "out") == dropped_rows(tmp_path / "whole")
     a, b = (sorted((tmp_path / d / "shards").glob("*.tar")) for d in ("whole", "out"))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_a_kill_while_finishing_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """A kill after the summary is written, while the cache is being removed (here: one pool
+    chunk already gone) or before the rename, is completed by the next run of that config —
+    the same outputs as an uninterrupted run; another config is refused without --overwrite."""
+    from cliplab.curate import pipeline
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    cfg = config(str(folder), STEPS, chunk_size=3)
+    whole = run_curation(cfg, tmp_path / "whole", progress=False)
+
+    def killed(work, out):
+        (work / "cache" / "pool" / "000001.json").unlink()  # rmtree got this far
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_move_into_place", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.STEPS, "bright", f"{__name__}:Bright")
+    other = config(str(folder), [{"step": "exact_dedup"}], chunk_size=3)
+    with pytest.raises(ConfigError, match="finished `cliplab curate` run of another config"):
+        run_curation(other, tmp_path / "out", progress=False)
+    Bright.calls.clear()
+    resumed = run_curation(cfg, tmp_path / "out", progress=False)
+
+    def timeless(summary):
+        return {**summary, "steps": [{**s, "seconds": 0} for s in summary["steps"]]}
+
+    assert timeless(resumed) == timeless(whole)
+    assert not Bright.calls  # nothing mapped again
+    assert dropped_rows(tmp_path / "out") == dropped_rows(tmp_path / "whole")
+    assert not (tmp_path / "out" / "cache").exists() and not (tmp_path / "out" / "state.json").exists()
+    assert not partial_path(tmp_path / "out").exists()
+    assert run_curation(other, tmp_path / "out", progress=False, overwrite=True)["kept"] == 6
+
+
+def test_a_damaged_cache_is_refused_not_read_short(tmp_path):
+    """A pool chunk missing from a read pool would make a resumed run silently lose its items."""
+    folder = make_folder(tmp_path / "pool", VALUES)
+    flaky = config(str(folder), [{"step": "bright", "threshold": 100, "fail_on_chunk": 2}],
+                   chunk_size=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(flaky, tmp_path / "out", progress=False)
+    pool = partial_path(tmp_path / "out") / "cache" / "pool"
+    (pool / "000003.json").unlink()
+    with pytest.raises(DataError, match=r"pool is damaged: done.json counts 4 chunks, 3 are there"):
+        run_curation(flaky, tmp_path / "out", progress=False)
 
 
 def test_refusals_existing_output_other_config_and_source_folder(tmp_path):

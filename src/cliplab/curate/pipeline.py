@@ -62,10 +62,9 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
     _check_out(out, overwrite)
     _check_step_models(config)
     work = partial_path(out)
-    if (work / "summary.json").is_file() and not (work / "state.json").exists():
-        swap_in(work, out)  # killed after finishing, before the rename
-        return json.loads((out / "summary.json").read_text())
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
+    if _finished_request(work) == request:  # killed after finishing, before the rename
+        return _move_into_place(work, out)
     _open_work(work, request, overwrite)
 
     chunks, dropped, read_seconds = _read_pool(config, work, progress)
@@ -103,12 +102,27 @@ def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
                "dropped": len(dropped), "steps": summary_steps, "output": outputs}
     write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
                  examples=config.examples, out=out)
+    (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_json(work / "summary.json", summary)  # a partial folder with it is complete
+    return _move_into_place(work, out)
+
+
+def _finished_request(work: Path) -> dict | None:
+    """The request of the finished run in ``work`` (its summary written, not yet renamed to
+    ``OUT``), None when ``work`` holds no finished run."""
+    if not (work / "summary.json").is_file() or not (work / "config.yaml").is_file():
+        return None
+    saved = yaml.safe_load((work / "config.yaml").read_text())
+    return {k: v for k, v in saved.items() if k not in NEUTRAL_KEYS}
+
+
+def _move_into_place(work: Path, out: Path) -> dict:
+    """Drop a finished run's cache and resume record, rename it to ``out``; its summary.
+    Every step is safe to repeat: a kill anywhere here is finished by the next run."""
     shutil.rmtree(work / "cache", ignore_errors=True)
     (work / "state.json").unlink(missing_ok=True)
-    (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    write_json(work / "summary.json", summary)  # last: a partial folder with it is complete
     swap_in(work, out)
-    return summary
+    return json.loads((out / "summary.json").read_text())
 
 
 def nothing_kept_warning(steps: list[dict]) -> str:
@@ -150,14 +164,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     state = work / "state.json"
-    if work.exists() and state.is_file():
+    finished = _finished_request(work) is not None
+    if work.exists() and state.is_file() and not finished:
         if json.loads(state.read_text())["request"] == request:
             return
         # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
         if not overwrite and any((work / "cache" / "pool").glob("*.json")):
             raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config; "
                               "rerun that config to resume it, or pass --overwrite to start over")
-    if state.is_file():
+    if finished and not overwrite:
+        raise ConfigError(f"{work} is a finished `cliplab curate` run of another config, not yet "
+                          "moved to --out; rerun that config to move it, or pass --overwrite")
+    if state.is_file() or finished:
         shutil.rmtree(work)
     else:  # no state: a folder of that name is ours only if it holds just our cache
         remove_own_work(work, "curate", ("cache",))
@@ -174,6 +192,10 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     count = 0
     while (folder / f"{count:06d}.json").is_file():
         count += 1
+    if done.is_file() and json.loads(done.read_text())["chunks"] != count:
+        raise DataError(f"{folder} is damaged: {done.name} counts "
+                        f"{json.loads(done.read_text())['chunks']} chunks, {count} are there; "
+                        "pass --overwrite to start this run over")
     if not done.is_file():
         size = config.chunk_size
         items = itertools.islice(iter_items(config.data, progress=progress), count * size, None)
@@ -217,6 +239,10 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
     saved = step_dir / "decision.json"
     if saved.is_file():
         data = json.loads(saved.read_text())
+        reached = sum(int(a.sum()) for a in alive)
+        if len(data["keep"]) != reached:
+            raise DataError(f"{saved} decides on {len(data['keep'])} items, {reached} reach the "
+                            "step; pass --overwrite to start this run over")
         scores = None if data["scores"] is None else np.array(data["scores"], dtype=float)
         return Decision(keep=np.array(data["keep"], dtype=bool), reasons=data["reasons"],
                         scores=scores, threshold=data["threshold"],
