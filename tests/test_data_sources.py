@@ -282,6 +282,29 @@ def test_a_damaged_shards_last_sample_is_kept_or_lost_as_the_stream_reader_does(
         assert len(stream) == kept and keys == [f"s-000000.tar:k{i}" for i in range(kept)]
 
 
+def test_a_repeated_key_in_a_tar_is_skipped_and_counted_not_merged(tmp_path):
+    """Keys a, b, a, c, c: the later a and c are skipped as duplicate_key (they had replaced
+    the first ones' parts, two samples lost without a count); members of one sample are the
+    consecutive ones, as the stream reader groups them."""
+    from cliplab.data.collection import iter_items, skip_reason
+    from tests.tar_files import png_bytes, write_tar
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    samples = [(key, {"png": png_bytes(np.full((4, 4, 3), value, np.uint8)),
+                      "txt": f"{key} {value}".encode()})
+               for key, value in (("a", 10), ("b", 20), ("a", 30), ("c", 40), ("c", 50))]
+    write_tar(folder / "s.tar", samples)
+    items = list(iter_items({"source": "shards", "path": str(folder)}, progress=False))
+    assert [i.key for i in items] == ["s.tar:a", "s.tar:b", "s.tar:a", "s.tar:c", "s.tar:c"]
+    assert [i.caption for i in items] == ["a 10", "b 20", "", "c 40", ""]
+    assert [int(np.asarray(items[k].read())[0, 0, 0]) for k in (0, 1, 3)] == [10, 20, 40]
+    for k in (2, 4):
+        with pytest.raises(OSError, match=r"key [ac] is also an earlier sample's in s.tar") as err:
+            items[k].read()
+        assert skip_reason(err.value) == "duplicate_key"
+
+
 def test_a_skip_line_tells_truncated_shards_apart_from_samples():
     from cliplab.data.types import SkipReport
 

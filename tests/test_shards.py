@@ -369,6 +369,22 @@ def test_broken_and_truncated_shards_are_counted(tmp_path, shard_dir):
     assert len(_keys(stream)) == 6 and stream.skipped.counts == {"unreadable_shard": 1}
 
 
+def test_a_truncated_shard_without_an_index_is_counted(tmp_path, shard_dir):
+    """Without index.json counts, a cut-off tar is told by its missing end-of-archive marker
+    (tarfile reads up to the cut without an error); a whole one is not flagged."""
+    data = (shard_dir / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "00001.tar").write_bytes((shard_dir / "00001.tar").read_bytes())
+    stream = ShardStream(tmp_path, shuffle=False)
+    keys = _keys(stream)
+    assert 0 < sum(k.startswith("00000.tar:") for k in keys) < 6
+    assert sum(k.startswith("00001.tar:") for k in keys) == 6
+    # the sample the cut runs through has lost its image (missing_image), and the shard is told
+    assert stream.skipped.counts["truncated_shard"] == 1
+    assert set(stream.skipped.counts) <= {"truncated_shard", "missing_image"}
+    assert stream.skipped.keys["truncated_shard"][0].startswith("00000.tar:")
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_writes_shards_from_a_source(tmp_path, capsys):

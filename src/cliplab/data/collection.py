@@ -213,6 +213,16 @@ class ShardReadError(OSError):
     reason = "truncated_shard"
 
 
+class DuplicateKeyError(OSError):
+    """A sample whose key an earlier sample of the same tar already has: which of the two a key
+    means is ambiguous, so the later one is skipped and counted."""
+
+    reason = "duplicate_key"
+
+
+Members = dict[str, tuple[int, int, str]]
+
+
 def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     """Samples of every tar (in the shard index's order): an image member plus ``.txt`` /
     ``.json`` members of the same key. A tar that cannot be read to its end gives the samples
@@ -224,8 +234,8 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     _reject_options(spec, set())
     for tar in expand_shards(folder):
         samples, damage = _tar_samples(tar)
-        for key, members in samples:
-            yield _tar_item(tar, key, members)
+        for key, members, duplicate in samples:
+            yield _duplicate_item(tar, key) if duplicate else _tar_item(tar, key, members)
         if damage is not None:
             expected = index_counts(tar.parent).get(tar.name)
             message = (f"{tar.name}: read {len(samples)}"
@@ -237,7 +247,14 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
             yield Item(tar.name, "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
 
 
-def _tar_item(tar: Path, key: str, members: dict[str, tuple[int, int, str]]) -> Item:
+def _duplicate_item(tar: Path, key: str) -> Item:
+    """The item of a sample whose key an earlier sample of ``tar`` has: skipped when read."""
+    def fail(key=key):
+        raise DuplicateKeyError(f"key {key} is also an earlier sample's in {tar.name}")
+    return Item(f"{tar.name}:{key}", "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
+
+
+def _tar_item(tar: Path, key: str, members: Members) -> Item:
     """The item of sample ``key`` of ``tar``: its image read from its byte range."""
     image = members.get(image_part(members) or "")  # the member training and eval read
     caption, meta = "", {}
@@ -260,12 +277,16 @@ def _tar_item(tar: Path, key: str, members: dict[str, tuple[int, int, str]]) -> 
                 lambda t=tar, o=offset, s=size: open_rgb(read_range(t, o, s)), meta)
 
 
-def _tar_samples(tar: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int, str]]]],
-                                     str | None]:
-    """``[(key, {ext: (offset, size, member name)})]`` in tar order, and what stopped the
-    reading early (None when the tar was read to its end). A sample whose members the damage
-    cut off is left out; one whose data runs past the end fails when its image is read."""
-    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
+def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None]:
+    """``[(key, {ext: (offset, size, member name)}, duplicate)]`` in tar order, and what stopped
+    the reading early (None when the tar was read to its end). Members of a sample are
+    consecutive, as WebDataset reads them; ``duplicate`` marks a sample whose key an earlier one
+    holds. A sample whose members the damage cut off is left out; one whose data runs past the
+    end fails when its image is read."""
+    from cliplab.data.shards.layout import ends_with_marker
+
+    samples: list[tuple[str, Members, bool]] = []
+    seen: set[str] = set()
     try:
         with tarfile.open(tar) as archive:
             for member in archive:
@@ -273,28 +294,21 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, dict[str, tuple[int, int, s
                     continue
                 base = member.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
-                prefix = member.name[: len(member.name) - len(base)]
-                samples.setdefault(prefix + key, {})[ext.lower()] = \
-                    (member.offset_data, member.size, member.name)
-            damage = None if _ends_with_marker(tar, archive.offset) else \
+                key = member.name[: len(member.name) - len(base)] + key
+                ext = ext.lower()
+                if not samples or samples[-1][0] != key or ext in samples[-1][1]:
+                    samples.append((key, {}, key in seen))
+                    seen.add(key)
+                samples[-1][1][ext] = (member.offset_data, member.size, member.name)
+            damage = None if ends_with_marker(tar, archive.offset) else \
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:
         damage = str(err) or type(err).__name__
     if damage is not None and samples:  # the damage may have cut the last sample's data
-        key, members = next(reversed(samples.items()))
         size = tar.stat().st_size  # kept when its members are whole, as the stream keeps it
-        if any(offset + length > size for offset, length, _ in members.values()):
-            samples.pop(key)
-    return list(samples.items()), damage
-
-
-def _ends_with_marker(tar: Path, offset: int) -> bool:
-    """Whether a zero block follows the last member (at ``offset``), as it does in every
-    complete tar; `tarfile` stops without an error where a cut-off file runs out instead."""
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        block = f.read(512)
-    return len(block) == 512 and not any(block)
+        if any(offset + length > size for offset, length, _ in samples[-1][1].values()):
+            samples.pop()
+    return samples, damage
 
 
 def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:

@@ -101,6 +101,27 @@ def count_tar_samples(path: Path) -> int:
     return len(keys)
 
 
+def ends_with_marker(path: Path, offset: int) -> bool:
+    """Whether a zero block follows the last member of the tar at ``path`` (at ``offset``), as
+    it does in every complete tar; `tarfile` stops without an error where a cut-off file runs
+    out instead."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(512)
+    return len(block) == 512 and not any(block)
+
+
+def tar_is_whole(path: Path) -> bool:
+    """Whether the tar at ``path`` reads to its end-of-archive marker (reads headers only)."""
+    try:
+        with tarfile.open(path) as tar:
+            for _ in tar:
+                pass
+            return ends_with_marker(path, tar.offset)
+    except (tarfile.TarError, OSError):
+        return False
+
+
 def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
     """Samples per shard: from each folder's ``index.json`` where it lists the shard, else counted."""
     indexes: dict[Path, dict[str, int]] = {}

@@ -19,8 +19,11 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
     """Samples as ``{ext: bytes, "__key__", "__shard__"}``, shard after shard. A shard that
     cannot be read to its end yields one ``{"__error__": "unreadable_shard"}`` item after the
     samples before the damage; one holding fewer samples than ``expected`` says (the counts of
-    its folder's ``index.json``) yields ``{"__error__": "truncated_shard"}``."""
+    its folder's ``index.json``), or without a count one that ends before its end-of-archive
+    marker (cut off), yields ``{"__error__": "truncated_shard"}``."""
     from webdataset.tariterators import tarfile_samples
+
+    from cliplab.data.shards.layout import tar_is_whole
 
     expected = expected or {}
     for shard in shards:
@@ -39,6 +42,10 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
         if read < expected.get(shard, 0):
             yield {"__error__": "truncated_shard", "__shard__": shard.name,
                    "__key__": f"{read} of {expected[shard]} samples"}
+        elif shard not in expected and not tar_is_whole(shard):
+            yield {"__error__": "truncated_shard", "__shard__": shard.name,
+                   "__key__": f"{read} samples, then the file ends early (no end-of-archive "
+                   "marker)"}
 
 
 def sample_key(raw: dict) -> str:
