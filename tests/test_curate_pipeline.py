@@ -125,6 +125,26 @@ def test_pool_runs_through_the_steps_and_writes_every_output(tmp_path):
     assert '<img src="report/00-bright/drop-0.png"' in (out / "report.html").read_text()
 
 
+def test_curated_shards_of_any_folder_image_type_read_back_in_training(tmp_path):
+    """Every image type a folder reader takes (GIF, TIFF, PPM, ...) stays readable in the
+    curated shards (their members kept .gif/.tiff were no image to the shard reader)."""
+    from cliplab.data.shards.read import load_shards
+
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    colours = {"a.gif": 30, "b.tiff": 90, "c.ppm": 150, "d.jpe": 200, "e.png": 250}
+    for name, value in colours.items():
+        image = Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8))
+        image.save(folder / name, format={"jpe": "JPEG"}.get(name.rsplit(".")[-1]))
+    summary = run_curation(config(str(folder), [{"step": "exact_dedup"}]), tmp_path / "out",
+                           progress=False)
+    assert summary["kept"] == 5
+    stream = load_shards(tmp_path / "out" / "shards", progress=False)
+    assert stream.skipped.total == 0 and len(stream) == 5
+    means = sorted(float(image.float().mean()) for image in stream.images)
+    assert np.allclose(means, sorted(colours.values()), atol=3)
+
+
 def dropped_rows(out):
     """dropped.parquet's rows, NaN scores as None (NaN != NaN)."""
     return [{**r, "score": None if r["score"] != r["score"] else r["score"]}

@@ -211,9 +211,10 @@ def test_selecting_classes_keeps_what_loading_skipped(tmp_path):
 
 
 def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
-    """A shard sample with two image members, and one whose only image is a GIF: the
-    collection reader (index, curate) takes the member the shard stream (training, eval)
-    takes, and no image where the stream finds none."""
+    """A shard sample with two image members, one whose only image is a GIF (an image in a
+    folder, so one in a curated shard too) and one with no image: the collection reader
+    (index, curate) takes the member the shard stream (training, eval) takes, and no image
+    where the stream finds none."""
     import io
 
     from PIL import Image
@@ -232,15 +233,18 @@ def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
     write_tar(folder / "s-000000.tar", [
         ("a", {"png": png_bytes(red), "jpg": jpg.getvalue(), "txt": b"two images"}),
         ("b", {"gif": gif.getvalue(), "txt": b"a gif"}),
+        ("c", {"pdf": b"%PDF-1.4", "txt": b"a document"}),
     ])
     stream = load_shards(folder, progress=False)
-    assert stream.captions == [["two images"]] and stream.skipped.total == 1
+    assert stream.captions == [["two images"], ["a gif"]] and stream.skipped.total == 1
     items = {item.key: item for item in iter_items({"source": "shards", "path": str(folder)},
                                                    progress=False)}
     pixels = np.asarray(items["s-000000.tar:a"].read())
     assert np.abs(pixels.astype(int) - stream.images[0].numpy()).max() <= 8  # the JPEG, blue
+    assert np.array_equal(np.asarray(items["s-000000.tar:b"].read()), stream.images[1].numpy())
+    assert np.asarray(items["s-000000.tar:b"].read())[0, 0].tolist() == [255, 0, 0]
     with pytest.raises(OSError, match="no image member"):
-        items["s-000000.tar:b"].read()
+        items["s-000000.tar:c"].read()
 
 
 def test_labels_outside_the_classes_are_refused():

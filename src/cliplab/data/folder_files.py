@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cliplab.data.images import IMAGE_EXTS
 from cliplab.data.prompt_files import CLASSNAMES_FILE, TEMPLATE_FILES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif",
-                  ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".avif")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 SIDECAR_SUFFIXES = (".txt", ".json")
 FOLDER_FILES = (CLASSNAMES_FILE, *TEMPLATE_FILES)
 

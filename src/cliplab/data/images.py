@@ -18,7 +18,10 @@ from PIL import Image
 
 from cliplab.errors import DataError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # what shard readers take as the image part
+# What an image is, by suffix: files in folders and the image part of a shard sample (the first
+# of these a sample holds), so whatever a folder reader takes a curated shard keeps readable.
+IMAGE_EXTS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "dib", "gif", "tif", "tiff",
+              "ppm", "pgm", "pbm", "pnm", "jp2", "j2k", "avif")
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 _BILINEAR = Image.Resampling.BILINEAR
 
