@@ -74,3 +74,32 @@ def test_encode_png_round_trips_and_jpg_is_close():
     smooth = torch.arange(64, dtype=torch.uint8).repeat(64, 1)[..., None].expand(-1, -1, 3) * 4
     back = decode_image(encode_image(smooth.contiguous(), "jpg", quality=95))
     assert (back.float() - smooth.float()).abs().mean() < 2
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG/TIFF gradient (PIL mode I;16) decodes to the 8-bit gradient (value >> 8)
+    in every reader — the one decoder, the index/curate reader, a batch of PIL images and the
+    search upload; PIL's own convert clipped it to near white."""
+    import io
+
+    from cliplab.data.collection import open_rgb
+    from cliplab.models.preprocess import to_uint8_batch
+    from cliplab.serve.app import _read_image
+
+    values = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)
+    expected = (values >> 8).astype(np.uint8)
+    for suffix in ("png", "tiff"):
+        path = tmp_path / f"g16.{suffix}"
+        Image.fromarray(values).save(path)
+        assert Image.open(path).mode == "I;16"
+        assert np.array_equal(decode_image(path, channels=1)[..., 0].numpy(), expected)
+        rgb = decode_image(path.read_bytes()).numpy()
+        assert all(np.array_equal(rgb[..., c], expected) for c in range(3))
+        assert np.array_equal(np.asarray(open_rgb(path))[..., 1], expected)
+        assert np.array_equal(to_uint8_batch(Image.open(path))[0, ..., 2].numpy(), expected)
+        assert np.array_equal(np.asarray(_read_image(path.read_bytes()))[..., 0], expected)
+    # 8-bit values held in PIL's 32-bit mode I stay as they are
+    small = np.arange(256, dtype=np.int32).reshape(16, 16)
+    buf = io.BytesIO()
+    Image.fromarray(small).save(buf, format="TIFF")
+    assert np.array_equal(decode_image(buf.getvalue(), channels=1)[..., 0].numpy(), small)

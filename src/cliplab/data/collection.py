@@ -26,6 +26,7 @@ from cliplab.data.folder_files import IMAGE_SUFFIXES, list_folder, sidecar
 from cliplab.data.images import to_pil
 from cliplab.data.shards.samples import image_part
 from cliplab.errors import DataError
+from cliplab.models.preprocess import convert_image
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".parquet")
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -107,7 +108,7 @@ def open_rgb(source: Path | bytes) -> Image.Image:
     """An image file or encoded bytes decoded as RGB (a PIL error, one of ``PIL_ERRORS``, if
     it cannot be)."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        return im.convert("RGB")
+        return convert_image(im, "RGB")
 
 
 def _folder_items(root: Path, spec: dict) -> Iterator[Item]:

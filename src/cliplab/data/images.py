@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from cliplab.errors import DataError
+from cliplab.models.preprocess import convert_image
 
 # What an image is, by suffix: files in folders and the image part of a shard sample (the first
 # of these a sample holds), so whatever a folder reader takes a curated shard keeps readable.
@@ -57,7 +58,7 @@ def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
             mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1") else "RGB")
-            image = im.convert(mode)
+            image = convert_image(im, mode)
     except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, …)
         raise UnreadableImage(f"{where}: cannot decode the image ({type(err).__name__})") from None
     return _to_tensor(_resized(image, _hw(size)) if size else image)

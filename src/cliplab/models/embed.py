@@ -11,6 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.preprocess import convert_image
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):
@@ -25,7 +26,7 @@ def embed_images(model: DualEncoder, images: Sequence[Image.Image], batch_size: 
     out = []
     with evaluating(model):
         for start in _batches(len(images), batch_size, "embed images", progress):
-            pixels = torch.cat([model.preprocess(torch.from_numpy(np.array(im.convert("RGB")))[None])
+            pixels = torch.cat([model.preprocess(torch.from_numpy(np.array(convert_image(im)))[None])
                                 for im in images[start:start + batch_size]])
             out.append(model.encode_image(pixels.to(model.device)).float().cpu())
     if not out:

@@ -56,13 +56,27 @@ class PreprocessConfig:
                    interpolation=d.get("interpolation", "bilinear"))
 
 
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``image`` in ``mode`` (``RGB`` or ``L``): 16-bit greyscale (PNG, TIFF) scaled to 8 bits,
+    which PIL's own ``convert`` clips (a dark-to-light gradient came out nearly all white)."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        array = np.asarray(image).astype(np.int64)
+        if image.mode != "I" or array.max() > 255:  # mode I holding 8-bit values stays as is
+            array = array >> 8
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
 def to_uint8_batch(images) -> torch.Tensor:
     """Turn a uint8 tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, a list of PIL images of one
     size, or one PIL image (a batch of one), into a uint8 tensor ``[B, H, W, C]``."""
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, (list, tuple)):
-        arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)
+        arrays = [np.asarray(convert_image(im) if isinstance(im, Image.Image) else im)
                   for im in images]
         shapes = sorted({a.shape for a in arrays})
         if len(shapes) > 1:

@@ -26,6 +26,7 @@ from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
+from cliplab.models.preprocess import convert_image
 from cliplab.serve.index import SearchIndex
 
 MAX_K, MAX_OFFSET, MAX_QUERY_CHARS = 100, 10_000, 1000
@@ -97,7 +98,7 @@ def _read_image(data: bytes, what: str = "file") -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
-            return im.convert("RGB")
+            return convert_image(im)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
 
