@@ -510,6 +510,20 @@ def test_cli_a_pool_of_only_bad_rows_keeps_0(tmp_path, capsys):
     assert summary["steps"][1] == {**summary["steps"][1], "in": 0, "kept": 0, "dropped": 0}
 
 
+def test_a_manifest_without_a_caption_column_is_an_error_not_a_pool_of_drops(tmp_path):
+    make_folder(tmp_path / "photos", [200])
+    manifest = tmp_path / "nocap.csv"
+    manifest.write_text("image,desc\nphotos/img_00.png,a cat\n")
+    with pytest.raises(DataError, match=r"nocap.csv: no caption column \(looked for caption, "
+                                        r"text, label, class; found \['image', 'desc'\]\)"):
+        run_curation(config(str(manifest), [{"step": "exact_dedup"}]), tmp_path / "out",
+                     progress=False)
+    kept = run_curation(config({"source": "manifest", "path": str(manifest), "caption_col": "desc"},
+                               [{"step": "exact_dedup"}], output={"format": "manifest"}),
+                        tmp_path / "out", progress=False)
+    assert kept["kept"] == 1
+
+
 def test_process_pool_runs_the_language_rule(tmp_path):
     """The basic step's language identifier does not pickle; worker processes build their own
     and keep what one process keeps."""

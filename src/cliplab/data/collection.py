@@ -172,7 +172,7 @@ def skip_reason(err: BaseException) -> str:
 
 
 def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
-    from cliplab.data.manifest import IMAGE_COLUMNS, _read_table
+    from cliplab.data.manifest import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _read_table
 
     _reject_options(spec, {"image_col", "caption_col"})
     rows, lines, _ = _read_table(path)
@@ -187,7 +187,11 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
         raise DataError(f"{path}: no column {spec['caption_col']!r} (found {columns}); fix "
                         "caption_col or the header")
     text_cols = [spec["caption_col"]] if spec.get("caption_col") else \
-        ["caption", "text", "label", "class"]
+        [c for c in CAPTION_COLUMNS + LABEL_COLUMNS if c in columns]
+    if not text_cols:  # else every row would be dropped as an empty caption
+        raise DataError(f"{path}: no caption column (looked for "
+                        f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found {columns}); rename "
+                        "a column or set caption_col")
     for number, row in enumerate(rows, 1):
         name = str(row.get(image_col) or "").strip()
         file = (path.parent / Path(name).expanduser()).resolve()
