@@ -5,6 +5,7 @@ resumption after a kill without re-mapping finished chunks, refusals, and the CL
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -441,22 +442,45 @@ def test_report_draws_matches_and_concept_histograms(tmp_path):
     records = [{"key": f"img_0{i}.png", "caption": f"c{i}", "location": {"file": str(pool / f"img_0{i}.png")},
                 "meta": {}} for i in range(2)]
     decision = Decision(keep=[True, False], reasons=[None, "near duplicate of eval image"],
-                        report={"matches": [{"key": "img_01.png", "match": str(pool / "img_00.png"),
+                        report={"matches": [{"key": "img_01.png", "match": "eval_sets[0]:x#0",
+                                             "match_image": "steps/00-x/work/ref.png",
                                              "similarity": 0.99}],
                                 "histogram_before": {"red": 5, "blue": 1},
                                 "histogram_after": {"red": 2, "blue": 1},
-                                "files": {"counts": str(tmp_path / "work/steps/00-x/work/c.json")}})
+                                "files": {"counts": "steps/00-x/work/c.json"}})
     summary = {"data": {"source": "image-folder"}, "pool": 2, "kept": 1, "dropped": 1,
                "steps": [{"name": "read", "in": 2, "kept": 2, "dropped": 0, "seconds": 0},
                          {"name": "x", "in": 2, "kept": 1, "dropped": 1, "seconds": 0}]}
     work = tmp_path / "work"
-    work.mkdir()
+    (work / "steps/00-x/work").mkdir(parents=True)
+    (work / "steps/00-x/work/c.json").write_text("{}")
+    Image.open(pool / "img_00.png").save(work / "steps/00-x/work/ref.png")
     write_report(work, summary, [("x", records, decision)], [], examples=4, out=tmp_path / "final")
     md = (work / "report.md").read_text()
     assert "### matches (1)" in md and "report/00-x/match-0.png" in md and "report/00-x/match-0-ref.png" in md
     assert (work / "report/00-x/match-0-ref.png").is_file()
     assert "report/00-x-concepts.png" in md and (work / "report/00-x-concepts.png").is_file()
     assert f"| counts | {tmp_path / 'final/steps/00-x/work/c.json'} |" in md
+
+
+def test_a_decontamination_report_shows_both_images_and_paths_outlive_the_rename(tmp_path):
+    """The first 10 of 60 shapes are the evaluation set: the report draws each match's
+    evaluation image beside the pool one, and decision.json's paths are relative to the run
+    folder (they led into OUT.partial, which is gone once the run is renamed)."""
+    shapes = {"source": "shapes", "n": 60, "seed": 3, "image_size": 32}
+    steps = [{"step": "decontaminate", "eval_sets": [{**shapes, "n": 10}], "threshold": None,
+              "hash_distance": 0}]
+    summary = run_curation(config(shapes, steps, chunk_size=20, examples=3), tmp_path / "out",
+                           progress=False)
+    out = tmp_path / "out"
+    assert summary["steps"][1]["dropped"] >= 10
+    decision = json.loads((out / "steps/00-decontaminate/decision.json").read_text())
+    for match in decision["report"]["matches"]:
+        assert not Path(match["match_image"]).is_absolute()
+        assert (out / match["match_image"]).is_file()
+    md = (out / "report.md").read_text()
+    assert all(f"report/00-decontaminate/match-{n}-ref.png" in md for n in range(3))
+    assert (out / "report/00-decontaminate/match-2-ref.png").is_file()
 
 
 def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, capsys):

@@ -232,6 +232,18 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     return chunks, dropped, seconds
 
 
+def _run_relative(value, work: Path):
+    """``value`` (a step's report) with every path inside ``work`` made relative to it: the
+    folder is renamed to ``OUT`` when done, and a path into ``OUT.partial`` would lead nowhere."""
+    if isinstance(value, dict):
+        return {k: _run_relative(v, work) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(v, work) for v in value]
+    if isinstance(value, str) and value.startswith(f"{work}{os.sep}"):
+        return str(Path(value).relative_to(work))
+    return value
+
+
 def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]],
               alive: list[np.ndarray], work: Path, progress: bool) -> tuple[Decision, float]:
     """The decision of one step: the saved one, or prepare → map (missing chunks) → decide."""
@@ -276,6 +288,7 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
             raise DataError(f"step {folder}: decided on {len(decision.keep)} items, "
                             f"{len(items)} reached it")
     seconds = time.perf_counter() - start
+    decision.report = _run_relative(decision.report, work)
     write_json(saved, {"keep": decision.keep.tolist(), "reasons": decision.reasons,
                        "scores": None if decision.scores is None else
                        [float(s) for s in np.asarray(decision.scores, dtype=float)],

@@ -125,9 +125,12 @@ def _plot_concepts(before: dict, after: dict, path: Path, title: str, top: int =
 
 
 def _relative(value: Any, work: Path, out: Path) -> str:
-    """A path the step wrote, as it will be named once ``work`` is renamed to ``out``."""
+    """A path the step wrote (relative to the run folder, as decisions hold them), as it will be
+    named once ``work`` is renamed to ``out``."""
     text = str(value)
-    return str(out / Path(text).relative_to(work)) if text.startswith(str(work)) else text
+    if text.startswith(str(work)):
+        return str(out / Path(text).relative_to(work))
+    return str(out / text) if not Path(text).is_absolute() and (work / text).exists() else text
 
 
 def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Record], Decision]],
@@ -177,9 +180,10 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
             for n, match in enumerate(report["matches"][:examples]):
                 pool = _thumbnail(by_key.get(match.get("key")), work, f"{REPORT_DIR}/{slug}/match-{n}.png")
                 other = match.get("match")
+                image = work / str(match.get("match_image", ""))  # relative to the run folder
                 other_img = None
-                if isinstance(other, str) and Path(other).is_file():
-                    other_img = _thumbnail({"location": {"file": other}}, work,
+                if match.get("match_image") and image.is_file():
+                    other_img = _thumbnail({"location": {"file": str(image)}}, work,
                                            f"{REPORT_DIR}/{slug}/match-{n}-ref.png")
                 rows.append([("img", pool), match.get("key"), ("img", other_img), other,
                              match.get("similarity")])

@@ -85,11 +85,14 @@ class Decision:
     report, under these keys when present:
 
     - ``"clusters"``: list of lists of keys (duplicate groups; the first key is the one kept),
-    - ``"matches"``: list of dicts ``{"key", "match", "similarity", ...}`` (pool item vs the
-      evaluation image it matches; ``match`` is a key/reference the report can show),
+    - ``"matches"``: list of dicts ``{"key", "match", "similarity", "match_image", ...}``
+      (pool item vs the evaluation image it matches; ``match`` is a key/reference the report
+      can show, ``match_image`` a picture of it the step wrote),
     - ``"histogram_before"`` / ``"histogram_after"``: ``{concept: count}`` (balancing),
     - ``"files"``: ``{label: path}`` of artefacts the step wrote (count tables, models),
     - anything else JSON-serialisable, listed as-is.
+
+    Paths the step wrote under its work folder are saved relative to the run folder.
     """
 
     keep: np.ndarray  # bool [n]
