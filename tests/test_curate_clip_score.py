@@ -62,6 +62,11 @@ def test_keep_top_keeps_round_fraction_n_with_ties_in_pool_order():
     assert keep.tolist() == [False, True, False, True, False, False, False] and cut == 0.5
     assert top_fraction(scores, 0.5)[0].sum() == 4  # round(3.5) = 4, half up
     assert top_fraction(scores, 1.0)[0].all()
+    # decimal halves round up though the float product falls just short (0.29 * 50 =
+    # 14.499999999999998, 0.35 * 90 = 31.499999999999996)
+    for fraction, n, count in ((0.29, 50, 15), (0.35, 90, 32), (0.58, 25, 15), (0.57, 50, 29)):
+        assert top_fraction(np.arange(n, dtype=float), fraction)[0].sum() == count
+        assert top_fraction(np.arange(n, dtype=float), np.float64(fraction))[0].sum() == count
     nothing, cut = top_fraction(scores, 0.01)  # round(0.07) = 0
     assert not nothing.any() and cut is None
     step = ClipScore(Spec(step="clip_score", model="tiny-clip", keep_top=0.3))

@@ -8,6 +8,7 @@ half up); equal scores are ranked in pool order, so the cut is deterministic.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def top_fraction(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, float
     equal scores ranked in pool order, NaN last; the score is ``None`` when nothing is kept."""
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
-    count = min(n, math.floor(fraction * n + 0.5))
+    # exact decimal arithmetic: 0.29 * 50 is 14.499999999999998 in floats, and 14.5 rounds up
+    count = min(n, math.floor(Fraction(str(float(fraction))) * n + Fraction(1, 2)))
     keep = np.zeros(n, dtype=bool)
     ranked = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((np.arange(n), -ranked))[:count]
