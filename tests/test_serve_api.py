@@ -198,3 +198,95 @@ def test_another_model_is_refused(served, tmp_path):
     other = DualEncoder.load(save_tiny_model(tmp_path / "other", seed=2))
     with pytest.raises(ModelError, match="built with model"):
         create_app(served["index"], other)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none (PIL reads the size
+    from the header before any pixel)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_ids_beyond_sqlite_and_images_beyond_pils_limit_are_4xx(served):
+    """Ids too large for SQLite were a 500 (OverflowError); an image over PIL's own bomb limit
+    was called 'not an image' (415) rather than too large (413)."""
+    client = served["client"]
+    _error(client.get("/images/9223372036854775808"), 422, "item_id")
+    _error(client.post("/api/classify", data={"labels": "a,b", "id": "99999999999999999999"}),
+           422, "id")
+    _error(client.post("/api/classify", data={"labels": "a,b", "id": "-1"}), 422, "id")
+    _error(client.post("/api/search/image",
+                       files={"file": ("huge.png", _png_header(20_000, 20_000), "image/png")}),
+           413, "too many pixels")
+    _error(client.post("/api/search/image",
+                       files={"file": ("big.png", _png_header(8_000, 8_000), "image/png")}),
+           413, "8000x8000 pixels")
+
+
+def test_a_label_set_is_encoded_once(served, monkeypatch):
+    """The page labels every image shown with one label set: its prompts are encoded on the
+    first request only (each request re-encoded them, holding the model lock)."""
+    from cliplab.serve import app as app_module
+
+    calls = []
+    real = app_module.zeroshot_classifier
+    monkeypatch.setattr(app_module, "zeroshot_classifier",
+                        lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    client = TestClient(create_app(served["index"], served["model"]))
+    answers = [client.post("/api/classify", data={"labels": "red circle, blue square",
+                                                   "id": str(i)}).json() for i in range(4)]
+    client.post("/api/classify", data={"labels": "red circle, green star", "id": "0"})
+    assert calls == [["red circle", "blue square"], ["red circle", "green star"]]
+    assert answers[0] == client.post("/api/classify", data={"labels": "red circle, blue square",
+                                                           "id": "0"}).json()
+
+
+def test_an_image_from_a_shard_cut_short_since_indexing_is_404(tmp_path):
+    """The shard shrank after indexing: its image is a 404 naming the cut, not 200 with a few
+    bytes (or none)."""
+    from cliplab.data.collection import read_range
+    from cliplab.data.shards import write_shards
+
+    data = load_shapes(n=10, seed=3, kinds=["single"], image_size=32)
+    write_shards(data, tmp_path / "shards", samples_per_shard=10, image_format="png",
+                 progress=False)
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, str(tmp_path / "shards"), tmp_path / "idx")
+    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
+    assert client.get("/images/9").status_code == 200
+    tar = tmp_path / "shards" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
+    _error(client.get("/images/9"), 404, "cannot be read from its shard")
+    with pytest.raises(OSError, match="ends .* bytes into the member"):
+        read_range(tar, tar.stat().st_size - 10, 100)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-upload-mb", "nan"], "--max-upload-mb nan: must be a positive number"),
+    (["--max-upload-mb", "inf"], "--max-upload-mb inf: must be a positive number"),
+    (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be a positive number"),
+    (["--api-key", ""], "--api-key is empty"),
+    (["--api-key", "  "], "--api-key is empty"),
+])
+def test_serve_refuses_bad_options_in_one_line(served, flags, words, capsys, monkeypatch):
+    """An empty key (``--api-key "$KEY"`` with KEY unset) served an open API without the
+    warning; nan/inf upload limits were tracebacks."""
+    import uvicorn
+
+    from cliplab.cli import main
+
+    def served_anyway(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", served_anyway)
+
+    assert main(["serve", str(served["root"] / "idx"), "--port", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cliplab: error: ") and "\n" not in err and words in err

@@ -206,10 +206,14 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
 
 
 def read_range(tar: str | Path, offset: int, size: int) -> bytes:
-    """``size`` bytes of ``tar`` from ``offset``: one member of a shard, read in place."""
+    """``size`` bytes of ``tar`` from ``offset``: one member of a shard, read in place; an
+    ``OSError`` if the file ends before them (a shard cut short since it was read)."""
     with open(tar, "rb") as f:
         f.seek(offset)
-        return f.read(size)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{tar} ends {size - len(data)} bytes into the member at byte {offset}")
+    return data
 
 
 class ShardReadError(OSError):

@@ -8,13 +8,14 @@ import io
 import mimetypes
 import secrets
 import threading
+import warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -30,6 +31,7 @@ from cliplab.models.preprocess import convert_image
 from cliplab.serve.index import SearchIndex
 
 MAX_K, MAX_OFFSET, MAX_QUERY_CHARS = 100, 10_000, 1000
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is a 422, not a 500
 MAX_LABELS, MAX_LABEL_CHARS = 100, 200
 DEFAULT_MAX_UPLOAD = 10 << 20
 MAX_IMAGE_PIXELS = 50_000_000
@@ -95,11 +97,16 @@ def _read_image(data: bytes, what: str = "file") -> Image.Image:
     if not data:
         _fail(400, f"{what} is empty; upload an image (PNG, JPEG, WebP, ...)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
-            return convert_image(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        with warnings.catch_warnings():  # sizes are checked here, not by PIL's bomb guard
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
+                return convert_image(im)
+    except Image.DecompressionBombError as err:  # PIL's own limit, met before the size is known
+        _fail(413, f"{what} has too many pixels ({str(err).split('(')[0].strip()}), over "
+              f"{MAX_IMAGE_PIXELS}")
+    except (OSError, ValueError, SyntaxError, EOFError):
         _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
 
 
@@ -161,6 +168,12 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         with lock:
             return embed_texts(model, [text])
 
+    @lru_cache(maxsize=64)
+    def label_head(names: tuple[str, ...], prompt: str) -> torch.Tensor:
+        """The zero-shot head of ``names`` (the page labels every image shown with one set)."""
+        with lock:
+            return zeroshot_classifier(model, list(names), [prompt])
+
     def results(vector: np.ndarray, k: int, offset: int) -> list[dict]:
         scores, ids = index.search(vector.reshape(1, -1), k, offset)
         rows = index.items(ids[0])
@@ -218,7 +231,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
 
     @app.post("/api/classify", dependencies=guarded)
     def classify(labels: str = Form(..., description="labels separated by commas or new lines"),
-                 id: int | None = Form(None, description="an indexed image id"),  # noqa: A002
+                 id: int | None = Form(None, ge=0, le=MAX_ID,  # noqa: A002
+                                       description="an indexed image id"),
                  file: UploadFile | None = File(None, description="or an uploaded image"),
                  template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
                                       description="prompt template; {} is the label")) -> dict:
@@ -233,16 +247,15 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         else:
             with lock:
                 vector = embed_images(model, [_read_image(file.file.read(), "file")])
-        with lock:
-            head = zeroshot_classifier(model, names, [prompt])
-            probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
+        head = label_head(tuple(names), prompt)
+        probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
         order = torch.argsort(probs, descending=True).tolist()
         return {"id": id, "template": template,
                 "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
                            for i in order]}
 
     @app.get("/images/{item_id}", dependencies=guarded)
-    def image(item_id: int) -> Response:
+    def image(item_id: int = PathParam(..., le=MAX_ID)) -> Response:
         """An indexed image, read from its original file (ids only; no path is ever taken)."""
         row = index.items([item_id]).get(item_id)
         if row is None:
@@ -256,8 +269,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                                 or "application/octet-stream")
         try:
             data = read_range(source["tar"], int(source["offset"]), int(source["size"]))
-        except OSError:
-            _fail(404, f"the shard holding id {item_id} is gone")
+        except OSError as err:
+            _fail(404, f"the image of id {item_id} cannot be read from its shard ({err})")
         return Response(data, media_type=mimetypes.guess_type(source.get("name", ""))[0]
                         or "application/octet-stream")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import math
 import socket
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: must be 1..65535")
-    if max_upload_mb <= 0:
-        raise ConfigError(f"--max-upload-mb {max_upload_mb}: must be positive")
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb {max_upload_mb}: must be a positive number of MB")
+    if api_key is not None and not api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+        raise ConfigError("--api-key is empty: give the key (or leave the option out to serve "
+                          "without one)")
     check_address(host, port)
     app = open_app(index_path, model, api_key, max_upload_mb)
     if not _is_loopback(host) and api_key is None:
