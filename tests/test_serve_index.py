@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from cliplab.serve.store import MetadataStore
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +201,39 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     assert index.items([40])[40]["key"].endswith(".png") and index.items([0])[0]["key"] == "shapes#0"
     assert np.asarray(index.vectors).shape == (46, 16)
     again = build(model_dir, more, tmp_path / "idx", add=True)  # shapes#0..9 already indexed
-    assert again["count"] == 46 and again["skipped"] == 2 + 10
+    assert again["count"] == 46 and again["skipped"] == 2 and again["already_indexed"] == 10
     assert (tmp_path / "idx" / "images" / "39.png").is_file()
+
+
+def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys):
+    """Items the index holds are counted in the run's message, not listed as skipped; a file
+    skipped before is not listed again, however often its folder is added."""
+    _image_folder(tmp_path / "photos")
+    build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    for _ in range(2):
+        assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
+                     "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert "6 items (2 skipped)" in out
+        assert "6 item(s) of the collection were in the index already (not added again)" in out
+    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert record["count"] == 6 and record["skipped"] == 2
+    assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
+    index = SearchIndex(tmp_path / "idx")
+    assert sorted(key for key, _ in index.store.skipped()) == ["notes.txt", "others/broken.png"]
+    index.close()
+
+
+def test_a_repeated_key_of_a_shard_is_listed_as_duplicate_key(model_dir, tmp_path):
+    from tests.tar_files import png_bytes, write_tar
+
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "s.tar",
+              [(key, {"png": png_bytes(np.full((32, 32, 3), value, np.uint8)),
+                      "txt": key.encode()})
+               for key, value in (("a", 10), ("b", 20), ("a", 30), ("c", 40), ("c", 50))])
+    record = build(model_dir, str(tmp_path / "shards"), tmp_path / "idx")
+    assert record["count"] == 3 and record["skipped_reasons"] == {"duplicate_key": 2}
 
 
 def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, tmp_path):
@@ -268,6 +302,58 @@ def test_bad_index_type_and_stray_uri_fail_before_any_embedding(model_dir, tmp_p
         build(model_dir, SHAPES, tmp_path / "a", index_type="hnws")
     with pytest.raises(ConfigError, match="--uri .* add --backend milvus"):
         build(model_dir, SHAPES, tmp_path / "b", uri=str(tmp_path / "x.db"))
+
+
+def test_an_untrainable_index_type_is_refused_and_the_run_finished_with_another(
+        model_dir, tmp_path, monkeypatch):
+    """IVF-PQ on 40 vectors cannot train its codebooks: a one-line ConfigError; the same
+    command with another index type finishes the half-built index without embedding again."""
+    with pytest.raises(ConfigError, match=r"^index type 'IVF16,PQ2' cannot be trained on 40 "
+                                          r"vectors \(.*\); use flat or hnsw$") as caught:
+        build(model_dir, SHAPES, tmp_path / "idx", index_type="ivf-pq")
+    assert "\n" not in str(caught.value)
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded again")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    record = build(model_dir, SHAPES, tmp_path / "idx", index_type="flat")
+    assert record["count"] == 40 and record["faiss"]["type"] == "Flat"
+    assert SearchIndex(tmp_path / "idx").count == 40
+
+
+def test_add_keeps_the_backend_and_index_type_of_the_index(model_dir, tmp_path, capsys):
+    build(model_dir, SHAPES, tmp_path / "idx", index_type="hnsw")
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["index_type"] == "hnsw"
+    record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    assert record["count"] == 80 and record["faiss"]["type"] == "HNSW32,Flat"
+    assert record["index_type"] == "hnsw"
+    # the shipped recipe leaves them unset, so it keeps them too
+    assert main(["index", "--config", str(CONFIGS / "index" / "collection.yaml"), "--model",
+                 str(model_dir), "--data", "shapes", "--out", str(tmp_path / "idx"), "--add",
+                 "--no-progress", "data.n=5", "data.seed=6", "data.image_size=32"]) == 0
+    assert "85 items (0 skipped)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["faiss"]["type"] == \
+        "HNSW32,Flat"
+    with pytest.raises(ConfigError, match=r"^--add: .* is a faiss index; --backend milvus "
+                                          r"would leave its vectors behind") as caught:
+        build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True, backend="milvus",
+              uri=str(tmp_path / "search.db"))
+    assert "\n" not in str(caught.value)
+    record = build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True,
+                   index_type="flat")  # given: the index type changes
+    assert record["count"] == 125 and record["faiss"]["type"] == "Flat"
+    assert record["index_type"] == "flat"
+
+
+def test_milvus_refuses_an_index_type_before_any_embedding(model_dir, tmp_path, monkeypatch):
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the options")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    with pytest.raises(ConfigError, match=r"^--index-type hnsw is for the FAISS backend"):
+        build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
+              uri=str(tmp_path / "search.db"), index_type="hnsw")
 
 
 def test_index_type_follows_size_and_memory():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from cliplab.errors import ConfigError  # noqa: E402
 from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
+from cliplab.serve import build as build_module  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
 from tests.serve_helpers import SHAPES, build, save_tiny_model  # noqa: E402
@@ -77,3 +79,109 @@ def test_a_milvus_index_built_by_another_process_is_loaded_for_search(tmp_path):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     assert np.array_equal(milvus.search(queries, 8, 2)[1], exact.search(queries, 8, 2)[1])
     milvus.close()
+
+
+def _serves_its_own_vectors(folder) -> bool:
+    """Each of some items' own vectors finds that item first, at cosine ~1."""
+    index = SearchIndex(folder)
+    try:
+        ids = [0, 5, 17, 39]
+        scores, found = index.search(np.stack([index.vector(i) for i in ids]), 3)
+        return found[:, 0].tolist() == ids and np.allclose(scores[:, 0], 1, atol=1e-4)
+    finally:
+        index.close()
+
+
+def test_two_indexes_in_one_milvus_file_keep_their_own_collections(tmp_path, monkeypatch):
+    """Left out, the collection is a fresh name per index (kept in progress.json from the
+    start), so a second index in the same ./search.db does not replace the first's vectors;
+    a named collection that exists already is refused before any embedding."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    real_finish, seen = build_module._finish, []
+
+    def finish(cfg, work, store, state, *args):
+        seen.append(json.loads((work / "progress.json").read_text()).get("collection"))
+        return real_finish(cfg, work, store, state, *args)
+
+    monkeypatch.setattr(build_module, "_finish", finish)
+    a = build(model_dir, SHAPES, tmp_path / "a", backend="milvus", uri="./search.db")
+    b = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "b", backend="milvus",
+              uri="./search.db")
+    assert _serves_its_own_vectors(tmp_path / "a") and _serves_its_own_vectors(tmp_path / "b")
+    names = [a["milvus"]["collection"], b["milvus"]["collection"]]
+    assert seen == names and names[0] != names[1]
+    assert all(re.fullmatch(r"cliplab_[0-9a-f]{12}", name) for name in names)
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the collection")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    uri = str(tmp_path / "search.db")
+    with pytest.raises(ConfigError, match=rf"^collection={names[0]} already exists at "
+                                          rf"{re.escape(uri)} ") as caught:
+        build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "c", backend="milvus", uri=uri,
+              collection=names[0])
+    assert "\n" not in str(caught.value)
+    assert _serves_its_own_vectors(tmp_path / "a")
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL."""
+
+
+def test_a_run_killed_while_inserting_reuses_its_collection(tmp_path, monkeypatch):
+    """The collection named in progress.json before it was created is this run's own: the
+    resumed run fills it (no refusal, no second collection left behind)."""
+    from pymilvus import MilvusClient
+
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+
+    def die(self, *args):
+        raise Killed
+
+    monkeypatch.setattr(MilvusVectors, "insert", die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    monkeypatch.undo()
+    name = json.loads((tmp_path / "idx.partial" / "progress.json").read_text()).get("collection")
+    record = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    assert record["milvus"]["collection"] == name
+    assert _serves_its_own_vectors(tmp_path / "idx")
+    client = MilvusClient(uri)
+    try:
+        assert client.list_collections() == [name]
+    finally:
+        client.close()
+
+
+def test_add_keeps_a_milvus_index_in_its_collection(tmp_path):
+    """--add without --backend keeps a Milvus index in Milvus, in its URI and collection; a
+    collection given moves it there and drops the old one; another backend or URI is
+    refused."""
+    from pymilvus import MilvusClient
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+    first = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    assert record["backend"] == "milvus" and record["count"] == 80
+    assert record["milvus"] == first["milvus"]
+    assert _serves_its_own_vectors(tmp_path / "idx")
+    for wrong, words in (({"backend": "faiss"}, "is a milvus index; --backend faiss"),
+                         ({"uri": str(tmp_path / "other.db")}, "keeps its vectors in Milvus at"),
+                         ({"index_type": "hnsw"}, "--index-type hnsw is for the FAISS backend")):
+        with pytest.raises(ConfigError, match=words):
+            build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True, **wrong)
+    record = build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True,
+                   collection="moved")
+    assert record["milvus"] == {"uri": uri, "collection": "moved"} and record["count"] == 120
+    assert _serves_its_own_vectors(tmp_path / "idx")
+    client = MilvusClient(uri)
+    try:
+        assert client.list_collections() == ["moved"]
+    finally:
+        client.close()

@@ -285,18 +285,23 @@ def _add_index(sub) -> None:
                        "an index folder: vectors, metadata in SQLite, the model's fingerprint. "
                        "Unreadable images are skipped and listed; a stopped run resumes when "
                        "the same command is run again. key=value overrides set config keys "
-                       "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500).")
+                       "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500, "
+                       "collection=NAME for a Milvus collection of that name instead of a "
+                       "fresh one).")
     _add_common(p, "index_type=hnsw batch_size=32")
     p.add_argument("--model", help="preset, model folder, checkpoint folder, run folder (its "
                    "newest checkpoint) or Hugging Face Hub id")
     add_data_argument(p)
     p.add_argument("--out", metavar="INDEX", help="index folder to write")
     p.add_argument("--add", action="store_true", default=None,
-                   help="append the collection to an existing index")
-    p.add_argument("--backend", choices=("faiss", "milvus"), help="vector store (default faiss)")
-    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530")
-    p.add_argument("--index-type", help="auto (default), flat, hnsw, ivf-flat, ivf-pq or a "
-                   "FAISS factory string")
+                   help="append the collection to an existing index (keeping its backend, "
+                   "Milvus URI and collection, and index type)")
+    p.add_argument("--backend", choices=("faiss", "milvus"),
+                   help="vector store (default faiss; with --add the index's own)")
+    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530 (with "
+                   "--add the index's own)")
+    p.add_argument("--index-type", help="FAISS: auto (default; with --add the index's own), "
+                   "flat, hnsw, ivf-flat, ivf-pq or a FAISS factory string")
     _add_debug(p)
 
 
@@ -637,6 +642,9 @@ def cmd_index(args) -> int:
                                                   if isinstance(cfg.data, dict) else [])])
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
+    if record.get("already_indexed"):
+        print(f"{record['already_indexed']} item(s) of the collection were in the index "
+              "already (not added again)")
     if record["skipped"]:
         from cliplab.data.types import counts_text
 

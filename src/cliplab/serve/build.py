@@ -6,7 +6,12 @@ atomically. A killed run is resumed by the same command (rows and chunks past th
 record are dropped first); a different command is refused while the half-built folder exists.
 Only when every item is embedded are the vectors gathered, the vector index built and
 ``index.json`` written with ``complete: true``, and the folder renamed to ``OUT``; the server
-opens nothing else.
+opens nothing else. The index type (and recall, memory budget) only shape that last step, so a
+run that failed there is finished by the same command with another ``index_type``.
+
+A Milvus index gets a collection of its own (``cliplab_`` + 12 hex digits unless named), chosen
+once and kept in ``progress.json``; an existing collection is never taken over, except the one
+this run created (resumed) or the one of the index that ``--add`` replaces.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ def _model_record(cfg: IndexConfig) -> dict:
 
 def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     """Embed ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (append with ``cfg.add``); resume a
-    killed run of the same command. Returns the written ``index.json`` record."""
+    killed run of the same command. Returns the written ``index.json`` record, plus
+    ``already_indexed``: how many items of ``cfg.data`` the index held already (not added)."""
     from cliplab.models.resolve import load_model
 
     out = Path(cfg.out).expanduser().resolve()
@@ -88,6 +94,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
                           "index, or choose a new --out")
     if cfg.add and existing is None and not partial_path(out).exists():
         raise ConfigError(f"--add: {out} is not a complete index to append to")
+    cfg = _resolve_settings(cfg, existing, out)
     if cfg.uri and cfg.backend != "milvus":
         raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
                           "default backend, faiss, keeps its index in --out)")
@@ -97,7 +104,12 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     if cfg.backend == "milvus":
         from cliplab.serve.milvus_index import normalise_uri
 
-        normalise_uri(cfg.uri)  # a bad URI fails before the embedding, not after
+        # a bad URI fails before the embedding, not after
+        cfg = cfg.model_copy(update={"uri": normalise_uri(cfg.uri)})
+        if cfg.index_type != "auto":
+            raise ConfigError(f"--index-type {cfg.index_type} is for the FAISS backend; Milvus "
+                              "indexes with FLAT (Milvus Lite) or AUTOINDEX (a server): leave "
+                              "it out with --backend milvus")
     model = model if model is not None else load_model(cfg.model)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
@@ -106,25 +118,93 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     if existing and existing["fingerprint"] != fingerprint:
         raise ConfigError(f"--add: {out} was built with another model ({existing['model']['name']}, "
                           f"{existing['fingerprint'][:19]}); this one is {fingerprint[:19]}")
+    # index_type, recall and max_memory_gb shape only the finishing step: not part of the
+    # request, so a run that failed there is finished with another index type
     request = {"model": _model_record(cfg), "fingerprint": fingerprint, "data": spec,
                "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
-               "collection": cfg.collection, "index_type": cfg.index_type}
+               "collection": cfg.collection}
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
         swap_in(work, out)  # killed after finishing, before the rename
+        _drop_replaced_collection(existing, finished)
         return finished
     state = _open_work(work, out, request, existing)
+    if cfg.backend == "milvus" and request["collection"] is not None:
+        _check_collection(cfg.uri, state, existing)  # a named one: refused before embedding
     store = MetadataStore(work / META_FILE)
+    before = MetadataStore(out / META_FILE, readonly=True) if existing else None
     try:
         if state["phase"] == "embedding":
             _embed_collection(cfg, model, spec, work, store, state, progress,
-                              key_prefix(spec, existing))
+                              key_prefix(spec, existing), before)
         record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
     finally:
         store.close()
+        if before is not None:
+            before.close()
     swap_in(work, out)
-    return record
+    _drop_replaced_collection(existing, record)
+    return {**record, "already_indexed": state.get("already_indexed", 0)}
+
+
+def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> IndexConfig:
+    """``cfg`` with backend, uri, collection and index_type as this run uses them: for a new
+    index faiss and auto (a Milvus collection left None is named in `_open_work`); for
+    ``--add`` the index's own, refusing a backend or Milvus URI other than the index's."""
+    if existing is None:
+        return cfg.model_copy(update={"backend": cfg.backend or "faiss",
+                                      "index_type": cfg.index_type or "auto"})
+    backend = existing["backend"]
+    if cfg.backend not in (None, backend):
+        raise ConfigError(f"--add: {out} is a {backend} index; --backend {cfg.backend} would "
+                          "leave its vectors behind: leave --backend out, or build a new index")
+    # indexes from before index_type was recorded: their FAISS factory string
+    index_type = existing.get("index_type") or (existing.get("faiss") or {}).get("type", "auto")
+    update = {"backend": backend, "index_type": cfg.index_type or index_type}
+    if backend == "milvus":
+        from cliplab.serve.milvus_index import normalise_uri
+
+        old = existing["milvus"]
+        if cfg.uri is not None and normalise_uri(cfg.uri) != old["uri"]:
+            raise ConfigError(f"--add: {out} keeps its vectors in Milvus at {old['uri']}, not "
+                              f"{cfg.uri}: leave --uri out, or build a new index")
+        update.update(uri=old["uri"], collection=cfg.collection or old["collection"])
+    return cfg.model_copy(update=update)
+
+
+def _check_collection(uri: str, state: dict, existing: dict | None, milvus=None) -> None:
+    """Refuse a Milvus collection that exists but is not this index's own: neither created by
+    this run (resumed) nor the collection of the index ``--add`` replaces."""
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    name = state["collection"]
+    if state.get("collection_created") or name == ((existing or {}).get("milvus") or {}).get(
+            "collection"):
+        return
+    client = milvus or MilvusVectors(uri, name)
+    try:
+        taken = client.exists()
+    finally:
+        if milvus is None:
+            client.close()
+    if taken:
+        raise ConfigError(f"collection={name} already exists at {uri} (another index's?); "
+                          "name another collection, or leave it out for a fresh one")
+
+
+def _drop_replaced_collection(existing: dict | None, record: dict) -> None:
+    """After ``--add``: drop the replaced index's Milvus collection if the new index has
+    another one."""
+    old = (existing or {}).get("milvus")
+    if old and old["collection"] != (record.get("milvus") or {}).get("collection"):
+        from cliplab.serve.milvus_index import MilvusVectors
+
+        milvus = MilvusVectors(old["uri"], old["collection"])
+        try:
+            milvus.drop()
+        finally:
+            milvus.close()
 
 
 def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> dict:
@@ -147,8 +227,14 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
         remove_own_work(work, "index", (CHUNKS_DIR, IMAGES_DIR, META_FILE))
     (work / CHUNKS_DIR).mkdir(parents=True)
     (work / IMAGES_DIR).mkdir()
+    collection = request["collection"]
+    if collection is None and request["backend"] == "milvus":  # chosen once, kept on resume
+        from cliplab.serve.milvus_index import new_collection_name
+
+        collection = new_collection_name()
     state = {"format": FORMAT, "request": request, "phase": "embedding", "position": 0,
-             "count": 0, "skipped": 0, "chunks": 0, "base_chunks": 0}
+             "count": 0, "skipped": 0, "already_indexed": 0, "chunks": 0, "base_chunks": 0,
+             "collection": collection, "collection_created": False}
     if existing is not None:  # --add: start from a copy of the complete index
         shutil.copy2(out / META_FILE, work / META_FILE)
         _save_npy(work / CHUNKS_DIR / f"{0:06d}.npy", np.load(out / VECTORS_FILE))
@@ -209,8 +295,19 @@ def _source_identity(spec: dict) -> str:
 
 
 def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: MetadataStore,
-                      state: dict, progress: bool, prefix: str = "") -> None:
+                      state: dict, progress: bool, prefix: str = "",
+                      before: MetadataStore | None = None) -> None:
+    """Embed the items past ``state["position"]`` chunk by chunk. Items ``before`` (the index
+    ``--add`` appends to) holds are counted in ``already_indexed``, not listed as skipped; a
+    key is listed in the skipped table once, however often it is read."""
     items = itertools.islice(iter_items(spec, progress=progress), state["position"], None)
+    recorded = {key for key, _ in store.skipped()}
+
+    def skip(key: str, reason: str) -> None:  # into this chunk's `skipped`, once per key
+        if key not in recorded:
+            recorded.add(key)
+            skipped.append((key, reason))
+
     bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
                initial=state["position"])
     while True:
@@ -219,18 +316,22 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
             break
         for item in chunk:
             item.key = prefix + item.key
-        known = store.has_keys([item.key for item in chunk])
+        keys = [item.key for item in chunk]
+        known = store.has_keys(keys)
+        indexed = before.has_keys(keys) if before is not None else set()
         rows, images, skipped = [], [], []
         for item in chunk:
-            if item.key in known:
-                skipped.append((item.key, "already_indexed"))
+            if item.key in indexed:
+                continue
+            if item.key in known:  # indexed from an earlier item of this collection
+                skip(item.key, f"duplicate_key: {item.key} is also an earlier item's key")
                 continue
             known.add(item.key)
             try:
                 image = item.read()
             except PIL_ERRORS as err:
                 reason = skip_reason(err)
-                skipped.append((item.key, f"{reason}: {str(err).splitlines()[0][:200]}"))
+                skip(item.key, f"{reason}: {str(err).splitlines()[0][:200]}")
                 continue
             item_id = state["count"] + len(rows)
             location = item.location
@@ -249,6 +350,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
         store.add(rows, skipped)
         state.update(position=state["position"] + len(chunk), count=state["count"] + len(rows),
                      skipped=state["skipped"] + len(skipped),
+                     already_indexed=state.get("already_indexed", 0) + sum(
+                         item.key in indexed for item in chunk),
                      chunks=state["chunks"] + (1 if rows else 0))
         write_json(work / PROGRESS_FILE, state)
         bar.update(len(chunk))
@@ -278,6 +381,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
               "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
               "count": state["count"], "skipped": state["skipped"],
               "skipped_reasons": skip_counts(store), "backend": cfg.backend,
+              "index_type": cfg.index_type,
               "sources": [*(existing or {}).get("sources", []), request["data"]]}
     if cfg.backend == "faiss":
         budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
@@ -287,16 +391,22 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         faiss_index.write_faiss(index, work / FAISS_FILE)
         record["faiss"] = {"type": factory, "recall_target": cfg.recall, **tuned}
     else:
-        from cliplab.serve.milvus_index import MilvusVectors, normalise_uri
+        from cliplab.serve.milvus_index import MilvusVectors
 
         rows = store.get_many(range(state["count"]))
-        milvus = MilvusVectors(cfg.uri, cfg.collection)
-        milvus.create(vectors.shape[1])
-        milvus.insert(np.arange(state["count"]), vectors,
-                      [{"key": rows[i]["key"], "caption": rows[i]["caption"],
-                        "meta": json.dumps(rows[i]["meta"])} for i in range(state["count"])])
-        milvus.close()
-        record["milvus"] = {"uri": normalise_uri(cfg.uri), "collection": cfg.collection}
+        milvus = MilvusVectors(cfg.uri, state["collection"])
+        try:
+            _check_collection(cfg.uri, state, existing, milvus)
+            if not state.get("collection_created"):  # recorded first: a resumed run knows it
+                state["collection_created"] = True
+                write_json(work / PROGRESS_FILE, state)
+            milvus.create(vectors.shape[1])
+            milvus.insert(np.arange(state["count"]), vectors,
+                          [{"key": rows[i]["key"], "caption": rows[i]["caption"],
+                            "meta": json.dumps(rows[i]["meta"])} for i in range(state["count"])])
+        finally:
+            milvus.close()
+        record["milvus"] = {"uri": cfg.uri, "collection": state["collection"]}
     write_json(work / INDEX_FILE, record)
     (work / PROGRESS_FILE).unlink()  # from here on the folder is complete (see build_index)
     shutil.rmtree(work / CHUNKS_DIR)
@@ -304,7 +414,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
 
 
 def skip_counts(store: MetadataStore) -> dict[str, int]:
-    """Skipped items by reason (``unreadable_image``, ``truncated_shard``, ``already_indexed``)."""
+    """Skipped items by reason (``unreadable_image``, ``truncated_shard``, ``duplicate_key``)."""
     return dict(Counter(reason.split(":")[0] for _, reason in store.skipped()))
 
 

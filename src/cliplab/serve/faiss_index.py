@@ -90,10 +90,15 @@ def build_faiss(vectors: np.ndarray, factory: str, seed: int = 0, train_size: in
         size = min(n, train_size or max(need, 10_000))
         if n < (ivf.nlist if ivf is not None else 1):
             raise ConfigError(f"index type {factory!r} needs at least {ivf.nlist} vectors, "
-                              f"the collection has {n}; use flat")
+                              f"the collection has {n}; use flat or hnsw")
         rng = np.random.default_rng(seed)
         sample = vectors[np.sort(rng.choice(n, size, replace=False))] if size < n else vectors
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as err:  # e.g. PQ codebooks need more points than the collection has
+            reason = str(err).splitlines()[0].rsplit(": ", 1)[-1]  # FAISS prefixes its location
+            raise ConfigError(f"index type {factory!r} cannot be trained on {n} vectors "
+                              f"({reason}); use flat or hnsw") from None
     for start in range(0, n, 65536):
         index.add(vectors[start:start + 65536])
     return index

@@ -7,6 +7,7 @@ vectors (cosine), as in the FAISS backend.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ def normalise_uri(uri: str) -> str:
     return str(path)
 
 
+def new_collection_name() -> str:
+    """A fresh collection name for one index: ``cliplab_`` and 12 random hex digits."""
+    return f"cliplab_{uuid.uuid4().hex[:12]}"
+
+
 class MilvusVectors:
     """One Milvus collection: ``id`` (primary), ``vector``, ``key``, ``caption``, ``meta``."""
 
@@ -47,13 +53,21 @@ class MilvusVectors:
         except Exception as err:  # pymilvus raises its own MilvusException family
             raise DataError(f"cannot reach Milvus at {self.uri}: {str(err).splitlines()[0]}") from None
 
+    def exists(self) -> bool:
+        return self.client.has_collection(self.collection)
+
+    def drop(self) -> None:
+        """Drop the collection, if there is one."""
+        if self.client.has_collection(self.collection):
+            self.client.drop_collection(self.collection)
+
     def create(self, dim: int, index_type: str | None = None) -> None:
-        """A fresh collection (an old one of the same name is dropped)."""
+        """A fresh collection (an old one of the same name is dropped: callers check first
+        that it is theirs)."""
         from pymilvus import DataType
 
         client = self.client
-        if client.has_collection(self.collection):
-            client.drop_collection(self.collection)
+        self.drop()
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)

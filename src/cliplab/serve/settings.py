@@ -17,10 +17,12 @@ class IndexConfig(Section):
     data: str | dict[str, Any]
     out: str
     add: bool = False                   # append to an existing index instead of refusing it
-    backend: Literal["faiss", "milvus"] = "faiss"
+    # backend, uri, collection and index_type: None is the default, resolved by `build_index`
+    # (a new index: faiss, auto, a fresh collection; --add: the index's own)
+    backend: Literal["faiss", "milvus"] | None = None
     uri: str | None = None              # milvus: ./file.db (Milvus Lite) or http://host:19530
-    collection: str = Field("cliplab", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-    index_type: str = "auto"            # auto | flat | hnsw | ivf-flat | ivf-pq | FAISS factory
+    collection: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    index_type: str | None = None       # auto | flat | hnsw | ivf-flat | ivf-pq | FAISS factory
     recall: float = Field(0.95, gt=0, le=1)   # recall@10 target the search breadth is tuned to
     max_memory_gb: float | None = Field(None, gt=0)  # budget for auto (default: half the RAM)
     batch_size: int = Field(64, ge=1, le=4096)
