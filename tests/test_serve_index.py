@@ -424,6 +424,51 @@ def test_a_damaged_index_file_is_refused_at_open(model_dir, tmp_path, capsys, mo
     assert f"cliplab: error: {tmp_path / 'idx' / name}: " in capsys.readouterr().err
 
 
+def _half_faiss(folder):
+    import faiss
+
+    vectors = np.load(folder / "vectors.npy")
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors[:20])
+    faiss.write_index(index, str(folder / "faiss.index"))
+
+
+def _other_dim_vectors(folder):
+    np.save(folder / "vectors.npy", np.load(folder / "vectors.npy")[:, :8].copy())
+
+
+def _fewer_rows(folder):
+    import sqlite3
+
+    with sqlite3.connect(folder / "meta.sqlite") as db:
+        db.execute("DELETE FROM items WHERE id >= 30")
+
+
+def _record(folder, change):
+    path = folder / "index.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_half_faiss, "faiss.index: holds 20 vectors of 16 dimensions, the index 40 of 16"),
+    (_other_dim_vectors, "vectors.npy: holds an array of shape (40, 8), not 40 vectors of 16"),
+    (_fewer_rows, "meta.sqlite: holds 30 items, index.json says 40"),
+    (lambda f: _record(f, lambda r: []), "index.json: not a complete index (format 'list')"),
+    (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "backend"}),
+     "index.json: lacks backend"),
+    (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "faiss"}),
+     "index.json: lacks faiss"),
+])
+def test_index_files_that_disagree_are_refused_at_open(model_dir, tmp_path, damage, words):
+    """Each file reads, but they do not belong together (a copy of another index's file, a
+    half-copied one): served, they gave short results, 500s or a traceback at start."""
+    build(model_dir, SHAPES, tmp_path / "idx")
+    damage(tmp_path / "idx")
+    with pytest.raises(DataError) as caught:
+        SearchIndex(tmp_path / "idx")
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("factory, parameter", [("HNSW32,Flat", 16), ("IVF64,Flat", 1)])
 def test_deep_pages_of_an_approximate_index_are_full_and_continue_each_other(factory, parameter):
     """Pages far past what the tuned breadth reaches (efSearch 16, or one IVF list of ~50

@@ -15,6 +15,10 @@ from cliplab.models.folder import model_fingerprint
 from cliplab.serve.store import MetadataStore
 
 
+# what every complete index.json holds (and "faiss" or "milvus", its backend's settings)
+RECORD_KEYS = ("model", "fingerprint", "dim", "count", "skipped", "backend")
+
+
 class SearchIndex:
     """A complete index folder opened for search. ``search`` returns ``(scores, ids)``."""
 
@@ -26,7 +30,12 @@ class SearchIndex:
         self._milvus = None
         try:  # a refused index leaves no open connection behind (sqlite, Milvus)
             self.store.check()
-            self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count)  # [N, D], by id
+            if self.store.count() != self.count:
+                raise DataError(f"{self.path / META_FILE}: holds {self.store.count()} items, "
+                                f"index.json says {self.count}; the index is damaged, rebuild it "
+                                "with `cliplab index`")
+            self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count,
+                                         int(self.record["dim"]))  # [N, D], by id
             self._open_backend()
         except DataError:
             self.close()
@@ -38,6 +47,11 @@ class SearchIndex:
             # busy machine cost more than they save on a single small search
             faiss_index._faiss().omp_set_num_threads(1)
             self._faiss = faiss_index.read_faiss(self.path / FAISS_FILE)
+            if (self._faiss.ntotal, self._faiss.d) != self.vectors.shape:
+                raise DataError(f"{self.path / FAISS_FILE}: holds {self._faiss.ntotal} vectors of "
+                                f"{self._faiss.d} dimensions, the index {self.count} of "
+                                f"{self.vectors.shape[1]}; the index is damaged, rebuild it "
+                                "with `cliplab index`")
             faiss_index.set_search_parameter(self._faiss, self.record["faiss"].get("value"))
             return
         from cliplab.serve.milvus_index import MilvusVectors
@@ -106,25 +120,31 @@ def _complete_record(path: Path) -> dict:
                             "`cliplab index` run; run the same command again to resume it")
         raise DataError(f"{path} is not an index (no {INDEX_FILE}); build one with "
                         "`cliplab index --model M --data SOURCE --out INDEX`")
-    if not record.get("complete") or record.get("format") != 1:
-        raise DataError(f"{path / INDEX_FILE}: not a complete index (format "
-                        f"{record.get('format')!r}); rebuild it")
+    if not isinstance(record, dict) or not record.get("complete") or record.get("format") != 1:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{path / INDEX_FILE}: not a complete index (format {found!r}); "
+                        "rebuild it")
+    missing = [key for key in RECORD_KEYS + ((record.get("backend"),) if record.get("backend")
+                                             in ("faiss", "milvus") else ()) if key not in record]
+    if missing or record.get("backend") not in ("faiss", "milvus"):
+        raise DataError(f"{path / INDEX_FILE}: lacks {(missing or ['a known backend'])[0]}; the "
+                        "index is damaged, rebuild it with `cliplab index`")
     for name in (META_FILE, VECTORS_FILE) + ((FAISS_FILE,) if record.get("backend") == "faiss" else ()):
         if not (path / name).is_file():
             raise DataError(f"{path}: {name} is missing; the index is damaged, rebuild it")
     return record
 
 
-def _read_vectors(path: Path, count: int) -> np.ndarray:
-    """The stored embeddings ``[count, D]``, memory-mapped; a ``DataError`` if damaged."""
+def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
+    """The stored embeddings ``[count, dim]``, memory-mapped; a ``DataError`` if damaged."""
     try:
         vectors = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError):
         raise DataError(f"{path}: not a readable NumPy array; the index is damaged, rebuild it "
                         "with `cliplab index`") from None
-    if vectors.ndim != 2 or len(vectors) != count:
-        raise DataError(f"{path}: holds an array of shape {vectors.shape}, not {count} vectors; "
-                        "the index is damaged, rebuild it with `cliplab index`")
+    if vectors.shape != (count, dim):
+        raise DataError(f"{path}: holds an array of shape {vectors.shape}, not {count} vectors "
+                        f"of {dim}; the index is damaged, rebuild it with `cliplab index`")
     return vectors
 
 
