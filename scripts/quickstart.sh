@@ -3,5 +3,5 @@
 # and are read from the folder this script was called from (a relative --out lands there).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-(cd "$repo" && bash scripts/setup.sh)
+(cd "$repo" && bash scripts/setup.sh quickstart)
 exec "$repo/.venv/bin/cliplab" quickstart "$@"
