@@ -17,6 +17,10 @@ from cliplab import __version__
 from cliplab.errors import CliplabError, ConfigError
 
 EXIT_BAD_INPUT = 2
+# what a --model takes (export's MODEL: all but an ONNX export, which is its output)
+TORCH_MODEL_SPECS = ("preset name, model folder, checkpoint folder, run folder (its newest "
+                     "checkpoint), Hugging Face Hub id or OpenCLIP checkpoint")
+MODEL_SPECS = TORCH_MODEL_SPECS.replace(" or OpenCLIP", ", OpenCLIP") + " or ONNX export"
 
 
 def _add_common(p: argparse.ArgumentParser, example: str, config_required: bool = False) -> None:
@@ -110,7 +114,7 @@ def _add_data(sub) -> None:
     """`cliplab data`: dataset tools (shards)."""
     p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
                        description="Dataset tools. `cliplab data shard` writes any built-in "
-                       "source, manifest or shard folder as WebDataset tar shards.")
+                       "source, manifest, image folder or shard folder as WebDataset tar shards.")
     data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data_sub.required = True
     p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
@@ -192,8 +196,7 @@ def _add_adapt(sub) -> None:
                        "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")
     p.add_argument("--method", choices=list(ADAPT_METHODS),
                    help="adaptation method (or the config's 'method')")
-    p.add_argument("--model", help="preset, model/checkpoint/run folder or Hub id "
-                   "(or the config's 'model')")
+    p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
     add_stage_arguments(p, "run folder (default: the config's 'out' or "
                         "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")
@@ -237,9 +240,7 @@ def _add_eval(sub) -> None:
                        "OUT/results.json.")
     p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
                    help="suite of tasks (copy one from configs/eval/); --suite is an alias")
-    p.add_argument("--model", required=True, help="preset name, model folder, checkpoint "
-                   "folder, run folder (its newest checkpoint), Hugging Face Hub id, OpenCLIP "
-                   "checkpoint or ONNX export")
+    p.add_argument("--model", required=True, help=MODEL_SPECS)
     p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
                    "run folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -289,8 +290,7 @@ def _add_index(sub) -> None:
                        "collection=NAME for a Milvus collection of that name instead of a "
                        "fresh one).")
     _add_common(p, "index_type=hnsw batch_size=32")
-    p.add_argument("--model", help="preset, model folder, checkpoint folder, run folder (its "
-                   "newest checkpoint) or Hugging Face Hub id")
+    p.add_argument("--model", help=MODEL_SPECS)
     add_data_argument(p)
     p.add_argument("--out", metavar="INDEX", help="index folder to write")
     p.add_argument("--add", action="store_true", default=None,
@@ -314,7 +314,8 @@ def _add_serve(sub) -> None:
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require this key (X-API-Key header) on every API call")
+    p.add_argument("--api-key", help="require this key on every API call (the X-API-Key "
+                   "header, or ?api_key= in image URLs)")
     p.add_argument("--model", help="the index's model from another place (refused if its "
                    "weights differ)")
     p.add_argument("--max-upload-mb", type=float, default=10,
@@ -350,8 +351,7 @@ def _add_export(sub) -> None:
                        "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
                        "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
                        "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
-    p.add_argument("model", metavar="MODEL", help="preset, model folder, checkpoint folder, run "
-                   "folder (its newest checkpoint), Hugging Face Hub id or OpenCLIP checkpoint")
+    p.add_argument("model", metavar="MODEL", help=TORCH_MODEL_SPECS)
     p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
                    help="onnx: image and text graphs for onnxruntime; open_clip: "
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
