@@ -255,6 +255,21 @@ def test_bad_csv_quoting_names_line(tmp_path):
         read_manifest_rows(path)
 
 
+def test_a_record_is_named_by_its_first_line(tmp_path):
+    """A quoted caption over two lines is the record of its first line; an unterminated quote
+    was reported at the end of the file, not where it opened."""
+    path = tmp_path / "multi.csv"
+    path.write_text('image,caption\na.png,"two\nlines"\nb.png,one\n', encoding="utf-8")
+    from cliplab.data.manifest import _read_csv
+
+    rows, locations, _ = _read_csv(path)
+    assert [r["caption"] for r in rows] == ["two\nlines", "one"]
+    assert locations == ["line 2", "line 4"]
+    path.write_text('image,caption\na.png,"never closed\nb.png,x\nc.png,y\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"multi\.csv:line 2: bad CSV"):
+        read_manifest_rows(path)
+
+
 def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path):
     """An unquoted comma would otherwise cut the caption short without a word."""
     path = tmp_path / "commas.csv"

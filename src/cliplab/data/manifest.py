@@ -51,16 +51,19 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
         if not reader.fieldnames:
             raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
         columns = [name.strip() for name in reader.fieldnames]
+        # a record is named by its first line (a quoted field may run over several)
+        start = reader.line_num + 1
         for raw in reader:
             if None in raw:  # more fields than the header names: a caption's comma unquoted?
-                raise DataError(f"{path}:line {reader.line_num}: {len(columns) + len(raw[None])} "
+                raise DataError(f"{path}:line {start}: {len(columns) + len(raw[None])} "
                                 f"fields, the header names {len(columns)}; put a field holding "
                                 'commas in double quotes ("a cat, sleeping")')
             rows.append({k.strip(): v for k, v in raw.items()})
-            locations.append(f"line {reader.line_num}")
+            locations.append(f"line {start}")
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{path}:line {reader.reader.line_num}: bad CSV ({_one_line(e)}); "
-                        "fix the quoting on that line") from None
+        raise DataError(f"{path}:line {start}: bad CSV ({_one_line(e)}); fix the quoting of the "
+                        "record starting on that line") from None
     return rows, locations, columns
 
 
