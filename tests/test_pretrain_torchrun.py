@@ -1,6 +1,7 @@
 """`cliplab pretrain` under torchrun: two gloo ranks on CPU take the step one process takes on
 the same global batch (InfoNCE and SigLIP, plain, tiled and GradCache), the CLI run matches a
-single-process run, and a rank that dies ends the other with one clear error line."""
+single-process run, an FSDP run evaluates its sharded towers as one process evaluates its
+checkpoint, and a rank that dies ends the other with one clear error line."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import CLIPModel
+
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.tasks import TaskContext
+from cliplab.train import pretrain
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from trainer_grads import SCENARIOS, one_step  # noqa: E402
@@ -114,6 +119,57 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+EVAL = {"tasks": [{"name": "colour", "task": "zeroshot",
+                   "data": {"source": "shapes", "attribute": "color", "n": 24, "seed": 1,
+                            "image_size": 32}},
+                  {"name": "captions", "task": "retrieval",
+                   "data": {"source": "shapes", "n": 24, "seed": 7, "image_size": 32}}]}
+
+
+def test_fsdp_run_evaluates_its_shards_as_one_process_evaluates_its_checkpoint(tmp_path):
+    """Every rank evaluates the sharded towers (the feature caches fingerprint the gathered
+    weights) during training and at the end: the run finishes, writes its checkpoint, and
+    reports what evaluating that checkpoint in one process gives."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**_recipe(tmp_path / "run", steps=2, eval_every=1,
+                                             fsdp=True), "eval": EVAL}))
+    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(cfg), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    model_dir = run / "checkpoints" / "step-2" / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "step-2" / "trainer_state.pt").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["train"]["step"] == 2 and Path(results["model_dir"]) == model_dir
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if "eval/colour/acc1" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # mid-run and at the end
+    torch.set_num_threads(1)
+    expected = pretrain.scalar_metrics(
+        run_suite(str(model_dir), EVAL, TaskContext(progress=False)), "eval")
+    got = pretrain.scalar_metrics(results["evals"], "eval")
+    assert {"eval/colour/acc1", "eval/captions/text_retrieval_recall@1"} <= got.keys()
+    assert got.keys() == expected.keys()
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert {k: evals[-1][k] for k in expected} == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_last_checkpoint_is_written_before_the_last_evaluation(tmp_path, monkeypatch):
+    """An evaluation that fails at the end of a run loses none of its training."""
+    def failing(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(pretrain, "run_suite", failing)
+    torch.set_num_threads(1)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        pretrain.run_pretrain({**_recipe(tmp_path / "run", steps=2), "eval": EVAL},
+                              progress=False)
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (step / "trainer_state.pt").is_file()
+    CLIPModel.from_pretrained(step / "model")
+    assert _losses(tmp_path / "run") and not (tmp_path / "run" / "results.json").exists()
 
 
 # rank 1 stands in for a GPU that falls off the bus: it exits during its second step

@@ -9,6 +9,9 @@ the full weights and optimizer state, so they are plain HF folders whatever the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -59,6 +62,27 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 def full_model_state(model: DualEncoder) -> dict[str, torch.Tensor]:
     """The whole model's weights on CPU (a collective: every rank calls it)."""
     return get_model_state_dict(model.model, options=_FULL)
+
+
+@contextlib.contextmanager
+def full_state_dicts(model: DualEncoder) -> Iterator[None]:
+    """Inside the block ``model.model.state_dict()`` holds each sharded weight whole (a plain
+    tensor, not a DTensor), e.g. for the evaluation caches' fingerprints of the towers' weights,
+    which read every byte of them. Each such ``state_dict()`` is then a collective (one
+    all-gather per sharded weight, in the same key order on every rank): every rank must call
+    it alike, as every rank runs the evaluation of a sharded model."""
+
+    @torch.no_grad()
+    def gather(module, state: dict, prefix: str, local_metadata) -> None:
+        for key, value in state.items():
+            if isinstance(value, DTensor):
+                state[key] = value.full_tensor()
+
+    handle = model.model.register_state_dict_post_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def full_optimizer_state(model: DualEncoder, optimizer: torch.optim.Optimizer) -> dict:

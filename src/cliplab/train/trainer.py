@@ -9,6 +9,7 @@ run's precision (embed.py), checkpoints are written and read by checkpoint.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +108,8 @@ class Trainer:
         checkpoint folder (or ``"latest"`` for this run's newest) to continue from exactly.
         ``replay``/``replay_ratio``: mix that fraction of each batch from an older set of
         pairs (continued pretraining without forgetting). ``evaluate``: called with the model
-        every ``eval_every`` steps and at the end; its metrics go to ``metrics.jsonl``.
+        every ``eval_every`` steps and at the end (after the last checkpoint is written, so an
+        evaluation that fails loses no training); its metrics go to ``metrics.jsonl``.
         """
         cfg = self.config
         inputs = build_inputs(data, labelled=self.objective.labelled, config=cfg,
@@ -156,13 +158,15 @@ class Trainer:
                         "time_s": round(time.time() - start, 4)}
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log(last)
+            if self.step == total:  # before the last evaluation: one that fails loses nothing
+                self.last_checkpoint = self._save(state)
             if evaluate and (self.step == total or cfg.eval_every and
                              self.step % cfg.eval_every == 0):
                 self._log({"step": self.step, **self._evaluate(evaluate)})
+            # mid-run, after the evaluation: a resume continues from the RNG state it left
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                 self._save(state)
         bar.close()
-        self.last_checkpoint = self._save(state)
         self._eval_mode()
         return last
 
@@ -224,10 +228,13 @@ class Trainer:
     def _evaluate(self, evaluate: Callable[[DualEncoder], dict]) -> dict:
         """Metrics of ``evaluate`` in eval mode; under torchrun only rank 0 evaluates (the
         others go on and wait for it at the next collective) unless the blocks are sharded:
-        then every rank runs the towers (each forward gathers the shards) and rank 0 logs."""
+        then every rank runs the towers (each forward gathers the shards) and rank 0 logs, and
+        the model's ``state_dict()`` holds whole weights (the evaluation caches fingerprint
+        them; every rank gathers them alike)."""
         if self.rank > 0 and not self.sharded:
             return {}
-        with evaluating(self.model):
+        whole = fsdp.full_state_dicts(self.model) if self.sharded else contextlib.nullcontext()
+        with evaluating(self.model), whole:
             return evaluate(self.model)
 
     def _log(self, record: dict) -> None:
