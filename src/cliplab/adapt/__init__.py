@@ -8,7 +8,11 @@ Every method is a module registered in ``ADAPT_METHODS`` under its CLI name, exp
 - ``fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
   ctx: AdaptContext) -> Adapter`` — learn from the (k-shot) training set; ``ctx`` carries the
   shared feature cache, an optional validation split, the seed, the progress flag and the run
-  folder (where methods that train weights write their checkpoints).
+  folder (where methods that train weights write their checkpoints);
+- ``NEEDS_PYTORCH_MODEL`` (optional) — why the method needs the PyTorch model (gradients
+  through a tower, weights that change): set, an ONNX export given as the model is refused
+  before any work (`cliplab.adapt.base.require_pytorch_model`); unset, the method reads only
+  image and text features, which an export gives as well.
 
 An `Adapter` gives ``logits(images_or_features) -> [N, C]``, ``score(sets, cache)`` (metrics on
 the test sets), ``save(folder)`` and ``summary()`` (extra results). Few-shot adapters write

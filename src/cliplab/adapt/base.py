@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from cliplab.config import Section, validate
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ModelError
+from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
@@ -151,6 +151,33 @@ def frozen(model: DualEncoder):
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+# the methods that read only image and text features, which an ONNX export gives (the others
+# declare NEEDS_PYTORCH_MODEL in their module and refuse an export)
+EXPORT_METHODS = ("zeroshot", "linear-probe", "tip-adapter", "tip-adapter-f", "clip-adapter")
+
+
+def require_pytorch_model(method: str, why: str, model) -> None:
+    """A one-line `ConfigError` when ``model`` (a loaded model or a model spec) is an ONNX
+    export (`cliplab export --format onnx`, inference only) and adapt method ``method`` needs
+    the PyTorch model for ``why`` (gradients through a tower, or weights that change). Checked
+    before any work: before the data is loaded, or first thing in the method's ``fit``."""
+    from cliplab.models.onnx_encoder import OnnxEncoder, is_onnx_export
+    from cliplab.models.spec import ModelSpec, model_spec
+
+    if isinstance(model, OnnxEncoder):
+        name = str(model.path)
+    elif isinstance(model, (str, Path, dict, ModelSpec)):
+        name = model_spec(model).name
+        if not is_onnx_export(Path(name).expanduser()):
+            return
+    else:  # a PyTorch model, or none given
+        return
+    raise ConfigError(f"adapt method {method!r} needs the PyTorch model ({why}), but {name} is "
+                      "an ONNX export, which runs inference only: give the PyTorch model "
+                      "folder the export came from as the model (--model), or, on the export, "
+                      f"a method that reads only features ({', '.join(EXPORT_METHODS)})")
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

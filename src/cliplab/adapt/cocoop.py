@@ -18,13 +18,16 @@ from tqdm.auto import tqdm
 
 from pydantic import Field
 
-from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options
+from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options, require_pytorch_model
 from cliplab.adapt.coop import CoOp, PromptLearner, build_learner
 from cliplab.adapt.coop import Options as CoOpOptions
 from cliplab.adapt.training import train_steps
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
+
+
+NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the prompt context"
 
 
 class Options(CoOpOptions):
@@ -86,6 +89,7 @@ class CoCoOp(Adapter):
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoCoOp:
+    require_pytorch_model("cocoop", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "cocoop").to_dict()
     learner = build_learner(model, train, opts, ctx.seed)
     feats = ctx.features(model, train, desc="encode train").embeddings.float()

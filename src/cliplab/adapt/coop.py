@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options
+from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options, require_pytorch_model
 from cliplab.adapt.options import TrainingOptions
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import class_texts
@@ -26,6 +26,9 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
+
+
+NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the prompt context"
 
 
 class Options(TrainingOptions):
@@ -215,6 +218,7 @@ def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: i
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoOp:
+    require_pytorch_model("coop", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "coop").to_dict()
     learner = build_learner(model, train, opts, ctx.seed)
     adapter = CoOp(model, train.classnames, opts, learner,

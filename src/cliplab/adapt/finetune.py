@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import field_validator
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
@@ -27,6 +27,8 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import model_folder
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
+
+NEEDS_PYTORCH_MODEL = "it trains the model's weights"
 
 # Fine-tuning moves pretrained weights: a small rate, a short warm-up, no flips by default.
 TRAIN_DEFAULTS = {"epochs": 2, "batch_size": 128, "lr": 1e-4, "weight_decay": 0.1,
@@ -122,6 +124,7 @@ class FineTuned(Adapter):
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> FineTuned:
     """Fine-tune ``model`` (in place) on the whole of ``train``; checkpoints go to ``ctx.run``."""
+    require_pytorch_model("finetune", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "finetune")
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
                                progress=ctx.progress)

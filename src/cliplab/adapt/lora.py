@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
@@ -53,6 +53,9 @@ ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 TRAIN_DEFAULTS = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.01,
                   "warmup": 0.1, "augment": {"hflip": False}}
+
+
+NEEDS_PYTORCH_MODEL = "it trains low-rank adapters on the model's weights"
 
 
 class Options(Section):
@@ -234,6 +237,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         ctx: AdaptContext) -> LoraAdapted:
     """Train LoRA adapters on the whole of ``train`` (in place on ``model``); checkpoints are
     adapter folders in ``ctx.run``."""
+    require_pytorch_model("lora", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "lora")
     # a text tower without adapters is frozen: cache its caption features
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,

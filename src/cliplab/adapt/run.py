@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cliplab.adapt import AdaptContext, Adapter, get_method
-from cliplab.adapt.base import method_options
+from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
@@ -143,9 +143,12 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if model is None and cfg.model is None:
         raise ConfigError(f"{where}: model is required (or --model): a preset, a model or run "
                           "folder, or a Hugging Face Hub id")
+    method = get_method(cfg.method)
+    needs = getattr(method, "NEEDS_PYTORCH_MODEL", None)
+    if needs:  # an ONNX export (inference only) is refused before any work
+        require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
     if write and cfg.out:  # before any slow loading
         check_new_run(cfg.out)
-    method = get_method(cfg.method)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,

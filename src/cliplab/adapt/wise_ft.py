@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, field_validator
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options
+from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
 from cliplab.adapt.common import head_metrics
 from cliplab.adapt.finetune import Options as FinetuneOptions
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
@@ -38,6 +38,9 @@ from cliplab.train.trainer import MODEL_DIR
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 BEST_DIR = "best"
 __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_sweep"]
+
+
+NEEDS_PYTORCH_MODEL = "it fine-tunes the model's weights and interpolates them"
 
 
 class Options(FinetuneOptions):
@@ -222,6 +225,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         ctx: AdaptContext) -> WiseFT:
     """Fine-tune a copy of ``model`` on ``train`` (or load ``options.finetuned``'s model
     folder, which must come from exactly these weights); ``model`` stays the zero-shot end."""
+    require_pytorch_model("wise-ft", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "wise-ft")
     fingerprint = model_fingerprint(model)
     if opts.finetuned:

@@ -87,8 +87,17 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def model_fingerprint(model: WrappedModel) -> str:
-    """`weights_fingerprint` of a loaded model's weights: equal iff the same weights."""
-    return weights_fingerprint(model.model.state_dict())
+    """`weights_fingerprint` of a loaded model's weights: equal iff the same weights. A model
+    that holds no PyTorch module but fingerprints itself (an ONNX export, `OnnxEncoder`:
+    its graphs and projections) gives its own."""
+    own = getattr(model, "weights_fingerprint", None)
+    if callable(own):
+        return own()
+    inner = getattr(model, "model", None)
+    if inner is None:
+        raise ModelError(f"{type(model).__name__} holds no weights cliplab can fingerprint "
+                         "(give a model folder, preset, Hub id or ONNX export)")
+    return weights_fingerprint(inner.state_dict())
 
 
 # -- the pretrained-origin record ---------------------------------------------------------------

@@ -45,7 +45,9 @@ class OnnxEncoder:
         if threads:
             options.intra_op_num_threads = threads
         self.path = path
+        self.source = str(path.resolve())  # as `DualEncoder.source`: the folder it was read from
         self.meta = meta
+        self._fingerprint: str | None = None  # `weights_fingerprint`, once computed
         self.kind = meta["kind"]
         self.embed_dim = int(meta["embed_dim"])
         self.context_length = int(meta["context_length"])
@@ -159,8 +161,32 @@ class OnnxEncoder:
         h.update((self.path / EXPORT_FILE).read_bytes())
         return h.hexdigest()[:16]
 
+    def weights_fingerprint(self) -> str:
+        """The export's `model_fingerprint`: SHA-256 over what fixes its embeddings — both ONNX
+        graphs (their weights are initializers in them), the projection matrices and the export
+        record (preprocessing, logit scale, quantization). Equal for the same export loaded
+        twice (and for a copy of its folder), different for other weights or an int8 export of
+        the same model; never equal to a PyTorch model's. Read once, on first use."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"cliplab-onnx-export\0")
+            for name in (IMAGE_FILE, TEXT_FILE, PROJECTIONS_FILE, EXPORT_FILE):
+                file = self.path / name
+                h.update(name.encode() + b"\0")
+                if file.is_file():  # projections.safetensors: only when the model has them
+                    h.update(_file_digest(file))
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
     def __repr__(self) -> str:
         return f"OnnxEncoder({self.path}, kind={self.kind}, quantize={self.quantize})"
+
+
+def _file_digest(file: Path, chunk: int = 1 << 20) -> bytes:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.digest()
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxEncoder:
