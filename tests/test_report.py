@@ -280,3 +280,63 @@ def test_hyper_parameters_and_skip_records_are_no_metric_tables(tmp_path):
         "zeroshot": {"acc1": 0.55}}))
     assert read_input(adapt).sections == {"test": {"acc1": 0.6}, "zeroshot": {"acc1": 0.55},
                                           "run": {"shots": 2}}
+
+
+def test_labels_stay_unique_and_name_the_method(tmp_path):
+    """Inputs labelled a, a, a#2 kept two columns called a#2 (one model's numbers lost); an
+    adapt result is labelled by its method on its model, a merge by its method."""
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    paths = []
+    for n, folder in enumerate(("p/a", "q/a", "r/a#2")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "results.json").write_text(json.dumps({"zs": {"acc1": n / 10}}))
+        paths.append(tmp_path / folder / "results.json")
+    sources = read_inputs(paths)
+    assert [s.label for s in sources] == ["a", "a#2", "a#2#2"]
+    assert [s.sections["zs"]["acc1"] for s in sources] == [0.0, 0.1, 0.2]
+    model = "runs/base/checkpoints/step-8/model"
+    for method in ("linear-probe", "tip-adapter"):
+        (tmp_path / f"{method}.json").write_text(json.dumps(
+            {"method": method, "model": model, "test": {"acc1": 0.5}}))
+    (tmp_path / "merge.json").write_text(json.dumps(
+        {"method": "greedy", "models": [model, "runs/ft/checkpoints/step-4/model"],
+         "origin": {"path": model, "fingerprint": "00"},
+         "heldout": {"task": {"task": "zeroshot", "data": {"source": "shapes", "limit": 50}},
+                     "metric": "acc1", "scores": {model: 0.4, "runs/ft/checkpoints/step-4/model": 0.6},
+                     "merged": 0.7}, "wall_time_s": 1.0}))
+    sources = read_inputs([tmp_path / "linear-probe.json", tmp_path / "tip-adapter.json",
+                           tmp_path / "merge.json"])
+    assert [s.label for s in sources] == ["linear-probe (base/step-8)", "tip-adapter (base/step-8)",
+                                          "greedy merge"]
+    assert sources[2].sections == {"heldout acc1": {"base/step-8": 0.4, "ft/step-4": 0.6,
+                                                    "merged": 0.7},
+                                   "run": {"wall_time_s": 1.0}}
+
+
+def test_a_task_named_run_keeps_its_metrics_and_plots_get_a_file_each(tmp_path):
+    """A task named "run" was replaced by the file's top-level numbers; sections named alike
+    once slugged ("Few shot", "few-shot") drew into one plot file."""
+    from cliplab.evaluate.report_inputs import read_input
+
+    few_shot = {f"linear_probe_{k}shot": {"acc1_mean": acc, "acc1_std": 0.01}
+                for k, acc in ((1, 0.3), (4, 0.5), (16, 0.7))}
+    data = {"results": {"run": {"acc1": 0.9}, "Few shot": few_shot, "few-shot": few_shot},
+            "wall": 3}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    sections = read_input(tmp_path / "r.json").sections
+    assert sections["run"] == {"acc1": 0.9} and sections["run (numbers)"] == {"wall": 3}
+    summary = write_report([tmp_path / "r.json"], tmp_path / "out", progress=False)
+    plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("few-shot-*.png"))
+    assert len(plots) == 2, plots
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"plots/{name}" in md for name in plots)
+
+
+def test_a_metrics_file_that_is_no_utf8_is_one_line(tmp_path):
+    from cliplab.evaluate.report_inputs import read_input
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match="metrics.jsonl: not UTF-8 text"):
+        read_input(tmp_path / "run")

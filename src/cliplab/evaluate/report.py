@@ -123,17 +123,28 @@ def build_figures(sources: list[ReportSource], plots_dir: Path,
     """Few-shot and long-tail plots per section (all models in one plot), training curves."""
     jobs = []
     order = dict.fromkeys(k for s in sources for k in s.sections)
+    names: set[str] = set()
+
+    def plot_path(kind: str, section: str) -> Path:
+        """A file of its own per plot: sections named "Few shot" and "few-shot" slug alike."""
+        name, number = f"{kind}-{slug(section)}", 1
+        while name in names:
+            number += 1
+            name = f"{kind}-{slug(section)}-{number}"
+        names.add(name)
+        return plots_dir / f"{name}.png"
+
     for section in order:
         runs = [(s.label, s.sections[section]) for s in sources if section in s.sections]
         if all(is_few_shot(m) for _, m in runs):
             jobs.append((f"few-shot accuracy vs k: {section}", plot_few_shot, section, runs,
-                         plots_dir / f"few-shot-{slug(section)}.png"))
+                         plot_path("few-shot", section)))
         elif all(is_alpha_sweep(m) for _, m in runs):
             jobs.append((f"accuracy vs α: {section}", plot_alpha_sweep, section, runs,
-                         plots_dir / f"alpha-sweep-{slug(section)}.png"))
+                         plot_path("alpha-sweep", section)))
         elif all(is_long_tail(m) for _, m in runs):
             jobs.append((f"accuracy vs concept frequency: {section}", plot_long_tail, section,
-                         runs, plots_dir / f"long-tail-{slug(section)}.png"))
+                         runs, plot_path("long-tail", section)))
     figures = []
     for title, fn, section, runs, path in tqdm(jobs, desc="plots", disable=not progress,
                                                leave=False):

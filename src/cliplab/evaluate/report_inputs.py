@@ -17,7 +17,8 @@ RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
 _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
 # (its total is reported as a number of the run)
-_NOT_METRICS = ("options", "skipped")
+_NOT_METRICS = ("options", "skipped", "origin")
+SCALARS = "run"  # the section of a results file's top-level numbers
 
 
 @dataclass
@@ -49,7 +50,11 @@ def read_json(path: Path) -> dict:
 def read_history(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file (blank lines ignored)."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; expected a run's metrics.jsonl") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -81,6 +86,10 @@ def result_sections(data: dict) -> dict[str, dict]:
             if isinstance(value, dict) and isinstance(value.get("total"), int):
                 scalars[key] = value["total"]
             continue
+        heldout = merge_heldout(value) if key == "heldout" else None
+        if heldout is not None:
+            sections.setdefault(heldout[0], heldout[1])
+            continue
         sweep = alpha_sweep(value)
         if sweep:
             sections.setdefault(key, sweep)
@@ -88,9 +97,21 @@ def result_sections(data: dict) -> dict[str, dict]:
             sections.setdefault(key, value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             scalars[key] = value
-    if scalars:
-        sections["run"] = scalars
+    if scalars:  # beside a task named "run", under another name
+        sections[SCALARS if SCALARS not in sections else f"{SCALARS} (numbers)"] = scalars
     return sections
+
+
+def merge_heldout(value: object) -> tuple[str, dict] | None:
+    """A merge's held-out record (``{"task", "metric", "scores": {model: score}, "merged"}``)
+    as the section ``("heldout METRIC", {model label: score, "merged": score})``; None for
+    anything else."""
+    if not isinstance(value, dict) or not isinstance(value.get("scores"), dict):
+        return None
+    scores = {_model_label(str(name)): score for name, score in value["scores"].items()}
+    if isinstance(value.get("merged"), (int, float)):
+        scores["merged"] = value["merged"]
+    return f"heldout {value.get('metric', '')}".strip(), scores
 
 
 def alpha_sweep(rows: object) -> dict[str, dict] | None:
@@ -125,6 +146,9 @@ def read_input(path: str | Path) -> ReportSource:
         data = read_json(path)
         label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
             else _file_label(path)
+        if isinstance(data.get("method"), str):  # adapt: the method on its model; a merge
+            label = f"{data['method']} ({label})" if isinstance(data.get("model"), str) \
+                else f"{data['method']} merge"
         if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
             label += f" [{data['precision']}]"
         source = ReportSource(label, path, result_sections(data))
@@ -158,9 +182,12 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
             raise DataError(f"{len(names)} names for {len(sources)} report inputs")
         for source, name in zip(sources, names):
             source.label = str(name)
-    seen: dict[str, int] = {}
-    for source in sources:
-        seen[source.label] = seen.get(source.label, 0) + 1
-        if seen[source.label] > 1:
-            source.label = f"{source.label}#{seen[source.label]}"
+    taken: set[str] = set()
+    for source in sources:  # the first free of name, name#2, name#3, ...
+        label, number = source.label, 1
+        while label in taken:
+            number += 1
+            label = f"{source.label}#{number}"
+        taken.add(label)
+        source.label = label
     return sources
