@@ -195,7 +195,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if done.is_file() and json.loads(done.read_text())["chunks"] != count:
         raise DataError(f"{folder} is damaged: {done.name} counts "
                         f"{json.loads(done.read_text())['chunks']} chunks, {count} are there; "
-                        "pass --overwrite to start this run over")
+                        f"delete {work} to start this run over")
     if not done.is_file():
         size = config.chunk_size
         items = itertools.islice(iter_items(config.data, progress=progress), count * size, None)
@@ -254,7 +254,7 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
         reached = sum(int(a.sum()) for a in alive)
         if len(data["keep"]) != reached:
             raise DataError(f"{saved} decides on {len(data['keep'])} items, {reached} reach the "
-                            "step; pass --overwrite to start this run over")
+                            f"step; delete {work} to start this run over")
         scores = None if data["scores"] is None else np.array(data["scores"], dtype=float)
         return Decision(keep=np.array(data["keep"], dtype=bool), reasons=data["reasons"],
                         scores=scores, threshold=data["threshold"],
