@@ -119,6 +119,12 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
     (["--method", "coop", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "data.train_size=5"],
      "data: renamed key 'train_size': use 'train_size (at the top level)'"),
+    (["--method", "tip-adapter", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "options.alpha=nan"],
+     "options.alpha: expected a finite number, got 'nan'"),
+    (["--method", "linear-probe", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "shots=4", "train_size=3"],
+     "train_size=3 leaves no training image of 7 class(es)"),
 ])
 def test_adapt_cli_bad_input_is_one_line(args, fragment, tmp_path, capsys):
     assert main(["adapt", *args, "--out", str(tmp_path / "o")]) == 2
@@ -274,3 +280,24 @@ def test_run_and_checkpoint_folders_load_like_their_model_folders(model_dir, tmp
         assert load_lora(folder)[2] is not None
     with pytest.raises(ModelError, match="not a LoRA adapter folder.*nor a checkpoint or run"):
         load_lora(ft)
+
+
+def test_adapt_out_is_never_an_input(model_dir, tmp_path, capsys):
+    """--out the model folder itself turned it into a run folder (a later --model of it loaded
+    the fine-tune); --out inside an image folder would become one of its classes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    pets = pets_folder(tmp_path / "pets", 2, "cat")
+    for out, data, words in ((model, "digits", f"is the input {model}"),
+                             (pets / "adapted", f"image-folder, path: {pets}",
+                              f"lies inside the input {pets}")):
+        assert main(["adapt", "--method", "zeroshot", "--model", str(model), "--out", str(out),
+                     f"data.train={{source: {data}}}", f"data.test={{source: {data}}}",
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cliplab: error: --out") and words in err and "\n" not in err
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert not (pets / "adapted").exists()

@@ -3,6 +3,8 @@
 
 import json
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModel, CLIPModel, VisionTextDualEncoderModel
@@ -221,6 +223,14 @@ def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, ca
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "merge.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
+    # a model folder that no merge wrote (a user's pretrained model) is not a merge output
+    model = tmp_path / "pretrained"
+    shutil.copytree(fts[2], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert main([*args[:-3], "--out", str(model), "--no-progress", "--overwrite"]) == 2
+    assert "only a previous merge output" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    shutil.rmtree(model)
     merged = DualEncoder.load(out).model.state_dict()
     states = [_state(p) for p in fts[:2]]
     key = next(iter(merged))

@@ -202,3 +202,23 @@ def test_ties_merge_end_to_end():
     torch.testing.assert_close(merged["w"], 1 + 0.5 * T([4.0, -4.0, 0.0, -3.0, 3.5]))
     torch.testing.assert_close(merged["b"], 2 + 0.5 * T([0.0, -6.0]))
     assert torch.equal(merged["ids"], base["ids"])
+
+
+def test_integer_buffers_must_agree_in_task_arithmetic_and_ties():
+    """Task arithmetic and TIES kept the base's integer buffers without comparing them, where
+    the soups refuse unequal ones."""
+    base = {"w": torch.zeros(2), "i": torch.tensor([1, 2])}
+    other = {"w": torch.ones(2), "i": torch.tensor([1, 3])}
+    with pytest.raises(ModelError, match="non-float tensor 'i' differs"):
+        task_vector(other, base)
+    with pytest.raises(ModelError, match="non-float tensor 'i' differs"):
+        ties_merge(base, [other], density=1.0)
+    same = {"w": torch.ones(2), "i": torch.tensor([1, 2])}
+    assert torch.equal(apply_task_vector(base, task_vector(same, base))["i"], base["i"])
+
+
+def test_a_soup_of_weights_near_the_float_limit_is_their_mean():
+    """Weights summing past the float range made every weight 0 (w / inf)."""
+    states = [{"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}]
+    soup = uniform_soup(states, [1e308, 1e308])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0]))

@@ -328,3 +328,15 @@ def test_curate_and_index_leave_a_users_partial_folder_beside_out_alone(tiny_mod
         assert _one_line(capsys) == (f"{mine} is not a `cliplab {argv[0]}` work folder (it "
                                      "holds notes.txt); move it away or choose another --out")
         assert _tree(mine) == {"notes.txt": b"mine"} and not out.exists()
+
+
+def test_pretrain_out_is_never_its_model_or_data(tiny_model_dir, tmp_path, capsys):
+    """Continued pretraining from a model folder with --out that folder wrote a run into it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = _tree(model)
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    assert main(["pretrain", "--config", str(recipe), "--out", str(model), f"model={model}",
+                 "--no-progress"]) == 2
+    assert f"--out {model} is the input {model}" in _one_line(capsys)
+    assert _tree(model) == before

@@ -37,8 +37,11 @@ class Section(BaseModel):
     old key gets an error naming the new one (no silent compatibility shims in a 0.x project).
     """
 
+    # allow_inf_nan: a nan/inf setting (a merge scale, a Tip-Adapter alpha) only ever
+    # produced NaN weights or chance accuracy without a word
     model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True,
-                              arbitrary_types_allowed=True, protected_namespaces=())
+                              arbitrary_types_allowed=True, protected_namespaces=(),
+                              allow_inf_nan=False)
     renamed: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")

@@ -53,6 +53,30 @@ def _inside(path: Path, folder: Path) -> bool:
     return path != folder and folder in path.parents
 
 
+def spec_paths(*specs: object) -> list[str]:
+    """The ``path`` of each data spec that has one (``{source: manifest, path: X}``)."""
+    return [str(spec["path"]) for spec in specs if isinstance(spec, dict) and "path" in spec]
+
+
+def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                            error: type[CliplabError] = ConfigError) -> None:
+    """Refuse an ``--out`` equal to, holding or inside an existing input (paths compared
+    resolved; a preset or Hub id is no folder) or inside a run's checkpoints/."""
+    here = _resolved(out)
+    for given in inputs:
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue  # a preset or Hub id: no folder of the user's
+        source = _resolved(str(given))
+        how = "is" if here == source else "holds" if _inside(source, here) else \
+            "lies inside" if _inside(here, source) else None
+        if how:
+            raise error(f"--out {out} {how} the input {given}; choose another folder")
+    for parent in here.parents:
+        if parent.name == "checkpoints" and is_run_folder(parent.parent):
+            raise error(f"--out {out} lies inside the checkpoints of the run folder "
+                        f"{parent.parent}; choose another folder")
+
+
 def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
               overwrite: bool = False, previous: Callable[[Path], bool] | None = None,
               error: type[CliplabError] = ConfigError, may_exist: bool = False) -> Path:
@@ -67,19 +91,7 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
                     "folder to write")
     if path.exists() and not path.is_dir():
         raise error(f"--out {out} is a file; choose a folder")
-    here = path.resolve()
-    for given in inputs:
-        if given is None or not Path(str(given)).expanduser().exists():
-            continue  # a preset or Hub id: no folder of the user's
-        source = _resolved(str(given))
-        how = "is" if here == source else "holds" if _inside(source, here) else \
-            "lies inside" if _inside(here, source) else None
-        if how:
-            raise error(f"--out {out} {how} the input {given}; choose another folder")
-    for parent in here.parents:
-        if parent.name == "checkpoints" and is_run_folder(parent.parent):
-            raise error(f"--out {out} lies inside the checkpoints of the run folder "
-                        f"{parent.parent}; choose another folder")
+    check_apart_from_inputs(out, inputs, error)
     if not path.is_dir() or not any(path.iterdir()):
         return path
     is_previous = previous is not None and previous(path)

@@ -27,6 +27,7 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
+from cliplab.output_folder import check_apart_from_inputs, spec_paths
 from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 
 
@@ -148,6 +149,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if needs:  # an ONNX export (inference only) is refused before any work
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
     if write and cfg.out:  # before any slow loading
+        data = cfg.data
+        check_apart_from_inputs(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
+            data.train, data.test, data.shifted, data.val)])
         check_new_run(cfg.out)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
@@ -159,6 +163,11 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         val = draw_validation(cfg, own_val)
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
     train = subsample(train, cfg.train_size, cfg.seed)
+    lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
+    if lost:  # a random subset of the few-shot set can miss whole classes
+        raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
+                        f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
+                        "raise it, or leave it out")
     model = model if model is not None else load_model(cfg.model)
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)

@@ -21,7 +21,10 @@ from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
-from cliplab.output_folder import MODEL_FOLDER, check_out
+from cliplab.output_folder import check_out, has_files
+
+# what --overwrite may replace: a previous merge output (a model folder with its merge.json)
+MERGE_OUTPUT = has_files("merge.json", "config.json", "cliplab.json")
 
 
 def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
@@ -34,7 +37,7 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
                    overwrite: bool = False) -> MergeConfig:
     """The validated config with its inputs resolved to model folders (run and checkpoint
     folders: the newest checkpoint's), and an output folder `check_out` accepts (not a file, not
-    an input, new or empty, or with ``overwrite`` a previous model folder)."""
+    an input, new or empty, or with ``overwrite`` a previous merge output)."""
     if not isinstance(cfg, MergeConfig):
         cfg = validate(MergeConfig, cfg, where)
     given = [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
@@ -52,7 +55,7 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
     # the run/checkpoint folders given and the model folders they stand for: none is --out,
     # holds it or lies inside it
     inputs = given + [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
-    check_out(cfg.out, "merge", inputs, overwrite, MODEL_FOLDER)
+    check_out(cfg.out, "merge", inputs, overwrite, MERGE_OUTPUT)
     return cfg
 
 

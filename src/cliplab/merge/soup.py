@@ -26,6 +26,8 @@ def uniform_soup(states: Sequence[StateDict], weights: Sequence[float] | None = 
         raise ConfigError(f"soup weights {list(weights)} must be {len(states)} non-negative "
                           "numbers, not all zero")
     check_same_keys(states, names)
+    top = max(weights)  # scaled first: weights near the float limit would sum to inf
+    weights = [w / top for w in weights]
     total = float(sum(weights))
     out = {}
     for key, ref in states[0].items():

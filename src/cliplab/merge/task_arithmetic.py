@@ -8,12 +8,16 @@ from collections.abc import Sequence
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.merge.state import StateDict, check_same_keys, is_mergeable
+from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
 
 
 def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, torch.Tensor]:
-    """``finetuned − base`` for every float tensor (float32); other tensors carry no task."""
-    check_same_keys([base, finetuned], ["base", "fine-tuned model"])
+    """``finetuned − base`` for every float tensor (float32); other tensors carry no task (and
+    must be equal: the base's are kept)."""
+    names = ["base", "fine-tuned model"]
+    check_same_keys([base, finetuned], names)
+    for key in (k for k, w in base.items() if not is_mergeable(w)):
+        copied_buffer([base, finetuned], key, names)
     return {k: finetuned[k].float() - w.float() for k, w in base.items() if is_mergeable(w)}
 
 

@@ -19,6 +19,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
+from cliplab.output_folder import check_apart_from_inputs, spec_paths
 from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
 from cliplab.train.stream_batches import StreamBatches
 from cliplab.train.config import TrainConfig
@@ -63,6 +64,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     if not isinstance(cfg, PretrainConfig):
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
     if cfg.out:  # before any slow loading
+        check_apart_from_inputs(cfg.out, [cfg.model.name,
+                                          *spec_paths(cfg.data.train, cfg.data.replay)])
         check_new_run(cfg.out, resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
