@@ -18,7 +18,8 @@ def test_a_bad_class_of_the_last_task_is_refused_before_any_encoding(tiny_model,
                         lambda self, *a, **k: encoded.append(1) or real(self, *a, **k))
     good = {"name": "all", "task": "zeroshot", "data": DIGITS}
     bad = {"name": "two", "task": "zeroshot", "data": DIGITS, "classes": ["one", "twelve"]}
-    with pytest.raises(ConfigError, match=r"^task 'two': classes: unknown class 'twelve'"):
+    with pytest.raises(ConfigError, match=r"^tasks\[1\] \(name 'two'\): classes: unknown "
+                                          r"class 'twelve'"):
         run_suite(tiny_model, {"tasks": [good, bad]}, TaskContext(progress=False))
     missing = {"name": "gone", "task": "zeroshot",
                "data": {"source": "image-folder", "path": str(tmp_path / "nope")}}

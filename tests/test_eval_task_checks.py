@@ -42,10 +42,12 @@ def test_probe_tasks_refuse_train_and_test_with_different_classes(tiny_model, ta
             "train": labelled([f"c{i}" for i in range(10)]), "test": DIGITS}
     if task == "few_shot":
         spec.update(shots=[1], seeds=[0], methods=["ncm"])
-    with pytest.raises(DataError, match=r"^task 'p': train and test must have the same classes"
-                                        r" in the same order; class 0 is 'c0' in train but "
-                                        r"'zero' in test"):
+    message = (r"train and test must have the same classes in the same order; class 0 is "
+               r"'c0' in train but 'zero' in test")
+    with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'p'\): " + message):
         run(tiny_model, spec)
+    with pytest.raises(DataError, match=r"^task 'p': " + message):  # one task: named by name
+        run_task(tiny_model, spec, TaskContext(progress=False))
 
 
 # 2. task names are unique
@@ -82,13 +84,15 @@ def test_zeroshot_refuses_empty_classes():
 
 @pytest.mark.parametrize("classes", [[12], [-1], ["zero", 10]])
 def test_zeroshot_refuses_a_class_index_out_of_range(tiny_model, classes):
-    with pytest.raises(ConfigError, match=r"^task 'zs': classes: no class has index -?1[02]? "
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'zs'\): classes: no class "
+                                          r"has index -?1[02]? "
                                           r"\(indices run 0 to 9\); classes are: zero, one,"):
         run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS, "classes": classes})
 
 
 def test_zeroshot_unknown_class_name_names_the_task(tiny_model):
-    with pytest.raises(ConfigError, match=r"^task 'zs': classes: unknown class 'twelve'; "
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'zs'\): classes: unknown class "
+                                          r"'twelve'; "
                                           r"classes are: zero, one"):
         run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS,
                          "classes": ["one", "twelve"]})
@@ -163,7 +167,8 @@ def test_few_shot_refuses_more_shots_than_a_class_has(tiny_model):
     train = labelled(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                       "nine"], n_per_class=3)
     train.labels[0] = 1  # 'zero' keeps 2 images, 'one' gets 4
-    with pytest.raises(DataError, match=r"^task 'fs': shots 3 needs 3 train images of every "
+    with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'fs'\): shots 3 needs 3 train "
+                                        r"images of every "
                                         r"class; these have fewer: zero \(2\)$"):
         run(tiny_model, {"name": "fs", "task": "few_shot", "train": train, "test": DIGITS,
                          "shots": [1, 3], "seeds": [0], "methods": ["ncm"]})

@@ -92,7 +92,8 @@ def test_suite_long_tail_task(tmp_path, tiny_model):
         {"red": 2, "green": 1, "blue": 1, "white": 0}
     assert out["zero_frequency"]["classes"] == ["white"]
     assert out["fit"]["n_classes"] == 3 and out["n_train_samples"] == 4
-    with pytest.raises(ConfigError, match="task 'lt2': 1 concepts for 4 classes"):
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'lt2'\): concepts: 1 concepts for "
+                                          r"4 classes"):
         run_suite(tiny_model, {"tasks": [
             {"name": "lt2", "task": "long_tail", "data": test_spec, "concepts": ["x"],
              "train_data": {"source": "manifest", "path": str(tmp_path / "train.csv")}}]},

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
@@ -54,6 +57,8 @@ class FeatureCache:
 
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder else None
+        if self.folder is not None:
+            check_cache_folder(self.folder)
         self.memory: dict[str, dict[str, ImageFeatures]] = {}
         self.hits = 0
         self.misses = 0
@@ -83,7 +88,9 @@ class FeatureCache:
             files += sorted(self.folder.glob(f"{key}-*.safetensors"))
         for file in files:
             if file.is_file():
-                tensors = load_file(file)
+                tensors = read_entry(file)
+                if tensors is None:
+                    continue
                 kind = file.stem.rsplit("-", 1)[1]
                 probe_kind = None if kind == "plain" else kind.rstrip("0123456789")
                 feats = ImageFeatures(tensors["embeddings"], tensors["backbone"],
@@ -95,7 +102,8 @@ class FeatureCache:
     def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                  probe_layers: int = 4, progress: bool = True,
                  desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:
-        """The cached features of ``images`` under ``model``, computing them on a miss."""
+        """The cached features of ``images`` under ``model``, computing them on a miss (an
+        unreadable file of the folder is one: it is deleted and written again)."""
         key, tag = self.key(model, images, precision), self._tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None:
@@ -115,3 +123,32 @@ class FeatureCache:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             tmp.replace(file)
         return feats
+
+
+def check_cache_folder(folder: Path) -> None:
+    """A one-line `ConfigError` unless ``folder`` is a folder or can be made one (nothing on
+    its path is a file), so a bad ``--cache-dir`` fails before any encoding."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == folder else f"is inside {path}, a file"
+                raise ConfigError(f"feature cache folder {folder} {what}; give a folder (made "
+                                  "if missing)")
+            return
+
+
+def read_entry(file: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file; None, with one warning on stderr, for a file that cannot
+    be read (truncated, corrupt, or lacking the embeddings), which is deleted so that the
+    features are encoded and written again."""
+    try:
+        tensors = load_file(file)
+        if "embeddings" in tensors and "backbone" in tensors:
+            return tensors
+        problem = "holds no embeddings"
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problem = f"cannot be read ({reason})"
+    print(f"feature cache: {file} {problem}; deleting it and encoding again", file=sys.stderr)
+    file.unlink(missing_ok=True)
+    return None

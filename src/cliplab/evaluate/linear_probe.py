@@ -38,8 +38,15 @@ def threads_for(numel: int):
 
 
 def standardize(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Centre and scale every feature with the training set's mean and std."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    """Centre and scale every feature with the training set's mean and (sample) std.
+
+    One training row has no sample std (n - 1 = 0) and no spread to scale by: it is only
+    centred (scale 1, as scikit-learn's ``StandardScaler`` treats a zero variance), so a
+    one-image probe trains instead of meeting NaN features."""
+    mean = train_x.mean(0)
+    if len(train_x) < 2:
+        return [x - mean for x in (train_x, *others)]
+    std = train_x.std(0).clamp_min(1e-6)
     return [(x - mean) / std for x in (train_x, *others)]
 
 
@@ -132,6 +139,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     Features are standardised first. With ``l2=None`` the strength is chosen from ``l2_grid`` on
     a ``val_fraction`` validation split, then the probe is refitted on all training features.
     """
+    if l2 is None and len(l2_grid) > 1 and len(train_y) < 2:
+        raise ValueError(f"l2 is chosen on a validation split of the training features, which "
+                         f"needs 2 samples or more (there are {len(train_y)}); give l2")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_x, test_x = standardize(train_x.float(), test_x.float())
     basis = row_space_basis(train_x)

@@ -17,6 +17,8 @@ def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor,
     """Recall averaged over classes present in ``labels`` (so rare classes weigh as much)."""
     classes = labels.unique() if classes is None else classes
     recalls = [(pred[labels == c] == c).float().mean() for c in classes if (labels == c).any()]
+    if not recalls:  # no recall is defined (an empty set, or none of ``classes``)
+        raise ValueError("mean per-class recall needs samples of a class; there are none")
     return torch.stack(recalls).mean().item()
 
 
@@ -39,7 +41,8 @@ def restrict_classes(logits: torch.Tensor, labels: torch.Tensor, classes: list[i
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 and mean per-class recall of ``logits [N, C]`` against integer ``labels``."""
+    """acc1, acc5 and mean per-class recall of ``logits [N, C]`` against integer ``labels``
+    (acc5 is top-min(5, C): 1.0 when fewer than 5 classes compete, under the same key)."""
     pred = logits.argmax(dim=1)
     return {"acc1": topk_accuracy(logits, labels, 1), "acc5": topk_accuracy(logits, labels, 5),
             "mean_per_class_recall": mean_per_class_recall(pred, labels)}

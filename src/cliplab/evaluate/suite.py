@@ -19,7 +19,7 @@ from pydantic import ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from cliplab.config import Section, validate
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.precision import PRECISIONS
 from cliplab.evaluate.tasks import (TASKS, ProbePlan, TaskContext, TaskSpec, TaskSpecBase,
                                     data_key, spec_class)
@@ -157,17 +157,18 @@ def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Map
                      if isinstance(spec, Mapping) else "the task")
     model = as_model(model)
     context = context or TaskContext()
-    empty = context.empty_data(spec)
-    if empty:
-        raise DataError(f"task {spec.name or spec.task!r}: {empty} holds no images")
+    try:
+        context.check_task(spec, model)  # as `run_suite` checks every task before the first
+    except CliplabError as err:
+        raise type(err)(f"task {spec.name or spec.task!r}: {err}") from None
     return TASKS[spec.task].run(model, spec, context)
 
 
 def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapping | list,
               context: TaskContext | None = None) -> dict:
     """``{task name: metrics}`` of every task of ``suite`` (validated whole, and its data read
-    and checked, before any task runs: a bad class of the last task is not found after the
-    first ones' encoding); the tasks
+    and every task checked against its data and ``model``, before any task runs: a bad class
+    of the last task is not found after the first ones' encoding); the tasks
     share ``context``'s feature cache, so a dataset is encoded once however many tasks read
     it, and a text (prompt or caption) once however many tasks and images use it. A task
     whose data skipped samples (unreadable, missing, empty) gets them under ``skipped`` and
@@ -176,11 +177,13 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     model = as_model(model)
     context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
                                   probe_plan=plan_probes(suite.tasks))
-    context.preload(suite.tasks)  # every set read and checked before the first task encodes
+    # every set read, every task checked (against its data and the model) before the first
+    # task encodes
+    context.preload(suite.tasks, model=model)
     results = {}
     for name, task in zip(suite.task_names(), suite.tasks):
         skipped = report_skips(name, task, context)
-        results[name] = run_task(model, task, context)
+        results[name] = TASKS[task.task].run(model, task, context)
         if skipped:
             results[name] = {**results[name], "skipped": skipped}
     return results

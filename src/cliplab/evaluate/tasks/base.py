@@ -69,7 +69,13 @@ class TaskSpecBase(Section):
 
     def check(self, context: "TaskContext") -> None:
         """Check this task against its loaded data (e.g. class names) before any task of the
-        suite runs; a one-line error if it cannot run. Nothing to check by default."""
+        suite runs; a one-line error if it cannot run, naming the key (``classes: ...``) but
+        not the task: the caller prefixes where the task is (``tasks[1] (name 'zs'): ``).
+        Nothing to check by default."""
+
+    def check_model(self, model: DualEncoder) -> None:
+        """Check this task against the model it will score (e.g. its number of blocks) before
+        any task runs; errors as `check`'s. Nothing to check by default."""
 
     def probes(self) -> list[tuple[DataSpec, str, int]]:
         """(data spec, probe kind, layers) of the extra image features this task will read, so
@@ -120,7 +126,9 @@ class TaskContext:
     would score the zero-shot text head (zeroshot, long_tail, multilabel_zeroshot) score it
     instead; ``datasets``: loaded data by spec, so a dataset is read once per context;
     ``reported``: skip lines already printed (shared by copies, so repeated evaluations during
-    training print each once).
+    training print each once); ``where``: how errors point at the suite's tasks (``suite.yaml:
+    tasks``), set by a `preload` given one and kept by copies, so the model checks of a later
+    `run_suite` name the suite file too.
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -130,28 +138,41 @@ class TaskContext:
     classifier: Classifier | None = None
     datasets: dict[str, Any] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
+    where: str = "tasks"
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
         training or between soup ingredients) that keeps the loaded datasets."""
         return dataclasses.replace(self, cache=FeatureCache())
 
-    def preload(self, tasks: Sequence[TaskSpecBase], where: str = "tasks") -> None:
+    def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
+                model: DualEncoder | None = None) -> None:
         """Load every dataset ``tasks`` will encode now and check each task against its data
-        (`TaskSpecBase.check`), so a bad source or class fails before any work (e.g. before
-        training whose evaluation would read it); errors name the task (``where[i] (name
-        'zs'): ...``; a check's own errors name it themselves)."""
+        (and, given ``model``, against it: `check_task`), so a bad source, class or key fails
+        before any work (e.g. before training whose evaluation would read it); errors name the
+        task (``where[i] (name 'zs'): ...``; ``where`` omitted: the context's)."""
+        if where is None:
+            where = self.where
+        else:
+            self.where = where
         for i, task in enumerate(tasks):
             try:
-                for spec in task.datasets():
-                    self.load(spec)
-                empty = self.empty_data(task)
-                if empty:
-                    raise DataError(f"{empty} holds no images")
+                self.check_task(task, model)
             except CliplabError as err:
                 label = f" (name {task.name!r})" if task.name else ""
                 raise type(err)(f"{where}[{i}]{label}: {err}") from None
-            task.check(self)
+
+    def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
+        """Load ``task``'s datasets, refuse an empty one, and run `TaskSpecBase.check` (and
+        `TaskSpecBase.check_model` given ``model``); errors do not name the task."""
+        for spec in task.datasets():
+            self.load(spec)
+        empty = self.empty_data(task)
+        if empty:
+            raise DataError(f"{empty} holds no images")
+        task.check(self)
+        if model is not None:
+            task.check_model(model)
 
     def empty_data(self, task: TaskSpecBase) -> str | None:
         """The key (e.g. ``data``, ``train``) of the first dataset of ``task`` that holds no

@@ -13,7 +13,7 @@ from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
-from cliplab.evaluate.tasks.linear_probe import probe_features, probe_sets
+from cliplab.evaluate.tasks.linear_probe import check_layers, probe_features, probe_sets
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -26,17 +26,23 @@ class Spec(TaskSpecBase):
     methods: list[Literal["ncm", "linear_probe"]] = Field(["ncm", "linear_probe"], min_length=1)
     l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
-    layers: int = 4
+    layers: int = Field(4, ge=1)
 
     def probes(self):
         if self.features not in EXTRA_PROBES:
             return []
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
+    def check(self, context: TaskContext) -> None:
+        train, _ = probe_sets(self, context)
+        check_enough_shots(self, train.labels, train.classnames)
+
+    def check_model(self, model: DualEncoder) -> None:
+        check_layers(self, model)
+
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
-    sets = probe_sets(spec, context)
-    check_enough_shots(spec, sets[0].labels, sets[0].classnames)  # both before any encoding
+    sets = probe_sets(spec, context)  # checked by Spec.check before the suite ran
     return few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
                     seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
 
@@ -50,5 +56,5 @@ def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str]) 
     if short:
         listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
                                          else "")
-        raise DataError(f"task {spec.name or spec.task!r}: shots {k} needs {k} train images "
-                        f"of every class; these have fewer: {listed}")
+        raise DataError(f"shots {k} needs {k} train images of every class; these have fewer: "
+                        f"{listed}")

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
 from cliplab.evaluate.features import EXTRA_PROBES
@@ -21,21 +22,49 @@ class Spec(TaskSpecBase):
     test: DataSpec
     l2: float | None = Field(None, gt=0)  # omitted: chosen on a validation split
     features: ProbeKind = "tokens"
-    layers: int = 4
+    layers: int = Field(4, ge=1)
 
     def probes(self):
         if self.features not in EXTRA_PROBES:
             return []
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
+    def check(self, context: TaskContext) -> None:
+        train, _ = probe_sets(self, context)
+        if self.l2 is None and len(train) < 2:
+            raise ConfigError(f"l2: omitted, it is chosen on a validation split of train, which "
+                              f"needs 2 images or more (train has {len(train)}); give l2")
+
+    def check_model(self, model: DualEncoder) -> None:
+        check_layers(self, model)
+
 
 def probe_sets(spec, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
-    """The train and test sets of a probe-style spec, checked to have the same classes."""
-    name = spec.name or spec.task
-    train = context.labelled(spec.train, f"task {name!r} train")
-    test = context.labelled(spec.test, f"task {name!r} test")
-    check_same_classes(train, test, f"task {name!r}")
+    """The train and test sets of a probe-style spec, checked to have the same classes (a
+    one-line error that names the keys, not the task: `TaskSpecBase.check`'s)."""
+    train = context.labelled(spec.train, "train")
+    test = context.labelled(spec.test, "test")
+    try:
+        check_same_classes(train, test, "-")
+    except DataError as err:  # its message without the `where` (the caller names the task)
+        raise DataError(str(err).removeprefix("-: ")) from None
     return train, test
+
+
+def check_layers(spec, model: DualEncoder) -> None:
+    """With ``features: layers``, ``layers`` must count blocks the image tower has (more would
+    silently take every hidden state, the patch embeddings too)."""
+    tower_layers = getattr(model, "tower_layers", None)  # an ONNX export has none (nor probes)
+    if spec.features != "layers" or tower_layers is None:
+        return
+    try:
+        blocks = len(tower_layers("image"))
+    except ModelError:  # a tower whose blocks cannot be found: nothing to check against
+        return
+    if spec.layers > blocks:
+        choice = "1" if blocks == 1 else f"1 to {blocks}"
+        raise ConfigError(f"layers: {spec.layers}, but the model's image tower has {blocks} "
+                          f"block{'s' if blocks != 1 else ''}; give {choice}")
 
 
 def probe_features(model: DualEncoder, spec, context: TaskContext,

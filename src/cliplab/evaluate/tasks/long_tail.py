@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from cliplab.data.concepts import count_mentions
+from cliplab.errors import ConfigError
 from cliplab.evaluate.long_tail import long_tail_analysis, training_captions
 from cliplab.evaluate.metrics import per_class_accuracy
-from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, task_error
+from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, data_key
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -19,15 +20,27 @@ class Spec(TaskSpecBase):
     train_data: dict[str, Any]
     concepts: list[str] | None = None
 
+    def check(self, context: TaskContext) -> None:
+        data = context.labelled(self.data, "data")
+        train_captions(self, context)  # read now: a bad train_data fails before any task
+        if self.concepts and len(self.concepts) != len(data.classnames):
+            raise ConfigError(f"concepts: {len(self.concepts)} concepts for "
+                              f"{len(data.classnames)} classes; give one per class")
+
+
+def train_captions(spec: Spec, context: TaskContext) -> list[list[str]]:
+    """The captions of ``spec.train_data``, read once per context (kept with its datasets)."""
+    key = f"captions:{data_key(spec.train_data)}"
+    if key not in context.datasets:
+        context.datasets[key] = training_captions(spec.train_data, "train_data")
+    return context.datasets[key]
+
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     name = spec.name or spec.task
-    data = context.labelled(spec.data, f"task {name!r} data")
-    captions = training_captions(spec.train_data, f"task {name!r} train_data")
+    data = context.labelled(spec.data, f"task {name!r} data")  # checked by Spec.check
+    captions = train_captions(spec, context)
     concepts = spec.concepts or data.classnames
-    if len(concepts) != len(data.classnames):
-        raise task_error(spec, f"{len(concepts)} concepts for {len(data.classnames)} classes; "
-                         "give one per class")
     logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
     acc = per_class_accuracy(logits, data.labels, data.classnames)
     counts, n_samples = count_mentions(captions, concepts)

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from cliplab.errors import ConfigError
 from cliplab.evaluate.retrieval import retrieval
 from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
 from cliplab.models.dual_encoder import DualEncoder
@@ -15,6 +16,17 @@ class Spec(TaskSpecBase):
     task: Literal["retrieval"]
     data: DataSpec
     ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1)
+
+    def check(self, context: TaskContext) -> None:
+        """Every k at most the number of images (the candidates of text-to-image retrieval;
+        each image has a caption or more): beyond it recall@k would count every image a hit,
+        1.0 whatever the model (`retrieval_metrics` caps such a k, under the key asked for)."""
+        n = len(context.load(self.data))
+        over = [k for k in self.ks if k > n]
+        if over:
+            raise ConfigError(f"ks: {', '.join(map(str, over))} is more than the {n} images of "
+                              f"data (recall@k would rank all of them: 1.0 whatever the model); "
+                              f"give ks of at most {n}")
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:

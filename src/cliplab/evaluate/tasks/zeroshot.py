@@ -9,10 +9,10 @@ from typing import Literal
 from pydantic import Field
 
 from cliplab.data.pairs import class_indices
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, ConfigError, DataError
 from cliplab.evaluate.metrics import (classification_metrics, per_class_accuracy,
                                       restrict_classes)
-from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, task_error
+from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits, zeroshot_metrics
 from cliplab.models.dual_encoder import DualEncoder
 
@@ -25,15 +25,19 @@ class Spec(TaskSpecBase):
     per_class: bool = False
 
     def check(self, context: TaskContext) -> None:
+        data = context.labelled(self.data, "data")
         if self.classes is not None:
-            chosen_classes(self, context.labelled(self.data, f"task {self.name or self.task!r} "
-                                                             "data").classnames)
+            classes = chosen_classes(self, data.classnames)
+            empty = [data.classnames[c] for c in classes if not (data.labels == c).any()]
+            if empty:  # no image to score them on (e.g. a `limit:` that kept none)
+                raise DataError(f"classes: data holds no images of {', '.join(empty)}; leave "
+                                "them out of classes or give data that has them")
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     name = spec.name or spec.task
     data = context.labelled(spec.data, f"task {name!r} data")
-    classes = None
+    classes = None  # checked by Spec.check before the suite ran
     if spec.classes is not None:
         classes = chosen_classes(spec, data.classnames)
     if context.classifier_for(data) is not None:
@@ -61,15 +65,25 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
 
 def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
     """The indices of ``spec.classes`` (names, any case, or indices) in ``classnames``; a
-    one-line error naming the task and listing the classes for an unknown one."""
+    one-line error (naming the key, not the task) listing the classes for an unknown one, and
+    naming the repeats of a class given twice (its images would be scored against itself
+    only: a fake 100%)."""
     names = [c for c in spec.classes if isinstance(c, str)]
     try:
         index = dict(zip(names, class_indices(classnames, names)))
     except CliplabError as err:
-        raise task_error(spec, f"classes: {err}") from None
+        raise ConfigError(f"classes: {err}") from None
     out = [index[c] if isinstance(c, str) else int(c) for c in spec.classes]
     bad = [c for c in spec.classes if not isinstance(c, str) and not 0 <= c < len(classnames)]
     if bad:
-        raise task_error(spec, f"classes: no class has index {bad[0]} (indices run 0 to "
-                         f"{len(classnames) - 1}); classes are: {', '.join(classnames)}")
+        raise ConfigError(f"classes: no class has index {bad[0]} (indices run 0 to "
+                          f"{len(classnames) - 1}); classes are: {', '.join(classnames)}")
+    given: dict[int, list[str]] = {}
+    for c, i in zip(spec.classes, out):
+        given.setdefault(i, []).append(str(c))
+    twice = [f"{', '.join(g)} are all class {i} ({classnames[i]})"
+             for i, g in given.items() if len(g) > 1]
+    if twice:
+        raise ConfigError(f"classes name a class more than once: {'; '.join(twice)}; give each "
+                          "class once")
     return out
