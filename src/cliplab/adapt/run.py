@@ -149,10 +149,10 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if needs:  # an ONNX export (inference only) is refused before any work
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
     if write and cfg.out:  # before any slow loading
+        check_new_run(cfg.out)
         data = cfg.data
         check_apart_from_inputs(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
             data.train, data.test, data.shifted, data.val)])
-        check_new_run(cfg.out)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,

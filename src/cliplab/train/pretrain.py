@@ -64,9 +64,9 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     if not isinstance(cfg, PretrainConfig):
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
     if cfg.out:  # before any slow loading
+        check_new_run(cfg.out, resume, resumable=True)
         check_apart_from_inputs(cfg.out, [cfg.model.name,
                                           *spec_paths(cfg.data.train, cfg.data.replay)])
-        check_new_run(cfg.out, resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:
