@@ -1,5 +1,5 @@
 """Inputs of `cliplab report`: results JSON files (`cliplab eval --out`) and run folders
-(results.json, metrics.jsonl, config.yaml), read into one shape: a label and metric sections.
+(results.json, metrics.jsonl), read into one shape: a label and metric sections.
 
 Every problem is a one-line ``DataError`` naming the file (and line for metrics.jsonl).
 """
@@ -10,10 +10,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliplab.config import load_yaml
 from cliplab.errors import DataError
 
-RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("results.json", "metrics.jsonl")
 _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
 # (its total is reported as a number of the run)
@@ -30,7 +29,6 @@ class ReportSource:
     path: Path
     sections: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    config: dict | None = None
 
 
 def read_json(path: Path) -> dict:
@@ -167,8 +165,6 @@ def read_input(path: str | Path) -> ReportSource:
         source.sections = result_sections(results)
     if "metrics.jsonl" in present:
         source.history = read_history(path / "metrics.jsonl")
-    if "config.yaml" in present:
-        source.config = load_yaml(path / "config.yaml")
     return source
 
 
