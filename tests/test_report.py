@@ -340,3 +340,14 @@ def test_a_metrics_file_that_is_no_utf8_is_one_line(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": "\xff\xfe"}\n')
     with pytest.raises(DataError, match="metrics.jsonl: not UTF-8 text"):
         read_input(tmp_path / "run")
+
+
+def test_a_run_folders_config_is_not_read(tmp_path):
+    """Only results.json and metrics.jsonl make the report; a config.yaml that does not parse
+    (never shown) failed it."""
+    from cliplab.evaluate.report_inputs import read_input
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"zs": {"acc1": 0.5}}))
+    (tmp_path / "run" / "config.yaml").write_text("train: [unclosed\n")
+    assert read_input(tmp_path / "run").sections == {"zs": {"acc1": 0.5}}
