@@ -288,8 +288,8 @@ def test_a_damaged_shards_last_sample_is_kept_or_lost_as_the_stream_reader_does(
 
 def test_a_repeated_key_in_a_tar_is_skipped_and_counted_not_merged(tmp_path):
     """Keys a, b, a, c, c: the later a and c are skipped as duplicate_key (they had replaced
-    the first ones' parts, two samples lost without a count); members of one sample are the
-    consecutive ones, as the stream reader groups them."""
+    the first ones' parts, two samples lost without a count); parts of one sample stored apart
+    (a tar of a folder, in listing order) are still one sample."""
     from cliplab.data.collection import iter_items, skip_reason
     from tests.tar_files import png_bytes, write_tar
 
@@ -307,6 +307,11 @@ def test_a_repeated_key_in_a_tar_is_skipped_and_counted_not_merged(tmp_path):
         with pytest.raises(OSError, match=r"key [ac] is also an earlier sample's in s.tar") as err:
             items[k].read()
         assert skip_reason(err.value) == "duplicate_key"
+    png = {k: png_bytes(np.full((4, 4, 3), v, np.uint8)) for k, v in (("x", 1), ("y", 2))}
+    write_tar(folder / "s.tar", [("x", {"png": png["x"]}), ("y", {"png": png["y"]}),
+                                 ("y", {"txt": b"why"}), ("x", {"txt": b"ex"})])
+    items = list(iter_items({"source": "shards", "path": str(folder)}, progress=False))
+    assert [(i.key, i.caption) for i in items] == [("s.tar:x", "ex"), ("s.tar:y", "why")]
 
 
 def test_a_skip_line_tells_truncated_shards_apart_from_samples():

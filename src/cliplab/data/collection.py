@@ -288,14 +288,14 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
 
 def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None]:
     """``[(key, {ext: (offset, size, member name)}, duplicate)]`` in tar order, and what stopped
-    the reading early (None when the tar was read to its end). Members of a sample are
-    consecutive, as WebDataset reads them; ``duplicate`` marks a sample whose key an earlier one
-    holds. A sample whose members the damage cut off is left out; one whose data runs past the
-    end fails when its image is read."""
+    the reading early (None when the tar was read to its end). A sample's parts may lie apart
+    (a tar of a folder is in listing order); a part its key's sample already has begins another
+    sample of that key, marked ``duplicate``. A sample whose members the damage cut off is left
+    out; one whose data runs past the end fails when its image is read."""
     from cliplab.data.shards.layout import ends_with_marker
 
     samples: list[tuple[str, Members, bool]] = []
-    seen: set[str] = set()
+    first: dict[str, int] = {}  # key -> its first sample's index
     try:
         with tarfile.open(tar) as archive:
             for member in archive:
@@ -305,10 +305,16 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None
                 key, _, ext = base.partition(".")
                 key = member.name[: len(member.name) - len(base)] + key
                 ext = ext.lower()
-                if not samples or samples[-1][0] != key or ext in samples[-1][1]:
-                    samples.append((key, {}, key in seen))
-                    seen.add(key)
-                samples[-1][1][ext] = (member.offset_data, member.size, member.name)
+                last = samples[-1] if samples else None
+                if last is not None and last[0] == key and ext not in last[1]:
+                    entry = last  # the sample being read
+                elif key in first and ext not in samples[first[key]][1]:
+                    entry = samples[first[key]]  # a part stored apart (`tar` of a folder)
+                else:  # a new key, or a part the key's sample already has: another sample
+                    entry = (key, {}, key in first)
+                    first.setdefault(key, len(samples))
+                    samples.append(entry)
+                entry[1][ext] = (member.offset_data, member.size, member.name)
             damage = None if ends_with_marker(tar, archive.offset) else \
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:

@@ -45,24 +45,35 @@ def _decode(path: Path) -> str:
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), strict=True)
+    read: list[tuple[int, str]] = []  # (number, text) of the lines the reader took since
+
+    def lines():
+        for number, line in enumerate(io.StringIO(_decode(path), newline=""), 1):
+            read.append((number, line))
+            yield line
+
+    def start() -> int:
+        """The first line of the record just read (a quoted field may run over several; blank
+        lines before it are skipped)."""
+        return next((n for n, line in read if line.strip()), read[-1][0] if read else 1)
+
+    reader = csv.DictReader(lines(), strict=True)
     rows, locations = [], []
     try:
         if not reader.fieldnames:
             raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
         columns = [name.strip() for name in reader.fieldnames]
-        # a record is named by its first line (a quoted field may run over several)
-        start = reader.line_num + 1
+        read.clear()
         for raw in reader:
             if None in raw:  # more fields than the header names: a caption's comma unquoted?
-                raise DataError(f"{path}:line {start}: {len(columns) + len(raw[None])} "
+                raise DataError(f"{path}:line {start()}: {len(columns) + len(raw[None])} "
                                 f"fields, the header names {len(columns)}; put a field holding "
                                 'commas in double quotes ("a cat, sleeping")')
             rows.append({k.strip(): v for k, v in raw.items()})
-            locations.append(f"line {start}")
-            start = reader.line_num + 1
+            locations.append(f"line {start()}")
+            read.clear()
     except csv.Error as e:
-        raise DataError(f"{path}:line {start}: bad CSV ({_one_line(e)}); fix the quoting of the "
+        raise DataError(f"{path}:line {start()}: bad CSV ({_one_line(e)}); fix the quoting of the "
                         "record starting on that line") from None
     return rows, locations, columns
 
