@@ -1,7 +1,7 @@
 """Suites that used to fail mid-run, crash or report a number that measures nothing are
 refused with one line naming the suite's task and key before any task encodes, or now work:
 probe/few-shot/long-tail checks run up front, repeated or imageless zero-shot classes, a
-one-image probe, ``layers`` beyond the model's blocks, retrieval ``ks`` beyond the images, and
+one-image probe, ``layers`` beyond the model's blocks, retrieval ``ks`` given beyond the candidates, and
 a bad ``--cache-dir`` (a corrupt file in it, or a file as it)."""
 
 import pytest
@@ -108,19 +108,21 @@ def test_zeroshot_refuses_a_class_given_twice(tiny_model, monkeypatch):
     assert calls == []
 
 
-def test_zeroshot_refuses_classes_without_images(tiny_model, monkeypatch):
-    """``limit: 5``-like data holding no image of a chosen class: one line naming the
-    classes, before any encoding (it was `stack expects a non-empty TensorList`)."""
+def test_zeroshot_refuses_classes_none_of_which_has_images(tiny_model, monkeypatch):
+    """``limit: 5``-like data holding no image of any chosen class: one line naming the
+    classes, before any encoding (it was `stack expects a non-empty TensorList`); a chosen
+    class without images beside ones with images is a distractor, as before."""
     calls = record_encodes(monkeypatch)
     data = labelled(NAMES, [3, 2, 0, 0, 1, 0, 0, 0, 0, 0])
     with pytest.raises(DataError, match=r"^tasks\[1\] \(name 'few'\): classes: data holds no "
-                                        r"images of two, three; leave them out of classes"):
+                                        r"images of two, three; give data that has them"):
         run(tiny_model, GOOD, {"name": "few", "task": "zeroshot", "data": data,
-                               "classes": ["one", "two", 3]})
+                               "classes": ["two", 3]})
     assert calls == []
-    out = run(tiny_model, {"name": "few", "task": "zeroshot", "data": data,
-                           "classes": ["one", "four"]})
-    assert set(out["few"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    for classes in (["one", "four"], ["one", "two", 3]):
+        out = run(tiny_model, {"name": "few", "task": "zeroshot", "data": data,
+                               "classes": classes})
+        assert set(out["few"]) == {"acc1", "acc5", "mean_per_class_recall"}
 
 
 # 4. a probe on one training image
@@ -218,18 +220,23 @@ def test_cliplab_eval_names_the_suite_file_for_layers_beyond_the_blocks(tiny_mod
 # 7. retrieval ks: at most the images
 
 
-def test_retrieval_refuses_a_k_above_the_images(tiny_model, monkeypatch):
+def test_retrieval_refuses_a_k_given_above_the_candidates(tiny_model, monkeypatch):
+    """A ``ks`` given beyond the images and the captions is refused; the default ks on a
+    small set is capped, as before."""
     calls = record_encodes(monkeypatch)
     data = {"source": "shapes", "n": 5, "image_size": 32}
-    with pytest.raises(ConfigError, match=r"^tasks\[1\] \(name 'ret'\): ks: 10, 100 is more "
-                                          r"than the 5 images of data \(recall@k would rank "
+    # 5 images, 14 captions
+    with pytest.raises(ConfigError, match=r"^tasks\[1\] \(name 'ret'\): ks: 100 is more "
+                                          r"than the 14 candidates of data \(recall@k would rank "
                                           r"all of them: 1.0 whatever the model\); give ks of "
-                                          r"at most 5$"):
+                                          r"at most 14$"):
         run(tiny_model, GOOD, {"name": "ret", "task": "retrieval", "data": data,
                                "ks": [1, 10, 100]})
     assert calls == []
     out = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data, "ks": [1, 5]})
     assert out["ret"]["image_retrieval_recall@5"] == 1.0  # k = the images: defined, and 1.0
+    default = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data})
+    assert default["ret"]["image_retrieval_recall@10"] == 1.0
 
 
 # 6. --cache-dir
@@ -273,3 +280,27 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(tiny_model_dir, t
     assert capsys.readouterr().err.strip().endswith(f"feature cache folder {file} is a file; "
                                                     "give a folder (made if missing)")
     assert calls == []
+
+
+def test_pretrain_checks_its_eval_against_the_model_before_training(tmp_path, monkeypatch):
+    """`layers` beyond the model's blocks in a pretrain eval suite failed at the first
+    evaluation, after training, and the run folder went with it."""
+    from pathlib import Path
+
+    import yaml
+
+    from cliplab.train import pretrain
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "pretrain" /
+                             "tiny-shapes.yaml").read_text())
+    recipe["eval"] = {"tasks": [{"name": "p", "task": "linear_probe", "features": "layers",
+                                 "layers": 50, "l2": 0.01, "train": DIGITS, "test": DIGITS}]}
+    recipe["out"] = str(tmp_path / "run")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the eval suite")
+
+    monkeypatch.setattr(pretrain.Trainer, "fit", no_training)
+    with pytest.raises(ConfigError, match=r"^eval.tasks\[0\] \(name 'p'\): layers: 50, but"):
+        pretrain.run_pretrain(recipe, progress=False)
+    assert not (tmp_path / "run").exists()

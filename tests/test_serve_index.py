@@ -21,7 +21,7 @@ from cliplab.serve import faiss_index
 from cliplab.serve.store import MetadataStore
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
-from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model
+from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -561,3 +561,15 @@ def test_an_index_of_a_run_folder_keeps_serving_its_checkpoint(tmp_path):
     (tmp_path / "idx" / "index.json").write_text(json.dumps(old))
     with pytest.raises(ModelError, match="which is gone; pass --model"):
         open_app(str(tmp_path / "idx"))
+
+
+def test_add_to_an_index_that_records_no_index_type_chooses_auto_again(tmp_path):
+    """An index from before index_type was recorded keeps choosing by size on --add (its
+    recorded factory, e.g. Flat, would pin exact search however large it grows)."""
+    from cliplab.serve.build import _resolve_settings
+
+    existing = {"backend": "faiss", "faiss": {"type": "Flat"}}
+    cfg = index_config(save_tiny_model(tmp_path / "m"), SHAPES, tmp_path / "idx", add=True)
+    assert _resolve_settings(cfg, existing, tmp_path / "idx").index_type == "auto"
+    kept = _resolve_settings(cfg, {**existing, "index_type": "hnsw"}, tmp_path / "idx")
+    assert kept.index_type == "hnsw"

@@ -162,18 +162,17 @@ class OnnxEncoder:
         return h.hexdigest()[:16]
 
     def weights_fingerprint(self) -> str:
-        """The export's `model_fingerprint`: SHA-256 over what fixes its embeddings — both ONNX
-        graphs (their weights are initializers in them), the projection matrices and the export
-        record (preprocessing, logit scale, quantization). Equal for the same export loaded
+        """The export's `model_fingerprint`: SHA-256 over every file of its folder, which is
+        what fixes its embeddings — both ONNX graphs (their weights are initializers in them,
+        or files beside them for towers over 2 GB), the projection matrices, the export record
+        (preprocessing, logit scale, quantization) and the tokenizer. Equal for the same export loaded
         twice (and for a copy of its folder), different for other weights or an int8 export of
         the same model; never equal to a PyTorch model's. Read once, on first use."""
         if self._fingerprint is None:
             h = hashlib.sha256(b"cliplab-onnx-export\0")
-            for name in (IMAGE_FILE, TEXT_FILE, PROJECTIONS_FILE, EXPORT_FILE):
-                file = self.path / name
-                h.update(name.encode() + b"\0")
-                if file.is_file():  # projections.safetensors: only when the model has them
-                    h.update(_file_digest(file))
+            for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
+                h.update(file.relative_to(self.path).as_posix().encode() + b"\0")
+                h.update(_file_digest(file))
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 

@@ -159,8 +159,9 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     if cfg.backend not in (None, backend):
         raise ConfigError(f"--add: {out} is a {backend} index; --backend {cfg.backend} would "
                           "leave its vectors behind: leave --backend out, or build a new index")
-    # indexes from before index_type was recorded: their FAISS factory string
-    index_type = existing.get("index_type") or (existing.get("faiss") or {}).get("type", "auto")
+    # an index from before index_type was recorded: auto again, as its --add always chose (its
+    # recorded factory would pin e.g. Flat however large it grows)
+    index_type = existing.get("index_type") or "auto"
     update = {"backend": backend, "index_type": cfg.index_type or index_type}
     if backend == "milvus":
         from cliplab.serve.milvus_index import normalise_uri

@@ -88,6 +88,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         if cfg.eval:
             context.preload(cfg.eval.tasks, "eval.tasks")  # a bad eval source fails before training
         model = load_model(cfg.model)
+        if cfg.eval:  # and a task the model cannot serve (e.g. more `layers` than its blocks)
+            context.preload(cfg.eval.tasks, "eval.tasks", model=model)
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's
         out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))

@@ -18,15 +18,18 @@ class Spec(TaskSpecBase):
     ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1)
 
     def check(self, context: TaskContext) -> None:
-        """Every k at most the number of images (the candidates of text-to-image retrieval;
-        each image has a caption or more): beyond it recall@k would count every image a hit,
-        1.0 whatever the model (`retrieval_metrics` caps such a k, under the key asked for)."""
-        n = len(context.load(self.data))
+        """A ``ks`` given beyond the candidates of both directions (images, captions) would
+        rank every candidate a hit: 1.0 whatever the model. The default ``ks`` on a small set
+        is capped per direction by `retrieval_metrics`, under the key asked for."""
+        if "ks" not in self.model_fields_set:
+            return
+        pairs = context.pairs(self.data)
+        n = max(len(pairs), sum(len(c) for c in pairs.captions))
         over = [k for k in self.ks if k > n]
         if over:
-            raise ConfigError(f"ks: {', '.join(map(str, over))} is more than the {n} images of "
-                              f"data (recall@k would rank all of them: 1.0 whatever the model); "
-                              f"give ks of at most {n}")
+            raise ConfigError(f"ks: {', '.join(map(str, over))} is more than the {n} candidates "
+                              f"of data (recall@k would rank all of them: 1.0 whatever the "
+                              f"model); give ks of at most {n}")
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:

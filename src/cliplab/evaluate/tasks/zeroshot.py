@@ -28,10 +28,12 @@ class Spec(TaskSpecBase):
         data = context.labelled(self.data, "data")
         if self.classes is not None:
             classes = chosen_classes(self, data.classnames)
-            empty = [data.classnames[c] for c in classes if not (data.labels == c).any()]
-            if empty:  # no image to score them on (e.g. a `limit:` that kept none)
-                raise DataError(f"classes: data holds no images of {', '.join(empty)}; leave "
-                                "them out of classes or give data that has them")
+            # a class without images still competes (a distractor); with none at all there is
+            # nothing to score (e.g. a `limit:` that kept none)
+            if not any((data.labels == c).any() for c in classes):
+                raise DataError(f"classes: data holds no images of "
+                                f"{', '.join(data.classnames[c] for c in classes)}; give data "
+                                "that has them")
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
