@@ -441,26 +441,27 @@ def test_report_draws_matches_and_concept_histograms(tmp_path):
     pool = make_folder(tmp_path / "pool", [10, 200])
     records = [{"key": f"img_0{i}.png", "caption": f"c{i}", "location": {"file": str(pool / f"img_0{i}.png")},
                 "meta": {}} for i in range(2)]
+    step_work = Path("steps", "00-x", "work")  # what the step wrote, relative to the run folder
     decision = Decision(keep=[True, False], reasons=[None, "near duplicate of eval image"],
                         report={"matches": [{"key": "img_01.png", "match": "eval_sets[0]:x#0",
-                                             "match_image": "steps/00-x/work/ref.png",
+                                             "match_image": (step_work / "ref.png").as_posix(),
                                              "similarity": 0.99}],
                                 "histogram_before": {"red": 5, "blue": 1},
                                 "histogram_after": {"red": 2, "blue": 1},
-                                "files": {"counts": "steps/00-x/work/c.json"}})
+                                "files": {"counts": (step_work / "c.json").as_posix()}})
     summary = {"data": {"source": "image-folder"}, "pool": 2, "kept": 1, "dropped": 1,
                "steps": [{"name": "read", "in": 2, "kept": 2, "dropped": 0, "seconds": 0},
                          {"name": "x", "in": 2, "kept": 1, "dropped": 1, "seconds": 0}]}
     work = tmp_path / "work"
-    (work / "steps/00-x/work").mkdir(parents=True)
-    (work / "steps/00-x/work/c.json").write_text("{}")
-    Image.open(pool / "img_00.png").save(work / "steps/00-x/work/ref.png")
+    (work / step_work).mkdir(parents=True)
+    (work / step_work / "c.json").write_text("{}")
+    Image.open(pool / "img_00.png").save(work / step_work / "ref.png")
     write_report(work, summary, [("x", records, decision)], [], examples=4, out=tmp_path / "final")
     md = (work / "report.md").read_text()
     assert "### matches (1)" in md and "report/00-x/match-0.png" in md and "report/00-x/match-0-ref.png" in md
     assert (work / "report/00-x/match-0-ref.png").is_file()
     assert "report/00-x-concepts.png" in md and (work / "report/00-x-concepts.png").is_file()
-    assert f"| counts | {tmp_path / 'final/steps/00-x/work/c.json'} |" in md
+    assert f"| counts | {tmp_path / 'final' / step_work / 'c.json'} |" in md
 
 
 def test_a_decontamination_report_shows_both_images_and_paths_outlive_the_rename(tmp_path):
