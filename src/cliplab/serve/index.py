@@ -17,6 +17,7 @@ from cliplab.serve.store import MetadataStore
 
 # what every complete index.json holds (and "faiss" or "milvus", its backend's settings)
 RECORD_KEYS = ("model", "fingerprint", "dim", "count", "skipped", "backend")
+BACKENDS = ("faiss", "milvus")
 
 
 class SearchIndex:
@@ -30,8 +31,9 @@ class SearchIndex:
         self._milvus = None
         try:  # a refused index leaves no open connection behind (sqlite, Milvus)
             self.store.check()
-            if self.store.count() != self.count:
-                raise DataError(f"{self.path / META_FILE}: holds {self.store.count()} items, "
+            rows = self.store.count()
+            if rows != self.count:
+                raise DataError(f"{self.path / META_FILE}: holds {rows} items, "
                                 f"index.json says {self.count}; the index is damaged, rebuild it "
                                 "with `cliplab index`")
             self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count,
@@ -124,12 +126,14 @@ def _complete_record(path: Path) -> dict:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise DataError(f"{path / INDEX_FILE}: not a complete index (format {found!r}); "
                         "rebuild it")
-    missing = [key for key in RECORD_KEYS + ((record.get("backend"),) if record.get("backend")
-                                             in ("faiss", "milvus") else ()) if key not in record]
-    if missing or record.get("backend") not in ("faiss", "milvus"):
-        raise DataError(f"{path / INDEX_FILE}: lacks {(missing or ['a known backend'])[0]}; the "
-                        "index is damaged, rebuild it with `cliplab index`")
-    for name in (META_FILE, VECTORS_FILE) + ((FAISS_FILE,) if record.get("backend") == "faiss" else ()):
+    backend = record.get("backend")
+    needed = (*RECORD_KEYS, backend) if backend in BACKENDS else RECORD_KEYS
+    missing = [key for key in needed if key not in record]
+    if missing or backend not in BACKENDS:
+        what = f"lacks {missing[0]}" if missing else f"names an unknown backend {backend!r}"
+        raise DataError(f"{path / INDEX_FILE}: {what}; the index is damaged, rebuild it with "
+                        "`cliplab index`")
+    for name in (META_FILE, VECTORS_FILE) + ((FAISS_FILE,) if backend == "faiss" else ()):
         if not (path / name).is_file():
             raise DataError(f"{path}: {name} is missing; the index is damaged, rebuild it")
     return record

@@ -85,10 +85,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
             pairs = as_pairs(load_source(spec, progress, "data.train"))
         replay, replay_ratio = _replay(cfg.data.replay, progress)
         context = TaskContext(progress=False)
-        if cfg.eval:
-            context.preload(cfg.eval.tasks, "eval.tasks")  # a bad eval source fails before training
         model = load_model(cfg.model)
-        if cfg.eval:  # and a task the model cannot serve (e.g. more `layers` than its blocks)
+        if cfg.eval:  # a bad eval source, or a task the model cannot serve, fails before training
             context.preload(cfg.eval.tasks, "eval.tasks", model=model)
         # the run folder is made only once the inputs are known to be good; its default name
         # holds a timestamp, so every rank takes rank 0's

@@ -9,6 +9,7 @@ paths works too for reading, with counts read from the tar headers when asked fo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tarfile
@@ -112,12 +113,22 @@ def ends_with_marker(path: Path, offset: int) -> bool:
 
 
 def tar_is_whole(path: Path) -> bool:
-    """Whether the tar at ``path`` reads to its end-of-archive marker (reads headers only)."""
+    """Whether the tar at ``path`` reads to its end-of-archive marker (reads headers only;
+    once per file and version, though the stream asks every epoch)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _tar_is_whole(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tar_is_whole(path: str, size: int, mtime_ns: int) -> bool:
     try:
         with tarfile.open(path) as tar:
             for _ in tar:
                 pass
-            return ends_with_marker(path, tar.offset)
+            return ends_with_marker(Path(path), tar.offset)
     except (tarfile.TarError, OSError):
         return False
 
