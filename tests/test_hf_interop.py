@@ -1,9 +1,9 @@
 """Folders cliplab saves open in transformers' own tools: AutoProcessor and the
 zero-shot-image-classification pipeline give cliplab's probabilities.
 
-Images are at the model's size: cliplab resizes in float (torch bilinear, antialiased) while
-the processor resizes a PIL uint8 image and rounds the longer side differently, so resized
-images agree only roughly; at the model's size both only rescale and normalise."""
+Images are at the model's size, where both only rescale and normalise, so probabilities agree
+to float precision; resized images agree to PIL's uint8 rounding (~1/255), which
+tests/test_model_files_preprocessor.py checks."""
 
 import numpy as np
 import pytest

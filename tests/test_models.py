@@ -101,7 +101,8 @@ def test_any_local_hf_clip_folder_loads(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     byte_level_tokenizer(32).save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": 16, "width": 16}, "image_mean": [0.5, 0.5, 0.5],
+        {"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16},
+         "image_mean": [0.5, 0.5, 0.5],
          "image_std": [0.25, 0.25, 0.25]}))
     model = DualEncoder.load(tmp_path / "hf")
     assert model.kind == "clip" and model.preprocess_config.image_size == 16

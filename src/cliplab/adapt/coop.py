@@ -26,6 +26,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.tokenizer import clean_text, clean_texts
 
 
 NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the prompt context"
@@ -73,6 +74,7 @@ def prompt_tokens(model: DualEncoder, names: list[str], init: str, n_ctx: int
     """
     tok = model.tokenizer
     start = leading_specials(tok)
+    names, init = clean_texts(names), clean_text(init)  # as model.tokenize cleans its texts
     if init:
         prompts = [f"{init} {name}." for name in names]
         prefix = tok(init, add_special_tokens=False)["input_ids"]

@@ -21,6 +21,7 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import RESIZE_VERSION
 
 
 def image_tower_fingerprint(model: DualEncoder) -> str:
@@ -36,6 +37,7 @@ def image_tower_fingerprint(model: DualEncoder) -> str:
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     pre = model.preprocess_config.to_dict()
     pre.pop("augment", None)  # train-time only
+    pre["resize_version"] = RESIZE_VERSION  # features cached before resizing changed differ
     h.update(json.dumps(pre, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

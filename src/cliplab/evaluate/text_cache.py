@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cliplab.evaluate.precision import autocast
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.tokenizer import clean_texts
 
 
 def text_tower_fingerprint(model: DualEncoder) -> str:
@@ -77,7 +78,7 @@ def encode_texts_sorted(model: DualEncoder, texts: Sequence[str], batch_size: in
     """Unit embeddings of ``texts`` (in their order), encoded in batches of texts of similar
     token length so each batch pads little."""
     lengths = [len(ids) for ids in model.tokenizer(
-        list(texts), truncation=True, max_length=model.context_length)["input_ids"]]
+        clean_texts(texts), truncation=True, max_length=model.context_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out = torch.empty(len(texts), model.embed_dim)
     with evaluating(model), autocast(precision, model.device.type):

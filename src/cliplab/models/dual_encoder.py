@@ -26,6 +26,9 @@ from cliplab.models.loading import MODEL_CLASSES, load_config, load_tokenizer, l
 from cliplab.models.pooled_towers import (clip_text_pooled, image_pooled,
                                           supports_pooled_forward)
 from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
+from cliplab.models.tokenizer import clean_texts
+
+TEXT_POOLINGS = ("model", "mean")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,7 @@ class DualEncoder(nn.Module):
         if model.config.model_type not in MODEL_CLASSES:
             raise ModelError(f"unsupported model type {model.config.model_type!r}; "
                              f"cliplab handles {sorted(MODEL_CLASSES)}")
-        if text_pooling not in ("model", "mean"):
+        if text_pooling not in TEXT_POOLINGS:
             raise ModelError(f"text_pooling must be 'model' or 'mean', not {text_pooling!r}")
         self.model = model
         self.source: str | None = None  # the folder `load` read it from (None: built in memory)
@@ -55,7 +58,7 @@ class DualEncoder(nn.Module):
         self.preprocess_config = preprocess
         self.preprocessor = ImagePreprocessor(preprocess)
         self.text_pooling = text_pooling
-        self.context_length = context_length or min(getattr(tokenizer, "model_max_length", 77), 512)
+        self.context_length = _context_length(model, tokenizer, context_length)
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -81,9 +84,10 @@ class DualEncoder(nn.Module):
 
     # -- inputs -------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask for ``texts``, padded to the model's context length."""
+        """Token ids and attention mask for ``texts`` cleaned as OpenCLIP cleans them
+        (`clean_texts`), padded to the model's context length."""
         padding = "max_length" if self.kind == "siglip" else "longest"
-        enc = self.tokenizer(list(texts), padding=padding, truncation=True,
+        enc = self.tokenizer(clean_texts(texts), padding=padding, truncation=True,
                              max_length=self.context_length, return_attention_mask=True,
                              return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -303,10 +307,14 @@ class DualEncoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
+        # plain transformers truncates where cliplab does
+        tokenizer_settings = {"model_max_length": self.context_length}
         if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
-            _set_tokenizer_inputs(path, ["input_ids"])
+            tokenizer_settings["model_input_names"] = ["input_ids"]
+        _update_tokenizer_config(path, tokenizer_settings)
         write_processor_config(path, self.preprocess_config)
-        write_model_card(path, self.kind, self.text_pooling, self.context_length)
+        write_model_card(path, self.kind, self.text_pooling, self.context_length,
+                         self.preprocess_config.resize_mode)
         write_meta(path, {"preprocess": self.preprocess_config.to_dict(),
                           "text_pooling": self.text_pooling,
                           "context_length": self.context_length})
@@ -337,12 +345,9 @@ class DualEncoder(nn.Module):
         model = load_weights(path, config).to(device)
         tokenizer = load_tokenizer(path)
         meta = read_meta(path)
+        _check_meta(path / CLIPLAB_FILE, meta, model)
         if "preprocess" in meta:
-            try:
-                pre = PreprocessConfig.from_dict(meta["preprocess"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise ModelError(f"{path / CLIPLAB_FILE}: bad 'preprocess' record "
-                                 f"({type(err).__name__}: {err})") from None
+            pre = PreprocessConfig.from_dict(meta["preprocess"], source=str(path / CLIPLAB_FILE))
         else:
             pre = preprocess_from_processor_config(path, config.vision_config.image_size)
         if "text_pooling" not in meta and config.model_type == "vision-text-dual-encoder":
@@ -367,12 +372,51 @@ def evaluating(module: nn.Module):
         module.train(was_training)
 
 
-def _set_tokenizer_inputs(folder: Path, names: list[str]) -> None:
-    """Record in the saved ``tokenizer_config.json`` which inputs the tokenizer returns."""
+def _update_tokenizer_config(folder: Path, settings: dict) -> None:
+    """Record ``settings`` (e.g. which inputs the tokenizer returns, where it truncates) in
+    the saved ``tokenizer_config.json``."""
     file = folder / "tokenizer_config.json"
     config = json.loads(file.read_text()) if file.is_file() else {}
-    config["model_input_names"] = names
+    config.update(settings)
     file.write_text(json.dumps(config, indent=2))
+
+
+def text_positions(model: PreTrainedModel) -> int | None:
+    """How many token positions the text tower embeds (CLIP's, SigLIP's and BERT's
+    ``max_position_embeddings``; None when its config does not say)."""
+    return getattr(model.config.text_config, "max_position_embeddings", None)
+
+
+def _context_length(model: PreTrainedModel, tokenizer, requested: int | None) -> int:
+    """``requested``, or when not given the tokenizer's ``model_max_length`` (at most 512);
+    never more than the text tower's positions."""
+    positions = text_positions(model)
+    if not requested:
+        inferred = min(getattr(tokenizer, "model_max_length", 77), 512)
+        return min(inferred, positions) if positions else inferred
+    if positions and requested > positions:
+        raise ModelError(f"context_length {requested} is more than the text tower's "
+                         f"{positions} positions; use at most {positions}")
+    return requested
+
+
+def _check_meta(file: Path, meta: dict, model: PreTrainedModel) -> None:
+    """A one-line `ModelError` naming ``file`` (cliplab.json) for a text pooling or context
+    length the model cannot use."""
+    pooling = meta.get("text_pooling", "model")
+    if pooling not in TEXT_POOLINGS:
+        raise ModelError(f"{file}: text_pooling must be 'model' or 'mean', not {pooling!r}")
+    length = meta.get("context_length")
+    if length is None:
+        return
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ModelError(f"{file}: context_length must be a positive whole number, not "
+                         f"{length!r}")
+    positions = text_positions(model)
+    if positions and length > positions:
+        raise ModelError(f"{file}: context_length {length} is more than the text tower's "
+                         f"{positions} positions (text_config.max_position_embeddings in "
+                         f"config.json); set it to at most {positions}")
 
 
 def _clip_eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -1,11 +1,17 @@
 """The files beside the weights that plain transformers tools read: ``preprocessor_config.json``
 (so ``AutoProcessor`` and ``pipeline("zero-shot-image-classification")`` open a folder cliplab
 saved, preprocessing images as cliplab does) and the model card ``README.md``.
+
+Both directions map exactly: what cliplab writes, transformers' ``CLIPImageProcessor`` and
+``SiglipImageProcessor`` reproduce (to PIL's uint8 rounding); what cliplab reads from a plain HF
+folder it reproduces, or refuses with a `ModelError` naming the key it cannot.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 from cliplab.errors import ModelError
@@ -14,65 +20,184 @@ from cliplab.models.preprocess import PreprocessConfig
 PROCESSOR_FILE = "preprocessor_config.json"
 COMBINED_PROCESSOR_FILE = "processor_config.json"  # transformers' newer processor.save_pretrained
 CARD_FILE = "README.md"
-PIL_BILINEAR = 2
+# PIL.Image.Resampling codes, as transformers' `resample` holds them
+PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
+PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
+                      5: "hamming"}
+LONGEST_NOTE = ("transformers' image processors cannot resize the longer side and pad to a "
+                "centred square (cliplab's resize_mode 'longest'): preprocessor_config.json "
+                "squashes the image to the square instead, so images preprocessed outside "
+                "cliplab differ")
 
 
 def image_processor_config(pre: PreprocessConfig) -> dict:
     """A ``CLIPImageProcessor`` config doing what `ImagePreprocessor` does at eval time: resize
-    the shorter side to ``image_size`` (bilinear), crop the centre square, scale to [0, 1],
-    normalise. Used for every kind (SigLIP's own processor squashes non-square images instead
-    of cropping them, which cliplab does not)."""
+    with ``pre``'s interpolation, either the shorter side to ``image_size`` then the centre
+    square (``shortest``) or both sides to ``image_size`` (``squash``; ``longest`` is written
+    as squash, see `LONGEST_NOTE`), scale to [0, 1], normalise."""
     size = int(pre.image_size)
+    square = {"height": size, "width": size}
+    crop = pre.resize_mode == "shortest"
     return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
-            "do_resize": True, "size": {"shortest_edge": size}, "resample": PIL_BILINEAR,
-            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_resize": True, "size": {"shortest_edge": size} if crop else square,
+            "resample": PIL_RESAMPLE[pre.interpolation],
+            "do_center_crop": crop, "crop_size": square,
             "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std)}
 
 
 def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
     file = Path(folder) / PROCESSOR_FILE
+    if pre.resize_mode == "longest":
+        warnings.warn(f"{file}: {LONGEST_NOTE}", stacklevel=2)
     file.write_text(json.dumps(image_processor_config(pre), indent=2))
     return file
 
 
 def preprocess_from_processor_config(folder: str | Path, image_size: int) -> PreprocessConfig:
-    """cliplab's eval preprocessing from a folder's ``preprocessor_config.json`` (size, mean,
-    std) or, as newer transformers save a processor, ``processor_config.json``'s
-    ``image_processor``; the model's ``image_size`` with CLIP's normalisation when it has
-    neither."""
-    pre = PreprocessConfig(image_size=image_size)
-    file = Path(folder) / PROCESSOR_FILE
+    """cliplab's eval preprocessing from a folder's ``preprocessor_config.json`` or, as newer
+    transformers save a processor, ``processor_config.json``'s ``image_processor``, read as
+    transformers reads it (its class's defaults for missing keys), which must make the model's
+    ``image_size``; that size with CLIP's normalisation when the folder has neither."""
+    found = _processor_dict(Path(folder))
+    if found is None:
+        return PreprocessConfig(image_size=image_size)
+    where, raw = found
+    pre = processor_to_preprocess(_image_processor(where, raw), where, raw)
+    if pre.image_size != image_size:  # the towers take no other size (transformers fails too)
+        _refuse(where, "crop_size" if pre.resize_mode == "shortest" else "size", raw,
+                f"it makes {pre.image_size} px images; the model's config.json takes "
+                f"{image_size} px")
+    return pre
+
+
+def _processor_dict(folder: Path) -> tuple[str, dict] | None:
+    """(where, the image processor's dict), ``where`` naming the file and the key path."""
+    file = folder / PROCESSOR_FILE
     if not file.is_file():
-        file = Path(folder) / COMBINED_PROCESSOR_FILE
+        file = folder / COMBINED_PROCESSOR_FILE
         if not file.is_file():
-            return pre
+            return None
     try:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if file.name == COMBINED_PROCESSOR_FILE:
         d = d.get("image_processor") if isinstance(d, dict) else None
-        if not isinstance(d, dict):
-            return pre
-    crop = d.get("crop_size") or d.get("size") or image_size
-    if isinstance(crop, dict):
-        crop = crop.get("height") or crop.get("shortest_edge") or image_size
-    pre.image_size = int(crop)
-    pre.mean = tuple(d.get("image_mean", pre.mean))
-    pre.std = tuple(d.get("image_std", pre.std))
-    return pre
+        return (f"{file}: image_processor.", d) if isinstance(d, dict) else None
+    if not isinstance(d, dict):
+        raise ModelError(f"{file}: must hold a JSON object, not {type(d).__name__}")
+    return f"{file}: ", d
 
 
-def model_card(kind: str, text_pooling: str, context_length: int) -> str:
+def _image_processor(where: str, raw: dict):
+    """The transformers image processor ``raw`` describes (its PIL backend, which reads the
+    same keys as the torchvision one and needs no torchvision)."""
+    from transformers.models.auto.image_processing_auto import \
+        get_image_processor_class_from_name
+
+    name = str(raw.get("image_processor_type") or "CLIPImageProcessor")
+    name = name.removesuffix("Fast").removesuffix("Pil")
+    cls = get_image_processor_class_from_name(name + "Pil") \
+        or get_image_processor_class_from_name(name)
+    if cls is None:
+        raise ModelError(f"{where}image_processor_type {name!r} is not an image processor "
+                         "transformers has; use CLIPImageProcessor's keys")
+    try:
+        return cls.from_dict(raw)
+    except Exception as err:  # each processor validates its keys its own way
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{where}not a valid {name} config ({why})") from None
+
+
+def processor_to_preprocess(processor, where: str, raw: dict) -> PreprocessConfig:
+    """The `PreprocessConfig` doing what transformers' ``processor`` does, or a `ModelError`
+    naming (after ``where``) the first key cliplab cannot reproduce."""
+    if not processor.do_resize:
+        _refuse(where, "do_resize", raw, "cliplab resizes every image to the model's size; "
+                "set it to true")
+    if not processor.do_rescale or not math.isclose(processor.rescale_factor, 1 / 255):
+        _refuse(where, "rescale_factor" if processor.do_rescale else "do_rescale", raw,
+                "cliplab scales pixels to [0, 1]: do_rescale true, rescale_factor 1/255")
+    if getattr(processor, "do_pad", False):
+        _refuse(where, "do_pad", raw, "cliplab pads only in its own 'longest' resize; set it "
+                "to false")
+    size, mode = _resize(processor, where, raw)
+    mean, std = _normalisation(processor, where, raw)
+    return PreprocessConfig(image_size=size, mean=mean, std=std, resize_mode=mode,
+                            interpolation=_interpolation(processor, where, raw))
+
+
+def _resize(processor, where: str, raw: dict) -> tuple[int, str]:
+    """(image size, resize mode): ``shortest_edge`` with a centre crop of that square, or a
+    square ``height``/``width`` without a crop (or with one of the same size)."""
+    size = processor.size
+    given = {k: v for k, v in vars(size).items() if v is not None}
+    crop = processor.crop_size if processor.do_center_crop else None
+    crop = (crop.height, crop.width) if crop is not None else None
+    if given.keys() == {"shortest_edge"}:
+        side = size.shortest_edge
+        if crop != (side, side):
+            _refuse(where, "do_center_crop" if crop is None else "crop_size", raw,
+                    f"after the shorter side is resized to {side}, cliplab crops the centre "
+                    f"{side}x{side} square: do_center_crop true, crop_size {side}x{side}")
+        return side, "shortest"
+    if given.keys() == {"height", "width"} and size.height == size.width:
+        if crop not in (None, (size.height, size.width)):
+            _refuse(where, "crop_size", raw, "cliplab does not crop an image it squashed to "
+                    "a square; set do_center_crop to false")
+        return size.height, "squash"
+    _refuse(where, "size", raw, "cliplab resizes to {'shortest_edge': S} (then crops the "
+            "centre) or to a square {'height': S, 'width': S} only")
+
+
+def _interpolation(processor, where: str, raw: dict) -> str:
+    code = processor.resample
+    code = 2 if code is None else code  # transformers' PIL backend resizes bilinear then
+    by_code = {v: k for k, v in PIL_RESAMPLE.items()}
+    if not isinstance(code, int) or code not in by_code:
+        name = PIL_RESAMPLE_NAMES.get(code, "unknown") if isinstance(code, int) else "unknown"
+        _refuse(where, "resample", raw, f"{name} is not an interpolation cliplab has; set 2 "
+                "(bilinear) or 3 (bicubic)")
+    return by_code[int(code)]
+
+
+def _normalisation(processor, where: str, raw: dict) -> tuple[tuple, tuple]:
+    """(mean, std) per channel: 0 and 1 without ``do_normalize``; a single number (which
+    transformers allows) applies to all three channels."""
+    if not processor.do_normalize:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return (_per_channel(processor.image_mean, "image_mean", where, raw),
+            _per_channel(processor.image_std, "image_std", where, raw, positive=True))
+
+
+def _per_channel(value, key: str, where: str, raw: dict, positive: bool = False) -> tuple:
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        and (v > 0 or not positive) for v in values)
+    if not ok:
+        _refuse(where, key, raw, f"it must be 3 {'positive ' if positive else ''}numbers "
+                "(R, G, B) or one for all three")
+    return tuple(float(v) for v in values)
+
+
+def _refuse(where: str, key: str, raw: dict, why: str) -> None:
+    shown = json.dumps(raw[key]) if key in raw else "(not set: the processor's default)"
+    raise ModelError(f"{where}{key} = {shown}: cliplab's preprocessing cannot do this ({why})")
+
+
+def model_card(kind: str, text_pooling: str, context_length: int,
+               resize_mode: str = "shortest") -> str:
     """The saved folder's README: what it is and how to open it outside cliplab."""
     lines = ["---", "library_name: transformers",
              "tags: [cliplab, clip, zero-shot-image-classification]", "---", "", "# A cliplab dual encoder", "",
              f"A contrastive image-text model ({kind}) saved by cliplab: `config.json` and "
              "`model.safetensors` are a plain Hugging Face transformers model, with its "
-             "tokenizer and `preprocessor_config.json` (cliplab's resize, centre crop and "
-             "normalisation); `cliplab.json` holds cliplab's own settings (preprocessing, "
-             "text pooling, context length, and where the weights came from).", "",
+             "tokenizer and `preprocessor_config.json` (cliplab's resize, interpolation, "
+             "centre crop if any, and normalisation); `cliplab.json` holds cliplab's own "
+             "settings (preprocessing, text pooling, context length, and where the weights "
+             "came from).", "",
              "In cliplab: `cliplab eval --model THIS_FOLDER ...` or "
              "`cliplab.models.resolve.load_model(\"THIS_FOLDER\")`.", ""]
     if text_pooling == "mean" or kind == "vision-text-dual-encoder":
@@ -94,11 +219,15 @@ def model_card(kind: str, text_pooling: str, context_length: int) -> str:
                       f"padded to this model's context length, {context_length} tokens: the "
                       "pipeline pads to 64 unless given "
                       f"`tokenizer_kwargs={{\"max_length\": {context_length}}}`.", ""]
+    if resize_mode == "longest":
+        lines += ["## Warning: images preprocessed outside cliplab differ", "",
+                  LONGEST_NOTE[0].upper() + LONGEST_NOTE[1:] + ". Preprocess images with "
+                  "cliplab (`DualEncoder.preprocess`).", ""]
     return "\n".join(lines)
 
 
 def write_model_card(folder: str | Path, kind: str, text_pooling: str,
-                     context_length: int) -> Path:
+                     context_length: int, resize_mode: str = "shortest") -> Path:
     file = Path(folder) / CARD_FILE
-    file.write_text(model_card(kind, text_pooling, context_length))
+    file.write_text(model_card(kind, text_pooling, context_length, resize_mode))
     return file

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
                           PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
 
@@ -63,12 +64,15 @@ def weights_file(path: Path) -> Path:
 
 def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
     """The HF model of ``config`` with the folder's weights, which must fit it exactly: no
-    tensor of another shape, none missing, none left over."""
+    tensor of another shape, none missing, none left over. Always float32, whatever dtype the
+    folder was saved in (transformers would keep a saved fp16/bf16): cliplab's ``precision``
+    options choose the compute dtype by autocast."""
     file = weights_file(path)
     model_cls = MODEL_CLASSES[config.model_type]
     try:
         model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True,
-                                                ignore_mismatched_sizes=True)
+                                                ignore_mismatched_sizes=True,
+                                                dtype=torch.float32)
     except Exception as err:  # safetensors, torch and transformers each raise their own
         raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
                          f"({_first_line(err)})") from None

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cliplab.errors import ModelError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,13 +49,68 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        d = dict(d)
+    def from_dict(cls, d: dict, source: str = "cliplab.json") -> "PreprocessConfig":
+        """The config a ``to_dict`` record describes (``source``: the file it came from, named
+        in the one-line `ModelError` a bad key or value gives)."""
+        if not isinstance(d, dict):
+            raise ModelError(f"{source}: 'preprocess' must be a JSON object, not "
+                             f"{type(d).__name__}")
+        d = {**_PREPROCESS_DEFAULTS, **d}
+        for key in ("image_size", "mean", "std"):
+            if key not in d:
+                raise ModelError(f"{source}: preprocess.{key} is missing")
+        for key, (valid, want) in _PREPROCESS_CHECKS.items():
+            _check(valid(d[key]), source, f"preprocess.{key}", d[key], want)
+        augment = d["augment"] if d.get("augment") is not None else {}
+        _check(isinstance(augment, dict) and augment.keys() <= _AUGMENT_CHECKS.keys(), source,
+               "preprocess.augment", augment, f"an object with keys {sorted(_AUGMENT_CHECKS)}")
+        for key, value in augment.items():
+            valid, want = _AUGMENT_CHECKS[key]
+            _check(valid(value), source, f"preprocess.augment.{key}", value, want)
         aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in d.pop("augment", {}).items()})
-        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   augment=aug, resize_mode=d.get("resize_mode", "shortest"),
-                   interpolation=d.get("interpolation", "bilinear"))
+                               for k, v in augment.items()})
+        return cls(image_size=d["image_size"], mean=tuple(float(v) for v in d["mean"]),
+                   std=tuple(float(v) for v in d["std"]), augment=aug,
+                   resize_mode=d["resize_mode"], interpolation=d["interpolation"])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _is_numbers(value, n: int, positive: bool = False) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == n \
+        and all(_is_number(v) and (v > 0 or not positive) for v in value)
+
+
+def _check(ok: bool, source: str, key: str, value, want: str) -> None:
+    if not ok:
+        raise ModelError(f"{source}: {key} must be {want}, not {value!r}; correct it there")
+
+
+RESIZE_MODES = ("shortest", "squash", "longest")
+INTERPOLATIONS = ("bilinear", "bicubic")
+# 2: PIL's geometry (long side truncated, antialiased, bicubic in two clamped passes);
+# caches of image features should key on it: bump it whenever resizing changes pixels
+RESIZE_VERSION = 2
+# folders saved before these fields existed
+_PREPROCESS_DEFAULTS = {"resize_mode": "shortest", "interpolation": "bilinear"}
+_PREPROCESS_CHECKS = {
+    "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "a positive whole number"),
+    "mean": (lambda v: _is_numbers(v, 3), "3 numbers (R, G, B)"),
+    "std": (lambda v: _is_numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
+    "resize_mode": (lambda v: v in RESIZE_MODES, " or ".join(map(repr, RESIZE_MODES))),
+    "interpolation": (lambda v: v in INTERPOLATIONS, " or ".join(map(repr, INTERPOLATIONS))),
+}
+_AUGMENT_CHECKS = {
+    "scale": (lambda v: _is_numbers(v, 2, positive=True) and v[0] <= v[1],
+              "[low, high] with 0 < low <= high"),
+    "translate": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "rotate_deg": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "hflip": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -108,37 +165,53 @@ def to_float_rgb(images: torch.Tensor) -> torch.Tensor:
     return as_rgb(to_float(images))
 
 
-RESIZE_MODES = ("shortest", "squash", "longest")
-INTERPOLATIONS = ("bilinear", "bicubic")
-
-
 def resize_center_crop(x: torch.Tensor, size: int, mode: str = "shortest",
                        interpolation: str = "bilinear") -> torch.Tensor:
-    """A ``size`` square: the shorter side resized to ``size`` (antialiased) and the centre
-    cropped (``mode="shortest"``); or both sides resized (``"squash"``); or the longer side
-    resized and the rest padded with zeros (``"longest"``)."""
+    """A ``size`` square: the shorter side resized to ``size`` and the centre cropped
+    (``mode="shortest"``); or both sides resized (``"squash"``); or the longer side resized and
+    the rest padded with zeros (``"longest"``). Resized as PIL resizes (`resize_like_pil`), so
+    as OpenCLIP's and transformers' processors do."""
     if mode not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES} and interpolation one of "
                          f"{INTERPOLATIONS}, not {mode!r} / {interpolation!r}")
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x
-    if mode == "squash":
-        x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False,
-                          antialias=min(h, w) > size)
-        return x.clamp_(0, 1) if interpolation == "bicubic" else x
-    scale = size / (min(h, w) if mode == "shortest" else max(h, w))
-    bound = max if mode == "shortest" else min
-    nh, nw = bound(size, round(h * scale)), bound(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode=interpolation, align_corners=False,
-                      antialias=scale < 1)
-    if interpolation == "bicubic":  # bicubic overshoots; PIL's uint8 output is clamped too
-        x = x.clamp_(0, 1)
+    nh, nw = (size, size) if mode == "squash" else keep_ratio_size(h, w, size, mode)
+    x = resize_like_pil(x, (nh, nw), interpolation)
     if mode == "longest":
         top, left = (size - nh) // 2, (size - nw) // 2
         return F.pad(x, (left, size - nw - left, top, size - nh - top))
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = (nh - size) // 2, (nw - size) // 2  # transformers' centre crop rounds down
     return x[..., top:top + size, left:left + size]
+
+
+def keep_ratio_size(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
+    """The resized ``(height, width)`` of an ``h`` x ``w`` image keeping its aspect ratio:
+    shorter side ``size`` and the longer truncated (``"shortest"``: torchvision's
+    ``Resize(size)``, which OpenCLIP uses, and transformers' ``shortest_edge``), or longer side
+    ``size`` and the shorter rounded (``"longest"``: OpenCLIP's ``ResizeKeepRatio``)."""
+    if mode == "shortest":
+        return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    scale = size / max(h, w)
+    return min(size, round(h * scale)), min(size, round(w * scale))
+
+
+def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Float images ``[B, C, H, W]`` resized to ``size`` as PIL's ``Image.resize`` does (within
+    ~1/255, PIL's rounding to uint8): antialiased along each axis that shrinks, bicubic with
+    PIL's a = -0.5 kernel, width first, then height."""
+    if interpolation == "bilinear":  # never overshoots: one separable call is PIL's two passes
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    h, w = x.shape[-2:]
+    # PIL clips each pass's overshoot to uint8 range; torch's antialias kernel is PIL's
+    if w != size[1]:
+        x = F.interpolate(x, size=(h, size[1]), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0, 1)
+    if h != size[0]:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0, 1)
+    return x
 
 
 def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,

@@ -1,11 +1,18 @@
-"""An offline byte-level tokenizer for from-scratch text towers (the `tiny-clip` preset).
+"""Text cleaning every model's tokenize applies, and an offline byte-level tokenizer for
+from-scratch text towers (the `tiny-clip` preset).
 
-Every string tokenizes (one token per UTF-8 byte, lower-cased), nothing is downloaded, and the
-tokenizer saves with the model as a plain HF ``tokenizer.json``.
+`clean_texts` is OpenCLIP's and OpenAI CLIP's cleaning (``basic_clean`` then
+``whitespace_clean``), applied before any tokenizer so that a text gets the ids OpenCLIP gives
+it. The byte-level tokenizer tokenizes every string (one token per UTF-8 byte, lower-cased),
+downloads nothing, and saves with the model as a plain HF ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
+import html
+from collections.abc import Iterable
+
+import ftfy
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -29,3 +36,16 @@ def byte_level_tokenizer(context_length: int = 64) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", model_max_length=context_length)
+
+
+def clean_text(text: str) -> str:
+    """``text`` as OpenCLIP cleans it before tokenizing: mojibake and other Unicode damage
+    fixed (``ftfy.fix_text``), HTML entities unescaped (twice: some captions are escaped
+    twice), runs of whitespace made one space, the ends stripped."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split())
+
+
+def clean_texts(texts: Iterable[str]) -> list[str]:
+    """`clean_text` of each text: what every ``tokenize`` (PyTorch or ONNX) calls first."""
+    return [clean_text(text) for text in texts]
