@@ -189,9 +189,14 @@ def test_out_folder_not_overwritten_unless_asked(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     convert_openclip(SOURCES["hub-gelu"], out)
-    (out / "keep.txt").write_text("mine")  # a previous model folder: replaced whole
+    (out / "keep.txt").write_text("mine")  # a model folder holding a file of the user's: kept
+    with pytest.raises(ModelError, match=r"holds other files \(e.g. keep.txt\)"):
+        convert_openclip(SOURCES["hub-gelu"], out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # a previous model folder alone: replaced whole
+    (out / "config.json").write_text("{}")
     convert_openclip(SOURCES["hub-gelu"], out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "clip"
 
 
 def test_export_refuses_non_clip_towers(tmp_path):

@@ -218,10 +218,13 @@ def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, ca
     assert (out / "notes.txt").read_text() == "mine"  # untouched
     (out / "notes.txt").unlink()
     assert main(args) == 0
-    (out / "notes.txt").write_text("mine")  # a previous merge output, with a file added
-    assert main(args) == 2
+    assert main(args) == 2  # a previous merge output: only with --overwrite
+    (out / "notes.txt").write_text("mine")  # ...and a file the user added to it is theirs
+    assert main([*args, "--overwrite"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     assert main([*args, "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists() and (out / "merge.json").is_file()
+    assert (out / "merge.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["soup"]
     # a model folder that no merge wrote (a user's pretrained model) is not a merge output
     model = tmp_path / "pretrained"

@@ -5,15 +5,18 @@ Used by ``cliplab curate`` and ``cliplab index``; JSON files are written atomica
 `check_out` is the one rule every command applies to its ``--out`` before any work: a file is
 refused, an ``--out`` that is, holds or lies inside an input (or a run's checkpoints) is refused,
 a non-empty folder needs ``--overwrite``, and ``--overwrite`` replaces only a previous output of
-the same kind (never a folder of other files)."""
+the same kind: a folder replaced whole must hold nothing but that output's own files
+(`OutputFiles`), so a file of the user's beside them keeps it from being replaced."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -32,17 +35,75 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def has_files(*names: str) -> Callable[[Path], bool]:
-    """A previous-output test: the folder holds every one of ``names``."""
+    """A previous-output test: the folder holds every one of ``names`` (whatever else it holds;
+    for a command that rewrites its own files in place, never for one that replaces the folder:
+    that takes `OutputFiles`)."""
     return lambda folder: all((folder / name).exists() for name in names)
 
 
-MODEL_FOLDER = has_files("cliplab.json", "config.json")  # a model folder cliplab wrote
+@dataclass(frozen=True)
+class OutputFiles:
+    """A previous-output test for an output a command replaces whole: the folder holds every
+    file of ``markers`` and no entry but files this kind of output writes (``names``, names
+    matching a regex of ``patterns``, or a file ``more(folder)`` lists). A sub-folder or any
+    other file is the user's, so ``--overwrite`` must not replace the folder."""
+
+    markers: tuple[str, ...]
+    names: frozenset[str] = frozenset()
+    patterns: tuple[str, ...] = ()
+    more: Callable[[Path], Iterable[str]] | None = None
+
+    def __call__(self, folder: Path) -> bool:
+        return self.missing(folder) is None and self.foreign(folder) is None
+
+    def missing(self, folder: Path) -> str | None:
+        """The first of ``markers`` that ``folder`` does not hold as a file."""
+        return next((name for name in self.markers if not (folder / name).is_file()), None)
+
+    def foreign(self, folder: Path) -> str | None:
+        """The first entry of ``folder`` (by name) that is not a file of this output."""
+        unknown = sorted(p.name for p in folder.iterdir() if not self._own(p))
+        if unknown and self.more is not None:  # read only when needed: it may parse files
+            listed = set(self.more(folder))
+            unknown = [n for n in unknown if n not in listed or not (folder / n).is_file()]
+        return unknown[0] if unknown else None
+
+    def plus(self, *markers: str) -> "OutputFiles":
+        """This output with more files it always holds (a merge: a model folder + merge.json)."""
+        return replace(self, markers=self.markers + markers)
+
+    def why_not(self, folder: Path) -> str:
+        """Why ``folder`` is not such an output, for an error message."""
+        foreign = self.foreign(folder)
+        if foreign is not None:
+            return f"holds other files (e.g. {foreign})"
+        return f"has no {self.missing(folder)}"
+
+    def _own(self, entry: Path) -> bool:
+        name = entry.name
+        return entry.is_file() and (name in self.markers or name in self.names
+                                    or any(re.fullmatch(p, name) for p in self.patterns))
 
 
-def only_files(*names: str) -> Callable[[Path], bool]:
+def only_files(*names: str) -> OutputFiles:
     """A previous-output test: the folder holds ``names[0]`` and nothing but ``names``."""
-    return lambda folder: (folder / names[0]).is_file() and \
-        all(p.name in names for p in folder.iterdir())
+    return OutputFiles(markers=names[:1], names=frozenset(names))
+
+
+# What `DualEncoder.save` writes: transformers' save_pretrained of the model (weights, sharded
+# above 50 GB, and config.json) and of the tokenizer (tokenizer_config.json, tokenizer.json or a
+# slow tokenizer's vocabulary files, added tokens, a chat template), preprocessor_config.json,
+# the model card README.md and cliplab.json. tests/test_model_outputs_overwrite.py checks that
+# every file a save writes is listed; an unlisted one is refused, never deleted.
+TOKENIZER_FILES = frozenset({
+    "tokenizer_config.json", "tokenizer.json", "added_tokens.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tokenizer.model",
+    "sentencepiece.bpe.model"})
+MODEL_FILES = TOKENIZER_FILES | {"config.json", "model.safetensors",
+                                 "model.safetensors.index.json", "preprocessor_config.json",
+                                 "README.md", "cliplab.json"}
+WEIGHT_SHARD = r"model-\d{5}-of-\d{5}\.safetensors"  # save_pretrained's shard names
+MODEL_FOLDER = OutputFiles(("cliplab.json", "config.json"), MODEL_FILES, (WEIGHT_SHARD,))
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -100,10 +161,10 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     if not overwrite and not may_exist:
         raise error(f"--out {out} is not empty; give a new folder or --overwrite to replace a "
                     f"previous {kind} output")
-    other = sorted(p.name for p in path.iterdir())[0]
+    why = previous.why_not(path) if isinstance(previous, OutputFiles) else \
+        f"holds other files (e.g. {sorted(p.name for p in path.iterdir())[0]})"
     flag = "--overwrite replaces" if overwrite else f"cliplab {kind} rewrites"
-    raise error(f"{flag} only a previous {kind} output; {out} holds other files (e.g. "
-                f"{other}); choose a new folder")
+    raise error(f"{flag} only a previous {kind} output; {out} {why}; choose a new folder")
 
 
 def partial_path(out: Path) -> Path:

@@ -21,10 +21,10 @@ from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
-from cliplab.output_folder import check_out, has_files
+from cliplab.output_folder import MODEL_FOLDER, check_out
 
 # what --overwrite may replace: a previous merge output (a model folder with its merge.json)
-MERGE_OUTPUT = has_files("merge.json", "config.json", "cliplab.json")
+MERGE_OUTPUT = MODEL_FOLDER.plus("merge.json")
 
 
 def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:

@@ -28,13 +28,39 @@ from torch import nn
 from cliplab.errors import ModelError
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
-from cliplab.output_folder import has_files
+from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
 
 EXPORT_FILE = "onnx_export.json"
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
 PROJECTIONS_FILE = "projections.safetensors"
 OPSET = 18
-ONNX_EXPORT = has_files(EXPORT_FILE)  # a previous ONNX export
+
+
+def external_data_files(folder: Path) -> set[str]:
+    """The files beside the ONNX graphs of ``folder`` that hold their weights (a tower over
+    2 GB is exported with its initializers in separate files); none without onnx installed."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    except ImportError:
+        return set()
+    names = set()
+    for graph in (IMAGE_FILE, TEXT_FILE):
+        if not (folder / graph).is_file():
+            continue
+        try:
+            proto = onnx.load(str(folder / graph), load_external_data=False)
+        except Exception:  # noqa: BLE001 - a damaged graph lists nothing of its own
+            continue
+        names |= {ExternalDataInfo(t).location for t in proto.graph.initializer
+                  if uses_external_data(t)}
+    return names
+
+
+# a previous ONNX export: what `export_onnx` writes, and nothing else
+ONNX_EXPORT = OutputFiles((EXPORT_FILE,),
+                          TOKENIZER_FILES | {IMAGE_FILE, TEXT_FILE, PROJECTIONS_FILE},
+                          more=external_data_files)
 
 
 class _ImageTower(nn.Module):

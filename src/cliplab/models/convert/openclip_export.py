@@ -23,7 +23,7 @@ from cliplab.models.convert.openclip_config import CLIP_EOT_ID, openclip_config_
 from cliplab.models.convert.openclip_files import CONFIG_FILE, WEIGHT_FILES
 from cliplab.models.convert.openclip_weights import hf_to_openclip
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.output_folder import has_files
+from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
 
 
 def _is_clip_bpe(tokenizer) -> bool:
@@ -57,7 +57,8 @@ def openclip_state_and_config(model: DualEncoder, tokenizer_name: str | None = N
     return state, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-OPENCLIP_EXPORT = has_files(CONFIG_FILE, WEIGHT_FILES[0])  # a previous OpenCLIP export
+# a previous OpenCLIP export: what `export_openclip` writes, and nothing else
+OPENCLIP_EXPORT = OutputFiles((CONFIG_FILE, WEIGHT_FILES[0]), TOKENIZER_FILES)
 
 
 def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False,
