@@ -91,3 +91,28 @@ def test_eval_cli_takes_a_hub_id_or_says_how_to_fetch_it(saved, tmp_path, monkey
                  "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "hf download google/siglip-base-patch16-224" in lines[0]
+
+
+def test_a_file_of_a_model_folder_says_to_give_its_folder(saved, tmp_path, capsys):
+    weights = saved / "model.safetensors"
+    for call in (load_model, resolve_model_path):
+        with pytest.raises(ModelError) as err:
+            call(str(weights))
+        assert str(err.value) == (f"{weights} is a file, not a model folder; give the folder "
+                                  f"that holds it: {saved}")
+    assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(f"give the folder that holds it: {saved}")
+    loose = tmp_path / "epoch_1.pt"  # an OpenCLIP checkpoint without its config beside it
+    loose.write_bytes(b"")
+    with pytest.raises(ModelError, match=r"^.*epoch_1.pt is a file, not a model folder; an "
+                                         r"OpenCLIP checkpoint file needs its model config"):
+        load_model(str(loose))
+
+
+def test_an_openclip_checkpoint_file_is_still_a_model_spec():
+    from pathlib import Path
+
+    ckpt = Path(__file__).parent / "fixtures" / "openclip" / "ddp-quickgelu" / "epoch_3.pt"
+    assert resolve_model_path(str(ckpt)) == ckpt
+    assert load_model(str(ckpt)).model.config.vision_config.hidden_act == "quick_gelu"

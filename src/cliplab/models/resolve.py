@@ -58,11 +58,17 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
 
 
 def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
-    """The model folder a non-preset spec names (a folder, checkpoint, run or Hub id)."""
+    """The model folder a non-preset spec names (a folder, checkpoint, run or Hub id; an
+    OpenCLIP checkpoint file: the file). Any other file is refused, naming its folder."""
     spec = model_spec(spec)
     if spec.name in PRESETS:
         raise ModelError(f"{spec.name!r} is a preset, built in memory: it has no folder")
     path = Path(spec.name).expanduser()
+    if path.is_file():
+        from cliplab.models.convert import is_openclip_checkpoint
+
+        if not is_openclip_checkpoint(path):  # the one kind of file a spec may name
+            raise not_a_folder(path)
     if path.exists():
         return model_folder(path)
     if is_hub_id(spec.name):
@@ -82,6 +88,22 @@ def unknown_model(name: str) -> ModelError:
     return ModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), a "
                       f"model, checkpoint or run folder, or a Hugging Face Hub id "
                       f"(org/name){hint}")
+
+
+def not_a_folder(file: Path) -> ModelError:
+    """The error for a model spec naming a file that is no OpenCLIP checkpoint: the model
+    folder holding it, when it is in one, else what a file must be to be taken."""
+    if (file.parent / "config.json").is_file():
+        return ModelError(f"{file} is a file, not a model folder; give the folder that holds it: "
+                          f"{file.parent}")
+    from cliplab.models.convert.openclip_files import WEIGHT_SUFFIXES
+
+    if file.suffix in WEIGHT_SUFFIXES:
+        return ModelError(f"{file} is a file, not a model folder; an OpenCLIP checkpoint file "
+                          "needs its model config beside it (open_clip_config.json, or a single "
+                          "*.json such as ViT-B-32.json)")
+    return ModelError(f"{file} is a file; give a model, checkpoint or run folder (or an "
+                      "OpenCLIP checkpoint file with its config JSON beside it)")
 
 
 def model_folder(path: str | Path) -> Path:

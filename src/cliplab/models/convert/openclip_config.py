@@ -8,6 +8,7 @@ attentional pooling, a text projection with bias, ...) is refused with the key t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from transformers import CLIPConfig
@@ -75,6 +76,25 @@ def _as_int(value, key: str, file: Path) -> int:
     return value
 
 
+def _mlp_width(width: int, tower_cfg: dict, where: str, file: Path) -> int:
+    """The MLP width exactly as OpenCLIP computes it: ``int(width * mlp_ratio)``."""
+    ratio = tower_cfg["mlp_ratio"]
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
+        raise ModelError(f"{file}: {where}mlp_ratio must be a positive number, not {ratio!r}")
+    return int(width * ratio)
+
+
+def mlp_ratio(width: int, intermediate: int) -> float:
+    """The ``mlp_ratio`` OpenCLIP turns back into ``intermediate``: it computes
+    ``int(width * mlp_ratio)``, and ``intermediate / width`` can fall a hair short in floats
+    (246 / 60 = 4.1, but 60 * 4.1 = 245.99999999999997), so the ratio is raised by the least
+    float steps that make the product truncate to ``intermediate``."""
+    ratio = intermediate / width
+    while int(width * ratio) < intermediate:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def clip_config_from_openclip(model_cfg: dict, file: Path, eos_token_id: int,
                               pad_token_id: int = 0, bos_token_id: int | None = None
                               ) -> CLIPConfig:
@@ -98,7 +118,7 @@ def clip_config_from_openclip(model_cfg: dict, file: Path, eos_token_id: int,
     if text_width % heads:
         raise ModelError(f"{file}: text_cfg.width {text_width} is not a multiple of heads {heads}")
     vision = dict(
-        hidden_size=width, intermediate_size=int(width * vcfg["mlp_ratio"]),
+        hidden_size=width, intermediate_size=_mlp_width(width, vcfg, "vision_cfg.", file),
         num_attention_heads=width // head_width,
         num_hidden_layers=_as_int(vcfg["layers"], "vision_cfg.layers", file),
         image_size=_as_int(vcfg["image_size"], "vision_cfg.image_size", file),
@@ -107,7 +127,7 @@ def clip_config_from_openclip(model_cfg: dict, file: Path, eos_token_id: int,
         projection_dim=int(model_cfg["embed_dim"]))
     text = dict(
         vocab_size=_as_int(tcfg["vocab_size"], "text_cfg.vocab_size", file),
-        hidden_size=text_width, intermediate_size=int(text_width * tcfg["mlp_ratio"]),
+        hidden_size=text_width, intermediate_size=_mlp_width(text_width, tcfg, "text_cfg.", file),
         num_attention_heads=heads, num_hidden_layers=_as_int(tcfg["layers"], "text_cfg.layers", file),
         max_position_embeddings=_as_int(tcfg["context_length"], "text_cfg.context_length", file),
         hidden_act=act, layer_norm_eps=_eps(tcfg, "text_cfg.", file),
@@ -128,10 +148,11 @@ def openclip_config_from_clip(config: CLIPConfig, eos_token_id: int | None,
                          "OpenCLIP's towers use gelu or quick_gelu, the same in both")
     vision_cfg = dict(image_size=v.image_size, layers=v.num_hidden_layers, width=v.hidden_size,
                       head_width=v.hidden_size // v.num_attention_heads,
-                      mlp_ratio=v.intermediate_size / v.hidden_size, patch_size=v.patch_size)
+                      mlp_ratio=mlp_ratio(v.hidden_size, v.intermediate_size),
+                      patch_size=v.patch_size)
     text_cfg = dict(context_length=t.max_position_embeddings, vocab_size=t.vocab_size,
                     width=t.hidden_size, heads=t.num_attention_heads, layers=t.num_hidden_layers,
-                    mlp_ratio=t.intermediate_size / t.hidden_size)
+                    mlp_ratio=mlp_ratio(t.hidden_size, t.intermediate_size))
     for cfg, eps in ((vision_cfg, v.layer_norm_eps), (text_cfg, t.layer_norm_eps)):
         if eps != 1e-5:
             cfg["norm_kwargs"] = {"eps": eps}

@@ -7,7 +7,9 @@ OpenCLIP writes three shapes of checkpoint:
 - a bare state dict (``.pt``/``.bin``/``.safetensors``) as ``open_clip.create_model(...,
   pretrained=FILE)`` reads it;
 - a Hub folder: ``open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``) +
-  ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``).
+  ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``); timm's Hub repos add a
+  ``config.json`` of their own (no dual-encoder ``model_type``), which does not make them HF
+  model folders.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cliplab.errors import ModelError
+from cliplab.models.loading import MODEL_CLASSES
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -132,13 +135,24 @@ def read_openclip(path: str | Path, config: str | Path | None = None) -> OpenCli
     return OpenClipCheckpoint(weights, cfg, read_state_dict(weights), model_cfg, pre)
 
 
+def is_hf_model_folder(folder: Path) -> bool:
+    """Whether ``folder``'s ``config.json`` is that of a dual encoder transformers loads (its
+    ``model_type`` one of cliplab's; timm's config.json has none)."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") in MODEL_CLASSES
+
+
 def is_openclip_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` looks like an OpenCLIP checkpoint cliplab can import (a folder with
     ``open_clip_config.json`` and weights, or a weights file with a config JSON beside it);
-    HF model folders (``config.json``) are not."""
+    HF model folders (a ``config.json`` of a dual encoder) are not, even with OpenCLIP files
+    beside it."""
     path = Path(path)
     if path.is_dir():
-        return (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file() \
+        return (path / CONFIG_FILE).is_file() and not is_hf_model_folder(path) \
             and any((path / n).is_file() for n in WEIGHT_FILES)
     if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
         try:

@@ -6,19 +6,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, CLIPModel
+from transformers import AutoTokenizer, CLIPModel, PretrainedConfig
 
 from cliplab.errors import ModelError
 from cliplab.models.convert.atomic import MODEL_FOLDER, atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
 from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
-from cliplab.models.convert.openclip_files import OpenClipCheckpoint, read_openclip
+from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, is_hf_model_folder,
+                                                   read_openclip)
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.loading import TOKENIZER_FILES
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from cliplab.output_folder import check_out
-
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
@@ -29,19 +29,49 @@ def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
     name = ckpt.model_cfg["text_cfg"].get("hf_tokenizer_name")
     if not name:
         return clip_bpe_tokenizer(context_length)
-    folder = ckpt.weights_file.parent
-    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        source = str(folder)
-    else:
-        local = ckpt.config_file.parent / name
-        source = str(local) if local.is_dir() else name
+    where = f"{ckpt.config_file}: text_cfg.hf_tokenizer_name {name!r}"
+    source = _tokenizer_folder(ckpt, name, where)
+    kwargs = {}
+    if source == ckpt.weights_file.parent and (source / "config.json").is_file() \
+            and not is_hf_model_folder(source):
+        # the OpenCLIP folder's own config.json (timm's Hub layout) is its image tower's, which
+        # transformers would read (needing timm) to choose the tokenizer class; without it the
+        # class comes from tokenizer_config.json (or tokenizer.json)
+        kwargs["config"] = PretrainedConfig()
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{ckpt.config_file}: text_cfg.hf_tokenizer_name {name!r} cannot be "
-                         f"loaded offline ({str(err).splitlines()[0]})") from None
+        tok = AutoTokenizer.from_pretrained(source or name, **kwargs)
+    except Exception as err:  # noqa: BLE001 - transformers, tokenizers and imports alike
+        first = _first_line(err)
+        raise ModelError(f"{where} cannot be loaded offline ({first})" if source is None else
+                         f"{where}: the tokenizer in {source} cannot be read ({first})") from None
     tok.model_max_length = context_length
     return tok
+
+
+def _tokenizer_folder(ckpt: OpenClipCheckpoint, name: str, where: str) -> Path | None:
+    """The local folder holding the tokenizer ``name`` stands for: the checkpoint's own folder
+    when it holds tokenizer files, else ``name`` read relative to the config when that is a
+    folder (which must then hold them); None: ``name`` is a Hub id."""
+    folder = ckpt.weights_file.parent
+    if _has_tokenizer(folder):
+        return folder
+    local = ckpt.config_file.parent / name
+    if not local.is_dir():
+        return None
+    if not _has_tokenizer(local):
+        raise ModelError(f"{where} names the folder {local}, which holds no tokenizer files "
+                         "(tokenizer.json and tokenizer_config.json, as tokenizer.save_pretrained "
+                         "writes them); copy the model's tokenizer files there")
+    return local
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _eos_id(tok, text_cfg: dict, file: Path) -> int:
@@ -124,8 +154,11 @@ def convert_openclip(src: str | Path, out: str | Path, config: str | Path | None
 def load_openclip(path: str | Path, config: str | Path | None = None,
                   device: str | torch.device = "cpu") -> DualEncoder:
     """An OpenCLIP checkpoint as a `DualEncoder`, converted through a temporary cliplab folder
-    (so it behaves exactly as ``cliplab convert`` output would)."""
+    (so it behaves exactly as ``cliplab convert`` output would); its ``source`` is the
+    checkpoint given, not that folder, which is gone when this returns."""
     model = openclip_to_dual_encoder(path, config)
     with tempfile.TemporaryDirectory(prefix="cliplab-openclip-") as tmp:
         model.save(tmp)
-        return DualEncoder.load(tmp, device=device)
+        loaded = DualEncoder.load(tmp, device=device)
+    loaded.source = str(Path(path).expanduser().resolve())
+    return loaded
