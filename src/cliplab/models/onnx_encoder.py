@@ -13,14 +13,53 @@ import numpy as np
 import torch
 
 from cliplab.errors import ModelError
+from cliplab.models.loading import load_tokenizer
 from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
-from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
+from cliplab.models.preprocess import RESIZE_VERSION, ImagePreprocessor, PreprocessConfig
+from cliplab.models.tokenizer import clean_texts
 
 
 def is_onnx_export(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by `export_onnx`."""
     path = Path(path)
     return path.is_dir() and (path / EXPORT_FILE).is_file()
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# what the encoder reads of onnx_export.json (`export_onnx` writes it all): key → valid value;
+# "preprocess" is checked by `PreprocessConfig.from_dict`
+RECORD_KEYS = {"kind": lambda v: isinstance(v, str), "text_pooling": lambda v: isinstance(v, str),
+               "embed_dim": _positive_int, "context_length": _positive_int,
+               "preprocess": lambda v: True, "logit_scale": _number}
+OPTIONAL_KEYS = {"logit_bias": lambda v: v is None or _number(v)}
+
+
+def read_export_record(path: Path) -> dict:
+    """The folder's ``onnx_export.json``, holding every key the encoder reads with a valid
+    value; else a one-line `ModelError` naming the file and the key."""
+    file = path / EXPORT_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{file}: not readable JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{file}: must be a JSON object, not {type(meta).__name__}")
+    again = "export the model again (cliplab export --format onnx)"
+    missing = [key for key in RECORD_KEYS if key not in meta]
+    if missing:
+        raise ModelError(f"{file}: missing {', '.join(map(repr, missing))}; {again}")
+    checks = {**RECORD_KEYS, **OPTIONAL_KEYS}
+    wrong = next((key for key in checks if key in meta and not checks[key](meta[key])), None)
+    if wrong is not None:
+        raise ModelError(f"{file}: {wrong} {meta[wrong]!r} is not a valid value; {again}")
+    return meta
 
 
 class OnnxEncoder:
@@ -32,15 +71,10 @@ class OnnxEncoder:
         except ImportError:
             raise ModelError("running an ONNX export needs onnxruntime: "
                              "pip install 'cliplab[onnx]'") from None
-        from transformers import AutoTokenizer
-
         path = Path(path)
         if not is_onnx_export(path):
             raise ModelError(f"{path} is not an ONNX export folder (no {EXPORT_FILE})")
-        try:
-            meta = json.loads((path / EXPORT_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ModelError(f"{path / EXPORT_FILE}: not readable JSON ({err})") from None
+        meta = read_export_record(path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -53,9 +87,10 @@ class OnnxEncoder:
         self.context_length = int(meta["context_length"])
         self.text_pooling = meta["text_pooling"]
         self.quantize = meta.get("quantize")
-        self.preprocess_config = PreprocessConfig.from_dict(meta["preprocess"])
+        self.preprocess_config = PreprocessConfig.from_dict(meta["preprocess"],
+                                                            source=str(path / EXPORT_FILE))
         self.preprocessor = ImagePreprocessor(self.preprocess_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         self.sessions = {}
         for name, file in (("image", IMAGE_FILE), ("text", TEXT_FILE)):
             try:
@@ -93,7 +128,7 @@ class OnnxEncoder:
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, padded as the exported model's own tokenize pads."""
         padding = "max_length" if self.meta.get("pad_to_context") else "longest"
-        enc = self.tokenizer(list(texts), padding=padding, truncation=True,
+        enc = self.tokenizer(clean_texts(texts), padding=padding, truncation=True,
                              max_length=self.context_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
@@ -159,6 +194,8 @@ class OnnxEncoder:
         """Hash of a tower's ONNX graph and the export record (the feature caches' key)."""
         h = hashlib.sha256((self.path / (IMAGE_FILE if tower == "image" else TEXT_FILE)).read_bytes())
         h.update((self.path / EXPORT_FILE).read_bytes())
+        if tower == "image":  # cliplab's resizing runs before the graph
+            h.update(f"resize-v{RESIZE_VERSION}".encode())
         return h.hexdigest()[:16]
 
     def weights_fingerprint(self) -> str:
