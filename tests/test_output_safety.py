@@ -89,6 +89,13 @@ def test_merge_overwrite_refuses_other_folders_and_files(run, tiny_model_dir, do
     assert "not empty; give a new folder or --overwrite" in _one_line(capsys)
     assert main(_merge([tiny_model_dir, run], soup, "--overwrite")) == 0
     assert (soup / "merge.json").is_file()
+    # a merge output the user added notes to is theirs now: refused, nothing deleted
+    (soup / "notes.txt").write_text("which soup won")
+    before = _tree(soup)
+    assert main(_merge([tiny_model_dir, run], soup, "--overwrite")) == 2
+    assert _one_line(capsys) == (f"--overwrite replaces only a previous merge output; {soup} "
+                                 "holds other files (e.g. notes.txt); choose a new folder")
+    assert _tree(soup) == before
 
 
 def test_export_never_deletes_its_input_or_other_folders(run, tiny_model_dir, docs, ufile,
@@ -310,6 +317,45 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
     # no checkpoint: no hint
     fresh = tmp_path / "fresh"
     assert main(["pretrain", "--config", str(recipe), "--out", str(fresh), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip() == "cliplab: interrupted"
+
+
+def test_interrupted_default_run_hint_names_only_the_run_it_made(tiny_model_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Without --out the run folder is a new runs/pretrain-<time>: the hint names that one,
+    never an earlier run's folder (interrupted before its own folder exists: no hint)."""
+    import cliplab.train.pretrain as pretrain
+
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs" / "pretrain-20260101-000000"
+    shutil.copytree(tiny_model_dir, earlier / "checkpoints" / "step-9" / "model")
+    made = tmp_path / "runs" / "pretrain-20261203-104216"
+
+    def interrupted(cfg, resume=None, progress=True):
+        if made_folder:
+            shutil.copytree(tiny_model_dir, made / "checkpoints" / "step-2" / "model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    for made_folder in (False, True):
+        assert main(["pretrain", "--config", str(recipe), "--no-progress", "out=null"]) == 130
+        err = capsys.readouterr().err
+        assert str(earlier) not in err and "runs/pretrain-20260101" not in err
+        assert ("resume with: cliplab pretrain --out runs/pretrain-20261203-104216 --resume "
+                "latest" in err) == made_folder
+
+
+def test_ctrl_c_while_starting_up_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during the first seconds (building the parser imports transformers) ends like
+    Ctrl-C later: one line, exit 130, no traceback."""
+    import cliplab.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse_command_line", interrupted)
+    assert main(["pretrain", "--help"]) == 130
     assert capsys.readouterr().err.strip() == "cliplab: interrupted"
 
 

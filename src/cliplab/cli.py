@@ -427,10 +427,11 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
                       extra={"out": args.out})
+    earlier_runs = set(Path("runs").glob("pretrain-*"))
     try:
         results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
-        _resume_hint(cfg.out)
+        _resume_hint(cfg.out, earlier_runs)
         raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
@@ -469,16 +470,18 @@ def _run_folder_of(model_dir) -> Path | None:
     return None
 
 
-def _resume_hint(out: str | None) -> None:
+def _resume_hint(out: str | None, earlier_runs: set[Path]) -> None:
     """After Ctrl-C: how to continue the run in ``out`` if it holds a checkpoint (the run
-    folder named by --out or the config; a default runs/pretrain-<time> is the newest such)."""
+    folder named by --out or the config; else the default runs/pretrain-<time> this command
+    made: one not among ``earlier_runs``)."""
     from cliplab.runs import latest_checkpoint
 
     if os.environ.get("RANK", "0") != "0":
         return
     run = Path(out) if out else None
-    if run is None:  # the default run folder: the newest runs/pretrain-* this run started
-        runs = sorted(Path("runs").glob("pretrain-*"), key=lambda p: p.stat().st_mtime)
+    if run is None:
+        runs = sorted(set(Path("runs").glob("pretrain-*")) - earlier_runs,
+                      key=lambda p: p.stat().st_mtime)
         run = runs[-1] if runs else None
     if run is not None and latest_checkpoint(run) is not None:
         print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
@@ -720,7 +723,11 @@ def command_parser(parser: argparse.ArgumentParser,
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
-    args = parse_command_line(build_parser(), argv)
+    try:
+        args = parse_command_line(build_parser(), argv)
+    except KeyboardInterrupt:  # during the first seconds' imports
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
     try:
         return COMMANDS[args.command](args)
     except CliplabError as err:
