@@ -84,15 +84,17 @@ def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) 
 
 def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPairs:
     """One set holding ``first`` then ``second`` (images must share their size). Groups are kept
-    only when both sets have them, renumbered so the two sets' groups never collide; partners
-    are kept (re-indexed) when either set has them."""
+    only when both sets have them: a group of ``second`` whose caption texts are those of a
+    group of ``first`` joins it (identical captions are positives, as within one set, where a
+    group is the images with the same captions), any other is renumbered apart; partners are
+    kept (re-indexed) when either set has them."""
     if first.images.shape[1:] != second.images.shape[1:]:
         raise DataError(f"cannot mix {first.name} (images {tuple(first.images.shape[1:])}) with "
                         f"{second.name} ({tuple(second.images.shape[1:])}); give both the same "
                         "image size")
     groups = None
     if first.groups is not None and second.groups is not None:
-        groups = torch.cat([first.groups, second.groups + int(first.groups.max()) + 1])
+        groups = torch.cat([first.groups, _joined_groups(first, second)])
     partners = None
     if first.partners is not None or second.partners is not None:
         def own(p: ImageTextPairs, offset: int) -> torch.Tensor:
@@ -103,3 +105,25 @@ def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPair
     return ImageTextPairs(torch.cat([first.images, second.images]),
                           first.captions + second.captions, groups=groups,
                           name=f"{first.name}+{second.name}", partners=partners)
+
+
+def _group_texts(pairs: ImageTextPairs) -> dict[int, frozenset[str]]:
+    """Each group of ``pairs`` (which has groups) and the caption texts of its images."""
+    texts: dict[int, set[str]] = {}
+    for group, captions in zip(pairs.groups.tolist(), pairs.captions):
+        texts.setdefault(group, set()).update(captions)
+    return {group: frozenset(t) for group, t in texts.items()}
+
+
+def _joined_groups(first: ImageTextPairs, second: ImageTextPairs) -> torch.Tensor:
+    """``second``'s groups numbered for the concatenation after ``first``: a group with the
+    caption texts of one of ``first``'s takes its id (the lowest, if several have them), every
+    other a new id above ``first``'s, one per group of ``second``."""
+    own: dict[frozenset[str], int] = {}
+    for group, texts in sorted(_group_texts(first).items()):
+        own.setdefault(texts, group)
+    start = int(first.groups.max()) + 1 if first.groups.numel() else 0
+    fresh = iter(range(start, 1 << 62))
+    new_id = {group: own[texts] if texts in own else next(fresh)
+              for group, texts in sorted(_group_texts(second).items())}
+    return torch.tensor([new_id[g] for g in second.groups.tolist()], dtype=torch.int64)
