@@ -7,8 +7,7 @@ from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import (BeforeValidator, Field, NonNegativeFloat, PositiveFloat, field_validator,
-                      model_validator)
+from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
 
 from cliplab.config import LENGTH_KEYS, Section, deep_merge, validate
 from cliplab.models.preprocess import AugmentConfig
@@ -24,9 +23,58 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
+def _not_a_bool_number(value: Any) -> Any:
+    # and as 1.0/0.0 for a float: `lr: true` trained at rate 1.0, `epochs: true` for 1 epoch
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 PositiveInt = Annotated[Integer, Field(gt=0)]
 NonNegativeInt = Annotated[Integer, Field(ge=0)]
+NotABool = BeforeValidator(_not_a_bool)  # e.g. Annotated[Literal[1, 3], NotABool]
+Number = Annotated[float, BeforeValidator(_not_a_bool_number)]
+PositiveFloat = Annotated[Number, Field(gt=0)]
+NonNegativeFloat = Annotated[Number, Field(ge=0)]
+
+
+class AugmentOverrides(Section):
+    """``train.augment: {KEY: value}``: overrides of the model's `AugmentConfig`, each checked
+    as the model's own augmentation is (finite numbers, scale ``[low, high]`` with
+    ``0 < low <= high``, a true/false flip), so a bad value fails at config load instead of
+    as NaN weights or a traceback at the first step."""
+
+    scale: tuple[PositiveFloat, PositiveFloat] = AugmentConfig.scale
+    translate: NonNegativeFloat = AugmentConfig.translate  # fraction of the image size
+    rotate_deg: NonNegativeFloat = AugmentConfig.rotate_deg
+    hflip: StrictBool = AugmentConfig.hflip
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _two_numbers(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"expected [low, high] (two numbers, 0 < low <= high), got "
+                             f"{value!r}")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _low_then_high(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"expected [low, high] with low <= high, got {list(value)}")
+        return value
+
+
+def checked_augment(value: Any) -> Any:
+    """``train.augment`` with an overrides mapping validated by `AugmentOverrides` (only the
+    keys given, values as numbers/booleans); anything else as it is, for the field's type."""
+    if not isinstance(value, dict):
+        return value
+    unknown = sorted(set(value) - set(AUGMENT_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"unknown augment option(s) {unknown} (valid: {', '.join(AUGMENT_KEYS)})")
+    return AugmentOverrides.model_validate(value).model_dump(mode="json", exclude_unset=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,7 +105,7 @@ class TrainConfig(Section):
     lr: NonNegativeFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.05
     warmup: NonNegativeFloat = 0.05  # fraction of the steps (< 1) or a number of steps (>= 1)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: Annotated[Number, Field(ge=0, le=1)] = 0.0
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     lock_text: bool = False
     lock_image: bool = False
@@ -71,7 +119,7 @@ class TrainConfig(Section):
     hard_negatives: HardNegatives | None = None
     # learning-rate multipliers by parameter-name substring, e.g. {text_projection: 0.1}
     # (the longest matching substring wins; each must match some trainable parameter)
-    lr_scale: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    lr_scale: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     # bf16: autocast on CPU and CUDA; auto: bf16 where the device has native bf16 units, else fp32
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid loss; needs a logit bias
@@ -121,14 +169,15 @@ class TrainConfig(Section):
         resolve_device(value)
         return value
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _checked_augment(cls, value: Any) -> Any:
+        # a ValidationError of the overrides keeps its keys: train.augment.scale: ...
+        return checked_augment(value)
+
     @field_validator("augment")
     @classmethod
-    def _known_augment_keys(cls, value: bool | dict) -> bool | dict:
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - set(AUGMENT_KEYS))
-            if unknown:
-                raise ValueError(f"unknown augment option(s) {unknown} "
-                                 f"(valid: {', '.join(AUGMENT_KEYS)})")
+    def _empty_augment_is_on(cls, value: bool | dict) -> bool | dict:
         return value if value != {} else True  # no overrides: the model's augmentation, on
 
     @classmethod

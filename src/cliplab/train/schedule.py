@@ -22,3 +22,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     """A ``LambdaLR`` following :func:`warmup_cosine` (its state saves with checkpoints)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps, min_ratio))
+
+
+def multiplier(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The schedule's multiplier at the scheduler's current step (every group shares it): the
+    rate of parameters without an ``lr_scale`` is the base rate times this."""
+    return float(scheduler.lr_lambdas[0](scheduler.last_epoch))
+
+
+def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """A one-line warning when the warm-up outlasts the run (its rate never reaches
+    ``train.lr``), else None."""
+    if warmup_steps <= total_steps:  # equal: the last step runs at the full rate
+        return None
+    peak = total_steps / warmup_steps
+    return (f"train: warning: train.warmup={warmup_steps} steps is longer than the run "
+            f"({total_steps} steps), so the rate never reaches train.lr (it peaks at "
+            f"{peak:.0%} of it); lower train.warmup or give it as a fraction of the run (< 1)")

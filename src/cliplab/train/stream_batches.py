@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import StrictBool, field_validator
 
+from cliplab.config import Section, validate
 from cliplab.data.shards import ShardLoader, ShardStream
 from cliplab.errors import ConfigError, DataError
 from cliplab.train import distributed
+from cliplab.train.config import NonNegativeInt, NotABool, PositiveInt
 
 _GROUPLESS = 1 << 62  # caption keys live above any group id
 
@@ -25,6 +29,50 @@ def caption_key(caption: str) -> int:
     (Python's ``hash`` is salted per process), so equal captions are positives across ranks."""
     digest = hashlib.blake2b(caption.encode(), digest_size=8).digest()
     return _GROUPLESS | (int.from_bytes(digest, "little") >> 2)
+
+
+class StreamedShards(Section):
+    """``data.train: {source: shards, path, stream: true, …}``: WebDataset shards streamed
+    by each rank (see `ShardStream`, `ShardLoader`)."""
+
+    source: Literal["shards"]
+    path: str | list[str]  # a shard folder, a pattern (dir/{00000..00099}.tar) or a list
+    stream: Literal[True]
+    image_size: PositiveInt | None = None  # resize to this square (None: as stored)
+    channels: Annotated[Literal[1, 3], NotABool] = 3
+    caption: Literal["random", "first"] = "random"  # the caption a sample trains with
+    shuffle_buffer: NonNegativeInt = 1000  # samples shuffled in memory (0 or 1: none)
+    num_workers: NonNegativeInt = 0  # DataLoader workers per rank
+
+    @field_validator("caption", mode="before")
+    @classmethod
+    def _one_caption(cls, value: Any) -> Any:
+        if value == "all":  # ShardStream's mode for readers of every caption
+            raise ValueError("'all' gives a sample every caption, and a training step takes "
+                             "one per image: use random or first")
+        return value
+
+
+class _StreamSwitch(Section):
+    stream: StrictBool
+
+
+def checked_stream_spec(spec: dict) -> dict:
+    """A ``data.train`` spec that has a ``stream`` key, checked at config load: ``stream:
+    false`` is dropped (the source is read whole, as without it); with ``stream: true`` every
+    option is validated by `StreamedShards` (a ValidationError keeps the key path). Returns the
+    spec with its values parsed (only the keys given)."""
+    if not _StreamSwitch.model_validate({"stream": spec["stream"]}).stream:
+        return {k: v for k, v in spec.items() if k != "stream"}
+    if spec.get("source") != "shards":
+        raise ValueError("stream: true streams WebDataset shards; use {source: shards, path: "
+                         "DIR, stream: true}")
+    known = list(StreamedShards.model_fields)
+    unknown = sorted(set(spec) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} of a streamed shard source; valid: "
+                         f"{', '.join(known)}")
+    return StreamedShards.model_validate(spec).model_dump(mode="json", exclude_unset=True)
 
 
 class StreamBatches:
@@ -40,23 +88,15 @@ class StreamBatches:
 
     @classmethod
     def from_spec(cls, spec: dict, global_batch: int, seed: int) -> "StreamBatches":
-        """From a ``{source: shards, path, stream: true, …}`` data spec, for this rank."""
-        known = {"source", "path", "stream", "image_size", "channels", "caption",
-                 "shuffle_buffer", "num_workers"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown} of a streamed shard source; "
-                              f"valid: {sorted(known)}")
-        if "path" not in spec:
-            raise ConfigError("a streamed shard source needs path: a shard folder or pattern")
+        """From a ``{source: shards, path, stream: true, …}`` data spec, for this rank (a bad
+        option: a one-line error naming ``data.train.KEY``)."""
+        opts = validate(StreamedShards, spec, "", prefix="data.train")
         world = distributed.world_size()
-        stream = ShardStream(spec["path"], seed=seed, image_size=spec.get("image_size"),
-                             channels=spec.get("channels", 3),
-                             caption=spec.get("caption", "random"),
-                             shuffle_buffer=int(spec.get("shuffle_buffer", 1000)),
-                             rank=distributed.rank(), world_size=world)
-        loader = ShardLoader(stream, global_batch // world, int(spec.get("num_workers", 0)),
-                             drop_last=True)
+        stream = ShardStream(opts.path, seed=seed, image_size=opts.image_size,
+                             channels=opts.channels, caption=opts.caption,
+                             shuffle_buffer=opts.shuffle_buffer, rank=distributed.rank(),
+                             world_size=world)
+        loader = ShardLoader(stream, global_batch // world, opts.num_workers, drop_last=True)
         return cls(loader)
 
     @property
