@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -26,6 +26,9 @@ from cliplab.output_folder import write_json
 
 CHECKPOINTS = "checkpoints"
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
+# what a run writes first (output_folder.RUN_MARKERS, by which other commands tell a run folder)
+CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
+RUN_RECORDS = (CHECKPOINTS, METRICS_FILE, "results.json")  # a run that got under way
 
 
 def default_run_dir(kind: str) -> Path:
@@ -77,8 +80,7 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the run")
     newest = latest_checkpoint(out)
-    held = [name for name in (CHECKPOINTS, "metrics.jsonl", "results.json")
-            if (out / name).exists()]
+    held = [name for name in RUN_RECORDS if (out / name).exists()]
     if resume == "latest" and newest is None:
         stopped = " (its run stopped before its first checkpoint: remove it or choose a new " \
                   "--out)" if held else "; start without --resume"
@@ -91,6 +93,46 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
         stopped = ", stopped before its first checkpoint" if not newest and resumable else ""
         raise ConfigError(f"--out {out} already holds a run ({what}{stopped}); {way_on}choose "
                           "a new --out" + ("" if way_on else " or remove it"))
+
+
+def check_no_foreign_files(out: str | Path) -> None:
+    """Refuse an ``--out`` that holds no run (`check_new_run` deals with one) yet is not empty:
+    the run would write its config.yaml over a file of that name, and mix its files with the
+    rest. What an attempt of cliplab stopped before it logged anything leaves there is allowed:
+    the config.yaml a run writes first (`RUN_MARKERS`), written for this very folder
+    (`is_own_config`); an attempt that logged (metrics.jsonl) is a run, refused or resumed by
+    `check_new_run`. Call it after the checks against the command's inputs."""
+    out = Path(out)
+    if not out.is_dir() or any((out / name).exists() for name in RUN_RECORDS):
+        return
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.name == CONFIG_FILE and is_own_config(out)))
+    if foreign:
+        raise ConfigError(f"--out {out} holds {foreign[0]}, which no cliplab run in this folder "
+                          "wrote; a new run needs a new or empty folder (its files are left as "
+                          "they are): choose another --out")
+
+
+def is_own_config(folder: str | Path) -> bool:
+    """Whether ``folder/config.yaml`` is one `RunDir.write_config` wrote for a run in
+    ``folder``: its text is exactly the dump of what it holds (no comments, cliplab's layout)
+    and its ``out`` is this folder. A recipe of the user's (comments, its own layout), or a run's
+    config copied from another run folder, is not."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        text = path.read_text()
+        config = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(config, dict) or not isinstance(config.get("out"), str):
+        return False
+    return text == _dump(config) and \
+        Path(config["out"]).expanduser().resolve() == Path(folder).expanduser().resolve()
+
+
+def _dump(config: dict) -> str:
+    """config.yaml's text for ``config`` (how every run writes it)."""
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 
@@ -126,13 +168,13 @@ class RunDir:
     def __init__(self, path: str | Path, tensorboard: bool | None = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = self.path / "metrics.jsonl"
+        self.metrics_file = self.path / METRICS_FILE
         self.tensorboard = tensorboard_wanted(tensorboard)
         self._writer = None  # made at the first record, so ranks that never log write nothing
         self._purge_step: int | None = None  # TensorBoard events from this step on are stale
 
     def write_config(self, config: dict) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (self.path / CONFIG_FILE).write_text(_dump(config))
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl and its numbers to the TensorBoard events."""
@@ -145,14 +187,43 @@ class RunDir:
         """Forget what was logged after ``step`` (a resume from that step's checkpoint logs
         those steps again): metrics.jsonl keeps its records up to ``step``, and TensorBoard
         purges its later events when it next writes."""
-        if self.metrics_file.is_file():
-            lines = self.metrics_file.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if _record_step(line) <= step]
-            if len(kept) < len(lines):
-                tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
-                tmp.write_text("".join(kept))
-                os.replace(tmp, self.metrics_file)
+        self._keep_lines(lambda line: _record_step(line) <= step)
         self._purge_step = step + 1
+
+    def drop_records_at(self, step: int, keep: Callable[[dict], bool]) -> None:
+        """Forget the records of ``step`` but those ``keep(record)`` accepts (e.g. an
+        evaluation about to be redone; its TensorBoard events are not purged)."""
+        def kept(line: str) -> bool:
+            if _record_step(line) != step:
+                return True
+            record = json.loads(line)
+            return isinstance(record, dict) and keep(record)
+        self._keep_lines(kept)
+
+    def records(self) -> list[dict]:
+        """The readable records of metrics.jsonl, in order (none without the file)."""
+        if not self.metrics_file.is_file():
+            return []
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def _keep_lines(self, keep: Callable[[str], bool]) -> None:
+        """Rewrite metrics.jsonl (atomically) with only the lines ``keep`` accepts."""
+        if not self.metrics_file.is_file():
+            return
+        lines = self.metrics_file.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if keep(line)]
+        if len(kept) < len(lines):
+            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_file)
 
     def _log_scalars(self, record: dict) -> None:
         step = record.get("step")

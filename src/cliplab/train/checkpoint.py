@@ -8,6 +8,8 @@ and the run's config: tensors, numbers and plain dicts, read with ``weights_only
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.train import distributed, fsdp
-from cliplab.runs import RunDir
+from cliplab.runs import RunDir, checkpoint_step
 
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
@@ -82,11 +84,51 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
 
 
 def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
-    """The checkpoint folder ``resume`` names (``"latest"``: the run's newest)."""
-    folder = run_dir.latest_checkpoint() if resume == "latest" and run_dir else Path(resume)
-    if folder is None or not (folder / STATE_FILE).is_file():
+    """The checkpoint folder ``resume`` names (``"latest"``: the newest of the run folder
+    ``run_dir``, which it needs)."""
+    if resume == "latest":
+        if run_dir is None:
+            raise ConfigError("--resume latest continues the newest checkpoint of a run folder: "
+                              "give the run folder as --out RUN")
+        folder = run_dir.latest_checkpoint()
+        if folder is None:
+            raise ConfigError(f"--resume latest: {run_dir.path} holds no checkpoint to continue")
+    else:
+        folder = Path(resume)
+    if not (folder / STATE_FILE).is_file():
         raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
     return folder
+
+
+def read_state(folder: Path) -> dict:
+    """``folder/trainer_state.pt`` (tensors and plain values only), or a one-line error naming
+    the file and the run's earlier checkpoints to resume from instead."""
+    path = folder / STATE_FILE
+    try:
+        saved = torch.load(path, weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError,
+            zipfile.BadZipFile, IndexError, KeyError, TypeError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        why = type(err).__name__ + (f": {first}" if first else "")
+        raise ConfigError(f"cannot resume: {path} is unreadable ({why}); "
+                          f"{_earlier_checkpoints(folder)}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume: {path} is not a trainer state (it holds a "
+                          f"{type(saved).__name__}); {_earlier_checkpoints(folder)}")
+    return saved
+
+
+def _earlier_checkpoints(folder: Path) -> str:
+    """What to resume from instead of the checkpoint ``folder``: its run's earlier ones."""
+    step = checkpoint_step(folder)
+    earlier = sorted((n, p) for p in folder.parent.iterdir()
+                     if (n := checkpoint_step(p)) is not None and (step is None or n < step)) \
+        if folder.parent.is_dir() else []
+    if not earlier:
+        return "the run has no earlier checkpoint: start it again in a new --out"
+    names = ", ".join(p.name for _, p in earlier)
+    return (f"resume from an earlier checkpoint with --resume {earlier[-1][1]} "
+            f"(this run has {names})")
 
 
 def config_changes(saved: dict, now: dict) -> list[str]:
@@ -117,7 +159,7 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
     """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
     ``folder``; returns its step. ``config`` (the train config now) must be the checkpoint's
     but for `RESUME_MAY_CHANGE` keys: a resume continues the run as it was configured."""
-    saved = torch.load(folder / STATE_FILE, weights_only=True)
+    saved = read_state(folder)
     missing = [k for k in _STATE_KEYS if k not in saved]
     if missing:
         raise ConfigError(f"cannot resume: {folder / STATE_FILE} lacks {', '.join(missing)} "

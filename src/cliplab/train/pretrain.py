@@ -20,10 +20,14 @@ from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import check_apart_from_inputs, spec_paths
-from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
-from cliplab.train.stream_batches import StreamBatches
+from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
+                          removed_if_unstarted)
+from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
+
+
+RESULTS_FILE = "results.json"  # written last: a run without it never finished
 
 
 class PretrainData(Section):
@@ -32,6 +36,13 @@ class PretrainData(Section):
 
     train: dict[str, Any]
     replay: dict[str, Any] | None = None
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _streamed_shards(cls, spec: Any) -> Any:
+        # errors keep their keys: data.train.shuffle_buffer: ...
+        return checked_stream_spec(spec) if isinstance(spec, dict) and "stream" in spec \
+            else spec
 
 
 class PretrainConfig(Section):
@@ -63,10 +74,14 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     start = time.time()
     if not isinstance(cfg, PretrainConfig):
         cfg = validate(PretrainConfig, cfg, "the pretrain config")
+    if resume == "latest" and not cfg.out:  # a new default folder holds no checkpoint
+        raise ConfigError("--resume latest continues the newest checkpoint of a run folder: "
+                          "give the run folder as --out RUN")
     if cfg.out:  # before any slow loading
         check_new_run(cfg.out, resume, resumable=True)
         check_apart_from_inputs(cfg.out, [cfg.model.name,
                                           *spec_paths(cfg.data.train, cfg.data.replay)])
+        check_no_foreign_files(cfg.out)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:
@@ -76,10 +91,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
         spec = cfg.data.train
-        if isinstance(spec, dict) and spec.get("stream"):
-            if spec.get("source") != "shards":
-                raise ConfigError("data.train.stream streams WebDataset shards: use "
-                                  "{source: shards, path: DIR, stream: true}")
+        if spec.get("stream"):  # validated with the config (stream: false is dropped there)
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
         else:
             pairs = as_pairs(load_source(spec, progress, "data.train"))
@@ -94,18 +106,21 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         existed = Path(out).exists()
         run = RunDir(out)
         cfg = cfg.model_copy(update={"out": str(run.path)})
-        if distributed.rank() == 0:
-            run.write_config(cfg.to_dict())
         evals: dict = {}
 
         def evaluate(m) -> dict:
             evals.update(run_suite(m, cfg.eval, context.for_new_weights()))
             return scalar_metrics(evals, "eval")
 
+        def write_config() -> None:  # once a resume is accepted: a refused one changes nothing
+            if distributed.rank() == 0:
+                run.write_config(cfg.to_dict())
+
         with removed_if_unstarted(run.path, existed):
             trainer = Trainer(model, train_cfg, run)
             last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
-                               evaluate=evaluate if cfg.eval else None)
+                               evaluate=evaluate if cfg.eval else None, on_start=write_config,
+                               unfinished=not (run.path / RESULTS_FILE).exists())
         skipped = pairs.skipped
         if isinstance(pairs, StreamBatches):
             # each rank skipped what its own shards held, once per epoch that read them
@@ -122,10 +137,10 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                      "model_dir": str(trainer.last_checkpoint / "model"),
                      "wall_time_s": round(time.time() - start, 1)}
     if trainer.rank == 0:
-        run.write_json("results.json", results)
+        run.write_json(RESULTS_FILE, results)
         if skipped.total:  # told, not only written down
             print(f"data.train: {skipped.summary()}; each is listed under 'skipped' in "
-                  f"{run.path / 'results.json'}", file=sys.stderr)
+                  f"{run.path / RESULTS_FILE}", file=sys.stderr)
     return results
 
 

@@ -10,6 +10,7 @@ run's precision (embed.py), checkpoints are written and read by checkpoint.py.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +23,13 @@ from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
-from cliplab.runs import RunDir
+from cliplab.runs import CHECKPOINTS, RunDir
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
 from cliplab.train.config import TrainConfig, resolve_device
 from cliplab.train.embed import Embedder
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective, Objective
-from cliplab.train.schedule import build_scheduler
+from cliplab.train.schedule import build_scheduler, multiplier, warmup_warning
 from cliplab.train.step_inputs import build_inputs
 from cliplab.train.stream_batches import StreamBatches
 
@@ -100,7 +101,9 @@ class Trainer:
     def fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
             resume: str | Path | None = None, *,
             replay: ImageTextPairs | None = None, replay_ratio: float = 0.0,
-            evaluate: Callable[[DualEncoder], dict] | None = None) -> dict:
+            evaluate: Callable[[DualEncoder], dict] | None = None,
+            on_start: Callable[[], None] | None = None,
+            unfinished: bool = False) -> dict:
         """Train on ``data``; returns the last logged metrics.
 
         ``data``: image-text pairs or a `StreamBatches` over WebDataset shards (each rank its
@@ -110,6 +113,10 @@ class Trainer:
         pairs (continued pretraining without forgetting). ``evaluate``: called with the model
         every ``eval_every`` steps and at the end (after the last checkpoint is written, so an
         evaluation that fails loses no training); its metrics go to ``metrics.jsonl``.
+        ``on_start``: called once the run is accepted (a resume's checkpoint checked and
+        restored), before its first step, e.g. to write the run's config. ``unfinished``: the
+        run never wrote its results, so a resume from its own checkpoint at the final step
+        runs only the final evaluation (a run stopped during it) instead of being refused.
         """
         cfg = self.config
         inputs = build_inputs(data, labelled=self.objective.labelled, config=cfg,
@@ -125,8 +132,14 @@ class Trainer:
             cfg.seed + (0 if inputs.ranks_draw_alike else 1_000_003 * self.rank))
         state = TrainingState(self.model, optimizer, scheduler, sample_rng, inputs,
                               self.sharded)
-        if resume is not None:
-            self._resume(resume, state, total)
+        folder = self._resume(resume, state, total, unfinished) if resume is not None else None
+        if on_start is not None:
+            on_start()
+        if self.step >= total:  # only the final evaluation was left to do
+            return self._finish(folder, total, evaluate)
+        warning = warmup_warning(warmup, total)
+        if warning and self.rank == 0:
+            print(warning, file=sys.stderr)
 
         self._train_mode()
         bar = tqdm(total=total, initial=self.step, desc="train",
@@ -140,7 +153,9 @@ class Trainer:
                 loss = self.objective.backward(batch)  # embed, loss, backward
                 distributed.average_gradients(self.replicated_params)
             grad_norm = self._clip_gradients()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves to the next)
+            # the rate this step used (step() moves to the next), of parameters without an
+            # lr_scale: the first group's rate is a scaled one when its parameters have one
+            lr = cfg.lr * multiplier(scheduler)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():  # CLIP clamps the temperature at 100
@@ -246,18 +261,52 @@ class Trainer:
         return checkpoint.save_checkpoint(self.run_dir, self.step, state, self.config.to_dict(),
                                           self.save_model)
 
-    def _resume(self, resume: str | Path, state: TrainingState, total: int) -> None:
+    def _resume(self, resume: str | Path, state: TrainingState, total: int,
+                unfinished: bool = False) -> Path:
+        """Restore checkpoint ``resume`` into ``state`` (refused when there is nothing left to
+        do); returns its folder. At the final step of an ``unfinished`` run of this run folder,
+        only its final evaluation is left to do."""
         folder = checkpoint.resume_folder(resume, self.run_dir)
         if self.save_model is not None or self.head is not None:
             raise ConfigError("resume is only supported for plain model training (no head, "
                               "no custom checkpoint writer)")
         self.step = checkpoint.load_checkpoint(folder, state, self.device,
                                                self.config.to_dict())
-        if self.step >= total:  # training on would write its results anew from nothing
+        if self.step > total:  # steps shortened below the checkpoint
+            raise ConfigError(f"nothing to resume: {folder} is at step {self.step}, past the "
+                              f"run's length of {total} step(s) now; a resume continues or "
+                              "extends a run, it cannot shorten one below its checkpoint")
+        if self.step == total and not (unfinished and self._own(folder)):
+            # training on would write its results anew from nothing
             raise ConfigError(f"nothing to resume: {folder} is at step {self.step} of "
                               f"{total}, the run is complete")
         if self.run_dir and self.rank == 0:
             self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
+        return folder
+
+    def _own(self, folder: Path) -> bool:
+        """Whether checkpoint ``folder`` is one of this run folder's."""
+        return self.run_dir is not None and \
+            folder.resolve().parent == (self.run_dir.path / CHECKPOINTS).resolve()
+
+    def _finish(self, folder: Path, total: int,
+                evaluate: Callable[[DualEncoder], dict] | None) -> dict:
+        """The end of a run whose final checkpoint ``folder`` was written but whose final
+        evaluation never finished: that evaluation, logged (in place of any earlier record of
+        it), and the run's last training record (as metrics.jsonl holds it) returned."""
+        if self.rank == 0:
+            print(f"train: {folder} is the run's final step ({total}) and the run never "
+                  "finished: running only its final evaluation", file=sys.stderr)
+        self.last_checkpoint = folder
+        records = self.run_dir.records() if self.run_dir else []
+        last = next((r for r in reversed(records) if r.get("step") == total and "loss" in r),
+                    {"step": total})
+        if evaluate:
+            if self.run_dir and self.rank == 0:
+                self.run_dir.drop_records_at(total, keep=lambda record: "loss" in record)
+            self._log({"step": total, **self._evaluate(evaluate)})
+        self._eval_mode()
+        return last
 
 
 def _check_hard_negatives(config: TrainConfig, head: nn.Module | None, world: int) -> None:

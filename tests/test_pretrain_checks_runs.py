@@ -1,0 +1,207 @@
+"""`cliplab pretrain` run folders: a user's files in --out are never overwritten, a refused
+or failed resume changes nothing, a run stopped during its final evaluation can be finished,
+and what a run logs and says is what it did (the base rate, a warm-up longer than the run)."""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cliplab.cli import main
+from cliplab.data.shapes import load_shapes
+from cliplab.errors import ConfigError
+from cliplab.output_folder import RUN_MARKERS
+from cliplab.train.config import TrainConfig
+from cliplab.train.pretrain import run_pretrain
+from cliplab.train.schedule import warmup_cosine
+from cliplab.train.trainer import Trainer
+from tests.tiny_models import small_model
+
+MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+                                            "layers": 1, "heads": 2, "embed_dim": 16,
+                                            "context_length": 48}}
+SHAPES = {"source": "shapes", "n": 128, "seed": 0, "kinds": ["single"], "image_size": 32}
+EVAL = {"tasks": [{"name": "colour", "task": "zeroshot",
+                   "data": {"source": "shapes", "attribute": "color", "n": 64, "seed": 1,
+                            "image_size": 32}}]}
+TINY_SHAPES = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+# the shipped recipe made small: a run of seconds
+METRICS = "metrics.jsonl"
+SMALL = ["data.train.n=64", "train.epochs=null", "train.batch_size=32", "eval=null",
+         "model.options.width=32", "model.options.layers=1", "model.options.embed_dim=16"]
+
+
+def recipe(out: Path | None, evaluate: bool = False, **train) -> dict:
+    cfg = {"model": MODEL, "data": {"train": SHAPES},
+           "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "warmup": 1, "log_every": 1,
+                     "save_every": 2, "augment": False, **train},
+           "eval": EVAL if evaluate else None}
+    return {**cfg, "out": str(out)} if out is not None else cfg
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_the_run_files_are_the_ones_other_commands_take_for_a_run():
+    from cliplab.runs import CONFIG_FILE, METRICS_FILE
+
+    assert {CONFIG_FILE, METRICS_FILE} == set(RUN_MARKERS)
+
+
+# -- --out of a new run ---------------------------------------------------------------------
+def test_an_out_holding_the_users_recipe_is_refused_untouched(tmp_path, capsys):
+    """`--config exp/config.yaml --out exp` replaced the user's commented recipe with the run's
+    config."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    shutil.copy(TINY_SHAPES, exp / "config.yaml")
+    before = tree(exp)
+    assert main(["pretrain", "--config", str(exp / "config.yaml"), "--out", str(exp),
+                 "--no-progress", "train.steps=2", *SMALL]) == 2
+    assert capsys.readouterr().err == (
+        f"cliplab: error: --out {exp} holds config.yaml, which no cliplab run in this folder "
+        "wrote; a new run needs a new or empty folder (its files are left as they are): "
+        "choose another --out\n")
+    assert tree(exp) == before
+
+
+def test_an_out_holding_other_files_or_another_runs_config_is_refused(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out .*notes holds todo\.txt, which no cliplab"):
+        run_pretrain(recipe(notes), progress=False)
+    assert tree(notes) == {"todo.txt": b"mine"}
+    # a run's config.yaml copied into a new folder is the user's there (its out is elsewhere)
+    run_pretrain(recipe(tmp_path / "first", steps=1), progress=False)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "first" / "config.yaml", copy / "config.yaml")
+    with pytest.raises(ConfigError, match=r"holds config\.yaml, which no cliplab run"):
+        run_pretrain(recipe(copy), progress=False)
+
+
+def test_an_attempt_stopped_before_it_logged_is_started_again(tmp_path):
+    """What an attempt killed before its first record leaves (its own config.yaml) is no
+    reason to refuse the folder; the new run replaces it."""
+    out = tmp_path / "run"
+    run_pretrain(recipe(out, steps=1), progress=False)
+    for entry in out.iterdir():  # as if killed before it logged anything
+        if entry.name != "config.yaml":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    results = run_pretrain(recipe(out, steps=2), progress=False)
+    assert results["train"]["step"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 2
+
+
+# -- resume ---------------------------------------------------------------------------------
+def _stopped_at_step_2(out: Path) -> None:
+    """A 4-step run as if killed after its step-2 checkpoint."""
+    run_pretrain(recipe(out), progress=False)
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    (out / "results.json").unlink()
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path):
+    """A resume refused as complete (steps shortened below the checkpoint) rewrote
+    config.yaml first, and every later plain `--resume latest` was refused too."""
+    out = tmp_path / "run"
+    _stopped_at_step_2(out)
+    before = tree(out)
+    with pytest.raises(ConfigError, match=r"nothing to resume: .*step-2 is at step 2, past "
+                                          r"the run's length of 1 step\(s\) now"):
+        run_pretrain(recipe(out, steps=1), resume="latest", progress=False)
+    assert tree(out) == before
+    assert main(["pretrain", "--out", str(out), "--resume", "latest", "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
+
+
+def test_a_corrupt_trainer_state_names_the_file_and_the_earlier_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_pretrain(recipe(out), progress=False)
+    (out / "results.json").unlink()
+    state = out / "checkpoints" / "step-4" / "trainer_state.pt"
+    os.truncate(state, 1000)
+    before = tree(out)
+    assert main(["pretrain", "--out", str(out), "--resume", "latest", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cliplab: error: cannot resume: {state} is unreadable (")
+    assert err.endswith(f"; resume from an earlier checkpoint with --resume "
+                        f"{out / 'checkpoints' / 'step-2'} (this run has step-2)\n")
+    assert err.count("\n") == 1 and tree(out) == before
+    state.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ConfigError, match=r"trainer_state\.pt is unreadable .*--resume"):
+        run_pretrain(recipe(out), resume="latest", progress=False)
+    # the earlier checkpoint it names continues the run, and writes step-4 anew
+    run_pretrain(recipe(out), resume=str(out / "checkpoints" / "step-2"), progress=False)
+    assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
+
+
+def test_resume_latest_needs_the_run_folder(tmp_path, monkeypatch):
+    """Without --out it said `cannot resume: latest holds no trainer_state.pt`, after
+    making a new default run folder and loading everything."""
+    monkeypatch.chdir(tmp_path)
+    message = r"^--resume latest continues the newest checkpoint of a run folder: give the " \
+              r"run folder as --out RUN$"
+    with pytest.raises(ConfigError, match=message):
+        run_pretrain(recipe(None), resume="latest", progress=False)
+    assert not (tmp_path / "runs").exists()
+    trainer = Trainer(small_model(), TrainConfig.from_dict({**recipe(None)["train"],
+                                                             "progress": False}))
+    with pytest.raises(ConfigError, match=message):  # from Python, without a run folder
+        trainer.fit(load_shapes(n=64, seed=0, kinds=("single",), image_size=32),
+                    resume="latest")
+
+
+def test_a_run_stopped_during_its_final_evaluation_is_finished_by_a_resume(tmp_path, capsys):
+    """The final checkpoint written, the run killed while evaluating: `--resume latest` was
+    refused as complete, and a new run in the folder too, so it could never be finished."""
+    out = tmp_path / "run"
+    done = run_pretrain(recipe(out, evaluate=True), progress=False)
+    logged = records(out)
+    assert "eval/colour/acc1" in logged[-1]
+    for drop_eval_record in (False, True):  # killed before or after the eval was logged
+        (out / "results.json").unlink()
+        if drop_eval_record:
+            (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in logged[:-1]))
+        again = run_pretrain(recipe(out, evaluate=True), resume="latest", progress=False)
+        assert "running only its final evaluation" in capsys.readouterr().err
+        written = json.loads((out / "results.json").read_text())
+        assert {**written, "wall_time_s": 0} == {**json.loads(json.dumps(done)), "wall_time_s": 0}
+        assert {**again, "wall_time_s": 0} == {**done, "wall_time_s": 0}
+        assert records(out) == logged  # the evaluation logged once
+    with pytest.raises(ConfigError, match="nothing to resume: .*the run is complete"):
+        run_pretrain(recipe(out, evaluate=True), resume="latest", progress=False)
+
+
+# -- what a run logs and says ---------------------------------------------------------------
+def test_the_logged_lr_is_the_base_rate_whatever_the_first_groups_scale(tmp_path):
+    """With the temperature's rate scaled to 0 every logged lr was 0.0 while the rest trained
+    at the full rate: the first parameter group's rate was logged."""
+    out = tmp_path / "run"
+    run_pretrain(recipe(out, warmup=0, lr_scale={"logit_scale": 0.0}), progress=False)
+    lrs = [r["lr"] for r in records(out) if "lr" in r]
+    assert lrs == pytest.approx([3e-3 * warmup_cosine(s, 4, 0) for s in range(4)], rel=1e-9)
+    assert lrs[0] == pytest.approx(3e-3)
+
+
+def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
+    """warmup=100 of a 4-step run trained at 1-4% of train.lr without a word."""
+    run_pretrain(recipe(tmp_path / "long", warmup=100), progress=False)
+    err = capsys.readouterr().err
+    assert "train: warning: train.warmup=100 steps is longer than the run (4 steps), so the " \
+           "rate never reaches train.lr (it peaks at 4% of it)" in err
+    assert err.count("\n") == 1
+    run_pretrain(recipe(tmp_path / "fits", warmup=4), progress=False)
+    assert "warning" not in capsys.readouterr().err
+    assert math.isclose(records(tmp_path / "fits")[3]["lr"], 3e-3)  # the peak, at the last step
