@@ -301,3 +301,26 @@ def test_adapt_out_is_never_an_input(model_dir, tmp_path, capsys):
         assert err.startswith("cliplab: error: --out") and words in err and "\n" not in err
     assert sorted(p.name for p in model.iterdir()) == before
     assert not (pets / "adapted").exists()
+
+
+def test_adapt_and_quickstart_never_write_over_a_users_config_yaml(model_dir, tmp_path, capsys):
+    """A folder holding a file of the user's (a recipe named config.yaml) is no place for a new
+    run: refused on one line before any work, the file left as it was; once the user's file
+    is gone the same command runs."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("# my notes\nshots: 3\n")
+    adapt = ["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out", str(out),
+             "--no-progress", "data.train={source: digits, split: train}",
+             "data.test={source: digits, split: test}", "shots=1"]
+    for argv in (adapt, ["quickstart", "--out", str(out), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"cliplab: error: --out {out} holds config.yaml, which no cliplab run in "
+                       "this folder wrote; a new run needs a new or empty folder (its files are "
+                       "left as they are): choose another --out")
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+        assert (out / "config.yaml").read_text() == "# my notes\nshots: 3\n"
+    (out / "config.yaml").unlink()
+    assert main(adapt) == 0
+    assert (out / "results.json").is_file()

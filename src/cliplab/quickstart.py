@@ -21,7 +21,8 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
+from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
+                          removed_if_unstarted)
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -98,6 +99,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     cfg = quickstart_config(config)
     if cfg.out:  # before any slow loading
         check_new_run(cfg.out)
+        check_no_foreign_files(cfg.out)
     data = cfg.data
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]

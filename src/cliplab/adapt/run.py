@@ -28,7 +28,8 @@ from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
 from cliplab.output_folder import check_apart_from_inputs, spec_paths
-from cliplab.runs import RunDir, check_new_run, default_run_dir, removed_if_unstarted
+from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
+                          removed_if_unstarted)
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
@@ -153,6 +154,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         data = cfg.data
         check_apart_from_inputs(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
             data.train, data.test, data.shifted, data.val)])
+        check_no_foreign_files(cfg.out)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,
