@@ -26,8 +26,8 @@ from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
 
 MAX_DIFF, MEAN_DIFF = 1.5 / 255, 0.5 / 255
 # shrinking exactly 2:1, a ratio that is no whole number, enlarging one side while shrinking the
-# other, enlarging both (portrait)
-IMAGE_SHAPES = [(40, 80), (45, 61), (10, 20), (12, 7)]
+# other (landscape, and portrait, where PIL resizes the height first), enlarging both (portrait)
+IMAGE_SHAPES = [(40, 80), (45, 61), (10, 20), (20, 10), (12, 7), (30, 8)]
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2)
 
 
@@ -195,3 +195,22 @@ def test_shortest_truncates_the_long_side_as_torchvision_and_transformers_do():
     columns = torch.tensor([0, 8, 15])
     expected = 4 * ((columns + 2.5) * 61 / 21 - 0.5) / 255
     torch.testing.assert_close(out[0, 0, 8, columns], expected, atol=0.5 / 255, rtol=0)
+
+
+def test_processor_sizes_as_plain_dicts_are_read_as_size_dicts():
+    """transformers 5.0's processors hold ``size`` / ``crop_size`` as plain dicts (later ones
+    as ``SizeDict``s): both read alike."""
+    from types import SimpleNamespace
+
+    from cliplab.models.hf_files import processor_to_preprocess
+
+    common = dict(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_pad=False,
+                  do_normalize=True, image_mean=[0.5] * 3, image_std=[0.25] * 3, resample=3)
+    shortest = SimpleNamespace(**common, size={"shortest_edge": 16, "height": None},
+                               do_center_crop=True, crop_size={"height": 16, "width": 16})
+    squash = SimpleNamespace(**common, size={"height": 16, "width": 16}, do_center_crop=False,
+                             crop_size=None)
+    for processor, mode in ((shortest, "shortest"), (squash, "squash")):
+        pre = processor_to_preprocess(processor, "f.json: ", {})
+        assert (pre.image_size, pre.resize_mode, pre.interpolation) == (16, mode, "bicubic")
+        assert pre.std == (0.25, 0.25, 0.25)

@@ -122,3 +122,38 @@ def test_coop_prompts_are_built_from_cleaned_class_names():
         dirty = prompt_tokens(model, ["t-shirt  &amp; top", "sandal"], init, 4)
         clean = prompt_tokens(model, ["t-shirt & top", "sandal"], init, 4)
         assert dirty[0].tolist() == clean[0].tolist() and dirty[2:] == clean[2:]
+
+
+def test_the_plain_text_shortcut_cleans_as_ftfy_and_html_do():
+    """`clean_text` skips ftfy for printable ASCII without '&' (most captions): on random
+    strings over ASCII (control characters too), entities and non-ASCII pieces it gives
+    exactly the full cleaning's result."""
+    import html
+    import random
+
+    import ftfy
+
+    from cliplab.models.tokenizer import clean_text
+
+    pieces = [chr(i) for i in range(128)] + ["&amp;", "&lt;", "\u201c", "é", "Ã©", "\u00a0",
+                                              "  ", "\r\n"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        assert clean_text(text) == " ".join(
+            html.unescape(html.unescape(ftfy.fix_text(text))).split()), repr(text)
+
+
+def test_captions_that_clean_alike_are_one_caption_in_training():
+    """Two captions the tokenizer turns into the same tokens are one positive key, in memory
+    (the caption table) and when streamed (caption keys)."""
+    from cliplab.data.types import ImageTextPairs
+    from cliplab.train.captions import CaptionTable
+    from cliplab.train.stream_batches import StreamBatches
+
+    captions = [["tom &amp; jerry"], ["tom & jerry"], ["tom  &  jerry "], ["a cat"]]
+    table = CaptionTable(ImageTextPairs(torch.zeros(4, 8, 8, 3, dtype=torch.uint8), captions))
+    assert table.flat.tolist() == [0, 0, 0, 1] and table.texts == ["tom & jerry", "a cat"]
+    batch = {"group": torch.full((4,), -1), "caption": [c[0] for c in captions]}
+    keys = StreamBatches.keys(batch, use_groups=True).tolist()
+    assert keys[0] == keys[1] == keys[2] != keys[3]

@@ -19,17 +19,12 @@ from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load
 from cliplab.models.convert.openclip_config import openclip_config_from_clip
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
+from tests.cli_output import one_line_error as _one_line
 from tests.tiny_models import small_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
 TIMM_CONFIG = {"architecture": "vit_base_patch32_clip_224", "num_classes": 20,
                "pretrained_cfg": {"tag": "openai"}}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("cliplab: error: "), err
-    return err.removeprefix("cliplab: error: ")
 
 
 def _clip_config(width: int, intermediate: int) -> CLIPConfig:

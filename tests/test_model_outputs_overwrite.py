@@ -17,20 +17,10 @@ from cliplab.models.convert import export_openclip
 from cliplab.models.convert.openclip_export import OPENCLIP_EXPORT
 from cliplab.models.onnx_export import ONNX_EXPORT, export_onnx
 from cliplab.output_folder import MODEL_FOLDER, check_out
+from tests.cli_output import folder_tree as _tree, one_line_error as _one_line
 from tests.tiny_models import bare_siglip, small_model
 
 OPENCLIP = Path(__file__).parent / "fixtures" / "openclip" / "hub-gelu"
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("cliplab: error: "), err
-    return err.removeprefix("cliplab: error: ")
 
 
 def _add_users_files(folder: Path) -> None:
@@ -101,7 +91,7 @@ def _assert_own(previous, folder: Path) -> None:
 
 
 def test_every_file_a_model_save_writes_is_a_model_folders_own(model_dir, tmp_path):
-    from cliplab.models.loading import TOKENIZER_FILES as READ_AS_TOKENIZER
+    from cliplab.models.loading import TOKENIZER_VOCABULARIES as READ_AS_TOKENIZER
     from cliplab.output_folder import TOKENIZER_FILES
 
     _assert_own(MODEL_FOLDER, model_dir)

@@ -11,20 +11,9 @@ from pathlib import Path
 import pytest
 
 from cliplab.cli import main
+from tests.cli_output import folder_tree as _tree, one_line_error as _one_line
 
 OPENCLIP = Path(__file__).parent / "fixtures" / "openclip" / "hub-gelu"
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes (to check a folder survived unchanged)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("cliplab: error: "), err
-    return err.removeprefix("cliplab: error: ")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from cliplab.train.config import TrainConfig
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.schedule import warmup_cosine
 from cliplab.train.trainer import Trainer
+from tests.cli_output import folder_tree as tree
 from tests.tiny_models import small_model
 
 MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
@@ -45,11 +46,6 @@ def recipe(out: Path | None, evaluate: bool = False, **train) -> dict:
 
 def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
 
 
 def test_the_run_files_are_the_ones_other_commands_take_for_a_run():
@@ -158,7 +154,9 @@ def test_resume_latest_needs_the_run_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
     trainer = Trainer(small_model(), TrainConfig.from_dict({**recipe(None)["train"],
                                                              "progress": False}))
-    with pytest.raises(ConfigError, match=message):  # from Python, without a run folder
+    with pytest.raises(ConfigError, match=r"^resume 'latest' continues the newest checkpoint "
+                       r"of a run folder: give the Trainer its run_dir \(on the command line: "
+                       r"--out RUN\)$"):  # from Python, without a run folder
         trainer.fit(load_shapes(n=64, seed=0, kinds=("single",), image_size=32),
                     resume="latest")
 

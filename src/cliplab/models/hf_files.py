@@ -49,7 +49,7 @@ def image_processor_config(pre: PreprocessConfig) -> dict:
 def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
     file = Path(folder) / PROCESSOR_FILE
     if pre.resize_mode == "longest":
-        warnings.warn(f"{file}: {LONGEST_NOTE}", stacklevel=2)
+        warnings.warn(LONGEST_NOTE, stacklevel=2)  # once per process: every save would repeat it
     file.write_text(json.dumps(image_processor_config(pre), indent=2))
     return file
 
@@ -131,24 +131,30 @@ def processor_to_preprocess(processor, where: str, raw: dict) -> PreprocessConfi
 def _resize(processor, where: str, raw: dict) -> tuple[int, str]:
     """(image size, resize mode): ``shortest_edge`` with a centre crop of that square, or a
     square ``height``/``width`` without a crop (or with one of the same size)."""
-    size = processor.size
-    given = {k: v for k, v in vars(size).items() if v is not None}
-    crop = processor.crop_size if processor.do_center_crop else None
-    crop = (crop.height, crop.width) if crop is not None else None
+    given = _size_fields(processor.size)
+    crop = _size_fields(processor.crop_size) if processor.do_center_crop else None
+    crop = (crop.get("height"), crop.get("width")) if crop is not None else None
     if given.keys() == {"shortest_edge"}:
-        side = size.shortest_edge
+        side = given["shortest_edge"]
         if crop != (side, side):
             _refuse(where, "do_center_crop" if crop is None else "crop_size", raw,
                     f"after the shorter side is resized to {side}, cliplab crops the centre "
                     f"{side}x{side} square: do_center_crop true, crop_size {side}x{side}")
         return side, "shortest"
-    if given.keys() == {"height", "width"} and size.height == size.width:
-        if crop not in (None, (size.height, size.width)):
+    if given.keys() == {"height", "width"} and given["height"] == given["width"]:
+        if crop not in (None, (given["height"], given["width"])):
             _refuse(where, "crop_size", raw, "cliplab does not crop an image it squashed to "
                     "a square; set do_center_crop to false")
-        return size.height, "squash"
+        return given["height"], "squash"
     _refuse(where, "size", raw, "cliplab resizes to {'shortest_edge': S} (then crops the "
             "centre) or to a square {'height': S, 'width': S} only")
+
+
+def _size_fields(size) -> dict:
+    """A processor's ``size`` / ``crop_size`` as a dict of its set fields (a ``SizeDict``
+    in newer transformers, a plain dict in 5.0)."""
+    fields = size if isinstance(size, dict) else vars(size) if size is not None else {}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _interpolation(processor, where: str, raw: dict) -> str:

@@ -22,8 +22,9 @@ CONFIG_FILE = "config.json"
 # in the order transformers prefers them
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model",
-                   "tokenizer.model", "sentencepiece.bpe.model")
+# a folder holding one of these has a tokenizer (output_folder.TOKENIZER_FILES: all it may hold)
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model",
+                          "tokenizer.model", "sentencepiece.bpe.model")
 # buffers older checkpoints stored and current models compute instead
 IGNORED_UNEXPECTED = ("position_ids",)
 
@@ -101,8 +102,8 @@ def _more(items: list) -> str:
 def load_tokenizer(path: Path):
     """The folder's tokenizer (``tokenizer.json`` or a vocabulary file must be there:
     transformers would otherwise build an empty one without a word)."""
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES[:3])}); save "
+    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_VOCABULARIES[:3])}); save "
                          "one there with tokenizer.save_pretrained(FOLDER)")
     try:
         return AutoTokenizer.from_pretrained(path)

@@ -200,17 +200,17 @@ def keep_ratio_size(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
 def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """Float images ``[B, C, H, W]`` resized to ``size`` as PIL's ``Image.resize`` does (within
     ~1/255, PIL's rounding to uint8): antialiased along each axis that shrinks, bicubic with
-    PIL's a = -0.5 kernel, width first, then height."""
+    PIL's a = -0.5 kernel, one axis at a time in PIL's order (width first, unless the height
+    shrinks while the width grows)."""
     if interpolation == "bilinear":  # never overshoots: one separable call is PIL's two passes
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     h, w = x.shape[-2:]
+    height_first = size[0] < h and size[1] > w
     # PIL clips each pass's overshoot to uint8 range; torch's antialias kernel is PIL's
-    if w != size[1]:
-        x = F.interpolate(x, size=(h, size[1]), mode="bicubic", align_corners=False,
-                          antialias=True).clamp_(0, 1)
-    if h != size[0]:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False,
-                          antialias=True).clamp_(0, 1)
+    for step in ([(size[0], w), size] if height_first else [(h, size[1]), size]):
+        if tuple(x.shape[-2:]) != tuple(step):
+            x = F.interpolate(x, size=step, mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0, 1)
     return x
 
 

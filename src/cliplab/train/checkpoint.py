@@ -88,8 +88,9 @@ def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
     ``run_dir``, which it needs)."""
     if resume == "latest":
         if run_dir is None:
-            raise ConfigError("--resume latest continues the newest checkpoint of a run folder: "
-                              "give the run folder as --out RUN")
+            raise ConfigError("resume 'latest' continues the newest checkpoint of a run "
+                              "folder: give the Trainer its run_dir (on the command line: "
+                              "--out RUN)")
         folder = run_dir.latest_checkpoint()
         if folder is None:
             raise ConfigError(f"--resume latest: {run_dir.path} holds no checkpoint to continue")

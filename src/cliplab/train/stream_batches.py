@@ -18,6 +18,7 @@ from pydantic import StrictBool, field_validator
 from cliplab.config import Section, validate
 from cliplab.data.shards import ShardLoader, ShardStream
 from cliplab.errors import ConfigError, DataError
+from cliplab.models.tokenizer import clean_text
 from cliplab.train import distributed
 from cliplab.train.config import NonNegativeInt, NotABool, PositiveInt
 
@@ -138,9 +139,10 @@ class StreamBatches:
     @staticmethod
     def keys(batch: dict, use_groups: bool) -> torch.Tensor:
         """Positive keys: the sample's group where it has one (and ``use_groups``), else its
-        caption's text, so duplicates in the global batch are not negatives."""
+        caption's text (as the tokenizer cleans it), so duplicates in the global batch are not
+        negatives."""
         groups = batch["group"].tolist()
-        return torch.tensor([g if use_groups and g >= 0 else caption_key(c)
+        return torch.tensor([g if use_groups and g >= 0 else caption_key(clean_text(c))
                              for g, c in zip(groups, batch["caption"])], dtype=torch.int64)
 
     def state_dict(self) -> dict:

@@ -16,7 +16,7 @@ from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, is_hf_mod
                                                    read_openclip)
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.loading import TOKENIZER_FILES
+from cliplab.models.loading import TOKENIZER_VOCABULARIES
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from cliplab.output_folder import check_out
 
@@ -66,7 +66,7 @@ def _tokenizer_folder(ckpt: OpenClipCheckpoint, name: str, where: str) -> Path |
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+    return any((folder / name).is_file() for name in TOKENIZER_VOCABULARIES)
 
 
 def _first_line(err: BaseException) -> str:
