@@ -145,7 +145,7 @@ def test_bad_uploads_and_ids_are_4xx(served):
            400, "empty")
     _error(client.post("/api/search/image",
                        files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}),
-           413, "byte limit")
+           413, "over the 0.191 MB limit")
     _error(client.post("/api/search/image"), 422, "file: Field required")
     _error(client.get("/images/40"), 404, "no indexed image with id 40")
     _error(client.get("/images/-1"), 404, "no indexed image")
@@ -159,6 +159,15 @@ def test_bad_uploads_and_ids_are_4xx(served):
     _error(client.post("/api/classify", data={"labels": "a,b"}), 400, "exactly one of id")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "x"}), 422, "id")
     _error(client.get("/api/nothing"), 404, "Not Found")
+
+
+def test_a_text_field_where_the_file_goes_is_422_saying_what_goes_there(served):
+    """`curl -F file=abc` (a text field, not a file) said "file: Value error, Expected
+    UploadFile, received: <class 'str'>"."""
+    for route, fields in (("/api/search/image", {}), ("/api/classify", {"labels": "a,b"})):
+        response = served["client"].post(route, data={**fields, "file": "abc"})
+        _error(response, 422, "file: upload an image file (multipart/form-data)")
+        assert "UploadFile" not in response.json()["error"]
 
 
 @pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}"])
@@ -192,6 +201,11 @@ def test_api_key_guards_every_route(served):
                       headers={"X-API-Key": KEY}).status_code == 200
     assert client.get("/images/1", params={"api_key": KEY}).status_code == 200
     assert client.get("/").status_code == 200  # the page itself asks for the key
+    # ?api_key= is for image URLs (an <img> cannot send a header) and nowhere else
+    _error(client.get("/api/search", params={"q": "a red circle", "api_key": KEY}), 401,
+           "?api_key= works in image URLs only")
+    _error(client.get("/api/health", params={"api_key": KEY}), 401, "X-API-Key header")
+    _error(client.get("/images/1", params={"api_key": "wrong"}), 401, "API key")
 
 
 def test_another_model_is_refused(served, tmp_path):

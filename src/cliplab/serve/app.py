@@ -1,6 +1,8 @@
 """The HTTP API and page of `cliplab serve` (FastAPI): search by text and by image, zero-shot
 labels, indexed images. Every error is JSON ``{"error": "..."}`` with a 4xx code; request bodies
-are bounded; an API key, if set, guards every ``/api`` and ``/images`` route."""
+are bounded; an API key, if set, guards every ``/api`` and ``/images`` route (as the
+``X-API-Key`` header; ``?api_key=`` only in image URLs, which an ``<img>`` cannot send a header
+with)."""
 
 from __future__ import annotations
 
@@ -76,8 +78,9 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
     async def _too_large(self, send):
-        response = JSONResponse({"error": f"request body over the {self.limit} byte limit"},
-                                status_code=413)
+        limit = f"{round(self.limit / (1 << 20), 3):g}"
+        response = JSONResponse({"error": f"request body over the {limit} MB limit of this "
+                                 "server; upload a smaller image"}, status_code=413)
         await response({"type": "http"}, None, send)
 
 
@@ -89,7 +92,10 @@ def _validation_message(err: RequestValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body", "path"))
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+        msg = e.get("msg", "invalid")
+        if "Expected UploadFile" in msg:  # a text field where a file goes: say what goes there
+            msg = "upload an image file (multipart/form-data)"
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 
 
@@ -155,13 +161,25 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
     async def cliplab_error(_: Request, err: CliplabError):
         return JSONResponse({"error": str(err)}, status_code=400)
 
-    def authorised(request: Request) -> None:
+    def check_key(request: Request, in_url: bool) -> None:
         if api_key is None:
             return
-        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+        given = request.headers.get("x-api-key") or ""
+        if not given and in_url:
+            given = request.query_params.get("api_key") or ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
+            if not in_url and "api_key" in request.query_params:
+                _fail(401, "missing API key: ?api_key= works in image URLs only; send the key "
+                      "as the X-API-Key header")
             _fail(401, "missing or wrong API key: send it as the X-API-Key header "
-                  "(or ?api_key= for images)")
+                  "(or ?api_key= in image URLs)")
+
+    def authorised(request: Request) -> None:
+        check_key(request, in_url=False)
+
+    def authorised_image(request: Request) -> None:
+        """An ``<img src>`` cannot send a header: image URLs may carry ``?api_key=``."""
+        check_key(request, in_url=True)
 
     @lru_cache(maxsize=1024)
     def text_vector(text: str) -> np.ndarray:
@@ -254,7 +272,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                 "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
                            for i in order]}
 
-    @app.get("/images/{item_id}", dependencies=guarded)
+    @app.get("/images/{item_id}", dependencies=[Depends(authorised_image)])
     def image(item_id: int = PathParam(..., le=MAX_ID)) -> Response:
         """An indexed image, read from its original file (ids only; no path is ever taken)."""
         row = index.items([item_id]).get(item_id)

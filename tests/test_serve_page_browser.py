@@ -1,0 +1,360 @@
+"""The search page's states in a real browser (Playwright driving Debian's Chromium): a slow or
+failed request never changes what is shown, the page works by keyboard and on a phone, the URL
+holds a text search, errors say what went wrong, the API key form works.
+
+One server per module, with an API key (pages get it in localStorage, as the key form leaves
+it), over an index of 30 random images whose captions are "photo N" — one of 10 000 characters,
+and one whose file is deleted after indexing. The tiny model is untrained: only the page's
+behaviour is tested, not the ranking."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serve_helpers import build, save_tiny_model
+from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_until_up
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                                   reason="Debian's chromium is not installed")]
+
+KEY = "s3cret-key"
+N = 30
+LONG_CAPTION = ("long " * 2000).strip()
+GONE = "gone image"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("page")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{i:02d}.png")
+        (photos / f"p{i:02d}.txt").write_text(f"photo {i}")
+    (photos / "p00.txt").write_text(LONG_CAPTION)
+    (photos / "p01.txt").write_text(GONE)
+    build(save_tiny_model(root / "model"), str(photos), root / "idx")
+    files = root / "files"
+    files.mkdir()
+    (photos / "p01.png").rename(files / "p01.png")  # indexed, then gone
+    (files / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 50)
+    (files / "p07_noext").write_bytes((photos / "p07.png").read_bytes())
+    (files / "big.png").write_bytes(b"\x89PNG" + bytes(12 << 20))
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(root / "idx"),
+                               "--port", str(port), "--api-key", KEY],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url, server)
+        with urllib.request.urlopen(url) as response:  # which page is served (for a check by hand)
+            (root / "served.html").write_bytes(response.read())
+        ask = urllib.request.Request(url + "api/search?q=photo&k=100", headers={"X-API-Key": KEY})
+        with urllib.request.urlopen(ask) as response:
+            gone = next(r["id"] for r in json.load(response)["results"] if r["caption"] == GONE)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield {"url": url, "browser": browser, "photos": photos, "files": files,
+                   "gone": re.compile(rf"status of 404 .*/images/{gone}(\?|\)|$)"),
+                   "contexts": []}
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def close_pages(site):
+    yield
+    while site["contexts"]:
+        site["contexts"].pop().close()
+
+
+def open_page(site, key: str | None = KEY, init: str | None = None, **context):
+    """A page in a fresh context, loaded; its ``problems`` are page errors and console errors
+    (the gone image's own 404 is expected and left out)."""
+    ctx = site["browser"].new_context(**context)
+    site["contexts"].append(ctx)
+    if key:
+        ctx.add_init_script(f"localStorage.setItem('cliplab-api-key', {json.dumps(key)})")
+    if init:
+        ctx.add_init_script(init)
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    problems = []
+    page.on("pageerror", lambda err: problems.append(f"pageerror: {err}"))
+
+    def console(message):
+        text = f"console: {message.text} ({message.location.get('url', '')})"
+        if message.type == "error" and not site["gone"].search(text):
+            problems.append(text)
+
+    page.on("console", console)
+    page.goto(site["url"])
+    page.wait_for_function("document.getElementById('info').textContent !== 'loading…'")
+    return page, problems
+
+
+def search(page, q: str, k: str | None = None) -> None:
+    if k:
+        page.select_option("#k", k)
+    page.fill("#q", q)
+    page.press("#q", "Enter")
+    page.wait_for_selector(f"#status:has-text('results for “{q}”')")
+
+
+def status(page) -> tuple[str, str]:
+    return page.eval_on_selector("#status", "e => [e.className, e.textContent]")
+
+
+def scores(page) -> list[str]:
+    return page.locator("#grid .card .score").all_inner_texts()
+
+
+def wait_error(page) -> str:
+    page.wait_for_selector("#status.error")
+    return page.text_content("#status")
+
+
+def card_of(page, caption: str):
+    return page.locator("#grid .card", has=page.locator(".caption", has_text=caption)).first
+
+
+HOLD_SLOW = """(() => {  // fetches of q=slow wait for window.held[i](); settled counts them done
+  const real = window.fetch;
+  window.held = []; window.settled = 0;
+  const done = () => setTimeout(() => window.settled++);  // after the page's own handling
+  window.fetch = (url, options) => {
+    if (!String(url).includes("q=slow")) return real(url, options);
+    return new Promise((go) => window.held.push(go)).then(() => real(url, options)).then(
+      (response) => { const json = response.json.bind(response);
+                      response.json = () => json().finally(done); return response; },
+      (err) => { done(); throw err; });
+  };
+})();"""
+
+
+def test_a_slow_reply_never_replaces_a_newer_search(site):
+    page, problems = open_page(site, init=HOLD_SLOW)
+    page.select_option("#k", "12")
+    page.fill("#q", "slow")
+    page.press("#q", "Enter")
+    page.wait_for_function("window.held.length === 1")
+    busy = page.get_attribute("#grid", "aria-busy")
+    search(page, "photo")
+    newest = scores(page)
+    page.evaluate("window.held[0]()")  # the "slow" reply comes last
+    page.wait_for_function("window.settled === 1")
+    assert scores(page) == newest
+    assert status(page)[1].startswith("12 results for “photo”")
+    assert busy == "true" and page.get_attribute("#grid", "aria-busy") == "false"
+    assert problems == []
+
+
+def test_failed_requests_change_nothing(site):
+    page, problems = open_page(site)
+    search(page, "photo", k="12")
+    first = scores(page)
+    page.route("**/api/**", lambda route: route.abort())
+    page.click("#next")
+    offline = wait_error(page)
+    stale = page.eval_on_selector("#grid", "e => e.classList.contains('stale')")
+    page.click("#next")
+    wait_error(page)
+    assert page.text_content("#page-info").startswith("page 1 ") and scores(page) == first
+    page.unroute("**/api/**")
+    page.click("#next")
+    page.wait_for_selector("#status:has-text('results for “photo”')")
+    assert page.text_content("#page-info").startswith("page 2 · results 13–24")
+    assert offline == "Cannot reach the server — is cliplab serve running?" and stale
+    assert not page.eval_on_selector("#grid", "e => e.classList.contains('stale')")
+
+    # the server unreachable while labelling, or while fetching an image for "similar"
+    page.route("**/api/**", lambda route: route.abort())
+    page.fill("#labels", "a, b")
+    page.click("#label-btn")
+    assert wait_error(page) == offline
+    page.unroute("**/api/**")
+    page.route("**/images/**", lambda route: route.abort())
+    page.click("#grid .card >> nth=0 >> text=similar")
+    assert wait_error(page) == offline
+    assert page.text_content("#page-info").startswith("page 2 ")
+    assert [p for p in problems if p.startswith("pageerror")] == []
+
+
+def test_a_fresh_page_has_no_pager_and_paging_does_nothing(site):
+    page, problems = open_page(site)
+    requests = []
+    page.on("request", lambda r: "/api/search" in r.url and requests.append(r.url))
+    assert not page.is_visible("#pager") and not page.is_visible("#preview")
+    before = status(page)
+    page.evaluate("['next', 'prev'].forEach((id) => document.getElementById(id).click())")
+    page.evaluate("() => new Promise((done) => setTimeout(done))")
+    assert requests == [] and status(page) == before
+    assert problems == []  # no /favicon.ico 404 either
+
+
+def test_results_per_page_apply_to_the_page_shown(site):
+    page, problems = open_page(site)
+    search(page, "photo", k="12")
+    page.select_option("#k", "24")  # shown at once, so Next pages by what the select says
+    page.wait_for_selector("#page-info:has-text('results 1–24')")
+    page.click("#next")
+    page.wait_for_selector("#page-info:has-text('page 2 · results 25–30')")
+    assert len(scores(page)) == N - 24
+    assert problems == []
+
+
+def test_a_rejected_upload_keeps_the_search_shown(site):
+    page, problems = open_page(site)
+    page.select_option("#k", "12")
+    page.set_input_files("#file", str(site["photos"] / "p05.png"))
+    page.wait_for_selector("#status:has-text('results for the uploaded image')")
+    first, preview = scores(page), page.get_attribute("#preview", "src")
+    assert page.is_visible("#preview")
+
+    page.set_input_files("#file", str(site["files"] / "corrupt.png"))
+    refused = wait_error(page)
+    assert scores(page) == first and page.get_attribute("#preview", "src") == preview
+    page.click("#next")  # pages the search shown, with its image
+    page.wait_for_selector("#status:has-text('results for the uploaded image p05.png')")
+    assert page.text_content("#page-info").startswith("page 2 ")
+    assert refused.startswith("corrupt.png is not an image PIL can read")
+    page.fill("#labels", "red, blue")
+    page.click("#label-btn")
+    page.wait_for_selector("#status:has-text('labelled 12 images and the uploaded one')")
+    assert page.locator("#upload-labels li").count() == 2
+
+    # too big for the server: refused before sending, named in MB
+    page.set_input_files("#file", str(site["files"] / "big.png"))
+    assert wait_error(page) == "big.png is 12 MB, over this server's 10 MB upload limit"
+    # a PNG without an extension is the server's to judge (it reads it)
+    page.set_input_files("#file", str(site["files"] / "p07_noext"))
+    page.wait_for_selector("#status:has-text('results for the uploaded image p07_noext')")
+    assert page.locator("#grid .card .caption").first.inner_text() == "photo 7"
+    # a text search drops the upload's preview and labels
+    search(page, "photo")
+    assert not page.is_visible("#preview") and page.locator("#upload-labels li").count() == 0
+    assert [p for p in problems if "status of 415" not in p] == []  # the corrupt file's
+
+
+def test_the_keyboard_reaches_the_upload_and_similar(site):
+    page, problems = open_page(site)
+    search(page, "photo", k="12")
+    page.focus("#search-btn")
+    reached = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("(e => e.id || e.className)(document.activeElement)"))
+        if reached[-1] == "file":
+            break
+    assert reached.count("similar") == 12 and reached[-1] == "file", reached
+    # a focused file input opens the chooser on Space/Enter (the browser's own behaviour; its
+    # file-chooser event is not awaited here: under load headless Chromium may drop it)
+    page.set_input_files("#file", str(site["photos"] / "p03.png"))
+    page.wait_for_selector("#status:has-text('the uploaded image p03.png')")
+    unlabelled = page.evaluate("['q', 'k', 'labels', 'template', 'api-key', 'file']"
+                               ".filter(id => !document.getElementById(id).labels.length)")
+    assert unlabelled == []
+    assert problems == []
+
+
+def test_a_phone_screen_does_not_scroll_sideways(site):
+    page, problems = open_page(site, viewport={"width": 375, "height": 740})
+    width = "document.documentElement.scrollWidth"
+    assert page.evaluate(width) == 375
+    assert page.eval_on_selector("#search-btn", "e => e.getBoundingClientRect().right") <= 375
+    search(page, "photo", k="48")
+    assert page.evaluate(width) == 375
+    # a 10 000-character caption is clamped; its full text is the title
+    caption = card_of(page, "long long").locator(".caption")
+    assert caption.get_attribute("title") == LONG_CAPTION
+    assert caption.evaluate("e => e.getBoundingClientRect().height") < 80
+    assert problems == []
+
+
+def test_the_url_holds_the_text_search(site):
+    page, problems = open_page(site)
+    home = page.url
+    search(page, "photo", k="12")
+    assert page.url == home + "?q=photo&k=12&offset=0"
+    first = scores(page)
+    page.click("#next")
+    page.wait_for_selector("#page-info:has-text('page 2')")
+    assert page.url == home + "?q=photo&k=12&offset=12"
+    second = scores(page)
+    page.reload()
+    page.wait_for_selector("#page-info:has-text('page 2')")
+    assert scores(page) == second and page.input_value("#q") == "photo"
+    assert page.input_value("#k") == "12"
+    page.go_back()
+    page.wait_for_selector("#page-info:has-text('page 1')")
+    assert scores(page) == first and page.url.endswith("offset=0")
+    page.go_back()
+    page.wait_for_function("!document.querySelector('#grid .card')")
+    assert page.url == home and not page.is_visible("#pager")
+    page.go_forward()
+    page.wait_for_selector("#page-info:has-text('page 1')")
+    assert scores(page) == first
+    # an image search cannot be a URL: it leaves none behind that would reload another search
+    page.set_input_files("#file", str(site["photos"] / "p05.png"))
+    page.wait_for_selector("#status:has-text('the uploaded image')")
+    assert page.url == home
+    assert problems == []
+
+
+def test_images_that_cannot_load_say_why(site):
+    page, problems = open_page(site)
+    search(page, "photo", k="48")
+    gone = card_of(page, GONE)
+    gone.scroll_into_view_if_needed()
+    gone.locator(".missing").wait_for()  # a placeholder, not a broken image
+    gone_id = gone.get_attribute("data-id")
+    gone.locator("text=similar").click()
+    assert wait_error(page).endswith(f"the image file of id {gone_id} is gone")
+    # "similar" names the image it started from
+    card = card_of(page, "photo 3")
+    card_id = card.get_attribute("data-id")
+    card.locator("text=similar").click()
+    page.wait_for_selector(f"#status:has-text('results for images similar to #{card_id} "
+                           "“photo 3”')")
+    assert page.locator("#grid .card").first.get_attribute("data-id") == card_id
+    assert problems == []
+
+
+def test_the_api_key_form(site):
+    page, problems = open_page(site, key=None)
+    assert page.is_visible("#key-section")
+    needed = wait_error(page)
+    page.fill("#q", "photo")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#status.error")
+    page.fill("#api-key", "wrong")
+    page.press("#api-key", "Enter")  # Enter submits the key
+    page.wait_for_selector("#status:has-text('The API key was refused')")
+    page.fill("#api-key", "clé-€")
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#status.error:has-text('An API key can only hold ISO-8859-1')")
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")  # the search that was refused runs again
+    page.wait_for_selector("#status:has-text('results for “photo”')")
+    assert status(page)[0] == "" and not page.is_visible("#key-section")
+    assert page.text_content("#info").startswith(f"{N} images")
+    assert needed == "This server needs an API key: enter it under “API key”"
+    page.reload()  # the key is remembered
+    page.wait_for_selector(f"#info:has-text('{N} images')")
+    assert [p for p in problems if "status of 401" not in p] == []
