@@ -130,6 +130,18 @@ def test_a_clip_hub_style_folder_reads_bicubic_shortest_with_crop(tmp_path):
     assert (pre.image_size, pre.resize_mode, pre.interpolation) == (16, "shortest", "bicubic")
 
 
+def test_an_old_feature_extractor_file_is_read_with_its_own_class(tmp_path):
+    """A file naming only ``feature_extractor_type`` (older transformers) is read with that
+    processor's defaults, as AutoImageProcessor reads it: ViT's squash (no crop), not CLIP's
+    shortest side + crop."""
+    folder = _plain_folder(tmp_path, {
+        "feature_extractor_type": "ViTFeatureExtractor", "size": 16, "do_resize": True,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "resample": 2})
+    pre = DualEncoder.load(folder).preprocess_config
+    assert (pre.image_size, pre.resize_mode, pre.interpolation) == (16, "squash", "bilinear")
+
+
 @pytest.mark.parametrize("file", ["preprocessor_config.json", "processor_config.json"])
 def test_scalar_mean_and_std_and_no_normalize(tmp_path, file):
     """transformers allows one number for all channels; without do_normalize the pixels stay

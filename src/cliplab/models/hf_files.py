@@ -96,7 +96,10 @@ def _image_processor(where: str, raw: dict):
     from transformers.models.auto.image_processing_auto import \
         get_image_processor_class_from_name
 
-    name = str(raw.get("image_processor_type") or "CLIPImageProcessor")
+    # older files name a feature extractor (ViTFeatureExtractor: ViTImageProcessor's keys)
+    legacy = str(raw.get("feature_extractor_type") or "").replace("FeatureExtractor",
+                                                                   "ImageProcessor")
+    name = str(raw.get("image_processor_type") or legacy or "CLIPImageProcessor")
     name = name.removesuffix("Fast").removesuffix("Pil")
     cls = get_image_processor_class_from_name(name + "Pil") \
         or get_image_processor_class_from_name(name)
@@ -132,7 +135,9 @@ def _resize(processor, where: str, raw: dict) -> tuple[int, str]:
     """(image size, resize mode): ``shortest_edge`` with a centre crop of that square, or a
     square ``height``/``width`` without a crop (or with one of the same size)."""
     given = _size_fields(processor.size)
-    crop = _size_fields(processor.crop_size) if processor.do_center_crop else None
+    # processors without a crop (ViT's) may lack the attributes
+    crop = _size_fields(getattr(processor, "crop_size", None)) \
+        if getattr(processor, "do_center_crop", False) else None
     crop = (crop.get("height"), crop.get("width")) if crop is not None else None
     if given.keys() == {"shortest_edge"}:
         side = given["shortest_edge"]
