@@ -24,3 +24,10 @@ class ModelError(CliplabError):
 class DistributedError(CliplabError):
     """A distributed run cannot go on: the process group cannot form, or another rank stopped
     or stopped answering (its own error, if any, is in that rank's log)."""
+
+
+def first_line(err: BaseException) -> str:
+    """``TypeName: first line of the message`` of a library's exception, for a one-line error
+    that says why (``TypeName`` alone when the message is empty)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -21,8 +21,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
-from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
-                          removed_if_unstarted)
+from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
 
@@ -98,8 +97,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     start = time.time()
     cfg = quickstart_config(config)
     if cfg.out:  # before any slow loading
-        check_new_run(cfg.out)
-        check_no_foreign_files(cfg.out)
+        check_run_out(cfg.out)
     data = cfg.data
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]

@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from cliplab.errors import ConfigError
-from cliplab.output_folder import write_json
+from cliplab.output_folder import check_apart_from_inputs, write_json
 
 CHECKPOINTS = "checkpoints"
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
@@ -93,6 +93,16 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
         stopped = ", stopped before its first checkpoint" if not newest and resumable else ""
         raise ConfigError(f"--out {out} already holds a run ({what}{stopped}); {way_on}choose "
                           "a new --out" + ("" if way_on else " or remove it"))
+
+
+def check_run_out(out: str | Path, inputs: Iterable[str | None] = (), resume: str | None = None,
+                  resumable: bool = False) -> None:
+    """Every check of a run's ``--out`` before any work: no other run there (`check_new_run`),
+    not an input nor holding or inside one (`check_apart_from_inputs`), no file of the user's
+    (`check_no_foreign_files`)."""
+    check_new_run(out, resume, resumable)
+    check_apart_from_inputs(out, inputs)
+    check_no_foreign_files(out)
 
 
 def check_no_foreign_files(out: str | Path) -> None:

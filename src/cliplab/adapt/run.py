@@ -27,9 +27,8 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
-from cliplab.output_folder import check_apart_from_inputs, spec_paths
-from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
-                          removed_if_unstarted)
+from cliplab.output_folder import spec_paths
+from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
@@ -150,11 +149,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if needs:  # an ONNX export (inference only) is refused before any work
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
     if write and cfg.out:  # before any slow loading
-        check_new_run(cfg.out)
         data = cfg.data
-        check_apart_from_inputs(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
+        check_run_out(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
             data.train, data.test, data.shifted, data.val)])
-        check_no_foreign_files(cfg.out)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,

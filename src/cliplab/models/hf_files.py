@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from cliplab.errors import ModelError
-from cliplab.models.preprocess import PreprocessConfig
+from cliplab.models.preprocess import PreprocessConfig, are_finite_numbers
 
 PROCESSOR_FILE = "preprocessor_config.json"
 COMBINED_PROCESSOR_FILE = "processor_config.json"  # transformers' newer processor.save_pretrained
@@ -184,10 +184,7 @@ def _normalisation(processor, where: str, raw: dict) -> tuple[tuple, tuple]:
 
 def _per_channel(value, key: str, where: str, raw: dict, positive: bool = False) -> tuple:
     values = [value] * 3 if isinstance(value, (int, float)) else value
-    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        and (v > 0 or not positive) for v in values)
-    if not ok:
+    if not are_finite_numbers(values, 3, positive):
         _refuse(where, key, raw, f"it must be 3 {'positive ' if positive else ''}numbers "
                 "(R, G, B) or one for all three")
     return tuple(float(v) for v in values)

@@ -10,7 +10,7 @@ import torch
 from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
                           PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, first_line
 from cliplab.models.folder import read_json
 
 MODEL_CLASSES = {
@@ -27,11 +27,6 @@ TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.m
                           "tokenizer.model", "sentencepiece.bpe.model")
 # buffers older checkpoints stored and current models compute instead
 IGNORED_UNEXPECTED = ("position_ids",)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def load_config(path: Path) -> PretrainedConfig:
@@ -51,7 +46,7 @@ def load_config(path: Path) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{file}: not a valid {model_type} config ({_first_line(err)})") \
+        raise ModelError(f"{file}: not a valid {model_type} config ({first_line(err)})") \
             from None
 
 
@@ -76,7 +71,7 @@ def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
                                                 dtype=torch.float32)
     except Exception as err:  # safetensors, torch and transformers each raise their own
         raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
-                         f"({_first_line(err)})") from None
+                         f"({first_line(err)})") from None
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
     if mismatched:
         key, found, expected = mismatched[0]
@@ -99,14 +94,19 @@ def _more(items: list) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary (`TOKENIZER_VOCABULARIES`)."""
+    return any((folder / name).is_file() for name in TOKENIZER_VOCABULARIES)
+
+
 def load_tokenizer(path: Path):
     """The folder's tokenizer (``tokenizer.json`` or a vocabulary file must be there:
     transformers would otherwise build an empty one without a word)."""
-    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARIES):
+    if not has_tokenizer(path):
         raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_VOCABULARIES[:3])}); save "
                          "one there with tokenizer.save_pretrained(FOLDER)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # the tokenizers library raises plain Exceptions on bad files
-        raise ModelError(f"{path}: the tokenizer cannot be read ({_first_line(err)})") \
+        raise ModelError(f"{path}: the tokenizer cannot be read ({first_line(err)})") \
             from None

@@ -15,7 +15,8 @@ import torch
 from cliplab.errors import ModelError
 from cliplab.models.loading import load_tokenizer
 from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
-from cliplab.models.preprocess import RESIZE_VERSION, ImagePreprocessor, PreprocessConfig
+from cliplab.models.preprocess import (RESIZE_VERSION, ImagePreprocessor, PreprocessConfig,
+                                       is_finite_number)
 from cliplab.models.tokenizer import clean_texts
 
 
@@ -23,10 +24,6 @@ def is_onnx_export(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by `export_onnx`."""
     path = Path(path)
     return path.is_dir() and (path / EXPORT_FILE).is_file()
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(value) -> bool:
@@ -37,8 +34,8 @@ def _positive_int(value) -> bool:
 # "preprocess" is checked by `PreprocessConfig.from_dict`
 RECORD_KEYS = {"kind": lambda v: isinstance(v, str), "text_pooling": lambda v: isinstance(v, str),
                "embed_dim": _positive_int, "context_length": _positive_int,
-               "preprocess": lambda v: True, "logit_scale": _number}
-OPTIONAL_KEYS = {"logit_bias": lambda v: v is None or _number(v)}
+               "preprocess": lambda v: True, "logit_scale": is_finite_number}
+OPTIONAL_KEYS = {"logit_bias": lambda v: v is None or is_finite_number(v)}
 
 
 def read_export_record(path: Path) -> dict:

@@ -74,14 +74,16 @@ class PreprocessConfig:
                    resize_mode=d["resize_mode"], interpolation=d["interpolation"])
 
 
-def _is_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A finite int or float (not a bool: JSON's true is no number)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
 
 
-def _is_numbers(value, n: int, positive: bool = False) -> bool:
+def are_finite_numbers(value, n: int, positive: bool = False) -> bool:
+    """A list or tuple of ``n`` finite numbers (each > 0 if ``positive``)."""
     return isinstance(value, (list, tuple)) and len(value) == n \
-        and all(_is_number(v) and (v > 0 or not positive) for v in value)
+        and all(is_finite_number(v) and (v > 0 or not positive) for v in value)
 
 
 def _check(ok: bool, source: str, key: str, value, want: str) -> None:
@@ -99,16 +101,16 @@ _PREPROCESS_DEFAULTS = {"resize_mode": "shortest", "interpolation": "bilinear"}
 _PREPROCESS_CHECKS = {
     "image_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
                    "a positive whole number"),
-    "mean": (lambda v: _is_numbers(v, 3), "3 numbers (R, G, B)"),
-    "std": (lambda v: _is_numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
+    "mean": (lambda v: are_finite_numbers(v, 3), "3 numbers (R, G, B)"),
+    "std": (lambda v: are_finite_numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
     "resize_mode": (lambda v: v in RESIZE_MODES, " or ".join(map(repr, RESIZE_MODES))),
     "interpolation": (lambda v: v in INTERPOLATIONS, " or ".join(map(repr, INTERPOLATIONS))),
 }
 _AUGMENT_CHECKS = {
-    "scale": (lambda v: _is_numbers(v, 2, positive=True) and v[0] <= v[1],
+    "scale": (lambda v: are_finite_numbers(v, 2, positive=True) and v[0] <= v[1],
               "[low, high] with 0 < low <= high"),
-    "translate": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "rotate_deg": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "translate": (lambda v: is_finite_number(v) and v >= 0, "a number >= 0"),
+    "rotate_deg": (lambda v: is_finite_number(v) and v >= 0, "a number >= 0"),
     "hflip": (lambda v: isinstance(v, bool), "true or false"),
 }
 

@@ -19,9 +19,8 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
-from cliplab.output_folder import check_apart_from_inputs, spec_paths
-from cliplab.runs import (RunDir, check_new_run, check_no_foreign_files, default_run_dir,
-                          removed_if_unstarted)
+from cliplab.output_folder import spec_paths
+from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
@@ -78,10 +77,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         raise ConfigError("--resume latest continues the newest checkpoint of a run folder: "
                           "give the run folder as --out RUN")
     if cfg.out:  # before any slow loading
-        check_new_run(cfg.out, resume, resumable=True)
-        check_apart_from_inputs(cfg.out, [cfg.model.name,
-                                          *spec_paths(cfg.data.train, cfg.data.replay)])
-        check_no_foreign_files(cfg.out)
+        check_run_out(cfg.out, [cfg.model.name, *spec_paths(cfg.data.train, cfg.data.replay)],
+                      resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, CLIPModel, PretrainedConfig
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, first_line
 from cliplab.models.convert.atomic import MODEL_FOLDER, atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
 from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
@@ -16,7 +16,7 @@ from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, is_hf_mod
                                                    read_openclip)
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.loading import TOKENIZER_VOCABULARIES
+from cliplab.models.loading import has_tokenizer
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from cliplab.output_folder import check_out
 
@@ -41,7 +41,7 @@ def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
     try:
         tok = AutoTokenizer.from_pretrained(source or name, **kwargs)
     except Exception as err:  # noqa: BLE001 - transformers, tokenizers and imports alike
-        first = _first_line(err)
+        first = first_line(err)
         raise ModelError(f"{where} cannot be loaded offline ({first})" if source is None else
                          f"{where}: the tokenizer in {source} cannot be read ({first})") from None
     tok.model_max_length = context_length
@@ -53,25 +53,16 @@ def _tokenizer_folder(ckpt: OpenClipCheckpoint, name: str, where: str) -> Path |
     when it holds tokenizer files, else ``name`` read relative to the config when that is a
     folder (which must then hold them); None: ``name`` is a Hub id."""
     folder = ckpt.weights_file.parent
-    if _has_tokenizer(folder):
+    if has_tokenizer(folder):
         return folder
     local = ckpt.config_file.parent / name
     if not local.is_dir():
         return None
-    if not _has_tokenizer(local):
+    if not has_tokenizer(local):
         raise ModelError(f"{where} names the folder {local}, which holds no tokenizer files "
                          "(tokenizer.json and tokenizer_config.json, as tokenizer.save_pretrained "
                          "writes them); copy the model's tokenizer files there")
     return local
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_VOCABULARIES)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _eos_id(tok, text_cfg: dict, file: Path) -> int:
