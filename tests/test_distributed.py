@@ -19,8 +19,13 @@ from cliplab.errors import ConfigError
 from cliplab.train.contrastive import contrastive_loss
 
 SIZES = [5, 7]  # unequal local batches: the gather pads and the shares are weighted
-KEYS = torch.tensor([0, 1, 2, 0, 3, 1, 2, 4, 0, 5, 3, 6])  # positives across ranks too
-CASES = [(kind, keys, tile) for kind in ("clip", "siglip") for keys in (False, True)
+KEYS = {None: None,
+        "one": torch.tensor([0, 1, 2, 0, 3, 1, 2, 4, 0, 5, 3, 6]),  # positives across ranks too
+        # a drawn caption, then the captions describing the image: positives not symmetric
+        "sets": torch.tensor([[0, 0, 1], [1, 1, -1], [2, 2, 0], [0, 0, 3], [3, 3, -1],
+                              [4, 4, 1], [1, 1, 4], [5, 5, -1], [0, 0, 2], [6, 6, 5],
+                              [3, 3, 6], [2, 2, -1]])}
+CASES = [(kind, keys, tile) for kind in ("clip", "siglip") for keys in KEYS
          for tile in (None, 4)]
 
 
@@ -52,10 +57,10 @@ def _step(model, forward, x_image, x_text, keys, kind, tile, gather):
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def single_process_reference(kind: str, with_keys: bool) -> tuple[float, dict]:
+def single_process_reference(kind: str, with_keys: str | None) -> tuple[float, dict]:
     model = Towers(bias=kind == "siglip")
     x_image, x_text = _batch()
-    loss, grads = _step(model, model, x_image, x_text, KEYS if with_keys else None, kind, None,
+    loss, grads = _step(model, model, x_image, x_text, KEYS[with_keys], kind, None,
                         gather=False)
     return loss.item(), grads
 
@@ -75,7 +80,8 @@ def _equivalence(rank: int) -> dict:
         model = Towers(bias=kind == "siglip")
         ddp = DistributedDataParallel(model)  # averages the towers' gradients over ranks
         loss, grads = _step(model, ddp, x_image[rows], x_text[rows],
-                            KEYS[rows] if with_keys else None, kind, tile, gather=None)
+                            None if with_keys is None else KEYS[with_keys][rows], kind, tile,
+                            gather=None)
         out[(kind, with_keys, tile)] = (mean_over_ranks(loss).item(), grads)
 
     # the gather's own gradient, against torch.distributed.nn's (equal sizes only) and by hand

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from cliplab.errors import ConfigError
 from cliplab.train.contrastive import contrastive_loss
-from cliplab.train.losses import (clip_loss, clip_loss_global, key_pair_dot, siglip_loss,
-                                  siglip_loss_global)
+from cliplab.train.losses import (clip_loss, clip_loss_global, key_pair_dot, positive_mask,
+                                  positive_pair_dot, siglip_loss, siglip_loss_global)
 from cliplab.train.tiled_loss import (tiled_clip_loss, tiled_clip_loss_global, tiled_siglip_loss,
                                       tiled_siglip_loss_global)
 
@@ -78,6 +78,66 @@ def test_multi_positive_loss_matches_reference():
     ref, g_img, _ = reference_loss_and_grads(img.detach().numpy(), txt.numpy(), 1.0, pos)
     assert abs(loss.item() - ref) < 1e-10
     np.testing.assert_allclose(img.grad.numpy(), g_img, atol=1e-10)
+
+
+def _set_keys(b: int, seed: int, vocab: int | None = None, width: int = 3) -> torch.Tensor:
+    """Random key rows ``[b, 1 + width]``: a drawn caption, then its image's 1..width captions
+    (from a small vocabulary, so images share some captions but not all), -1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = vocab or max(2, b // 2)
+    rows = []
+    for _ in range(b):
+        n = int(torch.randint(1, width + 1, (1,), generator=g))
+        caps = torch.randperm(vocab, generator=g)[:n]
+        drawn = caps[torch.randint(0, n, (1,), generator=g)]
+        rows.append(torch.cat([drawn, caps, torch.full((width - n,), -1)]))
+    return torch.stack(rows)
+
+
+def test_positive_mask_of_caption_sets_by_hand():
+    # image 0 is "a green circle" / "a small green circle", image 1 "a green circle" / "a large
+    # green circle", image 2 "a red square"; captions 0 green, 1 small, 2 large, 3 red
+    keys = torch.tensor([[1, 0, 1], [0, 0, 2], [3, 3, -1]])
+    expected = torch.tensor([[True, True, False],    # image 0: its own "small", 1's "green"
+                             [False, True, False],   # image 1: not "small"
+                             [False, False, True]])
+    assert torch.equal(positive_mask(keys, keys), expected)
+    # one key per pair is equality, as before
+    one = torch.tensor([4, 1, 4])
+    assert torch.equal(positive_mask(one, one), one[:, None] == one[None, :])
+
+
+def test_caption_set_loss_matches_reference_with_an_asymmetric_mask():
+    img, txt = _features(8, 4, 12)
+    keys = _set_keys(8, 3)
+    pos = positive_mask(keys, keys)
+    assert not torch.equal(pos, pos.t())  # the case one key per pair cannot express
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    loss = clip_loss(img, txt, torch.tensor(0.5, dtype=torch.float64), keys)
+    loss.backward()
+    ref, g_img, g_txt = reference_loss_and_grads(img.detach().numpy(), txt.detach().numpy(),
+                                                 math.exp(0.5), pos.numpy().astype(float))
+    assert abs(loss.item() - ref) < 1e-10
+    np.testing.assert_allclose(img.grad.numpy(), g_img, atol=1e-10)
+    np.testing.assert_allclose(txt.grad.numpy(), g_txt, atol=1e-10)
+
+
+@pytest.mark.parametrize("sets", [False, True])
+@pytest.mark.parametrize("mean_over", [None, "image", "text"])
+def test_positive_pair_dot_matches_mask_sum(sets, mean_over):
+    g = torch.Generator().manual_seed(1)
+    image, text = (torch.randn(10, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    image_keys = _set_keys(10, 5) if sets else torch.randint(0, 4, (10,), generator=g)
+    text_keys = torch.cat([image_keys[3:], image_keys[:3]])  # other rows: not symmetric
+    mask = positive_mask(image_keys, text_keys).double()
+    weights = mask
+    if mean_over == "image":
+        weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
+    elif mean_over == "text":
+        weights = mask / mask.sum(0, keepdim=True).clamp(min=1)
+    dot, n = positive_pair_dot(image, image_keys, text, text_keys, mean_over)
+    assert torch.allclose(dot, (weights * (image @ text.T)).sum()) and n == int(mask.sum())
 
 
 def test_unique_keys_reduce_to_plain_infonce():
@@ -190,11 +250,12 @@ def _split_losses(kind, img, txt, scale, bias, keys, sizes, tile=None):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.parametrize("with_keys", [None, "one", "sets"])
 @pytest.mark.parametrize("tile", [None, 3])
 def test_rank_shares_average_to_the_global_loss_and_gradients(kind, with_keys, tile):
     img, txt = _features(12, 5, 8)
-    keys = torch.tensor([0, 1, 2, 0, 3, 1, 4, 5, 0, 6, 7, 2]) if with_keys else None
+    keys = {None: None, "one": torch.tensor([0, 1, 2, 0, 3, 1, 4, 5, 0, 6, 7, 2]),
+            "sets": _set_keys(12, 8)}[with_keys]
     leaves = [img.requires_grad_(), txt.requires_grad_(),
               torch.tensor(1.1, dtype=torch.float64, requires_grad=True),
               torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)]
@@ -230,11 +291,14 @@ def _plain_and_tiled(kind, b, d, keys, tile, seed=0, dtype=torch.float32, scale=
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.parametrize("with_keys", [None, "one", "sets"])
 @pytest.mark.parametrize("b,tile", [(1, 4), (16, 4), (33, 8), (50, 64), (97, 16)])
 def test_tiled_loss_equals_plain_loss_and_gradients(kind, with_keys, b, tile):
-    keys = torch.randint(0, max(1, b // 3), (b,), generator=torch.Generator().manual_seed(b)) \
-        if with_keys else None
+    keys = None
+    if with_keys == "one":
+        keys = torch.randint(0, max(1, b // 3), (b,), generator=torch.Generator().manual_seed(b))
+    elif with_keys == "sets":
+        keys = _set_keys(b, b)
     plain, tiled = _plain_and_tiled(kind, b, 32, keys, tile)
     for name, p, t in zip(["loss", "d_image", "d_text", "d_logit_scale", "d_bias"], plain, tiled):
         if p is None:
@@ -272,13 +336,14 @@ def test_tiled_clip_is_stable_at_extreme_logits():
         torch.testing.assert_close(t, p, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fn", ["clip", "clip_keys", "siglip", "siglip_keys"])
+@pytest.mark.parametrize("fn", ["clip", "clip_keys", "clip_sets", "siglip", "siglip_keys",
+                                "siglip_sets"])
 def test_tiled_backward_matches_finite_differences(fn):
     img, txt = _features(7, 3, 9)
-    keys = torch.tensor([0, 1, 0, 2, 1, 3, 0])
+    keys = _set_keys(7, 9) if fn.endswith("sets") else torch.tensor([0, 1, 0, 2, 1, 3, 0])
     s = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    k = keys if fn.endswith("keys") else None
+    k = keys if fn.endswith(("keys", "sets")) else None
     if fn.startswith("clip"):
         def f(i, t, s):
             return tiled_clip_loss(i, t, s, k, tile=3)

@@ -1,6 +1,7 @@
 """``train.multi_positive``: the keys of a batch of pairs (which pairs are positives of each
-other) come from the data's groups, or from the captions drawn, and the contrastive objective
-trains the multi-positive InfoNCE loss of those keys."""
+other) come from the data's groups, or from the captions drawn, or — where one caption describes
+images of two groups — from the captions describing each image; the contrastive objective trains
+the multi-positive InfoNCE loss of those keys."""
 
 import pytest
 import torch
@@ -24,6 +25,18 @@ def pairs():
     return data
 
 
+@pytest.fixture(scope="module")
+def classes():
+    """16 images of 4 classes, each class with two captions of its own (no caption in two
+    classes), as a labelled set turned into pairs has them."""
+    from cliplab.data.types import ImageTextPairs
+
+    names = ("cat", "dog", "car", "cup")
+    captions = [[f"a photo of a {c}", f"a picture of a {c}"] for c in names for _ in range(4)]
+    images = torch.arange(16, dtype=torch.uint8)[:, None, None, None].expand(16, 32, 32, 3)
+    return ImageTextPairs(images.clone(), captions, groups=torch.arange(4).repeat_interleave(4))
+
+
 def config(**kw) -> TrainConfig:
     return TrainConfig.from_dict({"steps": 1, "batch_size": 8, "progress": False,
                                   "augment": False, **kw})
@@ -45,13 +58,14 @@ def _first_batch(pairs, model, cfg):
     return batch, drawn[0], inputs
 
 
-def test_multi_positive_keys_are_the_groups_of_the_batch(pairs):
-    """multi_positive=true (the default): a batch's keys are ``data.groups`` at its indices,
-    so images with the same captions are positives of each other, whichever caption each
-    drew; the batch does hold such duplicates."""
+def test_multi_positive_keys_are_the_groups_of_the_batch(classes):
+    """multi_positive=true (the default), no caption in two groups: a batch's keys are
+    ``data.groups`` at its indices, so images with the same captions are positives of each
+    other, whichever caption each drew; the batch does hold such duplicates."""
     assert config().multi_positive is True
-    batch, idx, _ = _first_batch(pairs, small_model(), config())
-    assert torch.equal(batch.keys, pairs.groups[idx])
+    batch, idx, inputs = _first_batch(classes, small_model(), config())
+    assert inputs.described is None  # one key per pair: such runs train exactly as before
+    assert torch.equal(batch.keys, classes.groups[idx])
     assert len(batch.keys.unique()) < len(batch.keys)  # duplicate groups in this batch
 
 
@@ -74,12 +88,13 @@ def test_without_multi_positive_keys_are_the_ids_of_the_captions_drawn(pairs):
 
 def test_objective_loss_is_the_multi_positive_infonce_of_the_groups(pairs):
     """The objective's loss of a grouped batch is the symmetric InfoNCE whose target is
-    uniform over each row's same-group pairs (computed here by hand), not the one-positive
-    loss: duplicates are not pushed apart."""
+    uniform over each row's positives — the texts describing its image, its group's or
+    another group's that shares the caption (computed here by hand from the strings) — not the
+    one-positive loss: duplicates are not pushed apart."""
     model = small_model()
     with torch.no_grad():
         model.logit_scale.fill_(4.6052)  # sharp logits (CLIP's maximum): the losses differ more
-    batch, idx, _ = _first_batch(pairs, model, config())
+    batch, idx, inputs = _first_batch(pairs, model, config())
     loss = ContrastiveObjective(Embedder(model, torch.device("cpu"), "fp32", augment=False),
                                 "clip").backward(batch)
 
@@ -88,13 +103,76 @@ def test_objective_loss_is_the_multi_positive_infonce_of_the_groups(pairs):
         ids, mask = (batch.texts[k][batch.captions] for k in ("input_ids", "attention_mask"))
         txt = F.normalize(model.encode_text(ids, mask, normalize=False), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.t()
+        positive = _texts_describe(inputs, batch, idx, pairs).float()
         groups = pairs.groups[idx]
-        positive = (groups[:, None] == groups[None, :]).float()
-        target = positive / positive.sum(1, keepdim=True)  # symmetric: rows = columns
-        i2t = -(target * logits.log_softmax(1)).sum(1).mean()
-        t2i = -(target * logits.t().log_softmax(1)).sum(1).mean()
+        assert not torch.equal(positive, (groups[:, None] == groups[None, :]).float())
+        i2t = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        t2i = -(positive.t() / positive.t().sum(1, keepdim=True)
+                * logits.t().log_softmax(1)).sum(1).mean()
         expected = (i2t + t2i) / 2
         one_positive = (F.cross_entropy(logits, torch.arange(8))
                         + F.cross_entropy(logits.t(), torch.arange(8))) / 2
     torch.testing.assert_close(loss, expected)
     assert abs(loss.item() - one_positive.item()) > 0.05
+
+
+def _texts_describe(inputs, batch, idx, pairs) -> torch.Tensor:
+    """By hand, from the strings: ``[i, j]`` is True when the caption pair ``j`` drew is one of
+    image ``i``'s captions or of an image in its group."""
+    from cliplab.models.tokenizer import clean_text
+
+    drawn = [inputs.table.texts[k] for k in batch.captions.tolist()]
+    groups = pairs.groups.tolist() if pairs.groups is not None else list(range(len(pairs)))
+    described = {}
+    for i, caps in enumerate(pairs.captions):
+        described.setdefault(groups[i], set()).update(clean_text(c) for c in caps)
+    return torch.tensor([[drawn[j] in described[groups[i]] for j in range(len(drawn))]
+                         for i in idx.tolist()])
+
+
+def test_a_caption_two_groups_share_is_a_positive_of_the_images_of_both():
+    """A small and a large green circle (two groups: their caption lists differ) are both "a
+    green circle": that text, drawn for either, is a positive of both images, while "a small
+    green circle" stays a negative of the large one. One key per pair cannot say this."""
+    from cliplab.data.types import ImageTextPairs
+    from cliplab.train.losses import positive_mask
+
+    images = torch.zeros(3, 32, 32, 3, dtype=torch.uint8)
+    pairs = ImageTextPairs(images, [["a small green circle", "a green circle"],
+                                    ["a large green circle", "a green circle"],
+                                    ["a red square"]], groups=torch.tensor([0, 1, 2]))
+    seen = set()
+    for seed in range(12):
+        cfg = config(batch_size=3, seed=seed)
+        batch, idx, inputs = _first_batch(pairs, small_model(), cfg)
+        mask = positive_mask(batch.keys, batch.keys)
+        torch.testing.assert_close(mask, _texts_describe(inputs, batch, idx, pairs))
+        seen.add(tuple(mask.flatten().tolist()))
+    assert len(seen) > 1  # different draws gave different (asymmetric) masks
+
+
+def test_shapes_batches_count_every_describing_caption_as_a_positive():
+    """On `shapes` (captions shared across caption lists), every batch's positives are exactly
+    the texts that describe each image; same-group pairs stay positives, and some pairs of
+    different groups are positives too."""
+    from cliplab.train.losses import positive_mask
+
+    pairs = load_shapes(n=400, seed=0, image_size=32)
+    model = small_model()
+    cfg = config(batch_size=64)
+    embed = Embedder(model, torch.device("cpu"), "fp32", augment=False)
+    inputs = MemoryInputs(pairs, cfg, model, embed.pixels, 0, 1, torch.device("cpu"))
+    across = 0
+    for _ in range(4):
+        idx = inputs.batches.next()
+        inputs.batches.next = lambda idx=idx: idx
+        batch = inputs.next(torch.Generator().manual_seed(len(idx) + across))
+        del inputs.batches.next
+        mask = positive_mask(batch.keys, batch.keys)
+        torch.testing.assert_close(mask, _texts_describe(inputs, batch, idx, pairs))
+        groups = pairs.groups[idx]
+        same_group = groups[:, None] == groups[None, :]
+        assert bool(mask[same_group].all())
+        across += int(mask[~same_group].sum())
+    assert across > 0
+

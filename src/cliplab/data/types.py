@@ -138,7 +138,8 @@ class ImageTextPairs:
     ``captions[i]`` lists the captions of image ``i`` (any of them is a positive for it).
     ``groups[i]`` is an optional integer id: images sharing a group share their captions' meaning
     (e.g. the class of a classification set turned into pairs), so the contrastive loss treats
-    their texts as positives too instead of false negatives.
+    their texts as positives too instead of false negatives (as it does a caption that several
+    images' lists share: it describes each of them).
     ``partners[i]`` is an optional index of image ``i``'s hard-negative image (e.g. its
     counterfactual twin; -1: none), which ``train.hard_negatives.images: partners`` puts in the
     same batch.

@@ -113,7 +113,9 @@ class TrainConfig(Section):
     lock_text_except_last: NonNegativeInt = 0
     lock_image_except_last: NonNegativeInt = 0
     augment: bool | dict[str, Any] = True  # or overrides of AugmentConfig, e.g. {hflip: false}
-    multi_positive: bool = True  # pairs sharing a group/caption are positives of each other
+    # a caption is a positive of every image it describes (the images of its group, and any
+    # whose captions include it); False: only pairs drawing the same caption
+    multi_positive: bool = True
     # NegCLIP-style hard-negative captions (attribute/relation swaps, word shuffles) in the
     # contrastive loss: true for the defaults, or {kinds: [...], seed: N} (see hard_negatives.py)
     hard_negatives: HardNegatives | None = None

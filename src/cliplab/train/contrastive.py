@@ -25,9 +25,9 @@ def _check(image, text, logit_bias, kind, keys, tile) -> None:
     if image.dim() != 2 or image.shape != text.shape:
         raise ValueError(f"contrastive loss: image {tuple(image.shape)} and text "
                          f"{tuple(text.shape)} features must both be [batch, dim]")
-    if keys is not None and keys.shape != (len(image),):
-        raise ValueError(f"contrastive loss: keys {tuple(keys.shape)} must be [batch] = "
-                         f"[{len(image)}]")
+    if keys is not None and (keys.dim() not in (1, 2) or len(keys) != len(image)):
+        raise ValueError(f"contrastive loss: keys {tuple(keys.shape)} must be [batch] or "
+                         f"[batch, 1 + captions] with batch = {len(image)}")
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -38,7 +38,9 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
     - ``kind``: ``"clip"`` (symmetric InfoNCE; ``logit_scale`` is the log temperature) or
       ``"siglip"`` (sigmoid loss; needs ``logit_bias``).
-    - ``keys``: one integer per pair; pairs sharing a key are positives of each other.
+    - ``keys``: one integer per pair (pairs sharing a key are positives of each other), or
+      per pair its caption's id followed by the ids of its image's captions (a text is a
+      positive of every image it describes; :func:`~cliplab.train.losses.positive_mask`).
     - ``tile``: None computes the B x B logits at once; an int computes the same loss and
       gradients in ``tile x tile`` blocks, with memory linear in the batch.
     - ``gather``: None gathers the features of every rank when a process group is up (True

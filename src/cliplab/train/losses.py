@@ -7,8 +7,19 @@ import torch.nn.functional as F
 
 
 def positive_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
-    """``mask[i, j]`` is True when text ``j`` describes image ``i`` (their keys are equal)."""
-    return image_keys[:, None] == text_keys[None, :]
+    """``mask[i, j]`` is True when text ``j`` describes image ``i``.
+
+    Keys come in two forms (see `~cliplab.train.step_batch.StepBatch`): one integer per pair
+    (``[n]``; pairs with equal keys are positives of each other), or a row per pair
+    (``[n, 1 + L]``: the id of the pair's caption, then the ids of every caption describing its
+    image, padded with -1), where text ``j`` describes image ``i`` when its caption is among
+    image ``i``'s. The second form says what one key per pair cannot: a caption two images
+    share ("a green circle", drawn for a small and a large one) is true of both, while their
+    other captions ("a small green circle") are true of one.
+    """
+    if image_keys.dim() == 1:
+        return image_keys[:, None] == text_keys[None, :]
+    return (image_keys[:, None, 1:] == text_keys[None, :, :1]).any(-1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -83,6 +94,42 @@ def key_pair_dot(a: torch.Tensor, a_keys: torch.Tensor, b: torch.Tensor, b_keys:
     return dots.sum(), int((count_a * count_b).sum())
 
 
+def positive_pair_dot(image: torch.Tensor, image_keys: torch.Tensor, text: torch.Tensor,
+                      text_keys: torch.Tensor, mean_over: str | None = None
+                      ) -> tuple[torch.Tensor, int]:
+    """``sum of <image_i, text_j>`` over the positive pairs (:func:`positive_mask`), without
+    the mask, and the number of such pairs. ``mean_over="image"`` weighs each pair by ``1 /``
+    its image's number of positive texts, ``"text"`` by ``1 /`` its text's number of positive
+    images (the soft InfoNCE targets of the two directions)."""
+    if image_keys.dim() == 1:  # one key per pair: symmetric, sums per key
+        if mean_over == "text":
+            return key_pair_dot(text, text_keys, image, image_keys, per_key_mean=True)
+        return key_pair_dot(image, image_keys, text, text_keys, per_key_mean=mean_over == "image")
+    # caption sets: per caption id, the texts drawing it and the images it describes
+    sets, drawn = image_keys[:, 1:], text_keys[:, 0]
+    ids, inverse = torch.unique(torch.cat([sets.flatten(), drawn]), return_inverse=True)
+    set_ids, text_ids = inverse[:sets.numel()].view_as(sets), inverse[sets.numel():]
+    valid = sets >= 0
+    rows = torch.arange(len(sets), device=sets.device)[:, None].expand_as(sets)[valid]
+    set_ids = set_ids[valid]
+    sum_text = text.new_zeros(len(ids), text.shape[1]).index_add(0, text_ids, text)
+    count_text = torch.bincount(text_ids, minlength=len(ids))
+    count_image = torch.bincount(set_ids, minlength=len(ids))
+    pairs = int((count_text * count_image).sum())
+    if mean_over == "text":
+        sum_image = image.new_zeros(len(ids), image.shape[1]).index_add(0, set_ids, image[rows])
+        dots = (sum_image * sum_text).sum(dim=1) / count_image.clamp(min=1).to(image.dtype)
+        return dots.sum(), pairs
+    # per image, the sum of the texts its captions drew
+    described = image.new_zeros(image.shape).index_add(0, rows, sum_text[set_ids])
+    dots = (image * described).sum(dim=1)
+    if mean_over == "image":
+        positives = torch.zeros(len(image), dtype=torch.long, device=image.device).index_add(
+            0, rows, count_text[set_ids])
+        dots = dots / positives.clamp(min=1).to(dots.dtype)
+    return dots.sum(), pairs
+
+
 def _row_labels(n: int, offset: int, device: torch.device) -> torch.Tensor:
     return torch.arange(offset, offset + n, device=device)
 
@@ -108,9 +155,8 @@ def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.T
         loss = F.cross_entropy(logits_image, labels, reduction="sum") + \
             F.cross_entropy(logits_text, labels, reduction="sum")
     else:
-        pos = positive_mask(keys, keys_all)
-        loss = len(image) * (soft_cross_entropy(logits_image, pos) +
-                             soft_cross_entropy(logits_text, pos))
+        loss = len(image) * (soft_cross_entropy(logits_image, positive_mask(keys, keys_all)) +
+                             soft_cross_entropy(logits_text, positive_mask(keys_all, keys).t()))
     return 0.5 * loss * world_size / len(text_all)
 
 

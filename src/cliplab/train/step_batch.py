@@ -17,7 +17,9 @@ class StepBatch:
 
     ``images`` are model inputs ``[b, C, H, W]`` or a locked image tower's cached features
     ``[b, D]``. Image-text pairs carry ``captions`` (one row of ``texts`` per image) and
-    ``keys`` (pairs sharing a key are positives of each other), and with
+    ``keys`` (``[b]``: pairs sharing a key are positives of each other; or ``[b, 1 + L]``: the
+    pair's caption id, then the ids of the captions describing its image, -1 padded, so a text
+    is a positive of every image it describes), and with
     ``train.hard_negatives`` ``negatives`` (per image, the row of ``texts`` holding a hard
     negative of its caption, -1 for none); labelled images carry ``labels``.
     """

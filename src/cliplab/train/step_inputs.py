@@ -88,6 +88,10 @@ class MemoryInputs:
         if not self.labelled:
             self.table = CaptionTable(self.data)
             self.keys_from_groups = cfg.multi_positive and self.data.groups is not None
+            # a caption true of images that do not share all their captions needs key rows
+            self.described = self.table.described_sets(
+                self.data.groups if self.keys_from_groups else None) \
+                if cfg.multi_positive else None
             # hard negatives' texts follow the captions' in one text source
             self.negatives = NegativeTable(self.table.texts, cfg.hard_negatives) \
                 if cfg.hard_negatives is not None else None
@@ -113,7 +117,11 @@ class MemoryInputs:
             return StepBatch(self._images(idx, rng)[local],
                              labels=self.data.labels[idx][local])
         captions = self.table.sample(idx, rng)
-        keys = (self.data.groups[idx] if self.keys_from_groups else captions).to(self.device)
+        if self.described is not None:
+            keys = self.described.keys(idx, captions)
+        else:
+            keys = self.data.groups[idx] if self.keys_from_groups else captions
+        keys = keys.to(self.device)
         negatives = None
         if self.negatives is not None:  # rows after the captions'; -1 stays "none"
             negatives = self.negatives.sample(captions, rng)

@@ -3,7 +3,7 @@
 The B x B logit matrix is never held: the forward sweeps ``tile x tile`` blocks of it, keeping
 only per-row / per-column log-sum-exps (InfoNCE) or a running sum (SigLIP), and the backward
 recomputes each block to accumulate the feature gradients. The positive (target) terms need no
-tiles at all: they are sums of dot products per key (:func:`~cliplab.train.losses.key_pair_dot`).
+tiles at all: they are sums of dot products per key (:func:`~cliplab.train.losses.positive_pair_dot`).
 Loss and gradients (features, ``logit_scale``, ``logit_bias``) equal the plain losses'.
 
 Work per step, in B x B x D products: InfoNCE 4 (forward 1, backward 3; the plain loss computes
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from cliplab.train.losses import key_pair_dot
+from cliplab.train.losses import positive_pair_dot
 
 DEFAULT_TILE = 2048
 
@@ -191,7 +191,9 @@ def tiled_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
     if keys is None:
         target = (image * text).sum()
     else:
-        target, _ = key_pair_dot(image, keys, text, keys, per_key_mean=True)
+        t_image, _ = positive_pair_dot(image, keys, text, keys, mean_over="image")
+        t_text, _ = positive_pair_dot(image, keys, text, keys, mean_over="text")
+        target = 0.5 * (t_image + t_text)
     return (0.5 * (lse_r.sum() + lse_c.sum()) - logit_scale.exp() * target) / n
 
 
@@ -210,8 +212,8 @@ def tiled_clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: t
         rows = slice(offset, offset + len(image))
         target = (image * text_all[rows]).sum() + (text * image_all[rows]).sum()
     else:
-        t_image, _ = key_pair_dot(image, keys, text_all, keys_all, per_key_mean=True)
-        t_text, _ = key_pair_dot(text, keys, image_all, keys_all, per_key_mean=True)
+        t_image, _ = positive_pair_dot(image, keys, text_all, keys_all, mean_over="image")
+        t_text, _ = positive_pair_dot(image_all, keys_all, text, keys, mean_over="text")
         target = t_image + t_text
     return 0.5 * (lse_image.sum() + lse_text.sum() - logit_scale.exp() * target) * world_size \
         / len(text_all)
@@ -241,5 +243,5 @@ def tiled_siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor,
     if keys is None:
         pos_dot, n_pos = (image * text_all[offset:offset + len(image)]).sum(), len(image)
     else:
-        pos_dot, n_pos = key_pair_dot(image, keys, text_all, keys_all)
+        pos_dot, n_pos = positive_pair_dot(image, keys, text_all, keys_all)
     return (total - logit_scale.exp() * pos_dot - n_pos * bias) * world_size / len(text_all)
