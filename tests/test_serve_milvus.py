@@ -158,30 +158,62 @@ def test_a_run_killed_while_inserting_reuses_its_collection(tmp_path, monkeypatc
         client.close()
 
 
-def test_add_keeps_a_milvus_index_in_its_collection(tmp_path):
-    """--add without --backend keeps a Milvus index in Milvus, in its URI and collection; a
-    collection given moves it there and drops the old one; another backend or URI is
-    refused."""
+def _collections(uri: str) -> list[str]:
     from pymilvus import MilvusClient
 
+    client = MilvusClient(uri)
+    try:
+        return sorted(client.list_collections())
+    finally:
+        client.close()
+
+
+def test_add_keeps_a_milvus_index_in_milvus_in_a_new_collection(tmp_path):
+    """--add without --backend keeps a Milvus index in Milvus at its URI; the grown index goes
+    to a new collection (named, or a fresh name) and the old one is dropped once it is
+    complete; another backend or URI, or naming the collection it serves now, is refused."""
     model_dir = save_tiny_model(tmp_path / "model")
     uri = str(tmp_path / "search.db")
     first = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
     record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
     assert record["backend"] == "milvus" and record["count"] == 80
-    assert record["milvus"] == first["milvus"]
+    assert record["milvus"]["uri"] == uri
+    assert record["milvus"]["collection"] != first["milvus"]["collection"]
+    assert record["milvus"]["collection"].startswith("cliplab_")
+    assert _collections(uri) == [record["milvus"]["collection"]]  # the old one dropped
     assert _serves_its_own_vectors(tmp_path / "idx")
     for wrong, words in (({"backend": "faiss"}, "is a milvus index; --backend faiss"),
                          ({"uri": str(tmp_path / "other.db")}, "keeps its vectors in Milvus at"),
-                         ({"index_type": "hnsw"}, "--index-type hnsw is for the FAISS backend")):
+                         ({"index_type": "hnsw"}, "--index-type hnsw is for the FAISS backend"),
+                         ({"collection": record["milvus"]["collection"]},
+                          "is the one .* serves now")):
         with pytest.raises(ConfigError, match=words):
             build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True, **wrong)
     record = build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", add=True,
                    collection="moved")
     assert record["milvus"] == {"uri": uri, "collection": "moved"} and record["count"] == 120
     assert _serves_its_own_vectors(tmp_path / "idx")
-    client = MilvusClient(uri)
-    try:
-        assert client.list_collections() == ["moved"]
-    finally:
-        client.close()
+    assert _collections(uri) == ["moved"]
+
+
+def test_a_killed_add_leaves_the_milvus_index_it_grows_whole(tmp_path, monkeypatch):
+    """--add killed while it fills Milvus: the index keeps serving its own vectors from its own
+    collection (it was rebuilt in place, dropped first); the same command then finishes."""
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+    first = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+
+    def die(self, *args):
+        raise Killed
+
+    monkeypatch.setattr(MilvusVectors, "insert", die)
+    with pytest.raises(Killed):
+        build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["milvus"] == first["milvus"]
+    assert _serves_its_own_vectors(tmp_path / "idx")
+    record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    assert record["count"] == 80 and _serves_its_own_vectors(tmp_path / "idx")
+    assert _collections(uri) == [record["milvus"]["collection"]]

@@ -11,7 +11,9 @@ run that failed there is finished by the same command with another ``index_type`
 
 A Milvus index gets a collection of its own (``cliplab_`` + 12 hex digits unless named), chosen
 once and kept in ``progress.json``; an existing collection is never taken over, except the one
-this run created (resumed) or the one of the index that ``--add`` replaces.
+this run created (resumed). ``--add`` writes the grown index into a new collection too and drops
+the old one only once the new index is complete, so until then the old index stays whole (a
+killed ``--add`` leaves it serving, as a FAISS index's folder does).
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         return finished
     state = _open_work(work, out, request, existing)
     if cfg.backend == "milvus" and request["collection"] is not None:
-        _check_collection(cfg.uri, state, existing)  # a named one: refused before embedding
+        _check_collection(cfg.uri, state)  # a named one: refused before embedding
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
     try:
@@ -149,9 +151,10 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
 
 
 def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> IndexConfig:
-    """``cfg`` with backend, uri, collection and index_type as this run uses them: for a new
-    index faiss and auto (a Milvus collection left None is named in `_open_work`); for
-    ``--add`` the index's own, refusing a backend or Milvus URI other than the index's."""
+    """``cfg`` with backend, uri and index_type as this run uses them: for a new index faiss
+    and auto; for ``--add`` the index's own, refusing a backend or Milvus URI other than the
+    index's. A Milvus collection left None is named in `_open_work` (``--add`` too: the old
+    collection is dropped only once the new one is complete)."""
     if existing is None:
         return cfg.model_copy(update={"backend": cfg.backend or "faiss",
                                       "index_type": cfg.index_type or "auto"})
@@ -170,18 +173,20 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
         if cfg.uri is not None and normalise_uri(cfg.uri) != old["uri"]:
             raise ConfigError(f"--add: {out} keeps its vectors in Milvus at {old['uri']}, not "
                               f"{cfg.uri}: leave --uri out, or build a new index")
-        update.update(uri=old["uri"], collection=cfg.collection or old["collection"])
+        if cfg.collection == old["collection"]:
+            raise ConfigError(f"--add: collection={cfg.collection} is the one {out} serves now; "
+                              "--add fills a new collection and drops that one once the index "
+                              "is complete: name another, or leave collection out")
+        update.update(uri=old["uri"])
     return cfg.model_copy(update=update)
 
 
-def _check_collection(uri: str, state: dict, existing: dict | None, milvus=None) -> None:
-    """Refuse a Milvus collection that exists but is not this index's own: neither created by
-    this run (resumed) nor the collection of the index ``--add`` replaces."""
+def _check_collection(uri: str, state: dict, milvus=None) -> None:
+    """Refuse a Milvus collection that exists but was not created by this run (resumed)."""
     from cliplab.serve.milvus_index import MilvusVectors
 
     name = state["collection"]
-    if state.get("collection_created") or name == ((existing or {}).get("milvus") or {}).get(
-            "collection"):
+    if state.get("collection_created"):
         return
     client = milvus or MilvusVectors(uri, name)
     try:
@@ -397,7 +402,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         rows = store.get_many(range(state["count"]))
         milvus = MilvusVectors(cfg.uri, state["collection"])
         try:
-            _check_collection(cfg.uri, state, existing, milvus)
+            _check_collection(cfg.uri, state, milvus)
             if not state.get("collection_created"):  # recorded first: a resumed run knows it
                 state["collection_created"] = True
                 write_json(work / PROGRESS_FILE, state)

@@ -18,7 +18,8 @@ class IndexConfig(Section):
     out: str
     add: bool = False                   # append to an existing index instead of refusing it
     # backend, uri, collection and index_type: None is the default, resolved by `build_index`
-    # (a new index: faiss, auto, a fresh collection; --add: the index's own)
+    # (a new index: faiss, auto, a fresh collection; --add: the index's own backend, uri and
+    # index type, and a fresh collection)
     backend: Literal["faiss", "milvus"] | None = None
     uri: str | None = None              # milvus: ./file.db (Milvus Lite) or http://host:19530
     collection: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
