@@ -51,7 +51,10 @@ def test_shuffled_captions_score_lower_and_are_the_ones_dropped(shapes_model):
     decision = step.decide(PoolItems(keys, captions), {"clip_score": scores})
     assert decision.keep.sum() == 45
     dropped = set(np.flatnonzero(~decision.keep).tolist())
-    assert len(dropped & set(shuffled.tolist())) >= 13  # of 15 shuffled pairs
+    # of the 15 shuffled pairs; a choice blind to the captions drops 3.75 of them on average,
+    # and 10 or more with probability 7e-5. Models of this recipe drop 10-13 across training
+    # seeds: one seed's count is no finer measure than that.
+    assert len(dropped & set(shuffled.tolist())) >= 10
     assert decision.reasons[int(next(iter(dropped)))].startswith("clip score ")
     assert decision.threshold == pytest.approx(scores[decision.keep].min())
 
