@@ -165,6 +165,25 @@ def test_a_slow_reply_never_replaces_a_newer_search(site):
     assert problems == []
 
 
+def test_paging_waits_for_the_page_asked_for(site):
+    """While Next's page is on its way, Previous and Next are disabled (a second click paged
+    from the page still shown: two clicks moved one page); they follow the new page after."""
+    page, problems = open_page(site, init=HOLD_SLOW.replace("q=slow", "offset=12"))
+    requests = []
+    page.on("request", lambda r: "/api/search" in r.url and requests.append(r.url))
+    search(page, "photo", k="12")
+    page.click("#next")
+    page.wait_for_function("window.held.length === 1")
+    pager = "['prev', 'next'].map((id) => document.getElementById(id).disabled)"
+    in_flight = page.evaluate(pager)
+    page.evaluate("document.getElementById('next').click()")  # a second click: ignored
+    page.evaluate("window.held[0]()")
+    page.wait_for_selector("#page-info:has-text('page 2 · results 13–24')")
+    assert in_flight == [True, True] and page.evaluate(pager) == [False, False]
+    assert sum("offset=12" in url for url in requests) == 1
+    assert problems == []
+
+
 def test_failed_requests_change_nothing(site):
     page, problems = open_page(site)
     search(page, "photo", k="12")
