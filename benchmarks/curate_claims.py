@@ -82,6 +82,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_claims.common import pooled_std  # noqa: E402  the papers' table's noise
+from results_file import write_merged  # noqa: E402
 from cliplab.config import validate
 from cliplab.curate.config import CurateConfig
 from cliplab.curate.imbalance import exponential_counts, exponential_subsample
@@ -435,10 +436,12 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         entry = CLAIMS[name](args.seeds, args.quick, work)
         entry["seconds"] = round(time.perf_counter() - start, 1)
+        entry["claim_id"] = name
         entries.append(entry)
         print(json.dumps(entry), flush=True)
-        out.write_text(json.dumps(entries, indent=2) + "\n")  # what is done so far survives
-    print(format_table(entries))
+        # what is done so far survives; other claims' entries stay
+        write_merged(out, entries, list(CLAIMS))
+    print(format_table(json.loads(out.read_text())))  # the whole file: the README's table
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
+from results_file import write_merged  # noqa: E402
 
 # claim modules in table order (each: CLAIM, PAPER, BASE, run(ctx) -> entry)
 CLAIMS: list[str] = [
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def keep(results: list[dict]) -> None:  # finished claims survive a crash
         done.update((r["claim_id"], r) for r in results)
-        out.write_text(json.dumps([done[n] for n in names if n in done], indent=2) + "\n")
+        write_merged(out, list(done.values()), CLAIMS)  # other claims' entries stay
 
     if args.jobs <= 1:
         for name in names:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                        for unit in groups(names)]
             for future in concurrent.futures.as_completed(futures):
                 keep(future.result())
-    print(format_table([done[n] for n in names]))
+    print(format_table(json.loads(out.read_text())))  # the whole file: the README's table
 
 
 if __name__ == "__main__":

@@ -32,3 +32,24 @@ def test_the_table_shows_each_arm_and_says_why_a_claim_failed():
     rows = papers.format_table([entry]).splitlines()
     assert rows[2] == ("| X > Y | P | X 71.2 ± 0.5; α* [0.5, 0.25] | 90 vs 80 "
                        "| no — X tie with Y |")
+
+
+def test_a_run_of_some_claims_replaces_only_theirs_in_the_results_file(tmp_path, monkeypatch):
+    """`--claims hard_negatives` re-measures that claim; the file keeps every other claim's
+    entry (it wrote only the claims run, deleting the rest of the committed table), in the
+    table's order, and the printed table is the whole file's."""
+    import json
+
+    out = tmp_path / "papers.json"
+    old = [{"claim_id": n, "claim": n, "old": True} for n in ("coop", "hard_negatives", "soups")]
+    out.write_text(json.dumps(old))
+    monkeypatch.setattr(papers, "competent_base", lambda *a: "base")
+    monkeypatch.setattr(papers, "run_claims", lambda names, *a, **k: [
+        {"claim_id": n, "claim": n, "old": False} for n in names])
+    printed = []
+    monkeypatch.setattr(papers, "format_table", lambda entries: printed.append(entries) or "")
+    papers.main(["--claims", "hard_negatives", "--out", str(out), "--work", str(tmp_path)])
+    written = json.loads(out.read_text())
+    assert [(e["claim_id"], e["old"]) for e in written] == [
+        ("coop", True), ("soups", True), ("hard_negatives", False)]
+    assert printed == [written]
