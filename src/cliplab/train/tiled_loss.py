@@ -3,8 +3,9 @@
 The B x B logit matrix is never held: the forward sweeps ``tile x tile`` blocks of it, keeping
 only per-row / per-column log-sum-exps (InfoNCE) or a running sum (SigLIP), and the backward
 recomputes each block to accumulate the feature gradients. The positive (target) terms need no
-tiles at all: they are sums of dot products per key (:func:`~cliplab.train.losses.positive_pair_dot`).
-Loss and gradients (features, ``logit_scale``, ``logit_bias``) equal the plain losses'.
+tiles at all: they are sums of dot products per key or caption
+(:func:`~cliplab.train.losses.positive_pair_dot`). Loss and gradients (features, ``logit_scale``,
+``logit_bias``) equal the plain losses'.
 
 Work per step, in B x B x D products: InfoNCE 4 (forward 1, backward 3; the plain loss computes
 the logits once but back-propagates through both directions), SigLIP 3 (its gradient needs no
