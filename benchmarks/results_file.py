@@ -8,11 +8,15 @@ from pathlib import Path
 
 def write_merged(out: Path, entries: list[dict], order: list[str]) -> list[dict]:
     """Write ``entries`` (each with a ``claim_id``) into ``out``, keeping the entries of ``out``
-    this run did not redo (a run with ``--claims X`` replaces X only), in ``order``; entries of
-    ``out`` without a ``claim_id`` are kept after them. Returns what was written."""
+    this run did not redo (a run with ``--claims X`` replaces X only), in ``order``. An entry
+    of ``out`` is redone when it has the ``claim_id`` of a new one or, written before entries
+    had one, its ``claim``. Returns what was written."""
     old = json.loads(out.read_text()) if out.is_file() else []
-    by_id = {e["claim_id"]: e for e in old if "claim_id" in e}
-    by_id.update((e["claim_id"], e) for e in entries)
-    merged = [by_id[n] for n in order if n in by_id] + [e for e in old if "claim_id" not in e]
+    ids = {e["claim_id"] for e in entries}
+    claims = {e.get("claim") for e in entries}
+    kept = [e for e in old if e.get("claim_id", None) not in ids
+            and ("claim_id" in e or e.get("claim") not in claims)]
+    rank = {name: i for i, name in enumerate(order)}
+    merged = sorted(kept + entries, key=lambda e: rank.get(e.get("claim_id"), len(order)))
     out.write_text(json.dumps(merged, indent=2) + "\n")
     return merged

@@ -53,3 +53,18 @@ def test_a_run_of_some_claims_replaces_only_theirs_in_the_results_file(tmp_path,
     assert [(e["claim_id"], e["old"]) for e in written] == [
         ("coop", True), ("soups", True), ("hard_negatives", False)]
     assert printed == [written]
+
+
+def test_an_entry_written_before_claim_ids_is_redone_by_its_claim(tmp_path):
+    """A results file from before entries had a ``claim_id`` (the curation claims'): the re-run
+    claim replaces its old entry (same ``claim`` text) instead of standing beside it."""
+    import json
+
+    from results_file import write_merged
+
+    out = tmp_path / "claims.json"
+    out.write_text(json.dumps([{"claim": "A beats B", "v": 1}, {"claim": "C holds", "v": 1}]))
+    written = write_merged(out, [{"claim_id": "a", "claim": "A beats B", "v": 2}], ["a", "c"])
+    assert written == [{"claim_id": "a", "claim": "A beats B", "v": 2},
+                       {"claim": "C holds", "v": 1}]
+    assert json.loads(out.read_text()) == written
