@@ -4,9 +4,11 @@ headline comparison), on one model and one labelled dataset, over shots and seed
     python benchmarks/adapt_fewshot.py --model runs/quickstart-*/checkpoints/step-*/model \
         --data fashion-mnist --shots 1 16 --seeds 1 2 3 --methods tip-adapter coop
 
-Prints one JSON line per (method, shots) with acc1 mean/std/per seed, the zero-shot head's acc1
-on the same test set, and the gain over it; never asserts. Image features are computed once
-(one in-memory cache), so every further method and seed costs only its own fitting.
+Prints one JSON line per (method, shots) with acc1 mean, std (the sample std over seeds, as in
+every table of the README) and per seed, the zero-shot head's acc1 on the same test set, and the
+gain over it (also written to ``--out FILE``, one line each); never asserts. Image features are
+computed once (one in-memory cache), so every further method and seed costs only its own
+fitting.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from cliplab.adapt.run import run_adapt
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="a method option, e.g. tip-adapter.search=true")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 is fastest on a busy shared machine)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the JSON lines to this file (replaced)")
     args = ap.parse_args(argv)
+    lines = []
     if args.threads:
         import torch
 
@@ -71,14 +77,17 @@ def main(argv: list[str] | None = None) -> None:
                 zs = res["zeroshot"]["acc1"]
                 times.append(time.time() - start)
             mean = statistics.mean(accs)
-            print(json.dumps({
+            lines.append(json.dumps({
                 "model": args.model, "data": args.data, "method": method, "shots": k,
                 "seeds": args.seeds, "acc1_mean": round(mean, 4),
-                "acc1_std": round(statistics.pstdev(accs), 4),
+                "acc1_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
                 "acc1_per_seed": [round(a, 4) for a in accs], "zeroshot_acc1": round(zs, 4),
                 "gain_over_zeroshot": round(mean - zs, 4),
                 "fit_and_eval_s_per_seed": round(statistics.mean(times), 1),
-                "options": options.get(method, {})}), flush=True)
+                "options": options.get(method, {})}))
+            print(lines[-1], flush=True)
+            if args.out:  # what is done so far survives
+                args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
