@@ -3,12 +3,12 @@
 plot zero-shot colour accuracy against each colour's frequency in the training captions.
 
     python scripts/long_tail_demo.py --out runs/long-tail-demo [--order-seed 0] [--epochs 8]
-        [--results examples/results/long_tail_demo.json]
+        [--results examples/results/long_tail_demo_order0.json]
     cliplab report runs/long-tail-demo --out runs/long-tail-report
 
 Writes a run folder (config.yaml, metrics.jsonl, checkpoint, results.json with the long-tail
 analysis under evals.long_tail) and prints the fit as one JSON line (also written to
-``--results``: the README's numbers are examples/results/long_tail_demo.json).
+``--results``: the README's numbers are examples/results/long_tail_demo_order{0,1,2}.json).
 """
 
 from __future__ import annotations
