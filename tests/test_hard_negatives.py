@@ -106,6 +106,25 @@ def test_no_negatives_is_the_clip_loss_and_a_negative_only_counts_for_its_image(
     assert torch.isfinite(image.grad).all()
 
 
+def test_with_key_rows_and_no_negatives_it_is_the_clip_loss_of_their_asymmetric_mask():
+    """Key rows (a caption that some images' lists share): NegCLIP's loss with no negatives is
+    the CLIP loss of the same rows, whose text-to-image side takes the transposed mask."""
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    # images 0 and 1 share caption 0; image 0 drew its own caption 1, image 1 drew caption 0
+    keys = torch.tensor([[1, 0, 1], [0, 0, 2], [3, 3, -1], [4, 4, -1]])
+    scale = torch.tensor(1.5)
+    none = torch.zeros(4, dtype=torch.bool)
+    got = clip_loss_hard_negatives(image, text, text, none, scale, keys)
+    logits = scale.exp() * image @ text.t()
+    pos = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float)
+    i2t = -((pos / pos.sum(1, keepdim=True)) * logits.log_softmax(1)).sum(1).mean()
+    t2i = -((pos.t() / pos.t().sum(1, keepdim=True)) * logits.t().log_softmax(1)).sum(1).mean()
+    assert torch.allclose(got, 0.5 * (i2t + t2i), atol=1e-6)
+    assert torch.allclose(got, clip_loss(image, text, scale, keys), atol=1e-6)
+
+
 def test_config_switch_and_errors():
     assert TrainConfig.from_dict({"hard_negatives": True}).hard_negatives == HardNegatives()
     assert TrainConfig.from_dict({"hard_negatives": False}).hard_negatives is None

@@ -176,3 +176,37 @@ def test_shapes_batches_count_every_describing_caption_as_a_positive():
         across += int(mask[~same_group].sum())
     assert across > 0
 
+
+
+def test_a_class_caption_two_classes_share_is_a_positive_of_both_and_classes_stay_whole():
+    """Groups whose images have different captions (a class turned into pairs with per-image
+    captions) and one class caption that two classes share: same-class pairs stay positives
+    whatever each drew, and the shared caption is a positive of the other class's images."""
+    from cliplab.data.types import ImageTextPairs
+    from cliplab.train.losses import positive_mask
+
+    captions = [["a tabby cat", "a pet"], ["a black cat", "a cat"], ["a sheepdog", "a pet"],
+                ["a puppy", "a dog"], ["a sports car", "a car"], ["a red car", "a car"]]
+    pairs = ImageTextPairs(torch.zeros(6, 32, 32, 3, dtype=torch.uint8), captions,
+                           groups=torch.tensor([7, 7, -2, -2, 40, 40]))  # any ids
+    for seed in range(8):
+        batch, idx, inputs = _first_batch(pairs, small_model(), config(batch_size=6, seed=seed))
+        mask = positive_mask(batch.keys, batch.keys)
+        torch.testing.assert_close(mask, _texts_describe(inputs, batch, idx, pairs))
+        groups = pairs.groups[idx]
+        assert bool(mask[groups[:, None] == groups[None, :]].all())
+
+
+def test_malformed_key_rows_are_refused():
+    """Key rows given by hand: the pair's caption missing from its image's, or an id listed
+    twice (the plain and tiled losses would disagree), is one clear error."""
+    from cliplab.train.contrastive import contrastive_loss
+
+    image = F.normalize(torch.randn(2, 4), dim=-1)
+    for keys, words in ((torch.tensor([[0, 1], [1, 1]]), "list its own caption"),
+                        (torch.tensor([[0], [1]]), "list its own caption"),
+                        (torch.tensor([[0, 0, 0], [1, 1, -1]]), "twice")):
+        with pytest.raises(ValueError, match=words):
+            contrastive_loss(image, image, torch.tensor(0.0), keys=keys)
+    ok = torch.tensor([[0, 0, -1], [1, 1, 0]])
+    assert torch.isfinite(contrastive_loss(image, image, torch.tensor(0.0), keys=ok))

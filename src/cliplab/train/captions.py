@@ -44,10 +44,14 @@ class CaptionTable:
         counts = self.offsets[1:] - self.offsets[:-1]
         unit = torch.arange(len(counts)) if units is None else \
             torch.unique(units, return_inverse=True)[1]
-        pairs = torch.unique(torch.stack([unit.repeat_interleave(counts), self.flat]), dim=1)
-        if len(torch.unique(pairs[1])) == pairs.shape[1]:  # every caption in one unit
+        # the distinct (unit, caption) pairs, sorted by unit, as one integer each (a 1-D unique
+        # is far cheaper than torch.unique(dim=1) on millions of captions)
+        n = max(len(self.texts), 1)
+        pairs = torch.unique(unit.repeat_interleave(counts) * n + self.flat)
+        pair_units, pair_captions = pairs // n, pairs % n
+        if len(torch.unique(pair_captions)) == len(pairs):  # every caption in one unit
             return None
-        return DescribedSets(unit, pairs[0], pairs[1])
+        return DescribedSets(unit, pair_units, pair_captions)
 
 
 class DescribedSets:

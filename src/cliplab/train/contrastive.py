@@ -28,6 +28,20 @@ def _check(image, text, logit_bias, kind, keys, tile) -> None:
     if keys is not None and (keys.dim() not in (1, 2) or len(keys) != len(image)):
         raise ValueError(f"contrastive loss: keys {tuple(keys.shape)} must be [batch] or "
                          f"[batch, 1 + captions] with batch = {len(image)}")
+    if keys is not None and keys.dim() == 2:
+        _check_key_rows(keys)
+
+
+def _check_key_rows(keys: torch.Tensor) -> None:
+    """Key rows ``[caption, captions of its image...]``: the pair's own caption among its
+    image's, each id once (else the plain and tiled losses would count it differently)."""
+    sets = keys[:, 1:]
+    if sets.shape[1] == 0 or not bool((sets == keys[:, :1]).any(dim=1).all()):
+        raise ValueError("contrastive loss: each key row must list its own caption (column 0) "
+                         "among its image's captions (columns 1:)")
+    ordered = sets.sort(dim=1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError("contrastive loss: a key row lists a caption id twice")
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,

@@ -156,7 +156,9 @@ def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.T
             F.cross_entropy(logits_text, labels, reduction="sum")
     else:
         loss = len(image) * (soft_cross_entropy(logits_image, positive_mask(keys, keys_all)) +
-                             soft_cross_entropy(logits_text, positive_mask(keys_all, keys).t()))
+                             # contiguous: a transposed mask sums rows in another order
+                             soft_cross_entropy(logits_text,
+                                                positive_mask(keys_all, keys).t().contiguous()))
     return 0.5 * loss * world_size / len(text_all)
 
 
