@@ -98,9 +98,9 @@ def main() -> None:
     line = {"fit": lt["fit"], "per_class": lt["per_class"],
             "settings": {"largest": args.largest, "ratio": args.ratio, "epochs": args.epochs,
                          "batch_size": args.batch_size, "order_seed": args.order_seed},
-            "wall_time_s": results["wall_time_s"], "out": args.out}
-    print(json.dumps(line))
-    if args.results:
+            "wall_time_s": results["wall_time_s"]}
+    print(json.dumps({**line, "out": args.out}))
+    if args.results:  # without the run folder: where it lies is this machine's business
         args.results.write_text(json.dumps(line, indent=2) + "\n")
 
 
