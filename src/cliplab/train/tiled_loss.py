@@ -192,9 +192,10 @@ def tiled_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.
     if keys is None:
         target = (image * text).sum()
     else:
-        t_image, _ = positive_pair_dot(image, keys, text, keys, mean_over="image")
-        t_text, _ = positive_pair_dot(image, keys, text, keys, mean_over="text")
-        target = 0.5 * (t_image + t_text)
+        target, _ = positive_pair_dot(image, keys, text, keys, mean_over="image")
+        if keys.dim() == 2:  # key rows: the two directions' targets differ
+            t_text, _ = positive_pair_dot(image, keys, text, keys, mean_over="text")
+            target = 0.5 * (target + t_text)
     return (0.5 * (lse_r.sum() + lse_c.sum()) - logit_scale.exp() * target) / n
 
 
