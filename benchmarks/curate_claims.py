@@ -419,7 +419,8 @@ def format_table(entries: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller pools and fewer steps (minutes)")
-    ap.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS))
+    ap.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS),
+                    help="re-measure only these; the results file keeps the other entries")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "curate-claims")
     ap.add_argument("--out", type=Path, default=None,

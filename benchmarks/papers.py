@@ -83,7 +83,8 @@ def groups(names: list[str]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes, not tens)")
-    ap.add_argument("--claims", nargs="+", default=None, choices=CLAIMS)
+    ap.add_argument("--claims", nargs="+", default=None, choices=CLAIMS,
+                    help="re-measure only these; the results file keeps the other entries")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "papers")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")

@@ -295,7 +295,8 @@ def _add_index(sub) -> None:
     p.add_argument("--out", metavar="INDEX", help="index folder to write")
     p.add_argument("--add", action="store_true", default=None,
                    help="append the collection to an existing index (keeping its backend, "
-                   "Milvus URI and collection, and index type)")
+                   "Milvus URI and index type; a Milvus index moves to a fresh collection, the "
+                   "old one dropped once the index is complete)")
     p.add_argument("--backend", choices=("faiss", "milvus"),
                    help="vector store (default faiss; with --add the index's own)")
     p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530 (with "
