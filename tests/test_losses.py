@@ -107,6 +107,19 @@ def test_positive_mask_of_caption_sets_by_hand():
     assert torch.equal(positive_mask(one, one), one[:, None] == one[None, :])
 
 
+def test_positive_mask_of_caption_sets_equals_the_membership_of_each_drawn_caption():
+    # unsorted rows, -1 padding, repeated ids, more texts than images: text j is a positive of
+    # image i exactly when j's drawn caption is among i's captions
+    g = torch.Generator().manual_seed(3)
+    image_keys = torch.randint(0, 12, (9, 7), generator=g)
+    image_keys[:, 1:][torch.rand(9, 6, generator=g) < 0.3] = -1
+    text_keys = torch.randint(0, 12, (15, 7), generator=g)
+    expected = torch.tensor([[int(t[0]) in set(i[1:].tolist()) for t in text_keys]
+                             for i in image_keys])
+    assert expected.any() and not expected.all()
+    assert torch.equal(positive_mask(image_keys, text_keys), expected)
+
+
 def test_caption_set_loss_matches_reference_with_an_asymmetric_mask():
     img, txt = _features(8, 4, 12)
     keys = _set_keys(8, 3)

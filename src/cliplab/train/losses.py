@@ -19,7 +19,12 @@ def positive_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Te
     """
     if image_keys.dim() == 1:
         return image_keys[:, None] == text_keys[None, :]
-    return (image_keys[:, None, 1:] == text_keys[None, :, :1]).any(-1)
+    # membership by binary search in each image's sorted captions: a broadcast comparison would
+    # build an [images, texts, L] intermediate, L being the largest image's caption count
+    captions = image_keys[:, 1:].sort(dim=1).values
+    drawn = text_keys[:, 0].expand(len(captions), -1).contiguous()
+    at = torch.searchsorted(captions, drawn).clamp(max=captions.shape[1] - 1)
+    return captions.gather(1, at) == drawn
 
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
