@@ -200,3 +200,14 @@ def test_finetuned_may_be_a_finetune_run_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"options.finetuned: {missing} does not exist" in err[0]
     assert not (tmp_path / "o").exists()
+    # the fine-tune is an input: --out inside its run folder is refused before any work
+    before = sorted(p.relative_to(tmp_path / "ft") for p in (tmp_path / "ft").rglob("*"))
+    inside = tmp_path / "ft" / "wise"
+    assert main(["adapt", "--method", "wise-ft", "--model", str(tmp_path / "base"),
+                 "--out", str(inside), "--no-progress",
+                 "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}",
+                 f"options.finetuned={tmp_path / 'ft'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"cliplab: error: --out {inside} lies inside the "
+                                               f"input {tmp_path / 'ft'}; choose another folder")
+    assert sorted(p.relative_to(tmp_path / "ft") for p in (tmp_path / "ft").rglob("*")) == before

@@ -150,8 +150,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
     if write and cfg.out:  # before any slow loading
         data = cfg.data
-        check_run_out(cfg.out, [cfg.model.name if cfg.model else None, *spec_paths(
-            data.train, data.test, data.shifted, data.val)])
+        option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
+        check_run_out(cfg.out, [cfg.model.name if cfg.model else None, *option_inputs,
+                                *spec_paths(data.train, data.test, data.shifted, data.val)])
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,

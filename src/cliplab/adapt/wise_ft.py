@@ -41,6 +41,7 @@ __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_swe
 
 
 NEEDS_PYTORCH_MODEL = "it fine-tunes the model's weights and interpolates them"
+INPUT_OPTIONS = ("finetuned",)  # folders of the user's that --out must keep apart from
 
 
 class Options(FinetuneOptions):
