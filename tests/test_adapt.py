@@ -297,6 +297,23 @@ def test_tip_adapter_keys_average_augmented_views(model, digits, ctx):
     torch.testing.assert_close(unaugmented.keys, plain)
 
 
+def test_tip_adapter_augment_overrides_reach_the_views(model, digits, ctx):
+    """``augment`` overrides the model's augmentation for the keys' views: with every jitter
+    off and no flips the views are the plain images; with flips left on they are not; a key
+    that is no augmentation option is a one-line error naming it."""
+    train, _ = digits
+    plain = F.normalize(ctx.features(model, train).embeddings, dim=-1)
+    still = {"scale": [1, 1], "translate": 0, "rotate_deg": 0}
+    none = tip_adapter.fit(model, train, {"augment_views": 2, "augment": {**still, "hflip": False}},
+                           ctx)
+    torch.testing.assert_close(none.keys, plain, atol=1e-4, rtol=0)
+    assert none.options["augment"] == {**still, "hflip": False}
+    flips = tip_adapter.fit(model, train, {"augment_views": 2, "augment": still}, ctx)
+    assert not torch.allclose(flips.keys, plain, atol=1e-3)
+    with pytest.raises(ConfigError, match="augment.*hflp"):
+        tip_adapter.fit(model, train, {"augment": {"hflp": False}}, ctx)
+
+
 def test_tip_adapter_f_trains_on_augmented_views(model, digits, ctx, monkeypatch):
     """Every training draw sees one of the augmented views the keys were built from."""
     train, _ = digits

@@ -12,17 +12,18 @@ alpha in (0.1, search_scale[1]]).
 
 As the paper's code builds its cache, each key is the mean of the image embeddings of
 ``augment_views`` randomly augmented views of its shot (the model's train-time augmentation:
-scale/shift/rotate jitter and flips), normalised; ``augment_views: 0`` keys the plain
+scale/shift/rotate jitter and flips, with ``augment`` overriding any of them, e.g.
+``{hflip: false}`` for digits or text), normalised; ``augment_views: 0`` keys the plain
 embeddings.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.adapt.options import PromptOptions
@@ -31,6 +32,8 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.train.config import checked_augment
+from cliplab.train.embed import augment_config
 
 
 class Options(PromptOptions):
@@ -40,7 +43,9 @@ class Options(PromptOptions):
     ``search``: pick (alpha, beta) on the validation split (``val_shots``) over the paper's
     grid of ``search_steps`` values up to ``search_scale`` (beta, alpha). ``augment_views``:
     keys averaged over this many augmented views of each shot (the paper's 10; 0: plain
-    embeddings). Templates/names: the zero-shot head's prompts."""
+    embeddings); ``augment``: overrides of the model's augmentation for those views (keys
+    scale, translate, rotate_deg, hflip, as ``train.augment``). Templates/names: the zero-shot
+    head's prompts."""
 
     alpha: float = 1.0
     beta: float = 5.5
@@ -49,6 +54,14 @@ class Options(PromptOptions):
     search_scale: tuple[float, float] = (7.0, 3.0)
     search_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200, 20)
     augment_views: int = Field(10, ge=0)
+    augment: dict[str, Any] = {}
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _checked_augment(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected overrides such as {{hflip: false}}, got {value!r}")
+        return checked_augment(value)
 
 
 def cache_logits(feats: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -120,29 +133,32 @@ def resolve_scale(opts: Options, model: DualEncoder) -> dict:
 
 @torch.no_grad()
 def augmented_embeddings(model: DualEncoder, images: torch.Tensor, views: int, seed: int,
-                         batch_size: int = 500) -> torch.Tensor:
+                         augment: dict | None = None, batch_size: int = 500) -> torch.Tensor:
     """Image embeddings ``[views, N, D]`` (projected, not normalised) of ``views`` randomly
-    augmented copies of uint8 ``images`` (the model's train-time augmentation, seeded)."""
+    augmented copies of uint8 ``images`` (the model's train-time augmentation with the
+    ``augment`` overrides, seeded)."""
     g = torch.Generator().manual_seed(seed)
+    augmentation = augment_config(model, augment or {})
     out = torch.empty(views, len(images), model.embed_dim)
     with evaluating(model):
         for v in range(views):
             for i in range(0, len(images), batch_size):
-                pixels = model.preprocess(images[i:i + batch_size], train=True, generator=g)
+                pixels = model.preprocess(images[i:i + batch_size], train=True, generator=g,
+                                          augment=augmentation)
                 emb = model.project_image(model.image_backbone(pixels.to(model.device)))
                 out[v, i:i + batch_size] = emb.float().cpu()
     return out
 
 
 def build_cache(model: DualEncoder, train: LabelledImages, ctx: AdaptContext,
-                augment_views: int = 0, views: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                augment_views: int = 0, views: torch.Tensor | None = None,
+                augment: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and one-hot values. Keys: the unit embeddings of the few-shot images, or with
-    ``augment_views`` the normalised mean of that many augmented views' embeddings (``views``:
-    those embeddings ``[V, N, D]`` when already computed)."""
+    ``augment_views`` the normalised mean of that many augmented views' embeddings (under the
+    ``augment`` overrides; ``views``: those embeddings ``[V, N, D]`` when already computed)."""
     if augment_views or views is not None:
         if views is None:
-            views = augmented_embeddings(model, train.images, augment_views, ctx.seed)
+            views = augmented_embeddings(model, train.images, augment_views, ctx.seed, augment)
         keys = F.normalize(views.mean(0), dim=-1)
     else:
         keys = F.normalize(ctx.features(model, train, desc="encode train").embeddings.float(),
@@ -173,7 +189,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     given = method_options(Options, options, "tip-adapter")
     opts = resolve_scale(given, model)
     weights = text_head(model, train, given)
-    keys, values = build_cache(model, train, ctx, int(opts["augment_views"]))
+    keys, values = build_cache(model, train, ctx, int(opts["augment_views"]),
+                               augment=opts["augment"])
     return maybe_search(TipAdapter(model, train.classnames, opts, weights, keys, values),
                         model, ctx)
 

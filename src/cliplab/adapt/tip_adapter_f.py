@@ -40,7 +40,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     weights = text_head(model, train, given)
     n_views = int(opts["augment_views"])
     if n_views:  # [V, N, D]: the views the keys average are the ones training sees
-        views = augmented_embeddings(model, train.images, n_views, ctx.seed)
+        views = augmented_embeddings(model, train.images, n_views, ctx.seed, opts["augment"])
         keys, values = build_cache(model, train, ctx, views=views)
         feats = F.normalize(views, dim=-1)
     else:
