@@ -7,6 +7,7 @@ import pytest
 from cliplab.data.shapes import load_shapes
 from cliplab.runs import RunDir, latest_checkpoint
 from cliplab.train.trainer import TrainConfig, Trainer
+from tests.tensorboard_events import scalar_events
 from tests.tiny_models import small_model
 
 event_accumulator = pytest.importorskip(
@@ -42,6 +43,33 @@ def test_every_numeric_key_and_nothing_else_becomes_a_scalar(tmp_path):
     run.log({"step": 7, "loss": 0.5})
     run.close()
     assert _scalars(tmp_path) == {"loss": {3: 1.5, 7: 0.5}, "epoch": {3: 0.0}}
+
+
+def test_dropped_records_leave_tensorboard_with_each_step_once(tmp_path):
+    """A resume from step 2 logs steps 3 and 4 again, and a redone final evaluation logs step
+    4's evaluation again: TensorBoard showed both values of each (only metrics.jsonl was
+    trimmed). Now each step shows once, with the last value, and the kept training record of
+    the redone step is still there."""
+    run = RunDir(tmp_path, tensorboard=True)
+    for step in (1, 2, 3, 4):
+        run.log({"step": step, "loss": float(step)})
+    run.drop_records_after(2)  # the same writer, still open: purged all the same
+    for step in (3, 4):
+        run.log({"step": step, "loss": 10.0 + step})
+    run.log({"step": 4, "eval/acc1": 0.25})
+    run.close()
+    resumed = RunDir(tmp_path, tensorboard=True)  # another process finishes the evaluation
+    resumed.drop_records_at(4, keep=lambda record: "loss" in record)
+    resumed.log({"step": 4, "eval/acc1": 0.5})
+    resumed.close()
+    resumed.log({"step": 5, "loss": 0.5})  # a writer reopened later purges nothing again
+    resumed.close()
+    assert scalar_events(tmp_path) == {"loss": [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0),
+                                                (5, 0.5)],
+                                       "eval/acc1": [(4, 0.5)]}
+    assert [r for r in resumed.records()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 13.0},
+        {"step": 4, "loss": 14.0}, {"step": 4, "eval/acc1": 0.5}, {"step": 5, "loss": 0.5}]
 
 
 def test_tensorboard_can_be_turned_off(tmp_path, monkeypatch):

@@ -182,6 +182,7 @@ class RunDir:
         self.tensorboard = tensorboard_wanted(tensorboard)
         self._writer = None  # made at the first record, so ranks that never log write nothing
         self._purge_step: int | None = None  # TensorBoard events from this step on are stale
+        self._replay: list[dict] = []  # records to write again to TensorBoard after the purge
 
     def write_config(self, config: dict) -> None:
         (self.path / CONFIG_FILE).write_text(_dump(config))
@@ -198,17 +199,27 @@ class RunDir:
         those steps again): metrics.jsonl keeps its records up to ``step``, and TensorBoard
         purges its later events when it next writes."""
         self._keep_lines(lambda line: _record_step(line) <= step)
-        self._purge_step = step + 1
+        self._purge_from(step + 1)
 
     def drop_records_at(self, step: int, keep: Callable[[dict], bool]) -> None:
         """Forget the records of ``step`` but those ``keep(record)`` accepts (e.g. an
-        evaluation about to be redone; its TensorBoard events are not purged)."""
+        evaluation about to be redone); TensorBoard purges its events from ``step`` on and is
+        given the kept records again."""
         def kept(line: str) -> bool:
             if _record_step(line) != step:
                 return True
             record = json.loads(line)
             return isinstance(record, dict) and keep(record)
         self._keep_lines(kept)
+        self._purge_from(step)
+        self._replay = [r for r in self.records()
+                        if isinstance(r.get("step"), int) and r["step"] >= step]
+
+    def _purge_from(self, step: int) -> None:
+        """TensorBoard drops the events from ``step`` on when its writer next opens (closed
+        now, so the purge also reaches a writer this process already had)."""
+        self.close()
+        self._purge_step, self._replay = step, []
 
     def records(self) -> list[dict]:
         """The readable records of metrics.jsonl, in order (none without the file)."""
@@ -246,6 +257,10 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.path), purge_step=self._purge_step)
+            # purged once: a writer reopened later must not drop what this one writes
+            replay, self._replay, self._purge_step = self._replay, [], None
+            for kept in replay:
+                self._log_scalars(kept)
         for key, value in scalars.items():
             self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()  # a killed run keeps every record it logged
