@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.file_modes import as_umask
 
 RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # what a run writes first
 
@@ -193,6 +194,7 @@ def built_beside(out: Path) -> Iterator[Path]:
     The name is new each time, so no folder of the user's is ever taken for it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    as_umask(work)  # mkdtemp's 0700 would become the output's
     try:
         yield work
     except BaseException:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cliplab.config import Section, validate
 from cliplab.data.types import LabelledImages
@@ -19,6 +19,7 @@ from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
+from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import model_fingerprint
 from cliplab.runs import RunDir
@@ -129,7 +130,7 @@ class Adapter:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous()
                    for k, v in self.state().items()}
-        save_file(tensors, str(folder / TENSORS_FILE))
+        save_tensors(tensors, str(folder / TENSORS_FILE))
         meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
                 "classnames": self.classnames, "fingerprint": model_fingerprint(self.model),
                 **(extra or {})}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cliplab.data.types import LabelledImages
@@ -21,6 +21,7 @@ from cliplab.errors import ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.tasks.base import LinearHead
 from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import model_folder
 
@@ -68,9 +69,9 @@ class ClassifierHead(nn.Module):
         """Write ``head.safetensors`` (weight, scale; class names in the metadata)."""
         path = Path(folder) / HEAD_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.detach().cpu().contiguous(),
-                   "scale": self.scale.detach().cpu().reshape(1)}, str(path),
-                  metadata={"classnames": json.dumps(self.classnames)})
+        save_tensors({"weight": self.weight.detach().cpu().contiguous(),
+                      "scale": self.scale.detach().cpu().reshape(1)}, str(path),
+                     metadata={"classnames": json.dumps(self.classnames)})
         return path
 
     @classmethod

@@ -35,6 +35,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.file_modes import as_umask
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
 from cliplab.runs import CHECKPOINTS, latest_checkpoint
@@ -145,6 +146,8 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
     folder = Path(folder)
     peft_model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    for weights in folder.glob("adapter_model*.safetensors"):  # safetensors: owner-only
+        as_umask(weights)
     if head is not None:
         head.save(folder)
     write_origin(folder, base_path, fingerprint, adapter="lora",

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
+from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import RESIZE_VERSION
 
@@ -122,7 +123,7 @@ class FeatureCache:
                 tensors["probe"] = feats.probe
             file = self.folder / f"{key}-{tag}.safetensors"
             tmp = file.with_name(file.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             tmp.replace(file)
         return feats
 

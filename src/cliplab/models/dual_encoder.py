@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from cliplab.errors import ModelError
+from cliplab.file_modes import as_umask
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
 from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
                                      write_processor_config)
@@ -306,6 +307,8 @@ class DualEncoder(nn.Module):
             self._check_fits(state_dict)  # before writing: a folder that cannot load back
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        for weights in path.glob("*.safetensors"):  # safetensors writes them owner-only
+            as_umask(weights)
         self.tokenizer.save_pretrained(path)
         # plain transformers truncates where cliplab does
         tokenizer_settings = {"model_max_length": self.context_length}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from cliplab.errors import ModelError
+from cliplab.file_modes import save_tensors
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
@@ -154,7 +154,7 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
             if layer is not None:
                 projections[name] = layer.weight.detach().contiguous()
         if projections:
-            save_file(projections, str(tmp / PROJECTIONS_FILE))
+            save_tensors(projections, str(tmp / PROJECTIONS_FILE))
         model.tokenizer.save_pretrained(tmp)
         bias = model.logit_bias
         meta = {"kind": model.kind, "embed_dim": model.embed_dim,

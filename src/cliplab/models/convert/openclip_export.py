@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from cliplab.errors import ModelError
+from cliplab.file_modes import save_tensors
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.convert.openclip_config import CLIP_EOT_ID, openclip_config_from_clip
 from cliplab.models.convert.openclip_files import CONFIG_FILE, WEIGHT_FILES
@@ -68,7 +67,7 @@ def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False
     out = Path(out)
     state, config = openclip_state_and_config(model, tokenizer_name=".")
     with atomic_folder(out, overwrite, "OpenCLIP export", OPENCLIP_EXPORT, inputs) as tmp:
-        save_file(state, str(tmp / WEIGHT_FILES[0]))
+        save_tensors(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:
             model.tokenizer.save_pretrained(tmp)
