@@ -44,6 +44,12 @@ def _config_says_other_shape(folder):
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _width_not_a_multiple_of_heads(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(hidden_size=33, num_attention_heads=2)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _edit_weights(edit):
     def damage(folder):
         state = load_file(folder / "model.safetensors")
@@ -72,6 +78,10 @@ CASES = {
                        r"model.safetensors: weights do not fit .*config.json: "
                        r"\S*projection.weight has shape \[16, 32\] in the file, \[8, 32\] in "
                        r"the config \(and 1 more\)"),
+    "width not a multiple of heads": (_width_not_a_multiple_of_heads,
+                                     r"config.json: not a valid clip config \(The hidden size "
+                                     r"\(33\) is not a multiple of the number of attention "
+                                     r"heads \(2\)\.\)$"),
     "missing weight": (_edit_weights(lambda s: s.pop("visual_projection.weight")),
                        r"weights do not fit .*visual_projection.weight is missing"),
     "extra weight": (_edit_weights(lambda s: s.update(extra=s["logit_scale"].clone())),
@@ -103,7 +113,8 @@ def _suite(tmp_path):
     return suite
 
 
-@pytest.mark.parametrize("case", ["config not JSON", "no tokenizer", "shape mismatch"])
+@pytest.mark.parametrize("case", ["config not JSON", "no tokenizer", "shape mismatch",
+                                  "width not a multiple of heads"])
 def test_cli_exits_2_with_one_line(case, good, tmp_path, capsys):
     folder = _damaged(good, tmp_path, case)
     assert main(["eval", "--model", str(folder), "--suite", str(_suite(tmp_path)),

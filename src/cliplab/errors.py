@@ -31,3 +31,10 @@ def first_line(err: BaseException) -> str:
     that says why (``TypeName`` alone when the message is empty)."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def last_line(err: BaseException) -> str:
+    """The last line of a library's multi-line message (transformers' config checks put their
+    reason there: "Class validation error for validator ...:" comes first)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1].strip().removeprefix("ValueError: ") if lines else type(err).__name__

@@ -10,7 +10,7 @@ import torch
 from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
                           PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
 
-from cliplab.errors import ModelError, first_line
+from cliplab.errors import ModelError, first_line, last_line
 from cliplab.models.folder import read_json
 
 MODEL_CLASSES = {
@@ -43,8 +43,13 @@ def load_config(path: Path) -> PretrainedConfig:
     if model_type not in MODEL_CLASSES:
         raise ModelError(f"{file}: model type {model_type!r} is not a dual encoder cliplab "
                          f"handles ({', '.join(sorted(MODEL_CLASSES))})")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(path)
+    except StrictDataclassError as err:  # transformers' checks, e.g. width not a multiple of heads
+        raise ModelError(f"{file}: not a valid {model_type} config ({last_line(err)})") \
+            from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{file}: not a valid {model_type} config ({first_line(err)})") \
             from None

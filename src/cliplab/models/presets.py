@@ -21,7 +21,7 @@ from transformers import (AutoTokenizer, BertModel, CLIPConfig, CLIPModel, Sigli
                           SiglipModel, ViTConfig, ViTModel, VisionTextDualEncoderConfig,
                           VisionTextDualEncoderModel)
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, last_line
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.tokenizer import SPECIAL_TOKENS, byte_level_tokenizer
@@ -149,7 +149,6 @@ def build_model(name: str, **options) -> DualEncoder:
     try:
         return PRESETS[name](**options)
     except (TypeError, ValueError, StrictDataclassError) as err:
-        # transformers' config checks (e.g. width not a multiple of heads) say why on the last
-        # line of a multi-line message
-        why = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
-        raise ModelError(f"bad option for preset {name!r} ({options}): {why}") from None
+        # transformers' config checks, e.g. width not a multiple of heads
+        raise ModelError(f"bad option for preset {name!r} ({options}): {last_line(err)}") \
+            from None
