@@ -8,6 +8,7 @@ tests/test_model_files_preprocessor.py checks."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, pipeline
 
@@ -65,6 +66,13 @@ def test_lit_folder_card_warns_that_plain_transformers_differs(tmp_path):
     lit = build_model("lit-minilm", image_size=16, patch_size=8, width=32, layers=1, heads=2)
     card = (lit.save(tmp_path / "lit") / "README.md").read_text()
     assert "plain transformers does not reproduce this model" in card and "mean" in card
+    # the card's own snippet gives cliplab's text embeddings
+    snippet = card.split("```python\n")[1].split("```")[0]
+    texts = ["a photo of a cat", "two dogs playing in the snow on a sunny day"]
+    scope = {"texts": texts}
+    exec(snippet.replace("THIS_FOLDER", str(tmp_path / "lit")), scope)
+    torch.testing.assert_close(F.normalize(scope["text_embeds"], dim=-1),
+                               lit.encode_texts(texts).float(), rtol=0, atol=1e-5)
     clip_card = (build_model("tiny-clip", **TINY).save(tmp_path / "clip") / "README.md")
     assert "does not reproduce" not in clip_card.read_text()
     assert 'pipeline("zero-shot-image-classification"' in clip_card.read_text()

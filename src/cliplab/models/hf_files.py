@@ -216,6 +216,20 @@ def model_card(kind: str, text_pooling: str, context_length: int,
                   "classification\")`) pools at the first token instead, so texts embedded "
                   "outside cliplab land elsewhere and zero-shot scores there are wrong. "
                   "`from_pretrained` still loads the weights; use cliplab to embed text.", ""]
+        if text_pooling == "mean":
+            lines += ["In plain transformers the text embedding is (equal to cliplab's for "
+                      "texts without repeated whitespace, which cliplab collapses first):", "",
+                      "```python", "import torch",
+                      "from transformers import AutoTokenizer, VisionTextDualEncoderModel",
+                      "model = VisionTextDualEncoderModel.from_pretrained(\"THIS_FOLDER\")",
+                      "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")",
+                      "batch = tokenizer(texts, padding=True, truncation=True, "
+                      "return_tensors=\"pt\")",
+                      "with torch.no_grad():",
+                      "    states = model.text_model(**batch).last_hidden_state",
+                      "    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
+                      "    text_embeds = model.text_projection((states * mask).sum(1) / "
+                      "mask.sum(1))", "```", ""]
     else:
         lines += ["Outside cliplab it opens as any HF model:", "", "```python",
                   "from transformers import pipeline",
