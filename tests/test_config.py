@@ -82,6 +82,34 @@ def test_load_config_layers_defaults_file_extra_and_overrides(tmp_path):
         load_config(Recipe, path)
 
 
+def test_the_command_line_is_named_only_when_it_set_a_key_at_fault(tmp_path):
+    """With a typo in the file, `--out` or an override of another key named the error
+    `FILE + command line`: it is the file's alone; an override at (or inside, or holding)
+    the wrong key is named with it."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\ntrain: {lr: fast}\n")
+    for overrides, extra in ((["train.batch_size=8"], {"model": "other"}), ([], {"out": None})):
+        with pytest.raises(ConfigError, match=f"^{path}: train.lr: expected a valid number"):
+            load_config(Recipe, path, overrides, extra=extra)
+    for overrides in (["train.lr=slow"], ["train={lr: slow}"]):
+        with pytest.raises(ConfigError, match=f"^{path} \\+ command line: train.lr: "):
+            load_config(Recipe, path, overrides)
+    with pytest.raises(ConfigError, match=f"^{path} \\+ command line: model: "):
+        load_config(Recipe, path, extra={"model": 3})
+
+
+def test_a_whole_section_check_is_named_by_the_key_its_message_starts_with(tmp_path):
+    from cliplab.curate.config import CurateConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: shapes, n: 10}\nsteps:\n  - {step: exact_dedup}\n"
+                    "  - {step: clip_score, model: m, keep_topp: 0.3}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: steps\\[1\\]: unknown key"):
+        load_config(CurateConfig, path, ["steps.0.match=image"], extra={"out": "o"})
+    with pytest.raises(ConfigError, match=f"^{path} \\+ command line: steps\\[1\\]: unknown"):
+        load_config(CurateConfig, path, ["steps.1.keep_topp=0.4"])
+
+
 def test_bad_yaml_and_bad_overrides_are_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: [unclosed\n")

@@ -170,9 +170,34 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
             key = path if path else message  # missing/unknown keys: each its own entry
             if message not in problems.setdefault(key, []):
                 problems[key].append(message)
-        raise ConfigError((f"{where}: " if where else "") + "; ".join(
+        error = ConfigError((f"{where}: " if where else "") + "; ".join(
             (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
-            for key, messages in problems.items())) from None
+            for key, messages in problems.items()))
+        error.key_paths = [_error_key_path(e, prefix) for e in err.errors()]
+        raise error from None
+
+
+def _error_key_path(error: dict, prefix: str) -> str:
+    """The key path a pydantic error is about; a whole-section check has none in its location,
+    and names the key at the start of its message instead (``steps[2]: unknown key ...``)."""
+    head = [prefix] * bool(prefix)
+    path = _key_path(head + list(error["loc"]))
+    if path == prefix:
+        named = re.match(r"(?:Value error, )?([\w.\[\]]+):", error["msg"])
+        if named:
+            path = _key_path(head + [named.group(1)])
+    return path
+
+
+def _key_path(parts: Sequence[Any]) -> str:
+    """``a.b.2.c`` of a location (list items by index; ``steps[2]`` as ``steps.2``)."""
+    path = ".".join(str(p) for p in parts if not _is_union_tag(p))
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether key paths ``a`` and ``b`` are one, or one lies inside the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def load_config(schema: type[S], path: str | Path | None = None,
@@ -187,9 +212,16 @@ def load_config(schema: type[S], path: str | Path | None = None,
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
     raw.update({k: v for k, v in (replace or {}).items() if v is not None})
     raw = apply_overrides(raw, overrides)
-    from_command_line = bool(overrides) or any(
-        v is not None for v in [*(extra or {}).values(), *(replace or {}).values()])
-    return validate(schema, raw, config_source(path, from_command_line))
+    given = [_key_path([item.partition("=")[0]]) for item in overrides] + [
+        key for key, v in {**(extra or {}), **(replace or {})}.items() if v is not None]
+    try:
+        return validate(schema, raw, "")
+    except ConfigError as err:
+        # the file is named alone when the command line set none of the keys at fault
+        wrong = getattr(err, "key_paths", [])
+        by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or not wrong \
+            and bool(given)
+        raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
 
 
 def config_source(path: str | Path | None, from_command_line: bool) -> str:
