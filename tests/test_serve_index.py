@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -213,15 +214,24 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
     for _ in range(2):
         assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
                      "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
-        out = capsys.readouterr().out
-        assert "6 items (2 skipped)" in out
-        assert "6 item(s) of the collection were in the index already (not added again)" in out
+        captured = capsys.readouterr()
+        assert "6 items (2 skipped)" in captured.out
+        assert "6 item(s) of the collection were in the index already (not added again)" \
+            in captured.out
+        assert "skipped" not in captured.err  # the index's earlier skips are not this run's
     record = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert record["count"] == 6 and record["skipped"] == 2
     assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
     index = SearchIndex(tmp_path / "idx")
     assert sorted(key for key, _ in index.store.skipped()) == ["notes.txt", "others/broken.png"]
     index.close()
+    # an --add that skips something says what it skipped, not the index's total
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "bad.png").write_bytes(b"not a png either")
+    shutil.copy(tmp_path / "photos" / "reds" / "img_1.png", tmp_path / "more" / "red.png")
+    assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "more"),
+                 "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
+    assert capsys.readouterr().err.startswith("skipped 1 item(s) (unreadable_image=1); ")
 
 
 def test_a_repeated_key_of_a_shard_is_listed_as_duplicate_key(model_dir, tmp_path):

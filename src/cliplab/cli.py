@@ -649,12 +649,13 @@ def cmd_index(args) -> int:
     if record.get("already_indexed"):
         print(f"{record['already_indexed']} item(s) of the collection were in the index "
               "already (not added again)")
-    if record["skipped"]:
+    skipped = record["skipped_now"]  # this run's: an --add's index also holds earlier ones
+    if skipped:
         from cliplab.data.types import counts_text
 
-        reasons = counts_text(record.get("skipped_reasons", {}))
-        print(f"skipped {record['skipped']} item(s) ({reasons}); each is listed with its reason "
-              f"in {Path(cfg.out) / 'meta.sqlite'} (table skipped)", file=sys.stderr)
+        print(f"skipped {sum(skipped.values())} item(s) ({counts_text(skipped)}); each is "
+              f"listed with its reason in {Path(cfg.out) / 'meta.sqlite'} (table skipped)",
+              file=sys.stderr)
     return 0
 
 

@@ -76,7 +76,8 @@ def _model_record(cfg: IndexConfig) -> dict:
 def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     """Embed ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (append with ``cfg.add``); resume a
     killed run of the same command. Returns the written ``index.json`` record, plus
-    ``already_indexed``: how many items of ``cfg.data`` the index held already (not added)."""
+    ``already_indexed``: how many items of ``cfg.data`` the index held already (not added),
+    and ``skipped_now``: this run's skipped items by reason (the record counts the index's)."""
     from cliplab.models.resolve import load_model
 
     out = Path(cfg.out).expanduser().resolve()
@@ -141,13 +142,16 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
             _embed_collection(cfg, model, spec, work, store, state, progress,
                               key_prefix(spec, existing), before)
         record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
+        # an --add's skipped table starts with the index's earlier ones
+        skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
     finally:
         store.close()
         if before is not None:
             before.close()
     swap_in(work, out)
     _drop_replaced_collection(existing, record)
-    return {**record, "already_indexed": state.get("already_indexed", 0)}
+    return {**record, "already_indexed": state.get("already_indexed", 0),
+            "skipped_now": skip_counts(skipped_now)}
 
 
 def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> IndexConfig:
@@ -386,7 +390,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     record = {"format": FORMAT, "complete": True, "model": request["model"],
               "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
               "count": state["count"], "skipped": state["skipped"],
-              "skipped_reasons": skip_counts(store), "backend": cfg.backend,
+              "skipped_reasons": skip_counts(store.skipped()), "backend": cfg.backend,
               "index_type": cfg.index_type,
               "sources": [*(existing or {}).get("sources", []), request["data"]]}
     if cfg.backend == "faiss":
@@ -419,10 +423,11 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     return record
 
 
-def skip_counts(store: MetadataStore) -> dict[str, int]:
-    """Skipped items by reason (``unreadable_image``, ``truncated_shard``, ``duplicate_key``)."""
-    return dict(Counter(reason.split(":")[0] for _, reason in store.skipped()))
+def skip_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    """Skipped ``(key, reason)`` rows counted by reason (``unreadable_image``,
+    ``truncated_shard``, ``duplicate_key``)."""
+    return dict(Counter(reason.split(":")[0] for _, reason in skipped))
 
 
 def _skip_summary(store: MetadataStore) -> str:
-    return counts_text(skip_counts(store)) or "nothing read"
+    return counts_text(skip_counts(store.skipped())) or "nothing read"
