@@ -103,6 +103,11 @@ def test_classify_equals_the_zero_shot_head(served):
         files={"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}).json()
     assert [e["probability"] for e in upload["labels"]] == \
         pytest.approx([e["probability"] for e in by_id["labels"]], abs=1e-5)
+    # curl -F labels=red circle -F labels=...: one label per repeated field, as one list
+    repeated = served["client"].post("/api/classify",
+                                     data={"labels": labels[:2] + ["green triangle, red circle"],
+                                           "id": "5"}).json()
+    assert repeated["labels"] == by_id["labels"]
 
 
 def test_images_are_the_indexed_files(served):
@@ -155,6 +160,8 @@ def test_bad_uploads_and_ids_are_4xx(served):
         response = client.get(path)
         assert response.status_code in (404, 422) and "error" in response.json()
     _error(client.post("/api/classify", data={"labels": "one", "id": "1"}), 400, "at least two")
+    _error(client.post("/api/classify", data={"labels": "cat, cat", "id": "1"}), 400,
+           "at least two different labels")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "99"}), 404, "id 99")
     _error(client.post("/api/classify", data={"labels": "a,b"}), 400, "exactly one of id")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "x"}), 422, "id")

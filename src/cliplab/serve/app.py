@@ -116,11 +116,15 @@ def _read_image(data: bytes, what: str = "file") -> Image.Image:
         _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
 
 
-def _labels(text: str) -> list[str]:
-    labels = [part.strip() for line in text.splitlines() for part in line.split(",")]
+def _labels(fields: list[str]) -> list[str]:
+    """The labels of the ``labels`` form fields: each field one or more, separated by commas
+    or new lines; repeats dropped."""
+    labels = [part.strip() for text in fields for line in text.splitlines()
+              for part in line.split(",")]
     labels = list(dict.fromkeys(label for label in labels if label))
     if len(labels) < 2:
-        _fail(400, "labels: give at least two labels, separated by commas or new lines")
+        _fail(400, "labels: give at least two different labels, separated by commas or new "
+                   "lines, or as repeated labels fields")
     if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in labels):
         _fail(400, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
     return labels
@@ -248,7 +252,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         return page({"query": file.filename or "upload"}, results(vector[0], k, offset), k, offset)
 
     @app.post("/api/classify", dependencies=guarded)
-    def classify(labels: str = Form(..., description="labels separated by commas or new lines"),
+    def classify(labels: list[str] = Form(..., description="labels separated by commas or new "
+                                          "lines (or one per repeated labels field)"),
                  id: int | None = Form(None, ge=0, le=MAX_ID,  # noqa: A002
                                        description="an indexed image id"),
                  file: UploadFile | None = File(None, description="or an uploaded image"),
