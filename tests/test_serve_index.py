@@ -583,3 +583,20 @@ def test_add_to_an_index_that_records_no_index_type_chooses_auto_again(tmp_path)
     assert _resolve_settings(cfg, existing, tmp_path / "idx").index_type == "auto"
     kept = _resolve_settings(cfg, {**existing, "index_type": "hnsw"}, tmp_path / "idx")
     assert kept.index_type == "hnsw"
+
+
+def test_a_search_that_misses_the_recall_target_is_told(model_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """IVF-PQ on a small collection tuned to its widest search at recall 0.82 of the 0.95
+    asked, and the run said nothing but the number."""
+    def short_of_target(index, vectors, recall_target=0.95, **_):
+        return {"parameter": "efSearch", "value": 2048, "recall": 0.8175}
+
+    monkeypatch.setattr(build_module.faiss_index, "tune_search", short_of_target)
+    assert main(["index", "--model", str(model_dir), "--data", "shapes", "data.n=40",
+                 "data.image_size=32", "--index-type", "hnsw", "--out", str(tmp_path / "idx"),
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "index: warning: recall 0.818 stays below the target 0.95 at the widest search "
+        "(efSearch=2048): HNSW32,Flat loses neighbours on this collection; --index-type flat "
+        "is exact")

@@ -646,6 +646,14 @@ def cmd_index(args) -> int:
                                                   if isinstance(cfg.data, dict) else [])])
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
+    tuned = record.get("faiss", {})
+    if tuned.get("parameter") and tuned["recall"] < tuned["recall_target"]:
+        print(f"index: warning: recall {tuned['recall']:.3f} stays below the target "
+              f"{tuned['recall_target']} at the widest search ({tuned['parameter']}="
+              f"{tuned['value']}): {tuned['type']} loses neighbours on this collection; "
+              "--index-type flat is exact" + (" (ivf-flat and hnsw keep the vectors whole, "
+                                              "unlike PQ)" if "PQ" in tuned["type"] else ""),
+              file=sys.stderr)
     if record.get("already_indexed"):
         print(f"{record['already_indexed']} item(s) of the collection were in the index "
               "already (not added again)")
