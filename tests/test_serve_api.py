@@ -122,7 +122,7 @@ def test_health_and_openapi(served):
     assert health["count"] == 40 and health["backend"] == "faiss"
     assert health["fingerprint"] == served["index"].fingerprint
     paths = served["client"].get("/openapi.json").json()["paths"]
-    assert {"/api/search", "/api/search/image", "/api/classify", "/images/{item_id}",
+    assert {"/api/search", "/api/search/image", "/api/classify", "/images/{id}",
             "/api/health"} <= set(paths)
     page = served["client"].get("/")
     assert page.status_code == 200 and 'id="search-form"' in page.text
@@ -154,7 +154,7 @@ def test_bad_uploads_and_ids_are_4xx(served):
     _error(client.post("/api/search/image"), 422, "file: Field required")
     _error(client.get("/images/40"), 404, "no indexed image with id 40")
     _error(client.get("/images/-1"), 404, "no indexed image")
-    _error(client.get("/images/abc"), 422, "item_id")
+    _error(client.get("/images/abc"), 422, "id: Input should be a valid integer")
     for path in ("/images/../idx/meta.sqlite", "/images/..%2F..%2Fetc%2Fpasswd",
                  "/images/3/../../index.json"):
         response = client.get(path)
@@ -239,13 +239,13 @@ def test_ids_beyond_sqlite_and_images_beyond_pils_limit_are_4xx(served):
     """Ids too large for SQLite were a 500 (OverflowError); an image over PIL's own bomb limit
     was called 'not an image' (415) rather than too large (413)."""
     client = served["client"]
-    _error(client.get("/images/9223372036854775808"), 422, "item_id")
+    _error(client.get("/images/9223372036854775808"), 422, "id: Input should be less than")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "99999999999999999999"}),
            422, "id")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "-1"}), 422, "id")
     _error(client.post("/api/search/image",
                        files={"file": ("huge.png", _png_header(20_000, 20_000), "image/png")}),
-           413, "too many pixels")
+           413, "file has 400000000 pixels, over 50000000")
     _error(client.post("/api/search/image",
                        files={"file": ("big.png", _png_header(8_000, 8_000), "image/png")}),
            413, "8000x8000 pixels")

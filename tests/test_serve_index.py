@@ -600,3 +600,16 @@ def test_a_search_that_misses_the_recall_target_is_told(model_dir, tmp_path, mon
         "index: warning: recall 0.818 stays below the target 0.95 at the widest search "
         "(efSearch=2048): HNSW32,Flat loses neighbours on this collection; --index-type flat "
         "is exact")
+
+
+def test_add_to_a_folder_that_is_no_index_says_which_it_is(model_dir, tmp_path):
+    """--add to a missing folder was called 'not a complete index': it says the folder is
+    missing; a folder holding something else is still not an index."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=f"^--add: {missing} does not exist; an --add appends"):
+        build(model_dir, SHAPES, missing, add=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=f"^--add: {tmp_path / 'other'} is not a complete index"):
+        build(model_dir, SHAPES, tmp_path / "other", add=True)
+    assert not missing.exists()

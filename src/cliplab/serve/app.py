@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import mimetypes
+import re
 import secrets
 import threading
 import warnings
@@ -110,8 +111,9 @@ def _read_image(data: bytes, what: str = "file") -> Image.Image:
                     _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
                 return convert_image(im)
     except Image.DecompressionBombError as err:  # PIL's own limit, met before the size is known
-        _fail(413, f"{what} has too many pixels ({str(err).split('(')[0].strip()}), over "
-              f"{MAX_IMAGE_PIXELS}")
+        counted = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (N pixels) exceeds"
+        _fail(413, f"{what} has {counted.group(1) + ' ' if counted else 'too many '}pixels, "
+              f"over {MAX_IMAGE_PIXELS}")
     except (OSError, ValueError, SyntaxError, EOFError):
         _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
 
@@ -277,8 +279,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                 "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
                            for i in order]}
 
-    @app.get("/images/{item_id}", dependencies=[Depends(authorised_image)])
-    def image(item_id: int = PathParam(..., le=MAX_ID)) -> Response:
+    @app.get("/images/{id}", dependencies=[Depends(authorised_image)])
+    def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
         """An indexed image, read from its original file (ids only; no path is ever taken)."""
         row = index.items([item_id]).get(item_id)
         if row is None:

@@ -96,7 +96,9 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         raise ConfigError(f"--out {out} already exists ({what}); pass --add to append to an "
                           "index, or choose a new --out")
     if cfg.add and existing is None and not partial_path(out).exists():
-        raise ConfigError(f"--add: {out} is not a complete index to append to")
+        raise ConfigError(f"--add: {out} does not exist; an --add appends to an index built "
+                          "there (leave --add out to build one)" if not out.exists() else
+                          f"--add: {out} is not a complete index to append to")
     cfg = _resolve_settings(cfg, existing, out)
     if cfg.uri and cfg.backend != "milvus":
         raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
