@@ -352,7 +352,7 @@ def test_cli_curates_and_reports_bad_keys_in_one_line(tmp_path, capsys):
     path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup}}\n")
     assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
                  "--no-progress", "chunk_size=2"]) == 0
-    assert "kept 2 of 3 items" in capsys.readouterr().out
+    assert "kept 2 of 3 items (dropped 0 by read, 1 by " in capsys.readouterr().out
     path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup, bogus: 1}}\n")
     assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip()

@@ -605,8 +605,8 @@ def cmd_curate(args) -> int:
     _check_out_is_not_input(cfg.out, [cfg.data.get(key) for key in ("path", "root")]
                             if isinstance(cfg.data, dict) else [])
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
-    steps = ", ".join(f"{s['name']} -{s['dropped']}" for s in summary["steps"])
-    print(f"kept {summary['kept']} of {summary['pool']} items ({steps}); wrote "
+    steps = ", ".join(f"{s['dropped']} by {s['name']}" for s in summary["steps"])
+    print(f"kept {summary['kept']} of {summary['pool']} items (dropped {steps}); wrote "
           f"{Path(cfg.out) / summary['output']['path']}, dropped.parquet, report.html in {cfg.out}")
     return 0
 
