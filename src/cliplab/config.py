@@ -219,8 +219,8 @@ def load_config(schema: type[S], path: str | Path | None = None,
     except ConfigError as err:
         # the file is named alone when the command line set none of the keys at fault
         wrong = getattr(err, "key_paths", [])
-        by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or not wrong \
-            and bool(given)
+        by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or (
+            not wrong and bool(given))
         raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
 
 

@@ -25,15 +25,6 @@ def as_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
 
 
-def tree_as_umask(folder: str | Path) -> None:
-    """`as_umask` for ``folder`` and everything below it."""
-    folder = Path(folder)
-    as_umask(folder)
-    for path in folder.rglob("*"):
-        if not path.is_symlink():
-            as_umask(path)
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file`, the file then given the umask's mode."""
