@@ -180,18 +180,21 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
 def _error_key_path(error: dict, prefix: str) -> str:
     """The key path a pydantic error is about; a whole-section check has none in its location,
     and names the key at the start of its message instead (``steps[2]: unknown key ...``)."""
-    head = [prefix] * bool(prefix)
-    path = _key_path(head + list(error["loc"]))
+    path = ".".join(_location(error, prefix))
     if path == prefix:
         named = re.match(r"(?:Value error, )?([\w.\[\]]+):", error["msg"])
         if named:
-            path = _key_path(head + [named.group(1)])
-    return path
+            path = ".".join([prefix] * bool(prefix) + [named.group(1)])
+    return _key_path(path)
 
 
-def _key_path(parts: Sequence[Any]) -> str:
-    """``a.b.2.c`` of a location (list items by index; ``steps[2]`` as ``steps.2``)."""
-    path = ".".join(str(p) for p in parts if not _is_union_tag(p))
+def _location(error: dict, prefix: str) -> list[str]:
+    """The key names of a pydantic error's location under ``prefix`` (union members left out)."""
+    return [prefix] * bool(prefix) + [str(p) for p in error["loc"] if not _is_union_tag(p)]
+
+
+def _key_path(path: str) -> str:
+    """A key path with list items by index: ``steps[2].model`` as ``steps.2.model``."""
     return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
@@ -212,7 +215,7 @@ def load_config(schema: type[S], path: str | Path | None = None,
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
     raw.update({k: v for k, v in (replace or {}).items() if v is not None})
     raw = apply_overrides(raw, overrides)
-    given = [_key_path([item.partition("=")[0]]) for item in overrides] + [
+    given = [_key_path(item.partition("=")[0]) for item in overrides] + [
         key for key, v in {**(extra or {}), **(replace or {})}.items() if v is not None]
     try:
         return validate(schema, raw, "")
@@ -233,8 +236,7 @@ def config_source(path: str | Path | None, from_command_line: bool) -> str:
 
 def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
     """One error of pydantic as (``key.path``, what is wrong)."""
-    loc = [prefix] * bool(prefix) + [str(p) for p in error["loc"] if not _is_union_tag(p)]
-    path = ".".join(loc)
+    path = ".".join(_location(error, prefix))
     kind, given = error["type"], error.get("input")
     if kind == "extra_forbidden":
         known = _known_keys(schema, tuple(p for p in error["loc"][:-1] if not _is_union_tag(p)))
