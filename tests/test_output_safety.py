@@ -12,6 +12,7 @@ import pytest
 
 from cliplab.cli import main
 from tests.cli_output import folder_tree as _tree, one_line_error as _one_line
+from tests.image_folders import pets_folder
 
 OPENCLIP = Path(__file__).parent / "fixtures" / "openclip" / "hub-gelu"
 
@@ -375,3 +376,44 @@ def test_pretrain_out_is_never_its_model_or_data(tiny_model_dir, tmp_path, capsy
                  "--no-progress"]) == 2
     assert f"--out {model} is the input {model}" in _one_line(capsys)
     assert _tree(model) == before
+
+
+def test_eval_out_and_cache_dirs_stay_out_of_its_data_and_model(tiny_model_dir, tmp_path,
+                                                               capsys):
+    """`eval --out` inside an image folder it scores became a new (empty) class of that
+    dataset; a --cache-dir inside the model folder added feature files to it."""
+    pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="dog")
+    suite = tmp_path / "if.yaml"
+    suite.write_text(f"tasks:\n  - {{task: zeroshot, data: {{source: image-folder, path: {pets}}}}}\n")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before, model_before = _tree(pets), _tree(model)
+    assert main(_eval(model, suite, pets / "ev")) == 2
+    assert _one_line(capsys) == f"--out {pets / 'ev'} lies inside the input {pets}; choose " \
+        "another folder"
+    for cache in (model, model / "cache"):
+        assert main(_eval(model, suite, tmp_path / "res", "--cache-dir", str(cache))) == 2
+        how = "is" if cache == model else "lies inside"
+        assert _one_line(capsys) == f"--cache-dir {cache} {how} the input {model}; choose " \
+            "another folder"
+    assert _tree(pets) == before and _tree(model) == model_before
+    assert not (tmp_path / "res").exists()
+    # a cache folder holding the inputs is fine: it only adds its own files
+    assert main(_eval(model, suite, tmp_path / "res", "--cache-dir", str(tmp_path))) == 0
+    assert _tree(pets) == before and _tree(model) == model_before
+
+
+def test_adapt_cache_dir_stays_out_of_its_model_and_data(tiny_model_dir, tmp_path, capsys):
+    pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="dog")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before, model_before = _tree(pets), _tree(model)
+    data = [f"data.{name}={{source: image-folder, path: {pets}}}" for name in ("train", "test")]
+    for cache, source in ((model / "cache", model), (pets / "cache", pets)):
+        assert main(["adapt", "--method", "zeroshot", "--model", str(model), "shots=1", *data,
+                     "--out", str(tmp_path / "run"), "--cache-dir", str(cache),
+                     "--no-progress"]) == 2
+        assert _one_line(capsys) == f"--cache-dir {cache} lies inside the input {source}; " \
+            "choose another folder"
+    assert _tree(pets) == before and _tree(model) == model_before
+    assert not (tmp_path / "run").exists()

@@ -495,10 +495,13 @@ def cmd_eval(args) -> int:
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
     from cliplab.models.resolve import load_model
-    from cliplab.output_folder import write_json
+    from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
 
-    out = _results_folder(args.out, args.model, args.overwrite)
     suite = load_config(SuiteSpec, args.config, args.overrides)
+    inputs = [args.model, *spec_paths(*(spec for task in suite.tasks
+                                         for spec in task.datasets()))]
+    out = _results_folder(args.out, inputs, args.overwrite)
+    check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
     model = load_model(args.model)
@@ -532,11 +535,11 @@ def _fine_tuned_head(model: str):
 EVAL_FILES = ("results.json", "results.json.tmp")  # what eval writes into its --out
 
 
-def _results_folder(out: str | None, model: str | None = None,
+def _results_folder(out: str | None, inputs: list[str | None],
                     overwrite: bool = False) -> Path | None:
     """``--out`` of eval: a folder (made if missing) that will hold results.json: new or empty,
     or with ``overwrite`` a previous eval output (a folder of its results.json only); never a
-    file, a run folder or the model's folder."""
+    file, a run folder, nor an input's folder (the model's, a data folder) or inside one."""
     from cliplab.output_folder import check_out, is_run_folder, only_files
 
     if out is None:
@@ -548,7 +551,7 @@ def _results_folder(out: str | None, model: str | None = None,
     if not path.is_file() and is_run_folder(path):
         raise CliplabError(f"--out {out} is a run folder (its results.json is the run's); "
                            f"choose a new folder for the eval results, e.g. {path}-eval")
-    return check_out(path, "eval", [model], overwrite, only_files(*EVAL_FILES),
+    return check_out(path, "eval", inputs, overwrite, only_files(*EVAL_FILES),
                      error=CliplabError)
 
 

@@ -121,22 +121,33 @@ def spec_paths(*specs: object) -> list[str]:
 
 
 def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
-                            error: type[CliplabError] = ConfigError) -> None:
-    """Refuse an ``--out`` equal to, holding or inside an existing input (paths compared
-    resolved; a preset or Hub id is no folder) or inside a run's checkpoints/."""
+                            error: type[CliplabError] = ConfigError, flag: str = "--out",
+                            holding: bool = True) -> None:
+    """Refuse an ``--out`` equal to, holding (unless not ``holding``) or inside an existing
+    input (paths compared resolved; a preset or Hub id is no folder) or inside a run's
+    checkpoints/. ``flag`` names the option in the message (e.g. ``--cache-dir``)."""
     here = _resolved(out)
     for given in inputs:
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a preset or Hub id: no folder of the user's
         source = _resolved(str(given))
-        how = "is" if here == source else "holds" if _inside(source, here) else \
+        how = "is" if here == source else "holds" if holding and _inside(source, here) else \
             "lies inside" if _inside(here, source) else None
         if how:
-            raise error(f"--out {out} {how} the input {given}; choose another folder")
+            raise error(f"{flag} {out} {how} the input {given}; choose another folder")
     for parent in here.parents:
         if parent.name == "checkpoints" and is_run_folder(parent.parent):
-            raise error(f"--out {out} lies inside the checkpoints of the run folder "
+            raise error(f"{flag} {out} lies inside the checkpoints of the run folder "
                         f"{parent.parent}; choose another folder")
+
+
+def check_cache_apart_from_inputs(cache_dir: str | os.PathLike | None,
+                                  inputs: Iterable[str | os.PathLike | None],
+                                  error: type[CliplabError] = ConfigError) -> None:
+    """Refuse a ``--cache-dir`` that is or lies inside an input (a model or data folder), whose
+    files the cache would add to; one holding inputs is fine (it only adds hashed files)."""
+    if cache_dir:
+        check_apart_from_inputs(cache_dir, inputs, error, flag="--cache-dir", holding=False)
 
 
 def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),

@@ -27,7 +27,7 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
-from cliplab.output_folder import spec_paths
+from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 
 
@@ -148,11 +148,13 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     needs = getattr(method, "NEEDS_PYTORCH_MODEL", None)
     if needs:  # an ONNX export (inference only) is refused before any work
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
+    data = cfg.data
+    option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
+    inputs = [cfg.model.name if cfg.model else None, *option_inputs,
+              *spec_paths(data.train, data.test, data.shifted, data.val)]
     if write and cfg.out:  # before any slow loading
-        data = cfg.data
-        option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
-        check_run_out(cfg.out, [cfg.model.name if cfg.model else None, *option_inputs,
-                                *spec_paths(data.train, data.test, data.shifted, data.val)])
+        check_run_out(cfg.out, inputs)
+    check_cache_apart_from_inputs(cfg.cache_dir, inputs)
     train_all, sets = load_sets(cfg, progress)
     own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
     skipped = report_skips(cfg, {"train": train_all, **sets,
