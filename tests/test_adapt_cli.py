@@ -324,3 +324,19 @@ def test_adapt_and_quickstart_never_write_over_a_users_config_yaml(model_dir, tm
     (out / "config.yaml").unlink()
     assert main(adapt) == 0
     assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora"])
+def test_a_batch_larger_than_the_training_images_names_the_adapt_key(method, model_dir,
+                                                                      tmp_path, capsys):
+    """The Trainer's check named `train.batch_size`, a key adapt configs do not have."""
+    out = tmp_path / "ft"
+    assert main(["adapt", "--method", method, "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=0", "train_size=64",
+                 "options.train.batch_size=128"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cliplab: error: options.train.batch_size: a batch of 128 is larger than the 64 "
+        "training images (shots x classes, or train_size); lower options.train.batch_size or "
+        "train on more images")
+    assert not out.exists()  # the run folder it made is removed, as for any refused start

@@ -19,7 +19,7 @@ from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_py
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
-from cliplab.adapt.training import trainer_config
+from cliplab.adapt.training import check_batch_fits_images, trainer_config
 from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
@@ -80,6 +80,7 @@ def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
              fingerprint: str | None = None) -> tuple[ClassifierHead, Trainer]:
     """Fine-tune ``model``'s image tower (in place) with a zero-shot-initialised head; with a
     run folder, checkpoints are fine-tuned model folders. Returns the head and the trainer."""
+    check_batch_fits_images(train_cfg.batch_size, len(train))
     fingerprint = fingerprint or model_fingerprint(model)
     head = zeroshot_classifier_head(model, train)
     head.weight.requires_grad_(train_head)

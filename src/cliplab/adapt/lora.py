@@ -28,7 +28,7 @@ from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint, require_origin, write_origin
-from cliplab.adapt.training import trainer_config
+from cliplab.adapt.training import check_batch_fits_images, trainer_config
 from cliplab.config import Section
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.types import LabelledImages
@@ -245,6 +245,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     # a text tower without adapters is frozen: cache its caption features
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,
                                progress=ctx.progress)
+    check_batch_fits_images(train_cfg.batch_size, len(train))
     fingerprint, origin = model_fingerprint(model), ctx.origin(model)
     full = count_parameters(model)["total"]
     image_full = count_parameters(model.vision_tower)["total"] + sum(

@@ -65,6 +65,16 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     return history
 
 
+def check_batch_fits_images(batch_size: int, n: int) -> None:
+    """A one-line error naming ``options.train.batch_size`` when a method that trains with the
+    `Trainer` (which drops an epoch's last incomplete batch) has fewer training images than one
+    batch, before the model is touched."""
+    if batch_size > n:
+        raise ConfigError(f"options.train.batch_size: a batch of {batch_size} is larger than the "
+                          f"{n} training images (shots x classes, or train_size); lower "
+                          "options.train.batch_size or train on more images")
+
+
 def trainer_config(defaults: dict, given: dict, where: str = "options.train", **fixed
                    ) -> TrainConfig:
     """The `Trainer`'s settings of a method that trains weights: the method's ``defaults``
