@@ -149,8 +149,12 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "gone"))
     with pytest.raises(ModelError, match="no config.json"):
         DualEncoder.load(tmp_path)
-    with pytest.raises(ModelError, match="bad option for preset"):
-        build_model("tiny-clip", depth=3)
+    with pytest.raises(ModelError, match=r"^unknown option\(s\) 'depth', 'widht' for preset "
+                       r"'tiny-clip' \(valid: image_size, patch_size, width, layers, heads, "):
+        build_model("tiny-clip", depth=3, widht=64, heads=2)
+    with pytest.raises(ModelError, match=r"^unknown option\(s\) 'embed_dim' for preset "
+                       r"'lit-minilm' \(valid: .*\bwidth\b"):
+        build_model("lit-minilm", embed_dim=64)
     # transformers' own config checks become the same one-line error, with their reason
     with pytest.raises(ModelError, match=r"^bad option for preset 'tiny-clip' \(\{'width': 7\}\): "
                        r"The hidden size \(7\) is not a multiple of the number of attention "

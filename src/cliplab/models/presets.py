@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import os
 from pathlib import Path
@@ -146,6 +148,11 @@ def build_model(name: str, **options) -> DualEncoder:
                          "folder, run or Hub id loads with cliplab.models.resolve.load_model)")
     from huggingface_hub.errors import StrictDataclassError
 
+    valid = list(inspect.signature(PRESETS[name]).parameters)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ModelError(f"unknown option(s) {', '.join(map(repr, unknown))} for preset "
+                         f"{name!r} (valid: {', '.join(valid)})")
     try:
         return PRESETS[name](**options)
     except (TypeError, ValueError, StrictDataclassError) as err:
