@@ -1,6 +1,7 @@
 """`cliplab report`: tables side by side, valid PNG plots, parseable HTML, one-line errors."""
 
 import json
+import shutil
 from html.parser import HTMLParser
 
 import pytest
@@ -139,7 +140,8 @@ def test_report_errors_name_the_file(tmp_path, capsys):
         write_report([tmp_path / "nope.json"], tmp_path / "o")
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(DataError, match="run folder .*run has neither results.json"):
+    with pytest.raises(DataError, match=r"folder .*run has neither results.json nor "
+                       r"metrics.jsonl \(a run folder\) nor merge.json \(a merge's output\)"):
         write_report([run], tmp_path / "o")
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(DataError, match="metrics.jsonl:line 2: invalid JSON"):
@@ -312,6 +314,13 @@ def test_labels_stay_unique_and_name_the_method(tmp_path):
     assert sources[2].sections == {"heldout acc1": {"base/step-8": 0.4, "ft/step-4": 0.6,
                                                     "merged": 0.7},
                                    "run": {"wall_time_s": 1.0}}
+    # the merged model's folder (merge.json beside its weights) reads as its merge.json
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    shutil.copy(tmp_path / "merge.json", merged / "merge.json")
+    folder, = read_inputs([merged])
+    assert (folder.label, folder.sections) == ("greedy merge", sources[2].sections)
 
 
 def test_a_task_named_run_keeps_its_metrics_and_plots_get_a_file_each(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from cliplab.errors import DataError
 
 RUN_FILES = ("results.json", "metrics.jsonl")
+MERGE_RECORD = "merge.json"  # what `cliplab merge` writes beside the merged model
 _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
 # (its total is reported as a number of the run)
@@ -156,7 +157,10 @@ def read_input(path: str | Path) -> ReportSource:
         return source
     present = [name for name in RUN_FILES if (path / name).is_file()]
     if not {"results.json", "metrics.jsonl"} & set(present):
-        raise DataError(f"run folder {path} has neither results.json nor metrics.jsonl")
+        if (path / MERGE_RECORD).is_file():  # a merged model's folder: its held-out scores
+            return read_input(path / MERGE_RECORD)
+        raise DataError(f"folder {path} has neither results.json nor metrics.jsonl (a run "
+                        f"folder) nor {MERGE_RECORD} (a merge's output)")
     source = ReportSource(path.name or str(path), path)
     if "results.json" in present:
         results = read_json(path / "results.json")
