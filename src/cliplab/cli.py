@@ -261,8 +261,9 @@ def _add_report(sub) -> None:
     """`cliplab report`: Markdown + HTML reports."""
     p = sub.add_parser("report", help="Markdown + HTML report with tables and plots from "
                        "results files and run folders",
-                       description="Read results JSON files (cliplab eval --out) and/or run "
-                       "folders (results.json, metrics.jsonl, config.yaml) and write "
+                       description="Read results JSON files (cliplab eval --out), run folders "
+                       "(results.json, metrics.jsonl, config.yaml) and/or merge output "
+                       "folders (merge.json) and write "
                        "report.md and a self-contained report.html: one table per task with "
                        "one column per model, few-shot curves, accuracy vs concept frequency, "
                        "training curves. The inputs are named by --inputs (or the config's "
@@ -271,10 +272,11 @@ def _add_report(sub) -> None:
                        epilog="example: cliplab report --inputs runs/a/results.json runs/b "
                        "--out reports/ab title=\"a vs b\"")
     p.add_argument("--inputs", nargs="+", metavar="RUN_OR_RESULTS",
-                   help="results JSON files and/or run folders (key=value words among them "
-                   "are overrides)")
+                   help="results JSON files, run folders and/or merge output folders "
+                   "(key=value words among them are overrides)")
     add_stage_arguments(p, "folder for report.md, report.html and plots/ (or the config's "
-                        "'out')", "title=\"a vs b\" plots=false")
+                        "'out'); a previous report there is rewritten",
+                        "title=\"a vs b\" plots=false")
 
 
 def _add_index(sub) -> None:
