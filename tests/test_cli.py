@@ -180,3 +180,30 @@ def test_version_is_the_package_version():
     assert out.returncode == 0
     assert out.stdout.strip() == f"cliplab {__version__}"
     assert version("cliplab") == __version__
+
+
+def test_help_and_usage_errors_import_no_model_code():
+    """`cliplab --help`, a command's --help and a wrong method took ~8 s: building the parser
+    imported torch and transformers to list the adapt and merge methods."""
+    script = ("import sys\nfrom cliplab.cli import main\n"
+              "for argv in (['--version'], ['adapt', '--help'], ['merge', '--help'],"
+              " ['adapt', '--method', 'co-op']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+              "print('imported:', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("imported: []")
+    # the lazily exported names are still there
+    from cliplab import adapt, merge
+    from cliplab.adapt.base import AdaptContext
+    from cliplab.merge.soup import greedy_soup
+
+    assert adapt.AdaptContext is AdaptContext and merge.greedy_soup is greedy_soup
+    from cliplab.merge.stock import model_stock as the_function  # its module imported first
+    from cliplab.merge import model_stock
+
+    assert model_stock is the_function  # not a module of that name
+    assert sorted(merge.__all__) == sorted(set(merge.__all__))
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        merge.nope

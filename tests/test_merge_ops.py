@@ -9,7 +9,7 @@ from cliplab.errors import ConfigError, ModelError
 from cliplab.merge import (apply_task_vector, combine_task_vectors, disjoint_mean, elect_sign,
                            greedy_soup, model_stock, model_stock_ratio, task_vector, ties_merge,
                            trim_top_fraction, uniform_soup)
-from cliplab.merge.model_stock import ratio_summary
+from cliplab.merge.stock import ratio_summary
 from cliplab.merge.state import check_same_keys
 
 T = torch.tensor

@@ -27,11 +27,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from cliplab.adapt.base import AdaptContext, Adapter, read_adapter
 from cliplab.errors import ConfigError, ModelError
-from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.folder import model_fingerprint
+
+if TYPE_CHECKING:
+    from cliplab.adapt.base import AdaptContext, Adapter
+    from cliplab.models.dual_encoder import DualEncoder
 
 # name -> module, imported on first use (peft, behind lora, is heavy)
 ADAPT_METHODS: dict[str, str] = {
@@ -49,6 +51,16 @@ ADAPT_METHODS: dict[str, str] = {
 
 __all__ = ["ADAPT_METHODS", "AdaptContext", "Adapter", "get_method", "load_adapter"]
 
+# torch and transformers load on first use of these, so the CLI's parser (which lists
+# ADAPT_METHODS) starts in a fraction of a second: `cliplab --help` needs no model code
+_FROM_BASE = ("AdaptContext", "Adapter", "read_adapter")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("cliplab.adapt.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def get_method(name: str) -> ModuleType:
     """The module of the method called ``name``, or a one-line error listing the choices."""
@@ -62,6 +74,9 @@ def load_adapter(folder: str | Path, model: DualEncoder) -> Adapter:
     """A few-shot adapter saved by ``Adapter.save`` (``adapter.json`` + ``adapter.safetensors``),
     on the model it was trained with (another model is refused: its features are not the
     ones the adapter learned on)."""
+    from cliplab.adapt.base import read_adapter
+    from cliplab.models.folder import model_fingerprint
+
     meta, tensors = read_adapter(folder)
     recorded = meta.get("fingerprint")  # adapters saved before it was recorded: not checked
     if recorded is not None and recorded != model_fingerprint(model):

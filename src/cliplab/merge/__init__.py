@@ -7,11 +7,27 @@ tensors are combined, everything else (integer buffers such as position ids) is 
 them, merges and writes a normal model folder plus ``merge.json``.
 """
 
-from cliplab.merge.model_stock import model_stock, model_stock_ratio
-from cliplab.merge.soup import GreedySoup, greedy_soup, uniform_soup
-from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
-from cliplab.merge.ties import disjoint_mean, elect_sign, ties_merge, trim_top_fraction
+from __future__ import annotations
 
-__all__ = ["GreedySoup", "apply_task_vector", "combine_task_vectors", "disjoint_mean",
-           "elect_sign", "greedy_soup", "model_stock", "model_stock_ratio", "task_vector",
-           "ties_merge", "trim_top_fraction", "uniform_soup"]
+import importlib
+from typing import Any
+
+# name -> module; imported on first use, so the CLI's parser (which lists the merge methods)
+# starts without torch. No module here is named like a function exported here: importing it
+# would bind the package's attribute of that name to the module.
+_EXPORTS = {
+    **dict.fromkeys(("model_stock", "model_stock_ratio"), "cliplab.merge.stock"),
+    **dict.fromkeys(("GreedySoup", "greedy_soup", "uniform_soup"), "cliplab.merge.soup"),
+    **dict.fromkeys(("apply_task_vector", "combine_task_vectors", "task_vector"),
+                    "cliplab.merge.task_arithmetic"),
+    **dict.fromkeys(("disjoint_mean", "elect_sign", "ties_merge", "trim_top_fraction"),
+                    "cliplab.merge.ties"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

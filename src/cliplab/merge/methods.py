@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cliplab.merge.model_stock import model_stock, ratio_summary
-from cliplab.merge.soup import greedy_soup, uniform_soup
-from cliplab.merge.state import StateDict
-from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
-from cliplab.merge.ties import ties_merge
+# each method imports its operation (and torch) when it runs: the CLI's parser lists
+# MERGE_METHODS and should not wait for torch
+if TYPE_CHECKING:
+    from cliplab.merge.state import StateDict
 
 
 @dataclass
@@ -31,11 +31,15 @@ class MergeInputs:
 
 
 def merge_uniform(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.soup import uniform_soup
+
     record["weights"] = x.weights
     return uniform_soup(x.states, x.weights, x.names)
 
 
 def merge_greedy(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.soup import greedy_soup
+
     soup = greedy_soup(x.states, x.evaluate, x.names, [x.scores[n] for n in x.names],
                        x.progress)
     record["greedy"] = {"kept": [x.names[i] for i in soup.kept], "score": soup.score,
@@ -44,18 +48,24 @@ def merge_greedy(x: MergeInputs, record: dict) -> dict:
 
 
 def merge_model_stock(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.stock import model_stock, ratio_summary
+
     merged, ratios = model_stock(x.base, x.states, x.names)
     record["model_stock"] = ratio_summary(ratios, x.base, x.states)
     return merged
 
 
 def merge_task_arithmetic(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
+
     record["scale"] = x.scale
     vectors = [task_vector(s, x.base) for s in x.states]
     return apply_task_vector(x.base, combine_task_vectors(vectors, x.scale))
 
 
 def merge_ties(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.ties import ties_merge
+
     record.update(scale=x.scale, density=x.density)
     return ties_merge(x.base, x.states, float(x.density), float(x.scale), x.names)
 
