@@ -224,7 +224,9 @@ def load_config(schema: type[S], path: str | Path | None = None,
         wrong = getattr(err, "key_paths", [])
         by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or (
             not wrong and bool(given))
-        raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
+        # without a file, every setting came from the command line or a default
+        raise ConfigError(f"{config_source(path, by_command_line or not path)}: {err}") \
+            from None
 
 
 def config_source(path: str | Path | None, from_command_line: bool) -> str:
