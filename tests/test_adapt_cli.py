@@ -216,6 +216,13 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
                  "--out", str(tmp_path / "short")]) == 0
     assert ("adapt: warning: 2 class(es) have fewer than shots=5 training images and train on "
             "what they have (cat=3, dog=3)") in capsys.readouterr().err
+    # val_shots capped at what a class has was silent (from the training set or data.val)
+    for val in ([], [f"data.val={{source: image-folder, path: {pets}}}"]):
+        assert main(["adapt", "--method", "linear-probe", *data, *val, "shots=1", "val_shots=4",
+                     "--out", str(tmp_path / f"val{len(val)}")]) == 0
+        left = 2 if not val else 3  # one shot of each class is not drawn for validation
+        assert (f"adapt: warning: 2 class(es) have fewer than val_shots=4 validation images and "
+                f"validate on what they have (cat={left}, dog={left})") in capsys.readouterr().err
 
 
 

@@ -80,11 +80,17 @@ def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: 
                "lower val_shots") if val_drawn else "; give images of every class"
         raise DataError(f"data.train leaves no training image of {len(missing)} class(es) "
                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) {why}")
-    short = [f"{name}={n}" for name, n in
-             classes_with_fewer(train.labels, train.classnames, shots or 0)]
+    warn_fewer_than(train, shots, "shots", "training", "train on")
+
+
+def warn_fewer_than(data: LabelledImages, k: int | None, key: str, split: str,
+                    uses: str) -> None:
+    """Tell on stderr which classes of ``data`` hold fewer than ``k`` images (``key=k``), so
+    "k per class" is never silently untrue of them."""
+    short = [f"{name}={n}" for name, n in classes_with_fewer(data.labels, data.classnames, k or 0)]
     if short:
-        print(f"adapt: warning: {len(short)} class(es) have fewer than shots={shots} training "
-              f"images and train on what they have ({', '.join(short[:10])}"
+        print(f"adapt: warning: {len(short)} class(es) have fewer than {key}={k} {split} "
+              f"images and {uses} what they have ({', '.join(short[:10])}"
               f"{', ...' if len(short) > 10 else ''})", file=sys.stderr)
 
 
@@ -164,6 +170,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if own_val is not None:
         val = draw_validation(cfg, own_val)
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
+    if val is not None and cfg.val_shots:
+        warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if lost:  # a random subset of the few-shot set can miss whole classes
