@@ -161,6 +161,19 @@ def test_resume_latest_needs_the_run_folder(tmp_path, monkeypatch):
                     resume="latest")
 
 
+def test_resume_from_a_checkpoint_that_does_not_exist_says_so(tmp_path):
+    """It said the folder `holds no trainer_state.pt`, as if it were there."""
+    from cliplab.train.checkpoint import resume_folder
+
+    gone = tmp_path / "run" / "checkpoints" / "step-99"
+    with pytest.raises(ConfigError, match=f"^cannot resume: {gone} does not exist; give a "
+                       r"checkpoint folder \(RUN/checkpoints/step-N\) or --resume latest"):
+        resume_folder(str(gone), None)
+    gone.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"^cannot resume: {gone} holds no trainer_state.pt$"):
+        resume_folder(str(gone), None)
+
+
 def test_a_run_stopped_during_its_final_evaluation_is_finished_by_a_resume(tmp_path, capsys):
     """The final checkpoint written, the run killed while evaluating: `--resume latest` was
     refused as complete, and a new run in the folder too, so it could never be finished."""

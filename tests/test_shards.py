@@ -422,7 +422,7 @@ def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     config.write_text(f"data: {{source: manifest, path: {tmp_path / 'm.csv'}}}\n"
                       f"out: {tmp_path / 'a'}\nimage_format: png\n")
     assert main(["data", "shard", "--config", str(config), "--no-progress"]) == 0
-    assert "wrote 2 samples in 1 shards" in capsys.readouterr().out
+    assert "wrote 2 samples in 1 shard " in capsys.readouterr().out
     assert main(["data", "shard", "--source", str(tmp_path / "m.csv"), "--out",
                  str(tmp_path / "b"), "--no-progress"]) == 0
     assert "skipped 1 samples: empty_caption=1" in capsys.readouterr().out

@@ -599,7 +599,8 @@ def cmd_data(args) -> int:
     index = run_shard(cfg, progress=not args.no_progress)
     from cliplab.data.types import SkipReport
 
-    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {cfg.out}; "
+    shards = len(index["shards"])
+    print(f"wrote {index['total']} samples in {shards} shard{'s' * (shards != 1)} to {cfg.out}; "
           f"{SkipReport.from_dict(index['skipped']).summary()}")
     return 0
 

@@ -96,6 +96,9 @@ def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
             raise ConfigError(f"--resume latest: {run_dir.path} holds no checkpoint to continue")
     else:
         folder = Path(resume)
+    if not folder.exists():
+        raise ConfigError(f"cannot resume: {resume} does not exist; give a checkpoint folder "
+                          "(RUN/checkpoints/step-N) or --resume latest with --out RUN")
     if not (folder / STATE_FILE).is_file():
         raise ConfigError(f"cannot resume: {resume} holds no {STATE_FILE}")
     return folder
