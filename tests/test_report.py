@@ -70,11 +70,18 @@ class _Tables(HTMLParser):
             self.cells.append(data)
 
 
-def test_report_tables_plots_and_html(tmp_path, inputs):
+def test_report_tables_plots_and_html(tmp_path, inputs, capsys):
     out = tmp_path / "report"
     (tmp_path / "r.yaml").write_text("title: from the file\nplots: true\n")
     assert main(["report", "--out", str(out), "--no-progress", "--inputs", *map(str, inputs),
                  "--config", str(tmp_path / "r.yaml"), "title=two models"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"(3 plot(s) in {out / 'plots'})")
+    # tables only: no plots folder, and none named (it named a folder it never made)
+    assert main(["report", "--out", str(tmp_path / "tables"), "--no-progress", "--inputs",
+                 *map(str, inputs), "plots=false"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(no plots)")
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["report.html",
+                                                                        "report.md"]
     md = (out / "report.md").read_text()
     assert md.startswith("# two models")
     # one column per model, rows of metrics, values as written

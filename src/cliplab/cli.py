@@ -635,8 +635,9 @@ def cmd_report(args) -> int:
     if not cfg.out:
         raise ConfigError("say where to write the report: --out DIR")
     written = write_report(cfg.inputs, cfg.out, cfg, progress=not args.no_progress)
+    plots = len(written) - 2
     print(f"report: {written['markdown']} and {written['html']} "
-          f"({len(written) - 2} plot(s) in {Path(cfg.out) / 'plots'})")
+          + (f"({plots} plot(s) in {Path(cfg.out) / 'plots'})" if plots else "(no plots)"))
     return 0
 
 
