@@ -92,6 +92,11 @@ def check_architecture(ingredients: list[Ingredient]) -> None:
     shapes and dtypes as the first ingredient; the error names the file and the key."""
     ref = ingredients[0]
     for ing in ingredients[1:]:
+        kinds = ref.config.get("model_type"), ing.config.get("model_type")
+        if kinds[0] != kinds[1]:  # named first: the field sorted first says less
+            raise ModelError(f"{ing.path}/config.json is a {kinds[1]!r} model, "
+                             f"{ref.path}/config.json a {kinds[0]!r} one: not the same "
+                             "architecture")
         diff = first_difference(ref.config, ing.config)
         if diff is not None:
             raise ModelError(f"{ing.path}/config.json differs from {ref.path}/config.json at "
