@@ -130,6 +130,20 @@ def test_greedy_soup_records_scores_that_the_saved_folder_reproduces(family, tmp
     assert json.loads((out / "merge.json").read_text())["greedy"]["kept"][0] == first
 
 
+def test_a_metric_the_heldout_task_lacks_names_where_it_was_set(family, tmp_path, capsys):
+    """It said `held-out task gives [...], not metric 'acc_1'`, naming neither the key nor
+    the command line that set it."""
+    _, base, fts = family
+    heldout = json.dumps(HELDOUT).replace('"', "")
+    assert main(["merge", "--method", "greedy", "--models", str(fts[0]), str(fts[1]),
+                 "--out", str(tmp_path / "o"), f"heldout={heldout}", "metric=acc_1",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cliplab: error: the command line: metric: the held-out task gives acc1, acc5, "
+        "mean_per_class_recall; not 'acc_1'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_architecture_mismatch_names_the_file_and_key(family, tmp_path):
     _, base, fts = family
     other = build_model("tiny-clip", **{**TINY, "embed_dim": 8}).save(tmp_path / "wide")

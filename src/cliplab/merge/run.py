@@ -60,9 +60,11 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
 
 
 def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
-                      progress: bool = False) -> Callable[[StateDict], float]:
+                      progress: bool = False, where: str = "the merge config"
+                      ) -> Callable[[StateDict], float]:
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
-    ``metric``, with the weights loaded into ``template``."""
+    ``metric``, with the weights loaded into ``template``; a metric the task does not give is
+    an error naming the config ``where`` it was set (known only once the task has run)."""
     spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
     report_skips("heldout", spec, context)  # told once, before any scoring
 
@@ -70,7 +72,8 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
         template.model.load_state_dict(state, strict=True)
         metrics = run_task(template, spec, context.for_new_weights())
         if metric not in metrics:
-            raise ConfigError(f"held-out task gives {sorted(metrics)}, not metric {metric!r}")
+            raise ConfigError(f"{where}: metric: the held-out task gives "
+                              f"{', '.join(sorted(metrics))}; not {metric!r}")
         return float(metrics[metric])
     return evaluate
 
@@ -96,7 +99,8 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
 
     evaluate = None
     if cfg.heldout:
-        evaluate = heldout_evaluator(DualEncoder.load(paths[0]), cfg.heldout, cfg.metric)
+        evaluate = heldout_evaluator(DualEncoder.load(paths[0]), cfg.heldout, cfg.metric,
+                                     where=where)
     record: dict = {"method": method, "models": paths, "base": base_path,
                     "origin": origin, "heldout": None}
     scores: dict[str, float] = {}
