@@ -161,6 +161,30 @@ def test_resume_latest_needs_the_run_folder(tmp_path, monkeypatch):
                     resume="latest")
 
 
+def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """They stayed in checkpoints/ beside the resumed run's: a later `--resume latest` (or
+    `--model RUN`) took the old run's step-4 over the resumed run's step-3."""
+    out = tmp_path / "run"
+    run_pretrain(recipe(out), progress=False)  # steps 1-4, checkpoints at 2 and 4
+    old = {name: tree(out / "checkpoints" / name) for name in ("step-2", "step-4")}
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    # resumed from step-2 and stopped at 3 (a shorter run stands for a killed one)
+    run_pretrain(recipe(out, steps=3), resume=str(out / "checkpoints" / "step-2"),
+                 progress=False)
+    assert capsys.readouterr().err.count(
+        f"resumed from step 2: the later checkpoints of the run before (step-4) are moved to "
+        f"{out / 'superseded'}") == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert tree(out / "superseded" / "step-4") == old["step-4"]  # kept, bit for bit
+    assert tree(out / "checkpoints" / "step-2") == old["step-2"]
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
+    (out / "results.json").unlink()
+    run_pretrain(recipe(out), resume="latest", progress=False)  # continues step-3, not step-4
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "superseded").iterdir()) == ["step-4"]
+
+
 def test_resume_from_a_checkpoint_that_does_not_exist_says_so(tmp_path):
     """It said the folder `holds no trainer_state.pt`, as if it were there."""
     from cliplab.train.checkpoint import resume_folder

@@ -25,6 +25,7 @@ from cliplab.errors import ConfigError
 from cliplab.output_folder import check_apart_from_inputs, write_json
 
 CHECKPOINTS = "checkpoints"
+SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 # what a run writes first (output_folder.RUN_MARKERS, by which other commands tell a run folder)
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
@@ -297,10 +298,27 @@ class RunDir:
         """The complete checkpoint with the highest step, if any."""
         return latest_checkpoint(self.path)
 
+    def set_aside_checkpoints_after(self, step: int) -> list[Path]:
+        """Move the complete checkpoints past ``step`` to ``superseded/`` (a resume from an
+        earlier checkpoint: they hold the run before it, whose records past ``step`` are
+        dropped, and ``--resume latest`` would continue them); returns their new places."""
+        folder = self.path / CHECKPOINTS
+        later = sorted(p for p in folder.iterdir()
+                       if (n := checkpoint_step(p)) is not None and n > step) \
+            if folder.is_dir() else []
+        moved = []
+        for path in later:
+            target, n = self.path / SUPERSEDED / path.name, 2
+            while target.exists():  # set aside by an earlier resume too
+                target, n = self.path / SUPERSEDED / f"{path.name}-{n}", n + 1
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+        return moved
+
     def keep_newest_checkpoints(self, keep: int, step: int) -> list[Path]:
         """Remove the complete checkpoints before the newest ``keep`` up to ``step`` (the one
-        just saved, always kept; later steps, e.g. of a run resumed from an earlier one, are
-        left alone); returns the removed folders."""
+        just saved, always kept; later steps are left alone); returns the removed folders."""
         folder = self.path / CHECKPOINTS
         steps = sorted((n, p) for p in folder.iterdir()
                        if (n := checkpoint_step(p)) is not None and n <= step) \

@@ -282,6 +282,11 @@ class Trainer:
                               f"{total}, the run is complete")
         if self.run_dir and self.rank == 0:
             self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
+            moved = self.run_dir.set_aside_checkpoints_after(self.step)
+            if moved:
+                print(f"cliplab: resumed from step {self.step}: the later checkpoints of the "
+                      f"run before ({', '.join(p.name for p in moved)}) are moved to "
+                      f"{moved[0].parent}", file=sys.stderr)
         return folder
 
     def _own(self, folder: Path) -> bool:
