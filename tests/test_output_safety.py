@@ -391,6 +391,14 @@ def test_eval_out_and_cache_dirs_stay_out_of_its_data_and_model(tiny_model_dir, 
     assert main(_eval(model, suite, pets / "ev")) == 2
     assert _one_line(capsys) == f"--out {pets / 'ev'} lies inside the input {pets}; choose " \
         "another folder"
+    # so is one inside a folder a data spec names by another key (Fashion-MNIST's data_dir)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (tmp_path / "fm.yaml").write_text("tasks:\n  - {task: zeroshot, data: {source: fashion-mnist, "
+                                      f"data_dir: {idx}}}}}\n")
+    assert main(_eval(model, tmp_path / "fm.yaml", idx / "ev")) == 2
+    assert _one_line(capsys) == f"--out {idx / 'ev'} lies inside the input {idx}; choose " \
+        "another folder"
     for cache in (model, model / "cache"):
         assert main(_eval(model, suite, tmp_path / "res", "--cache-dir", str(cache))) == 2
         how = "is" if cache == model else "lies inside"

@@ -594,8 +594,9 @@ def cmd_data(args) -> int:
     cfg = stage_config(ShardConfig, args, samples_per_shard=args.samples_per_shard,
                        image_format=args.image_format, overwrite=args.overwrite)
     from cliplab.data.shards.write import check_out_folder
+    from cliplab.output_folder import spec_paths
 
-    check_out_folder(cfg.out, cfg.overwrite, [cfg.data.get(key) for key in ("path", "root")])
+    check_out_folder(cfg.out, cfg.overwrite, spec_paths(cfg.data))
     index = run_shard(cfg, progress=not args.no_progress)
     from cliplab.data.types import SkipReport
 
@@ -608,10 +609,10 @@ def cmd_data(args) -> int:
 def cmd_curate(args) -> int:
     from cliplab.curate.config import CurateConfig
     from cliplab.curate.pipeline import run_curation
+    from cliplab.output_folder import spec_paths
 
     cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers)
-    _check_out_is_not_input(cfg.out, [cfg.data.get(key) for key in ("path", "root")]
-                            if isinstance(cfg.data, dict) else [])
+    _check_out_is_not_input(cfg.out, spec_paths(cfg.data))
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     steps = ", ".join(f"{s['dropped']} by {s['name']}" for s in summary["steps"])
     print(f"kept {summary['kept']} of {summary['pool']} items (dropped {steps}); wrote "
@@ -643,6 +644,7 @@ def cmd_report(args) -> int:
 
 def cmd_index(args) -> int:
     from cliplab.config import load_config
+    from cliplab.output_folder import spec_paths
     from cliplab.serve.build import build_index
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
@@ -651,8 +653,7 @@ def cmd_index(args) -> int:
                                                    "index_type") if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})
-    _check_out_is_not_input(cfg.out, [cfg.model.name, *([cfg.data.get("path")]
-                                                  if isinstance(cfg.data, dict) else [])])
+    _check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
     tuned = record.get("faiss", {})

@@ -115,9 +115,15 @@ def _inside(path: Path, folder: Path) -> bool:
     return path != folder and folder in path.parents
 
 
+# the keys of data specs that name a folder or file of the user's (a manifest's or image
+# folder's path, a CLIP_benchmark root, Fashion-MNIST's data_dir)
+DATA_PATH_KEYS = ("path", "root", "data_dir")
+
+
 def spec_paths(*specs: object) -> list[str]:
-    """The ``path`` of each data spec that has one (``{source: manifest, path: X}``)."""
-    return [str(spec["path"]) for spec in specs if isinstance(spec, dict) and "path" in spec]
+    """The paths a data spec names (``{source: manifest, path: X}``), of every spec given."""
+    return [str(spec[key]) for spec in specs if isinstance(spec, dict)
+            for key in DATA_PATH_KEYS if spec.get(key) is not None]
 
 
 def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
