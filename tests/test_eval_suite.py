@@ -184,8 +184,10 @@ def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
     suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}}\n"
                      "  - {name: r, task: retrieval, dat: {source: digits}}\n")
     (tmp_path / "taken.json").write_text("{}")
+    good = tmp_path / "good.yaml"  # the suite is read first: its data folders are inputs too
+    good.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}}\n")
     for out in ("taken.json", "new.json"):
-        assert main(["eval", "--model", "tiny-clip", "--config", str(suite),
+        assert main(["eval", "--model", "tiny-clip", "--config", str(good),
                      "--out", str(tmp_path / out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "; choose a folder" in err

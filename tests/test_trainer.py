@@ -73,13 +73,13 @@ def test_keep_checkpoints_keeps_the_newest_and_the_run_still_resumes(tmp_path, p
     with pytest.raises(ConfigError, match="keep_checkpoints: expected greater than 0"):
         config(keep_checkpoints=0)
     # resumed from an earlier step while later ones exist: the checkpoint just saved stays
-    # (the newest by number, step-6, is the first run's and is left alone)
+    # (the first run's step-6 is set aside in superseded/, untouched by keep_checkpoints)
     other = RunDir(tmp_path / "other")
     Trainer(small_model(), config(steps=6, save_every=2), other).fit(pairs)
     Trainer(small_model(), config(steps=5, save_every=1, keep_checkpoints=1), other).fit(
         pairs, resume=other.checkpoint_dir(4))
-    assert sorted(p.name for p in (tmp_path / "other" / "checkpoints").iterdir()) == \
-        ["step-5", "step-6"]
+    assert sorted(p.name for p in (tmp_path / "other" / "checkpoints").iterdir()) == ["step-5"]
+    assert sorted(p.name for p in (tmp_path / "other" / "superseded").iterdir()) == ["step-6"]
 
 
 def test_locked_text_tower_does_not_change(pairs, tmp_path):
