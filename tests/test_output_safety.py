@@ -384,7 +384,8 @@ def test_eval_out_and_cache_dirs_stay_out_of_its_data_and_model(tiny_model_dir, 
     dataset; a --cache-dir inside the model folder added feature files to it."""
     pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="dog")
     suite = tmp_path / "if.yaml"
-    suite.write_text(f"tasks:\n  - {{task: zeroshot, data: {{source: image-folder, path: {pets}}}}}\n")
+    suite.write_text("tasks:\n  - {task: zeroshot, data: {source: image-folder, "
+                     f"path: {pets}}}}}\n")
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     before, model_before = _tree(pets), _tree(model)
