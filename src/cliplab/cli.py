@@ -72,12 +72,10 @@ def stage_config(schema, args: argparse.Namespace, **extra):
 
 
 def config_where(args: argparse.Namespace) -> str:
-    """How errors found after loading name the config (as `load_config` does); without
-    --config, every setting came from the command line (its flags, overrides) or a default."""
+    """How errors found after loading name the config (as `load_config` does)."""
     from cliplab.config import config_source
 
-    return config_source(args.config,
-                         bool(getattr(args, "overrides", None)) or not args.config)
+    return config_source(args.config, bool(getattr(args, "overrides", None)))
 
 
 def build_parser() -> argparse.ArgumentParser:

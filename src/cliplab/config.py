@@ -224,16 +224,15 @@ def load_config(schema: type[S], path: str | Path | None = None,
         wrong = getattr(err, "key_paths", [])
         by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or (
             not wrong and bool(given))
-        # without a file, every setting came from the command line or a default
-        raise ConfigError(f"{config_source(path, by_command_line or not path)}: {err}") \
-            from None
+        raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
 
 
 def config_source(path: str | Path | None, from_command_line: bool) -> str:
-    """How errors name a config: its file, the command line, or both."""
+    """How errors name a config: its file, the command line, or both (without a file, every
+    setting came from the command line or a default)."""
     if path and from_command_line:
         return f"{path} + command line"
-    return str(path) if path else ("the command line" if from_command_line else "the config")
+    return str(path) if path else "the command line"
 
 
 def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
