@@ -1,0 +1,115 @@
+"""`cliplab <command> --config X.yaml key=value ...` — one entry point for every stage.
+
+Each command is one module here with ``add_parser(sub)`` (its arguments and ``--help``) and
+``run(args) -> int``; `arguments` holds what they share. Bad input ends with a one-line
+``cliplab: error: …`` and exit code 2 (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from cliplab import __version__
+from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, merge, pretrain,
+                         quickstart, report, serve)
+from cliplab.cli.arguments import EXIT_BAD_INPUT
+from cliplab.errors import CliplabError
+
+# each command's module, in the order `cliplab --help` lists them
+COMMANDS: dict[str, ModuleType] = {
+    "quickstart": quickstart, "data": data, "curate": curate, "pretrain": pretrain,
+    "adapt": adapt, "merge": merge, "eval": evaluate, "report": report, "convert": convert,
+    "export": export, "index": index, "serve": serve}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cliplab`` parser: one subcommand per module in `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="cliplab",
+        description="The life of a CLIP-style image-text model: curate data and write "
+        "shards, pretrain (also under torchrun), adapt (few-shot heads, prompt learning, LoRA, "
+        "fine-tuning), merge weights, evaluate and report, convert and export, index and serve "
+        "search. `cliplab COMMAND --help` tells each command's options and config keys.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"cliplab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def parse_command_line(parser: argparse.ArgumentParser,
+                       argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments, with ``key=value`` overrides taken wherever they stand (argparse alone
+    takes them only before the first option); anything else unknown is an error in the
+    command's own usage."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in overrides]
+    if not hasattr(args, "overrides"):
+        unknown = rest
+    if unknown:
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        overrides += _overrides_taken_as_values(args)
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+def _overrides_taken_as_values(args: argparse.Namespace) -> list[str]:
+    """``key=value`` words a many-valued option (``--models A B``, ``--inputs ...``) swallowed
+    because they followed it, taken back out of it (a path of that form that exists stays)."""
+    taken = []
+    for name in ("models", "inputs"):
+        values = getattr(args, name, None)
+        if isinstance(values, list):
+            keep = [v for v in values if not _OVERRIDE.match(v) or Path(v).exists()]
+            taken += [v for v in values if v not in keep]
+            setattr(args, name, keep)
+    return taken
+
+
+def command_parser(parser: argparse.ArgumentParser,
+                   args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser the arguments chose, e.g. ``cliplab data shard``'s."""
+    while True:
+        choices = next((a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, choices.dest, None) if choices is not None else None
+        if chosen is None:
+            return parser
+        parser = choices.choices[chosen]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cliplab`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
+    try:
+        args = parse_command_line(build_parser(), argv)
+    except KeyboardInterrupt:  # during the first seconds' imports
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
+    try:
+        return COMMANDS[args.command].run(args)
+    except CliplabError as err:
+        if args.debug:
+            raise
+        print(f"cliplab: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cliplab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`cliplab adapt`: few-shot adaptation and fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+
+from cliplab.cli.arguments import MODEL_SPECS, add_stage_arguments, config_where, stage_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab adapt`, its arguments and its ``--help``, to ``sub``."""
+    from cliplab.adapt import ADAPT_METHODS
+
+    p = sub.add_parser("adapt", help="adapt a model: zero-shot head, linear probe, "
+                       "Tip-Adapter(-F), CLIP-Adapter, CoOp, CoCoOp, LoRA, fine-tuning, WiSE-FT",
+                       description="Fit one method on a labelled training set (shots per "
+                       "class drawn with seed from data.train, then train_size at random), "
+                       "score it and the hand-written-prompt zero-shot head on data.test (and "
+                       "data.shifted), and write what it learned: few-shot methods "
+                       "adapter.safetensors + adapter.json; finetune a model folder; lora a "
+                       "peft adapter folder; wise-ft its sweep. Every run writes config.yaml "
+                       "and results.json. Config keys: method, model, data {train, test, "
+                       "shifted, val}, shots, train_size, val_shots, seed, options (the method's "
+                       "own), compare_zeroshot, cache_dir, out.",
+                       epilog="example: cliplab adapt --method coop --model MODEL_DIR --config "
+                       "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")
+    p.add_argument("--method", choices=list(ADAPT_METHODS),
+                   help="adaptation method (or the config's 'method')")
+    p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
+    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    add_stage_arguments(p, "run folder (default: the config's 'out' or "
+                        "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab adapt`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.adapt.config import AdaptConfig
+    from cliplab.adapt.run import format_results, run_adapt
+
+    cfg = stage_config(AdaptConfig, args, method=args.method, model=args.model,
+                       cache_dir=args.cache_dir)
+    results = run_adapt(cfg, progress=not args.no_progress, where=config_where(args))
+    print(format_results(results))
+    print(f"results.json and what was learned: {results['out']}")
+    return 0

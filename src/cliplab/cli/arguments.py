@@ -1,0 +1,78 @@
+"""What the commands share: their common arguments, reading a stage's config, and the
+checks of an output folder against the inputs."""
+
+from __future__ import annotations
+
+import argparse
+
+EXIT_BAD_INPUT = 2
+# what a --model takes (export's MODEL: all but an ONNX export, which is its output)
+TORCH_MODEL_SPECS = ("preset name, model folder, checkpoint folder, run folder (its newest "
+                     "checkpoint), Hugging Face Hub id or OpenCLIP checkpoint")
+MODEL_SPECS = TORCH_MODEL_SPECS.replace(" or OpenCLIP", ", OpenCLIP") + " or ONNX export"
+
+
+def add_common(p: argparse.ArgumentParser, example: str, config_required: bool = False) -> None:
+    """``--config YAML``, ``key=value`` overrides (``example`` shows some) and ``--no-progress``."""
+    p.add_argument("--config", required=config_required, metavar="YAML",
+                   help="YAML recipe (copy one from configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"override config keys (anywhere on the line), e.g. {example}")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_debug(p: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (``cliplab eval ... --debug``)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+
+
+def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
+                        config_required: bool = False) -> None:
+    """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides
+    (``example`` shows some in ``--help``), ``--out DIR``, ``--no-progress`` and ``--debug``."""
+    add_common(p, example, config_required)
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    add_debug(p)
+
+
+def add_data_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--data SOURCE``: the collection a command reads, replacing the config's ``data``."""
+    p.add_argument("--data", *aliases, dest="data", metavar="SOURCE",
+                   help="built-in source (shapes, digits, fashion-mnist, ...), a manifest "
+                   "(.csv/.jsonl/.parquet), a shard folder or an image folder; replaces the "
+                   "config's data (data.KEY=VALUE overrides then set its options)")
+
+
+def data_spec(args: argparse.Namespace) -> dict | None:
+    """The ``{source: ...}`` spec of ``--data``, None when it is not given."""
+    from cliplab.data.collection import source_spec
+
+    return source_spec(args.data) if getattr(args, "data", None) is not None else None
+
+
+def stage_config(schema, args: argparse.Namespace, **extra):
+    """The command's validated config (a `cliplab.config.Section`): the ``--config`` file,
+    then the command's own options (``extra``, unset ones skipped, ``--out``, and ``--data``,
+    which replaces the file's data spec), then the ``key=value`` overrides; errors name the
+    file and the key path."""
+    from cliplab.config import load_config
+
+    return load_config(schema, args.config, args.overrides, extra={**extra, "out": args.out},
+                       replace={"data": data_spec(args)})
+
+
+def config_where(args: argparse.Namespace) -> str:
+    """How errors found after loading name the config (as `load_config` does)."""
+    from cliplab.config import config_source
+
+    return config_source(args.config, bool(getattr(args, "overrides", None)))
+
+
+def check_out_is_not_input(out: str | None, inputs: list) -> None:
+    """The file and input checks of `check_out` alone, for curate and index (which keep their
+    own logic for an existing folder)."""
+    from cliplab.output_folder import check_out
+
+    if out:
+        check_out(out, "", inputs, may_exist=True, previous=lambda folder: True)

@@ -1,0 +1,104 @@
+"""`cliplab eval`: run a suite of evaluation tasks on a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cliplab.cli.arguments import MODEL_SPECS, add_debug, config_where
+from cliplab.errors import CliplabError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab eval`, its arguments and its ``--help``, to ``sub``."""
+    p = sub.add_parser("eval", help="evaluate a model on a suite of tasks",
+                       description="Run the tasks of a suite YAML ({tasks: [...], precision}: "
+                       "zeroshot, linear_probe, few_shot, retrieval, compositional, "
+                       "multilabel_zeroshot, long_tail) on a model; print the results and write "
+                       "OUT/results.json.")
+    p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
+                   help="suite of tasks (copy one from configs/eval/); --suite is an alias")
+    p.add_argument("--model", required=True, help=MODEL_SPECS)
+    p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
+                   "run folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results.json of a previous eval --out")
+    p.add_argument("--head", choices=("auto", "text"), default="auto",
+                   help="auto (default): a model folder's fine-tuned head.safetensors scores "
+                   "the zero-shot tasks over its own classes; text: the zero-shot text head "
+                   "scores every task")
+    p.add_argument("--cache-dir", help="keep image features here (safetensors), reused by later "
+                   "runs of the same model, data and transform")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override suite keys, e.g. precision=bf16")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_debug(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab eval`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.config import load_config
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.evaluate.suite import SuiteSpec, run_suite
+    from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.resolve import load_model
+    from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
+
+    suite = load_config(SuiteSpec, args.config, args.overrides)
+    inputs = [args.model, *spec_paths(*(spec for task in suite.tasks
+                                         for spec in task.datasets()))]
+    out = _results_folder(args.out, inputs, args.overwrite)
+    check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
+    context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
+    context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
+    model = load_model(args.model)
+    head = _fine_tuned_head(args.model) if args.head == "auto" else None
+    if head is not None:
+        context.classifier = head
+        print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
+              "head (each says so under 'classifier'); --head text scores the text head",
+              file=sys.stderr)
+    results = {"model": args.model, "suite": args.config, "precision": suite.precision,
+               "head": head.label if head is not None else None,
+               "results": run_suite(model, suite, context)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", results)  # atomic, as every stage writes its results
+    print(json.dumps(results, indent=2))
+    if out is not None:
+        print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def _fine_tuned_head(model: str):
+    """The `LinearHead` of the model folder ``model`` names, if it holds a head.safetensors."""
+    from cliplab.adapt.head import saved_head_classifier
+
+    if not Path(model).expanduser().is_dir():
+        return None  # a preset, a Hub id or a checkpoint file: no saved head
+    return saved_head_classifier(Path(model).expanduser())
+
+
+EVAL_FILES = ("results.json", "results.json.tmp")  # what eval writes into its --out
+
+
+def _results_folder(out: str | None, inputs: list[str | None],
+                    overwrite: bool = False) -> Path | None:
+    """``--out`` of eval: a folder (made if missing) that will hold results.json: new or empty,
+    or with ``overwrite`` a previous eval output (a folder of its results.json only); never a
+    file, a run folder, nor an input's folder (the model's, a data folder) or inside one."""
+    from cliplab.output_folder import check_out, is_run_folder, only_files
+
+    if out is None:
+        return None
+    path = Path(out)
+    if not path.exists() and path.suffix == ".json":
+        raise CliplabError(f"--out {out} names a file; choose a folder (results go to "
+                           f"{path.with_suffix('')}/results.json)")
+    if not path.is_file() and is_run_folder(path):
+        raise CliplabError(f"--out {out} is a run folder (its results.json is the run's); "
+                           f"choose a new folder for the eval results, e.g. {path}-eval")
+    return check_out(path, "eval", inputs, overwrite, only_files(*EVAL_FILES),
+                     error=CliplabError)

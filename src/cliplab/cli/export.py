@@ -1,0 +1,65 @@
+"""`cliplab export`: a model out as ONNX towers or an OpenCLIP folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug
+from cliplab.errors import CliplabError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab export`, its arguments and its ``--help``, to ``sub``."""
+    p = sub.add_parser("export", help="export a model as ONNX towers (optionally int8) or "
+                       "an OpenCLIP folder",
+                       description="Export MODEL (preset, model, checkpoint or run folder, "
+                       "Hub id, OpenCLIP checkpoint) "
+                       "as ONNX image/text towers (embeddings + pooled outputs, dynamic batch, "
+                       "preprocessing and tokenizer beside them), or as an OpenCLIP folder "
+                       "(open_clip_config.json + open_clip_model.safetensors; CLIP towers only).")
+    p.add_argument("model", metavar="MODEL", help=TORCH_MODEL_SPECS)
+    p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
+                   help="onnx: image and text graphs for onnxruntime; open_clip: "
+                   "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export of the same format at --out")
+    add_debug(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab export`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
+    from cliplab.models.dual_encoder import DualEncoder
+    from cliplab.models.resolve import load_model
+
+    if args.quantize and args.format != "onnx":
+        raise CliplabError("--quantize applies to --format onnx only")
+    _check_export_out(args)  # before the (slow) loading
+    model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
+        else load_model(args.model)
+    if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
+        raise CliplabError(f"{args.model} is an ONNX export; export the PyTorch model it was "
+                           "made from (a model, checkpoint or run folder)")
+    if args.format == "onnx":
+        from cliplab.models.onnx_export import export_onnx
+        out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite,
+                          inputs=[args.model])
+    else:
+        out = export_openclip(model, args.out, overwrite=args.overwrite, inputs=[args.model])
+    print(f"exported: {out}")
+    return 0
+
+
+def _check_export_out(args) -> None:
+    """`check_out` of export's --out, with the previous-output test of its format."""
+    from cliplab.models.convert.openclip_export import OPENCLIP_EXPORT
+    from cliplab.models.onnx_export import ONNX_EXPORT
+    from cliplab.output_folder import check_out
+
+    if args.format == "onnx":
+        kind, previous = "ONNX export", ONNX_EXPORT
+    else:
+        kind, previous = "OpenCLIP export", OPENCLIP_EXPORT
+    check_out(args.out, kind, [args.model], args.overwrite, previous)

@@ -1,0 +1,75 @@
+"""`cliplab index`: embed a collection into a search index."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
+                                   check_out_is_not_input, data_spec)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab index`, its arguments and its ``--help``, to ``sub``."""
+    p = sub.add_parser("index", help="embed an image collection into a search index (FAISS or "
+                       "Milvus)",
+                       description="Embed every image of a collection (an image folder, a "
+                       "manifest, a shard folder or a built-in source) with a model, and write "
+                       "an index folder: vectors, metadata in SQLite, the model's fingerprint. "
+                       "Unreadable images are skipped and listed; a stopped run resumes when "
+                       "the same command is run again. key=value overrides set config keys "
+                       "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500, "
+                       "collection=NAME for a Milvus collection of that name instead of a "
+                       "fresh one).")
+    add_common(p, "index_type=hnsw batch_size=32")
+    p.add_argument("--model", help=MODEL_SPECS)
+    add_data_argument(p)
+    p.add_argument("--out", metavar="INDEX", help="index folder to write")
+    p.add_argument("--add", action="store_true", default=None,
+                   help="append the collection to an existing index (keeping its backend, "
+                   "Milvus URI and index type; a Milvus index moves to a fresh collection, the "
+                   "old one dropped once the index is complete)")
+    p.add_argument("--backend", choices=("faiss", "milvus"),
+                   help="vector store (default faiss; with --add the index's own)")
+    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530 (with "
+                   "--add the index's own)")
+    p.add_argument("--index-type", help="FAISS: auto (default; with --add the index's own), "
+                   "flat, hnsw, ivf-flat, ivf-pq or a FAISS factory string")
+    add_debug(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab index`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.config import load_config
+    from cliplab.output_folder import spec_paths
+    from cliplab.serve.build import build_index
+    from cliplab.serve.index import describe
+    from cliplab.serve.settings import IndexConfig
+
+    extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
+                                                   "index_type") if getattr(args, key) is not None}
+    cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
+                      replace={"data": data_spec(args)})
+    check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])
+    record = build_index(cfg, progress=not args.no_progress)
+    print(f"index {cfg.out}: {describe(record)}")
+    tuned = record.get("faiss", {})
+    if tuned.get("parameter") and tuned["recall"] < tuned["recall_target"]:
+        print(f"index: warning: recall {tuned['recall']:.3f} stays below the target "
+              f"{tuned['recall_target']} at the widest search ({tuned['parameter']}="
+              f"{tuned['value']}): {tuned['type']} loses neighbours on this collection; "
+              "--index-type flat is exact" + (" (ivf-flat and hnsw keep the vectors whole, "
+                                              "unlike PQ)" if "PQ" in tuned["type"] else ""),
+              file=sys.stderr)
+    if record.get("already_indexed"):
+        print(f"{record['already_indexed']} item(s) of the collection were in the index "
+              "already (not added again)")
+    skipped = record["skipped_now"]  # this run's: an --add's index also holds earlier ones
+    if skipped:
+        from cliplab.data.types import counts_text
+
+        print(f"skipped {sum(skipped.values())} item(s) ({counts_text(skipped)}); each is "
+              f"listed with its reason in {Path(cfg.out) / 'meta.sqlite'} (table skipped)",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,54 @@
+"""`cliplab merge`: weight-space merging."""
+
+from __future__ import annotations
+
+import argparse
+
+from cliplab.cli.arguments import add_stage_arguments, config_where, stage_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab merge`, its arguments and its ``--help``, to ``sub``."""
+    from cliplab.merge.methods import MERGE_METHODS
+
+    p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
+                       "arithmetic, TIES",
+                       description="Merge model folders of one architecture and pretrained "
+                       "origin in weight space. uniform: mean; greedy: add ingredients by "
+                       "held-out score while it does not drop (config 'heldout'); model-stock: "
+                       "layer-wise interpolation toward --base; task-arithmetic: --base + "
+                       "scale x (model - base) summed (scale=-1 negates); ties: trim to "
+                       "'density', elect signs, disjoint mean, x scale. Writes a model folder "
+                       "plus merge.json. Config keys: method, models, base, out, weights, "
+                       "scale, density, heldout, metric, require_origin.",
+                       epilog="example: cliplab merge --method greedy --models FT1 FT2 FT3 "
+                       "--config configs/merge/greedy-soup.yaml --out runs/soup "
+                       "heldout.data.limit=2000")
+    p.add_argument("--method", choices=list(MERGE_METHODS),
+                   help="how to merge (or the config's 'method')")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="model folders to merge")
+    p.add_argument("--base", metavar="MODEL", help="the pretrained model the others were "
+                   "fine-tuned from (model-stock, task-arithmetic, ties)")
+    add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
+                        "heldout.data.limit=2000 scale=0.5")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous merge output (a model folder) at --out, once the "
+                   "merge is written")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab merge`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.merge.config import MergeConfig
+    from cliplab.merge.run import run_merge
+
+    cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
+                       base=args.base)
+    record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
+                       overwrite=args.overwrite)
+    line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"
+    if record["heldout"]:
+        held = record["heldout"]
+        line += f"; held-out {held['metric']}: merged {held['merged']:.4f}, " + ", ".join(
+            f"{k} {v:.4f}" for k, v in held["scores"].items())
+    print(line)
+    return 0

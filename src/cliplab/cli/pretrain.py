@@ -1,0 +1,97 @@
+"""`cliplab pretrain`: contrastive pretraining from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cliplab.cli.arguments import add_common, add_debug
+from cliplab.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab pretrain`, its arguments and its ``--help``, to ``sub``."""
+    p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
+                       description="Train a dual encoder on image-text pairs as a recipe says "
+                       "(see configs/pretrain/), then run its zero-shot eval tasks. The same "
+                       "recipe runs on many processes with `torchrun --nproc-per-node N -m "
+                       "cliplab pretrain --config X.yaml`: the loss sees the global batch "
+                       "(train.batch_size over all ranks); train.fsdp shards large towers; "
+                       "data.train {source: shards, stream: true} streams WebDataset shards.")
+    add_common(p, "train.lr=3e-4 train.epochs=2")
+    p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint folder, or 'latest' in the run folder; "
+                   "without --config the run's own config.yaml is read (with the overrides "
+                   "it was started with)")
+    add_debug(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab pretrain`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.config import load_config
+    from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
+
+    cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
+                      extra={"out": args.out})
+    earlier_runs = set(Path("runs").glob("pretrain-*"))
+    try:
+        results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        _resume_hint(cfg.out, earlier_runs)
+        raise
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
+    for name, metrics in results["evals"].items():
+        numbers = scalar_metrics(metrics, name)  # counts (n, ...) stay integers
+        print(", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"
+                        for k, v in numbers.items()))
+    print(f"model: {results['model_dir']}")
+    run = _run_folder_of(results["model_dir"])
+    if run is not None:
+        print(f"run folder: {run} (results.json, metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def _pretrain_recipe(args) -> str | Path:
+    """``--config``, or for ``--resume`` the run folder's own config.yaml (the recipe with the
+    overrides it was started with, so a resume needs none of them retyped)."""
+    if args.config is not None:
+        return args.config
+    saved = Path(args.out) / "config.yaml" if args.out else None
+    if args.resume and saved is not None and saved.is_file():
+        return saved
+    if args.resume:
+        raise ConfigError("pretrain --resume without --config reads the run's config.yaml: give "
+                          "the run folder as --out" + (f" ({saved} does not exist)" if saved
+                                                       else ""))
+    raise ConfigError("pretrain needs --config RECIPE (copy one from configs/pretrain/)")
+
+
+def _run_folder_of(model_dir) -> Path | None:
+    """The run folder holding the model folder ``RUN/checkpoints/step-N/model``, if it is one."""
+    path = Path(model_dir)
+    for parent in path.parents:
+        if parent.name == "checkpoints":
+            return parent.parent
+    return None
+
+
+def _resume_hint(out: str | None, earlier_runs: set[Path]) -> None:
+    """After Ctrl-C: how to continue the run in ``out`` if it holds a checkpoint (the run
+    folder named by --out or the config; else the default runs/pretrain-<time> this command
+    made: one not among ``earlier_runs``)."""
+    from cliplab.runs import latest_checkpoint
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run = Path(out) if out else None
+    if run is None:
+        runs = sorted(set(Path("runs").glob("pretrain-*")) - earlier_runs,
+                      key=lambda p: p.stat().st_mtime)
+        run = runs[-1] if runs else None
+    if run is not None and latest_checkpoint(run) is not None:
+        print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
+              f"with: cliplab pretrain --out {run} --resume latest", file=sys.stderr)

@@ -1,0 +1,35 @@
+"""`cliplab serve`: the search page and HTTP API of an index."""
+
+from __future__ import annotations
+
+import argparse
+
+from cliplab.cli.arguments import add_debug
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `cliplab serve`, its arguments and its ``--help``, to ``sub``."""
+    p = sub.add_parser("serve", help="serve an index: search page and HTTP API",
+                       description="Serve an index built by `cliplab index`: a web page (search "
+                       "by text or image, paging, zero-shot labels) and a JSON API (schema at "
+                       "/openapi.json; "
+                       "the /docs page loads Swagger UI from a CDN, so it is blank offline).")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require this key on every API call (the X-API-Key "
+                   "header, or ?api_key= in image URLs)")
+    p.add_argument("--model", help="the index's model from another place (refused if its "
+                   "weights differ)")
+    p.add_argument("--max-upload-mb", type=float, default=10,
+                   help="request size limit in MB (default 10)")
+    add_debug(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`cliplab serve`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    from cliplab.serve.run import serve
+
+    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+          max_upload_mb=args.max_upload_mb)
+    return 0
