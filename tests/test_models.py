@@ -242,3 +242,21 @@ def test_attention_implementation_is_switched_for_a_block_only_and_changes_no_fe
             torch.testing.assert_close(model.encode_image(pixels), img)
             torch.testing.assert_close(model.encode_text(**tok), txt)
     assert model.vision_tower.config._attn_implementation == "sdpa"
+
+
+def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path, capsys):
+    """Checked with the config, before any work: the file, `model.options` and the valid ones."""
+    from cliplab.cli import main
+
+    out = tmp_path / "run"
+    code = main(["pretrain", "--config", "configs/pretrain/tiny-shapes.yaml", "--out", str(out),
+                 "model.options.widht=3"])
+    assert code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == (
+        "cliplab: error: configs/pretrain/tiny-shapes.yaml + command line: model.options: "
+        "unknown option(s) 'widht' for preset 'tiny-clip' (valid: image_size, patch_size, "
+        "width, layers, heads, text_width, text_layers, embed_dim, context_length, activation, "
+        "seed)")
+    # a folder or Hub id with options is still refused when loading (it names the model)
+    with pytest.raises(ModelError, match="only apply to presets"):
+        load_model({"name": str(tmp_path), "options": {"width": 32}})

@@ -139,6 +139,15 @@ PRESETS: dict[str, Callable[..., DualEncoder]] = {
     "tiny-clip": tiny_clip, "tiny-siglip": tiny_siglip, "lit-minilm": lit_minilm}
 
 
+def check_preset_options(name: str, options: dict) -> None:
+    """A `ModelError` naming the options preset ``name`` does not take, and those it does."""
+    valid = list(inspect.signature(PRESETS[name]).parameters)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ModelError(f"unknown option(s) {', '.join(map(repr, unknown))} for preset "
+                         f"{name!r} (valid: {', '.join(valid)})")
+
+
 def build_model(name: str, **options) -> DualEncoder:
     """A fresh model of preset ``name`` with keyword ``options`` (folders, checkpoints, runs
     and Hub ids: `cliplab.models.resolve.load_model`)."""
@@ -147,11 +156,7 @@ def build_model(name: str, **options) -> DualEncoder:
                          "folder, run or Hub id loads with cliplab.models.resolve.load_model)")
     from huggingface_hub.errors import StrictDataclassError
 
-    valid = list(inspect.signature(PRESETS[name]).parameters)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ModelError(f"unknown option(s) {', '.join(map(repr, unknown))} for preset "
-                         f"{name!r} (valid: {', '.join(valid)})")
+    check_preset_options(name, options)
     try:
         return PRESETS[name](**options)
     except (TypeError, ValueError, StrictDataclassError) as err:

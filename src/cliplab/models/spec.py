@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, field_validator
 
 from cliplab.config import Section
+from cliplab.errors import ModelError
 
 
 class ModelSpec(Section):
@@ -20,6 +21,20 @@ class ModelSpec(Section):
     renamed = {"preset": "name", "path": "name"}
     name: str
     options: dict[str, Any] = {}
+
+    @field_validator("options")
+    @classmethod
+    def _preset_takes_options(cls, options: dict[str, Any], info) -> dict[str, Any]:
+        """A misspelt preset option fails with the config's other errors, before any work."""
+        if options and info.data.get("name"):
+            from cliplab.models.presets import PRESETS, check_preset_options
+
+            if info.data["name"] in PRESETS:
+                try:
+                    check_preset_options(info.data["name"], options)
+                except ModelError as err:
+                    raise ValueError(str(err)) from None
+        return options
 
     def __str__(self) -> str:
         return self.name
