@@ -11,7 +11,7 @@ import torch
 from cliplab.adapt.common import head_metrics, subsample
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import zeroshot_classifier_head
-from cliplab.adapt.run import run_adapt
+from cliplab.adapt.run import format_results, run_adapt
 from cliplab.cli import main
 from cliplab.runs import latest_checkpoint
 from cliplab.models.folder import model_fingerprint
@@ -113,6 +113,12 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
                 tmp_path / "again", progress=False)
     assert again["sweep"] == res["sweep"]
     assert (tmp_path / "out" / "best" / "head.safetensors").is_file()
+    # the printed summary says which fine-tune was swept, and that this run trained nothing
+    assert format_results(res).splitlines()[0] == (
+        f"{res['train_size']} training images (all per class, seed 0), 540 test images")
+    assert format_results(again).splitlines()[0] == (
+        f"the fine-tuned model {res['finetuned']} (options.finetuned; nothing trained here), "
+        "540 test images")
 
 
 def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,

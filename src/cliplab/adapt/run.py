@@ -224,8 +224,12 @@ def format_results(results: dict) -> str:
     """The training set, then one line per scored set: method, acc1, acc5 (and WiSE-FT's
     sweep)."""
     shots = results["shots"] or "all"
-    lines = [f"{results['train_size']} training images ({shots} per class, seed "
-             f"{results['seed']}), {results['test_size']} test images"]
+    given = (results.get("options") or {}).get("finetuned")  # wise-ft of an earlier fine-tune
+    trained = (f"the fine-tuned model {results.get('finetuned') or given} (options.finetuned; "
+               "nothing trained here)" if given else
+               f"{results['train_size']} training images ({shots} per class, seed "
+               f"{results['seed']})")
+    lines = [f"{trained}, {results['test_size']} test images"]
     rows = [(f"{results['method']} {name}", results[name]) for name in ("test", "shifted")
             if name in results]
     if "zeroshot" in results:
