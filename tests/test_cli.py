@@ -154,10 +154,10 @@ def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
                      " test: {source: digits, split: test, splt: 1}}\n")
     assert main(["eval", "--config", str(suite), "--model", "tiny-clip"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == (f"cliplab: error: {suite}: tasks[1] (name 'probe'): unknown option(s) "
-                           "['splt'] for data source 'digits'; valid: ['image_size', 'seed', "
-                           "'split', 'test_fraction'] and, for any source, ['classes', "
-                           "'holdout', 'shift', 'shift_seed', 'templates']")
+    assert err.strip() == (f"cliplab: error: {suite}: tasks[1] (name 'probe'): test: unknown "
+                           "option 'splt' for digits (valid: image_size, seed, split, "
+                           "test_fraction; for any source: classes, holdout, shift, shift_seed, "
+                           "templates)")
 
 
 def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):

@@ -110,11 +110,40 @@ def test_load_source_by_spec(fmnist_dir):
     with pytest.raises(ConfigError, match="unknown option"):
         load_source({"source": "digits", "splt": "train"})
     # shapes' options are named like any source's (not a TypeError of an inner function)
-    with pytest.raises(ConfigError, match=r"^unknown option\(s\) \['nn'\] for data source "
-                                          r"'shapes'; valid: \[.*'n'.*\] and, for any source, "
-                                          r"\[.*'shift'"):
+    with pytest.raises(ConfigError, match=r"^unknown option 'nn' for shapes \(valid: .*\bn\b.*; "
+                                          r"for any source: .*\bshift\b"):
         load_source({"source": "shapes", "nn": 3})
     assert load_source({"source": "shapes", "attribute": "color", "n": 5}).classnames
+
+
+@pytest.mark.parametrize("spec, message", [
+    # each was a traceback (KeyError, sklearn's or torch's error) or, for limit -1, 59 999
+    # images taken without a word
+    ({"source": "digits", "split": "bad"}, "split: expected 'all', 'train' or 'test', got 'bad'"),
+    ({"source": "digits", "split": "train", "test_fraction": 0},
+     "test_fraction: expected greater than 0, got 0"),
+    ({"source": "digits", "image_size": 0}, "image_size: expected greater than 0, got 0"),
+    ({"source": "fashion-mnist", "limit": -1},
+     "limit: expected greater than or equal to 0, got -1"),
+    ({"source": "shapes", "n": 4, "seed": -1}, "seed: expected greater than or equal to 0, got -1"),
+    ({"source": "shapes", "attribute": "size"},
+     "attribute: expected 'shape' or 'color', got 'size'"),
+    ({"source": "image-folder", "path": ".", "image_size": -2},
+     "image_size: expected greater than 0, got -2"),
+])
+def test_a_bad_option_value_is_named_before_loading(spec, message):
+    with pytest.raises(ConfigError) as err:
+        load_source(spec, progress=False, where="data.test")
+    assert str(err.value) == f"data.test.{message}"
+
+
+def test_a_missing_required_option_is_named_not_a_type_error():
+    with pytest.raises(ConfigError) as err:
+        load_source({"source": "manifest"}, where="data.train")
+    assert str(err.value) == ("data.train: manifest needs the option path (e.g. {source: "
+                              "manifest, path: ...})")
+    with pytest.raises(ConfigError, match=r"^clip-benchmark needs the option root \(e\.g\. "):
+        load_source({"source": "clip-benchmark", "root": None})
 
 
 def test_official_and_prompt_class_names_both_work():
@@ -140,7 +169,8 @@ def test_a_new_source_is_one_registry_line(monkeypatch):
     data = load_source({"source": "toy", "n": 6, "holdout": ["odd"], "shift": "invert"})
     assert data.labels.tolist() == [0, 0, 0] and data.name == "toy-invert"
     assert data.images[:, 0, 0, 0].tolist() == [255, 247, 239]  # 255 - [0, 8, 16]
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['m'\] for data source 'toy'"):
+    with pytest.raises(ConfigError,
+                       match=r"^unknown option 'm' for toy \(valid: n; for any source: "):
         load_source({"source": "toy", "m": 1})
     assert source_spec("toy") == {"source": "toy"}
 

@@ -41,30 +41,64 @@ DIGITS = ["data.train={source: digits, split: train}", "data.test={source: digit
 
 @pytest.mark.parametrize("argv, expected", [
     (lambda t: ["eval", "--config", str(write_suite(t)), "--model", "tiny-clip",
-                "tasks.0.data.n=abc"], "n: expected a valid integer"),
+                "tasks.0.data.n=abc"],
+     "{t}/suite.yaml + command line: tasks[0] (name 'zs'): data.n"),
     (lambda t: ["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"),
-                "--out", str(t / "run"), "data.train.n=abc"], "data.train.n: expected a valid integer"),
+                "--out", str(t / "run"), "data.train.n=abc"],
+     f"{CONFIGS}/pretrain/tiny-shapes.yaml + command line: data.train.n"),
     (lambda t: ["adapt", "--method", "zeroshot", "--model", "tiny-clip", "--out", str(t / "a"),
-                *DIGITS, "data.test.seed=abc"], "data.test.seed: expected a valid integer"),
+                *DIGITS, "data.test.seed=abc"], "the command line: data.test.seed"),
     (lambda t: ["curate", "--config", str(CONFIGS / "curate/basic.yaml"), "--out",
-                str(t / "c"), "data.n=abc"], "n: expected a valid integer"),
+                str(t / "c"), "data.n=abc"], f"{CONFIGS}/curate/basic.yaml + command line: data.n"),
     (lambda t: ["index", "--model", "tiny-clip", "--data", "shapes", "--out", str(t / "i"),
-                "data.n=abc"], "n: expected a valid integer"),
+                "data.n=abc"], "the command line: data.n"),
     (lambda t: ["data", "shard", "--data", "shapes", "--out", str(t / "s"), "data.n=abc"],
-     "n: expected a valid integer"),
+     "the command line: data.n"),
 ])
 def test_a_wrong_value_type_in_a_data_spec_is_one_line(argv, expected, tmp_path, capsys):
+    """Named like any config error: the file (and whether the command line set it), then the
+    whole key path, before any output is made."""
     line = one_error(capsys, argv(tmp_path))
-    assert expected in line and "'abc'" in line
+    assert line == (f"cliplab: error: {expected.format(t=tmp_path)}: expected a valid integer, "
+                    "unable to parse string as an integer, got 'abc'")
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / "suite.yaml"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # each was a traceback (digits' KeyError) or an error only once loading began, without
+    # the config it came from (the index left an empty OUT.partial behind)
+    (["adapt", "--method", "zeroshot", "--model", "tiny-clip", "--config",
+      str(CONFIGS / "adapt/digits.yaml"), "--out", "{t}/a", "data.test.split=bad"],
+     f"{CONFIGS}/adapt/digits.yaml + command line: data.test.split: expected 'all', 'train' or "
+     "'test', got 'bad'"),
+    (["data", "shard", "--data", "digits", "--out", "{t}/s", "data.split=bad"],
+     "the command line: data.split: expected 'all', 'train' or 'test', got 'bad'"),
+    (["index", "--model", "tiny-clip", "--data", "shapes", "--out", "{t}/i",
+      "data.attribute=size"], "the command line: data.attribute: expected 'shape' or 'color', "
+     "got 'size'"),
+    (["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"), "--out", "{t}/r",
+      "data.train.seed=-1"], f"{CONFIGS}/pretrain/tiny-shapes.yaml + command line: "
+     "data.train.seed: expected greater than or equal to 0, got -1"),
+    (["adapt", "--method", "zeroshot", "--model", "tiny-clip", "--out", "{t}/a",
+      "data.train={source: digits}", "data.test={source: manifest}"],
+     "the command line: data.test: manifest needs the option path (e.g. {source: manifest, "
+     "path: ...})"),
+])
+def test_a_bad_data_option_value_is_a_config_error(argv, expected, tmp_path, capsys):
+    line = one_error(capsys, [a.replace("{t}", str(tmp_path)) for a in argv])
+    assert line == f"cliplab: error: {expected}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_data_option_names_the_config_key(tmp_path, capsys):
     line = one_error(capsys, ["adapt", "--method", "zeroshot", "--model", "tiny-clip",
                               "--out", str(tmp_path / "a"), *DIGITS, "data.test.splt=1"])
-    assert "data.test: unknown option 'splt' for digits (valid: " in line
+    assert line.startswith("cliplab: error: the command line: data.test: unknown option 'splt' "
+                           "for digits (valid: ")
     line = one_error(capsys, ["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"),
                               "--out", str(tmp_path / "run"), "data.train.nn=5"])
-    assert "data.train: unknown option 'nn' for shapes (valid: " in line
+    assert line.startswith(f"cliplab: error: {CONFIGS}/pretrain/tiny-shapes.yaml + command line: "
+                           "data.train: unknown option 'nn' for shapes (valid: ")
 
 
 @pytest.mark.parametrize("command", [

@@ -526,7 +526,8 @@ def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
     assert "nothing does not exist (no such file or folder" in capsys.readouterr().err
     assert main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
                  str(tmp_path / "z"), "--no-progress", "data.n=abc"]) == 2
-    assert capsys.readouterr().err.startswith("cliplab: error: data: ")
+    assert capsys.readouterr().err.startswith("cliplab: error: the command line: data.n: ")
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.partial").exists()
     assert main(["index", "--model", str(model_dir), "--data", "shapes", "--out",
                  str(tmp_path / "y"), "recall=2"]) == 2
     assert "recall" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from cliplab.adapt import ADAPT_METHODS
 from cliplab.adapt.base import DEFAULT_SEED
 from cliplab.config import Section
+from cliplab.data.sources import DataSpecField
 from cliplab.models.spec import ModelField
 
 
@@ -29,10 +30,10 @@ class AdaptData(Section):
     separate validation set (e.g. held-out images no test is drawn from)."""
 
     renamed = {"train_size": "train_size (at the top level)", "seed": "seed (at the top level)"}
-    train: dict[str, Any]
-    test: dict[str, Any]
-    shifted: dict[str, Any] | None = None
-    val: dict[str, Any] | None = None
+    train: DataSpecField
+    test: DataSpecField
+    shifted: DataSpecField | None = None
+    val: DataSpecField | None = None
 
 
 class AdaptConfig(Section):

@@ -14,7 +14,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from cliplab.config import Section
 from cliplab.curate.steps.base import StepSpecBase
 from cliplab.curate.steps.registry import step_spec
-from cliplab.data.collection import source_spec
+from cliplab.data.collection import source_spec_field
 from cliplab.errors import CliplabError
 
 
@@ -49,12 +49,7 @@ class CurateConfig(Section):
     @field_validator("data", mode="before")
     @classmethod
     def _a_source(cls, value: Any) -> dict:
-        if not isinstance(value, (str, Mapping)):
-            raise ValueError("expected a source name or path, or a {source: ...} mapping")
-        try:
-            return source_spec(value if isinstance(value, str) else dict(value))
-        except CliplabError as err:
-            raise ValueError(str(err)) from None
+        return source_spec_field(value)
 
     @model_validator(mode="before")
     @classmethod

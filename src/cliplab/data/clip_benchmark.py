@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.images import UnreadableImage, decode_image, stack_images
@@ -20,7 +21,8 @@ from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
 
 
-def load_clip_benchmark(root: str | Path, split: str = "test", image_size: int | None = None,
+def load_clip_benchmark(root: str | Path, split: str = "test",
+                        image_size: PositiveInt | None = None,
                         progress: bool = True) -> LabelledImages | ImageTextPairs:
     """A CLIP_benchmark WebDataset folder as labelled images (``.cls``) or pairs (``.txt``).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +25,12 @@ from PIL import Image
 from cliplab.data.folder_files import IMAGE_SUFFIXES, list_folder, sidecar
 from cliplab.data.images import to_pil
 from cliplab.data.shards.samples import image_part
-from cliplab.errors import DataError
+from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".parquet")
+# sources a collection reads item by item itself (their options are its own)
+READ_BY_COLLECTION = ("image-folder", "manifest", "shards")
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -47,6 +49,22 @@ class Item:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def source_spec_field(value: Any) -> dict:
+    """A config schema's check of a collection's ``data`` (curate's, index's): `source_spec`,
+    its errors raised as a validator raises them, so the config names the file and key path
+    (a wrong option value by its own key: ``data.n``, see `checked_spec`)."""
+    from cliplab.data.sources import checked_spec
+
+    if not isinstance(value, (str, Mapping)):
+        raise ValueError("expected a source name or path, or a {source: ...} mapping")
+    if isinstance(value, Mapping) and value.get("source") not in READ_BY_COLLECTION:
+        return checked_spec(dict(value))
+    try:
+        return source_spec(value if isinstance(value, str) else dict(value))
+    except CliplabError as err:
+        raise ValueError(str(err)) from None
+
+
 def source_spec(data: str | dict) -> dict:
     """``{source: ...}`` for a `--data` value: a built-in source name, a manifest file, a shard
     folder (holding .tar files) or any other folder (of images). A mapping's options are
@@ -57,7 +75,7 @@ def source_spec(data: str | dict) -> dict:
     if isinstance(data, dict):
         if "source" not in data:
             raise DataError(f"data spec {data} has no 'source' key")
-        if data["source"] in ("image-folder", "manifest", "shards"):
+        if data["source"] in READ_BY_COLLECTION:
             return dict(data)
         return check_options(data)
     path = Path(data)

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from cliplab.data.types import LabelledImages
+from cliplab.errors import DataError
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}.",
              "a blurry photo of the digit {}."]
 
 
-def load_digits(split: str = "all", test_fraction: float = 0.3, seed: int = 0,
-                image_size: int | None = None) -> LabelledImages:
+def load_digits(split: Literal["all", "train", "test"] = "all",
+                test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.3, seed: NonNegativeInt = 0,
+                image_size: PositiveInt | None = None) -> LabelledImages:
     """Digits as 8x8 grayscale uint8 images; ``train``/``test`` is a fixed stratified split.
     ``image_size``: upsampled (bilinear) to that side, e.g. 28 to batch them with
     Fashion-MNIST images in one training set."""
     from sklearn.datasets import load_digits as sk_load_digits
 
+    if split not in ("all", "train", "test"):  # a Python call (a data spec is checked first)
+        raise DataError(f"digits split must be 'all', 'train' or 'test', not {split!r}")
     bunch = sk_load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     labels = bunch.target.astype(np.int64)

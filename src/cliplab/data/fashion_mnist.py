@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import NonNegativeInt
 
 from cliplab.data.types import LabelledImages
 from cliplab.errors import DataError
@@ -87,9 +89,9 @@ def _find(folder: Path, stem: str) -> Path:
                     "--data-dir to a folder holding the four IDX files")
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None,
-                       limit: int | None = None, descriptions: bool = True,
-                       offset: int = 0) -> LabelledImages:
+def load_fashion_mnist(split: Literal["train", "test"] = "train",
+                       data_dir: str | Path | None = None, limit: NonNegativeInt | None = None,
+                       descriptions: bool = True, offset: NonNegativeInt = 0) -> LabelledImages:
     """The ``train`` (60k) or ``test`` (10k) split as 28x28 grayscale uint8 images (from image
     ``offset``, at most ``limit`` of them); prompts use the class descriptions unless
     ``descriptions=False``."""

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.folder_files import list_folder
@@ -41,7 +42,7 @@ def folder_classnames(root: Path, folders: list[Path]) -> list[str]:
     return names
 
 
-def load_image_folder(path: str | Path, image_size: int | None = None,
+def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
                       templates: list[str] | None = None,
                       progress: bool = True) -> LabelledImages:
     """All images under ``path``'s class sub-folders as labelled images.

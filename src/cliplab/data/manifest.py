@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from pydantic import PositiveInt
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -276,7 +277,8 @@ class ManifestDataset(Dataset):
         return image, self.targets[i]
 
 
-def load_manifest(path: str | os.PathLike, kind: str = "auto", image_size: int | None = None,
+def load_manifest(path: str | os.PathLike, kind: str = "auto",
+                  image_size: PositiveInt | None = None,
                   image_col: str | None = None, caption_col: str | None = None,
                   label_col: str | None = None, classnames: Sequence[str] | None = None,
                   templates: Sequence[str] | None = None,

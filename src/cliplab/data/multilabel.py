@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.images import stack_images
@@ -29,7 +30,7 @@ def _split_labels(value, sep: str) -> list[str]:
 
 
 def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels", sep: str = "|",
-                             image_col: str | None = None, image_size: int | None = None,
+                             image_col: str | None = None, image_size: PositiveInt | None = None,
                              classnames: Sequence[str] | None = None,
                              templates: Sequence[str] | None = None,
                              progress: bool = True) -> MultiLabelImages:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import NonNegativeInt, PositiveInt
 
 from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.errors import DataError
@@ -400,8 +401,9 @@ def shapes_multilabel(n: int = 1000, seed: int = 0, attribute: str = "color",
                             name=f"shapes-multi-{attribute}")
 
 
-def shapes_source(attribute: str | None = None, multilabel: bool = False, n: int | None = None,
-                  seed: int = 0, kinds: Sequence[str] | None = None, image_size: int = 64,
+def shapes_source(attribute: Literal["shape", "color"] | None = None, multilabel: bool = False,
+                  n: NonNegativeInt | None = None, seed: NonNegativeInt = 0,
+                  kinds: Sequence[str] | None = None, image_size: PositiveInt = 64,
                   colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None,
                   counterfactuals: bool = False
                   ) -> LabelledImages | ImageTextPairs | MultiLabelImages:

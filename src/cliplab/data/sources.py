@@ -12,9 +12,9 @@ import functools
 import importlib
 import inspect
 import typing
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-from pydantic import ConfigDict, TypeAdapter, create_model
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, create_model
 
 from cliplab.data.pairs import labelled_to_pairs, select_classes, split_classes
 from cliplab.data.shift import apply_shift, parse_shift
@@ -84,11 +84,12 @@ def load_source(spec: dict, progress: bool | None = None, where: str | None = No
         raise
 
 
-def check_options(spec: dict, where: str | None = None) -> dict:
+def check_options(spec: dict, where: str | None = None, typed_errors: bool = False) -> dict:
     """``spec`` (a copy) with its options checked against its source function's signature
-    (and `COMMON_OPTIONS`): unknown options and values of the wrong type (``n: abc``) are a
-    one-line `ConfigError` naming ``where`` (the spec's key path, e.g. ``data.test``; None:
-    the source) and the key; numbers written as strings become numbers."""
+    (and `COMMON_OPTIONS`): unknown or missing options and values of the wrong type (``n:
+    abc``) are a one-line `ConfigError` naming ``where`` (the spec's key path, e.g.
+    ``data.test``; None: the source) and the key; numbers written as strings become numbers.
+    ``typed_errors``: a wrong value stays pydantic's ValidationError (see `checked_spec`)."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where or 'a data spec'} must be a mapping such as "
                           f"{{source: shapes, n: 100}}, not {spec!r}")
@@ -103,15 +104,20 @@ def check_options(spec: dict, where: str | None = None) -> dict:
         raise ConfigError(f"{where}.source: {err}" if where else str(err)) from None
     params = inspect.signature(fn).parameters
     options = {k: v for k, v in spec.items() if k != "source"}
+    at = f"{where}: " if where else ""
     unknown = sorted(set(options) - set(params) - set(COMMON_OPTIONS))
-    if unknown and where:
+    if unknown:
         s = "s" * (len(unknown) > 1)
-        raise ConfigError(f"{where}: unknown option{s} {', '.join(map(repr, unknown))} for "
+        raise ConfigError(f"{at}unknown option{s} {', '.join(map(repr, unknown))} for "
                           f"{name} (valid: {', '.join(sorted(params))}; for any source: "
                           f"{', '.join(COMMON_OPTIONS)})")
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for data source {name!r}; valid: "
-                          f"{sorted(params)} and, for any source, {COMMON_OPTIONS}")
+    missing = [p.name for p in params.values()
+               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and options.get(p.name) is None]
+    if missing:
+        s = "s" * (len(missing) > 1)
+        raise ConfigError(f"{at}{name} needs the option{s} {', '.join(missing)} "
+                          f"(e.g. {{source: {name}, {missing[0]}: ...}})")
     if spec.get("shift") is not None:
         try:
             parse_shift(spec["shift"])  # a bad shift fails before a slow load
@@ -120,12 +126,29 @@ def check_options(spec: dict, where: str | None = None) -> dict:
     schema = _options_schema(fn)
     given = {k: ([v] if isinstance(v, str) and _one_for_a_list(schema, k, v) else v)
              for k, v in options.items() if k in params}
-    checked = validate(schema, given, where="" if where else f"data source {name!r}",
-                       prefix=where or "")
+    checked = schema.model_validate(given) if typed_errors else \
+        validate(schema, given, where="" if where else f"data source {name!r}", prefix=where or "")
     for key in options:
         if key in params:
             spec[key] = getattr(checked, key)
     return spec
+
+
+def checked_spec(spec: Any) -> dict:
+    """A config schema's check of a data spec (the validator of `DataSpecField`): as
+    `check_options`, with a wrong value left as pydantic's error so that the config names it
+    by its whole key path (``x.yaml: data.test.seed: ...``), and the rest raised as ValueError
+    at the spec's key. A streamed shard spec (``stream:``) is its schema's to check."""
+    if isinstance(spec, dict) and "stream" in spec:
+        return spec
+    try:
+        return check_options(spec, typed_errors=True)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
+# a stage config's data spec ({source: digits, split: test}), checked with the config
+DataSpecField = Annotated[dict[str, Any], AfterValidator(checked_spec)]
 
 
 def _one_for_a_list(schema: type[Section], key: str, value: str) -> bool:
@@ -144,10 +167,10 @@ def _one_for_a_list(schema: type[Section], key: str, value: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _options_schema(fn: Callable) -> type[Section]:
     """A `Section` whose fields are ``fn``'s keyword arguments, typed by its type hints (a
-    hint pydantic cannot check counts as any value; required ones are optional here: a
-    missing one is the function's own error)."""
+    hint pydantic cannot check counts as any value; constraints such as ``PositiveInt``
+    hold; required ones are optional here: `check_options` names a missing one first)."""
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # constraints too
     except Exception:  # noqa: BLE001 - a hint that does not resolve: check no types
         hints = {}
     fields: dict[str, Any] = {}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cliplab.config import Section
+from cliplab.data.collection import source_spec_field
 from cliplab.models.spec import ModelField
 
 
@@ -14,7 +15,7 @@ class IndexConfig(Section):
     """What to index with which model, where, and how to search it."""
 
     model: ModelField
-    data: str | dict[str, Any]
+    data: str | dict[str, Any]   # a source name or path, or a spec: read as `source_spec`
     out: str
     add: bool = False                   # append to an existing index instead of refusing it
     # backend, uri, collection and index_type: None is the default, resolved by `build_index`
@@ -28,3 +29,8 @@ class IndexConfig(Section):
     max_memory_gb: float | None = Field(None, gt=0)  # budget for auto (default: half the RAM)
     batch_size: int = Field(64, ge=1, le=4096)
     chunk: int = Field(1024, ge=1)      # items embedded between two progress records
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _a_source(cls, value: Any) -> dict:
+        return source_spec_field(value)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import field_validator
 
 from cliplab.config import Section, load_yaml, validate
-from cliplab.data.sources import as_pairs, load_source
+from cliplab.data.sources import DataSpecField, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
@@ -33,7 +33,7 @@ class PretrainData(Section):
     """``train``: the pairs to learn from (a data spec); ``replay``: ``{ratio, <data spec>}``,
     old pairs mixed into every batch (continued pretraining)."""
 
-    train: dict[str, Any]
+    train: DataSpecField
     replay: dict[str, Any] | None = None
 
     @field_validator("train", mode="before")

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from cliplab.config import Section
 from cliplab.data.shards.write import check_out_folder, write_shards
-from cliplab.data.sources import load_source
+from cliplab.data.sources import DataSpecField, load_source
 from cliplab.errors import ConfigError
 
 
@@ -18,17 +18,17 @@ class ShardConfig(Section):
     shard folder, or ``--out``) and the writer's settings."""
 
     renamed = {"source": "data.source (the source spec goes under data:)"}
-    data: dict[str, Any]
+    data: DataSpecField
     out: str
     samples_per_shard: int = Field(1000, ge=1)
     image_format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(95, ge=1, le=100)
     overwrite: bool = False
 
-    @field_validator("data")
+    @field_validator("data", mode="before")  # before the spec's own check
     @classmethod
-    def _names_a_source(cls, value: dict) -> dict:
-        if "source" not in value:
+    def _names_a_source(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "source" not in value:
             raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
                              "source such as fashion-mnist, a manifest path, a shard folder "
                              "or an image folder of class sub-folders)")

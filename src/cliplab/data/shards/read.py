@@ -6,6 +6,7 @@ import os
 import warnings
 
 import torch
+from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.images import stack_images
@@ -16,7 +17,7 @@ from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
 
 
-def load_shards(path: str | os.PathLike, image_size: int | None = None,
+def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
                 progress: bool = True) -> ImageTextPairs | LabelledImages:
     """All samples of the shards at ``path`` (folder or brace pattern) in shard order, with all
     their captions, groups and hard-negative partners (``partner_key``s resolved to indices; a

@@ -165,8 +165,8 @@ class TaskContext:
     def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
         """Load ``task``'s datasets, refuse an empty one, and run `TaskSpecBase.check` (and
         `TaskSpecBase.check_model` given ``model``); errors do not name the task."""
-        for spec in task.datasets():
-            self.load(spec)
+        for key, spec in task.data_keys():
+            self.load(spec, where=key)  # a bad option names its key: `test: unknown option`
         empty = self.empty_data(task)
         if empty:
             raise DataError(f"{empty} holds no images")
@@ -187,13 +187,15 @@ class TaskContext:
     def texts(self) -> TextFeatureCache:
         return self.cache.texts
 
-    def load(self, spec: DataSpec) -> LabelledImages | ImageTextPairs | MultiLabelImages:
-        """The dataset a spec names, loaded once per context."""
+    def load(self, spec: DataSpec, where: str | None = None
+             ) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+        """The dataset a spec names, loaded once per context (``where``: the spec's key,
+        named by a loading error)."""
         if not isinstance(spec, dict):
             return spec
         key = data_key(spec)
         if key not in self.datasets:
-            self.datasets[key] = load_source(spec, self.progress)
+            self.datasets[key] = load_source(spec, self.progress, where)
         return self.datasets[key]
 
     def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
