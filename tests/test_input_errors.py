@@ -79,6 +79,13 @@ def test_a_wrong_value_type_in_a_data_spec_is_one_line(argv, expected, tmp_path,
     (["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"), "--out", "{t}/r",
       "data.train.seed=-1"], f"{CONFIGS}/pretrain/tiny-shapes.yaml + command line: "
      "data.train.seed: expected greater than or equal to 0, got -1"),
+    (["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"), "--out", "{t}/r",
+      "data.replay={ratio: 2, source: shapes}"], f"{CONFIGS}/pretrain/tiny-shapes.yaml + "
+     "command line: data.replay.ratio: expected less than 1, got 2"),
+    (["pretrain", "--config", str(CONFIGS / "pretrain/tiny-shapes.yaml"), "--out", "{t}/r",
+      "data.replay={ratio: 0.2}"], f"{CONFIGS}/pretrain/tiny-shapes.yaml + command line: "
+     "data.replay: no 'source' key (one of: fashion-mnist, digits, shapes, manifest, "
+     "clip-benchmark, shards, image-folder, multilabel-manifest)"),
     (["adapt", "--method", "zeroshot", "--model", "tiny-clip", "--out", "{t}/a",
       "data.train={source: digits}", "data.test={source: manifest}"],
      "the command line: data.test: manifest needs the option path (e.g. {source: manifest, "

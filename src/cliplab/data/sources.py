@@ -141,6 +141,8 @@ def checked_spec(spec: Any) -> dict:
     at the spec's key. A streamed shard spec (``stream:``) is its schema's to check."""
     if isinstance(spec, dict) and "stream" in spec:
         return spec
+    if isinstance(spec, dict) and spec.get("source") is None:
+        raise ValueError(f"no 'source' key (one of: {', '.join(SOURCES)})")
     try:
         return check_options(spec, typed_errors=True)
     except ConfigError as err:

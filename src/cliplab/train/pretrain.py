@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from cliplab.config import Section, load_yaml, validate
-from cliplab.data.sources import DataSpecField, as_pairs, load_source
+from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
@@ -42,6 +42,21 @@ class PretrainData(Section):
         # errors keep their keys: data.train.shuffle_buffer: ...
         return checked_stream_spec(spec) if isinstance(spec, dict) and "stream" in spec \
             else spec
+
+    @field_validator("replay")
+    @classmethod
+    def _ratio_and_source(cls, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not spec:
+            return None
+        if "ratio" not in spec:
+            raise ValueError("needs 'ratio' (the fraction of each batch, e.g. 0.2) and a source "
+                             "spec, e.g. {ratio: 0.2, source: shapes, n: 4000}")
+        ratio = _ReplayRatio.model_validate({"ratio": spec["ratio"]}).ratio  # keeps its key
+        return {"ratio": ratio, **checked_spec({k: v for k, v in spec.items() if k != "ratio"})}
+
+
+class _ReplayRatio(Section):
+    ratio: float = Field(ge=0, lt=1)
 
 
 class PretrainConfig(Section):
@@ -155,14 +170,8 @@ def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, f
     """``data.replay: {ratio: 0.2, <source spec>}`` → (old pairs, fraction of each batch)."""
     if not spec:
         return None, 0.0
-    if "ratio" not in spec:
-        raise ConfigError("data.replay needs 'ratio' (fraction of each batch, e.g. 0.2) and a "
-                          "source spec, e.g. {ratio: 0.2, source: shapes, n: 4000}")
-    spec = dict(spec)
-    try:
-        ratio = float(spec.pop("ratio"))
-    except (TypeError, ValueError):
-        raise ConfigError("data.replay.ratio must be a number in [0, 1)") from None
+    spec = dict(spec)  # checked with the config (`PretrainData`)
+    ratio = float(spec.pop("ratio"))
     return as_pairs(load_source(spec, progress, "data.replay")), ratio
 
 
