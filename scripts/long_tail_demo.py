@@ -2,13 +2,15 @@
 (the most frequent colour in `largest` samples, each next one in `ratio` times as many), then
 plot zero-shot colour accuracy against each colour's frequency in the training captions.
 
-    python scripts/long_tail_demo.py --out runs/long-tail-demo [--order-seed 0] [--epochs 8]
+    python scripts/long_tail_demo.py [--out runs/long-tail-demo] [--order-seed 0] [--epochs 8]
         [--results examples/results/long_tail_demo_order0.json]
-    cliplab report runs/long-tail-demo --out runs/long-tail-report
+    cliplab report --inputs runs/long-tail-demo --out runs/long-tail-report
 
-Writes a run folder (config.yaml, metrics.jsonl, checkpoint, results.json with the long-tail
-analysis under evals.long_tail) and prints the fit as one JSON line (also written to
-``--results``: the README's numbers are examples/results/long_tail_demo_order{0,1,2}.json).
+Writes a new run folder (config.yaml, metrics.jsonl, checkpoint, results.json with the
+long-tail analysis under evals.long_tail; by default runs/long-tail-demo-<time>; an --out
+that holds another run or other files is refused, as by `cliplab pretrain`) and prints the
+fit as one JSON line (also written to ``--results``: the README's numbers are
+examples/results/long_tail_demo_order{0,1,2}.json).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from cliplab.evaluate.long_tail import long_tail_analysis
 from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models import build_model
-from cliplab.runs import RunDir
+from cliplab.errors import CliplabError
+from cliplab.runs import RunDir, check_run_out, default_run_dir
 from cliplab.train.trainer import TrainConfig, Trainer
 
 MODEL = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4,
@@ -40,6 +43,7 @@ def run_demo(out: str, largest: int = 600, ratio: float = 0.5, epochs: float = 8
              order_seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
     """Train on the imbalanced set, evaluate per colour; returns the long-tail analysis."""
     start = time.time()
+    check_run_out(out)  # never into another run, or over a user's files
     colors = list(COLORS)
     order = torch.randperm(len(colors), generator=torch.Generator().manual_seed(order_seed))
     counts = exponential_counts(len(colors), largest, ratio)
@@ -77,23 +81,41 @@ def run_demo(out: str, largest: int = 600, ratio: float = 0.5, epochs: float = 8
     return results
 
 
+def _positive(kind: type, most: float | None = None):
+    """An argparse type: a number > 0 (and <= ``most``), else a one-line usage error."""
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0 or (most is not None and value > most):
+            limit = f" and at most {most}" if most is not None else ""
+            raise argparse.ArgumentTypeError(f"expected a number above 0{limit}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/long-tail-demo")
-    parser.add_argument("--largest", type=int, default=600,
-                        help="samples of the most frequent colour")
-    parser.add_argument("--ratio", type=float, default=0.5,
-                        help="each next colour has this many times the samples")
-    parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", help="new run folder (default: runs/long-tail-demo-<time>)")
+    parser.add_argument("--largest", type=_positive(int), default=600,
+                        help="samples of the most frequent colour (default 600)")
+    parser.add_argument("--ratio", type=_positive(float, 1), default=0.5,
+                        help="each next colour has this many times the samples (default 0.5)")
+    parser.add_argument("--epochs", type=_positive(float), default=8,
+                        help="training epochs (default 8)")
+    parser.add_argument("--batch-size", type=_positive(int), default=64,
+                        help="batch size (default 64)")
     parser.add_argument("--order-seed", type=int, default=0,
-                        help="which colour gets which frequency (a random permutation)")
+                        help="which colour gets which frequency (a random permutation; default 0)")
     parser.add_argument("--results", type=Path, default=None,
                         help="also write the printed JSON line to this file")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
-    results = run_demo(args.out, args.largest, args.ratio, args.epochs, args.order_seed,
-                       args.batch_size, not args.no_progress)
+    args.out = args.out or str(default_run_dir("long-tail-demo"))
+    try:
+        results = run_demo(args.out, args.largest, args.ratio, args.epochs, args.order_seed,
+                           args.batch_size, not args.no_progress)
+    except CliplabError as err:
+        parser.exit(2, f"long_tail_demo: error: {err}\n")
     lt = results["evals"]["long_tail"]
     line = {"fit": lt["fit"], "per_class": lt["per_class"],
             "settings": {"largest": args.largest, "ratio": args.ratio, "epochs": args.epochs,

@@ -125,3 +125,8 @@ def test_demo_rare_colours_are_recognised_worse(tmp_path):
     assert fit["n_classes"] == 8
     assert fit["slope"] > 0.1 and not math.isnan(fit["r2"])
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    # a second run into the same folder is refused before any work (it mixed with the first)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ConfigError, match="already holds a run"):
+        demo.run_demo(str(tmp_path / "run"), progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
