@@ -175,3 +175,30 @@ def test_few_shot_refuses_more_shots_than_a_class_has(tiny_model):
     out = run(tiny_model, {"name": "fs", "task": "few_shot", "train": train, "test": DIGITS,
                            "shots": [2], "seeds": [0], "methods": ["ncm"]})
     assert set(out["fs"]) == {"ncm_2shot"}
+
+
+# 8. a task that would fail when reached fails with the suite's checks, before any task runs
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"name": "c", "task": "compositional", "data": {"source": "shapes", "n": 20,
+                                                       "attribute": "color"}},
+     "tasks[1] (name 'c').data: unknown option(s) 'attribute' for the compositional task's "
+     "shapes scenes (valid: n, seed, kinds, image_size, colors, shapes, counterfactuals)"),
+    ({"name": "c", "task": "compositional", "data": {"source": "shapes", "kinds": ["single"]}},
+     "tasks[1] (name 'c').data: kinds ['single'] has no relation scenes, the only ones its "
+     "negatives are made for; leave kinds out or include relation"),
+    ({"name": "ml", "task": "multilabel_zeroshot", "data": DIGITS},
+     "tasks[1] (name 'ml'): data must be multi-label (shapes with multilabel: true, or "
+     "multilabel-manifest)"),
+])
+def test_a_task_that_cannot_run_fails_before_the_first_task(tiny_model, monkeypatch, task,
+                                                            message):
+    from cliplab.evaluate.tasks import TASKS, Task
+
+    ran = []
+    monkeypatch.setitem(TASKS, "zeroshot", Task(TASKS["zeroshot"].spec,
+                                                lambda *args: ran.append(args) or {}))
+    with pytest.raises(ConfigError) as err:
+        run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS}, task)
+    assert str(err.value).endswith(message) and ran == []

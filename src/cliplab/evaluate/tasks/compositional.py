@@ -3,6 +3,7 @@ word-shuffle negatives on `shapes` relation scenes."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from pydantic import field_validator
@@ -20,10 +21,21 @@ class Spec(TaskSpecBase):
 
     @field_validator("data")
     @classmethod
-    def _shapes_only(cls, data: dict) -> dict:
+    def _shapes_relation_scenes(cls, data: dict) -> dict:
+        """Checked with the suite, before any task runs: `shapes`, the options of its scenes,
+        and relation scenes among the kinds."""
         if data.get("source") != "shapes":
             raise ValueError("compositional negatives are exact only on `shapes`; use "
                              "{source: shapes, n: 500}")
+        valid = list(inspect.signature(load_shapes_with_scenes).parameters)
+        unknown = sorted(set(data) - {"source", *valid})
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for the "
+                             f"compositional task's shapes scenes (valid: {', '.join(valid)})")
+        kinds = data.get("kinds", ["relation"])
+        if "relation" not in ([kinds] if isinstance(kinds, str) else list(kinds)):
+            raise ValueError(f"kinds {kinds} has no relation scenes, the only ones its "
+                             "negatives are made for; leave kinds out or include relation")
         return data
 
 
