@@ -160,3 +160,28 @@ def test_a_quickstart_refused_at_its_start_leaves_no_folder(tmp_path, small_fmni
     with pytest.raises(ConfigError, match="larger than the dataset"):
         run_quickstart({**user, "out": str(mine)}, progress=False)
     assert mine.is_dir()
+
+
+def test_the_quickstart_checks_its_eval_and_out_before_training(tmp_path, small_fmnist,
+                                                                monkeypatch):
+    """The report's probe settings and an --out inside the data folder were refused only
+    after training (or not at all): now before the first step, leaving no folder."""
+    from cliplab.quickstart import run_quickstart
+    from cliplab.train import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "fit", lambda *a, **k: pytest.fail("trained"))
+    user = {"data": {"data_dir": str(small_fmnist), "train_limit": 300, "test_limit": 100},
+            "model": {"options": {"width": 32, "layers": 2, "heads": 2}}}
+    with pytest.raises(ConfigError, match=r"^the quickstart config: eval\.probe_l2: expected "
+                                          r"greater than 0, got -1"):
+        run_quickstart({**user, "eval": {"probe_l2": -1}, "out": str(tmp_path / "a")})
+    with pytest.raises(ConfigError, match=r"^the quickstart's eval: tasks\[2\] \(name "
+                                          r"'linear_probe'\): layers: 3, but the model's image "
+                                          r"tower has 2 blocks"):
+        run_quickstart({**user, "eval": {"probe_features": "layers", "probe_layers": 3},
+                        "out": str(tmp_path / "b")}, progress=False)
+    inside = small_fmnist / "run"
+    with pytest.raises(ConfigError, match=f"^--out {inside} lies inside the input"):
+        run_quickstart({**user, "out": str(inside)}, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist"]
+    assert not inside.exists()

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field, field_validator
 
 from cliplab.config import Section, deep_merge, validate
+from cliplab.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from cliplab.data.fashion_mnist import canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.data.types import LabelledImages
@@ -53,10 +54,10 @@ class QuickstartData(Section):
 class QuickstartEval(Section):
     """The linear probe of the report (zero-shot needs no settings)."""
 
-    probe_train_size: int = 30000
-    probe_l2: float | None = 0.003
+    probe_train_size: int = Field(30000, gt=0)
+    probe_l2: float | None = Field(0.003, gt=0)  # null: chosen on a validation split
     probe_features: ProbeKind = "tokens"
-    probe_layers: int = 4
+    probe_layers: int = Field(4, ge=1)
 
 
 class QuickstartConfig(Section):
@@ -96,9 +97,9 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     """Pretrain, evaluate and write the run folder; returns the results dict."""
     start = time.time()
     cfg = quickstart_config(config)
-    if cfg.out:  # before any slow loading
-        check_run_out(cfg.out)
     data = cfg.data
+    if cfg.out:  # before any slow loading
+        check_run_out(cfg.out, [data.data_dir or str(FASHION_MNIST_DIR)])
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]
     try:
@@ -106,6 +107,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     except DataError as err:
         raise ConfigError(f"data.heldout: {err}") from None
     seen_train, _ = split_classes(train_all, held_names)
+    suite = transfer_suite(train_all, test, heldout, cfg.eval)  # its errors before training
 
     # the run folder is made only once the inputs are known to be good
     out = cfg.out or default_run_dir("quickstart")
@@ -117,6 +119,8 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     # refused before its first step (a batch larger than the data, ...): no folder is left
     with removed_if_unstarted(run.path, existed):
         model = load_model(cfg.model)
+        TaskContext(progress=False).preload(suite.tasks, "the quickstart's eval: tasks",
+                                            model=model)  # e.g. probe_layers > its blocks
         train_cfg = cfg.train.model_copy(update={"progress": progress})
         trainer = Trainer(model, train_cfg, run)
         trainer.fit(labelled_to_pairs(seen_train))
