@@ -50,8 +50,12 @@ def test_suite_errors_name_the_task():
         run_suite(None, {"tasks": [{"task": "captioning"}]})
     with pytest.raises(ConfigError, match=r"tasks\[0\].data is required"):
         run_suite(None, {"tasks": [{"task": "retrieval"}]})
-    with pytest.raises(ConfigError, match=r"unknown key tasks\[0\] \(name 'a'\).datta"):
+    with pytest.raises(ConfigError, match=r"unknown key tasks\[0\] \(name 'a'\).datta \(valid: "
+                                          r"classes, data, name, per_class, task\)"):
         run_suite(None, {"tasks": [{"name": "a", "task": "zeroshot", "datta": {}}]})
+    with pytest.raises(ConfigError, match=r"unknown key tasks\[0\] \(name 'r'\).k \(valid: data, "
+                                          r"ks, name, task\)"):
+        run_suite(None, {"tasks": [{"name": "r", "task": "retrieval", "k": [1], "data": {}}]})
     with pytest.raises(ConfigError, match="tasks: needs a non-empty list"):
         run_suite(None, {"tasks": []})
 
@@ -194,4 +198,4 @@ def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
     assert main(["eval", "--model", "tiny-clip", "--suite", str(suite)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"cliplab: error: {suite}: tasks[1] (name 'r').data is required; "
-                   "unknown key tasks[1] (name 'r').dat")
+                   "unknown key tasks[1] (name 'r').dat (valid: data, ks, name, task)")

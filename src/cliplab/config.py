@@ -240,7 +240,9 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     path = ".".join(_location(error, prefix))
     kind, given = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        known = _known_keys(schema, tuple(p for p in error["loc"][:-1] if not _is_union_tag(p)))
+        # a section validated apart (a suite's task) names its keys in the error's ctx
+        known = (error.get("ctx") or {}).get("valid") or _known_keys(
+            schema, tuple(p for p in error["loc"][:-1] if not _is_union_tag(p)))
         hint = f" (valid: {', '.join(known)})" if known else ""
         return "", f"unknown key {path}{hint}"
     if kind == "missing":

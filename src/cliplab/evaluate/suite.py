@@ -64,8 +64,10 @@ class SuiteSpec(Section):
                 tasks.append(raw if isinstance(raw, TaskSpecBase)
                              else spec_class(raw).model_validate(raw))
             except ValidationError as err:
+                valid = sorted(spec_class(raw).model_fields)  # an unknown key lists these
                 errors += [InitErrorDetails(type=e["type"], loc=(label, *e["loc"]),
-                                            input=e.get("input"), ctx=e.get("ctx", {}))
+                                            input=e.get("input"), ctx=e.get("ctx") or (
+                                                {"valid": valid} if len(e["loc"]) == 1 else {}))
                            for e in err.errors()]
             except ValueError as err:
                 errors.append(InitErrorDetails(type="value_error", loc=(label, "task"),
