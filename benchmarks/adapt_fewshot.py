@@ -13,15 +13,14 @@ fitting.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from cliplab.adapt.run import run_adapt
-from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.models.resolve import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import check_model, make_parser, non_negative_int, positive_int  # noqa: E402
 
 DATA = {"fashion-mnist": ({"source": "fashion-mnist", "split": "train"},
                           {"source": "fashion-mnist", "split": "test"}),
@@ -29,22 +28,35 @@ DATA = {"fashion-mnist": ({"source": "fashion-mnist", "split": "train"},
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", choices=sorted(DATA), default="fashion-mnist")
-    ap.add_argument("--test-limit", type=int, default=None, help="first N test images only")
-    ap.add_argument("--shots", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--methods", nargs="+", default=["tip-adapter", "coop"])
-    ap.add_argument("--val-shots", type=int, default=0,
+    ap = make_parser(__doc__)
+    ap.add_argument("--model", required=True,
+                    help="model, checkpoint or run folder, preset or Hub id to adapt")
+    ap.add_argument("--data", choices=sorted(DATA), default="fashion-mnist",
+                    help="labelled dataset (its train and test splits)")
+    ap.add_argument("--test-limit", type=positive_int, default=None,
+                    help="first N test images only (fashion-mnist; default: all)")
+    ap.add_argument("--shots", type=non_negative_int, nargs="+", default=[1, 16],
+                    help="training images per class, one row each (0: all)")
+    ap.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3],
+                    help="seeds per (method, shots): mean and std over them")
+    ap.add_argument("--methods", nargs="+", default=["tip-adapter", "coop"],
+                    help="adaptation methods (cliplab adapt's)")
+    ap.add_argument("--val-shots", type=non_negative_int, default=0,
                     help="validation shots per class (Tip-Adapter's search)")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a method option, e.g. tip-adapter.search=true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 is fastest on a busy shared machine)")
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="torch CPU threads (1 is fastest on a busy shared machine; default: "
+                    "torch's)")
     ap.add_argument("--out", type=Path, default=None,
                     help="also write the JSON lines to this file (replaced)")
     args = ap.parse_args(argv)
+    check_model(ap, "--model", args.model)
+
+    from cliplab.adapt.run import run_adapt
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.models.resolve import load_model
+
     lines = []
     if args.threads:
         import torch

@@ -67,8 +67,8 @@ and a tie is "not reproduced"):
 
 from __future__ import annotations
 
-import argparse
 import functools
+import importlib
 import json
 import shutil
 import sys
@@ -81,16 +81,16 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import make_parser, non_negative_int  # noqa: E402
 from paper_claims.common import pooled_std  # noqa: E402  the papers' table's noise
 from results_file import write_merged  # noqa: E402
-from cliplab.config import validate
-from cliplab.curate.config import CurateConfig
 from cliplab.curate.imbalance import exponential_counts, exponential_subsample
-from cliplab.curate.pipeline import run_curation
 from cliplab.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, caption,
                                  load_shapes_with_scenes, shapes_classification)
 from cliplab.data.shift import apply_shift
-from cliplab.train.pretrain import run_pretrain
+
+# the curation pipeline and pretraining are imported where used (main loads them before any
+# claim's clock starts): --help and a bad value answer without their seconds of imports
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -121,6 +121,10 @@ def write_pool(folder: Path, images: torch.Tensor, captions: list[str]) -> dict:
 
 def curate(pool: dict, steps: list[dict], out: Path, seed: int) -> tuple[dict, dict]:
     """`run_curation` of ``pool`` with ``steps``; (the kept manifest's data spec, the summary)."""
+    from cliplab.config import validate
+    from cliplab.curate.config import CurateConfig
+    from cliplab.curate.pipeline import run_curation
+
     config = validate(CurateConfig, {"data": pool, "steps": steps, "seed": seed,
                                      "output": {"format": "manifest"}, "chunk_size": 512},
                       "curate_claims")
@@ -130,6 +134,8 @@ def curate(pool: dict, steps: list[dict], out: Path, seed: int) -> tuple[dict, d
 
 def pretrain(train: dict, steps: int, seed: int, tasks: list[dict], out: Path) -> dict:
     """tiny-clip from scratch for ``steps`` steps on ``train``; the eval suite's results."""
+    from cliplab.train.pretrain import run_pretrain
+
     config = {"model": MODEL, "data": {"train": train},
               "train": {**TRAIN, "steps": steps, "seed": seed},
               "eval": {"tasks": tasks}, "out": str(out)}
@@ -417,15 +423,21 @@ def format_table(entries: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = make_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller pools and fewer steps (minutes)")
     ap.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS),
-                    help="re-measure only these; the results file keeps the other entries")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "curate-claims")
+                    metavar="CLAIM", help="re-measure only these; the results file keeps the "
+                    "other entries (of: " + ", ".join(CLAIMS) + ")")
+    ap.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3],
+                    help="seeds of every claim (pool, curation, training): mean and std over them")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "curate-claims",
+                    help="folder for the pools, curations and trainings")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default examples/results/curate_claims[-quick].json)")
     args = ap.parse_args(argv)
+    for module in ("cliplab.curate.pipeline", "cliplab.train.pretrain"):  # see the top
+        importlib.import_module(module)
+
     kind = "quick" if args.quick else "full"
     out = args.out or REPO / "examples" / "results" / \
         f"curate_claims{'-quick' if args.quick else ''}.json"

@@ -45,10 +45,10 @@ equally good or better probe), and both accuracies are printed. One JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +68,9 @@ from cliplab.evaluate.suite import plan_probes, run_task, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import check_model, make_parser, positive_int  # noqa: E402
 
 EXACT_TOL = 1e-6
 PROBE_TOL = 0.02
@@ -314,12 +317,17 @@ def _numbers(a, b):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="lit-minilm")
-    parser.add_argument("--n-train", type=int, default=10000)
-    parser.add_argument("--n-test", type=int, default=5000)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", default="lit-minilm",
+                        help="preset, model, checkpoint or run folder, or Hub id")
+    parser.add_argument("--n-train", type=positive_int, default=10000,
+                        help="Fashion-MNIST training images (linear probe, few-shot)")
+    parser.add_argument("--n-test", type=positive_int, default=5000,
+                        help="Fashion-MNIST test images (every task)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="cliplab's suite precision (the baseline runs fp32)")
     args = parser.parse_args()
+    check_model(parser, "--model", args.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     model = load_model(args.model)

@@ -14,37 +14,49 @@ Prints one JSON line (and writes it to OUT/summary.json):
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from cliplab.adapt.finetune import load_finetuned
-from cliplab.adapt.head import zeroshot_classifier_head
-from cliplab.adapt.run import run_adapt
-from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
-from cliplab.data.sources import as_labelled, load_source
-from cliplab.models.resolve import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import check_model, make_parser, positive_float, positive_int  # noqa: E402
 
 SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--model", required=True, help="the LiT (quickstart) model folder")
-    parser.add_argument("--train-size", type=int, default=6000)
-    parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--ft-lr", type=float, default=1e-4)
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--shifts", nargs="+", default=SHIFTS)
-    parser.add_argument("--out", default="runs/bench-finetune")
+    parser.add_argument("--train-size", type=positive_int, default=6000,
+                        help="Fashion-MNIST training images to fine-tune on")
+    parser.add_argument("--test-size", type=positive_int, default=2000,
+                        help="Fashion-MNIST test images (and of each shifted copy)")
+    parser.add_argument("--epochs", type=positive_float, default=2,
+                        help="fine-tuning epochs (both methods)")
+    parser.add_argument("--ft-lr", type=positive_float, default=1e-4,
+                        help="full fine-tuning's learning rate")
+    parser.add_argument("--lora-lr", type=positive_float, default=1e-3,
+                        help="LoRA's learning rate")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (alpha: 2 x rank)")
+    parser.add_argument("--shifts", nargs="+", default=SHIFTS,
+                        help="shifted copies of the test set WiSE-FT is also scored on")
+    parser.add_argument("--out", default="runs/bench-finetune",
+                        help="folder for the fine-tunes and summary.json")
     parser.add_argument("--skip-lora", action="store_true", help="full fine-tuning + WiSE-FT only")
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args()
+    check_model(parser, "--model", args.model)
+
+    import torch
+
+    from cliplab.adapt.finetune import load_finetuned
+    from cliplab.adapt.head import zeroshot_classifier_head
+    from cliplab.adapt.run import run_adapt
+    from cliplab.adapt.wise_ft import DEFAULT_ALPHAS, wise_ft_sweep
+    from cliplab.data.sources import as_labelled, load_source
+    from cliplab.models.resolve import load_model
+
     torch.manual_seed(0)
     out = Path(args.out)
     test = {"source": "fashion-mnist", "split": "test", "limit": args.test_size}

@@ -17,26 +17,33 @@ PyTorch fp32, ONNX fp32 and ONNX int8 of that model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from cliplab.models.onnx_encoder import load_onnx
-from cliplab.models.onnx_export import export_onnx
-from cliplab.models.presets import lit_minilm, tiny_clip
-from cliplab.models.precision import bf16_is_native
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import check_model, make_parser, positive_int  # noqa: E402
+
+
+def _preset(name: str, **options):
+    from cliplab.models import presets  # imported on use: --help stays instant
+
+    return getattr(presets, name)(**options)
+
 
 SIZES = {
-    "vit-b32": dict(batch=32, build=lambda: tiny_clip(
-        image_size=224, patch_size=32, width=768, layers=12, heads=12, text_width=96,
-        text_layers=1, embed_dim=512, context_length=16)),
-    "quickstart": dict(batch=256, build=lambda: lit_minilm(
-        image_size=28, patch_size=7, width=192, layers=4, heads=3)),
+    "vit-b32": dict(batch=32, build=lambda: _preset(
+        "tiny_clip", image_size=224, patch_size=32, width=768, layers=12, heads=12,
+        text_width=96, text_layers=1, embed_dim=512, context_length=16)),
+    "quickstart": dict(batch=256, build=lambda: _preset(
+        "lit_minilm", image_size=28, patch_size=7, width=192, layers=4, heads=3)),
 }
 
 
@@ -54,6 +61,12 @@ def _time(fn, pixels: list[torch.Tensor], repeats: int) -> float:
 
 
 def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -> list[dict]:
+    import torch
+
+    from cliplab.models.onnx_encoder import load_onnx
+    from cliplab.models.onnx_export import export_onnx
+    from cliplab.models.precision import bf16_is_native
+
     spec = SIZES[size]
     model = spec["build"]().eval()
     s = model.preprocess_config.image_size
@@ -91,6 +104,8 @@ def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
     from cliplab.data.fashion_mnist import load_fashion_mnist
     from cliplab.evaluate.features import encode_images
     from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
+    from cliplab.models.onnx_encoder import load_onnx
+    from cliplab.models.onnx_export import export_onnx
     from cliplab.models.resolve import load_model, resolve_model_path
 
     path = resolve_model_path(model_path)  # a run folder: its newest checkpoint
@@ -111,13 +126,25 @@ def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--accuracy", metavar="MODEL_OR_RUN")
+    parser = make_parser(__doc__)
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
+                        help="image towers to time")
+    parser.add_argument("--batches", type=positive_int, default=4,
+                        help="batches per timed pass")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed passes (the median is reported)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads of every runtime (default: torch's default)")
+    parser.add_argument("--accuracy", metavar="MODEL_OR_RUN",
+                        help="also report zero-shot top-1 of this model on Fashion-MNIST")
     args = parser.parse_args()
+    if args.accuracy:  # before minutes of timing
+        check_model(parser, "--accuracy", args.accuracy, presets=False)
+
+    import torch
+
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:

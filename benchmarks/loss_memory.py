@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cli_args import make_parser, positive_float, positive_int  # noqa: E402
+
 CLIPLAB_CONFIGS = ("cliplab-clip-plain", "cliplab-clip-tiled", "cliplab-siglip-plain",
                    "cliplab-siglip-tiled")
 OPENCLIP_CONFIGS = ("openclip-ClipLoss", "openclip-SigLipLoss")
@@ -130,19 +133,23 @@ def _ratio(a: dict, b: dict, key: str) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--tile", type=int, default=2048, help="tile of the tiled losses")
-    parser.add_argument("--threads", type=int, default=1,
+    parser = make_parser(__doc__)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[4096, 16384, 32768],
+                        help="batch sizes B, one JSON line each")
+    parser.add_argument("--dim", type=positive_int, default=512, help="feature dimension D")
+    parser.add_argument("--tile", type=positive_int, default=2048,
+                        help="tile of the tiled losses")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads per measurement (1: steady timings on a shared "
                         "machine, where OpenMP threads fight for cores)")
     parser.add_argument("--configs", nargs="+", default=list(CLIPLAB_CONFIGS + OPENCLIP_CONFIGS),
-                        choices=CLIPLAB_CONFIGS + OPENCLIP_CONFIGS)
+                        choices=CLIPLAB_CONFIGS + OPENCLIP_CONFIGS, metavar="CONFIG",
+                        help="losses to measure (any of the default's)")
     parser.add_argument("--openclip-env", default=None,
                         help="OpenCLIP virtualenv (default: openclip_env.default_env_dir())")
     parser.add_argument("--no-openclip", action="store_true", help="skip the OpenCLIP columns")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument("--timeout", type=positive_float, default=1800,
+                        help="seconds per measurement")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -160,7 +167,6 @@ def main() -> None:
     if args.no_openclip:
         configs = [c for c in configs if c not in OPENCLIP_CONFIGS]
     elif any(c in OPENCLIP_CONFIGS for c in configs):
-        sys.path.insert(0, str(HERE))
         from openclip_env import openclip_python
 
         python = openclip_python(args.openclip_env)

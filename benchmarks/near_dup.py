@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from cliplab.curate.semdedup import semantic_duplicates
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import make_parser, non_negative_int, positive_int  # noqa: E402
 
 
 def planted_pool(n: int, dim: int, components: int, spread: float, dup_fraction: float,
@@ -84,26 +86,62 @@ def subsample(rows: np.ndarray, pairs: np.ndarray, group: np.ndarray, m: int):
     return rows[chosen], sub_pairs[(sub_pairs >= 0).all(axis=1)]
 
 
+def auto_or_positive_int(text: str) -> str | int:
+    """``auto`` or a cluster count."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or auto)") from None
+
+
+def dup_fraction(text: str) -> float:
+    """A share in [0, 0.5): every planted duplicate copies a different original row."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5) (each duplicate has its own "
+                                         f"original), got {text}")
+    return value
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--components", type=int, default=1000)
-    parser.add_argument("--spread", type=float, default=0.8)
-    parser.add_argument("--dup-fraction", type=float, default=0.05)
-    parser.add_argument("--noise", type=float, default=0.15)
-    parser.add_argument("--eps", type=float, default=0.05)
-    parser.add_argument("--n-clusters", default="auto")
-    parser.add_argument("--exact-n", type=int, default=50_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="default: every core")
+    parser = make_parser(__doc__)
+    parser.add_argument("--n", type=positive_int, default=1_000_000,
+                        help="rows (embeddings) in the pool")
+    parser.add_argument("--dim", type=positive_int, default=256, help="embedding dimension")
+    parser.add_argument("--components", type=positive_int, default=1000,
+                        help="Gaussian components of the mixture")
+    parser.add_argument("--spread", type=float, default=0.8,
+                        help="noise norm of a row relative to its centre's")
+    parser.add_argument("--dup-fraction", type=dup_fraction, default=0.05,
+                        help="share of the rows that are planted near duplicates")
+    parser.add_argument("--noise", type=float, default=0.15,
+                        help="noise norm of a duplicate relative to its original's")
+    parser.add_argument("--eps", type=float, default=0.05,
+                        help="drop rows more similar than 1 - eps to a kept row")
+    parser.add_argument("--n-clusters", type=auto_or_positive_int, default="auto",
+                        help="k-means clusters (auto: semantic_duplicates' choice)")
+    parser.add_argument("--exact-n", type=positive_int, default=50_000,
+                        help="rows of the subsample the exact all-pairs reference runs on")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="data and k-means seed")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch and FAISS threads (default: every core)")
     args = parser.parse_args()
+
+    import torch
+
+    from cliplab.curate.semdedup import semantic_duplicates
+
     if args.threads:
         import faiss
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-    n_clusters = args.n_clusters if args.n_clusters == "auto" else int(args.n_clusters)
+    n_clusters = args.n_clusters
 
     rows, pairs, group = planted_pool(args.n, args.dim, args.components, args.spread,
                                       args.dup_fraction, args.noise, args.seed)

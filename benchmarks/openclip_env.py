@@ -4,8 +4,8 @@ OpenCLIP needs torchvision, which does not import beside cliplab's CPU torch, so
 OpenCLIP in its own environment: ``python -m venv`` + ``pip install open-clip-torch`` with a
 torch/torchvision pair that imports together on this kind of machine (x86_64: torch 2.14.1 +
 torchvision 0.29.1, a CUDA build of several GB; aarch64: 2.9.1 + 0.24.1, a CPU build), once.
-The environment is kept under a cache folder and reused; a finished one is marked by a stamp file, so an interrupted install is simply
-resumed by the next call.
+The environment is kept under a cache folder and reused; a finished one is marked by a stamp
+file, so an interrupted install is simply resumed by the next call.
 
     from openclip_env import openclip_python
     python = openclip_python()          # Path to its interpreter, or None (reason printed)
@@ -16,7 +16,6 @@ Or from the shell, to build it ahead of time: ``python benchmarks/openclip_env.p
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import subprocess
@@ -93,8 +92,13 @@ def openclip_python(env_dir: str | Path | None = None, *, create: bool = True,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build (or find) the OpenCLIP environment.")
-    parser.add_argument("--dir", default=None, help=f"default: {default_env_dir()}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cli_args import make_parser
+
+    parser = make_parser("Build (or find) the OpenCLIP environment (one time, several GB) and "
+                         "print its python.")
+    parser.add_argument("--dir", default=None,
+                        help=f"where the environment lives (default: {default_env_dir()})")
     args = parser.parse_args()
     python = openclip_python(args.dir)
     if python is None:

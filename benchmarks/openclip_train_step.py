@@ -2,19 +2,49 @@
 
 Reads the architecture as JSON from argv[1], trains OpenCLIP's `CLIP` with its `ClipLoss` and
 AdamW on random inputs (as its training loop does after the data loader), prints one JSON line.
+Needs ``open_clip``, which lives in a separate environment: ``python benchmarks/openclip_env.py``
+builds it (once) and prints its interpreter, which is the one to run this script with.
 """
 
+import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-import torch
-from open_clip.loss import ClipLoss
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import make_parser  # noqa: E402  stdlib only: fine in the OpenCLIP environment
+
+KEYS = ("threads", "embed_dim", "layers", "width", "heads", "patch_size", "image_size",
+        "context_length", "vocab_size", "text_width", "text_layers", "batch_size", "precision",
+        "warmup", "steps")
+
+
+def architecture(text: str) -> dict:
+    """The JSON object of argv[1], with every key `main` reads."""
+    try:
+        a = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    missing = [k for k in KEYS if not isinstance(a, dict) or k not in a]
+    if missing:
+        raise argparse.ArgumentTypeError(f"a JSON object lacking {', '.join(missing)}")
+    return a
 
 
 def main() -> None:
-    a = json.loads(sys.argv[1])
+    parser = make_parser(__doc__)
+    parser.add_argument("arch", type=architecture,
+                        help="architecture and run settings as one JSON object (the keys "
+                        "train_throughput.py passes: " + ", ".join(KEYS) + ")")
+    a = parser.parse_args().arch
+    try:
+        import torch
+        from open_clip.loss import ClipLoss
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    except ImportError as err:
+        sys.exit(f"{Path(__file__).name}: {err}; run it with the OpenCLIP environment's python "
+                 "(`python benchmarks/openclip_env.py` builds it and prints the path)")
     torch.set_num_threads(a["threads"])
     torch.manual_seed(0)
     model = CLIP(embed_dim=a["embed_dim"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli_args import existing_dir, make_parser, non_negative_int, positive_int  # noqa: E402
 from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
 from results_file import write_merged  # noqa: E402
 
@@ -81,18 +82,26 @@ def groups(names: list[str]) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = make_parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (minutes, not tens)")
-    ap.add_argument("--claims", nargs="+", default=None, choices=CLAIMS,
-                    help="re-measure only these; the results file keeps the other entries")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "papers")
+    ap.add_argument("--claims", nargs="+", default=None, choices=CLAIMS, metavar="CLAIM",
+                    help="re-measure only these; the results file keeps the other entries "
+                    "(of: " + ", ".join(CLAIMS) + "; default: all)")
+    ap.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3],
+                    help="seeds of every claim: mean and std over them")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "papers",
+                    help="folder for the competent base and the claims' runs")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=positive_int, default=1,
                     help="claims run in this many processes at once (one torch thread each)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default examples/results/papers[-quick].json)")
     args = ap.parse_args(argv)
+    if args.data_dir:  # a str: it goes into the claims' data specs as given
+        try:
+            existing_dir(args.data_dir)
+        except argparse.ArgumentTypeError as err:
+            ap.error(f"argument --data-dir: {err}")
     kind = "quick" if args.quick else "full"
     base = competent_base(args.work / f"base-{kind}", args.quick, args.data_dir)
     out = args.out or REPO / "examples" / "results" / f"papers{'-quick' if args.quick else ''}.json"

@@ -17,7 +17,6 @@ pooled run under torch.profiler prints the top ops and the time per phase to std
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,29 +24,35 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
-import torch
-import yaml
+if TYPE_CHECKING:
+    from cliplab.data.types import ImageTextPairs
 
-from cliplab.data.fashion_mnist import PLAIN_PHRASES, TEMPLATES
-from cliplab.data.types import ImageTextPairs
-from cliplab.models import build_model
-from cliplab.runs import RunDir
-from cliplab.train.trainer import TrainConfig, Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import make_parser, positive_int  # noqa: E402
 
+# torch and cliplab are imported where used: --help and a bad value answer at once
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 SEEN_CLASSES = 7  # the quickstart trains on 10 - 3 held-out classes
 
 
 def quickstart_recipe() -> tuple[dict, dict]:
     """The quickstart's model options and ``train:`` section."""
+    import yaml
+
     recipe = yaml.safe_load(RECIPE.read_text())
     return recipe["model"].get("options") or {}, recipe["train"]
 
 
 def synthetic_pairs(n: int, image_size: int, seed: int = 0) -> ImageTextPairs:
     """Random grayscale images (as Fashion-MNIST's) with the quickstart's kind of captions."""
+    import torch
+
+    from cliplab.data.fashion_mnist import PLAIN_PHRASES, TEMPLATES
+    from cliplab.data.types import ImageTextPairs
+
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, image_size, image_size, 1), dtype=torch.uint8,
                            generator=gen)
@@ -67,6 +72,9 @@ def hf_image_forward():
 def run_steps(model, initial: dict, train: dict, pairs: ImageTextPairs, warmup: int,
               steps: int, profiler=None) -> float:
     """Steps/s over ``steps`` quickstart steps after ``warmup`` ones, from the Trainer's log."""
+    from cliplab.runs import RunDir
+    from cliplab.train.trainer import TrainConfig, Trainer
+
     model.load_state_dict(initial)
     cfg = TrainConfig.from_dict({**train, "steps": warmup + steps, "warmup": 0,
                                  "log_every": 1, "progress": False, "device": "cpu"})
@@ -112,20 +120,26 @@ def profile_step(model, initial: dict, train: dict, pairs: ImageTextPairs, steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = make_parser(__doc__)
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="steps before the timed ones (at least 1: timing starts after it)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="runs of each side (alternating; medians reported)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="override the recipe's train.precision (bf16 autocast is ~10x "
                         "slower than fp32 on CPUs without native bf16, e.g. AVX2-only)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default torch's); on a loaded machine 1 thread "
                         "avoids OpenMP barrier stalls that hide compute differences")
     parser.add_argument("--profile", action="store_true",
                         help="also profile pooled steps (top ops and phases to stderr)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from cliplab.models import build_model
+
     options, train = quickstart_recipe()
     if args.precision:
         train["precision"] = args.precision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -20,3 +21,8 @@ def write_merged(out: Path, entries: list[dict], order: list[str]) -> list[dict]
     merged = sorted(kept + entries, key=lambda e: rank.get(e.get("claim_id"), len(order)))
     out.write_text(json.dumps(merged, indent=2) + "\n")
     return merged
+
+
+if __name__ == "__main__":
+    sys.exit(f"{Path(__file__).name} is a helper module (write_merged) that benchmarks/papers.py "
+             "and benchmarks/curate_claims.py import, not a script: run one of those")

@@ -18,13 +18,18 @@ Target: p50 <= 5 ms at recall@10 >= 0.95 for the automatic index.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from cliplab.serve import faiss_index
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import fraction, make_parser, non_negative_int, positive_float  # noqa: E402
+from cli_args import positive_int  # noqa: E402
 
 
 def clustered_vectors(n: int, dim: int, clusters: int, spread: float, seed: int,
@@ -85,20 +90,24 @@ def _bytes_per_vector(index, dim: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the index")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--spread", type=float, default=0.8)
-    parser.add_argument("--queries", type=int, default=500, help="held-out queries for recall")
-    parser.add_argument("--latency-queries", type=int, default=500,
+    parser = make_parser(__doc__)
+    parser.add_argument("--n", type=positive_int, default=1_000_000, help="vectors in the index")
+    parser.add_argument("--dim", type=positive_int, default=512, help="vector dimension")
+    parser.add_argument("--clusters", type=positive_int, default=1000,
+                        help="Gaussian clusters of the mixture")
+    parser.add_argument("--spread", type=float, default=0.8,
+                        help="noise norm of a point relative to its centre's")
+    parser.add_argument("--queries", type=positive_int, default=500,
+                        help="held-out queries for recall")
+    parser.add_argument("--latency-queries", type=positive_int, default=500,
                         help="single queries timed per index (exact: a fifth of it)")
-    parser.add_argument("--recall", type=float, default=0.95, help="recall@10 target")
-    parser.add_argument("--memory-gb", type=float, default=24, help="memory budget for auto")
+    parser.add_argument("--recall", type=fraction, default=0.95, help="recall@10 target")
+    parser.add_argument("--memory-gb", type=positive_float, default=24,
+                        help="memory budget for auto")
     parser.add_argument("--alternative", default="ivf-pq",
                         help="the other index to compare (named type or FAISS factory)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="data seed")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="FAISS threads for building (0: all cores)")
     args = parser.parse_args()
 

@@ -11,7 +11,6 @@ Without ``--index``, builds a small one first (tiny-clip preset on 1000 `shapes`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -24,6 +23,9 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import existing_dir, make_parser, positive_float, positive_int  # noqa: E402
 
 TEXTS = [f"a {size} {color} {shape}" for size in ("small", "large")
          for color in ("red", "green", "blue", "yellow", "purple", "cyan")
@@ -102,11 +104,13 @@ async def run_load(base: str, clients: int, seconds: float, image_every: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--index", help="index folder (default: build a small one)")
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--image-every", type=int, default=4,
+    parser = make_parser(__doc__)
+    parser.add_argument("--index", type=existing_dir,
+                        help="index folder (default: build a small one)")
+    parser.add_argument("--clients", type=positive_int, default=50, help="concurrent clients")
+    parser.add_argument("--seconds", type=positive_float, default=30,
+                        help="how long every client sends requests")
+    parser.add_argument("--image-every", type=positive_int, default=4,
                         help="every Nth request of a client is an image upload")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

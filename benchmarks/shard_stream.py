@@ -11,18 +11,19 @@ shard``'s writer), then reads one epoch with each. Prints one JSON line with sam
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cliplab.data.shards import ShardLoader, ShardStream, write_shards
-from cliplab.data.sources import load_source
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import make_parser, non_negative_int, positive_int  # noqa: E402
 
 
 def _decode(sample: dict) -> dict:
@@ -51,17 +52,26 @@ def plain_webdataset(folder: str, batch_size: int, workers: int) -> int:
 
 
 def cliplab_stream(folder: str, batch_size: int, workers: int) -> int:
+    from cliplab.data.shards import ShardLoader, ShardStream  # imported by main already
+
     stream = ShardStream(folder, seed=0, shuffle_buffer=1000, rank=0, world_size=1, caption="first")
     return sum(len(b["key"]) for b in ShardLoader(stream, batch_size, num_workers=workers))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    parser = make_parser(__doc__)
+    parser.add_argument("--n", type=positive_int, default=20000,
+                        help="Fashion-MNIST training images written as shards")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="DataLoader workers of both readers (0: in the main process)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch")
+    parser.add_argument("--format", choices=["jpg", "png"], default="jpg",
+                        help="image format in the shards")
     args = parser.parse_args()
+
+    from cliplab.data.shards import write_shards
+    from cliplab.data.sources import load_source
+
     data = load_source({"source": "fashion-mnist", "split": "train", "limit": args.n})
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()

@@ -3,8 +3,8 @@
 Architecture (issue 3): ViT image 64 px, patch 8, width 256, 6 layers; text width 256, 6 layers,
 context 32; embed 256; batch 128; GELU MLPs on both sides (OpenCLIP's default for models built
 from scratch; same parameter count, printed). cliplab runs its real `Trainer` (uint8 images →
-preprocessing → both towers → loss → AdamW step); OpenCLIP runs `CLIP` + `ClipLoss` + AdamW on ready tensors
-(its data loader's work is not counted), in a separate environment that
+preprocessing → both towers → loss → AdamW step); OpenCLIP runs `CLIP` + `ClipLoss` + AdamW on
+ready tensors (its data loader's work is not counted), in a separate environment that
 `benchmarks/openclip_env.py` creates (OpenCLIP needs torchvision, which does not import beside
 this machine's CPU torch). Prints one JSON line per precision with ``ratio`` = cliplab / OpenCLIP,
 and with ``--profile`` the ops where cliplab's step spends its time.
@@ -15,7 +15,6 @@ and with ``--profile`` the ops where cliplab's step spends its time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,23 +22,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from cliplab.data.types import ImageTextPairs
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_args import make_parser, positive_int  # noqa: E402
 from openclip_env import openclip_python  # noqa: E402
 
-from cliplab.data.types import ImageTextPairs  # noqa: E402
-from cliplab.models import build_model  # noqa: E402
-from cliplab.runs import RunDir  # noqa: E402
-from cliplab.train.trainer import TrainConfig, Trainer  # noqa: E402
-
+# torch and cliplab are imported where used: --help and a bad value answer at once
 ARCH = dict(image_size=64, patch_size=8, width=256, layers=6, heads=4, text_width=256,
             text_layers=6, embed_dim=256, context_length=32, batch_size=128)
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> ImageTextPairs:
     """Random 64 px images with distinct captions long enough to fill the 32-token context."""
+    import torch
+
+    from cliplab.data.types import ImageTextPairs
+
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, ARCH["image_size"], ARCH["image_size"], 3),
                            dtype=torch.uint8, generator=gen)
@@ -48,6 +50,10 @@ def synthetic_pairs(n: int, seed: int = 0) -> ImageTextPairs:
 
 
 def cliplab_throughput(precision: str, warmup: int, steps: int, profile: bool) -> dict:
+    from cliplab.models import build_model
+    from cliplab.runs import RunDir
+    from cliplab.train.trainer import TrainConfig, Trainer
+
     arch = {k: v for k, v in ARCH.items() if k != "batch_size"}
     model = build_model("tiny-clip", activation="gelu", **arch)  # OpenCLIP's default MLP
     b = ARCH["batch_size"]
@@ -73,6 +79,8 @@ def cliplab_throughput(precision: str, warmup: int, steps: int, profile: bool) -
 
 
 def openclip_throughput(python: Path, precision: str, warmup: int, steps: int) -> dict:
+    import torch
+
     from cliplab.models.tokenizer import byte_level_tokenizer
     args = {**ARCH, "precision": precision, "warmup": warmup, "steps": steps,
             "threads": torch.get_num_threads(),
@@ -84,12 +92,13 @@ def openclip_throughput(python: Path, precision: str, warmup: int, steps: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
-                        choices=["fp32", "bf16"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3,
+                        choices=["fp32", "bf16"], help="precisions, one JSON line each")
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="steps before the timed ones (at least 1: timing starts after it)")
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=3,
                         help="alternate the two sides this many times and report medians "
                         "(a shared machine's load swings single runs by 2x)")
     parser.add_argument("--profile", action="store_true",

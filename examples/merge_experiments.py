@@ -32,8 +32,8 @@ for digits). Prints one JSON object and writes it to OUT/results.json.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +49,10 @@ from cliplab.merge import apply_task_vector, greedy_soup, task_vector, uniform_s
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.folder import model_fingerprint, weights_fingerprint, write_origin
 from cliplab.train.trainer import TrainConfig, Trainer
+
+# the benchmark scripts' argument types and help layout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cli_args import existing_dir, make_parser, positive_float, positive_int  # noqa: E402
 
 # ingredients: (learning rate, seed, augmentation) — the soup paper's recipe varies all three
 SOUP_RECIPES = [(1e-4, 0, True), (3e-4, 1, True), (1e-3, 2, False), (3e-5, 3, True),
@@ -182,21 +186,30 @@ def task_arithmetic_experiment(base: Path, out: Path, epochs: float, n_control: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", help="model folder to fine-tune from (default: pretrain one)")
-    ap.add_argument("--base-epochs", type=float, default=2.0)
-    ap.add_argument("--base-digits", type=int, default=300,
+    ap = make_parser(__doc__, paragraphs=2)  # the first paragraph ends in ":", the list
+    ap.add_argument("--base", type=existing_dir,
+                    help="model folder to fine-tune from (default: pretrain one)")
+    ap.add_argument("--base-epochs", type=positive_float, default=2.0,
+                    help="epochs of the base's pretraining")
+    ap.add_argument("--base-digits", type=positive_int, default=300,
                     help="digits training images in the base's pretraining (at most 1257)")
-    ap.add_argument("--out", default="runs/merge-experiments")
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-val", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=5000)
-    ap.add_argument("--soup-epochs", type=float, default=1.0)
-    ap.add_argument("--digits-epochs", type=float, default=4.0)
+    ap.add_argument("--out", default="runs/merge-experiments",
+                    help="folder for the models and results.json")
+    ap.add_argument("--n-train", type=positive_int, default=4000,
+                    help="Fashion-MNIST images each soup ingredient is fine-tuned on")
+    ap.add_argument("--n-val", type=positive_int, default=2000,
+                    help="held-out training images the greedy soup is chosen on")
+    ap.add_argument("--n-test", type=positive_int, default=5000,
+                    help="Fashion-MNIST test images (soup test, task-arithmetic control)")
+    ap.add_argument("--soup-epochs", type=positive_float, default=1.0,
+                    help="epochs of each soup ingredient's fine-tune")
+    ap.add_argument("--digits-epochs", type=positive_float, default=4.0,
+                    help="epochs of the digits fine-tune (the task vector)")
     ap.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
                     help="task-arithmetic λ grid (0, the base, is always added)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("soup", "task-arithmetic"))
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    ap.add_argument("--only", choices=("soup", "task-arithmetic"),
+                    help="run one experiment (default: both)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out, start = Path(args.out), time.time()

@@ -1,0 +1,105 @@
+"""The command-line pieces the benchmark scripts share (stdlib only, so ``--help`` and a bad
+value answer at once, and the OpenCLIP environment's scripts can use them too).
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # as the scripts do
+    from cli_args import make_parser, positive_int
+
+    parser = make_parser(__doc__)       # description: the docstring's first paragraph
+    parser.add_argument("--n", type=positive_int, default=1000, help="rows")
+
+Argument types raise ``argparse.ArgumentTypeError``, so a bad value is a one-line usage error
+(exit 2) instead of a traceback from deep inside a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (the docstring's line breaks), each flag's default after its
+    help; a default of None, False or [] (unset, a switch) is left out: the help says what it
+    means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or action.required:
+            return action.help
+        if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000:
+            return f"{action.help} (default: {default:,})"  # 1,000,000, not 1000000
+        return super()._get_help_string(action)
+
+
+def make_parser(doc: str, paragraphs: int = 1, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description is the first ``paragraphs`` paragraphs of ``doc`` (a
+    script's docstring), whole, and whose help shows every flag's default."""
+    description = "\n\n".join(doc.strip().split("\n\n")[:paragraphs])
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
+                                   **kwargs)
+
+
+def _number(text: str, kind: type, test, rule: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not test(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count, a size)."""
+    return _number(text, int, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (a seed; a count where 0 means none or all)."""
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (seconds, epochs, a learning rate)."""
+    return _number(text, float, lambda v: v > 0, "a number > 0")
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (a target recall)."""
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that exists."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        why = "is not a folder" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {why}")
+    return path
+
+
+def check_model(parser: argparse.ArgumentParser, flag: str, spec: str,
+                presets: bool = True) -> None:
+    """A usage error (exit 2) unless the model ``spec`` names a model: a preset (unless not
+    ``presets``: a script that needs the model's folder), a model, checkpoint or run folder, or
+    a Hugging Face Hub id (cliplab's resolver decides; a Hub id not cached is fetched unless
+    ``HF_HUB_OFFLINE``). Call it right after parsing, before any heavy work."""
+    path = Path(spec).expanduser()
+    written_as_path = path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1
+    if written_as_path and not path.exists():  # said without the seconds of importing cliplab
+        parser.error(f"argument {flag}: {spec} does not exist (no such file or folder)")
+    from cliplab.errors import ModelError
+    from cliplab.models.resolve import PRESETS, resolve_model_path
+
+    if presets and spec in PRESETS:
+        return
+    try:
+        resolve_model_path(spec)  # a folder's kind is checked, nothing is loaded
+    except ModelError as err:
+        parser.error(f"argument {flag}: {err}")
+
+
+if __name__ == "__main__":
+    sys.exit(f"{Path(__file__).name} is a helper module the benchmark scripts import, not a "
+             "script: run one of the others in benchmarks/ (each has --help)")

@@ -1,0 +1,125 @@
+"""The benchmark scripts as a user meets them: ``--help`` of every ``benchmarks/*.py`` script
+(and ``examples/merge_experiments.py``) works, with a whole-sentence description and every
+flag's help and default; a bad value is a one-line usage error (exit 2), never a traceback.
+
+Only ``--help`` and argument errors are run: each answers before any heavy work. A bad-value
+case also passes an unknown flag after the bad one where it can (argparse checks types first),
+so a regression still stops at a usage error instead of running the benchmark.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HELPERS = ("cli_args.py", "results_file.py")  # modules the scripts import, not scripts
+SCRIPTS = [p for p in sorted((REPO / "benchmarks").glob("*.py")) if p.name not in HELPERS]
+SCRIPTS.append(REPO / "examples" / "merge_experiments.py")
+NO_SUCH_FLAG = "--no-such-flag-here"
+
+
+def run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+
+
+def description(help_text: str) -> str:
+    """The text between the usage block and the first argument section."""
+    head = re.split(r"\n(?:options|positional arguments):\n", help_text)[0]
+    return head.split("\n\n", 1)[1].strip()
+
+
+def flags_without_help(help_text: str) -> list[str]:
+    lines = help_text.split("\noptions:\n", 1)[1].splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  -") or re.search(r"\S {2,}\S", line):  # help beside it
+            continue
+        follows = lines[i + 1] if i + 1 < len(lines) else ""
+        if not re.match(r" {4,}\S", follows):  # nor on the next line
+            missing.append(line.strip())
+    return missing
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_help_shows_a_whole_description_and_every_flag_with_help(script):
+    out = run(script, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stdout.startswith("usage:")
+    text = description(out.stdout)
+    assert text.endswith("."), text  # a whole sentence, not cut at a line or a colon
+    assert flags_without_help(out.stdout) == []
+    if script.name != "openclip_train_step.py":  # its one argument is positional
+        assert re.search(r"\(default:\s", out.stdout)
+
+
+@pytest.mark.parametrize("name", ["near_dup.py", "search_latency.py"])
+def test_help_spells_out_the_million_vectors(name):
+    out = run(REPO / "benchmarks" / name, "--help")
+    assert re.search(r"--n N +[^\n]*\(default: 1,000,000\)", out.stdout), out.stdout
+
+
+BAD = [  # (script, args, the flag the error names)
+    ("benchmarks/eval_suite.py", ["--n-train", "0", NO_SUCH_FLAG], "--n-train"),
+    ("benchmarks/eval_suite.py", ["--model", "/nonexistent/model"], "--model"),
+    ("examples/merge_experiments.py", ["--base", "/nonexistent/model", NO_SUCH_FLAG],
+     "--base"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "./no/such/run"], "--model"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "x", "--shots", "-1", NO_SUCH_FLAG],
+     "--shots"),
+    ("benchmarks/finetune_wise_ft.py", ["--model", "x", "--epochs", "0", NO_SUCH_FLAG],
+     "--epochs"),
+    ("benchmarks/near_dup.py", ["--n", "0", NO_SUCH_FLAG], "--n"),
+    ("benchmarks/near_dup.py", ["--n-clusters", "many", NO_SUCH_FLAG], "--n-clusters"),
+    ("benchmarks/search_latency.py", ["--recall", "1.5", NO_SUCH_FLAG], "--recall"),
+    ("benchmarks/serve_load.py", ["--image-every", "0", NO_SUCH_FLAG], "--image-every"),
+    ("benchmarks/serve_load.py", ["--index", "/nonexistent/index", NO_SUCH_FLAG], "--index"),
+    ("benchmarks/loss_memory.py", ["--tile", "-2", NO_SUCH_FLAG], "--tile"),
+    ("benchmarks/quickstart_step.py", ["--warmup", "0", NO_SUCH_FLAG], "--warmup"),
+    ("benchmarks/train_throughput.py", ["--steps", "two", NO_SUCH_FLAG], "--steps"),
+    ("benchmarks/papers.py", ["--jobs", "0", NO_SUCH_FLAG], "--jobs"),
+    ("benchmarks/papers.py", ["--data-dir", "/nonexistent/fmnist"], "--data-dir"),
+    ("benchmarks/inference_speed.py", ["--repeats", "0", NO_SUCH_FLAG], "--repeats"),
+    ("benchmarks/openclip_train_step.py", ["{not json"], "arch"),
+]
+
+
+@pytest.mark.parametrize("script, args, flag", BAD, ids=lambda v: v if isinstance(v, str) and
+                         v.endswith(".py") else None)
+def test_a_bad_value_is_a_one_line_usage_error(script, args, flag):
+    out = run(REPO / script, *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    *usage, error = out.stderr.strip().splitlines()
+    assert error.startswith(f"{Path(script).name}: error: argument {flag}: "), error
+    assert usage and usage[0].startswith("usage:")
+    assert all(line.startswith(" ") for line in usage[1:]), usage  # the usage block only
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_a_helper_module_run_as_a_script_says_what_it_is(name):
+    out = run(REPO / "benchmarks" / name, "--help")
+    assert out.returncode == 1
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "not a script" in out.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None,
+                    reason="open_clip is importable here: the script would train")
+def test_the_openclip_step_without_open_clip_says_which_python_to_use():
+    keys = ["threads", "embed_dim", "layers", "width", "heads", "patch_size", "image_size",
+            "context_length", "vocab_size", "text_width", "text_layers", "batch_size",
+            "precision", "warmup", "steps"]
+    out = run(REPO / "benchmarks" / "openclip_train_step.py", json.dumps(dict.fromkeys(keys, 1)))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "openclip_env.py" in out.stderr
