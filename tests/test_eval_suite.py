@@ -199,3 +199,22 @@ def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"cliplab: error: {suite}: tasks[1] (name 'r').data is required; "
                    "unknown key tasks[1] (name 'r').dat (valid: data, ks, name, task)")
+
+
+def test_a_tasks_error_says_when_the_command_line_set_its_key(tmp_path, capsys):
+    """A task's errors carry its label (``tasks[0] (name 'zs')``); they are matched with the
+    overrides by key path all the same."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}}\n")
+    assert main(["eval", "--config", str(suite), "--model", "tiny-clip", "tasks.0.name=123"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cliplab: error: {suite} + command line: tasks[0] (name 123).name: expected a valid "
+        "string, got 123")
+    assert main(["eval", "--config", str(suite), "--model", "tiny-clip", "precision=bf16",
+                 "tasks.0.clases=1"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"cliplab: error: {suite} + command line: unknown key tasks[0] (name 'zs').clases")
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}, k: 1}\n")
+    assert main(["eval", "--config", str(suite), "--model", "tiny-clip", "precision=bf16"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"cliplab: error: {suite}: unknown key tasks[0] (name 'zs').k (valid: ")

@@ -194,7 +194,9 @@ def _location(error: dict, prefix: str) -> list[str]:
 
 
 def _key_path(path: str) -> str:
-    """A key path with list items by index: ``steps[2].model`` as ``steps.2.model``."""
+    """A key path with list items by index: ``steps[2].model`` as ``steps.2.model`` (a suite
+    task's label drops its name: ``tasks[0] (name 'zs').data`` is ``tasks.0.data``)."""
+    path = re.sub(r" \(name .*?\)(?=\.|$)", "", path)
     return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
