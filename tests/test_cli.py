@@ -58,8 +58,9 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
 
 def test_bad_override_and_missing_data_dir(tmp_path):
     _one_line_error(run_cli("quickstart", "train.epochs"), "key=value")
-    _one_line_error(run_cli("quickstart", "--data-dir", str(tmp_path), "--out",
-                            str(tmp_path / "run")), str(tmp_path), "dataset-fashion-mnist")
+    (tmp_path / "data").mkdir()  # no IDX files in it
+    _one_line_error(run_cli("quickstart", "--data-dir", str(tmp_path / "data"), "--out",
+                            str(tmp_path / "run")), str(tmp_path / "data"), "dataset-fashion-mnist")
     assert not (tmp_path / "run").exists()  # no half-made run folder for a run that never ran
 
 
