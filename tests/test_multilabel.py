@@ -8,7 +8,7 @@ from sklearn.metrics import average_precision_score
 
 from cliplab.data.multilabel import load_multilabel_manifest
 from cliplab.data.shapes import COLORS, shapes_multilabel
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.multilabel import average_precision, mean_average_precision
 from cliplab.evaluate.tasks import TaskContext
@@ -64,6 +64,12 @@ def test_multilabel_manifest(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "labels": ["owl", "cat"]}\n')
     data = load_multilabel_manifest(tmp_path / "m.jsonl", progress=False)
     assert data.classnames == ["cat", "owl"] and data.targets.tolist() == [[True, True]]
+    # a manifest without the labels column names the option that picks it (not caption_col)
+    (tmp_path / "single.csv").write_text("image,label\na.png,cat\n")
+    with pytest.raises(DataError) as err:
+        load_multilabel_manifest(tmp_path / "single.csv", progress=False)
+    assert str(err.value) == (f"{tmp_path / 'single.csv'}:line 1: no column 'labels' (found: "
+                              "image, label); fix label_col= or the header")
 
 
 def test_suite_multilabel_task_matches_sklearn(tiny_model):
@@ -79,7 +85,7 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
                                        scores[:, present].numpy(), average="macro")
     assert out["mean_average_precision"] == pytest.approx(expected, abs=1e-5)
     assert out["n_classes"] == int(present.sum())
-    with pytest.raises(ConfigError, match="task 'ml2': data must be multi-label"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'ml2'\): data must be multi-label"):
         run_suite(tiny_model, {"tasks": [{"name": "ml2", "task": "multilabel_zeroshot",
                                           "data": {"source": "digits"}}]},
                                               TaskContext(progress=False))

@@ -197,7 +197,9 @@ class ManifestDataset(Dataset):
     def __init__(self, path: str | os.PathLike, kind: str = "auto", image_size: int | None = None,
                  image_col: str | None = None, caption_col: str | None = None,
                  label_col: str | None = None, classnames: Sequence[str] | None = None,
-                 templates: Sequence[str] | None = None) -> None:
+                 templates: Sequence[str] | None = None, caption_flag: str = "caption_col"
+                 ) -> None:
+        # caption_flag: the option errors tell to fix (a multi-label manifest's is label_col)
         self.path = Path(path)
         if kind not in ("auto", "pairs", "labelled"):
             raise DataError(f"unknown manifest kind {kind!r}; use auto, pairs or labelled")
@@ -219,7 +221,7 @@ class ManifestDataset(Dataset):
                                 "or label_col=")
             kind = "pairs" if text_key else "labelled"
         if kind == "pairs":
-            text_key = _column(columns, caption_col, CAPTION_COLUMNS, "caption_col", where)
+            text_key = _column(columns, caption_col, CAPTION_COLUMNS, caption_flag, where)
         else:
             text_key = _column(columns, label_col, LABEL_COLUMNS, "label_col", where)
         self.kind, self.image_size = kind, image_size

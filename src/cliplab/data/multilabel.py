@@ -39,7 +39,7 @@ def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels",
     Rows without a label or with a name not in ``classnames`` are skipped and counted."""
     path = Path(path)
     data = ManifestDataset(path, kind="pairs", image_size=image_size, image_col=image_col,
-                           caption_col=label_col)
+                           caption_col=label_col, caption_flag="label_col")
     per_row = [_split_labels(r.get(label_col), sep) for r in data.rows]
     names = list(classnames) if classnames else sorted({n for labels in per_row for n in labels})
     index = {name: i for i, name in enumerate(names)}
