@@ -130,6 +130,14 @@ def test_config_switch_and_errors():
     assert TrainConfig.from_dict({"hard_negatives": False}).hard_negatives is None
     with pytest.raises(ConfigError, match=r"train\.hard_negatives\.kinds"):
         TrainConfig.from_dict({"hard_negatives": {"kinds": ["colour_swap"]}})
+    # what it takes is said (not pydantic's "a valid dictionary or instance of HardNegatives")
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives: expected true, false or a "
+                                          r"mapping such as \{kinds: .*got 'maybe'$"):
+        TrainConfig.from_dict({"hard_negatives": "maybe"})
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives\.seed: expected a valid "
+                                          r"integer, got a number with a fractional part "
+                                          r"\(1\.5\)$"):
+        TrainConfig.from_dict({"hard_negatives": {"seed": 1.5}})
     with pytest.raises(ConfigError, match="not with train.micro_batch_size"):
         Trainer(small_model(), TrainConfig.from_dict(
             {"hard_negatives": True, "micro_batch_size": 4, "progress": False}))

@@ -255,7 +255,8 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     elif message.startswith("Input should be"):
         message = "expected" + message[len("Input should be"):]
     if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
-        message += f", got {given!r}"
+        # pydantic's own "got a number with a fractional part" gets the value in brackets
+        message += f" ({given!r})" if ", got " in message else f", got {given!r}"
     return path, message
 
 

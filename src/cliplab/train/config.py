@@ -163,6 +163,9 @@ class TrainConfig(Section):
     def _hard_negatives_switch(cls, value: Any) -> Any:
         if isinstance(value, bool):
             return {} if value else None
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"expected true, false or a mapping such as {{kinds: [attribute, "
+                             f"relation], seed: 1}}, got {value!r}")
         return value
 
     @field_validator("device")
