@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from cliplab.models import build_model
 from cliplab.errors import CliplabError
 from cliplab.runs import RunDir, check_run_out, default_run_dir
 from cliplab.train.trainer import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cli_args import fraction, positive_float, positive_int  # noqa: E402
 
 MODEL = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4,
          "embed_dim": 128}
@@ -81,28 +85,16 @@ def run_demo(out: str, largest: int = 600, ratio: float = 0.5, epochs: float = 8
     return results
 
 
-def _positive(kind: type, most: float | None = None):
-    """An argparse type: a number > 0 (and <= ``most``), else a one-line usage error."""
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0 or (most is not None and value > most):
-            limit = f" and at most {most}" if most is not None else ""
-            raise argparse.ArgumentTypeError(f"expected a number above 0{limit}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="new run folder (default: runs/long-tail-demo-<time>)")
-    parser.add_argument("--largest", type=_positive(int), default=600,
+    parser.add_argument("--largest", type=positive_int, default=600,
                         help="samples of the most frequent colour (default 600)")
-    parser.add_argument("--ratio", type=_positive(float, 1), default=0.5,
+    parser.add_argument("--ratio", type=fraction, default=0.5,
                         help="each next colour has this many times the samples (default 0.5)")
-    parser.add_argument("--epochs", type=_positive(float), default=8,
+    parser.add_argument("--epochs", type=positive_float, default=8,
                         help="training epochs (default 8)")
-    parser.add_argument("--batch-size", type=_positive(int), default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="batch size (default 64)")
     parser.add_argument("--order-seed", type=int, default=0,
                         help="which colour gets which frequency (a random permutation; default 0)")

@@ -126,7 +126,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
         trainer.fit(labelled_to_pairs(seen_train))
     final = trainer.last_checkpoint / "model"
 
-    results = evaluate_transfer(model, train_all, test, heldout, cfg.eval, progress)
+    results = evaluate_transfer(model, train_all, test, heldout, cfg.eval, progress, suite)
     results.update({"evaluated_on": "test" if data.validation is None
                     else f"validation (the last {data.validation} training images)",
                     "heldout_classes": [train_all.classnames[i] for i in heldout],
@@ -167,13 +167,15 @@ def transfer_suite(train_all: LabelledImages, test: LabelledImages, heldout: lis
 
 def evaluate_transfer(model, train_all: LabelledImages, test: LabelledImages,
                       heldout: list[int], settings: QuickstartEval | dict | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, suite: SuiteSpec | None = None) -> dict:
     """Zero-shot over all classes and over the held-out ones, and a linear probe on all,
-    run as eval tasks; the keys of results.json (the README's numbers come from them)."""
-    if not isinstance(settings, QuickstartEval):
-        settings = validate(QuickstartEval, settings or {}, "the quickstart config: eval")
-    out = run_suite(model, transfer_suite(train_all, test, heldout, settings),
-                    TaskContext(progress=progress))
+    run as eval tasks; the keys of results.json (the README's numbers come from them).
+    ``suite``: `transfer_suite` of these arguments, when already built (and checked)."""
+    if suite is None:
+        if not isinstance(settings, QuickstartEval):
+            settings = validate(QuickstartEval, settings or {}, "the quickstart config: eval")
+        suite = transfer_suite(train_all, test, heldout, settings)
+    out = run_suite(model, suite, TaskContext(progress=progress))
     per_class = out["zeroshot_all"].pop("per_class_acc1")
     return {"zeroshot_heldout_acc1": out["zeroshot_heldout"]["acc1"],
             "zeroshot_all_acc1": out["zeroshot_all"]["acc1"],
