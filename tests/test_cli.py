@@ -161,6 +161,15 @@ def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
                            "templates)")
 
 
+def test_eval_takes_one_suite(tmp_path, capsys):
+    """--suite is --config's alias: given both, the last silently won."""
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--suite", "a.yaml", "--config", "b.yaml", "--model", "tiny-clip"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "cliplab eval: error: --config/--suite given twice (a.yaml and b.yaml); give one")
+
+
 def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):
     from cliplab.runs import default_run_dir
 

@@ -82,6 +82,30 @@ def test_load_config_layers_defaults_file_extra_and_overrides(tmp_path):
         load_config(Recipe, path)
 
 
+def test_an_option_and_an_override_of_one_key_must_agree(tmp_path):
+    """`--out a out=b` silently wrote to b (overrides come last): a key given twice on one
+    command line is refused, naming both; given twice alike it is one setting."""
+    class Staged(Recipe):
+        out: str | None = None
+
+    with pytest.raises(ConfigError, match="^the command line: out is given twice, as --out "
+                       "runs/a and as out=runs/b; give one$"):
+        load_config(Recipe, None, ["out=runs/b"], extra={"model": "m", "out": "runs/a"})
+    assert load_config(Staged, None, ["out=runs/a"], extra={"model": "m", "out": "runs/a"}
+                       ).out == "runs/a"
+    with pytest.raises(ConfigError, match="given twice, as --data-dir d1 and as "
+                       "train.data_dir=d2"):
+        load_config(Recipe, None, ["train.data_dir=d2"], extra={"train": {"data_dir": "d1"}})
+    # an option standing for a whole section is named by it: --data, not --path
+    with pytest.raises(ConfigError, match="data.path is given twice, as --data a.csv and as "
+                       "data.path=b.csv"):
+        load_config(Recipe, None, ["data.path=b.csv"],
+                    replace={"data": {"source": "manifest", "path": "a.csv"}})
+    # an unset option, or an override of a key the option does not set, is no conflict
+    cfg = load_config(Staged, None, ["train.lr=0.5", "out=o"], extra={"model": "m", "out": None})
+    assert (cfg.train.lr, cfg.out) == (0.5, "o")
+
+
 def test_the_command_line_is_named_only_when_it_set_a_key_at_fault(tmp_path):
     """With a typo in the file, `--out` or an override of another key named the error
     `FILE + command line`: it is the file's alone; an override at (or inside, or holding)

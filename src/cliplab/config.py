@@ -216,6 +216,7 @@ def load_config(schema: type[S], path: str | Path | None = None,
     raw = deep_merge(defaults or {}, raw)
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
     raw.update({k: v for k, v in (replace or {}).items() if v is not None})
+    _refuse_options_overridden(overrides, extra or {}, replace or {})
     raw = apply_overrides(raw, overrides)
     given = [_key_path(item.partition("=")[0]) for item in overrides] + [
         key for key, v in {**(extra or {}), **(replace or {})}.items() if v is not None]
@@ -227,6 +228,44 @@ def load_config(schema: type[S], path: str | Path | None = None,
         by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or (
             not wrong and bool(given))
         raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
+
+
+def _refuse_options_overridden(overrides: Sequence[str], extra: dict, replace: dict) -> None:
+    """A key set twice on one command line, by an option (``--out a``) and by an override
+    (``out=b``), is refused: which one wins would be silent. An option is named by its key
+    (``--data_dir`` as ``--data-dir``); one that stands for a section by the section's."""
+    given = {path: (f"--{path.rpartition('.')[2]}", value)
+             for path, value in _leaves(_set(extra)).items()}
+    given.update({path: (f"--{path.partition('.')[0]}", value)
+                  for path, value in _leaves(_set(replace)).items()})
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if _key_path(key) not in given:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        flag, option = given[_key_path(key)]
+        if value != option:
+            raise ConfigError(f"the command line: {key} is given twice, as "
+                              f"{flag.replace('_', '-')} {option} and as {item}; give one")
+
+
+def _set(options: dict) -> dict:
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = value
+    return out
 
 
 def config_source(path: str | Path | None, from_command_line: bool) -> str:

@@ -12,6 +12,17 @@ TORCH_MODEL_SPECS = ("preset name, model folder, checkpoint folder, run folder (
 MODEL_SPECS = TORCH_MODEL_SPECS.replace(" or OpenCLIP", ", OpenCLIP") + " or ONNX export"
 
 
+class GivenOnce(argparse.Action):
+    """An option that may be given once (under any of its names): a second value would
+    silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{'/'.join(self.option_strings)} given twice "
+                         f"({getattr(namespace, self.dest)} and {values}); give one")
+        setattr(namespace, self.dest, values)
+
+
 def add_common(p: argparse.ArgumentParser, example: str, config_required: bool = False) -> None:
     """``--config YAML``, ``key=value`` overrides (``example`` shows some) and ``--no-progress``."""
     p.add_argument("--config", required=config_required, metavar="YAML",

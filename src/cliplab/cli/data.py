@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_argument(p, "--source")
     p.add_argument("--samples-per-shard", type=int, metavar="N",
                    help="samples per tar (default 1000)")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png"],
+    p.add_argument("--format", "--image-format", dest="image_format", choices=["jpg", "png"],
                    help="image encoding (default jpg; png is lossless)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the shards of a non-empty output folder")
