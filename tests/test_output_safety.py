@@ -199,6 +199,23 @@ def test_eval_refuses_a_run_folder_and_needs_overwrite(run, tiny_model_dir, suit
     assert (out / "results.json").read_text() == first
     assert main(_eval(tiny_model_dir, suite, out, "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    capsys.readouterr()
+    # a cache kept in --out made it more than results.json: the next --overwrite refused it
+    for cache in (out, out / "cache"):
+        assert main(_eval(tiny_model_dir, suite, out, "--overwrite", "--cache-dir",
+                          str(cache))) == 2
+        how = "is" if cache == out else "lies inside"
+        assert _one_line(capsys) == f"--cache-dir {cache} {how} --out {out}; keep the cache " \
+            "in a folder of its own (--out holds results.json alone)"
+    # --overwrite replaces an eval's results.json, not any file of that name
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "results.json").write_text('{"accuracy": 0.93}')
+    assert main(_eval(tiny_model_dir, suite, theirs, "--overwrite")) == 2
+    assert _one_line(capsys) == ("--overwrite replaces only a previous eval output; "
+                                 f"{theirs / 'results.json'} is not an eval's results (no "
+                                 "model, suite and results keys); choose a new folder")
+    assert (theirs / "results.json").read_text() == '{"accuracy": 0.93}'
 
 
 def test_report_out_a_file_or_other_folder_is_a_one_line_error(docs, ufile, tmp_path, capsys):

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                          for spec in task.datasets()))]
     out = _results_folder(args.out, inputs, args.overwrite)
     check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
+    _check_cache_apart_from_results(args.cache_dir, out)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
     model = load_model(args.model)
@@ -101,5 +102,32 @@ def _results_folder(out: str | None, inputs: list[str | None],
     if not path.is_file() and is_run_folder(path):
         raise CliplabError(f"--out {out} is a run folder (its results.json is the run's); "
                            f"choose a new folder for the eval results, e.g. {path}-eval")
-    return check_out(path, "eval", inputs, overwrite, only_files(*EVAL_FILES),
+    path = check_out(path, "eval", inputs, overwrite, only_files(*EVAL_FILES),
                      error=CliplabError)
+    previous = path / "results.json"
+    if overwrite and previous.is_file() and not _is_eval_results(previous):
+        raise CliplabError(f"--overwrite replaces only a previous eval output; {previous} is "
+                           "not an eval's results (no model, suite and results keys); choose a "
+                           "new folder")
+    return path
+
+
+def _is_eval_results(path: Path) -> bool:
+    """Whether ``path`` reads as a results.json eval wrote."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(results, dict) and {"model", "suite", "results"} <= results.keys()
+
+
+def _check_cache_apart_from_results(cache_dir: str | None, out: Path | None) -> None:
+    """A feature cache in (or as) eval's --out would make that folder more than its
+    results.json: a later --overwrite would refuse it, and the cache would go with it."""
+    if cache_dir is None or out is None:
+        return
+    cache, results = Path(cache_dir).expanduser().resolve(), out.expanduser().resolve()
+    if cache == results or results in cache.parents:
+        how = "is" if cache == results else "lies inside"
+        raise CliplabError(f"--cache-dir {cache_dir} {how} --out {out}; keep the cache in a "
+                           "folder of its own (--out holds results.json alone)")
