@@ -181,6 +181,13 @@ def test_inputs_pair_images_with_their_twins_and_say_when_data_has_none(twins):
         TrainConfig.from_dict({"hard_negatives": {"images": "twins"}})
     with pytest.raises(ConfigError, match=r"train\.hard_negatives\.neighbours"):
         TrainConfig.from_dict({"hard_negatives": {"images": "neighbours", "neighbours": True}})
+    # a neighbour count without mined images was silently ignored; the default (as a run's
+    # config.yaml lists it) is fine
+    with pytest.raises(ConfigError, match=r"train\.hard_negatives: neighbours: 5 is read only "
+                       r"with images: neighbours \(images is 'partners'\)"):
+        TrainConfig.from_dict({"hard_negatives": {"images": "partners", "neighbours": 5}})
+    assert TrainConfig.from_dict({"hard_negatives": {"neighbours": 3}}).hard_negatives.images \
+        == "none"
 
 
 def test_the_shipped_hard_negatives_recipe_trains_and_scores_swaps(tmp_path):

@@ -25,7 +25,7 @@ import random
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cliplab.config import Section
 from cliplab.data.caption_negatives import NEGATIVE_TYPES, caption_negatives
@@ -35,6 +35,7 @@ from cliplab.models.dual_encoder import DualEncoder
 
 NegativeKind = Literal["attribute_swap", "relation_swap", "word_shuffle"]
 # what a caption needs for each kind to give it a negative (for the error when none does)
+NEIGHBOURS = 3  # candidate images per image when images: neighbours
 _NEEDS = {"attribute_swap": "two objects of different colours around a relation",
           "relation_swap": "two objects around a relation",
           "word_shuffle": "two or more different words"}
@@ -49,7 +50,15 @@ class HardNegatives(Section):
     seed: int = 1
     images: Literal["none", "partners", "neighbours"] = "none"
     # with images: neighbours, the candidates per image (strict: `true` is not a count)
-    neighbours: int = Field(3, ge=1, strict=True)
+    neighbours: int = Field(NEIGHBOURS, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _neighbours_only_with_mined_images(self) -> HardNegatives:
+        # checked against the default, not "was it given": a run's config.yaml lists every key
+        if self.neighbours != NEIGHBOURS and self.images != "neighbours":
+            raise ValueError(f"neighbours: {self.neighbours} is read only with images: "
+                             f"neighbours (images is {self.images!r})")
+        return self
 
 
 class NegativeTable:
