@@ -1,5 +1,6 @@
 """`cliplab eval`: a suite of tasks on a saved model gives the numbers the Python API gives."""
 
+import dataclasses
 import json
 
 import pytest
@@ -179,8 +180,32 @@ def test_suite_encodes_probe_features_in_the_first_pass(tiny_model, monkeypatch)
 
 
 def test_suite_precision_is_checked():
-    with pytest.raises(ConfigError, match="precision must be one of"):
+    with pytest.raises(ConfigError, match="precision: expected 'fp32', 'bf16' or 'auto', "
+                       "got 'fp8'"):
         run_suite(None, {"precision": "fp8", "tasks": [{"task": "zeroshot"}]})
+
+
+def test_suite_precision_is_resolved_as_trainings(monkeypatch, tiny_model):
+    """A suite took fp32|bf16 only, and bf16 on a CPU that emulates it (~40x slower) gave no
+    word; it now reads precision as train.precision does: auto, and the warning."""
+    from cliplab.evaluate import suite as suite_module
+    from cliplab.models import precision
+
+    ran = []
+    monkeypatch.setitem(suite_module.TASKS, "zeroshot", dataclasses.replace(
+        suite_module.TASKS["zeroshot"], run=lambda model, task, ctx: ran.append(ctx.precision)
+        or {}))
+    data = {"source": "digits", "split": "test"}
+    monkeypatch.setattr(precision, "_WARNED", set())
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(precision, "bf16_is_native", lambda device, n=native: n)
+        run_suite(tiny_model, {"precision": "auto", "tasks": [{"task": "zeroshot",
+                                                                "data": data}]})
+        assert ran[-1] == expected
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    with pytest.warns(UserWarning, match="bf16 is emulated and much slower"):
+        run_suite(tiny_model, {"precision": "bf16", "tasks": [{"task": "zeroshot", "data": data}]})
+    assert ran[-1] == "bf16"
 
 
 def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
@@ -218,3 +243,24 @@ def test_a_tasks_error_says_when_the_command_line_set_its_key(tmp_path, capsys):
     assert main(["eval", "--config", str(suite), "--model", "tiny-clip", "precision=bf16"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         f"cliplab: error: {suite}: unknown key tasks[0] (name 'zs').k (valid: ")
+
+
+def test_eval_cli_shows_cliplab_warnings_on_one_line(monkeypatch, tmp_path, capsys):
+    """Python's form (`/path/suite.py:181: UserWarning: ...` and a source line) is for
+    developers; `cliplab eval` says `cliplab: warning: ...` and records the precision run."""
+    from cliplab.models import precision
+
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(precision, "_WARNED", set())
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--suite", str(suite), "--model", "tiny-clip", "--no-progress",
+                 "--out", str(tmp_path / "ev"), "precision=bf16"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "cliplab: warning: precision bf16 on cpu: this device has no native bf16 units, so " \
+        "bf16 is emulated and much slower than fp32; use precision auto or fp32" in err
+    assert not any("UserWarning" in line for line in err)
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["precision"] == "bf16"
+    assert main(["eval", "--suite", str(suite), "--model", "tiny-clip", "--no-progress",
+                 "--out", str(tmp_path / "ev2"), "precision=auto"]) == 0
+    assert json.loads((tmp_path / "ev2" / "results.json").read_text())["precision"] == "fp32"

@@ -181,8 +181,12 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(precision, "_WARNED", set())
     assert precision.resolve_precision("auto", cpu) == "fp32"
     with pytest.warns(UserWarning, match="emulated"):
+        assert precision.resolve_precision("bf16", cpu) == "bf16"
+    with warnings.catch_warnings():  # once a process: training and its evals each resolve it
+        warnings.simplefilter("error")
         assert precision.resolve_precision("bf16", cpu) == "bf16"
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
     assert precision.resolve_precision("auto", cpu) == "bf16"

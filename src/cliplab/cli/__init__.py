@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -91,6 +92,19 @@ def command_parser(parser: argparse.ArgumentParser,
         parser = choices.choices[chosen]
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]
+_SHOW_WARNING = warnings.showwarning
+
+
+def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None, line=None):
+    """cliplab's own warnings as ``cliplab: warning: ...`` (not Python's source-line form);
+    other libraries' as Python shows them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"cliplab: warning: {message}", file=file or sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
@@ -100,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cliplab: interrupted", file=sys.stderr)
         return 130
     try:
-        return COMMANDS[args.command].run(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _cliplab_warning_on_one_line
+            return COMMANDS[args.command].run(args)
     except CliplabError as err:
         if args.debug:
             raise

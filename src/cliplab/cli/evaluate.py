@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.precision import resolve_precision
     from cliplab.models.resolve import load_model
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
               "head (each says so under 'classifier'); --head text scores the text head",
               file=sys.stderr)
-    results = {"model": args.model, "suite": args.config, "precision": suite.precision,
+    precision = resolve_precision(suite.precision, model.device)  # what run_suite runs in
+    results = {"model": args.model, "suite": args.config, "precision": precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
     if out is not None:

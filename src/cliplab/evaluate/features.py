@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cliplab.evaluate.precision import autocast
+from cliplab.models.precision import autocast
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 

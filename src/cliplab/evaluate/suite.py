@@ -15,15 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
 from cliplab.config import Section, validate
 from cliplab.errors import CliplabError, ConfigError
-from cliplab.evaluate.precision import PRECISIONS
 from cliplab.evaluate.tasks import (TASKS, ProbePlan, TaskContext, TaskSpec, TaskSpecBase,
                                     data_key, spec_class)
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.precision import Precision, resolve_precision
 
 
 def task_label(i: int, task: Any) -> str:
@@ -40,11 +40,12 @@ _PLACEHOLDER = _Placeholder()
 
 
 class SuiteSpec(Section):
-    """``{tasks: [task specs], precision: fp32|bf16}``: the schema of `cliplab eval --config`,
-    of pretraining's ``eval:`` and of the quickstart's report."""
+    """``{tasks: [task specs], precision: fp32|bf16|auto}``: the schema of `cliplab eval
+    --config`, of pretraining's ``eval:`` and of the quickstart's report (``auto``: bf16 where
+    the device computes it natively, as training's ``auto``)."""
 
     tasks: list[TaskSpec]
-    precision: str = "fp32"
+    precision: Precision = "fp32"
 
     @model_validator(mode="before")
     @classmethod
@@ -81,13 +82,6 @@ class SuiteSpec(Section):
                                             ctx=e.get("ctx", {})) for e in err.errors()]
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return {**data, "tasks": tasks}
-
-    @field_validator("precision")
-    @classmethod
-    def _known_precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {value!r}")
-        return value
 
     def task_names(self) -> list[str]:
         """The results key of every task: its ``name``, or ``<task>-<index>``."""
@@ -177,7 +171,8 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     one line on stderr."""
     suite = suite_spec(suite)
     model = as_model(model)
-    context = dataclasses.replace(context or TaskContext(), precision=suite.precision,
+    context = dataclasses.replace(context or TaskContext(),
+                                  precision=resolve_precision(suite.precision, model.device),
                                   probe_plan=plan_probes(suite.tasks))
     # every set read, every task checked (against its data and the model) before the first
     # task encodes

@@ -1,5 +1,5 @@
-"""Which precision a device trains and runs in: ``fp32``, ``bf16`` or ``auto`` (bf16 where the
-hardware computes it natively, else fp32).
+"""Which precision a device trains and evaluates in: ``fp32``, ``bf16`` or ``auto`` (bf16 where
+the hardware computes it natively, else fp32), and the autocast context that runs it.
 
 On CPUs without bf16 units (AVX2 only, no AVX512-BF16/AMX) PyTorch emulates bf16 matrix
 products, many times slower than fp32 (one quickstart-sized product: 40 ms fp32 against
@@ -9,10 +9,13 @@ products, many times slower than fp32 (one quickstart-sized product: 40 ms fp32 
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
 import torch
 
-PRECISION_CHOICES = ("fp32", "bf16", "auto")
+# a config's precision key (train.precision, an eval suite's precision)
+Precision = Literal["fp32", "bf16", "auto"]
+PRECISION_CHOICES = get_args(Precision)
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -32,8 +35,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be one of {PRECISION_CHOICES}, not {precision!r}")
     if precision == "auto":
         return "bf16" if bf16_is_native(device) else "fp32"
-    if precision == "bf16" and not bf16_is_native(device):
+    if precision == "bf16" and not bf16_is_native(device) and device.type not in _WARNED:
+        _WARNED.add(device.type)  # once per process: training and eval each resolve it
         warnings.warn(f"precision bf16 on {device.type}: this device has no native bf16 units, "
                       "so bf16 is emulated and much slower than fp32; use precision auto or "
                       "fp32", stacklevel=2)
     return precision
+
+
+_WARNED: set[str] = set()
+
+
+def autocast(precision: str, device_type: str = "cpu"):
+    """An autocast context for a resolved ``precision`` (``fp32``: plain float32, autocast
+    disabled; ``bf16``: bfloat16 autocast)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16 once resolved, not {precision!r}")
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")

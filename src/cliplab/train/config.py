@@ -10,6 +10,7 @@ import torch
 from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
 
 from cliplab.config import LENGTH_KEYS, Section, deep_merge, validate
+from cliplab.models.precision import Precision
 from cliplab.models.preprocess import AugmentConfig
 from cliplab.train.hard_negatives import HardNegatives
 
@@ -123,7 +124,7 @@ class TrainConfig(Section):
     # (the longest matching substring wins; each must match some trainable parameter)
     lr_scale: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     # bf16: autocast on CPU and CUDA; auto: bf16 where the device has native bf16 units, else fp32
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Precision = "fp32"
     loss: Literal["clip", "siglip"] = "clip"  # siglip: sigmoid loss; needs a logit bias
     # compute the loss in loss_tile x loss_tile blocks: same loss and gradients, memory linear
     # in the batch instead of quadratic (for global batches whose B x B logits do not fit)
