@@ -54,7 +54,7 @@ class QuickstartData(Section):
 class QuickstartEval(Section):
     """The linear probe of the report (zero-shot needs no settings)."""
 
-    probe_train_size: int = Field(30000, gt=0)
+    probe_train_size: int = Field(30000, gt=0)  # at most: all training images when fewer
     probe_l2: float | None = Field(0.003, gt=0)  # null: chosen on a validation split
     probe_features: ProbeKind = "tokens"
     probe_layers: int = Field(4, ge=1)
