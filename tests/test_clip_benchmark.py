@@ -89,3 +89,26 @@ def test_a_broken_shard_is_counted_not_fatal(classification_folder):
     assert len(data) == 9 and np.array_equal(data.images[8].numpy(), arrays[8])
     assert data.skipped.counts["unreadable_shard"] == 1
     assert data.skipped.keys["unreadable_shard"][0].startswith("2.tar:after 0 samples")
+
+
+def test_class_labels_without_classnames_say_so(classification_folder, capsys):
+    """Without classnames.txt a folder is read as captions: its .cls samples were all
+    'missing_caption', and eval then said it 'needs labelled images'."""
+    root, _ = classification_folder
+    (root / "classnames.txt").unlink()
+    with pytest.raises(DataError, match=f"^{root / 'test'}: samples carry class labels \\(.cls\\) "
+                       f"but {root / 'classnames.txt'} is missing; add it"):
+        load_clip_benchmark(root, progress=False)
+
+
+def test_default_templates_are_told(classification_folder, capsys):
+    """CLIP_benchmark prompts a set without a template file with its own per-dataset
+    templates; cliplab's default gives other numbers, so it says which it used."""
+    root, _ = classification_folder
+    load_clip_benchmark(root, progress=False)
+    assert capsys.readouterr().err == ""
+    (root / "zeroshot_classification_templates.txt").unlink()
+    assert load_clip_benchmark(root, progress=False).templates == ["a photo of a {}."]
+    assert capsys.readouterr().err == (
+        f"clip-benchmark {root}: warning: no zeroshot_classification_templates.txt; zero-shot "
+        "prompts use the default template ['a photo of a {}.']\n")

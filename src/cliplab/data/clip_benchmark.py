@@ -8,6 +8,7 @@ index) or ``KEY.txt`` (captions, one per line), and, for classification, ``ROOT/
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.images import UnreadableImage, decode_image, stack_images
-from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
+from cliplab.data.prompt_files import (CLASSNAMES_FILE, TEMPLATE_FILES, read_lines,
+                                       read_templates)
 from cliplab.data.shards.samples import image_part, raw_samples, sample_key, text_lines
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
@@ -38,6 +40,10 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
     classnames_file = root / CLASSNAMES_FILE
     classnames = read_lines(classnames_file) if classnames_file.is_file() else None
     templates = read_templates(root)
+    if classnames is not None and not any((root / name).is_file() for name in TEMPLATE_FILES):
+        # CLIP_benchmark then prompts with its per-dataset templates: numbers would differ
+        print(f"clip-benchmark {root}: warning: no {TEMPLATE_FILES[1]}; zero-shot prompts use "
+              f"the default template{'s' * (len(templates) > 1)} {templates}", file=sys.stderr)
 
     skipped = SkipReport()
     images, labels, captions = [], [], []
@@ -53,7 +59,9 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
             skipped.add("missing_image", key)
             continue
         if target is None:
-            skipped.add("missing_label" if classnames is not None else "missing_caption", key)
+            labelled_only = classnames is None and "cls" in raw
+            skipped.add("label_without_classnames" if labelled_only else
+                        "missing_label" if classnames is not None else "missing_caption", key)
             continue
         try:
             image = decode_image(raw[ext], image_size)
@@ -76,6 +84,10 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
                 continue
             captions.append(caps)
         images.append(image)
+    if not images and skipped.counts.get("label_without_classnames"):
+        raise DataError(f"{root / split}: samples carry class labels (.cls) but "
+                        f"{classnames_file} is missing; add it (one class name per line, in "
+                        "label order)")
     if not images:
         raise DataError(f"no usable sample in {root / split} ({skipped.summary()})")
     pixels = stack_images(images)
