@@ -157,8 +157,8 @@ def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == (f"cliplab: error: {suite}: tasks[1] (name 'probe'): test: unknown "
                            "option 'splt' for digits (valid: image_size, seed, split, "
-                           "test_fraction; for any source: classes, holdout, shift, shift_seed, "
-                           "templates)")
+                           "test_fraction; for any source: shift, shift_seed; for "
+                           "class-labelled data: classes, holdout, templates)")
 
 
 def test_eval_takes_one_suite(tmp_path, capsys):

@@ -203,7 +203,8 @@ def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
     with pytest.raises(DataError, match="twice"):
         load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),
                      "classes": ["bag", "Bag"]})
-    with pytest.raises(ConfigError, match="classes needs a labelled source"):
+    with pytest.raises(ConfigError, match="classes needs single-label images; 'shapes' gives "
+                       "image-text pairs"):
         load_source({"source": "shapes", "n": 2, "classes": ["x"]})
     # [] kept every class, and one name was read letter by letter
     with pytest.raises(ConfigError, match=r"classes: \[\] keeps no class"):

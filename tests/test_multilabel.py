@@ -8,6 +8,7 @@ from sklearn.metrics import average_precision_score
 
 from cliplab.data.multilabel import load_multilabel_manifest
 from cliplab.data.shapes import COLORS, shapes_multilabel
+from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.multilabel import average_precision, mean_average_precision
@@ -64,6 +65,11 @@ def test_multilabel_manifest(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "labels": ["owl", "cat"]}\n')
     data = load_multilabel_manifest(tmp_path / "m.jsonl", progress=False)
     assert data.classnames == ["cat", "owl"] and data.targets.tolist() == [[True, True]]
+    # classes/holdout keep single-label classes: refused, and not as "image-text pairs"
+    with pytest.raises(ConfigError, match="^classes needs single-label images; "
+                       "'multilabel-manifest' gives multi-label images$"):
+        load_source({"source": "multilabel-manifest", "path": str(tmp_path / "m.jsonl"),
+                     "classes": ["cat"], "progress": False})
     # a manifest without the labels column names the option that picks it (not caption_col)
     (tmp_path / "single.csv").write_text("image,label\na.png,cat\n")
     with pytest.raises(DataError) as err:

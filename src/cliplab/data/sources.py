@@ -23,8 +23,10 @@ from cliplab.config import Section, validate
 from cliplab.errors import CliplabError, ConfigError
 
 Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
-# what `load_source` itself does to any source's data
-COMMON_OPTIONS = ["classes", "holdout", "shift", "shift_seed", "templates"]
+# what `load_source` itself does to a source's data: to any, and to class-labelled data only
+ANY_DATA_OPTIONS = ["shift", "shift_seed"]
+LABELLED_DATA_OPTIONS = ["classes", "holdout", "templates"]
+COMMON_OPTIONS = sorted(ANY_DATA_OPTIONS + LABELLED_DATA_OPTIONS)
 
 SOURCES: dict[str, str] = {
     "fashion-mnist": "cliplab.data.fashion_mnist:load_fashion_mnist",
@@ -110,7 +112,8 @@ def check_options(spec: dict, where: str | None = None, typed_errors: bool = Fal
         s = "s" * (len(unknown) > 1)
         raise ConfigError(f"{at}unknown option{s} {', '.join(map(repr, unknown))} for "
                           f"{name} (valid: {', '.join(sorted(params))}; for any source: "
-                          f"{', '.join(COMMON_OPTIONS)})")
+                          f"{', '.join(ANY_DATA_OPTIONS)}; for class-labelled data: "
+                          f"{', '.join(LABELLED_DATA_OPTIONS)})")
     missing = [p.name for p in params.values()
                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                and options.get(p.name) is None]
@@ -201,7 +204,7 @@ def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift
     data = fn(**spec)
     if holdout:
         if not isinstance(data, LabelledImages):
-            raise ConfigError(f"holdout needs a labelled source; {name!r} gives image-text pairs")
+            raise ConfigError(f"holdout needs single-label images; {name!r} gives {_kind(data)}")
         data, _ = split_classes(data, list(holdout))
     if classes is not None:
         classes = [classes] if isinstance(classes, str) else list(classes)  # not its letters
@@ -209,7 +212,7 @@ def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift
             raise ConfigError(f"data source {name!r}: classes: [] keeps no class; leave it out "
                               "to keep every class")
         if not isinstance(data, LabelledImages):
-            raise ConfigError(f"classes needs a labelled source; {name!r} gives image-text pairs")
+            raise ConfigError(f"classes needs single-label images; {name!r} gives {_kind(data)}")
         data = select_classes(data, [str(c) for c in classes])
     if templates is not None:
         if isinstance(data, ImageTextPairs):
@@ -220,6 +223,12 @@ def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift
         data = dataclasses.replace(data, images=apply_shift(data.images, shift, int(shift_seed)),
                                    name=f"{data.name}-{shift}")
     return data
+
+
+def _kind(data: Dataset) -> str:
+    """What a source gave, as its errors say it."""
+    return "image-text pairs" if isinstance(data, ImageTextPairs) else \
+        "multi-label images" if isinstance(data, MultiLabelImages) else "labelled images"
 
 
 def check_templates(templates: object, source: str | None) -> list[str]:
