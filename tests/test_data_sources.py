@@ -354,6 +354,12 @@ def test_a_skip_line_tells_truncated_shards_apart_from_samples():
     assert report.line("zs", 10, "DATA") == ("zs: skipped 1 of 11 samples (unreadable_image=1)"
                                              ", and 1 shard(s) read only in part "
                                              "(truncated_shard=1) in DATA")
+    # results.json counts as the line does (its total counted the shard as a sample)
+    assert report.to_dict() == {"total": 1, "shards_read_in_part": 1,
+                                "counts": {"unreadable_image": 1, "truncated_shard": 1},
+                                "keys": {"unreadable_image": ["a.tar:1"],
+                                         "truncated_shard": ["b.tar"]}}
+    assert "shards_read_in_part" not in SkipReport().to_dict()
 
 
 def test_labelled_data_made_pairs_keeps_what_loading_skipped():

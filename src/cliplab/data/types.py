@@ -28,7 +28,13 @@ class SkipReport:
 
     @property
     def total(self) -> int:
+        """Every count: lost samples and shards read only in part (nonzero: something lost)."""
         return sum(self.counts.values())
+
+    @property
+    def lost_samples(self) -> int:
+        """The samples skipped one by one (a shard read in part loses an unknown number)."""
+        return sum(self._samples_and_shards()[0].values())
 
     def _samples_and_shards(self) -> tuple[dict[str, int], dict[str, int]]:
         """Counts by reason of lost samples, and of shards read only in part (``*_shard``:
@@ -59,7 +65,11 @@ class SkipReport:
         return report
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "counts": dict(self.counts), "keys": self.keys}
+        """``total``: lost samples, as `line` and `summary` count them; ``shards_read_in_part``
+        when some shard could not be read to its end."""
+        shards = sum(self._samples_and_shards()[1].values())
+        return {"total": self.lost_samples, **({"shards_read_in_part": shards} if shards else {}),
+                "counts": dict(self.counts), "keys": self.keys}
 
     def line(self, label: str, kept: int, where: str) -> str:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples

@@ -193,7 +193,7 @@ def report_skips(name: str, task: TaskSpecBase, context: TaskContext) -> dict | 
     report, total, where = context.skipped(task)
     if not report.total:
         return None
-    line = report.line(name, total - report.total, ", ".join(where))
+    line = report.line(name, total - report.lost_samples, ", ".join(where))
     if line not in context.reported:
         context.reported.add(line)
         print(line, file=sys.stderr)

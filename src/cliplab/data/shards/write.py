@@ -71,7 +71,7 @@ class ShardSink:
         set's stats file; returns the index."""
         index = {"format": INDEX_FORMAT, "version": 1, "name": name, "source": source, **extra,
                  "total": self.total, "shards": self.shards, "skipped": skipped.to_dict()}
-        write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.total})
+        write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.lost_samples})
         write_json(self.out / INDEX_FILE, index)
         return index
 

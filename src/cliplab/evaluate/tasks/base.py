@@ -208,7 +208,7 @@ class TaskContext:
             seen.add(data_key(spec))
             data = self.load(spec)
             skipped: SkipReport = getattr(data, "skipped", None) or SkipReport()
-            total += len(data) + skipped.total
+            total += len(data) + skipped.lost_samples
             if skipped.total:
                 report.counts.update(skipped.counts)
                 for reason, keys in skipped.keys.items():
