@@ -108,3 +108,19 @@ def test_probe_acc5_with_eight_overlapping_classes():
     assert m["acc1"] == pytest.approx((rank == 1).float().mean().item(), abs=1e-6)
     assert m["acc5"] == pytest.approx((rank <= 5).float().mean().item(), abs=1e-6)
     assert m["acc1"] < m["acc5"] < 1.0
+
+
+def test_the_probe_fits_show_progress(capsys):
+    """A 30 000-image probe fitted for minutes with no sign of life: a bar counts the fits
+    (the L2 path's, then the final one); progress=False keeps stderr quiet."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    quiet = linear_probe(x[:90], y[:90], x[90:], y[90:])
+    assert capsys.readouterr().err == ""
+    shown = linear_probe(x[:90], y[:90], x[90:], y[90:], progress=True)
+    err = capsys.readouterr().err
+    assert "fit probe:" in err and "0/8 [" in err  # 7 strengths of the path + the final fit
+    assert shown == quiet
+    linear_probe(x[:90], y[:90], x[90:], y[90:], l2=0.01, progress=True)
+    assert "0/1 [" in capsys.readouterr().err

@@ -12,10 +12,11 @@ L2-penalised solution lies in that span) at a fraction of the cost.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from cliplab.evaluate.metrics import classification_metrics
 
@@ -93,12 +94,16 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
 
 
 def l2_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
-            max_iter: int = 200) -> dict[float, Weights]:
-    """Fits for every strength of ``grid``, strongest first, each warm-started from the last."""
+            max_iter: int = 200, fitted: Callable[[float], None] | None = None
+            ) -> dict[float, Weights]:
+    """Fits for every strength of ``grid``, strongest first, each warm-started from the last
+    (``fitted(l2)`` is called after each, e.g. to move a progress bar)."""
     fits: dict[float, Weights] = {}
     init = None
     for l2 in sorted(grid, reverse=True):
         init = fits[l2] = fit_logistic(x, y, num_classes, l2, max_iter, init=init)
+        if fitted is not None:
+            fitted(l2)
     return fits
 
 
@@ -116,14 +121,15 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, weights: Weights) -> float:
 
 
 def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence[float],
-              val_fraction: float = 0.2, seed: int = 0, warm_start: bool = True
-              ) -> tuple[float, Weights]:
+              val_fraction: float = 0.2, seed: int = 0, warm_start: bool = True,
+              fitted: Callable[[float], None] | None = None) -> tuple[float, Weights]:
     """The strength of ``grid`` with the best accuracy on a random validation split (ties go
     to the stronger penalty), and its fit on the rest. ``warm_start=False`` fits every
-    strength from zeros (the brute-force search, for checking the path)."""
+    strength from zeros (the brute-force search, for checking the path); ``fitted``: as
+    `l2_path`'s."""
     train, val = validation_split(len(y), val_fraction, seed)
     if warm_start:
-        fits = l2_path(x[train], y[train], num_classes, grid)
+        fits = l2_path(x[train], y[train], num_classes, grid, fitted=fitted)
     else:
         fits = {l2: fit_logistic(x[train], y[train], num_classes, l2) for l2 in grid}
     scores = {l2: accuracy(x[val], y[val], fits[l2]) for l2 in grid}
@@ -133,11 +139,13 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: Sequence
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                  test_y: torch.Tensor, l2: float | None = None,
-                 l2_grid: Sequence[float] = DEFAULT_L2_GRID, val_fraction: float = 0.2) -> dict:
+                 l2_grid: Sequence[float] = DEFAULT_L2_GRID, val_fraction: float = 0.2,
+                 progress: bool = False) -> dict:
     """Fit on (train_x, train_y) and report acc1/acc5/mean per-class recall on the test set.
 
     Features are standardised first. With ``l2=None`` the strength is chosen from ``l2_grid`` on
     a ``val_fraction`` validation split, then the probe is refitted on all training features.
+    ``progress``: a bar over the fits (minutes each on large feature sets).
     """
     if l2 is None and len(l2_grid) > 1 and len(train_y) < 2:
         raise ValueError(f"l2 is chosen on a validation split of the training features, which "
@@ -148,13 +156,22 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if basis is not None:
         train_x, test_x = train_x @ basis, test_x @ basis
     init = None
-    with threads_for(train_x.numel()):
+    searched = l2 is None and len(l2_grid) > 1
+    with threads_for(train_x.numel()), tqdm(total=len(l2_grid) + 1 if searched else 1,
+                                            desc="fit probe", unit="fit", leave=False,
+                                            disable=not progress) as bar:
+        def fitted(strength: float) -> None:
+            bar.set_postfix(l2=f"{strength:g}")
+            bar.update()
+
         if l2 is None:
-            if len(l2_grid) > 1:
-                l2, init = choose_l2(train_x, train_y, num_classes, l2_grid, val_fraction)
+            if searched:
+                l2, init = choose_l2(train_x, train_y, num_classes, l2_grid, val_fraction,
+                                     fitted=fitted)
             else:
                 l2 = l2_grid[0]
         w, b = fit_logistic(train_x, train_y, num_classes, l2, init=init)
+        fitted(l2)
     metrics = classification_metrics(test_x @ w + b, test_y)
     metrics["l2"] = l2
     return metrics

@@ -82,4 +82,5 @@ def probe_features(model: DualEncoder, spec, context: TaskContext,
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
-    return linear_probe(*probe_features(model, spec, context), l2=spec.l2)
+    return linear_probe(*probe_features(model, spec, context), l2=spec.l2,
+                        progress=context.progress)
