@@ -11,7 +11,7 @@ from cliplab.data.concepts import concept_pattern
 from cliplab.data.shapes import shapes_classification
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.long_tail import log_linear_fit, long_tail_analysis
+from cliplab.evaluate.long_tail import log_linear_fit, long_tail_analysis, narrow_span_warning
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -57,7 +57,11 @@ def test_log_linear_fit_by_hand():
     # SS_res = .018, SS_tot = .18 -> r² = .9
     fit = log_linear_fit([1, 10, 100, 1000], [0.1, 0.4, 0.4, 0.7])
     assert (fit["slope"], fit["intercept"], fit["r2"]) == pytest.approx((0.18, 0.13, 0.9))
+    # the slope's standard error: sqrt(SS_res / (n - 2) / Sxx) = sqrt(.018 / 2 / 5); 3 decades
+    assert (fit["slope_stderr"], fit["decades"]) == pytest.approx((0.0018 ** 0.5, 3.0))
+    assert narrow_span_warning("lt", fit) is None
     assert log_linear_fit([5, 5], [0.1, 0.9])["slope"] is None
+    assert log_linear_fit([1, 10], [0.1, 0.9])["slope_stderr"] is None  # two points: no spread
     with pytest.raises(ValueError):
         log_linear_fit([0, 10], [0.1, 0.2])
 
@@ -71,7 +75,7 @@ def test_long_tail_analysis_keeps_zero_frequency_apart():
     assert out["per_class"]["a"] == {"acc1": 0.9, "frequency": 100}
 
 
-def test_suite_long_tail_task(tmp_path, tiny_model):
+def test_suite_long_tail_task(tmp_path, tiny_model, capsys):
     (tmp_path / "train.csv").write_text(
         "image,caption\nx.png,a red circle\ny.png,two red squares\nz.png,a blue cross\n"
         "w.png,a green thing\n")  # images are never opened: only captions are counted
@@ -92,6 +96,13 @@ def test_suite_long_tail_task(tmp_path, tiny_model):
         {"red": 2, "green": 1, "blue": 1, "white": 0}
     assert out["zero_frequency"]["classes"] == ["white"]
     assert out["fit"]["n_classes"] == 3 and out["n_train_samples"] == 4
+    # frequencies 2, 1, 1 span log10(2) = 0.30 decade: the slope is told to say little
+    fit = out["fit"]
+    assert fit["decades"] == pytest.approx(math.log10(2))
+    assert capsys.readouterr().err.splitlines() == [
+        "lt: warning: the classes' training frequencies span 0.30 decade(s), so the log-linear "
+        f"slope ({100 * fit['slope']:+.1f} ± {100 * fit['slope_stderr']:.1f} points per decade) "
+        "says little; a long-tail fit needs frequencies over orders of magnitude"]
     with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'lt2'\): concepts: 1 concepts for "
                                           r"4 classes"):
         run_suite(tiny_model, {"tasks": [

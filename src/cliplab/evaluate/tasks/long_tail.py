@@ -4,11 +4,13 @@ fit of "No 'Zero-Shot' Without Exponential Data"."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 from cliplab.data.concepts import count_mentions
 from cliplab.errors import ConfigError
-from cliplab.evaluate.long_tail import long_tail_analysis, training_captions
+from cliplab.evaluate.long_tail import (long_tail_analysis, narrow_span_warning,
+                                         training_captions)
 from cliplab.evaluate.metrics import per_class_accuracy
 from cliplab.evaluate.tasks.base import DataSpec, TaskContext, TaskSpecBase, data_key
 from cliplab.models.dual_encoder import DualEncoder
@@ -46,4 +48,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     counts, n_samples = count_mentions(captions, concepts)
     out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
     out["n_train_samples"] = n_samples
+    warning = narrow_span_warning(name, out["fit"])
+    if warning:
+        print(warning, file=sys.stderr)
     return {**out, **context.scored_by(data)}
