@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from cliplab.cli import main
-from cliplab.errors import ModelError
+from cliplab.errors import ConfigError, ModelError
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.resolve import load_model, resolve_model_path
 from cliplab.runs import RunDir
@@ -34,7 +34,7 @@ def test_a_preset_with_options_and_a_model_folder(saved):
     assert _same_weights(load_model(str(saved)), model)
     assert _same_weights(load_model(saved), model)  # a Path is a spec too
     assert resolve_model_path(str(saved)) == saved
-    with pytest.raises(ModelError, match="options .*only apply to presets"):
+    with pytest.raises(ConfigError, match="options .*only apply to presets"):
         load_model({"name": str(saved), "options": {"seed": 2}})
     with pytest.raises(ModelError, match="'tiny-clip' is a preset"):
         resolve_model_path("tiny-clip")

@@ -7,10 +7,12 @@ import torch
 from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
                           VisionTextDualEncoderModel)
 
-from cliplab.errors import ModelError
+from cliplab.config import Section, load_config
+from cliplab.errors import ConfigError, ModelError
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.dual_encoder import mean_pool
 from cliplab.models.resolve import load_model
+from cliplab.models.spec import ModelField
 from cliplab.models.tokenizer import byte_level_tokenizer
 
 TEXTS = ["a red circle left of a blue square", "three green triangles", "héllo wörld"]
@@ -244,6 +246,10 @@ def test_attention_implementation_is_switched_for_a_block_only_and_changes_no_fe
     assert model.vision_tower.config._attn_implementation == "sdpa"
 
 
+class _ModelOnly(Section):
+    model: ModelField
+
+
 def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path, capsys):
     """Checked with the config, before any work: the file, `model.options` and the valid ones."""
     from cliplab.cli import main
@@ -253,10 +259,17 @@ def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path
                  "model.options.widht=3"])
     assert code == 2 and not out.exists()
     assert capsys.readouterr().err.strip() == (
-        "cliplab: error: configs/pretrain/tiny-shapes.yaml + command line: model.options: "
+        "cliplab: error: configs/pretrain/tiny-shapes.yaml + command line: model: "
         "unknown option(s) 'widht' for preset 'tiny-clip' (valid: image_size, patch_size, "
         "width, layers, heads, text_width, text_layers, embed_dim, context_length, activation, "
         "seed)")
-    # a folder or Hub id with options is still refused when loading (it names the model)
-    with pytest.raises(ModelError, match="only apply to presets"):
+    # the file's preset options under a model.name= override naming a folder: the override
+    # is named too (the check sat on model.options, which the command line did not set)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: tiny-clip, options: {width: 32}}\n")
+    with pytest.raises(ConfigError, match=f"^{recipe} \\+ command line: model: options "
+                       f"\\['width'\\] only apply to presets \\(.*\\), not to {tmp_path}$"):
+        load_config(_ModelOnly, recipe, [f"model.name={tmp_path}"])
+    # a folder or Hub id with options is refused when loading from Python too (naming it)
+    with pytest.raises(ConfigError, match=f"only apply to presets .*, not to {tmp_path}$"):
         load_model({"name": str(tmp_path), "options": {"width": 32}})

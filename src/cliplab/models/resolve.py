@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,10 @@ import torch
 from cliplab.errors import ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
-from cliplab.models.spec import ModelSpec, model_spec
+from cliplab.models.spec import ModelSpec, is_hub_id, model_spec
 from cliplab.runs import CHECKPOINTS, latest_checkpoint
 
 MODEL_DIR = "model"  # a checkpoint folder's model folder
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
@@ -42,9 +40,6 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
         return build_model(spec.name, **spec.options).to(device)
     if not Path(spec.name).expanduser().exists() and not is_hub_id(spec.name):
         raise unknown_model(spec.name)
-    if spec.options:
-        raise ModelError(f"model options {sorted(spec.options)} only apply to presets "
-                         f"({', '.join(PRESETS)}), not to {spec.name}")
     path = Path(spec.name).expanduser()
     if path.exists():
         from cliplab.models.convert import is_openclip_checkpoint, load_openclip
@@ -123,13 +118,6 @@ def model_folder(path: str | Path) -> Path:
                              "a run whose checkpoints are whole models")
         return latest / MODEL_DIR
     return path
-
-
-def is_hub_id(name: str) -> bool:
-    """``org/name`` that is not a relative path written as one (``./x/y``, ``x/y/z``, or
-    ``runs/x`` where ``runs`` is a folder here: a path, even when ``x`` is missing)."""
-    return (bool(HUB_ID.match(name)) and not name.startswith(".")
-            and not Path(name.split("/")[0]).is_dir())
 
 
 def hub_offline() -> bool:

@@ -7,9 +7,11 @@ anything else). `cliplab.models.resolve.load_model` turns a spec into a `DualEnc
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, field_validator
+from pydantic import BeforeValidator, model_validator
 
 from cliplab.config import Section
 from cliplab.errors import ModelError
@@ -22,22 +24,37 @@ class ModelSpec(Section):
     name: str
     options: dict[str, Any] = {}
 
-    @field_validator("options")
-    @classmethod
-    def _preset_takes_options(cls, options: dict[str, Any], info) -> dict[str, Any]:
-        """A misspelt preset option fails with the config's other errors, before any work."""
-        if options and info.data.get("name"):
+    @model_validator(mode="after")
+    def _options_fit_the_model(self) -> ModelSpec:
+        """A misspelt preset option, or options for a folder or Hub id (built as saved), fail
+        with the config's other errors, before any work; named at ``model``, since a change
+        of either key (a ``model.name=`` override under the file's options) can cause it."""
+        if self.options:
             from cliplab.models.presets import PRESETS, check_preset_options
 
-            if info.data["name"] in PRESETS:
+            if self.name not in PRESETS and (Path(self.name).expanduser().exists()
+                                             or is_hub_id(self.name)):
+                raise ValueError(f"options {sorted(self.options)} only apply to presets "
+                                 f"({', '.join(PRESETS)}), not to {self.name}")
+            if self.name in PRESETS:  # any other name is refused when loading, with hints
                 try:
-                    check_preset_options(info.data["name"], options)
+                    check_preset_options(self.name, self.options)
                 except ModelError as err:
                     raise ValueError(str(err)) from None
-        return options
+        return self
 
     def __str__(self) -> str:
         return self.name
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` that is not a relative path written as one (``./x/y``, ``x/y/z``, or
+    ``runs/x`` where ``runs`` is a folder here: a path, even when ``x`` is missing)."""
+    return (bool(HUB_ID.match(name)) and not name.startswith(".")
+            and not Path(name.split("/")[0]).is_dir())
 
 
 def _from_string(value: Any) -> Any:
