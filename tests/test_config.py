@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -204,3 +204,37 @@ def test_a_length_override_replaces_the_files_other_length(tmp_path):
     recipe = Path(__file__).parents[1] / "configs" / "quickstart.yaml"  # written in steps
     cfg = load_config(QuickstartConfig, recipe, ["train.epochs=1"])
     assert (cfg.train.epochs, cfg.train.steps) == (1, None)
+
+
+def test_true_or_false_is_no_number_in_any_section():
+    """pydantic reads true/false as 1/0: `shots: true` trained on 1 shot, a merge's `scale:
+    true` merged at 1.0, without a word. Any section's number refuses them; a key that also
+    takes true/false keeps them."""
+    from cliplab.adapt.config import AdaptConfig
+
+    class Keys(Section):
+        count: int = 1
+        rate: float | None = None
+        rates: float | list[float] = 1.0
+        flag_or_count: bool | int = 0
+        choice: Literal[1, "auto"] = 1
+        anything: Any = None
+
+    for key, kind in (("count", "an integer"), ("rate", "a number"), ("rates", "a number")):
+        with pytest.raises(ConfigError, match=f"^x.yaml: {key}: expected {kind}, got True$"):
+            validate(Keys, {key: True}, "x.yaml")
+    keys = validate(Keys, {"flag_or_count": True, "anything": False, "count": 3})
+    assert keys.flag_or_count is True and keys.anything is False and keys.count == 3
+    with pytest.raises(ConfigError, match="choice: expected one of 1, 'auto', got True"):
+        validate(Keys, {"choice": True})
+    from cliplab.adapt.tip_adapter import Options as TipOptions
+    from cliplab.merge.config import MergeConfig
+
+    spec = {"method": "tip-adapter", "model": "tiny-clip",
+            "data": {"train": {"source": "digits"}, "test": {"source": "digits"}}}
+    with pytest.raises(ConfigError, match="shots: expected an integer, got True"):
+        load_config(AdaptConfig, None, ["shots=true"], extra=spec)
+    with pytest.raises(ConfigError, match="beta: expected a number, got False"):
+        validate(TipOptions, {"beta": False})
+    with pytest.raises(ConfigError, match="scale: expected a number, got True"):
+        validate(MergeConfig, {"method": "task-arithmetic", "models": ["a"], "scale": True})

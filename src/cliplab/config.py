@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import copy
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from cliplab.errors import ConfigError
 
@@ -53,9 +56,45 @@ class Section(BaseModel):
                     raise ValueError(f"renamed key {old!r}: use {new!r}")
         return data
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true/false as 1/0 for an int or float: `shots: true` trained on 1
+        # shot, `scale: true` merged at 1.0; where a key also takes true/false, they stay
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            number, boolean = _takes(cls.model_fields[info.field_name].annotation)
+            if number and not boolean:
+                raise ValueError(f"expected {number}, got {value!r}")
+        return value
+
     def to_dict(self) -> dict:
         """Plain YAML-able dict of every key (defaults included), as written to config.yaml."""
         return self.model_dump(mode="json")
+
+
+def _takes(annotation: Any) -> tuple[str | None, bool]:
+    """For a type annotation: which numbers it takes ("an integer", "a number" or None) and
+    whether it takes true/false."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _takes(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        members = [_takes(a) for a in typing.get_args(annotation)]
+        numbers = sorted({m[0] for m in members} - {None})
+        return ("a number" if "a number" in numbers else next(iter(numbers), None),
+                any(m[1] for m in members))
+    if origin is typing.Literal:  # pydantic takes True for a Literal[1] (True == 1)
+        values = typing.get_args(annotation)
+        numbers = any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return (f"one of {', '.join(map(repr, values))}" if numbers else None,
+                any(isinstance(v, bool) for v in values))
+    if annotation is bool or annotation is Any or annotation is object:
+        return None, True
+    if isinstance(annotation, type) and issubclass(annotation, float):
+        return "a number", False
+    if isinstance(annotation, type) and issubclass(annotation, int):
+        return "an integer", False
+    return None, False
 
 
 def load_yaml(path: str | Path) -> dict:
