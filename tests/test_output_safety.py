@@ -230,6 +230,16 @@ def test_report_out_a_file_or_other_folder_is_a_one_line_error(docs, ufile, tmp_
                  "--no-progress"]) == 2
     assert "only a previous report output" in _one_line(capsys)
     assert _tree(docs) == {"thesis.txt": b"years of work"} and ufile.read_text() == "mine"
+    # a report.md of the user's was taken for a previous report: replaced, and every PNG in
+    # its plots/ deleted
+    (docs / "report.md").write_text("# my notes\n")
+    (docs / "plots").mkdir()
+    (docs / "plots" / "figure1.png").write_bytes(b"png")
+    before = _tree(docs)
+    assert main(["report", "--inputs", str(res), "--out", str(docs), "--no-progress"]) == 2
+    assert _one_line(capsys) == (f"--out {docs}: its report.md was not written by cliplab "
+                                 "report; choose a new folder")
+    assert _tree(docs) == before
     # a new folder inside the input's folder is fine: a report writes only its own files
     assert main(["report", "--inputs", str(res), "--out", str(res.parent / "report"),
                  "--no-progress"]) == 0

@@ -83,7 +83,8 @@ def test_report_tables_plots_and_html(tmp_path, inputs, capsys):
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["report.html",
                                                                         "report.md"]
     md = (out / "report.md").read_text()
-    assert md.startswith("# two models")
+    assert md.startswith("<!-- written by cliplab report -->\n# two models")  # the mark: see
+    # test_output_safety (a report.md of the user's is never taken for a previous report)
     # one column per model, rows of metrics, values as written
     assert "| metric | alpha/step-10 | tiny-clip | run-x |" in md
     assert "| acc1 | 0.8125 | 0.2500 | 0.5000 |" in md
@@ -108,12 +109,14 @@ def test_report_tables_plots_and_html(tmp_path, inputs, capsys):
     assert len(parser.images) == 3 and all(s.startswith("data:image/png;base64,")
                                            for s in parser.images)
 
-    # the same folder rewritten without the run: its training curves do not linger as current
+    # the same folder rewritten without the run: its training curves do not linger as current,
+    # and a file of the user's in plots/ (a PNG too) stays
     (out / "plots" / "notes.txt").write_text("mine")
+    (out / "plots" / "mine.png").write_bytes(b"my figure")
     assert main(["report", "--out", str(out), "--no-progress", "--inputs",
                  *map(str, inputs[:2])]) == 0
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
-        "few-shot-fs.png", "long-tail-lt.png", "notes.txt"]
+        "few-shot-fs.png", "long-tail-lt.png", "mine.png", "notes.txt"]
 
 
 def test_flatten_and_format():

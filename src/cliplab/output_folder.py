@@ -35,13 +35,6 @@ def is_run_folder(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in RUN_MARKERS)
 
 
-def has_files(*names: str) -> Callable[[Path], bool]:
-    """A previous-output test: the folder holds every one of ``names`` (whatever else it holds;
-    for a command that rewrites its own files in place, never for one that replaces the folder:
-    that takes `OutputFiles`)."""
-    return lambda folder: all((folder / name).exists() for name in names)
-
-
 @dataclass(frozen=True)
 class OutputFiles:
     """A previous-output test for an output a command replaces whole: the folder holds every

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from cliplab.config import Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
-from cliplab.output_folder import check_out, has_files
+from cliplab.output_folder import check_out
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -161,7 +162,7 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(title: str, sources: list[ReportSource], tables: list[Table],
                     figures: list[Figure], out_dir: Path) -> str:
-    lines = [f"# {title}", "", "Inputs:", ""]
+    lines = [REPORT_MARK, f"# {title}", "", "Inputs:", ""]
     lines += [f"- **{_md_cell(s.label)}**: `{s.path}`" for s in sources]
     for table in tables:
         lines += ["", f"## {_md_cell(table.title)}", "",
@@ -211,6 +212,29 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
     return "\n".join(parts) + "\n"
 
 
+# the first line of every report.md (invisible when rendered): what tells a previous report
+# apart from a user's own report.md, which --out must never overwrite
+REPORT_MARK = "<!-- written by cliplab report -->"
+
+
+def is_previous_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report.md `write_report` wrote."""
+    try:
+        with (folder / "report.md").open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == REPORT_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _plots_of(report_md: Path) -> list[Path]:
+    """The plots/*.png a previous report.md shows (none: no previous report)."""
+    if not is_previous_report(report_md.parent):
+        return []
+    text = report_md.read_text(encoding="utf-8")
+    return [report_md.parent / "plots" / name
+            for name in re.findall(r"\]\(plots/([^)/]+\.png)\)", text)]
+
+
 def write_report(inputs: list[str | Path], out: str | Path,
                  config: ReportConfig | dict | None = None,
                  progress: bool = True) -> dict[str, Path]:
@@ -223,20 +247,25 @@ def write_report(inputs: list[str | Path], out: str | Path,
         raise ConfigError("say what to report: --inputs RESULTS.json RUN_FOLDER ...")
     # never a file; an existing folder only if it holds a previous report (a new folder inside
     # a run is fine: a report writes only report.md/.html and plots/)
-    check_out(out, "report", may_exist=True, previous=has_files("report.md"))
+    previous_md = Path(out) / "report.md"
+    if previous_md.is_file() and not is_previous_report(Path(out)):
+        raise ConfigError(f"--out {out}: its report.md was not written by cliplab report; "
+                          "choose a new folder")
+    check_out(out, "report", may_exist=True, previous=is_previous_report)
     sources = read_inputs(inputs, config.names)
     title = config.title
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rewrite = (out_dir / "report.md").is_file()
+    # a previous report's plots that this one does not draw would look current; any other
+    # file in plots/ is the user's
+    earlier_plots = _plots_of(out_dir / "report.md")
     tables = build_tables(sources)
     figures = build_figures(sources, out_dir / "plots", progress) \
         if config.plots else []
-    if rewrite:  # a previous report's plots that this one does not draw would look current
-        drawn = {f.path.resolve() for f in figures}
-        for old in (out_dir / "plots").glob("*.png"):
-            if old.resolve() not in drawn:
-                old.unlink()
+    drawn = {f.path.resolve() for f in figures}
+    for old in earlier_plots:
+        if old.resolve() not in drawn and old.is_file():
+            old.unlink()
     md = out_dir / "report.md"
     md.write_text(render_markdown(title, sources, tables, figures, out_dir), encoding="utf-8")
     page = out_dir / "report.html"
