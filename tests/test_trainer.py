@@ -331,3 +331,38 @@ def test_device_and_lock_options_are_checked(pairs):
 
     with pytest.raises(ModelError, match="the text tower has 1 blocks"):
         Trainer(small_model(), config(lock_text=True, lock_text_except_last=1), None)
+
+
+def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, pairs):
+    """`train.lr=1e6` gave NaN from step 2, yet the run saved NaN weights, logged bare NaN
+    into metrics.jsonl and reported chance accuracy as a success."""
+    from cliplab.errors import TrainingDiverged
+
+    def nan_from(step: int, trainer: Trainer) -> Trainer:
+        backward, calls = trainer.objective.backward, []
+
+        def poisoned(batch):
+            calls.append(1)
+            loss = backward(batch)
+            return loss * float("nan") if len(calls) >= step else loss
+        trainer.objective.backward = poisoned
+        return trainer
+
+    run = RunDir(tmp_path / "every")
+    trainer = nan_from(3, Trainer(small_model(), config(steps=8, save_every=2), run))
+    with pytest.raises(TrainingDiverged, match=r"^train: the loss or the gradients became NaN "
+                       r"or infinite at step 3 \(train.lr 0.003\), so the run stopped; nothing "
+                       r"after step 2 was logged or saved. Lower train.lr, lengthen "
+                       r"train.warmup$"):
+        trainer.fit(pairs)
+    records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
+    # checked only where a step syncs anyway: here the final step, when the log is sparse
+    run = RunDir(tmp_path / "sparse")
+    trainer = nan_from(3, Trainer(small_model(), config(steps=6, log_every=100, save_every=0,
+                                                        grad_clip=0), run))
+    with pytest.raises(TrainingDiverged, match="between steps 1 and 6 .*warmup or set "
+                       "train.grad_clip$"):
+        trainer.fit(pairs)
+    assert not (run.path / "checkpoints").exists() or not any((run.path / "checkpoints").iterdir())

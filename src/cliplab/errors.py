@@ -26,6 +26,11 @@ class DistributedError(CliplabError):
     or stopped answering (its own error, if any, is in that rank's log)."""
 
 
+class TrainingDiverged(CliplabError):
+    """The loss or the gradients of a run became NaN or infinite: its weights are lost from
+    that step on, so the run stops instead of saving or evaluating them."""
+
+
 def first_line(err: BaseException) -> str:
     """``TypeName: first line of the message`` of a library's exception, for a one-line error
     that says why (``TypeName`` alone when the message is empty)."""

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, TrainingDiverged
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
 from cliplab.runs import CHECKPOINTS, RunDir
@@ -146,6 +146,10 @@ class Trainer:
                    disable=not cfg.progress or self.rank > 0, dynamic_ncols=True)
         last: dict = {}
         start, seen = time.time(), 0
+        # set by a NaN/inf loss or gradient norm, read only where a step syncs anyway (a
+        # log, checkpoint or evaluation step): no per-step device sync
+        diverged = torch.zeros((), dtype=torch.bool, device=self.device)
+        checked = self.step
         while self.step < total:
             optimizer.zero_grad(set_to_none=True)
             with distributed.collective_errors(f"training step {self.step + 1}"):
@@ -153,6 +157,8 @@ class Trainer:
                 loss = self.objective.backward(batch)  # embed, loss, backward
                 distributed.average_gradients(self.replicated_params)
             grad_norm = self._clip_gradients()
+            diverged |= ~torch.isfinite(loss.detach()).all()
+            diverged |= ~torch.isfinite(grad_norm).to(diverged.device)
             # the rate this step used (step() moves to the next), of parameters without an
             # lr_scale: the first group's rate is a scaled one when its parameters have one
             lr = cfg.lr * multiplier(scheduler)
@@ -163,6 +169,11 @@ class Trainer:
             self.step += 1
             seen += cfg.batch_size
             bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == total or any(
+                    every and self.step % every == 0 for every in (cfg.save_every,
+                                                                    cfg.eval_every)):
+                self._refuse_diverged(diverged, checked)  # before anything is logged or saved
+                checked = self.step
             if self.step % cfg.log_every == 0 or self.step == total:
                 # each rank holds its share of the global-batch loss; their mean is that loss
                 last = {"step": self.step, "epoch": inputs.epoch,
@@ -184,6 +195,19 @@ class Trainer:
         bar.close()
         self._eval_mode()
         return last
+
+    def _refuse_diverged(self, diverged: torch.Tensor, checked: int) -> None:
+        """Stop the run (every rank alike) if a step since step ``checked`` had a NaN or
+        infinite loss or gradient norm."""
+        if distributed.mean_over_ranks(diverged.float()).item() == 0:
+            return
+        when = f"at step {self.step}" if checked + 1 == self.step else \
+            f"between steps {checked + 1} and {self.step}"
+        clip = "" if self.config.grad_clip > 0 else " or set train.grad_clip"
+        raise TrainingDiverged(
+            f"train: the loss or the gradients became NaN or infinite {when} (train.lr "
+            f"{self.config.lr:g}), so the run stopped; nothing after step {checked} was logged "
+            f"or saved. Lower train.lr, lengthen train.warmup{clip}")
 
     # -- parts of the step ----------------------------------------------------------------------
     def _named_parameters(self):
