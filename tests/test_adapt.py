@@ -3,6 +3,7 @@ training equal zero-shot heads, gradients reach only the learned tensors, and ev
 saved adapter loads back with identical logits."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -350,3 +351,21 @@ def test_an_adapter_refuses_a_model_it_was_not_fitted_on(model, digits, ctx, tmp
     with pytest.raises(ModelError, match="fitted on other weights"):
         load_adapter(tmp_path / "a", other)
     assert load_adapter(tmp_path / "a", model).method == "linear-probe"
+
+
+def test_options_templates_need_one_place_for_the_class():
+    """`options.templates=['a {c} shape']` (the style of template files) or a prompt with no
+    '{}' gave every class the same prompt, and `[]` silently fell back to the dataset's while
+    recording []; `{c}` now reads as `{}` and the others are refused."""
+    from cliplab.adapt.options import PromptOptions
+    from cliplab.config import validate
+
+    assert validate(PromptOptions, {"templates": ["a {c} shape"]}).templates == ["a {} shape"]
+    assert validate(PromptOptions, {"templates": "a {} shape"}).templates == ["a {} shape"]
+    assert validate(PromptOptions, {}).templates is None
+    for value, problem in ((["a shape"], "every prompt needs one '{}' where the class goes; not "
+                                         "'a shape'"),
+                           (["{} of {}"], "every prompt needs one '{}'"),
+                           ([], "must be a non-empty list of prompts")):
+        with pytest.raises(ConfigError, match="^" + re.escape(f"x: templates: {problem}")):
+            validate(PromptOptions, {"templates": value}, "x")

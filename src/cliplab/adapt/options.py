@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from cliplab.config import Section
+from cliplab.data.sources import checked_templates
 
 
 class PromptOptions(Section):
@@ -20,8 +21,14 @@ class PromptOptions(Section):
 
     @field_validator("templates", mode="before")
     @classmethod
-    def _one_template(cls, value):
-        return [value] if isinstance(value, str) else value
+    def _templates_with_a_place_for_the_class(cls, value):
+        # ['a {c} shape'] or ['a shape'] gave every class one prompt: chance accuracy, silently
+        if value is None:
+            return None
+        templates, problem = checked_templates([value] if isinstance(value, str) else value)
+        if problem:
+            raise ValueError(problem)
+        return templates
 
 
 class TrainingOptions(Section):

@@ -234,15 +234,25 @@ def _kind(data: Dataset) -> str:
 def check_templates(templates: object, source: str | None) -> list[str]:
     """``templates`` as a list of prompt strings, each with one ``{}`` (or ``{c}``, as template
     files write it) for the class; a one-line ``ConfigError`` naming the source otherwise."""
+    templates, problem = checked_templates(templates)
+    if problem:
+        separator = " " if problem.startswith("must") else ": "
+        raise ConfigError(f"templates of data source {source!r}{separator}{problem}")
+    return templates
+
+
+def checked_templates(templates: object) -> tuple[list[str], str | None]:
+    """(``templates`` with ``{c}`` written as ``{}``, what is wrong with them or None): each
+    must be a string with one ``{}`` where the class goes, and there must be one at least
+    (a prompt without a place for the class gives every class the same prompt)."""
     if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
-        raise ConfigError(f"templates of data source {source!r} must be a non-empty list of "
-                          f"prompts, e.g. ['a photo of a {{}}.'], got {templates!r}")
+        return [], (f"must be a non-empty list of prompts, e.g. ['a photo of a {{}}.'], got "
+                    f"{templates!r}")
     templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if bad:
-        raise ConfigError(f"templates of data source {source!r}: every prompt needs one '{{}}' "
-                          f"where the class goes; not {bad[0]!r}")
-    return templates
+        return templates, f"every prompt needs one '{{}}' where the class goes; not {bad[0]!r}"
+    return templates, None
 
 
 def as_pairs(data: LabelledImages | ImageTextPairs) -> ImageTextPairs:
