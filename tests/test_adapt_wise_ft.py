@@ -119,6 +119,15 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
     assert format_results(again).splitlines()[0] == (
         f"the fine-tuned model {res['finetuned']} (options.finetuned; nothing trained here), "
         "540 test images")
+    # training settings beside a given fine-tune were ignored, yet recorded as used
+    for extra, keys in (({"train": {"epochs": 50}}, "train is"),
+                        ({"train": {}, "train_head": False}, "train and train_head are")):
+        with pytest.raises(ConfigError, match=f"options: {keys} read only when wise-ft "
+                           f"fine-tunes here, but finetuned: {res['finetuned']} is given"):
+            run(str(tmp_path / "base"), {**CFG, "options": {"finetuned": res["finetuned"],
+                                                            **extra}},
+                tmp_path / "ignored", progress=False)
+    assert not (tmp_path / "ignored").exists()
 
 
 def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
 from cliplab.adapt.common import head_metrics
@@ -73,6 +73,18 @@ class Options(FinetuneOptions):
             except CliplabError as err:
                 raise ValueError(str(err)) from None
         return value
+
+    @model_validator(mode="after")
+    def _no_training_settings_for_a_given_finetune(self) -> Options:
+        # they were ignored, yet recorded in config.yaml and results.json as if used
+        given = sorted({"train", "train_head"} & self.model_fields_set)
+        if self.finetuned is not None and given:
+            keys, one = " and ".join(given), len(given) == 1
+            raise ValueError(f"{keys} {'is' if one else 'are'} read only when wise-ft "
+                             f"fine-tunes here, but finetuned: {self.finetuned} is given "
+                             f"(nothing is trained); leave {'it' if one else 'them'} out, or "
+                             "finetuned")
+        return self
 
     @field_validator("val_shift")
     @classmethod
