@@ -164,6 +164,11 @@ def test_bad_model_names_and_folders_are_clear_errors(tmp_path):
         build_model("tiny-clip", width=7)
     with pytest.raises(ModelError, match="unknown activation 'gelu2'.*quick_gelu"):
         build_model("tiny-clip", activation="gelu2")
+    # patches that do not tile the image: transformers drops the last rows and columns
+    for preset in ("tiny-clip", "tiny-siglip", "lit-minilm"):
+        with pytest.raises(ModelError, match=r"^image_size 32 is not a multiple of patch_size 7: "
+                           r"the patches would leave out the last 4 rows and columns"):
+            build_model(preset, image_size=32, patch_size=7)
 
 
 def test_tiny_clip_activation_reaches_both_towers_and_survives_a_save(tmp_path):

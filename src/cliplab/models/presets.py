@@ -53,8 +53,17 @@ def _text_config(tokenizer, width: int, layers: int, heads: int, context_length:
 
 
 def _vision_config(image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:
+    _check_patches(image_size, patch_size)
     return dict(image_size=image_size, patch_size=patch_size, hidden_size=width,
                 intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+
+
+def _check_patches(image_size: int, patch_size: int) -> None:
+    if patch_size > 0 and image_size % patch_size:  # transformers takes it, and drops the rest
+        raise ModelError(f"image_size {image_size} is not a multiple of patch_size {patch_size}: "
+                         f"the patches would leave out the last {image_size % patch_size} "
+                         "rows and columns of every image; choose a patch_size that divides "
+                         "image_size")
 
 
 def _check_activation(activation: str) -> str:
@@ -113,6 +122,7 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
                heads: int = 3, mlp_ratio: int = 4, text_model: str | None = None,
                context_length: int = 32, seed: int = 0) -> DualEncoder:
     """A from-scratch ViT against the pretrained all-MiniLM-L6-v2 text tower (mean pooled)."""
+    _check_patches(image_size, patch_size)
     torch.manual_seed(seed)
     text_path = Path(text_model) if text_model else minilm_path()
     if not (text_path / "config.json").is_file():
