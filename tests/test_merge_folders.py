@@ -273,7 +273,13 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "uniform needs at least 2 fine-tuned models" in err[0]
+    assert len(err) == 1 and "uniform needs at least 2 fine-tuned models (one model merged " \
+        "alone is a copy of it)" in err[0]
+    # model-stock with one: not "a copy" (it moves toward the base), but no angle to go by
+    assert main(["merge", "--method", "model-stock", "--models", str(fts[0]), "--base",
+                 str(fts[1]), "--out", str(tmp_path / "o")]) == 2
+    assert "model-stock needs at least 2 fine-tuned models (its ratio toward the base comes " \
+        "from the angle between fine-tunes)" in capsys.readouterr().err
     # a key=value after --models is an override, not a model (it read '--models weights=...
     # does not exist')
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]), str(fts[1]),

@@ -46,8 +46,9 @@ class MergeConfig(Section):
             raise ValueError(f"method {self.method!r} needs the pretrained model: base "
                              "(or --base P)")
         if self.method in ("model-stock", "uniform", "greedy") and n < 2:
-            raise ValueError(f"{self.method} needs at least 2 fine-tuned models (one model "
-                             "merged alone is a copy of it)")
+            why = "its ratio toward the base comes from the angle between fine-tunes" \
+                if self.method == "model-stock" else "one model merged alone is a copy of it"
+            raise ValueError(f"{self.method} needs at least 2 fine-tuned models ({why})")
         if self.method == "greedy" and self.heldout is None:
             raise ValueError("the greedy soup needs held-out data to score with: set heldout "
                              "to an eval task, e.g. {task: zeroshot, data: {source: digits, "
