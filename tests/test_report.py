@@ -156,6 +156,14 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(DataError, match="metrics.jsonl:line 2: invalid JSON"):
         write_report([run], tmp_path / "o")
+    # a last line cut off (a run killed while logging) is left out, said once; the run reports
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+                                       '{"step": 3, "lo')
+    capsys.readouterr()
+    write_report([run], tmp_path / "cut", progress=False)
+    assert capsys.readouterr().err == (f"report: {run / 'metrics.jsonl'}:line 3 is cut off (the "
+                                       "run stopped while writing it); left out\n")
+    assert "| loss | 1.5000 |" in (tmp_path / "cut" / "report.md").read_text()
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="list.json: expected a JSON object"):
         write_report([tmp_path / "list.json"], tmp_path / "o")

@@ -7,6 +7,7 @@ Every problem is a one-line ``DataError`` naming the file (and line for metrics.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +54,18 @@ def read_history(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; expected a run's metrics.jsonl") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                # a run killed while logging leaves its last line cut off: the rest still stands
+                print(f"report: {path}:line {number} is cut off (the run stopped while writing "
+                      "it); left out", file=sys.stderr)
+                break
             raise DataError(f"{path}:line {number}: invalid JSON ({err.msg}); one JSON object "
                             "per line expected") from None
         if not isinstance(record, dict):
