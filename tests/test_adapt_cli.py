@@ -112,6 +112,10 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
      "method is required"),
     (["--method", "coop", "--model", "tiny-clip", "train={source: digits}"],
      "renamed key 'train': use 'data.train"),
+    # a pretrain recipe: its train: (Trainer settings) is no old adapt config's data spec
+    (["--method", "coop", "--config", "configs/pretrain/tiny-shapes.yaml"],
+     "configs/pretrain/tiny-shapes.yaml: this is a pretrain recipe (train: Trainer settings, "
+     "no data.test); cliplab adapt reads an adapt config"),
     (["--method", "lora", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "lora={rank: 4}"], "renamed key 'lora': use 'options'"),
     (["--method", "finetune", "--model", "tiny-clip", "data.train={source: digits}",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt import ADAPT_METHODS
 from cliplab.adapt.base import DEFAULT_SEED
@@ -53,6 +53,18 @@ class AdaptConfig(Section):
     compare_zeroshot: bool = True
     cache_dir: str | None = None
     out: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_pretrain_recipe(cls, data: Any) -> Any:
+        # its `train:` (Trainer settings) read as an old adapt config's renamed key
+        if isinstance(data, dict) and isinstance(data.get("train"), dict) and \
+                "source" not in data["train"] and isinstance(data.get("data"), dict) and \
+                "train" in data["data"] and "test" not in data["data"]:
+            raise ValueError("this is a pretrain recipe (train: Trainer settings, no "
+                             "data.test); cliplab adapt reads an adapt config (method, "
+                             "data.train, data.test, options; see configs/adapt/)")
+        return data
 
     @field_validator("method")
     @classmethod
