@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cliplab.models.precision import autocast
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.precision import autocast
 
 
 @dataclass

@@ -39,7 +39,7 @@ FIT_KEYS = ("slope", "slope_stderr", "intercept", "r2", "decades")
 def narrow_span_warning(label: str, fit: dict) -> str | None:
     """A warning line when the classes' frequencies span less than one decade: the
     paper's trend is over orders of magnitude, and a slope fitted over a fraction of one is
-    mostly noise (the shipped shapes colours: 0.1 decade, r² 0.05)."""
+    mostly noise (the shipped shapes suite's colours span 0.02 decade)."""
     if fit.get("decades") is None or fit["decades"] >= 1:
         return None
     spread = f" ± {100 * fit['slope_stderr']:.1f}" if fit.get("slope_stderr") is not None else ""
