@@ -35,11 +35,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """`cliplab adapt`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.adapt.config import AdaptConfig
-    from cliplab.adapt.run import format_results, run_adapt
+    from cliplab.adapt.run import checked_config, format_results, run_adapt
+    from cliplab.errors import ConfigError
 
     cfg = stage_config(AdaptConfig, args, method=args.method, model=args.model,
                        cache_dir=args.cache_dir)
+    try:
+        checked_config(cfg, config_where(args))
+    except ConfigError as error:
+        replaced = _file_method(args.config)
+        if replaced in (None, cfg.method):
+            raise
+        raise ConfigError(f"{error} (the config's options are for its method {replaced!r}, "
+                          f"replaced by {cfg.method!r})") from None
     results = run_adapt(cfg, progress=not args.no_progress, where=config_where(args))
     print(format_results(results))
     print(f"results.json and what was learned: {results['out']}")
     return 0
+
+
+def _file_method(path: str | None) -> str | None:
+    """The ``method`` the config file names, if any (read again: the loaded config holds the
+    command line's)."""
+    from cliplab.config import load_yaml
+
+    return load_yaml(path).get("method") if path else None
