@@ -153,6 +153,12 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     with pytest.raises(DataError, match=r"folder .*run has neither results.json nor "
                        r"metrics.jsonl \(a run folder\) nor merge.json \(a merge's output\)"):
         write_report([run], tmp_path / "o")
+    merged = tmp_path / "merged"  # a merge's output folder: its record says what it should be
+    merged.mkdir()
+    (merged / "merge.json").write_text("{cut")
+    with pytest.raises(DataError, match=r"merged/merge.json: invalid JSON \(.*\); expected the "
+                       r"merge.json `cliplab merge` writes$"):
+        write_report([merged], tmp_path / "o")
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(DataError, match="metrics.jsonl:line 2: invalid JSON"):
         write_report([run], tmp_path / "o")

@@ -34,14 +34,17 @@ class ReportSource:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or a DataError naming the file and the problem."""
+    """A JSON object from ``path``, or a DataError naming the file and the problem (and what
+    the file should be: a merge's record or a results JSON)."""
+    expected = ("the merge.json `cliplab merge` writes" if path.name == MERGE_RECORD else
+                "the results JSON of `cliplab eval --out` or a run's results.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; expected a results JSON file") from None
+        raise DataError(f"{path}: not UTF-8 text; expected {expected}") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); expected the "
-                        "results JSON of `cliplab eval --out` or a run's results.json") from None
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}); expected "
+                        f"{expected}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of results, got {type(data).__name__}")
     return data
