@@ -136,6 +136,13 @@ def test_a_run_refused_at_its_start_leaves_no_folder(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "new")]) == 2
     assert "batch of 128 is larger than the dataset (64 pairs)" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    # an empty training or replay set is said to be empty, not a batch too large for it
+    assert main([*args, "data.train.n=0", "--out", str(tmp_path / "new")]) == 2
+    assert "data.train holds no pairs (source 'shapes' loaded none)" in capsys.readouterr().err
+    assert main([*args, "data.replay={ratio: 0.5, source: shapes, n: 0}",
+                 "--out", str(tmp_path / "new")]) == 2
+    assert "data.replay holds no pairs" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()
     assert main([*args, "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir()

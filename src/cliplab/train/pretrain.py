@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from cliplab.config import Section, load_yaml, validate
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.resolve import load_model
@@ -106,7 +106,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         if spec.get("stream"):  # validated with the config (stream: false is dropped there)
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
         else:
-            pairs = as_pairs(load_source(spec, progress, "data.train"))
+            pairs = _pairs(spec, progress, "data.train")
         replay, replay_ratio = _replay(cfg.data.replay, progress)
         context = TaskContext(progress=False)
         model = load_model(cfg.model)
@@ -172,7 +172,15 @@ def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, f
         return None, 0.0
     spec = dict(spec)  # checked with the config (`PretrainData`)
     ratio = float(spec.pop("ratio"))
-    return as_pairs(load_source(spec, progress, "data.replay")), ratio
+    return _pairs(spec, progress, "data.replay"), ratio
+
+
+def _pairs(spec: dict, progress: bool, where: str) -> ImageTextPairs:
+    """The pairs a data spec loads (labelled images as captioned pairs); none is an error."""
+    pairs = as_pairs(load_source(spec, progress, where))
+    if not len(pairs):
+        raise DataError(f"{where} holds no pairs (source {spec.get('source')!r} loaded none)")
+    return pairs
 
 
 def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
