@@ -306,6 +306,11 @@ def test_hyper_parameters_and_skip_records_are_no_metric_tables(tmp_path):
         "zeroshot": {"acc1": 0.55}}))
     assert read_input(adapt).sections == {"test": {"acc1": 0.6}, "zeroshot": {"acc1": 0.55},
                                           "run": {"shots": 2}}
+    # numbers straight under results (no task level) are the run's, as the error message
+    # for a file without metrics promises; they were dropped and the file refused
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"results": {"acc1": 0.5, "note": "x", "ok": True}, "n": 3}))
+    assert read_input(flat).sections == {"run": {"acc1": 0.5, "n": 3}}
 
 
 def test_labels_stay_unique_and_name_the_method(tmp_path):

@@ -81,13 +81,14 @@ def read_history(path: Path) -> list[dict]:
 def result_sections(data: dict) -> dict[str, dict]:
     """Metric sections of a results object: its ``results``/``evals`` mapping if it has one,
     every other mapping under its own key (not adapt's ``options``), an α sweep (wise-ft's
-    ``sweep``) as ``{"α 0.5": {set: acc1}}``, and top-level numbers (and the number of
-    skipped samples) under ``run``."""
+    ``sweep``) as ``{"α 0.5": {set: acc1}}``, and numbers (top-level or directly under
+    ``results``, and the number of skipped samples) under ``run``."""
     sections: dict[str, dict] = {}
+    scalars = {}
     for key in _SECTION_KEYS:
         if isinstance(data.get(key), dict):
             sections.update({k: v for k, v in data[key].items() if isinstance(v, dict)})
-    scalars = {}
+            scalars.update({k: v for k, v in data[key].items() if _is_number(v)})
     for key, value in data.items():
         if key in _SECTION_KEYS and isinstance(value, dict):
             continue
@@ -104,11 +105,15 @@ def result_sections(data: dict) -> dict[str, dict]:
             sections.setdefault(key, sweep)
         elif isinstance(value, dict):
             sections.setdefault(key, value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif _is_number(value):
             scalars[key] = value
     if scalars:  # beside a task named "run", under another name
         sections[SCALARS if SCALARS not in sections else f"{SCALARS} (numbers)"] = scalars
     return sections
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def merge_heldout(value: object) -> tuple[str, dict] | None:
