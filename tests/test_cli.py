@@ -224,3 +224,21 @@ def test_help_and_usage_errors_import_no_model_code():
     assert sorted(merge.__all__) == sorted(set(merge.__all__))
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         merge.nope
+
+
+@pytest.mark.parametrize("world, refused", [("2", True), ("1", False)])
+def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_path, capsys,
+                                                         monkeypatch):
+    """torchrun runs every rank's copy of the command: one that does not share its work (all
+    but pretrain) would run whole N times into the same folder, so it is refused first."""
+    results = tmp_path / "results.json"
+    results.write_text('{"results": {"digits": {"acc1": 0.5}}}')
+    monkeypatch.setenv("WORLD_SIZE", world)
+    code = main(["report", "--inputs", str(results), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert (code == 2) == refused and (tmp_path / "r").exists() != refused
+    if refused:
+        assert err.strip() == (
+            "cliplab: error: cliplab report runs in one process, but torchrun launched "
+            "WORLD_SIZE=2 copies (each would run it whole into the same output); run it without "
+            "torchrun (only pretrain shares its work over ranks)")

@@ -26,6 +26,9 @@ COMMANDS: dict[str, ModuleType] = {
     "quickstart": quickstart, "data": data, "curate": curate, "pretrain": pretrain,
     "adapt": adapt, "merge": merge, "eval": evaluate, "report": report, "convert": convert,
     "export": export, "index": index, "serve": serve}
+# the commands that share their work over torchrun's ranks; any other would run as N
+# independent copies writing the same files
+DISTRIBUTED_COMMANDS = ("pretrain",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +108,18 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
         _SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
+def _refuse_copies_under_torchrun(command: str) -> None:
+    """A command that does not distribute its work, launched on several ranks, is refused
+    (each rank would run it whole into the same folder)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command not in DISTRIBUTED_COMMANDS and world.strip() not in ("", "0", "1"):
+        shared = ", ".join(DISTRIBUTED_COMMANDS)
+        raise CliplabError(f"cliplab {command} runs in one process, but torchrun launched "
+                           f"WORLD_SIZE={world} copies (each would run it whole into the same "
+                           f"output); run it without torchrun (only {shared} shares its work "
+                           "over ranks)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cliplab: interrupted", file=sys.stderr)
         return 130
     try:
+        _refuse_copies_under_torchrun(args.command)
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
