@@ -167,22 +167,26 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     out = tmp_path / "run"
     run_pretrain(recipe(out), progress=False)  # steps 1-4, checkpoints at 2 and 4
     old = {name: tree(out / "checkpoints" / name) for name in ("step-2", "step-4")}
-    (out / "results.json").unlink()
+    old_results = (out / "results.json").read_bytes()
     capsys.readouterr()
-    # resumed from step-2 and stopped at 3 (a shorter run stands for a killed one)
+    # resumed from step-2 and stopped at 3 (a shorter run stands for a killed one): the run
+    # before's results.json (step 4, its model at checkpoints/step-4) is set aside with step-4
     run_pretrain(recipe(out, steps=3), resume=str(out / "checkpoints" / "step-2"),
                  progress=False)
     assert capsys.readouterr().err.count(
-        f"resumed from step 2: the later checkpoints of the run before (step-4) are moved to "
-        f"{out / 'superseded'}") == 1
+        f"resumed from step 2: what the run before wrote past it (step-4, results.json) is "
+        f"moved to {out / 'superseded'}") == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     assert tree(out / "superseded" / "step-4") == old["step-4"]  # kept, bit for bit
+    assert (out / "superseded" / "results.json").read_bytes() == old_results
     assert tree(out / "checkpoints" / "step-2") == old["step-2"]
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3]
-    (out / "results.json").unlink()
+    assert json.loads((out / "results.json").read_text())["train"]["step"] == 3
     run_pretrain(recipe(out), resume="latest", progress=False)  # continues step-3, not step-4
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (out / "superseded").iterdir()) == ["step-4"]
+    assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
+    assert sorted(p.name for p in (out / "superseded").iterdir()) == [
+        "results-2.json", "results.json", "step-4"]
 
 
 def test_resume_from_a_checkpoint_that_does_not_exist_says_so(tmp_path):

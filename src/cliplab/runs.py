@@ -29,7 +29,8 @@ SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 # what a run writes first (output_folder.RUN_MARKERS, by which other commands tell a run folder)
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
-RUN_RECORDS = (CHECKPOINTS, METRICS_FILE, "results.json")  # a run that got under way
+RESULTS_FILE = "results.json"
+RUN_RECORDS = (CHECKPOINTS, METRICS_FILE, RESULTS_FILE)  # a run that got under way
 
 
 def default_run_dir(kind: str) -> Path:
@@ -306,15 +307,23 @@ class RunDir:
         later = sorted(p for p in folder.iterdir()
                        if (n := checkpoint_step(p)) is not None and n > step) \
             if folder.is_dir() else []
-        moved = []
-        for path in later:
-            target, n = self.path / SUPERSEDED / path.name, 2
-            while target.exists():  # set aside by an earlier resume too
-                target, n = self.path / SUPERSEDED / f"{path.name}-{n}", n + 1
-            target.parent.mkdir(exist_ok=True)
-            os.replace(path, target)
-            moved.append(target)
-        return moved
+        return [self._set_aside(path) for path in later]
+
+    def set_aside_results(self) -> Path | None:
+        """Move the run's results.json to ``superseded/`` (a resume that trains again: it
+        describes the run before, whose final checkpoint may be set aside); its new place, or
+        None when there was none."""
+        results = self.path / RESULTS_FILE
+        return self._set_aside(results) if results.is_file() else None
+
+    def _set_aside(self, path: Path) -> Path:
+        """Move ``path`` into ``superseded/``, numbered after what an earlier resume put there."""
+        target, n = self.path / SUPERSEDED / path.name, 2
+        while target.exists():  # set aside by an earlier resume too
+            target, n = self.path / SUPERSEDED / f"{path.stem}-{n}{path.suffix}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        return target
 
     def keep_newest_checkpoints(self, keep: int, step: int) -> list[Path]:
         """Remove the complete checkpoints before the newest ``keep`` up to ``step`` (the one

@@ -20,13 +20,14 @@ from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import spec_paths
-from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
+# results.json is written last: a run without it never finished
+from cliplab.runs import (RESULTS_FILE, RunDir, check_run_out, default_run_dir,
+                          removed_if_unstarted)
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
 
 
-RESULTS_FILE = "results.json"  # written last: a run without it never finished
 
 
 class PretrainData(Section):

@@ -307,9 +307,11 @@ class Trainer:
         if self.run_dir and self.rank == 0:
             self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
             moved = self.run_dir.set_aside_checkpoints_after(self.step)
+            if self.step < total:  # trains again: the run before's results no longer hold
+                moved += filter(None, [self.run_dir.set_aside_results()])
             if moved:
-                print(f"cliplab: resumed from step {self.step}: the later checkpoints of the "
-                      f"run before ({', '.join(p.name for p in moved)}) are moved to "
+                print(f"cliplab: resumed from step {self.step}: what the run before wrote "
+                      f"past it ({', '.join(p.name for p in moved)}) is moved to "
                       f"{moved[0].parent}", file=sys.stderr)
         return folder
 
