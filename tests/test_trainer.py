@@ -196,6 +196,18 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert precision.resolve_precision("fp32", cpu) == "fp32"
 
 
+def test_an_emulating_gpu_has_no_native_bf16(monkeypatch):
+    """A V100/T4 runs bf16 emulated (torch's is_bf16_supported says yes by default there):
+    auto stays fp32 on it."""
+    from cliplab.models import precision
+
+    def supported(including_emulation: bool = True) -> bool:
+        return including_emulation  # an emulating GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert not precision.bf16_is_native(torch.device("cuda"))
+    assert precision.resolve_precision("auto", torch.device("cuda")) == "fp32"
+
+
 def test_the_trainer_runs_in_the_resolved_precision(monkeypatch):
     from cliplab.models import precision
 

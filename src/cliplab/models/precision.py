@@ -21,8 +21,8 @@ PRECISION_CHOICES = get_args(Precision)
 def bf16_is_native(device: torch.device) -> bool:
     """True where bf16 matrix products run on hardware units (CUDA with bf16, or a CPU with
     AVX512-BF16 / AMX as oneDNN reports it)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not pre-Ampere GPUs, where torch counts emulation as support
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
