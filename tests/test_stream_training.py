@@ -131,3 +131,33 @@ def test_two_torchrun_ranks_stream_their_own_shards(shards, tmp_path):
     a = load_file(tmp_path / "run" / "checkpoints" / "step-6" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-6" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 4])
+def test_shards_split_over_ranks_are_checked(n_shards, tmp_path, monkeypatch):
+    """Ranks stop after the smallest rank's batches: 3 shards over 2 ranks leave one rank a
+    shard where the other has two, so a third of the epoch goes unseen (warned); 1 shard leaves
+    a rank nothing (refused: it said 'lower train.batch_size'); 4 split evenly (silent)."""
+    from cliplab.data.shards import ShardLoader, ShardStream
+    from cliplab.errors import DataError
+    from cliplab.train.stream_batches import check_rank_split
+
+    write_shards(load_shapes(n=24 * n_shards, seed=0, kinds=("single",), image_size=32),
+                 tmp_path, samples_per_shard=24, image_format="png", progress=False)
+    monkeypatch.setattr("cliplab.train.distributed.rank", lambda: 0)
+    loader = ShardLoader(ShardStream(tmp_path, seed=0, rank=0, world_size=2), 8, 0,
+                         drop_last=True)
+    if n_shards == 1:
+        with pytest.raises(DataError, match=r"^1 shard\(s\) for 2 ranks leave rank\(s\) 1 "
+                           r"without samples; write more, smaller shards"):
+            check_rank_split(loader)
+    elif n_shards == 3:
+        with pytest.warns(UserWarning, match=r"3 shards split unevenly over 2 ranks "
+                          r"\((48, 24|24, 48) samples\): every rank stops after the smallest "
+                          r"rank's 3 batches, so 24 of 72 samples go unseen in an epoch"):
+            check_rank_split(loader)
+    else:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_rank_split(loader)

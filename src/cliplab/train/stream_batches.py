@@ -9,6 +9,7 @@ in the checkpoint so a resumed run continues each rank's stream exactly where it
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -76,6 +77,34 @@ def checked_stream_spec(spec: dict) -> dict:
     return StreamedShards.model_validate(spec).model_dump(mode="json", exclude_unset=True)
 
 
+# share of an epoch's samples that an uneven split over the ranks may leave unseen unwarned
+# (drop_last's remainders alone leave less than a batch per stream)
+UNSEEN_WARN_FRACTION = 0.05
+
+
+def check_rank_split(loader: ShardLoader) -> None:
+    """Refuse shards that leave a rank without samples (no batch size can help that), and warn
+    (rank 0) when the split is so uneven that stopping every rank after the smallest rank's
+    batches leaves over 5% of an epoch's samples unseen."""
+    stream, world = loader.stream, loader.stream.world_size
+    if world < 2:
+        return
+    counts = stream.rank_sample_counts(loader.workers)
+    idle = [str(r) for r, n in enumerate(counts) if n == 0]
+    if idle:
+        raise DataError(f"{len(stream.shards)} shard(s) for {world} ranks leave rank(s) "
+                        f"{', '.join(idle)} without samples; write more, smaller shards "
+                        "(cliplab data shard --samples-per-shard N) or launch fewer ranks")
+    steps, total = min(loader.batches_per_rank()), sum(counts)
+    unseen = total - steps * loader.batch_size * world
+    if unseen > UNSEEN_WARN_FRACTION * total and distributed.rank() == 0:
+        warnings.warn(f"data.train: {len(stream.shards)} shards split unevenly over {world} "
+                      f"ranks ({', '.join(map(str, counts))} samples): every rank stops after "
+                      f"the smallest rank's {steps} batches, so {unseen} of {total} samples go "
+                      "unseen in an epoch; write more, smaller shards (cliplab data shard "
+                      "--samples-per-shard N) for an even split", stacklevel=2)
+
+
 class StreamBatches:
     """Local batches of ``loader`` for the trainer, epoch by epoch, with a resumable position."""
 
@@ -98,6 +127,7 @@ class StreamBatches:
                              shuffle_buffer=opts.shuffle_buffer, rank=distributed.rank(),
                              world_size=world)
         loader = ShardLoader(stream, global_batch // world, opts.num_workers, drop_last=True)
+        check_rank_split(loader)
         return cls(loader)
 
     @property
