@@ -244,3 +244,46 @@ def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
     run_pretrain(recipe(tmp_path / "fits", warmup=4), progress=False)
     assert "warning" not in capsys.readouterr().err
     assert math.isclose(records(tmp_path / "fits")[3]["lr"], 3e-3)  # the peak, at the last step
+
+
+def test_ranks_are_checked_before_any_loading_and_warned_from_rank_0(tmp_path, monkeypatch,
+                                                                      capsys):
+    """As rank 1 of 2: a global batch the ranks cannot share is refused before the data loads
+    (it was found after data, model and eval sets), and the eval_every warning is rank 0's
+    alone (it was checked before the ranks were known, so every rank printed it)."""
+    from cliplab.train import distributed, pretrain
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+
+    def loaded(*args):
+        raise AssertionError("the data was loaded first")
+    monkeypatch.setattr(pretrain, "_pairs", loaded)
+    with pytest.raises(ConfigError, match=r"^train.batch_size=33 must divide evenly over 2 "
+                       "ranks$"):
+        run_pretrain(recipe(tmp_path / "run", batch_size=33, eval_every=2), progress=False)
+    assert "eval_every" not in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    with pytest.raises(ConfigError, match="must divide evenly"):
+        run_pretrain(recipe(tmp_path / "run", batch_size=33, eval_every=2), progress=False)
+    assert "train.eval_every=2 has no eval: suite to run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, world, expected", [
+    ("cpu", "2", "gloo"), ("cuda", "2", "nccl"), ("cuda:1", "1", "nccl"),
+    ("cuda:1", "2", "train.device=cuda:1 under torchrun puts every rank on GPU 1")])
+def test_the_backend_follows_train_device(device, world, expected, monkeypatch):
+    """train.device=cpu on a GPU machine took nccl (it moves CUDA tensors only) and failed;
+    a fixed cuda:N over several ranks put them all on one GPU."""
+    import torch
+
+    from cliplab.train.distributed import backend_for
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if expected in ("gloo", "nccl"):
+        assert backend_for(torch.device(device)) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            backend_for(torch.device(device))

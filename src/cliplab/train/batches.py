@@ -25,6 +25,13 @@ def check_batch_fits(n_new: int, n_old: int, batch_size: int, ratio: float,
                           "lower train.batch_size or train on more pairs")
 
 
+def check_batch_over_ranks(batch_size: int, world: int) -> None:
+    """Every rank embeds an equal slice of the global batch: ``batch_size`` must divide by
+    the number of ranks."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must divide evenly over {world} ranks")
+
+
 class EpochBatches:
     """Batches of ``batch_size`` indices from a fresh permutation of ``range(n)`` each epoch
     (seeded by ``seed + epoch``); the last incomplete batch of an epoch is dropped."""

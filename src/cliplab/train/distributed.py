@@ -58,7 +58,7 @@ def init_distributed(backend: str | None = None,
     global _timeout_s
     if timeout_s <= 0:
         raise ConfigError(f"distributed timeout must be > 0 seconds, got {timeout_s}")
-    world = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+    world = launched_world_size()
     if world <= 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(0, 1, 0, device, None)
@@ -90,6 +90,22 @@ def init_distributed(backend: str | None = None,
     return DistInfo(rank, world, local_rank, device, backend)
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched (``WORLD_SIZE``; 1 without torchrun), known before
+    the process group is joined."""
+    return _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend for ranks training on ``device`` (nccl moves CUDA tensors
+    only; gloo CPU ones). A fixed GPU (``cuda:N``) is refused over several ranks: each rank
+    takes its own (``LOCAL_RANK``), or all of them would share GPU N."""
+    if device.type == "cuda" and device.index is not None and launched_world_size() > 1:
+        raise ConfigError(f"train.device={device} under torchrun puts every rank on GPU "
+                          f"{device.index}; use cuda or auto (each rank takes GPU LOCAL_RANK)")
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def shutdown() -> None:
     """Leave the process group (no-op for a single process)."""
     if is_distributed():
@@ -119,7 +135,8 @@ def _first_line(e: BaseException) -> str:
 def _peer_failure(what: str, e: BaseException) -> DistributedError:
     return DistributedError(
         f"rank {rank()} of {world_size()}: {what} failed: another rank stopped or did not answer "
-        f"within the {_timeout_s:g} s timeout; its log has its own error (here: "
+        f"within the {_timeout_s:g} s timeout; its log has its own error, or it was still busy "
+        f"(rank 0 evaluating the eval suite: raise train.dist_timeout_s) (here: "
         f"{type(e).__name__}: {_first_line(e)})")
 
 

@@ -24,7 +24,8 @@ from cliplab.output_folder import spec_paths
 from cliplab.runs import (RESULTS_FILE, RunDir, check_run_out, default_run_dir,
                           removed_if_unstarted)
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
-from cliplab.train.config import TrainConfig
+from cliplab.train.batches import check_batch_over_ranks
+from cliplab.train.config import TrainConfig, resolve_device
 from cliplab.train.trainer import Trainer
 
 
@@ -97,12 +98,14 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                       resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
-    if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:
+    train_cfg = cfg.train.model_copy(update={"progress": progress})
+    backend = distributed.backend_for(resolve_device(train_cfg.device))  # train.device=cpu: gloo
+    distributed.init_distributed(backend, timeout_s=train_cfg.dist_timeout_s)
+    if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:  # ranks known now
         print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
               "to run, so nothing is evaluated during training", file=sys.stderr)
-    train_cfg = cfg.train.model_copy(update={"progress": progress})
-    distributed.init_distributed(timeout_s=train_cfg.dist_timeout_s)
     try:
+        check_batch_over_ranks(train_cfg.batch_size, distributed.world_size())  # before loading
         spec = cfg.data.train
         if spec.get("stream"):  # validated with the config (stream: false is dropped there)
             pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)

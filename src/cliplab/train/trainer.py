@@ -25,6 +25,7 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
 from cliplab.runs import CHECKPOINTS, RunDir
 from cliplab.train import checkpoint, distributed, fsdp
+from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
 from cliplab.train.config import TrainConfig, resolve_device
 from cliplab.train.embed import Embedder
@@ -92,9 +93,7 @@ class Trainer:
             raise ConfigError("nothing to train: every parameter is frozen")
         # sharded blocks' gradients arrive reduced (FSDP's reduce-scatter); the rest is averaged
         self.replicated_params = [p for p in self.params if not fsdp.is_sharded(p)]
-        if config.batch_size % self.world:
-            raise ConfigError(f"train.batch_size={config.batch_size} must divide evenly over "
-                              f"{self.world} ranks")
+        check_batch_over_ranks(config.batch_size, self.world)
         self.step = 0
         self.last_checkpoint: Path | None = None
 
