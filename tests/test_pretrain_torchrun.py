@@ -119,6 +119,18 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    # a checkpoint of one process (fsdp: true shards nothing there; its AdamW state is keyed by
+    # position, not name) resumes onto the shards too: it was refused as "another model"
+    pretrain.run_pretrain(_recipe(tmp_path / "single", steps=4, save_every=2, fsdp=True),
+                          progress=False)
+    single = tmp_path / "from-single.yaml"
+    single.write_text(yaml.safe_dump(_recipe(tmp_path / "from-single", steps=4, fsdp=True)))
+    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(single), "--no-progress",
+                     "--resume", str(tmp_path / "single" / "checkpoints" / "step-2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # steps 3 and 4 on two ranks log the losses of the uninterrupted single process
+    assert _losses(tmp_path / "from-single") == pytest.approx(
+        _losses(tmp_path / "single")[2:], abs=1e-4)
 
 
 EVAL = {"tasks": [{"name": "colour", "task": "zeroshot",

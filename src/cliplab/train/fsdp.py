@@ -94,5 +94,21 @@ def load_full_state(model: DualEncoder, weights: dict, optimizer: torch.optim.Op
                     optimizer_state: dict) -> None:
     """Put full weights and optimizer state back onto the shards (every rank calls it)."""
     set_model_state_dict(model.model, weights, options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model.model, optimizer, optimizer_state,
+    set_optimizer_state_dict(model.model, optimizer,
+                             _keyed_by_name(model, optimizer, optimizer_state),
                              options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(model: DualEncoder, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state as one process saves it (parameters by position: a run with ``fsdp:
+    true`` and one rank shards nothing) keyed by parameter name, as `full_optimizer_state`
+    writes it and ``set_optimizer_state_dict`` reads it; one keyed by name as it is."""
+    groups = state["param_groups"]
+    if all(isinstance(i, str) for group in groups for i in group["params"]):
+        return state
+    names = {param: name for name, param in model.model.named_parameters()}
+    rename = {i: names[param] for saved, now in zip(groups, optimizer.param_groups)
+              for i, param in zip(saved["params"], now["params"])}
+    return {"state": {rename[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [rename[i] for i in group["params"]]}
+                             for group in groups]}
