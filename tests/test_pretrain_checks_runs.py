@@ -269,6 +269,18 @@ def test_ranks_are_checked_before_any_loading_and_warned_from_rank_0(tmp_path, m
         run_pretrain(recipe(tmp_path / "run", batch_size=33, eval_every=2), progress=False)
     assert "train.eval_every=2 has no eval: suite to run" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # the loading bars (read shards, encode captions) are rank 0's alone: each rank drew them
+    shown = {}
+
+    def loading(spec, progress, where):
+        shown[distributed.rank()] = progress
+        raise ConfigError("stop here")
+    monkeypatch.setattr(pretrain, "_pairs", loading)
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
+        with pytest.raises(ConfigError, match="stop here"):
+            run_pretrain(recipe(tmp_path / "run"), progress=True)
+    assert shown == {0: True, 1: False}
 
 
 @pytest.mark.parametrize("device, world, expected", [

@@ -161,3 +161,13 @@ def test_shards_split_over_ranks_are_checked(n_shards, tmp_path, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             check_rank_split(loader)
+
+
+def test_a_streamed_checkpoint_of_two_ranks_names_the_launch_that_resumes_it(shards):
+    batches = StreamBatches.from_spec({"source": "shards", "path": str(shards), "stream": True,
+                                       "image_size": 32}, 16, 0)
+    with pytest.raises(ConfigError, match=r"^cannot resume a streamed run saved with 2 rank\(s\) "
+                       r"on 1: its checkpoint holds each rank's place in its own shards; resume "
+                       r"it on 2 rank\(s\) \(torchrun --nproc-per-node 2, or without torchrun "
+                       r"for 1\)$"):
+        batches.load_state_dict({"ranks": [{}, {}]})

@@ -98,9 +98,10 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                       resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
+    backend = distributed.backend_for(resolve_device(cfg.train.device))  # train.device=cpu: gloo
+    distributed.init_distributed(backend, timeout_s=cfg.train.dist_timeout_s)
+    progress = progress and distributed.rank() == 0  # one set of bars, not one per rank
     train_cfg = cfg.train.model_copy(update={"progress": progress})
-    backend = distributed.backend_for(resolve_device(train_cfg.device))  # train.device=cpu: gloo
-    distributed.init_distributed(backend, timeout_s=train_cfg.dist_timeout_s)
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:  # ranks known now
         print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
               "to run, so nothing is evaluated during training", file=sys.stderr)

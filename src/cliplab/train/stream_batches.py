@@ -184,9 +184,11 @@ class StreamBatches:
     def load_state_dict(self, state: dict) -> None:
         ranks = state.get("ranks")
         if not isinstance(ranks, list) or len(ranks) != distributed.world_size():
-            raise ConfigError(f"cannot resume a streamed run saved with "
-                              f"{len(ranks) if isinstance(ranks, list) else '?'} rank(s) on "
-                              f"{distributed.world_size()}")
+            saved = len(ranks) if isinstance(ranks, list) else "?"
+            raise ConfigError(f"cannot resume a streamed run saved with {saved} rank(s) on "
+                              f"{distributed.world_size()}: its checkpoint holds each rank's "
+                              f"place in its own shards; resume it on {saved} rank(s) "
+                              f"(torchrun --nproc-per-node {saved}, or without torchrun for 1)")
         mine = ranks[distributed.rank()]
         self.loader.load_state_dict(mine["stream"])
         self.epoch, self.in_epoch, self._batches = int(mine["epoch"]), int(mine["in_epoch"]), None
