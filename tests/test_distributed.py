@@ -224,6 +224,21 @@ def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
         init_distributed()
 
 
+def test_more_local_ranks_than_gpus_is_one_line(monkeypatch):
+    """It was CUDA's 'invalid device ordinal' traceback from set_device."""
+    from cliplab.train.distributed import init_distributed
+
+    for name, value in (("WORLD_SIZE", "3"), ("RANK", "2"), ("LOCAL_RANK", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(ConfigError, match=r"^distributed run: LOCAL_RANK=2, but this machine "
+                       r"shows 2 GPU\(s\); launch at most that many ranks per node"):
+        init_distributed("nccl")
+
+
 def test_single_process_without_torchrun(monkeypatch):
     from cliplab.train import distributed
 

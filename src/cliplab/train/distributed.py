@@ -73,6 +73,10 @@ def init_distributed(backend: str | None = None,
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ConfigError("distributed backend nccl needs CUDA; use backend=gloo on CPU")
+        if local_rank >= torch.cuda.device_count():  # one GPU per local rank
+            raise ConfigError(f"distributed run: LOCAL_RANK={local_rank}, but this machine "
+                              f"shows {torch.cuda.device_count()} GPU(s); launch at most that "
+                              "many ranks per node (torchrun --nproc-per-node)")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
