@@ -26,6 +26,8 @@ SCENARIOS = {
     "clip-fsdp": ("tiny-clip", {"fsdp": True, "grad_clip": 0.5}),
     "siglip-fsdp-gradcache": ("tiny-siglip", {"loss": "siglip", "fsdp": True,
                                               "micro_batch_size": 5}),
+    # each rank builds its model with its own seed: rank 0's weights are the ones trained
+    "clip-fsdp-seeded-by-rank": ("tiny-clip", {"fsdp": True, "seed_by_rank": True}),
 }
 
 
@@ -36,9 +38,11 @@ def full(grad: torch.Tensor) -> torch.Tensor:
 
 def one_step(preset: str, options: dict) -> dict:
     """Gradients after one step's backward and averaging, and the step's (global) loss."""
-    torch.manual_seed(0)
+    options = dict(options)
+    seed = distributed.rank() if options.pop("seed_by_rank", False) else 0
+    torch.manual_seed(seed)
     model = build_model(preset, image_size=16, patch_size=8, width=32, layers=2, heads=2,
-                        context_length=48, seed=0)
+                        context_length=48, seed=seed)
     pairs = load_shapes(n=48, seed=0, kinds=("single",), image_size=32)
     cfg = TrainConfig.from_dict({**dict(steps=1, batch_size=16, lr=1e-3, warmup=1, grad_clip=0,
                                         log_every=1, progress=False, augment=False), **options})

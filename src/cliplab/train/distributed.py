@@ -278,6 +278,18 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+@torch.no_grad()
+def broadcast_weights(*modules: torch.nn.Module | None) -> None:
+    """Rank 0's parameters and buffers in every rank's ``modules`` (as DDP does at its start):
+    ranks that built a model with another seed, or none, train one model, not N mixed."""
+    if not is_distributed():
+        return
+    for module in filter(None, modules):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            _collective("broadcast of the starting weights", dist.broadcast, tensor.data,
+                        src=0)
+
+
 def broadcast_from_rank0(value):
     """Rank 0's ``value`` (any picklable object) on every rank, e.g. a run-folder name that
     holds a timestamp."""

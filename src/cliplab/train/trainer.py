@@ -82,6 +82,7 @@ class Trainer:
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        distributed.broadcast_weights(model.model, head)  # before sharding: one model
         self.sharded = config.fsdp and self.world > 1
         if self.sharded:
             if head is not None or save_model is not None:
