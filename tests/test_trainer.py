@@ -378,3 +378,29 @@ def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, 
                        "train.grad_clip$"):
         trainer.fit(pairs)
     assert not (run.path / "checkpoints").exists() or not any((run.path / "checkpoints").iterdir())
+    # a checkpoint step checks too, with logs sparse: NaN from step 3, refused at step 4
+    run = RunDir(tmp_path / "saved")
+    trainer = nan_from(3, Trainer(small_model(), config(steps=8, log_every=100, save_every=2),
+                                  run))
+    with pytest.raises(TrainingDiverged, match="between steps 3 and 4 "):
+        trainer.fit(pairs)
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_run_whose_gradients_turn_infinite_stops_though_its_loss_is_finite(tmp_path, pairs):
+    from cliplab.errors import TrainingDiverged
+
+    run = RunDir(tmp_path / "run")
+    trainer = Trainer(small_model(), config(steps=6, save_every=2, grad_clip=1.0), run)
+    backward, calls = trainer.objective.backward, []
+
+    def infinite_gradient(batch):
+        calls.append(1)
+        loss = backward(batch)
+        if len(calls) >= 3:
+            trainer.params[0].grad.fill_(float("inf"))
+        return loss
+    trainer.objective.backward = infinite_gradient
+    with pytest.raises(TrainingDiverged, match="became NaN or infinite at step 3 "):
+        trainer.fit(pairs)
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
