@@ -278,3 +278,6 @@ def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path
     # a folder or Hub id with options is refused when loading from Python too (naming it)
     with pytest.raises(ConfigError, match=f"only apply to presets .*, not to {tmp_path}$"):
         load_model({"name": str(tmp_path), "options": {"width": 32}})
+    # a Hub id too (it is built as saved): refused at config time, before any download
+    with pytest.raises(ConfigError, match=r"only apply to presets .*, not to org/model$"):
+        load_config(_ModelOnly, recipe, ["model.name=org/model"])
