@@ -216,6 +216,12 @@ def test_eval_refuses_a_run_folder_and_needs_overwrite(run, tiny_model_dir, suit
                                  f"{theirs / 'results.json'} is not an eval's results (no "
                                  "model, suite and results keys); choose a new folder")
     assert (theirs / "results.json").read_text() == '{"accuracy": 0.93}'
+    # another tool's file with a results key (e.g. a pretrain run's) is not an eval's either
+    for other in ('{"results": {"zs": {"acc1": 0.9}}}', '{"model": "m", "results": {}}'):
+        (theirs / "results.json").write_text(other)
+        assert main(_eval(tiny_model_dir, suite, theirs, "--overwrite")) == 2
+        assert "is not an eval's results" in _one_line(capsys)
+        assert (theirs / "results.json").read_text() == other
 
 
 def test_report_out_a_file_or_other_folder_is_a_one_line_error(docs, ufile, tmp_path, capsys):
@@ -425,6 +431,12 @@ def test_eval_out_and_cache_dirs_stay_out_of_its_data_and_model(tiny_model_dir, 
     (tmp_path / "fm.yaml").write_text("tasks:\n  - {task: zeroshot, data: {source: fashion-mnist, "
                                       f"data_dir: {idx}}}}}\n")
     assert main(_eval(model, tmp_path / "fm.yaml", idx / "ev")) == 2
+    assert _one_line(capsys) == f"--out {idx / 'ev'} lies inside the input {idx}; choose " \
+        "another folder"
+    # ... or a CLIP_benchmark set's root
+    (tmp_path / "cb.yaml").write_text("tasks:\n  - {task: zeroshot, data: {source: "
+                                      f"clip-benchmark, root: {idx}}}}}\n")
+    assert main(_eval(model, tmp_path / "cb.yaml", idx / "ev")) == 2
     assert _one_line(capsys) == f"--out {idx / 'ev'} lies inside the input {idx}; choose " \
         "another folder"
     for cache in (model, model / "cache"):
