@@ -187,6 +187,12 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
     assert sorted(p.name for p in (out / "superseded").iterdir()) == [
         "results-2.json", "results.json", "step-4"]
+    # a second resume from step-2 numbers what it sets aside after what is there already
+    run_pretrain(recipe(out, steps=3), resume=str(out / "checkpoints" / "step-2"),
+                 progress=False)
+    assert sorted(p.name for p in (out / "superseded").iterdir()) == [
+        "results-2.json", "results-3.json", "results.json", "step-3", "step-4", "step-4-2"]
+    assert tree(out / "superseded" / "step-4") == old["step-4"]
 
 
 def test_resume_from_a_checkpoint_that_does_not_exist_says_so(tmp_path):
