@@ -75,6 +75,13 @@ def test_digits_split_is_stratified_and_disjoint():
     assert set(test.labels.tolist()) == set(range(10))
 
 
+def test_load_digits_called_with_an_unknown_split_is_a_data_error():
+    """A Python call's bad split is a DataError naming the splits (was a KeyError)."""
+    with pytest.raises(DataError) as err:
+        load_digits(split="val")
+    assert str(err.value) == "digits split must be 'all', 'train' or 'test', not 'val'"
+
+
 def test_digits_upsampled_as_a_source_option():
     small, big = load_digits("test"), load_source({"source": "digits", "split": "test",
                                                    "image_size": 28})

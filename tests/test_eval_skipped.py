@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cliplab.cli import main
+from cliplab.data.shards import write_shards
+from cliplab.data.sources import load_source
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.tasks import TaskContext
 
@@ -99,3 +102,31 @@ def test_repeated_evaluations_print_once_and_record_each_time(model_dir, bad_dat
     assert first["zs"]["skipped"]["total"] == again["zs"]["skipped"]["total"] == 2
     err = capsys.readouterr().err
     assert err.count("zs: skipped 2 of 8 samples") == 1
+
+
+def test_a_truncated_shard_counts_lost_samples_not_the_shard_as_one(model_dir, tmp_path, capsys):
+    """Eval over a cut-off shard: 'of N samples' is kept + lost samples (the shard is no sample)."""
+    from cliplab.models.resolve import load_model
+
+    digits = load_source({"source": "digits", "split": "test"}).subset(torch.arange(12))
+    shards = tmp_path / "shards"
+    write_shards(digits, shards, samples_per_shard=6, image_format="png", progress=False)
+    first = shards / "00000.tar"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    spec = {"source": "shards", "path": str(shards), "progress": False}
+    data = load_source(spec)
+    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image: 3 + 6 kept
+    assert len(data) == 9
+    assert data.skipped.counts == {"missing_image": 1, "truncated_shard": 1}
+    context = TaskContext(progress=False)
+    results = run_suite(load_model(str(model_dir)),
+                        [{"name": "zs", "task": "zeroshot", "data": spec}], context)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "skipped" in line] == [
+        f"zs: skipped 1 of 10 samples (missing_image=1), and 1 shard(s) read only in part "
+        f"(truncated_shard=1) in {shards}"]
+    assert results["zs"]["skipped"] == {
+        "total": 1, "shards_read_in_part": 1,
+        "counts": {"missing_image": 1, "truncated_shard": 1},
+        "keys": {"missing_image": ["00000.tar:000000003"],
+                 "truncated_shard": ["00000.tar:4 of 6 samples"]}}

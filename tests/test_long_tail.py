@@ -66,6 +66,16 @@ def test_log_linear_fit_by_hand():
         log_linear_fit([0, 10], [0.1, 0.2])
 
 
+def test_exactly_one_decade_is_wide_enough_for_no_warning():
+    """Frequencies spanning exactly one decade (1 and 10) give no narrow-span warning."""
+    fit = log_linear_fit([1, 10, 1, 10], [0.2, 0.5, 0.3, 0.4])
+    assert fit["decades"] == 1.0
+    assert narrow_span_warning("lt", fit) is None
+    narrower = log_linear_fit([1, 9, 1, 9], [0.2, 0.5, 0.3, 0.4])
+    assert narrow_span_warning("lt", narrower).startswith(
+        "lt: warning: the classes' training frequencies span 0.95 decade(s)")
+
+
 def test_long_tail_analysis_keeps_zero_frequency_apart():
     out = long_tail_analysis({"a": 0.9, "b": 0.5, "c": 0.1, "d": 0.3},
                              {"a": 100, "b": 10, "c": 0, "d": 0})

@@ -134,3 +134,14 @@ def test_stream_false_reads_the_shards_whole(tmp_path):
     assert results["train"]["step"] == 1
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["train"] == {"source": "shards", "path": str(shards)}
+
+
+def test_a_replay_spec_without_ratio_says_it_needs_one():
+    """data.replay without 'ratio' is a one-line ConfigError naming 'ratio' (was a KeyError)."""
+    with pytest.raises(ConfigError) as err:
+        validate(PretrainConfig, {"model": MODEL, "data": {"train": {"source": "shapes"},
+                                                           "replay": {"source": "shapes"}}},
+                 "r.yaml")
+    assert str(err.value) == ("r.yaml: data.replay: needs 'ratio' (the fraction of each batch, "
+                              "e.g. 0.2) and a source spec, e.g. {ratio: 0.2, source: shapes, "
+                              "n: 4000}")

@@ -66,6 +66,17 @@ def test_quickstart_config_rejects_unknown_keys():
     assert quickstart_config({"train": {"epochs": 2, "steps": None}}).train.epochs == 2
 
 
+@pytest.mark.parametrize("key, words", [
+    ("probe_train_size", "expected greater than 0, got 0"),
+    ("probe_layers", "expected greater than or equal to 1, got 0"),
+])
+def test_zero_probe_size_or_layers_is_an_error_naming_its_key(key, words):
+    """eval.probe_train_size: 0 and eval.probe_layers: 0 are refused with their key."""
+    with pytest.raises(ConfigError) as err:
+        quickstart_config({"eval": {key: 0}})
+    assert str(err.value) == f"the quickstart config: eval.{key}: {words}"
+
+
 @pytest.fixture()
 def small_fmnist(tmp_path):
     """A 3000/600 image slice of the real Fashion-MNIST (installed by scripts/setup.sh)."""

@@ -476,3 +476,20 @@ def test_data_shard_says_where_a_damaged_shard_stopped(tmp_path, capsys):
     # not "skipped 1 samples": the lost samples are told by where the shard stopped
     assert out.strip().endswith(f"skipped 0 samples; 1 shard(s) read only in part (00000.tar:"
                                 f"{kept} of 100 samples)")
+
+
+def test_resharding_a_truncated_shard_counts_only_lost_samples_in_the_stats(tmp_path):
+    """stats.json's skipped counts lost samples, not the shard read in part as one more."""
+    digits = load_source({"source": "digits", "split": "test"}).subset(torch.arange(12))
+    write_shards(digits, tmp_path / "whole", samples_per_shard=6, image_format="png",
+                 progress=False)
+    tar = tmp_path / "whole" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    cut = load_source({"source": "shards", "path": str(tmp_path / "whole"), "progress": False})
+    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image
+    assert cut.skipped.counts == {"missing_image": 1, "truncated_shard": 1}
+    index = write_shards(cut, tmp_path / "again", samples_per_shard=6, image_format="png",
+                         progress=False)
+    assert index["total"] == 9 and index["skipped"]["total"] == 1
+    assert json.loads((tmp_path / "again" / "stats.json").read_text()) == {"count": 9,
+                                                                           "skipped": 1}
