@@ -10,7 +10,7 @@ from cliplab.adapt.finetune import load_finetuned
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
 from cliplab.data.digits import load_digits
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model

@@ -553,7 +553,7 @@ def test_process_pool_runs_the_language_rule(tmp_path):
     """The basic step's language identifier does not pickle; worker processes build their own
     and keep what one process keeps."""
     pytest.importorskip("langid")
-    folder = make_folder(tmp_path / "pool", [10, 20, 30, 40, 50, 60])
+    make_folder(tmp_path / "pool", [10, 20, 30, 40, 50, 60])
     manifest = tmp_path / "pool.csv"
     captions = ["a photo of a dog playing on the beach with a red ball",
                 "ein Hund spielt am Strand mit einem roten Ball",

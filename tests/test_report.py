@@ -364,7 +364,7 @@ def test_a_task_named_run_keeps_its_metrics_and_plots_get_a_file_each(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(data))
     sections = read_input(tmp_path / "r.json").sections
     assert sections["run"] == {"acc1": 0.9} and sections["run (numbers)"] == {"wall": 3}
-    summary = write_report([tmp_path / "r.json"], tmp_path / "out", progress=False)
+    write_report([tmp_path / "r.json"], tmp_path / "out", progress=False)
     plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("few-shot-*.png"))
     assert len(plots) == 2, plots
     md = (tmp_path / "out" / "report.md").read_text()

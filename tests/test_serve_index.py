@@ -19,7 +19,6 @@ from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.serve import build as build_module
 from cliplab.serve import faiss_index
-from cliplab.serve.store import MetadataStore
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
