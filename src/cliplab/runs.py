@@ -29,7 +29,7 @@ SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
 TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 # what a run writes first (output_folder.RUN_MARKERS, by which other commands tell a run folder)
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = "results.json"  # written last: a run without it never finished
 RUN_RECORDS = (CHECKPOINTS, METRICS_FILE, RESULTS_FILE)  # a run that got under way
 
 

@@ -20,15 +20,12 @@ from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import spec_paths
-# results.json is written last: a run without it never finished
 from cliplab.runs import (RESULTS_FILE, RunDir, check_run_out, default_run_dir,
                           removed_if_unstarted)
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.config import TrainConfig, resolve_device
 from cliplab.train.trainer import Trainer
-
-
 
 
 class PretrainData(Section):
