@@ -242,3 +242,6 @@ def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_pat
             "cliplab: error: cliplab report runs in one process, but torchrun launched "
             "WORLD_SIZE=2 copies (each would run it whole into the same output); run it without "
             "torchrun (only pretrain shares its work over ranks)")
+        monkeypatch.setenv("RANK", "1")  # the other ranks refuse too, without repeating it
+        assert main(["report", "--inputs", str(results), "--out", str(tmp_path / "r")]) == 2
+        assert capsys.readouterr().err == "" and not (tmp_path / "r").exists()

@@ -108,16 +108,16 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
         _SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
-def _refuse_copies_under_torchrun(command: str) -> None:
-    """A command that does not distribute its work, launched on several ranks, is refused
-    (each rank would run it whole into the same folder)."""
+def _copies_under_torchrun(command: str) -> str | None:
+    """Why a command that does not distribute its work cannot run on several ranks (each
+    would run it whole into the same folder); None when it may run."""
     world = os.environ.get("WORLD_SIZE", "1")
-    if command not in DISTRIBUTED_COMMANDS and world.strip() not in ("", "0", "1"):
-        shared = ", ".join(DISTRIBUTED_COMMANDS)
-        raise CliplabError(f"cliplab {command} runs in one process, but torchrun launched "
-                           f"WORLD_SIZE={world} copies (each would run it whole into the same "
-                           f"output); run it without torchrun (only {shared} shares its work "
-                           "over ranks)")
+    if command in DISTRIBUTED_COMMANDS or world.strip() in ("", "0", "1"):
+        return None
+    shared = ", ".join(DISTRIBUTED_COMMANDS)
+    return (f"cliplab {command} runs in one process, but torchrun launched WORLD_SIZE={world} "
+            f"copies (each would run it whole into the same output); run it without torchrun "
+            f"(only {shared} shares its work over ranks)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # during the first seconds' imports
         print("cliplab: interrupted", file=sys.stderr)
         return 130
+    refusal = _copies_under_torchrun(args.command)
+    if refusal:
+        if os.environ.get("RANK", "0") == "0":  # every rank's same line, said once
+            print(f"cliplab: error: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        _refuse_copies_under_torchrun(args.command)
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
