@@ -128,7 +128,8 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
      "options.alpha: expected a finite number, got 'nan'"),
     (["--method", "linear-probe", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "shots=4", "train_size=3"],
-     "train_size=3 leaves no training image of 7 class(es)"),    # --method (or method=) replacing the file's: its options belong to the file's method
+     "train_size=3 leaves no training image of 7 class(es)"),
+    # --method (or method=) replacing the file's: its options belong to the file's method
     (["--method", "coop", "--config", "configs/adapt/tip-adapter.yaml"],
      "unknown key options.search (valid: batch_size, class_specific, epochs, init, lr, n_ctx, "
      "names, optimizer, warmup, weight_decay) (the config's options are for its method "
