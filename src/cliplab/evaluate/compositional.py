@@ -58,10 +58,11 @@ def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene],
     else:
         image_emb = image_emb[keep]
     built = [relation_negatives(scenes[i], rng) for i in keep]
-    true_emb = model.encode_texts([t for t, _ in built]).float()
+    # on the CPU, beside the image features (encode_texts answers on the model's device)
+    true_emb = model.encode_texts([t for t, _ in built]).float().cpu()
     out = {}
     for kind in NEGATIVE_TYPES:
-        neg_emb = model.encode_texts([negs[kind] for _, negs in built]).float()
+        neg_emb = model.encode_texts([negs[kind] for _, negs in built]).float().cpu()
         out[f"{kind}_acc"] = preference_accuracy(image_emb, true_emb, neg_emb)
     out["n"] = len(keep)
     return out
