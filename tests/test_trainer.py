@@ -61,6 +61,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs):
         assert torch.equal(a, b), name
 
 
+def test_a_checkpoint_carries_the_gpu_generator_to_the_resume(tmp_path, pairs, monkeypatch):
+    """Dropout on a GPU draws from its own generator: a resume restores it as it does the CPU
+    ones (it was not saved, so such a run did not resume bit-identically). A fake GPU here."""
+    gpu = {"state": torch.tensor([7, 7], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: gpu.update(restored=s))
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=2, save_every=2, device="cpu"), run).fit(pairs)
+    gpu["state"] = torch.tensor([1, 2], dtype=torch.uint8)  # drawn on since the checkpoint
+    Trainer(small_model(), config(steps=3, device="cpu"), run).fit(pairs,
+                                                                    resume=run.checkpoint_dir(2))
+    assert torch.equal(gpu["restored"], torch.tensor([7, 7], dtype=torch.uint8))
+
+
 def test_keep_checkpoints_keeps_the_newest_and_the_run_still_resumes(tmp_path, pairs):
     """save_every=1 with keep_checkpoints=2 leaves step-5 and step-6 of a 6-step run (every
     save removes what is older than the newest two), and the run extends from its latest."""

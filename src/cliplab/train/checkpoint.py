@@ -62,10 +62,12 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
              if state.sharded else state.optimizer.state_dict(),
              "scheduler": state.scheduler.state_dict(),
              "sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": _cuda_rng_state(),
              # each rank's own: ranks that draw their own samples (streams) and augmentations
              # hold different generator states, and a resume must give each its own back
              "rank_rngs": distributed.gather_objects(
-                 {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state()}),
+                 {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                  "cuda_rng": _cuda_rng_state()}),
              "config": config}
 
     def write(folder: Path) -> None:
@@ -158,6 +160,13 @@ def run_config_changes(saved: dict, now: dict) -> list[str]:
     return changed + config_changes(saved.get("train") or {}, now.get("train") or {})
 
 
+def _cuda_rng_state() -> torch.Tensor | None:
+    """The current GPU's generator state (what dropout on it draws from), None without CUDA
+    in use (augmentation and sampling draw from CPU generators)."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else None
+
+
 def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
                     config: dict | None = None) -> int:
     """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
@@ -192,5 +201,7 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
         len(rngs) == distributed.world_size() else saved
     state.sample_rng.set_state(mine["sample_rng"])
     torch.set_rng_state(mine["torch_rng"])
+    if mine.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda_rng"])  # this rank's GPU's (dropout on a GPU)
     state.inputs.load_state_dict(saved["batches"])
     return int(saved["step"])
