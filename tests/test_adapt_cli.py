@@ -10,7 +10,7 @@ from cliplab.adapt.finetune import load_finetuned
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
 from cliplab.data.digits import load_digits
-from cliplab.errors import DataError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
@@ -358,3 +358,11 @@ def test_a_batch_larger_than_the_training_images_names_the_adapt_key(method, mod
         "training images (shots x classes, or train_size); lower options.train.batch_size or "
         "train on more images")
     assert not out.exists()  # the run folder it made is removed, as for any refused start
+
+
+def test_a_batch_of_exactly_the_training_images_is_accepted():
+    from cliplab.adapt.training import check_batch_fits_images
+
+    check_batch_fits_images(64, 64)  # one full batch: the Trainer drops nothing
+    with pytest.raises(ConfigError, match="a batch of 65 is larger than the 64 training images"):
+        check_batch_fits_images(65, 64)

@@ -149,6 +149,17 @@ def test_convert_never_deletes_its_source_or_other_folders(docs, ufile, tmp_path
     assert (out / "config.json").is_file()
 
 
+def test_data_shard_out_is_never_its_input_folder(tmp_path, capsys):
+    """Shards written into (or over) the image folder they read would join or replace it."""
+    pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="dog")
+    before = _tree(pets)
+    for out, how in ((pets / "shards", "lies inside"), (pets, "is")):
+        assert main(["data", "shard", "--data", str(pets), "--out", str(out),
+                     "--no-progress"]) == 2
+        assert f"--out {out} {how} the input {pets}" in _one_line(capsys)
+    assert _tree(pets) == before
+
+
 def test_shard_overwrite_replaces_only_a_shard_set(docs, ufile, tmp_path):
     from cliplab.data.shards import check_out_folder
     from cliplab.errors import DataError
@@ -281,8 +292,9 @@ def test_a_folder_called_checkpoints_is_no_run_and_dot_is_no_out_name(run, tiny_
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)
-    assert main(_merge([tiny_model_dir, run], ".")) == 2
-    assert "names the current or a parent folder" in _one_line(capsys)
+    for parent in (".", "..", "sub/.."):
+        assert main(_merge([tiny_model_dir, run], parent)) == 2
+        assert "names the current or a parent folder" in _one_line(capsys)
     assert not any(empty.iterdir())
 
 

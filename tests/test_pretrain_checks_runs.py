@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cliplab.cli import main
@@ -138,6 +139,10 @@ def test_a_corrupt_trainer_state_names_the_file_and_the_earlier_checkpoints(tmp_
     state.write_bytes(b"not a checkpoint at all" * 10)
     with pytest.raises(ConfigError, match=r"trainer_state\.pt is unreadable .*--resume"):
         run_pretrain(recipe(out), resume="latest", progress=False)
+    torch.save([1, 2], state)  # readable, but no trainer state
+    with pytest.raises(ConfigError, match=r"trainer_state\.pt is not a trainer state \(it holds "
+                       r"a list\); resume from an earlier checkpoint"):
+        run_pretrain(recipe(out), resume="latest", progress=False)
     # the earlier checkpoint it names continues the run, and writes step-4 anew
     run_pretrain(recipe(out), resume=str(out / "checkpoints" / "step-2"), progress=False)
     assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
@@ -249,6 +254,10 @@ def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
     assert err.count("\n") == 1
     run_pretrain(recipe(tmp_path / "fits", warmup=4), progress=False)
     assert "warning" not in capsys.readouterr().err
+    from cliplab.train.schedule import warmup_warning
+
+    assert warmup_warning(4, 4) is None  # the last step runs at the full rate
+    assert "train.warmup=5 steps is longer than the run (4 steps)" in warmup_warning(5, 4)
     assert math.isclose(records(tmp_path / "fits")[3]["lr"], 3e-3)  # the peak, at the last step
 
 
