@@ -280,6 +280,26 @@ def test_a_damaged_cache_is_refused_not_read_short(tmp_path):
         run_curation(flaky, tmp_path / "out", progress=False)
 
 
+def test_a_saved_decision_on_another_number_of_items_is_refused(tmp_path):
+    """A resumed run refuses a step's decision.json whose keep list is not one per item
+    reaching the step, rather than applying it to the wrong items."""
+    folder = make_folder(tmp_path / "pool", VALUES)
+    steps = [{"step": "bright", "threshold": 100},
+             {"step": "bright", "name": "again", "threshold": 100, "fail_on_chunk": 4}]
+    cfg = config(str(folder), steps, chunk_size=3)
+    with pytest.raises(RuntimeError, match="killed"):  # step 0 decided on its 4 chunks
+        run_curation(cfg, tmp_path / "out", progress=False)
+    work = partial_path(tmp_path / "out")
+    saved = work / "steps" / "00-bright" / "decision.json"
+    data = json.loads(saved.read_text())
+    assert len(data["keep"]) == 9
+    saved.write_text(json.dumps({**data, "keep": data["keep"][:-1]}))
+    with pytest.raises(DataError) as caught:
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert str(caught.value) == (f"{saved} decides on 8 items, 9 reach the step; delete {work} "
+                                 "to start this run over")
+
+
 def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
     folder = make_folder(tmp_path / "pool", [200, 50])
     cfg = config(str(folder), STEPS)

@@ -239,6 +239,16 @@ def test_retrieval_refuses_a_k_given_above_the_candidates(tiny_model, monkeypatc
     assert default["ret"]["image_retrieval_recall@10"] == 1.0
 
 
+def test_retrieval_accepts_ks_up_to_the_candidates_and_refuses_one_more(tiny_model):
+    """``ks`` equal to the candidates (14 captions of 5 shapes) runs; one more is refused."""
+    data = {"source": "shapes", "n": 5, "image_size": 32}
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'ret'\): ks: 15 is more than "
+                                          r"the 14 candidates of data .*give ks of at most 14$"):
+        run(tiny_model, {"name": "ret", "task": "retrieval", "data": data, "ks": [15]})
+    out = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data, "ks": [14]})
+    assert out["ret"]["image_retrieval_recall@14"] == 1.0
+
+
 # 6. --cache-dir
 
 

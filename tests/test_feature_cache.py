@@ -76,3 +76,24 @@ def test_disk_cache_survives_a_new_instance(tmp_path, monkeypatch):
     assert torch.equal(first.probe, second.probe) and torch.equal(first.embeddings, plain.embeddings)
     assert second.get("tokens").shape == first.get("tokens").shape
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_cache_file_without_embeddings_is_replaced_and_encoded_again(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A readable safetensors entry lacking ``embeddings`` warns once, is re-encoded and rewritten."""
+    from safetensors.torch import save_file
+
+    calls = count_encodes(monkeypatch)
+    model, images = _model(), _images()
+    first = FeatureCache(tmp_path).features(model, images, progress=False)
+    (file,) = tmp_path.glob("*.safetensors")
+    save_file({"backbone": first.backbone.contiguous()}, str(file))
+    capsys.readouterr()
+    again = FeatureCache(tmp_path).features(model, images, progress=False)
+    assert torch.equal(again.embeddings, first.embeddings) and len(calls) == 2
+    assert capsys.readouterr().err == (f"feature cache: {file} holds no embeddings; deleting it "
+                                       "and encoding again\n")
+    third = FeatureCache(tmp_path)
+    assert torch.equal(third.features(model, images, progress=False).embeddings,
+                       first.embeddings)
+    assert len(calls) == 2 and third.hits == 1 and capsys.readouterr().err == ""

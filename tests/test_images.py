@@ -103,3 +103,21 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(small).save(buf, format="TIFF")
     assert np.array_equal(decode_image(buf.getvalue(), channels=1)[..., 0].numpy(), small)
+
+
+def test_16_bit_values_in_pil_mode_i_are_scaled_not_clipped():
+    """A PIL mode I image holding 16-bit values (0..65535) is scaled to 0..255 (value >> 8)."""
+    import io
+
+    from cliplab.models.preprocess import convert_image
+
+    values = np.linspace(0, 65535, 16 * 16).astype(np.int32).reshape(16, 16)
+    image = Image.fromarray(values)
+    assert image.mode == "I"
+    expected = (values >> 8).astype(np.uint8)
+    assert np.array_equal(np.asarray(convert_image(image, "L")), expected)
+    rgb = np.asarray(convert_image(image))
+    assert all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF")
+    assert np.array_equal(decode_image(buf.getvalue(), channels=1)[..., 0].numpy(), expected)

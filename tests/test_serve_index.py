@@ -602,6 +602,52 @@ def test_a_search_that_misses_the_recall_target_is_told(model_dir, tmp_path, mon
         "is exact")
 
 
+def test_a_search_that_reaches_the_recall_target_gives_no_warning(model_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A tuned search at or above its recall target prints the index line and no warning."""
+    def on_target(index, vectors, recall_target=0.95, **_):
+        return {"parameter": "efSearch", "value": 64, "recall": 0.97}
+
+    monkeypatch.setattr(build_module.faiss_index, "tune_search", on_target)
+    assert main(["index", "--model", str(model_dir), "--data", "shapes", "data.n=40",
+                 "data.image_size=32", "--index-type", "hnsw", "--out", str(tmp_path / "idx"),
+                 "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "stays below the target" not in out
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["faiss"]["recall"] == 0.97
+
+
+def test_a_meta_database_with_more_rows_than_the_index_is_refused_at_open(model_dir, tmp_path):
+    """A meta.sqlite holding an item more than index.json counts is refused, not served."""
+    import sqlite3
+
+    build(model_dir, SHAPES, tmp_path / "idx")
+    with sqlite3.connect(tmp_path / "idx" / "meta.sqlite") as db:
+        db.execute("INSERT INTO items (id, key, caption, location, meta) "
+                   "VALUES (40, 'extra', 'x', '{}', '{}')")
+    with pytest.raises(DataError) as caught:
+        SearchIndex(tmp_path / "idx")
+    assert str(caught.value) == (
+        f"{tmp_path / 'idx' / 'meta.sqlite'}: holds 41 items, index.json says 40; the index is "
+        "damaged, rebuild it with `cliplab index`")
+
+
+def test_a_faiss_index_of_another_dimension_is_refused_at_open(model_dir, tmp_path):
+    """A faiss.index with the index's count of vectors but fewer dimensions is refused."""
+    import faiss
+
+    build(model_dir, SHAPES, tmp_path / "idx")
+    vectors = np.load(tmp_path / "idx" / "vectors.npy")
+    other = faiss.IndexFlatIP(8)
+    other.add(np.ascontiguousarray(vectors[:, :8]))
+    faiss.write_index(other, str(tmp_path / "idx" / "faiss.index"))
+    with pytest.raises(DataError) as caught:
+        SearchIndex(tmp_path / "idx")
+    assert str(caught.value) == (
+        f"{tmp_path / 'idx' / 'faiss.index'}: holds 40 vectors of 8 dimensions, the index 40 "
+        "of 16; the index is damaged, rebuild it with `cliplab index`")
+
+
 def test_add_to_a_folder_that_is_no_index_says_which_it_is(model_dir, tmp_path):
     """--add to a missing folder was called 'not a complete index': it says the folder is
     missing; a folder holding something else is still not an index."""
