@@ -453,6 +453,23 @@ def _fewer_rows(folder):
         db.execute("DELETE FROM items WHERE id >= 30")
 
 
+def _more_rows(folder):
+    import sqlite3
+
+    with sqlite3.connect(folder / "meta.sqlite") as db:
+        db.execute("INSERT INTO items (id, key, caption, location, meta) "
+                   "VALUES (40, 'extra', 'x', '{}', '{}')")
+
+
+def _other_dim_faiss(folder):
+    import faiss
+
+    vectors = np.load(folder / "vectors.npy")
+    index = faiss.IndexFlatIP(8)
+    index.add(np.ascontiguousarray(vectors[:, :8]))
+    faiss.write_index(index, str(folder / "faiss.index"))
+
+
 def _record(folder, change):
     path = folder / "index.json"
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
@@ -462,6 +479,11 @@ def _record(folder, change):
     (_half_faiss, "faiss.index: holds 20 vectors of 16 dimensions, the index 40 of 16"),
     (_other_dim_vectors, "vectors.npy: holds an array of shape (40, 8), not 40 vectors of 16"),
     (_fewer_rows, "meta.sqlite: holds 30 items, index.json says 40"),
+    # more rows than counted, or the right count of vectors of another dimension
+    (_more_rows, "meta.sqlite: holds 41 items, index.json says 40; the index is damaged, "
+     "rebuild it with `cliplab index`"),
+    (_other_dim_faiss, "faiss.index: holds 40 vectors of 8 dimensions, the index 40 of 16; the "
+     "index is damaged, rebuild it with `cliplab index`"),
     (lambda f: _record(f, lambda r: []), "index.json: not a complete index (format 'list')"),
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "backend"}),
      "index.json: lacks backend"),
@@ -615,37 +637,6 @@ def test_a_search_that_reaches_the_recall_target_gives_no_warning(model_dir, tmp
     out, err = capsys.readouterr()
     assert err == "" and "stays below the target" not in out
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["faiss"]["recall"] == 0.97
-
-
-def test_a_meta_database_with_more_rows_than_the_index_is_refused_at_open(model_dir, tmp_path):
-    """A meta.sqlite holding an item more than index.json counts is refused, not served."""
-    import sqlite3
-
-    build(model_dir, SHAPES, tmp_path / "idx")
-    with sqlite3.connect(tmp_path / "idx" / "meta.sqlite") as db:
-        db.execute("INSERT INTO items (id, key, caption, location, meta) "
-                   "VALUES (40, 'extra', 'x', '{}', '{}')")
-    with pytest.raises(DataError) as caught:
-        SearchIndex(tmp_path / "idx")
-    assert str(caught.value) == (
-        f"{tmp_path / 'idx' / 'meta.sqlite'}: holds 41 items, index.json says 40; the index is "
-        "damaged, rebuild it with `cliplab index`")
-
-
-def test_a_faiss_index_of_another_dimension_is_refused_at_open(model_dir, tmp_path):
-    """A faiss.index with the index's count of vectors but fewer dimensions is refused."""
-    import faiss
-
-    build(model_dir, SHAPES, tmp_path / "idx")
-    vectors = np.load(tmp_path / "idx" / "vectors.npy")
-    other = faiss.IndexFlatIP(8)
-    other.add(np.ascontiguousarray(vectors[:, :8]))
-    faiss.write_index(other, str(tmp_path / "idx" / "faiss.index"))
-    with pytest.raises(DataError) as caught:
-        SearchIndex(tmp_path / "idx")
-    assert str(caught.value) == (
-        f"{tmp_path / 'idx' / 'faiss.index'}: holds 40 vectors of 8 dimensions, the index 40 "
-        "of 16; the index is damaged, rebuild it with `cliplab index`")
 
 
 def test_add_to_a_folder_that_is_no_index_says_which_it_is(model_dir, tmp_path):
