@@ -57,17 +57,16 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
     replaces ``model.save(folder / "model")`` (e.g. a LoRA adapter; such a checkpoint is not
     resumable). Returns the folder (None without a run folder)."""
     weights = fsdp.full_model_state(state.model) if state.sharded else None
+    rngs = {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": _cuda_rng_state()}
     saved = {"step": step, "batches": state.inputs.state_dict(),
              "optimizer": fsdp.full_optimizer_state(state.model, state.optimizer)
              if state.sharded else state.optimizer.state_dict(),
              "scheduler": state.scheduler.state_dict(),
-             "sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": _cuda_rng_state(),
+             **rngs,
              # each rank's own: ranks that draw their own samples (streams) and augmentations
              # hold different generator states, and a resume must give each its own back
-             "rank_rngs": distributed.gather_objects(
-                 {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                  "cuda_rng": _cuda_rng_state()}),
+             "rank_rngs": distributed.gather_objects(rngs),
              "config": config}
 
     def write(folder: Path) -> None:
