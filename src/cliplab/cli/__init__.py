@@ -111,6 +111,7 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
 def _copies_under_torchrun(command: str) -> str | None:
     """Why a command that does not distribute its work cannot run on several ranks (each
     would run it whole into the same folder); None when it may run."""
+    # torchrun's variable read here, not through train.distributed (which imports torch)
     world = os.environ.get("WORLD_SIZE", "1")
     if command in DISTRIBUTED_COMMANDS or world.strip() in ("", "0", "1"):
         return None
