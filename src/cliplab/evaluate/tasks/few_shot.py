@@ -11,34 +11,22 @@ from pydantic import Field
 from cliplab.data.pairs import classes_with_fewer
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
-from cliplab.evaluate.features import EXTRA_PROBES
-from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
-from cliplab.evaluate.tasks.linear_probe import check_layers, probe_features, probe_sets
+from cliplab.evaluate.tasks.base import ProbeKind, TaskContext
+from cliplab.evaluate.tasks.linear_probe import ProbeSpecBase, probe_features, probe_sets
 from cliplab.models.dual_encoder import DualEncoder
 
 
-class Spec(TaskSpecBase):
+class Spec(ProbeSpecBase):
     task: Literal["few_shot"]
-    train: DataSpec
-    test: DataSpec
     shots: list[Annotated[int, Field(gt=0)]] = Field([1, 2, 4, 8, 16], min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     methods: list[Literal["ncm", "linear_probe"]] = Field(["ncm", "linear_probe"], min_length=1)
     l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
-    layers: int = Field(4, ge=1)
-
-    def probes(self):
-        if self.features not in EXTRA_PROBES:
-            return []
-        return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
     def check(self, context: TaskContext) -> None:
         train, _ = probe_sets(self, context)
         check_enough_shots(self, train.labels, train.classnames)
-
-    def check_model(self, model: DualEncoder) -> None:
-        check_layers(self, model)
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:

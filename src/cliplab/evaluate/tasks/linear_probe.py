@@ -16,12 +16,13 @@ from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.models.dual_encoder import DualEncoder
 
 
-class Spec(TaskSpecBase):
-    task: Literal["linear_probe"]
+class ProbeSpecBase(TaskSpecBase):
+    """Keys of a probe-style task: image features of ``train`` (``features``: which ones,
+    ``layers``: how many blocks for ``layers``) fitted and scored on ``test``."""
+
     train: DataSpec
     test: DataSpec
-    l2: float | None = Field(None, gt=0)  # omitted: chosen on a validation split
-    features: ProbeKind = "tokens"
+    features: ProbeKind
     layers: int = Field(4, ge=1)
 
     def probes(self):
@@ -29,14 +30,20 @@ class Spec(TaskSpecBase):
             return []
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
+    def check_model(self, model: DualEncoder) -> None:
+        check_layers(self, model)
+
+
+class Spec(ProbeSpecBase):
+    task: Literal["linear_probe"]
+    l2: float | None = Field(None, gt=0)  # omitted: chosen on a validation split
+    features: ProbeKind = "tokens"
+
     def check(self, context: TaskContext) -> None:
         train, _ = probe_sets(self, context)
         if self.l2 is None and len(train) < 2:
             raise ConfigError(f"l2: omitted, it is chosen on a validation split of train, which "
                               f"needs 2 images or more (train has {len(train)}); give l2")
-
-    def check_model(self, model: DualEncoder) -> None:
-        check_layers(self, model)
 
 
 def probe_sets(spec, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
