@@ -12,8 +12,8 @@ from cliplab.errors import ConfigError
 from cliplab.train.contrastive import contrastive_loss
 from cliplab.train.losses import (clip_loss, clip_loss_global, key_pair_dot, positive_mask,
                                   positive_pair_dot, siglip_loss, siglip_loss_global)
-from cliplab.train.tiled_loss import (tiled_clip_loss, tiled_clip_loss_global, tiled_siglip_loss,
-                                      tiled_siglip_loss_global)
+from cliplab.train.tiled_loss import (_dot, tiled_clip_loss, tiled_clip_loss_global,
+                                      tiled_siglip_loss, tiled_siglip_loss_global)
 
 
 def reference_loss_and_grads(img: np.ndarray, txt: np.ndarray, scale: float, pos: np.ndarray):
@@ -264,7 +264,9 @@ def _split_losses(kind, img, txt, scale, bias, keys, sizes, tile=None):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("with_keys", [None, "one", "sets"])
-@pytest.mark.parametrize("tile", [None, 3])
+# tile 6: larger than every rank's share (4, 3, 5), smaller than the global batch (12), as the
+# default tile against a few hundred images per rank
+@pytest.mark.parametrize("tile", [None, 3, 6])
 def test_rank_shares_average_to_the_global_loss_and_gradients(kind, with_keys, tile):
     img, txt = _features(12, 5, 8)
     keys = {None: None, "one": torch.tensor([0, 1, 2, 0, 3, 1, 4, 5, 0, 6, 7, 2]),
@@ -289,11 +291,12 @@ def test_rank_shares_average_to_the_global_loss_and_gradients(kind, with_keys, t
 # --- tiled exact losses ---------------------------------------------------------------------
 
 def _plain_and_tiled(kind, b, d, keys, tile, seed=0, dtype=torch.float32, scale=2.3,
-                     lock_text=False):
+                     lock_text=False, lock_image=False):
     out = []
     for tiled in (False, True):
         img, txt = _features(b, d, seed)
-        img, txt = img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_(not lock_text)
+        img = img.to(dtype).requires_grad_(not lock_image)
+        txt = txt.to(dtype).requires_grad_(not lock_text)
         s = torch.tensor(scale, dtype=dtype, requires_grad=True)
         bias = torch.tensor(-4.0, dtype=dtype, requires_grad=True)
         loss = contrastive_loss(img, txt, s, bias if kind == "siglip" else None, kind=kind,
@@ -321,12 +324,21 @@ def test_tiled_loss_equals_plain_loss_and_gradients(kind, with_keys, b, tile):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_tiled_loss_with_one_frozen_side(kind):
-    plain, tiled = _plain_and_tiled(kind, 20, 8, None, 6, lock_text=True)
+@pytest.mark.parametrize("lock_image", [False, True])  # both frozen: only the scale learns
+def test_tiled_loss_with_frozen_sides(kind, lock_image):
+    plain, tiled = _plain_and_tiled(kind, 20, 8, None, 6, lock_text=True, lock_image=lock_image)
     assert tiled[2] is None and plain[2] is None
+    assert (tiled[1] is None) == (plain[1] is None) == lock_image
+    assert plain[3] is not None
     for p, t in zip(plain[:2] + plain[3:], tiled[:2] + tiled[3:]):
         if p is not None:
             torch.testing.assert_close(t, p, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_dot_sums_in_float64():
+    # float32 loses the 1 beside 1e8 (its spacing there is 8); float64 keeps it
+    x = torch.tensor([[1e8], [1.0], [-1e8]])
+    assert _dot(x, torch.ones_like(x), tile=3).item() == 1.0
 
 
 def test_tiled_clip_is_stable_at_extreme_logits():
