@@ -11,7 +11,9 @@ from cliplab.data.shapes import load_shapes
 from cliplab.errors import ConfigError
 from cliplab.train.checkpoint import STATE_FILE
 from cliplab.train.config import TrainConfig
+from cliplab.train import contrastive
 from cliplab.train.embed import Embedder
+from cliplab.train.losses import clip_loss, clip_loss_hard_negatives
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective
 from cliplab.runs import RunDir
 from cliplab.train.step_batch import StepBatch
@@ -58,32 +60,80 @@ def test_train_config_inside_a_stage_schema_names_file_and_key():
 
 
 # -- objectives -------------------------------------------------------------------------------
-def _loaded_batch(model, pairs, n=6):
-    tokens = model.tokenize([c[0] for c in pairs.captions[:n]])
+def _loaded_batch(model, pairs, n=6, keys=None, extra=0):
+    """The first n pairs (and ``extra`` more captions in the table, for hard negatives)."""
+    tokens = model.tokenize([c[0] for c in pairs.captions[:n + extra]])
     pixels = model.preprocess(pairs.images[:n])
-    return StepBatch(pixels, texts=tokens, captions=torch.arange(n), keys=torch.arange(n))
+    return StepBatch(pixels, texts=tokens, captions=torch.arange(n),
+                     keys=torch.arange(n) if keys is None else keys)
 
 
-def test_contrastive_objective_is_clips_loss_and_gradcache_the_same_update(pairs):
-    model = small_model()
-    batch = _loaded_batch(model, pairs)
-    # by hand: symmetric cross-entropy of exp(scale) * cosine similarities
+def _normalised_features(model, batch, rows=None):
+    rows = batch.captions if rows is None else rows
     img = F.normalize(model.encode_image(batch.images, normalize=False), dim=-1)
-    txt = F.normalize(model.encode_text(batch.texts["input_ids"], batch.texts["attention_mask"],
-                                        normalize=False), dim=-1)
+    txt = F.normalize(model.encode_text(batch.texts["input_ids"][rows],
+                                        batch.texts["attention_mask"][rows], normalize=False),
+                      dim=-1)
+    return img, txt
+
+
+def _grads(model) -> dict:
+    return {k: p.grad.clone() for k, p in model.model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_update(model, loss, expected, want):
+    torch.testing.assert_close(loss, expected.detach())
+    got = _grads(model)
+    assert got.keys() == want.keys()
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("shared_keys", [False, True])
+def test_contrastive_objective_is_clips_loss_in_any_micro_batches_and_tiles(
+        pairs, shared_keys, monkeypatch):
+    model = small_model()
+    keys = torch.tensor([0, 1, 0, 2, 3, 1]) if shared_keys else None
+    batch = _loaded_batch(model, pairs, keys=keys)
+    img, txt = _normalised_features(model, batch)
     logits = model.logit_scale.exp() * img @ txt.t()
-    target = torch.arange(6)
-    expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    if shared_keys:  # pairs sharing a key are positives of each other (hand-checked elsewhere)
+        expected = clip_loss(img, txt, model.logit_scale, keys)
+    else:  # by hand: symmetric cross-entropy of exp(scale) * cosine similarities
+        target = torch.arange(6)
+        expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
     expected.backward()
-    want = {k: p.grad.clone() for k, p in model.model.named_parameters() if p.grad is not None}
+    want = _grads(model)
+    tiled_calls = []
+    tiled = contrastive.tiled_clip_loss
+    monkeypatch.setattr(contrastive, "tiled_clip_loss",
+                        lambda *a, **k: tiled_calls.append(k["tile"]) or tiled(*a, **k))
     embed = Embedder(model, torch.device("cpu"), "fp32", augment=False)
     for chunk in (None, 4):
-        model.zero_grad(set_to_none=True)
-        loss = ContrastiveObjective(embed, "clip", micro_batch_size=chunk).backward(batch)
-        torch.testing.assert_close(loss, expected.detach())
-        for k, g in want.items():
-            torch.testing.assert_close(dict(model.model.named_parameters())[k].grad, g,
-                                       rtol=1e-4, atol=1e-5, msg=k)
+        for tile in (None, 4):
+            model.zero_grad(set_to_none=True)
+            objective = ContrastiveObjective(embed, "clip", tile=tile, micro_batch_size=chunk)
+            _assert_same_update(model, objective.backward(batch), expected, want)
+    assert tiled_calls == [4, 4]  # the tiled loss ran when a tile was given, in its tiles
+
+
+def test_contrastive_objective_with_hard_negatives_is_negclips_loss(pairs):
+    model = small_model()
+    keys = torch.tensor([0, 1, 0, 2, 3, 1])
+    batch = _loaded_batch(model, pairs, keys=keys, extra=2)
+    # rows 6 and 7 of the table are extra captions; row 0 (a pair's own caption) is a valid
+    # negative of another image; -1: no negative
+    batch.negatives = torch.tensor([6, -1, 7, 0, -1, 1])
+    has = batch.negatives >= 0
+    img, txt = _normalised_features(model, batch)
+    _, neg = _normalised_features(model, batch, batch.negatives.clamp(min=0))
+    neg = neg * has[:, None]
+    expected = clip_loss_hard_negatives(img, txt, neg, has, model.logit_scale, keys)
+    expected.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    embed = Embedder(model, torch.device("cpu"), "fp32", augment=False)
+    _assert_same_update(model, ContrastiveObjective(embed, "clip").backward(batch), expected, want)
 
 
 def test_classification_objective_is_cross_entropy_in_any_micro_batches():
