@@ -70,6 +70,13 @@ def test_word_shuffles_follow_the_seed():
     assert one != NegativeTable(caps, HardNegatives(kinds=["word_shuffle"], seed=2)).texts
 
 
+def test_default_shuffles_are_not_the_evaluations():
+    # the compositional task draws its shuffles from its own default seed: training on the
+    # same ones would test the model on what it was taught
+    from cliplab.evaluate.tasks.compositional import Spec
+    assert HardNegatives().seed != Spec.model_fields["seed"].default
+
+
 def test_hard_negative_loss_hand_computed():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
