@@ -11,6 +11,7 @@ from cliplab.data.shapes import load_shapes
 from cliplab.train.batches import ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.runs import RunDir
+from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 from cliplab.train.trainer import TrainConfig, Trainer
 from tests.tiny_models import small_model as _one_block_model
 
@@ -135,6 +136,20 @@ def test_evaluation_runs_every_n_steps_and_lands_in_metrics(pairs, tmp_path):
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
+def test_frozen_tower_features_run_in_eval_mode_and_leave_the_mode_as_it_was(pairs, tower):
+    model = small_model()
+    model.train()
+    module = model.vision_tower if tower == "image" else model.text_tower
+    seen = []
+    model.tower_layers(tower)[0].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    if tower == "image":
+        image_backbone_features(model, pairs.images[:3], progress=False)
+    else:
+        text_backbone_features(model, ["a cat", "a dog"], progress=False)
+    assert seen == [False] and module.training
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
 def test_locked_tower_features_are_computed_once_with_the_same_update(pairs, tower,
                                                                       monkeypatch):
     """A fully locked tower runs once per dataset (not every step) and the step is unchanged."""
@@ -143,10 +158,13 @@ def test_locked_tower_features_are_computed_once_with_the_same_update(pairs, tow
     model = small_model()
     calls = []
     backbone = getattr(model, f"{tower}_backbone")
+    module = model.vision_tower if tower == "image" else model.text_tower
     monkeypatch.setattr(model, f"{tower}_backbone",
-                        lambda *a, **kw: calls.append(1) or backbone(*a, **kw))
+                        lambda *a, **kw: calls.append(module.training) or backbone(*a, **kw))
     Trainer(model, config(steps=3, **lock)).fit(pairs)
-    assert len(calls) == 1  # 64 images / distinct captions: one pass, then only projections
+    # 64 images / distinct captions: one pass, in eval mode (no dropout in features reused by
+    # every step), then only projections
+    assert calls == [False]
     cached = grads_of_one_step(small_model(), pairs, **lock)
     assert cached.keys() == uncached.keys()
     for k in cached:
