@@ -9,6 +9,7 @@ from cliplab.errors import ConfigError, ModelError
 from cliplab.merge import (apply_task_vector, combine_task_vectors, disjoint_mean, elect_sign,
                            greedy_soup, model_stock, model_stock_ratio, task_vector, ties_merge,
                            trim_top_fraction, uniform_soup)
+from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.stock import ratio_summary
 from cliplab.merge.state import check_same_keys
 
@@ -119,13 +120,15 @@ def test_model_stock_with_deltas_at_a_known_angle():
 def test_model_stock_summary_leaves_out_the_tensors_no_fine_tune_changed():
     """merge.json's mean ratio is over the tensors the fine-tunes changed: a frozen tensor's
     t=0 (by construction) would pull it toward 0."""
-    base = {"w": T([1.0, 1.0]), "frozen": T([5.0, 5.0])}
-    fts = [{"w": T([2.0, 1.0]), "frozen": T([5.0, 5.0])},
-           {"w": T([2.0, 1.5]), "frozen": T([5.0, 5.0])}]
+    # "once": changed by one fine-tune only (its other delta is zero, so t = 0), still counted
+    base = {"w": T([1.0, 1.0]), "frozen": T([5.0, 5.0]), "once": T([0.0, 0.0])}
+    fts = [{"w": T([2.0, 1.0]), "frozen": T([5.0, 5.0]), "once": T([1.0, 0.0])},
+           {"w": T([2.0, 1.5]), "frozen": T([5.0, 5.0]), "once": T([0.0, 0.0])}]
     _, ratios = model_stock(base, fts)
     summary = ratio_summary(ratios, base, fts)
-    assert ratios["frozen"] == 0.0 and ratios["w"] > 0.5
-    assert summary["mean_ratio"] == summary["min_ratio"] == pytest.approx(ratios["w"])
+    assert ratios["frozen"] == ratios["once"] == 0.0 and ratios["w"] > 0.5
+    assert summary["mean_ratio"] == pytest.approx(ratios["w"] / 2)
+    assert summary["min_ratio"] == 0.0 and summary["max_ratio"] == pytest.approx(ratios["w"])
     assert summary["unchanged_tensors"] == 1 and summary["ratios"] == ratios
 
 
@@ -193,6 +196,11 @@ def test_ties_zero_sum_takes_the_majority_sign():
     assert torch.equal(signs["x"], T([1.0, 1.0, 1.0]))
     assert torch.equal(disjoint_mean([{"x": T([1.0, 2.0, 0.0])}, {"x": T([-1.0, 1.0, 0.0])}],
                                      signs)["x"], T([1.0, 1.5, 0.0]))
+    # no majority either (every sum zero): positive
+    opposed = [{"x": T([1.0, -1.0])}, {"x": T([-1.0, 1.0])}]
+    signs = elect_sign(opposed)
+    assert torch.equal(signs["x"], T([1.0, 1.0]))
+    assert torch.equal(disjoint_mean(opposed, signs)["x"], T([1.0, 1.0]))
 
 
 def test_ties_merge_end_to_end():
@@ -222,3 +230,36 @@ def test_a_soup_of_weights_near_the_float_limit_is_their_mean():
     states = [{"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}]
     soup = uniform_soup(states, [1e308, 1e308])
     assert torch.equal(soup["w"], torch.tensor([2.0, 4.0]))
+
+
+def _inputs(**kw) -> MergeInputs:
+    states = [{"w": T([1.0, 3.0])}, {"w": T([5.0, -1.0])}, {"w": T([2.0, 2.0])}]
+    return MergeInputs(states=states[:kw.pop("n", 2)], names=["a", "b", "c"][:kw.pop("k", 2)],
+                       base=kw.pop("base", None), scores=kw.pop("scores", {}),
+                       evaluate=kw.pop("evaluate", None), progress=False, **kw)
+
+
+def test_merge_methods_pass_their_settings_through():
+    """The registry behind `cliplab merge --method`: each method's settings reach its
+    operation (weights, scale, density, the held-out scores in name order)."""
+    record = {}
+    merged = MERGE_METHODS["uniform"](_inputs(weights=[3.0, 1.0]), record)
+    torch.testing.assert_close(merged["w"], T([2.0, 2.0]))  # 0.75 a + 0.25 b
+    assert record["weights"] == [3.0, 1.0]
+
+    base = {"w": T([0.0, 0.0])}
+    inputs = _inputs(base=base, scale=0.5, density=1.0)
+    want = ties_merge(base, inputs.states, 1.0, 0.5)
+    torch.testing.assert_close(MERGE_METHODS["ties"](inputs, record)["w"], want["w"])
+    assert record["scale"] == 0.5 and record["density"] == 1.0
+    torch.testing.assert_close(MERGE_METHODS["task-arithmetic"](inputs, {})["w"], T([3.0, 1.0]))
+
+    # scores given by name: order a, c, b; a soup scores best at w[0] = 1.5 (a + c: 1.0, kept;
+    # a + c + b: w[0] 8/3, 0.88, dropped)
+    record = {}
+    merged = MERGE_METHODS["greedy"](
+        _inputs(n=3, k=3, scores={"a": 0.9, "b": 0.1, "c": 0.5},
+                evaluate=lambda s: 1 - abs(float(s["w"][0]) - 1.5) / 10), record)
+    assert [s["ingredient"] for s in record["greedy"]["steps"]] == ["a", "c", "b"]
+    assert record["greedy"]["kept"] == ["a", "c"]
+    torch.testing.assert_close(merged["w"], T([1.5, 2.5]))
