@@ -69,6 +69,32 @@ def test_tip_adapter_search_finds_the_cache_when_prompts_mislead():
     assert max(tip_adapter.grid(3.0, 10)) < 3.0
 
 
+def test_tip_adapter_search_ties_go_to_the_first_pair():
+    # a right text classifier: every (alpha, beta) scores 1.0, so the grid's first pair wins
+    eye = torch.eye(2)
+    val = F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0]]), dim=-1)
+    alpha, beta, acc = tip_adapter.search_alpha_beta(val, torch.tensor([0, 1]), eye, eye, eye,
+                                                     1.0, [7.0, 3.0], [4, 5])
+    assert (alpha, beta, acc) == (pytest.approx(0.1), pytest.approx(0.1), 1.0)
+
+
+def test_tip_adapter_fit_keeps_the_searched_pair_and_the_models_scale(model, digits, ctx):
+    train, _ = digits
+    # validated on its own shots: the cache knows them, so the search leaves the grid's corner
+    val_ctx = AdaptContext(ctx.cache, val=train, progress=False)
+    adapter = tip_adapter.fit(model, train, {"search": True, "search_steps": [20, 10]}, val_ctx)
+    o = adapter.options
+    assert o["alpha"] != o["beta"] and (o["alpha"], o["beta"]) != (0.1, 0.1)
+    # clip_scale omitted: the model's learned temperature, exp(logit_scale)
+    assert o["clip_scale"] == pytest.approx(model.logit_scale.exp().item(), abs=1e-4)
+    assert o["clip_scale"] != pytest.approx(model.logit_scale.item(), abs=0.1)
+    val = F.normalize(ctx.features(model, train).embeddings.float(), dim=-1)
+    want = tip_adapter.search_alpha_beta(val, train.labels, adapter.weights, adapter.keys,
+                                         adapter.values, o["clip_scale"],
+                                         o["search_scale"], [20, 10])
+    assert (o["alpha"], o["beta"], o["val_acc1"]) == want
+
+
 def test_tip_adapter_f_trains_only_the_keys_and_lowers_the_loss(model, digits, ctx):
     train, _ = digits
     plain = tip_adapter.fit(model, train, {}, ctx)
@@ -137,6 +163,9 @@ def _coop_matches_zero_shot_prompt(model, digits, ctx):
     scale = model.logit_scale.exp().item()
     torch.testing.assert_close(adapter.logits(feats), scale * feats @ head.t(),
                                atol=1e-5, rtol=1e-5)
+    # training scores at the same temperature as inference
+    torch.testing.assert_close(adapter.train_logits(feats).detach(), scale * feats @ head.t(),
+                               atol=1e-5, rtol=1e-5)
     assert adapter.options["prompts"][3] == "a photo of a three."
 
 
@@ -190,6 +219,32 @@ def test_coop_random_context_and_training_changes_prompts(model, digits, ctx):
     assert adapter.learner.ctx.shape == (3, 32)
     assert adapter.options["prompts"][0] == "X X X zero."
     assert adapter.learner.ids.shape[1] >= len("zero.") + 2 + 3
+
+
+def test_random_context_slots_follow_the_start_token(model):
+    tok = model.tokenizer
+    ids, _, start, m = coop.prompt_tokens(model, ["cat"], "", 2)
+    filler = tok("x", add_special_tokens=False)["input_ids"][0]
+    name = tok("cat.", add_special_tokens=False)["input_ids"]
+    row = ids[0].tolist()
+    assert (start, m) == (1, 2) and row[0] == tok.bos_token_id
+    assert row[1:3] == [filler, filler] and row[3:3 + len(name)] == name
+
+
+def test_cocoop_shift_is_added_to_every_context_slot_of_its_image(model, digits):
+    train, _ = digits
+    opts = coop.Options(init="", n_ctx=2).to_dict()
+    learner = coop.build_learner(model, train, opts, seed=0)
+    c, (start, n) = len(train.classnames), (learner.start, learner.n_ctx)
+    shift = torch.randn(3, learner.embeds.shape[-1], generator=torch.Generator().manual_seed(1))
+    out = learner.prompt_embeddings(shift)
+    assert out.shape == (3 * c,) + learner.embeds.shape[1:]
+    for b in range(3):
+        for k in (0, c - 1):  # image-major: row b * C + k is image b's prompt of class k
+            row = out[b * c + k]
+            torch.testing.assert_close(row[start:start + n], learner.ctx + shift[b])
+            torch.testing.assert_close(row[:start], learner.embeds[k, :start])
+            torch.testing.assert_close(row[start + n:], learner.embeds[k, start + n:])
 
 
 def test_cocoop_with_zero_meta_net_equals_coop(model, digits, ctx):
