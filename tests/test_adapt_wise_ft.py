@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cliplab.adapt.common import head_metrics, subsample
-from cliplab.adapt.finetune import save_finetuned
+from cliplab.adapt.finetune import load_finetuned, save_finetuned
 from cliplab.adapt.head import zeroshot_classifier_head
 from cliplab.adapt.run import format_results, run_adapt
 from cliplab.cli import main
@@ -82,6 +82,8 @@ def test_best_alpha_maximises_the_chosen_score():
     assert best_alpha(rows, "mean")["alpha"] == 0.5      # (0.8 + 0.58) / 2 = 0.69
     assert best_alpha(rows, "test")["alpha"] == 1.0
     assert best_alpha(rows, "shifted")["alpha"] == 0.0
+    tied = [{"alpha": a, "test": {"acc1": 0.7}} for a in (0.7, 0.3, 1.0)]
+    assert best_alpha(tied, "test")["alpha"] == 0.3  # ties: the smaller α, in any order
 
 
 CFG = {"method": "wise-ft",
@@ -128,6 +130,22 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
                                                             **extra}},
                 tmp_path / "ignored", progress=False)
     assert not (tmp_path / "ignored").exists()
+
+
+def test_the_saved_best_model_is_the_interpolation_at_the_chosen_alpha(tmp_path):
+    base = small_model()
+    base.save(tmp_path / "base")
+    # no α of 0.5, where swapping α and 1 - α would go unseen
+    cfg = {**CFG, "options": {**CFG["options"], "alphas": [0, 0.3, 1]}}
+    res = run(str(tmp_path / "base"), cfg, tmp_path / "out")
+    alpha = res["best_alpha"]
+    best, best_head = load_finetuned(tmp_path / "out" / "best")
+    ft, ft_head = load_finetuned(res["finetuned"])
+    zs_head = zeroshot_classifier_head(base, load_digits("train")).weight
+    torch.testing.assert_close(best_head.weight, torch.lerp(zs_head, ft_head.weight, alpha))
+    want = interpolate(base.model.state_dict(), ft.model.state_dict(), alpha)
+    for name, tensor in best.model.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], msg=name)
 
 
 def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,
