@@ -294,6 +294,29 @@ def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
 FEW_SHOT = [name for name in ADAPT_METHODS if hasattr(get_method(name), "ADAPTER")]
 
 
+def test_linear_probe_logits_are_the_standardised_features_through_its_fit(model, digits, ctx):
+    from cliplab.evaluate.linear_probe import fit_logistic
+    train, test = digits
+    adapter = get_method("linear-probe").fit(model, train, {"l2": 0.01}, ctx)
+    x = ctx.features(model, train).embeddings.float()
+    mean, std = x.mean(0), x.std(0)
+    weight, bias = fit_logistic((x - mean) / std, train.labels, 10, 0.01)
+    assert bias.abs().max() > 1e-3  # a bias left out would show
+    t = ctx.features(model, test).embeddings.float()
+    torch.testing.assert_close(adapter.logits(t), (t - mean) / std @ weight + bias,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_zeroshot_fills_the_templates_with_descriptions_or_class_names(model, digits, ctx):
+    import dataclasses
+    train, _ = digits
+    described = dataclasses.replace(train, descriptions=[f"the digit {c}"
+                                                         for c in train.classnames])
+    for names, texts in (("prompt", described.descriptions), ("class", train.classnames)):
+        head = get_method("zeroshot").fit(model, described, {"names": names}, ctx).weights
+        torch.testing.assert_close(head, zeroshot_classifier(model, texts, train.templates))
+
+
 @pytest.mark.parametrize("name", sorted(FEW_SHOT))
 def test_round_trip_identical_logits(name, model, digits, tmp_path):
     train, test = digits
