@@ -447,3 +447,23 @@ def test_options_templates_need_one_place_for_the_class():
                            ([], "must be a non-empty list of prompts")):
         with pytest.raises(ConfigError, match="^" + re.escape(f"x: templates: {problem}")):
             validate(PromptOptions, {"templates": value}, "x")
+
+
+# -- the few-shot methods' training loop --------------------------------------------------------
+def test_train_steps_schedules_every_batch_and_reports_each_epochs_mean_loss(monkeypatch):
+    from cliplab.adapt import training
+    optimizers, rates = [], []
+    real = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer",
+                        lambda *a, **k: optimizers.append(real(*a, **k)) or optimizers[-1])
+    p = torch.nn.Parameter(torch.zeros(2))
+
+    def loss_fn(rows):  # the loss is the batch's size: 4, 4, 2 per epoch
+        rates.append(optimizers[0].param_groups[0]["lr"])
+        return (p * 0).sum() + len(rows)
+
+    history = training.train_steps([p], loss_fn, n=10, epochs=2, batch_size=4, lr=1.0,
+                                   progress=False)
+    assert history == pytest.approx([10 / 3, 10 / 3])
+    # 3 batches an epoch, the last one short: a cosine over all 6 steps
+    assert rates == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])

@@ -76,6 +76,17 @@ def test_finetuning_learns_and_leaves_the_text_side_alone(tmp_path, digits):
     assert loaded_head.classnames == digits.classnames
 
 
+def test_finetuning_with_a_fixed_head_trains_only_the_tower(digits):
+    model = small_model()
+    zs_head = zeroshot_classifier_head(model, digits).weight.detach().clone()
+    before = model.model.state_dict()["visual_projection.weight"].clone()
+    cfg = trainer_config(TRAIN_DEFAULTS, {"steps": 2, "batch_size": 32, "lr": 5e-3,
+                                          "augment": False}, lock_text=True, progress=False)
+    head, _ = finetune(model, digits, cfg, None, "base-path", train_head=False)
+    assert torch.equal(head.weight, zs_head)
+    assert not torch.equal(model.model.state_dict()["visual_projection.weight"], before)
+
+
 def test_head_round_trip(tmp_path):
     head = ClassifierHead(torch.randn(3, 5), 7.5, ["a", "b", "c"])
     head.save(tmp_path)

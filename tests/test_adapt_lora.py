@@ -236,3 +236,18 @@ def test_a_lora_fitted_in_python_records_the_folder_its_model_came_from(tmp_path
     with pytest.raises(ModelError, match="records no path of the model.*pass base="):
         load_lora(adapted.adapter_dir)
     assert load_lora(adapted.adapter_dir, base=str(tmp_path / "base"))[0] is not None
+
+
+def test_a_contrastive_lora_scores_at_the_models_temperature(digits):
+    """Without a head, the classes are the zero-shot prompts: logits exp(logit_scale) x cosine,
+    as every other head scores."""
+    from cliplab.adapt import AdaptContext, get_method
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    options = {"rank": 2, "objective": "contrastive", "towers": ["image", "text"],
+               "train": {"steps": 1, "batch_size": 16}}
+    adapted = get_method("lora").fit(small_model(), digits, options,
+                                     AdaptContext(FeatureCache(), progress=False))
+    scale = adapted.model.logit_scale.detach().exp()
+    assert scale.item() > 2  # the preset's temperature (1 / 0.07), far from 1
+    torch.testing.assert_close(adapted.text_head.norm(dim=-1), scale.expand(10))
