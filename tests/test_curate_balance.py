@@ -110,6 +110,15 @@ def test_decide_reasons_tables_and_histograms(tmp_path):
     assert report["head_entries"] == 2
 
 
+def test_an_entry_matched_exactly_t_times_is_not_a_head_entry(tmp_path):
+    step = Balance(Spec(step="balance", t=2, vocabulary=VOCABULARY, seed=0))
+    step.prepare(StepContext(work=tmp_path))
+    # cat 3 > t is head; dog exactly t = 2 and owl 1 keep all their pairs
+    decision = step.decide(pool(["a cat"] * 3 + ["a dog"] * 2 + ["an owl"]), {})
+    assert decision.report["head_entries"] == 1
+    assert decision.keep[3:].all()
+
+
 def test_same_seed_same_kept_set_whatever_the_pool_order(tmp_path):
     first, items = decide(SINGLE + MIXED, tmp_path / "a", seed=7)
     again, _ = decide(SINGLE + MIXED, tmp_path / "b", seed=7)

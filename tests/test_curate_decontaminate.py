@@ -121,6 +121,22 @@ def test_either_signal_drops_an_item(pool, tmp_path, monkeypatch):
     assert match["hash_distance"] == 8 and match["similarity"] >= 0.999
 
 
+def test_a_cosine_equal_to_the_threshold_is_a_match(tmp_path, monkeypatch):
+    """decide on hand-made columns: cosine 0.5 reaches threshold 0.5 (dropped), 0.25 does
+    not (kept); both exactly representable, so no rounding decides."""
+    step = Decontaminate(Spec(step="decontaminate", model="tiny-clip", eval_sets=[EVAL],
+                              threshold=0.5, hash_distance=None))
+    step.labels = ["eval_sets[0]:fashion-mnist#0"]
+    monkeypatch.setattr(step, "_thumbnail", lambda index: tmp_path / f"{index}.png")
+    columns = {"cosine": np.array([0.5, 0.25], np.float32), "cosine_match": np.zeros(2, int),
+               "cosine_match_hash_distance": np.array([30, 30]),
+               "hash_distance": np.array([30, 30])}
+    decision = step.decide(PoolItems(["a", "b"], ["", ""]), columns)
+    assert decision.keep.tolist() == [False, True]
+    assert decision.reasons[0] == ("near duplicate of evaluation image "
+                                   "eval_sets[0]:fashion-mnist#0 (cosine 0.500 >= 0.5)")
+
+
 def test_the_eval_sets_of_a_suite_are_used_once_each(tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text("tasks:\n"

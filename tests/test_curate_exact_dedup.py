@@ -58,3 +58,10 @@ def test_captions_are_normalised_before_comparison(tmp_path):
     d = run(tmp_path, images, captions, match="pair")
     assert d.keep.tolist() == [True, True, True, False]
     assert d.report["clusters"] == [["k0", "k3"]]
+
+
+def test_pair_needs_the_caption_too(tmp_path):
+    images = [image(5), image(5)]
+    captions = ["a red square", "a blue circle"]
+    assert run(tmp_path, images, captions, match="pair").keep.tolist() == [True, True]
+    assert run(tmp_path, images, captions, match="image").keep.tolist() == [True, False]

@@ -54,6 +54,18 @@ def test_a_chain_keeps_both_ends_compared_against_kept_rows_only():
     np.testing.assert_allclose(result.similarity, [0.8818, 0.97, 0.8818], atol=1e-4)
 
 
+def test_a_pair_exactly_at_the_threshold_is_not_a_duplicate():
+    """eps 1: threshold 0. c = (a + b)/sqrt 2 is at 0.707 from a and b: a duplicate of a.
+    b's cosine with a is exactly 0, at the threshold, not above it: b is kept (although its
+    most similar row, c, is above the threshold, so its pairs are looked at)."""
+    a, b = unit((0, 1)), unit((1, 1))
+    rows = np.stack([a, b, unit((0, 1), (1, 1))])
+    result = semantic_duplicates(rows, n_clusters=1, eps=1.0)
+    assert result.threshold == 0.0
+    assert result.keep.tolist() == [True, True, False] and result.duplicate_of[2] == 0
+    assert result.similarity[1] == 0.0  # a, the only other kept row
+
+
 def test_keep_farthest_visits_rows_farthest_from_the_centroid_first():
     a = unit((0, 1))
     b = unit((0, 1), (1, 0.2))   # near duplicate of a (0.98)
