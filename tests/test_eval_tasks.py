@@ -6,6 +6,7 @@ from typing import Literal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError
@@ -16,6 +17,7 @@ from cliplab.evaluate.tasks import (TASKS, DataSpec, LinearHead, TaskContext, Ta
                                     register_task)
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models import DualEncoder, build_model
+from cliplab.models.dual_encoder import evaluating
 from cliplab.train.pretrain import run_pretrain
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
@@ -152,3 +154,18 @@ def test_per_class_accuracy_by_hand(tiny_model):
         if (data.labels == c).any():
             assert out["per_class_acc1"][name] == pytest.approx(
                 (pred[data.labels == c] == c).float().mean().item(), abs=1e-6)
+
+
+def test_encoded_backbone_is_the_tower_output_and_embeddings_unit_length(tiny_model):
+    images = torch.randint(0, 256, (5, 16, 16, 3), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    feats = encode_images(tiny_model, images, progress=False)
+    with torch.no_grad(), evaluating(tiny_model):
+        pooled = tiny_model.image_backbone(tiny_model.preprocess(images))
+        projected = tiny_model.project_image(pooled)
+    # the tower is 32 wide, the embedding 16: the backbone features are the tower's
+    assert feats.backbone.shape == (5, 32) and feats.embeddings.shape == (5, 16)
+    assert torch.allclose(feats.backbone, pooled, atol=1e-5)
+    assert torch.allclose(feats.embeddings.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(feats.embeddings, F.normalize(projected, dim=-1), atol=1e-5)
+    assert not torch.allclose(projected.norm(dim=1), torch.ones(5), atol=1e-2)  # not by luck

@@ -38,6 +38,29 @@ def test_nearest_class_mean_normalises_training_rows_before_averaging():
     assert m["mean_per_class_recall"] == pytest.approx((1 + 2 / 3) / 2)
 
 
+def test_nearest_class_mean_compares_directions_of_the_class_means():
+    """Class 0's rows agree, (1, 0) twice: mean (1, 0). Class 1's spread: (0.8, 0.6) and
+    (-0.8, 0.6) average to (0, 0.6), direction (0, 1). The test row (0.6, 0.8) has cosine 0.8
+    with class 1 and 0.6 with class 0, so it is class 1; by raw dot product with the means
+    (0.48 against 0.6) it would be class 0."""
+    train_x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [-0.8, 0.6]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    m = nearest_class_mean(train_x, train_y, torch.tensor([[0.6, 0.8]]), torch.tensor([1]))
+    assert m["acc1"] == 1.0
+
+
+def test_nearest_class_mean_never_predicts_a_class_without_shots():
+    """Class 2 has test rows but no shots: its mean is the zero vector (cosine 0). The row
+    (-1, -0.5) has negative cosine with both class means (-0.89 and -0.45), so it goes to
+    class 1, never to the empty class 2: wrong, as is every row of a class without shots."""
+    train_x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    train_y = torch.tensor([0, 1])
+    test_x = torch.tensor([[-1.0, -0.5], [0.2, 1.0]])
+    m = nearest_class_mean(train_x, train_y, test_x, torch.tensor([2, 1]))
+    assert m["acc1"] == pytest.approx(0.5)  # only the class-1 row is right
+    assert m["mean_per_class_recall"] == pytest.approx(0.5)
+
+
 def test_few_shot_reports_mean_and_std_and_more_shots_help():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 1.2

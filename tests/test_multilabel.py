@@ -11,7 +11,8 @@ from cliplab.data.shapes import COLORS, shapes_multilabel
 from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.multilabel import average_precision, mean_average_precision
+from cliplab.evaluate.multilabel import (average_precision, mean_average_precision,
+                                         multilabel_metrics)
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -27,6 +28,17 @@ def test_average_precision_by_hand():
     assert ap[1].item() == pytest.approx(0.5 * 1 / 3 + 0.5 * 2 / 4)
     assert torch.isnan(ap[2])  # no positive: left out of the mean
     assert mean_average_precision(scores, targets) == pytest.approx((5 / 6 + 5 / 12) / 2)
+
+
+def test_metrics_leave_classes_without_positives_out_of_the_mean():
+    scores = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.3, 0.4], [0.6, 0.8, 0.7]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    # a: the positive ranks first -> AP 1; b: it ranks second (0.8 > 0.3 > 0.2) -> AP 1/2;
+    # c has no positive: not scored (as AP 0 the mean would be 1/2)
+    m = multilabel_metrics(scores, targets, ["a", "b", "c"])
+    assert m["mean_average_precision"] == pytest.approx(0.75)
+    assert m["per_class_ap"] == pytest.approx({"a": 1.0, "b": 0.5})
+    assert m["n_classes"] == 2
 
 
 def test_average_precision_matches_sklearn_with_ties():
