@@ -409,6 +409,70 @@ def test_exact_search_pages_like_numpy():
     assert (tail[:, 5:] == -1).all()
 
 
+def _hand_ivf(centres: np.ndarray, vectors: np.ndarray):
+    """An IVF index over ``vectors`` whose lists are those of the given unit ``centres`` (no
+    k-means: each vector sits in the list of the centre of highest inner product)."""
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(centres.shape[1])
+    quantizer.add(np.ascontiguousarray(centres, dtype=np.float32))
+    index = faiss.IndexIVFFlat(quantizer, centres.shape[1], len(centres),
+                               faiss.METRIC_INNER_PRODUCT)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def test_tuning_stops_at_the_first_breadth_that_reaches_the_target():
+    """Four tight clusters along orthogonal axes, one IVF list each: a held-out query's 10
+    nearest are all in its own cluster's list, so nprobe 1 already has recall 1.0."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:4]
+    x = np.repeat(centres, 20, axis=0) + 0.05 * rng.normal(size=(80, 8))
+    vectors = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    index = _hand_ivf(centres, vectors)
+    tuned = faiss_index.tune_search(index, vectors, recall_target=1.0)
+    assert tuned == {"parameter": "nprobe", "value": 1, "recall": 1.0}
+
+
+def test_a_page_missing_only_its_last_hit_is_searched_broader():
+    """List 0 (around +x) holds 2 vectors, list 1 (around -x) 10: at nprobe 1 the query +x
+    gets 2 hits of 3, the last slot -1; the page comes back full, the third hit from list 1."""
+    angles = np.r_[0.0, 0.1, np.pi - 0.1 * np.arange(1, 11)]
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    index = _hand_ivf(np.array([[1.0, 0.0], [-1.0, 0.0]]), vectors)
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert index.search(q, 3)[1].tolist() == [[0, 1, -1]]
+    # cosines with +x: 1, cos 0.1, then the list-1 vector nearest +x, at pi - 1: -cos 1
+    for stored in (None, vectors):
+        scores, ids = faiss_index.search(index, q, 3, vectors=stored)
+        assert ids.tolist() == [[0, 1, 11]]
+        np.testing.assert_allclose(scores, [[1.0, np.cos(0.1), -np.cos(1.0)]], atol=1e-6)
+
+
+def test_the_exact_fallback_scores_are_cosines(monkeypatch):
+    vectors = _clustered(200, 16, 4)
+    index = faiss_index.build_faiss(vectors, "Flat")
+    monkeypatch.setattr(faiss_index, "_deep_search", lambda index, queries, depth: (
+        np.zeros((len(queries), depth), np.float32), np.full((len(queries), depth), -1)))
+    q = vectors[:2]
+    scores, ids = faiss_index.search(index, q, 5, offset=1, vectors=vectors)
+    cosine = q @ vectors.T
+    assert np.array_equal(ids, np.argsort(-cosine, axis=1)[:, 1:6])
+    np.testing.assert_allclose(scores, np.take_along_axis(cosine, ids, axis=1), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+
+
+def test_get_many_returns_every_row_across_chunks(tmp_path):
+    """1200 ids are looked up in chunks of 500: none may fall between two chunks."""
+    store = MetadataStore(tmp_path / "meta.sqlite")
+    store.add({"id": i, "key": f"k{i}", "caption": f"c{i}", "location": {}, "meta": {"i": i}}
+              for i in range(1200))
+    rows = store.get_many(range(1200))
+    store.close()
+    assert sorted(rows) == list(range(1200))
+    assert all(rows[i]["key"] == f"k{i}" and rows[i]["meta"] == {"i": i} for i in range(1200))
+
+
 @pytest.mark.parametrize("name, words", [
     ("faiss.index", "not a FAISS index FAISS can read"),
     ("meta.sqlite", "not a readable index metadata database"),
