@@ -25,6 +25,8 @@ def test_clean_text_is_openclips_basic_and_whitespace_clean():
     assert clean_text("cafÃ©") == "café"  # ftfy.fix_text repairs mojibake
     assert clean_text("\u201cquoted\u201d") == '"quoted"'  # ...and uncurls quotes
     assert clean_text(" \n ") == ""
+    # beside a tag ftfy leaves entities alone: both unescapes are cliplab's (OpenCLIP's)
+    assert clean_text("<b> &amp;amp;") == "<b> &"
 
 
 @pytest.mark.parametrize("tokenizer", ["clip-bpe", "minilm", "byte-level"])

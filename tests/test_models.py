@@ -11,6 +11,7 @@ from cliplab.config import Section, load_config
 from cliplab.errors import ConfigError, ModelError
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.dual_encoder import mean_pool
+from cliplab.models.presets import minilm_path
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.models.tokenizer import byte_level_tokenizer
@@ -85,10 +86,25 @@ def test_lit_minilm_round_trip_and_plain_transformers(tmp_path, lit_model):
 
 def test_lit_minilm_text_tower_is_the_pretrained_sentence_encoder(lit_model):
     """Identity projection + mean pooling = MiniLM sentence embeddings: related words are close."""
-    emb = lit_model.encode_texts(["a photo of a sneaker.", "a photo of an ankle boot.",
-                                  "a photo of a dress."])
+    texts = ["a photo of a sneaker.", "a photo of an ankle boot.", "a photo of a dress."]
+    emb = lit_model.encode_texts(texts)
     sims = emb @ emb.T
     assert sims[0, 1] > sims[0, 2] + 0.05
+    dim = lit_model.embed_dim
+    assert torch.equal(lit_model.model.text_projection.weight, torch.eye(dim))
+    # exactly the sentence encoder's normalised mean-pooled output, before any training
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = lit_model.model.text_model(**enc).last_hidden_state
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(
+        mean_pool(hidden, enc["attention_mask"]), dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_siglip_starts_at_the_papers_temperature_and_bias():
+    model = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    assert model.logit_scale.exp().item() == pytest.approx(10.0)
+    assert model.logit_bias.item() == -10.0
 
 
 def test_any_local_hf_clip_folder_loads(tmp_path):
@@ -200,6 +216,7 @@ def test_byte_tokenizer_round_trips_any_text(tmp_path):
         ids = tok(text)["input_ids"]
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert tok.decode(ids, skip_special_tokens=True) == text.lower()
+    assert tok("A Red CIRCLE")["input_ids"] == tok("a red circle")["input_ids"]  # lower-cased
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(TEXTS[0])["input_ids"] == tok(TEXTS[0])["input_ids"]
@@ -233,8 +250,10 @@ def test_inference_helpers_switch_off_dropout_and_restore_the_mode(lit_model):
     assert torch.equal(a, b) and lit_model.training
     encode_images(lit_model, _images(n=2, size=16), progress=False)
     assert lit_model.training and lit_model.text_tower.training
-    lit_model.eval()
-    assert not lit_model.training
+    lit_model.eval()  # and a model in eval mode stays in it
+    lit_model.encode_texts(["a photo of a bag."])
+    encode_images(lit_model, _images(n=2, size=16), progress=False)
+    assert not lit_model.training and not lit_model.text_tower.training
 
 
 def test_attention_implementation_is_switched_for_a_block_only_and_changes_no_feature():
