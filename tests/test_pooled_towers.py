@@ -56,6 +56,21 @@ def test_pooled_last_block_matches_hf_features_and_gradients(checkpointing, eos_
                                    msg=lambda detail, name=name: f"{name}: {detail}")
 
 
+def test_pooled_text_ignores_masked_tokens_before_the_eos():
+    """Left padding (masked tokens before the text): the pooled block must not attend to them,
+    as HF's full forward does not."""
+    model = small_model(layers=2).eval()
+    tok = model.tokenize(CAPTIONS)
+    pads = (1 - tok["attention_mask"]).sum(1)
+    ids = torch.stack([row.roll(int(n)) for row, n in zip(tok["input_ids"], pads)])
+    mask = torch.stack([row.roll(int(n)) for row, n in zip(tok["attention_mask"], pads)])
+    assert mask[:, 0].eq(0).any()  # some rows start with padding
+    with torch.no_grad():
+        ours = model.text_backbone(ids, mask)
+        hf = model.text_tower(input_ids=ids, attention_mask=mask).pooler_output
+    torch.testing.assert_close(ours, hf, atol=1e-5, rtol=1e-5)
+
+
 def test_last_block_runs_at_one_token_per_sequence():
     model = small_model(layers=2).eval()
     seen = {}
