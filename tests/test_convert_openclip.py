@@ -64,7 +64,23 @@ def test_activation_and_preprocessing_carried_over():
     pre = gelu.preprocess_config
     assert (pre.image_size, pre.resize_mode, pre.interpolation) == (32, "squash", "bicubic")
     assert pre.mean == (0.45, 0.46, 0.41)
-    assert quick.preprocess_config.resize_mode == "shortest"  # OpenCLIP's default
+    # no preprocessing given: OpenCLIP's defaults (OpenAI's mean/std, bicubic, shortest side)
+    from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD
+    q = quick.preprocess_config
+    assert (q.resize_mode, q.interpolation, q.mean, q.std) == ("shortest", "bicubic", CLIP_MEAN,
+                                                                CLIP_STD)
+
+
+def test_the_top_level_preprocess_config_wins_over_the_model_configs():
+    from cliplab.models.convert.openclip_files import OpenClipCheckpoint
+    from cliplab.models.convert.openclip_import import _preprocess
+
+    ckpt = OpenClipCheckpoint(Path("w.pt"), Path("open_clip_config.json"), {},
+                              {"vision_cfg": {}, "preprocess_cfg": {"resize_mode": "squash",
+                                                                    "mean": [0.1] * 3}},
+                              {"resize_mode": "longest"})
+    pre = _preprocess(ckpt, 32)
+    assert (pre.resize_mode, pre.mean) == ("longest", (0.1, 0.1, 0.1))  # each key: top, then model
 
 
 def test_converted_folder_opens_in_transformers_and_cliplab(tmp_path):
