@@ -121,3 +121,23 @@ def test_16_bit_values_in_pil_mode_i_are_scaled_not_clipped():
     buf = io.BytesIO()
     image.save(buf, format="TIFF")
     assert np.array_equal(decode_image(buf.getvalue(), channels=1)[..., 0].numpy(), expected)
+
+
+def test_dark_16_bit_greyscale_is_scaled_even_when_every_value_is_below_256():
+    """Only PIL's 32-bit mode I may hold 8-bit values; an I;16 image is always 16-bit, so
+    200 is 200 / 65535 of full scale: 200 >> 8 = 0, black (not the 8-bit grey 200)."""
+    from cliplab.models.preprocess import convert_image
+
+    image = Image.fromarray(np.full((4, 4), 200, np.uint16))
+    assert image.mode == "I;16"
+    assert np.array_equal(np.asarray(convert_image(image, "L")), np.zeros((4, 4), np.uint8))
+    assert np.asarray(convert_image(image)).max() == 0
+
+
+def test_encode_jpg_uses_the_asked_quality_as_pil_does():
+    import io
+
+    for quality in (95, 50):
+        buf = io.BytesIO()
+        Image.fromarray(RGB).save(buf, format="JPEG", quality=quality)
+        assert encode_image(torch.from_numpy(RGB), "jpg", quality=quality) == buf.getvalue()

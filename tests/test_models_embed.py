@@ -49,3 +49,17 @@ def test_one_template_string_is_one_prompt_per_class():
     names = ["circle", "square"]
     torch.testing.assert_close(zeroshot_classifier(model, names, "a photo of a {}."),
                                zeroshot_classifier(model, names, ["a photo of a {}."]))
+
+
+def test_embed_images_converts_palette_and_16_bit_images_as_the_decoder_does():
+    from cliplab.models.preprocess import convert_image
+
+    model = tiny()
+    rng = np.random.default_rng(1)
+    palette = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).quantize(8)
+    deep = Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16))
+    assert (palette.mode, deep.mode) == ("P", "I;16")
+    got = embed_images(model, [palette, deep])
+    # the palette's colours (not its indices), the 16-bit values scaled to 8 bits
+    want = embed_images(model, [palette.convert("RGB"), convert_image(deep)])
+    np.testing.assert_allclose(got, want, atol=1e-6)

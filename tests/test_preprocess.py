@@ -2,8 +2,9 @@
 
 import torch
 
-from cliplab.models.preprocess import (AugmentConfig, ImagePreprocessor, PreprocessConfig,
-                                       random_affine, resize_center_crop, to_float_rgb)
+from cliplab.models.preprocess import (CLIP_MEAN, CLIP_STD, AugmentConfig, ImagePreprocessor,
+                                       PreprocessConfig, random_affine, resize_center_crop,
+                                       to_float_rgb)
 
 
 def test_grayscale_becomes_rgb_and_is_normalised_by_hand():
@@ -76,3 +77,41 @@ def test_grayscale_is_augmented_as_one_channel_with_the_same_pixels_as_its_rgb_c
         a = pre(gray, train=train, generator=torch.Generator().manual_seed(3))
         b = pre(rgb, train=train, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_an_alpha_channel_is_dropped_keeping_red_green_blue():
+    rgba = torch.tensor([10, 20, 30, 255], dtype=torch.uint8).expand(1, 2, 2, 4)
+    out = to_float_rgb(rgba)
+    for c, value in enumerate((10, 20, 30)):
+        torch.testing.assert_close(out[0, c], torch.full((2, 2), value / 255))
+
+
+def test_longest_mode_rounds_the_short_side_and_pads_it_centred():
+    # 6 x 10 to 8: scale 0.8, 6 * 0.8 = 4.8 rounds to 5 rows (as OpenCLIP's ResizeKeepRatio);
+    # the 3 padding rows split 1 above, 2 below (torchvision's centre-crop padding)
+    out = resize_center_crop(torch.ones(1, 1, 6, 10), 8, "longest")
+    assert out.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(out[0, 0, 1:6], torch.ones(5, 8))
+    assert out[0, 0, [0, 6, 7]].abs().max() == 0
+
+
+def test_augmentation_fills_the_border_with_a_white_background():
+    pre = ImagePreprocessor(PreprocessConfig(image_size=16))
+    img = torch.full((2, 16, 16, 3), 255, dtype=torch.uint8)
+    img[:, 6:10, 6:10] = 0
+    # zooming out to half size pulls the whole border from outside the image
+    shrink = AugmentConfig(scale=(0.5, 0.5), translate=0.1, rotate_deg=10.0, hflip=False)
+    out = pre(img, train=True, generator=torch.Generator().manual_seed(0), augment=shrink)
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # 255, normalised
+    for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        torch.testing.assert_close(out[:, :, corner[0], corner[1]], white.expand(2, 3))
+
+
+def test_rotate_deg_is_in_degrees():
+    # a horizontal ramp (1/15 per pixel) turned by at most 1 degree: a pixel within 8 px of the
+    # centre moves by at most 8 * sin(1 deg) = 0.14 px, so its value by at most 0.14 / 15 < 0.01
+    # (the interior only: the border may pull zeros from outside)
+    x = (torch.arange(16.0) / 15).expand(4, 1, 16, 16)
+    turn = AugmentConfig(scale=(1.0, 1.0), translate=0.0, rotate_deg=1.0, hflip=False)
+    out = random_affine(x, turn, torch.Generator().manual_seed(0))
+    assert (out - x)[..., 2:-2, 2:-2].abs().max() < 0.012
