@@ -493,3 +493,24 @@ def test_resharding_a_truncated_shard_counts_only_lost_samples_in_the_stats(tmp_
     assert index["total"] == 9 and index["skipped"]["total"] == 1
     assert json.loads((tmp_path / "again" / "stats.json").read_text()) == {"count": 9,
                                                                            "skipped": 1}
+
+
+def test_partner_keys_follow_the_renumbering_after_a_skipped_sample(tmp_path, shapes):
+    # sample 0 has no caption and is not written: A (1) and B (2) become keys 0 and 1
+    pairs = ImageTextPairs(shapes.images[:3], [[" "], ["a"], ["b"]],
+                           partners=torch.tensor([-1, 2, 1]))
+    write_shards(pairs, tmp_path / "s", image_format="png", progress=False)
+    back = load_source({"source": "shards", "path": str(tmp_path / "s"), "progress": False})
+    assert back.captions == [["a"], ["b"]] and back.partners.tolist() == [1, 0]
+
+
+def test_shuffle_buffer_order_changes_with_the_epoch_within_one_shard(shard_dir):
+    def order(epoch):  # one shard of 6, all in the buffer: only the buffer shuffles
+        stream = ShardStream(shard_dir / "00000.tar", seed=0, shuffle_buffer=10, rank=0,
+                             world_size=1)
+        stream.set_epoch(epoch)
+        return _keys(stream)
+
+    a = order(0)
+    assert a == order(0) and sorted(a) == sorted(order(1))
+    assert a != order(1)

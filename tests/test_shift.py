@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cliplab.data.shift import apply_shift, gaussian_blur, gaussian_noise, invert, parse_shift
+from cliplab.data.shift import (apply_shift, gaussian_blur, gaussian_kernel, gaussian_noise, invert,
+                                parse_shift)
 from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError
 
@@ -70,3 +71,13 @@ def test_shift_option_on_a_labelled_source():
     assert torch.equal(noisy.images, gaussian_noise(plain.images, 0.2, seed=1))
     with pytest.raises(ConfigError, match="unknown shift"):
         load_source({"source": "digits", "shift": "swirl"})
+
+
+def test_blur_kernel_reaches_three_sigma():
+    # sigma 1: radius ceil(3 * 1) = 3, 7 taps. A bright column blurs to 255 * k3 3 columns away:
+    # k3 = k0 * e^-9/2 = 0.39905 * 0.011109 = 0.00443, 255 * k3 = 1.13, rounded to 1
+    assert len(gaussian_kernel(1.0)) == 7
+    x = torch.zeros(1, 9, 9, 1, dtype=torch.uint8)
+    x[0, :, 4, 0] = 255
+    row = gaussian_blur(x, 1.0)[0, 4, :, 0]
+    assert row[1] == row[7] == 1 and row[0] == row[8] == 0
