@@ -8,7 +8,7 @@ import torch
 
 from cliplab.data.pairs import concat_pairs
 from cliplab.data.shapes import load_shapes
-from cliplab.train.batches import ReplayBatches
+from cliplab.train.batches import EpochBatches, PartnerBatches, ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
 from cliplab.runs import RunDir
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
@@ -109,6 +109,36 @@ def test_replay_batches_mix_the_ratio_and_cover_each_set():
     assert len(seen_new) == 28 and len(seen_old) == 12
     assert len(set(seen_new)) == 28 and len(set(seen_old)) == 12  # no repeats within an epoch
     assert all(40 <= i < 70 for i in seen_old)
+
+
+def test_epoch_batches_reshuffle_each_epoch_and_drop_the_short_batch():
+    batches = EpochBatches(10, 4, seed=3)
+    assert batches.per_epoch == 2  # 10 // 4: the short third batch of 2 is dropped
+    drawn = [batches.next() for _ in range(4)]
+    assert all(len(b) == 4 for b in drawn) and batches.epoch == 1
+    for epoch, pair in enumerate((drawn[:2], drawn[2:])):  # a fresh permutation each epoch
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(3 + epoch))
+        assert torch.equal(torch.cat(pair), order[:8])
+    assert not torch.equal(torch.cat(drawn[:2]), torch.cat(drawn[2:]))
+
+
+def test_partner_batches_reshuffle_each_epoch():
+    candidates = (torch.arange(24).view(12, 2) + 1) % 12  # 12 images, 2 candidates each
+    batches = PartnerBatches(candidates, batch_size=12, seed=0)
+    epochs = [batches.next().tolist() for _ in range(3)]
+    assert all(sorted(e) == list(range(12)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3
+
+
+def test_replay_share_is_rounded_and_its_order_its_own():
+    # round(0.25 * 6) = round(1.5) = 2 replayed per batch (int would give 1)
+    batches = ReplayBatches(n_new=20, n_old=20, batch_size=6, ratio=0.25, seed=0)
+    idx = batches.next()
+    assert (idx >= 20).sum() == 2
+    # equal sizes: had the replay set the new data's seed, it would walk the same order
+    same = ReplayBatches(n_new=20, n_old=20, batch_size=20, ratio=0.5, seed=0)
+    new, old = same.next().split(10)
+    assert not torch.equal(new, old - 20)
 
 
 def test_replay_training_draws_from_both_sets(pairs):

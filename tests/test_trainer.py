@@ -46,15 +46,26 @@ def test_training_lowers_the_loss_and_writes_a_run(tmp_path, pairs):
         assert torch.equal(a, b)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs):
-    full = small_model()
+def _dropout(model, p: float):
+    """``model`` with attention dropout ``p`` (the presets have none): its masks draw from the
+    global generator, which a resume must restore."""
+    for module in model.modules():
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs, dropout):
+    full = _dropout(small_model(), dropout)
     Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(pairs)
 
-    first = small_model()
+    first = _dropout(small_model(), dropout)
     Trainer(first, config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(pairs)
     # drop everything after step 3, then resume from it in a fresh process-like state
     part = RunDir(tmp_path / "part")
-    resumed = small_model(seed=123)  # different init: resume must restore the weights
+    # different init: resume must restore the weights
+    resumed = _dropout(small_model(seed=123), dropout)
     torch.manual_seed(999)
     Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
