@@ -50,7 +50,9 @@ def test_any_change_invalidates(monkeypatch):
     model.preprocess_config.mean = (0.4, 0.4, 0.4)                    # other transform
     other = cache.features(model, images, progress=False)
     cache.features(model, images, probe="layers", probe_layers=1, progress=False)  # new probe
-    assert len(calls) == 5 and cache.hits == 0
+    cache.features(model, images, probe="layers", probe_layers=2, progress=False)  # deeper
+    cache.features(model, images, precision="bf16", progress=False)  # other precision
+    assert len(calls) == 7 and cache.hits == 0
     first = cache.memory[next(iter(cache.memory))]["plain"]
     assert not torch.equal(other.backbone, first.backbone)  # the new mean really was applied
 
@@ -76,6 +78,16 @@ def test_disk_cache_survives_a_new_instance(tmp_path, monkeypatch):
     assert torch.equal(first.probe, second.probe) and torch.equal(first.embeddings, plain.embeddings)
     assert second.get("tokens").shape == first.get("tokens").shape
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_probe_on_disk_serves_plain_requests_only(tmp_path, monkeypatch):
+    calls = count_encodes(monkeypatch)
+    model, images = _model(), _images()
+    FeatureCache(tmp_path).features(model, images, probe="tokens", progress=False)
+    again = FeatureCache(tmp_path)
+    again.features(model, images, progress=False)  # any entry holds the embeddings
+    layers = again.features(model, images, probe="layers", probe_layers=1, progress=False)
+    assert calls == ["tokens", "layers"] and layers.probe_kind == "layers"
 
 
 def test_a_cache_file_without_embeddings_is_replaced_and_encoded_again(tmp_path, monkeypatch,
