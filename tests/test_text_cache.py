@@ -72,6 +72,12 @@ def test_text_tower_change_invalidates_and_image_tower_change_does_not(monkeypat
     assert len(calls) == 3
     cache.embeddings(_model(seed=1), ["a cat"])  # another model altogether
     assert len(calls) == 4
+    # the same weights, texts cut or pooled otherwise
+    model.context_length -= 1
+    cache.embeddings(model, ["a cat"])
+    model.text_pooling = "mean"
+    cache.embeddings(model, ["a cat"])
+    assert len(calls) == 6
 
 
 def test_bf16_is_its_own_key_and_close_to_fp32(monkeypatch):
