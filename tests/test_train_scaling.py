@@ -199,3 +199,15 @@ def test_locked_tower_features_are_computed_once_with_the_same_update(pairs, tow
     assert cached.keys() == uncached.keys()
     for k in cached:
         torch.testing.assert_close(cached[k], uncached[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_locked_image_tower_with_augmentation_runs_every_step(pairs, monkeypatch):
+    """Augmented images differ each step: caching their features would silently skip the
+    augmentation."""
+    model = small_model()
+    calls = []
+    backbone = model.image_backbone
+    monkeypatch.setattr(model, "image_backbone",
+                        lambda *a, **kw: calls.append(1) or backbone(*a, **kw))
+    Trainer(model, config(steps=3, lock_image=True, augment=True)).fit(pairs)
+    assert len(calls) == 3
