@@ -431,3 +431,24 @@ def test_a_run_whose_gradients_turn_infinite_stops_though_its_loss_is_finite(tmp
     with pytest.raises(TrainingDiverged, match="became NaN or infinite at step 3 "):
         trainer.fit(pairs)
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_log_cadence_modes_and_temperature_floor(tmp_path, pairs):
+    """log_every=3 over 7 steps logs steps 3, 6 and the last; trainable layers run in train
+    mode, a locked tower's in eval mode (no dropout in what it computes), and the model ends in
+    eval mode; the temperature is clamped at exp(0) = 1 from below."""
+    model = small_model()
+    modes = {"image": [], "text": []}
+    for tower, seen in modes.items():
+        model.tower(tower).embeddings.register_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(m.training))
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    Trainer(model, config(steps=7, log_every=3, lock_text=True, cache_frozen_features=False),
+            RunDir(tmp_path)).fit(pairs)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    assert set(modes["image"]) == {True} and set(modes["text"]) == {False}
+    assert not model.training
+    assert model.logit_scale.item() >= 0 and records[0]["logit_scale"] >= 1
+
