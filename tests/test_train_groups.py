@@ -86,6 +86,21 @@ def test_without_multi_positive_keys_are_the_ids_of_the_captions_drawn(pairs):
                            groups.unique(return_inverse=True)[1])  # not the groups' partition
 
 
+def test_captions_are_drawn_from_the_steps_generator(classes):
+    """Each image's caption is drawn from the training generator (train.seed): the same
+    batches under another generator draw other captions, under the same one the same."""
+    cfg = config(multi_positive=False, batch_size=16)
+
+    def drawn(seed):
+        inputs = MemoryInputs(classes, cfg, small_model(), lambda x, g: x, 0, 1,
+                              torch.device("cpu"))
+        rng = torch.Generator().manual_seed(seed)
+        return torch.stack([inputs.next(rng).captions for _ in range(3)])
+
+    assert torch.equal(drawn(0), drawn(0))
+    assert not torch.equal(drawn(0), drawn(1))
+
+
 def test_objective_loss_is_the_multi_positive_infonce_of_the_groups(pairs):
     """The objective's loss of a grouped batch is the symmetric InfoNCE whose target is
     uniform over each row's positives — the texts describing its image, its group's or
