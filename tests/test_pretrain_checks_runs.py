@@ -245,6 +245,12 @@ def test_the_logged_lr_is_the_base_rate_whatever_the_first_groups_scale(tmp_path
     assert lrs[0] == pytest.approx(3e-3)
 
 
+def test_a_warmup_under_one_is_a_fraction_of_the_run(tmp_path):
+    run_pretrain(recipe(tmp_path / "half", warmup=0.5), progress=False)  # 2 of 4 steps
+    lrs = [r["lr"] for r in records(tmp_path / "half") if "lr" in r]
+    assert lrs == pytest.approx([3e-3 * warmup_cosine(s, 4, 2) for s in range(4)], rel=1e-9)
+
+
 def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
     """warmup=100 of a 4-step run trained at 1-4% of train.lr without a word."""
     run_pretrain(recipe(tmp_path / "long", warmup=100), progress=False)
