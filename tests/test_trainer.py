@@ -72,6 +72,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs, dropout):
         assert torch.equal(a, b), name
 
 
+def test_a_resume_with_replay_equals_the_uninterrupted_run(tmp_path, pairs):
+    """Both streams (new data, replayed pairs) continue where the checkpoint left them."""
+    old = load_shapes(n=40, seed=5, kinds=("single",), image_size=32)
+    full = small_model()
+    Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(
+        pairs, replay=old, replay_ratio=0.25)
+    Trainer(small_model(), config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(
+        pairs, replay=old, replay_ratio=0.25)
+    part = RunDir(tmp_path / "part")
+    resumed = small_model(seed=123)
+    Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3),
+                                                replay=old, replay_ratio=0.25)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_checkpoint_carries_the_gpu_generator_to_the_resume(tmp_path, pairs, monkeypatch):
     """Dropout on a GPU draws from its own generator: a resume restores it as it does the CPU
     ones (it was not saved, so such a run did not resume bit-identically). A fake GPU here."""
