@@ -83,6 +83,12 @@ def test_streamed_run_counts_corrupt_samples_and_resumes_bit_identical(shards, t
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
+    def logged(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["epoch"]) for r in map(json.loads, lines) if "loss" in r]
+
+    assert logged("resumed") == [r for r in logged("full") if r[0] > 2]  # the epoch counter too
+
 
 def test_streamed_run_crosses_epochs(shards, tmp_path):
     results = run_pretrain(recipe(tmp_path / "run", shards, steps=None, epochs=2),
