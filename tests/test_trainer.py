@@ -468,3 +468,11 @@ def test_log_cadence_modes_and_temperature_floor(tmp_path, pairs):
     assert not model.training
     assert model.logit_scale.item() >= 0 and records[0]["logit_scale"] >= 1
 
+
+def test_fractional_epochs_round_to_steps(tmp_path, pairs):
+    # 96 pairs in batches of 16: 6 steps an epoch; 0.25 epoch is 1.5 steps, rounded to 2
+    Trainer(small_model(), config(steps=None, epochs=0.25, save_every=0),
+            RunDir(tmp_path)).fit(pairs)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
