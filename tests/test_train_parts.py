@@ -186,6 +186,22 @@ def test_two_ranks_each_take_their_half_of_the_same_global_batch(pairs):
                                                      whole.texts["input_ids"])
 
 
+def test_labelled_batches_keep_each_image_with_its_label():
+    from cliplab.data.types import LabelledImages
+
+    # image i is filled with the value of its label, so a batch shows any misalignment
+    labels = torch.arange(20) % 5
+    images = labels.to(torch.uint8)[:, None, None, None].expand(20, 4, 4, 3).clone()
+    data = LabelledImages(images, labels, [f"c{k}" for k in range(5)], ["{}"])
+    for rank, world in ((0, 1), (1, 2)):
+        inputs = MemoryInputs(data, config(batch_size=8), small_model(), lambda x, g: x, rank,
+                              world, torch.device("cpu"))
+        for _ in range(3):
+            batch = inputs.next(torch.Generator().manual_seed(0))
+            assert len(batch) == 8 // world
+            assert torch.equal(batch.images[:, 0, 0, 0].long(), batch.labels)
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(pairs, tmp_path):
     run = RunDir(tmp_path)
