@@ -55,35 +55,23 @@ def _dropout(model, p: float):
     return model
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs, dropout):
+# dropout: its masks draw from the global generator; replay: two batch streams (new data,
+# replayed pairs) continue where the checkpoint left them
+@pytest.mark.parametrize("dropout,replay", [(0.0, False), (0.2, False), (0.0, True)])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, pairs, dropout, replay):
+    extra = {"replay": load_shapes(n=40, seed=5, kinds=("single",), image_size=32),
+             "replay_ratio": 0.25} if replay else {}
     full = _dropout(small_model(), dropout)
-    Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(pairs)
+    Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(pairs, **extra)
 
     first = _dropout(small_model(), dropout)
-    Trainer(first, config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(pairs)
+    Trainer(first, config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(pairs, **extra)
     # drop everything after step 3, then resume from it in a fresh process-like state
     part = RunDir(tmp_path / "part")
     # different init: resume must restore the weights
     resumed = _dropout(small_model(seed=123), dropout)
     torch.manual_seed(999)
-    Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3))
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_a_resume_with_replay_equals_the_uninterrupted_run(tmp_path, pairs):
-    """Both streams (new data, replayed pairs) continue where the checkpoint left them."""
-    old = load_shapes(n=40, seed=5, kinds=("single",), image_size=32)
-    full = small_model()
-    Trainer(full, config(steps=8, save_every=0), RunDir(tmp_path / "full")).fit(
-        pairs, replay=old, replay_ratio=0.25)
-    Trainer(small_model(), config(steps=8, save_every=3), RunDir(tmp_path / "part")).fit(
-        pairs, replay=old, replay_ratio=0.25)
-    part = RunDir(tmp_path / "part")
-    resumed = small_model(seed=123)
-    Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3),
-                                                replay=old, replay_ratio=0.25)
+    Trainer(resumed, config(steps=8), part).fit(pairs, resume=part.checkpoint_dir(3), **extra)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
