@@ -31,7 +31,19 @@ class ProbeSpecBase(TaskSpecBase):
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
     def check_model(self, model: DualEncoder) -> None:
-        check_layers(self, model)
+        """With ``features: layers``, ``layers`` must count blocks the image tower has (more
+        would silently take every hidden state, the patch embeddings too)."""
+        tower_layers = getattr(model, "tower_layers", None)  # an ONNX export has none (nor probes)
+        if self.features != "layers" or tower_layers is None:
+            return
+        try:
+            blocks = len(tower_layers("image"))
+        except ModelError:  # a tower whose blocks cannot be found: nothing to check against
+            return
+        if self.layers > blocks:
+            choice = "1" if blocks == 1 else f"1 to {blocks}"
+            raise ConfigError(f"layers: {self.layers}, but the model's image tower has {blocks} "
+                              f"block{'s' if blocks != 1 else ''}; give {choice}")
 
 
 class Spec(ProbeSpecBase):
@@ -46,7 +58,7 @@ class Spec(ProbeSpecBase):
                               f"needs 2 images or more (train has {len(train)}); give l2")
 
 
-def probe_sets(spec, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
+def probe_sets(spec: ProbeSpecBase, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
     """The train and test sets of a probe-style spec, checked to have the same classes (a
     one-line error that names the keys, not the task: `TaskSpecBase.check`'s)."""
     train = context.labelled(spec.train, "train")
@@ -58,23 +70,7 @@ def probe_sets(spec, context: TaskContext) -> tuple[LabelledImages, LabelledImag
     return train, test
 
 
-def check_layers(spec, model: DualEncoder) -> None:
-    """With ``features: layers``, ``layers`` must count blocks the image tower has (more would
-    silently take every hidden state, the patch embeddings too)."""
-    tower_layers = getattr(model, "tower_layers", None)  # an ONNX export has none (nor probes)
-    if spec.features != "layers" or tower_layers is None:
-        return
-    try:
-        blocks = len(tower_layers("image"))
-    except ModelError:  # a tower whose blocks cannot be found: nothing to check against
-        return
-    if spec.layers > blocks:
-        choice = "1" if blocks == 1 else f"1 to {blocks}"
-        raise ConfigError(f"layers: {spec.layers}, but the model's image tower has {blocks} "
-                          f"block{'s' if blocks != 1 else ''}; give {choice}")
-
-
-def probe_features(model: DualEncoder, spec, context: TaskContext,
+def probe_features(model: DualEncoder, spec: ProbeSpecBase, context: TaskContext,
                    sets: tuple[LabelledImages, LabelledImages] | None = None):
     """(train features, train labels, test features, test labels) of a probe-style spec
     (``sets``: its `probe_sets`, when the caller has them already)."""
