@@ -385,8 +385,10 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
             existing: dict | None, dim: int) -> dict:
     """Gather vectors, build the backend's index and write ``index.json`` (complete)."""
     if state["count"] == 0:
-        raise DataError(f"nothing to index: every item of {request['data']} was skipped "
-                        f"({_skip_summary(store)}); delete {work} after fixing the data")
+        data = request["data"]
+        raise DataError(f"nothing to index: every item of {data.get('path') or data['source']} "
+                        f"was skipped ({_skip_summary(store)}); delete {work} after fixing the "
+                        "data")
     vectors = _gather_vectors(work, state, dim)
     _save_npy(work / VECTORS_FILE, vectors)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
