@@ -281,7 +281,9 @@ def test_an_image_from_a_shard_cut_short_since_indexing_is_404(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     build(model_dir, str(tmp_path / "shards"), tmp_path / "idx")
     client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
-    assert client.get("/images/9").status_code == 200
+    whole = client.get("/images/9")
+    assert whole.status_code == 200 and whole.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(whole.content))), data.images[9].numpy())
     tar = tmp_path / "shards" / "00000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
     _error(client.get("/images/9"), 404, "cannot be read from its shard")
@@ -311,3 +313,108 @@ def test_serve_refuses_bad_options_in_one_line(served, flags, words, capsys, mon
     assert main(["serve", str(served["root"] / "idx"), "--port", "1", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cliplab: error: ") and "\n" not in err and words in err
+
+
+def test_siglip_probabilities_are_independent_sigmoids_with_the_bias():
+    """/api/classify of a SigLIP model: sigmoid(scale * cos + bias) per label, not a softmax
+    (every served fixture is CLIP, so a dropped bias went unseen)."""
+    from cliplab.models import build_model
+    from cliplab.serve.app import zero_shot_probabilities
+
+    model = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=1, heads=2)
+    with torch.no_grad():
+        model.model.logit_bias.fill_(-3.0)
+        model.model.logit_scale.fill_(np.log(8.0))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(2, 5, generator=generator), dim=-1)
+    head = torch.nn.functional.normalize(torch.randn(3, 5, generator=generator), dim=-1)
+    expected = 1 / (1 + np.exp(-(8.0 * images.numpy() @ head.numpy().T - 3.0)))
+    got = zero_shot_probabilities(model, images, head)
+    assert got.numpy() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_chunked_upload_over_the_limit_is_413(served):
+    """A body sent without Content-Length (chunked) is counted as it arrives."""
+    def chunks():
+        for _ in range(30):
+            yield b"0" * 10_000
+
+    response = served["client"].post(
+        "/api/search/image", content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    _error(response, 413, "over the 0.191 MB limit")
+
+
+def test_an_indexed_image_file_deleted_since_indexing_is_404(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, {**SHAPES, "n": 6}, tmp_path / "idx")
+    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
+    (tmp_path / "idx" / "images" / "3.png").unlink()
+    _error(client.get("/images/3"), 404, "the image file of id 3 is gone")
+    assert client.get("/images/2").status_code == 200
+
+
+def test_an_api_key_header_opens_image_urls_too(served):
+    client = TestClient(create_app(served["index"], served["model"], api_key=KEY))
+    response = client.get("/images/1", headers={"X-API-Key": KEY})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+
+
+def test_classify_refuses_both_an_id_and_a_file(served):
+    upload = {"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}
+    _error(served["client"].post("/api/classify", data={"labels": "a,b", "id": "5"},
+                                 files=upload), 400, "exactly one of id")
+
+
+@pytest.mark.parametrize("form, words", [
+    ({"offset": "-1"}, "offset: Input should be greater than or equal to 0"),
+    ({"offset": "10001"}, "offset: Input should be less than or equal to 10000"),
+    ({"k": "101"}, "k: Input should be less than or equal to 100"),
+])
+def test_bad_form_fields_of_an_image_search_are_422(served, form, words):
+    upload = {"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}
+    _error(served["client"].post("/api/search/image", data=form, files=upload), 422, words)
+
+
+@pytest.mark.parametrize("labels", [",".join(f"l{i}" for i in range(101)), "a, " + "b" * 201])
+def test_too_many_or_too_long_labels_are_400(served, labels):
+    _error(served["client"].post("/api/classify", data={"labels": labels, "id": "1"}), 400,
+           "at most 100 labels of at most 200 characters")
+
+
+def test_at_the_label_limits_classify_answers(served):
+    labels = [f"l{i}" for i in range(99)] + ["b" * 200]
+    body = served["client"].post("/api/classify", data={"labels": ",".join(labels),
+                                                        "id": "1"}).json()
+    assert sorted(e["label"] for e in body["labels"]) == sorted(labels)
+
+
+def test_results_carry_each_items_key_and_metadata(served):
+    body = served["client"].get("/api/search", params={"q": "a blue square", "k": 3}).json()
+    rows = served["index"].items([r["id"] for r in body["results"]])
+    for result in body["results"]:
+        row = rows[result["id"]]
+        assert result["key"] == row["key"] and result["meta"] == row["meta"]
+        assert result["meta"]["captions"] == served["data"].captions[result["id"]]
+
+
+def test_health_tells_the_servers_limits(served):
+    health = served["client"].get("/api/health").json()
+    assert (health["max_k"], health["max_upload_bytes"]) == (100, 200_000)
+    assert health["index"] == served["index"].record["faiss"]
+
+
+def test_answers_echo_the_request(served):
+    """The page shows what was asked: the stripped query, the upload's name, the classified id
+    and the template as sent."""
+    client = served["client"]
+    assert client.get("/api/search", params={"q": "  a red circle "}).json()["query"] == \
+        "a red circle"
+    upload = {"file": ("mine.png", _png(served["data"].images[5].numpy()), "image/png")}
+    assert client.post("/api/search/image", files=upload).json()["query"] == "mine.png"
+    by_id = client.post("/api/classify", data={"labels": "a,b", "id": "5",
+                                               "template": "{c}, {{drawn}}"}).json()
+    assert (by_id["id"], by_id["template"]) == (5, "{c}, {{drawn}}")
+    upload = {"file": ("mine.png", _png(served["data"].images[5].numpy()), "image/png")}
+    assert client.post("/api/classify", data={"labels": "a,b"}, files=upload).json()["id"] is None

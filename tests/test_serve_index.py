@@ -553,6 +553,8 @@ def _record(folder, change):
      "index.json: lacks backend"),
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "faiss"}),
      "index.json: lacks faiss"),
+    (lambda f: _record(f, lambda r: {**r, "format": 2}),
+     "index.json: not a complete index (format 2)"),
 ])
 def test_index_files_that_disagree_are_refused_at_open(model_dir, tmp_path, damage, words):
     """Each file reads, but they do not belong together (a copy of another index's file, a
@@ -707,3 +709,139 @@ def test_add_to_a_folder_that_is_no_index_says_which_it_is(model_dir, tmp_path):
     with pytest.raises(ConfigError, match=f"^--add: {tmp_path / 'other'} is not a complete index"):
         build(model_dir, SHAPES, tmp_path / "other", add=True)
     assert not missing.exists()
+
+
+def test_an_opened_approximate_index_searches_at_its_tuned_breadth(model_dir, tmp_path):
+    """The tuned efSearch/nprobe recorded in index.json is what serving searches with (FAISS's
+    own default, efSearch 16, loses neighbours the tuning was meant to keep)."""
+    import faiss
+
+    record = build(model_dir, SHAPES, tmp_path / "idx", index_type="hnsw")
+    assert record["faiss"]["parameter"] == "efSearch"
+    assert faiss.downcast_index(SearchIndex(tmp_path / "idx")._faiss).hnsw.efSearch == \
+        record["faiss"]["value"]
+    _record(tmp_path / "idx", lambda r: {**r, "faiss": {**r["faiss"], "value": 48}})
+    assert faiss.downcast_index(SearchIndex(tmp_path / "idx")._faiss).hnsw.efSearch == 48
+
+
+def test_a_collection_of_unreadable_images_is_refused_as_nothing_to_index(model_dir, tmp_path):
+    (tmp_path / "photos").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "photos" / name).write_bytes(b"not an image")
+    with pytest.raises(DataError) as caught:
+        build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    assert str(caught.value) == (
+        f"nothing to index: every item of {tmp_path / 'photos'} was skipped "
+        f"(unreadable_image=2); delete {tmp_path / 'idx.partial'} after fixing the data")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_the_memory_budget_and_recall_target_reach_the_faiss_index(model_dir, tmp_path,
+                                                                    monkeypatch):
+    budgets, real = [], faiss_index.choose_index_type
+    monkeypatch.setattr(build_module.faiss_index, "choose_index_type",
+                        lambda n, d, kind, budget=None: budgets.append(budget) or
+                        real(n, d, kind, budget))
+    record = build(model_dir, SHAPES, tmp_path / "idx", max_memory_gb=0.5, recall=0.9)
+    assert budgets[-1] == 1 << 29  # the first call only checks the index type
+    assert record["faiss"]["recall_target"] == 0.9
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["faiss"]["recall_target"] \
+        == 0.9
+
+
+def test_a_killed_run_with_skipped_files_resumes_to_the_whole_runs_index(model_dir, tmp_path,
+                                                                          monkeypatch):
+    """Chunks holding unreadable files before and at the kill: the resumed run reads each file
+    once (no item read again as a duplicate) and keeps each skip once."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = load_shapes(n=6, seed=1, kinds=["single"], image_size=32)
+    names = ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"]
+    broken = {"b0", "c0"}
+    for i, name in enumerate(names):
+        if name in broken:
+            (photos / f"{name}.png").write_bytes(b"not a png")
+        else:
+            Image.fromarray(data.images[i % 6].numpy()).save(photos / f"{name}.png")
+    whole = build(model_dir, str(photos), tmp_path / "whole", chunk=2)
+    assert (whole["count"], whole["skipped"]) == (6, 2)
+
+    real_add, calls = MetadataStore.add, []
+
+    def add_then_die(self, rows, skipped=()):
+        real_add(self, rows, skipped)
+        calls.append(1)
+        if len(calls) == 3:  # chunk c0, c1 (one skip) committed, its progress never written
+            raise Killed
+
+    monkeypatch.setattr(MetadataStore, "add", add_then_die)
+    with pytest.raises(Killed):
+        build(model_dir, str(photos), tmp_path / "idx", chunk=2)
+    monkeypatch.setattr(MetadataStore, "add", real_add)
+    resumed = build(model_dir, str(photos), tmp_path / "idx", chunk=2)
+    assert {k: resumed[k] for k in ("count", "skipped", "skipped_reasons")} == \
+        {k: whole[k] for k in ("count", "skipped", "skipped_reasons")}
+    index = SearchIndex(tmp_path / "idx")
+    assert sorted(key for key, _ in index.store.skipped()) == ["b0.png", "c0.png"]
+    assert np.array_equal(np.asarray(index.vectors),
+                          np.asarray(SearchIndex(tmp_path / "whole").vectors))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """`cliplab serve` up to uvicorn: what it would have served, and where."""
+    import uvicorn
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: runs.append(
+        {"app": app, "host": host, "port": port}))
+    return runs
+
+
+def test_serve_model_option_serves_a_moved_model_with_the_upload_limit(model_dir, tmp_path,
+                                                                       started, capsys):
+    from fastapi.testclient import TestClient
+
+    model = save_tiny_model(tmp_path / "model")
+    build(model, SHAPES, tmp_path / "idx")
+    moved = tmp_path / "moved"
+    shutil.move(model, moved)
+    port = _free_port()
+    assert main(["serve", str(tmp_path / "idx"), "--port", str(port)]) == 2
+    assert "which is gone; pass --model" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "idx"), "--model", str(moved), "--port", str(port),
+                 "--max-upload-mb", "2"]) == 0
+    assert [(run["host"], run["port"]) for run in started] == [("127.0.0.1", port)]
+    health = TestClient(started[0]["app"]).get("/api/health").json()
+    assert (health["count"], health["max_upload_bytes"]) == (40, 2 << 20)
+    out = capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/" in out and "warning" not in out
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True),
+                                               ("0.0.0.0", "k", False),
+                                               ("localhost", None, False)])
+def test_serve_warns_of_an_open_api_beyond_loopback(model_dir, tmp_path, started, capsys,
+                                                    host, key, warned):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    flags = ["--api-key", key] if key else []
+    assert main(["serve", str(tmp_path / "idx"), "--host", host, "--port", str(_free_port()),
+                 *flags]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: listening on" in out) == warned
+    assert not warned or f"warning: listening on {host} without --api-key" in out
+    assert len(started) == 1
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_serve_refuses_a_port_out_of_range(model_dir, tmp_path, started, capsys, port):
+    build(model_dir, SHAPES, tmp_path / "idx")
+    assert main(["serve", str(tmp_path / "idx"), "--port", port]) == 2
+    assert f"cliplab: error: --port {port}: must be 1..65535" in capsys.readouterr().err
+    assert not started

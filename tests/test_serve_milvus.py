@@ -49,7 +49,24 @@ def test_milvus_lite_gives_the_exact_faiss_top_k(tmp_path):
     assert [r["id"] for r in via_api["results"]] == [r["id"] for r in direct["results"]]
     assert [r["caption"] for r in via_api["results"]] == [r["caption"] for r in direct["results"]]
     assert via_api["total"] == 40
+    health = TestClient(create_app(milvus, model)).get("/api/health").json()
+    assert (health["backend"], health["index"]) == ("milvus", record["milvus"])
     milvus.close()
+
+
+def test_a_milvus_collection_that_lost_a_vector_is_refused_at_open(tmp_path):
+    from pymilvus import MilvusClient
+
+    from cliplab.errors import DataError
+
+    record = build(save_tiny_model(tmp_path / "model"), SHAPES, tmp_path / "idx",
+                   backend="milvus", uri=str(tmp_path / "search.db"), collection="shapes_test")
+    client = MilvusClient(record["milvus"]["uri"])
+    client.delete(collection_name="shapes_test", ids=[7])
+    client.close()
+    with pytest.raises(DataError, match="^Milvus collection shapes_test at .* holds 39 vectors, "
+                       "the index .* 40; rebuild the index"):
+        SearchIndex(tmp_path / "idx")
 
 
 def test_milvus_needs_a_uri(tmp_path):
