@@ -53,3 +53,29 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "CLIP towers only" in capsys.readouterr().err
     assert main(["export", "tiny-clip", "--format", "open_clip", "--quantize", "int8",
                  "--out", str(tmp_path / "y")]) == 2
+
+
+def test_convert_reads_the_config_given_with_config(tmp_path, capsys):
+    """`--config JSON`: a checkpoint whose model config is not beside it converts to the same
+    model as with the config beside it (its tokenizer named relative to that config)."""
+    import shutil
+
+    from cliplab.models.folder import model_fingerprint
+
+    ddp = FIXTURES / "ddp-quickgelu"
+    (tmp_path / "w").mkdir()
+    shutil.copy(ddp / "epoch_3.pt", tmp_path / "w" / "epoch_3.pt")
+    shutil.copytree(ddp / "tokenizer", tmp_path / "cfg" / "tokenizer")
+    shutil.copy(ddp / "tiny-quickgelu.json", tmp_path / "cfg" / "model.json")
+    weights = tmp_path / "w" / "epoch_3.pt"
+    assert main(["convert", str(weights), "--out", str(tmp_path / "none")]) == 2  # no config
+    assert not (tmp_path / "none").exists()
+    capsys.readouterr()
+    assert main(["convert", str(weights), "--config", str(tmp_path / "cfg" / "model.json"),
+                 "--out", str(tmp_path / "m")]) == 0
+    assert main(["convert", str(ddp / "epoch_3.pt"), "--out", str(tmp_path / "beside")]) == 0
+    model, beside = DualEncoder.load(tmp_path / "m"), DualEncoder.load(tmp_path / "beside")
+    assert model.model.config.text_config.hidden_act == "quick_gelu"
+    assert model_fingerprint(model) == model_fingerprint(beside)
+    assert model.tokenize(["a red circle"])["input_ids"].tolist() == \
+        beside.tokenize(["a red circle"])["input_ids"].tolist()

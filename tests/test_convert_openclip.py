@@ -3,6 +3,7 @@ written by scripts/make_openclip_fixtures.py in the OpenCLIP environment)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -76,11 +77,12 @@ def test_the_top_level_preprocess_config_wins_over_the_model_configs():
     from cliplab.models.convert.openclip_import import _preprocess
 
     ckpt = OpenClipCheckpoint(Path("w.pt"), Path("open_clip_config.json"), {},
-                              {"vision_cfg": {}, "preprocess_cfg": {"resize_mode": "squash",
-                                                                    "mean": [0.1] * 3}},
+                              {"vision_cfg": {"image_mean": [0.9] * 3},
+                               "preprocess_cfg": {"resize_mode": "squash", "mean": [0.1] * 3}},
                               {"resize_mode": "longest"})
     pre = _preprocess(ckpt, 32)
-    assert (pre.resize_mode, pre.mean) == ("longest", (0.1, 0.1, 0.1))  # each key: top, then model
+    # each key: top, then the model config's preprocess_cfg, then vision_cfg's image_* keys
+    assert (pre.resize_mode, pre.mean) == ("longest", (0.1, 0.1, 0.1))
 
 
 def test_converted_folder_opens_in_transformers_and_cliplab(tmp_path):
@@ -230,3 +232,107 @@ def test_the_model_spec_takes_an_openclip_checkpoint(name):
     with torch.no_grad():
         image = model.encode_image(model.preprocess(expected["images"]))
     assert (image - expected["image_embeddings"]).abs().max() <= TOL
+
+
+def test_a_checkpoint_holding_the_attn_mask_buffer_still_loads(tmp_path):
+    """Older OpenCLIP versions saved the causal mask buffer as ``attn_mask``: it is skipped."""
+    src = _hub_copy(tmp_path)
+    weights = src / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    state["attn_mask"] = torch.full((24, 24), float("-inf")).triu(1)
+    save_file(state, str(weights))
+    expected, captions = _expected("hub-gelu")
+    model = load_openclip(src)
+    with torch.no_grad():
+        text = model.encode_texts(captions)
+        image = model.encode_image(model.preprocess(expected["images"]))
+    assert (text - expected["text_embeddings"]).abs().max() <= TOL
+    assert (image - expected["image_embeddings"]).abs().max() <= TOL
+
+
+def _tiny_clip():
+    return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                       embed_dim=16, context_length=16)
+
+
+@pytest.mark.parametrize("mode", ["squash", "longest"])
+def test_export_keeps_the_resize_mode(tmp_path, mode):
+    model = _tiny_clip()
+    model.preprocess_config.resize_mode = mode
+    out = export_openclip(model, tmp_path / "oc")
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"]["resize_mode"] == mode
+    with pytest.warns(UserWarning) if mode == "longest" else contextlib.nullcontext():
+        back = load_openclip(out)  # (a saved "longest" model warns that HF cannot pad)
+    assert back.preprocess_config.resize_mode == mode
+
+
+def test_export_writes_a_layer_norm_eps_other_than_openclips_default(tmp_path):
+    model = _tiny_clip()
+    for tower in (model.model.config.vision_config, model.model.config.text_config):
+        tower.layer_norm_eps = 1e-6
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    out = export_openclip(model, tmp_path / "oc")
+    cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    assert cfg["vision_cfg"]["norm_kwargs"] == cfg["text_cfg"]["norm_kwargs"] == {"eps": 1e-6}
+    back = load_openclip(out)
+    assert back.model.config.vision_config.layer_norm_eps == 1e-6
+    assert back.model.config.text_config.layer_norm_eps == 1e-6
+    default = json.loads((export_openclip(_tiny_clip(), tmp_path / "plain")
+                          / "open_clip_config.json").read_text())["model_cfg"]
+    assert "norm_kwargs" not in default["vision_cfg"] and "norm_kwargs" not in default["text_cfg"]
+
+
+def test_a_clip_bpe_model_exports_with_openclips_default_tokenizer(tmp_path):
+    """CLIP's own BPE (vocab 49408, end token 49407, the largest id) is OpenCLIP's default: the
+    config names no tokenizer and no pooling (OpenCLIP's argmax pools at 49407), and no
+    tokenizer files are written; it re-imports to the same text embeddings."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from cliplab.models.preprocess import PreprocessConfig
+
+    tok = clip_bpe_tokenizer(16)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=128,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16)
+    model = DualEncoder(CLIPModel(config).eval(), tok, PreprocessConfig(image_size=16),
+                        text_pooling="model", context_length=16).eval()
+    out = export_openclip(model, tmp_path / "oc")
+    text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert not {"hf_tokenizer_name", "pool_type", "eos_id"} & set(text_cfg)
+    assert text_cfg["vocab_size"] == 49408
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json",
+                                                     "open_clip_model.safetensors"]
+    back = load_openclip(out)
+    captions = ["a photo of a cat", "two dogs on a beach"]
+    assert back.tokenize(captions)["input_ids"].tolist() == \
+        model.tokenize(captions)["input_ids"].tolist()
+    with torch.no_grad():
+        assert (back.encode_texts(captions) - model.encode_texts(captions)).abs().max() <= TOL
+
+
+def test_argmax_pooling_with_an_end_token_that_is_not_the_largest_id_is_refused(tmp_path):
+    """hub-gelu's tokenizer ends texts with id 3 of 260: OpenCLIP's argmax pooling would pool
+    at the largest id instead, which transformers' CLIP cannot do."""
+    src = _hub_copy(tmp_path)
+
+    def argmax(cfg):
+        cfg["text_cfg"]["pool_type"] = "argmax"
+        del cfg["text_cfg"]["eos_id"]
+
+    _edit_config(src, argmax)
+    with pytest.raises(ModelError) as err:
+        convert_openclip(src, tmp_path / "out")
+    assert str(err.value) == (
+        f"{src / 'open_clip_config.json'}: text_cfg.pool_type='argmax' pools at the largest "
+        "token id, but the tokenizer's end token (3) is not its largest (259); transformers' "
+        "CLIP pools at the end token")
+    assert not (tmp_path / "out").exists()

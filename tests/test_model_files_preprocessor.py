@@ -165,6 +165,7 @@ def test_scalar_mean_and_std_and_no_normalize(tmp_path, file):
     ({"size": {"shortest_edge": 16}}, "do_center_crop"),  # no crop: not square
     ({"do_resize": False}, "do_resize"),
     ({"do_rescale": False}, "do_rescale"),
+    ({"do_pad": True}, "do_pad"),  # padding before the resize: cliplab's would not pad
     ({"image_mean": [0.5, 0.5]}, "image_mean"),
     ({"size": {"height": 24, "width": 24}}, "size"),  # the model takes 16 px
 ])

@@ -77,9 +77,11 @@ def test_bad_cliplab_json_is_named(tmp_path):
     (tmp_path / "cliplab.json").write_text("{\"base\": ")
     with pytest.raises(ModelError, match=r"cliplab.json: not valid JSON .* line 1"):
         read_origin(tmp_path)
-    (tmp_path / "cliplab.json").write_text(json.dumps({"base": "P"}))
-    with pytest.raises(ModelError, match=r"cliplab.json: 'base' must be"):
-        read_origin(tmp_path)
+    for base in ("P", {"path": "x"}, {"path": "x", "fingerprint": 3}):  # no fingerprint string
+        (tmp_path / "cliplab.json").write_text(json.dumps({"base": base}))
+        with pytest.raises(ModelError, match=r"cliplab.json: 'base' must be \{path: \.\.\., "
+                                             r"fingerprint: \.\.\.\}$"):
+            read_origin(tmp_path)
 
 
 def test_saving_weights_that_do_not_fit_is_refused_before_writing(tmp_path):
@@ -101,3 +103,19 @@ def test_saving_weights_that_do_not_fit_is_refused_before_writing(tmp_path):
         small.save(tmp_path / "b", state_dict=bad)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     small.save(tmp_path / "c", state_dict=state)  # its own weights: fine
+
+
+def test_a_siglip_model_card_names_its_own_context_length(tmp_path):
+    """SigLIP pools at the last position: the card says to pad to the model's context length
+    (77 here), not the pipeline's default of 64."""
+    from cliplab.models import build_model
+    from cliplab.models.hf_files import model_card
+
+    card = model_card("siglip", "model", 77)
+    assert "padded to this model's context length, 77 tokens" in card
+    assert '`tokenizer_kwargs={"max_length": 77}`' in card
+    saved = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        context_length=40).save(tmp_path / "m")
+    readme = (saved / "README.md").read_text()
+    assert "context length, 40 tokens" in readme and '{"max_length": 40}' in readme
+    assert "max_length" not in model_card("clip", "model", 77)

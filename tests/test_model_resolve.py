@@ -116,3 +116,19 @@ def test_an_openclip_checkpoint_file_is_still_a_model_spec():
     ckpt = Path(__file__).parent / "fixtures" / "openclip" / "ddp-quickgelu" / "epoch_3.pt"
     assert resolve_model_path(str(ckpt)) == ckpt
     assert load_model(str(ckpt)).model.config.vision_config.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", " TRUE "])
+def test_every_spelling_of_hf_hub_offline_keeps_cliplab_off_the_network(value, tmp_path,
+                                                                        monkeypatch):
+    import cliplab.models.resolve as resolve
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("offline: the Hub must not be asked")
+
+    monkeypatch.setattr(resolve, "_download", no_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(ModelError, match=r"tiny-org/not-cached .*is not in the Hugging Face "
+                                         r"cache .*HF_HUB_OFFLINE"):
+        resolve_model_path("tiny-org/not-cached")

@@ -184,3 +184,33 @@ def test_the_listed_export_methods_are_those_without_the_flag():
     assert list(EXPORT_METHODS) == [m for m in ADAPT_METHODS
                                     if not getattr(get_method(m), "NEEDS_PYTORCH_MODEL", None)]
     assert sorted(set(ADAPT_METHODS) - set(EXPORT_METHODS)) == sorted(PYTORCH_ONLY)
+
+
+def test_tower_fingerprints_cover_the_export_record(models, tmp_path):
+    """The feature caches' key of each tower: the same for a copy of the export, another when
+    onnx_export.json changes what is fed to the graph (the mean applied before the image graph,
+    the context length texts are cut to)."""
+    base = load_model(str(models["fp32"]))
+    copy = shutil.copytree(models["fp32"], tmp_path / "copy")
+    assert [load_model(str(copy)).tower_fingerprint(t) for t in ("image", "text")] == \
+        [base.tower_fingerprint(t) for t in ("image", "text")]
+    for key, value, tower in (("mean", [0.1, 0.2, 0.3], "image"), ("context_length", 16, "text")):
+        edited = shutil.copytree(models["fp32"], tmp_path / key)
+        record = json.loads((edited / "onnx_export.json").read_text())
+        if key == "mean":
+            record["preprocess"]["mean"] = value
+        else:
+            record[key] = value
+        (edited / "onnx_export.json").write_text(json.dumps(record))
+        assert load_model(str(edited)).tower_fingerprint(tower) != base.tower_fingerprint(tower)
+
+
+def test_encode_text_without_a_mask_attends_to_every_token(models):
+    """No attention mask: every position counts (as the PyTorch model's encode_text does)."""
+    onnx = load_model(str(models["fp32"]))
+    ids = models["model"].tokenize(["a red circle", "a small green triangle"])["input_ids"]
+    unmasked = onnx.encode_text(ids)
+    assert torch.isfinite(unmasked).all()
+    assert (unmasked - onnx.encode_text(ids, torch.ones_like(ids))).abs().max() == 0
+    with torch.no_grad():
+        assert (unmasked - models["model"].encode_text(ids)).abs().max() <= 1e-4
