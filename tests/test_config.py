@@ -238,3 +238,17 @@ def test_true_or_false_is_no_number_in_any_section():
         validate(TipOptions, {"beta": False})
     with pytest.raises(ConfigError, match="scale: expected a number, got True"):
         validate(MergeConfig, {"method": "task-arithmetic", "models": ["a"], "scale": True})
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"min_words": 2}], "c.yaml: steps[0]: a step needs 'step: NAME' (one of: basic, "),
+    ([{"step": "basic"}, {"step": "nope"}], "c.yaml: steps[1]: unknown curation step 'nope'"),
+    ([{"step": "basic", "min_wordz": 2}], "c.yaml: unknown key steps[0].min_wordz (valid: "),
+])
+def test_a_curation_step_error_names_its_step_once(steps, message):
+    """A step without `step:` said "c.yaml: steps[0]: : steps[0]: a step needs ..."."""
+    from cliplab.curate.config import CurateConfig
+
+    with pytest.raises(ConfigError) as info:
+        validate(CurateConfig, {"data": "shapes", "steps": steps}, "c.yaml")
+    assert str(info.value).startswith(message) and str(info.value).count("steps[") == 1

@@ -39,7 +39,8 @@ def step_spec(data: Mapping[str, Any] | StepSpecBase, where: str, prefix: str = 
     if isinstance(data, StepSpecBase):
         return data
     if not isinstance(data, Mapping) or "step" not in data:
-        raise ConfigError(f"{where}: {prefix or 'step'}: a step needs 'step: NAME' (one of: {', '.join(STEPS)})")
+        raise ConfigError(f"{where + ': ' if where else ''}{prefix or 'step'}: a step needs "
+                          f"'step: NAME' (one of: {', '.join(STEPS)})")
     cls = step_class(str(data["step"]))
     return validate(cls.Spec, dict(data), where, prefix)
 
