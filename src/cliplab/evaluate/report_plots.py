@@ -20,10 +20,12 @@ TRAINING_CURVES = ("loss", "lr", "logit_scale")
 
 
 def is_few_shot(metrics: dict) -> bool:
-    """A few-shot result: ``<method>_<k>shot`` keys holding acc1_mean / acc1_std."""
-    hits = [k for k, v in metrics.items() if FEW_SHOT_KEY.match(k) and isinstance(v, dict)
+    """A few-shot result: ``<method>_<k>shot`` keys holding acc1_mean / acc1_std (and the
+    skip record of an eval whose data skipped samples)."""
+    entries = {k: v for k, v in metrics.items() if k != "skipped"}
+    hits = [k for k, v in entries.items() if FEW_SHOT_KEY.match(k) and isinstance(v, dict)
             and "acc1_mean" in v]
-    return bool(hits) and len(hits) == len(metrics)
+    return bool(hits) and len(hits) == len(entries)
 
 
 def is_alpha_sweep(metrics: dict) -> bool:
@@ -68,6 +70,8 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
         curves: dict[str, list[tuple[int, float, float]]] = {}
         for key, value in metrics.items():
             m = FEW_SHOT_KEY.match(key)
+            if m is None:  # the skip record
+                continue
             curves.setdefault(m["method"], []).append(
                 (int(m["k"]), value["acc1_mean"], value.get("acc1_std", 0.0)))
         for method, points in curves.items():
