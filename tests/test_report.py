@@ -359,14 +359,14 @@ def test_a_task_named_run_keeps_its_metrics_and_plots_get_a_file_each(tmp_path):
 
     few_shot = {f"linear_probe_{k}shot": {"acc1_mean": acc, "acc1_std": 0.01}
                 for k, acc in ((1, 0.3), (4, 0.5), (16, 0.7))}
-    data = {"results": {"run": {"acc1": 0.9}, "Few shot": few_shot, "few-shot": few_shot},
-            "wall": 3}
+    data = {"results": {"run": {"acc1": 0.9}, "Few shot": few_shot, "few-shot": few_shot,
+                        "few shot": few_shot}, "wall": 3}
     (tmp_path / "r.json").write_text(json.dumps(data))
     sections = read_input(tmp_path / "r.json").sections
     assert sections["run"] == {"acc1": 0.9} and sections["run (numbers)"] == {"wall": 3}
     write_report([tmp_path / "r.json"], tmp_path / "out", progress=False)
     plots = sorted(p.name for p in (tmp_path / "out" / "plots").glob("few-shot-*.png"))
-    assert len(plots) == 2, plots
+    assert len(plots) == 3, plots
     md = (tmp_path / "out" / "report.md").read_text()
     assert all(f"plots/{name}" in md for name in plots)
 
@@ -389,3 +389,55 @@ def test_a_run_folders_config_is_not_read(tmp_path):
     (tmp_path / "run" / "results.json").write_text(json.dumps({"zs": {"acc1": 0.5}}))
     (tmp_path / "run" / "config.yaml").write_text("train: [unclosed\n")
     assert read_input(tmp_path / "run").sections == {"zs": {"acc1": 0.5}}
+
+
+def test_a_few_shot_task_whose_data_skipped_samples_still_gets_its_plot(tmp_path):
+    """An eval whose data skipped samples adds a skip record to each task's results: the
+    few-shot section then got no plot at all."""
+    skipped = {"total": 2, "reasons": {"unreadable_image": 2}}
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"results": {"fs": {**_few_shot(0.5), "skipped": skipped}}}))
+    assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
+                 str(res)]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    plot = tmp_path / "out" / "plots" / "few-shot-fs.png"
+    assert "(plots/few-shot-fs.png)" in md and _blue_pixels(plot) > 20
+    assert "| skipped.total | 2 |" in md
+
+
+def test_few_shot_curves_run_in_order_of_shots(tmp_path, monkeypatch):
+    """Results keyed 16, 1, 4 shots drew a zig-zag."""
+    import matplotlib.axes
+
+    from cliplab.evaluate.report_plots import plot_few_shot
+
+    drawn, real = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, **kw: drawn.append((tuple(x), tuple(y))) or
+                        real(self, x, y, **kw))
+    metrics = {f"ncm_{k}shot": {"acc1_mean": acc, "acc1_std": 0.01}
+               for k, acc in ((16, 0.7), (1, 0.3), (4, 0.5))}
+    plot_few_shot("fs", [("m", metrics)], tmp_path / "fs.png")
+    assert drawn == [((1, 4, 16), (0.3, 0.5, 0.7))]
+
+
+def test_a_section_a_sweep_in_one_input_only_gets_a_table_and_no_alpha_plot(tmp_path):
+    rows = [{"alpha": a, "test": {"acc1": 0.5 + 0.2 * a}} for a in (0.0, 1.0)]
+    wise = tmp_path / "wise.json"
+    wise.write_text(json.dumps({"method": "wise-ft", "sweep": rows}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"results": {"sweep": {"acc1": 0.6}}}))
+    assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
+                 str(wise), str(other)]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## sweep" in md and "| acc1 | — | 0.6000 |" in md
+    assert not list((tmp_path / "out").glob("plots/alpha-sweep-*.png"))
+
+
+def test_more_names_than_inputs_is_refused(tmp_path):
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    (tmp_path / "r.json").write_text(json.dumps({"results": {"zs": {"acc1": 0.5}}}))
+    for names in (["a", "b"], []):
+        with pytest.raises(DataError, match=f"^{len(names)} names for 1 report inputs$"):
+            read_inputs([tmp_path / "r.json"], names)
