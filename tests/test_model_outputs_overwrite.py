@@ -6,6 +6,7 @@ The lists of each output's own files cover everything its writer writes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -137,3 +138,16 @@ def test_the_weight_files_of_an_onnx_graph_over_2gb_are_its_own(tmp_path):
     _assert_own(ONNX_EXPORT, folder)
     (folder / "notes.txt").write_text("mine")
     assert ONNX_EXPORT.foreign(folder) == "notes.txt" and not ONNX_EXPORT(folder)
+
+
+def test_a_sub_folder_named_like_an_output_file_is_the_users(model_dir, tmp_path):
+    """A folder called README.md (or a weight shard's name) holds the user's files: the model
+    folder holding it is not replaced whole."""
+    for name in ("README.md", "model-00001-of-00002.safetensors"):
+        out = shutil.copytree(model_dir, tmp_path / name.split(".")[0])
+        (out / "README.md").unlink(missing_ok=True)
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("mine")
+        assert MODEL_FOLDER.foreign(out) == name and not MODEL_FOLDER(out)
+        with pytest.raises(ModelError, match=f"holds other files \\(e.g. {re.escape(name)}\\)"):
+            check_out(out, "convert", overwrite=True, previous=MODEL_FOLDER, error=ModelError)
