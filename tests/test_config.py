@@ -69,10 +69,11 @@ def test_model_spec_is_a_string_or_a_mapping():
 def test_load_config_layers_defaults_file_extra_and_overrides(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: from-file\ntrain: {batch_size: 4, lr: 0.1}\n")
-    cfg = load_config(Recipe, path, ["train.lr=0.5"], defaults={"train": {"precision": "bf16"}},
+    cfg = load_config(Recipe, path, ["train.lr=0.5"],
+                      defaults={"train": {"precision": "bf16", "batch_size": 2}},
                       extra={"model": "from-flag", "train": None})
     assert (cfg.model.name, cfg.train.batch_size, cfg.train.lr, cfg.train.precision) == (
-        "from-flag", 4, 0.5, "bf16")
+        "from-flag", 4, 0.5, "bf16")  # the file's batch size over the default's
     with pytest.raises(ConfigError, match=f"^{path} \\+ command line: unknown key oops"):
         load_config(Recipe, path, ["oops=1"])
     with pytest.raises(ConfigError, match="^the command line: .*unknown key oops"):
@@ -243,9 +244,8 @@ def test_true_or_false_is_no_number_in_any_section():
 @pytest.mark.parametrize("steps, message", [
     ([{"min_words": 2}], "c.yaml: steps[0]: a step needs 'step: NAME' (one of: basic, "),
     ([{"step": "basic"}, {"step": "nope"}], "c.yaml: steps[1]: unknown curation step 'nope'"),
-    ([{"step": "basic", "min_wordz": 2}], "c.yaml: unknown key steps[0].min_wordz (valid: "),
 ])
-def test_a_curation_step_error_names_its_step_once(steps, message):
+def test_a_curation_step_error_starts_with_its_step_once(steps, message):
     """A step without `step:` said "c.yaml: steps[0]: : steps[0]: a step needs ..."."""
     from cliplab.curate.config import CurateConfig
 

@@ -63,7 +63,7 @@ class CurateConfig(Section):
                 specs.append(step_spec(raw, "", prefix=f"steps[{i}]"))
             except CliplabError as err:
                 message = str(err)
-                raise ValueError(message if f"steps[{i}]" in message  # named once
+                raise ValueError(message if message.startswith(f"steps[{i}]")
                                  else f"steps[{i}]: {message}") from None
         names = [spec.name or spec.step for spec in specs]
         if "read" in names:
