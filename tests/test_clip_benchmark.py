@@ -112,3 +112,35 @@ def test_default_templates_are_told(classification_folder, capsys):
     assert capsys.readouterr().err == (
         f"clip-benchmark {root}: warning: no zeroshot_classification_templates.txt; zero-shot "
         "prompts use the default template ['a photo of a {}.']\n")
+
+
+def test_a_class_index_equal_to_the_class_count_is_a_bad_label(tmp_path):
+    root = tmp_path / "wds"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("cat\ndog\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c}.\n")
+    img = np.zeros((8, 8, 3), np.uint8)
+    write_tar(root / "test" / "0.tar", [("a", {"png": png_bytes(img), "cls": b"1"}),
+                                          ("b", {"png": png_bytes(img), "cls": b"2"})])
+    data = load_clip_benchmark(root, progress=False)
+    assert data.labels.tolist() == [1]
+    assert data.skipped.keys == {"bad_label": ["0.tar:b"]}
+
+
+def test_shards_are_read_in_name_order_whatever_the_listing_order(tmp_path, monkeypatch):
+    import pathlib
+
+    root = tmp_path / "wds"
+    (root / "test").mkdir(parents=True)
+    first = np.full((8, 8, 3), 1, np.uint8)
+    second = np.full((8, 8, 3), 2, np.uint8)
+    write_tar(root / "test" / "b.tar", [("y", {"png": png_bytes(second), "txt": b"from b"})])
+    write_tar(root / "test" / "a.tar", [("x", {"png": png_bytes(first), "txt": b"from a"})])
+    glob = pathlib.Path.glob
+    # a file system may list files in any order: make it the reverse of the names'
+    monkeypatch.setattr(pathlib.Path, "glob",
+                        lambda self, pattern, *a, **k: iter(sorted(glob(self, pattern, *a, **k),
+                                                                   reverse=True)))
+    pairs = load_clip_benchmark(root, progress=False)
+    assert pairs.captions == [["from a"], ["from b"]]
+    assert np.array_equal(pairs.images[0].numpy(), first)

@@ -377,3 +377,12 @@ def test_labelled_data_made_pairs_keeps_what_loading_skipped():
     data = LabelledImages(torch.zeros((2, 4, 4, 3), dtype=torch.uint8), torch.tensor([0, 1]),
                           ["cat", "dog"], ["a {}"], skipped=skipped)
     assert labelled_to_pairs(data).skipped.total == 1
+
+
+def test_a_template_with_two_slots_is_refused():
+    from cliplab.data.sources import check_templates
+
+    assert check_templates(["a {} photo", "a {c}."], "toy") == ["a {} photo", "a {}."]
+    with pytest.raises(ConfigError, match=r"^templates of data source 'toy': every prompt needs "
+                                          r"one '\{\}' where the class goes; not 'a \{\} of \{\}'$"):
+        check_templates(["a {} photo", "a {} of {}"], "toy")

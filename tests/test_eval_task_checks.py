@@ -202,3 +202,18 @@ def test_a_task_that_cannot_run_fails_before_the_first_task(tiny_model, monkeypa
     with pytest.raises(ConfigError) as err:
         run(tiny_model, {"name": "zs", "task": "zeroshot", "data": DIGITS}, task)
     assert str(err.value).endswith(message) and ran == []
+
+
+def test_check_same_classes_refuses_the_same_classes_in_another_order():
+    with pytest.raises(DataError, match=r"^here: train and test must have the same classes in "
+                                        r"the same order; class 0 is 'cat' in train but 'dog' "
+                                        r"in test \(train: cat, dog; test: dog, cat\)$"):
+        check_same_classes(labelled(["cat", "dog"]), labelled(["dog", "cat"]), "here")
+
+
+def test_classes_with_fewer_counts_a_class_with_no_sample():
+    from cliplab.data.pairs import classes_with_fewer
+
+    labels = torch.tensor([0, 0])
+    assert classes_with_fewer(labels, ["a", "b"], 1) == [("b", 0)]
+    assert classes_with_fewer(labels, ["a", "b"], 3) == [("a", 2), ("b", 0)]

@@ -210,3 +210,11 @@ def test_the_shipped_hard_negatives_recipe_trains_and_scores_swaps(tmp_path):
     results = run_pretrain(cfg, progress=False)
     assert results["train"]["step"] == 3
     assert 0 <= results["evals"]["compositional"]["relation_swap_acc"] <= 1
+
+
+def test_concatenation_keeps_no_partner_and_shifts_the_second_sets_partners():
+    images = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    first = ImageTextPairs(images, [["a"], ["b"]], partners=torch.tensor([1, 0]))
+    second = ImageTextPairs(images, [["c"], ["d"]], partners=torch.tensor([-1, 0]))
+    both = concat_pairs(first, second)
+    assert both.partners.tolist() == [1, 0, -1, 2]

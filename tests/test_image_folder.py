@@ -156,3 +156,19 @@ def test_linked_folders_uppercase_captions_and_jpe_files_count_the_same_in_both_
     assert {"golden_retriever/more/e1.png", "golden_retriever/c.jpe"} <= set(items)
     assert items["golden_retriever/c.jpe"].caption == "a red square"
     assert not any(k.endswith(".TXT") for k in items)
+
+
+def test_a_hidden_folder_is_no_class(folder):
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    _write(folder / ".hidden" / "x.png", red)
+    data = load_image_folder(folder, progress=False)
+    assert data.classnames == ["golden retriever", "tabby cat"]
+    assert data.labels.tolist() == [0, 0, 1]
+
+
+def test_more_class_names_than_folders_is_an_error(folder):
+    (folder / "classnames.txt").write_text("dog\ncat\nowl\n")
+    with pytest.raises(DataError, match="classnames.txt: 3 class names for 2 class folders "
+                                        r"\(golden_retriever, tabby_cat\); give one name per folder"):
+        load_image_folder(folder, progress=False)

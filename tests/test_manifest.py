@@ -284,3 +284,75 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path):
         read_manifest_rows(path)
     path.write_text('image,caption\na.png,"a cat, sleeping"\n')
     assert read_manifest_rows(path)[0]["caption"] == "a cat, sleeping"
+
+
+def test_negative_and_out_of_range_integer_labels_are_bad_labels(tmp_path):
+    for i in range(3):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "0"},
+                                               {"image": "1.png", "label": "1"},
+                                               {"image": "2.png", "label": "-1"}])
+    data = load_manifest(path, progress=False)
+    assert data.classnames == ["0", "1"] and data.labels.tolist() == [0, 1]
+    assert data.skipped.keys == {"bad_label": ["m.csv:line 4: 2.png"]}
+    # an index one past the given class names is no class either
+    path = write_manifest(tmp_path / "given.csv", [{"image": "0.png", "label": "1"},
+                                                   {"image": "1.png", "label": "2"}])
+    data = load_manifest(path, classnames=["a", "b"], progress=False)
+    assert data.classnames == ["a", "b"] and data.labels.tolist() == [1]
+    assert data.skipped.keys == {"bad_label": ["given.csv:line 3: 1.png"]}
+
+
+def test_non_integer_json_labels_are_not_class_indices(tmp_path):
+    for i in range(4):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.jsonl", [
+        {"image": "0.png", "label": 0}, {"image": "1.png", "label": 1.5},
+        {"image": "2.png", "label": True}, {"image": "3.png", "label": 1.0}])
+    data = load_manifest(path, classnames=["a", "b"], progress=False)
+    assert data.labels.tolist() == [0, 1]  # 1.0 is the integer 1
+    assert data.skipped.keys == {"bad_label": ["m.jsonl:line 2: 1.png", "m.jsonl:line 3: 2.png"]}
+
+
+def test_label_col_makes_labelled_images_even_beside_a_caption_column(tmp_path):
+    for i in range(2):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.csv", [
+        {"image": "0.png", "caption": "a small dog", "class": "dog"},
+        {"image": "1.png", "caption": "a cat asleep", "class": "cat"}])
+    data = load_manifest(path, label_col="class", progress=False)
+    assert isinstance(data, LabelledImages)
+    assert data.classnames == ["cat", "dog"] and data.labels.tolist() == [1, 0]
+
+
+def test_csv_header_spaces_and_a_byte_order_mark_do_not_matter(tmp_path):
+    make_png(tmp_path / "a.png", seed=1)
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("image, caption\na.png,a red thing\n", encoding="utf-8")
+    assert load_manifest(spaced, progress=False).captions == [["a red thing"]]
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_text("image,caption\na.png,a red thing\n", encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_manifest_rows(bom) == read_manifest_rows(plain) == [
+        {"image": "a.png", "caption": "a red thing"}]
+    assert load_manifest(bom, progress=False).captions == [["a red thing"]]
+
+
+def test_manifest_captions_reads_the_named_column(tmp_path):
+    from cliplab.data.manifest import manifest_captions
+
+    path = write_manifest(tmp_path / "m.csv", [{"image": "a.png", "caption": "one", "alt": "uno"},
+                                               {"image": "b.png", "caption": "two", "alt": "dos"}])
+    assert manifest_captions(path) == ["one", "two"]
+    assert manifest_captions(path, "alt") == ["uno", "dos"]
+
+
+def test_collection_items_of_a_labelled_manifest_take_the_label_as_caption(tmp_path):
+    from cliplab.data.collection import iter_items
+
+    for i in range(2):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "dog"},
+                                               {"image": "1.png", "label": "cat"}])
+    items = list(iter_items({"source": "manifest", "path": str(path)}, progress=False))
+    assert [item.caption for item in items] == ["dog", "cat"]

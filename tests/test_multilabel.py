@@ -107,3 +107,18 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
         run_suite(tiny_model, {"tasks": [{"name": "ml2", "task": "multilabel_zeroshot",
                                           "data": {"source": "digits"}}]},
                                               TaskContext(progress=False))
+
+
+def test_multilabel_rows_with_an_unknown_name_or_an_empty_part(tmp_path):
+    for name in ("a", "b"):
+        Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text("image,labels\na.png,cat|bird\nb.png,dog|cat\n")
+    data = load_multilabel_manifest(tmp_path / "m.csv", classnames=["cat", "dog"],
+                                    progress=False)
+    assert data.targets.tolist() == [[True, True]]
+    assert data.skipped.keys == {"bad_label": ["m.csv:line 2: a.png"]}
+    # a trailing separator names no class ""
+    (tmp_path / "trailing.csv").write_text("image,labels\na.png,cat|\nb.png,dog\n")
+    data = load_multilabel_manifest(tmp_path / "trailing.csv", progress=False)
+    assert data.classnames == ["cat", "dog"]
+    assert data.targets.tolist() == [[True, False], [False, True]]
