@@ -187,6 +187,8 @@ def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monk
     second = default_run_dir("adapt-coop")
     assert (first.name, second.name) == ("adapt-coop-20261202-120000",
                                          "adapt-coop-20261202-120000-2")
+    second.mkdir(parents=True)  # a third run in that second takes the next number
+    assert default_run_dir("adapt-coop").name == "adapt-coop-20261202-120000-3"
 
 
 def test_version_is_the_package_version():

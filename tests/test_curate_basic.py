@@ -106,3 +106,24 @@ def test_a_prepared_step_pickles_and_detects_languages_after(tmp_path):
                       [Image.new("RGB", (8, 8))] * 2)
     assert copy.map(batch)["language"].tolist() == step.map(batch)["language"].tolist() == \
         ["en", "de"]
+
+
+def test_caption_length_limits_are_inclusive(tmp_path):
+    """A caption of exactly max_words words, or exactly min_chars characters, passes."""
+    d = run(tmp_path, ["one two three four five", "one two three four five six"], max_words=5)
+    assert d.keep.tolist() == [True, False]
+    assert d.reasons[1] == "caption has 6 words, more than max_words 5"
+    d = run(tmp_path, ["abcdef", " abcde "], min_chars=6)
+    assert d.keep.tolist() == [True, False]
+    assert d.reasons[1] == "caption has 5 characters, fewer than min_chars 6"
+
+
+def test_language_confidence_below_the_minimum_drops_the_caption(tmp_path):
+    """langid gives "a dog" English at p~0.17 (too short to tell) and a whole sentence at
+    p~1.0: with min_language_confidence 0.5 only the sentence is kept."""
+    pytest.importorskip("langid")
+    captions = ["a photo of a dog playing on the beach with a red ball", "a dog"]
+    d = run(tmp_path, captions, languages=["en"], min_language_confidence=0.5)
+    assert d.keep.tolist() == [True, False]
+    assert d.reasons[1] == "caption language en (p=0.17) not in ['en'] with p >= 0.5"
+    assert run(tmp_path, captions, languages=["en"]).keep.tolist() == [True, True]

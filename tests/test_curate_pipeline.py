@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from cliplab.cli import main
@@ -613,3 +614,87 @@ def test_manifest_of_an_in_memory_source_reads_back_with_its_images(tmp_path):
     assert [i.caption for i in again] == [c[0] for c in source.captions]
     for item, image in zip(again, source.images):
         assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
+
+
+def test_a_work_folder_of_another_seed_is_refused_not_resumed(tmp_path, monkeypatch):
+    """``seed`` changes what is kept: a half-finished run, or a finished one not yet renamed,
+    of seed 0 is refused by a run of seed 1 (not resumed, not moved into place as its own)."""
+    from cliplab.curate import pipeline
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    steps = [{"step": "bright", "fail_on_chunk": 0}]
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(config(str(folder), steps, chunk_size=3, seed=0), tmp_path / "half",
+                     progress=False)
+    with pytest.raises(ConfigError, match="half-finished `cliplab curate` run of another config"):
+        run_curation(config(str(folder), steps, chunk_size=3, seed=1), tmp_path / "half",
+                     progress=False)
+    assert not (tmp_path / "half").exists()
+
+    def killed(work, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_move_into_place", killed)
+    with pytest.raises(KeyboardInterrupt):  # finished, killed before the rename
+        run_curation(config(str(folder), STEPS, chunk_size=3, seed=0), tmp_path / "done",
+                     progress=False)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.STEPS, "bright", f"{__name__}:Bright")
+    with pytest.raises(ConfigError, match="finished `cliplab curate` run of another config"):
+        run_curation(config(str(folder), STEPS, chunk_size=3, seed=1), tmp_path / "done",
+                     progress=False)
+    assert not (tmp_path / "done").exists() and partial_path(tmp_path / "done").is_dir()
+
+
+def test_cli_workers_reach_the_config(tmp_path, capsys):
+    folder = make_folder(tmp_path / "pool", [200, 200, 60])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup}}\nworkers: 1\n")
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--workers", "2", "--no-progress", "chunk_size=2"]) == 0
+    assert "kept 2 of 3 items" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["workers"] == 2
+
+
+def _manifest(tmp_path, rows):
+    """pool.csv beside the pool folder: one ``image,caption`` row per pair of ``rows``."""
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("image,caption\n" + "".join(f"{image},{caption}\n"
+                                                    for image, caption in rows))
+    return manifest
+
+
+def test_a_caption_of_only_spaces_is_dropped_at_read_as_empty(tmp_path):
+    folder = make_folder(tmp_path / "pool", [200, 210])
+    manifest = _manifest(tmp_path, [("pool/img_00.png", "a bright square"),
+                                    ("pool/img_01.png", '"   "')])
+    summary = run_curation(config(str(manifest), [{"step": "exact_dedup"}],
+                                  output={"format": "manifest"}), tmp_path / "out", progress=False)
+    assert summary["steps"][0] == {**summary["steps"][0], "kept": 1, "dropped": 1}
+    assert [(r["step"], r["reason"]) for r in dropped_rows(tmp_path / "out")] == [
+        ("read", f"empty caption at {manifest} line 3 ({folder / 'img_01.png'})")]
+
+
+def test_report_html_escapes_captions(tmp_path):
+    make_folder(tmp_path / "pool", [50, 200])
+    manifest = _manifest(tmp_path, [("pool/img_00.png", "<b>x</b> & co"),
+                                    ("pool/img_01.png", "fine")])
+    run_curation(config(str(manifest), [{"step": "bright", "threshold": 100}]),
+                 tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "&lt;b&gt;x&lt;/b&gt; &amp; co" in page and "<b>x</b>" not in page
+    assert "<b>x</b> & co" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_lists_every_read_drop_up_to_examples(tmp_path):
+    make_folder(tmp_path / "pool", [200])
+    manifest = _manifest(tmp_path, [("pool/img_00.png", "kept"), ("gone1.png", "a"),
+                                    ("gone2.png", "b"), ("gone3.png", "c")])
+    for examples, shown in ((3, 3), (5, 3), (2, 2)):
+        out = tmp_path / f"out{examples}"
+        run_curation(config(str(manifest), [{"step": "exact_dedup"}], examples=examples,
+                            output={"format": "manifest"}), out, progress=False)
+        keys = [r["key"] for r in dropped_rows(out) if r["step"] == "read"]
+        assert len(keys) == 3
+        md = (out / "report.md").read_text()
+        assert [k for k in keys if f"| {k} | missing file at" in md] == keys[:shown]

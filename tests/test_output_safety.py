@@ -477,3 +477,25 @@ def test_adapt_cache_dir_stays_out_of_its_model_and_data(tiny_model_dir, tmp_pat
             "choose another folder"
     assert _tree(pets) == before and _tree(model) == model_before
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_out_naming_a_json_file_is_refused(tiny_model_dir, suite, tmp_path, capsys):
+    """`--out res/results.json` made a folder called results.json holding results.json."""
+    out = tmp_path / "res" / "results.json"
+    assert main(_eval(tiny_model_dir, suite, out)) == 2
+    assert _one_line(capsys) == (f"--out {out} names a file; choose a folder (results go to "
+                                 f"{tmp_path / 'res' / 'results'}/results.json)")
+    assert not (tmp_path / "res").exists()
+
+
+def test_curate_out_inside_a_runs_checkpoints_is_refused(run, tmp_path, capsys):
+    """A curated pool written into RUN/checkpoints/ would sit among the run's checkpoints."""
+    before = _tree(run)
+    out = run / "checkpoints" / "x"
+    assert main(["curate", "--config", str(Path(__file__).parents[1] / "configs" / "curate" /
+                                           "basic.yaml"),
+                 "--data", "shapes", "data.n=8", "--out", str(out), "--no-progress"]) == 2
+    assert _one_line(capsys) == (f"--out {out} lies inside the checkpoints of the run folder "
+                                 f"{run}; choose another folder")
+    assert _tree(run) == before and sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["step-1"]

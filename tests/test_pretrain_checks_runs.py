@@ -88,6 +88,55 @@ def test_an_out_holding_other_files_or_another_runs_config_is_refused(tmp_path):
         run_pretrain(recipe(copy), progress=False)
 
 
+def test_a_users_commented_recipe_naming_the_out_is_refused_untouched(tmp_path):
+    """A recipe of the user's at OUT/config.yaml whose ``out:`` is OUT is theirs (it has their
+    comments): refused, not taken for a config a cliplab run wrote there and replaced."""
+    from cliplab.runs import is_own_config
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text("# my recipe: keep these notes\n"
+                                     + yaml.safe_dump(recipe(exp), sort_keys=False))
+    before = tree(exp)
+    assert not is_own_config(exp)
+    with pytest.raises(ConfigError, match=r"holds config\.yaml, which no cliplab run in this "
+                                          r"folder wrote"):
+        run_pretrain(recipe(exp), progress=False)
+    assert tree(exp) == before
+
+
+def test_a_failure_removes_the_run_folder_only_while_it_holds_just_its_config(tmp_path):
+    """`removed_if_unstarted`: a run that fails before it logged or saved anything leaves no
+    folder; one that had started (checkpoints/, metrics.jsonl) keeps everything it wrote, and
+    a folder that was there before is never removed."""
+    from cliplab.runs import removed_if_unstarted
+
+    def fail_in(run, existed=False):
+        with pytest.raises(RuntimeError, match="boom"):
+            with removed_if_unstarted(run, existed=existed):
+                raise RuntimeError("boom")
+
+    for started in (None, "checkpoints", METRICS):
+        run = tmp_path / f"run-{started}"
+        run.mkdir()
+        (run / "config.yaml").write_text("out: run\n")
+        if started == "checkpoints":
+            (run / "checkpoints" / "step-1").mkdir(parents=True)
+        elif started:
+            (run / started).write_text('{"step": 1, "loss": 1.0}\n')
+        before = tree(run)
+        fail_in(run)
+        if started is None:
+            assert not run.exists()
+        else:
+            assert tree(run) == before and (run / started).exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("out: mine\n")
+    fail_in(mine, existed=True)
+    assert tree(mine) == {"config.yaml": b"out: mine\n"}
+
+
 def test_an_attempt_stopped_before_it_logged_is_started_again(tmp_path):
     """What an attempt killed before its first record leaves (its own config.yaml) is no
     reason to refuse the folder; the new run replaces it."""

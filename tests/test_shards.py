@@ -514,3 +514,17 @@ def test_shuffle_buffer_order_changes_with_the_epoch_within_one_shard(shard_dir)
     a = order(0)
     assert a == order(0) and sorted(a) == sorted(order(1))
     assert a != order(1)
+
+
+def test_cli_overwrite_set_in_the_config_file_replaces_the_shards(tmp_path, capsys):
+    """``overwrite: true`` in the --config file holds when --overwrite is not given."""
+    out = tmp_path / "shards"
+    config = tmp_path / "shard.yaml"
+    config.write_text(f"data: {{source: shapes, n: 8, seed: 0, image_size: 32}}\nout: {out}\n"
+                      "image_format: png\noverwrite: true\n")
+    assert main(["data", "shard", "--config", str(config), "--no-progress"]) == 0
+    assert main(["data", "shard", "--config", str(config), "--no-progress",
+                 "samples_per_shard=4"]) == 0
+    assert "wrote 8 samples in 2 shards" in capsys.readouterr().out.splitlines()[-1]
+    index = json.loads((out / "index.json").read_text())
+    assert [s["count"] for s in index["shards"]] == [4, 4]
