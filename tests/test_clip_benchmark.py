@@ -36,7 +36,7 @@ def classification_folder(tmp_path):
 def test_reads_classification_shards_and_skips_bad_samples(classification_folder):
     root, arrays = classification_folder
     data = load_clip_benchmark(root, progress=False)
-    assert data.classnames == ["cat", "dog", "car"]
+    assert data.classnames == ["cat", "dog", "car"] and data.name == "wds_toy-test"
     assert data.templates == ["a photo of a {}.", "a {}."]
     assert len(data) == 9 and data.labels.tolist() == [i % 3 for i in range(9)]
     assert np.array_equal(data.images[4].numpy(), arrays[4])
@@ -51,7 +51,7 @@ def test_reads_retrieval_shards(tmp_path):
     write_tar(root / "test" / "0.tar", [("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"}),
                                           ("b", {"jpg": png_bytes(img), "txt": b"  \n"})])
     pairs = load_clip_benchmark(root, progress=False)
-    assert pairs.captions == [["a cat", "a small cat"]]
+    assert pairs.captions == [["a cat", "a small cat"]] and pairs.name == "wds_pairs-test"
     assert pairs.skipped.counts == {"empty_caption": 1}
 
 

@@ -22,7 +22,7 @@ from cliplab.output_folder import partial_path
 from cliplab.curate.steps import registry
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.collection import iter_items
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import CliplabError, ConfigError, DataError
 
 
 class BrightSpec(StepSpecBase):
@@ -698,3 +698,17 @@ def test_report_lists_every_read_drop_up_to_examples(tmp_path):
         assert len(keys) == 3
         md = (out / "report.md").read_text()
         assert [k for k in keys if f"| {k} | missing file at" in md] == keys[:shown]
+
+
+@pytest.mark.parametrize("column", [np.zeros(2), np.zeros(4), np.array([{}, {}, {}])])
+def test_a_map_column_of_another_length_or_of_objects_is_refused(tmp_path, column):
+    """A step's map must give one numeric or string value per item of its chunk (a plugin's
+    short column would misalign every later item's score)."""
+    from cliplab.curate.engine import save_columns
+
+    with pytest.raises(CliplabError, match=r"^step x: map column 'score' must be a numeric or "
+                                           r"string array with one row per item \(3\)"):
+        save_columns(tmp_path / "c.npz", {"score": column}, 3, "step x")
+    assert not list(tmp_path.iterdir())
+    save_columns(tmp_path / "c.npz", {"score": np.zeros(3), "key": np.array(["a", "b", "c"])},
+                 3, "step x")

@@ -62,6 +62,12 @@ def test_suite_refuses_two_tasks_of_one_name():
                    "suite.yaml")
 
 
+def test_a_third_task_of_one_name_is_told_the_first_holds_it():
+    with pytest.raises(ConfigError) as caught:
+        suite_spec([{"name": "zs", "task": "zeroshot", "data": DIGITS}] * 3, "suite.yaml")
+    assert "tasks[2] (name 'zs'): the name 'zs' is already used by tasks[0]" in str(caught.value)
+
+
 def test_suite_refuses_a_name_that_an_unnamed_task_is_reported_under():
     # an unnamed task's results go under '<task>-<index>'
     with pytest.raises(ConfigError, match=r"tasks\[1\]: its results name 'zeroshot-1' is "

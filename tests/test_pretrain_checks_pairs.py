@@ -45,3 +45,11 @@ def test_replayed_shapes_share_keys_with_the_new_ones():
     assert all(len(k) == 1 for k in keys.values())
     assert len({next(iter(k)) for k in keys.values()}) == len(keys)  # one key per caption list
     assert both.groups[:len(new)].tolist() == new.groups.tolist()  # the new set's unchanged
+
+
+def test_a_group_whose_captions_two_first_groups_share_joins_the_lowest():
+    """Within the first set two groups can hold one caption set (e.g. a replay set built from
+    two sources): the joining group takes the lowest of their keys."""
+    new = _pairs([["a red circle"], ["a blue square"], ["a red circle"]], [4, 1, 2])
+    old = _pairs([["a red circle"]], [0])
+    assert concat_pairs(new, old).groups.tolist() == [4, 1, 2, 2]
