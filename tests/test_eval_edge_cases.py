@@ -237,6 +237,12 @@ def test_retrieval_refuses_a_k_given_above_the_candidates(tiny_model, monkeypatc
     assert out["ret"]["image_retrieval_recall@5"] == 1.0  # k = the images: defined, and 1.0
     default = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data})
     assert default["ret"]["image_retrieval_recall@10"] == 1.0
+    # below 10 candidates both ways the default ks run too (capped), where given ones do not
+    few = {"source": "shapes", "n": 2, "image_size": 32}
+    assert run(tiny_model, {"name": "ret", "task": "retrieval", "data": few}
+               )["ret"]["text_retrieval_recall@10"] == 1.0
+    with pytest.raises(ConfigError, match=r"ks: 10 is more than the \d candidates"):
+        run(tiny_model, {"name": "ret", "task": "retrieval", "data": few, "ks": [1, 10]})
 
 
 def test_retrieval_accepts_ks_up_to_the_candidates_and_refuses_one_more(tiny_model):

@@ -208,6 +208,21 @@ def test_suite_precision_is_resolved_as_trainings(monkeypatch, tiny_model):
     assert ran[-1] == "bf16"
 
 
+def test_retrieval_encodes_its_captions_at_the_suites_precision(monkeypatch, tiny_model):
+    from cliplab.evaluate.tasks import retrieval as task
+    from cliplab.models import precision
+
+    asked, real = [], task.retrieval
+    monkeypatch.setattr(task, "retrieval", lambda *a, **kw: asked.append(kw["precision"]) or
+                        real(*a, **kw))
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    for level in ("bf16", "fp32"):
+        run_suite(tiny_model, {"precision": level, "tasks": [
+            {"task": "retrieval", "data": {"source": "shapes", "n": 12, "image_size": 32}}]},
+            TaskContext(progress=False))
+    assert asked == ["bf16", "fp32"]
+
+
 def test_eval_out_is_a_folder_and_suite_errors_name_the_file(tmp_path, capsys):
     suite = tmp_path / "suite.yaml"
     suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits}}\n"

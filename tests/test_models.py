@@ -300,3 +300,12 @@ def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path
     # a Hub id too (it is built as saved): refused at config time, before any download
     with pytest.raises(ConfigError, match=r"only apply to presets .*, not to org/model$"):
         load_config(_ModelOnly, recipe, ["model.name=org/model"])
+
+
+def test_tiny_clip_text_tower_takes_its_own_width_and_depth():
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                        text_width=16, text_layers=1, embed_dim=8)
+    config = model.model.config
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (32, 2)
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (16, 1)
+    assert model.encode_texts(["a red circle"]).shape == (1, 8)

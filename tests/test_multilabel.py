@@ -103,6 +103,18 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
                                        scores[:, present].numpy(), average="macro")
     assert out["mean_average_precision"] == pytest.approx(expected, abs=1e-5)
     assert out["n_classes"] == int(present.sum())
+    # a head given to the suite scores the task, and the results say which
+    from cliplab.evaluate.tasks.base import LinearHead
+
+    head = LinearHead(-zeroshot_classifier(tiny_model, data.classnames, data.templates),
+                      data.classnames, label="my-head")
+    scored = run_suite(tiny_model, {"tasks": [
+        {"name": "ml", "task": "multilabel_zeroshot", "data": spec}]},
+        TaskContext(progress=False, classifier=head))["ml"]
+    assert scored["classifier"] == "my-head" and "classifier" not in out
+    assert scored["mean_average_precision"] == pytest.approx(average_precision_score(
+        data.targets[:, present].numpy(), -scores[:, present].numpy(), average="macro"),
+        abs=1e-5)
     with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'ml2'\): data must be multi-label"):
         run_suite(tiny_model, {"tasks": [{"name": "ml2", "task": "multilabel_zeroshot",
                                           "data": {"source": "digits"}}]},

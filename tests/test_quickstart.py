@@ -196,3 +196,39 @@ def test_the_quickstart_checks_its_eval_and_out_before_training(tmp_path, small_
         run_quickstart({**user, "out": str(inside)}, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fmnist"]
     assert not inside.exists()
+
+
+def test_the_quickstart_trains_on_the_seen_classes_only(tmp_path, small_fmnist, monkeypatch):
+    """The held-out classes' images and captions never reach training (else the transfer
+    number measures nothing)."""
+    from cliplab.data.fashion_mnist import load_fashion_mnist
+    from cliplab.data.pairs import labelled_to_pairs
+    from cliplab.quickstart import run_quickstart
+    from cliplab.train import trainer
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fit(self, pairs):
+        seen.append(pairs)
+        raise Stop
+
+    monkeypatch.setattr(trainer.Trainer, "fit", fit)
+    with pytest.raises(Stop):
+        run_quickstart({"data": {"data_dir": str(small_fmnist), "train_limit": 600,
+                                 "test_limit": 100},
+                        "model": {"options": {"width": 32, "layers": 1, "heads": 2}},
+                        "train": {"batch_size": 32}, "out": str(tmp_path / "run")},
+                       progress=False)
+    pairs, = seen
+    full = load_fashion_mnist("train", str(small_fmnist), 600)
+    held = [full.classnames.index(n) for n in ("shirt", "sneaker", "bag")]
+    kept = [i for i, y in enumerate(full.labels.tolist()) if y not in held]
+    assert 0 < len(kept) < len(full) and len(pairs) == len(kept)
+    assert torch.equal(pairs.images, full.images[kept])
+    all_captions = labelled_to_pairs(full).captions
+    held_captions = {c for i, y in enumerate(full.labels.tolist()) if y in held
+                     for c in all_captions[i]}
+    assert held_captions and not held_captions & {c for caps in pairs.captions for c in caps}

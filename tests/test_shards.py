@@ -528,3 +528,49 @@ def test_cli_overwrite_set_in_the_config_file_replaces_the_shards(tmp_path, caps
     assert "wrote 8 samples in 2 shards" in capsys.readouterr().out.splitlines()[-1]
     index = json.loads((out / "index.json").read_text())
     assert [s["count"] for s in index["shards"]] == [4, 4]
+
+
+def test_cli_quality_reaches_the_jpeg_writer(tmp_path):
+    sizes = {}
+    for quality in (10, 95):
+        out = tmp_path / f"q{quality}"
+        assert main(["data", "shard", "--source", "digits", "--out", str(out), "data.split=test",
+                     f"quality={quality}", "--samples-per-shard", "200", "--no-progress"]) == 0
+        with tarfile.open(out / "00000.tar") as tar:
+            jpegs = [m for m in tar if m.name.endswith(".jpg")]
+            sizes[quality] = sum(m.size for m in jpegs)
+            assert Image.open(tar.extractfile(jpegs[0])).format == "JPEG"
+    assert sizes[10] < sizes[95]
+
+
+def test_sharding_a_folder_into_itself_is_refused(tmp_path):
+    """By the command line's input check and by `run_shard` itself (for callers of the API)."""
+    from cliplab.config import validate
+    from cliplab.data.collection import source_spec
+    from cliplab.data.shards.job import ShardConfig, run_shard
+    from cliplab.errors import ConfigError
+
+    pets = tmp_path / "pets" / "cat"
+    pets.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(pets / "0.png")
+    before = sorted(p.name for p in (tmp_path / "pets").rglob("*"))
+    assert main(["data", "shard", "--source", str(tmp_path / "pets"), "--out",
+                 str(tmp_path / "pets"), "--overwrite", "--no-progress"]) == 2
+    config = validate(ShardConfig, {"data": source_spec(str(tmp_path / "pets")),
+                                    "out": str(tmp_path / "pets"), "overwrite": True})
+    with pytest.raises(ConfigError, match="is the source's own folder"):
+        run_shard(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "pets").rglob("*")) == before
+
+
+def test_a_shard_ending_in_a_block_that_is_no_end_marker_is_not_whole(tmp_path):
+    from cliplab.data.shards.layout import tar_is_whole
+
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, [("a", {"png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "txt": b"x"})])
+    with tarfile.open(whole) as tar:
+        list(tar)
+        end = tar.offset
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(whole.read_bytes()[:end] + b"\xff" * 1024)
+    assert tar_is_whole(whole) and not tar_is_whole(damaged)
