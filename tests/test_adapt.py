@@ -315,6 +315,10 @@ def test_zeroshot_fills_the_templates_with_descriptions_or_class_names(model, di
     for names, texts in (("prompt", described.descriptions), ("class", train.classnames)):
         head = get_method("zeroshot").fit(model, described, {"names": names}, ctx).weights
         torch.testing.assert_close(head, zeroshot_classifier(model, texts, train.templates))
+    # by default the descriptions: the prompts a dataset ships are what it is best read by
+    default = get_method("zeroshot").fit(model, described, {}, ctx).weights
+    torch.testing.assert_close(default, zeroshot_classifier(model, described.descriptions,
+                                                            train.templates))
 
 
 @pytest.mark.parametrize("name", sorted(FEW_SHOT))

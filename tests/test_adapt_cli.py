@@ -288,6 +288,8 @@ def test_run_and_checkpoint_folders_load_like_their_model_folders(model_dir, tmp
                  *data]) == 0
     assert main(["adapt", "--method", "lora", "--model", str(model_dir), "--out", str(lora),
                  *data, "options.rank=2"]) == 0
+    for run in (ft, lora):  # compare_zeroshot=false: no zero-shot score computed or written
+        assert "zeroshot" not in json.loads((run / "results.json").read_text())
     step = ft / "checkpoints" / "step-1"
     for folder in (ft, step):
         _, head = load_finetuned(folder)
@@ -366,3 +368,84 @@ def test_a_batch_of_exactly_the_training_images_is_accepted():
     check_batch_fits_images(64, 64)  # one full batch: the Trainer drops nothing
     with pytest.raises(ConfigError, match="a batch of 65 is larger than the 64 training images"):
         check_batch_fits_images(65, 64)
+
+
+def test_a_separate_validation_set_takes_nothing_from_the_training_images(model_dir):
+    """With data.val, val_shots draws from data.val: shots=0 trains on every image of
+    data.train."""
+    from cliplab.adapt.run import run_adapt
+
+    cfg = {"method": "zeroshot", "shots": 0, "val_shots": 2, "seed": 1,
+           "compare_zeroshot": False,
+           "data": {"train": {"source": "digits", "split": "train"},
+                    "test": {"source": "digits", "split": "test"},
+                    "val": {"source": "digits", "split": "test"}}}
+    res = run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)
+    assert res["train_size"] == len(load_digits("train")) and res["val_size"] == 20
+
+
+def test_a_class_without_training_images_is_not_blamed_on_val_shots_from_data_val(
+        model_dir, tmp_path, capsys):
+    """val_shots drawing from data.val takes nothing from data.train: a class data.train has
+    no image of is told as that, not as val_shots' doing."""
+    pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="dog")
+    for png in (pets / "dog").glob("[0-9].png"):
+        png.unlink()  # dog: only its unreadable file
+    val = pets_folder(tmp_path / "val", per_class=2, broken_in="cat")
+    assert main(["adapt", "--method", "linear-probe", "--model", str(model_dir),
+                 "--no-progress", f"data.train={{source: image-folder, path: {pets}}}",
+                 f"data.test={{source: image-folder, path: {val}}}",
+                 f"data.val={{source: image-folder, path: {val}}}", "shots=0", "val_shots=1",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "data.train leaves no training image of 1 class(es) (dog) ; give images of every " \
+        "class" in err
+    assert "val_shots" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_seed_gives_the_same_learned_weights_whatever_ran_before(model_dir, tmp_path):
+    """Randomly initialised weights (LoRA's) come from ``seed``, not from the global RNG state
+    earlier work left."""
+    from safetensors.torch import load_file
+
+    args = ["adapt", "--method", "lora", "--model", str(model_dir), "--no-progress",
+            "data.train={source: digits, split: train}", "data.test={source: digits, "
+            "split: test}", "shots=0", "train_size=32", "seed=1", "options.rank=2",
+            "options.train.steps=1", "options.train.batch_size=32", "compare_zeroshot=false"]
+    tensors = []
+    for name in ("a", "b"):
+        torch.manual_seed(123 if name == "a" else 321)
+        torch.rand(5)
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        adapter = tmp_path / name / "checkpoints" / "step-1" / "adapter"
+        tensors.append(load_file(next(adapter.glob("*.safetensors"))))
+    assert tensors[0].keys() == tensors[1].keys() and tensors[0]
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_config_yaml_records_the_methods_resolved_options(model_dir, tmp_path):
+    """config.yaml holds every option the method ran with, defaults included, so the run can
+    be read (and repeated) without knowing this version's defaults."""
+    import yaml
+
+    from cliplab.adapt.clip_adapter import Options
+
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", "clip-adapter", "--model", str(model_dir), "--out",
+                 str(out), "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=1", "options.epochs=1",
+                 "compare_zeroshot=false"]) == 0
+    options = yaml.safe_load((out / "config.yaml").read_text())["options"]
+    assert options["epochs"] == 1
+    assert options["lr"] == Options().lr and options["batch_size"] == Options().batch_size
+
+
+def test_cache_dir_keeps_the_image_features_there(model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out",
+                 str(tmp_path / "run"), "--no-progress", "--cache-dir", str(cache),
+                 "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=1",
+                 "compare_zeroshot=false"]) == 0
+    assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))

@@ -199,10 +199,16 @@ def test_config_errors_come_before_any_work(family, tmp_path):
             "density: expected less than or equal to 1, got 1.5"),
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": "dense"},
             "density: expected a valid number"),
+           # ties keeping no entry of any task vector would be the base, silently
+           ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 0},
+            "density: expected greater than 0"),
            ({"method": "uniform", "models": [], "out": "o"}, "models: "),
            ({"method": "uniform", "models": ["a"]}, "out is required"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
             "list of scales"),
+           # one scale per model: a list of another length is refused before loading any
+           ({"method": "task-arithmetic", "models": ["a", "b"], "base": "p", "out": "o",
+             "scale": [1, 2, 3]}, r"one per model \(2\), got \[1.0, 2.0, 3.0\]"),
            # keys set for another method were ignored without a word
            ({"method": "task-arithmetic", "models": ["a", "b"], "base": "p", "out": "o",
              "weights": [1, 3]}, r"weights=\[1.0, 3.0\] does not apply to 'task-arithmetic'"),
@@ -391,3 +397,49 @@ def test_greedy_soup_tells_what_its_heldout_data_skipped(family, tmp_path, capsy
                "out": str(tmp_path / "soup")}, progress=False)
     err = capsys.readouterr().err
     assert f"heldout: skipped 1 of 5 samples (unreadable_image=1) in {pets}" in err.splitlines()
+
+
+def test_task_arithmetic_folder_is_the_base_plus_the_scaled_task_vectors(family, tmp_path):
+    """base + Σ λ_i (m_i − base) from the input folders' own weights: the base is the
+    reference, never one more ingredient."""
+    _, base, fts = family
+    out = tmp_path / "ta"
+    rec = run_merge({"method": "task-arithmetic", "models": [str(fts[0]), str(fts[1])],
+                     "base": str(base), "scale": [0.5, -0.3], "out": str(out)}, progress=False)
+    assert rec["models"] == [str(fts[0]), str(fts[1])] and rec["base"] == str(base)
+    b, m0, m1 = _state(base), _state(fts[0]), _state(fts[1])
+    merged = _state(out)
+    assert merged.keys() == b.keys()
+    for key in b:
+        if not b[key].is_floating_point():
+            assert torch.equal(merged[key], b[key])
+            continue
+        expected = b[key] + 0.5 * (m0[key] - b[key]) - 0.3 * (m1[key] - b[key])
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+
+
+def test_folders_differing_only_in_context_length_are_refused(family, tmp_path):
+    """A merged model would tokenize to one context length: folders whose cliplab.json
+    disagree on it are not combined."""
+    _, _, fts = family
+    short = tmp_path / "short"
+    shutil.copytree(fts[1], short)
+    meta = json.loads((short / "cliplab.json").read_text())
+    assert meta["context_length"] == 32
+    (short / "cliplab.json").write_text(json.dumps({**meta, "context_length": 16}))
+    with pytest.raises(ModelError, match=r"short/cliplab.json: 'context_length' differs"):
+        run_merge({"method": "uniform", "models": [str(fts[0]), str(short)],
+                   "out": str(tmp_path / "o")}, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_base_given_among_the_models_is_no_unrecorded_ingredient(family, tmp_path):
+    """The base folder (no origin record of its own) listed as a model is the origin itself."""
+    _, base, fts = family
+    assert read_origin(base) is None
+    rec = run_merge({"method": "task-arithmetic", "models": [str(base), str(fts[0])],
+                     "base": str(base), "out": str(tmp_path / "ta")}, progress=False)
+    assert rec["origin"]["unrecorded"] == []
+    assert rec["origin"]["fingerprint"] == weights_fingerprint(_state(base))
+    record = json.loads((tmp_path / "ta" / "merge.json").read_text())
+    assert record["origin"]["unrecorded"] == []

@@ -263,3 +263,12 @@ def test_merge_methods_pass_their_settings_through():
     assert [s["ingredient"] for s in record["greedy"]["steps"]] == ["a", "c", "b"]
     assert record["greedy"]["kept"] == ["a", "c"]
     torch.testing.assert_close(merged["w"], T([1.5, 2.5]))
+
+
+def test_first_difference_names_a_key_only_one_side_has():
+    from cliplab.merge.checkpoints import first_difference
+
+    assert first_difference({"a": 1}, {}) == "a"
+    assert first_difference({}, {"a": 1}) == "a"
+    assert first_difference({"v": {"x": 1}}, {"v": {}}) == "v.x"
+    assert first_difference({"a": 1, "dtype": "x"}, {"a": 1}) is None  # volatile: ignored

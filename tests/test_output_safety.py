@@ -499,3 +499,13 @@ def test_curate_out_inside_a_runs_checkpoints_is_refused(run, tmp_path, capsys):
                                  f"{run}; choose another folder")
     assert _tree(run) == before and sorted(p.name for p in (run / "checkpoints").iterdir()) == \
         ["step-1"]
+
+
+def test_merge_out_inside_an_input_run_folder_is_refused(run, tiny_model_dir, tmp_path, capsys):
+    """The run folder given (not only the model folder it stands for) is an input: an --out
+    inside it, beside its checkpoints, would make the merge part of that run."""
+    before = _tree(run)
+    assert main(_merge([tiny_model_dir, run], run / "merged")) == 2
+    assert _one_line(capsys) == (f"--out {run / 'merged'} lies inside the input {run}; choose "
+                                 "another folder")
+    assert _tree(run) == before
