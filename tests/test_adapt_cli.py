@@ -398,7 +398,7 @@ def test_a_class_without_training_images_is_not_blamed_on_val_shots_from_data_va
                  f"data.val={{source: image-folder, path: {val}}}", "shots=0", "val_shots=1",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "data.train leaves no training image of 1 class(es) (dog) ; give images of every " \
+    assert "data.train leaves no training image of 1 class(es) (dog); give images of every " \
         "class" in err
     assert "val_shots" not in err
     assert not (tmp_path / "o").exists()

@@ -70,10 +70,10 @@ def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: 
     have, and "N per class" would not be true of them)."""
     missing = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if missing:
-        why = ("after val_shots drew the validation split from it; give more images, or "
+        why = (" after val_shots drew the validation split from it; give more images, or "
                "lower val_shots") if val_drawn else "; give images of every class"
         raise DataError(f"data.train leaves no training image of {len(missing)} class(es) "
-                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) {why}")
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}){why}")
     warn_fewer_than(train, shots, "shots", "training", "train on")
 
 
