@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason, source_spec
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError
+from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
@@ -385,9 +386,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
             existing: dict | None, dim: int) -> dict:
     """Gather vectors, build the backend's index and write ``index.json`` (complete)."""
     if state["count"] == 0:
-        data = request["data"]
-        raise DataError(f"nothing to index: every item of {data.get('path') or data['source']} "
-                        f"was skipped ({_skip_summary(store)}); delete {work} after fixing the "
+        raise DataError(f"nothing to index: every item of {data_origin(request['data'], None)}"
+                        f" was skipped ({_skip_summary(store)}); delete {work} after fixing the "
                         "data")
     vectors = _gather_vectors(work, state, dim)
     _save_npy(work / VECTORS_FILE, vectors)
