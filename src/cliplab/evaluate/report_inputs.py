@@ -18,8 +18,14 @@ MERGE_RECORD = "merge.json"  # what `cliplab merge` writes beside the merged mod
 _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
 # (its total is reported as a number of the run)
-_NOT_METRICS = ("options", "skipped", "origin")
+NOT_METRICS = ("options", "skipped", "origin")
 SCALARS = "run"  # the section of a results file's top-level numbers
+
+
+def measured(metrics: dict) -> dict:
+    """A section's entries without the records beside its measurements (a task's skip record:
+    its table shows them, its plot does not)."""
+    return {k: v for k, v in metrics.items() if k not in NOT_METRICS}
 
 
 @dataclass
@@ -92,7 +98,7 @@ def result_sections(data: dict) -> dict[str, dict]:
     for key, value in data.items():
         if key in _SECTION_KEYS and isinstance(value, dict):
             continue
-        if key in _NOT_METRICS:
+        if key in NOT_METRICS:
             if isinstance(value, dict) and isinstance(value.get("total"), int):
                 scalars[key] = value["total"]
             continue

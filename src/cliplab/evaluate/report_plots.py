@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cliplab.evaluate.report_inputs import ReportSource  # noqa: E402
+from cliplab.evaluate.report_inputs import ReportSource, measured  # noqa: E402
 
 FEW_SHOT_KEY = re.compile(r"^(?P<method>.+)_(?P<k>\d+)shot$")
 ALPHA_KEY = re.compile(r"^α (?P<alpha>\S+)$")
@@ -20,18 +20,17 @@ TRAINING_CURVES = ("loss", "lr", "logit_scale")
 
 
 def is_few_shot(metrics: dict) -> bool:
-    """A few-shot result: ``<method>_<k>shot`` keys holding acc1_mean / acc1_std (and the
-    skip record of an eval whose data skipped samples)."""
-    entries = {k: v for k, v in metrics.items() if k != "skipped"}
-    hits = [k for k, v in entries.items() if FEW_SHOT_KEY.match(k) and isinstance(v, dict)
-            and "acc1_mean" in v]
-    return bool(hits) and len(hits) == len(entries)
+    """A few-shot result: ``<method>_<k>shot`` keys holding acc1_mean / acc1_std."""
+    entries = measured(metrics)
+    return bool(entries) and all(FEW_SHOT_KEY.match(k) and isinstance(v, dict)
+                                 and "acc1_mean" in v for k, v in entries.items())
 
 
 def is_alpha_sweep(metrics: dict) -> bool:
     """An α sweep (`report_inputs.alpha_sweep`): ``α <value>`` keys holding {set: acc1}."""
-    return bool(metrics) and all(ALPHA_KEY.match(k) and isinstance(v, dict)
-                                 for k, v in metrics.items())
+    entries = measured(metrics)
+    return bool(entries) and all(ALPHA_KEY.match(k) and isinstance(v, dict)
+                                 for k, v in entries.items())
 
 
 def is_long_tail(metrics: dict) -> bool:
@@ -68,10 +67,8 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, metrics in runs:
         curves: dict[str, list[tuple[int, float, float]]] = {}
-        for key, value in metrics.items():
+        for key, value in measured(metrics).items():
             m = FEW_SHOT_KEY.match(key)
-            if m is None:  # the skip record
-                continue
             curves.setdefault(m["method"], []).append(
                 (int(m["k"]), value["acc1_mean"], value.get("acc1_std", 0.0)))
         for method, points in curves.items():
@@ -90,7 +87,7 @@ def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, metrics in runs:
         curves: dict[str, list[tuple[float, float]]] = {}
-        for key, sets in metrics.items():
+        for key, sets in measured(metrics).items():
             alpha = float(ALPHA_KEY.match(key)["alpha"])
             for name, acc in sets.items():
                 curves.setdefault(name, []).append((alpha, acc))
