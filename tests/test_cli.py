@@ -247,20 +247,3 @@ def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_pat
         monkeypatch.setenv("RANK", "1")  # the other ranks refuse too, without repeating it
         assert main(["report", "--inputs", str(results), "--out", str(tmp_path / "r")]) == 2
         assert capsys.readouterr().err == "" and not (tmp_path / "r").exists()
-
-
-def test_pretrain_prints_its_evals_model_and_run_folder(tmp_path, monkeypatch, capsys):
-    """The summary a finished pretrain prints: each eval's numbers (not its data's skip
-    record), the model folder and the run folder to pass to --out with --resume."""
-    import cliplab.train.pretrain as pretrain
-
-    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
-    out = tmp_path / "run"
-    model = out / "checkpoints" / "step-4" / "model"
-    evals = {"zs": {"acc1": 0.5, "n": 10, "skipped": {"total": 2, "unreadable_image": 2}}}
-    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, resume=None, progress=True: {
-        "evals": evals, "model_dir": str(model)})
-    assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 0
-    assert capsys.readouterr().out.splitlines()[-3:] == [
-        "zs/acc1=0.500, zs/n=10", f"model: {model}",
-        f"run folder: {out} (results.json, metrics.jsonl, checkpoints/)"]

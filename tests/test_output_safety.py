@@ -325,13 +325,19 @@ def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
     out = tmp_path / "run"
     model = out / "checkpoints" / "step-4" / "model"
 
+    evals = {"zs": {"acc1": 0.5, "n": 10, "skipped": {"total": 2, "unreadable_image": 2}}}
+
     def finished(cfg, resume=None, progress=True):
         shutil.copytree(tiny_model_dir, model)
-        return {"evals": {}, "model_dir": str(model)}
+        return {"evals": evals, "model_dir": str(model)}
 
     monkeypatch.setattr(pretrain, "run_pretrain", finished)
     assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 0
-    assert f"run folder: {out}" in capsys.readouterr().out
+    # each eval's numbers (not its data's skip record), the model, and the run folder to pass
+    # to --out with --resume (not RUN/checkpoints)
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "zs/acc1=0.500, zs/n=10", f"model: {model}",
+        f"run folder: {out} (results.json, metrics.jsonl, checkpoints/)"]
 
 
 def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -416,5 +416,4 @@ def test_answers_echo_the_request(served):
     by_id = client.post("/api/classify", data={"labels": "a,b", "id": "5",
                                                "template": "{c}, {{drawn}}"}).json()
     assert (by_id["id"], by_id["template"]) == (5, "{c}, {{drawn}}")
-    upload = {"file": ("mine.png", _png(served["data"].images[5].numpy()), "image/png")}
     assert client.post("/api/classify", data={"labels": "a,b"}, files=upload).json()["id"] is None
