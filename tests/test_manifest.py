@@ -314,6 +314,41 @@ def test_non_integer_json_labels_are_not_class_indices(tmp_path):
     assert data.skipped.keys == {"bad_label": ["m.jsonl:line 2: 1.png", "m.jsonl:line 3: 2.png"]}
 
 
+def test_an_integer_label_column_with_a_word_in_it_is_refused_naming_both_rows(tmp_path):
+    """One typo in an integer column would read every label as a name sorted as text ('10'
+    before '2'), renumbering the classes silently; it is an error naming the word's row and an
+    integer's, and given class names read the same column."""
+    for i in range(3):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    rows = [{"image": "0.png", "label": "2"}, {"image": "1.png", "label": "10"},
+            {"image": "2.png", "label": "tw0"}]
+    path = write_manifest(tmp_path / "m.csv", rows)
+    with pytest.raises(DataError) as err:
+        load_manifest(path, progress=False)
+    assert str(err.value) == (f"{path}:line 4: label 'tw0' is not an integer, but {path}:line 2 "
+                              "has label 2; fix the row, or give classnames= to read every "
+                              "label as a name")
+    names = [str(i) for i in range(11)] + ["tw0"]
+    data = load_manifest(path, classnames=names, progress=False)
+    assert data.labels.tolist() == [2, 10, 11]
+    words = write_manifest(tmp_path / "w.csv", [{"image": "0.png", "label": "cat"},
+                                                {"image": "1.png", "label": "dog"}])
+    assert load_manifest(words, progress=False).classnames == ["cat", "dog"]
+
+
+def test_integer_labels_written_as_floats_are_class_indices(tmp_path):
+    """pandas writes an integer column holding a gap as floats ("10.0"): still indices, so
+    class 10 is the eleventh class, not a name sorted before "2.0"."""
+    for i in range(3):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "2.0"},
+                                               {"image": "1.png", "label": "10.0"},
+                                               {"image": "2.png", "label": ""}])
+    data = load_manifest(path, progress=False)
+    assert data.classnames == [str(i) for i in range(11)] and data.labels.tolist() == [2, 10]
+    assert data.skipped.keys == {"bad_label": ["m.csv:line 4: 2.png"]}
+
+
 def test_label_col_makes_labelled_images_even_beside_a_caption_column(tmp_path):
     for i in range(2):
         make_png(tmp_path / f"{i}.png", seed=i)

@@ -164,16 +164,31 @@ def _as_int(value: Any) -> int | None:
         try:
             return int(value.strip())
         except ValueError:
+            pass
+        try:  # "3.0": an integer column written as floats (pandas does so when a value is missing)
+            number = float(value)
+        except ValueError:
             return None
+        return int(number) if number.is_integer() else None
     return None
 
 
-def _labels(values: list[Any], classnames: Sequence[str] | None) -> tuple[list[str], list[int | None]]:
-    """Class names and per-row label indices (None for a missing or unknown label)."""
+def _labels(values: list[Any], classnames: Sequence[str] | None,
+            where: Sequence[str]) -> tuple[list[str], list[int | None]]:
+    """Class names and per-row label indices (None for a missing or unknown label); ``where``
+    names each row for errors."""
     names = ["" if v is None else str(v).strip() for v in values]
     if classnames is None:
-        present = [v for v, n in zip(values, names) if n]
-        if all(_as_int(v) is not None for v in present):  # integer labels
+        present = [i for i, n in enumerate(names) if n]
+        numeric = [i for i in present if _as_int(values[i]) is not None]
+        if numeric and len(numeric) < len(present):
+            # one typo would otherwise turn an integer column into names sorted as text
+            # ('10' < '2'), renumbering every class without a word
+            word = next(i for i in present if _as_int(values[i]) is None)
+            raise DataError(f"{where[word]}: label {names[word]!r} is not an integer, but "
+                            f"{where[numeric[0]]} has label {names[numeric[0]]}; fix the row, "
+                            "or give classnames= to read every label as a name")
+        if len(numeric) == len(present):  # integer labels
             ints = [_as_int(v) if n else None for v, n in zip(values, names)]
             ints = [i if i is not None and i >= 0 else None for i in ints]
             top = max((i for i in ints if i is not None), default=-1)
@@ -239,7 +254,9 @@ class ManifestDataset(Dataset):
             self.targets: list[str | int | None] = [t or None for t in texts]
             self._bad = "empty_caption"
         else:
-            self.classnames, self.targets = _labels([r.get(text_key) for r in rows], classnames)
+            self.classnames, self.targets = _labels(
+                [r.get(text_key) for r in rows], classnames,
+                [f"{self.path}:{loc}" for loc in locations])
             self.templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
             self._bad = "bad_label"
 
