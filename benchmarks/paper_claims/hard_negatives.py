@@ -52,7 +52,8 @@ very swaps it trained against.
 
 Reproduced — the rule, written before any number was seen: with ``gain`` the per-seed
 difference hard_negatives − plain, BOTH attribute-swap and relation-swap mean gains are
-> 10 points and > 2 × their pooled std (a wide margin), AND the mean zero-shot drop
+> 10 points and > 2 × the two arms' pooled std over the seeds (as every claim's rule, not the
+std of the per-seed differences; a wide margin), AND the mean zero-shot drop
 (plain − hard_negatives) is < 1 point.
 """
 

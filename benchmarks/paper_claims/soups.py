@@ -28,7 +28,7 @@ BASE = ("competent base (quickstart LiT), fine-tuned on all 10 classes at lr 3e-
         "(WiSE-FT's recipe otherwise)")
 PAPER_NUMBERS = ("ImageNet, ViT-G/14: greedy soup 90.94 vs best single 90.78; uniform soup "
                  "below the best when hyperparameters vary widely")
-LRS = [3e-4, 1e-3, 3e-3]  # 3e-3 is WiSE-FT's fine-tune: the two claims share those
+LRS = [3e-4, 1e-3, 3e-3]  # the soup's own fine-tunes (WiSE-FT's are of another base)
 
 
 def run(ctx: ClaimContext) -> dict:
