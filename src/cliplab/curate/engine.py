@@ -49,14 +49,26 @@ def _map_in_worker(records: list[Record], work: Path) -> dict[str, np.ndarray]:
     return _map_records(_WORKER_STEP[0], records, work)
 
 
+def chunks_to_do(chunks: dict[int, list[Record]], out: Callable[[int], Path]
+                 ) -> dict[int, list[Record]]:
+    """The chunks whose columns file does not exist yet (a resumed run skips the others)."""
+    return {c: records for c, records in chunks.items() if not out(c).exists()}
+
+
+def chunk_progress(chunks: dict[int, list[Record]], todo: dict[int, list[Record]], desc: str,
+                   progress: bool) -> tqdm:
+    """A bar over every item of ``chunks``, the ones outside ``todo`` already counted."""
+    total = sum(len(r) for r in chunks.values())
+    return tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc=desc,
+                unit="item", disable=not progress)
+
+
 def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
                work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
     """``step.map`` over every chunk (``{chunk number: records}``) whose columns file
     ``out(number)`` does not exist yet; each result is saved as soon as it is ready."""
-    todo = {c: records for c, records in chunks.items() if not out(c).exists()}
-    total = sum(len(r) for r in chunks.values())
-    bar = tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc=desc,
-               unit="item", disable=not progress)
+    todo = chunks_to_do(chunks, out)
+    bar = chunk_progress(chunks, todo, desc, progress)
     try:
         if workers <= 1 or len(todo) <= 1:
             for c, records in sorted(todo.items()):

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from cliplab.curate.engine import save_columns
+from cliplab.curate.engine import chunk_progress, chunks_to_do, save_columns
 from cliplab.curate.pool import Record, load_batch
 from cliplab.curate.steps.base import Step
 from cliplab.errors import ConfigError
@@ -56,21 +55,22 @@ def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[i
     """`cliplab.curate.engine.map_chunks` on Ray Data (Ray must be started: `start_ray`)."""
     import ray
 
-    todo = {c: records for c, records in chunks.items() if not out(c).exists()}
-    if not todo:
-        return
-    dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(records)}
-                                   for c, records in sorted(todo.items())],
-                                  override_num_blocks=len(todo))
-    mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
-                                 batch_size=1, compute=ray.data.ActorPoolStrategy(
-                                     size=max(1, min(workers, len(todo)))))
-    bar = tqdm(total=sum(len(r) for r in todo.values()), desc=desc, unit="item",
-               disable=not progress)
-    for row in mapped.iter_rows():
-        c = int(row["chunk"])
-        with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
-            columns = {name: data[name] for name in data.files}
-        save_columns(out(c), columns, len(todo[c]), f"{desc} chunk {c}")
-        bar.update(len(todo[c]))
-    bar.close()
+    todo = chunks_to_do(chunks, out)
+    bar = chunk_progress(chunks, todo, desc, progress)
+    try:
+        if not todo:  # Ray Data refuses an empty dataset
+            return
+        dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(records)}
+                                       for c, records in sorted(todo.items())],
+                                      override_num_blocks=len(todo))
+        mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
+                                     batch_size=1, compute=ray.data.ActorPoolStrategy(
+                                         size=max(1, min(workers, len(todo)))))
+        for row in mapped.iter_rows():
+            c = int(row["chunk"])
+            with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
+                columns = {name: data[name] for name in data.files}
+            save_columns(out(c), columns, len(todo[c]), f"{desc} chunk {c}")
+            bar.update(len(todo[c]))
+    finally:
+        bar.close()
