@@ -13,7 +13,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
 from cliplab.data.pairs import select_classes
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -271,6 +271,19 @@ def test_cocoop_scoring_bar_follows_progress(model, digits, ctx, capsys):
     assert "cocoop prompts" in capsys.readouterr().err
 
 
+def test_cocoop_scored_by_the_zeroshot_task_follows_its_progress(model, digits, ctx, capsys):
+    """`score` (the zeroshot task with CoCoOp as its classifier) passes the task's progress
+    flag on to the per-image prompt loop: no bar unless asked."""
+    train, test = digits
+    co = cocoop.fit(model, train, {"epochs": 1, "lr": 0.0, "infer_batch": 1}, ctx)
+    small = test.subset(torch.arange(12))
+    capsys.readouterr()
+    quiet = co.score({"test": small}, FeatureCache())
+    assert "cocoop prompts" not in capsys.readouterr().err
+    assert co.score({"test": small}, FeatureCache(), progress=True) == quiet
+    assert "cocoop prompts" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", [coop, cocoop])
 def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
     """Base-to-novel: a learned (unified) context before other class names scores each of
@@ -305,6 +318,21 @@ def test_linear_probe_logits_are_the_standardised_features_through_its_fit(model
     t = ctx.features(model, test).embeddings.float()
     torch.testing.assert_close(adapter.logits(t), (t - mean) / std @ weight + bias,
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("features", ["tokens", "layers"])
+def test_a_probe_adapter_on_extra_features_scores_through_the_zeroshot_task(model, digits,
+                                                                           features):
+    """`score` runs the zeroshot task with the adapter as its classifier; an adapter reading
+    tokens (or layers) gets them computed (the classifier's ``probe``): its acc1 is the share
+    of test images its own logits rank right."""
+    train, test = digits
+    adapter = get_method("linear-probe").fit(model, train, {"features": features, "l2": 0.01},
+                                             AdaptContext(FeatureCache(), progress=False))
+    assert adapter.probe == features
+    scored = adapter.score({"test": test}, FeatureCache())["test"]
+    right = (adapter.logits(test.images).argmax(1) == test.labels).float().mean().item()
+    assert scored["acc1"] == pytest.approx(right, abs=1e-6)
 
 
 def test_zeroshot_fills_the_templates_with_descriptions_or_class_names(model, digits, ctx):
@@ -471,3 +499,23 @@ def test_train_steps_schedules_every_batch_and_reports_each_epochs_mean_loss(mon
     assert history == pytest.approx([10 / 3, 10 / 3])
     # 3 batches an epoch, the last one short: a cosine over all 6 steps
     assert rates == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+
+
+def test_an_adapter_scores_only_sets_of_its_classes_in_its_order(model, digits):
+    """Labels are class indices: a set of the same classes in another order would be scored
+    against the wrong rows without a word (run_adapt checks its sets; `score` is also the
+    Python API's), so it is refused naming the first class that differs."""
+    train, test = digits
+    adapter = get_method("linear-probe").fit(model, train, {"l2": 0.01},
+                                             AdaptContext(FeatureCache(), progress=False))
+    order = list(reversed(range(len(test.classnames))))
+    flipped = type(test)(images=test.images, labels=torch.tensor(order)[test.labels],
+                         classnames=[test.classnames[i] for i in order],
+                         templates=test.templates)
+    with pytest.raises(DataError, match=rf"^score: the adapter and test must have the same "
+                                        rf"classes in the same order; class 0 is "
+                                        rf"'{train.classnames[0]}' in the adapter but "
+                                        rf"'{train.classnames[-1]}' in test"):
+        adapter.score({"test": flipped}, FeatureCache())
+    right = (adapter.logits(test.images).argmax(1) == test.labels).float().mean().item()
+    assert adapter.score({"test": test}, FeatureCache())["test"]["acc1"] == pytest.approx(right)

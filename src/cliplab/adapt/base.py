@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from cliplab.config import Section, validate
+from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -103,7 +104,10 @@ class Adapter:
               progress: bool = False) -> dict:
         """``{set name: acc1/acc5/mean per-class recall}`` of the adapter on each labelled set
         (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
-        with this adapter as its classifier."""
+        with this adapter as its classifier. Each set must have the adapter's classes in its
+        order (prompt learners score others through ``for_classes``)."""
+        for name, data in sets.items():
+            check_same_classes(self, data, "score", ("the adapter", name))
         context = TaskContext(cache=cache, progress=progress, classifier=self)
         return {name: run_task(self.model, {"task": "zeroshot", "name": name, "data": data},
                                context) for name, data in sets.items()}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
@@ -19,7 +22,13 @@ def class_indices(classnames: list[str], names: list[str]) -> list[int]:
     return out
 
 
-def check_same_classes(first: LabelledImages, second: LabelledImages, where: str,
+class HasClasses(Protocol):
+    """A labelled set, or what was fitted on one (an adapter): its class names, in index order."""
+
+    classnames: Sequence[str]
+
+
+def check_same_classes(first: HasClasses, second: HasClasses, where: str,
                        names: tuple[str, str] = ("train", "test")) -> None:
     """A one-line `DataError` unless ``first`` and ``second`` have the same class names
     (any case) in the same order: labels are class indices, so a classifier fitted on one
