@@ -1,6 +1,7 @@
 """`cliplab eval` tells which samples its tasks' data skipped: one stderr line per task and a
 ``skipped`` record in that task's results (absent when nothing was skipped)."""
 
+import dataclasses
 import io
 import json
 
@@ -10,8 +11,10 @@ import torch
 from PIL import Image
 
 from cliplab.cli import main
+from cliplab.data.digits import load_digits
 from cliplab.data.shards import write_shards
 from cliplab.data.sources import load_source
+from cliplab.data.types import SkipReport
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.tasks import TaskContext
 
@@ -130,3 +133,77 @@ def test_a_truncated_shard_counts_lost_samples_not_the_shard_as_one(model_dir, t
         "counts": {"missing_image": 1, "truncated_shard": 1},
         "keys": {"missing_image": ["00000.tar:000000003"],
                  "truncated_shard": ["00000.tar:4 of 6 samples"]}}
+
+
+def _in_memory(name: str, start: int, n: int, skips: list[tuple[str, str]]):
+    """``n`` digits (test images from ``start``) as an in-memory set named ``name`` whose
+    loading skipped ``skips`` ((reason, key) pairs)."""
+    report = SkipReport()
+    for reason, key in skips:
+        report.add(reason, key)
+    data = load_digits("test").subset(torch.arange(start, start + n))
+    return dataclasses.replace(data, name=name, skipped=report)
+
+
+def _probe_skips(model, train, test, capsys) -> tuple[list[str], dict | None]:
+    """The skip lines on stderr and the ``skipped`` record of a linear probe on the sets."""
+    results = run_suite(model, [{"name": "probe", "task": "linear_probe", "train": train,
+                                 "test": test, "features": "embeddings", "l2": 0.01}],
+                        TaskContext(progress=False))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    return lines, results["probe"].get("skipped")
+
+
+def test_two_in_memory_sets_each_count_and_are_named(tiny_model, capsys):
+    """In-memory train and test sets are two sets (keyed by identity): both their skips are
+    told, 1 + 2 of (20 + 1) + (10 + 2) samples, the line naming each by its ``name``."""
+    train = _in_memory("tr", 0, 20, [("unreadable_image", "tr/a.png")])
+    test = _in_memory("te", 20, 10, [("missing_file", "te/b.png"), ("missing_file", "te/c.png")])
+    lines, skipped = _probe_skips(tiny_model, train, test, capsys)
+    assert lines == ["probe: skipped 3 of 33 samples (missing_file=2, unreadable_image=1) in "
+                     "tr, te"]
+    assert skipped == {"total": 3, "counts": {"unreadable_image": 1, "missing_file": 2},
+                       "keys": {"unreadable_image": ["tr/a.png"],
+                                "missing_file": ["te/b.png", "te/c.png"]}}
+
+
+def test_two_sets_skipping_for_one_reason_add_up(tiny_model, capsys):
+    """Train and test both lost ``missing_file`` samples (1 and 2): the task's count is 3 and
+    its keys are all three, train's first."""
+    train = _in_memory("tr", 0, 20, [("missing_file", "tr/a.png")])
+    test = _in_memory("te", 20, 10, [("missing_file", "te/b.png"), ("missing_file", "te/c.png")])
+    lines, skipped = _probe_skips(tiny_model, train, test, capsys)
+    assert lines == ["probe: skipped 3 of 33 samples (missing_file=3) in tr, te"]
+    assert skipped == {"total": 3, "counts": {"missing_file": 3},
+                       "keys": {"missing_file": ["tr/a.png", "te/b.png", "te/c.png"]}}
+
+
+def test_only_the_sets_that_skipped_are_named(tiny_model, capsys):
+    """Test skipped nothing: the line names train only, though test's 10 samples count in
+    'of N' (1 lost of 20 + 1 + 10)."""
+    train = _in_memory("tr", 0, 20, [("missing_file", "tr/a.png")])
+    lines, skipped = _probe_skips(tiny_model, train, _in_memory("te", 20, 10, []), capsys)
+    assert lines == ["probe: skipped 1 of 31 samples (missing_file=1) in tr"]
+    assert skipped["counts"] == {"missing_file": 1}
+
+
+def test_train_and_test_of_one_spec_count_its_skips_once(tiny_model, bad_data, capsys):
+    """A probe trained and tested on one folder spec lost its 2 unreadable images once (as
+    the zeroshot task on it says), not 4 of 16 samples in the folder twice."""
+    folder, _, _ = bad_data
+    spec = {"source": "image-folder", "path": str(folder)}
+    lines, skipped = _probe_skips(tiny_model, spec, spec, capsys)
+    assert lines == [f"probe: skipped 2 of 8 samples (unreadable_image=2) in {folder}"]
+    assert skipped["total"] == 2 and skipped["counts"] == {"unreadable_image": 2}
+    assert len(skipped["keys"]["unreadable_image"]) == 2
+
+
+def test_no_progress_means_no_bar_while_reading(tiny_model, bad_data, capsys):
+    """With ``progress=False`` reading an image folder draws no bar: the skip line is all
+    that reaches stderr."""
+    folder, _, _ = bad_data
+    run_suite(tiny_model, [{"name": "zs", "task": "zeroshot",
+                            "data": {"source": "image-folder", "path": str(folder)}}],
+              TaskContext(progress=False))
+    assert capsys.readouterr().err == (f"zs: skipped 2 of 8 samples (unreadable_image=2) in "
+                                       f"{folder}\n")

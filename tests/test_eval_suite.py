@@ -119,6 +119,86 @@ def test_suite_encodes_each_dataset_once(tiny_model, monkeypatch):
     assert cache.hits == 2
 
 
+def _spy_loads(monkeypatch) -> list:
+    """The data specs `TaskContext.load` reads from their source, in order."""
+    from cliplab.evaluate.tasks import base
+
+    loads, real = [], base.load_source
+    monkeypatch.setattr(base, "load_source",
+                        lambda spec, *a, **k: loads.append(dict(spec)) or real(spec, *a, **k))
+    return loads
+
+
+def test_a_dataset_two_tasks_share_is_read_once(tiny_model, monkeypatch):
+    """Two tasks on one data spec: the set is read from its source once per context (checks
+    and runs included), not once per task or per use."""
+    loads = _spy_loads(monkeypatch)
+    run_suite(tiny_model, {"tasks": [
+        {"name": "zs", "task": "zeroshot", "data": {"source": "digits", "split": "test"}},
+        {"name": "zs-odd", "task": "zeroshot", "data": {"source": "digits", "split": "test"},
+         "classes": [1, 3]}]}, TaskContext(progress=False))
+    assert loads == [{"source": "digits", "split": "test"}]
+
+
+def test_a_spec_with_its_keys_in_another_order_is_the_same_dataset(tiny_model, monkeypatch):
+    """A data spec's key ignores the order of its keys: a zeroshot task on ``{split, source}``
+    and a token probe on ``{source, split}`` (train and test alike) read digits test once and
+    encode it once, with the tokens the probe plans for it."""
+    from cliplab.evaluate import feature_cache as fc
+
+    loads, encodes, real = _spy_loads(monkeypatch), [], fc.encode_images
+    monkeypatch.setattr(fc, "encode_images",
+                        lambda *a, **k: encodes.append(k.get("probe")) or real(*a, **k))
+    test = {"source": "digits", "split": "test"}
+    run_suite(tiny_model, {"tasks": [
+        {"name": "zs", "task": "zeroshot", "data": {"split": "test", "source": "digits"}},
+        {"name": "probe", "task": "linear_probe", "train": test, "test": test,
+         "features": "tokens", "l2": 0.01}]}, TaskContext(progress=False))
+    assert len(loads) == 1 and loads[0] == test
+    assert encodes == ["tokens"]
+
+
+def test_the_probe_plan_encodes_the_layers_the_probe_asks_for(monkeypatch):
+    """A zeroshot task reading a set first encodes it with the probe features planned for it,
+    ``layers: 2`` included (not the default 4): each set is encoded once, with 2 blocks."""
+    from cliplab.evaluate import feature_cache as fc
+    from cliplab.models import build_model
+
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=2, heads=2,
+                        embed_dim=16, context_length=32)
+    calls, real = [], fc.encode_images
+    monkeypatch.setattr(fc, "encode_images", lambda *a, **k: calls.append(
+        (k.get("probe"), k.get("probe_layers"))) or real(*a, **k))
+    test = {"source": "digits", "split": "test"}
+    out = run_suite(model, {"tasks": [
+        {"name": "zs", "task": "zeroshot", "data": test},
+        {"name": "probe", "task": "linear_probe", "train": {"source": "digits", "split": "train"},
+         "test": test, "features": "layers", "layers": 2, "l2": 0.01}]},
+        TaskContext(progress=False))
+    assert calls == [("layers", 2), ("layers", 2)]  # test (for zs, then the probe), train
+    assert "acc1" in out["probe"]
+
+
+def test_images_are_encoded_at_the_suites_precision(monkeypatch, tiny_model):
+    """The suite's ``precision`` reaches the image encoder (as it reaches the captions'), and
+    a bf16 run does not reuse fp32 features."""
+    from cliplab.data.digits import load_digits
+    from cliplab.evaluate import feature_cache as fc
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.models import precision
+
+    asked, real = [], fc.encode_images
+    monkeypatch.setattr(fc, "encode_images",
+                        lambda *a, **k: asked.append(k.get("precision")) or real(*a, **k))
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    data = load_digits("test").subset(torch.arange(20))
+    context = TaskContext(FeatureCache(), progress=False)  # one cache for both runs
+    for level in ("bf16", "fp32"):
+        run_suite(tiny_model, {"precision": level, "tasks": [
+            {"task": "zeroshot", "data": data}]}, context)
+    assert asked == ["bf16", "fp32"]
+
+
 def test_suite_few_shot_task(tiny_model):
     out = run_suite(tiny_model, {"tasks": [
         {"name": "fs", "task": "few_shot", "train": {"source": "digits", "split": "train"},

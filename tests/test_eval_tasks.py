@@ -1,6 +1,7 @@
 """The one task interface: a task registered once runs from a suite, from pretraining's
 ``eval_every`` and as merge's ``heldout``; a classifier can stand in for the zero-shot head."""
 
+import dataclasses
 import json
 from typing import Literal
 
@@ -76,6 +77,23 @@ def test_a_suite_is_validated_whole_before_any_task_runs(tiny_model, monkeypatch
     assert "tasks[2].scale: expected a valid number" in message
 
 
+class PairedSpec(TaskSpecBase):
+    """A toy task with an optional second dataset (as a plugin may declare one)."""
+
+    task: Literal["paired"]
+    data: DataSpec
+    extra: DataSpec | None = None
+
+
+def test_an_optional_data_key_is_preloaded_checked_and_counted_like_a_required_one():
+    """A key typed ``DataSpec | None`` is one of the task's data sets when set (preloaded,
+    checked for emptiness, its skips counted) and none when left out."""
+    given = PairedSpec(task="paired", data=DIGITS, extra={"source": "digits", "split": "train"})
+    assert given.data_keys() == [("data", DIGITS), ("extra", {"source": "digits",
+                                                               "split": "train"})]
+    assert PairedSpec(task="paired", data=DIGITS).data_keys() == [("data", DIGITS)]
+
+
 def test_spec_round_trips_through_its_dict(tiny_model):
     suite = suite_spec([{"task": "first_coordinate", "data": DIGITS, "scale": 3}])
     again = SuiteSpec.model_validate(suite.to_dict())
@@ -142,6 +160,37 @@ def test_a_classifier_stands_in_for_the_zeroshot_head(tiny_model):
     # a head of other classes is refused (3 rows scored 10-class data, at 15%, without a word)
     with pytest.raises(ConfigError, match="the classifier scores 3 classes, the data 10"):
         run_task(tiny_model, spec, TaskContext(progress=False, classifier=LinearHead(head[:3])))
+
+
+def test_a_head_of_the_classes_in_another_order_does_not_cover_them(tiny_model):
+    """`LinearHead.covers` compares the class lists in order: a head naming the digits from
+    nine down (its row c is class 9 - c) is not the data's, so the zeroshot task scores the
+    text head, as without a classifier, and names no classifier."""
+    data = load_digits("test")
+    text = zeroshot_classifier(tiny_model, data.prompt_names, data.templates)
+    head = LinearHead(text.flip(0), data.classnames[::-1], label="reversed")
+    assert not head.covers(data.classnames) and head.covers(data.classnames[::-1])
+    got = run_task(tiny_model, {"task": "zeroshot", "data": DIGITS},
+                   TaskContext(progress=False, classifier=head))
+    emb = encode_images(tiny_model, data.images, progress=False).embeddings
+    acc1 = ((emb @ text.T).argmax(1) == data.labels).float().mean().item()
+    assert got["acc1"] == pytest.approx(acc1, abs=1e-6) and "classifier" not in got
+    flipped = ((emb @ text.flip(0).T).argmax(1) == data.labels).float().mean().item()
+    assert flipped != pytest.approx(acc1, abs=1e-3)  # the head, had it scored, would show
+
+
+def test_class_logits_fill_the_templates_with_the_descriptions(tiny_model):
+    """Without a classifier, `class_logits` (the head of long_tail and multilabel_zeroshot)
+    is the zero-shot head of the set's descriptions, not of its bare class names."""
+    data = load_digits("test").subset(torch.arange(40))
+    data = dataclasses.replace(data, descriptions=[f"a scrawled numeral {c}"
+                                                   for c in data.classnames])
+    logits, _ = TaskContext(progress=False).class_logits(tiny_model, data, data, "encode")
+    emb = encode_images(tiny_model, data.images, progress=False).embeddings
+    described = zeroshot_classifier(tiny_model, data.descriptions, data.templates)
+    torch.testing.assert_close(logits, emb @ described.T, atol=1e-5, rtol=1e-5)
+    named = zeroshot_classifier(tiny_model, data.classnames, data.templates)
+    assert not torch.allclose(logits, emb @ named.T, atol=1e-3)
 
 
 def test_per_class_accuracy_by_hand(tiny_model):

@@ -121,6 +121,20 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
                                               TaskContext(progress=False))
 
 
+def test_a_multilabel_task_run_on_single_label_data_names_the_task(tiny_model):
+    """Run directly (no suite check before it), the task refuses single-label data in one
+    line naming it as the user did: its ``name``, else its task."""
+    from cliplab.evaluate.suite import task_spec
+    from cliplab.evaluate.tasks import multilabel_zeroshot
+
+    for given, label in (({"name": "ml"}, "ml"), ({}, "multilabel_zeroshot")):
+        spec = task_spec({"task": "multilabel_zeroshot", "data": {"source": "digits"}, **given})
+        with pytest.raises(ConfigError) as err:
+            multilabel_zeroshot.run(tiny_model, spec, TaskContext(progress=False))
+        assert str(err.value) == (f"task '{label}': data must be multi-label (shapes with "
+                                  "multilabel: true, or multilabel-manifest)")
+
+
 def test_multilabel_rows_with_an_unknown_name_or_an_empty_part(tmp_path):
     for name in ("a", "b"):
         Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(tmp_path / f"{name}.png")

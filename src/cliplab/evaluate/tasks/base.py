@@ -65,7 +65,8 @@ class TaskSpecBase(Section):
     def data_keys(self) -> list[tuple[str, DataSpec]]:
         """(key, data spec) of each of this task's `DataSpec` keys that is set."""
         return [(key, getattr(self, key)) for key, info in type(self).model_fields.items()
-                if info.annotation == DataSpec and getattr(self, key) is not None]
+                if info.annotation in (DataSpec, DataSpec | None)
+                and getattr(self, key) is not None]
 
     def check(self, context: "TaskContext") -> None:
         """Check this task against its loaded data (e.g. class names) before any task of the
