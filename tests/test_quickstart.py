@@ -28,8 +28,8 @@ def test_shipped_quickstart_yaml_equals_the_built_in_defaults():
 def test_an_unknown_held_out_class_names_its_key_and_leaves_no_run(tmp_path):
     from cliplab.quickstart import run_quickstart
 
-    with pytest.raises(ConfigError, match=r"^data\.heldout: unknown class 'Sandl'; classes "
-                                          r"are: t-shirt, trouser"):
+    with pytest.raises(ConfigError, match=r"^the quickstart config: data\.heldout: unknown "
+                                          r"class 'Sandl'; classes are: T-shirt/top, Trouser"):
         run_quickstart({"data": {"heldout": ["Coat", "Sandl"], "train_limit": 50,
                                  "test_limit": 50}, "out": str(tmp_path / "run")},
                        progress=False)
@@ -95,6 +95,8 @@ def small_fmnist(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
+    import yaml
+
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "cliplab", "quickstart", "--out", str(out), "--data-dir",
@@ -115,9 +117,18 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     assert np.mean(seen) > 0.3
     assert results["linear_probe_acc1"] > 0.5
 
-    assert (out / "config.yaml").is_file()
+    # only the 3 held-out classes compete in its zero-shot: each image's class is in the top 3
+    assert results["zeroshot_heldout"]["acc5"] == 1.0
+    assert results["evaluated_on"] == "test"
+    # the 3000 training images hold 897 shirts, sneakers and bags: 2103 seen-class pairs
+    assert results["train_pairs"] == 2103
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["out"] == str(out) and config["train"]["steps"] is None
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all("loss" in m for m in metrics)
+    # 2 epochs of 2103 pairs in full batches of 128: 2 x 16 steps (the length was in epochs)
+    assert results["steps"] == metrics[-1]["step"] == 32
     model_dir = Path(results["model_dir"])
     assert model_dir.parent.parent.name == "checkpoints"
     plain = VisionTextDualEncoderModel.from_pretrained(model_dir)  # opens in plain transformers
@@ -232,3 +243,147 @@ def test_the_quickstart_trains_on_the_seen_classes_only(tmp_path, small_fmnist, 
     held_captions = {c for i, y in enumerate(full.labels.tolist()) if y in held
                      for c in all_captions[i]}
     assert held_captions and not held_captions & {c for caps in pairs.captions for c in caps}
+
+
+@pytest.fixture()
+def stubbed_quickstart(small_fmnist, tmp_path, monkeypatch):
+    """Run the quickstart on the 3000/600 slice with `Trainer.fit` stubbed (it records the
+    pairs and pretends to stop at step 7) and the real eval; also records the suite that
+    `run_suite` got. Returns ``run(user) -> (results, pairs, suite)``."""
+    from cliplab import quickstart
+    from cliplab.train import trainer
+
+    seen = {}
+
+    def fit(self, pairs):
+        seen["pairs"] = pairs
+        self.step, self.last_checkpoint = 7, self.run_dir.path / "checkpoints" / "step-7"
+
+    real_run_suite = quickstart.run_suite
+
+    def run_suite(model, suite, context=None):
+        seen["suite"] = suite
+        return real_run_suite(model, suite, context)
+
+    monkeypatch.setattr(trainer.Trainer, "fit", fit)
+    monkeypatch.setattr(quickstart, "run_suite", run_suite)
+
+    def run(user):
+        base = {"data": {"data_dir": str(small_fmnist), "train_limit": 600, "test_limit": 100},
+                "model": {"options": {"width": 32, "layers": 1, "heads": 2}},
+                "train": {"batch_size": 32}, "eval": {"probe_train_size": 200}}
+        config = {**base, **user, "data": {**base["data"], **user.get("data", {})},
+                  "eval": {**base["eval"], **user.get("eval", {})}}
+        results = quickstart.run_quickstart(config, progress=False)
+        return results, seen["pairs"], seen["suite"]
+
+    return run
+
+
+def test_quickstart_results_and_config_record_the_run_that_happened(stubbed_quickstart,
+                                                                    tmp_path, monkeypatch):
+    """results.json's evaluated_on, train_pairs (seen-class images only) and steps (the
+    trainer's count, also when the length was given in epochs), and a default run folder's
+    config.yaml naming that folder as its `out`."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    results, _, _ = stubbed_quickstart({"train": {"batch_size": 32, "epochs": 1}})
+    assert results["evaluated_on"] == "test"
+    # the first 600 training images: 415 of the 7 seen classes, 185 shirts, sneakers, bags
+    assert results["train_pairs"] == 415
+    assert results["steps"] == 7  # the stubbed trainer's; the config's steps is null
+    assert results["heldout_classes"] == ["shirt", "sneaker", "bag"]
+    run, = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("quickstart-")
+    assert yaml.safe_load((run / "config.yaml").read_text())["out"] == f"runs/{run.name}"
+    assert results["model_dir"] == f"runs/{run.name}/checkpoints/step-7/model"
+    assert json.loads((run / "results.json").read_text()) == results
+
+
+def test_quickstart_eval_follows_its_data_and_eval_settings(stubbed_quickstart):
+    """The held-out zero-shot scores only the held-out classes, eval.probe_l2 reaches the
+    probe (not searched), data.test_limit: N evaluates N test images, and
+    data.descriptions: false trains and probes on the plain class phrases."""
+    from cliplab.data.fashion_mnist import PLAIN_PHRASES, TEMPLATES
+
+    results, pairs, suite = stubbed_quickstart({"data": {"descriptions": False},
+                                                "eval": {"probe_l2": 0.37}})
+    zs_all, zs_held, probe = suite.tasks
+    # held out: shirt, sneaker, bag = classes 6, 7, 8; only those 3 compete, so each image's
+    # class is always in the top 3 and acc5 (top-min(5, C)) is 1, unlike over 10 classes
+    assert zs_held.classes == [6, 7, 8] and zs_all.classes is None
+    assert results["zeroshot_heldout"]["acc5"] == 1.0
+    assert results["zeroshot_all"]["acc5"] < 1.0
+    assert results["linear_probe"]["l2"] == 0.37 and probe.l2 == 0.37
+    assert len(zs_all.data) == len(zs_held.data) == len(probe.test) == 100
+    assert len(probe.train) == 200
+    assert probe.train.prompt_names == zs_all.data.prompt_names == PLAIN_PHRASES
+    assert {c for caps in pairs.captions for c in caps} == {
+        t.format(p) for t in TEMPLATES for i, p in enumerate(PLAIN_PHRASES) if i not in (6, 7, 8)}
+
+
+def test_evaluate_transfer_reports_each_task_under_its_own_key(monkeypatch):
+    """The headline numbers come from their own task (the held-out one from zeroshot_heldout,
+    not the all-class zero-shot), and the per-class accuracies move out of zeroshot_all."""
+    from cliplab import quickstart
+
+    fake = {"zeroshot_all": {"acc1": 0.25, "acc5": 0.75,
+                             "per_class_acc1": {"shirt": 0.125, "bag": 0.5}},
+            "zeroshot_heldout": {"acc1": 0.5, "acc5": 1.0},
+            "linear_probe": {"acc1": 0.875, "l2": 0.003}}
+    monkeypatch.setattr(quickstart, "run_suite", lambda model, suite, context: fake)
+    results = quickstart.evaluate_transfer(None, None, None, [6], progress=False, suite="S")
+    assert results == {"zeroshot_heldout_acc1": 0.5, "zeroshot_all_acc1": 0.25,
+                       "linear_probe_acc1": 0.875,
+                       "zeroshot_all": {"acc1": 0.25, "acc5": 0.75},
+                       "zeroshot_heldout": {"acc1": 0.5, "acc5": 1.0},
+                       "linear_probe": {"acc1": 0.875, "l2": 0.003},
+                       "zeroshot_per_class_acc1": {"shirt": 0.125, "bag": 0.5}}
+
+
+def test_the_probe_subset_is_the_same_seeded_pick_every_time():
+    """transfer_suite's linear probe trains on a seeded random subset: built twice, it picks
+    the same images (and a random pick, not the first ones)."""
+    from cliplab.data.types import LabelledImages
+    from cliplab.quickstart import QuickstartEval, transfer_suite
+
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 2, 2, 1).clone()
+    data = LabelledImages(images, torch.arange(50) % 5, list("abcde"), ["{}"])
+    settings = QuickstartEval(probe_train_size=20)
+    torch.manual_seed(1)
+    first = transfer_suite(data, data, [4], settings).tasks[2].train
+    torch.manual_seed(2)
+    second = transfer_suite(data, data, [4], settings).tasks[2].train
+    picked = first.images[:, 0, 0, 0].tolist()
+    assert picked == second.images[:, 0, 0, 0].tolist()
+    assert len(set(picked)) == 20 and picked != list(range(20))
+    assert torch.equal(first.labels, torch.tensor(picked) % 5)
+
+
+@pytest.mark.parametrize("section, key, value, words", [
+    ("data", "heldout", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot"],
+     "holds every class, leaving none to train on; hold out at most 9"),
+    ("data", "validation", 0, "expected greater than 0, got 0"),
+    ("data", "test_limit", 0, "expected greater than 0, got 0"),
+    ("eval", "probe_l2", 0, "expected greater than 0, got 0"),
+])
+def test_impossible_data_and_eval_settings_are_refused_naming_their_key(section, key, value,
+                                                                        words):
+    """All 10 classes held out (none left to train on), validation: 0, test_limit: 0 and
+    probe_l2: 0 are refused with their key path."""
+    with pytest.raises(ConfigError) as err:
+        quickstart_config({section: {key: value}})
+    assert str(err.value) == f"the quickstart config: {section}.{key}: {words}"
+
+
+def test_a_class_held_out_twice_is_refused_before_training(stubbed_quickstart, tmp_path):
+    """data.heldout naming a class twice (in another case) is refused with both spellings,
+    before any data is read, and leaves no run folder."""
+    with pytest.raises(ConfigError, match=r"^the quickstart config: data\.heldout: 'Shirt' and "
+                                          r"'shirt' are the same class \(shirt\); give each "
+                                          r"class once$"):
+        stubbed_quickstart({"data": {"heldout": ["Shirt", "shirt"]},
+                            "out": str(tmp_path / "run")})
+    assert not (tmp_path / "run").exists()

@@ -13,10 +13,10 @@ from pydantic import Field, field_validator
 
 from cliplab.config import Section, deep_merge, validate
 from cliplab.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
-from cliplab.data.fashion_mnist import canonical_name, load_fashion_mnist
+from cliplab.data.fashion_mnist import CLASSNAMES, PROMPT_NAMES, canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
@@ -42,13 +42,31 @@ class QuickstartData(Section):
 
     data_dir: str | None = None
     # at least one: the zero-shot transfer is measured on them (and at most 9: one is learnt)
-    heldout: list[str] = Field(["Shirt", "Sneaker", "Bag"], min_length=1, max_length=9)
+    heldout: list[str] = Field(["Shirt", "Sneaker", "Bag"], min_length=1)
     train_limit: int | None = Field(None, gt=0)
     test_limit: int | None = Field(None, gt=0)
     descriptions: bool = True
     # the last N training images become the evaluation set and the test split is not read:
     # for choosing a recipe without looking at the numbers it reports
     validation: int | None = Field(None, gt=0)
+
+    @field_validator("heldout")
+    @classmethod
+    def _distinct_classes_one_left(cls, names: list[str]) -> list[str]:
+        """Fashion-MNIST classes (official or prompt names, any case), each once, not all."""
+        given: dict[str, str] = {}
+        for name in names:
+            prompt = canonical_name(name)
+            if prompt not in PROMPT_NAMES:
+                raise ValueError(f"unknown class {name!r}; classes are: {', '.join(CLASSNAMES)}")
+            if prompt in given:
+                raise ValueError(f"{given[prompt]!r} and {name!r} are the same class ({prompt}); "
+                                 "give each class once")
+            given[prompt] = name
+        if len(given) == len(PROMPT_NAMES):
+            raise ValueError("holds every class, leaving none to train on; hold out at most "
+                             f"{len(PROMPT_NAMES) - 1}")
+        return names
 
 
 class QuickstartEval(Section):
@@ -102,10 +120,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
         check_run_out(cfg.out, [data.data_dir or str(FASHION_MNIST_DIR)])
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]
-    try:
-        heldout = class_indices(train_all.classnames, held_names)
-    except DataError as err:
-        raise ConfigError(f"data.heldout: {err}") from None
+    heldout = class_indices(train_all.classnames, held_names)  # names checked by the config
     seen_train, _ = split_classes(train_all, held_names)
     suite = transfer_suite(train_all, test, heldout, cfg.eval)  # its errors before training
 
