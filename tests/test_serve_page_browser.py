@@ -4,8 +4,8 @@ holds a text search, errors say what went wrong, the API key form works.
 
 One server per module, with an API key (pages get it in localStorage, as the key form leaves
 it), over an index of 30 random images whose captions are "photo N" — one of 10 000 characters,
-and one whose file is deleted after indexing. The tiny model is untrained: only the page's
-behaviour is tested, not the ranking."""
+one of HTML markup, and one whose file is deleted after indexing. The tiny model is untrained:
+only the page's behaviour is tested, not the ranking."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                                    reason="Debian's chromium is not installed")]
 
-KEY = "s3cret-key"
+KEY = "s3cret+k&y#%41"  # its image URLs must encode it: unencoded, the server reads "s3cret k"
 N = 30
 LONG_CAPTION = ("long " * 2000).strip()
 GONE = "gone image"
+MARKUP = '<img src=x onerror="window.pwned=1"><b>bold</b>'  # a caption: text, never HTML
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def site(tmp_path_factory):
         (photos / f"p{i:02d}.txt").write_text(f"photo {i}")
     (photos / "p00.txt").write_text(LONG_CAPTION)
     (photos / "p01.txt").write_text(GONE)
+    (photos / "p02.txt").write_text(MARKUP)
     build(save_tiny_model(root / "model"), str(photos), root / "idx")
     files = root / "files"
     files.mkdir()
@@ -377,3 +379,262 @@ def test_the_api_key_form(site):
     page.reload()  # the key is remembered
     page.wait_for_selector(f"#info:has-text('{N} images')")
     assert [p for p in problems if "status of 401" not in p] == []
+
+
+def hold(test: str) -> str:
+    """An init script: fetches for which the JS expression ``test`` (of ``url``, ``options``)
+    holds wait for ``window.held[i]()`` while ``window.holding`` (``release()`` lets them all
+    go, and later ones through); ``window.settled`` counts the held ones the page has read (its
+    json or blob), ``window.calls`` lists every fetch's URL."""
+    return """(() => {
+  const real = window.fetch;
+  window.held = []; window.settled = 0; window.calls = []; window.holding = true;
+  window.release = () => { window.holding = false; window.held.forEach((go) => go()); };
+  const done = () => setTimeout(() => window.settled++);  // after the page's own handling
+  window.fetch = (url, options) => {
+    window.calls.push(String(url));
+    if (!(%s)) return real(url, options);
+    const wait = window.holding ? new Promise((go) => window.held.push(go)) : Promise.resolve();
+    return wait.then(() => real(url, options)).then(
+      (response) => {
+        for (const read of ["json", "blob"]) {
+          const real = response[read].bind(response);
+          response[read] = () => real().finally(done);
+        }
+        return response;
+      },
+      (err) => { done(); throw err; });
+  };
+})();""" % test
+
+
+CLASSIFY = "String(url).includes('/api/classify')"
+
+
+def labels(page) -> list[str]:
+    return page.locator("#grid .card .label").all_inner_texts()
+
+
+def test_labelling_disables_its_button_and_sends_the_template(site):
+    """Label is disabled while labelling, and again usable after; a card's label
+    is "name NN%" with the best of two ≥ 50%; the template is sent (a bad one is refused)."""
+    page, problems = open_page(site, init=hold(CLASSIFY))
+    page.goto(site["url"] + "?q=photo&k=2&offset=0")
+    page.wait_for_selector("#status:has-text('2 results for “photo”')")
+    page.fill("#labels", "red, blue")
+    page.click("#label-btn")
+    page.wait_for_function("window.held.length === 1")
+    busy = status(page), page.is_disabled("#label-btn")
+    page.evaluate("window.release()")
+    page.wait_for_selector("#status:has-text('labelled 2 images')")
+    assert busy == (["", "labelling…"], True)
+    assert page.is_enabled("#label-btn")
+    shown = labels(page)
+    assert len(shown) == 2, shown
+    for text in shown:
+        name, percent = re.fullmatch(r"(.+) (\d{1,3})%", text).groups()
+        assert name in ("red", "blue") and 50 <= int(percent) <= 100, shown
+
+    page.fill("#template", "a photo")  # no {}: the server refuses it, so it was sent
+    page.click("#label-btn")
+    page.wait_for_function("document.getElementById('status').textContent !== 'labelling…'")
+    refused = status(page)[1]
+    assert refused.startswith("template 'a photo': give a prompt with exactly one {} where the "
+                              "label goes"), refused
+    assert page.is_enabled("#label-btn") and labels(page) == shown
+    assert [p for p in problems if "status of 400" not in p] == []
+
+
+def test_the_pager_at_the_last_page_and_past_it(site):
+    """An exactly full last page has no Next; a page past the end shows the pager,
+    "no results", and a Previous that goes back to the last page."""
+    page, problems = open_page(site)
+    page.goto(site["url"] + "?q=photo&k=10&offset=20")
+    page.wait_for_selector("#status:has-text('10 results for “photo”')")
+    assert page.text_content("#page-info") == "page 3 · results 21–30"
+    assert page.is_disabled("#next") and page.is_enabled("#prev")
+
+    page.goto(site["url"] + "?q=photo&k=12&offset=36")
+    page.wait_for_selector("#status:has-text('0 results for “photo”')")
+    assert page.is_visible("#pager") and page.text_content("#page-info") == "page 4 · no results"
+    assert page.is_disabled("#next") and page.is_enabled("#prev")
+    page.click("#prev")
+    page.wait_for_selector("#page-info:has-text('page 3 · results 25–30')")
+    assert page.url.endswith("?q=photo&k=12&offset=24") and len(scores(page)) == N - 24
+    assert problems == []
+
+
+def test_previous_and_results_per_page_on_page_two(site):
+    """Previous goes back exactly one page; a new k on page 2 starts at its page 1."""
+    page, problems = open_page(site)
+    search(page, "photo", k="12")
+    first = scores(page)
+    page.click("#next")
+    page.wait_for_selector("#page-info:has-text('page 2 · results 13–24')")
+    page.click("#prev")
+    page.wait_for_selector("#page-info:has-text('page 1')")
+    assert page.text_content("#page-info") == "page 1 · results 1–12"
+    assert scores(page) == first and page.url.endswith("?q=photo&k=12&offset=0")
+
+    page.click("#next")
+    page.wait_for_selector("#page-info:has-text('page 2 · results 13–24')")
+    page.select_option("#k", "24")
+    page.wait_for_selector("#status:has-text('results for “photo”')")
+    assert page.text_content("#page-info") == "page 1 · results 1–24"
+    assert page.url.endswith("?q=photo&k=24&offset=0")
+    assert problems == []
+
+
+def test_the_query_and_the_key_are_encoded(site):
+    """The query's own & # + reach the server as typed; image URLs carry the key
+    encoded (its + & # % would cut or change it: every thumbnail a 401)."""
+    page, problems = open_page(site, viewport={"width": 1280, "height": 3000})
+    sent = []
+    page.on("request", lambda r: "/api/search" in r.url and sent.append(r.url))
+    query = "photo #3 & +x"
+    search(page, query, k="48")
+    from urllib.parse import parse_qs, urlsplit
+
+    assert len(sent) == 1 and parse_qs(urlsplit(sent[0]).query)["q"] == [query], sent
+    assert page.input_value("#q") == query
+    page.wait_for_function("[...document.querySelectorAll('#grid .card img')]"
+                           ".every((img) => img.complete)")
+    assert page.locator("#grid .card img").count() == N - 1  # all but the gone image's
+    assert page.eval_on_selector_all("#grid .card img", "imgs => imgs.filter("
+                                     "(img) => !img.naturalWidth).length") == 0
+    assert problems == []
+
+
+def test_captions_and_labels_are_text_not_html(site):
+    """Markup in a caption or a label is shown as written, never run; each image's
+    alt is its caption."""
+    page, problems = open_page(site)
+    search(page, "photo", k="48")
+    caption = card_of(page, "bold").locator(".caption")
+    assert caption.inner_text() == MARKUP and caption.get_attribute("title") == MARKUP
+    assert page.locator("#grid b, #grid .caption img").count() == 0
+    alts = page.eval_on_selector_all(
+        "#grid .card", "cards => cards.filter((c) => c.querySelector('img')).map("
+        "(c) => [c.querySelector('img').alt, c.querySelector('.caption').textContent])")
+    assert len(alts) >= N - 1 and all(alt == text for alt, text in alts), alts
+    assert MARKUP in dict(alts)
+
+    page.fill("#labels", "<i>x</i>, <i>y</i>")
+    page.click("#label-btn")
+    page.wait_for_selector(f"#status:has-text('labelled {N} images')")
+    assert all(re.fullmatch(r"<i>[xy]</i> \d{1,3}%", text) for text in labels(page))
+    assert page.locator("#grid i").count() == 0
+    assert page.evaluate("window.pwned") is None
+    assert problems == []
+
+
+def test_back_and_forward_show_their_query_in_the_box(site):
+    """The query box follows the search Back or Forward shows."""
+    page, problems = open_page(site)
+    search(page, "photo")
+    search(page, "photo 3")
+    page.go_back()
+    page.wait_for_selector("#status:has-text('results for “photo” in')")
+    assert page.input_value("#q") == "photo"
+    page.go_forward()
+    page.wait_for_selector("#status:has-text('results for “photo 3”')")
+    assert page.input_value("#q") == "photo 3"
+    assert problems == []
+
+
+def test_a_search_while_labelling_stops_the_labelling(site):
+    """Labels for cards a newer search replaced are neither asked for nor written, and
+    the labelling leaves the new search's status alone."""
+    page, problems = open_page(site, init=hold(CLASSIFY))
+    page.goto(site["url"] + "?q=photo&k=2&offset=0")
+    page.wait_for_selector("#status:has-text('2 results for “photo”')")
+    page.fill("#labels", "red, blue")
+    page.click("#label-btn")
+    page.wait_for_function("window.held.length === 1")
+    search(page, "photo 3", k="12")
+    shown = status(page)
+    page.evaluate("window.held[0]()")
+    page.wait_for_function("window.settled === 1")
+    page.wait_for_function("window.held.length > 1 || "
+                           "!document.getElementById('label-btn').disabled")
+    assert page.evaluate("window.held.length") == 1  # no classify for the cards gone
+    assert status(page) == shown and labels(page) == [""] * 12
+    assert problems == []
+
+
+def test_labels_of_a_replaced_upload_are_dropped(site):
+    """The uploaded image's labels arriving after another upload replaced it are not
+    shown (under the new image), nor is "labelled"."""
+    page, problems = open_page(site, init=hold(CLASSIFY + " && options.body.has('file')"))
+    page.goto(site["url"] + "?q=photo&k=2&offset=0")  # k=2: two cards to label
+    page.wait_for_selector("#status:has-text('2 results for “photo”')")
+    page.set_input_files("#file", str(site["photos"] / "p05.png"))
+    page.wait_for_selector("#status:has-text('results for the uploaded image p05.png')")
+    page.fill("#labels", "red, blue")
+    page.click("#label-btn")
+    page.wait_for_function("window.held.length === 1")  # the upload's, after the cards'
+    page.set_input_files("#file", str(site["photos"] / "p07.png"))
+    page.wait_for_selector("#status:has-text('results for the uploaded image p07.png')")
+    shown = status(page)
+    page.evaluate("window.held[0]()")
+    page.wait_for_function("window.settled === 1")
+    page.wait_for_function("!document.getElementById('label-btn').disabled")
+    assert page.locator("#upload-labels li").count() == 0 and status(page) == shown
+    assert problems == []
+
+
+def test_results_per_page_rerun_the_search_in_flight(site):
+    """Changing k while a search is on its way re-runs that search (it re-ran the one shown,
+    dropping the typed query: fixed in 020143e); "searching…" while it is on its way."""
+    page, problems = open_page(site, init=HOLD_SLOW)
+    search(page, "photo", k="12")
+    page.fill("#q", "slow")
+    page.press("#q", "Enter")
+    page.wait_for_function("window.held.length === 1")
+    searching = status(page)
+    page.select_option("#k", "24")
+    page.wait_for_function("window.held.length === 2 || "
+                           "document.getElementById('status').textContent.includes('results')")
+    rerun = page.evaluate("window.held.length")
+    page.evaluate("window.held.forEach((go) => go())")
+    page.wait_for_function("window.settled === window.held.length")
+    assert searching == ["", "searching…"]
+    assert rerun == 2 and status(page)[1].startswith("24 results for “slow”")
+    assert page.url.endswith("?q=slow&k=24&offset=0") and page.input_value("#q") == "slow"
+    assert page.input_value("#k") == "24" and len(scores(page)) == 24
+    assert problems == []
+
+
+def test_a_text_search_cancels_a_similar_image_still_loading(site):
+    """"similar" then a text search before the image arrives: the text search's results stay
+    (the image's search replaced them: fixed in 020143e)."""
+    page, problems = open_page(site, init=hold("String(url).includes('/images/')"))
+    search(page, "photo", k="12")
+    page.click("#grid .card >> nth=1 >> text=similar")
+    page.wait_for_function("window.held.length === 1")
+    search(page, "photo 3")
+    shown, results = status(page), scores(page)
+    page.evaluate("window.held[0]()")
+    page.wait_for_function("window.settled === 1")  # after the page read the image
+    assert not any("/api/search/image" in url for url in page.evaluate("window.calls"))
+    assert status(page) == shown and scores(page) == results
+    assert not page.is_visible("#preview") and page.url.endswith("?q=photo+3&k=12&offset=0")
+    assert problems == []
+
+
+def test_results_per_page_changed_while_a_similar_image_loads_apply_to_its_search(site):
+    """"similar", then a new k while the image is still loading: the image's search runs with
+    that k once the image arrives (the k change re-ran the text search shown instead)."""
+    page, problems = open_page(site, init=hold("String(url).includes('/images/')"))
+    search(page, "photo", k="12")
+    card_id = page.locator("#grid .card").nth(1).get_attribute("data-id")
+    page.click("#grid .card >> nth=1 >> text=similar")
+    page.wait_for_function("window.held.length === 1")
+    page.select_option("#k", "24")
+    page.evaluate("window.held[0]()")
+    page.wait_for_selector(f"#status:has-text('24 results for images similar to #{card_id} ')")
+    calls = page.evaluate("window.calls")
+    assert [u for u in calls if "/api/search" in u][-1].endswith("/api/search/image?k=24&offset=0")
+    assert sum("/api/search?" in u for u in calls) == 1  # the text search was not re-run
+    assert page.input_value("#k") == "24"
+    assert problems == []
