@@ -349,6 +349,30 @@ def test_integer_labels_written_as_floats_are_class_indices(tmp_path):
     assert data.skipped.keys == {"bad_label": ["m.csv:line 4: 2.png"]}
 
 
+def test_an_integer_label_past_any_class_count_is_refused_not_allocated(tmp_path):
+    """An id column read as class indices would make classes 0..10**20 (a hang, then out of
+    memory): past 100 000 classes it stops naming the row; given names read it."""
+    from cliplab.data.manifest import MAX_INDEX_CLASSES
+
+    for i in range(2):
+        make_png(tmp_path / f"{i}.png", seed=i)
+    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "3"},
+                                               {"image": "1.png", "label": "1e20"}])
+    with pytest.raises(DataError, match=rf"^{path}:line 3: label 100000000000000000000 is past "
+                                        r"100,000 classes \(integer labels are class indices"):
+        load_manifest(path, progress=False)
+    edge = write_manifest(tmp_path / "edge.csv", [{"image": "0.png", "label": "0"},
+                                                  {"image": "1.png",
+                                                   "label": str(MAX_INDEX_CLASSES - 1)}])
+    assert len(load_manifest(edge, progress=False).classnames) == MAX_INDEX_CLASSES
+    past = write_manifest(tmp_path / "past.csv", [{"image": "0.png",
+                                                   "label": str(MAX_INDEX_CLASSES)}])
+    with pytest.raises(DataError, match=r"past 100,000 classes"):
+        load_manifest(past, progress=False)
+    named = load_manifest(path, classnames=["a", "b", "c", "d"], progress=False)
+    assert named.labels.tolist() == [3] and named.skipped.counts == {"bad_label": 1}
+
+
 def test_label_col_makes_labelled_images_even_beside_a_caption_column(tmp_path):
     for i in range(2):
         make_png(tmp_path / f"{i}.png", seed=i)

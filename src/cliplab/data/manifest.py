@@ -153,6 +153,9 @@ def _column(columns: list[str], given: str | None, names: Sequence[str], flag: s
     return None
 
 
+MAX_INDEX_CLASSES = 100_000  # integer labels without class names: classes 0..top must fit
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -192,6 +195,11 @@ def _labels(values: list[Any], classnames: Sequence[str] | None,
             ints = [_as_int(v) if n else None for v, n in zip(values, names)]
             ints = [i if i is not None and i >= 0 else None for i in ints]
             top = max((i for i in ints if i is not None), default=-1)
+            if top >= MAX_INDEX_CLASSES:  # an id column, not class indices: no list of 1e9 names
+                row = next(i for i in present if ints[i] == top)
+                raise DataError(f"{where[row]}: label {top} is past {MAX_INDEX_CLASSES:,} "
+                                "classes (integer labels are class indices 0..C-1); give "
+                                "classnames= (index -> name), or use class names as labels")
             return [str(i) for i in range(top + 1)], ints
         classnames = sorted({n for n in names if n})
     index = {name: i for i, name in enumerate(classnames)}
