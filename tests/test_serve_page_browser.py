@@ -638,3 +638,30 @@ def test_results_per_page_changed_while_a_similar_image_loads_apply_to_its_searc
     assert sum("/api/search?" in u for u in calls) == 1  # the text search was not re-run
     assert page.input_value("#k") == "24"
     assert problems == []
+
+
+def test_a_page_loaded_while_the_server_was_out_of_reach_fetches_its_info_later(site):
+    """/api/health failed as the page loaded (no index line, the offline error): each search
+    that succeeds asks again until it comes (here at the second), and a failed retry leaves
+    the search's own status."""
+    fail_twice = """(() => {
+  const real = window.fetch; window.health = 0;
+  window.fetch = (url, options) => {
+    if (String(url).includes('/api/health') && ++window.health <= 2) {
+      return Promise.reject(new TypeError('Failed to fetch'));
+    }
+    return real(url, options);
+  };
+})();"""
+    page, problems = open_page(site, init=fail_twice)
+    assert page.text_content("#info") == ""
+    assert status(page) == ["error", "Cannot reach the server — is cliplab serve running?"]
+    search(page, "photo", k="12")
+    page.wait_for_function("window.health === 2")
+    page.wait_for_timeout(100)  # the failed retry's handling
+    assert page.text_content("#info") == ""
+    assert status(page)[0] == "" and status(page)[1].startswith("12 results for “photo”")
+    search(page, "photo 3")
+    page.wait_for_selector(f"#info:has-text('{N} images')")
+    assert status(page)[1].startswith("12 results for “photo 3”")
+    assert problems == []
