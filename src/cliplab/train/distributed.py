@@ -263,18 +263,22 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     The trainer's equivalent of DDP's gradient averaging: DDP's reducer needs every forward to
     go through its wrapper and would all-reduce once per GradCache chunk, while the trainer
     calls the towers directly and needs one reduction per optimizer step. A parameter without
-    a gradient on this rank contributes zeros (every rank must send the same shapes).
+    a gradient on this rank contributes zeros (every rank must send the same shapes); one
+    without a gradient on every rank keeps none, as in one process (AdamW then skips it: a
+    zero gradient would still decay it and move its moments).
     """
     if not is_distributed() or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [has_grad])
     _collective("all_reduce of gradients", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+    ranks_with_grad = flat[len(flat) - len(params):].tolist()
     flat /= world_size()
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g, n_ranks in zip(params, grads, ranks_with_grad):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if n_ranks else None
         offset += n
 
 
