@@ -8,6 +8,7 @@ import re
 import socket
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,22 @@ def _equivalence(rank: int) -> dict:
     x.grad = None
     (torch.cat(torch_all_gather(x)) * w).sum().backward()
     out["gather"] = (ours, x.grad.clone())
+
+    # the starting weights, a value, and gradients some ranks lack
+    from cliplab.train.distributed import (average_gradients, broadcast_from_rank0,
+                                           broadcast_weights)
+
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("seen", torch.full((3,), float(rank)))
+    torch.nn.init.constant_(module.weight, float(rank + 1))
+    broadcast_weights(module)
+    out["broadcast"] = (module.weight.detach().clone(), module.seen.clone(),
+                        broadcast_from_rank0(f"runs/r{rank}"))
+    every, some, none = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    every.grad = torch.tensor([1.0, 2.0]) * (rank + 1)
+    some.grad = torch.tensor([4.0, 6.0]) if rank == 0 else None
+    average_gradients([every, some, none])
+    out["averaged"] = (every.grad, some.grad, none.grad)
     return out
 
 
@@ -190,6 +207,23 @@ def test_gather_gradient_matches_torch_and_hand_sum(two_ranks):
         torch.testing.assert_close(theirs, expected)
 
 
+def test_rank0s_weights_buffers_and_values_reach_every_rank(two_ranks):
+    for rank, results in enumerate(two_ranks):
+        weight, buffer, value = results["broadcast"]
+        assert torch.equal(weight, torch.ones(2, 2)) and torch.equal(buffer, torch.zeros(3))
+        assert value == "runs/r0"
+
+
+def test_gradients_are_averaged_over_ranks_and_none_everywhere_stays_none(two_ranks):
+    """Mean over the 2 ranks, a rank without a gradient counting zeros; a parameter no rank has
+    a gradient for keeps none (as in one process: AdamW skips it rather than decaying it)."""
+    for rank, results in enumerate(two_ranks):
+        every, some, none = results["averaged"]
+        torch.testing.assert_close(every, torch.tensor([1.5, 3.0]))  # ([1, 2] + [2, 4]) / 2
+        torch.testing.assert_close(some, torch.tensor([2.0, 3.0]))  # ([4, 6] + 0) / 2
+        assert none is None, rank
+
+
 @pytest.mark.parametrize("scenario", ["dead", "hung"])
 def test_a_failed_rank_ends_the_other_with_a_clear_error(tmp_path, scenario):
     start = time.monotonic()
@@ -239,6 +273,37 @@ def test_more_local_ranks_than_gpus_is_one_line(monkeypatch):
         init_distributed("nccl")
 
 
+def test_each_rank_joins_with_its_global_rank_on_its_local_gpu(monkeypatch):
+    """Rank 3 of 4, the second on its node: GPU 1 (the local rank), the process group with rank
+    3 and the timeout; the backend asked for wins over the default (gloo on a GPU machine runs
+    on the CPU)."""
+    from cliplab.train import distributed
+
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.append((backend, kw)))
+    info = distributed.init_distributed(timeout_s=7)
+    assert calls == [("set_device", 1), ("nccl", {"rank": 3, "world_size": 4,
+                                                  "timeout": timedelta(seconds=7)})]
+    assert (info.rank, info.world_size, info.local_rank, info.device, info.backend) == (
+        3, 4, 1, torch.device("cuda", 1), "nccl")
+    calls.clear()
+    info = distributed.init_distributed("gloo", timeout_s=7)
+    assert calls == [("gloo", {"rank": 3, "world_size": 4, "timeout": timedelta(seconds=7)})]
+    assert info.device == torch.device("cpu")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match=r"^distributed run: RANK=4 is outside "
+                                          r"0\.\.WORLD_SIZE-1=3$"):
+        distributed.init_distributed("gloo")
+
+
 def test_single_process_without_torchrun(monkeypatch):
     from cliplab.train import distributed
 
@@ -258,6 +323,37 @@ def test_collective_errors_translates_backend_errors_only():
                                                r"Connection closed by peer"):
         with collective_errors("the step"):
             raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer\nmore")
+    for error in (torch.distributed.DistError("peer vanished"),
+                  RuntimeError("NCCL communicator was aborted on rank 1")):
+        with pytest.raises(DistributedError, match=r"the step failed: another rank"):
+            with collective_errors("the step"):
+                raise error
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         with collective_errors("the step"):
             torch.randn(2, 3) @ torch.randn(2, 3)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_fsdp_clip_grad_norm_is_torchs_in_one_process(max_norm):
+    """One process, plain gradients (one of them missing): the norm and the clipped gradients
+    are `torch.nn.utils.clip_grad_norm_`'s; below the norm they shrink, above it they stay."""
+    from cliplab.train.fsdp import clip_grad_norm
+
+    ours = [torch.nn.Parameter(torch.zeros(3, 4)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(torch.zeros(3, 4)) for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+    for a, b in zip(ours[:2], theirs[:2]):
+        a.grad = torch.randn(3, 4, generator=g)
+        b.grad = a.grad.clone()
+    norm = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    torch.testing.assert_close(norm, expected)
+    assert 0.5 < norm < 100.0
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad)
+    # the sums start where the parameters are (nccl reduces only GPU tensors), also when no
+    # gradient moves them there: here the meta device
+    meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    assert clip_grad_norm([meta], max_norm).device.type == "meta"
