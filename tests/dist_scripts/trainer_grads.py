@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from cliplab.data.shapes import load_shapes
 from cliplab.models import build_model
-from cliplab.train import distributed
+from cliplab.train import distributed, fsdp
 from cliplab.train.trainer import TrainConfig, Trainer
 
 # name -> (preset, train options); every one a batch of 16 split over the ranks
@@ -60,8 +60,12 @@ def one_step(preset: str, options: dict) -> dict:
         last = trainer.fit(pairs)
     finally:
         torch.optim.AdamW.step = step
-    sharded = sum(isinstance(p, DTensor) for p in model.model.parameters())
-    return {"grads": grads, "loss": last["loss"], "sharded": sharded}
+    # which towers' blocks FSDP sharded, and how many weights a full-state gather gives this
+    # rank (only rank 0 receives them: the others would hold a whole model for nothing)
+    sharded = {tower for tower in ("image", "text") for block in model.tower_layers(tower)
+               for p in block.parameters() if isinstance(p, DTensor)}
+    gathered = len(fsdp.full_model_state(model)) if options.get("fsdp") else None
+    return {"grads": grads, "loss": last["loss"], "sharded": sharded, "gathered": gathered}
 
 
 def main(out: str) -> None:
