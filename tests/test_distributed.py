@@ -357,3 +357,26 @@ def test_fsdp_clip_grad_norm_is_torchs_in_one_process(max_norm):
     # gradient moves them there: here the meta device
     meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
     assert clip_grad_norm([meta], max_norm).device.type == "meta"
+
+
+def test_a_one_rank_group_keeps_arguments_checks_sizes_and_shuts_down(tmp_path):
+    """In a process group of one (in this process): the logged mean leaves its argument as it
+    was, gather sizes that do not match this rank are refused, and shutdown leaves the group."""
+    from cliplab.train import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                         rank=0, world_size=1)
+    try:
+        loss = torch.tensor(3.0)
+        assert distributed.mean_over_ranks(loss) == 3.0
+        distributed.mean_over_ranks(loss).add_(1)
+        assert loss == 3.0
+        x = torch.ones(2, 3)
+        assert torch.equal(distributed.all_gather_with_grad(x, [2]), x)
+        with pytest.raises(ValueError, match=r"sizes \[3\] do not match"):
+            distributed.all_gather_with_grad(x, [3])
+        distributed.shutdown()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
