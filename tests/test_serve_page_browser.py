@@ -415,15 +415,22 @@ def labels(page) -> list[str]:
     return page.locator("#grid .card .label").all_inner_texts()
 
 
-def test_labelling_disables_its_button_and_sends_the_template(site):
-    """Label is disabled while labelling, and again usable after; a card's label
-    is "name NN%" with the best of two ≥ 50%; the template is sent (a bad one is refused)."""
+def labelling_held(site):
+    """A page showing 2 results for "photo", labelling them red or blue, its first classify
+    request held; returns ``(page, problems)``."""
     page, problems = open_page(site, init=hold(CLASSIFY))
     page.goto(site["url"] + "?q=photo&k=2&offset=0")
     page.wait_for_selector("#status:has-text('2 results for “photo”')")
     page.fill("#labels", "red, blue")
     page.click("#label-btn")
     page.wait_for_function("window.held.length === 1")
+    return page, problems
+
+
+def test_labelling_disables_its_button_and_sends_the_template(site):
+    """Label is disabled while labelling, and again usable after; a card's label
+    is "name NN%" with the best of two ≥ 50%; the template is sent (a bad one is refused)."""
+    page, problems = labelling_held(site)
     busy = status(page), page.is_disabled("#label-btn")
     page.evaluate("window.release()")
     page.wait_for_selector("#status:has-text('labelled 2 images')")
@@ -545,12 +552,7 @@ def test_back_and_forward_show_their_query_in_the_box(site):
 def test_a_search_while_labelling_stops_the_labelling(site):
     """Labels for cards a newer search replaced are neither asked for nor written, and
     the labelling leaves the new search's status alone."""
-    page, problems = open_page(site, init=hold(CLASSIFY))
-    page.goto(site["url"] + "?q=photo&k=2&offset=0")
-    page.wait_for_selector("#status:has-text('2 results for “photo”')")
-    page.fill("#labels", "red, blue")
-    page.click("#label-btn")
-    page.wait_for_function("window.held.length === 1")
+    page, problems = labelling_held(site)
     search(page, "photo 3", k="12")
     shown = status(page)
     page.evaluate("window.held[0]()")
