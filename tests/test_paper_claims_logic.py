@@ -401,7 +401,7 @@ def run_wise(monkeypatch, ctx, zs_shift, ft_shift, wise_shift, clean=(0.75, 0.87
 def test_wise_ft_reproduces_only_when_the_fine_tune_lost_and_wise_beats_both(
         monkeypatch, ctx, ft_shift, wise_shift, expected):
     """WiSE-FT's rule on shifted test: the fine-tune below zero-shot AND WiSE-FT above
-    zero-shot (and above the fine-tune, which those two imply: see the report)."""
+    zero-shot (and above the fine-tune, which those two imply: no case can fail it alone)."""
     result, _ = run_wise(monkeypatch, ctx, [0.5, 0.5], ft_shift, wise_shift)
     assert result["reproduced"] is expected
 
