@@ -60,6 +60,8 @@ def test_two_ranks_take_the_one_process_step(two_rank_steps, scenario):
         if "fsdp" in scenario:
             assert (got["gathered"] > 0) == (rank is two_rank_steps[0])
         assert got["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+        # every rank reads the towers' weights whole (the eval caches' key), not its shard
+        assert got["towers"] == two_rank_steps[0][scenario]["towers"]
         assert got["grads"].keys() == reference["grads"].keys()
         for name, grad in reference["grads"].items():
             torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=1e-5, msg=name)

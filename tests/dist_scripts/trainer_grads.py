@@ -4,6 +4,7 @@ Without torchrun it runs the same scenarios in one process (the reference)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -11,6 +12,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from cliplab.data.shapes import load_shapes
+from cliplab.evaluate.feature_cache import image_tower_fingerprint
+from cliplab.evaluate.text_cache import text_tower_fingerprint
 from cliplab.models import build_model
 from cliplab.train import distributed, fsdp
 from cliplab.train.trainer import TrainConfig, Trainer
@@ -65,7 +68,13 @@ def one_step(preset: str, options: dict) -> dict:
     sharded = {tower for tower in ("image", "text") for block in model.tower_layers(tower)
                for p in block.parameters() if isinstance(p, DTensor)}
     gathered = len(fsdp.full_model_state(model)) if options.get("fsdp") else None
-    return {"grads": grads, "loss": last["loss"], "sharded": sharded, "gathered": gathered}
+    # the eval caches key features on the towers' weights: sharded, each rank must read them
+    # whole (as one process does), or ranks would key their caches on their own shards
+    whole = fsdp.full_state_dicts(model) if sharded else contextlib.nullcontext()
+    with whole:
+        towers = (image_tower_fingerprint(model), text_tower_fingerprint(model))
+    return {"grads": grads, "loss": last["loss"], "sharded": sharded, "gathered": gathered,
+            "towers": towers}
 
 
 def main(out: str) -> None:
