@@ -256,7 +256,7 @@ def stubbed_quickstart(small_fmnist, tmp_path, monkeypatch):
     seen = {}
 
     def fit(self, pairs):
-        seen["pairs"] = pairs
+        seen["pairs"], seen["progress"] = pairs, self.config.progress
         self.step, self.last_checkpoint = 7, self.run_dir.path / "checkpoints" / "step-7"
 
     real_run_suite = quickstart.run_suite
@@ -275,6 +275,7 @@ def stubbed_quickstart(small_fmnist, tmp_path, monkeypatch):
         config = {**base, **user, "data": {**base["data"], **user.get("data", {})},
                   "eval": {**base["eval"], **user.get("eval", {})}}
         results = quickstart.run_quickstart(config, progress=False)
+        assert seen["progress"] is False  # no training bar either with progress off
         return results, seen["pairs"], seen["suite"]
 
     return run
