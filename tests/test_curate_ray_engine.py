@@ -134,11 +134,12 @@ def test_a_resumed_run_maps_only_the_chunks_without_columns_and_saves_each(tmp_p
     assert fake_ray.calls == []
 
 
-def test_one_worker_maps_on_one_actor(tmp_path, fake_ray):
+def test_one_worker_maps_on_one_actor_and_no_progress_draws_no_bar(tmp_path, fake_ray, capsys):
     chunks = pool(tmp_path, [1, 1, 1])
     map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path, workers=1,
-                   progress=False)
+                   desc="mean", progress=False)
     assert fake_ray.calls[1] == ("map_batches", 1, ("actors", 1))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_short_map_column_names_its_chunk(tmp_path, fake_ray):
