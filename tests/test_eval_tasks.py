@@ -85,9 +85,10 @@ class PairedSpec(TaskSpecBase):
     extra: DataSpec | None = None
 
 
-def test_an_optional_data_key_is_preloaded_checked_and_counted_like_a_required_one():
-    """A key typed ``DataSpec | None`` is one of the task's data sets when set (preloaded,
-    checked for emptiness, its skips counted) and none when left out."""
+def test_an_optional_data_key_is_a_data_set_of_its_task_when_set():
+    """A key typed ``DataSpec | None`` is one of the task's data sets when set (`data_keys`
+    is what preloading, the emptiness check and the skip counts read) and none when left
+    out."""
     given = PairedSpec(task="paired", data=DIGITS, extra={"source": "digits", "split": "train"})
     assert given.data_keys() == [("data", DIGITS), ("extra", {"source": "digits",
                                                                "split": "train"})]
