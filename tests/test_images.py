@@ -141,3 +141,35 @@ def test_encode_jpg_uses_the_asked_quality_as_pil_does():
         buf = io.BytesIO()
         Image.fromarray(RGB).save(buf, format="JPEG", quality=quality)
         assert encode_image(torch.from_numpy(RGB), "jpg", quality=quality) == buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation, corner", [(1, (0, 0)), (3, (3, 5)), (6, (0, 3)),
+                                                 (8, (5, 0))])
+def test_images_are_turned_as_their_exif_orientation_says(tmp_path, orientation, corner):
+    """A photo stored sideways with an EXIF orientation tag (as phones write it) is seen as a
+    viewer shows it, by every reader: a 4x6 image with its top-left pixel white, tagged 3
+    (turn 180°), 6 (90° clockwise) or 8 (90° anticlockwise), puts that pixel at the corner
+    worked out by hand."""
+    from cliplab.data.collection import open_rgb
+
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[0, 0] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    image.save(path, quality=100, exif=exif.tobytes())
+    shape = (4, 6) if orientation in (1, 3) else (6, 4)
+    for decoded in (decode_image(path), decode_image(path.read_bytes()),
+                    torch.from_numpy(np.array(open_rgb(path)))):
+        assert tuple(decoded.shape[:2]) == shape
+        bright = decoded[..., 0] > 128
+        assert bright.sum() == 1 and tuple(torch.nonzero(bright)[0].tolist()) == corner
+
+
+def test_an_unreadable_exif_block_keeps_the_image_as_stored(monkeypatch):
+    from cliplab.models import preprocess
+
+    image = Image.fromarray(np.zeros((4, 6, 3), np.uint8))
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError))
+    assert preprocess.convert_image(image).size == (6, 4)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cliplab.errors import ModelError
 
@@ -116,11 +116,27 @@ _AUGMENT_CHECKS = {
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag; 1 is upright, 2..8 a flip and/or turn
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (a phone photo taken sideways is stored
+    sideways with a tag), as viewers and transformers' ``load_image`` show it; unchanged when
+    untagged or when the tag cannot be read (orientation is metadata, not a reason to lose the
+    image)."""
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+            return ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block: PIL raises many types
+        pass
+    return image
 
 
 def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
-    """``image`` in ``mode`` (``RGB`` or ``L``): 16-bit greyscale (PNG, TIFF) scaled to 8 bits,
-    which PIL's own ``convert`` clips (a dark-to-light gradient came out nearly all white)."""
+    """``image`` upright (`upright`) in ``mode`` (``RGB`` or ``L``): 16-bit greyscale (PNG,
+    TIFF) scaled to 8 bits, which PIL's own ``convert`` clips (a dark-to-light gradient came out
+    nearly all white)."""
+    image = upright(image)
     if image.mode in _HIGH_DEPTH_MODES:
         array = np.asarray(image).astype(np.int64)
         if image.mode != "I" or array.max() > 255:  # mode I holding 8-bit values stays as is
