@@ -269,14 +269,17 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """
     if not is_distributed() or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    missing = [p.grad is None for p in params]
+    grads = [torch.zeros_like(p) if gone else p.grad for p, gone in zip(params, missing)]
+    has_grad = torch.tensor([0.0 if gone else 1.0 for gone in missing], device=params[0].device)
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [has_grad])
     _collective("all_reduce of gradients", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
-    ranks_with_grad = flat[len(flat) - len(params):].tolist()
+    # which parameters some rank has a gradient for: read back (a device sync) only by a rank
+    # missing one, since a rank holding every gradient knows them all to be present
+    present = flat[len(flat) - len(params):].tolist() if any(missing) else [1.0] * len(params)
     flat /= world_size()
     offset = 0
-    for p, g, n_ranks in zip(params, grads, ranks_with_grad):
+    for p, g, n_ranks in zip(params, grads, present):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if n_ranks else None
         offset += n
