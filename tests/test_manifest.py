@@ -41,6 +41,15 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def label_manifest(path: Path, labels: list) -> Path:
+    """A manifest at ``path`` labelling image ``i.png`` (written beside it) with ``labels[i]``."""
+    for i in range(len(labels)):
+        if not (path.parent / f"{i}.png").exists():
+            make_png(path.parent / f"{i}.png", seed=i)
+    return write_manifest(path, [{"image": f"{i}.png", "label": label}
+                                 for i, label in enumerate(labels)])
+
+
 @pytest.fixture
 def two_images(tmp_path: Path) -> dict[str, np.ndarray]:
     return {"images/a.png": make_png(tmp_path / "images/a.png", seed=1),
@@ -287,17 +296,12 @@ def test_a_row_with_more_fields_than_the_header_names_its_line(tmp_path):
 
 
 def test_negative_and_out_of_range_integer_labels_are_bad_labels(tmp_path):
-    for i in range(3):
-        make_png(tmp_path / f"{i}.png", seed=i)
-    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "0"},
-                                               {"image": "1.png", "label": "1"},
-                                               {"image": "2.png", "label": "-1"}])
+    path = label_manifest(tmp_path / "m.csv", ["0", "1", "-1"])
     data = load_manifest(path, progress=False)
     assert data.classnames == ["0", "1"] and data.labels.tolist() == [0, 1]
     assert data.skipped.keys == {"bad_label": ["m.csv:line 4: 2.png"]}
     # an index one past the given class names is no class either
-    path = write_manifest(tmp_path / "given.csv", [{"image": "0.png", "label": "1"},
-                                                   {"image": "1.png", "label": "2"}])
+    path = label_manifest(tmp_path / "given.csv", ["1", "2"])
     data = load_manifest(path, classnames=["a", "b"], progress=False)
     assert data.classnames == ["a", "b"] and data.labels.tolist() == [1]
     assert data.skipped.keys == {"bad_label": ["given.csv:line 3: 1.png"]}
@@ -318,11 +322,7 @@ def test_an_integer_label_column_with_a_word_in_it_is_refused_naming_both_rows(t
     """One typo in an integer column would read every label as a name sorted as text ('10'
     before '2'), renumbering the classes silently; it is an error naming the word's row and an
     integer's, and given class names read the same column."""
-    for i in range(3):
-        make_png(tmp_path / f"{i}.png", seed=i)
-    rows = [{"image": "0.png", "label": "2"}, {"image": "1.png", "label": "10"},
-            {"image": "2.png", "label": "tw0"}]
-    path = write_manifest(tmp_path / "m.csv", rows)
+    path = label_manifest(tmp_path / "m.csv", ["2", "10", "tw0"])
     with pytest.raises(DataError) as err:
         load_manifest(path, progress=False)
     assert str(err.value) == (f"{path}:line 4: label 'tw0' is not an integer, but {path}:line 2 "
@@ -331,19 +331,14 @@ def test_an_integer_label_column_with_a_word_in_it_is_refused_naming_both_rows(t
     names = [str(i) for i in range(11)] + ["tw0"]
     data = load_manifest(path, classnames=names, progress=False)
     assert data.labels.tolist() == [2, 10, 11]
-    words = write_manifest(tmp_path / "w.csv", [{"image": "0.png", "label": "cat"},
-                                                {"image": "1.png", "label": "dog"}])
+    words = label_manifest(tmp_path / "w.csv", ["cat", "dog"])
     assert load_manifest(words, progress=False).classnames == ["cat", "dog"]
 
 
 def test_integer_labels_written_as_floats_are_class_indices(tmp_path):
     """pandas writes an integer column holding a gap as floats ("10.0"): still indices, so
     class 10 is the eleventh class, not a name sorted before "2.0"."""
-    for i in range(3):
-        make_png(tmp_path / f"{i}.png", seed=i)
-    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "2.0"},
-                                               {"image": "1.png", "label": "10.0"},
-                                               {"image": "2.png", "label": ""}])
+    path = label_manifest(tmp_path / "m.csv", ["2.0", "10.0", ""])
     data = load_manifest(path, progress=False)
     assert data.classnames == [str(i) for i in range(11)] and data.labels.tolist() == [2, 10]
     assert data.skipped.keys == {"bad_label": ["m.csv:line 4: 2.png"]}
@@ -354,19 +349,13 @@ def test_an_integer_label_past_any_class_count_is_refused_not_allocated(tmp_path
     memory): past 100 000 classes it stops naming the row; given names read it."""
     from cliplab.data.manifest import MAX_INDEX_CLASSES
 
-    for i in range(2):
-        make_png(tmp_path / f"{i}.png", seed=i)
-    path = write_manifest(tmp_path / "m.csv", [{"image": "0.png", "label": "3"},
-                                               {"image": "1.png", "label": "1e20"}])
+    path = label_manifest(tmp_path / "m.csv", ["3", "1e20"])
     with pytest.raises(DataError, match=rf"^{path}:line 3: label 100000000000000000000 is past "
                                         r"100,000 classes \(integer labels are class indices"):
         load_manifest(path, progress=False)
-    edge = write_manifest(tmp_path / "edge.csv", [{"image": "0.png", "label": "0"},
-                                                  {"image": "1.png",
-                                                   "label": str(MAX_INDEX_CLASSES - 1)}])
+    edge = label_manifest(tmp_path / "edge.csv", ["0", str(MAX_INDEX_CLASSES - 1)])
     assert len(load_manifest(edge, progress=False).classnames) == MAX_INDEX_CLASSES
-    past = write_manifest(tmp_path / "past.csv", [{"image": "0.png",
-                                                   "label": str(MAX_INDEX_CLASSES)}])
+    past = label_manifest(tmp_path / "past.csv", [str(MAX_INDEX_CLASSES)])
     with pytest.raises(DataError, match=r"past 100,000 classes"):
         load_manifest(past, progress=False)
     named = load_manifest(path, classnames=["a", "b", "c", "d"], progress=False)

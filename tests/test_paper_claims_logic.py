@@ -32,6 +32,16 @@ def ctx(tmp_path):
                                work=tmp_path / "work", data_dir="/data/fmnist")
 
 
+def head(result: dict) -> tuple:
+    """An entry's claim, paper and seeds."""
+    return result["claim"], result["paper"], result["seeds"]
+
+
+def entry_of(module) -> tuple:
+    """What `head` of ``module``'s entry must be: its claim and paper, run on SEEDS."""
+    return module.CLAIM, module.PAPER, SEEDS
+
+
 def split_of(ctx, spec):
     """``"test"`` or ``"validation"`` for a Fashion-MNIST spec (its class and prompt options
     aside); anything else fails the test."""
@@ -143,7 +153,7 @@ def test_coop_entry_carries_the_scripted_numbers(monkeypatch, ctx):
     """The entry: claim, paper, verdict, seeds, and each arm's per-seed values with their mean
     and std (percent points)."""
     result, _ = run_coop(monkeypatch, ctx, [0.79, 0.77], [0.70, 0.74], [0.81, 0.83])
-    assert (result["claim"], result["paper"], result["seeds"]) == (coop.CLAIM, coop.PAPER, SEEDS)
+    assert head(result) == entry_of(coop)
     assert result["reproduced"] is True
     n = result["numbers"]
     assert n["coop 16-shot"] == {"mean": 82.0, "std": 1.41, "values": [81.0, 83.0]}
@@ -238,8 +248,7 @@ def test_cocoop_entry_carries_the_scripted_numbers(monkeypatch, ctx):
     """Per-seed base, novel and harmonic-mean values of each method, their mean and std."""
     result, _, _ = run_cocoop(monkeypatch, ctx, [(0.9, 0.6), (0.8, 0.6)],
                               [(0.81, 0.81), (0.83, 0.83)])
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        cocoop.CLAIM, cocoop.PAPER, SEEDS)
+    assert head(result) == entry_of(cocoop)
     n = result["numbers"]
     assert n["coop base"] == {"mean": 85.0, "std": 7.07, "values": [90.0, 80.0]}
     assert n["coop novel"] == {"mean": 60.0, "std": 0.0, "values": [60.0, 60.0]}
@@ -294,8 +303,7 @@ def test_tip_adapter_searches_on_the_validation_pool_and_reports_on_test(monkeyp
     assert result["chosen_on_validation"] == [
         "tip-adapter seed 1: alpha 1.25, beta 2.00", "tip-adapter-f seed 1: alpha 1.50, beta 2.00",
         "tip-adapter seed 2: alpha 2.25, beta 2.00", "tip-adapter-f seed 2: alpha 2.50, beta 2.00"]
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        tip_adapter.CLAIM, tip_adapter.PAPER, SEEDS)
+    assert head(result) == entry_of(tip_adapter)
     assert result["numbers"]["Tip-Adapter-F"] == {"mean": 86.0, "std": 1.41,
                                                   "values": [85.0, 87.0]}
     assert result["numbers"]["zero-shot"] == {"mean": 79.0, "std": 0.0, "values": [79.0, 79.0]}
@@ -345,8 +353,7 @@ def test_clip_adapter_chooses_the_ratio_on_validation_only(monkeypatch, ctx):
     assert sorted(searched) == sorted((s, r) for s in SEEDS for r in clip_adapter.RATIOS)
     reported = [c for c in configs if split_of(ctx, c["data"]["test"]) == "test"]
     assert [(c["seed"], c["options"]["ratio"]) for c in reported] == [(1, 0.6), (2, 0.4)]
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        clip_adapter.CLAIM, clip_adapter.PAPER, SEEDS)
+    assert head(result) == entry_of(clip_adapter)
     assert result["numbers"] == {
         "zero-shot": {"mean": 78.0, "std": 1.41, "values": [79.0, 77.0]},
         "CLIP-Adapter": {"mean": 82.0, "std": 1.41, "values": [81.0, 83.0]}}
@@ -430,8 +437,7 @@ def test_wise_ft_chooses_alpha_on_validation_only(monkeypatch, ctx):
 def test_wise_ft_entry_carries_the_scripted_numbers(monkeypatch, ctx):
     """The entry's shifted and clean arms are the scripted per-seed values."""
     result, _ = run_wise(monkeypatch, ctx, [0.5, 0.5], [0.25, 0.375], [0.625, 0.75])
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        wise_ft.CLAIM, wise_ft.PAPER, SEEDS)
+    assert head(result) == entry_of(wise_ft)
     assert result["reproduced"] is True
     n = result["numbers"]
     assert n["shifted: zero-shot"] == {"mean": 50.0, "std": 0.0, "values": [50.0, 50.0]}
@@ -514,8 +520,7 @@ def test_soups_choose_ingredients_on_validation_only(monkeypatch, ctx):
                      ((0, 1), ("val",)), ((0, 1, 2), ("val",)),
                      ((0,), ("test",)), ((1,), ("test",)), ((2,), ("test",)),
                      ((0, 1), ("test",)), ((0, 1, 2), ("test",))}
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        soups.CLAIM, soups.PAPER, SEEDS)
+    assert head(result) == entry_of(soups)
     n = result["numbers"]
     assert n["best single (by validation)"] == {"mean": 56.25, "std": 8.84,
                                                 "values": [50.0, 62.5]}
@@ -629,8 +634,7 @@ def test_task_arithmetic_entry_carries_the_scripted_numbers(monkeypatch, ctx):
     """The entry's task and control arms are the scripted per-seed values."""
     result, _ = run_task_arithmetic(monkeypatch, ctx, [0.625, 0.75], [0.25, 0.375],
                                     [0.59375, 0.625])
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        task_arithmetic.CLAIM, task_arithmetic.PAPER, SEEDS)
+    assert head(result) == entry_of(task_arithmetic)
     n = result["numbers"]
     assert n["task: base"] == {"mean": 50.0, "std": 0.0, "values": [50.0, 50.0]}
     assert n["+λτ"] == {"mean": 68.75, "std": 8.84, "values": [62.5, 75.0]}
@@ -706,8 +710,7 @@ def test_hard_negatives_evaluates_every_model_on_the_test_suite_only(monkeypatch
         if model != "base":
             seed = int(model.split()[1])
             assert fit == {**hard_negatives.finetune_data(seed, ctx.quick), "n": 500}
-    assert (result["claim"], result["paper"], result["seeds"]) == (
-        hard_negatives.CLAIM, hard_negatives.PAPER, SEEDS)
+    assert head(result) == entry_of(hard_negatives)
     n = result["numbers"]
     assert n["hard_negatives attribute_swap"] == {"mean": 68.75, "std": 8.84,
                                                   "values": [62.5, 75.0]}
