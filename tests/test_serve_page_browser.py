@@ -136,18 +136,34 @@ def card_of(page, caption: str):
     return page.locator("#grid .card", has=page.locator(".caption", has_text=caption)).first
 
 
-HOLD_SLOW = """(() => {  // fetches of q=slow wait for window.held[i](); settled counts them done
+def hold(test: str) -> str:
+    """An init script: fetches for which the JS expression ``test`` (of ``url``, ``options``)
+    holds wait for ``window.held[i]()`` while ``window.holding`` (``release()`` lets them all
+    go, and later ones through); ``window.settled`` counts the held ones the page has read (its
+    json or blob), ``window.calls`` lists every fetch's URL."""
+    return """(() => {
   const real = window.fetch;
-  window.held = []; window.settled = 0;
+  window.held = []; window.settled = 0; window.calls = []; window.holding = true;
+  window.release = () => { window.holding = false; window.held.forEach((go) => go()); };
   const done = () => setTimeout(() => window.settled++);  // after the page's own handling
   window.fetch = (url, options) => {
-    if (!String(url).includes("q=slow")) return real(url, options);
-    return new Promise((go) => window.held.push(go)).then(() => real(url, options)).then(
-      (response) => { const json = response.json.bind(response);
-                      response.json = () => json().finally(done); return response; },
+    window.calls.push(String(url));
+    if (!(%s)) return real(url, options);
+    const wait = window.holding ? new Promise((go) => window.held.push(go)) : Promise.resolve();
+    return wait.then(() => real(url, options)).then(
+      (response) => {
+        for (const read of ["json", "blob"]) {
+          const real = response[read].bind(response);
+          response[read] = () => real().finally(done);
+        }
+        return response;
+      },
       (err) => { done(); throw err; });
   };
-})();"""
+})();""" % test
+
+
+HOLD_SLOW = hold("String(url).includes('q=slow')")  # a search for "slow" waits
 
 
 def test_a_slow_reply_never_replaces_a_newer_search(site):
@@ -170,7 +186,7 @@ def test_a_slow_reply_never_replaces_a_newer_search(site):
 def test_paging_waits_for_the_page_asked_for(site):
     """While Next's page is on its way, Previous and Next are disabled (a second click paged
     from the page still shown: two clicks moved one page); they follow the new page after."""
-    page, problems = open_page(site, init=HOLD_SLOW.replace("q=slow", "offset=12"))
+    page, problems = open_page(site, init=hold("String(url).includes('offset=12')"))
     requests = []
     page.on("request", lambda r: "/api/search" in r.url and requests.append(r.url))
     search(page, "photo", k="12")
@@ -381,33 +397,6 @@ def test_the_api_key_form(site):
     assert [p for p in problems if "status of 401" not in p] == []
 
 
-def hold(test: str) -> str:
-    """An init script: fetches for which the JS expression ``test`` (of ``url``, ``options``)
-    holds wait for ``window.held[i]()`` while ``window.holding`` (``release()`` lets them all
-    go, and later ones through); ``window.settled`` counts the held ones the page has read (its
-    json or blob), ``window.calls`` lists every fetch's URL."""
-    return """(() => {
-  const real = window.fetch;
-  window.held = []; window.settled = 0; window.calls = []; window.holding = true;
-  window.release = () => { window.holding = false; window.held.forEach((go) => go()); };
-  const done = () => setTimeout(() => window.settled++);  // after the page's own handling
-  window.fetch = (url, options) => {
-    window.calls.push(String(url));
-    if (!(%s)) return real(url, options);
-    const wait = window.holding ? new Promise((go) => window.held.push(go)) : Promise.resolve();
-    return wait.then(() => real(url, options)).then(
-      (response) => {
-        for (const read of ["json", "blob"]) {
-          const real = response[read].bind(response);
-          response[read] = () => real().finally(done);
-        }
-        return response;
-      },
-      (err) => { done(); throw err; });
-  };
-})();""" % test
-
-
 CLASSIFY = "String(url).includes('/api/classify')"
 
 
@@ -587,7 +576,7 @@ def test_labels_of_a_replaced_upload_are_dropped(site):
 
 def test_results_per_page_rerun_the_search_in_flight(site):
     """Changing k while a search is on its way re-runs that search (it re-ran the one shown,
-    dropping the typed query: fixed in 020143e); "searching…" while it is on its way."""
+    dropping the typed query); "searching…" while it is on its way."""
     page, problems = open_page(site, init=HOLD_SLOW)
     search(page, "photo", k="12")
     page.fill("#q", "slow")
@@ -609,7 +598,7 @@ def test_results_per_page_rerun_the_search_in_flight(site):
 
 def test_a_text_search_cancels_a_similar_image_still_loading(site):
     """"similar" then a text search before the image arrives: the text search's results stay
-    (the image's search replaced them: fixed in 020143e)."""
+    (the image's search replaced them)."""
     page, problems = open_page(site, init=hold("String(url).includes('/images/')"))
     search(page, "photo", k="12")
     page.click("#grid .card >> nth=1 >> text=similar")
