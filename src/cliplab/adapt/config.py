@@ -22,6 +22,7 @@ from cliplab.adapt import ADAPT_METHODS
 from cliplab.adapt.base import DEFAULT_SEED
 from cliplab.config import Section
 from cliplab.data.sources import DataSpecField
+from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
 
 
@@ -52,6 +53,7 @@ class AdaptConfig(Section):
     options: dict[str, Any] = {}
     compare_zeroshot: bool = True
     cache_dir: str | None = None
+    device: Device = "auto"  # where a model loaded from `model` runs (and trains by default)
     out: str | None = None
 
     @model_validator(mode="before")

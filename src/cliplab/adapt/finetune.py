@@ -128,7 +128,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     require_pytorch_model("finetune", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "finetune")
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
-                               progress=ctx.progress)
+                               progress=ctx.progress, device=model.device)
     fingerprint = model_fingerprint(model)
     head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),
                              opts.train_head, fingerprint)

@@ -244,7 +244,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     opts = method_options(Options, options, "lora")
     # a text tower without adapters is frozen: cache its caption features
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,
-                               progress=ctx.progress)
+                               progress=ctx.progress, device=model.device)
     check_batch_fits_images(train_cfg.batch_size, len(train))
     fingerprint, origin = model_fingerprint(model), ctx.origin(model)
     full = count_parameters(model)["total"]

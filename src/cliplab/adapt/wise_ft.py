@@ -248,7 +248,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     else:
         finetuned = copy.deepcopy(model)
         train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
-                                   progress=ctx.progress)
+                                   progress=ctx.progress, device=model.device)
         ft_head, trainer = finetune(finetuned, train, train_cfg, ctx.run, ctx.origin(model),
                                     opts.train_head, fingerprint)
         ft_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None

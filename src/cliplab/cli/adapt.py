@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cliplab.cli.arguments import MODEL_SPECS, add_stage_arguments, config_where, stage_config
+from cliplab.cli.arguments import (MODEL_SPECS, add_device, add_stage_arguments, config_where,
+                                   stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "peft adapter folder; wise-ft its sweep. Every run writes config.yaml "
                        "and results.json. Config keys: method, model, data {train, test, "
                        "shifted, val}, shots, train_size, val_shots, seed, options (the method's "
-                       "own), compare_zeroshot, cache_dir, out.",
+                       "own), compare_zeroshot, cache_dir, device, out.",
                        epilog="example: cliplab adapt --method coop --model MODEL_DIR --config "
                        "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")
     p.add_argument("--method", choices=list(ADAPT_METHODS),
                    help="adaptation method (or the config's 'method')")
     p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    add_device(p)
     add_stage_arguments(p, "run folder (default: the config's 'out' or "
                         "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.errors import ConfigError
 
     cfg = stage_config(AdaptConfig, args, method=args.method, model=args.model,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, device=args.device)
     try:
         checked_config(cfg, config_where(args))
     except ConfigError as error:

@@ -47,6 +47,28 @@ def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
     add_debug(p)
 
 
+DEVICE_HELP = ("where the model runs: cpu, cuda, cuda:N, mps or auto (a GPU when there is one; "
+               "the default)")
+
+
+def device_name(value: str) -> str:
+    """``--device`` checked when the command line is read (argparse names it on an error)."""
+    from cliplab.models.device import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def add_device(p: argparse.ArgumentParser, in_config: bool = True) -> None:
+    """``--device``: the stage config's ``device`` key (``in_config``), else the command's own
+    option (default auto)."""
+    p.add_argument("--device", type=device_name, default=None if in_config else "auto",
+                   help=DEVICE_HELP + (" (or the config's 'device')" if in_config else ""))
+
+
 def add_data_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
     """``--data SOURCE``: the collection a command reads, replacing the config's ``data``."""
     p.add_argument("--data", *aliases, dest="data", metavar="SOURCE",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cliplab.cli.arguments import (add_data_argument, add_stage_arguments,
+from cliplab.cli.arguments import (add_data_argument, add_device, add_stage_arguments,
                                    check_out_is_not_input, stage_config)
 
 
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
     p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
                    "mapping chunks in parallel (default: the config's workers, 1)")
+    add_device(p)
     add_data_argument(p)
     add_stage_arguments(p, "folder to write the curated pool and report into",
                         "steps.0.min_words=3 workers=2", config_required=True)
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.curate.pipeline import run_curation
     from cliplab.output_folder import spec_paths
 
-    cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers)
+    cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers,
+                       device=args.device)
     check_out_is_not_input(cfg.out, spec_paths(cfg.data))
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     steps = ", ".join(f"{s['dropped']} by {s['name']}" for s in summary["steps"])

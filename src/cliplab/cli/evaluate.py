@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cliplab.cli.arguments import MODEL_SPECS, GivenOnce, add_debug, config_where
+from cliplab.cli.arguments import MODEL_SPECS, GivenOnce, add_debug, add_device, config_where
 from cliplab.errors import CliplabError
 
 
@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "runs of the same model, data and transform")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override suite keys, e.g. precision=bf16")
+    add_device(p, in_config=False)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_debug(p)
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.device import resolve_device
     from cliplab.models.precision import resolve_precision
     from cliplab.models.resolve import load_model
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     _check_cache_apart_from_results(args.cache_dir, out)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
-    model = load_model(args.model)
+    model = load_model(args.model, device=resolve_device(args.device))
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head

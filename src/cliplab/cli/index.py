@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
-                                   check_out_is_not_input, data_spec)
+                                   add_device, check_out_is_not_input, data_spec)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "--add the index's own)")
     p.add_argument("--index-type", help="FAISS: auto (default; with --add the index's own), "
                    "flat, hnsw, ivf-flat, ivf-pq or a FAISS factory string")
+    add_device(p)
     add_debug(p)
 
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.settings import IndexConfig
 
     extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
-                                                   "index_type") if getattr(args, key) is not None}
+                                                   "index_type", "device") if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})
     check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])

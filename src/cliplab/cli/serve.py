@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cliplab.cli.arguments import add_debug
+from cliplab.cli.arguments import add_debug, add_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "weights differ)")
     p.add_argument("--max-upload-mb", type=float, default=10,
                    help="request size limit in MB (default 10)")
+    add_device(p, in_config=False)
     add_debug(p)
 
 
@@ -31,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.run import serve
 
     serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
-          max_upload_mb=args.max_upload_mb)
+          max_upload_mb=args.max_upload_mb, device=args.device)
     return 0

@@ -16,6 +16,7 @@ from cliplab.curate.steps.base import StepSpecBase
 from cliplab.curate.steps.registry import step_spec
 from cliplab.data.collection import source_spec_field
 from cliplab.errors import CliplabError
+from cliplab.models.device import Device, resolve_device
 
 
 class OutputSpec(Section):
@@ -32,8 +33,9 @@ class CurateConfig(Section):
     image folder or a ``{source: ...}`` mapping), the ``steps`` in order, the ``output``,
     pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``: in this
     process, or ``workers`` processes; ``ray``: Ray Data with ``workers`` actors, on the
-    cluster at ``ray_address`` or a local instance) and ``examples`` (dropped pairs shown per
-    step in the report)."""
+    cluster at ``ray_address`` or a local instance), ``examples`` (dropped pairs shown per
+    step in the report) and ``device``, where the steps' models run (the local engine's; Ray's
+    actors map on their CPUs)."""
 
     data: dict[str, Any]
     steps: list[SerializeAsAny[StepSpecBase]] = []
@@ -44,6 +46,7 @@ class CurateConfig(Section):
     workers: int = Field(1, ge=1)
     ray_address: str | None = None
     examples: int = Field(8, ge=0)
+    device: Device = "auto"
     out: str | None = None
 
     @field_validator("data", mode="before")
@@ -73,6 +76,18 @@ class CurateConfig(Section):
         if doubled:
             raise ValueError(f"steps: two steps are named {doubled[0]!r}; give one a `name:`")
         return {**data, "steps": specs}
+
+    @model_validator(mode="after")
+    def _ray_maps_on_cpus(self) -> "CurateConfig":
+        if self.engine == "ray" and self.device not in ("auto", "cpu"):
+            raise ValueError(f"device: {self.device} runs the steps' models with engine local "
+                             "(one process, or workers sharing the GPU); engine ray maps on "
+                             "its actors' CPUs")
+        return self
+
+    def step_device(self) -> str:
+        """Where the steps' models run: the device, resolved (the CPU for Ray's actors)."""
+        return "cpu" if self.engine == "ray" else str(resolve_device(self.device))
 
 
 

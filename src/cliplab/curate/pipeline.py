@@ -46,7 +46,7 @@ from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_
 FORMAT = 1
 READ_STEP = "read"
 # keys that change how the run goes or what the report shows, not which items are kept
-NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples")
+NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples", "device")
 
 
 def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
@@ -272,7 +272,8 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
     else:
         step = make_step(spec)
         (step_dir / "work").mkdir(parents=True, exist_ok=True)
-        step.prepare(StepContext(work=step_dir / "work", seed=config.seed, progress=progress))
+        step.prepare(StepContext(work=step_dir / "work", seed=config.seed, progress=progress,
+                                 device=config.step_device()))
         engine = map_chunks
         if config.engine == "ray":
             from cliplab.curate.ray_engine import map_chunks_ray, start_ray

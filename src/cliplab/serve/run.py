@@ -8,24 +8,30 @@ import ipaddress
 import math
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.index import SearchIndex
 
+if TYPE_CHECKING:
+    import torch
+
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
-             max_upload_mb: float = 10):
+             max_upload_mb: float = 10, device: str = "auto"):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
-    differ from the index's)."""
+    differ from the index's), on ``device``."""
+    from cliplab.models.device import resolve_device
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
-    loaded = load_model(model) if model is not None else _recorded_model(index)
+    where = resolve_device(device)
+    loaded = load_model(model, where) if model is not None else _recorded_model(index, where)
     return create_app(index, loaded, api_key=api_key, max_upload_bytes=int(max_upload_mb * (1 << 20)))
 
 
-def _recorded_model(index: SearchIndex):
+def _recorded_model(index: SearchIndex, device: torch.device):
     """The model the index records, checked against its fingerprint; a ``ModelError`` saying
     to pass ``--model`` if that folder is gone or now holds other weights."""
     from cliplab.models.resolve import load_model
@@ -34,7 +40,7 @@ def _recorded_model(index: SearchIndex):
     if Path(name).is_absolute() and not Path(name).exists():
         raise ModelError(f"{index.path} was built with model {name}, which is gone; pass --model "
                          "with that model (a copy with the same weights)")
-    loaded = load_model(index.record["model"])
+    loaded = load_model(index.record["model"], device)
     try:
         index.check_model(loaded)
     except ModelError:
@@ -45,7 +51,7 @@ def _recorded_model(index: SearchIndex):
 
 
 def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str | None = None,
-          api_key: str | None = None, max_upload_mb: float = 10) -> None:
+          api_key: str | None = None, max_upload_mb: float = 10, device: str = "auto") -> None:
     """Serve until interrupted. Binding beyond loopback without an API key is allowed but warned."""
     import uvicorn
 
@@ -57,7 +63,7 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
         raise ConfigError("--api-key is empty: give the key (or leave the option out to serve "
                           "without one)")
     check_address(host, port)
-    app = open_app(index_path, model, api_key, max_upload_mb)
+    app = open_app(index_path, model, api_key, max_upload_mb, device)
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
               "reach this address can search the collection")

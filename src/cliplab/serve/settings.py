@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from cliplab.config import Section
 from cliplab.data.collection import source_spec_field
+from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
 
 
@@ -29,6 +30,7 @@ class IndexConfig(Section):
     max_memory_gb: float | None = Field(None, gt=0)  # budget for auto (default: half the RAM)
     batch_size: int = Field(64, ge=1, le=4096)
     chunk: int = Field(1024, ge=1)      # items embedded between two progress records
+    device: Device = "auto"             # where the model embeds (not part of the request)
 
     @field_validator("data", mode="before")
     @classmethod

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import BeforeValidator, Field, StrictBool, field_validator, model_validator
 
 from cliplab.config import LENGTH_KEYS, Section, deep_merge, validate
+from cliplab.models.device import Device
 from cliplab.models.precision import Precision
 from cliplab.models.preprocess import AugmentConfig
 from cliplab.train.hard_negatives import HardNegatives
@@ -78,23 +78,6 @@ def checked_augment(value: Any) -> Any:
     return AugmentOverrides.model_validate(value).model_dump(mode="json", exclude_unset=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a torch device (``auto``: CUDA when there is one); a ValueError
-    (validation names it ``train.device``) for a name torch does not know or a device this
-    machine lacks."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{name!r} is no device (cpu, cuda, cuda:N, mps or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name!r}, but this PyTorch sees no CUDA device; use cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{name!r}, but this machine has no MPS device; use cpu or auto")
-    return device
-
-
 class TrainConfig(Section):
     """Settings of one training run (every field is a YAML key under ``train:``)."""
 
@@ -140,7 +123,7 @@ class TrainConfig(Section):
     fsdp: bool = False
     dist_timeout_s: PositiveFloat = 600.0  # under torchrun: how long a rank waits for a peer
     eval_every: NonNegativeInt = 0  # run the evaluation callback every N steps (0: never)
-    device: str = "auto"
+    device: Device = "auto"
     seed: Integer = 0
     log_every: PositiveInt = 25
     save_every: NonNegativeInt = 0  # 0: only the final checkpoint
@@ -167,12 +150,6 @@ class TrainConfig(Section):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"expected true, false or a mapping such as {{kinds: [attribute, "
                              f"relation], seed: 1}}, got {value!r}")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        resolve_device(value)
         return value
 
     @field_validator("augment", mode="before")

@@ -16,6 +16,7 @@ from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
+from cliplab.models.device import resolve_device
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
@@ -24,7 +25,7 @@ from cliplab.runs import (RESULTS_FILE, RunDir, check_run_out, default_run_dir,
                           removed_if_unstarted)
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.batches import check_batch_over_ranks
-from cliplab.train.config import TrainConfig, resolve_device
+from cliplab.train.config import TrainConfig
 from cliplab.train.trainer import Trainer
 
 

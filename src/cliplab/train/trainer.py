@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError, TrainingDiverged
+from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
 from cliplab.runs import CHECKPOINTS, RunDir
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
-from cliplab.train.config import TrainConfig, resolve_device
+from cliplab.train.config import TrainConfig
 from cliplab.train.embed import Embedder
 from cliplab.train.objectives import ClassificationObjective, ContrastiveObjective, Objective
 from cliplab.train.schedule import build_scheduler, multiplier, warmup_warning
@@ -35,7 +36,7 @@ from cliplab.train.step_inputs import build_inputs
 from cliplab.train.stream_batches import StreamBatches
 
 # TrainConfig, MODEL_DIR and STATE_FILE are imported from here by other stages
-__all__ = ["Trainer", "TrainConfig", "MODEL_DIR", "STATE_FILE", "resolve_device"]
+__all__ = ["Trainer", "TrainConfig", "MODEL_DIR", "STATE_FILE"]
 
 
 class Trainer:

@@ -67,11 +67,13 @@ class PoolItems:
 @dataclass
 class StepContext:
     """Where a step is prepared: ``work`` is the step's own folder for artefacts it builds
-    (a trained filtering network, a count table), kept across a resumed run."""
+    (a trained filtering network, a count table), kept across a resumed run; ``device`` is
+    where a step that loads a model runs it."""
 
     work: Path
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # where a step's model runs (the config's device, resolved)
 
 
 @dataclass

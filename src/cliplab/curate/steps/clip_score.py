@@ -49,7 +49,7 @@ class ClipScore:
     def prepare(self, context: StepContext) -> None:
         from cliplab.models.resolve import load_model
 
-        self.model = load_model(self.spec.model)
+        self.model = load_model(self.spec.model, context.device)
 
     def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         images = embed_images(self.model, batch.images, self.spec.batch_size)

@@ -78,9 +78,11 @@ class DataFilteringNetwork:
         self.model: DualEncoder | None = None
         self.network: Path | None = None  # the trained model folder
         self.train_metrics: dict = {}
+        self.device = "cpu"  # where a worker loads the network
 
     def prepare(self, context: StepContext) -> None:
         """Train the network (or reuse the one a previous run of this step trained)."""
+        self.device = context.device
         run_path = Path(context.work) / NETWORK
         trained_on = {k: v for k, v in self.spec.to_dict().items()
                       if k in ("model", "trusted", "train")}
@@ -94,7 +96,7 @@ class DataFilteringNetwork:
             self.train_metrics = json.loads((run_path / "results.json").read_text())
         else:
             self._train(run_path, trained_on, context.progress)
-        self.model = self.model or DualEncoder.load(self.network)
+        self.model = self.model or DualEncoder.load(self.network, self.device)
 
     def _train(self, run_path: Path, trained_on: dict, progress: bool) -> None:
         pairs = as_pairs(load_source(self.spec.trusted))
@@ -104,7 +106,10 @@ class DataFilteringNetwork:
         run = RunDir(run_path)
         run.write_json(TRAINED_ON, trained_on)
         model = load_model(self.spec.model)
-        trainer = Trainer(model, self.spec.train.model_copy(update={"progress": progress}), run)
+        settings = {"progress": progress}
+        if "device" not in self.spec.train.model_fields_set:  # else the step's train.device
+            settings["device"] = str(self.device)
+        trainer = Trainer(model, self.spec.train.model_copy(update=settings), run)
         resume = "latest" if run.latest_checkpoint() is not None else None
         last = trainer.fit(pairs, resume=resume)
         run.close()
@@ -120,7 +125,7 @@ class DataFilteringNetwork:
         """The cosine of each pair's image and caption under the filtering network."""
         if self.model is None:
             assert self.network is not None, "prepare() first"
-            self.model = DualEncoder.load(self.network)
+            self.model = DualEncoder.load(self.network, self.device)
         images = embed_images(self.model, batch.images, self.spec.batch_size)
         texts = embed_texts(self.model, batch.captions, self.spec.batch_size)
         return {"dfn_score": (images * texts).sum(axis=1).astype(np.float32)}

@@ -45,7 +45,7 @@ class SemanticDedup:
     def prepare(self, context: StepContext) -> None:
         from cliplab.models.resolve import load_model
 
-        self.model = load_model(self.spec.model)
+        self.model = load_model(self.spec.model, context.device)
         self.seed = self.spec.seed if self.spec.seed is not None else context.seed
 
     def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:

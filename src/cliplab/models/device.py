@@ -1,0 +1,42 @@
+"""Where a model runs: the ``device`` of every stage (``train.device``; ``device`` of eval,
+index, serve, curate and adapt), ``auto`` meaning the GPU when this machine has one."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
+DEVICE_HELP = f"where the model runs: {DEVICE_CHOICES} (default auto: a GPU when there is one)"
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device (``auto``: CUDA when there is one, else the CPU); a ValueError
+    for a name torch does not know or a device this machine lacks."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{str(name)!r} is no device ({DEVICE_CHOICES})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{str(name)!r}, but this PyTorch sees no CUDA device; use cpu or "
+                             "auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{str(name)!r}, but this machine has {torch.cuda.device_count()} "
+                             f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{str(name)!r}, but this machine has no MPS device; use cpu or auto")
+    return device
+
+
+def _known_device(name: str) -> str:
+    resolve_device(name)
+    return name
+
+
+# a config's device key: the name as given (``auto`` is resolved where the model is loaded)
+Device = Annotated[str, AfterValidator(_known_device)]
