@@ -67,13 +67,15 @@ def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
     """The HF model of ``config`` with the folder's weights, which must fit it exactly: no
     tensor of another shape, none missing, none left over. Always float32, whatever dtype the
     folder was saved in (transformers would keep a saved fp16/bf16): cliplab's ``precision``
-    options choose the compute dtype by autocast."""
+    options choose the compute dtype by autocast. Without transformers' Hub kernels: on a GPU
+    they are fetched from the Hub when the model first changes train/eval mode (offline: an
+    error; online: code cliplab did not ask for)."""
     file = weights_file(path)
     model_cls = MODEL_CLASSES[config.model_type]
     try:
         model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True,
                                                 ignore_mismatched_sizes=True,
-                                                dtype=torch.float32)
+                                                dtype=torch.float32, use_kernels=False)
     except Exception as err:  # safetensors, torch and transformers each raise their own
         raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
                          f"({first_line(err)})") from None

@@ -128,7 +128,7 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
     if not (text_path / "config.json").is_file():
         raise ModelError(f"text tower folder {text_path} has no config.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text = BertModel.from_pretrained(text_path)
+    text = BertModel.from_pretrained(text_path, use_kernels=False)  # as `load_weights`
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     vision = ViTModel(ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=3,
                                 hidden_size=width, num_hidden_layers=layers,
