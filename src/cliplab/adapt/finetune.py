@@ -79,7 +79,8 @@ def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
              run: RunDir | None, base_path: str, train_head: bool = True,
              fingerprint: str | None = None) -> tuple[ClassifierHead, Trainer]:
     """Fine-tune ``model``'s image tower (in place) with a zero-shot-initialised head; with a
-    run folder, checkpoints are fine-tuned model folders. Returns the head and the trainer."""
+    run folder, checkpoints are fine-tuned model folders. Returns the head (on the CPU) and the
+    trainer."""
     check_batch_fits_images(train_cfg.batch_size, len(train))
     fingerprint = fingerprint or model_fingerprint(model)
     head = zeroshot_classifier_head(model, train)
@@ -91,7 +92,7 @@ def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
 
     trainer = Trainer(model, train_cfg, run, head=head, save_model=save)
     trainer.fit(train)
-    return head, trainer
+    return head.cpu(), trainer  # an eval head, on the CPU as the features it scores
 
 
 class FineTuned(Adapter):
@@ -106,7 +107,7 @@ class FineTuned(Adapter):
         self.model_dir = model_dir
 
     def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> Any:
-        return self.head(feats.embeddings.float()).detach()
+        return self.head.logits(feats)
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         """The model folder ``folder/model`` (unless training already wrote it as its last

@@ -57,8 +57,9 @@ class ClassifierHead(nn.Module):
 
     @torch.no_grad()
     def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
-        """The eval `Classifier` face: logits of image features' embeddings."""
-        return self(features.embeddings)
+        """The eval `Classifier` face: logits of image features' embeddings (features and
+        logits on the CPU, as every eval head's; the head may sit on the GPU it trained on)."""
+        return self(features.embeddings.float().to(self.weight.device)).cpu()
 
     def covers(self, classnames: Sequence[str]) -> bool:
         """Whether this head's rows are ``classnames`` (data of other classes gets the text

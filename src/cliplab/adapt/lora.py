@@ -207,10 +207,9 @@ class LoraAdapted(Adapter):
         self.adapter_dir, self.merged_dir = adapter_dir, None
 
     def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> torch.Tensor:
-        emb = feats.embeddings.float()
         if self.head is not None:
-            return self.head(emb).detach()
-        return emb @ self.text_head.t()
+            return self.head.logits(feats)
+        return feats.embeddings.float() @ self.text_head.t()
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         """The peft adapter folder ``folder/adapter`` (unless training already wrote it as its
