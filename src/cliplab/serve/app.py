@@ -308,7 +308,8 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
                             classifier: torch.Tensor) -> torch.Tensor:
     """``[N, C]`` probabilities from unit embeddings and a zero-shot head: softmax of the scaled
     cosines (CLIP), independent sigmoids with the bias (SigLIP)."""
-    logits = image_embeddings.float() @ classifier.float().t() * model.logit_scale.exp().float()
+    # embeddings and head are on the CPU; the model's scale and bias may sit on a GPU
+    logits = image_embeddings.float() @ classifier.float().t() * model.logit_scale.exp().item()
     if model.logit_bias is not None:
-        return torch.sigmoid(logits + model.logit_bias.float())
+        return torch.sigmoid(logits + model.logit_bias.item())
     return torch.softmax(logits, dim=-1)
