@@ -4,8 +4,10 @@ no tensor crosses devices, and the results equal the CPU's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -176,4 +178,175 @@ def test_adapt_fits_and_scores_on_the_gpu_with_the_cpus_results(method, model_di
                           lambda name: devices.append(str(name)) or resolve(name))
             on_gpu = _adapt(method, model_dir, tmp_path / "gpu", "auto")
     assert devices == (["cuda:0"] if method in ("finetune", "lora", "wise-ft") else [])
+    assert _same(on_gpu, on_cpu)
+
+
+@pytest.fixture
+def endpoints_on_the_fake_gpu(monkeypatch):
+    """FastAPI runs sync endpoints on worker threads, where the (thread-local) fake GPU is not
+    active: run them inline, inside it."""
+    import fastapi.routing
+
+    import tests.fake_gpu as fake_gpu
+
+    async def inline(func, *args, **kwargs):
+        with fake_gpu._active or contextlib.nullcontext():
+            return func(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "run_in_threadpool", inline)
+
+
+def _serve_session(index, device: str) -> list:
+    """What a user's session gets back: text and image search, labels by id and by upload,
+    and an indexed image."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from cliplab.data.shapes import load_shapes
+    from cliplab.serve.run import open_app
+
+    app = open_app(str(index), device=device)
+    png = io.BytesIO()
+    Image.fromarray(load_shapes(n=3, seed=3, image_size=32).images[2].numpy()).save(png, "PNG")
+    client = TestClient(app)
+    upload = {"file": ("x.png", png.getvalue(), "image/png")}
+    responses = [
+        client.get("/api/search", params={"q": "a red circle", "k": 5}),
+        client.post("/api/search/image", params={"k": 5}, files=upload),
+        client.post("/api/classify", data={"labels": "red, blue, green", "id": "3"}),
+        client.post("/api/classify", data={"labels": "red, blue, green"}, files=upload),
+        client.get("/images/3")]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+    return [r.json() for r in responses[:4]] + [responses[4].content]
+
+
+def test_index_and_serve_run_on_the_gpu_with_the_cpus_results(model_dir, tmp_path,
+                                                              endpoints_on_the_fake_gpu):
+    from cliplab.serve.index import SearchIndex
+    from tests.serve_helpers import SHAPES as INDEXED, build
+
+    build(model_dir, INDEXED, tmp_path / "cpu", device="cpu")
+    on_cpu = _serve_session(tmp_path / "cpu", "cpu")
+    with fake_cuda():
+        build(model_dir, INDEXED, tmp_path / "gpu")  # device auto: the GPU
+        on_gpu = _serve_session(tmp_path / "gpu", "auto")
+    cpu_index, gpu_index = SearchIndex(tmp_path / "cpu"), SearchIndex(tmp_path / "gpu")
+    ids = list(range(cpu_index.count))
+    np.testing.assert_allclose(np.stack([gpu_index.vector(i) for i in ids]),
+                               np.stack([cpu_index.vector(i) for i in ids]), atol=1e-6)
+    assert _same(on_gpu[:4], on_cpu[:4]) and on_gpu[4] == on_cpu[4]
+
+
+def _curate(model_dir, out, device: str) -> dict:
+    from cliplab.config import validate
+    from cliplab.curate.config import CurateConfig
+    from cliplab.curate.pipeline import run_curation
+
+    model = str(model_dir)
+    steps = [
+        {"step": "clip_score", "model": model, "keep_top": 0.9},
+        {"step": "semantic_dedup", "model": model, "eps": 1e-3},
+        {"step": "dfn", "model": TINY, "trusted": {**SHAPES, "seed": 9},
+         "train": {"steps": 2, "batch_size": 8}, "keep_top": 0.8},
+        {"step": "decontaminate", "model": model, "threshold": 0.999, "hash_distance": None,
+         "eval_sets": [{**SHAPES, "n": 10, "seed": 4}]}]
+    config = validate(CurateConfig, {"data": {**SHAPES, "n": 80}, "steps": steps, "out": str(out),
+                                     "device": device, "chunk_size": 32})
+    summary = run_curation(config, progress=False)
+    for step in summary["steps"]:
+        step.pop("seconds")
+    return json.loads(json.dumps(summary).replace(str(out), "OUT"))
+
+
+def test_curate_runs_its_model_steps_on_the_gpu_with_the_cpus_results(model_dir, tmp_path,
+                                                                      monkeypatch):
+    import cliplab.train.trainer as trainer
+    from cliplab.models.dual_encoder import DualEncoder
+
+    on_cpu = _curate(model_dir, tmp_path / "cpu", "cpu")
+    devices, encoded_on = [], set()
+    resolve, encode = trainer.resolve_device, DualEncoder.encode_image
+    monkeypatch.setattr(trainer, "resolve_device",
+                        lambda name: devices.append(str(name)) or resolve(name))
+    monkeypatch.setattr(DualEncoder, "encode_image",
+                        lambda self, pixels, **kw: encoded_on.add(str(pixels.device)) or
+                        encode(self, pixels, **kw))
+    with fake_cuda():
+        on_gpu = _curate(model_dir, tmp_path / "gpu", "auto")
+    assert devices == ["cuda"]  # the filtering network trains where the steps run
+    assert encoded_on == {"cuda:0"}  # and every step's model embeds there
+    assert all(s["dropped"] for s in on_cpu["steps"][1:])  # every step drops some, keeps some
+    assert all(s["kept"] for s in on_cpu["steps"])
+    assert _same(on_gpu, on_cpu)
+
+
+PRETRAIN_VARIANTS = {
+    "plain": {"eval_every": 2},
+    "locked text, cached, hard negatives": {
+        "lock_text": True, "cache_frozen_features": True, "hard_negatives": True},
+    "siglip, tiled, micro-batched": {"loss": "siglip", "loss_tile": 8, "micro_batch_size": 8},
+}
+
+
+def _pretrain(out, device: str, train: dict, resume_at: int | None = None) -> tuple[dict, dict]:
+    from cliplab.models.dual_encoder import DualEncoder
+    from cliplab.train.pretrain import run_pretrain
+
+    model = TINY if train.get("loss") != "siglip" else {"name": "tiny-siglip", "options": {
+        k: v for k, v in TINY["options"].items() if k != "embed_dim"}}
+    cfg = {"model": model, "data": {"train": {**SHAPES, "n": 64, "kinds": ["single", "relation"]}},
+           "train": {"steps": 4, "batch_size": 16, "lr": 3e-3, "warmup": 1, "log_every": 1,
+                     "save_every": 2, "augment": False, "device": device, **train},
+           "eval": {"tasks": [{"name": "colour", "task": "zeroshot",
+                               "data": {**SHAPES, "attribute": "color"}}]},
+           "out": str(out)}
+    results = run_pretrain(cfg, progress=False)
+    if resume_at is not None:  # then resumed from its checkpoint of that step: the same run
+        results = run_pretrain(cfg, resume=str(out / "checkpoints" / f"step-{resume_at}"),
+                               progress=False)
+    weights = DualEncoder.load(results["model_dir"]).model.state_dict()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kept = {k: v for k, v in results.items() if k not in ("model_dir", "out")}
+    return _untimed({"results": kept, "metrics": logged}), weights
+
+
+def _untimed(value):
+    """``value`` without its timings (keys naming a time or a rate)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items()
+                if not any(word in k for word in ("time", "per_s", "seconds"))}
+    return [_untimed(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("variant", list(PRETRAIN_VARIANTS))
+def test_pretraining_on_the_gpu_takes_the_cpus_steps(variant, tmp_path):
+    train = PRETRAIN_VARIANTS[variant]
+    on_cpu, cpu_weights = _pretrain(tmp_path / "cpu", "cpu", train)
+    with fake_cuda():
+        on_gpu, gpu_weights = _pretrain(tmp_path / "gpu", "auto", train, resume_at=2)
+    assert _same(on_gpu, on_cpu)
+    for name, weight in cpu_weights.items():
+        torch.testing.assert_close(gpu_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _quickstart(out) -> dict:
+    from cliplab.quickstart import run_quickstart
+
+    results = run_quickstart({"data": {"train_limit": 400, "test_limit": 100},
+                              "model": {"options": {"width": 32, "layers": 1, "heads": 2}},
+                              "train": {"steps": 3, "batch_size": 32},
+                              "eval": {"probe_train_size": 200}, "out": str(out)},
+                             progress=False)
+    return json.loads(json.dumps(_untimed(results)).replace(str(out), "OUT"))
+
+
+def test_the_quickstart_runs_on_the_gpu_with_the_cpus_results(tmp_path, monkeypatch):
+    """The LiT model's pretrained MiniLM tower is loaded without transformers' Hub kernels,
+    which a GPU's first train() fetched from the Hub (offline: an error)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    on_cpu = _quickstart(tmp_path / "cpu")
+    with fake_cuda():
+        on_gpu = _quickstart(tmp_path / "gpu")
     assert _same(on_gpu, on_cpu)
