@@ -181,6 +181,18 @@ def test_adapt_fits_and_scores_on_the_gpu_with_the_cpus_results(method, model_di
     assert _same(on_gpu, on_cpu)
 
 
+def test_wise_ft_of_a_given_fine_tune_sweeps_on_the_gpu_with_the_cpus_results(model_dir, tmp_path):
+    """``options.finetuned`` (a fine-tune on disk) is loaded where the zero-shot model is."""
+    _adapt("finetune", model_dir, tmp_path / "ft", "cpu")
+    given = {"alphas": [0, 0.5, 1], "finetuned": str(tmp_path / "ft")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ADAPT_OPTIONS, "wise-ft", given)
+        on_cpu = _adapt("wise-ft", model_dir, tmp_path / "cpu", "cpu")
+        with fake_cuda():
+            on_gpu = _adapt("wise-ft", model_dir, tmp_path / "gpu", "auto")
+    assert _same(on_gpu, on_cpu)
+
+
 @pytest.fixture
 def endpoints_on_the_fake_gpu(monkeypatch):
     """FastAPI runs sync endpoints on worker threads, where the (thread-local) fake GPU is not

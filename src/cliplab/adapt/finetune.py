@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import field_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
@@ -67,12 +68,13 @@ def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
     return folder
 
 
-def load_finetuned(folder: str | Path) -> tuple[DualEncoder, ClassifierHead]:
-    """The model and head of a fine-tuned model folder (or of a finetune run or checkpoint
-    folder's model)."""
+def load_finetuned(folder: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[DualEncoder, ClassifierHead]:
+    """The model (on ``device``) and head (on the CPU, as every eval head) of a fine-tuned
+    model folder (or of a finetune run or checkpoint folder's model)."""
     folder = model_folder(folder)
     require_origin(folder)  # fails clearly on a folder that is not a fine-tune
-    return DualEncoder.load(folder), ClassifierHead.load(folder)
+    return DualEncoder.load(folder, device), ClassifierHead.load(folder)
 
 
 def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,

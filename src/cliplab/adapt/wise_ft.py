@@ -244,7 +244,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     if opts.finetuned:
         ft_dir = resolve_model_path(opts.finetuned)
         check_same_origin(ft_dir, model, ctx.origin(model) or "the given model")
-        finetuned, ft_head = load_finetuned(ft_dir)
+        finetuned, ft_head = load_finetuned(ft_dir, model.device)  # where the sweep runs
     else:
         finetuned = copy.deepcopy(model)
         train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
