@@ -85,6 +85,24 @@ def model_dir(tmp_path_factory):
     return build_model(TINY["name"], **TINY["options"]).save(tmp_path_factory.mktemp("m") / "model")
 
 
+@contextlib.contextmanager
+def image_work_on_the_fake_gpu():
+    """The fake GPU, yielding the devices every image embedding was projected on (each image
+    path, eval's, training's, a search's, goes through `DualEncoder.project_image`)."""
+    from cliplab.models.dual_encoder import DualEncoder
+
+    seen: set[str] = set()
+    project = DualEncoder.project_image
+
+    def spy(self, pooled):
+        seen.add(str(pooled.device))
+        return project(self, pooled)
+
+    with fake_cuda(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DualEncoder, "project_image", spy)
+        yield seen
+
+
 EVAL_TASKS = [
     {"name": "zs", "task": "zeroshot", "data": {**SHAPES, "attribute": "color"}},
     {"name": "probe", "task": "linear_probe", "train": {**SHAPES, "attribute": "color", "seed": 2},
@@ -108,18 +126,11 @@ def _eval(model_dir, tmp_path, device: str, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_eval_runs_every_task_on_the_gpu_with_the_cpus_results(model_dir, tmp_path, capsys,
-                                                                monkeypatch):
-    import cliplab.models.resolve as resolve
-
+def test_eval_runs_every_task_on_the_gpu_with_the_cpus_results(model_dir, tmp_path, capsys):
     on_cpu = _eval(model_dir, tmp_path, "cpu", capsys)
-    devices = []
-    load = resolve.load_model
-    monkeypatch.setattr(resolve, "load_model",
-                        lambda spec, device="cpu": devices.append(device) or load(spec, device))
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as devices:
         on_gpu = _eval(model_dir, tmp_path, "auto", capsys)
-    assert devices == [torch.device("cuda")]
+    assert devices == {"cuda:0"}
     assert list(on_gpu["results"]) == [t["name"] for t in EVAL_TASKS]
     assert _same(on_gpu, on_cpu)
 
@@ -172,12 +183,13 @@ def test_adapt_fits_and_scores_on_the_gpu_with_the_cpus_results(method, model_di
     on_cpu = _adapt(method, model_dir, tmp_path / "cpu", "cpu")
     devices = []
     resolve = trainer.resolve_device
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as image_devices:
         with pytest.MonkeyPatch.context() as patch:  # where the Trainer-based methods train
             patch.setattr(trainer, "resolve_device",
                           lambda name: devices.append(str(name)) or resolve(name))
             on_gpu = _adapt(method, model_dir, tmp_path / "gpu", "auto")
     assert devices == (["cuda:0"] if method in ("finetune", "lora", "wise-ft") else [])
+    assert image_devices == {"cuda:0"}
     assert _same(on_gpu, on_cpu)
 
 
@@ -188,9 +200,9 @@ def test_wise_ft_of_a_given_fine_tune_sweeps_on_the_gpu_with_the_cpus_results(mo
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(ADAPT_OPTIONS, "wise-ft", given)
         on_cpu = _adapt("wise-ft", model_dir, tmp_path / "cpu", "cpu")
-        with fake_cuda():
+        with image_work_on_the_fake_gpu() as devices:
             on_gpu = _adapt("wise-ft", model_dir, tmp_path / "gpu", "auto")
-    assert _same(on_gpu, on_cpu)
+    assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
 
 
 @pytest.fixture
@@ -241,9 +253,10 @@ def test_index_and_serve_run_on_the_gpu_with_the_cpus_results(model_dir, tmp_pat
 
     build(model_dir, INDEXED, tmp_path / "cpu", device="cpu")
     on_cpu = _serve_session(tmp_path / "cpu", "cpu")
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as devices:
         build(model_dir, INDEXED, tmp_path / "gpu")  # device auto: the GPU
         on_gpu = _serve_session(tmp_path / "gpu", "auto")
+    assert devices == {"cuda:0"}
     cpu_index, gpu_index = SearchIndex(tmp_path / "cpu"), SearchIndex(tmp_path / "gpu")
     ids = list(range(cpu_index.count))
     np.testing.assert_allclose(np.stack([gpu_index.vector(i) for i in ids]),
@@ -275,20 +288,16 @@ def _curate(model_dir, out, device: str) -> dict:
 def test_curate_runs_its_model_steps_on_the_gpu_with_the_cpus_results(model_dir, tmp_path,
                                                                       monkeypatch):
     import cliplab.train.trainer as trainer
-    from cliplab.models.dual_encoder import DualEncoder
 
     on_cpu = _curate(model_dir, tmp_path / "cpu", "cpu")
-    devices, encoded_on = [], set()
-    resolve, encode = trainer.resolve_device, DualEncoder.encode_image
+    devices = []
+    resolve = trainer.resolve_device
     monkeypatch.setattr(trainer, "resolve_device",
                         lambda name: devices.append(str(name)) or resolve(name))
-    monkeypatch.setattr(DualEncoder, "encode_image",
-                        lambda self, pixels, **kw: encoded_on.add(str(pixels.device)) or
-                        encode(self, pixels, **kw))
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as image_devices:
         on_gpu = _curate(model_dir, tmp_path / "gpu", "auto")
     assert devices == ["cuda"]  # the filtering network trains where the steps run
-    assert encoded_on == {"cuda:0"}  # and every step's model embeds there
+    assert image_devices == {"cuda:0"}  # and every step's model embeds there
     assert all(s["dropped"] for s in on_cpu["steps"][1:])  # every step drops some, keeps some
     assert all(s["kept"] for s in on_cpu["steps"])
     assert _same(on_gpu, on_cpu)
@@ -336,9 +345,9 @@ def _untimed(value):
 def test_pretraining_on_the_gpu_takes_the_cpus_steps(variant, tmp_path):
     train = PRETRAIN_VARIANTS[variant]
     on_cpu, cpu_weights = _pretrain(tmp_path / "cpu", "cpu", train)
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as devices:
         on_gpu, gpu_weights = _pretrain(tmp_path / "gpu", "auto", train, resume_at=2)
-    assert _same(on_gpu, on_cpu)
+    assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
     for name, weight in cpu_weights.items():
         torch.testing.assert_close(gpu_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -359,6 +368,31 @@ def test_the_quickstart_runs_on_the_gpu_with_the_cpus_results(tmp_path, monkeypa
     which a GPU's first train() fetched from the Hub (offline: an error)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     on_cpu = _quickstart(tmp_path / "cpu")
-    with fake_cuda():
+    with image_work_on_the_fake_gpu() as devices:
         on_gpu = _quickstart(tmp_path / "gpu")
-    assert _same(on_gpu, on_cpu)
+    assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
+
+
+@pytest.mark.parametrize("device, train_device, expected", [
+    ("cpu", None, "cpu"),     # the steps' device
+    ("cpu", "cuda", "cuda"),  # the step's own train.device wins
+])
+def test_the_filtering_network_trains_where_the_steps_run_unless_told(device, train_device,
+                                                                       expected, tmp_path,
+                                                                       monkeypatch):
+    from cliplab.config import validate
+    from cliplab.curate.config import CurateConfig
+    from cliplab.curate.pipeline import run_curation
+    import cliplab.train.trainer as trainer
+
+    devices = []
+    resolve = trainer.resolve_device
+    monkeypatch.setattr(trainer, "resolve_device",
+                        lambda name: devices.append(str(name)) or resolve(name))
+    train = {"steps": 1, "batch_size": 8, **({"device": train_device} if train_device else {})}
+    with fake_cuda():
+        run_curation(validate(CurateConfig, {
+            "data": SHAPES, "out": str(tmp_path / "out"), "device": device,
+            "steps": [{"step": "dfn", "model": TINY, "trusted": {**SHAPES, "seed": 9},
+                       "train": train, "keep_top": 0.8}]}), progress=False)
+    assert devices == [expected]
