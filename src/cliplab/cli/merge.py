@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cliplab.cli.arguments import add_stage_arguments, config_where, stage_config
+from cliplab.cli.arguments import add_device, add_stage_arguments, config_where, stage_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous merge output (a model folder) at --out, once the "
                    "merge is written")
+    add_device(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.merge.run import run_merge
 
     cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
-                       base=args.base)
+                       base=args.base, device=args.device)
     record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
                        overwrite=args.overwrite)
     line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"

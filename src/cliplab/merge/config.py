@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import Section
 from cliplab.merge.methods import MERGE_METHODS
+from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
 
 NEEDS_BASE = ("model-stock", "task-arithmetic", "ties")
@@ -30,6 +31,7 @@ class MergeConfig(Section):
     heldout: dict[str, Any] | None = None
     metric: str = "acc1"
     require_origin: bool = False
+    device: Device = "auto"  # where the held-out task scores (the weights merge on the CPU)
 
     @field_validator("method")
     @classmethod

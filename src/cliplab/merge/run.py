@@ -19,6 +19,7 @@ from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredi
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
+from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import MODEL_FOLDER, check_out
@@ -99,8 +100,8 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
 
     evaluate = None
     if cfg.heldout:
-        evaluate = heldout_evaluator(DualEncoder.load(paths[0]), cfg.heldout, cfg.metric,
-                                     where=where)
+        template = DualEncoder.load(paths[0], resolve_device(cfg.device))
+        evaluate = heldout_evaluator(template, cfg.heldout, cfg.metric, where=where)
     record: dict = {"method": method, "models": paths, "base": base_path,
                     "origin": origin, "heldout": None}
     scores: dict[str, float] = {}
