@@ -205,6 +205,27 @@ def test_wise_ft_of_a_given_fine_tune_sweeps_on_the_gpu_with_the_cpus_results(mo
     assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
 
 
+def test_a_greedy_soup_scores_its_ingredients_on_the_gpu_with_the_cpus_choices(tmp_path):
+    from cliplab.merge.run import run_merge
+    from tests.serve_helpers import save_tiny_model
+
+    models = [str(save_tiny_model(tmp_path / f"m{seed}", seed)) for seed in (0, 1, 2)]
+
+    def merge(out, device: str) -> dict:
+        record = run_merge({"method": "greedy", "models": models, "device": device,
+                            "heldout": {"task": "zeroshot", "data": {"source": "digits",
+                                                                     "split": "test"}},
+                            "out": str(out)}, progress=False)
+        return {k: v for k, v in _untimed(record).items() if k != "out"}
+
+    on_cpu = merge(tmp_path / "cpu", "cpu")
+    with image_work_on_the_fake_gpu() as devices:
+        on_gpu = merge(tmp_path / "gpu", "auto")
+    assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
+    assert (tmp_path / "gpu" / "model.safetensors").read_bytes() == \
+        (tmp_path / "cpu" / "model.safetensors").read_bytes()  # the same weights, merged
+
+
 @pytest.fixture
 def endpoints_on_the_fake_gpu(monkeypatch):
     """FastAPI runs sync endpoints on worker threads, where the (thread-local) fake GPU is not
