@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 
-    extra = {key: getattr(args, key) for key in ("model", "out", "add", "backend", "uri",
-                                                   "index_type", "device") if getattr(args, key) is not None}
+    given = ("model", "out", "add", "backend", "uri", "index_type", "device")
+    extra = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})
     check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])

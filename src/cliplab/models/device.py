@@ -1,5 +1,5 @@
 """Where a model runs: the ``device`` of every stage (``train.device``; ``device`` of eval,
-index, serve, curate and adapt), ``auto`` meaning the GPU when this machine has one."""
+adapt, merge, curate, index and serve), ``auto`` meaning the GPU when this machine has one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from pydantic import AfterValidator
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
-DEVICE_HELP = f"where the model runs: {DEVICE_CHOICES} (default auto: a GPU when there is one)"
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -128,7 +128,8 @@ class Decontaminate:
     def prepare(self, context: StepContext) -> None:
         """Load the model, then embed and hash every evaluation image once."""
         self.work = Path(context.work)
-        self.model = load_model(self.spec.model, context.device) if self.spec.threshold is not None else None
+        self.model = (load_model(self.spec.model, context.device)
+                      if self.spec.threshold is not None else None)
         embeddings, hashes = [], []
         for label, data_spec in eval_set_specs(self.spec):
             images = load_source(data_spec).images
