@@ -327,12 +327,25 @@ def test_a_probe_adapter_on_extra_features_scores_through_the_zeroshot_task(mode
     tokens (or layers) gets them computed (the classifier's ``probe``): its acc1 is the share
     of test images its own logits rank right."""
     train, test = digits
+    if features == "layers":  # it reads the last 4 blocks
+        model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=4,
+                            heads=2, embed_dim=16, context_length=48)
     adapter = get_method("linear-probe").fit(model, train, {"features": features, "l2": 0.01},
                                              AdaptContext(FeatureCache(), progress=False))
     assert adapter.probe == features
     scored = adapter.score({"test": test}, FeatureCache())["test"]
     right = (adapter.logits(test.images).argmax(1) == test.labels).float().mean().item()
     assert scored["acc1"] == pytest.approx(right, abs=1e-6)
+
+
+def test_a_layers_probe_adapter_refuses_a_tower_of_fewer_blocks_than_it_reads(model, digits):
+    """The probe reads the last 4 blocks' states; a 1-block tower has 2 hidden states (the
+    patch embeddings and its block): they were taken silently, embeddings included."""
+    with pytest.raises(ConfigError, match=r"^options.features: layers reads the last 4 blocks "
+                                          r"of the image tower, but this model's has 1; use "
+                                          r"features tokens, backbone or embeddings"):
+        get_method("linear-probe").fit(model, digits[0], {"features": "layers"},
+                                       AdaptContext(FeatureCache(), progress=False))
 
 
 def test_zeroshot_fills_the_templates_with_descriptions_or_class_names(model, digits, ctx):

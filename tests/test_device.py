@@ -151,7 +151,7 @@ def _same(a, b, path="") -> bool:
 
 
 ADAPT_OPTIONS = {
-    "zeroshot": {}, "linear-probe": {"features": "layers"}, "tip-adapter": {"search": True},
+    "zeroshot": {}, "linear-probe": {"features": "tokens"}, "tip-adapter": {"search": True},
     "tip-adapter-f": {"epochs": 2, "augment_views": 2}, "clip-adapter": {"epochs": 2},
     "coop": {"epochs": 2}, "cocoop": {"epochs": 1, "batch_size": 4},
     "finetune": {"train": {"steps": 2, "batch_size": 4}},

@@ -11,7 +11,9 @@ from pydantic import Field
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.config import Section
 from cliplab.data.types import LabelledImages
-from cliplab.evaluate.features import EXTRA_PROBES, ImageFeatures
+from cliplab.errors import ConfigError
+from cliplab.evaluate.features import (DEFAULT_PROBE_LAYERS, EXTRA_PROBES, ImageFeatures,
+                                       image_blocks)
 from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, choose_l2, fit_logistic
 from cliplab.models.dual_encoder import DualEncoder
 
@@ -53,6 +55,12 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         ctx: AdaptContext) -> LinearProbe:
     opts = method_options(Options, options, "linear-probe").to_dict()
     which = opts["features"]
+    blocks = image_blocks(model) if which == "layers" else None
+    if blocks is not None and blocks < DEFAULT_PROBE_LAYERS:
+        raise ConfigError(f"options.features: layers reads the last {DEFAULT_PROBE_LAYERS} "
+                          f"blocks of the image tower, but this model's has {blocks}; use "
+                          "features tokens, backbone or embeddings (or the eval suite's "
+                          "linear_probe task, whose layers key takes fewer)")
     x = ctx.features(model, train, which if which in EXTRA_PROBES else None,
                      desc="encode train").get(which).float()
     mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 sample: nan

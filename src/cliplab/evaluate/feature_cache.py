@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cliplab.errors import ConfigError
-from cliplab.evaluate.features import ImageFeatures, encode_images
+from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
@@ -103,7 +103,7 @@ class FeatureCache:
         return None
 
     def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
-                 probe_layers: int = 4, progress: bool = True,
+                 probe_layers: int = DEFAULT_PROBE_LAYERS, progress: bool = True,
                  desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:
         """The cached features of ``images`` under ``model``, computing them on a miss (an
         unreadable file of the folder is one: it is deleted and written again)."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cliplab.errors import ModelError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import autocast
 
@@ -35,12 +36,26 @@ class ImageFeatures:
 
 PROBE_FEATURES = ("embeddings", "backbone", "tokens", "layers")
 EXTRA_PROBES = ("tokens", "layers")  # the ones computed only when asked for
+DEFAULT_PROBE_LAYERS = 4  # blocks the ``layers`` probe reads, unless told
+
+
+def image_blocks(model: DualEncoder) -> int | None:
+    """How many blocks the model's image tower has (None where that cannot be told, e.g. an
+    ONNX export): a ``layers`` probe of more would take every hidden state, the patch
+    embeddings too."""
+    tower_layers = getattr(model, "tower_layers", None)
+    if tower_layers is None:
+        return None
+    try:
+        return len(tower_layers("image"))
+    except ModelError:  # a tower whose blocks cannot be found
+        return None
 
 
 @torch.no_grad()
 def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 500,
                   progress: bool = True, desc: str = "encode images",
-                  probe: str | None = None, probe_layers: int = 4,
+                  probe: str | None = None, probe_layers: int = DEFAULT_PROBE_LAYERS,
                   precision: str = "fp32") -> ImageFeatures:
     """Encode uint8 images ``[N, H, W, C]`` with ``model`` in eval mode; with ``probe`` set to
     ``"tokens"`` or ``"layers"`` also those probe features, from the same forward pass.

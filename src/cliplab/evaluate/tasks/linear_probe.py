@@ -9,10 +9,10 @@ from pydantic import Field
 
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, DataError, ModelError
+from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
-from cliplab.evaluate.features import EXTRA_PROBES
+from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, EXTRA_PROBES, image_blocks
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -23,7 +23,7 @@ class ProbeSpecBase(TaskSpecBase):
     train: DataSpec
     test: DataSpec
     features: ProbeKind
-    layers: int = Field(4, ge=1)
+    layers: int = Field(DEFAULT_PROBE_LAYERS, ge=1)
 
     def probes(self):
         if self.features not in EXTRA_PROBES:
@@ -33,14 +33,8 @@ class ProbeSpecBase(TaskSpecBase):
     def check_model(self, model: DualEncoder) -> None:
         """With ``features: layers``, ``layers`` must count blocks the image tower has (more
         would silently take every hidden state, the patch embeddings too)."""
-        tower_layers = getattr(model, "tower_layers", None)  # an ONNX export has none (nor probes)
-        if self.features != "layers" or tower_layers is None:
-            return
-        try:
-            blocks = len(tower_layers("image"))
-        except ModelError:  # a tower whose blocks cannot be found: nothing to check against
-            return
-        if self.layers > blocks:
+        blocks = image_blocks(model) if self.features == "layers" else None
+        if blocks is not None and self.layers > blocks:
             choice = "1" if blocks == 1 else f"1 to {blocks}"
             raise ConfigError(f"layers: {self.layers}, but the model's image tower has {blocks} "
                               f"block{'s' if blocks != 1 else ''}; give {choice}")
