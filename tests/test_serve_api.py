@@ -122,8 +122,8 @@ def test_health_and_openapi(served):
     assert health["count"] == 40 and health["backend"] == "faiss"
     assert health["fingerprint"] == served["index"].fingerprint
     paths = served["client"].get("/openapi.json").json()["paths"]
-    assert {"/api/search", "/api/search/image", "/api/classify", "/images/{id}",
-            "/api/health"} <= set(paths)
+    assert {"/api/search", "/api/search/image", "/api/classify", "/api/classify/ids",
+            "/images/{id}", "/api/health"} <= set(paths)
     page = served["client"].get("/")
     assert page.status_code == 200 and 'id="search-form"' in page.text
 
@@ -204,6 +204,12 @@ def test_api_key_guards_every_route(served):
                       headers={"X-API-Key": "wrong"}), 401, "API key")
     _error(client.get("/images/1"), 401, "API key")
     _error(client.get("/api/health"), 401, "API key")
+    for route, form in (("/api/classify", {"labels": "a, b", "id": "1"}),
+                        ("/api/classify/ids", {"labels": "a, b", "ids": "1,2"}),
+                        ("/api/search/image", {})):
+        _error(client.post(route, data=form), 401, "API key")
+    assert client.post("/api/classify/ids", data={"labels": "a, b", "ids": "1,2"},
+                       headers={"X-API-Key": KEY}).status_code == 200
     assert client.get("/api/search", params={"q": "a red circle"},
                       headers={"X-API-Key": KEY}).status_code == 200
     assert client.get("/images/1", params={"api_key": KEY}).status_code == 200
@@ -417,3 +423,38 @@ def test_answers_echo_the_request(served):
                                                "template": "{c}, {{drawn}}"}).json()
     assert (by_id["id"], by_id["template"]) == (5, "{c}, {{drawn}}")
     assert client.post("/api/classify", data={"labels": "a,b"}, files=upload).json()["id"] is None
+
+
+def test_classify_ids_labels_each_image_as_classify_does(served):
+    """One request for several indexed images gives each the labels /api/classify gives it,
+    in the order asked (repeats once); ids as one comma list or repeated fields."""
+    client, labels = served["client"], "red circle, blue square, green triangle"
+    one_by_one = [client.post("/api/classify", data={"labels": labels, "id": str(i),
+                                                      "template": "a {} shape"}).json()["labels"]
+                  for i in (7, 2, 30)]
+    batch = client.post("/api/classify/ids", data={"labels": labels, "ids": "7, 2,30,7",
+                                                   "template": "a {} shape"}).json()
+    assert batch["template"] == "a {} shape"
+    assert [r["id"] for r in batch["results"]] == [7, 2, 30]
+    for got, alone in zip(batch["results"], one_by_one):  # one matmul or three: 1e-7 apart
+        assert [e["label"] for e in got["labels"]] == [e["label"] for e in alone]
+        assert [e["probability"] for e in got["labels"]] == \
+            pytest.approx([e["probability"] for e in alone], abs=2e-6)
+    repeated = client.post("/api/classify/ids", data={"labels": labels,
+                                                      "ids": ["7", "2, 30"],
+                                                      "template": "a {} shape"}).json()
+    assert repeated == batch
+
+
+@pytest.mark.parametrize("ids, status, words", [
+    ("3, 999, 1000", 404, "no indexed image with id 999, 1000"),
+    ("3, x", 422, "ids: 'x' is not an image id (a whole number from 0)"),
+    ("-1", 422, "ids: '-1' is not an image id"),
+    ("²", 422, "ids: '²' is not an image id"),
+    ("9" * 5000, 422, "is not an image id"),
+    (" , ", 422, "ids: give 1 to 100 image ids"),
+    (",".join(map(str, range(101))), 422, "ids: give 1 to 100 image ids"),
+])
+def test_classify_ids_refuses_bad_ids_naming_them(served, ids, status, words):
+    _error(served["client"].post("/api/classify/ids", data={"labels": "a, b", "ids": ids}),
+           status, words)

@@ -132,6 +132,26 @@ def _labels(fields: list[str]) -> list[str]:
     return labels
 
 
+def _ids(fields: list[str]) -> list[int]:
+    """The image ids of the ``ids`` form fields (each one or more, separated by commas), in
+    order, repeats dropped; at most ``MAX_K``."""
+    parts = [part.strip() for text in fields for part in text.split(",") if part.strip()]
+    bad = next((part for part in parts
+                if not re.fullmatch(r"[0-9]{1,19}", part) or int(part) > MAX_ID), None)
+    if bad is not None:
+        _fail(422, f"ids: {bad[:40]!r} is not an image id (a whole number from 0)")
+    ids = list(dict.fromkeys(int(part) for part in parts))
+    if not ids or len(ids) > MAX_K:
+        _fail(422, f"ids: give 1 to {MAX_K} image ids, separated by commas")
+    return ids
+
+
+def ranked_labels(names: list[str], probs: torch.Tensor) -> list[dict]:
+    """``[{label, probability}]`` of one image, most probable first."""
+    order = torch.argsort(probs, descending=True).tolist()
+    return [{"label": names[i], "probability": round(float(probs[i]), 6)} for i in order]
+
+
 def _template(text: str) -> str:
     """The prompt template with exactly one ``{}`` (or ``{c}``) where the label goes, that formats
     with a label in it; a 400 otherwise."""
@@ -274,10 +294,28 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                 vector = embed_images(model, [_read_image(file.file.read(), "file")])
         head = label_head(tuple(names), prompt)
         probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
-        order = torch.argsort(probs, descending=True).tolist()
-        return {"id": id, "template": template,
-                "labels": [{"label": names[i], "probability": round(float(probs[i]), 6)}
-                           for i in order]}
+        return {"id": id, "template": template, "labels": ranked_labels(names, probs)}
+
+    @app.post("/api/classify/ids", dependencies=guarded)
+    def classify_ids(labels: list[str] = Form(..., description="labels separated by commas or "
+                                              "new lines (or one per repeated labels field)"),
+                     ids: list[str] = Form(..., description=f"up to {MAX_K} indexed image ids, "
+                                           "separated by commas (or one per repeated ids field)"),
+                     template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
+                                          description="prompt template; {} is the label")
+                     ) -> dict:
+        """Zero-shot probabilities of the labels for several indexed images at once (the page
+        labels every result it shows with one request)."""
+        names, prompt, wanted = _labels(labels), _template(template), _ids(ids)
+        found = index.items(wanted)
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            _fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
+                  + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+        vectors = torch.from_numpy(np.stack([index.vector(i) for i in wanted]))
+        probs = zero_shot_probabilities(model, vectors, label_head(tuple(names), prompt))
+        return {"template": template, "results": [
+            {"id": i, "labels": ranked_labels(names, row)} for i, row in zip(wanted, probs)]}
 
     @app.get("/images/{id}", dependencies=[Depends(authorised_image)])
     def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
