@@ -441,6 +441,31 @@ def test_labelling_disables_its_button_and_sends_the_template(site):
     assert [p for p in problems if "status of 400" not in p] == []
 
 
+def test_labelling_asks_once_for_every_card_shown(site):
+    """One /api/classify/ids request labels all 24 cards (it was one request per card, 96 at
+    k=96), each card the label of its own id."""
+    page, problems = open_page(site)
+    search(page, "photo", k="24")
+    sent = []
+    page.on("request", lambda r: sent.append(r) if "/api/classify" in r.url else None)
+    page.fill("#labels", "red, blue, green")
+    page.click("#label-btn")
+    page.wait_for_selector("#status:has-text('labelled 24 images')")
+    assert [r.url.split("/api/")[1] for r in sent] == ["classify/ids"]
+    ids = page.eval_on_selector_all("#grid .card", "cards => cards.map((c) => c.dataset.id)")
+    asked = {"labels": "red, blue, green", "ids": ",".join(ids), "template": "a photo of a {}."}
+    answer = page.evaluate("""async (asked) => {
+        const form = new FormData();
+        for (const [k, v] of Object.entries(asked)) form.append(k, v);
+        const r = await fetch("/api/classify/ids", {method: "POST", body: form,
+            headers: {"X-API-Key": localStorage.getItem("cliplab-api-key")}});
+        return (await r.json()).results.map(({id, labels: [best]}) =>
+            [String(id), `${best.label} ${(100 * best.probability).toFixed(0)}%`]);
+    }""", asked)
+    assert [i for i, _ in answer] == ids and labels(page) == [text for _, text in answer]
+    assert problems == []
+
+
 def test_the_pager_at_the_last_page_and_past_it(site):
     """An exactly full last page has no Next; a page past the end shows the pager,
     "no results", and a Previous that goes back to the last page."""
