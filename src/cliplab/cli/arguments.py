@@ -47,8 +47,7 @@ def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
     add_debug(p)
 
 
-DEVICE_HELP = ("where the model runs: cpu, cuda, cuda:N, mps or auto (a GPU when there is one; "
-               "the default)")
+DEVICE_HELP = "where the model runs: cpu, cuda, cuda:N, mps or auto (a GPU when there is one)"
 
 
 def device_name(value: str) -> str:
@@ -66,7 +65,8 @@ def add_device(p: argparse.ArgumentParser, in_config: bool = True) -> None:
     """``--device``: the stage config's ``device`` key (``in_config``), else the command's own
     option (default auto)."""
     p.add_argument("--device", type=device_name, default=None if in_config else "auto",
-                   help=DEVICE_HELP + (" (or the config's 'device')" if in_config else ""))
+                   help=DEVICE_HELP + ("; default: the config's 'device', else auto"
+                                       if in_config else "; default auto"))
 
 
 def add_data_argument(p: argparse.ArgumentParser, *aliases: str) -> None:
