@@ -13,10 +13,9 @@ import torch
 import yaml
 
 from cliplab.cli import main
-from cliplab.errors import ConfigError
 from cliplab.models.device import resolve_device
 from tests.cli_output import one_line_error
-from tests.fake_gpu import fake_cuda, on_fake_gpu
+from tests.fake_gpu import fake_cuda
 
 TINY = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                           "layers": 1, "heads": 2, "embed_dim": 16,
@@ -67,13 +66,13 @@ def test_curate_maps_on_the_gpu_locally_and_on_cpus_under_ray():
     from cliplab.curate.config import CurateConfig
 
     with fake_cuda():
-        assert CurateConfig(data=SHAPES).step_device() == "cuda"
+        assert resolve_device(CurateConfig(data=SHAPES).step_device()) == torch.device("cuda")
         assert CurateConfig(data=SHAPES, device="cpu").step_device() == "cpu"
         assert CurateConfig(data=SHAPES, engine="ray").step_device() == "cpu"
         with pytest.raises(ValueError, match="device: cuda runs the steps' models with engine "
                                              "local .* engine ray maps on its actors' CPUs"):
             CurateConfig(data=SHAPES, engine="ray", device="cuda")
-    assert CurateConfig(data=SHAPES).step_device() == "cpu"
+    assert resolve_device(CurateConfig(data=SHAPES).step_device()) == torch.device("cpu")
 
 
 # -- each command's work on the GPU ---------------------------------------------------------------
@@ -317,7 +316,7 @@ def test_curate_runs_its_model_steps_on_the_gpu_with_the_cpus_results(model_dir,
                         lambda name: devices.append(str(name)) or resolve(name))
     with image_work_on_the_fake_gpu() as image_devices:
         on_gpu = _curate(model_dir, tmp_path / "gpu", "auto")
-    assert devices == ["cuda"]  # the filtering network trains where the steps run
+    assert devices == ["auto"]  # the filtering network trains where the steps run
     assert image_devices == {"cuda:0"}  # and every step's model embeds there
     assert all(s["dropped"] for s in on_cpu["steps"][1:])  # every step drops some, keeps some
     assert all(s["kept"] for s in on_cpu["steps"])
@@ -417,3 +416,22 @@ def test_the_filtering_network_trains_where_the_steps_run_unless_told(device, tr
             "steps": [{"step": "dfn", "model": TINY, "trusted": {**SHAPES, "seed": 9},
                        "train": train, "keep_top": 0.8}]}), progress=False)
     assert devices == [expected]
+
+
+def test_an_onnx_export_runs_on_the_cpu_under_auto_and_refuses_a_named_gpu(model_dir, tmp_path,
+                                                                           capsys):
+    from cliplab.models.dual_encoder import DualEncoder
+    from cliplab.models.onnx_export import export_onnx
+
+    exported = export_onnx(DualEncoder.load(model_dir), tmp_path / "onnx")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({"tasks": EVAL_TASKS[:1]}))
+    args = ["eval", "--config", str(suite), "--model", str(exported), "--no-progress"]
+    on_cpu = main(args) == 0 and json.loads(capsys.readouterr().out)
+    with fake_cuda():
+        assert main(args) == 0  # auto: the export's own CPU
+        assert json.loads(capsys.readouterr().out) == on_cpu
+        assert main([*args, "--device", "cuda"]) == 2
+    assert one_line_error(capsys) == (f"{exported} is an ONNX export, which runs on the CPU "
+                                      "here (onnxruntime); device cuda cannot run it: use cpu "
+                                      "or auto")

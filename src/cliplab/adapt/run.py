@@ -25,7 +25,6 @@ from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
-from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
 from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
@@ -173,7 +172,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
                         f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
                         "raise it, or leave it out")
-    model = model if model is not None else load_model(cfg.model, resolve_device(cfg.device))
+    model = model if model is not None else load_model(cfg.model, cfg.device)
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True

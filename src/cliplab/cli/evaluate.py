@@ -45,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
-    from cliplab.models.device import resolve_device
     from cliplab.models.precision import resolve_precision
     from cliplab.models.resolve import load_model
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     _check_cache_apart_from_results(args.cache_dir, out)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
     context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
-    model = load_model(args.model, device=resolve_device(args.device))
+    model = load_model(args.model, args.device)
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head

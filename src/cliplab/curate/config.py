@@ -16,7 +16,7 @@ from cliplab.curate.steps.base import StepSpecBase
 from cliplab.curate.steps.registry import step_spec
 from cliplab.data.collection import source_spec_field
 from cliplab.errors import CliplabError
-from cliplab.models.device import Device, resolve_device
+from cliplab.models.device import Device
 
 
 class OutputSpec(Section):
@@ -86,8 +86,8 @@ class CurateConfig(Section):
         return self
 
     def step_device(self) -> str:
-        """Where the steps' models run: the device, resolved (the CPU for Ray's actors)."""
-        return "cpu" if self.engine == "ray" else str(resolve_device(self.device))
+        """Where the steps' models run: the device's name (the CPU for Ray's actors)."""
+        return "cpu" if self.engine == "ray" else self.device
 
 
 

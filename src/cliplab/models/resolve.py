@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cliplab.errors import ModelError
+from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
 from cliplab.models.spec import ModelSpec, is_hub_id, model_spec
@@ -34,8 +35,11 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = "cpu"
                ) -> DualEncoder:
-    """A `DualEncoder` from a model spec (preset, model/checkpoint/run folder, Hub id)."""
+    """A `DualEncoder` from a model spec (preset, model/checkpoint/run folder, Hub id) on
+    ``device`` (a torch device or a name, ``auto``: the GPU when there is one). An ONNX export
+    runs on the CPU: with ``auto`` it does so, a GPU named for it is refused."""
     spec = model_spec(spec)
+    named, device = str(device), resolve_device(device)
     if spec.name in PRESETS:
         return build_model(spec.name, **spec.options).to(device)
     if not Path(spec.name).expanduser().exists() and not is_hub_id(spec.name):
@@ -46,6 +50,9 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
         from cliplab.models.onnx_encoder import is_onnx_export, load_onnx
 
         if is_onnx_export(path):
+            if named not in ("auto", "cpu"):
+                raise ModelError(f"{path} is an ONNX export, which runs on the CPU here "
+                                 f"(onnxruntime); device {named} cannot run it: use cpu or auto")
             return load_onnx(path)
         if is_openclip_checkpoint(path):
             return load_openclip(path, device=device)

@@ -32,7 +32,6 @@ from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason, source_
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.tasks.base import data_origin
-from cliplab.models.device import resolve_device
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
@@ -117,7 +116,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
             raise ConfigError(f"--index-type {cfg.index_type} is for the FAISS backend; Milvus "
                               "indexes with FLAT (Milvus Lite) or AUTOINDEX (a server): leave "
                               "it out with --backend milvus")
-    model = model if model is not None else load_model(cfg.model, resolve_device(cfg.device))
+    model = model if model is not None else load_model(cfg.model, cfg.device)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
             faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))

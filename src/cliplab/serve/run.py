@@ -8,30 +8,24 @@ import ipaddress
 import math
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.index import SearchIndex
-
-if TYPE_CHECKING:
-    import torch
 
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
              max_upload_mb: float = 10, device: str = "auto"):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
     differ from the index's), on ``device``."""
-    from cliplab.models.device import resolve_device
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
-    where = resolve_device(device)
-    loaded = load_model(model, where) if model is not None else _recorded_model(index, where)
+    loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key, max_upload_bytes=int(max_upload_mb * (1 << 20)))
 
 
-def _recorded_model(index: SearchIndex, device: torch.device):
+def _recorded_model(index: SearchIndex, device: str):
     """The model the index records, checked against its fingerprint; a ``ModelError`` saying
     to pass ``--model`` if that folder is gone or now holds other weights."""
     from cliplab.models.resolve import load_model

@@ -73,7 +73,7 @@ class StepContext:
     work: Path
     seed: int = 0
     progress: bool = True
-    device: str = "cpu"  # where a step's model runs (the config's device, resolved)
+    device: str = "cpu"  # where a step's model runs: a device name (auto, cpu, cuda, ...)
 
 
 @dataclass
