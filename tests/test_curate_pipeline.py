@@ -4,7 +4,9 @@ resumption after a kill without re-mapping finished chunks, refusals, and the CL
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -675,15 +677,28 @@ def test_a_caption_of_only_spaces_is_dropped_at_read_as_empty(tmp_path):
         ("read", f"empty caption at {manifest} line 3 ({folder / 'img_01.png'})")]
 
 
-def test_report_html_escapes_captions(tmp_path):
+CAPTION_WITH_MARKUP = "<b>x</b> & co | *y* _z_ [l](u) `c` a\\b &amp; ~~s~~"
+
+
+def test_report_html_and_md_show_captions_as_written(tmp_path):
+    """A caption holding HTML or Markdown is shown as written in report.html and in report.md
+    as a Markdown viewer renders it (HTML allowed, as GitHub's and VS Code's): no bold, link,
+    code or entity of its own, and its ``|`` does not split the table row."""
+    from markdown_it import MarkdownIt
+
     make_folder(tmp_path / "pool", [50, 200])
-    manifest = _manifest(tmp_path, [("pool/img_00.png", "<b>x</b> & co"),
+    manifest = _manifest(tmp_path, [("pool/img_00.png", CAPTION_WITH_MARKUP),
                                     ("pool/img_01.png", "fine")])
     run_curation(config(str(manifest), [{"step": "bright", "threshold": 100}]),
                  tmp_path / "out", progress=False)
+    shown = html.escape(CAPTION_WITH_MARKUP, quote=False)
     page = (tmp_path / "out" / "report.html").read_text()
-    assert "&lt;b&gt;x&lt;/b&gt; &amp; co" in page and "<b>x</b>" not in page
-    assert "<b>x</b> & co" in (tmp_path / "out" / "report.md").read_text()
+    assert f"<td>{html.escape(CAPTION_WITH_MARKUP)}</td>" in page and "<b>x</b>" not in page
+    md = (tmp_path / "out" / "report.md").read_text()
+    viewer = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    rendered = viewer.render(md)
+    assert f"<td>{shown}</td>" in rendered
+    assert not re.search(r"<(b|em|a|code|s|del)\b", rendered)
 
 
 def test_report_lists_every_read_drop_up_to_examples(tmp_path):

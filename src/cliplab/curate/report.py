@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,19 @@ THUMB = 96
 KNOWN = ("clusters", "matches", "histogram_before", "histogram_after", "files")
 
 
+# what starts Markdown syntax inside a line: emphasis, links, HTML, code, table cells, entities
+# (an underscore only at a word's edge, so paths such as img_00.png stay as they are)
+_MARKDOWN_INLINE = re.compile(r"[\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?\w+;)")
+
+
+def md_text(text: Any) -> str:
+    """``text`` for a Markdown line or table cell: shown as written when rendered."""
+    return _MARKDOWN_INLINE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
+
+
 class _Doc:
-    """Markdown and HTML written side by side."""
+    """Markdown and HTML written side by side (what a user gave, captions and keys, escaped in
+    both)."""
 
     def __init__(self, title: str):
         self.md = [f"# {title}", ""]
@@ -35,15 +47,15 @@ class _Doc:
                      f"</head><body><h1>{html.escape(title)}</h1>"]
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.md += [f"{'#' * level} {text}", ""]
+        self.md += [f"{'#' * level} {md_text(text)}", ""]
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
     def text(self, text: str) -> None:
-        self.md += [text, ""]
+        self.md += [md_text(text), ""]
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def image(self, rel: str, alt: str) -> None:
-        self.md += [f"![{alt}]({rel})", ""]
+        self.md += [f"![{md_text(alt)}]({rel})", ""]
         self.html.append(f'<img alt="{html.escape(alt)}" src="{html.escape(rel)}">')
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
@@ -55,7 +67,7 @@ class _Doc:
         def md(cell):
             if isinstance(cell, tuple):
                 return " ".join(f"![]({p})" for p in paths(cell)) or "—"
-            return str(cell).replace("|", r"\|").replace("\n", " ")
+            return md_text(cell)
 
         def h(cell):
             if isinstance(cell, tuple):
