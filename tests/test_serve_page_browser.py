@@ -466,6 +466,26 @@ def test_labelling_asks_once_for_every_card_shown(site):
     assert problems == []
 
 
+def test_the_drop_zone_stays_lit_over_its_own_preview(site):
+    """Dragging from the drop zone onto its preview image keeps the highlight (it flickered
+    off and on); leaving the zone for the page turns it off."""
+    page, problems = open_page(site)
+    lit = page.evaluate("""() => {
+        const drop = document.getElementById("drop"), preview = document.getElementById("preview");
+        const fire = (type, relatedTarget) => drop.dispatchEvent(
+            new DragEvent(type, {bubbles: true, cancelable: true, relatedTarget}));
+        fire("dragover", null);
+        const seen = [drop.classList.contains("over")];
+        fire("dragleave", preview);  // onto its own preview image
+        seen.push(drop.classList.contains("over"));
+        fire("dragleave", document.body);  // off the zone
+        seen.push(drop.classList.contains("over"));
+        return seen;
+    }""")
+    assert lit == [True, True, False]
+    assert problems == []
+
+
 def test_the_pager_at_the_last_page_and_past_it(site):
     """An exactly full last page has no Next; a page past the end shows the pager,
     "no results", and a Previous that goes back to the last page."""
