@@ -435,3 +435,25 @@ def test_an_onnx_export_runs_on_the_cpu_under_auto_and_refuses_a_named_gpu(model
     assert one_line_error(capsys) == (f"{exported} is an ONNX export, which runs on the CPU "
                                       "here (onnxruntime); device cuda cannot run it: use cpu "
                                       "or auto")
+
+
+def test_a_curate_run_resumes_on_another_device(tmp_path, monkeypatch):
+    """``device`` changes where the steps run, not what is kept: a run stopped before its
+    rename, re-run with another device, is finished, not refused as another config's."""
+    from cliplab.config import validate
+    from cliplab.curate import pipeline
+    from cliplab.curate.config import CurateConfig
+
+    def curate(device: str) -> dict:
+        return pipeline.run_curation(validate(CurateConfig, {
+            "data": SHAPES, "steps": [{"step": "exact_dedup"}], "device": device,
+            "out": str(tmp_path / "out")}), progress=False)
+
+    def killed(work, out):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "_move_into_place", killed)
+        with pytest.raises(KeyboardInterrupt):
+            curate("cpu")
+    assert curate("auto")["kept"] == SHAPES["n"]
