@@ -457,3 +457,39 @@ def test_a_curate_run_resumes_on_another_device(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             curate("cpu")
     assert curate("auto")["kept"] == SHAPES["n"]
+
+
+class _Reached(Exception):
+    """Raised by a stand-in for a command's work: what the command line set has arrived."""
+
+
+@pytest.mark.parametrize("command, module, function, extra", [
+    ("index", "cliplab.serve.build", "build_index", ["--model", "tiny-clip", "--data", "shapes",
+                                                     "--out", "IDX"]),
+    ("curate", "cliplab.curate.pipeline", "run_curation", ["--config", "CURATE", "--out", "C"]),
+    ("adapt", "cliplab.adapt.run", "run_adapt", ["--method", "zeroshot", "--model", "tiny-clip",
+                                                 "data.train={source: shapes}",
+                                                 "data.test={source: shapes}"]),
+    ("merge", "cliplab.merge.run", "run_merge", ["--method", "uniform", "--models", "M", "M",
+                                                 "--out", "MERGED"]),
+    ("serve", "cliplab.serve.run", "serve", ["IDX"]),
+])
+def test_device_on_the_command_line_reaches_each_command(command, module, function, extra,
+                                                          tmp_path, monkeypatch):
+    import importlib
+
+    curate = tmp_path / "c.yaml"
+    curate.write_text(yaml.safe_dump({"data": SHAPES, "steps": [{"step": "exact_dedup"}]}))
+    (tmp_path / "M").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def reached(cfg=None, *args, **kwargs):
+        seen.append(kwargs["device"] if command == "serve" else cfg.device)
+        raise _Reached
+
+    monkeypatch.setattr(importlib.import_module(module), function, reached)
+    args = [a.replace("CURATE", str(curate)) for a in extra]
+    with fake_cuda(), pytest.raises(_Reached):
+        main([command, *args, "--device", "cuda:0"])
+    assert seen == ["cuda:0"]
