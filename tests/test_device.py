@@ -241,8 +241,8 @@ def endpoints_on_the_fake_gpu(monkeypatch):
 
 
 def _serve_session(index, device: str) -> list:
-    """What a user's session gets back: text and image search, labels by id and by upload,
-    and an indexed image."""
+    """What a user's session gets back: text and image search, labels by id, by upload and for
+    several ids, and an indexed image."""
     import io
 
     from fastapi.testclient import TestClient
@@ -261,9 +261,10 @@ def _serve_session(index, device: str) -> list:
         client.post("/api/search/image", params={"k": 5}, files=upload),
         client.post("/api/classify", data={"labels": "red, blue, green", "id": "3"}),
         client.post("/api/classify", data={"labels": "red, blue, green"}, files=upload),
+        client.post("/api/classify/ids", data={"labels": "red, blue, green", "ids": "3,1,4"}),
         client.get("/images/3")]
-    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
-    return [r.json() for r in responses[:4]] + [responses[4].content]
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+    return [r.json() for r in responses[:5]] + [responses[5].content]
 
 
 def test_index_and_serve_run_on_the_gpu_with_the_cpus_results(model_dir, tmp_path,
@@ -281,7 +282,7 @@ def test_index_and_serve_run_on_the_gpu_with_the_cpus_results(model_dir, tmp_pat
     ids = list(range(cpu_index.count))
     np.testing.assert_allclose(np.stack([gpu_index.vector(i) for i in ids]),
                                np.stack([cpu_index.vector(i) for i in ids]), atol=1e-6)
-    assert _same(on_gpu[:4], on_cpu[:4]) and on_gpu[4] == on_cpu[4]
+    assert _same(on_gpu[:5], on_cpu[:5]) and on_gpu[5] == on_cpu[5]
 
 
 def _curate(model_dir, out, device: str) -> dict:
