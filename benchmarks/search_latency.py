@@ -4,10 +4,12 @@ one alternative (compressed IVF-PQ). One JSON line per index.
 
 Data (default 1,000,000 x 512, float32 unit vectors, ~2 GB): a mixture of ``--clusters``
 Gaussian clusters. Centres are standard normal directions; a point is its centre plus isotropic
-noise of norm ``--spread`` relative to the centre's (0.8: clusters overlap, as embeddings of a
-real collection do), then normalised. Queries are fresh draws from the same mixture (held out:
-not in the index); the automatic index's nprobe is tuned on another held-out set, as
-`cliplab index` does. Peak memory is about three copies of the vectors (raw, exact index, IVF
+noise of norm ``--spread`` relative to the centre's, then normalised. Even at 0.8 the clusters
+stay apart (a query's ten nearest neighbours come from its own cluster), so the data is kinder
+to IVF than a real collection's embeddings, which have no discrete clusters. Queries are fresh
+draws from the same mixture (held out: not in the index); the automatic index's nprobe is tuned
+on another set of fresh draws (`cliplab index`, which has no such draws, tunes on indexed
+vectors plus noise, and may pick a narrower breadth). Peak memory is about three copies of the vectors (raw, exact index, IVF
 index): ~7 GB at the default size, inside 24 GiB.
 
 Target: p50 <= 5 ms at recall@10 >= 0.95 for the automatic index.
