@@ -8,8 +8,8 @@ noise of norm ``--spread`` relative to the centre's, then normalised. Even at 0.
 stay apart (a query's ten nearest neighbours come from its own cluster), so the data is kinder
 to IVF than a real collection's embeddings, which have no discrete clusters. Queries are fresh
 draws from the same mixture (held out: not in the index); the automatic index's nprobe is tuned
-on another set of fresh draws (`cliplab index`, which has no such draws, tunes on indexed
-vectors plus noise, and may pick a narrower breadth). Peak memory is about three copies of the vectors (raw, exact index, IVF
+as `cliplab index` tunes it, on indexed vectors plus noise (which can pick a narrower breadth
+than the queries need). Peak memory is about three copies of the vectors (raw, exact index, IVF
 index): ~7 GB at the default size, inside 24 GiB.
 
 Target: p50 <= 5 ms at recall@10 >= 0.95 for the automatic index.
@@ -66,12 +66,12 @@ def latencies_ms(index, queries: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def measure(name: str, factory: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-            tune_queries: np.ndarray, recall_target: float, latency_queries: int) -> dict:
+            recall_target: float, latency_queries: int) -> dict:
     start = time.perf_counter()
     index = faiss_index.build_faiss(vectors, factory)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    tuned = faiss_index.tune_search(index, vectors, recall_target, queries=tune_queries)
+    tuned = faiss_index.tune_search(index, vectors, recall_target)  # as `cliplab index` tunes
     tune_s = time.perf_counter() - start
     faiss_index.set_search_parameter(index, tuned["value"])
     found = index.search(queries, 10)[1]
@@ -117,9 +117,8 @@ def main() -> None:
         faiss_index._faiss().omp_set_num_threads(args.threads)
     start = time.perf_counter()
     vectors, centres = clustered_vectors(args.n, args.dim, args.clusters, args.spread, args.seed)
-    held_out, _ = clustered_vectors(args.queries + faiss_index.TUNE_QUERIES, args.dim,
-                                    args.clusters, args.spread, args.seed + 1, centres)
-    queries, tune_queries = held_out[:args.queries], held_out[args.queries:]
+    queries, _ = clustered_vectors(args.queries, args.dim, args.clusters, args.spread,
+                                   args.seed + 1, centres)
     truth = faiss_index.exact_neighbours(queries, vectors, 10)
     print(json.dumps({"data": "gaussian-mixture", "n": args.n, "dim": args.dim,
                       "clusters": args.clusters, "spread": args.spread,
@@ -131,8 +130,8 @@ def main() -> None:
             ("alternative", faiss_index.choose_index_type(args.n, args.dim, args.alternative,
                                                           budget), args.latency_queries)]
     for name, factory, timed in runs:
-        print(json.dumps(measure(name, factory, vectors, queries, truth, tune_queries,
-                                 args.recall, timed)), flush=True)
+        print(json.dumps(measure(name, factory, vectors, queries, truth, args.recall, timed)),
+              flush=True)
 
 
 if __name__ == "__main__":
