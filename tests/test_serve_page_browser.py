@@ -183,6 +183,26 @@ def test_a_slow_reply_never_replaces_a_newer_search(site):
     assert problems == []
 
 
+def test_a_search_arriving_keeps_what_was_typed_meanwhile(site):
+    """Text typed into the box while a search is on its way stays when its results arrive
+    (they reset the box to their own query, erasing it, and a quick Enter then searched the
+    old query); a box left alone shows the query its results are for."""
+    page, problems = open_page(site, init=HOLD_SLOW)
+    page.fill("#q", "slow")
+    page.press("#q", "Enter")
+    page.wait_for_function("window.held.length === 1")
+    page.fill("#q", "photo 4")
+    page.evaluate("window.release()")  # this reply, and the later ones (Back's below)
+    page.wait_for_selector("#status:has-text('results for “slow”')")
+    assert page.input_value("#q") == "photo 4"
+    page.press("#q", "Enter")
+    page.wait_for_selector("#status:has-text('results for “photo 4”')")
+    page.go_back()
+    page.wait_for_selector("#status:has-text('results for “slow”')")
+    assert page.input_value("#q") == "slow"
+    assert problems == []
+
+
 def test_paging_waits_for_the_page_asked_for(site):
     """While Next's page is on its way, Previous and Next are disabled (a second click paged
     from the page still shown: two clicks moved one page); they follow the new page after."""
