@@ -19,7 +19,6 @@ from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredi
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
-from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import MODEL_FOLDER, check_out
@@ -100,7 +99,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
 
     evaluate = None
     if cfg.heldout:
-        template = DualEncoder.load(paths[0], resolve_device(cfg.device))
+        template = DualEncoder.load(paths[0], cfg.device)
         evaluate = heldout_evaluator(template, cfg.heldout, cfg.metric, where=where)
     record: dict = {"method": method, "models": paths, "base": base_path,
                     "origin": origin, "heldout": None}

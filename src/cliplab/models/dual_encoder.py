@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from cliplab.errors import ModelError
 from cliplab.file_modes import as_umask
+from cliplab.models.device import resolve_device
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
 from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
                                      write_processor_config)
@@ -341,11 +342,12 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "DualEncoder":
-        """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder;
-        an unreadable or inconsistent folder is a one-line `ModelError` naming the file."""
+        """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder
+        onto ``device`` (a torch device or a name: ``auto`` is the GPU when there is one); an
+        unreadable or inconsistent folder is a one-line `ModelError` naming the file."""
         path = Path(path)
         config = load_config(path)
-        model = load_weights(path, config).to(device)
+        model = load_weights(path, config).to(resolve_device(device))
         tokenizer = load_tokenizer(path)
         meta = read_meta(path)
         _check_meta(path / CLIPLAB_FILE, meta, model)

@@ -28,7 +28,6 @@ from cliplab.curate.score_filter import check_keep_options, keep_by_score
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.sources import as_pairs, load_source
 from cliplab.errors import ConfigError
-from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
 from cliplab.models.resolve import load_model, model_folder
@@ -97,7 +96,7 @@ class DataFilteringNetwork:
             self.train_metrics = json.loads((run_path / "results.json").read_text())
         else:
             self._train(run_path, trained_on, context.progress)
-        self.model = self.model or DualEncoder.load(self.network, resolve_device(self.device))
+        self.model = self.model or DualEncoder.load(self.network, self.device)
 
     def _train(self, run_path: Path, trained_on: dict, progress: bool) -> None:
         pairs = as_pairs(load_source(self.spec.trusted))
@@ -126,7 +125,7 @@ class DataFilteringNetwork:
         """The cosine of each pair's image and caption under the filtering network."""
         if self.model is None:
             assert self.network is not None, "prepare() first"
-            self.model = DualEncoder.load(self.network, resolve_device(self.device))
+            self.model = DualEncoder.load(self.network, self.device)
         images = embed_images(self.model, batch.images, self.spec.batch_size)
         texts = embed_texts(self.model, batch.captions, self.spec.batch_size)
         return {"dfn_score": (images * texts).sum(axis=1).astype(np.float32)}
