@@ -32,7 +32,9 @@ MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "wi
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # no tokenizer thread pool: a rank's thread count is then its own code's
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -227,3 +229,19 @@ def test_a_rank_that_dies_ends_the_run_with_one_error_line(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("cliplab: error: rank 0 of 2: ") and "another rank stopped" in last
     assert "Traceback" not in err
+
+
+def test_a_sharded_run_ends_its_process_group_and_its_threads(tmp_path):
+    """FSDP's mesh held the process group past ``destroy_process_group``, so gloo's worker
+    threads ran into the interpreter's exit, where one releasing a finished collective's tensors
+    aborted the rank now and then (SIGABRT, "terminate called without an active exception").
+    A sharded run now ends with as many threads as a plain one, whose group ends at once."""
+    threads = {}
+    for kind in ("plain", "fsdp"):
+        done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"),
+                         str(tmp_path / kind), kind)
+        assert done.returncode == 0, done.stderr[-3000:]
+        threads[kind] = [json.loads((tmp_path / kind / f"rank{r}.json").read_text())
+                         for r in range(2)]
+    assert threads["fsdp"] == threads["plain"]
+    assert json.loads((tmp_path / "fsdp" / "results.json").read_text())["train"]["step"] == 2

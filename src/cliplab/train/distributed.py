@@ -10,6 +10,7 @@ one clear :class:`~cliplab.errors.DistributedError` instead of a hang or a C++ t
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,12 +18,14 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from cliplab.errors import ConfigError, DistributedError
 
 DEFAULT_TIMEOUT_S = 600.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _timeout_s = DEFAULT_TIMEOUT_S
+_meshes: dict[str, DeviceMesh] = {}  # by device type: the meshes FSDP shards on, see shutdown()
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,32 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def sharding_mesh(device: torch.device) -> DeviceMesh:
+    """The one-dimensional mesh over every rank that FSDP shards on (made once per device
+    type; :func:`shutdown` lets go of its process group)."""
+    if device.type not in _meshes:
+        _meshes[device.type] = init_device_mesh(device.type, (world_size(),))
+    return _meshes[device.type]
+
+
 def shutdown() -> None:
-    """Leave the process group (no-op for a single process)."""
-    if is_distributed():
-        dist.destroy_process_group()
+    """Leave the process group and end its threads now (no-op for a single process).
+
+    Call it once nothing holds a sharded model. ``destroy_process_group`` only forgets the
+    group: FSDP's mesh, which torch's DTensor caches keep alive, still holds it, and with it
+    gloo's worker threads, until the interpreter exits. A worker thread that then releases a
+    finished collective's tensors needs the GIL the exiting interpreter no longer hands out,
+    and the process aborts ("terminate called without an active exception"). Dropping the
+    meshes' hold on the group (their private group registry) and collecting the model's
+    reference cycles destroys the group here, which joins its threads.
+    """
+    if not is_distributed():
+        return
+    dist.destroy_process_group()
+    for mesh in _meshes.values():
+        getattr(mesh, "_pg_registry", {}).clear()
+    _meshes.clear()
+    gc.collect()
 
 
 def is_distributed() -> bool:

@@ -29,8 +29,9 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def shard_blocks(model: DualEncoder) -> int:
     """Shard every transformer block of both towers over the ranks; returns how many."""
     blocks = model.tower_layers("image") + model.tower_layers("text")
+    mesh = distributed.sharding_mesh(model.device)
     for block in blocks:
-        fully_shard(block)
+        fully_shard(block, mesh=mesh)
     return len(blocks)
 
 

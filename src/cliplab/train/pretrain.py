@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,59 +105,80 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
               "to run, so nothing is evaluated during training", file=sys.stderr)
     try:
-        check_batch_over_ranks(train_cfg.batch_size, distributed.world_size())  # before loading
-        spec = cfg.data.train
-        if spec.get("stream"):  # validated with the config (stream: false is dropped there)
-            pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
-        else:
-            pairs = _pairs(spec, progress, "data.train")
-        replay, replay_ratio = _replay(cfg.data.replay, progress)
-        context = TaskContext(progress=False)
-        model = load_model(cfg.model)
-        if cfg.eval:  # a bad eval source, or a task the model cannot serve, fails before training
-            context.preload(cfg.eval.tasks, "eval.tasks", model=model)
-        # the run folder is made only once the inputs are known to be good; its default name
-        # holds a timestamp, so every rank takes rank 0's
-        out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))
-        existed = Path(out).exists()
-        run = RunDir(out)
-        cfg = cfg.model_copy(update={"out": str(run.path)})
-        evals: dict = {}
-
-        def evaluate(m) -> dict:
-            evals.update(run_suite(m, cfg.eval, context.for_new_weights()))
-            return scalar_metrics(evals, "eval")
-
-        def write_config() -> None:  # once a resume is accepted: a refused one changes nothing
-            if distributed.rank() == 0:
-                run.write_config(cfg.to_dict())
-
-        with removed_if_unstarted(run.path, existed):
-            trainer = Trainer(model, train_cfg, run)
-            last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
-                               evaluate=evaluate if cfg.eval else None, on_start=write_config,
-                               unfinished=not (run.path / RESULTS_FILE).exists())
-        skipped = pairs.skipped
-        if isinstance(pairs, StreamBatches):
-            # each rank skipped what its own shards held, once per epoch that read them
-            skipped, seen = SkipReport(), set()
-            for report in distributed.gather_objects(pairs.skipped.to_dict()):
-                for reason, keys in report["keys"].items():
-                    for key in keys:
-                        if (reason, key) not in seen:
-                            seen.add((reason, key))
-                            skipped.add(reason, key)
+        trained = _train(cfg, train_cfg, resume, progress)  # the model is let go of here
     finally:
         distributed.shutdown()
-    results: dict = {"train": last, "skipped": skipped.to_dict(), "evals": evals,
-                     "model_dir": str(trainer.last_checkpoint / "model"),
+    results: dict = {"train": trained.last, "skipped": trained.skipped.to_dict(),
+                     "evals": trained.evals, "model_dir": str(trained.model_dir),
                      "wall_time_s": round(time.time() - start, 1)}
-    if trainer.rank == 0:
-        run.write_json(RESULTS_FILE, results)
-        if skipped.total:  # told, not only written down
-            print(f"data.train: {skipped.summary()}; each is listed under 'skipped' in "
-                  f"{run.path / RESULTS_FILE}", file=sys.stderr)
+    if trained.rank == 0:
+        trained.run.write_json(RESULTS_FILE, results)
+        if trained.skipped.total:  # told, not only written down
+            print(f"data.train: {trained.skipped.summary()}; each is listed under 'skipped' in "
+                  f"{trained.run.path / RESULTS_FILE}", file=sys.stderr)
     return results
+
+
+@dataclass
+class _Trained:
+    """What a run keeps of its training once the model is gone."""
+
+    last: dict
+    skipped: SkipReport
+    evals: dict
+    model_dir: Path
+    run: RunDir
+    rank: int
+
+
+def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
+           progress: bool) -> _Trained:
+    """Load the data and model, train and evaluate; every rank calls it. The model lives only
+    here, so that leaving the process group afterwards can end the group (see
+    ``distributed.shutdown``)."""
+    check_batch_over_ranks(train_cfg.batch_size, distributed.world_size())  # before loading
+    spec = cfg.data.train
+    if spec.get("stream"):  # validated with the config (stream: false is dropped there)
+        pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
+    else:
+        pairs = _pairs(spec, progress, "data.train")
+    replay, replay_ratio = _replay(cfg.data.replay, progress)
+    context = TaskContext(progress=False)
+    model = load_model(cfg.model)
+    if cfg.eval:  # a bad eval source, or a task the model cannot serve, fails before training
+        context.preload(cfg.eval.tasks, "eval.tasks", model=model)
+    # the run folder is made only once the inputs are known to be good; its default name
+    # holds a timestamp, so every rank takes rank 0's
+    out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))
+    existed = Path(out).exists()
+    run = RunDir(out)
+    cfg = cfg.model_copy(update={"out": str(run.path)})
+    evals: dict = {}
+
+    def evaluate(m) -> dict:
+        evals.update(run_suite(m, cfg.eval, context.for_new_weights()))
+        return scalar_metrics(evals, "eval")
+
+    def write_config() -> None:  # once a resume is accepted: a refused one changes nothing
+        if distributed.rank() == 0:
+            run.write_config(cfg.to_dict())
+
+    with removed_if_unstarted(run.path, existed):
+        trainer = Trainer(model, train_cfg, run)
+        last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
+                           evaluate=evaluate if cfg.eval else None, on_start=write_config,
+                           unfinished=not (run.path / RESULTS_FILE).exists())
+    skipped = pairs.skipped
+    if isinstance(pairs, StreamBatches):
+        # each rank skipped what its own shards held, once per epoch that read them
+        skipped, seen = SkipReport(), set()
+        for report in distributed.gather_objects(pairs.skipped.to_dict()):
+            for reason, keys in report["keys"].items():
+                for key in keys:
+                    if (reason, key) not in seen:
+                        seen.add((reason, key))
+                        skipped.add(reason, key)
+    return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank)
 
 
 def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
