@@ -245,3 +245,18 @@ def test_a_sharded_run_ends_its_process_group_and_its_threads(tmp_path):
                          for r in range(2)]
     assert threads["fsdp"] == threads["plain"]
     assert json.loads((tmp_path / "fsdp" / "results.json").read_text())["train"]["step"] == 2
+
+
+def test_a_group_the_script_made_outlives_its_runs(tmp_path):
+    """Under a script's own process group, run_pretrain trains in it and leaves it to the
+    script (it destroyed it, ending the script's collectives; torch cannot join a group twice in
+    one process, so a second run could not start): two runs, plain and sharded, then a
+    collective of the script's own."""
+    done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"),
+                     str(tmp_path), "own-group")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report == {"kept": [True, True], "sum": 1.0}
+    for name in ("plain", "fsdp"):
+        assert json.loads((tmp_path / name / "results.json").read_text())["train"]["step"] == 2

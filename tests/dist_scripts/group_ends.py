@@ -1,5 +1,9 @@
-"""Run under ``torchrun --nproc-per-node 2`` as ``group_ends.py OUT plain|fsdp``: one
-``run_pretrain``; each rank then writes how many threads it has to ``OUT/rank{R}.json``.
+"""Run under ``torchrun --nproc-per-node 2`` as ``group_ends.py OUT plain|fsdp|own-group``.
+
+``plain``, ``fsdp``: one ``run_pretrain``; each rank then writes how many threads it has to
+``OUT/rank{R}.json``. ``own-group``: the script makes the process group, runs a plain and a
+sharded ``run_pretrain`` in it, then sums its rank over the group; each rank writes whether
+the group outlived each run and the sum.
 
 A run that ends its process group joins gloo's worker threads. One whose group lives on (FSDP's
 mesh kept it) leaves them running into the interpreter's exit, where one releasing a finished
@@ -11,6 +15,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from cliplab.train import pretrain
 
@@ -27,9 +34,23 @@ def threads() -> int:
 
 
 def main(out: Path, kind: str) -> None:
-    recipe = {**RECIPE, "train": {**RECIPE["train"], "fsdp": kind == "fsdp"}, "out": str(out)}
-    pretrain.run_pretrain(recipe, progress=False)
-    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(threads()))
+    if kind == "own-group":
+        dist.init_process_group("gloo")
+        kept = []
+        for name, sharded in (("plain", False), ("fsdp", True)):
+            pretrain.run_pretrain({**RECIPE, "train": {**RECIPE["train"], "fsdp": sharded},
+                                   "out": str(out / name)}, progress=False)
+            kept.append(dist.is_initialized())
+        total = torch.tensor(float(dist.get_rank()))
+        dist.all_reduce(total)
+        dist.destroy_process_group()
+        report = {"kept": kept, "sum": total.item()}
+    else:
+        recipe = {**RECIPE, "train": {**RECIPE["train"], "fsdp": kind == "fsdp"},
+                  "out": str(out)}
+        pretrain.run_pretrain(recipe, progress=False)
+        report = threads()
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from cliplab.errors import ConfigError, DistributedError
 DEFAULT_TIMEOUT_S = 600.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _timeout_s = DEFAULT_TIMEOUT_S
+_joined_here = False  # init_distributed made the group, so shutdown ends it
 _meshes: dict[str, DeviceMesh] = {}  # by device type: the meshes FSDP shards on, see shutdown()
 
 
@@ -57,8 +58,10 @@ def init_distributed(backend: str | None = None,
     Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised and the process is
     rank 0 of 1. ``backend`` defaults to nccl when CUDA is available, else gloo. A collective that
     waits longer than ``timeout_s`` (a rank died or hangs) fails instead of blocking forever.
+    A group the caller made already (``dist.init_process_group``) is used as it is, and
+    :func:`shutdown` leaves it to them.
     """
-    global _timeout_s
+    global _timeout_s, _joined_here
     if timeout_s <= 0:
         raise ConfigError(f"distributed timeout must be > 0 seconds, got {timeout_s}")
     world = launched_world_size()
@@ -93,6 +96,7 @@ def init_distributed(backend: str | None = None,
                 f"rank {rank} of {world}: cannot join the process group at "
                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} with {backend}: "
                 f"{_first_line(e)}") from e
+        _joined_here = True
     _timeout_s = timeout_s
     return DistInfo(rank, world, local_rank, device, backend)
 
@@ -122,7 +126,9 @@ def sharding_mesh(device: torch.device) -> DeviceMesh:
 
 
 def shutdown() -> None:
-    """Leave the process group and end its threads now (no-op for a single process).
+    """Leave the process group that :func:`init_distributed` made and end its threads now
+    (no-op for a single process). A group the caller made stays theirs, so that one script can
+    run several trainings in one torchrun launch (torch cannot join a group twice).
 
     Call it once nothing holds a sharded model. ``destroy_process_group`` only forgets the
     group: FSDP's mesh, which torch's DTensor caches keep alive, still holds it, and with it
@@ -132,9 +138,12 @@ def shutdown() -> None:
     meshes' hold on the group (their private group registry) and collecting the model's
     reference cycles destroys the group here, which joins its threads.
     """
+    global _joined_here
     if not is_distributed():
         return
-    dist.destroy_process_group()
+    if _joined_here:
+        dist.destroy_process_group()
+        _joined_here = False
     for mesh in _meshes.values():
         getattr(mesh, "_pg_registry", {}).clear()
     _meshes.clear()
