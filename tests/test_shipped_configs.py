@@ -1,6 +1,6 @@
 """Every recipe in configs/ validates against the schema of the command it is written for (the
 keys a command's own options supply, such as --model, filled in), so a shipped recipe never
-starts with a config error."""
+starts with a config error; so do the overrides its header suggests."""
 
 from __future__ import annotations
 
@@ -40,8 +40,41 @@ def test_every_kind_of_recipe_is_checked():
                                              "pretrain", "quickstart.yaml"}
 
 
+def _validated(recipe: str | Path, overrides: list[str] = ()):
+    """The recipe with ``overrides`` checked as its command checks it: an adapt recipe's
+    options by its method's own schema too."""
+    kind = Path(recipe).parts[0]
+    cfg = load_config(_schema(kind), CONFIGS / recipe, overrides,
+                      extra=COMMAND_LINE.get(kind, {}))
+    if kind == "adapt":
+        from cliplab.adapt.run import checked_config
+
+        checked_config(cfg, str(recipe))
+    return cfg
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
 def test_recipe_validates(recipe):
-    kind = recipe.parts[0]
-    cfg = load_config(_schema(kind), CONFIGS / recipe, extra=COMMAND_LINE.get(kind, {}))
-    assert cfg is not None
+    assert _validated(recipe) is not None
+
+
+# the key=value overrides a recipe's header comment (or README's line for it) suggests; FOLDER
+# is a model folder (the fine-tune wise-ft is given)
+SUGGESTED = [("adapt/wise-ft.yaml", ["options.finetuned=FOLDER"]),
+             ("adapt/wise-ft.yaml", ["options.train.lr=1e-3", "options.train_head=false"]),
+             ("adapt/lora.yaml", ["options.rank=4", "options.merge=true"]),
+             ("adapt/fashion-mnist.yaml", ["shots=16", "seed=1"]),
+             ("adapt/fashion-mnist.yaml", ["method=cocoop", "options.n_ctx=8",
+                                           "options.class_specific=true"]),
+             ("data/shard-fashion-mnist.yaml", ["data.split=test",
+                                                "out=shards/fashion-mnist-test"]),
+             ("merge/greedy-soup.yaml", ["metric=mean_per_class_recall"])]
+
+
+@pytest.mark.parametrize("recipe,overrides", SUGGESTED, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else v)
+def test_the_overrides_a_recipe_suggests_are_accepted(recipe, overrides, tiny_model_dir):
+    """The shipped wise-ft recipe set the fine-tune's train settings, which are refused beside
+    options.finetuned: the override its header and README suggest could never run."""
+    overrides = [o.replace("FOLDER", str(tiny_model_dir)) for o in overrides]
+    assert _validated(recipe, overrides) is not None
