@@ -5,12 +5,14 @@ Sizes: ``vit-b32`` (224 px, patch 32, width 768, 12 layers, random weights: spee
 ``quickstart`` (the quickstart's lit-minilm image tower: 28 px, patch 7, width 192, 4 layers).
 Every row runs the same uint8 → embedding work minus preprocessing (pixels are made once), with
 the same number of threads (``--threads``, default torch's), timed as the median of
-``--repeats`` passes over ``--batches`` batches after a warm-up. ``speedup`` is images/s over
+``--repeats`` passes over ``--batches`` batches after a warm-up, the rows taking turns pass by
+pass. ``speedup`` is images/s over
 PyTorch fp32 of the same size.
 
 ``--accuracy MODEL`` (a model folder or run folder of ``cliplab quickstart``) also reports
 zero-shot top-1 on the Fashion-MNIST test split (all 10 classes, the quickstart's prompts) for
-PyTorch fp32, ONNX fp32 and ONNX int8 of that model.
+every timed variant of that model: PyTorch fp32, bf16 (where timed), dynamic int8 (both towers),
+ONNX fp32 and ONNX int8.
 
     .venv/bin/python benchmarks/inference_speed.py [--sizes vit-b32 quickstart] [--accuracy RUN]
 """
@@ -47,17 +49,21 @@ SIZES = {
 }
 
 
-def _time(fn, pixels: list[torch.Tensor], repeats: int) -> float:
-    """Median images/s of ``fn`` over all ``pixels`` batches."""
-    fn(pixels[0])  # warm-up
+def _interleaved_rates(fns: list, pixels: list[torch.Tensor], repeats: int) -> list[float]:
+    """Median images/s of each of ``fns`` over all ``pixels`` batches; the passes take turns
+    (one pass of every row per repeat), so a machine that slows or speeds up during the run
+    touches every row alike."""
+    for fn in fns:
+        fn(pixels[0])  # warm-up
     n = sum(len(p) for p in pixels)
-    rates = []
+    rates: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        for p in pixels:
-            fn(p)
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for fn, row in zip(fns, rates):
+            start = time.perf_counter()
+            for p in pixels:
+                fn(p)
+            row.append(n / (time.perf_counter() - start))
+    return [statistics.median(row) for row in rates]
 
 
 def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -> list[dict]:
@@ -90,34 +96,41 @@ def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -
     rows = [("pytorch", "fp32", pytorch(model)), *bf16,
             ("pytorch", "int8-dynamic", pytorch(torch_int8)),
             ("onnx", "fp32", onnx_fp32.encode_image), ("onnx", "int8", onnx_int8.encode_image)]
-    out, base = [], None
-    for runtime, precision, fn in rows:
-        rate = _time(fn, pixels, repeats)
-        base = base or rate
-        out.append({"size": size, "runtime": runtime, "precision": precision,
-                    "batch": spec["batch"], "threads": threads,
-                    "images_per_s": round(rate, 1), "speedup": round(rate / base, 2)})
-    return out
+    rates = _interleaved_rates([fn for _, _, fn in rows], pixels, repeats)
+    return [{"size": size, "runtime": runtime, "precision": precision, "batch": spec["batch"],
+             "threads": threads, "images_per_s": round(rate, 1),
+             "speedup": round(rate / rates[0], 2)}
+            for (runtime, precision, _), rate in zip(rows, rates)]
 
 
 def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
+    import torch
+
     from cliplab.data.fashion_mnist import load_fashion_mnist
     from cliplab.evaluate.features import encode_images
     from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
     from cliplab.models.onnx_encoder import load_onnx
     from cliplab.models.onnx_export import export_onnx
+    from cliplab.models.precision import bf16_is_native
     from cliplab.models.resolve import load_model, resolve_model_path
 
     path = resolve_model_path(model_path)  # a run folder: its newest checkpoint
     model = load_model(str(path))
     test = load_fashion_mnist("test")
+    # every timed row's runtime and precision (the PyTorch ones on both towers)
+    variants = [("pytorch-fp32", model, "fp32")]
+    if bf16_is_native(torch.device("cpu")):
+        variants.append(("pytorch-bf16", model, "bf16"))
+    variants += [("pytorch-int8-dynamic", torch.ao.quantization.quantize_dynamic(
+                      load_model(str(path)).eval(), {torch.nn.Linear}, dtype=torch.qint8),
+                  "fp32"),
+                 ("onnx-fp32", load_onnx(export_onnx(model, tmp / "acc-fp32")), "fp32"),
+                 ("onnx-int8", load_onnx(export_onnx(model, tmp / "acc-int8", quantize="int8")),
+                  "fp32")]
     rows = []
-    for name, m in (("pytorch-fp32", model),
-                    ("onnx-fp32", load_onnx(export_onnx(model, tmp / "acc-fp32"))),
-                    ("onnx-int8", load_onnx(export_onnx(model, tmp / "acc-int8",
-                                                        quantize="int8")))):
-        head = zeroshot_classifier(m, test.prompt_names, test.templates)
-        feats = encode_images(m, test.images, progress=False)
+    for name, m, precision in variants:
+        head = zeroshot_classifier(m, test.prompt_names, test.templates, precision=precision)
+        feats = encode_images(m, test.images, progress=False, precision=precision)
         metrics = zeroshot_metrics(feats.embeddings, test.labels, head)
         rows.append({"accuracy": "fashion-mnist test, zero-shot all 10 classes",
                      "model": str(path), "variant": name,
