@@ -6,7 +6,7 @@ Sizes: ``vit-b32`` (224 px, patch 32, width 768, 12 layers, random weights: spee
 Every row runs the same uint8 → embedding work minus preprocessing (pixels are made once), with
 the same number of threads (``--threads``, default torch's), timed as the median of
 ``--repeats`` passes over ``--batches`` batches after a warm-up, the rows taking turns pass by
-pass. ``speedup`` is images/s over
+pass (``images_per_s_range``: the slowest and fastest pass). ``speedup`` is images/s over
 PyTorch fp32 of the same size.
 
 ``--accuracy MODEL`` (a model folder or run folder of ``cliplab quickstart``) also reports
@@ -49,10 +49,11 @@ SIZES = {
 }
 
 
-def _interleaved_rates(fns: list, pixels: list[torch.Tensor], repeats: int) -> list[float]:
-    """Median images/s of each of ``fns`` over all ``pixels`` batches; the passes take turns
-    (one pass of every row per repeat), so a machine that slows or speeds up during the run
-    touches every row alike."""
+def _interleaved_rates(fns: list, pixels: list[torch.Tensor], repeats: int
+                       ) -> list[list[float]]:
+    """Images/s of each of ``fns`` in each of ``repeats`` passes over all ``pixels`` batches;
+    the passes take turns (one pass of every row per repeat), so a machine that slows or speeds
+    up during the run touches every row alike."""
     for fn in fns:
         fn(pixels[0])  # warm-up
     n = sum(len(p) for p in pixels)
@@ -63,7 +64,7 @@ def _interleaved_rates(fns: list, pixels: list[torch.Tensor], repeats: int) -> l
             for p in pixels:
                 fn(p)
             row.append(n / (time.perf_counter() - start))
-    return [statistics.median(row) for row in rates]
+    return rates
 
 
 def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -> list[dict]:
@@ -96,11 +97,13 @@ def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -
     rows = [("pytorch", "fp32", pytorch(model)), *bf16,
             ("pytorch", "int8-dynamic", pytorch(torch_int8)),
             ("onnx", "fp32", onnx_fp32.encode_image), ("onnx", "int8", onnx_int8.encode_image)]
-    rates = _interleaved_rates([fn for _, _, fn in rows], pixels, repeats)
+    passes = _interleaved_rates([fn for _, _, fn in rows], pixels, repeats)
+    base = statistics.median(passes[0])
     return [{"size": size, "runtime": runtime, "precision": precision, "batch": spec["batch"],
-             "threads": threads, "images_per_s": round(rate, 1),
-             "speedup": round(rate / rates[0], 2)}
-            for (runtime, precision, _), rate in zip(rows, rates)]
+             "threads": threads, "images_per_s": round(statistics.median(rates), 1),
+             "images_per_s_range": [round(min(rates), 1), round(max(rates), 1)],
+             "speedup": round(statistics.median(rates) / base, 2)}
+            for (runtime, precision, _), rates in zip(rows, passes)]
 
 
 def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:
