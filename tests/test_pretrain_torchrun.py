@@ -231,20 +231,31 @@ def test_a_rank_that_dies_ends_the_run_with_one_error_line(tmp_path):
     assert "Traceback" not in err
 
 
+def _group_ends(out: Path, mode: str, *runs: tuple[str, bool]) -> list:
+    """``dist_scripts/group_ends.py`` on two ranks over 2-step runs (name, sharded) under
+    ``out``; each rank's report."""
+    out.mkdir(parents=True, exist_ok=True)
+    recipes = []
+    for name, sharded in runs:
+        recipes.append(out / f"{name}.yaml")
+        recipes[-1].write_text(yaml.safe_dump(_recipe(out / name, steps=2, save_every=1,
+                                                      fsdp=sharded)))
+    done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"), str(out),
+                     mode, *map(str, recipes))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, _ in runs:
+        assert json.loads((out / name / "results.json").read_text())["train"]["step"] == 2
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def test_a_sharded_run_ends_its_process_group_and_its_threads(tmp_path):
     """FSDP's mesh held the process group past ``destroy_process_group``, so gloo's worker
     threads ran into the interpreter's exit, where one releasing a finished collective's tensors
     aborted the rank now and then (SIGABRT, "terminate called without an active exception").
     A sharded run now ends with as many threads as a plain one, whose group ends at once."""
-    threads = {}
-    for kind in ("plain", "fsdp"):
-        done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"),
-                         str(tmp_path / kind), kind)
-        assert done.returncode == 0, done.stderr[-3000:]
-        threads[kind] = [json.loads((tmp_path / kind / f"rank{r}.json").read_text())
-                         for r in range(2)]
-    assert threads["fsdp"] == threads["plain"]
-    assert json.loads((tmp_path / "fsdp" / "results.json").read_text())["train"]["step"] == 2
+    plain = _group_ends(tmp_path / "plain", "threads", ("run", False))
+    sharded = _group_ends(tmp_path / "fsdp", "threads", ("run", True))
+    assert sharded == plain
 
 
 def test_a_group_the_script_made_outlives_its_runs(tmp_path):
@@ -252,11 +263,5 @@ def test_a_group_the_script_made_outlives_its_runs(tmp_path):
     script (it destroyed it, ending the script's collectives; torch cannot join a group twice in
     one process, so a second run could not start): two runs, plain and sharded, then a
     collective of the script's own."""
-    done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"),
-                     str(tmp_path), "own-group")
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert report == {"kept": [True, True], "sum": 1.0}
-    for name in ("plain", "fsdp"):
-        assert json.loads((tmp_path / name / "results.json").read_text())["train"]["step"] == 2
+    reports = _group_ends(tmp_path, "own-group", ("plain", False), ("fsdp", True))
+    assert reports == [{"kept": [True, True], "sum": 1.0}] * 2
