@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cliplab.cli import COMMANDS, main
+from cliplab.cli.pretrain import QUIET_RANK_WAIT_S
 
 
 def run_cli(*args, cwd=None):
@@ -247,3 +249,28 @@ def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_pat
         monkeypatch.setenv("RANK", "1")  # the other ranks refuse too, without repeating it
         assert main(["report", "--inputs", str(results), "--out", str(tmp_path / "r")]) == 2
         assert capsys.readouterr().err == "" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("world, local_rank, says", [
+    ("2", "0", True), ("2", "1", False), ("4", "0", True), ("1", "0", True)])
+def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank, says,
+                                                              tmp_path, capsys, monkeypatch):
+    """Every rank of a machine reads the same recipe and command line, so local rank 0 says
+    what is wrong with them and the others exit with the same code quietly (torchrun printed the
+    line once per rank); a machine's local rank 0 on another machine (RANK 2) still says it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("out: run\ntrain:\n  steps: 2\n")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "2" if world == "4" else local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    code = main(["pretrain", "--config", str(recipe), "train.stepz=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "run").exists()
+    if says:
+        assert err.startswith(f"cliplab: error: {recipe} + command line: ")
+        assert "unknown key train.stepz" in err
+        assert len(err.strip().splitlines()) == 1 and waits == []
+    else:  # and it leaves after local rank 0, or torchrun could stop that one first
+        assert err == "" and waits == [QUIET_RANK_WAIT_S]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
-from cliplab.cli.arguments import add_common, add_debug
+from cliplab.cli.arguments import EXIT_BAD_INPUT, add_common, add_debug
 from cliplab.errors import ConfigError
+
+QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves a recipe error to local rank 0 waits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +37,16 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.config import load_config
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
-                      extra={"out": args.out})
+    try:
+        cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
+                          extra={"out": args.out})
+    except ConfigError:
+        if _another_rank_says_it():
+            # torchrun stops every rank once one exits: leaving first could stop local rank 0
+            # before it has said what is wrong
+            time.sleep(QUIET_RANK_WAIT_S)
+            return EXIT_BAD_INPUT
+        raise
     earlier_runs = set(Path("runs").glob("pretrain-*"))
     try:
         results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
@@ -53,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if run is not None:
         print(f"run folder: {run} (results.json, metrics.jsonl, checkpoints/)")
     return 0
+
+
+def _another_rank_says_it() -> bool:
+    """Under torchrun, whether this rank leaves a recipe error to local rank 0: every rank of
+    a machine reads the same files and command line, so one line says it (each machine still
+    says its own, in case their files differ)."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    return world not in ("", "0", "1") and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _pretrain_recipe(args) -> str | Path:
