@@ -89,7 +89,8 @@ def measure(config: str, b: int, d: int, tile: int, threads: int) -> dict:
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     return {"peak_mib": round((peak - base) / 1024, 1), "seconds": round(seconds, 2),
-            "loss": round(loss.item(), 5), "d_log_scale": round(log_scale.grad.item(), 6)}
+            "loss": round(loss.item(), 5), "d_log_scale": round(log_scale.grad.item(), 6),
+            "torch": torch.__version__}  # OpenCLIP's environment has its own build
 
 
 # --- the driver -----------------------------------------------------------------------------

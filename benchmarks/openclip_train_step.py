@@ -73,7 +73,8 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     measured = times[a["warmup"]:]
     print(json.dumps({"images_per_s": b * len(measured) / sum(measured),
-                      "params": sum(p.numel() for p in model.parameters())}))
+                      "params": sum(p.numel() for p in model.parameters()),
+                      "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

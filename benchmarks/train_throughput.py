@@ -105,6 +105,8 @@ def main() -> None:
                         help="print cliplab's top ops (torch profiler) to stderr")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
     python = openclip_python()  # None (with the reason on stderr) if it cannot be built
     for precision in args.precision:
         mine, peer = [], []
@@ -117,14 +119,15 @@ def main() -> None:
         line = {"precision": precision, "batch": ARCH["batch_size"], "repeats": args.repeats,
                 "cliplab_images_per_s": round(ours, 2),
                 "cliplab_runs": [round(m["images_per_s"], 1) for m in mine],
-                "cliplab_params": mine[0]["params"]}
+                "cliplab_params": mine[0]["params"], "cliplab_torch": torch.__version__}
         if python is None:
             line["openclip"] = "skipped (see stderr)"
         else:
             theirs = statistics.median(p["images_per_s"] for p in peer)
             line.update(openclip_images_per_s=round(theirs, 2),
                         openclip_runs=[round(p["images_per_s"], 1) for p in peer],
-                        openclip_params=peer[0]["params"], ratio=round(ours / theirs, 3))
+                        openclip_params=peer[0]["params"], openclip_torch=peer[0]["torch"],
+                        ratio=round(ours / theirs, 3))
         print(json.dumps(line), flush=True)
 
 
