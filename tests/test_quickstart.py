@@ -111,6 +111,13 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     for key in ("zeroshot_heldout_acc1", "zeroshot_all_acc1", "linear_probe_acc1"):
         assert 0.0 <= results[key] <= 1.0
     assert results["wall_time_s"] > 0 and results["heldout_classes"] == ["shirt", "sneaker", "bag"]
+    # where the time went: its parts add up to the whole (to rounding), at the rate of its steps
+    parts = results["seconds"]
+    assert set(parts) == {"setup", "train", "evaluate"} and min(parts.values()) > 0
+    assert abs(sum(parts.values()) - results["wall_time_s"]) <= 0.3
+    assert results["train_images_per_s"] == pytest.approx(
+        results["steps"] * 128 / parts["train"], rel=0.02)
+    assert results["precision"] in ("fp32", "bf16")
     # 2 epochs on 2100 seen-class images: clearly better than chance on the trained classes
     seen = [v for k, v in results["zeroshot_per_class_acc1"].items()
             if k not in ("shirt", "sneaker", "bag")]
@@ -155,6 +162,10 @@ def test_format_results_table():
                            "linear_probe_acc1": 0.875, "wall_time_s": 61.2,
                            "heldout_classes": ["shirt"]})
     assert "50.0%" in text and "25.0%" in text and "87.5%" in text and "61 s" in text
+    parts = {"setup": 10.4, "train": 40.0, "evaluate": 10.8}
+    text = format_results({"zeroshot_heldout_acc1": 0.5, "zeroshot_all_acc1": 0.25,
+                           "linear_probe_acc1": 0.875, "wall_time_s": 61.2, "seconds": parts})
+    assert text.splitlines()[-1].split(None, 2)[2] == "61 s (setup 10 s, train 40 s, evaluate 11 s)"
 
 
 @pytest.mark.slow
