@@ -29,8 +29,9 @@ from cliplab.train.trainer import TrainConfig, Trainer
 DEFAULT_MODEL = {"name": "lit-minilm",
                  "options": {"image_size": 28, "patch_size": 7, "width": 192, "layers": 4,
                              "heads": 3}}
-# 1360 steps ≈ 5 epochs of the ~35 000 seen-class pairs that validation mode trains on: the
-# length the recipe was chosen at (5 epochs of the full 42 000 would train 20% longer)
+# 1360 steps = 5 epochs of the 34 893 seen-class pairs that validation mode trains on (272 full
+# batches of 128 an epoch): the length the recipe was chosen at (5 epochs of the full 42 000
+# would train 20% longer)
 DEFAULT_TRAIN = {"steps": 1360, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05,
                  "warmup": 0.05, "lock_text": True, "augment": False,
                  "multi_positive": True, "precision": "auto",
