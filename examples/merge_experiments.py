@@ -6,7 +6,8 @@ any model folder given with --base):
 - greedy soup (Wortsman et al. 2022): several contrastive fine-tunes of the base on all ten
   Fashion-MNIST classes with different learning rates, seeds and augmentation; the greedy soup,
   chosen on a held-out validation split of the training images, against the best single
-  fine-tune and the uniform soup on the test split;
+  fine-tune and the uniform soup on the test split; and Model Stock (Jang et al. 2024) of the
+  same fine-tunes, which merges all of them around the base with no validation data;
 - task arithmetic (Ilharco et al. 2023): a digits task vector (base fine-tuned on sklearn's
   digits); base + λ·τ for λ in --scales (default {-1, -0.5, 0, 0.5, 1}; 0, the base, is always
   scored) on digits and on Fashion-MNIST (the control). The paper: adding gains on digits;
@@ -45,7 +46,8 @@ from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_metrics
-from cliplab.merge import apply_task_vector, greedy_soup, task_vector, uniform_soup
+from cliplab.merge import (apply_task_vector, greedy_soup, model_stock, task_vector,
+                           uniform_soup)
 from cliplab.models import DualEncoder, build_model
 from cliplab.models.folder import model_fingerprint, weights_fingerprint, write_origin
 from cliplab.train.trainer import TrainConfig, Trainer
@@ -139,6 +141,7 @@ def soup_experiment(base: Path, out: Path, n_train: int, n_val: int, n_test: int
     singles = {n: {"val": val_acc(s), "test": test_acc(s)} for n, s in zip(names, states)}
     best = max(singles, key=lambda n: singles[n]["val"])
     base_state = DualEncoder.load(base).model.state_dict()
+    stock, ratios = model_stock(base_state, states, names)
     return {
         "train_images": n_train, "val_images": n_val, "test_images": n_test, "epochs": epochs,
         "finetune_wall_s": round(finetune_s, 1),
@@ -148,6 +151,8 @@ def soup_experiment(base: Path, out: Path, n_train: int, n_val: int, n_test: int
         "uniform_soup": {"val": val_acc(uniform), "test": test_acc(uniform)},
         "greedy_soup": {"kept": [names[i] for i in soup.kept], "val": soup.score,
                         "test": test_acc(soup.state)},
+        "model_stock": {"val": val_acc(stock), "test": test_acc(stock),
+                        "mean_ratio": sum(ratios.values()) / len(ratios)},
     }
 
 
