@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import pytest
 
 from cliplab.cli import main
 from cliplab.models.convert import load_openclip
 from cliplab.models.dual_encoder import DualEncoder
+from tests.cli_output import one_line_error
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
 
@@ -79,3 +83,86 @@ def test_convert_reads_the_config_given_with_config(tmp_path, capsys):
     assert model_fingerprint(model) == model_fingerprint(beside)
     assert model.tokenize(["a red circle"])["input_ids"].tolist() == \
         beside.tokenize(["a red circle"])["input_ids"].tolist()
+
+
+def test_a_file_that_is_no_pytorch_checkpoint_is_named_as_such(tmp_path, capsys):
+    """A text file named .pt is not blamed for holding Python objects: it is no checkpoint."""
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint\n")
+    (tmp_path / "cfg.json").write_text(json.dumps(
+        {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}))
+    assert main(["convert", "--from", "open_clip", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert one_line_error(capsys) == (
+        f"{bad}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this "
+        "file is neither); give an OpenCLIP .pt/.bin state dict or a .safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def _set(*keys, value):
+    """An edit of open_clip_config.json setting the value at ``keys``."""
+    def edit(data):
+        for key in keys[:-1]:
+            data = data[key]
+        data[keys[-1]] = value
+    return edit
+
+
+# open_clip_config.json edits → the message after "FILE: " (keys as the existing checks name
+# them: relative to the model config, so the same for a bare ViT-B-32.json)
+BAD_CONFIG_VALUES = {
+    "embed_dim": (_set("model_cfg", "embed_dim", value="big"),
+                  "embed_dim must be a positive integer, not 'big'"),
+    "mean": (_set("preprocess_cfg", "mean", value="red"),
+             "preprocess_cfg.mean must be 3 numbers (R, G, B), not 'red'"),
+    "std": (_set("preprocess_cfg", "std", value=[0.2, 0, 0.3]),
+            "preprocess_cfg.std must be 3 positive numbers (R, G, B), not [0.2, 0, 0.3]"),
+    "image_mean": (lambda d: (d["preprocess_cfg"].pop("mean"),
+                              d["model_cfg"]["vision_cfg"].update(image_mean=[0.5, "x", 0.5])),
+                   "vision_cfg.image_mean must be 3 numbers (R, G, B), not [0.5, 'x', 0.5]"),
+    "vision layers": (_set("model_cfg", "vision_cfg", "layers", value=-1),
+                      "vision_cfg.layers must be a positive integer, not -1"),
+    "vision width": (_set("model_cfg", "vision_cfg", "width", value="wide"),
+                     "vision_cfg.width must be a positive integer, not 'wide'"),
+    "head width": (_set("model_cfg", "vision_cfg", "head_width", value=0),
+                   "vision_cfg.head_width must be a positive integer, not 0"),
+    "context length": (_set("model_cfg", "text_cfg", "context_length", value="long"),
+                       "text_cfg.context_length must be a positive integer, not 'long'"),
+    "eos id": (_set("model_cfg", "text_cfg", "eos_id", value="3"),
+               "text_cfg.eos_id must be a token id (an integer >= 0), not '3'"),
+    "mlp ratio": (_set("model_cfg", "text_cfg", "mlp_ratio", value=float("nan")),
+                  "text_cfg.mlp_ratio must be a positive number, not nan"),
+    "norm eps": (_set("model_cfg", "vision_cfg", "norm_kwargs", value={"eps": "tiny"}),
+                 "vision_cfg.norm_kwargs.eps must be a positive number, not 'tiny'"),
+    "text_cfg": (_set("model_cfg", "text_cfg", value=[1, 2]),
+                 "text_cfg must be a JSON object, not [1, 2]"),
+    "tokenizer name": (_set("model_cfg", "text_cfg", "hf_tokenizer_name", value=5),
+                       "text_cfg.hf_tokenizer_name must be a Hub id or a folder, not 5"),
+}
+
+
+def _bad_openclip_folder(tmp_path, case) -> Path:
+    src = shutil.copytree(FIXTURES / "hub-gelu", tmp_path / "src")
+    file = src / "open_clip_config.json"
+    data = json.loads(file.read_text())
+    BAD_CONFIG_VALUES[case][0](data)
+    file.write_text(json.dumps(data))
+    return src
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIG_VALUES))
+def test_convert_names_the_config_key_of_a_wrong_value(tmp_path, capsys, case):
+    src = _bad_openclip_folder(tmp_path, case)
+    assert main(["convert", "--from", "open_clip", str(src), "--out", str(tmp_path / "out")]) == 2
+    want = f"{src / 'open_clip_config.json'}: {BAD_CONFIG_VALUES[case][1]}"
+    assert one_line_error(capsys) == want
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["embed_dim", "mean", "vision layers"])
+def test_eval_of_an_openclip_folder_names_the_config_key_of_a_wrong_value(tmp_path, capsys, case):
+    src = _bad_openclip_folder(tmp_path, case)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--model", str(src), "--suite", str(suite), "--no-progress"]) == 2
+    want = f"{src / 'open_clip_config.json'}: {BAD_CONFIG_VALUES[case][1]}"
+    assert one_line_error(capsys) == want

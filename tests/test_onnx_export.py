@@ -4,10 +4,12 @@ and length, int8, and the exported folder behind the DualEncoder face (eval's fe
 from __future__ import annotations
 
 import json
+import shutil
 
 import onnx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cliplab.errors import ModelError
 from cliplab.evaluate.features import encode_images
@@ -105,6 +107,67 @@ def test_bad_input(tmp_path):
     with pytest.raises(ModelError, match="--quantize must be int8"):
         export_onnx(build_model("tiny-clip"), tmp_path / "q", quantize="int4")
     assert not (tmp_path / "q").exists()
+
+
+AGAIN = "export the model again (cliplab export --format onnx)"
+
+
+def _edit_projections(edit):
+    def damage(folder):
+        file = folder / "projections.safetensors"
+        tensors = load_file(str(file))
+        edit(tensors)
+        save_file(tensors, str(file))
+    return damage
+
+
+# damage of an export folder → (the file the message names, what it says after "FILE: ")
+DAMAGED_EXPORTS = {
+    "no projections": (lambda f: (f / "projections.safetensors").unlink(), "",
+                       f"the ONNX export folder has no projections.safetensors; {AGAIN}"),
+    "no image graph": (lambda f: (f / "image_encoder.onnx").unlink(), "",
+                       f"the ONNX export folder has no image_encoder.onnx; {AGAIN}"),
+    "projection missing": (_edit_projections(lambda t: t.pop("text_projection")),
+                           "projections.safetensors", f"no 'text_projection' tensor; {AGAIN}"),
+    "projection cut short": (_edit_projections(
+        lambda t: t.update(visual_projection=t["visual_projection"][:-1].clone())),
+        "projections.safetensors", "visual_projection has shape [{d1}, {w}], the export needs "
+        f"[{{d}}, {{w}}]; {AGAIN}"),
+    "projections not safetensors": (
+        lambda f: (f / "projections.safetensors").write_text("junk"), "projections.safetensors",
+        "cannot be read (SafetensorError: "),
+}
+
+
+def _damaged_export(clip_export, tmp_path, case):
+    """A damaged copy of the export, the file its error must name and the rest of the error."""
+    folder = shutil.copytree(clip_export[1], tmp_path / "bad")
+    damage, name, message = DAMAGED_EXPORTS[case]
+    damage(folder)
+    w = load_file(str(clip_export[1] / "projections.safetensors"))["visual_projection"]
+    return folder, folder / name if name else folder, message.format(
+        d=w.shape[0], d1=w.shape[0] - 1, w=w.shape[1])
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_EXPORTS))
+def test_a_damaged_export_fails_to_load_naming_the_file(clip_export, tmp_path, case):
+    """Every file the encoder reads is checked when it loads, not when eval first projects."""
+    folder, named, message = _damaged_export(clip_export, tmp_path, case)
+    with pytest.raises(ModelError) as err:
+        load_onnx(folder)
+    assert str(err.value).startswith(f"{named}: {message}") and "\n" not in str(err.value)
+
+
+def test_eval_of_an_export_without_its_projections_is_one_line_exit_2(clip_export, tmp_path,
+                                                                      capsys):
+    from cliplab.cli import main
+    from tests.cli_output import one_line_error
+
+    folder, _, message = _damaged_export(clip_export, tmp_path, "no projections")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--model", str(folder), "--suite", str(suite), "--no-progress"]) == 2
+    assert one_line_error(capsys) == f"{folder}: {message}"
 
 
 def test_the_model_spec_takes_an_onnx_export(clip_export):

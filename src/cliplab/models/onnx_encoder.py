@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, first_line
 from cliplab.models.loading import load_tokenizer
 from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
 from cliplab.models.preprocess import (RESIZE_VERSION, ImagePreprocessor, PreprocessConfig,
@@ -36,6 +36,10 @@ RECORD_KEYS = {"kind": lambda v: isinstance(v, str), "text_pooling": lambda v: i
                "embed_dim": _positive_int, "context_length": _positive_int,
                "preprocess": lambda v: True, "logit_scale": is_finite_number}
 OPTIONAL_KEYS = {"logit_bias": lambda v: v is None or is_finite_number(v)}
+AGAIN = "export the model again (cliplab export --format onnx)"
+# the matrix in PROJECTIONS_FILE that projects each tower's pooled output
+PROJECTIONS = {"image": "visual_projection", "text": "text_projection"}
+GRAPH_OUTPUTS = ["embeddings", "pooled"]
 
 
 def read_export_record(path: Path) -> dict:
@@ -48,15 +52,65 @@ def read_export_record(path: Path) -> dict:
         raise ModelError(f"{file}: not readable JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{file}: must be a JSON object, not {type(meta).__name__}")
-    again = "export the model again (cliplab export --format onnx)"
     missing = [key for key in RECORD_KEYS if key not in meta]
     if missing:
-        raise ModelError(f"{file}: missing {', '.join(map(repr, missing))}; {again}")
+        raise ModelError(f"{file}: missing {', '.join(map(repr, missing))}; {AGAIN}")
     checks = {**RECORD_KEYS, **OPTIONAL_KEYS}
     wrong = next((key for key in checks if key in meta and not checks[key](meta[key])), None)
     if wrong is not None:
-        raise ModelError(f"{file}: {wrong} {meta[wrong]!r} is not a valid value; {again}")
+        raise ModelError(f"{file}: {wrong} {meta[wrong]!r} is not a valid value; {AGAIN}")
     return meta
+
+
+def check_export_files(path: Path, meta: dict) -> None:
+    """Every file the encoder reads is in the folder: both ONNX graphs and, for a model with
+    projection layers (every kind but SigLIP, whose towers end in the embedding),
+    ``projections.safetensors``; else a one-line `ModelError` naming the folder and the file.
+    (Without the projections the export would load and fail mid-evaluation, where pooled
+    features are projected.)"""
+    needed = [IMAGE_FILE, TEXT_FILE] + ([PROJECTIONS_FILE] if meta["kind"] != "siglip" else [])
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        raise ModelError(f"{path}: the ONNX export folder has no {' or '.join(missing)}; {AGAIN}")
+
+
+def read_projections(path: Path, embed_dim: int, widths: dict[str, int | None]
+                     ) -> dict[str, torch.Tensor]:
+    """The projection matrices of ``projections.safetensors`` (none without the file), each
+    ``[embed_dim, width]`` for its tower's pooled ``widths`` (None: not fixed in the graph);
+    else a one-line `ModelError` naming the file and the tensor."""
+    file = path / PROJECTIONS_FILE
+    if not file.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # safetensors raises its own exception type
+        raise ModelError(f"{file}: cannot be read ({first_line(err)}); {AGAIN}") from None
+    for tower, name in PROJECTIONS.items():
+        if name not in tensors:
+            raise ModelError(f"{file}: no {name!r} tensor; {AGAIN}")
+        shape, width = list(tensors[name].shape), widths[tower]
+        if len(shape) != 2 or shape[0] != embed_dim or width not in (None, shape[1]):
+            raise ModelError(f"{file}: {name} has shape {shape}, the export needs "
+                             f"[{embed_dim}, {width or 'width'}]; {AGAIN}")
+    return tensors
+
+
+def _pooled_width(session, file: Path, embed_dim: int) -> int | None:
+    """The width of a graph's ``pooled`` output (None where the graph leaves it open), after
+    checking its outputs are ``embeddings [B, embed_dim]`` and ``pooled``."""
+    outputs = session.get_outputs()
+    names = [o.name for o in outputs]
+    if names != GRAPH_OUTPUTS:
+        raise ModelError(f"{file}: the graph's outputs are {names}, not {GRAPH_OUTPUTS}; {AGAIN}")
+    widths = [o.shape[-1] if o.shape and isinstance(o.shape[-1], int) else None
+              for o in outputs]
+    if widths[0] not in (None, embed_dim):
+        raise ModelError(f"{file}: the graph's embeddings are {widths[0]} wide, "
+                         f"onnx_export.json says embed_dim {embed_dim}; {AGAIN}")
+    return widths[1]
 
 
 class OnnxEncoder:
@@ -72,6 +126,7 @@ class OnnxEncoder:
         if not is_onnx_export(path):
             raise ModelError(f"{path} is not an ONNX export folder (no {EXPORT_FILE})")
         meta = read_export_record(path)
+        check_export_files(path, meta)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -97,10 +152,13 @@ class OnnxEncoder:
                 raise ModelError(f"{path / file}: cannot load the ONNX graph "
                                  f"({str(err).splitlines()[0]})") from None
         self._text_inputs = {i.name for i in self.sessions["text"].get_inputs()}
-        self.projections = {}
-        if (path / PROJECTIONS_FILE).is_file():
-            from safetensors.torch import load_file
-            self.projections = load_file(str(path / PROJECTIONS_FILE))
+        widths = {tower: _pooled_width(self.sessions[tower], path / file, self.embed_dim)
+                  for tower, file in (("image", IMAGE_FILE), ("text", TEXT_FILE))}
+        self.projections = read_projections(path, self.embed_dim, widths)
+        if not self.projections and any(w not in (None, self.embed_dim) for w in widths.values()):
+            raise ModelError(f"{path}: the ONNX export folder has no {PROJECTIONS_FILE}, and its "
+                             f"towers' pooled outputs are not embed_dim {self.embed_dim} wide; "
+                             f"{AGAIN}")
         self.logit_scale = torch.tensor(float(meta["logit_scale"]))
         bias = meta.get("logit_bias")
         self.logit_bias = None if bias is None else torch.tensor(float(bias))

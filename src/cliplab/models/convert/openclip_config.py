@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import CLIPConfig
 
 from cliplab.errors import ModelError
+from cliplab.models.preprocess import is_finite_number
 
 # OpenCLIP's defaults (open_clip/model.py CLIPVisionCfg / CLIPTextCfg)
 VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16,
@@ -59,29 +60,39 @@ def _act(model_cfg: dict, file: Path) -> str:
 
 
 def _eps(tower_cfg: dict, where: str, file: Path) -> float:
+    """The tower's layer-norm epsilon (``norm_kwargs.eps``, OpenCLIP's default 1e-5)."""
     kwargs = tower_cfg.get("norm_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{file}: {where}norm_kwargs must be an object, not {kwargs!r}")
     extra = set(kwargs) - {"eps"}
     if extra:
         raise ModelError(f"{file}: {where}norm_kwargs {sorted(extra)} are not supported")
-    return float(kwargs.get("eps", 1e-5))
+    return positive_number(kwargs.get("eps", 1e-5), f"{where}norm_kwargs.eps", file)
 
 
-def _as_int(value, key: str, file: Path) -> int:
+def positive_number(value, key: str, file: Path) -> float:
+    """``value`` of config key ``key`` as a float, if it is a finite number > 0; else a
+    one-line `ModelError` naming the file and the key."""
+    if not is_finite_number(value) or value <= 0:
+        raise ModelError(f"{file}: {key} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def positive_int(value, key: str, file: Path) -> int:
+    """``value`` of config key ``key``, if it is an integer > 0 (a size given as a list, as
+    OpenCLIP allows, must be square); else a one-line `ModelError` naming the file and the key."""
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
+        if len(value) == 0 or any(v != value[0] for v in value):
             raise ModelError(f"{file}: {key}={list(value)}: only square sizes are supported")
         value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ModelError(f"{file}: {key} must be an integer, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelError(f"{file}: {key} must be a positive integer, not {value!r}")
     return value
 
 
 def _mlp_width(width: int, tower_cfg: dict, where: str, file: Path) -> int:
     """The MLP width exactly as OpenCLIP computes it: ``int(width * mlp_ratio)``."""
-    ratio = tower_cfg["mlp_ratio"]
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-        raise ModelError(f"{file}: {where}mlp_ratio must be a positive number, not {ratio!r}")
-    return int(width * ratio)
+    return int(width * positive_number(tower_cfg["mlp_ratio"], f"{where}mlp_ratio", file))
 
 
 def mlp_ratio(width: int, intermediate: int) -> float:
@@ -108,34 +119,36 @@ def clip_config_from_openclip(model_cfg: dict, file: Path, eos_token_id: int,
         raise ModelError(f"{file}: vision_cfg.layers={vcfg['layers']} is a ResNet tower; "
                          "cliplab imports ViT towers only")
     act = _act(model_cfg, file)
-    width = _as_int(vcfg["width"], "vision_cfg.width", file)
-    head_width = _as_int(vcfg["head_width"], "vision_cfg.head_width", file)
+    embed_dim = positive_int(model_cfg["embed_dim"], "embed_dim", file)
+    width = positive_int(vcfg["width"], "vision_cfg.width", file)
+    head_width = positive_int(vcfg["head_width"], "vision_cfg.head_width", file)
     if width % head_width:
         raise ModelError(f"{file}: vision_cfg.width {width} is not a multiple of head_width "
                          f"{head_width}")
-    text_width = _as_int(tcfg["width"], "text_cfg.width", file)
-    heads = _as_int(tcfg["heads"], "text_cfg.heads", file)
+    text_width = positive_int(tcfg["width"], "text_cfg.width", file)
+    heads = positive_int(tcfg["heads"], "text_cfg.heads", file)
     if text_width % heads:
         raise ModelError(f"{file}: text_cfg.width {text_width} is not a multiple of heads {heads}")
     vision = dict(
         hidden_size=width, intermediate_size=_mlp_width(width, vcfg, "vision_cfg.", file),
         num_attention_heads=width // head_width,
-        num_hidden_layers=_as_int(vcfg["layers"], "vision_cfg.layers", file),
-        image_size=_as_int(vcfg["image_size"], "vision_cfg.image_size", file),
-        patch_size=_as_int(vcfg["patch_size"], "vision_cfg.patch_size", file),
+        num_hidden_layers=positive_int(vcfg["layers"], "vision_cfg.layers", file),
+        image_size=positive_int(vcfg["image_size"], "vision_cfg.image_size", file),
+        patch_size=positive_int(vcfg["patch_size"], "vision_cfg.patch_size", file),
         hidden_act=act, layer_norm_eps=_eps(vcfg, "vision_cfg.", file),
-        projection_dim=int(model_cfg["embed_dim"]))
+        projection_dim=embed_dim)
     text = dict(
-        vocab_size=_as_int(tcfg["vocab_size"], "text_cfg.vocab_size", file),
+        vocab_size=positive_int(tcfg["vocab_size"], "text_cfg.vocab_size", file),
         hidden_size=text_width, intermediate_size=_mlp_width(text_width, tcfg, "text_cfg.", file),
-        num_attention_heads=heads, num_hidden_layers=_as_int(tcfg["layers"], "text_cfg.layers", file),
-        max_position_embeddings=_as_int(tcfg["context_length"], "text_cfg.context_length", file),
+        num_attention_heads=heads,
+        num_hidden_layers=positive_int(tcfg["layers"], "text_cfg.layers", file),
+        max_position_embeddings=positive_int(tcfg["context_length"], "text_cfg.context_length",
+                                             file),
         hidden_act=act, layer_norm_eps=_eps(tcfg, "text_cfg.", file),
         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         bos_token_id=bos_token_id if bos_token_id is not None else eos_token_id - 1,
-        projection_dim=int(model_cfg["embed_dim"]))
-    return CLIPConfig(text_config=text, vision_config=vision,
-                      projection_dim=int(model_cfg["embed_dim"]))
+        projection_dim=embed_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
 
 
 def openclip_config_from_clip(config: CLIPConfig, eos_token_id: int | None,

@@ -86,13 +86,18 @@ def read_openclip_config(file: Path) -> tuple[dict, dict]:
         raise ModelError(f"{file}: not a readable JSON file ({err})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{file}: an OpenCLIP config must be a JSON object")
-    if "model_cfg" in data:
-        model_cfg, pre = data["model_cfg"], data.get("preprocess_cfg") or {}
-    else:
-        model_cfg, pre = data, data.get("preprocess_cfg") or {}
+    model_cfg = data["model_cfg"] if "model_cfg" in data else data
+    pre = data.get("preprocess_cfg") or {}
+    if not isinstance(model_cfg, dict):
+        raise ModelError(f"{file}: model_cfg must be a JSON object, not {model_cfg!r}")
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model_cfg:
             raise ModelError(f"{file}: OpenCLIP model config has no {key!r}")
+    for key, value in (("vision_cfg", model_cfg["vision_cfg"]),
+                       ("text_cfg", model_cfg["text_cfg"]), ("preprocess_cfg", pre),
+                       ("model_cfg.preprocess_cfg", model_cfg.get("preprocess_cfg") or {})):
+        if not isinstance(value, dict):
+            raise ModelError(f"{file}: {key} must be a JSON object, not {value!r}")
     return model_cfg, pre
 
 
@@ -103,6 +108,10 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     file = Path(file)
     if file.suffix not in WEIGHT_SUFFIXES:
         raise ModelError(f"{file}: not an OpenCLIP weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    if file.suffix != ".safetensors" and not _is_torch_file(file):
+        raise ModelError(f"{file}: not a PyTorch checkpoint (torch.save writes a zip archive or "
+                         "a pickle; this file is neither); give an OpenCLIP .pt/.bin state dict "
+                         "or a .safetensors file")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -126,6 +135,18 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in data):
         data = {k[len("module."):]: v for k, v in data.items()}
     return data
+
+
+def _is_torch_file(file: Path) -> bool:
+    """Whether ``file`` starts as ``torch.save`` output does: a zip archive (since PyTorch 1.6)
+    or a pickle (the legacy format). Without this check a file of anything else reaches
+    ``torch.load``'s weights-only unpickler, whose error reads as if the file held objects."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ModelError(f"{file}: cannot be read ({err.strerror})") from None
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_openclip(path: str | Path, config: str | Path | None = None) -> OpenClipCheckpoint:

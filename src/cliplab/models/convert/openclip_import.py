@@ -11,13 +11,14 @@ from transformers import AutoTokenizer, CLIPModel, PretrainedConfig
 from cliplab.errors import ModelError, first_line
 from cliplab.models.convert.atomic import MODEL_FOLDER, atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
-from cliplab.models.convert.openclip_config import TEXT_DEFAULTS, clip_config_from_openclip
+from cliplab.models.convert.openclip_config import (TEXT_DEFAULTS, clip_config_from_openclip,
+                                                    positive_int)
 from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, is_hf_model_folder,
                                                    read_openclip)
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.loading import has_tokenizer
-from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, are_finite_numbers
 from cliplab.output_folder import check_out
 
 
@@ -29,6 +30,9 @@ def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
     name = ckpt.model_cfg["text_cfg"].get("hf_tokenizer_name")
     if not name:
         return clip_bpe_tokenizer(context_length)
+    if not isinstance(name, str):
+        raise ModelError(f"{ckpt.config_file}: text_cfg.hf_tokenizer_name must be a Hub id or a "
+                         f"folder, not {name!r}")
     where = f"{ckpt.config_file}: text_cfg.hf_tokenizer_name {name!r}"
     source = _tokenizer_folder(ckpt, name, where)
     kwargs = {}
@@ -69,7 +73,10 @@ def _eos_id(tok, text_cfg: dict, file: Path) -> int:
     """The token HF's CLIP text tower must pool at, as OpenCLIP's ``pool_type`` pools."""
     pool = text_cfg.get("pool_type", TEXT_DEFAULTS["pool_type"])
     if pool == "eos":
-        eos = int(text_cfg.get("eos_id", 2))
+        eos = text_cfg.get("eos_id", 2)
+        if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
+            raise ModelError(f"{file}: text_cfg.eos_id must be a token id (an integer >= 0), "
+                             f"not {eos!r}")
     else:  # 'argmax': the largest id, which is the end token only if it is the largest
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None or eos != len(tok) - 1:
@@ -86,18 +93,32 @@ def _preprocess(ckpt: OpenClipCheckpoint, image_size: int) -> PreprocessConfig:
     """Mean/std/size/resize mode from the model and preprocess configs (OpenCLIP's defaults:
     OpenAI's mean/std, bicubic, shortest side + centre crop)."""
     vcfg = ckpt.model_cfg["vision_cfg"]
-    pre = {**ckpt.model_cfg.get("preprocess_cfg", {}), **ckpt.preprocess_cfg}
-    mean = pre.get("mean") or vcfg.get("image_mean") or CLIP_MEAN
-    std = pre.get("std") or vcfg.get("image_std") or CLIP_STD
+    pre = {**(ckpt.model_cfg.get("preprocess_cfg") or {}), **ckpt.preprocess_cfg}
+    mean = _channels(pre, vcfg, "mean", CLIP_MEAN, ckpt.config_file)
+    std = _channels(pre, vcfg, "std", CLIP_STD, ckpt.config_file)
     interpolation = pre.get("interpolation") or vcfg.get("image_interpolation") or "bicubic"
     resize_mode = pre.get("resize_mode") or vcfg.get("image_resize_mode") or "shortest"
     if interpolation not in ("bicubic", "bilinear") or \
             resize_mode not in ("shortest", "squash", "longest"):
         raise ModelError(f"{ckpt.config_file}: preprocessing interpolation={interpolation!r} / "
                          f"resize_mode={resize_mode!r} is not supported")
-    return PreprocessConfig(image_size=image_size, mean=tuple(float(m) for m in mean),
-                            std=tuple(float(s) for s in std), resize_mode=resize_mode,
+    return PreprocessConfig(image_size=image_size, mean=mean, std=std, resize_mode=resize_mode,
                             interpolation=interpolation)
+
+
+def _channels(pre: dict, vcfg: dict, name: str, default: tuple[float, float, float],
+              file: Path) -> tuple[float, float, float]:
+    """The per-channel ``mean`` or ``std`` from ``preprocess_cfg``, else ``vision_cfg.image_*``,
+    else ``default``; 3 finite numbers (``std``: positive), else a one-line `ModelError` naming
+    the key it came from."""
+    for key, value in ((f"preprocess_cfg.{name}", pre.get(name)),
+                       (f"vision_cfg.image_{name}", vcfg.get(f"image_{name}"))):
+        if value:
+            if not are_finite_numbers(value, 3, positive=name == "std"):
+                want = "3 positive numbers" if name == "std" else "3 numbers"
+                raise ModelError(f"{file}: {key} must be {want} (R, G, B), not {value!r}")
+            return tuple(float(v) for v in value)
+    return default
 
 
 def openclip_to_dual_encoder(src: str | Path, config: str | Path | None = None) -> DualEncoder:
@@ -107,7 +128,9 @@ def openclip_to_dual_encoder(src: str | Path, config: str | Path | None = None) 
     if cfg.get("custom_text") and any(k.startswith("transformer.") for k in ckpt.state_dict):
         raise ModelError(f"{ckpt.config_file}: custom_text is set but {ckpt.weights_file} holds "
                          "a plain CLIP text tower")
-    context_length = int(cfg["text_cfg"].get("context_length", TEXT_DEFAULTS["context_length"]))
+    context_length = positive_int(cfg["text_cfg"].get("context_length",
+                                                      TEXT_DEFAULTS["context_length"]),
+                                  "text_cfg.context_length", ckpt.config_file)
     tok = _tokenizer(ckpt, context_length)
     eos = _eos_id(tok, cfg["text_cfg"], ckpt.config_file)
     hf_config = clip_config_from_openclip(cfg, ckpt.config_file, eos_token_id=eos,
