@@ -145,6 +145,27 @@ def test_adapt_cli_bad_input_is_one_line(args, fragment, tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("model, message", [
+    ("./no-such-model", "./no-such-model does not exist (no such file or folder, and no "
+     "preset of that name)"),
+    ("tiny-clp", "unknown model 'tiny-clp': give a preset"),
+])
+def test_a_missing_model_is_said_before_any_data_is_decoded(model, message, tmp_path, capsys,
+                                                            monkeypatch):
+    """A misspelt --model was found only after both datasets were decoded."""
+    def decode(*args, **kwargs):
+        raise AssertionError("data decoded before the model was checked")
+
+    monkeypatch.setattr("cliplab.adapt.run.load_source", decode)
+    monkeypatch.chdir(tmp_path)
+    assert main(["adapt", "--method", "zeroshot", "--model", model, "--no-progress",
+                 "data.train={source: digits}", "data.test={source: digits}",
+                 "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cliplab: error: ") and message in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_adapt_cli_reads_data_section_like_other_stages(model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["adapt", "--method", "zeroshot", "--model", str(model_dir), "--out", str(out),

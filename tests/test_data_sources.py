@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cliplab.cli import main
 from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist, read_idx
 from cliplab.data.pairs import labelled_to_pairs, split_classes
@@ -66,6 +67,45 @@ def test_corrupt_idx_is_a_clear_error(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-5])
     with pytest.raises(DataError, match="truncated"):
         read_idx(tmp_path / "short")
+
+
+def test_a_truncated_or_corrupt_gzip_idx_file_is_one_line_naming_it(fmnist_dir):
+    """A cut-off .gz crashed with EOFError ("Compressed file ended before ...")."""
+    images = fmnist_dir / "t10k-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError) as cut:
+        load_fashion_mnist("test", fmnist_dir)
+    assert str(cut.value) == (
+        f"cannot read IDX file {images}: truncated or corrupt gzip data (EOFError: Compressed "
+        "file ended before the end-of-stream marker was reached)")
+    bad_crc = bytearray(whole)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    images.write_bytes(bytes(bad_crc))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: truncated or corrupt gzip "
+                       r"data \(BadGzipFile: CRC check failed"):
+        read_idx(images)
+    damaged = bytearray(whole)
+    damaged[12:40] = bytes(28)  # inside the deflate stream
+    images.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"truncated or corrupt gzip data \((error|BadGzipFile|"
+                       r"EOFError)"):
+        read_idx(images)
+    (fmnist_dir / "short").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(DataError, match="short is truncated: its header of 3 sizes is cut off"):
+        read_idx(fmnist_dir / "short")
+
+
+def test_cli_shard_of_a_truncated_fashion_mnist_gz_is_one_line(fmnist_dir, tmp_path_factory,
+                                                               capsys):
+    images = fmnist_dir / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200])
+    assert main(["data", "shard", "--data", "fashion-mnist", "data.split=test",
+                 "data.limit=5", f"data.data_dir={fmnist_dir}", "--no-progress",
+                 "--out", str(tmp_path_factory.mktemp("out") / "fm")]) == 2
+    assert capsys.readouterr().err == (
+        f"cliplab: error: data: cannot read IDX file {images}: truncated or corrupt gzip data "
+        "(EOFError: Compressed file ended before the end-of-stream marker was reached)\n")
 
 
 def test_digits_split_is_stratified_and_disjoint():

@@ -294,6 +294,20 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
     assert len(err) == 1 and "weights" in err[0] and "does not exist" not in err[0]
 
 
+def test_an_error_while_a_progress_bar_is_shown_starts_its_own_line(family, tmp_path, capsys):
+    """It was printed after the bar on its line: "load models:   0%| | 0/2 [...]cliplab: error"."""
+    _, _, fts = family
+    bad = tmp_path / "bad"
+    shutil.copytree(fts[0], bad)
+    (bad / "config.json").write_text("{}")
+    assert main(["merge", "--method", "uniform", "--models", str(bad), str(fts[1]),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "load models:" in err  # the bar was shown, and then ended (here: cleared)
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+    assert last.startswith("cliplab: error: ") and str(bad) in last
+
+
 def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path):
     """Stages fit together: two `cliplab adapt --method finetune` runs (different seeds) record
     an origin that `cliplab merge --base` accepts; a different base is refused."""

@@ -441,3 +441,43 @@ def test_more_names_than_inputs_is_refused(tmp_path):
     for names in (["a", "b"], []):
         with pytest.raises(DataError, match=f"^{len(names)} names for 1 report inputs$"):
             read_inputs([tmp_path / "r.json"], names)
+
+
+def test_files_that_are_no_cliplab_results_are_refused_naming_them(tmp_path, tiny_model_dir,
+                                                                   capsys):
+    """`{"foo": 1}` and a model's config.json made a report (a "run" table of foo | 1), and a
+    metrics.jsonl record with a step that is no number was taken as it was."""
+    kinds = ("the results JSON of `cliplab eval --out`, a run's results.json (pretrain, adapt, "
+             "quickstart), a merge.json or a benchmark's results")
+    foo = tmp_path / "x.json"
+    foo.write_text('{"foo": 1}')
+    config = tiny_model_dir / "config.json"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": "x", "loss": 1.0}\n')
+    for path, message in [
+            (foo, f"{foo}: not a cliplab results file (no metrics table, only the keys foo); "
+                  f"expected {kinds}"),
+            (config, f"{config}: a model's config (model_type: 'clip'), not results; expected "
+                     f"{kinds}"),
+            (run, f"{run / 'metrics.jsonl'}:line 2: step \"x\"; a run's metrics.jsonl logs "
+                  "each record with its step, a whole number from 0")]:
+        assert main(["report", "--inputs", str(path), "--out", str(tmp_path / "r"),
+                     "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"cliplab: error: {message}\n"
+        assert not (tmp_path / "r").exists()
+    (run / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:line 1: no step; "):
+        write_report([run], tmp_path / "r")
+
+
+@pytest.mark.parametrize("data", [
+    {"method": "uniform", "models": ["a", "b"], "base": None, "origin": {"unrecorded": []},
+     "heldout": None, "wall_time_s": 1.0},  # a merge without held-out scores
+    {"precision": "fp32", "batch": 128, "images_per_s": 34.5, "runs": [39.8, 33.5]},  # a row
+    {"zs": {"acc1": 0.5}}, {"results": {"acc1": 0.5}}, {"model": "m", "acc1": 0.5},
+])
+def test_results_of_every_kind_cliplab_writes_still_report(data, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    assert main(["report", "--inputs", str(tmp_path / "r.json"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0

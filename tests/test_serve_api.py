@@ -177,6 +177,21 @@ def test_a_text_field_where_the_file_goes_is_422_saying_what_goes_there(served):
         assert "UploadFile" not in response.json()["error"]
 
 
+@pytest.mark.parametrize("route, body, fields", [
+    ("/api/classify", {"id": 1, "labels": "cat,dog"}, "labels, id, file, template"),
+    ("/api/classify/ids", {"ids": "1,2", "labels": "cat,dog"}, "labels, ids, template"),
+    ("/api/search/image", {"k": 3}, "file, k, offset"),
+])
+def test_a_json_body_to_a_form_endpoint_is_415_naming_its_form_fields(served, route, body,
+                                                                        fields):
+    """A JSON body was "422 labels: Field required" (FastAPI reads none of it)."""
+    response = served["client"].post(route, json=body)
+    assert response.status_code == 415, response.text
+    assert response.json()["error"] == (
+        f"{route} takes multipart/form-data fields ({fields}), not a JSON body; send them as "
+        "form fields (curl -F name=value)")
+
+
 @pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}"])
 def test_a_template_without_exactly_one_label_slot_is_400(served, template):
     response = served["client"].post("/api/classify",

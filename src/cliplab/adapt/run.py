@@ -26,7 +26,9 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.resolve import load_model
+from cliplab.models.presets import PRESETS
+from cliplab.models.resolve import load_model, resolve_model_path
+from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 
@@ -39,6 +41,14 @@ def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
         cfg = validate(AdaptConfig, cfg, where)
     options = method_options(get_method(cfg.method).Options, cfg.options, cfg.method, where)
     return cfg, options
+
+
+def check_model_found(spec: ModelSpec) -> None:
+    """A ``ModelError`` now, before the data is decoded, when ``spec`` is no preset and names
+    no model it can be loaded from (a missing folder, a file that is no model, an uncached Hub
+    id offline)."""
+    if spec.name not in PRESETS:
+        resolve_model_path(spec)
 
 
 def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, seed: int
@@ -148,6 +158,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     needs = getattr(method, "NEEDS_PYTORCH_MODEL", None)
     if needs:  # an ONNX export (inference only) is refused before any work
         require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
+    if model is None:  # a misspelt --model is said at once, not after decoding every set
+        check_model_found(cfg.model)
     data = cfg.data
     option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
     inputs = [cfg.model.name if cfg.model else None, *option_inputs,

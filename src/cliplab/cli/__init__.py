@@ -121,6 +121,15 @@ def _copies_under_torchrun(command: str) -> str | None:
             f"(only {shared} shares its work over ranks)")
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open (a bar's line ends in ``\\r`` until it
+    closes), so the ``cliplab: error: ...`` line after them starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")  # no bar was made unless some module imported tqdm
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
@@ -142,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliplabError as err:
         if args.debug:
             raise
+        _end_progress_bars()
         print(f"cliplab: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("cliplab: interrupted", file=sys.stderr)
         return 130
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +13,7 @@ import torch
 from pydantic import NonNegativeInt
 
 from cliplab.data.types import LabelledImages
-from cliplab.errors import DataError
+from cliplab.errors import DataError, first_line
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -68,11 +69,16 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # cut off, damaged, bad CRC
+        raise DataError(f"cannot read IDX file {path}: truncated or corrupt gzip data "
+                        f"({first_line(err)})") from None
     except OSError as err:
         raise DataError(f"cannot read IDX file {path}: {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header of {ndim} sizes is cut off")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):

@@ -20,6 +20,14 @@ _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # (its total is reported as a number of the run)
 NOT_METRICS = ("options", "skipped", "origin")
 SCALARS = "run"  # the section of a results file's top-level numbers
+RESULTS_KINDS = ("the results JSON of `cliplab eval --out`, a run's results.json (pretrain, "
+                 "adapt, quickstart), a merge.json or a benchmark's results")
+# keys of cliplab's results files that say what they are, so a single number beside them is
+# a result (a merge without held-out scores: its wall time)
+RESULT_MARKERS = (*_SECTION_KEYS, "model", "method", "benchmark")
+# keys of a model folder's own JSON files (config.json, preprocessor_config.json, ...)
+MODEL_FILE_KEYS = ("model_type", "architectures", "transformers_version",
+                   "image_processor_type", "processor_class", "tokenizer_class")
 
 
 def measured(metrics: dict) -> dict:
@@ -56,8 +64,40 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def check_results(path: Path, data: dict, sections: dict[str, dict]) -> None:
+    """A DataError naming ``path`` unless ``data`` (read into ``sections``) has the shape of a
+    results file cliplab writes: a metrics table (a mapping holding numbers: a task's, a part
+    of a benchmark's), several top-level numbers (a benchmark's row), or numbers beside a key
+    of its results (`RESULT_MARKERS`). A model's config and a lone number are no results."""
+    model_key = next((key for key in MODEL_FILE_KEYS if key in data), None)
+    if model_key is not None:
+        raise DataError(f"{path}: a model's config ({model_key}: {data[model_key]!r}), not "
+                        f"results; expected {RESULTS_KINDS}")
+    if not sections:
+        raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
+                        "top-level keys)")
+    scalars = [key for key, value in data.items() if _is_number(value)]
+    tables = [key for key, value in data.items() if key not in NOT_METRICS
+              and (isinstance(value, dict) and _holds_number(value) or alpha_sweep(value))]
+    if tables or len(scalars) > 1 or (scalars and any(k in data for k in RESULT_MARKERS)):
+        return
+    found = ", ".join(sorted(data)[:5]) + (", ..." if len(data) > 5 else "")
+    raise DataError(f"{path}: not a cliplab results file (no metrics table, only the keys "
+                    f"{found}); expected {RESULTS_KINDS}")
+
+
+def _holds_number(value: object) -> bool:
+    """Whether a JSON value is a number or holds one (at any depth)."""
+    if isinstance(value, dict):
+        return any(_holds_number(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_number(v) for v in value)
+    return _is_number(value)
+
+
 def read_history(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file (blank lines ignored)."""
+    """The records of a metrics.jsonl file (blank lines ignored); each a JSON object with a
+    whole-number ``step``, as a run logs them."""
     records = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -80,6 +120,11 @@ def read_history(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             raise DataError(f"{path}:line {number}: expected a JSON object, "
                             f"got {type(record).__name__}")
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            got = "no step" if "step" not in record else f"step {json.dumps(step)}"
+            raise DataError(f"{path}:line {number}: {got}; a run's metrics.jsonl logs each "
+                            "record with its step, a whole number from 0")
         records.append(record)
     return records
 
@@ -172,9 +217,7 @@ def read_input(path: str | Path) -> ReportSource:
         if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
             label += f" [{data['precision']}]"
         source = ReportSource(label, path, result_sections(data))
-        if not source.sections:
-            raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
-                            "top-level keys)")
+        check_results(path, data, source.sections)
         return source
     present = [name for name in RUN_FILES if (path / name).is_file()]
     if not {"results.json", "metrics.jsonl"} & set(present):
@@ -185,6 +228,8 @@ def read_input(path: str | Path) -> ReportSource:
     source = ReportSource(path.name or str(path), path)
     if "results.json" in present:
         results = read_json(path / "results.json")
+        if "metrics.jsonl" not in present:  # else the run's log is what it reports
+            check_results(path / "results.json", results, result_sections(results))
         if "metrics.jsonl" in present:  # its `train` is the last logged record, shown there
             results.pop("train", None)
         source.sections = result_sections(results)

@@ -100,6 +100,20 @@ def _validation_message(err: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _json_to_form_endpoint(request: Request) -> str | None:
+    """What to say when a JSON body reaches an endpoint that reads form fields (FastAPI reads
+    none of it and reports each field missing); None for any other request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (content_type == "application/json" or content_type.endswith("+json")):
+        return None
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    fields = [param.alias for param in getattr(dependant, "body_params", [])]
+    if not fields:
+        return None
+    return (f"{request.url.path} takes multipart/form-data fields ({', '.join(fields)}), not "
+            "a JSON body; send them as form fields (curl -F name=value)")
+
+
 def _read_image(data: bytes, what: str = "file") -> Image.Image:
     if not data:
         _fail(400, f"{what} is empty; upload an image (PNG, JPEG, WebP, ...)")
@@ -180,7 +194,10 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError):
+    async def validation_error(request: Request, err: RequestValidationError):
+        wrong_type = _json_to_form_endpoint(request)
+        if wrong_type:
+            return JSONResponse({"error": wrong_type}, status_code=415)
         return JSONResponse({"error": _validation_message(err)}, status_code=422)
 
     @app.exception_handler(CliplabError)
