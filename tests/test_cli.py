@@ -100,10 +100,10 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     --resume latest continues it; --resume latest of a folder without checkpoints says so."""
     recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
     args = ["pretrain", "--config", str(recipe), "--no-progress",
-            "data.train.n=64", "train.epochs=1", "train.batch_size=32", "eval=null",
+            "data.train.n=64", "train.batch_size=32", "eval=null",
             "model.options.width=32", "model.options.layers=1", "model.options.embed_dim=16"]
     out = tmp_path / "run"
-    assert main([*args, "--out", str(out), "train.save_every=1"]) == 0
+    assert main([*args, "--out", str(out), "train.epochs=1", "train.save_every=1"]) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main([*args, "--out", str(out), "train.epochs=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -120,7 +120,8 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     assert "none/config.yaml does not exist" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "none")]) == 2
     assert "pretrain needs --config RECIPE" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "new"), "--resume", "latest"]) == 2
+    assert main([*args, "train.epochs=1", "--out", str(tmp_path / "new"), "--resume",
+                 "latest"]) == 2
     assert "holds no checkpoint to continue" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     assert main(["adapt", "--method", "zeroshot", "--model", str(out), "--out", str(out),
@@ -133,20 +134,20 @@ def test_a_run_refused_at_its_start_leaves_no_folder(tmp_path, capsys):
     """A run that fails before its first step (its config written, nothing else) removes the
     folder it made, so the corrected command starts clean; a folder that was there stays."""
     recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
-    args = ["pretrain", "--config", str(recipe), "--no-progress", "data.train.n=64",
-            "train.batch_size=128", "eval=null"]
-    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    args = ["pretrain", "--config", str(recipe), "--no-progress", "train.batch_size=128",
+            "eval=null"]
+    assert main([*args, "data.train.n=64", "--out", str(tmp_path / "new")]) == 2
     assert "batch of 128 is larger than the dataset (64 pairs)" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     # an empty training or replay set is said to be empty, not a batch too large for it
     assert main([*args, "data.train.n=0", "--out", str(tmp_path / "new")]) == 2
     assert "data.train holds no pairs (source 'shapes' loaded none)" in capsys.readouterr().err
-    assert main([*args, "data.replay={ratio: 0.5, source: shapes, n: 0}",
+    assert main([*args, "data.train.n=64", "data.replay={ratio: 0.5, source: shapes, n: 0}",
                  "--out", str(tmp_path / "new")]) == 2
     assert "data.replay holds no pairs" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()
-    assert main([*args, "--out", str(tmp_path / "mine")]) == 2
+    assert main([*args, "data.train.n=64", "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir()
     # adapt: a method that refuses its options while fitting
     assert main(["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "--no-progress",

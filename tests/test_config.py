@@ -107,6 +107,42 @@ def test_an_option_and_an_override_of_one_key_must_agree(tmp_path):
     assert (cfg.train.lr, cfg.out) == (0.5, "o")
 
 
+def test_two_overrides_of_one_key_must_agree():
+    """`data.n=4 data.n=8` silently took 8; two overrides of one key with two values are
+    refused, naming both (a list item by index too); the same value twice is one setting."""
+    with pytest.raises(ConfigError, match=r"^the command line: train.lr is given twice, as "
+                       r"train.lr=0.5 and as train.lr=0.25; give one$"):
+        load_config(Recipe, None, ["model=m", "train.lr=0.5", "train.lr=0.25"])
+    assert load_config(Recipe, None, ["model=m", "train.lr=0.5", "train.lr=0.5"]).train.lr == 0.5
+    with pytest.raises(ConfigError, match=r"tasks.0.name is given twice, as tasks.0.name=a and "
+                       r"as tasks.0.name=b"):
+        load_config(Recipe, None, ["model=m", "tasks.0.name=a", "tasks.0.name=b"])
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("model: m\ntrain:\n  lr: 0.5\n  lr: 0.25\n", 4, "lr"),
+    ("model: m\ntrain: {lr: 0.5}\nmodel: n\n", 3, "model")])
+def test_a_key_twice_in_one_yaml_mapping_is_refused(tmp_path, text, line, key):
+    """YAML's loaders keep the last of two equal keys silently (a second `train:` section
+    dropped the first's settings): the file and both lines are named."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}:line {line}: invalid YAML \(key {key!r} "
+                       rf"given twice in one mapping \(lines {line - 2 if key == 'model' else 3} "
+                       rf"and {line}\); the second would replace the first\)$"):
+        load_config(Recipe, path)
+
+
+def test_a_config_that_is_a_folder_or_binary_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a folder; give a YAML "
+                       "file$"):
+        load_config(Recipe, tmp_path)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+    with pytest.raises(ConfigError, match=f"^{image}: not a text file, so not a YAML config$"):
+        load_config(Recipe, image)
+
+
 def test_the_command_line_is_named_only_when_it_set_a_key_at_fault(tmp_path):
     """With a typo in the file, `--out` or an override of another key named the error
     `FILE + command line`: it is the file's alone; an override at (or inside, or holding)

@@ -97,13 +97,34 @@ def _takes(annotation: Any) -> tuple[str | None, bool]:
     return None, False
 
 
+class _KeysOnceLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML's loaders keep
+    the last silently, losing the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); the second would replace the first",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with one-line errors naming the file (and line) when it is bad."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_KeysOnceLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":line {mark.line + 1}" if mark else ""
@@ -270,25 +291,25 @@ def load_config(schema: type[S], path: str | Path | None = None,
 
 
 def _refuse_options_overridden(overrides: Sequence[str], extra: dict, replace: dict) -> None:
-    """A key set twice on one command line, by an option (``--out a``) and by an override
-    (``out=b``), is refused: which one wins would be silent. An option is named by its key
-    (``--data_dir`` as ``--data-dir``); one that stands for a section by the section's."""
-    given = {path: (f"--{path.rpartition('.')[2]}", value)
+    """A key set twice on one command line with two values, by an option (``--out a``) and an
+    override (``out=b``) or by two overrides (``data.n=4 data.n=8``), is refused: which one
+    wins would be silent. An option is named by its key (``--data_dir`` as ``--data-dir``);
+    one that stands for a section by the section's."""
+    given = {path: (f"--{path.rpartition('.')[2].replace('_', '-')} {value}", value)
              for path, value in _leaves(_set(extra)).items()}
-    given.update({path: (f"--{path.partition('.')[0]}", value)
+    given.update({path: (f"--{path.partition('.')[0]} {value}", value)
                   for path, value in _leaves(_set(replace)).items()})
     for item in overrides:
         key, _, raw = item.partition("=")
-        if _key_path(key) not in given:
-            continue
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        flag, option = given[_key_path(key)]
-        if value != option:
-            raise ConfigError(f"the command line: {key} is given twice, as "
-                              f"{flag.replace('_', '-')} {option} and as {item}; give one")
+        path = _key_path(key)
+        if path in given and value != given[path][1]:
+            raise ConfigError(f"the command line: {key} is given twice, as {given[path][0]} "
+                              f"and as {item}; give one")
+        given.setdefault(path, (item, value))
 
 
 def _set(options: dict) -> dict:
