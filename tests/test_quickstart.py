@@ -115,8 +115,9 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     parts = results["seconds"]
     assert set(parts) == {"setup", "train", "evaluate"} and min(parts.values()) > 0
     assert abs(sum(parts.values()) - results["wall_time_s"]) <= 0.3
-    assert results["train_images_per_s"] == pytest.approx(
-        results["steps"] * 128 / parts["train"], rel=0.02)
+    images = results["steps"] * 128  # the rate is of the unrounded time; seconds are rounded
+    assert images / (parts["train"] + 0.05) <= results["train_images_per_s"] \
+        <= images / (parts["train"] - 0.05)
     assert results["precision"] in ("fp32", "bf16")
     # 2 epochs on 2100 seen-class images: clearly better than chance on the trained classes
     seen = [v for k, v in results["zeroshot_per_class_acc1"].items()
