@@ -404,3 +404,13 @@ def test_collection_items_of_a_labelled_manifest_take_the_label_as_caption(tmp_p
                                                {"image": "1.png", "label": "cat"}])
     items = list(iter_items({"source": "manifest", "path": str(path)}, progress=False))
     assert [item.caption for item in items] == ["dog", "cat"]
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path):
+    make_png(tmp_path / "a.png")
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption, caption\na.png,a,b\n")
+    with pytest.raises(DataError) as err:
+        load_manifest(path, progress=False)
+    assert str(err.value) == (f"{path}:line 1: the header names column 'caption' twice; give "
+                              "each column its own name")

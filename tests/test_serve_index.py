@@ -126,7 +126,7 @@ def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tm
     assert keys[-6:] == [f"00001.tar:{k:09d}" for k in range(6, 12)]
     # the cut left the fourth sample without its image: skipped as the stream reader skips it
     skipped = dict(index.store.skipped())
-    assert read.skipped.counts == {"missing_image": 1, "truncated_shard": 1}
+    assert read.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
     assert set(skipped) == {"00000.tar", "00000.tar:000000003"}
     assert skipped["00000.tar"].startswith(
         f"truncated_shard: 00000.tar: read {len(keys) - 6 + 1} of 6 samples, then:")

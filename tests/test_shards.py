@@ -471,11 +471,13 @@ def test_data_shard_says_where_a_damaged_shard_stopped(tmp_path, capsys):
     assert main(["data", "shard", "--source", str(tmp_path / "whole"), "--out",
                  str(tmp_path / "again"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    kept = json.loads((tmp_path / "again" / "index.json").read_text())["total"]
-    assert 0 < kept < 100
-    # not "skipped 1 samples": the lost samples are told by where the shard stopped
-    assert out.strip().endswith(f"skipped 0 samples; 1 shard(s) read only in part (00000.tar:"
-                                f"{kept} of 100 samples)")
+    index = json.loads((tmp_path / "again" / "index.json").read_text())
+    kept = index["total"]
+    assert 0 < kept < 100 and index["skipped"]["total"] == 100 - kept
+    # the lost samples are counted (index.json gives the shard's count), the shard told apart
+    assert out.strip().endswith(f"skipped {100 - kept} samples: cut_off={100 - kept}; 1 shard(s) "
+                                f"read only in part (00000.tar:{kept} of 100 samples (the file "
+                                "ends early))")
 
 
 def test_resharding_a_truncated_shard_counts_only_lost_samples_in_the_stats(tmp_path):
@@ -486,13 +488,14 @@ def test_resharding_a_truncated_shard_counts_only_lost_samples_in_the_stats(tmp_
     tar = tmp_path / "whole" / "00000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     cut = load_source({"source": "shards", "path": str(tmp_path / "whole"), "progress": False})
-    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image
-    assert cut.skipped.counts == {"missing_image": 1, "truncated_shard": 1}
+    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image; the other 2
+    # are cut off (index.json gives the count)
+    assert cut.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
     index = write_shards(cut, tmp_path / "again", samples_per_shard=6, image_format="png",
                          progress=False)
-    assert index["total"] == 9 and index["skipped"]["total"] == 1
+    assert index["total"] == 9 and index["skipped"]["total"] == 3
     assert json.loads((tmp_path / "again" / "stats.json").read_text()) == {"count": 9,
-                                                                           "skipped": 1}
+                                                                           "skipped": 3}
 
 
 def test_partner_keys_follow_the_renumbering_after_a_skipped_sample(tmp_path, shapes):
@@ -574,3 +577,119 @@ def test_a_shard_ending_in_a_block_that_is_no_end_marker_is_not_whole(tmp_path):
     damaged = tmp_path / "damaged.tar"
     damaged.write_bytes(whole.read_bytes()[:end] + b"\xff" * 1024)
     assert tar_is_whole(whole) and not tar_is_whole(damaged)
+
+
+# ---- damaged shards and provenance -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tens(tmp_path_factory, shapes):
+    """The 53 shapes scenes in 6 shards of 10 (the last of 3), lossless."""
+    out = tmp_path_factory.mktemp("tens") / "tens"
+    write_shards(shapes, out, samples_per_shard=10, image_format="png", progress=False)
+    return out
+
+
+def _cut_copy(src, dst, member: str, into: int):
+    """A copy of shard folder ``src`` at ``dst`` whose ``00001.tar`` ends ``into`` bytes past
+    the header start of ``member`` (512: the header whole, the data cut)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tar = dst / "00001.tar"
+    with tarfile.open(tar) as archive:
+        start = archive.getmember(member).offset
+    tar.write_bytes(tar.read_bytes()[: start + into])
+    return dst
+
+
+def _metas(folder) -> list[dict]:
+    """Every sample's JSON metadata of a shard folder, in order."""
+    metas = []
+    for name in [s["name"] for s in json.loads((folder / "index.json").read_text())["shards"]]:
+        with tarfile.open(folder / name) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar
+                      if m.name.endswith(".json")]
+    return metas
+
+
+@pytest.mark.parametrize("member, into, reason", [
+    ("000000014.png", 600, "unreadable_shard"),  # inside the 5th sample's image
+    ("000000014.json", 0, "truncated_shard"),  # just before the 5th sample
+])
+def test_a_cut_shard_keeps_every_whole_sample_and_counts_the_lost_ones(tmp_path, tens, member,
+                                                                        into, reason):
+    cut = _cut_copy(tens, tmp_path / "cut", member, into)
+    stream = ShardStream(cut, shuffle=False, rank=0, world_size=1)
+    keys = _keys(stream)
+    assert [k for k in keys if k.startswith("00001.tar:")] == \
+        [f"00001.tar:{i:09d}" for i in range(10, 14)]  # the 4th, 000000013, too
+    assert len(keys) == 47 and stream.skipped.lost_samples == 6
+    assert dict(stream.skipped.counts) == {reason: 1, "cut_off": 6}
+    assert stream.skipped.keys["cut_off"] == [f"00001.tar:sample {i} of 10" for i in range(5, 11)]
+    data = load_source({"source": "shards", "path": str(cut), "progress": False})
+    assert len(data) == 47 and data.skipped.lost_samples == 6
+
+
+def test_data_shard_counts_a_cut_shards_lost_samples_in_plain_words(tmp_path, tens, capsys):
+    cut = _cut_copy(tens, tmp_path / "cut", "000000014.png", 600)
+    out = tmp_path / "again"
+    assert main(["data", "shard", "--source", str(cut), "--out", str(out), "--no-progress",
+                 "--samples-per-shard", "10"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote 47 samples in 5 shards to {out}; skipped 6 samples: cut_off=6; 1 shard(s) read "
+        "only in part (00001.tar:after 4 of 10 samples (the file ends early, cut off inside a "
+        "member))")
+    index = json.loads((out / "index.json").read_text())
+    assert index["total"] == 47 and index["skipped"]["total"] == 6
+    assert index["skipped"]["shards_read_in_part"] == 1
+    assert json.loads((out / "stats.json").read_text()) == {"count": 47, "skipped": 6}
+
+
+def test_resharded_samples_keep_their_source_samples_key(tmp_path, tens, shapes):
+    """After the lost samples of a cut shard, each sample still names its own source sample."""
+    cut = _cut_copy(tens, tmp_path / "cut", "000000014.png", 600)
+    write_shards(load_source({"source": "shards", "path": str(cut), "progress": False}),
+                 tmp_path / "again", samples_per_shard=100, image_format="png", progress=False)
+    metas = _metas(tmp_path / "again")
+    source = [i for i in range(53) if not 14 <= i < 20]
+    assert [m["source_key"] for m in metas] == \
+        [f"{i // 10:05d}.tar:{i:09d}" for i in source]
+    assert metas[14]["source_key"] == "00002.tar:000000020"
+    assert metas[14]["captions"] == shapes.captions[20]
+    assert metas[14]["group"] == int(shapes.groups[20])
+
+
+def test_a_manifests_source_keys_name_its_rows_after_a_skipped_one(tmp_path):
+    for name, colour in (("a.png", "red"), ("c.png", "blue")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "m.csv").write_text("image,caption\na.png,red\nb.png,broken\nc.png,blue\n")
+    index = write_shards(load_source({"source": "manifest", "path": str(tmp_path / "m.csv"),
+                                      "progress": False}),
+                         tmp_path / "s", image_format="png", progress=False)
+    assert [(m["source_key"], m["captions"]) for m in _metas(tmp_path / "s")] == \
+        [("m.csv:line 2: a.png", ["red"]), ("m.csv:line 4: c.png", ["blue"])]
+    assert index["skipped"]["keys"] == {"unreadable_image": ["m.csv:line 3: b.png"]}
+
+
+def test_an_image_folders_source_keys_are_its_files_relative_paths(tmp_path):
+    from tests.image_folders import pets_folder
+
+    root = pets_folder(tmp_path / "imgs", per_class=2, broken_in="cat")
+    write_shards(load_source({"source": "image-folder", "path": str(root), "progress": False}),
+                 tmp_path / "s", image_format="png", progress=False)
+    assert [m["source_key"] for m in _metas(tmp_path / "s")] == \
+        ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    # a class selection keeps each image's own key
+    write_shards(load_source({"source": "image-folder", "path": str(root), "classes": ["dog"],
+                              "progress": False}),
+                 tmp_path / "dogs", image_format="png", progress=False)
+    assert [m["source_key"] for m in _metas(tmp_path / "dogs")] == ["dog/0.png", "dog/1.png"]
+
+
+def test_a_subset_of_an_in_memory_set_keeps_its_samples_source_keys(tmp_path):
+    digits = load_source({"source": "digits", "split": "test"})
+    write_shards(digits.subset(torch.tensor([5, 2])), tmp_path / "s", image_format="png",
+                 progress=False)
+    assert [m["source_key"] for m in _metas(tmp_path / "s")] == [f"{digits.name}:5",
+                                                                  f"{digits.name}:2"]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from cliplab.data.folder_files import IMAGE_SUFFIXES, list_folder, sidecar
 from cliplab.data.images import to_pil
-from cliplab.data.shards.samples import image_part
+from cliplab.data.shards.samples import damage_text, image_part
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
@@ -336,7 +336,7 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None
             damage = None if ends_with_marker(tar, archive.offset) else \
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:
-        damage = str(err) or type(err).__name__
+        damage = damage_text(err)
     if damage is not None and samples:  # the damage may have cut the last sample's data
         size = tar.stat().st_size  # kept when its members are whole, as the stream keeps it
         if any(offset + length > size for offset, length, _ in samples[-1][1].values()):

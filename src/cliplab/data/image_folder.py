@@ -51,7 +51,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     first good image's size. Files that are not usable images are skipped and listed in
     ``.skipped`` (``unreadable_image``, ``not_an_image``, ``missing_file``, and
     ``outside_class_folder`` for an image at the root); ``templates`` overrides the folder's
-    template file.
+    template file. ``.keys`` holds each image's path relative to ``path`` (``cat/001.jpg``).
     """
     root = Path(path)
     if not root.is_dir():
@@ -75,7 +75,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
         files += [(label, f) for f in listed.images]
         for reason, path in listed.skipped:
             skipped.add(reason, str(path))
-    images, labels = [], []
+    images, labels, keys = [], [], []
     for label, file in tqdm(files, desc=f"read {root.name}", disable=not progress, leave=False):
         try:
             images.append(decode_image(file, image_size))
@@ -83,6 +83,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
             skipped.add("unreadable_image", str(file))
             continue
         labels.append(label)
+        keys.append(file.relative_to(root).as_posix())
     if not images:
         raise DataError(f"image folder {root}: no readable image in {len(files)} files "
                         f"({skipped.summary()})")
@@ -92,4 +93,4 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
               f"image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
               file=sys.stderr)
     return LabelledImages(stack_images(images), torch.tensor(labels),
-                          classnames, templates, name=root.name, skipped=skipped)
+                          classnames, templates, name=root.name, skipped=skipped, keys=keys)

@@ -64,6 +64,10 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
         if not reader.fieldnames:
             raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
         columns = [name.strip() for name in reader.fieldnames]
+        repeated = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
+        if repeated is not None:  # the reader would keep only the last such column's values
+            raise DataError(f"{path}:line 1: the header names column {repeated!r} twice; give "
+                            "each column its own name")
         read.clear()
         for raw in reader:
             if None in raw:  # more fields than the header names: a caption's comma unquoted?
@@ -314,20 +318,23 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
 
     Images are resized (bilinear) to ``image_size`` square if given, else to the first good
     image's size. Raises ``DataError`` if the manifest is malformed or no sample is usable.
+    Each sample keeps its row's key (``manifest.csv:line 4: images/x.png``) in ``.keys``.
     """
     data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)
     report = SkipReport()
-    images, targets = [], []
+    images, targets, keys = [], [], []
     for i in tqdm(range(len(data)), desc=f"decoding {data.path.name}", unit="img", disable=not progress):
         sample = data.try_load(i, report)
         if sample is not None:
             images.append(sample[0])
             targets.append(sample[1])
+            keys.append(data.keys[i])
     if not images:
         raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
                         f"check the image paths (relative to {data.path.parent}) and the caption/label column")
     stacked, name = stack_images(images), data.path.stem
     if data.kind == "pairs":
-        return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report)
+        return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report,
+                              keys=keys)
     return LabelledImages(stacked, torch.tensor(targets, dtype=torch.int64), data.classnames,
-                          data.templates, name=name, skipped=report)
+                          data.templates, name=name, skipped=report, keys=keys)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages, source_keys
 from cliplab.errors import DataError
 
 
@@ -76,9 +76,10 @@ def select_classes(data: LabelledImages, names: list[str]) -> LabelledImages:
     new_label[torch.tensor(keep)] = torch.arange(len(keep))
     mask = new_label[data.labels] >= 0
     descriptions = [data.descriptions[i] for i in keep] if data.descriptions else None
+    keys = [k for k, m in zip(source_keys(data), mask.tolist()) if m]
     return LabelledImages(data.images[mask], new_label[data.labels[mask]],
                           [data.classnames[i] for i in keep], data.templates, data.name,
-                          skipped=data.skipped, descriptions=descriptions)
+                          skipped=data.skipped, descriptions=descriptions, keys=keys)
 
 
 def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) -> ImageTextPairs:

@@ -33,7 +33,8 @@ class SkipReport:
 
     @property
     def lost_samples(self) -> int:
-        """The samples skipped one by one (a shard read in part loses an unknown number)."""
+        """The samples skipped one by one: those of a shard read only in part among them
+        (``cut_off``) where its folder's ``index.json`` gives its count, else not known."""
         return sum(self._samples_and_shards()[0].values())
 
     def _samples_and_shards(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -44,8 +45,8 @@ class SkipReport:
 
     def summary(self) -> str:
         """One line such as ``skipped 3 samples: missing_file=2, empty_caption=1``; shards that
-        could not be read to their end are told apart, with where each stopped (their lost
-        samples are not counted one by one)."""
+        could not be read to their end are told apart, with where each stopped (the samples
+        they lost are counted as ``cut_off`` where their count is known)."""
         samples, shards = self._samples_and_shards()
         text = f"skipped {sum(samples.values())} samples"
         if samples:
@@ -96,6 +97,21 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError("images must be a uint8 tensor [N, H, W, C]")
 
 
+def _check_keys(keys: list[str] | None, n: int) -> None:
+    if keys is not None and len(keys) != n:
+        raise ValueError(f"{n} images but {len(keys)} keys")
+
+
+def source_keys(data: "LabelledImages | ImageTextPairs") -> list[str]:
+    """Each sample's source item, as its loader named it (a manifest's ``m.csv:line 4:
+    images/x.png``, an image folder's ``cat/001.jpg``, a shard's ``00002.tar:000000020``),
+    else ``NAME:i``, its position in the set (the source's own index where it skipped
+    nothing, as a source generated in memory)."""
+    if data.keys is not None:
+        return list(data.keys)
+    return [f"{data.name}:{i}" for i in range(len(data.images))]
+
+
 @dataclass
 class LabelledImages:
     """Images with integer labels, the class names and the prompt templates of the set.
@@ -112,11 +128,13 @@ class LabelledImages:
     name: str = "dataset"
     skipped: SkipReport = field(default_factory=SkipReport)
     descriptions: list[str] | None = None
+    keys: list[str] | None = None  # each image's source item: see `source_keys`
 
     def __post_init__(self) -> None:
         _check_images(self.images)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        _check_keys(self.keys, len(self.labels))
         outside = self.labels[(self.labels < 0) | (self.labels >= len(self.classnames))]
         if len(outside):  # such a label would score as wrong everywhere, without a word
             raise ValueError(f"label {int(outside[0])} is no class index: {len(self.classnames)} "
@@ -135,10 +153,12 @@ class LabelledImages:
 
     def subset(self, index: torch.Tensor) -> "LabelledImages":
         """The samples at ``index`` (a bool mask or integer index), same classes and templates
-        (and the record of what loading the set skipped)."""
+        (and the record of what loading the set skipped), each keeping its source key."""
+        every = source_keys(self)
+        keys = [every[i] for i in torch.arange(len(every))[index].tolist()]
         return LabelledImages(self.images[index], self.labels[index], self.classnames,
                               self.templates, self.name, skipped=self.skipped,
-                              descriptions=self.descriptions)
+                              descriptions=self.descriptions, keys=keys)
 
 
 @dataclass
@@ -152,7 +172,7 @@ class ImageTextPairs:
     images' lists share: it describes each of them).
     ``partners[i]`` is an optional index of image ``i``'s hard-negative image (e.g. its
     counterfactual twin; -1: none), which ``train.hard_negatives.images: partners`` puts in the
-    same batch.
+    same batch. ``keys[i]`` optionally names image ``i``'s source item (see `source_keys`).
     """
 
     images: torch.Tensor  # uint8 [N, H, W, C]
@@ -161,11 +181,13 @@ class ImageTextPairs:
     name: str = "pairs"
     skipped: SkipReport = field(default_factory=SkipReport)
     partners: torch.Tensor | None = None  # int64 [N], -1: none
+    keys: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_images(self.images)
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+        _check_keys(self.keys, len(self.captions))
         if self.partners is not None:
             n = len(self.captions)
             if self.partners.shape != (n,) or self.partners.dtype != torch.int64 \

@@ -26,16 +26,18 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     names, and every sample's group is one of them) come back as labelled images, so
     classification stages take them too. Images are resized to ``image_size`` squares, else to
     the first image's size; if some are grayscale and some colour, all become colour. Corrupt
-    samples are skipped and counted in ``.skipped``."""
+    samples are skipped and counted in ``.skipped``; ``.keys`` names each sample read by its
+    ``shard:key`` (``00002.tar:000000020``)."""
     stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size,
                          rank=0, world_size=1)
     total = sum(stream.rank_sample_counts()) if progress else None
-    images, captions, groups, keys, partner_keys = [], [], [], [], []
+    images, captions, groups, keys, partner_keys, sources = [], [], [], [], [], []
     for sample in tqdm(stream, total=total, desc="read shards", unit="img", disable=not progress):
         images.append(sample["image"])
         captions.append(sample["caption"])
         groups.append(sample["group"])
         keys.append(bare_key(sample["key"]))
+        sources.append(sample["key"])
         partner_keys.append(sample["partner_key"])
     if not images:
         raise DataError(f"no usable sample in {path} ({stream.skipped.summary()})")
@@ -48,10 +50,11 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     if has_labels(index, groups):
         return LabelledImages(stack_images(images), group_ids, list(index["classnames"]),
                               list(index.get("templates") or ["{}"]), name,
-                              skipped=stream.skipped, descriptions=index.get("descriptions"))
+                              skipped=stream.skipped, descriptions=index.get("descriptions"),
+                              keys=sources)
     partners = resolve_partners(keys, partner_keys, path)
     return ImageTextPairs(stack_images(images), captions, group_ids, name=name,
-                          skipped=stream.skipped, partners=partners)
+                          skipped=stream.skipped, partners=partners, keys=sources)
 
 
 def has_labels(index: dict | None, groups: list[int | None]) -> bool:

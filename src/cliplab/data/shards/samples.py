@@ -8,6 +8,9 @@ CLIP_benchmark reader read shards through ``raw_samples``.
 from __future__ import annotations
 
 import json
+import re
+import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -16,36 +19,108 @@ from cliplab.data.images import IMAGE_EXTS
 
 
 def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) -> Iterator[dict]:
-    """Samples as ``{ext: bytes, "__key__", "__shard__"}``, shard after shard. A shard that
-    cannot be read to its end yields one ``{"__error__": "unreadable_shard"}`` item after the
-    samples before the damage; one holding fewer samples than ``expected`` says (the counts of
-    its folder's ``index.json``), or without a count one that ends before its end-of-archive
-    marker (cut off), yields ``{"__error__": "truncated_shard"}``."""
-    from webdataset.tariterators import tarfile_samples
-
+    """Samples as ``{ext: bytes, "__key__", "__shard__"}``, shard after shard: the tar members
+    sharing a key, grouped as webdataset groups them. A shard that cannot be read to its end
+    yields every whole sample before the damage, then one ``{"__error__": "unreadable_shard"}``
+    item saying where and why it stopped; one holding fewer samples than ``expected`` says (the
+    counts of its folder's ``index.json``), or without a count one that ends before its
+    end-of-archive marker (cut off), yields ``{"__error__": "truncated_shard"}``. Where the count
+    is known, each sample the damage lost follows as a ``{"__error__": "cut_off"}`` item, so
+    skip reports count them one by one."""
     from cliplab.data.shards.layout import tar_is_whole
 
     expected = expected or {}
     for shard in shards:
-        read = 0
-        try:
-            for sample in tarfile_samples(iter([{"url": str(shard)}])):
-                sample["__shard__"] = shard.name
-                read += 1
-                yield sample
-        except Exception as err:  # tarfile/OSError/ValueError from a broken archive
-            reason = str(err.args[0] if err.args else err).splitlines()[0]
-            of = f" of {expected[shard]}" if shard in expected else ""
-            yield {"__error__": "unreadable_shard", "__shard__": shard.name,
-                   "__key__": f"after {read}{of} samples ({reason})"}
+        read, damage = 0, None
+        samples = _tar_samples(shard)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except ShardDamage as err:
+                damage = str(err)
+                break
+            read += 1
+            yield sample
+        count = expected.get(shard)
+        of = f" of {count}" if count is not None else ""
+        if damage is not None:
+            reason, where = "unreadable_shard", f"after {read}{of} samples ({damage})"
+        elif count is not None and read < count:
+            reason, where = "truncated_shard", f"{read}{of} samples (" + (
+                "the tar ends before index.json's count)" if tar_is_whole(shard)
+                else "the file ends early)")
+        elif count is None and not tar_is_whole(shard):
+            reason, where = "truncated_shard", f"{read} samples, then the file ends early " \
+                                               "(no end-of-archive marker)"
+        else:
             continue
-        if read < expected.get(shard, 0):
-            yield {"__error__": "truncated_shard", "__shard__": shard.name,
-                   "__key__": f"{read} of {expected[shard]} samples"}
-        elif shard not in expected and not tar_is_whole(shard):
-            yield {"__error__": "truncated_shard", "__shard__": shard.name,
-                   "__key__": f"{read} samples, then the file ends early (no end-of-archive "
-                   "marker)"}
+        yield {"__error__": reason, "__shard__": shard.name, "__key__": where}
+        for number in range(read + 1, (count or 0) + 1):
+            yield {"__error__": "cut_off", "__shard__": shard.name,
+                   "__key__": f"sample {number}{of}"}
+
+
+class ShardDamage(Exception):
+    """Why a shard could not be read on, in plain words (its message)."""
+
+
+def _tar_samples(shard: Path) -> Iterator[dict]:
+    """The samples of one tar in order, each yielded once its last member is read (so every
+    whole sample before a damaged part comes out, but not one whose part the damage cut);
+    `ShardDamage` where reading stops early.
+    Members are grouped as ``webdataset.tarfile_samples`` groups them: consecutive members of
+    one key (``dir/KEY.ext``), extensions lower-cased, ``__*__`` metadata files left out."""
+    current: dict | None = None
+    damage: ShardDamage | None = None
+    pending = None  # the key of the member being read
+    try:
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                    continue
+                match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if current is not None and key == current["__key__"] and ext in current:
+                    raise ShardDamage(f"{name} repeats a part of sample {key}")
+                pending = key
+                data = tar.extractfile(member).read()
+                pending = None
+                tar.members = []  # a stream: keep no list of what was read
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__shard__": shard.name, "__url__": str(shard)}
+                current[ext] = data
+    except ShardDamage as err:
+        damage = err
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        damage = ShardDamage(damage_text(err))
+        if current is not None and pending == current["__key__"]:
+            current = None  # cut inside one of its parts: not whole
+    if current is not None:
+        yield current
+    if damage is not None:
+        raise damage
+
+
+def damage_text(err: BaseException) -> str:
+    """What stopped the reading of a tar, in plain words (no Python object reprs)."""
+    lines = str(err.args[0] if err.args else err).splitlines()
+    text = lines[0] if lines else type(err).__name__
+    if isinstance(err, EOFError) or "unexpected end of data" in text:
+        return "the file ends early, cut off inside a member"
+    if text == "empty file":
+        return "the file is empty"
+    if isinstance(err, tarfile.TarError):
+        return f"damaged tar header: {text}"
+    if isinstance(err, OSError) and err.strerror:
+        return f"read error: {err.strerror}"
+    return f"read error: {text}"
 
 
 def sample_key(raw: dict) -> str:

@@ -20,9 +20,10 @@ How samples are split, shuffled and resumed (all of it deterministic):
   same world size and number of workers as the run that saved the state (checked).
 * **Corrupt samples** (unreadable image, missing image, empty caption, unreadable metadata) are
   skipped and recorded with their ``shard:key`` in ``.skipped`` (a ``SkipReport``). A shard that
-  cannot be read to its end keeps the samples before the damage and is recorded as
+  cannot be read to its end keeps every whole sample before the damage and is recorded as
   ``unreadable_shard``, or ``truncated_shard`` when it silently holds fewer samples than its
-  folder's ``index.json`` says.
+  folder's ``index.json`` says; the samples it lost then count as ``cut_off`` each
+  (``raw_samples``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Write a dataset as WebDataset tar shards in the layout img2dataset writes (see ``layout``).
 
 Each shard holds per sample ``{key}.jpg`` (or ``.png``, lossless), ``{key}.txt`` (the first
-caption) and ``{key}.json`` (all captions, group, label/class name, source key).
+caption) and ``{key}.json`` (all captions, group, label/class name, ``source_key``: the
+sample's item in the source, see `cliplab.data.types.source_keys`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
                                         set_files, shard_stats_name)
-from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport, source_keys
 from cliplab.errors import ConfigError, DataError
 from cliplab.output_folder import check_out, write_json
 
@@ -92,6 +93,7 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     Labelled images are written as pairs (one caption per prompt template, the class as group);
     the index keeps their class names and templates, so `load_shards` reads them back labelled.
     Samples without a non-empty caption are skipped and counted, as are those the source skipped.
+    Each sample's ``source_key`` names its item in the source (`source_keys`).
     """
     if image_format not in ENCODE_FORMATS:
         raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
@@ -103,13 +105,14 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     for reason, keys in data.skipped.keys.items():
         for key in keys:
             skipped.add(reason, key)
+    sources = source_keys(data)  # what each sample was in the source, whatever it skipped
     keep = []
     for i, caps in enumerate(pairs.captions):
         caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
         if caps:
             keep.append((i, caps))
         else:
-            skipped.add("empty_caption", f"{pairs.name}:{i}")
+            skipped.add("empty_caption", sources[i])
     if not keep:
         raise DataError(f"nothing to write: {pairs.name} has no sample with a caption "
                         f"({skipped.summary()})")
@@ -124,7 +127,7 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                                                 disable=not progress)):
             group = None if pairs.groups is None else int(pairs.groups[i])
             meta = {"key": f"{number:09d}", "captions": caps, "group": group,
-                    "source_key": f"{pairs.name}:{i}"}
+                    "source_key": sources[i]}
             if partners is not None and int(partners[i]) in number_of:
                 meta["partner_key"] = f"{number_of[int(partners[i])]:09d}"
             if labelled is not None:
