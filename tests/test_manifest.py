@@ -414,3 +414,26 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path):
         load_manifest(path, progress=False)
     assert str(err.value) == (f"{path}:line 1: the header names column 'caption' twice; give "
                               "each column its own name")
+
+
+def test_a_jsonl_row_or_parquet_table_naming_a_key_twice_is_refused(tmp_path):
+    """json.loads keeps the last of two equal keys silently (a caption given twice would lose
+    the first); a Parquet table naming a column twice is refused by pyarrow's reader."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_png(tmp_path / "a.png")
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text('{"image": "a.png", "caption": "a"}\n'
+                     '{"image": "a.png", "caption": "a", "caption": "b"}\n')
+    with pytest.raises(DataError) as err:
+        load_manifest(jsonl, progress=False)
+    assert str(err.value) == f"{jsonl}:line 2: the object names 'caption' twice; give each key once"
+    table = pa.Table.from_arrays([pa.array(["a.png"]), pa.array(["a"]), pa.array(["b"])],
+                                 names=["image", "caption", "caption"])
+    parquet = tmp_path / "m.parquet"
+    pq.write_table(table, parquet)
+    with pytest.raises(DataError) as err:  # pyarrow's reader refuses it already
+        load_manifest(parquet, progress=False)
+    assert str(err.value).startswith(f"{parquet}: not a readable Parquet file (Multiple matches "
+                                     "for FieldRef.Name(caption)")

@@ -89,10 +89,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_keys_once)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:line {number}: invalid JSON ({e.msg}, column {e.colno}); "
                             "fix or delete that line (one JSON object per line)") from None
+        except _RepeatedKey as e:
+            raise DataError(f"{path}:line {number}: the object names {e} twice; give each key "
+                            "once") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:line {number}: expected a JSON object such as "
                             f'{{"image": ..., "caption": ...}}, got {type(row).__name__}; one object per line')
@@ -100,6 +103,18 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
         locations.append(f"line {number}")
         columns.update(dict.fromkeys(row))
     return rows, locations, list(columns)
+
+
+class _RepeatedKey(ValueError):
+    """A JSON object naming a key twice (``json.loads`` would keep the last value silently)."""
+
+
+def _keys_once(pairs: list[tuple[str, object]]) -> dict:
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        raise _RepeatedKey(repr(next(k for i, (k, _) in enumerate(pairs)
+                                     if k in dict(pairs[:i]))))
+    return row
 
 
 def _read_parquet(path: Path) -> tuple[list[dict], list[str], list[str]]:
