@@ -107,7 +107,8 @@ def test_shards_are_served_from_their_tar(model_dir, tmp_path):
 
 def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tmp_path, capsys):
     """A shard cut short (a copy that stopped) gives its samples before the cut, the same
-    ones the training and evaluation reader keeps, and one skip saying how far it got."""
+    ones the training and evaluation reader keeps, one skip saying how far it got, and one per
+    sample lost (index.json counts 6), as that reader counts them."""
     from cliplab.data.shards import write_shards
     from cliplab.data.shards.read import load_shards
 
@@ -127,11 +128,14 @@ def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tm
     # the cut left the fourth sample without its image: skipped as the stream reader skips it
     skipped = dict(index.store.skipped())
     assert read.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
-    assert set(skipped) == {"00000.tar", "00000.tar:000000003"}
+    assert set(skipped) == {"00000.tar", "00000.tar:000000003", "00000.tar:sample 5 of 6",
+                            "00000.tar:sample 6 of 6"}
+    assert skipped["00000.tar:sample 6 of 6"].startswith("cut_off: ")
     assert skipped["00000.tar"].startswith(
         f"truncated_shard: 00000.tar: read {len(keys) - 6 + 1} of 6 samples, then:")
     record = json.loads((out / "index.json").read_text())
-    assert record["skipped"] == 2 and record["skipped_reasons"]["truncated_shard"] == 1
+    assert record["skipped"] == 4 and record["skipped_reasons"]["truncated_shard"] == 1
+    assert record["skipped_reasons"]["cut_off"] == 2
     assert "each is listed with its reason in " \
         f"{out / 'meta.sqlite'} (table skipped)" in capsys.readouterr().err
 

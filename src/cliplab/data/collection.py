@@ -240,6 +240,13 @@ class ShardReadError(OSError):
     reason = "truncated_shard"
 
 
+class CutOffSample(OSError):
+    """A sample a damaged shard lost: its folder's ``index.json`` counts more samples than
+    could be read before the damage."""
+
+    reason = "cut_off"
+
+
 class DuplicateKeyError(OSError):
     """A sample whose key an earlier sample of the same tar already has: which of the two a key
     means is ambiguous, so the later one is skipped and counted."""
@@ -254,7 +261,8 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     """Samples of every tar (in the shard index's order): an image member plus ``.txt`` /
     ``.json`` members of the same key. A tar that cannot be read to its end gives the samples
     before the damage, then one item named after the tar that fails to read with a
-    `ShardReadError` saying how far it got (so the loss is counted, not hidden)."""
+    `ShardReadError` saying how far it got (so the loss is counted, not hidden) and, where the
+    folder's ``index.json`` gives the tar's count, one `CutOffSample` item per sample lost."""
     from cliplab.data.shards import expand_shards
     from cliplab.data.shards.layout import index_counts
 
@@ -272,6 +280,18 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
             def fail(message=message):
                 raise ShardReadError(message)
             yield Item(tar.name, "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
+            for number in range(len(samples) + 1, (expected or 0) + 1):
+                yield _cut_off_item(tar, number, expected)
+
+
+def _cut_off_item(tar: Path, number: int, count: int) -> Item:
+    """The item of the ``number``-th of the ``count`` samples of ``tar`` that its damage lost
+    (the key `raw_samples` gives it too): skipped and counted when read."""
+    key = f"{tar.name}:sample {number} of {count}"
+
+    def fail(key=key):
+        raise CutOffSample(f"{key}: lost where the shard is damaged")
+    return Item(key, "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
 
 
 def _duplicate_item(tar: Path, key: str) -> Item:
