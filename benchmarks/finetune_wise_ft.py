@@ -90,7 +90,8 @@ def main() -> None:
                       "interior_at_least_both_ends": interior[best] >= max(accs[0.0], accs[1.0])}
     summary = {
         "model": args.model, "train_images": args.train_size, "test_images": args.test_size,
-        "epochs": args.epochs,
+        "epochs": args.epochs, "ft_lr": args.ft_lr, "shifts": list(args.shifts),
+        **({} if args.skip_lora else {"lora_lr": args.lora_lr, "rank": args.rank}),
         "zeroshot_acc1": round(ft["zeroshot"]["acc1"], 4),
         "finetune_acc1": round(ft["test"]["acc1"], 4),
         "finetune_trainable_params": ft["params"]["trainable"],
