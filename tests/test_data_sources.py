@@ -426,3 +426,21 @@ def test_a_template_with_two_slots_is_refused():
     with pytest.raises(ConfigError, match=r"^templates of data source 'toy': every prompt needs "
                                           r"one '\{\}' where the class goes; not 'a \{\} of \{\}'$"):
         check_templates(["a {} photo", "a {} of {}"], "toy")
+
+
+@pytest.mark.parametrize("spec", ["data.train={source: {source: shapes}}",
+                                  "data.replay={ratio: 0.3, source: {source: shapes, n: 20}}",
+                                  "data.train={source: [shapes]}"])
+def test_a_source_that_is_no_name_is_one_line_naming_its_key(spec, tmp_path, capsys):
+    """A nested spec as `source:` (a natural misreading of `data.replay: {ratio, source: ...}`)
+    crashed with `TypeError: unhashable type` in every command."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    assert main(["pretrain", "--config", str(recipe), "--out", str(tmp_path / "run"),
+                 "--no-progress", spec]) == 2
+    err = capsys.readouterr().err
+    key = spec.partition("=")[0]
+    assert err.startswith(f"cliplab: error: {recipe} + command line: {key}: a data source is a "
+                          "name (fashion-mnist, digits, shapes,") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
