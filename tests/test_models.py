@@ -1,6 +1,7 @@
 """Models: save/load round trips, plain-transformers equivalence, loading HF folders."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -309,3 +310,15 @@ def test_tiny_clip_text_tower_takes_its_own_width_and_depth():
     assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (32, 2)
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (16, 1)
     assert model.encode_texts(["a red circle"]).shape == (1, 8)
+
+
+@pytest.mark.parametrize("preset, key, value", [
+    ("tiny-clip", "patch_size", 0), ("tiny-clip", "width", 0), ("tiny-clip", "embed_dim", -1),
+    ("tiny-clip", "layers", 0), ("tiny-siglip", "image_size", -8), ("lit-minilm", "heads", 0),
+    ("tiny-clip", "context_length", 0), ("tiny-clip", "width", "wide"), ("tiny-clip", "layers", True)])
+def test_a_preset_size_that_is_no_positive_integer_is_refused(preset, key, value):
+    """0 patches or widths crashed deep in torch (ZeroDivisionError, negative dimensions);
+    layers=0 built and trained a tower without blocks."""
+    with pytest.raises(ModelError, match=rf"^option {key} of preset '{preset}' must be a "
+                       rf"positive integer, not {re.escape(repr(value))}$"):
+        build_model(preset, **{key: value})

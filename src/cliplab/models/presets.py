@@ -150,12 +150,21 @@ PRESETS: dict[str, Callable[..., DualEncoder]] = {
 
 
 def check_preset_options(name: str, options: dict) -> None:
-    """A `ModelError` naming the options preset ``name`` does not take, and those it does."""
-    valid = list(inspect.signature(PRESETS[name]).parameters)
+    """A `ModelError` naming the options preset ``name`` does not take, and those it does; or
+    a size (every integer option but ``seed``) that is not a positive integer (0 patches or
+    layers crashed deep in torch, or built a tower without blocks)."""
+    params = inspect.signature(PRESETS[name]).parameters
+    valid = list(params)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ModelError(f"unknown option(s) {', '.join(map(repr, unknown))} for preset "
                          f"{name!r} (valid: {', '.join(valid)})")
+    for key, value in options.items():
+        is_size = str(params[key].annotation) in ("int", "int | None") and key != "seed"
+        if is_size and value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ModelError(f"option {key} of preset {name!r} must be a positive integer, "
+                             f"not {value!r}")
 
 
 def build_model(name: str, **options) -> DualEncoder:
