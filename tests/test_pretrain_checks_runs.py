@@ -6,11 +6,13 @@ import json
 import math
 import os
 import shutil
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from cliplab.cli import main
 from cliplab.data.shapes import load_shapes
@@ -369,3 +371,22 @@ def test_the_backend_follows_train_device(device, world, expected, monkeypatch):
     else:
         with pytest.raises(ConfigError, match=expected):
             backend_for(torch.device(device))
+
+
+def test_a_checkpoint_of_another_run_resumes_only_with_that_runs_config(tmp_path):
+    """`--out A --resume B/checkpoints/step-2` continued B's weights and data position on A's
+    other data, a silent mix of two runs; it is refused naming B and what differs. The same
+    recipe in a new folder still continues B exactly (a fork)."""
+    other = tmp_path / "other"
+    run_pretrain(recipe(other), progress=False)
+    ckpt = other / "checkpoints" / "step-2"
+    mine = recipe(tmp_path / "mine")
+    mine["data"] = {"train": {**SHAPES, "seed": SHAPES.get("seed", 0) + 5}}
+    with pytest.raises(ConfigError, match=rf"^--resume {re.escape(str(ckpt))} is a checkpoint of "
+                       rf"the run {re.escape(str(other.resolve()))}, whose config differs: data "):
+        run_pretrain(mine, resume=str(ckpt), progress=False)
+    assert not (tmp_path / "mine").exists()
+    run_pretrain(recipe(tmp_path / "fork"), resume=str(ckpt), progress=False)
+    a = load_file(other / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "fork" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -97,6 +97,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                       resume, resumable=True)
         if resume is not None:
             _check_resumed_config(Path(cfg.out), cfg)
+    if resume not in (None, "latest"):
+        _check_checkpoints_run(Path(resume), cfg)
     backend = distributed.backend_for(resolve_device(cfg.train.device))  # train.device=cpu: gloo
     distributed.init_distributed(backend, timeout_s=cfg.train.dist_timeout_s)
     progress = progress and distributed.rank() == 0  # one set of bars, not one per rank
@@ -189,6 +191,22 @@ def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
         changed = checkpoint.run_config_changes(load_yaml(saved) or {}, cfg.to_dict())
         if changed:
             raise checkpoint.resume_refused(out, changed)
+
+
+def _check_checkpoints_run(ckpt: Path, cfg: PretrainConfig) -> None:
+    """Refuse to continue a checkpoint of another run (``RUN/checkpoints/step-N``) whose model,
+    data or train keys differ from this config: the resumed run would mix two runs (its data
+    position applied to other data). The same recipe in another folder continues it exactly."""
+    run = next((p.parent for p in ckpt.resolve().parents if p.name == "checkpoints"), None)
+    saved = run / "config.yaml" if run is not None else None
+    if saved is None or not saved.is_file() or (
+            cfg.out and run == Path(cfg.out).resolve()):  # its own run: checked against it
+        return
+    changed = checkpoint.run_config_changes(load_yaml(saved) or {}, cfg.to_dict())
+    if changed:
+        raise ConfigError(f"--resume {ckpt} is a checkpoint of the run {run}, whose "
+                          f"config differs: {'; '.join(changed)}; resume with that run's "
+                          "config, or start a new --out with the checkpoint as its model")
 
 
 def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, float]:
