@@ -295,6 +295,34 @@ def test_add_refuses_another_model(model_dir, tmp_path):
         SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(other))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("meta", r"meta.sqlite: not a readable index metadata database"),
+    ("no fingerprint", r"index.json: lacks fingerprint; the index is damaged"),
+    ("format 99", r"index.json: not a complete index \(format 99\); rebuild it"),
+    ("dim", r"index.json is damaged \(ValueError: invalid literal for int\(\)"),
+    ("sources", r"index.json: sources must be a list of data specs, not 'oops'")])
+def test_add_refuses_a_damaged_index_and_leaves_it_as_it_was(model_dir, tmp_path, damage,
+                                                             message):
+    """--add checked less than serve: a damaged meta.sqlite or index.json failed with a
+    traceback (leaving a .partial folder), and an index of an unknown format or a wrong dim was
+    rewritten as format 1. Now it is refused as serve refuses it, and nothing is written."""
+    out = tmp_path / "idx"
+    build(model_dir, SHAPES, out)
+    record = json.loads((out / "index.json").read_text())
+    if damage == "meta":
+        (out / "meta.sqlite").write_bytes((out / "meta.sqlite").read_bytes()[:3000])
+    else:
+        record.pop("fingerprint") if damage == "no fingerprint" else record.update(
+            {"format 99": {"format": 99}, "dim": {"dim": "sixteen"},
+             "sources": {"sources": "oops"}}[damage])
+        (out / "index.json").write_text(json.dumps(record))
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with pytest.raises(DataError, match=rf"^--add: {out}/{message}"):
+        build(model_dir, SHAPES, out, add=True)
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    assert not (tmp_path / "idx.partial").exists()
+
+
 def test_a_failed_run_with_nothing_embedded_does_not_block_the_corrected_one(model_dir, tmp_path,
                                                                            monkeypatch):
     manifest = tmp_path / "bad.csv"

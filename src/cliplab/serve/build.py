@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason, source_spec
 from cliplab.data.types import counts_text
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
@@ -100,6 +100,8 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         raise ConfigError(f"--add: {out} does not exist; an --add appends to an index built "
                           "there (leave --add out to build one)" if not out.exists() else
                           f"--add: {out} is not a complete index to append to")
+    if cfg.add and existing is not None:
+        _check_appendable(out)
     cfg = _resolve_settings(cfg, existing, out)
     if cfg.uri and cfg.backend != "milvus":
         raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
@@ -155,6 +157,26 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     _drop_replaced_collection(existing, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
             "skipped_now": skip_counts(skipped_now)}
+
+
+def _check_appendable(out: Path) -> None:
+    """An ``--add`` appends only to an index ``serve`` would open: a damaged one, or one of a
+    format this version does not know, is refused naming what is wrong (it was rewritten as
+    format 1, or failed with a traceback)."""
+    from cliplab.serve.index import SearchIndex
+
+    try:
+        index = SearchIndex(out)
+        index.close()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a value of a wrong type
+        raise DataError(f"--add: {out}/index.json is damaged ({first_line(err)}); rebuild the "
+                        "index with `cliplab index`") from None
+    except DataError as err:
+        raise DataError(f"--add: {err}") from None
+    sources = index.record.get("sources", [])  # what an --add's keys are told apart by
+    if not isinstance(sources, list) or not all(isinstance(spec, dict) for spec in sources):
+        raise DataError(f"--add: {out}/index.json: sources must be a list of data specs, not "
+                        f"{sources!r}; the index is damaged, rebuild it with `cliplab index`")
 
 
 def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> IndexConfig:
