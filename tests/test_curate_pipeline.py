@@ -730,3 +730,17 @@ def test_a_map_column_of_another_length_or_of_objects_is_refused(tmp_path, colum
     assert not list(tmp_path.iterdir())
     save_columns(tmp_path / "c.npz", {"score": np.zeros(3), "key": np.array(["a", "b", "c"])},
                  3, "step x")
+
+
+def test_run_curation_takes_a_plain_dict_and_names_what_is_wrong_with_one(tmp_path):
+    """The Python entry point README documents failed with AttributeError on a dict, None or
+    a path; it now checks a dict as a config file is checked (as run_pretrain does)."""
+    folder = make_folder(tmp_path / "pool", [200, 50, 150])
+    summary = run_curation({"data": str(folder), "steps": [{"step": "bright", "threshold": 100}]},
+                           tmp_path / "out", progress=False)
+    assert summary["kept"] == 2
+    with pytest.raises(ConfigError, match=r"^the curate config: data is required; steps: "
+                       r"expected a valid list, got 'basic'$"):
+        run_curation({"steps": "basic"}, tmp_path / "o2")
+    with pytest.raises(ConfigError, match=r"^the curate config: expected a valid dictionary"):
+        run_curation("c.yaml", tmp_path / "o3")

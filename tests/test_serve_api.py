@@ -318,6 +318,7 @@ def test_an_image_from_a_shard_cut_short_since_indexing_is_404(tmp_path):
     (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be a positive number"),
     (["--api-key", ""], "--api-key is empty"),
     (["--api-key", "  "], "--api-key is empty"),
+    (["--api-key", " secret "], "--api-key starts or ends with spaces, which no client can send"),
 ])
 def test_serve_refuses_bad_options_in_one_line(served, flags, words, capsys, monkeypatch):
     """An empty key (``--api-key "$KEY"`` with KEY unset) served an open API without the

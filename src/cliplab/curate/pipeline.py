@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from cliplab.config import validate
 from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
 from cliplab.curate.outputs import write_dropped, write_kept
@@ -49,10 +50,13 @@ READ_STEP = "read"
 NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples", "device")
 
 
-def run_curation(config: CurateConfig, out: str | os.PathLike | None = None,
+def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = None,
                  progress: bool = True, overwrite: bool = False) -> dict:
     """Curate ``config.data`` into ``out`` (default ``config.out``); resume a killed run of the
-    same config. Returns the summary (also written as ``OUT/summary.json``)."""
+    same config. Returns the summary (also written as ``OUT/summary.json``). ``config`` may be
+    a plain dict (checked as a config file is)."""
+    if not isinstance(config, CurateConfig):
+        config = validate(CurateConfig, config, "the curate config")
     if out is None and not config.out:
         raise ConfigError("say where to write the curated pool: --out DIR")
     out = Path(out if out is not None else config.out).expanduser().resolve()

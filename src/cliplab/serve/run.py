@@ -56,6 +56,9 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
     if api_key is not None and not api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
         raise ConfigError("--api-key is empty: give the key (or leave the option out to serve "
                           "without one)")
+    if api_key is not None and api_key != api_key.strip():  # HTTP strips a header's spaces
+        raise ConfigError("--api-key starts or ends with spaces, which no client can send (HTTP "
+                          "strips them from the X-API-Key header); give the key without them")
     check_address(host, port)
     app = open_app(index_path, model, api_key, max_upload_mb, device)
     if not _is_loopback(host) and api_key is None:
