@@ -470,3 +470,16 @@ def test_cache_dir_keeps_the_image_features_there(model_dir, tmp_path):
                  "data.test={source: digits, split: test}", "shots=1",
                  "compare_zeroshot=false"]) == 0
     assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
+
+
+@pytest.mark.parametrize("option", ["options.alpha=-1", "options.beta=-0.5"])
+def test_tip_adapter_refuses_a_negative_cache_weight_or_sharpness(option, tmp_path, capsys):
+    """A negative alpha (it inverts the cache's vote) was accepted and run."""
+    assert main(["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "--no-progress",
+                 "--out", str(tmp_path / "ta"), "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=1", option]) == 2
+    key, _, value = option.partition("=")
+    assert capsys.readouterr().err.strip() == (
+        f"cliplab: error: the command line: {key}: expected greater than or equal to 0, "
+        f"got {value}")
+    assert not (tmp_path / "ta").exists()

@@ -47,8 +47,8 @@ class Options(PromptOptions):
     scale, translate, rotate_deg, hflip, as ``train.augment``). Templates/names: the zero-shot
     head's prompts."""
 
-    alpha: float = 1.0
-    beta: float = 5.5
+    alpha: float = Field(1.0, ge=0)  # the cache's weight: a negative one inverts it
+    beta: float = Field(5.5, ge=0)
     clip_scale: float | None = Field(None, gt=0)
     search: bool = False
     search_scale: tuple[float, float] = (7.0, 3.0)
