@@ -36,28 +36,17 @@ from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 from cliplab.serve import faiss_index
+from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
+                                  META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
 
-FORMAT = 1
-INDEX_FILE, PROGRESS_FILE, META_FILE = "index.json", "progress.json", "meta.sqlite"
-VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index", "images", "chunks"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
-
-
-def read_index_json(folder: Path) -> dict | None:
-    file = folder / INDEX_FILE
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except ValueError:
-        raise DataError(f"{file}: not valid JSON; the index is damaged, rebuild it") from None
 
 
 def _model_record(cfg: IndexConfig) -> dict:

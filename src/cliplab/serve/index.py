@@ -9,8 +9,8 @@ import numpy as np
 from cliplab.errors import DataError, ModelError
 from cliplab.serve import faiss_index
 from cliplab.output_folder import partial_path
-from cliplab.serve.build import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
-                                 read_index_json)
+from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
+                                  read_index_json)
 from cliplab.models.folder import model_fingerprint
 from cliplab.serve.store import MetadataStore
 
