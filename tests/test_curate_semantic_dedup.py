@@ -70,3 +70,17 @@ def test_map_embeds_images_and_exact_copies_are_dropped(tmp_path):
     decision = step.decide(PoolItems(keys, [""] * 6), columns)
     assert decision.keep.tolist()[:5] == [True, True, True, True, False]
     assert decision.reasons[4].startswith("near duplicate of k1 (cosine 1.000")
+
+
+def test_as_many_clusters_as_items_is_warned_about():
+    """n_clusters=1000 on a 20-item pool was clamped to 20 clusters of one item each, and the
+    step silently dropped nothing."""
+    step = SemanticDedup(Spec(step="semantic_dedup", model="tiny-clip", n_clusters=1000))
+    embeddings = np.stack([unit((0, 1)), unit((0, 1), (1, 0.01)), unit((2, 1))])
+    with pytest.warns(UserWarning, match=r"^semantic_dedup: n_clusters 1000 is not below the "
+                      r"pool's 3 items, so each item is a cluster of its own"):
+        decision = step.decide(PoolItems(["a", "a2", "b"], [""] * 3), {"embedding": embeddings})
+    assert decision.keep.tolist() == [True, True, True]  # the near copy is not found
+    exact = SemanticDedup(Spec(step="semantic_dedup", model="tiny-clip", n_clusters=1))
+    assert exact.decide(PoolItems(["a", "a2", "b"], [""] * 3),
+                        {"embedding": embeddings}).keep.tolist() == [True, False, True]

@@ -10,6 +10,7 @@ centroid (SemDeDup's choice).
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal
 
 import numpy as np
@@ -53,6 +54,12 @@ class SemanticDedup:
 
     def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
         spec = self.spec
+        n = len(columns["embedding"])
+        if spec.n_clusters != "auto" and spec.n_clusters >= n > 1:
+            # as many clusters as items puts each alone: no pair is ever compared
+            warnings.warn(f"semantic_dedup: n_clusters {spec.n_clusters} is not below the pool's "
+                          f"{n} items, so each item is a cluster of its own and no duplicate can "
+                          "be found; use fewer (or 'auto', about the square root of the items)")
         found = semantic_duplicates(columns["embedding"], spec.n_clusters, spec.eps, self.seed,
                                     spec.keep, spec.kmeans_iterations)
         reasons = [None if kept else
