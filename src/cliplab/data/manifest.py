@@ -64,7 +64,7 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
         if not reader.fieldnames:
             raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
         columns = [name.strip() for name in reader.fieldnames]
-        repeated = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
+        repeated = _first_repeated(columns)
         if repeated is not None:  # the reader would keep only the last such column's values
             raise DataError(f"{path}:line 1: the header names column {repeated!r} twice; give "
                             "each column its own name")
@@ -109,11 +109,21 @@ class _RepeatedKey(ValueError):
     """A JSON object naming a key twice (``json.loads`` would keep the last value silently)."""
 
 
+def _first_repeated(names: list[str]) -> str | None:
+    """The first name ``names`` holds twice (a column, a key), None if each is there once."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _keys_once(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``'s object hook: the object, or `_RepeatedKey` naming a key it repeats."""
     row = dict(pairs)
     if len(row) < len(pairs):
-        raise _RepeatedKey(repr(next(k for i, (k, _) in enumerate(pairs)
-                                     if k in dict(pairs[:i]))))
+        raise _RepeatedKey(repr(_first_repeated([key for key, _ in pairs])))
     return row
 
 
