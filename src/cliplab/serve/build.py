@@ -155,7 +155,7 @@ def _check_appendable(out: Path) -> None:
     from cliplab.serve.index import SearchIndex
 
     try:
-        index = SearchIndex(out)
+        index = SearchIndex(out, search=False)  # its FAISS file is read once, by the --add
         index.close()
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # a value of a wrong type
         raise DataError(f"--add: {out}/index.json is damaged ({first_line(err)}); rebuild the "

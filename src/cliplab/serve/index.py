@@ -23,7 +23,10 @@ BACKENDS = ("faiss", "milvus")
 class SearchIndex:
     """A complete index folder opened for search. ``search`` returns ``(scores, ids)``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, search: bool = True):
+        """Open the index at ``path``, checked whole (a ``DataError`` names what is damaged);
+        ``search=False`` checks it without loading the FAISS index or connecting to Milvus
+        (an ``--add`` reads it again itself)."""
         self.path = Path(path).expanduser().resolve()
         self.record = _complete_record(self.path)
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
@@ -38,7 +41,8 @@ class SearchIndex:
                                 "with `cliplab index`")
             self.vectors = _read_vectors(self.path / VECTORS_FILE, self.count,
                                          int(self.record["dim"]))  # [N, D], by id
-            self._open_backend()
+            if search:
+                self._open_backend()
         except DataError:
             self.close()
             raise
