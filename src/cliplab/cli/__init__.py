@@ -18,7 +18,7 @@ from types import ModuleType
 from cliplab import __version__
 from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, merge, pretrain,
                          quickstart, report, serve)
-from cliplab.cli.arguments import EXIT_BAD_INPUT
+from cliplab.cli.arguments import EXIT_BAD_INPUT, under_torchrun
 from cliplab.errors import CliplabError
 
 # each command's module, in the order `cliplab --help` lists them
@@ -111,10 +111,9 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
 def _copies_under_torchrun(command: str) -> str | None:
     """Why a command that does not distribute its work cannot run on several ranks (each
     would run it whole into the same folder); None when it may run."""
-    # torchrun's variable read here, not through train.distributed (which imports torch)
-    world = os.environ.get("WORLD_SIZE", "1")
-    if command in DISTRIBUTED_COMMANDS or world.strip() in ("", "0", "1"):
+    if command in DISTRIBUTED_COMMANDS or not under_torchrun():
         return None
+    world = os.environ["WORLD_SIZE"]
     shared = ", ".join(DISTRIBUTED_COMMANDS)
     return (f"cliplab {command} runs in one process, but torchrun launched WORLD_SIZE={world} "
             f"copies (each would run it whole into the same output); run it without torchrun "

@@ -4,6 +4,7 @@ checks of an output folder against the inputs."""
 from __future__ import annotations
 
 import argparse
+import os
 
 EXIT_BAD_INPUT = 2
 # what a --model takes (export's MODEL: all but an ONNX export, which is its output)
@@ -11,6 +12,12 @@ TORCH_MODEL_SPECS = ("preset name, model folder, checkpoint folder, run folder (
                      "checkpoint), Hugging Face Hub id or OpenCLIP checkpoint")
 MODEL_SPECS = TORCH_MODEL_SPECS.replace(" or OpenCLIP", ", OpenCLIP") + " or ONNX export"
 
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun launched several copies of this command (``WORLD_SIZE`` above 1; read
+    here, not through train.distributed, which imports torch)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 class GivenOnce(argparse.Action):
     """An option that may be given once (under any of its names): a second value would

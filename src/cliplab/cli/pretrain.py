@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cliplab.cli.arguments import EXIT_BAD_INPUT, add_common, add_debug
+from cliplab.cli.arguments import EXIT_BAD_INPUT, add_common, add_debug, under_torchrun
 from cliplab.errors import ConfigError
 
 QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves a recipe error to local rank 0 waits
@@ -70,8 +70,7 @@ def _another_rank_says_it() -> bool:
     """Under torchrun, whether this rank leaves a recipe error to local rank 0: every rank of
     a machine reads the same files and command line, so one line says it (each machine still
     says its own, in case their files differ)."""
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    return world not in ("", "0", "1") and os.environ.get("LOCAL_RANK", "0") != "0"
+    return under_torchrun() and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _pretrain_recipe(args) -> str | Path:
