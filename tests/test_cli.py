@@ -10,6 +10,9 @@ import pytest
 
 from cliplab.cli import COMMANDS, main
 from cliplab.cli.pretrain import QUIET_RANK_WAIT_S
+from tests.cli_output import one_line_error
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=None):
@@ -50,6 +53,32 @@ def test_unknown_config_key_names_the_key(tmp_path):
     cfg.write_text("model: {preset: tiny-clip}\ndata: {train: {source: shapes, n: 8}}\n"
                    "train: {epochs: 1, lrr: 3}\n")
     _one_line_error(run_cli("pretrain", "--config", str(cfg)), "lrr")
+
+
+@pytest.mark.parametrize("recipe, command, owner, foreign", [
+    ("curate/basic.yaml", "adapt", "curate", "keys chunk_size, examples, output, steps, workers are"),
+    ("adapt/digits.yaml", "merge --models a b", "adapt",
+     "keys data, options, seed, shots, val_shots are"),
+    # pretrain's and quickstart's keys are the same: the one that accepts the file is named
+    ("pretrain/tiny-shapes.yaml", "curate", "pretrain", "keys eval, model, train are"),
+    ("eval/shapes.yaml", "data shard", "eval", "key tasks is"),
+])
+def test_a_config_for_another_command_is_named_as_such(recipe, command, owner, foreign, capsys):
+    path = REPO / "configs" / recipe
+    assert main([*command.split(), "--config", str(path)]) == 2
+    named = command.partition(" --")[0]
+    assert one_line_error(capsys) == (
+        f"{path} is a config for `cliplab {owner}`, not for `cliplab {named}` (its {foreign} not "
+        f"{named}'s); run `cliplab {owner} --config {path}`")
+
+
+def test_a_config_with_a_typo_is_not_taken_for_another_commands(tmp_path, capsys):
+    # `steps` is curate's, `lrr` no command's: the unknown keys are told as they are
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: tiny-clip}\ndata: {train: shapes}\nsteps: 3\nlrr: 3\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = one_line_error(capsys)
+    assert "unknown key steps" in err and "unknown key lrr" in err and "a config for" not in err
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):

@@ -19,7 +19,8 @@ from cliplab import __version__
 from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, merge, pretrain,
                          quickstart, report, serve)
 from cliplab.cli.arguments import EXIT_BAD_INPUT, under_torchrun
-from cliplab.errors import CliplabError
+from cliplab.cli.config_owner import other_command_hint
+from cliplab.errors import CliplabError, ConfigError
 
 # each command's module, in the order `cliplab --help` lists them
 COMMANDS: dict[str, ModuleType] = {
@@ -129,6 +130,12 @@ def _end_progress_bars() -> None:
             bar.close()
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """The command as typed: ``adapt``, ``data shard``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
@@ -151,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _end_progress_bars()
-        print(f"cliplab: error: {err}", file=sys.stderr)
+        hint = other_command_hint(_command_name(args), getattr(args, "config", None)) \
+            if isinstance(err, ConfigError) else None
+        print(f"cliplab: error: {hint or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _end_progress_bars()
