@@ -14,6 +14,7 @@ from cliplab.models import DualEncoder, build_model
 from cliplab.models.dual_encoder import mean_pool
 from cliplab.models.presets import minilm_path
 from cliplab.models.resolve import load_model
+from cliplab.models.spec import model_spec
 from cliplab.models.spec import ModelField
 from cliplab.models.tokenizer import byte_level_tokenizer
 
@@ -322,3 +323,16 @@ def test_a_preset_size_that_is_no_positive_integer_is_refused(preset, key, value
     with pytest.raises(ModelError, match=rf"^option {key} of preset '{preset}' must be a "
                        rf"positive integer, not {re.escape(repr(value))}$"):
         build_model(preset, **{key: value})
+
+
+@pytest.mark.parametrize("preset, options, key, width, heads", [
+    ("tiny-clip", {"heads": 5}, "width", 128, 5),
+    ("tiny-clip", {"width": 32, "heads": 2, "text_width": 17}, "text_width", 17, 2),
+    ("tiny-siglip", {"width": 30}, "width", 30, 4),
+    ("lit-minilm", {"heads": 5}, "width", 192, 5)])
+def test_a_width_the_heads_do_not_divide_is_refused_in_the_models_config(preset, options, key,
+                                                                          width, heads):
+    """transformers' own error named no key; the config check names the model section."""
+    with pytest.raises(ConfigError, match=rf"^model: option {key} of preset "
+                       rf"'{preset}' \({width}\) must be a multiple of heads \({heads}\)"):
+        model_spec({"name": preset, "options": options})

@@ -150,9 +150,10 @@ PRESETS: dict[str, Callable[..., DualEncoder]] = {
 
 
 def check_preset_options(name: str, options: dict) -> None:
-    """A `ModelError` naming the options preset ``name`` does not take, and those it does; or
-    a size (every integer option but ``seed``) that is not a positive integer (0 patches or
-    layers crashed deep in torch, or built a tower without blocks)."""
+    """A `ModelError` naming the options preset ``name`` does not take, and those it does; a
+    size (every integer option but ``seed``) that is not a positive integer (0 patches or
+    layers crashed deep in torch, or built a tower without blocks); or a width the heads do not
+    divide (transformers' own error named neither the key nor the config)."""
     params = inspect.signature(PRESETS[name]).parameters
     valid = list(params)
     unknown = sorted(set(options) - set(valid))
@@ -165,6 +166,13 @@ def check_preset_options(name: str, options: dict) -> None:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ModelError(f"option {key} of preset {name!r} must be a positive integer, "
                              f"not {value!r}")
+    chosen = {key: param.default for key, param in params.items()} | options
+    heads = chosen.get("heads")
+    for key in ("width", "text_width"):  # text_width None: the text tower takes width
+        width = chosen.get(key)
+        if isinstance(width, int) and isinstance(heads, int) and width % heads:
+            raise ModelError(f"option {key} of preset {name!r} ({width}) must be a multiple of "
+                             f"heads ({heads}): each attention head takes {key}/heads channels")
 
 
 def build_model(name: str, **options) -> DualEncoder:
