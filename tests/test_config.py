@@ -288,3 +288,16 @@ def test_a_curation_step_error_starts_with_its_step_once(steps, message):
     with pytest.raises(ConfigError) as info:
         validate(CurateConfig, {"data": "shapes", "steps": steps}, "c.yaml")
     assert str(info.value).startswith(message) and str(info.value).count("steps[") == 1
+
+
+def test_changed_key_paths_and_value_at_walk_mappings_and_lists():
+    from cliplab.config import changed_key_paths, value_at
+
+    run = {"seed": 0, "steps": [{"step": "a", "k": 1}, {"step": "b"}], "out": "x", "d": {"n": 1}}
+    now = {"seed": 0, "steps": [{"step": "a", "k": 2}, {"step": "c"}], "d": {"n": 1, "m": 2}}
+    assert changed_key_paths(run, now) == ["d.m", "out", "steps.0.k", "steps.1.step"]
+    assert changed_key_paths(run, now, skip={"out", "k"}) == ["d.m", "steps.1.step"]
+    assert changed_key_paths(run, {**now, "steps": [1]}, skip={"out", "d"}) == ["steps"]
+    assert changed_key_paths(run, run) == [] and changed_key_paths(1, 2) == ["(value)"]
+    assert value_at(run, "steps.0.k") == 1 and value_at(run, "d.n") == 1
+    assert value_at(run, "steps.2.k") is None and value_at(run, "seed.x") is None

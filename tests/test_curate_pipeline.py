@@ -324,8 +324,20 @@ def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
     Bright.calls.clear()
     with pytest.raises(RuntimeError):
         run_curation(flaky, tmp_path / "new", progress=False)
-    with pytest.raises(ConfigError, match="half-finished `cliplab curate` run of another config"):
+    with pytest.raises(ConfigError, match=r"half-finished `cliplab curate` run of another config "
+                       r"\(steps \[1 item\] in the run, now \[2 items\]\)"):
         run_curation(cfg, tmp_path / "new", progress=False)
+    # the keys that differ are named, a step's by its position (the first three, then a count)
+    shifted = config(str(folder), [{"step": "bright", "fail_on_chunk": 0, "threshold": 90}])
+    with pytest.raises(ConfigError, match=r"another config \(steps\.0\.threshold 100\.0 in the "
+                       r"run, now 90\.0\); rerun"):
+        run_curation(shifted, tmp_path / "new", progress=False)
+    with pytest.raises(ConfigError, match=r"another config \(chunk_size 256 in the run, now 2; "
+                       r"seed 0 in the run, now 5; steps\.0\.fail_on_chunk 0 in the run, now 1; "
+                       r"and 1 more key\)"):
+        run_curation(config(str(folder), [{"step": "bright", "fail_on_chunk": 1, "threshold": 90}],
+                            chunk_size=2, seed=5),
+                     tmp_path / "new", progress=False)
     assert run_curation(cfg, tmp_path / "new", progress=False, overwrite=True)["kept"] == 1
     # a run that failed before reading anything (a bad source option) does not block the next
     with pytest.raises(ConfigError, match="unknown option"):
@@ -631,7 +643,8 @@ def test_a_work_folder_of_another_seed_is_refused_not_resumed(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="killed"):
         run_curation(config(str(folder), steps, chunk_size=3, seed=0), tmp_path / "half",
                      progress=False)
-    with pytest.raises(ConfigError, match="half-finished `cliplab curate` run of another config"):
+    with pytest.raises(ConfigError, match=r"half-finished `cliplab curate` run of another config "
+                       r"\(seed 0 in the run, now 1\); rerun that config"):
         run_curation(config(str(folder), steps, chunk_size=3, seed=1), tmp_path / "half",
                      progress=False)
     assert not (tmp_path / "half").exists()
@@ -645,7 +658,8 @@ def test_a_work_folder_of_another_seed_is_refused_not_resumed(tmp_path, monkeypa
                      progress=False)
     monkeypatch.undo()
     monkeypatch.setitem(registry.STEPS, "bright", f"{__name__}:Bright")
-    with pytest.raises(ConfigError, match="finished `cliplab curate` run of another config"):
+    with pytest.raises(ConfigError, match=r"finished `cliplab curate` run of another config "
+                       r"\(seed 0 in the run, now 1\), not yet moved"):
         run_curation(config(str(folder), STEPS, chunk_size=3, seed=1), tmp_path / "done",
                      progress=False)
     assert not (tmp_path / "done").exists() and partial_path(tmp_path / "done").is_dir()

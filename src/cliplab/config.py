@@ -20,7 +20,7 @@ import copy
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -179,16 +179,22 @@ def _clear_replaced_lengths(config: dict, items: list[tuple[str, str, str]]) -> 
         prefix, _, last = key.rpartition(".")
         if last not in LENGTH_KEYS or not (prefix == "train" or prefix.endswith(".train")):
             continue
-        node: Any = config
-        for part in prefix.split("."):  # through mappings and list positions (steps.0.train)
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                node = node.get(part) if isinstance(node, dict) else None
+        node = value_at(config, prefix)  # through list positions too (steps.0.train)
         for other in LENGTH_KEYS:
             if other != last and f"{prefix}.{other}" not in named and isinstance(node, dict) \
                     and node.get(other) is not None:
                 node[other] = None
+
+
+def value_at(tree: Any, path: str) -> Any:
+    """The value at dotted ``path`` in mappings and lists (``steps.0.train``), None where
+    there is none."""
+    for part in path.split("."):
+        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _list_index(items: list, part: str, item: str) -> int:
@@ -326,6 +332,20 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def changed_key_paths(a: Any, b: Any, skip: Collection[str] = (),
+                      prefix: str = "") -> list[str]:
+    """The dotted paths (list items by index: ``steps.1.keep_top``) at which two JSON-like
+    values differ, keys in ``skip`` left out at any depth; ``[]`` when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [path for key in sorted(set(a) | set(b), key=str) if key not in skip
+                for path in ([f"{prefix}{key}"] if key not in a or key not in b else
+                             changed_key_paths(a[key], b[key], skip, f"{prefix}{key}."))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [path for i, (x, y) in enumerate(zip(a, b))
+                for path in changed_key_paths(x, y, skip, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(value)"]
 
 
 def config_source(path: str | Path | None, from_command_line: bool) -> str:

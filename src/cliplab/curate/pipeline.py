@@ -27,12 +27,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from cliplab.config import validate
+from cliplab.config import changed_key_paths, validate, value_at
 from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
 from cliplab.curate.outputs import write_dropped, write_kept
@@ -170,21 +171,42 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     state = work / "state.json"
     finished = _finished_request(work) is not None
     if work.exists() and state.is_file() and not finished:
-        if json.loads(state.read_text())["request"] == request:
+        saved = json.loads(state.read_text())["request"]
+        if saved == request:
             return
         # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
         if not overwrite and any((work / "cache" / "pool").glob("*.json")):
-            raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config; "
-                              "rerun that config to resume it, or pass --overwrite to start over")
+            raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config "
+                              f"({_changes(saved, request)}); rerun that config to resume it, "
+                              "or pass --overwrite to start over")
     if finished and not overwrite:
-        raise ConfigError(f"{work} is a finished `cliplab curate` run of another config, not yet "
-                          "moved to --out; rerun that config to move it, or pass --overwrite")
+        raise ConfigError(f"{work} is a finished `cliplab curate` run of another config "
+                          f"({_changes(_finished_request(work), request)}), not yet moved to "
+                          "--out; rerun that config to move it, or pass --overwrite")
     if state.is_file() or finished:
         shutil.rmtree(work)
     else:  # no state: a folder of that name is ours only if it holds just our cache
         remove_own_work(work, "curate", ("cache",))
     (work / "cache" / "pool").mkdir(parents=True)
     write_json(state, {"format": FORMAT, "request": request})
+
+
+def _changes(saved: dict, now: dict, shown: int = 3) -> str:
+    """``steps.1.keep_top 0.3 in the run, now 0.5; ...``: how this config differs from a
+    run's (the first ``shown`` keys)."""
+    paths = changed_key_paths(saved, now)
+    told = [f"{path} {_brief(value_at(saved, path))} in the run, now "
+            f"{_brief(value_at(now, path))}" for path in paths[:shown]]
+    more = len(paths) - shown
+    return "; ".join(told) + (f"; and {more} more key{'s' * (more != 1)}" if more > 0 else "")
+
+
+def _brief(value: Any, width: int = 40) -> str:
+    """A value as a change names it: a list (steps of another count) by its length."""
+    if isinstance(value, list):
+        return f"[{len(value)} item{'s' * (len(value) != 1)}]"
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _read_pool(config: CurateConfig, work: Path, progress: bool

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cliplab.config import changed_key_paths
 from cliplab.errors import ModelError
 from cliplab.merge.state import check_same_keys
 from cliplab.models.dual_encoder import DualEncoder
@@ -72,19 +73,9 @@ def load_ingredient(path: str | Path) -> Ingredient:
     return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path))
 
 
-def first_difference(a, b, prefix: str = "") -> str | None:
+def first_difference(a, b) -> str | None:
     """The dotted path of the first differing field of two JSON-like values, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if key in VOLATILE_CONFIG_KEYS:  # at any depth: sub-configs carry them too
-                continue
-            if key not in a or key not in b:
-                return f"{prefix}{key}"
-            diff = first_difference(a[key], b[key], f"{prefix}{key}.")
-            if diff is not None:
-                return diff
-        return None
-    return None if a == b else prefix.rstrip(".") or "(value)"
+    return next(iter(changed_key_paths(a, b, VOLATILE_CONFIG_KEYS)), None)
 
 
 def check_architecture(ingredients: list[Ingredient]) -> None:
