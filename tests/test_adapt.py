@@ -320,6 +320,22 @@ def test_linear_probe_logits_are_the_standardised_features_through_its_fit(model
                                atol=1e-4, rtol=1e-4)
 
 
+def test_linear_probe_l2_auto_fits_the_strength_a_validation_split_chooses(model, digits, ctx):
+    """``l2: auto`` (it crashed: the choice came back with its fit, as a tuple) picks from
+    ``l2_grid`` what `choose_l2` picks on the standardised training features, then fits all
+    of them with it."""
+    from cliplab.evaluate.linear_probe import choose_l2, fit_logistic
+    train, test = digits
+    grid = [1e-4, 1e-2, 10.0]
+    adapter = get_method("linear-probe").fit(model, train, {"l2": "auto", "l2_grid": grid}, ctx)
+    x = ctx.features(model, train).embeddings.float()
+    x = (x - x.mean(0)) / x.std(0)
+    chosen, _ = choose_l2(x, train.labels, 10, grid, seed=ctx.seed)
+    assert adapter.options["l2"] == chosen and chosen in grid
+    weight, bias = fit_logistic(x, train.labels, 10, chosen)
+    torch.testing.assert_close(adapter.weight, weight)
+
+
 @pytest.mark.parametrize("features", ["tokens", "layers"])
 def test_a_probe_adapter_on_extra_features_scores_through_the_zeroshot_task(model, digits,
                                                                            features):

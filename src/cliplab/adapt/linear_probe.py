@@ -68,7 +68,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     num_classes = len(train.classnames)
     l2 = opts["l2"]
     if l2 == "auto":
-        l2 = choose_l2(x, train.labels, num_classes, opts["l2_grid"], seed=ctx.seed)
+        l2, _ = choose_l2(x, train.labels, num_classes, opts["l2_grid"], seed=ctx.seed)
     weight, bias = fit_logistic(x, train.labels, num_classes, float(l2))
     opts["l2"] = float(l2)
     return LinearProbe(model, train.classnames, opts, mean, std, weight, bias)
