@@ -137,3 +137,34 @@ def test_run_writes_a_model_folder_and_results(tmp_path):
     with pytest.raises(ConfigError, match="unknown key trian"):
         run_adapt({**cfg, "trian": {}, "out": str(tmp_path / "bad")}, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora", "wise-ft"])
+def test_the_runs_seed_seeds_training_unless_options_train_gives_one(method, digits, tmp_path):
+    """The top-level ``seed`` was recorded but training drew from ``options.train.seed``'s
+    default 0: two seeds trained the same weights."""
+    from cliplab.adapt import get_method
+    from cliplab.adapt.base import AdaptContext
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.runs import RunDir
+
+    data = digits.subset(torch.arange(64))
+
+    def trained(seed: int, train_seed: int | None = None) -> dict:
+        model = small_model()
+        torch.manual_seed(0)
+        train = {"steps": 2, "batch_size": 16, "lr": 1e-3, "progress": False,
+                 **({"seed": train_seed} if train_seed is not None else {})}
+        run = RunDir(tmp_path / f"{seed}-{train_seed}")
+        adapter = get_method(method).fit(model, data, {"train": train}, AdaptContext(
+            cache=FeatureCache(), seed=seed, progress=False, run=run))
+        tuned = adapter.finetuned if method == "wise-ft" else model  # wise-ft tunes a copy
+        return {k: v.clone() for k, v in tuned.model.state_dict().items()
+                if v.is_floating_point()}
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(trained(1), trained(5))
+    assert same(trained(1, train_seed=7), trained(5, train_seed=7))
+    assert same(trained(3), trained(0, train_seed=3))

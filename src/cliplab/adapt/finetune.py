@@ -130,7 +130,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     """Fine-tune ``model`` (in place) on the whole of ``train``; checkpoints go to ``ctx.run``."""
     require_pytorch_model("finetune", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "finetune")
-    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
+    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, seed=ctx.seed, lock_text=True,
                                progress=ctx.progress, device=model.device)
     fingerprint = model_fingerprint(model)
     head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),

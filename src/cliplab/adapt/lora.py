@@ -242,8 +242,9 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     require_pytorch_model("lora", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "lora")
     # a text tower without adapters is frozen: cache its caption features
-    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text="text" not in opts.towers,
-                               progress=ctx.progress, device=model.device)
+    train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, seed=ctx.seed,
+                               lock_text="text" not in opts.towers, progress=ctx.progress,
+                               device=model.device)
     check_batch_fits_images(train_cfg.batch_size, len(train))
     fingerprint, origin = model_fingerprint(model), ctx.origin(model)
     full = count_parameters(model)["total"]

@@ -76,11 +76,14 @@ def check_batch_fits_images(batch_size: int, n: int) -> None:
 
 
 def trainer_config(defaults: dict, given: dict, where: str = "options.train",
-                   device: torch.device | None = None, **fixed) -> TrainConfig:
+                   device: torch.device | None = None, seed: int | None = None,
+                   **fixed) -> TrainConfig:
     """The `Trainer`'s settings of a method that trains weights: the method's ``defaults``
-    (and ``device``, the model's: it trains where it was loaded) updated by the config's
-    ``options.train`` section, then the ``fixed`` settings the method needs (e.g.
-    ``lock_text=True``); bad keys are one-line `ConfigError`s naming ``where``."""
+    (and ``device``, the model's: it trains where it was loaded; ``seed``, the run's) updated
+    by the config's ``options.train`` section, then the ``fixed`` settings the method needs
+    (e.g. ``lock_text=True``); bad keys are one-line `ConfigError`s naming ``where``."""
     if device is not None:
         defaults = {**defaults, "device": str(device)}
+    if seed is not None:  # the run's seed, unless options.train gives one of its own
+        defaults = {**defaults, "seed": seed}
     return validate(TrainConfig, {**train_over_defaults(defaults, given), **fixed}, where)

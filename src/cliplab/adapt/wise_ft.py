@@ -247,7 +247,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         finetuned, ft_head = load_finetuned(ft_dir, model.device)  # where the sweep runs
     else:
         finetuned = copy.deepcopy(model)
-        train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, lock_text=True,
+        train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, seed=ctx.seed, lock_text=True,
                                    progress=ctx.progress, device=model.device)
         ft_head, trainer = finetune(finetuned, train, train_cfg, ctx.run, ctx.origin(model),
                                     opts.train_head, fingerprint)
