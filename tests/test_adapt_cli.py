@@ -68,7 +68,7 @@ def test_few_shot_split_is_disjoint_and_seeded():
     assert not any(bytes(x.numpy()) in rest_rows for x in val.images)
 
 
-def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
+def test_a_separate_validation_set_is_what_the_search_sees(model_dir, capsys):
     """``data.val``: the search's validation split comes from that set (``val_shots`` per
     class of it), never from the shots' pool."""
     from cliplab.adapt.run import run_adapt
@@ -90,6 +90,31 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
     res = run_adapt({**cfg, "val_shots": 0}, model=load_model(model_dir), progress=False,
                     write=False)
     assert res["val_size"] == len(test)
+    # a method that chooses nothing on it is told so (with shots=0 the split also cost training)
+    for method, options, told in (
+            ("tip-adapter", {}, " (val_shots=3) go unused\n"),
+            ("linear-probe", {}, " (val_shots=3) go unused\n")):
+        capsys.readouterr()
+        run_adapt({**cfg, "method": method, "options": options, "data": {
+            k: v for k, v in cfg["data"].items() if k != "val"}},
+            model=load_model(model_dir), progress=False, write=False)
+        assert capsys.readouterr().err == (f"adapt: warning: {method} chooses nothing on a "
+                                           f"validation split with these options, so its 30 "
+                                           f"images{told}")
+    res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0},
+                    model=load_model(model_dir), progress=False, write=False)
+    assert capsys.readouterr().err == (
+        "adapt: warning: linear-probe chooses nothing on a validation split with these "
+        f"options, so its {res['val_size']} images (data.val) go unused\n")
+    res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0, "data": {
+        k: v for k, v in cfg["data"].items() if k != "val"}},
+        model=load_model(model_dir), progress=False, write=False)
+    assert capsys.readouterr().err == (
+        "adapt: warning: linear-probe chooses nothing on a validation split with these "
+        "options, so its 30 images (val_shots=3) go unused, and are not trained on either; "
+        "set val_shots=0\n") and res["train_size"] == len(load_digits("train")) - 30
+    run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)  # it searches
+    assert capsys.readouterr().err == ""
     with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
                        "classes in the same order; class 0 is 'zero' in data.train but "
                        "'t-shirt' in data.val"):
@@ -114,8 +139,8 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir):
      "renamed key 'train': use 'data.train"),
     # a pretrain recipe: its train: (Trainer settings) is no old adapt config's data spec
     (["--method", "coop", "--config", "configs/pretrain/tiny-shapes.yaml"],
-     "configs/pretrain/tiny-shapes.yaml: this is a pretrain recipe (train: Trainer settings, "
-     "no data.test); cliplab adapt reads an adapt config"),
+     "configs/pretrain/tiny-shapes.yaml is a config for `cliplab pretrain`, not for `cliplab "
+     "adapt` (its keys eval, train are not adapt's)"),
     (["--method", "lora", "--model", "tiny-clip", "data.train={source: digits}",
       "data.test={source: digits}", "lora={rank: 4}"], "renamed key 'lora': use 'options'"),
     (["--method", "finetune", "--model", "tiny-clip", "data.train={source: digits}",
@@ -483,3 +508,66 @@ def test_tip_adapter_refuses_a_negative_cache_weight_or_sharpness(option, tmp_pa
         f"cliplab: error: the command line: {key}: expected greater than or equal to 0, "
         f"got {value}")
     assert not (tmp_path / "ta").exists()
+
+
+@pytest.mark.parametrize("method, options, refused", [
+    ("coop", {"n_ctx": 8}, "n_ctx has no effect unless init is ''"),
+    ("cocoop", {"init": "a photo of", "n_ctx": 2}, "n_ctx has no effect unless init is ''"),
+    ("linear-probe", {"l2_grid": [1, 2]}, "l2_grid has no effect unless l2 is auto"),
+    ("lora", {"objective": "contrastive", "train_head": False},
+     "train_head has no effect with objective 'contrastive'"),
+    ("lora", {"train": {"multi_positive": False}},
+     "train.multi_positive has no effect with a classification head"),
+    ("tip-adapter", {"search_steps": [3, 3], "search_scale": [1, 1]},
+     "search_scale and search_steps have no effect unless search is true"),
+    ("tip-adapter", {"search": True, "beta": 2}, "beta has no effect with search: true"),
+    ("tip-adapter-f", {"augment_views": 0, "augment": {"hflip": True}},
+     "augment has no effect unless augment_views is above 0"),
+    ("finetune", {"train": {"loss": "siglip", "loss_tile": 2}},
+     "loss and loss_tile have no effect with a classification head"),
+    ("wise-ft", {"train": {"hard_negatives": True}},
+     "hard_negatives has no effect with a classification head"),
+    ("finetune", {"train": {"eval_every": 5}}, "eval_every has no effect in adapt"),
+])
+def test_an_option_that_would_change_nothing_is_refused(method, options, refused):
+    """Each of these was accepted, recorded in config.yaml and results.json, and did nothing:
+    two runs with different values wrote the same weights."""
+    from cliplab.adapt import get_method
+    from cliplab.adapt.base import method_options
+
+    with pytest.raises(ConfigError, match=f"^adapt method {method!r}: options[.a-z]*: {refused}"):
+        method_options(get_method(method).Options, options, method)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("coop", {"init": "", "n_ctx": 8}), ("linear-probe", {"l2": "auto", "l2_grid": [1, 2]}),
+    ("tip-adapter", {"search": True, "search_steps": [3, 3]}),
+    ("tip-adapter-f", {"search": True, "alpha": 2}),  # F trains with alpha, then searches
+    ("lora", {"objective": "contrastive", "train": {"loss": "siglip"}})])
+def test_the_same_options_where_they_apply_are_taken(method, options):
+    from cliplab.adapt import get_method
+    from cliplab.adapt.base import method_options
+
+    method_options(get_method(method).Options, options, method)
+
+
+def test_every_methods_full_options_load_again():
+    """config.yaml records every option with its default: it must validate again."""
+    from cliplab.adapt import ADAPT_METHODS, get_method
+    from cliplab.adapt.base import method_options
+
+    for method in ADAPT_METHODS:
+        options = get_method(method).Options
+        method_options(options, options().to_dict(), method)
+
+
+def test_a_pretrain_recipe_given_to_run_adapt_is_named(tmp_path):
+    """From Python there is no other command to name: the recipe's own shape is told."""
+    import yaml
+
+    from cliplab.adapt.run import run_adapt
+
+    recipe = yaml.safe_load(open("configs/pretrain/tiny-shapes.yaml"))
+    with pytest.raises(ConfigError, match=r"this is a pretrain recipe \(train: Trainer settings, "
+                       r"no data.test\); cliplab adapt reads an adapt config"):
+        run_adapt({**recipe, "method": "coop"}, write=False)

@@ -15,7 +15,8 @@ from cliplab.adapt.run import format_results, run_adapt
 from cliplab.cli import main
 from cliplab.runs import latest_checkpoint
 from cliplab.models.folder import model_fingerprint
-from cliplab.adapt.wise_ft import best_alpha, interpolate, wise_ft_sweep
+from cliplab.adapt.base import method_options
+from cliplab.adapt.wise_ft import Options, best_alpha, interpolate, wise_ft_sweep
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, ModelError
 from tests.tiny_models import small_model
@@ -122,14 +123,17 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
         f"the fine-tuned model {res['finetuned']} (options.finetuned; nothing trained here), "
         "540 test images")
     # training settings beside a given fine-tune were ignored, yet recorded as used
-    for extra, keys in (({"train": {"epochs": 50}}, "train is"),
-                        ({"train": {}, "train_head": False}, "train and train_head are")):
-        with pytest.raises(ConfigError, match=f"options: {keys} read only when wise-ft "
-                           f"fine-tunes here, but finetuned: {res['finetuned']} is given"):
+    for extra, keys in (({"train": {"epochs": 50}}, "train has"),
+                        ({"train": {"lr": 1}, "train_head": False}, "train_head and train have")):
+        with pytest.raises(ConfigError, match=f"options: {keys} no effect with finetuned: "
+                           f"{res['finetuned']} \\(nothing is trained here\\); drop"):
             run(str(tmp_path / "base"), {**CFG, "options": {"finetuned": res["finetuned"],
                                                             **extra}},
                 tmp_path / "ignored", progress=False)
     assert not (tmp_path / "ignored").exists()
+    # their defaults pass: the config.yaml a run writes holds every key, and loads again
+    method_options(Options, {"finetuned": res["finetuned"], "train": {}, "train_head": True},
+                   "wise-ft")
 
 
 def test_the_saved_best_model_is_the_interpolation_at_the_chosen_alpha(tmp_path):
@@ -190,6 +194,12 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
             ) in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown shift 'fog'"):
         run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
+    # val_shift without a validation split shifted nothing, silently
+    with pytest.raises(ConfigError, match=r"^options.val_shift shifts a copy of the validation "
+                       r"split, but there is none: set val_shots \(or data.val\)"):
+        run(str(tmp_path / "base"), {**CFG, "options": {
+            "alphas": [0, 1], "finetuned": res["finetuned"], "val_shift": "invert"}},
+            tmp_path / "o")
 
 
 def test_run_refuses_a_finetune_of_another_base(tmp_path):

@@ -72,6 +72,20 @@ class Section(BaseModel):
         return self.model_dump(mode="json")
 
 
+def refuse_unused(section: BaseModel, keys: Sequence[str], when: str, prefix: str = "") -> None:
+    """A ValueError naming each of ``keys`` given a value other than its default though it
+    has no effect ``when`` (``"unless init is ''"``): a setting that changes nothing must not
+    look as if it did. A default value passes (a saved config.yaml holds every key, and must
+    load again). For a section's ``mode="after"`` validator; ``prefix`` goes before the
+    names of keys in a sub-section (``train.``)."""
+    given = [prefix + key for key in keys if getattr(section, key) !=
+             section.model_fields[key].get_default(call_default_factory=True)]
+    if given:
+        one = len(given) == 1
+        raise ValueError(f"{' and '.join(given)} {'has' if one else 'have'} no effect {when}; "
+                         f"drop {'it' if one else 'them'}")
+
+
 def _takes(annotation: Any) -> tuple[str | None, bool]:
     """For a type annotation: which numbers it takes ("an integer", "a number" or None) and
     whether it takes true/false."""

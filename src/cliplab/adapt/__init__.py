@@ -12,7 +12,9 @@ Every method is a module registered in ``ADAPT_METHODS`` under its CLI name, exp
 - ``NEEDS_PYTORCH_MODEL`` (optional) — why the method needs the PyTorch model (gradients
   through a tower, weights that change): set, an ONNX export given as the model is refused
   before any work (`cliplab.adapt.base.require_pytorch_model`); unset, the method reads only
-  image and text features, which an export gives as well.
+  image and text features, which an export gives as well;
+- ``uses_validation(options) -> bool`` (optional) — whether the method chooses anything on
+  the validation split with these options (unset: never; a split drawn anyway is told).
 
 An `Adapter` gives ``logits(images_or_features) -> [N, C]``, ``score(sets, cache)`` (metrics on
 the test sets), ``save(folder)`` and ``summary()`` (extra results). Few-shot adapters write

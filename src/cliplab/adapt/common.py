@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from cliplab.adapt.training import trainer_config
+from cliplab.config import refuse_unused
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.metrics import classification_metrics
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.train.config import TrainConfig
 
 
 def subsample(data: LabelledImages, size: int | None, seed: int = 0) -> LabelledImages:
@@ -40,11 +42,27 @@ def count_parameters(*modules: torch.nn.Module) -> dict:
             "total": sum(p.numel() for p in params)}
 
 
-def checked_train_section(value: dict[str, Any], defaults: dict) -> dict[str, Any]:
+# the Trainer's settings only its contrastive loss reads (a head trains with cross-entropy)
+CONTRASTIVE_ONLY = ("loss", "loss_tile", "multi_positive", "hard_negatives")
+
+
+def checked_train_section(value: dict[str, Any], defaults: dict,
+                          classifier: bool = True) -> dict[str, Any]:
     """``options.train`` checked against the `Trainer`'s settings before any work (a pydantic
-    validator: a bad key becomes a ValueError that names it)."""
+    validator: a bad key becomes a ValueError that names it). Settings that do nothing here
+    are refused: ``eval_every`` (adapt scores once, after training) and, for a
+    ``classifier`` (a head on the image tower), the contrastive loss's."""
     try:
-        trainer_config(defaults, value, where="")
+        config = trainer_config(defaults, value, where="")
     except ConfigError as err:
         raise ValueError(str(err)) from None
+    refuse_unused(config, ["eval_every"], "in adapt (it scores the model once, after training)")
+    if classifier:
+        refuse_contrastive_settings(config)
     return value
+
+
+def refuse_contrastive_settings(config: TrainConfig, prefix: str = "") -> None:
+    """A ValueError naming the contrastive loss's settings given to a head's training."""
+    refuse_unused(config, CONTRASTIVE_ONLY, "with a classification head (it trains with "
+                  "cross-entropy)", prefix)

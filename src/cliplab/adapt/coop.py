@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from cliplab.adapt.base import AdaptContext, Adapter, frozen, method_options, require_pytorch_model
 from cliplab.adapt.options import TrainingOptions
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import class_texts
+from cliplab.config import refuse_unused
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.features import ImageFeatures
@@ -45,6 +46,13 @@ class Options(TrainingOptions):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     weight_decay: float = Field(5e-4, ge=0)
     warmup: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _n_ctx_only_without_init(self) -> Options:
+        if clean_text(self.init):  # the context is init's tokens, as many as it has
+            refuse_unused(self, ["n_ctx"], "unless init is '' (with init, the context is "
+                          "init's tokens)")
+        return self
 
 
 def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
-from cliplab.config import Section
+from cliplab.config import Section, refuse_unused
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import (DEFAULT_PROBE_LAYERS, EXTRA_PROBES, ImageFeatures,
@@ -25,6 +25,12 @@ class Options(Section):
     features: Literal["embeddings", "backbone", "tokens", "layers"] = "embeddings"
     l2: Annotated[float, Field(ge=0)] | Literal["auto"] = 1e-3
     l2_grid: list[float] = list(DEFAULT_L2_GRID)
+
+    @model_validator(mode="after")
+    def _grid_only_for_auto(self) -> Options:
+        if self.l2 != "auto":
+            refuse_unused(self, ["l2_grid"], "unless l2 is auto")
+        return self
 
 
 class LinearProbe(Adapter):

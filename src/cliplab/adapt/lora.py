@@ -24,12 +24,13 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
-from cliplab.adapt.common import checked_train_section, count_parameters
+from cliplab.adapt.common import checked_train_section, count_parameters, \
+    refuse_contrastive_settings
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint, require_origin, write_origin
 from cliplab.adapt.training import check_batch_fits_images, trainer_config
-from cliplab.config import Section
+from cliplab.config import Section, refuse_unused
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
@@ -80,7 +81,7 @@ class Options(Section):
     @field_validator("train")
     @classmethod
     def _trainer_settings(cls, value: dict) -> dict:
-        return checked_train_section(value, TRAIN_DEFAULTS)
+        return checked_train_section(value, TRAIN_DEFAULTS, classifier=False)
 
     @model_validator(mode="after")
     def _classifier_trains_the_image_tower(self) -> "Options":
@@ -88,6 +89,11 @@ class Options(Section):
             raise ValueError("objective 'classifier' trains the image tower only (the head "
                              "replaces the text tower); use towers: [image], or objective: "
                              "contrastive for text-tower adapters")
+        if self.objective == "classifier":
+            refuse_contrastive_settings(trainer_config(TRAIN_DEFAULTS, self.train), "train.")
+        if self.objective == "contrastive":
+            refuse_unused(self, ["train_head"], "with objective 'contrastive' (it trains "
+                          "against the label captions, with no head)")
         return self
 
 

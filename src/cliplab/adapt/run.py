@@ -178,6 +178,13 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
     if val is not None and cfg.val_shots:
         warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
+    if val is not None and not getattr(method, "uses_validation", lambda o: False)(options):
+        held_out = own_val is None and not cfg.shots  # taken out of "all" training images
+        print(f"adapt: warning: {cfg.method} chooses nothing on a validation split with these "
+              f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
+              f"val_shots={cfg.val_shots}") + ") go unused" + (
+                  ", and are not trained on either; set val_shots=0" if held_out else ""),
+              file=sys.stderr)
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if lost:  # a random subset of the few-shot set can miss whole classes

@@ -19,15 +19,16 @@ embeddings.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, method_options
 from cliplab.adapt.options import PromptOptions
 from cliplab.adapt.zeroshot import text_head
+from cliplab.config import refuse_unused
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import ImageFeatures
@@ -55,6 +56,8 @@ class Options(PromptOptions):
     search_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200, 20)
     augment_views: int = Field(10, ge=0)
     augment: dict[str, Any] = {}
+    # the search replaces alpha and beta (Tip-Adapter-F trains with them first)
+    searched_alone: ClassVar[bool] = True
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -62,6 +65,17 @@ class Options(PromptOptions):
         if not isinstance(value, dict):
             raise ValueError(f"expected overrides such as {{hflip: false}}, got {value!r}")
         return checked_augment(value)
+
+    @model_validator(mode="after")
+    def _settings_that_apply(self) -> Options:
+        if not self.search:
+            refuse_unused(self, ["search_scale", "search_steps"], "unless search is true")
+        elif self.searched_alone:
+            refuse_unused(self, ["alpha", "beta"], "with search: true (the search sets alpha and beta)")
+        if not self.augment_views:
+            refuse_unused(self, ["augment"], "unless augment_views is above 0 (the keys are "
+                          "then plain embeddings)")
+        return self
 
 
 def cache_logits(feats: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -182,6 +196,11 @@ def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> 
                                          [int(s) for s in o["search_steps"]])
     o.update(alpha=alpha, beta=beta, val_acc1=acc)
     return adapter
+
+
+def uses_validation(options: Options) -> bool:
+    """The search chooses (alpha, beta) on the validation split."""
+    return options.search
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

@@ -10,12 +10,15 @@ schedule, 20 epochs. Afterwards (alpha, beta) can be searched on the validation 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import Options as TipOptions
+from cliplab.adapt.tip_adapter import uses_validation  # noqa: F401 (the method's own)
 from cliplab.adapt.tip_adapter import (TipAdapter, augmented_embeddings, build_cache,
                                       maybe_search, resolve_scale, tip_logits)
 from cliplab.adapt.training import train_steps
@@ -31,6 +34,7 @@ class Options(TipOptions):
     lr: float = Field(1e-3, ge=0)
     batch_size: int = Field(256, ge=1)
     weight_decay: float = Field(0.01, ge=0)
+    searched_alone: ClassVar[bool] = False  # alpha and beta weigh the cache while it trains
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

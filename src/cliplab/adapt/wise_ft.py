@@ -27,6 +27,7 @@ from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_fin
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint
 from cliplab.adapt.training import trainer_config
+from cliplab.config import refuse_unused
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import LabelledImages
 from cliplab.errors import CliplabError, ConfigError, ModelError
@@ -77,13 +78,9 @@ class Options(FinetuneOptions):
     @model_validator(mode="after")
     def _no_training_settings_for_a_given_finetune(self) -> Options:
         # they were ignored, yet recorded in config.yaml and results.json as if used
-        given = sorted({"train", "train_head"} & self.model_fields_set)
-        if self.finetuned is not None and given:
-            keys, one = " and ".join(given), len(given) == 1
-            raise ValueError(f"{keys} {'is' if one else 'are'} read only when wise-ft "
-                             f"fine-tunes here, but finetuned: {self.finetuned} is given "
-                             f"(nothing is trained); leave {'it' if one else 'them'} out, or "
-                             "finetuned")
+        if self.finetuned is not None:
+            refuse_unused(self, ["train_head", "train"], f"with finetuned: {self.finetuned} "
+                          "(nothing is trained here)")
         return self
 
     @field_validator("val_shift")
@@ -234,12 +231,20 @@ class WiseFT(Adapter):
                 **({"best_dir": str(self.best_dir)} if self.best_dir else {})}
 
 
+def uses_validation(options: Options) -> bool:
+    """The best α is chosen on the validation split when there is one."""
+    return True
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> WiseFT:
     """Fine-tune a copy of ``model`` on ``train`` (or load ``options.finetuned``'s model
     folder, which must come from exactly these weights); ``model`` stays the zero-shot end."""
     require_pytorch_model("wise-ft", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "wise-ft")
+    if opts.val_shift and ctx.val is None:
+        raise ConfigError("options.val_shift shifts a copy of the validation split, but there "
+                          "is none: set val_shots (or data.val), or drop val_shift")
     fingerprint = model_fingerprint(model)
     if opts.finetuned:
         ft_dir = resolve_model_path(opts.finetuned)
