@@ -548,3 +548,14 @@ def test_an_adapter_scores_only_sets_of_its_classes_in_its_order(model, digits):
         adapter.score({"test": flipped}, FeatureCache())
     right = (adapter.logits(test.images).argmax(1) == test.labels).float().mean().item()
     assert adapter.score({"test": test}, FeatureCache())["test"]["acc1"] == pytest.approx(right)
+
+
+@pytest.mark.parametrize("options, context", [
+    ({"init": "", "n_ctx": 100}, "options.n_ctx=100"),
+    ({"init": "a " * 70}, "options.init (139 tokens)")])  # byte-level: 'a', ' ', 'a', ...
+def test_a_prompt_longer_than_the_text_tower_names_the_option(model, digits, ctx, options,
+                                                              context):
+    with pytest.raises(ModelError, match=rf"^a prompt is longer than the text tower's "
+                       rf"{model.context_length} tokens \(\d+ with class '\w+'\); shorten the "
+                       rf"class names or the context, {re.escape(context)}$"):
+        get_method("coop").fit(model, digits[0], {**options, "epochs": 1}, ctx)

@@ -105,8 +105,11 @@ def prompt_tokens(model: DualEncoder, names: list[str], init: str, n_ctx: int
         ids, mask = _pad([r[:width] for r in rows], width, tok.pad_token_id or 0)
         m = n_ctx
     if max(lengths) > model.context_length:
+        longest = names[max(range(len(names)), key=lambda i: lengths[i])]
+        context = f"options.init ({len(prefix)} tokens)" if init else f"options.n_ctx={n_ctx}"
         raise ModelError(f"a prompt is longer than the text tower's {model.context_length} "
-                         "tokens; shorten the class names or the context")
+                         f"tokens ({max(lengths)} with class {longest!r}); shorten the class "
+                         f"names or the context, {context}")
     return ids, mask, start, m
 
 
