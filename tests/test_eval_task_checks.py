@@ -223,3 +223,21 @@ def test_classes_with_fewer_counts_a_class_with_no_sample():
     labels = torch.tensor([0, 0])
     assert classes_with_fewer(labels, ["a", "b"], 1) == [("b", 0)]
     assert classes_with_fewer(labels, ["a", "b"], 3) == [("a", 2), ("b", 0)]
+
+
+@pytest.mark.parametrize("task, refused", [
+    ({"task": "linear_probe", "layers": 2}, "layers has no effect unless features is layers"),
+    ({"task": "few_shot", "features": "tokens", "layers": 3},
+     "layers has no effect unless features is layers"),
+    ({"task": "few_shot", "methods": ["ncm"], "l2": 0.1},
+     "l2 has no effect unless methods include linear_probe")])
+def test_a_task_key_that_would_change_nothing_is_refused(task, refused):
+    """Two suites differing only in such a key wrote byte-identical results."""
+    data = labelled(["a", "b"])
+    with pytest.raises(ConfigError, match=rf"tasks\[0\].*: {refused}; drop it"):
+        suite_spec([{**task, "train": data, "test": data}], "suite")
+    # where they apply they are taken
+    for taken in ({"task": "linear_probe", "layers": 2, "features": "layers"},
+                  {"task": "few_shot", "features": "layers", "layers": 3},
+                  {"task": "few_shot", "methods": ["linear_probe"], "l2": 0.1}):
+        suite_spec([{**taken, "train": data, "test": data}], "suite")

@@ -50,8 +50,8 @@ def test_quickstart_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match=r"data\.train_limit: expected greater than 0"):
         quickstart_config({"data": {"train_limit": 0}})
     # a model mapping without a name and the train mapping update the defaults
-    cfg = quickstart_config({"model": {"options": {"width": 64}}, "train": {"epochs": 1}})
-    assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 64
+    cfg = quickstart_config({"model": {"options": {"width": 96}}, "train": {"epochs": 1}})
+    assert cfg.model.name == "lit-minilm" and cfg.model.options["width"] == 96
     assert cfg.model.options["patch_size"] == 7
     assert cfg.train.epochs == 1 and cfg.train.batch_size == 128
     # the default length is in steps; a length in epochs replaces it; both at once is an error
@@ -400,3 +400,17 @@ def test_a_class_held_out_twice_is_refused_before_training(stubbed_quickstart, t
         stubbed_quickstart({"data": {"heldout": ["Shirt", "shirt"]},
                             "out": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
+
+
+def test_quickstart_settings_that_would_change_nothing_are_refused():
+    """test_limit in validation mode (the test split is not read) and probe_layers for a
+    probe of other features were accepted and did nothing."""
+    with pytest.raises(ConfigError, match=r"^the quickstart config: data: test_limit has no "
+                       r"effect with validation \(the test split is not read\); drop it$"):
+        quickstart_config({"data": {"validation": 100, "test_limit": 5}})
+    with pytest.raises(ConfigError, match=r"^the quickstart config: eval: probe_layers has no "
+                       r"effect unless probe_features is layers; drop it$"):
+        quickstart_config({"eval": {"probe_layers": 2}})
+    assert quickstart_config({"eval": {"probe_features": "layers", "probe_layers": 2}})
+    full = quickstart_config({}).to_dict()  # as results.json records it: loads again
+    assert quickstart_config(full).to_dict() == full

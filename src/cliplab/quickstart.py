@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section, deep_merge, validate
+from cliplab.config import Section, deep_merge, refuse_unused, validate
 from cliplab.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from cliplab.data.fashion_mnist import CLASSNAMES, PROMPT_NAMES, canonical_name, load_fashion_mnist
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
@@ -69,6 +69,12 @@ class QuickstartData(Section):
                              f"{len(PROMPT_NAMES) - 1}")
         return names
 
+    @model_validator(mode="after")
+    def _test_limit_only_with_the_test_split(self) -> QuickstartData:
+        if self.validation is not None:
+            refuse_unused(self, ["test_limit"], "with validation (the test split is not read)")
+        return self
+
 
 class QuickstartEval(Section):
     """The linear probe of the report (zero-shot needs no settings)."""
@@ -77,6 +83,12 @@ class QuickstartEval(Section):
     probe_l2: float | None = Field(0.003, gt=0)  # null: chosen on a validation split
     probe_features: ProbeKind = "tokens"
     probe_layers: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _layers_only_for_layers(self) -> QuickstartEval:
+        if self.probe_features != "layers":
+            refuse_unused(self, ["probe_layers"], "unless probe_features is layers")
+        return self
 
 
 class QuickstartConfig(Section):

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from cliplab.config import refuse_unused
 from cliplab.data.pairs import classes_with_fewer
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
@@ -23,6 +24,12 @@ class Spec(ProbeSpecBase):
     methods: list[Literal["ncm", "linear_probe"]] = Field(["ncm", "linear_probe"], min_length=1)
     l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
+
+    @model_validator(mode="after")
+    def _l2_only_for_the_probe(self) -> Spec:
+        if "linear_probe" not in self.methods:
+            refuse_unused(self, ["l2"], "unless methods include linear_probe")
+        return self
 
     def check(self, context: TaskContext) -> None:
         train, _ = probe_sets(self, context)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from cliplab.config import refuse_unused
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
@@ -24,6 +25,12 @@ class ProbeSpecBase(TaskSpecBase):
     test: DataSpec
     features: ProbeKind
     layers: int = Field(DEFAULT_PROBE_LAYERS, ge=1)
+
+    @model_validator(mode="after")
+    def _layers_only_for_layers(self) -> ProbeSpecBase:
+        if self.features != "layers":
+            refuse_unused(self, ["layers"], "unless features is layers")
+        return self
 
     def probes(self):
         if self.features not in EXTRA_PROBES:
