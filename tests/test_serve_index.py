@@ -397,6 +397,25 @@ def test_milvus_refuses_an_index_type_before_any_embedding(model_dir, tmp_path, 
               uri=str(tmp_path / "search.db"), index_type="hnsw")
 
 
+@pytest.mark.parametrize("backend, given, refused", [
+    ("milvus", {"recall": 0.5}, r"^recall tunes the FAISS index's type and search breadth"),
+    ("milvus", {"recall": 0.5, "max_memory_gb": 0.001},
+     r"^recall and max_memory_gb tune the FAISS index's .* leave them out"),
+    ("faiss", {"collection": "mine"}, r"^collection=mine names a Milvus collection; add "
+     r"--backend milvus, or leave it out")])
+def test_a_setting_of_the_other_backend_is_refused_before_any_embedding(
+        backend, given, refused, model_dir, tmp_path, monkeypatch):
+    """Each was accepted and did nothing: the same files, and the setting recorded nowhere."""
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the options")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    uri = {"uri": str(tmp_path / "search.db")} if backend == "milvus" else {}
+    with pytest.raises(ConfigError, match=refused):
+        build(model_dir, SHAPES, tmp_path / "idx", backend=backend, **uri, **given)
+    assert not (tmp_path / "idx").exists()
+
+
 def test_index_type_follows_size_and_memory():
     assert faiss_index.choose_index_type(99_999, 512) == "Flat"
     assert faiss_index.choose_index_type(1_000_000, 512, memory_budget=24 << 30) == "IVF1024,Flat"

@@ -95,6 +95,9 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
     if cfg.uri and cfg.backend != "milvus":
         raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
                           "default backend, faiss, keeps its index in --out)")
+    if cfg.collection and cfg.backend != "milvus":
+        raise ConfigError(f"collection={cfg.collection} names a Milvus collection; add "
+                          "--backend milvus, or leave it out (a faiss index lives in --out)")
     if cfg.backend == "milvus" and not cfg.uri:
         raise ConfigError("--backend milvus needs --uri (./file.db for Milvus Lite, "
                           "http://HOST:19530 for a server)")
@@ -107,6 +110,13 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
             raise ConfigError(f"--index-type {cfg.index_type} is for the FAISS backend; Milvus "
                               "indexes with FLAT (Milvus Lite) or AUTOINDEX (a server): leave "
                               "it out with --backend milvus")
+        tuned = [key for key in ("recall", "max_memory_gb")
+                 if getattr(cfg, key) != IndexConfig.model_fields[key].default]
+        if tuned:
+            raise ConfigError(f"{' and '.join(tuned)} tune{'s' * (len(tuned) == 1)} the FAISS "
+                              "index's type and search breadth; Milvus indexes with FLAT or "
+                              f"AUTOINDEX: leave {'it' if len(tuned) == 1 else 'them'} out with --backend "
+                              "milvus")
     model = model if model is not None else load_model(cfg.model, cfg.device)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
