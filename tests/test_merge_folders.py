@@ -214,6 +214,12 @@ def test_config_errors_come_before_any_work(family, tmp_path):
              "weights": [1, 3]}, r"weights=\[1.0, 3.0\] does not apply to 'task-arithmetic'"),
            ({"method": "uniform", "models": ["a", "b"], "out": "o", "scale": 0.5,
              "density": 0.5}, "scale=0.5, density=0.5 does not apply to 'uniform'"),
+           # metric and device serve the held-out scoring alone
+           ({"method": "uniform", "models": ["a", "b"], "out": "o", "metric": "acc5"},
+            r"metric has no effect without heldout \(nothing is scored, and the weights "
+            r"merge on the CPU\); drop it"),
+           ({"method": "uniform", "models": ["a", "b"], "out": "o", "metric": "acc5",
+             "device": "cpu"}, "metric and device have no effect without heldout"),
            ({"method": "uniform", "models": [str(fts[0]), str(fts[1]), str(fts[0])],
              "out": str(tmp_path / "o")}, f"--models lists {fts[0].resolve()} twice")]
     for cfg, fragment in bad:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section
+from cliplab.config import Section, refuse_unused
 from cliplab.merge.methods import MERGE_METHODS
 from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
@@ -68,4 +68,7 @@ class MergeConfig(Section):
         if unused:  # set for another method: it would be ignored without a word
             raise ValueError(f"{', '.join(unused)} does not apply to {self.method!r} (weights: "
                              "uniform; scale: task-arithmetic, ties; density: ties)")
+        if self.heldout is None:
+            refuse_unused(self, ["metric", "device"], "without heldout (nothing is scored, and "
+                          "the weights merge on the CPU)")
         return self
