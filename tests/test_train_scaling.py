@@ -211,3 +211,12 @@ def test_a_locked_image_tower_with_augmentation_runs_every_step(pairs, monkeypat
                         lambda *a, **kw: calls.append(1) or backbone(*a, **kw))
     Trainer(model, config(steps=3, lock_image=True, augment=True)).fit(pairs)
     assert len(calls) == 3
+
+
+def test_fsdp_in_one_process_is_told_not_silently_dropped(capsys):
+    """A recipe with train.fsdp tried out in one process trains the whole model: said."""
+    Trainer(small_model(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))
+    assert capsys.readouterr().err == ("train: warning: train.fsdp shards the towers over "
+                                       "torchrun's ranks; in one process the model trains whole\n")
+    Trainer(small_model(), TrainConfig(steps=1, batch_size=4, progress=False))
+    assert capsys.readouterr().err == ""

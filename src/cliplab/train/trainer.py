@@ -85,6 +85,9 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         distributed.broadcast_weights(model.model, head)  # before sharding: one model
         self.sharded = config.fsdp and self.world > 1
+        if config.fsdp and self.world == 1:  # a recipe tried out before a torchrun launch
+            print("train: warning: train.fsdp shards the towers over torchrun's ranks; in one "
+                  "process the model trains whole", file=sys.stderr)
         if self.sharded:
             if head is not None or save_model is not None:
                 raise ConfigError("train.fsdp shards the towers of plain model training; it "
