@@ -5,6 +5,7 @@ Ray instance against the local engine (slow)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 
@@ -88,18 +89,46 @@ def pool(tmp_path, sizes):
     return chunks
 
 
-def test_start_ray_reaches_the_address_or_starts_a_local_instance_of_workers_cpus(monkeypatch):
+@pytest.fixture
+def listening():
+    """A local port that accepts connections (the head of a cluster, as far as TCP goes)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+def test_start_ray_reaches_the_address_or_starts_a_local_instance_of_workers_cpus(monkeypatch,
+                                                                                  listening):
     ray = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", ray)
-    start_ray("ray://head:10001", 4)
+    head = f"ray://127.0.0.1:{listening}"
+    start_ray(head, 4)
     start_ray(None, 3)
     assert [{k: v for k, v in o.items() if k in ("address", "num_cpus")} for o in ray.inits] == [
-        {"address": "ray://head:10001"}, {"num_cpus": 3}]
+        {"address": head}, {"num_cpus": 3}]
     assert ray.data.DataContext.get_current().enable_progress_bars is False
     started = FakeRay(initialized=True)  # a user's own ray.init() is kept
     monkeypatch.setitem(sys.modules, "ray", started)
-    start_ray("ray://head:10001", 4)
+    start_ray(head, 4)
     assert started.inits == []
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once(monkeypatch, listening):
+    """Ray retried its connection for minutes without a word (curate seemed to hang)."""
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    for address, host, why in ((f"127.0.0.1:{port}", f"127.0.0.1:{port}", "Connection refused"),
+                               (f"ray://127.0.0.1:{port}", f"127.0.0.1:{port}",
+                                "Connection refused"),
+                               ("notahost.invalid:6379", "notahost.invalid:6379", "")):
+        with pytest.raises(ConfigError, match=rf"^ray_address {address}: nothing answers at "
+                           rf"{host} \({why}"):
+            start_ray(address, 2)
+    assert ray.inits == []
+    start_ray("auto", 2)  # Ray's own ways of finding a cluster are left to it
+    start_ray(f"127.0.0.1:{listening}", 2)
+    assert [o["address"] for o in ray.inits] == ["auto", f"127.0.0.1:{listening}"]
 
 
 def test_start_ray_without_ray_says_what_to_install(monkeypatch):

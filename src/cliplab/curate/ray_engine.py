@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,10 +29,33 @@ def start_ray(address: str | None, workers: int) -> None:
     except ImportError:
         raise ConfigError("engine: ray needs Ray Data: pip install 'cliplab[ray]'") from None
     if not ray.is_initialized():
+        if address:
+            check_reachable(address)
         options = {"address": address} if address else {"num_cpus": workers}
         ray.init(**options, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+# host:port or ray://host:port (Ray's own "auto" and "local" find or start one themselves)
+_HOST_PORT = re.compile(r"^(?:ray://)?(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?$")
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A one-line `ConfigError` when nothing accepts a connection at ``address``: Ray itself
+    retries its connection for minutes without a word. Only the TCP connection is tried, so
+    a slow cluster that does answer is never cut short."""
+    match = _HOST_PORT.match(address.strip())
+    if match is None:
+        return
+    host, port = match["host"].strip("[]"), int(match["port"])
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ConfigError(f"ray_address {address}: nothing answers at {host}:{port} ({why}); "
+                          "start the cluster there (ray start --head), or leave ray_address "
+                          "out for a local instance") from None
 
 
 class _ChunkMapper:
