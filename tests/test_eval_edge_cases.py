@@ -181,6 +181,7 @@ def test_layers_beyond_the_blocks_are_refused(tiny_model, monkeypatch, task):
              "test": DIGITS}
     if task == "few_shot":
         probe.update(shots=[1], seeds=[0], methods=["ncm"])
+        del probe["l2"]  # nearest class means take none
     for layers in (2, 7):
         with pytest.raises(ConfigError, match=rf"^tasks\[1\] \(name 'p'\): layers: {layers}, "
                                               r"but the model's image tower has 1 block; give "
@@ -195,7 +196,9 @@ def test_layers_beyond_the_blocks_are_refused(tiny_model, monkeypatch, task):
     assert calls == []
     run(tiny_model, {**probe, "layers": 1})
     assert calls  # one block: a valid choice
-    run(tiny_model, {**probe, "name": "q", "features": "embeddings", "layers": 7})  # unused
+    # on other features layers is unused: refused rather than silently ignored
+    with pytest.raises(ConfigError, match=r"layers has no effect unless features is layers"):
+        run(tiny_model, {**probe, "name": "q", "features": "embeddings", "layers": 7})
 
 
 def test_cliplab_eval_names_the_suite_file_for_layers_beyond_the_blocks(tiny_model_dir,

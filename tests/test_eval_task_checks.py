@@ -41,7 +41,7 @@ def test_probe_tasks_refuse_train_and_test_with_different_classes(tiny_model, ta
     spec = {"name": "p", "task": task, "features": "embeddings", "l2": 0.01,
             "train": labelled([f"c{i}" for i in range(10)]), "test": DIGITS}
     if task == "few_shot":
-        spec.update(shots=[1], seeds=[0], methods=["ncm"])
+        spec.update(shots=[1], seeds=[0], methods=["ncm", "linear_probe"])
     message = (r"train and test must have the same classes in the same order; class 0 is "
                r"'c0' in train but 'zero' in test")
     with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'p'\): " + message):

@@ -19,7 +19,7 @@ from pydantic import ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
 from cliplab.config import Section, validate
-from cliplab.errors import CliplabError, ConfigError
+from cliplab.errors import CliplabError, ConfigError, ModelError
 from cliplab.evaluate.tasks import (TASKS, ProbePlan, TaskContext, TaskSpec, TaskSpecBase,
                                     data_key, spec_class)
 from cliplab.models.dual_encoder import DualEncoder
@@ -142,7 +142,20 @@ def as_model(model: DualEncoder | str | Path | Mapping) -> DualEncoder:
         from cliplab.models.resolve import load_model
 
         return load_model(str(model) if isinstance(model, Path) else model)
+    from cliplab.models.onnx_encoder import OnnxEncoder
+
+    if not isinstance(model, (DualEncoder, OnnxEncoder)):
+        raise ModelError(f"expected a loaded model (a DualEncoder or an ONNX export's "
+                         f"OnnxEncoder) or a model spec (a preset, folder, run or Hub id), got "
+                         f"{type(model).__name__}")
     return model
+
+
+def _as_context(context: TaskContext | None) -> TaskContext:
+    if context is not None and not isinstance(context, TaskContext):
+        raise ConfigError(f"context: expected a TaskContext (cliplab.evaluate.tasks), got "
+                          f"{type(context).__name__}")
+    return context or TaskContext()
 
 
 def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
@@ -152,7 +165,7 @@ def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Map
     spec = task_spec(spec, f"task {spec.get('name') or spec.get('task')!r}"
                      if isinstance(spec, Mapping) else "the task")
     model = as_model(model)
-    context = context or TaskContext()
+    context = _as_context(context)
     try:
         context.check_task(spec, model)  # as `run_suite` checks every task before the first
     except CliplabError as err:
@@ -171,7 +184,7 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     one line on stderr."""
     suite = suite_spec(suite)
     model = as_model(model)
-    context = dataclasses.replace(context or TaskContext(),
+    context = dataclasses.replace(_as_context(context),
                                   precision=resolve_precision(suite.precision, model.device),
                                   probe_plan=plan_probes(suite.tasks))
     # every set read, every task checked (against its data and the model) before the first
