@@ -193,3 +193,14 @@ def test_key_uniforms_are_uniform_and_independent_per_key_and_draw():
         assert np.all(np.abs(np.histogram(u, bins=10, range=(0, 1))[0] - 2000) < 200)
     assert abs(np.corrcoef(u0, u1)[0, 1]) < 0.03  # sd of r: 0.007
     assert np.array_equal(key_uniforms(key_hashes(3, ["k5"]), np.ones(1)), u1[5:6])
+
+
+@pytest.mark.parametrize("entries", [{"vocabulary": ["cat"]}, {"entries": "x.txt"}])
+def test_min_count_with_given_entries_is_refused(entries):
+    """min_count selects the pool's own n-grams; given entries are used as they are."""
+    with pytest.raises(ConfigError, match=r"steps.0: min_count has no effect with entries or "
+                       r"vocabulary .*; drop it$"):
+        step_spec({"step": "balance", "t": 5, "min_count": 3, **entries}, "curate.yaml",
+                  "steps.0")
+    step_spec({"step": "balance", "t": 5, "min_count": 2, **entries}, "curate.yaml", "steps.0")
+    step_spec({"step": "balance", "t": 5, "min_count": 3}, "curate.yaml", "steps.0")

@@ -127,3 +127,16 @@ def test_language_confidence_below_the_minimum_drops_the_caption(tmp_path):
     assert d.keep.tolist() == [True, False]
     assert d.reasons[1] == "caption language en (p=0.17) not in ['en'] with p >= 0.5"
     assert run(tmp_path, captions, languages=["en"]).keep.tolist() == [True, True]
+
+
+@pytest.mark.parametrize("languages", [None, []])
+def test_min_language_confidence_without_languages_is_refused(languages):
+    from cliplab.curate.steps.registry import step_spec
+    from cliplab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"steps\[0\]: min_language_confidence has no effect "
+                       r"unless languages is given; drop it$"):
+        step_spec({"step": "basic", "languages": languages, "min_language_confidence": 0.5},
+                  "curate.yaml", "steps[0]")
+    Spec(step="basic", languages=languages, min_language_confidence=0.0)  # the default
+    Spec(step="basic", languages=["en"], min_language_confidence=0.5)

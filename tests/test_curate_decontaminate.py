@@ -165,3 +165,18 @@ def test_the_eval_sets_of_a_suite_are_used_once_each(tmp_path):
 def test_bad_specs_are_one_line_config_errors(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         step_spec(data, "curate.yaml", "steps[0]")
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"model": "tiny-clip"}, "model has"),
+    ({"batch_size": 8}, "batch_size has"),
+    ({"model": "tiny-clip", "batch_size": 8}, "model and batch_size have"),
+])
+def test_model_settings_without_the_cosine_signal_are_refused(extra, named):
+    """With threshold: null the model is neither loaded nor run (hash matching only)."""
+    with pytest.raises(ConfigError, match=rf"steps\[0\]: {named} no effect with threshold: "
+                       r"null \(only the cosine signal embeds images\); drop (it|them)$"):
+        step_spec({"step": "decontaminate", "eval_sets": [EVAL], "threshold": None, **extra},
+                  "curate.yaml", "steps[0]")
+    spec = Spec(step="decontaminate", eval_sets=[EVAL], threshold=None, batch_size=64)
+    assert Spec.model_validate(spec.to_dict()) == spec

@@ -152,3 +152,21 @@ def test_too_few_trusted_pairs_is_a_config_error(tmp_path):
                 train={"batch_size": 32}, keep_top=0.5)
     with pytest.raises(ConfigError, match="trusted holds 10 pairs, fewer than train.batch_size=32"):
         DataFilteringNetwork(spec).prepare(StepContext(work=tmp_path, progress=False))
+
+
+@pytest.mark.parametrize("train, named", [
+    ({"fsdp": True}, "train.fsdp has"),
+    ({"eval_every": 10}, "train.eval_every has"),
+    ({"fsdp": True, "eval_every": 10}, "train.fsdp and train.eval_every have"),
+])
+def test_train_settings_a_dfn_step_never_uses_are_refused(train, named):
+    """The filter network trains in one process (no FSDP) without an evaluation callback."""
+    with pytest.raises(ConfigError, match=rf"steps\[1\]: {named} no effect in a dfn step"):
+        step_spec({"step": "dfn", "model": "tiny-clip", "trusted": TRUSTED, "keep_top": 0.5,
+                   "train": train}, "curate.yaml", "steps[1]")
+
+
+def test_a_saved_dfn_spec_loads_again():
+    spec = Spec(step="dfn", model=TINY, trusted=TRUSTED, train={**TRAIN, "hard_negatives": True},
+                keep_top=0.5)
+    assert Spec.model_validate(spec.to_dict()) == spec

@@ -758,3 +758,33 @@ def test_run_curation_takes_a_plain_dict_and_names_what_is_wrong_with_one(tmp_pa
         run_curation({"steps": "basic"}, tmp_path / "o2")
     with pytest.raises(ConfigError, match=r"^the curate config: expected a valid dictionary"):
         run_curation("c.yaml", tmp_path / "o3")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"ray_address": "10.0.0.1:6379"}, r"^test: ray_address has no effect unless engine is "
+     r"ray; drop it$"),
+    ({"output": {"format": "manifest", "samples_per_shard": 50}},
+     r"^test: output: samples_per_shard has no effect unless format is shards; drop it$"),
+])
+def test_settings_that_change_nothing_are_refused(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        config({"source": "digits"}, [], **extra)
+    config({"source": "digits"}, [], engine="ray", ray_address="10.0.0.1:6379")
+    config({"source": "digits"}, [], output={"format": "shards", "samples_per_shard": 50})
+
+
+def test_a_saved_config_of_every_changed_section_loads_again():
+    """A saved config holds every key at its default, which the refusals let through."""
+    steps = [{"step": "basic", "languages": ["en"], "min_language_confidence": 0.5},
+             {"step": "basic", "name": "basic2"},
+             {"step": "balance", "t": 5, "vocabulary": ["cat"]},
+             {"step": "balance", "t": 5, "min_count": 3, "name": "balance2"},
+             {"step": "decontaminate", "eval_sets": [{"source": "digits"}], "threshold": None},
+             {"step": "dfn", "model": "tiny-clip", "trusted": {"source": "shapes"},
+              "keep_top": 0.5}]
+    for output in ({"format": "manifest"}, {"format": "shards", "samples_per_shard": 7}):
+        saved = config({"source": "digits", "shift": "noise:0.1", "shift_seed": 3}, steps,
+                       output=output, engine="ray", ray_address="h:1").to_dict()
+        assert validate(CurateConfig, saved, "test").to_dict() == saved
+        local = {**saved, "engine": "local", "ray_address": None}
+        assert validate(CurateConfig, local, "test").to_dict() == local

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from cliplab.config import Section
+from cliplab.config import Section, refuse_unused
 from cliplab.curate.steps.base import StepSpecBase
 from cliplab.curate.steps.registry import step_spec
 from cliplab.data.collection import source_spec_field
@@ -26,6 +26,12 @@ class OutputSpec(Section):
 
     format: Literal["shards", "manifest"] = "shards"
     samples_per_shard: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _shard_size_for_shards(self) -> "OutputSpec":
+        if self.format != "shards":
+            refuse_unused(self, ["samples_per_shard"], "unless format is shards")
+        return self
 
 
 class CurateConfig(Section):
@@ -83,6 +89,8 @@ class CurateConfig(Section):
             raise ValueError(f"device: {self.device} runs the steps' models with engine local "
                              "(one process, or workers sharing the GPU); engine ray maps on "
                              "its actors' CPUs")
+        if self.engine != "ray":
+            refuse_unused(self, ["ray_address"], "unless engine is ray")
         return self
 
     def step_device(self) -> str:

@@ -44,6 +44,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from cliplab.config import refuse_unused
 from cliplab.curate.concept_frequency import ConceptFrequencies
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.errors import ConfigError, DataError
@@ -69,6 +70,9 @@ class Spec(StepSpecBase):
             raise ValueError("give entries (a file) or vocabulary (a list), not both")
         if self.vocabulary is not None and not [e for e in self.vocabulary if normalise(e)]:
             raise ValueError("vocabulary holds no non-empty entry")
+        if self.entries is not None or self.vocabulary is not None:
+            refuse_unused(self, ["min_count"], "with entries or vocabulary (it selects the "
+                          "default entries, the pool's own n-grams)")
         return self
 
 

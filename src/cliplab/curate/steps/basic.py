@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from cliplab.config import refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.errors import ConfigError
 
@@ -45,6 +46,8 @@ class Spec(StepSpecBase):
             if low is not None and high is not None and low > high:
                 raise ValueError(f"min_{unit} {low} is above max_{unit} {high}, so no caption "
                                  f"can pass; lower min_{unit} or raise max_{unit}")
+        if not self.languages:  # the languages rule is off: no language is detected
+            refuse_unused(self, ["min_language_confidence"], "unless languages is given")
         return self
 
 

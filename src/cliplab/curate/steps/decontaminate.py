@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from pydantic import Field, model_validator
 
-from cliplab.config import load_config
+from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.images import to_pil
 from cliplab.data.sources import load_source
@@ -58,6 +58,9 @@ class Spec(StepSpecBase):
         if self.threshold is not None and self.model is None:
             raise ValueError("threshold (embedding similarity) needs a model; or set "
                              "threshold: null to match by perceptual hash only")
+        if self.threshold is None:  # no embeddings: the model is neither loaded nor run
+            refuse_unused(self, ["model", "batch_size"], "with threshold: null (only the "
+                          "cosine signal embeds images)")
         for i, spec in enumerate(self.eval_sets):
             if "source" not in spec:
                 raise ValueError(f"eval_sets[{i}] needs 'source: NAME'")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from cliplab.config import refuse_unused
 from cliplab.curate.score_filter import check_keep_options, keep_by_score
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.sources import as_pairs, load_source
@@ -65,6 +66,8 @@ class Spec(StepSpecBase):
         check_keep_options(self.keep_top, self.threshold)
         if "source" not in self.trusted:
             raise ValueError("trusted needs 'source: NAME' (a data source of trusted pairs)")
+        refuse_unused(self.train, ["fsdp", "eval_every"], "in a dfn step (it trains in one "
+                      "process, with no evaluation)", prefix="train.")
         return self
 
 
