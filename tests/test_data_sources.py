@@ -444,3 +444,33 @@ def test_a_source_that_is_no_name_is_one_line_naming_its_key(spec, tmp_path, cap
     assert err.startswith(f"cliplab: error: {recipe} + command line: {key}: a data source is a "
                           "name (fashion-mnist, digits, shapes,") and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("shift", [None, "invert", "blur:1.5", "invert+blur:1", "noise:0"])
+def test_shift_seed_without_a_random_shift_is_refused(shift):
+    """Only a noise shift draws random numbers; its seed changes nothing elsewhere."""
+    from cliplab.data.sources import check_options
+
+    spec = {"source": "digits", "split": "test", "shift_seed": 3}
+    if shift is not None:
+        spec["shift"] = shift
+    with pytest.raises(ConfigError, match=r"^data.test.shift_seed has no effect unless shift "
+                       r"adds noise .*; drop it$"):
+        check_options(spec, "data.test")
+    with pytest.raises(ConfigError, match=r"^shift_seed has no effect"):
+        load_source(spec)
+    assert check_options({**spec, "shift_seed": 0}, "data.test")["shift_seed"] == 0
+
+
+def test_shift_seed_in_a_config_names_its_data_key(tmp_path):
+    from cliplab.config import validate
+    from cliplab.data.shards.job import ShardConfig
+
+    with pytest.raises(ConfigError, match=r"^shard: data: shift_seed has no effect unless "
+                       r"shift adds noise"):
+        validate(ShardConfig, {"data": {"source": "digits", "shift": "invert", "shift_seed": 1},
+                               "out": str(tmp_path)}, "shard")
+    noisy = {"data": {"source": "digits", "shift": "invert+noise:0.1", "shift_seed": 1},
+             "out": str(tmp_path)}
+    saved = validate(ShardConfig, noisy, "shard").to_dict()
+    assert validate(ShardConfig, saved, "shard").to_dict() == saved

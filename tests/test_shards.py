@@ -693,3 +693,23 @@ def test_a_subset_of_an_in_memory_set_keeps_its_samples_source_keys(tmp_path):
                  progress=False)
     assert [m["source_key"] for m in _metas(tmp_path / "s")] == [f"{digits.name}:5",
                                                                   f"{digits.name}:2"]
+
+
+def test_quality_with_png_is_refused(tmp_path, capsys):
+    """PNG is lossless: a quality setting would change nothing."""
+    from cliplab.config import validate
+    from cliplab.data.shards.job import ShardConfig
+    from cliplab.errors import ConfigError
+
+    spec = {"data": {"source": "digits", "split": "test"}, "out": str(tmp_path / "s")}
+    with pytest.raises(ConfigError, match=r"^shard: quality has no effect unless image_format "
+                       r"is jpg; drop it$"):
+        validate(ShardConfig, {**spec, "image_format": "png", "quality": 50}, "shard")
+    assert main(["data", "shard", "--source", "digits", "--out", str(tmp_path / "s"),
+                 "image_format=png", "quality=50", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "quality has no effect unless image_format is jpg" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "s").exists()
+    for given in ({"image_format": "png"}, {"image_format": "jpg", "quality": 50}):
+        saved = validate(ShardConfig, {**spec, **given}, "shard").to_dict()
+        assert validate(ShardConfig, saved, "shard").to_dict() == saved

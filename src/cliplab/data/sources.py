@@ -129,6 +129,9 @@ def check_options(spec: dict, where: str | None = None, typed_errors: bool = Fal
             parse_shift(spec["shift"])  # a bad shift fails before a slow load
         except ConfigError as err:
             raise ConfigError(f"{where}.shift: {err}" if where else str(err)) from None
+    if spec.get("shift_seed") not in (None, 0) and not _draws_noise(spec.get("shift")):
+        raise ConfigError(f"{where + '.' if where else ''}shift_seed has no effect unless shift "
+                          "adds noise (noise:S, the only random shift); drop it")
     schema = _options_schema(fn)
     given = {k: ([v] if isinstance(v, str) and _one_for_a_list(schema, k, v) else v)
              for k, v in options.items() if k in params}
@@ -138,6 +141,12 @@ def check_options(spec: dict, where: str | None = None, typed_errors: bool = Fal
         if key in params:
             spec[key] = getattr(checked, key)
     return spec
+
+
+def _draws_noise(shift: str | None) -> bool:
+    """Whether the (valid) ``shift`` draws random numbers: a ``noise:S`` step with S > 0."""
+    return shift is not None and any(name == "noise" and value
+                                     for name, value in parse_shift(shift))
 
 
 def checked_spec(spec: Any) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section
+from cliplab.config import Section, refuse_unused
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import DataSpecField, load_source
 from cliplab.errors import ConfigError
@@ -33,6 +33,12 @@ class ShardConfig(Section):
                              "source such as fashion-mnist, a manifest path, a shard folder "
                              "or an image folder of class sub-folders)")
         return value
+
+    @model_validator(mode="after")
+    def _quality_for_jpg(self) -> "ShardConfig":
+        if self.image_format != "jpg":  # PNG is lossless: no quality setting
+            refuse_unused(self, ["quality"], "unless image_format is jpg")
+        return self
 
 
 def run_shard(config: ShardConfig, progress: bool = True) -> dict:
