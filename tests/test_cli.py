@@ -1,6 +1,7 @@
 """The command line: --help everywhere, one-line errors with exit code 2."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -304,3 +305,21 @@ def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank,
         assert len(err.strip().splitlines()) == 1 and waits == []
     else:  # and it leaves after local rank 0, or torchrun could stop that one first
         assert err == "" and waits == [QUIET_RANK_WAIT_S]
+
+
+def test_a_help_that_lists_config_keys_lists_every_one(capsys):
+    """`--help`'s "Config keys: ..." is a command's reference: a key missing there is hidden."""
+    from cliplab.cli.config_owner import CONFIG_SCHEMAS, config_keys
+
+    listed = 0
+    for command in CONFIG_SCHEMAS:
+        with pytest.raises(SystemExit):
+            main([*command.split(), "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        if "Config keys:" not in text:
+            continue
+        listed += 1
+        keys = text.split("Config keys:", 1)[1].split(";")[0].split(". ")[0]
+        words = set(re.findall(r"[a-z_]+", keys))
+        assert config_keys(command) <= words, (command, config_keys(command) - words)
+    assert listed >= 4

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "scale x (model - base) summed (scale=-1 negates); ties: trim to "
                        "'density', elect signs, disjoint mean, x scale. Writes a model folder "
                        "plus merge.json. Config keys: method, models, base, out, weights, "
-                       "scale, density, heldout, metric, require_origin.",
+                       "scale, density, heldout, metric and device (the held-out scoring's), "
+                       "require_origin.",
                        epilog="example: cliplab merge --method greedy --models FT1 FT2 FT3 "
                        "--config configs/merge/greedy-soup.yaml --out runs/soup "
                        "heldout.data.limit=2000")

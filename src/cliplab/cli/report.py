@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "one column per model, few-shot curves, accuracy vs concept frequency, "
                        "training curves. The inputs are named by --inputs (or the config's "
                        "'inputs'), never guessed from the other arguments. Config keys: "
-                       "inputs, title, names (one label per input), plots (true/false).",
+                       "inputs, title, names (one label per input), plots (true/false), out.",
                        epilog="example: cliplab report --inputs runs/a/results.json runs/b "
                        "--out reports/ab title=\"a vs b\"")
     p.add_argument("--inputs", nargs="+", metavar="RUN_OR_RESULTS",
