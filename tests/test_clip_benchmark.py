@@ -8,6 +8,7 @@ import torch
 
 from cliplab.cli import main
 from cliplab.data.clip_benchmark import load_clip_benchmark
+from cliplab.data.types import source_keys
 from cliplab.errors import DataError
 from cliplab.evaluate.features import encode_images
 from tests.tar_files import png_bytes, write_tar
@@ -42,17 +43,20 @@ def test_reads_classification_shards_and_skips_bad_samples(classification_folder
     assert np.array_equal(data.images[4].numpy(), arrays[4])
     assert data.skipped.counts == {"unreadable_image": 1, "bad_label": 1, "missing_image": 1}
     assert "1.tar:s0000100" in data.skipped.keys["unreadable_image"]
+    # each image names its sample in the source (written shards carry it as source_key)
+    assert source_keys(data) == [f"{i // 5}.tar:s{i:07d}" for i in range(9)]
 
 
 def test_reads_retrieval_shards(tmp_path):
     root = tmp_path / "wds_pairs"
     (root / "test").mkdir(parents=True)
     img = np.zeros((8, 8, 3), np.uint8)
-    write_tar(root / "test" / "0.tar", [("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"}),
-                                          ("b", {"jpg": png_bytes(img), "txt": b"  \n"})])
+    write_tar(root / "test" / "0.tar", [("b", {"jpg": png_bytes(img), "txt": b"  \n"}),
+                                          ("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"})])
     pairs = load_clip_benchmark(root, progress=False)
     assert pairs.captions == [["a cat", "a small cat"]] and pairs.name == "wds_pairs-test"
     assert pairs.skipped.counts == {"empty_caption": 1}
+    assert source_keys(pairs) == ["0.tar:a"]  # not its position after the skip
 
 
 def test_missing_shards_is_a_clear_error(tmp_path):

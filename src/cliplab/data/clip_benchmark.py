@@ -46,7 +46,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
               f"the default template{'s' * (len(templates) > 1)} {templates}", file=sys.stderr)
 
     skipped = SkipReport()
-    images, labels, captions = [], [], []
+    images, labels, captions, keys = [], [], [], []
     for raw in tqdm(raw_samples(shards), desc="read shards", unit="img", disable=not progress,
                     leave=False):
         key = sample_key(raw)
@@ -84,6 +84,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
                 continue
             captions.append(caps)
         images.append(image)
+        keys.append(key)  # its source item, whatever was skipped before it
     if not images and skipped.counts.get("label_without_classnames"):
         raise DataError(f"{root / split}: samples carry class labels (.cls) but "
                         f"{classnames_file} is missing; add it (one class name per line, in "
@@ -93,5 +94,6 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
     pixels = stack_images(images)
     name = f"{root.name}-{split}"
     if classnames is not None:
-        return LabelledImages(pixels, torch.tensor(labels), classnames, templates, name, skipped)
-    return ImageTextPairs(pixels, captions, name=name, skipped=skipped)
+        return LabelledImages(pixels, torch.tensor(labels), classnames, templates, name, skipped,
+                              keys=keys)
+    return ImageTextPairs(pixels, captions, name=name, skipped=skipped, keys=keys)
