@@ -529,6 +529,7 @@ def test_tip_adapter_refuses_a_negative_cache_weight_or_sharpness(option, tmp_pa
      "hard_negatives has no effect with a classification head"),
     ("finetune", {"train": {"eval_every": 5}}, "eval_every has no effect in adapt"),
     ("lora", {"train": {"fsdp": True}}, "fsdp has no effect in adapt"),
+    ("finetune", {"train": {"dist_timeout_s": 60}}, "dist_timeout_s has no effect in adapt"),
 ])
 def test_an_option_that_would_change_nothing_is_refused(method, options, refused):
     """Each of these was accepted, recorded in config.yaml and results.json, and did nothing:

@@ -158,6 +158,7 @@ def test_too_few_trusted_pairs_is_a_config_error(tmp_path):
     ({"fsdp": True}, "train.fsdp has"),
     ({"eval_every": 10}, "train.eval_every has"),
     ({"fsdp": True, "eval_every": 10}, "train.fsdp and train.eval_every have"),
+    ({"dist_timeout_s": 60}, "train.dist_timeout_s has"),
 ])
 def test_train_settings_a_dfn_step_never_uses_are_refused(train, named):
     """The filter network trains in one process (no FSDP) without an evaluation callback."""

@@ -57,8 +57,8 @@ def checked_train_section(value: dict[str, Any], defaults: dict,
     except ConfigError as err:
         raise ValueError(str(err)) from None
     refuse_unused(config, ["eval_every"], "in adapt (it scores the model once, after training)")
-    refuse_unused(config, ["fsdp"], "in adapt (it trains in one process; fsdp shards over "
-                  "torchrun's ranks)")
+    refuse_unused(config, ["fsdp", "dist_timeout_s"], "in adapt (it trains in one process; "
+                  "they apply under torchrun)")
     if classifier:
         refuse_contrastive_settings(config)
     return value

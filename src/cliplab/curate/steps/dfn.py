@@ -66,8 +66,8 @@ class Spec(StepSpecBase):
         check_keep_options(self.keep_top, self.threshold)
         if "source" not in self.trusted:
             raise ValueError("trusted needs 'source: NAME' (a data source of trusted pairs)")
-        refuse_unused(self.train, ["fsdp", "eval_every"], "in a dfn step (it trains in one "
-                      "process, with no evaluation)", prefix="train.")
+        refuse_unused(self.train, ["fsdp", "dist_timeout_s", "eval_every"], "in a dfn step (it "
+                      "trains in one process, with no evaluation)", prefix="train.")
         return self
 
 
