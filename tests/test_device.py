@@ -472,8 +472,10 @@ class _Reached(Exception):
     ("adapt", "cliplab.adapt.run", "run_adapt", ["--method", "zeroshot", "--model", "tiny-clip",
                                                  "data.train={source: shapes}",
                                                  "data.test={source: shapes}"]),
-    ("merge", "cliplab.merge.run", "run_merge", ["--method", "uniform", "--models", "M", "M",
-                                                 "--out", "MERGED"]),
+    # merge's device is where held-out data scores (without heldout it is refused)
+    ("merge", "cliplab.merge.run", "run_merge", [
+        "--method", "uniform", "--models", "M", "M", "--out", "MERGED",
+        "heldout={task: zeroshot, data: {source: shapes}}"]),
     ("serve", "cliplab.serve.run", "serve", ["IDX"]),
 ])
 def test_device_on_the_command_line_reaches_each_command(command, module, function, extra,
