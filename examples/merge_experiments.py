@@ -23,7 +23,10 @@ each other, though: the base sees the first --base-digits train images and the f
 1 257, so the task vector is partly learnt on images the base was already trained on.
 
 Zero-shot top-1 everywhere (class-description prompts for Fashion-MNIST, the digits templates
-for digits). Prints one JSON object and writes it to OUT/results.json.
+for digits). Prints one JSON object and writes it to OUT/results.json. Training runs in bf16
+autocast where the CPU or GPU has bf16 units and in fp32 elsewhere (``precision: auto``; the
+committed results ran on an AVX-512 BF16 CPU, so in bf16 — an AVX2 CPU trains in fp32 and
+gets other numbers; forcing bf16 there would be emulated and far slower).
 
     python examples/merge_experiments.py --out runs/merge-exp [--base MODEL_DIR]
     python examples/merge_experiments.py --out runs/negation --only task-arithmetic \
@@ -61,6 +64,7 @@ SOUP_RECIPES = [(1e-4, 0, True), (3e-4, 1, True), (1e-3, 2, False), (3e-5, 3, Tr
                 (3e-4, 4, False)]
 SCALES = (-1.0, -0.5, 0.0, 0.5, 1.0)
 CONTROL_KEEP = 0.95  # the negation λ must keep the control at >= this share of the base's
+PRECISION = "auto"  # bf16 autocast where the hardware has bf16 units, else fp32
 
 
 BASE_TRAIN = slice(0, 20000)     # Fashion-MNIST training images the base is pretrained on
@@ -82,7 +86,7 @@ def pretrain_base(out: Path, epochs: float, n_digits: int) -> Path:
     model = build_model("lit-minilm", image_size=28, patch_size=7, width=192, layers=4, heads=3)
     cfg = TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, warmup=0.05, lock_text=True,
                       augment={"hflip": False}, lr_scale={"text_projection": 0.1},
-                      precision="bf16", progress=False)
+                      precision=PRECISION, progress=False)
     Trainer(model, cfg).fit(pairs)
     return model.save(out)
 
@@ -101,7 +105,7 @@ def fine_tune(base: Path, data: LabelledImages, out: Path, lr: float, seed: int,
     origin = model_fingerprint(model)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.1, seed=seed,
                       lock_text=True, augment={"hflip": False} if augment else False,
-                      lr_scale={"text_projection": 0.1}, precision="bf16", progress=False)
+                      lr_scale={"text_projection": 0.1}, precision=PRECISION, progress=False)
     torch.manual_seed(seed)
     Trainer(model, cfg).fit(labelled_to_pairs(data))
     model.save(out)
