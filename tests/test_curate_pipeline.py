@@ -764,13 +764,27 @@ def test_run_curation_takes_a_plain_dict_and_names_what_is_wrong_with_one(tmp_pa
     ({"ray_address": "10.0.0.1:6379"}, r"^test: ray_address has no effect unless engine is "
      r"ray; drop it$"),
     ({"output": {"format": "manifest", "samples_per_shard": 50}},
-     r"^test: output: samples_per_shard has no effect unless format is shards; drop it$"),
+     r"^test: output: samples_per_shard has no effect unless format is shards; drop it "
+     r"\(output.samples_per_shard=null clears a recipe's\)$"),
 ])
 def test_settings_that_change_nothing_are_refused(extra, message):
     with pytest.raises(ConfigError, match=message):
         config({"source": "digits"}, [], **extra)
     config({"source": "digits"}, [], engine="ray", ray_address="10.0.0.1:6379")
     config({"source": "digits"}, [], output={"format": "shards", "samples_per_shard": 50})
+
+
+def test_a_shipped_recipe_switches_to_manifest_output_from_the_command_line():
+    """configs/curate/basic.yaml sets a shard size: output.format=manifest alone is refused
+    (the size would do nothing), and null clears it, as the error says."""
+    from cliplab.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "curate" / "basic.yaml"
+    with pytest.raises(ConfigError, match=r"samples_per_shard=null clears"):
+        load_config(CurateConfig, recipe, ["output.format=manifest"])
+    cfg = load_config(CurateConfig, recipe, ["output.format=manifest",
+                                             "output.samples_per_shard=null"])
+    assert cfg.output.format == "manifest" and cfg.output.samples_per_shard == 1000
 
 
 def test_a_saved_config_of_every_changed_section_loads_again():

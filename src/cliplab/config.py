@@ -72,18 +72,19 @@ class Section(BaseModel):
         return self.model_dump(mode="json")
 
 
-def refuse_unused(section: BaseModel, keys: Sequence[str], when: str, prefix: str = "") -> None:
+def refuse_unused(section: BaseModel, keys: Sequence[str], when: str, prefix: str = "",
+                  how: str = "") -> None:
     """A ValueError naming each of ``keys`` given a value other than its default though it
     has no effect ``when`` (``"unless init is ''"``): a setting that changes nothing must not
     look as if it did. A default value passes (a saved config.yaml holds every key, and must
     load again). For a section's ``mode="after"`` validator; ``prefix`` goes before the
-    names of keys in a sub-section (``train.``)."""
+    names of keys in a sub-section (``train.``); ``how`` tells how to drop them."""
     given = [prefix + key for key in keys if getattr(section, key) !=
              section.model_fields[key].get_default(call_default_factory=True)]
     if given:
         one = len(given) == 1
         raise ValueError(f"{' and '.join(given)} {'has' if one else 'have'} no effect {when}; "
-                         f"drop {'it' if one else 'them'}")
+                         f"drop {'it' if one else 'them'}" + (f" ({how})" if how else ""))
 
 
 def _takes(annotation: Any) -> tuple[str | None, bool]:

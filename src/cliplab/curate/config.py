@@ -27,10 +27,17 @@ class OutputSpec(Section):
     format: Literal["shards", "manifest"] = "shards"
     samples_per_shard: int = Field(1000, ge=1)
 
+    @field_validator("samples_per_shard", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any) -> Any:
+        # so that output.format=manifest can clear a recipe's shard size from the command line
+        return cls.model_fields["samples_per_shard"].default if value is None else value
+
     @model_validator(mode="after")
     def _shard_size_for_shards(self) -> "OutputSpec":
         if self.format != "shards":
-            refuse_unused(self, ["samples_per_shard"], "unless format is shards")
+            refuse_unused(self, ["samples_per_shard"], "unless format is shards",
+                          how="output.samples_per_shard=null clears a recipe's")
         return self
 
 
