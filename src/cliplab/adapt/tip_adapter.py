@@ -71,7 +71,8 @@ class Options(PromptOptions):
         if not self.search:
             refuse_unused(self, ["search_scale", "search_steps"], "unless search is true")
         elif self.searched_alone:
-            refuse_unused(self, ["alpha", "beta"], "with search: true (the search sets alpha and beta)")
+            refuse_unused(self, ["alpha", "beta"], "with search: true (the search sets "
+                          "alpha and beta)")
         if not self.augment_views:
             refuse_unused(self, ["augment"], "unless augment_views is above 0 (the keys are "
                           "then plain embeddings)")

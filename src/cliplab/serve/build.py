@@ -113,10 +113,10 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         tuned = [key for key in ("recall", "max_memory_gb")
                  if getattr(cfg, key) != IndexConfig.model_fields[key].default]
         if tuned:
-            raise ConfigError(f"{' and '.join(tuned)} tune{'s' * (len(tuned) == 1)} the FAISS "
-                              "index's type and search breadth; Milvus indexes with FLAT or "
-                              f"AUTOINDEX: leave {'it' if len(tuned) == 1 else 'them'} out with --backend "
-                              "milvus")
+            one = len(tuned) == 1
+            raise ConfigError(f"{' and '.join(tuned)} tune{'s' * one} the FAISS index's type "
+                              "and search breadth; Milvus indexes with FLAT or AUTOINDEX: leave "
+                              f"{'it' if one else 'them'} out with --backend milvus")
     model = model if model is not None else load_model(cfg.model, cfg.device)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
