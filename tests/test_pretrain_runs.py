@@ -139,6 +139,13 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
     with pytest.raises(ConfigError, match=r"cannot resume .*: a resume continues the run as it "
                                           r"was configured, and model \("):
         run_pretrain(wider, resume="latest", progress=False)
+    # another eval suite would log other numbers under the run's eval/colour curve
+    shapes = recipe(out, save_every=2)
+    shapes["eval"]["tasks"][0]["data"]["attribute"] = "shape"
+    with pytest.raises(ConfigError, match=r"and eval\.tasks\.0\.data\.attribute \(the run's "
+                                          r"curve holds the old suite's numbers\) changed"):
+        run_pretrain(shapes, resume="latest", progress=False)
+    assert (out / "config.yaml").read_text() == config
     # the checkpoint's own check, for a resume from Python without the run's config.yaml
     from cliplab.train.trainer import Trainer
     from cliplab.train.config import TrainConfig
@@ -155,8 +162,15 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
     with pytest.raises(ConfigError, match=r"train\.lr \(checkpoint 0\.003, now 0\.1\)"):
         trainer.fit(as_pairs(load_source(SHAPES)), resume=out / "checkpoints" / "step-2")
     # how the run is shown and saved may change
+    first = json.loads(done)
+    # what ran (train.precision's default fp32; device auto resolved to this machine's cpu)
+    assert first["resumed_from"] is None and (first["precision"], first["device"]) == (
+        "fp32", "cpu")
     run_pretrain(recipe(out, save_every=3, log_every=1), resume="latest", progress=False)
     assert [r["step"] for r in records(out)] == whole  # steps 3, 4 and the eval once each
+    # results.json says the run went on from step 2 (its config.yaml reads as a fresh run)
+    assert json.loads((out / "results.json").read_text())["resumed_from"] == {
+        "checkpoint": str((out / "checkpoints" / "step-2").resolve()), "step": 2}
 
 
 def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):

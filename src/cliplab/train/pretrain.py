@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cliplab.config import Section, load_yaml, validate
+from cliplab.config import Section, changed_key_paths, load_yaml, validate
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError, DataError
@@ -110,8 +110,11 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         trained = _train(cfg, train_cfg, resume, progress)  # the model is let go of here
     finally:
         distributed.shutdown()
+    # what ran, where the config says auto, and where a resumed run's steps before began
     results: dict = {"train": trained.last, "skipped": trained.skipped.to_dict(),
                      "evals": trained.evals, "model_dir": str(trained.model_dir),
+                     "precision": trained.precision, "device": trained.device,
+                     "resumed_from": trained.resumed_from,
                      "wall_time_s": round(time.time() - start, 1)}
     if trained.rank == 0:
         trained.run.write_json(RESULTS_FILE, results)
@@ -131,6 +134,9 @@ class _Trained:
     model_dir: Path
     run: RunDir
     rank: int
+    precision: str
+    device: str
+    resumed_from: dict | None
 
 
 def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
@@ -180,15 +186,20 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                     if (reason, key) not in seen:
                         seen.add((reason, key))
                         skipped.add(reason, key)
-    return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank)
+    return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
+                    trainer.precision, str(trainer.device), trainer.resumed_from)
 
 
 def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
-    """Refuse a resume whose model, data or train keys (but those a resume may change)
-    differ from the run's own ``config.yaml``, before config.yaml is rewritten."""
+    """Refuse a resume whose model, data, train keys (but those a resume may change) or eval
+    suite differ from the run's own ``config.yaml``, before config.yaml is rewritten (another
+    suite would log other numbers under the same ``eval/<task>`` curve)."""
     saved = out / "config.yaml"
     if saved.is_file():
-        changed = checkpoint.run_config_changes(load_yaml(saved) or {}, cfg.to_dict())
+        run, now = load_yaml(saved) or {}, cfg.to_dict()
+        changed = checkpoint.run_config_changes(run, now) + [
+            f"{path} (the run's curve holds the old suite's numbers)"
+            for path in changed_key_paths(run.get("eval"), now.get("eval"), prefix="eval.")]
         if changed:
             raise checkpoint.resume_refused(out, changed)
 

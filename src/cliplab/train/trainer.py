@@ -101,6 +101,7 @@ class Trainer:
         check_batch_over_ranks(config.batch_size, self.world)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.resumed_from: dict | None = None  # the checkpoint a resume started from
 
     def fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
             resume: str | Path | None = None, *,
@@ -317,6 +318,7 @@ class Trainer:
                 print(f"cliplab: resumed from step {self.step}: what the run before wrote "
                       f"past it ({', '.join(p.name for p in moved)}) is moved to "
                       f"{moved[0].parent}", file=sys.stderr)
+        self.resumed_from = {"checkpoint": str(folder.resolve()), "step": self.step}
         return folder
 
     def _own(self, folder: Path) -> bool:
