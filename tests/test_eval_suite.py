@@ -29,6 +29,7 @@ def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
                  str(tmp_path / "out"), "--no-progress"]) == 0
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["precision"] == "fp32"  # the report tells fp32 and bf16 runs apart by it
+    assert written["overrides"] == []
     results = written["results"]
 
     test = load_digits("test")
@@ -359,3 +360,14 @@ def test_eval_cli_shows_cliplab_warnings_on_one_line(monkeypatch, tmp_path, caps
     assert main(["eval", "--suite", str(suite), "--model", "tiny-clip", "--no-progress",
                  "--out", str(tmp_path / "ev2"), "precision=auto"]) == 0
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["precision"] == "fp32"
+
+
+def test_eval_results_record_the_overrides_of_their_suite(tmp_path, capsys):
+    """The suite file alone said n: 64 while 32 images were scored."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: shapes, n: 64, "
+                     "attribute: color, image_size: 32}}\n")
+    assert main(["eval", "--model", "tiny-clip", "--config", str(suite), "--out",
+                 str(tmp_path / "out"), "--no-progress", "tasks.0.data.n=32"]) == 0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["suite"] == str(suite) and written["overrides"] == ["tasks.0.data.n=32"]

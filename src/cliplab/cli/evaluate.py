@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
               "head (each says so under 'classifier'); --head text scores the text head",
               file=sys.stderr)
     precision = resolve_precision(suite.precision, model.device)  # what run_suite runs in
-    results = {"model": args.model, "suite": args.config, "precision": precision,
+    # the suite is its file and these overrides of it (the file alone says other sizes)
+    results = {"model": args.model, "suite": args.config,
+               "overrides": list(args.overrides or []), "precision": precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
     if out is not None:
