@@ -573,3 +573,25 @@ def test_a_pretrain_recipe_given_to_run_adapt_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"this is a pretrain recipe \(train: Trainer settings, "
                        r"no data.test\); cliplab adapt reads an adapt config"):
         run_adapt({**recipe, "method": "coop"}, write=False)
+
+
+def test_a_preset_with_options_is_recorded_with_them(tmp_path):
+    """"tiny-clip" alone named another model than tiny-clip with embed_dim 64: results.json,
+    adapter.json and load_adapter's hint name the options too."""
+    from cliplab.adapt import load_adapter
+    from cliplab.adapt.run import run_adapt
+    from cliplab.errors import ModelError
+
+    model = {"name": "tiny-clip", "options": {"embed_dim": 64, "seed": 7}}
+    cfg = {"method": "zeroshot", "model": model, "compare_zeroshot": False,
+           "data": {"train": {"source": "digits", "split": "test"},
+                    "test": {"source": "digits", "split": "test"}}, "shots": 2,
+           "out": str(tmp_path / "a")}
+    res = run_adapt(cfg, progress=False)
+    assert res["model"] == "tiny-clip" and res["model_options"] == model["options"]
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    assert meta["model_options"] == model["options"]
+    with pytest.raises(ModelError, match=r"load it with the model it was fitted on \(tiny-clip "
+                       r"with options \{'embed_dim': 64, 'seed': 7\}\)$"):
+        load_adapter(tmp_path / "a", load_model("tiny-clip"))
+    assert load_adapter(tmp_path / "a", load_model(model)).method == "zeroshot"

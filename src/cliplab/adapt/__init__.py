@@ -84,7 +84,9 @@ def load_adapter(folder: str | Path, model: DualEncoder) -> Adapter:
     if recorded is not None and recorded != model_fingerprint(model):
         raise ModelError(f"{folder} was fitted on other weights than the model given (weights "
                          f"fingerprint {recorded}); load it with the model it was fitted on"
-                         + (f" ({meta['model']})" if meta.get("model") else ""))
+                         + (f" ({meta['model']}" + (f" with options {meta['model_options']}"
+                                                  if meta.get("model_options") else "") + ")"
+                            if meta.get("model") else ""))
     name = meta.get("method")
     module = get_method(name) if name in ADAPT_METHODS else None
     adapter_class = getattr(module, "ADAPTER", None)

@@ -205,8 +205,11 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     ctx = AdaptContext(cache=cache, val=val, seed=cfg.seed, progress=progress, run=run,
                        model_name=given)
     model_name = ctx.origin(model) or "(given model)"
+    # a preset is its name and its options (tiny-clip with embed_dim 64 is another model)
+    built = {"model_options": cfg.model.options} if cfg.model is not None and \
+        cfg.model.options else {}
     results: dict[str, Any] = {
-        "method": cfg.method, "model": model_name, "shots": cfg.shots, "seed": cfg.seed,
+        "method": cfg.method, "model": model_name, **built, "shots": cfg.shots, "seed": cfg.seed,
         "train_size": len(train), "val_size": len(val) if val else 0,
         "test_size": len(sets["test"])}
     zeroshot = None
@@ -217,7 +220,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         adapter: Adapter = method.fit(model, train, options, ctx)
     scores = adapter.score(sets, cache, progress)
     if run is not None:
-        adapter.save(run.path, extra={"model": model_name, "shots": cfg.shots,
+        adapter.save(run.path, extra={"model": model_name, **built, "shots": cfg.shots,
                                       "seed": cfg.seed})
     results.update(options=adapter.options, **scores)
     if zeroshot is not None:
