@@ -208,9 +208,13 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     # a preset is its name and its options (tiny-clip with embed_dim 64 is another model)
     built = {"model_options": cfg.model.options} if cfg.model is not None and \
         cfg.model.options else {}
+    # wise-ft of a given fine-tune trains nothing here: no shots or training images to record
+    # (that fine-tune's own results.json holds its)
+    trains = not getattr(options, "finetuned", None)
+    shots = cfg.shots if trains else None
     results: dict[str, Any] = {
-        "method": cfg.method, "model": model_name, **built, "shots": cfg.shots, "seed": cfg.seed,
-        "train_size": len(train), "val_size": len(val) if val else 0,
+        "method": cfg.method, "model": model_name, **built, "shots": shots, "seed": cfg.seed,
+        "train_size": len(train) if trains else None, "val_size": len(val) if val else 0,
         "test_size": len(sets["test"])}
     zeroshot = None
     if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
@@ -220,7 +224,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         adapter: Adapter = method.fit(model, train, options, ctx)
     scores = adapter.score(sets, cache, progress)
     if run is not None:
-        adapter.save(run.path, extra={"model": model_name, **built, "shots": cfg.shots,
+        adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
                                       "seed": cfg.seed})
     results.update(options=adapter.options, **scores)
     if zeroshot is not None:
