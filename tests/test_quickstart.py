@@ -119,6 +119,7 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     assert images / (parts["train"] + 0.05) <= results["train_images_per_s"] \
         <= images / (parts["train"] - 0.05)
     assert results["precision"] in ("fp32", "bf16")
+    assert results["eval_precision"] == "fp32"  # the suite's default: scores, not training
     # 2 epochs on 2100 seen-class images: clearly better than chance on the trained classes
     seen = [v for k, v in results["zeroshot_per_class_acc1"].items()
             if k not in ("shirt", "sneaker", "bag")]

@@ -20,6 +20,7 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import ProbeKind
+from cliplab.models.precision import resolve_precision
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
@@ -164,7 +165,9 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
                     else f"validation (the last {data.validation} training images)",
                     "heldout_classes": [train_all.classnames[i] for i in heldout],
                     "train_pairs": len(seen_train), "steps": trainer.step,
+                    # training's precision; the scores beside it ran in the suite's
                     "model_dir": str(final), "precision": trainer.precision,
+                    "eval_precision": resolve_precision(suite.precision, model.device),
                     "train_images_per_s": round(trainer.step * train_cfg.batch_size
                                                 / seconds["train"], 1),
                     "seconds": {k: round(v, 1) for k, v in seconds.items()},
