@@ -168,3 +168,27 @@ def test_the_runs_seed_seeds_training_unless_options_train_gives_one(method, dig
     assert not same(trained(1), trained(5))
     assert same(trained(1, train_seed=7), trained(5, train_seed=7))
     assert same(trained(3), trained(0, train_seed=3))
+
+
+@pytest.mark.parametrize("method, lr, weight_decay", [("finetune", 1e-4, 0.1),
+                                                       ("lora", 1e-3, 0.01)])
+def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_decay, tmp_path):
+    """options.train holds only the keys given; results.json's train_settings hold what ran:
+    the method's defaults, the run's seed, the model's device (a report shows none of them as
+    scores)."""
+    from cliplab.adapt.run import run_adapt
+
+    cfg = {"method": method, "model": "tiny-clip", "compare_zeroshot": False, "seed": 4,
+           "shots": 2, "data": {"train": {"source": "digits", "split": "test"},
+                                "test": {"source": "digits", "split": "test"}},
+           "options": {"train": {"steps": 1, "batch_size": 8}}, "out": str(tmp_path / "r")}
+    res = run_adapt(cfg, progress=False)
+    written = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert written["options"]["train"] == {"steps": 1, "batch_size": 8}
+    ran = written["train_settings"]
+    assert (ran["steps"], ran["batch_size"], ran["lr"], ran["weight_decay"], ran["seed"],
+            ran["device"]) == (1, 8, lr, weight_decay, 4, "cpu")
+    assert res["train_settings"] == ran
+    from cliplab.evaluate.report_inputs import result_sections
+
+    assert set(result_sections(written)) == {"test", "params", "run"}

@@ -119,6 +119,8 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
     assert (again["shots"], again["train_size"]) == (None, None)
     assert json.loads((tmp_path / "again" / "results.json").read_text())["train_size"] is None
     assert res["train_size"] == 128 and res["shots"] == 0
+    assert "train_settings" not in again
+    assert res["train_settings"]["steps"] == 4 and res["train_settings"]["lr"] == 3e-3
     assert (tmp_path / "out" / "best" / "head.safetensors").is_file()
     # the printed summary says which fine-tune was swept, and that this run trained nothing
     assert format_results(res).splitlines()[0] == (

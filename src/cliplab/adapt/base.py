@@ -73,6 +73,9 @@ class Adapter:
 
     method: ClassVar[str] = ""
     probe: str | None = None
+    # methods that train through the Trainer: the whole of its settings as they ran (the
+    # options hold only the train keys given), recorded as results.json's "train_settings"
+    trained_with: dict | None = None
 
     def __init__(self, model: DualEncoder, classnames: list[str], options: dict):
         self.model = model

@@ -136,5 +136,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),
                              opts.train_head, fingerprint)
     model_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
-    return FineTuned(model, train.classnames, opts.to_dict(), head, ctx.origin(model),
-                     fingerprint, model_dir)
+    adapter = FineTuned(model, train.classnames, opts.to_dict(), head, ctx.origin(model),
+                        fingerprint, model_dir)
+    adapter.trained_with = train_cfg.to_dict()
+    return adapter

@@ -277,5 +277,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         scale = model.logit_scale.detach().float().exp().cpu()
         text_head = scale * zeroshot_classifier(model, train.prompt_names, train.templates)
     adapter_dir = trainer.last_checkpoint / ADAPTER_DIR if trainer.last_checkpoint else None
-    return LoraAdapted(model, train.classnames, opts.to_dict(), peft_model, head, text_head,
-                       origin, fingerprint, params, adapter_dir)
+    adapter = LoraAdapted(model, train.classnames, opts.to_dict(), peft_model, head, text_head,
+                          origin, fingerprint, params, adapter_dir)
+    adapter.trained_with = train_cfg.to_dict()
+    return adapter

@@ -230,6 +230,8 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if zeroshot is not None:
         results["zeroshot"] = zeroshot
     results.update(adapter.summary())
+    if adapter.trained_with is not None:
+        results["train_settings"] = adapter.trained_with
     if skipped:
         results["skipped"] = skipped
     results["wall_time_s"] = round(time.time() - start, 1)

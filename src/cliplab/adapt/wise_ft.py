@@ -260,5 +260,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     if [c.lower() for c in ft_head.classnames] != [c.lower() for c in train.classnames]:
         raise ConfigError(f"the fine-tuned head's classes {ft_head.classnames} differ from "
                           f"data.train's {train.classnames}")
-    return WiseFT(model, train.classnames, opts.to_dict(), zeroshot_classifier_head(model, train),
-                  finetuned, ft_head, ft_dir, ctx.origin(model), fingerprint, ctx.val)
+    adapter = WiseFT(model, train.classnames, opts.to_dict(),
+                     zeroshot_classifier_head(model, train), finetuned, ft_head, ft_dir,
+                     ctx.origin(model), fingerprint, ctx.val)
+    adapter.trained_with = None if opts.finetuned else train_cfg.to_dict()
+    return adapter
