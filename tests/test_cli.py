@@ -57,7 +57,8 @@ def test_unknown_config_key_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, command, owner, foreign", [
-    ("curate/basic.yaml", "adapt", "curate", "keys chunk_size, examples, output, steps, workers are"),
+    ("curate/basic.yaml", "adapt", "curate",
+     "keys chunk_size, examples, output, steps, workers are"),
     ("adapt/digits.yaml", "merge --models a b", "adapt",
      "keys data, options, seed, shots, val_shots are"),
     # pretrain's and quickstart's keys are the same: the one that accepts the file is named

@@ -51,8 +51,9 @@ def test_reads_retrieval_shards(tmp_path):
     root = tmp_path / "wds_pairs"
     (root / "test").mkdir(parents=True)
     img = np.zeros((8, 8, 3), np.uint8)
-    write_tar(root / "test" / "0.tar", [("b", {"jpg": png_bytes(img), "txt": b"  \n"}),
-                                          ("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"})])
+    write_tar(root / "test" / "0.tar", [
+        ("b", {"jpg": png_bytes(img), "txt": b"  \n"}),
+        ("a", {"jpg": png_bytes(img), "txt": b"a cat\na small cat\n"})])
     pairs = load_clip_benchmark(root, progress=False)
     assert pairs.captions == [["a cat", "a small cat"]] and pairs.name == "wds_pairs-test"
     assert pairs.skipped.counts == {"empty_caption": 1}
