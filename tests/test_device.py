@@ -189,6 +189,9 @@ def test_adapt_fits_and_scores_on_the_gpu_with_the_cpus_results(method, model_di
             on_gpu = _adapt(method, model_dir, tmp_path / "gpu", "auto")
     assert devices == (["cuda:0"] if method in ("finetune", "lora", "wise-ft") else [])
     assert image_devices == {"cuda:0"}
+    if method in ("finetune", "lora", "wise-ft"):  # where each trained is recorded: it differs
+        assert (on_cpu["train_settings"].pop("device"),
+                on_gpu["train_settings"].pop("device")) == ("cpu", "cuda:0")
     assert _same(on_gpu, on_cpu)
 
 
@@ -368,6 +371,11 @@ def test_pretraining_on_the_gpu_takes_the_cpus_steps(variant, tmp_path):
     on_cpu, cpu_weights = _pretrain(tmp_path / "cpu", "cpu", train)
     with image_work_on_the_fake_gpu() as devices:
         on_gpu, gpu_weights = _pretrain(tmp_path / "gpu", "auto", train, resume_at=2)
+    # where each ran, and that the GPU run went on from its step 2, are recorded: they differ
+    cpu_run, gpu_run = on_cpu["results"], on_gpu["results"]
+    assert (cpu_run.pop("device"), cpu_run.pop("resumed_from")) == ("cpu", None)
+    assert gpu_run.pop("device").startswith("cuda") and gpu_run.pop("resumed_from") == {
+        "checkpoint": str((tmp_path / "gpu" / "checkpoints" / "step-2").resolve()), "step": 2}
     assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
     for name, weight in cpu_weights.items():
         torch.testing.assert_close(gpu_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -318,7 +318,8 @@ class Trainer:
                 print(f"cliplab: resumed from step {self.step}: what the run before wrote "
                       f"past it ({', '.join(p.name for p in moved)}) is moved to "
                       f"{moved[0].parent}", file=sys.stderr)
-        self.resumed_from = {"checkpoint": str(folder.resolve()), "step": self.step}
+        if self.step < total:  # training goes on (at the final step only the evaluation is left)
+            self.resumed_from = {"checkpoint": str(folder.resolve()), "step": self.step}
         return folder
 
     def _own(self, folder: Path) -> bool:
