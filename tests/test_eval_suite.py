@@ -371,3 +371,33 @@ def test_eval_results_record_the_overrides_of_their_suite(tmp_path, capsys):
                  str(tmp_path / "out"), "--no-progress", "tasks.0.data.n=32"]) == 0
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["suite"] == str(suite) and written["overrides"] == ["tasks.0.data.n=32"]
+
+
+def test_eval_results_name_the_checkpoint_and_weights_a_run_folder_resolved_to(tmp_path, capsys):
+    """`--model RUN` loads the run's newest checkpoint, which moves on as the run trains: the
+    results record that checkpoint's folder and its weights' fingerprint."""
+    from cliplab.models import build_model
+    from cliplab.models.folder import model_fingerprint
+
+    options = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
+                   context_length=32)
+    run = tmp_path / "run"
+    models = {}
+    for step in (1, 2):
+        models[step] = build_model("tiny-clip", **options)
+        with torch.no_grad():  # presets build the same weights: make the steps differ
+            models[step].model.logit_scale.add_(step)
+        models[step].save(run / "checkpoints" / f"step-{step}" / "model")
+    assert model_fingerprint(models[1]) != model_fingerprint(models[2])
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--model", str(run), "--config", str(suite), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["model"] == str(run)
+    assert written["model_folder"] == str((run / "checkpoints" / "step-2" / "model").resolve())
+    assert written["fingerprint"] == model_fingerprint(models[2])
+    assert main(["eval", "--model", "tiny-clip", "--config", str(suite), "--out",
+                 str(tmp_path / "preset"), "--no-progress"]) == 0
+    preset = json.loads((tmp_path / "preset" / "results.json").read_text())
+    assert preset["model_folder"] is None and len(preset["fingerprint"]) == 32

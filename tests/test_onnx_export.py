@@ -247,3 +247,19 @@ def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export,
         scores.append(json.loads((tmp_path / f"res-{spec.name}" / "results.json")
                                  .read_text())["results"]["p"]["acc1"])
     assert scores[0] == pytest.approx(scores[1], abs=0.02)
+
+
+def test_cli_export_records_the_model_it_came_from(tmp_path, tiny_model_dir):
+    """`cliplab export` keeps, in the export record, the spec it was given, the folder that
+    resolved to and the weights' fingerprint: an export can be traced to its weights."""
+    from cliplab.cli import main
+    from cliplab.models.folder import model_fingerprint
+    from cliplab.models.resolve import load_model
+
+    assert main(["export", str(tiny_model_dir), "--format", "onnx",
+                 "--out", str(tmp_path / "onnx")]) == 0
+    record = json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())
+    assert record["source"] == {"model": str(tiny_model_dir),
+                                "model_folder": str(tiny_model_dir.resolve()),
+                                "fingerprint": model_fingerprint(load_model(str(tiny_model_dir)))}
+    assert load_onnx(tmp_path / "onnx").embed_dim == 16  # the record still loads

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.suite import SuiteSpec, run_suite
     from cliplab.evaluate.tasks import TaskContext
     from cliplab.models.precision import resolve_precision
-    from cliplab.models.resolve import load_model
+    from cliplab.models.resolve import load_model, model_record
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
 
     suite = load_config(SuiteSpec, args.config, args.overrides)
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     precision = resolve_precision(suite.precision, model.device)  # what run_suite runs in
     # the suite is its file and these overrides of it (the file alone says other sizes)
-    results = {"model": args.model, "suite": args.config,
+    # the folder and weights behind --model (a run folder moves on as it trains)
+    results = {"model": args.model, **model_record(args.model, model), "suite": args.config,
                "overrides": list(args.overrides or []), "precision": precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab export`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
     from cliplab.models.dual_encoder import DualEncoder
-    from cliplab.models.resolve import load_model
+    from cliplab.models.resolve import load_model, model_record
 
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from cliplab.models.onnx_export import export_onnx
         out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite,
-                          inputs=[args.model])
+                          inputs=[args.model],
+                          source={"model": args.model, **model_record(args.model, model)})
     else:
         out = export_openclip(model, args.out, overwrite=args.overwrite, inputs=[args.model])
     print(f"exported: {out}")

@@ -120,9 +120,11 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 
 def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None,
-                overwrite: bool = False, inputs=()) -> Path:
+                overwrite: bool = False, inputs=(), source: dict | None = None) -> Path:
     """Write ``model``'s towers as ONNX (``quantize="int8"``: dynamically quantized) to ``out``
-    (``overwrite``: replacing a previous ONNX export there; never one of the ``inputs``)."""
+    (``overwrite``: replacing a previous ONNX export there; never one of the ``inputs``).
+    ``source`` (what the model was loaded from: `cliplab export` gives the spec, the folder it
+    resolved to and the weights' fingerprint) is kept in the export record."""
     _require_onnx()
     if quantize not in (None, "int8"):
         raise ModelError(f"--quantize must be int8 (or left out), not {quantize!r}")
@@ -163,6 +165,6 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 "pad_to_context": model.kind == "siglip",
                 "logit_scale": float(model.logit_scale), "logit_bias":
                     None if bias is None else float(bias),
-                "quantize": quantize, "opset": OPSET}
+                "quantize": quantize, "opset": OPSET, "source": source}
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)

@@ -59,6 +59,17 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
     return DualEncoder.load(resolve_model_path(spec), device=device)
 
 
+def model_record(spec: ModelSpec | str | dict | Any, model: Any) -> dict:
+    """What identifies the model ``spec`` loaded as ``model``, for a results file: the folder
+    it resolved to (a run folder's newest checkpoint, a Hub id's snapshot; None for a preset,
+    built in memory) and its weights' `model_fingerprint` (equal iff the same weights)."""
+    from cliplab.models.folder import model_fingerprint
+
+    name = model_spec(spec).name
+    folder = None if name in PRESETS else str(resolve_model_path(spec).expanduser().resolve())
+    return {"model_folder": folder, "fingerprint": model_fingerprint(model)}
+
+
 def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
     """The model folder a non-preset spec names (a folder, checkpoint, run or Hub id; an
     OpenCLIP checkpoint file: the file). Any other file is refused, naming its folder."""
