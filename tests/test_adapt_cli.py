@@ -43,6 +43,8 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     assert "zeroshot" in results
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
                                                "config.yaml", "results.json"}
+    meta = json.loads((out / "adapter.json").read_text())  # what the adapter learned from
+    assert (meta["shots"], meta["seed"], meta["train_size"]) == (2, 3, 20)
     # the saved adapter reproduces the reported accuracy
     model = load_model(model_dir)
     test = load_digits("test")

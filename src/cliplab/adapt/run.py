@@ -225,7 +225,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     scores = adapter.score(sets, cache, progress)
     if run is not None:
         adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
-                                      "seed": cfg.seed})
+                                      "seed": cfg.seed, "train_size": results["train_size"]})
     results.update(options=adapter.options, **scores)
     if zeroshot is not None:
         results["zeroshot"] = zeroshot
