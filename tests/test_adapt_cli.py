@@ -14,6 +14,7 @@ from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.features import encode_images
 from cliplab.models import build_model
+from cliplab.models.folder import model_fingerprint
 from cliplab.models.resolve import load_model
 from tests.image_folders import pets_folder
 
@@ -45,8 +46,10 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
                                                "config.yaml", "results.json"}
     meta = json.loads((out / "adapter.json").read_text())  # what the adapter learned from
     assert (meta["shots"], meta["seed"], meta["train_size"]) == (2, 3, 20)
-    # the saved adapter reproduces the reported accuracy
     model = load_model(model_dir)
+    assert results["model_folder"] == str(model_dir.resolve())  # the base, by folder and weights
+    assert results["fingerprint"] == meta["fingerprint"] == model_fingerprint(model)
+    # the saved adapter reproduces the reported accuracy
     test = load_digits("test")
     acc = (load_adapter(out, model).logits(test.images).argmax(1) == test.labels).float().mean()
     assert acc.item() == pytest.approx(results["test"]["acc1"])

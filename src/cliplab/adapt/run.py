@@ -27,7 +27,7 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS
-from cliplab.models.resolve import load_model, resolve_model_path
+from cliplab.models.resolve import load_model, model_record, resolve_model_path
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
@@ -212,8 +212,10 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     # (that fine-tune's own results.json holds its)
     trains = not getattr(options, "finetuned", None)
     shots = cfg.shots if trains else None
+    # the base's folder and weights, before any method trains them in place
     results: dict[str, Any] = {
-        "method": cfg.method, "model": model_name, **built, "shots": shots, "seed": cfg.seed,
+        "method": cfg.method, "model": model_name, **built,
+        **model_record(cfg.model, model), "shots": shots, "seed": cfg.seed,
         "train_size": len(train) if trains else None, "val_size": len(val) if val else 0,
         "test_size": len(sets["test"])}
     zeroshot = None

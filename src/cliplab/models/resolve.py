@@ -59,14 +59,19 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
     return DualEncoder.load(resolve_model_path(spec), device=device)
 
 
-def model_record(spec: ModelSpec | str | dict | Any, model: Any) -> dict:
+def model_record(spec: ModelSpec | str | dict | Any | None, model: Any) -> dict:
     """What identifies the model ``spec`` loaded as ``model``, for a results file: the folder
     it resolved to (a run folder's newest checkpoint, a Hub id's snapshot; None for a preset,
-    built in memory) and its weights' `model_fingerprint` (equal iff the same weights)."""
+    built in memory; without a spec, the folder ``model`` was loaded from, if any) and its
+    weights' `model_fingerprint` (equal iff the same weights)."""
     from cliplab.models.folder import model_fingerprint
 
-    name = model_spec(spec).name
-    folder = None if name in PRESETS else str(resolve_model_path(spec).expanduser().resolve())
+    if spec is None:
+        folder = getattr(model, "source", None)
+    elif model_spec(spec).name in PRESETS:
+        folder = None
+    else:
+        folder = str(resolve_model_path(spec).expanduser().resolve())
     return {"model_folder": folder, "fingerprint": model_fingerprint(model)}
 
 
