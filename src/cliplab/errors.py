@@ -17,6 +17,11 @@ class DataError(CliplabError):
     """A dataset, manifest or data folder is missing or malformed."""
 
 
+class InputError(DataError, ValueError):
+    """A Python argument of the wrong kind or shape (images as floats or channels first): a
+    `DataError`, and a ValueError too, as before it had a class of its own."""
+
+
 class ModelError(CliplabError):
     """A model folder or preset cannot be built or loaded."""
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ConfigError, InputError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
@@ -23,6 +23,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import model_fingerprint
+from cliplab.models.preprocess import to_uint8_batch
 from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
@@ -91,16 +92,18 @@ class Adapter:
     @torch.no_grad()
     def logits(self, images_or_features, cache: FeatureCache | None = None,
                progress: bool = False) -> torch.Tensor:
-        """Class logits ``[N, C]`` of uint8 images ``[N, H, W, C]``, of `ImageFeatures`, or of
-        unit image embeddings ``[N, D]`` (float)."""
+        """Class logits ``[N, C]`` of uint8 images ``[N, H, W, C]`` (or what `to_uint8_batch`
+        takes: one image, a list of PIL images, a numpy batch), of `ImageFeatures`, or of unit
+        image embeddings ``[N, D]`` (float)."""
         x = images_or_features
-        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
-            x = (cache or FeatureCache()).features(self.model, x, probe=self.probe,
-                                                   progress=progress)
-        elif isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
             if x.ndim != 2:
-                raise ValueError("float input must be image embeddings [N, D]")
+                raise InputError(f"float input must be image embeddings [N, D], got shape "
+                                 f"{tuple(x.shape)}; images are uint8 [N, H, W, C]")
             x = ImageFeatures(x, torch.empty(len(x), 0))
+        elif not isinstance(x, ImageFeatures):
+            x = (cache or FeatureCache()).features(self.model, to_uint8_batch(x),
+                                                   probe=self.probe, progress=progress)
         return self.feature_logits(x, progress).float()
 
     def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,

@@ -22,7 +22,7 @@ from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures, encod
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.preprocess import RESIZE_VERSION
+from cliplab.models.preprocess import RESIZE_VERSION, to_uint8_batch
 
 
 def image_tower_fingerprint(model: DualEncoder) -> str:
@@ -107,6 +107,7 @@ class FeatureCache:
                  desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:
         """The cached features of ``images`` under ``model``, computing them on a miss (an
         unreadable file of the folder is one: it is deleted and written again)."""
+        images = to_uint8_batch(images)  # one image, a list of PIL images: a uint8 batch
         key, tag = self.key(model, images, precision), self._tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None:

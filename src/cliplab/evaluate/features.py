@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cliplab.errors import ModelError
+from cliplab.errors import InputError, ModelError
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import autocast
+from cliplab.models.preprocess import to_uint8_batch
 
 
 @dataclass
@@ -57,11 +58,13 @@ def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 50
                   progress: bool = True, desc: str = "encode images",
                   probe: str | None = None, probe_layers: int = DEFAULT_PROBE_LAYERS,
                   precision: str = "fp32") -> ImageFeatures:
-    """Encode uint8 images ``[N, H, W, C]`` with ``model`` in eval mode; with ``probe`` set to
+    """Encode uint8 images ``[N, H, W, C]`` (or what `to_uint8_batch` takes: one image, a list
+    of PIL images of one size) with ``model`` in eval mode; with ``probe`` set to
     ``"tokens"`` or ``"layers"`` also those probe features, from the same forward pass.
     ``precision="bf16"`` runs the towers under bfloat16 autocast (outputs stay float32)."""
     if probe is not None and probe not in PROBE_FEATURES:
-        raise ValueError(f"unknown probe features {probe!r}; choose one of {PROBE_FEATURES}")
+        raise InputError(f"unknown probe features {probe!r}; choose one of {PROBE_FEATURES}")
+    images = to_uint8_batch(images)  # one [H, W, C] image is one image, not H rows of pixels
     extra = probe if probe in EXTRA_PROBES else None
     emb, back, probes = [], [], []
     with evaluating(model), autocast(precision, model.device.type):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from cliplab.errors import InputError
 from cliplab.evaluate.metrics import classification_metrics, restrict_classes
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
@@ -19,8 +20,12 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
     """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
     (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself.
     With ``text_cache``, prompts already embedded (by an earlier task) are not encoded again.
-    One template may be given as a string."""
-    templates = [templates] if isinstance(templates, str) else templates
+    One class name or template may be given as a string (not one per character)."""
+    classnames = [classnames] if isinstance(classnames, str) else list(classnames)
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    if not classnames or not templates:
+        raise InputError(f"zeroshot_classifier needs at least one class name and one template "
+                         f"(got {len(classnames)} and {len(templates)})")
     prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
     if text_cache is not None:
         emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")

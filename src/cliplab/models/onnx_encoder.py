@@ -240,7 +240,10 @@ class OnnxEncoder:
         return torch.from_numpy(self._run_text(input_ids, attention_mask)[1])
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_texts(self, texts: list[str] | str, batch_size: int = 256) -> torch.Tensor:
+        """Unit text embeddings of a list of strings (one string: a batch of one), as
+        `DualEncoder.encode_texts`."""
+        texts = [texts] if isinstance(texts, str) else texts  # not one text per character
         out = [self.encode_text(**self.tokenize(texts[i:i + batch_size]))
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)

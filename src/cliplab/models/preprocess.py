@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from cliplab.errors import ModelError
+from cliplab.errors import InputError, ModelError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -145,24 +145,50 @@ def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     return image.convert(mode)
 
 
-def to_uint8_batch(images) -> torch.Tensor:
-    """Turn a uint8 tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, a list of PIL images of one
-    size, or one PIL image (a batch of one), into a uint8 tensor ``[B, H, W, C]``."""
+CHANNELS = (1, 3, 4)  # the last axis of an [H, W, C] image: grey, RGB, RGBA
+
+
+def as_image_batch(images):
+    """``images`` as a batch, nothing copied: one PIL image is a list of one; one image as an
+    array or tensor (``[H, W]``, or ``[H, W, C]`` with C 1, 3 or 4) a batch of one (a 3-D
+    array with another last axis is a batch of greyscale images ``[B, H, W]``)."""
     if isinstance(images, Image.Image):
-        images = [images]
+        return [images]
+    if isinstance(images, (torch.Tensor, np.ndarray)) and (
+            images.ndim == 2 or images.ndim == 3 and images.shape[-1] in CHANNELS):
+        return images[None]
+    return images
+
+
+def to_uint8_batch(images) -> torch.Tensor:
+    """Turn uint8 images — a tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, one image
+    (`as_image_batch`), a list of PIL images or arrays of one size — into a uint8 tensor
+    ``[B, H, W, C]``. Floats and channels-first batches are an `InputError` saying how to
+    convert them."""
+    images = as_image_batch(images)
     if isinstance(images, (list, tuple)):
         arrays = [np.asarray(convert_image(im) if isinstance(im, Image.Image) else im)
                   for im in images]
         shapes = sorted({a.shape for a in arrays})
         if len(shapes) > 1:
-            raise ValueError(f"images of different sizes {shapes[:3]} do not make one batch; "
+            raise InputError(f"images of different sizes {shapes[:3]} do not make one batch; "
                              "cliplab.models.embed.embed_images resizes each first")
-        images = np.stack(arrays)
+        images = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
     images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        how = " (for floats in [0, 1]: (x * 255).round().to(torch.uint8))" \
+            if images.is_floating_point() else ""
+        raise InputError(f"expected uint8 images (0-255), got {images.dtype}{how}")
     if images.ndim == 3:
         images = images.unsqueeze(-1)
-    if images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    if images.ndim != 4:
+        raise InputError(f"expected images [B, H, W, C] (or one image [H, W, C]), got shape "
+                         f"{tuple(images.shape)}")
+    if images.shape[-1] not in CHANNELS:
+        first = " (channels first: use x.permute(0, 2, 3, 1))" if images.shape[1] in CHANNELS \
+            else ""
+        raise InputError(f"expected images [B, H, W, C] with C 1, 3 or 4, got shape "
+                         f"{tuple(images.shape)}{first}")
     return images
 
 

@@ -56,9 +56,17 @@ class Trainer:
     ``train.fsdp`` shards the towers' blocks (see fsdp.py).
     """
 
-    def __init__(self, model: DualEncoder, config: TrainConfig, run_dir: RunDir | None = None,
-                 head: nn.Module | None = None,
+    def __init__(self, model: DualEncoder, config: TrainConfig | dict,
+                 run_dir: RunDir | str | Path | None = None, head: nn.Module | None = None,
                  save_model: Callable[[Path], None] | None = None):
+        """``config`` may be a dict of train keys and ``run_dir`` a path (made a `RunDir`)."""
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        elif not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer config must be a TrainConfig or a dict of train keys, "
+                              f"not {type(config).__name__}")
+        if isinstance(run_dir, (str, Path)):
+            run_dir = RunDir(run_dir)
         self.model = model
         self.config = config
         self.run_dir = run_dir
