@@ -11,7 +11,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `cliplab data shard`, its arguments and its ``--help``, to ``sub``."""
     p = sub.add_parser("data", help="dataset tools: write WebDataset shards",
                        description="Dataset tools. `cliplab data shard` writes any built-in "
-                       "source, manifest, image folder or shard folder as WebDataset tar shards.")
+                       "source, manifest, image folder or shard folder as WebDataset tar shards. "
+                       "An image folder whose images have NAME.txt captions beside them is read "
+                       "as those captions (an image without one is skipped as missing_caption); "
+                       "one without any as classes, one per sub-folder.")
     data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     data_sub.required = True
     p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",

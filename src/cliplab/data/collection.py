@@ -3,7 +3,8 @@ their image lives, so a later stage reads it from the original file (`cliplab in
 serve it from there, `cliplab curate` copies its original bytes into the kept pool).
 
 - an image folder (any folder of images, searched recursively; the sub-folder is metadata,
-  ``NAME.txt`` / ``NAME.json`` beside an image its caption and metadata),
+  ``NAME.txt`` / ``NAME.json`` beside an image its caption and metadata: see
+  `cliplab.data.folder_files` for when a folder's captions are its ``NAME.txt`` files),
 - a manifest (CSV/JSONL/Parquet: path + caption/label; every other column kept as metadata),
 - a shard folder (WebDataset tars: the image is served from its byte range in the tar),
 - any other source `cliplab.data.sources.load_source` knows (``shapes``, ``digits``, ...): those
@@ -22,7 +23,8 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from cliplab.data.folder_files import IMAGE_SUFFIXES, list_folder, sidecar
+from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
+                                       image_metadata, list_folder)
 from cliplab.data.images import to_pil
 from cliplab.data.shards.samples import damage_text, image_part
 from cliplab.errors import CliplabError, DataError
@@ -131,9 +133,10 @@ def open_rgb(source: Path | bytes) -> Image.Image:
 
 def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
     """The folder's images (`cliplab.data.folder_files`' rule): the caption is the image's
-    ``NAME.txt`` beside it if there is one, else its sub-folder's name, else its file name; a
-    ``NAME.json`` object beside it joins its metadata. Files that are no image come as items
-    that fail to read, so index and curate count them."""
+    ``NAME.txt``, in a folder without any its sub-folder's name, else its file name; a
+    ``NAME.json`` object beside it joins its metadata. Files that are no image, images of a
+    caption folder without a caption and sidecars that are not UTF-8 text come as items that
+    fail to read, so index and curate count them."""
     _reject_options(spec, set())
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
@@ -141,33 +144,35 @@ def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
     if not listed.images:
         raise DataError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     skipped = {path: reason for reason, path in listed.skipped}
+    captioned = caption_dirs(listed.images)
     for file in sorted(listed.images + list(skipped)):
         rel = file.relative_to(root)
         if file in skipped:
             yield Item(str(rel), "", {"file": str(file)},
                        lambda f=file, r=skipped[file]: _refuse(f, r))
             continue
-        folder = str(rel.parent) if rel.parent != Path(".") else ""
-        meta = {"folder": folder} if folder else {}
-        caption = folder.replace("_", " ") if folder else file.stem.replace("_", " ")
-        if (text := sidecar(file, ".txt")) is not None:
-            caption = text.read_text(encoding="utf-8", errors="replace").strip()
-        if (extra := sidecar(file, ".json")) is not None:
-            try:
-                loaded = json.loads(extra.read_text(encoding="utf-8", errors="replace"))
-            except ValueError:
-                loaded = None
-            meta.update(loaded if isinstance(loaded, dict) else {})
-        yield Item(str(rel), caption, {"file": str(file)}, lambda f=file: open_rgb(f), meta)
+        yield _folder_item(file, root, captioned)
 
 
-class SkippedFile(OSError):
-    """An item with no image to read; ``reason`` names the skip (``not_an_image``,
-    ``missing_file``)."""
+def _folder_item(file: Path, root: Path, captioned: set[Path]) -> Item:
+    """The item of image ``file`` of the folder ``root``; one whose read fails (a PIL error
+    for a bad image, else a `SkippedFile`) if its caption or metadata cannot be had."""
+    rel = file.relative_to(root)
+    folder = str(rel.parent) if rel.parent != Path(".") else ""
+    meta = {"folder": folder} if folder else {}
+    try:
+        caption = image_caption(file, root, captioned)
+        meta.update(image_metadata(file))
+    except SkippedFile as err:
+        return Item(str(rel), "", {"file": str(file)}, lambda f=file, e=err: _read_then(f, e),
+                    meta)
+    return Item(str(rel), caption, {"file": str(file)}, lambda f=file: open_rgb(f), meta)
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+
+def _read_then(file: Path, err: SkippedFile) -> Image.Image:
+    """Decode ``file`` (an unreadable image is counted as that), then raise ``err``."""
+    open_rgb(file)
+    raise err
 
 
 def _refuse(path: Path, reason: str) -> Image.Image:

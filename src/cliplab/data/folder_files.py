@@ -8,12 +8,20 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
 - ``NAME.txt`` / ``NAME.json`` beside an image ``NAME.<suffix>`` are that image's caption and
   metadata (img2dataset's ``files`` layout); ``classnames.txt`` and the template files at the
   root describe the folder. Neither is data.
+- Read as image-text pairs (``data shard``, ``index``, ``curate``; ``pretrain`` with
+  ``captions: true``), an image's caption is its ``NAME.txt``. A directory none of whose
+  images has one is a class folder: its images' caption is its name (the file name at the
+  root). In a directory where some image has a ``NAME.txt`` (a caption folder) an image without
+  one is skipped as ``missing_caption``, never captioned with the folder's name. A
+  ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text skips its image (``bad_caption`` /
+  ``bad_metadata``), naming the file.
 - Any other file is skipped and counted as ``not_an_image``; a link to nothing as
   ``missing_file``. Nothing is dropped without a count.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,3 +94,66 @@ def sidecar(image: Path, suffix: str) -> Path | None:
         if (path := image.with_suffix(candidate)).is_file():
             return path
     return None
+
+
+class SkippedFile(OSError):
+    """An item with no usable image or caption; ``reason`` names the skip (``not_an_image``,
+    ``missing_file``, ``missing_caption``, ``bad_caption``, ``bad_metadata``)."""
+
+    def __init__(self, reason: str, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.reason, self.path = reason, path
+
+
+def caption_dirs(images: list[Path]) -> set[Path]:
+    """The directories (caption folders) in which some of ``images`` has a ``NAME.txt``."""
+    return {image.parent for image in images if sidecar(image, ".txt") is not None}
+
+
+def is_caption_folder(root: Path) -> bool:
+    """Whether an image under the folder ``root`` has a ``NAME.txt`` (it holds captions)."""
+    return bool(caption_dirs(list_folder(Path(root)).images))
+
+
+def sidecar_text(path: Path, what: str, reason: str) -> str:
+    """The text of sidecar ``path``; `SkippedFile` (``reason``) if it is not UTF-8 text."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkippedFile(reason, f"{path}: {what} file not UTF-8 text", path) from None
+
+
+def image_caption(image: Path, root: Path, captioned: set[Path]) -> str:
+    """The caption of ``image`` under ``root``: in a caption folder (one of ``captioned``,
+    `caption_dirs`) its ``NAME.txt`` (`SkippedFile` ``missing_caption`` without one), else
+    its sub-folder's name, else its file name (underscores as spaces)."""
+    if image.parent in captioned:
+        text = sidecar(image, ".txt")
+        if text is None:
+            raise SkippedFile("missing_caption", f"{image}: no caption file {image.stem}.txt "
+                              "beside it (other images of its folder have one)", image)
+        return sidecar_text(text, "caption", "bad_caption").strip()
+    folder = image.relative_to(root).parent
+    return (str(folder) if folder != Path(".") else image.stem).replace("_", " ")
+
+
+def image_metadata(image: Path) -> dict:
+    """The ``NAME.json`` object beside ``image`` ({} if none, or not a JSON object);
+    `SkippedFile` ``bad_metadata`` if it is not UTF-8 text."""
+    extra = sidecar(image, ".json")
+    if extra is None:
+        return {}
+    try:
+        loaded = json.loads(sidecar_text(extra, "metadata", "bad_metadata"))
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def with_folder_captions(spec: dict) -> dict:
+    """``spec``, an image folder holding ``NAME.txt`` captions read as those (``captions:
+    true``, `cliplab.data.folder_files`' rule) unless the spec says ``captions`` itself."""
+    if spec.get("source") != "image-folder" or "captions" in spec or "path" not in spec:
+        return spec
+    path = Path(str(spec["path"])).expanduser()
+    return {**spec, "captions": True} if path.is_dir() and is_caption_folder(path) else spec

@@ -7,6 +7,10 @@ from ``ROOT/templates.txt`` or ``ROOT/zeroshot_classification_templates.txt`` (o
 ``{}`` or ``{c}`` marking the class name) when present. Which files are images follows
 `cliplab.data.folder_files` (by suffix, as torchvision does); images that cannot be decoded,
 other files, and images outside a class folder are skipped and counted with their paths.
+
+``captions: true`` reads the folder as image-text pairs instead, by the caption rule every
+reader of folders as pairs shares (`cliplab.data.folder_files`): ``NAME.txt`` beside an image
+is its caption; ``data shard`` does so by itself when any image has one.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from cliplab.data.folder_files import list_folder
+from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption,
+                                       image_metadata, list_folder)
 from cliplab.data.images import UnreadableImage, decode_image, stack_images
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
-from cliplab.data.types import LabelledImages, SkipReport
+from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
 
 def _visible(name: str) -> bool:
@@ -43,9 +48,10 @@ def folder_classnames(root: Path, folders: list[Path]) -> list[str]:
 
 
 def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
-                      templates: list[str] | None = None,
-                      progress: bool = True) -> LabelledImages:
-    """All images under ``path``'s class sub-folders as labelled images.
+                      templates: list[str] | None = None, progress: bool = True,
+                      captions: bool = False) -> LabelledImages | ImageTextPairs:
+    """All images under ``path``'s class sub-folders as labelled images (with ``captions``:
+    as image-text pairs, `load_caption_folder`).
 
     Images are decoded to RGB and resized (bilinear) to ``image_size`` squares, default the
     first good image's size. Files that are not usable images are skipped and listed in
@@ -59,6 +65,11 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"image-folder {root}: image_size must be a positive int, "
                         f"got {image_size!r}")
+    if captions:
+        if templates:
+            raise DataError(f"image folder {root}: templates apply to a class folder, not to "
+                            "captions: true")
+        return load_caption_folder(root, image_size, progress)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not folders:
         raise DataError(f"image folder {root} has no class sub-folders; expected "
@@ -94,3 +105,42 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
               file=sys.stderr)
     return LabelledImages(stack_images(images), torch.tensor(labels),
                           classnames, templates, name=root.name, skipped=skipped, keys=keys)
+
+
+def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
+                        progress: bool = True) -> ImageTextPairs:
+    """A folder's images (searched recursively) as pairs, captioned as `image_caption` says:
+    its ``NAME.txt``, in a sub-folder without any its folder's name.
+
+    Skipped and counted by path: undecodable images, images of a caption folder without a
+    caption (``missing_caption``), captions or metadata not UTF-8 text (``bad_caption``,
+    ``bad_metadata``) and files that are no image. ``.keys`` holds each image's path relative
+    to ``path``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    listed = list_folder(root)
+    captioned = caption_dirs(listed.images)
+    skipped = SkipReport()
+    for reason, file in listed.skipped:
+        skipped.add(reason, str(file))
+    images, captions, keys = [], [], []
+    for file in tqdm(listed.images, desc=f"read {root.name}", disable=not progress, leave=False):
+        try:
+            image = decode_image(file, image_size)
+            caption = image_caption(file, root, captioned)
+            image_metadata(file)  # metadata that is not UTF-8 text skips its image too
+        except UnreadableImage:
+            skipped.add("unreadable_image", str(file))
+            continue
+        except SkippedFile as err:
+            skipped.add(err.reason, str(err.path or file))
+            continue
+        images.append(image)
+        captions.append([caption])
+        keys.append(file.relative_to(root).as_posix())
+    if not images:
+        raise DataError(f"caption folder {root}: no readable image with a caption in "
+                        f"{len(listed.images)} images ({skipped.summary()})")
+    return ImageTextPairs(stack_images(images), captions, name=root.name, skipped=skipped,
+                          keys=keys)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from cliplab.config import Section, changed_key_paths, load_yaml, validate
+from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError, DataError
@@ -230,8 +231,9 @@ def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, f
 
 
 def _pairs(spec: dict, progress: bool, where: str) -> ImageTextPairs:
-    """The pairs a data spec loads (labelled images as captioned pairs); none is an error."""
-    pairs = as_pairs(load_source(spec, progress, where))
+    """The pairs a data spec loads (labelled images as captioned pairs; an image folder with
+    ``NAME.txt`` captions as those, `with_folder_captions`); none is an error."""
+    pairs = as_pairs(load_source(with_folder_captions(spec), progress, where))
     if not len(pairs):
         raise DataError(f"{where} holds no pairs (source {spec.get('source')!r} loaded none)")
     return pairs

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import Section, refuse_unused
+from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import DataSpecField, load_source
 from cliplab.errors import ConfigError
@@ -31,7 +32,7 @@ class ShardConfig(Section):
         if isinstance(value, dict) and "source" not in value:
             raise ValueError("say what to shard: data.source (or --source NAME: a built-in "
                              "source such as fashion-mnist, a manifest path, a shard folder "
-                             "or an image folder of class sub-folders)")
+                             "or an image folder)")
         return value
 
     @model_validator(mode="after")
@@ -50,7 +51,9 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
+    spec = with_folder_captions(spec)
     data = load_source(spec, progress, "data")
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)
+

@@ -1,0 +1,144 @@
+"""Image folders with ``NAME.txt`` caption sidecars: `data shard` writes those captions (not
+"a photo of a <folder>."), every reader of a folder as pairs applies the same rule (an image
+of a caption folder without a caption is skipped as ``missing_caption``), and a sidecar that
+is not UTF-8 text is skipped and counted, naming the file."""
+
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason
+from cliplab.data.sources import as_pairs, load_source
+
+
+def _image(path, colour="red"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    """``batch 1`` (two captioned images), ``dirt`` (a captioned one, one without a caption,
+    one whose caption and one whose metadata are Latin-1 bytes)."""
+    root = tmp_path / "photos"
+    _image(root / "batch 1" / "a.png")
+    (root / "batch 1" / "a.txt").write_text("a red square\n", encoding="utf-8")
+    _image(root / "batch 1" / "b.jpg", "blue")
+    (root / "batch 1" / "b.txt").write_text("a blue café", encoding="utf-8")
+    _image(root / "dirt" / "c.png", "green")
+    (root / "dirt" / "c.txt").write_text("a green square")
+    _image(root / "dirt" / "nocaption.png")
+    _image(root / "dirt" / "latin1.png")
+    (root / "dirt" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _image(root / "dirt" / "badmeta.png")
+    (root / "dirt" / "badmeta.txt").write_text("a square with bad metadata")
+    (root / "dirt" / "badmeta.json").write_bytes(b'{"note": "caf\xe9"}')
+    return root
+
+
+def _shard_captions(out):
+    """``{source_key: caption}`` of the samples in ``out``'s shards."""
+    found = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                if member.name.endswith(".json"):
+                    meta = json.loads(archive.extractfile(member).read())
+                    found[meta["source_key"]] = meta["captions"][0]
+    return found
+
+
+def test_data_shard_writes_the_caption_files(photos, tmp_path):
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", str(photos), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert _shard_captions(out) == {"batch 1/a.png": "a red square",
+                                    "batch 1/b.jpg": "a blue café",
+                                    "dirt/c.png": "a green square"}
+    index = json.loads((out / "index.json").read_text())
+    keys = index["skipped"]["keys"]
+    assert keys["missing_caption"] == [str(photos / "dirt" / "nocaption.png")]
+    assert keys["bad_caption"] == [str(photos / "dirt" / "latin1.txt")]
+    assert keys["bad_metadata"] == [str(photos / "dirt" / "badmeta.json")]
+    assert "classnames" not in index
+
+
+def test_data_shard_of_a_class_folder_still_writes_classes(tmp_path):
+    root = tmp_path / "pets"
+    _image(root / "tabby_cat" / "1.png")
+    _image(root / "golden_retriever" / "2.png", "yellow")
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", str(root), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert _shard_captions(out) == {"golden_retriever/2.png": "a photo of a golden retriever.",
+                                    "tabby_cat/1.png": "a photo of a tabby cat."}
+    assert json.loads((out / "index.json").read_text())["classnames"] == \
+        ["golden retriever", "tabby cat"]
+
+
+def test_the_collection_reads_the_same_captions_and_skips(photos):
+    """index/curate (the collection) keep and skip the same images as data shard."""
+    kept, failed = {}, {}
+    for item in iter_items({"source": "image-folder", "path": str(photos)}):
+        try:
+            item.read()
+            kept[item.key] = item.caption
+        except PIL_ERRORS as err:
+            failed[item.key] = (skip_reason(err), str(err))
+    assert kept == {"batch 1/a.png": "a red square", "batch 1/b.jpg": "a blue café",
+                    "dirt/c.png": "a green square"}
+    assert {k: reason for k, (reason, _) in failed.items()} == {
+        "dirt/nocaption.png": "missing_caption", "dirt/latin1.png": "bad_caption",
+        "dirt/badmeta.png": "bad_metadata"}
+    assert failed["dirt/latin1.png"][1] == \
+        f"{photos / 'dirt' / 'latin1.txt'}: caption file not UTF-8 text"
+    assert failed["dirt/badmeta.png"][1] == \
+        f"{photos / 'dirt' / 'badmeta.json'}: metadata file not UTF-8 text"
+
+
+def test_an_unreadable_image_without_caption_counts_as_unreadable(photos):
+    (photos / "dirt" / "broken.png").write_bytes(b"not a png")
+    reasons = {}
+    for item in iter_items({"source": "image-folder", "path": str(photos)}):
+        try:
+            item.read()
+        except PIL_ERRORS as err:
+            reasons[item.key] = skip_reason(err)
+    assert reasons["dirt/broken.png"] == "unreadable_image"
+
+
+def test_pretrain_reads_captions_with_captions_true(photos):
+    pairs = as_pairs(load_source({"source": "image-folder", "path": str(photos),
+                                  "captions": True, "progress": False}))
+    assert sorted(c[0] for c in pairs.captions) == ["a blue café", "a green square",
+                                                   "a red square"]
+    assert pairs.skipped.counts == {"missing_caption": 1, "bad_caption": 1, "bad_metadata": 1}
+    labelled = load_source({"source": "image-folder", "path": str(photos), "progress": False})
+    assert labelled.classnames == ["batch 1", "dirt"]  # eval's class reading is unchanged
+
+
+def test_a_sub_folder_without_any_caption_is_read_as_a_class(photos, tmp_path):
+    """The rule is per directory: one whose images have no NAME.txt at all is a class folder
+    (its name the caption), in data shard as in the collection."""
+    _image(photos / "tabby_cat" / "t.png")
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", str(photos), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert _shard_captions(out)["tabby_cat/t.png"] == "tabby cat"
+    item = next(i for i in iter_items({"source": "image-folder", "path": str(photos)})
+                if i.key == "tabby_cat/t.png")
+    assert item.caption == "tabby cat"
+
+
+def test_pretrain_takes_a_caption_folder_by_itself(photos):
+    """`pretrain` with data.train an image folder of NAME.txt captions trains on them, as
+    `data shard` shards them (it trained on "a photo of a <folder>." before)."""
+    from cliplab.train.pretrain import _pairs
+
+    pairs = _pairs({"source": "image-folder", "path": str(photos), "progress": False}, False,
+                   "data.train")
+    assert sorted(c[0] for c in pairs.captions) == ["a blue café", "a green square",
+                                                   "a red square"]
