@@ -4,6 +4,7 @@ the merged folder."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import torch
 
 from cliplab.config import changed_key_paths
 from cliplab.errors import ModelError
+from cliplab.merge.dtypes import set_config_dtype, stored_dtype
 from cliplab.merge.state import check_same_keys
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights_fingerprint,
                                   write_origin)
+from cliplab.models.hf_files import COMBINED_PROCESSOR_FILE, PROCESSOR_FILE
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
 from cliplab.output_folder import built_beside, write_json
@@ -23,8 +26,10 @@ from cliplab.output_folder import built_beside, write_json
 # tensor; a saved dtype field changes when a model is loaded and saved again)
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "dtype",
                         "torch_dtype", "architectures"}
-# cliplab.json fields that must agree for a merged model to mean the same thing
-SHARED_META_KEYS = ("preprocess", "text_pooling", "context_length")
+# the preprocessing fields that decide how a model reads an image (augment is training-only)
+READ_PREPROCESS_KEYS = ("image_size", "mean", "std", "resize_mode", "interpolation")
+# a field as it is used (the value cliplab resolves on loading) and the file it comes from
+Reading = dict[str, tuple[object, Path]]
 
 
 @dataclass
@@ -38,6 +43,8 @@ class Ingredient:
     meta: dict
     fingerprint: str
     origin: dict | None
+    reading: Reading
+    dtype: str  # the floating dtype its weights are stored in (`stored_dtype`)
 
     @property
     def name(self) -> str:
@@ -64,13 +71,58 @@ def ingredient_folder(name: str, option: str) -> Path:
 
 def load_ingredient(path: str | Path) -> Ingredient:
     """Load a cliplab/HF model folder's weights through `DualEncoder.load` (so HF's own key
-    conversions apply) with its config, metadata and origin record."""
+    conversions apply) with its config, metadata, origin record, how it reads its inputs and
+    its stored dtype."""
     path = Path(path)
     model = DualEncoder.load(path)
     state = {k: v.detach() for k, v in model.model.state_dict().items()}
     config = json.loads((path / "config.json").read_text())
     meta = read_meta(path)
-    return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path))
+    return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path),
+                      model_reading(model, path, meta), stored_dtype(path))
+
+
+def _source(path: Path, meta: dict, key: str, fallbacks: tuple[str, ...]) -> Path:
+    """The file a loaded field comes from: ``cliplab.json`` when it holds ``key``, else the
+    first of ``fallbacks`` the folder has (``config.json`` when none)."""
+    if key in meta:
+        return path / CLIPLAB_FILE
+    return next((path / f for f in fallbacks if (path / f).is_file()), path / "config.json")
+
+
+def model_reading(model: DualEncoder, path: Path, meta: dict) -> Reading:
+    """How ``model`` (loaded from ``path``) reads its inputs, as `DualEncoder.load` resolved it
+    from cliplab.json or the HF processor/tokenizer files: each field with its source file."""
+    pre = model.preprocess_config.to_dict()
+    pre_file = _source(path, meta, "preprocess", (PROCESSOR_FILE, COMBINED_PROCESSOR_FILE))
+    reading: Reading = {f"preprocess.{k}": (pre[k], pre_file) for k in READ_PREPROCESS_KEYS}
+    reading["text_pooling"] = (model.text_pooling, _source(path, meta, "text_pooling", ()))
+    reading["context_length"] = (model.context_length, _source(
+        path, meta, "context_length", ("tokenizer_config.json",)))
+    return reading
+
+
+def _same(a, b) -> bool:
+    """Equal values, floats (alone or in tuples) to 1e-6 relative (JSON round trips)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def check_reading(ref: Ingredient, ing: Ingredient) -> None:
+    """``ing`` reads images and texts as ``ref`` does (one-line error naming both files)."""
+    for key, (want, ref_file) in ref.reading.items():
+        got, file = ing.reading[key]
+        if not _same(want, got):
+            raise ModelError(f"{file}: {key!r} differs from {ref_file}'s ({_shown(got)} vs "
+                             f"{_shown(want)}); merged weights would be read differently")
+
+
+def _shown(value) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def first_difference(a, b) -> str | None:
@@ -79,7 +131,7 @@ def first_difference(a, b) -> str | None:
 
 
 def check_architecture(ingredients: list[Ingredient]) -> None:
-    """Same model type and config, same cliplab preprocessing/pooling, same tensor names,
+    """Same model type and config, same resolved preprocessing/pooling, same tensor names,
     shapes and dtypes as the first ingredient; the error names the file and the key."""
     ref = ingredients[0]
     for ing in ingredients[1:]:
@@ -92,10 +144,7 @@ def check_architecture(ingredients: list[Ingredient]) -> None:
         if diff is not None:
             raise ModelError(f"{ing.path}/config.json differs from {ref.path}/config.json at "
                              f"{diff!r}: not the same architecture")
-        for key in SHARED_META_KEYS:
-            if ref.meta.get(key) != ing.meta.get(key):
-                raise ModelError(f"{ing.path}/{CLIPLAB_FILE}: {key!r} differs from "
-                                 f"{ref.path}'s; merged weights would be read differently")
+        check_reading(ref, ing)
     check_same_keys([i.state for i in ingredients], [i.name for i in ingredients])
 
 
@@ -129,9 +178,11 @@ def check_origin(models: list[Ingredient], base: Ingredient | None) -> dict:
 
 
 def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str | Path,
-                origin: dict | None, record: dict) -> Path:
+                origin: dict | None, record: dict,
+                dtype: torch.dtype = torch.float32) -> Path:
     """Write ``state`` as a normal model folder (config, tokenizer and cliplab.json of
-    ``template``) plus ``merge.json``; ``cliplab.json`` records the common pretrained origin.
+    ``template``) in ``dtype`` plus ``merge.json``; ``cliplab.json`` records the common
+    pretrained origin.
     It is built in a hidden folder beside ``out`` and renamed to ``out`` complete (replacing
     what was there)."""
     out = Path(out)
@@ -141,8 +192,10 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
     except RuntimeError as err:
         raise ModelError(f"merged weights do not fit {template}: "
                          f"{str(err).splitlines()[0]}") from None
+    model.model.to(dtype)
     with built_beside(out) as work:
         model.save(work)
+        set_config_dtype(work / "config.json", dtype)
         if origin and origin.get("fingerprint"):
             write_origin(work, origin.get("path"), origin["fingerprint"])
         write_json(work / "merge.json", record)

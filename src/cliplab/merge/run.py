@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from cliplab.config import validate
@@ -17,6 +18,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
                                        load_ingredient, save_merged)
 from cliplab.merge.config import MergeConfig
+from cliplab.merge.dtypes import dtype_record, merged_dtype
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.models.dual_encoder import DualEncoder
@@ -60,22 +62,31 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
 
 
 def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
-                      progress: bool = False, where: str = "the merge config"
-                      ) -> Callable[[StateDict], float]:
+                      progress: bool = False, where: str = "the merge config",
+                      dtype: torch.dtype = torch.float32) -> Callable[[StateDict], float]:
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
-    ``metric``, with the weights loaded into ``template``; a metric the task does not give is
-    an error naming the config ``where`` it was set (known only once the task has run)."""
+    ``metric``, with the weights loaded into ``template`` rounded to ``dtype`` (what the merged
+    folder is saved in); a metric the task does not give is an error naming the config
+    ``where`` it was set (known only once the task has run)."""
     spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
     report_skips("heldout", spec, context)  # told once, before any scoring
 
     def evaluate(state: StateDict) -> float:
-        template.model.load_state_dict(state, strict=True)
+        template.model.load_state_dict(as_saved(state, dtype), strict=True)
         metrics = run_task(template, spec, context.for_new_weights())
         if metric not in metrics:
             raise ConfigError(f"{where}: metric: the held-out task gives "
                               f"{', '.join(sorted(metrics))}; not {metric!r}")
         return float(metrics[metric])
     return evaluate
+
+
+def as_saved(state: StateDict, dtype: torch.dtype) -> StateDict:
+    """``state``'s float tensors rounded to ``dtype`` (kept float32), as a folder saved in it
+    loads back."""
+    if dtype == torch.float32:
+        return state
+    return {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def run_merge(cfg: MergeConfig | dict, progress: bool = True,
@@ -96,13 +107,16 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
         raise ModelError(f"{origin['unrecorded'][0]} records no pretrained origin ('base' in "
                          "cliplab.json) and require_origin is set")
     states, names = [m.state for m in models], [m.name for m in models]
+    dtype = merged_dtype([m.dtype for m in loaded])
 
     evaluate = None
     if cfg.heldout:
         template = DualEncoder.load(paths[0], cfg.device)
-        evaluate = heldout_evaluator(template, cfg.heldout, cfg.metric, where=where)
+        evaluate = heldout_evaluator(template, cfg.heldout, cfg.metric, where=where,
+                                     dtype=dtype)
     record: dict = {"method": method, "models": paths, "base": base_path,
-                    "origin": origin, "heldout": None}
+                    "origin": origin, "heldout": None,
+                    **dtype_record([m.name for m in loaded], [m.dtype for m in loaded])}
     scores: dict[str, float] = {}
     if evaluate is not None:
         for m in tqdm(loaded, desc="score models", disable=not progress, leave=False):
@@ -117,6 +131,6 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
                              "merged": merged_score if merged_score is not None
                              else evaluate(merged)}
     record["wall_time_s"] = round(time.time() - start, 1)
-    save_merged(paths[0], merged, cfg.out, origin, record)
+    save_merged(paths[0], merged, cfg.out, origin, record, dtype)
     record["out"] = str(cfg.out)
     return record
