@@ -57,7 +57,17 @@ def test_checkpoint_and_run_folders_resolve_to_the_newest_model(saved, tmp_path)
     assert _same_weights(load_model(str(run.path / "checkpoints" / "step-5")), old)
     adapters = RunDir(tmp_path / "lora", tensorboard=False)
     adapters.atomic_checkpoint(3, lambda f: (f / "adapter").mkdir())
-    with pytest.raises(ModelError, match=r"step-3 holds no model/ folder \(it holds adapter\)"):
+    with pytest.raises(ModelError, match=r"step-3 holds no model/ folder \(it holds adapter\): "
+                                         r"give a run whose checkpoints are whole models"):
+        load_model(str(adapters.path))
+    # a LoRA run: its adapter checkpoints, and the merged model when it wrote one
+    (adapters.path / "checkpoints" / "step-3" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"\(it holds adapter\): a LoRA run: load it with "
+                                         r"cliplab.adapt.lora.load_lora, or run it with "
+                                         r"options.merge=true"):
+        load_model(str(adapters.path))
+    shutil.copytree(saved, adapters.path / "merged")
+    with pytest.raises(ModelError, match=r"the run's merged model is .*lora/merged: give that"):
         load_model(str(adapters.path))
 
 

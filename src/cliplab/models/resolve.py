@@ -137,10 +137,22 @@ def model_folder(path: str | Path) -> Path:
                              f"({CHECKPOINTS}/step-N)")
         if not (latest / MODEL_DIR).is_dir():
             held = ", ".join(sorted(p.name for p in latest.iterdir())) or "nothing"
-            raise ModelError(f"{latest} holds no {MODEL_DIR}/ folder (it holds {held}): give "
-                             "a run whose checkpoints are whole models")
+            raise ModelError(f"{latest} holds no {MODEL_DIR}/ folder (it holds {held}): "
+                             + _partial_run_hint(path, latest))
         return latest / MODEL_DIR
     return path
+
+
+def _partial_run_hint(run: Path, latest: Path) -> str:
+    """What to give instead of a run whose checkpoints hold no whole model (a LoRA run's hold
+    its adapter): its merged model when it wrote one."""
+    merged = run / "merged"  # adapt lora's options.merge=true
+    if (merged / "config.json").is_file():
+        return f"the run's merged model is {merged}: give that"
+    if (latest / "adapter" / "adapter_config.json").is_file():
+        return ("a LoRA run: load it with cliplab.adapt.lora.load_lora, or run it with "
+                "options.merge=true for a whole model folder (RUN/merged)")
+    return "give a run whose checkpoints are whole models"
 
 
 def hub_offline() -> bool:
