@@ -180,3 +180,22 @@ def test_model_settings_without_the_cosine_signal_are_refused(extra, named):
                   "curate.yaml", "steps[0]")
     spec = Spec(step="decontaminate", eval_sets=[EVAL], threshold=None, batch_size=64)
     assert Spec.model_validate(spec.to_dict()) == spec
+
+
+def test_evaluation_images_that_cannot_be_read_are_told(tmp_path, capsys):
+    """An evaluation image the step could not read is not checked against the pool: said on
+    stderr with the set and the count (it was dropped without a word before)."""
+    for name, colour in (("a/1.png", "red"), ("a/2.png", "blue"), ("b/1.png", "green")):
+        (tmp_path / "evals" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(tmp_path / "evals" / name)
+    (tmp_path / "evals" / "b" / "bad.png").write_bytes(b"not a png")
+    spec = step_spec({"step": "decontaminate", "threshold": None, "hash_distance": 4,
+                      "eval_sets": [{"source": "image-folder", "path": str(tmp_path / "evals")}]},
+                     "test")
+    step = make_step(spec)
+    step.prepare(StepContext(work=tmp_path / "work", progress=False))
+    assert len(step.labels) == 3
+    err = capsys.readouterr().err
+    assert "curate: decontaminate: eval_sets[0]:image-folder: skipped 1 samples: " \
+           "unreadable_image=1; those evaluation images are not checked against the pool" in err
+    assert "read evals" not in err  # no progress bar when progress is off

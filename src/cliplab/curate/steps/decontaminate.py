@@ -17,6 +17,7 @@ reads them) and/or every dataset of the tasks of an eval ``suite`` (a `cliplab e
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,14 @@ from cliplab.models.spec import ModelField
 from cliplab.models.embed import embed_images
 
 THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
+
+
+
+def _tell_skipped(label: str, skipped) -> None:
+    """Say what an evaluation set skipped: those images are not checked against the pool."""
+    if skipped is not None and skipped.total:
+        print(f"curate: decontaminate: {label}: {skipped.summary()}; those evaluation images "
+              "are not checked against the pool", file=sys.stderr)
 
 
 class Spec(StepSpecBase):
@@ -135,7 +144,9 @@ class Decontaminate:
                       if self.spec.threshold is not None else None)
         embeddings, hashes = [], []
         for label, data_spec in eval_set_specs(self.spec):
-            images = load_source(data_spec).images
+            data = load_source(data_spec, context.progress, label)
+            _tell_skipped(label, getattr(data, "skipped", None))
+            images = data.images
             self._offsets.append(len(self.labels))
             self._eval_images.append(images)
             self.labels += [f"{label}#{i}" for i in range(len(images))]
