@@ -802,3 +802,17 @@ def test_a_saved_config_of_every_changed_section_loads_again():
         assert validate(CurateConfig, saved, "test").to_dict() == saved
         local = {**saved, "engine": "local", "ray_address": None}
         assert validate(CurateConfig, local, "test").to_dict() == local
+
+
+@pytest.mark.parametrize("command", ["curate", "index"])
+def test_a_missing_source_is_refused_before_a_work_folder_is_made(tmp_path, capsys, command):
+    """A source path that does not exist left OUT.partial behind, which serve and a rerun then
+    took for a stopped run to resume."""
+    missing, out = tmp_path / "nothing.csv", tmp_path / "out"
+    recipe = Path(__file__).parents[1] / "configs" / "curate" / "basic.yaml"
+    args = ["--config", str(recipe)] if command == "curate" else \
+        ["--model", "tiny-clip"]
+    assert main([command, *args, "--data", str(missing), "--out", str(out),
+                 "--no-progress"]) == 2
+    assert f"manifest {missing} does not exist; check the path" in capsys.readouterr().err
+    assert not partial_path(out).exists() and not out.exists()

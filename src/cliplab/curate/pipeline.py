@@ -41,7 +41,7 @@ from cliplab.curate.pool import Record, read_item
 from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
-from cliplab.data.collection import iter_items
+from cliplab.data.collection import check_collection_path, iter_items
 from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 
@@ -65,6 +65,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
         raise ConfigError(f"--out {out} is inside the source {config.data['path']}; "
                           "sources are never written to, choose another --out")
     _check_out(out, overwrite)
+    check_collection_path(config.data)  # before OUT.partial is made
     _check_step_models(config)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}

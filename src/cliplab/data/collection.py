@@ -111,6 +111,14 @@ def iter_items(spec: dict, progress: bool = True) -> Iterator[Item]:
     return _memory_items(spec, progress)
 
 
+def check_collection_path(spec: dict) -> None:
+    """A one-line `DataError` when ``spec`` reads files (an image folder, manifest or shard
+    folder) at a path that does not exist: before a run makes its work folder."""
+    if spec.get("source") in READ_BY_COLLECTION and "path" in spec \
+            and not (path := _path(spec)).exists():
+        raise DataError(f"{spec['source']} {path} does not exist; check the path")
+
+
 def _path(spec: dict) -> Path:
     if "path" not in spec:
         raise DataError(f"data source {spec['source']!r} needs a path")

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cliplab.data.collection import PIL_ERRORS, iter_items, skip_reason, source_spec
+from cliplab.data.collection import (PIL_ERRORS, check_collection_path, iter_items, skip_reason,
+                                     source_spec)
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
@@ -77,6 +78,7 @@ def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
         raise ConfigError(f"data: {err}") from None
     if "path" in spec:  # recorded resolved: an --add from another folder finds it the same
         spec["path"] = str(Path(spec["path"]).expanduser().resolve())
+    check_collection_path(spec)  # before OUT.partial is made
     for key in ("path",):
         if key in spec and Path(spec[key]).resolve() == out:
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
