@@ -474,3 +474,19 @@ def test_shift_seed_in_a_config_names_its_data_key(tmp_path):
              "out": str(tmp_path)}
     saved = validate(ShardConfig, noisy, "shard").to_dict()
     assert validate(ShardConfig, saved, "shard").to_dict() == saved
+
+
+def test_a_manifest_of_pairs_used_as_classes_names_label_col(tmp_path):
+    """A manifest with caption and label columns reads as pairs; given templates or classes,
+    the error says how to read it as classes."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption,label\na.png,a red square,red\n")
+    spec = {"source": "manifest", "path": str(manifest)}
+    for extra in ({"templates": ["a {}"]}, {"classes": ["red"]}):
+        with pytest.raises(ConfigError, match=r"gives image-text pairs \(a manifest is read as "
+                                              r"classes when label_col: COLUMN names"):
+            load_source({**spec, **extra})
+    assert load_source({**spec, "label_col": "label", "classes": ["red"]}).classnames == ["red"]

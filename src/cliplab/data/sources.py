@@ -224,17 +224,25 @@ def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift
             raise ConfigError(f"data source {name!r}: classes: [] keeps no class; leave it out "
                               "to keep every class")
         if not isinstance(data, LabelledImages):
-            raise ConfigError(f"classes needs single-label images; {name!r} gives {_kind(data)}")
+            raise ConfigError(f"classes needs single-label images; {name!r} gives "
+                              f"{_kind(data)}{_label_col_hint(name, data)}")
         data = select_classes(data, [str(c) for c in classes])
     if templates is not None:
         if isinstance(data, ImageTextPairs):
             raise ConfigError(f"templates needs a classification source; {name!r} gives "
-                              "image-text pairs")
+                              f"image-text pairs{_label_col_hint(name, data)}")
         data = dataclasses.replace(data, templates=templates)
     if shift is not None:
         data = dataclasses.replace(data, images=apply_shift(data.images, shift, int(shift_seed)),
                                    name=f"{data.name}-{shift}")
     return data
+
+
+def _label_col_hint(name: str | None, data: Dataset) -> str:
+    """How to read a manifest of pairs as classes: its label column, named by ``label_col``."""
+    if name != "manifest" or not isinstance(data, ImageTextPairs):
+        return ""
+    return " (a manifest is read as classes when label_col: COLUMN names its label column)"
 
 
 def _kind(data: Dataset) -> str:
