@@ -816,3 +816,15 @@ def test_a_missing_source_is_refused_before_a_work_folder_is_made(tmp_path, caps
                  "--no-progress"]) == 2
     assert f"manifest {missing} does not exist; check the path" in capsys.readouterr().err
     assert not partial_path(out).exists() and not out.exists()
+
+
+def test_a_skip_reason_names_no_in_memory_buffer():
+    """PIL names the BytesIO it could not decode (`<_io.BytesIO object at 0x7f...>`), which
+    said nothing to a user; the item's key and place are named beside the message."""
+    import io
+
+    from cliplab.data.collection import skip_message
+
+    with pytest.raises(OSError) as err:
+        Image.open(io.BytesIO(b"not an image"))
+    assert "BytesIO" in str(err.value) and skip_message(err.value) == "cannot identify image file"

@@ -16,7 +16,8 @@ from typing import Any
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch
-from cliplab.data.collection import PIL_ERRORS, Item, open_rgb, read_range, skip_reason
+from cliplab.data.collection import (PIL_ERRORS, Item, open_rgb, read_range, skip_message,
+                                     skip_reason)
 
 Record = dict[str, Any]
 
@@ -58,9 +59,8 @@ def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str |
     try:
         image = item.read()
     except PIL_ERRORS as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         what = skip_reason(err).replace("_", " ")
-        return None, f"{what} at {where}: {first}"
+        return None, f"{what} at {where}: {skip_message(err)}"
     if not item.caption or not item.caption.strip():
         return None, f"empty caption at {where}"
     location = dict(item.location)

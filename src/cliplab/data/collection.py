@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -200,6 +201,13 @@ def skip_reason(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "missing_file"
     return getattr(err, "reason", "unreadable_image")
+
+
+def skip_message(err: BaseException) -> str:
+    """The first line of an item's read error, without the in-memory buffer PIL names for
+    bytes it could not decode (``<_io.BytesIO object at 0x...>``: the item is named beside)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", first)[:200]
 
 
 def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cliplab.data.collection import (PIL_ERRORS, check_collection_path, iter_items, skip_reason,
-                                     source_spec)
+from cliplab.data.collection import (PIL_ERRORS, check_collection_path, iter_items, skip_message,
+                                     skip_reason, source_spec)
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
@@ -367,7 +367,7 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
                 image = item.read()
             except PIL_ERRORS as err:
                 reason = skip_reason(err)
-                skip(item.key, f"{reason}: {str(err).splitlines()[0][:200]}")
+                skip(item.key, f"{reason}: {skip_message(err)}")
                 continue
             item_id = state["count"] + len(rows)
             location = item.location
