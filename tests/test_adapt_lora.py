@@ -251,3 +251,34 @@ def test_a_contrastive_lora_scores_at_the_models_temperature(digits):
     scale = adapted.model.logit_scale.detach().exp()
     assert scale.item() > 2  # the preset's temperature (1 / 0.07), far from 1
     torch.testing.assert_close(adapted.text_head.norm(dim=-1), scale.expand(10))
+
+
+def test_saving_a_fitted_lora_or_finetune_to_another_folder_writes_it_there(tmp_path, digits):
+    """save(B) after the run saved it: B holds the same files (it wrote nothing and returned
+    the run's path); saving into the run again writes nothing twice."""
+    from cliplab.adapt import AdaptContext, get_method
+    from cliplab.adapt.finetune import load_finetuned
+    from cliplab.evaluate.feature_cache import FeatureCache
+    from cliplab.runs import RunDir
+
+    small_model().save(tmp_path / "base")
+    train = {"train": {"steps": 1, "batch_size": 16}}
+    for method, options in (("lora", {"rank": 2, "merge": True, **train}), ("finetune", train)):
+        run = tmp_path / f"run-{method}"
+        ctx = AdaptContext(FeatureCache(), progress=False, run=RunDir(run))
+        adapted = get_method(method).fit(DualEncoder.load(tmp_path / "base"), digits, options,
+                                         ctx)
+        in_run = adapted.save(run)
+        assert run in in_run.parents and adapted.save(run) == in_run  # not written twice
+        other = adapted.save(tmp_path / f"other-{method}")
+        assert other.parent == tmp_path / f"other-{method}" and other != in_run
+        pixels = load_digits("test").images[:4]
+        if method == "lora":
+            want = DualEncoder.load(run / "merged")
+            got = DualEncoder.load(tmp_path / "other-lora" / "merged")
+            assert load_lora(other)[0] is not None
+        else:
+            want, got = load_finetuned(in_run)[0], load_finetuned(other)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(got.encode_image(got.preprocess(pixels)),
+                                       want.encode_image(want.preprocess(pixels)))

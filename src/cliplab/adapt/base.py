@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -146,6 +147,21 @@ class Adapter:
                 **(extra or {})}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2))
         return folder
+
+
+def written_inside(written: Path, folder: str | Path) -> bool:
+    """Whether ``written`` (a folder an adapter wrote, e.g. its run's last checkpoint) lies
+    inside ``folder``: saving there again would write it twice."""
+    return Path(folder).resolve() in Path(written).resolve().parents
+
+
+def copy_written(written: Path, target: Path) -> Path:
+    """A copy of the folder ``written`` at ``target`` (an adapter saved once already, saved to
+    another folder: the same files)."""
+    if target.exists():
+        raise ConfigError(f"{target} exists already; save into a new folder")
+    shutil.copytree(written, target)
+    return target
 
 
 @contextlib.contextmanager

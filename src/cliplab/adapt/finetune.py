@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from pydantic import field_validator
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
+from cliplab.adapt.base import (AdaptContext, Adapter, method_options, require_pytorch_model,
+                               written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
@@ -112,12 +113,14 @@ class FineTuned(Adapter):
         return self.head.logits(feats)
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """The model folder ``folder/model`` (unless training already wrote it as its last
-        checkpoint)."""
-        if self.model_dir is None:
-            self.model_dir = save_finetuned(self.model, self.head, Path(folder) / MODEL_DIR,
-                                            self.base_path, self.fingerprint)
-        return self.model_dir
+        """The model folder ``folder/model``, unless training already wrote it inside
+        ``folder`` (the run's last checkpoint: that one is returned)."""
+        if self.model_dir is not None and written_inside(self.model_dir, folder):
+            return self.model_dir
+        written = save_finetuned(self.model, self.head, Path(folder) / MODEL_DIR,
+                                 self.base_path, self.fingerprint)
+        self.model_dir = self.model_dir or written
+        return written
 
     def summary(self) -> dict:
         params = count_parameters(self.model, self.head)

@@ -23,7 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
+from cliplab.adapt.base import (AdaptContext, Adapter, copy_written, method_options,
+                               require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters, \
     refuse_contrastive_settings
 from cliplab.adapt.finetune import save_finetuned
@@ -218,22 +219,30 @@ class LoraAdapted(Adapter):
         return feats.embeddings.float() @ self.text_head.t()
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """The peft adapter folder ``folder/adapter`` (unless training already wrote it as its
-        last checkpoint) and, with option ``merge``, the full model folder ``folder/merged``."""
-        opts = Options.model_validate(self.options)
+        """The peft adapter folder ``folder/adapter`` (unless training already wrote it inside
+        ``folder``, as its last checkpoint) and, with option ``merge``, the full model folder
+        ``folder/merged``; saved once already elsewhere, the same files are copied."""
+        opts, folder = Options.model_validate(self.options), Path(folder)
         if self.adapter_dir is None:
-            self.adapter_dir = save_adapter(self.peft_model, Path(folder) / ADAPTER_DIR,
-                                            self.base_path, self.fingerprint, self.head, opts)
+            self.adapter_dir = written = save_adapter(
+                self.peft_model, folder / ADAPTER_DIR, self.base_path, self.fingerprint,
+                self.head, opts)
+        elif written_inside(self.adapter_dir, folder):
+            written = self.adapter_dir
+        else:
+            written = copy_written(self.adapter_dir, folder / ADAPTER_DIR)
         if opts.merge and self.merged_dir is None:
             merged = merge_adapter(self.model, self.peft_model)
-            self.merged_dir = Path(folder) / MERGED_DIR
+            self.merged_dir = folder / MERGED_DIR
             if self.head is not None:
                 save_finetuned(merged, self.head, self.merged_dir, self.base_path,
                                self.fingerprint)
             else:
                 merged.save(self.merged_dir)
                 write_origin(self.merged_dir, self.base_path, self.fingerprint)
-        return self.adapter_dir
+        elif opts.merge and not written_inside(self.merged_dir, folder):
+            copy_written(self.merged_dir, folder / MERGED_DIR)
+        return written
 
     def summary(self) -> dict:
         return {"params": self.params,
