@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,11 @@ def test_convert_then_export_open_clip(tmp_path, capsys):
     assert main(["convert", "--from", "open_clip", str(src), "--out", str(tmp_path / "m")]) == 0
     model = DualEncoder.load(tmp_path / "m")
     assert model.model.config.text_config.hidden_act == "quick_gelu"
+    # the folder says where its weights came from
+    origin = json.loads((tmp_path / "m" / "cliplab.json").read_text())["converted_from"]
+    assert origin == {"format": "open_clip", "weights": str(src.resolve()),
+                      "config": str((src.parent / "tiny-quickgelu.json").resolve()),
+                      "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
     assert main(["export", str(tmp_path / "m"), "--format", "open_clip",
                  "--out", str(tmp_path / "oc")]) == 0
     cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from cliplab.models.convert.atomic import MODEL_FOLDER, atomic_folder
 from cliplab.models.convert.clip_bpe import clip_bpe_tokenizer
 from cliplab.models.convert.openclip_config import (TEXT_DEFAULTS, clip_config_from_openclip,
                                                     positive_int)
-from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, is_hf_model_folder,
-                                                   read_openclip)
+from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, find_openclip_files,
+                                                   is_hf_model_folder, read_openclip)
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.folder import update_meta
 from cliplab.models.loading import has_tokenizer
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, are_finite_numbers
 from cliplab.output_folder import check_out
@@ -160,9 +162,23 @@ def convert_openclip(src: str | Path, out: str | Path, config: str | Path | None
     inputs = (src, config)
     check_out(out, "convert", inputs, overwrite, MODEL_FOLDER, error=ModelError)  # before work
     model = openclip_to_dual_encoder(src, config)
+    weights, config_file = find_openclip_files(src, config)
     with atomic_folder(out, overwrite, "convert", MODEL_FOLDER, inputs) as tmp:
         model.save(tmp)
+        # where the weights came from (the model card says cliplab.json records it)
+        update_meta(tmp, converted_from={
+            "format": "open_clip", "weights": str(weights.resolve()),
+            "config": str(config_file.resolve()), "sha256": file_sha256(weights)})
     return Path(out)
+
+
+def file_sha256(file: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_openclip(path: str | Path, config: str | Path | None = None,
