@@ -142,3 +142,20 @@ def test_pretrain_takes_a_caption_folder_by_itself(photos):
                    "data.train")
     assert sorted(c[0] for c in pairs.captions) == ["a blue café", "a green square",
                                                    "a red square"]
+
+
+def test_an_empty_caption_beside_a_label_is_empty_in_every_reader(tmp_path):
+    """A manifest row with a caption column left empty: curate and index captioned it with its
+    label while data shard and pretrain skipped it; now every reader sees no caption."""
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png", "blue")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption,label\na.png,a red square,red\nb.png,,blue\n")
+    items = list(iter_items({"source": "manifest", "path": str(manifest)}))
+    assert [i.caption for i in items] == ["a red square", ""]
+    pairs = as_pairs(load_source({"source": "manifest", "path": str(manifest)}))
+    assert pairs.captions == [["a red square"]] and pairs.skipped.counts == {"empty_caption": 1}
+    labels_only = tmp_path / "labels.csv"  # without a caption column the label is the text
+    labels_only.write_text("image,label\na.png,red\n")
+    assert [i.caption for i in iter_items({"source": "manifest", "path": str(labels_only)})] \
+        == ["red"]

@@ -225,8 +225,11 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
     if spec.get("caption_col") and spec["caption_col"] not in columns:
         raise DataError(f"{path}: no column {spec['caption_col']!r} (found {columns}); fix "
                         "caption_col or the header")
+    # one text column, as the manifest reader takes it: a row with an empty caption has none
+    # (it is not captioned by its label, which data shard and pretrain would skip)
     text_cols = [spec["caption_col"]] if spec.get("caption_col") else \
-        [c for c in CAPTION_COLUMNS + LABEL_COLUMNS if c in columns]
+        [c for c in CAPTION_COLUMNS if c in columns][:1] or \
+        [c for c in LABEL_COLUMNS if c in columns][:1]
     if not text_cols:  # else every row would be dropped as an empty caption
         raise DataError(f"{path}: no caption column (looked for "
                         f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found {columns}); rename "
