@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 from cliplab.cli import main
 from cliplab.errors import ModelError
@@ -20,6 +20,7 @@ from cliplab.models import DualEncoder
 from cliplab.models.folder import weights_fingerprint, write_origin
 from cliplab.models.tokenizer import byte_level_tokenizer
 from tests.hub_cache import hub_cache
+from tests.tiny_models import tiny_clip_config
 
 KEY = "vision_model.encoder.layers.0.mlp.fc1.weight"
 
@@ -29,12 +30,7 @@ def plain_clip(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
     """A tiny CLIP written by plain transformers only: weights, tokenizer and an image
     processor (``mean``: its normalisation, CLIP's when None; ``resample``: PIL's code)."""
     torch.manual_seed(seed)
-    cfg = CLIPConfig(text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      max_position_embeddings=32, eos_token_id=3),
-                     vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
-                                        intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2), projection_dim=8)
+    cfg = tiny_clip_config()
     CLIPModel(cfg).to(dtype).save_pretrained(folder)
     byte_level_tokenizer(32).save_pretrained(folder)
     extra = {} if mean is None else {"image_mean": [mean] * 3, "image_std": [mean] * 3}

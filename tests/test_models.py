@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
+from transformers import (AutoTokenizer, CLIPModel, SiglipConfig, SiglipModel,
                           VisionTextDualEncoderModel)
 
 from cliplab.config import Section, load_config
@@ -17,6 +17,7 @@ from cliplab.models.resolve import load_model
 from cliplab.models.spec import model_spec
 from cliplab.models.spec import ModelField
 from cliplab.models.tokenizer import byte_level_tokenizer
+from tests.tiny_models import tiny_clip_config
 
 TEXTS = ["a red circle left of a blue square", "three green triangles", "héllo wörld"]
 
@@ -111,12 +112,7 @@ def test_tiny_siglip_starts_at_the_papers_temperature_and_bias():
 
 def test_any_local_hf_clip_folder_loads(tmp_path):
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      max_position_embeddings=32, eos_token_id=3),
-                     vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
-                                        intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2), projection_dim=8)
+    cfg = tiny_clip_config()
     hf = CLIPModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     byte_level_tokenizer(32).save_pretrained(tmp_path / "hf")

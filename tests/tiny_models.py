@@ -29,3 +29,16 @@ def bare_siglip(context_length: int, tokenizer=None) -> DualEncoder:
                                           num_attention_heads=2))
     return DualEncoder(SiglipModel(cfg), tok, PreprocessConfig(image_size=16),
                        context_length=context_length).eval()
+
+
+def tiny_clip_config():
+    """A tiny transformers `CLIPConfig` (32 wide, one block a tower, 16 px, byte-level vocab)
+    for folders written by plain transformers."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       max_position_embeddings=32, eos_token_id=3),
+                      vision_config=dict(image_size=16, patch_size=8, hidden_size=32,
+                                         intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2), projection_dim=8)
