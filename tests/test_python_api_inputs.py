@@ -100,3 +100,27 @@ def test_trainer_takes_a_dict_config_and_a_path_run_folder(tmp_path):
     assert [json.loads(line)["step"] for line in records] == [1, 2]
     with pytest.raises(CliplabError, match="train.lrr"):
         Trainer(small_model(), {"lrr": 1.0})
+
+
+def test_configs_from_python_take_pathlib_paths(tmp_path, tiny_model_dir):
+    """A dict config holding `Path` values (as a notebook writes it) validates as strings
+    (pydantic refused them: "expected a valid string, got PosixPath")."""
+    from pathlib import Path
+
+    from cliplab.config import validate
+    from cliplab.merge.config import MergeConfig
+    from cliplab.models.resolve import load_model
+
+    cfg = validate(MergeConfig, {"method": "uniform", "models": [tiny_model_dir, tiny_model_dir],
+                                 "out": tmp_path / "m"})
+    assert [m.name for m in cfg.models] == [str(tiny_model_dir)] * 2
+    assert cfg.out == str(tmp_path / "m")
+    assert load_model({"name": Path(tiny_model_dir)}).embed_dim == 16
+
+
+def test_dual_encoder_load_expands_the_home_folder(tmp_path, tiny_model, monkeypatch):
+    from cliplab.models import DualEncoder
+
+    tiny_model.save(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert DualEncoder.load("~/m").embed_dim == tiny_model.embed_dim  # as load_model does

@@ -21,7 +21,7 @@ import re
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 
 import yaml
@@ -242,7 +242,7 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
     ``prefix`` is the key path of ``data`` inside a larger config (e.g. ``"options"``), so a
     section validated on its own is still named by its full path."""
     try:
-        return schema.model_validate(data if data is not None else {})
+        return schema.model_validate(plain_paths(data) if data is not None else {})
     except ValidationError as err:
         # the members of a union that fail at one key are alternatives: one entry, "or"
         problems: dict[str, list[str]] = {}
@@ -256,6 +256,18 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
             for key, messages in problems.items()))
         error.key_paths = [_error_key_path(e, prefix) for e in err.errors()]
         raise error from None
+
+
+def plain_paths(data: Any) -> Any:
+    """``data`` with every `pathlib` path in its dicts and lists written as a string (a config
+    from Python may hold ``Path`` values where a file says strings); anything else as is."""
+    if isinstance(data, PurePath):
+        return str(data)
+    if isinstance(data, dict):
+        return {key: plain_paths(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(plain_paths(value) for value in data)
+    return data
 
 
 def _error_key_path(error: dict, prefix: str) -> str:

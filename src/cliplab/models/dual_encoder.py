@@ -345,7 +345,7 @@ class DualEncoder(nn.Module):
         """Load a cliplab folder or any local HF CLIP / SigLIP / VisionTextDualEncoder folder
         onto ``device`` (a torch device or a name: ``auto`` is the GPU when there is one); an
         unreadable or inconsistent folder is a one-line `ModelError` naming the file."""
-        path = Path(path)
+        path = Path(path).expanduser()
         config = load_config(path)
         model = load_weights(path, config).to(resolve_device(device))
         tokenizer = load_tokenizer(path)
