@@ -123,13 +123,20 @@ def _config_dtypes(folder: Path) -> set[str]:
     return {d[k] for d in subs for k in ("dtype", "torch_dtype") if k in d}
 
 
+def _uniform_of_two(tmp_path: Path, dtype_a: torch.dtype, dtype_b: torch.dtype):
+    """Two plain CLIPs stored in ``dtype_a`` / ``dtype_b``, merged uniformly into ``m``:
+    ``(a, b, out, record)``."""
+    a, b = plain_clip(tmp_path / "a", 0, dtype_a), plain_clip(tmp_path / "b", 1, dtype_b)
+    out = tmp_path / "m"
+    record = run_merge({"method": "uniform", "models": [str(a), str(b)], "out": str(out)},
+                       progress=False)
+    return a, b, out, record
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_merge_into_a_folder_of_their_dtype(tmp_path, dtype):
     name = str(dtype).removeprefix("torch.")
-    a, b = plain_clip(tmp_path / "a", 0, dtype), plain_clip(tmp_path / "b", 1, dtype)
-    out = tmp_path / "m"
-    rec = run_merge({"method": "uniform", "models": [str(a), str(b)], "out": str(out)},
-                    progress=False)
+    a, b, out, rec = _uniform_of_two(tmp_path, dtype, dtype)
     assert rec["dtype"] == name and rec["input_dtypes"] == {str(a): name, str(b): name}
     assert json.loads((out / "merge.json").read_text())["dtype"] == name
     assert _saved_dtypes(out) == {dtype} and _config_dtypes(out) == {name}
@@ -141,11 +148,7 @@ def test_half_precision_inputs_merge_into_a_folder_of_their_dtype(tmp_path, dtyp
 
 
 def test_inputs_of_different_dtypes_merge_in_float32_and_say_so(tmp_path):
-    a = plain_clip(tmp_path / "a", 0, torch.float16)
-    b = plain_clip(tmp_path / "b", 1, torch.float32)
-    out = tmp_path / "m"
-    run_merge({"method": "uniform", "models": [str(a), str(b)], "out": str(out)},
-              progress=False)
+    a, b, out, _ = _uniform_of_two(tmp_path, torch.float16, torch.float32)
     record = json.loads((out / "merge.json").read_text())
     assert record["dtype"] == "float32" and "differ" in record["dtype_reason"]
     assert record["input_dtypes"] == {str(a): "float16", str(b): "float32"}
@@ -168,11 +171,7 @@ def test_greedy_scores_half_precision_weights_as_they_are_saved(tmp_path):
 def test_held_out_weights_are_rounded_as_the_saved_folder_loads_back(tmp_path):
     from cliplab.merge.run import as_saved  # new with saving in the inputs' dtype
 
-    a = plain_clip(tmp_path / "a", 0, torch.float16)
-    b = plain_clip(tmp_path / "b", 1, torch.float16)
-    out = tmp_path / "m"
-    run_merge({"method": "uniform", "models": [str(a), str(b)], "out": str(out)},
-              progress=False)
+    a, b, out, _ = _uniform_of_two(tmp_path, torch.float16, torch.float16)
     sa, sb = (DualEncoder.load(p).model.state_dict() for p in (a, b))
     mean = {k: (sa[k] + sb[k]) / 2 if sa[k].is_floating_point() else sa[k] for k in sa}
     rounded = as_saved(mean, torch.float16)

@@ -38,7 +38,6 @@ from cliplab.models.embed import embed_images
 THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
 
 
-
 def _tell_skipped(label: str, skipped) -> None:
     """Say what an evaluation set skipped: those images are not checked against the pool."""
     if skipped is not None and skipped.total:
