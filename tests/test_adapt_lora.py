@@ -282,3 +282,40 @@ def test_saving_a_fitted_lora_or_finetune_to_another_folder_writes_it_there(tmp_
         with torch.no_grad():
             torch.testing.assert_close(got.encode_image(got.preprocess(pixels)),
                                        want.encode_image(want.preprocess(pixels)))
+
+
+@pytest.mark.parametrize("method", ["lora", "finetune"])
+def test_fit_leaves_the_models_flags_and_mode_as_it_found_them(digits, method):
+    """Both train the weights in place; neither leaves the text tower frozen nor the model
+    switched to eval mode (the Trainer froze it and ended in eval)."""
+    from cliplab.adapt import AdaptContext, get_method
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    model = small_model().train()
+    model.model.text_model.embeddings.requires_grad_(False)  # the user's own choice, kept
+    before = {n: p.requires_grad for n, p in model.model.named_parameters()}
+    get_method(method).fit(model, digits, {"train": {"steps": 1, "batch_size": 16}},
+                           AdaptContext(FeatureCache(), progress=False))
+    after = {n.replace(".base_layer", ""): p.requires_grad
+             for n, p in model.model.named_parameters() if "lora_" not in n}
+    assert after == before and model.training
+    assert not all(before.values())
+
+
+def test_adapter_config_names_the_base_absolute_for_plain_peft(tmp_path, digits, monkeypatch):
+    """A base opened by a relative path: peft wrote that path into adapter_config.json, and
+    plain peft could not find the base from any other folder."""
+    from peft import PeftConfig
+
+    small_model().save(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    run_adapt({"method": "lora", "model": "base", "out": "run", "compare_zeroshot": False,
+               "data": {"train": {"source": "digits", "split": "train"},
+                        "test": {"source": "digits", "split": "test"}}, "shots": 2,
+               "options": {"rank": 2, "train": {"steps": 1, "batch_size": 16}}},
+              progress=False)
+    adapter = next((tmp_path / "run").rglob("adapter_config.json")).parent
+    monkeypatch.chdir(tmp_path / "run")
+    recorded = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    assert recorded == str((tmp_path / "base").resolve())
+    assert AutoModel.from_pretrained(recorded) is not None

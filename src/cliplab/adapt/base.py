@@ -165,19 +165,27 @@ def copy_written(written: Path, target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def frozen(model: DualEncoder):
-    """Every weight of ``model`` frozen and the model in eval mode (no dropout) inside the
-    block; the previous flags and mode are restored after."""
+def kept_training_state(model: DualEncoder):
+    """``model``'s ``requires_grad`` flags and train/eval mode as they were before the block
+    (a method that trains the weights in place freezes parts of the model to do it)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    model.requires_grad_(False)
-    model.eval()
     try:
         yield model
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen(model: DualEncoder):
+    """Every weight of ``model`` frozen and the model in eval mode (no dropout) inside the
+    block; the previous flags and mode are restored after."""
+    with kept_training_state(model):
+        model.requires_grad_(False)
+        model.eval()
+        yield model
 
 
 # the methods that read only image and text features, which an ONNX export gives (the others

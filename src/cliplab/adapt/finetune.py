@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from pydantic import field_validator
 
-from cliplab.adapt.base import (AdaptContext, Adapter, method_options, require_pytorch_model,
-                               written_inside)
+from cliplab.adapt.base import (AdaptContext, Adapter, kept_training_state, method_options,
+                               require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
@@ -104,10 +104,13 @@ class FineTuned(Adapter):
     method = "finetune"
 
     def __init__(self, model: DualEncoder, classnames, options: dict, head: ClassifierHead,
-                 base_path: str, fingerprint: str, model_dir: Path | None = None):
+                 base_path: str, fingerprint: str, model_dir: Path | None = None,
+                 params: dict | None = None):
         super().__init__(model, classnames, options)
         self.head, self.base_path, self.fingerprint = head, base_path, fingerprint
         self.model_dir = model_dir
+        # what trained (fit leaves the model's flags as it found them): counted while it did
+        self.params = params or count_parameters(model, head)
 
     def feature_logits(self, feats: ImageFeatures, progress: bool = False) -> Any:
         return self.head.logits(feats)
@@ -123,23 +126,26 @@ class FineTuned(Adapter):
         return written
 
     def summary(self) -> dict:
-        params = count_parameters(self.model, self.head)
+        params = self.params
         return {"params": {**params, "fraction": params["trainable"] / params["total"]},
                 "model_dir": str(self.model_dir) if self.model_dir else None}
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> FineTuned:
-    """Fine-tune ``model`` (in place) on the whole of ``train``; checkpoints go to ``ctx.run``."""
+    """Fine-tune ``model``'s weights in place on the whole of ``train`` (its ``requires_grad``
+    flags and train/eval mode are left as they were); checkpoints go to ``ctx.run``."""
     require_pytorch_model("finetune", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "finetune")
     train_cfg = trainer_config(TRAIN_DEFAULTS, opts.train, seed=ctx.seed, lock_text=True,
                                progress=ctx.progress, device=model.device)
     fingerprint = model_fingerprint(model)
-    head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),
-                             opts.train_head, fingerprint)
+    with kept_training_state(model):
+        head, trainer = finetune(model, train, train_cfg, ctx.run, ctx.origin(model),
+                                 opts.train_head, fingerprint)
+        params = count_parameters(model, head)
     model_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
     adapter = FineTuned(model, train.classnames, opts.to_dict(), head, ctx.origin(model),
-                        fingerprint, model_dir)
+                        fingerprint, model_dir, params)
     adapter.trained_with = train_cfg.to_dict()
     return adapter

@@ -23,8 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from cliplab.adapt.base import (AdaptContext, Adapter, copy_written, method_options,
-                               require_pytorch_model, written_inside)
+from cliplab.adapt.base import (AdaptContext, Adapter, copy_written, kept_training_state,
+                               method_options, require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters, \
     refuse_contrastive_settings
 from cliplab.adapt.finetune import save_finetuned
@@ -149,16 +149,21 @@ def lora_parameter_count(model: DualEncoder) -> int:
 def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fingerprint: str,
                  head: ClassifierHead | None = None, options: Options | None = None) -> Path:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``head.safetensors``) and
-    ``cliplab.json`` recording the base model."""
+    ``cliplab.json`` recording the base model; both name the base as `write_origin` records it
+    (a folder absolute), so plain peft finds it from any working folder."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    origin = write_origin(folder, base_path, fingerprint, adapter="lora",
+                          lora=options.to_dict() if options else None)
+    if origin["path"]:  # peft's record is the path as the base was opened (maybe relative)
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = origin["path"]
     peft_model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
     for weights in folder.glob("adapter_model*.safetensors"):  # safetensors: owner-only
         as_umask(weights)
     if head is not None:
         head.save(folder)
-    write_origin(folder, base_path, fingerprint, adapter="lora",
-                lora=options.to_dict() if options else None)
     return folder
 
 
@@ -252,8 +257,10 @@ class LoraAdapted(Adapter):
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> LoraAdapted:
-    """Train LoRA adapters on the whole of ``train`` (in place on ``model``); checkpoints are
-    adapter folders in ``ctx.run``."""
+    """Train LoRA adapters on the whole of ``train``, added to ``model`` in place (its own
+    weights' ``requires_grad`` flags and train/eval mode are left as they were; the adapter's
+    ``save`` with option ``merge``, or `merge_adapter`, folds them in); checkpoints are adapter
+    folders in ``ctx.run``."""
     require_pytorch_model("lora", NEEDS_PYTORCH_MODEL, model)
     opts = method_options(Options, options, "lora")
     # a text tower without adapters is frozen: cache its caption features
@@ -269,13 +276,14 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     if opts.objective == "classifier":
         head = zeroshot_classifier_head(model, train)
         head.weight.requires_grad_(opts.train_head)
-    peft_model = add_lora(model, opts)
 
     def save(folder: Path) -> None:
         save_adapter(peft_model, folder / ADAPTER_DIR, origin, fingerprint, head, opts)
 
-    trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
-    trainer.fit(train if head is not None else labelled_to_pairs(train))
+    with kept_training_state(model):
+        peft_model = add_lora(model, opts)
+        trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
+        trainer.fit(train if head is not None else labelled_to_pairs(train))
     n_lora = lora_parameter_count(model)
     n_head = head.weight.numel() if head is not None and opts.train_head else 0
     params = {"lora": n_lora, "head": n_head, "trainable": n_lora + n_head, "total": full,
