@@ -276,8 +276,13 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
     assert not (tmp_path / "empty").exists()
     assert main(["adapt", "--method", "linear-probe", *data, "shots=5",
                  "--out", str(tmp_path / "short")]) == 0
+    told = capsys.readouterr()
     assert ("adapt: warning: 2 class(es) have fewer than shots=5 training images and train on "
-            "what they have (cat=3, dog=3)") in capsys.readouterr().err
+            "what they have (cat=3, dog=3)") in told.err
+    # and recorded: results.json said 5 per class of every class
+    results = json.loads((tmp_path / "short" / "results.json").read_text())
+    assert results["shots"] == 5 and results["fewer_than_shots"] == {"cat": 3, "dog": 3}
+    assert "(5 per class, seed 1; fewer in 2 class(es): cat 3, dog 3)" in told.out
     # val_shots capped at what a class has was silent (from the training set or data.val)
     for val in ([], [f"data.val={{source: image-folder, path: {pets}}}"]):
         assert main(["adapt", "--method", "linear-probe", *data, *val, "shots=1", "val_shots=4",

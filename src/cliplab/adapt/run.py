@@ -218,6 +218,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         **model_record(cfg.model, model), "shots": shots, "seed": cfg.seed,
         "train_size": len(train) if trains else None, "val_size": len(val) if val else 0,
         "test_size": len(sets["test"])}
+    short = dict(classes_with_fewer(train.labels, train.classnames, shots or 0)) if trains else {}
+    if short:  # "shots per class" is untrue of these: each trained on what it has
+        results["fewer_than_shots"] = short
     zeroshot = None
     if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
         zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
@@ -244,6 +247,14 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     return results
 
 
+def _fewer_note(short: dict[str, int] | None) -> str:
+    """"; fewer in 2 class(es): cat 3, dog 5" for the classes that had fewer than ``shots``."""
+    if not short:
+        return ""
+    named = ", ".join(f"{name} {n}" for name, n in list(short.items())[:5])
+    return f"; fewer in {len(short)} class(es): {named}{', ...' if len(short) > 5 else ''}"
+
+
 def format_results(results: dict) -> str:
     """The training set, then one line per scored set: method, acc1, acc5 (and WiSE-FT's
     sweep)."""
@@ -252,7 +263,7 @@ def format_results(results: dict) -> str:
     trained = (f"the fine-tuned model {results.get('finetuned') or given} (options.finetuned; "
                "nothing trained here)" if given else
                f"{results['train_size']} training images ({shots} per class, seed "
-               f"{results['seed']})")
+               f"{results['seed']}{_fewer_note(results.get('fewer_than_shots'))})")
     lines = [f"{trained}, {results['test_size']} test images"]
     rows = [(f"{results['method']} {name}", results[name]) for name in ("test", "shifted")
             if name in results]
