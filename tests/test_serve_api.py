@@ -177,19 +177,34 @@ def test_a_text_field_where_the_file_goes_is_422_saying_what_goes_there(served):
         assert "UploadFile" not in response.json()["error"]
 
 
-@pytest.mark.parametrize("route, body, fields", [
-    ("/api/classify", {"id": 1, "labels": "cat,dog"}, "labels, id, file, template"),
-    ("/api/classify/ids", {"ids": "1,2", "labels": "cat,dog"}, "labels, ids, template"),
-    ("/api/search/image", {"k": 3}, "file, k, offset"),
+@pytest.mark.parametrize("route, body, fields, how", [
+    ("/api/classify", {"id": 1, "labels": "cat,dog"}, "labels, id, file, template",
+     "curl -F file=@IMAGE"),
+    ("/api/classify/ids", {"ids": "1,2", "labels": "cat,dog"}, "labels, ids, template",
+     "curl -F name=value"),
+    ("/api/search/image", {"k": 3}, "file, k, offset", "curl -F file=@IMAGE"),
 ])
 def test_a_json_body_to_a_form_endpoint_is_415_naming_its_form_fields(served, route, body,
-                                                                        fields):
+                                                                        fields, how):
     """A JSON body was "422 labels: Field required" (FastAPI reads none of it)."""
     response = served["client"].post(route, json=body)
     assert response.status_code == 415, response.text
     assert response.json()["error"] == (
         f"{route} takes multipart/form-data fields ({fields}), not a JSON body; send them as "
-        "form fields (curl -F name=value)")
+        f"form fields ({how})")
+
+
+def test_a_raw_image_body_is_415_saying_to_send_it_as_the_file_field(served):
+    """``curl --data-binary @x.png -H 'Content-Type: image/png'`` was "422 file: Field
+    required"."""
+    response = served["client"].post("/api/search/image", content=b"\x89PNG....",
+                                      headers={"content-type": "image/png"})
+    assert response.status_code == 415, response.text
+    assert response.json()["error"] == (
+        "/api/search/image takes multipart/form-data fields (file, k, offset), not a raw "
+        "image/png body; send them as form fields (curl -F file=@IMAGE)")
+    form = served["client"].post("/api/search/image", data={"k": "3"})  # a form, no file
+    assert form.status_code == 422 and form.json()["error"] == "file: Field required"
 
 
 @pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}"])

@@ -100,18 +100,25 @@ def _validation_message(err: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _json_to_form_endpoint(request: Request) -> str | None:
-    """What to say when a JSON body reaches an endpoint that reads form fields (FastAPI reads
-    none of it and reports each field missing); None for any other request."""
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _not_a_form(request: Request) -> str | None:
+    """What to say when a body that is not a form (JSON, a raw image, ...) reaches an endpoint
+    that reads form fields (FastAPI reads none of it and reports each field missing); None for
+    any other request."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (content_type == "application/json" or content_type.endswith("+json")):
+    if not content_type or content_type in FORM_TYPES:
         return None
     dependant = getattr(request.scope.get("route"), "dependant", None)
     fields = [param.alias for param in getattr(dependant, "body_params", [])]
     if not fields:
         return None
+    body = "a JSON body" if content_type == "application/json" or \
+        content_type.endswith("+json") else f"a raw {content_type} body"
+    how = "curl -F file=@IMAGE" if "file" in fields else "curl -F name=value"
     return (f"{request.url.path} takes multipart/form-data fields ({', '.join(fields)}), not "
-            "a JSON body; send them as form fields (curl -F name=value)")
+            f"{body}; send them as form fields ({how})")
 
 
 def _read_image(data: bytes, what: str = "file") -> Image.Image:
@@ -195,7 +202,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        wrong_type = _json_to_form_endpoint(request)
+        wrong_type = _not_a_form(request)
         if wrong_type:
             return JSONResponse({"error": wrong_type}, status_code=415)
         return JSONResponse({"error": _validation_message(err)}, status_code=422)
