@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +43,73 @@ def zeroshot_logits(image_embeddings: torch.Tensor, classifier: torch.Tensor) ->
 def zeroshot_metrics(image_embeddings: torch.Tensor, labels: torch.Tensor,
                      classifier: torch.Tensor, classes: Sequence[int] | None = None) -> dict:
     """acc1/acc5/mean per-class recall; with ``classes``, only those classes compete and only
-    images of those classes are scored (e.g. classes held out from training)."""
+    images of those classes are scored (e.g. classes held out from training).
+    ``image_embeddings [N, D]``, ``labels [N]`` (class indices) and ``classifier [C, D]`` may be
+    tensors, NumPy arrays or lists; anything else is one `InputError` naming the argument."""
+    image_embeddings = _matrix(image_embeddings, "image_embeddings", "[N, D] (one row per image)")
+    classifier = _matrix(classifier, "classifier", "[C, D] (one row per class, from "
+                         "zeroshot_classifier)")
+    n, n_classes = len(image_embeddings), len(classifier)
+    if image_embeddings.shape[1] != classifier.shape[1]:
+        raise InputError(f"zeroshot_metrics: image_embeddings have {image_embeddings.shape[1]} "
+                         f"dimensions, the classifier {classifier.shape[1]}; embed the images "
+                         "and the class prompts with the same model")
+    labels = _labels(labels, n, n_classes)
     logits = zeroshot_logits(image_embeddings, classifier)
     if classes is not None:
-        logits, labels = restrict_classes(logits, labels, list(classes))
+        chosen = _classes(classes, n_classes)
+        if not torch.isin(labels, torch.as_tensor(chosen)).any():
+            raise InputError(f"zeroshot_metrics: no image has a label among classes={chosen}; "
+                             "give classes that occur in labels")
+        logits, labels = restrict_classes(logits, labels, chosen)
     return classification_metrics(logits, labels)
+
+
+def _as_tensor(value, name: str) -> torch.Tensor:
+    """``value`` (a tensor, NumPy array or nested list of numbers) as a CPU tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"zeroshot_metrics: {name} must be a tensor, NumPy array or list of "
+                         f"numbers, not {type(value).__name__}") from None
+
+
+def _matrix(value, name: str, want: str) -> torch.Tensor:
+    """``value`` as a float32 ``[rows, D]`` tensor with at least one row."""
+    tensor = _as_tensor(value, name)
+    if tensor.dim() != 2 or not tensor.is_floating_point() or not len(tensor):
+        raise InputError(f"zeroshot_metrics: {name} is {_described(tensor)}, expected float "
+                         f"{want} with at least one row")
+    return tensor.float()
+
+
+def _labels(value, n: int, n_classes: int) -> torch.Tensor:
+    """``value`` as int64 class indices ``[n]`` in ``0 .. n_classes-1`` (whole floats too)."""
+    labels = _as_tensor(value, "labels")
+    whole = not labels.is_floating_point() or bool((labels == labels.round()).all())
+    if labels.dim() != 1 or len(labels) != n or labels.dtype == torch.bool or not whole:
+        raise InputError(f"zeroshot_metrics: labels is {_described(labels)}, expected {n} integer "
+                         "class indices (one per row of image_embeddings)")
+    labels = labels.long()
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if len(bad):
+        raise InputError(f"zeroshot_metrics: label {int(bad[0])} is out of range: the classifier "
+                         f"has {n_classes} classes, so labels must be 0..{n_classes - 1}")
+    return labels
+
+
+def _classes(classes: Sequence[int], n_classes: int) -> list[int]:
+    """``classes`` as distinct class indices of the classifier."""
+    given = [classes] if isinstance(classes, (str, int)) else list(classes)
+    if not given or any(isinstance(c, (str, bool)) or not isinstance(c, (int, np.integer))
+                        or not 0 <= c < n_classes for c in given) or len(set(given)) < len(given):
+        raise InputError(f"zeroshot_metrics: classes={given!r}; expected distinct class indices "
+                         f"0..{n_classes - 1} of the classifier (for names: "
+                         "[classnames.index(name) for name in names])")
+    return [int(c) for c in given]
+
+
+def _described(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} of shape {list(tensor.shape)}"

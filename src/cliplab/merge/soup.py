@@ -4,27 +4,64 @@ soup adds ingredients in order of held-out score, keeping each only if the score
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 from tqdm.auto import tqdm
 
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, InputError
 from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
+
+
+def check_states(states: Sequence[StateDict], caller: str) -> None:
+    """``states`` is a list of state dicts (``{name: tensor}``); model folders, paths or model
+    objects given instead are one `InputError` telling how to get their state dicts."""
+    if isinstance(states, (Mapping, str, bytes)) or hasattr(states, "__fspath__"):
+        raise InputError(f"{caller} takes a list of state dicts ({{name: tensor}}), not "
+                         f"{_shown(states)}; {_how_to_get_states(states)}")
+    for i, state in enumerate(states):
+        if not (isinstance(state, Mapping)
+                and all(isinstance(v, torch.Tensor) for v in state.values())):
+            raise InputError(f"{caller}: states[{i}] is {_shown(state)}, not a state dict "
+                             f"({{name: tensor}}); {_how_to_get_states(state)}")
+
+
+def _how_to_get_states(given) -> str:
+    """How to turn ``given`` (a path, one state dict, a module) into state dicts."""
+    if isinstance(given, (str, bytes)) or hasattr(given, "__fspath__"):
+        return ("load each model folder's weights with "
+                "cliplab.merge.checkpoints.load_ingredient(path).state, or merge folders with "
+                "`cliplab merge` / cliplab.merge.run.run_merge")
+    if isinstance(given, Mapping) and all(isinstance(v, torch.Tensor) for v in given.values()):
+        return "wrap one state dict in a list: [state_a, state_b, ...]"
+    if hasattr(given, "state_dict"):
+        return "pass model.model.state_dict() of a DualEncoder (or module.state_dict())"
+    return "give {name: tensor} mappings of one architecture"
+
+
+def _shown(value) -> str:
+    """``a str '/x'``, ``a PosixPath '/x'``, ``a Linear``: the kind of value and, for a path, it."""
+    path = isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+    return f"a {type(value).__name__}" + (f" {str(value)[:80]!r}" if path else "")
 
 
 def uniform_soup(states: Sequence[StateDict], weights: Sequence[float] | None = None,
                  names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """The (weighted) mean of ``states``; ``weights`` are normalised to sum to 1. Float
     tensors are averaged in float32 and cast back; other tensors are copied."""
+    check_states(states, "uniform_soup")
     if not states:
         raise ConfigError("a soup needs at least one model")
     if weights is None:
         weights = [1.0] * len(states)
-    if len(weights) != len(states) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"soup weights {list(weights)} must be {len(states)} non-negative "
-                          "numbers, not all zero")
+    if (isinstance(weights, (str, Mapping)) or len(weights) != len(states)
+            or any(isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0
+                   for w in weights) or sum(weights) <= 0):
+        raise ConfigError(f"soup weights {list(weights)} must be {len(states)} finite "
+                          "non-negative numbers (one per state), not all zero")
     check_same_keys(states, names)
     top = max(weights)  # scaled first: weights near the float limit would sum to inf
     weights = [w / top for w in weights]
@@ -59,6 +96,7 @@ def greedy_soup(states: Sequence[StateDict], evaluate: Callable[[StateDict], flo
     """Sort ingredients by ``evaluate`` (held-out accuracy, higher is better; ``scores`` if
     already known), start from the best, then try each next one: keep it if the uniform soup
     of the kept ones plus it scores at least as well as without it."""
+    check_states(states, "greedy_soup")
     if not states:
         raise ConfigError("a greedy soup needs at least one model")
     names = list(names) if names else [f"model {i}" for i in range(len(states))]

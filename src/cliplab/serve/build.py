@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cliplab.config import validate
 from cliplab.data.collection import (PIL_ERRORS, check_collection_path, iter_items, skip_message,
                                      skip_reason, source_spec)
 from cliplab.data.types import counts_text
@@ -64,13 +65,19 @@ def _model_record(cfg: IndexConfig) -> dict:
     return spec
 
 
-def build_index(cfg: IndexConfig, progress: bool = True, model=None) -> dict:
+def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> dict:
     """Embed ``cfg.data`` with ``cfg.model`` into ``cfg.out`` (append with ``cfg.add``); resume a
     killed run of the same command. Returns the written ``index.json`` record, plus
     ``already_indexed``: how many items of ``cfg.data`` the index held already (not added),
-    and ``skipped_now``: this run's skipped items by reason (the record counts the index's)."""
+    and ``skipped_now``: this run's skipped items by reason (the record counts the index's).
+    ``cfg`` may be a dict of `IndexConfig` keys (validated: bad keys are a `ConfigError`)."""
     from cliplab.models.resolve import load_model
 
+    if isinstance(cfg, dict):
+        cfg = validate(IndexConfig, cfg, "the index config")
+    elif not isinstance(cfg, IndexConfig):
+        raise ConfigError(f"build_index config must be an IndexConfig or a dict of index keys "
+                          f"(model, data, out, ...), not {type(cfg).__name__}")
     out = Path(cfg.out).expanduser().resolve()
     try:
         spec = source_spec(cfg.data)

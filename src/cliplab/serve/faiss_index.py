@@ -7,11 +7,12 @@ Vectors are unit length and the metric is the inner product, so scores are cosin
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import numpy as np
 
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, InputError
 
 EXACT_BELOW = 100_000          # exact search is fast enough (and perfect) below this many vectors
 TUNE_QUERIES = 200
@@ -180,14 +181,38 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
     An approximate index (IVF, HNSW) is searched broader than its tuned breadth when the page
     lies deeper than that breadth reaches, so a page is full while the collection has more;
     a query still short of ``offset + k`` hits is searched exactly over ``vectors`` (the
-    stored ``[N, D]`` embeddings), if given."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    stored ``[N, D]`` embeddings), if given. One vector ``[D]`` is one query."""
+    queries = search_queries(queries, k, offset, index.d, "the FAISS index")
     depth = offset + k
     scores, ids = _deep_search(index, queries, depth)
     short = _short(ids, depth, index.ntotal)
     if short.any() and vectors is not None:
         scores[short], ids[short] = _exact_search(queries[short], vectors, depth)
     return scores[:, offset:], ids[:, offset:]
+
+
+def search_queries(queries, k: int, offset: int = 0, dim: int | None = None,
+                   where: str = "the index") -> np.ndarray:
+    """``queries`` (NumPy, torch or lists) as contiguous float32 ``[Q, dim]``, one vector
+    ``[dim]`` as one query; ``k >= 1`` and ``offset >= 0``, as the HTTP API takes them. Anything
+    else is one `InputError` saying what was given and what ``where`` expects."""
+    for name, value, least in (("k", k, 1), ("offset", offset, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise InputError(f"search: {name}={value!r}; {name} must be an integer >= {least}")
+    if hasattr(queries, "detach"):  # a torch tensor (torch is not imported here)
+        queries = queries.detach().cpu().numpy()
+    try:
+        array = np.asarray(queries, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"search: queries must be embeddings (a float array [Q, D] or one "
+                         f"vector [D]), not {type(queries).__name__}") from None
+    array = array.reshape(1, -1) if array.ndim == 1 else array
+    if array.ndim != 2 or (dim is not None and array.shape[1] != dim):
+        held = f"{where} holds vectors of {dim} dimensions: " if dim is not None else ""
+        raise InputError(f"search: queries of shape {list(np.shape(queries))}; {held}give one "
+                         f"vector [{dim or 'D'}] or a batch [Q, {dim or 'D'}] embedded with "
+                         "the index's model")
+    return np.ascontiguousarray(array)
 
 
 def _short(ids: np.ndarray, depth: int, total: int) -> np.ndarray:

@@ -88,7 +88,12 @@ class SearchIndex:
                              "search it with the same model or rebuild the index")
 
     def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids ``[Q, k]`` of hits ``offset .. offset+k-1`` (id -1 where none)."""
+        """Scores and ids ``[Q, k]`` of hits ``offset .. offset+k-1`` (id -1 where none).
+        ``queries`` are ``[Q, D]`` embeddings (NumPy or torch) of the index's model; one vector
+        ``[D]`` is one query. ``k >= 1`` and ``offset >= 0``; else an `InputError`."""
+        queries = faiss_index.search_queries(
+            queries, k, offset, int(self.record["dim"]),
+            f"index {self.path} (model {self.record['model'].get('name')})")
         if self.backend == "faiss":
             return faiss_index.search(self._faiss, queries, k, offset, self.vectors)
         return self._milvus.search(queries, k, offset)

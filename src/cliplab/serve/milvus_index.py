@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cliplab.errors import ConfigError, DataError
+from cliplab.serve.faiss_index import search_queries
 
 MAX_WINDOW = 16384  # Milvus caps offset + limit
 BATCH = 1000
@@ -103,7 +104,9 @@ class MilvusVectors:
         return int(res[0]["count(*)"])
 
     def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end)."""
+        """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end);
+        one vector ``[D]`` is one query."""
+        queries = search_queries(queries, k, offset)
         if offset + k > MAX_WINDOW:
             raise DataError(f"offset + k = {offset + k} is past Milvus's window of {MAX_WINDOW}")
         hits = self.client.search(self.collection, data=[q.tolist() for q in queries], limit=k,
