@@ -31,11 +31,26 @@ def _cliplab_probabilities(model: DualEncoder, image: np.ndarray) -> torch.Tenso
         return logits.softmax(-1)[0]
 
 
-@pytest.mark.parametrize("preset", ["tiny-clip", "tiny-siglip"])
-def test_pipeline_probabilities_equal_cliplabs(preset, tmp_path):
-    folder = build_model(preset, **TINY).save(tmp_path / preset)
+@pytest.mark.parametrize("preset, context_length", [("tiny-clip", None), ("tiny-siglip", None),
+                                                    ("tiny-siglip", 16)])
+def test_pipeline_probabilities_equal_cliplabs(preset, context_length, tmp_path):
+    """A SigLIP of another context length than 64 cannot run in the pipeline (it pads SigLIP
+    labels to 64 tokens, whatever tokenizer_kwargs say): its card's snippet scores it instead."""
+    options = {**TINY, **({"context_length": context_length} if context_length else {})}
+    folder = build_model(preset, **options).save(tmp_path / preset)
     model = DualEncoder.load(folder)
     processor = AutoProcessor.from_pretrained(folder)
+    card = (folder / "README.md").read_text()
+    if context_length:
+        snippet = card.split("```python\n")[-1].split("```")[0]
+        assert f"max_length={context_length}" in snippet
+        image = np.random.RandomState(0).randint(0, 256, (16, 16, 3), dtype=np.uint8)
+        scope = {"labels": LABELS, "image": Image.fromarray(image)}
+        exec(snippet.replace("THIS_FOLDER", str(folder)), scope)
+        torch.testing.assert_close(scope["probs"][0], _cliplab_probabilities(model, image),
+                                   rtol=1e-4, atol=1e-6)
+        return
+    assert "max_length" not in card  # the pipeline pads to this model's length
     classify = pipeline("zero-shot-image-classification", model=str(folder))
     rng = np.random.RandomState(0)
     for _ in range(2):

@@ -107,15 +107,17 @@ def test_saving_weights_that_do_not_fit_is_refused_before_writing(tmp_path):
 
 def test_a_siglip_model_card_names_its_own_context_length(tmp_path):
     """SigLIP pools at the last position: the card says to pad to the model's context length
-    (77 here), not the pipeline's default of 64."""
+    (77 here), not the pipeline's 64 (the pipeline ignores tokenizer_kwargs: the card's snippet
+    embeds the labels with the processor; tests/test_hf_interop.py runs it)."""
     from cliplab.models import build_model
     from cliplab.models.hf_files import model_card
 
     card = model_card("siglip", "model", 77)
     assert "padded to this model's context length, 77 tokens" in card
-    assert '`tokenizer_kwargs={"max_length": 77}`' in card
+    assert 'padding="max_length", max_length=77, truncation=True' in card
+    assert "max_length" not in model_card("siglip", "model", 64)  # the pipeline's own length
     saved = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
                         context_length=40).save(tmp_path / "m")
     readme = (saved / "README.md").read_text()
-    assert "context length, 40 tokens" in readme and '{"max_length": 40}' in readme
+    assert "context length, 40 tokens" in readme and "max_length=40," in readme
     assert "max_length" not in model_card("clip", "model", 77)

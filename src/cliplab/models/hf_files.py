@@ -20,6 +20,7 @@ from cliplab.models.preprocess import PreprocessConfig, are_finite_numbers
 PROCESSOR_FILE = "preprocessor_config.json"
 COMBINED_PROCESSOR_FILE = "processor_config.json"  # transformers' newer processor.save_pretrained
 CARD_FILE = "README.md"
+PIPELINE_SIGLIP_LENGTH = 64  # transformers' zero-shot pipeline pads SigLIP labels to this
 # PIL.Image.Resampling codes, as transformers' `resample` holds them
 PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
 PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
@@ -58,10 +59,13 @@ def preprocess_from_processor_config(folder: str | Path, image_size: int) -> Pre
     """cliplab's eval preprocessing from a folder's ``preprocessor_config.json`` or, as newer
     transformers save a processor, ``processor_config.json``'s ``image_processor``, read as
     transformers reads it (its class's defaults for missing keys), which must make the model's
-    ``image_size``; that size with CLIP's normalisation when the folder has neither."""
+    ``image_size``; that size with CLIP's normalisation when the folder has neither, with a
+    warning naming the folder and what is assumed."""
     found = _processor_dict(Path(folder))
     if found is None:
-        return PreprocessConfig(image_size=image_size)
+        pre = PreprocessConfig(image_size=image_size)
+        warnings.warn(assumed_preprocessing_note(folder, pre), stacklevel=2)
+        return pre
     where, raw = found
     pre = processor_to_preprocess(_image_processor(where, raw), where, raw)
     if pre.image_size != image_size:  # the towers take no other size (transformers fails too)
@@ -69,6 +73,15 @@ def preprocess_from_processor_config(folder: str | Path, image_size: int) -> Pre
                 f"it makes {pre.image_size} px images; the model's config.json takes "
                 f"{image_size} px")
     return pre
+
+
+def assumed_preprocessing_note(folder: str | Path, pre: PreprocessConfig) -> str:
+    """The warning for a folder without an image processor config: what is assumed, how to fix."""
+    return (f"{folder} has no {PROCESSOR_FILE} (nor {COMBINED_PROCESSOR_FILE}): assuming "
+            f"{pre.image_size} px images (config.json's image_size), CLIP's mean {list(pre.mean)} "
+            f"and std {list(pre.std)}, resize_mode {pre.resize_mode!r} ({pre.interpolation} "
+            f"resize of the shorter side, centre crop); if the model was trained otherwise, add "
+            f"its {PROCESSOR_FILE} to the folder")
 
 
 def _processor_dict(folder: Path) -> tuple[str, dict] | None:
@@ -237,10 +250,23 @@ def model_card(kind: str, text_pooling: str, context_length: int,
                   "classify(image, candidate_labels=[\"cat\", \"dog\"])", "```", ""]
         if kind == "siglip":
             lines += ["The pipeline's SigLIP scores are per-label sigmoids (they need not sum "
-                      "to 1). SigLIP pools its text at the last position, so texts must be "
-                      f"padded to this model's context length, {context_length} tokens: the "
-                      "pipeline pads to 64 unless given "
-                      f"`tokenizer_kwargs={{\"max_length\": {context_length}}}`.", ""]
+                      "to 1).", ""]
+        if kind == "siglip" and context_length != PIPELINE_SIGLIP_LENGTH:
+            lines += ["SigLIP pools its text at the last position, so texts must be padded to "
+                      f"this model's context length, {context_length} tokens; the pipeline "
+                      f"pads SigLIP labels to {PIPELINE_SIGLIP_LENGTH} (it ignores "
+                      "`tokenizer_kwargs`), so it does not score this model as cliplab does "
+                      "(or fails). Embed the labels with the processor instead:", "",
+                      "```python", "import torch",
+                      "from transformers import AutoModel, AutoProcessor",
+                      "model = AutoModel.from_pretrained(\"THIS_FOLDER\")",
+                      "processor = AutoProcessor.from_pretrained(\"THIS_FOLDER\")",
+                      "inputs = processor(text=[f\"This is a photo of {label}.\" for label in "
+                      "labels], images=image,",
+                      f"                   padding=\"max_length\", max_length={context_length}, "
+                      "truncation=True, return_tensors=\"pt\")",
+                      "with torch.no_grad():",
+                      "    probs = torch.sigmoid(model(**inputs).logits_per_image)", "```", ""]
     if resize_mode == "longest":
         lines += ["## Warning: images preprocessed outside cliplab differ", "",
                   LONGEST_NOTE[0].upper() + LONGEST_NOTE[1:] + ". Preprocess images with "
