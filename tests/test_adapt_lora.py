@@ -319,3 +319,24 @@ def test_adapter_config_names_the_base_absolute_for_plain_peft(tmp_path, digits,
     recorded = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
     assert recorded == str((tmp_path / "base").resolve())
     assert AutoModel.from_pretrained(recorded) is not None
+
+
+def test_saving_a_model_that_carries_lora_layers_says_how_to_save_it(tmp_path, digits):
+    """After fit the model holds peft's layers (in place, as documented): its save wrote a
+    folder of renamed weights that no loader opened; it is refused, and merging first works."""
+    from cliplab.adapt import AdaptContext, get_method
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    model = small_model()
+    adapted = get_method("lora").fit(model, digits, {"rank": 2, "train": {"steps": 1,
+                                                                         "batch_size": 16}},
+                                     AdaptContext(FeatureCache(), progress=False))
+    with pytest.raises(ModelError, match=r"carries LoRA adapters.*adapter\.save\(folder\).*"
+                                         r"merge_adapter\(model, adapter\.peft_model\)"):
+        model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    merge_adapter(model, adapted.peft_model).save(tmp_path / "m")
+    pixels = model.preprocess(digits.images[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(DualEncoder.load(tmp_path / "m").encode_image(pixels),
+                                   model.encode_image(pixels))

@@ -221,14 +221,17 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts: list[str] | str, batch_size: int = 256) -> torch.Tensor:
         """Convenience: tokenize and embed a list of strings (one string: a batch of one) in
-        batches (eval mode, no grad)."""
+        batches (eval mode, no grad): unit float32 rows on the model's device, whatever the
+        model's dtype."""
         texts = [texts] if isinstance(texts, str) else texts  # not one text per character
         out = []
         with evaluating(self):
             for i in range(0, len(texts), batch_size):
                 tok = {k: v.to(self.device)
                        for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-                out.append(self.encode_text(**tok))
+                # normalised in float32, as evaluate.features.encode_images does
+                feats = self.encode_text(**tok, normalize=False).float()
+                out.append(F.normalize(feats, dim=-1))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @property
@@ -304,6 +307,12 @@ class DualEncoder(nn.Module):
         (``state_dict``: the weights to write instead of the module's, e.g. gathered from
         FSDP shards)."""
         path = Path(path)
+        if state_dict is None and any("lora_" in name for name, _ in self.named_parameters()):
+            # peft's layers rename the weights: the folder would load nowhere
+            raise ModelError("this model carries LoRA adapters (lora's fit adds them in place): "
+                             "save the fitted adapter (adapter.save(folder); options merge: "
+                             "true also writes the full model), or fold them in first with "
+                             "cliplab.adapt.lora.merge_adapter(model, adapter.peft_model)")
         if state_dict is not None:
             self._check_fits(state_dict)  # before writing: a folder that cannot load back
         path.mkdir(parents=True, exist_ok=True)
@@ -356,10 +365,11 @@ class DualEncoder(nn.Module):
         else:
             pre = preprocess_from_processor_config(path, config.vision_config.image_size)
         if "text_pooling" not in meta and config.model_type == "vision-text-dual-encoder":
-            print(f"cliplab: warning: {path} has no {CLIPLAB_FILE}: its texts are embedded by "
-                  "the text model's pooler, as transformers does; a cliplab LiT model pools by "
-                  f"mean (a folder re-saved by transformers lost its {CLIPLAB_FILE}: copy it "
-                  "back)", file=sys.stderr)
+            print(f"cliplab: warning: {_no_text_pooling(path)}: assuming text_pooling 'model' "
+                  "(the text model's pooler, as transformers does); a cliplab LiT model pools "
+                  f"by mean: if this is one (e.g. re-saved by transformers), copy its "
+                  f"{CLIPLAB_FILE} back or set \"text_pooling\": \"mean\" in it",
+                  file=sys.stderr)
         loaded = cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
                      meta.get("context_length")).eval()
         loaded.source = str(path.resolve())
@@ -375,6 +385,12 @@ def evaluating(module: nn.Module):
         yield module
     finally:
         module.train(was_training)
+
+
+def _no_text_pooling(path: Path) -> str:
+    """What a VisionTextDualEncoder folder lacks for its text pooling, as it is."""
+    file = path / CLIPLAB_FILE
+    return f"{file} sets no text_pooling" if file.is_file() else f"{path} has no {CLIPLAB_FILE}"
 
 
 def _update_tokenizer_config(folder: Path, settings: dict) -> None:
