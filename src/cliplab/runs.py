@@ -1,5 +1,6 @@
-"""Run folders: ``config.yaml``, ``metrics.jsonl`` (+ TensorBoard event files beside it) and
-``checkpoints/step-N/`` written atomically.
+"""Run folders: ``config.yaml`` (and ``start_model.json``: the model a fresh run started from),
+``metrics.jsonl`` (+ TensorBoard event files beside it) and ``checkpoints/step-N/`` written
+atomically.
 
 Every numeric value of a logged record is also a TensorBoard scalar at the record's ``step``,
 so ``tensorboard --logdir runs/`` shows loss, lr, logit scale, throughput and eval metrics.
@@ -31,6 +32,8 @@ TENSORBOARD_ENV = "CLIPLAB_TENSORBOARD"
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 RESULTS_FILE = "results.json"  # written last: a run without it never finished
 RUN_RECORDS = (CHECKPOINTS, METRICS_FILE, RESULTS_FILE)  # a run that got under way
+START_MODEL_FILE = "start_model.json"  # the model a fresh run started from, beside config.yaml
+STARTED_FILES = (CONFIG_FILE, START_MODEL_FILE)  # what a run writes before its first step
 
 
 def default_run_dir(kind: str) -> Path:
@@ -112,13 +115,14 @@ def check_no_foreign_files(out: str | Path) -> None:
     the run would write its config.yaml over a file of that name, and mix its files with the
     rest. What an attempt of cliplab stopped before it logged anything leaves there is allowed:
     the config.yaml a run writes first (`RUN_MARKERS`), written for this very folder
-    (`is_own_config`); an attempt that logged (metrics.jsonl) is a run, refused or resumed by
-    `check_new_run`. Call it after the checks against the command's inputs."""
+    (`is_own_config`), and the start_model.json beside it; an attempt that logged
+    (metrics.jsonl) is a run, refused or resumed by `check_new_run`. Call it after the checks
+    against the command's inputs."""
     out = Path(out)
     if not out.is_dir() or any((out / name).exists() for name in RUN_RECORDS):
         return
-    foreign = sorted(p.name for p in out.iterdir()
-                     if not (p.name == CONFIG_FILE and is_own_config(out)))
+    own = is_own_config(out)
+    foreign = sorted(p.name for p in out.iterdir() if not (own and p.name in STARTED_FILES))
     if foreign:
         raise ConfigError(f"--out {out} holds {foreign[0]}, which no cliplab run in this folder "
                           "wrote; a new run needs a new or empty folder (its files are left as "
@@ -160,14 +164,15 @@ def _record_step(line: str) -> float:
 @contextmanager
 def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
     """Run the block; if it fails while the run folder ``path`` (made by this command:
-    ``existed`` is False) holds nothing but its ``config.yaml``, remove the folder, so a run
-    refused at its start (a batch larger than the data, ...) leaves nothing behind."""
+    ``existed`` is False) holds nothing but its ``config.yaml`` (and ``start_model.json``),
+    remove the folder, so a run refused at its start (a batch larger than the data, ...) leaves
+    nothing behind."""
     try:
         yield
     except Exception:
         path = Path(path)
         if not existed and path.is_dir() and \
-                {p.name for p in path.iterdir()} <= {"config.yaml"}:
+                {p.name for p in path.iterdir()} <= set(STARTED_FILES):
             shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
         raise
 

@@ -19,12 +19,12 @@ from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
-from cliplab.models.resolve import load_model
+from cliplab.models.resolve import load_model, model_record
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import spec_paths
-from cliplab.runs import (RESULTS_FILE, RunDir, check_run_out, default_run_dir,
-                          removed_if_unstarted)
+from cliplab.runs import (RESULTS_FILE, START_MODEL_FILE, RunDir, check_run_out,
+                          default_run_dir, removed_if_unstarted)
 from cliplab.train.stream_batches import StreamBatches, checked_stream_spec
 from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.config import TrainConfig
@@ -154,6 +154,9 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     replay, replay_ratio = _replay(cfg.data.replay, progress)
     context = TaskContext(progress=False)
     model = load_model(cfg.model)
+    # the weights as loaded, before any step (a resume keeps the record of the run's start)
+    start_model = start_model_record(cfg, model) \
+        if resume is None and distributed.rank() == 0 else None
     if cfg.eval:  # a bad eval source, or a task the model cannot serve, fails before training
         context.preload(cfg.eval.tasks, "eval.tasks", model=model)
     # the run folder is made only once the inputs are known to be good; its default name
@@ -171,6 +174,8 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     def write_config() -> None:  # once a resume is accepted: a refused one changes nothing
         if distributed.rank() == 0:
             run.write_config(cfg.to_dict())
+            if start_model is not None:
+                run.write_json(START_MODEL_FILE, start_model)
 
     with removed_if_unstarted(run.path, existed):
         trainer = Trainer(model, train_cfg, run)
@@ -189,6 +194,13 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                         skipped.add(reason, key)
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
                     trainer.precision, str(trainer.device), trainer.resumed_from)
+
+
+def start_model_record(cfg: PretrainConfig, model: Any) -> dict:
+    """What a run's ``start_model.json`` holds: the ``model`` spec as config.yaml has it, the
+    folder it resolved to (None for a preset) and the fingerprint of ``model``'s weights
+    (`model_record`)."""
+    return {"model": cfg.to_dict()["model"], **model_record(cfg.model, model)}
 
 
 def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
