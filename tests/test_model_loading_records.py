@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, CLIPModel, SiglipModel, ViTConfig,
+from transformers import (BertConfig, CLIPModel, ViTConfig,
                           VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 from cliplab.errors import ConfigError
