@@ -171,3 +171,27 @@ def test_a_saved_dfn_spec_loads_again():
     spec = Spec(step="dfn", model=TINY, trusted=TRUSTED, train={**TRAIN, "hard_negatives": True},
                 keep_top=0.5)
     assert Spec.model_validate(spec.to_dict()) == spec
+
+
+def test_the_network_trains_with_the_pipeline_seed_unless_its_train_seed_is_given(tmp_path):
+    """Like balance's draws, the network follows the pipeline's ``seed``: two seeds train two
+    networks (and a changed seed retrains on resume); ``train.seed`` given wins."""
+    small = {**TRUSTED, "n": 40}
+    spec = Spec(step="dfn", model=TINY, trusted=small, train={"steps": 2, "batch_size": 8},
+                threshold=0.0)
+
+    def network(seed: int, work, step_spec=spec):
+        step = DataFilteringNetwork(step_spec)
+        step.prepare(StepContext(work=work, seed=seed, progress=False))
+        recorded = json.loads((work / NETWORK / "trained_on.json").read_text())["train"]["seed"]
+        weights = {n: p.clone() for n, p in step.model.model.state_dict().items()}
+        return recorded, weights
+
+    seed3, weights3 = network(3, tmp_path / "a")
+    seed0, weights0 = network(0, tmp_path / "b")
+    assert (seed3, seed0) == (3, 0)
+    assert any(not np.allclose(weights3[n], weights0[n]) for n in weights3)
+    again, weights = network(0, tmp_path / "a")  # the pipeline's seed changed: retrained
+    assert again == 0 and all(np.allclose(weights[n], weights0[n]) for n in weights0)
+    given = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 7})})
+    assert network(3, tmp_path / "c", given)[0] == 7

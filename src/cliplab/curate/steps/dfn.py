@@ -8,6 +8,8 @@ of `cliplab.train.config.TrainConfig` (steps, batch_size, lr, ...). The network 
 in the step's work folder (``filter-network/``, with ``metrics.jsonl`` and its checkpoint); a
 resumed curation reuses it while ``model``, ``trusted`` and ``train`` are unchanged (and
 resumes a training killed after a ``save_every`` checkpoint), and trains afresh otherwise.
+The network trains with ``train.seed`` when given, else the pipeline's ``seed`` (as ``balance``
+draws with its own ``seed`` or the pipeline's).
 
 Each pool pair is then scored by the cosine of the network's image and caption embeddings, and
 ``keep_top`` (a fraction) or ``threshold`` (a cosine) keeps the best, as ``clip_score`` does
@@ -87,6 +89,9 @@ class DataFilteringNetwork:
         """Train the network (or reuse the one a previous run of this step trained)."""
         self.device = context.device
         run_path = Path(context.work) / NETWORK
+        if "seed" not in self.spec.train.model_fields_set:  # else the step's own train.seed
+            train = self.spec.train.model_copy(update={"seed": context.seed})
+            self.spec = self.spec.model_copy(update={"train": train})
         trained_on = {k: v for k, v in self.spec.to_dict().items()
                       if k in ("model", "trusted", "train")}
         trained_on["train"] = {k: v for k, v in trained_on["train"].items() if k != "progress"}
