@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cliplab.cli import COMMANDS, main
-from cliplab.cli.pretrain import QUIET_RANK_WAIT_S
+from cliplab.cli import QUIET_RANK_WAIT_S
 from tests.cli_output import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,8 +138,10 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert main([*args, "--out", str(out), "train.epochs=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    # complete: --resume latest alone was refused as "nothing to resume"
     assert err == [f"cliplab: error: --out {out} already holds a run (checkpoints up to "
-                   "step-2); continue it with --resume latest, or choose a new --out"]
+                   "step-2); extend it with --resume latest and a longer train.steps or "
+                   "train.epochs, or choose a new --out"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert main([*args, "--out", str(out), "train.epochs=2", "--resume", "latest"]) == 0
     assert (out / "checkpoints" / "step-4").is_dir()
@@ -288,8 +290,10 @@ def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_pat
 def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank, says,
                                                               tmp_path, capsys, monkeypatch):
     """Every rank of a machine reads the same recipe and command line, so local rank 0 says
-    what is wrong with them and the others exit with the same code quietly (torchrun printed the
-    line once per rank); a machine's local rank 0 on another machine (RANK 2) still says it."""
+    what is wrong with them (torchrun printed the line once per rank) and torchrun stops the
+    others while they wait; a machine's local rank 0 on another machine (RANK 2) still says
+    it. A rank still running after the wait failed alone: it says its error, naming itself
+    (it exited quietly, and the user saw no cliplab line at all)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("out: run\ntrain:\n  steps: 2\n")
     monkeypatch.setenv("WORLD_SIZE", world)
@@ -304,8 +308,10 @@ def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank,
         assert err.startswith(f"cliplab: error: {recipe} + command line: ")
         assert "unknown key train.stepz" in err
         assert len(err.strip().splitlines()) == 1 and waits == []
-    else:  # and it leaves after local rank 0, or torchrun could stop that one first
-        assert err == "" and waits == [QUIET_RANK_WAIT_S]
+    else:  # it leaves after local rank 0, or torchrun could stop that one first
+        assert waits == [QUIET_RANK_WAIT_S]
+        assert err.startswith(f"cliplab: error: rank 1: {recipe} + command line: ")
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_a_help_that_lists_config_keys_lists_every_one(capsys):

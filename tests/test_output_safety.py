@@ -361,6 +361,37 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
     assert capsys.readouterr().err.strip() == "cliplab: interrupted"
 
 
+def test_an_interrupted_torchrun_run_is_said_once_with_a_torchrun_hint(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches every rank: local rank 0 says it (each rank printed 'interrupted'), and
+    its hint relaunches with torchrun (a streamed run resumes on as many ranks only: the hint
+    without torchrun was refused)."""
+    import cliplab.train.pretrain as pretrain
+
+    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    out = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, out / "checkpoints" / "step-4" / "model")
+
+    def interrupted(cfg, resume=None, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, local in (("0", "0"), ("1", "1")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert main(["pretrain", "--config", str(recipe), "--out", str(out),
+                     "--no-progress"]) == 130
+        err = capsys.readouterr().err
+        if rank == "0":
+            assert (f"resume with: torchrun --nproc-per-node 2 --nnodes 2 -m cliplab pretrain "
+                    f"--out {out} --resume latest") in err
+            assert err.strip().endswith("cliplab: interrupted")
+        else:
+            assert err == ""
+
+
 def test_interrupted_default_run_hint_names_only_the_run_it_made(tiny_model_dir, tmp_path,
                                                                  monkeypatch, capsys):
     """Without --out the run folder is a new runs/pretrain-<time>: the hint names that one,

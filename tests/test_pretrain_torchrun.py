@@ -265,3 +265,30 @@ def test_a_group_the_script_made_outlives_its_runs(tmp_path):
     collective of the script's own."""
     reports = _group_ends(tmp_path, "own-group", ("plain", False), ("fsdp", True))
     assert reports == [{"kept": [True, True], "sum": 1.0}] * 2
+
+
+def test_ranks_given_different_configs_are_refused_naming_the_keys(tmp_path):
+    """A launcher that gave one rank another override (train.lr here) trained silently: rank 1
+    stepped at its own rate while config.yaml recorded rank 0's (other keys aborted in a
+    mismatched collective). Both ranks now refuse, naming the key, before any folder is made.
+    Two machines' local ranks 0 (each says it: no quiet wait)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(tmp_path / "run", dist_timeout_s=60)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        extra = ["train.lr=0.005"] if rank == 1 else []
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cliplab", "pretrain", "--config", str(cfg), "--no-progress",
+             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert err.strip().splitlines()[-1] == (
+            "cliplab: error: rank 1 was given another config than rank 0 (train.lr: 0.005 "
+            "(rank 0: 0.001)): every rank must run the same recipe, command line and files")
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,7 @@ COMMANDS: dict[str, ModuleType] = {
 # the commands that share their work over torchrun's ranks; any other would run as N
 # independent copies writing the same files
 DISTRIBUTED_COMMANDS = ("pretrain",)
+QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves its error to local rank 0 waits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,12 +162,27 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         hint = other_command_hint(_command_name(args), getattr(args, "config", None)) \
             if isinstance(err, ConfigError) else None
-        print(f"cliplab: error: {hint or err}", file=sys.stderr)
+        who = ""
+        if _local_rank0_says_it(args):
+            # the ranks read the same files and command line: most errors are every rank's,
+            # and local rank 0 says them once; torchrun stops this rank when that one exits.
+            # A rank still here after the wait failed alone and says its own error.
+            time.sleep(QUIET_RANK_WAIT_S)
+            who = f"rank {os.environ.get('RANK', '?')}: "
+        print(f"cliplab: error: {who}{hint or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _end_progress_bars()
-        print("cliplab: interrupted", file=sys.stderr)
+        if not _local_rank0_says_it(args):  # Ctrl-C reaches every rank: said once a machine
+            print("cliplab: interrupted", file=sys.stderr)
         return 130
+
+
+def _local_rank0_says_it(args: argparse.Namespace) -> bool:
+    """Whether this process is a rank of a distributed command under torchrun other than its
+    machine's local rank 0, which says what every rank of the machine would."""
+    return args.command in DISTRIBUTED_COMMANDS and under_torchrun() and \
+        os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 if __name__ == "__main__":

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-from cliplab.cli.arguments import EXIT_BAD_INPUT, add_common, add_debug, under_torchrun
+from cliplab.cli.arguments import add_common, add_debug, under_torchrun
 from cliplab.errors import ConfigError
-
-QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves a recipe error to local rank 0 waits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,16 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.config import load_config
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
-    try:
-        cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
-                          extra={"out": args.out})
-    except ConfigError:
-        if _another_rank_says_it():
-            # torchrun stops every rank once one exits: leaving first could stop local rank 0
-            # before it has said what is wrong
-            time.sleep(QUIET_RANK_WAIT_S)
-            return EXIT_BAD_INPUT
-        raise
+    cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
+                      extra={"out": args.out})
     earlier_runs = set(Path("runs").glob("pretrain-*"))
     try:
         results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
@@ -64,13 +53,6 @@ def run(args: argparse.Namespace) -> int:
     if run is not None:
         print(f"run folder: {run} (results.json, metrics.jsonl, checkpoints/)")
     return 0
-
-
-def _another_rank_says_it() -> bool:
-    """Under torchrun, whether this rank leaves a recipe error to local rank 0: every rank of
-    a machine reads the same files and command line, so one line says it (each machine still
-    says its own, in case their files differ)."""
-    return under_torchrun() and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _pretrain_recipe(args) -> str | Path:
@@ -112,4 +94,15 @@ def _resume_hint(out: str | None, earlier_runs: set[Path]) -> None:
         run = runs[-1] if runs else None
     if run is not None and latest_checkpoint(run) is not None:
         print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
-              f"with: cliplab pretrain --out {run} --resume latest", file=sys.stderr)
+              f"with: {_launcher()}cliplab pretrain --out {run} --resume latest",
+              file=sys.stderr)
+
+
+def _launcher() -> str:
+    """How this run was launched, for a command that continues it: ``torchrun
+    --nproc-per-node N -m `` under torchrun (a streamed run resumes on as many ranks only)."""
+    if not under_torchrun():
+        return ""
+    nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return (f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')}"
+            + (f" --nnodes {nodes}" if nodes > 1 else "") + " -m ")

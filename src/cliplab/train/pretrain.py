@@ -102,6 +102,11 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         _check_checkpoints_run(Path(resume), cfg)
     backend = distributed.backend_for(resolve_device(cfg.train.device))  # train.device=cpu: gloo
     distributed.init_distributed(backend, timeout_s=cfg.train.dist_timeout_s)
+    try:
+        check_ranks_agree(cfg, resume)
+    except ConfigError:
+        distributed.shutdown()
+        raise
     progress = progress and distributed.rank() == 0  # one set of bars, not one per rank
     train_cfg = cfg.train.model_copy(update={"progress": progress})
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:  # ranks known now
@@ -194,6 +199,35 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                         skipped.add(reason, key)
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
                     trainer.precision, str(trainer.device), trainer.resumed_from)
+
+
+def check_ranks_agree(cfg: PretrainConfig, resume: str | None) -> None:
+    """Under torchrun, refuse (on every rank alike) a rank whose config or ``--resume``
+    differs from rank 0's, naming the keys: such a rank would draw other batches or take other
+    steps while config.yaml records rank 0's, or abort in a mismatched collective."""
+    mine = {**cfg.to_dict(), "--resume": resume}
+    every = distributed.gather_objects(mine)
+    for rank, theirs in enumerate(every[1:], start=1):
+        changed = changed_key_paths(every[0], theirs, skip=("progress",))
+        if changed:
+            shown = "; ".join(f"{path}: {_at(theirs, path)!r} (rank 0: {_at(every[0], path)!r})"
+                              for path in changed[:3])
+            raise ConfigError(f"rank {rank} was given another config than rank 0 ({shown}"
+                              f"{'; ...' if len(changed) > 3 else ''}): every rank must run the "
+                              "same recipe, command line and files")
+
+
+def _at(config: dict, path: str):
+    """The value at dotted ``path`` of ``config`` (list items by index), None where absent."""
+    value = config
+    for part in path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return value
 
 
 def start_model_record(cfg: PretrainConfig, model: Any) -> dict:
