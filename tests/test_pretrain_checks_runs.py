@@ -281,7 +281,8 @@ def test_a_run_stopped_during_its_final_evaluation_is_finished_by_a_resume(tmp_p
         assert {**written, "wall_time_s": 0} == {**json.loads(json.dumps(done)), "wall_time_s": 0}
         assert {**again, "wall_time_s": 0} == {**done, "wall_time_s": 0}
         assert records(out) == logged  # the evaluation logged once
-    with pytest.raises(ConfigError, match="nothing to resume: .*the run is complete"):
+    with pytest.raises(ConfigError, match="nothing to resume: .*the run is complete; a "
+                                          "longer train.steps or train.epochs extends it$"):
         run_pretrain(recipe(out, evaluate=True), resume="latest", progress=False)
 
 

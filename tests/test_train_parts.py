@@ -43,6 +43,9 @@ def test_train_config_defaults_and_errors_name_the_key():
             ("loss", "hinge", r"train\.loss: expected 'clip' or 'siglip', got 'hinge'"),
             ("loss_tile", True, r"train\.loss_tile: expected an integer, got True"),
             ("micro_batch_size", 0, r"train\.micro_batch_size: expected greater than 0"),
+            # as large as the batch it splits nothing (it passed silently)
+            ("micro_batch_size", 256, r"micro_batch_size 256 is not below batch_size 256: it "
+                                      r"splits nothing"),
             ("lr_scale", {"text": "x"}, r"train\.lr_scale\.text: expected a valid number"),
             ("steps", 0, r"train\.steps: expected greater than 0")]:
         with pytest.raises(ConfigError, match=message):
@@ -252,3 +255,18 @@ def test_pretrain_prints_counts_as_integers_and_metrics_to_three_decimals(monkey
     assert main(["pretrain", "--config", str(recipe), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "compositional/attribute_swap=0.568, compositional/n=100\n" in out
+
+
+def test_a_micro_batch_not_below_a_ranks_share_is_told(monkeypatch, capsys):
+    """Over ranks each embeds batch_size / world: a micro-batch that large splits nothing
+    there (it passed silently); rank 0 says so once."""
+    from cliplab.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(trainer_module.distributed, "rank", lambda: 0)
+    Trainer(small_model(), config(batch_size=8, micro_batch_size=4))
+    assert capsys.readouterr().err == (
+        "train: warning: train.micro_batch_size=4 is not below a rank's share of the batch "
+        "(4 = 8 over 2 ranks): nothing is split, each step only embeds twice\n")
+    Trainer(small_model(), config(batch_size=8, micro_batch_size=3))
+    assert capsys.readouterr().err == ""

@@ -94,7 +94,10 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
         return
     if held:
         what = f"checkpoints up to {newest.name}" if newest else ", ".join(held)
-        way_on = "continue it with --resume latest, or " if resumable and newest else ""
+        complete = (out / RESULTS_FILE).exists()  # only a longer length goes on from there
+        way_on = ("" if not (resumable and newest) else "extend it with --resume latest and a "
+                  "longer train.steps or train.epochs, or " if complete else
+                  "continue it with --resume latest, or ")
         stopped = ", stopped before its first checkpoint" if not newest and resumable else ""
         raise ConfigError(f"--out {out} already holds a run ({what}{stopped}); {way_on}choose "
                           "a new --out" + ("" if way_on else " or remove it"))

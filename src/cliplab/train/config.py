@@ -136,6 +136,10 @@ class TrainConfig(Section):
         if self.epochs is not None and self.steps is not None:
             raise ValueError(f"give the length as epochs or as steps, not both (epochs: "
                              f"{self.epochs:g}, steps: {self.steps}); set the other to null")
+        if self.micro_batch_size is not None and self.micro_batch_size >= self.batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is not below "
+                             f"batch_size {self.batch_size}: it splits nothing (each step "
+                             "would only embed twice); drop it or give a smaller one")
         for tower in ("text", "image"):  # ignored without the lock: every block trained
             if getattr(self, f"lock_{tower}_except_last") and not getattr(self, f"lock_{tower}"):
                 raise ValueError(f"lock_{tower}_except_last leaves blocks of a locked tower "

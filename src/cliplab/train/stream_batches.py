@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -92,7 +93,8 @@ def check_rank_split(loader: ShardLoader) -> None:
     counts = stream.rank_sample_counts(loader.workers)
     idle = [str(r) for r, n in enumerate(counts) if n == 0]
     if idle:
-        raise DataError(f"{len(stream.shards)} shard(s) for {world} ranks leave rank(s) "
+        raise DataError(f"{_where(stream.shards)}: {len(stream.shards)} shard(s) for {world} "
+                        f"ranks leave rank(s) "
                         f"{', '.join(idle)} without samples; write more, smaller shards "
                         "(cliplab data shard --samples-per-shard N) or launch fewer ranks")
     steps, total = min(loader.batches_per_rank()), sum(counts)
@@ -103,6 +105,12 @@ def check_rank_split(loader: ShardLoader) -> None:
                       f"the smallest rank's {steps} batches, so {unseen} of {total} samples go "
                       "unseen in an epoch; write more, smaller shards (cliplab data shard "
                       "--samples-per-shard N) for an even split", stacklevel=2)
+
+
+def _where(shards: list) -> str:
+    """The folder of ``shards`` (or the first shard, when they lie in several)."""
+    folders = {str(Path(str(shard)).parent) for shard in shards}
+    return folders.pop() if len(folders) == 1 else str(shards[0])
 
 
 class StreamBatches:
@@ -188,7 +196,8 @@ class StreamBatches:
             raise ConfigError(f"cannot resume a streamed run saved with {saved} rank(s) on "
                               f"{distributed.world_size()}: its checkpoint holds each rank's "
                               f"place in its own shards; resume it on {saved} rank(s) "
-                              f"(torchrun --nproc-per-node {saved}, or without torchrun for 1)")
+                              + ("(without torchrun)" if saved == 1 else
+                                 f"(torchrun --nproc-per-node {saved})"))
         mine = ranks[distributed.rank()]
         self.loader.load_state_dict(mine["stream"])
         self.epoch, self.in_epoch, self._batches = int(mine["epoch"]), int(mine["in_epoch"]), None

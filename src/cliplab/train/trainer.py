@@ -96,6 +96,13 @@ class Trainer:
         if config.fsdp and self.world == 1:  # a recipe tried out before a torchrun launch
             print("train: warning: train.fsdp shards the towers over torchrun's ranks; in one "
                   "process the model trains whole", file=sys.stderr)
+        share = config.batch_size // self.world
+        if config.micro_batch_size and config.micro_batch_size >= share and self.rank == 0 \
+                and self.world > 1:  # in one process the config refuses it
+            print(f"train: warning: train.micro_batch_size={config.micro_batch_size} is not "
+                  f"below a rank's share of the batch ({share} = {config.batch_size} over "
+                  f"{self.world} ranks): nothing is split, each step only embeds twice",
+                  file=sys.stderr)
         if self.sharded:
             if head is not None or save_model is not None:
                 raise ConfigError("train.fsdp shards the towers of plain model training; it "
@@ -316,7 +323,8 @@ class Trainer:
         if self.step == total and not (unfinished and self._own(folder)):
             # training on would write its results anew from nothing
             raise ConfigError(f"nothing to resume: {folder} is at step {self.step} of "
-                              f"{total}, the run is complete")
+                              f"{total}, the run is complete; a longer train.steps or "
+                              "train.epochs extends it")
         if self.run_dir and self.rank == 0:
             self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
             moved = self.run_dir.set_aside_checkpoints_after(self.step)
