@@ -55,10 +55,24 @@ def test_a_plain_folder_without_preprocessor_config_warns_what_is_assumed(tmp_pa
     assert len(told) == 1
     message = told[0]
     assert message.startswith(f"{folder} has no preprocessor_config.json")
-    assert "16 px" in message and "'shortest'" in message and "centre crop" in message
-    assert str(list(CLIP_MEAN)) in message and str(list(CLIP_STD)) in message
+    if kind == "clip":
+        assert "CLIPImageProcessor's defaults at 16 px" in message and "'shortest'" in message
+        assert str(list(CLIP_MEAN)) in message and str(list(CLIP_STD)) in message
+    else:  # SigLIP's own processor (CLIP's mean/std were assumed for SigLIP folders too)
+        assert "SiglipImageProcessor's defaults at 16 px" in message and "'squash'" in message
+        assert "[0.5, 0.5, 0.5]" in message and "bicubic" in message
     assert "add its preprocessor_config.json to the folder" in message
     assert "\n" not in message
+    # the pixels are those of transformers' processor of that kind at that size
+    from PIL import Image
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 16},
+                                   crop_size={"height": 16, "width": 16}) if kind == "clip" \
+        else SiglipImageProcessor(size={"height": 16, "width": 16})
+    image = torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8)
+    want = processor(images=[Image.fromarray(image.numpy())], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(load_model(str(folder)).preprocess(image[None]), want)
     # what cliplab writes has its preprocessing, a preset needs none: neither is told anything
     saved = small_model().save(tmp_path / "saved")
     assert _preprocessing_warnings(lambda: DualEncoder.load(saved)) == []

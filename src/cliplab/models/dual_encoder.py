@@ -363,7 +363,8 @@ class DualEncoder(nn.Module):
         if "preprocess" in meta:
             pre = PreprocessConfig.from_dict(meta["preprocess"], source=str(path / CLIPLAB_FILE))
         else:
-            pre = preprocess_from_processor_config(path, config.vision_config.image_size)
+            pre = preprocess_from_processor_config(path, config.vision_config.image_size,
+                                                   config.model_type)
         if "text_pooling" not in meta and config.model_type == "vision-text-dual-encoder":
             print(f"cliplab: warning: {_no_text_pooling(path)}: assuming text_pooling 'model' "
                   "(the text model's pooler, as transformers does); a cliplab LiT model pools "

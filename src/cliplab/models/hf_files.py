@@ -55,16 +55,28 @@ def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
     return file
 
 
-def preprocess_from_processor_config(folder: str | Path, image_size: int) -> PreprocessConfig:
+# the image processor transformers pairs with a model type, whose defaults a folder without a
+# processor file is read with
+DEFAULT_PROCESSORS = {"siglip": "SiglipImageProcessor"}
+
+
+def preprocess_from_processor_config(folder: str | Path, image_size: int,
+                                     model_type: str = "clip") -> PreprocessConfig:
     """cliplab's eval preprocessing from a folder's ``preprocessor_config.json`` or, as newer
     transformers save a processor, ``processor_config.json``'s ``image_processor``, read as
     transformers reads it (its class's defaults for missing keys), which must make the model's
-    ``image_size``; that size with CLIP's normalisation when the folder has neither, with a
-    warning naming the folder and what is assumed."""
+    ``image_size``. A folder with neither is read with the defaults of ``model_type``'s image
+    processor (SigLIP's for ``siglip``, else CLIP's) at that size, with a warning naming the
+    folder and what is assumed."""
     found = _processor_dict(Path(folder))
     if found is None:
-        pre = PreprocessConfig(image_size=image_size)
-        warnings.warn(assumed_preprocessing_note(folder, pre), stacklevel=2)
+        name = DEFAULT_PROCESSORS.get(model_type, "CLIPImageProcessor")
+        raw = {"image_processor_type": name, "size": {"height": image_size, "width": image_size}}
+        if name == "CLIPImageProcessor":
+            raw.update(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size})
+        pre = processor_to_preprocess(_image_processor("", raw), "", raw)
+        warnings.warn(assumed_preprocessing_note(folder, pre, name), stacklevel=2)
         return pre
     where, raw = found
     pre = processor_to_preprocess(_image_processor(where, raw), where, raw)
@@ -75,13 +87,13 @@ def preprocess_from_processor_config(folder: str | Path, image_size: int) -> Pre
     return pre
 
 
-def assumed_preprocessing_note(folder: str | Path, pre: PreprocessConfig) -> str:
+def assumed_preprocessing_note(folder: str | Path, pre: PreprocessConfig, processor: str) -> str:
     """The warning for a folder without an image processor config: what is assumed, how to fix."""
     return (f"{folder} has no {PROCESSOR_FILE} (nor {COMBINED_PROCESSOR_FILE}): assuming "
-            f"{pre.image_size} px images (config.json's image_size), CLIP's mean {list(pre.mean)} "
-            f"and std {list(pre.std)}, resize_mode {pre.resize_mode!r} ({pre.interpolation} "
-            f"resize of the shorter side, centre crop); if the model was trained otherwise, add "
-            f"its {PROCESSOR_FILE} to the folder")
+            f"{processor}'s defaults at {pre.image_size} px (config.json's image_size): mean "
+            f"{list(pre.mean)}, std {list(pre.std)}, resize_mode {pre.resize_mode!r}, "
+            f"{pre.interpolation} interpolation; if the model was trained otherwise, add its "
+            f"{PROCESSOR_FILE} to the folder")
 
 
 def _processor_dict(folder: Path) -> tuple[str, dict] | None:
