@@ -340,7 +340,9 @@ def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
         f"run folder: {out} (results.json, metrics.jsonl, checkpoints/)"]
 
 
-def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def interrupted_run(tiny_model_dir, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(recipe, run folder holding a checkpoint) with pretraining interrupted by Ctrl-C."""
     import cliplab.train.pretrain as pretrain
 
     recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
@@ -351,6 +353,11 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    return recipe, out
+
+
+def test_pretrain_interrupted_tells_how_to_resume(interrupted_run, tmp_path, capsys):
+    recipe, out = interrupted_run
     assert main(["pretrain", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert f"resume with: cliplab pretrain --out {out} --resume latest" in err
@@ -361,21 +368,12 @@ def test_pretrain_interrupted_tells_how_to_resume(tiny_model_dir, tmp_path, monk
     assert capsys.readouterr().err.strip() == "cliplab: interrupted"
 
 
-def test_an_interrupted_torchrun_run_is_said_once_with_a_torchrun_hint(
-        tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_torchrun_run_is_said_once_with_a_torchrun_hint(interrupted_run,
+                                                                        monkeypatch, capsys):
     """Ctrl-C reaches every rank: local rank 0 says it (each rank printed 'interrupted'), and
     its hint relaunches with torchrun (a streamed run resumes on as many ranks only: the hint
     without torchrun was refused)."""
-    import cliplab.train.pretrain as pretrain
-
-    recipe = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
-    out = tmp_path / "run"
-    shutil.copytree(tiny_model_dir, out / "checkpoints" / "step-4" / "model")
-
-    def interrupted(cfg, resume=None, progress=True):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
+    recipe, out = interrupted_run
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for rank, local in (("0", "0"), ("1", "1")):
