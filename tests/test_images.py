@@ -58,14 +58,27 @@ def test_missing_or_corrupt_file_names_the_path(tmp_path):
         decode_image(tmp_path / "bad.jpg")
 
 
-def test_stack_at_first_size_and_common_channels():
-    first = torch.from_numpy(RGB)
-    gray = torch.from_numpy(GRAY[:4, :5, None].copy())
-    out = stack_images([first, gray])
-    assert out.shape == (2, 6, 10, 3) and torch.equal(out[0], first)
-    resized = np.array(Image.fromarray(GRAY[:4, :5]).resize((10, 6), Image.Resampling.BILINEAR))
-    assert all(torch.equal(out[1, ..., c], torch.from_numpy(resized)) for c in range(3))
-    assert stack_images([gray, gray]).shape == (2, 4, 5, 1)  # all grayscale stays one channel
+def test_stack_of_mixed_sizes_makes_centre_squares_whatever_the_order():
+    """Images of different sizes were squashed to the FIRST one's size: every other aspect
+    distorted, and scores changed when a file was renamed. They become centre squares at the
+    median shorter side (here 5 of 6 and 4), as CLIP's shorter-side resize and centre crop
+    would cut them; told once, naming where."""
+    first = torch.from_numpy(RGB)  # 6 x 10
+    gray = torch.from_numpy(GRAY[:4, :5, None].copy())  # 4 x 5
+    with pytest.warns(UserWarning, match=r"^x\.csv: 2 images of 2 sizes \(5x4, 10x6\) are made "
+                      r"5x5 squares \(shorter side resized to 5 px, centre crop\); give "
+                      r"image_size: N"):
+        out = stack_images([first, gray], "x.csv")
+    assert out.shape == (2, 5, 5, 3)
+    bilinear = Image.Resampling.BILINEAR
+    first_5 = np.array(Image.fromarray(RGB).resize((8, 5), bilinear))[:, 1:6]  # 10*5/6 -> 8
+    gray_5 = np.array(Image.fromarray(GRAY[:4, :5]).resize((6, 5), bilinear))[:, 0:5]  # 6.25
+    assert torch.equal(out[0], torch.from_numpy(first_5))
+    assert all(torch.equal(out[1, ..., c], torch.from_numpy(gray_5)) for c in range(3))
+    with pytest.warns(UserWarning):
+        assert torch.equal(stack_images([gray, first]), out.flip(0))  # order does not matter
+    assert stack_images([gray, gray]).shape == (2, 4, 5, 1)  # one size, grayscale: as they are
+    assert torch.equal(stack_images([first, first])[0], first)
 
 
 def test_encode_png_round_trips_and_jpg_is_close():

@@ -243,15 +243,20 @@ def test_no_usable_sample_raises(tmp_path):
 
 
 def test_mixed_sizes_are_resized(tmp_path):
-    small = make_png(tmp_path / "small.png", width=4, height=4, seed=1)
+    """Without image_size, centre squares at the median shorter side (5 of 4 and 6); the
+    8x6 image was squashed to the first one's 4x4."""
+    make_png(tmp_path / "small.png", width=4, height=4, seed=1)
     make_png(tmp_path / "big.png", width=8, height=6, seed=2)
     path = write_manifest(tmp_path / "m.csv", [{"image": "small.png", "caption": "s"},
                                                {"image": "big.png", "caption": "b"}])
-    data = load_manifest(path, progress=False)
-    assert data.images.shape == (2, 4, 4, 3)
-    assert torch.equal(data.images[0], torch.from_numpy(small))
-    expected = Image.open(tmp_path / "big.png").convert("RGB").resize((4, 4), Image.Resampling.BILINEAR)
-    assert torch.equal(data.images[1], torch.from_numpy(np.array(expected)))
+    with pytest.warns(UserWarning, match=r"m\.csv: 2 images of 2 sizes .* 5x5 squares"):
+        data = load_manifest(path, progress=False)
+    assert data.images.shape == (2, 5, 5, 3)
+    bilinear = Image.Resampling.BILINEAR
+    small = Image.open(tmp_path / "small.png").convert("RGB").resize((5, 5), bilinear)
+    assert torch.equal(data.images[0], torch.from_numpy(np.array(small)))
+    big = Image.open(tmp_path / "big.png").convert("RGB").resize((7, 5), bilinear)  # 8 * 5/6
+    assert torch.equal(data.images[1], torch.from_numpy(np.array(big)[:, 1:6]))
 
     fixed = load_manifest(path, image_size=5, progress=False)
     assert fixed.images.shape == (2, 5, 5, 3)

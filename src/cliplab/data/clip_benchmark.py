@@ -91,7 +91,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
                         "label order)")
     if not images:
         raise DataError(f"no usable sample in {root / split} ({skipped.summary()})")
-    pixels = stack_images(images)
+    pixels = stack_images(images, str(root / split))
     name = f"{root.name}-{split}"
     if classnames is not None:
         return LabelledImages(pixels, torch.tensor(labels), classnames, templates, name, skipped,

@@ -53,8 +53,8 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     """All images under ``path``'s class sub-folders as labelled images (with ``captions``:
     as image-text pairs, `load_caption_folder`).
 
-    Images are decoded to RGB and resized (bilinear) to ``image_size`` squares, default the
-    first good image's size. Files that are not usable images are skipped and listed in
+    Images are decoded to RGB and resized (bilinear) to ``image_size`` squares; without it,
+    images of different sizes become centre squares (`stack_images`). Files that are not usable images are skipped and listed in
     ``.skipped`` (``unreadable_image``, ``not_an_image``, ``missing_file``, and
     ``outside_class_folder`` for an image at the root); ``templates`` overrides the folder's
     template file. ``.keys`` holds each image's path relative to ``path`` (``cat/001.jpg``).
@@ -103,7 +103,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
         print(f"image folder {root}: warning: {len(empty)} class folder(s) hold no readable "
               f"image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
               file=sys.stderr)
-    return LabelledImages(stack_images(images), torch.tensor(labels),
+    return LabelledImages(stack_images(images, f"image folder {root}"), torch.tensor(labels),
                           classnames, templates, name=root.name, skipped=skipped, keys=keys)
 
 
@@ -142,5 +142,5 @@ def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
     if not images:
         raise DataError(f"caption folder {root}: no readable image with a caption in "
                         f"{len(listed.images)} images ({skipped.summary()})")
-    return ImageTextPairs(stack_images(images), captions, name=root.name, skipped=skipped,
+    return ImageTextPairs(stack_images(images, f"image folder {root}"), captions, name=root.name, skipped=skipped,
                           keys=keys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,14 +79,37 @@ def resize_image(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor
     return _to_tensor(_resized(to_pil(image), (height, width)))
 
 
-def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[N, H, W, C]`` of uint8 images at the first one's size (the others resized
-    bilinearly); if some are grayscale and some colour, all become colour."""
-    size = tuple(images[0].shape[:2])
-    same = [resize_image(im, size) for im in images]
-    if len({im.shape[-1] for im in same}) > 1:
-        same = [im.expand(-1, -1, 3) if im.shape[-1] == 1 else im for im in same]
-    return torch.stack(same)
+def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch.Tensor:
+    """``[N, H, W, C]`` of uint8 images; if some are grayscale and some colour, all become
+    colour. Images of different sizes become squares the CLIP way, whatever their order: the
+    shorter side resized (bilinear) to the median shorter side, then centre-cropped, so a
+    model that resizes the shorter side and centre-crops (CLIP's and OpenCLIP's
+    preprocessing) sees what it sees of each image alone (squashing each to one size, as
+    before, distorted every image whose aspect differed); ``where`` names them in the
+    warning that says so."""
+    sizes = {tuple(im.shape[:2]) for im in images}
+    if len(sizes) > 1:
+        side = int(np.median([min(im.shape[:2]) for im in images]))
+        shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
+        warnings.warn(f"{where}: {len(images)} images of {len(sizes)} sizes ({shown}"
+                      f"{', ...' if len(sizes) > 3 else ''}) are made {side}x{side} squares "
+                      f"(shorter side resized to {side} px, centre crop); give image_size: N "
+                      "to resize each to N x N instead", stacklevel=2)
+        images = [centre_square(im, side) for im in images]
+    if len({im.shape[-1] for im in images}) > 1:
+        images = [im.expand(-1, -1, 3) if im.shape[-1] == 1 else im for im in images]
+    return torch.stack(list(images))
+
+
+def centre_square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """A uint8 ``[H, W, C]`` image with its shorter side resized (bilinear) to ``side`` and
+    its centre ``side x side`` cut out (CLIP's eval resize, at ``side``)."""
+    height, width = image.shape[:2]
+    scale = side / min(height, width)
+    h, w = max(side, round(height * scale)), max(side, round(width * scale))
+    resized = resize_image(image, (h, w))
+    top, left = (h - side) // 2, (w - side) // 2
+    return resized[top:top + side, left:left + side].contiguous()
 
 
 def encode_image(image: torch.Tensor, fmt: str = "jpg", quality: int = 95) -> bytes:

@@ -341,8 +341,8 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
                   progress: bool = True) -> ImageTextPairs | LabelledImages:
     """Decode a whole manifest into memory, skipping (and reporting) bad samples.
 
-    Images are resized (bilinear) to ``image_size`` square if given, else to the first good
-    image's size. Raises ``DataError`` if the manifest is malformed or no sample is usable.
+    Images are resized (bilinear) to ``image_size`` square if given; without it, images of
+    different sizes become centre squares (`stack_images`). Raises ``DataError`` if the manifest is malformed or no sample is usable.
     Each sample keeps its row's key (``manifest.csv:line 4: images/x.png``) in ``.keys``.
     """
     data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)
@@ -357,7 +357,7 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
     if not images:
         raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
                         f"check the image paths (relative to {data.path.parent}) and the caption/label column")
-    stacked, name = stack_images(images), data.path.stem
+    stacked, name = stack_images(images, str(data.path)), data.path.stem
     if data.kind == "pairs":
         return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report,
                               keys=keys)

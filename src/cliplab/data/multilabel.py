@@ -61,5 +61,5 @@ def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels",
         targets.append(row)
     if not images:
         raise DataError(f"{path}: no usable sample in {len(data)} rows ({report.summary()})")
-    return MultiLabelImages(stack_images(images), torch.stack(targets), names,
+    return MultiLabelImages(stack_images(images, str(path)), torch.stack(targets), names,
                             list(templates or DEFAULT_TEMPLATES), name=path.stem, skipped=report)

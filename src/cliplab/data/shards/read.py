@@ -24,8 +24,9 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     partner that is not among the samples read, or whose key is not unique, becomes -1 with a
     warning). Shards of a classification source (the folder's ``index.json`` lists its class
     names, and every sample's group is one of them) come back as labelled images, so
-    classification stages take them too. Images are resized to ``image_size`` squares, else to
-    the first image's size; if some are grayscale and some colour, all become colour. Corrupt
+    classification stages take them too. Images are resized to ``image_size`` squares; without
+    it, images of different sizes become centre squares (`stack_images`); if some are
+    grayscale and some colour, all become colour. Corrupt
     samples are skipped and counted in ``.skipped``; ``.keys`` names each sample read by its
     ``shard:key`` (``00002.tar:000000020``)."""
     stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size,
@@ -48,12 +49,12 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
     if has_labels(index, groups):
-        return LabelledImages(stack_images(images), group_ids, list(index["classnames"]),
+        return LabelledImages(stack_images(images, f"shards {path}"), group_ids, list(index["classnames"]),
                               list(index.get("templates") or ["{}"]), name,
                               skipped=stream.skipped, descriptions=index.get("descriptions"),
                               keys=sources)
     partners = resolve_partners(keys, partner_keys, path)
-    return ImageTextPairs(stack_images(images), captions, group_ids, name=name,
+    return ImageTextPairs(stack_images(images, f"shards {path}"), captions, group_ids, name=name,
                           skipped=stream.skipped, partners=partners, keys=sources)
 
 
