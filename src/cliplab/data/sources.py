@@ -62,7 +62,8 @@ def needs_options(name: str) -> bool:
 def load_source(spec: dict, progress: bool | None = None, where: str | None = None) -> Dataset:
     """Load the dataset a spec names; ``progress`` is the default of a loader's own
     ``progress`` option (e.g. the shards' read bar; the spec's own wins); ``holdout`` (a list
-    of class names) drops those classes; ``classes`` (a list of class names) keeps only those,
+    of class names) drops those classes' images (the names stay classes: a zero-shot head
+    still offers them); ``classes`` (a list of class names) keeps only those,
     relabelled in that order;
     ``shift`` (e.g. ``invert``, ``noise:0.3``, ``blur:1.5``; see `cliplab.data.shift`) transforms
     the images, seeded by ``shift_seed``; ``templates`` (a list of prompts, ``{}`` marking the
