@@ -111,7 +111,7 @@ def test_suite_long_tail_task(tmp_path, tiny_model, capsys):
     assert fit["decades"] == pytest.approx(math.log10(2))
     assert capsys.readouterr().err.splitlines() == [
         "lt: warning: the classes' training frequencies span 0.30 decade(s), so the log-linear "
-        f"slope ({100 * fit['slope']:+.1f} ± {100 * fit['slope_stderr']:.1f} points per decade) "
+        f"slope ({fit['slope']:+.3f} ± {fit['slope_stderr']:.3f} per decade) "
         "says little; a long-tail fit needs frequencies over orders of magnitude"]
     with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'lt2'\): concepts: 1 concepts for "
                                           r"4 classes"):

@@ -125,6 +125,9 @@ def test_flatten_and_format():
     assert flat == {"a.b": 1, "a.e": None, "k": (0.5, 0.1)}
     assert [format_value(v) for v in (3, 0.123456, 1234.56, None, (0.5, 0.25))] == \
         ["3", "0.1235", "1234.6", "—", "0.5000 ± 0.2500"]
+    # a last learning rate read "0.0000"; zero and 0.0005 keep the 4 decimals
+    assert [format_value(v) for v in (3.58e-07, -2e-5, 0.0, 0.0005, 0.00049)] == \
+        ["3.58e-07", "-2e-05", "0.0000", "0.0005", "0.00049"]
 
 
 def test_report_errors_name_the_file(tmp_path, capsys):

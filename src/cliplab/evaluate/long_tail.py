@@ -42,10 +42,11 @@ def narrow_span_warning(label: str, fit: dict) -> str | None:
     mostly noise (the shipped shapes suite's colours span 0.02 decade)."""
     if fit.get("decades") is None or fit["decades"] >= 1:
         return None
-    spread = f" ± {100 * fit['slope_stderr']:.1f}" if fit.get("slope_stderr") is not None else ""
+    # in results.json's unit (accuracy as a fraction), so the two numbers read alike
+    spread = f" ± {fit['slope_stderr']:.3f}" if fit.get("slope_stderr") is not None else ""
     return (f"{label}: warning: the classes' training frequencies span {fit['decades']:.2f} "
-            f"decade(s), so the log-linear slope ({100 * fit['slope']:+.1f}{spread} points per "
-            "decade) says little; a long-tail fit needs frequencies over orders of magnitude")
+            f"decade(s), so the log-linear slope ({fit['slope']:+.3f}{spread} per decade) says "
+            "little; a long-tail fit needs frequencies over orders of magnitude")
 
 
 def long_tail_analysis(accuracy: dict[str, float], frequency: dict[str, int]) -> dict:

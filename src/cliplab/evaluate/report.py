@@ -74,14 +74,18 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, object]:
 
 
 def format_value(value: object) -> str:
-    """Integers as they are, floats to 4 decimals (1 from 100 up), (mean, std) as mean ± std."""
+    """Integers as they are, floats to 4 decimals (1 from 100 up; 3 significant digits below
+    0.0005, which 4 decimals would show as 0: a last learning rate), (mean, std) as
+    mean ± std."""
     if value is None:
         return MISSING
     if isinstance(value, tuple):
         return f"{format_value(value[0])} ± {format_value(value[1])}"
     if isinstance(value, int):
         return str(value)
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if 0 < abs(value) < 0.0005 else f"{value:.4f}"
 
 
 def last_logged(history: list[dict]) -> dict[str, object]:
