@@ -122,7 +122,11 @@ def test_given_classnames_and_int_labels(tmp_path):
 
     ints = write_manifest(tmp_path / "ints.jsonl", [{"image": "0.png", "label": 2},
                                                     {"image": "1.png", "label": 0}])
-    data = load_manifest(ints, progress=False)
+    # classes named by their digits, and index 1 a class no row has: told (it was silent)
+    with pytest.warns(UserWarning, match=r"ints\.jsonl: integer labels without classnames: "
+                      r"make 3 classes named '0'\.\.'2' .*; 1 of them \(1\) label no row; "
+                      r"give classnames: "):
+        data = load_manifest(ints, progress=False)
     assert data.labels.tolist() == [2, 0] and data.classnames == ["0", "1", "2"]
 
 

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -205,6 +206,17 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
+def _warn_index_names(path: Path, classnames: list[str], targets: list[int | None]) -> None:
+    """Integer labels without ``classnames``: the classes are named by their digits (zero-shot
+    prompts read "a photo of a 3"), and an index no row uses is still a class; say so."""
+    unused = sorted(set(range(len(classnames))) - set(targets))
+    gaps = (f"; {len(unused)} of them ({', '.join(map(str, unused[:5]))}"
+            f"{', ...' if len(unused) > 5 else ''}) label no row") if unused else ""
+    warnings.warn(f"{path}: integer labels without classnames: make {len(classnames)} classes "
+                  f"named '0'..'{len(classnames) - 1}' (zero-shot prompts read 'a photo of a "
+                  f"0'){gaps}; give classnames: [name of 0, name of 1, ...]", stacklevel=3)
+
+
 def _labels(values: list[Any], classnames: Sequence[str] | None,
             where: Sequence[str]) -> tuple[list[str], list[int | None]]:
     """Class names and per-row label indices (None for a missing or unknown label); ``where``
@@ -294,6 +306,9 @@ class ManifestDataset(Dataset):
             self.classnames, self.targets = _labels(
                 [r.get(text_key) for r in rows], classnames,
                 [f"{self.path}:{loc}" for loc in locations])
+            if classnames is None and self.classnames == [str(i) for i in
+                                                          range(len(self.classnames))]:
+                _warn_index_names(self.path, self.classnames, self.targets)
             self.templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
             self._bad = "bad_label"
 
