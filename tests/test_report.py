@@ -1,6 +1,7 @@
 """`cliplab report`: tables side by side, valid PNG plots, parseable HTML, one-line errors."""
 
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -151,6 +152,12 @@ def test_report_errors_name_the_file(tmp_path, capsys):
         capsys.readouterr().err
     with pytest.raises(DataError, match="report input .*nope.json does not exist"):
         write_report([tmp_path / "nope.json"], tmp_path / "o")
+    # one input twice made two identical columns, as if two runs agreed
+    with pytest.raises(DataError, match=r"report input \./bad\.json is given twice \(as "
+                       rf"{re.escape(str(bad))} too\)"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(tmp_path)
+            write_report([bad, "./bad.json"], tmp_path / "o")
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(DataError, match=r"folder .*run has neither results.json nor "

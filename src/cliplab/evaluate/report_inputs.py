@@ -245,6 +245,13 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
     """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
     if not paths:
         raise DataError("cliplab report needs at least one results file or run folder")
+    seen: dict[Path, str] = {}
+    for path in paths:  # two identical columns would read as two runs that agree
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise DataError(f"report input {path} is given twice (as {seen[resolved]} too); "
+                            "give each results file or run folder once")
+        seen[resolved] = str(path)
     sources = [read_input(p) for p in paths]
     if names is not None:
         if len(names) != len(sources):
