@@ -54,7 +54,8 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     as image-text pairs, `load_caption_folder`).
 
     Images are decoded to RGB and resized (bilinear) to ``image_size`` squares; without it,
-    images of different sizes become centre squares (`stack_images`). Files that are not usable images are skipped and listed in
+    images of different sizes become centre squares (`stack_images`). Files that are not
+    usable images are skipped and listed in
     ``.skipped`` (``unreadable_image``, ``not_an_image``, ``missing_file``, and
     ``outside_class_folder`` for an image at the root); ``templates`` overrides the folder's
     template file. ``.keys`` holds each image's path relative to ``path`` (``cat/001.jpg``).
@@ -142,5 +143,5 @@ def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
     if not images:
         raise DataError(f"caption folder {root}: no readable image with a caption in "
                         f"{len(listed.images)} images ({skipped.summary()})")
-    return ImageTextPairs(stack_images(images, f"image folder {root}"), captions, name=root.name, skipped=skipped,
-                          keys=keys)
+    return ImageTextPairs(stack_images(images, f"caption folder {root}"), captions,
+                          name=root.name, skipped=skipped, keys=keys)

@@ -357,7 +357,8 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
     """Decode a whole manifest into memory, skipping (and reporting) bad samples.
 
     Images are resized (bilinear) to ``image_size`` square if given; without it, images of
-    different sizes become centre squares (`stack_images`). Raises ``DataError`` if the manifest is malformed or no sample is usable.
+    different sizes become centre squares (`stack_images`). Raises ``DataError`` if the
+    manifest is malformed or no sample is usable.
     Each sample keeps its row's key (``manifest.csv:line 4: images/x.png``) in ``.keys``.
     """
     data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)

@@ -49,7 +49,8 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
     if has_labels(index, groups):
-        return LabelledImages(stack_images(images, f"shards {path}"), group_ids, list(index["classnames"]),
+        return LabelledImages(stack_images(images, f"shards {path}"), group_ids,
+                              list(index["classnames"]),
                               list(index.get("templates") or ["{}"]), name,
                               skipped=stream.skipped, descriptions=index.get("descriptions"),
                               keys=sources)
