@@ -119,10 +119,11 @@ def test_zeroshot_refuses_classes_none_of_which_has_images(tiny_model, monkeypat
         run(tiny_model, GOOD, {"name": "few", "task": "zeroshot", "data": data,
                                "classes": ["two", 3]})
     assert calls == []
-    for classes in (["one", "four"], ["one", "two", 3]):
+    for classes, scored in ((["one", "four"], 3), (["one", "two", 3], 2)):
         out = run(tiny_model, {"name": "few", "task": "zeroshot", "data": data,
                                "classes": classes})
-        assert set(out["few"]) == {"acc1", "acc5", "mean_per_class_recall"}
+        assert set(out["few"]) == {"acc1", "acc5", "mean_per_class_recall", "n"}
+        assert out["few"]["n"] == scored  # the chosen classes' images (of 6)
 
 
 # 4. a probe on one training image
@@ -165,6 +166,7 @@ def test_a_linear_probe_task_on_one_image(tiny_model):
     from cliplab.data.digits import load_digits
 
     assert out["acc1"] == pytest.approx((load_digits("test").labels == 1).float().mean().item())
+    assert (out["n_train"], out["n_test"]) == (1, len(load_digits("test")))  # what it is over
     with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'p'\): l2: omitted, it is chosen "
                                           r"on a validation split of train, which needs 2 "
                                           r"images or more \(train has 1\); give l2$"):

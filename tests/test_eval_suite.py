@@ -74,9 +74,10 @@ def test_suite_runs_retrieval_on_shapes(tiny_model):
         TaskContext(progress=False))["ret"]
     assert out["image_retrieval_recall@12"] == 1.0  # all 12 images ranked (a larger k is refused)
     assert set(out) == {f"{way}_retrieval_recall@{k}" for way in ("image", "text")
-                        for k in (1, 2, 12)}
+                        for k in (1, 2, 12)} | {"n_images", "n_texts"}
     pairs = load_shapes(n=12, image_size=32)
     texts = [c for caps in pairs.captions for c in caps]
+    assert (out["n_images"], out["n_texts"]) == (12, len(texts))  # the candidates ranked
     owner = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])
     images = encode_images(tiny_model.eval(), pairs.images, progress=False).embeddings
     sims = tiny_model.encode_texts(texts).float() @ images.T  # [captions, 12 images]

@@ -86,5 +86,6 @@ def probe_features(model: DualEncoder, spec: ProbeSpecBase, context: TaskContext
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
-    return linear_probe(*probe_features(model, spec, context), l2=spec.l2,
-                        progress=context.progress)
+    train_x, train_y, test_x, test_y = probe_features(model, spec, context)
+    out = linear_probe(train_x, train_y, test_x, test_y, l2=spec.l2, progress=context.progress)
+    return {**out, "n_train": len(train_y), "n_test": len(test_y)}

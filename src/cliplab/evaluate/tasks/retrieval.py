@@ -36,6 +36,8 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     pairs = context.pairs(spec.data)
     feats = context.image_features(model, pairs.images, spec.data,
                                    f"encode {spec.name or spec.task}")
-    return retrieval(model, pairs, ks=tuple(spec.ks), progress=context.progress,
-                     image_features=feats, text_cache=context.texts,
-                     precision=context.precision)
+    out = retrieval(model, pairs, ks=tuple(spec.ks), progress=context.progress,
+                    image_features=feats, text_cache=context.texts,
+                    precision=context.precision)
+    # the candidates each direction ranked (skipped pairs are not among them)
+    return {**out, "n_images": len(pairs), "n_texts": sum(len(c) for c in pairs.captions)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from cliplab.data.pairs import class_indices
@@ -62,6 +63,9 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                 classnames = [data.classnames[c] for c in classes]
     if spec.per_class:
         out["per_class_acc1"] = per_class_accuracy(logits, labels, classnames)
+    # how many images the numbers are over (with classes: only those classes' images)
+    out["n"] = len(data.labels) if classes is None else \
+        int(torch.isin(data.labels, torch.tensor(classes)).sum())
     return {**out, **context.scored_by(data)}
 
 
