@@ -40,7 +40,7 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "coop" and results["train_size"] == 20
     assert results["options"]["n_ctx_used"] == 2  # the override reached the method
-    assert set(results["test"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert set(results["test"]) == {"acc1", "acc5", "mean_per_class_recall", "n"}
     assert "zeroshot" in results
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
                                                "config.yaml", "results.json"}

@@ -204,7 +204,8 @@ def test_run_writes_adapter_merged_model_and_counts(tmp_path, objective):
     res = run_adapt(cfg, progress=False)
     p = res["params"]
     assert 0 < p["lora"] < p["image_tower"] < p["total"]
-    assert set(res["test"]) == {"acc1", "acc5", "mean_per_class_recall"} and "zeroshot" in res
+    assert set(res["test"]) == {"acc1", "acc5", "mean_per_class_recall", "n"}
+    assert "zeroshot" in res
     assert p["head"] == (160 if objective == "classifier" else 0)  # 10 classes x 16 dims
     adapter = json.loads((tmp_path / "out" / "results.json").read_text())["adapter_dir"]
     loaded, _, _ = load_lora(adapter)

@@ -142,6 +142,12 @@ def test_a_metric_the_heldout_task_lacks_names_where_it_was_set(family, tmp_path
         "cliplab: error: the command line: metric: the held-out task gives acc1, acc5, "
         "mean_per_class_recall; not 'acc_1'")
     assert not (tmp_path / "o").exists()
+    # the task's count of images is no score to keep ingredients by
+    assert main(["merge", "--method", "greedy", "--models", str(fts[0]), str(fts[1]),
+                 "--out", str(tmp_path / "o"), f"heldout={heldout}", "metric=n",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "mean_per_class_recall; not 'n' (a count of what it is over)")
 
 
 def test_architecture_mismatch_names_the_file_and_key(family, tmp_path):

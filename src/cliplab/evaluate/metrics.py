@@ -40,6 +40,10 @@ def restrict_classes(logits: torch.Tensor, labels: torch.Tensor, classes: list[i
     return logits[keep][:, classes_t], labels
 
 
+# what a task's results count (what its numbers are over), not scores to rank by
+COUNT_KEYS = ("n", "n_images", "n_texts", "n_train", "n_test")
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """acc1, acc5 and mean per-class recall of ``logits [N, C]`` against integer ``labels``
     (acc5 is top-min(5, C): 1.0 when fewer than 5 classes compete, under the same key)."""

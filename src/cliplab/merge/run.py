@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from cliplab.config import validate
 from cliplab.errors import ConfigError, ModelError
+from cliplab.evaluate.metrics import COUNT_KEYS
 from cliplab.evaluate.suite import report_skips, run_task, task_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
@@ -74,9 +75,11 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
     def evaluate(state: StateDict) -> float:
         template.model.load_state_dict(as_saved(state, dtype), strict=True)
         metrics = run_task(template, spec, context.for_new_weights())
-        if metric not in metrics:
+        scores = sorted(k for k in metrics if k not in COUNT_KEYS)
+        if metric not in scores:
             raise ConfigError(f"{where}: metric: the held-out task gives "
-                              f"{', '.join(sorted(metrics))}; not {metric!r}")
+                              f"{', '.join(scores)}; not {metric!r}"
+                              + (" (a count of what it is over)" if metric in metrics else ""))
         return float(metrics[metric])
     return evaluate
 
