@@ -232,6 +232,25 @@ def test_a_reduced_precision_eval_is_labelled_with_it(tmp_path):
     assert [s.label for s in sources] == ["base/step-8", "base/step-8 [bf16]"]
 
 
+def test_an_eval_or_adapt_out_folder_is_labelled_as_its_results_file(tmp_path):
+    """README: columns are labelled by model; an eval/adapt --out folder was labelled by its
+    folder name (its results.json by model); a training run, whose results name no model,
+    keeps its folder's name."""
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    model = "runs/base/checkpoints/step-8/model"
+    for name, data in (("ev", {"model": model, "precision": "fp32",
+                               "results": {"zs": {"acc1": 0.5}}}),
+                       ("ad", {"method": "finetune", "model": model, "test": {"acc1": 0.6}}),
+                       ("run", {"train": {"step": 3, "loss": 1.0}, "evals": {}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    sources = read_inputs([tmp_path / "ev", tmp_path / "ad", tmp_path / "run"])
+    assert [s.label for s in sources] == ["base/step-8", "finetune (base/step-8)", "run"]
+    assert sources[0].sections == read_inputs([tmp_path / "ev" / "results.json"])[0].sections
+
+
 
 def _blue_pixels(path, right_half: bool = False) -> int:
     """Pixels near matplotlib's first line colour (C0, #1f77b4) in a plot (or its right half)."""

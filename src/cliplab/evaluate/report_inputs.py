@@ -204,6 +204,20 @@ def _file_label(path: Path) -> str:
     return path.parent.resolve().name if path.stem == "results" else path.stem
 
 
+def _results_label(path: Path, data: dict) -> str:
+    """A results file's column label: its model (an adapt result as ``METHOD (model)``, a
+    merge as ``METHOD merge``), else its name (or its folder's); `` [bf16]`` for another
+    precision than fp32."""
+    label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
+        else _file_label(path)
+    if isinstance(data.get("method"), str):  # adapt: the method on its model; a merge
+        label = f"{data['method']} ({label})" if isinstance(data.get("model"), str) \
+            else f"{data['method']} merge"
+    if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
+        label += f" [{data['precision']}]"
+    return label
+
+
 def read_input(path: str | Path) -> ReportSource:
     """Read one report input: a results JSON file or a run folder."""
     path = Path(path)
@@ -212,14 +226,7 @@ def read_input(path: str | Path) -> ReportSource:
                         "(cliplab eval --out) or run folders")
     if path.is_file():
         data = read_json(path)
-        label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
-            else _file_label(path)
-        if isinstance(data.get("method"), str):  # adapt: the method on its model; a merge
-            label = f"{data['method']} ({label})" if isinstance(data.get("model"), str) \
-                else f"{data['method']} merge"
-        if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
-            label += f" [{data['precision']}]"
-        source = ReportSource(label, path, result_sections(data))
+        source = ReportSource(_results_label(path, data), path, result_sections(data))
         check_results(path, data, source.sections)
         return source
     present = [name for name in RUN_FILES if (path / name).is_file()]
@@ -231,6 +238,9 @@ def read_input(path: str | Path) -> ReportSource:
     source = ReportSource(path.name or str(path), path)
     if "results.json" in present:
         results = read_json(path / "results.json")
+        # an eval's or adapt's --out folder is labelled as its results.json is (by model);
+        # a training run, whose results name no model, by its folder
+        source.label = _results_label(path / "results.json", results)
         if "metrics.jsonl" not in present:  # else the run's log is what it reports
             check_results(path / "results.json", results, result_sections(results))
         if "metrics.jsonl" in present:  # its `train` is the last logged record, shown there
