@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cliplab.config import Section, changed_key_paths, load_yaml, validate
+from cliplab.config import Section, changed_key_paths, load_yaml, validate, value_at
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
@@ -210,24 +210,12 @@ def check_ranks_agree(cfg: PretrainConfig, resume: str | None) -> None:
     for rank, theirs in enumerate(every[1:], start=1):
         changed = changed_key_paths(every[0], theirs, skip=("progress",))
         if changed:
-            shown = "; ".join(f"{path}: {_at(theirs, path)!r} (rank 0: {_at(every[0], path)!r})"
+            shown = "; ".join(f"{path}: {value_at(theirs, path)!r} (rank 0: "
+                              f"{value_at(every[0], path)!r})"
                               for path in changed[:3])
             raise ConfigError(f"rank {rank} was given another config than rank 0 ({shown}"
                               f"{'; ...' if len(changed) > 3 else ''}): every rank must run the "
                               "same recipe, command line and files")
-
-
-def _at(config: dict, path: str):
-    """The value at dotted ``path`` of ``config`` (list items by index), None where absent."""
-    value = config
-    for part in path.split("."):
-        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        elif isinstance(value, dict) and part in value:
-            value = value[part]
-        else:
-            return None
-    return value
 
 
 def start_model_record(cfg: PretrainConfig, model: Any) -> dict:
