@@ -61,3 +61,34 @@ def test_retrieval_task_on_a_model(tiny_model):
             (image_rank <= k).float().mean().item()), k
         assert m[f"text_retrieval_recall@{k}"] == pytest.approx(
             (text_rank <= k).float().mean().item()), k
+
+
+def _full_matrix_recalls(image_emb, text_emb, owner, rows, ks):
+    """Recall@k from the whole [T, N] similarity matrix at once (the reference)."""
+    sims = (text_emb @ image_emb.t())[rows]  # [T, N]
+    out = {}
+    for k in ks:
+        t2i = sims.topk(min(k, sims.shape[1]), dim=1).indices
+        out[f"image_retrieval_recall@{k}"] = (t2i == owner[:, None]).any(1).float().mean().item()
+        i2t = sims.t().topk(min(k, sims.shape[0]), dim=1).indices
+        own = torch.arange(sims.shape[1])[:, None]
+        out[f"text_retrieval_recall@{k}"] = (owner[i2t] == own).any(1).float().mean().item()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 512])
+def test_recalls_in_chunks_equal_the_whole_similarity_matrix(chunk):
+    # blocks of captions and of images never hold the whole [U, N] matrix (a 50k x 50k set was
+    # 20 GB), and give the whole matrix's numbers, ties of repeated captions and images included
+    g = torch.Generator().manual_seed(3)
+    image_emb = torch.nn.functional.normalize(torch.randn(23, 8, generator=g), dim=-1)
+    image_emb[5] = image_emb[2]  # a repeated image
+    text_emb = torch.nn.functional.normalize(
+        image_emb[torch.randint(0, 23, (17,), generator=g)] + torch.randn(17, 8, generator=g),
+        dim=-1)
+    rows = torch.randint(0, 17, (40,), generator=g)  # captions repeat distinct texts
+    owner = torch.randint(0, 23, (40,), generator=g)
+    ks = (1, 2, 5, 30)
+    got = retrieval_metrics(image_emb, text_emb, owner, ks, text_rows=rows, chunk=chunk)
+    assert got == _full_matrix_recalls(image_emb, text_emb, owner, rows, ks)
+    assert 0 < got["image_retrieval_recall@5"] < 1 and 0 < got["text_retrieval_recall@5"] < 1

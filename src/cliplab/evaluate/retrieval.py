@@ -17,29 +17,42 @@ from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 
 
+BLOCK_SCORES = 2 ** 25  # similarities held at once by default: 128 MB of float32
+
+
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
                       text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                      text_rows: torch.Tensor | None = None, chunk: int = 512) -> dict:
+                      text_rows: torch.Tensor | None = None, chunk: int | None = None) -> dict:
     """Recall@k both ways from unit embeddings; ``text_to_image[t]`` is the image of caption t.
 
     With ``text_rows``, ``text_emb`` holds only distinct captions and caption t's embedding is
     ``text_emb[text_rows[t]]``: similarities are computed per distinct caption and expanded, which
     gives the same numbers as the full ``[T, N]`` product without its cost. Similarities are
-    processed ``chunk`` rows at a time, so memory stays ``O(chunk * T)``.
+    computed ``chunk`` rows at a time (distinct captions against every image, then images against
+    every caption; by default as many rows as keep a block near `BLOCK_SCORES` scores), so
+    memory stays ``O(chunk * (N + T))``, never ``O(U * N)``.
     """
     n_images = image_emb.shape[0]
     rows = torch.arange(text_emb.shape[0]) if text_rows is None else text_rows
     n_texts = len(rows)
+    chunk = chunk or max(1, BLOCK_SCORES // max(n_images, n_texts, 1))
     ks = list(ks)
-    sims = text_emb @ image_emb.t()  # [U, N], one row per distinct caption
     # top-k is taken separately for each k: with tied scores (duplicate captions) the first
     # column of a top-10 need not be the top-1, and recall@k must not depend on the other ks
-    hits_t2i = {k: (sims.topk(min(k, n_images), dim=1).indices[rows]
-                    == text_to_image[:, None]).any(dim=1) for k in ks}
+    top_images: dict[int, list[torch.Tensor]] = {k: [] for k in ks}  # per distinct caption
+    for start in range(0, text_emb.shape[0], chunk):
+        block = text_emb[start:start + chunk] @ image_emb.t()  # [u, N]
+        for k in ks:
+            top_images[k].append(block.topk(min(k, n_images), dim=1).indices)
+    hits_t2i = {k: (torch.cat(top_images[k])[rows] == text_to_image[:, None]).any(dim=1)
+                for k in ks}
     hits_i2t = {k: torch.zeros(n_images, dtype=torch.bool) for k in ks}
-    sims_t = sims.t().contiguous()  # [N, U]
     for start in range(0, n_images, chunk):
-        block = sims_t[start:start + chunk][:, rows]  # [n, T]: caption t's score at column t
+        # texts on the left as above, so a score is the same number both ways; contiguous
+        # before the column gather, which is ~3x slower on the transposed view
+        block = (text_emb @ image_emb[start:start + chunk].t()).t().contiguous()  # [n, U]
+        if text_rows is not None:
+            block = block[:, rows]  # [n, T]: caption t's score at column t
         own = torch.arange(start, start + len(block))[:, None]
         for k in ks:
             top_texts = block.topk(min(k, n_texts), dim=1).indices  # [n, k]
