@@ -46,7 +46,7 @@ def image_tower_fingerprint(model: DualEncoder) -> str:
 def images_fingerprint(images: torch.Tensor) -> str:
     """Hash of a uint8 image tensor's shape and pixels."""
     h = hashlib.sha256(str(tuple(images.shape)).encode())
-    h.update(images.contiguous().numpy().tobytes())
+    h.update(memoryview(images.contiguous().numpy()))  # hashed in place: .tobytes() copied a set
     return h.hexdigest()[:16]
 
 
