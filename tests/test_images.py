@@ -186,3 +186,31 @@ def test_an_unreadable_exif_block_keeps_the_image_as_stored(monkeypatch):
     image = Image.fromarray(np.zeros((4, 6, 3), np.uint8))
     monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError))
     assert preprocess.convert_image(image).size == (6, 4)
+
+
+def test_an_image_stack_holds_the_images_as_torch_stack_does():
+    from cliplab.data.images import ImageStack
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (5, 7, 3), generator=g, dtype=torch.uint8) for _ in range(6)]
+    for capacity in (6, 8, 100, 2):  # exact, a few skipped, most skipped, fewer than given
+        stack = ImageStack(capacity)
+        for image in images:
+            stack.append(image)
+        assert len(stack) == 6
+        assert torch.equal(stack.stacked(), torch.stack(images))
+
+
+def test_an_image_stack_of_different_shapes_is_squared_as_stack_images_squares_them():
+    from cliplab.data.images import ImageStack, stack_images
+
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+              for shape in [(8, 8, 3), (8, 8, 3), (10, 6, 3), (8, 8, 1)]]
+    stack = ImageStack(4)
+    for image in images:
+        stack.append(image)
+    with pytest.warns(UserWarning, match="squares"):
+        got = stack.stacked("set")
+    with pytest.warns(UserWarning, match="squares"):
+        assert torch.equal(got, stack_images(images, "set"))

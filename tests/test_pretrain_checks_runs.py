@@ -345,7 +345,7 @@ def test_ranks_are_checked_before_any_loading_and_warned_from_rank_0(tmp_path, m
     # the loading bars (read shards, encode captions) are rank 0's alone: each rank drew them
     shown = {}
 
-    def loading(spec, progress, where):
+    def loading(spec, progress, where, model_input=None):
         shown[distributed.rank()] = progress
         raise ConfigError("stop here")
     monkeypatch.setattr(pretrain, "_pairs", loading)

@@ -26,6 +26,7 @@ from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import load_model, model_record, resolve_model_path
 from cliplab.models.spec import ModelSpec
@@ -98,10 +99,11 @@ def warn_fewer_than(data: LabelledImages, k: int | None, key: str, split: str,
               f"{', ...' if len(short) > 10 else ''})", file=sys.stderr)
 
 
-def load_validation(cfg: AdaptConfig, train: LabelledImages,
-                    progress: bool = True) -> LabelledImages:
-    """``data.val`` as loaded, checked against the training set's classes."""
-    val = as_labelled(load_source(cfg.data.val, progress, "data.val"), "data.val")
+def load_validation(cfg: AdaptConfig, train: LabelledImages, progress: bool = True,
+                    model_input: PreprocessConfig | None = None) -> LabelledImages:
+    """``data.val`` as loaded (image files decoded to ``model_input``, `load_source`),
+    checked against the training set's classes."""
+    val = as_labelled(load_source(cfg.data.val, progress, "data.val", model_input), "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
     check_same_classes(train, val, "adapt", ("data.train", "data.val"))
@@ -115,14 +117,19 @@ def draw_validation(cfg: AdaptConfig, val: LabelledImages) -> LabelledImages:
     return val
 
 
-def load_sets(cfg: AdaptConfig, progress: bool = True
+def load_sets(cfg: AdaptConfig, progress: bool = True,
+              model_input: PreprocessConfig | None = None
               ) -> tuple[LabelledImages, dict[str, LabelledImages]]:
-    """The whole training set and the scored sets (``test``, and ``shifted`` if given)."""
-    train = as_labelled(load_source(cfg.data.train, progress, "data.train"), "data.train")
-    sets = {"test": as_labelled(load_source(cfg.data.test, progress, "data.test"), "data.test")}
+    """The whole training set and the scored sets (``test``, and ``shifted`` if given), image
+    files decoded to ``model_input`` (`load_source`)."""
+    def load(key: str) -> LabelledImages:
+        spec = getattr(cfg.data, key)
+        return as_labelled(load_source(spec, progress, f"data.{key}", model_input), f"data.{key}")
+
+    train = load("train")
+    sets = {"test": load("test")}
     if cfg.data.shifted is not None:
-        sets["shifted"] = as_labelled(load_source(cfg.data.shifted, progress, "data.shifted"),
-                                      "data.shifted")
+        sets["shifted"] = load("shifted")
     for name, data in {"train": train, **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
@@ -167,8 +174,12 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     if write and cfg.out:  # before any slow loading
         check_run_out(cfg.out, inputs)
     check_cache_apart_from_inputs(cfg.cache_dir, inputs)
-    train_all, sets = load_sets(cfg, progress)
-    own_val = load_validation(cfg, train_all, progress) if cfg.data.val is not None else None
+    # the model before the data: its input is what the images are decoded to
+    model = model if model is not None else load_model(cfg.model, cfg.device)
+    model_input = getattr(model, "preprocess_config", None)
+    train_all, sets = load_sets(cfg, progress, model_input)
+    own_val = (load_validation(cfg, train_all, progress, model_input)
+               if cfg.data.val is not None else None)
     skipped = report_skips(cfg, {"train": train_all, **sets,
                                  **({"val": own_val} if own_val is not None else {})})
     train, val = few_shot_split(train_all, cfg.shots, 0 if own_val is not None else cfg.val_shots,
@@ -191,7 +202,6 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
                         f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
                         "raise it, or leave it out")
-    model = model if model is not None else load_model(cfg.model, cfg.device)
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True

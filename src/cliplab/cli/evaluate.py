@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
     _check_cache_apart_from_results(args.cache_dir, out)
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
-    context.preload(suite.tasks, f"{config_where(args)}: tasks")  # bad data fails before work
+    # the model first: its input is what the images are decoded to (a set costs that per
+    # image); every set is then read and checked before any task encodes
     model = load_model(args.model, args.device)
+    context.preload(suite.tasks, f"{config_where(args)}: tasks", model=model)
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head

@@ -16,6 +16,8 @@ is its caption; ``data shard`` does so by itself when any image has one.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption,
                                        image_metadata, list_folder)
-from cliplab.data.images import UnreadableImage, decode_image, stack_images
+from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
@@ -61,16 +63,74 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     template file. ``.keys`` holds each image's path relative to ``path`` (``cat/001.jpg``).
     """
     root = Path(path)
+    check_folder_options(root, image_size, templates, captions)
+    if captions:
+        return load_caption_folder(root, image_size, progress)
+    listing = list_class_folder(root, templates)
+    skipped = listing.skipped
+    images, labels, keys = ImageStack(len(listing.files)), [], []
+    for label, file in tqdm(listing.files, desc=f"read {root.name}", disable=not progress,
+                            leave=False):
+        try:
+            images.append(decode_image(file, image_size))
+        except UnreadableImage:
+            skipped.add("unreadable_image", str(file))
+            continue
+        labels.append(label)
+        keys.append(file.relative_to(root).as_posix())
+    if not images:
+        raise DataError(listing.nothing_readable())
+    listing.warn_empty_classes(set(labels))
+    return LabelledImages(images.stacked(f"image folder {root}"), torch.tensor(labels),
+                          listing.classnames, listing.templates, name=root.name,
+                          skipped=skipped, keys=keys)
+
+
+def check_folder_options(root: Path, image_size: object, templates: list[str] | None,
+                         captions: bool) -> None:
+    """Refuse a missing folder, an ``image_size`` that is no positive int, and ``templates``
+    with ``captions``."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"image-folder {root}: image_size must be a positive int, "
                         f"got {image_size!r}")
-    if captions:
-        if templates:
-            raise DataError(f"image folder {root}: templates apply to a class folder, not to "
-                            "captions: true")
-        return load_caption_folder(root, image_size, progress)
+    if captions and templates:
+        raise DataError(f"image folder {root}: templates apply to a class folder, not to "
+                        "captions: true")
+
+
+@dataclass
+class ClassFolderListing:
+    """A class folder as listed, before any image is decoded: its class ``folders`` (sorted),
+    ``classnames``, ``templates``, the image ``files`` with their labels, and what was
+    ``skipped`` (not images, images outside a class folder)."""
+
+    root: Path
+    folders: list[Path]
+    classnames: list[str]
+    templates: list[str]
+    files: list[tuple[int, Path]]
+    skipped: SkipReport
+
+    def nothing_readable(self) -> str:
+        """The error when no file decoded."""
+        return (f"image folder {self.root}: no readable image in {len(self.files)} files "
+                f"({self.skipped.summary()})")
+
+    def warn_empty_classes(self, read_labels: set[int]) -> None:
+        """Tell on stderr which class folders hold no readable image: still classes (zero-shot
+        candidates), but nothing of theirs is scored or learnt."""
+        empty = [self.folders[c].name for c in sorted(set(range(len(self.folders))) - read_labels)]
+        if empty:
+            print(f"image folder {self.root}: warning: {len(empty)} class folder(s) hold no "
+                  f"readable image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
+                  file=sys.stderr)
+
+
+def list_class_folder(root: Path, templates: list[str] | None = None) -> ClassFolderListing:
+    """``root``'s class sub-folders and their image files (`list_folder`), and the class
+    names and templates (``templates`` overriding the folder's file)."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not folders:
         raise DataError(f"image folder {root} has no class sub-folders; expected "
@@ -87,25 +147,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
         files += [(label, f) for f in listed.images]
         for reason, path in listed.skipped:
             skipped.add(reason, str(path))
-    images, labels, keys = [], [], []
-    for label, file in tqdm(files, desc=f"read {root.name}", disable=not progress, leave=False):
-        try:
-            images.append(decode_image(file, image_size))
-        except UnreadableImage:
-            skipped.add("unreadable_image", str(file))
-            continue
-        labels.append(label)
-        keys.append(file.relative_to(root).as_posix())
-    if not images:
-        raise DataError(f"image folder {root}: no readable image in {len(files)} files "
-                        f"({skipped.summary()})")
-    empty = [folders[c].name for c in sorted(set(range(len(folders))) - set(labels))]
-    if empty:  # still classes (zero-shot candidates), but nothing of theirs is scored or learnt
-        print(f"image folder {root}: warning: {len(empty)} class folder(s) hold no readable "
-              f"image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
-              file=sys.stderr)
-    return LabelledImages(stack_images(images, f"image folder {root}"), torch.tensor(labels),
-                          classnames, templates, name=root.name, skipped=skipped, keys=keys)
+    return ClassFolderListing(root, folders, classnames, templates, files, skipped)
 
 
 def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
@@ -120,28 +162,60 @@ def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
+    listing = list_caption_folder(root)
+    images, captions, keys = ImageStack(len(listing.files)), [], []
+    for sample in tqdm(listing.read(image_size), total=len(listing.files),
+                       desc=f"read {root.name}", disable=not progress, leave=False):
+        if sample is not None:
+            keys.append(sample[0])
+            images.append(sample[1])
+            captions.append([sample[2]])
+    if not images:
+        raise DataError(listing.nothing_readable())
+    return ImageTextPairs(images.stacked(f"caption folder {root}"), captions,
+                          name=root.name, skipped=listing.skipped, keys=keys)
+
+
+@dataclass
+class CaptionFolderListing:
+    """A caption folder as listed, before any image is decoded: its image ``files``, the
+    folders whose images are captioned by ``NAME.txt`` (``captioned``, `caption_dirs`), and
+    what was ``skipped`` (more is added as `read` goes)."""
+
+    root: Path
+    files: list[Path]
+    captioned: set[Path]
+    skipped: SkipReport
+
+    def read(self, image_size: int | None = None
+             ) -> Iterator[tuple[str, torch.Tensor, str] | None]:
+        """Each file as ``(key, image, caption)``, or None for one skipped (and counted):
+        undecodable, without a caption in a caption folder, caption or metadata not UTF-8."""
+        for file in self.files:
+            try:
+                image = decode_image(file, image_size)
+                caption = image_caption(file, self.root, self.captioned)
+                image_metadata(file)  # metadata that is not UTF-8 text skips its image too
+            except UnreadableImage:
+                self.skipped.add("unreadable_image", str(file))
+                yield None
+                continue
+            except SkippedFile as err:
+                self.skipped.add(err.reason, str(err.path or file))
+                yield None
+                continue
+            yield file.relative_to(self.root).as_posix(), image, caption
+
+    def nothing_readable(self) -> str:
+        """The error when no image was read with a caption."""
+        return (f"caption folder {self.root}: no readable image with a caption in "
+                f"{len(self.files)} images ({self.skipped.summary()})")
+
+
+def list_caption_folder(root: Path) -> CaptionFolderListing:
+    """``root``'s images (searched recursively) and how each is captioned."""
     listed = list_folder(root)
-    captioned = caption_dirs(listed.images)
     skipped = SkipReport()
     for reason, file in listed.skipped:
         skipped.add(reason, str(file))
-    images, captions, keys = [], [], []
-    for file in tqdm(listed.images, desc=f"read {root.name}", disable=not progress, leave=False):
-        try:
-            image = decode_image(file, image_size)
-            caption = image_caption(file, root, captioned)
-            image_metadata(file)  # metadata that is not UTF-8 text skips its image too
-        except UnreadableImage:
-            skipped.add("unreadable_image", str(file))
-            continue
-        except SkippedFile as err:
-            skipped.add(err.reason, str(err.path or file))
-            continue
-        images.append(image)
-        captions.append([caption])
-        keys.append(file.relative_to(root).as_posix())
-    if not images:
-        raise DataError(f"caption folder {root}: no readable image with a caption in "
-                        f"{len(listed.images)} images ({skipped.summary()})")
-    return ImageTextPairs(stack_images(images, f"caption folder {root}"), captions,
-                          name=root.name, skipped=skipped, keys=keys)
+    return CaptionFolderListing(root, listed.images, caption_dirs(listed.images), skipped)

@@ -21,7 +21,7 @@ from pydantic import PositiveInt
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from cliplab.data.images import UnreadableImage, decode_image, stack_images
+from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import DEFAULT_TEMPLATES
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError
@@ -363,7 +363,7 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
     """
     data = ManifestDataset(path, kind, image_size, image_col, caption_col, label_col, classnames, templates)
     report = SkipReport()
-    images, targets, keys = [], [], []
+    images, targets, keys = ImageStack(len(data)), [], []
     for i in tqdm(range(len(data)), desc=f"decoding {data.path.name}", unit="img", disable=not progress):
         sample = data.try_load(i, report)
         if sample is not None:
@@ -373,7 +373,7 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
     if not images:
         raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
                         f"check the image paths (relative to {data.path.parent}) and the caption/label column")
-    stacked, name = stack_images(images, str(data.path)), data.path.stem
+    stacked, name = images.stacked(str(data.path)), data.path.stem
     if data.kind == "pairs":
         return ImageTextPairs(stacked, [[t] for t in targets], name=name, skipped=report,
                               keys=keys)

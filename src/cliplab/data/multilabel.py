@@ -12,7 +12,7 @@ import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from cliplab.data.images import stack_images
+from cliplab.data.images import ImageStack
 from cliplab.data.manifest import ManifestDataset
 from cliplab.data.prompt_files import DEFAULT_TEMPLATES
 from cliplab.data.types import MultiLabelImages, SkipReport
@@ -44,7 +44,7 @@ def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels",
     names = list(classnames) if classnames else sorted({n for labels in per_row for n in labels})
     index = {name: i for i, name in enumerate(names)}
     report = SkipReport()
-    images, targets = [], []
+    images, targets = ImageStack(len(data)), []
     for i in tqdm(range(len(data)), desc=f"decoding {path.name}", disable=not progress,
                   leave=False):
         labels = per_row[i]
@@ -61,5 +61,5 @@ def load_multilabel_manifest(path: str | os.PathLike, label_col: str = "labels",
         targets.append(row)
     if not images:
         raise DataError(f"{path}: no usable sample in {len(data)} rows ({report.summary()})")
-    return MultiLabelImages(stack_images(images, str(path)), torch.stack(targets), names,
+    return MultiLabelImages(images.stacked(str(path)), torch.stack(targets), names,
                             list(templates or DEFAULT_TEMPLATES), name=path.stem, skipped=report)

@@ -16,11 +16,13 @@ from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, ConfigDict, TypeAdapter, create_model
 
+from cliplab.data.images import decoding_for
 from cliplab.data.pairs import labelled_to_pairs, select_classes, split_classes
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.config import Section, validate
 from cliplab.errors import CliplabError, ConfigError
+from cliplab.models.preprocess import PreprocessConfig
 
 Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
 # what `load_source` itself does to a source's data: to any, and to class-labelled data only
@@ -59,7 +61,8 @@ def needs_options(name: str) -> bool:
                for p in params)
 
 
-def load_source(spec: dict, progress: bool | None = None, where: str | None = None) -> Dataset:
+def load_source(spec: dict, progress: bool | None = None, where: str | None = None,
+                model_input: PreprocessConfig | None = None) -> Dataset:
     """Load the dataset a spec names; ``progress`` is the default of a loader's own
     ``progress`` option (e.g. the shards' read bar; the spec's own wins); ``holdout`` (a list
     of class names) drops those classes' images (the names stay classes: a zero-shot head
@@ -69,7 +72,10 @@ def load_source(spec: dict, progress: bool | None = None, where: str | None = No
     the images, seeded by ``shift_seed``; ``templates`` (a list of prompts, ``{}`` marking the
     class) replaces a classification source's own prompt templates.
     ``where``: the spec's key path in its config (e.g. ``data.test``), named by every error
-    about its options (see `check_options`)."""
+    about its options (see `check_options`). ``model_input``: the preprocessing of the model
+    the images are for; image files larger than its input are decoded to what it makes of them
+    (`decoding_for`), unless the spec gives ``image_size`` or a ``shift`` (whose blur and noise
+    are in the file's pixels)."""
     spec = check_options(spec, where)
     name = spec.pop("source", None)
     fn = source_loader(name)
@@ -83,7 +89,8 @@ def load_source(spec: dict, progress: bool | None = None, where: str | None = No
     if progress is not None and "progress" in params:
         spec.setdefault("progress", progress)
     try:
-        return _load(fn, name, spec, holdout, classes, shift, shift_seed, templates)
+        with decoding_for(model_input if shift is None else None):
+            return _load(fn, name, spec, holdout, classes, shift, shift_seed, templates)
     except CliplabError as err:
         if where and not str(err).startswith(where):
             raise type(err)(f"{where}: {err}") from None

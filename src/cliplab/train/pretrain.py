@@ -19,6 +19,7 @@ from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_record
 from cliplab.models.spec import ModelField
 from cliplab.train import checkpoint, distributed
@@ -151,14 +152,16 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     here, so that leaving the process group afterwards can end the group (see
     ``distributed.shutdown``)."""
     check_batch_over_ranks(train_cfg.batch_size, distributed.world_size())  # before loading
+    # the model before the data: its input is what image files are decoded to
+    model = load_model(cfg.model)
+    model_input = model.preprocess_config
     spec = cfg.data.train
     if spec.get("stream"):  # validated with the config (stream: false is dropped there)
         pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
     else:
-        pairs = _pairs(spec, progress, "data.train")
-    replay, replay_ratio = _replay(cfg.data.replay, progress)
+        pairs = _pairs(spec, progress, "data.train", model_input)
+    replay, replay_ratio = _replay(cfg.data.replay, progress, model_input)
     context = TaskContext(progress=False)
-    model = load_model(cfg.model)
     # the weights as loaded, before any step (a resume keeps the record of the run's start)
     start_model = start_model_record(cfg, model) \
         if resume is None and distributed.rank() == 0 else None
@@ -255,19 +258,22 @@ def _check_checkpoints_run(ckpt: Path, cfg: PretrainConfig) -> None:
                           "config, or start a new --out with the checkpoint as its model")
 
 
-def _replay(spec: dict | None, progress: bool) -> tuple[ImageTextPairs | None, float]:
+def _replay(spec: dict | None, progress: bool, model_input: PreprocessConfig | None = None
+            ) -> tuple[ImageTextPairs | None, float]:
     """``data.replay: {ratio: 0.2, <source spec>}`` → (old pairs, fraction of each batch)."""
     if not spec:
         return None, 0.0
     spec = dict(spec)  # checked with the config (`PretrainData`)
     ratio = float(spec.pop("ratio"))
-    return _pairs(spec, progress, "data.replay"), ratio
+    return _pairs(spec, progress, "data.replay", model_input), ratio
 
 
-def _pairs(spec: dict, progress: bool, where: str) -> ImageTextPairs:
+def _pairs(spec: dict, progress: bool, where: str, model_input: PreprocessConfig | None = None
+           ) -> ImageTextPairs:
     """The pairs a data spec loads (labelled images as captioned pairs; an image folder with
-    ``NAME.txt`` captions as those, `with_folder_captions`); none is an error."""
-    pairs = as_pairs(load_source(with_folder_captions(spec), progress, where))
+    ``NAME.txt`` captions as those, `with_folder_captions`), image files decoded to
+    ``model_input`` (`load_source`); none is an error."""
+    pairs = as_pairs(load_source(with_folder_captions(spec), progress, where, model_input))
     if not len(pairs):
         raise DataError(f"{where} holds no pairs (source {spec.get('source')!r} loaded none)")
     return pairs

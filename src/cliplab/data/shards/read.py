@@ -9,7 +9,7 @@ import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from cliplab.data.images import stack_images
+from cliplab.data.images import ImageStack
 from cliplab.data.shards.layout import read_index
 from cliplab.data.shards.samples import bare_key
 from cliplab.data.shards.stream import ShardStream
@@ -31,8 +31,12 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     ``shard:key`` (``00002.tar:000000020``)."""
     stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size,
                          rank=0, world_size=1)
-    total = sum(stream.rank_sample_counts()) if progress else None
-    images, captions, groups, keys, partner_keys, sources = [], [], [], [], [], []
+    try:
+        total = sum(stream.rank_sample_counts())  # the bar's total, the images' room
+    except DataError:  # a tar cut short: the stream reads what it can and counts the rest
+        total = None
+    images = ImageStack(total or 1024)
+    captions, groups, keys, partner_keys, sources = [], [], [], [], []
     for sample in tqdm(stream, total=total, desc="read shards", unit="img", disable=not progress):
         images.append(sample["image"])
         captions.append(sample["caption"])
@@ -49,13 +53,13 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
     if has_labels(index, groups):
-        return LabelledImages(stack_images(images, f"shards {path}"), group_ids,
+        return LabelledImages(images.stacked(f"shards {path}"), group_ids,
                               list(index["classnames"]),
                               list(index.get("templates") or ["{}"]), name,
                               skipped=stream.skipped, descriptions=index.get("descriptions"),
                               keys=sources)
     partners = resolve_partners(keys, partner_keys, path)
-    return ImageTextPairs(stack_images(images, f"shards {path}"), captions, group_ids, name=name,
+    return ImageTextPairs(images.stacked(f"shards {path}"), captions, group_ids, name=name,
                           skipped=stream.skipped, partners=partners, keys=sources)
 
 

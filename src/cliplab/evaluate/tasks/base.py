@@ -27,6 +27,7 @@ from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import PreprocessConfig
 
 # a data spec ({source: digits, split: test, ...}) or an already loaded dataset (Python API)
 DataSpec = (dict[str, Any] | InstanceOf[LabelledImages] | InstanceOf[ImageTextPairs]
@@ -129,7 +130,9 @@ class TaskContext:
     ``reported``: skip lines already printed (shared by copies, so repeated evaluations during
     training print each once); ``where``: how errors point at the suite's tasks (``suite.yaml:
     tasks``), set by a `preload` given one and kept by copies, so the model checks of a later
-    `run_suite` name the suite file too.
+    `run_suite` name the suite file too; ``model_input``: the preprocessing of the model the
+    tasks run on (set by a `preload` given the model), to which image files are decoded
+    (`load_source`'s ``model_input``: a set in memory costs the model's input per image).
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -140,6 +143,7 @@ class TaskContext:
     datasets: dict[str, Any] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
     where: str = "tasks"
+    model_input: PreprocessConfig | None = None
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
@@ -156,6 +160,8 @@ class TaskContext:
             where = self.where
         else:
             self.where = where
+        if model is not None:
+            self.model_input = getattr(model, "preprocess_config", None)
         for i, task in enumerate(tasks):
             try:
                 self.check_task(task, model)
@@ -194,9 +200,11 @@ class TaskContext:
         named by a loading error)."""
         if not isinstance(spec, dict):
             return spec
-        key = data_key(spec)
+        fit = self.model_input
+        key = data_key(spec) + ("" if fit is None else
+                                f"@{fit.image_size}/{fit.resize_mode}/{fit.interpolation}")
         if key not in self.datasets:
-            self.datasets[key] = load_source(spec, self.progress, where)
+            self.datasets[key] = load_source(spec, self.progress, where, fit)
         return self.datasets[key]
 
     def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
