@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import Section, refuse_unused
 from cliplab.data.folder_files import with_folder_captions
+from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import DataSpecField, load_source
 from cliplab.errors import ConfigError
@@ -43,7 +44,9 @@ class ShardConfig(Section):
 
 
 def run_shard(config: ShardConfig, progress: bool = True) -> dict:
-    """Load ``config.data`` and write it as shards; return the index."""
+    """Write ``config.data`` as shards; return the index. A source read from files (an image
+    folder, a manifest, a shard folder) is read and written one image at a time, each image at
+    its own size (`cliplab.data.shards.from_files`); an in-memory source is loaded whole."""
     out = Path(config.out)
     spec = config.data
     for key in ("path", "root"):
@@ -52,7 +55,11 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
     spec = with_folder_captions(spec)
-    data = load_source(spec, progress, "data")
+    if streams(spec):  # a source read from files: image by image, each at its own size
+        return write_source(spec, out, samples_per_shard=config.samples_per_shard,
+                            image_format=config.image_format, quality=config.quality,
+                            overwrite=overwrite, progress=progress, where="data")
+    data = load_source(spec, progress, "data")  # an in-memory source (shapes, digits, ...)
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)

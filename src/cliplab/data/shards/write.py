@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from cliplab.data.images import ENCODE_FORMATS, encode_image
@@ -29,7 +30,7 @@ def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None
               error=DataError)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool) -> None:
     """Make ``out``; with ``overwrite``, remove the old set's files (and nothing else)."""
     check_out_folder(out, overwrite)
     if out.is_dir():
@@ -84,6 +85,51 @@ class ShardSink:
         self._writer.__exit__(*exc)
 
 
+def check_writer_options(image_format: str, samples_per_shard: int) -> None:
+    """A `ConfigError` for an image format or shard size the writer cannot use."""
+    if image_format not in ENCODE_FORMATS:
+        raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be a positive integer, not {samples_per_shard!r}")
+
+
+def clean_captions(captions) -> list[str]:
+    """The non-empty captions of a sample, stripped (none: the sample is skipped)."""
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+
+
+def shard_sample(number: int, image: torch.Tensor, captions: list[str], group: int | None,
+                 source_key: str, image_format: str, quality: int,
+                 partner_key: str | None = None, label: int | None = None,
+                 classname: str | None = None) -> dict:
+    """The ``number``-th sample of a set as the writer stores it: the image encoded
+    (``image_format``), the first caption as ``txt`` and the sample's metadata as ``json``
+    (key, captions, group, source key, the partner's key and the class where there are)."""
+    meta = {"key": f"{number:09d}", "captions": captions, "group": group,
+            "source_key": source_key}
+    if partner_key is not None:
+        meta["partner_key"] = partner_key
+    if label is not None:
+        meta["label"] = label
+        meta["classname"] = classname
+    return {"__key__": meta["key"],
+            image_format: encode_image(image, image_format, quality),
+            "txt": captions[0].encode("utf-8"),
+            "json": json.dumps(meta).encode("utf-8")}
+
+
+def class_fields(classnames: list[str] | None, templates: list[str] | None,
+                 descriptions: list[str] | None) -> dict:
+    """What the index records of a labelled set (nothing for pairs): its class names and
+    templates, and its class descriptions if it has any."""
+    if classnames is None:
+        return {}
+    classes = {"classnames": classnames, "templates": templates}
+    if descriptions:
+        classes["descriptions"] = descriptions
+    return classes
+
+
 def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
                  samples_per_shard: int = 1000, image_format: str = "jpg", quality: int = 95,
                  overwrite: bool = False, source: dict | None = None,
@@ -93,12 +139,10 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     Labelled images are written as pairs (one caption per prompt template, the class as group);
     the index keeps their class names and templates, so `load_shards` reads them back labelled.
     Samples without a non-empty caption are skipped and counted, as are those the source skipped.
-    Each sample's ``source_key`` names its item in the source (`source_keys`).
+    Each sample's ``source_key`` names its item in the source (`source_keys`). (A source read
+    from files is written image by image instead: `cliplab.data.shards.from_files`.)
     """
-    if image_format not in ENCODE_FORMATS:
-        raise ConfigError(f"image_format must be one of {sorted(ENCODE_FORMATS)}, not {image_format!r}")
-    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ConfigError(f"samples_per_shard must be a positive integer, not {samples_per_shard!r}")
+    check_writer_options(image_format, samples_per_shard)
     labelled = data if isinstance(data, LabelledImages) else None
     pairs = labelled_to_pairs(data) if labelled is not None else data
     skipped = SkipReport()
@@ -108,7 +152,7 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     sources = source_keys(data)  # what each sample was in the source, whatever it skipped
     keep = []
     for i, caps in enumerate(pairs.captions):
-        caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+        caps = clean_captions(caps)
         if caps:
             keep.append((i, caps))
         else:
@@ -121,25 +165,21 @@ def write_shards(data: ImageTextPairs | LabelledImages, out: str | os.PathLike,
     number_of = {i: number for number, (i, _) in enumerate(keep)}
     partners = pairs.partners
     out = Path(out)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite)
     with ShardSink(out, samples_per_shard, {"image_format": image_format}) as writer:
         for number, (i, caps) in enumerate(tqdm(keep, desc=f"shard {pairs.name}", unit="img",
                                                 disable=not progress)):
             group = None if pairs.groups is None else int(pairs.groups[i])
-            meta = {"key": f"{number:09d}", "captions": caps, "group": group,
-                    "source_key": sources[i]}
+            partner = None
             if partners is not None and int(partners[i]) in number_of:
-                meta["partner_key"] = f"{number_of[int(partners[i])]:09d}"
+                partner = f"{number_of[int(partners[i])]:09d}"
+            label = classname = None
             if labelled is not None:
-                meta["label"] = int(labelled.labels[i])
-                meta["classname"] = labelled.classnames[meta["label"]]
-            writer.write({"__key__": meta["key"],
-                          image_format: encode_image(pairs.images[i], image_format, quality),
-                          "txt": caps[0].encode("utf-8"),
-                          "json": json.dumps(meta).encode("utf-8")})
+                label = int(labelled.labels[i])
+                classname = labelled.classnames[label]
+            writer.write(shard_sample(number, pairs.images[i], caps, group, sources[i],
+                                      image_format, quality, partner, label, classname))
 
-    classes = {} if labelled is None else {"classnames": labelled.classnames,
-                                           "templates": labelled.templates}
-    if labelled is not None and labelled.descriptions:
-        classes["descriptions"] = labelled.descriptions
+    classes = {} if labelled is None else class_fields(labelled.classnames, labelled.templates,
+                                                       labelled.descriptions)
     return writer.write_index(pairs.name, source, skipped, image_format=image_format, **classes)
