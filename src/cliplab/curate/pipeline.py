@@ -41,7 +41,7 @@ from cliplab.curate.pool import Record, read_item
 from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
-from cliplab.data.collection import check_collection_path, iter_items
+from cliplab.data.collection import check_collection_path, collection_size, iter_items
 from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 
@@ -226,7 +226,8 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if not done.is_file():
         size = config.chunk_size
         items = itertools.islice(iter_items(config.data, progress=progress), count * size, None)
-        bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size)
+        bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
+                   total=collection_size(config.data) if progress else None)
         number = count * size
         while True:
             start = time.perf_counter()

@@ -3,7 +3,8 @@
 A record is ``{"key", "caption", "location", "meta"}`` (JSON). ``location`` is the source's own
 (``{"file": path}`` (+ ``manifest``, ``line``), ``{"tar", "offset", "size", "name"}``) or, for an
 in-memory source, ``{"stored": "cache/images/N.png"}`` relative to the run's work folder, where
-reading the pool wrote it. Images are decoded again whenever a step maps a chunk, so no step
+reading the pool wrote it. Images are decoded again whenever a step that looks at them maps a
+chunk (`needs_images`; each image file once per chunk, however many rows name it), so no step
 holds the pool's pixels in memory, and the kept pool is written from the original bytes.
 """
 
@@ -75,8 +76,35 @@ def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str |
             "meta": item.meta}, None
 
 
-def load_batch(records: list[Record], work: Path) -> PoolBatch:
-    """The `PoolBatch` of ``records`` (images decoded from where they live)."""
+def image_source(location: dict) -> tuple:
+    """What identifies an item's image bytes (a file, a tar member's byte range, a stored
+    PNG), whichever row of a manifest names it."""
+    if "stored" in location:
+        return ("stored", location["stored"])
+    if "tar" in location:
+        return ("tar", location["tar"], int(location["offset"]), int(location["size"]))
+    return ("file", location["file"])
+
+
+def needs_images(step: Any) -> bool:
+    """Whether ``step`` (as configured) looks at the pool's pixels in ``map``: its own
+    ``needs_images``; a step that does not say is given them."""
+    return bool(getattr(step, "needs_images", True))
+
+
+def load_batch(records: list[Record], work: Path, images: bool = True) -> PoolBatch:
+    """The `PoolBatch` of ``records``: with ``images``, each decoded from where it lives (an
+    image several rows name decoded once and shared: steps only read them); without, none
+    (``images`` is None) for a step that does not look at them."""
+    decoded: dict[tuple, Image.Image] = {}
+
+    def image(location: dict) -> Image.Image:
+        source = image_source(location)
+        if source not in decoded:
+            decoded[source] = open_image(location, work)
+        return decoded[source]
+
     return PoolBatch(keys=[r["key"] for r in records], captions=[r["caption"] for r in records],
-                     images=[open_image(r["location"], work) for r in records],
+                     images=[image(r["location"]) for r in records] if images else None,
                      meta=[r["meta"] for r in records])
+

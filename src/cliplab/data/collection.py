@@ -406,3 +406,23 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
         yield Item(f"{name}#{i}", caption, {"stored": None},
                    lambda a=image: to_pil(a).convert("RGB"),
                    meta)
+
+
+def collection_size(spec: dict) -> int | None:
+    """How many items `iter_items` yields for ``spec`` when that is cheap to know (a
+    manifest's rows, an image folder's listed files), for a progress bar's total; None for
+    shards (their tars would be read), in-memory sources and a source that cannot be read
+    (the reader itself then says why)."""
+    kind, path = spec.get("source"), spec.get("path")
+    if path is None or kind not in ("manifest", "image-folder"):
+        return None
+    path = Path(path).expanduser().resolve()
+    try:
+        if kind == "manifest":
+            from cliplab.data.manifest import read_manifest_rows
+
+            return len(read_manifest_rows(path))
+        listed = list_folder(path)
+        return len(listed.images) + len(listed.skipped)
+    except (CliplabError, OSError, ValueError):
+        return None

@@ -29,8 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cliplab.config import validate
-from cliplab.data.collection import (PIL_ERRORS, check_collection_path, iter_items, skip_message,
-                                     skip_reason, source_spec)
+from cliplab.data.collection import (PIL_ERRORS, check_collection_path, collection_size,
+                                     iter_items, skip_message, skip_reason, source_spec)
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
@@ -352,7 +352,7 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
             skipped.append((key, reason))
 
     bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
-               initial=state["position"])
+               initial=state["position"], total=collection_size(spec) if progress else None)
     while True:
         chunk = list(itertools.islice(items, cfg.chunk))
         if not chunk:

@@ -172,6 +172,7 @@ class Balance:
     """MetaCLIP balancing of the pairs that reach it over a list of metadata entries."""
 
     Spec = Spec
+    needs_images = False  # matching reads only captions
 
     def __init__(self, spec: Spec):
         self.spec = spec

@@ -7,7 +7,10 @@ A step is a module in ``curate/steps/`` with a ``Spec`` (a `StepSpecBase` subcla
 1. ``prepare(context)`` runs once, on the driver (load a model, embed the evaluation sets,
    train a filtering network);
 2. ``map(batch)`` turns one chunk of pool items into per-item columns (scores, hashes,
-   embeddings). It must be deterministic and depend only on the batch and what ``prepare``
+   embeddings). The batch holds decoded images only if the step's ``needs_images`` (an
+   attribute or property, given its config; a step without one is given images) is true,
+   else ``batch.images`` is None: decoding is most of a pass over a pool of photos. It must
+   be deterministic and depend only on the batch and what ``prepare``
    built, because the engine runs it per chunk, caches its output for resumption, and may run
    it on other processes or Ray workers;
 3. ``decide(items, columns)`` sees the columns of every item that reached the step (in pool
@@ -40,12 +43,13 @@ class StepSpecBase(Section):
 @dataclass
 class PoolBatch:
     """A chunk of pool items: ``keys`` unique and stable (a path, ``shard.tar:key``,
-    ``source#i``), the caption of each, the decoded RGB image at its stored size, and any other
-    columns the source had (``meta``)."""
+    ``source#i``), the caption of each, the decoded RGB image at its stored size (None when
+    the step mapping the batch does not need images; rows naming one image file may share one
+    object, which steps only read), and any other columns the source had (``meta``)."""
 
     keys: list[str]
     captions: list[str]
-    images: list[Image.Image]
+    images: list[Image.Image] | None
     meta: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -114,6 +118,8 @@ class Decision:
 
 class Step(Protocol):
     """The interface of a curation step (see the module docstring)."""
+
+    needs_images: bool  # whether ``map`` looks at ``batch.images`` (given the spec)
 
     def __init__(self, spec: StepSpecBase) -> None: ...
 

@@ -80,6 +80,11 @@ class Basic:
         self.spec = spec
         self.identifier: Any = None
 
+    @property
+    def needs_images(self) -> bool:
+        """Only the size rules look at the image (its width and height)."""
+        return self.spec.min_image_side is not None or self.spec.max_aspect_ratio is not None
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the language identifier (it holds local functions); a worker
         process builds its own on first use."""
@@ -109,10 +114,13 @@ class Basic:
             else:
                 lang, prob = identifier.classify(caption)
                 langs.append(lang), probs.append(float(prob))
+        # without images (no size rule is on, so no rule reads them) the sizes are 0
+        sizes = [(0, 0)] * len(batch) if batch.images is None else \
+            [(im.width, im.height) for im in batch.images]
         return {"words": np.array([len(c.split()) for c in batch.captions], dtype=np.int64),
                 "chars": np.array([len(c.strip()) for c in batch.captions], dtype=np.int64),
-                "width": np.array([im.width for im in batch.images], dtype=np.int64),
-                "height": np.array([im.height for im in batch.images], dtype=np.int64),
+                "width": np.array([w for w, _ in sizes], dtype=np.int64),
+                "height": np.array([h for _, h in sizes], dtype=np.int64),
                 "blocked": np.array(blocked, dtype=str),
                 "language": np.array(langs, dtype="<U8"),
                 "language_prob": np.array(probs, dtype=np.float64)}

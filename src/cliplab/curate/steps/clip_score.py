@@ -41,6 +41,7 @@ class ClipScore:
     """Keeps the pairs whose image and caption agree best under a model."""
 
     Spec = Spec
+    needs_images = True  # map embeds the images
 
     def __init__(self, spec: Spec):
         self.spec = spec

@@ -125,6 +125,7 @@ class Decontaminate:
     """Drops pool images whose embedding or perceptual hash matches an evaluation image."""
 
     Spec = Spec
+    needs_images = True  # map hashes (and embeds) the images
 
     def __init__(self, spec: Spec):
         self.spec = spec

@@ -77,6 +77,7 @@ class DataFilteringNetwork:
     """Trains a filtering network on trusted pairs, keeps the pool pairs it scores best."""
 
     Spec = Spec
+    needs_images = True  # map embeds the images
 
     def __init__(self, spec: Spec):
         self.spec = spec

@@ -53,11 +53,18 @@ class ExactDedup:
     def __init__(self, spec: Spec):
         self.spec = spec
 
+    @property
+    def needs_images(self) -> bool:
+        """``match: caption`` compares captions only: no image is decoded or hashed."""
+        return self.spec.match != "caption"
+
     def prepare(self, context: StepContext) -> None:
         pass
 
     def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
-        return {"image_hash": np.array([image_hash(im) for im in batch.images], dtype="<U64"),
+        images = [""] * len(batch) if batch.images is None else \
+            [image_hash(im) for im in batch.images]  # "": not hashed (match: caption)
+        return {"image_hash": np.array(images, dtype="<U64"),
                 "caption_hash": np.array([caption_hash(c) for c in batch.captions], dtype="<U64")}
 
     def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:

@@ -37,6 +37,7 @@ class SemanticDedup:
     """Drops semantic near duplicates (see the module docstring)."""
 
     Spec = Spec
+    needs_images = True  # map embeds the images
 
     def __init__(self, spec: Spec):
         self.spec = spec

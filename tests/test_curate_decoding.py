@@ -1,0 +1,225 @@
+"""Which pool images `cliplab curate` decodes: only for the steps that look at them (given their
+config), each image file once per chunk however many rows name it, with results identical to
+decoding every image for every step; and the totals of the "read pool" and index bars."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cliplab.config import validate
+from cliplab.curate import engine as engine_module
+from cliplab.curate import pipeline as pipeline_module
+from cliplab.curate import pool as pool_module
+from cliplab.curate.config import CurateConfig
+from cliplab.curate.pipeline import run_curation
+
+CAPTION_STEPS = [{"step": "basic", "min_words": 2, "blocklist": ["spam"]},
+                 {"step": "exact_dedup", "match": "caption"},
+                 {"step": "balance", "vocabulary": ["dog", "cat", "bird"], "t": 2}]
+IMAGE_STEPS = [{"step": "basic", "name": "sizes", "min_words": 2, "min_image_side": 20},
+               {"step": "exact_dedup", "name": "same_pixels", "match": "image"},
+               {"step": "balance", "vocabulary": ["dog", "cat", "bird"], "t": 3}]
+# files: four photos (b is a pixel copy of a as another file, c is small), one unreadable
+FILES = {"a.jpg": ((48, 32), (200, 30, 30)), "b.png": None, "c.png": ((12, 40), (10, 200, 10)),
+         "d.jpg": ((40, 40), (20, 20, 220))}
+ANIMALS = ["dog", "cat", "bird", "fish"]
+N_ROWS = 40
+
+
+def photo_manifest(root: Path) -> Path:
+    """A manifest of ``N_ROWS`` rows naming a few image files again and again (plus a broken
+    file and a missing one, dropped at read), captions repeating, some blocklisted or short."""
+    root.mkdir()
+    for name, spec in FILES.items():
+        if spec is not None:
+            size, colour = spec
+            Image.new("RGB", size, colour).save(root / name)
+    Image.open(root / "a.jpg").save(root / "b.png")  # the same pixels as a.jpg, another file
+    (root / "broken.jpg").write_bytes(b"no jpeg at all")
+    names = list(FILES) + ["broken.jpg", "gone.png"]
+    lines = ["image,caption"]
+    for i in range(N_ROWS):
+        name = names[i % 4] if i % 13 else names[4 + (i // 13) % 2]
+        caption = f"a {ANIMALS[i % 4]} number {i % 7}" if i % 5 else ANIMALS[i % 4]
+        if i % 11 == 3:
+            caption += " spam"
+        lines.append(f"{name},{caption}")
+    manifest = root / "pool.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def config(data, steps, **kw) -> CurateConfig:
+    return validate(CurateConfig, {"data": data, "steps": steps, "chunk_size": 7,
+                                   "output": {"format": "manifest"}, **kw}, "test")
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Every image the steps' batches decode (`open_image` as the pool calls it)."""
+    opened: list[str] = []
+    original = pool_module.open_image
+
+    def counting(location, work):
+        opened.append(location["file"])
+        return original(location, work)
+    monkeypatch.setattr(pool_module, "open_image", counting)
+    return opened
+
+
+def outcome(out: Path) -> dict:
+    """What a run decided: the summary without timings, every drop with its step and reason,
+    and the kept items (the output manifest)."""
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [{k: v for k, v in s.items() if k != "seconds"} for s in summary.pop("steps")]
+    dropped = [(d["key"], d["step"], d["reason"],
+                None if math.isnan(d["score"]) else d["score"])
+               for d in pq.read_table(out / "dropped.parquet").to_pylist()]
+    kept = pq.read_table(out / summary["output"]["path"]).to_pylist()
+    decisions = {p.parent.name: json.loads(p.read_text())
+                 for p in sorted((out / "steps").glob("*/decision.json"))}
+    for d in decisions.values():
+        d.pop("seconds")
+    return {"summary": summary, "steps": steps, "dropped": dropped, "kept": kept,
+            "decisions": decisions}
+
+
+def test_caption_only_steps_decode_no_image(tmp_path, decodes):
+    manifest = photo_manifest(tmp_path / "pool")
+    summary = run_curation(config(str(manifest), CAPTION_STEPS), tmp_path / "out", progress=False)
+    assert [s["step"] for s in summary["steps"]] == ["read", "basic", "exact_dedup", "balance"]
+    assert all(s["in"] > 0 for s in summary["steps"])  # every step saw items
+    assert decodes == []  # before: every record decoded again for each of the three steps
+
+
+def readable_files_per_chunk(manifest: Path, chunk_size: int = 7) -> list[set[str]]:
+    """The distinct readable image files the rows of each chunk of the pool name."""
+    names = [line.split(",")[0] for line in manifest.read_text().splitlines()[1:]]
+    readable = {n for n in names if n in FILES}
+    return [{str((manifest.parent / n).resolve()) for n in names[s:s + chunk_size] if n in readable}
+            for s in range(0, len(names), chunk_size)]
+
+
+def test_a_step_that_needs_images_decodes_each_file_once_per_chunk(tmp_path, decodes):
+    manifest = photo_manifest(tmp_path / "pool")
+    steps = [{"step": "basic", "min_image_side": 20},
+             {"step": "balance", "vocabulary": ["dog"], "t": 100}]
+    summary = run_curation(config(str(manifest), steps), tmp_path / "out", progress=False)
+    assert summary["steps"][1]["in"] == N_ROWS - 4  # 4 rows name the broken or missing file
+    chunks = readable_files_per_chunk(manifest)
+    # basic: each readable file once per chunk (not once per row); balance: none
+    assert sorted(decodes) == sorted(f for files in chunks for f in files)
+    assert len(decodes) < N_ROWS - 4
+
+
+@pytest.mark.parametrize("steps", [CAPTION_STEPS, IMAGE_STEPS, CAPTION_STEPS + IMAGE_STEPS[:2]],
+                         ids=["caption-steps", "image-steps", "mixed"])
+def test_results_equal_those_with_every_image_decoded_for_every_step(tmp_path, monkeypatch,
+                                                                     steps):
+    manifest = photo_manifest(tmp_path / "pool")
+    run_curation(config(str(manifest), steps), tmp_path / "lazy", progress=False)
+    monkeypatch.setattr(engine_module, "needs_images", lambda step: True)  # the old behaviour
+    run_curation(config(str(manifest), steps), tmp_path / "eager", progress=False)
+    lazy, eager = outcome(tmp_path / "lazy"), outcome(tmp_path / "eager")
+    assert lazy == eager
+    assert len(lazy["dropped"]) > 2 and lazy["summary"]["kept"] > 0  # something was decided
+    reasons = {r for _, _, r, _ in lazy["dropped"]}
+    assert any("unreadable image" in r for r in reasons)  # still dropped at read
+    if steps is IMAGE_STEPS:
+        assert any("min_image_side" in r for r in reasons)
+        assert any("identical image" in r for r in reasons)
+
+
+def test_the_ray_engine_decodes_only_for_steps_that_need_images(tmp_path, decodes, monkeypatch):
+    """The Ray engine's actor maps chunks through the same batch loader (run here in process
+    with the stand-in `ray` of the Ray engine's tests)."""
+    import sys
+
+    from tests.test_curate_ray_engine import FakeRay
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(initialized=True))
+    manifest = photo_manifest(tmp_path / "pool")
+    run_curation(config(str(manifest), CAPTION_STEPS, engine="ray"), tmp_path / "ray",
+                 progress=False)
+    assert decodes == []
+    steps = IMAGE_STEPS[:1] + CAPTION_STEPS
+    run_curation(config(str(manifest), steps, engine="ray"), tmp_path / "ray2", progress=False)
+    # only the first step decodes: each readable file once per chunk
+    assert sorted(decodes) == sorted(f for files in readable_files_per_chunk(manifest)
+                                     for f in files)
+    ray = outcome(tmp_path / "ray2")
+    run_curation(config(str(manifest), steps), tmp_path / "local", progress=False)
+    assert ray == outcome(tmp_path / "local")
+
+
+def test_basic_with_size_rules_needs_images_and_without_does_not():
+    from cliplab.curate.steps.basic import Basic, Spec
+
+    assert Basic(Spec(step="basic", min_image_side=4)).needs_images
+    assert Basic(Spec(step="basic", max_aspect_ratio=3)).needs_images
+    assert not Basic(Spec(step="basic", min_words=2, blocklist=["x"])).needs_images
+
+
+class RecordingBar:
+    """tqdm as far as the bars use it, remembering each bar's total."""
+
+    made: list[dict] = []
+
+    def __init__(self, *args, **kw):
+        RecordingBar.made.append(kw)
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_the_read_pool_bar_has_the_manifest_s_row_count_as_total(tmp_path, monkeypatch):
+    manifest = photo_manifest(tmp_path / "pool")
+    RecordingBar.made = []
+    monkeypatch.setattr(pipeline_module, "tqdm", RecordingBar)
+    run_curation(config(str(manifest), []), tmp_path / "out", progress=True)
+    read = [kw for kw in RecordingBar.made if kw.get("desc") == "read pool"]
+    assert len(read) == 1 and read[0].get("total") == N_ROWS
+
+
+def test_the_read_pool_bar_of_a_folder_counts_its_files(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, i, i)).save(folder / f"img_{i}.png")
+    (folder / "notes.txt").write_text("not an image")  # an item that fails to read
+    RecordingBar.made = []
+    monkeypatch.setattr(pipeline_module, "tqdm", RecordingBar)
+    run_curation(config(str(folder), []), tmp_path / "out", progress=True)
+    read = [kw for kw in RecordingBar.made if kw.get("desc") == "read pool"]
+    assert read[0].get("total") == 6
+
+
+def test_the_index_bar_has_the_folder_s_file_count_as_total(tmp_path, monkeypatch):
+    from cliplab.serve import build as build_module
+    from cliplab.serve.build import build_index
+    from tests.serve_helpers import index_config, save_tiny_model
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    model = save_tiny_model(tmp_path / "model")
+    RecordingBar.made = []
+    monkeypatch.setattr(build_module, "tqdm", RecordingBar)
+    build_index(index_config(model, str(folder), tmp_path / "idx"), progress=True)
+    bars = [kw for kw in RecordingBar.made if str(kw.get("desc", "")).startswith("index ")]
+    assert len(bars) == 1 and bars[0].get("total") == 5
