@@ -92,3 +92,28 @@ def test_recalls_in_chunks_equal_the_whole_similarity_matrix(chunk):
     got = retrieval_metrics(image_emb, text_emb, owner, ks, text_rows=rows, chunk=chunk)
     assert got == _full_matrix_recalls(image_emb, text_emb, owner, rows, ks)
     assert 0 < got["image_retrieval_recall@5"] < 1 and 0 < got["text_retrieval_recall@5"] < 1
+
+
+class _Recorded(torch.Tensor):
+    """A tensor that records the size of every tensor an operation on it makes."""
+
+    sizes: list[int] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if isinstance(out, torch.Tensor):
+            cls.sizes.append(out.numel())
+        return out
+
+
+def test_recalls_never_hold_the_whole_similarity_matrix():
+    g = torch.Generator().manual_seed(4)
+    n, u = 60, 50
+    image_emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    text_emb = torch.nn.functional.normalize(torch.randn(u, 8, generator=g), dim=-1)
+    _Recorded.sizes = []
+    retrieval_metrics(image_emb.as_subclass(_Recorded), text_emb.as_subclass(_Recorded),
+                      torch.arange(u) % n, (1, 5), chunk=4)
+    # blocks of 4 rows (and views of the [N, 8] embeddings themselves), never the [U, N] matrix
+    assert max(_Recorded.sizes) <= 8 * max(n, u) < n * u
