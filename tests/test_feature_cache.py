@@ -109,3 +109,20 @@ def test_a_cache_file_without_embeddings_is_replaced_and_encoded_again(tmp_path,
     assert torch.equal(third.features(model, images, progress=False).embeddings,
                        first.embeddings)
     assert len(calls) == 2 and third.hits == 1 and capsys.readouterr().err == ""
+
+
+def test_the_images_key_is_hashed_without_a_copy_of_the_set():
+    import hashlib
+    import tracemalloc
+
+    from cliplab.evaluate.feature_cache import images_fingerprint
+
+    images = torch.randint(0, 256, (64, 64, 64, 3), dtype=torch.uint8)  # 786 KB
+    tracemalloc.start()
+    key = images_fingerprint(images)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < images.numel() // 10  # .tobytes() copied the whole set (a 10k eval died there)
+    want = hashlib.sha256(str(tuple(images.shape)).encode())
+    want.update(images.numpy().tobytes())
+    assert key == want.hexdigest()[:16]  # the same key as before: persisted caches still hit
