@@ -223,3 +223,26 @@ def test_the_index_bar_has_the_folder_s_file_count_as_total(tmp_path, monkeypatc
     build_index(index_config(model, str(folder), tmp_path / "idx"), progress=True)
     bars = [kw for kw in RecordingBar.made if str(kw.get("desc", "")).startswith("index ")]
     assert len(bars) == 1 and bars[0].get("total") == 5
+
+
+def test_reading_the_pool_decodes_each_readable_file_once(tmp_path, monkeypatch):
+    """A caption manifest names an image once per caption: `read` decoded it again for every
+    row. Rows naming a broken or missing file are each dropped with their own line, as before."""
+    import cliplab.data.collection as collection
+
+    opened: list[str] = []
+    original = collection.open_rgb
+
+    def counting(source):
+        opened.append(str(source))
+        return original(source)
+    monkeypatch.setattr(collection, "open_rgb", counting)
+    manifest = photo_manifest(tmp_path / "pool")
+    run_curation(config(str(manifest), CAPTION_STEPS), tmp_path / "out", progress=False)
+    readable = {str((manifest.parent / n).resolve()) for n in FILES}
+    assert sorted(f for f in opened if f in readable) == sorted(readable)  # each once
+    failing = [f for f in opened if f not in readable]
+    assert len(failing) == 4  # the 4 rows of the broken and the missing file, each tried
+    dropped = pq.read_table(tmp_path / "out" / "dropped.parquet").to_pylist()
+    lines = sorted(d["reason"] for d in dropped if d["step"] == "read")
+    assert len(lines) == 4 and len(set(lines)) == 4  # each names its own manifest line

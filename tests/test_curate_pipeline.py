@@ -431,12 +431,12 @@ def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatc
 
     real, seen, failed = pipeline.read_item, [], []
 
-    def killed_once(item, number, work):
+    def killed_once(item, number, work, readable=None):
         seen.append(item.key)
         if number == 4 and not failed:
             failed.append(True)
             raise RuntimeError("killed while reading")
-        return real(item, number, work)
+        return real(item, number, work, readable)
 
     monkeypatch.setattr(pipeline, "read_item", killed_once)
     cfg = config({"source": "shapes", "n": 6, "seed": 3}, [{"step": "exact_dedup"}], chunk_size=2)

@@ -47,6 +47,7 @@ from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_
 
 FORMAT = 1
 READ_STEP = "read"
+READ_MEMORY = 200_000  # images remembered as readable at once (some tens of MB of keys)
 # keys that change how the run goes or what the report shows, not which items are kept
 NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples", "device")
 
@@ -229,14 +230,17 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
         bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
                    total=collection_size(config.data) if progress else None)
         number = count * size
+        readable: set[tuple] = set()  # image files decoded once, however many rows name them
         while True:
             start = time.perf_counter()
             chunk = list(itertools.islice(items, size))
             if not chunk:
                 break
+            if len(readable) > READ_MEMORY:
+                readable.clear()
             records, dropped = [], []
             for item in chunk:
-                record, reason = read_item(item, number, work)
+                record, reason = read_item(item, number, work, readable)
                 number += 1
                 if record is None:
                     dropped.append({"key": item.key, "step": READ_STEP, "reason": reason,

@@ -53,19 +53,27 @@ def open_image(location: dict, work: Path) -> Image.Image:
     return open_rgb(image_bytes(location, work)[0])
 
 
-def read_item(item: Item, number: int, work: Path) -> tuple[Record | None, str | None]:
+def read_item(item: Item, number: int, work: Path,
+              readable: set[tuple] | None = None) -> tuple[Record | None, str | None]:
     """``(record, None)`` for a usable item, ``(None, reason)`` for one dropped at ``read``: an
-    unreadable image or an empty caption, named by file (and manifest line)."""
+    unreadable image or an empty caption, named by file (and manifest line). ``readable``:
+    the images (`image_source`) already decoded for an earlier item, not decoded again (a
+    caption manifest names each image once per caption); it gains this item's."""
     where = describe_location(item.location)
-    try:
-        image = item.read()
-    except PIL_ERRORS as err:
-        what = skip_reason(err).replace("_", " ")
-        return None, f"{what} at {where}: {skip_message(err)}"
+    stored = "stored" in item.location  # in memory: read, to be written as a PNG below
+    source = None if stored or readable is None else image_source(item.location)
+    if source is None or source not in readable:
+        try:
+            image = item.read()
+        except PIL_ERRORS as err:
+            what = skip_reason(err).replace("_", " ")
+            return None, f"{what} at {where}: {skip_message(err)}"
+        if source is not None:
+            readable.add(source)
     if not item.caption or not item.caption.strip():
         return None, f"empty caption at {where}"
     location = dict(item.location)
-    if "stored" in location:  # in-memory source: keep a PNG for later steps and the output
+    if stored:  # in-memory source: keep a PNG for later steps and the output
         rel = f"cache/images/{number:09d}.png"
         tmp = work / f"{rel}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
