@@ -119,3 +119,34 @@ def test_adapt_and_pretrain_load_their_files_for_the_model(tmp_path, monkeypatch
                            "out": str(tmp_path / "run")}, progress=False)
     assert {where for where, _ in seen} >= {"data.train", "data.test"}
     assert all(m is not None and m.image_size == 32 for _, m in seen)  # tiny-clip's input
+
+
+def test_merge_scores_held_out_files_loaded_once_for_the_model(tmp_path, tiny_model,
+                                                                monkeypatch):
+    import cliplab.evaluate.tasks.base as base
+    from cliplab.merge.run import heldout_evaluator
+
+    root = _folder(tmp_path / "photos", [(75, 100), (100, 75)] * 2)
+    seen = []
+
+    def spy(spec, progress=None, where=None, model_input=None):
+        seen.append(model_input)
+        return load_source(spec, progress, where, model_input)
+    monkeypatch.setattr(base, "load_source", spy)
+    score = heldout_evaluator(tiny_model, {"task": "zeroshot", "data": {
+        "source": "image-folder", "path": str(root)}}, "acc1")
+    for _ in range(2):  # two sets of weights: the data is read once
+        score(tiny_model.model.state_dict())
+    assert len(seen) == 1 and seen[0].image_size == tiny_model.preprocess_config.image_size
+
+
+def test_run_task_loads_a_tasks_files_for_its_model(tmp_path, tiny_model):
+    from cliplab.evaluate.suite import run_task
+
+    root = _folder(tmp_path / "photos", [(75, 100), (100, 75)] * 2)
+    context = TaskContext(progress=False)
+    run_task(tiny_model, {"task": "zeroshot", "data": {"source": "image-folder",
+                                                       "path": str(root)}}, context)
+    (loaded,) = context.datasets.values()
+    size = tiny_model.preprocess_config.image_size
+    assert loaded.images.shape[1:3] == (size, size)

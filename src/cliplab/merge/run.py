@@ -69,7 +69,9 @@ def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
     ``metric``, with the weights loaded into ``template`` rounded to ``dtype`` (what the merged
     folder is saved in); a metric the task does not give is an error naming the config
     ``where`` it was set (known only once the task has run)."""
-    spec, context = task_spec(task, "heldout"), TaskContext(progress=progress)
+    spec = task_spec(task, "heldout")
+    # its files decoded to the model's input once, for every weights scored
+    context = TaskContext(progress=progress, model_input=template.preprocess_config)
     report_skips("heldout", spec, context)  # told once, before any scoring
 
     def evaluate(state: StateDict) -> float:

@@ -131,7 +131,7 @@ class TaskContext:
     training print each once); ``where``: how errors point at the suite's tasks (``suite.yaml:
     tasks``), set by a `preload` given one and kept by copies, so the model checks of a later
     `run_suite` name the suite file too; ``model_input``: the preprocessing of the model the
-    tasks run on (set by a `preload` given the model), to which image files are decoded
+    tasks run on (set when a task is checked against the model), to which image files are decoded
     (`load_source`'s ``model_input``: a set in memory costs the model's input per image).
     """
 
@@ -160,8 +160,6 @@ class TaskContext:
             where = self.where
         else:
             self.where = where
-        if model is not None:
-            self.model_input = getattr(model, "preprocess_config", None)
         for i, task in enumerate(tasks):
             try:
                 self.check_task(task, model)
@@ -170,8 +168,11 @@ class TaskContext:
                 raise type(err)(f"{where}[{i}]{label}: {err}") from None
 
     def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
-        """Load ``task``'s datasets, refuse an empty one, and run `TaskSpecBase.check` (and
-        `TaskSpecBase.check_model` given ``model``); errors do not name the task."""
+        """Load ``task``'s datasets (given ``model``, decoded to its input: ``model_input``),
+        refuse an empty one, and run `TaskSpecBase.check` (and `TaskSpecBase.check_model`
+        given ``model``); errors do not name the task."""
+        if model is not None:
+            self.model_input = getattr(model, "preprocess_config", None)
         for key, spec in task.data_keys():
             self.load(spec, where=key)  # a bad option names its key: `test: unknown option`
         empty = self.empty_data(task)
