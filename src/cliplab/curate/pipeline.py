@@ -41,7 +41,7 @@ from cliplab.curate.pool import Record, read_item
 from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
-from cliplab.data.collection import check_collection_path, collection_size, iter_items
+from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.errors import ConfigError, DataError, ModelError
 from cliplab.output_folder import partial_path, remove_own_work, swap_in, write_json
 
@@ -226,9 +226,10 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
                         f"delete {work} to start this run over")
     if not done.is_file():
         size = config.chunk_size
-        items = itertools.islice(iter_items(config.data, progress=progress), count * size, None)
+        total, items = open_collection(config.data, progress=progress)
+        items = itertools.islice(items, count * size, None)
         bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
-                   total=collection_size(config.data) if progress else None)
+                   total=total)
         number = count * size
         readable: set[tuple] = set()  # image files decoded once, however many rows name them
         while True:

@@ -101,6 +101,13 @@ def source_spec(data: str | dict) -> dict:
 
 def iter_items(spec: dict, progress: bool = True) -> Iterator[Item]:
     """The items of the collection ``spec`` names, always in the same order."""
+    return open_collection(spec, progress)[1]
+
+
+def open_collection(spec: dict, progress: bool = True) -> tuple[int | None, Iterator[Item]]:
+    """How many items the collection ``spec`` names holds, where its listing tells (a
+    manifest's rows, a folder's files; None for shards and in-memory sources: a progress bar's
+    total), and its items (`iter_items`); a folder or manifest is listed once, here."""
     spec = dict(spec)
     kind = spec.get("source")
     if kind == "image-folder":
@@ -108,8 +115,8 @@ def iter_items(spec: dict, progress: bool = True) -> Iterator[Item]:
     if kind == "manifest":
         return _manifest_items(_path(spec), spec)
     if kind == "shards":
-        return _shard_items(_path(spec), spec)
-    return _memory_items(spec, progress)
+        return None, _shard_items(_path(spec), spec)
+    return None, _memory_items(spec, progress)
 
 
 def check_collection_path(spec: dict) -> None:
@@ -140,7 +147,7 @@ def open_rgb(source: Path | bytes) -> Image.Image:
         return convert_image(im, "RGB")
 
 
-def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
+def _folder_items(root: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     """The folder's images (`cliplab.data.folder_files`' rule): the caption is the image's
     ``NAME.txt``, in a folder without any its sub-folder's name, else its file name; a
     ``NAME.json`` object beside it joins its metadata. Files that are no image, images of a
@@ -154,13 +161,16 @@ def _folder_items(root: Path, spec: dict) -> Iterator[Item]:
         raise DataError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     skipped = {path: reason for reason, path in listed.skipped}
     captioned = caption_dirs(listed.images)
-    for file in sorted(listed.images + list(skipped)):
-        rel = file.relative_to(root)
-        if file in skipped:
-            yield Item(str(rel), "", {"file": str(file)},
-                       lambda f=file, r=skipped[file]: _refuse(f, r))
-            continue
-        yield _folder_item(file, root, captioned)
+    files = sorted(listed.images + list(skipped))
+
+    def items() -> Iterator[Item]:
+        for file in files:
+            if file in skipped:
+                yield Item(str(file.relative_to(root)), "", {"file": str(file)},
+                           lambda f=file, r=skipped[file]: _refuse(f, r))
+                continue
+            yield _folder_item(file, root, captioned)
+    return len(files), items()
 
 
 def _folder_item(file: Path, root: Path, captioned: set[Path]) -> Item:
@@ -210,7 +220,7 @@ def skip_message(err: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", first)[:200]
 
 
-def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
+def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     from cliplab.data.manifest import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _read_table
 
     _reject_options(spec, {"image_col", "caption_col"})
@@ -234,17 +244,20 @@ def _manifest_items(path: Path, spec: dict) -> Iterator[Item]:
         raise DataError(f"{path}: no caption column (looked for "
                         f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found {columns}); rename "
                         "a column or set caption_col")
-    for number, row in enumerate(rows, 1):
-        name = str(row.get(image_col) or "").strip()
-        file = (path.parent / Path(name).expanduser()).resolve()
-        # a caption that is no text (a list, an object) is none, not its Python repr
-        caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")
-                        and not isinstance(row[c], (list, dict))), "")
-        meta = {k: v for k, v in row.items() if k != image_col}
-        where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
-        yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
-                   (lambda f=file: open_rgb(f)) if name else _no_path,
-                   json.loads(json.dumps(meta, default=str)))
+
+    def items() -> Iterator[Item]:
+        for number, row in enumerate(rows, 1):
+            name = str(row.get(image_col) or "").strip()
+            file = (path.parent / Path(name).expanduser()).resolve()
+            # a caption that is no text (a list, an object) is none, not its Python repr
+            caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")
+                            and not isinstance(row[c], (list, dict))), "")
+            meta = {k: v for k, v in row.items() if k != image_col}
+            where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
+            yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
+                       (lambda f=file: open_rgb(f)) if name else _no_path,
+                       json.loads(json.dumps(meta, default=str)))
+    return len(rows), items()
 
 
 def read_range(tar: str | Path, offset: int, size: int) -> bytes:
@@ -407,22 +420,3 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
                    lambda a=image: to_pil(a).convert("RGB"),
                    meta)
 
-
-def collection_size(spec: dict) -> int | None:
-    """How many items `iter_items` yields for ``spec`` when that is cheap to know (a
-    manifest's rows, an image folder's listed files), for a progress bar's total; None for
-    shards (their tars would be read), in-memory sources and a source that cannot be read
-    (the reader itself then says why)."""
-    kind, path = spec.get("source"), spec.get("path")
-    if path is None or kind not in ("manifest", "image-folder"):
-        return None
-    path = Path(path).expanduser().resolve()
-    try:
-        if kind == "manifest":
-            from cliplab.data.manifest import read_manifest_rows
-
-            return len(read_manifest_rows(path))
-        listed = list_folder(path)
-        return len(listed.images) + len(listed.skipped)
-    except (CliplabError, OSError, ValueError):
-        return None

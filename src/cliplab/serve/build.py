@@ -29,8 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cliplab.config import validate
-from cliplab.data.collection import (PIL_ERRORS, check_collection_path, collection_size,
-                                     iter_items, skip_message, skip_reason, source_spec)
+from cliplab.data.collection import (PIL_ERRORS, check_collection_path, open_collection,
+                                     skip_message, skip_reason, source_spec)
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
@@ -343,7 +343,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
     """Embed the items past ``state["position"]`` chunk by chunk. Items ``before`` (the index
     ``--add`` appends to) holds are counted in ``already_indexed``, not listed as skipped; a
     key is listed in the skipped table once, however often it is read."""
-    items = itertools.islice(iter_items(spec, progress=progress), state["position"], None)
+    total, items = open_collection(spec, progress=progress)
+    items = itertools.islice(items, state["position"], None)
     recorded = {key for key, _ in store.skipped()}
 
     def skip(key: str, reason: str) -> None:  # into this chunk's `skipped`, once per key
@@ -352,7 +353,7 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
             skipped.append((key, reason))
 
     bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
-               initial=state["position"], total=collection_size(spec) if progress else None)
+               initial=state["position"], total=total)
     while True:
         chunk = list(itertools.islice(items, cfg.chunk))
         if not chunk:
