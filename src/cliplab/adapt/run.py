@@ -17,6 +17,7 @@ from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer
+from cliplab.data.listed import ListedImages, ShotDraws, list_source
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
@@ -24,7 +25,6 @@ from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import data_origin
-from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.presets import PRESETS
@@ -52,27 +52,31 @@ def check_model_found(spec: ModelSpec) -> None:
         resolve_model_path(spec)
 
 
-def few_shot_split(train: LabelledImages, shots: int | None, val_shots: int, seed: int
-                   ) -> tuple[LabelledImages, LabelledImages | None]:
+def few_shot_split(train: LabelledImages | ListedImages | ShotDraws, shots: int | None,
+                   val_shots: int, seed: int) -> tuple[LabelledImages, LabelledImages | None]:
     """``shots`` samples per class (all with 0/None) and, disjoint from them, ``val_shots`` per
     class for validation (None with 0). With all samples and a validation split, the
-    validation samples are drawn first and training gets the rest."""
-    if not shots and val_shots:
-        val_idx = sample_k_shot(train.labels, int(val_shots), seed + 1)
-        rest = torch.ones(len(train), dtype=torch.bool)
+    validation samples are drawn first and training gets the rest. A listed set
+    (`list_source`) decodes only the samples drawn."""
+    draws = train if isinstance(train, ShotDraws) else ShotDraws(train, progress=False)
+    if not shots:
+        if not val_shots:
+            return draws.listed.data, None
+        val, val_idx = draws.draw(int(val_shots), seed + 1, label="draw data.train val_shots")
+        rest = torch.ones(len(draws.listed), dtype=torch.bool)
         rest[val_idx] = False
-        return train.subset(rest.nonzero().flatten()), train.subset(val_idx)
-    idx = sample_k_shot(train.labels, int(shots), seed) if shots else torch.arange(len(train))
+        return draws.listed.data.subset(rest.nonzero().flatten()), val
+    drawn, idx = draws.draw(int(shots), seed, label="draw data.train shots")
     val = None
     if val_shots:
-        rest = torch.ones(len(train), dtype=torch.bool)
-        rest[idx] = False
-        pool = rest.nonzero().flatten()
-        if len(pool) == 0:
+        taken = torch.zeros(len(draws.listed), dtype=torch.bool)
+        taken[idx] = True
+        if bool((taken | draws.unreadable).all()):
             raise DataError("no training samples are left for the validation split; "
                             "lower shots or set val_shots=0")
-        val = train.subset(pool[sample_k_shot(train.labels[pool], int(val_shots), seed + 1)])
-    return train.subset(idx), val
+        val, _ = draws.draw(int(val_shots), seed + 1, exclude=taken,
+                            label="draw data.train val_shots")
+    return drawn, val
 
 
 def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: bool) -> None:
@@ -99,53 +103,83 @@ def warn_fewer_than(data: LabelledImages, k: int | None, key: str, split: str,
               f"{', ...' if len(short) > 10 else ''})", file=sys.stderr)
 
 
-def load_validation(cfg: AdaptConfig, train: LabelledImages, progress: bool = True,
-                    model_input: PreprocessConfig | None = None) -> LabelledImages:
-    """``data.val`` as loaded (image files decoded to ``model_input``, `load_source`),
-    checked against the training set's classes."""
-    val = as_labelled(load_source(cfg.data.val, progress, "data.val", model_input), "data.val")
+def load_validation(cfg: AdaptConfig, train: LabelledImages | ListedImages, progress: bool = True,
+                    model_input: PreprocessConfig | None = None
+                    ) -> LabelledImages | ListedImages:
+    """``data.val`` as loaded (image files decoded to ``model_input``, `load_source`; only
+    listed, `list_source`, when ``val_shots`` draws from it), checked against the training
+    set's classes."""
+    load = list_source if cfg.val_shots else load_source
+    val = load(cfg.data.val, progress, "data.val", model_input)
+    if not isinstance(val, ListedImages):
+        val = as_labelled(val, "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
-    check_same_classes(train, val, "adapt", ("data.train", "data.val"))
+    check_same_classes(_listed_data(train), _listed_data(val), "adapt", ("data.train", "data.val"))
     return val
 
 
-def draw_validation(cfg: AdaptConfig, val: LabelledImages) -> LabelledImages:
+def draw_validation(cfg: AdaptConfig, val: LabelledImages | ListedImages | ShotDraws
+                    ) -> LabelledImages:
     """``val_shots`` per class drawn from ``data.val`` (seeded) when set, else all of it."""
+    draws = val if isinstance(val, ShotDraws) else ShotDraws(val, progress=False)
     if cfg.val_shots:
-        val = val.subset(sample_k_shot(val.labels, int(cfg.val_shots), cfg.seed + 1))
-    return val
+        return draws.draw(int(cfg.val_shots), cfg.seed + 1, label="draw data.val val_shots")[0]
+    return draws.listed.data
+
+
+def _listed_data(data: LabelledImages | ListedImages) -> LabelledImages:
+    return data.data if isinstance(data, ListedImages) else data
 
 
 def load_sets(cfg: AdaptConfig, progress: bool = True,
               model_input: PreprocessConfig | None = None
-              ) -> tuple[LabelledImages, dict[str, LabelledImages]]:
-    """The whole training set and the scored sets (``test``, and ``shifted`` if given), image
-    files decoded to ``model_input`` (`load_source`)."""
+              ) -> tuple[LabelledImages | ListedImages, dict[str, LabelledImages]]:
+    """The training set and the scored sets (``test``, and ``shifted`` if given), image
+    files decoded to ``model_input`` (`load_source`); with ``shots``, the training set's
+    files are only listed (`list_source`): the draw decodes what it takes."""
     def load(key: str) -> LabelledImages:
         spec = getattr(cfg.data, key)
         return as_labelled(load_source(spec, progress, f"data.{key}", model_input), f"data.{key}")
 
-    train = load("train")
+    if cfg.shots:
+        train = list_source(cfg.data.train, progress, "data.train", model_input)
+        if not isinstance(train, ListedImages):
+            train = as_labelled(train, "data.train")
+    else:
+        train = load("train")
     sets = {"test": load("test")}
     if cfg.data.shifted is not None:
         sets["shifted"] = load("shifted")
-    for name, data in {"train": train, **sets}.items():
+    for name, data in {"train": _listed_data(train), **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
-        check_same_classes(train, data, "adapt", ("data.train", f"data.{name}"))
+        check_same_classes(_listed_data(train), data, "adapt", ("data.train", f"data.{name}"))
     return train, sets
 
 
-def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages]) -> dict[str, dict]:
+def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages | ShotDraws]
+                 ) -> dict[str, dict]:
     """What loading each set skipped (``{set: SkipReport.to_dict()}``; sets that skipped
-    nothing left out), each told in one line on stderr."""
+    nothing left out), each told in one line on stderr. For a set drawn from a listing
+    (`ShotDraws`), what its draws skipped, and how many files they decoded."""
     skipped = {}
     for name, data in loaded.items():
-        if data.skipped.total:
-            where = data_origin(getattr(cfg.data, name), data)
-            print(data.skipped.line(f"data.{name}", len(data), where), file=sys.stderr)
-            skipped[name] = data.skipped.to_dict()
+        report = data.skipped
+        if not report.total:
+            continue
+        if isinstance(data, ShotDraws):
+            listed = len(data.listed)
+            lost = int(data.unreadable.sum())
+            line = report.line(f"data.{name}", listed - lost,
+                               data_origin(getattr(cfg.data, name), data.listed.data))
+            line += (f"; {data.decoded} of its {listed} listed files were decoded for the "
+                     "draw, the others not read") if data.listed.deferred else ""
+        else:
+            line = report.line(f"data.{name}", len(data),
+                               data_origin(getattr(cfg.data, name), data))
+        print(line, file=sys.stderr)
+        skipped[name] = report.to_dict()
     return skipped
 
 
@@ -180,12 +214,14 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     train_all, sets = load_sets(cfg, progress, model_input)
     own_val = (load_validation(cfg, train_all, progress, model_input)
                if cfg.data.val is not None else None)
-    skipped = report_skips(cfg, {"train": train_all, **sets,
-                                 **({"val": own_val} if own_val is not None else {})})
-    train, val = few_shot_split(train_all, cfg.shots, 0 if own_val is not None else cfg.val_shots,
-                                cfg.seed)
-    if own_val is not None:
-        val = draw_validation(cfg, own_val)
+    train_draws = ShotDraws(train_all, progress)
+    val_draws = ShotDraws(own_val, progress) if own_val is not None else None
+    train, val = few_shot_split(train_draws, cfg.shots,
+                                0 if own_val is not None else cfg.val_shots, cfg.seed)
+    if val_draws is not None:
+        val = draw_validation(cfg, val_draws)
+    skipped = report_skips(cfg, {"train": train_draws, **sets,
+                                 **({"val": val_draws} if val_draws is not None else {})})
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
     if val is not None and cfg.val_shots:
         warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")

@@ -15,6 +15,7 @@ is its caption; ``data shard`` does so by itself when any image has one.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,13 +72,15 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
     images, labels, keys = ImageStack(len(listing.files)), [], []
     for label, file in tqdm(listing.files, desc=f"read {root.name}", disable=not progress,
                             leave=False):
+        key = file.relative_to(root).as_posix()
         try:
-            images.append(decode_image(file, image_size))
+            images.add_file(key, functools.partial(decode_image, file, image_size),
+                            name=str(file))
         except UnreadableImage:
             skipped.add("unreadable_image", str(file))
             continue
         labels.append(label)
-        keys.append(file.relative_to(root).as_posix())
+        keys.append(key)
     if not images:
         raise DataError(listing.nothing_readable())
     listing.warn_empty_classes(set(labels))

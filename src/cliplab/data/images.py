@@ -8,12 +8,14 @@ square. ``encode_image`` is the inverse, for writing shards.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +33,10 @@ _BILINEAR = Image.Resampling.BILINEAR
 _RESAMPLE = {"bilinear": _BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # the model whose input `decode_image` shrinks images to, within `decoding_for`
 _MODEL_INPUT: ContextVar[PreprocessConfig | None] = ContextVar("model_input", default=None)
+# within `deferred_decoding`: each deferred image, by its sample's key
+_DEFERRED: ContextVar[dict[str, "DeferredImage"] | None] = ContextVar("deferred", default=None)
+# what a deferred image holds until it is decoded
+PLACEHOLDER = torch.zeros((1, 1, 3), dtype=torch.uint8)
 
 
 class UnreadableImage(DataError):
@@ -84,6 +90,35 @@ def decoding_for(model_input: PreprocessConfig | None) -> Iterator[None]:
         yield
     finally:
         _MODEL_INPUT.reset(token)
+
+
+class DeferredImage(NamedTuple):
+    """An image listed and not decoded: ``decode()`` decodes it (within the model input current
+    when it was listed, `decoding_for`), raising `UnreadableImage` as decoding it then would
+    have; ``name`` is how its loader's skip report names it if it does not decode."""
+
+    decode: Callable[[], torch.Tensor]
+    name: str
+
+
+@contextmanager
+def deferred_decoding() -> Iterator[dict[str, DeferredImage]]:
+    """Within it, loaders that gather image files with `ImageStack.add_file` list them without
+    decoding any: each such image is a 1x1 `PLACEHOLDER`, and the dict yielded maps its
+    sample's key to its `DeferredImage`. So a few-shot draw decodes the images it draws, not
+    the whole set (`cliplab.data.listed`)."""
+    decoders: dict[str, DeferredImage] = {}
+    token = _DEFERRED.set(decoders)
+    try:
+        yield decoders
+    finally:
+        _DEFERRED.reset(token)
+
+
+def _decode_for(model_input: PreprocessConfig | None, decode: Callable[[], torch.Tensor]
+                ) -> torch.Tensor:
+    with decoding_for(model_input):
+        return decode()
 
 
 def fit_to_model(image: Image.Image, model_input: PreprocessConfig) -> Image.Image:
@@ -169,6 +204,19 @@ class ImageStack:
             return
         self.buffer[self.count] = image
         self.count += 1
+
+    def add_file(self, key: str, decode: Callable[[], torch.Tensor], name: str | None = None
+                 ) -> None:
+        """Add the image ``decode()`` gives (raising `UnreadableImage` as it does), or, within
+        `deferred_decoding`, a placeholder, its ``decode`` kept under the sample's ``key``
+        (``name``: how the loader's skip report names the file, if not by ``key``)."""
+        deferred = _DEFERRED.get()
+        if deferred is None:
+            self.append(decode())
+            return
+        decode = functools.partial(_decode_for, _MODEL_INPUT.get(), decode)
+        deferred[key] = DeferredImage(decode, key if name is None else name)
+        self.append(PLACEHOLDER)
 
     def stacked(self, where: str = "images") -> torch.Tensor:
         """The images as one tensor (`stack_images` when their shapes differ; ``where`` names

@@ -9,6 +9,7 @@ recorded in a ``SkipReport`` under keys like ``"manifest.csv:line 4: images/x.pn
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -319,8 +320,16 @@ class ManifestDataset(Dataset):
         """Sample ``i``'s image as uint8 ``[H, W, 3]`` (resized to ``image_size`` if set), or
         None and why not."""
         if self.targets[i] is None:
-            return None, "bad_caption" if i in self._bad_rows else self._bad
+            return None, self.unusable(i)
         return self.read_image(i)
+
+    def unusable(self, i: int) -> str | None:
+        """Why row ``i`` is no sample, as far as is known without decoding its image (its
+        caption or label, a missing file), or None."""
+        if self.targets[i] is None:
+            return "bad_caption" if i in self._bad_rows else self._bad
+        path = self.paths[i]
+        return "missing_file" if path is None or not path.is_file() else None
 
     def read_image(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         """Row ``i``'s image whatever its caption or label (None and why if it has none)."""
@@ -365,11 +374,18 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
     report = SkipReport()
     images, targets, keys = ImageStack(len(data)), [], []
     for i in tqdm(range(len(data)), desc=f"decoding {data.path.name}", unit="img", disable=not progress):
-        sample = data.try_load(i, report)
-        if sample is not None:
-            images.append(sample[0])
-            targets.append(sample[1])
-            keys.append(data.keys[i])
+        reason = data.unusable(i)
+        if reason is None:
+            try:
+                images.add_file(data.keys[i], functools.partial(decode_image, data.paths[i],
+                                                                data.image_size))
+            except UnreadableImage:
+                reason = "unreadable_image"
+        if reason is not None:
+            report.add(reason, data.keys[i])
+            continue
+        targets.append(data.targets[i])
+        keys.append(data.keys[i])
     if not images:
         raise DataError(f"{data.path}: no usable sample in {len(data)} rows ({report.summary()}); "
                         f"check the image paths (relative to {data.path.parent}) and the caption/label column")

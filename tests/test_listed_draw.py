@@ -1,0 +1,182 @@
+"""A few-shot draw from an image folder or a manifest decodes the images it draws, not the
+whole set (16 shots from an ImageNet-sized folder decoded 1.3 million images first), and draws
+exactly what `sample_k_shot` draws from the whole decoded set."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cliplab.data.image_folder as image_folder
+from cliplab.adapt.run import few_shot_split
+from cliplab.cli import main
+from cliplab.data.images import decode_image
+from cliplab.data.listed import ListedImages, ShotDraws, list_source
+from cliplab.data.sources import load_source
+from cliplab.evaluate.few_shot import sample_k_shot
+from cliplab.models import build_model
+from cliplab.models.preprocess import PreprocessConfig
+
+CLASSES = ("ant", "bee", "cat", "dog")
+
+
+def _folder(root, per_class=(5, 7, 4, 6), size=(30, 40)):
+    """Class folders of distinct noise images (``per_class`` each), sizes alternating."""
+    g = np.random.default_rng(0)
+    for c, n in zip(CLASSES, per_class):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            h, w = size if i % 2 else size[::-1]
+            Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    return root
+
+
+def _counting_decodes(monkeypatch):
+    calls = []
+
+    def counted(source, *args, **kwargs):
+        calls.append(str(source))
+        return decode_image(source, *args, **kwargs)
+
+    monkeypatch.setattr(image_folder, "decode_image", counted)
+    return calls
+
+
+@pytest.mark.parametrize("model_input", [None, PreprocessConfig(image_size=24)])
+def test_a_draw_decodes_only_what_it_draws_and_equals_sample_k_shot(tmp_path, monkeypatch,
+                                                                     model_input):
+    root = _folder(tmp_path / "pets")
+    spec = {"source": "image-folder", "path": str(root), "progress": False}
+    whole = load_source(spec, model_input=model_input)
+    calls = _counting_decodes(monkeypatch)
+    listed = list_source(spec, model_input=model_input)
+    assert isinstance(listed, ListedImages) and calls == []  # listing decodes nothing
+    assert listed.deferred == len(whole) == 22
+    assert torch.equal(listed.data.labels, whole.labels)
+    drawn, index = ShotDraws(listed, progress=False).draw(3, seed=5)
+    assert len(calls) == 3 * len(CLASSES)  # the drawn files only
+    want = sample_k_shot(whole.labels, 3, 5)
+    assert torch.equal(index, want)
+    assert drawn.keys == [whole.keys[i] for i in want.tolist()]
+    assert torch.equal(drawn.images, whole.images[want])  # fitted to the model as a whole load
+    assert torch.equal(drawn.labels, whole.labels[want])
+    assert drawn.classnames == whole.classnames and drawn.templates == whole.templates
+
+
+def test_the_split_with_validation_equals_the_whole_sets(tmp_path):
+    root = _folder(tmp_path / "pets", per_class=(6, 6, 6, 6), size=(20, 20))
+    spec = {"source": "image-folder", "path": str(root), "progress": False}
+    whole = load_source(spec)
+    train, val = few_shot_split(list_source(spec), 2, 3, seed=1)
+    want_train, want_val = few_shot_split(whole, 2, 3, seed=1)
+    assert train.keys == want_train.keys and val.keys == want_val.keys
+    assert torch.equal(train.images, want_train.images) and torch.equal(val.images,
+                                                                         want_val.images)
+    assert not set(train.keys) & set(val.keys)
+    # and in memory, the split is sample_k_shot's (the draw is one code path for both)
+    want = sample_k_shot(whole.labels, 2, 1)
+    assert torch.equal(want_train.images, whole.images[want])
+
+
+def test_an_unreadable_drawn_file_is_counted_once_and_replaced(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "pets", per_class=(4, 4, 4, 4), size=(20, 20))
+    spec = {"source": "image-folder", "path": str(root), "progress": False}
+    listed = list_source(spec)
+    order = sample_k_shot(listed.data.labels, 4, 3)  # every file, so the first drawn of ant:
+    g = torch.Generator().manual_seed(3)
+    first = torch.randperm(4, generator=g)[0].item()  # ant's first candidate in seeded order
+    bad = root / "ant" / f"{first}.png"
+    bad.write_bytes(b"not a png")
+    assert len(order) == 16
+    draws = ShotDraws(list_source(spec), progress=False)
+    train, index = draws.draw(2, seed=3)
+    assert torch.bincount(train.labels).tolist() == [2, 2, 2, 2]  # ant still has 2
+    assert f"ant/{first}.png" not in train.keys
+    # named as a whole load names it
+    assert dict(draws.skipped.keys) == {"unreadable_image": [str(bad)]}
+    assert draws.decoded == 9 and int(draws.unreadable.sum()) == 1
+    calls = _counting_decodes(monkeypatch)
+    taken = torch.zeros(len(listed), dtype=torch.bool)
+    taken[index] = True
+    val, _ = draws.draw(2, seed=4, exclude=taken)  # the bad file is not tried again
+    assert str(bad) not in calls and draws.skipped.counts["unreadable_image"] == 1
+    assert torch.bincount(val.labels).tolist() == [1, 2, 2, 2]  # ant: 3 readable, 2 taken
+    assert not set(val.keys) & set(train.keys)
+
+
+def test_a_manifest_is_listed_and_drawn_as_a_whole_load_draws(tmp_path):
+    root = _folder(tmp_path / "pets", per_class=(3, 3, 3, 3), size=(20, 20))
+    rows = [f"{c}/{i}.png,{c}" for c in CLASSES for i in range(3)]
+    rows.insert(4, "gone.png,ant")  # a missing file: known at listing, as in a whole load
+    manifest = root / "m.csv"
+    manifest.write_text("image,label\n" + "\n".join(rows) + "\n")
+    spec = {"source": "manifest", "path": str(manifest), "progress": False}
+    whole = load_source(spec)
+    listed = list_source(spec)
+    assert isinstance(listed, ListedImages) and listed.deferred == len(whole) == 12
+    assert dict(listed.data.skipped.counts) == dict(whole.skipped.counts) == {"missing_file": 1}
+    drawn, index = ShotDraws(listed, progress=False).draw(2, seed=0)
+    want = sample_k_shot(whole.labels, 2, 0)
+    assert drawn.keys == [whole.keys[i] for i in want.tolist()]
+    assert torch.equal(drawn.images, whole.images[want])
+
+
+def test_sources_that_are_not_files_and_shifts_load_whole(tmp_path):
+    digits = list_source({"source": "digits", "split": "test"})
+    assert not isinstance(digits, ListedImages) and len(digits) == 540
+    root = _folder(tmp_path / "pets", per_class=(2, 2, 2, 2), size=(20, 20))
+    shifted = list_source({"source": "image-folder", "path": str(root), "shift": "invert",
+                           "progress": False})
+    assert not isinstance(shifted, ListedImages)  # a shift is of the whole set's pixels
+    assert shifted.images.shape == (8, 20, 20, 3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m") / "model"
+    build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                embed_dim=16, context_length=48).save(folder)
+    return folder
+
+
+def test_adapt_decodes_the_shots_and_scores_as_a_whole_load(model_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    import cliplab.adapt.run as run
+    train = _folder(tmp_path / "train", per_class=(8, 8, 8, 8), size=(24, 32))
+    test = _folder(tmp_path / "test", per_class=(2, 2, 2, 2), size=(24, 32))
+    (train / "dog" / "9.png").write_bytes(b"broken")
+    args = ["adapt", "--method", "linear-probe", "--model", str(model_dir), "--no-progress",
+            f"data.train={{source: image-folder, path: {train}}}",
+            f"data.test={{source: image-folder, path: {test}}}", "shots=2", "seed=0"]
+    calls = _counting_decodes(monkeypatch)
+    assert main([*args, "--out", str(tmp_path / "listed")]) == 0
+    decoded_train = [c for c in calls if c.startswith(str(train))]
+    assert len(decoded_train) in (8, 9)  # 2 per class, and the broken file if it was drawn
+    monkeypatch.setattr(run, "list_source", load_source)  # the whole set decoded first
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    listed = json.loads((tmp_path / "listed" / "results.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert listed["test"] == whole["test"] and listed["train_size"] == whole["train_size"] == 8
+
+
+def test_adapt_tells_what_its_draw_skipped_and_how_much_it_decoded(model_dir, tmp_path, capsys):
+    train = _folder(tmp_path / "train", per_class=(3, 3, 3, 3), size=(20, 20))
+    for c in CLASSES:  # every file of every class is broken but one: each draw finds them
+        for i in (1, 2):
+            (train / c / f"{i}.png").write_bytes(b"broken")
+    test = _folder(tmp_path / "test", per_class=(2, 2, 2, 2), size=(20, 20))
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", "linear-probe", "--model", str(model_dir),
+                 "--no-progress", f"data.train={{source: image-folder, path: {train}}}",
+                 f"data.test={{source: image-folder, path: {test}}}", "shots=2",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (f"data.train: skipped 8 of 12 samples (unreadable_image=8) in {train}; 12 of its "
+            "12 listed files were decoded for the draw, the others not read") in err
+    assert "4 class(es) have fewer than shots=2 training images" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped"]["train"]["counts"] == {"unreadable_image": 8}
+    assert results["train_size"] == 4
