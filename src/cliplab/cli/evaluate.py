@@ -55,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
     out = _results_folder(args.out, inputs, args.overwrite)
     check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
     _check_cache_apart_from_results(args.cache_dir, out)
-    context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress)
+    # one evaluation: a set is held from its first task to its last, not through the suite
+    context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress,
+                          hold=False)
     # the model first: its input is what the images are decoded to (a set costs that per
-    # image); every set is then read and checked before any task encodes
+    # image); every set is then listed or read, and every task checked, before any encodes
     model = load_model(args.model, args.device)
     context.preload(suite.tasks, f"{config_where(args)}: tasks", model=model)
     head = _fine_tuned_head(args.model) if args.head == "auto" else None

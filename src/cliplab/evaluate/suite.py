@@ -155,7 +155,7 @@ def _as_context(context: TaskContext | None) -> TaskContext:
     if context is not None and not isinstance(context, TaskContext):
         raise ConfigError(f"context: expected a TaskContext (cliplab.evaluate.tasks), got "
                           f"{type(context).__name__}")
-    return context or TaskContext()
+    return context or TaskContext(hold=False)  # nobody else can use a context made here
 
 
 def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
@@ -191,11 +191,15 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     # task encodes
     context.preload(suite.tasks, model=model)
     results = {}
-    for name, task in zip(suite.task_names(), suite.tasks):
+    for i, (name, task) in enumerate(zip(suite.task_names(), suite.tasks)):
+        if not context.hold:  # its sets decoded now, and checked again as read
+            context.check_named(i, task, model)
         skipped = report_skips(name, task, context)
         results[name] = TASKS[task.task].run(model, task, context)
         if skipped:
             results[name] = {**results[name], "skipped": skipped}
+        if not context.hold:
+            context.release(suite.tasks[i + 1:])
     return results
 
 

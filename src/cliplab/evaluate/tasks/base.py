@@ -18,6 +18,7 @@ import torch
 from pydantic import InstanceOf
 
 from cliplab.config import Section
+from cliplab.data.images import deferred_decoding
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
@@ -35,6 +36,12 @@ DataSpec = (dict[str, Any] | InstanceOf[LabelledImages] | InstanceOf[ImageTextPa
 ProbeKind = Literal["embeddings", "backbone", "tokens", "layers"]
 # data key -> (probe kind, layers) to compute when that dataset is first encoded
 ProbePlan = dict[str, tuple[str, int]]
+
+
+# a set read whole (not listed) above this many bytes of images is not held from `preload`
+# to its task's turn in a one-off evaluation: read again then (a suite of such sets held
+# together would need their sum)
+HOLD_BYTES = 512 * 2**20
 
 
 def data_key(spec: DataSpec) -> str:
@@ -132,7 +139,12 @@ class TaskContext:
     tasks``), set by a `preload` given one and kept by copies, so the model checks of a later
     `run_suite` name the suite file too; ``model_input``: the preprocessing of the model the
     tasks run on (set when a task is checked against the model), to which image files are decoded
-    (`load_source`'s ``model_input``: a set in memory costs the model's input per image).
+    (`load_source`'s ``model_input``: a set in memory costs the model's input per image);
+    ``hold``: keep every set loaded for later runs (training evaluates the same sets again).
+    Without it (a one-off evaluation: `run_suite` without a context, ``cliplab eval``) a
+    suite holds one task's sets at a time: `preload` checks the tasks on image folders and
+    manifests as listed (`deferred_decoding`), a set is decoded when its first task runs and
+    dropped after its last, and other sets above `HOLD_BYTES` are read again at their turn.
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -144,6 +156,10 @@ class TaskContext:
     reported: set[str] = field(default_factory=set)
     where: str = "tasks"
     model_input: PreprocessConfig | None = None
+    hold: bool = True
+    # sets listed, not decoded, by `preload` without ``hold`` (never given to a task)
+    listed: dict[str, Any] = field(default_factory=dict)
+    listing: bool = False  # within such a `preload`
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
@@ -160,12 +176,33 @@ class TaskContext:
             where = self.where
         else:
             self.where = where
-        for i, task in enumerate(tasks):
-            try:
-                self.check_task(task, model)
-            except CliplabError as err:
-                label = f" (name {task.name!r})" if task.name else ""
-                raise type(err)(f"{where}[{i}]{label}: {err}") from None
+        self.listing = not self.hold
+        try:
+            for i, task in enumerate(tasks):
+                self.check_named(i, task, model)
+                if not self.hold:  # large sets read whole are read again at their turn
+                    self.release(tasks[i + 1:], keep_below=HOLD_BYTES)
+        finally:
+            self.listing = False
+
+    def check_named(self, i: int, task: TaskSpecBase, model: DualEncoder | None = None
+                    ) -> None:
+        """`check_task`, its errors naming the task (``where[i] (name 'zs'): ...``)."""
+        try:
+            self.check_task(task, model)
+        except CliplabError as err:
+            label = f" (name {task.name!r})" if task.name else ""
+            raise type(err)(f"{self.where}[{i}]{label}: {err}") from None
+
+    def release(self, later: Sequence[TaskSpecBase], keep_below: int = 0) -> None:
+        """Drop the sets (and listings) no task of ``later`` reads, but for sets whose images
+        take fewer than ``keep_below`` bytes."""
+        needed = {self._key(spec) for task in later for spec in task.datasets()}
+        for key in [k for k in self.datasets if k not in needed]:
+            if _image_bytes(self.datasets[key]) >= keep_below:
+                del self.datasets[key]
+        for key in [k for k in self.listed if k not in needed]:
+            del self.listed[key]
 
     def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
         """Load ``task``'s datasets (given ``model``, decoded to its input: ``model_input``),
@@ -201,12 +238,27 @@ class TaskContext:
         named by a loading error)."""
         if not isinstance(spec, dict):
             return spec
-        fit = self.model_input
-        key = data_key(spec) + ("" if fit is None else
-                                f"@{fit.image_size}/{fit.resize_mode}/{fit.interpolation}")
-        if key not in self.datasets:
-            self.datasets[key] = load_source(spec, self.progress, where, fit)
+        key = self._key(spec)
+        if key in self.datasets:
+            return self.datasets[key]
+        if self.listing:
+            if key not in self.listed:
+                with deferred_decoding() as deferred:
+                    data = load_source(spec, self.progress, where, self.model_input)
+                if not deferred:  # nothing to defer (held in memory, or shards): as read
+                    self.datasets[key] = data
+                    return data
+                self.listed[key] = data
+            return self.listed[key]
+        self.listed.pop(key, None)
+        self.datasets[key] = load_source(spec, self.progress, where, self.model_input)
         return self.datasets[key]
+
+    def _key(self, spec: DataSpec) -> str:
+        """``spec``'s key in ``datasets``: its `data_key`, and the model input it is decoded to."""
+        fit = self.model_input
+        return data_key(spec) + ("" if fit is None else
+                                 f"@{fit.image_size}/{fit.resize_mode}/{fit.interpolation}")
 
     def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
         """What the datasets of ``task`` skipped (merged, each set once), how many samples
@@ -274,6 +326,11 @@ class TaskContext:
         head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
                                    self.precision)
         return zeroshot_logits(feats.embeddings, head), feats
+
+
+def _image_bytes(data: Any) -> int:
+    images = getattr(data, "images", None)
+    return images.nelement() * images.element_size() if isinstance(images, torch.Tensor) else 0
 
 
 def task_error(spec: TaskSpecBase, message: str) -> ConfigError:
