@@ -57,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
     _check_cache_apart_from_results(args.cache_dir, out)
     # one evaluation: a set is held from its first task to its last, not through the suite
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress,
-                          hold=False)
+                          where=f"{config_where(args)}: tasks", hold=False)
     # the model first: its input is what the images are decoded to (a set costs that per
-    # image); every set is then listed or read, and every task checked, before any encodes
+    # image); run_suite then lists or reads every set, and checks every task, before any encodes
     model = load_model(args.model, args.device)
-    context.preload(suite.tasks, f"{config_where(args)}: tasks", model=model)
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head
