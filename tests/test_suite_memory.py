@@ -125,3 +125,20 @@ def test_eval_cli_reads_each_set_once_and_holds_it_only_for_its_tasks(
     assert held_at_run == [[str(a)], [str(b)]] and len(decodes) == 12
     results = json.loads((out / "results.json").read_text())["results"]
     assert results["zeroshot-0"]["n"] == results["zeroshot-1"]["n"] == 6
+
+
+def test_eval_cli_reads_a_large_set_once_for_its_check_and_once_for_its_task(
+        tmp_path, tiny_model_dir, monkeypatch):
+    a = _folder(tmp_path / "a", 0)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({"tasks": [
+        _zs(a), {"task": "zeroshot", "data": {"source": "digits", "split": "test"}}]}))
+    loads = []
+    original = base.load_source
+    monkeypatch.setattr(base, "load_source",
+                        lambda spec, *a, **k: loads.append(spec["source"]) or original(spec, *a, **k))
+    monkeypatch.setattr(base, "HOLD_BYTES", 10_000)
+    assert main(["eval", "--config", str(suite), "--model", str(tiny_model_dir),
+                 "--no-progress"]) == 0
+    assert loads == ["image-folder", "digits", "image-folder", "digits"]
+
