@@ -113,6 +113,10 @@ def test_a_head_scores_an_eval_task_as_its_classifier(digits):
     other = ClassifierHead(head.weight, 5.0, [f"c{i}" for i in range(10)])
     assert run_task(model, spec, TaskContext(progress=False, classifier=other)) == \
         run_task(model, spec, TaskContext(progress=False))
+    # the same classes in another order: its rows follow the data's class order
+    order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
+    shuffled = ClassifierHead(head.weight[order], 5.0, [digits.classnames[i] for i in order])
+    assert run_task(model, spec, TaskContext(progress=False, classifier=shuffled)) == got
 
 
 def test_labelled_data_without_a_head_is_a_clear_error(digits):

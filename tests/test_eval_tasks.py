@@ -163,21 +163,30 @@ def test_a_classifier_stands_in_for_the_zeroshot_head(tiny_model):
         run_task(tiny_model, spec, TaskContext(progress=False, classifier=LinearHead(head[:3])))
 
 
-def test_a_head_of_the_classes_in_another_order_does_not_cover_them(tiny_model):
-    """`LinearHead.covers` compares the class lists in order: a head naming the digits from
-    nine down (its row c is class 9 - c) is not the data's, so the zeroshot task scores the
-    text head, as without a classifier, and names no classifier."""
+def test_a_head_of_the_classes_in_another_order_scores_them_in_the_datas_order(tiny_model):
+    """A head naming the digits from nine down (its row c is class 9 - c; a head trained on
+    a manifest's class order, scored on a folder's sorted one) scores the data with its rows
+    put in the data's order: here the text head, reversed and named back. It went unused,
+    the text head scoring instead, without a word but a missing ``classifier``."""
     data = load_digits("test")
     text = zeroshot_classifier(tiny_model, data.prompt_names, data.templates)
     head = LinearHead(text.flip(0), data.classnames[::-1], label="reversed")
-    assert not head.covers(data.classnames) and head.covers(data.classnames[::-1])
+    reordered = head.for_classes(data.classnames)
+    assert reordered.classnames == data.classnames and torch.equal(reordered.weight, text)
+    assert head.for_classes(data.classnames[::-1]) is head
     got = run_task(tiny_model, {"task": "zeroshot", "data": DIGITS},
                    TaskContext(progress=False, classifier=head))
     emb = encode_images(tiny_model, data.images, progress=False).embeddings
     acc1 = ((emb @ text.T).argmax(1) == data.labels).float().mean().item()
-    assert got["acc1"] == pytest.approx(acc1, abs=1e-6) and "classifier" not in got
+    assert got["acc1"] == pytest.approx(acc1, abs=1e-6) and got["classifier"] == "reversed"
     flipped = ((emb @ text.flip(0).T).argmax(1) == data.labels).float().mean().item()
-    assert flipped != pytest.approx(acc1, abs=1e-3)  # the head, had it scored, would show
+    assert flipped != pytest.approx(acc1, abs=1e-3)  # rows left in the head's order would show
+    # other classes (one renamed) get the text head, and no classifier is named
+    other = LinearHead(text.flip(0), ["ten", *data.classnames[::-1][1:]], label="other")
+    assert other.for_classes(data.classnames) is None
+    got = run_task(tiny_model, {"task": "zeroshot", "data": DIGITS},
+                   TaskContext(progress=False, classifier=other))
+    assert got["acc1"] == pytest.approx(acc1, abs=1e-6) and "classifier" not in got
 
 
 def test_class_logits_fill_the_templates_with_the_descriptions(tiny_model):

@@ -19,7 +19,7 @@ from torch import nn
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ModelError
 from cliplab.evaluate.features import ImageFeatures
-from cliplab.evaluate.tasks.base import LinearHead
+from cliplab.evaluate.tasks.base import LinearHead, class_order
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
@@ -61,10 +61,14 @@ class ClassifierHead(nn.Module):
         logits on the CPU, as every eval head's; the head may sit on the GPU it trained on)."""
         return self(features.embeddings.float().to(self.weight.device)).cpu()
 
-    def covers(self, classnames: Sequence[str]) -> bool:
-        """Whether this head's rows are ``classnames`` (data of other classes gets the text
-        head)."""
-        return self.classnames == list(classnames)
+    def for_classes(self, classnames: Sequence[str]) -> ClassifierHead | None:
+        """This head with its rows in the order of ``classnames`` (itself when they are its
+        own), or None when they are other classes (data of other classes gets the text
+        head; `class_order`)."""
+        order = class_order(self.classnames, classnames)
+        if order is None or order == list(range(len(order))):
+            return None if order is None else self
+        return ClassifierHead(self.weight.detach()[order], self.scale.item(), classnames)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``head.safetensors`` (weight, scale; class names in the metadata)."""

@@ -103,6 +103,18 @@ class Classifier(Protocol):
     def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor: ...
 
 
+def class_order(have: Sequence[str], want: Sequence[str]) -> list[int] | None:
+    """The rows of a head over classes ``have`` that score classes ``want``, in ``want``'s
+    order (``have``'s own order: ``[0, 1, ...]``), or None when ``want`` are other classes
+    (a head trained on a manifest's class order scores a folder's sorted one)."""
+    if list(have) == list(want):
+        return list(range(len(have)))
+    if len(set(have)) != len(have) or sorted(have) != sorted(want):
+        return None
+    row = {name: i for i, name in enumerate(have)}
+    return [row[name] for name in want]
+
+
 class LinearHead:
     """A `Classifier` from a weight matrix ``[C, D]`` over unit image embeddings (a fine-tuned
     head or a text classifier; its scale does not change the ranking).
@@ -118,9 +130,15 @@ class LinearHead:
         self.classnames = None if classnames is None else list(classnames)
         self.label = label
 
-    def covers(self, classnames: Sequence[str]) -> bool:
-        """Whether this head's rows are ``classnames`` (any head without names covers all)."""
-        return self.classnames is None or self.classnames == list(classnames)
+    def for_classes(self, classnames: Sequence[str]) -> LinearHead | None:
+        """This head with its rows in the order of ``classnames`` (itself when they are its
+        own, or it names none), or None when they are other classes (`class_order`)."""
+        if self.classnames is None:
+            return self
+        order = class_order(self.classnames, classnames)
+        if order is None or order == list(range(len(order))):
+            return None if order is None else self
+        return LinearHead(self.weight[order], classnames, self.label)
 
     def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
         return features.embeddings @ self.weight.t()
@@ -294,12 +312,11 @@ class TaskContext:
                                    self.precision)
 
     def classifier_for(self, data: LabelledImages) -> Classifier | None:
-        """``classifier``, unless it names the classes it scores (``covers``) and ``data``'s
-        are others: then None, the zero-shot text head."""
-        covers = getattr(self.classifier, "covers", None)
-        if covers is not None and not covers(data.classnames):
-            return None
-        return self.classifier
+        """``classifier``; one that names the classes it scores (``for_classes``) with its
+        rows in ``data``'s class order, or None when ``data``'s are other classes (then the
+        zero-shot text head scores)."""
+        for_classes = getattr(self.classifier, "for_classes", None)
+        return self.classifier if for_classes is None else for_classes(data.classnames)
 
     def scored_by(self, data: LabelledImages) -> dict:
         """``{"classifier": label}`` for the results of a task whose ``data`` a labelled
