@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -896,3 +897,30 @@ def test_serve_refuses_a_port_out_of_range(model_dir, tmp_path, started, capsys,
     assert main(["serve", str(tmp_path / "idx"), "--port", port]) == 2
     assert f"cliplab: error: --port {port}: must be 1..65535" in capsys.readouterr().err
     assert not started
+
+
+def test_a_chunk_holds_each_photo_as_the_model_takes_it(model_dir, tmp_path, monkeypatch):
+    """Image files are fitted to the model's input as they are read (a chunk of 1 024 phone
+    photos held them decoded whole: ~48 GB), and embed as the model embeds each whole file."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    files = []
+    for i, (h, w) in enumerate([(60, 80), (80, 60), (48, 48), (90, 40)]):
+        smooth = g.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+        files.append(root / f"p{i}.png")
+        Image.fromarray(smooth).save(files[-1])
+    held = []
+    original = build_module.embed_images
+    monkeypatch.setattr(build_module, "embed_images",
+                        lambda model, images, *a: held.extend(im.size for im in images)
+                        or original(model, images, *a))
+    build(model_dir, {"source": "image-folder", "path": str(root)}, tmp_path / "idx")
+    assert held == [(16, 16)] * 4
+    index = SearchIndex(tmp_path / "idx")
+    by_key = {row["key"]: row["id"] for row in index.items(range(4)).values()}
+    model = DualEncoder.load(model_dir)
+    for file in files:
+        whole = torch.from_numpy(np.asarray(Image.open(file).convert("RGB")))[None]
+        want = direct_image_embeddings(model, whole)[0]
+        assert np.allclose(np.asarray(index.vectors)[by_key[file.name]], want, atol=0.02)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from cliplab.config import validate
 from cliplab.data.collection import (PIL_ERRORS, check_collection_path, open_collection,
                                      skip_message, skip_reason, source_spec)
+from cliplab.data.images import fit_to_model
 from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
@@ -354,6 +355,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
 
     bar = tqdm(desc=f"index {spec.get('path', spec['source'])}", unit="img", disable=not progress,
                initial=state["position"], total=total)
+    # a chunk holds each image as the model takes it, not as the file is (a 12 MP photo: 36 MB)
+    model_input = getattr(model, "preprocess_config", None)
     while True:
         chunk = list(itertools.islice(items, cfg.chunk))
         if not chunk:
@@ -379,6 +382,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
                 continue
             item_id = state["count"] + len(rows)
             location = item.location
+            if model_input is not None and "stored" not in location:  # files, as eval reads them
+                image = fit_to_model(image, model_input)
             if "stored" in location:  # an in-memory source: keep its image with the index
                 rel = f"{IMAGES_DIR}/{item_id}.png"
                 tmp = work / f"{rel}.tmp"
