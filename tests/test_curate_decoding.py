@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from cliplab.config import validate
-from cliplab.curate import engine as engine_module
 from cliplab.curate import pipeline as pipeline_module
 from cliplab.curate import pool as pool_module
 from cliplab.curate.config import CurateConfig
 from cliplab.curate.pipeline import run_curation
+from cliplab.curate.steps.clip_score import ClipScore
 
 CAPTION_STEPS = [{"step": "basic", "min_words": 2, "blocklist": ["spam"]},
                  {"step": "exact_dedup", "match": "caption"},
@@ -125,7 +125,7 @@ def test_results_equal_those_with_every_image_decoded_for_every_step(tmp_path, m
                                                                      steps):
     manifest = photo_manifest(tmp_path / "pool")
     run_curation(config(str(manifest), steps), tmp_path / "lazy", progress=False)
-    monkeypatch.setattr(engine_module, "needs_images", lambda step: True)  # the old behaviour
+    monkeypatch.setattr(pool_module, "needs_images", lambda step: True)  # the old behaviour
     run_curation(config(str(manifest), steps), tmp_path / "eager", progress=False)
     lazy, eager = outcome(tmp_path / "lazy"), outcome(tmp_path / "eager")
     assert lazy == eager
@@ -246,3 +246,73 @@ def test_reading_the_pool_decodes_each_readable_file_once(tmp_path, monkeypatch)
     dropped = pq.read_table(tmp_path / "out" / "dropped.parquet").to_pylist()
     lines = sorted(d["reason"] for d in dropped if d["step"] == "read")
     assert len(lines) == 4 and len(set(lines)) == 4  # each names its own manifest line
+
+
+def test_steps_that_only_embed_get_files_fitted_to_their_model(tmp_path, monkeypatch):
+    """clip_score / semantic_dedup / dfn embed the images and nothing else: a chunk holds each
+    file as the model takes it (a chunk of 12 MP photos held 12 GB), and scores as the whole
+    files do; steps that read sizes or pixels get them whole."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    lines = ["image,caption"]
+    for i, (h, w) in enumerate([(64, 96), (96, 64), (80, 80), (70, 120)] * 2):
+        pixels = g.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        Image.fromarray(pixels).save(root / f"p{i}.png")
+        lines.append(f"p{i}.png,a photo of a {ANIMALS[i % 4]}")
+    (root / "pool.csv").write_text("\n".join(lines) + "\n")
+    steps = [{"step": "basic", "min_image_side": 20},
+             {"step": "clip_score", "model": "tiny-clip", "threshold": -1.0},
+             {"step": "semantic_dedup", "model": "tiny-clip", "n_clusters": 2, "eps": 0.0001}]
+    held: list[tuple[str, list]] = []
+    original = pool_module.load_batch
+
+    def recording(records, work, images=True, fit=None):
+        batch = original(records, work, images, fit)
+        held.append((type(fit).__name__, [im.size for im in batch.images]))
+        return batch
+
+    monkeypatch.setattr(pool_module, "load_batch", recording)
+    run_curation(config(str(root / "pool.csv"), steps), tmp_path / "sizes", progress=False)
+    side = 32  # tiny-clip's input
+    basic, embedding = held[:2], held[2:]  # 8 rows in chunks of 7: two chunks a step
+    assert all(fit == "NoneType" for fit, _ in basic)  # sizes: the files' own
+    assert {size for _, sizes in basic for size in sizes} == {(96, 64), (64, 96), (80, 80),
+                                                              (120, 64)}
+    assert all(fit == "PreprocessConfig" and set(sizes) == {(side, side)}
+               for fit, sizes in embedding)
+    scores, map_scores = {}, ClipScore.map
+    for run in ("fitted", "whole"):
+        if run == "whole":
+            monkeypatch.setattr(pool_module, "image_input", lambda step: None)  # as before
+        scores[run] = []
+        monkeypatch.setattr(ClipScore, "map", lambda self, batch, kept=scores[run], f=map_scores:
+                            kept.append(f(self, batch)["clip_score"]) or {"clip_score": kept[-1]})
+        run_curation(config(str(root / "pool.csv"), steps), tmp_path / run, progress=False)
+    fitted, whole = (np.concatenate(scores[run]) for run in ("fitted", "whole"))
+    assert len(fitted) == 8
+    assert np.allclose(fitted, whole, atol=0.02) and not np.array_equal(fitted, whole)
+    assert outcome(tmp_path / "fitted")["kept"] == outcome(tmp_path / "whole")["kept"]
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_whole_images_are_mapped_a_few_rows_at_a_time_with_the_same_results(
+        tmp_path, monkeypatch, engine):
+    """Steps that look at whole images (sizes, pixel hashes) are given a chunk a few rows at a
+    time (a chunk of 256 phone photos held whole needed 12 GB), with the columns joined: the
+    same decisions as the whole chunk at once."""
+    import sys
+
+    from tests.test_curate_ray_engine import FakeRay
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(initialized=True))
+    manifest = photo_manifest(tmp_path / "pool")
+    cfg = config(str(manifest), IMAGE_STEPS, engine=engine, chunk_size=20)
+    run_curation(cfg, tmp_path / "at_once", progress=False)
+    sizes, original = [], pool_module.load_batch
+    monkeypatch.setattr(pool_module, "load_batch", lambda records, *a: sizes.append(
+        len(records)) or original(records, *a))
+    monkeypatch.setattr(pool_module, "WHOLE_IMAGE_ROWS", 3)
+    run_curation(cfg, tmp_path / "few", progress=False)
+    assert sizes and max(sizes) == 3 and sum(sizes) > 20  # both image steps, in threes
+    assert outcome(tmp_path / "few") == outcome(tmp_path / "at_once")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cliplab.curate.pool import Record, load_batch, needs_images
+from cliplab.curate.pool import Record, map_chunk
 from cliplab.curate.steps.base import Step
 from cliplab.errors import CliplabError
 
@@ -38,7 +38,7 @@ def load_columns(path: Path) -> dict[str, np.ndarray]:
 
 
 def _map_records(step: Step, records: list[Record], work: Path) -> dict[str, np.ndarray]:
-    return step.map(load_batch(records, work, needs_images(step)))
+    return map_chunk(step, records, work)
 
 
 def _init_worker(step: Step) -> None:

@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch
+from cliplab.data.images import fit_to_model
 from cliplab.data.collection import (PIL_ERRORS, Item, open_rgb, read_range, skip_message,
                                      skip_reason)
+from cliplab.models.preprocess import PreprocessConfig
 
 Record = dict[str, Any]
 
@@ -100,19 +103,48 @@ def needs_images(step: Any) -> bool:
     return bool(getattr(step, "needs_images", True))
 
 
-def load_batch(records: list[Record], work: Path, images: bool = True) -> PoolBatch:
+def image_input(step: Any) -> PreprocessConfig | None:
+    """The input of the model a step's ``map`` only embeds the images with (its
+    ``image_input``): image files larger are given fitted to it as they are decoded
+    (`fit_to_model`, as eval and index read files), so a chunk of photos costs that per image,
+    not the photos' own sizes. None (steps that look at the pixels: sizes, hashes): whole."""
+    return getattr(step, "image_input", None)
+
+
+def load_batch(records: list[Record], work: Path, images: bool = True,
+               fit: PreprocessConfig | None = None) -> PoolBatch:
     """The `PoolBatch` of ``records``: with ``images``, each decoded from where it lives (an
-    image several rows name decoded once and shared: steps only read them); without, none
-    (``images`` is None) for a step that does not look at them."""
+    image several rows name decoded once and shared: steps only read them; an image file
+    fitted to ``fit`` when given, `image_input`); without, none (``images`` is None) for a
+    step that does not look at them."""
     decoded: dict[tuple, Image.Image] = {}
 
     def image(location: dict) -> Image.Image:
         source = image_source(location)
         if source not in decoded:
             decoded[source] = open_image(location, work)
+            if fit is not None and "stored" not in location:  # files; in-memory sets as they are
+                decoded[source] = fit_to_model(decoded[source], fit)
         return decoded[source]
 
     return PoolBatch(keys=[r["key"] for r in records], captions=[r["caption"] for r in records],
                      images=[image(r["location"]) for r in records] if images else None,
                      meta=[r["meta"] for r in records])
+
+
+# rows whose images a step that looks at whole images (sizes, pixel hashes) is given at once:
+# a chunk of phone photos held whole needed GBs (36 MB each)
+WHOLE_IMAGE_ROWS = 8
+
+
+def map_chunk(step: Any, records: list[Record], work: Path) -> dict[str, np.ndarray]:
+    """``step.map`` of one chunk: its images as the step needs them (none, fitted to its
+    model's input, or whole); whole images are mapped ``WHOLE_IMAGE_ROWS`` rows at a time
+    and the columns joined (``map`` is per item: the same columns as at once)."""
+    fit, images = image_input(step), needs_images(step)
+    if not images or fit is not None or len(records) <= WHOLE_IMAGE_ROWS:
+        return step.map(load_batch(records, work, images, fit))
+    parts = [step.map(load_batch(records[i:i + WHOLE_IMAGE_ROWS], work))
+             for i in range(0, len(records), WHOLE_IMAGE_ROWS)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 

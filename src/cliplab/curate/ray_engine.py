@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cliplab.curate.engine import chunk_progress, chunks_to_do, save_columns
-from cliplab.curate.pool import Record, load_batch, needs_images
+from cliplab.curate.pool import Record, map_chunk
 from cliplab.curate.steps.base import Step
 from cliplab.errors import ConfigError
 
@@ -67,8 +67,7 @@ class _ChunkMapper:
     def __call__(self, batch: dict) -> dict:
         chunks, blobs = [], []
         for chunk, records in zip(batch["chunk"], batch["records"]):
-            columns = self.step.map(load_batch(json.loads(records), self.work,
-                                               needs_images(self.step)))
+            columns = map_chunk(self.step, json.loads(records), self.work)
             buffer = io.BytesIO()
             np.savez(buffer, **{name: np.asarray(col) for name, col in columns.items()})
             chunks.append(int(chunk))

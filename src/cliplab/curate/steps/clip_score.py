@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from cliplab.curate.score_filter import check_keep_options, keep_by_score
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.models.embed import embed_images, embed_texts
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.spec import ModelField
 
 
@@ -42,6 +43,11 @@ class ClipScore:
 
     Spec = Spec
     needs_images = True  # map embeds the images
+
+    @property
+    def image_input(self) -> PreprocessConfig | None:
+        """``map`` only embeds the images: files come fitted to the model's input."""
+        return getattr(self.model, "preprocess_config", None)
 
     def __init__(self, spec: Spec):
         self.spec = spec

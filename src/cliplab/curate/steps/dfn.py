@@ -33,6 +33,7 @@ from cliplab.data.sources import as_pairs, load_source
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_folder
 from cliplab.models.spec import ModelField
 from cliplab.runs import RunDir
@@ -85,6 +86,9 @@ class DataFilteringNetwork:
         self.network: Path | None = None  # the trained model folder
         self.train_metrics: dict = {}
         self.device = "cpu"  # where the network runs (a device name)
+        # map only embeds the images: files come fitted to the network's input (set by prepare,
+        # kept when pickled for workers, which load the network only to map)
+        self.image_input: PreprocessConfig | None = None
 
     def prepare(self, context: StepContext) -> None:
         """Train the network (or reuse the one a previous run of this step trained)."""
@@ -106,6 +110,7 @@ class DataFilteringNetwork:
         else:
             self._train(run_path, trained_on, context.progress)
         self.model = self.model or DualEncoder.load(self.network, self.device)
+        self.image_input = self.model.preprocess_config
 
     def _train(self, run_path: Path, trained_on: dict, progress: bool) -> None:
         pairs = as_pairs(load_source(self.spec.trusted))

@@ -19,6 +19,7 @@ from pydantic import Field
 from cliplab.curate.semdedup import semantic_duplicates
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.models.embed import embed_images
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.spec import ModelField
 
 
@@ -38,6 +39,11 @@ class SemanticDedup:
 
     Spec = Spec
     needs_images = True  # map embeds the images
+
+    @property
+    def image_input(self) -> PreprocessConfig | None:
+        """``map`` only embeds the images: files come fitted to the model's input."""
+        return getattr(self.model, "preprocess_config", None)
 
     def __init__(self, spec: Spec):
         self.spec = spec
