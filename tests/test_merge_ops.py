@@ -117,6 +117,22 @@ def test_model_stock_with_deltas_at_a_known_angle():
         model_stock(base, [f1])
 
 
+def test_the_mean_pairwise_cosine_in_one_pass_equals_every_pair():
+    """Model Stock's angle, from the sum of the unit deltas (every pair: 245 s at 16 models),
+    against the pairs one by one; a zero delta's pairs count 0."""
+    from itertools import combinations
+
+    from cliplab.merge.stock import mean_pairwise_cosine
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(50, generator=g)
+    deltas = [shared + 0.7 * torch.randn(50, generator=g) for _ in range(5)] + [torch.zeros(50)]
+    pairs = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() if a.any() and b.any()
+             else 0.0 for a, b in combinations(deltas, 2)]
+    assert mean_pairwise_cosine(iter(deltas)) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
+    assert mean_pairwise_cosine([torch.zeros(3), torch.zeros(3)]) == 0.0
+
+
 def test_model_stock_summary_leaves_out_the_tensors_no_fine_tune_changed():
     """merge.json's mean ratio is over the tensors the fine-tunes changed: a frozen tensor's
     t=0 (by construction) would pull it toward 0."""

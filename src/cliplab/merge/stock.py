@@ -7,11 +7,9 @@ With ``cos θ`` the (mean pairwise) cosine between the deltas ``w_i - w_0`` of o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from itertools import combinations
+from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from cliplab.errors import ConfigError
 from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
@@ -25,12 +23,23 @@ def model_stock_ratio(cos: float, k: int) -> float:
     return k * cos / ((k - 1) * cos + 1)
 
 
-def mean_pairwise_cosine(deltas: Sequence[torch.Tensor]) -> float:
-    """Mean cosine over all pairs of flattened ``deltas`` (0 when a delta is zero)."""
-    flat = [d.reshape(-1).float() for d in deltas]
-    cosines = [F.cosine_similarity(a, b, dim=0, eps=1e-12).item() if a.any() and b.any() else 0.0
-               for a, b in combinations(flat, 2)]
-    return sum(cosines) / len(cosines)
+def mean_pairwise_cosine(deltas: Iterable[torch.Tensor]) -> float:
+    """Mean cosine over all pairs of flattened ``deltas`` (a pair with a zero delta counts 0),
+    in one pass: with ``u_i`` the unit deltas (0 for a zero one), the pairs' cosines sum to
+    ``(‖Σ u_i‖² − Σ ‖u_i‖²) / 2`` (every pair, as k models give k(k−1)/2 of them, took 245 s
+    at 16 ingredients)."""
+    total, units, k = None, 0, 0
+    for delta in deltas:  # one at a time: k deltas of a large tensor are not held together
+        k += 1
+        flat = delta.reshape(-1).double()
+        norm = flat.norm()
+        if norm == 0:
+            continue
+        units += 1
+        total = flat / norm if total is None else total.add_(flat / norm)
+    if total is None:
+        return 0.0
+    return float((total.dot(total) - units) / (k * (k - 1)))
 
 
 def model_stock(base: StateDict, finetuned: Sequence[StateDict],
@@ -49,9 +58,8 @@ def model_stock(base: StateDict, finetuned: Sequence[StateDict],
             out[key] = copied_buffer(states, key)
             continue
         w0f = w0.float()
-        deltas = [s[key].float() - w0f for s in finetuned]
-        t = model_stock_ratio(mean_pairwise_cosine(deltas), k)
-        avg = torch.stack([s[key].float() for s in finetuned]).mean(0)
+        t = model_stock_ratio(mean_pairwise_cosine(s[key].float() - w0f for s in finetuned), k)
+        avg = sum(s[key].float() for s in finetuned) / k
         out[key] = (t * avg + (1 - t) * w0f).to(w0.dtype)
         ratios[key] = t
     return out, ratios
