@@ -22,6 +22,7 @@ from cliplab.merge.config import MergeConfig
 from cliplab.merge.dtypes import dtype_record, merged_dtype
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
+from cliplab.merge.streamed import STREAMED, linear_merge, skeleton
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import MODEL_FOLDER, check_out
@@ -102,9 +103,23 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     cfg = checked_config(cfg, where, overwrite)
     method, paths = cfg.method, [m.name for m in cfg.models]
     base_path = cfg.base.name if cfg.base else None
-    bar = tqdm(paths + ([base_path] if base_path else []), desc="load models",
-               disable=not progress, leave=False)
-    loaded = [load_ingredient(p) for p in bar]
+    # a merge linear in the models is summed as each loads: all of them are never held
+    streamed = method in STREAMED
+    base = load_ingredient(base_path) if base_path and streamed else None
+    summed = linear_merge(method, len(paths), cfg.weights, cfg.scale,
+                          base.state if base else None) if streamed else None
+    loaded = []
+    for path in tqdm(paths + ([base_path] if base_path and not streamed else []),
+                     desc="load models", disable=not progress, leave=False):
+        ingredient = load_ingredient(path)
+        if summed is not None:
+            # against the first model (the first against the base), as with all loaded
+            check_architecture([loaded[0], ingredient] if loaded else
+                               [ingredient, base] if base else [ingredient])
+            summed.add(ingredient.state, ingredient.name)
+            ingredient.state = skeleton(ingredient.state)  # its weights are in the sum
+        loaded.append(ingredient)
+    loaded += [base] if streamed and base else []
     models, base = loaded[:len(paths)], (loaded[-1] if base_path else None)
     check_architecture(loaded)
     origin = check_origin(models, base)
@@ -125,11 +140,17 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     scores: dict[str, float] = {}
     if evaluate is not None:
         for m in tqdm(loaded, desc="score models", disable=not progress, leave=False):
-            scores[m.name] = evaluate(m.state)
+            # a summed model's weights are read again (the base's were kept)
+            state = load_ingredient(m.path).state if streamed and m is not base else m.state
+            scores[m.name] = evaluate(state)
 
     inputs = MergeInputs(states, names, base.state if base else None, scores, evaluate,
                          progress, cfg.weights, cfg.scale, cfg.density)
-    merged = MERGE_METHODS[method](inputs, record)
+    if summed is not None:
+        record.update({"weights": cfg.weights} if method == "uniform" else {"scale": cfg.scale})
+        merged = summed.result()
+    else:
+        merged = MERGE_METHODS[method](inputs, record)
     if evaluate is not None:
         merged_score = record.get("greedy", {}).get("score")
         record["heldout"] = {"task": cfg.heldout, "metric": cfg.metric, "scores": scores,

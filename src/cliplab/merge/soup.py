@@ -55,27 +55,34 @@ def uniform_soup(states: Sequence[StateDict], weights: Sequence[float] | None = 
     check_states(states, "uniform_soup")
     if not states:
         raise ConfigError("a soup needs at least one model")
-    if weights is None:
-        weights = [1.0] * len(states)
-    if (isinstance(weights, (str, Mapping)) or len(weights) != len(states)
-            or any(isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0
-                   for w in weights) or sum(weights) <= 0):
-        raise ConfigError(f"soup weights {list(weights)} must be {len(states)} finite "
-                          "non-negative numbers (one per state), not all zero")
+    coefficients = soup_weights(weights, len(states))
     check_same_keys(states, names)
-    top = max(weights)  # scaled first: weights near the float limit would sum to inf
-    weights = [w / top for w in weights]
-    total = float(sum(weights))
     out = {}
     for key, ref in states[0].items():
         if not is_mergeable(ref):
             out[key] = copied_buffer(states, key, names)
             continue
         acc = torch.zeros(ref.shape, dtype=torch.float32)
-        for w, state in zip(weights, states):
-            acc += (w / total) * state[key].float()
+        for c, state in zip(coefficients, states):
+            acc += c * state[key].float()
         out[key] = acc.to(ref.dtype)
     return out
+
+
+def soup_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Each of ``n`` states' share of a soup: ``weights`` (None: equal) normalised to sum to 1;
+    a `ConfigError` unless they are n finite non-negative numbers, not all zero."""
+    if weights is None:
+        weights = [1.0] * n
+    if (isinstance(weights, (str, Mapping)) or len(weights) != n
+            or any(isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0
+                   for w in weights) or sum(weights) <= 0):
+        raise ConfigError(f"soup weights {list(weights)} must be {n} finite "
+                          "non-negative numbers (one per state), not all zero")
+    top = max(weights)  # scaled first: weights near the float limit would sum to inf
+    weights = [w / top for w in weights]
+    total = float(sum(weights))
+    return [w / total for w in weights]
 
 
 @dataclass
