@@ -180,3 +180,20 @@ def test_adapt_tells_what_its_draw_skipped_and_how_much_it_decoded(model_dir, tm
     results = json.loads((out / "results.json").read_text())
     assert results["skipped"]["train"]["counts"] == {"unreadable_image": 8}
     assert results["train_size"] == 4
+
+
+def test_adapt_draws_val_shots_from_its_own_validation_folder_decoding_only_those(
+        model_dir, tmp_path, monkeypatch):
+    train = _folder(tmp_path / "train", per_class=(4, 4, 4, 4), size=(20, 20))
+    val = _folder(tmp_path / "val", per_class=(6, 6, 6, 6), size=(20, 20))
+    test = _folder(tmp_path / "test", per_class=(2, 2, 2, 2), size=(20, 20))
+    calls = _counting_decodes(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", "tip-adapter", "--model", str(model_dir), "--no-progress",
+                 f"data.train={{source: image-folder, path: {train}}}",
+                 f"data.test={{source: image-folder, path: {test}}}",
+                 f"data.val={{source: image-folder, path: {val}}}", "shots=2", "val_shots=1",
+                 "options.search=true", "--out", str(out)]) == 0
+    assert len([c for c in calls if c.startswith(str(val))]) == 4  # 1 per class
+    assert len([c for c in calls if c.startswith(str(train))]) == 8
+    assert json.loads((out / "results.json").read_text())["val_size"] == 4
