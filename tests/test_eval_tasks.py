@@ -171,9 +171,9 @@ def test_a_head_of_the_classes_in_another_order_scores_them_in_the_datas_order(t
     data = load_digits("test")
     text = zeroshot_classifier(tiny_model, data.prompt_names, data.templates)
     head = LinearHead(text.flip(0), data.classnames[::-1], label="reversed")
-    reordered = head.for_classes(data.classnames)
+    reordered = head.in_class_order(data.classnames)
     assert reordered.classnames == data.classnames and torch.equal(reordered.weight, text)
-    assert head.for_classes(data.classnames[::-1]) is head
+    assert head.in_class_order(data.classnames[::-1]) is head
     got = run_task(tiny_model, {"task": "zeroshot", "data": DIGITS},
                    TaskContext(progress=False, classifier=head))
     emb = encode_images(tiny_model, data.images, progress=False).embeddings
@@ -183,7 +183,7 @@ def test_a_head_of_the_classes_in_another_order_scores_them_in_the_datas_order(t
     assert flipped != pytest.approx(acc1, abs=1e-3)  # rows left in the head's order would show
     # other classes (one renamed) get the text head, and no classifier is named
     other = LinearHead(text.flip(0), ["ten", *data.classnames[::-1][1:]], label="other")
-    assert other.for_classes(data.classnames) is None
+    assert other.in_class_order(data.classnames) is None
     got = run_task(tiny_model, {"task": "zeroshot", "data": DIGITS},
                    TaskContext(progress=False, classifier=other))
     assert got["acc1"] == pytest.approx(acc1, abs=1e-6) and "classifier" not in got

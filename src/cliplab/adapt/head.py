@@ -61,7 +61,7 @@ class ClassifierHead(nn.Module):
         logits on the CPU, as every eval head's; the head may sit on the GPU it trained on)."""
         return self(features.embeddings.float().to(self.weight.device)).cpu()
 
-    def for_classes(self, classnames: Sequence[str]) -> ClassifierHead | None:
+    def in_class_order(self, classnames: Sequence[str]) -> ClassifierHead | None:
         """This head with its rows in the order of ``classnames`` (itself when they are its
         own), or None when they are other classes (data of other classes gets the text
         head; `class_order`)."""

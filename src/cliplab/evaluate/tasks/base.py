@@ -130,7 +130,7 @@ class LinearHead:
         self.classnames = None if classnames is None else list(classnames)
         self.label = label
 
-    def for_classes(self, classnames: Sequence[str]) -> LinearHead | None:
+    def in_class_order(self, classnames: Sequence[str]) -> LinearHead | None:
         """This head with its rows in the order of ``classnames`` (itself when they are its
         own, or it names none), or None when they are other classes (`class_order`)."""
         if self.classnames is None:
@@ -312,11 +312,11 @@ class TaskContext:
                                    self.precision)
 
     def classifier_for(self, data: LabelledImages) -> Classifier | None:
-        """``classifier``; one that names the classes it scores (``for_classes``) with its
+        """``classifier``; one that names the classes it scores (``in_class_order``) with its
         rows in ``data``'s class order, or None when ``data``'s are other classes (then the
         zero-shot text head scores)."""
-        for_classes = getattr(self.classifier, "for_classes", None)
-        return self.classifier if for_classes is None else for_classes(data.classnames)
+        in_class_order = getattr(self.classifier, "in_class_order", None)
+        return self.classifier if in_class_order is None else in_class_order(data.classnames)
 
     def scored_by(self, data: LabelledImages) -> dict:
         """``{"classifier": label}`` for the results of a task whose ``data`` a labelled
