@@ -16,3 +16,19 @@ def pets_folder(root: Path, per_class: int, broken_in: str) -> Path:
             Image.new("RGB", (16, 16), colour).save(root / name / f"{i}.png")
     (root / broken_in / "bad.png").write_bytes(b"not a png")
     return root
+
+
+def counting_decodes(monkeypatch) -> list[str]:
+    """The files image folders decode from now on (each call's path, in order), decoded as
+    before."""
+    import cliplab.data.image_folder as image_folder
+    from cliplab.data.images import decode_image
+
+    calls: list[str] = []
+
+    def counted(source, *args, **kwargs):
+        calls.append(str(source))
+        return decode_image(source, *args, **kwargs)
+
+    monkeypatch.setattr(image_folder, "decode_image", counted)
+    return calls

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-import cliplab.data.image_folder as image_folder
 from cliplab.adapt.run import few_shot_split
 from cliplab.cli import main
-from cliplab.data.images import decode_image
 from cliplab.data.listed import ListedImages, ShotDraws, list_source
 from cliplab.data.sources import load_source
 from cliplab.evaluate.few_shot import sample_k_shot
-from cliplab.models import build_model
 from cliplab.models.preprocess import PreprocessConfig
+from tests.image_folders import counting_decodes
+from tests import test_adapt_cli
 
+model_dir = test_adapt_cli.model_dir  # the fixture: a saved tiny-clip folder
 CLASSES = ("ant", "bee", "cat", "dog")
 
 
@@ -34,24 +34,13 @@ def _folder(root, per_class=(5, 7, 4, 6), size=(30, 40)):
     return root
 
 
-def _counting_decodes(monkeypatch):
-    calls = []
-
-    def counted(source, *args, **kwargs):
-        calls.append(str(source))
-        return decode_image(source, *args, **kwargs)
-
-    monkeypatch.setattr(image_folder, "decode_image", counted)
-    return calls
-
-
 @pytest.mark.parametrize("model_input", [None, PreprocessConfig(image_size=24)])
 def test_a_draw_decodes_only_what_it_draws_and_equals_sample_k_shot(tmp_path, monkeypatch,
                                                                      model_input):
     root = _folder(tmp_path / "pets")
     spec = {"source": "image-folder", "path": str(root), "progress": False}
     whole = load_source(spec, model_input=model_input)
-    calls = _counting_decodes(monkeypatch)
+    calls = counting_decodes(monkeypatch)
     listed = list_source(spec, model_input=model_input)
     assert isinstance(listed, ListedImages) and calls == []  # listing decodes nothing
     assert listed.deferred == len(whole) == 22
@@ -98,7 +87,7 @@ def test_an_unreadable_drawn_file_is_counted_once_and_replaced(tmp_path, monkeyp
     # named as a whole load names it
     assert dict(draws.skipped.keys) == {"unreadable_image": [str(bad)]}
     assert draws.decoded == 9 and int(draws.unreadable.sum()) == 1
-    calls = _counting_decodes(monkeypatch)
+    calls = counting_decodes(monkeypatch)
     taken = torch.zeros(len(listed), dtype=torch.bool)
     taken[index] = True
     val, _ = draws.draw(2, seed=4, exclude=taken)  # the bad file is not tried again
@@ -134,14 +123,6 @@ def test_sources_that_are_not_files_and_shifts_load_whole(tmp_path):
     assert shifted.images.shape == (8, 20, 20, 3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("m") / "model"
-    build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
-                embed_dim=16, context_length=48).save(folder)
-    return folder
-
-
 def test_adapt_decodes_the_shots_and_scores_as_a_whole_load(model_dir, tmp_path, monkeypatch,
                                                              capsys):
     import cliplab.adapt.run as run
@@ -151,7 +132,7 @@ def test_adapt_decodes_the_shots_and_scores_as_a_whole_load(model_dir, tmp_path,
     args = ["adapt", "--method", "linear-probe", "--model", str(model_dir), "--no-progress",
             f"data.train={{source: image-folder, path: {train}}}",
             f"data.test={{source: image-folder, path: {test}}}", "shots=2", "seed=0"]
-    calls = _counting_decodes(monkeypatch)
+    calls = counting_decodes(monkeypatch)
     assert main([*args, "--out", str(tmp_path / "listed")]) == 0
     decoded_train = [c for c in calls if c.startswith(str(train))]
     assert len(decoded_train) in (8, 9)  # 2 per class, and the broken file if it was drawn
@@ -187,7 +168,7 @@ def test_adapt_draws_val_shots_from_its_own_validation_folder_decoding_only_thos
     train = _folder(tmp_path / "train", per_class=(4, 4, 4, 4), size=(20, 20))
     val = _folder(tmp_path / "val", per_class=(6, 6, 6, 6), size=(20, 20))
     test = _folder(tmp_path / "test", per_class=(2, 2, 2, 2), size=(20, 20))
-    calls = _counting_decodes(monkeypatch)
+    calls = counting_decodes(monkeypatch)
     out = tmp_path / "run"
     assert main(["adapt", "--method", "tip-adapter", "--model", str(model_dir), "--no-progress",
                  f"data.train={{source: image-folder, path: {train}}}",

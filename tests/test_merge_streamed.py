@@ -10,7 +10,10 @@ from cliplab.errors import ModelError
 from cliplab.merge.soup import uniform_soup
 from cliplab.merge.streamed import LinearMerge
 from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
-from tests.test_merge_folders import _state, family  # noqa: F401 (a fixture)
+from tests import test_merge_folders
+from tests.test_merge_folders import _state
+
+family = test_merge_folders.family  # the fixture: a base tiny-clip and three fine-tunes
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cliplab.data.image_folder as image_folder
 import cliplab.evaluate.tasks.base as base
 from cliplab.cli import main
-from cliplab.data.images import decode_image
 from cliplab.errors import DataError
 from cliplab.evaluate.suite import TASKS, run_suite
 from cliplab.evaluate.tasks import TaskContext
+from tests.image_folders import counting_decodes
 
 
 def _folder(root, seed, per_class=3):
@@ -36,14 +35,7 @@ def _zs(path, **extra):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    calls = []
-
-    def counted(source, *args, **kwargs):
-        calls.append(str(source))
-        return decode_image(source, *args, **kwargs)
-
-    monkeypatch.setattr(image_folder, "decode_image", counted)
-    return calls
+    return counting_decodes(monkeypatch)
 
 
 @pytest.fixture
