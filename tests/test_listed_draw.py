@@ -3,6 +3,7 @@ whole set (16 shots from an ImageNet-sized folder decoded 1.3 million images fir
 exactly what `sample_k_shot` draws from the whole decoded set."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,8 +156,8 @@ def test_adapt_tells_what_its_draw_skipped_and_how_much_it_decoded(model_dir, tm
                  f"data.test={{source: image-folder, path: {test}}}", "shots=2",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert (f"data.train: skipped 8 of 12 samples (unreadable_image=8) in {train}; 12 of its "
-            "12 listed files were decoded for the draw, the others not read") in err
+    # every file was decoded: nothing more to say
+    assert f"data.train: skipped 8 of 12 samples (unreadable_image=8) in {train}\n" in err
     assert "4 class(es) have fewer than shots=2 training images" in err
     results = json.loads((out / "results.json").read_text())
     assert results["skipped"]["train"]["counts"] == {"unreadable_image": 8}
@@ -178,3 +179,23 @@ def test_adapt_draws_val_shots_from_its_own_validation_folder_decoding_only_thos
     assert len([c for c in calls if c.startswith(str(val))]) == 4  # 1 per class
     assert len([c for c in calls if c.startswith(str(train))]) == 8
     assert json.loads((out / "results.json").read_text())["val_size"] == 4
+
+
+def test_adapt_tells_how_many_listed_files_its_draw_left_unread(model_dir, tmp_path, capsys):
+    train = _folder(tmp_path / "train", per_class=(4, 4, 4, 4), size=(20, 20))
+    for c in CLASSES:  # one readable file a class: the draw decodes until it finds it
+        for i in (0, 1, 2):
+            (train / c / f"{i}.png").write_bytes(b"broken")
+    test = _folder(tmp_path / "test", per_class=(2, 2, 2, 2), size=(20, 20))
+    assert main(["adapt", "--method", "linear-probe", "--model", str(model_dir),
+                 "--no-progress", f"data.train={{source: image-folder, path: {train}}}",
+                 f"data.test={{source: image-folder, path: {test}}}", "shots=1",
+                 "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    found = re.search(r"data.train: skipped (\d+) of 16 samples \(unreadable_image=(\d+)\) in "
+                      r".*; (\d+) of its 16 listed files were decoded for the draw, the others "
+                      r"not read", err)
+    assert found, err
+    lost, decoded = int(found[1]), int(found[3])
+    assert found[1] == found[2] and decoded == lost + 4 and decoded < 16
+

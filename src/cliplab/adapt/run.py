@@ -173,8 +173,9 @@ def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages | ShotDraws]
             lost = int(data.unreadable.sum())
             line = report.line(f"data.{name}", listed - lost,
                                data_origin(getattr(cfg.data, name), data.listed.data))
-            line += (f"; {data.decoded} of its {listed} listed files were decoded for the "
-                     "draw, the others not read") if data.listed.deferred else ""
+            if data.listed.deferred and data.decoded < listed:
+                line += (f"; {data.decoded} of its {listed} listed files were decoded for the "
+                         "draw, the others not read")
         else:
             line = report.line(f"data.{name}", len(data),
                                data_origin(getattr(cfg.data, name), data))
