@@ -66,9 +66,15 @@ def test_the_split_with_validation_equals_the_whole_sets(tmp_path):
     assert torch.equal(train.images, want_train.images) and torch.equal(val.images,
                                                                          want_val.images)
     assert not set(train.keys) & set(val.keys)
-    # and in memory, the split is sample_k_shot's (the draw is one code path for both)
+    # and in memory, the split is the one sample_k_shot drew before (one code path for both):
+    # the shots, then val_shots among the rest with the next seed
     want = sample_k_shot(whole.labels, 2, 1)
     assert torch.equal(want_train.images, whole.images[want])
+    rest = torch.ones(len(whole), dtype=torch.bool)
+    rest[want] = False
+    pool = rest.nonzero().flatten()
+    old_val = pool[sample_k_shot(whole.labels[pool], 3, 2)]
+    assert want_val.keys == [whole.keys[i] for i in old_val.tolist()]
 
 
 def test_an_unreadable_drawn_file_is_counted_once_and_replaced(tmp_path, monkeypatch):
