@@ -10,6 +10,7 @@ each class still gets k readable images while it has them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cliplab.data.images import DeferredImage, ImageStack, UnreadableImage, deferred_decoding
 from cliplab.data.sources import load_source
-from cliplab.data.types import LabelledImages, SkipReport, source_keys
+from cliplab.data.types import LabelledImages, source_keys
 from cliplab.models.preprocess import PreprocessConfig
 
 
@@ -62,12 +63,14 @@ class ShotDraws:
     def __init__(self, listed: ListedImages | LabelledImages, progress: bool = True):
         self.listed = listed if isinstance(listed, ListedImages) else ListedImages(listed, {})
         data = self.listed.data
-        self.skipped = SkipReport()
-        for reason, keys in data.skipped.keys.items():
-            for key in keys:
-                self.skipped.add(reason, key)
+        self.skipped = copy.deepcopy(data.skipped)  # the listing's, and what the draws find
         self.unreadable = torch.zeros(len(data), dtype=torch.bool)
         self.decoded = 0  # files decoded (readable or not)
+        # each class's listed indices (ascending, classes in order, as `sample_k_shot` visits
+        # them), grouped once: a mask per class per draw cost classes x samples
+        counts = torch.bincount(data.labels)
+        self.by_class = [idx for idx in torch.argsort(data.labels, stable=True).split(
+            counts.tolist()) if len(idx)]
         self.progress = progress
 
     def draw(self, k: int, seed: int, exclude: torch.Tensor | None = None,
@@ -81,8 +84,7 @@ class ShotDraws:
         generator = torch.Generator().manual_seed(seed)
         out = self.unreadable if exclude is None else self.unreadable | exclude
         candidates = []
-        for c in data.labels.unique():
-            idx = (data.labels == c).nonzero().flatten()
+        for idx in self.by_class:
             idx = idx[~out[idx]]
             if len(idx):
                 candidates.append(idx[torch.randperm(len(idx), generator=generator)].tolist())
