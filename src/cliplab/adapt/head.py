@@ -66,9 +66,10 @@ class ClassifierHead(nn.Module):
         own), or None when they are other classes (data of other classes gets the text
         head; `class_order`)."""
         order = class_order(self.classnames, classnames)
-        if order is None or order == list(range(len(order))):
-            return None if order is None else self
-        return ClassifierHead(self.weight.detach()[order], self.scale.item(), classnames)
+        if order is None:
+            return None
+        return self if order == list(range(len(order))) else \
+            ClassifierHead(self.weight.detach()[order], self.scale.item(), classnames)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``head.safetensors`` (weight, scale; class names in the metadata)."""

@@ -328,13 +328,16 @@ class ManifestDataset(Dataset):
         caption or label, a missing file), or None."""
         if self.targets[i] is None:
             return "bad_caption" if i in self._bad_rows else self._bad
+        return "missing_file" if self._missing(i) else None
+
+    def _missing(self, i: int) -> bool:
         path = self.paths[i]
-        return "missing_file" if path is None or not path.is_file() else None
+        return path is None or not path.is_file()
 
     def read_image(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         """Row ``i``'s image whatever its caption or label (None and why if it has none)."""
         path = self.paths[i]
-        if path is None or not path.is_file():
+        if self._missing(i):
             return None, "missing_file"
         try:
             return decode_image(path, self.image_size), None

@@ -136,9 +136,10 @@ class LinearHead:
         if self.classnames is None:
             return self
         order = class_order(self.classnames, classnames)
-        if order is None or order == list(range(len(order))):
-            return None if order is None else self
-        return LinearHead(self.weight[order], classnames, self.label)
+        if order is None:
+            return None
+        return self if order == list(range(len(order))) else \
+            LinearHead(self.weight[order], classnames, self.label)
 
     def logits(self, features: ImageFeatures, progress: bool = False) -> torch.Tensor:
         return features.embeddings @ self.weight.t()
