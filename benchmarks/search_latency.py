@@ -8,8 +8,9 @@ noise of norm ``--spread`` relative to the centre's, then normalised. Even at 0.
 stay apart (a query's ten nearest neighbours come from its own cluster), so the data is kinder
 to IVF than a real collection's embeddings, which have no discrete clusters. Queries are fresh
 draws from the same mixture (held out: not in the index); the automatic index's nprobe is tuned
-as `cliplab index` tunes it, on indexed vectors plus noise (which can pick a narrower breadth
-than the queries need). Peak memory is about three copies of the vectors (raw, exact index, IVF
+as `cliplab index` tunes it for image queries, on indexed vectors plus noise (which can pick a
+narrower breadth than the queries need; `cliplab index` also tunes on the collection's captions
+embedded as text queries, which these vectors have none of). Peak memory is about three copies of the vectors (raw, exact index, IVF
 index): ~7 GB at the default size, inside 24 GiB.
 
 Target: p50 <= 5 ms at recall@10 >= 0.95 for the automatic index.
@@ -71,7 +72,7 @@ def measure(name: str, factory: str, vectors: np.ndarray, queries: np.ndarray, t
     index = faiss_index.build_faiss(vectors, factory)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    tuned = faiss_index.tune_search(index, vectors, recall_target)  # as `cliplab index` tunes
+    tuned = faiss_index.tune_search(index, vectors, recall_target)  # its image queries
     tune_s = time.perf_counter() - start
     faiss_index.set_search_parameter(index, tuned["value"])
     found = index.search(queries, 10)[1]

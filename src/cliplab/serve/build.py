@@ -43,6 +43,7 @@ from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, IN
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
+from cliplab.serve.tuning_queries import tuning_queries
 
 
 
@@ -155,7 +156,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         if state["phase"] == "embedding":
             _embed_collection(cfg, model, spec, work, store, state, progress,
                               key_prefix(spec, existing), before)
-        record = _finish(cfg, work, store, state, request, existing, model.embed_dim)
+        record = _finish(cfg, work, store, state, request, existing, model)
         # an --add's skipped table starts with the index's earlier ones
         skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
     finally:
@@ -419,13 +420,14 @@ def _gather_vectors(work: Path, state: dict, dim: int) -> np.ndarray:
 
 
 def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, request: dict,
-            existing: dict | None, dim: int) -> dict:
-    """Gather vectors, build the backend's index and write ``index.json`` (complete)."""
+            existing: dict | None, model) -> dict:
+    """Gather vectors, build the backend's index (an approximate one's search breadth tuned
+    on image and text queries) and write ``index.json`` (complete)."""
     if state["count"] == 0:
         raise DataError(f"nothing to index: every item of {data_origin(request['data'], None)}"
                         f" was skipped ({_skip_summary(store)}); delete {work} after fixing the "
                         "data")
-    vectors = _gather_vectors(work, state, dim)
+    vectors = _gather_vectors(work, state, model.embed_dim)
     _save_npy(work / VECTORS_FILE, vectors)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
               "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
@@ -437,7 +439,9 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
         factory = faiss_index.choose_index_type(len(vectors), vectors.shape[1], cfg.index_type, budget)
         index = faiss_index.build_faiss(vectors, factory)
-        tuned = faiss_index.tune_search(index, vectors, cfg.recall)
+        queries = tuning_queries(model, store, vectors) if faiss_index.search_parameter(
+            index) else None  # exact search needs no tuning, nor queries
+        tuned = faiss_index.tune_search(index, vectors, cfg.recall, queries=queries)
         faiss_index.write_faiss(index, work / FAISS_FILE)
         record["faiss"] = {"type": factory, "recall_target": cfg.recall, **tuned}
     else:

@@ -155,21 +155,31 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int = TUNE_K,
-                queries: np.ndarray | None = None) -> dict:
-    """The smallest nprobe / efSearch (powers of two) whose recall@k on held-out queries
-    reaches ``recall_target`` (the largest tried if none does). ``{parameter, value, recall}``."""
+                queries: np.ndarray | dict[str, np.ndarray] | None = None) -> dict:
+    """The smallest nprobe / efSearch (powers of two) whose recall@k reaches ``recall_target``
+    on every set of held-out ``queries`` (one array, or named sets such as image and text
+    queries; default: indexed vectors plus noise), the largest tried if none does.
+    ``{parameter, value, recall}``: ``recall`` is the lowest set's; named sets add
+    ``recalls``, each set's recall at that value."""
     name = search_parameter(index)
     if name is None:
         return {"parameter": None, "value": None, "recall": 1.0}
-    queries = held_out_queries(vectors) if queries is None else queries
-    truth = exact_neighbours(queries, vectors, k)
+    named = isinstance(queries, dict)
+    sets = queries if named else {"queries": held_out_queries(vectors) if queries is None
+                                  else queries}
+    sets = {key: np.ascontiguousarray(q, dtype=np.float32) for key, q in sets.items()}
+    truths = {key: exact_neighbours(q, vectors, k) for key, q in sets.items()}
     limit = _ivf(index).nlist if name == "nprobe" else 2048
-    value, best = 1 if name == "nprobe" else 16, None
+    value = 1 if name == "nprobe" else 16
     while True:
         set_search_parameter(index, value)
-        recall = recall_at_k(index.search(queries, k)[1], truth)
-        best = {"parameter": name, "value": value, "recall": round(recall, 4)}
-        if recall >= recall_target or value >= limit:
+        recalls = {key: recall_at_k(index.search(q, k)[1], truths[key])
+                   for key, q in sets.items()}
+        lowest = min(recalls.values())
+        if lowest >= recall_target or value >= limit:
+            best = {"parameter": name, "value": value, "recall": round(lowest, 4)}
+            if named:
+                best["recalls"] = {key: round(r, 4) for key, r in recalls.items()}
             return best
         value *= 2
 

@@ -161,12 +161,22 @@ def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
     return vectors
 
 
+def _tuned_recall(faiss: dict) -> str:
+    """"recall@10 1.000 on held-out image queries, 0.980 on caption queries" (an index built
+    before text queries were tuned on: "recall@10 0.990 on held-out queries")."""
+    recalls = faiss.get("recalls") or {"": faiss["recall"]}
+    kinds = {"images": "image ", "captions": "caption ", "objects": "object-name "}
+    return "recall@10 " + ", ".join(
+        f"{recall:.3f} on {'held-out ' if i == 0 else ''}{kinds.get(key, key)}queries"
+        for i, (key, recall) in enumerate(recalls.items()))
+
+
 def describe(record: dict) -> str:
     """One line for the CLI: count, model, backend and search settings."""
     backend = record["backend"]
     how = (f"FAISS {record['faiss']['type']}" + (
-        f", {record['faiss']['parameter']}={record['faiss']['value']} (recall@10 "
-        f"{record['faiss']['recall']:.3f} on held-out queries)"
+        f", {record['faiss']['parameter']}={record['faiss']['value']} "
+        f"({_tuned_recall(record['faiss'])})"
         if record["faiss"].get("parameter") else "")) if backend == "faiss" else \
         f"Milvus {record['milvus']['collection']} at {record['milvus']['uri']}"
     return (f"{record['count']} items ({record['skipped']} skipped), model "

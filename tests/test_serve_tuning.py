@@ -1,0 +1,136 @@
+"""An approximate index's search breadth is tuned on image and text queries: text embeddings lie
+apart from image ones, and a breadth tuned on image queries alone left text queries short (on
+Fashion-MNIST, IVF256: recall@10 0.77 for captions at the nprobe that gave images 0.99)."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplab.cli import main
+from cliplab.data.shapes import load_shapes
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.embed import embed_texts
+from cliplab.serve import faiss_index
+from cliplab.serve.index import describe
+from cliplab.serve.store import MetadataStore
+from cliplab.serve.tuning_queries import EVERYDAY_OBJECTS, sample_captions
+from tests.serve_helpers import SHAPES, build, save_tiny_model
+from tests.test_serve_index import _clustered
+
+model_dir = pytest.fixture(scope="module")(
+    lambda tmp_path_factory: save_tiny_model(tmp_path_factory.mktemp("model") / "tiny"))
+
+
+def _recall(index, queries, vectors, value) -> float:
+    faiss_index.set_search_parameter(index, value)
+    truth = faiss_index.exact_neighbours(queries, vectors, 10)
+    return faiss_index.recall_at_k(index.search(queries, 10)[1], truth)
+
+
+def test_breadth_reaches_the_target_on_every_query_set():
+    """Queries far from the data (random directions, as text queries are from images) need
+    more lists than queries near it: the breadth is the smallest that serves both, and each
+    set's recall is recorded as measured."""
+    vectors = _clustered(20_000, 32, 50)
+    index = faiss_index.build_faiss(vectors, "IVF128,Flat")
+    near = faiss_index.held_out_queries(vectors)
+    far = np.random.default_rng(5).standard_normal((200, 32)).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    alone = faiss_index.tune_search(index, vectors, 0.95, queries=near)
+    both = faiss_index.tune_search(index, vectors, 0.95, queries={"images": near, "text": far})
+    assert alone["value"] < both["value"]  # near queries alone ask for too narrow a search
+    assert _recall(index, far, vectors, alone["value"]) < 0.95
+    assert set(both["recalls"]) == {"images", "text"}
+    for name, queries in (("images", near), ("text", far)):
+        assert both["recalls"][name] == pytest.approx(
+            _recall(index, queries, vectors, both["value"]), abs=1e-4)
+        assert both["recalls"][name] >= 0.95
+    assert both["recall"] == min(both["recalls"].values())
+    half = both["value"] // 2  # the next narrower search misses on some set
+    assert min(_recall(index, q, vectors, half) for q in (near, far)) < 0.95
+    assert "recalls" not in alone  # one unnamed set: the record is as before
+
+
+def test_sample_captions_are_distinct_non_empty_and_seeded(tmp_path):
+    store = MetadataStore(tmp_path / "meta.sqlite")
+    captions = ["a cat", "", "a dog", "a cat", "  ", "a bird", "a dog"] * 30
+    store.add([{"id": i, "key": f"k{i}", "caption": c, "location": {}, "meta": {}}
+               for i, c in enumerate(captions)])
+    store.add([{"id": len(captions) + i, "key": f"{i // 3}/{key}", "caption": caption,
+                "location": {}, "meta": {}} for i, (key, caption) in enumerate(
+        [("IMG_0001.jpg", "IMG 0001"), ("trip/beach_day.png", "beach day"),
+         ("/photos|trip/IMG_0002.jpg", "IMG 0002")] * 20)])  # file names: no text queries
+    count = len(captions) + 60
+    got = sample_captions(store, count, n=200, seed=1)
+    assert sorted(got) == ["a bird", "a cat", "a dog"]
+    assert sample_captions(store, count, n=2, seed=1) == got[:2]
+    assert sample_captions(store, count, seed=1) == got
+    store.close()
+
+
+def _built_index(path):
+    record = json.loads((path / "index.json").read_text())
+    vectors = np.load(path / "vectors.npy")
+    return record["faiss"], faiss.read_index(str(path / "faiss.index")), vectors
+
+
+def test_an_ivf_index_is_tuned_on_its_captions_as_text_queries(model_dir, tmp_path, capsys):
+    """shapes has captions: they are the text queries; the recorded recalls are what the
+    recorded breadth gives the image queries and the collection's captions, embedded as the
+    server embeds a query's text."""
+    spec = {**SHAPES, "n": 400}
+    assert main(["index", "--model", str(model_dir), "--data", "shapes", "data.n=400",
+                 "data.seed=3", "data.kinds=[single]", "data.image_size=32",
+                 "--index-type", "IVF16,Flat", "--out", str(tmp_path / "idx"),
+                 "--no-progress"]) == 0
+    tuned, index, vectors = _built_index(tmp_path / "idx")
+    assert set(tuned["recalls"]) == {"images", "captions"}
+    store = MetadataStore(tmp_path / "idx" / "meta.sqlite", readonly=True)
+    captions = sample_captions(store, len(vectors))
+    store.close()
+    assert 1 < len(captions) <= 200
+    queries = embed_texts(DualEncoder.load(model_dir), captions)
+    assert tuned["recalls"]["captions"] == pytest.approx(
+        _recall(index, queries, vectors, tuned["value"]), abs=1e-4)
+    assert tuned["recall"] == min(tuned["recalls"].values())
+    out = capsys.readouterr().out
+    assert (f"nprobe={tuned['value']} (recall@10 {tuned['recalls']['images']:.3f} on held-out "
+            f"image queries, {tuned['recalls']['captions']:.3f} on caption queries)") in out
+    assert spec["n"] == len(vectors)
+
+
+def test_a_collection_without_captions_is_tuned_on_object_names(model_dir, tmp_path):
+    """A flat folder of photos has no captions: "a photo of a {object}" for COCO's objects
+    stand in. (A class folder's rows are captioned by their class.)"""
+    (tmp_path / "photos").mkdir()
+    for i, image in enumerate(load_shapes(n=6, seed=1, kinds=["single"], image_size=32).images):
+        Image.fromarray(image.numpy()).save(tmp_path / "photos" / f"img_{i}.png")
+    build(model_dir, str(tmp_path / "photos"), tmp_path / "idx", index_type="hnsw")
+    tuned, index, vectors = _built_index(tmp_path / "idx")
+    assert set(tuned["recalls"]) == {"images", "objects"}
+    queries = embed_texts(DualEncoder.load(model_dir),
+                          [f"a photo of a {name}" for name in EVERYDAY_OBJECTS])
+    assert tuned["parameter"] == "efSearch"
+    assert tuned["recalls"]["objects"] == pytest.approx(
+        _recall(index, queries, vectors, tuned["value"]), abs=1e-4)
+
+
+def test_exact_indexes_are_not_tuned(model_dir, tmp_path):
+    record = build(model_dir, SHAPES, tmp_path / "idx")
+    assert record["faiss"] == {"type": "Flat", "recall_target": 0.95, "parameter": None,
+                               "value": None, "recall": 1.0}
+
+
+def test_describe_names_the_query_sets_and_reads_older_indexes():
+    record = {"count": 9, "skipped": 0, "model": {"name": "m"}, "backend": "faiss",
+              "faiss": {"type": "IVF16,Flat", "parameter": "nprobe", "value": 4, "recall": 0.97,
+                        "recalls": {"images": 1.0, "objects": 0.97}}}
+    assert describe(record).endswith("FAISS IVF16,Flat, nprobe=4 (recall@10 1.000 on held-out "
+                                     "image queries, 0.970 on object-name queries)")
+    del record["faiss"]["recalls"]  # built before text queries were tuned on
+    assert describe(record).endswith("nprobe=4 (recall@10 0.970 on held-out queries)")
