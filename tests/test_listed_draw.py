@@ -103,6 +103,29 @@ def test_an_unreadable_drawn_file_is_counted_once_and_replaced(tmp_path, monkeyp
     assert not set(val.keys) & set(train.keys)
 
 
+def test_a_seeds_smaller_draws_are_its_first_picks_and_decode_nothing(tmp_path, monkeypatch):
+    """`indices` of a smaller k after a draw of the seed: `sample_k_shot`'s picks, none
+    decoded again; with an unreadable file, a draw is the same whatever was drawn before."""
+    root = _folder(tmp_path / "pets", per_class=(6, 6, 6, 6), size=(20, 20))
+    spec = {"source": "image-folder", "path": str(root), "progress": False}
+    draws = ShotDraws(list_source(spec), progress=False)
+    _, top = draws.draw(4, seed=2)
+    calls = counting_decodes(monkeypatch)
+    for k in (1, 2, 4):
+        picks = draws.indices(k, seed=2)
+        assert torch.equal(picks, sample_k_shot(draws.listed.data.labels, k, 2))
+        assert set(picks.tolist()) <= set(top.tolist())
+    assert calls == []
+    (root / "bee" / "3.png").write_bytes(b"not a png")
+    fresh = ShotDraws(list_source(spec), progress=False)
+    alone = fresh.draw(3, seed=7)[1]
+    after = ShotDraws(list_source(spec), progress=False)
+    after.draw(6, seed=1)  # finds the broken file first
+    assert int(after.unreadable.sum()) == 1
+    assert torch.equal(after.draw(3, seed=7)[1], alone)
+    assert torch.equal(after.indices(3, seed=7), alone)
+
+
 def test_a_manifest_is_listed_and_drawn_as_a_whole_load_draws(tmp_path):
     root = _folder(tmp_path / "pets", per_class=(3, 3, 3, 3), size=(20, 20))
     rows = [f"{c}/{i}.png,{c}" for c in CLASSES for i in range(3)]

@@ -17,7 +17,7 @@ from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer
-from cliplab.data.listed import ListedImages, ShotDraws, list_source
+from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError
@@ -115,7 +115,7 @@ def load_validation(cfg: AdaptConfig, train: LabelledImages | ListedImages, prog
         val = as_labelled(val, "data.val")
     if len(val) == 0:
         raise DataError("data.val holds no images")
-    check_same_classes(_listed_data(train), _listed_data(val), "adapt", ("data.train", "data.val"))
+    check_same_classes(listed_data(train), listed_data(val), "adapt", ("data.train", "data.val"))
     return val
 
 
@@ -126,10 +126,6 @@ def draw_validation(cfg: AdaptConfig, val: LabelledImages | ListedImages | ShotD
     if cfg.val_shots:
         return draws.draw(int(cfg.val_shots), cfg.seed + 1, label="draw data.val val_shots")[0]
     return draws.listed.data
-
-
-def _listed_data(data: LabelledImages | ListedImages) -> LabelledImages:
-    return data.data if isinstance(data, ListedImages) else data
 
 
 def load_sets(cfg: AdaptConfig, progress: bool = True,
@@ -151,10 +147,10 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
     sets = {"test": load("test")}
     if cfg.data.shifted is not None:
         sets["shifted"] = load("shifted")
-    for name, data in {"train": _listed_data(train), **sets}.items():
+    for name, data in {"train": listed_data(train), **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
-        check_same_classes(_listed_data(train), data, "adapt", ("data.train", f"data.{name}"))
+        check_same_classes(listed_data(train), data, "adapt", ("data.train", f"data.{name}"))
     return train, sets
 
 
@@ -173,9 +169,7 @@ def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages | ShotDraws]
             lost = int(data.unreadable.sum())
             line = report.line(f"data.{name}", listed - lost,
                                data_origin(getattr(cfg.data, name), data.listed.data))
-            if data.listed.deferred and data.decoded < listed:
-                line += (f"; {data.decoded} of its {listed} listed files were decoded for the "
-                         "draw, the others not read")
+            line += data.decoded_note()
         else:
             line = report.line(f"data.{name}", len(data),
                                data_origin(getattr(cfg.data, name), data))

@@ -3,7 +3,7 @@ nearest-class-mean and linear-probe classifiers, reported as mean ± std over se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,14 @@ def nearest_class_mean(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     return classification_metrics(logits, test_y)
 
 
-def few_shot(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+def few_shot(train_x: torch.Tensor | None, train_y: torch.Tensor | None, test_x: torch.Tensor,
              test_y: torch.Tensor, shots: Sequence[int] = (1, 2, 4, 8, 16),
              seeds: Sequence[int] = (0, 1, 2), methods: Sequence[str] = METHODS,
-             l2: float = 1e-3) -> dict:
-    """``{"<method>_<k>shot": {"acc1_mean", "acc1_std", "acc1_per_seed"}}`` for every k."""
+             l2: float = 1e-3, draw: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+             | None = None) -> dict:
+    """``{"<method>_<k>shot": {"acc1_mean", "acc1_std", "acc1_per_seed"}}`` for every k.
+    The k-shot training features and labels of a seed are `sample_k_shot`'s picks of
+    ``train_x``/``train_y``, or ``draw(k, seed)`` when given (features of drawn samples)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown few-shot method(s) {unknown}; choose from {METHODS}")
@@ -49,8 +52,11 @@ def few_shot(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     for k in shots:
         per_method: dict[str, list[float]] = {m: [] for m in methods}
         for seed in seeds:
-            idx = sample_k_shot(train_y, k, seed)
-            x, y = train_x[idx], train_y[idx]
+            if draw is not None:
+                x, y = draw(k, seed)
+            else:
+                idx = sample_k_shot(train_y, k, seed)
+                x, y = train_x[idx], train_y[idx]
             if "ncm" in methods:
                 per_method["ncm"].append(nearest_class_mean(x, y, test_x, test_y)["acc1"])
             if "linear_probe" in methods:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +19,7 @@ from pydantic import InstanceOf
 
 from cliplab.config import Section
 from cliplab.data.images import deferred_decoding
+from cliplab.data.listed import ListedImages, ShotDraws, listed_data
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
@@ -65,6 +66,9 @@ class TaskSpecBase(Section):
 
     task: str
     name: str | None = None
+    # keys of the sets this task draws a few samples per class from (few_shot's ``train``):
+    # a one-off evaluation lists their files and decodes only the drawn ones (`TaskContext`)
+    drawn: ClassVar[tuple[str, ...]] = ()
 
     def datasets(self) -> list[DataSpec]:
         """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
@@ -163,7 +167,9 @@ class TaskContext:
     Without it (a one-off evaluation: `run_suite` without a context, ``cliplab eval``) a
     suite holds one task's sets at a time: `preload` checks the tasks on image folders and
     manifests as listed (`deferred_decoding`), a set is decoded when its first task runs and
-    dropped after its last, and other sets above `HOLD_BYTES` are read again at their turn.
+    dropped after its last, and other sets above `HOLD_BYTES` are read again at their turn;
+    a set a task only draws shots from (``TaskSpecBase.drawn``) stays listed, its draws
+    (`shot_draws`) decoding what they take.
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -176,9 +182,10 @@ class TaskContext:
     where: str = "tasks"
     model_input: PreprocessConfig | None = None
     hold: bool = True
-    # sets listed, not decoded, by `preload` without ``hold`` (never given to a task)
-    listed: dict[str, Any] = field(default_factory=dict)
+    # sets listed, not decoded, by `preload` without ``hold`` (given to a task only to draw)
+    listed: dict[str, ListedImages] = field(default_factory=dict)
     listing: bool = False  # within such a `preload`
+    draws: dict[str, ShotDraws] = field(default_factory=dict)  # of listed sets, by key
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
@@ -222,6 +229,7 @@ class TaskContext:
                 del self.datasets[key]
         for key in [k for k in self.listed if k not in needed]:
             del self.listed[key]
+            self.draws.pop(key, None)
 
     def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
         """Load ``task``'s datasets (given ``model``, decoded to its input: ``model_input``),
@@ -229,8 +237,8 @@ class TaskContext:
         given ``model``); errors do not name the task."""
         if model is not None:
             self.model_input = getattr(model, "preprocess_config", None)
-        for key, spec in task.data_keys():
-            self.load(spec, where=key)  # a bad option names its key: `test: unknown option`
+        for key, _ in task.data_keys():
+            self.dataset(task, key, where=key)  # a bad option names its key: `test: unknown ...`
         empty = self.empty_data(task)
         if empty:
             raise DataError(f"{empty} holds no images")
@@ -242,8 +250,8 @@ class TaskContext:
         """The key (e.g. ``data``, ``train``) of the first dataset of ``task`` that holds no
         images (a ``limit: 0``, a filter that kept nothing), else None: no metric is defined
         on it."""
-        for key, spec in task.data_keys():
-            if len(self.load(spec)) == 0:
+        for key, _ in task.data_keys():
+            if len(listed_data(self.dataset(task, key))) == 0:
                 return key
         return None
 
@@ -261,17 +269,46 @@ class TaskContext:
         if key in self.datasets:
             return self.datasets[key]
         if self.listing:
-            if key not in self.listed:
-                with deferred_decoding() as deferred:
-                    data = load_source(spec, self.progress, where, self.model_input)
-                if not deferred:  # nothing to defer (held in memory, or shards): as read
-                    self.datasets[key] = data
-                    return data
-                self.listed[key] = data
-            return self.listed[key]
+            return listed_data(self._listing(spec, where))
         self.listed.pop(key, None)
+        self.draws.pop(key, None)
         self.datasets[key] = load_source(spec, self.progress, where, self.model_input)
         return self.datasets[key]
+
+    def dataset(self, task: TaskSpecBase, key: str, where: str | None = None) -> Any:
+        """``task``'s set under ``key`` (`load`); one it draws from (``task.drawn``) in a
+        context that does not hold sets is listed (`ListedImages`), unless it is loaded
+        already or has no files to defer."""
+        spec = getattr(task, key)
+        if self.hold or key not in task.drawn or not isinstance(spec, dict):
+            return self.load(spec, where)
+        return self._listing(spec, where)
+
+    def _listing(self, spec: dict, where: str | None) -> Any:
+        """``spec``'s set listed with its decoders (`ListedImages`), once per context; as
+        read (and held) when nothing in it is deferred (in memory, shards)."""
+        key = self._key(spec)
+        if key in self.datasets:
+            return self.datasets[key]
+        if key not in self.listed:
+            with deferred_decoding() as deferred:
+                data = load_source(spec, self.progress, where, self.model_input)
+            if not deferred:  # nothing to defer (held in memory, or shards): as read
+                self.datasets[key] = data
+                return data
+            self.listed[key] = ListedImages(data, deferred)
+        return self.listed[key]
+
+    def shot_draws(self, task: TaskSpecBase, key: str) -> ShotDraws:
+        """Draws from ``task``'s set ``key`` (`dataset`), one per set and context, so what
+        they skip is reported with the task (`skipped`)."""
+        data = self.dataset(task, key, where=key)
+        if not isinstance(data, ListedImages):
+            return ShotDraws(as_labelled(data, key), self.progress)
+        name = self._key(getattr(task, key))
+        if name not in self.draws:
+            self.draws[name] = ShotDraws(data, self.progress)
+        return self.draws[name]
 
     def _key(self, spec: DataSpec) -> str:
         """``spec``'s key in ``datasets``: its `data_key`, and the model input it is decoded to."""
@@ -281,20 +318,23 @@ class TaskContext:
 
     def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
         """What the datasets of ``task`` skipped (merged, each set once), how many samples
-        they held before skipping, and where the sets that skipped some came from."""
+        they held before skipping, and where the sets that skipped some came from (a set
+        drawn from: what the listing and the draws skipped, and how many files were read)."""
         report, total, where, seen = SkipReport(), 0, [], set()
-        for spec in task.datasets():
+        for key, spec in task.data_keys():
             if data_key(spec) in seen:
                 continue
             seen.add(data_key(spec))
-            data = self.load(spec)
-            skipped: SkipReport = getattr(data, "skipped", None) or SkipReport()
-            total += len(data) + skipped.lost_samples
+            data = listed_data(self.dataset(task, key))
+            draws = self.draws.get(self._key(spec)) if isinstance(spec, dict) else None
+            own: SkipReport = getattr(data, "skipped", None) or SkipReport()  # the loading's
+            skipped = draws.skipped if draws else own  # a draw's holds its listing's
+            total += len(data) + own.lost_samples
             if skipped.total:
                 report.counts.update(skipped.counts)
                 for reason, keys in skipped.keys.items():
                     report.keys.setdefault(reason, []).extend(keys)
-                where.append(data_origin(spec, data))
+                where.append(data_origin(spec, data) + (draws.decoded_note() if draws else ""))
         return report, total, where
 
     def labelled(self, spec: DataSpec, where: str) -> LabelledImages:

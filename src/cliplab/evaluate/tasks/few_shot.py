@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
+from cliplab.data.listed import ListedImages, listed_data
 from cliplab.data.pairs import classes_with_fewer
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
+from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.evaluate.tasks.base import ProbeKind, TaskContext
 from cliplab.evaluate.tasks.linear_probe import ProbeSpecBase, probe_features, probe_sets
 from cliplab.models.dual_encoder import DualEncoder
@@ -31,25 +33,58 @@ class Spec(ProbeSpecBase):
             refuse_unused(self, ["l2"], "unless methods include linear_probe")
         return self
 
+    drawn: ClassVar[tuple[str, ...]] = ("train",)
+
     def check(self, context: TaskContext) -> None:
-        train, _ = probe_sets(self, context)
+        train, _ = probe_sets(self, context, listed_data(context.dataset(self, "train")))
         check_enough_shots(self, train.labels, train.classnames)
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    if isinstance(context.dataset(spec, "train"), ListedImages):
+        return _run_drawn(model, spec, context)
     sets = probe_sets(spec, context)  # checked by Spec.check before the suite ran
     return few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
                     seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
 
 
-def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str]) -> None:
+def _run_drawn(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
+    """`run` on a listed training set: per seed, the largest k is drawn (decoding only the
+    files drawn) and encoded; each smaller k takes its first picks, as `sample_k_shot` would
+    on the decoded set. A class left with fewer than k readable files is an error, as one
+    with fewer listed files is."""
+    name = spec.name or spec.task
+    draws = context.shot_draws(spec, "train")
+    train, test = probe_sets(spec, context, draws.listed.data)
+    extra = spec.features if spec.features in EXTRA_PROBES else None
+    top, drawn = max(spec.shots), {}
+    for seed in spec.seeds:
+        sample, index = draws.draw(top, seed, label=f"draw {name} train {top}-shot seed {seed}")
+        check_enough_shots(spec, sample.labels, train.classnames, "readable ")
+        drawn[seed] = index, context.image_features(
+            model, sample.images, None, f"encode {name} train draw", probe=extra,
+            layers=spec.layers).get(spec.features)
+    test_x = context.image_features(model, test.images, spec.test, f"encode {name} test",
+                                    probe=extra, layers=spec.layers).get(spec.features)
+
+    def draw(k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, features = drawn[seed]
+        picks = draws.indices(k, seed)  # the first of the seed's top draw: none decoded
+        return features[torch.searchsorted(index, picks)], train.labels[picks]
+
+    return few_shot(None, None, test_x, test.labels, shots=tuple(spec.shots),
+                    seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2, draw=draw)
+
+
+def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str],
+                       kind: str = "") -> None:
     """A one-line `DataError` naming the classes of ``train`` with fewer images than the
     largest of ``shots`` (sampling would take all of them, and a ``<k>shot`` result would not
-    be k-shot)."""
+    be k-shot); ``kind`` qualifies the images counted (``readable``)."""
     k = max(spec.shots)
     short = [f"{name} ({n})" for name, n in classes_with_fewer(labels, classnames, k)]
     if short:
         listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
                                          else "")
-        raise DataError(f"shots {k} needs {k} train images of every class; these have fewer: "
-                        f"{listed}")
+        raise DataError(f"shots {k} needs {k} {kind}train images of every class; these have "
+                        f"fewer: {listed}")

@@ -59,10 +59,12 @@ class Spec(ProbeSpecBase):
                               f"needs 2 images or more (train has {len(train)}); give l2")
 
 
-def probe_sets(spec: ProbeSpecBase, context: TaskContext) -> tuple[LabelledImages, LabelledImages]:
-    """The train and test sets of a probe-style spec, checked to have the same classes (a
-    one-line error that names the keys, not the task: `TaskSpecBase.check`'s)."""
-    train = context.labelled(spec.train, "train")
+def probe_sets(spec: ProbeSpecBase, context: TaskContext, train: LabelledImages | None = None
+               ) -> tuple[LabelledImages, LabelledImages]:
+    """The train (``train`` if given, e.g. as listed) and test sets of a probe-style spec,
+    checked to have the same classes (a one-line error that names the keys, not the task:
+    `TaskSpecBase.check`'s)."""
+    train = context.labelled(spec.train, "train") if train is None else train
     test = context.labelled(spec.test, "test")
     try:
         check_same_classes(train, test, "-")
