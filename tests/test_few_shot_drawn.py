@@ -81,3 +81,18 @@ def test_eval_cli_draws_from_a_large_folder(folders, tiny_model_dir, tmp_path, m
     assert main(["eval", "--model", str(tiny_model_dir), "--config", str(tmp_path / "suite.yaml"),
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert len([f for f in decodes if "/train/" in f]) == 2 * len(CLASSES)
+
+
+def test_a_captioned_train_set_is_refused_as_before(tmp_path, tiny_model):
+    """Listed, a caption manifest is still no classification set: one line, no traceback."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (16, 16), "red").save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("image,caption\n0.png,a red thing\n1.png,a red one\n")
+    task = {"task": "few_shot", "shots": [1], "seeds": [0],
+            "train": {"source": "manifest", "path": str(tmp_path / "m.csv")},
+            "test": {"source": "digits", "split": "test"}}
+    with pytest.raises(Exception, match=r"^tasks\[0\]: train needs labelled images "
+                                        r"\(a classification source\)$"):
+        run_suite(tiny_model, {"tasks": [task]})

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from cliplab.config import refuse_unused
 from cliplab.data.listed import ListedImages, listed_data
 from cliplab.data.pairs import classes_with_fewer
+from cliplab.data.sources import as_labelled
 from cliplab.errors import DataError
 from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.features import EXTRA_PROBES
@@ -36,7 +37,8 @@ class Spec(ProbeSpecBase):
     drawn: ClassVar[tuple[str, ...]] = ("train",)
 
     def check(self, context: TaskContext) -> None:
-        train, _ = probe_sets(self, context, listed_data(context.dataset(self, "train")))
+        listed = as_labelled(listed_data(context.dataset(self, "train")), "train")
+        train, _ = probe_sets(self, context, listed)
         check_enough_shots(self, train.labels, train.classnames)
 
 
