@@ -37,7 +37,8 @@ def sample_captions(store, count: int, n: int = TUNE_QUERIES, seed: int = 0) -> 
     of ``store`` (a `MetadataStore`), in draw order. Empty captions and a folder's file names
     (an uncaptioned photo's caption is its file name: "IMG 0001") are no text queries."""
     rng = np.random.default_rng(seed)
-    ids = rng.permutation(count)[:4 * n]  # extra draws: captions repeat (class names)
+    # extra draws, since captions repeat (class names); a sample, not a permutation of all
+    ids = rng.choice(count, min(count, 4 * n), replace=False)
     rows = store.get_many(ids.tolist())
     seen: dict[str, None] = {}
     for i in ids:
