@@ -114,3 +114,25 @@ def test_a_lit_folder_resaved_by_transformers_keeps_its_preprocessing_and_warns(
     assert "has no cliplab.json" in capsys.readouterr().err
     DualEncoder.load(folder)  # cliplab's own folder: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_a_saved_tiny_clip_opens_in_the_single_tower_classes(tmp_path):
+    """transformers' CLIPTextModelWithProjection / CLIPVisionModelWithProjection read the
+    towers' own projection_dim: a saved tiny-clip (embed_dim 16) loads in both, and their
+    embeds are cliplab's before normalising."""
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        embed_dim=16, context_length=32)
+    folder = model.save(tmp_path / "m")
+    pixels = torch.rand(2, 3, 16, 16)
+    vision = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
+    text = CLIPTextModelWithProjection.from_pretrained(folder).eval()
+    tokens = model.tokenizer(["a red square", "a cat"], padding="max_length", max_length=32,
+                             truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        clip = model.model
+        image_want = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        text_want = clip.text_projection(clip.text_model(**tokens).pooler_output)
+        assert torch.allclose(vision(pixel_values=pixels).image_embeds, image_want, atol=1e-6)
+        assert torch.allclose(text(**tokens).text_embeds, text_want, atol=1e-6)

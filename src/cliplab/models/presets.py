@@ -86,11 +86,14 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layer
     tokenizer = byte_level_tokenizer(context_length)
     text_width = text_width or width
     act = _check_activation(activation)
+    # the towers' own projection_dim too: transformers' CLIP{Text,Vision}ModelWithProjection
+    # read it (left at its default, 512, they could not load a saved tiny-clip)
     config = CLIPConfig(
         text_config={**_text_config(tokenizer, text_width, text_layers or layers, heads,
-                                    context_length), "hidden_act": act},
+                                    context_length), "hidden_act": act,
+                     "projection_dim": embed_dim},
         vision_config={**_vision_config(image_size, patch_size, width, layers, heads),
-                       "hidden_act": act},
+                       "hidden_act": act, "projection_dim": embed_dim},
         projection_dim=embed_dim)
     model = CLIPModel(config)
     pre = PreprocessConfig(image_size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
