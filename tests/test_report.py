@@ -510,3 +510,28 @@ def test_results_of_every_kind_cliplab_writes_still_report(data, tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(data))
     assert main(["report", "--inputs", str(tmp_path / "r.json"), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 0
+
+
+def test_a_folder_and_its_own_results_file_are_one_input(tmp_path):
+    """An eval --out folder reads as its results.json and a merge's output as its merge.json:
+    given with that file, the report had two identical columns."""
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "results.json").write_text(json.dumps({"results": {"zs": {"acc1": 0.5}}}))
+    for inputs in ([ev, ev / "results.json"], [ev / "results.json", ev]):
+        with pytest.raises(DataError, match=r"^report input .* is given twice \(as .* too, one "
+                                            r"folder's results\); give each results file"):
+            write_report(inputs, tmp_path / "o")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "merge.json").write_text(json.dumps({"method": "uniform", "heldout": {
+        "metric": "acc1", "scores": {"a": 0.4}, "merged": 0.5}}))
+    with pytest.raises(DataError, match="is given twice"):
+        write_report([merged, merged / "merge.json"], tmp_path / "o")
+    # another folder's results.json, and a results file of another name, are other inputs
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"results": {"zs": {"acc1": 0.7}}}))
+    (ev / "copy.json").write_text((ev / "results.json").read_text())
+    write_report([ev, other / "results.json", ev / "copy.json"], tmp_path / "o")
+    assert (tmp_path / "o" / "report.md").is_file()

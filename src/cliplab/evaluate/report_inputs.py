@@ -251,16 +251,30 @@ def read_input(path: str | Path) -> ReportSource:
     return source
 
 
+def _reported_folder(path: Path) -> Path:
+    """The folder whose report reads the results file ``path`` (its ``results.json``; its
+    ``merge.json`` when it has no run files): giving both is one input twice. Any other path
+    as it is."""
+    if not path.is_file():
+        return path
+    if path.name == "results.json" or (path.name == MERGE_RECORD and not any(
+            (path.parent / name).is_file() for name in RUN_FILES)):
+        return path.parent
+    return path
+
+
 def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list[ReportSource]:
     """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
     if not paths:
         raise DataError("cliplab report needs at least one results file or run folder")
     seen: dict[Path, str] = {}
     for path in paths:  # two identical columns would read as two runs that agree
-        resolved = Path(path).expanduser().resolve()
+        resolved = _reported_folder(Path(path).expanduser().resolve())
         if resolved in seen:
-            raise DataError(f"report input {path} is given twice (as {seen[resolved]} too); "
-                            "give each results file or run folder once")
+            same = "" if Path(path).expanduser().resolve() == Path(
+                seen[resolved]).expanduser().resolve() else ", one folder's results"
+            raise DataError(f"report input {path} is given twice (as {seen[resolved]} too"
+                            f"{same}); give each results file or run folder once")
         seen[resolved] = str(path)
     sources = [read_input(p) for p in paths]
     if names is not None:
