@@ -336,3 +336,23 @@ def test_argmax_pooling_with_an_end_token_that_is_not_the_largest_id_is_refused(
         "token id, but the tokenizer's end token (3) is not its largest (259); transformers' "
         "CLIP pools at the end token")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_config_given_with_a_folder_is_named(tmp_path):
+    """--config naming no file was told as the folder lacking open_clip_config.json (with
+    "give the model config with --config", which was given); a given config is used, the
+    folder's own only without one."""
+    from cliplab.models.convert.openclip_files import find_openclip_files
+
+    src = _hub_copy(tmp_path)
+    with pytest.raises(ModelError, match=rf"^{tmp_path}/nope.json: no such OpenCLIP model "
+                                         "config file$"):
+        find_openclip_files(src, tmp_path / "nope.json")
+    other = tmp_path / "other.json"
+    shutil.copy(src / "open_clip_config.json", other)
+    assert find_openclip_files(src, other) == (src / "open_clip_model.safetensors", other)
+    weights = src / "open_clip_model.safetensors"
+    assert find_openclip_files(weights, other) == (weights, other)
+    (src / "open_clip_config.json").unlink()
+    with pytest.raises(ModelError, match="no open_clip_config.json; give the model config"):
+        find_openclip_files(src)

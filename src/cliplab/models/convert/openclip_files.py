@@ -47,14 +47,16 @@ def find_openclip_files(path: str | Path, config: str | Path | None = None) -> t
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
             raise ModelError(f"{path}: no OpenCLIP weights ({' or '.join(WEIGHT_FILES)})")
-        cfg = Path(config) if config else path / CONFIG_FILE
-        if not cfg.is_file():
+        if config:
+            cfg = Path(config)
+        elif (path / CONFIG_FILE).is_file():
+            cfg = path / CONFIG_FILE
+        else:
             raise ModelError(f"{path}: no {CONFIG_FILE}; give the model config with --config")
-        return weights, cfg
-    if not path.is_file():
+    elif not path.is_file():
         raise ModelError(f"{path}: no such OpenCLIP checkpoint file or folder")
-    if config:
-        cfg = Path(config)
+    elif config:
+        weights, cfg = path, Path(config)
     else:
         beside = [p for p in sorted(path.parent.glob("*.json")) if _looks_like_config(p)]
         named = path.parent / CONFIG_FILE
@@ -65,9 +67,10 @@ def find_openclip_files(path: str | Path, config: str | Path | None = None) -> t
         else:
             raise ModelError(f"{path}: give the OpenCLIP model config JSON (e.g. ViT-B-32.json) "
                              "with --config; none or several *.json files lie beside it")
+        weights = path
     if not cfg.is_file():
         raise ModelError(f"{cfg}: no such OpenCLIP model config file")
-    return path, cfg
+    return weights, cfg
 
 
 def _looks_like_config(file: Path) -> bool:
