@@ -535,3 +535,16 @@ def test_a_folder_and_its_own_results_file_are_one_input(tmp_path):
     (ev / "copy.json").write_text((ev / "results.json").read_text())
     write_report([ev, other / "results.json", ev / "copy.json"], tmp_path / "o")
     assert (tmp_path / "o" / "report.md").is_file()
+
+
+def test_a_run_that_has_logged_nothing_yet_is_refused_like_an_empty_results_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"^.*run/metrics.jsonl: no record yet \(a run that has "
+                                        r"just started\) and no results.json beside it"):
+        write_report([run], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 2.5}\n')  # one record: reported
+    write_report([run], tmp_path / "o")
+    assert "2.5" in (tmp_path / "o" / "report.md").read_text()

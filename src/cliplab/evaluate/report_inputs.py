@@ -248,6 +248,9 @@ def read_input(path: str | Path) -> ReportSource:
         source.sections = result_sections(results)
     if "metrics.jsonl" in present:
         source.history = read_history(path / "metrics.jsonl")
+        if not source.history and not source.sections:  # as a results file without numbers
+            raise DataError(f"{path / 'metrics.jsonl'}: no record yet (a run that has just "
+                            "started) and no results.json beside it; nothing to report")
     return source
 
 
