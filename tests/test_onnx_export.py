@@ -233,10 +233,19 @@ def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export,
     probe = ("  - {name: p, task: linear_probe, train: {source: digits, split: train}, "
              "test: {source: digits, split: test}")
     suite = tmp_path / "suite.yaml"
-    suite.write_text(f"tasks:\n{probe}}}\n")
-    assert main(["eval", "--config", str(suite), "--model", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no 'tokens' probe features" in err
+    zeroshot = "  - {task: zeroshot, data: {source: digits, split: test}}\n"
+    for tasks, default in ((f"{zeroshot}{probe}}}\n", " (the linear_probe default)"),
+                           (f"{zeroshot}{probe}, features: layers}}\n", "")):
+        suite.write_text(f"tasks:\n{tasks}")
+        # refused before any task runs, naming the task, its key and what to set
+        assert main(["eval", "--config", str(suite), "--model", str(out), "--out",
+                     str(tmp_path / "refused"), "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"cliplab: error: {suite}: tasks[1] (name 'p'): features: "
+            f"{'layers' if not default else 'tokens'}{default} needs the hidden states of a "
+            "PyTorch model; this one gives embeddings or backbone (an ONNX export): set "
+            "features: backbone, or evaluate the model folder it came from")
+        assert not (tmp_path / "refused").exists()
     suite.write_text(f"tasks:\n{probe}, features: backbone}}\n")
     scores = []
     for spec in (out, tmp_path / "torch"):

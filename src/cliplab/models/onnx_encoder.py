@@ -116,6 +116,10 @@ def _pooled_width(session, file: Path, embed_dim: int) -> int | None:
 class OnnxEncoder:
     """Image and text towers from an ONNX export folder (CPU, onnxruntime)."""
 
+    # the probe features it gives: its graph returns the embedding and the pooled output
+    # only, no hidden states for ``tokens`` / ``layers`` probes
+    probe_features = ("embeddings", "backbone")
+
     def __init__(self, path: str | Path, threads: int | None = None):
         try:
             import onnxruntime as ort

@@ -38,8 +38,17 @@ class ProbeSpecBase(TaskSpecBase):
         return [(self.train, self.features, self.layers), (self.test, self.features, self.layers)]
 
     def check_model(self, model: DualEncoder) -> None:
-        """With ``features: layers``, ``layers`` must count blocks the image tower has (more
-        would silently take every hidden state, the patch embeddings too)."""
+        """``features`` must be ones the model gives (an ONNX export has no hidden states for
+        ``tokens`` / ``layers``); with ``features: layers``, ``layers`` must count blocks the
+        image tower has (more would silently take every hidden state, the patch embeddings
+        too)."""
+        given = getattr(model, "probe_features", None)
+        if given is not None and self.features not in given:
+            default = "" if "features" in self.model_fields_set else f" (the {self.task} default)"
+            raise ConfigError(f"features: {self.features}{default} needs the hidden states of a "
+                              f"PyTorch model; this one gives {' or '.join(given)} (an ONNX "
+                              f"export): set features: {given[-1]}, or evaluate the model "
+                              "folder it came from")
         blocks = image_blocks(model) if self.features == "layers" else None
         if blocks is not None and self.layers > blocks:
             choice = "1" if blocks == 1 else f"1 to {blocks}"
