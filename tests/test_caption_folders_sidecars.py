@@ -159,3 +159,27 @@ def test_an_empty_caption_beside_a_label_is_empty_in_every_reader(tmp_path):
     labels_only.write_text("image,label\na.png,red\n")
     assert [i.caption for i in iter_items({"source": "manifest", "path": str(labels_only)})] \
         == ["red"]
+
+
+def test_an_empty_caption_file_is_skipped_by_the_loader_as_by_data_shard(tmp_path):
+    """A caption folder's empty (or blank) NAME.txt gave a pair with the text "" to eval,
+    pretrain and adapt while data shard, curate and manifests skipped it; a BOM (Windows
+    Notepad) stayed in the caption."""
+    folder = tmp_path / "photos"
+    for name, text in (("a", "a red square"), ("b", ""), ("c", "  \n"), ("d", "a blue one")):
+        _image(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(text.encode("utf-8-sig" if name == "d" else "utf-8"))
+    pairs = as_pairs(load_source({"source": "image-folder", "path": str(folder),
+                                  "captions": True, "progress": False}))
+    assert pairs.captions == [["a red square"], ["a blue one"]]
+    assert pairs.skipped.counts == {"empty_caption": 2}
+    assert pairs.skipped.keys["empty_caption"] == [str(folder / "b.png"), str(folder / "c.png")]
+    assert main(["data", "shard", "--data", str(folder), "--out", str(tmp_path / "sh"),
+                 "--no-progress"]) == 0
+    index = json.loads((tmp_path / "sh" / "index.json").read_text())
+    assert index["skipped"]["keys"] == {"empty_caption": [str(folder / "b.png"),
+                                                          str(folder / "c.png")]}
+    # the index keeps every image (a caption is not needed to find it), its text as read
+    captions = {i.key: i.caption for i in iter_items({"source": "image-folder",
+                                                      "path": str(folder)})}
+    assert captions == {"a.png": "a red square", "b.png": "", "c.png": "", "d.png": "a blue one"}

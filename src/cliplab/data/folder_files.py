@@ -152,7 +152,7 @@ def is_caption_folder(root: Path) -> bool:
 def sidecar_text(path: Path, what: str, reason: str) -> str:
     """The text of sidecar ``path``; `SkippedFile` (``reason``) if it is not UTF-8 text."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a BOM (Windows Notepad) is no text
     except UnicodeDecodeError:
         raise SkippedFile(reason, f"{path}: {what} file not UTF-8 text", path) from None
 

@@ -193,7 +193,8 @@ class CaptionFolderListing:
     def read(self, image_size: int | None = None
              ) -> Iterator[tuple[str, torch.Tensor, str] | None]:
         """Each file as ``(key, image, caption)``, or None for one skipped (and counted):
-        undecodable, without a caption in a caption folder, caption or metadata not UTF-8."""
+        undecodable, without a caption in a caption folder or with an empty one (as a
+        manifest's empty caption and a shard's are), caption or metadata not UTF-8."""
         for file in self.files:
             try:
                 image = decode_image(file, image_size)
@@ -205,6 +206,10 @@ class CaptionFolderListing:
                 continue
             except SkippedFile as err:
                 self.skipped.add(err.reason, str(err.path or file))
+                yield None
+                continue
+            if not caption:  # image_caption strips: a file of blanks is empty too
+                self.skipped.add("empty_caption", str(file))
                 yield None
                 continue
             yield file.relative_to(self.root).as_posix(), image, caption
