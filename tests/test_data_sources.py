@@ -388,6 +388,23 @@ def test_a_repeated_key_in_a_tar_is_skipped_and_counted_not_merged(tmp_path):
         with pytest.raises(OSError, match=r"key [ac] is also an earlier sample's in s.tar") as err:
             items[k].read()
         assert skip_reason(err.value) == "duplicate_key"
+    # the shard readers (load, stream, data shard) skip them alike: they kept both before
+    from cliplab.data.shards.read import load_shards
+    from cliplab.data.shards.stream import ShardStream
+
+    loaded = as_pairs(load_source({"source": "shards", "path": str(folder), "progress": False}))
+    assert loaded.captions == [["a 10"], ["b 20"], ["c 40"]]
+    assert loaded.skipped.counts == {"duplicate_key": 2}
+    assert loaded.skipped.keys["duplicate_key"] == ["s.tar:a", "s.tar:c"]
+    assert len(load_shards(folder, progress=False)) == 3
+    streamed = ShardStream(folder, shuffle=False, caption="first", rank=0, world_size=1)
+    assert [x["caption"] for x in streamed] == ["a 10", "b 20", "c 40"]
+    assert streamed.skipped.counts == {"duplicate_key": 2}
+    assert main(["data", "shard", "--data", str(folder), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    index = json.loads((tmp_path / "again" / "index.json").read_text())
+    assert index["skipped"]["counts"] == {"duplicate_key": 2}
+    assert index["total"] == 3
     png = {k: png_bytes(np.full((4, 4, 3), v, np.uint8)) for k, v in (("x", 1), ("y", 2))}
     write_tar(folder / "s.tar", [("x", {"png": png["x"]}), ("y", {"png": png["y"]}),
                                  ("y", {"txt": b"why"}), ("x", {"txt": b"ex"})])

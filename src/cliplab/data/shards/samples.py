@@ -26,12 +26,13 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
     counts of its folder's ``index.json``), or without a count one that ends before its
     end-of-archive marker (cut off), yields ``{"__error__": "truncated_shard"}``. Where the count
     is known, each sample the damage lost follows as a ``{"__error__": "cut_off"}`` item, so
-    skip reports count them one by one."""
+    skip reports count them one by one. A sample whose key an earlier one of its tar has is
+    ``{"__error__": "duplicate_key"}``, as the collection reader (index, curate) skips it."""
     from cliplab.data.shards.layout import tar_is_whole
 
     expected = expected or {}
     for shard in shards:
-        read, damage = 0, None
+        read, damage, seen = 0, None, set()
         samples = _tar_samples(shard)
         while True:
             try:
@@ -42,6 +43,11 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
                 damage = str(err)
                 break
             read += 1
+            if sample["__key__"] in seen:  # which of the two the key means is ambiguous
+                yield {"__error__": "duplicate_key", "__shard__": shard.name,
+                       "__key__": sample["__key__"]}
+                continue
+            seen.add(sample["__key__"])
             yield sample
         count = expected.get(shard)
         of = f" of {count}" if count is not None else ""
@@ -71,7 +77,8 @@ def _tar_samples(shard: Path) -> Iterator[dict]:
     whole sample before a damaged part comes out, but not one whose part the damage cut);
     `ShardDamage` where reading stops early.
     Members are grouped as ``webdataset.tarfile_samples`` groups them: consecutive members of
-    one key (``dir/KEY.ext``), extensions lower-cased, ``__*__`` metadata files left out."""
+    one key (``dir/KEY.ext``), extensions lower-cased, ``__*__`` metadata files left out; a
+    part the sample has already begins the next sample, of the same key."""
     current: dict | None = None
     damage: ShardDamage | None = None
     pending = None  # the key of the member being read
@@ -85,16 +92,17 @@ def _tar_samples(shard: Path) -> Iterator[dict]:
                 if match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
-                if current is not None and key == current["__key__"] and ext in current:
-                    raise ShardDamage(f"{name} repeats a part of sample {key}")
+                # a part the current sample has already starts another sample of its key
+                # (`raw_samples` skips it as a duplicate key)
+                repeated = current is not None and key == current["__key__"] and ext in current
+                if current is None or key != current["__key__"] or repeated:
+                    if current is not None:
+                        yield current  # whole: the next member is another sample's
+                    current = {"__key__": key, "__shard__": shard.name, "__url__": str(shard)}
                 pending = key
                 data = tar.extractfile(member).read()
                 pending = None
                 tar.members = []  # a stream: keep no list of what was read
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": shard.name, "__url__": str(shard)}
                 current[ext] = data
     except ShardDamage as err:
         damage = err
