@@ -27,14 +27,13 @@ class Spec(ProbeSpecBase):
     methods: list[Literal["ncm", "linear_probe"]] = Field(["ncm", "linear_probe"], min_length=1)
     l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
+    drawn: ClassVar[tuple[str, ...]] = ("train",)  # a one-off evaluation decodes only its draws
 
     @model_validator(mode="after")
     def _l2_only_for_the_probe(self) -> Spec:
         if "linear_probe" not in self.methods:
             refuse_unused(self, ["l2"], "unless methods include linear_probe")
         return self
-
-    drawn: ClassVar[tuple[str, ...]] = ("train",)
 
     def check(self, context: TaskContext) -> None:
         listed = as_labelled(listed_data(context.dataset(self, "train")), "train")
