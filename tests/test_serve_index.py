@@ -86,6 +86,15 @@ def test_manifest_columns_become_metadata(model_dir, tmp_path):
     row = SearchIndex(tmp_path / "idx").items([1])[1]
     assert row["caption"] == data.captions[3][0]
     assert row["meta"] == {"caption": data.captions[3][0], "license": "cc-by", "rank": 3}
+    # the skip names the file line to look at (the key counts data rows: a CSV's row 4 is
+    # its line 5)
+    (tmp_path / "m.csv").write_text("image,caption\nphotos/reds/img_1.png,one\n"
+                                    "photos/reds/img_3.png,two\nphotos/reds/img_5.png,three\n"
+                                    "photos/missing.png,gone\n")
+    build(model_dir, str(tmp_path / "m.csv"), tmp_path / "idx_csv")
+    [(key, reason)] = SearchIndex(tmp_path / "idx_csv").store.skipped()
+    assert key == "m.csv:4:photos/missing.png"
+    assert reason.startswith("missing_file: m.csv line 5: ")
 
 
 def test_shards_are_served_from_their_tar(model_dir, tmp_path):

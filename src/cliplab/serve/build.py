@@ -379,7 +379,10 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
                 image = item.read()
             except PIL_ERRORS as err:
                 reason = skip_reason(err)
-                skip(item.key, f"{reason}: {skip_message(err)}")
+                # a manifest row's key counts data rows; its file line is where to look
+                line = item.location.get("line")
+                at = f"{Path(item.location['manifest']).name} {line}: " if line else ""
+                skip(item.key, f"{reason}: {at}{skip_message(err)}")
                 continue
             item_id = state["count"] + len(rows)
             location = item.location
