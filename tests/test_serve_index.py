@@ -933,3 +933,29 @@ def test_a_chunk_holds_each_photo_as_the_model_takes_it(model_dir, tmp_path, mon
         whole = torch.from_numpy(np.asarray(Image.open(file).convert("RGB")))[None]
         want = direct_image_embeddings(model, whole)[0]
         assert np.allclose(np.asarray(index.vectors)[by_key[file.name]], want, atol=0.02)
+
+
+def test_serve_warns_of_an_index_tuned_on_image_queries_only(model_dir, tmp_path, started,
+                                                             capsys):
+    """An HNSW/IVF index built before text queries were tuned on (no ``recalls``) is served
+    with a warning saying how to tune it; a newly built one, and an exact one, without."""
+    from fastapi.testclient import TestClient
+
+    build(model_dir, SHAPES, tmp_path / "idx", index_type="hnsw")
+    record_file = tmp_path / "idx" / "index.json"
+    assert "recalls" in json.loads(record_file.read_text())["faiss"]
+    assert main(["serve", str(tmp_path / "idx"), "--port", str(_free_port())]) == 0
+    assert "warning" not in capsys.readouterr().out
+    record = json.loads(record_file.read_text())
+    del record["faiss"]["recalls"]  # as an older cliplab wrote it
+    record_file.write_text(json.dumps(record))
+    assert main(["serve", str(tmp_path / "idx"), "--port", str(_free_port())]) == 0
+    out = capsys.readouterr().out
+    assert (f"cliplab serve: warning: {tmp_path / 'idx'}: its efSearch="
+            f"{record['faiss']['value']} was tuned on image queries only") in out
+    assert "build it again with `cliplab index`" in out
+    head = TestClient(started[-1]["app"]).head("/api/health")  # uptime checks probe with HEAD
+    assert head.status_code == 200
+    build(model_dir, SHAPES, tmp_path / "flat")
+    assert main(["serve", str(tmp_path / "flat"), "--port", str(_free_port())]) == 0
+    assert "warning" not in capsys.readouterr().out

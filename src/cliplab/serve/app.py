@@ -262,7 +262,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         return HTMLResponse(resources.files("cliplab.serve").joinpath("static/index.html")
                             .read_text(encoding="utf-8"))
 
-    @app.get("/api/health", dependencies=guarded)
+    # HEAD too: uptime checks and load balancers often probe with it
+    @app.api_route("/api/health", methods=["GET", "HEAD"], dependencies=guarded)
     def health() -> dict:
         """Index size, model and backend."""
         rec = index.record

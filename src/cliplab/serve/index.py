@@ -171,6 +171,17 @@ def _tuned_recall(faiss: dict) -> str:
         for i, (key, recall) in enumerate(recalls.items()))
 
 
+def image_only_tuning(record: dict) -> str | None:
+    """A warning for an approximate FAISS index whose breadth was tuned on image queries only
+    (built before text queries were tuned on: no ``recalls``), else None."""
+    faiss = record.get("faiss") or {}
+    if not faiss.get("parameter") or "recalls" in faiss:
+        return None
+    return (f"its {faiss['parameter']}={faiss['value']} was tuned on image queries only (an "
+            "index built by an older cliplab); text queries may find fewer of their true "
+            "neighbours: build it again with `cliplab index` to tune it on its captions too")
+
+
 def describe(record: dict) -> str:
     """One line for the CLI: count, model, backend and search settings."""
     backend = record["backend"]
@@ -183,4 +194,4 @@ def describe(record: dict) -> str:
             f"{record['model']['name']}, {how}")
 
 
-__all__ = ["SearchIndex", "describe"]
+__all__ = ["SearchIndex", "describe", "image_only_tuning"]

@@ -10,7 +10,8 @@ import socket
 from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
-from cliplab.serve.index import SearchIndex
+from cliplab.serve.folder import read_index_json
+from cliplab.serve.index import SearchIndex, image_only_tuning
 
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
@@ -61,6 +62,9 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
                           "strips them from the X-API-Key header); give the key without them")
     check_address(host, port)
     app = open_app(index_path, model, api_key, max_upload_mb, device)
+    stale = image_only_tuning(read_index_json(Path(index_path)) or {})
+    if stale:
+        print(f"cliplab serve: warning: {index_path}: {stale}")
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
               "reach this address can search the collection")
