@@ -270,15 +270,16 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
     """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
     if not paths:
         raise DataError("cliplab report needs at least one results file or run folder")
-    seen: dict[Path, str] = {}
+    seen: dict[Path, tuple[str, Path]] = {}  # what is reported -> (input as given, resolved)
     for path in paths:  # two identical columns would read as two runs that agree
-        resolved = _reported_folder(Path(path).expanduser().resolve())
-        if resolved in seen:
-            same = "" if Path(path).expanduser().resolve() == Path(
-                seen[resolved]).expanduser().resolve() else ", one folder's results"
-            raise DataError(f"report input {path} is given twice (as {seen[resolved]} too"
-                            f"{same}); give each results file or run folder once")
-        seen[resolved] = str(path)
+        resolved = Path(path).expanduser().resolve()
+        reported = _reported_folder(resolved)
+        if reported in seen:
+            given, earlier = seen[reported]
+            same = "" if earlier == resolved else ", one folder's results"
+            raise DataError(f"report input {path} is given twice (as {given} too{same}); give "
+                            "each results file or run folder once")
+        seen[reported] = str(path), resolved
     sources = [read_input(p) for p in paths]
     if names is not None:
         if len(names) != len(sources):

@@ -10,18 +10,21 @@ import socket
 from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
-from cliplab.serve.folder import read_index_json
 from cliplab.serve.index import SearchIndex, image_only_tuning
 
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
              max_upload_mb: float = 10, device: str = "auto"):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
-    differ from the index's), on ``device``."""
+    differ from the index's), on ``device``; an index tuned on image queries only is warned
+    of on stdout."""
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
+    stale = image_only_tuning(index.record)
+    if stale:
+        print(f"cliplab serve: warning: {index_path}: {stale}")
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key, max_upload_bytes=int(max_upload_mb * (1 << 20)))
 
@@ -62,9 +65,6 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
                           "strips them from the X-API-Key header); give the key without them")
     check_address(host, port)
     app = open_app(index_path, model, api_key, max_upload_mb, device)
-    stale = image_only_tuning(read_index_json(Path(index_path)) or {})
-    if stale:
-        print(f"cliplab serve: warning: {index_path}: {stale}")
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
               "reach this address can search the collection")
