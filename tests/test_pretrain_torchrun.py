@@ -6,7 +6,6 @@ checkpoint, and a rank that dies ends the other with one clear error line."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,28 +24,20 @@ from cliplab.train import pretrain
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from trainer_grads import SCENARIOS, one_step  # noqa: E402
 
+from tests.torchrun_launch import torchrun, torchrun_env  # noqa: E402
+
 SCRIPT = Path(__file__).parent / "dist_scripts" / "trainer_grads.py"
 MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
                                             "context_length": 48}}
 
 
-def _env() -> dict:
-    # no tokenizer thread pool: a rank's thread count is then its own code's
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def two_rank_steps(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("torchrun")
-    done = _torchrun(str(SCRIPT), str(out))
+    done = torchrun(str(SCRIPT), str(out), log_dir=tmp_path_factory.mktemp("torchrun-logs"))
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -90,10 +81,10 @@ def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path, sharded):
                                                                       fsdp=sharded)))
     one = subprocess.run([sys.executable, "-m", "cliplab", "pretrain", "--config",
                           str(tmp_path / "one.yaml"), "--no-progress"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun("-m", "cliplab", "pretrain", "--config", str(tmp_path / "two.yaml"),
-                    "--no-progress")
+    two = torchrun("-m", "cliplab", "pretrain", "--config", str(tmp_path / "two.yaml"),
+                   "--no-progress", log_dir=tmp_path / "logs")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("model: ") == 1  # rank 0 reports
     # steps 2 and 3 start from weights both runs updated: the whole loop agrees, not one loss
@@ -115,12 +106,14 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
     full = tmp_path / "full.yaml"
     full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2,
                                            fsdp=True)))
-    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress")
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress",
+                    log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = tmp_path / "resumed.yaml"
     resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, fsdp=True)))
-    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
-                     "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"))
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
+                    "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"),
+                    log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     a = load_file(tmp_path / "full" / "checkpoints" / "step-4" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
@@ -132,8 +125,9 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
                           progress=False)
     single = tmp_path / "from-single.yaml"
     single.write_text(yaml.safe_dump(_recipe(tmp_path / "from-single", steps=4, fsdp=True)))
-    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(single), "--no-progress",
-                     "--resume", str(tmp_path / "single" / "checkpoints" / "step-2"))
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(single), "--no-progress",
+                    "--resume", str(tmp_path / "single" / "checkpoints" / "step-2"),
+                    log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     # steps 3 and 4 on two ranks log the losses of the uninterrupted single process
     assert _losses(tmp_path / "from-single") == pytest.approx(
@@ -154,7 +148,8 @@ def test_fsdp_run_evaluates_its_shards_as_one_process_evaluates_its_checkpoint(t
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({**_recipe(tmp_path / "run", steps=2, eval_every=1,
                                              fsdp=True), "eval": EVAL}))
-    done = _torchrun("-m", "cliplab", "pretrain", "--config", str(cfg), "--no-progress")
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(cfg), "--no-progress",
+                    log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     model_dir = run / "checkpoints" / "step-2" / "model"
@@ -216,7 +211,7 @@ def test_a_rank_that_dies_ends_the_run_with_one_error_line(tmp_path):
     args = ["pretrain", "--config", str(cfg), "--no-progress"]
     procs = []
     for rank in range(2):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+        env = {**torchrun_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         cmd = [sys.executable, "-m", "cliplab", *args] if rank == 0 else \
             [sys.executable, "-c", _DYING_RANK, *args]
@@ -240,8 +235,8 @@ def _group_ends(out: Path, mode: str, *runs: tuple[str, bool]) -> list:
         recipes.append(out / f"{name}.yaml")
         recipes[-1].write_text(yaml.safe_dump(_recipe(out / name, steps=2, save_every=1,
                                                       fsdp=sharded)))
-    done = _torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"), str(out),
-                     mode, *map(str, recipes))
+    done = torchrun(str(Path(__file__).parent / "dist_scripts" / "group_ends.py"), str(out),
+                    mode, *map(str, recipes), log_dir=out / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     for name, _ in runs:
         assert json.loads((out / name / "results.json").read_text())["train"]["step"] == 2
@@ -279,7 +274,7 @@ def test_ranks_given_different_configs_are_refused_naming_the_keys(tmp_path):
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+        env = {**torchrun_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         extra = ["train.lr=0.005"] if rank == 1 else []
         procs.append(subprocess.Popen(

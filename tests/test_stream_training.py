@@ -5,10 +5,7 @@ the uninterrupted one, and two torchrun ranks each stream their own shards."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from cliplab.errors import ConfigError
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
 from tests.tar_files import png_bytes, write_tar
+from tests.torchrun_launch import torchrun
 
 MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
@@ -110,11 +108,8 @@ def test_streaming_needs_shards_and_known_options(shards, tmp_path):
 
 
 def _torchrun_pretrain(cfg: Path, *args: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "cliplab", "pretrain", "--config",
-                           str(cfg), "--no-progress", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(cfg), "--no-progress", *args,
+                    log_dir=cfg.parent / "torchrun-logs")
     assert done.returncode == 0, done.stderr[-3000:]
 
 
