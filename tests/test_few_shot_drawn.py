@@ -62,11 +62,13 @@ def test_an_unreadable_drawn_file_is_passed_over_and_told_with_what_was_read(
 
 def test_a_class_short_of_readable_files_for_the_largest_k_is_an_error(folders, tiny_model):
     """ant lists 9 files (enough for 9 shots by the check on the listing); one does not
-    decode, so a 9-shot result would not be 9-shot."""
+    decode, so a 9-shot result would not be 9-shot. Found while the task runs, the error names
+    the task as the checks before the run do."""
     train, test = folders
     (train / "ant" / "4.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"^shots 9 needs 9 readable train images of every "
-                                        r"class; these have fewer: ant \(8\)$"):
+    with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'fs'\): shots 9 needs 9 readable "
+                                        r"train images of every class; these have fewer: "
+                                        r"ant \(8\)$"):
         run_suite(tiny_model, {"tasks": [_task(train, test, shots=[9], seeds=[0])]})
 
 

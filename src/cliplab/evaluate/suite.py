@@ -196,7 +196,8 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
             context.check_named(i, task, model)
         drawing = not context.hold and bool(task.drawn)  # its draws find unreadable files
         skipped = None if drawing else report_skips(name, task, context)
-        results[name] = TASKS[task.task].run(model, task, context)
+        with context.naming(i, task):
+            results[name] = TASKS[task.task].run(model, task, context)
         if drawing:
             skipped = report_skips(name, task, context)
         if skipped:

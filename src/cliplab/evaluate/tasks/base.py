@@ -7,9 +7,10 @@ Literal["<name>"]`` and its own keys) and ``run(model, spec, context) -> dict`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -214,8 +215,16 @@ class TaskContext:
     def check_named(self, i: int, task: TaskSpecBase, model: DualEncoder | None = None
                     ) -> None:
         """`check_task`, its errors naming the task (``where[i] (name 'zs'): ...``)."""
-        try:
+        with self.naming(i, task):
             self.check_task(task, model)
+
+    @contextlib.contextmanager
+    def naming(self, i: int, task: TaskSpecBase) -> Iterator[None]:
+        """Re-raise a `CliplabError` of the block naming the task (``where[i] (name 'zs'):
+        ...``): for what only running the task finds, such as a class short of readable files
+        for its shots."""
+        try:
+            yield
         except CliplabError as err:
             label = f" (name {task.name!r})" if task.name else ""
             raise type(err)(f"{self.where}[{i}]{label}: {err}") from None
