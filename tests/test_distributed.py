@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from cliplab.errors import ConfigError
 from cliplab.train.contrastive import contrastive_loss
+from tests.ports import free_port
 
 SIZES = [5, 7]  # unequal local batches: the gather pads and the shares are weighted
 KEYS = {None: None,
@@ -146,15 +146,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
         raise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path: Path, scenario: str, wait_s: float = 180.0) -> list[mp.Process]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path), scenario), daemon=True)
              for r in range(2)]
     for p in procs:

@@ -97,7 +97,7 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
 
     from cliplab.data.collection import open_rgb
     from cliplab.models.preprocess import to_uint8_batch
-    from cliplab.serve.app import _read_image
+    from cliplab.serve.image_files import read_upload
 
     values = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)
     expected = (values >> 8).astype(np.uint8)
@@ -110,7 +110,7 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert all(np.array_equal(rgb[..., c], expected) for c in range(3))
         assert np.array_equal(np.asarray(open_rgb(path))[..., 1], expected)
         assert np.array_equal(to_uint8_batch(Image.open(path))[0, ..., 2].numpy(), expected)
-        assert np.array_equal(np.asarray(_read_image(path.read_bytes()))[..., 0], expected)
+        assert np.array_equal(np.asarray(read_upload(path.read_bytes()))[..., 0], expected)
     # 8-bit values held in PIL's 32-bit mode I stay as they are
     small = np.arange(256, dtype=np.int32).reshape(16, 16)
     buf = io.BytesIO()

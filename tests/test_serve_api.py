@@ -101,8 +101,10 @@ def test_classify_equals_the_zero_shot_head(served):
     upload = served["client"].post(
         "/api/classify", data={"labels": ",".join(labels)},
         files={"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}).json()
+    # the upload is shrunk to the model's 16 px input by PIL as it is decoded (as files are
+    # indexed), the in-memory set by the model's own resize: equal within uint8 rounding
     assert [e["probability"] for e in upload["labels"]] == \
-        pytest.approx([e["probability"] for e in by_id["labels"]], abs=1e-5)
+        pytest.approx([e["probability"] for e in by_id["labels"]], abs=1e-3)
     # curl -F labels=red circle -F labels=...: one label per repeated field, as one list
     repeated = served["client"].post("/api/classify",
                                      data={"labels": labels[:2] + ["green triangle, red circle"],

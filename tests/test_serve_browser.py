@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,12 +32,6 @@ def _run(args: list[str], cwd: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "cliplab", *args], capture_output=True,
                             text=True, timeout=1500, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
@@ -69,7 +64,7 @@ def shapes_index(tmp_path_factory):
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(shapes_index),
                                "--port", str(port)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

@@ -22,6 +22,7 @@ from cliplab.serve import build as build_module
 from cliplab.serve import faiss_index
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
+from tests.ports import free_port
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -848,12 +849,6 @@ def test_a_killed_run_with_skipped_files_resumes_to_the_whole_runs_index(model_d
                           np.asarray(SearchIndex(tmp_path / "whole").vectors))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def started(monkeypatch):
     """`cliplab serve` up to uvicorn: what it would have served, and where."""
@@ -873,13 +868,13 @@ def test_serve_model_option_serves_a_moved_model_with_the_upload_limit(model_dir
     build(model, SHAPES, tmp_path / "idx")
     moved = tmp_path / "moved"
     shutil.move(model, moved)
-    port = _free_port()
+    port = free_port()
     assert main(["serve", str(tmp_path / "idx"), "--port", str(port)]) == 2
     assert "which is gone; pass --model" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "idx"), "--model", str(moved), "--port", str(port),
                  "--max-upload-mb", "2"]) == 0
     assert [(run["host"], run["port"]) for run in started] == [("127.0.0.1", port)]
-    health = TestClient(started[0]["app"]).get("/api/health").json()
+    health = TestClient(started[0]["app"], base_url="http://127.0.0.1:8000").get("/api/health").json()
     assert (health["count"], health["max_upload_bytes"]) == (40, 2 << 20)
     out = capsys.readouterr().out
     assert f"http://127.0.0.1:{port}/" in out and "warning" not in out
@@ -892,7 +887,7 @@ def test_serve_warns_of_an_open_api_beyond_loopback(model_dir, tmp_path, started
                                                     host, key, warned):
     build(model_dir, SHAPES, tmp_path / "idx")
     flags = ["--api-key", key] if key else []
-    assert main(["serve", str(tmp_path / "idx"), "--host", host, "--port", str(_free_port()),
+    assert main(["serve", str(tmp_path / "idx"), "--host", host, "--port", str(free_port()),
                  *flags]) == 0
     out = capsys.readouterr().out
     assert ("warning: listening on" in out) == warned
@@ -944,18 +939,18 @@ def test_serve_warns_of_an_index_tuned_on_image_queries_only(model_dir, tmp_path
     build(model_dir, SHAPES, tmp_path / "idx", index_type="hnsw")
     record_file = tmp_path / "idx" / "index.json"
     assert "recalls" in json.loads(record_file.read_text())["faiss"]
-    assert main(["serve", str(tmp_path / "idx"), "--port", str(_free_port())]) == 0
+    assert main(["serve", str(tmp_path / "idx"), "--port", str(free_port())]) == 0
     assert "warning" not in capsys.readouterr().out
     record = json.loads(record_file.read_text())
     del record["faiss"]["recalls"]  # as an older cliplab wrote it
     record_file.write_text(json.dumps(record))
-    assert main(["serve", str(tmp_path / "idx"), "--port", str(_free_port())]) == 0
+    assert main(["serve", str(tmp_path / "idx"), "--port", str(free_port())]) == 0
     out = capsys.readouterr().out
     assert (f"cliplab serve: warning: {tmp_path / 'idx'}: its efSearch="
             f"{record['faiss']['value']} was tuned on image queries only") in out
     assert "build it again with `cliplab index`" in out
-    head = TestClient(started[-1]["app"]).head("/api/health")  # uptime checks probe with HEAD
+    head = TestClient(started[-1]["app"], base_url="http://localhost:8000").head("/api/health")  # uptime checks probe with HEAD
     assert head.status_code == 200
     build(model_dir, SHAPES, tmp_path / "flat")
-    assert main(["serve", str(tmp_path / "flat"), "--port", str(_free_port())]) == 0
+    assert main(["serve", str(tmp_path / "flat"), "--port", str(free_port())]) == 0
     assert "warning" not in capsys.readouterr().out

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from tests.serve_helpers import build, save_tiny_model
-from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_until_up
+from tests.ports import free_port
+from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS, _wait_until_up
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -56,7 +57,7 @@ def site(tmp_path_factory):
     (files / "p07_noext").write_bytes((photos / "p07.png").read_bytes())
     (files / "big.png").write_bytes(b"\x89PNG" + bytes(12 << 20))
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(root / "idx"),
                                "--port", str(port), "--api-key", KEY],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,6 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "header, or ?api_key= in image URLs)")
     p.add_argument("--model", help="the index's model from another place (refused if its "
                    "weights differ)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback --host, also answer requests addressed to NAME (e.g. the "
+                   "name a reverse proxy forwards); repeatable. Otherwise only localhost, "
+                   "127.0.0.1 and [::1] are answered: a web page cannot reach the server by a "
+                   "name it controls (DNS rebinding)")
     p.add_argument("--max-upload-mb", type=float, default=10,
                    help="request size limit in MB (default 10)")
     add_device(p, in_config=False)
@@ -32,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.run import serve
 
     serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
-          max_upload_mb=args.max_upload_mb, device=args.device)
+          max_upload_mb=args.max_upload_mb, device=args.device, allow_hosts=args.allow_host)
     return 0

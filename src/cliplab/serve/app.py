@@ -6,12 +6,12 @@ with)."""
 
 from __future__ import annotations
 
-import io
+import hashlib
 import mimetypes
 import re
 import secrets
 import threading
-import warnings
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -30,63 +30,15 @@ from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
-from cliplab.models.preprocess import convert_image
+from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail_jpeg
 from cliplab.serve.index import SearchIndex
+from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
 
 MAX_K, MAX_OFFSET, MAX_QUERY_CHARS = 100, 10_000, 1000
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is a 422, not a 500
 MAX_LABELS, MAX_LABEL_CHARS = 100, 200
 DEFAULT_MAX_UPLOAD = 10 << 20
-MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets a JSON 413 before the app
-    sees it (the body is read in full first, so a chunked upload cannot slip past)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send)
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._too_large(send)
-            body.append(chunk)
-            more = message.get("more_body", False)
-        data, sent = b"".join(body), False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    async def _too_large(self, send):
-        limit = f"{round(self.limit / (1 << 20), 3):g}"
-        response = JSONResponse({"error": f"request body over the {limit} MB limit of this "
-                                 "server; upload a smaller image"}, status_code=413)
-        await response({"type": "http"}, None, send)
-
-
-def _fail(status: int, message: str):
-    raise HTTPException(status_code=status, detail=message)
 
 
 def _validation_message(err: RequestValidationError) -> str:
@@ -121,24 +73,6 @@ def _not_a_form(request: Request) -> str | None:
             f"{body}; send them as form fields ({how})")
 
 
-def _read_image(data: bytes, what: str = "file") -> Image.Image:
-    if not data:
-        _fail(400, f"{what} is empty; upload an image (PNG, JPEG, WebP, ...)")
-    try:
-        with warnings.catch_warnings():  # sizes are checked here, not by PIL's bomb guard
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    _fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
-                return convert_image(im)
-    except Image.DecompressionBombError as err:  # PIL's own limit, met before the size is known
-        counted = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (N pixels) exceeds"
-        _fail(413, f"{what} has {counted.group(1) + ' ' if counted else 'too many '}pixels, "
-              f"over {MAX_IMAGE_PIXELS}")
-    except (OSError, ValueError, SyntaxError, EOFError):
-        _fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
-
-
 def _labels(fields: list[str]) -> list[str]:
     """The labels of the ``labels`` form fields: each field one or more, separated by commas
     or new lines; repeats dropped."""
@@ -146,10 +80,10 @@ def _labels(fields: list[str]) -> list[str]:
               for part in line.split(",")]
     labels = list(dict.fromkeys(label for label in labels if label))
     if len(labels) < 2:
-        _fail(400, "labels: give at least two different labels, separated by commas or new "
+        fail(400, "labels: give at least two different labels, separated by commas or new "
                    "lines, or as repeated labels fields")
     if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in labels):
-        _fail(400, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
+        fail(400, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
     return labels
 
 
@@ -160,10 +94,10 @@ def _ids(fields: list[str]) -> list[int]:
     bad = next((part for part in parts
                 if not re.fullmatch(r"[0-9]{1,19}", part) or int(part) > MAX_ID), None)
     if bad is not None:
-        _fail(422, f"ids: {bad[:40]!r} is not an image id (a whole number from 0)")
+        fail(422, f"ids: {bad[:40]!r} is not an image id (a whole number from 0)")
     ids = list(dict.fromkeys(int(part) for part in parts))
     if not ids or len(ids) > MAX_K:
-        _fail(422, f"ids: give 1 to {MAX_K} image ids, separated by commas")
+        fail(422, f"ids: give 1 to {MAX_K} image ids, separated by commas")
     return ids
 
 
@@ -181,17 +115,20 @@ def _template(text: str) -> str:
         if "\0" not in template.format("\0"):  # "{{}}" is a literal "{}", no label
             raise ValueError(text)
     except (ConfigError, ValueError, IndexError, KeyError):
-        _fail(400, f"template {text!r}: give a prompt with exactly one {{}} where the label "
+        fail(400, f"template {text!r}: give a prompt with exactly one {{}} where the label "
               f"goes (other braces doubled), e.g. {DEFAULT_TEMPLATE!r}")
     return template
 
 
 def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
-    """The FastAPI app over an opened ``index`` and the ``model`` it was built with."""
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+    """The FastAPI app over an opened ``index`` and the ``model`` it was built with;
+    ``allowed_hosts``: the names a request's Host may give (None: any)."""
     index.check_model(model)
     model.eval()
     lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck anyway
+    model_input = getattr(model, "preprocess_config", None)
     app = FastAPI(title="cliplab serve", version="1",
                   description="Search an indexed image collection by text or image and label "
                   "images zero-shot with the model the index was built with.")
@@ -219,9 +156,9 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
             given = request.query_params.get("api_key") or ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             if not in_url and "api_key" in request.query_params:
-                _fail(401, "missing API key: ?api_key= works in image URLs only; send the key "
+                fail(401, "missing API key: ?api_key= works in image URLs only; send the key "
                       "as the X-API-Key header")
-            _fail(401, "missing or wrong API key: send it as the X-API-Key header "
+            fail(401, "missing or wrong API key: send it as the X-API-Key header "
                   "(or ?api_key= in image URLs)")
 
     def authorised(request: Request) -> None:
@@ -247,8 +184,22 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         rows = index.items(ids[0])
         return [{"id": int(i), "score": round(float(s), 6), "caption": rows[int(i)]["caption"],
                  "key": rows[int(i)]["key"], "meta": rows[int(i)]["meta"],
-                 "image": f"/images/{int(i)}"}
+                 "image": f"/images/{int(i)}", "thumbnail": f"/images/{int(i)}/thumbnail"}
                 for s, i in zip(scores[0], ids[0]) if int(i) in rows]
+
+    def indexed(item_id: int) -> dict:
+        """The stored row of ``item_id``; a 404 if there is none."""
+        row = index.items([item_id]).get(item_id)
+        if row is None:
+            fail(404, f"no indexed image with id {item_id}")
+        return row
+
+    def upload_vector(file: UploadFile) -> np.ndarray:
+        """The embedding of an uploaded image: decoded before the model's lock is taken (a
+        large upload must not hold up other requests' forward passes)."""
+        image = read_upload(file.file.read(), "file", model_input)
+        with lock:
+            return embed_images(model, [image])
 
     def page(query: dict, found: list[dict], k: int, offset: int) -> dict:
         return {**query, "k": k, "offset": offset, "total": index.count, "results": found}
@@ -263,7 +214,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                             .read_text(encoding="utf-8"))
 
     # HEAD too: uptime checks and load balancers often probe with it
-    @app.api_route("/api/health", methods=["GET", "HEAD"], dependencies=guarded)
+    @app.get("/api/health", dependencies=guarded)
+    @app.head("/api/health", dependencies=guarded, include_in_schema=False)
     def health() -> dict:
         """Index size, model and backend."""
         rec = index.record
@@ -278,7 +230,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         """The ``k`` indexed images closest to the text ``q``, from rank ``offset``."""
         text = q.strip()
         if not text:
-            _fail(422, "q: empty query; type what to find, e.g. q=a red circle")
+            fail(422, "q: empty query; type what to find, e.g. q=a red circle")
         return page({"query": text}, results(text_vector(text), k, offset), k, offset)
 
     @app.post("/api/search/image", dependencies=guarded)
@@ -293,10 +245,17 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         query parameters or form fields (a form field wins)."""
         k = k if k_form is None else k_form
         offset = offset if offset_form is None else offset_form
-        image = _read_image(file.file.read(), "file")
-        with lock:
-            vector = embed_images(model, [image])
+        vector = upload_vector(file)
         return page({"query": file.filename or "upload"}, results(vector[0], k, offset), k, offset)
+
+    @app.get("/api/search/similar", dependencies=guarded)
+    def search_similar(id: int = Query(..., ge=0, le=MAX_ID,  # noqa: A002
+                                       description="an indexed image id"),
+                       k: int = k_query, offset: int = offset_query) -> dict:
+        """The ``k`` indexed images closest to the indexed image ``id`` (its stored embedding:
+        nothing is decoded or uploaded), from rank ``offset``; the image itself ranks first."""
+        indexed(id)
+        return page({"id": id}, results(index.vector(id), k, offset), k, offset)
 
     @app.post("/api/classify", dependencies=guarded)
     def classify(labels: list[str] = Form(..., description="labels separated by commas or new "
@@ -309,14 +268,12 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
         names, prompt = _labels(labels), _template(template)
         if (id is None) == (file is None):
-            _fail(400, "give exactly one of id (an indexed image) or file (an upload)")
+            fail(400, "give exactly one of id (an indexed image) or file (an upload)")
         if id is not None:
-            if not index.items([id]):
-                _fail(404, f"no indexed image with id {id}")
+            indexed(id)
             vector = index.vector(id)[None]
         else:
-            with lock:
-                vector = embed_images(model, [_read_image(file.file.read(), "file")])
+            vector = upload_vector(file)
         head = label_head(tuple(names), prompt)
         probs = zero_shot_probabilities(model, torch.from_numpy(np.array(vector)), head)[0]
         return {"id": id, "template": template, "labels": ranked_labels(names, probs)}
@@ -335,34 +292,79 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         found = index.items(wanted)
         missing = [i for i in wanted if i not in found]
         if missing:
-            _fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
+            fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
                   + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
         vectors = torch.from_numpy(np.stack([index.vector(i) for i in wanted]))
         probs = zero_shot_probabilities(model, vectors, label_head(tuple(names), prompt))
         return {"template": template, "results": [
             {"id": i, "labels": ranked_labels(names, row)} for i, row in zip(wanted, probs)]}
 
-    @app.get("/images/{id}", dependencies=[Depends(authorised_image)])
-    def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
-        """An indexed image, read from its original file (ids only; no path is ever taken)."""
-        row = index.items([item_id]).get(item_id)
-        if row is None:
-            _fail(404, f"no indexed image with id {item_id}")
-        source = index.image_source(row)
+    def stored_image(item_id: int) -> Path | tuple[bytes, str]:
+        """Where ``item_id``'s original image is: its file, or its bytes read from a shard
+        with the name they had there; a 404 when it is gone."""
+        source = index.image_source(indexed(item_id))
         if "file" in source:
             path = Path(source["file"])
             if not path.is_file():
-                _fail(404, f"the image file of id {item_id} is gone")
-            return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0]
-                                or "application/octet-stream")
+                fail(404, f"the image file of id {item_id} is gone")
+            return path
         try:
             data = read_range(source["tar"], int(source["offset"]), int(source["size"]))
         except OSError as err:
-            _fail(404, f"the image of id {item_id} cannot be read from its shard ({err})")
-        return Response(data, media_type=mimetypes.guess_type(source.get("name", ""))[0]
+            fail(404, f"the image of id {item_id} cannot be read from its shard ({err})")
+        return data, source.get("name", "")
+
+    # HEAD too: a link checker or proxy asks whether an image is there without fetching it
+    @app.get("/images/{id}", dependencies=[Depends(authorised_image)])
+    @app.head("/images/{id}", dependencies=[Depends(authorised_image)], include_in_schema=False)
+    def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
+        """An indexed image, read from its original file (ids only; no path is ever taken)."""
+        stored = stored_image(item_id)
+        if isinstance(stored, Path):
+            return FileResponse(stored, media_type=mimetypes.guess_type(stored.name)[0]
+                                or "application/octet-stream")
+        data, name = stored
+        return Response(data, media_type=mimetypes.guess_type(name)[0]
                         or "application/octet-stream")
 
+    @lru_cache(maxsize=2048)  # a few KB each: the page shows the same cards again when paging
+    def thumbnail(item_id: int, size: int, version: tuple) -> bytes:
+        stored = stored_image(item_id)
+        try:
+            return thumbnail_jpeg(stored if isinstance(stored, Path) else stored[0], size)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            fail(404, f"the image of id {item_id} no longer decodes")
+
+    def version(item_id: int) -> tuple:
+        """What changes when ``item_id``'s image does (a file replaced under the same name)."""
+        source = index.image_source(indexed(item_id))
+        path = Path(source.get("file") or source["tar"])
+        try:
+            stat = path.stat()
+        except OSError:
+            fail(404, f"the image file of id {item_id} is gone")
+        return str(path), stat.st_mtime_ns, stat.st_size, source.get("offset")
+
+    @app.get("/images/{id}/thumbnail", dependencies=[Depends(authorised_image)])
+    @app.head("/images/{id}/thumbnail", dependencies=[Depends(authorised_image)],
+              include_in_schema=False)
+    def image_thumbnail(request: Request, item_id: int = PathParam(..., le=MAX_ID, alias="id"),
+                        size: int = Query(256, ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1],
+                                          description="the longer side, in pixels")) -> Response:
+        """An indexed image as a JPEG of at most ``size`` pixels a side: what the page's cards
+        show (a browser cannot show TIFF, and a 30 MB original for a 180 px card is waste).
+        Its ETag changes with the image file, so a browser revalidates rather than decodes."""
+        now = version(item_id)
+        tag = f'"{hashlib.sha1(repr((now, size)).encode()).hexdigest()[:20]}"'
+        cached = {"ETag": tag, "Cache-Control": "private, no-cache"}
+        if request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers=cached)
+        return Response(thumbnail(item_id, size, now), media_type="image/jpeg", headers=cached)
+
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(AllowedHosts, hosts=allowed_hosts)
+    app.add_middleware(HardeningHeaders)  # added last: outermost, so refusals carry it too
     return app
 
 

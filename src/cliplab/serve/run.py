@@ -6,18 +6,21 @@ import asyncio
 import errno
 import ipaddress
 import math
+import re
 import socket
 from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.index import SearchIndex, image_only_tuning
+from cliplab.serve.middleware import LOOPBACK_NAMES
 
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
-             max_upload_mb: float = 10, device: str = "auto"):
+             max_upload_mb: float = 10, device: str = "auto",
+             allowed_hosts: list[str] | None = None):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
-    differ from the index's), on ``device``; an index tuned on image queries only is warned
-    of on stdout."""
+    differ from the index's), on ``device``, answering the Host names ``allowed_hosts`` (None:
+    any); an index tuned on image queries only is warned of on stdout."""
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
@@ -26,7 +29,8 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
     if stale:
         print(f"cliplab serve: warning: {index_path}: {stale}")
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
-    return create_app(index, loaded, api_key=api_key, max_upload_bytes=int(max_upload_mb * (1 << 20)))
+    return create_app(index, loaded, api_key=api_key,
+                      max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed_hosts)
 
 
 def _recorded_model(index: SearchIndex, device: str):
@@ -49,8 +53,11 @@ def _recorded_model(index: SearchIndex, device: str):
 
 
 def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str | None = None,
-          api_key: str | None = None, max_upload_mb: float = 10, device: str = "auto") -> None:
-    """Serve until interrupted. Binding beyond loopback without an API key is allowed but warned."""
+          api_key: str | None = None, max_upload_mb: float = 10, device: str = "auto",
+          allow_hosts: list[str] | None = None) -> None:
+    """Serve until interrupted. Binding beyond loopback without an API key is allowed but
+    warned; on loopback only requests addressed to a loopback name (or ``allow_hosts``) are
+    answered."""
     import uvicorn
 
     if not 0 < port < 65536:
@@ -63,8 +70,18 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
     if api_key is not None and api_key != api_key.strip():  # HTTP strips a header's spaces
         raise ConfigError("--api-key starts or ends with spaces, which no client can send (HTTP "
                           "strips them from the X-API-Key header); give the key without them")
+    if api_key is not None and not re.fullmatch(r"[\x20-\x7e]+", api_key):
+        raise ConfigError("--api-key holds a character outside printable ASCII (such as € or "
+                          "é), which clients send in other encodings than the server reads; "
+                          "use letters, digits and punctuation only")
+    hosts = None
+    if _is_loopback(host):
+        hosts = [*LOOPBACK_NAMES, host, *(allow_hosts or [])]
+    elif allow_hosts:
+        raise ConfigError(f"--allow-host applies to a loopback --host only; {host} answers any "
+                          "name it is reached by (guard it with --api-key)")
     check_address(host, port)
-    app = open_app(index_path, model, api_key, max_upload_mb, device)
+    app = open_app(index_path, model, api_key, max_upload_mb, device, hosts)
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
               "reach this address can search the collection")

@@ -1,0 +1,271 @@
+"""What `cliplab serve` does with images and with where a request comes from: search by an
+indexed image's id, thumbnails any browser shows, uploads fitted to the model's input and
+decoded outside the model's lock (a few at a time), the Host check on loopback and the
+hardening headers."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
+from cliplab.serve import image_files  # noqa: E402
+from cliplab.serve.app import create_app  # noqa: E402
+from cliplab.serve.index import SearchIndex  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.serve_helpers import build, save_tiny_model  # noqa: E402
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """An index of a folder of 48 px photos (the model takes 16 px), one of them a TIFF, one
+    a 16-bit PNG."""
+    root = tmp_path_factory.mktemp("photos")
+    folder = root / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        pixels = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"p{i}.png")
+        (folder / f"p{i}.txt").write_text(f"photo {i}")
+    Image.fromarray(rng.integers(0, 256, (60, 30, 3), dtype=np.uint8)).save(folder / "t.tiff")
+    Image.fromarray(np.linspace(0, 65535, 48 * 48).astype(np.uint16).reshape(48, 48)) \
+        .save(folder / "deep.png")
+    (folder / "t.txt").write_text("a tiff")
+    (folder / "deep.txt").write_text("a 16-bit png")
+    model_dir = save_tiny_model(root / "model")
+    build(model_dir, str(folder), root / "idx")
+    model = DualEncoder.load(model_dir)
+    index = SearchIndex(root / "idx")
+    names = {Path(index.image_source(row)["file"]).name: i
+             for i, row in index.items(range(index.count)).items()}
+    return {"root": root, "folder": folder, "model": model, "index": index, "ids": names,
+            "client": TestClient(create_app(index, model))}
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _id(photos, name: str) -> int:
+    return photos["ids"][name]
+
+
+def test_similar_search_ranks_by_the_stored_embedding(photos):
+    """No upload: the indexed image's own embedding, the image first with cosine 1; the same
+    ranking an upload of its file gives (an upload is fitted to the model's input as files
+    are indexed, so their embeddings are equal)."""
+    client, index = photos["client"], photos["index"]
+    item = _id(photos, "p3.png")
+    body = client.get("/api/search/similar", params={"id": item, "k": 5}).json()
+    assert body["id"] == item and body["k"] == 5 and body["total"] == index.count
+    vector = index.vector(item)
+    everything = np.stack([index.vector(i) for i in range(index.count)])
+    expected = np.argsort(-(everything @ vector), kind="stable")[:5]
+    assert [r["id"] for r in body["results"]] == expected.tolist()
+    assert body["results"][0]["id"] == item
+    assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    upload = client.post("/api/search/image", params={"k": 5}, files={
+        "file": ("p3.png", (photos["folder"] / "p3.png").read_bytes(), "image/png")}).json()
+    assert [r["id"] for r in upload["results"]] == [r["id"] for r in body["results"]]
+    assert [r["score"] for r in upload["results"]] == \
+        pytest.approx([r["score"] for r in body["results"]], abs=1e-5)
+    paged = client.get("/api/search/similar", params={"id": item, "k": 2, "offset": 2}).json()
+    assert [r["id"] for r in paged["results"]] == expected[2:4].tolist()
+
+
+def test_similar_search_refuses_an_unknown_or_bad_id(photos):
+    client = photos["client"]
+    response = client.get("/api/search/similar", params={"id": 999})
+    assert response.status_code == 404 and response.json()["error"] == \
+        "no indexed image with id 999"
+    response = client.get("/api/search/similar", params={"id": "x"})
+    assert response.status_code == 422 and response.json()["error"].startswith("id:")
+
+
+def test_thumbnails_are_small_jpegs_of_any_format(photos):
+    """A TIFF (no browser shows it) and a 16-bit PNG come back as JPEGs the size asked for,
+    in the image's own aspect and colours."""
+    client = photos["client"]
+    for name, size, expected in (("t.tiff", 64, (30, 60)), ("p2.png", 256, (40, 48))):
+        response = client.get(f"/images/{_id(photos, name)}/thumbnail", params={"size": size})
+        assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+        thumb = Image.open(io.BytesIO(response.content))
+        assert thumb.format == "JPEG" and thumb.size == expected  # shrunk, never enlarged
+    original = np.asarray(Image.open(photos["folder"] / "t.tiff"), dtype=float)
+    thumb = client.get(f"/images/{_id(photos, 't.tiff')}/thumbnail", params={"size": 64})
+    shown = np.asarray(Image.open(io.BytesIO(thumb.content)), dtype=float)
+    assert np.abs(shown.mean(axis=(0, 1)) - original.mean(axis=(0, 1))).max() < 4
+    deep = client.get(f"/images/{_id(photos, 'deep.png')}/thumbnail", params={"size": 64})
+    grey = np.asarray(Image.open(io.BytesIO(deep.content)).convert("L"), dtype=float)
+    assert grey[0, 0] < 20 and grey[-1, -1] > 235  # scaled from 16 bits, not clipped to white
+    for size, words in ((8, "size: Input should be greater than or equal to 64"),
+                        (4096, "size: Input should be less than or equal to 512")):
+        response = client.get(f"/images/{_id(photos, 'p1.png')}/thumbnail", params={"size": size})
+        assert response.status_code == 422 and response.json()["error"] == words
+
+
+def test_a_thumbnail_follows_its_file(photos, tmp_path):
+    """Revalidated by ETag (304 while the file is the same); a file replaced since gets a new
+    thumbnail, a file gone a 404 naming the id."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+        Image.new("RGB", (40, 40), colour).save(folder / f"c{i}.png")
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, str(folder), tmp_path / "idx")
+    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
+    first = client.get("/images/0/thumbnail")
+    tag = first.headers["etag"]
+    again = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+    assert again.status_code == 304 and again.content == b""
+    index = SearchIndex(tmp_path / "idx")
+    path = Path(index.image_source(index.items([0])[0])["file"])
+    before = np.asarray(Image.open(io.BytesIO(first.content)))[0, 0]
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(path)
+    time.sleep(0.01)
+    changed = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["etag"] != tag
+    after = np.asarray(Image.open(io.BytesIO(changed.content)))[0, 0]
+    assert after[1] > 200 and not np.array_equal(before, after)
+    path.unlink()
+    gone = client.get("/images/0/thumbnail")
+    assert gone.status_code == 404 and gone.json()["error"] == "the image file of id 0 is gone"
+
+
+def test_images_and_thumbnails_answer_head_and_take_the_key_in_the_url(photos):
+    client = TestClient(create_app(photos["index"], photos["model"], api_key=KEY))
+    item = _id(photos, "p1.png")
+    for path in (f"/images/{item}", f"/images/{item}/thumbnail"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, params={"api_key": KEY}).status_code == 200
+        head = client.head(path, params={"api_key": KEY})
+        assert head.status_code == 200 and head.content == b""
+    assert client.get("/api/search/similar", params={"id": item}).status_code == 401
+
+
+def test_an_upload_is_decoded_outside_the_models_lock(photos, monkeypatch):
+    """A large upload decoding (seconds for 50 megapixels) held the model's lock in classify:
+    every text search waited for it. Now a search runs while an upload still decodes."""
+    client = photos["client"]
+    decoding, release = threading.Event(), threading.Event()
+    decode = image_files._decode
+
+    def slow_decode(data, what):
+        decoding.set()
+        assert release.wait(30)
+        return decode(data, what)
+
+    monkeypatch.setattr(image_files, "_decode", slow_decode)
+    upload = (photos["folder"] / "p1.png").read_bytes()
+    answers = {}
+    for route, form in (("/api/classify", {"labels": "cat, dog"}), ("/api/search/image", {})):
+        decoding.clear(), release.clear()
+        worker = threading.Thread(target=lambda r=route, f=form: answers.__setitem__(
+            r, client.post(r, data=f, files={"file": ("p1.png", upload, "image/png")})))
+        worker.start()
+        assert decoding.wait(30)
+        started = time.monotonic()
+        found = client.get("/api/search", params={"q": f"a new query for {route}", "k": 2})
+        waited = time.monotonic() - started
+        release.set()
+        worker.join(30)
+        assert found.status_code == 200 and waited < 20  # not held until release
+        assert answers[route].status_code == 200
+
+
+def test_uploads_decode_a_few_at_a_time_and_fit_the_model(photos, monkeypatch):
+    running, most = [0], [0]
+    lock = threading.Lock()
+    decode = image_files._decode
+
+    def counted(data, what):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return decode(data, what)
+
+    monkeypatch.setattr(image_files, "_decode", counted)
+    data = _png(Image.new("RGB", (120, 80), (10, 20, 30)))
+    model_input = photos["model"].preprocess_config
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(
+        image_files.read_upload(data, "file", model_input))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert most[0] == image_files.DECODES_AT_ONCE == 2
+    side = model_input.image_size
+    assert len(out) == 6 and all(image.size == (side, side) for image in out)
+
+
+def test_on_loopback_only_its_own_names_are_answered(photos):
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its own
+    name as the Host; it is refused (JSON, as every error), the server's names answered."""
+    app = create_app(photos["index"], photos["model"],
+                     allowed_hosts=["localhost", "127.0.0.1", "::1", "proxy.lan"])
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "proxy.lan"):
+        client = TestClient(app, base_url=f"http://{host}")
+        assert client.get("/api/health").status_code == 200, host
+    refused = TestClient(app, base_url="http://attacker.example:8000").get(
+        "/api/search", params={"q": "photo"})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == (
+        "Host 'attacker.example:8000' is not a name of this server (127.0.0.1, ::1, "
+        "localhost, proxy.lan); to reach it by that name (through a reverse proxy), serve "
+        "with --allow-host NAME")
+    assert refused.headers["x-frame-options"] == "DENY"
+
+
+def test_responses_carry_hardening_headers(photos):
+    client = photos["client"]
+    page = client.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    for response in (page, client.get("/api/health"), client.get("/images/0"),
+                     client.get("/api/search", params={"q": ""})):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+    assert "content-security-policy" not in client.get("/docs").headers  # Swagger UI's CDN
+
+
+def test_serve_passes_loopback_names_and_refuses_what_no_client_can_send(photos, monkeypatch,
+                                                                        capsys):
+    import uvicorn
+
+    from cliplab.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    idx = str(photos["root"] / "idx")
+    assert main(["serve", idx, "--port", str(free_port()), "--allow-host", "search.lan"]) == 0
+    client = TestClient(started[-1], base_url="http://search.lan")
+    assert client.get("/api/health").status_code == 200
+    assert TestClient(started[-1], base_url="http://evil.test").get("/").status_code == 400
+    for flags, words in ((["--api-key", "k€y"], "--api-key holds a character outside "
+                                                 "printable ASCII (such as € or é)"),
+                         (["--host", "0.0.0.0", "--allow-host", "a.lan"],
+                          "--allow-host applies to a loopback --host only; 0.0.0.0 answers "
+                          "any name")):
+        capsys.readouterr()
+        assert main(["serve", idx, "--port", str(free_port()), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cliplab: error: ") and "\n" not in err and words in err
+    assert main(["serve", idx, "--port", str(free_port()), "--api-key", "a key with spaces"]) == 0
