@@ -440,7 +440,8 @@ def test_results_carry_each_items_key_and_metadata(served):
 
 def test_health_tells_the_servers_limits(served):
     health = served["client"].get("/api/health").json()
-    assert (health["max_k"], health["max_upload_bytes"]) == (100, 200_000)
+    assert (health["max_k"], health["max_upload_bytes"], health["max_query_chars"]) == \
+        (100, 200_000, 1000)
     assert health["index"] == served["index"].record["faiss"]
 
 

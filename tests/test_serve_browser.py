@@ -75,6 +75,10 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 860})
             page.set_default_timeout(120_000)
+            # the page runs under its own Content-Security-Policy: nothing it does is refused
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda err: errors.append(str(err)))
             page.goto(url)
             page.wait_for_selector("#info:has-text('90 images')")
 
@@ -96,6 +100,21 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             captions = page.locator("#grid .card .caption").all_inner_texts()
             assert len(captions) == 12 and all(" blue " in c for c in captions[:5]), captions
 
+            # every card shows its thumbnail (a JPEG the server makes), linked to the original
+            page.wait_for_function("[...document.querySelectorAll('#grid .card img')]"
+                                   ".every((img) => img.complete && img.naturalWidth > 0)")
+            first = page.locator("#grid .card").first
+            assert first.locator("img").get_attribute("src").endswith("/thumbnail")
+            assert first.locator("a.open").get_attribute("href") == \
+                f"/images/{first.get_attribute('data-id')}"
+            # "similar" searches with the card's stored embedding: the card itself comes first
+            second_id = page.locator("#grid .card").nth(1).get_attribute("data-id")
+            page.locator("#grid .card").nth(1).locator("text=similar").click()
+            page.wait_for_selector(f"#status:has-text('results for images similar to "
+                                   f"#{second_id} ')")
+            assert page.locator("#grid .card").first.get_attribute("data-id") == second_id
+            assert page.url.endswith(f"?similar={second_id}&k=12&offset=0")
+
             # upload a collection image: its own copy comes first
             image = shapes_index / "images" / "17.png"
             page.set_input_files("#file", str(image))
@@ -116,6 +135,7 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             assert all(text.startswith("red circle") for text in labels[:2]), labels
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(tmp_path / "serve.png"))
+            assert errors == []
             browser.close()
         if os.environ.get("CLIPLAB_SERVE_SCREENSHOT"):
             shutil.copy(tmp_path / "serve.png", os.environ["CLIPLAB_SERVE_SCREENSHOT"])

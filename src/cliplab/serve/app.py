@@ -222,7 +222,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         return {"status": "ok", "count": index.count, "model": rec["model"]["name"],
                 "fingerprint": index.fingerprint, "backend": index.backend,
                 "index": rec.get("faiss") or rec.get("milvus"), "max_k": MAX_K,
-                "max_upload_bytes": max_upload_bytes}
+                "max_upload_bytes": max_upload_bytes, "max_query_chars": MAX_QUERY_CHARS}
 
     @app.get("/api/search", dependencies=guarded)
     def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS, description="the text to find"),
