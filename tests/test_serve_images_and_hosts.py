@@ -216,6 +216,23 @@ def test_uploads_decode_a_few_at_a_time_and_fit_the_model(photos, monkeypatch):
     assert len(out) == 6 and all(image.size == (side, side) for image in out)
 
 
+def test_a_grey_upload_shrunk_before_it_is_tripled_has_the_indexed_pixels(photos):
+    """Grey uploads (8-bit, 16-bit, bilevel) are fitted to the model in one channel, then made
+    RGB (a third of the memory): the pixels equal RGB-then-fit, as a folder is indexed."""
+    from cliplab.data.images import fit_to_model
+    from cliplab.models.preprocess import convert_image
+
+    model_input = photos["model"].preprocess_config
+    rng = np.random.default_rng(0)
+    for array in (rng.integers(0, 256, (61, 83), dtype=np.uint8),
+                  rng.integers(0, 65536, (61, 83)).astype(np.uint16),
+                  rng.integers(0, 2, (61, 83)).astype(bool)):
+        data = _png(Image.fromarray(array))
+        got = image_files.read_upload(data, "file", model_input)
+        expected = fit_to_model(convert_image(Image.open(io.BytesIO(data))), model_input)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(expected))
+
+
 def test_on_loopback_only_its_own_names_are_answered(photos):
     """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its own
     name as the Host; it is refused (JSON, as every error), the server's names answered."""
@@ -247,13 +264,16 @@ def test_responses_carry_hardening_headers(photos):
 
 
 def test_serve_passes_loopback_names_and_refuses_what_no_client_can_send(photos, monkeypatch,
-                                                                        capsys):
+                                                                        capsys, request):
     import uvicorn
 
     from cliplab.cli import main
 
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.delenv("PILLOW_BLOCK_SIZE", raising=False)
+    block_size = Image.core.get_block_size()
+    request.addfinalizer(lambda: Image.core.set_block_size(block_size))
     idx = str(photos["root"] / "idx")
     assert main(["serve", idx, "--port", str(free_port()), "--allow-host", "search.lan"]) == 0
     client = TestClient(started[-1], base_url="http://search.lan")
@@ -269,3 +289,5 @@ def test_serve_passes_loopback_names_and_refuses_what_no_client_can_send(photos,
         err = capsys.readouterr().err.strip()
         assert err.startswith("cliplab: error: ") and "\n" not in err and words in err
     assert main(["serve", idx, "--port", str(free_port()), "--api-key", "a key with spaces"]) == 0
+    # the server's Pillow frees a large decoded image to the system at once (64 MB blocks)
+    assert Image.core.get_block_size() == 64 << 20

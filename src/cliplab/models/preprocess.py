@@ -115,7 +115,7 @@ _AUGMENT_CHECKS = {
 }
 
 
-_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag; 1 is upright, 2..8 a flip and/or turn
 
 
@@ -137,7 +137,7 @@ def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     TIFF) scaled to 8 bits, which PIL's own ``convert`` clips (a dark-to-light gradient came out
     nearly all white)."""
     image = upright(image)
-    if image.mode in _HIGH_DEPTH_MODES:
+    if image.mode in HIGH_DEPTH_MODES:
         array = np.asarray(image).astype(np.int64)
         if image.mode != "I" or array.max() > 255:  # mode I holding 8-bit values stays as is
             array = array >> 8

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
+from cliplab.serve.image_files import release_large_images_at_once
 from cliplab.serve.index import SearchIndex, image_only_tuning
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
@@ -81,6 +82,7 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
         raise ConfigError(f"--allow-host applies to a loopback --host only; {host} answers any "
                           "name it is reached by (guard it with --api-key)")
     check_address(host, port)
+    release_large_images_at_once()
     app = open_app(index_path, model, api_key, max_upload_mb, device, hosts)
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
