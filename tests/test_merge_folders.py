@@ -227,7 +227,11 @@ def test_config_errors_come_before_any_work(family, tmp_path):
            ({"method": "uniform", "models": ["a", "b"], "out": "o", "metric": "acc5",
              "device": "cpu"}, "metric and device have no effect without heldout"),
            ({"method": "uniform", "models": [str(fts[0]), str(fts[1]), str(fts[0])],
-             "out": str(tmp_path / "o")}, f"--models lists {fts[0].resolve()} twice")]
+             "out": str(tmp_path / "o")}, f"--models lists {fts[0].resolve()} twice"),
+           # the base among the fine-tunes: a zero task vector halved Model Stock's ratio
+           ({"method": "model-stock", "models": [str(fts[0]), str(base), str(fts[1])],
+             "base": str(base), "out": str(tmp_path / "o")},
+            f"--models lists the base {base.resolve()} among the fine-tunes")]
     for cfg, fragment in bad:
         with pytest.raises(ConfigError, match=fragment):
             run_merge(cfg, progress=False)
@@ -469,3 +473,29 @@ def test_the_base_given_among_the_models_is_no_unrecorded_ingredient(family, tmp
     assert rec["origin"]["fingerprint"] == weights_fingerprint(_state(base))
     record = json.loads((tmp_path / "ta" / "merge.json").read_text())
     assert record["origin"]["unrecorded"] == []
+
+
+def test_models_with_classifier_heads_are_warned_of(family, tmp_path, capsys):
+    """Fine-tunes of `--method finetune` carry head.safetensors: the soup merges the towers
+    only, and was scored with the zero-shot text head, without a word."""
+    _, _, fts = family
+    headed = []
+    for i, folder in enumerate(fts[:2]):
+        copy = tmp_path / f"ft{i}"
+        shutil.copytree(folder, copy)
+        (copy / "head.safetensors").write_bytes(b"")  # only its presence is looked at
+        headed.append(copy)
+    run_merge({"method": "uniform", "models": [str(headed[0]), str(fts[2])],
+               "out": str(tmp_path / "o1")}, progress=False)
+    assert capsys.readouterr().err.strip() == (
+        f"merge: warning: 1 of the 2 models carry a classifier head (head.safetensors, e.g. "
+        f"{headed[0]}); the heads are not merged (the merged folder has none)")
+    assert not (tmp_path / "o1" / "head.safetensors").exists()
+    run_merge({"method": "uniform", "models": [str(p) for p in headed], "out": str(tmp_path / "o2"),
+               "heldout": HELDOUT}, progress=False)
+    assert capsys.readouterr().err.strip().endswith(
+        "(the merged folder has none), and the held-out scores use the zero-shot text head, "
+        "not theirs")
+    run_merge({"method": "uniform", "models": [str(fts[0]), str(fts[1])],
+               "out": str(tmp_path / "o3")}, progress=False)
+    assert "warning" not in capsys.readouterr().err

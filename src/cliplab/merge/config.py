@@ -53,8 +53,10 @@ class MergeConfig(Section):
             raise ValueError(f"{self.method} needs at least 2 fine-tuned models ({why})")
         if self.method == "greedy" and self.heldout is None:
             raise ValueError("the greedy soup needs held-out data to score with: set heldout "
-                             "to an eval task, e.g. {task: zeroshot, data: {source: digits, "
-                             "split: test}}")
+                             "to an eval task on validation data, not the test set you report "
+                             "(the soup is chosen on it), e.g. {task: zeroshot, data: {source: "
+                             "fashion-mnist, split: test, offset: 5000}} when you report the "
+                             "first 5000 test images")
         if isinstance(self.scale, list) and (self.method != "task-arithmetic"
                                              or len(self.scale) != n):
             raise ValueError(f"a list of scales is for task-arithmetic, one per model ({n}), "

@@ -4,6 +4,7 @@ model folder plus ``merge.json``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from cliplab.evaluate.suite import report_skips, run_task, task_spec
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
                                        load_ingredient, save_merged)
+from cliplab.adapt.head import HEAD_FILE
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.dtypes import dtype_record, merged_dtype
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
@@ -56,6 +58,13 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
     if twice is not None:
         raise ConfigError(f"--models lists {twice} twice (it would count double); give each "
                           "model once, and weights=[...] to weight one more (uniform)")
+    # Model Stock's ratio comes from the angles between task vectors: the base's own (zero)
+    # counts as orthogonal to every other and halved it (a soup may hold the base, and to task
+    # arithmetic and TIES a zero vector adds nothing)
+    if cfg.method == "model-stock" and Path(cfg.base.name).resolve() in folders:
+        raise ConfigError(f"--models lists the base {Path(cfg.base.name).resolve()} among the "
+                          "fine-tunes: its task vector is zero, which would count as orthogonal "
+                          "to the others and shrink Model Stock's ratio; give the fine-tunes only")
     # the run/checkpoint folders given and the model folders they stand for: none is --out,
     # holds it or lies inside it
     inputs = given + [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
@@ -95,6 +104,18 @@ def as_saved(state: StateDict, dtype: torch.dtype) -> StateDict:
     return {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def warn_of_heads(paths: list[str], scored: bool) -> None:
+    """Tell on stderr when models to merge carry a classifier head (`--method finetune` and
+    friends): only the towers are merged, and held-out scores use the zero-shot text head, not
+    theirs, so a classifier's soup is ranked by another classifier than the one it trained."""
+    with_head = [p for p in paths if (Path(p) / HEAD_FILE).is_file()]
+    if with_head:
+        print(f"merge: warning: {len(with_head)} of the {len(paths)} models carry a classifier "
+              f"head ({HEAD_FILE}, e.g. {with_head[0]}); the heads are not merged (the merged "
+              "folder has none)" + (", and the held-out scores use the zero-shot text head, "
+                                    "not theirs" if scored else ""), file=sys.stderr)
+
+
 def run_merge(cfg: MergeConfig | dict, progress: bool = True,
               where: str = "the merge config", overwrite: bool = False) -> dict:
     """Merge as ``cfg`` says (see `MergeConfig`); returns the ``merge.json`` record.
@@ -102,6 +123,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     start = time.time()
     cfg = checked_config(cfg, where, overwrite)
     method, paths = cfg.method, [m.name for m in cfg.models]
+    warn_of_heads(paths, scored=cfg.heldout is not None)
     base_path = cfg.base.name if cfg.base else None
     # a merge linear in the models is summed as each loads: all of them are never held
     streamed = method in STREAMED
