@@ -178,6 +178,7 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
     small_model().save(tmp_path / "base")
     cfg = {**CFG, "val_shots": 5, "options": {**CFG["options"], "val_shift": "invert"}}
     res = run(str(tmp_path / "base"), cfg, tmp_path / "out")
+    assert "may have trained on" not in capsys.readouterr().err  # it trained on the rest
     assert seen == [(False, ["shifted", "test"]), (True, ["shifted", "test"])]
     assert res["best_alpha"] == 0.0 and res["selected_on"] == "validation + invert"
     assert res["test"] == res["sweep"][0]["test"] and res["test"]["acc1"] == 0.0
@@ -189,15 +190,24 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
                 tmp_path / "plain")
     assert plain["best_alpha"] == 1.0 and plain["selected_on"].startswith("the reported sets")
     assert "selected_by" not in plain
+    # the printed summary says where α was chosen, and that an oracle's numbers are optimistic
+    assert format_results(res).splitlines()[-1] == "  best alpha 0, chosen on validation + invert"
+    assert format_results(plain).splitlines()[-1] == (
+        "  best alpha 1, chosen on the reported sets (val_shots=0), so its numbers are "
+        "optimistic")
     # select=shifted with a validation split but no shifted copy of it: said, not silent
     capsys.readouterr()
     shiftless = run(str(tmp_path / "base"), {**cfg, "options": {
         "alphas": [0, 0.5, 1], "finetuned": res["finetuned"], "select": "shifted"}},
         tmp_path / "shiftless")
     assert shiftless["selected_by"] == "test (select=shifted, but no shifted set to choose on)"
+    err = capsys.readouterr().err
     assert ("wise-ft: warning: select=shifted, but there is no shifted set to choose α on "
             "(options.val_shift makes one of the validation split); test accuracy chose it"
-            ) in capsys.readouterr().err
+            ) in err
+    # a validation split drawn from data.train, beside a fine-tune that may have trained on it
+    assert ("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
+            "the given fine-tune (options.finetuned) may have trained on") in err
     with pytest.raises(ConfigError, match="unknown shift 'fog'"):
         run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
     # val_shift without a validation split shifted nothing, silently

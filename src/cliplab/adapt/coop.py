@@ -36,7 +36,9 @@ NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the pr
 class Options(TrainingOptions):
     """``init``: the words the context starts from ("" : ``n_ctx`` random vectors);
     ``class_specific``: one context per class; ``names``: class names or prompt names after
-    the context. The paper's optimisation: SGD lr 0.002, batch 32, one warm-up epoch."""
+    the context. The paper's optimisation: SGD lr 0.002, batch 32; ``warmup`` counts steps of
+    linear warm-up (1: none) — the paper's first epoch at a constant 1e-5 is not reproduced
+    (every result of `benchmarks/papers.py` was measured so)."""
 
     init: str = "a photo of a"
     n_ctx: int = Field(4, ge=1)

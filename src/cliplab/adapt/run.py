@@ -227,6 +227,11 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
               f"val_shots={cfg.val_shots}") + ") go unused" + (
                   ", and are not trained on either; set val_shots=0" if held_out else ""),
               file=sys.stderr)
+    if own_val is None and cfg.val_shots and getattr(options, "finetuned", None):
+        print("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
+              "the given fine-tune (options.finetuned) may have trained on: a choice made on "
+              "images it has seen favours it; give data.val with images it was not trained on",
+              file=sys.stderr)
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if lost:  # a random subset of the few-shot set can miss whole classes
@@ -315,7 +320,10 @@ def format_results(results: dict) -> str:
         lines.append(f"  alpha {row['alpha']:<5g}" + "".join(
             f"  {k} acc1 {v['acc1']:6.1%}" for k, v in row.items() if isinstance(v, dict)))
     if "best_alpha" in results:
-        lines.append(f"  best alpha {results['best_alpha']:g}")
+        chosen_on = results["selected_on"]
+        if not chosen_on.startswith("validation"):  # no validation split: an oracle's choice
+            chosen_on = "the reported sets (val_shots=0), so its numbers are optimistic"
+        lines.append(f"  best alpha {results['best_alpha']:g}, chosen on {chosen_on}")
     if "params" in results:
         lines.append(f"  trainable parameters {results['params']['trainable']:,}")
     return "\n".join(lines)
