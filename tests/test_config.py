@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import pytest
 
-from cliplab.config import Section, apply_overrides, load_config, validate
+from cliplab.config import Section, apply_overrides, load_config, load_yaml, validate
 from cliplab.errors import ConfigError
 from cliplab.models.spec import ModelField, ModelSpec
 
@@ -301,3 +301,14 @@ def test_changed_key_paths_and_value_at_walk_mappings_and_lists():
     assert changed_key_paths(run, run) == [] and changed_key_paths(1, 2) == ["(value)"]
     assert value_at(run, "steps.0.k") == 1 and value_at(run, "d.n") == 1
     assert value_at(run, "steps.2.k") is None and value_at(run, "seed.x") is None
+
+
+def test_exponents_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) read ``1e-3`` as text: a learning rate given so reached free-form
+    settings (``options.train``) and the run's records as the string '1e-3'."""
+    (tmp_path / "c.yaml").write_text("train: {lr: 1e-3, wd: -2E+1, steps: 10, name: e3}\n")
+    cfg = apply_overrides(load_yaml(tmp_path / "c.yaml"),
+                          ["options.train.lr=5e-4", "options.tag=3e", "options.n=1_000"])
+    assert cfg["train"] == {"lr": 0.001, "wd": -20.0, "steps": 10, "name": "e3"}
+    assert cfg["options"] == {"train": {"lr": 0.0005}, "tag": "3e", "n": 1000}
+    assert isinstance(cfg["options"]["train"]["lr"], float)

@@ -129,6 +129,22 @@ class _KeysOnceLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3" (its floats need a dot): a learning rate
+# written so reached free-form settings and records as text. YAML 1.2's floats take it.
+_KeysOnceLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_value(raw: str) -> Any:
+    """A ``key=value`` override's value as YAML (``1e-3`` a number, as in a config file); text
+    that is no valid YAML stays as it is."""
+    try:
+        return yaml.load(raw, Loader=_KeysOnceLoader) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with one-line errors naming the file (and line) when it is bad."""
     path = Path(path)
@@ -166,10 +182,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
@@ -334,10 +347,7 @@ def _refuse_options_overridden(overrides: Sequence[str], extra: dict, replace: d
                   for path, value in _leaves(_set(replace)).items()})
     for item in overrides:
         key, _, raw = item.partition("=")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         path = _key_path(key)
         if path in given and value != given[path][1]:
             raise ConfigError(f"the command line: {key} is given twice, as {given[path][0]} "
