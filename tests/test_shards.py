@@ -713,3 +713,48 @@ def test_quality_with_png_is_refused(tmp_path, capsys):
     for given in ({"image_format": "png"}, {"image_format": "jpg", "quality": 50}):
         saved = validate(ShardConfig, {**spec, **given}, "shard").to_dict()
         assert validate(ShardConfig, saved, "shard").to_dict() == saved
+
+
+def test_a_stopped_data_shard_run_is_never_read_as_the_whole_set(tmp_path, monkeypatch, capsys):
+    """Ctrl-C half-way left closed, whole tars and no index.json: `data shard` of the folder and
+    `index` read them as the complete set (6794 of 60 000 samples), exit 0. The folder is marked
+    unfinished until index.json is written; readers refuse it, a re-run says to --overwrite."""
+    from cliplab.data.shards import write as write_module
+    from cliplab.data.shards.layout import UNFINISHED_FILE
+
+    real_write, written = write_module.ShardSink.write, []
+
+    def stopped(self, sample):
+        if len(written) == 25:
+            raise KeyboardInterrupt
+        written.append(sample)
+        real_write(self, sample)
+
+    monkeypatch.setattr(write_module.ShardSink, "write", stopped)
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", "shapes", "data.n=60", "--out", str(out),
+                 "--samples-per-shard", "10", "--no-progress"]) == 130
+    assert (out / UNFINISHED_FILE).exists() and not (out / "index.json").exists()
+    assert len(list(out.glob("*.tar"))) >= 2
+    unfinished = f"{out} holds an unfinished `cliplab data shard` run"
+    with pytest.raises(DataError, match=f"^{unfinished}"):
+        load_source({"source": "shards", "path": str(out)})
+    with pytest.raises(DataError, match=f"^{unfinished}"):
+        ShardStream(str(out))
+    capsys.readouterr()
+    for argv in (["data", "shard", "--data", str(out), "--out", str(tmp_path / "again")],
+                 ["index", "--model", "tiny-clip", "--data", str(out), "--out",
+                  str(tmp_path / "idx")]):
+        assert main([*argv, "--no-progress"]) == 2
+        assert unfinished in capsys.readouterr().err
+    # the same command again: refused, saying how to start over; --overwrite finishes it
+    monkeypatch.setattr(write_module.ShardSink, "write", real_write)
+    again = ["data", "shard", "--data", "shapes", "data.n=60", "--out", str(out),
+             "--samples-per-shard", "10", "--no-progress"]
+    assert main(again) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cliplab: error: --out {out} holds an unfinished `cliplab data shard` run (it stopped "
+        "before its end, or still runs); --overwrite starts it again")
+    assert main([*again, "--overwrite"]) == 0
+    assert not (out / UNFINISHED_FILE).exists()
+    assert len(load_source({"source": "shards", "path": str(out)}).captions) == 60

@@ -21,6 +21,9 @@ from cliplab.errors import DataError
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cliplab-shards"
 STATS_FILE = "stats.json"
+# in a shard folder while `cliplab data shard` writes it: gone once index.json is written, so a
+# run stopped half-way (Ctrl-C, a kill) is never read as the whole set
+UNFINISHED_FILE = "_unfinished"
 SHARD_PATTERN = "%05d.tar"  # webdataset.ShardWriter's pattern: 00000.tar, 00001.tar, …
 
 
@@ -32,8 +35,19 @@ def shard_stats_name(shard_name: str) -> str:
 def set_files(folder: Path) -> list[Path]:
     """The files of a shard set in ``folder`` (shards, stats, index), nothing else there."""
     candidates = [*folder.glob("*.tar"), *folder.glob("*_stats.json"), folder / INDEX_FILE,
-                  folder / STATS_FILE]
+                  folder / STATS_FILE, folder / UNFINISHED_FILE]
     return [p for p in candidates if p.is_file()]
+
+
+def check_finished(folder: Path) -> None:
+    """A `DataError` for a shard folder a `cliplab data shard` run is writing or stopped
+    writing (`UNFINISHED_FILE`): its shards are only part of the set."""
+    if (folder / UNFINISHED_FILE).exists():
+        written = len(list(folder.glob("*.tar")))
+        raise DataError(f"{folder} holds an unfinished `cliplab data shard` run ({written} "
+                        "shard(s) of an unknown total; it stopped, or still runs, before writing "
+                        f"{INDEX_FILE}): run it again with --overwrite, or delete "
+                        f"{folder / UNFINISHED_FILE} to read what it wrote")
 
 
 def read_index(folder: str | os.PathLike) -> dict | None:
@@ -66,6 +80,7 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         text = str(urls)
         if Path(text).is_dir():
             folder = Path(text)
+            check_finished(folder)
             index = read_index(folder)
             if index is not None:
                 paths = [folder / entry["name"] for entry in index["shards"]]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
-                                        set_files, shard_stats_name)
+                                        UNFINISHED_FILE, set_files, shard_stats_name)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport, source_keys
 from cliplab.errors import ConfigError, DataError
 from cliplab.output_folder import check_out, write_json
@@ -26,17 +26,23 @@ from cliplab.output_folder import check_out, write_json
 def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None:
     """Raise ``DataError`` unless shards may be written to ``out`` (touches nothing): the one
     `check_out` rule, a previous shard set being what ``overwrite`` may replace."""
+    if not overwrite and (Path(out) / UNFINISHED_FILE).exists():
+        raise DataError(f"--out {out} holds an unfinished `cliplab data shard` run (it stopped "
+                        "before its end, or still runs); --overwrite starts it again")
     check_out(out, "shard", inputs, overwrite, lambda folder: bool(set_files(folder)),
               error=DataError)
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Make ``out``; with ``overwrite``, remove the old set's files (and nothing else)."""
+    """Make ``out``, marked unfinished (`UNFINISHED_FILE`) until `ShardSink.write_index`;
+    with ``overwrite``, remove the old set's files (and nothing else)."""
     check_out_folder(out, overwrite)
     if out.is_dir():
         for old in set_files(out):
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED_FILE).write_text("`cliplab data shard` is writing this folder, or stopped "
+                                       f"before its end; {INDEX_FILE} comes last\n")
 
 
 class ShardSink:
@@ -75,6 +81,7 @@ class ShardSink:
                  "total": self.total, "shards": self.shards, "skipped": skipped.to_dict()}
         write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.lost_samples})
         write_json(self.out / INDEX_FILE, index)
+        (self.out / UNFINISHED_FILE).unlink(missing_ok=True)
         return index
 
     def __enter__(self) -> "ShardSink":
