@@ -101,8 +101,15 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             assert len(captions) == 12 and all(" blue " in c for c in captions[:5]), captions
 
             # every card shows its thumbnail (a JPEG the server makes), linked to the original
-            page.wait_for_function("[...document.querySelectorAll('#grid .card img')]"
-                                   ".every((img) => img.complete && img.naturalWidth > 0)")
+            # polled from here: wait_for_function's predicate runs through eval, which the
+            # page's CSP refuses
+            loaded = ("[...document.querySelectorAll('#grid .card img')]"
+                      ".every((img) => img.complete && img.naturalWidth > 0)")
+            for _ in range(600):
+                if page.evaluate(loaded):
+                    break
+                page.wait_for_timeout(100)
+            assert page.evaluate(loaded)
             first = page.locator("#grid .card").first
             assert first.locator("img").get_attribute("src").endswith("/thumbnail")
             assert first.locator("a.open").get_attribute("href") == \
