@@ -544,3 +544,79 @@ def test_merge_out_inside_an_input_run_folder_is_refused(run, tiny_model_dir, tm
     assert _one_line(capsys) == (f"--out {run / 'merged'} lies inside the input {run}; choose "
                                  "another folder")
     assert _tree(run) == before
+
+
+def test_a_second_run_into_an_out_being_written_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Two runs started together both passed the checks before either wrote: merges, evals and
+    shard sets lost one result without a word, curate hid its output in .OUT.old-*, pretrain
+    mixed two configs. The output is held while a command runs; the other is refused."""
+    import os
+
+    from cliplab.output_folder import claimed
+
+    out = tmp_path / "soup"
+    args = ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]
+    with claimed(tmp_path / "x" / ".." / "soup"):  # one output however it is written
+        assert main(args) == 2
+        assert _one_line(capsys) == (f"--out {out} is being written by another cliplab run "
+                                     f"(pid {os.getpid()}); wait for it to end, or choose "
+                                     "another --out")
+        assert not out.exists()
+    assert main(args) == 0  # released with the block (a killed holder's lock goes with it)
+
+
+def test_sigterm_is_an_interruption_that_cleans_up(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """kill (SIGTERM) left the hidden half-built export behind and said nothing (exit 143)."""
+    import contextlib
+    import os
+    import signal
+
+    import cliplab.models.convert.atomic as atomic
+
+    real, work = atomic.built_beside, []
+
+    @contextlib.contextmanager
+    def killed_while_writing(out):
+        with real(out) as folder:
+            work.append(folder)
+            (folder / "half.bin").write_bytes(b"x")
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield folder
+
+    out = tmp_path / "oc"
+    monkeypatch.setattr(atomic, "built_beside", killed_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip() == "cliplab: terminated"
+    assert work and not work[0].exists()  # it was there, half-built, and is gone
+    assert not out.exists() and list(tmp_path.glob(".oc*")) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # put back after the command
+
+
+def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, suite, tmp_path,
+                                                            monkeypatch, capsys):
+    """A read-only --out was a traceback for every command but export, and eval found it only
+    after running its whole suite; a full disk too."""
+    import errno
+    import os
+
+    import cliplab.output_folder as output_folder
+    from cliplab.cli import evaluate
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(output_folder.os, "access",
+                        lambda path, mode: Path(path) != ro and os.access(path, mode))
+    assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite),
+                 "--out", str(ro / "e")]) == 2
+    assert _one_line(capsys) == (f"--out {ro / 'e'}: cannot write in {ro} (a read-only file "
+                                 "system, or no permission); choose another folder")
+    assert main(["data", "shard", "--data", "shapes", "data.n=4", "--out", str(ro / "s")]) == 2
+    assert "cannot write in" in _one_line(capsys)
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "e" / "x.json"))
+
+    monkeypatch.setattr(evaluate, "run", full)
+    assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite)]) == 2
+    assert _one_line(capsys) == f"{tmp_path / 'e' / 'x.json'}: No space left on device"

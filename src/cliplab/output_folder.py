@@ -11,6 +11,8 @@ the same kind: a folder replaced whole must hold nothing but that output's own f
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -164,6 +166,7 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     if path.exists() and not path.is_dir():
         raise error(f"--out {out} is a file; choose a folder")
     check_apart_from_inputs(out, inputs, error)
+    check_writable(out, error)
     if not path.is_dir() or not any(path.iterdir()):
         return path
     is_previous = previous is not None and previous(path)
@@ -176,6 +179,51 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
         f"holds other files (e.g. {sorted(p.name for p in path.iterdir())[0]})"
     flag = "--overwrite replaces" if overwrite else f"cliplab {kind} rewrites"
     raise error(f"{flag} only a previous {kind} output; {out} {why}; choose a new folder")
+
+
+def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
+    """Refuse an ``--out`` that cannot be written (a read-only file system, no permission), by
+    the folder it is or the nearest existing one it would be made in, before any work (an eval
+    found it only after running every task)."""
+    place = Path(out).expanduser().absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+        raise error(f"--out {out}: cannot write in {place} (a read-only file system, or no "
+                    "permission); choose another folder")
+
+
+@contextlib.contextmanager
+def claimed(out: str | os.PathLike | None, error: type[CliplabError] = ConfigError
+            ) -> Iterator[None]:
+    """Hold ``out`` while the block runs: another cliplab process given the same output (two
+    runs started together: each passed the checks before the other wrote anything) is refused
+    in one line instead of mixing, losing or hiding results. An advisory lock on a file named
+    by the resolved path in the temporary folder, which the system releases however the
+    process ends (a kill included)."""
+    if out is None:
+        yield
+        return
+    path = Path(out).expanduser().resolve()
+    locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    lock = locks / (hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise error(f"--out {out} is being written by another cliplab run ({holder}); "
+                        "wait for it to end, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def partial_path(out: Path) -> Path:

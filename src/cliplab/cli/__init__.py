@@ -8,11 +8,16 @@ Each command is one module here with ``add_parser(sub)`` (its arguments and ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +37,8 @@ COMMANDS: dict[str, ModuleType] = {
 # independent copies writing the same files
 DISTRIBUTED_COMMANDS = ("pretrain",)
 QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves its error to local rank 0 waits
+# the system refusing a write: one line naming the file, not a traceback
+WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +159,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cliplab: error: {refusal}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_as_interruption(), _output_held(args):
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
             return COMMANDS[args.command].run(args)
+    except Terminated:
+        _end_progress_bars()
+        print("cliplab: terminated", file=sys.stderr)
+        return 143
+    except OSError as err:  # the system refused to write (read-only, full, no permission)
+        if args.debug or err.errno not in WRITE_ERRNOS:
+            raise
+        _end_progress_bars()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"cliplab: error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except CliplabError as err:
         if args.debug:
             raise
@@ -176,6 +194,40 @@ def main(argv: list[str] | None = None) -> int:
         if not _local_rank0_says_it(args):  # Ctrl-C reaches every rank: said once a machine
             print("cliplab: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop): unwound as Ctrl-C is, so a half-built
+    output is removed and a run records where it stopped."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interruption() -> Iterator[None]:
+    """Within it, SIGTERM raises `Terminated` (in the main thread of a process torchrun did
+    not launch: its agent stops ranks with SIGTERM and says why itself)."""
+    if under_torchrun() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _output_held(args: argparse.Namespace):
+    """The command's ``--out`` held for its run (`claimed`): by the one process writing it
+    (torchrun's rank 0 for its ranks)."""
+    out = getattr(args, "out", None)
+    if not isinstance(out, (str, os.PathLike)) or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    from cliplab.output_folder import claimed  # imports torch: not for --help
+
+    return claimed(out)
 
 
 def _local_rank0_says_it(args: argparse.Namespace) -> bool:
