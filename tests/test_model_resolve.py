@@ -2,6 +2,7 @@
 Hugging Face cache (laid out here by hand: no network)."""
 
 import shutil
+import warnings
 
 import pytest
 
@@ -69,6 +70,26 @@ def test_checkpoint_and_run_folders_resolve_to_the_newest_model(saved, tmp_path)
     shutil.copytree(saved, adapters.path / "merged")
     with pytest.raises(ModelError, match=r"the run's merged model is .*lora/merged: give that"):
         load_model(str(adapters.path))
+
+
+def test_a_run_that_never_finished_is_used_with_a_warning(saved, tmp_path, capsys):
+    """A killed run's newest checkpoint (step 20 of 46) was scored, merged and reported as the
+    run without a word; a finished run (results.json) is used quietly."""
+    run = RunDir(tmp_path / "run", tensorboard=False)
+    run.atomic_checkpoint(20, lambda f: shutil.copytree(saved, f / "model"))
+    with pytest.warns(UserWarning, match=rf"^run folder {run.path} has no results.json: the "
+                      r"run stopped before its end, or still runs; using its newest "
+                      r"checkpoint, step-20$"):
+        assert resolve_model_path(str(run.path)) == run.path / "checkpoints" / "step-20" / "model"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: digits, split: test}}]\n")
+    assert main(["eval", "--model", str(run.path), "--config", str(suite), "--no-progress"]) == 0
+    assert (f"cliplab: warning: run folder {run.path} has no results.json"
+            in capsys.readouterr().err)
+    (run.path / "results.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_model_path(str(run.path))
 
 
 def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
 from cliplab.models.spec import ModelSpec, is_hub_id, model_spec
-from cliplab.runs import CHECKPOINTS, latest_checkpoint
+from cliplab.runs import CHECKPOINTS, RESULTS_FILE, latest_checkpoint
 
 MODEL_DIR = "model"  # a checkpoint folder's model folder
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
@@ -139,6 +140,11 @@ def model_folder(path: str | Path) -> Path:
             held = ", ".join(sorted(p.name for p in latest.iterdir())) or "nothing"
             raise ModelError(f"{latest} holds no {MODEL_DIR}/ folder (it holds {held}): "
                              + _partial_run_hint(path, latest))
+        if not (path / RESULTS_FILE).is_file():
+            # a killed run's step-20 of 46 was scored, merged and reported as if it were the run
+            warnings.warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
+                          f"end, or still runs; using its newest checkpoint, {latest.name}",
+                          stacklevel=2)
         return latest / MODEL_DIR
     return path
 
