@@ -215,7 +215,7 @@ def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
     assert [i.caption for i in again] == ["a bright square", "another one"]
 
 
-def test_a_killed_run_resumes_without_remapping_finished_chunks(tmp_path):
+def test_a_killed_run_resumes_without_remapping_finished_chunks(tmp_path, capsys):
     folder = make_folder(tmp_path / "pool", VALUES)
     whole = run_curation(config(str(folder), STEPS, chunk_size=3), tmp_path / "whole", progress=False)
     Bright.calls.clear()
@@ -227,7 +227,10 @@ def test_a_killed_run_resumes_without_remapping_finished_chunks(tmp_path):
     first = [list(c) for c in Bright.calls]
     assert len(first) == 3  # chunks 0 and 1 finished, chunk 2 raised
     Bright.calls.clear()
+    capsys.readouterr()
     resumed = run_curation(cfg, tmp_path / "out", progress=False)
+    assert (f"curate: resuming the stopped run in {partial_path(tmp_path / 'out')} (what it "
+            "finished is kept)") in capsys.readouterr().err
     # only the unfinished chunks are mapped again
     assert Bright.calls == first[2:] + [["img_09.png"]]
     assert resumed["kept"] == whole["kept"] and \

@@ -155,7 +155,7 @@ class Killed(BaseException):
 
 
 def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
     build(model_dir, SHAPES, tmp_path / "whole", chunk=8)
     real_add, calls = MetadataStore.add, []
 
@@ -180,8 +180,11 @@ def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_p
 
     with pytest.raises(ConfigError, match="half-built index of another"):
         build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", chunk=8)
+    capsys.readouterr()
     record = build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
     assert record["count"] == 40 and not (tmp_path / "idx.partial").exists()
+    assert (f"index: resuming the stopped run in {tmp_path / 'idx.partial'} (16 items "
+            "embedded)") in capsys.readouterr().err
     resumed, whole = SearchIndex(tmp_path / "idx"), SearchIndex(tmp_path / "whole")
     assert np.array_equal(np.asarray(resumed.vectors), np.asarray(whole.vectors))
     assert [r["key"] for r in resumed.items(range(40)).values()] == \
@@ -954,3 +957,26 @@ def test_serve_warns_of_an_index_tuned_on_image_queries_only(model_dir, tmp_path
     build(model_dir, SHAPES, tmp_path / "flat")
     assert main(["serve", str(tmp_path / "flat"), "--port", str(free_port())]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_same_index_command_without_add_names_a_stopped_add(model_dir, tmp_path,
+                                                               monkeypatch):
+    """A killed --add, then the command again without --add: 'already exists; pass --add' did
+    not say an --add was waiting to be finished."""
+    build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    real_add = MetadataStore.add
+
+    def die(self, rows, skipped=()):
+        real_add(self, rows, skipped)
+        raise Killed
+
+    monkeypatch.setattr(MetadataStore, "add", die)
+    with pytest.raises(Killed):
+        build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", chunk=8, add=True)
+    monkeypatch.setattr(MetadataStore, "add", real_add)
+    with pytest.raises(ConfigError, match=(
+            rf"already exists \(an index\) \(an --add to it stopped before its end: the same "
+            rf"command with --add finishes it from {tmp_path / 'idx.partial'}\); pass --add")):
+        build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", chunk=8)
+    assert build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", chunk=8,
+                 add=True)["count"] == 80

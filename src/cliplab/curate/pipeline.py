@@ -176,6 +176,9 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     if work.exists() and state.is_file() and not finished:
         saved = json.loads(state.read_text())["request"]
         if saved == request:
+            if any((work / "cache" / "pool").glob("*.json")):  # as pretrain says it resumed
+                print(f"curate: resuming the stopped run in {work} (what it finished is kept)",
+                      file=sys.stderr)
             return
         # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
         if not overwrite and any((work / "cache" / "pool").glob("*.json")):

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -95,8 +96,11 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     existing = read_index_json(out) if out.is_dir() else None
     if out.exists() and not cfg.add:
         what = "an index" if existing else "a file or folder"
-        raise ConfigError(f"--out {out} already exists ({what}); pass --add to append to an "
-                          "index, or choose a new --out")
+        stopped = " (an --add to it stopped before its end: the same command with --add " \
+            f"finishes it from {partial_path(out)})" if existing and \
+            (partial_path(out) / PROGRESS_FILE).is_file() else ""
+        raise ConfigError(f"--out {out} already exists ({what}){stopped}; pass --add to append "
+                          "to an index, or choose a new --out")
     if cfg.add and existing is None and not partial_path(out).exists():
         raise ConfigError(f"--add: {out} does not exist; an --add appends to an index built "
                           "there (leave --add out to build one)" if not out.exists() else
@@ -266,6 +270,9 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
                 "that command to resume it, or delete the folder to start over")
         if state["request"] == request:
             _drop_unrecorded(work, state)
+            if not nothing_embedded:  # said, as pretrain says "resumed from step N"
+                print(f"index: resuming the stopped run in {work} ({state['count']} items "
+                      "embedded)", file=sys.stderr)
             return state
     if state_file.is_file():  # another request that embedded nothing yet
         shutil.rmtree(work)
