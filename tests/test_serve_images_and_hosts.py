@@ -30,7 +30,7 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """An index of a folder of 48 px photos (the model takes 16 px), one of them a TIFF, one
-    a 16-bit PNG."""
+    a 16-bit PNG, and a 300x200 PNG."""
     root = tmp_path_factory.mktemp("photos")
     folder = root / "photos"
     folder.mkdir()
@@ -42,6 +42,8 @@ def photos(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (60, 30, 3), dtype=np.uint8)).save(folder / "t.tiff")
     Image.fromarray(np.linspace(0, 65535, 48 * 48).astype(np.uint16).reshape(48, 48)) \
         .save(folder / "deep.png")
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(folder / "big.png")
+    (folder / "big.txt").write_text("a larger png")
     (folder / "t.txt").write_text("a tiff")
     (folder / "deep.txt").write_text("a 16-bit png")
     model_dir = save_tiny_model(root / "model")
@@ -96,20 +98,26 @@ def test_similar_search_refuses_an_unknown_or_bad_id(photos):
     assert response.status_code == 422 and response.json()["error"].startswith("id:")
 
 
-def test_thumbnails_are_small_jpegs_of_any_format(photos):
-    """A TIFF (no browser shows it) and a 16-bit PNG come back as JPEGs the size asked for,
-    in the image's own aspect and colours."""
+def test_thumbnails_are_small_and_in_a_format_every_browser_shows(photos):
+    """A TIFF (no browser shows it), a 16-bit PNG and a PNG larger than asked come back as
+    JPEGs the size asked for, in the image's own aspect and colours; a PNG within the size is
+    sent as it is (lossless: a 28 px image stays crisp)."""
     client = photos["client"]
-    for name, size, expected in (("t.tiff", 64, (30, 60)), ("p2.png", 256, (40, 48))):
+    for name, size, expected in (("t.tiff", 64, (30, 60)), ("big.png", 64, (64, 43)),
+                                 ("big.png", 256, (256, 171))):
         response = client.get(f"/images/{_id(photos, name)}/thumbnail", params={"size": size})
         assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
         thumb = Image.open(io.BytesIO(response.content))
         assert thumb.format == "JPEG" and thumb.size == expected  # shrunk, never enlarged
+    small = client.get(f"/images/{_id(photos, 'p2.png')}/thumbnail", params={"size": 64})
+    assert small.headers["content-type"] == "image/png"
+    assert small.content == (photos["folder"] / "p2.png").read_bytes()
     original = np.asarray(Image.open(photos["folder"] / "t.tiff"), dtype=float)
     thumb = client.get(f"/images/{_id(photos, 't.tiff')}/thumbnail", params={"size": 64})
     shown = np.asarray(Image.open(io.BytesIO(thumb.content)), dtype=float)
     assert np.abs(shown.mean(axis=(0, 1)) - original.mean(axis=(0, 1))).max() < 4
     deep = client.get(f"/images/{_id(photos, 'deep.png')}/thumbnail", params={"size": 64})
+    assert deep.headers["content-type"] == "image/jpeg"
     grey = np.asarray(Image.open(io.BytesIO(deep.content)).convert("L"), dtype=float)
     assert grey[0, 0] < 20 and grey[-1, -1] > 235  # scaled from 16 bits, not clipped to white
     for size, words in ((8, "size: Input should be greater than or equal to 64"),

@@ -30,7 +30,7 @@ from cliplab.errors import CliplabError, ConfigError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
-from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail_jpeg
+from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
 
@@ -328,10 +328,10 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                         or "application/octet-stream")
 
     @lru_cache(maxsize=2048)  # a few KB each: the page shows the same cards again when paging
-    def thumbnail(item_id: int, size: int, version: tuple) -> bytes:
+    def small_image(item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
         stored = stored_image(item_id)
         try:
-            return thumbnail_jpeg(stored if isinstance(stored, Path) else stored[0], size)
+            return thumbnail(stored if isinstance(stored, Path) else stored[0], size)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
             fail(404, f"the image of id {item_id} no longer decodes")
 
@@ -351,15 +351,17 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
     def image_thumbnail(request: Request, item_id: int = PathParam(..., le=MAX_ID, alias="id"),
                         size: int = Query(256, ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1],
                                           description="the longer side, in pixels")) -> Response:
-        """An indexed image as a JPEG of at most ``size`` pixels a side: what the page's cards
-        show (a browser cannot show TIFF, and a 30 MB original for a 180 px card is waste).
-        Its ETag changes with the image file, so a browser revalidates rather than decodes."""
+        """An indexed image of at most ``size`` pixels a side, in a format every browser shows
+        (`thumbnail`): what the page's cards show (a browser cannot show TIFF, and a 30 MB
+        original for a 180 px card is waste). Its ETag changes with the image file, so a
+        browser revalidates rather than decodes."""
         now = version(item_id)
         tag = f'"{hashlib.sha1(repr((now, size)).encode()).hexdigest()[:20]}"'
         cached = {"ETag": tag, "Cache-Control": "private, no-cache"}
         if request.headers.get("if-none-match") == tag:
             return Response(status_code=304, headers=cached)
-        return Response(thumbnail(item_id, size, now), media_type="image/jpeg", headers=cached)
+        data, media_type = small_image(item_id, size, now)
+        return Response(data, media_type=media_type, headers=cached)
 
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     if allowed_hosts is not None:

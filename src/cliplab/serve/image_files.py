@@ -23,6 +23,8 @@ MAX_IMAGE_PIXELS = 50_000_000
 DECODES_AT_ONCE = 2
 THUMBNAIL_SIZES = (64, 512)  # the smallest and largest side a thumbnail may be asked at
 THUMBNAIL_QUALITY = 85
+BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif",
+                   "WEBP": "image/webp"}  # PIL's format name: what every browser shows
 GREY_MODES = ("1", "L", *HIGH_DEPTH_MODES)  # one channel: resized alike before or after RGB
 
 _decoding = threading.BoundedSemaphore(DECODES_AT_ONCE)
@@ -78,17 +80,24 @@ def _decode(data: bytes, what: str) -> Image.Image:
         fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
 
 
-def thumbnail_jpeg(source: bytes | Path, size: int) -> bytes:
-    """``source`` (an image file or its bytes) as a JPEG at most ``size`` pixels on its longer
-    side, upright and in RGB: any format PIL reads (TIFF, 16-bit PNG, CMYK, ...) becomes one a
-    browser shows. JPEGs decode at a reduced scale (PIL's draft), so a camera photo costs a
-    fraction of its full decode. Raises ``OSError``/``ValueError`` for an unreadable file."""
+def thumbnail(source: bytes | Path, size: int) -> tuple[bytes, str]:
+    """``source`` (an image file or its bytes) at most ``size`` pixels on its longer side, as
+    ``(bytes, media type)``: an upright PNG/JPEG/GIF/WebP within the size as it is (a 28 px PNG
+    stays lossless), anything else as a JPEG shrunk to it, upright and in RGB, so any format
+    PIL reads (TIFF, 16-bit PNG, CMYK, ...) becomes one a browser shows. JPEGs decode at a
+    reduced scale (PIL's draft), so a camera photo costs a fraction of its full decode. Raises
+    ``OSError``/``ValueError`` for an unreadable file."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     with _decoding, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # an indexed image
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with Image.open(io.BytesIO(data)) as im:
+            shown_as_is = BROWSER_FORMATS.get(im.format or "")
+            if shown_as_is and max(im.size) <= size and im.mode in ("RGB", "RGBA", "L", "P") \
+                    and upright(im) is im:
+                return data, shown_as_is
             im.draft(None, (size, size))  # JPEG only: decode at the smallest scale >= size
             image = convert_image(im)  # upright, 16-bit scaled (PIL cannot shrink 16-bit)
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
-    return out.getvalue()
+    return out.getvalue(), "image/jpeg"
