@@ -341,6 +341,7 @@ def test_fine_tunes_from_cliplab_adapt_merge_against_their_base(family, tmp_path
                  str(base), "--out", str(tmp_path / "soup"), "--no-progress"]) == 0
     record = json.loads((tmp_path / "soup" / "merge.json").read_text())
     assert record["origin"]["unrecorded"] == []
+    assert (tmp_path / "soup" / "head.safetensors").is_file()  # their heads, averaged
     assert read_origin(tmp_path / "soup")["fingerprint"] == weights_fingerprint(_state(base))
     assert main(["merge", "--method", "uniform", "--models", *map(str, outs), "--base",
                  str(fts[0]), "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
@@ -475,27 +476,71 @@ def test_the_base_given_among_the_models_is_no_unrecorded_ingredient(family, tmp
     assert record["origin"]["unrecorded"] == []
 
 
-def test_models_with_classifier_heads_are_warned_of(family, tmp_path, capsys):
-    """Fine-tunes of `--method finetune` carry head.safetensors: the soup merges the towers
-    only, and was scored with the zero-shot text head, without a word."""
+def _with_head(folder, out, seed: int, classnames=None):
+    """A copy of ``folder`` with a seeded classifier head (digits' classes by default)."""
+    from cliplab.adapt.head import ClassifierHead
+    from cliplab.data.sources import load_source
+
+    names = classnames or load_source({"source": "digits", "split": "test"}).classnames
+    shutil.copytree(folder, out)
+    weight = torch.randn(len(names), 16, generator=torch.Generator().manual_seed(seed))
+    ClassifierHead(weight, 10.0 + seed, names).save(out)
+    return out
+
+
+def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, capsys):
+    """Fine-tunes of `adapt --method finetune` carry head.safetensors: a soup dropped them (and
+    scored candidates with the zero-shot text head), though Model Soups averages the whole
+    model. The heads are averaged with the same weights as the towers, and each candidate is
+    scored with its own head, as `cliplab eval` scores a folder with its head."""
+    from cliplab.adapt.head import ClassifierHead
+    from cliplab.evaluate.suite import run_task
+    from cliplab.evaluate.tasks import TaskContext
+
     _, _, fts = family
-    headed = []
-    for i, folder in enumerate(fts[:2]):
-        copy = tmp_path / f"ft{i}"
-        shutil.copytree(folder, copy)
-        (copy / "head.safetensors").write_bytes(b"")  # only its presence is looked at
-        headed.append(copy)
-    run_merge({"method": "uniform", "models": [str(headed[0]), str(fts[2])],
-               "out": str(tmp_path / "o1")}, progress=False)
+    headed = [_with_head(ft, tmp_path / f"h{i}", i) for i, ft in enumerate(fts)]
+    heads = [ClassifierHead.load(h) for h in headed]
+    rec = run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
+                     "weights": [1, 3], "out": str(tmp_path / "u")}, progress=False)
+    assert "warning" not in capsys.readouterr().err and "head" in rec
+    merged = ClassifierHead.load(tmp_path / "u")
+    assert merged.classnames == heads[0].classnames
+    torch.testing.assert_close(merged.weight, 0.25 * heads[0].weight + 0.75 * heads[1].weight)
+    assert merged.scale.item() == pytest.approx(0.25 * 10 + 0.75 * 11)
+    # the greedy soup scores every candidate with its head: an ingredient's score is what
+    # evaluating its folder with its head gives
+    rec = run_merge({"method": "greedy", "models": [str(h) for h in headed],
+                     "heldout": HELDOUT, "out": str(tmp_path / "g")}, progress=False)
+    for folder, head in zip(headed, heads):
+        own = run_task(DualEncoder.load(folder), HELDOUT, TaskContext(classifier=head))["acc1"]
+        assert rec["heldout"]["scores"][str(folder)] == pytest.approx(own)
+        text = run_task(DualEncoder.load(folder), HELDOUT)["acc1"]
+        assert own != text  # the two heads differ: the score tells which one was used
+    kept = rec["greedy"]["kept"]  # the folders kept
+    expected = torch.stack([ClassifierHead.load(k).weight for k in kept]).mean(0)
+    torch.testing.assert_close(ClassifierHead.load(tmp_path / "g").weight, expected)
+    # --overwrite replaces a merge output holding a head
+    run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
+               "out": str(tmp_path / "u")}, progress=False, overwrite=True)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("some", "only 1 of the 2 models carry one"),
+    ("classes", "they are heads of different classes"),
+    ("stock", "model-stock combines task vectors of the towers only")])
+def test_heads_a_merge_cannot_average_are_warned_of(family, tmp_path, capsys, case, why):
+    _, base, fts = family
+    first = _with_head(fts[0], tmp_path / "h0", 0)
+    second = {"some": lambda: fts[1], "stock": lambda: _with_head(fts[1], tmp_path / "h1", 1),
+              "classes": lambda: _with_head(fts[1], tmp_path / "h1", 1,
+                                            [f"c{i}" for i in range(10)])}[case]()
+    cfg = {"method": "model-stock" if case == "stock" else "uniform",
+           "models": [str(first), str(second)], "out": str(tmp_path / "o")}
+    if case == "stock":
+        cfg["base"] = str(base)
+    run_merge(cfg, progress=False)
     assert capsys.readouterr().err.strip() == (
-        f"merge: warning: 1 of the 2 models carry a classifier head (head.safetensors, e.g. "
-        f"{headed[0]}); the heads are not merged (the merged folder has none)")
-    assert not (tmp_path / "o1" / "head.safetensors").exists()
-    run_merge({"method": "uniform", "models": [str(p) for p in headed], "out": str(tmp_path / "o2"),
-               "heldout": HELDOUT}, progress=False)
-    assert capsys.readouterr().err.strip().endswith(
-        "(the merged folder has none), and the held-out scores use the zero-shot text head, "
-        "not theirs")
-    run_merge({"method": "uniform", "models": [str(fts[0]), str(fts[1])],
-               "out": str(tmp_path / "o3")}, progress=False)
-    assert "warning" not in capsys.readouterr().err
+        f"merge: warning: models carry a classifier head (head.safetensors, e.g. {first}) that "
+        f"is not merged ({why}): the merged folder has none, and held-out scores use the "
+        "zero-shot text head")
+    assert not (tmp_path / "o" / "head.safetensors").exists()

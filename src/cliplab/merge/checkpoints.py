@@ -179,10 +179,10 @@ def check_origin(models: list[Ingredient], base: Ingredient | None) -> dict:
 
 def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str | Path,
                 origin: dict | None, record: dict,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, head=None) -> Path:
     """Write ``state`` as a normal model folder (config, tokenizer and cliplab.json of
-    ``template``) in ``dtype`` plus ``merge.json``; ``cliplab.json`` records the common
-    pretrained origin.
+    ``template``) in ``dtype`` plus ``merge.json`` (and ``head``'s ``head.safetensors``, a
+    soup's averaged classifier); ``cliplab.json`` records the common pretrained origin.
     It is built in a hidden folder beside ``out`` and renamed to ``out`` complete (replacing
     what was there)."""
     out = Path(out)
@@ -198,5 +198,7 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
         set_config_dtype(work / "config.json", dtype)
         if origin and origin.get("fingerprint"):
             write_origin(work, origin.get("path"), origin["fingerprint"])
+        if head is not None:
+            head.save(work)
         write_json(work / "merge.json", record)
     return out

@@ -4,7 +4,7 @@ model folder plus ``merge.json``."""
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +17,11 @@ from cliplab.errors import ConfigError, ModelError
 from cliplab.evaluate.metrics import COUNT_KEYS
 from cliplab.evaluate.suite import report_skips, run_task, task_spec
 from cliplab.evaluate.tasks import TaskContext
-from cliplab.merge.checkpoints import (check_architecture, check_origin, ingredient_folder,
-                                       load_ingredient, save_merged)
-from cliplab.adapt.head import HEAD_FILE
+from cliplab.merge.checkpoints import (Ingredient, check_architecture, check_origin,
+                                       ingredient_folder, load_ingredient, save_merged)
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.dtypes import dtype_record, merged_dtype
+from cliplab.merge.heads import HEAD_FILE, soup_heads, split_head, with_head
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.state import StateDict
 from cliplab.merge.streamed import STREAMED, linear_merge, skeleton
@@ -30,7 +30,9 @@ from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import MODEL_FOLDER, check_out
 
 # what --overwrite may replace: a previous merge output (a model folder with its merge.json)
-MERGE_OUTPUT = MODEL_FOLDER.plus("merge.json")
+# a model folder, merge.json, and a soup's averaged head when its models carried one
+MERGE_OUTPUT = dataclasses.replace(MODEL_FOLDER.plus("merge.json"),
+                                   names=MODEL_FOLDER.names | {HEAD_FILE})
 
 
 def folder_spec(spec: ModelSpec, option: str) -> ModelSpec:
@@ -74,19 +76,26 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
 
 def heldout_evaluator(template: DualEncoder, task: dict, metric: str,
                       progress: bool = False, where: str = "the merge config",
-                      dtype: torch.dtype = torch.float32) -> Callable[[StateDict], float]:
+                      dtype: torch.dtype = torch.float32,
+                      classnames: list[str] | None = None) -> Callable[[StateDict], float]:
     """A function scoring weights on the held-out eval ``task`` (an eval-suite task spec) by
     ``metric``, with the weights loaded into ``template`` rounded to ``dtype`` (what the merged
-    folder is saved in); a metric the task does not give is an error naming the config
-    ``where`` it was set (known only once the task has run)."""
+    folder is saved in) — and a head riding in them (`split_head`, of ``classnames``) as the
+    classifier, as `cliplab eval` scores a folder with its head; a metric the task does not
+    give is an error naming the config ``where`` it was set (known only once the task has
+    run)."""
     spec = task_spec(task, "heldout")
     # its files decoded to the model's input once, for every weights scored
     context = TaskContext(progress=progress, model_input=template.preprocess_config)
     report_skips("heldout", spec, context)  # told once, before any scoring
 
     def evaluate(state: StateDict) -> float:
-        template.model.load_state_dict(as_saved(state, dtype), strict=True)
-        metrics = run_task(template, spec, context.for_new_weights())
+        weights, head = split_head(as_saved(state, dtype), classnames)
+        template.model.load_state_dict(weights, strict=True)
+        scoring = context.for_new_weights()
+        if head is not None:
+            scoring = dataclasses.replace(scoring, classifier=head)
+        metrics = run_task(template, spec, scoring)
         scores = sorted(k for k in metrics if k not in COUNT_KEYS)
         if metric not in scores:
             raise ConfigError(f"{where}: metric: the held-out task gives "
@@ -104,18 +113,6 @@ def as_saved(state: StateDict, dtype: torch.dtype) -> StateDict:
     return {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def warn_of_heads(paths: list[str], scored: bool) -> None:
-    """Tell on stderr when models to merge carry a classifier head (`--method finetune` and
-    friends): only the towers are merged, and held-out scores use the zero-shot text head, not
-    theirs, so a classifier's soup is ranked by another classifier than the one it trained."""
-    with_head = [p for p in paths if (Path(p) / HEAD_FILE).is_file()]
-    if with_head:
-        print(f"merge: warning: {len(with_head)} of the {len(paths)} models carry a classifier "
-              f"head ({HEAD_FILE}, e.g. {with_head[0]}); the heads are not merged (the merged "
-              "folder has none)" + (", and the held-out scores use the zero-shot text head, "
-                                    "not theirs" if scored else ""), file=sys.stderr)
-
-
 def run_merge(cfg: MergeConfig | dict, progress: bool = True,
               where: str = "the merge config", overwrite: bool = False) -> dict:
     """Merge as ``cfg`` says (see `MergeConfig`); returns the ``merge.json`` record.
@@ -123,17 +120,28 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     start = time.time()
     cfg = checked_config(cfg, where, overwrite)
     method, paths = cfg.method, [m.name for m in cfg.models]
-    warn_of_heads(paths, scored=cfg.heldout is not None)
+    heads = soup_heads(method, paths)  # averaged with the towers, or warned of
+    classnames = heads[0].classnames if heads else None
+
+    def load(path: str, i: int | None) -> Ingredient:
+        """Model ``i``'s folder with its head riding in its weights; the base (``i`` None,
+        given to a soup for its origin only) gets the first's, so the tensors it is checked
+        against match (a soup never mixes the base in)."""
+        ingredient = load_ingredient(path)
+        if heads:
+            ingredient.state = with_head(ingredient.state, heads[i if i is not None else 0])
+        return ingredient
+
     base_path = cfg.base.name if cfg.base else None
     # a merge linear in the models is summed as each loads: all of them are never held
     streamed = method in STREAMED
-    base = load_ingredient(base_path) if base_path and streamed else None
+    base = load(base_path, None) if base_path and streamed else None
     summed = linear_merge(method, len(paths), cfg.weights, cfg.scale,
                           base.state if base else None) if streamed else None
     loaded = []
-    for path in tqdm(paths + ([base_path] if base_path and not streamed else []),
-                     desc="load models", disable=not progress, leave=False):
-        ingredient = load_ingredient(path)
+    for i, path in enumerate(tqdm(paths + ([base_path] if base_path and not streamed else []),
+                                  desc="load models", disable=not progress, leave=False)):
+        ingredient = load(path, i if i < len(paths) else None)
         if summed is not None:
             # against the first model (the first against the base), as with all loaded
             check_architecture([loaded[0], ingredient] if loaded else
@@ -155,7 +163,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     if cfg.heldout:
         template = DualEncoder.load(paths[0], cfg.device)
         evaluate = heldout_evaluator(template, cfg.heldout, cfg.metric, where=where,
-                                     dtype=dtype)
+                                     dtype=dtype, classnames=classnames)
     record: dict = {"method": method, "models": paths, "base": base_path,
                     "origin": origin, "heldout": None,
                     **dtype_record([m.name for m in loaded], [m.dtype for m in loaded])}
@@ -163,7 +171,8 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     if evaluate is not None:
         for m in tqdm(loaded, desc="score models", disable=not progress, leave=False):
             # a summed model's weights are read again (the base's were kept)
-            state = load_ingredient(m.path).state if streamed and m is not base else m.state
+            state = load(m.name, paths.index(m.name)).state if streamed and m is not base \
+                else m.state
             scores[m.name] = evaluate(state)
 
     inputs = MergeInputs(states, names, base.state if base else None, scores, evaluate,
@@ -178,7 +187,10 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
         record["heldout"] = {"task": cfg.heldout, "metric": cfg.metric, "scores": scores,
                              "merged": merged_score if merged_score is not None
                              else evaluate(merged)}
+    merged, head = split_head(merged, classnames)
+    if head is not None:
+        record["head"] = f"the mean of the models' {HEAD_FILE} (the same weights as the towers)"
     record["wall_time_s"] = round(time.time() - start, 1)
-    save_merged(paths[0], merged, cfg.out, origin, record, dtype)
+    save_merged(paths[0], merged, cfg.out, origin, record, dtype, head)
     record["out"] = str(cfg.out)
     return record
