@@ -552,17 +552,23 @@ def test_a_second_run_into_an_out_being_written_is_refused(tiny_model_dir, tmp_p
     mixed two configs. The output is held while a command runs; the other is refused."""
     import os
 
-    from cliplab.output_folder import claimed
+    from cliplab.output_folder import hold, holding_outputs
 
     out = tmp_path / "soup"
     args = ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]
-    with claimed(tmp_path / "x" / ".." / "soup"):  # one output however it is written
+    with holding_outputs():  # as a command in another process holds its output
+        hold(tmp_path / "x" / ".." / "soup")  # one output however it is written
         assert main(args) == 2
         assert _one_line(capsys) == (f"--out {out} is being written by another cliplab run "
                                      f"(pid {os.getpid()}); wait for it to end, or choose "
                                      "another --out")
         assert not out.exists()
+        # an out set in a config file (not --out) is held too: pretrain's, data shard's
+        (tmp_path / "shard.yaml").write_text(f"data: {{source: shapes, n: 4}}\nout: {out}\n")
+        assert main(["data", "shard", "--config", str(tmp_path / "shard.yaml")]) == 2
+        assert "is being written by another cliplab run" in _one_line(capsys)
     assert main(args) == 0  # released with the block (a killed holder's lock goes with it)
+    hold(out)  # outside a command (the Python API) nothing is held
 
 
 def test_sigterm_is_an_interruption_that_cleans_up(tiny_model_dir, tmp_path, monkeypatch, capsys):

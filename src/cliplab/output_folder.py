@@ -11,6 +11,7 @@ the same kind: a folder replaced whole must hold nothing but that output's own f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -167,6 +168,7 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
         raise error(f"--out {out} is a file; choose a folder")
     check_apart_from_inputs(out, inputs, error)
     check_writable(out, error)
+    hold(path, error)
     if not path.is_dir() or not any(path.iterdir()):
         return path
     is_previous = previous is not None and previous(path)
@@ -193,37 +195,58 @@ def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
                     "permission); choose another folder")
 
 
+# the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
+_HELD: contextvars.ContextVar[dict[Path, Any] | None] = contextvars.ContextVar("held_outputs",
+                                                                              default=None)
+
+
 @contextlib.contextmanager
-def claimed(out: str | os.PathLike | None, error: type[CliplabError] = ConfigError
-            ) -> Iterator[None]:
-    """Hold ``out`` while the block runs: another cliplab process given the same output (two
-    runs started together: each passed the checks before the other wrote anything) is refused
-    in one line instead of mixing, losing or hiding results. An advisory lock on a file named
-    by the resolved path in the temporary folder, which the system releases however the
-    process ends (a kill included)."""
-    if out is None:
+def holding_outputs() -> Iterator[None]:
+    """Within it (a command's run), each output the command checks (`hold`) is held until the
+    block ends: another cliplab process given the same output — two runs started together,
+    each passing the checks before the other wrote anything — is refused in one line instead
+    of mixing, losing or hiding results."""
+    held: dict[Path, Any] = {}
+    token = _HELD.set(held)
+    try:
         yield
+    finally:
+        _HELD.reset(token)
+        for handle in held.values():
+            handle.close()  # closing the file releases its lock
+
+
+def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
+    """Hold ``out`` for the command running (`holding_outputs`; nothing outside one, and
+    nothing on torchrun's ranks but rank 0, which writes for them): an advisory lock on a file
+    named by the resolved path in the temporary folder, which the system releases however the
+    process ends (a kill included). A ``error`` naming the holder if another process has it."""
+    held = _HELD.get()
+    if held is None or os.environ.get("RANK", "0") != "0":
         return
     path = Path(out).expanduser().resolve()
+    if path in held:
+        return
     locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
-    locks.mkdir(mode=0o700, exist_ok=True)
-    lock = locks / (hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise error(f"--out {out} is being written by another cliplab run ({holder}); "
-                        "wait for it to end, or choose another --out") from None
+    try:
+        locks.mkdir(mode=0o700, exist_ok=True)
+        handle = open(locks / (hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"),
+                      "a+")
+    except OSError:  # no usable temporary folder: the checks stand without the hold
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise error(f"--out {out} is being written by another cliplab run ({holder}); wait "
+                    "for it to end, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    held[path] = handle
 
 
 def partial_path(out: Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from cliplab.errors import ConfigError
-from cliplab.output_folder import check_apart_from_inputs, check_writable, write_json
+from cliplab.output_folder import check_apart_from_inputs, check_writable, hold, write_json
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -111,6 +111,7 @@ def check_run_out(out: str | Path, inputs: Iterable[str | None] = (), resume: st
     check_new_run(out, resume, resumable)
     check_apart_from_inputs(out, inputs)
     check_writable(out)
+    hold(out)
     check_no_foreign_files(out)
 
 

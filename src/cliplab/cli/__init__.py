@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cliplab: error: {refusal}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        with warnings.catch_warnings(), _sigterm_as_interruption(), _output_held(args):
+        with warnings.catch_warnings(), _sigterm_as_interruption(), _holding_outputs():
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
             return COMMANDS[args.command].run(args)
@@ -219,15 +219,11 @@ def _sigterm_as_interruption() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def _output_held(args: argparse.Namespace):
-    """The command's ``--out`` held for its run (`claimed`): by the one process writing it
-    (torchrun's rank 0 for its ranks)."""
-    out = getattr(args, "out", None)
-    if not isinstance(out, (str, os.PathLike)) or os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
-    from cliplab.output_folder import claimed  # imports torch: not for --help
+def _holding_outputs():
+    """The outputs the command checks held while it runs (`holding_outputs`)."""
+    from cliplab.output_folder import holding_outputs  # imports torch: not for --help
 
-    return claimed(out)
+    return holding_outputs()
 
 
 def _local_rank0_says_it(args: argparse.Namespace) -> bool:
