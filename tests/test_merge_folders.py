@@ -497,7 +497,7 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
     from cliplab.evaluate.suite import run_task
     from cliplab.evaluate.tasks import TaskContext
 
-    _, _, fts = family
+    _, base, fts = family
     headed = [_with_head(ft, tmp_path / f"h{i}", i) for i, ft in enumerate(fts)]
     heads = [ClassifierHead.load(h) for h in headed]
     rec = run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
@@ -516,6 +516,12 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
         assert rec["heldout"]["scores"][str(folder)] == pytest.approx(own)
         text = run_task(DualEncoder.load(folder), HELDOUT)["acc1"]
         assert own != text  # the two heads differ: the score tells which one was used
+    # a base given for the origin is scored as itself: zero-shot, with no fine-tune's head
+    with_base = run_merge({"method": "greedy", "models": [str(h) for h in headed[:2]],
+                           "base": str(base), "heldout": HELDOUT, "out": str(tmp_path / "gb")},
+                          progress=False)
+    assert with_base["heldout"]["scores"][str(base)] == pytest.approx(
+        run_task(DualEncoder.load(base), HELDOUT)["acc1"])
     kept = rec["greedy"]["kept"]  # the folders kept
     expected = torch.stack([ClassifierHead.load(k).weight for k in kept]).mean(0)
     torch.testing.assert_close(ClassifierHead.load(tmp_path / "g").weight, expected)

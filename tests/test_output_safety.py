@@ -589,8 +589,19 @@ def test_sigterm_is_an_interruption_that_cleans_up(tiny_model_dir, tmp_path, mon
             os.kill(os.getpid(), signal.SIGTERM)
             yield folder
 
+    import cliplab.output_folder as output_folder
+
+    import shutil
+    import types
+
+    def killed_again_while_cleaning(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a second kill must not cut the cleanup short
+        return shutil.rmtree(path, *args, **kwargs)
+
     out = tmp_path / "oc"
     monkeypatch.setattr(atomic, "built_beside", killed_while_writing)
+    monkeypatch.setattr(output_folder, "shutil", types.SimpleNamespace(
+        rmtree=killed_again_while_cleaning))
     before = signal.getsignal(signal.SIGTERM)
     assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]) == 143
     assert capsys.readouterr().err.strip() == "cliplab: terminated"
@@ -611,8 +622,9 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
 
     ro = tmp_path / "ro"
     ro.mkdir()
+    real = os.access
     monkeypatch.setattr(output_folder.os, "access",
-                        lambda path, mode: Path(path) != ro and os.access(path, mode))
+                        lambda path, mode: Path(path) != ro and real(path, mode))
     assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite),
                  "--out", str(ro / "e")]) == 2
     assert _one_line(capsys) == (f"--out {ro / 'e'}: cannot write in {ro} (a read-only file "
@@ -626,3 +638,54 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
     monkeypatch.setattr(evaluate, "run", full)
     assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite)]) == 2
     assert _one_line(capsys) == f"{tmp_path / 'e' / 'x.json'}: No space left on device"
+
+
+def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
+    """On a shared machine another user can make the lock folder first, or plant a link at a
+    lock's (predictable) name to a file of yours: the hold writes 'pid N' into what it opens."""
+    import hashlib
+    import os
+    import tempfile
+
+    from cliplab.output_folder import hold, holding_outputs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
+    mine = tmp_path / "thesis.txt"
+    mine.write_text("years of work")
+    out = tmp_path / "out"
+    locks.mkdir(mode=0o700)
+    (locks / (hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock")) \
+        .symlink_to(mine)
+    with holding_outputs():
+        hold(out)  # the link is not followed: no hold, no error, the file untouched
+    assert mine.read_text() == "years of work"
+    locks.chmod(0o777)  # a folder others may write in is not used at all
+    with holding_outputs():
+        hold(tmp_path / "other")
+    assert sorted(p.name for p in locks.iterdir()) == [
+        hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"]
+
+
+def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, tmp_path,
+                                                          monkeypatch, capsys):
+    """merge, export, convert, curate and index build beside --out and rename: an empty,
+    writable --out in a parent that takes no new entries passed the check, and merge ran in
+    full before failing."""
+    import os
+
+    import cliplab.output_folder as output_folder
+
+    parent = tmp_path / "ro"
+    (parent / "out").mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(output_folder.os, "access",
+                        lambda path, mode: Path(path) != parent and real(path, mode))
+    assert main(_merge([run, tiny_model_dir], parent / "out")) == 2
+    assert _one_line(capsys) == (f"--out {parent / 'out'}: cannot write in {parent}, where it "
+                                 "is built before it is renamed into place (a read-only file "
+                                 "system, or no permission); choose another folder")
+    assert main(["export", str(tiny_model_dir), "--format", "onnx", "--out",
+                 str(parent / "out")]) == 2
+    assert "where it is built before it is renamed into place" in _one_line(capsys)

@@ -741,6 +741,8 @@ def test_a_stopped_data_shard_run_is_never_read_as_the_whole_set(tmp_path, monke
         load_source({"source": "shards", "path": str(out)})
     with pytest.raises(DataError, match=f"^{unfinished}"):
         ShardStream(str(out))
+    with pytest.raises(DataError, match=f"^{unfinished}"):  # its tars named one by one
+        ShardStream([str(p) for p in sorted(out.glob("*.tar"))])
     capsys.readouterr()
     for argv in (["data", "shard", "--data", str(out), "--out", str(tmp_path / "again")],
                  ["index", "--model", "tiny-clip", "--data", str(out), "--out",

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,6 +201,18 @@ _HELD: contextvars.ContextVar[dict[Path, Any] | None] = contextvars.ContextVar("
                                                                               default=None)
 
 
+def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = ConfigError
+                          ) -> None:
+    """`check_writable` for an output built in a folder beside it and renamed into place
+    (merge, export, convert, curate, index): its parent folder must take new entries too."""
+    check_writable(out, error)
+    parent = Path(out).expanduser().absolute().parent
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"--out {out}: cannot write in {parent}, where it is built before it is "
+                    "renamed into place (a read-only file system, or no permission); choose "
+                    "another folder")
+
+
 @contextlib.contextmanager
 def holding_outputs() -> Iterator[None]:
     """Within it (a command's run), each output the command checks (`hold`) is held until the
@@ -216,23 +229,38 @@ def holding_outputs() -> Iterator[None]:
             handle.close()  # closing the file releases its lock
 
 
+def _lock_file(name: str):
+    """The lock file ``name`` in this user's private folder of the temporary directory, open
+    for reading and writing; None when that folder is not this user's alone (on a shared
+    machine another user could have made it, with a link planted in it to a file of yours)."""
+    locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
+    try:
+        locks.mkdir(mode=0o700, exist_ok=True)
+        mine = locks.lstat()
+        if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.getuid() or \
+                mine.st_mode & 0o077:
+            return None
+        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    return os.fdopen(fd, "r+")
+
+
 def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
     """Hold ``out`` for the command running (`holding_outputs`; nothing outside one, and
     nothing on torchrun's ranks but rank 0, which writes for them): an advisory lock on a file
     named by the resolved path in the temporary folder, which the system releases however the
     process ends (a kill included). A ``error`` naming the holder if another process has it."""
     held = _HELD.get()
-    if held is None or os.environ.get("RANK", "0") != "0":
+    other_rank = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and \
+        os.environ.get("RANK", "0") != "0"
+    if held is None or other_rank:
         return
     path = Path(out).expanduser().resolve()
     if path in held:
         return
-    locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
-    try:
-        locks.mkdir(mode=0o700, exist_ok=True)
-        handle = open(locks / (hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"),
-                      "a+")
-    except OSError:  # no usable temporary folder: the checks stand without the hold
+    handle = _lock_file(hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
+    if handle is None:  # no private temporary folder: the checks stand without the hold
         return
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

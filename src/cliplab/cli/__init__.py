@@ -210,6 +210,7 @@ def _sigterm_as_interruption() -> Iterator[None]:
         return
 
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
         raise Terminated
 
     before = signal.signal(signal.SIGTERM, stop)

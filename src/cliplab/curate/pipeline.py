@@ -43,8 +43,8 @@ from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.errors import ConfigError, DataError, ModelError
-from cliplab.output_folder import (check_writable, hold, partial_path, remove_own_work, swap_in,
-                                   write_json)
+from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
+                                   swap_in, write_json)
 
 FORMAT = 1
 READ_STEP = "read"
@@ -158,7 +158,7 @@ def _check_step_models(config: CurateConfig) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    check_writable(out)
+    check_writable_beside(out)  # OUT.partial is made beside it
     hold(out)
     if not out.exists():
         return

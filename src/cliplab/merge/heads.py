@@ -50,10 +50,13 @@ def with_head(state: StateDict, head: ClassifierHead) -> StateDict:
 
 def split_head(state: StateDict, classnames: list[str] | None
                ) -> tuple[StateDict, ClassifierHead | None]:
-    """The model's own weights of ``state`` and the head riding in it (None without one)."""
+    """The model's own weights of ``state`` and the head riding in it (None without one, or
+    when ``classnames`` is None: the head is dropped)."""
     if HEAD_KEYS[0] not in state:
         return state, None
     model = {k: v for k, v in state.items() if k not in HEAD_KEYS}
+    if classnames is None:
+        return model, None
     head = ClassifierHead(state[HEAD_KEYS[0]].float(), float(state[HEAD_KEYS[1]].float()[0]),
                           classnames or [])
     return model, head

@@ -27,7 +27,7 @@ from cliplab.merge.state import StateDict
 from cliplab.merge.streamed import STREAMED, linear_merge, skeleton
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.spec import ModelSpec
-from cliplab.output_folder import MODEL_FOLDER, check_out
+from cliplab.output_folder import MODEL_FOLDER, check_out, check_writable_beside
 
 # what --overwrite may replace: a previous merge output (a model folder with its merge.json)
 # a model folder, merge.json, and a soup's averaged head when its models carried one
@@ -71,6 +71,7 @@ def checked_config(cfg: MergeConfig | dict, where: str = "the merge config",
     # holds it or lies inside it
     inputs = given + [m.name for m in cfg.models + ([cfg.base] if cfg.base else [])]
     check_out(cfg.out, "merge", inputs, overwrite, MERGE_OUTPUT)
+    check_writable_beside(cfg.out)  # built beside it: refused before loading any model
     return cfg
 
 
@@ -173,6 +174,8 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
             # a summed model's weights are read again (the base's were kept)
             state = load(m.name, paths.index(m.name)).state if streamed and m is not base \
                 else m.state
+            if m is base:  # its head only matched the keys: the base is scored zero-shot
+                state = split_head(state, None)[0]
             scores[m.name] = evaluate(state)
 
     inputs = MergeInputs(states, names, base.state if base else None, scores, evaluate,

@@ -141,10 +141,10 @@ def model_folder(path: str | Path) -> Path:
             raise ModelError(f"{latest} holds no {MODEL_DIR}/ folder (it holds {held}): "
                              + _partial_run_hint(path, latest))
         if not (path / RESULTS_FILE).is_file():
-            # a killed run's step-20 of 46 was scored, merged and reported as if it were the run
+            # a killed run's step-20 of 46 was scored, merged and reported as if it were the run;
+            # warned from here (not the caller): said once however many readers resolve it
             warnings.warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
-                          f"end, or still runs; using its newest checkpoint, {latest.name}",
-                          stacklevel=2)
+                          f"end, or still runs; using its newest checkpoint, {latest.name}")
         return latest / MODEL_DIR
     return path
 

@@ -38,8 +38,8 @@ from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
-from cliplab.output_folder import (check_writable, hold, partial_path, remove_own_work, swap_in,
-                                   write_json)
+from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
+                                   swap_in, write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
@@ -93,7 +93,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     for key in ("path",):
         if key in spec and Path(spec[key]).resolve() == out:
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
-    check_writable(out)
+    check_writable_beside(out)  # OUT.partial is made beside it
     hold(out)
     existing = read_index_json(out) if out.is_dir() else None
     if out.exists() and not cfg.add:

@@ -96,6 +96,8 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         paths = [Path(p) for p in urls]
     if not paths:
         raise DataError("no shard paths given")
+    for folder in dict.fromkeys(p.parent for p in paths):  # named one by one: their folders
+        check_finished(folder)
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"shard not found: {missing[0]}"

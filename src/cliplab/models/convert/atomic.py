@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from cliplab.errors import CliplabError, ModelError
-from cliplab.output_folder import MODEL_FOLDER, built_beside, check_out
+from cliplab.output_folder import MODEL_FOLDER, built_beside, check_out, check_writable_beside
 
 
 @contextlib.contextmanager
@@ -18,6 +18,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False, kind: str = "model",
     ``previous(out)``)."""
     out = Path(out)
     check_out(out, kind, inputs, overwrite, previous, error=ModelError)
+    check_writable_beside(out, ModelError)
     try:
         with built_beside(out) as tmp:
             yield tmp
