@@ -6,7 +6,9 @@ Used by ``cliplab curate`` and ``cliplab index``; JSON files are written atomica
 refused, an ``--out`` that is, holds or lies inside an input (or a run's checkpoints) is refused,
 a non-empty folder needs ``--overwrite``, and ``--overwrite`` replaces only a previous output of
 the same kind: a folder replaced whole must hold nothing but that output's own files
-(`OutputFiles`), so a file of the user's beside them keeps it from being replaced."""
+(`OutputFiles`), so a file of the user's beside them keeps it from being replaced. While a
+command runs, each output it checked is held (`holding_outputs`, `hold`): a second cliplab process
+given the same output is refused."""
 
 from __future__ import annotations
 
@@ -196,11 +198,6 @@ def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
                     "permission); choose another folder")
 
 
-# the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
-_HELD: contextvars.ContextVar[dict[Path, Any] | None] = contextvars.ContextVar("held_outputs",
-                                                                              default=None)
-
-
 def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = ConfigError
                           ) -> None:
     """`check_writable` for an output built in a folder beside it and renamed into place
@@ -211,6 +208,11 @@ def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = Co
         raise error(f"--out {out}: cannot write in {parent}, where it is built before it is "
                     "renamed into place (a read-only file system, or no permission); choose "
                     "another folder")
+
+
+# the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
+_HELD: contextvars.ContextVar[dict[Path, Any] | None] = contextvars.ContextVar("held_outputs",
+                                                                              default=None)
 
 
 @contextlib.contextmanager
@@ -250,7 +252,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     """Hold ``out`` for the command running (`holding_outputs`; nothing outside one, and
     nothing on torchrun's ranks but rank 0, which writes for them): an advisory lock on a file
     named by the resolved path in the temporary folder, which the system releases however the
-    process ends (a kill included). A ``error`` naming the holder if another process has it."""
+    process ends (a kill included). An ``error`` naming the holder if another process has it."""
     held = _HELD.get()
     other_rank = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and \
         os.environ.get("RANK", "0") != "0"
