@@ -525,6 +525,17 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
     kept = rec["greedy"]["kept"]  # the folders kept
     expected = torch.stack([ClassifierHead.load(k).weight for k in kept]).mean(0)
     torch.testing.assert_close(ClassifierHead.load(tmp_path / "g").weight, expected)
+    # a head of the same classes in another order is put in the first's order, not refused
+    names = heads[1].classnames
+    order = list(reversed(range(len(names))))
+    ClassifierHead(heads[1].weight[order], heads[1].scale.item(),
+                   [names[i] for i in order]).save(headed[1])
+    run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
+               "out": str(tmp_path / "r")}, progress=False)
+    assert "warning" not in capsys.readouterr().err
+    reordered = ClassifierHead.load(tmp_path / "r")
+    assert reordered.classnames == heads[0].classnames
+    torch.testing.assert_close(reordered.weight, 0.5 * heads[0].weight + 0.5 * heads[1].weight)
     # --overwrite replaces a merge output holding a head
     run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
                "out": str(tmp_path / "u")}, progress=False, overwrite=True)

@@ -11,9 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `cliplab serve`, its arguments and its ``--help``, to ``sub``."""
     p = sub.add_parser("serve", help="serve an index: search page and HTTP API",
                        description="Serve an index built by `cliplab index`: a web page (search "
-                       "by text or image, paging, zero-shot labels) and a JSON API (schema at "
-                       "/openapi.json; "
-                       "the /docs page loads Swagger UI from a CDN, so it is blank offline).")
+                       "by text or image, similar images, paging, zero-shot labels) and a JSON "
+                       "API (schema at /openapi.json; the /docs page loads Swagger UI from a "
+                       "CDN, so it is blank offline).")
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -26,16 +26,18 @@ def soup_heads(method: str, paths: list[str]) -> list[ClassifierHead] | None:
     if not with_head:
         return None
     heads = [ClassifierHead.load(p) for p in with_head] if method in SOUPS else []
+    # the same classes in another order (a manifest's order, a folder's sorted one): its rows
+    # put in the first head's order
+    aligned = [h.in_class_order(heads[0].classnames) for h in heads]
     why = None
     if method not in SOUPS:
         why = f"{method} combines task vectors of the towers only"
     elif len(with_head) < len(paths):
         why = f"only {len(with_head)} of the {len(paths)} models carry one"
-    elif any(h.classnames != heads[0].classnames or h.weight.shape != heads[0].weight.shape
-             for h in heads):
+    elif any(h is None or h.weight.shape != heads[0].weight.shape for h in aligned):
         why = "they are heads of different classes"
     if why is None:
-        return heads
+        return aligned
     print(f"merge: warning: models carry a classifier head ({HEAD_FILE}, e.g. {with_head[0]}) "
           f"that is not merged ({why}): the merged folder has none, and held-out scores use "
           "the zero-shot text head", file=sys.stderr)
