@@ -831,3 +831,26 @@ def test_a_skip_reason_names_no_in_memory_buffer():
     with pytest.raises(OSError) as err:
         Image.open(io.BytesIO(b"not an image"))
     assert "BytesIO" in str(err.value) and skip_message(err.value) == "cannot identify image file"
+
+
+def test_a_stopped_process_pool_drops_its_queued_chunks(tmp_path, monkeypatch):
+    """Ctrl-C (or a kill, or a chunk's error) while workers map: leaving the pool waited for
+    every queued chunk to be mapped, then threw the results away (a kill at chunk 1 of 1000
+    waited for all 1000). Queued chunks are cancelled; only those running finish."""
+    from cliplab.curate import engine
+    from tests.curate_slow_step import SlowStep
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    chunks = {c: [{"key": f"k{c}", "caption": "x", "meta": {}, "location": {}}]
+              for c in range(12)}
+
+    def stopped(path, columns, n, what):
+        raise KeyboardInterrupt  # the first chunk back: the user pressed Ctrl-C
+
+    monkeypatch.setattr(engine, "save_columns", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        engine.map_chunks(SlowStep(str(marks), 0.3), chunks, lambda c: tmp_path / f"{c}.npz",
+                          tmp_path, workers=2, progress=False)
+    mapped = len(list(marks.iterdir()))
+    assert 1 <= mapped <= 6, mapped  # those under way when it stopped, not all 12

@@ -80,9 +80,15 @@ def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int],
                                  initializer=_init_worker, initargs=(step,)) as pool:
             futures = {pool.submit(_map_in_worker, records, work): c
                        for c, records in sorted(todo.items())}
-            for future in as_completed(futures):
-                c = futures[future]
-                save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
-                bar.update(len(todo[c]))
+            try:
+                for future in as_completed(futures):
+                    c = futures[future]
+                    save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
+                    bar.update(len(todo[c]))
+            except BaseException:
+                # stopped (Ctrl-C, kill, a chunk's error): the queued chunks are dropped, not
+                # mapped to be thrown away (leaving the pool waited for every one of them)
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     finally:
         bar.close()
