@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead
+from cliplab.merge.state import StateDict
 
 __all__ = ["HEAD_FILE", "HEAD_KEYS", "SOUPS", "soup_heads", "split_head", "with_head"]
-from cliplab.merge.state import StateDict
 
 HEAD_KEYS = ("__head__.weight", "__head__.scale")
 SOUPS = ("uniform", "greedy")  # the methods that average whole models
@@ -20,7 +20,7 @@ SOUPS = ("uniform", "greedy")  # the methods that average whole models
 
 def soup_heads(method: str, paths: list[str]) -> list[ClassifierHead] | None:
     """The heads of ``paths`` when a soup merges them: every model has one, of the same classes
-    in the same order; otherwise None (and a warning when some carry one: only the towers are
+    (rows put in the first's order); otherwise None (and a warning when some carry one: only the towers are
     merged, and held-out scores use the zero-shot text head)."""
     with_head = [p for p in paths if (Path(p) / HEAD_FILE).is_file()]
     if not with_head:
@@ -60,6 +60,6 @@ def split_head(state: StateDict, classnames: list[str] | None
     if classnames is None:
         return model, None
     head = ClassifierHead(state[HEAD_KEYS[0]].float(), float(state[HEAD_KEYS[1]].float()[0]),
-                          classnames or [])
+                          classnames)
     return model, head
 

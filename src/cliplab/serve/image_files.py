@@ -1,6 +1,6 @@
 """Images through the server: uploads decoded (bounded in pixels, and in how many decode at
-once) and fitted to the model's input, and small JPEG thumbnails of indexed images for the
-page's cards."""
+once) and fitted to the model's input, and thumbnails of indexed images, in a format every
+browser shows, for the page's cards."""
 
 from __future__ import annotations
 
