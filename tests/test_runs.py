@@ -72,6 +72,22 @@ def test_dropped_records_leave_tensorboard_with_each_step_once(tmp_path):
         {"step": 4, "loss": 14.0}, {"step": 4, "eval/acc1": 0.5}, {"step": 5, "loss": 0.5}]
 
 
+def test_a_purge_holds_when_the_writer_counter_crosses_a_digit(tmp_path, monkeypatch):
+    """Event file names hold the second, the pid and a per-process counter; TensorBoard reads
+    them in name order. A writer reopened in the same second with counter 10 after 9 sorted
+    first, and the stale step-3 value came back (seen in the suite, which opens many writers)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    run = RunDir(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        run.log({"step": step, "loss": float(step)})
+    run.drop_records_after(2)
+    run.log({"step": 3, "loss": 30.0})
+    run.close()
+    assert scalar_events(tmp_path) == {"loss": [(1, 1.0), (2, 2.0), (3, 30.0)]}
+
+
 def test_tensorboard_can_be_turned_off(tmp_path, monkeypatch):
     RunDir(tmp_path / "flag", tensorboard=False).log({"step": 1, "loss": 1.0})
     monkeypatch.setenv("CLIPLAB_TENSORBOARD", "0")

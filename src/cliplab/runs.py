@@ -181,6 +181,22 @@ def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
             shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
         raise
 
+def _wait_to_name_events_after(folder: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after those in ``folder``.
+
+    TensorBoard reads a folder's event files in name order and applies a writer's purge to the
+    files before its own. A name holds the second, the pid and a per-process counter, so a writer
+    opened in the same second as an earlier one could sort before it (counter 10 < 9 as text) and
+    have its purge undone."""
+    seconds = [int(parts[3]) for parts in
+               (p.name.split(".") for p in folder.glob("events.out.tfevents.*"))
+               if len(parts) > 3 and parts[3].isdigit()]
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if 0 < wait <= 1:  # a file from the future (clock changed) is not waited for
+            time.sleep(wait)
+
+
 class RunDir:
     """The folder one run writes everything into.
 
@@ -268,6 +284,7 @@ class RunDir:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _wait_to_name_events_after(self.path)
             self._writer = SummaryWriter(log_dir=str(self.path), purge_step=self._purge_step)
             # purged once: a writer reopened later must not drop what this one writes
             replay, self._replay, self._purge_step = self._replay, [], None
