@@ -167,7 +167,8 @@ def _md_cell(text: str) -> str:
 def render_markdown(title: str, sources: list[ReportSource], tables: list[Table],
                     figures: list[Figure], out_dir: Path) -> str:
     lines = [REPORT_MARK, f"# {title}", "", "Inputs:", ""]
-    lines += [f"- **{_md_cell(s.label)}**: `{s.path}`" for s in sources]
+    lines += [f"- **{_md_cell(s.label)}**: `{s.path}`"
+              + (f" ({_md_cell(s.note)})" if s.note else "") for s in sources]
     for table in tables:
         lines += ["", f"## {_md_cell(table.title)}", "",
                   "| metric | " + " | ".join(_md_cell(c) for c in table.columns) + " |",
@@ -195,7 +196,8 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", "<p>Inputs:</p><ul>"]
-    parts += [f"<li><b>{e(s.label)}</b>: <code>{e(str(s.path))}</code></li>" for s in sources]
+    parts += [f"<li><b>{e(s.label)}</b>: <code>{e(str(s.path))}</code>"
+              + (f" ({e(s.note)})" if s.note else "") + "</li>" for s in sources]
     parts.append("</ul>")
     for table in tables:
         parts.append(f"<h2>{e(table.title)}</h2><table><thead><tr><th>metric</th>"

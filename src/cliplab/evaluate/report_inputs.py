@@ -42,12 +42,13 @@ def measured(metrics: dict) -> dict:
 @dataclass
 class ReportSource:
     """One model or run: ``sections`` maps a task (or part of a run) to its metrics dict;
-    ``history`` holds the metrics.jsonl records of a run."""
+    ``history`` holds the metrics.jsonl records of a run; ``note`` says what it lacks."""
 
     label: str
     path: Path
     sections: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    note: str = ""
 
 
 def read_json(path: Path) -> dict:
@@ -251,6 +252,11 @@ def read_input(path: str | Path) -> ReportSource:
         if not source.history and not source.sections:  # as a results file without numbers
             raise DataError(f"{path / 'metrics.jsonl'}: no record yet (a run that has just "
                             "started) and no results.json beside it; nothing to report")
+        if "results.json" not in present:
+            # its final evaluation is missing from the task tables: say so, not a blank column
+            source.note = ("no results.json: the run stopped or is still running, so its "
+                           "last logged values only, no final evaluation")
+            print(f"report: {path}: {source.note}", file=sys.stderr)
     return source
 
 
