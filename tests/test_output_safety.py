@@ -279,6 +279,32 @@ def test_merge_leaves_a_users_old_and_partial_folders_beside_out_alone(run, tiny
         ["soup", "soup.old", "soup.partial"]
 
 
+def test_folders_a_killed_build_left_beside_out_are_removed_by_the_next(run, tiny_model_dir,
+                                                                       tmp_path, capsys):
+    """SIGKILL leaves the hidden folder a merge or export was building (a whole model); the
+    next run into that --out, holding it, removes such folders and says so. Other hidden
+    folders, and the Python API (which holds nothing), leave them alone."""
+    from cliplab.output_folder import built_beside
+
+    soup = tmp_path / "soup"
+    left = [tmp_path / ".soup.partial-ab12cd_9", tmp_path / ".soup.old-zz00yy11"]
+    users = [tmp_path / ".soup.partial-mine", tmp_path / ".soupy.partial-ab12cd_9"]
+    for folder in left + users:
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half")
+    (tmp_path / ".api.partial-ab12cd_9").mkdir()
+    with built_beside(tmp_path / "api") as work:  # as the Python API builds: nothing held
+        (work / "x").write_text("1")
+    assert (tmp_path / ".api.partial-ab12cd_9").is_dir() and all(f.is_dir() for f in left)
+    capsys.readouterr()
+    assert main(_merge([tiny_model_dir, run], soup)) == 0
+    err = capsys.readouterr().err
+    for folder in left:
+        assert not folder.exists()
+        assert f"cliplab: removed {folder}, left by a killed run into {soup}" in err
+    assert all(f.is_dir() for f in users)
+
+
 def test_a_folder_called_checkpoints_is_no_run_and_dot_is_no_out_name(run, tiny_model_dir,
                                                                        tmp_path, capsys,
                                                                        monkeypatch):

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -304,6 +305,7 @@ def built_beside(out: Path) -> Iterator[Path]:
     (`swap_in`) when the block succeeds and is removed if it fails, leaving ``out`` as it was.
     The name is new each time, so no folder of the user's is ever taken for it."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_killed_builds(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     as_umask(work)  # mkdtemp's 0700 would become the output's
     try:
@@ -312,6 +314,20 @@ def built_beside(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
         raise
     swap_in(work, out)
+
+
+def remove_killed_builds(out: Path) -> None:
+    """Remove the hidden folders beside ``out`` that a killed run (SIGKILL, a power cut: no
+    clean-up ran) left building or replacing it, ``.OUT.partial-*`` and ``.OUT.old-*``; only
+    while this process holds ``out`` (`hold`), so no other run is building them now."""
+    held = _HELD.get()
+    if not held or Path(out).expanduser().resolve() not in held or not out.parent.is_dir():
+        return
+    left = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[A-Za-z0-9_]{8}")
+    for path in sorted(out.parent.iterdir()):
+        if left.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"cliplab: removed {path}, left by a killed run into {out}", file=sys.stderr)
 
 
 def swap_in(work: Path, out: Path) -> None:
