@@ -358,7 +358,7 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         now = version(item_id)
         tag = f'"{hashlib.sha1(repr((now, size)).encode()).hexdigest()[:20]}"'
         cached = {"ETag": tag, "Cache-Control": "private, no-cache"}
-        if request.headers.get("if-none-match") == tag:
+        if none_match(request.headers.get("if-none-match"), tag):
             return Response(status_code=304, headers=cached)
         data, media_type = small_image(item_id, size, now)
         return Response(data, media_type=media_type, headers=cached)
@@ -368,6 +368,15 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         app.add_middleware(AllowedHosts, hosts=allowed_hosts)
     app.add_middleware(HardeningHeaders)  # added last: outermost, so refusals carry it too
     return app
+
+
+def none_match(header: str | None, tag: str) -> bool:
+    """Whether an If-None-Match header names ``tag``: by weak comparison (RFC 9110: a proxy
+    that compresses marks the tag weak, ``W/"…"``), in a list, or ``*``."""
+    if not header:
+        return False
+    named = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in named or tag.removeprefix("W/") in named
 
 
 @torch.no_grad()
