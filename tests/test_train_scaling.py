@@ -213,6 +213,18 @@ def test_a_locked_image_tower_with_augmentation_runs_every_step(pairs, monkeypat
     assert len(calls) == 3
 
 
+def test_a_locked_tower_stays_in_eval_mode_after_a_mid_run_evaluation(pairs):
+    """LiT's locked tower runs without dropout for the whole run: leaving an evaluation put
+    every submodule back in train mode, the locked tower too, from the first eval_every on."""
+    model = small_model()
+    seen = []
+    model.tower_layers("image")[0].register_forward_pre_hook(
+        lambda m, args: seen.append(m.training))
+    Trainer(model, config(steps=4, lock_image=True, augment=True, eval_every=1)).fit(
+        pairs, evaluate=lambda m: {"eval/x": 0.0})
+    assert seen == [False] * 4
+
+
 def test_fsdp_in_one_process_is_told_not_silently_dropped(capsys):
     """A recipe with train.fsdp tried out in one process trains the whole model: said."""
     Trainer(small_model(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))

@@ -379,13 +379,15 @@ class DualEncoder(nn.Module):
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module):
-    """Eval mode (no dropout) inside the block, the module's previous mode restored after."""
-    was_training = module.training
+    """Eval mode (no dropout) inside the block; after it each submodule's own previous mode is
+    restored (a locked tower kept in eval mode while the rest trains stays so)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
 
 
 def _no_text_pooling(path: Path) -> str:
