@@ -145,3 +145,13 @@ def test_a_replay_spec_without_ratio_says_it_needs_one():
     assert str(err.value) == ("r.yaml: data.replay: needs 'ratio' (the fraction of each batch, "
                               "e.g. 0.2) and a source spec, e.g. {ratio: 0.2, source: shapes, "
                               "n: 4000}")
+
+
+def test_a_replay_ratio_of_0_is_refused_not_recorded_as_replayed():
+    """ratio 0 gave batches of the new data alone, bit for bit, while config.yaml recorded a
+    replay source: refused in one line."""
+    with pytest.raises(ConfigError) as err:
+        validate(PretrainConfig, {"model": MODEL, "data": {
+            "train": {"source": "shapes"}, "replay": {"ratio": 0, "source": "shapes"}}}, "r.yaml")
+    assert str(err.value) == ("r.yaml: data.replay: ratio 0 replays nothing; give a fraction "
+                              "above 0 (e.g. 0.2) or leave data.replay out")

@@ -55,6 +55,9 @@ class PretrainData(Section):
             raise ValueError("needs 'ratio' (the fraction of each batch, e.g. 0.2) and a source "
                              "spec, e.g. {ratio: 0.2, source: shapes, n: 4000}")
         ratio = _ReplayRatio.model_validate({"ratio": spec["ratio"]}).ratio  # keeps its key
+        if ratio == 0:  # recorded as replayed, yet every batch would be the new data alone
+            raise ValueError("ratio 0 replays nothing; give a fraction above 0 (e.g. 0.2) or "
+                             "leave data.replay out")
         return {"ratio": ratio, **checked_spec({k: v for k, v in spec.items() if k != "ratio"})}
 
 
