@@ -53,6 +53,7 @@ def test_matching_is_the_space_padded_substring_rule():
     assert match("cat:fox?") == [1, 2]  # punctuation is spaced out, as MetaCLIP's `spacing`
     assert match("New\tYork\ncat") == [2, 3]
     assert normalise("  A cat,\tthe DOG. ") == "a cat , the dog ."
+    assert match('a `cat` and a "fox"') == [1, 2]  # MetaCLIP's backtick, and the double quote
 
 
 def test_head_entries_are_capped_at_t_in_expectation_and_tail_entries_kept_whole():

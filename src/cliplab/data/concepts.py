@@ -4,8 +4,9 @@ A sample counts once for a concept if any of its captions mentions it: case-inse
 whole word (not inside another word, nor joined to one by a hyphen, so "shirt" does not match
 "t-shirt"), in singular or regular plural form ("cross"/"crosses", "berry"/"berries"). This is
 the sample frequency of "No 'Zero-Shot' Without Exponential Data" (Udandarao et al. 2024). The
-counting lives here so that evaluation (long-tail) and curation (frequency tables, balancing)
-share it; the tables built on it are in ``cliplab.curate``.
+counting lives here so that evaluation (long-tail) and curation's frequency tables
+(``cliplab.curate.concept_frequency``) share it; MetaCLIP balancing matches entries by its own
+substring rule (``cliplab.curate.steps.balance``), so its entry counts are not these.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """``balance``: MetaCLIP's curation (Xu et al. 2023, "Demystifying CLIP Data", Algorithm 1).
 
 Matching: a caption matches metadata entry ``e`` when ``" e "`` is a substring of
-``" caption "``, both normalised alike: lowercase, the punctuation ``, . ; : ? ! "`` wrapped in
-spaces (as MetaCLIP's ``spacing`` does, so ``"a cat."`` matches ``"cat"``), whitespace collapsed
-to single spaces. On normalised text that is exactly "the entry's words occur contiguously among
+``" caption "``, both normalised alike: the punctuation MetaCLIP's ``spacing`` wraps in spaces
+(``, . ; : ? !`` and the backtick, so ``"a cat."`` matches ``"cat"``) and the double quote
+(``a "coat"`` matches ``coat``), whitespace collapsed to single spaces, and lowercase — unlike
+MetaCLIP's ``substr_matching``, which is case-sensitive (``"A Shirt"`` matches no ``shirt``)
+and leaves quotes on words. On normalised text that is exactly "the entry's words occur contiguously among
 the caption's words", which is how it is computed (a dictionary lookup of every word n-gram up to
 the longest entry, instead of one ``in`` per entry).
 
@@ -49,7 +51,7 @@ from cliplab.curate.concept_frequency import ConceptFrequencies
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.errors import ConfigError, DataError
 
-PUNCTUATION = ',.;:?!"'
+PUNCTUATION = ',.;:?!`"'  # MetaCLIP's spacing, and the double quote
 _PUNCT = re.compile("([" + re.escape(PUNCTUATION) + "])")
 HISTOGRAM_ENTRIES = 1000  # the report's histograms show at most this many entries (the CSVs all)
 
