@@ -92,6 +92,29 @@ def test_a_checkpoint_carries_the_gpu_generator_to_the_resume(tmp_path, pairs, m
     assert torch.equal(gpu["restored"], torch.tensor([7, 7], dtype=torch.uint8))
 
 
+def test_an_extended_run_takes_its_first_resumed_step_at_the_new_schedule(tmp_path, pairs):
+    """More steps on resume: the schedule follows the new length from the step reached. The
+    optimizer came back with the old run's rate, so the first resumed step used it (and a
+    finished run extended took a step at rate 0) while the log showed the new one."""
+    from cliplab.train.schedule import warmup_cosine
+
+    for reached in (3, 6):  # mid-run, and a finished run (its rate at 0)
+        run = RunDir(tmp_path / str(reached))
+        Trainer(small_model(), config(steps=6, save_every=3), run).fit(pairs)
+        used = []
+        handle = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+        try:
+            Trainer(small_model(), config(steps=12, save_every=0), run).fit(
+                pairs, resume=run.checkpoint_dir(reached))
+        finally:
+            handle.remove()
+        expected = [3e-3 * warmup_cosine(step, 12, 2) for step in range(reached, 12)]
+        assert used == pytest.approx(expected, rel=1e-12), reached
+        logged = {r["step"]: r["lr"] for r in run.records() if "lr" in r}
+        assert [logged[step + 1] for step in range(reached, 12)] == pytest.approx(expected)
+
+
 def test_keep_checkpoints_keeps_the_newest_and_the_run_still_resumes(tmp_path, pairs):
     """save_every=1 with keep_checkpoints=2 leaves step-5 and step-6 of a 6-step run (every
     save removes what is older than the newest two), and the run extends from its latest."""

@@ -193,6 +193,11 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
                           f"run's model ({first[-1].strip() if first else type(err).__name__}); "
                           "resume with the model the run started with") from None
     state.scheduler.load_state_dict(saved["scheduler"])
+    # the optimizer came back with the saved run's rates; a run extended since (more steps)
+    # follows its new schedule from this step on, the first step too
+    for group, base, rate in zip(state.optimizer.param_groups, state.scheduler.base_lrs,
+                                 state.scheduler.lr_lambdas):
+        group["lr"] = base * rate(state.scheduler.last_epoch)
     rngs = saved.get("rank_rngs")
     # a checkpoint of another number of ranks (or of an older version) has no state of this
     # rank's: rank 0's is the right one where ranks draw alike (in-memory data)
