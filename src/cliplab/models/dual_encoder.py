@@ -381,7 +381,9 @@ class DualEncoder(nn.Module):
 def evaluating(module: nn.Module):
     """Eval mode (no dropout) inside the block; after it each submodule's own previous mode is
     restored (a locked tower kept in eval mode while the rest trains stays so)."""
-    modes = [(m, m.training) for m in module.modules()]
+    # an ONNX encoder (no submodules) only says it is not training
+    parts = module.modules() if isinstance(module, nn.Module) else [module]
+    modes = [(m, m.training) for m in parts]
     module.eval()
     try:
         yield module
