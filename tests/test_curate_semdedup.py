@@ -54,6 +54,49 @@ def test_a_chain_keeps_both_ends_compared_against_kept_rows_only():
     np.testing.assert_allclose(result.similarity, [0.8818, 0.97, 0.8818], atol=1e-4)
 
 
+def test_compare_earlier_drops_a_chain_as_semdedups_reference_code_does():
+    """SemDeDup's code drops an item near ANY member before it, kept or dropped
+    (max(triu(S, 1), dim=0) > 1 - eps): the chain a~b~c keeps only a, c named as b's duplicate
+    and grouped under a."""
+    theta = np.arccos(0.97)
+    rows = np.stack([angle(0), angle(theta), angle(2 * theta)])
+    result = semantic_duplicates(rows, n_clusters=1, eps=0.05, compare="earlier")
+    assert result.keep.tolist() == [True, False, False]
+    assert result.duplicate_of.tolist() == [-1, 0, 1]
+    np.testing.assert_allclose(result.similarity, [-1.0, 0.97, 0.97], atol=1e-5)
+    assert result.clusters() == [[0, 1, 2]]
+    with pytest.raises(ConfigError, match="unknown compare rule 'all' \\(choose kept or earlier"):
+        semantic_duplicates(rows, n_clusters=1, compare="all")
+
+
+@pytest.mark.parametrize("keep", ["first", "farthest"])
+def test_compare_earlier_equals_the_reference_codes_rule_on_real_images(keep):
+    """sklearn's digits (1797 real 8x8 images): in every cluster, visited in the keep order,
+    an item is dropped exactly when the max of the upper triangle of its column is above
+    1 - eps, and named as a duplicate of that earlier item (the reference's M and its argmax)."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    result = semantic_duplicates(x, n_clusters=12, eps=0.03, seed=0, keep=keep,
+                                 compare="earlier")
+    greedy = semantic_duplicates(x, n_clusters=12, eps=0.03, seed=0, keep=keep)
+    labels, centroids = semdedup.kmeans_assign(x, 12, 0)  # as semantic_duplicates draws it
+    assert labels.tolist() == result.cluster.tolist()
+    order = semdedup._visit_order(labels, x, centroids, keep)
+    for c in range(result.n_clusters):
+        members = [i for i in order if result.cluster[i] == c]
+        sims = x[members] @ x[members].T
+        upper = np.triu(sims, 1)
+        upper[np.tril_indices(len(members))] = -np.inf
+        column_max = upper.max(axis=0)
+        dropped = column_max > 1 - 0.03
+        assert result.keep[members].tolist() == (~dropped).tolist(), c
+        for j in np.flatnonzero(dropped):
+            assert result.duplicate_of[members[j]] == members[int(upper[:, j].argmax())]
+    assert 0 < result.keep.sum() < greedy.keep.sum() < len(x)  # it drops more at the same eps
+
+
 def test_a_pair_exactly_at_the_threshold_is_not_a_duplicate():
     """eps 1: threshold 0. c = (a + b)/sqrt 2 is at 0.707 from a and b: a duplicate of a.
     b's cosine with a is exactly 0, at the threshold, not above it: b is kept (although its

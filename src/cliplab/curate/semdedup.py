@@ -1,10 +1,16 @@
 """SemDeDup (Abbas et al., 2023) on a matrix of embeddings: k-means on the L2-normalised rows,
-then within each cluster drop every item whose cosine similarity to an already kept member
+then within each cluster drop every item whose cosine similarity to a member visited before it
 exceeds ``1 - eps``.
 
-The keep rule: the members of a cluster are visited in a fixed order and an item is kept unless
-it is a near duplicate of a member kept before it (greedy, so a chain a~b~c with a, c apart keeps
-a and c). The order is
+Which earlier members count (``compare``):
+
+- ``"kept"`` (default): only those kept (greedy): a chain a~b~c with a, c apart keeps a and c,
+  so nothing is dropped without a kept near duplicate standing for it.
+- ``"earlier"``: every earlier member, kept or dropped, as SemDeDup's reference code does
+  (``max(triu(S, 1), dim=0) > 1 - eps``): the chain keeps only a. It drops more at the same
+  ``eps``, so the paper's ``eps`` gives the paper's rates with this rule only.
+
+The members of a cluster are visited in a fixed order (``keep``):
 
 - ``"first"`` (default): pool order. The first of a group of near duplicates is kept, as
   `exact_dedup` does, so the kept item does not depend on the clustering (a k-means seed only
@@ -32,6 +38,7 @@ import torch
 from cliplab.errors import ConfigError, DataError
 
 KeepRule = Literal["first", "farthest"]
+CompareRule = Literal["kept", "earlier"]
 BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MB of float32)
 
 
@@ -39,11 +46,13 @@ BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MB of float
 class SemanticDuplicates:
     """The result, arrays aligned with the input rows.
 
-    ``keep``: bool; ``duplicate_of``: for a dropped row the index of the kept row of its cluster
-    it is most similar to, -1 for kept rows; ``similarity``: cosine to the most similar *other
-    kept* row of the same cluster (so kept rows are ``<= threshold`` and dropped ones above it;
-    -1.0 where there is no other kept row); ``cluster``: k-means cluster of each row;
-    ``threshold``: ``1 - eps``.
+    ``keep``: bool; ``duplicate_of``: for a dropped row the row of its cluster it was dropped
+    as a near duplicate of (``compare: kept``: the kept row it is most similar to;
+    ``earlier``: the most similar row visited before it, which may itself be dropped), -1 for
+    kept rows; ``similarity``: for a dropped row its cosine to that row (above ``threshold``),
+    for a kept row to the most similar *other kept* row of the same cluster (``<= threshold``;
+    -1.0 where there is none); ``cluster``: k-means cluster of each row; ``threshold``:
+    ``1 - eps``.
     """
 
     keep: np.ndarray
@@ -54,11 +63,15 @@ class SemanticDuplicates:
     threshold: float
 
     def clusters(self) -> list[list[int]]:
-        """Groups of near duplicates: the kept row first, then the rows dropped as its duplicates
-        (pool order); only groups with at least one dropped row."""
+        """Groups of near duplicates: the kept row first, then the rows dropped as its duplicates,
+        directly or through a chain of dropped ones (pool order); only groups with at least one
+        dropped row."""
         groups: dict[int, list[int]] = {}
         for i in np.flatnonzero(~self.keep):
-            groups.setdefault(int(self.duplicate_of[i]), []).append(int(i))
+            root = int(self.duplicate_of[i])
+            while not self.keep[root]:  # `earlier`: a duplicate of a dropped row (visited before)
+                root = int(self.duplicate_of[root])
+            groups.setdefault(root, []).append(int(i))
         return [[kept, *dropped] for kept, dropped in sorted(groups.items())]
 
 
@@ -137,15 +150,26 @@ def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One cluster's members (unit rows in visit order): ``(kept, similarity to the most similar
-    other kept member, its position)``, from one pass of blocked similarity rows: each row's
+def _earlier_duplicates(m: int, a: np.ndarray, b: np.ndarray,
+                        sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positions ``b`` with any earlier pair ``a < b`` above the threshold (all dropped, as
+    SemDeDup's reference code drops them), and each one's most similar earlier position."""
+    order = np.lexsort((-sim, b))  # per b, the most similar a first
+    b, a, sim = b[order], a[order], sim[order]
+    firsts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]]) if len(b) else np.zeros(0, np.int64)
+    return b[firsts], a[firsts], sim[firsts]
+
+
+def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "kept"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cluster's members (unit rows in visit order): ``(kept, similarity, position)`` as
+    `SemanticDuplicates` holds them, from one pass of blocked similarity rows: each row's
     maximum, and its pairs above the threshold only where that maximum is above it. Rows whose
     most similar member was dropped are then compared with the kept members again."""
     m = len(xc)
     value = np.empty(m, dtype=np.float32)
     index = np.empty(m, dtype=np.int64)
-    first, second = [], []
+    first, second, pair_sims = [], [], []
     for start, stop in _blocks(m, m):
         sims = xc[start:stop] @ xc.T
         sims[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf  # not itself
@@ -156,10 +180,22 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.n
             hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
             first.append(rows[hits[:, 0]] + start)
             second.append(hits[:, 1])
+            pair_sims.append(sims[torch.from_numpy(rows[hits[:, 0]]),
+                                  torch.from_numpy(hits[:, 1])].numpy())
     first = np.concatenate(first) if first else np.zeros(0, np.int64)
     second = np.concatenate(second) if second else np.zeros(0, np.int64)
+    pair_sims = np.concatenate(pair_sims) if pair_sims else np.zeros(0, np.float32)
     upper = first < second
-    kept = _greedy_keep(m, first[upper], second[upper])
+    if compare == "kept":
+        kept = _greedy_keep(m, first[upper], second[upper])
+    elif compare == "earlier":
+        dropped, earlier, earlier_sim = _earlier_duplicates(m, first[upper], second[upper],
+                                                            pair_sims[upper])
+        kept = np.ones(m, dtype=bool)
+        kept[dropped] = False
+    else:
+        raise ConfigError(f"semantic dedup: unknown compare rule {compare!r} (choose kept or "
+                          "earlier)")
     redo = np.flatnonzero(np.isfinite(value) & ~kept[np.maximum(index, 0)])
     if len(redo):  # rows whose most similar member was dropped: their most similar kept one
         kept_pos = np.flatnonzero(kept)
@@ -174,19 +210,25 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.n
             sims[torch.from_numpy(mine), torch.from_numpy(own[mine])] = -math.inf
             v, j = sims.max(dim=1)
             value[part], index[part] = v.numpy(), kept_pos[j.numpy()]
+    if compare == "earlier":  # a dropped row names the earlier one it was dropped for
+        value[dropped], index[dropped] = earlier_sim, earlier
     lonely = ~np.isfinite(value)  # no other kept member
     return kept, np.where(lonely, -1.0, value).astype(np.float32), np.where(lonely, -1, index)
 
 
 def semantic_duplicates(embeddings: np.ndarray, n_clusters: int | Literal["auto"] = "auto",
                         eps: float = 0.05, seed: int = 0, keep: KeepRule = "first",
-                        kmeans_iterations: int = 10,
-                        max_points_per_centroid: int = 64) -> SemanticDuplicates:
+                        kmeans_iterations: int = 10, max_points_per_centroid: int = 64,
+                        compare: CompareRule = "kept") -> SemanticDuplicates:
     """SemDeDup over ``embeddings`` ``[n, d]`` (any scale: rows are L2-normalised first; the
-    input is not modified). ``eps`` in (0, 1]: rows more similar than ``1 - eps`` to a kept row
-    of their cluster are dropped; ``n_clusters`` 1 compares all pairs (exact)."""
+    input is not modified). ``eps`` in (0, 1]: rows more similar than ``1 - eps`` to a row of
+    their cluster visited before them (kept ones only with ``compare="kept"``) are dropped;
+    ``n_clusters`` 1 compares all pairs (exact)."""
     if not 0 < eps <= 1:
         raise ConfigError(f"semantic dedup: eps must be in (0, 1], got {eps}")
+    if compare not in ("kept", "earlier"):
+        raise ConfigError(f"semantic dedup: unknown compare rule {compare!r} (choose kept or "
+                          "earlier)")
     n = len(embeddings)
     threshold = 1.0 - float(eps)
     if n == 0:
@@ -208,7 +250,7 @@ def semantic_duplicates(embeddings: np.ndarray, n_clusters: int | Literal["auto"
     xt = torch.from_numpy(x)
     for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         members = order[start:stop]
-        kept, best, arg = _dedup_cluster(xt[torch.from_numpy(members)], threshold)
+        kept, best, arg = _dedup_cluster(xt[torch.from_numpy(members)], threshold, compare)
         keep_mask[members] = kept
         similarity[members] = best
         dropped = ~kept

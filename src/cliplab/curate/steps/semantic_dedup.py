@@ -3,9 +3,10 @@
 ``map`` embeds each batch's images (column ``embedding``, unit float32 rows); ``decide`` runs
 `cliplab.curate.semdedup.semantic_duplicates` over every item that reached the step: k-means into
 ``n_clusters`` clusters, then within each cluster an item whose cosine similarity to an already
-kept member exceeds ``1 - eps`` is dropped. ``keep: first`` (default) keeps the first of a group
-of near duplicates in pool order; ``keep: farthest`` the one farthest from its cluster's
-centroid (SemDeDup's choice).
+kept member (``compare: kept``, default) or to any member visited before it (``compare:
+earlier``, SemDeDup's reference code) exceeds ``1 - eps`` is dropped. ``keep: first`` (default)
+keeps the first of a group of near duplicates in pool order; ``keep: farthest`` the one farthest
+from its cluster's centroid (SemDeDup's choice).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Spec(StepSpecBase):
     eps: float = Field(0.05, gt=0, le=1)          # drop above cosine 1 - eps to a kept item
     n_clusters: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: about sqrt(items)
     keep: Literal["first", "farthest"] = "first"
+    compare: Literal["kept", "earlier"] = "kept"  # earlier: SemDeDup's code (drops more)
     seed: int | None = None                      # k-means seed (default: the run's seed)
     batch_size: int = Field(64, ge=1, le=4096)   # images embedded at once
     kmeans_iterations: int = Field(10, ge=1)
@@ -68,7 +70,7 @@ class SemanticDedup:
                           f"{n} items, so each item is a cluster of its own and no duplicate can "
                           "be found; use fewer (or 'auto', about the square root of the items)")
         found = semantic_duplicates(columns["embedding"], spec.n_clusters, spec.eps, self.seed,
-                                    spec.keep, spec.kmeans_iterations)
+                                    spec.keep, spec.kmeans_iterations, compare=spec.compare)
         reasons = [None if kept else
                    f"near duplicate of {items.keys[dup]} (cosine {sim:.3f} above {found.threshold:.3f})"
                    for kept, dup, sim in zip(found.keep.tolist(), found.duplicate_of.tolist(),
@@ -77,6 +79,6 @@ class SemanticDedup:
         return Decision(keep=found.keep, reasons=reasons, scores=found.similarity,
                         threshold=found.threshold,
                         report={"clusters": clusters, "n_clusters": found.n_clusters,
-                                "eps": spec.eps, "keep_rule": spec.keep,
+                                "eps": spec.eps, "keep_rule": spec.keep, "compare": spec.compare,
                                 "score": "cosine to the most similar other kept item of the "
                                          "cluster (-1: none)"})
