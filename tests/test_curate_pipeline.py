@@ -854,3 +854,38 @@ def test_a_stopped_process_pool_drops_its_queued_chunks(tmp_path, monkeypatch):
                           tmp_path, workers=2, progress=False)
     mapped = len(list(marks.iterdir()))
     assert 1 <= mapped <= 6, mapped  # those under way when it stopped, not all 12
+
+
+def test_curated_shards_keep_every_caption_group_class_and_partner(tmp_path):
+    """A sample's captions beyond the first, its group and its hard-negative partner reached
+    the curated shards as nothing (300 samples of 800 captions and 269 groups read back as 300
+    captions, no groups, in the audit). Kept now as `cliplab data shard` writes them: a partner
+    renumbered, or gone with its partner; a labelled set's class too."""
+    from cliplab.data.sources import load_source
+
+    spec = {"source": "shapes", "n": 12, "seed": 2, "kinds": ["relation"],
+            "counterfactuals": True}
+    source = load_source(spec)
+    assert (source.partners >= 0).any() and sum(map(len, source.captions)) > len(source)
+    means = [float(np.asarray(im[..., :3], dtype=float).mean()) for im in source.images]
+    # the dimmest image brighter than its twin: kept, its twin dropped
+    threshold = min(m for i, m in enumerate(means) if m > means[int(source.partners[i])])
+    kept_index = [i for i, m in enumerate(means) if m >= threshold]
+    run_curation(config(spec, [{"step": "bright", "threshold": threshold}]), tmp_path / "out",
+                 progress=False)
+    back = load_source({"source": "shards", "path": str(tmp_path / "out/shards")})
+    assert back.captions == [source.captions[i] for i in kept_index]
+    assert back.groups.tolist() == [int(source.groups[i]) for i in kept_index]
+    position = {i: n for n, i in enumerate(kept_index)}
+    expected = [position.get(int(source.partners[i]), -1) for i in kept_index]
+    assert back.partners.tolist() == expected and -1 in expected and max(expected) >= 0
+
+    digits_spec = {"source": "digits", "split": "test", "classes": ["three", "seven"]}
+    run_curation(config(digits_spec, [{"step": "bright", "threshold": 0}]),
+                 tmp_path / "digits", progress=False)
+    digits = load_source(digits_spec)
+    samples = [json.loads(_member(item, "json")) for item in iter_items(
+        {"source": "shards", "path": str(tmp_path / "digits/shards")}, progress=False)]
+    assert [(s["label"], s["classname"], s["captions"]) for s in samples] == [
+        (int(label), digits.classnames[label], [digits.classnames[label]])
+        for label in digits.labels]

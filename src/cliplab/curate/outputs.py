@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from cliplab.curate.config import OutputSpec
 from cliplab.curate.pool import Record, image_bytes
-from cliplab.data.shards.write import ShardSink
+from cliplab.data.shards.write import ShardSink, clean_captions
 from cliplab.data.types import SkipReport
 
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
@@ -32,16 +32,18 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
                       source: dict, progress: bool = True) -> dict:
     """Shards in `cliplab data shard`'s layout (``00000.tar`` ..., ``index.json``); per sample the
     original image bytes (``KEY.jpg|png|...``), ``KEY.txt`` (the caption) and ``KEY.json``
-    (captions, the pool key, the source's metadata)."""
+    (all its captions, group, class and partner as the source had them, the pool key, the
+    source's metadata)."""
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.iterdir():  # a killed run's half-written shards
         old.unlink()
+    new_keys = kept_keys(records)
     with ShardSink(dest, samples_per_shard) as writer:
         for number, record in enumerate(tqdm(records, desc="write shards", unit="item",
                                              disable=not progress)):
             data, ext = image_bytes(record["location"], work)
             key = f"{number:09d}"
-            meta = {"key": key, "captions": [record["caption"]], "group": None,
+            meta = {"key": key, **carried_fields(record, new_keys),
                     "source_key": record["key"], "meta": record["meta"]}
             writer.write({"__key__": key, ext or "jpg": data,
                           "txt": record["caption"].encode("utf-8"),
@@ -51,10 +53,47 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
             "shards": len(writer.shards)}
 
 
+def kept_keys(records: list[Record]) -> dict[str, str]:
+    """The output key of each kept record (its number), by its pool key and by its source
+    sample's own key (a shard's ``json`` key, which a partner's ``partner_key`` names)."""
+    keys = {}
+    for number, record in enumerate(records):
+        meta = record["meta"] if isinstance(record["meta"], dict) else {}
+        if isinstance(meta.get("key"), str):
+            keys[meta["key"]] = f"{number:09d}"
+        keys[record["key"]] = f"{number:09d}"
+    return keys
+
+
+def carried_fields(record: Record, new_keys: dict[str, str]) -> dict:
+    """What a kept sample keeps of its source sample, as `cliplab data shard` writes it: every
+    caption (the one the steps scored first), its group, its class, and its hard-negative
+    partner's key when the partner is kept too (renumbered)."""
+    meta = record["meta"] if isinstance(record["meta"], dict) else {}
+    given = meta.get("captions")
+    captions = clean_captions(given) if isinstance(given, list) else []
+    caption = record["caption"].strip()
+    out: dict = {"captions": [caption, *(c for c in captions if c != caption)],
+                 "group": _whole(meta.get("group"))}
+    partner = meta.get("partner_key")
+    if isinstance(partner, str) and partner in new_keys:
+        out["partner_key"] = new_keys[partner]
+    if _whole(meta.get("label")) is not None:
+        out["label"] = meta["label"]
+        if isinstance(meta.get("classname"), str):
+            out["classname"] = meta["classname"]
+    return out
+
+
+def _whole(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def write_kept_manifest(records: list[Record], work: Path, dest: Path,
                         progress: bool = True) -> dict:
     """``kept.parquet``: ``image`` (the original file, or a copy under ``images/`` for images
-    that live in a tar or in memory), ``caption``, ``key``, ``location`` and ``meta`` (JSON).
+    that live in a tar or in memory), ``caption`` (the one the steps scored), ``key``,
+    ``location``, ``meta`` (JSON), ``captions`` (JSON: all the sample's) and ``group``.
     ``location`` is the source's (a file, a tar member); an in-memory source's image, which
     lived only in the run's cache, is ``{"stored": "images/N.png"}``, its copy in ``dest``."""
     images = dest / IMAGES_DIR
@@ -71,10 +110,13 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
             (dest / image).write_bytes(data)
             if "stored" in location:  # the cache it was read from is removed after the run
                 location = {"stored": image}
+        carried = carried_fields(record, {})
         rows.append({"image": image, "caption": record["caption"], "key": record["key"],
-                     "location": json.dumps(location), "meta": json.dumps(record["meta"])})
-    schema = pa.schema([(name, pa.string()) for name in ("image", "caption", "key", "location",
-                                                         "meta")])
+                     "location": json.dumps(location), "meta": json.dumps(record["meta"]),
+                     "captions": json.dumps(carried["captions"]), "group": carried["group"]})
+    schema = pa.schema([*((name, pa.string()) for name in ("image", "caption", "key", "location",
+                                                           "meta", "captions")),
+                        ("group", pa.int64())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), dest / MANIFEST_FILE)
     return {"format": "manifest", "path": MANIFEST_FILE, "count": len(rows)}
 

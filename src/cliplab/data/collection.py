@@ -413,9 +413,14 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
         if isinstance(data, ImageTextPairs):
             captions = list(data.captions[i])
             caption, meta = (captions[0] if captions else ""), {"captions": captions}
+            if data.groups is not None:
+                meta["group"] = int(data.groups[i])
+            if data.partners is not None and int(data.partners[i]) >= 0:
+                meta["partner_key"] = f"{name}#{int(data.partners[i])}"  # its item's key
         else:
             label = int(data.labels[i])
-            caption, meta = data.classnames[label], {"label": label}
+            caption = data.classnames[label]
+            meta = {"label": label, "classname": caption}
         yield Item(f"{name}#{i}", caption, {"stored": None},
                    lambda a=image: to_pil(a).convert("RGB"),
                    meta)
