@@ -44,6 +44,10 @@ def test_count_concepts_counts_samples_once(tmp_path):
     assert table.n_samples == 5
     back = ConceptFrequencies.load_csv(table.save_csv(tmp_path / "freq.csv"))
     assert back == table
+    # a two-word concept's words split over two captions of a sample: no mention
+    split = count_concepts([["a photo of an ankle", "boot camp for dogs"], ["ankle boots"]],
+                           ["ankle boot"])
+    assert split.as_dict() == {"ankle boot": 1}
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="bad.csv: not a concept frequency table"):
         ConceptFrequencies.load_csv(tmp_path / "bad.csv")

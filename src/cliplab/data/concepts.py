@@ -45,9 +45,10 @@ def count_mentions(samples: Iterable[str | Sequence[str]],
     counts = [0] * len(concepts)
     n = 0
     for sample in samples:
-        text = sample if isinstance(sample, str) else "\n".join(sample)
+        # each caption searched alone: a concept's words split over two captions are no mention
+        texts = [sample] if isinstance(sample, str) else list(sample)
         n += 1
         for i, pattern in enumerate(patterns):
-            if pattern.search(text):
+            if any(pattern.search(text) for text in texts):
                 counts[i] += 1
     return counts, n
