@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from importlib.util import find_spec
 
 from cliplab.cli.arguments import add_debug, add_device
+from cliplab.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +34,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_debug(p)
 
 
+# the modules the serve extra brings that `cliplab serve` imports (faiss: its own message)
+SERVE_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart"}
+
+
+def check_serve_extra() -> None:
+    """A one-line error naming the extra when a package of it is missing (a traceback of
+    ModuleNotFoundError otherwise, after a set-up that installs only the core)."""
+    missing = [package for module, package in SERVE_MODULES.items() if find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"cliplab serve needs {', '.join(missing)}: pip install "
+                          "'cliplab[serve]'")
+
+
 def run(args: argparse.Namespace) -> int:
     """`cliplab serve`; 0 when it succeeds (bad input raises `CliplabError`)."""
+    check_serve_extra()
     from cliplab.serve.run import serve
 
     serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
