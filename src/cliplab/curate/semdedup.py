@@ -150,8 +150,7 @@ def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _earlier_duplicates(m: int, a: np.ndarray, b: np.ndarray,
-                        sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _earlier_duplicates(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The positions ``b`` with any earlier pair ``a < b`` above the threshold (all dropped, as
     SemDeDup's reference code drops them), and each one's most similar earlier position."""
     order = np.lexsort((-sim, b))  # per b, the most similar a first
@@ -188,14 +187,11 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "k
     upper = first < second
     if compare == "kept":
         kept = _greedy_keep(m, first[upper], second[upper])
-    elif compare == "earlier":
-        dropped, earlier, earlier_sim = _earlier_duplicates(m, first[upper], second[upper],
+    else:
+        dropped, earlier, earlier_sim = _earlier_duplicates(first[upper], second[upper],
                                                             pair_sims[upper])
         kept = np.ones(m, dtype=bool)
         kept[dropped] = False
-    else:
-        raise ConfigError(f"semantic dedup: unknown compare rule {compare!r} (choose kept or "
-                          "earlier)")
     redo = np.flatnonzero(np.isfinite(value) & ~kept[np.maximum(index, 0)])
     if len(redo):  # rows whose most similar member was dropped: their most similar kept one
         kept_pos = np.flatnonzero(kept)
