@@ -523,6 +523,9 @@ def test_a_decontamination_report_shows_both_images_and_paths_outlive_the_rename
     md = (out / "report.md").read_text()
     assert all(f"report/00-decontaminate/match-{n}-ref.png" in md for n in range(3))
     assert (out / "report/00-decontaminate/match-2-ref.png").is_file()
+    # hash only: no cosine, so the table shows the distance that matched
+    assert "| similarity | hash distance |" in md
+    assert re.search(r"\| shapes#0 \| .* \| eval_sets\\\[0\\\]:shapes#0 \| — \| 0 \|", md)
 
 
 def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, capsys):

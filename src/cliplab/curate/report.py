@@ -198,8 +198,11 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
                     other_img = _thumbnail({"location": {"file": str(image)}}, work,
                                            f"{REPORT_DIR}/{slug}/match-{n}-ref.png")
                 rows.append([("img", pool), match.get("key"), ("img", other_img), other,
-                             match.get("similarity")])
-            doc.table(["pool image", "key", "matched image", "match", "similarity"], rows)
+                             _or_dash(match.get("similarity")),
+                             _or_dash(match.get("hash_distance"))])
+            # hash-only runs have no cosine: the distance is what matched
+            doc.table(["pool image", "key", "matched image", "match", "similarity",
+                       "hash distance"], rows)
         if report.get("histogram_before"):
             rel = f"{REPORT_DIR}/{slug}-concepts.png"
             (work / REPORT_DIR).mkdir(exist_ok=True)
@@ -214,3 +217,8 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
                 doc.text(f"{key}: {json.dumps(value, default=str)[:2000]}")
     (work / "report.md").write_text("\n".join(doc.md) + "\n")
     (work / "report.html").write_text("\n".join(doc.html + ["</body></html>"]) + "\n")
+
+
+def _or_dash(value):
+    """A table cell: the value, or a dash where there is none (a hash-only match's cosine)."""
+    return "—" if value is None else value
