@@ -13,7 +13,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
 from cliplab.data.pairs import select_classes
-from cliplab.errors import ConfigError, DataError, ModelError
+from cliplab.errors import ConfigError, DataError, InputError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -548,6 +548,10 @@ def test_an_adapter_scores_only_sets_of_its_classes_in_its_order(model, digits):
         adapter.score({"test": flipped}, FeatureCache())
     right = (adapter.logits(test.images).argmax(1) == test.labels).float().mean().item()
     assert adapter.score({"test": test}, FeatureCache())["test"]["acc1"] == pytest.approx(right)
+    # a list of sets was an AttributeError traceback: the sets are named
+    with pytest.raises(InputError, match=r"^score: sets must be a dict of named labelled sets, "
+                                         r"e.g. \{'test': data\}; got list$"):
+        adapter.score([test], FeatureCache())
 
 
 @pytest.mark.parametrize("options, context", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -113,6 +114,9 @@ class Adapter:
         (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
         with this adapter as its classifier. Each set must have the adapter's classes in its
         order (prompt learners score others through ``for_classes``)."""
+        if not isinstance(sets, Mapping):
+            raise InputError(f"score: sets must be a dict of named labelled sets, e.g. "
+                             f"{{'test': data}}; got {type(sets).__name__}")
         for name, data in sets.items():
             check_same_classes(self, data, "score", ("the adapter", name))
         context = TaskContext(cache=cache, progress=progress, classifier=self)
