@@ -278,6 +278,15 @@ def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, ca
                                rtol=0, atol=1e-6)
 
 
+def test_cli_says_what_it_merged(family, tmp_path, capsys):
+    _, base, fts = family
+    for models, said in ((fts[:1], "1 model"), (fts[:2], "2 models")):
+        out = tmp_path / str(len(models))
+        assert main(["merge", "--method", "task-arithmetic", "--models", *map(str, models),
+                     "--base", str(base), "--out", str(out), "--no-progress"]) == 0
+        assert f"task-arithmetic merge of {said} -> {out}" in capsys.readouterr().out
+
+
 def test_cli_one_line_errors(family, tmp_path, capsys):
     _, base, fts = family
     assert main(["merge", "--method", "task-arithmetic", "--models", str(fts[0]),

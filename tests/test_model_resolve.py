@@ -91,6 +91,16 @@ def test_a_run_that_never_finished_is_used_with_a_warning(saved, tmp_path, capsy
         warnings.simplefilter("error")
         resolve_model_path(str(run.path))
 
+def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path):
+    """It was "not a model folder (no config.json)", as if the path were wrong."""
+    run = RunDir(tmp_path / "run", tensorboard=False)
+    run.write_config({"model": "tiny-clip"})
+    run.log({"step": 1, "loss": 2.0})
+    with pytest.raises(ModelError, match=rf"^run folder {run.path} has no checkpoint: the run "
+                                         r"stopped \(or still runs\) before its first save; "
+                                         r"resume it, or give a model$"):
+        load_model(str(run.path))
+
 
 def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, monkeypatch):
     cache = tmp_path / "hub"

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
                        base=args.base, device=args.device)
     record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
                        overwrite=args.overwrite)
-    line = f"{record['method']} merge of {len(record['models'])} models -> {record['out']}"
+    n = len(record["models"])
+    line = f"{record['method']} merge of {n} model{'s' * (n != 1)} -> {record['out']}"
     if record["heldout"]:
         held = record["heldout"]
         line += f"; held-out {held['metric']}: merged {held['merged']:.4f}, " + ", ".join(

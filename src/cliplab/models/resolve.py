@@ -27,7 +27,7 @@ from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
 from cliplab.models.spec import ModelSpec, is_hub_id, model_spec
-from cliplab.runs import CHECKPOINTS, RESULTS_FILE, latest_checkpoint
+from cliplab.runs import CHECKPOINTS, METRICS_FILE, RESULTS_FILE, latest_checkpoint
 
 MODEL_DIR = "model"  # a checkpoint folder's model folder
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
@@ -146,6 +146,10 @@ def model_folder(path: str | Path) -> Path:
             warnings.warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
                           f"end, or still runs; using its newest checkpoint, {latest.name}")
         return latest / MODEL_DIR
+    if (path / METRICS_FILE).is_file() and not (path / "config.json").is_file():
+        # a run stopped before its first save: "not a model folder" hid that it is a run
+        raise ModelError(f"run folder {path} has no checkpoint: the run stopped (or still runs) "
+                         f"before its first save; resume it, or give a model")
     return path
 
 
