@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cliplab.config import load_config
 
@@ -78,3 +79,13 @@ def test_the_overrides_a_recipe_suggests_are_accepted(recipe, overrides, tiny_mo
     options.finetuned: the override its header and README suggest could never run."""
     overrides = [o.replace("FOLDER", str(tiny_model_dir)) for o in overrides]
     assert _validated(recipe, overrides) is not None
+
+
+def test_a_recipe_of_every_key_lists_every_key():
+    """configs/index/collection.yaml says it holds every key of `cliplab index` at its default
+    (the command line's model, data and out aside); `device` was missing."""
+    recipe = yaml.safe_load((CONFIGS / "index" / "collection.yaml").read_text())
+    fields = set(_schema("index").model_fields) - set(COMMAND_LINE["index"])
+    assert set(recipe) == fields
+    defaults = {name: f.default for name, f in _schema("index").model_fields.items()}
+    assert {key: value for key, value in recipe.items() if value != defaults[key]} == {}
