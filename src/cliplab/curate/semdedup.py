@@ -150,7 +150,8 @@ def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _earlier_duplicates(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _earlier_duplicates(a: np.ndarray, b: np.ndarray,
+                        sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The positions ``b`` with any earlier pair ``a < b`` above the threshold (all dropped, as
     SemDeDup's reference code drops them), and each one's most similar earlier position."""
     order = np.lexsort((-sim, b))  # per b, the most similar a first

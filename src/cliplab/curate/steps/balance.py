@@ -5,9 +5,9 @@ Matching: a caption matches metadata entry ``e`` when ``" e "`` is a substring o
 (``, . ; : ? !`` and the backtick, so ``"a cat."`` matches ``"cat"``) and the double quote
 (``a "coat"`` matches ``coat``), whitespace collapsed to single spaces, and lowercase — unlike
 MetaCLIP's ``substr_matching``, which is case-sensitive (``"A Shirt"`` matches no ``shirt``)
-and leaves quotes on words. On normalised text that is exactly "the entry's words occur contiguously among
-the caption's words", which is how it is computed (a dictionary lookup of every word n-gram up to
-the longest entry, instead of one ``in`` per entry).
+and leaves quotes on words. On normalised text that is exactly "the entry's words occur
+contiguously among the caption's words", which is how it is computed (a dictionary lookup of
+every word n-gram up to the longest entry, instead of one ``in`` per entry).
 
 Sampling, Algorithm 1 part 2::
 
