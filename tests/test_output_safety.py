@@ -296,13 +296,22 @@ def test_folders_a_killed_build_left_beside_out_are_removed_by_the_next(run, tin
     with built_beside(tmp_path / "api") as work:  # as the Python API builds: nothing held
         (work / "x").write_text("1")
     assert (tmp_path / ".api.partial-ab12cd_9").is_dir() and all(f.is_dir() for f in left)
+    # killed between moving soup aside and renaming the new one in: soup is missing and its
+    # old copy is the only one; nothing is removed, the old copy is named
     capsys.readouterr()
     assert main(_merge([tiny_model_dir, run], soup)) == 0
+    err = capsys.readouterr().err
+    assert f"cliplab: warning: {soup} is missing and {left[1]} holds the output it replaced" in err
+    assert all(f.is_dir() for f in left) and "removed" not in err
+    # with soup there, both are leftovers: removed by the next run into it
+    assert main(_merge([tiny_model_dir, run], soup, "--overwrite")) == 0
     err = capsys.readouterr().err
     for folder in left:
         assert not folder.exists()
         assert f"cliplab: removed {folder}, left by a killed run into {soup}" in err
     assert all(f.is_dir() for f in users)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".soup.")) == \
+        [".soup.partial-mine"]  # and the merge's own build was not taken for a leftover
 
 
 def test_a_folder_called_checkpoints_is_no_run_and_dot_is_no_out_name(run, tiny_model_dir,

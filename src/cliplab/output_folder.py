@@ -278,6 +278,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     held[path] = handle
+    remove_killed_builds(Path(out))  # held: no other run is building beside it now
 
 
 def partial_path(out: Path) -> Path:
@@ -305,7 +306,6 @@ def built_beside(out: Path) -> Iterator[Path]:
     (`swap_in`) when the block succeeds and is removed if it fails, leaving ``out`` as it was.
     The name is new each time, so no folder of the user's is ever taken for it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_killed_builds(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     as_umask(work)  # mkdtemp's 0700 would become the output's
     try:
@@ -319,14 +319,29 @@ def built_beside(out: Path) -> Iterator[Path]:
 def remove_killed_builds(out: Path) -> None:
     """Remove the hidden folders beside ``out`` that a killed run (SIGKILL, a power cut: no
     clean-up ran) left building or replacing it, ``.OUT.partial-*`` and ``.OUT.old-*``; only
-    while this process holds ``out`` (`hold`), so no other run is building them now."""
+    while this process holds ``out`` (`hold`), so no other run is building them now. With
+    ``out`` missing and an ``.OUT.old-*`` there, the run was killed between moving the old
+    output aside and renaming the new one in: both are kept, and said, for the user to choose."""
     held = _HELD.get()
-    if not held or Path(out).expanduser().resolve() not in held or not out.parent.is_dir():
+    out = Path(out)
+    if not held or out.expanduser().resolve() not in held or not out.parent.is_dir():
         return
     left = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[A-Za-z0-9_]{8}")
-    for path in sorted(out.parent.iterdir()):
-        if left.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+    found = {p: left.fullmatch(p.name) for p in sorted(out.parent.iterdir())}
+    found = {p: m.group(1) for p, m in found.items() if m and p.is_dir() and not p.is_symlink()}
+    old = [p for p, kind in found.items() if kind == "old"]
+    if old and not out.exists():
+        print(f"cliplab: warning: {out} is missing and {old[0]} holds the output it replaced (a "
+              "run was killed while swapping them); move it back to keep it, the hidden "
+              f"folders beside {out} are left as they are", file=sys.stderr)
+        return
+    for path in found:
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            print(f"cliplab: warning: could not remove {path}, left by a killed run into {out} "
+                  f"({err.strerror or err})", file=sys.stderr)
+        else:
             print(f"cliplab: removed {path}, left by a killed run into {out}", file=sys.stderr)
 
 
