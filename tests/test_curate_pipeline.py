@@ -889,6 +889,18 @@ def test_curated_shards_keep_every_caption_group_class_and_partner(tmp_path):
     digits = load_source(digits_spec)
     samples = [json.loads(_member(item, "json")) for item in iter_items(
         {"source": "shards", "path": str(tmp_path / "digits/shards")}, progress=False)]
-    assert [(s["label"], s["classname"], s["captions"]) for s in samples] == [
-        (int(label), digits.classnames[label], [digits.classnames[label]])
+    assert [(s["label"], s["classname"], s["captions"], s["group"]) for s in samples] == [
+        (int(label), digits.classnames[label], [digits.classnames[label]], int(label))
         for label in digits.labels]
+
+
+def test_carried_captions_keep_repeats_and_read_a_manifests_json_column():
+    """kept.parquet's captions column is JSON text: curating it again kept one caption. The
+    scored caption leads; the others keep their order and their repeats."""
+    from cliplab.curate.outputs import carried_fields
+
+    record = {"key": "k", "caption": " a dog ", "location": {}, "meta": {
+        "captions": json.dumps(["a cat", "a cat", "a dog", " "]), "group": 3}}
+    assert carried_fields(record, {}) == {"captions": ["a dog", "a cat", "a cat"], "group": 3}
+    record["meta"] = {"captions": "not json", "group": True}  # a flag is no group
+    assert carried_fields(record, {}) == {"captions": ["a dog"], "group": None}

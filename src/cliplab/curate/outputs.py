@@ -46,7 +46,7 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
             meta = {"key": key, **carried_fields(record, new_keys),
                     "source_key": record["key"], "meta": record["meta"]}
             writer.write({"__key__": key, ext or "jpg": data,
-                          "txt": record["caption"].encode("utf-8"),
+                          "txt": meta["captions"][0].encode("utf-8"),
                           "json": json.dumps(meta).encode("utf-8")})
     writer.write_index("curated", source, SkipReport())  # curation's drops: dropped.parquet
     return {"format": "shards", "path": SHARDS_DIR, "count": writer.total,
@@ -71,10 +71,16 @@ def carried_fields(record: Record, new_keys: dict[str, str]) -> dict:
     partner's key when the partner is kept too (renumbered)."""
     meta = record["meta"] if isinstance(record["meta"], dict) else {}
     given = meta.get("captions")
+    if isinstance(given, str):  # a manifest's column (kept.parquet's is JSON)
+        try:
+            given = json.loads(given)
+        except ValueError:
+            given = None
     captions = clean_captions(given) if isinstance(given, list) else []
     caption = record["caption"].strip()
-    out: dict = {"captions": [caption, *(c for c in captions if c != caption)],
-                 "group": _whole(meta.get("group"))}
+    if caption in captions:  # the scored one first, the others as they were
+        captions.remove(caption)
+    out: dict = {"captions": [caption, *captions], "group": _whole(meta.get("group"))}
     partner = meta.get("partner_key")
     if isinstance(partner, str) and partner in new_keys:
         out["partner_key"] = new_keys[partner]

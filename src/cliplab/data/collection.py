@@ -420,7 +420,7 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
         else:
             label = int(data.labels[i])
             caption = data.classnames[label]
-            meta = {"label": label, "classname": caption}
+            meta = {"label": label, "classname": caption, "group": label}  # as data shard
         yield Item(f"{name}#{i}", caption, {"stored": None},
                    lambda a=image: to_pil(a).convert("RGB"),
                    meta)
