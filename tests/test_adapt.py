@@ -563,3 +563,17 @@ def test_a_prompt_longer_than_the_text_tower_names_the_option(model, digits, ctx
                        rf"{model.context_length} tokens \(\d+ with class '\w+'\); shorten the "
                        rf"class names or the context, {re.escape(context)}$"):
         get_method("coop").fit(model, digits[0], {**options, "epochs": 1}, ctx)
+
+
+def test_a_frozen_block_gives_each_part_its_own_mode_back(model):
+    """`frozen` (a method training weights in place freezes the rest) restored the whole
+    model's mode at once: a tower kept in eval mode came back training."""
+    from cliplab.adapt.base import frozen
+
+    model.train()
+    model.tower("text").eval()
+    with frozen(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model.tower("image").training
+    assert not any(m.training for m in model.tower("text").modules())
+    model.eval()

@@ -18,7 +18,7 @@ from cliplab.models.folder import model_fingerprint
 from cliplab.adapt.base import method_options
 from cliplab.adapt.wise_ft import Options, best_alpha, interpolate, wise_ft_sweep
 from cliplab.data.digits import load_digits
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ConfigError, InputError, ModelError
 from tests.tiny_models import small_model
 
 
@@ -64,6 +64,8 @@ def test_sweep_endpoints_equal_the_two_models_and_midpoints_interpolate():
     ft_head = zs_head + 0.5 * torch.randn_like(zs_head)
     sets = {"test": data, "shifted": shifted}
     rows = wise_ft_sweep(zs, zs_head, ft, ft_head, sets, [0.0, 0.5, 1.0], progress=False)
+    with pytest.raises(InputError, match=r"^wise_ft_sweep: sets must be a dict of named"):
+        wise_ft_sweep(zs, zs_head, ft, ft_head, [data], [0.0], progress=False)
     for row, (model, head) in ((rows[0], (zs, zs_head)), (rows[2], (ft, ft_head))):
         for name, d in sets.items():
             assert row[name] == head_metrics(model, head, d, progress=False)

@@ -100,6 +100,9 @@ def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path):
                                          r"stopped \(or still runs\) before its first save; "
                                          r"resume it, or give a model$"):
         load_model(str(run.path))
+    (run.path / "results.json").write_text("{}")  # a finished run without checkpoints (an
+    with pytest.raises(ModelError, match=r"is not a model folder"):  # adapter's): not "stopped"
+        load_model(str(run.path))
 
 
 def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, monkeypatch):

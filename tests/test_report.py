@@ -177,9 +177,8 @@ def test_report_errors_name_the_file(tmp_path, capsys):
                                        '{"step": 3, "lo')
     capsys.readouterr()
     write_report([run], tmp_path / "cut", progress=False)
-    assert capsys.readouterr().err.startswith(f"report: {run / 'metrics.jsonl'}:line 3 is cut "
-                                              "off (the run stopped while writing it); left "
-                                              "out\nreport: ")
+    assert capsys.readouterr().err == (f"report: {run / 'metrics.jsonl'}:line 3 is cut off (the "
+                                       "run stopped while writing it); left out\n")
     assert "| loss | 1.5000 |" in (tmp_path / "cut" / "report.md").read_text()
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="list.json: expected a JSON object"):
@@ -555,13 +554,18 @@ def test_a_run_without_results_says_so_beside_a_finished_one(tmp_path, capsys):
     """A stopped run's final evaluation is missing from the task tables: the report said
     nothing and its column was simply absent. Its input line says why, as does stderr."""
     stopped, done = tmp_path / "stopped", tmp_path / "done"
-    for run in (stopped, done):
+    bare = tmp_path / "bare"  # a Python Trainer's folder: no config.yaml, never results.json
+    for run in (stopped, done, bare):
         run.mkdir()
         (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    for run in (stopped, done):
+        (run / "config.yaml").write_text("model: tiny-clip\n")
     (done / "results.json").write_text(json.dumps({"results": {"zs": {"acc1": 0.7}}}))
-    write_report([stopped, done], tmp_path / "o")
+    write_report([stopped, done, bare], tmp_path / "o")
     markdown = (tmp_path / "o" / "report.md").read_text()
     assert "- **stopped**: `" + str(stopped) + "` (no results.json: the run stopped" in markdown
     assert "- **done**: `" + str(done) + "`\n" in markdown
     assert "(no results.json: the run stopped" in (tmp_path / "o" / "report.html").read_text()
-    assert f"report: {stopped}: no results.json" in capsys.readouterr().err
+    assert "- **bare**: `" + str(bare) + "`\n" in markdown
+    err = capsys.readouterr().err
+    assert f"report: {stopped}: no results.json" in err and str(bare) not in err

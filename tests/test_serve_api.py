@@ -502,7 +502,8 @@ def test_serve_without_its_extra_names_the_extra_in_one_line(tmp_path, capsys, m
 
     real = serve_cli.find_spec
     monkeypatch.setattr(serve_cli, "find_spec",
-                        lambda name: None if name in ("fastapi", "multipart") else real(name))
+                        lambda name: None if name in ("fastapi", "multipart", "python_multipart")
+                        else real(name))
     assert main(["serve", str(tmp_path / "idx")]) == 2
     assert capsys.readouterr().err == ("cliplab: error: cliplab serve needs fastapi, "
                                        "python-multipart: pip install 'cliplab[serve]'\n")

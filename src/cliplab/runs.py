@@ -181,6 +181,7 @@ def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
             shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
         raise
 
+
 def _wait_to_name_events_after(folder: Path) -> None:
     """Wait (under a second) until a new event file's name sorts after those in ``folder``.
 

@@ -23,7 +23,7 @@ from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.file_modes import save_tensors
-from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.dual_encoder import DualEncoder, kept_modes
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import to_uint8_batch
 from cliplab.runs import RunDir
@@ -114,9 +114,7 @@ class Adapter:
         (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
         with this adapter as its classifier. Each set must have the adapter's classes in its
         order (prompt learners score others through ``for_classes``)."""
-        if not isinstance(sets, Mapping):
-            raise InputError(f"score: sets must be a dict of named labelled sets, e.g. "
-                             f"{{'test': data}}; got {type(sets).__name__}")
+        check_named_sets(sets, "score")
         for name, data in sets.items():
             check_same_classes(self, data, "score", ("the adapter", name))
         context = TaskContext(cache=cache, progress=progress, classifier=self)
@@ -173,13 +171,19 @@ def kept_training_state(model: DualEncoder):
     """``model``'s ``requires_grad`` flags and train/eval mode as they were before the block
     (a method that trains the weights in place freezes parts of the model to do it)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with kept_modes(model):
+        try:
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def check_named_sets(sets: object, where: str) -> None:
+    """An InputError unless ``sets`` maps names to the sets (a list of sets was a traceback)."""
+    if not isinstance(sets, Mapping):
+        raise InputError(f"{where}: sets must be a dict of named labelled sets, e.g. "
+                         f"{{'test': data}}; got {type(sets).__name__}")
 
 
 @contextlib.contextmanager

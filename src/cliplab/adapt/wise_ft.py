@@ -19,7 +19,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from cliplab.adapt.base import AdaptContext, Adapter, method_options, require_pytorch_model
+from cliplab.adapt.base import AdaptContext, Adapter, check_named_sets, method_options, \
+    require_pytorch_model
 from cliplab.adapt.common import head_metrics
 from cliplab.adapt.finetune import Options as FinetuneOptions
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
@@ -120,6 +121,7 @@ def wise_ft_sweep(zeroshot: DualEncoder, zs_head: torch.Tensor, finetuned: DualE
                   ft_head: torch.Tensor, sets: dict[str, LabelledImages],
                   alphas: list[float], progress: bool = True) -> list[dict]:
     """For each α, the interpolated model + head's metrics on every set of ``sets``."""
+    check_named_sets(sets, "wise_ft_sweep")
     zs_state = {k: v.detach().clone() for k, v in zeroshot.model.state_dict().items()}
     ft_state = {k: v.detach().clone() for k, v in finetuned.model.state_dict().items()}
     work = copy.deepcopy(zeroshot)

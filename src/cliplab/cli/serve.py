@@ -35,13 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # the modules the serve extra brings that `cliplab serve` imports (faiss: its own message)
-SERVE_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart"}
+SERVE_MODULES = {("fastapi",): "fastapi", ("uvicorn",): "uvicorn",
+                 ("python_multipart", "multipart"): "python-multipart"}  # new name, old name
 
 
 def check_serve_extra() -> None:
     """A one-line error naming the extra when a package of it is missing (a traceback of
     ModuleNotFoundError otherwise, after a set-up that installs only the core)."""
-    missing = [package for module, package in SERVE_MODULES.items() if find_spec(module) is None]
+    missing = [package for modules, package in SERVE_MODULES.items()
+               if all(find_spec(module) is None for module in modules)]
     if missing:
         raise ConfigError(f"cliplab serve needs {', '.join(missing)}: pip install "
                           "'cliplab[serve]'")

@@ -252,8 +252,9 @@ def read_input(path: str | Path) -> ReportSource:
         if not source.history and not source.sections:  # as a results file without numbers
             raise DataError(f"{path / 'metrics.jsonl'}: no record yet (a run that has just "
                             "started) and no results.json beside it; nothing to report")
-        if "results.json" not in present:
-            # its final evaluation is missing from the task tables: say so, not a blank column
+        if "results.json" not in present and (path / "config.yaml").is_file():
+            # a command's run (pretrain, adapt) writes results.json at its end; a bare
+            # Trainer's folder never does. Its final evaluation is missing: said, not blank
             source.note = ("no results.json: the run stopped or is still running, so its "
                            "last logged values only, no final evaluation")
             print(f"report: {path}: {source.note}", file=sys.stderr)

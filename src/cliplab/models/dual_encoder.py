@@ -378,18 +378,25 @@ class DualEncoder(nn.Module):
 
 
 @contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """Eval mode (no dropout) inside the block; after it each submodule's own previous mode is
-    restored (a locked tower kept in eval mode while the rest trains stays so)."""
+def kept_modes(module: nn.Module):
+    """After the block each submodule's own train/eval mode is restored (a locked tower kept in
+    eval mode while the rest trains stays so; ``module.train(was)`` would set every part)."""
     # an ONNX encoder (no submodules) only says it is not training
     parts = module.modules() if isinstance(module, nn.Module) else [module]
     modes = [(m, m.training) for m in parts]
-    module.eval()
     try:
         yield module
     finally:
         for m, was_training in modes:
             m.training = was_training
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode (no dropout) inside the block, each submodule's previous mode after it."""
+    with kept_modes(module):
+        module.eval()
+        yield module
 
 
 def _no_text_pooling(path: Path) -> str:

@@ -146,7 +146,8 @@ def model_folder(path: str | Path) -> Path:
             warnings.warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
                           f"end, or still runs; using its newest checkpoint, {latest.name}")
         return latest / MODEL_DIR
-    if (path / METRICS_FILE).is_file() and not (path / "config.json").is_file():
+    if (path / METRICS_FILE).is_file() and not (path / "config.json").is_file() \
+            and not (path / RESULTS_FILE).is_file():
         # a run stopped before its first save: "not a model folder" hid that it is a run
         raise ModelError(f"run folder {path} has no checkpoint: the run stopped (or still runs) "
                          f"before its first save; resume it, or give a model")

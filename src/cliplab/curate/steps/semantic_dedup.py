@@ -27,7 +27,7 @@ from cliplab.models.spec import ModelField
 class Spec(StepSpecBase):
     step: Literal["semantic_dedup"]
     model: ModelField
-    eps: float = Field(0.05, gt=0, le=1)          # drop above cosine 1 - eps to a kept item
+    eps: float = Field(0.05, gt=0, le=1)          # drop above cosine 1 - eps (see compare)
     n_clusters: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: about sqrt(items)
     keep: Literal["first", "farthest"] = "first"
     compare: Literal["kept", "earlier"] = "kept"  # earlier: SemDeDup's code (drops more)
@@ -80,5 +80,7 @@ class SemanticDedup:
                         threshold=found.threshold,
                         report={"clusters": clusters, "n_clusters": found.n_clusters,
                                 "eps": spec.eps, "keep_rule": spec.keep, "compare": spec.compare,
-                                "score": "cosine to the most similar other kept item of the "
-                                         "cluster (-1: none)"})
+                                "score": ("a dropped item: cosine to the item it was "
+                                          "dropped for (with compare: earlier, maybe dropped "
+                                          "itself); a kept one: to the most similar other kept "
+                                          "item of the cluster (-1: none)")})
