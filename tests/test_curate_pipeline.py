@@ -904,3 +904,20 @@ def test_carried_captions_keep_repeats_and_read_a_manifests_json_column():
     assert carried_fields(record, {}) == {"captions": ["a dog", "a cat", "a cat"], "group": 3}
     record["meta"] = {"captions": "not json", "group": True}  # a flag is no group
     assert carried_fields(record, {}) == {"captions": ["a dog"], "group": None}
+
+
+def test_a_partner_key_two_samples_share_names_no_partner():
+    """Two source samples of one key (a foreign shard set): a partner naming it is ambiguous,
+    so none (the shard reader resolves it so too), not whichever came last."""
+    from cliplab.curate.outputs import carried_fields, kept_keys
+
+    records = [{"key": f"{tar}.tar:7", "caption": "x", "location": {},
+                "meta": {"key": "7"}} for tar in ("a", "b")]
+    records.append({"key": "c.tar:8", "caption": "y", "location": {},
+                    "meta": {"key": "8", "partner_key": "7"}})
+    records.append({"key": "c.tar:9", "caption": "z", "location": {},
+                    "meta": {"key": "9", "partner_key": "8"}})
+    keys = kept_keys(records)
+    assert "7" not in keys and keys["a.tar:7"] == "000000000"
+    assert "partner_key" not in carried_fields(records[2], keys)
+    assert carried_fields(records[3], keys)["partner_key"] == "000000002"

@@ -55,14 +55,18 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
 
 def kept_keys(records: list[Record]) -> dict[str, str]:
     """The output key of each kept record (its number), by its pool key and by its source
-    sample's own key (a shard's ``json`` key, which a partner's ``partner_key`` names)."""
-    keys = {}
+    sample's own key (a shard's ``json`` key, which a partner's ``partner_key`` names). A key
+    two samples share names neither (as the shard reader resolves partners)."""
+    keys: dict[str, str] = {}
+    shared: set[str] = set()
     for number, record in enumerate(records):
         meta = record["meta"] if isinstance(record["meta"], dict) else {}
-        if isinstance(meta.get("key"), str):
-            keys[meta["key"]] = f"{number:09d}"
-        keys[record["key"]] = f"{number:09d}"
-    return keys
+        own = meta.get("key")
+        for key in ((own, record["key"]) if isinstance(own, str) else (record["key"],)):
+            if key in keys and keys[key] != f"{number:09d}":
+                shared.add(key)
+            keys[key] = f"{number:09d}"
+    return {key: new for key, new in keys.items() if key not in shared}
 
 
 def carried_fields(record: Record, new_keys: dict[str, str]) -> dict:
