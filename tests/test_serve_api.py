@@ -85,6 +85,10 @@ def test_image_search_takes_k_and_offset_as_form_fields(served):
     assert [r["id"] for r in body["results"]] == order[2:5]
     _error(client.post("/api/search/image", data={"k": "0"}, files=upload), 422,
            "k: Input should be greater than or equal to 1")
+    # two files: the last was searched without a word
+    other = ("y.png", _png(served["data"].images[3].numpy()), "image/png")
+    _error(client.post("/api/search/image", files=[("file", upload["file"]), ("file", other)]),
+           422, "file: give one image per search (the request holds several)")
 
 
 def test_classify_equals_the_zero_shot_head(served):

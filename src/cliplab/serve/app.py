@@ -233,7 +233,13 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
             fail(422, "q: empty query; type what to find, e.g. q=a red circle")
         return page({"query": text}, results(text_vector(text), k, offset), k, offset)
 
-    @app.post("/api/search/image", dependencies=guarded)
+    async def one_file(request: Request) -> None:
+        """A 422 for two files in one search (the last one was searched without a word); the
+        form FastAPI parsed for the endpoint is read again from the request's cache."""
+        if len((await request.form()).getlist("file")) > 1:
+            fail(422, "file: give one image per search (the request holds several)")
+
+    @app.post("/api/search/image", dependencies=[*guarded, Depends(one_file)])
     def search_image(file: UploadFile = File(..., description="an image file"),
                      k: int = k_query, offset: int = offset_query,
                      k_form: int | None = Form(None, alias="k", ge=1, le=MAX_K,
