@@ -278,7 +278,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     held[path] = handle
-    remove_killed_builds(Path(out))  # held: no other run is building beside it now
+    remove_killed_builds(Path(out).expanduser())  # held: no other run builds beside it now
 
 
 def partial_path(out: Path) -> Path:
@@ -318,18 +318,19 @@ def built_beside(out: Path) -> Iterator[Path]:
 
 def remove_killed_builds(out: Path) -> None:
     """Remove the hidden folders beside ``out`` that a killed run (SIGKILL, a power cut: no
-    clean-up ran) left building or replacing it, ``.OUT.partial-*`` and ``.OUT.old-*``; only
-    while this process holds ``out`` (`hold`), so no other run is building them now. With
-    ``out`` missing and an ``.OUT.old-*`` there, the run was killed between moving the old
-    output aside and renaming the new one in: both are kept, and said, for the user to choose."""
-    held = _HELD.get()
-    out = Path(out)
-    if not held or out.expanduser().resolve() not in held or not out.parent.is_dir():
+    clean-up ran) left building or replacing it, ``.OUT.partial-*`` and ``.OUT.old-*``; called
+    by `hold`, so no other run is building them now. With ``out`` missing and an
+    ``.OUT.old-*`` there, the run was killed between moving the old output aside and renaming
+    the new one in: both are kept, and said, for the user to choose."""
+    if not out.parent.is_dir():
         return
     left = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[A-Za-z0-9_]{8}")
-    found = {p: left.fullmatch(p.name) for p in sorted(out.parent.iterdir())}
-    found = {p: m.group(1) for p, m in found.items() if m and p.is_dir() and not p.is_symlink()}
-    old = [p for p, kind in found.items() if kind == "old"]
+    found: dict[Path, str] = {}
+    for path in sorted(out.parent.iterdir()):
+        match = left.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            found[path] = match.group(1)
+    old = [path for path, kind in found.items() if kind == "old"]
     if old and not out.exists():
         print(f"cliplab: warning: {out} is missing and {old[0]} holds the output it replaced (a "
               "run was killed while swapping them); move it back to keep it, the hidden "

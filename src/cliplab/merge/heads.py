@@ -62,4 +62,3 @@ def split_head(state: StateDict, classnames: list[str] | None
     head = ClassifierHead(state[HEAD_KEYS[0]].float(), float(state[HEAD_KEYS[1]].float()[0]),
                           classnames)
     return model, head
-

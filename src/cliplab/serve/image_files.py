@@ -87,14 +87,14 @@ def thumbnail(source: bytes | Path, size: int) -> tuple[bytes, str]:
     PIL reads (TIFF, 16-bit PNG, CMYK, ...) becomes one a browser shows. JPEGs decode at a
     reduced scale (PIL's draft), so a camera photo costs a fraction of its full decode. Raises
     ``OSError``/``ValueError`` for an unreadable file."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     with _decoding, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # an indexed image
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             shown_as_is = BROWSER_FORMATS.get(im.format or "")
             if shown_as_is and max(im.size) <= size and im.mode in ("RGB", "RGBA", "L", "P") \
-                    and upright(im) is im:
-                return data, shown_as_is
+                    and upright(im) is im:  # the file read whole only when sent whole
+                return (source if isinstance(source, bytes) else Path(source).read_bytes(),
+                        shown_as_is)
             im.draft(None, (size, size))  # JPEG only: decode at the smallest scale >= size
             image = convert_image(im)  # upright, 16-bit scaled (PIL cannot shrink 16-bit)
     image.thumbnail((size, size))
