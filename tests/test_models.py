@@ -201,10 +201,23 @@ def test_freeze_tower_leaves_last_layers_trainable():
     model.freeze_tower("text", except_last=1)
     layers = model.text_tower.encoder.layers
     assert not any(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in model.text_tower.embeddings.parameters())
     assert all(p.requires_grad for p in layers[2].parameters())
+    assert all(p.requires_grad for p in model.text_tower.final_layer_norm.parameters())
     assert not model.tower_is_frozen("text")
     model.freeze_tower("image")
     assert model.tower_is_frozen("image")
+
+
+def test_freeze_tower_except_last_frees_what_follows_the_blocks_of_each_kind():
+    """OpenCLIP's lock unlocks the last block with what follows it: SigLIP's attention-pooling
+    head and final norm, lit-minilm's ViT final norm; never the embeddings."""
+    siglip = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=2, heads=2)
+    siglip.freeze_tower("image", except_last=1)
+    tower = siglip.vision_tower
+    assert all(p.requires_grad for m in (tower.post_layernorm, tower.head) for p in m.parameters())
+    assert not any(p.requires_grad for p in tower.embeddings.parameters())
+    assert not any(p.requires_grad for p in tower.encoder.layers[0].parameters())
 
 
 def test_byte_tokenizer_round_trips_any_text(tmp_path):

@@ -250,7 +250,9 @@ class DualEncoder(nn.Module):
         return self.vision_tower if name == "image" else self.text_tower
 
     def freeze_tower(self, tower: str, except_last: int = 0) -> None:
-        """Freeze the ``"image"`` or ``"text"`` tower, optionally leaving its last k layers free."""
+        """Freeze the ``"image"`` or ``"text"`` tower, optionally leaving its last k blocks free
+        together with what follows them (final norm, pooling head), as OpenCLIP's ``lock``
+        unlocks the last group."""
         module = self.tower(tower)
         module.requires_grad_(False)
         if except_last > 0:
@@ -259,8 +261,8 @@ class DualEncoder(nn.Module):
                 raise ModelError(f"the {tower} tower has {len(layers)} blocks: leave fewer than "
                                  f"that trainable (lock_{tower}_except_last={except_last}), or "
                                  f"do not lock it")
-            for layer in layers[-except_last:]:
-                layer.requires_grad_(True)
+            for part in [*layers[-except_last:], *_modules_after_encoder(module)]:
+                part.requires_grad_(True)
 
     @contextlib.contextmanager
     def attention_implementation(self, name: str):
@@ -458,6 +460,17 @@ def _clip_eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Ten
     if eos_token_id == 2:
         return ids.argmax(dim=-1)
     return (ids == eos_token_id).int().argmax(dim=-1)
+
+
+def _modules_after_encoder(tower: nn.Module) -> list[nn.Module]:
+    """The tower's children after its blocks (final norm, pooling head, pooler): HF towers
+    register them in the order they run, embeddings first."""
+    children = list(tower.named_children())
+    names = [name for name, _ in children]
+    blocks = "encoder" if "encoder" in names else "layers"  # layers: transformers 5's ViT
+    if blocks not in names:
+        return []
+    return [child for _, child in children[names.index(blocks) + 1:]]
 
 
 def _encoder_layers(module: nn.Module) -> list[nn.Module]:
