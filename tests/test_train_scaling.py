@@ -10,12 +10,11 @@ from cliplab.data.pairs import concat_pairs
 from cliplab.data.shapes import load_shapes
 from cliplab.train.batches import EpochBatches, PartnerBatches, ReplayBatches
 from cliplab.train.grad_cache import grad_cache_backward
+from cliplab.models import build_model
 from cliplab.runs import RunDir
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 from cliplab.train.trainer import TrainConfig, Trainer
 from tests.tiny_models import small_model as _one_block_model
-
-
 
 
 def small_model(seed=0, **kw):
@@ -98,6 +97,41 @@ def test_locked_tower_except_last_block_trains_only_that_block_and_what_follows(
     # the final norm trains with the last block, as in OpenCLIP's lock (its last group)
     assert {k.split(".")[0] for k in changed} == {"encoder", "post_layernorm"}
     assert all(k.startswith(("encoder.layers.1.", "post_layernorm.")) for k in changed)
+
+
+def test_clip_loss_clamps_the_temperature_at_100(pairs):
+    model = small_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+    Trainer(model, config(steps=1)).fit(pairs)
+    assert model.logit_scale.item() == pytest.approx(4.6052)
+
+
+def test_siglip_loss_and_a_heads_loss_leave_a_released_siglips_temperature_alone(pairs):
+    """A released SigLIP's temperature is exp(4.72) = 112, above CLIP's clamp at 100: the
+    sigmoid loss trains it freely (the paper has no clamp), and a classification head's loss
+    does not train it at all, so neither may pull it down to 4.6052."""
+    from cliplab.adapt.head import ClassifierHead
+    from cliplab.data.types import LabelledImages
+
+    def released_siglip():
+        model = build_model("tiny-siglip", image_size=32, patch_size=8, width=32, layers=1,
+                            heads=2, context_length=48)
+        with torch.no_grad():
+            model.logit_scale.fill_(4.72)
+        return model
+
+    model = released_siglip()
+    Trainer(model, config(steps=1, lr=1e-4, loss="siglip")).fit(pairs)
+    assert model.logit_scale.item() == pytest.approx(4.72, abs=1e-3)
+
+    model = released_siglip()
+    labels = torch.arange(len(pairs.images)) % 3
+    head = ClassifierHead(torch.randn(3, model.embed_dim), 10.0, ["a", "b", "c"])
+    before = model.logit_scale.item()
+    Trainer(model, config(steps=1), head=head).fit(
+        LabelledImages(pairs.images, labels, ["a", "b", "c"], ["{}"]))
+    assert model.logit_scale.item() == before  # untrained, unchanged
 
 
 def test_replay_batches_mix_the_ratio_and_cover_each_set():

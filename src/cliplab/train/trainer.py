@@ -81,6 +81,10 @@ class Trainer:
         if config.lock_image:
             model.freeze_tower("image", except_last=config.lock_image_except_last)
         self.precision = resolve_precision(config.precision, self.device)
+        # CLIP's loss clamps the temperature at 100; SigLIP's sigmoid loss leaves it free (a
+        # released SigLIP has exp(4.72) = 112), and a head's loss does not train it: clamping
+        # there would change the saved model's temperature without any step moving it
+        self.clamps_temperature = head is None and config.loss == "clip"
         self.embed = Embedder(model, self.device, self.precision, config.augment)
         self.objective: Objective = ContrastiveObjective(
             self.embed, config.loss, config.loss_tile, config.micro_batch_size) \
@@ -184,8 +188,9 @@ class Trainer:
             lr = cfg.lr * multiplier(scheduler)
             optimizer.step()
             scheduler.step()
-            with torch.no_grad():  # CLIP clamps the temperature at 100
-                self.model.logit_scale.clamp_(0, 4.6052)
+            if self.clamps_temperature:
+                with torch.no_grad():
+                    self.model.logit_scale.clamp_(0, 4.6052)
             self.step += 1
             seen += cfg.batch_size
             bar.update(1)
