@@ -724,3 +724,43 @@ def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, t
     assert main(["export", str(tiny_model_dir), "--format", "onnx", "--out",
                  str(parent / "out")]) == 2
     assert "where it is built before it is renamed into place" in _one_line(capsys)
+
+
+def test_without_fcntl_every_command_runs_and_overwrites_unheld(tmp_path):
+    """Windows has no fcntl (nor os.getuid, O_NOFOLLOW): cliplab must still import and run,
+    without the hold; an --overwrite then swaps the new output in."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "from cliplab.cli import main\n"
+            "for extra in ([], ['--overwrite']):\n"
+            f"    main(['data', 'shard', '--data', 'shapes', '--out', {str(tmp_path / 'out')!r},"
+            " 'data.n=20', '--no-progress', *extra])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 20 samples" in done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing hidden left beside
+
+
+def test_swap_in_never_renames_a_folder_onto_an_existing_one(tmp_path, monkeypatch):
+    """Windows refuses to rename a folder onto any existing folder, an empty one included."""
+    import os
+
+    from cliplab.output_folder import swap_in
+
+    rename = os.replace
+
+    def windows_replace(src, dst):
+        if Path(dst).exists():
+            raise PermissionError(f"[WinError 5] Access is denied: {dst}")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", windows_replace)
+    out, work = tmp_path / "out", tmp_path / "out.partial"
+    for content in ("old", "new"):
+        work.mkdir()
+        (work / "a.txt").write_text(content)
+        swap_in(work, out)
+    assert _tree(tmp_path) == {"out/a.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

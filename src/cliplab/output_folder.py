@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +31,11 @@ import numpy as np
 
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.file_modes import as_umask
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # what a run writes first
 
@@ -236,6 +240,8 @@ def _lock_file(name: str):
     """The lock file ``name`` in this user's private folder of the temporary directory, open
     for reading and writing; None when that folder is not this user's alone (on a shared
     machine another user could have made it, with a link planted in it to a file of yours)."""
+    if fcntl is None:  # Windows: no advisory locks; the checks stand without the hold
+        return None
     locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
     try:
         locks.mkdir(mode=0o700, exist_ok=True)
@@ -350,12 +356,17 @@ def swap_in(work: Path, out: Path) -> None:
     """Rename the finished ``work`` folder to ``out``; an existing ``out`` (an overwritten or
     appended-to output) is moved aside first and removed last, so ``out`` is never missing
     while an old copy could still be read."""
-    # a fresh hidden name beside ``out``: a user's own ``OUT.old`` is never touched
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     if out.exists():
-        os.replace(out, old)  # onto the empty folder mkdtemp made
-    os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+        # a fresh hidden name beside ``out`` (a user's own ``OUT.old`` is never touched), free
+        # again before the rename: Windows renames a folder onto no existing folder, not even
+        # an empty one
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
 
 
 def write_json(path: Path, data: Any, indent: int = 2) -> None:
