@@ -153,7 +153,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_KeysOnceLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_KeysOnceLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     except yaml.YAMLError as err:

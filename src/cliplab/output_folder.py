@@ -252,7 +252,7 @@ def _lock_file(name: str):
         fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         return None
-    return os.fdopen(fd, "r+")
+    return os.fdopen(fd, "r+", encoding="utf-8")
 
 
 def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
@@ -372,7 +372,7 @@ def swap_in(work: Path, out: Path) -> None:
 def write_json(path: Path, data: Any, indent: int = 2) -> None:
     """JSON written atomically (temp file + rename); numpy values and paths as plain values."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=_plain))
+    tmp.write_text(json.dumps(data, indent=indent, default=_plain), encoding="utf-8")
     os.replace(tmp, path)
 
 

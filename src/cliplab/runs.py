@@ -141,7 +141,7 @@ def is_own_config(folder: str | Path) -> bool:
     config copied from another run folder, is not."""
     path = Path(folder) / CONFIG_FILE
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         config = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
@@ -214,11 +214,11 @@ class RunDir:
         self._replay: list[dict] = []  # records to write again to TensorBoard after the purge
 
     def write_config(self, config: dict) -> None:
-        (self.path / CONFIG_FILE).write_text(_dump(config))
+        (self.path / CONFIG_FILE).write_text(_dump(config), encoding="utf-8")
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl and its numbers to the TensorBoard events."""
-        with self.metrics_file.open("a") as f:
+        with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
             self._log_scalars(record)
@@ -255,7 +255,7 @@ class RunDir:
         if not self.metrics_file.is_file():
             return []
         out = []
-        for line in self.metrics_file.read_text().splitlines():
+        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -268,11 +268,11 @@ class RunDir:
         """Rewrite metrics.jsonl (atomically) with only the lines ``keep`` accepts."""
         if not self.metrics_file.is_file():
             return
-        lines = self.metrics_file.read_text().splitlines(keepends=True)
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if keep(line)]
         if len(kept) < len(lines):
             tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
-            tmp.write_text("".join(kept))
+            tmp.write_text("".join(kept), encoding="utf-8")
             os.replace(tmp, self.metrics_file)
 
     def _log_scalars(self, record: dict) -> None:

@@ -147,7 +147,7 @@ class Adapter:
         meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
                 "classnames": self.classnames, "fingerprint": model_fingerprint(self.model),
                 **(extra or {})}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return folder
 
 
@@ -231,7 +231,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelError(f"{folder} is not an adapter folder (needs {META_FILE} and "
                          f"{TENSORS_FILE}, as `cliplab adapt --out` writes)")
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelError(f"{meta_file}: invalid JSON ({err.msg}, line {err.lineno})") from None
     return meta, load_file(str(tensor_file))

@@ -124,7 +124,7 @@ def _results_folder(out: str | None, inputs: list[str | None],
 def _is_eval_results(path: Path) -> bool:
     """Whether ``path`` reads as a results.json eval wrote."""
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(results, dict) and {"model", "suite", "results"} <= results.keys()

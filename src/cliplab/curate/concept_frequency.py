@@ -28,7 +28,7 @@ class ConceptFrequencies:
         """Write ``concept,count,n_samples`` rows."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
+        with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["concept", "count", "n_samples"])
             writer.writerows([c, n, self.n_samples] for c, n in zip(self.concepts, self.counts))
@@ -38,7 +38,7 @@ class ConceptFrequencies:
     def load_csv(cls, path: str | Path) -> "ConceptFrequencies":
         path = Path(path)
         try:
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
             return cls([r["concept"] for r in rows], [int(r["count"]) for r in rows],
                        int(rows[0]["n_samples"]) if rows else 0)

@@ -110,7 +110,8 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
                "dropped": len(dropped), "steps": summary_steps, "output": outputs}
     write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
                  examples=config.examples, out=out)
-    (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False),
+                                      encoding="utf-8")
     write_json(work / "summary.json", summary)  # a partial folder with it is complete
     return _move_into_place(work, out)
 
@@ -120,7 +121,7 @@ def _finished_request(work: Path) -> dict | None:
     ``OUT``), None when ``work`` holds no finished run."""
     if not (work / "summary.json").is_file() or not (work / "config.yaml").is_file():
         return None
-    saved = yaml.safe_load((work / "config.yaml").read_text())
+    saved = yaml.safe_load((work / "config.yaml").read_text(encoding="utf-8"))
     return {k: v for k, v in saved.items() if k not in NEUTRAL_KEYS}
 
 
@@ -130,7 +131,7 @@ def _move_into_place(work: Path, out: Path) -> dict:
     shutil.rmtree(work / "cache", ignore_errors=True)
     (work / "state.json").unlink(missing_ok=True)
     swap_in(work, out)
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def nothing_kept_warning(steps: list[dict]) -> str:
@@ -176,7 +177,7 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     state = work / "state.json"
     finished = _finished_request(work) is not None
     if work.exists() and state.is_file() and not finished:
-        saved = json.loads(state.read_text())["request"]
+        saved = json.loads(state.read_text(encoding="utf-8"))["request"]
         if saved == request:
             if any((work / "cache" / "pool").glob("*.json")):  # as pretrain says it resumed
                 print(f"curate: resuming the stopped run in {work} (what it finished is kept)",
@@ -226,10 +227,10 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     count = 0
     while (folder / f"{count:06d}.json").is_file():
         count += 1
-    if done.is_file() and json.loads(done.read_text())["chunks"] != count:
-        raise DataError(f"{folder} is damaged: {done.name} counts "
-                        f"{json.loads(done.read_text())['chunks']} chunks, {count} are there; "
-                        f"delete {work} to start this run over")
+    counted = json.loads(done.read_text(encoding="utf-8"))["chunks"] if done.is_file() else count
+    if counted != count:
+        raise DataError(f"{folder} is damaged: {done.name} counts {counted} chunks, {count} "
+                        f"are there; delete {work} to start this run over")
     if not done.is_file():
         size = config.chunk_size
         total, items = open_collection(config.data, progress=progress)
@@ -262,7 +263,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
         write_json(done, {"chunks": count})
     chunks, dropped, seconds = [], [], 0.0
     for c in range(count):
-        data = json.loads((folder / f"{c:06d}.json").read_text())
+        data = json.loads((folder / f"{c:06d}.json").read_text(encoding="utf-8"))
         chunks.append(data["records"])
         dropped += [{**d, "score": math.nan} for d in data["dropped"]]
         seconds += data["seconds"]
@@ -289,7 +290,7 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
     step_dir = work / "steps" / folder
     saved = step_dir / "decision.json"
     if saved.is_file():
-        data = json.loads(saved.read_text())
+        data = json.loads(saved.read_text(encoding="utf-8"))
         reached = sum(int(a.sum()) for a in alive)
         if len(data["keep"]) != reached:
             raise DataError(f"{saved} decides on {len(data['keep'])} items, {reached} reach the "

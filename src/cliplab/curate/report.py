@@ -215,8 +215,9 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
         for key, value in report.items():
             if key not in KNOWN:
                 doc.text(f"{key}: {json.dumps(value, default=str)[:2000]}")
-    (work / "report.md").write_text("\n".join(doc.md) + "\n")
-    (work / "report.html").write_text("\n".join(doc.html + ["</body></html>"]) + "\n")
+    (work / "report.md").write_text("\n".join(doc.md) + "\n", encoding="utf-8")
+    (work / "report.html").write_text("\n".join(doc.html + ["</body></html>"]) + "\n",
+                                      encoding="utf-8")
 
 
 def _or_dash(value):

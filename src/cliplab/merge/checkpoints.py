@@ -76,7 +76,7 @@ def load_ingredient(path: str | Path) -> Ingredient:
     path = Path(path)
     model = DualEncoder.load(path)
     state = {k: v.detach() for k, v in model.model.state_dict().items()}
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     meta = read_meta(path)
     return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path),
                       model_reading(model, path, meta), stored_dtype(path))

@@ -40,7 +40,7 @@ def _shards(file: Path) -> list[Path]:
     """The weight files ``file`` stands for (an ``*.index.json`` names its shards)."""
     if not file.name.endswith(".index.json"):
         return [file]
-    weight_map = json.loads(file.read_text()).get("weight_map", {})
+    weight_map = json.loads(file.read_text(encoding="utf-8")).get("weight_map", {})
     return [file.parent / name for name in sorted(set(weight_map.values()))]
 
 
@@ -82,6 +82,6 @@ def set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     def fix(d: dict) -> dict:
         return {k: (name if k in ("dtype", "torch_dtype") else
                     fix(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    config = fix(json.loads(config_file.read_text()))
+    config = fix(json.loads(config_file.read_text(encoding="utf-8")))
     config.setdefault("dtype", name)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -411,9 +411,9 @@ def _update_tokenizer_config(folder: Path, settings: dict) -> None:
     """Record ``settings`` (e.g. which inputs the tokenizer returns, where it truncates) in
     the saved ``tokenizer_config.json``."""
     file = folder / "tokenizer_config.json"
-    config = json.loads(file.read_text()) if file.is_file() else {}
+    config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     config.update(settings)
-    file.write_text(json.dumps(config, indent=2))
+    file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def text_positions(model: PreTrainedModel) -> int | None:

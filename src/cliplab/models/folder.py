@@ -40,7 +40,7 @@ ORIGIN_KEY = "base"
 def read_json(file: Path) -> Any:
     """A JSON file of a model folder; unreadable or invalid JSON is a one-line `ModelError`."""
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -61,7 +61,7 @@ def read_meta(folder: str | Path) -> dict:
 def write_meta(folder: str | Path, meta: Mapping[str, Any]) -> Path:
     """Write ``meta`` as the folder's ``cliplab.json`` (replacing it)."""
     file = Path(folder) / CLIPLAB_FILE
-    file.write_text(json.dumps(dict(meta), indent=2))
+    file.write_text(json.dumps(dict(meta), indent=2), encoding="utf-8")
     return file
 
 

@@ -51,7 +51,7 @@ def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
     file = Path(folder) / PROCESSOR_FILE
     if pre.resize_mode == "longest":
         warnings.warn(LONGEST_NOTE, stacklevel=2)  # once per process: every save would repeat it
-    file.write_text(json.dumps(image_processor_config(pre), indent=2))
+    file.write_text(json.dumps(image_processor_config(pre), indent=2), encoding="utf-8")
     return file
 
 
@@ -104,7 +104,7 @@ def _processor_dict(folder: Path) -> tuple[str, dict] | None:
         if not file.is_file():
             return None
     try:
-        d = json.loads(file.read_text())
+        d = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ModelError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if file.name == COMBINED_PROCESSOR_FILE:
@@ -289,5 +289,5 @@ def model_card(kind: str, text_pooling: str, context_length: int,
 def write_model_card(folder: str | Path, kind: str, text_pooling: str,
                      context_length: int, resize_mode: str = "shortest") -> Path:
     file = Path(folder) / CARD_FILE
-    file.write_text(model_card(kind, text_pooling, context_length, resize_mode))
+    file.write_text(model_card(kind, text_pooling, context_length, resize_mode), encoding="utf-8")
     return file

@@ -47,7 +47,7 @@ def read_export_record(path: Path) -> dict:
     value; else a one-line `ModelError` naming the file and the key."""
     file = path / EXPORT_FILE
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelError(f"{file}: not readable JSON ({err})") from None
     if not isinstance(meta, dict):

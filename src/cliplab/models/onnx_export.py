@@ -166,5 +166,5 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 "logit_scale": float(model.logit_scale), "logit_bias":
                     None if bias is None else float(bias),
                 "quantize": quantize, "opset": OPSET, "source": source}
-        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return Path(out)

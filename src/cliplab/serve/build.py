@@ -263,7 +263,7 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
     """The progress state of ``work``: resumed if it holds this request, fresh if absent."""
     state_file = work / PROGRESS_FILE
     if work.exists() and state_file.is_file():
-        state = json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text(encoding="utf-8"))
         nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
         if state["request"] != request and not nothing_embedded:
             raise ConfigError(

@@ -19,6 +19,6 @@ def read_index_json(folder: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
     except ValueError:
         raise DataError(f"{file}: not valid JSON; the index is damaged, rebuild it") from None

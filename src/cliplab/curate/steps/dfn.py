@@ -101,12 +101,13 @@ class DataFilteringNetwork:
                       if k in ("model", "trusted", "train")}
         trained_on["train"] = {k: v for k, v in trained_on["train"].items() if k != "progress"}
         record = run_path / TRAINED_ON
-        same = record.is_file() and json.loads(record.read_text()) == trained_on
+        same = record.is_file() and json.loads(record.read_text(encoding="utf-8")) == trained_on
         if not same and run_path.exists():
             shutil.rmtree(run_path)  # trained from other inputs: our own artefact, rebuilt
         if same and (run_path / "results.json").is_file():
             self.network = model_folder(run_path)
-            self.train_metrics = json.loads((run_path / "results.json").read_text())
+            self.train_metrics = json.loads(
+                (run_path / "results.json").read_text(encoding="utf-8"))
         else:
             self._train(run_path, trained_on, context.progress)
         self.model = self.model or DualEncoder.load(self.network, self.device)

@@ -42,7 +42,8 @@ def prepare_out(out: Path, overwrite: bool) -> None:
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / UNFINISHED_FILE).write_text("`cliplab data shard` is writing this folder, or stopped "
-                                       f"before its end; {INDEX_FILE} comes last\n")
+                                       f"before its end; {INDEX_FILE} comes last\n",
+                                       encoding="utf-8")
 
 
 class ShardSink:

@@ -51,7 +51,7 @@ def clip_bpe_tokenizer(context_length: int = 77) -> CLIPTokenizerFast:
     vocab, merges = _vocab_and_merges()
     with tempfile.TemporaryDirectory() as tmp:  # files: the one input every version accepts
         vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
-        vocab_file.write_text(json.dumps(vocab))
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         return CLIPTokenizerFast(vocab=str(vocab_file), merges=str(merges_file),
                                  model_max_length=context_length)

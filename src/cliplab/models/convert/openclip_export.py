@@ -68,7 +68,7 @@ def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False
     state, config = openclip_state_and_config(model, tokenizer_name=".")
     with atomic_folder(out, overwrite, "OpenCLIP export", OPENCLIP_EXPORT, inputs) as tmp:
         save_tensors(state, str(tmp / WEIGHT_FILES[0]))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:
             model.tokenizer.save_pretrained(tmp)
     return out

@@ -75,7 +75,7 @@ def find_openclip_files(path: str | Path, config: str | Path | None = None) -> t
 
 def _looks_like_config(file: Path) -> bool:
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(data, dict) and ("model_cfg" in data or "vision_cfg" in data)
@@ -84,7 +84,7 @@ def _looks_like_config(file: Path) -> bool:
 def read_openclip_config(file: Path) -> tuple[dict, dict]:
     """``(model_cfg, preprocess_cfg)`` from a model config JSON or an ``open_clip_config.json``."""
     try:
-        data = json.loads(Path(file).read_text())
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelError(f"{file}: not a readable JSON file ({err})") from None
     if not isinstance(data, dict):
@@ -163,7 +163,7 @@ def is_hf_model_folder(folder: Path) -> bool:
     """Whether ``folder``'s ``config.json`` is that of a dual encoder transformers loads (its
     ``model_type`` one of cliplab's; timm's config.json has none)."""
     try:
-        data = json.loads((folder / "config.json").read_text())
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(data, dict) and data.get("model_type") in MODEL_CLASSES
