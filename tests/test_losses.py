@@ -335,6 +335,21 @@ def test_tiled_loss_with_frozen_sides(kind, lock_image):
             torch.testing.assert_close(t, p, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_tiled_loss_accumulating_in_float32_as_on_mps_equals_the_plain_loss(kind, monkeypatch):
+    """Apple's MPS has no float64: there the tiled sums accumulate in float32, and must stay
+    as exact at a modest batch."""
+    import cliplab.train.tiled_loss as tiled_loss
+
+    assert tiled_loss._wide(torch.device("mps")) == torch.float32
+    assert tiled_loss._wide(torch.device("cpu")) == torch.float64
+    monkeypatch.setattr(tiled_loss, "_wide", lambda device: torch.float32)
+    plain, tiled = _plain_and_tiled(kind, 97, 32, None, 16)
+    for name, p, t in zip(["loss", "d_image", "d_text", "d_logit_scale", "d_bias"], plain, tiled):
+        if p is not None:
+            torch.testing.assert_close(t, p, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_tiled_dot_sums_in_float64():
     # float32 loses the 1 beside 1e8 (its spacing there is 8); float64 keeps it
     x = torch.tensor([[1e8], [1.0], [-1e8]])

@@ -12,8 +12,9 @@ DEVICE_CHOICES = "cpu, cuda, cuda:N, mps or auto"
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``name`` as a torch device (``auto``: CUDA when there is one, else the CPU); a ValueError
-    for a name torch does not know or a device this machine lacks."""
+    """``name`` as a torch device (``auto``: CUDA when there is one, else the CPU; Apple's
+    ``mps`` only when named); a ValueError for a name torch does not know or a device this
+    machine lacks."""
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -23,8 +23,9 @@ def bf16_is_native(device: torch.device) -> bool:
     AVX512-BF16 / AMX as oneDNN reports it)."""
     if device.type == "cuda":  # not pre-Ampere GPUs, where torch counts emulation as support
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cpu":  # a build without oneDNN has no such query (and no bf16 units)
+        return torch.backends.mkldnn.is_available() and \
+            bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
 
 

@@ -66,8 +66,7 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     DDP averaging gradients every rank gets the global batch's gradients.
     """
     _check(image, text, logit_bias, kind, keys, tile)
-    device_type = image.device.type if image.device.type in ("cuda", "cpu") else "cpu"
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(image.device.type, enabled=False):  # the device's own autocast
         image, text = image.float(), text.float()
         logit_scale = logit_scale.float().reshape(())
         if logit_bias is not None:

@@ -62,12 +62,17 @@ def _exp_shift(lse: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
     return lse, g
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """The dtype sums accumulate in: float64, but float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _dot(x: torch.Tensor, y: torch.Tensor, tile: int) -> torch.Tensor:
     """Sum of ``x * y`` in row blocks, each summed pairwise into float64: no temporary of their
     size, and accurate (BLAS ``sdot`` over B * D terms drifts by ~1e-4 at B = 32768)."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    total = torch.zeros((), dtype=_wide(x.device), device=x.device)
     for rows in _blocks(len(x), tile):
-        total += (x[rows] * y[rows]).sum(dtype=torch.float64)
+        total += (x[rows] * y[rows]).sum(dtype=total.dtype)
     return total.to(x.dtype)
 
 
@@ -145,8 +150,8 @@ class _TiledSoftplusSum(torch.autograd.Function):
         need_a = need_a or (need_s and not need_b)
         grads = need_a or need_b or need_bias
         s = float(log_scale.exp())
-        total = torch.zeros((), dtype=torch.float64, device=a.device)
-        p_sum = torch.zeros((), dtype=torch.float64, device=a.device)
+        total = torch.zeros((), dtype=_wide(a.device), device=a.device)
+        p_sum = torch.zeros((), dtype=total.dtype, device=a.device)
         da = torch.zeros_like(a) if need_a else None
         db = torch.zeros_like(b) if need_b else None
         space = _Workspace(a, tile, len(a), len(b), 2)
@@ -158,7 +163,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
                 # softplus(z) = max(z, 0) + log1p(exp(-|z|)); sum of max(z, 0) = (sum z + sum|z|)/2
                 abs_sum = torch.abs(z, out=w).sum()
                 relu_sum = (z.sum() + abs_sum) / 2
-                total += (w.neg_().exp_().log1p_().sum() + relu_sum).double()
+                total += (w.neg_().exp_().log1p_().sum() + relu_sum).to(total.dtype)
                 if not grads:
                     continue
                 p = z.sigmoid_()
@@ -167,7 +172,7 @@ class _TiledSoftplusSum(torch.autograd.Function):
                 if db is not None:
                     db[j].addmm_(p.t(), a[i], alpha=s)
                 if need_bias:
-                    p_sum += p.sum().double()
+                    p_sum += p.sum().to(p_sum.dtype)
         d_log = None
         if need_s:  # sum_ij sigmoid(z_ij) (z_ij - bias) = sum_i <a_i, da_i>
             d_log = _dot(da, a, tile) if da is not None else _dot(db, b, tile)

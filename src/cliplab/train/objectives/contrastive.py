@@ -63,8 +63,7 @@ class ContrastiveObjective:
                 made = self.embed.texts(batch.texts, batch.negatives[has])
             negative[has.to(text.device)] = made.to(text.dtype)
         image, text, negative = (F.normalize(x.float(), dim=-1) for x in (image, text, negative))
-        with torch.autocast(image.device.type if image.device.type == "cuda" else "cpu",
-                            enabled=False):
+        with torch.autocast(image.device.type, enabled=False):  # as Embedder's autocast
             loss = clip_loss_hard_negatives(image, text, negative, has.to(image.device),
                                             self.embed.model.logit_scale, batch.keys)
         loss.backward()
