@@ -43,11 +43,6 @@ class FolderFiles:
     skipped: list[tuple[str, Path]] = field(default_factory=list)
 
 
-def is_image_file(path: Path) -> bool:
-    """Whether ``path`` is an image by its suffix."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def list_folder(root: Path, top: Path | None = None, recursive: bool = True) -> FolderFiles:
     """Every image under ``root`` (sorted; in its sub-folders too when ``recursive``) and the
     files skipped with their reason. ``top`` is the dataset's root when ``root`` is one of its
