@@ -59,6 +59,19 @@ def test_missing_fashion_mnist_names_folder_and_package(tmp_path):
         load_fashion_mnist("train", tmp_path / "nope")
 
 
+def test_fashion_mnist_folder_from_the_environment(tmp_path, monkeypatch):
+    """Off Debian (macOS, Windows) the IDX files live anywhere: CLIPLAB_FASHION_MNIST names
+    them for every Fashion-MNIST source at once."""
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 0, 9]))
+    monkeypatch.setenv("CLIPLAB_FASHION_MNIST", str(tmp_path))
+    assert load_fashion_mnist("test").labels.tolist() == [4, 0, 9]
+    monkeypatch.setenv("CLIPLAB_FASHION_MNIST", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'} does not exist; .*"
+                                        "CLIPLAB_FASHION_MNIST"):
+        load_fashion_mnist("test")
+
+
 def test_corrupt_idx_is_a_clear_error(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(DataError, match="bad magic"):

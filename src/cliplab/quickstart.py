@@ -12,8 +12,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import Section, deep_merge, refuse_unused, validate
-from cliplab.data.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
-from cliplab.data.fashion_mnist import CLASSNAMES, PROMPT_NAMES, canonical_name, load_fashion_mnist
+from cliplab.data.fashion_mnist import (CLASSNAMES, PROMPT_NAMES, canonical_name, default_dir,
+                                        load_fashion_mnist)
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
@@ -131,7 +131,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
     cfg = quickstart_config(config)
     data = cfg.data
     if cfg.out:  # before any slow loading
-        check_run_out(cfg.out, [data.data_dir or str(FASHION_MNIST_DIR)])
+        check_run_out(cfg.out, [data.data_dir or str(default_dir())])
     train_all, test = load_splits(data)
     held_names = [canonical_name(n) for n in data.heldout]
     heldout = class_indices(train_all.classnames, held_names)  # names checked by the config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -15,7 +16,10 @@ from pydantic import NonNegativeInt
 from cliplab.data.types import LabelledImages
 from cliplab.errors import DataError, first_line
 
-DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FOLDER_VARIABLE = "CLIPLAB_FASHION_MNIST"  # elsewhere (macOS, Windows): a folder of the IDX files
+WHERE = (f"install Debian's `dataset-fashion-mnist`, or point {FOLDER_VARIABLE} (or quickstart's "
+         "--data-dir, a data spec's data_dir) to a folder holding its four IDX files")
 CLASSNAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
               "Bag", "Ankle boot"]
 # Names as a person would write them in a caption; the official names stay in CLASSNAMES.
@@ -86,13 +90,17 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
+def default_dir() -> Path:
+    """Where Fashion-MNIST is read from without a ``data_dir``: ``$CLIPLAB_FASHION_MNIST``, else
+    Debian's folder."""
+    return Path(os.environ.get(FOLDER_VARIABLE) or DEBIAN_DIR)
+
+
 def _find(folder: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}; install Debian's "
-                    "`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) or pass "
-                    "--data-dir to a folder holding the four IDX files")
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {folder}; {WHERE}")
 
 
 def load_fashion_mnist(split: Literal["train", "test"] = "train",
@@ -103,10 +111,9 @@ def load_fashion_mnist(split: Literal["train", "test"] = "train",
     ``descriptions=False``."""
     if split not in FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
-    folder = Path(data_dir) if data_dir else DEFAULT_DIR
+    folder = Path(data_dir) if data_dir else default_dir()
     if not folder.is_dir():
-        raise DataError(f"Fashion-MNIST folder {folder} does not exist; install Debian's "
-                        "`dataset-fashion-mnist` or pass --data-dir")
+        raise DataError(f"Fashion-MNIST folder {folder} does not exist; {WHERE}")
     image_file, label_file = (_find(folder, stem) for stem in FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or len(images) != len(labels):
