@@ -320,8 +320,10 @@ def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
     (tmp_path / "other" / "precious.txt").write_text("x")
     with pytest.raises(ConfigError, match="not a `cliplab curate` output"):
         run_curation(cfg, tmp_path / "other", progress=False, overwrite=True)
-    with pytest.raises(ConfigError, match="inside the source"):
+    with pytest.raises(ConfigError, match=f"lies inside the input {folder}"):
         run_curation(cfg, folder / "curated", progress=False)
+    with pytest.raises(ConfigError, match=f"holds the input {folder}"):  # --overwrite'd delete it
+        run_curation(cfg, tmp_path, progress=False, overwrite=True)
     # a half-finished run of another config is refused
     flaky = config(str(folder), [{"step": "bright", "fail_on_chunk": 0}])
     Bright.calls.clear()

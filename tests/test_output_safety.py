@@ -764,3 +764,27 @@ def test_swap_in_never_renames_a_folder_onto_an_existing_one(tmp_path, monkeypat
         swap_in(work, out)
     assert _tree(tmp_path) == {"out/a.txt": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_out_the_same_folder_as_an_input_by_another_spelling_is_refused(tmp_path, monkeypatch):
+    """On macOS' and Windows' case-insensitive file systems `Photos` is `photos`: the checks
+    compare folders by identity on disk, not by spelling (stood for here by a samefile that
+    folds case, as such a file system answers)."""
+    import os
+
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import check_apart_from_inputs
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    real_samefile = os.path.samefile
+
+    def case_insensitive(a, b):
+        return str(a).lower() == str(b).lower() and Path(str(a).lower()).exists() or \
+            real_samefile(a, b)
+
+    monkeypatch.setattr(os.path, "samefile", case_insensitive)
+    for out, how in ((tmp_path / "Photos", "is"), (tmp_path / "Photos" / "shards", "lies inside")):
+        with pytest.raises(ConfigError, match=f"--out {out} {how} the input {photos}"):
+            check_apart_from_inputs(out, [photos])
+    check_apart_from_inputs(tmp_path / "Photos2", [photos])  # another folder is fine

@@ -115,8 +115,19 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def _same(a: Path, b: Path) -> bool:
+    """Whether two resolved paths name one folder: equal, or the same file on disk (``Photos``
+    and ``photos`` on a case-insensitive file system, as macOS's and Windows' are)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def _inside(path: Path, folder: Path) -> bool:
-    return path != folder and folder in path.parents
+    return not _same(path, folder) and any(_same(parent, folder) for parent in path.parents)
 
 
 # the keys of data specs that name a folder or file of the user's (a manifest's or image
@@ -141,7 +152,7 @@ def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.Pa
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a preset or Hub id: no folder of the user's
         source = _resolved(str(given))
-        how = "is" if here == source else "holds" if holding and _inside(source, here) else \
+        how = "is" if _same(here, source) else "holds" if holding and _inside(source, here) else \
             "lies inside" if _inside(here, source) else None
         if how:
             raise error(f"{flag} {out} {how} the input {given}; choose another folder")

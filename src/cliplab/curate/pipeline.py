@@ -43,8 +43,8 @@ from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.errors import ConfigError, DataError, ModelError
-from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
-                                   swap_in, write_json)
+from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
+                                   partial_path, remove_own_work, swap_in, write_json)
 
 FORMAT = 1
 READ_STEP = "read"
@@ -63,9 +63,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     if out is None and not config.out:
         raise ConfigError("say where to write the curated pool: --out DIR")
     out = Path(out if out is not None else config.out).expanduser().resolve()
-    if "path" in config.data and Path(config.data["path"]).expanduser().resolve() in (out, *out.parents):
-        raise ConfigError(f"--out {out} is inside the source {config.data['path']}; "
-                          "sources are never written to, choose another --out")
+    check_apart_from_inputs(out, [config.data.get("path")])  # sources are never written to
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
     _check_step_models(config)
