@@ -262,6 +262,26 @@ def test_an_emulating_gpu_has_no_native_bf16(monkeypatch):
     assert precision.resolve_precision("auto", torch.device("cuda")) == "fp32"
 
 
+def test_a_cpu_that_emulates_bf16_has_no_native_bf16(monkeypatch):
+    """oneDNN says bf16 from plain AVX-512 on (Skylake, Cascade Lake), where bf16 products take
+    twice fp32's time: auto asks for AVX512-BF16 or AMX units on x86."""
+    import platform
+
+    from cliplab.models import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True),
+                                     (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert precision.bf16_is_native(cpu) is native
+        assert precision.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # ARM: oneDNN's answer
+    assert precision.bf16_is_native(cpu)
+
+
 def test_the_trainer_runs_in_the_resolved_precision(monkeypatch):
     from cliplab.models import precision
 

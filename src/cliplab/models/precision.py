@@ -1,13 +1,16 @@
 """Which precision a device trains and evaluates in: ``fp32``, ``bf16`` or ``auto`` (bf16 where
 the hardware computes it natively, else fp32), and the autocast context that runs it.
 
-On CPUs without bf16 units (AVX2 only, no AVX512-BF16/AMX) PyTorch emulates bf16 matrix
-products, many times slower than fp32 (one quickstart-sized product: 40 ms fp32 against
-1.5 s bf16 on an AVX2 EPYC); ``auto`` keeps such machines on fp32.
+On CPUs without bf16 units (no AVX512-BF16/AMX) PyTorch emulates bf16 matrix products, slower
+than fp32: many times on AVX2 (one quickstart-sized product: 40 ms fp32 against 1.5 s bf16 on an
+AVX2 EPYC), about twice on plain AVX-512 (Skylake, Cascade Lake); ``auto`` keeps such machines on
+fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import warnings
 from typing import Literal, get_args
 
@@ -19,14 +22,22 @@ PRECISION_CHOICES = get_args(Precision)
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """True where bf16 matrix products run on hardware units (CUDA with bf16, or a CPU with
-    AVX512-BF16 / AMX as oneDNN reports it)."""
+    """True where bf16 matrix products run on hardware units: a CUDA GPU with bf16 (Ampere on),
+    an x86 CPU with AVX512-BF16 or AMX, another CPU (ARM) whose bf16 oneDNN reports."""
     if device.type == "cuda":  # not pre-Ampere GPUs, where torch counts emulation as support
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":  # a build without oneDNN has no such query (and no bf16 units)
-        return torch.backends.mkldnn.is_available() and \
-            bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+        named = torch.cuda.device(device.index) if device.index is not None else \
+            contextlib.nullcontext()  # the GPU named (cuda:N), not the current one
+        with named:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+        # oneDNN's own query says yes from plain AVX-512 on (Skylake, Cascade Lake), where it
+        # emulates bf16 at twice fp32's time: ask for the units themselves
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # a build without oneDNN has no such query (and no bf16 units)
+    return torch.backends.mkldnn.is_available() and \
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
