@@ -290,6 +290,27 @@ def test_suite_precision_is_resolved_as_trainings(monkeypatch, tiny_model):
     assert ran[-1] == "bf16"
 
 
+def test_a_contexts_precision_holds_where_the_suite_says_none(monkeypatch, tiny_model):
+    """`run_suite` replaced a TaskContext's bf16 by the suite's default fp32 (while `run_task`
+    honoured it), and `run_task` raised on a context's auto."""
+    from cliplab.evaluate import suite as suite_module
+    from cliplab.evaluate.suite import run_task
+    from cliplab.models import precision
+
+    ran = []
+    monkeypatch.setitem(suite_module.TASKS, "zeroshot", dataclasses.replace(
+        suite_module.TASKS["zeroshot"], run=lambda model, task, ctx: ran.append(ctx.precision)
+        or {}))
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    task = {"task": "zeroshot", "data": {"source": "digits", "split": "test"}}
+    run_suite(tiny_model, {"tasks": [task]}, TaskContext(progress=False, precision="bf16"))
+    run_suite(tiny_model, {"tasks": [task], "precision": "fp32"},
+              TaskContext(progress=False, precision="bf16"))  # the suite's own key wins
+    run_suite(tiny_model, {"tasks": [task]})  # neither: fp32
+    run_task(tiny_model, task, TaskContext(progress=False, precision="auto"))
+    assert ran == ["bf16", "fp32", "fp32", "bf16"]
+
+
 def test_retrieval_encodes_its_captions_at_the_suites_precision(monkeypatch, tiny_model):
     from cliplab.evaluate.tasks import retrieval as task
     from cliplab.models import precision

@@ -166,11 +166,30 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
     # what ran (train.precision's default fp32; device auto resolved to this machine's cpu)
     assert first["resumed_from"] is None and (first["precision"], first["device"]) == (
         "fp32", "cpu")
+    assert first["eval_precision"] == "fp32"  # the suite's, which its evals ran in
     run_pretrain(recipe(out, save_every=3, log_every=1), resume="latest", progress=False)
     assert [r["step"] for r in records(out)] == whole  # steps 3, 4 and the eval once each
     # results.json says the run went on from step 2 (its config.yaml reads as a fresh run)
     assert json.loads((out / "results.json").read_text())["resumed_from"] == {
-        "checkpoint": str((out / "checkpoints" / "step-2").resolve()), "step": 2}
+        "checkpoint": str((out / "checkpoints" / "step-2").resolve()), "step": 2,
+        "precision": "fp32"}
+
+
+def test_a_resume_where_auto_resolves_otherwise_says_so_and_records_both(tmp_path,
+                                                                         monkeypatch, capsys):
+    """train.precision auto on another device (a GPU, a CPU without bf16 units) runs the rest
+    of a run in another precision: said, and results.json keeps both (it kept the last)."""
+    from cliplab.models import precision
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    run_pretrain(recipe(out, precision="auto", save_every=2, steps=2), progress=False)
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    capsys.readouterr()
+    results = run_pretrain(recipe(out, precision="auto", save_every=2, steps=4),
+                           resume="latest", progress=False)
+    assert "the steps up to 2 ran in bf16, the rest runs in fp32" in capsys.readouterr().err
+    assert results["precision"] == "fp32" and results["resumed_from"]["precision"] == "bf16"
 
 
 def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):

@@ -43,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab eval`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.config import load_config
     from cliplab.evaluate.feature_cache import FeatureCache
-    from cliplab.evaluate.suite import SuiteSpec, run_suite
+    from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
     from cliplab.evaluate.tasks import TaskContext
-    from cliplab.models.precision import resolve_precision
     from cliplab.models.resolve import load_model, model_record
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
 
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
               "head (each says so under 'classifier'); --head text scores the text head",
               file=sys.stderr)
-    precision = resolve_precision(suite.precision, model.device)  # what run_suite runs in
+    precision = suite_precision(suite, context, model.device)  # what run_suite runs in
     # the suite is its file and these overrides of it (the file alone says other sizes)
     # the folder and weights behind --model (a run folder moves on as it trains)
     results = {"model": args.model, **model_record(args.model, model), "suite": args.config,

@@ -207,15 +207,17 @@ def _file_label(path: Path) -> str:
 
 def _results_label(path: Path, data: dict) -> str:
     """A results file's column label: its model (an adapt result as ``METHOD (model)``, a
-    merge as ``METHOD merge``), else its name (or its folder's); `` [bf16]`` for another
-    precision than fp32."""
+    merge as ``METHOD merge``), else its name (or its folder's); `` [bf16]`` when its scores
+    ran in another precision than fp32."""
     label = _model_label(str(data["model"])) if isinstance(data.get("model"), str) \
         else _file_label(path)
     if isinstance(data.get("method"), str):  # adapt: the method on its model; a merge
         label = f"{data['method']} ({label})" if isinstance(data.get("model"), str) \
             else f"{data['method']} merge"
-    if data.get("precision") not in (None, "fp32"):  # e.g. the same model's bf16 run
-        label += f" [{data['precision']}]"
+    # the precision its scores ran in: a training run's evals ran in their suite's
+    scored_in = data["eval_precision"] if "eval_precision" in data else data.get("precision")
+    if scored_in not in (None, "fp32"):  # e.g. the same model's bf16 run
+        label += f" [{scored_in}]"
     return label
 
 

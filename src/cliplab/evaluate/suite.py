@@ -158,6 +158,14 @@ def _as_context(context: TaskContext | None) -> TaskContext:
     return context or TaskContext(hold=False)  # nobody else can use a context made here
 
 
+def suite_precision(suite: SuiteSpec, context: TaskContext | None, device) -> str:
+    """What ``suite`` runs in on ``device``: its ``precision`` key when it has one, else the
+    context's (``fp32`` unless set), resolved (``auto``: bf16 where the device has the units)."""
+    wanted = suite.precision if "precision" in suite.model_fields_set or context is None \
+        else context.precision
+    return resolve_precision(wanted, device)
+
+
 def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
              context: TaskContext | None = None) -> dict:
     """Metrics of one task (a spec or a mapping with ``task: NAME``) on ``model`` (a loaded
@@ -166,6 +174,9 @@ def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Map
                      if isinstance(spec, Mapping) else "the task")
     model = as_model(model)
     context = _as_context(context)
+    if context.precision not in ("fp32", "bf16"):  # auto: what this device computes natively
+        context = dataclasses.replace(context,
+                                      precision=resolve_precision(context.precision, model.device))
     try:
         context.check_task(spec, model)  # as `run_suite` checks every task before the first
     except CliplabError as err:
@@ -185,7 +196,7 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     suite = suite_spec(suite)
     model = as_model(model)
     context = dataclasses.replace(_as_context(context),
-                                  precision=resolve_precision(suite.precision, model.device),
+                                  precision=suite_precision(suite, context, model.device),
                                   probe_plan=plan_probes(suite.tasks))
     # every set read, every task checked (against its data and the model) before the first
     # task encodes

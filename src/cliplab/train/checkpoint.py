@@ -48,6 +48,7 @@ class TrainingState:
     sample_rng: torch.Generator
     inputs: DataPosition
     sharded: bool  # FSDP: weights and optimizer state are gathered whole / put back on shards
+    precision: str = "fp32"  # what the steps run in (train.precision resolved on this device)
 
 
 def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, config: dict,
@@ -67,7 +68,7 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
              # each rank's own: ranks that draw their own samples (streams) and augmentations
              # hold different generator states, and a resume must give each its own back
              "rank_rngs": distributed.gather_objects(rngs),
-             "config": config}
+             "config": config, "precision": state.precision}
 
     def write(folder: Path) -> None:
         if save_model is not None:
@@ -167,10 +168,11 @@ def _cuda_rng_state() -> torch.Tensor | None:
 
 
 def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
-                    config: dict | None = None) -> int:
+                    config: dict | None = None) -> tuple[int, str | None]:
     """Restore ``state`` (weights, optimizer, scheduler, RNGs, data position) from checkpoint
-    ``folder``; returns its step. ``config`` (the train config now) must be the checkpoint's
-    but for `RESUME_MAY_CHANGE` keys: a resume continues the run as it was configured."""
+    ``folder``; returns its step and the precision its steps ran in (None in a checkpoint of
+    an older version). ``config`` (the train config now) must be the checkpoint's but for
+    `RESUME_MAY_CHANGE` keys: a resume continues the run as it was configured."""
     saved = read_state(folder)
     missing = [k for k in _STATE_KEYS if k not in saved]
     if missing:
@@ -208,4 +210,4 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
     if mine.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda_rng"])  # this rank's GPU's (dropout on a GPU)
     state.inputs.load_state_dict(saved["batches"])
-    return int(saved["step"])
+    return int(saved["step"]), saved.get("precision")

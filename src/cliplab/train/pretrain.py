@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator
 
 from cliplab.config import Section, changed_key_paths, load_yaml, validate, value_at
@@ -16,7 +17,7 @@ from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
 from cliplab.errors import ConfigError, DataError
-from cliplab.evaluate.suite import SuiteSpec, run_suite
+from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
 from cliplab.models.preprocess import PreprocessConfig
@@ -123,7 +124,10 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     # what ran, where the config says auto, and where a resumed run's steps before began
     results: dict = {"train": trained.last, "skipped": trained.skipped.to_dict(),
                      "evals": trained.evals, "model_dir": str(trained.model_dir),
+                     # training's precision; the evals beside it ran in the suite's
                      "precision": trained.precision, "device": trained.device,
+                     "eval_precision": suite_precision(cfg.eval, None, torch.device(
+                         trained.device)) if cfg.eval else None,
                      "resumed_from": trained.resumed_from,
                      "wall_time_s": round(time.time() - start, 1)}
     if trained.rank == 0:

@@ -155,7 +155,7 @@ class Trainer:
         sample_rng = torch.Generator().manual_seed(
             cfg.seed + (0 if inputs.ranks_draw_alike else 1_000_003 * self.rank))
         state = TrainingState(self.model, optimizer, scheduler, sample_rng, inputs,
-                              self.sharded)
+                              self.sharded, self.precision)
         folder = self._resume(resume, state, total, unfinished) if resume is not None else None
         if on_start is not None:
             on_start()
@@ -319,8 +319,12 @@ class Trainer:
         if self.save_model is not None or self.head is not None:
             raise ConfigError("resume is only supported for plain model training (no head, "
                               "no custom checkpoint writer)")
-        self.step = checkpoint.load_checkpoint(folder, state, self.device,
-                                               self.config.to_dict())
+        self.step, ran_in = checkpoint.load_checkpoint(folder, state, self.device,
+                                                       self.config.to_dict())
+        if ran_in is not None and ran_in != self.precision and self.rank == 0:
+            print(f"cliplab: warning: the steps up to {self.step} ran in {ran_in}, the rest "
+                  f"runs in {self.precision} (train.precision {self.config.precision} on "
+                  f"{self.device.type}); results.json says both", file=sys.stderr)
         if self.step > total:  # steps shortened below the checkpoint
             raise ConfigError(f"nothing to resume: {folder} is at step {self.step}, past the "
                               f"run's length of {total} step(s) now; a resume continues or "
@@ -340,7 +344,8 @@ class Trainer:
                       f"past it ({', '.join(p.name for p in moved)}) is moved to "
                       f"{moved[0].parent}", file=sys.stderr)
         if self.step < total:  # training goes on (at the final step only the evaluation is left)
-            self.resumed_from = {"checkpoint": str(folder.resolve()), "step": self.step}
+            self.resumed_from = {"checkpoint": str(folder.resolve()), "step": self.step,
+                                 "precision": ran_in}  # of the steps before it
         return folder
 
     def _own(self, folder: Path) -> bool:
