@@ -230,6 +230,13 @@ def test_a_reduced_precision_eval_is_labelled_with_it(tmp_path):
              "results": {"zs": {"acc1": 0.5}}}))
     sources = read_inputs([tmp_path / "fp32.json", tmp_path / "bf16.json"])
     assert [s.label for s in sources] == ["base/step-8", "base/step-8 [bf16]"]
+    # a run trained in bf16 whose evals ran in the suite's fp32 is labelled by its evals
+    for run, scored in (("bf16-trained", "fp32"), ("all-bf16", "bf16")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "results.json").write_text(json.dumps(
+            {"evals": {"zs": {"acc1": 0.5}}, "precision": "bf16", "eval_precision": scored}))
+    sources = read_inputs([tmp_path / "bf16-trained", tmp_path / "all-bf16"])
+    assert [s.label for s in sources] == ["bf16-trained", "all-bf16 [bf16]"]
 
 
 def test_an_eval_or_adapt_out_folder_is_labelled_as_its_results_file(tmp_path):
