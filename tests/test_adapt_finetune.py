@@ -181,17 +181,21 @@ def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_dec
     the method's defaults, the run's seed, the model's device (a report shows none of them as
     scores)."""
     from cliplab.adapt.run import run_adapt
+    from cliplab.models.precision import resolve_precision
 
     cfg = {"method": method, "model": "tiny-clip", "compare_zeroshot": False, "seed": 4,
            "shots": 2, "data": {"train": {"source": "digits", "split": "test"},
                                 "test": {"source": "digits", "split": "test"}},
-           "options": {"train": {"steps": 1, "batch_size": 8}}, "out": str(tmp_path / "r")}
+           "options": {"train": {"steps": 1, "batch_size": 8, "precision": "auto"}},
+           "out": str(tmp_path / "r")}
     res = run_adapt(cfg, progress=False)
     written = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert written["options"]["train"] == {"steps": 1, "batch_size": 8}
+    assert written["options"]["train"] == {"steps": 1, "batch_size": 8, "precision": "auto"}
     ran = written["train_settings"]
     assert (ran["steps"], ran["batch_size"], ran["lr"], ran["weight_decay"], ran["seed"],
             ran["device"]) == (1, 8, lr, weight_decay, 4, "cpu")
+    # auto resolved as the device is: what the steps ran in
+    assert ran["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert res["train_settings"] == ran
     from cliplab.evaluate.report_inputs import result_sections
 

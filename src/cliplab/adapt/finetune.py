@@ -21,7 +21,8 @@ from cliplab.adapt.base import (AdaptContext, Adapter, kept_training_state, meth
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
-from cliplab.adapt.training import check_batch_fits_images, trainer_config
+from cliplab.adapt.training import (check_batch_fits_images, settings_that_ran,
+                                    trainer_config)
 from cliplab.config import Section
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
@@ -147,5 +148,5 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     model_dir = trainer.last_checkpoint / MODEL_DIR if trainer.last_checkpoint else None
     adapter = FineTuned(model, train.classnames, opts.to_dict(), head, ctx.origin(model),
                         fingerprint, model_dir, params)
-    adapter.trained_with = train_cfg.to_dict()
+    adapter.trained_with = settings_that_ran(train_cfg, trainer.precision)
     return adapter

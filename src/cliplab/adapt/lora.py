@@ -30,7 +30,8 @@ from cliplab.adapt.common import checked_train_section, count_parameters, \
 from cliplab.adapt.finetune import save_finetuned
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint, require_origin, write_origin
-from cliplab.adapt.training import check_batch_fits_images, trainer_config
+from cliplab.adapt.training import (check_batch_fits_images, settings_that_ran,
+                                    trainer_config)
 from cliplab.config import Section, refuse_unused
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.types import LabelledImages
@@ -296,5 +297,5 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     adapter_dir = trainer.last_checkpoint / ADAPTER_DIR if trainer.last_checkpoint else None
     adapter = LoraAdapted(model, train.classnames, opts.to_dict(), peft_model, head, text_head,
                           origin, fingerprint, params, adapter_dir)
-    adapter.trained_with = train_cfg.to_dict()
+    adapter.trained_with = settings_that_ran(train_cfg, trainer.precision)
     return adapter

@@ -87,3 +87,9 @@ def trainer_config(defaults: dict, given: dict, where: str = "options.train",
     if seed is not None:  # the run's seed, unless options.train gives one of its own
         defaults = {**defaults, "seed": seed}
     return validate(TrainConfig, {**train_over_defaults(defaults, given), **fixed}, where)
+
+
+def settings_that_ran(config: TrainConfig, precision: str) -> dict:
+    """A method's `Trainer` settings as results.json records them: ``config`` with the
+    precision the steps ran in (``auto`` resolved, as the device already is)."""
+    return {**config.to_dict(), "precision": precision}

@@ -27,7 +27,7 @@ from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_fin
     save_finetuned
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import check_same_origin, model_fingerprint
-from cliplab.adapt.training import trainer_config
+from cliplab.adapt.training import settings_that_ran, trainer_config
 from cliplab.config import refuse_unused
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import LabelledImages
@@ -265,5 +265,6 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     adapter = WiseFT(model, train.classnames, opts.to_dict(),
                      zeroshot_classifier_head(model, train), finetuned, ft_head, ft_dir,
                      ctx.origin(model), fingerprint, ctx.val)
-    adapter.trained_with = None if opts.finetuned else train_cfg.to_dict()
+    adapter.trained_with = None if opts.finetuned else \
+        settings_that_ran(train_cfg, trainer.precision)
     return adapter
