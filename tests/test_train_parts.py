@@ -156,6 +156,21 @@ def test_classification_objective_is_cross_entropy_in_any_micro_batches():
         torch.testing.assert_close(head.weight.grad, want)
 
 
+def test_classification_head_and_loss_run_in_fp32_under_bf16():
+    """bf16 autocast is for the towers: the head's logits were rounded to bf16 (by up to 0.03
+    at CLIP's scale) before the fp32 cross-entropy."""
+    model = small_model()
+    digits = load_digits("train")
+    head = torch.nn.Linear(16, 10)
+    seen = []
+    head.register_forward_hook(lambda module, inputs, output: seen.append(
+        (torch.is_autocast_enabled("cpu"), inputs[0].dtype, output.dtype)))
+    batch = StepBatch(model.preprocess(digits.images[:7]), labels=digits.labels[:7])
+    embed = Embedder(model, torch.device("cpu"), "bf16", augment=False)
+    ClassificationObjective(embed, head).backward(batch)
+    assert seen == [(False, torch.float32, torch.float32)]
+
+
 def test_siglip_needs_a_logit_bias():
     with pytest.raises(ConfigError, match="train.loss=siglip needs a model with a logit bias"):
         Trainer(small_model(), config(loss="siglip"))

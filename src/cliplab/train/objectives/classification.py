@@ -29,8 +29,11 @@ class ClassificationObjective:
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             with self.embed.autocast():
-                logits = self.head(self.embed.images(batch.images[rows]))
-            loss = F.cross_entropy(logits.float(), labels[rows], reduction="sum") / n
+                embeddings = self.embed.images(batch.images[rows])
+            # the head and the loss in fp32, as the contrastive loss: bf16 logits rounded by
+            # up to 0.03 at CLIP's scale (flipping predictions the loss then trains on)
+            logits = self.head(embeddings.float())
+            loss = F.cross_entropy(logits, labels[rows], reduction="sum") / n
             loss.backward()
             total += loss.detach()
         return total
