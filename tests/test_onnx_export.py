@@ -196,7 +196,7 @@ def centred_export(tmp_path_factory):
     return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "centred")
 
 
-def test_cliplab_eval_runs_on_an_export(centred_export, tmp_path):
+def test_cliplab_eval_runs_on_an_export(centred_export, tmp_path, capsys):
     """`cliplab eval` on an export gives the zero-shot accuracy of the PyTorch model it came
     from (its embeddings x its text head, by hand). The export's logits are within ~1e-5 of
     PyTorch's (2e-6 measured): an image whose top two logits are closer than 2e-5 may go either
@@ -222,6 +222,15 @@ def test_cliplab_eval_runs_on_an_export(centred_export, tmp_path):
     # the comparison means something: few near-ties, predictions over every class
     assert near_ties < len(test.labels) / 20 and logits.argmax(1).unique().numel() == 10
     assert abs(results["results"]["zs"]["acc1"] - acc1) <= near_ties / len(test.labels) + 1e-6
+    # bf16 asked of an export: its graphs are fp32, and so is the record (it said bf16 while
+    # only the projections followed, moving the scores)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(suite), "--model", str(out), "--out",
+                 str(tmp_path / "bf16"), "--no-progress", "precision=bf16"]) == 0
+    assert capsys.readouterr().err.count("warning: an ONNX export runs in fp32") == 1
+    asked = json.loads((tmp_path / "bf16" / "results.json").read_text())
+    assert asked["precision"] == results["precision"] == "fp32"
+    assert asked["results"]["zs"] == results["results"]["zs"]
 
 
 def test_a_probe_on_token_features_of_an_export_is_a_one_line_error(clip_export, tmp_path, capsys):

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
               "head (each says so under 'classifier'); --head text scores the text head",
               file=sys.stderr)
-    precision = suite_precision(suite, context, model.device)  # what run_suite runs in
+    # what run_suite runs in (it says why, when that is not what the suite asks)
+    precision = suite_precision(suite, context, model, warn=False)
     # the suite is its file and these overrides of it (the file alone says other sizes)
     # the folder and weights behind --model (a run folder moves on as it trains)
     results = {"model": args.model, **model_record(args.model, model), "suite": args.config,

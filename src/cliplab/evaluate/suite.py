@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,25 @@ def _as_context(context: TaskContext | None) -> TaskContext:
     return context or TaskContext(hold=False)  # nobody else can use a context made here
 
 
-def suite_precision(suite: SuiteSpec, context: TaskContext | None, device) -> str:
-    """What ``suite`` runs in on ``device``: its ``precision`` key when it has one, else the
+def suite_precision(suite: SuiteSpec, context: TaskContext | None, model,
+                    warn: bool = True) -> str:
+    """What ``suite`` runs in on ``model``: its ``precision`` key when it has one, else the
     context's (``fp32`` unless set), resolved (``auto``: bf16 where the device has the units)."""
     wanted = suite.precision if "precision" in suite.model_fields_set or context is None \
         else context.precision
-    return resolve_precision(wanted, device)
+    return model_precision(model, wanted, warn)
+
+
+def model_precision(model, precision: str, warn: bool = True) -> str:
+    """``precision`` resolved on ``model``'s device; an ONNX export runs its fp32 graphs
+    whatever is asked (a warning when bf16 was: only its projections would have followed)."""
+    resolved = resolve_precision(precision, model.device)
+    if resolved == "bf16" and not isinstance(model, DualEncoder):
+        if warn:
+            warnings.warn("an ONNX export runs in fp32 (its graphs are fp32): precision "
+                          f"{precision} is not applied to it", stacklevel=2)
+        return "fp32"
+    return resolved
 
 
 def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
@@ -174,9 +188,9 @@ def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Map
                      if isinstance(spec, Mapping) else "the task")
     model = as_model(model)
     context = _as_context(context)
-    if context.precision not in ("fp32", "bf16"):  # auto: what this device computes natively
-        context = dataclasses.replace(context,
-                                      precision=resolve_precision(context.precision, model.device))
+    ran_in = model_precision(model, context.precision)  # auto: what the device has
+    if ran_in != context.precision:
+        context = dataclasses.replace(context, precision=ran_in)
     try:
         context.check_task(spec, model)  # as `run_suite` checks every task before the first
     except CliplabError as err:
@@ -196,7 +210,7 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     suite = suite_spec(suite)
     model = as_model(model)
     context = dataclasses.replace(_as_context(context),
-                                  precision=suite_precision(suite, context, model.device),
+                                  precision=suite_precision(suite, context, model),
                                   probe_plan=plan_probes(suite.tasks))
     # every set read, every task checked (against its data and the model) before the first
     # task encodes

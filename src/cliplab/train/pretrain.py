@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field, field_validator
 
 from cliplab.config import Section, changed_key_paths, load_yaml, validate, value_at
@@ -126,8 +125,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                      "evals": trained.evals, "model_dir": str(trained.model_dir),
                      # training's precision; the evals beside it ran in the suite's
                      "precision": trained.precision, "device": trained.device,
-                     "eval_precision": suite_precision(cfg.eval, None, torch.device(
-                         trained.device)) if cfg.eval else None,
+                     "eval_precision": trained.eval_precision,
                      "resumed_from": trained.resumed_from,
                      "wall_time_s": round(time.time() - start, 1)}
     if trained.rank == 0:
@@ -151,6 +149,7 @@ class _Trained:
     precision: str
     device: str
     resumed_from: dict | None
+    eval_precision: str | None  # what the eval: suite ran in (None: no suite)
 
 
 def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
@@ -208,7 +207,8 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                         seen.add((reason, key))
                         skipped.add(reason, key)
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
-                    trainer.precision, str(trainer.device), trainer.resumed_from)
+                    trainer.precision, str(trainer.device), trainer.resumed_from,
+                    suite_precision(cfg.eval, None, model) if cfg.eval else None)
 
 
 def check_ranks_agree(cfg: PretrainConfig, resume: str | None) -> None:
