@@ -650,13 +650,31 @@ def test_deep_pages_of_an_approximate_index_are_full_and_continue_each_other(fac
     assert np.array_equal(two_pages, np.concatenate(pages[4:6], axis=1))
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32,Flat"])
+def test_pages_over_tied_scores_neither_repeat_nor_lose_an_item(factory):
+    """An image indexed twice ties with itself exactly; FAISS returned ties in an order that
+    depends on the depth asked, so the page ending in a tie and the next repeated one copy and
+    never showed the other. Ties now come in id order, and a tie across a page's end is
+    fetched whole."""
+    vectors = _clustered(240, 16, 6)
+    copies = np.concatenate([vectors, vectors[:5], vectors[:5]])  # ids 240..249: 0..4 twice
+    index = faiss_index.build_faiss(copies, factory)
+    for query in copies[[0, 3, 100]]:
+        whole = faiss_index.search(index, query, 30)[1][0]
+        one_by_one = [faiss_index.search(index, query, 1, offset)[1][0, 0]
+                      for offset in range(30)]
+        assert one_by_one == whole.tolist() and len(set(whole)) == 30
+    scores, ids = faiss_index.search(index, copies[0], 3)
+    assert ids[0].tolist() == [0, 240, 245] and scores[0, 0] == scores[0, 2]  # in id order
+
+
 def test_a_short_approximate_search_falls_back_to_the_stored_vectors(monkeypatch):
     vectors = _clustered(500, 16, 5)
     index = faiss_index.build_faiss(vectors, "HNSW32,Flat")
     search = faiss_index._deep_search
 
-    def short(index, queries, depth):
-        scores, ids = search(index, queries, depth)
+    def short(index, queries, depth, **breadth):
+        scores, ids = search(index, queries, depth, **breadth)
         ids[:, 50:] = -1
         return scores, ids
 

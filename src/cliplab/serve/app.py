@@ -259,7 +259,8 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                                        description="an indexed image id"),
                        k: int = k_query, offset: int = offset_query) -> dict:
         """The ``k`` indexed images closest to the indexed image ``id`` (its stored embedding:
-        nothing is decoded or uploaded), from rank ``offset``; the image itself ranks first."""
+        nothing is decoded or uploaded), from rank ``offset``; the image itself ranks first (an
+        exact copy indexed too ties with it; ties come in id order)."""
         indexed(id)
         return page({"id": id}, results(index.vector(id), k, offset), k, offset)
 

@@ -194,11 +194,28 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
     stored ``[N, D]`` embeddings), if given. One vector ``[D]`` is one query."""
     queries = search_queries(queries, k, offset, index.d, "the FAISS index")
     depth = offset + k
-    scores, ids = _deep_search(index, queries, depth)
-    short = _short(ids, depth, index.ntotal)
-    if short.any() and vectors is not None:
-        scores[short], ids[short] = _exact_search(queries[short], vectors, depth)
-    return scores[:, offset:], ids[:, offset:]
+    fetch = depth
+    while True:  # one more than the page's end: a tie across the cut is seen, and taken whole
+        wanted = min(fetch + 1, max(index.ntotal, depth))
+        scores, ids = _deep_search(index, queries, wanted, breadth_for=depth)
+        short = _short(ids, wanted, index.ntotal)
+        if short.any() and vectors is not None:
+            scores[short], ids[short] = _exact_search(queries[short], vectors, wanted)
+        if wanted <= depth or wanted >= index.ntotal or not _tie_past_the_end(scores, ids,
+                                                                                depth):
+            break
+        fetch *= 2
+    # equal scores (an image indexed twice) in id order: FAISS returns ties in an order that
+    # depends on the depth asked, so pages cut from two searches repeated one and lost the other
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return scores[:, offset:depth], ids[:, offset:depth]
+
+
+def _tie_past_the_end(scores: np.ndarray, ids: np.ndarray, depth: int) -> bool:
+    """Whether some row's score at the page's end (rank ``depth``; rows come best first) is
+    also its last fetched one: the tie may go on past what was fetched."""
+    return bool(((ids[:, -1] >= 0) & (scores[:, -1] == scores[:, depth - 1])).any())
 
 
 def search_queries(queries, k: int, offset: int = 0, dim: int | None = None,
@@ -230,13 +247,15 @@ def _short(ids: np.ndarray, depth: int, total: int) -> np.ndarray:
     return (ids[:, :min(depth, total)] < 0).any(axis=1)
 
 
-def _deep_search(index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``depth`` of an index at a breadth made for that depth (per call, not on the
+def _deep_search(index, queries: np.ndarray, depth: int,
+                 breadth_for: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``depth`` of an index at a breadth made for that depth (or for ``breadth_for``:
+    the page's end, so pages of one power of two are searched alike) (per call, not on the
     shared index), doubled while some query gets fewer than ``depth`` hits, up to a limit."""
     name = search_parameter(index)
     if name is None:
         return index.search(queries, depth)
-    value, limit = _breadth(index, name, depth)
+    value, limit = _breadth(index, name, breadth_for or depth)
     while True:
         scores, ids = _search_with(index, queries, depth, name, value)
         if value >= limit or not _short(ids, depth, index.ntotal).any():
