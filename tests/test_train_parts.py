@@ -235,6 +235,25 @@ def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(p
         Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
 
 
+def test_a_checkpoint_keeps_and_a_resume_restores_apples_gpu_generator(pairs, tmp_path,
+                                                                        monkeypatch):
+    """Dropout on MPS draws from its own generator: saved and restored as CUDA's is (stood
+    for by a CPU generator behind torch.mps's state functions)."""
+    mps = torch.Generator().manual_seed(3)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", mps.get_state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", mps.set_state)
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=1), run).fit(pairs)
+    saved = torch.load(run.checkpoint_dir(1) / STATE_FILE, weights_only=True)["mps_rng"]
+    assert torch.equal(saved, mps.get_state())
+    torch.rand(5, generator=mps)  # moved on since
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: restored.append(s.clone()))
+    Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
+    assert restored and torch.equal(restored[0], saved)
+
+
 def test_a_batch_larger_than_its_data_names_the_keys():
     """Plain batches name train.batch_size and data.train; with a replay set the share of each
     batch the user never wrote is spelt out from the keys they did write."""

@@ -89,6 +89,39 @@ def test_gradient_checkpointing_gives_the_same_update(pairs):
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_grad_cache_replays_dropout_drawn_on_apples_gpu(monkeypatch):
+    """On MPS dropout draws from the MPS generator: its state must be replayed as the CPU's
+    and CUDA's are (stood for here by a CPU generator behind torch.mps's state functions)."""
+    mps = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", mps.get_state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", mps.set_state)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+    x, y = torch.randn(10, 6), torch.randn(10, 6)
+
+    def net(v):
+        hidden = first(v)
+        return second(hidden * (torch.rand(hidden.shape, generator=mps) > 0.5) * 2)
+
+    def embed(rows):
+        return net(x[rows]), net(y[rows])
+
+    def loss_fn(a, b):
+        return (a @ b.t()).logsumexp(1).mean()
+
+    start = mps.get_state()
+    ref = [embed(slice(s, min(s + 4, 10))) for s in range(0, 10, 4)]
+    loss_fn(torch.cat([a for a, _ in ref]), torch.cat([b for _, b in ref])).backward()
+    expected = [p.grad.clone() for p in (*first.parameters(), *second.parameters())]
+    for p in (*first.parameters(), *second.parameters()):
+        p.grad = None
+    mps.set_state(start)
+    grad_cache_backward(embed, 10, 4, loss_fn)
+    for p, g in zip((*first.parameters(), *second.parameters()), expected):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_locked_tower_except_last_block_trains_only_that_block_and_what_follows(pairs):
     model = small_model()
     before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}

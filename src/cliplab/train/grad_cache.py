@@ -16,14 +16,18 @@ Embed = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rng_state() -> tuple:
+    """The generators dropout may draw from: the CPU's, every GPU's, Apple's MPS."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
+    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    return torch.get_rng_state(), cuda, mps
 
 
 def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
+    if state[2] is not None:
+        torch.mps.set_rng_state(state[2])
 
 
 def grad_cache_backward(embed: Embed, n: int, chunk: int,
