@@ -11,7 +11,7 @@ import yaml
 
 from cliplab.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = (Path(__file__).resolve().parents[1] / "configs").resolve()  # src/cliplab/configs
 # what the command line adds to each kind of recipe, under the recipe's own keys
 COMMAND_LINE = {"adapt": {"model": "tiny-clip"}, "index": {"model": "tiny-clip", "data": "shapes",
                                                             "out": "idx"},
@@ -89,3 +89,34 @@ def test_a_recipe_of_every_key_lists_every_key():
     assert set(recipe) == fields
     defaults = {name: f.default for name, f in _schema("index").model_fields.items()}
     assert {key: value for key, value in recipe.items() if value != defaults[key]} == {}
+
+
+def test_a_configs_path_missing_here_reads_the_shipped_config(tmp_path, monkeypatch):
+    """After a pip install there is no configs/ folder where the user runs cliplab: README's
+    `--config configs/...` reads the copy the package ships; a file of that name here wins."""
+    from cliplab.config import load_yaml, shipped_config
+    from cliplab.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    name = "configs/pretrain/tiny-shapes.yaml"
+    assert shipped_config(name) == CONFIGS / "pretrain" / "tiny-shapes.yaml"
+    assert load_yaml(name) == yaml.safe_load((CONFIGS / "pretrain" / "tiny-shapes.yaml")
+                                             .read_text(encoding="utf-8"))
+    (tmp_path / "configs" / "pretrain").mkdir(parents=True)
+    (tmp_path / name).write_text("model: mine\n", encoding="utf-8")
+    assert load_yaml(name) == {"model": "mine"}
+    with pytest.raises(ConfigError, match="config file configs/pretrain/nope.yaml does not exist"):
+        load_yaml("configs/pretrain/nope.yaml")
+
+
+def test_the_package_data_ships_every_config():
+    """The wheel holds what pyproject's package-data globs match: every shipped config."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((CONFIGS.parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["cliplab"]
+    package = CONFIGS.parent
+    files = [p.relative_to(package).as_posix() for p in CONFIGS.rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatchcase(f, g) and f.count("/") == g.count("/")
+                             for g in globs) for f in files), files

@@ -21,6 +21,7 @@ import re
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
+from importlib import resources
 from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 
@@ -145,9 +146,21 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with one-line errors naming the file (and line) when it is bad."""
+def shipped_config(path: str | Path) -> Path:
+    """``path``, or the copy cliplab ships of it: a relative ``configs/...`` path that is no
+    file where cliplab runs names the installed package's config of that name (README's
+    commands work from any folder after a ``pip install``)."""
     path = Path(path)
+    if path.is_file() or path.is_absolute() or not path.parts or path.parts[0] != "configs":
+        return path
+    shipped = Path(str(resources.files("cliplab"))).joinpath(*path.parts)
+    return shipped if shipped.is_file() else path
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with one-line errors naming the file (and line) when it is bad
+    (a ``configs/...`` path missing here is the shipped config: `shipped_config`)."""
+    path = shipped_config(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
