@@ -923,3 +923,24 @@ def test_a_partner_key_two_samples_share_names_no_partner():
     assert "7" not in keys and keys["a.tar:7"] == "000000000"
     assert "partner_key" not in carried_fields(records[2], keys)
     assert carried_fields(records[3], keys)["partner_key"] == "000000002"
+
+
+@pytest.mark.parametrize("step, module", [
+    ({"step": "basic", "languages": ["en"]}, "langid"),
+    ({"step": "decontaminate", "eval_sets": [{"source": "digits", "split": "test"}],
+      "threshold": None}, "imagehash"),
+    ({"step": "semantic_dedup", "model": "tiny-clip"}, "faiss")])
+def test_a_missing_package_is_refused_before_any_work(step, module, tmp_path, monkeypatch):
+    """A step whose package is not installed failed only once the pool was read (after its
+    images were cached in OUT.partial), leaving that folder behind."""
+    import importlib.util
+
+    folder = make_folder(tmp_path / "pool", [200, 50])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"steps\[1\] \({step['step']}\): .* needs {module}, "
+                                          r"which is not installed: pip install 'cliplab\[curate\]'"):
+        run_curation(config(str(folder), [{"step": "exact_dedup"}, step]), tmp_path / "out",
+                     progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool"]

@@ -67,6 +67,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
     _check_step_models(config)
+    _check_packages(config)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     if _finished_request(work) == request:  # killed after finishing, before the rename
@@ -137,6 +138,34 @@ def nothing_kept_warning(steps: list[dict]) -> str:
     last = next(s for s in steps if s["kept"] == 0)
     return (f"cliplab curate: warning: nothing was kept: {last['name']} dropped the last "
             f"{last['dropped']} item(s); the output holds 0 items")
+
+
+# what a step (when its spec asks for it) or the engine imports: (module, what needs it, extra)
+_PACKAGES = {
+    "basic": (lambda spec: bool(spec.languages), "langid", "the languages rule", "curate"),
+    "decontaminate": (lambda spec: spec.hash_distance is not None, "imagehash",
+                      "perceptual hashes", "curate"),
+    "semantic_dedup": (lambda spec: True, "faiss", "its k-means", "curate"),
+}
+
+
+def _check_packages(config: CurateConfig) -> None:
+    """Every package the steps and the engine import is installed, before any work: a missing
+    one surfaced only once the pool was read, leaving a partial folder behind."""
+    import importlib.util
+
+    needs = []
+    for i, spec in enumerate(config.steps):
+        if spec.step in _PACKAGES:
+            wanted, module, what, extra = _PACKAGES[spec.step]
+            if wanted(spec):
+                needs.append((f"steps[{i}] ({step_name(spec)}): {what}", module, extra))
+    if config.engine == "ray":
+        needs.append(("engine: ray", "ray", "ray"))
+    for who, module, extra in needs:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{who} needs {module}, which is not installed: "
+                              f"pip install 'cliplab[{extra}]'")
 
 
 def _check_step_models(config: CurateConfig) -> None:
