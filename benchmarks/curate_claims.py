@@ -6,8 +6,9 @@ uncurated, the SAME number of optimiser steps in every arm, several seeds.
         [--claims score_filter score_filter_80 balance decontaminate]
 
 Writes ``examples/results/curate_claims.json`` (``curate_claims-quick.json`` with ``--quick``):
-a list with one entry per claim (``claim``, ``paper``, ``reproduced``, ``rule``, ``seeds``,
-``setting``, ``numbers``: per arm ``{mean, std, values}``, ``note``) and prints the README's
+a list with one entry per claim (``claim``, ``claim_id``, ``paper``, ``reproduced``, ``rule``,
+``seeds``, ``setting``, ``metric``, ``numbers``: per arm ``{mean, std, values}``, ``gain``,
+``pooled_std``, ``seconds``) and prints the README's
 markdown table. Never asserts: a claim that does not reproduce says so.
 
 The seed ``s`` sets the pool (its scenes, its planted noise), the curation and the training.

@@ -103,11 +103,14 @@ def main() -> None:
                         "(a shared machine's load swings single runs by 2x)")
     parser.add_argument("--profile", action="store_true",
                         help="print cliplab's top ops (torch profiler) to stderr")
+    parser.add_argument("--no-openclip", action="store_true",
+                        help="cliplab's side only (no OpenCLIP environment is built)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    python = openclip_python()  # None (with the reason on stderr) if it cannot be built
+    # None (with the reason on stderr) if it cannot be built
+    python = None if args.no_openclip else openclip_python()
     for precision in args.precision:
         mine, peer = [], []
         for i in range(args.repeats):
@@ -121,7 +124,8 @@ def main() -> None:
                 "cliplab_runs": [round(m["images_per_s"], 1) for m in mine],
                 "cliplab_params": mine[0]["params"], "cliplab_torch": torch.__version__}
         if python is None:
-            line["openclip"] = "skipped (see stderr)"
+            line["openclip"] = "skipped (--no-openclip)" if args.no_openclip else \
+                "skipped (see stderr)"
         else:
             theirs = statistics.median(p["images_per_s"] for p in peer)
             line.update(openclip_images_per_s=round(theirs, 2),
