@@ -190,6 +190,13 @@ def test_a_resume_where_auto_resolves_otherwise_says_so_and_records_both(tmp_pat
                            resume="latest", progress=False)
     assert "the steps up to 2 ran in bf16, the rest runs in fp32" in capsys.readouterr().err
     assert results["precision"] == "fp32" and results["resumed_from"]["precision"] == "bf16"
+    # stopped during its final evaluation: the resume runs no step, so every step ran in the
+    # checkpoint's precision
+    (out / "results.json").unlink()
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    results = run_pretrain(recipe(out, precision="auto", save_every=2, steps=4),
+                           resume="latest", progress=False)
+    assert "ran in" not in capsys.readouterr().err and results["precision"] == "fp32"
 
 
 def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):

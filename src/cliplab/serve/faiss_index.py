@@ -194,15 +194,15 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
     stored ``[N, D]`` embeddings), if given. One vector ``[D]`` is one query."""
     queries = search_queries(queries, k, offset, index.d, "the FAISS index")
     depth = offset + k
-    fetch = depth
+    fetch, most = depth, depth + max(depth, TIE_REACH)
     while True:  # one more than the page's end: a tie across the cut is seen, and taken whole
-        wanted = min(fetch + 1, max(index.ntotal, depth))
+        wanted = min(fetch + 1, max(index.ntotal, depth), most)
         scores, ids = _deep_search(index, queries, wanted, breadth_for=depth)
         short = _short(ids, wanted, index.ntotal)
         if short.any() and vectors is not None:
             scores[short], ids[short] = _exact_search(queries[short], vectors, wanted)
-        if wanted <= depth or wanted >= index.ntotal or not _tie_past_the_end(scores, ids,
-                                                                                depth):
+        if wanted <= depth or wanted >= min(index.ntotal, most) or \
+                not _tie_past_the_end(scores, ids, depth):
             break
         fetch *= 2
     # equal scores (an image indexed twice) in id order: FAISS returns ties in an order that
@@ -210,6 +210,11 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
     order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
     scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
     return scores[:, offset:depth], ids[:, offset:depth]
+
+
+# how far past a page's end a tie is followed (thousands of identical embeddings, such as blank
+# images, would cost a search each doubling; a page inside a larger tie may repeat an item)
+TIE_REACH = 1024
 
 
 def _tie_past_the_end(scores: np.ndarray, ids: np.ndarray, depth: int) -> bool:
@@ -249,9 +254,10 @@ def _short(ids: np.ndarray, depth: int, total: int) -> np.ndarray:
 
 def _deep_search(index, queries: np.ndarray, depth: int,
                  breadth_for: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``depth`` of an index at a breadth made for that depth (or for ``breadth_for``:
-    the page's end, so pages of one power of two are searched alike) (per call, not on the
-    shared index), doubled while some query gets fewer than ``depth`` hits, up to a limit."""
+    """The top ``depth`` of an index at a breadth made for ``breadth_for`` (default
+    ``depth``; the page's end, so pages of one power of two are searched alike), set per call,
+    not on the shared index, and doubled while some query gets fewer than ``depth`` hits, up to
+    a limit."""
     name = search_parameter(index)
     if name is None:
         return index.search(queries, depth)

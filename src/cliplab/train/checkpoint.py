@@ -194,7 +194,9 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
         first = str(err).strip().splitlines()
         raise ConfigError(f"cannot resume {folder}: its weights or optimizer do not fit this "
                           f"run's model ({first[-1].strip() if first else type(err).__name__}); "
-                          "resume with the model the run started with") from None
+                          "resume with the model the run started with (a run with "
+                          "lock_*_except_last saved before cliplab trained the final norm with "
+                          "the last blocks cannot resume: start it again)") from None
     state.scheduler.load_state_dict(saved["scheduler"])
     # the optimizer came back with the saved run's rates; a run extended since (more steps)
     # follows its new schedule from this step on, the first step too

@@ -321,10 +321,13 @@ class Trainer:
                               "no custom checkpoint writer)")
         self.step, ran_in = checkpoint.load_checkpoint(folder, state, self.device,
                                                        self.config.to_dict())
-        if ran_in is not None and ran_in != self.precision and self.rank == 0:
+        if ran_in is not None and ran_in != self.precision and self.step < total \
+                and self.rank == 0:
             print(f"cliplab: warning: the steps up to {self.step} ran in {ran_in}, the rest "
                   f"runs in {self.precision} (train.precision {self.config.precision} on "
                   f"{self.device.type}); results.json says both", file=sys.stderr)
+        if self.step == total and ran_in is not None:
+            self.precision = ran_in  # no step runs: every one ran in the checkpoint's
         if self.step > total:  # steps shortened below the checkpoint
             raise ConfigError(f"nothing to resume: {folder} is at step {self.step}, past the "
                               f"run's length of {total} step(s) now; a resume continues or "
