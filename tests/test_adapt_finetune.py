@@ -176,12 +176,15 @@ def test_the_runs_seed_seeds_training_unless_options_train_gives_one(method, dig
 
 @pytest.mark.parametrize("method, lr, weight_decay", [("finetune", 1e-4, 0.1),
                                                        ("lora", 1e-3, 0.01)])
-def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_decay, tmp_path):
+def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_decay, tmp_path,
+                                                         monkeypatch):
     """options.train holds only the keys given; results.json's train_settings hold what ran:
     the method's defaults, the run's seed, the model's device (a report shows none of them as
     scores)."""
     from cliplab.adapt.run import run_adapt
-    from cliplab.models.precision import resolve_precision
+    from cliplab.models import precision
+
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
 
     cfg = {"method": method, "model": "tiny-clip", "compare_zeroshot": False, "seed": 4,
            "shots": 2, "data": {"train": {"source": "digits", "split": "test"},
@@ -194,8 +197,7 @@ def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_dec
     ran = written["train_settings"]
     assert (ran["steps"], ran["batch_size"], ran["lr"], ran["weight_decay"], ran["seed"],
             ran["device"]) == (1, 8, lr, weight_decay, 4, "cpu")
-    # auto resolved as the device is: what the steps ran in
-    assert ran["precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert ran["precision"] == "bf16"  # auto resolved as the device is: what the steps ran in
     assert res["train_settings"] == ran
     from cliplab.evaluate.report_inputs import result_sections
 

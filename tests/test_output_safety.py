@@ -765,6 +765,17 @@ def test_swap_in_never_renames_a_folder_onto_an_existing_one(tmp_path, monkeypat
     assert _tree(tmp_path) == {"out/a.txt": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
+    def work_still_open(src, dst):  # Windows: a file under work is still open
+        if Path(src) == work:
+            raise PermissionError(f"[WinError 32] in use: {src}")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", work_still_open)
+    work.mkdir()
+    with pytest.raises(PermissionError):
+        swap_in(work, out)
+    assert _tree(out) == {"a.txt": b"new"}  # the output it was to replace is back in place
+
 
 def test_an_out_the_same_folder_as_an_input_by_another_spelling_is_refused(tmp_path, monkeypatch):
     """On macOS' and Windows' case-insensitive file systems `Photos` is `photos`: the checks

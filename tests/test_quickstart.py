@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import VisionTextDualEncoderModel
 
+from cliplab.data.fashion_mnist import default_dir
 from cliplab.quickstart import format_results, quickstart_config
 from cliplab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = default_dir()  # $CLIPLAB_FASHION_MNIST, else Debian's folder
 
 
 def test_shipped_quickstart_yaml_equals_the_built_in_defaults():

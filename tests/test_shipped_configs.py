@@ -107,6 +107,9 @@ def test_a_configs_path_missing_here_reads_the_shipped_config(tmp_path, monkeypa
     assert load_yaml(name) == {"model": "mine"}
     with pytest.raises(ConfigError, match="config file configs/pretrain/nope.yaml does not exist"):
         load_yaml("configs/pretrain/nope.yaml")
+    # only the shipped configs: a path climbing out of them is left as given
+    assert shipped_config("configs/../../cliplab/config.py") == \
+        Path("configs/../../cliplab/config.py")
 
 
 def test_the_package_data_ships_every_config():

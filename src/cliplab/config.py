@@ -17,6 +17,7 @@ parses numbers written as strings ("2e-3") in one place, and builds a JSON schem
 from __future__ import annotations
 
 import copy
+import sys
 import re
 import types
 import typing
@@ -153,8 +154,12 @@ def shipped_config(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file() or path.is_absolute() or not path.parts or path.parts[0] != "configs":
         return path
-    shipped = Path(str(resources.files("cliplab"))).joinpath(*path.parts)
-    return shipped if shipped.is_file() else path
+    package = Path(str(resources.files("cliplab")))
+    shipped = package.joinpath(*path.parts).resolve()
+    if not shipped.is_file() or not shipped.is_relative_to((package / "configs").resolve()):
+        return path
+    print(f"cliplab: {path} is not here: reading the shipped {shipped}", file=sys.stderr)
+    return shipped
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -374,7 +374,11 @@ def swap_in(work: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         old.rmdir()
         os.replace(out, old)
-        os.replace(work, out)
+        try:
+            os.replace(work, out)
+        except OSError:  # (Windows: a file under work still open) the old output goes back
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(work, out)

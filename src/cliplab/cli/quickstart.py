@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "metrics.jsonl, the checkpoint and results.json.")
     add_common(p, "train.epochs=1 train.batch_size=128")
     p.add_argument("--out", help="run folder (default runs/quickstart-<time>)")
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
-                   "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default "
+                   "$CLIPLAB_FASHION_MNIST, else Debian's /usr/share/datasets/fashion-mnist)")
     add_debug(p)
 
 

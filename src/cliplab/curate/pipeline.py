@@ -66,8 +66,8 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     check_apart_from_inputs(out, [config.data.get("path")])  # sources are never written to
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
+    _check_packages(config)  # before the models: resolving one may reach the Hub
     _check_step_models(config)
-    _check_packages(config)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     if _finished_request(work) == request:  # killed after finishing, before the rename
@@ -140,7 +140,7 @@ def nothing_kept_warning(steps: list[dict]) -> str:
             f"{last['dropped']} item(s); the output holds 0 items")
 
 
-# what a step (when its spec asks for it) or the engine imports: (module, what needs it, extra)
+# what a step imports when its spec asks for it: (asks(spec), module, what needs it, extra)
 _PACKAGES = {
     "basic": (lambda spec: bool(spec.languages), "langid", "the languages rule", "curate"),
     "decontaminate": (lambda spec: spec.hash_distance is not None, "imagehash",

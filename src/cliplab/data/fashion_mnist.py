@@ -93,7 +93,7 @@ def read_idx(path: Path) -> np.ndarray:
 def default_dir() -> Path:
     """Where Fashion-MNIST is read from without a ``data_dir``: ``$CLIPLAB_FASHION_MNIST``, else
     Debian's folder."""
-    return Path(os.environ.get(FOLDER_VARIABLE) or DEBIAN_DIR)
+    return Path(os.environ.get(FOLDER_VARIABLE) or DEBIAN_DIR).expanduser()
 
 
 def _find(folder: Path, stem: str) -> Path:

@@ -173,7 +173,7 @@ def model_precision(model, precision: str, warn: bool = True) -> str:
     whatever is asked (a warning when bf16 was: only its projections would have followed)."""
     resolved = resolve_precision(precision, model.device)
     if resolved == "bf16" and not isinstance(model, DualEncoder):
-        if warn:
+        if warn and precision == "bf16":  # asked for, not auto's choice
             warnings.warn("an ONNX export runs in fp32 (its graphs are fp32): precision "
                           f"{precision} is not applied to it", stacklevel=2)
         return "fp32"

@@ -34,7 +34,8 @@ def bf16_is_native(device: torch.device) -> bool:
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
         # oneDNN's own query says yes from plain AVX-512 on (Skylake, Cascade Lake), where it
         # emulates bf16 at twice fp32's time: ask for the units themselves
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return torch.backends.mkldnn.is_available() and bool(
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     # a build without oneDNN has no such query (and no bf16 units)
     return torch.backends.mkldnn.is_available() and \
         bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

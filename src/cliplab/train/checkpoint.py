@@ -20,6 +20,7 @@ import torch
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.train import distributed, fsdp
+from cliplab.train.mps_rng import mps_rng_state, set_mps_rng_state
 from cliplab.runs import RunDir, checkpoint_step
 
 STATE_FILE = "trainer_state.pt"
@@ -60,7 +61,7 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
     weights = fsdp.full_model_state(state.model) if state.sharded else None
     rngs = {"sample_rng": state.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": _cuda_rng_state(),
-            "mps_rng": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+            "mps_rng": mps_rng_state()}
     saved = {"step": step, "batches": state.inputs.state_dict(),
              "optimizer": fsdp.full_optimizer_state(state.model, state.optimizer)
              if state.sharded else state.optimizer.state_dict(),
@@ -212,7 +213,6 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
     torch.set_rng_state(mine["torch_rng"])
     if mine.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda_rng"])  # this rank's GPU's (dropout on a GPU)
-    if mine.get("mps_rng") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(mine["mps_rng"])  # Apple's GPU's
+    set_mps_rng_state(mine.get("mps_rng"))  # Apple's GPU's
     state.inputs.load_state_dict(saved["batches"])
     return int(saved["step"]), saved.get("precision")

@@ -12,22 +12,22 @@ from collections.abc import Callable
 
 import torch
 
+from cliplab.train.mps_rng import mps_rng_state, set_mps_rng_state
+
 Embed = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _rng_state() -> tuple:
     """The generators dropout may draw from: the CPU's, every GPU's, Apple's MPS."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
-    return torch.get_rng_state(), cuda, mps
+    return torch.get_rng_state(), cuda, mps_rng_state()
 
 
 def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
-    if state[2] is not None:
-        torch.mps.set_rng_state(state[2])
+    set_mps_rng_state(state[2])
 
 
 def grad_cache_backward(embed: Embed, n: int, chunk: int,

@@ -208,7 +208,7 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                         skipped.add(reason, key)
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
                     trainer.precision, str(trainer.device), trainer.resumed_from,
-                    suite_precision(cfg.eval, None, model) if cfg.eval else None)
+                    suite_precision(cfg.eval, context, model) if cfg.eval else None)
 
 
 def check_ranks_agree(cfg: PretrainConfig, resume: str | None) -> None:

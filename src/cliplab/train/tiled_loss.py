@@ -68,8 +68,9 @@ def _wide(device: torch.device) -> torch.dtype:
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor, tile: int) -> torch.Tensor:
-    """Sum of ``x * y`` in row blocks, each summed pairwise into float64: no temporary of their
-    size, and accurate (BLAS ``sdot`` over B * D terms drifts by ~1e-4 at B = 32768)."""
+    """Sum of ``x * y`` in row blocks, each summed pairwise into float64 (float32 on MPS): no
+    temporary of their size, and accurate (BLAS ``sdot`` over B * D terms drifts by ~1e-4 at
+    B = 32768)."""
     total = torch.zeros((), dtype=_wide(x.device), device=x.device)
     for rows in _blocks(len(x), tile):
         total += (x[rows] * y[rows]).sum(dtype=total.dtype)
