@@ -799,3 +799,14 @@ def test_an_out_the_same_folder_as_an_input_by_another_spelling_is_refused(tmp_p
         with pytest.raises(ConfigError, match=f"--out {out} {how} the input {photos}"):
             check_apart_from_inputs(out, [photos])
     check_apart_from_inputs(tmp_path / "Photos2", [photos])  # another folder is fine
+    # eval's cache beside its results, and a run's checkpoints, by any spelling
+    from cliplab.cli.evaluate import _check_cache_apart_from_results
+    from cliplab.errors import CliplabError
+
+    with pytest.raises(CliplabError, match="--cache-dir .* lies inside --out"):
+        _check_cache_apart_from_results(str(tmp_path / "Photos" / "cache"), photos)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("out: run\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="lies inside the checkpoints of the run folder"):
+        check_apart_from_inputs(run / "Checkpoints" / "x", [])

@@ -115,7 +115,7 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _same(a: Path, b: Path) -> bool:
+def same_folder(a: Path, b: Path) -> bool:
     """Whether two resolved paths name one folder: equal, or the same file on disk (``Photos``
     and ``photos`` on a case-insensitive file system, as macOS's and Windows' are)."""
     if a == b:
@@ -126,8 +126,10 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return not _same(path, folder) and any(_same(parent, folder) for parent in path.parents)
+def lies_inside(path: Path, folder: Path) -> bool:
+    """Whether the resolved ``path`` lies inside the resolved ``folder`` (by `same_folder`)."""
+    return not same_folder(path, folder) and \
+        any(same_folder(parent, folder) for parent in path.parents)
 
 
 # the keys of data specs that name a folder or file of the user's (a manifest's or image
@@ -152,12 +154,12 @@ def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.Pa
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a preset or Hub id: no folder of the user's
         source = _resolved(str(given))
-        how = "is" if _same(here, source) else "holds" if holding and _inside(source, here) else \
-            "lies inside" if _inside(here, source) else None
+        how = "is" if same_folder(here, source) else "holds" if holding and \
+            lies_inside(source, here) else "lies inside" if lies_inside(here, source) else None
         if how:
             raise error(f"{flag} {out} {how} the input {given}; choose another folder")
     for parent in here.parents:
-        if parent.name == "checkpoints" and is_run_folder(parent.parent):
+        if parent.name.casefold() == "checkpoints" and is_run_folder(parent.parent):
             raise error(f"{flag} {out} lies inside the checkpoints of the run folder "
                         f"{parent.parent}; choose another folder")
 

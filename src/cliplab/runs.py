@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from cliplab.errors import ConfigError
-from cliplab.output_folder import check_apart_from_inputs, check_writable, hold, write_json
+from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, same_folder,
+                                   write_json)
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -147,8 +148,8 @@ def is_own_config(folder: str | Path) -> bool:
         return False
     if not isinstance(config, dict) or not isinstance(config.get("out"), str):
         return False
-    return text == _dump(config) and \
-        Path(config["out"]).expanduser().resolve() == Path(folder).expanduser().resolve()
+    return text == _dump(config) and same_folder(Path(config["out"]).expanduser().resolve(),
+                                                 Path(folder).expanduser().resolve())
 
 
 def _dump(config: dict) -> str:

@@ -26,6 +26,7 @@ from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder, kept_modes
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import to_uint8_batch
+from cliplab.output_folder import lies_inside
 from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
@@ -154,7 +155,7 @@ class Adapter:
 def written_inside(written: Path, folder: str | Path) -> bool:
     """Whether ``written`` (a folder an adapter wrote, e.g. its run's last checkpoint) lies
     inside ``folder``: saving there again would write it twice."""
-    return Path(folder).resolve() in Path(written).resolve().parents
+    return lies_inside(Path(written).resolve(), Path(folder).resolve())
 
 
 def copy_written(written: Path, target: Path) -> Path:

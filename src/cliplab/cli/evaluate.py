@@ -135,8 +135,10 @@ def _check_cache_apart_from_results(cache_dir: str | None, out: Path | None) -> 
     results.json: a later --overwrite would refuse it, and the cache would go with it."""
     if cache_dir is None or out is None:
         return
+    from cliplab.output_folder import lies_inside, same_folder
+
     cache, results = Path(cache_dir).expanduser().resolve(), out.expanduser().resolve()
-    if cache == results or results in cache.parents:
-        how = "is" if cache == results else "lies inside"
+    if same_folder(cache, results) or lies_inside(cache, results):
+        how = "is" if same_folder(cache, results) else "lies inside"
         raise CliplabError(f"--cache-dir {cache_dir} {how} --out {out}; keep the cache in a "
                            "folder of its own (--out holds results.json alone)")

@@ -39,7 +39,7 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
-                                   swap_in, write_json)
+                                   same_folder, swap_in, write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
@@ -91,7 +91,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         spec["path"] = str(Path(spec["path"]).expanduser().resolve())
     check_collection_path(spec)  # before OUT.partial is made
     for key in ("path",):
-        if key in spec and Path(spec[key]).resolve() == out:
+        if key in spec and same_folder(Path(spec[key]).resolve(), out):
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
     check_writable_beside(out)  # OUT.partial is made beside it
     hold(out)

@@ -12,6 +12,7 @@ from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import DataSpecField, load_source
+from cliplab.output_folder import same_folder
 from cliplab.errors import ConfigError
 
 
@@ -50,7 +51,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
     out = Path(config.out)
     spec = config.data
     for key in ("path", "root"):
-        if key in spec and Path(str(spec[key])).resolve() == out.resolve():
+        if key in spec and same_folder(Path(str(spec[key])).resolve(), out.resolve()):
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
     check_out_folder(out, overwrite)  # before the possibly long load
