@@ -158,8 +158,13 @@ def shipped_config(path: str | Path) -> Path:
     shipped = package.joinpath(*path.parts).resolve()
     if not shipped.is_file() or not shipped.is_relative_to((package / "configs").resolve()):
         return path
-    print(f"cliplab: {path} is not here: reading the shipped {shipped}", file=sys.stderr)
+    if shipped not in _SAID_SHIPPED:  # a command may read its config more than once
+        _SAID_SHIPPED.add(shipped)
+        print(f"cliplab: {path} is not here: reading the shipped {shipped}", file=sys.stderr)
     return shipped
+
+
+_SAID_SHIPPED: set[Path] = set()
 
 
 def load_yaml(path: str | Path) -> dict:
