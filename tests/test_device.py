@@ -375,7 +375,8 @@ def test_pretraining_on_the_gpu_takes_the_cpus_steps(variant, tmp_path):
     cpu_run, gpu_run = on_cpu["results"], on_gpu["results"]
     assert (cpu_run.pop("device"), cpu_run.pop("resumed_from")) == ("cpu", None)
     assert gpu_run.pop("device").startswith("cuda") and gpu_run.pop("resumed_from") == {
-        "checkpoint": str((tmp_path / "gpu" / "checkpoints" / "step-2").resolve()), "step": 2}
+        "checkpoint": str((tmp_path / "gpu" / "checkpoints" / "step-2").resolve()), "step": 2,
+        "precision": "fp32"}
     assert devices == {"cuda:0"} and _same(on_gpu, on_cpu)
     for name, weight in cpu_weights.items():
         torch.testing.assert_close(gpu_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -517,7 +517,7 @@ def test_a_page_missing_only_its_last_hit_is_searched_broader():
 def test_the_exact_fallback_scores_are_cosines(monkeypatch):
     vectors = _clustered(200, 16, 4)
     index = faiss_index.build_faiss(vectors, "Flat")
-    monkeypatch.setattr(faiss_index, "_deep_search", lambda index, queries, depth: (
+    monkeypatch.setattr(faiss_index, "_deep_search", lambda index, queries, depth, **_: (
         np.zeros((len(queries), depth), np.float32), np.full((len(queries), depth), -1)))
     q = vectors[:2]
     scores, ids = faiss_index.search(index, q, 5, offset=1, vectors=vectors)

@@ -152,8 +152,6 @@ _PACKAGES = {
 def _check_packages(config: CurateConfig) -> None:
     """Every package the steps and the engine import is installed, before any work: a missing
     one surfaced only once the pool was read, leaving a partial folder behind."""
-    import importlib.util
-
     needs = []
     for i, spec in enumerate(config.steps):
         if spec.step in _PACKAGES:
@@ -163,9 +161,21 @@ def _check_packages(config: CurateConfig) -> None:
     if config.engine == "ray":
         needs.append(("engine: ray", "ray", "ray"))
     for who, module, extra in needs:
-        if importlib.util.find_spec(module) is None:
+        if not _installed(module):
             raise ConfigError(f"{who} needs {module}, which is not installed: "
                               f"pip install 'cliplab[{extra}]'")
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it: Ray takes seconds)."""
+    import importlib.util
+
+    if sys.modules.get(module) is not None:  # imported already (its spec may be None)
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_step_models(config: CurateConfig) -> None:
