@@ -501,13 +501,12 @@ def test_classify_ids_refuses_bad_ids_naming_them(served, ids, status, words):
 def test_serve_without_its_extra_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
     """After a set-up of the core only, `cliplab serve` was a 13-line ModuleNotFoundError
     traceback (starlette), where index and curate name their extra."""
-    from cliplab.cli import main
-    from cliplab.cli import serve as serve_cli
+    import sys
 
-    real = serve_cli.find_spec
-    monkeypatch.setattr(serve_cli, "find_spec",
-                        lambda name: None if name in ("fastapi", "multipart", "python_multipart")
-                        else real(name))
+    from cliplab.cli import main
+
+    for name in ("fastapi", "multipart", "python_multipart"):  # as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
     assert main(["serve", str(tmp_path / "idx")]) == 2
     assert capsys.readouterr().err == ("cliplab: error: cliplab serve needs fastapi, "
                                        "python-multipart: pip install 'cliplab[serve]'\n")

@@ -17,12 +17,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from importlib.util import find_spec
 from pathlib import Path
 
 import yaml
 
 from cliplab.errors import ConfigError
+from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, same_folder,
                                    write_json)
 
@@ -50,7 +50,7 @@ def default_run_dir(kind: str) -> Path:
 
 def tensorboard_available() -> bool:
     """Whether TensorBoard event files can be written (the ``tensorboard`` package is there)."""
-    return find_spec("tensorboard") is not None
+    return installed("tensorboard")
 
 
 def tensorboard_wanted(flag: bool | None = None) -> bool:

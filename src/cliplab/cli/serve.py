@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from importlib.util import find_spec
 
 from cliplab.cli.arguments import add_debug, add_device
 from cliplab.errors import ConfigError
+from cliplab.extras import installed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def check_serve_extra() -> None:
     """A one-line error naming the extra when a package of it is missing (a traceback of
     ModuleNotFoundError otherwise, after a set-up that installs only the core)."""
     missing = [package for modules, package in SERVE_MODULES.items()
-               if all(find_spec(module) is None for module in modules)]
+               if not any(installed(module) for module in modules)]
     if missing:
         raise ConfigError(f"cliplab serve needs {', '.join(missing)}: pip install "
                           "'cliplab[serve]'")

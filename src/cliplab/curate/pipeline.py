@@ -43,6 +43,7 @@ from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.errors import ConfigError, DataError, ModelError
+from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
                                    partial_path, remove_own_work, swap_in, write_json)
 
@@ -161,21 +162,9 @@ def _check_packages(config: CurateConfig) -> None:
     if config.engine == "ray":
         needs.append(("engine: ray", "ray", "ray"))
     for who, module, extra in needs:
-        if not _installed(module):
+        if not installed(module):
             raise ConfigError(f"{who} needs {module}, which is not installed: "
                               f"pip install 'cliplab[{extra}]'")
-
-
-def _installed(module: str) -> bool:
-    """Whether ``module`` can be imported (found without importing it: Ray takes seconds)."""
-    import importlib.util
-
-    if sys.modules.get(module) is not None:  # imported already (its spec may be None)
-        return True
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _check_step_models(config: CurateConfig) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplab.errors import ModelError
+from cliplab.extras import installed
 from cliplab.file_modes import save_tensors
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
@@ -84,9 +85,7 @@ class _TextTower(nn.Module):
 
 
 def _require_onnx():
-    import importlib.util
-
-    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+    if not all(installed(m) for m in ("onnx", "onnxruntime")):
         raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'cliplab[onnx]'")
 
 
