@@ -141,24 +141,12 @@ def nothing_kept_warning(steps: list[dict]) -> str:
             f"{last['dropped']} item(s); the output holds 0 items")
 
 
-# what a step imports when its spec asks for it: (asks(spec), module, what needs it, extra)
-_PACKAGES = {
-    "basic": (lambda spec: bool(spec.languages), "langid", "the languages rule", "curate"),
-    "decontaminate": (lambda spec: spec.hash_distance is not None, "imagehash",
-                      "perceptual hashes", "curate"),
-    "semantic_dedup": (lambda spec: True, "faiss", "its k-means", "curate"),
-}
-
-
 def _check_packages(config: CurateConfig) -> None:
-    """Every package the steps and the engine import is installed, before any work: a missing
-    one surfaced only once the pool was read, leaving a partial folder behind."""
-    needs = []
-    for i, spec in enumerate(config.steps):
-        if spec.step in _PACKAGES:
-            wanted, module, what, extra = _PACKAGES[spec.step]
-            if wanted(spec):
-                needs.append((f"steps[{i}] ({step_name(spec)}): {what}", module, extra))
+    """Every package the steps (`StepSpecBase.packages`) and the engine import is installed,
+    before any work: a missing one surfaced only once the pool was read, leaving a partial
+    folder behind."""
+    needs = [(f"steps[{i}] ({step_name(spec)}): {what}", module, "curate")
+             for i, spec in enumerate(config.steps) for module, what in spec.packages().items()]
     if config.engine == "ray":
         needs.append(("engine: ray", "ray", "ray"))
     for who, module, extra in needs:

@@ -39,6 +39,11 @@ class StepSpecBase(Section):
     step: str
     name: str | None = None
 
+    def packages(self) -> dict[str, str]:
+        """The modules (of the curate extra) this step imports as configured, each with what
+        needs it: checked before a run does any work."""
+        return {}
+
 
 @dataclass
 class PoolBatch:

@@ -38,6 +38,9 @@ class Spec(StepSpecBase):
     languages: list[str] | None = None
     min_language_confidence: float = Field(0.0, ge=0, le=1)
 
+    def packages(self) -> dict[str, str]:
+        return {"langid": "the languages rule"} if self.languages else {}
+
     @model_validator(mode="after")
     def _ranges(self) -> "Spec":
         """``min_words <= max_words`` and ``min_chars <= max_chars`` (else nothing passes)."""

@@ -57,6 +57,9 @@ class Spec(StepSpecBase):
     hash_distance: int | None = Field(4, ge=0, le=64)
     batch_size: int = Field(64, ge=1)
 
+    def packages(self) -> dict[str, str]:
+        return {"imagehash": "perceptual hashes"} if self.hash_distance is not None else {}
+
     @model_validator(mode="after")
     def _has_sets_and_a_signal(self) -> "Spec":
         if not self.eval_sets and self.suite is None:

@@ -35,6 +35,9 @@ class Spec(StepSpecBase):
     batch_size: int = Field(64, ge=1, le=4096)   # images embedded at once
     kmeans_iterations: int = Field(10, ge=1)
 
+    def packages(self) -> dict[str, str]:
+        return {"faiss": "its k-means"}
+
 
 class SemanticDedup:
     """Drops semantic near duplicates (see the module docstring)."""
