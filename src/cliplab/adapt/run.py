@@ -187,57 +187,12 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     methods that train weights change it in place."""
     start = time.time()
     cfg, options = checked_config(cfg, where)
-    if model is None and cfg.model is None:
-        raise ConfigError(f"{where}: model is required (or --model): a preset, a model or run "
-                          "folder, or a Hugging Face Hub id")
     method = get_method(cfg.method)
-    needs = getattr(method, "NEEDS_PYTORCH_MODEL", None)
-    if needs:  # an ONNX export (inference only) is refused before any work
-        require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
-    if model is None:  # a misspelt --model is said at once, not after decoding every set
-        check_model_found(cfg.model)
-    data = cfg.data
-    option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
-    inputs = [cfg.model.name if cfg.model else None, *option_inputs,
-              *spec_paths(data.train, data.test, data.shifted, data.val)]
-    if write and cfg.out:  # before any slow loading
-        check_run_out(cfg.out, inputs)
-    check_cache_apart_from_inputs(cfg.cache_dir, inputs)
+    check_before_work(cfg, method, model, write, where)
     # the model before the data: its input is what the images are decoded to
     model = model if model is not None else load_model(cfg.model, cfg.device)
-    model_input = getattr(model, "preprocess_config", None)
-    train_all, sets = load_sets(cfg, progress, model_input)
-    own_val = (load_validation(cfg, train_all, progress, model_input)
-               if cfg.data.val is not None else None)
-    train_draws = ShotDraws(train_all, progress)
-    val_draws = ShotDraws(own_val, progress) if own_val is not None else None
-    train, val = few_shot_split(train_draws, cfg.shots,
-                                0 if own_val is not None else cfg.val_shots, cfg.seed)
-    if val_draws is not None:
-        val = draw_validation(cfg, val_draws)
-    skipped = report_skips(cfg, {"train": train_draws, **sets,
-                                 **({"val": val_draws} if val_draws is not None else {})})
-    check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
-    if val is not None and cfg.val_shots:
-        warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
-    if val is not None and not getattr(method, "uses_validation", lambda o: False)(options):
-        held_out = own_val is None and not cfg.shots  # taken out of "all" training images
-        print(f"adapt: warning: {cfg.method} chooses nothing on a validation split with these "
-              f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
-              f"val_shots={cfg.val_shots}") + ") go unused" + (
-                  ", and are not trained on either; set val_shots=0" if held_out else ""),
-              file=sys.stderr)
-    if own_val is None and cfg.val_shots and getattr(options, "finetuned", None):
-        print("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
-              "the given fine-tune (options.finetuned) may have trained on: a choice made on "
-              "images it has seen favours it; give data.val with images it was not trained on",
-              file=sys.stderr)
-    train = subsample(train, cfg.train_size, cfg.seed)
-    lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
-    if lost:  # a random subset of the few-shot set can miss whole classes
-        raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
-                        f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
-                        "raise it, or leave it out")
+    train, val, sets, skipped = draw_sets(cfg, method, options, progress,
+                                          getattr(model, "preprocess_config", None))
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True
@@ -291,6 +246,71 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         results["out"] = str(run.path)
     results["adapter"] = adapter
     return results
+
+
+def check_before_work(cfg: AdaptConfig, method: Any, model: DualEncoder | None, write: bool,
+                      where: str) -> None:
+    """What can be refused before any slow loading: no model, an ONNX export given to a
+    method that trains, a misspelt model, an output folder that overlaps an input, a cache
+    inside an input."""
+    if model is None and cfg.model is None:
+        raise ConfigError(f"{where}: model is required (or --model): a preset, a model or run "
+                          "folder, or a Hugging Face Hub id")
+    needs = getattr(method, "NEEDS_PYTORCH_MODEL", None)
+    if needs:  # an ONNX export (inference only) is refused before any work
+        require_pytorch_model(cfg.method, needs, model if model is not None else cfg.model)
+    if model is None:  # a misspelt --model is said at once, not after decoding every set
+        check_model_found(cfg.model)
+    data = cfg.data
+    option_inputs = [cfg.options.get(name) for name in getattr(method, "INPUT_OPTIONS", ())]
+    inputs = [cfg.model.name if cfg.model else None, *option_inputs,
+              *spec_paths(data.train, data.test, data.shifted, data.val)]
+    if write and cfg.out:
+        check_run_out(cfg.out, inputs)
+    check_cache_apart_from_inputs(cfg.cache_dir, inputs)
+
+
+def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
+              model_input: PreprocessConfig | None
+              ) -> tuple[LabelledImages, LabelledImages | None, dict[str, LabelledImages],
+                         dict[str, dict]]:
+    """The training set (``shots`` per class, then ``train_size``), the validation split
+    (``data.val`` or ``val_shots`` drawn apart from training), the scored sets and what loading
+    them skipped; each class short of images, and a validation split the method will not use,
+    said on stderr."""
+    train_all, sets = load_sets(cfg, progress, model_input)
+    own_val = (load_validation(cfg, train_all, progress, model_input)
+               if cfg.data.val is not None else None)
+    train_draws = ShotDraws(train_all, progress)
+    val_draws = ShotDraws(own_val, progress) if own_val is not None else None
+    train, val = few_shot_split(train_draws, cfg.shots,
+                                0 if own_val is not None else cfg.val_shots, cfg.seed)
+    if val_draws is not None:
+        val = draw_validation(cfg, val_draws)
+    skipped = report_skips(cfg, {"train": train_draws, **sets,
+                                 **({"val": val_draws} if val_draws is not None else {})})
+    check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots))
+    if val is not None and cfg.val_shots:
+        warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
+    if val is not None and not getattr(method, "uses_validation", lambda o: False)(options):
+        held_out = own_val is None and not cfg.shots  # taken out of "all" training images
+        print(f"adapt: warning: {cfg.method} chooses nothing on a validation split with these "
+              f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
+              f"val_shots={cfg.val_shots}") + ") go unused" + (
+                  ", and are not trained on either; set val_shots=0" if held_out else ""),
+              file=sys.stderr)
+    if own_val is None and cfg.val_shots and getattr(options, "finetuned", None):
+        print("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
+              "the given fine-tune (options.finetuned) may have trained on: a choice made on "
+              "images it has seen favours it; give data.val with images it was not trained on",
+              file=sys.stderr)
+    train = subsample(train, cfg.train_size, cfg.seed)
+    lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
+    if lost:  # a random subset of the few-shot set can miss whole classes
+        raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
+                        f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
+                        "raise it, or leave it out")
+    return train, val, sets, skipped
 
 
 def _fewer_note(short: dict[str, int] | None) -> str:
