@@ -296,7 +296,7 @@ def test_ids_beyond_sqlite_and_images_beyond_pils_limit_are_4xx(served):
 def test_a_label_set_is_encoded_once(served, monkeypatch):
     """The page labels every image shown with one label set: its prompts are encoded on the
     first request only (each request re-encoded them, holding the model lock)."""
-    from cliplab.serve import app as app_module
+    from cliplab.serve import search_service as app_module
 
     calls = []
     real = app_module.zeroshot_classifier
@@ -362,7 +362,7 @@ def test_siglip_probabilities_are_independent_sigmoids_with_the_bias():
     """/api/classify of a SigLIP model: sigmoid(scale * cos + bias) per label, not a softmax
     (every served fixture is CLIP, so a dropped bias went unseen)."""
     from cliplab.models import build_model
-    from cliplab.serve.app import zero_shot_probabilities
+    from cliplab.serve.search_service import zero_shot_probabilities
 
     model = build_model("tiny-siglip", image_size=16, patch_size=8, width=32, layers=1, heads=2)
     with torch.no_grad():

@@ -1,0 +1,63 @@
+"""How `cliplab serve` answers what goes wrong: every error is JSON ``{"error": "..."}`` with a
+4xx code and one line saying what to send instead."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from cliplab.errors import CliplabError
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """HTTP errors, invalid requests (415 for a body that is not a form where one goes, 422
+    otherwise) and cliplab's own errors (400), each as ``{"error": "..."}``."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException):
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        wrong_type = not_a_form(request)
+        if wrong_type:
+            return JSONResponse({"error": wrong_type}, status_code=415)
+        return JSONResponse({"error": validation_message(err)}, status_code=422)
+
+    @app.exception_handler(CliplabError)
+    async def cliplab_error(_: Request, err: CliplabError):
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+
+def validation_message(err: RequestValidationError) -> str:
+    """One line naming each invalid field and what is wrong with it."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body", "path"))
+        msg = e.get("msg", "invalid")
+        if "Expected UploadFile" in msg:  # a text field where a file goes: say what goes there
+            msg = "upload an image file (multipart/form-data)"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def not_a_form(request: Request) -> str | None:
+    """What to say when a body that is not a form (JSON, a raw image, ...) reaches an endpoint
+    that reads form fields (FastAPI reads none of it and reports each field missing); None for
+    any other request."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type or content_type in FORM_TYPES:
+        return None
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    fields = [param.alias for param in getattr(dependant, "body_params", [])]
+    if not fields:
+        return None
+    body = "a JSON body" if content_type == "application/json" or \
+        content_type.endswith("+json") else f"a raw {content_type} body"
+    how = "curl -F file=@IMAGE" if "file" in fields else "curl -F name=value"
+    return (f"{request.url.path} takes multipart/form-data fields ({', '.join(fields)}), not "
+            f"{body}; send them as form fields ({how})")

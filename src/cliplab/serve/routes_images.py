@@ -1,0 +1,62 @@
+"""`cliplab serve`'s image routes: an indexed image as stored, and its thumbnail (revalidated
+by an ETag that changes with the file). Ids only: no path is ever taken from a request."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from cliplab.serve.image_files import THUMBNAIL_SIZES
+from cliplab.serve.request_fields import MAX_ID
+from cliplab.serve.search_service import SearchService
+
+
+def image_routes(service: SearchService, guard: Callable) -> APIRouter:
+    """The routes, each behind ``guard`` (the API key check, which takes ``?api_key=`` too)."""
+    router = APIRouter(dependencies=[Depends(guard)])
+
+    # HEAD too: a link checker or proxy asks whether an image is there without fetching it
+    @router.get("/images/{id}")
+    @router.head("/images/{id}", include_in_schema=False)
+    def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
+        """An indexed image, read from its original file (ids only; no path is ever taken)."""
+        stored = service.stored_image(item_id)
+        if isinstance(stored, Path):
+            return FileResponse(stored, media_type=mimetypes.guess_type(stored.name)[0]
+                                or "application/octet-stream")
+        data, name = stored
+        return Response(data, media_type=mimetypes.guess_type(name)[0]
+                        or "application/octet-stream")
+
+    @router.get("/images/{id}/thumbnail")
+    @router.head("/images/{id}/thumbnail", include_in_schema=False)
+    def image_thumbnail(request: Request, item_id: int = PathParam(..., le=MAX_ID, alias="id"),
+                        size: int = Query(256, ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1],
+                                          description="the longer side, in pixels")) -> Response:
+        """An indexed image of at most ``size`` pixels a side, in a format every browser shows
+        (`thumbnail`): what the page's cards show (a browser cannot show TIFF, and a 30 MB
+        original for a 180 px card is waste). Its ETag changes with the image file, so a
+        browser revalidates rather than decodes."""
+        now = service.image_version(item_id)
+        tag = f'"{hashlib.sha1(repr((now, size)).encode()).hexdigest()[:20]}"'
+        cached = {"ETag": tag, "Cache-Control": "private, no-cache"}
+        if none_match(request.headers.get("if-none-match"), tag):
+            return Response(status_code=304, headers=cached)
+        data, media_type = service.small_image(item_id, size, now)
+        return Response(data, media_type=media_type, headers=cached)
+
+    return router
+
+
+def none_match(header: str | None, tag: str) -> bool:
+    """Whether an If-None-Match header names ``tag``: by weak comparison (RFC 9110: a proxy
+    that compresses marks the tag weak, ``W/"…"``), in a list, or ``*``."""
+    if not header:
+        return False
+    named = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in named or tag.removeprefix("W/") in named

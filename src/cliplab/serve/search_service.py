@@ -1,0 +1,127 @@
+"""What the API routes of `cliplab serve` ask of the index and the model: result pages, stored
+rows and vectors, embeddings of text and uploads (one forward pass at a time), zero-shot heads,
+and the indexed images' files and thumbnails."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import UploadFile
+from PIL import Image
+
+from cliplab.data.collection import read_range
+from cliplab.evaluate.zeroshot import zeroshot_classifier
+from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.embed import embed_images, embed_texts
+from cliplab.serve.image_files import fail, read_upload, thumbnail
+from cliplab.serve.index import SearchIndex
+
+
+class SearchService:
+    """An opened ``index`` and the ``model`` it was built with (checked to match)."""
+
+    def __init__(self, index: SearchIndex, model: DualEncoder):
+        index.check_model(model)
+        model.eval()
+        self.index, self.model = index, model
+        self._lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck
+        self._model_input = getattr(model, "preprocess_config", None)
+        # per service: an lru_cache on the method would keep every service's model alive
+        self.text_vector = lru_cache(maxsize=1024)(self._text_vector)
+        self.label_head = lru_cache(maxsize=64)(self._label_head)
+        # a few KB each: the page shows the same cards again when paging
+        self.small_image = lru_cache(maxsize=2048)(self._small_image)
+
+    def _text_vector(self, text: str) -> np.ndarray:
+        with self._lock:
+            return embed_texts(self.model, [text])
+
+    def _label_head(self, names: tuple[str, ...], prompt: str) -> torch.Tensor:
+        """The zero-shot head of ``names`` (the page labels every image shown with one set)."""
+        with self._lock:
+            return zeroshot_classifier(self.model, list(names), [prompt])
+
+    def upload_vector(self, file: UploadFile) -> np.ndarray:
+        """The embedding of an uploaded image: decoded before the model's lock is taken (a
+        large upload must not hold up other requests' forward passes)."""
+        image = read_upload(file.file.read(), "file", self._model_input)
+        with self._lock:
+            return embed_images(self.model, [image])
+
+    def results(self, vector: np.ndarray, k: int, offset: int) -> list[dict]:
+        """The ``k`` indexed items closest to ``vector`` from rank ``offset``, with their rows
+        and image URLs."""
+        scores, ids = self.index.search(vector.reshape(1, -1), k, offset)
+        rows = self.index.items(ids[0])
+        return [{"id": int(i), "score": round(float(s), 6), "caption": rows[int(i)]["caption"],
+                 "key": rows[int(i)]["key"], "meta": rows[int(i)]["meta"],
+                 "image": f"/images/{int(i)}", "thumbnail": f"/images/{int(i)}/thumbnail"}
+                for s, i in zip(scores[0], ids[0]) if int(i) in rows]
+
+    def page(self, query: dict, vector: np.ndarray, k: int, offset: int) -> dict:
+        """One page of results for ``query`` (echoed), with the index's size."""
+        return {**query, "k": k, "offset": offset, "total": self.index.count,
+                "results": self.results(vector, k, offset)}
+
+    def indexed(self, item_id: int) -> dict:
+        """The stored row of ``item_id``; a 404 if there is none."""
+        row = self.index.items([item_id]).get(item_id)
+        if row is None:
+            fail(404, f"no indexed image with id {item_id}")
+        return row
+
+    def probabilities(self, vectors: np.ndarray | torch.Tensor, names: list[str],
+                      prompt: str) -> torch.Tensor:
+        """``[N, labels]`` zero-shot probabilities of image embeddings."""
+        return zero_shot_probabilities(self.model, torch.from_numpy(np.array(vectors)),
+                                       self.label_head(tuple(names), prompt))
+
+    def stored_image(self, item_id: int) -> Path | tuple[bytes, str]:
+        """Where ``item_id``'s original image is: its file, or its bytes read from a shard
+        with the name they had there; a 404 when it is gone."""
+        source = self.index.image_source(self.indexed(item_id))
+        if "file" in source:
+            path = Path(source["file"])
+            if not path.is_file():
+                fail(404, f"the image file of id {item_id} is gone")
+            return path
+        try:
+            data = read_range(source["tar"], int(source["offset"]), int(source["size"]))
+        except OSError as err:
+            fail(404, f"the image of id {item_id} cannot be read from its shard ({err})")
+        return data, source.get("name", "")
+
+    def image_version(self, item_id: int) -> tuple:
+        """What changes when ``item_id``'s image does (a file replaced under the same name)."""
+        source = self.index.image_source(self.indexed(item_id))
+        path = Path(source.get("file") or source["tar"])
+        try:
+            stat = path.stat()
+        except OSError:
+            fail(404, f"the image file of id {item_id} is gone")
+        return str(path), stat.st_mtime_ns, stat.st_size, source.get("offset")
+
+    def _small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
+        """``item_id``'s thumbnail at ``version`` (`image_version`: a changed file is another
+        cache entry)."""
+        stored = self.stored_image(item_id)
+        try:
+            return thumbnail(stored if isinstance(stored, Path) else stored[0], size)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            fail(404, f"the image of id {item_id} no longer decodes")
+
+
+@torch.no_grad()
+def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
+                            classifier: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` probabilities from unit embeddings and a zero-shot head: softmax of the scaled
+    cosines (CLIP), independent sigmoids with the bias (SigLIP)."""
+    # embeddings and head are on the CPU; the model's scale and bias may sit on a GPU
+    logits = image_embeddings.float() @ classifier.float().t() * model.logit_scale.exp().item()
+    if model.logit_bias is not None:
+        return torch.sigmoid(logits + model.logit_bias.item())
+    return torch.softmax(logits, dim=-1)
