@@ -13,7 +13,6 @@ serve it from there, `cliplab curate` copies its original bytes into the kept po
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import tarfile
@@ -26,7 +25,7 @@ from PIL import Image
 
 from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
                                        image_metadata, list_folder)
-from cliplab.data.images import to_pil
+from cliplab.data.images import open_image, to_pil
 from cliplab.data.shards.samples import damage_text, image_part
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
@@ -142,9 +141,15 @@ def _reject_options(spec: dict, allowed: set[str]) -> None:
 
 def open_rgb(source: Path | bytes) -> Image.Image:
     """An image file or encoded bytes decoded as RGB (a PIL error, one of ``PIL_ERRORS``, if
-    it cannot be)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        return convert_image(im, "RGB")
+    it cannot be: a decoder's own failure of another type is an ``OSError`` naming it, so a
+    corrupt file is skipped and counted like any other)."""
+    try:
+        with open_image(source) as im:
+            return convert_image(im, "RGB")
+    except PIL_ERRORS:
+        raise
+    except Exception as err:  # PIL's decoders raise struct.error, IndexError, ... on odd files
+        raise OSError(f"cannot decode the image ({type(err).__name__}: {err})") from err
 
 
 def _folder_items(root: Path, spec: dict) -> tuple[int, Iterator[Item]]:

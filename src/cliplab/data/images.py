@@ -22,12 +22,16 @@ import torch
 from PIL import Image
 
 from cliplab.errors import DataError
-from cliplab.models.preprocess import PreprocessConfig, convert_image, keep_ratio_size
+from cliplab.models.preprocess import (PreprocessConfig, convert_image, enlarged_span,
+                                       keep_ratio_size)
 
 # What an image is, by suffix: files in folders and the image part of a shard sample (the first
 # of these a sample holds), so whatever a folder reader takes a curated shard keeps readable.
 IMAGE_EXTS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "dib", "gif", "tif", "tiff",
               "ppm", "pgm", "pbm", "pnm", "jp2", "j2k", "avif")
+# the PIL formats of IMAGE_EXTS: the only decoders cliplab lets a file reach, whatever its
+# name (PIL would hand an EPS named .jpg to Ghostscript, and has decoders that fail unchecked)
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "JPEG2000", "AVIF")
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 _BILINEAR = Image.Resampling.BILINEAR
 _RESAMPLE = {"bilinear": _BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -57,6 +61,13 @@ def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == (width, height) else image.resize((width, height), _BILINEAR)
 
 
+def open_image(source: bytes | bytearray | str | os.PathLike) -> Image.Image:
+    """PIL's lazy ``Image.open`` of a file or encoded bytes, limited to `READ_FORMATS` (an
+    ``UnidentifiedImageError`` for any other format); use it as a context manager."""
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                      formats=READ_FORMATS)
+
+
 def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | None = None,
                  channels: int | None = 3) -> torch.Tensor:
     """``source`` (encoded bytes or a file path) as uint8 ``[H, W, C]``.
@@ -68,7 +79,7 @@ def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | 
     """
     where = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+        with open_image(source) as im:
             mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1") else "RGB")
             image = convert_image(im, mode)
     except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, …)
@@ -125,9 +136,16 @@ def fit_to_model(image: Image.Image, model_input: PreprocessConfig) -> Image.Ima
     """``image`` as ``model_input``'s resize makes it (``shortest``: the shorter side resized
     with its interpolation and the centre cropped, as `resize_center_crop` and transformers'
     processors do; ``squash``: both sides), when that shrinks it; an image the model would
-    enlarge, or pad (``longest``), is returned as it is, to be resized with its batch."""
+    enlarge, or pad (``longest``), is returned as it is, to be resized with its batch (a
+    very long one enlarged: its centre, `enlarged_span`, as the model's resize would cut it)."""
     side, mode = model_input.image_size, model_input.resize_mode
     width, height = image.size
+    if mode == "shortest" and min(width, height) < side:  # to be enlarged: its centre only
+        rows, cols = enlarged_span(height, width, side)
+        if rows == cols == slice(None):
+            return image
+        return image.crop((cols.start or 0, rows.start or 0, cols.stop or width,
+                           rows.stop or height))
     if mode not in ("shortest", "squash") or min(width, height) < side \
             or (width, height) == (side, side):
         return image
@@ -234,6 +252,8 @@ class ImageStack:
 def centre_square(image: torch.Tensor, side: int) -> torch.Tensor:
     """A uint8 ``[H, W, C]`` image with its shorter side resized (bilinear) to ``side`` and
     its centre ``side x side`` cut out (CLIP's eval resize, at ``side``)."""
+    rows, cols = enlarged_span(*image.shape[:2], side)
+    image = image[rows, cols]
     height, width = image.shape[:2]
     scale = side / min(height, width)
     h, w = max(side, round(height * scale)), max(side, round(width * scale))

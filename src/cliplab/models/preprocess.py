@@ -92,6 +92,7 @@ def _check(ok: bool, source: str, key: str, value, want: str) -> None:
 
 
 RESIZE_MODES = ("shortest", "squash", "longest")
+MAX_ENLARGED_ASPECT = 16  # longer side over shorter kept of an image enlarged (`enlarged_span`)
 INTERPOLATIONS = ("bilinear", "bicubic")
 # 2: PIL's geometry (long side truncated, antialiased, bicubic in two clamped passes);
 # caches of image features should key on it: bump it whenever resizing changes pixels
@@ -138,7 +139,7 @@ def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     nearly all white)."""
     image = upright(image)
     if image.mode in HIGH_DEPTH_MODES:
-        array = np.asarray(image).astype(np.int64)
+        array = np.asarray(image)  # uint16 or int32 (mode I): 2 or 4 bytes a pixel, not 8
         if image.mode != "I" or array.max() > 255:  # mode I holding 8-bit values stays as is
             array = array >> 8
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
@@ -221,6 +222,10 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str = "shortest",
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x
+    if mode == "shortest":
+        rows, cols = enlarged_span(h, w, size)
+        x = x[..., rows, cols]
+        h, w = x.shape[-2:]
     nh, nw = (size, size) if mode == "squash" else keep_ratio_size(h, w, size, mode)
     x = resize_like_pil(x, (nh, nw), interpolation)
     if mode == "longest":
@@ -228,6 +233,21 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str = "shortest",
         return F.pad(x, (left, size - nw - left, top, size - nh - top))
     top, left = (nh - size) // 2, (nw - size) // 2  # transformers' centre crop rounds down
     return x[..., top:top + size, left:left + size]
+
+
+def enlarged_span(h: int, w: int, side: int) -> tuple[slice, slice]:
+    """The rows and columns of an ``h`` x ``w`` image to keep before its shorter side is
+    enlarged to ``side`` and its centre cropped: the central part at most
+    `MAX_ENLARGED_ASPECT` times longer than wide (a 1 KB strip of 1,000,000 x 1 pixels was
+    enlarged whole, to 16 million pixels a row, for the ``side`` x ``side`` centre kept; the
+    crop moves that centre by under a pixel). All of any other image."""
+    short, long = min(h, w), max(h, w)
+    span = short * MAX_ENLARGED_ASPECT
+    if short >= side or long <= span:
+        return slice(None), slice(None)
+    span += (long - span) % 2  # cut alike from both ends: an input pixel is many output ones
+    cut = slice((long - span) // 2, (long - span) // 2 + span)
+    return (cut, slice(None)) if h > w else (slice(None), cut)
 
 
 def keep_ratio_size(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
