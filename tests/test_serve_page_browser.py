@@ -292,7 +292,7 @@ def test_a_rejected_upload_keeps_the_search_shown(site):
     page.click("#next")  # pages the search shown, with its image
     page.wait_for_selector("#status:has-text('results for the uploaded image p05.png')")
     assert page.text_content("#page-info").startswith("page 2 ")
-    assert refused.startswith("corrupt.png is not an image PIL can read")
+    assert refused.startswith("corrupt.png is not an image in a format cliplab reads")
     page.fill("#labels", "red, blue")
     page.click("#label-btn")
     page.wait_for_selector("#status:has-text('labelled 12 images and the uploaded one')")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from cliplab.cli.arguments import add_debug, add_device
 from cliplab.errors import ConfigError
@@ -19,8 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require this key on every API call (the X-API-Key "
-                   "header, or ?api_key= in image URLs)")
+    p.add_argument("--api-key", default=os.environ.get("CLIPLAB_API_KEY") or None,
+                   help="require this key on every API call (the X-API-Key header, or "
+                   "?api_key= in image URLs); default $CLIPLAB_API_KEY, which, unlike a "
+                   "command's arguments, other users of the machine cannot read in `ps`")
     p.add_argument("--model", help="the index's model from another place (refused if its "
                    "weights differ)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",

@@ -1,40 +1,51 @@
 """The API key of `cliplab serve`: when set, it guards every ``/api`` and ``/images`` route, as
 the ``X-API-Key`` header (``?api_key=`` only in image URLs, which an ``<img>`` cannot send a
-header with); compared in constant time."""
+header with); compared in constant time, and checked before a request's body is read (a client
+without the key cannot make the server buffer uploads)."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 
-from fastapi import Request
+from starlette.datastructures import Headers, QueryParams
 
-from cliplab.serve.image_files import fail
+from cliplab.serve.middleware import refuse
+
+GUARDED, KEY_IN_URL = ("/api", "/images"), ("/images",)
 
 
-def key_checks(api_key: str | None) -> tuple[Callable[[Request], None],
-                                             Callable[[Request], None]]:
-    """The dependencies guarding the API routes (the header only) and the image routes (the
-    header or ``?api_key=``); both let everything through when ``api_key`` is None."""
+def key_problem(api_key: str, headers: Headers, query: QueryParams, in_url: bool) -> str | None:
+    """What is wrong with the key a request gives (None if it gives ``api_key``)."""
+    given = headers.get("x-api-key") or ""
+    if not given and in_url:
+        given = query.get("api_key") or ""
+    if secrets.compare_digest(given.encode(), api_key.encode()):
+        return None
+    if not in_url and "api_key" in query:
+        return ("missing API key: ?api_key= works in image URLs only; send the key as the "
+                "X-API-Key header")
+    return "missing or wrong API key: send it as the X-API-Key header (or ?api_key= in image URLs)"
 
-    def check(request: Request, in_url: bool) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("x-api-key") or ""
-        if not given and in_url:
-            given = request.query_params.get("api_key") or ""
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            if not in_url and "api_key" in request.query_params:
-                fail(401, "missing API key: ?api_key= works in image URLs only; send the key "
-                      "as the X-API-Key header")
-            fail(401, "missing or wrong API key: send it as the X-API-Key header "
-                  "(or ?api_key= in image URLs)")
 
-    def api_route(request: Request) -> None:
-        check(request, in_url=False)
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
 
-    def image_route(request: Request) -> None:
-        """An ``<img src>`` cannot send a header: image URLs may carry ``?api_key=``."""
-        check(request, in_url=True)
 
-    return api_route, image_route
+class ApiKeyCheck:
+    """ASGI middleware: a JSON 401 for a request to a guarded route without ``api_key``."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # as routing sees it
+        if _under(path, GUARDED):
+            problem = key_problem(self.api_key, Headers(scope=scope),
+                                  QueryParams(scope.get("query_string", b"")),
+                                  in_url=_under(path, KEY_IN_URL))
+            if problem:
+                return await refuse(send, 401, problem)
+        return await self.app(scope, receive, send)

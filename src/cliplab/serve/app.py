@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.serve.api_key import key_checks
+from cliplab.serve.api_key import ApiKeyCheck
 from cliplab.serve.error_responses import add_error_handlers
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
@@ -30,7 +30,6 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
     """The FastAPI app over an opened ``index`` and the ``model`` it was built with;
     ``allowed_hosts``: the names a request's Host may give (None: any)."""
     service = SearchService(index, model)
-    api_guard, image_guard = key_checks(api_key)
     app = FastAPI(title="cliplab serve", version="1",
                   description="Search an indexed image collection by text or image and label "
                   "images zero-shot with the model the index was built with.")
@@ -41,10 +40,13 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
         return HTMLResponse(resources.files("cliplab.serve").joinpath("static/index.html")
                             .read_text(encoding="utf-8"))
 
-    app.include_router(search_routes(service, api_guard, max_upload_bytes))
-    app.include_router(classify_routes(service, api_guard))
-    app.include_router(image_routes(service, image_guard))
+    app.include_router(search_routes(service, max_upload_bytes))
+    app.include_router(classify_routes(service))
+    app.include_router(image_routes(service))
+    # each added one wraps those before: a request meets them from the last added in
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
+    if api_key is not None:  # before the body is read
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
     if allowed_hosts is not None:
         app.add_middleware(AllowedHosts, hosts=allowed_hosts)
     app.add_middleware(HardeningHeaders)  # added last: outermost, so refusals carry it too

@@ -9,17 +9,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from cliplab.errors import CliplabError
+from cliplab.serve.middleware import HARDENING
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def add_error_handlers(app: FastAPI) -> None:
     """HTTP errors, invalid requests (415 for a body that is not a form where one goes, 422
-    otherwise) and cliplab's own errors (400), each as ``{"error": "..."}``."""
+    otherwise), cliplab's own errors (400) and anything unexpected (500), each as
+    ``{"error": "..."}``."""
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException):
-        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code,
+                            headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -31,6 +34,14 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CliplabError)
     async def cliplab_error(_: Request, err: CliplabError):
         return JSONResponse({"error": str(err)}, status_code=400)
+
+    # a bug's response: JSON without the traceback (the server's log has it), and with the
+    # hardening headers, which it would miss (Starlette answers it outside every middleware)
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, err: Exception):
+        return JSONResponse({"error": f"internal error ({type(err).__name__}); the server's log "
+                             "says more"}, status_code=500,
+                            headers={name.decode(): value.decode() for name, value in HARDENING})
 
 
 def validation_message(err: RequestValidationError) -> str:

@@ -9,13 +9,16 @@ import os
 import re
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from cliplab.data.images import fit_to_model
+from cliplab.data.images import fit_to_model, open_image
 from cliplab.models.preprocess import HIGH_DEPTH_MODES, PreprocessConfig, convert_image, upright
+from cliplab.serve.middleware import RETRY_AFTER_S
 
 MAX_IMAGE_PIXELS = 50_000_000
 # a 50-megapixel PNG of a few KB decodes to ~150 MB (RGB) and takes a second of CPU: more than
@@ -25,9 +28,34 @@ THUMBNAIL_SIZES = (64, 512)  # the smallest and largest side a thumbnail may be 
 THUMBNAIL_QUALITY = 85
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif",
                    "WEBP": "image/webp"}  # PIL's format name: what every browser shows
-GREY_MODES = ("1", "L", *HIGH_DEPTH_MODES)  # one channel: resized alike before or after RGB
+GREY_MODES = ("1", "L", *HIGH_DEPTH_MODES)
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I")  # what PIL's Image.reduce takes  # one channel: resized alike before or after RGB
+
+# requests decoding or waiting to: each holds one of the server's worker threads (40), which
+# searches need too; past this many, a 503 rather than a queue that starves them
+DECODES_IN_LINE = 12
 
 _decoding = threading.BoundedSemaphore(DECODES_AT_ONCE)
+_in_line = 0
+_line_lock = threading.Lock()
+
+
+@contextmanager
+def decode_slot() -> Iterator[None]:
+    """One of `DECODES_AT_ONCE` slots to decode an image in, waited for; a 503 (with
+    Retry-After) when `DECODES_IN_LINE` requests are decoding or waiting already."""
+    global _in_line
+    with _line_lock:
+        if _in_line >= DECODES_IN_LINE:
+            fail(503, "the server is busy decoding other images; retry in a moment",
+                 headers={"Retry-After": str(RETRY_AFTER_S)})
+        _in_line += 1
+    try:
+        with _decoding:
+            yield
+    finally:
+        with _line_lock:
+            _in_line -= 1
 
 
 def release_large_images_at_once() -> None:
@@ -40,8 +68,8 @@ def release_large_images_at_once() -> None:
         Image.core.set_block_size(64 << 20)
 
 
-def fail(status: int, message: str):
-    raise HTTPException(status_code=status, detail=message)
+def fail(status: int, message: str, headers: dict[str, str] | None = None):
+    raise HTTPException(status_code=status, detail=message, headers=headers)
 
 
 def read_upload(data: bytes, what: str = "file",
@@ -49,10 +77,10 @@ def read_upload(data: bytes, what: str = "file",
     """An uploaded image upright in RGB, shrunk to what ``model_input``'s preprocessing makes of
     it (`fit_to_model`: the model sees the same pixels, the request holds its input rather than
     the file's); a JSON 4xx naming ``what`` for an empty, over-large or unreadable upload.
-    At most `DECODES_AT_ONCE` uploads decode at a time."""
+    At most `DECODES_AT_ONCE` uploads decode at a time (`decode_slot`)."""
     if not data:
         fail(400, f"{what} is empty; upload an image (PNG, JPEG, WebP, ...)")
-    with _decoding:
+    with decode_slot():
         image = _decode(data, what)
         if model_input is not None:  # a grey image shrunk before it is tripled (same pixels)
             image = fit_to_model(image, model_input)
@@ -64,7 +92,7 @@ def _decode(data: bytes, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # sizes are checked here, not by PIL's bomb guard
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # bytes in memory: no file to close
+            im = open_image(data)  # bytes in memory: no file to close
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
             mode = "L" if im.mode in GREY_MODES else "RGB"
@@ -76,8 +104,24 @@ def _decode(data: bytes, what: str) -> Image.Image:
         counted = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (N pixels) exceeds"
         fail(413, f"{what} has {counted.group(1) + ' ' if counted else 'too many '}pixels, "
              f"over {MAX_IMAGE_PIXELS}")
-    except (OSError, ValueError, SyntaxError, EOFError):
-        fail(415, f"{what} is not an image PIL can read (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+    except HTTPException:
+        raise
+    except Exception:  # PIL's decoders raise many types on odd files: each is an unreadable one
+        fail(415, f"{what} is not an image in a format cliplab reads (PNG, JPEG, WebP, GIF, BMP, "
+             "TIFF, PPM, JPEG 2000, AVIF)")
+
+
+def sniffed_type(source: bytes | Path) -> str | None:
+    """The media type of the image ``source`` holds, from its content (its header, not its
+    name); None when it is no image in `READ_FORMATS`: what an indexed path holds now may not
+    be what was indexed (a file replaced, or a link pointed elsewhere)."""
+    try:
+        with open_image(source) as im:
+            # a camera's multi-picture JPEG is a JPEG to a browser (which knows no image/mpo)
+            return "image/jpeg" if im.format == "MPO" else \
+                Image.MIME.get(im.format or "", "application/octet-stream")
+    except Exception:  # PIL's identification raises many types on odd files
+        return None
 
 
 def thumbnail(source: bytes | Path, size: int) -> tuple[bytes, str]:
@@ -86,17 +130,21 @@ def thumbnail(source: bytes | Path, size: int) -> tuple[bytes, str]:
     stays lossless), anything else as a JPEG shrunk to it, upright and in RGB, so any format
     PIL reads (TIFF, 16-bit PNG, CMYK, ...) becomes one a browser shows. JPEGs decode at a
     reduced scale (PIL's draft), so a camera photo costs a fraction of its full decode. Raises
-    ``OSError``/``ValueError`` for an unreadable file."""
-    with _decoding, warnings.catch_warnings():
+    what PIL raises for an unreadable file (``OSError`` for a format outside `READ_FORMATS`)."""
+    with decode_slot(), warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # an indexed image
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with open_image(source) as im:
             shown_as_is = BROWSER_FORMATS.get(im.format or "")
             if shown_as_is and max(im.size) <= size and im.mode in ("RGB", "RGBA", "L", "P") \
                     and upright(im) is im:  # the file read whole only when sent whole
                 return (source if isinstance(source, bytes) else Path(source).read_bytes(),
                         shown_as_is)
             im.draft(None, (size, size))  # JPEG only: decode at the smallest scale >= size
-            image = convert_image(im)  # upright, 16-bit scaled (PIL cannot shrink 16-bit)
+            factor = max(im.size) // (2 * size)
+            # PIL's thumbnail shrinks by whole factors first as well: done before converting,
+            # a large TIFF or PNG costs its decode, not full-size copies of it
+            small = im.reduce(factor) if factor >= 2 and im.mode in REDUCIBLE_MODES else im
+            image = convert_image(small)  # upright, 16-bit scaled (PIL cannot shrink 16-bit)
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)

@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+import anyio
 from fastapi.responses import JSONResponse
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+BODIES_AT_ONCE = 8  # request bodies of the largest size held at once, before a 503
+BODY_TIMEOUT_S = 120.0  # a 10 MB upload over a 1 Mbit/s link takes 80 s
+RETRY_AFTER_S = 2
 # every response: no MIME sniffing (an image served as what it is), no framing (clickjacking)
 HARDENING = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
              (b"referrer-policy", b"no-referrer"))
@@ -22,16 +26,22 @@ PAGE_POLICY = (b"content-security-policy",
                b"base-uri 'none'; form-action 'self'")
 
 
-async def _refuse(send, status: int, message: str) -> None:
-    await JSONResponse({"error": message}, status_code=status)({"type": "http"}, None, send)
+async def refuse(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """Answer with a JSON error before the app sees the request."""
+    await JSONResponse({"error": message}, status_code=status, headers=headers)(
+        {"type": "http"}, None, send)
 
 
 class BodyLimit:
     """A request body over ``limit`` bytes gets a JSON 413 before the app sees it (the body is
-    read in full first, so a chunked upload cannot slip past)."""
+    read in full first, so a chunked upload cannot slip past). Bodies held at once are bounded
+    too: past ``bodies_at_once`` x ``limit`` bytes a new one gets a 503 (forty stalled uploads
+    held 320 MB), and one not received within ``timeout_s`` a 408."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, bodies_at_once: int = BODIES_AT_ONCE,
+                 timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+        self.budget, self.held = bodies_at_once * limit, 0  # one event loop: no lock needed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -40,33 +50,45 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(send)
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return await self._too_large(send)
-            body.append(chunk)
-            more = message.get("more_body", False)
-        data, sent = b"".join(body), False
+        body, size = [], 0
+        try:
+            with anyio.move_on_after(self.timeout_s) as waited:
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    self.held += len(chunk)
+                    if size > self.limit:
+                        return await self._too_large(send)
+                    if self.held > self.budget:
+                        return await refuse(send, 503, "the server is busy receiving other "
+                                            "uploads; retry in a moment",
+                                            {"Retry-After": str(RETRY_AFTER_S)})
+                    body.append(chunk)
+                    more = message.get("more_body", False)
+            if waited.cancelled_caught:
+                return await refuse(send, 408, f"the request body did not arrive within "
+                                    f"{self.timeout_s:g} s")
+            data, sent = b"".join(body), False
 
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
 
-        return await self.app(scope, replay, send)
+            return await self.app(scope, replay, send)
+        finally:
+            self.held -= size
 
     async def _too_large(self, send):
         limit = f"{round(self.limit / (1 << 20), 3):g}"
-        await _refuse(send, 413, f"request body over the {limit} MB limit of this server; "
-                      "upload a smaller image")
+        await refuse(send, 413, f"request body over the {limit} MB limit of this server; "
+                     "upload a smaller image")
 
 
 class AllowedHosts:
@@ -81,13 +103,13 @@ class AllowedHosts:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-        try:
-            name = urlsplit(f"//{given}").hostname  # lower-cased, without port and brackets
+        try:  # lower-cased, without port and brackets; a Host has no user part to skip
+            name = None if "@" in given else urlsplit(f"//{given}").hostname
         except ValueError:  # a malformed IPv6 literal
             name = None
         if name not in self.hosts:
             shown = ", ".join(sorted(self.hosts))
-            return await _refuse(send, 400, f"Host {given[:100]!r} is not a name of this server "
+            return await refuse(send, 400, f"Host {given[:100]!r} is not a name of this server "
                                  f"({shown}); to reach it by that name (through a reverse "
                                  "proxy), serve with --allow-host NAME")
         return await self.app(scope, receive, send)

@@ -3,11 +3,9 @@ uploaded) or for several indexed images at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 
 from cliplab.serve.image_files import fail
 from cliplab.serve.request_fields import (DEFAULT_TEMPLATE, MAX_ID, MAX_K, MAX_LABEL_CHARS,
@@ -24,9 +22,9 @@ def ranked_labels(names: list[str], probs: torch.Tensor) -> list[dict]:
     return [{"label": names[i], "probability": round(float(probs[i]), 6)} for i in order]
 
 
-def classify_routes(service: SearchService, guard: Callable) -> APIRouter:
-    """The routes, each behind ``guard`` (the API key check)."""
-    router = APIRouter(dependencies=[Depends(guard)])
+def classify_routes(service: SearchService) -> APIRouter:
+    """The routes over ``service`` (an API key, if set, is checked before them: `ApiKeyCheck`)."""
+    router = APIRouter()
     index = service.index
 
     @router.post("/api/classify")

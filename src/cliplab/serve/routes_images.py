@@ -4,34 +4,34 @@ by an ETag that changes with the file). Ids only: no path is ever taken from a r
 from __future__ import annotations
 
 import hashlib
-import mimetypes
-from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
+from fastapi import APIRouter, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from cliplab.serve.image_files import THUMBNAIL_SIZES
+from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, sniffed_type
 from cliplab.serve.request_fields import MAX_ID
 from cliplab.serve.search_service import SearchService
 
 
-def image_routes(service: SearchService, guard: Callable) -> APIRouter:
-    """The routes, each behind ``guard`` (the API key check, which takes ``?api_key=`` too)."""
-    router = APIRouter(dependencies=[Depends(guard)])
+def image_routes(service: SearchService) -> APIRouter:
+    """The routes over ``service`` (an API key, if set, is checked before them: `ApiKeyCheck`)."""
+    router = APIRouter()
 
     # HEAD too: a link checker or proxy asks whether an image is there without fetching it
     @router.get("/images/{id}")
     @router.head("/images/{id}", include_in_schema=False)
     def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
-        """An indexed image, read from its original file (ids only; no path is ever taken)."""
+        """An indexed image, read from its original file (ids only; no path is ever taken), as
+        the image type its content is: a file that no longer holds an image is a 404, not sent
+        (a link swapped to point at another file must not serve that file)."""
         stored = service.stored_image(item_id)
+        media_type = sniffed_type(stored if isinstance(stored, Path) else stored[0])
+        if media_type is None:
+            fail(404, f"the file of id {item_id} no longer holds an image")
         if isinstance(stored, Path):
-            return FileResponse(stored, media_type=mimetypes.guess_type(stored.name)[0]
-                                or "application/octet-stream")
-        data, name = stored
-        return Response(data, media_type=mimetypes.guess_type(name)[0]
-                        or "application/octet-stream")
+            return FileResponse(stored, media_type=media_type)
+        return Response(stored[0], media_type=media_type)
 
     @router.get("/images/{id}/thumbnail")
     @router.head("/images/{id}/thumbnail", include_in_schema=False)

@@ -3,8 +3,6 @@ indexed image."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
 from cliplab.serve.image_files import fail
@@ -13,9 +11,9 @@ from cliplab.serve.request_fields import (K_QUERY, MAX_ID, MAX_K, MAX_OFFSET, MA
 from cliplab.serve.search_service import SearchService
 
 
-def search_routes(service: SearchService, guard: Callable, max_upload_bytes: int) -> APIRouter:
-    """The routes, each behind ``guard`` (the API key check)."""
-    router = APIRouter(dependencies=[Depends(guard)])
+def search_routes(service: SearchService, max_upload_bytes: int) -> APIRouter:
+    """The routes over ``service`` (an API key, if set, is checked before them: `ApiKeyCheck`)."""
+    router = APIRouter()
     index = service.index
 
     # HEAD too: uptime checks and load balancers often probe with it

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi import UploadFile
-from PIL import Image
 
 from cliplab.data.collection import read_range
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
-from cliplab.serve.image_files import fail, read_upload, thumbnail
+from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
 from cliplab.serve.index import SearchIndex
 
 
@@ -107,12 +106,24 @@ class SearchService:
 
     def _small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
         """``item_id``'s thumbnail at ``version`` (`image_version`: a changed file is another
-        cache entry)."""
-        stored = self.stored_image(item_id)
+        cache entry). The original is decoded once per `thumbnail_step` (64, 128, 256, 512
+        px): any other size shrinks that step's thumbnail, so asking every size from 64 to 512
+        costs four decodes of a large image, not 449."""
+        step = thumbnail_step(size)
+        if step != size:
+            source: Path | bytes = self.small_image(item_id, step, version)[0]
+        else:
+            stored = self.stored_image(item_id)
+            source = stored if isinstance(stored, Path) else stored[0]
         try:
-            return thumbnail(stored if isinstance(stored, Path) else stored[0], size)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            return thumbnail(source, size)
+        except Exception:  # PIL's decoders raise many types on odd files
             fail(404, f"the image of id {item_id} no longer decodes")
+
+
+def thumbnail_step(size: int) -> int:
+    """The power of two at or above ``size``, within `THUMBNAIL_SIZES`."""
+    return min(max(1 << (size - 1).bit_length(), THUMBNAIL_SIZES[0]), THUMBNAIL_SIZES[1])
 
 
 @torch.no_grad()
