@@ -135,64 +135,49 @@ def _blocks(m: int, columns: int):
         yield start, min(m, start + rows)
 
 
-def _greedy_keep(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Visit positions 0..m-1; keep one unless an earlier kept position is its pair (a < b)."""
-    keep = np.ones(m, dtype=bool)
-    if not len(a):
-        return keep
-    order = np.lexsort((a, b))
-    a, b = a[order], b[order]
-    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-    ends = np.r_[starts[1:], len(b)]
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        if keep[a[s:e]].any():
-            keep[b[s]] = False
-    return keep
-
-
-def _earlier_duplicates(a: np.ndarray, b: np.ndarray,
-                        sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The positions ``b`` with any earlier pair ``a < b`` above the threshold (all dropped, as
-    SemDeDup's reference code drops them), and each one's most similar earlier position."""
-    order = np.lexsort((-sim, b))  # per b, the most similar a first
-    b, a, sim = b[order], a[order], sim[order]
-    firsts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]]) if len(b) else np.zeros(0, np.int64)
-    return b[firsts], a[firsts], sim[firsts]
+def _drop_by_kept(kept: np.ndarray, start: int, above: torch.Tensor) -> None:
+    """Greedy keep over one block of rows (positions ``start``.. in visit order): a row is
+    dropped when a kept row before it is its pair; ``above``: ``[block, start + block]``, which
+    pairs are above the threshold. Rows before the block are decided already."""
+    block = above.shape[0]
+    if start:  # by the kept rows of earlier blocks, all at once
+        by_kept = (above[:, :start] & torch.from_numpy(kept[:start])).any(dim=1).numpy()
+        kept[start:start + block][by_kept] = False
+    inner = above[:, start:start + block].numpy()
+    for row in np.flatnonzero(inner.any(axis=1) & kept[start:start + block]).tolist():
+        if (inner[row, :row] & kept[start:start + row]).any():  # a kept row earlier in it
+            kept[start + row] = False
 
 
 def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "kept"
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's members (unit rows in visit order): ``(kept, similarity, position)`` as
-    `SemanticDuplicates` holds them, from one pass of blocked similarity rows: each row's
-    maximum, and its pairs above the threshold only where that maximum is above it. Rows whose
-    most similar member was dropped are then compared with the kept members again."""
+    `SemanticDuplicates` holds them, from one pass of blocked similarity rows in visit order:
+    each row's maximum, and whether it is dropped (by the kept rows, or any rows, before it),
+    decided as its block is computed. Rows whose most similar member was dropped are then
+    compared with the kept members again. Memory is a block of similarities, whatever the
+    number of pairs (listing every pair first took 11 GB for 16 000 near-identical rows)."""
     m = len(xc)
     value = np.empty(m, dtype=np.float32)
     index = np.empty(m, dtype=np.int64)
-    first, second, pair_sims = [], [], []
+    kept = np.ones(m, dtype=bool)
+    earlier = np.full(m, -1, dtype=np.int64)
+    earlier_sim = np.full(m, -math.inf, dtype=np.float32)
     for start, stop in _blocks(m, m):
         sims = xc[start:stop] @ xc.T
-        sims[torch.arange(stop - start), torch.arange(start, stop)] = -math.inf  # not itself
+        block = torch.arange(stop - start)
+        sims[block, block + start] = -math.inf  # not itself
         v, i = sims.max(dim=1)
+        if compare == "kept":
+            _drop_by_kept(kept, start, sims[:, :stop] > threshold)
+        else:  # the most similar row before each: itself and later ones masked out
+            before = sims[:, :stop].clone()
+            before[:, start:stop].masked_fill_(
+                torch.ones(stop - start, stop - start, dtype=torch.bool).triu(), -math.inf)
+            ev, ei = before.max(dim=1)
+            kept[start:stop][(ev > threshold).numpy()] = False
+            earlier[start:stop], earlier_sim[start:stop] = ei.numpy(), ev.numpy()
         value[start:stop], index[start:stop] = v.numpy(), i.numpy()
-        rows = np.flatnonzero(value[start:stop] > threshold)
-        if len(rows):
-            hits = torch.nonzero(sims[torch.from_numpy(rows)] > threshold).numpy()
-            first.append(rows[hits[:, 0]] + start)
-            second.append(hits[:, 1])
-            pair_sims.append(sims[torch.from_numpy(rows[hits[:, 0]]),
-                                  torch.from_numpy(hits[:, 1])].numpy())
-    first = np.concatenate(first) if first else np.zeros(0, np.int64)
-    second = np.concatenate(second) if second else np.zeros(0, np.int64)
-    pair_sims = np.concatenate(pair_sims) if pair_sims else np.zeros(0, np.float32)
-    upper = first < second
-    if compare == "kept":
-        kept = _greedy_keep(m, first[upper], second[upper])
-    else:
-        dropped, earlier, earlier_sim = _earlier_duplicates(first[upper], second[upper],
-                                                            pair_sims[upper])
-        kept = np.ones(m, dtype=bool)
-        kept[dropped] = False
     redo = np.flatnonzero(np.isfinite(value) & ~kept[np.maximum(index, 0)])
     if len(redo):  # rows whose most similar member was dropped: their most similar kept one
         kept_pos = np.flatnonzero(kept)
@@ -208,7 +193,8 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "k
             v, j = sims.max(dim=1)
             value[part], index[part] = v.numpy(), kept_pos[j.numpy()]
     if compare == "earlier":  # a dropped row names the earlier one it was dropped for
-        value[dropped], index[dropped] = earlier_sim, earlier
+        dropped = ~kept
+        value[dropped], index[dropped] = earlier_sim[dropped], earlier[dropped]
     lonely = ~np.isfinite(value)  # no other kept member
     return kept, np.where(lonely, -1.0, value).astype(np.float32), np.where(lonely, -1, index)
 
