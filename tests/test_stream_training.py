@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cliplab.data.shapes import load_shapes
 from cliplab.data.shards import write_shards
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, DataError
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
 from tests.tar_files import png_bytes, write_tar
@@ -173,3 +173,34 @@ def test_a_streamed_checkpoint_of_two_ranks_names_the_launch_that_resumes_it(sha
                        r"on 1: its checkpoint holds each rank's place in its own shards; resume "
                        r"it on 2 rank\(s\) \(torchrun --nproc-per-node 2\)$"):
         batches.load_state_dict({"ranks": [{}, {}]})
+
+
+def test_shards_without_a_readable_batch_are_one_error_naming_them(tmp_path):
+    """Every sample of a rank's shards unreadable: a bare StopIteration traceback before."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    write_tar(out / "00000.tar", [(f"s{i}", {"png": b"\x89PNG not an image", "txt": b"a cat"})
+                                  for i in range(20)])
+    with pytest.raises(DataError, match=r"^the shards \(00000\.tar\) gave no batch of 16 "
+                       r"readable samples in a whole epoch \(skipped 20 samples: "
+                       r"unreadable_image=20\); check or replace them$"):
+        run_pretrain(recipe(tmp_path / "run", out), progress=False)
+
+
+@pytest.mark.slow
+def test_a_final_evaluation_longer_than_the_rank_timeout_finishes_a_streamed_run(shards,
+                                                                                tmp_path):
+    """The ranks gathered their skip reports after the final evaluation: the others waited it
+    out and the run failed past its timeout, with its results never written (in-memory runs
+    finished). They are gathered before it now."""
+    cfg = recipe(tmp_path / "run", shards, steps=2, dist_timeout_s=1)
+    # an evaluation of several seconds: 20 000 images through a model of 64 patches a side
+    cfg["model"] = {"name": "tiny-clip", "options": {**MODEL["options"], "image_size": 32,
+                                                     "patch_size": 4, "width": 64}}
+    cfg["eval"] = {"tasks": [{"name": "colour", "task": "zeroshot", "data": {
+        "source": "shapes", "attribute": "color", "n": 20000, "seed": 1, "image_size": 32}}]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _torchrun_pretrain(path)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["step"] == 2 and results["evals"]["colour"]["n"] == 20000

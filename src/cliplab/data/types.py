@@ -26,6 +26,19 @@ class SkipReport:
         self.counts[reason] += 1
         self.keys.setdefault(reason, []).append(key)
 
+    @classmethod
+    def merged(cls, reports: list["SkipReport"]) -> "SkipReport":
+        """One report of ``reports``, each (reason, key) once: a sample read in several epochs,
+        or by several ranks' reports, is one skipped sample."""
+        merged, seen = cls(), set()
+        for report in reports:
+            for reason, keys in report.keys.items():
+                for key in keys:
+                    if (reason, key) not in seen:
+                        seen.add((reason, key))
+                        merged.add(reason, key)
+        return merged
+
     @property
     def total(self) -> int:
         """Every count: lost samples and shards read only in part (nonzero: something lost)."""

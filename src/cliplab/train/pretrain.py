@@ -191,21 +191,22 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
             if start_model is not None:
                 run.write_json(START_MODEL_FILE, start_model)
 
+    skipped = pairs.skipped
+
+    def gather_skips() -> None:
+        """Each rank skipped what its own shards held, once per epoch that read them: gathered
+        before the final evaluation (after it, the other ranks would wait it out)."""
+        nonlocal skipped
+        if isinstance(pairs, StreamBatches):
+            skipped = SkipReport.merged([SkipReport.from_dict(report) for report in
+                                         distributed.gather_objects(pairs.skipped.to_dict())])
+
     with removed_if_unstarted(run.path, existed):
         trainer = Trainer(model, train_cfg, run)
         last = trainer.fit(pairs, resume=resume, replay=replay, replay_ratio=replay_ratio,
                            evaluate=evaluate if cfg.eval else None, on_start=write_config,
+                           on_trained=gather_skips,
                            unfinished=not (run.path / RESULTS_FILE).exists())
-    skipped = pairs.skipped
-    if isinstance(pairs, StreamBatches):
-        # each rank skipped what its own shards held, once per epoch that read them
-        skipped, seen = SkipReport(), set()
-        for report in distributed.gather_objects(pairs.skipped.to_dict()):
-            for reason, keys in report["keys"].items():
-                for key in keys:
-                    if (reason, key) not in seen:
-                        seen.add((reason, key))
-                        skipped.add(reason, key)
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
                     trainer.precision, str(trainer.device), trainer.resumed_from,
                     suite_precision(cfg.eval, context, model) if cfg.eval else None)

@@ -19,6 +19,7 @@ from pydantic import StrictBool, field_validator
 
 from cliplab.config import Section, validate
 from cliplab.data.shards import ShardLoader, ShardStream
+from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
 from cliplab.models.tokenizer import clean_text
 from cliplab.train import distributed
@@ -166,9 +167,22 @@ class StreamBatches:
         except StopIteration:  # corrupt samples left this rank short: its next epoch starts
             self._start_epoch(self.epoch + 1)
             self._batches = iter(self.loader)
-            batch = next(self._batches)
+            batch = next(self._batches, None)
+            if batch is None:
+                self._refuse_dry()
         self.in_epoch += 1
         return batch
+
+    def _refuse_dry(self) -> None:
+        """A whole epoch of this rank's shards gave no full batch (every sample unreadable)."""
+        stream = self.loader.stream
+        workers = self.loader.workers
+        names = [stream.shards[i].name for w in range(workers)
+                 for i in stream.stream_shards(self.epoch, stream.rank, w, workers)][:5]
+        where = f"rank {stream.rank}'s shards" if stream.world_size > 1 else "the shards"
+        raise DataError(f"{where} ({', '.join(names)}{', ...' if len(names) == 5 else ''}) gave "
+                        f"no batch of {self.local_batch} readable samples in a whole epoch "
+                        f"({SkipReport.merged([self.skipped]).summary()}); check or replace them")
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.in_epoch, self._batches = epoch, 0, None

@@ -127,6 +127,7 @@ class Trainer:
             replay: ImageTextPairs | None = None, replay_ratio: float = 0.0,
             evaluate: Callable[[DualEncoder], dict] | None = None,
             on_start: Callable[[], None] | None = None,
+            on_trained: Callable[[], None] | None = None,
             unfinished: bool = False) -> dict:
         """Train on ``data``; returns the last logged metrics.
 
@@ -138,7 +139,10 @@ class Trainer:
         every ``eval_every`` steps and at the end (after the last checkpoint is written, so an
         evaluation that fails loses no training); its metrics go to ``metrics.jsonl``.
         ``on_start``: called once the run is accepted (a resume's checkpoint checked and
-        restored), before its first step, e.g. to write the run's config. ``unfinished``: the
+        restored), before its first step, e.g. to write the run's config. ``on_trained``:
+        called on every rank after the last step's checkpoint, before the final evaluation (the
+        last point where the ranks meet without one waiting out rank 0's evaluation: a place
+        for a collective). ``unfinished``: the
         run never wrote its results, so a resume from its own checkpoint at the final step
         runs only the final evaluation (a run stopped during it) instead of being refused.
         """
@@ -160,7 +164,7 @@ class Trainer:
         if on_start is not None:
             on_start()
         if self.step >= total:  # only the final evaluation was left to do
-            return self._finish(folder, total, evaluate)
+            return self._finish(folder, total, evaluate, on_trained)
         warning = warmup_warning(warmup, total)
         if warning and self.rank == 0:
             print(warning, file=sys.stderr)
@@ -211,6 +215,8 @@ class Trainer:
                 self._log(last)
             if self.step == total:  # before the last evaluation: one that fails loses nothing
                 self.last_checkpoint = self._save(state)
+                if on_trained is not None:
+                    on_trained()
             if evaluate and (self.step == total or cfg.eval_every and
                              self.step % cfg.eval_every == 0):
                 self._log({"step": self.step, **self._evaluate(evaluate)})
@@ -356,8 +362,8 @@ class Trainer:
         return self.run_dir is not None and \
             folder.resolve().parent == (self.run_dir.path / CHECKPOINTS).resolve()
 
-    def _finish(self, folder: Path, total: int,
-                evaluate: Callable[[DualEncoder], dict] | None) -> dict:
+    def _finish(self, folder: Path, total: int, evaluate: Callable[[DualEncoder], dict] | None,
+                on_trained: Callable[[], None] | None = None) -> dict:
         """The end of a run whose final checkpoint ``folder`` was written but whose final
         evaluation never finished: that evaluation, logged (in place of any earlier record of
         it), and the run's last training record (as metrics.jsonl holds it) returned."""
@@ -368,6 +374,8 @@ class Trainer:
         records = self.run_dir.records() if self.run_dir else []
         last = next((r for r in reversed(records) if r.get("step") == total and "loss" in r),
                     {"step": total})
+        if on_trained is not None:
+            on_trained()
         if evaluate:
             if self.run_dir and self.rank == 0:
                 self.run_dir.drop_records_at(total, keep=lambda record: "loss" in record)
