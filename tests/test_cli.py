@@ -285,6 +285,27 @@ def test_a_one_process_command_under_torchrun_is_refused(world, refused, tmp_pat
         assert capsys.readouterr().err == "" and not (tmp_path / "r").exists()
 
 
+def test_usage_errors_and_help_under_torchrun_are_said_by_the_first_rank_only(capsys,
+                                                                           monkeypatch):
+    """Each rank parses the same command line: a usage error or --help was printed once per
+    rank, and a refused ``data shard`` was named ``cliplab data``."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            main(["curate", "--out", "x"])
+        assert stop.value.code == 2
+        with pytest.raises(SystemExit) as stop:
+            main(["adapt", "--help"])
+        assert stop.value.code == 0
+        out, err = capsys.readouterr()
+        assert ("required: --config" in err and "usage: cliplab adapt" in out) == shown
+        assert shown or out == err == ""
+    assert main(["data", "shard", "--data", "shapes", "--out", "x"]) == 2
+    assert capsys.readouterr().err.startswith("cliplab: error: cliplab data shard runs in one "
+                                              "process, but torchrun launched WORLD_SIZE=2")
+
+
 @pytest.mark.parametrize("world, local_rank, says", [
     ("2", "0", True), ("2", "1", False), ("4", "0", True), ("1", "0", True)])
 def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank, says,

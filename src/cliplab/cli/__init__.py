@@ -118,14 +118,26 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
         _SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
-def _copies_under_torchrun(command: str) -> str | None:
+@contextlib.contextmanager
+def _quiet_unless_first_rank() -> Iterator[None]:
+    """Under torchrun, what the ranks after the first would print the same is not printed."""
+    if not under_torchrun() or os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as devnull, \
+            contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
+
+
+def _copies_under_torchrun(command: str, typed: str) -> str | None:
     """Why a command that does not distribute its work cannot run on several ranks (each
-    would run it whole into the same folder); None when it may run."""
+    would run it whole into the same folder); None when it may run. ``typed``: the command
+    as typed (``data shard``)."""
     if command in DISTRIBUTED_COMMANDS or not under_torchrun():
         return None
     world = os.environ["WORLD_SIZE"]
     shared = ", ".join(DISTRIBUTED_COMMANDS)
-    return (f"cliplab {command} runs in one process, but torchrun launched WORLD_SIZE={world} "
+    return (f"cliplab {typed} runs in one process, but torchrun launched WORLD_SIZE={world} "
             f"copies (each would run it whole into the same output); run it without torchrun "
             f"(only {shared} shares its work over ranks)")
 
@@ -149,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
     try:
-        args = parse_command_line(build_parser(), argv)
+        with _quiet_unless_first_rank():  # --help or a usage error: said once, not per rank
+            args = parse_command_line(build_parser(), argv)
     except KeyboardInterrupt:  # during the first seconds' imports
         print("cliplab: interrupted", file=sys.stderr)
         return 130
-    refusal = _copies_under_torchrun(args.command)
+    refusal = _copies_under_torchrun(args.command, _command_name(args))
     if refusal:
         if os.environ.get("RANK", "0") == "0":  # every rank's same line, said once
             print(f"cliplab: error: {refusal}", file=sys.stderr)
