@@ -161,6 +161,11 @@ def test_the_eval_sets_of_a_suite_are_used_once_each(tmp_path):
      "nothing to match by"),
     ({"step": "decontaminate", "eval_sets": [EVAL], "threshold": None, "hash_distnce": 3},
      "hash_distnce"),
+    # an evaluation set's own options, before the steps before this one run (after them)
+    ({"step": "decontaminate", "eval_sets": [{"source": "digits", "splt": "test"}],
+      "threshold": None}, "steps[0]: eval_sets[0]: unknown option 'splt' for digits"),
+    ({"step": "decontaminate", "eval_sets": [EVAL, {"source": "shapes", "n": "many"}],
+      "threshold": None}, "eval_sets[1]"),
 ])
 def test_bad_specs_are_one_line_config_errors(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.images import to_pil
-from cliplab.data.sources import load_source
+from cliplab.data.sources import check_options, load_source
 from cliplab.errors import ConfigError
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
@@ -75,6 +75,10 @@ class Spec(StepSpecBase):
         for i, spec in enumerate(self.eval_sets):
             if "source" not in spec:
                 raise ValueError(f"eval_sets[{i}] needs 'source: NAME'")
+            try:  # unknown options and wrong types now, not after the steps before this one
+                check_options(spec, f"eval_sets[{i}]")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
         return self
 
 
