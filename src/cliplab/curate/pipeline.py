@@ -338,6 +338,9 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
                desc=folder, progress=progress)
         parts = [load_columns(cache / f"{c:06d}.npz") for c in sorted(reaching)]
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        if progress:  # decide is global (k-means, balancing): minutes at millions, no bar
+            print(f"curate: {folder}: deciding on {len(items)} items", file=sys.stderr,
+                  flush=True)
         decision = step.decide(items, columns)
         if len(decision.keep) != len(items):
             raise DataError(f"step {folder}: decided on {len(decision.keep)} items, "
