@@ -703,6 +703,42 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
         hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"]
 
 
+def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
+    """Lock files were never removed (one per --out ever given: thousands in the temporary
+    folder). Released, it is removed while still locked; a run that had opened it before the
+    release gets a lock on a removed file, sees that and takes the new one."""
+    import fcntl
+    import hashlib
+    import os
+    import tempfile
+
+    import cliplab.output_folder as output_folder
+    from cliplab.output_folder import hold, holding_outputs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
+    out = tmp_path / "out"
+    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"
+    real = output_folder._lock_file
+    with holding_outputs():
+        hold(out)
+        late = real(name)  # another run opening it as this one ends
+        assert [p.name for p in locks.iterdir()] == [name]
+    assert list(locks.iterdir()) == []
+    handed = [late]  # the late run's open file comes first, then the path's new one
+    monkeypatch.setattr(output_folder, "_lock_file",
+                        lambda wanted: handed.pop() if handed else real(wanted))
+    with holding_outputs():
+        hold(out)  # the late opener's lock is on the removed file: it takes the new one
+        assert handed == [] and late[0].closed
+        other, _ = real(name)
+        with pytest.raises(BlockingIOError):  # really held: a third run is refused
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.close()
+    assert list(locks.iterdir()) == []
+
+
 def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, tmp_path,
                                                           monkeypatch, capsys):
     """merge, export, convert, curate and index build beside --out and rename: an empty,

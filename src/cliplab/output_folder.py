@@ -228,8 +228,9 @@ def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = Co
                     "another folder")
 
 
+LOCK_ATTEMPTS = 5  # a lock file removed by the run releasing it is opened anew this often
 # the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
-_HELD: contextvars.ContextVar[dict[Path, Any] | None] = contextvars.ContextVar("held_outputs",
+_HELD: contextvars.ContextVar[dict[Path, tuple[Any, Path]] | None] = contextvars.ContextVar("held_outputs",
                                                                               default=None)
 
 
@@ -239,19 +240,23 @@ def holding_outputs() -> Iterator[None]:
     block ends: another cliplab process given the same output — two runs started together,
     each passing the checks before the other wrote anything — is refused in one line instead
     of mixing, losing or hiding results."""
-    held: dict[Path, Any] = {}
+    held: dict[Path, tuple[Any, Path]] = {}
     token = _HELD.set(held)
     try:
         yield
     finally:
         _HELD.reset(token)
-        for handle in held.values():
+        for handle, lock_path in held.values():
+            # removed while still locked, then released: a run that opened it meanwhile finds
+            # it gone once it gets the lock (`hold` checks) and makes a new one
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
             handle.close()  # closing the file releases its lock
 
 
-def _lock_file(name: str):
+def _lock_file(name: str) -> tuple[Any, Path] | None:
     """The lock file ``name`` in this user's private folder of the temporary directory, open
-    for reading and writing; None when that folder is not this user's alone (on a shared
+    for reading and writing, and its path; None when that folder is not this user's alone (on a shared
     machine another user could have made it, with a link planted in it to a file of yours)."""
     if fcntl is None:  # Windows: no advisory locks; the checks stand without the hold
         return None
@@ -265,7 +270,17 @@ def _lock_file(name: str):
         fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         return None
-    return os.fdopen(fd, "r+", encoding="utf-8")
+    return os.fdopen(fd, "r+", encoding="utf-8"), locks / name
+
+
+def _still_named(handle, lock_path: Path) -> bool:
+    """Whether the lock file ``handle`` has open is still the one ``lock_path`` names (a run
+    that released it removed it: a lock got on the removed file holds nothing)."""
+    try:
+        named, opened = os.stat(lock_path), os.fstat(handle.fileno())
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
@@ -281,22 +296,29 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     path = Path(out).expanduser().resolve()
     if path in held:
         return
-    handle = _lock_file(hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
-    if handle is None:  # no private temporary folder: the checks stand without the hold
-        return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise error(f"--out {out} is being written by another cliplab run ({holder}); wait "
-                    "for it to end, or choose another --out") from None
+    for _ in range(LOCK_ATTEMPTS):
+        opened = _lock_file(hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
+        if opened is None:  # no private temporary folder: the checks stand without the hold
+            return
+        handle, lock_path = opened
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise error(f"--out {out} is being written by another cliplab run ({holder}); "
+                        "wait for it to end, or choose another --out") from None
+        if _still_named(handle, lock_path):
+            break
+        handle.close()  # released and removed as this run opened it: open the new one
+    else:
+        return  # removed under it every time: the checks stand without the hold
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
-    held[path] = handle
+    held[path] = (handle, lock_path)
     remove_killed_builds(Path(out).expanduser())  # held: no other run builds beside it now
 
 
