@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field, model_validator
+from tqdm import tqdm
 
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
@@ -157,16 +158,19 @@ class Decontaminate:
             self._offsets.append(len(self.labels))
             self._eval_images.append(images)
             self.labels += [f"{label}#{i}" for i in range(len(images))]
-            pil = [_pil(im) for im in images]
-            hashes += [phash_bits(im) for im in pil]
-            if self.model is not None:
-                embeddings.append(embed_images(self.model, pil, self.spec.batch_size,
-                                               progress=context.progress))
+            # a few batches at a time: PIL copies of the whole set were a second copy of it
+            step = self.spec.batch_size * 8
+            for start in tqdm(range(0, len(images), step), desc=f"hash/embed {label}",
+                              disable=not context.progress, leave=False):
+                pil = [_pil(im) for im in images[start:start + step]]
+                hashes += [phash_bits(im) for im in pil]
+                if self.model is not None:
+                    embeddings.append(embed_images(self.model, pil, self.spec.batch_size))
+        if not self.labels:
+            raise ConfigError("decontaminate: the evaluation sets hold no images")
         self.eval_hashes = np.array(hashes, dtype=np.uint64)
         if self.model is not None:
             self.eval_embeddings = np.concatenate(embeddings)
-        if not self.labels:
-            raise ConfigError("decontaminate: the evaluation sets hold no images")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_eval_images": []}  # workers need only embeddings and hashes
