@@ -353,6 +353,33 @@ def test_fsdp_clip_grad_norm_is_torchs_in_one_process(max_norm):
     assert clip_grad_norm([meta], max_norm).device.type == "meta"
 
 
+def test_a_second_join_in_one_process_is_one_clear_error(monkeypatch):
+    """A second training in one torchrun launch (without a group of the script's own) failed
+    late, as a peer's reset connection after a timeout: torch joins a group once only."""
+    from cliplab.errors import DistributedError
+    from cliplab.train import distributed
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_joined_here", False)  # restored after the test
+    monkeypatch.setattr(distributed, "_left_here", False)
+    joined, joins = [False], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: joined[0])
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda *a, **kw: joins.append(a) or joined.__setitem__(0, True))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group",
+                        lambda: joined.__setitem__(0, False))
+    distributed.init_distributed()
+    distributed.shutdown()
+    with pytest.raises(DistributedError, match=r"^rank 1 of 2: this process already joined and "
+                       r"left a process group .* make the group yourself "
+                       r"\(torch\.distributed\.init_process_group\)"):
+        distributed.init_distributed()
+    assert joins == [("gloo",)]
+
+
 def test_a_one_rank_group_keeps_arguments_checks_sizes_and_shuts_down(tmp_path):
     """In a process group of one (in this process): the logged mean leaves its argument as it
     was, gather sizes that do not match this rank are refused, and shutdown leaves the group."""

@@ -26,6 +26,7 @@ DEFAULT_TIMEOUT_S = 600.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _timeout_s = DEFAULT_TIMEOUT_S
 _joined_here = False  # init_distributed made the group, so shutdown ends it
+_left_here = False  # shutdown ended a group init_distributed made: torch joins one only once
 _meshes: dict[str, DeviceMesh] = {}  # by device type: the meshes FSDP shards on, see shutdown()
 
 
@@ -88,6 +89,12 @@ def init_distributed(backend: str | None = None,
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if _left_here:  # a second join fails late, as a peer's reset connection or a timeout
+            raise DistributedError(
+                f"rank {rank} of {world}: this process already joined and left a process group "
+                "(a second training in one torchrun launch), and torch cannot join one twice; "
+                "make the group yourself (torch.distributed.init_process_group) before the "
+                "first training: cliplab then uses it and leaves it to you")
         try:
             dist.init_process_group(backend, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=timeout_s))
@@ -138,12 +145,12 @@ def shutdown() -> None:
     meshes' hold on the group (their private group registry) and collecting the model's
     reference cycles destroys the group here, which joins its threads.
     """
-    global _joined_here
+    global _joined_here, _left_here
     if not is_distributed():
         return
     if _joined_here:
         dist.destroy_process_group()
-        _joined_here = False
+        _joined_here, _left_here = False, True
     for mesh in _meshes.values():
         getattr(mesh, "_pg_registry", {}).clear()
     _meshes.clear()
