@@ -181,7 +181,8 @@ def _peer_failure(what: str, e: BaseException) -> DistributedError:
     return DistributedError(
         f"rank {rank()} of {world_size()}: {what} failed: another rank stopped or did not answer "
         f"within the {_timeout_s:g} s timeout; its log has its own error, or it was still busy "
-        f"(rank 0 evaluating the eval suite: raise train.dist_timeout_s) (here: "
+        f"(with eval_every, rank 0 evaluates while the others wait: if that takes longer, "
+        f"raise train.dist_timeout_s) (here: "
         f"{type(e).__name__}: {_first_line(e)})")
 
 
