@@ -195,8 +195,10 @@ def _body_limited(limit: int, **kw):
     return BodyLimit(echo, limit, **kw)
 
 
-async def _call(app, chunks: list[bytes], gate: anyio.Event | None = None) -> int:
-    """Send ``chunks`` as one body (waiting at ``gate`` before the last); the status."""
+async def _call(app, chunks: list[bytes], gate: anyio.Event | None = None,
+                path: str = "/api/search/image", **scope) -> int:
+    """POST ``chunks`` to ``path`` as one body (waiting at ``gate`` before the last); the
+    status."""
     sent: list[dict] = []
     queue = list(chunks)
 
@@ -209,7 +211,8 @@ async def _call(app, chunks: list[bytes], gate: anyio.Event | None = None) -> in
     async def send(message):
         sent.append(message)
 
-    await app({"type": "http", "headers": []}, receive, send)
+    await app({"type": "http", "method": "POST", "path": path, "headers": [], **scope}, receive,
+              send)
     return sent[0]["status"]
 
 
@@ -238,6 +241,31 @@ def test_bodies_held_at_once_are_bounded_and_must_arrive_in_time():
     anyio.run(main)
 
 
+def test_only_bodies_sent_to_the_api_are_held():
+    """Bodies were read on every path, before and whatever the key check: a client without the
+    key filled the budget with stalled POSTs to the page. Only the API's are read now (after
+    the key check), so a stalled POST elsewhere holds nothing."""
+    async def main():
+        app = _body_limited(10, bodies_at_once=1)
+        gate, statuses = anyio.Event(), {}
+
+        async def elsewhere():
+            statuses["page"] = await _call(app, [b"12345678", b"9"], gate, path="/")
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(elsewhere)
+            await anyio.sleep(0.05)
+            assert app.held == 0
+            statuses["api"] = await _call(app, [b"abcdef"])
+            gate.set()
+        assert statuses == {"page": 200, "api": 200}
+        # the API behind a root path is still the API
+        assert await _call(app, [b"x" * 11], path="/app/api/x", root_path="/app") == 413
+        assert await _call(app, [b"x" * 11], path="/apix") == 200
+
+    anyio.run(main)
+
+
 def test_queued_decodes_beyond_the_line_get_a_503(served, monkeypatch):
     """Each upload waiting to decode held one of the server's worker threads: 80 queued made a
     text search wait 8 s. Past the line a request gets a 503 with Retry-After."""
@@ -258,6 +286,8 @@ def test_queued_decodes_beyond_the_line_get_a_503(served, monkeypatch):
         busy = client.post("/api/search/image", files=upload)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
         assert "busy decoding" in busy.json()["error"]
+        thumb = client.get(f"/images/{served['ids']['c0.png']}/thumbnail", params={"size": 70})
+        assert thumb.status_code == 503 and "busy decoding" in thumb.json()["error"]
         assert client.get("/api/search", params={"q": "red"}).status_code == 200
     finally:
         release.set()
@@ -285,6 +315,34 @@ def test_thumbnail_sizes_decode_a_large_original_once_per_step(served, monkeypat
         width, height = Image.open(io.BytesIO(answer.content)).size
         assert width == size and abs(height - size * 2 / 3) < 1, (size, height)
     assert decoded == [256, 512]
+
+
+def test_the_key_guards_the_api_behind_a_root_path():
+    """Behind ``root_path="/ap"`` the path ``/api/search`` routes to the API: the key check
+    took ``i/search`` for it and let it through."""
+    from cliplab.serve.api_key import ApiKeyCheck
+
+    async def main():
+        seen = []
+
+        async def app(scope, receive, send):
+            seen.append(scope["path"])
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        guarded = ApiKeyCheck(app, KEY)
+        for root, path, status in (("/ap", "/api/search", 401), ("/app", "/app/api/search", 401),
+                                   ("/app", "/app/", 200), ("", "/images/3", 401)):
+            sent = []
+
+            async def send(message, sent=sent):
+                sent.append(message)
+
+            await guarded({"type": "http", "method": "GET", "path": path, "root_path": root,
+                           "headers": [], "query_string": b""}, None, send)
+            assert sent[0]["status"] == status, (root, path)
+
+    anyio.run(main)
 
 
 def test_a_host_with_a_user_part_is_refused(served):

@@ -403,6 +403,29 @@ def test_images_that_cannot_load_say_why(site):
     assert problems == []
 
 
+def test_a_thumbnail_the_busy_server_refused_is_asked_again(site):
+    """Past its line of decodes the server answers a thumbnail 503: the card showed "image
+    unavailable" for good. It asks again, a little later, and shows the image."""
+    page, problems = open_page(site)
+    refused = []
+
+    def busy_once(route):
+        if route.request.url.split("?")[0] not in refused:
+            refused.append(route.request.url.split("?")[0])
+            return route.fulfill(status=503, content_type="application/json",
+                                 body='{"error": "the server is busy decoding other images"}')
+        return route.continue_()
+
+    page.route("**/images/*/thumbnail*", busy_once)
+    search(page, "photo 3")
+    card = card_of(page, "photo 3")
+    page.wait_for_function("(card) => { const img = card.querySelector('img');"
+                           " return img && img.complete && img.naturalWidth > 0; }",
+                           arg=card.element_handle())
+    assert card.locator(".missing").count() == 0 and refused
+    assert [p for p in problems if "status of 503" not in p] == []
+
+
 def test_the_api_key_form(site):
     page, problems = open_page(site, key=None)
     assert page.is_visible("#key-section")

@@ -95,8 +95,9 @@ RESIZE_MODES = ("shortest", "squash", "longest")
 MAX_ENLARGED_ASPECT = 16  # longer side over shorter kept of an image enlarged (`enlarged_span`)
 INTERPOLATIONS = ("bilinear", "bicubic")
 # 2: PIL's geometry (long side truncated, antialiased, bicubic in two clamped passes);
+# 3: an image over 16:1 that is enlarged keeps its central 16:1 part (`enlarged_span`);
 # caches of image features should key on it: bump it whenever resizing changes pixels
-RESIZE_VERSION = 2
+RESIZE_VERSION = 3
 # folders saved before these fields existed
 _PREPROCESS_DEFAULTS = {"resize_mode": "shortest", "interpolation": "bilinear"}
 _PREPROCESS_CHECKS = {

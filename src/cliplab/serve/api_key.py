@@ -9,7 +9,7 @@ import secrets
 
 from starlette.datastructures import Headers, QueryParams
 
-from cliplab.serve.middleware import refuse
+from cliplab.serve.middleware import refuse, route_path, under
 
 GUARDED, KEY_IN_URL = ("/api", "/images"), ("/images",)
 
@@ -27,10 +27,6 @@ def key_problem(api_key: str, headers: Headers, query: QueryParams, in_url: bool
     return "missing or wrong API key: send it as the X-API-Key header (or ?api_key= in image URLs)"
 
 
-def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
-
-
 class ApiKeyCheck:
     """ASGI middleware: a JSON 401 for a request to a guarded route without ``api_key``."""
 
@@ -40,12 +36,11 @@ class ApiKeyCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path  # as routing sees it
-        if _under(path, GUARDED):
+        path = route_path(scope)
+        if under(path, GUARDED):
             problem = key_problem(self.api_key, Headers(scope=scope),
                                   QueryParams(scope.get("query_string", b"")),
-                                  in_url=_under(path, KEY_IN_URL))
+                                  in_url=under(path, KEY_IN_URL))
             if problem:
                 return await refuse(send, 401, problem)
         return await self.app(scope, receive, send)

@@ -1,6 +1,6 @@
 """The HTTP API and page of `cliplab serve` (FastAPI): search by text and by image, zero-shot
-labels, indexed images. Every error is JSON ``{"error": "..."}`` with a 4xx code; request bodies
-are bounded; an API key, if set, guards every ``/api`` and ``/images`` route (as the
+labels, indexed images. Every error is JSON ``{"error": "..."}`` (`add_error_handlers`); request
+bodies are bounded; an API key, if set, guards every ``/api`` and ``/images`` route (as the
 ``X-API-Key`` header; ``?api_key=`` only in image URLs, which an ``<img>`` cannot send a header
 with)."""
 

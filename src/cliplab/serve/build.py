@@ -430,9 +430,9 @@ def _gather_vectors(work: Path, state: dict, dim: int) -> np.ndarray:
     chunks = [np.load(work / CHUNKS_DIR / f"{i:06d}.npy", mmap_mode="r")
               for i in range(state["chunks"])]
     count = sum(len(chunk) for chunk in chunks)
-    if count != state["count"]:
-        raise DataError(f"{work}: {count} vectors for {state['count']} rows; the "
-                        "half-built index is damaged, delete it and run again")
+    if count != state["count"] or any(chunk.shape[1:] != (dim,) for chunk in chunks):
+        raise DataError(f"{work}: {count} vectors for {state['count']} rows of dimension "
+                        f"{dim}; the half-built index is damaged, delete it and run again")
     tmp = work / (VECTORS_FILE + ".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
     start = 0

@@ -1,5 +1,5 @@
-"""How `cliplab serve` answers what goes wrong: every error is JSON ``{"error": "..."}`` with a
-4xx code and one line saying what to send instead."""
+"""How `cliplab serve` answers what goes wrong: every error is JSON ``{"error": "..."}``, one
+line, with a 4xx code saying what to send instead (a 503 when busy, a 500 for a bug)."""
 
 from __future__ import annotations
 

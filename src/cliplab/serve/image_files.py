@@ -28,8 +28,8 @@ THUMBNAIL_SIZES = (64, 512)  # the smallest and largest side a thumbnail may be 
 THUMBNAIL_QUALITY = 85
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif",
                    "WEBP": "image/webp"}  # PIL's format name: what every browser shows
-GREY_MODES = ("1", "L", *HIGH_DEPTH_MODES)
-REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I")  # what PIL's Image.reduce takes  # one channel: resized alike before or after RGB
+GREY_MODES = ("1", "L", *HIGH_DEPTH_MODES)  # one channel: resized alike before or after RGB
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I")  # what PIL's Image.reduce takes
 
 # requests decoding or waiting to: each holds one of the server's worker threads (40), which
 # searches need too; past this many, a 503 rather than a queue that starves them

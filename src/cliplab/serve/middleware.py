@@ -15,6 +15,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 BODIES_AT_ONCE = 8  # request bodies of the largest size held at once, before a 503
 BODY_TIMEOUT_S = 120.0  # a 10 MB upload over a 1 Mbit/s link takes 80 s
 RETRY_AFTER_S = 2
+BODY_METHODS = ("POST", "PUT", "PATCH")
 # every response: no MIME sniffing (an image served as what it is), no framing (clickjacking)
 HARDENING = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
              (b"referrer-policy", b"no-referrer"))
@@ -26,6 +27,22 @@ PAGE_POLICY = (b"content-security-policy",
                b"base-uri 'none'; form-action 'self'")
 
 
+def route_path(scope) -> str:
+    """The path routing sees: ``root_path`` taken off where a ``/`` follows it, as Starlette's
+    router does (a guard that strips it otherwise checks another path than is served)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root):] if path[len(root)] == "/" else path
+
+
+def under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or lies below one."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
+
+
 async def refuse(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     """Answer with a JSON error before the app sees the request."""
     await JSONResponse({"error": message}, status_code=status, headers=headers)(
@@ -33,10 +50,12 @@ async def refuse(send, status: int, message: str, headers: dict[str, str] | None
 
 
 class BodyLimit:
-    """A request body over ``limit`` bytes gets a JSON 413 before the app sees it (the body is
-    read in full first, so a chunked upload cannot slip past). Bodies held at once are bounded
-    too: past ``bodies_at_once`` x ``limit`` bytes a new one gets a 503 (forty stalled uploads
-    held 320 MB), and one not received within ``timeout_s`` a 408."""
+    """The body of a request that sends one to the API (``POST``/``PUT``/``PATCH`` under
+    ``/api``, after the key check; nothing else reads a body, so none is read there) is read in
+    full before the app sees it, so a chunked upload cannot slip past: over ``limit`` bytes it
+    gets a JSON 413. The bytes held at once are bounded too: a chunk that takes them past
+    ``bodies_at_once`` x ``limit`` gets its request a 503 (forty stalled uploads held 320 MB),
+    and a body not received within ``timeout_s`` a 408."""
 
     def __init__(self, app, limit: int, bodies_at_once: int = BODIES_AT_ONCE,
                  timeout_s: float = BODY_TIMEOUT_S):
@@ -44,7 +63,8 @@ class BodyLimit:
         self.budget, self.held = bodies_at_once * limit, 0  # one event loop: no lock needed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS or \
+                not under(route_path(scope), ("/api",)):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")

@@ -23,8 +23,8 @@ def image_routes(service: SearchService) -> APIRouter:
     @router.head("/images/{id}", include_in_schema=False)
     def image(item_id: int = PathParam(..., le=MAX_ID, alias="id")) -> Response:
         """An indexed image, read from its original file (ids only; no path is ever taken), as
-        the image type its content is: a file that no longer holds an image is a 404, not sent
-        (a link swapped to point at another file must not serve that file)."""
+        the image type its content is: a file that no longer holds an image (replaced, or a
+        link pointed at a file of another kind) is a 404, not sent."""
         stored = service.stored_image(item_id)
         media_type = sniffed_type(stored if isinstance(stored, Path) else stored[0])
         if media_type is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi import UploadFile
+from starlette.exceptions import HTTPException
 
 from cliplab.data.collection import read_range
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -107,8 +108,9 @@ class SearchService:
     def _small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
         """``item_id``'s thumbnail at ``version`` (`image_version`: a changed file is another
         cache entry). The original is decoded once per `thumbnail_step` (64, 128, 256, 512
-        px): any other size shrinks that step's thumbnail, so asking every size from 64 to 512
-        costs four decodes of a large image, not 449."""
+        px; requests at the same moment may each decode it): any other size shrinks that
+        step's thumbnail, so asking every size from 64 to 512 one after another costs four
+        decodes of a large image, not 449."""
         step = thumbnail_step(size)
         if step != size:
             source: Path | bytes = self.small_image(item_id, step, version)[0]
@@ -117,6 +119,8 @@ class SearchService:
             source = stored if isinstance(stored, Path) else stored[0]
         try:
             return thumbnail(source, size)
+        except HTTPException:  # the server busy decoding (a 503): not the image's fault
+            raise
         except Exception:  # PIL's decoders raise many types on odd files
             fail(404, f"the image of id {item_id} no longer decodes")
 
