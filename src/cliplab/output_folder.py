@@ -230,8 +230,8 @@ def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = Co
 
 LOCK_ATTEMPTS = 5  # a lock file removed by the run releasing it is opened anew this often
 # the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
-_HELD: contextvars.ContextVar[dict[Path, tuple[Any, Path]] | None] = contextvars.ContextVar("held_outputs",
-                                                                              default=None)
+_HELD: contextvars.ContextVar[dict[Path, tuple[Any, Path]] | None] = contextvars.ContextVar(
+    "held_outputs", default=None)
 
 
 @contextlib.contextmanager
@@ -248,16 +248,19 @@ def holding_outputs() -> Iterator[None]:
         _HELD.reset(token)
         for handle, lock_path in held.values():
             # removed while still locked, then released: a run that opened it meanwhile finds
-            # it gone once it gets the lock (`hold` checks) and makes a new one
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path)
+            # it gone once it gets the lock (`hold` checks) and makes a new one. Only if it is
+            # still this lock's file (removed by hand meanwhile, its path may be another run's)
+            if _still_named(handle, lock_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
             handle.close()  # closing the file releases its lock
 
 
 def _lock_file(name: str) -> tuple[Any, Path] | None:
     """The lock file ``name`` in this user's private folder of the temporary directory, open
-    for reading and writing, and its path; None when that folder is not this user's alone (on a shared
-    machine another user could have made it, with a link planted in it to a file of yours)."""
+    for reading and writing, and its path; None when that folder is not this user's alone (on
+    a shared machine another user could have made it, with a link planted in it to a file of
+    yours)."""
     if fcntl is None:  # Windows: no advisory locks; the checks stand without the hold
         return None
     locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"

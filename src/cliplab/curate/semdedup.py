@@ -174,7 +174,9 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "k
             before = sims[:, :stop].clone()
             before[:, start:stop].masked_fill_(
                 torch.ones(stop - start, stop - start, dtype=torch.bool).triu(), -math.inf)
-            ev, ei = before.max(dim=1)
+            ev = before.max(dim=1).values
+            # of equally similar rows the first (max's index among ties is not fixed)
+            ei = torch.where(before == ev[:, None], torch.arange(stop), stop).min(dim=1).values
             kept[start:stop][(ev > threshold).numpy()] = False
             earlier[start:stop], earlier_sim[start:stop] = ei.numpy(), ev.numpy()
         value[start:stop], index[start:stop] = v.numpy(), i.numpy()

@@ -178,9 +178,9 @@ class StreamBatches:
         stream = self.loader.stream
         workers = self.loader.workers
         names = [stream.shards[i].name for w in range(workers)
-                 for i in stream.stream_shards(self.epoch, stream.rank, w, workers)][:5]
+                 for i in stream.stream_shards(self.epoch, stream.rank, w, workers)]
         where = f"rank {stream.rank}'s shards" if stream.world_size > 1 else "the shards"
-        raise DataError(f"{where} ({', '.join(names)}{', ...' if len(names) == 5 else ''}) gave "
+        raise DataError(f"{where} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) gave "
                         f"no batch of {self.local_batch} readable samples in a whole epoch "
                         f"({SkipReport.merged([self.skipped]).summary()}); check or replace them")
 

@@ -153,10 +153,13 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}:{epoch}:shards").shuffle(order)
         return order
 
-    def stream_shards(self, epoch: int, rank: int, local: int, workers: int) -> list[int]:
-        """Shard indices read by worker stream ``local`` of ``rank`` in ``epoch``."""
+    def stream_shards(self, epoch: int, rank: int, local: int, workers: int,
+                      order: list[int] | None = None) -> list[int]:
+        """Shard indices read by worker stream ``local`` of ``rank`` in ``epoch`` (``order``:
+        `shard_order` of ``epoch``, when the caller has it)."""
         streams = self.world_size * workers
-        return self.shard_order(epoch)[local * self.world_size + rank::streams]
+        order = self.shard_order(epoch) if order is None else order
+        return order[local * self.world_size + rank::streams]
 
     def stream_sample_counts(self, workers: int = 1, epoch: int | None = None) -> list[list[int]]:
         """``[rank][stream]``: samples (before skipping corrupt ones) each stream reads in ``epoch``."""
@@ -166,8 +169,9 @@ class ShardStream(IterableDataset):
         if self._stream_counts is None or self._stream_counts[0] != (workers, epoch):
             # one shuffle for all streams (each stream_shards call shuffles all shards again:
             # ranks x workers shuffles of 40k shards every step, seconds on 64 GPUs)
-            order, streams = self.shard_order(epoch), self.world_size * workers
-            counts = [[sum(self._counts[i] for i in order[w * self.world_size + r::streams])
+            order = self.shard_order(epoch)
+            counts = [[sum(self._counts[i]
+                           for i in self.stream_shards(epoch, r, w, workers, order))
                        for w in range(workers)] for r in range(self.world_size)]
             self._stream_counts = ((workers, epoch), counts)
         return [list(per_stream) for per_stream in self._stream_counts[1]]
