@@ -292,6 +292,7 @@ def test_usage_errors_and_help_under_torchrun_are_said_by_the_first_rank_only(ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, shown in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
         with pytest.raises(SystemExit) as stop:
             main(["curate", "--out", "x"])
         assert stop.value.code == 2

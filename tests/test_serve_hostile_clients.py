@@ -354,7 +354,7 @@ def test_a_host_with_a_user_part_is_refused(served):
     assert client.get("/api/health", headers={"host": "evil.com@localhost"}).status_code == 400
 
 
-def test_the_api_key_may_come_from_the_environment(served, monkeypatch):
+def test_the_api_key_may_come_from_the_environment(served, monkeypatch, capsys):
     """``--api-key`` on a command line shows in ``ps`` to every user of the machine."""
     import uvicorn
 
@@ -367,3 +367,8 @@ def test_the_api_key_may_come_from_the_environment(served, monkeypatch):
     client = TestClient(started[-1], base_url="http://localhost")
     assert client.get("/api/health").status_code == 401
     assert client.get("/api/health", headers={"X-API-Key": KEY}).status_code == 200
+    monkeypatch.setenv("CLIPLAB_API_KEY", "")  # set to nothing: a key was meant, none given
+    assert main(["serve", str(served["root"] / "idx"), "--port", str(free_port())]) == 2
+    assert len(started) == 1 and capsys.readouterr().err.strip() == (
+        "cliplab: error: CLIPLAB_API_KEY is set but empty: give it the key, or unset it to "
+        "serve without one")

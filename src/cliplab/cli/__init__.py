@@ -120,8 +120,9 @@ def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None,
 
 @contextlib.contextmanager
 def _quiet_unless_first_rank() -> Iterator[None]:
-    """Under torchrun, what the ranks after the first would print the same is not printed."""
-    if not under_torchrun() or os.environ.get("RANK", "0") == "0":
+    """Under torchrun, what every rank of a machine would print the same is printed by its
+    first (local rank 0), as a recipe's errors are."""
+    if not under_torchrun() or os.environ.get("LOCAL_RANK", "0") == "0":
         yield
         return
     with open(os.devnull, "w", encoding="utf-8") as devnull, \

@@ -20,10 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("CLIPLAB_API_KEY") or None,
-                   help="require this key on every API call (the X-API-Key header, or "
-                   "?api_key= in image URLs); default $CLIPLAB_API_KEY, which, unlike a "
-                   "command's arguments, other users of the machine cannot read in `ps`")
+    p.add_argument("--api-key", help="require this key on every API call (the X-API-Key "
+                   "header, or ?api_key= in image URLs); default $CLIPLAB_API_KEY, which, "
+                   "unlike a command's arguments, other users of the machine cannot read in `ps`")
     p.add_argument("--model", help="the index's model from another place (refused if its "
                    "weights differ)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -57,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     check_serve_extra()
     from cliplab.serve.run import serve
 
-    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+    api_key = args.api_key
+    if api_key is None and "CLIPLAB_API_KEY" in os.environ:
+        api_key = os.environ["CLIPLAB_API_KEY"]
+        if not api_key.strip():  # set, but to nothing: a key was meant
+            raise ConfigError("CLIPLAB_API_KEY is set but empty: give it the key, or unset it "
+                              "to serve without one")
+    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=api_key,
           max_upload_mb=args.max_upload_mb, device=args.device, allow_hosts=args.allow_host)
     return 0
