@@ -142,9 +142,9 @@ class Trainer:
         restored), before its first step, e.g. to write the run's config. ``on_trained``:
         called on every rank after the last step's checkpoint, before the final evaluation (the
         last point where the ranks meet without one waiting out rank 0's evaluation: a place
-        for a collective). ``unfinished``: the
-        run never wrote its results, so a resume from its own checkpoint at the final step
-        runs only the final evaluation (a run stopped during it) instead of being refused.
+        for a collective). ``unfinished``: the run never wrote its results, so a resume from
+        its own checkpoint at the final step runs only the final evaluation (a run stopped
+        during it) instead of being refused.
         """
         cfg = self.config
         inputs = build_inputs(data, labelled=self.objective.labelled, config=cfg,
