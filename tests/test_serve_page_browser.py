@@ -591,6 +591,7 @@ def test_the_query_and_the_key_are_encoded(site):
 
     assert len(sent) == 1 and parse_qs(urlsplit(sent[0]).query)["q"] == [query], sent
     assert page.input_value("#q") == query
+    page.wait_for_selector("#grid .missing")  # the gone image's, once its retries fail
     page.wait_for_function("[...document.querySelectorAll('#grid .card img')]"
                            ".every((img) => img.complete)")
     assert page.locator("#grid .card img").count() == N - 1  # all but the gone image's
