@@ -17,8 +17,8 @@ parses numbers written as strings ("2e-3") in one place, and builds a JSON schem
 from __future__ import annotations
 
 import copy
-import sys
 import re
+import sys
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence

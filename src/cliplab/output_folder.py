@@ -299,8 +299,9 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     path = Path(out).expanduser().resolve()
     if path in held:
         return
+    name = hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"
     for _ in range(LOCK_ATTEMPTS):
-        opened = _lock_file(hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock")
+        opened = _lock_file(name)
         if opened is None:  # no private temporary folder: the checks stand without the hold
             return
         handle, lock_path = opened

@@ -138,7 +138,8 @@ def _check_cache_apart_from_results(cache_dir: str | None, out: Path | None) -> 
     from cliplab.output_folder import lies_inside, same_folder
 
     cache, results = Path(cache_dir).expanduser().resolve(), out.expanduser().resolve()
-    if same_folder(cache, results) or lies_inside(cache, results):
-        how = "is" if same_folder(cache, results) else "lies inside"
+    how = "is" if same_folder(cache, results) else \
+        "lies inside" if lies_inside(cache, results) else None
+    if how:
         raise CliplabError(f"--cache-dir {cache_dir} {how} --out {out}; keep the cache in a "
                            "folder of its own (--out holds results.json alone)")
