@@ -57,6 +57,31 @@ def test_any_change_invalidates(monkeypatch):
     assert not torch.equal(other.backbone, first.backbone)  # the new mean really was applied
 
 
+def test_a_config_fixed_in_place_is_another_key(tmp_path):
+    """A model folder whose config.json changes (the activation an OpenCLIP conversion got
+    wrong, fixed in place) embeds otherwise with the same weights: the disk cache misses and
+    gives the new features, not the old ones."""
+    import json
+
+    from cliplab.models.dual_encoder import DualEncoder
+
+    _model().save(tmp_path / "model")
+    images, cache_dir = _images(), tmp_path / "cache"
+    before = FeatureCache(cache_dir).features(DualEncoder.load(tmp_path / "model"), images,
+                                              progress=False)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["vision_config"]["hidden_act"] == "quick_gelu"
+    config["vision_config"]["hidden_act"] = "relu"
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    fixed = DualEncoder.load(tmp_path / "model")
+    cached = FeatureCache(cache_dir)
+    after = cached.features(fixed, images, progress=False)
+    fresh = FeatureCache().features(fixed, images, progress=False)
+    assert cached.misses == 1 and cached.hits == 0
+    assert torch.equal(after.embeddings, fresh.embeddings)
+    assert not torch.allclose(after.embeddings, before.embeddings, atol=1e-3)
+
+
 def test_text_tower_changes_do_not_invalidate_image_features(monkeypatch):
     calls = count_encodes(monkeypatch)
     cache, model, images = FeatureCache(), _model(), _images()

@@ -300,13 +300,58 @@ def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, 
     assert SearchIndex(tmp_path / "idx").count == 10
 
 
-def test_add_refuses_another_model(model_dir, tmp_path):
+def _edited_copy(model_dir: Path, folder: Path, file: str, edit) -> Path:
+    """A copy of ``model_dir`` (the same weights) with one JSON file edited by ``edit``."""
+    shutil.copytree(model_dir, folder)
+    data = json.loads((folder / file).read_text())
+    edit(data)
+    (folder / file).write_text(json.dumps(data))
+    return folder
+
+
+def test_add_and_search_refuse_a_model_that_embeds_otherwise(model_dir, tmp_path):
+    """Other weights are refused; so are the same weights with other preprocessing, tower
+    settings or text pooling (they embed otherwise: the index would mix two embedding spaces
+    and search one with the other), by `--add`, `check_model` and serve's recorded model."""
+    from cliplab.serve.run import open_app
+
     build(model_dir, SHAPES, tmp_path / "idx")
+    index = SearchIndex(tmp_path / "idx")
+    index.check_model(DualEncoder.load(model_dir))  # the same model passes
     other = save_tiny_model(tmp_path / "other", seed=1)
-    with pytest.raises(ConfigError, match="built with another model"):
-        build(other, SHAPES, tmp_path / "idx", add=True)
-    with pytest.raises(CliplabError, match="built with model"):
-        SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(other))
+    mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
+                        lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
+    act = _edited_copy(model_dir, tmp_path / "act", "config.json",
+                       lambda c: c["vision_config"].update(hidden_act="gelu"))
+    eps = _edited_copy(model_dir, tmp_path / "eps", "config.json",
+                       lambda c: c["text_config"].update(layer_norm_eps=0.5))
+    for folder, differs in [(other, "other weights"),
+                            (mean, "the same weights but other image preprocessing"),
+                            (act, "the same weights but other image preprocessing or vision"),
+                            (eps, "the same weights but other tokenizer, text pooling or text")]:
+        with pytest.raises(ConfigError, match=f"built with model .*; this one has {differs}"):
+            build(folder, SHAPES, tmp_path / "idx", add=True)
+        with pytest.raises(ModelError, match=f"the given model has {differs}"):
+            index.check_model(DualEncoder.load(folder))
+    assert SearchIndex(tmp_path / "idx").count == SHAPES["n"]  # nothing was added
+    # a recorded model folder changed in place since: serve asks for --model
+    shutil.rmtree(model_dir)
+    shutil.copytree(act, model_dir)
+    with pytest.raises(ModelError, match="now has the same weights but other image.*pass --model"):
+        open_app(str(tmp_path / "idx"))
+
+
+def test_an_index_without_recorded_towers_is_checked_by_its_weights(model_dir, tmp_path):
+    """Indexes written before the towers were recorded still open and take `--add`, by weights."""
+    build(model_dir, SHAPES, tmp_path / "idx")
+    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    del record["towers"]
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
+                        lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
+    SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(mean))
+    added = build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx", add=True)
+    assert added["count"] == 2 * SHAPES["n"] and added["towers"] is None
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -735,7 +780,7 @@ def test_an_index_of_a_run_folder_keeps_serving_its_checkpoint(tmp_path):
     old = json.loads((tmp_path / "idx" / "index.json").read_text())
     old["model"]["name"] = str(run.resolve())  # as indexes recorded a run folder before
     (tmp_path / "idx" / "index.json").write_text(json.dumps(old))
-    with pytest.raises(ModelError, match="now holds other weights.*pass --model"):
+    with pytest.raises(ModelError, match="now has other weights.*pass --model"):
         open_app(str(tmp_path / "idx"))
     assert open_app(str(tmp_path / "idx"), model=str(first)) is not None
     old["model"]["name"] = str(tmp_path / "moved")

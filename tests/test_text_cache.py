@@ -80,6 +80,26 @@ def test_text_tower_change_invalidates_and_image_tower_change_does_not(monkeypat
     assert len(calls) == 6
 
 
+def test_the_same_weights_under_other_text_settings_are_another_key(tmp_path):
+    """Two folders of the same weights whose text config differs (a norm epsilon) embed
+    otherwise: one cache gives each its own embeddings."""
+    import json
+
+    from cliplab.models.dual_encoder import DualEncoder
+
+    _model().save(tmp_path / "a")
+    _model().save(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["text_config"]["layer_norm_eps"] = 0.5
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    a, b = DualEncoder.load(tmp_path / "a"), DualEncoder.load(tmp_path / "b")
+    cache = TextFeatureCache()
+    first, second = cache.embeddings(a, TEXTS), cache.embeddings(b, TEXTS)
+    assert cache.hits == 0
+    assert torch.equal(second, TextFeatureCache().embeddings(b, TEXTS))
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
 def test_bf16_is_its_own_key_and_close_to_fp32(monkeypatch):
     calls = spy_encodes(monkeypatch)
     cache, model = TextFeatureCache(), _model()

@@ -12,9 +12,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from cliplab.data.shapes import load_shapes
-from cliplab.evaluate.feature_cache import image_tower_fingerprint
-from cliplab.evaluate.text_cache import text_tower_fingerprint
 from cliplab.models import build_model
+from cliplab.models.fingerprints import image_tower_fingerprint, text_tower_fingerprint
 from cliplab.train import distributed, fsdp
 from cliplab.train.trainer import TrainConfig, Trainer
 

@@ -9,7 +9,6 @@ safetensors files. ``FeatureCache.texts`` is the text-embedding cache the same t
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -22,25 +21,8 @@ from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures, encod
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.preprocess import RESIZE_VERSION, to_uint8_batch
-
-
-def image_tower_fingerprint(model: DualEncoder) -> str:
-    """Hash of everything image features depend on: vision tower and projection weights, and
-    the preprocessing (size, normalisation)."""
-    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
-        return model.tower_fingerprint("image")
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.model.state_dict().items()):
-        if name.startswith(("vision_model.", "visual_projection.")):
-            h.update(name.encode())
-            h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    pre = model.preprocess_config.to_dict()
-    pre.pop("augment", None)  # train-time only
-    pre["resize_version"] = RESIZE_VERSION  # features cached before resizing changed differ
-    h.update(json.dumps(pre, sort_keys=True).encode())
-    return h.hexdigest()[:16]
+from cliplab.models.fingerprints import image_tower_fingerprint
+from cliplab.models.preprocess import to_uint8_batch
 
 
 def images_fingerprint(images: torch.Tensor) -> str:

@@ -4,13 +4,12 @@ Zero-shot prompts and retrieval captions go through it: a text already embedded 
 text tower is not encoded again, duplicate texts in one request are encoded once (a labelled set
 turned into pairs has a few dozen distinct captions for thousands of images), and the texts
 that must be encoded are sorted by token length first, so a batch pads to a near-equal length.
-Changing any text-tower weight, the projection, the tokenizer or the pooling changes the key.
+Changing any text-tower weight or setting, the projection, the tokenizer or the pooling changes
+the key (`models.fingerprints`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
 import torch
@@ -18,26 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.fingerprints import text_tower_fingerprint
 from cliplab.models.precision import autocast
 from cliplab.models.tokenizer import clean_texts
-
-
-def text_tower_fingerprint(model: DualEncoder) -> str:
-    """Hash of everything text embeddings depend on: text tower and projection weights, the
-    tokenizer's vocabulary and settings, the pooling and the context length."""
-    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
-        return model.tower_fingerprint("text")
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.model.state_dict().items()):
-        if name.startswith(("text_model.", "text_projection.")):
-            h.update(name.encode())
-            h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    tok = model.tokenizer
-    vocab = sorted(tok.get_vocab().items()) if hasattr(tok, "get_vocab") else []
-    h.update(json.dumps([type(tok).__name__, getattr(tok, "do_lower_case", None), vocab,
-                         model.text_pooling, model.context_length, model.kind]).encode())
-    return h.hexdigest()[:16]
 
 
 class TextFeatureCache:

@@ -37,12 +37,14 @@ from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
+from cliplab.models.fingerprints import embedding_fingerprints
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
                                    same_folder, swap_in, write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
+from cliplab.serve.index import model_difference
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
 from cliplab.serve.tuning_queries import tuning_queries
@@ -139,15 +141,18 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
             faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))
-    fingerprint = model_fingerprint(model)
-    if existing and existing["fingerprint"] != fingerprint:
-        raise ConfigError(f"--add: {out} was built with another model ({existing['model']['name']}, "
-                          f"{existing['fingerprint'][:19]}); this one is {fingerprint[:19]}")
+    differs = model_difference(existing, model) if existing else None
+    if differs:
+        raise ConfigError(f"--add: {out} was built with model {existing['model']['name']} "
+                          f"({existing['fingerprint'][:19]}); this one has {differs}: add with "
+                          "that model, or rebuild the index")
+    # an index from before towers were recorded: what embedded it is not known to be these
+    towers = embedding_fingerprints(model) if not existing or existing.get("towers") else None
     # index_type, recall and max_memory_gb shape only the finishing step: not part of the
     # request, so a run that failed there is finished with another index type
-    request = {"model": _model_record(cfg), "fingerprint": fingerprint, "data": spec,
-               "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
-               "collection": cfg.collection}
+    request = {"model": _model_record(cfg), "fingerprint": model_fingerprint(model),
+               "towers": towers, "data": spec, "add": cfg.add, "backend": cfg.backend,
+               "uri": cfg.uri, "collection": cfg.collection}
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
@@ -265,7 +270,15 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
     if work.exists() and state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
         nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
+        state["request"].setdefault("towers", request["towers"])  # stopped before they were kept
         if state["request"] != request and not nothing_embedded:
+            if {**state["request"], "fingerprint": None, "towers": None} == \
+                    {**request, "fingerprint": None, "towers": None}:
+                raise ConfigError(
+                    f"{work} is a half-built index of this command, but model "
+                    f"{request['model']['name']} embeds otherwise since it was stopped (other "
+                    "weights, preprocessing, tokenizer or settings): its items would mix two "
+                    "models; delete the folder to start over")
             raise ConfigError(
                 f"{work} is a half-built index of another `cliplab index` run (model "
                 f"{state['request']['model']['name']}, data {state['request']['data']}); rerun "
@@ -460,7 +473,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
                         "data")
     vectors = _gather_vectors(work, state, model.embed_dim)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
-              "fingerprint": request["fingerprint"], "dim": int(vectors.shape[1]),
+              "fingerprint": request["fingerprint"], "towers": request["towers"],
+              "dim": int(vectors.shape[1]),
               "count": state["count"], "skipped": state["skipped"],
               "skipped_reasons": skip_counts(store.skipped()), "backend": cfg.backend,
               "index_type": cfg.index_type,

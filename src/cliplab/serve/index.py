@@ -11,6 +11,7 @@ from cliplab.serve import faiss_index
 from cliplab.output_folder import partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
                                   read_index_json)
+from cliplab.models.fingerprints import embedding_fingerprints
 from cliplab.models.folder import model_fingerprint
 from cliplab.serve.store import MetadataStore
 
@@ -80,11 +81,12 @@ class SearchIndex:
         return self.record["fingerprint"]
 
     def check_model(self, model) -> None:
-        """Refuse a model whose weights are not the ones the index was built with."""
-        found = model_fingerprint(model)
-        if found != self.fingerprint:
+        """Refuse a model that does not embed as the one the index was built with: other
+        weights or, same weights, other preprocessing, tokenizer or tower settings."""
+        differs = model_difference(self.record, model)
+        if differs:
             raise ModelError(f"{self.path} was built with model {self.record['model']['name']} "
-                             f"({self.fingerprint[:19]}...); the given model is {found[:19]}...: "
+                             f"({self.fingerprint[:19]}...); the given model has {differs}: "
                              "search it with the same model or rebuild the index")
 
     def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +119,23 @@ class SearchIndex:
         self.store.close()
         if self._milvus is not None:
             self._milvus.close()
+
+
+def model_difference(record: dict, model) -> str | None:
+    """How ``model`` would embed otherwise than the model of the index ``record`` (e.g. "other
+    weights"), or None when it embeds alike. An index written before towers were recorded is
+    checked by the weights alone."""
+    found = model_fingerprint(model)
+    if found != record["fingerprint"]:
+        return f"other weights ({found[:19]}...)"
+    recorded = record.get("towers")
+    if not recorded:
+        return None
+    towers = embedding_fingerprints(model)
+    what = {"image": "image preprocessing or vision settings",
+            "text": "tokenizer, text pooling or text settings"}
+    changed = [what[t] for t in ("image", "text") if recorded.get(t) != towers[t]]
+    return f"the same weights but other {' and '.join(changed)}" if changed else None
 
 
 def _complete_record(path: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.image_files import release_large_images_at_once
-from cliplab.serve.index import SearchIndex, image_only_tuning
+from cliplab.serve.index import SearchIndex, image_only_tuning, model_difference
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
 
@@ -44,12 +44,11 @@ def _recorded_model(index: SearchIndex, device: str):
         raise ModelError(f"{index.path} was built with model {name}, which is gone; pass --model "
                          "with that model (a copy with the same weights)")
     loaded = load_model(index.record["model"], device)
-    try:
-        index.check_model(loaded)
-    except ModelError:
-        raise ModelError(f"{index.path} was built with model {name}, which now holds other "
-                         "weights (a newer checkpoint?); pass --model with the model it was "
-                         "built with, or rebuild the index") from None
+    differs = model_difference(index.record, loaded)
+    if differs:
+        raise ModelError(f"{index.path} was built with model {name}, which now has {differs} "
+                         "(a newer checkpoint? a changed folder?); pass --model with the model "
+                         "it was built with, or rebuild the index")
     return loaded
 
 
