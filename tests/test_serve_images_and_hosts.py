@@ -6,6 +6,7 @@ hardening headers."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -155,6 +156,23 @@ def test_a_thumbnail_follows_its_file(photos, tmp_path):
     assert changed.status_code == 200 and changed.headers["etag"] != tag
     after = np.asarray(Image.open(io.BytesIO(changed.content)))[0, 0]
     assert after[1] > 200 and not np.array_equal(before, after)
+    # replaced by a file of the same size and modification time (`cp -p`, a restore), moved
+    # over it or written in place: still a new thumbnail (the inode or change time differ)
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(path, compress_level=0)
+    tag = client.get("/images/0/thumbnail").headers["etag"]
+    for how, colour in (("moved over", (255, 255, 0)), ("written in place", (0, 255, 255))):
+        stat = path.stat()
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "new.png", compress_level=0)
+        if how == "moved over":
+            os.replace(tmp_path / "new.png", path)
+        else:
+            path.write_bytes((tmp_path / "new.png").read_bytes())
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        fresh = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+        assert fresh.status_code == 200 and fresh.headers["etag"] != tag, how
+        assert tuple(np.asarray(Image.open(io.BytesIO(fresh.content)))[0, 0]) == colour, how
+        tag = fresh.headers["etag"]
     path.unlink()
     gone = client.get("/images/0/thumbnail")
     assert gone.status_code == 404 and gone.json()["error"] == "the image file of id 0 is gone"

@@ -96,14 +96,17 @@ class SearchService:
         return data, source.get("name", "")
 
     def image_version(self, item_id: int) -> tuple:
-        """What changes when ``item_id``'s image does (a file replaced under the same name)."""
+        """What changes when ``item_id``'s image does (a file replaced under the same name):
+        its inode and change time too, which a copy that keeps the size and the modification
+        time (``cp -p``, ``rsync -t``, a restore) still changes."""
         source = self.index.image_source(self.indexed(item_id))
         path = Path(source.get("file") or source["tar"])
         try:
             stat = path.stat()
         except OSError:
             fail(404, f"the image file of id {item_id} is gone")
-        return str(path), stat.st_mtime_ns, stat.st_size, source.get("offset")
+        return (str(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size,
+                source.get("offset"))
 
     def _small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
         """``item_id``'s thumbnail at ``version`` (`image_version`: a changed file is another
