@@ -31,6 +31,7 @@ class BrightSpec(StepSpecBase):
     step: Literal["bright"]
     threshold: float = 100.0
     fail_on_chunk: int | None = None
+    model: str | None = None  # checked and recorded by the pipeline; the step ignores it
 
 
 class Bright:
@@ -671,6 +672,54 @@ def test_a_work_folder_of_another_seed_is_refused_not_resumed(tmp_path, monkeypa
         run_curation(config(str(folder), STEPS, chunk_size=3, seed=1), tmp_path / "done",
                      progress=False)
     assert not (tmp_path / "done").exists() and partial_path(tmp_path / "done").is_dir()
+
+
+def test_a_stopped_run_whose_step_model_changed_is_refused_not_resumed(tmp_path, capsys):
+    """A step's cached scores came from its model as it was: when the folder's files change
+    (a checkpoint re-exported in place) or a run folder's newest checkpoint moves on, resuming
+    would mix two models in one decision. Refused, naming the step; --overwrite starts over;
+    an untouched model resumes."""
+    import os
+
+    from tests.serve_helpers import save_tiny_model
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    model = save_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    save_tiny_model(run / "checkpoints" / "step-1" / "model")
+
+    def stopped(out, model_spec):
+        Bright.failed.clear()
+        Bright.calls.clear()
+        cfg = config(str(folder), [{"step": "bright", "fail_on_chunk": 1, "model": model_spec}],
+                     chunk_size=3)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_curation(cfg, out, progress=False)
+        return cfg
+
+    cfg = stopped(tmp_path / "out", str(model))
+    stamp = (model / "config.json").stat()
+    os.utime(model / "config.json", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match=rf"stopped run whose steps\[0\]\.model \({model}\) has "
+                       "files changed since it stopped: its scores would mix two models; pass "
+                       "--overwrite"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    Bright.calls.clear()
+    assert run_curation(cfg, tmp_path / "out", progress=False, overwrite=True)["pool"] == 10
+    assert len(Bright.calls) == 4  # started over: every chunk mapped
+
+    cfg = stopped(tmp_path / "untouched", str(model))
+    capsys.readouterr()
+    Bright.calls.clear()
+    run_curation(cfg, tmp_path / "untouched", progress=False)
+    assert "resuming the stopped run" in capsys.readouterr().err and len(Bright.calls) == 3
+
+    with pytest.warns(UserWarning, match="no results.json"):  # the run is still going
+        cfg = stopped(tmp_path / "of_run", str(run))
+    newer = save_tiny_model(run / "checkpoints" / "step-2" / "model", seed=2)
+    with pytest.warns(UserWarning, match="no results.json"), pytest.raises(
+            ConfigError, match=rf"steps\[0\]\.model now resolves to {newer}, not "):
+        run_curation(cfg, tmp_path / "of_run", progress=False)
 
 
 def test_cli_workers_reach_the_config(tmp_path, capsys):

@@ -68,12 +68,12 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
     _check_packages(config)  # before the models: resolving one may reach the Hub
-    _check_step_models(config)
+    step_models = _step_models(config)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     if _finished_request(work) == request:  # killed after finishing, before the rename
         return _move_into_place(work, out)
-    _open_work(work, request, overwrite)
+    _open_work(work, request, overwrite, step_models)
 
     chunks, dropped, read_seconds = _read_pool(config, work, progress)
     n_pool = sum(len(c) for c in chunks) + len(dropped)
@@ -155,21 +155,27 @@ def _check_packages(config: CurateConfig) -> None:
                               f"pip install 'cliplab[{extra}]'")
 
 
-def _check_step_models(config: CurateConfig) -> None:
-    """Every step's model found before any work: a misspelt one surfaced only after the pool
-    was read and the steps before it ran, leaving a partial folder of that config behind."""
+def _step_models(config: CurateConfig) -> dict[str, dict]:
+    """Every step's model found before any work (a misspelt one surfaced only after the pool
+    was read and the steps before it ran, leaving a partial folder of that config behind):
+    ``{"steps[i]": {"path": folder it resolved to, "files": its files' stamp}}``, what a
+    resumed run checks its steps' cached scores against (presets are built, not read)."""
+    from cliplab.models.folder import files_stamp
     from cliplab.models.presets import PRESETS
     from cliplab.models.resolve import resolve_model_path
     from cliplab.models.spec import model_spec
 
+    found = {}
     for index, spec in enumerate(config.steps):
         model = getattr(spec, "model", None)
         if model is None or model_spec(model).name in PRESETS:
             continue
         try:
-            resolve_model_path(model)
+            path = resolve_model_path(model).expanduser().resolve()
         except ModelError as err:
             raise ConfigError(f"steps[{index}].model ({step_name(spec)}): {err}") from None
+        found[f"steps[{index}]"] = {"path": str(path), "files": files_stamp(path)}
+    return found
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -187,18 +193,25 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a file; choose a folder")
 
 
-def _open_work(work: Path, request: dict, overwrite: bool) -> None:
+def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str, dict]) -> None:
     state = work / "state.json"
     finished = _finished_request(work) is not None
     if work.exists() and state.is_file() and not finished:
-        saved = json.loads(state.read_text(encoding="utf-8"))["request"]
-        if saved == request:
+        recorded = json.loads(state.read_text(encoding="utf-8"))
+        saved = recorded["request"]
+        # its steps' cached scores came from the models as they were then
+        changed = _model_changed(recorded.get("step_models", step_models), step_models)
+        if saved == request and changed is None:
             if any((work / "cache" / "pool").glob("*.json")):  # as pretrain says it resumed
                 print(f"curate: resuming the stopped run in {work} (what it finished is kept)",
                       file=sys.stderr)
             return
+        read = any((work / "cache" / "pool").glob("*.json"))
+        if saved == request and read and not overwrite:
+            raise ConfigError(f"{work} is a stopped run whose {changed} since it stopped: its "
+                              "scores would mix two models; pass --overwrite to start over")
         # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
-        if not overwrite and any((work / "cache" / "pool").glob("*.json")):
+        if saved != request and read and not overwrite:
             raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config "
                               f"({_changes(saved, request)}); rerun that config to resume it, "
                               "or pass --overwrite to start over")
@@ -211,7 +224,20 @@ def _open_work(work: Path, request: dict, overwrite: bool) -> None:
     else:  # no state: a folder of that name is ours only if it holds just our cache
         remove_own_work(work, "curate", ("cache",))
     (work / "cache" / "pool").mkdir(parents=True)
-    write_json(state, {"format": FORMAT, "request": request})
+    write_json(state, {"format": FORMAT, "request": request, "step_models": step_models})
+
+
+def _model_changed(then: dict[str, dict], now: dict[str, dict]) -> str | None:
+    """How a step's model differs from a stopped run's (it resolves elsewhere, or its files
+    changed), e.g. "steps[1].model now resolves to ...", or None when none does."""
+    for step, model in now.items():
+        before = then.get(step)
+        if before is None or before == model:
+            continue
+        if before["path"] != model["path"]:
+            return f"{step}.model now resolves to {model['path']}, not {before['path']},"
+        return f"{step}.model ({model['path']}) has files changed"
+    return None
 
 
 def _changes(saved: dict, now: dict, shown: int = 3) -> str:

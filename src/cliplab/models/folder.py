@@ -100,6 +100,20 @@ def model_fingerprint(model: WrappedModel) -> str:
     return weights_fingerprint(inner.state_dict())
 
 
+def files_stamp(path: str | Path) -> str:
+    """A cheap stamp of a model's files (a folder's every file, or one checkpoint file): their
+    names, sizes and modification times, hashed. It changes when a file is rewritten, added
+    or removed: what a resumed run checks its models by without loading them."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        h.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0"
+                 f"{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 # -- the pretrained-origin record ---------------------------------------------------------------
 def write_origin(folder: str | Path, base_path: str | Path | None, fingerprint: str,
                  **extra: Any) -> dict:
