@@ -510,3 +510,39 @@ def test_serve_without_its_extra_names_the_extra_in_one_line(tmp_path, capsys, m
     assert main(["serve", str(tmp_path / "idx")]) == 2
     assert capsys.readouterr().err == ("cliplab: error: cliplab serve needs fastapi, "
                                        "python-multipart: pip install 'cliplab[serve]'\n")
+
+
+def test_an_app_let_go_lets_go_of_its_index_and_model(tmp_path):
+    """A process that makes apps (a notebook, tests, a reload after `index --add`) gets each
+    one's index and model back once the app is dropped: FastAPI memoises facts about every
+    endpoint function process-wide, and routes closing over them kept them all. A closed
+    index lets go of its vectors' mapping even while it is still referenced."""
+    import gc
+    import os
+    import weakref
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, SHAPES, tmp_path / "idx")
+    index, model = SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)
+    app = create_app(index, model)
+    with TestClient(app) as client:
+        assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
+        assert client.get("/images/0/thumbnail").status_code == 200
+        assert client.get("/").status_code == 200
+    gone = [weakref.ref(index), weakref.ref(model)]
+    del app, client, index, model
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+    vectors = str((tmp_path / "idx" / "vectors.npy").resolve())
+
+    def mapped() -> bool:  # open or memory-mapped by this process
+        fds = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return vectors in fds or vectors in maps.read()
+
+    if os.path.isdir("/proc/self"):  # Linux
+        kept = SearchIndex(tmp_path / "idx")
+        assert mapped()
+        kept.close()
+        assert not mapped()

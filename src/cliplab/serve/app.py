@@ -18,10 +18,16 @@ from cliplab.serve.error_responses import add_error_handlers
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
 from cliplab.serve.request_fields import DEFAULT_MAX_UPLOAD
-from cliplab.serve.routes_classify import classify_routes
-from cliplab.serve.routes_images import image_routes
-from cliplab.serve.routes_search import search_routes
+from cliplab.serve.routes_classify import router as classify_routes
+from cliplab.serve.routes_images import router as image_routes
+from cliplab.serve.routes_search import router as search_routes
 from cliplab.serve.search_service import SearchService
+
+
+def home() -> HTMLResponse:
+    """The search page."""
+    return HTMLResponse(resources.files("cliplab.serve").joinpath("static/index.html")
+                        .read_text(encoding="utf-8"))
 
 
 def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = None,
@@ -29,20 +35,16 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app over an opened ``index`` and the ``model`` it was built with;
     ``allowed_hosts``: the names a request's Host may give (None: any)."""
-    service = SearchService(index, model)
     app = FastAPI(title="cliplab serve", version="1",
                   description="Search an indexed image collection by text or image and label "
                   "images zero-shot with the model the index was built with.")
+    # the routes take these per request (`current_service`), holding none of them
+    app.state.service = SearchService(index, model)
+    app.state.max_upload_bytes = max_upload_bytes
     add_error_handlers(app)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home() -> HTMLResponse:
-        return HTMLResponse(resources.files("cliplab.serve").joinpath("static/index.html")
-                            .read_text(encoding="utf-8"))
-
-    app.include_router(search_routes(service, max_upload_bytes))
-    app.include_router(classify_routes(service))
-    app.include_router(image_routes(service))
+    app.add_api_route("/", home, response_class=HTMLResponse, include_in_schema=False)
+    for routes in (search_routes, classify_routes, image_routes):
+        app.include_router(routes)
     # each added one wraps those before: a request meets them from the last added in
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     if api_key is not None:  # before the body is read

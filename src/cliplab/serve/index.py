@@ -116,9 +116,13 @@ class SearchIndex:
         return loc
 
     def close(self) -> None:
+        """Close the metadata and Milvus connections and let go of the vectors' mapping and
+        the FAISS index (their memory, and a deleted index folder's disk space, are returned
+        even while something still holds this object)."""
         self.store.close()
         if self._milvus is not None:
             self._milvus.close()
+        self.vectors = self._faiss = None
 
 
 def model_difference(record: dict, model) -> str | None:

@@ -1,5 +1,6 @@
 """`cliplab serve`'s zero-shot routes: the probabilities of labels for one image (indexed or
-uploaded) or for several indexed images at once."""
+uploaded) or for several indexed images at once. Each takes its app's `SearchService` per
+request; an API key, if set, is checked before them (`ApiKeyCheck`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from cliplab.serve.image_files import fail
 from cliplab.serve.request_fields import (DEFAULT_TEMPLATE, MAX_ID, MAX_K, MAX_LABEL_CHARS,
                                           parse_ids, parse_labels, parse_template)
-from cliplab.serve.search_service import SearchService
+from cliplab.serve.search_service import SERVICE, SearchService
 
 LABELS_HELP = "labels separated by commas or new lines (or one per repeated labels field)"
 TEMPLATE_HELP = "prompt template; {} is the label"
@@ -22,46 +23,46 @@ def ranked_labels(names: list[str], probs: torch.Tensor) -> list[dict]:
     return [{"label": names[i], "probability": round(float(probs[i]), 6)} for i in order]
 
 
-def classify_routes(service: SearchService) -> APIRouter:
-    """The routes over ``service`` (an API key, if set, is checked before them: `ApiKeyCheck`)."""
-    router = APIRouter()
-    index = service.index
+router = APIRouter()
 
-    @router.post("/api/classify")
-    def classify(labels: list[str] = Form(..., description=LABELS_HELP),
-                 id: int | None = Form(None, ge=0, le=MAX_ID,  # noqa: A002
-                                       description="an indexed image id"),
-                 file: UploadFile | None = File(None, description="or an uploaded image"),
+
+@router.post("/api/classify")
+def classify(labels: list[str] = Form(..., description=LABELS_HELP),
+             id: int | None = Form(None, ge=0, le=MAX_ID,  # noqa: A002
+                                   description="an indexed image id"),
+             file: UploadFile | None = File(None, description="or an uploaded image"),
+             template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
+                                  description=TEMPLATE_HELP),
+             service: SearchService = SERVICE) -> dict:
+    """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
+    names, prompt = parse_labels(labels), parse_template(template)
+    if (id is None) == (file is None):
+        fail(400, "give exactly one of id (an indexed image) or file (an upload)")
+    if id is not None:
+        service.indexed(id)
+        vector = service.index.vector(id)[None]
+    else:
+        vector = service.upload_vector(file)
+    probs = service.probabilities(vector, names, prompt)[0]
+    return {"id": id, "template": template, "labels": ranked_labels(names, probs)}
+
+
+@router.post("/api/classify/ids")
+def classify_ids(labels: list[str] = Form(..., description=LABELS_HELP),
+                 ids: list[str] = Form(..., description=f"up to {MAX_K} indexed image ids, "
+                                       "separated by commas (or one per repeated ids field)"),
                  template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
-                                      description=TEMPLATE_HELP)) -> dict:
-        """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
-        names, prompt = parse_labels(labels), parse_template(template)
-        if (id is None) == (file is None):
-            fail(400, "give exactly one of id (an indexed image) or file (an upload)")
-        if id is not None:
-            service.indexed(id)
-            vector = index.vector(id)[None]
-        else:
-            vector = service.upload_vector(file)
-        probs = service.probabilities(vector, names, prompt)[0]
-        return {"id": id, "template": template, "labels": ranked_labels(names, probs)}
-
-    @router.post("/api/classify/ids")
-    def classify_ids(labels: list[str] = Form(..., description=LABELS_HELP),
-                     ids: list[str] = Form(..., description=f"up to {MAX_K} indexed image ids, "
-                                           "separated by commas (or one per repeated ids field)"),
-                     template: str = Form(DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
-                                          description=TEMPLATE_HELP)) -> dict:
-        """Zero-shot probabilities of the labels for several indexed images at once (the page
-        labels every result it shows with one request)."""
-        names, prompt, wanted = parse_labels(labels), parse_template(template), parse_ids(ids)
-        found = index.items(wanted)
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
-                  + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
-        probs = service.probabilities(np.stack([index.vector(i) for i in wanted]), names, prompt)
-        return {"template": template, "results": [
-            {"id": i, "labels": ranked_labels(names, row)} for i, row in zip(wanted, probs)]}
-
-    return router
+                                      description=TEMPLATE_HELP),
+                 service: SearchService = SERVICE) -> dict:
+    """Zero-shot probabilities of the labels for several indexed images at once (the page
+    labels every result it shows with one request)."""
+    index = service.index
+    names, prompt, wanted = parse_labels(labels), parse_template(template), parse_ids(ids)
+    found = index.items(wanted)
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
+              + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+    probs = service.probabilities(np.stack([index.vector(i) for i in wanted]), names, prompt)
+    return {"template": template, "results": [
+        {"id": i, "labels": ranked_labels(names, row)} for i, row in zip(wanted, probs)]}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import UploadFile
+from fastapi import Depends, Request, UploadFile
 from starlette.exceptions import HTTPException
 
 from cliplab.data.collection import read_range
@@ -143,3 +143,14 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
     if model.logit_bias is not None:
         return torch.sigmoid(logits + model.logit_bias.item())
     return torch.softmax(logits, dim=-1)
+
+
+def current_service(request: Request) -> SearchService:
+    """The service of the app a request came to (the routes' dependency). The routes are
+    module-level functions that take it per request: FastAPI memoises facts about every
+    endpoint function process-wide, so a route closing over its service kept every app's
+    index (its vectors mapped, a deleted folder's disk space held) and model alive."""
+    return request.app.state.service
+
+
+SERVICE = Depends(current_service)  # a route's ``service: SearchService = SERVICE``
