@@ -157,6 +157,55 @@ def test_a_pretrain_run_records_its_start_model_and_a_resume_keeps_it(tmp_path):
         expected["fingerprint"]
 
 
+def _stopped_copy(run: Path, at: Path, step: int) -> Path:
+    """``run`` as if killed after checkpoint ``step``: later checkpoints and results gone."""
+    import shutil
+
+    shutil.copytree(run, at)
+    for later in (at / "checkpoints").glob("step-*"):
+        if int(later.name.removeprefix("step-")) > step:
+            shutil.rmtree(later)
+    (at / "results.json").unlink()
+    return at
+
+
+def _weights(run: Path, step: int) -> dict:
+    return load_model(str(run / "checkpoints" / f"step-{step}" / "model")).model.state_dict()
+
+
+def test_a_resume_that_caches_its_locked_tower_needs_the_weights_it_started_from(tmp_path,
+                                                                                 capsys):
+    """A locked tower's features are computed once, from the model the run loads: a resume
+    after its `model:` moved on would train its next steps against another tower's features.
+    A run folder that moved on is resumed from the checkpoint start_model.json recorded (the
+    same weights as the uninterrupted run); a folder whose weights changed is refused."""
+    base = tmp_path / "base"
+    small_model(seed=3).save(base / "checkpoints" / "step-1" / "model")
+    recipe = _recipe({"name": str(base)}, tmp_path / "whole", 3)
+    recipe["train"]["lock_text"] = True
+    with pytest.warns(UserWarning, match="no results.json"):  # base: a run still going
+        run_pretrain(recipe, progress=False)
+    stopped = _stopped_copy(tmp_path / "whole", tmp_path / "stopped", 2)
+    small_model(seed=4).save(base / "checkpoints" / "step-2" / "model")  # base moves on
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="no results.json"):
+        run_pretrain({**recipe, "out": str(stopped)}, resume="latest", progress=False)
+    assert "resuming with the model the run started from" in capsys.readouterr().err
+    whole, resumed = _weights(tmp_path / "whole", 3), _weights(stopped, 3)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    start = small_model(seed=3).save(tmp_path / "start")
+    recipe = {**recipe, "model": {"name": str(start)}, "out": str(tmp_path / "whole2")}
+    run_pretrain(recipe, progress=False)
+    stopped = _stopped_copy(tmp_path / "whole2", tmp_path / "stopped2", 2)
+    small_model(seed=4).save(start)  # the folder's weights replaced in place
+    with pytest.raises(ConfigError, match=r"--resume: model .* holds other weights than the run "
+                       r"started from .*caches its locked text tower's features from its start "
+                       "model"):
+        run_pretrain({**recipe, "out": str(stopped)}, resume="latest", progress=False)
+    assert not (stopped / "checkpoints" / "step-3").exists()
+
+
 def test_a_pretrain_run_from_a_preset_records_it_without_a_folder(tmp_path):
     run_pretrain(_recipe(PRESET, tmp_path / "run", 1), progress=False)
     record = json.loads((tmp_path / "run" / "start_model.json").read_text())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from cliplab.errors import ConfigError, DataError
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
+from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_record
 from cliplab.models.spec import ModelField
@@ -160,8 +162,10 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     check_batch_over_ranks(train_cfg.batch_size, distributed.world_size())  # before loading
     # the model before the data: its input is what image files are decoded to
     model = load_model(cfg.model)
-    model_input = model.preprocess_config
     spec = cfg.data.train
+    if resume is not None and cfg.out:
+        model = _start_model_kept(cfg, train_cfg, model, streamed=bool(spec.get("stream")))
+    model_input = model.preprocess_config
     if spec.get("stream"):  # validated with the config (stream: false is dropped there)
         pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
     else:
@@ -234,6 +238,43 @@ def start_model_record(cfg: PretrainConfig, model: Any) -> dict:
     folder it resolved to (None for a preset) and the fingerprint of ``model``'s weights
     (`model_record`)."""
     return {"model": cfg.to_dict()["model"], **model_record(cfg.model, model)}
+
+
+def _start_model_kept(cfg: PretrainConfig, train_cfg: TrainConfig, model: Any,
+                      streamed: bool) -> Any:
+    """The model to resume with. A run that computes inputs from its start model once (a
+    locked tower's cached features, mined hard-negative neighbours) needs the weights it
+    started from, not what its `model:` holds now (a run folder moves on): when they differ,
+    the folder ``start_model.json`` recorded is loaded if it still holds them, else the resume
+    is refused (the steps after the checkpoint would train against another model's features)."""
+    record_file = Path(cfg.out) / START_MODEL_FILE
+    uses = [] if streamed else [what for what, used in (
+        ("mines its hard-negative neighbours",
+         train_cfg.hard_negatives is not None and train_cfg.hard_negatives.images == "neighbours"),
+        ("caches its locked text tower's features", train_cfg.cache_frozen_features
+         and train_cfg.lock_text and not train_cfg.lock_text_except_last),
+        ("caches its locked image tower's features", train_cfg.cache_frozen_features
+         and not train_cfg.augment and train_cfg.lock_image
+         and not train_cfg.lock_image_except_last)) if used]
+    if not uses or not record_file.is_file():
+        return model
+    start = json.loads(record_file.read_text(encoding="utf-8"))
+    if model_fingerprint(model) == start["fingerprint"]:
+        return model
+    folder = start.get("model_folder")
+    if folder and Path(folder).is_dir():
+        recorded = load_model(folder)
+        if model_fingerprint(recorded) == start["fingerprint"]:
+            if distributed.rank() == 0:
+                print(f"cliplab: resuming with the model the run started from, {folder} "
+                      f"(model {start['model']} holds other weights now)", file=sys.stderr)
+            return recorded
+    where = f"{folder}, " if folder else ""
+    raise ConfigError(f"--resume: model {start['model']} holds other weights than the run "
+                      f"started from ({where}fingerprint {start['fingerprint'][:12]}), and the "
+                      f"run {' and '.join(uses)} from its start model: resumed, its next steps "
+                      "would train against another model's; put those weights back, or start a "
+                      "new run")
 
 
 def _check_resumed_config(out: Path, cfg: PretrainConfig) -> None:
