@@ -708,6 +708,17 @@ def test_a_stopped_run_whose_step_model_changed_is_refused_not_resumed(tmp_path,
     assert run_curation(cfg, tmp_path / "out", progress=False, overwrite=True)["pool"] == 10
     assert len(Bright.calls) == 4  # started over: every chunk mapped
 
+    # another checkpoint of the same size copied over it, keeping the old modification time
+    cfg = stopped(tmp_path / "again", str(model))
+    weights = model / "model.safetensors"
+    other = save_tiny_model(tmp_path / "other", seed=3) / "model.safetensors"
+    stamp = weights.stat()
+    assert other.stat().st_size == stamp.st_size
+    weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(ConfigError, match=r"has files changed since it stopped"):
+        run_curation(cfg, tmp_path / "again", progress=False)
+
     cfg = stopped(tmp_path / "untouched", str(model))
     capsys.readouterr()
     Bright.calls.clear()

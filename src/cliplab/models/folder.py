@@ -102,15 +102,17 @@ def model_fingerprint(model: WrappedModel) -> str:
 
 def files_stamp(path: str | Path) -> str:
     """A cheap stamp of a model's files (a folder's every file, or one checkpoint file): their
-    names, sizes and modification times, hashed. It changes when a file is rewritten, added
-    or removed: what a resumed run checks its models by without loading them."""
+    names, sizes, modification and change times and inodes, hashed. It changes when a file is
+    rewritten, replaced (also by a copy that keeps the size and modification time), added or
+    removed: what a resumed run checks its models by without loading them."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for file in files:
         stat = file.stat()
-        h.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0"
-                 f"{stat.st_mtime_ns}\n".encode())
+        name = file.relative_to(path) if path.is_dir() else file.name
+        h.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0"
+                 f"{stat.st_ino}\n".encode())
     return h.hexdigest()[:16]
 
 
