@@ -186,10 +186,10 @@ def test_the_listed_export_methods_are_those_without_the_flag():
     assert sorted(set(ADAPT_METHODS) - set(EXPORT_METHODS)) == sorted(PYTORCH_ONLY)
 
 
-def test_tower_fingerprints_cover_the_export_record(models, tmp_path):
+def test_tower_fingerprints_cover_the_export_record_and_every_weight_file(models, tmp_path):
     """The feature caches' key of each tower: the same for a copy of the export, another when
     onnx_export.json changes what is fed to the graph (the mean applied before the image graph,
-    the context length texts are cut to)."""
+    the context length texts are cut to), the projections or a weights file beside a graph."""
     base = load_model(str(models["fp32"]))
     copy = shutil.copytree(models["fp32"], tmp_path / "copy")
     assert [load_model(str(copy)).tower_fingerprint(t) for t in ("image", "text")] == \
@@ -203,6 +203,25 @@ def test_tower_fingerprints_cover_the_export_record(models, tmp_path):
             record[key] = value
         (edited / "onnx_export.json").write_text(json.dumps(record))
         assert load_model(str(edited)).tower_fingerprint(tower) != base.tower_fingerprint(tower)
+    # the projections (their own file) and a graph's weights kept in a file beside it (as
+    # torch writes a tower over 2 GB): the graph file alone no longer says which weights
+    other = models["other"]
+    swapped = shutil.copytree(models["fp32"], tmp_path / "projections")
+    shutil.copy(other / "projections.safetensors", swapped / "projections.safetensors")
+    assert load_model(str(swapped)).tower_fingerprint("image") != base.tower_fingerprint("image")
+    onnx = pytest.importorskip("onnx")
+    outside = shutil.copytree(models["fp32"], tmp_path / "outside")
+    graph = onnx.load(str(outside / "image_encoder.onnx"))
+    onnx.save_model(graph, str(outside / "image_encoder.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="image_weights.data",
+                    size_threshold=0)
+    before, layout = load_model(str(outside)).tower_fingerprint("image"), \
+        (outside / "image_encoder.onnx").read_bytes()
+    data = bytearray((outside / "image_weights.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight's byte: other weights, the graph file untouched
+    (outside / "image_weights.data").write_bytes(bytes(data))
+    assert (outside / "image_encoder.onnx").read_bytes() == layout
+    assert load_model(str(outside)).tower_fingerprint("image") != before
 
 
 def test_encode_text_without_a_mask_attends_to_every_token(models):

@@ -253,9 +253,10 @@ class OnnxEncoder:
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     def tower_fingerprint(self, tower: str) -> str:
-        """Hash of a tower's ONNX graph and the export record (the feature caches' key)."""
-        h = hashlib.sha256((self.path / (IMAGE_FILE if tower == "image" else TEXT_FILE)).read_bytes())
-        h.update((self.path / EXPORT_FILE).read_bytes())
+        """The feature caches' key of a tower: the whole export's `weights_fingerprint` (a
+        graph's weights may lie in files beside it, and the projections in their own file:
+        hashing the graph alone missed both) and the tower's name."""
+        h = hashlib.sha256(f"{self.weights_fingerprint()}\0{tower}".encode())
         if tower == "image":  # cliplab's resizing runs before the graph
             h.update(f"resize-v{RESIZE_VERSION}".encode())
         return h.hexdigest()[:16]
