@@ -100,6 +100,29 @@ def test_the_same_weights_under_other_text_settings_are_another_key(tmp_path):
     assert not torch.allclose(first, second, atol=1e-3)
 
 
+def test_a_tokenizer_that_cuts_texts_otherwise_is_another_key(tmp_path):
+    """The same weights and vocabulary with the tokenizer's lowercasing removed (its
+    normalizer in tokenizer.json) give other token ids: another key, the tokenizer's own
+    embeddings."""
+    import json
+
+    from cliplab.models.dual_encoder import DualEncoder
+
+    _model().save(tmp_path / "a")
+    _model().save(tmp_path / "b")
+    pipeline = json.loads((tmp_path / "b" / "tokenizer.json").read_text())
+    assert pipeline["normalizer"] == {"type": "Lowercase"}
+    pipeline["normalizer"] = None
+    (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(pipeline))
+    a, b = DualEncoder.load(tmp_path / "a"), DualEncoder.load(tmp_path / "b")
+    texts = ["A Cat", "One CAR"]
+    assert a.tokenize(texts)["input_ids"].tolist() != b.tokenize(texts)["input_ids"].tolist()
+    cache = TextFeatureCache()
+    first, second = cache.embeddings(a, texts), cache.embeddings(b, texts)
+    assert cache.hits == 0 and torch.equal(second, TextFeatureCache().embeddings(b, texts))
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
 def test_bf16_is_its_own_key_and_close_to_fp32(monkeypatch):
     calls = spy_encodes(monkeypatch)
     cache, model = TextFeatureCache(), _model()

@@ -71,16 +71,33 @@ def image_tower_fingerprint(model: DualEncoder) -> str:
 
 def text_tower_fingerprint(model: DualEncoder) -> str:
     """Hash of everything text embeddings depend on: the text tower and projection weights,
-    their settings, the tokenizer's vocabulary and settings, the pooling and the context
+    their settings, the tokenizer (`tokenizer_settings`), the pooling and the context
     length."""
     if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
         return model.tower_fingerprint("text")
     h = _tower_hash(model, "text")
-    tok = model.tokenizer
-    vocab = sorted(tok.get_vocab().items()) if hasattr(tok, "get_vocab") else []
-    h.update(json.dumps([type(tok).__name__, getattr(tok, "do_lower_case", None), vocab,
-                         model.text_pooling, model.context_length]).encode())
+    h.update(json.dumps([tokenizer_settings(model.tokenizer), model.text_pooling,
+                         model.context_length]).encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_settings(tok: Any) -> list:
+    """What turns a text into token ids: a fast tokenizer's whole pipeline (normalizer — e.g.
+    the lowercasing —, pre-tokenizer, vocabulary and merges, post-processor), else the
+    vocabulary and the casing; and the special tokens."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # without the padding and truncation of the last call (set per call; the context
+        # length is keyed on its own)
+        state = {k: v for k, v in json.loads(backend.to_str()).items()
+                 if k not in ("padding", "truncation")}
+        pipeline = json.dumps(state, sort_keys=True)
+    else:
+        vocab = sorted(tok.get_vocab().items()) if hasattr(tok, "get_vocab") else []
+        pipeline = json.dumps([vocab, getattr(tok, "do_lower_case", None)])
+    special = getattr(tok, "special_tokens_map", {})
+    return [type(tok).__name__, hashlib.sha256(pipeline.encode()).hexdigest(),
+            json.dumps(special, sort_keys=True, default=str)]
 
 
 def embedding_fingerprints(model: DualEncoder) -> dict[str, str]:
