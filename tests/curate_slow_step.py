@@ -12,10 +12,11 @@ import numpy as np
 class SlowStep:
     needs_images = False
 
-    def __init__(self, folder: str, seconds: float = 0.3):
-        self.folder, self.seconds = folder, seconds
+    def __init__(self, folder: str, seconds: float = 0.3, quick: tuple[str, ...] = ()):
+        self.folder, self.seconds, self.quick = folder, seconds, quick
 
     def map(self, batch) -> dict[str, np.ndarray]:
-        time.sleep(self.seconds)
+        if batch.keys[0] not in self.quick:  # keys in ``quick`` are mapped at once
+            time.sleep(self.seconds)
         Path(self.folder, f"mapped-{batch.keys[0]}").touch()
         return {"n": np.zeros(len(batch.keys))}

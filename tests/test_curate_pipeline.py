@@ -898,10 +898,14 @@ def test_a_skip_reason_names_no_in_memory_buffer():
     assert "BytesIO" in str(err.value) and skip_message(err.value) == "cannot identify image file"
 
 
-def test_a_stopped_process_pool_drops_its_queued_chunks(tmp_path, monkeypatch):
+def test_a_stopped_process_pool_drops_its_queued_chunks_and_stops_its_workers(tmp_path,
+                                                                            monkeypatch):
     """Ctrl-C (or a kill, or a chunk's error) while workers map: leaving the pool waited for
     every queued chunk to be mapped, then threw the results away (a kill at chunk 1 of 1000
-    waited for all 1000). Queued chunks are cancelled; only those running finish."""
+    waited for all 1000); later the running chunks still finished after the run had ended
+    (minutes of CPU, the --out hold let go). Queued chunks are cancelled, running ones stopped."""
+    import multiprocessing
+
     from cliplab.curate import engine
     from tests.curate_slow_step import SlowStep
 
@@ -919,6 +923,14 @@ def test_a_stopped_process_pool_drops_its_queued_chunks(tmp_path, monkeypatch):
                           tmp_path, workers=2, progress=False)
     mapped = len(list(marks.iterdir()))
     assert 1 <= mapped <= 6, mapped  # those under way when it stopped, not all 12
+
+    # stopped when one chunk is back while the other worker maps for a minute: none maps on
+    chunks = {0: [{"key": "slow", "caption": "x", "meta": {}, "location": {}}],
+              1: [{"key": "quick", "caption": "x", "meta": {}, "location": {}}]}
+    with pytest.raises(KeyboardInterrupt):
+        engine.map_chunks(SlowStep(str(marks), 60.0, quick=("quick",)), chunks,
+                          lambda c: tmp_path / f"x{c}.npz", tmp_path, workers=2, progress=False)
+    assert multiprocessing.active_children() == []
 
 
 def test_curated_shards_keep_every_caption_group_class_and_partner(tmp_path):

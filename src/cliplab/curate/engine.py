@@ -63,6 +63,22 @@ def chunk_progress(chunks: dict[int, list[Record]], todo: dict[int, list[Record]
                 unit="item", disable=not progress)
 
 
+def stop_workers(pool: ProcessPoolExecutor, wait_s: float = 10.0) -> None:
+    """Stop a pool at once (Ctrl-C, kill, a chunk's error): the queued chunks are dropped and
+    the running ones stopped, not mapped to be thrown away — a worker mapping on after the run
+    ended held the CPU for minutes, after the run had let go of its ``--out``."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(wait_s)
+
+
 def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
                work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
     """``step.map`` over every chunk (``{chunk number: records}``) whose columns file
@@ -86,9 +102,7 @@ def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int],
                     save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
                     bar.update(len(todo[c]))
             except BaseException:
-                # stopped (Ctrl-C, kill, a chunk's error): the queued chunks are dropped, not
-                # mapped to be thrown away (leaving the pool waited for every one of them)
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop_workers(pool)
                 raise
     finally:
         bar.close()
