@@ -317,6 +317,47 @@ def test_thumbnail_sizes_decode_a_large_original_once_per_step(served, monkeypat
     assert decoded == [256, 512]
 
 
+def test_the_thumbnail_cache_is_bounded_by_bytes():
+    """Bounded by its number of entries (2048), the cache held whole originals of up to 512
+    px (a noisy 512 px PNG is ~0.8 MB: ~1.6 GB at the cap); now by their bytes, least
+    recently used first out."""
+    from cliplab.serve.sized_cache import SizedLru
+
+    cache, made = SizedLru(10), []
+
+    def get(key, value):
+        return cache.get(key, lambda: made.append(key) or value, len)
+
+    for key in "abc":
+        assert get(key, key * 4) == key * 4
+    assert (cache.held, len(cache), made) == (8, 2, ["a", "b", "c"])  # a dropped for c
+    assert get("b", "") == "bbbb" and made == ["a", "b", "c"]  # a hit, now the newest
+    get("d", "dddd")
+    assert get("b", "") == "bbbb" and get("c", "cccc") == "cccc" and made[-1] == "c"
+    assert get("big", "x" * 11) == "x" * 11 and cache.held <= 10 and len(cache) == 2
+
+
+def test_thumbnails_served_stay_within_the_cache_budget(served, monkeypatch):
+    """Every thumbnail size of every image: what the cache holds stays within its budget,
+    and a thumbnail asked again is not made again."""
+    from cliplab.serve.sized_cache import SizedLru
+
+    app = create_app(served["index"], served["model"])
+    service = app.state.service
+    service.thumbnails = SizedLru(40_000)
+    client = TestClient(app)
+    for item in range(served["index"].count):
+        for size in (64, 100, 256, 512):
+            assert client.get(f"/images/{item}/thumbnail", params={"size": size}).status_code \
+                in (200, 404)
+            assert service.thumbnails.held <= 40_000
+    made = []
+    real = service._small_image
+    monkeypatch.setattr(service, "_small_image", lambda *a: made.append(a) or real(*a))
+    client.get(f"/images/{served['index'].count - 1}/thumbnail", params={"size": 64})
+    assert made == []
+
+
 def test_the_key_guards_the_api_behind_a_root_path():
     """Behind ``root_path="/ap"`` the path ``/api/search`` routes to the API: the key check
     took ``i/search`` for it and let it through."""

@@ -19,6 +19,9 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
 from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
 from cliplab.serve.index import SearchIndex
+from cliplab.serve.sized_cache import SizedLru
+
+THUMBNAIL_CACHE_BYTES = 64 << 20  # thousands of cards' thumbnails
 
 
 class SearchService:
@@ -33,8 +36,9 @@ class SearchService:
         # per service: an lru_cache on the method would keep every service's model alive
         self.text_vector = lru_cache(maxsize=1024)(self._text_vector)
         self.label_head = lru_cache(maxsize=64)(self._label_head)
-        # a few KB each: the page shows the same cards again when paging
-        self.small_image = lru_cache(maxsize=2048)(self._small_image)
+        # the page shows the same cards again when paging; bounded by bytes, as a thumbnail
+        # small enough to be its original file as it is may be most of a MB
+        self.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
 
     def _text_vector(self, text: str) -> np.ndarray:
         with self._lock:
@@ -107,6 +111,12 @@ class SearchService:
             fail(404, f"the image file of id {item_id} is gone")
         return (str(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size,
                 source.get("offset"))
+
+    def small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
+        """``item_id``'s thumbnail at ``version`` (`_small_image`), from the cache."""
+        return self.thumbnails.get((item_id, size, version),
+                                   lambda: self._small_image(item_id, size, version),
+                                   lambda made: len(made[0]))
 
     def _small_image(self, item_id: int, size: int, version: tuple) -> tuple[bytes, str]:
         """``item_id``'s thumbnail at ``version`` (`image_version`: a changed file is another
