@@ -228,11 +228,38 @@ def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(p
     state_file = run.checkpoint_dir(1) / STATE_FILE
     state = torch.load(state_file, weights_only=True)
     assert state["config"] == cfg.to_dict() and state["step"] == 1
-    assert state["batches"] == {"new": {"epoch": 0, "pos": 8}}
+    assert state["batches"]["new"] == {"epoch": 0, "pos": 8}
+    assert state["batches"]["data"]["count"] == 32
     del state["batches"]  # as checkpoints written before replay existed
     torch.save(state, state_file)
     with pytest.raises(ConfigError, match=r"cannot resume: .*trainer_state.pt lacks batches"):
         Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
+
+
+def test_a_resume_on_changed_training_data_is_refused(pairs, tmp_path):
+    """The checkpoint's data position is an epoch and a place in its permutation, drawn over
+    the set as it was: a set that lost images or had captions edited since made the resumed
+    run another run (other batches, another epoch length), silently. Refused, saying what
+    changed; the same data resumes; a checkpoint without the record (an older version) too."""
+    import dataclasses
+
+    run = RunDir(tmp_path)
+    Trainer(small_model(), config(steps=2, save_every=1), run).fit(pairs)
+    fewer = load_shapes(n=24, seed=0, kinds=("single",), image_size=32)
+    edited = dataclasses.replace(pairs, captions=[["a crimson block"], *pairs.captions[1:]])
+    for data, words in ((fewer, "32 samples then, 24 now"),
+                        (edited, "the same 32 samples with other pixels, captions or labels")):
+        with pytest.raises(ConfigError, match=rf"cannot resume: the training data changed since "
+                           rf"the checkpoint \({words}\)"):
+            Trainer(small_model(), config(steps=3, save_every=1), run).fit(
+                data, resume=run.checkpoint_dir(1))
+    Trainer(small_model(), config(steps=3, save_every=1), run).fit(pairs,
+                                                                   resume=run.checkpoint_dir(2))
+    state_file = run.checkpoint_dir(3) / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["batches"]["data"]  # as checkpoints written before the record
+    torch.save(state, state_file)
+    Trainer(small_model(), config(steps=4), run).fit(edited, resume="latest")
 
 
 def test_a_checkpoint_keeps_and_a_resume_restores_apples_gpu_generator(pairs, tmp_path,

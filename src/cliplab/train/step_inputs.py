@@ -7,11 +7,14 @@
 - `StreamInputs`: WebDataset shards streamed per rank (`StreamBatches`); each rank reads its
   own local batch.
 
-``state_dict`` is the data position a checkpoint saves; ``load_state_dict`` restores it.
+``state_dict`` is the data position a checkpoint saves (an in-memory set's with its count and
+fingerprint); ``load_state_dict`` restores it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
 import torch
@@ -73,6 +76,7 @@ class MemoryInputs:
                  replay_ratio: float = 0.0):
         cfg = config
         self.pixels, self.device = pixels, device
+        self._record: dict | None = None
         self.labelled = isinstance(data, LabelledImages)
         partners = negative_image_candidates(data, cfg.hard_negatives, model, cfg.progress) \
             if cfg.hard_negatives is not None and not self.labelled else None
@@ -136,10 +140,40 @@ class MemoryInputs:
         return self.pixels(self.data.images[idx], rng)
 
     def state_dict(self) -> dict:
-        return self.batches.state_dict()
+        return {**self.batches.state_dict(), "data": self.data_record()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches.load_state_dict(state)
+        saved = state.get("data")  # None in a checkpoint of an older version
+        if saved is not None and saved != self.data_record():
+            now = self.data_record()
+            what = (f"{saved['count']} samples then, {now['count']} now"
+                    if saved["count"] != now["count"] else
+                    f"the same {now['count']} samples with other pixels, captions or labels")
+            raise ConfigError(f"cannot resume: the training data changed since the checkpoint "
+                              f"({what}): resumed, the run would draw other batches than the "
+                              "run that stopped; put the data back, or start a new run")
+        self.batches.load_state_dict({k: v for k, v in state.items() if k != "data"})
+
+    def data_record(self) -> dict:
+        """``{count, fingerprint}`` of the set drawn from (with its replay set): what a
+        checkpoint keeps so a resume on changed data is refused, not silently another run."""
+        if self._record is None:
+            self._record = {"count": len(self.data), "fingerprint": set_fingerprint(self.data)}
+        return self._record
+
+
+def set_fingerprint(data: ImageTextPairs | LabelledImages) -> str:
+    """SHA-256 of a set's pixels and what is drawn with them (captions, groups and partners;
+    labels and class names)."""
+    h = hashlib.sha256(str(tuple(data.images.shape)).encode())
+    h.update(memoryview(data.images.contiguous().numpy()))
+    if isinstance(data, LabelledImages):
+        extra = [data.labels.tolist(), data.classnames]
+    else:
+        extra = [data.captions, *(None if t is None else t.tolist()
+                                  for t in (data.groups, data.partners))]
+    h.update(json.dumps(extra).encode())
+    return h.hexdigest()[:32]
 
 
 class StreamInputs:
