@@ -78,6 +78,23 @@ def test_tip_adapter_search_ties_go_to_the_first_pair():
     assert (alpha, beta, acc) == (pytest.approx(0.1), pytest.approx(0.1), 1.0)
 
 
+def test_tip_adapter_search_scores_the_zero_shot_logits_at_clip_scale():
+    """Guards the search weighing the zero-shot logits by ``clip_scale`` as inference does: at
+    scale 100 the misleading prompts win by 100 * (0.995 - 0.0995) = 89.6, more than any cache
+    on the grid (alpha < 3, votes in (0, 1]) can overturn, so every pair scores 0 and the
+    first, (0.1, 0.1), is kept; searched at scale 1 the cache would win with val acc 1."""
+    keys = values = torch.eye(2)
+    weights = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    val, labels = F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0]]), dim=-1), torch.tensor([0, 1])
+    alpha, beta, acc = tip_adapter.search_alpha_beta(val, labels, weights, keys, values, 100.0,
+                                                     [7.0, 3.0], [20, 10])
+    assert (alpha, beta, acc) == (pytest.approx(0.1), pytest.approx(0.1), 0.0)
+    # the reported accuracy is the returned pair's, scored by hand at that scale
+    zs = 100.0 * val @ weights.t()
+    cache = torch.exp(-beta * (1 - val @ keys.t())) @ values
+    assert ((zs + alpha * cache).argmax(1) == labels).float().mean().item() == acc
+
+
 def test_tip_adapter_fit_keeps_the_searched_pair_and_the_models_scale(model, digits, ctx):
     train, _ = digits
     # validated on its own shots: the cache knows them, so the search leaves the grid's corner
@@ -93,6 +110,21 @@ def test_tip_adapter_fit_keeps_the_searched_pair_and_the_models_scale(model, dig
                                          adapter.values, o["clip_scale"],
                                          o["search_scale"], [20, 10])
     assert (o["alpha"], o["beta"], o["val_acc1"]) == want
+
+
+def test_tip_adapter_fit_reports_the_val_accuracy_its_adapter_scores(model, digits, ctx):
+    """Guards the recorded ``val_acc1`` describing the returned adapter: scored by hand at the
+    adapter's own clip_scale with the searched (alpha, beta), the validation shots give the
+    reported accuracy (a search without the scale reports another model's accuracy)."""
+    train, _ = digits
+    val_ctx = AdaptContext(ctx.cache, val=train, progress=False)
+    adapter = tip_adapter.fit(model, train, {"search": True, "search_steps": [20, 10],
+                                             "clip_scale": 100.0}, val_ctx)
+    o = adapter.options
+    f = F.normalize(ctx.features(model, train).embeddings.float(), dim=-1)
+    logits = (100.0 * f @ adapter.weights.t()
+              + o["alpha"] * torch.exp(-o["beta"] * (1 - f @ adapter.keys.t())) @ adapter.values)
+    assert (logits.argmax(1) == train.labels).float().mean().item() == o["val_acc1"]
 
 
 def test_tip_adapter_f_trains_only_the_keys_and_lowers_the_loss(model, digits, ctx):
@@ -475,6 +507,39 @@ def test_tip_adapter_f_trains_on_augmented_views(model, digits, ctx, monkeypatch
     assert dist.min(1).values.max() < 1e-3  # cdist is exact to ~1e-4 only
     which = dist.argmin(1) // len(train)
     assert set(which.tolist()) == {0, 1}
+
+
+def test_tip_adapter_f_trains_each_view_against_its_own_shots_label(model, digits, ctx,
+                                                                   monkeypatch):
+    """Guards the pairing of features and targets: each row the loss scores must be a view of
+    the shot whose label it is trained towards, not of another shot in the batch."""
+    import types
+
+    train, _ = digits
+    drawn, targets = [], []
+    real = tip_adapter_f.tip_logits
+
+    def spy_logits(feats, *args):
+        drawn.append(feats.detach().clone())
+        return real(feats, *args)
+
+    def spy_loss(logits, labels):
+        targets.append(labels.clone())
+        return F.cross_entropy(logits, labels)
+
+    monkeypatch.setattr(tip_adapter_f, "tip_logits", spy_logits)
+    monkeypatch.setattr(tip_adapter_f, "F", types.SimpleNamespace(normalize=F.normalize,
+                                                                  cross_entropy=spy_loss))
+    tip_adapter_f.fit(model, train, {"augment_views": 2, "epochs": 2, "batch_size": 8}, ctx)
+    views = F.normalize(tip_adapter.augmented_embeddings(model, train.images, 2, ctx.seed),
+                        dim=-1)
+    rows, labels = torch.cat(drawn), torch.cat(targets)
+    assert len(rows) == len(labels) == 2 * len(train)
+    dist = torch.cdist(rows, views.flatten(0, 1))
+    assert dist.min(1).values.max() < 1e-3
+    shot = dist.argmin(1) % len(train)  # views are [view, shot]: the shot each row shows
+    assert labels.tolist() == train.labels[shot].tolist()
+    assert len(set(labels.tolist())) > 1  # several classes per batch: a swap would show
 
 
 def test_an_adapter_refuses_a_model_it_was_not_fitted_on(model, digits, ctx, tmp_path):

@@ -272,3 +272,21 @@ def test_finetuned_may_be_a_finetune_run_folder(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"cliplab: error: --out {inside} lies inside the "
                                                f"input {tmp_path / 'ft'}; choose another folder")
     assert sorted(p.relative_to(tmp_path / "ft") for p in (tmp_path / "ft").rglob("*")) == before
+
+
+def test_at_interpolates_anew_when_asked_for_another_alpha():
+    """Guards `WiseFT.at` serving the model of the first α it built for every later α: at(0)
+    then at(1) must give the zero-shot weights and head, then the fine-tuned ones."""
+    from cliplab.adapt.head import ClassifierHead
+    from cliplab.adapt.wise_ft import WiseFT
+
+    zs, ft = small_model(seed=0), small_model(seed=1)
+    zs_head = ClassifierHead(torch.zeros(2, 16), 1.0, ["a", "b"])
+    ft_head = ClassifierHead(torch.ones(2, 16), 1.0, ["a", "b"])
+    w = WiseFT(zs, ["a", "b"], {}, zs_head, ft, ft_head, None, "base", "fingerprint")
+    for alpha, model, head in ((0.0, zs, zs_head), (1.0, ft, ft_head), (0.0, zs, zs_head)):
+        got = w.at(alpha)
+        assert got.options["alpha"] == alpha
+        want = model.model.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in got.model.model.state_dict().items())
+        assert torch.equal(got.head.weight, head.weight)

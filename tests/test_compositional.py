@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -112,3 +113,38 @@ def test_each_negative_kind_is_scored_against_its_own_negative():
                             seed=seed, image_emb=image_emb)
         assert out == {"attribute_swap_acc": 0.0, "relation_swap_acc": 1.0,
                        "word_shuffle_acc": 0.5, "n": 1}
+
+
+def test_precomputed_features_of_mixed_kinds_are_read_at_the_relation_rows():
+    """Guards precomputed ``image_emb`` (the eval suite's path) being indexed by the relation
+    scenes' rows: on a set of single and relation scenes, only the relation rows hold their
+    true caption's embedding (the single rows are zero), so reading them gives exactly 1 for
+    every kind; reading the first rows instead would pair images with other captions."""
+    pairs, scenes = load_shapes_with_scenes(n=20, seed=3, kinds=("single", "relation"),
+                                            image_size=32)
+    keep = [i for i, s in enumerate(scenes) if s.kind == "relation"]
+    assert 0 < len(keep) < len(scenes) and keep != list(range(len(keep)))
+    rng = random.Random(0)
+    trues = [relation_negatives(scenes[i], rng)[0] for i in keep]
+    model = OrderAwareModel(trues)
+    image_emb = torch.zeros(len(scenes), 32)
+    image_emb[keep] = model.encode_texts(trues)
+    out = compositional(model, pairs.images, scenes, image_emb=image_emb)
+    assert out == {"attribute_swap_acc": 1.0, "relation_swap_acc": 1.0, "word_shuffle_acc": 1.0,
+                   "n": len(keep)}
+
+
+def test_precomputed_features_give_what_encoding_the_images_gives_on_mixed_kinds():
+    """Guards the same bug on a real model: passing every image's embedding precomputed must
+    score exactly as letting the task encode the relation images itself."""
+    from cliplab.evaluate.features import encode_images
+    from cliplab.models import build_model
+
+    model = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        embed_dim=16)
+    pairs, scenes = load_shapes_with_scenes(n=30, kinds=("single", "relation"))
+    emb = encode_images(model, pairs.images, progress=False).embeddings
+    encoded = compositional(model, pairs.images, scenes, progress=False)
+    given = compositional(model, pairs.images, scenes, progress=False, image_emb=emb)
+    assert given == pytest.approx(encoded, abs=1e-6)
+    assert encoded["n"] == sum(s.kind == "relation" for s in scenes) < len(scenes)

@@ -115,3 +115,12 @@ def test_an_onnx_export_scores_like_its_pytorch_model(tmp_path):
     onnx_scores = step_for(export, keep_top=0.5).map(batch)["clip_score"]
     torch_scores = step_for(model.save(tmp_path / "torch"), keep_top=0.5).map(batch)["clip_score"]
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-4)
+
+
+def test_top_fraction_never_keeps_a_nan_score():
+    """Guards the NaN rows being removed from the cut when the fraction reaches them: all of
+    [0.5, NaN, 0.3] keeps the two numbers, lowest kept 0.3."""
+    keep, cut = top_fraction(np.array([0.5, np.nan, 0.3]), 1.0)
+    assert keep.tolist() == [True, False, True] and cut == 0.3
+    keep, cut = top_fraction(np.array([np.nan, 0.1, np.nan, 0.7]), 0.75)  # round(3) = 3 > 2
+    assert keep.tolist() == [False, True, False, True] and cut == 0.1

@@ -39,6 +39,18 @@ def test_keep_top_keeps_the_highest_scores_ties_in_pool_order():
     assert d.reasons[0] == "s is not a number"
 
 
+def test_keep_top_drops_nan_even_when_the_fraction_reaches_past_the_finite_scores():
+    """Guards NaN scores being cut from ``keep_top`` when ``round(f * n)`` exceeds the finite
+    scores: keep_top 1.0 of [0.5, NaN, 0.25] keeps the two numbers and reports cut 0.25, not a
+    NaN pair and a NaN threshold."""
+    d = keep_by_score(np.array([0.5, np.nan, 0.25]), keep_top=1.0, threshold=None, label="s")
+    assert d.keep.tolist() == [True, False, True]
+    assert d.threshold == 0.25 and d.report["kept"] == 2
+    assert d.reasons == [None, "s is not a number", None]
+    d = keep_by_score(np.array([np.nan, np.nan]), keep_top=1.0, threshold=None, label="s")
+    assert not d.keep.any() and d.threshold is None
+
+
 def test_threshold_keeps_scores_at_or_above_it_and_drops_nan():
     d = keep_by_score(np.array([0.25, 0.2499, np.nan, 1.0]), None, 0.25, "dfn score",
                       report={"x": 1})

@@ -202,3 +202,12 @@ def test_sizes_and_bad_input():
     rows[1] = np.nan
     with pytest.raises(DataError, match="row 1"):
         semantic_duplicates(rows)
+
+
+def test_compare_earlier_names_the_first_of_equally_similar_earlier_rows():
+    """Guards the tie rule of ``compare="earlier"`` (the reference's argmax, first maximum):
+    of three identical rows, row 2 is equally similar to rows 0 and 1 and names row 0."""
+    result = semantic_duplicates(np.ones((3, 4), dtype=np.float32), n_clusters=1,
+                                 compare="earlier")
+    assert result.keep.tolist() == [True, False, False]
+    assert result.duplicate_of.tolist() == [-1, 0, 0]

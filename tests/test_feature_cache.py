@@ -151,3 +151,26 @@ def test_the_images_key_is_hashed_without_a_copy_of_the_set():
     want = hashlib.sha256(str(tuple(images.shape)).encode())
     want.update(images.numpy().tobytes())
     assert key == want.hexdigest()[:16]  # the same key as before: persisted caches still hit
+
+
+def test_a_change_in_the_vision_tower_body_invalidates(monkeypatch):
+    """Guards the key hashing every ``vision_model.*`` weight, not only the projection: a
+    fine-tuned image tower with an unchanged projection must not be served stale features."""
+    calls = count_encodes(monkeypatch)
+    cache, model, images = FeatureCache(), _model(), _images()
+    first = cache.features(model, images, progress=False)
+    g = torch.Generator().manual_seed(0)
+    body = model.model.vision_model
+    with torch.no_grad():  # not a constant: a layer norm follows and would cancel it
+        body.embeddings.patch_embedding.weight.add_(
+            torch.randn(body.embeddings.patch_embedding.weight.shape, generator=g))
+    patched = cache.features(model, images, progress=False)
+    with torch.no_grad():
+        body.encoder.layers[0].mlp.fc1.weight.add_(
+            torch.randn(body.encoder.layers[0].mlp.fc1.weight.shape, generator=g))
+    layered = cache.features(model, images, progress=False)
+    assert len(calls) == 3 and cache.hits == 0 and cache.misses == 3
+    assert not torch.allclose(patched.embeddings, first.embeddings, atol=1e-4)
+    assert not torch.allclose(layered.embeddings, patched.embeddings, atol=1e-4)
+    fresh = FeatureCache().features(model, images, progress=False)
+    assert torch.equal(layered.embeddings, fresh.embeddings)

@@ -102,3 +102,14 @@ def test_few_shot_scores_each_seed_on_its_own_k_shot_sample():
                                                                                    abs=1e-9)
     assert out["ncm_1shot"]["acc1_std"] > 0.0
     assert out["linear_probe_1shot"]["acc1_std"] > 0.0
+
+
+def test_k_shot_indices_come_back_sorted():
+    """Guards the documented order (sorted, not class by class): with k at least every class's
+    size all rows are drawn, so the answer is exactly 0..5 whatever the shuffles; with k = 1
+    one row of each class, ascending."""
+    labels = torch.tensor([1, 0, 1, 0, 2, 2])
+    assert sample_k_shot(labels, 2, seed=0).tolist() == [0, 1, 2, 3, 4, 5]
+    for seed in range(5):
+        idx = sample_k_shot(labels, 1, seed=seed).tolist()
+        assert idx == sorted(idx) and sorted(labels[idx].tolist()) == [0, 1, 2]

@@ -124,3 +124,70 @@ def test_the_probe_fits_show_progress(capsys):
     assert shown == quiet
     linear_probe(x[:90], y[:90], x[90:], y[90:], l2=0.01, progress=True)
     assert "0/1 [" in capsys.readouterr().err
+
+
+def test_the_validation_split_is_disjoint_and_covers_every_row():
+    """Guards the split's validation rows leaking into the fits it chooses between: the two
+    parts must not overlap and together hold each row once."""
+    from cliplab.evaluate.linear_probe import validation_split
+
+    for n, fraction, n_val in ((10, 0.2, 2), (3, 0.2, 1), (7, 0.5, 3)):
+        train, val = validation_split(n, fraction, seed=0)
+        assert len(val) == n_val and len(train) == n - n_val
+        assert not set(train.tolist()) & set(val.tolist())
+        assert sorted(train.tolist() + val.tolist()) == list(range(n))
+
+
+def _noisy_pairs():
+    """10 noisy 2-d samples of 2 classes (standardised by hand) and 200 clean test samples."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 2, generator=g)
+    y = (x[:, 0] + 0.8 * torch.randn(10, generator=g) > 0).long()
+    xt = torch.randn(200, 2, generator=g)
+    return x, y, xt, (xt[:, 0] > 0).long()
+
+
+def test_l2_choice_matches_a_brute_force_on_a_split_drawn_by_hand():
+    """Guards the choice being scored on held-out rows: a search whose validation rows are
+    also fitted prefers the weakest penalty (0.01 here, where held-out rows pick 1.0)."""
+    from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, choose_l2
+
+    x, y, _, _ = _noisy_pairs()
+    x = (x - x.mean(0)) / x.std(0)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    train, val = perm[2:], perm[:2]  # the documented split: a seeded permutation, 20 % held out
+
+    def brute(fit_rows, score_rows):
+        acc = {}
+        for l2 in DEFAULT_L2_GRID:
+            w, b = fit_logistic(x[fit_rows], y[fit_rows], 2, l2, max_iter=500)
+            acc[l2] = ((x[score_rows] @ w + b).argmax(1) == y[score_rows]).float().mean().item()
+        return max(DEFAULT_L2_GRID, key=lambda l2: (acc[l2], l2))
+
+    expected = brute(train, val)
+    assert expected == 1.0 and brute(perm, val) != expected  # the case tells a leak apart
+    assert choose_l2(x, y, 2, DEFAULT_L2_GRID)[0] == expected
+
+
+def test_automatic_l2_refits_on_all_training_rows(monkeypatch):
+    """Guards the documented final refit: with ``l2=None`` the returned probe is fitted on all
+    training rows at the chosen strength, not the 80 % split's fit."""
+    import cliplab.evaluate.linear_probe as lp
+
+    x, y, xt, yt = _noisy_pairs()
+    calls = []
+    real = lp.fit_logistic
+
+    def spy(x, y, num_classes, l2, *args, **kwargs):
+        calls.append((len(y), l2))
+        return real(x, y, num_classes, l2, *args, **kwargs)
+
+    monkeypatch.setattr(lp, "fit_logistic", spy)
+    m = linear_probe(x, y, xt, yt)
+    assert m["l2"] == 1.0 and calls[-1] == (10, 1.0)
+    assert all(rows == 8 for rows, _ in calls[:-1])
+    # and its accuracy is that of an independent fit on all ten rows
+    mean, std = x.mean(0), x.std(0)
+    w, b = real((x - mean) / std, y, 2, 1.0, max_iter=500)
+    want = (((xt - mean) / std @ w + b).argmax(1) == yt).float().mean().item()
+    assert m["acc1"] == pytest.approx(want)

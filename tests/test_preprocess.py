@@ -115,3 +115,58 @@ def test_rotate_deg_is_in_degrees():
     turn = AugmentConfig(scale=(1.0, 1.0), translate=0.0, rotate_deg=1.0, hflip=False)
     out = random_affine(x, turn, torch.Generator().manual_seed(0))
     assert (out - x)[..., 2:-2, 2:-2].abs().max() < 0.012
+
+
+def test_shortest_resize_truncates_the_long_side_as_torchvision():
+    """Guards one-pixel parity with torchvision's ``Resize(size)`` (OpenCLIP) and transformers'
+    ``shortest_edge``: the long side is truncated, 224 * 640 / 480 = 298.67 gives 298, not 299."""
+    from cliplab.models.preprocess import keep_ratio_size
+
+    assert keep_ratio_size(480, 640, 224, "shortest") == (224, 298)
+    assert keep_ratio_size(640, 480, 224, "shortest") == (298, 224)
+    assert keep_ratio_size(3, 4, 2, "shortest") == (2, 2)  # 2.67 -> 2
+    # so a 3 x 4 image to 2 is resized to 2 x 2 whole (no crop), not to 2 x 3 and cropped
+    from cliplab.models.preprocess import resize_like_pil
+
+    x = torch.rand(1, 3, 3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(resize_center_crop(x, 2), resize_like_pil(x, (2, 2), "bilinear"))
+
+
+def test_centre_crop_rounds_its_offset_down():
+    """Guards the crop offset of transformers' centre crop: an odd surplus of one pixel leaves
+    the extra column (row) on the right (bottom), so a 4 x 5 ramp keeps columns 0-3, not 1-4."""
+    cols = torch.arange(5.0).view(1, 1, 1, 5).expand(1, 1, 4, 5).contiguous()
+    out = resize_center_crop(cols, 4)
+    assert out.shape == (1, 1, 4, 4)
+    assert out[0, 0].tolist() == [[0.0, 1.0, 2.0, 3.0]] * 4
+    rows = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 4).contiguous()
+    assert resize_center_crop(rows, 4)[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    # a surplus of three: offset 1 (3 // 2), columns 1-4 of 0-6
+    wide = torch.arange(7.0).view(1, 1, 1, 7).expand(1, 1, 4, 7).contiguous()
+    assert resize_center_crop(wide, 4)[0, 0, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_long_strip_is_cut_alike_from_both_ends():
+    """Guards `enlarged_span` evening out the cut: of a 1 x 19 strip enlarged to 4 the central
+    17 columns (16 * 1, plus one so 19 - 17 splits evenly) are kept, 1 from each end."""
+    from cliplab.models.preprocess import MAX_ENLARGED_ASPECT, enlarged_span
+
+    assert MAX_ENLARGED_ASPECT == 16
+    assert enlarged_span(1, 19, 4) == (slice(None), slice(1, 18))
+    assert enlarged_span(19, 1, 4) == (slice(1, 18), slice(None))
+    assert enlarged_span(1, 20, 4) == (slice(None), slice(2, 18))  # even surplus: 16 kept
+    assert enlarged_span(1, 16, 4) == (slice(None), slice(None))  # short enough: whole
+
+
+def test_augmentation_fill_is_the_top_left_colour():
+    """Guards which corner names the background: an image white at the top left and black at
+    the bottom right, zoomed out to half size, is filled white all round (the top-left pixel's
+    colour), not black."""
+    pre = ImagePreprocessor(PreprocessConfig(image_size=16))
+    img = torch.zeros((1, 16, 16, 3), dtype=torch.uint8)
+    img[:, :8, :8] = 255
+    shrink = AugmentConfig(scale=(0.5, 0.5), translate=0.0, rotate_deg=0.0, hflip=False)
+    out = pre(img, train=True, generator=torch.Generator().manual_seed(0), augment=shrink)
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        torch.testing.assert_close(out[0, :, corner[0], corner[1]], white)

@@ -127,6 +127,15 @@ def test_thumbnails_are_small_and_in_a_format_every_browser_shows(photos):
         assert response.status_code == 422 and response.json()["error"] == words
 
 
+def test_thumbnail_steps_are_the_power_of_two_at_or_above_the_size():
+    """Guards an exact power of two being its own step (64 -> 64, not 128): a larger step would
+    make the thumbnail by resampling twice and cost another decode and cache entry."""
+    from cliplab.serve.search_service import thumbnail_step
+
+    sizes = (1, 63, 64, 65, 128, 129, 256, 512, 600)
+    assert [thumbnail_step(s) for s in sizes] == [64, 64, 64, 128, 128, 256, 256, 512, 512]
+
+
 def test_a_thumbnail_follows_its_file(photos, tmp_path):
     """Revalidated by ETag (304 while the file is the same); a file replaced since gets a new
     thumbnail, a file gone a 404 naming the id."""

@@ -135,3 +135,13 @@ def test_describe_names_the_query_sets_and_reads_older_indexes():
                                      "image queries, 0.970 on object-name queries)")
     del record["faiss"]["recalls"]  # built before text queries were tuned on
     assert describe(record).endswith("nprobe=4 (recall@10 0.970 on held-out queries)")
+
+
+def test_recall_at_k_reads_only_the_first_k_found():
+    """Guards the recall being of the returned top-k: ids found past the k-th position (a
+    deeper search) neither count as found nor dilute the fraction. Query 0 finds 1 of its
+    true 2 in its first two, query 1 both: (1/2 + 2/2) / 2 = 0.75."""
+    found = np.array([[5, 9, 7, 8], [2, 1, 9, 9]])
+    truth = np.array([[5, 7], [1, 2]])
+    assert faiss_index.recall_at_k(found, truth) == 0.75
+    assert faiss_index.recall_at_k(found[:, :2], truth) == 0.75

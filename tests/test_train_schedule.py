@@ -56,3 +56,13 @@ def test_build_scheduler_follows_warmup_cosine_step_by_step():
     expected = [2e-3 * HAND[s] if s in HAND else None for s in range(11)]
     assert [r for r, e in zip(rates, expected) if e is not None] == pytest.approx(
         [e for e in expected if e is not None], rel=1e-12)
+
+
+def test_a_warm_up_as_long_as_the_run_is_not_warned_about():
+    """Guards the warning's boundary: a warm-up of exactly the run's length reaches the full
+    rate at the last step ((9 + 1) / 10), so only a longer one warns."""
+    from cliplab.train.schedule import warmup_warning
+
+    assert warmup_warning(10, 10) is None
+    assert warmup_warning(9, 10) is None
+    assert "peaks at 91% of it" in warmup_warning(11, 10)  # 10 / 11
