@@ -105,6 +105,20 @@ def test_disk_cache_survives_a_new_instance(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_hit_on_disk_marks_its_file_used(tmp_path):
+    """The cache is never pruned: a hit sets its file's modification time, so the files a
+    month unused are those `find DIR -mtime +30` lists (README), not every file written then."""
+    import os
+
+    model, images = _model(), _images()
+    FeatureCache(tmp_path).features(model, images, progress=False)
+    (file,) = tmp_path.glob("*.safetensors")
+    month_ago = file.stat().st_mtime - 31 * 86400
+    os.utime(file, (month_ago, month_ago))
+    FeatureCache(tmp_path).features(model, images, progress=False)
+    assert file.stat().st_mtime > month_ago + 30 * 86400
+
+
 def test_a_probe_on_disk_serves_plain_requests_only(tmp_path, monkeypatch):
     calls = count_encodes(monkeypatch)
     model, images = _model(), _images()

@@ -9,6 +9,7 @@ safetensors files. ``FeatureCache.texts`` is the text-embedding cache the same t
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class FeatureCache:
                 tensors = read_entry(file)
                 if tensors is None:
                     continue
+                mark_used(file)
                 kind = file.stem.rsplit("-", 1)[1]
                 probe_kind = None if kind == "plain" else kind.rstrip("0123456789")
                 feats = ImageFeatures(tensors["embeddings"], tensors["backbone"],
@@ -121,6 +123,15 @@ def check_cache_folder(folder: Path) -> None:
                 raise ConfigError(f"feature cache folder {folder} {what}; give a folder (made "
                                   "if missing)")
             return
+
+
+def mark_used(file: Path) -> None:
+    """Set a cache file's modification time to now: a folder's entries unused for a month are
+    then the ones ``find DIR -mtime +30`` lists (the cache itself never prunes)."""
+    try:
+        os.utime(file)
+    except OSError:  # a read-only cache folder still serves its entries
+        pass
 
 
 def read_entry(file: Path) -> dict[str, torch.Tensor] | None:
