@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if record.get("already_indexed"):
         print(f"{record['already_indexed']} item(s) of the collection were in the index "
-              "already (not added again)")
+              "already (not added again, nor read: rebuild the index to take files changed "
+              "since)")
     skipped = record["skipped_now"]  # this run's: an --add's index also holds earlier ones
     if skipped:
         from cliplab.data.types import counts_text
