@@ -233,7 +233,7 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
                      "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
         captured = capsys.readouterr()
         assert "6 items (2 skipped)" in captured.out
-        assert "6 item(s) of the collection were in the index already (not added again)" \
+        assert "6 item(s) of the collection were in the index already (not added again, nor read" \
             in captured.out
         assert "skipped" not in captured.err  # the index's earlier skips are not this run's
     record = json.loads((tmp_path / "idx" / "index.json").read_text())
