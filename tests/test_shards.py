@@ -149,6 +149,34 @@ def test_every_sample_exactly_once_across_2_ranks_x_2_workers(shard_dir):
         assert sum(per_rank) == 53 and min(per_rank) > 0
 
 
+def test_a_shard_replaced_since_it_was_listed_is_counted_not_taken_from_the_index(
+        shard_dir, tmp_path):
+    """index.json's count was trusted for a tar replaced since by one of more samples: a
+    streamed epoch read 48 of 80 samples, silently. The listed size tells it apart: a whole
+    tar of another size is counted (with a warning); the listed one, and a set written before
+    sizes were kept, take index.json's count without opening the tar."""
+    import shutil
+
+    from cliplab.data.shards.layout import shard_sample_counts
+
+    folder = shutil.copytree(shard_dir, tmp_path / "set")
+    index = json.loads((folder / "index.json").read_text())
+    assert [s["bytes"] for s in index["shards"]] == \
+        [(folder / s["name"]).stat().st_size for s in index["shards"]]
+    tars = sorted(folder.glob("*.tar"))
+    assert shard_sample_counts(tars) == [6] * 8 + [5]
+    whole = tmp_path / "one"  # all 53 samples in one tar, put in 00000.tar's place
+    write_shards(load_source({"source": "shards", "path": str(shard_dir)}), whole,
+                 samples_per_shard=100, image_format="png", progress=False)
+    shutil.copy(whole / "00000.tar", folder / "00000.tar")
+    with pytest.warns(UserWarning, match=r"00000.tar: not the shard index.json lists"):
+        assert shard_sample_counts(tars) == [53] + [6] * 7 + [5]
+    for shard in index["shards"]:
+        del shard["bytes"]  # as sets written before the sizes were kept
+    (folder / "index.json").write_text(json.dumps(index))
+    assert shard_sample_counts(tars) == [6] * 8 + [5]
+
+
 def test_shard_split_is_a_partition_and_counts_match(shard_dir):
     stream = ShardStream(shard_dir, seed=1, rank=0, world_size=3)
     for workers in (1, 2, 4):

@@ -49,7 +49,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 class ShardSink:
     """A WebDataset ``ShardWriter`` in this layout: shards named ``SHARD_PATTERN`` in ``out``, a
     stats file beside each as it closes (``count``, ``successes`` and ``stats``), and ``shards``,
-    the ``{name, count}`` list the index holds; `write_index` writes the set's index and stats
+    the ``{name, count, bytes}`` list the index holds; `write_index` writes the set's index and stats
     once the writer is closed. Use as a context manager."""
 
     def __init__(self, out: Path, samples_per_shard: int, stats: dict | None = None):
@@ -63,7 +63,8 @@ class ShardSink:
 
     def _finished(self, fname: str) -> None:  # ShardWriter calls this as each shard closes
         name, count = Path(fname).name, self._writer.count
-        self.shards.append({"name": name, "count": count})
+        # its size too: a tar replaced since (another count) is told apart from the one listed
+        self.shards.append({"name": name, "count": count, "bytes": Path(fname).stat().st_size})
         write_json(self.out / shard_stats_name(name),
                    {"count": count, "successes": count, **self._stats})
 
