@@ -112,6 +112,26 @@ def test_start_ray_reaches_the_address_or_starts_a_local_instance_of_workers_cpu
     assert started.inits == []
 
 
+def test_start_ray_keeps_cliplabs_sigterm_handler(monkeypatch):
+    """ray.init puts its own SIGTERM handler in place (checked against real Ray: its
+    ``init.<locals>.sigterm_handler``): a kill then aborted a curate run with SIGABRT, not
+    the "cliplab: terminated" every other command says. The handler before it is put back."""
+    import signal
+
+    def ours(signum, frame):
+        pass
+
+    ray = FakeRay()
+    ray.init = lambda **options: signal.signal(signal.SIGTERM, lambda s, f: None)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        start_ray(None, 1)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_an_address_nothing_answers_at_is_refused_at_once(monkeypatch, listening):
     """Ray retried its connection for minutes without a word (curate seemed to hang)."""
     ray = FakeRay()

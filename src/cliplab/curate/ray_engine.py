@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,8 +34,13 @@ def start_ray(address: str | None, workers: int) -> None:
         if address:
             check_reachable(address)
         options = {"address": address} if address else {"num_cpus": workers}
+        # Ray puts its own SIGTERM handler in place (a kill then aborted the run with SIGABRT):
+        # cliplab's is put back, so a kill unwinds as Ctrl-C does and says "terminated"
+        ours = signal.getsignal(signal.SIGTERM)
         ray.init(**options, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        if ours is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
