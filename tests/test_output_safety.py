@@ -739,6 +739,35 @@ def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
     assert list(locks.iterdir()) == []
 
 
+def test_a_hold_released_sweeps_the_lock_files_of_killed_runs(tmp_path, monkeypatch):
+    """A run killed with SIGKILL cannot remove its lock file: 3,062 had piled up on a busy
+    machine. A run ending removes those no process holds (locked first, as its own); a lock
+    another run holds stays, and that run still holds its output."""
+    import fcntl
+    import os
+    import tempfile
+
+    from cliplab.output_folder import hold, holding_outputs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700)
+    for i in range(5):  # left by killed runs
+        (locks / f"{i:024d}.lock").write_text("pid 1")
+    alive = open(locks / "alive-run.lock", "w")  # another run's, held
+    fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (locks / "not-a-lock.txt").write_text("kept")
+    with holding_outputs():
+        hold(tmp_path / "out")
+    assert sorted(p.name for p in locks.iterdir()) == ["alive-run.lock", "not-a-lock.txt"]
+    other = open(locks / "alive-run.lock")
+    with pytest.raises(BlockingIOError):  # still the file the other run holds
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.close()
+    alive.close()
+
+
 def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, tmp_path,
                                                           monkeypatch, capsys):
     """merge, export, convert, curate and index build beside --out and rename: an empty,

@@ -254,6 +254,35 @@ def holding_outputs() -> Iterator[None]:
                 with contextlib.suppress(OSError):
                     os.unlink(lock_path)
             handle.close()  # closing the file releases its lock
+        if held:
+            remove_stale_locks(next(iter(held.values()))[1].parent)
+
+
+def remove_stale_locks(locks: Path, limit: int = 256) -> int:
+    """Remove up to ``limit`` lock files of ``locks`` that no process holds: those of runs
+    killed with SIGKILL, which had no chance to remove theirs (thousands piled up on a busy
+    machine). Each is locked before it is removed, as a run removes its own, so a run that
+    opened it meanwhile finds it gone and makes a new one. Returns how many went."""
+    removed = 0
+    try:
+        names = [entry.name for entry in os.scandir(locks) if entry.name.endswith(".lock")]
+    except OSError:
+        return 0
+    for name in names[:limit]:
+        try:
+            fd = os.open(locks / name, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "r+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a run is writing that output
+                continue
+            if _still_named(handle, locks / name):
+                with contextlib.suppress(OSError):
+                    os.unlink(locks / name)
+                    removed += 1
+    return removed
 
 
 def _lock_file(name: str) -> tuple[Any, Path] | None:
