@@ -201,12 +201,12 @@ def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str
         saved = recorded["request"]
         # its steps' cached scores came from the models as they were then
         changed = _model_changed(recorded.get("step_models", step_models), step_models)
+        read = any((work / "cache" / "pool").glob("*.json"))
         if saved == request and changed is None:
-            if any((work / "cache" / "pool").glob("*.json")):  # as pretrain says it resumed
+            if read:  # as pretrain says it resumed
                 print(f"curate: resuming the stopped run in {work} (what it finished is kept)",
                       file=sys.stderr)
             return
-        read = any((work / "cache" / "pool").glob("*.json"))
         if saved == request and read and not overwrite:
             raise ConfigError(f"{work} is a stopped run whose {changed} since it stopped: its "
                               "scores would mix two models; pass --overwrite to start over")

@@ -141,18 +141,19 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
             faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))
-    differs = model_difference(existing, model) if existing else None
+    fingerprint, towers = model_fingerprint(model), embedding_fingerprints(model)
+    differs = model_difference(existing, fingerprint, towers) if existing else None
     if differs:
         raise ConfigError(f"--add: {out} was built with model {existing['model']['name']} "
                           f"({existing['fingerprint'][:19]}); this one has {differs}: add with "
                           "that model, or rebuild the index")
-    # an index from before towers were recorded: what embedded it is not known to be these
-    towers = embedding_fingerprints(model) if not existing or existing.get("towers") else None
+    if existing and not existing.get("towers"):  # an index from before towers were kept:
+        towers = None                            # what embedded it is not known to be these
     # index_type, recall and max_memory_gb shape only the finishing step: not part of the
     # request, so a run that failed there is finished with another index type
-    request = {"model": _model_record(cfg), "fingerprint": model_fingerprint(model),
-               "towers": towers, "data": spec, "add": cfg.add, "backend": cfg.backend,
-               "uri": cfg.uri, "collection": cfg.collection}
+    request = {"model": _model_record(cfg), "fingerprint": fingerprint, "towers": towers,
+               "data": spec, "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
+               "collection": cfg.collection}
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():

@@ -83,7 +83,7 @@ class SearchIndex:
     def check_model(self, model) -> None:
         """Refuse a model that does not embed as the one the index was built with: other
         weights or, same weights, other preprocessing, tokenizer or tower settings."""
-        differs = model_difference(self.record, model)
+        differs = embeds_otherwise(self.record, model)
         if differs:
             raise ModelError(f"{self.path} was built with model {self.record['model']['name']} "
                              f"({self.fingerprint[:19]}...); the given model has {differs}: "
@@ -125,21 +125,25 @@ class SearchIndex:
         self.vectors = self._faiss = None
 
 
-def model_difference(record: dict, model) -> str | None:
-    """How ``model`` would embed otherwise than the model of the index ``record`` (e.g. "other
-    weights"), or None when it embeds alike. An index written before towers were recorded is
-    checked by the weights alone."""
-    found = model_fingerprint(model)
-    if found != record["fingerprint"]:
-        return f"other weights ({found[:19]}...)"
+def model_difference(record: dict, fingerprint: str, towers: dict[str, str]) -> str | None:
+    """How a model of weights ``fingerprint`` and `embedding_fingerprints` ``towers`` would
+    embed otherwise than the model of the index ``record`` (e.g. "other weights"), or None
+    when it embeds alike. An index written before towers were recorded is checked by the
+    weights alone."""
+    if fingerprint != record["fingerprint"]:
+        return f"other weights ({fingerprint[:19]}...)"
     recorded = record.get("towers")
     if not recorded:
         return None
-    towers = embedding_fingerprints(model)
     what = {"image": "image preprocessing or vision settings",
             "text": "tokenizer, text pooling or text settings"}
     changed = [what[t] for t in ("image", "text") if recorded.get(t) != towers[t]]
     return f"the same weights but other {' and '.join(changed)}" if changed else None
+
+
+def embeds_otherwise(record: dict, model) -> str | None:
+    """`model_difference` of a loaded model against the index ``record``."""
+    return model_difference(record, model_fingerprint(model), embedding_fingerprints(model))
 
 
 def _complete_record(path: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.image_files import release_large_images_at_once
-from cliplab.serve.index import SearchIndex, image_only_tuning, model_difference
+from cliplab.serve.index import SearchIndex, embeds_otherwise, image_only_tuning
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
 
@@ -44,7 +44,7 @@ def _recorded_model(index: SearchIndex, device: str):
         raise ModelError(f"{index.path} was built with model {name}, which is gone; pass --model "
                          "with that model (a copy with the same weights)")
     loaded = load_model(index.record["model"], device)
-    differs = model_difference(index.record, loaded)
+    differs = embeds_otherwise(index.record, loaded)
     if differs:
         raise ModelError(f"{index.path} was built with model {name}, which now has {differs} "
                          "(a newer checkpoint? a changed folder?); pass --model with the model "
