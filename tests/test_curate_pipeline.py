@@ -701,8 +701,8 @@ def test_a_stopped_run_whose_step_model_changed_is_refused_not_resumed(tmp_path,
     stamp = (model / "config.json").stat()
     os.utime(model / "config.json", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     with pytest.raises(ConfigError, match=rf"stopped run whose steps\[0\]\.model \({model}\) has "
-                       "files changed since it stopped: its scores would mix two models; pass "
-                       "--overwrite"):
+                       "files rewritten, replaced or re-permissioned since it stopped: its scores "
+                       "would mix two models; pass --overwrite"):
         run_curation(cfg, tmp_path / "out", progress=False)
     Bright.calls.clear()
     assert run_curation(cfg, tmp_path / "out", progress=False, overwrite=True)["pool"] == 10
@@ -716,7 +716,7 @@ def test_a_stopped_run_whose_step_model_changed_is_refused_not_resumed(tmp_path,
     assert other.stat().st_size == stamp.st_size
     weights.write_bytes(other.read_bytes())
     os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    with pytest.raises(ConfigError, match=r"has files changed since it stopped"):
+    with pytest.raises(ConfigError, match=r"has files rewritten, replaced or re-permissioned"):
         run_curation(cfg, tmp_path / "again", progress=False)
 
     cfg = stopped(tmp_path / "untouched", str(model))

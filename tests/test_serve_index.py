@@ -326,9 +326,12 @@ def test_add_and_search_refuse_a_model_that_embeds_otherwise(model_dir, tmp_path
     eps = _edited_copy(model_dir, tmp_path / "eps", "config.json",
                        lambda c: c["text_config"].update(layer_norm_eps=0.5))
     for folder, differs in [(other, "other weights"),
-                            (mean, "the same weights but other image preprocessing"),
-                            (act, "the same weights but other image preprocessing or vision"),
-                            (eps, "the same weights but other tokenizer, text pooling or text")]:
+                            (mean, r"the same weights but another image preprocessing mean "
+                                   r"\(\[0.5, 0.5, 0.5\] then, \[0.2, 0.2, 0.2\] now\)"),
+                            (act, r"the same weights but another image tower setting hidden_act "
+                                  r"\(\"quick_gelu\" then, \"gelu\" now\)"),
+                            (eps, r"the same weights but another text tower setting "
+                                  r"layer_norm_eps \(1e-05 then, 0.5 now\)")]:
         with pytest.raises(ConfigError, match=f"built with model .*; this one has {differs}"):
             build(folder, SHAPES, tmp_path / "idx", add=True)
         with pytest.raises(ModelError, match=f"the given model has {differs}"):
@@ -337,12 +340,15 @@ def test_add_and_search_refuse_a_model_that_embeds_otherwise(model_dir, tmp_path
     # a recorded model folder changed in place since: serve asks for --model
     shutil.rmtree(model_dir)
     shutil.copytree(act, model_dir)
-    with pytest.raises(ModelError, match="now has the same weights but other image.*pass --model"):
+    with pytest.raises(ModelError, match="now has the same weights but another image tower "
+                       "setting hidden_act.*pass --model"):
         open_app(str(tmp_path / "idx"))
 
 
-def test_an_index_without_recorded_towers_is_checked_by_its_weights(model_dir, tmp_path):
-    """Indexes written before the towers were recorded still open and take `--add`, by weights."""
+def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, tmp_path,
+                                                                      capsys):
+    """Indexes written before the identity was kept still open and take `--add`, by weights,
+    and the --add says so; a record of another version (a later cliplab's) reads as none."""
     build(model_dir, SHAPES, tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text())
     del record["towers"]
@@ -350,8 +356,29 @@ def test_an_index_without_recorded_towers_is_checked_by_its_weights(model_dir, t
     mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
                         lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(mean))
+    capsys.readouterr()
     added = build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx", add=True)
     assert added["count"] == 2 * SHAPES["n"] and added["towers"] is None
+    assert "only the weights were checked" in capsys.readouterr().err
+    build(model_dir, SHAPES, tmp_path / "new")
+    record = json.loads((tmp_path / "new" / "index.json").read_text())
+    record["towers"]["version"] = 99
+    (tmp_path / "new" / "index.json").write_text(json.dumps(record))
+    SearchIndex(tmp_path / "new").check_model(DualEncoder.load(mean))
+
+
+def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path):
+    """The identity's settings are compared on the keys both hold: a transformers version
+    that adds a generic config key (or an index that lacks one) does not refuse the model the
+    index was built with, though its fingerprints differ."""
+    build(model_dir, SHAPES, tmp_path / "idx")
+    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record["towers"]["text"]["settings"]["added_by_a_new_library"] = True
+    record["towers"]["text"]["fingerprint"] = "0" * 16
+    del record["towers"]["image"]["settings"]["num_channels"]
+    record["towers"]["image"]["fingerprint"] = "1" * 16
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(model_dir))
 
 
 @pytest.mark.parametrize("damage, message", [

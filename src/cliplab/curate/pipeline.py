@@ -236,7 +236,7 @@ def _model_changed(then: dict[str, dict], now: dict[str, dict]) -> str | None:
             continue
         if before["path"] != model["path"]:
             return f"{step}.model now resolves to {model['path']}, not {before['path']},"
-        return f"{step}.model ({model['path']}) has files changed"
+        return f"{step}.model ({model['path']}) has files rewritten, replaced or re-permissioned"
     return None
 
 

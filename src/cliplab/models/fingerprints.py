@@ -44,63 +44,111 @@ def tower_settings(model: DualEncoder, tower: str) -> dict[str, Any]:
     return settings
 
 
-def _tower_hash(model: DualEncoder, tower: str) -> hashlib._Hash:
+def tower_identity(model: DualEncoder, tower: str) -> dict[str, Any]:
+    """What ``tower`` ("image" or "text") embeds with besides its weights, in the open (an
+    index keeps it to say which of them differs): its ``settings`` and, for the image tower,
+    its ``preprocess``ing; for the text tower its ``tokenizer`` (`tokenizer_digest`),
+    ``pooling`` and ``context_length``. Empty for an ONNX export (its files are its weights)."""
+    if hasattr(model, "tower_fingerprint"):
+        return {}
+    identity: dict[str, Any] = {"settings": tower_settings(model, tower)}
+    if tower == "image":
+        pre = model.preprocess_config.to_dict()
+        pre.pop("augment", None)  # train-time only
+        pre["resize_version"] = RESIZE_VERSION  # features cached before resizing changed differ
+        identity["preprocess"] = pre
+    else:
+        identity.update(tokenizer=tokenizer_digest(model), pooling=model.text_pooling,
+                        context_length=model.context_length)
+    return identity
+
+
+def _tower_fingerprint(model: DualEncoder, tower: str) -> str:
+    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its files
+        return model.tower_fingerprint(tower)
     h = hashlib.sha256()
     for name, tensor in sorted(model.model.state_dict().items()):
         if name.startswith(_TOWERS[tower][1]):
             h.update(name.encode())
             h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps([model.kind, tower_settings(model, tower)], sort_keys=True,
+            h.update(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+    h.update(json.dumps([model.kind, tower_identity(model, tower)], sort_keys=True,
                         default=str).encode())
-    return h
+    return h.hexdigest()[:16]
 
 
 def image_tower_fingerprint(model: DualEncoder) -> str:
     """Hash of everything image embeddings depend on: the vision tower and projection weights,
     their settings and the preprocessing (size, normalisation, resize)."""
-    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
-        return model.tower_fingerprint("image")
-    h = _tower_hash(model, "image")
-    pre = model.preprocess_config.to_dict()
-    pre.pop("augment", None)  # train-time only
-    pre["resize_version"] = RESIZE_VERSION  # features cached before resizing changed differ
-    h.update(json.dumps(pre, sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    return _tower_fingerprint(model, "image")
 
 
 def text_tower_fingerprint(model: DualEncoder) -> str:
     """Hash of everything text embeddings depend on: the text tower and projection weights,
-    their settings, the tokenizer (`tokenizer_settings`), the pooling and the context
-    length."""
-    if hasattr(model, "tower_fingerprint"):  # an ONNX export: its graph file
-        return model.tower_fingerprint("text")
-    h = _tower_hash(model, "text")
-    h.update(json.dumps([tokenizer_settings(model.tokenizer), model.text_pooling,
-                         model.context_length]).encode())
-    return h.hexdigest()[:16]
+    their settings, the tokenizer (`tokenizer_digest`), the pooling and the context length."""
+    return _tower_fingerprint(model, "text")
 
 
-def tokenizer_settings(tok: Any) -> list:
-    """What turns a text into token ids: a fast tokenizer's whole pipeline (normalizer — e.g.
-    the lowercasing —, pre-tokenizer, vocabulary and merges, post-processor), else the
-    vocabulary and the casing; and the special tokens."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        # without the padding and truncation of the last call (set per call; the context
-        # length is keyed on its own)
-        state = {k: v for k, v in json.loads(backend.to_str()).items()
-                 if k not in ("padding", "truncation")}
-        pipeline = json.dumps(state, sort_keys=True)
-    else:
-        vocab = sorted(tok.get_vocab().items()) if hasattr(tok, "get_vocab") else []
-        pipeline = json.dumps([vocab, getattr(tok, "do_lower_case", None)])
+# texts that tell tokenizers apart: casing, accents, punctuation, digits, long and joined
+# words, other scripts, odd spacing
+_PROBE_TEXTS = ["A Photo of a CAT.", "two dogs running on the beach, at sunset!",
+                "Crème brûlée — café au lait", "ÉCOLE 123 4.5% x2", "unbelievably-hyphenated "
+                "words_and CamelCaseNames", "一只猫 🐱 кошка", "  spaced\tout\ntext  "]
+
+
+def tokenizer_digest(model: DualEncoder) -> str:
+    """What turns a text into token ids, by what it does rather than how a library version
+    writes it down: the vocabulary, the special tokens, and the ids of `_PROBE_TEXTS` as the
+    model tokenizes them (normalizer — e.g. the lowercasing —, pre-tokenizer, merges and
+    post-processor all show there)."""
+    tok = model.tokenizer
+    vocab = sorted(tok.get_vocab().items()) if hasattr(tok, "get_vocab") else []
     special = getattr(tok, "special_tokens_map", {})
-    return [type(tok).__name__, hashlib.sha256(pipeline.encode()).hexdigest(),
-            json.dumps(special, sort_keys=True, default=str)]
+    ids = model.tokenize(_PROBE_TEXTS)["input_ids"].tolist()
+    state = json.dumps([vocab, special, ids], sort_keys=True, default=str)
+    return hashlib.sha256(state.encode()).hexdigest()[:16]
 
 
-def embedding_fingerprints(model: DualEncoder) -> dict[str, str]:
-    """``{"image": ..., "text": ...}``: the two towers' fingerprints, which together say
-    whether two models embed alike (an index is searched with the model that filled it)."""
-    return {"image": image_tower_fingerprint(model), "text": text_tower_fingerprint(model)}
+IDENTITY_VERSION = 1  # of the record `embedding_identity` gives; another is read as none
+
+
+def embedding_identity(model: DualEncoder) -> dict[str, Any]:
+    """Both towers' fingerprints with what goes into them in the open: ``{"version", "image":
+    {"fingerprint", ...}, "text": {...}}`` (`tower_identity`), what an index keeps of the model
+    that filled it."""
+    identity = {"version": IDENTITY_VERSION,
+                **{tower: {"fingerprint": _tower_fingerprint(model, tower),
+                           **tower_identity(model, tower)} for tower in ("image", "text")}}
+    return json.loads(json.dumps(identity, default=str))  # as index.json reads back: lists
+
+
+def identity_difference(then: dict, now: dict) -> str | None:
+    """What differs between two `embedding_identity` records of models of the same weights,
+    named (e.g. "image preprocessing (mean: [0.5, ...] then, [0.2, ...] now)"), or None when
+    they embed alike. A record of another version says nothing: None. Settings are compared
+    on the keys both hold (a transformers version adds or drops generic config keys)."""
+    if then.get("version") != IDENTITY_VERSION or now.get("version") != IDENTITY_VERSION:
+        return None
+    for tower in ("image", "text"):
+        a, b = then.get(tower) or {}, now.get(tower) or {}
+        if a.get("fingerprint") == b.get("fingerprint"):
+            continue
+        named = {"preprocess": "image preprocessing", "tokenizer": "tokenizer",
+                 "pooling": "text pooling", "context_length": "context length",
+                 "settings": f"{tower} tower setting"}
+        for field, what in named.items():
+            if field not in a or field not in b:
+                continue
+            if isinstance(a[field], dict):
+                keys = [k for k in a[field] if k in b[field] and a[field][k] != b[field][k]]
+                if keys:
+                    k = keys[0]
+                    return f"{what} {k} ({_brief(a[field][k])} then, {_brief(b[field][k])} now)"
+            elif a[field] != b[field]:
+                return f"{what} ({_brief(a[field])} then, {_brief(b[field])} now)"
+    return None
+
+
+def _brief(value: Any, width: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."

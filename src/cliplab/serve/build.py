@@ -37,7 +37,7 @@ from cliplab.data.types import counts_text
 from cliplab.errors import ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
-from cliplab.models.fingerprints import embedding_fingerprints
+from cliplab.models.fingerprints import embedding_identity
 from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
                                    same_folder, swap_in, write_json)
@@ -141,14 +141,18 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
             faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))
-    fingerprint, towers = model_fingerprint(model), embedding_fingerprints(model)
+    fingerprint, towers = model_fingerprint(model), embedding_identity(model)
     differs = model_difference(existing, fingerprint, towers) if existing else None
     if differs:
         raise ConfigError(f"--add: {out} was built with model {existing['model']['name']} "
                           f"({existing['fingerprint'][:19]}); this one has {differs}: add with "
                           "that model, or rebuild the index")
-    if existing and not existing.get("towers"):  # an index from before towers were kept:
-        towers = None                            # what embedded it is not known to be these
+    if existing and not (existing.get("towers") or {}).get("version"):
+        # an index from before identities were kept: what embedded it is not known to be this
+        print(f"index: {out} keeps no record of its model's preprocessing and tokenizer (an "
+              "older index): only the weights were checked; rebuild it to have them checked",
+              file=sys.stderr)
+        towers = None
     # index_type, recall and max_memory_gb shape only the finishing step: not part of the
     # request, so a run that failed there is finished with another index type
     request = {"model": _model_record(cfg), "fingerprint": fingerprint, "towers": towers,

@@ -11,7 +11,7 @@ from cliplab.serve import faiss_index
 from cliplab.output_folder import partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
                                   read_index_json)
-from cliplab.models.fingerprints import embedding_fingerprints
+from cliplab.models.fingerprints import embedding_identity, identity_difference
 from cliplab.models.folder import model_fingerprint
 from cliplab.serve.store import MetadataStore
 
@@ -125,25 +125,21 @@ class SearchIndex:
         self.vectors = self._faiss = None
 
 
-def model_difference(record: dict, fingerprint: str, towers: dict[str, str]) -> str | None:
-    """How a model of weights ``fingerprint`` and `embedding_fingerprints` ``towers`` would
-    embed otherwise than the model of the index ``record`` (e.g. "other weights"), or None
-    when it embeds alike. An index written before towers were recorded is checked by the
+def model_difference(record: dict, fingerprint: str, identity: dict) -> str | None:
+    """How a model of weights ``fingerprint`` and `embedding_identity` ``identity`` would
+    embed otherwise than the model of the index ``record``, named (e.g. "other weights"), or
+    None when it embeds alike. An index written before identities were kept is checked by the
     weights alone."""
     if fingerprint != record["fingerprint"]:
         return f"other weights ({fingerprint[:19]}...)"
     recorded = record.get("towers")
-    if not recorded:
-        return None
-    what = {"image": "image preprocessing or vision settings",
-            "text": "tokenizer, text pooling or text settings"}
-    changed = [what[t] for t in ("image", "text") if recorded.get(t) != towers[t]]
-    return f"the same weights but other {' and '.join(changed)}" if changed else None
+    differs = identity_difference(recorded, identity) if isinstance(recorded, dict) else None
+    return f"the same weights but another {differs}" if differs else None
 
 
 def embeds_otherwise(record: dict, model) -> str | None:
     """`model_difference` of a loaded model against the index ``record``."""
-    return model_difference(record, model_fingerprint(model), embedding_fingerprints(model))
+    return model_difference(record, model_fingerprint(model), embedding_identity(model))
 
 
 def _complete_record(path: Path) -> dict:

@@ -23,7 +23,7 @@ from cliplab.models.device import resolve_device
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_record
-from cliplab.models.spec import ModelField
+from cliplab.models.spec import ModelField, model_spec
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import spec_paths
 from cliplab.runs import (RESULTS_FILE, START_MODEL_FILE, RunDir, check_run_out,
@@ -261,16 +261,16 @@ def _start_model_kept(cfg: PretrainConfig, train_cfg: TrainConfig, model: Any,
     start = json.loads(record_file.read_text(encoding="utf-8"))
     if model_fingerprint(model) == start["fingerprint"]:
         return model
-    folder = start.get("model_folder")
+    folder, name = start.get("model_folder"), model_spec(start["model"]).name
     if folder and Path(folder).is_dir():
         recorded = load_model(folder)
         if model_fingerprint(recorded) == start["fingerprint"]:
             if distributed.rank() == 0:
                 print(f"cliplab: resuming with the model the run started from, {folder} "
-                      f"(model {start['model']} holds other weights now)", file=sys.stderr)
+                      f"(model {name} holds other weights now)", file=sys.stderr)
             return recorded
     where = f"{folder}, " if folder else ""
-    raise ConfigError(f"--resume: model {start['model']} holds other weights than the run "
+    raise ConfigError(f"--resume: model {name} holds other weights than the run "
                       f"started from ({where}fingerprint {start['fingerprint'][:12]}), and the "
                       f"run {' and '.join(uses)} from its start model: resumed, its next steps "
                       "would train against another model's; put those weights back, or start a "
