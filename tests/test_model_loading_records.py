@@ -206,6 +206,29 @@ def test_a_resume_that_caches_its_locked_tower_needs_the_weights_it_started_from
     assert not (stopped / "checkpoints" / "step-3").exists()
 
 
+@pytest.mark.parametrize("train", [{"hard_negatives": {"images": "neighbours"}},
+                                   {"lock_image": True}])
+def test_a_resume_that_mines_neighbours_or_caches_its_image_tower_needs_its_start(train,
+                                                                                  tmp_path):
+    """The other inputs computed once from the start model: mined hard-negative neighbours,
+    and a locked image tower's features (without augmentation): refused when the model's
+    weights changed in place; untouched, the same resume goes on."""
+    start = small_model(seed=3).save(tmp_path / "start")
+    recipe = _recipe({"name": str(start)}, tmp_path / "whole", 3)
+    recipe["train"].update(train)
+    run_pretrain(recipe, progress=False)
+    stopped = _stopped_copy(tmp_path / "whole", tmp_path / "stopped", 2)
+    small_model(seed=4).save(start)
+    what = "mines its hard-negative neighbours" if "hard_negatives" in train else \
+        "caches its locked image tower's features"
+    with pytest.raises(ConfigError, match=f"and the run {what} from its start model"):
+        run_pretrain({**recipe, "out": str(stopped)}, resume="latest", progress=False)
+    small_model(seed=3).save(start)
+    run_pretrain({**recipe, "out": str(stopped)}, resume="latest", progress=False)
+    whole, resumed = _weights(tmp_path / "whole", 3), _weights(stopped, 3)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_a_pretrain_run_from_a_preset_records_it_without_a_folder(tmp_path):
     run_pretrain(_recipe(PRESET, tmp_path / "run", 1), progress=False)
     record = json.loads((tmp_path / "run" / "start_model.json").read_text())
