@@ -459,6 +459,37 @@ def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatc
         assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
 
 
+def test_a_source_changed_while_a_run_was_stopped_reading_it_is_refused(tmp_path,
+                                                                         monkeypatch):
+    """The resume went on reading from item count x chunk_size of the listing as it is now: a
+    file added before that point was read twice, one removed made another never read. The
+    last item the stopped run read must still be where it was; an unchanged folder resumes."""
+    import cliplab.curate.pipeline as pipeline
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    real, failed = pipeline.read_item, []
+
+    def killed_once(item, number, work, readable=None):
+        if number == 4 and not failed:
+            failed.append(True)
+            raise RuntimeError("killed while reading")
+        return real(item, number, work, readable)
+
+    monkeypatch.setattr(pipeline, "read_item", killed_once)
+    cfg = config(str(folder), [{"step": "exact_dedup"}], chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed while reading"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    (folder / "img_00.png").rename(folder / "img_10.png")  # read before the stop, now later
+    work = partial_path(tmp_path / "out")
+    with pytest.raises(DataError, match=rf"{folder}: the source changed since the stopped run "
+                       r"read it \(the last of the 4 items it read was img_03.png; the source "
+                       r"now has img_04.png there\): resumed, items "
+                       rf"would be read twice or never; delete {work} to start over"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    (folder / "img_10.png").rename(folder / "img_00.png")
+    assert run_curation(cfg, tmp_path / "out", progress=False)["pool"] == 10
+
+
 @pytest.mark.slow
 def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
     ray = pytest.importorskip("ray")

@@ -274,7 +274,9 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if not done.is_file():
         size = config.chunk_size
         total, items = open_collection(config.data, progress=progress)
-        items = itertools.islice(items, count * size, None)
+        items = iter(items)
+        if count:
+            _skip_read(items, count * size, folder / f"{count - 1:06d}.json", config.data, work)
         bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
                    total=total)
         number = count * size
@@ -296,7 +298,8 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
                 else:
                     records.append(record)
             write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
-                                                      "seconds": time.perf_counter() - start})
+                                                      "seconds": time.perf_counter() - start,
+                                                      "last_key": chunk[-1].key})
             count += 1
             bar.update(len(chunk))
         bar.close()
@@ -310,6 +313,23 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if not chunks:
         raise DataError(f"the pool {config.data} holds no items")
     return chunks, dropped, seconds
+
+
+def _skip_read(items, n: int, last_chunk: Path, source: dict, work: Path) -> None:
+    """Skip the ``n`` items a stopped run read, checking that the last of them is the one its
+    last chunk ended with: files added to or removed from the source since, before that point,
+    would shift the reading on (items read twice or never)."""
+    skipped = None
+    for skipped in itertools.islice(items, n):
+        pass
+    ended = json.loads(last_chunk.read_text(encoding="utf-8")).get("last_key")
+    found = skipped.key if skipped is not None else None
+    if ended is not None and found != ended:  # None: a chunk of an older version
+        now = f"{found} there" if found is not None else f"fewer than {n} items"
+        raise DataError(f"{source.get('path') or source}: the source changed since the stopped "
+                        f"run read it (the last of the {n} items it read was {ended}; the source "
+                        f"now has {now}): resumed, items would be read twice or never; delete "
+                        f"{work} to start over")
 
 
 def _run_relative(value, work: Path):
