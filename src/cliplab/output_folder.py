@@ -273,7 +273,7 @@ def remove_stale_locks(locks: Path, limit: int = 256) -> int:
             fd = os.open(locks / name, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue
-        with os.fdopen(fd, "r+") as handle:
+        with os.fdopen(fd, "rb+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # held: a run is writing that output
