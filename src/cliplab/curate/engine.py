@@ -71,12 +71,18 @@ def stop_workers(pool: ProcessPoolExecutor, wait_s: float = 10.0) -> None:
     if terminate is not None:
         terminate()
         return
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle
+    # no public handle: the pool's table of worker processes, read once shutdown has stopped
+    # new work (shutdown drops the pool's own reference to it)
+    table = getattr(pool, "_processes", None) or {}
     pool.shutdown(wait=False, cancel_futures=True)
+    processes = list(table.values())
     for process in processes:
         process.terminate()
     for process in processes:
         process.join(wait_s)
+        if process.is_alive():  # SIGTERM not acted on (a loaded machine, a blocked signal)
+            process.kill()
+            process.join(wait_s)
 
 
 def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
