@@ -154,7 +154,7 @@ def test_the_images_key_is_hashed_without_a_copy_of_the_set():
     import hashlib
     import tracemalloc
 
-    from cliplab.evaluate.feature_cache import images_fingerprint
+    from cliplab.data.fingerprint import images_fingerprint
 
     images = torch.randint(0, 256, (64, 64, 64, 3), dtype=torch.uint8)  # 786 KB
     tracemalloc.start()

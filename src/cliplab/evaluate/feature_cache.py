@@ -8,7 +8,6 @@ safetensors files. ``FeatureCache.texts`` is the text-embedding cache the same t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from cliplab.data.fingerprint import images_fingerprint
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
@@ -24,13 +24,6 @@ from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import image_tower_fingerprint
 from cliplab.models.preprocess import to_uint8_batch
-
-
-def images_fingerprint(images: torch.Tensor) -> str:
-    """Hash of a uint8 image tensor's shape and pixels."""
-    h = hashlib.sha256(str(tuple(images.shape)).encode())
-    h.update(memoryview(images.contiguous().numpy()))  # hashed in place: .tobytes() copied a set
-    return h.hexdigest()[:16]
 
 
 class FeatureCache:

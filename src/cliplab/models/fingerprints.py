@@ -63,17 +63,18 @@ def tower_identity(model: DualEncoder, tower: str) -> dict[str, Any]:
     return identity
 
 
-def _tower_fingerprint(model: DualEncoder, tower: str) -> str:
+def _tower_fingerprint(model: DualEncoder, tower: str, identity: dict | None = None) -> str:
+    """The tower's weights and its `tower_identity` (given, when the caller has it), hashed."""
     if hasattr(model, "tower_fingerprint"):  # an ONNX export: its files
         return model.tower_fingerprint(tower)
+    identity = tower_identity(model, tower) if identity is None else identity
     h = hashlib.sha256()
     for name, tensor in sorted(model.model.state_dict().items()):
         if name.startswith(_TOWERS[tower][1]):
             h.update(name.encode())
             h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
             h.update(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
-    h.update(json.dumps([model.kind, tower_identity(model, tower)], sort_keys=True,
-                        default=str).encode())
+    h.update(json.dumps([model.kind, identity], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -116,9 +117,10 @@ def embedding_identity(model: DualEncoder) -> dict[str, Any]:
     """Both towers' fingerprints with what goes into them in the open: ``{"version", "image":
     {"fingerprint", ...}, "text": {...}}`` (`tower_identity`), what an index keeps of the model
     that filled it."""
-    identity = {"version": IDENTITY_VERSION,
-                **{tower: {"fingerprint": _tower_fingerprint(model, tower),
-                           **tower_identity(model, tower)} for tower in ("image", "text")}}
+    identity: dict[str, Any] = {"version": IDENTITY_VERSION}
+    for tower in ("image", "text"):
+        parts = tower_identity(model, tower)
+        identity[tower] = {"fingerprint": _tower_fingerprint(model, tower, parts), **parts}
     return json.loads(json.dumps(identity, default=str))  # as index.json reads back: lists
 
 

@@ -13,12 +13,11 @@ fingerprint); ``load_state_dict`` restores it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 import torch
 
+from cliplab.data.fingerprint import set_fingerprint
 from cliplab.data.pairs import concat_pairs
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError
@@ -160,20 +159,6 @@ class MemoryInputs:
         if self._record is None:
             self._record = {"count": len(self.data), "fingerprint": set_fingerprint(self.data)}
         return self._record
-
-
-def set_fingerprint(data: ImageTextPairs | LabelledImages) -> str:
-    """SHA-256 of a set's pixels and what is drawn with them (captions, groups and partners;
-    labels and class names)."""
-    h = hashlib.sha256(str(tuple(data.images.shape)).encode())
-    h.update(memoryview(data.images.contiguous().numpy()))
-    if isinstance(data, LabelledImages):
-        extra = [data.labels.tolist(), data.classnames]
-    else:
-        extra = [data.captions, *(None if t is None else t.tolist()
-                                  for t in (data.groups, data.partners))]
-    h.update(json.dumps(extra).encode())
-    return h.hexdigest()[:32]
 
 
 class StreamInputs:

@@ -65,11 +65,15 @@ def read_index(folder: str | os.PathLike) -> dict | None:
     return index
 
 
+def _listed(folder: Path) -> dict[str, dict]:
+    """Shard name → its entry in the folder's ``index.json`` (empty without one)."""
+    index = read_index(folder) or {"shards": []}
+    return {e["name"]: e for e in index["shards"] if isinstance(e, dict) and "name" in e}
+
+
 def index_counts(folder: Path) -> dict[str, int]:
     """Shard name → sample count, as the folder's ``index.json`` lists them (empty without one)."""
-    index = read_index(folder) or {"shards": []}
-    return {e["name"]: int(e["count"]) for e in index["shards"]
-            if isinstance(e, dict) and "name" in e and "count" in e}
+    return {name: int(e["count"]) for name, e in _listed(folder).items() if "count" in e}
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -151,30 +155,22 @@ def _tar_is_whole(path: str, size: int, mtime_ns: int) -> bool:
         return False
 
 
-def index_sizes(folder: Path) -> dict[str, int]:
-    """Shard name → its size in bytes when written, as the folder's ``index.json`` lists it
-    (none in a set written before sizes were kept)."""
-    index = read_index(folder) or {"shards": []}
-    return {e["name"]: int(e["bytes"]) for e in index["shards"]
-            if isinstance(e, dict) and "name" in e and "bytes" in e}
-
-
 def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
     """Samples per shard: from each folder's ``index.json`` where it lists the shard, else
     counted. A whole tar of another size than the one listed (replaced since: its count may
     be anything) is counted, with a warning; a cut-off one keeps the listed count (its lost
     samples are counted as such where it is read)."""
-    indexes: dict[Path, tuple[dict[str, int], dict[str, int]]] = {}
+    indexes: dict[Path, dict[str, dict]] = {}
     counts = []
     for path in paths:
         if path.parent not in indexes:
-            indexes[path.parent] = index_counts(path.parent), index_sizes(path.parent)
-        listed, sizes = indexes[path.parent]
-        known, written = listed.get(path.name), sizes.get(path.name)
-        if known is not None and written is not None and path.stat().st_size != written \
-                and tar_is_whole(path):
+            indexes[path.parent] = _listed(path.parent)
+        entry = indexes[path.parent].get(path.name, {})
+        known = int(entry["count"]) if "count" in entry else None
+        written, size = entry.get("bytes"), path.stat().st_size
+        if known is not None and written is not None and size != written and tar_is_whole(path):
             warnings.warn(f"{path}: not the shard {INDEX_FILE} lists ({written} bytes when "
-                          f"written, {path.stat().st_size} now): its samples are counted")
+                          f"written, {size} now): its samples are counted")
             known = None
         counts.append(known if known is not None else count_tar_samples(path))
     return counts
