@@ -288,3 +288,16 @@ def test_first_difference_names_a_key_only_one_side_has():
     assert first_difference({}, {"a": 1}) == "a"
     assert first_difference({"v": {"x": 1}}, {"v": {}}) == "v.x"
     assert first_difference({"a": 1, "dtype": "x"}, {"a": 1}) is None  # volatile: ignored
+
+
+def test_every_method_setting_is_a_config_key_and_reaches_the_method():
+    """A method's own keys (its registry entry) are `MergeConfig` fields that `run_merge` hands
+    to `MergeInputs` by name: a key missing from either would be refused or silently dropped."""
+    import dataclasses
+
+    from cliplab.merge.config import MergeConfig
+    from cliplab.merge.methods import method_keys
+
+    inputs = {f.name for f in dataclasses.fields(MergeInputs)}
+    assert set(method_keys()) == {"weights", "scale", "density"}
+    assert set(method_keys()) <= inputs and set(method_keys()) <= set(MergeConfig.model_fields)

@@ -9,19 +9,15 @@ from cliplab.cli.arguments import add_device, add_stage_arguments, config_where,
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `cliplab merge`, its arguments and its ``--help``, to ``sub``."""
-    from cliplab.merge.methods import MERGE_METHODS
+    from cliplab.merge.methods import MERGE_METHODS, method_keys, methods_with
 
-    p = sub.add_parser("merge", help="merge fine-tuned models: soups, Model Stock, task "
-                       "arithmetic, TIES",
+    methods = "; ".join(f"{name}: {m.summary}" for name, m in MERGE_METHODS.items())
+    p = sub.add_parser("merge", help="merge fine-tuned models: " + ", ".join(MERGE_METHODS),
                        description="Merge model folders of one architecture and pretrained "
-                       "origin in weight space. uniform: mean; greedy: add ingredients by "
-                       "held-out score while it does not drop (config 'heldout'); model-stock: "
-                       "layer-wise interpolation toward --base; task-arithmetic: --base + "
-                       "scale x (model - base) summed (scale=-1 negates); ties: trim to "
-                       "'density', elect signs, disjoint mean, x scale. Writes a model folder "
-                       "plus merge.json. Config keys: method, models, base, out, weights, "
-                       "scale, density, heldout, metric and device (the held-out scoring's), "
-                       "require_origin.",
+                       f"origin in weight space. {methods}. Writes a model folder plus "
+                       "merge.json. Config keys: method, models, base, out, "
+                       f"{', '.join(method_keys())}, heldout, metric and device (the held-out "
+                       "scoring's), require_origin.",
                        epilog="example: cliplab merge --method greedy --models FT1 FT2 FT3 "
                        "--config configs/merge/greedy-soup.yaml --out runs/soup "
                        "heldout.data.limit=2000")
@@ -29,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how to merge (or the config's 'method')")
     p.add_argument("--models", nargs="+", metavar="MODEL", help="model folders to merge")
     p.add_argument("--base", metavar="MODEL", help="the pretrained model the others were "
-                   "fine-tuned from (model-stock, task-arithmetic, ties)")
+                   f"fine-tuned from ({', '.join(methods_with('needs_base'))})")
     add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
                         "heldout.data.limit=2000 scale=0.5")
     p.add_argument("--overwrite", action="store_true",

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead
+from cliplab.merge.methods import methods_with
 from cliplab.merge.state import StateDict
 
 __all__ = ["HEAD_FILE", "HEAD_KEYS", "SOUPS", "soup_heads", "split_head", "with_head"]
 
 HEAD_KEYS = ("__head__.weight", "__head__.scale")
-SOUPS = ("uniform", "greedy")  # the methods that average whole models
+SOUPS = methods_with("soup")  # the registered methods that average whole models
 
 
 def soup_heads(method: str, paths: list[str]) -> list[ClassifierHead] | None:

@@ -1,6 +1,9 @@
-"""The merge methods of `cliplab merge`: one function per method over state dicts, one
-registry (``MERGE_METHODS``). Adding a method is one function here (or a module with its
-operation) and one registry line."""
+"""The merge methods of `cliplab merge`: one function per method over state dicts, and one
+registry (``MERGE_METHODS``) holding each method's function and facts (`MergeMethod`: its own
+config keys, whether it needs the base, how many models, ...), which the config checks, the
+run and ``--help`` read. Adding a method is one function here (or a module with its operation)
+and one registry entry; a setting of its own is also a field of `MergeInputs` and of
+`cliplab.merge.config.MergeConfig` (same name, listed in the entry's ``keys``)."""
 
 from __future__ import annotations
 
@@ -70,12 +73,65 @@ def merge_ties(x: MergeInputs, record: dict) -> dict:
     return ties_merge(x.base, x.states, float(x.density), float(x.scale), x.names)
 
 
-# the one registry of `cliplab merge --method`: name -> function(inputs, record) -> weights;
-# method-specific settings and results go into ``record`` (merge.json)
-MERGE_METHODS: dict[str, Callable[[MergeInputs, dict], dict]] = {
-    "uniform": merge_uniform,
-    "greedy": merge_greedy,
-    "model-stock": merge_model_stock,
-    "task-arithmetic": merge_task_arithmetic,
-    "ties": merge_ties,
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its function and every fact the config checks, the run and
+    ``--help`` need about it.
+
+    ``summary``: its line in ``cliplab merge --help``; ``keys``: the config keys of its own it
+    reads (another method's key given with it is refused); ``needs_base``: it combines task
+    vectors from ``base``; ``min_models`` (with ``why``); ``per_model_scales``: ``scale`` may
+    be a list, one per model; ``needs_heldout``: it scores candidates; ``streamed``: linear in
+    the models, summed as each loads (`cliplab.merge.streamed`); ``soup``: it averages whole
+    models, classifier heads included (`cliplab.merge.heads`)."""
+
+    merge: Callable[[MergeInputs, dict], dict]
+    summary: str
+    keys: tuple[str, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    why: str = ""
+    per_model_scales: bool = False
+    needs_heldout: bool = False
+    streamed: bool = False
+    soup: bool = False
+
+    def __call__(self, inputs: MergeInputs, record: dict) -> dict:
+        return self.merge(inputs, record)
+
+
+_COPY = "one model merged alone is a copy of it"
+
+# the one registry of `cliplab merge --method`: name -> method (a function(inputs, record) ->
+# weights, and its facts); method-specific settings and results go into ``record`` (merge.json)
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "uniform": MergeMethod(merge_uniform, "mean (weights: a weighted one)", ("weights",),
+                           min_models=2, why=_COPY, streamed=True, soup=True),
+    "greedy": MergeMethod(merge_greedy, "add ingredients by held-out score while it does not "
+                          "drop (config 'heldout')", min_models=2, why=_COPY,
+                          needs_heldout=True, soup=True),
+    "model-stock": MergeMethod(merge_model_stock, "layer-wise interpolation toward --base",
+                               needs_base=True, min_models=2,
+                               why="its ratio toward the base comes from the angle between "
+                               "fine-tunes"),
+    "task-arithmetic": MergeMethod(merge_task_arithmetic, "--base + scale x (model - base) "
+                                   "summed (scale=-1 negates)", ("scale",), needs_base=True,
+                                   per_model_scales=True, streamed=True),
+    "ties": MergeMethod(merge_ties, "trim to 'density', elect signs, disjoint mean, x scale",
+                        ("scale", "density"), needs_base=True),
 }
+
+
+def methods_with(fact: str) -> tuple[str, ...]:
+    """The names of the registered methods whose ``fact`` (a `MergeMethod` field) is true."""
+    return tuple(name for name, m in MERGE_METHODS.items() if getattr(m, fact))
+
+
+def methods_reading(key: str) -> tuple[str, ...]:
+    """The names of the registered methods whose own config keys hold ``key``."""
+    return tuple(name for name, m in MERGE_METHODS.items() if key in m.keys)
+
+
+def method_keys() -> tuple[str, ...]:
+    """Every method-specific config key, in registry order."""
+    return tuple(dict.fromkeys(k for m in MERGE_METHODS.values() for k in m.keys))

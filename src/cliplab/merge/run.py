@@ -22,7 +22,7 @@ from cliplab.merge.checkpoints import (Ingredient, check_architecture, check_ori
 from cliplab.merge.config import MergeConfig
 from cliplab.merge.dtypes import dtype_record, merged_dtype
 from cliplab.merge.heads import HEAD_FILE, soup_heads, split_head, with_head
-from cliplab.merge.methods import MERGE_METHODS, MergeInputs
+from cliplab.merge.methods import MERGE_METHODS, MergeInputs, method_keys
 from cliplab.merge.state import StateDict
 from cliplab.merge.streamed import STREAMED, linear_merge, skeleton
 from cliplab.models.dual_encoder import DualEncoder
@@ -179,7 +179,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
             scores[m.name] = evaluate(state)
 
     inputs = MergeInputs(states, names, base.state if base else None, scores, evaluate,
-                         progress, cfg.weights, cfg.scale, cfg.density)
+                         progress, **{key: getattr(cfg, key) for key in method_keys()})
     if summed is not None:
         record.update({"weights": cfg.weights} if method == "uniform" else {"scale": cfg.scale})
         merged = summed.result()

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 import torch
 
+from cliplab.merge.methods import methods_with
 from cliplab.merge.soup import soup_weights
 from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
 
-STREAMED = ("uniform", "task-arithmetic")
+STREAMED = methods_with("streamed")  # the registered methods linear in the models
 
 
 def skeleton(state: StateDict) -> dict[str, torch.Tensor]:
