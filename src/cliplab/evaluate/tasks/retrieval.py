@@ -18,18 +18,22 @@ class Spec(TaskSpecBase):
     ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1)
 
     def check(self, context: TaskContext) -> None:
-        """A ``ks`` given beyond the candidates of both directions (images, captions) would
-        rank every candidate a hit: 1.0 whatever the model. The default ``ks`` on a small set
-        is capped per direction by `retrieval_metrics`, under the key asked for."""
+        """A ``ks`` given at or beyond the candidates of either direction (images for a
+        caption, captions for an image) would rank every candidate a hit: 1.0 whatever the
+        model. The default ``ks`` on a small set is capped per direction by
+        `retrieval_metrics`, under the key asked for."""
         if "ks" not in self.model_fields_set:
             return
         pairs = context.pairs(self.data)
-        n = max(len(pairs), sum(len(c) for c in pairs.captions))
-        over = [k for k in self.ks if k > n]
+        n_images, n_texts = len(pairs), sum(len(c) for c in pairs.captions)
+        n, ranked, key = (n_images, "images a caption", "image_retrieval_recall") \
+            if n_images <= n_texts else (n_texts, "captions an image", "text_retrieval_recall")
+        over = [k for k in self.ks if k >= n]
         if over:
-            raise ConfigError(f"ks: {', '.join(map(str, over))} is more than the {n} candidates "
-                              f"of data (recall@k would rank all of them: 1.0 whatever the "
-                              f"model); give ks of at most {n}")
+            raise ConfigError(f"ks: {', '.join(map(str, over))} ranks all {n} {ranked} is "
+                              f"ranked against in data ({key}@{over[0]} would be 1.0 whatever "
+                              "the model); " + (f"give ks below {n}" if n > 1 else
+                                                "give data of more images and captions"))
 
 
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
