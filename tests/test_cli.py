@@ -336,6 +336,21 @@ def test_a_recipe_error_under_torchrun_is_said_once_a_machine(world, local_rank,
         assert len(err.strip().splitlines()) == 1
 
 
+def test_the_help_of_eval_adapt_and_merge_names_every_registered_task_and_method(capsys):
+    """The lists a user chooses from, in `--help`: eval's tasks are written there by hand (the
+    parser starts without torch, which the task modules import), so this keeps them equal."""
+    from cliplab.adapt import ADAPT_METHODS
+    from cliplab.evaluate.tasks import TASKS
+    from cliplab.merge.methods import MERGE_METHODS
+
+    for command, names in (("eval", TASKS), ("adapt", ADAPT_METHODS), ("merge", MERGE_METHODS)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text)] \
+            == [], command
+
+
 def test_a_help_that_lists_config_keys_lists_every_one(capsys):
     """`--help`'s "Config keys: ..." is a command's reference: a key missing there is hidden."""
     from cliplab.cli.config_owner import CONFIG_SCHEMAS, config_keys

@@ -198,7 +198,9 @@ def frozen(model: DualEncoder):
 
 
 # the methods that read only image and text features, which an ONNX export gives (the others
-# declare NEEDS_PYTORCH_MODEL in their module and refuse an export)
+# declare NEEDS_PYTORCH_MODEL in their module and refuse an export). Written out, as the method
+# modules import this one (reading them from the registry here would be an import circle);
+# tests/test_onnx_as_model.py keeps it equal to the registry's methods without the flag.
 EXPORT_METHODS = ("zeroshot", "linear-probe", "tip-adapter", "tip-adapter-f", "clip-adapter")
 
 
