@@ -408,11 +408,12 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None
 
 def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
     """Items of an in-memory source; their images are stored by the index (``{"stored": None}``)."""
-    from cliplab.data.sources import load_source
+    from cliplab.data.sources import load_source, refuse_multilabel
     from cliplab.data.types import ImageTextPairs
 
     data = load_source(spec, progress)
     name = spec["source"]
+    refuse_multilabel(data, "data", "image-text pairs or labelled images")
     for i in range(len(data)):
         image = data.images[i].numpy()
         if isinstance(data, ImageTextPairs):

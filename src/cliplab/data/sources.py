@@ -283,9 +283,19 @@ def checked_templates(templates: object) -> tuple[list[str], str | None]:
     return templates, None
 
 
-def as_pairs(data: LabelledImages | ImageTextPairs) -> ImageTextPairs:
-    """Pairs as they are; labelled images become one caption per template, grouped by class."""
+def as_pairs(data: Dataset, where: str) -> ImageTextPairs:
+    """Pairs as they are; labelled images become one caption per template, grouped by class;
+    multi-label images are a one-line error naming ``where``."""
+    refuse_multilabel(data, where, "image-text pairs or labelled images")
     return data if isinstance(data, ImageTextPairs) else labelled_to_pairs(data)
+
+
+def refuse_multilabel(data: Dataset, where: str, needs: str) -> None:
+    """A one-line `ConfigError` when ``data`` is multi-label images, which only the
+    ``multilabel_zeroshot`` task reads (there is no one caption or label to give an image)."""
+    if isinstance(data, MultiLabelImages):
+        raise ConfigError(f"{where} needs {needs}, not multi-label images (those are for the "
+                          "multilabel_zeroshot eval task)")
 
 
 def as_labelled(data: LabelledImages | ImageTextPairs, where: str) -> LabelledImages:

@@ -76,4 +76,4 @@ def training_captions(spec: dict, where: str) -> list[list[str]]:
             raise ConfigError(f"{where}: a manifest here takes path and caption_col only "
                               f"(got {sorted(spec)})")
         return [[c] for c in manifest_captions(spec["path"], spec.get("caption_col"))]
-    return as_pairs(load_source(spec)).captions
+    return as_pairs(load_source(spec), where).captions

@@ -322,7 +322,7 @@ def _pairs(spec: dict, progress: bool, where: str, model_input: PreprocessConfig
     """The pairs a data spec loads (labelled images as captioned pairs; an image folder with
     ``NAME.txt`` captions as those, `with_folder_captions`), image files decoded to
     ``model_input`` (`load_source`); none is an error."""
-    pairs = as_pairs(load_source(with_folder_captions(spec), progress, where, model_input))
+    pairs = as_pairs(load_source(with_folder_captions(spec), progress, where, model_input), where)
     if not len(pairs):
         raise DataError(f"{where} holds no pairs (source {spec.get('source')!r} loaded none)")
     return pairs

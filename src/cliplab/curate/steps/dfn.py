@@ -114,7 +114,7 @@ class DataFilteringNetwork:
         self.image_input = self.model.preprocess_config
 
     def _train(self, run_path: Path, trained_on: dict, progress: bool) -> None:
-        pairs = as_pairs(load_source(self.spec.trusted))
+        pairs = as_pairs(load_source(self.spec.trusted), "dfn: trusted")
         if len(pairs) < self.spec.train.batch_size:
             raise ConfigError(f"dfn: trusted holds {len(pairs)} pairs, fewer than "
                               f"train.batch_size={self.spec.train.batch_size}")

@@ -11,7 +11,7 @@ from cliplab.config import Section, refuse_unused
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
-from cliplab.data.sources import DataSpecField, load_source
+from cliplab.data.sources import DataSpecField, load_source, refuse_multilabel
 from cliplab.output_folder import same_folder
 from cliplab.errors import ConfigError
 
@@ -61,6 +61,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
                             image_format=config.image_format, quality=config.quality,
                             overwrite=overwrite, progress=progress, where="data")
     data = load_source(spec, progress, "data")  # an in-memory source (shapes, digits, ...)
+    refuse_multilabel(data, "data", "image-text pairs or labelled images")
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)

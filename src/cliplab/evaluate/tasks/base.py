@@ -350,7 +350,7 @@ class TaskContext:
         return as_labelled(self.load(spec), where)
 
     def pairs(self, spec: DataSpec) -> ImageTextPairs:
-        return as_pairs(self.load(spec))
+        return as_pairs(self.load(spec), "data")
 
     def image_features(self, model: DualEncoder, images: torch.Tensor, spec: DataSpec | None,
                        desc: str, probe: str | None = None, layers: int = 4) -> ImageFeatures:
