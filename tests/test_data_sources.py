@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import struct
 
 import numpy as np
@@ -459,6 +460,21 @@ def test_a_template_with_two_slots_is_refused():
     with pytest.raises(ConfigError, match=r"^templates of data source 'toy': every prompt needs "
                                           r"one '\{\}' where the class goes; not 'a \{\} of \{\}'$"):
         check_templates(["a {} photo", "a {} of {}"], "toy")
+
+
+@pytest.mark.parametrize("template", ["a {0} {}", "{.x} {}", "a {} {style}", "{} {", "{{}}"])
+def test_a_template_with_another_format_field_is_refused(template):
+    """Counted, these hold one '{}'; formatted with a class they fail (ValueError,
+    AttributeError, KeyError: a traceback from deep inside eval, adapt or pretrain) or put
+    it nowhere."""
+    from cliplab.data.sources import check_templates
+
+    with pytest.raises(ConfigError, match=r"^templates of data source 'toy': every prompt needs "
+                                          r"one '\{\}' where the class goes and every other "
+                                          r"brace doubled \('\{\{' for a literal '\{'\); not "
+                                          + re.escape(repr(template)) + "$"):
+        check_templates(["a {} photo", template], "toy")
+    assert check_templates(["a {} of {{x}}"], "toy") == ["a {} of {{x}}"]
 
 
 @pytest.mark.parametrize("spec", ["data.train={source: {source: shapes}}",

@@ -213,7 +213,8 @@ def test_a_raw_image_body_is_415_saying_to_send_it_as_the_file_field(served):
     assert form.status_code == 422 and form.json()["error"] == "file: Field required"
 
 
-@pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}"])
+@pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}",
+                                      "{.x} {}", "a {0} {}", "a {} {style}"])
 def test_a_template_without_exactly_one_label_slot_is_400(served, template):
     response = served["client"].post("/api/classify",
                                      data={"labels": "a,b", "id": "1", "template": template})

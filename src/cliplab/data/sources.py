@@ -271,8 +271,10 @@ def check_templates(templates: object, source: str | None) -> list[str]:
 
 def checked_templates(templates: object) -> tuple[list[str], str | None]:
     """(``templates`` with ``{c}`` written as ``{}``, what is wrong with them or None): each
-    must be a string with one ``{}`` where the class goes, and there must be one at least
-    (a prompt without a place for the class gives every class the same prompt)."""
+    must be a string with one ``{}`` where the class goes and no other format field (other
+    braces doubled: ``{0}``, ``{.x}``, ``{style}`` fail when the class is put in), and there
+    must be one at least (a prompt without a place for the class gives every class the same
+    prompt)."""
     if isinstance(templates, str) or not isinstance(templates, (list, tuple)) or not templates:
         return [], (f"must be a non-empty list of prompts, e.g. ['a photo of a {{}}.'], got "
                     f"{templates!r}")
@@ -280,7 +282,20 @@ def checked_templates(templates: object) -> tuple[list[str], str | None]:
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if bad:
         return templates, f"every prompt needs one '{{}}' where the class goes; not {bad[0]!r}"
+    bad = [t for t in templates if not _formats_once(t)]
+    if bad:
+        return templates, ("every prompt needs one '{}' where the class goes and every other "
+                           f"brace doubled ('{{{{' for a literal '{{'); not {bad[0]!r}")
     return templates, None
+
+
+def _formats_once(template: str) -> bool:
+    """Whether ``template.format(class)`` works and puts the class in once ("{{}}" is a
+    literal "{}", no class)."""
+    try:
+        return template.format("\0").count("\0") == 1
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError):
+        return False
 
 
 def as_pairs(data: Dataset, where: str) -> ImageTextPairs:
