@@ -108,6 +108,31 @@ def test_zeroshot_refuses_a_class_given_twice(tiny_model, monkeypatch):
     assert calls == []
 
 
+def test_one_class_alone_is_refused_by_every_classification_task(tiny_model, monkeypatch):
+    """Over one class every image is right, whatever the model (acc1 1.0 from an untrained
+    model): a task's ``classes`` of one, or a one-class data set, is refused before encoding."""
+    calls = record_encodes(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^tasks\[1\] \(name 'one'\): classes: six alone "
+                                          r"competes with no other class: every image would "
+                                          r"score as right, whatever the model; give two "
+                                          r"classes at least$"):
+        run(tiny_model, GOOD, {"name": "one", "task": "zeroshot", "data": DIGITS,
+                               "classes": ["six"]})
+    single = labelled(["circle"], [4])
+    for task in ({"task": "zeroshot", "data": single},
+                 {"task": "linear_probe", "train": single, "test": labelled(NAMES, [1] * 10)},
+                 {"task": "few_shot", "train": single, "test": single, "shots": [1]}):
+        key = "data" if task["task"] == "zeroshot" else "train"
+        with pytest.raises(ConfigError, match=rf"^tasks\[0\] \(name 'one'\): {key} holds one "
+                                              r"class \(circle\): a classifier over it scores "
+                                              r"every image as right, whatever the model; give "
+                                              r"data of two classes at least$"):
+            run(tiny_model, {"name": "one", **task})
+    assert calls == []
+    out = run(tiny_model, {"name": "two", "task": "zeroshot", "data": labelled(NAMES[:2], [2, 2])})
+    assert out["two"]["n"] == 4
+
+
 def test_zeroshot_refuses_classes_none_of_which_has_images(tiny_model, monkeypatch):
     """``limit: 5``-like data holding no image of any chosen class: one line naming the
     classes, before any encoding (it was `stack expects a non-empty TensorList`); a chosen

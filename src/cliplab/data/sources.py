@@ -298,7 +298,7 @@ def _formats_once(template: str) -> bool:
         return False
 
 
-def as_pairs(data: Dataset, where: str) -> ImageTextPairs:
+def as_pairs(data: Dataset, where: str = "data") -> ImageTextPairs:
     """Pairs as they are; labelled images become one caption per template, grouped by class;
     multi-label images are a one-line error naming ``where``."""
     refuse_multilabel(data, where, "image-text pairs or labelled images")
@@ -313,7 +313,13 @@ def refuse_multilabel(data: Dataset, where: str, needs: str) -> None:
                           "multilabel_zeroshot eval task)")
 
 
-def as_labelled(data: LabelledImages | ImageTextPairs, where: str) -> LabelledImages:
+def as_labelled(data: Dataset, where: str) -> LabelledImages:
+    """``data`` as labelled images of two classes at least; a one-line error naming ``where``
+    otherwise (over one class every image scores as right, whatever the model)."""
     if not isinstance(data, LabelledImages):
         raise ConfigError(f"{where} needs labelled images (a classification source)")
+    if len(data.classnames) < 2:
+        raise ConfigError(f"{where} holds one class ({', '.join(data.classnames)}): a "
+                          "classifier over it scores every image as right, whatever the model; "
+                          "give data of two classes at least")
     return data

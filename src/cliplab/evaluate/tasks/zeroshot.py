@@ -73,7 +73,7 @@ def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
     """The indices of ``spec.classes`` (names, any case, or indices) in ``classnames``; a
     one-line error (naming the key, not the task) listing the classes for an unknown one, and
     naming the repeats of a class given twice (its images would be scored against itself
-    only: a fake 100%)."""
+    only: a fake 100%), or for one class alone (the same)."""
     names = [c for c in spec.classes if isinstance(c, str)]
     try:
         index = dict(zip(names, class_indices(classnames, names)))
@@ -92,4 +92,8 @@ def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
     if twice:
         raise ConfigError(f"classes name a class more than once: {'; '.join(twice)}; give each "
                           "class once")
+    if len(out) < 2:  # as a one-class data set (`as_labelled`)
+        raise ConfigError(f"classes: {classnames[out[0]]} alone competes with no other class: "
+                          "every image would score as right, whatever the model; give two "
+                          "classes at least")
     return out
