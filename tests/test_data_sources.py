@@ -14,7 +14,7 @@ from cliplab.data.digits import load_digits
 from cliplab.data.fashion_mnist import load_fashion_mnist, read_idx
 from cliplab.data.pairs import labelled_to_pairs, split_classes
 from cliplab.data.sources import as_pairs, load_source
-from cliplab.data.types import LabelledImages
+from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError, DataError
 
 
@@ -337,6 +337,27 @@ def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
     assert np.asarray(items["s-000000.tar:b"].read())[0, 0].tolist() == [255, 0, 0]
     with pytest.raises(OSError, match="no image member"):
         items["s-000000.tar:c"].read()
+
+
+def test_an_image_without_a_caption_or_a_set_without_templates_is_refused():
+    """Each would train quietly on something else: `CaptionTable` drew a caption-less image's
+    positive from its neighbour's captions (past the last image: IndexError), and labelled
+    images without templates became pairs of no caption at all."""
+    from cliplab.data.pairs import labelled_to_pairs
+    from cliplab.train.captions import CaptionTable
+
+    images = torch.zeros((3, 4, 4, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="^image 1 has no caption: every image needs one or "
+                                         "more$"):
+        ImageTextPairs(images, [["a red circle"], [], ["a blue square"]])
+    with pytest.raises(ValueError, match=r"^no templates: give one prompt at least"):
+        LabelledImages(images, torch.tensor([0, 1, 1]), ["a", "b"], [])
+    pairs = labelled_to_pairs(LabelledImages(images, torch.tensor([0, 1, 1]), ["a", "b"],
+                                             ["{}", "a {}"]))
+    table = CaptionTable(pairs)
+    drawn = table.sample(torch.arange(3), torch.Generator().manual_seed(0))
+    own = [{"a", "a a"}, {"b", "a b"}, {"b", "a b"}]  # each image's class's prompts
+    assert all(table.texts[int(t)] in own[i] for i, t in enumerate(drawn))
 
 
 def test_labels_outside_the_classes_are_refused():

@@ -152,6 +152,8 @@ class LabelledImages:
         if len(outside):  # such a label would score as wrong everywhere, without a word
             raise ValueError(f"label {int(outside[0])} is no class index: {len(self.classnames)} "
                              f"classes, so labels run 0 to {len(self.classnames) - 1}")
+        if not self.templates:  # no prompt: no zero-shot head, no captions as pairs
+            raise ValueError("no templates: give one prompt at least, e.g. ['a photo of a {}.']")
         if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
             raise ValueError(f"{len(self.descriptions)} descriptions for "
                              f"{len(self.classnames)} classes")
@@ -200,6 +202,10 @@ class ImageTextPairs:
         _check_images(self.images)
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+        # an image without one would be trained on its neighbour's caption (`CaptionTable`)
+        bare = next((i for i, captions in enumerate(self.captions) if not len(captions)), None)
+        if bare is not None:
+            raise ValueError(f"image {bare} has no caption: every image needs one or more")
         _check_keys(self.keys, len(self.captions))
         if self.partners is not None:
             n = len(self.captions)
