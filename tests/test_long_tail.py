@@ -132,6 +132,9 @@ def test_exponential_subsample():
     assert torch.bincount(labels[keep]).tolist() == [8, 2, 4]
     with pytest.raises(DataError, match="class 0 has 10 samples, fewer than the 11"):
         exponential_subsample(labels, [11])
+    with pytest.raises(DataError, match="^2 counts for 3 classes in order: give one count per "
+                                        "class$"):  # class 2 was dropped without a word
+        exponential_subsample(labels, [5, 4], order=[0, 1, 2])
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ def exponential_subsample(labels: torch.Tensor, counts: Sequence[int],
     """Sorted indices keeping ``counts[j]`` random samples of class ``order[j]`` (default class
     j); a DataError if a class has fewer samples than asked for."""
     order = list(range(len(counts))) if order is None else list(order)
+    if len(order) != len(counts):  # zip would drop the classes past the shorter
+        raise DataError(f"{len(counts)} counts for {len(order)} classes in order: give one "
+                        "count per class")
     g = torch.Generator().manual_seed(seed)
     picks = []
     for cls, k in zip(order, counts):
