@@ -13,6 +13,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from cliplab.errors import ModelError
 from cliplab.models.preprocess import PreprocessConfig, are_finite_numbers
@@ -215,7 +216,7 @@ def _per_channel(value, key: str, where: str, raw: dict, positive: bool = False)
     return tuple(float(v) for v in values)
 
 
-def _refuse(where: str, key: str, raw: dict, why: str) -> None:
+def _refuse(where: str, key: str, raw: dict, why: str) -> NoReturn:
     shown = json.dumps(raw[key]) if key in raw else "(not set: the processor's default)"
     raise ModelError(f"{where}{key} = {shown}: cliplab's preprocessing cannot do this ({why})")
 

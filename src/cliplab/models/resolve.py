@@ -18,7 +18,7 @@ import difflib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,13 +29,16 @@ from cliplab.models.presets import PRESETS, build_model
 from cliplab.models.spec import ModelSpec, is_hub_id, model_spec
 from cliplab.runs import CHECKPOINTS, METRICS_FILE, RESULTS_FILE, latest_checkpoint
 
+if TYPE_CHECKING:  # an ONNX export loads as one (it embeds as a DualEncoder does)
+    from cliplab.models.onnx_encoder import OnnxEncoder
+
 MODEL_DIR = "model"  # a checkpoint folder's model folder
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
 def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = "cpu"
-               ) -> DualEncoder:
+               ) -> DualEncoder | OnnxEncoder:
     """A `DualEncoder` from a model spec (preset, model/checkpoint/run folder, Hub id) on
     ``device`` (a torch device or a name, ``auto``: the GPU when there is one). An ONNX export
     runs on the CPU: with ``auto`` it does so, a GPU named for it is refused."""

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from PIL import Image
 from starlette.exceptions import HTTPException
@@ -68,7 +69,7 @@ def release_large_images_at_once() -> None:
         Image.core.set_block_size(64 << 20)
 
 
-def fail(status: int, message: str, headers: dict[str, str] | None = None):
+def fail(status: int, message: str, headers: dict[str, str] | None = None) -> NoReturn:
     raise HTTPException(status_code=status, detail=message, headers=headers)
 
 
