@@ -214,3 +214,23 @@ def test_an_image_stack_of_different_shapes_is_squared_as_stack_images_squares_t
         got = stack.stacked("set")
     with pytest.warns(UserWarning, match="squares"):
         assert torch.equal(got, stack_images(images, "set"))
+
+
+def test_a_pillow_without_avif_reads_what_it_can_and_refuses_the_rest_as_unidentified():
+    """Pillow before 11.2 has no AVIF plugin: naming it among the formats made every file the
+    others refuse a ``KeyError: 'AVIF'`` (a 500 for a text upload to the server)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from PIL import Image, UnidentifiedImageError\n"
+        "Image.init(); Image.OPEN.pop('AVIF', None)\n"
+        "from cliplab.data.images import READ_FORMATS, open_image\n"
+        "assert 'AVIF' not in READ_FORMATS and 'PNG' in READ_FORMATS, READ_FORMATS\n"
+        "try:\n"
+        "    open_image(b'plain text, no image')\n"
+        "except UnidentifiedImageError:\n"
+        "    print('unidentified')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "unidentified", done.stderr[-2000:]

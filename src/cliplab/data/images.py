@@ -31,7 +31,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "dib", "gif", 
               "ppm", "pgm", "pbm", "pnm", "jp2", "j2k", "avif")
 # the PIL formats of IMAGE_EXTS: the only decoders cliplab lets a file reach, whatever its
 # name (PIL would hand an EPS named .jpg to Ghostscript, and has decoders that fail unchecked)
-READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "JPEG2000", "AVIF")
+# (AVIF only where this Pillow has its plugin, from 11.2: naming a format PIL lacks is a KeyError
+# for every file the others refuse, not "cannot identify image")
+Image.init()
+READ_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM",
+                                 "JPEG2000", "AVIF") if f in Image.OPEN)
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 _BILINEAR = Image.Resampling.BILINEAR
 _RESAMPLE = {"bilinear": _BILINEAR, "bicubic": Image.Resampling.BICUBIC}
