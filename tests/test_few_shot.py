@@ -113,3 +113,10 @@ def test_k_shot_indices_come_back_sorted():
     for seed in range(5):
         idx = sample_k_shot(labels, 1, seed=seed).tolist()
         assert idx == sorted(idx) and sorted(labels[idx].tolist()) == [0, 1, 2]
+
+
+def test_few_shot_without_training_features_or_a_draw_says_so():
+    test_x, test_y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="^few_shot needs train_x and train_y to draw shots "
+                                         "from, or draw$"):
+        few_shot(None, None, test_x, test_y, shots=[1])

@@ -422,3 +422,24 @@ def test_contrastive_loss_rejects_bad_settings():
         contrastive_loss(img, txt, s, tile=0)
     with pytest.raises(ValueError, match=r"must both be \[batch, dim\]"):
         contrastive_loss(img, txt[:3], s)
+
+
+def test_the_global_losses_take_keys_and_the_gathered_keys_together():
+    """``keys`` without ``keys_all`` was a TypeError inside positive_mask (and ``keys_all``
+    alone was ignored): one says which."""
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    keys, scale, bias = torch.arange(4), torch.tensor(2.0), torch.tensor(-1.0)
+    for given in ({"keys": keys}, {"keys_all": keys}):
+        with pytest.raises(ValueError, match="^keys and keys_all go together"):
+            clip_loss_global(image, text, image, text, scale, 0, 1, **given)
+        with pytest.raises(ValueError, match="^keys and keys_all go together"):
+            siglip_loss_global(image, text, scale, bias, 0, 1, **given)
+        with pytest.raises(ValueError, match="^keys and keys_all go together"):
+            tiled_clip_loss_global(image, text, image, text, scale, 0, 1, **given)
+        with pytest.raises(ValueError, match="^keys and keys_all go together"):
+            tiled_siglip_loss_global(image, text, scale, bias, 0, 1, **given)
+    # distinct keys: the same as no keys
+    torch.testing.assert_close(clip_loss_global(image, text, image, text, scale, 0, 1, keys, keys),
+                               clip_loss_global(image, text, image, text, scale, 0, 1))

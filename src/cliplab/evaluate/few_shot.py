@@ -48,6 +48,8 @@ def few_shot(train_x: torch.Tensor | None, train_y: torch.Tensor | None, test_x:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown few-shot method(s) {unknown}; choose from {METHODS}")
+    if draw is None and (train_x is None or train_y is None):
+        raise ValueError("few_shot needs train_x and train_y to draw shots from, or draw")
     out = {}
     for k in shots:
         per_method: dict[str, list[float]] = {m: [] for m in methods}

@@ -139,6 +139,14 @@ def _row_labels(n: int, offset: int, device: torch.device) -> torch.Tensor:
     return torch.arange(offset, offset + n, device=device)
 
 
+def check_keys_given_together(keys: torch.Tensor | None, keys_all: torch.Tensor | None
+                              ) -> None:
+    """A ValueError unless a global loss gets both key tensors or neither."""
+    if (keys is None) != (keys_all is None):
+        raise ValueError("keys and keys_all go together: this rank's keys and the gathered "
+                         "batch's (or neither, for pairs that are each other's only positive)")
+
+
 def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor,
                      text_all: torch.Tensor, logit_scale: torch.Tensor, offset: int,
                      world_size: int, keys: torch.Tensor | None = None,
@@ -152,6 +160,7 @@ def clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: torch.T
     ranks is :func:`clip_loss` of the global batch even when local batches differ in size, and
     with the gather's backward and DDP's averaging the gradients match too.
     """
+    check_keys_given_together(keys, keys_all)
     s = logit_scale.exp()
     logits_image = s * image @ text_all.t()
     logits_text = s * text @ image_all.t()
@@ -187,6 +196,7 @@ def siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor, logit_scale:
     """This rank's share of the global-batch sigmoid loss: its ``b`` images against all ``G``
     texts, divided by ``G / world_size``; the mean over ranks is :func:`siglip_loss` of the
     global batch."""
+    check_keys_given_together(keys, keys_all)
     logits = logit_scale.exp() * image @ text_all.t() + logit_bias
     if keys is None:
         cols = torch.arange(len(text_all), device=image.device)

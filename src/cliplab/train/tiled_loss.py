@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from cliplab.train.losses import positive_pair_dot
+from cliplab.train.losses import check_keys_given_together, positive_pair_dot
 
 DEFAULT_TILE = 2048
 
@@ -213,6 +213,7 @@ def tiled_clip_loss_global(image: torch.Tensor, text: torch.Tensor, image_all: t
     """:func:`~cliplab.train.losses.clip_loss_global` in tiles: this rank's images against all
     texts and its texts against all images, O(G D) memory."""
     _check_tile(tile)
+    check_keys_given_together(keys, keys_all)
     logit_scale = logit_scale.reshape(())
     lse_image, _ = _TiledLogSumExp.apply(image, text_all, logit_scale, tile, False)
     lse_text, _ = _TiledLogSumExp.apply(text, image_all, logit_scale, tile, False)
@@ -245,6 +246,7 @@ def tiled_siglip_loss_global(image: torch.Tensor, text_all: torch.Tensor,
     Uses ``-log sigmoid(y z) = softplus(z) - [y = +1] z``: the softplus sum over all pairs is
     tiled, the positives' logits are summed per key.
     """
+    check_keys_given_together(keys, keys_all)
     logit_scale = logit_scale.reshape(())
     bias = torch.as_tensor(logit_bias, dtype=image.dtype, device=image.device).reshape(())
     total = _TiledSoftplusSum.apply(image, text_all, logit_scale, bias, _check_tile(tile))
