@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from cliplab.errors import ConfigError, ModelError
-from cliplab.merge import (apply_task_vector, combine_task_vectors, disjoint_mean, elect_sign,
-                           greedy_soup, model_stock, model_stock_ratio, task_vector, ties_merge,
-                           trim_top_fraction, uniform_soup)
+from cliplab.merge import (apply_task_vector, combine_task_vectors, dare_merge, disjoint_mean,
+                           drop_and_rescale, elect_sign, greedy_soup, model_stock,
+                           model_stock_ratio, task_vector, ties_merge, trim_top_fraction,
+                           uniform_soup)
 from cliplab.merge.methods import MERGE_METHODS, MergeInputs
 from cliplab.merge.stock import ratio_summary
 from cliplab.merge.state import check_same_keys
@@ -248,6 +249,85 @@ def test_a_soup_of_weights_near_the_float_limit_is_their_mean():
     assert torch.equal(soup["w"], torch.tensor([2.0, 4.0]))
 
 
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_dare_keeps_entries_by_the_seeded_mask_and_rescales_them_exactly():
+    """Each kept entry is the task vector's times 1/(1−p) exactly (p = 0.5: ×2, p = 0.75: ×4),
+    each dropped one 0; the masks are ``rand >= p`` drawn per tensor in sorted key order."""
+    vector = {"b": T([1.0, -2.0, 3.0, -4.0, 5.0, -6.0]), "a": T([[0.5, 1.5], [-2.5, 3.5]])}
+    for p, factor in ((0.5, 2.0), (0.75, 4.0)):
+        out = drop_and_rescale(vector, p, _seeded(7))
+        g = _seeded(7)
+        keep_a, keep_b = torch.rand(2, 2, generator=g) >= p, torch.rand(6, generator=g) >= p
+        assert 0 < int(keep_a.sum() + keep_b.sum()) < 10  # some kept, some dropped
+        for key, keep in (("a", keep_a), ("b", keep_b)):
+            assert torch.equal(out[key], torch.where(keep, vector[key] * factor, T(0.0)))
+    # without the rescale: the same entries kept, as they were
+    plain = drop_and_rescale(vector, 0.5, _seeded(7), rescale=False)
+    assert torch.equal(plain["b"] * 2, drop_and_rescale(vector, 0.5, _seeded(7))["b"])
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match=rf"^drop_rate .* must be in \[0, 1\), not {bad}$"):
+            drop_and_rescale(vector, bad, _seeded(0))
+
+
+def test_dare_masks_each_model_in_turn_from_one_seeded_generator():
+    """base + Σ λ_i δ̂_i with model 0's masks drawn before model 1's; integer buffers copied."""
+    base = {"w": T([1.0, 1.0, 1.0, 1.0]), "ids": T([0, 1])}
+    fts = [{"w": T([2.0, 3.0, 0.0, 5.0]), "ids": T([0, 1])},
+           {"w": T([1.5, 0.0, 2.0, 1.0]), "ids": T([0, 1])}]
+    merged = dare_merge(base, fts, drop_rate=0.5, scale=[1.0, -0.5], seed=3)
+    g = _seeded(3)
+    m0, m1 = (torch.rand(4, generator=g) >= 0.5 for _ in fts)
+    d0, d1 = T([1.0, 2.0, -1.0, 4.0]), T([0.5, -1.0, 1.0, 0.0])
+    assert torch.equal(merged["w"], base["w"] + 2 * d0 * m0 - 0.5 * 2 * d1 * m1)
+    assert torch.equal(merged["ids"], base["ids"])
+    with pytest.raises(ModelError, match="non-float tensor 'ids' differs"):
+        dare_merge(base, [{"w": T([0.0] * 4), "ids": T([0, 2])}])
+    with pytest.raises(ConfigError, match="drop_rate"):
+        dare_merge(base, fts, drop_rate=1.0)
+
+
+def test_dare_without_dropping_is_task_arithmetic_bit_for_bit():
+    g = _seeded(0)
+    base = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
+    fts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+           for _ in range(3)]
+    scales = [0.3, 0.7, -0.2]
+    ta = apply_task_vector(base, combine_task_vectors([task_vector(f, base) for f in fts], scales))
+    dare = dare_merge(base, fts, drop_rate=0.0, scale=scales, seed=5)
+    assert all(torch.equal(dare[k], ta[k]) for k in base)
+
+
+def test_dare_is_reproducible_by_its_seed():
+    g = _seeded(1)
+    base = {"w": torch.randn(50, generator=g), "v": torch.randn(4, 5, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    first, again = (dare_merge(base, fts, 0.5, 1.0, seed=11) for _ in range(2))
+    other = dare_merge(base, fts, 0.5, 1.0, seed=12)
+    assert all(torch.equal(first[k], again[k]) for k in base)
+    assert not torch.equal(first["w"], other["w"]) and not torch.equal(first["v"], other["v"])
+
+
+def test_dare_rescaled_vector_is_unbiased():
+    """E[δ̂] = δ: over n entries Σδ̂ has mean Σδ and variance Σδ²·p/(1−p) (each entry is
+    δ/(1−p) with probability 1−p, else 0); the sum lands within 5 standard deviations (a
+    chance of ~6e-7 of failing for a correct DARE). Without the rescale it falls to (1−p)·Σδ,
+    hundreds of deviations away; the share of dropped entries is p within 5 binomial sds."""
+    n, p = 1_000_000, 0.9
+    # not drawn from a seeded generator: randn and the masks' rand from one seed are correlated
+    delta = torch.linspace(-1.0, 3.0, n)
+    for seed in (0, 1, 2):
+        dropped = drop_and_rescale({"d": delta}, p, _seeded(seed))["d"]
+        sd = math.sqrt(float((delta.double() ** 2).sum()) * p / (1 - p))
+        assert abs(float(dropped.double().sum() - delta.double().sum())) < 5 * sd
+        share = float((dropped == 0).double().mean())
+        assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / n)
+        plain = drop_and_rescale({"d": delta}, p, _seeded(seed), rescale=False)["d"]
+        assert abs(float(plain.double().sum() - delta.double().sum())) > 100 * sd
+
+
 def _inputs(**kw) -> MergeInputs:
     states = [{"w": T([1.0, 3.0])}, {"w": T([5.0, -1.0])}, {"w": T([2.0, 2.0])}]
     return MergeInputs(states=states[:kw.pop("n", 2)], names=["a", "b", "c"][:kw.pop("k", 2)],
@@ -269,6 +349,11 @@ def test_merge_methods_pass_their_settings_through():
     torch.testing.assert_close(MERGE_METHODS["ties"](inputs, record)["w"], want["w"])
     assert record["scale"] == 0.5 and record["density"] == 1.0
     torch.testing.assert_close(MERGE_METHODS["task-arithmetic"](inputs, {})["w"], T([3.0, 1.0]))
+    record = {}
+    inputs = _inputs(base=base, scale=[0.5, 2.0], drop_rate=0.5, seed=4)
+    want = dare_merge(base, inputs.states, 0.5, [0.5, 2.0], 4)
+    assert torch.equal(MERGE_METHODS["dare"](inputs, record)["w"], want["w"])
+    assert record == {"scale": [0.5, 2.0], "drop_rate": 0.5, "seed": 4}
 
     # scores given by name: order a, c, b; a soup scores best at w[0] = 1.5 (a + c: 1.0, kept;
     # a + c + b: w[0] 8/3, 0.88, dropped)
@@ -299,5 +384,5 @@ def test_every_method_setting_is_a_config_key_and_reaches_the_method():
     from cliplab.merge.methods import method_keys
 
     inputs = {f.name for f in dataclasses.fields(MergeInputs)}
-    assert set(method_keys()) == {"weights", "scale", "density"}
+    assert set(method_keys()) == {"weights", "scale", "density", "drop_rate", "seed"}
     assert set(method_keys()) <= inputs and set(method_keys()) <= set(MergeConfig.model_fields)

@@ -1,5 +1,5 @@
 """Weight-space operations over checkpoints of one architecture and pretrained origin:
-uniform and greedy soups, Model Stock, task arithmetic and TIES merging.
+uniform and greedy soups, Model Stock, task arithmetic, TIES and DARE merging.
 
 Every operation takes state dicts (``{name: tensor}``) and returns a new one; floating-point
 tensors are combined, everything else (integer buffers such as position ids) is copied.
@@ -20,6 +20,7 @@ _EXPORTS = {
     **dict.fromkeys(("GreedySoup", "greedy_soup", "uniform_soup"), "cliplab.merge.soup"),
     **dict.fromkeys(("apply_task_vector", "combine_task_vectors", "task_vector"),
                     "cliplab.merge.task_arithmetic"),
+    **dict.fromkeys(("dare_merge", "drop_and_rescale"), "cliplab.merge.dare"),
     **dict.fromkeys(("disjoint_mean", "elect_sign", "ties_merge", "trim_top_fraction"),
                     "cliplab.merge.ties"),
 }

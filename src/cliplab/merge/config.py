@@ -24,8 +24,10 @@ class MergeConfig(Section):
     base: ModelField | None = None
     out: str
     weights: list[Annotated[float, Field(ge=0)]] | None = None  # uniform: one per model (normalised)
-    scale: float | list[float] = 1.0  # task-arithmetic: λ, or one per model; ties: λ
+    scale: float | list[float] = 1.0  # task-arithmetic, dare: λ, or one per model; ties: λ
     density: float = Field(0.2, gt=0, le=1)  # ties: fraction of each task vector kept
+    drop_rate: float = Field(0.9, ge=0, lt=1)  # dare: probability each entry is dropped
+    seed: int = Field(0, ge=0)  # dare: seeds the drop masks
     heldout: dict[str, Any] | None = None
     metric: str = "acc1"
     require_origin: bool = False

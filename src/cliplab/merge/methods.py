@@ -31,6 +31,8 @@ class MergeInputs:
     weights: list[float] | None = None
     scale: float | list[float] = 1.0
     density: float = 0.2
+    drop_rate: float = 0.9
+    seed: int = 0
 
 
 def merge_uniform(x: MergeInputs, record: dict) -> dict:
@@ -71,6 +73,13 @@ def merge_ties(x: MergeInputs, record: dict) -> dict:
 
     record.update(scale=x.scale, density=x.density)
     return ties_merge(x.base, x.states, float(x.density), float(x.scale), x.names)
+
+
+def merge_dare(x: MergeInputs, record: dict) -> dict:
+    from cliplab.merge.dare import dare_merge
+
+    record.update(scale=x.scale, drop_rate=x.drop_rate, seed=x.seed)
+    return dare_merge(x.base, x.states, x.drop_rate, x.scale, x.seed, x.names)
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,11 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                                    per_model_scales=True, streamed=True),
     "ties": MergeMethod(merge_ties, "trim to 'density', elect signs, disjoint mean, x scale",
                         ("scale", "density"), needs_base=True),
+    # not streamed: each model's mask is drawn on its own task vector
+    "dare": MergeMethod(merge_dare, "drop each task-vector entry with probability 'drop_rate' "
+                        "(seeded by 'seed'), rescale the rest by 1/(1-drop_rate), then as "
+                        "task-arithmetic", ("scale", "drop_rate", "seed"), needs_base=True,
+                        per_model_scales=True),
 }
 
 
