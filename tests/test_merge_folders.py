@@ -208,6 +208,19 @@ def test_config_errors_come_before_any_work(family, tmp_path):
            # ties keeping no entry of any task vector would be the base, silently
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "density": 0},
             "density: expected greater than 0"),
+           # DARE's drop rate is a probability below 1 (1 drops everything, then divides by 0)
+           ({"method": "dare", "models": ["a"], "base": "p", "out": "o", "drop_rate": 1.0},
+            "^the merge config: drop_rate: expected less than 1, got 1.0$"),
+           ({"method": "dare", "models": ["a"], "base": "p", "out": "o", "drop_rate": -0.1},
+            "^the merge config: drop_rate: expected greater than or equal to 0, got -0.1$"),
+           ({"method": "dare", "models": ["a"], "out": "o"},
+            r"^the merge config: method 'dare' needs the pretrained model: base \(or --base P\)$"),
+           ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "drop_rate": 0.5,
+             "seed": 3}, r"^the merge config: drop_rate=0.5, seed=3 does not apply to 'ties' "),
+           ({"method": "task-arithmetic", "models": ["a"], "base": "p", "out": "o", "seed": 1},
+            r"seed=1 does not apply to 'task-arithmetic' \(.*seed: dare\)$"),
+           ({"method": "dare", "models": ["a"], "base": "p", "out": "o", "density": 0.5},
+            "density=0.5 does not apply to 'dare'"),
            ({"method": "uniform", "models": [], "out": "o"}, "models: "),
            ({"method": "uniform", "models": ["a"]}, "out is required"),
            ({"method": "ties", "models": ["a", "b"], "base": "p", "out": "o", "scale": [1, 2]},
@@ -456,6 +469,38 @@ def test_task_arithmetic_folder_is_the_base_plus_the_scaled_task_vectors(family,
             continue
         expected = b[key] + 0.5 * (m0[key] - b[key]) - 0.3 * (m1[key] - b[key])
         torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+
+
+def test_dare_folder_loads_in_transformers_and_records_its_settings(family, tmp_path, capsys):
+    """`cliplab merge --method dare`: the folder is `dare_merge` of the folders' weights, opens
+    with plain transformers, and merge.json records drop_rate, seed and scale; the same seed
+    writes the same weights, another seed others."""
+    from cliplab.merge import dare_merge
+
+    _, base, fts = family
+
+    def merge(out, seed):
+        assert main(["merge", "--method", "dare", "--models", str(fts[0]), str(fts[1]),
+                     "--base", str(base), "--out", str(out), "--no-progress", "drop_rate=0.5",
+                     f"seed={seed}", "scale=[0.5, 1.5]"]) == 0
+        assert f"dare merge of 2 models -> {out}" in capsys.readouterr().out
+        return _state(out)
+
+    merged = merge(tmp_path / "d", 3)
+    want = dare_merge(_state(base), [_state(fts[0]), _state(fts[1])], 0.5, [0.5, 1.5], 3)
+    plain = CLIPModel.from_pretrained(tmp_path / "d").state_dict()
+    assert merged.keys() == want.keys()
+    assert all(torch.equal(merged[k], want[k]) and torch.equal(plain[k], want[k]) for k in want)
+    record = json.loads((tmp_path / "d" / "merge.json").read_text(encoding="utf-8"))
+    assert (record["method"], record["drop_rate"], record["seed"], record["scale"]) == \
+        ("dare", 0.5, 3, [0.5, 1.5])
+    # each model keeps about half its entries: about 3/4 of the merged entries moved
+    b = _state(base)
+    moved = sum(int((merged[k] != b[k]).sum()) for k in b if b[k].is_floating_point())
+    assert 0.7 < moved / sum(v.numel() for v in b.values() if v.is_floating_point()) < 0.8
+    again, other = merge(tmp_path / "again", 3), merge(tmp_path / "other", 4)
+    assert all(torch.equal(again[k], merged[k]) for k in b)
+    assert not torch.equal(other[KEY], merged[KEY])
 
 
 def test_folders_differing_only_in_context_length_are_refused(family, tmp_path):
