@@ -59,8 +59,9 @@ def test_unknown_config_key_names_the_key(tmp_path):
 @pytest.mark.parametrize("recipe, command, owner, foreign", [
     ("curate/basic.yaml", "adapt", "curate",
      "keys chunk_size, examples, output, steps, workers are"),
+    # seed is merge's too (dare's masks): not told as foreign
     ("adapt/digits.yaml", "merge --models a b", "adapt",
-     "keys data, options, seed, shots, val_shots are"),
+     "keys data, options, shots, val_shots are"),
     # pretrain's and quickstart's keys are the same: the one that accepts the file is named
     ("pretrain/tiny-shapes.yaml", "curate", "pretrain", "keys eval, model, train are"),
     ("eval/shapes.yaml", "data shard", "eval", "key tasks is"),
