@@ -128,7 +128,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                                    per_model_scales=True, streamed=True),
     "ties": MergeMethod(merge_ties, "trim to 'density', elect signs, disjoint mean, x scale",
                         ("scale", "density"), needs_base=True),
-    # not streamed: each model's mask is drawn on its own task vector
+    # not streamed (it could be, drawing each model's masks as it loads): it holds every model
     "dare": MergeMethod(merge_dare, "drop each task-vector entry with probability 'drop_rate' "
                         "(seeded by 'seed'), rescale the rest by 1/(1-drop_rate), then as "
                         "task-arithmetic", ("scale", "drop_rate", "seed"), needs_base=True,
