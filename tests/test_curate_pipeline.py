@@ -1051,3 +1051,13 @@ def test_a_missing_package_is_refused_before_any_work(step, module, tmp_path, mo
         run_curation(config(str(folder), [{"step": "exact_dedup"}, step]), tmp_path / "out",
                      progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool"]
+
+
+def test_every_registered_step_is_named_as_its_spec_names_it():
+    """A ``STEPS`` key other than its ``Spec``'s ``step`` literal tells a user who typed the
+    registered name that the name is wrong (``expected 'aspect_ratio', got 'aspect'``)."""
+    import typing
+
+    for name in registry.STEPS:
+        spec = registry.step_class(name).Spec
+        assert typing.get_args(spec.model_fields["step"].annotation) == (name,), name
