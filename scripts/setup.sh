@@ -42,11 +42,11 @@ if ! installed "$mode" && ! installed all; then
   echo "setup: installing cliplab into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   # The CPU build of PyTorch first (PyPI's is the CUDA one, several GB); with it installed, the
-  # "torch>=2.5" requirement pulls nothing more.
+  # "torch>=2.6" requirement pulls nothing more.
   .venv/bin/python -m pip install -q "torch==2.13.0" --retries 0 --timeout 10 \
       --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
     || .venv/bin/python -m pip install -q "torch==2.13.0" \
-    || .venv/bin/python -m pip install -q "torch>=2.5"
+    || .venv/bin/python -m pip install -q "torch>=2.6"
   .venv/bin/python -m pip install -q -e ".[$extras]"
   touch ".venv/.cliplab-installed-$mode"
 fi
