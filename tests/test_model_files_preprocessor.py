@@ -14,6 +14,7 @@ pixels by tens of 255ths."""
 import json
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -48,6 +49,9 @@ def _assert_same_pixels(cliplab: torch.Tensor, hf: torch.Tensor, std) -> None:
 @pytest.mark.parametrize("processor_class", [CLIPImageProcessor, SiglipImageProcessor])
 def test_transformers_processors_give_cliplabs_pixels(mode, interpolation, processor_class,
                                                       tmp_path):
+    if interpolation == "bicubic" and int(PIL.__version__.split(".")[0]) < 13:
+        pytest.skip("cliplab resizes as Pillow 13 does; an older Pillow's bicubic pass differs "
+                    "by up to 9/255 (README says so)")
     pre = PreprocessConfig(image_size=16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25),
                            resize_mode=mode, interpolation=interpolation)
     write_processor_config(tmp_path, pre)
