@@ -379,15 +379,24 @@ def test_the_probe_subset_is_the_same_seeded_pick_every_time():
 @pytest.mark.parametrize("section, key, value, words", [
     ("data", "heldout", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"],
-     "holds every class, leaving none to train on; hold out at most 9"),
+     "holds 10 of the 10 classes, leaving fewer than two to train on; hold out at most 8"),
+    ("data", "heldout", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag"],
+     "holds 9 of the 10 classes, leaving fewer than two to train on; hold out at most 8"),
+    # scored among themselves, one held-out class is always right (acc1 1.0, any model)
+    ("data", "heldout", ["Shirt"], "holds 1 class: the zero-shot transfer is scored among the "
+     "held-out classes, and one alone scores 1.0 whatever the model; hold out two at least"),
+    ("data", "heldout", [], "holds 0 classes: the zero-shot transfer is scored among the "
+     "held-out classes, and one alone scores 1.0 whatever the model; hold out two at least"),
     ("data", "validation", 0, "expected greater than 0, got 0"),
     ("data", "test_limit", 0, "expected greater than 0, got 0"),
     ("eval", "probe_l2", 0, "expected greater than 0, got 0"),
 ])
 def test_impossible_data_and_eval_settings_are_refused_naming_their_key(section, key, value,
                                                                         words):
-    """All 10 classes held out (none left to train on), validation: 0, test_limit: 0 and
-    probe_l2: 0 are refused with their key path."""
+    """9 or 10 classes held out (fewer than two left to train on), fewer than 2 (nothing to
+    tell apart), validation: 0, test_limit: 0 and probe_l2: 0 are refused with their key
+    path."""
     with pytest.raises(ConfigError) as err:
         quickstart_config({section: {key: value}})
     assert str(err.value) == f"the quickstart config: {section}.{key}: {words}"
