@@ -213,6 +213,10 @@ def test_config_errors_come_before_any_work(family, tmp_path):
             "^the merge config: drop_rate: expected less than 1, got 1.0$"),
            ({"method": "dare", "models": ["a"], "base": "p", "out": "o", "drop_rate": -0.1},
             "^the merge config: drop_rate: expected greater than or equal to 0, got -0.1$"),
+           # torch seeds with 64 bits: a larger seed failed after every model had loaded
+           ({"method": "dare", "models": ["a"], "base": "p", "out": "o", "seed": 2 ** 64},
+            "^the merge config: seed: expected less than 18446744073709551616, got "
+            "18446744073709551616$"),
            ({"method": "dare", "models": ["a"], "out": "o"},
             r"^the merge config: method 'dare' needs the pretrained model: base \(or --base P\)$"),
            ({"method": "ties", "models": ["a"], "base": "p", "out": "o", "drop_rate": 0.5,

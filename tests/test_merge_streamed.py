@@ -82,3 +82,13 @@ def test_an_integer_buffer_differing_from_the_base_is_refused():
     merge = LinearMerge([1.0], base)
     with pytest.raises(ModelError, match="ft: non-float tensor 'ids' differs"):
         merge.add({"w": torch.ones(2), "ids": torch.arange(3) + 1}, "ft")
+
+
+def test_a_method_registered_as_streamed_without_its_sum_is_refused():
+    """linear_merge sums uniform and task-arithmetic only: another method marked streamed in
+    the registry would have been merged as task arithmetic."""
+    from cliplab.merge.streamed import linear_merge
+
+    with pytest.raises(ValueError, match="^merge method 'dare' is registered as streamed, but "
+                                         "linear_merge sums only uniform and task-arithmetic$"):
+        linear_merge("dare", 2, None, 1.0, None)

@@ -27,7 +27,7 @@ class MergeConfig(Section):
     scale: float | list[float] = 1.0  # task-arithmetic, dare: λ, or one per model; ties: λ
     density: float = Field(0.2, gt=0, le=1)  # ties: fraction of each task vector kept
     drop_rate: float = Field(0.9, ge=0, lt=1)  # dare: probability each entry is dropped
-    seed: int = Field(0, ge=0)  # dare: seeds the drop masks
+    seed: int = Field(0, ge=0, lt=2 ** 64)  # dare: seeds the drop masks (torch takes 64 bits)
     heldout: dict[str, Any] | None = None
     metric: str = "acc1"
     require_origin: bool = False

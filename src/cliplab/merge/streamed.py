@@ -72,5 +72,8 @@ def linear_merge(method: str, n: int, weights: Sequence[float] | None, scale: fl
     task arithmetic's λ, one or one per model)."""
     if method == "uniform":
         return LinearMerge(soup_weights(weights, n))
+    if method != "task-arithmetic":  # a method registered as streamed needs its sum here
+        raise ValueError(f"merge method {method!r} is registered as streamed, but "
+                         "linear_merge sums only uniform and task-arithmetic")
     scales = [float(scale)] * n if isinstance(scale, (int, float)) else list(scale)
     return LinearMerge(scales, base)
