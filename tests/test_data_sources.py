@@ -479,7 +479,8 @@ def test_a_template_with_two_slots_is_refused():
 
     assert check_templates(["a {} photo", "a {c}."], "toy") == ["a {} photo", "a {}."]
     with pytest.raises(ConfigError, match=r"^templates of data source 'toy': every prompt needs "
-                                          r"one '\{\}' where the class goes; not 'a \{\} of \{\}'$"):
+                                          r"one '\{\}' where the class goes and every other "
+                                          r"brace doubled .*; not 'a \{\} of \{\}'$"):
         check_templates(["a {} photo", "a {} of {}"], "toy")
 
 
@@ -495,7 +496,9 @@ def test_a_template_with_another_format_field_is_refused(template):
                                           r"brace doubled \('\{\{' for a literal '\{'\); not "
                                           + re.escape(repr(template)) + "$"):
         check_templates(["a {} photo", template], "toy")
-    assert check_templates(["a {} of {{x}}"], "toy") == ["a {} of {{x}}"]
+    # doubled braces are literal, '{{}}' too: the class still goes in once
+    assert check_templates(["a {} of {{x}}", "show {{}} as {}"], "toy") == \
+        ["a {} of {{x}}", "show {{}} as {}"]
 
 
 @pytest.mark.parametrize("spec", ["data.train={source: {source: shapes}}",

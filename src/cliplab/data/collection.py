@@ -413,7 +413,7 @@ def _memory_items(spec: dict, progress: bool) -> Iterator[Item]:
 
     data = load_source(spec, progress)
     name = spec["source"]
-    refuse_multilabel(data, "data", "image-text pairs or labelled images")
+    refuse_multilabel(data, "data")
     for i in range(len(data)):
         image = data.images[i].numpy()
         if isinstance(data, ImageTextPairs):

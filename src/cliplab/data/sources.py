@@ -279,10 +279,10 @@ def checked_templates(templates: object) -> tuple[list[str], str | None]:
         return [], (f"must be a non-empty list of prompts, e.g. ['a photo of a {{}}.'], got "
                     f"{templates!r}")
     templates = [t.replace("{c}", "{}") if isinstance(t, str) else t for t in templates]
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
     if bad:
         return templates, f"every prompt needs one '{{}}' where the class goes; not {bad[0]!r}"
-    bad = [t for t in templates if not _formats_once(t)]
+    bad = [t for t in templates if not _formats_once(t)]  # a second '{}', another field
     if bad:
         return templates, ("every prompt needs one '{}' where the class goes and every other "
                            f"brace doubled ('{{{{' for a literal '{{'); not {bad[0]!r}")
@@ -301,11 +301,12 @@ def _formats_once(template: str) -> bool:
 def as_pairs(data: Dataset, where: str = "data") -> ImageTextPairs:
     """Pairs as they are; labelled images become one caption per template, grouped by class;
     multi-label images are a one-line error naming ``where``."""
-    refuse_multilabel(data, where, "image-text pairs or labelled images")
+    refuse_multilabel(data, where)
     return data if isinstance(data, ImageTextPairs) else labelled_to_pairs(data)
 
 
-def refuse_multilabel(data: Dataset, where: str, needs: str) -> None:
+def refuse_multilabel(data: Dataset, where: str,
+                      needs: str = "image-text pairs or labelled images") -> None:
     """A one-line `ConfigError` when ``data`` is multi-label images, which only the
     ``multilabel_zeroshot`` task reads (there is no one caption or label to give an image)."""
     if isinstance(data, MultiLabelImages):

@@ -61,7 +61,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
                             image_format=config.image_format, quality=config.quality,
                             overwrite=overwrite, progress=progress, where="data")
     data = load_source(spec, progress, "data")  # an in-memory source (shapes, digits, ...)
-    refuse_multilabel(data, "data", "image-text pairs or labelled images")
+    refuse_multilabel(data, "data")
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
                         overwrite=overwrite, source=spec, progress=progress)
