@@ -218,7 +218,8 @@ def test_an_image_stack_of_different_shapes_is_squared_as_stack_images_squares_t
 
 def test_a_pillow_without_avif_reads_what_it_can_and_refuses_the_rest_as_unidentified():
     """Pillow before 11.2 has no AVIF plugin: naming it among the formats made every file the
-    others refuse a ``KeyError: 'AVIF'`` (a 500 for a text upload to the server)."""
+    others refuse a ``KeyError: 'AVIF'`` (a 500 for a text upload to the server); the server's
+    415 no longer offers AVIF there."""
     import subprocess
     import sys
 
@@ -230,7 +231,15 @@ def test_a_pillow_without_avif_reads_what_it_can_and_refuses_the_rest_as_unident
         "try:\n"
         "    open_image(b'plain text, no image')\n"
         "except UnidentifiedImageError:\n"
-        "    print('unidentified')\n")
+        "    print('unidentified')\n"
+        "from starlette.exceptions import HTTPException\n"
+        "from cliplab.serve.image_files import read_upload\n"
+        "try:\n"
+        "    read_upload(b'plain text, no image', 'file', None)\n"
+        "except HTTPException as err:\n"
+        "    print(err.status_code, err.detail)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.strip() == "unidentified", done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [
+        "unidentified", "415 file is not an image in a format cliplab reads (PNG, JPEG, WebP, "
+        "GIF, BMP, TIFF, PPM, JPEG 2000)"], done.stderr[-2000:]

@@ -17,7 +17,7 @@ from typing import NoReturn
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from cliplab.data.images import fit_to_model, open_image
+from cliplab.data.images import READ_FORMATS, fit_to_model, open_image
 from cliplab.models.preprocess import HIGH_DEPTH_MODES, PreprocessConfig, convert_image, upright
 from cliplab.serve.middleware import RETRY_AFTER_S
 
@@ -108,8 +108,9 @@ def _decode(data: bytes, what: str) -> Image.Image:
     except HTTPException:
         raise
     except Exception:  # PIL's decoders raise many types on odd files: each is an unreadable one
+        avif = ", AVIF" if "AVIF" in READ_FORMATS else ""  # Pillow 11.2 on
         fail(415, f"{what} is not an image in a format cliplab reads (PNG, JPEG, WebP, GIF, BMP, "
-             "TIFF, PPM, JPEG 2000, AVIF)")
+             f"TIFF, PPM, JPEG 2000{avif})")
 
 
 def sniffed_type(source: bytes | Path) -> str | None:
