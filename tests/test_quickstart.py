@@ -46,7 +46,8 @@ def test_quickstart_config_rejects_unknown_keys():
         quickstart_config({"model": {"preset": "lit-minilm"}})
     assert quickstart_config({}).data.heldout == ["Shirt", "Sneaker", "Bag"]
     # no held-out class failed only after training, with an IndexError
-    with pytest.raises(ConfigError, match=r"data\.heldout: .*at least 1 item"):
+    with pytest.raises(ConfigError, match=r"data\.heldout: holds 0 classes: .*hold out two at "
+                                          r"least$"):
         quickstart_config({"data": {"heldout": []}})
     with pytest.raises(ConfigError, match=r"data\.train_limit: expected greater than 0"):
         quickstart_config({"data": {"train_limit": 0}})

@@ -18,9 +18,9 @@ class Spec(TaskSpecBase):
     ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1)
 
     def check(self, context: TaskContext) -> None:
-        """A ``ks`` given at or beyond the candidates of either direction (images for a
-        caption, captions for an image) would rank every candidate a hit: 1.0 whatever the
-        model. The default ``ks`` on a small set is capped per direction by
+        """A ``ks`` given at or beyond the images would rank every image a hit for each
+        caption: text-to-image recall 1.0 whatever the model (the images are the fewer
+        candidates). The default ``ks`` on a small set is capped per direction by
         `retrieval_metrics`, under the key asked for."""
         if "ks" not in self.model_fields_set:
             return
