@@ -15,7 +15,7 @@ from cliplab.models.spec import ModelField
 
 class MergeConfig(Section):
     """``models``: the model, checkpoint or run folders to merge (or ``--models``); ``base``:
-    the pretrained model they were fine-tuned from (the methods of task vectors need it);
+    the pretrained model they were fine-tuned from (model-stock and the task-vector methods);
     ``heldout``: one eval task (the `cliplab eval` suite schema) scoring every candidate by
     ``metric``."""
 

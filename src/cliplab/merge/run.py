@@ -181,7 +181,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     inputs = MergeInputs(states, names, base.state if base else None, scores, evaluate,
                          progress, **{key: getattr(cfg, key) for key in method_keys()})
     if summed is not None:
-        record.update({"weights": cfg.weights} if method == "uniform" else {"scale": cfg.scale})
+        record.update({key: getattr(cfg, key) for key in MERGE_METHODS[method].keys})
         merged = summed.result()
     else:
         merged = MERGE_METHODS[method](inputs, record)
