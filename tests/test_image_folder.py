@@ -172,3 +172,75 @@ def test_more_class_names_than_folders_is_an_error(folder):
     with pytest.raises(DataError, match="classnames.txt: 3 class names for 2 class folders "
                                         r"\(golden_retriever, tabby_cat\); give one name per folder"):
         load_image_folder(folder, progress=False)
+
+
+def test_a_link_back_to_the_root_or_into_another_class_is_not_read_as_this_class(folder):
+    """A link inside a class folder to the dataset's root, to another class folder or into one
+    would label that class's images as this class too (they were read twice, once mislabelled):
+    it is not followed, and each image keeps its own class once."""
+    from cliplab.data.image_folder import list_class_folder
+
+    (folder / "golden_retriever" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "golden_retriever" / "cats").symlink_to(folder / "tabby_cat",
+                                                       target_is_directory=True)
+    (folder / "tabby_cat" / "deeper").mkdir()
+    _write(folder / "tabby_cat" / "deeper" / "d.png", np.zeros((8, 8, 3), np.uint8))
+    (folder / "golden_retriever" / "deep").symlink_to(folder / "tabby_cat" / "deeper",
+                                                       target_is_directory=True)
+    (folder / "tabby_cat" / "dogs").symlink_to(folder / "golden_retriever" / "nested",
+                                               target_is_directory=True)
+    files = list_class_folder(folder).files
+    assert [(label, str(f.relative_to(folder))) for label, f in files] == [
+        (0, "golden_retriever/a.png"), (0, "golden_retriever/nested/b.png"),
+        (1, "tabby_cat/broken.jpg"), (1, "tabby_cat/c.png"), (1, "tabby_cat/deeper/d.png")]
+    assert load_image_folder(folder, progress=False).labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_linked_class_folder_and_a_folder_linked_from_outside_are_still_read(folder, tmp_path):
+    """What the loop rule must not stop: a class folder that is itself a link (even to another
+    class's folder: both classes read it, as before) and a linked folder outside the root."""
+    from cliplab.data.image_folder import list_class_folder
+
+    outside = tmp_path / "outside"
+    _write(outside / "o.png", np.zeros((8, 8, 3), np.uint8))
+    (folder / "tabby_cat" / "more").symlink_to(outside, target_is_directory=True)
+    (folder / "tabby_kitten").symlink_to(folder / "tabby_cat", target_is_directory=True)
+    labels = [label for label, _ in list_class_folder(folder).files]
+    assert labels == [0, 0, 1, 1, 1, 2, 2, 2]  # kitten: broken.jpg, c.png, more/o.png
+
+
+def test_a_caption_or_metadata_file_with_a_mixed_case_suffix_is_read(folder):
+    """`a.Txt` / `b.Json` were counted as sidecars (not skipped) but never read: the caption
+    silently became the folder's name. Any case of the suffix is read, as `.txt` and `.TXT`."""
+    from cliplab.data.collection import iter_items
+
+    cats = folder / "tabby_cat"
+    (cats / "c.Txt").write_text("a blue square", encoding="utf-8")
+    (cats / "c.Json").write_text('{"source": "camera"}', encoding="utf-8")
+    items = {item.key: item for item in iter_items({"source": "image-folder",
+                                                    "path": str(folder)})}
+    assert items["tabby_cat/c.png"].caption == "a blue square"
+    assert items["tabby_cat/c.png"].meta["source"] == "camera"
+    (cats / "c.Txt").unlink()  # the folder changed: not the caption it had
+    items = {item.key: item for item in iter_items({"source": "image-folder",
+                                                    "path": str(folder)})}
+    assert items["tabby_cat/c.png"].caption == "tabby cat"
+
+
+def test_a_folder_reached_by_links_too_is_read_by_its_own_path(tmp_path):
+    """A folder and two links to it: which path was read (its key and caption) followed the
+    order the file system lists entries in. Its own path wins; among links only, the first
+    in sorted order."""
+    from cliplab.data.collection import iter_items
+
+    root = tmp_path / "lnk"
+    _write(root / "real" / "p.png", np.zeros((8, 8, 3), np.uint8))
+    for name in ("alias", "zz"):
+        (root / name).symlink_to(root / "real", target_is_directory=True)
+    spec = {"source": "image-folder", "path": str(root)}
+    assert [(item.key, item.caption) for item in iter_items(spec)] == [("real/p.png", "real")]
+    outside = tmp_path / "outside"
+    _write(outside / "q.png", np.zeros((8, 8, 3), np.uint8))
+    for name in ("zb", "za"):
+        (root / name).symlink_to(outside, target_is_directory=True)
+    assert [item.key for item in iter_items(spec)] == ["real/p.png", "za/q.png"]

@@ -132,6 +132,23 @@ def test_a_manifest_and_a_caption_folder_of_mixed_sizes_keep_each_images_size(tm
     assert index["image_format"] == "jpg" and "classnames" not in index
 
 
+
+def test_a_folder_of_images_without_sub_folders_is_sharded_as_index_reads_it(tmp_path):
+    """A flat folder of images (no class folders, no captions) was refused by `data shard`
+    ("no class sub-folders") though `index` and `curate` read it, captioned by file name."""
+    from cliplab.data.collection import iter_items
+
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "flat"
+    _save(folder / "a_red_car.png", _noise(rng, 8, 8))
+    _save(folder / "b.png", _noise(rng, 8, 8))
+    spec = {"source": "image-folder", "path": str(folder)}
+    _shard(spec, tmp_path / "s", image_format="png")
+    _, samples = _tar_samples(tmp_path / "s")
+    indexed = [item.caption for item in iter_items(spec)]
+    assert [txt for _, txt, _, _ in samples] == indexed == ["a red car", "b"]
+    assert with_folder_captions({**spec, "captions": False}) == {**spec, "captions": False}
+
 # ---- (2) the set is never whole in memory ---------------------------------------------------
 
 def test_sharding_a_folder_does_not_materialise_the_set(tmp_path):

@@ -21,6 +21,8 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 import os
 from dataclasses import dataclass, field
@@ -43,12 +45,16 @@ class FolderFiles:
     skipped: list[tuple[str, Path]] = field(default_factory=list)
 
 
-def list_folder(root: Path, top: Path | None = None, recursive: bool = True) -> FolderFiles:
+def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
+                elsewhere: tuple[Path, ...] = ()) -> FolderFiles:
     """Every image under ``root`` (sorted; in its sub-folders too when ``recursive``) and the
     files skipped with their reason. ``top`` is the dataset's root when ``root`` is one of its
-    class folders (its template and class-name files are not skipped as non-images)."""
+    class folders (its template and class-name files are not skipped as non-images);
+    ``elsewhere`` are folders read on their own (the other class folders): a linked folder
+    that leads into one of them, or to a folder holding one, is not followed, so no image is
+    read twice under two labels."""
     top = root if top is None else top
-    entries = sorted(_scan(root, recursive), key=lambda found: found[0])  # as Paths sort
+    entries = sorted(_scan(root, recursive, elsewhere), key=lambda found: found[0])  # as Paths sort
     stems = {(parts[:-1], _stem(entry.name)) for parts, entry in entries
              if _suffix(entry.name).lower() in IMAGE_SUFFIXES and entry.is_file()}
     found = FolderFiles()
@@ -69,20 +75,28 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True) -> 
     return found
 
 
-def _scan(root: Path, recursive: bool) -> list[tuple[tuple[str, ...], os.DirEntry]]:
+def _scan(root: Path, recursive: bool, elsewhere: tuple[Path, ...] = ()
+          ) -> list[tuple[tuple[str, ...], os.DirEntry]]:
     """Every visible entry of ``root`` with its path's parts below it; ``recursive``: the files
     (and links to nothing) of every visible folder under it instead, following linked folders
-    as the labelled reader's class folders do (each real folder once: a link loop ends). Folders
-    that cannot be read are passed over, as `os.walk` does. `os.scandir` knows most entries'
-    kind without a `stat` per file (an ImageNet-sized folder lists several times faster)."""
+    as the labelled reader's class folders do (each real folder once, and none holding
+    ``root``: a link loop ends; below ``root`` none inside, or holding, a folder
+    ``elsewhere``). A folder reached by several paths is read by its own path, or else by the
+    first link in sorted order, whatever order the file system lists them in. Folders that
+    cannot be read are passed over, as `os.walk` does. `os.scandir` knows most entries' kind
+    without a `stat` per file (an ImageNet-sized folder lists several times faster)."""
     found: list[tuple[tuple[str, ...], os.DirEntry]] = []
     seen: set[str] = set()
-    folders = [(str(root), ())]
-    while folders:
-        folder, parts = folders.pop()
+    top = os.path.realpath(root)
+    others = [os.path.realpath(folder) for folder in elsewhere]
+    folders: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
+    links: list[tuple[tuple[str, ...], str]] = []  # a heap: linked folders once no other is left
+    while folders or links:
+        folder, parts = folders.pop() if folders else heapq.heappop(links)[::-1]
         if recursive:
             real = os.path.realpath(folder)
-            if real in seen:
+            if real in seen or (parts and _nested(top, real)) or (parts and any(
+                    _nested(real, other) or _nested(other, real) for other in others)):
                 continue
             seen.add(real)
         try:
@@ -92,10 +106,18 @@ def _scan(root: Path, recursive: bool) -> list[tuple[tuple[str, ...], os.DirEntr
             continue
         for entry in visible:
             if recursive and _is_folder(entry):
-                folders.append((entry.path, (*parts, entry.name)))
+                if entry.is_symlink():
+                    heapq.heappush(links, ((*parts, entry.name), entry.path))
+                else:
+                    folders.append((entry.path, (*parts, entry.name)))
             else:
                 found.append(((*parts, entry.name), entry))
     return found
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """Whether the real path ``inner`` is ``outer`` or a folder inside it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -118,11 +140,35 @@ def _stem(name: str) -> str:
 
 
 def sidecar(image: Path, suffix: str) -> Path | None:
-    """The ``.txt`` / ``.json`` file (either case) beside ``image`` with its name, if any."""
+    """The ``.txt`` / ``.json`` file beside ``image`` with its name, if any: its suffix in any
+    case (``a.Txt``), as `list_folder` takes it for a sidecar rather than a skipped file."""
     for candidate in (suffix, suffix.upper()):
         if (path := image.with_suffix(candidate)).is_file():
             return path
-    return None
+    try:
+        changed = os.stat(image.parent).st_mtime_ns
+    except OSError:
+        return None
+    name = _mixed_case_sidecars(str(image.parent), changed).get(_stem(image.name) + suffix)
+    return image.parent / name if name else None
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed_case_sidecars(folder: str, changed: int) -> dict[str, str]:
+    """The files of ``folder`` (as it was when last ``changed``) with a sidecar suffix in
+    mixed case, by their name with the suffix lower-cased: listed once per folder, not once
+    per image that has no plain ``.txt``."""
+    found = {}
+    try:
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                suffix = _suffix(entry.name)
+                if suffix.lower() in SIDECAR_SUFFIXES and suffix not in (
+                        suffix.lower(), suffix.upper()) and entry.is_file():
+                    found[_stem(entry.name) + suffix.lower()] = entry.name
+    except OSError:
+        pass
+    return found
 
 
 class SkippedFile(OSError):
@@ -180,9 +226,18 @@ def image_metadata(image: Path) -> dict:
 
 
 def with_folder_captions(spec: dict) -> dict:
-    """``spec``, an image folder holding ``NAME.txt`` captions read as those (``captions:
-    true``, `cliplab.data.folder_files`' rule) unless the spec says ``captions`` itself."""
+    """``spec``, an image folder read as pairs by `cliplab.data.folder_files`' rule (``captions:
+    true``) when it holds ``NAME.txt`` captions or has no sub-folder (its images captioned by
+    their file names, as ``index`` and ``curate`` read it; it has no class folders to be read
+    as labelled images), unless the spec says ``captions`` itself."""
     if spec.get("source") != "image-folder" or "captions" in spec or "path" not in spec:
         return spec
     path = Path(str(spec["path"])).expanduser()
-    return {**spec, "captions": True} if path.is_dir() and is_caption_folder(path) else spec
+    if not path.is_dir():
+        return spec
+    try:
+        flat = not any(found.is_dir() for found in path.iterdir()
+                       if not found.name.startswith("."))
+    except OSError:  # unreadable: the reader names it
+        return spec
+    return {**spec, "captions": True} if flat or is_caption_folder(path) else spec

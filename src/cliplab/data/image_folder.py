@@ -10,7 +10,8 @@ other files, and images outside a class folder are skipped and counted with thei
 
 ``captions: true`` reads the folder as image-text pairs instead, by the caption rule every
 reader of folders as pairs shares (`cliplab.data.folder_files`): ``NAME.txt`` beside an image
-is its caption; ``data shard`` does so by itself when any image has one.
+is its caption; ``data shard`` and ``pretrain`` do so by themselves when any image has one or
+the folder has no sub-folder (its images are captioned by their file names).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def list_class_folder(root: Path, templates: list[str] | None = None) -> ClassFo
         skipped.add(reason, str(path))
     files = []
     for label, folder in enumerate(folders):
-        listed = list_folder(folder, top=root)
+        # a link inside a class folder back to the root or into another class is not followed
+        elsewhere = (*folders[:label], *folders[label + 1:])
+        listed = list_folder(folder, top=root, elsewhere=elsewhere)
         files += [(label, f) for f in listed.images]
         for reason, path in listed.skipped:
             skipped.add(reason, str(path))
