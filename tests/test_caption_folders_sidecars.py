@@ -183,3 +183,38 @@ def test_an_empty_caption_file_is_skipped_by_the_loader_as_by_data_shard(tmp_pat
     captions = {i.key: i.caption for i in iter_items({"source": "image-folder",
                                                       "path": str(folder)})}
     assert captions == {"a.png": "a red square", "b.png": "", "c.png": "", "d.png": "a blue one"}
+
+
+def test_a_foreign_shards_txt_is_one_caption_and_one_not_utf8_is_skipped_everywhere(tmp_path):
+    """A shard another tool wrote (img2dataset: `KEY.txt`, no captions list): a caption with a
+    newline was split into two captions by the loader and `data shard` but kept whole by
+    `index`/`curate`; a Latin-1 caption was read with its bytes replaced (U+FFFD) everywhere,
+    though a folder's skips it. Now every reader keeps the text whole and skips the Latin-1 one
+    as `bad_caption`."""
+    import io
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(png, format="PNG")
+    parts = [("000000001.png", png.getvalue()), ("000000001.txt", "caf\xe9".encode("latin-1")),
+             ("000000002.png", png.getvalue()),
+             ("000000002.txt", b"a photo of a dog\nsitting on the grass\n")]
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for name, data in parts:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = "a photo of a dog\nsitting on the grass"
+    spec = {"source": "shards", "path": str(folder)}
+    pairs = load_source({**spec, "progress": False})
+    assert pairs.captions == [[whole]] and pairs.skipped.counts == {"bad_caption": 1}
+    items = list(iter_items(spec))
+    assert [item.caption for item in items] == ["", whole]
+    with pytest.raises(PIL_ERRORS) as err:
+        items[0].read()
+    assert skip_reason(err.value) == "bad_caption" and "00000.tar:000000001" in str(err.value)
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert _shard_captions(out) == {"00000.tar:000000002": whole}
+    assert json.loads((out / "index.json").read_text())["skipped"]["counts"] == {"bad_caption": 1}

@@ -26,7 +26,7 @@ from PIL import Image
 from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
                                        image_metadata, list_folder)
 from cliplab.data.images import open_image, to_pil
-from cliplab.data.shards.samples import damage_text, image_part
+from cliplab.data.shards.samples import BadCaption, damage_text, image_part, txt_caption
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
@@ -348,7 +348,12 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
     image = members.get(image_part(members) or "")  # the member training and eval read
     caption, meta = "", {}
     if "txt" in members:
-        caption = read_range(tar, *members["txt"][:2]).decode("utf-8", "replace").strip()
+        try:
+            caption = txt_caption(read_range(tar, *members["txt"][:2]), f"{tar.name}:{key}")
+        except BadCaption as err:
+            def bad(err=err):
+                raise SkippedFile(err.reason, str(err))
+            return Item(f"{tar.name}:{key}", "", {"tar": str(tar), "offset": 0, "size": 0}, bad)
     if "json" in members:
         try:
             meta = json.loads(read_range(tar, *members["json"][:2]))

@@ -155,16 +155,34 @@ class SampleMeta(NamedTuple):
     partner_key: str | None
 
 
+class BadCaption(ValueError):
+    """A sample's ``.txt`` part that is not UTF-8 text: skipped and counted (``bad_caption``),
+    as a folder's ``NAME.txt`` is, never read with its bytes replaced."""
+
+    reason = "bad_caption"
+
+
+def txt_caption(data: bytes, where: str) -> str:
+    """A ``.txt`` part as one caption, whole (img2dataset and webdataset write one caption per
+    sample; a newline inside is part of it), stripped; `BadCaption` naming ``where`` if it is
+    not UTF-8 text."""
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise BadCaption(f"{where}: caption not UTF-8 text") from None
+
+
 def sample_meta(raw: dict) -> SampleMeta:
-    """Captions from the ``.json`` metadata's ``captions`` list, else the ``.txt`` lines; the
-    metadata's integer ``group`` and string ``partner_key``, else None.
+    """Captions from the ``.json`` metadata's ``captions`` list (cliplab's shards), else the
+    ``.txt`` part as one caption (`txt_caption`); the metadata's integer ``group`` and string
+    ``partner_key``, else None. `BadCaption` if the ``.txt`` is not UTF-8 text,
     ``ValueError``/``UnicodeDecodeError`` if the metadata is unreadable."""
     meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
     caps = meta.get("captions")
     if not isinstance(caps, list):
-        caps = text_lines(raw["txt"]) if "txt" in raw else []
+        caps = [txt_caption(raw["txt"], sample_key(raw))] if "txt" in raw else []
     group, partner = meta.get("group"), meta.get("partner_key")
     return SampleMeta([c.strip() for c in caps if isinstance(c, str) and c.strip()],
                       group if isinstance(group, int) and not isinstance(group, bool) else None,
@@ -172,5 +190,6 @@ def sample_meta(raw: dict) -> SampleMeta:
 
 
 def text_lines(data: bytes) -> list[str]:
-    """The non-empty stripped lines of a ``.txt`` part (undecodable bytes replaced)."""
+    """The non-empty stripped lines of a ``.txt`` part (undecodable bytes replaced): a
+    CLIP_benchmark retrieval set's captions of one image, one per line."""
     return [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
