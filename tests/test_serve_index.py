@@ -223,6 +223,32 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     assert (tmp_path / "idx" / "images" / "39.png").is_file()
 
 
+def test_add_of_a_manifest_takes_appended_rows_and_refuses_rows_moved_above(model_dir, tmp_path):
+    """A manifest's items are keyed by row number and image: a row inserted above the end
+    re-keyed every row below, and `--add` indexed each of their images a second time
+    (silently). Rows appended at the end are added; rows moved are refused, naming the row,
+    before anything is embedded, and the index stays as it was."""
+    _image_folder(tmp_path / "photos")
+    manifest = tmp_path / "m.csv"
+    rows = ["photos/reds/img_1.png,one", "photos/reds/img_3.png,two", "photos/reds/img_5.png,three"]
+    manifest.write_text("image,caption\n" + "\n".join(rows[:2]) + "\n")
+    build(model_dir, str(manifest), tmp_path / "idx")
+    index_json = (tmp_path / "idx" / "index.json").read_bytes()
+    manifest.write_text("image,caption\n" + "\n".join([rows[2], *rows[:2]]) + "\n")
+    with pytest.raises(DataError, match=r"^--add: m.csv row 1 is 'photos/reds/img_5.png' now, but "
+                                        r"the index holds row 1 as 'photos/reds/img_1.png'"):
+        build(model_dir, str(manifest), tmp_path / "idx", add=True)
+    assert (tmp_path / "idx" / "index.json").read_bytes() == index_json
+    assert not (tmp_path / "idx.partial").exists()
+    manifest.write_text("image,caption\n" + "\n".join(rows[1:]) + "\n")  # row 1 removed
+    with pytest.raises(DataError, match="m.csv row 1 is 'photos/reds/img_3.png' now"):
+        build(model_dir, str(manifest), tmp_path / "idx", add=True)
+    manifest.write_text("image,caption\n" + "\n".join(rows) + "\n")  # one appended
+    record = build(model_dir, str(manifest), tmp_path / "idx", add=True)
+    assert record["count"] == 3 and record["already_indexed"] == 2
+    keys = [row["key"] for row in SearchIndex(tmp_path / "idx").items(range(3)).values()]
+    assert keys == [f"m.csv:{i + 1}:{row.split(',')[0]}" for i, row in enumerate(rows)]
+
 def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys):
     """Items the index holds are counted in the run's message, not listed as skipped; a file
     skipped before is not listed again, however often its folder is added."""

@@ -158,6 +158,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     request = {"model": _model_record(cfg), "fingerprint": fingerprint, "towers": towers,
                "data": spec, "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
                "collection": cfg.collection}
+    if existing is not None and spec["source"] == "manifest":
+        _refuse_moved_rows(spec, out, key_prefix(spec, existing))
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
@@ -439,6 +441,33 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
     bar.close()
     state["phase"] = "finishing"
     write_json(work / PROGRESS_FILE, state)
+
+
+def _refuse_moved_rows(spec: dict, out: Path, prefix: str) -> None:
+    """Before an ``--add`` of a manifest embeds anything: its items are keyed by row number and
+    image (``NAME:ROW:IMAGE``), so a row inserted, removed or moved above the manifest's end
+    would re-key every row below it and index each of their images again, silently twice. A
+    new key whose row the index holds with another image is refused, naming both."""
+    start = prefix + Path(spec["path"]).name + ":"
+    _, items = open_collection(spec, progress=False)  # rows only: no image is read
+    before = MetadataStore(out / META_FILE, readonly=True)
+    try:
+        for chunk in iter(lambda: [prefix + item.key for item in itertools.islice(items, 500)],
+                          []):
+            indexed = before.has_keys(chunk)
+            for key in (key for key in chunk if key not in indexed and key.startswith(start)):
+                row = key[:key.find(":", len(start)) + 1]
+                held = before.key_starting(row) if row.endswith(":") else None
+                if held is not None:
+                    number, manifest = row[len(start):-1], Path(spec["path"]).name
+                    raise DataError(
+                        f"--add: {manifest} row {number} is {key[len(row):]!r} now, but the "
+                        f"index holds row {number} as {held[len(row):]!r}: rows were inserted, "
+                        "removed or reordered since it was indexed, and an --add knows a "
+                        "manifest's rows by their number (it takes rows appended at the end); "
+                        "rebuild the index with `cliplab index`")
+    finally:
+        before.close()
 
 
 def _gather_vectors(work: Path, state: dict, dim: int) -> np.ndarray:

@@ -70,6 +70,15 @@ class MetadataStore:
             return {k for (k,) in self._db.execute(
                 f"SELECT key FROM items WHERE key IN ({marks})", list(keys))}
 
+    def key_starting(self, start: str) -> str | None:
+        """An indexed key that begins with ``start`` (a non-empty string), if any: one indexed
+        range query (SQLite compares text by its UTF-8 bytes, as this bound assumes)."""
+        end = start[:-1] + chr(ord(start[-1]) + 1)
+        with self._lock:
+            row = self._db.execute("SELECT key FROM items WHERE key >= ? AND key < ? LIMIT 1",
+                                   (start, end)).fetchone()
+        return row[0] if row else None
+
     def get_many(self, ids: Sequence[int]) -> dict[int, dict]:
         """Rows by id (ids not in the index are absent)."""
         out: dict[int, dict] = {}
