@@ -164,6 +164,26 @@ def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_an_out_under_the_home_folder_is_written_there_from_the_command_line_and_a_config(
+        tmp_path, monkeypatch):
+    """`--out '~/run'` (quoted, or from a script) and a config's `out: ~/run` (YAML meets no
+    shell) made a folder literally named `~` below the working folder: `~` is the home."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    args = ["pretrain", "--config", str(recipe), "--no-progress", "data.train.n=32",
+            "train.batch_size=16", "train.steps=1", "train.epochs=null", "eval=null",
+            "model.options.width=32", "model.options.layers=1", "model.options.embed_dim=16"]
+    assert main([*args, "--out", "~/run"]) == 0
+    assert main([*args, "out=~/run2"]) == 0
+    assert main(["merge", "--method", "uniform", "--models", str(home / "run"),
+                 str(home / "run2"), "--out", "~/soup"]) == 0
+    assert {p.name for p in home.iterdir()} == {"run", "run2", "soup"}
+    assert (home / "run" / "checkpoints").is_dir() and not (work / "~").exists()
+
 def test_a_run_refused_at_its_start_leaves_no_folder(tmp_path, capsys):
     """A run that fails before its first step (its config written, nothing else) removes the
     folder it made, so the corrected command starts clean; a folder that was there stays."""

@@ -811,3 +811,26 @@ def test_a_stopped_data_shard_run_is_never_read_as_the_whole_set(tmp_path, monke
     assert main([*again, "--overwrite"]) == 0
     assert not (out / UNFINISHED_FILE).exists()
     assert len(load_source({"source": "shards", "path": str(out)}).captions) == 60
+
+
+def test_a_home_folder_in_a_path_is_the_home_folder_for_every_reader_and_data_shard(
+        tmp_path, monkeypatch, shard_dir):
+    """`~` in a config's paths (where no shell expands it): data shard wrote into a folder
+    literally named `~` below the working folder, and a source's `path: ~/...` was "not
+    found", though index and curate expanded both."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "photos").mkdir(parents=True)
+    work.mkdir()
+    Image.new("RGB", (8, 8), "red").save(home / "photos" / "a.png")
+    (home / "photos" / "m.csv").write_text("image,caption\na.png,a red square\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["data", "shard", "--data", "~/photos/m.csv", "--out", "~/shards",
+                 "--no-progress"]) == 0
+    assert (home / "shards" / "index.json").is_file() and not (work / "~").exists()
+    pairs = load_source({"source": "shards", "path": "~/shards", "progress": False})
+    assert pairs.captions == [["a red square"]]
+    manifest = load_source({"source": "manifest", "path": "~/photos/m.csv"})
+    assert manifest.captions == [["a red square"]]
+    monkeypatch.setenv("HOME", str(shard_dir.parent))
+    assert len(ShardStream(f"~/{shard_dir.name}", shuffle=False).shards) == 9

@@ -17,6 +17,7 @@ parses numbers written as strings ("2e-3") in one place, and builds a JSON schem
 from __future__ import annotations
 
 import copy
+import os
 import re
 import sys
 import types
@@ -24,15 +25,19 @@ import typing
 from collections.abc import Collection, Mapping, Sequence
 from importlib import resources
 from pathlib import Path, PurePath
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from cliplab.errors import ConfigError
 
 S = TypeVar("S", bound="Section")
+
+# a folder a command writes (``out``), ``~`` read as the home folder: a config's paths meet no
+# shell (a folder named ``~`` was made)
+OutFolder = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class Section(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section, deep_merge, refuse_unused, validate
+from cliplab.config import OutFolder, Section, deep_merge, refuse_unused, validate
 from cliplab.data.fashion_mnist import (CLASSNAMES, PROMPT_NAMES, canonical_name, default_dir,
                                         load_fashion_mnist)
 from cliplab.data.pairs import class_indices, labelled_to_pairs, split_classes
@@ -106,7 +106,7 @@ class QuickstartConfig(Section):
     data: QuickstartData = QuickstartData()
     train: TrainConfig = TrainConfig(**DEFAULT_TRAIN)
     eval: QuickstartEval = QuickstartEval()
-    out: str | None = None
+    out: OutFolder | None = None
 
     @field_validator("model", mode="before")
     @classmethod

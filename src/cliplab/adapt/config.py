@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt import ADAPT_METHODS
 from cliplab.adapt.base import DEFAULT_SEED
-from cliplab.config import Section
+from cliplab.config import OutFolder, Section
 from cliplab.data.sources import DataSpecField
 from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
@@ -54,7 +54,7 @@ class AdaptConfig(Section):
     compare_zeroshot: bool = True
     cache_dir: str | None = None
     device: Device = "auto"  # where a model loaded from `model` runs (and trains by default)
-    out: str | None = None
+    out: OutFolder | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -50,7 +50,8 @@ def add_stage_arguments(p: argparse.ArgumentParser, out_help: str, example: str,
     """The arguments every stage command takes: ``--config YAML``, ``key=value`` overrides
     (``example`` shows some in ``--help``), ``--out DIR``, ``--no-progress`` and ``--debug``."""
     add_common(p, example, config_required)
-    p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--out", metavar="DIR", help=out_help,
+                   type=os.path.expanduser)
     add_debug(p)
 
 

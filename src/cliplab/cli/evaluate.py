@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="suite of tasks (copy one from configs/eval/); --suite is an alias")
     p.add_argument("--model", required=True, help=MODEL_SPECS)
     p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
-                   "run folder)")
+                   "run folder)",
+                   type=os.path.expanduser)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results.json of a previous eval --out")
     p.add_argument("--head", choices=("auto", "text"), default="auto",

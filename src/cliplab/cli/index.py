@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common(p, "index_type=hnsw batch_size=32")
     p.add_argument("--model", help=MODEL_SPECS)
     add_data_argument(p)
-    p.add_argument("--out", metavar="INDEX", help="index folder to write")
+    p.add_argument("--out", metavar="INDEX", help="index folder to write",
+                   type=os.path.expanduser)
     p.add_argument("--add", action="store_true", default=None,
                    help="append the collection to an existing index (keeping its backend, "
                    "Milvus URI and index type; a Milvus index moves to a fresh collection, the "

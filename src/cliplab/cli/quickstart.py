@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cliplab.cli.arguments import add_common, add_debug
@@ -17,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "classes, and a linear probe. Writes a run folder with config.yaml, "
                        "metrics.jsonl, the checkpoint and results.json.")
     add_common(p, "train.epochs=1 train.batch_size=128")
-    p.add_argument("--out", help="run folder (default runs/quickstart-<time>)")
+    p.add_argument("--out", help="run folder (default runs/quickstart-<time>)",
+                   type=os.path.expanduser)
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default "
                    "$CLIPLAB_FASHION_MNIST, else Debian's /usr/share/datasets/fashion-mnist)")
     add_debug(p)

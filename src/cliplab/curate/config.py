@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-from cliplab.config import Section, refuse_unused
+from cliplab.config import OutFolder, Section, refuse_unused
 from cliplab.curate.steps.base import StepSpecBase
 from cliplab.curate.steps.registry import step_spec
 from cliplab.data.collection import source_spec_field
@@ -60,7 +60,7 @@ class CurateConfig(Section):
     ray_address: str | None = None
     examples: int = Field(8, ge=0)
     device: Device = "auto"
-    out: str | None = None
+    out: OutFolder | None = None
 
     @field_validator("data", mode="before")
     @classmethod

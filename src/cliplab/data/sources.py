@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
 import typing
 from typing import Annotated, Any, Callable
 
@@ -29,6 +30,7 @@ Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
 ANY_DATA_OPTIONS = ["shift", "shift_seed"]
 LABELLED_DATA_OPTIONS = ["classes", "holdout", "templates"]
 COMMON_OPTIONS = sorted(ANY_DATA_OPTIONS + LABELLED_DATA_OPTIONS)
+PATH_OPTIONS = ("path", "root", "data_dir")  # a source's file or folder: ``~`` expanded
 
 SOURCES: dict[str, str] = {
     "fashion-mnist": "cliplab.data.fashion_mnist:load_fashion_mnist",
@@ -148,6 +150,8 @@ def check_options(spec: dict, where: str | None = None, typed_errors: bool = Fal
     for key in options:
         if key in params:
             spec[key] = getattr(checked, key)
+            if key in PATH_OPTIONS and isinstance(spec[key], str):  # as a shell would
+                spec[key] = os.path.expanduser(spec[key])
     return spec
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cliplab.config import Section, validate
+from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.output_folder import check_out
@@ -34,7 +34,7 @@ class ReportConfig(Section):
     per input) and ``plots`` (false: tables only)."""
 
     inputs: list[str] = []
-    out: str | None = None
+    out: OutFolder | None = None
     title: str = "cliplab report"
     names: list[str] | None = None
     plots: bool = True

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section, refuse_unused
+from cliplab.config import OutFolder, Section, refuse_unused
 from cliplab.merge.methods import MERGE_METHODS, method_keys, methods_reading, methods_with
 from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
@@ -22,7 +22,7 @@ class MergeConfig(Section):
     method: str
     models: list[ModelField] = Field(min_length=1)
     base: ModelField | None = None
-    out: str
+    out: OutFolder
     weights: list[Annotated[float, Field(ge=0)]] | None = None  # uniform: one per model (normalised)
     scale: float | list[float] = 1.0  # task-arithmetic, dare: λ, or one per model; ties: λ
     density: float = Field(0.2, gt=0, le=1)  # ties: fraction of each task vector kept

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from cliplab.config import Section
+from cliplab.config import OutFolder, Section
 from cliplab.data.collection import source_spec_field
 from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
@@ -17,7 +17,7 @@ class IndexConfig(Section):
 
     model: ModelField
     data: str | dict[str, Any]   # a source name or path, or a spec: read as `source_spec`
-    out: str
+    out: OutFolder
     add: bool = False                   # append to an existing index instead of refusing it
     # backend, uri, collection and index_type: None is the default, resolved by `build_index`
     # (a new index: faiss, auto, a fresh collection; --add: the index's own backend, uri and

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cliplab.config import Section, changed_key_paths, load_yaml, validate, value_at
+from cliplab.config import OutFolder, Section, changed_key_paths, load_yaml, validate, value_at
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
@@ -74,7 +74,7 @@ class PretrainConfig(Section):
     data: PretrainData
     train: TrainConfig = TrainConfig()
     eval: SuiteSpec | None = None
-    out: str | None = None
+    out: OutFolder | None = None
 
     @field_validator("eval", mode="before")
     @classmethod

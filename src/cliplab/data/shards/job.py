@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cliplab.config import Section, refuse_unused
+from cliplab.config import OutFolder, Section, refuse_unused
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
@@ -22,7 +22,7 @@ class ShardConfig(Section):
 
     renamed = {"source": "data.source (the source spec goes under data:)"}
     data: DataSpecField
-    out: str
+    out: OutFolder
     samples_per_shard: int = Field(1000, ge=1)
     image_format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(95, ge=1, le=100)
@@ -48,7 +48,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
     """Write ``config.data`` as shards; return the index. A source read from files (an image
     folder, a manifest, a shard folder) is read and written one image at a time, each image at
     its own size (`cliplab.data.shards.from_files`); an in-memory source is loaded whole."""
-    out = Path(config.out)
+    out = Path(config.out).expanduser()
     spec = config.data
     for key in ("path", "root"):
         if key in spec and same_folder(Path(str(spec[key])).resolve(), out.resolve()):

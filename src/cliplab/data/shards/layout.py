@@ -77,12 +77,13 @@ def index_counts(folder: Path) -> dict[str, int]:
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Local shard paths from a folder, a brace pattern (``::`` joins several) or a list.
+    """Local shard paths from a folder, a brace pattern (``::`` joins several) or a list
+    (``~`` is the home folder).
 
     Every path must exist; order is the folder index's, else sorted, else as given.
     """
     if isinstance(urls, (str, os.PathLike)):
-        text = str(urls)
+        text = os.path.expanduser(str(urls))
         if Path(text).is_dir():
             folder = Path(text)
             check_finished(folder)
@@ -98,7 +99,7 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
             paths = [Path(p) for p in expand_urls(text)]
     else:
-        paths = [Path(p) for p in urls]
+        paths = [Path(p).expanduser() for p in urls]
     if not paths:
         raise DataError("no shard paths given")
     for folder in dict.fromkeys(p.parent for p in paths):  # named one by one: their folders
