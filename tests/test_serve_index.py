@@ -207,6 +207,34 @@ def test_killed_while_finishing_is_resumed(model_dir, tmp_path, monkeypatch):
     assert SearchIndex(tmp_path / "idx").count == 40
 
 
+def test_killed_before_the_rename_is_put_in_place_by_its_own_command_only(model_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A kill after the index was complete but before `OUT.partial` became `OUT`: the same
+    command put it in place, then failed with a KeyError traceback (exit 1); another command
+    (other data) silently got the killed run's index. Now the first finishes with its summary,
+    exit 0; the second is refused, naming the stopped run's data."""
+    def die(*args, **kw):
+        raise Killed
+
+    photos = tmp_path / "photos"
+    _image_folder(photos)  # 6 images, a broken one, a text file
+    monkeypatch.setattr(build_module, "swap_in", die)
+    with pytest.raises(Killed):
+        build(model_dir, str(photos), tmp_path / "idx")
+    monkeypatch.undo()
+    assert (tmp_path / "idx.partial" / "index.json").is_file() and not (tmp_path / "idx").exists()
+    with pytest.raises(ConfigError, match=r"idx.partial is a complete index of another `cliplab "
+                                          r"index` run \(data \{'source': 'image-folder'"):
+        build(model_dir, {**SHAPES, "n": 12}, tmp_path / "idx")
+    command = ["index", "--model", str(model_dir), "--data", str(photos), "--out",
+               str(tmp_path / "idx"), "--no-progress"]
+    capsys.readouterr()
+    assert main(command) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"index {tmp_path / 'idx'}: 6 items (2 skipped)")
+    assert "skipped 2 item(s) (not_an_image=1, unreadable_image=1)" in err
+    assert SearchIndex(tmp_path / "idx").count == 6 and not (tmp_path / "idx.partial").exists()
+
 def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     build(model_dir, SHAPES, tmp_path / "idx")
     with pytest.raises(ConfigError, match="already exists.*--add"):

@@ -163,9 +163,20 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     work = partial_path(out)
     finished = read_index_json(work) if work.is_dir() else None
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
-        swap_in(work, out)  # killed after finishing, before the rename
+        # killed after finishing, before the rename: put in place only what this command asks
+        other = _another_request(finished, request, existing)
+        if other:
+            raise ConfigError(f"{work} is a complete index of another `cliplab index` run "
+                              f"({other}) that stopped before it was moved to {out}: rerun "
+                              "that command to put it in place, or delete the folder")
+        done = MetadataStore(work / META_FILE, readonly=True)
+        try:
+            skipped_now = done.skipped()[existing["skipped"] if existing else 0:]
+        finally:
+            done.close()
+        swap_in(work, out)
         _drop_replaced_collection(existing, finished)
-        return finished
+        return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now)}
     state = _open_work(work, out, request, existing)
     if cfg.backend == "milvus" and request["collection"] is not None:
         _check_collection(cfg.uri, state)  # a named one: refused before embedding
@@ -186,6 +197,19 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     _drop_replaced_collection(existing, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
             "skipped_now": skip_counts(skipped_now)}
+
+
+def _another_request(finished: dict, request: dict, existing: dict | None) -> str | None:
+    """How the complete index ``finished`` (an ``OUT.partial`` left by a kill before its
+    rename) was asked for otherwise than ``request`` (model, data, backend), or None."""
+    if finished.get("fingerprint") != request["fingerprint"]:
+        return f"model {finished['model']['name']}"
+    if finished.get("sources") != [*(existing or {}).get("sources", []), request["data"]]:
+        return f"data {(finished.get('sources') or [None])[-1]}"
+    if finished.get("backend") != request["backend"] or \
+            (finished.get("milvus") or {}).get("uri") != request["uri"]:
+        return f"backend {finished.get('backend')}"
+    return None
 
 
 def _check_appendable(out: Path) -> None:
