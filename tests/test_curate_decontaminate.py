@@ -1,5 +1,7 @@
 """The decontaminate step on a Fashion-MNIST pool with planted copies of evaluation images."""
 
+import contextlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,6 +106,33 @@ def test_perceptual_hash_alone_finds_the_exact_and_most_edited_copies_and_nothin
     assert reason == ("near duplicate of evaluation image eval_sets[0]:fashion-mnist#42 "
                       "(hash distance 0 <= 4)")
 
+
+def test_an_exact_copy_of_a_non_square_evaluation_image_is_found_whatever_the_sets_sizes(
+        tmp_path):
+    """An evaluation folder of mixed sizes is held as centre squares; the pool's copy of its
+    40x30 image was hashed whole, a quarter off, and kept even at hash distance 0. Both sides
+    are hashed in the centre-square frame: the copy is at 0, another image is not matched, in
+    a set of mixed sizes and in one of a single (non-square) size."""
+    rng = np.random.default_rng(0)
+
+    def noise(height, width):
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    land, other = noise(30, 40), noise(30, 40)
+    for name, sizes in (("mixed", [(30, 40), (40, 30), (50, 50)]), ("one_size", [(30, 40)])):
+        folder = tmp_path / name / "a"
+        folder.mkdir(parents=True)
+        land.save(folder / "land.png")
+        for i, (height, width) in enumerate(sizes[1:]):
+            noise(height, width).save(folder / f"x{i}.png")
+        spec = step_spec({"step": "decontaminate", "threshold": None, "hash_distance": 0,
+                          "eval_sets": [{"source": "image-folder", "path": str(tmp_path / name)}]},
+                         "test")
+        batch = PoolBatch(["copy", "other"], ["c", "o"], [land.copy(), other])
+        with pytest.warns(UserWarning) if len(sizes) > 1 else contextlib.nullcontext():
+            decision = run(spec, batch, tmp_path / f"work_{name}", chunks=1)
+        assert decision.keep.tolist() == [False, True], name
+        assert decision.report["matches"][0]["hash_distance"] == 0
 
 def test_embedding_alone_finds_every_planted_copy_and_nothing_else(pool, tmp_path, monkeypatch):
     monkeypatch.setattr(decontaminate, "embed_images", pixel_embeddings)

@@ -6,8 +6,9 @@ Two signals, computed against every image of the evaluation sets (embedded and h
 - the cosine similarity of the model's unit image embeddings (``threshold``), which catches
   re-encoded, resized, cropped or lightly edited copies;
 - the Hamming distance of 64-bit perceptual hashes (pHash: the signs of the low-frequency DCT
-  of a 32x32 grey thumbnail, `imagehash.phash`; ``hash_distance``), which needs no model and
-  catches exact and resized/noised copies even when the model is weak.
+  of a 32x32 grey thumbnail of the image's centre square, `imagehash.phash`;
+  ``hash_distance``), which needs no model and catches exact and resized/noised copies even
+  when the model is weak.
 
 A pool image is dropped when ``cosine >= threshold`` OR ``hash distance <= hash_distance``
 (either signal alone is evidence of a copy; set one to ``null`` to use only the other). The
@@ -98,6 +99,17 @@ def phash_bits(image: Image.Image) -> np.uint64:
     return np.uint64(int("".join("1" if b else "0" for b in bits), 2))
 
 
+def square_phash(image: Image.Image) -> np.uint64:
+    """`phash_bits` of ``image``'s centre square (its shorter side's): an evaluation set of
+    mixed sizes is held as centre squares (`stack_images`), so the pool's images are hashed in
+    that frame too, and an exact copy of a non-square evaluation image is at distance 0 (hashed
+    whole, it was a quarter off)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return phash_bits(image.crop((left, top, left + side, top + side)))
+
+
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``[len(a), len(b)]`` Hamming distances between two arrays of packed 64-bit hashes."""
     differ = a[:, None] ^ b[None, :]
@@ -177,7 +189,7 @@ class Decontaminate:
             for start in tqdm(range(0, len(images), step), desc=f"hash/embed {label}",
                               disable=not context.progress, leave=False):
                 pil = [_pil(im) for im in images[start:start + step]]
-                hashes += [phash_bits(im) for im in pil]
+                hashes += [square_phash(im) for im in pil]
                 if self.model is not None:
                     embeddings.append(embed_images(self.model, pil, self.spec.batch_size))
         if not self.labels:
@@ -193,7 +205,7 @@ class Decontaminate:
         """Per pool image: its best match by cosine and by hash, each with the other signal's
         value for that same evaluation image."""
         n = len(batch)
-        hashes = np.array([phash_bits(im) for im in batch.images], dtype=np.uint64)
+        hashes = np.array([square_phash(im) for im in batch.images], dtype=np.uint64)
         distances = hamming(hashes, self.eval_hashes) if n else np.zeros((0, len(self.labels)))
         if self.model is not None and n:
             sims = embed_images(self.model, batch.images, self.spec.batch_size) @ self.eval_embeddings.T
