@@ -170,6 +170,16 @@ def test_entries_file(tmp_path):
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(DataError, match="holds no entry"):
         decide(["a cat"], tmp_path, vocabulary=None, entries=str(tmp_path / "blank.txt"))
+    # Windows Notepad's byte-order mark and line ends: "\ufeffcat" matched no caption
+    path.write_bytes(b"\xef\xbb\xbfcat\r\n\r\n  red fox \r\ndog\r\n")
+    decision, _ = decide(["a cat", "a red fox", "an owl"], tmp_path, vocabulary=None,
+                         entries=str(path))
+    assert decision.keep.tolist() == [True, True, False]
+    assert list(decision.report["histogram_before"]) == ["cat", "red fox"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot read the entries file .*latin1.txt: .*not "
+                                          "valid UTF-8 text"):
+        decide(["a cat"], tmp_path, vocabulary=None, entries=str(tmp_path / "latin1.txt"))
 
 
 @pytest.mark.parametrize("data, message", [

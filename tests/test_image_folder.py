@@ -244,3 +244,13 @@ def test_a_folder_reached_by_links_too_is_read_by_its_own_path(tmp_path):
     for name in ("zb", "za"):
         (root / name).symlink_to(outside, target_is_directory=True)
     assert [item.key for item in iter_items(spec)] == ["real/p.png", "za/q.png"]
+
+
+def test_class_names_and_templates_saved_with_a_byte_order_mark_read_as_written(folder):
+    """Windows Notepad writes a byte-order mark: it was part of the first class name
+    ("\ufeffdog", so `classes: [dog]` was refused as unknown) and the first template."""
+    (folder / "classnames.txt").write_bytes(b"\xef\xbb\xbfdog\r\ncat\r\n")
+    (folder / "templates.txt").write_bytes(b"\xef\xbb\xbfa photo of a {c}.\r\n")
+    data = load_source({"source": "image-folder", "path": str(folder), "image_size": 4,
+                        "classes": ["dog"], "progress": False})
+    assert data.classnames == ["dog"] and data.templates == ["a photo of a {}."]

@@ -17,9 +17,10 @@ TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
 
 
 def read_lines(path: Path) -> list[str]:
-    """The non-empty stripped lines of a UTF-8 text file."""
+    """The non-empty stripped lines of a UTF-8 text file (a byte-order mark, as Windows
+    Notepad writes, is not part of its first line)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8 text") from None
     return [line.strip() for line in text.splitlines() if line.strip()]

@@ -49,6 +49,7 @@ from pydantic import Field, model_validator
 from cliplab.config import refuse_unused
 from cliplab.curate.concept_frequency import ConceptFrequencies
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.data.prompt_files import read_lines
 from cliplab.errors import ConfigError, DataError
 
 PUNCTUATION = ',.;:?!`"'  # MetaCLIP's spacing, and the double quote
@@ -84,12 +85,11 @@ def normalise(text: str) -> str:
 
 
 def read_entries(path: str | Path) -> list[str]:
-    """The entries of a metadata file: one a line, blank lines skipped."""
+    """The entries of a metadata file: one a line, blank lines skipped (`read_lines`)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        entries = read_lines(Path(path))
+    except (OSError, DataError) as err:
         raise ConfigError(f"balance: cannot read the entries file {path}: {err}") from None
-    entries = [line.strip() for line in lines if line.strip()]
     if not entries:
         raise DataError(f"balance: the entries file {path} holds no entry")
     return entries
