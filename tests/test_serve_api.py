@@ -154,6 +154,15 @@ def test_bad_uploads_and_ids_are_4xx(served):
            415, "not an image")
     _error(client.post("/api/search/image", files={"file": ("e.png", b"", "image/png")}),
            400, "empty")
+    # a JPEG cut short is a JPEG: it was told it was no format cliplab reads
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(jpeg, "JPEG")
+    for route, form in (("/api/search/image", {}), ("/api/classify", {"labels": "a, b"})):
+        answer = client.post(route, data=form, files={
+            "file": ("cut.jpg", jpeg.getvalue()[:len(jpeg.getvalue()) // 2], "image/jpeg")})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"].startswith("file is a JPEG image that cannot be decoded "
+                                                 "(image file is truncated")
     _error(client.post("/api/search/image",
                        files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}),
            413, "over the 0.191 MB limit")

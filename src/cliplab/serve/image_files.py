@@ -17,6 +17,7 @@ from typing import NoReturn
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from cliplab.data.collection import skip_message
 from cliplab.data.images import READ_FORMATS, fit_to_model, open_image
 from cliplab.models.preprocess import HIGH_DEPTH_MODES, PreprocessConfig, convert_image, upright
 from cliplab.serve.middleware import RETRY_AFTER_S
@@ -90,10 +91,12 @@ def read_upload(data: bytes, what: str = "file",
 
 def _decode(data: bytes, what: str) -> Image.Image:
     """The upload upright, grey ones in mode L (a third of RGB's memory), others in RGB."""
+    fmt = None  # known once PIL has identified the file
     try:
         with warnings.catch_warnings():  # sizes are checked here, not by PIL's bomb guard
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = open_image(data)  # bytes in memory: no file to close
+            fmt = im.format
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 fail(413, f"{what} has {im.width}x{im.height} pixels, over {MAX_IMAGE_PIXELS}")
             mode = "L" if im.mode in GREY_MODES else "RGB"
@@ -107,7 +110,9 @@ def _decode(data: bytes, what: str) -> Image.Image:
              f"over {MAX_IMAGE_PIXELS}")
     except HTTPException:
         raise
-    except Exception:  # PIL's decoders raise many types on odd files: each is an unreadable one
+    except Exception as err:  # PIL's decoders raise many types on odd files: each is unreadable
+        if fmt is not None:  # a format cliplab reads, damaged (cut short, say)
+            fail(400, f"{what} is a {fmt} image that cannot be decoded ({skip_message(err)})")
         avif = ", AVIF" if "AVIF" in READ_FORMATS else ""  # Pillow 11.2 on
         fail(415, f"{what} is not an image in a format cliplab reads (PNG, JPEG, WebP, GIF, BMP, "
              f"TIFF, PPM, JPEG 2000{avif})")
