@@ -218,3 +218,29 @@ def test_a_foreign_shards_txt_is_one_caption_and_one_not_utf8_is_skipped_everywh
     assert main(["data", "shard", "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
     assert _shard_captions(out) == {"00000.tar:000000002": whole}
     assert json.loads((out / "index.json").read_text())["skipped"]["counts"] == {"bad_caption": 1}
+
+
+def test_a_file_named_in_another_encoding_is_skipped_as_bad_name_by_every_reader(tmp_path):
+    """A Latin-1 file name (an old zip, a Samba share) is listed with lone surrogates, which
+    crashed index (SQLite), curate (the caption's hash) and data shard (the caption's UTF-8)
+    with a traceback. Every reader skips it as `bad_name`, naming it printably."""
+    import os
+
+    folder = tmp_path / "photos"
+    _image(folder / "cls" / "ok.png")
+    (folder / "cls" / "ok.txt").write_text("a red square", encoding="utf-8")
+    latin = os.fsencode(folder / "cls") + b"/caf\xe9.png"
+    with open(latin, "wb") as f:
+        f.write((folder / "cls" / "ok.png").read_bytes())
+    items = list(iter_items({"source": "image-folder", "path": str(folder)}))
+    assert [item.key for item in items] == ["cls/caf\\xe9.png", "cls/ok.png"]
+    with pytest.raises(PIL_ERRORS) as err:
+        items[0].read()
+    assert skip_reason(err.value) == "bad_name" and "caf\\xe9.png: its name is not UTF-8" in str(
+        err.value)
+    labelled = load_source({"source": "image-folder", "path": str(folder), "progress": False})
+    assert len(labelled.labels) == 1 and labelled.skipped.counts == {"bad_name": 1}
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert _shard_captions(out) == {"cls/ok.png": "a red square"}
+    assert json.loads((out / "index.json").read_text())["skipped"]["counts"] == {"bad_name": 1}

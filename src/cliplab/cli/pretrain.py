@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(train.batch_size over all ranks); train.fsdp shards large towers; "
                        "data.train {source: shards, stream: true} streams WebDataset shards.")
     add_common(p, "train.lr=3e-4 train.epochs=2")
-    p.add_argument("--out", help="run folder (default: the config's 'out' or runs/pretrain-<time>)",
-                   type=os.path.expanduser)
+    p.add_argument("--out", type=os.path.expanduser,
+                   help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue from a checkpoint folder, or 'latest' in the run folder; "
                    "without --config the run's own config.yaml is read (with the overrides "

@@ -200,9 +200,10 @@ def _read_then(file: Path, err: SkippedFile) -> Image.Image:
 
 
 def _refuse(path: Path, reason: str) -> Image.Image:
-    raise SkippedFile(reason, f"{path.name}: no file behind the link" if reason == "missing_file"
-                      else f"{path.name}: not an image (its suffix is not one of "
-                      f"{', '.join(IMAGE_SUFFIXES)})")
+    why = {"missing_file": "no file behind the link",
+           "bad_name": "its name is not UTF-8 text (rename it)"}.get(
+        reason, f"not an image (its suffix is not one of {', '.join(IMAGE_SUFFIXES)})")
+    raise SkippedFile(reason, f"{path.name}: {why}")
 
 
 def _no_path() -> Image.Image:

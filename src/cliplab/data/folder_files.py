@@ -16,7 +16,8 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
   ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text skips its image (``bad_caption`` /
   ``bad_metadata``), naming the file.
 - Any other file is skipped and counted as ``not_an_image``; a link to nothing as
-  ``missing_file``. Nothing is dropped without a count.
+  ``missing_file``; a file whose name (or folder's) is not UTF-8 text as ``bad_name``.
+  Nothing is dropped without a count.
 """
 
 from __future__ import annotations
@@ -54,13 +55,17 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
     that leads into one of them, or to a folder holding one, is not followed, so no image is
     read twice under two labels."""
     top = root if top is None else top
-    entries = sorted(_scan(root, recursive, elsewhere), key=lambda found: found[0])  # as Paths sort
+    entries = sorted(_scan(root, recursive, elsewhere),
+                     key=lambda found: found[0])  # as Paths sort
     stems = {(parts[:-1], _stem(entry.name)) for parts, entry in entries
              if _suffix(entry.name).lower() in IMAGE_SUFFIXES and entry.is_file()}
     found = FolderFiles()
     for parts, entry in entries:
         name = entry.name
-        if entry.is_symlink() and not os.path.exists(entry.path):
+        if not _utf8("/".join(parts)):  # no key, caption or record can hold the name
+            if entry.is_symlink() or entry.is_file():
+                found.skipped.append(("bad_name", _shown(entry.path)))
+        elif entry.is_symlink() and not os.path.exists(entry.path):
             found.skipped.append(("missing_file", Path(entry.path)))
         elif not entry.is_file():
             continue  # a folder: its files are listed themselves
@@ -113,6 +118,22 @@ def _scan(root: Path, recursive: bool, elsewhere: tuple[Path, ...] = ()
             else:
                 found.append(((*parts, entry.name), entry))
     return found
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text: a file named in another encoding (Latin-1, from an old
+    zip or a Samba share) is listed with its bytes as lone surrogates, which no caption, key or
+    database can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> Path:
+    """``path`` as a printable name, its bytes that are not UTF-8 written ``\\xe9``."""
+    return Path(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def _nested(inner: str, outer: str) -> bool:
