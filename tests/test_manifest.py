@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,38 @@ def test_a_jsonl_row_or_parquet_table_naming_a_key_twice_is_refused(tmp_path):
         load_manifest(parquet, progress=False)
     assert str(err.value).startswith(f"{parquet}: not a readable Parquet file (Multiple matches "
                                      "for FieldRef.Name(caption)")
+
+
+def test_a_name_too_long_for_the_file_system_is_a_missing_file_in_every_reader(tmp_path):
+    """`Path.is_file()` raises for a name past the file system's limit: the loader (eval, data
+    shard) failed with an OSError traceback, the collection (index, curate) counted it as an
+    unreadable image. Both count it missing."""
+    from cliplab.data.collection import iter_items, skip_reason
+
+    make_png(tmp_path / "a.png")
+    path = write_manifest(tmp_path / "m.csv", [{"image": "a.png", "caption": "ok"},
+                                               {"image": "x" * 300 + ".png", "caption": "long"}])
+    data = load_manifest(path, progress=False)
+    assert data.captions == [["ok"]] and data.skipped.counts == {"missing_file": 1}
+    long_row = list(iter_items({"source": "manifest", "path": str(path)}))[1]
+    with pytest.raises(OSError) as err:
+        long_row.read()
+    assert skip_reason(err.value) == "missing_file"
+
+
+@pytest.mark.parametrize("value, said", [
+    (b"\x89PNG\r\n\x1a\n...", "image bytes"),
+    ({"bytes": b"\x89PNG\r\n\x1a\n...", "path": "a.png"}, "{bytes, path} records")])
+def test_an_image_column_holding_the_images_themselves_is_refused_in_one_line(tmp_path, value,
+                                                                              said):
+    """A Hugging Face export's image column holds `{bytes, path}` structs (or bytes): each was
+    read as a file named by the repr of its bytes (a traceback several KB long in eval and
+    data shard; every row an unreadable image in index)."""
+    from cliplab.data.collection import iter_items
+
+    path = write_manifest(tmp_path / "hf.parquet", [{"image": value, "caption": "one"}])
+    message = rf"hf.parquet: column 'image' holds {re.escape(said)}, not image file paths"
+    with pytest.raises(DataError, match=message):
+        load_manifest(path, progress=False)
+    with pytest.raises(DataError, match=message):
+        list(iter_items({"source": "manifest", "path": str(path)}))

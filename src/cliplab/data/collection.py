@@ -13,6 +13,7 @@ serve it from there, `cliplab curate` copies its original bytes into the kept po
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import tarfile
@@ -214,7 +215,7 @@ def skip_reason(err: BaseException) -> str:
     """The skip reason an item's failed ``read`` is counted under: the error's own ``reason``
     (a damaged shard, a file that is no image), ``missing_file`` for a file that is gone, else
     ``unreadable_image``."""
-    if isinstance(err, FileNotFoundError):
+    if isinstance(err, FileNotFoundError) or getattr(err, "errno", None) == errno.ENAMETOOLONG:
         return "missing_file"
     return getattr(err, "reason", "unreadable_image")
 
@@ -227,7 +228,8 @@ def skip_message(err: BaseException) -> str:
 
 
 def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
-    from cliplab.data.manifest import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _read_table
+    from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _read_table,
+                                       refuse_image_data)
 
     _reject_options(spec, {"image_col", "caption_col"})
     rows, lines, _ = _read_table(path)
@@ -238,6 +240,7 @@ def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     if image_col not in columns:
         raise DataError(f"{path}: no image column (looked for {spec.get('image_col') or IMAGE_COLUMNS}; "
                         f"found {columns})")
+    refuse_image_data(rows, image_col, path)
     if spec.get("caption_col") and spec["caption_col"] not in columns:
         raise DataError(f"{path}: no column {spec['caption_col']!r} (found {columns}); fix "
                         "caption_col or the header")

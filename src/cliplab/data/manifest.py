@@ -151,6 +151,19 @@ def _read_table(path: Path) -> tuple[list[dict], list[str], list[str]]:
     return {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path)
 
 
+def refuse_image_data(rows: list[dict], image_key: str, path: Path) -> None:
+    """A one-line `DataError` if the image column holds the images themselves (bytes, or a
+    Hugging Face export's ``{bytes, path}`` structs) rather than file paths: each was read as a
+    path named by its bytes."""
+    held = next((row[image_key] for row in rows if isinstance(row.get(image_key),
+                                                             (bytes, bytearray, dict))), None)
+    if held is not None:
+        what = "image bytes" if isinstance(held, (bytes, bytearray)) else \
+            f"{{{', '.join(map(str, held))}}} records"
+        raise DataError(f"{path}: column {image_key!r} holds {what}, not image file paths; "
+                        "write the images to files and their paths in the column")
+
+
 def read_manifest_rows(path: str | os.PathLike) -> list[dict]:
     """Parse a CSV, JSONL or Parquet manifest into one dict per row; raise ``DataError`` if malformed."""
     return _read_table(Path(path))[0]
@@ -290,6 +303,7 @@ class ManifestDataset(Dataset):
         else:
             text_key = _column(columns, label_col, LABEL_COLUMNS, "label_col", where)
         self.kind, self.image_size = kind, image_size
+        refuse_image_data(rows, image_key, self.path)
         raw = ["" if r.get(image_key) is None else str(r[image_key]).strip() for r in rows]
         self.keys = [f"{self.path.name}:{loc}: {name}" for loc, name in zip(locations, raw)]
         self.paths = [self.path.parent / Path(name).expanduser() if name else None for name in raw]
@@ -332,7 +346,10 @@ class ManifestDataset(Dataset):
 
     def _missing(self, i: int) -> bool:
         path = self.paths[i]
-        return path is None or not path.is_file()
+        try:
+            return path is None or not path.is_file()
+        except OSError:  # a name longer than the file system allows, say: no such file
+            return True
 
     def read_image(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         """Row ``i``'s image whatever its caption or label (None and why if it has none)."""
