@@ -244,3 +244,25 @@ def test_a_file_named_in_another_encoding_is_skipped_as_bad_name_by_every_reader
     assert main(["data", "shard", "--data", str(folder), "--out", str(out), "--no-progress"]) == 0
     assert _shard_captions(out) == {"cls/ok.png": "a red square"}
     assert json.loads((out / "index.json").read_text())["skipped"]["counts"] == {"bad_name": 1}
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"photographer": "Ann",}', "metadata file not JSON (Expecting property name"),
+    ("[1, 2]", "metadata file holds a JSON list, not an object")])
+def test_a_metadata_file_that_is_no_json_object_skips_its_image_as_bad_metadata(tmp_path, text,
+                                                                                 said):
+    """A `NAME.json` with a trailing comma (or a list) was dropped unseen: the image indexed
+    with metadata {} and nothing counted, while one not UTF-8 skips its image."""
+    folder = tmp_path / "photos"
+    _image(folder / "a.png")
+    (folder / "a.txt").write_text("a red square", encoding="utf-8")
+    (folder / "a.json").write_text(text, encoding="utf-8")
+    _image(folder / "b.png")
+    (folder / "b.txt").write_text("another", encoding="utf-8")
+    (folder / "b.json").write_text('{"photographer": "Bo"}', encoding="utf-8")
+    items = list(iter_items({"source": "image-folder", "path": str(folder)}))
+    with pytest.raises(PIL_ERRORS) as err:
+        items[0].read()
+    assert skip_reason(err.value) == "bad_metadata"
+    assert str(err.value).startswith(f"{folder / 'a.json'}: {said}")
+    assert items[1].meta == {"photographer": "Bo"}

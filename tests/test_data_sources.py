@@ -250,6 +250,29 @@ def test_a_folder_named_like_a_path_source_is_that_folder(tmp_path, monkeypatch)
     assert source_spec("digits") == {"source": "digits"}
 
 
+def test_a_folder_of_photos_beside_a_stray_archive_is_refused_naming_both_spellings(tmp_path):
+    """Any `.tar` made a folder a shard folder: a photo folder with one archive in it was
+    indexed as that archive's members, its photos silently unread. Shards and images (or
+    sub-folders) together are refused, naming how to say which; shards alone stay shards."""
+    from cliplab.data.collection import source_spec
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    (tmp_path / "shards" / "00000_stats.json").write_text("{}")
+    assert source_spec(str(tmp_path / "shards"))["source"] == "shards"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.JPG").write_bytes(b"")
+    (photos / "old.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{photos} holds .tar shards \(old.tar\) and images "
+                                        rf"\(a.JPG\): say which it is, --data image-folder "
+                                        rf"data.path={photos} or --data shards"):
+        source_spec(str(photos))
+    (photos / "a.JPG").unlink()
+    (photos / "2024").mkdir()
+    with pytest.raises(DataError, match=r"and folders \(2024\)"):
+        source_spec(str(photos))
+
 def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
     full = load_fashion_mnist("train", fmnist_dir)
     novel = load_source({"source": "fashion-mnist", "data_dir": str(fmnist_dir),

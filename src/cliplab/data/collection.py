@@ -68,6 +68,23 @@ def source_spec_field(value: Any) -> dict:
         raise ValueError(str(err)) from None
 
 
+def _folder_kind(path: Path) -> str:
+    """``shards`` for a folder of ``.tar`` shards, else ``image-folder``; a folder holding
+    both shards and images or sub-folders is refused, naming both spellings (a stray archive
+    made a photo folder a shard folder, its photos unread)."""
+    tars = next(path.glob("*.tar"), None)
+    if tars is None:
+        return "image-folder"
+    other = next((entry for entry in path.iterdir() if not entry.name.startswith(".") and (
+        entry.is_dir() or entry.suffix.lower() in IMAGE_SUFFIXES)), None)
+    if other is not None:
+        raise DataError(f"{path} holds .tar shards ({tars.name}) and "
+                        f"{'folders' if other.is_dir() else 'images'} ({other.name}): say which "
+                        f"it is, --data image-folder data.path={path} or --data shards "
+                        f"data.path={path} ({{source: image-folder, path: ...}} in a config)")
+    return "shards"
+
+
 def source_spec(data: str | dict) -> dict:
     """``{source: ...}`` for a `--data` value: a built-in source name, a manifest file, a shard
     folder (holding .tar files) or any other folder (of images). A mapping's options are
@@ -89,8 +106,7 @@ def source_spec(data: str | dict) -> dict:
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return {"source": "manifest", "path": str(path)}
     if path.is_dir():
-        kind = "shards" if any(path.glob("*.tar")) else "image-folder"
-        return {"source": kind, "path": str(path)}
+        return {"source": _folder_kind(path), "path": str(path)}
     if not path.expanduser().exists() and ("/" in data or "\\" in data
                                            or data.startswith((".", "~"))):
         raise DataError(f"{data} does not exist (no such file or folder, and no built-in "

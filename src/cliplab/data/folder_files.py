@@ -13,8 +13,8 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
   images has one is a class folder: its images' caption is its name (the file name at the
   root). In a directory where some image has a ``NAME.txt`` (a caption folder) an image without
   one is skipped as ``missing_caption``, never captioned with the folder's name. A
-  ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text skips its image (``bad_caption`` /
-  ``bad_metadata``), naming the file.
+  ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text, or a ``NAME.json`` that is no JSON
+  object, skips its image (``bad_caption`` / ``bad_metadata``), naming the file.
 - Any other file is skipped and counted as ``not_an_image``; a link to nothing as
   ``missing_file``; a file whose name (or folder's) is not UTF-8 text as ``bad_name``.
   Nothing is dropped without a count.
@@ -234,16 +234,20 @@ def image_caption(image: Path, root: Path, captioned: set[Path]) -> str:
 
 
 def image_metadata(image: Path) -> dict:
-    """The ``NAME.json`` object beside ``image`` ({} if none, or not a JSON object);
-    `SkippedFile` ``bad_metadata`` if it is not UTF-8 text."""
+    """The ``NAME.json`` object beside ``image`` ({} if none); `SkippedFile` ``bad_metadata``
+    if it is not UTF-8 text or not a JSON object (its metadata was dropped unseen)."""
     extra = sidecar(image, ".json")
     if extra is None:
         return {}
     try:
         loaded = json.loads(sidecar_text(extra, "metadata", "bad_metadata"))
-    except ValueError:
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+    except ValueError as err:
+        raise SkippedFile("bad_metadata", f"{extra}: metadata file not JSON ({err})",
+                          extra) from None
+    if not isinstance(loaded, dict):
+        raise SkippedFile("bad_metadata", f"{extra}: metadata file holds a JSON "
+                          f"{type(loaded).__name__}, not an object", extra)
+    return loaded
 
 
 def with_folder_captions(spec: dict) -> dict:
