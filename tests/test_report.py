@@ -120,6 +120,26 @@ def test_report_tables_plots_and_html(tmp_path, inputs, capsys):
         "few-shot-fs.png", "long-tail-lt.png", "mine.png", "notes.txt"]
 
 
+def test_a_report_stopped_after_its_plots_is_finished_by_the_same_command(tmp_path, inputs,
+                                                                          monkeypatch):
+    """A stop (Ctrl-C, a kill) after the plots were drawn left `plots/` without a report.md,
+    and the same command then refused the folder as holding other files."""
+    import cliplab.evaluate.report as report
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "render_markdown", stop)
+    command = ["report", "--out", str(tmp_path / "r"), "--no-progress", "--inputs",
+               *map(str, inputs)]
+    assert main(command) == 130  # "cliplab: interrupted"
+    assert any((tmp_path / "r" / "plots").glob("*.png"))
+    assert "stopped while it was written" in (tmp_path / "r" / "report.md").read_text()
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert "| acc1 | 0.8125 |" in (tmp_path / "r" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["plots", "report.html",
+                                                                  "report.md"]
+
 def test_flatten_and_format():
     flat = flatten_metrics({"a": {"b": 1, "c": [1, 2], "d": "x", "e": None},
                             "k": {"acc1_mean": 0.5, "acc1_std": 0.1}, "f": True})
