@@ -39,6 +39,10 @@ def test_zeroshot_metrics_accepts_numpy_and_lists_with_the_same_result():
     assert zeroshot_metrics(images.numpy(), labels.numpy(), classifier.numpy()) == expected
     assert zeroshot_metrics(images.tolist(), labels.tolist(), classifier) == expected
     assert zeroshot_metrics(images, labels.float(), classifier) == expected  # whole floats
+    # whole numbers are numbers (README: "also takes NumPy arrays or lists"): were refused
+    assert zeroshot_metrics([[1, 0], [0, 1], [2, 1]], [0, 1, 0], [[1, 0], [0, 1]])["acc1"] == 1.0
+    with pytest.raises(InputError, match=r"classifier is bool .*expected real numbers"):
+        zeroshot_metrics(images, labels, classifier > 0)
 
 
 @pytest.mark.parametrize("change, named", [

@@ -77,11 +77,13 @@ def _as_tensor(value, name: str) -> torch.Tensor:
 
 
 def _matrix(value, name: str, want: str) -> torch.Tensor:
-    """``value`` as a float32 ``[rows, D]`` tensor with at least one row."""
+    """``value`` as a float32 ``[rows, D]`` tensor with at least one row (whole numbers too:
+    ``[[1, 0], [0, 1]]`` is a matrix of numbers, not of booleans or complex ones)."""
     tensor = _as_tensor(value, name)
-    if tensor.dim() != 2 or not tensor.is_floating_point() or not len(tensor):
-        raise InputError(f"zeroshot_metrics: {name} is {_described(tensor)}, expected float "
-                         f"{want} with at least one row")
+    real = tensor.dtype != torch.bool and not tensor.is_complex()
+    if tensor.dim() != 2 or not real or not len(tensor):
+        raise InputError(f"zeroshot_metrics: {name} is {_described(tensor)}, expected real "
+                         f"numbers {want} with at least one row")
     return tensor.float()
 
 
