@@ -618,7 +618,8 @@ def test_a_manifest_without_a_caption_column_is_an_error_not_a_pool_of_drops(tmp
     manifest = tmp_path / "nocap.csv"
     manifest.write_text("image,desc\nphotos/img_00.png,a cat\n")
     with pytest.raises(DataError, match=r"nocap.csv: no caption column \(looked for caption, "
-                                        r"text, label, class; found \['image', 'desc'\]\)"):
+                                        r"text, label, class; found: image, desc\); rename a "
+                                        r"column or pass caption_col=$"):
         run_curation(config(str(manifest), [{"step": "exact_dedup"}]), tmp_path / "out",
                      progress=False)
     kept = run_curation(config({"source": "manifest", "path": str(manifest), "caption_col": "desc"},

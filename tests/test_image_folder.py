@@ -254,3 +254,18 @@ def test_class_names_and_templates_saved_with_a_byte_order_mark_read_as_written(
     data = load_source({"source": "image-folder", "path": str(folder), "image_size": 4,
                         "classes": ["dog"], "progress": False})
     assert data.classnames == ["dog"] and data.templates == ["a photo of a {}."]
+
+
+def test_class_folders_sharing_a_name_are_warned_about(folder, capsys):
+    """`a_b/` and `a b/` (or WordNet's two "crane"s in classnames.txt) passed silently: two
+    identical zero-shot prompts, the second class never winning."""
+    (folder / "tabby cat").mkdir()
+    _write(folder / "tabby cat" / "d.png", np.zeros((8, 8, 3), np.uint8))
+    data = load_image_folder(folder, image_size=4, progress=False)
+    assert data.classnames == ["golden retriever", "tabby cat", "tabby cat"]
+    err = capsys.readouterr().err
+    assert "warning: 1 class name(s) name several class folders ('tabby cat': tabby cat, " \
+           "tabby_cat): zero-shot cannot tell them apart" in err
+    (folder / "classnames.txt").write_text("dog\ncat\nkitten\n")
+    load_image_folder(folder, image_size=4, progress=False)
+    assert "several class folders" not in capsys.readouterr().err

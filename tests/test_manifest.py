@@ -482,3 +482,19 @@ def test_an_image_column_holding_the_images_themselves_is_refused_in_one_line(tm
         load_manifest(path, progress=False)
     with pytest.raises(DataError, match=message):
         list(iter_items({"source": "manifest", "path": str(path)}))
+
+
+def test_the_collection_names_a_missing_image_column_as_the_loader_does_and_strips_captions(
+        tmp_path):
+    """index/curate's manifest reader said `looked for ('image', 'path', ...)` (a Python tuple)
+    without the option to pass, and kept a blank caption as its spaces (the loader strips it)."""
+    from cliplab.data.collection import iter_items
+
+    (tmp_path / "m.csv").write_text("img,caption\na.png,a cat\n")
+    with pytest.raises(DataError, match=r"m.csv: no image column \(looked for image, path, "
+                                        r"filepath, image_path; found: img, caption\); rename a "
+                                        r"column or pass image_col=$"):
+        list(iter_items({"source": "manifest", "path": str(tmp_path / "m.csv")}))
+    (tmp_path / "m.csv").write_text("image,caption\na.png,  a cat \nb.png,   \n")
+    items = iter_items({"source": "manifest", "path": str(tmp_path / "m.csv")})
+    assert [item.caption for item in items] == ["a cat", ""]

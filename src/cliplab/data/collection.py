@@ -244,22 +244,19 @@ def skip_message(err: BaseException) -> str:
 
 
 def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
-    from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _read_table,
-                                       refuse_image_data)
+    from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _column,
+                                       _read_table, refuse_image_data)
 
     _reject_options(spec, {"image_col", "caption_col"})
     rows, lines, _ = _read_table(path)
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    image_col = spec.get("image_col") or next((c for c in IMAGE_COLUMNS if c in columns), None)
-    if image_col not in columns:
-        raise DataError(f"{path}: no image column (looked for {spec.get('image_col') or IMAGE_COLUMNS}; "
-                        f"found {columns})")
+    # named as the manifest reader names them (no Python tuple; the option to pass)
+    image_col = _column(columns, spec.get("image_col"), IMAGE_COLUMNS, "image_col", str(path))
     refuse_image_data(rows, image_col, path)
-    if spec.get("caption_col") and spec["caption_col"] not in columns:
-        raise DataError(f"{path}: no column {spec['caption_col']!r} (found {columns}); fix "
-                        "caption_col or the header")
+    if spec.get("caption_col"):
+        _column(columns, spec["caption_col"], CAPTION_COLUMNS, "caption_col", str(path))
     # one text column, as the manifest reader takes it: a row with an empty caption has none
     # (it is not captioned by its label, which data shard and pretrain would skip)
     text_cols = [spec["caption_col"]] if spec.get("caption_col") else \
@@ -267,16 +264,16 @@ def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
         [c for c in LABEL_COLUMNS if c in columns][:1]
     if not text_cols:  # else every row would be dropped as an empty caption
         raise DataError(f"{path}: no caption column (looked for "
-                        f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found {columns}); rename "
-                        "a column or set caption_col")
+                        f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found: "
+                        f"{', '.join(columns)}); rename a column or pass caption_col=")
 
     def items() -> Iterator[Item]:
         for number, row in enumerate(rows, 1):
             name = str(row.get(image_col) or "").strip()
             file = (path.parent / Path(name).expanduser()).resolve()
             # a caption that is no text (a list, an object) is none, not its Python repr
-            caption = next((str(row[c]) for c in text_cols if row.get(c) not in (None, "")
-                            and not isinstance(row[c], (list, dict))), "")
+            caption = next((str(row[c]).strip() for c in text_cols if row.get(c) not in
+                            (None, "") and not isinstance(row[c], (list, dict))), "")
             meta = {k: v for k, v in row.items() if k != image_col}
             where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
             yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},

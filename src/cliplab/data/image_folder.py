@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,28 @@ def folder_classnames(root: Path, folders: list[Path]) -> list[str]:
     with underscores as spaces."""
     file = root / CLASSNAMES_FILE
     if not file.is_file():
-        return [f.name.replace("_", " ").strip() for f in folders]
-    names = read_lines(file)
-    if len(names) != len(folders):
-        raise DataError(f"{file}: {len(names)} class names for {len(folders)} class folders "
-                        f"({', '.join(f.name for f in folders)}); give one name per folder, "
-                        "in sorted folder order")
+        names = [f.name.replace("_", " ").strip() for f in folders]
+    else:
+        names = read_lines(file)
+        if len(names) != len(folders):
+            raise DataError(f"{file}: {len(names)} class names for {len(folders)} class folders "
+                            f"({', '.join(f.name for f in folders)}); give one name per folder, "
+                            "in sorted folder order")
+    _warn_repeated_names(root, folders, names)
     return names
+
+
+def _warn_repeated_names(root: Path, folders: list[Path], names: list[str]) -> None:
+    """Tell on stderr of class folders that share a name (``a_b/`` and ``a b/``, or WordNet's
+    two "crane"s): their zero-shot prompts are the same, so the later one never wins."""
+    counts = Counter(names)
+    shared = [(name, [f.name for f, n in zip(folders, names) if n == name])
+              for name in counts if counts[name] > 1]
+    if shared:
+        said = "; ".join(f"{name!r}: {', '.join(found)}" for name, found in shared[:3])
+        print(f"image folder {root}: warning: {len(shared)} class name(s) name several class "
+              f"folders ({said}{'; ...' if len(shared) > 3 else ''}): zero-shot cannot tell "
+              f"them apart; give them distinct names in {CLASSNAMES_FILE}", file=sys.stderr)
 
 
 def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
