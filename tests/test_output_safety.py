@@ -674,6 +674,26 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
     assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite)]) == 2
     assert _one_line(capsys) == f"{tmp_path / 'e' / 'x.json'}: No space left on device"
 
+    # a writer that names no file (a tar's, SQLite's): the --out it wrote is named
+    def unnamed(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(evaluate, "run", unnamed)
+    assert main(["eval", "--model", "m", "--config", "s", "--out", str(tmp_path / "o")]) == 2
+    assert _one_line(capsys) == f"{tmp_path / 'o'}: No space left on device"
+
+    # safetensors reports a full disk as its own error: it was a 20-line traceback
+    from safetensors import SafetensorError
+
+    def weights(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+    from cliplab.models.convert import openclip_export
+    monkeypatch.setattr(openclip_export, "save_tensors", weights)
+    assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out",
+                 str(tmp_path / "soup")]) == 2
+    assert _one_line(capsys) == f"{tmp_path / 'soup'}: No space left on device"
+    assert not (tmp_path / "soup").exists()
+
 
 def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     """On a shared machine another user can make the lock folder first, or plant a link at a

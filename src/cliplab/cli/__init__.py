@@ -181,13 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         print("cliplab: terminated", file=sys.stderr)
         return 143
-    except OSError as err:  # the system refused to write (read-only, full, no permission)
-        if args.debug or err.errno not in WRITE_ERRNOS:
-            raise
-        _end_progress_bars()
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"cliplab: error: {where}{err.strerror or err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except CliplabError as err:
         if args.debug:
             raise
@@ -208,6 +201,26 @@ def main(argv: list[str] | None = None) -> int:
         if not _local_rank0_says_it(args):  # Ctrl-C reaches every rank: said once a machine
             print("cliplab: interrupted", file=sys.stderr)
         return 130
+    except Exception as raised:  # the system refused to write (read-only, full, no permission)
+        err = _write_refusal(raised)
+        if args.debug or err is None:
+            raise
+        _end_progress_bars()
+        # a writer that does not say which file (a tar or SQLite writer): the output it wrote
+        where = err.filename or getattr(args, "out", None)
+        print(f"cliplab: error: {where + ': ' if where else ''}{err.strerror or err}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _write_refusal(err: BaseException) -> OSError | None:
+    """``err`` as the `OSError` of a refused write (`WRITE_ERRNOS`), or None: safetensors
+    reports one as its own error type (``I/O error: No space left on device (os error 28)``),
+    which reached the user as a traceback."""
+    if type(err).__module__.startswith("safetensors"):
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        err = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else err
+    return err if isinstance(err, OSError) and err.errno in WRITE_ERRNOS else None
 
 
 class Terminated(KeyboardInterrupt):
