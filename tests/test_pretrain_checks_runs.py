@@ -251,6 +251,32 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     assert tree(out / "superseded" / "step-4") == old["step-4"]
 
 
+class Killed(BaseException):
+    """A kill -9 between two statements (nothing after it runs)."""
+
+
+def test_a_resume_killed_between_setting_aside_and_dropping_records_loses_nothing(
+        tmp_path, monkeypatch):
+    """The resume dropped the records past its checkpoint first: a kill before the later
+    checkpoints were set aside left a run that still called itself complete (step-4 and
+    results.json in place) with its records of steps 3-4 gone for good. Now the checkpoints go
+    first; a kill then leaves step-2 the latest, and --resume latest redoes steps 3-4."""
+    from cliplab.runs import RunDir
+
+    out = tmp_path / "run"
+    run_pretrain(recipe(out), progress=False)  # steps 1-4, checkpoints at 2 and 4
+
+    def killed(self, step):
+        raise Killed
+    monkeypatch.setattr(RunDir, "drop_records_after", killed)
+    with pytest.raises(Killed):
+        run_pretrain(recipe(out), resume=str(out / "checkpoints" / "step-2"), progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    run_pretrain(recipe(out), resume="latest", progress=False)
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "results.json").read_text())["train"]["step"] == 4
+
 def test_resume_from_a_checkpoint_that_does_not_exist_says_so(tmp_path):
     """It said the folder `holds no trainer_state.pt`, as if it were there."""
     from cliplab.train.checkpoint import resume_folder

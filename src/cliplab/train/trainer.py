@@ -344,10 +344,13 @@ class Trainer:
                               f"{total}, the run is complete; a longer train.steps or "
                               "train.epochs extends it")
         if self.run_dir and self.rank == 0:
-            self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
+            # set aside first: a kill between the two leaves this checkpoint the latest, and
+            # --resume latest drops the records itself (dropped first, they were lost with
+            # the later checkpoints still calling the run complete)
             moved = self.run_dir.set_aside_checkpoints_after(self.step)
             if self.step < total:  # trains again: the run before's results no longer hold
                 moved += filter(None, [self.run_dir.set_aside_results()])
+            self.run_dir.drop_records_after(self.step)  # logged past the checkpoint, redone
             if moved:
                 print(f"cliplab: resumed from step {self.step}: what the run before wrote "
                       f"past it ({', '.join(p.name for p in moved)}) is moved to "
