@@ -171,13 +171,12 @@ def suite_precision(suite: SuiteSpec, context: TaskContext | None, model,
 def model_precision(model, precision: str, warn: bool = True) -> str:
     """``precision`` resolved on ``model``'s device; an ONNX export runs its fp32 graphs
     whatever is asked (a warning when bf16 was: only its projections would have followed)."""
-    resolved = resolve_precision(precision, model.device)
-    if resolved == "bf16" and not isinstance(model, DualEncoder):
+    if not isinstance(model, DualEncoder):  # nothing of it runs in bf16: no word on bf16 units
         if warn and precision == "bf16":  # asked for, not auto's choice
             warnings.warn("an ONNX export runs in fp32 (its graphs are fp32): precision "
                           f"{precision} is not applied to it", stacklevel=2)
         return "fp32"
-    return resolved
+    return resolve_precision(precision, model.device)
 
 
 def run_task(model: DualEncoder | str | Path | Mapping, spec: TaskSpecBase | Mapping,
