@@ -445,6 +445,25 @@ def test_missing_inputs_and_presets_are_one_line_errors(family, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_an_openclip_or_onnx_export_given_to_merge_says_what_to_do_with_it(family, tmp_path,
+                                                                         capsys):
+    """Both were "not a model folder (no config.json)" only: README says to convert an
+    OpenCLIP checkpoint first, and an ONNX export holds graphs, not weights."""
+    from cliplab.models.convert.openclip_export import export_openclip
+    from cliplab.models.onnx_export import export_onnx
+
+    _, base, fts = family
+    openclip = export_openclip(DualEncoder.load(fts[0]), tmp_path / "oc")
+    onnx = export_onnx(DualEncoder.load(fts[1]), tmp_path / "onnx")
+    for folder, fragment in [(openclip, f"an OpenCLIP checkpoint: convert it first, cliplab "
+                                        f"convert --from open_clip {openclip} --out DIR"),
+                             (onnx, "an ONNX export holds graphs, not weights to merge")]:
+        assert main(["merge", "--method", "uniform", "--models", str(fts[2]), str(folder),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a model folder (no config.json)" in err[0], err
+        assert fragment in err[0]
+
 def test_greedy_soup_tells_what_its_heldout_data_skipped(family, tmp_path, capsys):
     _, _, fts = family
     pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")

@@ -63,9 +63,16 @@ def ingredient_folder(name: str, option: str) -> Path:
                          "or run folder, or a Hugging Face Hub id)")
     folder = resolve_model_path(name)
     if not (folder / "config.json").is_file():
+        from cliplab.models.convert.openclip_files import is_openclip_checkpoint
+        from cliplab.models.onnx_encoder import is_onnx_export
+
+        hint = (f"; an OpenCLIP checkpoint: convert it first, cliplab convert --from open_clip "
+                f"{name} --out DIR" if is_openclip_checkpoint(folder) else
+                "; an ONNX export holds graphs, not weights to merge: merge the models it was "
+                "exported from" if is_onnx_export(folder) else "")
         raise ModelError(f"{name} is not a model folder (no config.json): a merge combines "
                          "folders written by cliplab or HF save_pretrained, or run/checkpoint "
-                         "folders holding one")
+                         f"folders holding one{hint}")
     return folder
 
 
