@@ -97,6 +97,29 @@ def test_head_round_trip(tmp_path):
         ClassifierHead.load(tmp_path / "nowhere")
 
 
+def test_a_fine_tuned_folder_stopped_before_its_head_is_not_left_as_a_plain_model(
+        tmp_path, digits, monkeypatch):
+    """lora's merged/, wise-ft's best/ and finetune's model/ were written in place: a kill after
+    the model files and before head.safetensors left a folder eval scored as a plain model
+    (head null, no warning). The folder appears whole, or not at all."""
+    from cliplab.adapt.finetune import save_finetuned
+
+    model = small_model()
+    head = zeroshot_classifier_head(model, digits)
+
+    def killed(self, folder):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ClassifierHead, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_finetuned(model, head, tmp_path / "merged", "tiny-clip", "abc")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    folder = save_finetuned(model, head, tmp_path / "merged", "tiny-clip", "abc")
+    model_back, head_back = load_finetuned(folder)
+    assert torch.equal(head_back.weight, head.weight.cpu())
+    assert require_origin(folder)["fingerprint"] == "abc"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
 def test_a_head_scores_an_eval_task_as_its_classifier(digits):
     """TaskContext(classifier=head) takes a ClassifierHead as it is (it had no `probe`):
     the head's accuracy on its own classes, the text head on others."""

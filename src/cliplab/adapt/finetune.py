@@ -28,6 +28,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import model_folder
+from cliplab.output_folder import built_beside
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
@@ -63,10 +64,14 @@ def image_tower_trainable(model: DualEncoder) -> None:
 
 def save_finetuned(model: DualEncoder, head: ClassifierHead, folder: str | Path,
                    base_path: str, fingerprint: str, **extra) -> Path:
-    """A model folder (``DualEncoder.save``) + ``head.safetensors`` + the origin record."""
-    folder = model.save(folder)
-    head.save(folder)
-    write_origin(folder, base_path, fingerprint, **extra)
+    """A model folder (``DualEncoder.save``) + ``head.safetensors`` + the origin record, built
+    beside ``folder`` and renamed in whole: a kill between the model and its head left a folder
+    that eval scored as a plain model, without a word."""
+    folder = Path(folder)
+    with built_beside(folder) as work:
+        model.save(work)
+        head.save(work)
+        write_origin(work, base_path, fingerprint, **extra)
     return folder
 
 
