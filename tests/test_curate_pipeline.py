@@ -622,6 +622,7 @@ def test_a_manifest_without_a_caption_column_is_an_error_not_a_pool_of_drops(tmp
                                         r"column or pass caption_col=$"):
         run_curation(config(str(manifest), [{"step": "exact_dedup"}]), tmp_path / "out",
                      progress=False)
+    assert list(tmp_path.glob("out*")) == []  # refused before reading: no OUT.partial left
     kept = run_curation(config({"source": "manifest", "path": str(manifest), "caption_col": "desc"},
                                [{"step": "exact_dedup"}], output={"format": "manifest"}),
                         tmp_path / "out", progress=False)

@@ -469,7 +469,8 @@ def test_a_failed_run_with_nothing_embedded_does_not_block_the_corrected_one(mod
     manifest.write_text("caption\nno image column\n")
     with pytest.raises(CliplabError):
         build(model_dir, str(manifest), tmp_path / "idx", chunk=8)
-    assert (tmp_path / "idx.partial").is_dir()
+    # refused before its first item: no half-built folder that serve calls a stopped run
+    assert not (tmp_path / "idx.partial").exists()
     assert build(model_dir, SHAPES, tmp_path / "idx", chunk=8)["count"] == 40
 
 

@@ -42,7 +42,7 @@ from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
-from cliplab.errors import ConfigError, DataError, ModelError
+from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
                                    partial_path, remove_own_work, swap_in, write_json)
@@ -75,7 +75,12 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
         return _move_into_place(work, out)
     _open_work(work, request, overwrite, step_models)
 
-    chunks, dropped, read_seconds = _read_pool(config, work, progress)
+    try:
+        chunks, dropped, read_seconds = _read_pool(config, work, progress)
+    except CliplabError:  # a source that cannot be read
+        if not (work / "cache" / "pool" / f"{0:06d}.json").is_file():
+            shutil.rmtree(work, ignore_errors=True)  # nothing read: nothing to resume
+        raise
     n_pool = sum(len(c) for c in chunks) + len(dropped)
     summary_steps = [{"name": READ_STEP, "step": READ_STEP, "in": n_pool,
                       "kept": n_pool - len(dropped), "dropped": len(dropped),

@@ -34,7 +34,7 @@ from cliplab.data.collection import (PIL_ERRORS, check_collection_path, open_col
                                      skip_message, skip_reason, source_spec)
 from cliplab.data.images import fit_to_model
 from cliplab.data.types import counts_text
-from cliplab.errors import ConfigError, DataError, first_line
+from cliplab.errors import CliplabError, ConfigError, DataError, first_line
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.fingerprints import embedding_identity
@@ -182,10 +182,15 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         _check_collection(cfg.uri, state)  # a named one: refused before embedding
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
+    refused = False
     try:
         if state["phase"] == "embedding":
-            _embed_collection(cfg, model, spec, work, store, state, progress,
-                              key_prefix(spec, existing), before)
+            try:
+                _embed_collection(cfg, model, spec, work, store, state, progress,
+                                  key_prefix(spec, existing), before)
+            except CliplabError:  # before its first item: a source that cannot be read
+                refused = state["position"] == 0  # nothing to resume, no folder to leave
+                raise
         record = _finish(cfg, work, store, state, request, existing, model, progress)
         # an --add's skipped table starts with the index's earlier ones
         skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
@@ -193,6 +198,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         store.close()
         if before is not None:
             before.close()
+        if refused:
+            shutil.rmtree(work, ignore_errors=True)
     swap_in(work, out)
     _drop_replaced_collection(existing, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
