@@ -26,6 +26,7 @@ import functools
 import heapq
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,13 +48,13 @@ class FolderFiles:
 
 
 def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
-                elsewhere: tuple[Path, ...] = ()) -> FolderFiles:
+                elsewhere: Collection[str] = ()) -> FolderFiles:
     """Every image under ``root`` (sorted; in its sub-folders too when ``recursive``) and the
     files skipped with their reason. ``top`` is the dataset's root when ``root`` is one of its
     class folders (its template and class-name files are not skipped as non-images);
-    ``elsewhere`` are folders read on their own (the other class folders): a linked folder
-    that leads into one of them, or to a folder holding one, is not followed, so no image is
-    read twice under two labels."""
+    ``elsewhere`` are the real paths of folders read on their own (the class folders): a link
+    below ``root`` that leads into another of them, or to a folder holding one, is not
+    followed, so no image is read twice under two labels."""
     top = root if top is None else top
     entries = sorted(_scan(root, recursive, elsewhere),
                      key=lambda found: found[0])  # as Paths sort
@@ -62,9 +63,9 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
     found = FolderFiles()
     for parts, entry in entries:
         name = entry.name
-        if not _utf8("/".join(parts)):  # no key, caption or record can hold the name
+        if not is_utf8("/".join(parts)):  # no key, caption or record can hold the name
             if entry.is_symlink() or entry.is_file():
-                found.skipped.append(("bad_name", _shown(entry.path)))
+                found.skipped.append(("bad_name", printable_path(entry.path)))
         elif entry.is_symlink() and not os.path.exists(entry.path):
             found.skipped.append(("missing_file", Path(entry.path)))
         elif not entry.is_file():
@@ -80,12 +81,12 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
     return found
 
 
-def _scan(root: Path, recursive: bool, elsewhere: tuple[Path, ...] = ()
+def _scan(root: Path, recursive: bool, elsewhere: Collection[str] = ()
           ) -> list[tuple[tuple[str, ...], os.DirEntry]]:
     """Every visible entry of ``root`` with its path's parts below it; ``recursive``: the files
     (and links to nothing) of every visible folder under it instead, following linked folders
-    as the labelled reader's class folders do (each real folder once, and none holding
-    ``root``: a link loop ends; below ``root`` none inside, or holding, a folder
+    as the labelled reader's class folders do (each real folder once, and no link to a folder
+    holding ``root``: a link loop ends; nor one to a folder inside, or holding, another folder
     ``elsewhere``). A folder reached by several paths is read by its own path, or else by the
     first link in sorted order, whatever order the file system lists them in. Folders that
     cannot be read are passed over, as `os.walk` does. `os.scandir` knows most entries' kind
@@ -93,15 +94,14 @@ def _scan(root: Path, recursive: bool, elsewhere: tuple[Path, ...] = ()
     found: list[tuple[tuple[str, ...], os.DirEntry]] = []
     seen: set[str] = set()
     top = os.path.realpath(root)
-    others = [os.path.realpath(folder) for folder in elsewhere]
     folders: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
     links: list[tuple[tuple[str, ...], str]] = []  # a heap: linked folders once no other is left
     while folders or links:
+        linked = not folders  # reached through a link below root
         folder, parts = folders.pop() if folders else heapq.heappop(links)[::-1]
         if recursive:
             real = os.path.realpath(folder)
-            if real in seen or (parts and _nested(top, real)) or (parts and any(
-                    _nested(real, other) or _nested(other, real) for other in others)):
+            if real in seen or (linked and _leads_elsewhere(real, top, elsewhere)):
                 continue
             seen.add(real)
         try:
@@ -120,7 +120,7 @@ def _scan(root: Path, recursive: bool, elsewhere: tuple[Path, ...] = ()
     return found
 
 
-def _utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
     """Whether ``name`` is UTF-8 text: a file named in another encoding (Latin-1, from an old
     zip or a Samba share) is listed with its bytes as lone surrogates, which no caption, key or
     database can hold."""
@@ -131,9 +131,16 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _shown(path: str) -> Path:
+def printable_path(path: str) -> Path:
     """``path`` as a printable name, its bytes that are not UTF-8 written ``\\xe9``."""
     return Path(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+def _leads_elsewhere(real: str, top: str, elsewhere: Collection[str]) -> bool:
+    """Whether a linked folder (real path ``real``) holds the folder being listed (``top``: a
+    loop) or is inside, or holds, another folder read on its own."""
+    return _nested(top, real) or any(
+        other != top and (_nested(real, other) or _nested(other, real)) for other in elsewhere)
 
 
 def _nested(inner: str, outer: str) -> bool:

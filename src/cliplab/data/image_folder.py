@@ -17,6 +17,7 @@ the folder has no sub-folder (its images are captioned by their file names).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption,
-                                       image_metadata, list_folder)
+                                       image_metadata, is_utf8, list_folder, printable_path)
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
@@ -155,6 +156,10 @@ def list_class_folder(root: Path, templates: list[str] | None = None) -> ClassFo
     if not folders:
         raise DataError(f"image folder {root} has no class sub-folders; expected "
                         "ROOT/<class name>/<image files>")
+    unnamed = next((folder for folder in folders if not is_utf8(folder.name)), None)
+    if unnamed is not None:  # its name is the class name: no prompt or record could hold it
+        raise DataError(f"image folder {root}: class folder {printable_path(str(unnamed)).name} "
+                        "is named in another encoding than UTF-8; rename it")
     classnames = folder_classnames(root, folders)
     templates = list(templates) if templates else read_templates(root)
     skipped = SkipReport()
@@ -162,10 +167,10 @@ def list_class_folder(root: Path, templates: list[str] | None = None) -> ClassFo
     for reason, path in [("outside_class_folder", p) for p in loose.images] + loose.skipped:
         skipped.add(reason, str(path))
     files = []
+    # a link inside a class folder back to the root or into another class is not followed
+    classes = [os.path.realpath(folder) for folder in folders]
     for label, folder in enumerate(folders):
-        # a link inside a class folder back to the root or into another class is not followed
-        elsewhere = (*folders[:label], *folders[label + 1:])
-        listed = list_folder(folder, top=root, elsewhere=elsewhere)
+        listed = list_folder(folder, top=root, elsewhere=classes)
         files += [(label, f) for f in listed.images]
         for reason, path in listed.skipped:
             skipped.add(reason, str(path))
