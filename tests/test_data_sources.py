@@ -269,9 +269,26 @@ def test_a_folder_of_photos_beside_a_stray_archive_is_refused_naming_both_spelli
                                         rf"data.path={photos} or --data shards"):
         source_spec(str(photos))
     (photos / "a.JPG").unlink()
-    (photos / "2024").mkdir()
-    with pytest.raises(DataError, match=r"and folders \(2024\)"):
+    (photos / "2024").mkdir()  # a folder beside shards is no matter (logs, __MACOSX) ...
+    (photos / "2024" / ".hidden.jpg").write_bytes(b"")
+    assert source_spec(str(photos))["source"] == "shards"
+    (photos / "2024" / "b.png").write_bytes(b"")  # ... unless it holds images
+    with pytest.raises(DataError, match=r"and images \(2024/\)"):
         source_spec(str(photos))
+
+
+def test_a_home_folder_in_a_data_value_is_the_home_folder(tmp_path, monkeypatch):
+    """`data: ~/photos` (a config's string, or `--data=~/photos`, which no shell expands) was
+    "unknown data", though the folder exists and the mapping form read it."""
+    from cliplab.data.collection import source_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "m.csv").write_text("image,caption\n")
+    assert source_spec("~/photos") == {"source": "image-folder", "path": str(tmp_path / "photos")}
+    assert source_spec("~/m.csv") == {"source": "manifest", "path": str(tmp_path / "m.csv")}
+    with pytest.raises(DataError, match="^~/nope does not exist"):
+        source_spec("~/nope")
 
 def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
     full = load_fashion_mnist("train", fmnist_dir)

@@ -70,19 +70,32 @@ def source_spec_field(value: Any) -> dict:
 
 def _folder_kind(path: Path) -> str:
     """``shards`` for a folder of ``.tar`` shards, else ``image-folder``; a folder holding
-    both shards and images or sub-folders is refused, naming both spellings (a stray archive
-    made a photo folder a shard folder, its photos unread)."""
+    both shards and images (beside them, or in a sub-folder of its own) is refused, naming both
+    spellings (a stray archive made a photo folder a shard folder, its photos unread). Other
+    files and folders beside shards (logs, an img2dataset's parquet) are no matter."""
     tars = next(path.glob("*.tar"), None)
     if tars is None:
         return "image-folder"
-    other = next((entry for entry in path.iterdir() if not entry.name.startswith(".") and (
-        entry.is_dir() or entry.suffix.lower() in IMAGE_SUFFIXES)), None)
+    other = next((entry for entry in path.iterdir() if _holds_images(entry)), None)
     if other is not None:
-        raise DataError(f"{path} holds .tar shards ({tars.name}) and "
-                        f"{'folders' if other.is_dir() else 'images'} ({other.name}): say which "
-                        f"it is, --data image-folder data.path={path} or --data shards "
+        raise DataError(f"{path} holds .tar shards ({tars.name}) and images "
+                        f"({other.name}{'/' if other.is_dir() else ''}): say which it is, "
+                        f"--data image-folder data.path={path} or --data shards "
                         f"data.path={path} ({{source: image-folder, path: ...}} in a config)")
     return "shards"
+
+
+def _holds_images(entry: Path) -> bool:
+    """Whether ``entry`` (not hidden) is an image file, or a folder with one directly in it."""
+    if entry.name.startswith("."):
+        return False
+    if entry.is_dir():
+        try:
+            return any(not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+                       for f in entry.iterdir())
+        except OSError:
+            return False
+    return entry.suffix.lower() in IMAGE_SUFFIXES
 
 
 def source_spec(data: str | dict) -> dict:
@@ -98,7 +111,7 @@ def source_spec(data: str | dict) -> dict:
         if data["source"] in READ_BY_COLLECTION:
             return dict(data)
         return check_options(data)
-    path = Path(data)
+    path = Path(data).expanduser()  # ~ as a shell reads it (a config's value meets none)
     # a bare name is a built-in source unless that source needs a path and a file or folder
     # of that name exists (`--data shards` for a folder called shards)
     if data in SOURCES and not (needs_options(data) and path.exists()):
@@ -107,8 +120,7 @@ def source_spec(data: str | dict) -> dict:
         return {"source": "manifest", "path": str(path)}
     if path.is_dir():
         return {"source": _folder_kind(path), "path": str(path)}
-    if not path.expanduser().exists() and ("/" in data or "\\" in data
-                                           or data.startswith((".", "~"))):
+    if not path.exists() and ("/" in data or "\\" in data or data.startswith((".", "~"))):
         raise DataError(f"{data} does not exist (no such file or folder, and no built-in "
                         f"source of that name: {', '.join(SOURCES)})")
     raise DataError(f"unknown data {data!r}: not a built-in source ({', '.join(SOURCES)}), "
