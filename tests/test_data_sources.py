@@ -352,6 +352,7 @@ def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
     from PIL import Image
 
     from cliplab.data.collection import iter_items
+    from cliplab.data.collection import skip_reason
     from cliplab.data.shards.read import load_shards
     from tests.tar_files import png_bytes, write_tar
 
@@ -375,8 +376,11 @@ def test_index_and_curate_read_the_same_image_member_as_training(tmp_path):
     assert np.abs(pixels.astype(int) - stream.images[0].numpy()).max() <= 8  # the JPEG, blue
     assert np.array_equal(np.asarray(items["s-000000.tar:b"].read()), stream.images[1].numpy())
     assert np.asarray(items["s-000000.tar:b"].read())[0, 0].tolist() == [255, 0, 0]
-    with pytest.raises(OSError, match="no image member"):
+    with pytest.raises(OSError, match="no image member") as err:
         items["s-000000.tar:c"].read()
+    # counted as the loader counts it (index said unreadable_image, data shard missing_image)
+    assert skip_reason(err.value) == "missing_image" and stream.skipped.counts == {
+        "missing_image": 1}
 
 
 def test_an_image_without_a_caption_or_a_set_without_templates_is_refused():

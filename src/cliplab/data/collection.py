@@ -391,7 +391,7 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
     meta = meta if isinstance(meta, dict) else {}
     if image is None:
         def fail(key=key):
-            raise OSError(f"no image member for {key}")
+            raise SkippedFile("missing_image", f"no image member for {key}")  # as streamed
         return Item(f"{tar.name}:{key}", caption, {"tar": str(tar), "offset": 0, "size": 0},
                     fail, meta)
     offset, size, name = image
