@@ -90,6 +90,19 @@ def test_an_out_holding_other_files_or_another_runs_config_is_refused(tmp_path):
         run_pretrain(recipe(copy), progress=False)
 
 
+def test_an_out_left_by_a_run_stopped_while_saving_says_so(tmp_path):
+    """A few-shot adapt killed after adapter.safetensors, before results.json: the refusal said
+    no cliplab run wrote the file, beside the folder's own config.yaml."""
+    from cliplab.runs import RunDir, check_no_foreign_files
+
+    out = tmp_path / "ad3"
+    out.mkdir()
+    RunDir(out).write_config({"method": "linear-probe", "out": str(out)})
+    (out / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds adapter\.safetensors of a run stopped before "
+                                          r"its end \(config\.yaml is this folder's\)"):
+        check_no_foreign_files(out)
+
 def test_a_users_commented_recipe_naming_the_out_is_refused_untouched(tmp_path):
     """A recipe of the user's at OUT/config.yaml whose ``out:`` is OUT is theirs (it has their
     comments): refused, not taken for a config a cliplab run wrote there and replaced."""
