@@ -224,7 +224,7 @@ def test_killed_before_the_rename_is_put_in_place_by_its_own_command_only(model_
     monkeypatch.undo()
     assert (tmp_path / "idx.partial" / "index.json").is_file() and not (tmp_path / "idx").exists()
     with pytest.raises(ConfigError, match=r"idx.partial is a complete index of another `cliplab "
-                                          r"index` run \(data \{'source': 'image-folder'"):
+                                          rf"index` run \(data {photos}\) that stopped before it was moved"):
         build(model_dir, {**SHAPES, "n": 12}, tmp_path / "idx")
     command = ["index", "--model", str(model_dir), "--data", str(photos), "--out",
                str(tmp_path / "idx"), "--no-progress"]
@@ -276,6 +276,13 @@ def test_add_of_a_manifest_takes_appended_rows_and_refuses_rows_moved_above(mode
     assert record["count"] == 3 and record["already_indexed"] == 2
     keys = [row["key"] for row in SearchIndex(tmp_path / "idx").items(range(3)).values()]
     assert keys == [f"m.csv:{i + 1}:{row.split(',')[0]}" for i, row in enumerate(rows)]
+    # a skipped row (a missing file) holds its number too: removing it shifts the rows below
+    manifest.write_text("image,caption\n" + "\n".join([*rows, "gone.png,lost", rows[0]]) + "\n")
+    assert build(model_dir, str(manifest), tmp_path / "idx", add=True)["count"] == 4
+    manifest.write_text("image,caption\n" + "\n".join([*rows, rows[0]]) + "\n")
+    with pytest.raises(DataError, match="m.csv row 4 is 'photos/reds/img_1.png' now, but the "
+                                        "index holds row 4 as 'gone.png'"):
+        build(model_dir, str(manifest), tmp_path / "idx", add=True)
 
 def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys):
     """Items the index holds are counted in the run's message, not listed as skipped; a file

@@ -212,7 +212,7 @@ def _another_request(finished: dict, request: dict, existing: dict | None) -> st
     if finished.get("fingerprint") != request["fingerprint"]:
         return f"model {finished['model']['name']}"
     if finished.get("sources") != [*(existing or {}).get("sources", []), request["data"]]:
-        return f"data {(finished.get('sources') or [None])[-1]}"
+        return f"data {data_origin((finished.get('sources') or [{}])[-1], None)}"
     if finished.get("backend") != request["backend"] or \
             (finished.get("milvus") or {}).get("uri") != request["uri"]:
         return f"backend {finished.get('backend')}"
@@ -478,17 +478,23 @@ def _refuse_moved_rows(spec: dict, out: Path, prefix: str) -> None:
     """Before an ``--add`` of a manifest embeds anything: its items are keyed by row number and
     image (``NAME:ROW:IMAGE``), so a row inserted, removed or moved above the manifest's end
     would re-key every row below it and index each of their images again, silently twice. A
-    new key whose row the index holds with another image is refused, naming both."""
+    new key whose row the index holds (indexed, or skipped) with another image is refused,
+    naming both."""
     start = prefix + Path(spec["path"]).name + ":"
     _, items = open_collection(spec, progress=False)  # rows only: no image is read
     before = MetadataStore(out / META_FILE, readonly=True)
     try:
+        # a skipped row (a missing file) holds its number too: removing it shifts the rest
+        skipped = {key[:key.find(":", len(start)) + 1]: key for key, _ in before.skipped()
+                   if key.startswith(start)}
         for chunk in iter(lambda: [prefix + item.key for item in itertools.islice(items, 500)],
                           []):
             indexed = before.has_keys(chunk)
             for key in (key for key in chunk if key not in indexed and key.startswith(start)):
                 row = key[:key.find(":", len(start)) + 1]
                 held = before.key_starting(row) if row.endswith(":") else None
+                if held is None and skipped.get(row, key) != key:
+                    held = skipped[row]
                 if held is not None:
                     number, manifest = row[len(start):-1], Path(spec["path"]).name
                     raise DataError(
