@@ -232,6 +232,8 @@ def test_a_file_named_in_another_encoding_is_skipped_as_bad_name_by_every_reader
     latin = os.fsencode(folder / "cls") + b"/caf\xe9.png"
     with open(latin, "wb") as f:
         f.write((folder / "cls" / "ok.png").read_bytes())
+    with open(latin[:-4] + b".txt", "wb") as f:  # its caption: counted with it, not again
+        f.write(b"a caption")
     items = list(iter_items({"source": "image-folder", "path": str(folder)}))
     assert [item.key for item in items] == ["cls/caf\\xe9.png", "cls/ok.png"]
     with pytest.raises(PIL_ERRORS) as err:

@@ -177,8 +177,8 @@ def test_entries_file(tmp_path):
     assert decision.keep.tolist() == [True, True, False]
     assert list(decision.report["histogram_before"]) == ["cat", "red fox"]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match="cannot read the entries file .*latin1.txt: .*not "
-                                          "valid UTF-8 text"):
+    with pytest.raises(ConfigError, match=r"^balance: cannot read the entries file \S*latin1.txt: "
+                                          r"not valid UTF-8 text$"):
         decide(["a cat"], tmp_path, vocabulary=None, entries=str(tmp_path / "latin1.txt"))
 
 

@@ -693,6 +693,9 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
                  str(tmp_path / "soup")]) == 2
     assert _one_line(capsys) == f"{tmp_path / 'soup'}: No space left on device"
     assert not (tmp_path / "soup").exists()
+    from cliplab.cli import _write_refusal  # a denied read of an input is no refused write
+    assert _write_refusal(SafetensorError("Error while deserializing header: I/O error: "
+                                          "Permission denied (os error 13)")) is None
 
 
 def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):

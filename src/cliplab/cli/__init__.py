@@ -219,7 +219,9 @@ def _write_refusal(err: BaseException) -> OSError | None:
     which reached the user as a traceback."""
     if type(err).__module__.startswith("safetensors"):
         code = re.search(r"\(os error (\d+)\)", str(err))
-        err = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else err
+        # a full or read-only disk only: a permission error may be a read of an input's weights
+        if code and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     return err if isinstance(err, OSError) and err.errno in WRITE_ERRNOS else None
 
 

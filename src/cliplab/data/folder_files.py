@@ -22,7 +22,6 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import json
 import os
@@ -61,23 +60,30 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
     stems = {(parts[:-1], _stem(entry.name)) for parts, entry in entries
              if _suffix(entry.name).lower() in IMAGE_SUFFIXES and entry.is_file()}
     found = FolderFiles()
+    mixed: dict[str, dict[str, str]] = {}  # folder -> sidecars named a.Txt, by "a.txt"
     for parts, entry in entries:
-        name = entry.name
-        if not is_utf8("/".join(parts)):  # no key, caption or record can hold the name
-            if entry.is_symlink() or entry.is_file():
-                found.skipped.append(("bad_name", printable_path(entry.path)))
-        elif entry.is_symlink() and not os.path.exists(entry.path):
-            found.skipped.append(("missing_file", Path(entry.path)))
+        name, suffix = entry.name, _suffix(entry.name)
+        named = is_utf8("/".join(parts))  # else no key, caption or record can hold the name
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            found.skipped.append(("missing_file", Path(entry.path)) if named else
+                                 ("bad_name", printable_path(entry.path)))
         elif not entry.is_file():
             continue  # a folder: its files are listed themselves
-        elif _suffix(name).lower() in IMAGE_SUFFIXES:
-            found.images.append(Path(entry.path))
         elif name in FOLDER_FILES and root.joinpath(*parts[:-1]) == top:
             continue
-        elif _suffix(name).lower() in SIDECAR_SUFFIXES and (parts[:-1], _stem(name)) in stems:
-            continue
+        elif suffix.lower() in SIDECAR_SUFFIXES and (parts[:-1], _stem(name)) in stems:
+            if suffix not in (suffix.lower(), suffix.upper()):  # its image's, counted there
+                folder = os.path.dirname(entry.path)
+                mixed.setdefault(folder, {})[_stem(name) + suffix.lower()] = name
+        elif not named:
+            found.skipped.append(("bad_name", printable_path(entry.path)))
+        elif suffix.lower() in IMAGE_SUFFIXES:
+            found.images.append(Path(entry.path))
         else:
             found.skipped.append(("not_an_image", Path(entry.path)))
+    for folder in {os.path.dirname(entry.path) for _, entry in entries}:
+        _MIXED_CASE.pop(folder, None)  # as listed now
+    _MIXED_CASE.update(mixed)
     return found
 
 
@@ -167,36 +173,19 @@ def _stem(name: str) -> str:
     return name[:-len(suffix)] if suffix else name
 
 
+# the sidecars with a suffix in mixed case (a.Txt) of each folder `list_folder` listed last,
+# by their name with the suffix lower-cased: `sidecar` finds them without a stat per image
+_MIXED_CASE: dict[str, dict[str, str]] = {}
+
+
 def sidecar(image: Path, suffix: str) -> Path | None:
     """The ``.txt`` / ``.json`` file beside ``image`` with its name, if any: its suffix in any
-    case (``a.Txt``), as `list_folder` takes it for a sidecar rather than a skipped file."""
+    case (``a.Txt``, as `list_folder`, which listed the image's folder, found it)."""
     for candidate in (suffix, suffix.upper()):
         if (path := image.with_suffix(candidate)).is_file():
             return path
-    try:
-        changed = os.stat(image.parent).st_mtime_ns
-    except OSError:
-        return None
-    name = _mixed_case_sidecars(str(image.parent), changed).get(_stem(image.name) + suffix)
+    name = _MIXED_CASE.get(str(image.parent), {}).get(_stem(image.name) + suffix)
     return image.parent / name if name else None
-
-
-@functools.lru_cache(maxsize=64)
-def _mixed_case_sidecars(folder: str, changed: int) -> dict[str, str]:
-    """The files of ``folder`` (as it was when last ``changed``) with a sidecar suffix in
-    mixed case, by their name with the suffix lower-cased: listed once per folder, not once
-    per image that has no plain ``.txt``."""
-    found = {}
-    try:
-        with os.scandir(folder) as scan:
-            for entry in scan:
-                suffix = _suffix(entry.name)
-                if suffix.lower() in SIDECAR_SUFFIXES and suffix not in (
-                        suffix.lower(), suffix.upper()) and entry.is_file():
-                    found[_stem(entry.name) + suffix.lower()] = entry.name
-    except OSError:
-        pass
-    return found
 
 
 class SkippedFile(OSError):

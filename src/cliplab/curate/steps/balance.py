@@ -88,8 +88,11 @@ def read_entries(path: str | Path) -> list[str]:
     """The entries of a metadata file: one a line, blank lines skipped (`read_lines`)."""
     try:
         entries = read_lines(Path(path))
-    except (OSError, DataError) as err:
-        raise ConfigError(f"balance: cannot read the entries file {path}: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"balance: cannot read the entries file {path}: "
+                          f"{err.strerror or err}") from None
+    except DataError as err:  # names the file itself
+        raise ConfigError(f"balance: cannot read the entries file {err}") from None
     if not entries:
         raise DataError(f"balance: the entries file {path} holds no entry")
     return entries
