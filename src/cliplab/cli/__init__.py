@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         # a writer that does not say which file (a tar or SQLite writer): the output it wrote
         where = err.filename or getattr(args, "out", None)
-        print(f"cliplab: error: {where + ': ' if where else ''}{err.strerror or err}",
+        print(f"cliplab: error: {f'{where}: ' if where else ''}{err.strerror or err}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
 
