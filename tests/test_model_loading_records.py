@@ -242,7 +242,8 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_that_blocks_a_new_on
     (run / "start_model.json").write_text("{}")
     check_no_foreign_files(run)  # what a run writes at its start is its own
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="holds notes.txt, which no cliplab run"):
+    with pytest.raises(ConfigError, match="holds notes.txt beside the config.yaml of a run of "
+                                          "this folder stopped before its end"):
         check_no_foreign_files(run)
     (run / "notes.txt").unlink()
     with pytest.raises(RuntimeError), removed_if_unstarted(run, existed=False):

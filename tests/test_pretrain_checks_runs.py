@@ -99,8 +99,8 @@ def test_an_out_left_by_a_run_stopped_while_saving_says_so(tmp_path):
     out.mkdir()
     RunDir(out).write_config({"method": "linear-probe", "out": str(out)})
     (out / "adapter.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"holds adapter\.safetensors of a run stopped before "
-                                          r"its end \(config\.yaml is this folder's\)"):
+    with pytest.raises(ConfigError, match=r"holds adapter\.safetensors beside the config\.yaml "
+                                          r"of a run of this folder stopped before its end"):
         check_no_foreign_files(out)
 
 def test_a_users_commented_recipe_naming_the_out_is_refused_untouched(tmp_path):

@@ -443,10 +443,10 @@ def swap_in(work: Path, out: Path) -> None:
 
 def write_json(path: Path, data: Any, indent: int = 2) -> None:
     """JSON written atomically (temp file + rename); numpy values and paths as plain values."""
-    write_text(path, json.dumps(data, indent=indent, default=_plain))
+    write_utf8(path, json.dumps(data, indent=indent, default=_plain))
 
 
-def write_text(path: Path, text: str) -> None:
+def write_utf8(path: Path, text: str) -> None:
     """UTF-8 text written atomically (temp file + rename): a stop leaves the old file or the
     new one, never half of it."""
     tmp = path.with_name(path.name + ".tmp")

@@ -130,10 +130,11 @@ def check_no_foreign_files(out: str | Path) -> None:
     own = is_own_config(out)
     foreign = sorted(p.name for p in out.iterdir() if not (own and p.name in STARTED_FILES))
     if foreign:
-        if own:  # beside this folder's own config.yaml: a run stopped writing its outputs
-            raise ConfigError(f"--out {out} holds {foreign[0]} of a run stopped before its "
-                              "end (config.yaml is this folder's); a new run needs a new or "
-                              "empty folder: delete that one, or choose another --out")
+        if own:  # beside this folder's own config.yaml: a run stopped before its end
+            raise ConfigError(f"--out {out} holds {foreign[0]} beside the config.yaml of a run "
+                              "of this folder stopped before its end; a new run needs a new or "
+                              "empty folder (its files are left as they are): choose another "
+                              "--out, or delete the stopped run's folder")
         raise ConfigError(f"--out {out} holds {foreign[0]}, which no cliplab run in this folder "
                           "wrote; a new run needs a new or empty folder (its files are left as "
                           "they are): choose another --out")

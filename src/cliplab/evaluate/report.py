@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
-from cliplab.output_folder import check_out, write_text
+from cliplab.output_folder import check_out, write_utf8
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -262,8 +262,8 @@ def write_report(inputs: list[str | Path], out: str | Path,
     title = config.title
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / "report.md").is_file():  # a stop while drawing leaves a folder the same
-        write_text(out_dir / "report.md", f"{REPORT_MARK}\n\nThis report was stopped while "
+    if not (out_dir / "report.md").is_file():  # stopped while drawing: the same command goes on
+        write_utf8(out_dir / "report.md", f"{REPORT_MARK}\n\nThis report was stopped while "
                    "it was written: run the same `cliplab report` command again.\n")
     # a previous report's plots that this one does not draw would look current; any other
     # file in plots/ is the user's
@@ -276,7 +276,7 @@ def write_report(inputs: list[str | Path], out: str | Path,
         if old.resolve() not in drawn and old.is_file():
             old.unlink()
     md = out_dir / "report.md"
-    write_text(md, render_markdown(title, sources, tables, figures, out_dir))
+    write_utf8(md, render_markdown(title, sources, tables, figures, out_dir))
     page = out_dir / "report.html"
-    write_text(page, render_html(title, sources, tables, figures))
+    write_utf8(page, render_html(title, sources, tables, figures))
     return {"markdown": md, "html": page, **{f.title: f.path for f in figures}}
