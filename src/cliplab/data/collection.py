@@ -27,7 +27,7 @@ from PIL import Image
 from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
                                        image_metadata, list_folder)
 from cliplab.data.images import open_image, to_pil
-from cliplab.data.shards.samples import BadCaption, damage_text, image_part, txt_caption
+from cliplab.data.shards.samples import damage_text, image_part, txt_caption
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
@@ -379,9 +379,9 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
     if "txt" in members:
         try:
             caption = txt_caption(read_range(tar, *members["txt"][:2]), f"{tar.name}:{key}")
-        except BadCaption as err:
+        except SkippedFile as err:
             def bad(err=err):
-                raise SkippedFile(err.reason, str(err))
+                raise err
             return Item(f"{tar.name}:{key}", "", {"tar": str(tar), "offset": 0, "size": 0}, bad)
     if "json" in members:
         try:

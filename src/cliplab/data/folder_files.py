@@ -81,8 +81,10 @@ def list_folder(root: Path, top: Path | None = None, recursive: bool = True,
             found.images.append(Path(entry.path))
         else:
             found.skipped.append(("not_an_image", Path(entry.path)))
-    for folder in {os.path.dirname(entry.path) for _, entry in entries}:
-        _MIXED_CASE.pop(folder, None)  # as listed now
+    # the folders listed now (every path below root starts with it, links' too): as listed now
+    under = str(root).rstrip(os.sep) + os.sep
+    for folder in [f for f in _MIXED_CASE if f == str(root) or recursive and f.startswith(under)]:
+        del _MIXED_CASE[folder]
     _MIXED_CASE.update(mixed)
     return found
 

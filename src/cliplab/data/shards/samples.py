@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from cliplab.data.folder_files import SkippedFile
 from cliplab.data.images import IMAGE_EXTS
 
 
@@ -155,27 +156,20 @@ class SampleMeta(NamedTuple):
     partner_key: str | None
 
 
-class BadCaption(ValueError):
-    """A sample's ``.txt`` part that is not UTF-8 text: skipped and counted (``bad_caption``),
-    as a folder's ``NAME.txt`` is, never read with its bytes replaced."""
-
-    reason = "bad_caption"
-
-
 def txt_caption(data: bytes, where: str) -> str:
     """A ``.txt`` part as one caption, whole (img2dataset and webdataset write one caption per
-    sample; a newline inside is part of it), stripped; `BadCaption` naming ``where`` if it is
-    not UTF-8 text."""
+    sample; a newline inside is part of it), stripped; a `SkippedFile` ``bad_caption`` naming
+    ``where`` if it is not UTF-8 text, as a folder's ``NAME.txt`` is."""
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise BadCaption(f"{where}: caption not UTF-8 text") from None
+        raise SkippedFile("bad_caption", f"{where}: caption not UTF-8 text") from None
 
 
 def sample_meta(raw: dict) -> SampleMeta:
     """Captions from the ``.json`` metadata's ``captions`` list (cliplab's shards), else the
     ``.txt`` part as one caption (`txt_caption`); the metadata's integer ``group`` and string
-    ``partner_key``, else None. `BadCaption` if the ``.txt`` is not UTF-8 text,
+    ``partner_key``, else None. `SkippedFile` if the ``.txt`` is not UTF-8 text,
     ``ValueError``/``UnicodeDecodeError`` if the metadata is unreadable."""
     meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}
     if not isinstance(meta, dict):

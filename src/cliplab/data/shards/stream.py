@@ -37,8 +37,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cliplab.data.images import UnreadableImage, decode_image
 from cliplab.data.shards.layout import expand_shards, index_counts, shard_sample_counts
-from cliplab.data.shards.samples import (BadCaption, image_part, raw_samples, sample_key,
-                                         sample_meta)
+from cliplab.data.folder_files import SkippedFile
+from cliplab.data.shards.samples import image_part, raw_samples, sample_key, sample_meta
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
 
@@ -213,8 +213,8 @@ class ShardStream(IterableDataset):
             return None, "missing_image"
         try:
             captions, group, partner_key = sample_meta(raw)
-        except BadCaption:
-            return None, BadCaption.reason
+        except SkippedFile as err:  # a caption that is no UTF-8 text
+            return None, err.reason
         except (ValueError, UnicodeDecodeError):
             return None, "bad_metadata"
         if not captions:
