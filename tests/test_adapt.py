@@ -253,6 +253,22 @@ def test_coop_random_context_and_training_changes_prompts(model, digits, ctx):
     assert adapter.learner.ids.shape[1] >= len("zero.") + 2 + 3
 
 
+def test_a_random_class_specific_context_is_a_draw_per_class(model, digits):
+    """CoOp's code draws each class's random context apart (``n_cls x n_ctx x dim``, std
+    0.02); one draw was copied to every class. A context from words is the same for all."""
+    train, _ = digits
+    opts = coop.Options(init="", n_ctx=3, class_specific=True).to_dict()
+    ctx = coop.build_learner(model, train, opts, seed=0).ctx.detach()
+    assert ctx.shape == (10, 3, 32)
+    assert torch.cdist(ctx.flatten(1), ctx.flatten(1)).triu(1)[torch.ones(10, 10).triu(1) > 0] \
+        .min() > 0.1  # no two classes start alike (two draws: ~0.02 * sqrt(2 * 96) = 0.28 apart)
+    assert 0.015 < ctx.std().item() < 0.025
+    same = coop.build_learner(model, train, coop.Options(class_specific=True).to_dict(), 0).ctx
+    assert torch.equal(same[0], same[9])
+    unified = coop.build_learner(model, train, coop.Options(init="", n_ctx=3).to_dict(), 0).ctx
+    assert unified.shape == (3, 32)
+
+
 def test_random_context_slots_follow_the_start_token(model):
     tok = model.tokenizer
     ids, _, start, m = coop.prompt_tokens(model, ["cat"], "", 2)

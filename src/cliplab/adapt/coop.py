@@ -5,7 +5,7 @@ word embeddings (`DualEncoder.token_embedding` / `encode_text_embeddings`); only
 vectors train, both towers stay frozen. The context is shared by all classes (``unified``) or
 one per class (``class_specific``), initialised from the word embeddings of ``init`` (e.g. "a
 photo of a", so before training the prompts are exactly "a photo of a <class>.") or at random
-(std 0.02) when ``init`` is empty. Optimisation as the paper: SGD lr 0.002, momentum 0.9,
+(std 0.02; one draw per class when class-specific) when ``init`` is empty. Optimisation as the paper: SGD lr 0.002, momentum 0.9,
 cosine schedule, batch 32.
 """
 
@@ -127,13 +127,14 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             embeds = model.token_embedding(ids.to(model.device)).float().cpu()
         self.register_buffer("embeds", embeds)  # frozen word embeddings of the whole prompt
-        if init:
+        if init:  # each class's context starts from the same words
             ctx = embeds[0, start:start + n_ctx].clone()
-        else:
+            if class_specific:
+                ctx = ctx.unsqueeze(0).repeat(len(ids), 1, 1)
+        else:  # each class's context its own draw, as the paper's code draws them
             g = torch.Generator().manual_seed(seed)
-            ctx = torch.randn(n_ctx, embeds.shape[-1], generator=g) * 0.02
-        if class_specific:
-            ctx = ctx.unsqueeze(0).repeat(len(ids), 1, 1)
+            shape = (len(ids),) * class_specific + (n_ctx, embeds.shape[-1])
+            ctx = torch.randn(*shape, generator=g) * 0.02
         self.ctx = nn.Parameter(ctx)
 
     def prompt_embeddings(self, shift: torch.Tensor | None = None) -> torch.Tensor:
