@@ -605,3 +605,29 @@ def test_a_preset_with_options_is_recorded_with_them(tmp_path):
                        r"with options \{'embed_dim': 64, 'seed': 7\}\)$"):
         load_adapter(tmp_path / "a", load_model("tiny-clip"))
     assert load_adapter(tmp_path / "a", load_model(model)).method == "zeroshot"
+
+
+@pytest.mark.parametrize("command", ["adapt", "pretrain"])
+def test_an_error_found_when_the_data_loads_names_the_config_file(command, model_dir, tmp_path,
+                                                                  capsys):
+    """An unknown class in ``holdout:`` is found only when the data loads, after the config's
+    own check: adapt and pretrain named its key (``data.train``) but not the file holding it."""
+    data = "data:\n  train: {source: digits, holdout: [cow]}\n"
+    if command == "adapt":
+        text = f"method: linear-probe\n{data}  test: {{source: digits}}\n"
+        model = ["--model", str(model_dir)]
+    else:
+        text = f"model: {{name: {model_dir}}}\n{data}train: {{steps: 1, batch_size: 4}}\n"
+        model = []
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    assert main([command, "--config", str(cfg), *model, "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"cliplab: error: {cfg}: data.train: unknown class 'cow'; classes are: "
+                     "zero, one, two, three, four, five, six, seven, eight, nine"]
+    assert not (tmp_path / "o").exists()
+    assert main([command, "--config", str(cfg), *model, "--out", str(tmp_path / "o"),
+                 "--no-progress", "seed=1" if command == "adapt" else "train.seed=1"]) == 2
+    assert capsys.readouterr().err.startswith(f"cliplab: error: {cfg} + command line: "
+                                              "data.train: unknown class 'cow'")

@@ -311,7 +311,7 @@ def test_pretrain_prints_counts_as_integers_and_metrics_to_three_decimals(monkey
 
     results = {"evals": {"compositional": {"attribute_swap": 0.56789, "n": 100}},
                "model_dir": "runs/x/checkpoints/step-3/model"}
-    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, resume, progress: results)
+    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg, resume, progress, where: results)
     recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny-shapes.yaml"
     assert main(["pretrain", "--config", str(recipe), "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -4,6 +4,11 @@ The CLI prints ``str(error)`` on one line and exits with code 2; every message s
 wrong, where, and what to do.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class CliplabError(Exception):
     """Base class of every error cliplab raises on purpose (bad input, missing file, bad config)."""
@@ -48,3 +53,15 @@ def last_line(err: BaseException) -> str:
     reason there: "Class validation error for validator ...:" comes first)."""
     lines = str(err).strip().splitlines()
     return lines[-1].strip().removeprefix("ValueError: ") if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def errors_naming(where: str | None) -> Iterator[None]:
+    """Re-raise a `CliplabError` of the block as ``where: message`` (the config file or key
+    path its message is about), unless it already starts so; ``where`` None: unchanged."""
+    try:
+        yield
+    except CliplabError as err:
+        if where and not str(err).startswith(where):
+            raise type(err)(f"{where}: {err}") from None
+        raise

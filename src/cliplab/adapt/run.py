@@ -20,7 +20,7 @@ from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, errors_naming
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
@@ -191,8 +191,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     check_before_work(cfg, method, model, write, where)
     # the model before the data: its input is what the images are decoded to
     model = model if model is not None else load_model(cfg.model, cfg.device)
-    train, val, sets, skipped = draw_sets(cfg, method, options, progress,
-                                          getattr(model, "preprocess_config", None))
+    with errors_naming(where):  # a data error names its key (data.train), this its file
+        train, val, sets, skipped = draw_sets(cfg, method, options, progress,
+                                              getattr(model, "preprocess_config", None))
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True

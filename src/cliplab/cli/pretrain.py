@@ -32,14 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cliplab pretrain`; 0 when it succeeds (bad input raises `CliplabError`)."""
-    from cliplab.config import load_config
+    from cliplab.config import config_source, load_config
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
     cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
                       extra={"out": args.out})
     earlier_runs = set(Path("runs").glob("pretrain-*"))
     try:
-        results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+        results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress,
+                               where=config_source(_pretrain_recipe(args), bool(args.overrides)))
     except KeyboardInterrupt:
         _resume_hint(cfg.out, earlier_runs)
         raise

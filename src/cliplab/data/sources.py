@@ -22,7 +22,7 @@ from cliplab.data.pairs import labelled_to_pairs, select_classes, split_classes
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import ImageTextPairs, LabelledImages, MultiLabelImages
 from cliplab.config import Section, validate
-from cliplab.errors import CliplabError, ConfigError
+from cliplab.errors import ConfigError, errors_naming
 from cliplab.models.preprocess import PreprocessConfig
 
 Dataset = LabelledImages | ImageTextPairs | MultiLabelImages
@@ -90,13 +90,8 @@ def load_source(spec: dict, progress: bool | None = None, where: str | None = No
     params = inspect.signature(fn).parameters
     if progress is not None and "progress" in params:
         spec.setdefault("progress", progress)
-    try:
-        with decoding_for(model_input if shift is None else None):
-            return _load(fn, name, spec, holdout, classes, shift, shift_seed, templates)
-    except CliplabError as err:
-        if where and not str(err).startswith(where):
-            raise type(err)(f"{where}: {err}") from None
-        raise
+    with errors_naming(where), decoding_for(model_input if shift is None else None):
+        return _load(fn, name, spec, holdout, classes, shift, shift_seed, templates)
 
 
 def check_options(spec: dict, where: str | None = None, typed_errors: bool = False) -> dict:

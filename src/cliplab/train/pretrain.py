@@ -16,7 +16,7 @@ from cliplab.config import OutFolder, Section, changed_key_paths, load_yaml, val
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, errors_naming
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
@@ -87,15 +87,16 @@ class PretrainConfig(Section):
 
 
 def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, where: str = "the pretrain config") -> dict:
     """Train the configured model on ``data.train``; run the ``eval`` suite every
-    ``train.eval_every`` steps and at the end; write the run.
+    ``train.eval_every`` steps and at the end; write the run. ``where`` names the config in
+    errors found once its data loads (the CLI gives its file).
 
     Under ``torchrun`` each process joins the process group first (``train.dist_timeout_s``
     bounds how long a rank waits for a dead peer) and leaves it at the end; rank 0 writes."""
     start = time.time()
     if not isinstance(cfg, PretrainConfig):
-        cfg = validate(PretrainConfig, cfg, "the pretrain config")
+        cfg = validate(PretrainConfig, cfg, where)
     if resume == "latest" and not cfg.out:  # a new default folder holds no checkpoint
         raise ConfigError("--resume latest continues the newest checkpoint of a run folder: "
                           "give the run folder as --out RUN")
@@ -119,7 +120,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
               "to run, so nothing is evaluated during training", file=sys.stderr)
     try:
-        trained = _train(cfg, train_cfg, resume, progress)  # the model is let go of here
+        trained = _train(cfg, train_cfg, resume, progress, where)  # the model is let go of here
     finally:
         distributed.shutdown()
     # what ran, where the config says auto, and where a resumed run's steps before began
@@ -155,7 +156,7 @@ class _Trained:
 
 
 def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
-           progress: bool) -> _Trained:
+           progress: bool, where: str) -> _Trained:
     """Load the data and model, train and evaluate; every rank calls it. The model lives only
     here, so that leaving the process group afterwards can end the group (see
     ``distributed.shutdown``)."""
@@ -166,17 +167,18 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     if resume is not None and cfg.out:
         model = _start_model_kept(cfg, train_cfg, model, streamed=bool(spec.get("stream")))
     model_input = model.preprocess_config
-    if spec.get("stream"):  # validated with the config (stream: false is dropped there)
-        pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
-    else:
-        pairs = _pairs(spec, progress, "data.train", model_input)
-    replay, replay_ratio = _replay(cfg.data.replay, progress, model_input)
+    with errors_naming(where):  # a data error names its key (data.train), this its file
+        if spec.get("stream"):  # validated with the config (stream: false is dropped there)
+            pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
+        else:
+            pairs = _pairs(spec, progress, "data.train", model_input)
+        replay, replay_ratio = _replay(cfg.data.replay, progress, model_input)
     context = TaskContext(progress=False)
     # the weights as loaded, before any step (a resume keeps the record of the run's start)
     start_model = start_model_record(cfg, model) \
         if resume is None and distributed.rank() == 0 else None
     if cfg.eval:  # a bad eval source, or a task the model cannot serve, fails before training
-        context.preload(cfg.eval.tasks, "eval.tasks", model=model)
+        context.preload(cfg.eval.tasks, f"{where}: eval.tasks", model=model)
     # the run folder is made only once the inputs are known to be good; its default name
     # holds a timestamp, so every rank takes rank 0's
     out = cfg.out or distributed.broadcast_from_rank0(default_run_dir("pretrain"))

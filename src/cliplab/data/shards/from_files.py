@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cliplab.data.shards.write import (ShardSink, check_writer_options, class_fields,
                                        clean_captions, prepare_out, shard_sample)
 from cliplab.data.types import SkipReport
-from cliplab.errors import CliplabError, ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, errors_naming
 
 STREAMED = ("image-folder", "manifest", "shards")
 
@@ -75,7 +75,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
     from cliplab.data.sources import check_options, check_templates
 
     check_writer_options(image_format, samples_per_shard)
-    try:
+    with errors_naming(where):
         options = check_options(spec, where)
         kind = options.pop("source")
         holdout, classes = options.pop("holdout", None), options.pop("classes", None)
@@ -90,10 +90,6 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
         else:
             opened = {"image-folder": _image_folder, "manifest": _manifest}[kind](**options)
         relabel = _class_options(opened, kind, holdout, classes, templates)
-    except CliplabError as err:
-        if where and not str(err).startswith(where):
-            raise type(err)(f"{where}: {err}") from None
-        raise
     labelled = opened.classnames is not None
     name = f"{opened.name}-pairs" if labelled else opened.name
     if labelled:
