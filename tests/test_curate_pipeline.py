@@ -1063,3 +1063,28 @@ def test_every_registered_step_is_named_as_its_spec_names_it():
     for name in registry.STEPS:
         spec = registry.step_class(name).Spec
         assert typing.get_args(spec.model_fields["step"].annotation) == (name,), name
+
+
+@pytest.mark.parametrize("command", ["curate", "index"])
+def test_a_collection_option_index_and_curate_do_not_read_is_named_with_the_config(
+        tmp_path, capsys, command):
+    """``holdout:`` on an image folder (an option of the loaders, not of index and curate's
+    reader) was found only when the pool was read, as ``unknown option(s) ['holdout'] for
+    reading a image-folder source (valid: ['path'])``: no file, no key, a Python list."""
+    folder = make_folder(tmp_path / "pool", [200, 60])
+    cfg = tmp_path / "c.yaml"
+    head = "steps:\n  - {step: exact_dedup}\n" if command == "curate" else "model: tiny-clip\n"
+    for data, message in [
+            (f"{{source: image-folder, path: {folder}, holdout: [cow], limit: 3}}",
+             "data: unknown options 'holdout', 'limit' for image-folder (index and curate "
+             "read it with: path)"),
+            (f"{{source: manifest, path: {folder / 'rows.csv'}, label_col: y}}",
+             "data: unknown option 'label_col' for manifest (index and curate read it with: "
+             "path, image_col, caption_col)"),
+            (f"{{source: shards, path: {tmp_path / 'nothing'}}}",
+             f"data: shards {tmp_path / 'nothing'} does not exist; check the path")]:
+        cfg.write_text(f"{head}data: {data}\n", encoding="utf-8")
+        assert main([command, "--config", str(cfg), "--out", str(tmp_path / "out"),
+                     "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip() == f"cliplab: error: {cfg}: {message}"
+        assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()

@@ -32,8 +32,10 @@ from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".parquet")
-# sources a collection reads item by item itself (their options are its own)
-READ_BY_COLLECTION = ("image-folder", "manifest", "shards")
+# sources a collection reads item by item itself, and the options it reads them with
+COLLECTION_OPTIONS = {"image-folder": ("path",), "manifest": ("path", "image_col", "caption_col"),
+                      "shards": ("path",)}
+READ_BY_COLLECTION = tuple(COLLECTION_OPTIONS)
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -109,6 +111,8 @@ def source_spec(data: str | dict) -> dict:
         if "source" not in data:
             raise DataError(f"data spec {data} has no 'source' key")
         if data["source"] in READ_BY_COLLECTION:
+            _reject_options(data)
+            check_collection_path(data)
             return dict(data)
         return check_options(data)
     path = Path(data).expanduser()  # ~ as a shell reads it (a config's value meets none)
@@ -161,11 +165,15 @@ def _path(spec: dict) -> Path:
     return Path(spec["path"]).expanduser().resolve()
 
 
-def _reject_options(spec: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(spec) - allowed - {"source", "path"})
+def _reject_options(spec: dict) -> None:
+    """A one-line `DataError` naming the options of ``spec`` that index and curate do not read
+    its source with (a loader's ``holdout`` or ``label_col``, a typo)."""
+    valid = COLLECTION_OPTIONS[spec["source"]]
+    unknown = sorted((str(key) for key in spec if key != "source" and key not in valid))
     if unknown:
-        raise DataError(f"unknown option(s) {unknown} for reading a {spec['source']} source "
-                        f"(valid: {sorted(allowed | {'path'})})")
+        s = "s" * (len(unknown) > 1)
+        raise DataError(f"unknown option{s} {', '.join(map(repr, unknown))} for "
+                        f"{spec['source']} (index and curate read it with: {', '.join(valid)})")
 
 
 def open_rgb(source: Path | bytes) -> Image.Image:
@@ -187,7 +195,7 @@ def _folder_items(root: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     ``NAME.json`` object beside it joins its metadata. Files that are no image, images of a
     caption folder without a caption and sidecars that are not UTF-8 text come as items that
     fail to read, so index and curate count them."""
-    _reject_options(spec, set())
+    _reject_options(spec)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     listed = list_folder(root)
@@ -259,7 +267,7 @@ def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _column,
                                        _read_table, refuse_image_data)
 
-    _reject_options(spec, {"image_col", "caption_col"})
+    _reject_options(spec)
     rows, lines, _ = _read_table(path)
     if not rows:
         raise DataError(f"{path}: manifest has no rows")
@@ -337,7 +345,7 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     from cliplab.data.shards import expand_shards
     from cliplab.data.shards.layout import index_counts
 
-    _reject_options(spec, set())
+    _reject_options(spec)
     for tar in expand_shards(folder):
         samples, damage = _tar_samples(tar)
         for key, members, duplicate in samples:
