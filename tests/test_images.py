@@ -243,3 +243,50 @@ def test_a_pillow_without_avif_reads_what_it_can_and_refuses_the_rest_as_unident
     assert done.stdout.strip().splitlines() == [
         "unidentified", "415 file is not an image in a format cliplab reads (PNG, JPEG, WebP, "
         "GIF, BMP, TIFF, PPM, JPEG 2000)"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["index", "eval"])
+def test_an_image_over_pils_pixel_limit_is_warned_of_once_by_name(tmp_path, capsys, monkeypatch,
+                                                                  command):
+    """PIL's DecompressionBombWarning (90 to 179 megapixels) names no file, and is shown in
+    Python's two-line form: the CLI says which image, once, in its own one line; the image is
+    still read. Over twice the limit it is skipped as unreadable, as before."""
+    from cliplab.cli import main
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 90 megapixels stands at 1000 pixels
+    for name, side in (("cat", 40), ("dog", 20), ("eel", 50)):  # 1600: over; 400; 2500: refused
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.new("RGB", (side, side), "red").save(tmp_path / "photos" / name / "a.png")
+        Image.new("RGB", (20, 20), "blue").save(tmp_path / "photos" / name / "b.png")
+    if command == "index":
+        args = ["index", "--model", "tiny-clip", "--data", str(tmp_path / "photos")]
+    else:
+        suite = tmp_path / "zs.yaml"
+        suite.write_text(f"tasks: [{{task: zeroshot, data: {{source: image-folder, path: "
+                         f"{tmp_path / 'photos'}}}}}]\n", encoding="utf-8")
+        args = ["eval", "--model", "tiny-clip", "--config", str(suite)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "pixels" in line]
+    assert warned == [f"cliplab: warning: {tmp_path / 'photos' / 'cat' / 'a.png'}: 40x40 pixels "
+                      "(0 megapixels), over PIL's decompression-bomb limit (0 megapixels): "
+                      "decoded all the same (over twice the limit an image is skipped as "
+                      "unreadable_image)"]
+    assert "DecompressionBomb" not in captured.err
+    if command == "index":
+        assert "index " in captured.out and "5 items (1 skipped)" in captured.out
+    else:
+        assert '"n": 5' in captured.out
+
+
+def test_encoded_bytes_over_the_pixel_limit_are_warned_of_by_the_name_given(monkeypatch):
+    from cliplab.data.images import LargeImageWarning
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = png_bytes(np.full((40, 40, 3), 200, dtype=np.uint8))
+    with pytest.warns(LargeImageWarning, match=r"^shards/00000\.tar:000000007: 40x40 pixels"):
+        assert decode_image(data, name="shards/00000.tar:000000007").shape == (40, 40, 3)
+    with pytest.warns(LargeImageWarning, match=r"^image bytes: 40x40"):  # unnamed: each time
+        decode_image(data)
+    with pytest.warns(LargeImageWarning, match=r"^image bytes: 40x40"):
+        decode_image(data)

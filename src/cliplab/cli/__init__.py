@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         with warnings.catch_warnings(), _sigterm_as_interruption(), _holding_outputs():
+            # PIL's warning of a very large image names no file; cliplab's own names it
+            warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
             return COMMANDS[args.command].run(args)

@@ -64,7 +64,7 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
                         "missing_label" if classnames is not None else "missing_caption", key)
             continue
         try:
-            image = decode_image(raw[ext], image_size)
+            image = decode_image(raw[ext], image_size, name=key)
         except UnreadableImage:
             skipped.add("unreadable_image", key)
             continue

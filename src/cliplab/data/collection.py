@@ -176,12 +176,12 @@ def _reject_options(spec: dict) -> None:
                         f"{spec['source']} (index and curate read it with: {', '.join(valid)})")
 
 
-def open_rgb(source: Path | bytes) -> Image.Image:
-    """An image file or encoded bytes decoded as RGB (a PIL error, one of ``PIL_ERRORS``, if
-    it cannot be: a decoder's own failure of another type is an ``OSError`` naming it, so a
-    corrupt file is skipped and counted like any other)."""
+def open_rgb(source: Path | bytes, name: str | None = None) -> Image.Image:
+    """An image file or encoded bytes (called ``name`` in warnings) decoded as RGB (a PIL
+    error, one of ``PIL_ERRORS``, if it cannot be: a decoder's own failure of another type is
+    an ``OSError`` naming it, so a corrupt file is skipped and counted like any other)."""
     try:
-        with open_image(source) as im:
+        with open_image(source, name) as im:
             return convert_image(im, "RGB")
     except PIL_ERRORS:
         raise
@@ -405,7 +405,8 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
     offset, size, name = image
     return Item(f"{tar.name}:{key}", caption,
                 {"tar": str(tar), "offset": offset, "size": size, "name": name},
-                lambda t=tar, o=offset, s=size: open_rgb(read_range(t, o, s)), meta)
+                lambda t=tar, o=offset, s=size: open_rgb(read_range(t, o, s), f"{t}:{key}"),
+                meta)
 
 
 def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None]:

@@ -65,25 +65,47 @@ def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == (width, height) else image.resize((width, height), _BILINEAR)
 
 
-def open_image(source: bytes | bytearray | str | os.PathLike) -> Image.Image:
+_WARNED_LARGE: set[str] = set()  # the images `open_image` warned of as over PIL's limit
+
+
+class LargeImageWarning(Image.DecompressionBombWarning):
+    """An image over PIL's decompression-bomb limit, decoded still, named (PIL's own warning,
+    which the CLI hides, names no file); ignoring PIL's category ignores it too."""
+
+
+def open_image(source: bytes | bytearray | str | os.PathLike,
+               name: str | None = None) -> Image.Image:
     """PIL's lazy ``Image.open`` of a file or encoded bytes, limited to `READ_FORMATS` (an
-    ``UnidentifiedImageError`` for any other format); use it as a context manager."""
-    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                      formats=READ_FORMATS)
+    ``UnidentifiedImageError`` for any other format); use it as a context manager. An image
+    over PIL's pixel limit is warned of by ``name`` (default: the file's path)."""
+    bytes_given = isinstance(source, (bytes, bytearray))
+    im = Image.open(io.BytesIO(source) if bytes_given else source, formats=READ_FORMATS)
+    limit, pixels = Image.MAX_IMAGE_PIXELS, im.width * im.height
+    shown = name or ("image bytes" if bytes_given else os.fspath(source))
+    # once per image: a set opened for its size, then decoded, is one image to the user
+    if limit and pixels > limit and shown not in _WARNED_LARGE:  # PIL refuses twice the limit
+        if name or not bytes_given:  # unnamed bytes: each may be another image
+            _WARNED_LARGE.add(shown)
+        warnings.warn(f"{shown}: {im.width}x{im.height} pixels ({pixels / 1e6:.0f} megapixels), "
+                      f"over PIL's decompression-bomb limit ({limit / 1e6:.0f} megapixels): "
+                      "decoded all the same (over twice the limit an image is skipped as "
+                      "unreadable_image)", LargeImageWarning)
+    return im
 
 
 def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | None = None,
-                 channels: int | None = 3) -> torch.Tensor:
+                 channels: int | None = 3, name: str | None = None) -> torch.Tensor:
     """``source`` (encoded bytes or a file path) as uint8 ``[H, W, C]``.
 
     ``channels``: 3 gives RGB, 1 grayscale, None keeps grayscale files (PIL modes L and 1) as
     one channel and makes everything else RGB. ``size`` (an int or ``(height, width)``)
     resizes bilinearly when the image differs. Raises ``UnreadableImage`` for anything PIL
-    cannot decode (a missing file too).
+    cannot decode (a missing file too). ``name``: what messages call encoded bytes (a shard
+    sample's key).
     """
-    where = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    where = name or ("image bytes" if isinstance(source, (bytes, bytearray)) else str(source))
     try:
-        with open_image(source) as im:
+        with open_image(source, name) as im:
             mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1") else "RGB")
             image = convert_image(im, mode)
     except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, …)

@@ -220,7 +220,7 @@ class ShardStream(IterableDataset):
         if not captions:
             return None, "empty_caption"
         try:
-            image = decode_image(raw[ext], self.image_size, self.channels)
+            image = decode_image(raw[ext], self.image_size, self.channels, sample_key(raw))
         except UnreadableImage:
             return None, "unreadable_image"
         key = raw["__key__"]
