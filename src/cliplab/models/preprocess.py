@@ -264,11 +264,14 @@ def keep_ratio_size(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
 
 def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """Float images ``[B, C, H, W]`` resized to ``size`` as PIL's ``Image.resize`` does (within
-    ~1/255, PIL's rounding to uint8): antialiased along each axis that shrinks, bicubic with
-    PIL's a = -0.5 kernel, one axis at a time in PIL's order (width first, unless the height
-    shrinks while the width grows)."""
+    ~1/255, PIL's rounding to uint8): antialiased along each axis that shrinks; bicubic (PIL's
+    a = -0.5 kernel) on the CPU by PIL itself (its two passes are rounded to uint8 between, in an
+    order of its own choosing: up to 29/255 apart on a tall page of thin lines), elsewhere one
+    axis at a time, width first unless the height shrinks while the width grows."""
     if interpolation == "bilinear":  # never overshoots: one separable call is PIL's two passes
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if x.device.type == "cpu" and x.shape[1] in (1, 3):
+        return _pil_bicubic(x, size)
     h, w = x.shape[-2:]
     height_first = size[0] < h and size[1] > w
     # PIL clips each pass's overshoot to uint8 range; torch's antialias kernel is PIL's
@@ -277,6 +280,18 @@ def resize_like_pil(x: torch.Tensor, size: tuple[int, int], interpolation: str) 
             x = F.interpolate(x, size=step, mode="bicubic", align_corners=False,
                               antialias=True).clamp_(0, 1)
     return x
+
+
+def _pil_bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`resize_like_pil`'s bicubic by PIL, image by image (the floats rounded to uint8 levels,
+    which images made by `to_float` are)."""
+    levels = x.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty((len(levels), size[0], size[1], levels.shape[-1]), dtype=np.uint8)
+    for i, image in enumerate(levels):
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        resized = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BICUBIC))
+        out[i] = resized.reshape(out.shape[1:])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.dtype).div_(255.0)
 
 
 def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,
