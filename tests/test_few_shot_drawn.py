@@ -96,5 +96,26 @@ def test_a_captioned_train_set_is_refused_as_before(tmp_path, tiny_model):
             "train": {"source": "manifest", "path": str(tmp_path / "m.csv")},
             "test": {"source": "digits", "split": "test"}}
     with pytest.raises(Exception, match=r"^tasks\[0\]: train needs labelled images "
-                                        r"\(a classification source\)$"):
+                                        r"\(a classification source\), not image-text pairs; "
+                                        r"a manifest with a caption column is read as pairs, "
+                                        r"and as classes when label_col: COLUMN names its "
+                                        r"label column$"):
         run_suite(tiny_model, {"tasks": [task]})
+
+
+def test_a_manifest_of_captions_and_labels_is_said_to_need_its_label_col(tmp_path, tiny_model):
+    """A manifest with both a caption and a label column reads as pairs: a zero-shot task on
+    it said only that it needs labelled images, not how to read its labels."""
+    from PIL import Image
+
+    rows = ["image,caption,label"]
+    for i, colour in enumerate(["red", "blue", "red", "blue"]):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} thing,{colour}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = {"source": "manifest", "path": str(tmp_path / "m.csv")}
+    with pytest.raises(Exception, match=r"label_col: COLUMN names its label column$"):
+        run_suite(tiny_model, {"tasks": [{"task": "zeroshot", "data": data}]})
+    results = run_suite(tiny_model, {"tasks": [{"task": "zeroshot",
+                                                "data": {**data, "label_col": "label"}}]})
+    assert results["zeroshot-0"]["n"] == 4

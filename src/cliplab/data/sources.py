@@ -317,7 +317,10 @@ def as_labelled(data: Dataset, where: str) -> LabelledImages:
     """``data`` as labelled images of two classes at least; a one-line error naming ``where``
     otherwise (over one class every image scores as right, whatever the model)."""
     if not isinstance(data, LabelledImages):
-        raise ConfigError(f"{where} needs labelled images (a classification source)")
+        hint = (", not image-text pairs; a manifest with a caption column is read as pairs, "
+                "and as classes when label_col: COLUMN names its label column"
+                if isinstance(data, ImageTextPairs) else f", not {_kind(data)}")
+        raise ConfigError(f"{where} needs labelled images (a classification source){hint}")
     if len(data.classnames) < 2:
         raise ConfigError(f"{where} holds one class ({', '.join(data.classnames)}): a "
                           "classifier over it scores every image as right, whatever the model; "
