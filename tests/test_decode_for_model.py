@@ -74,6 +74,33 @@ def test_load_source_fits_unless_image_size_or_a_shift_is_given(tmp_path):
     assert shifted.images.shape[1] == 67  # the median shorter side, not the model's 32
 
 
+@pytest.mark.parametrize("mode,interpolation", [("shortest", "bilinear"),
+                                                ("squash", "bicubic")])
+def test_files_smaller_and_larger_than_the_input_are_each_the_models_input(
+        tmp_path, mode, interpolation):
+    """A set mixing files smaller and larger than the model's input was made centre squares at
+    the median shorter side: the larger files, already fitted to the input, were shrunk and
+    enlarged again, and a squash model's small files were cropped (2-65/255 off what the model
+    makes of each file alone). Each is the model's input now, loaded whole or drawn."""
+    from cliplab.data.listed import ShotDraws, list_source
+    from cliplab.models.preprocess import ImagePreprocessor
+
+    sizes = [(20, 30), (75, 100), (16, 16), (100, 40), (30, 20), (64, 48)]
+    root = _folder(tmp_path / "photos", sizes)
+    model_input = PreprocessConfig(image_size=32, resize_mode=mode, interpolation=interpolation)
+    spec = {"source": "image-folder", "path": str(root)}
+    loaded = load_source(spec, False, model_input=model_input)
+    assert loaded.images.shape == (6, 32, 32, 3)
+    files = sorted(root.rglob("*.png"), key=lambda f: (f.parent.name, f.name))
+    model = ImagePreprocessor(model_input)
+    for file, image in zip(files, loaded.images):
+        alone = model([decode_image(file)])  # the file alone through the model's preprocessing
+        assert (model([image]) - alone).abs().max() * 0.27 <= 1.5 / 255  # 0.27: CLIP's std
+    listed = list_source(spec, False, model_input=model_input)
+    drawn, index = ShotDraws(listed, False).draw(2, seed=0)
+    assert torch.equal(drawn.images, loaded.images[index])
+
+
 def test_eval_on_photos_holds_the_models_input_and_scores_as_on_the_whole_files(
         tmp_path, tiny_model):
     root = _folder(tmp_path / "photos", [(75, 100), (100, 75), (64, 96), (96, 64)] * 2)

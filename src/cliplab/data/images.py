@@ -136,6 +136,7 @@ class DeferredImage(NamedTuple):
 
     decode: Callable[[], torch.Tensor]
     name: str
+    model_input: PreprocessConfig | None = None  # what it is decoded for (`decoding_for`)
 
 
 @contextmanager
@@ -158,21 +159,25 @@ def _decode_for(model_input: PreprocessConfig | None, decode: Callable[[], torch
         return decode()
 
 
-def fit_to_model(image: Image.Image, model_input: PreprocessConfig) -> Image.Image:
+def fit_to_model(image: Image.Image, model_input: PreprocessConfig,
+                 enlarge: bool = False) -> Image.Image:
     """``image`` as ``model_input``'s resize makes it (``shortest``: the shorter side resized
     with its interpolation and the centre cropped, as `resize_center_crop` and transformers'
-    processors do; ``squash``: both sides), when that shrinks it; an image the model would
-    enlarge, or pad (``longest``), is returned as it is, to be resized with its batch (a
-    very long one enlarged: its centre, `enlarged_span`, as the model's resize would cut it)."""
+    processors do; ``squash``: both sides), when that shrinks it (with ``enlarge``, also when
+    it enlarges it); an image the model would enlarge, or pad (``longest``), is returned as it
+    is, to be resized with its batch (a very long one enlarged: its centre, `enlarged_span`,
+    as the model's resize would cut it)."""
     side, mode = model_input.image_size, model_input.resize_mode
     width, height = image.size
     if mode == "shortest" and min(width, height) < side:  # to be enlarged: its centre only
         rows, cols = enlarged_span(height, width, side)
-        if rows == cols == slice(None):
+        if not rows == cols == slice(None):
+            image = image.crop((cols.start or 0, rows.start or 0, cols.stop or width,
+                                rows.stop or height))
+            width, height = image.size
+        if not enlarge:
             return image
-        return image.crop((cols.start or 0, rows.start or 0, cols.stop or width,
-                           rows.stop or height))
-    if mode not in ("shortest", "squash") or min(width, height) < side \
+    if mode not in ("shortest", "squash") or (min(width, height) < side and not enlarge) \
             or (width, height) == (side, side):
         return image
     resample = _RESAMPLE[model_input.interpolation]
@@ -206,9 +211,18 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
     model that resizes the shorter side and centre-crops (CLIP's and OpenCLIP's
     preprocessing) sees what it sees of each image alone (squashing each to one size, as
     before, distorted every image whose aspect differed); ``where`` names them in the
-    warning that says so."""
+    warning that says so. Within `decoding_for` a model that resizes the shorter side or
+    squashes, each becomes that model's input as its preprocessing makes it of the file alone
+    (no median, no warning: what the model would see of each)."""
     sizes = {tuple(im.shape[:2]) for im in images}
-    if len(sizes) > 1:
+    model_input = _MODEL_INPUT.get()
+    if len(sizes) > 1 and model_input is not None \
+            and model_input.resize_mode in ("shortest", "squash"):
+        # each made the model's input as its preprocessing makes it of the file alone (files
+        # larger than the input were decoded so already; `decoding_for`)
+        images = [_to_tensor(fit_to_model(to_pil(im), model_input, enlarge=True))
+                  for im in images]
+    elif len(sizes) > 1:
         side = int(np.median([min(im.shape[:2]) for im in images]))
         shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
         warnings.warn(f"{where}: {len(images)} images of {len(sizes)} sizes ({shown}"
@@ -258,8 +272,9 @@ class ImageStack:
         if deferred is None:
             self.append(decode())
             return
-        decode = functools.partial(_decode_for, _MODEL_INPUT.get(), decode)
-        deferred[key] = DeferredImage(decode, key if name is None else name)
+        model_input = _MODEL_INPUT.get()
+        decode = functools.partial(_decode_for, model_input, decode)
+        deferred[key] = DeferredImage(decode, key if name is None else name, model_input)
         self.append(PLACEHOLDER)
 
     def stacked(self, where: str = "images") -> torch.Tensor:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from cliplab.data.images import DeferredImage, ImageStack, UnreadableImage, deferred_decoding
+from cliplab.data.images import (DeferredImage, ImageStack, UnreadableImage, decoding_for,
+                                  deferred_decoding)
 from cliplab.data.sources import load_source
 from cliplab.data.types import LabelledImages, source_keys
 from cliplab.models.preprocess import PreprocessConfig
@@ -103,7 +104,11 @@ class ShotDraws:
         images = ImageStack(len(index))
         for i in index.tolist():
             images.append(picked.pop(i))
-        return dataclasses.replace(chosen, images=images.stacked(f"{data.name} draw")), index
+        # images of several sizes are made the input of the model they were decoded for
+        model_input = next(iter(self.listed.decoders.values())).model_input
+        with decoding_for(model_input):
+            stacked = images.stacked(f"{data.name} draw")
+        return dataclasses.replace(chosen, images=stacked), index
 
     def indices(self, k: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """The listed indices `draw` would take (sorted), holding no image: a sample an earlier
