@@ -207,6 +207,9 @@ def test_freeze_tower_leaves_last_layers_trainable():
     assert not model.tower_is_frozen("text")
     model.freeze_tower("image")
     assert model.tower_is_frozen("image")
+    # the projections into the shared space are no part of a tower: LiT learns them (README)
+    assert all(p.requires_grad for p in model.model.visual_projection.parameters())
+    assert all(p.requires_grad for p in model.model.text_projection.parameters())
 
 
 def test_freeze_tower_except_last_frees_what_follows_the_blocks_of_each_kind():

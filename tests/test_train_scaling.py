@@ -167,6 +167,21 @@ def test_siglip_loss_and_a_heads_loss_leave_a_released_siglips_temperature_alone
     assert model.logit_scale.item() == before  # untrained, unchanged
 
 
+def test_the_clip_loss_on_a_siglip_model_says_it_leaves_the_bias_untrained(pairs, capsys):
+    """SigLIP's probabilities add its logit bias to every score; the default train.loss (clip)
+    never trains it, so a SigLIP pretrained so kept its -10 silently (cos 0.3 scored 0.0009)."""
+    model = build_model("tiny-siglip", image_size=32, patch_size=8, width=32, layers=1, heads=2,
+                        context_length=48)
+    Trainer(model, config(steps=1, lr=1e-3)).fit(pairs)
+    assert model.logit_bias.item() == -10.0  # what the warning says: untrained
+    assert capsys.readouterr().err.count("train.loss=clip does not train this model's logit "
+                                         "bias (it stays -10.00)") == 1
+    Trainer(model, config(steps=1, lr=1e-3, loss="siglip")).fit(pairs)
+    assert model.logit_bias.item() != -10.0 and "logit bias" not in capsys.readouterr().err
+    Trainer(_one_block_model(), config(steps=1)).fit(pairs)  # a CLIP has no bias to train
+    assert "logit bias" not in capsys.readouterr().err
+
+
 def test_replay_batches_mix_the_ratio_and_cover_each_set():
     batches = ReplayBatches(n_new=40, n_old=30, batch_size=10, ratio=0.3, seed=0)
     seen_new, seen_old = [], []

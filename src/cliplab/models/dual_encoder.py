@@ -252,7 +252,8 @@ class DualEncoder(nn.Module):
     def freeze_tower(self, tower: str, except_last: int = 0) -> None:
         """Freeze the ``"image"`` or ``"text"`` tower, optionally leaving its last k blocks free
         together with what follows them (final norm, pooling head), as OpenCLIP's ``lock``
-        unlocks the last group."""
+        unlocks the last group. The tower's projection into the shared space is no part of it
+        and stays trainable (OpenCLIP's ``lock`` freezes its ``proj``)."""
         module = self.tower(tower)
         module.requires_grad_(False)
         if except_last > 0:

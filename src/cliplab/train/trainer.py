@@ -100,6 +100,12 @@ class Trainer:
         if config.fsdp and self.world == 1:  # a recipe tried out before a torchrun launch
             print("train: warning: train.fsdp shards the towers over torchrun's ranks; in one "
                   "process the model trains whole", file=sys.stderr)
+        bias = model.logit_bias
+        if head is None and config.loss == "clip" and bias is not None and self.rank == 0:
+            print(f"train: warning: train.loss=clip does not train this model's logit bias "
+                  f"(it stays {bias.item():.2f}), which its sigmoid probabilities (zero-shot, "
+                  "cliplab serve) add to every score: train.loss=siglip trains it",
+                  file=sys.stderr)
         share = config.batch_size // self.world
         if config.micro_batch_size and config.micro_batch_size >= share and self.rank == 0 \
                 and self.world > 1:  # in one process the config refuses it
