@@ -3,7 +3,8 @@
 AP of a class ranks all images by their score for it: AP = Σ_n (R_n − R_{n−1}) P_n over the
 distinct score thresholds, the definition of scikit-learn's ``average_precision_score`` (tied
 scores form one threshold). mAP is the mean over classes that have at least one positive image
-(the macro average; CLIP_benchmark's multi-label key ``mean_average_precision``).
+(the macro average; CLIP_benchmark's multi-label key ``mean_average_precision``, which
+averages over every class: with a class that no image has, the two differ).
 """
 
 from __future__ import annotations
