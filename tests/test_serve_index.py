@@ -489,6 +489,12 @@ def test_bad_index_type_and_stray_uri_fail_before_any_embedding(model_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^bad FAISS index type 'hnws': could not parse "
                                           r"index string hnws; use one of"):
         build(model_dir, SHAPES, tmp_path / "a", index_type="hnws")
+    # FAISS parses a graph of under 2 links, then aborts (HNSW0) or segfaults (HNSW1) adding
+    for factory in ("HNSW0", "HNSW1", "IVF4_HNSW1,Flat", "HNSW1,Flat"):
+        with pytest.raises(ConfigError, match=rf"^bad FAISS index type '{factory}': HNSW[01] "
+                                              "links each vector to fewer than 2 others"):
+            build(model_dir, SHAPES, tmp_path / "a", index_type=factory)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
     with pytest.raises(ConfigError, match="--uri .* add --backend milvus"):
         build(model_dir, SHAPES, tmp_path / "b", uri=str(tmp_path / "x.db"))
 

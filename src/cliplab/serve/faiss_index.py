@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 
 import numpy as np
 
@@ -72,6 +73,13 @@ def empty_faiss(dim: int, factory: str):
     """An untrained FAISS index of ``factory``; ``ConfigError`` naming the type if FAISS cannot
     build it (so a bad ``index_type`` can be caught before any embedding)."""
     faiss = _faiss()
+    # FAISS parses HNSW0 / HNSW1 (a graph of 0 or 1 links a node) but aborts or crashes
+    # adding to it
+    small = re.search(r"HNSW([01])(?!\d)", factory)
+    if small:
+        raise ConfigError(f"bad FAISS index type {factory!r}: HNSW{small.group(1)} links each "
+                          "vector to fewer than 2 others, which FAISS cannot build; use HNSW32 "
+                          "(hnsw), or 2 links at least")
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
