@@ -244,6 +244,6 @@ def test_evaluation_images_that_cannot_be_read_are_told(tmp_path, capsys):
     step.prepare(StepContext(work=tmp_path / "work", progress=False))
     assert len(step.labels) == 3
     err = capsys.readouterr().err
-    assert "curate: decontaminate: eval_sets[0]:image-folder: skipped 1 samples: " \
+    assert "curate: decontaminate: eval_sets[0]:image-folder: skipped 1 sample: " \
            "unreadable_image=1; those evaluation images are not checked against the pool" in err
     assert "read evals" not in err  # no progress bar when progress is off

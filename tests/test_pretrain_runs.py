@@ -217,7 +217,7 @@ def test_pretraining_on_an_image_folder_reports_what_it_skipped(tmp_path, capsys
     cfg["eval"] = None
     results = run_pretrain(cfg, progress=False)
     assert results["skipped"]["counts"] == {"unreadable_image": 1}
-    assert "data.train: skipped 1 samples: unreadable_image=1" in capsys.readouterr().err
+    assert "data.train: skipped 1 sample: unreadable_image=1" in capsys.readouterr().err
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):

@@ -495,7 +495,8 @@ def test_classify_ids_labels_each_image_as_classify_does(served):
 
 
 @pytest.mark.parametrize("ids, status, words", [
-    ("3, 999, 1000", 404, "no indexed image with id 999, 1000"),
+    ("3, 999, 1000", 404, "no indexed image with ids 999, 1000"),
+    ("3, 999", 404, "no indexed image with id 999"),
     ("3, x", 422, "ids: 'x' is not an image id (a whole number from 0)"),
     ("-1", 422, "ids: '-1' is not an image id"),
     ("²", 422, "ids: '²' is not an image id"),

@@ -476,7 +476,7 @@ def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     assert "wrote 2 samples in 1 shard " in capsys.readouterr().out
     assert main(["data", "shard", "--source", str(tmp_path / "m.csv"), "--out",
                  str(tmp_path / "b"), "--no-progress"]) == 0
-    assert "skipped 1 samples: empty_caption=1" in capsys.readouterr().out
+    assert "skipped 1 sample: empty_caption=1" in capsys.readouterr().out
     # --data (--source is its old name) replaces the config's source and its options
     assert main(["data", "shard", "--config", str(config), "--data", "digits", "data.split=test",
                  "--out", str(tmp_path / "d"), "--no-progress"]) == 0

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_folder(cfg.out, cfg.overwrite, spec_paths(cfg.data))
     index = run_shard(cfg, progress=not args.no_progress)
     shards = len(index["shards"])
-    print(f"wrote {index['total']} samples in {shards} shard{'s' * (shards != 1)} to {cfg.out}; "
-          f"{SkipReport.from_dict(index['skipped']).summary()}")
+    total = index["total"]
+    print(f"wrote {total} sample{'s' * (total != 1)} in {shards} shard{'s' * (shards != 1)} to "
+          f"{cfg.out}; {SkipReport.from_dict(index['skipped']).summary()}")
     return 0

@@ -61,7 +61,8 @@ class SkipReport:
         could not be read to their end are told apart, with where each stopped (the samples
         they lost are counted as ``cut_off`` where their count is known)."""
         samples, shards = self._samples_and_shards()
-        text = f"skipped {sum(samples.values())} samples"
+        lost = sum(samples.values())
+        text = f"skipped {lost} sample{'s' * (lost != 1)}"
         if samples:
             text += ": " + counts_text(samples)
         if shards:

@@ -213,7 +213,8 @@ def describe(record: dict) -> str:
         f"({_tuned_recall(record['faiss'])})"
         if record["faiss"].get("parameter") else "")) if backend == "faiss" else \
         f"Milvus {record['milvus']['collection']} at {record['milvus']['uri']}"
-    return (f"{record['count']} items ({record['skipped']} skipped), model "
+    count = record["count"]
+    return (f"{count} item{'s' * (count != 1)} ({record['skipped']} skipped), model "
             f"{record['model']['name']}, {how}")
 
 

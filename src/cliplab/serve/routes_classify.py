@@ -61,8 +61,9 @@ def classify_ids(labels: list[str] = Form(..., description=LABELS_HELP),
     found = index.items(wanted)
     missing = [i for i in wanted if i not in found]
     if missing:
-        fail(404, f"no indexed image with id {', '.join(map(str, missing[:5]))}"
-              + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+        fail(404, f"no indexed image with id{'s' * (len(missing) > 1)} "
+             f"{', '.join(map(str, missing[:5]))}"
+             + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
     probs = service.probabilities(np.stack([index.vector(i) for i in wanted]), names, prompt)
     return {"template": template, "results": [
         {"id": i, "labels": ranked_labels(names, row)} for i, row in zip(wanted, probs)]}
