@@ -116,7 +116,7 @@ def test_default_templates_are_told(classification_folder, capsys):
     assert load_clip_benchmark(root, progress=False).templates == ["a photo of a {}."]
     assert capsys.readouterr().err == (
         f"clip-benchmark {root}: warning: no zeroshot_classification_templates.txt; zero-shot "
-        "prompts use the default template ['a photo of a {}.']\n")
+        "prompts use the default template 'a photo of a {}.'\n")
 
 
 def test_a_class_index_equal_to_the_class_count_is_a_bad_label(tmp_path):

@@ -43,7 +43,8 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
     if classnames is not None and not any((root / name).is_file() for name in TEMPLATE_FILES):
         # CLIP_benchmark then prompts with its per-dataset templates: numbers would differ
         print(f"clip-benchmark {root}: warning: no {TEMPLATE_FILES[1]}; zero-shot prompts use "
-              f"the default template{'s' * (len(templates) > 1)} {templates}", file=sys.stderr)
+              f"the default template{'s' * (len(templates) > 1)} "
+              f"{', '.join(map(repr, templates))}", file=sys.stderr)
 
     skipped = SkipReport()
     images, labels, captions, keys = [], [], [], []
