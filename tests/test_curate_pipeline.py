@@ -619,7 +619,8 @@ def test_a_manifest_without_a_caption_column_is_an_error_not_a_pool_of_drops(tmp
     manifest.write_text("image,desc\nphotos/img_00.png,a cat\n")
     with pytest.raises(DataError, match=r"nocap.csv: no caption column \(looked for caption, "
                                         r"text, label, class; found: image, desc\); rename a "
-                                        r"column or pass caption_col=$"):
+                                        r"column or set the data spec's caption_col "
+                                        r"\(data.caption_col=NAME with --data\)$"):
         run_curation(config(str(manifest), [{"step": "exact_dedup"}]), tmp_path / "out",
                      progress=False)
     assert list(tmp_path.glob("out*")) == []  # refused before reading: no OUT.partial left

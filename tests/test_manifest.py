@@ -493,8 +493,26 @@ def test_the_collection_names_a_missing_image_column_as_the_loader_does_and_stri
     (tmp_path / "m.csv").write_text("img,caption\na.png,a cat\n")
     with pytest.raises(DataError, match=r"m.csv: no image column \(looked for image, path, "
                                         r"filepath, image_path; found: img, caption\); rename a "
-                                        r"column or pass image_col=$"):
+                                        r"column or set the data spec's image_col "
+                                        r"\(data.image_col=NAME with --data\)$"):
         list(iter_items({"source": "manifest", "path": str(tmp_path / "m.csv")}))
     (tmp_path / "m.csv").write_text("image,caption\na.png,  a cat \nb.png,   \n")
     items = iter_items({"source": "manifest", "path": str(tmp_path / "m.csv")})
     assert [item.caption for item in items] == ["a cat", ""]
+
+
+def test_the_column_a_missing_column_error_suggests_is_set_as_it_says(tmp_path, capsys):
+    """It said `pass image_col=`, which every command line refused as an unknown key: the
+    option belongs to the data spec (`data.image_col=` beside --data)."""
+    from PIL import Image
+
+    from cliplab.cli import main
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("img,text\na.png,a red square\n", encoding="utf-8")
+    args = ["data", "shard", "--data", str(tmp_path / "m.csv"), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "s1")]) == 2
+    assert "set the data spec's image_col (data.image_col=NAME with --data)" in \
+        capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "s2"), "data.image_col=img"]) == 0
+    assert "wrote 1 sample in 1 shard" in capsys.readouterr().out

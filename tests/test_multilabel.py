@@ -87,7 +87,7 @@ def test_multilabel_manifest(tmp_path):
     with pytest.raises(DataError) as err:
         load_multilabel_manifest(tmp_path / "single.csv", progress=False)
     assert str(err.value) == (f"{tmp_path / 'single.csv'}:line 1: no column 'labels' (found: "
-                              "image, label); fix label_col= or the header")
+                              "image, label); fix the data spec's label_col or the header")
 
 
 def test_suite_multilabel_task_matches_sklearn(tiny_model):

@@ -265,7 +265,7 @@ def skip_message(err: BaseException) -> str:
 
 def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _column,
-                                       _read_table, refuse_image_data)
+                                       _read_table, refuse_image_data, spec_option_hint)
 
     _reject_options(spec)
     rows, lines, _ = _read_table(path)
@@ -285,7 +285,8 @@ def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     if not text_cols:  # else every row would be dropped as an empty caption
         raise DataError(f"{path}: no caption column (looked for "
                         f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found: "
-                        f"{', '.join(columns)}); rename a column or pass caption_col=")
+                        f"{', '.join(columns)}); rename a column or "
+                        f"{spec_option_hint('caption_col')}")
 
     def items() -> Iterator[Item]:
         for number, row in enumerate(rows, 1):

@@ -187,14 +187,22 @@ def _column(columns: list[str], given: str | None, names: Sequence[str], flag: s
     if given is not None:
         if given in columns:
             return given
-        raise DataError(f"{where}: no column {given!r} (found: {found}); fix {flag}= or the header")
+        raise DataError(f"{where}: no column {given!r} (found: {found}); fix the data spec's "
+                        f"{flag} or the header")
     for name in names:
         if name in columns:
             return name
     if required:
         raise DataError(f"{where}: no {names[0]} column (looked for {', '.join(names)}; found: {found}); "
-                        f"rename a column or pass {flag}=")
+                        f"rename a column or {spec_option_hint(flag)}")
     return None
+
+
+def spec_option_hint(*options: str) -> str:
+    """How to name a manifest's column: the data spec's option, as a config and a command
+    line (where --data sets the spec ``data``) write it."""
+    named = " or ".join(options)
+    return f"set the data spec's {named} (data.{options[0]}=NAME with --data)"
 
 
 MAX_INDEX_CLASSES = 100_000  # integer labels without class names: classes 0..top must fit
@@ -295,8 +303,8 @@ class ManifestDataset(Dataset):
             if text_key is None and label_col is None and not set(LABEL_COLUMNS) & set(columns):
                 raise DataError(f"{where}: no caption or label column (looked for "
                                 f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found: "
-                                f"{', '.join(columns)}); rename a column or pass caption_col= "
-                                "or label_col=")
+                                f"{', '.join(columns)}); rename a column or "
+                                f"{spec_option_hint('caption_col', 'label_col')}")
             kind = "pairs" if text_key else "labelled"
         if kind == "pairs":
             text_key = _column(columns, caption_col, CAPTION_COLUMNS, caption_flag, where)
