@@ -346,6 +346,7 @@ def test_pretrain_checks_its_eval_against_the_model_before_training(tmp_path, mo
         raise AssertionError("trained before checking the eval suite")
 
     monkeypatch.setattr(pretrain.Trainer, "fit", no_training)
-    with pytest.raises(ConfigError, match=r"^eval.tasks\[0\] \(name 'p'\): layers: 50, but"):
+    with pytest.raises(ConfigError, match=r"^the pretrain config: eval.tasks\[0\] \(name 'p'\): "
+                                          r"layers: 50, but"):
         pretrain.run_pretrain(recipe, progress=False)
     assert not (tmp_path / "run").exists()

@@ -228,3 +228,30 @@ def test_encoded_backbone_is_the_tower_output_and_embeddings_unit_length(tiny_mo
     assert torch.allclose(feats.embeddings.norm(dim=1), torch.ones(5), atol=1e-5)
     assert torch.allclose(feats.embeddings, F.normalize(projected, dim=-1), atol=1e-5)
     assert not torch.allclose(projected.norm(dim=1), torch.ones(5), atol=1e-2)  # not by luck
+
+
+def test_class_templates_as_template_files_write_them_name_the_class(tiny_model):
+    """``{c}`` (CLIP_benchmark's template files) was left in: every class got the same prompt
+    and the zero-shot head was at chance, without a word, from Python (a source's templates:
+    option rewrote it). A template that names no class, or names it twice, is refused."""
+    from cliplab.data.types import LabelledImages
+    from cliplab.errors import InputError
+
+    names = ["cat", "dog", "car"]
+    braces = zeroshot_classifier(tiny_model, names, ["a photo of a {c}.", "a {c}"])
+    assert torch.equal(braces, zeroshot_classifier(tiny_model, names, ["a photo of a {}.",
+                                                                       "a {}"]))
+    assert not torch.equal(braces[0], braces[1])
+    with pytest.raises(InputError, match="no template has a '{}' where the class goes"):
+        zeroshot_classifier(tiny_model, names, ["a photo"])
+    with pytest.raises(InputError, match=r"template 'a \{\} or a \{\}' has another format"):
+        zeroshot_classifier(tiny_model, names, ["a {} or a {}"])
+    # in memory: a set's own templates, its labels a list and its images a NumPy array
+    images = torch.randint(0, 255, (6, 16, 16, 3), dtype=torch.uint8)
+    data = LabelledImages(images.numpy(), [0, 1, 2, 0, 1, 2], names, "a photo of a {c}.")
+    assert data.templates == ["a photo of a {}."] and data.labels.dtype == torch.int64
+    assert torch.equal(data.images, images)
+    with pytest.raises(InputError, match=r"^labels must be whole class indices"):
+        LabelledImages(images, [0.5] * 6, names, ["{}"])
+    with pytest.raises(InputError, match=r"^images must be a uint8 tensor .* not list"):
+        LabelledImages([images[0]], [0], names, ["{}"])

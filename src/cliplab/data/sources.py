@@ -281,14 +281,14 @@ def checked_templates(templates: object) -> tuple[list[str], str | None]:
     bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
     if bad:
         return templates, f"every prompt needs one '{{}}' where the class goes; not {bad[0]!r}"
-    bad = [t for t in templates if not _formats_once(t)]  # a second '{}', another field
+    bad = [t for t in templates if not formats_once(t)]  # a second '{}', another field
     if bad:
         return templates, ("every prompt needs one '{}' where the class goes and every other "
                            f"brace doubled ('{{{{' for a literal '{{'); not {bad[0]!r}")
     return templates, None
 
 
-def _formats_once(template: str) -> bool:
+def formats_once(template: str) -> bool:
     """Whether ``template.format(class)`` works and puts the class in once ("{{}}" is a
     literal "{}", no class)."""
     try:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from cliplab.errors import InputError
 
 
 @dataclass
@@ -107,13 +110,37 @@ def counts_text(counts: dict[str, int]) -> str:
 
 
 def _check_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.dtype != torch.uint8:
-        raise ValueError("images must be a uint8 tensor [N, H, W, C]")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.dtype != torch.uint8:
+        given = (f"{str(images.dtype).removeprefix('torch.')} of shape {list(images.shape)}"
+                 if isinstance(images, (torch.Tensor, np.ndarray)) else type(images).__name__)
+        raise InputError(f"images must be a uint8 tensor (or NumPy array) [N, H, W, C], not "
+                         f"{given}")
+
+
+def _as_tensor(value: object, labels: bool = False) -> object:
+    """A NumPy array (or a list of labels) as a tensor; anything else as it is."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if labels and isinstance(value, (list, tuple)):
+        try:
+            return torch.as_tensor(value)  # floats stay floats, to be refused
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError("labels must be whole class indices (a list, NumPy array or "
+                             "int64 tensor [N])") from None
+    return value
+
+
+def _check_labels(labels: object) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
+        raise InputError("labels must be whole class indices (a list, NumPy array or int64 "
+                         f"tensor [N]), not {type(labels).__name__}"
+                         + (f" of shape {list(labels.shape)}, {labels.dtype}"
+                            if isinstance(labels, torch.Tensor) else ""))
 
 
 def _check_keys(keys: list[str] | None, n: int) -> None:
     if keys is not None and len(keys) != n:
-        raise ValueError(f"{n} images but {len(keys)} keys")
+        raise InputError(f"{n} images but {len(keys)} keys")
 
 
 def source_keys(data: "LabelledImages | ImageTextPairs") -> list[str]:
@@ -145,18 +172,26 @@ class LabelledImages:
     keys: list[str] | None = None  # each image's source item: see `source_keys`
 
     def __post_init__(self) -> None:
+        self.images = _as_tensor(self.images)
+        self.labels = _as_tensor(self.labels, labels=True)
         _check_images(self.images)
+        _check_labels(self.labels)
+        self.labels = self.labels.long()
+        # "{c}" is where CLIP_benchmark's template files put the class, as "{}" is
+        self.templates = [t.replace("{c}", "{}") if isinstance(t, str) else t
+                          for t in ([self.templates] if isinstance(self.templates, str)
+                                    else list(self.templates))]
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise InputError(f"{len(self.images)} images but {len(self.labels)} labels")
         _check_keys(self.keys, len(self.labels))
         outside = self.labels[(self.labels < 0) | (self.labels >= len(self.classnames))]
         if len(outside):  # such a label would score as wrong everywhere, without a word
-            raise ValueError(f"label {int(outside[0])} is no class index: {len(self.classnames)} "
+            raise InputError(f"label {int(outside[0])} is no class index: {len(self.classnames)} "
                              f"classes, so labels run 0 to {len(self.classnames) - 1}")
         if not self.templates:  # no prompt: no zero-shot head, no captions as pairs
-            raise ValueError("no templates: give one prompt at least, e.g. ['a photo of a {}.']")
+            raise InputError("no templates: give one prompt at least, e.g. ['a photo of a {}.']")
         if self.descriptions is not None and len(self.descriptions) != len(self.classnames):
-            raise ValueError(f"{len(self.descriptions)} descriptions for "
+            raise InputError(f"{len(self.descriptions)} descriptions for "
                              f"{len(self.classnames)} classes")
 
     def __len__(self) -> int:
@@ -200,20 +235,21 @@ class ImageTextPairs:
     keys: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.images = _as_tensor(self.images)
         _check_images(self.images)
         if len(self.images) != len(self.captions):
-            raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+            raise InputError(f"{len(self.images)} images but {len(self.captions)} caption lists")
         # an image without one would be trained on its neighbour's caption (`CaptionTable`)
         bare = next((i for i, captions in enumerate(self.captions) if not len(captions)), None)
         if bare is not None:
-            raise ValueError(f"image {bare} has no caption: every image needs one or more")
+            raise InputError(f"image {bare} has no caption: every image needs one or more")
         _check_keys(self.keys, len(self.captions))
         if self.partners is not None:
             n = len(self.captions)
             if self.partners.shape != (n,) or self.partners.dtype != torch.int64 \
                     or bool(((self.partners < -1) | (self.partners >= n)).any()) \
                     or bool((self.partners == torch.arange(n)).any()):
-                raise ValueError(f"partners must be int64 [{n}] of other images' indices or -1")
+                raise InputError(f"partners must be int64 [{n}] of other images' indices or -1")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -231,9 +267,10 @@ class MultiLabelImages:
     skipped: SkipReport = field(default_factory=SkipReport)
 
     def __post_init__(self) -> None:
+        self.images = _as_tensor(self.images)
         _check_images(self.images)
         if self.targets.shape != (len(self.images), len(self.classnames)):
-            raise ValueError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
+            raise InputError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
                              f"got {list(self.targets.shape)}")
         self.targets = self.targets.bool()
 

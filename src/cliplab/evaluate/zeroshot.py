@@ -19,14 +19,27 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
                         templates: Sequence[str], text_cache: TextFeatureCache | None = None,
                         precision: str = "fp32") -> torch.Tensor:
     """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
-    (CLIP's prompt ensembling). A template without ``{}`` is used as the prompt itself.
-    With ``text_cache``, prompts already embedded (by an earlier task) are not encoded again.
-    One class name or template may be given as a string (not one per character)."""
+    (CLIP's prompt ensembling). ``{}`` (or ``{c}``, as CLIP_benchmark's template files write
+    it) is where the class goes; a template without it is used as the prompt itself, beside
+    others that have it (templates none of which names the class are refused: every class
+    would get the same prompts). With ``text_cache``, prompts already embedded (by an earlier
+    task) are not encoded again. One class name or template may be given as a string (not one
+    per character)."""
+    from cliplab.data.sources import formats_once
+
     classnames = [classnames] if isinstance(classnames, str) else list(classnames)
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not classnames or not templates:
         raise InputError(f"zeroshot_classifier needs at least one class name and one template "
                          f"(got {len(classnames)} and {len(templates)})")
+    templates = [t.replace("{c}", "{}") for t in templates]
+    bad = next((t for t in templates if "{}" in t and not formats_once(t)), None)
+    if bad is not None:
+        raise InputError(f"zeroshot_classifier: template {bad!r} has another format field or a "
+                         "second '{}'; give one '{}' where the class goes (other braces doubled)")
+    if len(classnames) > 1 and not any("{}" in t for t in templates):
+        raise InputError(f"zeroshot_classifier: no template has a '{{}}' where the class goes "
+                         f"(e.g. {templates[0]!r}): every class would get the same prompts")
     prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
     if text_cache is not None:
         emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
