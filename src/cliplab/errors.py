@@ -7,6 +7,7 @@ wrong, where, and what to do.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 
@@ -65,3 +66,12 @@ def errors_naming(where: str | None) -> Iterator[None]:
         if where and not str(err).startswith(where):
             raise type(err)(f"{where}: {err}") from None
         raise
+
+
+def checked_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int of 1 or more; an `InputError` otherwise (``-1`` gave an empty
+    result, ``0`` a ``range()`` error)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise InputError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    return int(batch_size)

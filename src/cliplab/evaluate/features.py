@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cliplab.errors import InputError, ModelError
+from cliplab.errors import InputError, ModelError, checked_batch_size
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import autocast
 from cliplab.models.preprocess import to_uint8_batch
@@ -65,6 +65,7 @@ def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 50
     if probe is not None and probe not in PROBE_FEATURES:
         raise InputError(f"unknown probe features {probe!r}; choose one of {PROBE_FEATURES}")
     images = to_uint8_batch(images)  # one [H, W, C] image is one image, not H rows of pixels
+    batch_size = checked_batch_size(batch_size)
     extra = probe if probe in EXTRA_PROBES else None
     emb, back, probes = [], [], []
     with evaluating(model), autocast(precision, model.device.type):

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, checked_batch_size
 from cliplab.file_modes import as_umask
 from cliplab.models.device import resolve_device
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
 from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
                                      write_processor_config)
-from cliplab.models.loading import MODEL_CLASSES, load_config, load_tokenizer, load_weights
+from cliplab.models.loading import (MODEL_CLASSES, load_config, load_tokenizer, load_weights,
+                                    quiet_transformers)
 from cliplab.models.pooled_towers import (clip_text_pooled, image_pooled,
                                           supports_pooled_forward)
 from cliplab.models.preprocess import ImagePreprocessor, PreprocessConfig
@@ -224,6 +225,7 @@ class DualEncoder(nn.Module):
         batches (eval mode, no grad): unit float32 rows on the model's device, whatever the
         model's dtype."""
         texts = [texts] if isinstance(texts, str) else texts  # not one text per character
+        batch_size = checked_batch_size(batch_size)
         out = []
         with evaluating(self):
             for i in range(0, len(texts), batch_size):
@@ -319,7 +321,8 @@ class DualEncoder(nn.Module):
         if state_dict is not None:
             self._check_fits(state_dict)  # before writing: a folder that cannot load back
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        with quiet_transformers():  # its shard bar: cliplab tells its own writes
+            self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         for weights in path.glob("*.safetensors"):  # safetensors writes them owner-only
             as_umask(weights)
         self.tokenizer.save_pretrained(path)

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cliplab.errors import checked_batch_size
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.preprocess import convert_image
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):
-    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress or n == 0,
+    return tqdm(range(0, n, checked_batch_size(batch_size)), desc=desc, unit="batch", disable=not progress or n == 0,
                 leave=False)
 
 

@@ -52,6 +52,8 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def clean_texts(texts: Iterable[str]) -> list[str]:
-    """`clean_text` of each text: what every ``tokenize`` (PyTorch or ONNX) calls first."""
-    return [clean_text(text) for text in texts]
+def clean_texts(texts: Iterable[str] | str) -> list[str]:
+    """`clean_text` of each text (one string: one text, not one per character): what every
+    ``tokenize`` (PyTorch or ONNX) calls first."""
+    return [clean_text(text) for text in ([texts] if isinstance(texts, str) else texts)]
+
