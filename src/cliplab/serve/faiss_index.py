@@ -69,6 +69,13 @@ def choose_index_type(n: int, dim: int, index_type: str = "auto",
     return named["ivf-flat"] if n * dim * 4 * 1.1 <= budget else named["ivf-pq"]
 
 
+def one_thread_per_search() -> None:
+    """FAISS searches on one OpenMP thread each, for a server: its requests run concurrently,
+    and OpenMP teams spinning on a busy machine cost more than they save on one small search.
+    OpenMP's setting is the whole process's (torch's threads too)."""
+    _faiss().omp_set_num_threads(1)
+
+
 def empty_faiss(dim: int, factory: str):
     """An untrained FAISS index of ``factory``; ``ConfigError`` naming the type if FAISS cannot
     build it (so a bad ``index_type`` can be caught before any embedding)."""
@@ -201,6 +208,7 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
     a query still short of ``offset + k`` hits is searched exactly over ``vectors`` (the
     stored ``[N, D]`` embeddings), if given. One vector ``[D]`` is one query."""
     queries = search_queries(queries, k, offset, index.d, "the FAISS index")
+    k, offset = int(k), int(offset)  # a NumPy integer is no idx_t to FAISS's bindings
     depth = offset + k
     fetch, most = depth, depth + max(depth, TIE_REACH)
     while True:  # one more than the page's end: a tie across the cut is seen, and taken whole
@@ -252,6 +260,8 @@ def search_queries(queries, k: int, offset: int = 0, dim: int | None = None,
         raise InputError(f"search: queries of shape {list(np.shape(queries))}; {held}give one "
                          f"vector [{dim or 'D'}] or a batch [Q, {dim or 'D'}] embedded with "
                          "the index's model")
+    if not np.isfinite(array).all():  # FAISS answers a NaN query as if the index were empty
+        raise InputError("search: queries hold NaN or infinite values; embed them again")
     return np.ascontiguousarray(array)
 
 

@@ -50,9 +50,6 @@ class SearchIndex:
 
     def _open_backend(self) -> None:
         if self.backend == "faiss":
-            # one thread per query: requests run concurrently, and OpenMP teams spinning on a
-            # busy machine cost more than they save on a single small search
-            faiss_index._faiss().omp_set_num_threads(1)
             self._faiss = faiss_index.read_faiss(self.path / FAISS_FILE)
             if (self._faiss.ntotal, self._faiss.d) != self.vectors.shape:
                 raise DataError(f"{self.path / FAISS_FILE}: holds {self._faiss.ntotal} vectors of "

@@ -107,6 +107,7 @@ class MilvusVectors:
         """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end);
         one vector ``[D]`` is one query."""
         queries = search_queries(queries, k, offset)
+        k, offset = int(k), int(offset)  # NumPy integers as the client's JSON takes them
         if offset + k > MAX_WINDOW:
             raise DataError(f"offset + k = {offset + k} is past Milvus's window of {MAX_WINDOW}")
         hits = self.client.search(self.collection, data=[q.tolist() for q in queries], limit=k,

@@ -26,6 +26,10 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
+    if index.backend == "faiss":  # the server's process only (a library user's torch not)
+        from cliplab.serve.faiss_index import one_thread_per_search
+
+        one_thread_per_search()
     stale = image_only_tuning(index.record)
     if stale:
         print(f"cliplab serve: warning: {index_path}: {stale}")
