@@ -161,6 +161,10 @@ def _command_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cliplab`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cliplab never reaches a hub unless asked
+    # cliplab reports its own loads and progress; transformers' weight reports and shard bars
+    # are noise in its command lines (a library user's own settings are left alone)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         with _quiet_unless_first_rank():  # --help or a usage error: said once, not per rank
             args = parse_command_line(build_parser(), argv)

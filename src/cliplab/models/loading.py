@@ -4,11 +4,14 @@ one `ModelError` line that names the file and what is wrong."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoTokenizer, CLIPModel, PretrainedConfig,
                           PreTrainedModel, SiglipModel, VisionTextDualEncoderModel)
+from transformers.utils import logging as hf_logging
 
 from cliplab.errors import ModelError, first_line, last_line
 from cliplab.models.folder import read_json
@@ -29,6 +32,22 @@ TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.m
 IGNORED_UNEXPECTED = ("position_ids",)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' per-load weight reports and shard bars hidden inside the block (cliplab
+    checks and reports loads itself), its logging as the user had it after: a library does
+    not change another's for the whole process (the CLI quiets it for its own)."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_config(path: Path) -> PretrainedConfig:
     """The folder's HF config, which must be one of the dual encoders cliplab handles."""
     file = path / CONFIG_FILE
@@ -46,7 +65,8 @@ def load_config(path: Path) -> PretrainedConfig:
     from huggingface_hub.errors import StrictDataclassError
 
     try:
-        return AutoConfig.from_pretrained(path)
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path)
     except StrictDataclassError as err:  # transformers' checks, e.g. width not a multiple of heads
         raise ModelError(f"{file}: not a valid {model_type} config ({last_line(err)})") \
             from None
@@ -73,9 +93,11 @@ def load_weights(path: Path, config: PretrainedConfig) -> PreTrainedModel:
     file = weights_file(path)
     model_cls = MODEL_CLASSES[config.model_type]
     try:
-        model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True,
-                                                ignore_mismatched_sizes=True,
-                                                dtype=torch.float32, use_kernels=False)
+        with quiet_transformers():
+            model, info = model_cls.from_pretrained(path, config=config,
+                                                    output_loading_info=True,
+                                                    ignore_mismatched_sizes=True,
+                                                    dtype=torch.float32, use_kernels=False)
     except Exception as err:  # safetensors, torch and transformers each raise their own
         raise ModelError(f"{file}: cannot be read, truncated or not a weights file "
                          f"({first_line(err)})") from None
@@ -113,7 +135,8 @@ def load_tokenizer(path: Path):
         raise ModelError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_VOCABULARIES[:3])}); save "
                          "one there with tokenizer.save_pretrained(FOLDER)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # the tokenizers library raises plain Exceptions on bad files
         raise ModelError(f"{path}: the tokenizer cannot be read ({first_line(err)})") \
             from None

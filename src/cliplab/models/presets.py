@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ from transformers import (AutoTokenizer, BertModel, CLIPConfig, CLIPModel, Sigli
 
 from cliplab.errors import ModelError, last_line
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.loading import quiet_transformers
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.tokenizer import SPECIAL_TOKENS, byte_level_tokenizer
 
@@ -130,9 +130,11 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
     text_path = Path(text_model) if text_model else minilm_path()
     if not (text_path / "config.json").is_file():
         raise ModelError(f"text tower folder {text_path} has no config.json")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text = BertModel.from_pretrained(text_path, use_kernels=False)  # as `load_weights`
-    tokenizer = AutoTokenizer.from_pretrained(text_path)
+    # a local folder: no Hub (and the process's HF_HUB_OFFLINE is the user's)
+    with quiet_transformers():
+        text = BertModel.from_pretrained(text_path, use_kernels=False,  # as `load_weights`
+                                         local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
     vision = ViTModel(ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=3,
                                 hidden_size=width, num_hidden_layers=layers,
                                 num_attention_heads=heads, intermediate_size=mlp_ratio * width,
@@ -180,7 +182,8 @@ def check_preset_options(name: str, options: dict) -> None:
 
 def build_model(name: str, **options) -> DualEncoder:
     """A fresh model of preset ``name`` with keyword ``options`` (folders, checkpoints, runs
-    and Hub ids: `cliplab.models.resolve.load_model`)."""
+    and Hub ids: `cliplab.models.resolve.load_model`), initialised from its ``seed`` option
+    (default 0) without moving the caller's global torch generator."""
     if name not in PRESETS:
         raise ModelError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)} (a model "
                          "folder, run or Hub id loads with cliplab.models.resolve.load_model)")
@@ -188,7 +191,8 @@ def build_model(name: str, **options) -> DualEncoder:
 
     check_preset_options(name, options)
     try:
-        return PRESETS[name](**options)
+        with torch.random.fork_rng(devices=[]):  # the preset seeds its own initialisation
+            return PRESETS[name](**options)
     except (TypeError, ValueError, StrictDataclassError) as err:
         # transformers' config checks, e.g. width not a multiple of heads
         raise ModelError(f"bad option for preset {name!r} ({options}): {last_line(err)}") \

@@ -19,7 +19,7 @@ from cliplab.models.convert.openclip_files import (OpenClipCheckpoint, find_open
 from cliplab.models.convert.openclip_weights import openclip_to_hf
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import update_meta
-from cliplab.models.loading import has_tokenizer
+from cliplab.models.loading import has_tokenizer, quiet_transformers
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, are_finite_numbers
 from cliplab.output_folder import check_out
 
@@ -45,7 +45,8 @@ def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
         # class comes from tokenizer_config.json (or tokenizer.json)
         kwargs["config"] = PretrainedConfig()
     try:
-        tok = AutoTokenizer.from_pretrained(source or name, **kwargs)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(source or name, **kwargs)
     except Exception as err:  # noqa: BLE001 - transformers, tokenizers and imports alike
         first = first_line(err)
         raise ModelError(f"{where} cannot be loaded offline ({first})" if source is None else
