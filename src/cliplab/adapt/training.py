@@ -17,7 +17,7 @@ from cliplab.config import validate
 from cliplab.errors import ConfigError
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.config import train_over_defaults
-from cliplab.train.trainer import TrainConfig
+from cliplab.train.trainer import TrainConfig, gradients_on
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float,
@@ -48,19 +48,20 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     g = torch.Generator().manual_seed(seed)
     history = []
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
-        losses = []
-        for i in range(0, n, batch_size):
-            loss = loss_fn(order[i:i + batch_size])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-        history.append(sum(losses) / len(losses))
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    with gradients_on(desc):  # inside a caller's torch.no_grad() too
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            losses = []
+            for i in range(0, n, batch_size):
+                loss = loss_fn(order[i:i + batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+            history.append(sum(losses) / len(losses))
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
     bar.close()
     return history
 

@@ -12,6 +12,7 @@ from cliplab.errors import InputError
 from cliplab.evaluate.metrics import classification_metrics, restrict_classes
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.precision import autocast
 
 
 @torch.no_grad()
@@ -41,10 +42,14 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
         raise InputError(f"zeroshot_classifier: no template has a '{{}}' where the class goes "
                          f"(e.g. {templates[0]!r}): every class would get the same prompts")
     prompts = [t.format(c) if "{}" in t else t for c in classnames for t in templates]
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"zeroshot_classifier: precision must be fp32 or bf16, not "
+                         f"{precision!r}")
     if text_cache is not None:
         emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
     else:
-        emb = model.encode_texts(prompts).float().cpu()
+        with autocast(precision, model.device.type):
+            emb = model.encode_texts(prompts).float().cpu()
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
-from cliplab.errors import ConfigError, TrainingDiverged
+from cliplab.errors import ConfigError, InputError, TrainingDiverged
 from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
@@ -37,6 +37,16 @@ from cliplab.train.stream_batches import StreamBatches
 
 # TrainConfig, MODEL_DIR and STATE_FILE are imported from here by other stages
 __all__ = ["Trainer", "TrainConfig", "MODEL_DIR", "STATE_FILE"]
+
+
+def gradients_on(what: str) -> contextlib.AbstractContextManager:
+    """Gradients on for a block that trains, called inside the user's ``torch.no_grad()`` as
+    well (as LBFGS's step does); inside ``torch.inference_mode()`` one `InputError`: tensors
+    made there cannot be trained through."""
+    if torch.is_inference_mode_enabled():
+        raise InputError(f"{what} trains weights: call it outside torch.inference_mode() "
+                         "(tensors made there cannot be trained through)")
+    return torch.enable_grad()
 
 
 class Trainer:
@@ -76,10 +86,9 @@ class Trainer:
         self.model.to(self.device)
         if head is not None:
             head.to(self.device)
-        if config.lock_text:
-            model.freeze_tower("text", except_last=config.lock_text_except_last)
-        if config.lock_image:
-            model.freeze_tower("image", except_last=config.lock_image_except_last)
+        # a lock holds while this trainer trains: the flags as they were come back after `fit`
+        self._flags_before = [(p, p.requires_grad) for p in model.parameters()]
+        self._lock_towers()
         self.precision = resolve_precision(config.precision, self.device)
         # CLIP's loss clamps the temperature at 100; SigLIP's sigmoid loss leaves it free (a
         # released SigLIP has exp(4.72) = 112), and a head's loss does not train it: clamping
@@ -128,6 +137,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.resumed_from: dict | None = None  # the checkpoint a resume started from
 
+    def _lock_towers(self) -> None:
+        """Freeze the towers ``lock_text`` / ``lock_image`` name."""
+        cfg = self.config
+        if cfg.lock_text:
+            self.model.freeze_tower("text", except_last=cfg.lock_text_except_last)
+        if cfg.lock_image:
+            self.model.freeze_tower("image", except_last=cfg.lock_image_except_last)
+
     def fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
             resume: str | Path | None = None, *,
             replay: ImageTextPairs | None = None, replay_ratio: float = 0.0,
@@ -135,7 +152,9 @@ class Trainer:
             on_start: Callable[[], None] | None = None,
             on_trained: Callable[[], None] | None = None,
             unfinished: bool = False) -> dict:
-        """Train on ``data``; returns the last logged metrics.
+        """Train on ``data``; returns the last logged metrics. The towers ``lock_text`` /
+        ``lock_image`` name are frozen while it trains; the model's ``requires_grad`` flags are
+        as they were before this trainer after it.
 
         ``data``: image-text pairs or a `StreamBatches` over WebDataset shards (each rank its
         own shards) for the contrastive objective; labelled images for a head. ``resume``: a
@@ -152,6 +171,21 @@ class Trainer:
         its own checkpoint at the final step runs only the final evaluation (a run stopped
         during it) instead of being refused.
         """
+        self._lock_towers()
+        try:
+            with gradients_on("Trainer.fit"):
+                return self._fit(data, resume, replay=replay, replay_ratio=replay_ratio,
+                                 evaluate=evaluate, on_start=on_start,
+                                 on_trained=on_trained, unfinished=unfinished)
+        finally:
+            for param, flag in self._flags_before:
+                param.requires_grad_(flag)
+
+    def _fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
+             resume: str | Path | None, *, replay: ImageTextPairs | None, replay_ratio: float,
+             evaluate: Callable[[DualEncoder], dict] | None,
+             on_start: Callable[[], None] | None, on_trained: Callable[[], None] | None,
+             unfinished: bool) -> dict:
         cfg = self.config
         inputs = build_inputs(data, labelled=self.objective.labelled, config=cfg,
                               model=self.model, pixels=self.embed.pixels, rank=self.rank,
