@@ -11,7 +11,10 @@ a list with one entry per claim (``claim``, ``claim_id``, ``paper``, ``reproduce
 ``pooled_std``, ``seconds``) and prints the README's
 markdown table. Never asserts: a claim that does not reproduce says so.
 
-The seed ``s`` sets the pool (its scenes, its planted noise), the curation and the training.
+The seed ``s`` sets the pool (its scenes, its planted noise), the curation and the training's
+batch order (``train.seed``); every arm and seed starts from the same initial weights (the
+preset's own ``seed`` option, 0), so the spread over seeds is that of the data and its order,
+not of the initialisation.
 Accuracies are top-1 zero-shot in percent; std is the sample std over seeds; the pooled std of
 two arms is ``sqrt((std_a**2 + std_b**2) / 2)``.
 

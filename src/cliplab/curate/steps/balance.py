@@ -23,7 +23,9 @@ i.e. a pair is kept if ANY of its matched entries is drawn, each independently w
 is sampled down to ``t`` pairs in expectation (plus pairs kept through another of their entries).
 Pairs that match no entry are dropped (``"matches no metadata entry"``). The uniforms of a pair
 come from a counter-based generator keyed by a hash of (``seed``, its key), so the kept set depends only on the seed,
-the pool and the entries, never on chunking or order.
+the pool's items and their keys and the entries, never on chunking; a key names where an item is
+read from (a manifest's file name and row, a folder's path), so a renamed manifest or reordered
+rows draw anew.
 
 Entries: ``entries`` (a text file, one entry per line), ``vocabulary`` (an inline list), or by
 default n-grams of the pool's own captions: every word unigram and bigram (after the
