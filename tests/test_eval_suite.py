@@ -392,6 +392,11 @@ def test_eval_results_record_the_overrides_of_their_suite(tmp_path, capsys):
                  str(tmp_path / "out"), "--no-progress", "tasks.0.data.n=32"]) == 0
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["suite"] == str(suite) and written["overrides"] == ["tasks.0.data.n=32"]
+    # and the whole suite that ran, which the file (edited later) may no longer say
+    suite.write_text("tasks: []\n")
+    (task,) = written["suite_ran"]["tasks"]
+    assert task["name"] == "zs" and task["data"] == {"source": "shapes", "n": 32,
+                                                     "attribute": "color", "image_size": 32}
 
 
 def test_eval_results_name_the_checkpoint_and_weights_a_run_folder_resolved_to(tmp_path, capsys):

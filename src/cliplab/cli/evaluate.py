@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     precision = suite_precision(suite, context, model, warn=False)
     # the suite is its file and these overrides of it (the file alone says other sizes)
     # the folder and weights behind --model (a run folder moves on as it trains)
+    # the file may change later: the suite that ran (overrides applied, defaults filled in)
     results = {"model": args.model, **model_record(args.model, model), "suite": args.config,
-               "overrides": list(args.overrides or []), "precision": precision,
+               "overrides": list(args.overrides or []), "suite_ran": suite.to_dict(),
+               "precision": precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
     if out is not None:
