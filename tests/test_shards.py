@@ -121,6 +121,19 @@ def test_writer_refuses_non_empty_folder_and_overwrite_replaces(tmp_path, shapes
     assert (out / "notes.txt").read_text() == "mine"  # not ours: left alone
 
 
+def test_overwrite_never_replaces_a_search_indexs_index_json(tmp_path, shapes):
+    """A `cliplab index` folder holds an index.json too: --overwrite took it for a shard set's,
+    replaced it and left the index unservable (its other files beside the shards)."""
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / "index.json").write_text('{"format": 1, "complete": true}', encoding="utf-8")
+    (index / "faiss.index").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"only a previous shard output; .*idx holds other "
+                                        r"files \(e.g. faiss.index\)"):
+        write_shards(shapes, index, overwrite=True, progress=False)
+    assert (index / "index.json").read_text(encoding="utf-8") == '{"format": 1, "complete": true}'
+
+
 # ---- reading, splitting, shuffling ---------------------------------------------------------------
 
 def _keys(stream_or_loader):

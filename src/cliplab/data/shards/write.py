@@ -29,8 +29,23 @@ def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None
     if not overwrite and (Path(out) / UNFINISHED_FILE).exists():
         raise DataError(f"--out {out} holds an unfinished `cliplab data shard` run (it stopped "
                         "before its end, or still runs); --overwrite starts it again")
-    check_out(out, "shard", inputs, overwrite, lambda folder: bool(set_files(folder)),
-              error=DataError)
+    check_out(out, "shard", inputs, overwrite, _holds_a_shard_set, error=DataError)
+
+
+def _holds_a_shard_set(folder: Path) -> bool:
+    """Whether ``folder`` holds a shard set `--overwrite` may replace: its files, and an
+    ``index.json`` only of a shard set (a search index's has the same name: replacing it
+    destroyed the index)."""
+    if not set_files(folder):
+        return False
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return True
+    try:
+        record = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == INDEX_FORMAT
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
