@@ -20,6 +20,7 @@ from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.device import seeded
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -77,8 +78,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     opts = given.to_dict()
     weights = text_head(model, train, given)
     scale = model.logit_scale.detach().float().exp().cpu()
-    torch.manual_seed(ctx.seed)
-    adapter = ClipAdapter(model, train.classnames, opts, weights, scale)
+    with seeded(ctx.seed):
+        adapter = ClipAdapter(model, train.classnames, opts, weights, scale)
     feats = ctx.features(model, train, desc="encode train").embeddings.float()
 
     def loss(idx: torch.Tensor) -> torch.Tensor:

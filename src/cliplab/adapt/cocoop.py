@@ -24,6 +24,7 @@ from cliplab.adapt.coop import Options as CoOpOptions
 from cliplab.adapt.training import train_steps
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
+from cliplab.models.device import seeded
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -93,8 +94,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     opts = method_options(Options, options, "cocoop").to_dict()
     learner = build_learner(model, train, opts, ctx.seed)
     feats = ctx.features(model, train, desc="encode train").embeddings.float()
-    torch.manual_seed(ctx.seed)
-    net = meta_net(feats.shape[1], learner.embeds.shape[-1], int(opts["meta_reduction"]))
+    with seeded(ctx.seed):
+        net = meta_net(feats.shape[1], learner.embeds.shape[-1], int(opts["meta_reduction"]))
     adapter = CoCoOp(model, train.classnames, opts, learner, net,
                      model.logit_scale.detach().float().exp().cpu())
 

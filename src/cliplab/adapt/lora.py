@@ -39,6 +39,7 @@ from cliplab.errors import ModelError
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.file_modes import as_umask
+from cliplab.models.device import seeded
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
 from cliplab.runs import CHECKPOINTS, latest_checkpoint
@@ -122,14 +123,14 @@ def target_modules(model: DualEncoder, towers: list[str], modules: str | list[st
     return names
 
 
-def add_lora(model: DualEncoder, opts: Options) -> PeftModel:
-    """Wrap the target layers of ``model`` (in place) with LoRA adapters; only they train.
-    Returns the peft handle (save / merge)."""
+def add_lora(model: DualEncoder, opts: Options, seed: int = 0) -> PeftModel:
+    """Wrap the target layers of ``model`` (in place) with LoRA adapters, initialised from
+    ``seed``; only they train. Returns the peft handle (save / merge)."""
     target_modules(model, opts.towers, opts.modules)  # fail clearly before peft does
     config = LoraConfig(r=int(opts.rank), lora_alpha=float(opts.alpha),
                         lora_dropout=float(opts.dropout),
                         target_modules=target_regex(opts.towers, opts.modules))
-    with _quiet_peft():
+    with _quiet_peft(), seeded(seed, model.device):  # peft draws A from torch's generator
         return get_peft_model(model.model, config)
 
 
@@ -282,7 +283,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         save_adapter(peft_model, folder / ADAPTER_DIR, origin, fingerprint, head, opts)
 
     with kept_training_state(model):
-        peft_model = add_lora(model, opts)
+        peft_model = add_lora(model, opts, ctx.seed)
         trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
         trainer.fit(train if head is not None else labelled_to_pairs(train))
     n_lora = lora_parameter_count(model)

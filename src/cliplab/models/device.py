@@ -3,6 +3,8 @@ adapt, merge, curate, index and serve), ``auto`` meaning the GPU when this machi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
 import torch
@@ -31,6 +33,17 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{str(name)!r}, but this machine has no MPS device; use cpu or auto")
     return device
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """The block's random draws from ``seed`` (the CPU's generator, and ``device``'s if it is a
+    GPU); the caller's generators as they were after it (a library does not reseed them)."""
+    device = torch.device(device) if device is not None else None
+    gpus = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
 
 
 def _known_device(name: str) -> str:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError, InputError, TrainingDiverged
-from cliplab.models.device import resolve_device
+from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.precision import resolve_precision
 from cliplab.runs import CHECKPOINTS, RunDir
@@ -154,7 +154,8 @@ class Trainer:
             unfinished: bool = False) -> dict:
         """Train on ``data``; returns the last logged metrics. The towers ``lock_text`` /
         ``lock_image`` name are frozen while it trains; the model's ``requires_grad`` flags are
-        as they were before this trainer after it.
+        as they were before this trainer after it. Dropout draws from ``train.seed`` (each
+        rank its own stream), and the caller's torch generator is as it was after it.
 
         ``data``: image-text pairs or a `StreamBatches` over WebDataset shards (each rank its
         own shards) for the contrastive objective; labelled images for a head. ``resume``: a
@@ -172,8 +173,9 @@ class Trainer:
         during it) instead of being refused.
         """
         self._lock_towers()
+        dropout_seed = self.config.seed + 1_000_003 * self.rank  # a resume restores its state
         try:
-            with gradients_on("Trainer.fit"):
+            with gradients_on("Trainer.fit"), seeded(dropout_seed, self.device):
                 return self._fit(data, resume, replay=replay, replay_ratio=replay_ratio,
                                  evaluate=evaluate, on_start=on_start,
                                  on_trained=on_trained, unfinished=unfinished)
