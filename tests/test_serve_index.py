@@ -445,7 +445,8 @@ def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path)
 @pytest.mark.parametrize("damage, message", [
     ("meta", r"meta.sqlite: not a readable index metadata database"),
     ("no fingerprint", r"index.json: lacks fingerprint; the index is damaged"),
-    ("format 99", r"index.json: not a complete index \(format 99\); rebuild it"),
+    ("format 99", r"index.json: not the record of a complete index \(format 99, not 1\); "
+                  r"rebuild it with `cliplab index`"),
     ("dim", r"index.json is damaged \(ValueError: invalid literal for int\(\)"),
     ("sources", r"index.json: sources must be a list of data specs, not 'oops'")])
 def test_add_refuses_a_damaged_index_and_leaves_it_as_it_was(model_dir, tmp_path, damage,
@@ -753,13 +754,16 @@ def _record(folder, change):
      "rebuild it with `cliplab index`"),
     (_other_dim_faiss, "faiss.index: holds 40 vectors of 8 dimensions, the index 40 of 16; the "
      "index is damaged, rebuild it with `cliplab index`"),
-    (lambda f: _record(f, lambda r: []), "index.json: not a complete index (format 'list')"),
+    (lambda f: _record(f, lambda r: []), "index.json: not the record of a complete index (not a "
+     "JSON object)"),
+    (lambda f: _record(f, lambda r: {**r, "complete": False}), "index.json: not the record of a "
+     'complete index ("complete" is not true: an index still being written, or stopped)'),
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "backend"}),
      "index.json: lacks backend"),
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "faiss"}),
      "index.json: lacks faiss"),
     (lambda f: _record(f, lambda r: {**r, "format": 2}),
-     "index.json: not a complete index (format 2)"),
+     "index.json: not the record of a complete index (format 2, not 1)"),
 ])
 def test_index_files_that_disagree_are_refused_at_open(model_dir, tmp_path, damage, words):
     """Each file reads, but they do not belong together (a copy of another index's file, a
@@ -1138,3 +1142,10 @@ def test_the_same_index_command_without_add_names_a_stopped_add(model_dir, tmp_p
         build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", chunk=8)
     assert build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "idx", chunk=8,
                  add=True)["count"] == 80
+
+
+def test_serving_a_folder_that_does_not_exist_says_so(tmp_path):
+    """It said the folder 'is not an index (no index.json)': a typo in the path is likelier."""
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'nope'} does not exist; give the folder "
+                                        r"`cliplab index --out` wrote$"):
+        SearchIndex(tmp_path / "nope")

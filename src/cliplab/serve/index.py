@@ -149,12 +149,17 @@ def _complete_record(path: Path) -> dict:
         if partial_path(path).exists():
             raise DataError(f"{path} is not built yet: {partial_path(path)} holds a stopped "
                             "`cliplab index` run; run the same command again to resume it")
+        if not path.exists():
+            raise DataError(f"{path} does not exist; give the folder `cliplab index --out` "
+                            "wrote")
         raise DataError(f"{path} is not an index (no {INDEX_FILE}); build one with "
                         "`cliplab index --model M --data SOURCE --out INDEX`")
     if not isinstance(record, dict) or not record.get("complete") or record.get("format") != 1:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path / INDEX_FILE}: not a complete index (format {found!r}); "
-                        "rebuild it")
+        why = ("not a JSON object" if not isinstance(record, dict) else
+               f"format {record.get('format')!r}, not 1" if record.get("format") != 1
+               else '"complete" is not true: an index still being written, or stopped')
+        raise DataError(f"{path / INDEX_FILE}: not the record of a complete index ({why}); "
+                        "rebuild it with `cliplab index`")
     backend = record.get("backend")
     needed = (*RECORD_KEYS, backend) if backend in BACKENDS else RECORD_KEYS
     missing = [key for key in needed if key not in record]
