@@ -312,3 +312,21 @@ def test_exponents_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
     assert cfg["train"] == {"lr": 0.001, "wd": -20.0, "steps": 10, "name": "e3"}
     assert cfg["options"] == {"train": {"lr": 0.0005}, "tag": "3e", "n": 1000}
     assert isinstance(cfg["options"]["train"]["lr"], float)
+
+
+def test_a_section_given_a_value_is_said_in_yaml_words():
+    """`train=5` said "expected a valid dictionary or instance of TrainConfig": a Python class
+    name; a data set object only Python code passes was offered beside the mapping."""
+    from cliplab.evaluate.suite import SuiteSpec
+    from cliplab.train.pretrain import PretrainConfig
+
+    recipe = {"model": {"name": "tiny-clip"}, "data": {"train": {"source": "shapes"}}}
+    with pytest.raises(ConfigError, match=r"^x: train: expected a mapping of keys \(key: value\), "
+                                          r"got 5$"):
+        validate(PretrainConfig, {**recipe, "train": 5}, "x")
+    with pytest.raises(ConfigError, match=r"^x: train: expected a mapping of keys \(key: value\), "
+                                          r"got a list \(1, 2\)$"):
+        validate(PretrainConfig, {**recipe, "train": [1, 2]}, "x")
+    with pytest.raises(ConfigError) as err:
+        validate(SuiteSpec, {"tasks": [{"task": "zeroshot", "data": 5}]}, "x")
+    assert "instance" not in str(err.value) and " or " not in str(err.value)

@@ -858,7 +858,8 @@ def test_run_curation_takes_a_plain_dict_and_names_what_is_wrong_with_one(tmp_pa
     with pytest.raises(ConfigError, match=r"^the curate config: data is required; steps: "
                        r"expected a valid list, got 'basic'$"):
         run_curation({"steps": "basic"}, tmp_path / "o2")
-    with pytest.raises(ConfigError, match=r"^the curate config: expected a valid dictionary"):
+    with pytest.raises(ConfigError, match=r"^the curate config: expected a mapping of keys "
+                                          r"\(key: value\), got .c.yaml.$"):
         run_curation("c.yaml", tmp_path / "o3")
 
 

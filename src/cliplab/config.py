@@ -287,11 +287,17 @@ def validate(schema: type[S], data: Any, where: str = "the config", prefix: str 
     except ValidationError as err:
         # the members of a union that fail at one key are alternatives: one entry, "or"
         problems: dict[str, list[str]] = {}
+        python_only: dict[str, str] = {}  # "an instance of X": objects only Python code passes
         for error in err.errors():
             path, message = _describe(error, schema, prefix)
             key = path if path else message  # missing/unknown keys: each its own entry
-            if message not in problems.setdefault(key, []):
+            if error["type"] == "is_instance_of":
+                python_only.setdefault(key, message)
+            elif message not in problems.setdefault(key, []):
                 problems[key].append(message)
+        for key, message in python_only.items():  # said only where nothing else can be
+            if not problems.get(key):
+                problems[key] = [message]
         error = ConfigError((f"{where}: " if where else "") + "; ".join(
             (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
             for key, messages in problems.items()))
@@ -434,6 +440,10 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     if kind == "missing":
         return "", f"{path} is required"
     message = error["msg"]
+    if kind in ("dict_type", "model_type", "model_attributes_type"):  # a section: no class name
+        shown = f"a list ({', '.join(map(str, given))})" if isinstance(given, list) \
+            else repr(given)
+        return path, f"expected a mapping of keys (key: value), got {shown}"
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif message.startswith("Input should be"):
