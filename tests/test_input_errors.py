@@ -162,3 +162,21 @@ def test_one_string_for_a_list_option_is_a_list_of_one(tmp_path):
     data = load_source({"source": "shapes", "kinds": "single", "colors": "red", "n": 6,
                         "image_size": 32})
     assert len(data) == 6 and all("red" in c[0] for c in data.captions)
+
+
+@pytest.mark.parametrize("kind, name", [("manifest", "missing.csv"), ("image-folder", "photos")])
+def test_a_missing_data_path_is_said_one_way_by_every_command(tmp_path, capsys, kind, name):
+    """index and curate said `manifest X does not exist; check the path`, data shard and eval
+    `manifest not found: X` and `image folder X does not exist or is not a folder`."""
+    missing = tmp_path / name
+    spec = f"{{source: {kind}, path: {missing}}}"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks: [{{task: zeroshot, data: {spec}}}]\n", encoding="utf-8")
+    commands = [["index", "--model", "tiny-clip", f"data={spec}"],
+                ["data", "shard", f"data={spec}"],
+                ["eval", "--model", "tiny-clip", "--config", str(suite)]]
+    for command in commands:
+        assert main([*command, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("cliplab: error: ") and "\n" not in err
+        assert err.endswith(f"{kind} {missing} does not exist; check the path"), err

@@ -233,7 +233,7 @@ def test_custom_column_names(tmp_path):
 def test_bad_manifest_files_raise(tmp_path):
     with pytest.raises(DataError, match="unknown manifest format"):
         read_manifest_rows(tmp_path / "m.txt")
-    with pytest.raises(DataError, match="manifest not found"):
+    with pytest.raises(DataError, match="manifest .* does not exist; check the path"):
         read_manifest_rows(tmp_path / "absent.csv")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="junk.parquet"):

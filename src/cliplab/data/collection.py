@@ -25,7 +25,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
-                                       image_metadata, list_folder)
+                                       image_metadata, list_folder, require_folder)
 from cliplab.data.images import open_image, to_pil
 from cliplab.data.shards.samples import damage_text, image_part, txt_caption
 from cliplab.errors import CliplabError, DataError
@@ -196,8 +196,7 @@ def _folder_items(root: Path, spec: dict) -> tuple[int, Iterator[Item]]:
     caption folder without a caption and sidecars that are not UTF-8 text come as items that
     fail to read, so index and curate count them."""
     _reject_options(spec)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+    require_folder(root)
     listed = list_folder(root)
     if not listed.images:
         raise DataError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from cliplab.data.images import IMAGE_EXTS
 from cliplab.data.prompt_files import CLASSNAMES_FILE, TEMPLATE_FILES
+from cliplab.errors import DataError
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 SIDECAR_SUFFIXES = (".txt", ".json")
@@ -264,3 +265,11 @@ def with_folder_captions(spec: dict) -> dict:
     except OSError:  # unreadable: the reader names it
         return spec
     return {**spec, "captions": True} if flat or is_caption_folder(path) else spec
+
+
+def require_folder(root: Path) -> None:
+    """A `DataError` unless ``root`` is a folder: one that does not exist is said as every
+    reader says a missing input (``image-folder X does not exist; check the path``)."""
+    if not root.is_dir():
+        raise DataError(f"image-folder {root} " + ("is not a folder" if root.exists()
+                                                   else "does not exist; check the path"))

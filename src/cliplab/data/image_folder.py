@@ -28,8 +28,8 @@ import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption,
-                                       image_metadata, is_utf8, list_folder, printable_path)
+from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption, image_metadata,
+                                       is_utf8, list_folder, printable_path, require_folder)
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
@@ -111,8 +111,7 @@ def check_folder_options(root: Path, image_size: object, templates: list[str] | 
                          captions: bool) -> None:
     """Refuse a missing folder, an ``image_size`` that is no positive int, and ``templates``
     with ``captions``."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder")
+    require_folder(root)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"image-folder {root}: image_size must be a positive int, "
                         f"got {image_size!r}")
@@ -187,8 +186,7 @@ def load_caption_folder(path: str | Path, image_size: PositiveInt | None = None,
     ``bad_metadata``) and files that are no image. ``.keys`` holds each image's path relative
     to ``path``."""
     root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder")
+    require_folder(root)
     listing = list_caption_folder(root)
     images, captions, keys = ImageStack(len(listing.files)), [], []
     for sample in tqdm(listing.read(image_size), total=len(listing.files),

@@ -147,7 +147,7 @@ def _read_table(path: Path) -> tuple[list[dict], list[str], list[str]]:
     if fmt is None:
         raise DataError(f"{path}: unknown manifest format {path.suffix!r}; use .csv, .jsonl, .json-lines or .parquet")
     if not path.is_file():
-        raise DataError(f"manifest not found: {path}; check the path")
+        raise DataError(f"manifest {path} does not exist; check the path")
     return {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path)
 
 
