@@ -84,7 +84,7 @@ def test_image_search_takes_k_and_offset_as_form_fields(served):
     assert (body["k"], body["offset"]) == (3, 2)
     assert [r["id"] for r in body["results"]] == order[2:5]
     _error(client.post("/api/search/image", data={"k": "0"}, files=upload), 422,
-           "k: Input should be greater than or equal to 1")
+           "k: expected greater than or equal to 1")
     # two files: the last was searched without a word
     other = ("y.png", _png(served["data"].images[3].numpy()), "image/png")
     _error(client.post("/api/search/image", files=[("file", upload["file"]), ("file", other)]),
@@ -136,10 +136,10 @@ def test_health_and_openapi(served):
 
 @pytest.mark.parametrize("params, words", [
     ({"q": "   "}, "empty query"),
-    ({}, "q: Field required"),
-    ({"q": "x", "k": 0}, "k: Input should be greater than or equal to 1"),
-    ({"q": "x", "k": 101}, "k: Input should be less than or equal to 100"),
-    ({"q": "x", "k": "many"}, "k: Input should be a valid integer"),
+    ({}, "q is required"),
+    ({"q": "x", "k": 0}, "k: expected greater than or equal to 1"),
+    ({"q": "x", "k": 101}, "k: expected less than or equal to 100"),
+    ({"q": "x", "k": "many"}, "k: expected a valid integer"),
     ({"q": "x", "offset": -1}, "offset"),
     ({"q": "x", "offset": 10_001}, "offset"),
     ({"q": "x" * 1001}, "q: String should have at most 1000 characters"),
@@ -166,10 +166,10 @@ def test_bad_uploads_and_ids_are_4xx(served):
     _error(client.post("/api/search/image",
                        files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}),
            413, "over the 0.191 MB limit")
-    _error(client.post("/api/search/image"), 422, "file: Field required")
+    _error(client.post("/api/search/image"), 422, "file is required")
     _error(client.get("/images/40"), 404, "no indexed image with id 40")
     _error(client.get("/images/-1"), 404, "no indexed image")
-    _error(client.get("/images/abc"), 422, "id: Input should be a valid integer")
+    _error(client.get("/images/abc"), 422, "id: expected a valid integer")
     for path in ("/images/../idx/meta.sqlite", "/images/..%2F..%2Fetc%2Fpasswd",
                  "/images/3/../../index.json"):
         response = client.get(path)
@@ -219,7 +219,7 @@ def test_a_raw_image_body_is_415_saying_to_send_it_as_the_file_field(served):
         "/api/search/image takes multipart/form-data fields (file, k, offset), not a raw "
         "image/png body; send them as form fields (curl -F file=@IMAGE)")
     form = served["client"].post("/api/search/image", data={"k": "3"})  # a form, no file
-    assert form.status_code == 422 and form.json()["error"] == "file: Field required"
+    assert form.status_code == 422 and form.json()["error"] == "file is required"
 
 
 @pytest.mark.parametrize("template", ["a {} and {}", "{} {", "{}}", "a photo", "{{}}", "{x}",
@@ -291,7 +291,7 @@ def test_ids_beyond_sqlite_and_images_beyond_pils_limit_are_4xx(served):
     """Ids too large for SQLite were a 500 (OverflowError); an image over PIL's own bomb limit
     was called 'not an image' (415) rather than too large (413)."""
     client = served["client"]
-    _error(client.get("/images/9223372036854775808"), 422, "id: Input should be less than")
+    _error(client.get("/images/9223372036854775808"), 422, "id: expected less than")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "99999999999999999999"}),
            422, "id")
     _error(client.post("/api/classify", data={"labels": "a,b", "id": "-1"}), 422, "id")
@@ -421,9 +421,9 @@ def test_classify_refuses_both_an_id_and_a_file(served):
 
 
 @pytest.mark.parametrize("form, words", [
-    ({"offset": "-1"}, "offset: Input should be greater than or equal to 0"),
-    ({"offset": "10001"}, "offset: Input should be less than or equal to 10000"),
-    ({"k": "101"}, "k: Input should be less than or equal to 100"),
+    ({"offset": "-1"}, "offset: expected greater than or equal to 0"),
+    ({"offset": "10001"}, "offset: expected less than or equal to 10000"),
+    ({"k": "101"}, "k: expected less than or equal to 100"),
 ])
 def test_bad_form_fields_of_an_image_search_are_422(served, form, words):
     upload = {"file": ("x.png", _png(served["data"].images[5].numpy()), "image/png")}

@@ -45,13 +45,23 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def validation_message(err: RequestValidationError) -> str:
-    """One line naming each invalid field and what is wrong with it."""
+    """One line naming each invalid field and what is wrong with it, in the words of the
+    CLI's config errors (``k is required``, ``k: expected a valid integer, ..., got 'abc'``)."""
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body", "path"))
         msg = e.get("msg", "invalid")
+        if e.get("type") == "missing":
+            parts.append(f"{where} is required" if where else "a field is required")
+            continue
         if "Expected UploadFile" in msg:  # a text field where a file goes: say what goes there
             msg = "upload an image file (multipart/form-data)"
+        elif msg.startswith("Input should be"):
+            msg = "expected" + msg[len("Input should be"):]
+            given = e.get("input")
+            if isinstance(given, (str, int, float)) and not isinstance(given, bool):
+                shown = repr(given)
+                msg += f", got {shown[:40] + '...' if len(shown) > 40 else shown}"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 
