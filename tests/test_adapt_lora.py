@@ -38,7 +38,9 @@ def test_target_modules_of_clip_towers():
     assert sorted(target_modules(model, ["text"], ["q_proj", "v_proj"])) == [
         "text_model.encoder.layers.0.self_attn.q_proj",
         "text_model.encoder.layers.0.self_attn.v_proj"]
-    with pytest.raises(ModelError, match="no LoRA target modules"):
+    with pytest.raises(ModelError, match=r"^options.modules: query match no linear layer of the "
+                                         r"image tower; its linear layers are named fc1, fc2, "
+                                         r"k_proj, out_proj, q_proj, v_proj$"):
         target_modules(model, ["image"], ["query"])
 
 

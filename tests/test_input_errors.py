@@ -180,3 +180,34 @@ def test_a_missing_data_path_is_said_one_way_by_every_command(tmp_path, capsys, 
         err = capsys.readouterr().err.strip()
         assert err.startswith("cliplab: error: ") and "\n" not in err
         assert err.endswith(f"{kind} {missing} does not exist; check the path"), err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "--model", "tiny-clip", "--config", "SUITE", "tasks.0.data.colors=[purple,pink]"],
+     "data: shapes: unknown colour name 'pink'; valid: red, green, blue, yellow, purple, cyan, "
+     "orange, white"),
+    (["eval", "--model", "tiny-clip", "--config", "SUITE",
+      "tasks.0.data={source: digits, classes: [one, two, one]}"],
+     "data: classes: 'one' is named twice"),
+    (["eval", "--model", "tiny-clip", "--config", "SUITE", "tasks.0.data.source=[shapes]"],
+     "a data source is a name (fashion-mnist, "),
+    (["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "options.augment=[hflip]"],
+     "options.augment: expected a mapping of overrides such as {hflip: false}, got a list "
+     "(hflip)"),
+    (["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "data.train={source: digits}",
+      "data.test={source: digits}", "options.augment.foo=1"],
+     "options.augment: unknown augment option 'foo' (valid: scale, translate, rotate_deg, "
+     "hflip)"),
+])
+def test_messages_name_values_in_words_not_python_lists(tmp_path, capsys, args, words):
+    """Python lists, dicts and type names leaked into these (['pink'], classes ['one', 'one'],
+    not list ['shapes'], got ['hflip'], augment option(s) ['foo'])."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [{task: zeroshot, data: {source: shapes, n: 20}}]\n",
+                     encoding="utf-8")
+    args = [str(suite) if a == "SUITE" else a for a in args]
+    assert main([*args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and words in err, err
+    assert "[" not in err.split("error: ", 1)[1].replace("tasks[0]", ""), err

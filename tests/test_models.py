@@ -305,13 +305,14 @@ def test_a_misspelt_preset_option_is_a_config_error_naming_file_and_key(tmp_path
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: tiny-clip, options: {width: 32}}\n")
     with pytest.raises(ConfigError, match=f"^{recipe} \\+ command line: model: options "
-                       f"\\['width'\\] only apply to presets \\(.*\\), not to {tmp_path}$"):
+                       f"\\(width\\) only apply to presets \\(.*\\), not to {tmp_path}; "
+                       "remove them \\(model.options=\\{\\} on a command line\\)$"):
         load_config(_ModelOnly, recipe, [f"model.name={tmp_path}"])
     # a folder or Hub id with options is refused when loading from Python too (naming it)
-    with pytest.raises(ConfigError, match=f"only apply to presets .*, not to {tmp_path}$"):
+    with pytest.raises(ConfigError, match=f"only apply to presets .*, not to {tmp_path}; "):
         load_model({"name": str(tmp_path), "options": {"width": 32}})
     # a Hub id too (it is built as saved): refused at config time, before any download
-    with pytest.raises(ConfigError, match=r"only apply to presets .*, not to org/model$"):
+    with pytest.raises(ConfigError, match=r"only apply to presets .*, not to org/model; "):
         load_config(_ModelOnly, recipe, ["model.name=org/model"])
 
 

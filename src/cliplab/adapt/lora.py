@@ -118,8 +118,11 @@ def target_modules(model: DualEncoder, towers: list[str], modules: str | list[st
     for tower in towers:
         if not any(n.startswith(TOWER_PREFIX[tower] + ".") for n in names):
             module = model.tower(tower)
-            raise ModelError(f"no LoRA target modules {modules!r} found in the {tower} tower "
-                             f"({type(module).__name__}); name them with options.modules")
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
+                             if isinstance(m, nn.Linear)})
+            given = modules if isinstance(modules, str) else ", ".join(map(str, modules))
+            raise ModelError(f"options.modules: {given} match no linear layer of the {tower} "
+                             f"tower; its linear layers are named {', '.join(linear)}")
     return names
 
 

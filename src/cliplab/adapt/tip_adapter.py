@@ -63,7 +63,10 @@ class Options(PromptOptions):
     @classmethod
     def _checked_augment(cls, value: Any) -> Any:
         if not isinstance(value, dict):
-            raise ValueError(f"expected overrides such as {{hflip: false}}, got {value!r}")
+            shown = f"a list ({', '.join(map(str, value))})" if isinstance(value, list) \
+                else repr(value)
+            raise ValueError(f"expected a mapping of overrides such as {{hflip: false}}, got "
+                             f"{shown}")
         return checked_augment(value)
 
     @model_validator(mode="after")

@@ -11,6 +11,12 @@ from cliplab.data.types import ImageTextPairs, LabelledImages, source_keys
 from cliplab.errors import DataError
 
 
+def twice(indices: list[int], classnames: Sequence[str]) -> str:
+    """The first class ``indices`` holds twice, by its name."""
+    seen: set[int] = set()
+    return next(classnames[i] for i in indices if i in seen or seen.add(i))
+
+
 def class_indices(classnames: list[str], names: list[str]) -> list[int]:
     """Indices of ``names`` in ``classnames`` (case-insensitive), with a clear error if absent."""
     lower = [c.lower() for c in classnames]
@@ -71,7 +77,7 @@ def select_classes(data: LabelledImages, names: list[str]) -> LabelledImages:
     evaluation scores base and novel classes each among their own."""
     keep = class_indices(data.classnames, names)
     if len(set(keep)) != len(keep):
-        raise DataError(f"classes {names} name a class twice")
+        raise DataError(f"classes: {twice(keep, data.classnames)!r} is named twice")
     new_label = torch.full((len(data.classnames),), -1, dtype=torch.long)
     new_label[torch.tensor(keep)] = torch.arange(len(keep))
     mask = new_label[data.labels] >= 0

@@ -79,7 +79,8 @@ def _check_names(names: Sequence[str], valid: Sequence[str], what: str) -> list[
     names = [names] if isinstance(names, str) else list(names)
     bad = [n for n in names if n not in valid]
     if bad:
-        raise DataError(f"shapes: unknown {what} name(s) {bad}; valid names are {list(valid)}")
+        raise DataError(f"shapes: unknown {what} name{'s' * (len(bad) > 1)} "
+                        f"{', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
     return list(dict.fromkeys(names))
 
 

@@ -47,8 +47,10 @@ SOURCES: dict[str, str] = {
 def source_loader(name: str) -> Callable[..., Dataset]:
     """The function behind source ``name``; ``ConfigError`` for an unknown name."""
     if not isinstance(name, str):  # e.g. a nested spec: {source: {source: shapes}}
+        kind = "a mapping" if isinstance(name, dict) else "a list" if isinstance(name, list) \
+            else repr(name)
         raise ConfigError(f"a data source is a name ({', '.join(SOURCES)}) or a path, not "
-                          f"{type(name).__name__} {name!r}")
+                          f"{kind}")
     if name not in SOURCES:
         raise ConfigError(f"unknown data source {name!r}; choose one of: {', '.join(SOURCES)}")
     module, _, function = SOURCES[name].partition(":")

@@ -34,8 +34,9 @@ class ModelSpec(Section):
 
             if self.name not in PRESETS and (Path(self.name).expanduser().exists()
                                              or is_hub_id(self.name)):
-                raise ValueError(f"options {sorted(self.options)} only apply to presets "
-                                 f"({', '.join(PRESETS)}), not to {self.name}")
+                raise ValueError(f"options ({', '.join(sorted(map(str, self.options)))}) only "
+                                 f"apply to presets ({', '.join(PRESETS)}), not to {self.name}; "
+                                 "remove them (model.options={} on a command line)")
             if self.name in PRESETS:  # any other name is refused when loading, with hints
                 try:
                     check_preset_options(self.name, self.options)

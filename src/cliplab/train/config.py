@@ -74,7 +74,8 @@ def checked_augment(value: Any) -> Any:
         return value
     unknown = sorted(set(value) - set(AUGMENT_KEYS), key=str)
     if unknown:
-        raise ValueError(f"unknown augment option(s) {unknown} (valid: {', '.join(AUGMENT_KEYS)})")
+        raise ValueError(f"unknown augment option{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(map(repr, unknown))} (valid: {', '.join(AUGMENT_KEYS)})")
     return AugmentOverrides.model_validate(value).model_dump(mode="json", exclude_unset=True)
 
 

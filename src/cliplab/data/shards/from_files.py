@@ -170,7 +170,7 @@ def _class_options(opened: Opened, kind: str, holdout: Any, classes: Any,
                           f"pairs{hint}")
     if pairs:
         return None
-    from cliplab.data.pairs import class_indices
+    from cliplab.data.pairs import class_indices, twice
 
     relabel: list[int | None] = list(range(len(opened.classnames)))
     if holdout:
@@ -179,7 +179,7 @@ def _class_options(opened: Opened, kind: str, holdout: Any, classes: Any,
     if classes is not None:
         keep = class_indices(opened.classnames, [str(c) for c in classes])
         if len(set(keep)) != len(keep):
-            raise DataError(f"classes {classes} name a class twice")
+            raise DataError(f"classes: {twice(keep, opened.classnames)!r} is named twice")
         new = {old: new for new, old in enumerate(keep)}
         relabel = [None if r is None else new.get(old) for old, r in enumerate(relabel)]
         opened.classnames = [opened.classnames[i] for i in keep]
