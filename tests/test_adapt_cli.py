@@ -631,3 +631,22 @@ def test_an_error_found_when_the_data_loads_names_the_config_file(command, model
                  "--no-progress", "seed=1" if command == "adapt" else "train.seed=1"]) == 2
     assert capsys.readouterr().err.startswith(f"cliplab: error: {cfg} + command line: "
                                               "data.train: unknown class 'cow'")
+
+
+def test_a_bad_option_from_the_command_line_is_not_blamed_on_the_files_options(tmp_path,
+                                                                               capsys):
+    """A config of another method with no options said '(the config's options are for its
+    method 'coop', replaced by ...)' of a value the command line gave."""
+    cfg = tmp_path / "coop.yaml"
+    cfg.write_text("method: coop\ndata:\n  train: {source: digits}\n  test: {source: digits}\n"
+                   "options: {}\n", encoding="utf-8")
+    args = ["adapt", "--config", str(cfg), "--method", "tip-adapter", "--model", "tiny-clip",
+            "--out", str(tmp_path / "o")]
+    assert main([*args, "options.augment.foo=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown augment option 'foo'" in err and "replaced by" not in err
+    cfg.write_text(cfg.read_text(encoding="utf-8").replace("options: {}", "options: {n_ctx: 8}"),
+                   encoding="utf-8")
+    assert main(args) == 2
+    assert "(the config's options are for its method 'coop', replaced by 'tip-adapter')" in \
+        capsys.readouterr().err

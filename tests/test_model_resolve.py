@@ -97,8 +97,10 @@ def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path):
     run.write_config({"model": "tiny-clip"})
     run.log({"step": 1, "loss": 2.0})
     with pytest.raises(ModelError, match=rf"^run folder {run.path} has no checkpoint: the run "
-                                         r"stopped \(or still runs\) before its first save; "
-                                         r"resume it, or give a model$"):
+                                         r"stopped \(or still runs\) before its first save, "
+                                         r"so there is nothing to resume; start the run again "
+                                         r"\(remove the folder or choose a new --out\), or give "
+                                         r"a model$"):
         load_model(str(run.path))
     (run.path / "results.json").write_text("{}")  # a finished run without checkpoints (an
     with pytest.raises(ModelError, match=r"is not a model folder"):  # adapter's): not "stopped"

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         checked_config(cfg, config_where(args))
     except ConfigError as error:
-        replaced = _file_method(args.config)
-        if replaced in (None, cfg.method):
+        replaced, options = _file_method(args.config)
+        if replaced in (None, cfg.method) or not options:  # the file's options are not at fault
             raise
         raise ConfigError(f"{error} (the config's options are for its method {replaced!r}, "
                           f"replaced by {cfg.method!r})") from None
@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_method(path: str | None) -> str | None:
-    """The ``method`` the config file names, if any (read again: the loaded config holds the
-    command line's)."""
+def _file_method(path: str | None) -> tuple[str | None, dict]:
+    """The ``method`` the config file names, if any, and its ``options`` (read again: the
+    loaded config holds the command line's)."""
     from cliplab.config import load_yaml
 
-    return load_yaml(path).get("method") if path else None
+    raw = load_yaml(path) if path else {}
+    options = raw.get("options")
+    return raw.get("method"), options if isinstance(options, dict) else {}

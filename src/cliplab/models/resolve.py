@@ -153,7 +153,8 @@ def model_folder(path: str | Path) -> Path:
             and not (path / RESULTS_FILE).is_file():
         # a run stopped before its first save: "not a model folder" hid that it is a run
         raise ModelError(f"run folder {path} has no checkpoint: the run stopped (or still runs) "
-                         f"before its first save; resume it, or give a model")
+                         "before its first save, so there is nothing to resume; start the run "
+                         "again (remove the folder or choose a new --out), or give a model")
     return path
 
 
