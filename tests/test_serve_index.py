@@ -1054,7 +1054,7 @@ def test_serve_warns_of_an_open_api_beyond_loopback(model_dir, tmp_path, started
     flags = ["--api-key", key] if key else []
     assert main(["serve", str(tmp_path / "idx"), "--host", host, "--port", str(free_port()),
                  *flags]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning, as every other, on stderr
     assert ("warning: listening on" in out) == warned
     assert not warned or f"warning: listening on {host} without --api-key" in out
     assert len(started) == 1
@@ -1105,12 +1105,12 @@ def test_serve_warns_of_an_index_tuned_on_image_queries_only(model_dir, tmp_path
     record_file = tmp_path / "idx" / "index.json"
     assert "recalls" in json.loads(record_file.read_text())["faiss"]
     assert main(["serve", str(tmp_path / "idx"), "--port", str(free_port())]) == 0
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     record = json.loads(record_file.read_text())
     del record["faiss"]["recalls"]  # as an older cliplab wrote it
     record_file.write_text(json.dumps(record))
     assert main(["serve", str(tmp_path / "idx"), "--port", str(free_port())]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert (f"cliplab serve: warning: {tmp_path / 'idx'}: its efSearch="
             f"{record['faiss']['value']} was tuned on image queries only") in out
     assert "build it again with `cliplab index`" in out

@@ -8,6 +8,7 @@ import ipaddress
 import math
 import re
 import socket
+import sys
 from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
@@ -21,7 +22,7 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
              allowed_hosts: list[str] | None = None):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
     differ from the index's), on ``device``, answering the Host names ``allowed_hosts`` (None:
-    any); an index tuned on image queries only is warned of on stdout."""
+    any); an index tuned on image queries only is warned of on stderr."""
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
@@ -32,7 +33,7 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
         one_thread_per_search()
     stale = image_only_tuning(index.record)
     if stale:
-        print(f"cliplab serve: warning: {index_path}: {stale}")
+        print(f"cliplab serve: warning: {index_path}: {stale}", file=sys.stderr)
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key,
                       max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed_hosts)
@@ -89,7 +90,7 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
     app = open_app(index_path, model, api_key, max_upload_mb, device, hosts)
     if not _is_loopback(host) and api_key is None:
         print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
-              "reach this address can search the collection")
+              "reach this address can search the collection", file=sys.stderr)
     print(f"cliplab serve: http://{host}:{port}/  (API schema at /openapi.json, docs at /docs; "
           "Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
