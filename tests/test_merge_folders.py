@@ -255,8 +255,9 @@ def test_config_errors_come_before_any_work(family, tmp_path):
 
 
 def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, capsys):
-    """A non-empty --out is refused naming --overwrite; with it the folder is replaced whole
-    (nothing of the old one left, no .partial beside it)."""
+    """A non-empty --out of other files is refused, without offering --overwrite (which would
+    be refused too); a previous merge's is refused naming --overwrite, with which the folder is
+    replaced whole (nothing of the old one left, no .partial beside it)."""
     _, _, fts = family
     out = tmp_path / "soup"
     out.mkdir()
@@ -264,7 +265,9 @@ def test_overwrite_replaces_a_non_empty_out_only_when_asked(family, tmp_path, ca
     args = ["merge", "--method", "uniform", "--models", str(fts[0]), str(fts[1]), "--out",
             str(out), "--no-progress"]
     assert main(args) == 2
-    assert "not empty; give a new folder or --overwrite" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"cliplab: error: --out {out} is not empty and no previous "
+                                       "merge output: it holds other files (e.g. notes.txt); "
+                                       "choose a new folder\n")
     assert (out / "notes.txt").read_text() == "mine"  # untouched
     # --overwrite replaces only a previous merge output, never a folder of other files
     assert main([*args, "--overwrite"]) == 2

@@ -362,7 +362,7 @@ def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
 
     evals = {"zs": {"acc1": 0.5, "n": 10, "skipped": {"total": 2, "unreadable_image": 2}}}
 
-    def finished(cfg, resume=None, progress=True):
+    def finished(cfg, resume=None, progress=True, where=None):
         shutil.copytree(tiny_model_dir, model)
         return {"evals": evals, "model_dir": str(model)}
 
@@ -384,7 +384,7 @@ def interrupted_run(tiny_model_dir, tmp_path, monkeypatch) -> tuple[Path, Path]:
     out = tmp_path / "run"
     shutil.copytree(tiny_model_dir, out / "checkpoints" / "step-4" / "model")
 
-    def interrupted(cfg, resume=None, progress=True):
+    def interrupted(cfg, resume=None, progress=True, where=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pretrain, "run_pretrain", interrupted)
@@ -437,7 +437,7 @@ def test_interrupted_default_run_hint_names_only_the_run_it_made(tiny_model_dir,
     shutil.copytree(tiny_model_dir, earlier / "checkpoints" / "step-9" / "model")
     made = tmp_path / "runs" / "pretrain-20261203-104216"
 
-    def interrupted(cfg, resume=None, progress=True):
+    def interrupted(cfg, resume=None, progress=True, where=None):
         if made_folder:
             shutil.copytree(tiny_model_dir, made / "checkpoints" / "step-2" / "model")
         raise KeyboardInterrupt

@@ -195,11 +195,14 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     is_previous = previous is not None and previous(path)
     if is_previous and (overwrite or may_exist):
         return path
-    if not overwrite and not may_exist:
-        raise error(f"--out {out} is not empty; give a new folder or --overwrite to replace a "
-                    f"previous {kind} output")
     why = previous.why_not(path) if isinstance(previous, OutputFiles) else \
         f"holds other files (e.g. {sorted(p.name for p in path.iterdir())[0]})"
+    if not overwrite and not may_exist:
+        if previous is not None and not is_previous:  # --overwrite would be refused too
+            raise error(f"--out {out} is not empty and no previous {kind} output: it {why}; "
+                        "choose a new folder")
+        raise error(f"--out {out} is not empty; give a new folder or --overwrite to replace a "
+                    f"previous {kind} output")
     flag = "--overwrite replaces" if overwrite else f"cliplab {kind} rewrites"
     raise error(f"{flag} only a previous {kind} output; {out} {why}; choose a new folder")
 
