@@ -108,7 +108,7 @@ def test_writer_refuses_non_empty_folder_and_overwrite_replaces(tmp_path, shapes
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty and no previous shard output .*notes.txt.*"
+    with pytest.raises(DataError, match="not empty and no previous shard output: .*notes.txt.*"
                                         "choose a new folder$"):  # --overwrite would not do
         write_shards(shapes, out, progress=False)
     with pytest.raises(DataError, match="only a previous shard output"):  # not a shard set
