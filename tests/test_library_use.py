@@ -39,12 +39,17 @@ def test_a_lit_model_and_a_load_leave_the_environment_and_transformers_logging_a
     from transformers.utils import logging as hf_logging
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_warning()
     hf_logging.enable_progress_bar()
-    model = build_model("lit-minilm", width=32, layers=1, heads=2)
-    assert "HF_HUB_OFFLINE" not in os.environ
-    assert hf_logging.get_verbosity() == hf_logging.WARNING
-    assert hf_logging.is_progress_bar_enabled()
+    try:
+        model = build_model("lit-minilm", width=32, layers=1, heads=2)
+        assert "HF_HUB_OFFLINE" not in os.environ
+        assert hf_logging.get_verbosity() == hf_logging.WARNING
+        assert hf_logging.is_progress_bar_enabled()
+    finally:  # the test process's own settings back
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
     assert model.encode_texts("a red square").shape == (1, model.embed_dim)
 
 
@@ -124,6 +129,8 @@ def test_a_trainers_tower_lock_holds_while_it_trains_only():
     model.freeze_tower("image")  # the user's own freeze
     Trainer(model, settings).fit(pairs)
     assert model.tower_is_frozen("image")
+    Trainer(model, {**settings, "lock_text": True})  # made and never fit (or failing to start)
+    assert not model.tower_is_frozen("text")
 
 
 def test_training_and_probing_inside_no_grad_or_inference_mode(tiny_model):

@@ -180,6 +180,9 @@ def test_the_clip_loss_on_a_siglip_model_says_it_leaves_the_bias_untrained(pairs
     assert model.logit_bias.item() != -10.0 and "logit bias" not in capsys.readouterr().err
     Trainer(_one_block_model(), config(steps=1)).fit(pairs)  # a CLIP has no bias to train
     assert "logit bias" not in capsys.readouterr().err
+    model.logit_bias.requires_grad_(False)  # frozen (LoRA): no loss would train it
+    Trainer(model, config(steps=1, lr=1e-3)).fit(pairs)
+    assert "logit bias" not in capsys.readouterr().err
 
 
 def test_replay_batches_mix_the_ratio_and_cover_each_set():

@@ -286,7 +286,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
         save_adapter(peft_model, folder / ADAPTER_DIR, origin, fingerprint, head, opts)
 
     with kept_training_state(model):
-        peft_model = add_lora(model, opts, ctx.seed)
+        peft_model = add_lora(model, opts, train_cfg.seed)  # the training seed, as its steps
         trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
         trainer.fit(train if head is not None else labelled_to_pairs(train))
     n_lora = lora_parameter_count(model)

@@ -40,9 +40,14 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
     """The block's random draws from ``seed`` (the CPU's generator, and ``device``'s if it is a
     GPU); the caller's generators as they were after it (a library does not reseed them)."""
     device = torch.device(device) if device is not None else None
-    gpus = [device.index or 0] if device is not None and device.type == "cuda" else []
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device is not None and device.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus):
-        torch.manual_seed(seed)
+        # only the generators forked (torch.manual_seed would reseed every GPU's and MPS's)
+        torch.random.default_generator.manual_seed(seed)
+        for index in gpus:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         yield
 
 

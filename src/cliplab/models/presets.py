@@ -82,7 +82,7 @@ def tiny_clip(image_size: int = 32, patch_size: int = 8, width: int = 128, layer
 
     ``activation``: the MLP's, ``quick_gelu`` as OpenAI's CLIP or ``gelu`` as OpenCLIP's
     from-scratch models."""
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # the CPU, where it is built
     tokenizer = byte_level_tokenizer(context_length)
     text_width = text_width or width
     act = _check_activation(activation)
@@ -107,7 +107,7 @@ def tiny_siglip(image_size: int = 32, patch_size: int = 8, width: int = 128, lay
     """A small SigLIP (sigmoid loss with a learnable bias) with both towers from scratch.
 
     Texts are padded to the full context and pooled at the last position, as SigLIP does."""
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # the CPU, where it is built
     tokenizer = byte_level_tokenizer(context_length)
     config = SiglipConfig(
         text_config=_text_config(tokenizer, width, text_layers or layers, heads, context_length),
@@ -126,7 +126,7 @@ def lit_minilm(image_size: int = 28, patch_size: int = 4, width: int = 192, laye
                context_length: int = 32, seed: int = 0) -> DualEncoder:
     """A from-scratch ViT against the pretrained all-MiniLM-L6-v2 text tower (mean pooled)."""
     _check_patches(image_size, patch_size)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # the CPU, where it is built
     text_path = Path(text_model) if text_model else minilm_path()
     if not (text_path / "config.json").is_file():
         raise ModelError(f"text tower folder {text_path} has no config.json")

@@ -86,9 +86,24 @@ class Trainer:
         self.model.to(self.device)
         if head is not None:
             head.to(self.device)
-        # a lock holds while this trainer trains: the flags as they were come back after `fit`
-        self._flags_before = [(p, p.requires_grad) for p in model.parameters()]
+        # a lock holds while this trainer trains (`fit`): the flags are as they were outside it
+        # (by name: FSDP replaces the parameters it shards)
+        self._flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
         self._lock_towers()
+        try:
+            self._prepare(model, head, save_model)
+        finally:
+            self._restore_flags()
+        check_batch_over_ranks(config.batch_size, self.world)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: dict | None = None  # the checkpoint a resume started from
+
+    def _prepare(self, model: DualEncoder, head: nn.Module | None,
+                 save_model: Callable[[Path], None] | None) -> None:
+        """The rest of the set-up, the towers locked: precision, objective, sharding and the
+        parameters to train."""
+        config = self.config
         self.precision = resolve_precision(config.precision, self.device)
         # CLIP's loss clamps the temperature at 100; SigLIP's sigmoid loss leaves it free (a
         # released SigLIP has exp(4.72) = 112), and a head's loss does not train it: clamping
@@ -110,7 +125,8 @@ class Trainer:
             print("train: warning: train.fsdp shards the towers over torchrun's ranks; in one "
                   "process the model trains whole", file=sys.stderr)
         bias = model.logit_bias
-        if head is None and config.loss == "clip" and bias is not None and self.rank == 0:
+        if head is None and config.loss == "clip" and bias is not None and bias.requires_grad \
+                and self.rank == 0:  # a frozen bias (LoRA) no loss would train
             print(f"train: warning: train.loss=clip does not train this model's logit bias "
                   f"(it stays {bias.item():.2f}), which its sigmoid probabilities (zero-shot, "
                   "cliplab serve) add to every score: train.loss=siglip trains it",
@@ -132,10 +148,12 @@ class Trainer:
             raise ConfigError("nothing to train: every parameter is frozen")
         # sharded blocks' gradients arrive reduced (FSDP's reduce-scatter); the rest is averaged
         self.replicated_params = [p for p in self.params if not fsdp.is_sharded(p)]
-        check_batch_over_ranks(config.batch_size, self.world)
-        self.step = 0
-        self.last_checkpoint: Path | None = None
-        self.resumed_from: dict | None = None  # the checkpoint a resume started from
+
+    def _restore_flags(self) -> None:
+        """The model's ``requires_grad`` flags as they were before this trainer."""
+        for name, param in self.model.named_parameters():
+            if name in self._flags_before:
+                param.requires_grad_(self._flags_before[name])
 
     def _lock_towers(self) -> None:
         """Freeze the towers ``lock_text`` / ``lock_image`` name."""
@@ -180,8 +198,7 @@ class Trainer:
                                  evaluate=evaluate, on_start=on_start,
                                  on_trained=on_trained, unfinished=unfinished)
         finally:
-            for param, flag in self._flags_before:
-                param.requires_grad_(flag)
+            self._restore_flags()
 
     def _fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
              resume: str | Path | None, *, replay: ImageTextPairs | None, replay_ratio: float,
