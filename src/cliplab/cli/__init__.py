@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         with warnings.catch_warnings(), _sigterm_as_interruption(), _holding_outputs():
-            # PIL's warning of a very large image names no file; cliplab's own names it
-            warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+            from cliplab.data.images import hide_pils_unnamed_size_warning
+
+            hide_pils_unnamed_size_warning()  # cliplab's own LargeImageWarning names the file
             if not args.debug:
                 warnings.showwarning = _cliplab_warning_on_one_line
             return COMMANDS[args.command].run(args)

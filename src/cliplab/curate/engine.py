@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cliplab.curate.pool import Record, map_chunk
+from cliplab.data.images import hide_pils_unnamed_size_warning
 from cliplab.curate.steps.base import Step
 from cliplab.errors import CliplabError
 
@@ -42,6 +43,7 @@ def _map_records(step: Step, records: list[Record], work: Path) -> dict[str, np.
 
 
 def _init_worker(step: Step) -> None:
+    hide_pils_unnamed_size_warning()  # as the command line that started the worker does
     _WORKER_STEP[:] = [step]
 
 

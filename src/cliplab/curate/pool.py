@@ -53,7 +53,9 @@ def image_bytes(location: dict, work: Path) -> tuple[bytes, str]:
 
 def open_image(location: dict, work: Path) -> Image.Image:
     """The item's image, decoded as RGB (a PIL error if it cannot be)."""
-    return open_rgb(image_bytes(location, work)[0])
+    where = location.get("file") or (f"{location['tar']}:{location.get('name')}"
+                                     if "tar" in location else str(work / location["stored"]))
+    return open_rgb(image_bytes(location, work)[0], where)
 
 
 def read_item(item: Item, number: int, work: Path,

@@ -73,6 +73,13 @@ class LargeImageWarning(Image.DecompressionBombWarning):
     which the CLI hides, names no file); ignoring PIL's category ignores it too."""
 
 
+def hide_pils_unnamed_size_warning() -> None:
+    """Ignore PIL's own warning of an image over its pixel limit (it names no file) where
+    `LargeImageWarning` says it by name: in cliplab's command lines and worker processes."""
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit",
+                            category=Image.DecompressionBombWarning)
+
+
 def open_image(source: bytes | bytearray | str | os.PathLike,
                name: str | None = None) -> Image.Image:
     """PIL's lazy ``Image.open`` of a file or encoded bytes, limited to `READ_FORMATS` (an
