@@ -255,3 +255,5 @@ def test_class_templates_as_template_files_write_them_name_the_class(tiny_model)
         LabelledImages(images, [0.5] * 6, names, ["{}"])
     with pytest.raises(InputError, match=r"^images must be a uint8 tensor .* not list"):
         LabelledImages([images[0]], [0], names, ["{}"])
+    with pytest.raises(InputError, match=r"^no templates"):
+        LabelledImages(images, [0] * 6, names, None)

@@ -14,6 +14,7 @@ from transformers import CLIPImageProcessor, CLIPModel
 from cliplab.cli import main
 from cliplab.errors import ModelError
 from cliplab.evaluate.suite import run_task
+from cliplab.models.loading import quiet_transformers
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.merge.run import run_merge
 from cliplab.models import DualEncoder
@@ -31,7 +32,8 @@ def plain_clip(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
     processor (``mean``: its normalisation, CLIP's when None; ``resample``: PIL's code)."""
     torch.manual_seed(seed)
     cfg = tiny_clip_config()
-    CLIPModel(cfg).to(dtype).save_pretrained(folder)
+    with quiet_transformers():  # its shard bar is no line of the command under test
+        CLIPModel(cfg).to(dtype).save_pretrained(folder)
     byte_level_tokenizer(32).save_pretrained(folder)
     extra = {} if mean is None else {"image_mean": [mean] * 3, "image_std": [mean] * 3}
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},

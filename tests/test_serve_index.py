@@ -846,7 +846,10 @@ def test_cli_index_and_its_errors(model_dir, tmp_path, capsys):
                  str(tmp_path / "y"), "recall=2"]) == 2
     assert "recall" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nope")]) == 2
-    assert "is not an index" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty")]) == 2
+    assert "is not an index (no index.json)" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_taken_port_or_a_bad_host_before_starting(model_dir, tmp_path, capsys):

@@ -5,8 +5,8 @@ word embeddings (`DualEncoder.token_embedding` / `encode_text_embeddings`); only
 vectors train, both towers stay frozen. The context is shared by all classes (``unified``) or
 one per class (``class_specific``), initialised from the word embeddings of ``init`` (e.g. "a
 photo of a", so before training the prompts are exactly "a photo of a <class>.") or at random
-(std 0.02; one draw per class when class-specific) when ``init`` is empty. Optimisation as the paper: SGD lr 0.002, momentum 0.9,
-cosine schedule, batch 32.
+(std 0.02; one draw per class when class-specific) when ``init`` is empty. Optimisation as the
+paper: SGD lr 0.002, momentum 0.9, cosine schedule, batch 32.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ class LabelledImages:
         # "{c}" is where CLIP_benchmark's template files put the class, as "{}" is
         self.templates = [t.replace("{c}", "{}") if isinstance(t, str) else t
                           for t in ([self.templates] if isinstance(self.templates, str)
-                                    else list(self.templates))]
+                                    else list(self.templates or []))]
         if len(self.images) != len(self.labels):
             raise InputError(f"{len(self.images)} images but {len(self.labels)} labels")
         _check_keys(self.keys, len(self.labels))
@@ -268,10 +268,14 @@ class MultiLabelImages:
 
     def __post_init__(self) -> None:
         self.images = _as_tensor(self.images)
+        self.targets = _as_tensor(self.targets)
         _check_images(self.images)
-        if self.targets.shape != (len(self.images), len(self.classnames)):
-            raise InputError(f"targets must be [{len(self.images)}, {len(self.classnames)}], "
-                             f"got {list(self.targets.shape)}")
+        if not isinstance(self.targets, torch.Tensor) \
+                or self.targets.shape != (len(self.images), len(self.classnames)):
+            given = list(self.targets.shape) if isinstance(self.targets, torch.Tensor) \
+                else type(self.targets).__name__
+            raise InputError(f"targets must be [{len(self.images)}, {len(self.classnames)}] "
+                             f"(a tensor or NumPy array), got {given}")
         self.targets = self.targets.bool()
 
     def __len__(self) -> int:

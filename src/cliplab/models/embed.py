@@ -16,8 +16,8 @@ from cliplab.models.preprocess import convert_image
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):
-    return tqdm(range(0, n, checked_batch_size(batch_size)), desc=desc, unit="batch", disable=not progress or n == 0,
-                leave=False)
+    return tqdm(range(0, n, checked_batch_size(batch_size)), desc=desc, unit="batch",
+                disable=not progress or n == 0, leave=False)
 
 
 @torch.no_grad()

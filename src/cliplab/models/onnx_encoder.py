@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliplab.errors import ModelError, first_line
+from cliplab.errors import ModelError, checked_batch_size, first_line
 from cliplab.models.loading import load_tokenizer
 from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
 from cliplab.models.preprocess import (RESIZE_VERSION, ImagePreprocessor, PreprocessConfig,
@@ -248,6 +248,7 @@ class OnnxEncoder:
         """Unit text embeddings of a list of strings (one string: a batch of one), as
         `DualEncoder.encode_texts`."""
         texts = [texts] if isinstance(texts, str) else texts  # not one text per character
+        batch_size = checked_batch_size(batch_size)
         out = [self.encode_text(**self.tokenize(texts[i:i + batch_size]))
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)

@@ -56,4 +56,3 @@ def clean_texts(texts: Iterable[str] | str) -> list[str]:
     """`clean_text` of each text (one string: one text, not one per character): what every
     ``tokenize`` (PyTorch or ONNX) calls first."""
     return [clean_text(text) for text in ([texts] if isinstance(texts, str) else texts)]
-
