@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import torch
 
 from cliplab.config import Section, apply_overrides, load_config, load_yaml, validate
 from cliplab.errors import ConfigError
@@ -330,3 +331,9 @@ def test_a_section_given_a_value_is_said_in_yaml_words():
     with pytest.raises(ConfigError) as err:
         validate(SuiteSpec, {"tasks": [{"task": "zeroshot", "data": 5}]}, "x")
     assert "instance" not in str(err.value) and " or " not in str(err.value)
+    # a loaded model where its spec goes: its type, not its repr (its whole module tree)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(20)])
+    with pytest.raises(ConfigError, match=r"^x: model: expected a mapping of keys \(key: value\), "
+                                          r"got a Sequential object \(a Python object where a "
+                                          r"config value goes\)$"):
+        validate(PretrainConfig, {**recipe, "model": model}, "x")

@@ -442,7 +442,7 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     message = error["msg"]
     if kind in ("dict_type", "model_type", "model_attributes_type"):  # a section: no class name
         shown = f"a list ({', '.join(map(str, given))})" if isinstance(given, list) \
-            else repr(given)
+            else _shown(given)
         return path, f"expected a mapping of keys (key: value), got {shown}"
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -450,8 +450,16 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
         message = "expected" + message[len("Input should be"):]
     if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
         # pydantic's own "got a number with a fractional part" gets the value in brackets
-        message += f" ({given!r})" if ", got " in message else f", got {given!r}"
+        message += f" ({_shown(given)})" if ", got " in message else f", got {_shown(given)}"
     return path, message
+
+
+def _shown(value: Any) -> str:
+    """A value as an error shows it: a YAML scalar as written, any other object by its type
+    (a loaded model's repr is its whole module tree, dozens of lines)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    return f"a {type(value).__name__} object (a Python object where a config value goes)"
 
 
 # what pydantic puts in an error's location for the member of a union that failed:
