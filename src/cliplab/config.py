@@ -430,7 +430,7 @@ def config_source(path: str | Path | None, from_command_line: bool) -> str:
 def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
     """One error of pydantic as (``key.path``, what is wrong)."""
     path = ".".join(_location(error, prefix))
-    kind, given = error["type"], error.get("input")
+    kind = error["type"]
     if kind == "extra_forbidden":
         # a section validated apart (a suite's task) names its keys in the error's ctx
         known = (error.get("ctx") or {}).get("valid") or _known_keys(
@@ -439,11 +439,18 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
         return "", f"unknown key {path}{hint}"
     if kind == "missing":
         return "", f"{path} is required"
-    message = error["msg"]
+    return path, value_error_words(error)
+
+
+def value_error_words(error: dict) -> str:
+    """What is wrong with one value, from a pydantic error of it, in cliplab's words
+    (``expected a valid integer, ..., got 'many'``; no class names): the configs' and the
+    search API's."""
+    kind, given, message = error["type"], error.get("input"), error["msg"]
     if kind in ("dict_type", "model_type", "model_attributes_type"):  # a section: no class name
         shown = f"a list ({', '.join(map(str, given))})" if isinstance(given, list) \
             else _shown(given)
-        return path, f"expected a mapping of keys (key: value), got {shown}"
+        return f"expected a mapping of keys (key: value), got {shown}"
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif message.startswith("Input should be"):
@@ -451,14 +458,15 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
     if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
         # pydantic's own "got a number with a fractional part" gets the value in brackets
         message += f" ({_shown(given)})" if ", got " in message else f", got {_shown(given)}"
-    return path, message
+    return message
 
 
 def _shown(value: Any) -> str:
-    """A value as an error shows it: a YAML scalar as written, any other object by its type
-    (a loaded model's repr is its whole module tree, dozens of lines)."""
+    """A value as an error shows it: a YAML scalar as written (a long string cut), any other
+    object by its type (a loaded model's repr is its whole module tree, dozens of lines)."""
     if value is None or isinstance(value, (str, int, float, bool)):
-        return repr(value)
+        shown = repr(value)
+        return shown if len(shown) <= 60 else shown[:57] + "..."
     return f"a {type(value).__name__} object (a Python object where a config value goes)"
 
 

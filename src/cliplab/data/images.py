@@ -227,7 +227,9 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
             and model_input.resize_mode in ("shortest", "squash"):
         # each made the model's input as its preprocessing makes it of the file alone (files
         # larger than the input were decoded so already; `decoding_for`)
-        images = [_to_tensor(fit_to_model(to_pil(im), model_input, enlarge=True))
+        side = model_input.image_size  # those fitted when decoded are taken as they are
+        images = [im if tuple(im.shape[:2]) == (side, side) else
+                  _to_tensor(fit_to_model(to_pil(im), model_input, enlarge=True))
                   for im in images]
     elif len(sizes) > 1:
         side = int(np.median([min(im.shape[:2]) for im in images]))

@@ -14,7 +14,11 @@ from cliplab.errors import DataError
 def twice(indices: list[int], classnames: Sequence[str]) -> str:
     """The first class ``indices`` holds twice, by its name."""
     seen: set[int] = set()
-    return next(classnames[i] for i in indices if i in seen or seen.add(i))
+    for i in indices:
+        if i in seen:
+            return classnames[i]
+        seen.add(i)
+    raise ValueError("no class is named twice")
 
 
 def class_indices(classnames: list[str], names: list[str]) -> list[int]:

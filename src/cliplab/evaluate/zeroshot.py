@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -47,11 +48,9 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
                          f"{precision!r}")
     if text_cache is not None:
         emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
-    elif precision == "bf16":
-        with autocast(precision, model.device.type):
+    else:  # fp32: as the model is (any object with encode_texts will do)
+        with autocast(precision, model.device.type) if precision == "bf16" else nullcontext():
             emb = model.encode_texts(prompts).float().cpu()
-    else:  # fp32 as the model is (any object with encode_texts)
-        emb = model.encode_texts(prompts).float().cpu()
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 

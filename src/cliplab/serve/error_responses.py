@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from cliplab.config import value_error_words
 from cliplab.errors import CliplabError
 from cliplab.serve.middleware import HARDENING
 
@@ -56,12 +57,8 @@ def validation_message(err: RequestValidationError) -> str:
             continue
         if "Expected UploadFile" in msg:  # a text field where a file goes: say what goes there
             msg = "upload an image file (multipart/form-data)"
-        elif msg.startswith("Input should be"):
-            msg = "expected" + msg[len("Input should be"):]
-            given = e.get("input")
-            if isinstance(given, (str, int, float)) and not isinstance(given, bool):
-                shown = repr(given)
-                msg += f", got {shown[:40] + '...' if len(shown) > 40 else shown}"
+        elif "type" in e and isinstance(e.get("input"), (str, int, float, type(None))):
+            msg = value_error_words(e)  # the configs' words for one condition
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 
