@@ -152,6 +152,42 @@ def test_a_soup_of_modules_or_one_state_dict_says_what_to_pass():
         greedy_soup(["/models/a"], evaluate=lambda s: 0.0)
 
 
+MERGES_OF_FOLDERS = [
+    ("task_vector", lambda m: m.task_vector("/models/ft", _state(0.0)), "finetuned is a str"),
+    ("task_vector", lambda m: m.task_vector(_state(0.0), "/models/base"), "base is a str"),
+    ("apply_task_vector", lambda m: m.apply_task_vector("/models/base", _state(0.0)),
+     "base is a str"),
+    ("combine_task_vectors", lambda m: m.combine_task_vectors(["/models/a"]),
+     r"vectors\[0\] is a str"),
+    ("ties_merge", lambda m: m.ties_merge("/models/base", [_state(1.0)]), "base is a str"),
+    ("ties_merge", lambda m: m.ties_merge(_state(0.0), ["/models/a", "/models/b"]),
+     r"finetuned\[0\] is a str"),
+    ("dare_merge", lambda m: m.dare_merge(_state(0.0), ["/models/a"]),
+     r"finetuned\[0\] is a str"),
+    ("model_stock", lambda m: m.model_stock(_state(0.0), ["/models/a", "/models/b"]),
+     r"finetuned\[0\] is a str"),
+]
+
+
+@pytest.mark.parametrize("name, merge, said", MERGES_OF_FOLDERS)
+def test_every_merge_given_a_model_folder_says_how_to_load_state_dicts(name, merge, said):
+    """Task arithmetic, TIES, DARE and Model Stock took a path's characters for tensor names
+    (`lacks tensor 'c'`) or failed in Python (`'str' object has no attribute 'keys'`)."""
+    import cliplab.merge
+
+    with pytest.raises(InputError, match=rf"{name}: {said} '/models/.*not a state dict") as err:
+        merge(cliplab.merge)
+    assert "load_ingredient(path).state" in str(err.value)
+
+
+def test_a_merge_given_one_state_dict_for_a_list_says_to_wrap_it():
+    from cliplab.merge import ties_merge
+
+    with pytest.raises(InputError, match=r"ties_merge takes a list of state dicts .* as "
+                                         r"finetuned, not a dict; wrap one state dict"):
+        ties_merge(_state(0.0), _state(1.0))
+
+
 @pytest.mark.parametrize("weights", [[float("nan"), 1.0], [float("inf"), 1.0], ["1", "2"]])
 def test_soup_weights_must_be_finite_numbers(weights):
     with pytest.raises(ConfigError, match=r"soup weights .* must be 2 finite non-negative numbers"):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.merge.state import StateDict, check_same_keys
+from cliplab.merge.state import StateDict, check_same_keys, check_state, check_states
 from cliplab.merge.task_arithmetic import apply_task_vector, combine_task_vectors, task_vector
 
 Vector = dict[str, torch.Tensor]
@@ -45,6 +45,8 @@ def dare_merge(base: StateDict, finetuned: Sequence[StateDict], drop_rate: float
     """``base + Σ λ_i · drop_and_rescale(finetuned_i − base)``: ``scale`` one λ or one per
     model; the masks of model 0's tensors are drawn first, then model 1's, ... from one
     generator seeded with ``seed``. Non-float tensors are the base's (they must be equal)."""
+    check_state(base, "dare_merge", "base")
+    check_states(finetuned, "dare_merge", "finetuned")
     if not finetuned:
         raise ConfigError("DARE needs at least one fine-tuned model")
     p = check_drop_rate(drop_rate)

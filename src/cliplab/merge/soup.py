@@ -12,40 +12,9 @@ from numbers import Real
 import torch
 from tqdm.auto import tqdm
 
-from cliplab.errors import ConfigError, InputError
-from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
-
-
-def check_states(states: Sequence[StateDict], caller: str) -> None:
-    """``states`` is a list of state dicts (``{name: tensor}``); model folders, paths or model
-    objects given instead are one `InputError` telling how to get their state dicts."""
-    if isinstance(states, (Mapping, str, bytes)) or hasattr(states, "__fspath__"):
-        raise InputError(f"{caller} takes a list of state dicts ({{name: tensor}}), not "
-                         f"{_shown(states)}; {_how_to_get_states(states)}")
-    for i, state in enumerate(states):
-        if not (isinstance(state, Mapping)
-                and all(isinstance(v, torch.Tensor) for v in state.values())):
-            raise InputError(f"{caller}: states[{i}] is {_shown(state)}, not a state dict "
-                             f"({{name: tensor}}); {_how_to_get_states(state)}")
-
-
-def _how_to_get_states(given) -> str:
-    """How to turn ``given`` (a path, one state dict, a module) into state dicts."""
-    if isinstance(given, (str, bytes)) or hasattr(given, "__fspath__"):
-        return ("load each model folder's weights with "
-                "cliplab.merge.checkpoints.load_ingredient(path).state, or merge folders with "
-                "`cliplab merge` / cliplab.merge.run.run_merge")
-    if isinstance(given, Mapping) and all(isinstance(v, torch.Tensor) for v in given.values()):
-        return "wrap one state dict in a list: [state_a, state_b, ...]"
-    if hasattr(given, "state_dict"):
-        return "pass model.model.state_dict() of a DualEncoder (or module.state_dict())"
-    return "give {name: tensor} mappings of one architecture"
-
-
-def _shown(value) -> str:
-    """``a str '/x'``, ``a PosixPath '/x'``, ``a Linear``: the kind of value and, for a path, it."""
-    path = isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
-    return f"a {type(value).__name__}" + (f" {str(value)[:80]!r}" if path else "")
+from cliplab.errors import ConfigError
+from cliplab.merge.state import (StateDict, check_same_keys, check_states, copied_buffer,
+                                 is_mergeable)
 
 
 def uniform_soup(states: Sequence[StateDict], weights: Sequence[float] | None = None,

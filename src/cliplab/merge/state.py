@@ -4,10 +4,11 @@ the rest unchanged."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from cliplab.errors import ModelError
+from cliplab.errors import InputError, ModelError
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -45,3 +46,43 @@ def check_same_keys(states: Sequence[StateDict], names: Sequence[str] | None = N
                 raise ModelError(f"{who}: tensor {key!r} is {tuple(other.shape)} {other.dtype}, "
                                  f"expected {tuple(tensor.shape)} {tensor.dtype}: not the same "
                                  "architecture")
+
+
+def check_state(state: Any, caller: str, what: str) -> None:
+    """``state`` (the argument ``what`` of ``caller``) is one state dict (``{name: tensor}``); a
+    model folder, path or model object given instead is one `InputError` saying how to get it."""
+    if not _is_state(state):
+        raise InputError(f"{caller}: {what} is {_shown(state)}, not a state dict "
+                         f"({{name: tensor}}); {_how_to_get_states(state)}")
+
+
+def check_states(states: Any, caller: str, what: str = "states") -> None:
+    """``states`` is a list of state dicts; else one `InputError` as `check_state`'s."""
+    if isinstance(states, (Mapping, str, bytes)) or hasattr(states, "__fspath__"):
+        raise InputError(f"{caller} takes a list of state dicts ({{name: tensor}}) as {what}, "
+                         f"not {_shown(states)}; {_how_to_get_states(states)}")
+    for i, state in enumerate(states):
+        check_state(state, caller, f"{what}[{i}]")
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _how_to_get_states(given: Any) -> str:
+    """How to turn ``given`` (a path, one state dict, a module) into state dicts."""
+    if isinstance(given, (str, bytes)) or hasattr(given, "__fspath__"):
+        return ("load each model folder's weights with "
+                "cliplab.merge.checkpoints.load_ingredient(path).state, or merge folders with "
+                "`cliplab merge` / cliplab.merge.run.run_merge")
+    if _is_state(given):
+        return "wrap one state dict in a list: [state_a, state_b, ...]"
+    if hasattr(given, "state_dict"):
+        return "pass model.model.state_dict() of a DualEncoder (or module.state_dict())"
+    return "give {name: tensor} mappings of one architecture"
+
+
+def _shown(value: Any) -> str:
+    """``a str '/x'``, ``a PosixPath '/x'``, ``a Linear``: the kind of value and, for a path, it."""
+    path = isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+    return f"a {type(value).__name__}" + (f" {str(value)[:80]!r}" if path else "")

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
+from cliplab.merge.state import (StateDict, check_same_keys, check_state, check_states,
+                                 copied_buffer, is_mergeable)
 
 
 def model_stock_ratio(cos: float, k: int) -> float:
@@ -47,6 +48,8 @@ def model_stock(base: StateDict, finetuned: Sequence[StateDict],
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The Model Stock merge of ``finetuned`` (k >= 2) around ``base``, and the ratio t used
     for each float tensor."""
+    check_state(base, "model_stock", "base")
+    check_states(finetuned, "model_stock", "finetuned")
     k = len(finetuned)
     if k < 2:
         raise ConfigError(f"Model Stock needs at least 2 fine-tuned models, got {k}")

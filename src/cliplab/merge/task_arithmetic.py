@@ -8,12 +8,15 @@ from collections.abc import Sequence
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.merge.state import StateDict, check_same_keys, copied_buffer, is_mergeable
+from cliplab.merge.state import (StateDict, check_same_keys, check_state, check_states,
+                                 copied_buffer, is_mergeable)
 
 
 def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, torch.Tensor]:
     """``finetuned − base`` for every float tensor (float32); other tensors carry no task (and
     must be equal: the base's are kept)."""
+    check_state(finetuned, "task_vector", "finetuned")
+    check_state(base, "task_vector", "base")
     names = ["base", "fine-tuned model"]
     check_same_keys([base, finetuned], names)
     for key in (k for k, w in base.items() if not is_mergeable(w)):
@@ -24,6 +27,7 @@ def task_vector(finetuned: StateDict, base: StateDict) -> dict[str, torch.Tensor
 def combine_task_vectors(vectors: Sequence[dict[str, torch.Tensor]],
                          scales: Sequence[float] | float = 1.0) -> dict[str, torch.Tensor]:
     """``Σ λ_i τ_i``: one scale for all vectors or one per vector (−1 negates a task)."""
+    check_states(vectors, "combine_task_vectors", "vectors")
     if not vectors:
         raise ConfigError("task arithmetic needs at least one task vector")
     if isinstance(scales, (int, float)):
@@ -42,6 +46,8 @@ def apply_task_vector(base: StateDict, vector: dict[str, torch.Tensor],
                       scale: float = 1.0) -> dict[str, torch.Tensor]:
     """``base + scale·vector`` in the base's dtypes; tensors the vector lacks are copied (a
     vector entry the base lacks is refused: it would be dropped without a word)."""
+    check_state(base, "apply_task_vector", "base")
+    check_state(vector, "apply_task_vector", "vector")
     stray = sorted(vector.keys() - base.keys())
     if stray:
         raise ConfigError(f"{len(stray)} task-vector tensor(s) are not in the base (e.g. "

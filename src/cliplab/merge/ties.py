@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from cliplab.errors import ConfigError
-from cliplab.merge.state import StateDict, check_same_keys
+from cliplab.merge.state import StateDict, check_same_keys, check_state, check_states
 from cliplab.merge.task_arithmetic import apply_task_vector, task_vector
 
 Vector = dict[str, torch.Tensor]
@@ -55,6 +55,8 @@ def disjoint_mean(vectors: Sequence[Vector], signs: Vector) -> Vector:
 def ties_merge(base: StateDict, finetuned: Sequence[StateDict], density: float = 0.2,
                scale: float = 1.0, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """``base + scale · disjoint_mean(trimmed task vectors, elected signs)``."""
+    check_state(base, "ties_merge", "base")
+    check_states(finetuned, "ties_merge", "finetuned")
     if not finetuned:
         raise ConfigError("TIES needs at least one fine-tuned model")
     check_same_keys([base, *finetuned],
