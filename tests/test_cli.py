@@ -283,6 +283,9 @@ def test_help_and_usage_errors_import_no_model_code():
     assert sorted(merge.__all__) == sorted(set(merge.__all__))
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         merge.nope
+    # dir() (and so completion) shows them before their first use
+    assert set(merge.__all__) <= set(dir(merge)) and "task_vector" in dir(merge)
+    assert {"AdaptContext", "Adapter", "get_method", "ADAPT_METHODS"} <= set(dir(adapt))
 
 
 @pytest.mark.parametrize("world, refused", [("2", True), ("1", False)])

@@ -58,6 +58,11 @@ __all__ = ["ADAPT_METHODS", "AdaptContext", "Adapter", "get_method", "load_adapt
 _FROM_BASE = ("AdaptContext", "Adapter", "read_adapter")
 
 
+def __dir__() -> list[str]:
+    """The module's names with those imported on first use (``dir()`` and completion show them)."""
+    return sorted({*globals(), *__all__, *_FROM_BASE})
+
+
 def __getattr__(name: str) -> Any:
     if name in _FROM_BASE:
         return getattr(importlib.import_module("cliplab.adapt.base"), name)
