@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from cliplab.errors import InputError
 from cliplab.models import build_model
 from cliplab.models.embed import embed_images, embed_texts
 
@@ -63,3 +65,53 @@ def test_embed_images_converts_palette_and_16_bit_images_as_the_decoder_does():
     # the palette's colours (not its indices), the 16-bit values scaled to 8 bits
     want = embed_images(model, [palette.convert("RGB"), convert_image(deep)])
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_embed_images_takes_one_image_and_uint8_arrays_as_it_takes_pil_images():
+    """One PIL image was a TypeError (no len()), a NumPy image or a uint8 batch an
+    AttributeError deep in PIL's conversion."""
+    model = tiny()
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (20, 50), dtype=np.uint8)
+    as_pil = embed_images(model, [Image.fromarray(colour), Image.fromarray(grey)])
+    np.testing.assert_allclose(embed_images(model, [colour, torch.from_numpy(grey)]), as_pil,
+                               atol=1e-6)
+    np.testing.assert_allclose(embed_images(model, Image.fromarray(colour)), as_pil[:1],
+                               atol=1e-6)
+    np.testing.assert_allclose(embed_images(model, colour), as_pil[:1], atol=1e-6)
+    np.testing.assert_allclose(embed_images(model, np.stack([colour, colour])),
+                               as_pil[[0, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("given, said", [
+    ("cat.jpg", r"embed_images: expected images \(PIL images or uint8 arrays\), not a str "
+                r"'cat.jpg' \(open image files with PIL.Image.open\)"),
+    (["cat.jpg"], r"embed_images: images\[0\] is a str 'cat.jpg', not a PIL image or a uint8 "
+                  r"array \(open"),
+    ([3], r"images\[0\] is an int, not a PIL image"),
+    ([np.zeros((4, 4, 3))], r"expected uint8 images \(0-255\), got torch.float64"),
+])
+def test_embed_images_refuses_what_is_not_an_image_in_one_line(given, said):
+    with pytest.raises(InputError, match=said):
+        embed_images(tiny(), given)
+
+
+def test_embed_images_given_a_dataset_says_to_pass_its_images():
+    class Dataset:  # a LabelledImages as a user holds it
+        images = np.zeros((1, 4, 4, 3), np.uint8)
+
+    with pytest.raises(InputError, match=r"not a Dataset \(pass its .images\)"):
+        embed_images(tiny(), Dataset())
+
+
+@pytest.mark.parametrize("given, said", [
+    (["cat.jpg"], r"^images\[0\] is a str 'cat.jpg', not a PIL image or a uint8 array \(open"),
+    ("imgs", r"^expected images \(PIL images or uint8 arrays\), not a str 'imgs'"),
+])
+def test_encode_images_given_paths_says_to_open_them(given, said):
+    """A path list was a TypeError from NumPy (`can't convert np.ndarray of type numpy.str_`)."""
+    from cliplab.evaluate.features import encode_images
+
+    with pytest.raises(InputError, match=said):
+        encode_images(tiny(), given)

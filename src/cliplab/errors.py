@@ -75,3 +75,12 @@ def checked_batch_size(batch_size: object) -> int:
             or batch_size < 1:
         raise InputError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
     return int(batch_size)
+
+
+def kind_of(value: object) -> str:
+    """What an error says was given: ``a str 'cat.jpg'``, ``a PosixPath '/m'``, ``an int``, ``a
+    Linear`` (the value itself only for a string or path, cut to 80 characters)."""
+    name = type(value).__name__
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    path = isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
+    return f"{article} {name}" + (f" {str(value)[:80]!r}" if path else "")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cliplab.errors import InputError, ModelError
+from cliplab.errors import InputError, ModelError, kind_of
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -52,7 +52,7 @@ def check_state(state: Any, caller: str, what: str) -> None:
     """``state`` (the argument ``what`` of ``caller``) is one state dict (``{name: tensor}``); a
     model folder, path or model object given instead is one `InputError` saying how to get it."""
     if not _is_state(state):
-        raise InputError(f"{caller}: {what} is {_shown(state)}, not a state dict "
+        raise InputError(f"{caller}: {what} is {kind_of(state)}, not a state dict "
                          f"({{name: tensor}}); {_how_to_get_states(state)}")
 
 
@@ -60,7 +60,7 @@ def check_states(states: Any, caller: str, what: str = "states") -> None:
     """``states`` is a list of state dicts; else one `InputError` as `check_state`'s."""
     if isinstance(states, (Mapping, str, bytes)) or hasattr(states, "__fspath__"):
         raise InputError(f"{caller} takes a list of state dicts ({{name: tensor}}) as {what}, "
-                         f"not {_shown(states)}; {_how_to_get_states(states)}")
+                         f"not {kind_of(states)}; {_how_to_get_states(states)}")
     for i, state in enumerate(states):
         check_state(state, caller, f"{what}[{i}]")
 
@@ -81,8 +81,3 @@ def _how_to_get_states(given: Any) -> str:
         return "pass model.model.state_dict() of a DualEncoder (or module.state_dict())"
     return "give {name: tensor} mappings of one architecture"
 
-
-def _shown(value: Any) -> str:
-    """``a str '/x'``, ``a PosixPath '/x'``, ``a Linear``: the kind of value and, for a path, it."""
-    path = isinstance(value, (str, bytes)) or hasattr(value, "__fspath__")
-    return f"a {type(value).__name__}" + (f" {str(value)[:80]!r}" if path else "")

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from cliplab.errors import checked_batch_size
 from cliplab.models.dual_encoder import DualEncoder, evaluating
-from cliplab.models.preprocess import convert_image
+from cliplab.models.preprocess import checked_images, convert_image, to_uint8_batch
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):
@@ -21,18 +21,28 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
 
 
 @torch.no_grad()
-def embed_images(model: DualEncoder, images: Sequence[Image.Image], batch_size: int = 64,
+def embed_images(model: DualEncoder, images, batch_size: int = 64,
                  progress: bool = False) -> np.ndarray:
-    """``[N, D]`` unit image embeddings of PIL images of any sizes and modes (converted to RGB)."""
+    """``[N, D]`` unit image embeddings of PIL images of any sizes and modes (converted to RGB),
+    or uint8 arrays/tensors ``[H, W(, C)]``; one image (or a uint8 batch ``[B, H, W(, C)]``)
+    is taken as a batch. Anything else (a file path, a dataset) is one `InputError`."""
+    images = checked_images(images, "embed_images")
+    images = list(images) if isinstance(images, (torch.Tensor, np.ndarray)) else images
     out = []
     with evaluating(model):
         for start in _batches(len(images), batch_size, "embed images", progress):
-            pixels = torch.cat([model.preprocess(torch.from_numpy(np.array(convert_image(im)))[None])
-                                for im in images[start:start + batch_size]])
+            pixels = torch.cat([model.preprocess(_uint8(image)) for image in
+                                images[start:start + batch_size]])
             out.append(model.encode_image(pixels.to(model.device)).float().cpu())
     if not out:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def _uint8(image) -> torch.Tensor:
+    """One image as a uint8 batch of one ``[1, H, W, C]``."""
+    return to_uint8_batch(np.array(convert_image(image)) if isinstance(image, Image.Image)
+                          else image)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from cliplab.errors import InputError, ModelError
+from cliplab.errors import InputError, ModelError, kind_of
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -162,12 +162,34 @@ def as_image_batch(images):
     return images
 
 
+def checked_images(images, caller: str = ""):
+    """``images`` as a batch (`as_image_batch`): an array, a tensor or a list of PIL images and
+    arrays; anything else (a file path, a dataset) is one `InputError` saying what to pass."""
+    images = as_image_batch(images)
+    said = f"{caller}: " if caller else ""
+    if not isinstance(images, (list, tuple, torch.Tensor, np.ndarray)):
+        raise InputError(f"{said}expected images (PIL images or uint8 arrays), not "
+                         f"{kind_of(images)}{_how_to_give(images)}")
+    if isinstance(images, (list, tuple)):
+        for i, image in enumerate(images):
+            if not isinstance(image, (Image.Image, torch.Tensor, np.ndarray)):
+                raise InputError(f"{said}images[{i}] is {kind_of(image)}, not a PIL image or a "
+                                 f"uint8 array{_how_to_give(image)}")
+    return images
+
+
+def _how_to_give(value) -> str:
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        return " (open image files with PIL.Image.open)"
+    return " (pass its .images)" if hasattr(value, "images") else ""
+
+
 def to_uint8_batch(images) -> torch.Tensor:
     """Turn uint8 images — a tensor/array ``[B, H, W, C]`` or ``[B, H, W]``, one image
     (`as_image_batch`), a list of PIL images or arrays of one size — into a uint8 tensor
     ``[B, H, W, C]``. Floats and channels-first batches are an `InputError` saying how to
     convert them."""
-    images = as_image_batch(images)
+    images = checked_images(images)
     if isinstance(images, (list, tuple)):
         arrays = [np.asarray(convert_image(im) if isinstance(im, Image.Image) else im)
                   for im in images]
