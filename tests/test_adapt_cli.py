@@ -2,6 +2,7 @@
 (the papers' qualitative results are in test_adapt_papers.py)."""
 
 import json
+import re
 import pytest
 import torch
 
@@ -650,3 +651,26 @@ def test_a_bad_option_from_the_command_line_is_not_blamed_on_the_files_options(t
     assert main(args) == 2
     assert "(the config's options are for its method 'coop', replaced by 'tip-adapter')" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, options, said", [
+    # the few-shot loop never looked at its loss: NaN keys saved, class 0 reported as accuracy
+    ("tip-adapter-f", ["options.lr=10", "options.epochs=5"],
+     r"tip-adapter-f: the loss or the learned weights became NaN or infinite at step [1-9]\d* "
+     r"\(options.lr 10\), so nothing was saved; lower options.lr$"),
+    # the Trainer's message named pretrain's keys (train.lr), which adapt refuses
+    ("finetune", ["options.train.steps=1", "options.train.batch_size=8", "options.train.lr=1e3",
+                  "options.train.weight_decay=1e36", "options.train.warmup=0"],
+     r"at step 1 \(options.train.lr 1000\).*Lower options.train.lr or "
+     r"options.train.weight_decay, lengthen options.train.warmup$"),
+])
+def test_an_adapt_run_that_diverges_stops_in_one_line_naming_its_options(method, options, said,
+                                                                         model_dir, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    assert main(["adapt", "--method", method, "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=4", *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(said, err[0]), err
+    assert not out.exists()

@@ -436,7 +436,8 @@ def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, 
 
     run = RunDir(tmp_path / "every")
     trainer = nan_from(3, Trainer(small_model(), config(steps=8, save_every=2), run))
-    with pytest.raises(TrainingDiverged, match=r"^train: the loss or the gradients became NaN "
+    with pytest.raises(TrainingDiverged, match=r"^train: the loss, the gradients or the weights "
+                       r"became NaN "
                        r"or infinite at step 3 \(train.lr 0.003\), so the run stopped; nothing "
                        r"after step 2 was logged or saved. Lower train.lr, lengthen "
                        r"train.warmup$"):
@@ -478,6 +479,21 @@ def test_a_run_whose_gradients_turn_infinite_stops_though_its_loss_is_finite(tmp
     with pytest.raises(TrainingDiverged, match="became NaN or infinite at step 3 "):
         trainer.fit(pairs)
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_last_step_that_leaves_infinite_weights_is_not_saved(tmp_path, pairs):
+    """The loss and gradients of the last step are finite, its update is not (a weight decay
+    of 1e36): checked only before the step, the run saved and evaluated infinite weights."""
+    from cliplab.errors import TrainingDiverged
+
+    run = RunDir(tmp_path / "run")
+    trainer = Trainer(small_model(), config(steps=1, lr=1e3, weight_decay=1e36, warmup=0), run,
+                      settings="options.train")
+    with pytest.raises(TrainingDiverged, match=r"became NaN or infinite at step 1 "
+                       r"\(options.train.lr 1000\).*Lower options.train.lr or "
+                       r"options.train.weight_decay, lengthen options.train.warmup"):
+        trainer.fit(pairs)
+    assert not (run.path / "checkpoints").exists() or not any((run.path / "checkpoints").iterdir())
 
 
 def test_log_cadence_modes_and_temperature_floor(tmp_path, pairs):

@@ -38,8 +38,8 @@ class DistributedError(CliplabError):
 
 
 class TrainingDiverged(CliplabError):
-    """The loss or the gradients of a run became NaN or infinite: its weights are lost from
-    that step on, so the run stops instead of saving or evaluating them."""
+    """The loss, the gradients or the weights of a run became NaN or infinite: its weights are
+    lost from that step on, so the run stops instead of saving or evaluating them."""
 
 
 def first_line(err: BaseException) -> str:

@@ -99,7 +99,7 @@ def finetune(model: DualEncoder, train: LabelledImages, train_cfg: TrainConfig,
     def save(folder: Path) -> None:
         save_finetuned(model, head, folder / MODEL_DIR, base_path, fingerprint)
 
-    trainer = Trainer(model, train_cfg, run, head=head, save_model=save)
+    trainer = Trainer(model, train_cfg, run, head=head, save_model=save, settings="options.train")
     trainer.fit(train)
     return head.cpu(), trainer  # an eval head, on the CPU as the features it scores
 

@@ -287,7 +287,8 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
 
     with kept_training_state(model):
         peft_model = add_lora(model, opts, train_cfg.seed)  # the training seed, as its steps
-        trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save)
+        trainer = Trainer(model, train_cfg, ctx.run, head=head, save_model=save,
+                          settings="options.train")
         trainer.fit(train if head is not None else labelled_to_pairs(train))
     n_lora = lora_parameter_count(model)
     n_head = head.weight.numel() if head is not None and opts.train_head else 0

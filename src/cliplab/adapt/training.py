@@ -8,13 +8,14 @@ needs none of its checkpointing or data machinery.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from cliplab.config import validate
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, TrainingDiverged
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, gradients_on
@@ -46,7 +47,7 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     total = epochs * per_epoch
     sched = build_scheduler(opt, total, min(warmup, total - 1))
     g = torch.Generator().manual_seed(seed)
-    history = []
+    history, step = [], 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     with gradients_on(desc):  # inside a caller's torch.no_grad() too
         for _ in range(epochs):
@@ -59,7 +60,9 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
+                step += 1
                 bar.update(1)
+                _refuse_diverged(losses[-1], params, desc, step, lr, weight_decay)
             history.append(sum(losses) / len(losses))
             bar.set_postfix(loss=f"{history[-1]:.3f}")
     bar.close()
@@ -94,3 +97,16 @@ def settings_that_ran(config: TrainConfig, precision: str) -> dict:
     """A method's `Trainer` settings as results.json records them: ``config`` with the
     precision the steps ran in (``auto`` resolved, as the device already is)."""
     return {**config.to_dict(), "precision": precision}
+
+
+def _refuse_diverged(loss: float, params: list[torch.nn.Parameter], desc: str, step: int,
+                     lr: float, weight_decay: float) -> None:
+    """Stop (one line naming the options) once a step's loss or the weights it left are NaN or
+    infinite: the adapter would be saved and scored as class 0 everywhere."""
+    if math.isfinite(loss) and all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        return
+    # a decoupled decay of lr·wd ≥ 1 flips or zeroes every weight each step
+    decay = f", options.weight_decay {weight_decay:g}" if lr * weight_decay >= 1 else ""
+    raise TrainingDiverged(f"{desc}: the loss or the learned weights became NaN or infinite at "
+                           f"step {step} (options.lr {lr:g}{decay}), so nothing was saved; "
+                           "lower options.lr" + (" or options.weight_decay" if decay else ""))

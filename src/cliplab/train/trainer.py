@@ -68,8 +68,10 @@ class Trainer:
 
     def __init__(self, model: DualEncoder, config: TrainConfig | dict,
                  run_dir: RunDir | str | Path | None = None, head: nn.Module | None = None,
-                 save_model: Callable[[Path], None] | None = None):
-        """``config`` may be a dict of train keys and ``run_dir`` a path (made a `RunDir`)."""
+                 save_model: Callable[[Path], None] | None = None, settings: str = "train"):
+        """``config`` may be a dict of train keys and ``run_dir`` a path (made a `RunDir`);
+        ``settings``: where the user writes ``config``'s keys, as messages name them (``train``
+        in pretrain, ``options.train`` in adapt)."""
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
         elif not isinstance(config, TrainConfig):
@@ -79,6 +81,7 @@ class Trainer:
             run_dir = RunDir(run_dir)
         self.model = model
         self.config = config
+        self.settings = settings
         self.run_dir = run_dir
         self.head = head
         self.save_model = save_model
@@ -122,26 +125,29 @@ class Trainer:
         distributed.broadcast_weights(model.model, head)  # before sharding: one model
         self.sharded = config.fsdp and self.world > 1
         if config.fsdp and self.world == 1:  # a recipe tried out before a torchrun launch
-            print("train: warning: train.fsdp shards the towers over torchrun's ranks; in one "
-                  "process the model trains whole", file=sys.stderr)
+            print(f"train: warning: {self.settings}.fsdp shards the towers over torchrun's "
+                  "ranks; in one process the model trains whole", file=sys.stderr)
         bias = model.logit_bias
         if head is None and config.loss == "clip" and bias is not None and bias.requires_grad \
                 and self.rank == 0:  # a frozen bias (LoRA) no loss would train
-            print(f"train: warning: train.loss=clip does not train this model's logit bias "
-                  f"(it stays {bias.item():.2f}), which its sigmoid probabilities (zero-shot, "
-                  "cliplab serve) add to every score: train.loss=siglip trains it",
+            print(f"train: warning: {self.settings}.loss=clip does not train this model's "
+                  f"logit bias (it stays {bias.item():.2f}), which its sigmoid probabilities "
+                  f"(zero-shot, cliplab serve) add to every score: {self.settings}.loss=siglip "
+                  "trains it",
                   file=sys.stderr)
         share = config.batch_size // self.world
         if config.micro_batch_size and config.micro_batch_size >= share and self.rank == 0 \
                 and self.world > 1:  # in one process the config refuses it
-            print(f"train: warning: train.micro_batch_size={config.micro_batch_size} is not "
-                  f"below a rank's share of the batch ({share} = {config.batch_size} over "
-                  f"{self.world} ranks): nothing is split, each step only embeds twice",
+            print(f"train: warning: {self.settings}.micro_batch_size="
+                  f"{config.micro_batch_size} is not below a rank's share of the batch "
+                  f"({share} = {config.batch_size} over {self.world} ranks): nothing is split, "
+                  "each step only embeds twice",
                   file=sys.stderr)
         if self.sharded:
             if head is not None or save_model is not None:
-                raise ConfigError("train.fsdp shards the towers of plain model training; it "
-                                  "does not take a classification head or a custom writer")
+                raise ConfigError(f"{self.settings}.fsdp shards the towers of plain model "
+                                  "training; it does not take a classification head or a "
+                                  "custom writer")
             fsdp.shard_blocks(model)
         self.params = [p for _, p in self._named_parameters() if p.requires_grad]
         if not self.params:
@@ -260,6 +266,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == total or any(
                     every and self.step % every == 0 for every in (cfg.save_every,
                                                                     cfg.eval_every)):
+                # the step's update too: the last step's is saved without another forward
+                diverged |= ~self._weights_finite()
                 self._refuse_diverged(diverged, checked)  # before anything is logged or saved
                 checked = self.step
             if self.step % cfg.log_every == 0 or self.step == total:
@@ -286,18 +294,28 @@ class Trainer:
         self._eval_mode()
         return last
 
+    def _weights_finite(self) -> torch.Tensor:
+        """Whether every trained weight (this rank's shards) is finite: one bool tensor."""
+        local = (p.to_local() if fsdp.is_sharded(p) else p for p in self.params)
+        return torch.stack([torch.isfinite(w.detach()).all().to(self.device)
+                            for w in local]).all()
+
     def _refuse_diverged(self, diverged: torch.Tensor, checked: int) -> None:
         """Stop the run (every rank alike) if a step since step ``checked`` had a NaN or
-        infinite loss or gradient norm."""
+        infinite loss or gradient norm, or left a NaN or infinite weight."""
         if distributed.mean_over_ranks(diverged.float()).item() == 0:
             return
         when = f"at step {self.step}" if checked + 1 == self.step else \
             f"between steps {checked + 1} and {self.step}"
-        clip = "" if self.config.grad_clip > 0 else " or set train.grad_clip"
+        clip = "" if self.config.grad_clip > 0 else f" or set {self.settings}.grad_clip"
+        # a decoupled decay of lr·wd ≥ 1 flips or zeroes every weight each step
+        decay = f" or {self.settings}.weight_decay" \
+            if self.config.lr * self.config.weight_decay >= 1 else ""
         raise TrainingDiverged(
-            f"train: the loss or the gradients became NaN or infinite {when} (train.lr "
-            f"{self.config.lr:g}), so the run stopped; nothing after step {checked} was logged "
-            f"or saved. Lower train.lr, lengthen train.warmup{clip}")
+            f"train: the loss, the gradients or the weights became NaN or infinite {when} "
+            f"({self.settings}.lr {self.config.lr:g}), so the run stopped; nothing after step "
+            f"{checked} was logged or saved. Lower {self.settings}.lr{decay}, lengthen "
+            f"{self.settings}.warmup{clip}")
 
     # -- parts of the step ----------------------------------------------------------------------
     def _named_parameters(self):
@@ -327,8 +345,9 @@ class Trainer:
             groups.setdefault((wd, float(scale)), []).append(p)
         unmatched = sorted(set(self.config.lr_scale) - used)
         if unmatched:
-            raise ConfigError(f"train.lr_scale: {unmatched[0]!r} is in the name of no trainable "
-                              "parameter (a typo, or a frozen tower's?); parameter names look "
+            raise ConfigError(f"{self.settings}.lr_scale: {unmatched[0]!r} is in the name of no "
+                              "trainable parameter (a typo, or a frozen tower's?); parameter "
+                              "names look "
                               f"like {next(n for n, p in self._named_parameters())!r}")
         return torch.optim.AdamW(
             [{"params": ps, "weight_decay": wd, "lr": self.config.lr * scale}
@@ -389,8 +408,9 @@ class Trainer:
         if ran_in is not None and ran_in != self.precision and self.step < total \
                 and self.rank == 0:
             print(f"cliplab: warning: the steps up to {self.step} ran in {ran_in}, the rest "
-                  f"runs in {self.precision} (train.precision {self.config.precision} on "
-                  f"{self.device.type}); results.json says both", file=sys.stderr)
+                  f"runs in {self.precision} ({self.settings}.precision "
+                  f"{self.config.precision} on {self.device.type}); results.json says both",
+                  file=sys.stderr)
         if self.step == total and ran_in is not None:
             self.precision = ran_in  # no step runs: every one ran in the checkpoint's
         if self.step > total:  # steps shortened below the checkpoint
@@ -400,8 +420,8 @@ class Trainer:
         if self.step == total and not (unfinished and self._own(folder)):
             # training on would write its results anew from nothing
             raise ConfigError(f"nothing to resume: {folder} is at step {self.step} of "
-                              f"{total}, the run is complete; a longer train.steps or "
-                              "train.epochs extends it")
+                              f"{total}, the run is complete; a longer {self.settings}.steps "
+                              f"or {self.settings}.epochs extends it")
         if self.run_dir and self.rank == 0:
             # set aside first: a kill between the two leaves this checkpoint the latest, and
             # --resume latest drops the records itself (dropped first, they were lost with
