@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from cliplab.errors import InputError, ModelError, checked_batch_size
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.precision import autocast
 from cliplab.models.preprocess import to_uint8_batch
 
@@ -78,7 +79,8 @@ def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 50
                 probes.append(feats.float().cpu())
             else:
                 b = model.image_backbone(pixels)
-            emb.append(F.normalize(model.project_image(b).float(), dim=-1).cpu())
+            emb.append(finite_embeddings(
+                F.normalize(model.project_image(b).float(), dim=-1).cpu(), "image"))
             back.append(b.float().cpu())
     if not emb:
         return ImageFeatures(torch.empty(0, model.embed_dim), torch.empty(0, 0))

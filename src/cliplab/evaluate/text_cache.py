@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.fingerprints import text_tower_fingerprint
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.precision import autocast
 from cliplab.models.tokenizer import clean_texts
 
@@ -69,5 +70,5 @@ def encode_texts_sorted(model: DualEncoder, texts: Sequence[str], batch_size: in
             idx = order[start:start + batch_size]
             tok = {k: v.to(model.device) for k, v in model.tokenize([texts[i] for i in idx]).items()}
             emb = model.encode_text(**tok, normalize=False).float().cpu()
-            out[idx] = F.normalize(emb, dim=-1)
+            out[idx] = finite_embeddings(F.normalize(emb, dim=-1), "text")
     return out

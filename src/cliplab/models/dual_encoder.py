@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from cliplab.errors import ModelError, checked_batch_size
 from cliplab.file_modes import as_umask
 from cliplab.models.device import resolve_device
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
 from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
                                      write_processor_config)
@@ -234,7 +235,8 @@ class DualEncoder(nn.Module):
                 # normalised in float32, as evaluate.features.encode_images does
                 feats = self.encode_text(**tok, normalize=False).float()
                 out.append(F.normalize(feats, dim=-1))
-        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+        return finite_embeddings(torch.cat(out), "text") if out else \
+            torch.empty(0, self.embed_dim)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from cliplab.errors import checked_batch_size
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.preprocess import checked_images, convert_image, to_uint8_batch
 
 
@@ -33,7 +34,8 @@ def embed_images(model: DualEncoder, images, batch_size: int = 64,
         for start in _batches(len(images), batch_size, "embed images", progress):
             pixels = torch.cat([model.preprocess(_uint8(image)) for image in
                                 images[start:start + batch_size]])
-            out.append(model.encode_image(pixels.to(model.device)).float().cpu())
+            out.append(finite_embeddings(
+                model.encode_image(pixels.to(model.device)).float().cpu(), "image"))
     if not out:
         return np.zeros((0, model.embed_dim), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cliplab.errors import ModelError, checked_batch_size, first_line
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.loading import load_tokenizer
 from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE, TEXT_FILE
 from cliplab.models.preprocess import (RESIZE_VERSION, ImagePreprocessor, PreprocessConfig,
@@ -251,7 +252,8 @@ class OnnxEncoder:
         batch_size = checked_batch_size(batch_size)
         out = [self.encode_text(**self.tokenize(texts[i:i + batch_size]))
                for i in range(0, len(texts), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+        return finite_embeddings(torch.cat(out), "text") if out else \
+            torch.empty(0, self.embed_dim)
 
     def tower_fingerprint(self, tower: str) -> str:
         """The feature caches' key of a tower: the whole export's `weights_fingerprint` (a
