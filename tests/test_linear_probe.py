@@ -191,3 +191,16 @@ def test_automatic_l2_refits_on_all_training_rows(monkeypatch):
     w, b = real((x - mean) / std, y, 2, 1.0, max_iter=500)
     want = (((xt - mean) / std @ w + b).argmax(1) == yt).float().mean().item()
     assert m["acc1"] == pytest.approx(want)
+
+
+def test_an_l2_strength_too_large_to_fit_is_one_error_not_nan_weights():
+    """At 1e30 L-BFGS's line search overflowed: NaN weights were saved and every test image
+    was scored as class 0 (an accuracy of that class's share)."""
+    from cliplab.errors import ConfigError
+
+    x, y = torch.randn(60, 8, generator=torch.Generator().manual_seed(0)), torch.arange(60) % 3
+    w, b = fit_logistic(x, y, 3, l2=1e6)
+    assert torch.isfinite(w).all() and w.abs().max() < 1e-5  # strong, still finite
+    with pytest.raises(ConfigError, match=r"^linear probe: L-BFGS diverged at L2 strength "
+                                          r"1e\+30 \(the weights became NaN or infinite\)"):
+        fit_logistic(x, y, 3, l2=1e30)

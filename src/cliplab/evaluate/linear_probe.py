@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cliplab.errors import ConfigError
 from cliplab.evaluate.metrics import classification_metrics
 
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -98,6 +99,10 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
         return loss
 
     opt.step(closure)
+    if not (torch.isfinite(wt).all() and torch.isfinite(b).all()):
+        raise ConfigError(f"linear probe: L-BFGS diverged at L2 strength {l2:g} (the weights "
+                          "became NaN or infinite); give a smaller one (on standardized "
+                          "features, 1e6 already leaves every weight near zero)")
     return wt.detach().t().contiguous().float(), b.detach().float()  # a copy, row-major
 
 
