@@ -115,3 +115,24 @@ def test_results_with_numpy_numbers_are_written_as_plain_json(tmp_path):
                                                          "counts": np.arange(3)})
     assert json.loads(path.read_text()) == {"acc1": 0.5, "counts": [0, 1, 2]}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_results_and_records_are_strict_json_with_nan_as_null(tmp_path):
+    """Python wrote NaN and Infinity tokens, which are not JSON: JavaScript's JSON.parse, Go
+    and Rust refuse such a results.json."""
+    import numpy as np
+
+    from cliplab.output_folder import write_json
+
+    data = {"acc1": float("nan"), "loss": np.float32("inf"), "ok": 0.5,
+            "curve": [1.0, float("-inf")], "rows": np.array([np.nan, 2.0])}
+    write_json(tmp_path / "results.json", data)
+    text = (tmp_path / "results.json").read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"acc1": None, "loss": None, "ok": 0.5, "curve": [1.0, None],
+                                "rows": [None, 2.0]}
+    run = RunDir(tmp_path / "run")
+    run.log({"step": 1, "loss": float("nan")})
+    line = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").strip()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == {
+        "step": 1, "loss": None}

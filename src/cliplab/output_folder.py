@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -446,7 +447,26 @@ def swap_in(work: Path, out: Path) -> None:
 
 def write_json(path: Path, data: Any, indent: int = 2) -> None:
     """JSON written atomically (temp file + rename); numpy values and paths as plain values."""
-    write_utf8(path, json.dumps(data, indent=indent, default=_plain))
+    write_utf8(path, json_text(data, indent))
+
+
+def json_text(data: Any, indent: int | None = None) -> str:
+    """``data`` as strict JSON: numpy values and paths as plain values, a NaN or infinite
+    number as null (Python's ``NaN`` token is not JSON: JavaScript, Go and Rust refuse the
+    file)."""
+    return json.dumps(_finite(data), indent=indent, default=_plain, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return _finite(value.tolist())
+    return value
 
 
 def write_utf8(path: Path, text: str) -> None:

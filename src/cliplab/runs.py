@@ -23,8 +23,8 @@ import yaml
 
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, same_folder,
-                                   write_json)
+from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, json_text,
+                                   same_folder, write_json)
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -225,7 +225,7 @@ class RunDir:
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl and its numbers to the TensorBoard events."""
         with self.metrics_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
         if self.tensorboard:
             self._log_scalars(record)
 
