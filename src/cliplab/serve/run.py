@@ -16,6 +16,8 @@ from cliplab.serve.image_files import release_large_images_at_once
 from cliplab.serve.index import SearchIndex, embeds_otherwise, image_only_tuning
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
+STOP_GRACE_S = 5.0  # how long a stopped server finishes requests in flight
+
 
 def open_app(index_path: str, model: str | None = None, api_key: str | None = None,
              max_upload_mb: float = 10, device: str = "auto",
@@ -93,7 +95,10 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
               "reach this address can search the collection", file=sys.stderr)
     print(f"cliplab serve: http://{host}:{port}/  (API schema at /openapi.json, docs at /docs; "
           "Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # a stop waits this long for requests in flight, then cuts them: an upload trickling in
+    # would otherwise hold a stopped server (and its model) until its 120 s body deadline
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=STOP_GRACE_S)
 
 
 def check_address(host: str, port: int) -> None:
