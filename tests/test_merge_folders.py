@@ -641,3 +641,39 @@ def test_heads_a_merge_cannot_average_are_warned_of(family, tmp_path, capsys, ca
         f"is not merged ({why}): the merged folder has none, and held-out scores use the "
         "zero-shot text head")
     assert not (tmp_path / "o" / "head.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["uniform", "ties"])
+def test_a_model_with_nan_weights_is_refused_by_name(method, family, tmp_path):
+    """Averaged in, the NaN spread over its tensor and the merge was saved; TIES zeroed the NaN
+    entries (no NaN passes `abs() >= threshold`) while counting them among the largest: a
+    broken input hidden, not said."""
+    _, base, fts = family
+    broken = DualEncoder.load(fts[1])
+    with torch.no_grad():
+        dict(broken.model.named_parameters())[KEY][0, :5] = float("nan")
+    broken.save(tmp_path / "broken")
+    record_origin(tmp_path / "broken", base)
+    with pytest.raises(ModelError, match=rf"broken: 5 weights are NaN or infinite \(5 of them in "
+                                         rf"'{KEY}'\): a broken model"):
+        run_merge({"method": method, "models": [str(fts[0]), str(tmp_path / "broken")],
+                   "base": str(base), "out": str(tmp_path / "o")}, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_merge_that_overflows_its_dtype_writes_nothing(family, tmp_path):
+    """float16 folders merged with a scale of 1e6: the float32 sum cast to float16 was saved
+    with infinite weights."""
+    _, base, fts = family
+    for name, folder in (("base16", base), ("ft16", fts[0])):
+        model = DualEncoder.load(folder)
+        model.model.half()
+        model.save(tmp_path / name)
+    record_origin(tmp_path / "ft16", tmp_path / "base16")
+    with pytest.raises(ModelError, match=r"^the merged weights hold \d+ NaN or infinite values in "
+                                         r"torch.float16 .*nothing was written: a scale too "
+                                         r"large"):
+        run_merge({"method": "task-arithmetic", "models": [str(tmp_path / "ft16")],
+                   "base": str(tmp_path / "base16"), "scale": 1e6,
+                   "out": str(tmp_path / "o")}, progress=False)
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ import torch
 from cliplab.config import changed_key_paths
 from cliplab.errors import ModelError
 from cliplab.merge.dtypes import set_config_dtype, stored_dtype
-from cliplab.merge.state import check_same_keys
+from cliplab.merge.state import check_same_keys, non_finite
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights_fingerprint,
                                   write_origin)
@@ -83,6 +83,12 @@ def load_ingredient(path: str | Path) -> Ingredient:
     path = Path(path)
     model = DualEncoder.load(path)
     state = {k: v.detach() for k, v in model.model.state_dict().items()}
+    broken = non_finite(state)
+    if broken:  # averaged in, they spread over the tensor; TIES would drop them unsaid
+        key, bad, total = broken
+        raise ModelError(f"{path}: {total} weights are NaN or infinite ({bad} of them in "
+                         f"{key!r}): a broken model (a training run that diverged?) merges "
+                         "into a broken model")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     meta = read_meta(path)
     return Ingredient(path, state, config, meta, weights_fingerprint(state), read_origin(path),
@@ -200,6 +206,12 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
         raise ModelError(f"merged weights do not fit {template}: "
                          f"{str(err).splitlines()[0]}") from None
     model.model.to(dtype)
+    broken = non_finite(model.model.state_dict())
+    if broken:
+        key, bad, total = broken
+        raise ModelError(f"the merged weights hold {total} NaN or infinite values in {dtype} "
+                         f"({bad} of them in {key!r}), so nothing was written: a scale too "
+                         "large for the weights' dtype?")
     with built_beside(out) as work:
         model.save(work)
         set_config_dtype(work / "config.json", dtype)

@@ -81,3 +81,15 @@ def _how_to_get_states(given: Any) -> str:
         return "pass model.model.state_dict() of a DualEncoder (or module.state_dict())"
     return "give {name: tensor} mappings of one architecture"
 
+
+def non_finite(state: StateDict) -> tuple[str, int, int] | None:
+    """``(first tensor name, its non-finite values, all non-finite values)`` of ``state``'s
+    float tensors holding NaN or infinite values, or None when every one is finite."""
+    first, total = None, 0
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad and first is None:
+                first = (key, bad)
+            total += bad
+    return None if first is None else (*first, total)
