@@ -1,5 +1,6 @@
 """Classification metrics and zero-shot classification against hand-computed values."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,19 @@ def test_acc5_by_hand_with_eight_classes():
     assert topk_accuracy(logits, labels, 6) == 0.75
     assert topk_accuracy(logits, labels, 7) == 0.75
     assert topk_accuracy(logits, labels, 8) == 1.0
+
+
+def test_tied_logits_rank_the_lower_class_first_in_every_metric():
+    """torch's topk picks among ties by its own rule (index 8 of 10 tied values, 0 of 100):
+    acc1 said 10% where per-class recall said class 0's 90 images were all right."""
+    from cliplab.evaluate.metrics import per_class_accuracy
+
+    labels = torch.tensor([0] * 90 + [8] * 10)
+    logits = torch.zeros(100, 10)
+    metrics = classification_metrics(logits, labels)
+    assert metrics["acc1"] == pytest.approx(0.9) and metrics["mean_per_class_recall"] == 0.5
+    assert per_class_accuracy(logits, labels, [str(i) for i in range(10)]) == {"0": 1.0,
+                                                                               "8": 0.0}
+    # top-5 of ten tied logits: classes 0-4, so class 8 is outside it
+    assert metrics["acc5"] == pytest.approx(0.9)
+    assert topk_accuracy(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), torch.tensor([2]), 1) == 0.0

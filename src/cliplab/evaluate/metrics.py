@@ -6,10 +6,13 @@ import torch
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes)."""
+    """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes);
+    tied logits rank the lower class first, as ``argmax`` (per-class recall's) does — torch's
+    ``topk`` picks among ties by its own rule, so one results file contradicted itself."""
     k = min(k, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    return (topk == labels[:, None]).any(dim=1).float().mean().item()
+    top = logits.argmax(dim=1, keepdim=True) if k == 1 else \
+        torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
+    return (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
 def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor,
