@@ -496,6 +496,22 @@ def test_a_last_step_that_leaves_infinite_weights_is_not_saved(tmp_path, pairs):
     assert not (run.path / "checkpoints").exists() or not any((run.path / "checkpoints").iterdir())
 
 
+def test_a_rate_past_float32_is_one_line_naming_it(tmp_path, pairs):
+    """AdamW's step size (lr / bias correction) overflowed inside torch: a raw traceback. The
+    warm-up warning names the keys where they are written too (options.train in adapt)."""
+    from cliplab.errors import TrainingDiverged
+    from cliplab.train.schedule import warmup_warning
+
+    trainer = Trainer(small_model(), config(steps=1, lr=1e38, warmup=0), RunDir(tmp_path),
+                      settings="options.train")
+    with pytest.raises(TrainingDiverged, match=r"^train: options.train.lr 1e\+38 overflows the "
+                       r"optimizer's arithmetic at step 1 .*; lower options.train.lr$"):
+        trainer.fit(pairs)
+    assert warmup_warning(3, 1, "options.train").startswith(
+        "train: warning: options.train.warmup=3 steps is longer than the run (1 steps), so the "
+        "rate never reaches options.train.lr")
+
+
 def test_log_cadence_modes_and_temperature_floor(tmp_path, pairs):
     """log_every=3 over 7 steps logs steps 3, 6 and the last; trainable layers run in train
     mode, a locked tower's in eval mode (no dropout in what it computes), and the model ends in

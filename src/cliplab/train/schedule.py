@@ -30,12 +30,14 @@ def multiplier(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
     return float(scheduler.lr_lambdas[0](scheduler.last_epoch))
 
 
-def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+def warmup_warning(warmup_steps: int, total_steps: int, settings: str = "train") -> str | None:
     """A one-line warning when the warm-up outlasts the run (its rate never reaches
-    ``train.lr``), else None."""
+    ``train.lr``), else None; ``settings`` is where the keys are written (``options.train``
+    in adapt)."""
     if warmup_steps <= total_steps:  # equal: the last step runs at the full rate
         return None
     peak = total_steps / warmup_steps
-    return (f"train: warning: train.warmup={warmup_steps} steps is longer than the run "
-            f"({total_steps} steps), so the rate never reaches train.lr (it peaks at "
-            f"{peak:.0%} of it); lower train.warmup or give it as a fraction of the run (< 1)")
+    return (f"train: warning: {settings}.warmup={warmup_steps} steps is longer than the run "
+            f"({total_steps} steps), so the rate never reaches {settings}.lr (it peaks at "
+            f"{peak:.0%} of it); lower {settings}.warmup or give it as a fraction of the run "
+            "(< 1)")

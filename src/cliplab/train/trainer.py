@@ -230,7 +230,7 @@ class Trainer:
             on_start()
         if self.step >= total:  # only the final evaluation was left to do
             return self._finish(folder, total, evaluate, on_trained)
-        warning = warmup_warning(warmup, total)
+        warning = warmup_warning(warmup, total, self.settings)
         if warning and self.rank == 0:
             print(warning, file=sys.stderr)
 
@@ -255,7 +255,7 @@ class Trainer:
             # the rate this step used (step() moves to the next), of parameters without an
             # lr_scale: the first group's rate is a scaled one when its parameters have one
             lr = cfg.lr * multiplier(scheduler)
-            optimizer.step()
+            self._optimizer_step(optimizer)
             scheduler.step()
             if self.clamps_temperature:
                 with torch.no_grad():
@@ -293,6 +293,17 @@ class Trainer:
         bar.close()
         self._eval_mode()
         return last
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        try:
+            optimizer.step()
+        except RuntimeError as err:  # AdamW's lr / bias correction, past float32's range
+            if "overflow" not in str(err):
+                raise
+            raise TrainingDiverged(
+                f"train: {self.settings}.lr {self.config.lr:g} overflows the optimizer's "
+                f"arithmetic at step {self.step + 1} (float32 reaches 3.4e38); lower "
+                f"{self.settings}.lr") from None
 
     def _weights_finite(self) -> torch.Tensor:
         """Whether every trained weight (this rank's shards) is finite: one bool tensor."""
