@@ -57,6 +57,20 @@ def test_a_lit_folder_truncates_in_plain_transformers_where_cliplab_does(tmp_pat
     assert len(plain[0]) == 32 == lit.tokenize([text])["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("preset", ["tiny-clip", "tiny-siglip"])
+def test_a_byte_level_folder_spaces_texts_in_plain_transformers_as_cliplab_does(preset,
+                                                                                tmp_path):
+    """The saved tokenizer kept runs of whitespace, which cliplab collapses before tokenizing:
+    plain transformers gave `cats  and   dogs` other ids (embeddings 0.03 apart)."""
+    model = build_model(preset, image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                        context_length=32)
+    folder = model.save(tmp_path / "m")
+    texts = ["cats  and   dogs", "  A Cat\t\non a mat ", "plain text"]
+    plain = AutoTokenizer.from_pretrained(folder)(texts, truncation=True)["input_ids"]
+    ours = [[i for i in row if i != 0] for row in model.tokenize(texts)["input_ids"].tolist()]
+    assert plain == ours
+
+
 def _without_context_records(folder) -> None:
     """As a plain HF folder whose tokenizer_config.json has no model_max_length."""
     (folder / "cliplab.json").unlink()

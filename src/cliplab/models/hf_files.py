@@ -244,7 +244,8 @@ def model_card(kind: str, text_pooling: str, context_length: int,
                   "`from_pretrained` still loads the weights; use cliplab to embed text.", ""]
         if text_pooling == "mean":
             lines += ["In plain transformers the text embedding is (equal to cliplab's for "
-                      "texts without repeated whitespace, which cliplab collapses first):", "",
+                      "texts without HTML entities or damaged Unicode, which cliplab repairs "
+                      "first):", "",
                       "```python", "import torch",
                       "from transformers import AutoTokenizer, VisionTextDualEncoderModel",
                       "model = VisionTextDualEncoderModel.from_pretrained(\"THIS_FOLDER\")",
@@ -260,7 +261,10 @@ def model_card(kind: str, text_pooling: str, context_length: int,
         lines += ["Outside cliplab it opens as any HF model:", "", "```python",
                   "from transformers import pipeline",
                   "classify = pipeline(\"zero-shot-image-classification\", model=\"THIS_FOLDER\")",
-                  "classify(image, candidate_labels=[\"cat\", \"dog\"])", "```", ""]
+                  "classify(image, candidate_labels=[\"cat\", \"dog\"])", "```", "",
+                  "cliplab repairs a text before tokenizing it, as OpenCLIP does "
+                  "(`ftfy.fix_text`, HTML entities unescaped): a text with `&amp;` or "
+                  "damaged Unicode (mojibake) gets other ids here unless repaired alike.", ""]
         if kind == "siglip":
             lines += ["The pipeline's SigLIP scores are per-label sigmoids (they need not sum "
                       "to 1).", ""]

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterable
 
 import ftfy
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors)
 from transformers import PreTrainedTokenizerFast
 
 # CLIP's text tower pools at the first EOS token unless eos_token_id == 2 (a legacy path that
@@ -29,7 +30,11 @@ def byte_level_tokenizer(context_length: int = 64) -> PreTrainedTokenizerFast:
     for ch in sorted(byte_chars):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    # clean_text's whitespace rule in the saved tokenizer too: plain transformers, which does
+    # not call clean_text, then gets cliplab's ids for texts with runs of spaces (it cannot
+    # hold ftfy and HTML unescaping: README says those texts differ there)
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Strip(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(
