@@ -81,3 +81,20 @@ def test_blur_kernel_reaches_three_sigma():
     x[0, :, 4, 0] = 255
     row = gaussian_blur(x, 1.0)[0, 4, :, 0]
     assert row[1] == row[7] == 1 and row[0] == row[8] == 0
+
+
+@pytest.mark.parametrize("spec", ["noise:nan", "noise:inf", "blur:inf", "blur:nan"])
+def test_a_shift_of_nan_or_inf_is_refused(spec):
+    """`noise:nan` turned every image black without a word (NaN cast to uint8) and `blur:inf`
+    was an OverflowError; the configs refuse NaN and infinity everywhere else."""
+    with pytest.raises(ConfigError, match=rf"^shift '{spec}': the value must be a finite "
+                                          r"positive number$"):
+        parse_shift(spec)
+
+
+def test_a_tiny_blur_leaves_the_image_as_it_is():
+    """σ = 1e-200 squared underflows to 0: the kernel was NaN and the images black."""
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gaussian_kernel(1e-200), torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(apply_shift(images, "blur:1e-200"), images)

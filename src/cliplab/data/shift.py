@@ -39,7 +39,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     """The normalised 1-D Gaussian of standard deviation ``sigma`` over ``[-r, r]``, r = ceil(3σ)."""
     radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = torch.exp(-0.5 * (x / sigma) ** 2)  # not x²/(2σ²): σ² of a tiny σ underflows to 0
     return (k / k.sum()).float()
 
 
@@ -77,8 +77,8 @@ def parse_shift(spec: str) -> list[tuple[str, float | None]]:
         except ValueError:
             raise ConfigError(f"shift {name!r} needs a number, e.g. '{name}:0.5' "
                               f"(got {part!r})") from None
-        if value < 0 or (name == "blur" and value == 0):
-            raise ConfigError(f"shift {part!r}: the value must be positive")
+        if not math.isfinite(value) or value < 0 or (name == "blur" and value == 0):
+            raise ConfigError(f"shift {part!r}: the value must be a finite positive number")
         steps.append((name, value))
     return steps
 
