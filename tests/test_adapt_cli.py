@@ -674,3 +674,21 @@ def test_an_adapt_run_that_diverges_stops_in_one_line_naming_its_options(method,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(said, err[0]), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method, options, said", [
+    # the grid walked from 0.1 down into negative values: alpha -99.9 saved, which
+    # options.alpha refuses
+    ("tip-adapter", {"search": True, "search_scale": [-5, 3]},
+     r"options.search_scale.0: expected greater than 0.1, got -5$"),
+    ("linear-probe", {"l2": "auto", "l2_grid": []},  # was max() of an empty sequence
+     r"options.l2_grid: expected at least 1 value, got none$"),
+    ("linear-probe", {"l2": "auto", "l2_grid": [-1]},  # was an overflow inside L-BFGS
+     r"options.l2_grid.0: expected greater than 0, got -1$"),
+])
+def test_a_search_grid_outside_its_options_range_is_refused(method, options, said):
+    from cliplab.adapt import get_method
+    from cliplab.adapt.base import method_options
+
+    with pytest.raises(ConfigError, match=f"^adapt method {method!r}: {said}"):
+        method_options(get_method(method).Options, options, method)

@@ -451,6 +451,11 @@ def value_error_words(error: dict) -> str:
         shown = f"a list ({', '.join(map(str, given))})" if isinstance(given, list) \
             else _shown(given)
         return f"expected a mapping of keys (key: value), got {shown}"
+    if kind in ("too_short", "too_long") and isinstance(given, (list, tuple)):
+        ctx = error.get("ctx") or {}
+        bound = ctx.get("min_length" if kind == "too_short" else "max_length")
+        return (f"expected at {'least' if kind == 'too_short' else 'most'} {bound} "
+                f"value{'s' * (bound != 1)}, got {len(given) or 'none'}")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif message.startswith("Input should be"):

@@ -24,7 +24,8 @@ class Options(Section):
 
     features: Literal["embeddings", "backbone", "tokens", "layers"] = "embeddings"
     l2: Annotated[float, Field(ge=0)] | Literal["auto"] = 1e-3
-    l2_grid: list[float] = list(DEFAULT_L2_GRID)
+    l2_grid: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = \
+        list(DEFAULT_L2_GRID)
 
     @model_validator(mode="after")
     def _grid_only_for_auto(self) -> Options:

@@ -7,8 +7,8 @@ embedding ``f`` scores the classes by
 
 where ``W`` is the zero-shot text classifier: the cache adds what the few shots know to what the
 prompts know. ``alpha`` weighs the cache, ``beta`` sharpens the affinities. With ``search`` the
-pair is chosen on the validation split over the paper's grid (beta in (0.1, search_scale[0]],
-alpha in (0.1, search_scale[1]]).
+pair is chosen on the validation split over the paper's grid (beta in [0.1, search_scale[0]),
+alpha in [0.1, search_scale[1])).
 
 As the paper's code builds its cache, each key is the mean of the image embeddings of
 ``augment_views`` randomly augmented views of its shot (the model's train-time augmentation:
@@ -52,7 +52,9 @@ class Options(PromptOptions):
     beta: float = Field(5.5, ge=0)
     clip_scale: float | None = Field(None, gt=0)
     search: bool = False
-    search_scale: tuple[float, float] = (7.0, 3.0)
+    # the grid runs from 0.1 up to each: a scale at or below it would search negative values
+    search_scale: tuple[Annotated[float, Field(gt=0.1)], Annotated[float, Field(gt=0.1)]] = \
+        (7.0, 3.0)
     search_steps: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200, 20)
     augment_views: int = Field(10, ge=0)
     augment: dict[str, Any] = {}
