@@ -692,3 +692,14 @@ def test_a_search_grid_outside_its_options_range_is_refused(method, options, sai
 
     with pytest.raises(ConfigError, match=f"^adapt method {method!r}: {said}"):
         method_options(get_method(method).Options, options, method)
+
+
+def test_a_few_shot_warmup_longer_than_the_run_is_warned_of(capsys):
+    """The loop shortened it without a word, where the Trainer warns."""
+    from cliplab.adapt.training import train_steps
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    train_steps([weight], lambda idx: (weight - 1).pow(2).sum(), n=8, epochs=2, batch_size=4,
+                lr=0.1, warmup=10, progress=False, desc="coop")
+    assert "coop: warning: options.warmup=10 steps is longer than the run (4 steps" \
+        in capsys.readouterr().err

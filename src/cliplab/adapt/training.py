@@ -9,6 +9,7 @@ needs none of its checkpointing or data machinery.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -45,6 +46,10 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     opt = make_optimizer(params, optimizer, lr, weight_decay, eps=eps)
     per_epoch = -(-n // batch_size)
     total = epochs * per_epoch
+    if warmup > total:  # as the Trainer warns of one
+        print(f"{desc}: warning: options.warmup={warmup} steps is longer than the run "
+              f"({total} steps: epochs x batches of the training set), so it is shortened to "
+              f"{total - 1}", file=sys.stderr)
     sched = build_scheduler(opt, total, min(warmup, total - 1))
     g = torch.Generator().manual_seed(seed)
     history, step = [], 0
