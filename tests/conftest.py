@@ -1,9 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# matplotlib (reports) caches its font list under ~/.cache and ~/.config: the suite writes
+# nothing into the developer's home (subprocesses inherit this)
+if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="cliplab-tests-matplotlib-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], ignore_errors=True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

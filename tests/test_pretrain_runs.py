@@ -75,7 +75,8 @@ def test_run_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
     full = _cli(["pretrain", "--config", str(tmp_path / "full.yaml"), "--no-progress"])
     assert full.wait(timeout=300) == 0, full.stderr.read().decode()
 
-    kill_after = random.Random().randint(2, steps - 4)
+    kill_after = random.Random().randint(2, steps - 4)  # a new point each run; every message
+    # below names it, so a failure can be replayed
     killed = _cli(["pretrain", "--config", str(tmp_path / "killed.yaml"), "--no-progress"])
     marker = tmp_path / "killed" / "checkpoints" / f"step-{kill_after}"
     deadline = time.time() + 300
@@ -83,12 +84,14 @@ def test_run_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "killed" / "checkpoints" / f"step-{steps}").exists()
+    assert killed.returncode == -signal.SIGKILL, \
+        f"the run ended before it could be killed after step {kill_after}"
+    assert not (tmp_path / "killed" / "checkpoints" / f"step-{steps}").exists(), kill_after
 
     resumed = _cli(["pretrain", "--config", str(tmp_path / "killed.yaml"), "--resume", "latest",
                     "--no-progress"])
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    assert resumed.wait(timeout=300) == 0, \
+        f"killed after step {kill_after}: " + resumed.stderr.read().decode()
     a = load_file(tmp_path / "full" / "checkpoints" / f"step-{steps}" / "model" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "checkpoints" / f"step-{steps}" / "model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -116,10 +116,11 @@ def test_quickstart_end_to_end_tiny(tmp_path, small_fmnist):
     # where the time went: its parts add up to the whole (to rounding), at the rate of its steps
     parts = results["seconds"]
     assert set(parts) == {"setup", "train", "evaluate"} and min(parts.values()) > 0
-    assert abs(sum(parts.values()) - results["wall_time_s"]) <= 0.3
-    images = results["steps"] * 128  # the rate is of the unrounded time; seconds are rounded
-    assert images / (parts["train"] + 0.05) <= results["train_images_per_s"] \
-        <= images / (parts["train"] - 0.05)
+    assert abs(sum(parts.values()) - results["wall_time_s"]) <= 0.2 + 1e-9  # 4 roundings
+    # the rate is of the unrounded time, itself rounded to 0.1 image/s; the seconds to 0.1 s
+    images = results["steps"] * 128
+    assert images / (parts["train"] + 0.05) - 0.05 <= results["train_images_per_s"] \
+        <= images / (parts["train"] - 0.05) + 0.05
     assert results["precision"] in ("fp32", "bf16")
     assert results["eval_precision"] == "fp32"  # the suite's default: scores, not training
     # 2 epochs on 2100 seen-class images: clearly better than chance on the trained classes
