@@ -66,6 +66,11 @@ def _bad_cliplab_json(folder):
     (folder / "cliplab.json").write_text("{")
 
 
+def _no_tokenizer_config(folder):
+    """It loaded, then failed on first use: eval died in a 17-frame traceback, exit 1."""
+    (folder / "tokenizer_config.json").unlink()
+
+
 def _not_a_dual_encoder(folder):
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
 
@@ -86,6 +91,9 @@ CASES = {
                        r"weights do not fit .*visual_projection.weight is missing"),
     "extra weight": (_edit_weights(lambda s: s.update(extra=s["logit_scale"].clone())),
                      r"weights do not fit .*the file has extra, which the config has no place"),
+    "no tokenizer_config.json": (_no_tokenizer_config,
+                                 r"the tokenizer cannot be read \(Exception: Unk token .* not "
+                                 r"found in the vocabulary\); tokenizer_config.json is missing"),
     "no weights": (_no_weights, r"no weights \(model.safetensors or pytorch_model.bin\)"),
     "cliplab.json not JSON": (_bad_cliplab_json, r"cliplab.json: not valid JSON"),
     "not a dual encoder": (_not_a_dual_encoder, r"config.json: model type 'bert' is not a dual"),

@@ -91,6 +91,11 @@ def test_lit_folder_card_warns_that_plain_transformers_differs(tmp_path):
     clip_card = (build_model("tiny-clip", **TINY).save(tmp_path / "clip") / "README.md")
     assert "does not reproduce" not in clip_card.read_text()
     assert 'pipeline("zero-shot-image-classification"' in clip_card.read_text()
+    # a dual encoder pooling as its text model does (a plain transformers one, loaded and
+    # saved) is reproduced there: its card warned all the same and gave a mean-pool recipe
+    lit.text_pooling = "model"
+    card = (lit.save(tmp_path / "pooled") / "README.md").read_text()
+    assert "does not reproduce" not in card and "mean of the text tower" not in card
 
 
 def test_a_lit_folder_resaved_by_transformers_keeps_its_preprocessing_and_warns(tmp_path,

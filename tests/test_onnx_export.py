@@ -9,6 +9,7 @@ import shutil
 import onnx
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cliplab.errors import ModelError
@@ -82,6 +83,29 @@ def test_lit_minilm_mean_pooled_text_tower_equal_pytorch(tmp_path):
     onnx_model = load_onnx(export_onnx(model, tmp_path / "lit"))
     assert onnx_model.text_pooling == "mean"
     _check_equal(model, onnx_model, 28)
+
+
+def test_an_export_opens_in_plain_transformers_as_cliplab_reads_it(tmp_path):
+    """The export had no preprocessor_config.json, and a model not loaded from a cliplab
+    folder (a preset) kept its tokenizer's own model_max_length: lit-minilm's 512, where
+    cliplab truncates at 32 (long texts 0.07 apart in plain onnxruntime)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model = build_model("lit-minilm", layers=1, image_size=32)
+    out = export_onnx(model, tmp_path / "lit")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    long_text = "a photo of a " + "very " * 60 + "nice shirt"
+    assert tokenizer.model_max_length == model.context_length == 32
+    assert tokenizer([long_text], truncation=True)["input_ids"] == \
+        model.tokenize([long_text])["input_ids"].tolist()
+    processor = AutoImageProcessor.from_pretrained(out)
+    pixels = processor(images=[Image.fromarray(_images(1, 48)[0].numpy())],
+                       return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (32, 32)
+    assert (pixels - model.preprocess(_images(1, 48))).abs().max() <= 1.5 / 255 / min(
+        model.preprocess_config.std)
+    # and a re-export over it is still an export's own folder
+    export_onnx(model, out, overwrite=True)
 
 
 def test_int8_export_is_quantized_and_close(tmp_path):

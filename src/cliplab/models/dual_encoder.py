@@ -308,6 +308,15 @@ class DualEncoder(nn.Module):
         return not any(p.requires_grad for p in module.parameters())
 
     # -- persistence --------------------------------------------------------------------------
+    def save_tokenizer(self, path: str | Path) -> None:
+        """The tokenizer in ``path`` as plain transformers should use it: truncating where
+        cliplab does (``model_max_length``), and for SigLIP returning no attention mask."""
+        self.tokenizer.save_pretrained(path)
+        settings: dict = {"model_max_length": self.context_length}
+        if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
+            settings["model_input_names"] = ["input_ids"]
+        _update_tokenizer_config(Path(path), settings)
+
     def save(self, path: str | Path, state_dict: dict | None = None) -> Path:
         """Write a plain HF model folder (safetensors) plus tokenizer, the image processor
         config transformers' pipelines read, a model card and ``cliplab.json``
@@ -327,12 +336,7 @@ class DualEncoder(nn.Module):
             self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         for weights in path.glob("*.safetensors"):  # safetensors writes them owner-only
             as_umask(weights)
-        self.tokenizer.save_pretrained(path)
-        # plain transformers truncates where cliplab does
-        tokenizer_settings = {"model_max_length": self.context_length}
-        if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
-            tokenizer_settings["model_input_names"] = ["input_ids"]
-        _update_tokenizer_config(path, tokenizer_settings)
+        self.save_tokenizer(path)
         write_processor_config(path, self.preprocess_config)
         write_model_card(path, self.kind, self.text_pooling, self.context_length,
                          self.preprocess_config.resize_mode)

@@ -234,7 +234,7 @@ def model_card(kind: str, text_pooling: str, context_length: int,
              "came from).", "",
              "In cliplab: `cliplab eval --model THIS_FOLDER ...` or "
              "`cliplab.models.resolve.load_model(\"THIS_FOLDER\")`.", ""]
-    if text_pooling == "mean" or kind == "vision-text-dual-encoder":
+    if text_pooling == "mean":  # a VTDE pooling as its own model does is reproduced there
         lines += ["## Warning: plain transformers does not reproduce this model", "",
                   "Its text embedding is the **mean of the text tower's token states** "
                   "(sentence-transformers pooling), then the projection. "

@@ -136,7 +136,13 @@ def load_tokenizer(path: Path):
                          "one there with tokenizer.save_pretrained(FOLDER)")
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # one that loads may still fail on first use (a tokenizer.json without its
+            # tokenizer_config.json names no unknown token the vocabulary holds)
+            tokenizer(["a photo"], padding=True, truncation=True)
+            return tokenizer
     except Exception as err:  # the tokenizers library raises plain Exceptions on bad files
-        raise ModelError(f"{path}: the tokenizer cannot be read ({first_line(err)})") \
+        missing = "" if (path / "tokenizer_config.json").is_file() else \
+            "; tokenizer_config.json is missing"
+        raise ModelError(f"{path}: the tokenizer cannot be read ({first_line(err)}){missing}") \
             from None

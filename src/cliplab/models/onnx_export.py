@@ -29,6 +29,7 @@ from cliplab.extras import installed
 from cliplab.file_modes import save_tensors
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.hf_files import PROCESSOR_FILE, write_processor_config
 from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
 
 EXPORT_FILE = "onnx_export.json"
@@ -60,7 +61,8 @@ def external_data_files(folder: Path) -> set[str]:
 
 # a previous ONNX export: what `export_onnx` writes, and nothing else
 ONNX_EXPORT = OutputFiles((EXPORT_FILE,),
-                          TOKENIZER_FILES | {IMAGE_FILE, TEXT_FILE, PROJECTIONS_FILE},
+                          TOKENIZER_FILES | {IMAGE_FILE, TEXT_FILE, PROJECTIONS_FILE,
+                                             PROCESSOR_FILE},
                           more=external_data_files)
 
 
@@ -156,7 +158,10 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 projections[name] = layer.weight.detach().contiguous()
         if projections:
             save_tensors(projections, str(tmp / PROJECTIONS_FILE))
-        model.tokenizer.save_pretrained(tmp)
+        # what plain transformers and onnxruntime users need beside the graphs: the tokenizer
+        # as cliplab tokenizes, the image processor as cliplab preprocesses
+        model.save_tokenizer(tmp)
+        write_processor_config(tmp, model.preprocess_config)
         bias = model.logit_bias
         meta = {"kind": model.kind, "embed_dim": model.embed_dim,
                 "preprocess": model.preprocess_config.to_dict(),
