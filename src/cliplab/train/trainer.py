@@ -205,6 +205,8 @@ class Trainer:
                                  on_trained=on_trained, unfinished=unfinished)
         finally:
             self._restore_flags()
+            if self.run_dir is not None:  # its TensorBoard writer's thread ends with the fit
+                self.run_dir.close()
 
     def _fit(self, data: ImageTextPairs | LabelledImages | StreamBatches,
              resume: str | Path | None, *, replay: ImageTextPairs | None, replay_ratio: float,
