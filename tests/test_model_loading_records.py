@@ -249,3 +249,8 @@ def test_a_run_stopped_before_its_first_step_leaves_nothing_that_blocks_a_new_on
     with pytest.raises(RuntimeError), removed_if_unstarted(run, existed=False):
         raise RuntimeError("refused at its start")
     assert not run.exists()
+    # stopped at its start (Ctrl-C, SIGTERM): each stopped quickstart left a folder behind
+    RunDir(run).write_config({"out": str(run)})
+    with pytest.raises(KeyboardInterrupt), removed_if_unstarted(run, existed=False):
+        raise KeyboardInterrupt
+    assert not run.exists()

@@ -176,11 +176,11 @@ def _record_step(line: str) -> float:
 def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
     """Run the block; if it fails while the run folder ``path`` (made by this command:
     ``existed`` is False) holds nothing but its ``config.yaml`` (and ``start_model.json``),
-    remove the folder, so a run refused at its start (a batch larger than the data, ...) leaves
-    nothing behind."""
+    remove the folder, so a run refused at its start (a batch larger than the data, ...) or
+    stopped there (Ctrl-C, SIGTERM) leaves nothing behind."""
     try:
         yield
-    except Exception:
+    except BaseException:  # a stop too: each Ctrl-C'd quickstart left a folder of its config
         path = Path(path)
         if not existed and path.is_dir() and \
                 {p.name for p in path.iterdir()} <= set(STARTED_FILES):
