@@ -36,6 +36,10 @@ class FakeRay(types.ModuleType):
     def init(self, **options) -> None:
         self.inits.append(options)
 
+    def shutdown(self) -> None:
+        self.shutdowns = getattr(self, "shutdowns", 0) + 1
+        self.initialized = False
+
     def _from_items(self, items, override_num_blocks):
         self.calls.append(("from_items", [i["chunk"] for i in items], override_num_blocks))
         if not items:
@@ -110,6 +114,25 @@ def test_start_ray_reaches_the_address_or_starts_a_local_instance_of_workers_cpu
     monkeypatch.setitem(sys.modules, "ray", started)
     start_ray(head, 4)
     assert started.inits == []
+
+
+def test_a_ray_started_for_a_curation_ends_with_it(monkeypatch):
+    """A curation from Python left its local Ray running after it returned: ten processes,
+    ~1 GB. A Ray the caller started (or connected to) is theirs and stays."""
+    from cliplab.curate.ray_engine import ray_session
+
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    with ray_session("ray"):
+        ray.initialized = True  # as start_ray's ray.init leaves it
+    assert ray.shutdowns == 1
+    theirs = FakeRay(initialized=True)
+    monkeypatch.setitem(sys.modules, "ray", theirs)
+    with pytest.raises(RuntimeError), ray_session("ray"):
+        raise RuntimeError("a step failed")
+    with ray_session("local"):
+        pass
+    assert not hasattr(theirs, "shutdowns") and theirs.is_initialized()
 
 
 def test_start_ray_keeps_cliplabs_sigterm_handler(monkeypatch):

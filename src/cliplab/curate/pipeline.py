@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cliplab.config import changed_key_paths, validate, value_at
 from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
+from cliplab.curate.ray_engine import ray_session
 from cliplab.curate.outputs import write_dropped, write_kept
 from cliplab.curate.pool import Record, read_item
 from cliplab.curate.report import write_report
@@ -86,25 +87,8 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
                       "kept": n_pool - len(dropped), "dropped": len(dropped),
                       "seconds": round(read_seconds, 3)}]
     alive = [np.ones(len(c), dtype=bool) for c in chunks]
-    decisions: list[tuple[str, list[Record], Decision]] = []
-    for index, spec in enumerate(config.steps):
-        name = step_name(spec)
-        folder = f"{index:02d}-{name}"
-        reached = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
-        decision, seconds = _run_step(config, spec, folder, chunks, alive, work, progress)
-        flat = iter(decision.keep)
-        for c in range(len(chunks)):
-            for i in np.flatnonzero(alive[c]):
-                alive[c][i] = next(flat)
-        for i in np.flatnonzero(~decision.keep):
-            score = float(decision.scores[i]) if decision.scores is not None else math.nan
-            dropped.append({"key": reached[i]["key"], "step": name,
-                            "reason": decision.reasons[i], "score": score})
-        summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
-                              "kept": int(decision.keep.sum()),
-                              "dropped": int((~decision.keep).sum()),
-                              "seconds": round(seconds, 3)})
-        decisions.append((name, reached, decision))
+    with ray_session(config.engine):  # a Ray it starts ends with the curation
+        decisions = _run_steps(config, chunks, alive, dropped, summary_steps, work, progress)
 
     kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
     if not kept:
@@ -347,6 +331,33 @@ def _run_relative(value, work: Path):
     if isinstance(value, str) and value.startswith(f"{work}{os.sep}"):
         return str(Path(value).relative_to(work))
     return value
+
+
+def _run_steps(config: CurateConfig, chunks: list[list[Record]], alive: list[np.ndarray],
+               dropped: list[dict], summary_steps: list[dict], work: Path,
+               progress: bool) -> list[tuple[str, list[Record], Decision]]:
+    """Run every step on the items still alive (``alive`` updated in place), adding each drop
+    to ``dropped`` and each step's counts to ``summary_steps``; returns the decisions."""
+    decisions: list[tuple[str, list[Record], Decision]] = []
+    for index, spec in enumerate(config.steps):
+        name = step_name(spec)
+        folder = f"{index:02d}-{name}"
+        reached = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
+        decision, seconds = _run_step(config, spec, folder, chunks, alive, work, progress)
+        flat = iter(decision.keep)
+        for c in range(len(chunks)):
+            for i in np.flatnonzero(alive[c]):
+                alive[c][i] = next(flat)
+        for i in np.flatnonzero(~decision.keep):
+            score = float(decision.scores[i]) if decision.scores is not None else math.nan
+            dropped.append({"key": reached[i]["key"], "step": name,
+                            "reason": decision.reasons[i], "score": score})
+        summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
+                              "kept": int(decision.keep.sum()),
+                              "dropped": int((~decision.keep).sum()),
+                              "seconds": round(seconds, 3)})
+        decisions.append((name, reached, decision))
+    return decisions
 
 
 def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]],

@@ -12,7 +12,8 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,25 @@ def start_ray(address: str | None, workers: int) -> None:
         if ours is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, ours)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextmanager
+def ray_session(engine: str) -> Iterator[None]:
+    """Run the block; a Ray that `start_ray` started in it is shut down at its end (a local
+    instance holds ~1 GB in ten processes after a curation from Python returns); a Ray running
+    before it is the caller's and stays."""
+    ray = None
+    if engine == "ray":
+        try:
+            import ray
+        except ImportError:  # start_ray says what to install
+            pass
+    running = ray is None or ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running and ray.is_initialized():
+            ray.shutdown()
 
 
 # host:port or ray://host:port (Ray's own "auto" and "local" find or start one themselves)
