@@ -512,6 +512,23 @@ def test_a_rate_past_float32_is_one_line_naming_it(tmp_path, pairs):
         "rate never reaches options.train.lr")
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_the_logged_gradient_norm_is_the_gradients_norm_with_or_without_clipping(
+        grad_clip, tmp_path, pairs):
+    """Without clipping (grad_clip 0) every record said grad_norm 0.0."""
+    trainer = Trainer(small_model(), config(steps=1, grad_clip=grad_clip), RunDir(tmp_path))
+    trainer.fit(pairs)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    # the gradients the step applied (left on the parameters), as clipping left them
+    left = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                 for p in trainer.params]))
+    if grad_clip:
+        assert left.item() == pytest.approx(grad_clip, rel=1e-3)
+        assert record["grad_norm"] > 10 * grad_clip  # the norm before clipping
+    else:
+        assert record["grad_norm"] == pytest.approx(left.item(), rel=1e-5) and left > 0
+
+
 def test_log_cadence_modes_and_temperature_floor(tmp_path, pairs):
     """log_every=3 over 7 steps logs steps 3, 6 and the last; trainable layers run in train
     mode, a locked tower's in eval mode (no dropout in what it computes), and the model ends in

@@ -10,6 +10,7 @@ run's precision (embed.py), checkpoints are written and read by checkpoint.py.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -367,11 +368,10 @@ class Trainer:
              for (wd, scale), ps in groups.items()], lr=self.config.lr)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The gradients' global norm, clipped to ``train.grad_clip`` (0: no clipping, norm 0)."""
-        if self.config.grad_clip <= 0:
-            return torch.tensor(0.0)
+        """The gradients' global norm (logged, and checked for NaN), clipped to
+        ``train.grad_clip`` (0: not clipped; it logged a norm of 0 then)."""
         clip = fsdp.clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
-        return clip(self.params, self.config.grad_clip)
+        return clip(self.params, self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
 
     def _train_mode(self) -> None:
         self.model.train()
