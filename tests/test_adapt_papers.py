@@ -29,9 +29,11 @@ from cliplab.models.resolve import load_model
 
 @pytest.fixture(scope="module")
 def base(tiny_lit_run):
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     model = load_model(json.loads((tiny_lit_run / "results.json").read_text())["model_dir"])
-    return model, FeatureCache()
+    yield model, FeatureCache()
+    torch.set_num_threads(threads)  # the tests after this module run as they would alone
 
 
 def adapt(base, method: str, options: dict | None = None) -> dict:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -496,12 +498,17 @@ def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
     steps = [{"step": "basic", "min_words": 4}, {"step": "exact_dedup", "match": "caption"}]
     data = {"source": "shapes", "n": 60, "seed": 1}
     local = run_curation(config(data, steps, chunk_size=16), tmp_path / "local", progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # its session files in a folder of its own, removed after (Ray's default, /tmp/ray, kept
+    # one per run); short, not under tmp_path: Ray's sockets there must fit in 107 bytes
+    sessions = tempfile.mkdtemp(prefix="ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=sessions)
     try:
         remote = run_curation(config(data, steps, chunk_size=16, engine="ray", workers=2),
                               tmp_path / "ray", progress=False)
+        assert ray.is_initialized()  # the caller's own Ray: left running
     finally:
         ray.shutdown()
+        shutil.rmtree(sessions, ignore_errors=True)
     assert local["steps"][1]["dropped"] > 0 and local["steps"][2]["dropped"] > 0
     assert remote["steps"] == [{**s, "seconds": r["seconds"]}
                                for s, r in zip(local["steps"], remote["steps"])]
