@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +44,19 @@ def direct_image_embeddings(model, images: torch.Tensor) -> np.ndarray:
     """Embeddings computed straight from the model (no index code)."""
     with torch.no_grad():
         return model.encode_image(model.preprocess(images)).numpy()
+
+
+def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    """Poll ``url`` until it answers 200 (an AssertionError with the server's stderr if it
+    exits first, or after ``seconds``)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            raise AssertionError(f"cliplab serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"cliplab serve did not answer {url} in {seconds} s")

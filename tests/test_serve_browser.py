@@ -10,13 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.ports import free_port
+from tests.serve_helpers import wait_until_up
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,20 +31,6 @@ def _run(args: list[str], cwd: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "cliplab", *args], capture_output=True,
                             text=True, timeout=1500, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            raise AssertionError(f"cliplab serve exited: {server.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"cliplab serve did not answer {url} in {seconds} s")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +55,7 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_up(url + "api/health", server)
+        wait_until_up(url + "api/health", server)
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 860})

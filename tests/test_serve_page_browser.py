@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from tests.ports import free_port
-from tests.serve_helpers import build, save_tiny_model
-from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS, _wait_until_up
+from tests.serve_helpers import build, save_tiny_model, wait_until_up
+from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -63,7 +63,7 @@ def site(tmp_path_factory):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_up(url, server)
+        wait_until_up(url, server)
         with urllib.request.urlopen(url) as response:  # which page is served (for a check by hand)
             (root / "served.html").write_bytes(response.read())
         ask = urllib.request.Request(url + "api/search?q=photo&k=100", headers={"X-API-Key": KEY})

@@ -9,30 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from cliplab.serve.middleware import BODY_TIMEOUT_S
 from cliplab.serve.run import STOP_GRACE_S
 from tests.ports import free_port
-from tests.serve_helpers import SHAPES, build, save_tiny_model
+from tests.serve_helpers import SHAPES, build, save_tiny_model, wait_until_up
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            raise AssertionError(f"cliplab serve exited: {server.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"cliplab serve did not answer {url} in {seconds} s")
 
 
 def test_a_stop_cuts_an_upload_in_flight_after_the_grace_period(tmp_path):
@@ -45,7 +30,7 @@ def test_a_stop_cuts_an_upload_in_flight_after_the_grace_period(tmp_path):
                               stderr=subprocess.PIPE, text=True)
     upload = None
     try:
-        _wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
+        wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
         upload = socket.create_connection(("127.0.0.1", port))
         upload.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Content-Type: multipart/form-data; boundary=x\r\n"
