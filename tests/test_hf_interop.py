@@ -5,6 +5,8 @@ Images are at the model's size, where both only rescale and normalise, so probab
 to float precision; resized images agree to PIL's uint8 rounding (~1/255), which
 tests/test_model_files_preprocessor.py checks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,27 @@ def test_a_saved_tiny_clip_opens_in_the_single_tower_classes(tmp_path):
         text_want = clip.text_projection(clip.text_model(**tokens).pooler_output)
         assert torch.allclose(vision(pixel_values=pixels).image_embeds, image_want, atol=1e-6)
         assert torch.allclose(text(**tokens).text_embeds, text_want, atol=1e-6)
+
+
+def test_a_processor_file_that_disagrees_with_cliplab_json_is_warned_of(tmp_path):
+    """cliplab read cliplab.json's preprocessing and never looked at the processor file
+    transformers reads: re-saving a processor into the folder gave two models whose image
+    embeddings were 0.2 apart, without a word."""
+    import warnings
+
+    folder = build_model("tiny-clip", **TINY).save(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DualEncoder.load(folder)  # a folder cliplab wrote agrees with itself
+    file = folder / "preprocessor_config.json"
+    raw = json.loads(file.read_text())
+    file.write_text(json.dumps({**raw, "image_std": [0.25, 0.5, 0.5]}))
+    with pytest.warns(UserWarning, match=r"preprocessor_config.json has std \[0.25, 0.5, 0.5\], "
+                                         r"cliplab.json \[0.5, 0.5, 0.5\]: cliplab uses "
+                                         r"cliplab.json's preprocessing"):
+        loaded = DualEncoder.load(folder)
+    assert loaded.preprocess_config.std == (0.5, 0.5, 0.5)  # what the model was trained with
+    file.write_text(json.dumps({**raw, "do_pad": True}))
+    with pytest.warns(UserWarning, match=r"do_pad = true: cliplab's preprocessing cannot do "
+                                         r"this .*saving the model with cliplab writes"):
+        DualEncoder.load(folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from cliplab.file_modes import as_umask
 from cliplab.models.device import resolve_device
 from cliplab.models.finite import finite_embeddings
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
-from cliplab.models.hf_files import (preprocess_from_processor_config, write_model_card,
-                                     write_processor_config)
+from cliplab.models.hf_files import (preprocess_from_processor_config, processor_disagreement,
+                                     write_model_card, write_processor_config)
 from cliplab.models.loading import (MODEL_CLASSES, load_config, load_tokenizer, load_weights,
                                     quiet_transformers)
 from cliplab.models.pooled_towers import (clip_text_pooled, image_pooled,
@@ -374,6 +375,9 @@ class DualEncoder(nn.Module):
         _check_meta(path / CLIPLAB_FILE, meta, model)
         if "preprocess" in meta:
             pre = PreprocessConfig.from_dict(meta["preprocess"], source=str(path / CLIPLAB_FILE))
+            disagreement = processor_disagreement(path, pre)
+            if disagreement:  # e.g. a processor re-saved into the folder the transformers way
+                warnings.warn(disagreement, stacklevel=2)
         else:
             pre = preprocess_from_processor_config(path, config.vision_config.image_size,
                                                    config.model_type)

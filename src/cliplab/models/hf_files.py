@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cliplab.errors import ModelError
+from cliplab.models.folder import CLIPLAB_FILE
 from cliplab.models.preprocess import PreprocessConfig, are_finite_numbers
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -86,6 +87,43 @@ def preprocess_from_processor_config(folder: str | Path, image_size: int,
                 f"it makes {pre.image_size} px images; the model's config.json takes "
                 f"{image_size} px")
     return pre
+
+
+def processor_disagreement(folder: str | Path, pre: PreprocessConfig) -> str | None:
+    """Where the folder's processor file reads images otherwise than ``pre`` (its
+    ``cliplab.json``'s preprocessing, which cliplab uses): a warning naming the first differing
+    field and both files, or None (they agree, there is no processor file, or ``pre`` is a
+    ``longest`` resize, which a processor file can only write as a squash, as its card says)."""
+    found = _processor_dict(Path(folder))
+    if found is None or pre.resize_mode == "longest":
+        return None
+    where, raw = found
+    file = where.rsplit(": ", 1)[0]
+    uses = (f"cliplab uses {CLIPLAB_FILE}'s preprocessing, transformers the processor file's, "
+            "so the two embed images differently")
+    try:
+        theirs = processor_to_preprocess(_image_processor(where, raw), where, raw)
+    except ModelError as err:  # cliplab.json holds what the model was trained with
+        return (f"{err}; {uses}: saving the model with cliplab writes a processor file that "
+                "agrees")
+    key = next((k for k in ("image_size", "mean", "std", "resize_mode", "interpolation")
+                if not _same_setting(getattr(pre, k), getattr(theirs, k))), None)
+    if key is None:
+        return None
+    return (f"{file} has {key} {_setting(getattr(theirs, key))}, {CLIPLAB_FILE} "
+            f"{_setting(getattr(pre, key))}: {uses}; make them agree (without its 'preprocess' "
+            f"record, {CLIPLAB_FILE} leaves the processor file to decide)")
+
+
+def _same_setting(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+    return a == b
+
+
+def _setting(value) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, (tuple, list)) \
+        else str(value)
 
 
 def assumed_preprocessing_note(folder: str | Path, pre: PreprocessConfig, processor: str) -> str:
