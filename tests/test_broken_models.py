@@ -70,3 +70,20 @@ def test_eval_and_index_of_a_broken_model_folder_are_one_line(command, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(BROKEN, err[-1]), err
     assert not (out / "results.json").exists() and not (out / "vectors.npy").exists()
+
+
+def test_a_cached_entry_of_nan_embeddings_is_refused_as_the_model_is(tmp_path, monkeypatch):
+    """A feature cache written before embeddings were checked gave back NaN embeddings,
+    scored as class 0 (the check ran only on a miss)."""
+    from cliplab.evaluate import features
+    from cliplab.evaluate.feature_cache import FeatureCache
+
+    model = broken_model()
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    # the entry as the old code wrote it: NaN embeddings, unchecked
+    monkeypatch.setattr(features, "finite_embeddings", lambda embeddings, what: embeddings)
+    FeatureCache(tmp_path).features(model, images, progress=False)
+    monkeypatch.undo()
+    assert list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ModelError, match=r"^3 of 3 image embeddings are NaN or infinite"):
+        FeatureCache(tmp_path).features(model, images, progress=False)

@@ -23,6 +23,7 @@ from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import image_tower_fingerprint
+from cliplab.models.finite import finite_embeddings
 from cliplab.models.preprocess import to_uint8_batch
 
 
@@ -73,8 +74,9 @@ class FeatureCache:
                 mark_used(file)
                 kind = file.stem.rsplit("-", 1)[1]
                 probe_kind = None if kind == "plain" else kind.rstrip("0123456789")
-                feats = ImageFeatures(tensors["embeddings"], tensors["backbone"],
-                                      tensors.get("probe"), probe_kind)
+                # an entry written before embeddings were checked: the same model's, as broken
+                feats = ImageFeatures(finite_embeddings(tensors["embeddings"], "image"),
+                                      tensors["backbone"], tensors.get("probe"), probe_kind)
                 self.memory.setdefault(key, {})[kind] = feats
                 return feats
         return None

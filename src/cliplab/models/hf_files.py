@@ -259,6 +259,14 @@ def _refuse(where: str, key: str, raw: dict, why: str) -> NoReturn:
     raise ModelError(f"{where}{key} = {shown}: cliplab's preprocessing cannot do this ({why})")
 
 
+# which texts plain transformers tokenizes as cliplab does: the saved tokenizer cannot hold
+# the repair cliplab (as OpenCLIP) makes first
+REPAIR_NOTE = ("that cliplab's repair before tokenizing (OpenCLIP's `ftfy.fix_text` and HTML "
+               "unescaping) leaves as they are: HTML entities, mojibake, curly quotes, "
+               "ligatures and full-width characters are changed by it; "
+               "`html.unescape(html.unescape(ftfy.fix_text(text)))` repairs a text alike")
+
+
 def model_card(kind: str, text_pooling: str, context_length: int,
                resize_mode: str = "shortest") -> str:
     """The saved folder's README: what it is and how to open it outside cliplab."""
@@ -280,29 +288,25 @@ def model_card(kind: str, text_pooling: str, context_length: int,
                   "classification\")`) pools at the first token instead, so texts embedded "
                   "outside cliplab land elsewhere and zero-shot scores there are wrong. "
                   "`from_pretrained` still loads the weights; use cliplab to embed text.", ""]
-        if text_pooling == "mean":
-            lines += ["In plain transformers the text embedding is (equal to cliplab's for "
-                      "texts without HTML entities or damaged Unicode, which cliplab repairs "
-                      "first):", "",
-                      "```python", "import torch",
-                      "from transformers import AutoTokenizer, VisionTextDualEncoderModel",
-                      "model = VisionTextDualEncoderModel.from_pretrained(\"THIS_FOLDER\")",
-                      "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")",
-                      "batch = tokenizer(texts, padding=True, truncation=True, "
-                      "return_tensors=\"pt\")",
-                      "with torch.no_grad():",
-                      "    states = model.text_model(**batch).last_hidden_state",
-                      "    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
-                      "    text_embeds = model.text_projection((states * mask).sum(1) / "
-                      "mask.sum(1))", "```", ""]
+        lines += ["In plain transformers the text embedding is (equal to cliplab's for texts "
+                  f"{REPAIR_NOTE}):", "",
+                  "```python", "import torch",
+                  "from transformers import AutoTokenizer, VisionTextDualEncoderModel",
+                  "model = VisionTextDualEncoderModel.from_pretrained(\"THIS_FOLDER\")",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")",
+                  "batch = tokenizer(texts, padding=True, truncation=True, "
+                  "return_tensors=\"pt\")",
+                  "with torch.no_grad():",
+                  "    states = model.text_model(**batch).last_hidden_state",
+                  "    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
+                  "    text_embeds = model.text_projection((states * mask).sum(1) / "
+                  "mask.sum(1))", "```", ""]
     else:
         lines += ["Outside cliplab it opens as any HF model:", "", "```python",
                   "from transformers import pipeline",
                   "classify = pipeline(\"zero-shot-image-classification\", model=\"THIS_FOLDER\")",
                   "classify(image, candidate_labels=[\"cat\", \"dog\"])", "```", "",
-                  "cliplab repairs a text before tokenizing it, as OpenCLIP does "
-                  "(`ftfy.fix_text`, HTML entities unescaped): a text with `&amp;` or "
-                  "damaged Unicode (mojibake) gets other ids here unless repaired alike.", ""]
+                  f"Scores equal cliplab's for texts {REPAIR_NOTE}.", ""]
         if kind == "siglip":
             lines += ["The pipeline's SigLIP scores are per-label sigmoids (they need not sum "
                       "to 1).", ""]
