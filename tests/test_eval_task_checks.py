@@ -83,8 +83,8 @@ def test_suite_refuses_a_name_that_an_unnamed_task_is_reported_under():
 
 
 def test_zeroshot_refuses_empty_classes():
-    with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'zs'\).classes: List should have "
-                                          r"at least 1 item"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(name 'zs'\).classes: expected at "
+                                          r"least 1 value, got none$"):
         suite_spec([{"name": "zs", "task": "zeroshot", "data": DIGITS, "classes": []}])
 
 
@@ -158,11 +158,12 @@ def test_empty_data_is_one_line_naming_the_task(tiny_model):
      "greater than 0"),
     ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "l2": -1}, "l2", "greater than 0"),
     ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "seeds": []}, "seeds",
-     "at least 1 item"),
+     "expected at least 1 value, got none"),
     ({"task": "few_shot", "train": DIGITS, "test": DIGITS, "methods": []}, "methods",
-     "at least 1 item"),
+     "expected at least 1 value, got none"),
     ({"task": "retrieval", "data": DIGITS, "ks": [0]}, r"ks.0", "greater than 0"),
-    ({"task": "retrieval", "data": DIGITS, "ks": []}, "ks", "at least 1 item"),
+    ({"task": "retrieval", "data": DIGITS, "ks": []}, "ks",
+     "expected at least 1 value, got none"),
 ])
 def test_task_values_out_of_range_are_refused(task, key, message):
     with pytest.raises(ConfigError, match=rf"^suite.yaml: tasks\[0\].{key}: .*{message}"):
