@@ -139,7 +139,7 @@ def load_tokenizer(path: Path):
             tokenizer = AutoTokenizer.from_pretrained(path)
             # one that loads may still fail on first use (a tokenizer.json without its
             # tokenizer_config.json names no unknown token the vocabulary holds)
-            tokenizer(["a photo"], padding=True, truncation=True)
+            tokenizer(["a photo"], truncation=True)
             return tokenizer
     except Exception as err:  # the tokenizers library raises plain Exceptions on bad files
         missing = "" if (path / "tokenizer_config.json").is_file() else \
