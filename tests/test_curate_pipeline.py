@@ -498,8 +498,8 @@ def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
     steps = [{"step": "basic", "min_words": 4}, {"step": "exact_dedup", "match": "caption"}]
     data = {"source": "shapes", "n": 60, "seed": 1}
     local = run_curation(config(data, steps, chunk_size=16), tmp_path / "local", progress=False)
-    # its session files in a folder of its own, removed after (Ray's default, /tmp/ray, kept
-    # one per run); short, not under tmp_path: Ray's sockets there must fit in 107 bytes
+    # its session files in a folder of its own, removed after (Ray's default temporary folder
+    # kept one per run); short, not under tmp_path: Ray's sockets there must fit in 107 bytes
     sessions = tempfile.mkdtemp(prefix="ray-")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=sessions)
     try:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from cliplab.config import validate
 from cliplab.errors import ConfigError, TrainingDiverged
+from cliplab.models.finite import all_finite
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, gradients_on
@@ -108,7 +109,7 @@ def _refuse_diverged(loss: float, params: list[torch.nn.Parameter], desc: str, s
                      lr: float, weight_decay: float) -> None:
     """Stop (one line naming the options) once a step's loss or the weights it left are NaN or
     infinite: the adapter would be saved and scored as class 0 everywhere."""
-    if math.isfinite(loss) and all(bool(torch.isfinite(p.detach()).all()) for p in params):
+    if math.isfinite(loss) and bool(all_finite(params)):  # one sync, not one per parameter
         return
     # a decoupled decay of lr·wd ≥ 1 flips or zeroes every weight each step
     decay = f", options.weight_decay {weight_decay:g}" if lr * weight_decay >= 1 else ""

@@ -24,6 +24,7 @@ from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import ConfigError, InputError, TrainingDiverged
 from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
+from cliplab.models.finite import all_finite
 from cliplab.models.precision import resolve_precision
 from cliplab.runs import CHECKPOINTS, RunDir
 from cliplab.train import checkpoint, distributed, fsdp
@@ -310,9 +311,8 @@ class Trainer:
 
     def _weights_finite(self) -> torch.Tensor:
         """Whether every trained weight (this rank's shards) is finite: one bool tensor."""
-        local = (p.to_local() if fsdp.is_sharded(p) else p for p in self.params)
-        return torch.stack([torch.isfinite(w.detach()).all().to(self.device)
-                            for w in local]).all()
+        return all_finite(p.to_local() if fsdp.is_sharded(p) else p
+                          for p in self.params).to(self.device)
 
     def _refuse_diverged(self, diverged: torch.Tensor, checked: int) -> None:
         """Stop the run (every rank alike) if a step since step ``checked`` had a NaN or
