@@ -18,6 +18,7 @@ from cliplab.models import build_model
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.resolve import load_model
 from tests.image_folders import pets_folder
+from tests.warned import warned
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_few_shot_split_is_disjoint_and_seeded():
     assert not any(bytes(x.numpy()) in rest_rows for x in val.images)
 
 
-def test_a_separate_validation_set_is_what_the_search_sees(model_dir, capsys):
+def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
     """``data.val``: the search's validation split comes from that set (``val_shots`` per
     class of it), never from the shots' pool."""
     from cliplab.adapt.run import run_adapt
@@ -100,27 +101,26 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, capsys):
     for method, options, told in (
             ("tip-adapter", {}, " (val_shots=3) go unused\n"),
             ("linear-probe", {}, " (val_shots=3) go unused\n")):
-        capsys.readouterr()
+        warned(recwarn)
         run_adapt({**cfg, "method": method, "options": options, "data": {
             k: v for k, v in cfg["data"].items() if k != "val"}},
             model=load_model(model_dir), progress=False, write=False)
-        assert capsys.readouterr().err == (f"adapt: warning: {method} chooses nothing on a "
-                                           f"validation split with these options, so its 30 "
-                                           f"images{told}")
+        assert warned(recwarn) == (f"adapt: {method} chooses nothing on a validation split "
+                                   f"with these options, so its 30 images{told}")
     res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0},
                     model=load_model(model_dir), progress=False, write=False)
-    assert capsys.readouterr().err == (
-        "adapt: warning: linear-probe chooses nothing on a validation split with these "
+    assert warned(recwarn) == (
+        "adapt: linear-probe chooses nothing on a validation split with these "
         f"options, so its {res['val_size']} images (data.val) go unused\n")
     res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0, "data": {
         k: v for k, v in cfg["data"].items() if k != "val"}},
         model=load_model(model_dir), progress=False, write=False)
-    assert capsys.readouterr().err == (
-        "adapt: warning: linear-probe chooses nothing on a validation split with these "
+    assert warned(recwarn) == (
+        "adapt: linear-probe chooses nothing on a validation split with these "
         "options, so its 30 images (val_shots=3) go unused, and are not trained on either; "
         "set val_shots=0\n") and res["train_size"] == len(load_digits("train")) - 30
     run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)  # it searches
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""
     with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
                        "classes in the same order; class 0 is 'zero' in data.train but "
                        "'t-shirt' in data.val"):
@@ -278,7 +278,8 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
     assert main(["adapt", "--method", "linear-probe", *data, "shots=5",
                  "--out", str(tmp_path / "short")]) == 0
     told = capsys.readouterr()
-    assert ("adapt: warning: 2 class(es) have fewer than shots=5 training images and train on "
+    assert ("cliplab: warning: adapt: 2 class(es) have fewer than shots=5 training images and "
+            "train on "
             "what they have (cat=3, dog=3)") in told.err
     # and recorded: results.json said 5 per class of every class
     results = json.loads((tmp_path / "short" / "results.json").read_text())
@@ -289,8 +290,9 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
         assert main(["adapt", "--method", "linear-probe", *data, *val, "shots=1", "val_shots=4",
                      "--out", str(tmp_path / f"val{len(val)}")]) == 0
         left = 2 if not val else 3  # one shot of each class is not drawn for validation
-        assert (f"adapt: warning: 2 class(es) have fewer than val_shots=4 validation images and "
-                f"validate on what they have (cat={left}, dog={left})") in capsys.readouterr().err
+        assert (f"cliplab: warning: adapt: 2 class(es) have fewer than val_shots=4 validation "
+                f"images and validate on what they have (cat={left}, dog={left})"
+                ) in capsys.readouterr().err
 
 
 
@@ -694,12 +696,12 @@ def test_a_search_grid_outside_its_options_range_is_refused(method, options, sai
         method_options(get_method(method).Options, options, method)
 
 
-def test_a_few_shot_warmup_longer_than_the_run_is_warned_of(capsys):
+def test_a_few_shot_warmup_longer_than_the_run_is_warned_of(recwarn):
     """The loop shortened it without a word, where the Trainer warns."""
     from cliplab.adapt.training import train_steps
 
     weight = torch.nn.Parameter(torch.zeros(2))
     train_steps([weight], lambda idx: (weight - 1).pow(2).sum(), n=8, epochs=2, batch_size=4,
                 lr=0.1, warmup=10, progress=False, desc="coop")
-    assert "coop: warning: options.warmup=10 steps is longer than the run (4 steps" \
-        in capsys.readouterr().err
+    assert warned(recwarn).startswith("coop: options.warmup=10 steps is longer than the run "
+                                      "(4 steps")

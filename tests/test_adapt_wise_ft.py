@@ -20,6 +20,7 @@ from cliplab.adapt.wise_ft import Options, best_alpha, interpolate, wise_ft_swee
 from cliplab.data.digits import load_digits
 from cliplab.errors import ConfigError, InputError, ModelError
 from tests.tiny_models import small_model
+from tests.warned import warned
 
 
 
@@ -161,7 +162,7 @@ def test_the_saved_best_model_is_the_interpolation_at_the_chosen_alpha(tmp_path)
 
 
 def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_path,
-                                                                         monkeypatch, capsys):
+                                                                         monkeypatch, recwarn):
     import cliplab.adapt.wise_ft as wise_ft
 
     real_sweep = wise_ft.wise_ft_sweep
@@ -180,7 +181,7 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
     small_model().save(tmp_path / "base")
     cfg = {**CFG, "val_shots": 5, "options": {**CFG["options"], "val_shift": "invert"}}
     res = run(str(tmp_path / "base"), cfg, tmp_path / "out")
-    assert "may have trained on" not in capsys.readouterr().err  # it trained on the rest
+    assert "may have trained on" not in warned(recwarn)  # it trained on the rest
     assert seen == [(False, ["shifted", "test"]), (True, ["shifted", "test"])]
     assert res["best_alpha"] == 0.0 and res["selected_on"] == "validation + invert"
     assert res["test"] == res["sweep"][0]["test"] and res["test"]["acc1"] == 0.0
@@ -198,18 +199,18 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
         "  best alpha 1, chosen on the reported sets (val_shots=0), so its numbers are "
         "optimistic")
     # select=shifted with a validation split but no shifted copy of it: said, not silent
-    capsys.readouterr()
+    warned(recwarn)
     shiftless = run(str(tmp_path / "base"), {**cfg, "options": {
         "alphas": [0, 0.5, 1], "finetuned": res["finetuned"], "select": "shifted"}},
         tmp_path / "shiftless")
     assert shiftless["selected_by"] == "test (select=shifted, but no shifted set to choose on)"
-    err = capsys.readouterr().err
-    assert ("wise-ft: warning: select=shifted, but there is no shifted set to choose α on "
+    err = warned(recwarn)
+    assert ("wise-ft: select=shifted, but there is no shifted set to choose α on "
             "(options.val_shift makes one of the validation split); test accuracy chose it"
             ) in err
     # a validation split drawn from data.train, beside a fine-tune that may have trained on it
-    assert ("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
-            "the given fine-tune (options.finetuned) may have trained on") in err
+    assert ("adapt: the validation split (val_shots) is drawn from data.train, which the "
+            "given fine-tune (options.finetuned) may have trained on") in err
     with pytest.raises(ConfigError, match="unknown shift 'fog'"):
         run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
     # val_shift without a validation split shifted nothing, silently

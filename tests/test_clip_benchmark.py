@@ -12,6 +12,7 @@ from cliplab.data.types import source_keys
 from cliplab.errors import DataError
 from cliplab.evaluate.features import encode_images
 from tests.tar_files import png_bytes, write_tar
+from tests.warned import warned
 
 
 
@@ -106,16 +107,16 @@ def test_class_labels_without_classnames_say_so(classification_folder, capsys):
         load_clip_benchmark(root, progress=False)
 
 
-def test_default_templates_are_told(classification_folder, capsys):
+def test_default_templates_are_told(classification_folder, recwarn):
     """CLIP_benchmark prompts a set without a template file with its own per-dataset
     templates; cliplab's default gives other numbers, so it says which it used."""
     root, _ = classification_folder
     load_clip_benchmark(root, progress=False)
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""
     (root / "zeroshot_classification_templates.txt").unlink()
     assert load_clip_benchmark(root, progress=False).templates == ["a photo of a {}."]
-    assert capsys.readouterr().err == (
-        f"clip-benchmark {root}: warning: no zeroshot_classification_templates.txt; zero-shot "
+    assert warned(recwarn) == (
+        f"clip-benchmark {root}: no zeroshot_classification_templates.txt; zero-shot "
         "prompts use the default template 'a photo of a {}.'\n")
 
 

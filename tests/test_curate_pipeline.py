@@ -27,6 +27,7 @@ from cliplab.curate.steps import registry
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.collection import iter_items
 from cliplab.errors import CliplabError, ConfigError, DataError
+from tests.warned import warned
 
 
 class BrightSpec(StepSpecBase):
@@ -569,7 +570,7 @@ def test_a_decontamination_report_shows_both_images_and_paths_outlive_the_rename
     assert re.search(r"\| shapes#0 \| .* \| eval_sets\\\[0\\\]:shapes#0 \| — \| 0 \|", md)
 
 
-def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, capsys):
+def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, recwarn):
     """A step that drops everything leaves later steps with 0 items: the run still finishes,
     with every output written and the shards a valid set of 0 samples."""
     folder = make_folder(tmp_path / "pool", VALUES)
@@ -587,7 +588,7 @@ def test_a_step_no_item_reaches_runs_and_writes_an_empty_output(tmp_path, capsys
     assert json.loads((out / "shards/index.json").read_text())["total"] == 0
     assert list(iter_items({"source": "shards", "path": str(out / "shards")},
                            progress=False)) == []
-    assert "warning: nothing was kept: bright dropped the last 9 item(s)" in capsys.readouterr().err
+    assert "curate: nothing was kept: bright dropped the last 9 item(s)" in warned(recwarn)
 
 
 def test_the_last_step_dropping_everything_writes_an_empty_shard_set(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import AutoProcessor, pipeline
 
 from cliplab.models import DualEncoder, build_model
+from tests.warned import warned
 
 LABELS = ["red circle", "blue square", "three green triangles"]
 TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis template
@@ -101,7 +102,7 @@ def test_lit_folder_card_warns_that_plain_transformers_differs(tmp_path):
 
 
 def test_a_lit_folder_resaved_by_transformers_keeps_its_preprocessing_and_warns(tmp_path,
-                                                                                capsys):
+                                                                                recwarn):
     """transformers' processor.save_pretrained writes processor_config.json (the image
     processor nested in it) and no cliplab.json: the normalisation is still read, and the
     lost text pooling is told, not silently replaced."""
@@ -114,13 +115,13 @@ def test_a_lit_folder_resaved_by_transformers_keeps_its_preprocessing_and_warns(
     AutoModel.from_pretrained(folder).save_pretrained(resaved)
     AutoProcessor.from_pretrained(folder).save_pretrained(resaved)
     assert not (resaved / "preprocessor_config.json").exists()  # what the fallback is for
-    capsys.readouterr()
+    warned(recwarn)
     again = DualEncoder.load(resaved)
     assert again.preprocess_config.mean == (0.1, 0.2, 0.3)
     assert again.text_pooling == "model"
-    assert "has no cliplab.json" in capsys.readouterr().err
+    assert "has no cliplab.json" in warned(recwarn)
     DualEncoder.load(folder)  # cliplab's own folder: no warning
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""
 
 
 def test_a_saved_tiny_clip_opens_in_the_single_tower_classes(tmp_path):

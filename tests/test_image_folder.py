@@ -8,6 +8,7 @@ from PIL import Image
 from cliplab.data.image_folder import load_image_folder
 from cliplab.data.sources import load_source
 from cliplab.errors import DataError
+from tests.warned import warned
 
 
 def _write(path, array):
@@ -122,7 +123,7 @@ def test_folder_errors_name_the_path(tmp_path, folder):
         load_image_folder(tmp_path / "bad", progress=False)
 
 
-def test_a_class_folder_without_readable_images_is_told(folder, capsys):
+def test_a_class_folder_without_readable_images_is_told(folder, recwarn):
     """An empty class folder stays a class (a zero-shot candidate) but is named on stderr:
     nothing of it is scored or learnt (eval ran over it without a word)."""
     (folder / "empty_class").mkdir()
@@ -131,7 +132,7 @@ def test_a_class_folder_without_readable_images_is_told(folder, capsys):
     data = load_image_folder(folder, progress=False)
     assert data.classnames[:2] == ["broken class", "empty class"]
     assert "2 class folder(s) hold no readable image: broken_class, empty_class" in \
-        capsys.readouterr().err
+        warned(recwarn)
 
 
 def test_linked_folders_uppercase_captions_and_jpe_files_count_the_same_in_both_readers(
@@ -256,19 +257,19 @@ def test_class_names_and_templates_saved_with_a_byte_order_mark_read_as_written(
     assert data.classnames == ["dog"] and data.templates == ["a photo of a {}."]
 
 
-def test_class_folders_sharing_a_name_are_warned_about(folder, capsys):
+def test_class_folders_sharing_a_name_are_warned_about(folder, recwarn):
     """`a_b/` and `a b/` (or WordNet's two "crane"s in classnames.txt) passed silently: two
     identical zero-shot prompts, the second class never winning."""
     (folder / "tabby cat").mkdir()
     _write(folder / "tabby cat" / "d.png", np.zeros((8, 8, 3), np.uint8))
     data = load_image_folder(folder, image_size=4, progress=False)
     assert data.classnames == ["golden retriever", "tabby cat", "tabby cat"]
-    err = capsys.readouterr().err
-    assert "warning: 1 class name(s) name several class folders ('tabby cat': tabby cat, " \
+    err = warned(recwarn)
+    assert ": 1 class name(s) name several class folders ('tabby cat': tabby cat, " \
            "tabby_cat): zero-shot cannot tell them apart" in err
     (folder / "classnames.txt").write_text("dog\ncat\nkitten\n")
     load_image_folder(folder, image_size=4, progress=False)
-    assert "several class folders" not in capsys.readouterr().err
+    assert "several class folders" not in warned(recwarn)
 
 
 def test_the_link_rule_keeps_a_class_folders_own_sub_folders_whatever_links_beside(tmp_path):

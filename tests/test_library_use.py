@@ -219,3 +219,37 @@ def test_dropout_draws_from_the_training_seed(tmp_path):
     again, other = trained(0), trained(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_warnings_are_python_warnings_a_script_can_record_or_silence(tmp_path, capsys):
+    """Eighteen of cliplab's warnings were printed to stderr: a notebook could neither silence
+    them nor a test record them. Each is a CliplabWarning; the command line prints it on one
+    line as ``cliplab: warning: ...``."""
+    import warnings
+
+    from PIL import Image
+
+    from cliplab import CliplabWarning
+    from cliplab.cli import main
+    from cliplab.data.image_folder import load_image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pets" / "cat" / "a.png")
+    told = "image folder {}: 1 class folder(s) hold no readable image: dog"
+    with pytest.warns(CliplabWarning) as caught:
+        load_image_folder(tmp_path / "pets", progress=False)
+    assert [str(w.message) for w in caught] == [told.format(tmp_path / "pets")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CliplabWarning)
+        load_image_folder(tmp_path / "pets", progress=False)
+    assert capsys.readouterr().err == ""  # nothing printed past the filter
+
+    model = save_tiny_model(tmp_path / "model")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks:\n  - {{name: pets, task: zeroshot, data: {{source: image-folder, "
+                     f"path: '{tmp_path / 'pets'}'}}}}\n", encoding="utf-8")
+    assert main(["eval", "--model", str(model), "--config", str(suite), "--no-progress",
+                 "--out", str(tmp_path / "eval")]) == 0
+    err = capsys.readouterr().err
+    assert f"cliplab: warning: {told.format(tmp_path / 'pets')}\n" in err, err

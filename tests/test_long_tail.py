@@ -15,6 +15,7 @@ from cliplab.evaluate.long_tail import log_linear_fit, long_tail_analysis, narro
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
+from tests.warned import warned
 
 
 @pytest.mark.parametrize("concept,text,hit", [
@@ -77,7 +78,7 @@ def test_exactly_one_decade_is_wide_enough_for_no_warning():
     assert narrow_span_warning("lt", fit) is None
     narrower = log_linear_fit([1, 9, 1, 9], [0.2, 0.5, 0.3, 0.4])
     assert narrow_span_warning("lt", narrower).startswith(
-        "lt: warning: the classes' training frequencies span 0.95 decade(s)")
+        "lt: the classes' training frequencies span 0.95 decade(s)")
 
 
 def test_long_tail_analysis_keeps_zero_frequency_apart():
@@ -89,7 +90,7 @@ def test_long_tail_analysis_keeps_zero_frequency_apart():
     assert out["per_class"]["a"] == {"acc1": 0.9, "frequency": 100}
 
 
-def test_suite_long_tail_task(tmp_path, tiny_model, capsys):
+def test_suite_long_tail_task(tmp_path, tiny_model, recwarn):
     (tmp_path / "train.csv").write_text(
         "image,caption\nx.png,a red circle\ny.png,two red squares\nz.png,a blue cross\n"
         "w.png,a green thing\n")  # images are never opened: only captions are counted
@@ -113,8 +114,8 @@ def test_suite_long_tail_task(tmp_path, tiny_model, capsys):
     # frequencies 2, 1, 1 span log10(2) = 0.30 decade: the slope is told to say little
     fit = out["fit"]
     assert fit["decades"] == pytest.approx(math.log10(2))
-    assert capsys.readouterr().err.splitlines() == [
-        "lt: warning: the classes' training frequencies span 0.30 decade(s), so the log-linear "
+    assert warned(recwarn).splitlines() == [
+        "lt: the classes' training frequencies span 0.30 decade(s), so the log-linear "
         f"slope ({fit['slope']:+.3f} ± {fit['slope_stderr']:.3f} per decade) "
         "says little; a long-tail fit needs frequencies over orders of magnitude"]
     with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'lt2'\): concepts: 1 concepts for "

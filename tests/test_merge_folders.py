@@ -20,6 +20,7 @@ from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 from cliplab.runs import latest_checkpoint
 from tests.hub_cache import hub_cache
 from tests.image_folders import pets_folder
+from tests.warned import warned
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
             context_length=32)
@@ -625,7 +626,7 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
     ("some", "only 1 of the 2 models carry one"),
     ("classes", "they are heads of different classes"),
     ("stock", "model-stock combines task vectors of the towers only")])
-def test_heads_a_merge_cannot_average_are_warned_of(family, tmp_path, capsys, case, why):
+def test_heads_a_merge_cannot_average_are_warned_of(family, tmp_path, recwarn, case, why):
     _, base, fts = family
     first = _with_head(fts[0], tmp_path / "h0", 0)
     second = {"some": lambda: fts[1], "stock": lambda: _with_head(fts[1], tmp_path / "h1", 1),
@@ -636,8 +637,8 @@ def test_heads_a_merge_cannot_average_are_warned_of(family, tmp_path, capsys, ca
     if case == "stock":
         cfg["base"] = str(base)
     run_merge(cfg, progress=False)
-    assert capsys.readouterr().err.strip() == (
-        f"merge: warning: models carry a classifier head (head.safetensors, e.g. {first}) that "
+    assert warned(recwarn).strip() == (
+        f"merge: models carry a classifier head (head.safetensors, e.g. {first}) that "
         f"is not merged ({why}): the merged folder has none, and held-out scores use the "
         "zero-shot text head")
     assert not (tmp_path / "o" / "head.safetensors").exists()

@@ -21,6 +21,7 @@ from cliplab.models.tokenizer import byte_level_tokenizer
 from cliplab.runs import RunDir, check_no_foreign_files, removed_if_unstarted
 from cliplab.train.pretrain import run_pretrain
 from tests.tiny_models import bare_siglip, small_model, tiny_clip_config
+from tests.warned import warned
 
 PRESET = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                              "layers": 1, "heads": 2, "embed_dim": 16,
@@ -96,12 +97,12 @@ def _plain_vtde(folder: Path) -> Path:
     return folder
 
 
-def test_the_vtde_warning_says_what_the_folder_lacks_and_what_is_assumed(tmp_path, capsys):
+def test_the_vtde_warning_says_what_the_folder_lacks_and_what_is_assumed(tmp_path, recwarn):
     folder = _plain_vtde(tmp_path / "vtde")
-    capsys.readouterr()
+    warned(recwarn)
     assert DualEncoder.load(folder).text_pooling == "model"
-    err = capsys.readouterr().err
-    assert err.startswith(f"cliplab: warning: {folder} has no cliplab.json: assuming "
+    err = "".join(line for line in warned(recwarn).splitlines(True) if "text_pooling" in line)
+    assert err.startswith(f"{folder} has no cliplab.json: assuming "
                           "text_pooling 'model'")
     assert "lost" not in err  # it never had one
     assert "copy its cliplab.json back" in err and err.count("\n") == 1
@@ -109,8 +110,8 @@ def test_the_vtde_warning_says_what_the_folder_lacks_and_what_is_assumed(tmp_pat
     (folder / "cliplab.json").write_text(json.dumps({"base": {"path": None,
                                                               "fingerprint": "0" * 32}}))
     DualEncoder.load(folder)
-    err = capsys.readouterr().err
-    assert err.startswith(f"cliplab: warning: {folder / 'cliplab.json'} sets no text_pooling: "
+    err = warned(recwarn)
+    assert err.startswith(f"{folder / 'cliplab.json'} sets no text_pooling: "
                           "assuming text_pooling 'model'")
 
 

@@ -24,6 +24,7 @@ from cliplab.train.schedule import warmup_cosine
 from cliplab.train.trainer import Trainer
 from tests.cli_output import folder_tree as tree
 from tests.tiny_models import small_model
+from tests.warned import warned
 
 MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
@@ -342,15 +343,15 @@ def test_a_warmup_under_one_is_a_fraction_of_the_run(tmp_path):
     assert lrs == pytest.approx([3e-3 * warmup_cosine(s, 4, 2) for s in range(4)], rel=1e-9)
 
 
-def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
+def test_a_warmup_longer_than_the_run_is_told(tmp_path, recwarn):
     """warmup=100 of a 4-step run trained at 1-4% of train.lr without a word."""
     run_pretrain(recipe(tmp_path / "long", warmup=100), progress=False)
-    err = capsys.readouterr().err
-    assert "train: warning: train.warmup=100 steps is longer than the run (4 steps), so the " \
+    err = warned(recwarn)
+    assert "train: train.warmup=100 steps is longer than the run (4 steps), so the " \
            "rate never reaches train.lr (it peaks at 4% of it)" in err
     assert err.count("\n") == 1
     run_pretrain(recipe(tmp_path / "fits", warmup=4), progress=False)
-    assert "warning" not in capsys.readouterr().err
+    assert warned(recwarn) == ""
     from cliplab.train.schedule import warmup_warning
 
     assert warmup_warning(4, 4) is None  # the last step runs at the full rate
@@ -359,7 +360,7 @@ def test_a_warmup_longer_than_the_run_is_told(tmp_path, capsys):
 
 
 def test_ranks_are_checked_before_any_loading_and_warned_from_rank_0(tmp_path, monkeypatch,
-                                                                      capsys):
+                                                                      recwarn):
     """As rank 1 of 2: a global batch the ranks cannot share is refused before the data loads
     (it was found after data, model and eval sets), and the eval_every warning is rank 0's
     alone (it was checked before the ranks were known, so every rank printed it)."""
@@ -375,11 +376,11 @@ def test_ranks_are_checked_before_any_loading_and_warned_from_rank_0(tmp_path, m
     with pytest.raises(ConfigError, match=r"^train.batch_size=33 must divide evenly over 2 "
                        "ranks$"):
         run_pretrain(recipe(tmp_path / "run", batch_size=33, eval_every=2), progress=False)
-    assert "eval_every" not in capsys.readouterr().err
+    assert "eval_every" not in warned(recwarn)
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     with pytest.raises(ConfigError, match="must divide evenly"):
         run_pretrain(recipe(tmp_path / "run", batch_size=33, eval_every=2), progress=False)
-    assert "train.eval_every=2 has no eval: suite to run" in capsys.readouterr().err
+    assert "train.eval_every=2 has no eval: suite to run" in warned(recwarn)
     assert not (tmp_path / "run").exists()
     # the loading bars (read shards, encode captions) are rank 0's alone: each rank drew them
     shown = {}

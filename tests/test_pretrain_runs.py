@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from cliplab.errors import ConfigError
 from cliplab.models import DualEncoder
 from cliplab.train.pretrain import run_pretrain
+from tests.warned import warned
 
 MODEL = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                             "layers": 1, "heads": 2, "embed_dim": 16,
@@ -179,7 +180,7 @@ def test_resume_refuses_a_complete_run_and_a_changed_config_and_redoes_later_rec
 
 
 def test_a_resume_where_auto_resolves_otherwise_says_so_and_records_both(tmp_path,
-                                                                         monkeypatch, capsys):
+                                                                         monkeypatch, recwarn):
     """train.precision auto on another device (a GPU, a CPU without bf16 units) runs the rest
     of a run in another precision: said, and results.json keeps both (it kept the last)."""
     from cliplab.models import precision
@@ -188,10 +189,10 @@ def test_a_resume_where_auto_resolves_otherwise_says_so_and_records_both(tmp_pat
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
     run_pretrain(recipe(out, precision="auto", save_every=2, steps=2), progress=False)
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
-    capsys.readouterr()
+    warned(recwarn)
     results = run_pretrain(recipe(out, precision="auto", save_every=2, steps=4),
                            resume="latest", progress=False)
-    assert "the steps up to 2 ran in bf16, the rest runs in fp32" in capsys.readouterr().err
+    assert "the steps up to 2 ran in bf16, the rest runs in fp32" in warned(recwarn)
     assert results["precision"] == "fp32" and results["resumed_from"]["precision"] == "bf16"
     # stopped during its final evaluation: the resume runs no step, so every step ran in the
     # checkpoint's precision
@@ -199,13 +200,13 @@ def test_a_resume_where_auto_resolves_otherwise_says_so_and_records_both(tmp_pat
     monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
     results = run_pretrain(recipe(out, precision="auto", save_every=2, steps=4),
                            resume="latest", progress=False)
-    assert "ran in" not in capsys.readouterr().err and results["precision"] == "fp32"
+    assert "ran in" not in warned(recwarn) and results["precision"] == "fp32"
 
 
-def test_eval_every_without_an_eval_suite_says_so(tmp_path, capsys):
+def test_eval_every_without_an_eval_suite_says_so(tmp_path, recwarn):
     cfg = {**recipe(tmp_path / "run", eval_every=2), "eval": None}
     run_pretrain(cfg, progress=False)
-    assert "train.eval_every=2 has no eval: suite" in capsys.readouterr().err
+    assert "train.eval_every=2 has no eval: suite" in warned(recwarn)
     assert not [r for r in records(tmp_path / "run") if any(k.startswith("eval/") for k in r)]
 
 

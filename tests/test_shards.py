@@ -15,6 +15,7 @@ from cliplab.data.sources import as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
 from tests.tar_files import png_bytes, write_tar
+from tests.warned import warned
 
 
 @pytest.fixture(scope="module")
@@ -367,17 +368,17 @@ def test_drop_last_and_batches_per_rank(shard_dir):
         assert len(batches) == expected and all(len(b["key"]) == 4 for b in batches)
 
 
-def test_drop_last_with_streams_smaller_than_a_batch_says_so(shard_dir, capsys):
+def test_drop_last_with_streams_smaller_than_a_batch_says_so(shard_dir, recwarn):
     """Each worker batches its own stream: when every stream is smaller than a batch,
     drop_last yields nothing, and a line on stderr says why (it was silent)."""
     stream = ShardStream(shard_dir, seed=2, rank=0, world_size=1)
     most = max(stream.stream_sample_counts(2)[0])
     loader = ShardLoader(stream, batch_size=most + 1, num_workers=2, drop_last=True)
     assert _batches(loader) == [] and loader.batches_per_rank() == [0]
-    assert "fewer than batch_size" in capsys.readouterr().err
+    assert "fewer than batch_size" in warned(recwarn)
     _batches(ShardLoader(ShardStream(shard_dir, seed=2, rank=0, world_size=1),
                          batch_size=most, num_workers=2, drop_last=True))
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""
 
 
 # ---- corrupt samples ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cliplab.train.step_batch import StepBatch
 from cliplab.train.step_inputs import MemoryInputs
 from cliplab.train.trainer import Trainer
 from tests.tiny_models import small_model
+from tests.warned import warned
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +319,7 @@ def test_pretrain_prints_counts_as_integers_and_metrics_to_three_decimals(monkey
     assert "compositional/attribute_swap=0.568, compositional/n=100\n" in out
 
 
-def test_a_micro_batch_not_below_a_ranks_share_is_told(monkeypatch, capsys):
+def test_a_micro_batch_not_below_a_ranks_share_is_told(monkeypatch, recwarn):
     """Over ranks each embeds batch_size / world: a micro-batch that large splits nothing
     there (it passed silently); rank 0 says so once."""
     from cliplab.train import trainer as trainer_module
@@ -326,8 +327,8 @@ def test_a_micro_batch_not_below_a_ranks_share_is_told(monkeypatch, capsys):
     monkeypatch.setattr(trainer_module.distributed, "world_size", lambda: 2)
     monkeypatch.setattr(trainer_module.distributed, "rank", lambda: 0)
     Trainer(small_model(), config(batch_size=8, micro_batch_size=4))
-    assert capsys.readouterr().err == (
-        "train: warning: train.micro_batch_size=4 is not below a rank's share of the batch "
+    assert warned(recwarn) == (
+        "train: train.micro_batch_size=4 is not below a rank's share of the batch "
         "(4 = 8 over 2 ranks): nothing is split, each step only embeds twice\n")
     Trainer(small_model(), config(batch_size=8, micro_batch_size=3))
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""

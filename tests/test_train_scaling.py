@@ -15,6 +15,7 @@ from cliplab.runs import RunDir
 from cliplab.train.frozen_features import image_backbone_features, text_backbone_features
 from cliplab.train.trainer import TrainConfig, Trainer
 from tests.tiny_models import small_model as _one_block_model
+from tests.warned import warned
 
 
 def small_model(seed=0, **kw):
@@ -167,22 +168,22 @@ def test_siglip_loss_and_a_heads_loss_leave_a_released_siglips_temperature_alone
     assert model.logit_scale.item() == before  # untrained, unchanged
 
 
-def test_the_clip_loss_on_a_siglip_model_says_it_leaves_the_bias_untrained(pairs, capsys):
+def test_the_clip_loss_on_a_siglip_model_says_it_leaves_the_bias_untrained(pairs, recwarn):
     """SigLIP's probabilities add its logit bias to every score; the default train.loss (clip)
     never trains it, so a SigLIP pretrained so kept its -10 silently (cos 0.3 scored 0.0009)."""
     model = build_model("tiny-siglip", image_size=32, patch_size=8, width=32, layers=1, heads=2,
                         context_length=48)
     Trainer(model, config(steps=1, lr=1e-3)).fit(pairs)
     assert model.logit_bias.item() == -10.0  # what the warning says: untrained
-    assert capsys.readouterr().err.count("train.loss=clip does not train this model's logit "
-                                         "bias (it stays -10.00)") == 1
+    assert warned(recwarn).count("train.loss=clip does not train this model's logit "
+                                 "bias (it stays -10.00)") == 1
     Trainer(model, config(steps=1, lr=1e-3, loss="siglip")).fit(pairs)
-    assert model.logit_bias.item() != -10.0 and "logit bias" not in capsys.readouterr().err
+    assert model.logit_bias.item() != -10.0 and "logit bias" not in warned(recwarn)
     Trainer(_one_block_model(), config(steps=1)).fit(pairs)  # a CLIP has no bias to train
-    assert "logit bias" not in capsys.readouterr().err
+    assert "logit bias" not in warned(recwarn)
     model.logit_bias.requires_grad_(False)  # frozen (LoRA): no loss would train it
     Trainer(model, config(steps=1, lr=1e-3)).fit(pairs)
-    assert "logit bias" not in capsys.readouterr().err
+    assert "logit bias" not in warned(recwarn)
 
 
 def test_replay_batches_mix_the_ratio_and_cover_each_set():
@@ -312,10 +313,10 @@ def test_a_locked_tower_stays_in_eval_mode_after_a_mid_run_evaluation(pairs):
     assert seen == [False] * 4
 
 
-def test_fsdp_in_one_process_is_told_not_silently_dropped(capsys):
+def test_fsdp_in_one_process_is_told_not_silently_dropped(recwarn):
     """A recipe with train.fsdp tried out in one process trains the whole model: said."""
     Trainer(small_model(), TrainConfig(steps=1, batch_size=4, progress=False, fsdp=True))
-    assert capsys.readouterr().err == ("train: warning: train.fsdp shards the towers over "
-                                       "torchrun's ranks; in one process the model trains whole\n")
+    assert warned(recwarn) == ("train: train.fsdp shards the towers over torchrun's ranks; in "
+                               "one process the model trains whole\n")
     Trainer(small_model(), TrainConfig(steps=1, batch_size=4, progress=False))
-    assert capsys.readouterr().err == ""
+    assert warned(recwarn) == ""

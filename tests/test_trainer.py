@@ -508,7 +508,7 @@ def test_a_rate_past_float32_is_one_line_naming_it(tmp_path, pairs):
                        r"optimizer's arithmetic at step 1 .*; lower options.train.lr$"):
         trainer.fit(pairs)
     assert warmup_warning(3, 1, "options.train").startswith(
-        "train: warning: options.train.warmup=3 steps is longer than the run (1 steps), so the "
+        "train: options.train.warmup=3 steps is longer than the run (1 steps), so the "
         "rate never reaches options.train.lr")
 
 

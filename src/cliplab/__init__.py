@@ -41,10 +41,13 @@ Search and serving
 Functions that take a ``config`` accept the stage's schema object or a plain dict of its keys.
 Every error cliplab raises on purpose is a `cliplab.errors.CliplabError` (`ConfigError`,
 `DataError`, `InputError` for a Python argument of the wrong kind or shape, `ModelError`) with
-a one-line message saying what is wrong and what to do.
+a one-line message saying what is wrong and what to do. What it warns of is a
+`cliplab.errors.CliplabWarning` (Python's `warnings`: recorded or silenced as any other).
 """
 
-from cliplab.errors import CliplabError, ConfigError, DataError, InputError, ModelError
+from cliplab.errors import (CliplabError, CliplabWarning, ConfigError, DataError, InputError,
+                            ModelError)
 
 __version__ = "0.1.0"
-__all__ = ["CliplabError", "ConfigError", "DataError", "InputError", "ModelError", "__version__"]
+__all__ = ["CliplabError", "CliplabWarning", "ConfigError", "DataError", "InputError",
+           "ModelError", "__version__"]

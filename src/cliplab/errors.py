@@ -1,14 +1,18 @@
-"""The one exception type cliplab raises for bad input.
+"""The exceptions cliplab raises for bad input, and the warnings it gives.
 
 The CLI prints ``str(error)`` on one line and exits with code 2; every message says what was
-wrong, where, and what to do.
+wrong, where, and what to do. Warnings are `CliplabWarning`s, given through Python's `warnings`
+(so a library user filters or records them as any other); the CLI shows each on one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class CliplabError(Exception):
@@ -40,6 +44,32 @@ class DistributedError(CliplabError):
 class TrainingDiverged(CliplabError):
     """The loss, the gradients or the weights of a run became NaN or infinite: its weights are
     lost from that step on, so the run stops instead of saving or evaluating them."""
+
+
+class CliplabWarning(UserWarning):
+    """Every warning cliplab gives: something was done, but maybe not what was meant (e.g. a
+    class with fewer images than asked for). ``warnings.filterwarnings("ignore",
+    category=CliplabWarning)`` silences them."""
+
+
+def warn(message: str, stacklevel: int = 1) -> None:
+    """Give ``message`` as a `CliplabWarning`; ``stacklevel`` as `warnings.warn`'s, counted
+    from the caller."""
+    warnings.warn(message, CliplabWarning, stacklevel=stacklevel + 1)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_SHOW_WARNING = warnings.showwarning
+
+
+def show_warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A `warnings.showwarning` for cliplab's command lines and worker processes: cliplab's own
+    warnings as ``cliplab: warning: ...`` (not Python's source-line form), other libraries'
+    as Python shows them."""
+    if issubclass(category, CliplabWarning) or Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"cliplab: warning: {message}", file=file or sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
 
 
 def first_line(err: BaseException) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cliplab.errors import CliplabError, ConfigError
+from cliplab.errors import CliplabError, ConfigError, warn
 from cliplab.file_modes import as_umask
 
 try:
@@ -410,16 +410,16 @@ def remove_killed_builds(out: Path) -> None:
             found[path] = match.group(1)
     old = [path for path, kind in found.items() if kind == "old"]
     if old and not out.exists():
-        print(f"cliplab: warning: {out} is missing and {old[0]} holds the output it replaced (a "
-              "run was killed while swapping them); move it back to keep it, the hidden "
-              f"folders beside {out} are left as they are", file=sys.stderr)
+        warn(f"{out} is missing and {old[0]} holds the output it replaced (a run was killed "
+             "while swapping them); move it back to keep it, the hidden folders beside "
+             f"{out} are left as they are")
         return
     for path in found:
         try:
             shutil.rmtree(path)
         except OSError as err:
-            print(f"cliplab: warning: could not remove {path}, left by a killed run into {out} "
-                  f"({err.strerror or err})", file=sys.stderr)
+            warn(f"could not remove {path}, left by a killed run into {out} "
+                 f"({err.strerror or err})")
         else:
             print(f"cliplab: removed {path}, left by a killed run into {out}", file=sys.stderr)
 

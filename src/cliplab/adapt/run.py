@@ -20,7 +20,7 @@ from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
 from cliplab.data.sources import as_labelled, load_source
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, DataError, errors_naming
+from cliplab.errors import ConfigError, DataError, errors_naming, warn
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import TaskContext
@@ -98,9 +98,9 @@ def warn_fewer_than(data: LabelledImages, k: int | None, key: str, split: str,
     "k per class" is never silently untrue of them."""
     short = [f"{name}={n}" for name, n in classes_with_fewer(data.labels, data.classnames, k or 0)]
     if short:
-        print(f"adapt: warning: {len(short)} class(es) have fewer than {key}={k} {split} "
-              f"images and {uses} what they have ({', '.join(short[:10])}"
-              f"{', ...' if len(short) > 10 else ''})", file=sys.stderr)
+        warn(f"adapt: {len(short)} class(es) have fewer than {key}={k} {split} images and "
+             f"{uses} what they have ({', '.join(short[:10])}"
+             f"{', ...' if len(short) > 10 else ''})")
 
 
 def load_validation(cfg: AdaptConfig, train: LabelledImages | ListedImages, progress: bool = True,
@@ -295,16 +295,14 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
         warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
     if val is not None and not getattr(method, "uses_validation", lambda o: False)(options):
         held_out = own_val is None and not cfg.shots  # taken out of "all" training images
-        print(f"adapt: warning: {cfg.method} chooses nothing on a validation split with these "
-              f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
-              f"val_shots={cfg.val_shots}") + ") go unused" + (
-                  ", and are not trained on either; set val_shots=0" if held_out else ""),
-              file=sys.stderr)
+        warn(f"adapt: {cfg.method} chooses nothing on a validation split with these "
+             f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
+             f"val_shots={cfg.val_shots}") + ") go unused" + (
+                 ", and are not trained on either; set val_shots=0" if held_out else ""))
     if own_val is None and cfg.val_shots and getattr(options, "finetuned", None):
-        print("adapt: warning: the validation split (val_shots) is drawn from data.train, which "
-              "the given fine-tune (options.finetuned) may have trained on: a choice made on "
-              "images it has seen favours it; give data.val with images it was not trained on",
-              file=sys.stderr)
+        warn("adapt: the validation split (val_shots) is drawn from data.train, which the "
+             "given fine-tune (options.finetuned) may have trained on: a choice made on "
+             "images it has seen favours it; give data.val with images it was not trained on")
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if lost:  # a random subset of the few-shot set can miss whole classes

@@ -9,14 +9,13 @@ needs none of its checkpointing or data machinery.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from cliplab.config import validate
-from cliplab.errors import ConfigError, TrainingDiverged
+from cliplab.errors import ConfigError, TrainingDiverged, warn
 from cliplab.models.finite import all_finite
 from cliplab.train.schedule import build_scheduler
 from cliplab.train.config import train_over_defaults
@@ -48,9 +47,8 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
     per_epoch = -(-n // batch_size)
     total = epochs * per_epoch
     if warmup > total:  # as the Trainer warns of one
-        print(f"{desc}: warning: options.warmup={warmup} steps is longer than the run "
-              f"({total} steps: epochs x batches of the training set), so it is shortened to "
-              f"{total - 1}", file=sys.stderr)
+        warn(f"{desc}: options.warmup={warmup} steps is longer than the run ({total} steps: "
+             f"epochs x batches of the training set), so it is shortened to {total - 1}")
     sched = build_scheduler(opt, total, min(warmup, total - 1))
     g = torch.Generator().manual_seed(seed)
     history, step = [], 0

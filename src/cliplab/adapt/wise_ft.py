@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,7 +30,7 @@ from cliplab.adapt.training import settings_that_ran, trainer_config
 from cliplab.config import refuse_unused
 from cliplab.data.shift import apply_shift, parse_shift
 from cliplab.data.types import LabelledImages
-from cliplab.errors import CliplabError, ConfigError, ModelError
+from cliplab.errors import CliplabError, ConfigError, ModelError, warn
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import is_hub_id, resolve_model_path
@@ -210,10 +209,10 @@ class WiseFT(Adapter):
                      "validation_sweep": chosen_from}
         if self.options["select"] == "shifted" and "shifted" not in chosen_from[0]:
             extra["selected_by"] = "test (select=shifted, but no shifted set to choose on)"
-            print("wise-ft: warning: select=shifted, but there is no shifted set to choose α "
-                  "on (" + ("options.val_shift makes one of the validation split"
-                            if self.val is not None else "set data.shifted, or val_shots and "
-                            "options.val_shift") + "); test accuracy chose it", file=sys.stderr)
+            warn("wise-ft: select=shifted, but there is no shifted set to choose α on ("
+                 + ("options.val_shift makes one of the validation split"
+                    if self.val is not None else "set data.shifted, or val_shots and "
+                    "options.val_shift") + "); test accuracy chose it")
         self.alpha = best_alpha(chosen_from, self.options["select"])["alpha"]
         best = next(r for r in rows if r["alpha"] == self.alpha)
         return {"sweep": rows, "best_alpha": self.alpha, **extra,

@@ -26,7 +26,7 @@ from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, 
                          quickstart, report, serve)
 from cliplab.cli.arguments import EXIT_BAD_INPUT, under_torchrun
 from cliplab.cli.config_owner import other_command_hint
-from cliplab.errors import CliplabError, ConfigError
+from cliplab.errors import CliplabError, ConfigError, show_warning_on_one_line
 
 # each command's module, in the order `cliplab --help` lists them
 COMMANDS: dict[str, ModuleType] = {
@@ -105,19 +105,6 @@ def command_parser(parser: argparse.ArgumentParser,
         parser = choices.choices[chosen]
 
 
-_PACKAGE = Path(__file__).resolve().parents[1]
-_SHOW_WARNING = warnings.showwarning
-
-
-def _cliplab_warning_on_one_line(message, category, filename, lineno, file=None, line=None):
-    """cliplab's own warnings as ``cliplab: warning: ...`` (not Python's source-line form);
-    other libraries' as Python shows them."""
-    if Path(filename).resolve().is_relative_to(_PACKAGE):
-        print(f"cliplab: warning: {message}", file=file or sys.stderr)
-    else:
-        _SHOW_WARNING(message, category, filename, lineno, file, line)
-
-
 @contextlib.contextmanager
 def _quiet_unless_first_rank() -> Iterator[None]:
     """Under torchrun, what every rank of a machine would print the same is printed by its
@@ -182,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
             hide_pils_unnamed_size_warning()  # cliplab's own LargeImageWarning names the file
             if not args.debug:
-                warnings.showwarning = _cliplab_warning_on_one_line
+                warnings.showwarning = show_warning_on_one_line
             return COMMANDS[args.command].run(args)
     except Terminated:
         _end_progress_bars()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from cliplab.curate.pool import Record, map_chunk
 from cliplab.data.images import hide_pils_unnamed_size_warning
 from cliplab.curate.steps.base import Step
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, show_warning_on_one_line
 
 _WORKER_STEP: list = []
 
@@ -46,6 +47,7 @@ def _map_records(step: Step, records: list[Record], work: Path) -> dict[str, np.
 
 def _init_worker(step: Step) -> None:
     hide_pils_unnamed_size_warning()  # as the command line that started the worker does
+    warnings.showwarning = show_warning_on_one_line  # a spawned worker starts with Python's
     _exit_with_parent()
     _WORKER_STEP[:] = [step]
 

@@ -43,7 +43,7 @@ from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
-from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
+from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
                                    partial_path, remove_own_work, swap_in, write_json)
@@ -92,7 +92,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
 
     kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
     if not kept:
-        print(nothing_kept_warning(summary_steps), file=sys.stderr)
+        warn(nothing_kept_warning(summary_steps))
     outputs = write_kept(kept, work, config.output, config.data, progress)
     write_dropped(dropped, work / "dropped.parquet")
     summary = {"format": FORMAT, "data": config.data, "pool": n_pool, "kept": len(kept),
@@ -126,7 +126,7 @@ def _move_into_place(work: Path, out: Path) -> dict:
 def nothing_kept_warning(steps: list[dict]) -> str:
     """The line told when a run keeps no item, naming the step that dropped the last ones."""
     last = next(s for s in steps if s["kept"] == 0)
-    return (f"cliplab curate: warning: nothing was kept: {last['name']} dropped the last "
+    return (f"curate: nothing was kept: {last['name']} dropped the last "
             f"{last['dropped']} item(s); the output holds 0 items")
 
 

@@ -8,7 +8,6 @@ index) or ``KEY.txt`` (captions, one per line), and, for classification, ``ROOT/
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from cliplab.data.prompt_files import (CLASSNAMES_FILE, TEMPLATE_FILES, read_lin
                                        read_templates)
 from cliplab.data.shards.samples import image_part, raw_samples, sample_key, text_lines
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 
 
 def load_clip_benchmark(root: str | Path, split: str = "test",
@@ -42,9 +41,8 @@ def load_clip_benchmark(root: str | Path, split: str = "test",
     templates = read_templates(root)
     if classnames is not None and not any((root / name).is_file() for name in TEMPLATE_FILES):
         # CLIP_benchmark then prompts with its per-dataset templates: numbers would differ
-        print(f"clip-benchmark {root}: warning: no {TEMPLATE_FILES[1]}; zero-shot prompts use "
-              f"the default template{'s' * (len(templates) > 1)} "
-              f"{', '.join(map(repr, templates))}", file=sys.stderr)
+        warn(f"clip-benchmark {root}: no {TEMPLATE_FILES[1]}; zero-shot prompts use the default "
+             f"template{'s' * (len(templates) > 1)} {', '.join(map(repr, templates))}")
 
     skipped = SkipReport()
     images, labels, captions, keys = [], [], [], []

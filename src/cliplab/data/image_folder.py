@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption,
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 
 def _visible(name: str) -> bool:
     return not name.startswith(".")
@@ -63,9 +62,9 @@ def _warn_repeated_names(root: Path, folders: list[Path], names: list[str]) -> N
               for name in counts if counts[name] > 1]
     if shared:
         said = "; ".join(f"{name!r}: {', '.join(found)}" for name, found in shared[:3])
-        print(f"image folder {root}: warning: {len(shared)} class name(s) name several class "
-              f"folders ({said}{'; ...' if len(shared) > 3 else ''}): zero-shot cannot tell "
-              f"them apart; give them distinct names in {CLASSNAMES_FILE}", file=sys.stderr)
+        warn(f"image folder {root}: {len(shared)} class name(s) name several class folders "
+             f"({said}{'; ...' if len(shared) > 3 else ''}): zero-shot cannot tell them apart; "
+             f"give them distinct names in {CLASSNAMES_FILE}")
 
 
 def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
@@ -143,9 +142,8 @@ class ClassFolderListing:
         candidates), but nothing of theirs is scored or learnt."""
         empty = [self.folders[c].name for c in sorted(set(range(len(self.folders))) - read_labels)]
         if empty:
-            print(f"image folder {self.root}: warning: {len(empty)} class folder(s) hold no "
-                  f"readable image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}",
-                  file=sys.stderr)
+            warn(f"image folder {self.root}: {len(empty)} class folder(s) hold no readable "
+                 f"image: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
 
 
 def list_class_folder(root: Path, templates: list[str] | None = None) -> ClassFolderListing:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 from cliplab.models.preprocess import (PreprocessConfig, convert_image, enlarged_span,
                                        keep_ratio_size)
 
@@ -234,10 +234,10 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
     elif len(sizes) > 1:
         side = int(np.median([min(im.shape[:2]) for im in images]))
         shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
-        warnings.warn(f"{where}: {len(images)} images of {len(sizes)} sizes ({shown}"
-                      f"{', ...' if len(sizes) > 3 else ''}) are made {side}x{side} squares "
-                      f"(shorter side resized to {side} px, centre crop); give image_size: N "
-                      "to resize each to N x N instead", stacklevel=2)
+        warn(f"{where}: {len(images)} images of {len(sizes)} sizes ({shown}"
+             f"{', ...' if len(sizes) > 3 else ''}) are made {side}x{side} squares "
+             f"(shorter side resized to {side} px, centre crop); give image_size: N "
+             "to resize each to N x N instead", stacklevel=2)
         images = [centre_square(im, side) for im in images]
     if len({im.shape[-1] for im in images}) > 1:
         images = [im.expand(-1, -1, 3) if im.shape[-1] == 1 else im for im in images]

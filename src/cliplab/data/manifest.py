@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
 from cliplab.data.prompt_files import DEFAULT_TEMPLATES
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".parquet": "parquet"}
 IMAGE_COLUMNS = ("image", "path", "filepath", "image_path")
@@ -234,9 +233,9 @@ def _warn_index_names(path: Path, classnames: list[str], targets: list[int | Non
     unused = sorted(set(range(len(classnames))) - set(targets))
     gaps = (f"; {len(unused)} of them ({', '.join(map(str, unused[:5]))}"
             f"{', ...' if len(unused) > 5 else ''}) label no row") if unused else ""
-    warnings.warn(f"{path}: integer labels without classnames: make {len(classnames)} classes "
-                  f"named '0'..'{len(classnames) - 1}' (zero-shot prompts read 'a photo of a "
-                  f"0'){gaps}; give classnames: [name of 0, name of 1, ...]", stacklevel=3)
+    warn(f"{path}: integer labels without classnames: make {len(classnames)} classes "
+         f"named '0'..'{len(classnames) - 1}' (zero-shot prompts read 'a photo of a "
+         f"0'){gaps}; give classnames: [name of 0, name of 1, ...]", stacklevel=3)
 
 
 def _labels(values: list[Any], classnames: Sequence[str] | None,

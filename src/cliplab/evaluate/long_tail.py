@@ -44,7 +44,7 @@ def narrow_span_warning(label: str, fit: dict) -> str | None:
         return None
     # in results.json's unit (accuracy as a fraction), so the two numbers read alike
     spread = f" ± {fit['slope_stderr']:.3f}" if fit.get("slope_stderr") is not None else ""
-    return (f"{label}: warning: the classes' training frequencies span {fit['decades']:.2f} "
+    return (f"{label}: the classes' training frequencies span {fit['decades']:.2f} "
             f"decade(s), so the log-linear slope ({fit['slope']:+.3f}{spread} per decade) says "
             "little; a long-tail fit needs frequencies over orders of magnitude")
 

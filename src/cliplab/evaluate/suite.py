@@ -20,7 +20,7 @@ from pydantic import ValidationError, model_validator
 from pydantic_core import InitErrorDetails
 
 from cliplab.config import Section, validate
-from cliplab.errors import CliplabError, ConfigError, ModelError
+from cliplab.errors import CliplabError, CliplabWarning, ConfigError, ModelError
 from cliplab.evaluate.tasks import (TASKS, ProbePlan, TaskContext, TaskSpec, TaskSpecBase,
                                     data_key, spec_class)
 from cliplab.models.dual_encoder import DualEncoder
@@ -174,7 +174,7 @@ def model_precision(model, precision: str, warn: bool = True) -> str:
     if not isinstance(model, DualEncoder):  # nothing of it runs in bf16: no word on bf16 units
         if warn and precision == "bf16":  # asked for, not auto's choice
             warnings.warn("an ONNX export runs in fp32 (its graphs are fp32): precision "
-                          f"{precision} is not applied to it", stacklevel=2)
+                          f"{precision} is not applied to it", CliplabWarning, stacklevel=2)
         return "fp32"
     return resolve_precision(precision, model.device)
 

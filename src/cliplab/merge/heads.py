@@ -6,10 +6,10 @@ streamed uniform sum, the greedy search — averages them with the towers, the s
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from cliplab.adapt.head import HEAD_FILE, ClassifierHead
+from cliplab.errors import warn
 from cliplab.merge.methods import methods_with
 from cliplab.merge.state import StateDict
 
@@ -39,9 +39,9 @@ def soup_heads(method: str, paths: list[str]) -> list[ClassifierHead] | None:
         why = "they are heads of different classes"
     if why is None:
         return aligned
-    print(f"merge: warning: models carry a classifier head ({HEAD_FILE}, e.g. {with_head[0]}) "
-          f"that is not merged ({why}): the merged folder has none, and held-out scores use "
-          "the zero-shot text head", file=sys.stderr)
+    warn(f"merge: models carry a classifier head ({HEAD_FILE}, e.g. {with_head[0]}) that is "
+         f"not merged ({why}): the merged folder has none, and held-out scores use the "
+         "zero-shot text head")
     return None
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from cliplab.errors import ModelError, checked_batch_size
+from cliplab.errors import ModelError, checked_batch_size, warn
 from cliplab.file_modes import as_umask
 from cliplab.models.device import resolve_device
 from cliplab.models.finite import finite_embeddings
@@ -377,16 +375,15 @@ class DualEncoder(nn.Module):
             pre = PreprocessConfig.from_dict(meta["preprocess"], source=str(path / CLIPLAB_FILE))
             disagreement = processor_disagreement(path, pre)
             if disagreement:  # e.g. a processor re-saved into the folder the transformers way
-                warnings.warn(disagreement, stacklevel=2)
+                warn(disagreement, stacklevel=2)
         else:
             pre = preprocess_from_processor_config(path, config.vision_config.image_size,
                                                    config.model_type)
         if "text_pooling" not in meta and config.model_type == "vision-text-dual-encoder":
-            print(f"cliplab: warning: {_no_text_pooling(path)}: assuming text_pooling 'model' "
-                  "(the text model's pooler, as transformers does); a cliplab LiT model pools "
-                  f"by mean: if this is one (e.g. re-saved by transformers), copy its "
-                  f"{CLIPLAB_FILE} back or set \"text_pooling\": \"mean\" in it",
-                  file=sys.stderr)
+            warn(f"{_no_text_pooling(path)}: assuming text_pooling 'model' (the text "
+                 "model's pooler, as transformers does); a cliplab LiT model pools by mean: "
+                 "if this is one (e.g. re-saved by transformers), copy its "
+                 f"{CLIPLAB_FILE} back or set \"text_pooling\": \"mean\" in it")
         loaded = cls(model, tokenizer, pre, meta.get("text_pooling", "model"),
                      meta.get("context_length")).eval()
         loaded.source = str(path.resolve())

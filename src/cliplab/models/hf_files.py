@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, warn
 from cliplab.models.folder import CLIPLAB_FILE
 from cliplab.models.preprocess import PreprocessConfig, are_finite_numbers
 
@@ -52,7 +51,7 @@ def image_processor_config(pre: PreprocessConfig) -> dict:
 def write_processor_config(folder: str | Path, pre: PreprocessConfig) -> Path:
     file = Path(folder) / PROCESSOR_FILE
     if pre.resize_mode == "longest":
-        warnings.warn(LONGEST_NOTE, stacklevel=2)  # once per process: every save would repeat it
+        warn(LONGEST_NOTE, stacklevel=2)  # once per process: every save would repeat it
     file.write_text(json.dumps(image_processor_config(pre), indent=2), encoding="utf-8")
     return file
 
@@ -78,7 +77,7 @@ def preprocess_from_processor_config(folder: str | Path, image_size: int,
             raw.update(size={"shortest_edge": image_size},
                        crop_size={"height": image_size, "width": image_size})
         pre = processor_to_preprocess(_image_processor("", raw), "", raw)
-        warnings.warn(assumed_preprocessing_note(folder, pre, name), stacklevel=2)
+        warn(assumed_preprocessing_note(folder, pre, name), stacklevel=2)
         return pre
     where, raw = found
     pre = processor_to_preprocess(_image_processor(where, raw), where, raw)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import warnings
 from typing import Literal, get_args
 
 import torch
+
+from cliplab.errors import warn
 
 # a config's precision key (train.precision, an eval suite's precision)
 Precision = Literal["fp32", "bf16", "auto"]
@@ -50,9 +51,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if bf16_is_native(device) else "fp32"
     if precision == "bf16" and not bf16_is_native(device) and device.type not in _WARNED:
         _WARNED.add(device.type)  # once per process: training and eval each resolve it
-        warnings.warn(f"precision bf16 on {device.type}: this device has no native bf16 units, "
-                      "so bf16 is emulated and much slower than fp32; use precision auto or "
-                      "fp32", stacklevel=2)
+        warn(f"precision bf16 on {device.type}: this device has no native bf16 units, "
+             "so bf16 is emulated and much slower than fp32; use precision auto or "
+             "fp32", stacklevel=2)
     return precision
 
 

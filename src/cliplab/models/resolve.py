@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, warn
 from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
@@ -146,8 +145,8 @@ def model_folder(path: str | Path) -> Path:
         if not (path / RESULTS_FILE).is_file():
             # a killed run's step-20 of 46 was scored, merged and reported as if it were the run;
             # warned from here (not the caller): said once however many readers resolve it
-            warnings.warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
-                          f"end, or still runs; using its newest checkpoint, {latest.name}")
+            warn(f"run folder {path} has no {RESULTS_FILE}: the run stopped before its "
+                 f"end, or still runs; using its newest checkpoint, {latest.name}")
         return latest / MODEL_DIR
     if (path / METRICS_FILE).is_file() and not (path / "config.json").is_file() \
             and not (path / RESULTS_FILE).is_file():

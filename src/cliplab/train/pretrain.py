@@ -16,7 +16,7 @@ from cliplab.config import OutFolder, Section, changed_key_paths, load_yaml, val
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.sources import DataSpecField, as_pairs, checked_spec, load_source
 from cliplab.data.types import ImageTextPairs, SkipReport
-from cliplab.errors import ConfigError, DataError, errors_naming
+from cliplab.errors import ConfigError, DataError, errors_naming, warn
 from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.models.device import resolve_device
@@ -117,8 +117,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     progress = progress and distributed.rank() == 0  # one set of bars, not one per rank
     train_cfg = cfg.train.model_copy(update={"progress": progress})
     if cfg.train.eval_every and not cfg.eval and distributed.rank() == 0:  # ranks known now
-        print(f"pretrain: warning: train.eval_every={cfg.train.eval_every} has no eval: suite "
-              "to run, so nothing is evaluated during training", file=sys.stderr)
+        warn(f"pretrain: train.eval_every={cfg.train.eval_every} has no eval: suite to run, so "
+             "nothing is evaluated during training")
     try:
         trained = _train(cfg, train_cfg, resume, progress, where)  # the model is let go of here
     finally:

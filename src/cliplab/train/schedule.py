@@ -37,7 +37,7 @@ def warmup_warning(warmup_steps: int, total_steps: int, settings: str = "train")
     if warmup_steps <= total_steps:  # equal: the last step runs at the full rate
         return None
     peak = total_steps / warmup_steps
-    return (f"train: warning: {settings}.warmup={warmup_steps} steps is longer than the run "
+    return (f"train: {settings}.warmup={warmup_steps} steps is longer than the run "
             f"({total_steps} steps), so the rate never reaches {settings}.lr (it peaks at "
             f"{peak:.0%} of it); lower {settings}.warmup or give it as a fraction of the run "
             "(< 1)")

@@ -9,7 +9,6 @@ in the checkpoint so a resumed run continues each rank's stream exactly where it
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from pydantic import StrictBool, field_validator
 from cliplab.config import Section, validate
 from cliplab.data.shards import ShardLoader, ShardStream
 from cliplab.data.types import SkipReport
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, warn
 from cliplab.models.tokenizer import clean_text
 from cliplab.train import distributed
 from cliplab.train.config import NonNegativeInt, NotABool, PositiveInt
@@ -101,11 +100,11 @@ def check_rank_split(loader: ShardLoader) -> None:
     steps, total = min(loader.batches_per_rank()), sum(counts)
     unseen = total - steps * loader.batch_size * world
     if unseen > UNSEEN_WARN_FRACTION * total and distributed.rank() == 0:
-        warnings.warn(f"data.train: {len(stream.shards)} shards split unevenly over {world} "
-                      f"ranks ({', '.join(map(str, counts))} samples): every rank stops after "
-                      f"the smallest rank's {steps} batches, so {unseen} of {total} samples go "
-                      "unseen in an epoch; write more, smaller shards (cliplab data shard "
-                      "--samples-per-shard N) for an even split", stacklevel=2)
+        warn(f"data.train: {len(stream.shards)} shards split unevenly over {world} "
+             f"ranks ({', '.join(map(str, counts))} samples): every rank stops after "
+             f"the smallest rank's {steps} batches, so {unseen} of {total} samples go "
+             "unseen in an epoch; write more, smaller shards (cliplab data shard "
+             "--samples-per-shard N) for an even split", stacklevel=2)
 
 
 def _where(shards: list) -> str:

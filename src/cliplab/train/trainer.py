@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
-from cliplab.errors import ConfigError, InputError, TrainingDiverged
+from cliplab.errors import ConfigError, InputError, TrainingDiverged, warn
 from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.finite import all_finite
@@ -127,24 +127,20 @@ class Trainer:
         distributed.broadcast_weights(model.model, head)  # before sharding: one model
         self.sharded = config.fsdp and self.world > 1
         if config.fsdp and self.world == 1:  # a recipe tried out before a torchrun launch
-            print(f"train: warning: {self.settings}.fsdp shards the towers over torchrun's "
-                  "ranks; in one process the model trains whole", file=sys.stderr)
+            warn(f"train: {self.settings}.fsdp shards the towers over torchrun's ranks; in one "
+                 "process the model trains whole")
         bias = model.logit_bias
         if head is None and config.loss == "clip" and bias is not None and bias.requires_grad \
                 and self.rank == 0:  # a frozen bias (LoRA) no loss would train
-            print(f"train: warning: {self.settings}.loss=clip does not train this model's "
-                  f"logit bias (it stays {bias.item():.2f}), which its sigmoid probabilities "
-                  f"(zero-shot, cliplab serve) add to every score: {self.settings}.loss=siglip "
-                  "trains it",
-                  file=sys.stderr)
+            warn(f"train: {self.settings}.loss=clip does not train this model's logit bias "
+                 f"(it stays {bias.item():.2f}), which its sigmoid probabilities (zero-shot, "
+                 f"cliplab serve) add to every score: {self.settings}.loss=siglip trains it")
         share = config.batch_size // self.world
         if config.micro_batch_size and config.micro_batch_size >= share and self.rank == 0 \
                 and self.world > 1:  # in one process the config refuses it
-            print(f"train: warning: {self.settings}.micro_batch_size="
-                  f"{config.micro_batch_size} is not below a rank's share of the batch "
-                  f"({share} = {config.batch_size} over {self.world} ranks): nothing is split, "
-                  "each step only embeds twice",
-                  file=sys.stderr)
+            warn(f"train: {self.settings}.micro_batch_size={config.micro_batch_size} is not "
+                 f"below a rank's share of the batch ({share} = {config.batch_size} over "
+                 f"{self.world} ranks): nothing is split, each step only embeds twice")
         if self.sharded:
             if head is not None or save_model is not None:
                 raise ConfigError(f"{self.settings}.fsdp shards the towers of plain model "
@@ -236,7 +232,7 @@ class Trainer:
             return self._finish(folder, total, evaluate, on_trained)
         warning = warmup_warning(warmup, total, self.settings)
         if warning and self.rank == 0:
-            print(warning, file=sys.stderr)
+            warn(warning)
 
         self._train_mode()
         bar = tqdm(total=total, initial=self.step, desc="train",
@@ -420,10 +416,9 @@ class Trainer:
                                                        self.config.to_dict())
         if ran_in is not None and ran_in != self.precision and self.step < total \
                 and self.rank == 0:
-            print(f"cliplab: warning: the steps up to {self.step} ran in {ran_in}, the rest "
-                  f"runs in {self.precision} ({self.settings}.precision "
-                  f"{self.config.precision} on {self.device.type}); results.json says both",
-                  file=sys.stderr)
+            warn(f"the steps up to {self.step} ran in {ran_in}, the rest runs in "
+                 f"{self.precision} ({self.settings}.precision {self.config.precision} on "
+                 f"{self.device.type}); results.json says both")
         if self.step == total and ran_in is not None:
             self.precision = ran_in  # no step runs: every one ran in the checkpoint's
         if self.step > total:  # steps shortened below the checkpoint

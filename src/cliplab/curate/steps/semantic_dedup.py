@@ -11,7 +11,6 @@ from its cluster's centroid (SemDeDup's choice).
 
 from __future__ import annotations
 
-import warnings
 from typing import Annotated, Literal
 
 import numpy as np
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from cliplab.curate.semdedup import semantic_duplicates
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.errors import warn
 from cliplab.models.embed import embed_images
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.spec import ModelField
@@ -69,9 +69,9 @@ class SemanticDedup:
         n = len(columns["embedding"])
         if spec.n_clusters != "auto" and spec.n_clusters >= n > 1:
             # as many clusters as items puts each alone: no pair is ever compared
-            warnings.warn(f"semantic_dedup: n_clusters {spec.n_clusters} is not below the pool's "
-                          f"{n} items, so each item is a cluster of its own and no duplicate can "
-                          "be found; use fewer (or 'auto', about the square root of the items)")
+            warn(f"semantic_dedup: n_clusters {spec.n_clusters} is not below the pool's "
+                 f"{n} items, so each item is a cluster of its own and no duplicate can "
+                 "be found; use fewer (or 'auto', about the square root of the items)")
         found = semantic_duplicates(columns["embedding"], spec.n_clusters, spec.eps, self.seed,
                                     spec.keep, spec.kmeans_iterations, compare=spec.compare)
         reasons = [None if kept else

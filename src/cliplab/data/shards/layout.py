@@ -13,11 +13,10 @@ import functools
 import json
 import os
 import tarfile
-import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cliplab-shards"
@@ -170,8 +169,8 @@ def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
         known = int(entry["count"]) if "count" in entry else None
         written, size = entry.get("bytes"), path.stat().st_size
         if known is not None and written is not None and size != written and tar_is_whole(path):
-            warnings.warn(f"{path}: not the shard {INDEX_FILE} lists ({written} bytes when "
-                          f"written, {size} now): its samples are counted")
+            warn(f"{path}: not the shard {INDEX_FILE} lists ({written} bytes when "
+                 f"written, {size} now): its samples are counted")
             known = None
         counts.append(known if known is not None else count_tar_samples(path))
     return counts

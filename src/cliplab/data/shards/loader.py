@@ -22,14 +22,13 @@ the next one.
 
 from __future__ import annotations
 
-import sys
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from cliplab.data.shards.stream import ShardStream
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, warn
 
 
 def collate_samples(samples: list[dict]) -> dict:
@@ -137,10 +136,10 @@ class ShardLoader:
             return
         mine = self.stream.stream_sample_counts(self.workers)[self.stream.rank]
         if sum(mine) and max(mine) < self.batch_size:
-            print(f"ShardLoader: warning: each of this rank's {self.workers} stream(s) holds "
-                  f"fewer than batch_size={self.batch_size} samples (at most {max(mine)}), so "
-                  "drop_last=True yields no batch; use fewer workers, a smaller batch or "
-                  "drop_last=False", file=sys.stderr)
+            warn(f"ShardLoader: each of this rank's {self.workers} stream(s) holds fewer than "
+                 f"batch_size={self.batch_size} samples (at most {max(mine)}), so "
+                 "drop_last=True yields no batch; use fewer workers, a smaller batch or "
+                 "drop_last=False")
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)

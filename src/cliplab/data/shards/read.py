@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from pydantic import PositiveInt
@@ -14,7 +13,7 @@ from cliplab.data.shards.layout import read_index
 from cliplab.data.shards.samples import bare_key
 from cliplab.data.shards.stream import ShardStream
 from cliplab.data.types import ImageTextPairs, LabelledImages
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 
 
 def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
@@ -90,6 +89,6 @@ def resolve_partners(keys: list[str], partner_keys: list[str | None],
             lost += 1
     if lost:
         named = sum(key is not None for key in partner_keys)
-        warnings.warn(f"{where}: {lost} of {named} partner_key(s) name no single other sample "
-                      "read; those samples have no partner")
+        warn(f"{where}: {lost} of {named} partner_key(s) name no single other sample "
+             "read; those samples have no partner")
     return torch.tensor(partners, dtype=torch.int64)

@@ -4,11 +4,10 @@ fit of "No 'Zero-Shot' Without Exponential Data"."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Literal
 
 from cliplab.data.concepts import count_mentions
-from cliplab.errors import ConfigError
+from cliplab.errors import ConfigError, warn
 from cliplab.evaluate.long_tail import (long_tail_analysis, narrow_span_warning,
                                          training_captions)
 from cliplab.evaluate.metrics import per_class_accuracy
@@ -50,5 +49,5 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     out["n_train_samples"] = n_samples
     warning = narrow_span_warning(name, out["fit"])
     if warning:
-        print(warning, file=sys.stderr)
+        warn(warning)
     return {**out, **context.scored_by(data)}
