@@ -120,7 +120,9 @@ def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
             page.fill("#labels", "red circle\nblue square\ngreen triangle")
             page.click("#label-btn")
             page.wait_for_selector("#status:has-text('labelled')")
-            labels = page.locator("#grid .card .label").all_inner_texts()
+            # each chip starts with "label: " for a screen reader (visually hidden)
+            labels = [text.removeprefix("label: ") for text in
+                      page.locator("#grid .card .label").all_text_contents()]
             assert len(labels) == 12 and all(labels)
             # red images of any shape are nearer "red circle" than the other labels (so in
             # every model above)

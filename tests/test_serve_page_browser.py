@@ -443,6 +443,8 @@ def test_the_api_key_form(site):
     page.press("#api-key", "Enter")  # the search that was refused runs again
     page.wait_for_selector("#status:has-text('results for “photo”')")
     assert status(page)[0] == "" and not page.is_visible("#key-section")
+    # the hidden form held the focus: the search box takes it, not the page's start
+    assert page.evaluate("document.activeElement.id") == "q"
     assert page.text_content("#info").startswith(f"{N} images")
     assert needed == "This server needs an API key: enter it under “API key”"
     page.reload()  # the key is remembered
@@ -454,7 +456,11 @@ CLASSIFY = "String(url).includes('/api/classify')"
 
 
 def labels(page) -> list[str]:
-    return page.locator("#grid .card .label").all_inner_texts()
+    """The cards' labels as shown (a chip starts with "label: " for a screen reader only;
+    an unlabelled card's is empty)."""
+    said = page.locator("#grid .card .label").all_text_contents()
+    assert all(text.startswith("label: ") or not text for text in said), said
+    return [text.removeprefix("label: ") for text in said]
 
 
 def labelling_held(site):
@@ -850,4 +856,73 @@ def test_an_image_dropped_anywhere_is_searched_and_enter_labels(site):
     page.press("#template", "Enter")
     page.wait_for_selector("#status:has-text('labelled')")
     assert page.locator("#upload-labels li").count() == 2
+    assert problems == []
+
+
+CONTRAST = """(e) => {
+  const lum = (c) => { const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const [x, y] = [lum(getComputedStyle(e).borderTopColor), lum("rgb(255, 255, 255)")]
+    .sort((p, q) => q - p);
+  return (x + 0.05) / (y + 0.05);
+}"""
+
+
+def test_the_page_keeps_keyboard_and_screen_reader_users_informed(site):
+    """The accessibility review's findings: labelling by keyboard keeps the focus on its button
+    (a second Enter labels again); a jump link reaches the upload past every result; form
+    fields are outlined at 3:1 on white (WCAG 1.4.11); a later page says its range, the tab's
+    title names the search; results are a list under a heading and a label chip is announced
+    as one; a long caption opens in full when its card holds the focus; the page size has a
+    visible label; too few labels are refused before any request."""
+    page, problems = open_page(site)
+    page.keyboard.press("Tab")  # the first stop: the jump link
+    assert page.evaluate("document.activeElement.className") == "skip"
+    search(page, "photo", k="12")
+    assert page.title() == "“photo” – page 1 – cliplab search"
+    assert page.get_attribute("#grid", "role") == "list"
+    assert page.locator("#grid [role=listitem]").count() == 12
+    assert page.locator("main h2", has_text="Results").count() == 1
+    page.focus(".skip")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "file"
+
+    page.focus("#next")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#page-info:has-text('page 2')")
+    assert re.fullmatch(r"12 results for “photo” in \d+ ms · page 2 · results 13–24",
+                        status(page)[1]), status(page)
+    assert page.title() == "“photo” – page 2 – cliplab search"
+
+    sent = []
+    page.on("request", lambda r: sent.append(r) if "/api/classify" in r.url else None)
+    page.fill("#labels", "red\n red ,")
+    page.click("#label-btn")
+    assert wait_error(page) == ("Give at least two different labels, one per line or separated "
+                                "by commas") and sent == []
+    page.fill("#labels", "red\nblue")
+    page.focus("#label-btn")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#status:has-text('labelled 12 images')")
+    page.wait_for_function("document.activeElement.id === 'label-btn'")
+    with page.expect_response(lambda r: "/api/classify" in r.url):
+        page.keyboard.press("Enter")  # labels again: the focus is still there
+    page.wait_for_function("document.activeElement.id === 'label-btn' && "
+                           "!document.activeElement.disabled")
+    assert len(sent) == 2 and len(labels(page)) == 12
+    assert page.is_hidden("#upload-labels")  # no upload labelled: no empty list
+
+    for field in ("q", "k", "labels", "template"):
+        ratio = page.eval_on_selector(f"#{field}", CONTRAST)
+        assert ratio >= 3, (field, ratio)
+    assert page.is_visible("label[for=k]") and page.inner_text("label[for=k]") == "per page"
+
+    search(page, "long long", k="48")
+    caption = card_of(page, "long long").locator(".caption")
+    clamped = caption.evaluate("e => e.getBoundingClientRect().height")
+    card_of(page, "long long").locator(".similar").focus()
+    opened = caption.evaluate("e => e.getBoundingClientRect().height")
+    assert clamped < 80 < opened, (clamped, opened)
     assert problems == []
