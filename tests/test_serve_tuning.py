@@ -145,3 +145,21 @@ def test_recall_at_k_reads_only_the_first_k_found():
     truth = np.array([[5, 7], [1, 2]])
     assert faiss_index.recall_at_k(found, truth) == 0.75
     assert faiss_index.recall_at_k(found[:, :2], truth) == 0.75
+
+
+def test_recall_counts_no_padding_on_a_collection_smaller_than_k():
+    """faiss pads the top-10 of 7 vectors with -1 (as does the exact search): the shared -1
+    was counted as a neighbour and the 10 as the number wanted, so an HNSW index finding every
+    vector had recall 0.8 and was "tuned" to efSearch 2048 with a warning that it loses
+    neighbours."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(7, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    truth = faiss_index.exact_neighbours(vectors, vectors, 10)
+    assert (truth[:, 7:] == -1).all()
+    assert faiss_index.recall_at_k(truth, truth) == 1.0
+    half = truth.copy()
+    half[:, :3] = -1  # 3 of the 7 real neighbours lost
+    assert faiss_index.recall_at_k(half, truth) == pytest.approx(4 / 7)
+    index = faiss_index.build_faiss(vectors, "HNSW32,Flat")
+    assert faiss_index.tune_search(index, vectors)["value"] == 16
