@@ -225,6 +225,34 @@ def test_eval_checks_every_tasks_data_before_encoding_any(tmp_path, capsys):
                            "class-labelled data: classes, holdout, templates)")
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["merge", "--method", "greedy", "--method", "uniform", "--models", "a", "b", "--out", "m"],
+     "cliplab merge: error: --method given twice (greedy and uniform); give one"),
+    (["adapt", "--model", "qs1", "--model", "pt1", "--method", "zeroshot"],
+     "cliplab adapt: error: --model given twice (qs1 and pt1); give one"),
+    (["merge", "--models", "a", "b", "--models", "c", "--out", "m"],
+     "cliplab merge: error: --models given twice (a b and c); give one"),
+    (["data", "shard", "--data", "shapes", "--data", "digits", "--out", "s"],
+     "cliplab data shard: error: --data/--source given twice (shapes and digits); give one"),
+])
+def test_an_option_given_twice_with_two_values_is_refused(argv, said, capsys, tmp_path,
+                                                          monkeypatch):
+    """argparse keeps an option's last value: `--out a --out b` wrote only b, `--model A
+    --model B` adapted B, without a word (README: a key given twice is refused)."""
+    monkeypatch.chdir(tmp_path)  # what a regression would write lands here
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == said
+
+
+def test_an_option_given_twice_alike_is_one_setting(tmp_path):
+    from cliplab.cli import build_parser, parse_command_line
+
+    args = parse_command_line(build_parser(), ["serve", "idx", "--port", "9", "--port", "9"])
+    assert args.port == 9 and "_options_given" not in vars(args)
+
+
 def test_eval_takes_one_suite(tmp_path, capsys):
     """--suite is --config's alias: given both, the last silently won."""
     with pytest.raises(SystemExit) as info:

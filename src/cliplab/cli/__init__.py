@@ -24,7 +24,7 @@ from types import ModuleType
 from cliplab import __version__
 from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, merge, pretrain,
                          quickstart, report, serve)
-from cliplab.cli.arguments import EXIT_BAD_INPUT, under_torchrun
+from cliplab.cli.arguments import EXIT_BAD_INPUT, GIVEN, CommandParser, under_torchrun
 from cliplab.cli.config_owner import other_command_hint
 from cliplab.errors import CliplabError, ConfigError, show_warning_on_one_line
 
@@ -43,7 +43,7 @@ WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cliplab`` parser: one subcommand per module in `COMMANDS`."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="cliplab",
         description="The life of a CLIP-style image-text model: curate data and write "
         "shards, pretrain (also under torchrun), adapt (few-shot heads, prompt learning, LoRA, "
@@ -64,6 +64,7 @@ def parse_command_line(parser: argparse.ArgumentParser,
     takes them only before the first option); anything else unknown is an error in the
     command's own usage."""
     args, rest = parser.parse_known_args(argv)
+    vars(args).pop(GIVEN, None)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     unknown = [a for a in rest if a not in overrides]
     if not hasattr(args, "overrides"):

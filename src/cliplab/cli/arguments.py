@@ -19,15 +19,31 @@ def under_torchrun() -> bool:
     here, not through train.distributed, which imports torch)."""
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
-class GivenOnce(argparse.Action):
-    """An option that may be given once (under any of its names): a second value would
-    silently replace the first."""
+GIVEN = "_options_given"  # the namespace's record of the options given (dropped after parsing)
+
+
+class GivenOnce(argparse._StoreAction):
+    """A plain option given twice with two values (under any of its names) is refused: argparse
+    keeps the last, so ``--out a --out b`` silently wrote only b. The same value twice is one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
+        given = vars(namespace).setdefault(GIVEN, {})
+        if self.dest in given and given[self.dest] != values:
+            def shown(v):
+                return " ".join(map(str, v)) if isinstance(v, list) else v
             parser.error(f"{'/'.join(self.option_strings)} given twice "
-                         f"({getattr(namespace, self.dest)} and {values}); give one")
+                         f"({shown(given[self.dest])} and {shown(values)}); give one")
+        given[self.dest] = values
         setattr(namespace, self.dest, values)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """cliplab's parsers (its subcommands' too): every plain option is `GivenOnce`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, GivenOnce)
+        self.register("action", "store", GivenOnce)
 
 
 def add_common(p: argparse.ArgumentParser, example: str, config_required: bool = False) -> None:

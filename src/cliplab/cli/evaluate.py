@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.cli.arguments import MODEL_SPECS, GivenOnce, add_debug, add_device, config_where
+from cliplab.cli.arguments import MODEL_SPECS, add_debug, add_device, config_where
 from cliplab.errors import CliplabError
 
 
@@ -20,7 +20,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "multilabel_zeroshot, long_tail) on a model; print the results and write "
                        "OUT/results.json.")
     p.add_argument("--config", "--suite", dest="config", required=True, metavar="YAML",
-                   action=GivenOnce,
                    help="suite of tasks (copy one from configs/eval/); --suite is an alias")
     p.add_argument("--model", required=True, help=MODEL_SPECS)
     p.add_argument("--out", metavar="DIR", help="new folder to write results.json into (not a "
