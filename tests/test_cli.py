@@ -1,5 +1,6 @@
 """The command line: --help everywhere, one-line errors with exit code 2."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -419,3 +420,26 @@ def test_a_help_that_lists_config_keys_lists_every_one(capsys):
         words = set(re.findall(r"[a-z_]+", keys))
         assert config_keys(command) <= words, (command, config_keys(command) - words)
     assert listed >= 4
+
+
+def test_every_help_fits_80_columns_and_keeps_names_whole(monkeypatch):
+    """adapt's usage line was 128 characters (its --method choices, which argparse cannot
+    wrap), merge's 86; the wrapper broke names at hyphens (`task-` / `arithmetic`)."""
+    from cliplab.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    helps = {"cliplab": parser.format_help()}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        helps[name] = sub.format_help()
+        inner = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in inner:
+            helps.update({f"{name} {n}": p.format_help() for n, p in action.choices.items()})
+    assert len(helps) >= 14
+    for name, text in helps.items():
+        wide = [line for line in text.splitlines() if len(line) > 80]
+        assert wide == [], (name, wide)
+        broken = [line for line in text.splitlines() if re.search(r"\w-$", line)]
+        assert broken == [], (name, broken)
+    assert "task-arithmetic" in helps["cliplab"] and "task-arithmetic" in helps["merge"]

@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "own), compare_zeroshot, cache_dir, device, out.",
                        epilog="example: cliplab adapt --method coop --model MODEL_DIR --config "
                        "configs/adapt/fashion-mnist.yaml shots=4 options.epochs=50")
-    p.add_argument("--method", choices=list(ADAPT_METHODS),
-                   help="adaptation method (or the config's 'method')")
+    p.add_argument("--method", choices=list(ADAPT_METHODS), metavar="METHOD",
+                   help=f"adaptation method: {', '.join(ADAPT_METHODS)} (or the config's "
+                   "'method')")
     p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
     p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
     add_device(p)

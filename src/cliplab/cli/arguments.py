@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 EXIT_BAD_INPUT = 2
 # what a --model takes (export's MODEL: all but an ONNX export, which is its output)
@@ -37,10 +38,26 @@ class GivenOnce(argparse._StoreAction):
         setattr(namespace, self.dest, values)
 
 
+class WholeWordsHelp(argparse.HelpFormatter):
+    """argparse's help, wrapped between words only: its wrapper broke names at hyphens
+    (``task-`` / ``arithmetic``, which copied from the first line is no method)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 class CommandParser(argparse.ArgumentParser):
-    """cliplab's parsers (its subcommands' too): every plain option is `GivenOnce`."""
+    """cliplab's parsers (its subcommands' too): help wrapped between words, and every plain
+    option `GivenOnce`."""
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", WholeWordsHelp)
         super().__init__(*args, **kwargs)
         self.register("action", None, GivenOnce)
         self.register("action", "store", GivenOnce)

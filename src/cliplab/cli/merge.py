@@ -21,9 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog="example: cliplab merge --method greedy --models FT1 FT2 FT3 "
                        "--config configs/merge/greedy-soup.yaml --out runs/soup "
                        "heldout.data.limit=2000")
-    p.add_argument("--method", choices=list(MERGE_METHODS),
-                   help="how to merge (or the config's 'method')")
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="model folders to merge")
+    p.add_argument("--method", choices=list(MERGE_METHODS), metavar="METHOD",
+                   help=f"how to merge: {', '.join(MERGE_METHODS)} (or the config's 'method')")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="the fine-tuned models to "
+                   "merge: model, checkpoint or run folders (a run: its newest checkpoint) or "
+                   "Hub ids")
     p.add_argument("--base", metavar="MODEL", help="the pretrained model the others were "
                    f"fine-tuned from ({', '.join(methods_with('needs_base'))})")
     add_stage_arguments(p, "new folder for the merged model (or the config's 'out')",
