@@ -2,6 +2,7 @@
 training equal zero-shot heads, gradients reach only the learned tensors, and every method's
 saved adapter loads back with identical logits."""
 
+import json
 import math
 import re
 
@@ -13,7 +14,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
 from cliplab.data.pairs import select_classes
-from cliplab.errors import ConfigError, DataError, InputError, ModelError
+from cliplab.errors import CliplabWarning, ConfigError, DataError, InputError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
 from cliplab.evaluate.zeroshot import zeroshot_classifier
@@ -571,6 +572,13 @@ def test_an_adapter_refuses_a_model_it_was_not_fitted_on(model, digits, ctx, tmp
     with pytest.raises(ModelError, match="fitted on other weights"):
         load_adapter(tmp_path / "a", other)
     assert load_adapter(tmp_path / "a", model).method == "linear-probe"
+    # saved before adapter.json recorded the weights: loaded, but never without a word
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    del meta["fingerprint"]
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    with pytest.warns(CliplabWarning, match=r"a records no weights fingerprint \(an adapter "
+                      r"saved by an older cliplab\): the model given is not checked"):
+        assert load_adapter(tmp_path / "a", other).method == "linear-probe"
 
 
 def test_options_templates_need_one_place_for_the_class():

@@ -24,6 +24,7 @@ from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.ports import free_port
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
+from tests.warned import warned
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -361,6 +362,31 @@ def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, 
     assert SearchIndex(tmp_path / "idx").count == 10
 
 
+def test_add_to_an_older_index_recording_a_relative_source_refuses_another_folder(
+        model_dir, tmp_path, monkeypatch):
+    """Indexes built before sources were resolved recorded `cam_a` as typed: an --add of the
+    same folder from elsewhere resolved it there, took the collection for a second source and
+    indexed every image again (24 items became 48). From the folder it was built in, --add
+    works as before; from elsewhere it is one line saying so."""
+    data = load_shapes(n=3, seed=3, kinds=["single"], image_size=32)
+    (tmp_path / "cam_a").mkdir()
+    for i in range(3):
+        Image.fromarray(data.images[i].numpy()).save(tmp_path / "cam_a" / f"IMG_{i:04d}.png")
+    build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx")
+    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record["sources"][0]["path"] = "cam_a"  # as an older cliplab wrote it
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"^--add: the index records its first source as the "
+                       r"relative path 'cam_a' \(an older index\), which is not here: run --add "
+                       r"from the folder the index was built in, or rebuild the index$"):
+        build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx", add=True)
+    assert SearchIndex(tmp_path / "idx").count == 3
+    monkeypatch.chdir(tmp_path)
+    assert build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx", add=True)["count"] == 3
+
+
 def _edited_copy(model_dir: Path, folder: Path, file: str, edit) -> Path:
     """A copy of ``model_dir`` (the same weights) with one JSON file edited by ``edit``."""
     shutil.copytree(model_dir, folder)
@@ -407,9 +433,10 @@ def test_add_and_search_refuse_a_model_that_embeds_otherwise(model_dir, tmp_path
 
 
 def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, tmp_path,
-                                                                      capsys):
+                                                                      capsys, recwarn):
     """Indexes written before the identity was kept still open and take `--add`, by weights,
-    and the --add says so; a record of another version (a later cliplab's) reads as none."""
+    and the --add says so, as serve does (it served them without a word); a record of another
+    version (a later cliplab's) reads as none."""
     build(model_dir, SHAPES, tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text())
     del record["towers"]
@@ -417,10 +444,19 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
     mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
                         lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(mean))
-    capsys.readouterr()
+    warned(recwarn)
     added = build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx", add=True)
     assert added["count"] == 2 * SHAPES["n"] and added["towers"] is None
-    assert "only the weights were checked" in capsys.readouterr().err
+    assert "only the weights were checked" in warned(recwarn)
+    from cliplab.serve.run import open_app
+
+    capsys.readouterr()
+    open_app(str(tmp_path / "idx"), model=str(mean))
+    assert capsys.readouterr().err == (
+        f"cliplab serve: warning: {tmp_path / 'idx'} keeps no record of its model's "
+        "preprocessing and tokenizer (an older index): only the weights were checked, and image "
+        "searches may differ from what this cliplab would embed; rebuild it to have them "
+        "checked\n")
     build(model_dir, SHAPES, tmp_path / "new")
     record = json.loads((tmp_path / "new" / "index.json").read_text())
     record["towers"]["version"] = 99

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ConfigError, ModelError, warn
 
 if TYPE_CHECKING:
     from cliplab.adapt.base import AdaptContext, Adapter
@@ -85,8 +85,13 @@ def load_adapter(folder: str | Path, model: DualEncoder) -> Adapter:
     from cliplab.models.folder import model_fingerprint
 
     meta, tensors = read_adapter(folder)
-    recorded = meta.get("fingerprint")  # adapters saved before it was recorded: not checked
-    if recorded is not None and recorded != model_fingerprint(model):
+    recorded = meta.get("fingerprint")
+    if recorded is None:  # saved before 2026-12-03: nothing to check the weights against
+        warn(f"{folder} records no weights fingerprint (an adapter saved by an older "
+             "cliplab): the model given is not checked against the one it was fitted on"
+             + (f" ({meta['model']})" if meta.get("model") else "") + "; on other weights "
+             "its scores mean nothing")
+    elif recorded != model_fingerprint(model):
         raise ModelError(f"{folder} was fitted on other weights than the model given (weights "
                          f"fingerprint {recorded}); load it with the model it was fitted on"
                          + (f" ({meta['model']}" + (f" with options {meta['model_options']}"

@@ -34,7 +34,7 @@ from cliplab.data.collection import (PIL_ERRORS, check_collection_path, open_col
                                      skip_message, skip_reason, source_spec)
 from cliplab.data.images import fit_to_model
 from cliplab.data.types import counts_text
-from cliplab.errors import CliplabError, ConfigError, DataError, first_line
+from cliplab.errors import CliplabError, ConfigError, DataError, first_line, warn
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.fingerprints import embedding_identity
@@ -44,7 +44,7 @@ from cliplab.output_folder import (check_writable_beside, hold, partial_path, re
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
-from cliplab.serve.index import model_difference
+from cliplab.serve.index import model_difference, unchecked_identity
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
 from cliplab.serve.tuning_queries import tuning_queries
@@ -147,11 +147,9 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         raise ConfigError(f"--add: {out} was built with model {existing['model']['name']} "
                           f"({existing['fingerprint'][:19]}); this one has {differs}: add with "
                           "that model, or rebuild the index")
-    if existing and not (existing.get("towers") or {}).get("version"):
-        # an index from before identities were kept: what embedded it is not known to be this
-        print(f"index: {out} keeps no record of its model's preprocessing and tokenizer (an "
-              "older index): only the weights were checked; rebuild it to have them checked",
-              file=sys.stderr)
+    unchecked = unchecked_identity(existing, out) if existing else None
+    if unchecked:  # what embedded the index is not known to be this: none is recorded
+        warn(f"index: {unchecked}")
         towers = None
     # index_type, recall and max_memory_gb shape only the finishing step: not part of the
     # request, so a run that failed there is finished with another index type
@@ -382,6 +380,14 @@ def key_prefix(spec: dict, existing: dict | None) -> str:
     sources = (existing or {}).get("sources") or []
     if not sources or _source_identity(sources[0]) == _source_identity(spec):
         return ""
+    first = sources[0].get("path")
+    if first is not None and not Path(first).expanduser().is_absolute() \
+            and not Path(first).expanduser().exists():
+        # indexes before 2026-12-03 recorded the path as typed: from another folder the same
+        # collection would be a second source, every item indexed twice
+        raise ConfigError(f"--add: the index records its first source as the relative path "
+                          f"{first!r} (an older index), which is not here: run --add from the "
+                          "folder the index was built in, or rebuild the index")
     return _source_identity(spec) + "|"
 
 

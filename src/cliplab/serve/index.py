@@ -134,6 +134,16 @@ def model_difference(record: dict, fingerprint: str, identity: dict) -> str | No
     return f"the same weights but another {differs}" if differs else None
 
 
+def unchecked_identity(record: dict, path) -> str | None:
+    """What to say of an index written before the preprocessing and tokenizer of its model
+    were recorded (only its weights can be checked), or None for a newer one."""
+    if (record.get("towers") or {}).get("version"):
+        return None
+    return (f"{path} keeps no record of its model's preprocessing and tokenizer (an older "
+            "index): only the weights were checked, and image searches may differ from what "
+            "this cliplab would embed; rebuild it to have them checked")
+
+
 def embeds_otherwise(record: dict, model) -> str | None:
     """`model_difference` of a loaded model against the index ``record``."""
     return model_difference(record, model_fingerprint(model), embedding_identity(model))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError
 from cliplab.serve.image_files import release_large_images_at_once
-from cliplab.serve.index import SearchIndex, embeds_otherwise, image_only_tuning
+from cliplab.serve.index import (SearchIndex, embeds_otherwise, image_only_tuning,
+                                 unchecked_identity)
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
 STOP_GRACE_S = 5.0  # how long a stopped server finishes requests in flight
@@ -36,6 +37,9 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
     stale = image_only_tuning(index.record)
     if stale:
         print(f"cliplab serve: warning: {index_path}: {stale}", file=sys.stderr)
+    unchecked = unchecked_identity(index.record, index_path)
+    if unchecked:  # --model or the recorded one: neither can be checked beyond its weights
+        print(f"cliplab serve: warning: {unchecked}", file=sys.stderr)
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key,
                       max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed_hosts)
