@@ -314,6 +314,22 @@ def test_classes_keeps_those_classes_relabelled_in_the_given_order(fmnist_dir):
     assert bag.classnames == [full.classnames[8]] and len(bag) == 3
 
 
+def test_holdout_takes_one_name_and_numbers_as_classes_does():
+    """`holdout: three` was split into its letters (unknown class 't'), `holdout: [3]` a
+    traceback ('int' object has no attribute 'lower'); `classes` already read both."""
+    assert len(load_source({"source": "digits", "split": "test", "holdout": "three"})) == \
+        len(load_source({"source": "digits", "split": "test", "holdout": ["three"]}))
+    for holdout in ([3], 3):
+        with pytest.raises(DataError, match=r"^data.test: unknown class '3'; classes are: zero"):
+            load_source({"source": "digits", "split": "test", "holdout": holdout},
+                        where="data.test")
+    for bad in ({"a": 1}, True, [["zero"]]):
+        for key in ("holdout", "classes"):
+            with pytest.raises(ConfigError, match=rf"^{key}: expected a class name or a list of "
+                               r"class names \(source 'digits'\), got "):
+                load_source({"source": "digits", "split": "test", key: bad})
+
+
 def test_templates_replace_a_classification_sources_prompts():
     spec = {"source": "shapes", "attribute": "color", "n": 4, "image_size": 32}
     own = load_source(spec)

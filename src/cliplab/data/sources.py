@@ -220,22 +220,35 @@ class _Options(Section):
                               arbitrary_types_allowed=True, protected_namespaces=())
 
 
+def _class_names(value: Any, key: str, name: str) -> list[str]:
+    """``holdout`` / ``classes`` as class names: one name is one class (not its letters), and
+    numbers are names too (a class folder ``3``); anything else is one line."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or \
+            not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{key}: expected a class name or a list of class names (source "
+                          f"{name!r}), got {value!r}")
+    return [str(v) for v in value]
+
+
 def _load(fn: Callable, name: str, spec: dict, holdout: Any, classes: Any, shift: Any,
           shift_seed: Any, templates: list[str] | None) -> Dataset:
+    holdout = _class_names(holdout, "holdout", name) if holdout is not None else None
+    classes = _class_names(classes, "classes", name) if classes is not None else None
     data = fn(**spec)
     if holdout:
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"holdout needs single-label images; {name!r} gives {_kind(data)}")
-        data, _ = split_classes(data, list(holdout))
+        data, _ = split_classes(data, holdout)
     if classes is not None:
-        classes = [classes] if isinstance(classes, str) else list(classes)  # not its letters
         if not classes:
             raise ConfigError(f"data source {name!r}: classes: [] keeps no class; leave it out "
                               "to keep every class")
         if not isinstance(data, LabelledImages):
             raise ConfigError(f"classes needs single-label images; {name!r} gives "
                               f"{_kind(data)}{_label_col_hint(name, data)}")
-        data = select_classes(data, [str(c) for c in classes])
+        data = select_classes(data, classes)
     if templates is not None:
         if isinstance(data, ImageTextPairs):
             raise ConfigError(f"templates needs a classification source; {name!r} gives "
