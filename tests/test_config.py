@@ -337,3 +337,19 @@ def test_a_section_given_a_value_is_said_in_yaml_words():
                                           r"got a Sequential object \(a Python object where a "
                                           r"config value goes\)$"):
         validate(PretrainConfig, {**recipe, "model": model}, "x")
+
+
+def test_a_whole_config_check_an_override_failed_names_the_command_line(tmp_path):
+    """Checks of the whole config (a key with no effect) name no key in pydantic's location,
+    and their message did not start `KEY:`: the file alone was blamed for an override's key."""
+    from cliplab.curate.config import CurateConfig
+
+    recipe = tmp_path / "basic.yaml"
+    recipe.write_text("data: {source: shapes, n: 8}\nsteps: [{step: exact_dedup}]\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe} \+ command line: ray_address has no "
+                       "effect unless engine is ray; drop it$"):
+        load_config(CurateConfig, recipe, ["ray_address=localhost:6379"])
+    recipe.write_text("data: {source: shapes, n: 8}\nsteps: [{step: exact_dedup}]\n"
+                      "ray_address: localhost:6379\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: ray_address has no effect"):
+        load_config(CurateConfig, recipe, ["seed=3"])  # the file's key, not the override's

@@ -319,10 +319,11 @@ def plain_paths(data: Any) -> Any:
 
 def _error_key_path(error: dict, prefix: str) -> str:
     """The key path a pydantic error is about; a whole-section check has none in its location,
-    and names the key at the start of its message instead (``steps[2]: unknown key ...``)."""
+    and names the key at the start of its message instead (``steps[2]: unknown key ...``,
+    ``scale=2.0 does not apply ...``, ``quality has no effect ...``); "" when it names none."""
     path = ".".join(_location(error, prefix))
     if path == prefix:
-        named = re.match(r"(?:Value error, )?([\w.\[\]]+):", error["msg"])
+        named = re.match(r"(?:Value error, )?([\w.\[\]]+)(?::|=| has no effect)", error["msg"])
         if named:
             path = ".".join([prefix] * bool(prefix) + [named.group(1)])
     return _key_path(path)
@@ -363,10 +364,11 @@ def load_config(schema: type[S], path: str | Path | None = None,
     try:
         return validate(schema, raw, "")
     except ConfigError as err:
-        # the file is named alone when the command line set none of the keys at fault
+        # the file is named alone when the command line set none of the keys at fault (a
+        # fault whose key is unknown may be the command line's)
         wrong = getattr(err, "key_paths", [])
         by_command_line = any(_overlaps(k, g) for k in wrong for g in given) or (
-            not wrong and bool(given))
+            bool(given) and (not wrong or "" in wrong))
         raise ConfigError(f"{config_source(path, by_command_line)}: {err}") from None
 
 
