@@ -353,3 +353,20 @@ def test_a_whole_config_check_an_override_failed_names_the_command_line(tmp_path
                       "ray_address: localhost:6379\n")
     with pytest.raises(ConfigError, match=rf"^{recipe}: ray_address has no effect"):
         load_config(CurateConfig, recipe, ["seed=3"])  # the file's key, not the override's
+
+
+def test_dates_stay_text_and_a_command_line_has_no_comments(tmp_path):
+    """`out=2026-12-06` became a datetime.date, refused as "a Python object" (in a YAML file
+    too); `title=run #2 vs #3` was cut to "run" without a word (YAML read a comment)."""
+    from cliplab.config import parse_value
+
+    assert parse_value("2026-12-06") == "2026-12-06"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: 2026-12-06\nwhen: 2026-12-06 10:00:00\n")
+    assert load_yaml(recipe) == {"name": "2026-12-06", "when": "2026-12-06 10:00:00"}
+    assert apply_overrides({}, ["title=run #2 vs #3", "tag=#1", "a=x#y"]) == {
+        "title": "run #2 vs #3", "tag": "#1", "a": "x#y"}
+    assert apply_overrides({}, ['t="x #y"', "l=[a, '#b']"]) == {"t": "x #y", "l": ["a", "#b"]}
+    with pytest.raises(ConfigError, match=r"^the command line: l=\[a, b\] # c: ' #' starts a "
+                       r"YAML comment, which would drop what follows it; quote the text"):
+        apply_overrides({}, ["l=[a, b] # c"])

@@ -143,13 +143,30 @@ _KeysOnceLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def parse_value(raw: str) -> Any:
+# YAML 1.1 reads 2026-12-06 as a date, which no config value takes ("a Python object"):
+# dates stay text, as OmegaConf and Hydra keep them
+for _first, _resolvers in list(_KeysOnceLoader.yaml_implicit_resolvers.items()):
+    _KeysOnceLoader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in _resolvers if tag != "tag:yaml.org,2002:timestamp"]
+
+_COMMENT = re.compile(r"(^|\s)#")
+
+
+def parse_value(raw: str, key: str = "") -> Any:
     """A ``key=value`` override's value as YAML (``1e-3`` a number, as in a config file); text
-    that is no valid YAML stays as it is."""
+    that is no valid YAML stays as it is. A command line has no comments: text with a `` #``
+    (``title=run #2``) is kept whole, where YAML cut it; a list or mapping it would cut is
+    refused (``key`` names it)."""
     try:
-        return yaml.load(raw, Loader=_KeysOnceLoader) if raw else ""
+        value = yaml.load(raw, Loader=_KeysOnceLoader) if raw else ""
     except yaml.YAMLError:
         return raw
+    if _COMMENT.search(raw) and "#" not in repr(value):  # YAML took the rest for a comment
+        if value is None or isinstance(value, str):
+            return raw.strip()
+        raise ConfigError(f"the command line: {key or 'a value'}={raw}: ' #' starts a YAML "
+                          "comment, which would drop what follows it; quote the text holding it")
+    return value
 
 
 def shipped_config(path: str | Path) -> Path:
@@ -210,7 +227,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
-        value = parse_value(raw)
+        value = parse_value(raw, key)
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
@@ -383,7 +400,7 @@ def _refuse_options_overridden(overrides: Sequence[str], extra: dict, replace: d
                   for path, value in _leaves(_set(replace)).items()})
     for item in overrides:
         key, _, raw = item.partition("=")
-        value = parse_value(raw)
+        value = parse_value(raw, key)
         path = _key_path(key)
         if path in given and value != given[path][1]:
             raise ConfigError(f"the command line: {key} is given twice, as {given[path][0]} "
