@@ -187,6 +187,11 @@ def test_adapter_refuses_a_different_base(tmp_path, digits):
                                        ({"objective": "mse"}, "objective"),
                                        ({"towers": ["text"]}, "image tower only"),
                                        ({"modules": "ffn"}, "modules"),
+                                       # passed, then failed after the zero-shot encode
+                                       ({"modules": []}, "options.modules: .*expected at least 1 "
+                                                         "value, got none"),
+                                       # peft scales by alpha / rank: every adapter a no-op
+                                       ({"alpha": 0}, "options.alpha: expected greater than 0"),
                                        ({"rnak": 4}, "unknown key")])
 def test_bad_lora_options(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -94,6 +94,21 @@ def test_a_minimum_above_its_maximum_is_a_config_error(tmp_path, unit):
     assert getattr(equal, f"min_{unit}") == getattr(equal, f"max_{unit}") == 4
 
 
+def test_languages_are_lower_case_codes(tmp_path):
+    """[english] or [EN] validated, then matched no caption's language: 300 of 300 dropped."""
+    from cliplab.config import load_config
+    from cliplab.curate.config import CurateConfig
+    from cliplab.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: shapes\nsteps:\n  - {step: basic, languages: [en]}\n")
+    assert load_config(CurateConfig, path).steps[0].languages == ["en"]
+    with pytest.raises(ConfigError, match=r"command line: steps\[0\].languages: expected ISO "
+                       r"639-1 language codes in lower case, as langid names them \(en, de, fr, "
+                       r"...\), got 'english', 'EN'$"):
+        load_config(CurateConfig, path, ["steps.0.languages=[english, EN]"])
+
+
 def test_a_prepared_step_pickles_and_detects_languages_after(tmp_path):
     """Worker processes get the step pickled after ``prepare``; they build the identifier."""
     import pickle

@@ -81,6 +81,9 @@ def test_scenes_without_a_relation_have_no_twin():
     with pytest.raises(DataError, match="counterfactuals"):
         load_source({"source": "shapes", "attribute": "color", "n": 4,
                      "counterfactuals": True})
+    # kinds was dropped unchecked with attribute (a typo passed, recorded as run)
+    with pytest.raises(DataError, match=r"^shapes: kinds has no effect with attribute"):
+        load_source({"source": "shapes", "attribute": "color", "n": 4, "kinds": ["bogus"]})
 
 
 def test_partners_are_validated_and_survive_concatenation(twins):

@@ -139,8 +139,11 @@ def test_config_switch_and_errors():
         TrainConfig.from_dict({"hard_negatives": {"kinds": ["colour_swap"]}})
     # what it takes is said (not pydantic's "a valid dictionary or instance of HardNegatives")
     with pytest.raises(ConfigError, match=r"train\.hard_negatives: expected true, false or a "
-                                          r"mapping such as \{kinds: .*got 'maybe'$"):
+                                          r"mapping such as \{kinds: .*got 'maybe'$") as said:
         TrainConfig.from_dict({"hard_negatives": "maybe"})
+    example = str(said.value).split("such as ")[1].split(", got")[0]  # valid as written
+    kinds = example.split("[")[1].split("]")[0].split(", ")
+    assert TrainConfig.from_dict({"hard_negatives": {"kinds": kinds}}).hard_negatives
     with pytest.raises(ConfigError, match=r"train\.hard_negatives\.seed: expected a valid "
                                           r"integer, got a number with a fractional part "
                                           r"\(1\.5\)$"):

@@ -16,7 +16,7 @@ import contextlib
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -68,9 +68,10 @@ class Options(Section):
 
     towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
     rank: int = Field(8, ge=1)
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank: 0 trains nothing
     dropout: float = Field(0.0, ge=0, lt=1)
-    modules: Literal["all", "attention", "mlp"] | list[str] = "all"  # or module names: [q_proj]
+    modules: Literal["all", "attention", "mlp"] | Annotated[  # or module names: [q_proj]
+        list[str], Field(min_length=1)] = "all"
     objective: Literal["classifier", "contrastive"] = "classifier"  # head | captions of labels
     train_head: bool = True  # classifier objective: the head trains with the adapters
     merge: bool = False  # also write the merged full model folder

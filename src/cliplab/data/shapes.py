@@ -422,6 +422,9 @@ def shapes_source(attribute: Literal["shape", "color"] | None = None, multilabel
     if counterfactuals:
         raise DataError("shapes: counterfactuals (twin scenes) are made for image-text pairs; "
                         "drop them, or drop attribute/multilabel")
+    if kinds is not None and not multilabel:  # it was dropped unchecked
+        raise DataError("shapes: kinds has no effect with attribute (its images hold one object "
+                        "each); drop it")
     if multilabel:
         return shapes_multilabel(attribute=attribute or "color", **kw,
                                  **({"kinds": kinds} if kinds is not None else {}))

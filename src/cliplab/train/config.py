@@ -153,8 +153,8 @@ class TrainConfig(Section):
         if isinstance(value, bool):
             return {} if value else None
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"expected true, false or a mapping such as {{kinds: [attribute, "
-                             f"relation], seed: 1}}, got {value!r}")
+            raise ValueError(f"expected true, false or a mapping such as {{kinds: "
+                             f"[attribute_swap, relation_swap], seed: 1}}, got {value!r}")
         return value
 
     @field_validator("augment", mode="before")

@@ -19,7 +19,7 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
@@ -40,6 +40,17 @@ class Spec(StepSpecBase):
 
     def packages(self) -> dict[str, str]:
         return {"langid": "the languages rule"} if self.languages else {}
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, codes: list[str] | None) -> list[str] | None:
+        """ISO 639-1 codes as langid names them ([en, de]): [english] or [EN] matched no
+        caption's language, so every pair was dropped."""
+        wrong = [code for code in codes or [] if not re.fullmatch(r"[a-z]{2,3}", code)]
+        if wrong:
+            raise ValueError(f"expected ISO 639-1 language codes in lower case, as langid names "
+                             f"them (en, de, fr, ...), got {', '.join(map(repr, wrong))}")
+        return codes
 
     @model_validator(mode="after")
     def _ranges(self) -> "Spec":
