@@ -33,6 +33,17 @@ def fmnist_dir(tmp_path):
     return tmp_path
 
 
+def test_a_fashion_mnist_folder_given_from_home_is_found(fmnist_dir, monkeypatch):
+    """`~/fm` as the quickstart's data.data_dir (or --data-dir=~/fm, which no shell expands)
+    was "folder ~/fm does not exist"; every other path key reads `~` as home."""
+    from cliplab.cli import build_parser, parse_command_line
+
+    monkeypatch.setenv("HOME", str(fmnist_dir.parent))
+    assert len(load_fashion_mnist("test", f"~/{fmnist_dir.name}")) == 10
+    args = parse_command_line(build_parser(), ["quickstart", f"--data-dir=~/{fmnist_dir.name}"])
+    assert args.data_dir == str(fmnist_dir)
+
+
 def test_fashion_mnist_reads_idx_files_exactly(fmnist_dir):
     data = load_fashion_mnist("train", fmnist_dir)
     raw = read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")

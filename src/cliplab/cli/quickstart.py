@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common(p, "train.epochs=1 train.batch_size=128")
     p.add_argument("--out", help="run folder (default runs/quickstart-<time>)",
                    type=os.path.expanduser)
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default "
+    p.add_argument("--data-dir", metavar="DIR", type=os.path.expanduser,
+                   help="folder with the Fashion-MNIST IDX files (default "
                    "$CLIPLAB_FASHION_MNIST, else Debian's /usr/share/datasets/fashion-mnist)")
     add_debug(p)
 

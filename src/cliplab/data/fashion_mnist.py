@@ -111,7 +111,7 @@ def load_fashion_mnist(split: Literal["train", "test"] = "train",
     ``descriptions=False``."""
     if split not in FILES:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
-    folder = Path(data_dir) if data_dir else default_dir()
+    folder = Path(data_dir).expanduser() if data_dir else default_dir()
     if not folder.is_dir():
         raise DataError(f"Fashion-MNIST folder {folder} does not exist; {WHERE}")
     image_file, label_file = (_find(folder, stem) for stem in FILES[split])
