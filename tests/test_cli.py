@@ -123,8 +123,11 @@ def test_unknown_model_in_eval(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
+    """... and exits 2 as without it: a script checking for bad input's code saw 1."""
     out = run_cli("--debug", "pretrain", "--config", str(tmp_path / "nope.yaml"))
-    assert out.returncode != 0 and "Traceback" in out.stderr
+    assert out.returncode == 2 and "Traceback" in out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith("cliplab.errors.ConfigError: config "
+                                                           "file")
 
 
 def test_a_run_folder_holding_a_run_is_refused_unless_resumed(tmp_path, capsys):

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cliplab: terminated", file=sys.stderr)
         return 143
     except CliplabError as err:
-        if args.debug:
-            raise
         _end_progress_bars()
+        if args.debug:  # the traceback, and still bad input's code (a script checks for 2)
+            traceback.print_exc()
+            return EXIT_BAD_INPUT
         hint = other_command_hint(_command_name(args), getattr(args, "config", None)) \
             if isinstance(err, ConfigError) else None
         who = ""
