@@ -422,7 +422,15 @@ def test_a_help_that_lists_config_keys_lists_every_one(capsys):
         keys = text.split("Config keys:", 1)[1].split(";")[0].split(". ")[0]
         words = set(re.findall(r"[a-z_]+", keys))
         assert config_keys(command) <= words, (command, config_keys(command) - words)
-    assert listed >= 4
+    assert listed == len(CONFIG_SCHEMAS) - 1  # eval's config is its suite: {tasks, precision}
+    # pretrain's train section in full (all but progress, which --no-progress sets)
+    from cliplab.train.trainer import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    train = set(re.findall(r"[a-z_]+", text.split("replay}, train {", 1)[1].split("}")[0]))
+    assert set(TrainConfig.model_fields) - {"progress"} <= train
 
 
 def test_every_help_fits_80_columns_and_keeps_names_whole(monkeypatch):

@@ -18,7 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "kept pool (shards or a manifest), "
                        "dropped.parquet (every dropped item with its step and reason), "
                        "summary.json and report.md/report.html. Sources are never modified; a "
-                       "killed run resumes when re-run with the same config.",
+                       "killed run resumes when re-run with the same config. Config keys: "
+                       "data, steps (each {step, name, and its rule's keys}), output {format, "
+                       "samples_per_shard}, chunk_size, seed, engine, workers, ray_address, "
+                       "examples, device, out.",
                        epilog="example: cliplab curate --config configs/curate/basic.yaml "
                        "--data photos/ --out runs/curated chunk_size=128")
     p.add_argument("--overwrite", action="store_true",

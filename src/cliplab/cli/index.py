@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "the same command is run again. key=value overrides set config keys "
                        "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500, "
                        "collection=NAME for a Milvus collection of that name instead of a "
-                       "fresh one).")
+                       "fresh one). Config keys: model, data, out, add, backend, uri, "
+                       "collection, index_type, recall, max_memory_gb, batch_size, chunk, "
+                       "device (configs/index/collection.yaml lists each at its default).")
     add_common(p, "index_type=hnsw batch_size=32")
     p.add_argument("--model", help=MODEL_SPECS)
     add_data_argument(p)

@@ -15,11 +15,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `cliplab pretrain`, its arguments and its ``--help``, to ``sub``."""
     p = sub.add_parser("pretrain", help="contrastive pretraining from a YAML recipe",
                        description="Train a dual encoder on image-text pairs as a recipe says "
-                       "(see configs/pretrain/), then run its zero-shot eval tasks. The same "
+                       "(see configs/pretrain/), then run its eval tasks. The same "
                        "recipe runs on many processes with `torchrun --nproc-per-node N -m "
                        "cliplab pretrain --config X.yaml`: the loss sees the global batch "
                        "(train.batch_size over all ranks); train.fsdp shards large towers; "
-                       "data.train {source: shards, stream: true} streams WebDataset shards.")
+                       "data.train {source: shards, stream: true} streams WebDataset shards. "
+                       "Config keys: model {name, options}, data {train, replay}, "
+                       "train {epochs or steps, batch_size, lr, weight_decay, warmup, "
+                       "min_lr_ratio, grad_clip, lock_text, lock_image, lock_text_except_last, "
+                       "lock_image_except_last, augment, multi_positive, hard_negatives, "
+                       "lr_scale, precision, loss, loss_tile, micro_batch_size, "
+                       "gradient_checkpointing, cache_frozen_features, fsdp, dist_timeout_s, "
+                       "eval_every, device, seed, log_every, save_every, keep_checkpoints}, "
+                       "eval {tasks, precision}, out. A recipe runs its eval tasks after "
+                       "training (and every train.eval_every steps).")
     add_common(p, "train.lr=3e-4 train.epochs=2")
     p.add_argument("--out", type=os.path.expanduser,
                    help="run folder (default: the config's 'out' or runs/pretrain-<time>)")

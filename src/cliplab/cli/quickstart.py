@@ -16,7 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Pretrain the lit-minilm preset on Fashion-MNIST with three "
                        "classes held out, then report zero-shot accuracy on them and on all "
                        "classes, and a linear probe. Writes a run folder with config.yaml, "
-                       "metrics.jsonl, the checkpoint and results.json.")
+                       "metrics.jsonl, the checkpoint and results.json. Config keys: model "
+                       "{name, options}, data {data_dir, heldout, train_limit, test_limit, "
+                       "descriptions, validation}, train (as pretrain's), eval "
+                       "{probe_train_size, probe_l2, probe_features, probe_layers}, out "
+                       "(configs/quickstart.yaml lists each at its default).")
     add_common(p, "train.epochs=1 train.batch_size=128")
     p.add_argument("--out", help="run folder (default runs/quickstart-<time>)",
                    type=os.path.expanduser)
