@@ -348,3 +348,14 @@ def test_a_width_the_heads_do_not_divide_is_refused_in_the_models_config(preset,
     with pytest.raises(ConfigError, match=rf"^model: option {key} of preset "
                        rf"'{preset}' \({width}\) must be a multiple of heads \({heads}\)"):
         model_spec({"name": preset, "options": options})
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"activation": "gleu"}, r"unknown activation 'gleu'; choose from gelu, "),
+    ({"image_size": 32, "patch_size": 7}, r"image_size 32 is not a multiple of patch_size 7"),
+])
+def test_an_activation_or_patch_size_is_refused_in_the_models_config(options, said):
+    """They were checked only when the towers were built (after the data loaded), and the
+    error named neither the model section nor the config."""
+    with pytest.raises(ConfigError, match=rf"^model: {said}"):
+        model_spec({"name": "tiny-clip", "options": options})

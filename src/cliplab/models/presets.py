@@ -178,6 +178,12 @@ def check_preset_options(name: str, options: dict) -> None:
         if isinstance(width, int) and isinstance(heads, int) and width % heads:
             raise ModelError(f"option {key} of preset {name!r} ({width}) must be a multiple of "
                              f"heads ({heads}): each attention head takes {key}/heads channels")
+    # checked again when the towers are built, but then after the data loaded and without
+    # the key or the config's name
+    if isinstance(chosen.get("image_size"), int) and isinstance(chosen.get("patch_size"), int):
+        _check_patches(chosen["image_size"], chosen["patch_size"])
+    if "activation" in options:
+        _check_activation(options["activation"])
 
 
 def build_model(name: str, **options) -> DualEncoder:
