@@ -348,3 +348,14 @@ def test_saving_a_model_that_carries_lora_layers_says_how_to_save_it(tmp_path, d
     with torch.no_grad():
         torch.testing.assert_close(DualEncoder.load(tmp_path / "m").encode_image(pixels),
                                    model.encode_image(pixels))
+
+
+def test_another_methods_key_names_the_methods_that_take_it():
+    """`options.rank=4` on coop was only "unknown key" (merge names the owners of its keys)."""
+    from cliplab.adapt import coop
+
+    with pytest.raises(ConfigError, match=r"^adapt method 'coop': unknown key options.rank "
+                       r"\(valid: .*\) \(rank: an option of lora\)$"):
+        method_options(coop.Options, {"rank": 4}, "coop")
+    with pytest.raises(ConfigError, match=r"unknown key options.rnak \(valid: [^)]*\)$"):
+        method_options(coop.Options, {"rnak": 4}, "coop")  # nobody's: no owners to name
