@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "class drawn with seed from data.train, then train_size at random), "
                        "score it and the hand-written-prompt zero-shot head on data.test (and "
                        "data.shifted), and write what it learned: few-shot methods "
-                       "adapter.safetensors + adapter.json; finetune a model folder; lora a "
-                       "peft adapter folder; wise-ft its sweep. Every run writes config.yaml "
+                       "adapter.safetensors + adapter.json; finetune and lora a run folder "
+                       "(checkpoints/step-N/model, lora's adapter/ beside it, a peft adapter "
+                       "folder); wise-ft its sweep. Every run writes config.yaml "
                        "and results.json. Config keys: method, model, data {train, test, "
                        "shifted, val}, shots, train_size, val_shots, seed, options (the method's "
                        "own), compare_zeroshot, cache_dir, device, out.",
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"adaptation method: {', '.join(ADAPT_METHODS)} (or the config's "
                    "'method')")
     p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
-    p.add_argument("--cache-dir", help="keep image features here, reused by later runs")
+    p.add_argument("--cache-dir", metavar="DIR", help="keep image features here, reused by later runs")
     add_device(p)
     add_stage_arguments(p, "run folder (default: the config's 'out' or "
                         "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")

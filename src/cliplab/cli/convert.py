@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source_format", choices=["open_clip"], default="open_clip",
                    help="checkpoint format (default open_clip)")
     p.add_argument("source", metavar="SRC", help="checkpoint file or OpenCLIP folder")
-    p.add_argument("--out", required=True, help="model folder to write",
+    p.add_argument("--out", metavar="DIR", required=True, help="model folder to write",
                    type=os.path.expanduser)
     p.add_argument("--config", dest="model_config", metavar="JSON",
                    help="OpenCLIP model config (default: open_clip_config.json or the one "

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
                             description="Write a dataset as WebDataset tar shards in img2dataset's "
                             "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
-                            "sample, NNNNN_stats.json per shard and index.json. Config keys: "
+                            "sample, NNNNN_stats.json per shard, stats.json and index.json. "
+                            "Config keys: "
                             "data (the source spec), out, samples_per_shard, image_format, "
                             "quality, overwrite; key=value overrides set any of them, e.g. "
                             "data.split=test data.limit=500 quality=90.",

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
                    help="onnx: image and text graphs for onnxruntime; open_clip: "
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
-    p.add_argument("--out", required=True, help="folder to write",
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write",
                    type=os.path.expanduser)
     p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
     p.add_argument("--overwrite", action="store_true",

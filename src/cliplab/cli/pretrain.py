@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "eval {tasks, precision}, out. A recipe runs its eval tasks after "
                        "training (and every train.eval_every steps).")
     add_common(p, "train.lr=3e-4 train.epochs=2")
-    p.add_argument("--out", type=os.path.expanduser,
+    p.add_argument("--out", metavar="DIR", type=os.path.expanduser,
                    help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue from a checkpoint folder, or 'latest' in the run folder; "

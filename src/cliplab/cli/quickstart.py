@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "{probe_train_size, probe_l2, probe_features, probe_layers}, out "
                        "(configs/quickstart.yaml lists each at its default).")
     add_common(p, "train.epochs=1 train.batch_size=128")
-    p.add_argument("--out", help="run folder (default runs/quickstart-<time>)",
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/quickstart-<time>)",
                    type=os.path.expanduser)
     p.add_argument("--data-dir", metavar="DIR", type=os.path.expanduser,
                    help="folder with the Fashion-MNIST IDX files (default "
