@@ -163,8 +163,9 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
     # --method (or method=) replacing the file's: its options belong to the file's method
     (["--method", "coop", "--config", "configs/adapt/tip-adapter.yaml"],
      "unknown key options.search (valid: batch_size, class_specific, epochs, init, lr, n_ctx, "
-     "names, optimizer, warmup, weight_decay) (the config's options are for its method "
-     "'tip-adapter', replaced by 'coop')"),
+     "names, optimizer, warmup, weight_decay) (search: an option of tip-adapter, "
+     "tip-adapter-f) (the config's options are for its method 'tip-adapter', replaced by "
+     "'coop')"),
     (["--config", "configs/adapt/tip-adapter.yaml", "method=coop"],
      "for its method 'tip-adapter', replaced by 'coop'"),
 ])

@@ -352,10 +352,11 @@ def test_saving_a_model_that_carries_lora_layers_says_how_to_save_it(tmp_path, d
 
 def test_another_methods_key_names_the_methods_that_take_it():
     """`options.rank=4` on coop was only "unknown key" (merge names the owners of its keys)."""
-    from cliplab.adapt import coop
+    from cliplab.adapt.run import checked_config
 
-    with pytest.raises(ConfigError, match=r"^adapt method 'coop': unknown key options.rank "
+    cfg = {"method": "coop", "data": {"train": {"source": "digits"}, "test": {"source": "digits"}}}
+    with pytest.raises(ConfigError, match=r"^the adapt config: unknown key options.rank "
                        r"\(valid: .*\) \(rank: an option of lora\)$"):
-        method_options(coop.Options, {"rank": 4}, "coop")
+        checked_config({**cfg, "options": {"rank": 4}})
     with pytest.raises(ConfigError, match=r"unknown key options.rnak \(valid: [^)]*\)$"):
-        method_options(coop.Options, {"rnak": 4}, "coop")  # nobody's: no owners to name
+        checked_config({**cfg, "options": {"rnak": 4}})  # nobody's: no owners to name

@@ -61,7 +61,7 @@ def test_eval_and_index_of_a_broken_model_folder_are_one_line(command, tmp_path,
         suite = tmp_path / "suite.yaml"
         suite.write_text(yaml.safe_dump({"tasks": [
             {"name": "colour", "task": "zeroshot",
-             "data": {**SHAPES, "attribute": "color"}}]}))
+             "data": {**SHAPES, "kinds": None, "attribute": "color"}}]}))
         argv = ["eval", "--config", str(suite), "--model", str(folder), "--out", str(out)]
     else:
         argv = ["index", "--model", str(folder), "--data", "shapes", "data.n=20",

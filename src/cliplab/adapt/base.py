@@ -247,26 +247,4 @@ def method_options(schema: type[O], given: O | dict | None, method: str,
     (default: the method) and the key as ``options.KEY``."""
     if isinstance(given, schema):
         return given
-    try:
-        return validate(schema, given or {}, where or f"adapt method {method!r}",
-                        prefix="options")
-    except ConfigError as err:
-        owners = _other_methods_keys(set(given or {}) - set(schema.model_fields), method)
-        if not owners:
-            raise
-        raise ConfigError(f"{err} ({'; '.join(owners)})") from None
-
-
-def _other_methods_keys(keys: set[str], method: str) -> list[str]:
-    """Which other methods take each of ``keys`` (``rank: an option of lora``): a key of
-    another method was only "unknown"."""
-    from cliplab.adapt import ADAPT_METHODS, get_method
-
-    said = []
-    for key in sorted(keys):
-        takers = [name for name in ADAPT_METHODS if name != method
-                  and key in getattr(getattr(get_method(name), "Options", None), "model_fields",
-                                     {})]
-        if takers:
-            said.append(f"{key}: an option of {', '.join(takers)}")
-    return said
+    return validate(schema, given or {}, where or f"adapt method {method!r}", prefix="options")

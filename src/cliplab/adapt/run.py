@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cliplab.adapt import AdaptContext, Adapter, get_method
+from cliplab.adapt import ADAPT_METHODS, AdaptContext, Adapter, get_method
 from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
@@ -40,8 +40,29 @@ def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
     naming ``where`` and the key path, before any work starts."""
     if not isinstance(cfg, AdaptConfig):
         cfg = validate(AdaptConfig, cfg, where)
-    options = method_options(get_method(cfg.method).Options, cfg.options, cfg.method, where)
+    schema = get_method(cfg.method).Options
+    try:
+        options = method_options(schema, cfg.options, cfg.method, where)
+    except ConfigError as err:
+        given = cfg.options if isinstance(cfg.options, dict) else {}
+        owners = other_methods_keys(set(given) - set(schema.model_fields), cfg.method)
+        if not owners:
+            raise
+        raise ConfigError(f"{err} ({'; '.join(owners)})") from None
     return cfg, options
+
+
+def other_methods_keys(keys: set[str], method: str) -> list[str]:
+    """Which other methods take each of ``keys`` (``rank: an option of lora``): a key of
+    another method was only "unknown"."""
+    said = []
+    for key in sorted(keys):
+        takers = [name for name in ADAPT_METHODS if name != method
+                  and key in getattr(getattr(get_method(name), "Options", None), "model_fields",
+                                     {})]
+        if takers:
+            said.append(f"{key}: an option of {', '.join(takers)}")
+    return said
 
 
 def check_model_found(spec: ModelSpec) -> None:
