@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
                                    add_device, check_out_is_not_input, data_spec)
+from cliplab.errors import warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,12 +62,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"index {cfg.out}: {describe(record)}")
     tuned = record.get("faiss", {})
     if tuned.get("parameter") and tuned["recall"] < tuned["recall_target"]:
-        print(f"index: warning: recall {tuned['recall']:.3f} stays below the target "
-              f"{tuned['recall_target']} at the widest search ({tuned['parameter']}="
-              f"{tuned['value']}): {tuned['type']} loses neighbours on this collection; "
-              "--index-type flat is exact" + (" (ivf-flat and hnsw keep the vectors whole, "
-                                              "unlike PQ)" if "PQ" in tuned["type"] else ""),
-              file=sys.stderr)
+        warn(f"index: recall {tuned['recall']:.3f} stays below the target "
+             f"{tuned['recall_target']} at the widest search ({tuned['parameter']}="
+             f"{tuned['value']}): {tuned['type']} loses neighbours on this collection; "
+             "--index-type flat is exact" + (" (ivf-flat and hnsw keep the vectors whole, "
+                                             "unlike PQ)" if "PQ" in tuned["type"] else ""))
     if record.get("already_indexed"):
         print(f"{record['already_indexed']} item(s) of the collection were in the index "
               "already (not added again, nor read: rebuild the index to take files changed "

@@ -8,10 +8,9 @@ import ipaddress
 import math
 import re
 import socket
-import sys
 from pathlib import Path
 
-from cliplab.errors import ConfigError, ModelError
+from cliplab.errors import ConfigError, ModelError, warn
 from cliplab.serve.image_files import release_large_images_at_once
 from cliplab.serve.index import (SearchIndex, embeds_otherwise, image_only_tuning,
                                  unchecked_identity)
@@ -36,10 +35,10 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
         one_thread_per_search()
     stale = image_only_tuning(index.record)
     if stale:
-        print(f"cliplab serve: warning: {index_path}: {stale}", file=sys.stderr)
+        warn(f"serve: {index_path}: {stale}")
     unchecked = unchecked_identity(index.record, index_path)
     if unchecked:  # --model or the recorded one: neither can be checked beyond its weights
-        print(f"cliplab serve: warning: {unchecked}", file=sys.stderr)
+        warn(f"serve: {unchecked}")
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key,
                       max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed_hosts)
@@ -95,8 +94,8 @@ def serve(index_path: str, host: str = "127.0.0.1", port: int = 8000, model: str
     release_large_images_at_once()
     app = open_app(index_path, model, api_key, max_upload_mb, device, hosts)
     if not _is_loopback(host) and api_key is None:
-        print(f"cliplab serve: warning: listening on {host} without --api-key; anyone who can "
-              "reach this address can search the collection", file=sys.stderr)
+        warn(f"serve: listening on {host} without --api-key; anyone who can reach this "
+             "address can search the collection")
     print(f"cliplab serve: http://{host}:{port}/  (API schema at /openapi.json, docs at /docs; "
           "Ctrl-C stops)", flush=True)
     # a stop waits this long for requests in flight, then cuts them: an upload trickling in
