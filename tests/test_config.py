@@ -364,9 +364,13 @@ def test_dates_stay_text_and_a_command_line_has_no_comments(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: 2026-12-06\nwhen: 2026-12-06 10:00:00\n")
     assert load_yaml(recipe) == {"name": "2026-12-06", "when": "2026-12-06 10:00:00"}
-    assert apply_overrides({}, ["title=run #2 vs #3", "tag=#1", "a=x#y"]) == {
-        "title": "run #2 vs #3", "tag": "#1", "a": "x#y"}
+    assert apply_overrides({}, ["title=run #2 vs #3", "tag=#1", "a=x#y", "b=C# #dev",
+                                "c=run#1 #2", "u=http://x/#a"]) == {
+        "title": "run #2 vs #3", "tag": "#1", "a": "x#y", "b": "C# #dev", "c": "run#1 #2",
+        "u": "http://x/#a"}  # a kept part holding a # was cut too
     assert apply_overrides({}, ['t="x #y"', "l=[a, '#b']"]) == {"t": "x #y", "l": ["a", "#b"]}
     with pytest.raises(ConfigError, match=r"^the command line: l=\[a, b\] # c: ' #' starts a "
                        r"YAML comment, which would drop what follows it; quote the text"):
         apply_overrides({}, ["l=[a, b] # c"])
+    with pytest.raises(ConfigError, match=r"^the command line: l=\[a#b, c\] # x: ' #' starts"):
+        apply_overrides({}, ["l=[a#b, c] # x"])

@@ -161,12 +161,24 @@ def parse_value(raw: str, key: str = "") -> Any:
         value = yaml.load(raw, Loader=_KeysOnceLoader) if raw else ""
     except yaml.YAMLError:
         return raw
-    if _COMMENT.search(raw) and "#" not in repr(value):  # YAML took the rest for a comment
+    if _cut_as_comment(raw, value):
         if value is None or isinstance(value, str):
             return raw.strip()
         raise ConfigError(f"the command line: {key or 'a value'}={raw}: ' #' starts a YAML "
                           "comment, which would drop what follows it; quote the text holding it")
     return value
+
+
+def _cut_as_comment(raw: str, value: Any) -> bool:
+    """Whether YAML read ``raw`` as ``value`` by dropping a `` #...`` tail as a comment: the
+    text before some `` #`` (or a leading ``#``) alone reads the same."""
+    for found in _COMMENT.finditer(raw):
+        try:
+            if yaml.load(raw[:found.start()], Loader=_KeysOnceLoader) == value:
+                return True
+        except yaml.YAMLError:  # a # inside quotes: the text before it is no value
+            continue
+    return False
 
 
 def shipped_config(path: str | Path) -> Path:
