@@ -918,11 +918,16 @@ def test_the_page_keeps_keyboard_and_screen_reader_users_informed(site):
         ratio = page.eval_on_selector(f"#{field}", CONTRAST)
         assert ratio >= 3, (field, ratio)
     assert page.is_visible("label[for=k]") and page.inner_text("label[for=k]") == "per page"
+    assert page.get_by_role("combobox", name="Results per page").count() == 1
 
     search(page, "long long", k="48")
     caption = card_of(page, "long long").locator(".caption")
     clamped = caption.evaluate("e => e.getBoundingClientRect().height")
+    card_of(page, "long long").hover()  # a mouse has the tooltip: nothing moves
+    assert caption.evaluate("e => e.getBoundingClientRect().height") == clamped
     card_of(page, "long long").locator(".similar").focus()
     opened = caption.evaluate("e => e.getBoundingClientRect().height")
-    assert clamped < 80 < opened, (clamped, opened)
+    # whole, in a box that scrolls (the 10 000 characters pushed the page down by metres)
+    assert clamped < 80 < opened < 130, (clamped, opened)
+    assert caption.evaluate("e => e.scrollHeight > e.clientHeight")
     assert problems == []
