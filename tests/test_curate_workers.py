@@ -59,3 +59,27 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
             parent.kill()
         if worker and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_worker_takes_its_parents_warning_filters_and_form(capsys):
+    """Spawned workers started with Python's filters and display: a script's
+    `filterwarnings("ignore", category=CliplabWarning)` did not reach them, and under the
+    command line their warnings came in Python's source-line form."""
+    import warnings
+
+    from cliplab.curate import engine
+    from cliplab.errors import CliplabWarning, show_warning_on_one_line, warn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CliplabWarning)
+        filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        engine._init_worker(None, filters, one_line=False)
+        warn("silenced in the parent")
+        assert warnings.showwarning is not show_warning_on_one_line
+    with warnings.catch_warnings():
+        engine._init_worker(None, [("always", None, Warning, None, 0)], one_line=True)
+        warn("said on one line")
+    engine._WORKER_STEP.clear()
+    assert capsys.readouterr().err == "cliplab: warning: said on one line\n"

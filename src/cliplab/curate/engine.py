@@ -45,9 +45,13 @@ def _map_records(step: Step, records: list[Record], work: Path) -> dict[str, np.
     return map_chunk(step, records, work)
 
 
-def _init_worker(step: Step) -> None:
+def _init_worker(step: Step, filters: list, one_line: bool) -> None:
+    # a spawned worker starts with Python's warning filters and display: the parent's (a
+    # script's filterwarnings, the command line's one-line form) apply here too
+    warnings.filters[:] = filters
     hide_pils_unnamed_size_warning()  # as the command line that started the worker does
-    warnings.showwarning = show_warning_on_one_line  # a spawned worker starts with Python's
+    if one_line:
+        warnings.showwarning = show_warning_on_one_line
     _exit_with_parent()
     _WORKER_STEP[:] = [step]
 
@@ -120,7 +124,10 @@ def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int],
                 bar.update(len(records))
             return
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(step,)) as pool:
+                                 initializer=_init_worker,
+                                 initargs=(step, list(warnings.filters),
+                                           warnings.showwarning is show_warning_on_one_line)
+                                 ) as pool:
             futures = {pool.submit(_map_in_worker, records, work): c
                        for c, records in sorted(todo.items())}
             try:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cliplab.errors import DataError, warn
+from cliplab.errors import CliplabWarning, DataError, warn
 from cliplab.models.preprocess import (PreprocessConfig, convert_image, enlarged_span,
                                        keep_ratio_size)
 
@@ -68,9 +68,9 @@ def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 _WARNED_LARGE: set[str] = set()  # the images `open_image` warned of as over PIL's limit
 
 
-class LargeImageWarning(Image.DecompressionBombWarning):
+class LargeImageWarning(Image.DecompressionBombWarning, CliplabWarning):
     """An image over PIL's decompression-bomb limit, decoded still, named (PIL's own warning,
-    which the CLI hides, names no file); ignoring PIL's category ignores it too."""
+    which the CLI hides, names no file); ignoring PIL's category, or cliplab's, ignores it."""
 
 
 def hide_pils_unnamed_size_warning() -> None:
