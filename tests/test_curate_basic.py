@@ -103,10 +103,18 @@ def test_languages_are_lower_case_codes(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: shapes\nsteps:\n  - {step: basic, languages: [en]}\n")
     assert load_config(CurateConfig, path).steps[0].languages == ["en"]
-    with pytest.raises(ConfigError, match=r"command line: steps\[0\].languages: expected ISO "
-                       r"639-1 language codes in lower case, as langid names them \(en, de, fr, "
-                       r"...\), got 'english', 'EN'$"):
-        load_config(CurateConfig, path, ["steps.0.languages=[english, EN]"])
+    with pytest.raises(ConfigError, match=r"command line: steps\[0\].languages: 'english', "
+                       r"'EN', 'eng' is no language langid detects: give lower-case ISO 639-1 "
+                       r"codes \(en, de, fr, ...; 97 in all: af am "):
+        load_config(CurateConfig, path, ["steps.0.languages=[english, EN, en, eng]"])
+
+
+def test_the_language_codes_are_langids():
+    from langid.langid import LanguageIdentifier, model
+
+    from cliplab.curate.steps.basic import LANGID_CODES
+
+    assert list(LANGID_CODES) == list(LanguageIdentifier.from_modelstring(model).nb_classes)
 
 
 def test_a_prepared_step_pickles_and_detects_languages_after(tmp_path):

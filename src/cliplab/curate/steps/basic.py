@@ -26,6 +26,15 @@ from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContex
 from cliplab.errors import ConfigError
 
 
+# the languages langid.py's model tells apart (its classes; loading the model to read them
+# takes seconds, too long for checking a config)
+LANGID_CODES = tuple(
+    "af am an ar as az be bg bn br bs ca cs cy da de dz el en eo es et eu fa fi fo fr ga gl gu "
+    "he hi hr ht hu hy id is it ja jv ka kk km kn ko ku ky la lb lo lt lv mg mk ml mn mr ms mt "
+    "nb ne nl nn no oc or pa pl ps pt qu ro ru rw se si sk sl sq sr sv sw ta te th tl tr ug uk "
+    "ur vi vo wa xh zh zu".split())
+
+
 class Spec(StepSpecBase):
     step: Literal["basic"]
     min_words: int | None = Field(None, ge=0)
@@ -44,12 +53,13 @@ class Spec(StepSpecBase):
     @field_validator("languages")
     @classmethod
     def _language_codes(cls, codes: list[str] | None) -> list[str] | None:
-        """ISO 639-1 codes as langid names them ([en, de]): [english] or [EN] matched no
-        caption's language, so every pair was dropped."""
-        wrong = [code for code in codes or [] if not re.fullmatch(r"[a-z]{2,3}", code)]
+        """Codes langid detects ([en, de]): [english], [EN] or [eng] matched no caption's
+        language, so every pair was dropped."""
+        wrong = [code for code in codes or [] if code not in LANGID_CODES]
         if wrong:
-            raise ValueError(f"expected ISO 639-1 language codes in lower case, as langid names "
-                             f"them (en, de, fr, ...), got {', '.join(map(repr, wrong))}")
+            raise ValueError(f"{', '.join(map(repr, wrong))} is no language langid detects: "
+                             "give lower-case ISO 639-1 codes (en, de, fr, ...; "
+                             f"{len(LANGID_CODES)} in all: {' '.join(LANGID_CODES)})")
         return codes
 
     @model_validator(mode="after")
