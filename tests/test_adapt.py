@@ -573,9 +573,9 @@ def test_an_adapter_refuses_a_model_it_was_not_fitted_on(model, digits, ctx, tmp
         load_adapter(tmp_path / "a", other)
     assert load_adapter(tmp_path / "a", model).method == "linear-probe"
     # saved before adapter.json recorded the weights: loaded, but never without a word
-    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text(encoding="utf-8"))
     del meta["fingerprint"]
-    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.warns(CliplabWarning, match=r"a records no weights fingerprint \(an adapter "
                       r"saved by an older cliplab\): the model given is not checked"):
         assert load_adapter(tmp_path / "a", other).method == "linear-probe"

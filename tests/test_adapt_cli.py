@@ -603,7 +603,7 @@ def test_a_preset_with_options_is_recorded_with_them(tmp_path):
            "out": str(tmp_path / "a")}
     res = run_adapt(cfg, progress=False)
     assert res["model"] == "tiny-clip" and res["model_options"] == model["options"]
-    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text(encoding="utf-8"))
     assert meta["model_options"] == model["options"]
     with pytest.raises(ModelError, match=r"load it with the model it was fitted on \(tiny-clip "
                        r"with options \{'embed_dim': 64, 'seed': 7\}\)$"):

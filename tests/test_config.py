@@ -345,12 +345,13 @@ def test_a_whole_config_check_an_override_failed_names_the_command_line(tmp_path
     from cliplab.curate.config import CurateConfig
 
     recipe = tmp_path / "basic.yaml"
-    recipe.write_text("data: {source: shapes, n: 8}\nsteps: [{step: exact_dedup}]\n")
+    recipe.write_text("data: {source: shapes, n: 8}\nsteps: [{step: exact_dedup}]\n",
+                      encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{recipe} \+ command line: ray_address has no "
                        "effect unless engine is ray; drop it$"):
         load_config(CurateConfig, recipe, ["ray_address=localhost:6379"])
     recipe.write_text("data: {source: shapes, n: 8}\nsteps: [{step: exact_dedup}]\n"
-                      "ray_address: localhost:6379\n")
+                      "ray_address: localhost:6379\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{recipe}: ray_address has no effect"):
         load_config(CurateConfig, recipe, ["seed=3"])  # the file's key, not the override's
 
@@ -362,7 +363,7 @@ def test_dates_stay_text_and_a_command_line_has_no_comments(tmp_path):
 
     assert parse_value("2026-12-06") == "2026-12-06"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: 2026-12-06\nwhen: 2026-12-06 10:00:00\n")
+    recipe.write_text("name: 2026-12-06\nwhen: 2026-12-06 10:00:00\n", encoding="utf-8")
     assert load_yaml(recipe) == {"name": "2026-12-06", "when": "2026-12-06 10:00:00"}
     assert apply_overrides({}, ["title=run #2 vs #3", "tag=#1", "a=x#y", "b=C# #dev",
                                 "c=run#1 #2", "u=http://x/#a"]) == {

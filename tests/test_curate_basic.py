@@ -101,7 +101,8 @@ def test_languages_are_lower_case_codes(tmp_path):
     from cliplab.errors import ConfigError
 
     path = tmp_path / "c.yaml"
-    path.write_text("data: shapes\nsteps:\n  - {step: basic, languages: [en]}\n")
+    path.write_text("data: shapes\nsteps:\n  - {step: basic, languages: [en]}\n",
+                    encoding="utf-8")
     assert load_config(CurateConfig, path).steps[0].languages == ["en"]
     with pytest.raises(ConfigError, match=r"command line: steps\[0\].languages: 'english', "
                        r"'EN', 'eng' is no language langid detects: give lower-case ISO 639-1 "

@@ -298,7 +298,7 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
         assert "6 item(s) of the collection were in the index already (not added again, nor read" \
             in captured.out
         assert "skipped" not in captured.err  # the index's earlier skips are not this run's
-    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     assert record["count"] == 6 and record["skipped"] == 2
     assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
     index = SearchIndex(tmp_path / "idx")
@@ -373,9 +373,9 @@ def test_add_to_an_older_index_recording_a_relative_source_refuses_another_folde
     for i in range(3):
         Image.fromarray(data.images[i].numpy()).save(tmp_path / "cam_a" / f"IMG_{i:04d}.png")
     build(model_dir, str(tmp_path / "cam_a"), tmp_path / "idx")
-    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     record["sources"][0]["path"] = "cam_a"  # as an older cliplab wrote it
-    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record), encoding="utf-8")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match=r"^--add: the index records its first source as the "
@@ -438,9 +438,9 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
     and the --add says so, as serve does (it served them without a word); a record of another
     version (a later cliplab's) reads as none."""
     build(model_dir, SHAPES, tmp_path / "idx")
-    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     del record["towers"]
-    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record), encoding="utf-8")
     mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
                         lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(mean))
@@ -468,12 +468,12 @@ def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path)
     that adds a generic config key (or an index that lacks one) does not refuse the model the
     index was built with, though its fingerprints differ."""
     build(model_dir, SHAPES, tmp_path / "idx")
-    record = json.loads((tmp_path / "idx" / "index.json").read_text())
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     record["towers"]["text"]["settings"]["added_by_a_new_library"] = True
     record["towers"]["text"]["fingerprint"] = "0" * 16
     del record["towers"]["image"]["settings"]["num_channels"]
     record["towers"]["image"]["fingerprint"] = "1" * 16
-    (tmp_path / "idx" / "index.json").write_text(json.dumps(record))
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(record), encoding="utf-8")
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(model_dir))
 
 

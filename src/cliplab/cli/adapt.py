@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"adaptation method: {', '.join(ADAPT_METHODS)} (or the config's "
                    "'method')")
     p.add_argument("--model", help=f"{MODEL_SPECS} (or the config's 'model')")
-    p.add_argument("--cache-dir", metavar="DIR", help="keep image features here, reused by later runs")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="keep image features here, reused by later runs")
     add_device(p)
     add_stage_arguments(p, "run folder (default: the config's 'out' or "
                         "runs/adapt-<method>-<time>)", "shots=4 options.epochs=50")

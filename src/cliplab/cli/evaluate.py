@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): a model folder's fine-tuned head.safetensors scores "
                    "the zero-shot tasks over its own classes; text: the zero-shot text head "
                    "scores every task")
-    p.add_argument("--cache-dir", metavar="DIR", help="keep image features here (safetensors), reused by later "
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="keep image features here (safetensors), reused by later "
                    "runs of the same model, data and transform")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override suite keys, e.g. precision=bf16")

@@ -39,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="vector store (default faiss; with --add the index's own)")
     p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530 (with "
                    "--add the index's own)")
-    p.add_argument("--index-type", metavar="T", help="FAISS: auto (default; with --add the index's own), "
+    p.add_argument("--index-type", metavar="T",
+                   help="FAISS: auto (default; with --add the index's own), "
                    "flat, hnsw, ivf-flat, ivf-pq or a FAISS factory string")
     add_device(p)
     add_debug(p)

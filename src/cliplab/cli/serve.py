@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", metavar="INDEX", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", metavar="KEY", help="require this key on every API call (the X-API-Key "
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require this key on every API call (the X-API-Key "
                    "header, or ?api_key= in image URLs); default $CLIPLAB_API_KEY, which, "
                    "unlike a command's arguments, other users of the machine cannot read in `ps`")
     p.add_argument("--model", help="the index's model from another place (refused if its "
