@@ -12,7 +12,6 @@ import numbers
 import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 
 class CliplabError(Exception):
@@ -58,15 +57,14 @@ def warn(message: str, stacklevel: int = 1) -> None:
     warnings.warn(message, CliplabWarning, stacklevel=stacklevel + 1)
 
 
-_PACKAGE = Path(__file__).resolve().parent
 _SHOW_WARNING = warnings.showwarning
 
 
 def show_warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
     """A `warnings.showwarning` for cliplab's command lines and worker processes: cliplab's own
-    warnings as ``cliplab: warning: ...`` (not Python's source-line form), other libraries'
-    as Python shows them."""
-    if issubclass(category, CliplabWarning) or Path(filename).resolve().is_relative_to(_PACKAGE):
+    warnings (every one a `CliplabWarning`) as ``cliplab: warning: ...``, not Python's
+    source-line form; other libraries' as Python shows them."""
+    if issubclass(category, CliplabWarning):
         print(f"cliplab: warning: {message}", file=file or sys.stderr)
     else:
         _SHOW_WARNING(message, category, filename, lineno, file, line)

@@ -57,9 +57,8 @@ def other_methods_keys(keys: set[str], method: str) -> list[str]:
     another method was only "unknown"."""
     said = []
     for key in sorted(keys):
-        takers = [name for name in ADAPT_METHODS if name != method
-                  and key in getattr(getattr(get_method(name), "Options", None), "model_fields",
-                                     {})]
+        takers = [name for name in ADAPT_METHODS
+                  if name != method and key in get_method(name).Options.model_fields]
         if takers:
             said.append(f"{key}: an option of {', '.join(takers)}")
     return said
