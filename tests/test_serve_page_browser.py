@@ -884,10 +884,14 @@ def test_the_page_keeps_keyboard_and_screen_reader_users_informed(site):
     assert page.get_attribute("#grid", "role") == "list"
     assert page.locator("#grid [role=listitem]").count() == 12
     assert page.locator("main h2", has_text="Results").count() == 1
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/search" in r.url else None)
     page.focus(".skip")
     page.keyboard.press("Enter")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "file"
+    page.wait_for_timeout(300)
+    assert sent == []  # followed as a link (#tools), it ran the search again
 
     page.focus("#next")
     page.keyboard.press("Enter")
