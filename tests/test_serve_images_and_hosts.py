@@ -136,9 +136,10 @@ def test_thumbnail_steps_are_the_power_of_two_at_or_above_the_size():
     assert [thumbnail_step(s) for s in sizes] == [64, 64, 64, 128, 128, 256, 256, 512, 512]
 
 
-def test_a_thumbnail_follows_its_file(photos, tmp_path):
-    """Revalidated by ETag (304 while the file is the same); a file replaced since gets a new
-    thumbnail, a file gone a 404 naming the id."""
+@pytest.mark.parametrize("route", ["/images/0/thumbnail", "/images/0"])
+def test_an_image_and_its_thumbnail_follow_their_file(photos, tmp_path, route):
+    """Revalidated by ETag (304 while the file is the same), never reused unasked; a file
+    replaced since is sent anew, a file gone a 404 naming the id."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
@@ -146,29 +147,30 @@ def test_a_thumbnail_follows_its_file(photos, tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     build(model_dir, str(folder), tmp_path / "idx")
     client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
-    first = client.get("/images/0/thumbnail")
+    first = client.get(route)
     tag = first.headers["etag"]
-    again = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+    assert first.headers["cache-control"] == "private, no-cache"
+    again = client.get(route, headers={"If-None-Match": tag})
     assert again.status_code == 304 and again.content == b""
     # as a compressing proxy marks it (weak), in a list, or any: the same (RFC 9110)
     for header in (f"W/{tag}", f'"other", {tag}', "*"):
-        assert client.get("/images/0/thumbnail",
+        assert client.get(route,
                           headers={"If-None-Match": header}).status_code == 304, header
-    assert client.get("/images/0/thumbnail",
+    assert client.get(route,
                       headers={"If-None-Match": '"other"'}).status_code == 200
     index = SearchIndex(tmp_path / "idx")
     path = Path(index.image_source(index.items([0])[0])["file"])
     before = np.asarray(Image.open(io.BytesIO(first.content)))[0, 0]
     Image.new("RGB", (40, 40), (0, 255, 0)).save(path)
     time.sleep(0.01)
-    changed = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+    changed = client.get(route, headers={"If-None-Match": tag})
     assert changed.status_code == 200 and changed.headers["etag"] != tag
     after = np.asarray(Image.open(io.BytesIO(changed.content)))[0, 0]
     assert after[1] > 200 and not np.array_equal(before, after)
     # replaced by a file of the same size and modification time (`cp -p`, a restore), moved
     # over it or written in place: still a new thumbnail (the inode or change time differ)
     Image.new("RGB", (40, 40), (255, 0, 0)).save(path, compress_level=0)
-    tag = client.get("/images/0/thumbnail").headers["etag"]
+    tag = client.get(route).headers["etag"]
     for how, colour in (("moved over", (255, 255, 0)), ("written in place", (0, 255, 255))):
         stat = path.stat()
         Image.new("RGB", (40, 40), colour).save(tmp_path / "new.png", compress_level=0)
@@ -178,12 +180,12 @@ def test_a_thumbnail_follows_its_file(photos, tmp_path):
             path.write_bytes((tmp_path / "new.png").read_bytes())
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-        fresh = client.get("/images/0/thumbnail", headers={"If-None-Match": tag})
+        fresh = client.get(route, headers={"If-None-Match": tag})
         assert fresh.status_code == 200 and fresh.headers["etag"] != tag, how
         assert tuple(np.asarray(Image.open(io.BytesIO(fresh.content)))[0, 0]) == colour, how
         tag = fresh.headers["etag"]
     path.unlink()
-    gone = client.get("/images/0/thumbnail")
+    gone = client.get(route)
     assert gone.status_code == 404 and gone.json()["error"] == "the image file of id 0 is gone"
 
 

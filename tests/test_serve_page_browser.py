@@ -497,7 +497,7 @@ def test_labelling_disables_its_button_and_sends_the_template(site):
     assert refused.startswith("template 'a photo': give a prompt with exactly one {} where the "
                               "label goes"), refused
     assert page.is_enabled("#label-btn") and labels(page) == shown
-    assert [p for p in problems if "status of 400" not in p] == []
+    assert [p for p in problems if "status of 422" not in p] == []
 
 
 def test_labelling_asks_once_for_every_card_shown(site):

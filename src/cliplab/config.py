@@ -487,6 +487,12 @@ def value_error_words(error: dict) -> str:
         bound = ctx.get("min_length" if kind == "too_short" else "max_length")
         return (f"expected at {'least' if kind == 'too_short' else 'most'} {bound} "
                 f"value{'s' * (bound != 1)}, got {len(given) or 'none'}")
+    if kind in ("string_too_short", "string_too_long") and isinstance(given, str):
+        ctx = error.get("ctx") or {}
+        bound = ctx.get("min_length" if kind == "string_too_short" else "max_length")
+        got = len(given) if kind == "string_too_long" else _shown(given)
+        return (f"expected at {'least' if kind == 'string_too_short' else 'most'} {bound} "
+                f"character{'s' * (bound != 1)}, got {got}")
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif message.startswith("Input should be"):

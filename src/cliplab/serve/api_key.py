@@ -41,6 +41,6 @@ class ApiKeyCheck:
             problem = key_problem(self.api_key, Headers(scope=scope),
                                   QueryParams(scope.get("query_string", b"")),
                                   in_url=under(path, KEY_IN_URL))
-            if problem:
-                return await refuse(send, 401, problem)
+            if problem:  # RFC 9110: a 401 names its scheme (as FastAPI's APIKeyHeader does)
+                return await refuse(send, 401, problem, {"WWW-Authenticate": "APIKey"})
         return await self.app(scope, receive, send)

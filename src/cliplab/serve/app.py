@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.serve.api_key import ApiKeyCheck
+from cliplab.serve.api_schema import document_api_key
 from cliplab.serve.error_responses import add_error_handlers
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
@@ -35,20 +36,23 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
                allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app over an opened ``index`` and the ``model`` it was built with;
     ``allowed_hosts``: the names a request's Host may give (None: any)."""
-    app = FastAPI(title="cliplab serve", version="1",
+    app = FastAPI(title="cliplab serve", version="1", redoc_url=None,
                   description="Search an indexed image collection by text or image and label "
                   "images zero-shot with the model the index was built with.")
     # the routes take these per request (`current_service`), holding none of them
     app.state.service = SearchService(index, model)
     app.state.max_upload_bytes = max_upload_bytes
     add_error_handlers(app)
-    app.add_api_route("/", home, response_class=HTMLResponse, include_in_schema=False)
+    # HEAD too: an uptime check probes the page
+    app.add_api_route("/", home, methods=["GET", "HEAD"], response_class=HTMLResponse,
+                      include_in_schema=False)
     for routes in (search_routes, classify_routes, image_routes):
         app.include_router(routes)
     # each added one wraps those before: a request meets them from the last added in
     app.add_middleware(BodyLimit, limit=max_upload_bytes)
     if api_key is not None:  # before the body is read
         app.add_middleware(ApiKeyCheck, api_key=api_key)
+        document_api_key(app)
     if allowed_hosts is not None:
         app.add_middleware(AllowedHosts, hosts=allowed_hosts)
     app.add_middleware(HardeningHeaders)  # added last: outermost, so refusals carry it too

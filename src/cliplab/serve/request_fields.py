@@ -1,5 +1,5 @@
 """The bounds of `cliplab serve`'s requests and the parsing of its form fields (labels, image
-ids, a prompt template): each bad value is a 4xx naming the field."""
+ids, a prompt template): each bad value is a 422 naming the field."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def parse_labels(fields: list[str]) -> list[str]:
               for part in line.split(",")]
     labels = list(dict.fromkeys(label for label in labels if label))
     if len(labels) < 2:
-        fail(400, "labels: give at least two different labels, separated by commas or new "
+        fail(422, "labels: give at least two different labels, separated by commas or new "
                    "lines, or as repeated labels fields")
     if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in labels):
-        fail(400, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
+        fail(422, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
     return labels
 
 
@@ -51,10 +51,10 @@ def parse_ids(fields: list[str]) -> list[int]:
 
 def parse_template(text: str) -> str:
     """The prompt template with exactly one ``{}`` (or ``{c}``) where the label goes, that formats
-    with a label in it; a 400 otherwise."""
+    with a label in it; a 422 otherwise."""
     try:
         template = check_templates([text], "template")[0]
     except ConfigError:
-        fail(400, f"template {text!r}: give a prompt with exactly one {{}} where the label "
+        fail(422, f"template {text!r}: give a prompt with exactly one {{}} where the label "
               f"goes (other braces doubled), e.g. {DEFAULT_TEMPLATE!r}")
     return template

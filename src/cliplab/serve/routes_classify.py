@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
+from cliplab.serve.api_schema import UPLOAD_ERRORS, Classification, Classifications, errors
 from cliplab.serve.image_files import fail
 from cliplab.serve.request_fields import (DEFAULT_TEMPLATE, MAX_ID, MAX_K, MAX_LABEL_CHARS,
                                           parse_ids, parse_labels, parse_template)
+from cliplab.serve.routes_search import one_file
 from cliplab.serve.search_service import SERVICE, SearchService
 
 LABELS_HELP = "labels separated by commas or new lines (or one per repeated labels field)"
@@ -26,7 +28,8 @@ def ranked_labels(names: list[str], probs: torch.Tensor) -> list[dict]:
 router = APIRouter()
 
 
-@router.post("/api/classify")
+@router.post("/api/classify", dependencies=[Depends(one_file)], response_model=Classification,
+             responses=errors(404, *UPLOAD_ERRORS))
 def classify(labels: list[str] = Form(..., description=LABELS_HELP),
              id: int | None = Form(None, ge=0, le=MAX_ID,  # noqa: A002
                                    description="an indexed image id"),
@@ -37,7 +40,7 @@ def classify(labels: list[str] = Form(..., description=LABELS_HELP),
     """Zero-shot probabilities of the labels for one image (an indexed id or an upload)."""
     names, prompt = parse_labels(labels), parse_template(template)
     if (id is None) == (file is None):
-        fail(400, "give exactly one of id (an indexed image) or file (an upload)")
+        fail(422, "give exactly one of id (an indexed image) or file (an upload)")
     if id is not None:
         service.indexed(id)
         vector = service.index.vector(id)[None]
@@ -47,7 +50,8 @@ def classify(labels: list[str] = Form(..., description=LABELS_HELP),
     return {"id": id, "template": template, "labels": ranked_labels(names, probs)}
 
 
-@router.post("/api/classify/ids")
+@router.post("/api/classify/ids", response_model=Classifications,
+             responses=errors(404, 408, 413, 415, 422, 503))
 def classify_ids(labels: list[str] = Form(..., description=LABELS_HELP),
                  ids: list[str] = Form(..., description=f"up to {MAX_K} indexed image ids, "
                                        "separated by commas (or one per repeated ids field)"),

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
+from cliplab.serve.api_schema import UPLOAD_ERRORS, Health, QueryPage, SimilarPage, errors
 from cliplab.serve.image_files import fail
-from cliplab.serve.request_fields import (K_QUERY, MAX_ID, MAX_K, MAX_OFFSET, MAX_QUERY_CHARS,
-                                          OFFSET_QUERY)
+from cliplab.serve.request_fields import (K_QUERY, MAX_ID, MAX_K, MAX_LABEL_CHARS, MAX_LABELS,
+                                          MAX_OFFSET, MAX_QUERY_CHARS, OFFSET_QUERY)
 from cliplab.serve.search_service import SERVICE, SearchService
 
 
 router = APIRouter()
 
 
-# HEAD too: uptime checks and load balancers often probe with it
-@router.get("/api/health")
+# HEAD too: uptime checks and load balancers often probe with it (registered after GET, so a
+# 405's Allow names GET: Starlette takes it from the first route of the path)
 @router.head("/api/health", include_in_schema=False)
+@router.get("/api/health", response_model=Health)
 def health(request: Request, service: SearchService = SERVICE) -> dict:
     """Index size, model and backend."""
     index = service.index
@@ -25,12 +27,14 @@ def health(request: Request, service: SearchService = SERVICE) -> dict:
     return {"status": "ok", "count": index.count, "model": rec["model"]["name"],
             "fingerprint": index.fingerprint, "backend": index.backend,
             "index": rec.get("faiss") or rec.get("milvus"), "max_k": MAX_K,
+            "max_offset": MAX_OFFSET, "max_query_chars": MAX_QUERY_CHARS,
             "max_upload_bytes": request.app.state.max_upload_bytes,
-            "max_query_chars": MAX_QUERY_CHARS}
+            "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS}
 
 
-@router.get("/api/search")
-def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS, description="the text to find"),
+@router.get("/api/search", response_model=QueryPage, responses=errors(422))
+def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS,
+                               description="the text to find (not blank)"),
                 k: int = K_QUERY, offset: int = OFFSET_QUERY,
                 service: SearchService = SERVICE) -> dict:
     """The ``k`` indexed images closest to the text ``q``, from rank ``offset``."""
@@ -41,13 +45,14 @@ def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS, description="the
 
 
 async def one_file(request: Request) -> None:
-    """A 422 for two files in one search (the last one was searched without a word); the
-    form FastAPI parsed for the endpoint is read again from the request's cache."""
+    """A 422 for two files in one request (the last one was used without a word); the form
+    FastAPI parsed for the endpoint is read again from the request's cache."""
     if len((await request.form()).getlist("file")) > 1:
-        fail(422, "file: give one image per search (the request holds several)")
+        fail(422, "file: give one image per request (the request holds several)")
 
 
-@router.post("/api/search/image", dependencies=[Depends(one_file)])
+@router.post("/api/search/image", dependencies=[Depends(one_file)], response_model=QueryPage,
+             responses=errors(*UPLOAD_ERRORS))
 def search_image(file: UploadFile = File(..., description="an image file"),
                  k: int = K_QUERY, offset: int = OFFSET_QUERY,
                  k_form: int | None = Form(None, alias="k", ge=1, le=MAX_K,
@@ -63,7 +68,7 @@ def search_image(file: UploadFile = File(..., description="an image file"),
     return service.page({"query": file.filename or "upload"}, vector[0], k, offset)
 
 
-@router.get("/api/search/similar")
+@router.get("/api/search/similar", response_model=SimilarPage, responses=errors(404, 422))
 def search_similar(id: int = Query(..., ge=0, le=MAX_ID,  # noqa: A002
                                    description="an indexed image id"),
                    k: int = K_QUERY, offset: int = OFFSET_QUERY,
