@@ -42,6 +42,14 @@ def test_a_stop_cuts_an_upload_in_flight_after_the_grace_period(tmp_path):
         assert STOP_GRACE_S < BODY_TIMEOUT_S / 4
         server.wait(timeout=BODY_TIMEOUT_S / 2)
         assert server.returncode == 0  # a server's normal end (README)
+        # the cut upload is told so in JSON, and a stop the user asked for logs no exception
+        # (it was uvicorn's plain-text 500 and "Exception in ASGI application")
+        answer = upload.makefile("rb").read().decode()
+        assert answer.startswith("HTTP/1.1 503 "), answer
+        assert answer.endswith('{"error":"the server stopped before this upload arrived; send '
+                               'it again once the server is back"}'), answer
+        log = server.stderr.read()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
     finally:
         if upload is not None:
             upload.close()

@@ -75,7 +75,17 @@ class BodyLimit:
             with anyio.move_on_after(self.timeout_s) as waited:
                 more = True
                 while more:
-                    message = await receive()
+                    try:
+                        message = await receive()
+                    except anyio.get_cancelled_exc_class():
+                        if waited.cancel_called:  # the body's deadline: the 408 below
+                            raise
+                        # the server is stopping and cut this upload short: say so in JSON
+                        # rather than let uvicorn answer a plain-text 500 and log the cut as
+                        # an exception in the app; the task then ends, as its canceller wants
+                        return await refuse(send, 503, "the server stopped before this upload "
+                                            "arrived; send it again once the server is back",
+                                            {"Connection": "close"})
                     if message["type"] == "http.disconnect":
                         return
                     chunk = message.get("body", b"")
