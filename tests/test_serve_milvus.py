@@ -38,7 +38,7 @@ def test_milvus_lite_gives_the_exact_faiss_top_k(tmp_path):
         f_scores, f_ids = exact.search(queries, 8, offset)
         m_scores, m_ids = milvus.search(queries, 8, offset)
         assert np.array_equal(f_ids, m_ids)
-        assert np.allclose(f_scores, m_scores, atol=1e-4)
+        assert np.allclose(f_scores, m_scores, atol=1e-6)
     model = DualEncoder.load(model_dir)
     milvus.close()
     milvus = SearchIndex(tmp_path / "milvus")
@@ -140,6 +140,7 @@ def test_two_indexes_in_one_milvus_file_keep_their_own_collections(tmp_path, mon
         build(model_dir, {**SHAPES, "seed": 5}, tmp_path / "c", backend="milvus", uri=uri,
               collection=names[0])
     assert "\n" not in str(caught.value)
+    assert not (tmp_path / "c.partial").exists()  # refused before its work folder was made
     assert _serves_its_own_vectors(tmp_path / "a")
 
 
@@ -234,3 +235,183 @@ def test_a_killed_add_leaves_the_milvus_index_it_grows_whole(tmp_path, monkeypat
     record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
     assert record["count"] == 80 and _serves_its_own_vectors(tmp_path / "idx")
     assert _collections(uri) == [record["milvus"]["collection"]]
+
+
+def _copies_folder(folder, copies: int = 30):
+    """``copies`` byte-identical images and 10 others (an image collection with duplicates)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(folder / "same_00.png")
+    for i in range(1, copies):
+        (folder / f"same_{i:02d}.png").write_bytes((folder / "same_00.png").read_bytes())
+    for i in range(10):
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"other_{i}.png")
+    return folder
+
+
+def test_milvus_pages_neither_repeat_nor_skip_among_equal_scores(tmp_path):
+    """Pages asked of Milvus with its own offset repeated some copies of an image and never
+    showed others (paging 47 items one at a time showed 26); cut as FAISS's are, a page of one
+    at every offset is FAISS's whole order, copies in id order, scores equal to FAISS's."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    folder = _copies_folder(tmp_path / "photos")
+    build(model_dir, str(folder), tmp_path / "exact", index_type="flat")
+    build(model_dir, str(folder), tmp_path / "milvus", backend="milvus",
+          uri=str(tmp_path / "search.db"))
+    exact, milvus = SearchIndex(tmp_path / "exact"), SearchIndex(tmp_path / "milvus")
+    try:
+        copy = next(i for i, row in exact.items(range(40)).items() if "same_" in row["key"])
+        query = exact.vector(copy)
+        f_scores, f_ids = exact.search(query, 40)
+        pages = [milvus.search(query, 1, offset) for offset in range(40)]
+        assert [int(ids[0, 0]) for _, ids in pages] == f_ids[0].tolist()
+        assert np.allclose([s[0, 0] for s, _ in pages], f_scores[0], atol=1e-6)
+        for k in (7, 13):
+            paged = np.concatenate([milvus.search(query, k, o)[1][0] for o in range(0, 40, k)])
+            assert paged[paged >= 0].tolist() == f_ids[0].tolist(), k
+    finally:
+        exact.close()
+        milvus.close()
+
+
+def test_milvus_holds_only_ids_and_vectors(tmp_path):
+    """Keys, captions and metadata stay in the folder's SQLite (all that reads them): Milvus
+    Lite's port on 127.0.0.1 is open to every local user, and a server counts a caption's
+    length in bytes (a long CJK caption failed the insert)."""
+    from pymilvus import MilvusClient
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    record = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
+                   uri=str(tmp_path / "search.db"))
+    client = MilvusClient(str(tmp_path / "search.db"))
+    try:
+        fields = client.describe_collection(record["milvus"]["collection"])["fields"]
+        assert [field["name"] for field in fields] == ["id", "vector"]
+    finally:
+        client.close()
+
+
+def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_path):
+    """An --add (of this index, or of a copy of its folder) drops the collection a running
+    server searches: each search was a 500 "internal error"."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    record = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
+                   uri=str(tmp_path / "search.db"))
+    index = SearchIndex(tmp_path / "idx")
+    client = TestClient(create_app(index, DualEncoder.load(model_dir)))
+    assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
+    index._milvus.drop()
+    try:
+        for path, params in (("/api/search", {"q": "a red circle"}),
+                             ("/api/search/similar", {"id": 3})):
+            answer = client.get(path, params=params)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"] == (
+                f"Milvus collection {record['milvus']['collection']} at {tmp_path / 'search.db'} "
+                "is gone (an `index --add` of this index, or of a copy of its folder, replaced "
+                "it): restart `cliplab serve`")
+    finally:
+        index.close()
+
+
+def test_a_missing_milvus_lite_file_is_named_and_not_created(tmp_path):
+    from cliplab.errors import DataError
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=str(tmp_path / "search.db"))
+    (tmp_path / "search.db").rename(tmp_path / "moved.db")
+    with pytest.raises(DataError, match=rf"^the Milvus Lite database "
+                                        rf"{re.escape(str(tmp_path / 'search.db'))} holding "
+                                        r"collection cliplab_\w+ does not exist \(moved or "
+                                        r"deleted\?\); put it back at that path$"):
+        SearchIndex(tmp_path / "idx")
+    assert not (tmp_path / "search.db").exists()
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("http://root:s3cret@127.0.0.1:19530", "--uri: give Milvus's credentials in "
+                                           "$CLIPLAB_MILVUS_TOKEN"),
+    ("grpc://127.0.0.1:19530", "--uri grpc://127.0.0.1:19530: Milvus takes http, https, tcp, "
+                               "unix URIs"),
+])
+def test_a_milvus_uri_pymilvus_refuses_or_that_would_record_a_password_is_refused(uri, words):
+    from cliplab.serve.milvus_index import normalise_uri
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        normalise_uri(uri)
+    assert normalise_uri("unix:///run/milvus.sock") == "unix:///run/milvus.sock"
+    assert normalise_uri("HTTP://127.0.0.1:19530") == "HTTP://127.0.0.1:19530"
+
+
+def test_a_milvus_lite_file_another_process_holds_is_refused_before_the_embedding(
+        tmp_path, monkeypatch):
+    """Milvus Lite lets one process use a file (a running `cliplab serve` holds it): said in
+    one line before the embedding, not after it with milvus-lite's traceback."""
+    from cliplab.errors import DataError
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    db = tmp_path / "search.db"  # held as Milvus Lite holds it (this process would keep its own)
+    db.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"lock = open({str(db / 'LOCK')!r}, 'wb')\n"
+        "fcntl.flock(lock, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def no_embedding(*args, **kwargs):
+            raise AssertionError("embedded before connecting")
+
+        monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+        with pytest.raises(DataError, match=rf"^the Milvus Lite database {re.escape(str(db))} is "
+                                            r"open in another process \(a running `cliplab "
+                                            r"serve` or `cliplab index`\?\)"):
+            build(model_dir, SHAPES, tmp_path / "second", backend="milvus", uri=str(db))
+        assert not (tmp_path / "second.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_milvus_lite_file_among_the_images_is_refused(tmp_path, monkeypatch, capsys):
+    """As an --out there is: its own files were listed as skipped images by each --add."""
+    from cliplab.cli import main
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    folder = _copies_folder(tmp_path / "photos", copies=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "--model", str(model_dir), "--data", "photos", "--out", "idx",
+                 "--backend", "milvus", "--uri", "photos/search.db", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("cliplab: error: --uri photos/search.db lies inside the "
+                                       "input photos; choose another folder\n")
+    assert not (folder / "search.db").exists() and not (tmp_path / "idx.partial").exists()
+
+
+def test_milvus_searches_as_faiss_at_the_edges(tmp_path):
+    """An empty batch of queries is an empty answer (it was pymilvus's IndexError), a window
+    past Milvus's cap an InputError, and a missing hit scores as FAISS fills it."""
+    from cliplab.errors import InputError
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, {**SHAPES, "n": 5}, tmp_path / "exact", index_type="flat")
+    build(model_dir, {**SHAPES, "n": 5}, tmp_path / "milvus", backend="milvus",
+          uri=str(tmp_path / "search.db"))
+    exact, milvus = SearchIndex(tmp_path / "exact"), SearchIndex(tmp_path / "milvus")
+    try:
+        empty = np.zeros((0, exact.vectors.shape[1]), np.float32)
+        for index in (exact, milvus):
+            scores, ids = index.search(empty, 3)
+            assert scores.shape == ids.shape == (0, 3)
+        f_scores, f_ids = exact.search(exact.vector(0), 8)
+        m_scores, m_ids = milvus.search(exact.vector(0), 8)
+        assert np.array_equal(f_ids, m_ids) and f_ids[0, -1] == -1
+        assert np.array_equal(f_scores[:, 5:], m_scores[:, 5:])
+        with pytest.raises(InputError, match=r"^search: offset \+ k = 20000 is past Milvus's "):
+            milvus.search(exact.vector(0), 20000)
+    finally:
+        exact.close()
+        milvus.close()

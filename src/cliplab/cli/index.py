@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "old one dropped once the index is complete)")
     p.add_argument("--backend", choices=("faiss", "milvus"),
                    help="vector store (default faiss; with --add the index's own)")
-    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530 (with "
-                   "--add the index's own)")
+    p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530, "
+                   "credentials in $CLIPLAB_MILVUS_TOKEN (with --add the index's own)")
     p.add_argument("--index-type", metavar="T",
                    help="FAISS: auto (default; with --add the index's own), "
                    "flat, hnsw, ivf-flat, ivf-pq or a FAISS factory string")
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """`cliplab index`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.config import load_config
-    from cliplab.output_folder import spec_paths
+    from cliplab.output_folder import check_apart_from_inputs, spec_paths
     from cliplab.serve.build import build_index
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})
     check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])
+    if cfg.uri and "://" not in cfg.uri:  # a Milvus Lite file: as --out, not among the images
+        check_apart_from_inputs(cfg.uri, spec_paths(cfg.data), flag="--uri")
     record = build_index(cfg, progress=not args.no_progress)
     print(f"index {cfg.out}: {describe(record)}")
     tuned = record.get("faiss", {})

@@ -137,6 +137,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             raise ConfigError(f"{' and '.join(tuned)} tune{'s' * one} the FAISS index's type "
                               "and search breadth; Milvus indexes with FLAT or AUTOINDEX: leave "
                               f"{'it' if one else 'them'} out with --backend milvus")
+        _check_reachable(cfg.uri)
     model = model if model is not None else load_model(cfg.model, cfg.device)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
@@ -175,9 +176,10 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         swap_in(work, out)
         _drop_replaced_collection(existing, finished)
         return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now)}
+    if cfg.backend == "milvus" and request["collection"] is not None and \
+            not (work / PROGRESS_FILE).is_file():  # a named one: refused before the work folder
+        _check_collection(cfg.uri, {"collection": request["collection"]})
     state = _open_work(work, out, request, existing)
-    if cfg.backend == "milvus" and request["collection"] is not None:
-        _check_collection(cfg.uri, state)  # a named one: refused before embedding
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
     refused = False
@@ -284,6 +286,15 @@ def _check_collection(uri: str, state: dict, milvus=None) -> None:
     if taken:
         raise ConfigError(f"collection={name} already exists at {uri} (another index's?); "
                           "name another collection, or leave it out for a fresh one")
+
+
+def _check_reachable(uri: str) -> None:
+    """Connect to the Milvus at ``uri`` once before the embedding: a server that cannot be
+    reached, a missing pymilvus or a Milvus Lite file another process holds fail in seconds,
+    not after hours of embedding."""
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    MilvusVectors(uri, "").close()
 
 
 def _drop_replaced_collection(existing: dict | None, record: dict) -> None:
@@ -573,7 +584,6 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         from cliplab.serve.milvus_index import MilvusVectors
 
         phase(f"inserting {state['count']} vectors into Milvus collection {state['collection']}")
-        rows = store.get_many(range(state["count"]))
         milvus = MilvusVectors(cfg.uri, state["collection"])
         try:
             _check_collection(cfg.uri, state, milvus)
@@ -581,9 +591,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
                 state["collection_created"] = True
                 write_json(work / PROGRESS_FILE, state)
             milvus.create(vectors.shape[1])
-            milvus.insert(np.arange(state["count"]), vectors,
-                          [{"key": rows[i]["key"], "caption": rows[i]["caption"],
-                            "meta": json.dumps(rows[i]["meta"])} for i in range(state["count"])])
+            milvus.insert(np.arange(state["count"]), vectors)
         finally:
             milvus.close()
         record["milvus"] = {"uri": cfg.uri, "collection": state["collection"]}

@@ -224,14 +224,19 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
         if short.any() and vectors is not None:
             scores[short], ids[short] = _exact_search(queries[short], vectors, wanted)
         if wanted <= depth or wanted >= min(index.ntotal, most) or \
-                not _tie_past_the_end(scores, ids, depth):
+                not tie_past_the_end(scores, ids, depth):
             break
         fetch *= 2
-    # equal scores (an image indexed twice) in id order: FAISS returns ties in an order that
-    # depends on the depth asked, so pages cut from two searches repeated one and lost the other
-    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
-    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    scores, ids = order_page(scores, ids)
     return scores[:, offset:depth], ids[:, offset:depth]
+
+
+def order_page(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row best first, equal scores (an image indexed twice) in id order, no hit (-1)
+    last: FAISS returns ties in an order that depends on the depth asked, so pages cut from
+    two searches repeated one and lost the other."""
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 # how far past a page's end a tie is followed (thousands of identical embeddings, such as blank
@@ -239,7 +244,7 @@ def search(index, queries: np.ndarray, k: int, offset: int = 0,
 TIE_REACH = 1024
 
 
-def _tie_past_the_end(scores: np.ndarray, ids: np.ndarray, depth: int) -> bool:
+def tie_past_the_end(scores: np.ndarray, ids: np.ndarray, depth: int) -> bool:
     """Whether some row's score at the page's end (rank ``depth``; rows come best first) is
     also its last fetched one: the tie may go on past what was fetched."""
     return bool(((ids[:, -1] >= 0) & (scores[:, -1] == scores[:, depth - 1])).any())

@@ -60,14 +60,18 @@ class SearchIndex:
             return
         from cliplab.serve.milvus_index import MilvusVectors
 
-        self._milvus = MilvusVectors(self.record["milvus"]["uri"],
-                                     self.record["milvus"]["collection"])
+        where = self.record["milvus"]
+        self._milvus = MilvusVectors(where["uri"], where["collection"], must_exist=True)
+        if not self._milvus.exists():
+            raise DataError(f"Milvus collection {where['collection']} at {where['uri']} does "
+                            f"not exist (dropped, or replaced by an `index --add` of a copy of "
+                            f"{self.path}); rebuild the index")
         self._milvus.load()
         found = self._milvus.count()
         if found != self.record["count"]:
-            raise DataError(f"Milvus collection {self.record['milvus']['collection']} at "
-                            f"{self.record['milvus']['uri']} holds {found} vectors, the index "
-                            f"{self.path} {self.record['count']}; rebuild the index")
+            raise DataError(f"Milvus collection {where['collection']} at {where['uri']} holds "
+                            f"{found} vectors, the index {self.path} {self.record['count']}; "
+                            "rebuild the index")
 
     @property
     def count(self) -> int:
@@ -95,7 +99,7 @@ class SearchIndex:
             f"index {self.path} (model {self.record['model'].get('name')})")
         if self.backend == "faiss":
             return faiss_index.search(self._faiss, queries, k, offset, self.vectors)
-        return self._milvus.search(queries, k, offset)
+        return self._milvus.search(queries, k, offset, self.vectors)
 
     def vector(self, item_id: int) -> np.ndarray:
         """The stored unit embedding of ``item_id``."""

@@ -1,32 +1,55 @@
-"""Milvus beyond one machine: vectors and metadata in a Milvus collection through `pymilvus`.
+"""Milvus beyond one machine: an index's vectors in a Milvus collection through `pymilvus`.
 
 A URI that is a local file path (``./search.db``) runs Milvus Lite in-process; an
-``http(s)://`` URI reaches a Milvus server or cluster. Scores are inner products of unit
-vectors (cosine), as in the FAISS backend.
+``http(s)://``, ``tcp://`` or ``unix://`` URI reaches a Milvus server or cluster, with the
+credentials (``user:password`` or a token) in ``$CLIPLAB_MILVUS_TOKEN``, never in the URI, which
+is recorded. Scores are inner products of unit vectors (cosine), as in the FAISS backend, and
+pages are cut as FAISS's are (`MilvusVectors.search`). The collection holds ids and vectors
+only: keys, captions and metadata stay in the index folder's SQLite, which is all that reads
+them (Milvus Lite's port on 127.0.0.1 is open to every local user).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from cliplab.errors import ConfigError, DataError
-from cliplab.serve.faiss_index import search_queries
+from cliplab.errors import ConfigError, DataError, InputError
+from cliplab.serve.faiss_index import TIE_REACH, order_page, search_queries, tie_past_the_end
 
 MAX_WINDOW = 16384  # Milvus caps offset + limit
 BATCH = 1000
+REMOTE_SCHEMES = ("http", "https", "tcp", "unix")  # pymilvus's; anything else is a Lite file
+TOKEN_VARIABLE = "CLIPLAB_MILVUS_TOKEN"
+
+
+class CollectionGone(DataError):
+    """An index's Milvus collection was dropped after the index was opened."""
 
 
 def is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+    return urlsplit(uri).scheme.lower() in REMOTE_SCHEMES
 
 
 def normalise_uri(uri: str) -> str:
-    """Remote URIs as given; a Milvus Lite file as an absolute path ending in ``.db``."""
-    if is_remote(uri):
+    """Remote URIs as given (without credentials: they go in ``$CLIPLAB_MILVUS_TOKEN``); a
+    Milvus Lite file as an absolute path ending in ``.db``."""
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme in REMOTE_SCHEMES:
+        if urlsplit(uri).password is not None:
+            raise ConfigError(f"--uri: give Milvus's credentials in ${TOKEN_VARIABLE} "
+                              "(user:password or a token), not in the URI, which the index "
+                              "records in index.json and shows")
         return uri
+    if "://" in uri:
+        raise ConfigError(f"--uri {uri}: Milvus takes {', '.join(REMOTE_SCHEMES)} URIs "
+                          "(e.g. http://HOST:19530) or a Milvus Lite file ending in .db")
     path = Path(uri).expanduser().resolve()
     if path.suffix != ".db":
         raise ConfigError(f"--uri {uri}: a Milvus Lite file must end in .db (e.g. ./search.db), "
@@ -39,20 +62,61 @@ def new_collection_name() -> str:
     return f"cliplab_{uuid.uuid4().hex[:12]}"
 
 
-class MilvusVectors:
-    """One Milvus collection: ``id`` (primary), ``vector``, ``key``, ``caption``, ``meta``."""
+def lite_file_in_use(path: Path) -> bool:
+    """Whether another process holds Milvus Lite's lock on the database ``path``."""
+    import fcntl
 
-    def __init__(self, uri: str, collection: str, token: str | None = None):
+    try:
+        with open(path / "LOCK", "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_milvus_lite():
+    """Milvus Lite logs a traceback for a file it cannot open; the error cliplab raises says
+    why in one line."""
+    logger = logging.getLogger("milvus_lite")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class MilvusVectors:
+    """One Milvus collection: ``id`` (primary) and ``vector``."""
+
+    def __init__(self, uri: str, collection: str, must_exist: bool = False):
+        """Connect to the Milvus at ``uri`` (credentials from ``$CLIPLAB_MILVUS_TOKEN``);
+        ``must_exist``: a Milvus Lite file that is not there is refused, not created."""
         try:
             from pymilvus import MilvusClient
-        except ImportError:  # pragma: no cover - the milvus extra declares it
+        except ImportError:
             raise ConfigError("the Milvus backend needs pymilvus (and milvus-lite for a local "
                               "file): pip install 'cliplab[milvus]'") from None
         self.uri, self.collection = normalise_uri(uri), collection
+        local = None if is_remote(self.uri) else Path(self.uri)
+        if local is not None and must_exist and not local.exists():
+            raise DataError(f"the Milvus Lite database {local} holding collection {collection} "
+                            "does not exist (moved or deleted?); put it back at that path")
         try:
-            self.client = MilvusClient(self.uri, token=token or "")
+            with _quiet_milvus_lite():
+                self.client = MilvusClient(self.uri, token=os.environ.get(TOKEN_VARIABLE, ""))
         except Exception as err:  # pymilvus raises its own MilvusException family
-            raise DataError(f"cannot reach Milvus at {self.uri}: {str(err).splitlines()[0]}") from None
+            if local is not None and lite_file_in_use(local):
+                raise DataError(f"the Milvus Lite database {local} is open in another process "
+                                "(a running `cliplab serve` or `cliplab index`?): Milvus Lite "
+                                "lets one process use a file at a time; stop it, then run this "
+                                "again (or use a Milvus server)") from None
+            raise DataError(f"cannot reach Milvus at {self.uri}: "
+                            f"{str(err).splitlines()[0]}") from None
 
     def exists(self) -> bool:
         return self.client.has_collection(self.collection)
@@ -72,22 +136,17 @@ class MilvusVectors:
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        schema.add_field("key", DataType.VARCHAR, max_length=4096)
-        schema.add_field("caption", DataType.VARCHAR, max_length=8192)
-        schema.add_field("meta", DataType.VARCHAR, max_length=65535)
         params = client.prepare_index_params()
         kind = index_type or ("AUTOINDEX" if is_remote(self.uri) else "FLAT")
         params.add_index(field_name="vector", index_type=kind, metric_type="IP")
         client.create_collection(self.collection, schema=schema, index_params=params)
 
-    def insert(self, ids: np.ndarray, vectors: np.ndarray, rows: list[dict]) -> None:
-        """Rows ``{key, caption, meta (JSON text)}`` with their ids and vectors, in batches."""
+    def insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Vectors with their ids, in batches."""
         for start in range(0, len(ids), BATCH):
             self.client.insert(self.collection, [
-                {"id": int(i), "vector": v.tolist(), "key": r["key"][:4096],
-                 "caption": r["caption"][:8192], "meta": r["meta"][:65535]}
-                for i, v, r in zip(ids[start:start + BATCH], vectors[start:start + BATCH],
-                                   rows[start:start + BATCH])])
+                {"id": int(i), "vector": v.tolist()}
+                for i, v in zip(ids[start:start + BATCH], vectors[start:start + BATCH])])
         if hasattr(self.client, "flush"):
             self.client.flush(self.collection)
 
@@ -103,22 +162,63 @@ class MilvusVectors:
         res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
-    def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, offset: int = 0,
+               vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids ``[Q, k]`` of results ``offset .. offset+k`` (ids -1 past the end);
-        one vector ``[D]`` is one query."""
+        one vector ``[D]`` is one query. Cut as FAISS's pages are: the top ``offset + k`` (and
+        one more, and on while a tie goes past the page) in (score, id) order, scored again
+        over ``vectors`` (the stored ``[N, D]`` embeddings), if given — Milvus scores copies of
+        one vector up to 1e-7 apart and orders ties otherwise for each limit and offset, so
+        pages asked of it directly repeated some items and skipped others."""
         queries = search_queries(queries, k, offset)
-        k, offset = int(k), int(offset)  # NumPy integers as the client's JSON takes them
-        if offset + k > MAX_WINDOW:
-            raise DataError(f"offset + k = {offset + k} is past Milvus's window of {MAX_WINDOW}")
-        hits = self.client.search(self.collection, data=[q.tolist() for q in queries], limit=k,
-                                  offset=offset, search_params={"metric_type": "IP"},
-                                  output_fields=[])
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        depth = int(offset) + int(k)
+        if depth > MAX_WINDOW:
+            raise InputError(f"search: offset + k = {depth} is past Milvus's window of "
+                             f"{MAX_WINDOW} results")
+        fetch, most = depth, min(depth + max(depth, TIE_REACH), MAX_WINDOW)
+        while True:
+            wanted = min(fetch + 1, most)
+            scores, ids = self._top(queries, wanted)
+            if vectors is not None:
+                scores = _scored_again(queries, ids, vectors)
+            if wanted <= depth or wanted >= most or not tie_past_the_end(scores, ids, depth):
+                break
+            fetch *= 2
+        scores, ids = order_page(scores, ids)
+        return scores[:, int(offset):depth], ids[:, int(offset):depth]
+
+    def _top(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Milvus's own top ``limit`` of each query (ids -1, scores ``-FLT_MAX`` where none,
+        as FAISS fills them)."""
+        scores = np.full((len(queries), limit), np.finfo(np.float32).min, dtype=np.float32)
+        ids = np.full((len(queries), limit), -1, dtype=np.int64)
+        if not len(queries):
+            return scores, ids
+        try:
+            hits = self.client.search(self.collection, data=[q.tolist() for q in queries],
+                                      limit=limit, search_params={"metric_type": "IP"},
+                                      output_fields=[])
+        except Exception as err:  # pymilvus raises its own MilvusException family
+            if "not exist" in str(err) or "not found" in str(err):
+                raise CollectionGone(f"Milvus collection {self.collection} at {self.uri} is gone "
+                                "(an `index --add` of this index, or of a copy of its folder, "
+                                "replaced it): restart `cliplab serve`") from None
+            raise
         for row, found in enumerate(hits):
-            for col, hit in enumerate(list(found)[:k]):
+            for col, hit in enumerate(list(found)[:limit]):
                 ids[row, col], scores[row, col] = int(hit["id"]), float(hit["distance"])
         return scores, ids
 
     def close(self) -> None:
         self.client.close()
+
+
+def _scored_again(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The inner products of ``queries`` ``[Q, D]`` with the stored vectors of ``ids``
+    ``[Q, n]`` (``-FLT_MAX`` where an id is -1)."""
+    found = ids >= 0
+    scores = np.full(ids.shape, np.finfo(np.float32).min, dtype=np.float32)
+    for row in range(len(ids)):
+        rows = np.asarray(vectors[ids[row, found[row]]], dtype=np.float32)
+        scores[row, found[row]] = rows @ queries[row]
+    return scores

@@ -19,6 +19,7 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
 from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
 from cliplab.serve.index import SearchIndex
+from cliplab.serve.milvus_index import CollectionGone
 from cliplab.serve.sized_cache import SizedLru
 
 THUMBNAIL_CACHE_BYTES = 64 << 20  # thousands of cards' thumbnails
@@ -59,7 +60,10 @@ class SearchService:
     def results(self, vector: np.ndarray, k: int, offset: int) -> list[dict]:
         """The ``k`` indexed items closest to ``vector`` from rank ``offset``, with their rows
         and image URLs."""
-        scores, ids = self.index.search(vector.reshape(1, -1), k, offset)
+        try:
+            scores, ids = self.index.search(vector.reshape(1, -1), k, offset)
+        except CollectionGone as err:  # dropped under the server by an --add
+            fail(503, str(err))
         rows = self.index.items(ids[0])
         return [{"id": int(i), "score": round(float(s), 6), "caption": rows[int(i)]["caption"],
                  "key": rows[int(i)]["key"], "meta": rows[int(i)]["meta"],
