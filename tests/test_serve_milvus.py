@@ -415,3 +415,19 @@ def test_milvus_searches_as_faiss_at_the_edges(tmp_path):
     finally:
         exact.close()
         milvus.close()
+
+
+def test_without_pymilvus_the_milvus_backend_is_refused_before_the_embedding(tmp_path,
+                                                                           monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if not installed
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before finding pymilvus")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    with pytest.raises(ConfigError, match=r"^the Milvus backend needs pymilvus .*: pip install "
+                                          r"'cliplab\[milvus\]'$"):
+        build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
+              uri=str(tmp_path / "search.db"))
+    assert not (tmp_path / "idx.partial").exists()
