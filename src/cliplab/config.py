@@ -87,7 +87,7 @@ def refuse_unused(section: BaseModel, keys: Sequence[str], when: str, prefix: st
     load again). For a section's ``mode="after"`` validator; ``prefix`` goes before the
     names of keys in a sub-section (``train.``); ``how`` tells how to drop them."""
     given = [prefix + key for key in keys if getattr(section, key) !=
-             section.model_fields[key].get_default(call_default_factory=True)]
+             type(section).model_fields[key].get_default(call_default_factory=True)]
     if given:
         one = len(given) == 1
         raise ValueError(f"{' and '.join(given)} {'has' if one else 'have'} no effect {when}; "

@@ -95,10 +95,15 @@ def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, fil
     # The TorchScript exporter: about 10x faster here than the dynamo one (dynamo=True) on these
     # towers, with the same outputs (checked to 1e-6 on tiny-clip). Its tracer warns about
     # transformers' shape checks it freezes; the exported graphs are tested against PyTorch at
-    # other batch sizes and lengths, so the warnings are not shown to users.
+    # other batch sizes and lengths, so the warnings are not shown to users; nor are the
+    # deprecation notices the exporter gives about itself and its own internals (it is chosen
+    # knowingly; under `-W error` they failed the export).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based "
+                                "ONNX export", category=DeprecationWarning)
         torch.onnx.export(module, args, str(file), input_names=names,
                           output_names=["embeddings", "pooled"], opset_version=OPSET,
                           dynamic_axes={**dynamic, "embeddings": {0: "batch"},
