@@ -280,6 +280,20 @@ def test_default_run_folders_of_runs_started_in_one_second_differ(tmp_path, monk
     assert default_run_dir("adapt-coop").name == "adapt-coop-20261202-120000-3"
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    """``cliplab ... | head`` (or a killed tee) after the work is done: a BrokenPipeError
+    traceback and exit 1; now quiet, 141 as git and coreutils end (128 + SIGPIPE)."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "cliplab", "data", "shard", "--data", "shapes", "data.n=8",
+         "data.image_size=32", "--out", str(tmp_path / "shards"), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command.stdout.close()  # the reader is gone before the result is printed
+    err = command.stderr.read()
+    assert command.wait(timeout=300) == 141, err
+    assert err == ""
+    assert (tmp_path / "shards" / "index.json").is_file()  # the work itself is done
+
+
 def test_version_is_the_package_version():
     from cliplab import __version__
     from importlib.metadata import version

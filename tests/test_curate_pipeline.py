@@ -982,6 +982,28 @@ def test_a_stopped_process_pool_drops_its_queued_chunks_and_stops_its_workers(tm
     assert set(multiprocessing.active_children()) - others == set()  # none maps on (60 s)
 
 
+def test_a_worker_killed_ends_the_run_in_one_line_saying_how_to_resume(tmp_path):
+    """The OOM killer (or kill -9) ended a worker: the run ended in a 60-line traceback of
+    BrokenProcessPool; the chunks finished before it are kept for the resumed run."""
+    from cliplab.curate import engine
+    from cliplab.errors import CliplabError
+    from tests.curate_slow_step import SlowStep
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    chunks = {c: [{"key": f"k{c}", "caption": "x", "meta": {}, "location": {}}]
+              for c in range(4)}
+    with pytest.raises(CliplabError) as died:
+        engine.map_chunks(SlowStep(str(marks), 0.2, quick=("k0",), die=("k3",)), chunks,
+                          lambda c: tmp_path / f"{c}.npz", tmp_path, workers=2,
+                          desc="01-basic", progress=False)
+    assert str(died.value) == (
+        "step 01-basic: a worker process died (killed, or out of memory?); the chunks finished "
+        "are kept: run the same command again to resume (with fewer --workers if memory is "
+        "short)")
+    assert (tmp_path / "0.npz").is_file()  # finished before the death: kept
+
+
 def test_curated_shards_keep_every_caption_group_class_and_partner(tmp_path):
     """A sample's captions beyond the first, its group and its hard-negative partner reached
     the curated shards as nothing (300 samples of 800 captions and 269 groups read back as 300

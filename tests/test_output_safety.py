@@ -403,6 +403,33 @@ def test_pretrain_interrupted_tells_how_to_resume(interrupted_run, tmp_path, cap
     assert capsys.readouterr().err.strip() == "cliplab: interrupted"
 
 
+def test_the_resume_hint_starts_a_line_of_its_own_after_an_open_bar(interrupted_run,
+                                                                      monkeypatch, capsys):
+    """It was glued to the progress bar's line (which ends in a carriage return until the bar
+    closes), and the bar drawn again after it."""
+    import sys
+
+    from tqdm import tqdm
+
+    import cliplab.train.pretrain as pretrain
+
+    recipe, out = interrupted_run
+
+    def interrupted_mid_bar(cfg, resume=None, progress=True, where=None):
+        bar = tqdm(total=45, desc="train", file=sys.stderr)
+        bar.update(4)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted_mid_bar)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(out)]) == 130
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    hint = f"cliplab: {out} holds checkpoints up to step-4; resume with: cliplab pretrain --out"
+    assert any(line.startswith(hint) for line in lines), lines
+    assert lines[-1] == "cliplab: interrupted"
+    assert not any(line.startswith("train:") for line in
+                   lines[next(i for i, line in enumerate(lines) if line.startswith(hint)):])
+
+
 def test_an_interrupted_torchrun_run_is_said_once_with_a_torchrun_hint(interrupted_run,
                                                                         monkeypatch, capsys):
     """Ctrl-C reaches every rank: local rank 0 says it (each rank printed 'interrupted'), and

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -132,7 +133,7 @@ def _copies_under_torchrun(command: str, typed: str) -> str | None:
             f"(only {shared} shares its work over ranks)")
 
 
-def _end_progress_bars() -> None:
+def end_progress_bars() -> None:
     """Close the progress bars an error left open (a bar's line ends in ``\\r`` until it
     closes), so the ``cliplab: error: ...`` line after them starts a line of its own."""
     tqdm = sys.modules.get("tqdm")  # no bar was made unless some module imported tqdm
@@ -174,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = show_warning_on_one_line
             return COMMANDS[args.command].run(args)
     except Terminated:
-        _end_progress_bars()
+        end_progress_bars()
         print("cliplab: terminated", file=sys.stderr)
         return 143
     except CliplabError as err:
-        _end_progress_bars()
+        end_progress_bars()
         if args.debug:  # the traceback, and still bad input's code (a script checks for 2)
             traceback.print_exc()
             return EXIT_BAD_INPUT
@@ -194,20 +195,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cliplab: error: {who}{hint or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        _end_progress_bars()
+        end_progress_bars()
         if not _local_rank0_says_it(args):  # Ctrl-C reaches every rank: said once a machine
             print("cliplab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # the reader of the output left (`| head`, a killed `tee`): the work is done, and
+        # ends quietly as git's and coreutils' do (128 + SIGPIPE), not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as raised:  # the system refused to write (read-only, full, no permission)
         err = _write_refusal(raised)
         if args.debug or err is None:
             raise
-        _end_progress_bars()
+        end_progress_bars()
         # a writer that does not say which file (a tar or SQLite writer): the output it wrote
         where = err.filename or getattr(args, "out", None)
         print(f"cliplab: error: {f'{where}: ' if where else ''}{err.strerror or err}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has closed it (a pipe or socket with no reader polls
+    as an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll
+        return False
 
 
 def _write_refusal(err: BaseException) -> OSError | None:

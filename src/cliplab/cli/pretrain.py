@@ -104,6 +104,9 @@ def _resume_hint(out: str | None, earlier_runs: set[Path]) -> None:
                       key=lambda p: p.stat().st_mtime)
         run = runs[-1] if runs else None
     if run is not None and latest_checkpoint(run) is not None:
+        from cliplab.cli import end_progress_bars
+
+        end_progress_bars()  # the hint on a line of its own, not after the bar's
         print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
               f"with: {_launcher()}cliplab pretrain --out {run} --resume latest",
               file=sys.stderr)

@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def stop_workers(pool: ProcessPoolExecutor, wait_s: float = 10.0) -> None:
             process.join(wait_s)
 
 
+class WorkerDied(CliplabError):
+    """A curate worker process ended without its chunk (the OOM killer, ``kill -9``)."""
+
+
 def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
                work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
     """``step.map`` over every chunk (``{chunk number: records}``) whose columns file
@@ -135,6 +140,12 @@ def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int],
                     c = futures[future]
                     save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
                     bar.update(len(todo[c]))
+            except BrokenProcessPool:
+                stop_workers(pool)
+                raise WorkerDied(f"step {desc}: a worker process died (killed, or out of "
+                                 "memory?); the chunks finished are kept: run the same command "
+                                 "again to resume (with fewer --workers if memory is short)"
+                                 ) from None
             except BaseException:
                 stop_workers(pool)
                 raise
