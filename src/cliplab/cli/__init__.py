@@ -40,6 +40,7 @@ COMMANDS: dict[str, ModuleType] = {
 DISTRIBUTED_COMMANDS = ("pretrain",)
 QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves its error to local rank 0 waits
 # the system refusing a write: one line naming the file, not a traceback
+LOG_BAR_INTERVAL_S = 30  # tqdm's TQDM_MININTERVAL where stderr is no terminal
 WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     # are noise in its command lines (a library user's own settings are left alone)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not _is_terminal(sys.stderr):  # a log file (CI): a bar's state every 30 s, not ten a second
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_BAR_INTERVAL_S))
     try:
         with _quiet_unless_first_rank():  # --help or a usage error: said once, not per rank
             args = parse_command_line(build_parser(), argv)
@@ -216,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cliplab: error: {f'{where}: ' if where else ''}{err.strerror or err}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or no such method
+        return False
 
 
 def _stdout_gone() -> bool:
