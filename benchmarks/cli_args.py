@@ -79,6 +79,20 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def check_seeds(parser: argparse.ArgumentParser, seeds: list[int], minimum: int = 3,
+                flag: str = "--seeds") -> None:
+    """A usage error (exit 2) unless ``seeds`` holds ``minimum`` or more seeds, none twice: a
+    "mean gap > 2 x pooled std over seeds" verdict needs a spread, and one seed (or one seed
+    repeated) has none, so every positive gap would pass."""
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        parser.error(f"argument {flag}: seed {', '.join(map(str, twice))} given more than once "
+                     "(a repeated seed repeats the same run and shrinks the spread)")
+    if len(seeds) < minimum:
+        parser.error(f"argument {flag}: needs at least {minimum} different seeds (the verdict "
+                     f"compares a gap with 2 x the pooled std over seeds), got {len(seeds)}")
+
+
 def check_model(parser: argparse.ArgumentParser, flag: str, spec: str,
                 presets: bool = True) -> None:
     """A usage error (exit 2) unless the model ``spec`` names a model: a preset (unless not

@@ -85,7 +85,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import make_parser, non_negative_int  # noqa: E402
+from cli_args import check_seeds, make_parser, non_negative_int  # noqa: E402
 from paper_claims.common import pooled_std  # noqa: E402  the papers' table's noise
 from results_file import write_merged  # noqa: E402
 from cliplab.curate.imbalance import exponential_counts, exponential_subsample
@@ -433,12 +433,14 @@ def main(argv: list[str] | None = None) -> None:
                     metavar="CLAIM", help="re-measure only these; the results file keeps the "
                     "other entries (of: " + ", ".join(CLAIMS) + ")")
     ap.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3],
-                    help="seeds of every claim (pool, curation, training): mean and std over them")
+                    help="seeds of every claim (pool, curation, training), 3 or more, each "
+                    "once: mean and std over them")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "curate-claims",
                     help="folder for the pools, curations and trainings")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default examples/results/curate_claims[-quick].json)")
     args = ap.parse_args(argv)
+    check_seeds(ap, args.seeds)
     for module in ("cliplab.curate.pipeline", "cliplab.train.pretrain"):  # see the top
         importlib.import_module(module)
 

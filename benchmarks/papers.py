@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cli_args import existing_dir, make_parser, non_negative_int, positive_int  # noqa: E402
+from cli_args import check_seeds, existing_dir, make_parser, non_negative_int  # noqa: E402
+from cli_args import positive_int  # noqa: E402
 from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
 from results_file import write_merged  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="re-measure only these; the results file keeps the other entries "
                     "(of: " + ", ".join(CLAIMS) + "; default: all)")
     ap.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3],
-                    help="seeds of every claim: mean and std over them")
+                    help="seeds of every claim, 3 or more, each once: mean and std over them")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "papers",
                     help="folder for the competent base and the claims' runs")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default examples/results/papers[-quick].json)")
     args = ap.parse_args(argv)
+    check_seeds(ap, args.seeds)
     if args.data_dir:  # a str: it goes into the claims' data specs as given
         try:
             existing_dir(args.data_dir)

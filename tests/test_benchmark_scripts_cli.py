@@ -86,6 +86,15 @@ BAD = [  # (script, args, the flag the error names)
     ("benchmarks/train_throughput.py", ["--steps", "two", NO_SUCH_FLAG], "--steps"),
     ("benchmarks/papers.py", ["--jobs", "0", NO_SUCH_FLAG], "--jobs"),
     ("benchmarks/papers.py", ["--data-dir", "/nonexistent/fmnist"], "--data-dir"),
+    # the 2 x pooled std verdict needs a spread: fewer than 3 seeds, or one twice, is refused
+    # (--data-dir is checked after --seeds: a regression stops there, not in a run)
+    ("benchmarks/papers.py", ["--seeds", "1", "--data-dir", "/nonexistent/fmnist"], "--seeds"),
+    ("benchmarks/papers.py", ["--seeds", "1", "2", "2", "--data-dir", "/nonexistent/fmnist"],
+     "--seeds"),
+    ("benchmarks/curate_claims.py", ["--seeds", "1", "2", "--quick", "--claims",
+                                     "decontaminate", "--out", "/nonexistent/cc.json"], "--seeds"),
+    ("benchmarks/curate_claims.py", ["--seeds", "1", "1", "1", "--quick", "--claims",
+                                     "decontaminate", "--out", "/nonexistent/cc.json"], "--seeds"),
     ("benchmarks/inference_speed.py", ["--repeats", "0", NO_SUCH_FLAG], "--repeats"),
     ("benchmarks/openclip_train_step.py", ["{not json"], "arch"),
 ]
