@@ -8,14 +8,34 @@ value answer at once, and the OpenCLIP environment's scripts can use them too).
     parser.add_argument("--n", type=positive_int, default=1000, help="rows")
 
 Argument types raise ``argparse.ArgumentTypeError``, so a bad value is a one-line usage error
-(exit 2) instead of a traceback from deep inside a run.
+(exit 2) instead of a traceback from deep inside a run. What only cliplab can check (a config
+key, a missing dataset) and a missing optional package still reach the script's ``main``:
+
+    if __name__ == "__main__":
+        run_main(main)                  # SCRIPT: error: ... and exit 2, not a traceback
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+# optional packages (not installed by cliplab's base install) a benchmark may import, and how
+# to install each: a missing one is a one-line error naming this, not a traceback
+OPTIONAL = {
+    "faiss": "pip install 'cliplab[serve]' (or 'cliplab[curate]'; both bring faiss-cpu)",
+    "httpx": "pip install 'cliplab[serve]'",
+    "fastapi": "pip install 'cliplab[serve]'",
+    "uvicorn": "pip install 'cliplab[serve]'",
+    "onnx": "pip install 'cliplab[onnx]'",
+    "onnxruntime": "pip install 'cliplab[onnx]'",
+    "onnxscript": "pip install 'cliplab[onnx]'",
+    "imagehash": "pip install 'cliplab[curate]'",
+    "langid": "pip install 'cliplab[curate]'",
+    "webdataset": "pip install webdataset",
+}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -65,8 +85,13 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0 (a noise scale, where 0 means none)."""
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
 def fraction(text: str) -> float:
-    """A number in (0, 1] (a target recall)."""
+    """A number in (0, 1] (a target recall, a distance threshold)."""
     return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
@@ -112,6 +137,52 @@ def check_model(parser: argparse.ArgumentParser, flag: str, spec: str,
         resolve_model_path(spec)  # a folder's kind is checked, nothing is loaded
     except ModelError as err:
         parser.error(f"argument {flag}: {err}")
+
+
+def missing_package(err: ImportError) -> str | None:
+    """The one-line message for ``err`` if it is an optional package (`OPTIONAL`) that is not
+    installed, else None (any other import error is a bug: its traceback is kept)."""
+    name = (getattr(err, "name", None) or "").partition(".")[0]
+    if name not in OPTIONAL:
+        return None
+    return f"this benchmark needs {name}, which is not installed: {OPTIONAL[name]}"
+
+
+def require(parser: argparse.ArgumentParser, *modules: str) -> None:
+    """A usage error (exit 2) unless every one of ``modules`` (optional packages a run will
+    import, see `OPTIONAL`) imports: said right after parsing, not after minutes of set-up."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            said = missing_package(err)
+            if said is None:
+                raise
+            parser.error(said)
+
+
+def run_main(main: Callable[[], object], prog: str | None = None) -> None:
+    """Run a script's ``main()``: a cliplab error (`cliplab.errors.CliplabError`: bad input
+    only cliplab checks, a missing dataset or file) or a missing optional package (`OPTIONAL`)
+    ends in one line, ``SCRIPT: error: ...``, and exit code 2, as ``python -m cliplab`` does,
+    instead of a traceback. Any other exception keeps its traceback (that is a bug)."""
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        main()
+    except ImportError as err:
+        said = missing_package(err)
+        if said is None:
+            raise
+        print(f"{prog}: error: {said}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        errors = sys.modules.get("cliplab.errors")  # not imported: not one of cliplab's
+        if errors is None or not isinstance(err, errors.CliplabError):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import check_seeds, make_parser, non_negative_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 from paper_claims.common import pooled_std  # noqa: E402  the papers' table's noise
 from results_file import write_merged  # noqa: E402
 from cliplab.curate.imbalance import exponential_counts, exponential_subsample
@@ -464,4 +465,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -71,6 +71,7 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import check_model, make_parser, positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 
 EXACT_TOL = 1e-6
 PROBE_TOL = 0.02
@@ -354,4 +355,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import check_model, make_parser, positive_float, positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 
 SHIFTS = ["invert", "noise:0.3", "blur:1.5"]
 
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=positive_float, default=1e-3,
                         help="LoRA's learning rate")
     parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (alpha: 2 x rank)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="fine-tuning batch (both methods); at most --train-size")
     parser.add_argument("--shifts", nargs="+", default=SHIFTS,
                         help="shifted copies of the test set WiSE-FT is also scored on")
     parser.add_argument("--out", default="runs/bench-finetune",
@@ -46,7 +49,18 @@ def main() -> None:
     parser.add_argument("--skip-lora", action="store_true", help="full fine-tuning + WiSE-FT only")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args()
+    if args.batch_size > args.train_size:
+        parser.error(f"argument --batch-size: a batch of {args.batch_size} is larger than the "
+                     f"{args.train_size} training images (--train-size); lower --batch-size")
     check_model(parser, "--model", args.model)
+    from cliplab.data.shift import parse_shift
+    from cliplab.errors import ConfigError
+
+    for shift in args.shifts:  # a bad name: said now, not after the fine-tunes
+        try:
+            parse_shift(shift)
+        except ConfigError as err:
+            parser.error(f"argument --shifts: {err}")
 
     import torch
 
@@ -62,7 +76,7 @@ def main() -> None:
     test = {"source": "fashion-mnist", "split": "test", "limit": args.test_size}
     common = {"model": args.model, "shots": 0, "train_size": args.train_size, "seed": 0,
               "data": {"train": {"source": "fashion-mnist", "split": "train"}, "test": test}}
-    train = {"epochs": args.epochs, "batch_size": 128, "warmup": 0.1,
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "warmup": 0.1,
              "augment": {"hflip": False}}
     start = time.time()
     ft = run_adapt({**common, "method": "finetune", "out": str(out / "finetune"),
@@ -90,7 +104,8 @@ def main() -> None:
                       "interior_at_least_both_ends": interior[best] >= max(accs[0.0], accs[1.0])}
     summary = {
         "model": args.model, "train_images": args.train_size, "test_images": args.test_size,
-        "epochs": args.epochs, "ft_lr": args.ft_lr, "shifts": list(args.shifts),
+        "epochs": args.epochs, "batch_size": args.batch_size, "ft_lr": args.ft_lr,
+        "shifts": list(args.shifts),
         **({} if args.skip_lora else {"lora_lr": args.lora_lr, "rank": args.rank}),
         "zeroshot_acc1": round(ft["zeroshot"]["acc1"], 4),
         "finetune_acc1": round(ft["test"]["acc1"], 4),
@@ -109,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import check_model, make_parser, positive_int  # noqa: E402
+from cli_args import require, run_main  # noqa: E402
 
 
 def _preset(name: str, **options):
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--accuracy", metavar="MODEL_OR_RUN",
                         help="also report zero-shot top-1 of this model on Fashion-MNIST")
     args = parser.parse_args()
+    require(parser, "onnx", "onnxscript", "onnxruntime")  # the export and its runtime
     if args.accuracy:  # before minutes of timing
         check_model(parser, "--accuracy", args.accuracy, presets=False)
 
@@ -171,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

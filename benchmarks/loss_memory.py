@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cli_args import make_parser, positive_float, positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 
 CLIPLAB_CONFIGS = ("cliplab-clip-plain", "cliplab-clip-tiled", "cliplab-siglip-plain",
                    "cliplab-siglip-tiled")
@@ -167,12 +168,18 @@ def main() -> None:
     configs = list(args.configs)
     if args.no_openclip:
         configs = [c for c in configs if c not in OPENCLIP_CONFIGS]
+        if not configs:  # a results line without a measurement in it
+            parser.error("argument --configs: only OpenCLIP losses, and --no-openclip skips "
+                         "them: nothing to measure")
     elif any(c in OPENCLIP_CONFIGS for c in configs):
         from openclip_env import openclip_python
 
         python = openclip_python(args.openclip_env)
         if python is None:
             configs = [c for c in configs if c not in OPENCLIP_CONFIGS]
+            if not configs:
+                parser.exit(1, f"{parser.prog}: error: no OpenCLIP environment, and --configs "
+                            "asks only for OpenCLIP losses: nothing measured\n")
         else:
             pythons.update({c: str(python) for c in OPENCLIP_CONFIGS})
             env_oc = dict(env)
@@ -196,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import make_parser, non_negative_int, positive_int  # noqa: E402
+from cli_args import fraction, make_parser, non_negative_float, non_negative_int  # noqa: E402
+from cli_args import positive_int, require, run_main  # noqa: E402
 
 
 def planted_pool(n: int, dim: int, components: int, spread: float, dup_fraction: float,
@@ -115,13 +116,13 @@ def main() -> None:
     parser.add_argument("--dim", type=positive_int, default=256, help="embedding dimension")
     parser.add_argument("--components", type=positive_int, default=1000,
                         help="Gaussian components of the mixture")
-    parser.add_argument("--spread", type=float, default=0.8,
+    parser.add_argument("--spread", type=non_negative_float, default=0.8,
                         help="noise norm of a row relative to its centre's")
     parser.add_argument("--dup-fraction", type=dup_fraction, default=0.05,
                         help="share of the rows that are planted near duplicates")
-    parser.add_argument("--noise", type=float, default=0.15,
+    parser.add_argument("--noise", type=non_negative_float, default=0.15,
                         help="noise norm of a duplicate relative to its original's")
-    parser.add_argument("--eps", type=float, default=0.05,
+    parser.add_argument("--eps", type=fraction, default=0.05,
                         help="drop rows more similar than 1 - eps to a kept row")
     parser.add_argument("--n-clusters", type=auto_or_positive_int, default="auto",
                         help="k-means clusters (auto: semantic_duplicates' choice)")
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch and FAISS threads (default: every core)")
     args = parser.parse_args()
+    require(parser, "faiss")  # semantic_duplicates' k-means: said before the pool is drawn
 
     import torch
 
@@ -165,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

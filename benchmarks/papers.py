@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cli_args import check_seeds, existing_dir, make_parser, non_negative_int  # noqa: E402
 from cli_args import positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 from paper_claims.common import REPO, ClaimContext, competent_base  # noqa: E402
 from results_file import write_merged  # noqa: E402
 
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

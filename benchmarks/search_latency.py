@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cliplab.errors import ConfigError
 from cliplab.serve import faiss_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_args import fraction, make_parser, non_negative_int, positive_float  # noqa: E402
-from cli_args import positive_int  # noqa: E402
+from cli_args import fraction, make_parser, non_negative_float, non_negative_int  # noqa: E402
+from cli_args import positive_float, positive_int, require, run_main  # noqa: E402
 
 
 def clustered_vectors(n: int, dim: int, clusters: int, spread: float, seed: int,
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--dim", type=positive_int, default=512, help="vector dimension")
     parser.add_argument("--clusters", type=positive_int, default=1000,
                         help="Gaussian clusters of the mixture")
-    parser.add_argument("--spread", type=float, default=0.8,
+    parser.add_argument("--spread", type=non_negative_float, default=0.8,
                         help="noise norm of a point relative to its centre's")
     parser.add_argument("--queries", type=positive_int, default=500,
                         help="held-out queries for recall")
@@ -113,7 +114,23 @@ def main() -> None:
     parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="FAISS threads for building (0: all cores)")
     args = parser.parse_args()
-
+    require(parser, "faiss")
+    budget = int(args.memory_gb * (1 << 30))
+    runs = [("exact", "Flat", max(20, args.latency_queries // 5)),
+            ("auto", faiss_index.choose_index_type(args.n, args.dim, "auto", budget),
+             args.latency_queries),
+            ("alternative", faiss_index.choose_index_type(args.n, args.dim, args.alternative,
+                                                          budget), args.latency_queries)]
+    for name, factory, _ in runs:  # a bad type or too few vectors: said before any data
+        flag = "--alternative" if name == "alternative" else "--n"
+        try:
+            index = faiss_index.empty_faiss(args.dim, factory)
+        except ConfigError as err:
+            parser.error(f"argument {flag}: {err}")
+        ivf = faiss_index._ivf(index)
+        if ivf is not None and args.n < ivf.nlist:
+            parser.error(f"argument --n: the {name} index ({factory}) needs at least {ivf.nlist} "
+                         f"vectors, got {args.n}")
     if args.threads:
         faiss_index._faiss().omp_set_num_threads(args.threads)
     start = time.perf_counter()
@@ -124,16 +141,10 @@ def main() -> None:
     print(json.dumps({"data": "gaussian-mixture", "n": args.n, "dim": args.dim,
                       "clusters": args.clusters, "spread": args.spread,
                       "draw_and_truth_s": round(time.perf_counter() - start, 2)}), flush=True)
-    budget = int(args.memory_gb * (1 << 30))
-    runs = [("exact", "Flat", max(20, args.latency_queries // 5)),
-            ("auto", faiss_index.choose_index_type(args.n, args.dim, "auto", budget),
-             args.latency_queries),
-            ("alternative", faiss_index.choose_index_type(args.n, args.dim, args.alternative,
-                                                          budget), args.latency_queries)]
     for name, factory, timed in runs:
         print(json.dumps(measure(name, factory, vectors, queries, truth, args.recall, timed)),
               flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import existing_dir, make_parser, positive_float, positive_int  # noqa: E402
+from cli_args import require, run_main  # noqa: E402
 
 TEXTS = [f"a {size} {color} {shape}" for size in ("small", "large")
          for color in ("red", "green", "blue", "yellow", "purple", "cyan")
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--image-every", type=positive_int, default=4,
                         help="every Nth request of a client is an image upload")
     args = parser.parse_args()
+    # the load client (httpx) and what cliplab index / serve need: said before the index build
+    require(parser, "httpx", "faiss", "fastapi", "uvicorn")
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(args.index) if args.index else Path(tmp) / "index"
         if not args.index:
@@ -132,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import make_parser, non_negative_int, positive_int  # noqa: E402
+from cli_args import require, run_main  # noqa: E402
 
 
 def _decode(sample: dict) -> dict:
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg",
                         help="image format in the shards")
     args = parser.parse_args()
+    require(parser, "webdataset")  # the reader compared with: said before the shards are written
 
     from cliplab.data.shards import write_shards
     from cliplab.data.sources import load_source
@@ -90,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_args import make_parser, positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
 from openclip_env import openclip_python  # noqa: E402
 
 # torch and cliplab are imported where used: --help and a bad value answer at once
@@ -136,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,9 +2,11 @@
 (and ``examples/merge_experiments.py``) works, with a whole-sentence description and every
 flag's help and default; a bad value is a one-line usage error (exit 2), never a traceback.
 
-Only ``--help`` and argument errors are run: each answers before any heavy work. A bad-value
-case also passes an unknown flag after the bad one where it can (argparse checks types first),
-so a regression still stops at a usage error instead of running the benchmark.
+Only ``--help``, argument errors, a missing optional package and missing data are run: each
+answers before any heavy work (what only cliplab can check is asked of it before any model,
+data or index is built; an error raised inside a run is one line too: ``cli_args.run_main``).
+A bad-value case also passes an unknown flag after the bad one where it can (argparse checks
+types first), so a regression still stops at a usage error instead of running the benchmark.
 """
 
 import importlib.util
@@ -97,6 +99,30 @@ BAD = [  # (script, args, the flag the error names)
                                      "decontaminate", "--out", "/nonexistent/cc.json"], "--seeds"),
     ("benchmarks/inference_speed.py", ["--repeats", "0", NO_SUCH_FLAG], "--repeats"),
     ("benchmarks/openclip_train_step.py", ["{not json"], "arch"),
+    # what only cliplab knows, asked of it before any model, data or index is built
+    ("benchmarks/adapt_fewshot.py", ["--model", "x", "--methods", "foo", NO_SUCH_FLAG],
+     "--methods"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "x", "--option", "foo"], "--option"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "x", "--option", "search=true"], "--option"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "x", "--methods", "tip-adapter", "--option",
+                                     "coop.n_ctx=4"], "--option"),
+    ("benchmarks/adapt_fewshot.py", ["--model", "tiny-clip", "--methods", "tip-adapter",
+                                     "--option", "tip-adapter.bogus=1", "--shots", "1",
+                                     "--seeds", "1", "--test-limit", "10"], "--option"),
+    ("benchmarks/near_dup.py", ["--eps", "2", NO_SUCH_FLAG], "--eps"),
+    ("benchmarks/near_dup.py", ["--eps", "0", NO_SUCH_FLAG], "--eps"),
+    ("benchmarks/near_dup.py", ["--noise", "-0.1", NO_SUCH_FLAG], "--noise"),
+    ("benchmarks/search_latency.py", ["--alternative", "bogus", "--n", "2000", "--dim", "8",
+                                      "--queries", "10", "--latency-queries", "10"],
+     "--alternative"),
+    ("benchmarks/search_latency.py", ["--n", "5", "--dim", "8", "--queries", "10"], "--n"),
+    ("benchmarks/finetune_wise_ft.py", ["--model", "x", "--train-size", "64"], "--batch-size"),
+    ("benchmarks/finetune_wise_ft.py", ["--model", "tiny-clip", "--shifts", "foo",
+                                        "--train-size", "128", "--test-size", "16", "--epochs",
+                                        "0.1", "--skip-lora", "--out", "/nonexistent/ft"],
+     "--shifts"),
+    ("benchmarks/loss_memory.py", ["--sizes", "64", "--configs", "openclip-ClipLoss",
+                                   "--no-openclip"], "--configs"),
 ]
 
 
@@ -132,3 +158,63 @@ def test_the_openclip_step_without_open_clip_says_which_python_to_use():
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "openclip_env.py" in out.stderr
+
+
+MISSING = [  # (script, args, an optional package it needs)
+    ("serve_load.py", ["--clients", "1", "--seconds", "1"], "httpx"),
+    ("inference_speed.py", ["--sizes", "quickstart", "--batches", "1", "--repeats", "1"],
+     "onnxruntime"),
+    ("near_dup.py", ["--n", "5000"], "faiss"),
+    ("search_latency.py", ["--n", "5000", "--dim", "32"], "faiss"),
+    ("shard_stream.py", ["--n", "100", "--workers", "0"], "webdataset"),
+]
+
+
+@pytest.mark.parametrize("name, args, module", MISSING, ids=[m[0] for m in MISSING])
+def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, name, args, module):
+    shadow = tmp_path / module  # "not installed": importing it fails as a missing one does
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(
+        f"raise ModuleNotFoundError({f'No module named {module!r}'!r}, name={module!r})\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
+                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"{name}: error: this benchmark needs {module}"), error
+    assert "pip install" in error
+
+
+def test_a_cliplab_error_in_a_run_is_one_line_and_exit_2(tmp_path):
+    """Missing data (cliplab's DataError, raised inside the run) ends as the CLI's errors do."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "shard_stream.py"),
+                          "--n", "100", "--workers", "0"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1",
+                              "CLIPLAB_FASHION_MNIST": str(tmp_path)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shard_stream.py: error: Fashion-MNIST"), lines
+
+
+def test_run_main_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import cli_args
+    from cliplab.errors import ConfigError
+
+    def bad_input():
+        raise ConfigError("bad value")
+
+    with pytest.raises(SystemExit) as stop:
+        cli_args.run_main(bad_input, prog="x.py")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "x.py: error: bad value\n"
+
+    def bug():
+        raise ImportError("cannot import name 'nope'", name="cliplab.nope")
+
+    with pytest.raises(ImportError):  # not an optional package: a bug, its traceback kept
+        cli_args.run_main(bug, prog="x.py")
