@@ -45,6 +45,7 @@ equally good or better probe), and both accuracies are printed. One JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -53,25 +54,48 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-
-from cliplab.data.sources import as_pairs, load_source
-from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.features import encode_images
-from cliplab.evaluate.few_shot import nearest_class_mean, sample_k_shot
-from cliplab.evaluate.linear_probe import threads_for
-from cliplab.evaluate.metrics import classification_metrics
-from cliplab.evaluate.suite import plan_probes, run_task, suite_spec
-from cliplab.evaluate.tasks import TaskContext
-from cliplab.models.resolve import load_model
-from cliplab.models.dual_encoder import DualEncoder, evaluating
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import check_model, make_parser, positive_int  # noqa: E402
 from cli_args import run_main  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser(__doc__)
+    parser.add_argument("--model", default="lit-minilm",
+                        help="preset, model, checkpoint or run folder, or Hub id")
+    parser.add_argument("--n-train", type=positive_int, default=10000,
+                        help="Fashion-MNIST training images (linear probe, few-shot)")
+    parser.add_argument("--n-test", type=positive_int, default=5000,
+                        help="Fashion-MNIST test images (every task)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="cliplab's suite precision (the baseline runs fp32)")
+    args = parser.parse_args(argv)
+    # offline unless the caller says otherwise: set before huggingface_hub is first imported
+    # (it reads the variable once, then), which check_model's cliplab import does
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model(parser, "--model", args.model)
+    return args
+
+
+# run as a script, --help and a bad value answer before the seconds of importing torch and
+# cliplab below (the baseline's classes need torch where they are defined)
+ARGS = parse_args() if __name__ == "__main__" else None
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from cliplab.data.sources import as_pairs, load_source  # noqa: E402
+from cliplab.evaluate.feature_cache import FeatureCache  # noqa: E402
+from cliplab.evaluate.features import encode_images  # noqa: E402
+from cliplab.evaluate.few_shot import nearest_class_mean, sample_k_shot  # noqa: E402
+from cliplab.evaluate.linear_probe import threads_for  # noqa: E402
+from cliplab.evaluate.metrics import classification_metrics  # noqa: E402
+from cliplab.evaluate.suite import plan_probes, run_task, suite_spec  # noqa: E402
+from cliplab.evaluate.tasks import TaskContext  # noqa: E402
+from cliplab.models.resolve import load_model  # noqa: E402
+from cliplab.models.dual_encoder import DualEncoder, evaluating  # noqa: E402
 
 EXACT_TOL = 1e-6
 PROBE_TOL = 0.02
@@ -317,19 +341,8 @@ def _numbers(a, b):
         yield float(a), float(b)
 
 
-def main() -> None:
-    parser = make_parser(__doc__)
-    parser.add_argument("--model", default="lit-minilm",
-                        help="preset, model, checkpoint or run folder, or Hub id")
-    parser.add_argument("--n-train", type=positive_int, default=10000,
-                        help="Fashion-MNIST training images (linear probe, few-shot)")
-    parser.add_argument("--n-test", type=positive_int, default=5000,
-                        help="Fashion-MNIST test images (every task)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="cliplab's suite precision (the baseline runs fp32)")
-    args = parser.parse_args()
-    check_model(parser, "--model", args.model)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def main(argv: list[str] | None = None) -> None:
+    args = ARGS if ARGS is not None and argv is None else parse_args(argv)
     torch.manual_seed(0)
     model = load_model(args.model)
     spec = suite(args.n_train, args.n_test, args.precision)

@@ -218,3 +218,39 @@ def test_run_main_keeps_the_traceback_of_a_bug(monkeypatch, capsys):
 
     with pytest.raises(ImportError):  # not an optional package: a bug, its traceback kept
         cli_args.run_main(bug, prog="x.py")
+
+
+def in_a_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+
+
+def test_eval_suite_answers_help_before_importing_torch():
+    code = ("import runpy, sys\n"
+            "sys.argv = ['eval_suite.py', '--help']\n"
+            "try:\n"
+            "    runpy.run_path('benchmarks/eval_suite.py', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    out = in_a_python(code, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.strip().endswith("torch imported: False"), out.stdout + out.stderr
+
+
+def test_eval_suite_is_offline_unless_told_otherwise():
+    """HF_HUB_OFFLINE is read once, when huggingface_hub is imported: the script's default must
+    be set before that (the run is stopped at its first torch call, after the imports)."""
+    code = ("import runpy, sys, torch\n"
+            "def stop(seed):\n"
+            "    raise RuntimeError('stopped')\n"
+            "torch.manual_seed = stop\n"
+            "sys.argv = ['eval_suite.py', '--model', 'tiny-clip']\n"
+            "try:\n"
+            "    runpy.run_path('benchmarks/eval_suite.py', run_name='__main__')\n"
+            "except RuntimeError:\n"
+            "    pass\n"
+            "import huggingface_hub.constants\n"
+            "print('offline:', huggingface_hub.constants.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = in_a_python(code, env)
+    assert out.stdout.strip().endswith("offline: True"), out.stdout + out.stderr
