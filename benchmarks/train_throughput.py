@@ -92,7 +92,7 @@ def openclip_throughput(python: Path, precision: str, warmup: int, steps: int) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16"], help="precisions, one JSON line each")
@@ -103,22 +103,29 @@ def main() -> None:
                         help="alternate the two sides this many times and report medians "
                         "(a shared machine's load swings single runs by 2x)")
     parser.add_argument("--profile", action="store_true",
-                        help="print cliplab's top ops (torch profiler) to stderr")
+                        help="print cliplab's top ops (torch profiler) to stderr, from one "
+                        "extra run that is not timed")
     parser.add_argument("--no-openclip", action="store_true",
                         help="cliplab's side only (no OpenCLIP environment is built)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     # None (with the reason on stderr) if it cannot be built
     python = None if args.no_openclip else openclip_python()
     for precision in args.precision:
+        if args.profile:  # its own run: the profiler's overhead stays out of the timing
+            cliplab_throughput(precision, args.warmup, args.steps, True)
         mine, peer = [], []
         for i in range(args.repeats):
-            mine.append(cliplab_throughput(precision, args.warmup, args.steps,
-                                           args.profile and i == 0))
+            # the sides swap order every repeat: a drifting machine's load hits both alike
+            first_mine = i % 2 == 0 or python is None
+            if first_mine:
+                mine.append(cliplab_throughput(precision, args.warmup, args.steps, False))
             if python is not None:
                 peer.append(openclip_throughput(python, precision, args.warmup, args.steps))
+            if not first_mine:
+                mine.append(cliplab_throughput(precision, args.warmup, args.steps, False))
         ours = statistics.median(m["images_per_s"] for m in mine)
         line = {"precision": precision, "batch": ARCH["batch_size"], "repeats": args.repeats,
                 "cliplab_images_per_s": round(ours, 2),

@@ -254,3 +254,21 @@ def test_eval_suite_is_offline_unless_told_otherwise():
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     out = in_a_python(code, env)
     assert out.stdout.strip().endswith("offline: True"), out.stdout + out.stderr
+
+
+def test_train_throughput_profile_is_an_extra_run_kept_out_of_the_timing(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train_throughput
+
+    calls = []
+
+    def fake(precision, warmup, steps, profile):  # a profiled run is slow: 1 image/s
+        calls.append(profile)
+        return {"images_per_s": 1.0 if profile else 100.0, "params": 7}
+
+    monkeypatch.setattr(train_throughput, "cliplab_throughput", fake)
+    train_throughput.main(["--precision", "fp32", "--repeats", "2", "--profile",
+                           "--no-openclip"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(calls) == [False, False, True]  # the profiled run is an extra one
+    assert line["cliplab_runs"] == [100.0, 100.0] and line["cliplab_images_per_s"] == 100.0
