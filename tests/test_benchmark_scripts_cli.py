@@ -272,3 +272,18 @@ def test_train_throughput_profile_is_an_extra_run_kept_out_of_the_timing(monkeyp
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(calls) == [False, False, True]  # the profiled run is an extra one
     assert line["cliplab_runs"] == [100.0, 100.0] and line["cliplab_images_per_s"] == 100.0
+
+
+def test_search_latency_warms_each_index_up_before_timing(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import numpy as np
+    import search_latency
+
+    class Index:
+        searches = 0
+
+        def search(self, q, k):
+            Index.searches += 1
+
+    lat = search_latency.latencies_ms(Index(), np.zeros((30, 4), dtype=np.float32), warmup=5)
+    assert len(lat) == 30 and Index.searches == 35  # 5 untimed, then the 30 timed
