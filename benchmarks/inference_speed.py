@@ -7,7 +7,8 @@ Every row runs the same uint8 → embedding work minus preprocessing (pixels are
 the same number of threads (``--threads``, default torch's), timed as the median of
 ``--repeats`` passes over ``--batches`` batches after a warm-up, the rows taking turns pass by
 pass (``images_per_s_range``: the slowest and fastest pass). ``speedup`` is images/s over
-PyTorch fp32 of the same size.
+PyTorch fp32 of the same size. Every row also says how it was made: ``batches``, ``repeats``,
+the ``torch`` and ``onnxruntime`` versions, the ``cpu`` model and ``cpu_native_bf16``.
 
 ``--accuracy MODEL`` (a model folder or run folder of ``cliplab quickstart``) also reports
 zero-shot top-1 on the Fashion-MNIST test split (all 10 classes, the quickstart's prompts) for
@@ -100,11 +101,29 @@ def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -
             ("onnx", "fp32", onnx_fp32.encode_image), ("onnx", "int8", onnx_int8.encode_image)]
     passes = _interleaved_rates([fn for _, _, fn in rows], pixels, repeats)
     base = statistics.median(passes[0])
+    import onnxruntime
+
+    how = {"batches": batches, "repeats": repeats, "torch": torch.__version__,
+           "onnxruntime": onnxruntime.__version__, "cpu": cpu_model(),
+           "cpu_native_bf16": bf16_is_native(torch.device("cpu"))}  # how the row was made
     return [{"size": size, "runtime": runtime, "precision": precision, "batch": spec["batch"],
              "threads": threads, "images_per_s": round(statistics.median(rates), 1),
              "images_per_s_range": [round(min(rates), 1), round(max(rates), 1)],
-             "speedup": round(statistics.median(rates) / base, 2)}
+             "speedup": round(statistics.median(rates) / base, 2), **how}
             for (runtime, precision, _), rates in zip(rows, passes)]
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo), None where it is not told."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return None
 
 
 def accuracy_rows(model_path: str, tmp: Path) -> list[dict]:

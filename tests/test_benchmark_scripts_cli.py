@@ -287,3 +287,25 @@ def test_search_latency_warms_each_index_up_before_timing(monkeypatch):
 
     lat = search_latency.latencies_ms(Index(), np.zeros((30, 4), dtype=np.float32), warmup=5)
     assert len(lat) == 30 and Index.searches == 35  # 5 untimed, then the 30 timed
+
+
+def test_inference_speed_rows_record_how_they_were_made(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import inference_speed
+    from cliplab.models import onnx_encoder, onnx_export
+
+    class Session:  # ONNX export and onnxruntime are not what this checks: stand-ins
+        def encode_image(self, pixels):
+            return pixels
+
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda model, out, **kw: out)
+    monkeypatch.setattr(onnx_encoder, "load_onnx", lambda folder, **kw: Session())
+    monkeypatch.setitem(inference_speed.SIZES, "tiny", dict(
+        batch=2, build=lambda: inference_speed._preset("tiny_clip", image_size=16, patch_size=8,
+                                                       width=32, layers=1, heads=2)))
+    rows = inference_speed.speed_rows("tiny", batches=2, repeats=3, threads=1, tmp=tmp_path)
+    assert rows
+    for row in rows:
+        assert row["batches"] == 2 and row["repeats"] == 3
+        assert row["torch"] and row["onnxruntime"]
+        assert "cpu" in row and isinstance(row["cpu_native_bf16"], bool)
