@@ -3,16 +3,22 @@
 to uint8, batches), both through a DataLoader with the same number of workers.
 
 Writes ``--n`` Fashion-MNIST training images as shards into a temp folder (``cliplab data
-shard``'s writer), then reads one epoch with each. Prints one JSON line with samples/s and
-``ratio`` (cliplab / webdataset; the price of positions, skip reports and exactly-once).
+shard``'s writer), reads one untimed epoch with each (the page cache), then ``--repeats`` timed
+epochs with each, the two readers taking turns and swapping order every repeat (a shared
+machine's drift touches both alike). Prints one JSON line with each reader's median samples/s
+and its runs, and ``ratio`` (cliplab / webdataset, of the medians; the price of positions, skip
+reports and exactly-once) with ``ratio_runs`` per repeat: a ratio whose runs straddle 1 is a
+tie.
 
     .venv/bin/python benchmarks/shard_stream.py [--n 20000] [--workers 2] [--format jpg]
+        [--repeats 5]
 """
 
 from __future__ import annotations
 
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +50,7 @@ def _collate(samples: list[dict]) -> dict:
 def plain_webdataset(folder: str, batch_size: int, workers: int) -> int:
     import webdataset as wds
 
-    urls = sorted(str(p) for p in __import__("pathlib").Path(folder).glob("*.tar"))
+    urls = sorted(str(p) for p in Path(folder).glob("*.tar"))
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
                               workersplitter=wds.split_by_worker, seed=0)
                .shuffle(1000, initial=1000).map(_decode).batched(batch_size, collation_fn=_collate))
@@ -59,7 +65,7 @@ def cliplab_stream(folder: str, batch_size: int, workers: int) -> int:
     return sum(len(b["key"]) for b in ShardLoader(stream, batch_size, num_workers=workers))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__)
     parser.add_argument("--n", type=positive_int, default=20000,
                         help="Fashion-MNIST training images written as shards")
@@ -68,7 +74,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch")
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg",
                         help="image format in the shards")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed epochs per reader, alternating (median and runs reported)")
+    args = parser.parse_args(argv)
     require(parser, "webdataset")  # the reader compared with: said before the shards are written
 
     from cliplab.data.shards import write_shards
@@ -80,14 +88,23 @@ def main() -> None:
         write_shards(data, folder, samples_per_shard=1000, image_format=args.format, progress=False)
         write_s = time.perf_counter() - start
         result = {"n": args.n, "workers": args.workers, "format": args.format,
-                  "write_samples_per_s": round(args.n / write_s)}
-        for name, fn in (("webdataset", plain_webdataset), ("cliplab", cliplab_stream)):
-            fn(folder, args.batch_size, args.workers)  # warm the page cache
-            start = time.perf_counter()
-            count = fn(folder, args.batch_size, args.workers)
-            result[f"{name}_samples_per_s"] = round(count / (time.perf_counter() - start))
-            result[f"{name}_count"] = count
-        result["ratio"] = round(result["cliplab_samples_per_s"] / result["webdataset_samples_per_s"], 2)
+                  "repeats": args.repeats, "write_samples_per_s": round(args.n / write_s)}
+        readers = {"webdataset": plain_webdataset, "cliplab": cliplab_stream}
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        for name, fn in readers.items():
+            result[f"{name}_count"] = fn(folder, args.batch_size, args.workers)  # page cache
+        for i in range(args.repeats):
+            for name in (readers if i % 2 == 0 else reversed(readers)):
+                start = time.perf_counter()
+                count = readers[name](folder, args.batch_size, args.workers)
+                rates[name].append(count / (time.perf_counter() - start))
+        for name, runs in rates.items():
+            result[f"{name}_samples_per_s"] = round(statistics.median(runs))
+            result[f"{name}_runs"] = [round(r) for r in runs]
+        result["ratio"] = round(statistics.median(rates["cliplab"])
+                                / statistics.median(rates["webdataset"]), 2)
+        result["ratio_runs"] = [round(c / w, 2)
+                                for c, w in zip(rates["cliplab"], rates["webdataset"])]
     print(json.dumps(result))
 
 

@@ -309,3 +309,28 @@ def test_inference_speed_rows_record_how_they_were_made(monkeypatch, tmp_path):
         assert row["batches"] == 2 and row["repeats"] == 3
         assert row["torch"] and row["onnxruntime"]
         assert "cpu" in row and isinstance(row["cpu_native_bf16"], bool)
+
+
+def test_shard_stream_times_both_readers_in_turns_over_repeats(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import shard_stream
+    from cliplab.data import shards, sources
+
+    order = []
+
+    def reader(name):
+        def read(folder, batch_size, workers):
+            order.append(name)
+            return 10
+        return read
+
+    monkeypatch.setattr(shard_stream, "plain_webdataset", reader("w"))
+    monkeypatch.setattr(shard_stream, "cliplab_stream", reader("c"))
+    monkeypatch.setattr(sources, "load_source", lambda spec: None)
+    monkeypatch.setattr(shards, "write_shards", lambda *a, **kw: None)
+    shard_stream.main(["--n", "10", "--workers", "0", "--repeats", "3"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert order == ["w", "c",  # untimed: the page cache
+                     "w", "c", "c", "w", "w", "c"]  # timed, the order swapped every repeat
+    assert len(line["webdataset_runs"]) == len(line["cliplab_runs"]) == 3
+    assert len(line["ratio_runs"]) == 3 and line["repeats"] == 3
