@@ -121,6 +121,7 @@ BAD = [  # (script, args, the flag the error names)
                                         "--train-size", "128", "--test-size", "16", "--epochs",
                                         "0.1", "--skip-lora", "--out", "/nonexistent/ft"],
      "--shifts"),
+    ("benchmarks/shard_stream.py", ["--repeats", "0", NO_SUCH_FLAG], "--repeats"),
     ("benchmarks/loss_memory.py", ["--sizes", "64", "--configs", "openclip-ClipLoss",
                                    "--no-openclip"], "--configs"),
 ]
