@@ -311,6 +311,19 @@ def test_progress_bars_into_a_log_are_redrawn_every_30_s(tmp_path):
     assert states[None] <= 3 < states["0"], states
 
 
+def test_a_finished_run_names_its_model_absolute(tmp_path, monkeypatch, capsys):
+    """``--out run`` recorded ``model_dir: run/checkpoints/...``: a script reading results.json
+    from another folder found no model (eval and adapt record theirs absolute)."""
+    recipe = REPO / "configs" / "pretrain" / "tiny-shapes.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", str(recipe), "--out", "run", "--no-progress",
+                 "data.train.n=32", "train.epochs=1", "train.batch_size=16",
+                 "eval.tasks.0.data.n=8", "eval.tasks.1.data.n=8"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
+    assert results["model_dir"] == str(tmp_path.resolve() / "run/checkpoints/step-2/model")
+    assert f"model: {results['model_dir']}" in capsys.readouterr().out
+
+
 def test_version_is_the_package_version():
     from cliplab import __version__
     from importlib.metadata import version

@@ -59,6 +59,19 @@ def record_origin(folder, base):
     return write_origin(folder, base, weights_fingerprint(_state(base)))
 
 
+def test_merge_json_names_its_inputs_absolute(family, tmp_path, monkeypatch):
+    """Given relative, they were recorded relative: a script reading merge.json from another
+    folder found no model (eval and adapt record theirs absolute)."""
+    _, base, fts = family
+    monkeypatch.chdir(fts[0].parent)
+    assert main(["merge", "--method", "task-arithmetic", "--models", fts[0].name, fts[1].name,
+                 "--base", str(base), "--out", str(tmp_path / "sum"), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "sum" / "merge.json").read_text(encoding="utf-8"))
+    assert record["models"] == [str(fts[0].resolve()), str(fts[1].resolve())]
+    assert record["base"] == str(base.resolve())
+    assert list(record["input_dtypes"]) == [*record["models"], record["base"]]
+
+
 def test_uniform_soup_folder_round_trips_in_transformers_and_cliplab(family, tmp_path):
     _, base, fts = family
     out = tmp_path / "soup"

@@ -173,7 +173,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
                     "heldout_classes": [train_all.classnames[i] for i in heldout],
                     "train_pairs": len(seen_train), "steps": trainer.step,
                     # training's precision; the scores beside it ran in the suite's
-                    "model_dir": str(final), "precision": trainer.precision,
+                    "model_dir": str(Path(final).resolve()), "precision": trainer.precision,
                     "eval_precision": resolve_precision(suite.precision, model.device),
                     "train_images_per_s": round(trainer.step * train_cfg.batch_size
                                                 / seconds["train"], 1),

@@ -120,7 +120,8 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
     ``overwrite`` replaces a non-empty output folder (only once the merge is written)."""
     start = time.time()
     cfg = checked_config(cfg, where, overwrite)
-    method, paths = cfg.method, [m.name for m in cfg.models]
+    # recorded absolute, as every model a cliplab file names (it holds from any folder)
+    method, paths = cfg.method, [str(Path(m.name).resolve()) for m in cfg.models]
     heads = soup_heads(method, paths)  # averaged with the towers, or warned of
     classnames = heads[0].classnames if heads else None
 
@@ -133,7 +134,7 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
             ingredient.state = with_head(ingredient.state, heads[i if i is not None else 0])
         return ingredient
 
-    base_path = cfg.base.name if cfg.base else None
+    base_path = str(Path(cfg.base.name).resolve()) if cfg.base else None
     # a merge linear in the models is summed as each loads: all of them are never held
     streamed = method in STREAMED
     base = load(base_path, None) if base_path and streamed else None

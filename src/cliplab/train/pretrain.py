@@ -125,7 +125,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
         distributed.shutdown()
     # what ran, where the config says auto, and where a resumed run's steps before began
     results: dict = {"train": trained.last, "skipped": trained.skipped.to_dict(),
-                     "evals": trained.evals, "model_dir": str(trained.model_dir),
+                     "evals": trained.evals,
+                     "model_dir": str(Path(trained.model_dir).resolve()),  # from any folder
                      # training's precision; the evals beside it ran in the suite's
                      "precision": trained.precision, "device": trained.device,
                      "eval_precision": trained.eval_precision,
