@@ -68,7 +68,7 @@ def train_steps(params: list[torch.nn.Parameter], loss_fn: Callable[[torch.Tenso
                 bar.update(1)
                 _refuse_diverged(losses[-1], params, desc, step, lr, weight_decay)
             history.append(sum(losses) / len(losses))
-            bar.set_postfix(loss=f"{history[-1]:.3f}")
+            bar.set_postfix(loss=f"{history[-1]:.3f}", refresh=False)
     bar.close()
     return history
 

@@ -174,7 +174,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                                             desc="fit probe", unit="fit", leave=False,
                                             disable=not progress) as bar:
         def fitted(strength: float) -> None:
-            bar.set_postfix(l2=f"{strength:g}")
+            bar.set_postfix(l2=f"{strength:g}", refresh=False)
             bar.update()
 
         if l2 is None:

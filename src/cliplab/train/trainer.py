@@ -278,7 +278,7 @@ class Trainer:
                         "logit_scale": self.model.logit_scale.exp().item(),
                         "images_per_s": seen / max(time.time() - start, 1e-9),
                         "time_s": round(time.time() - start, 4)}
-                bar.set_postfix(loss=f"{last['loss']:.3f}")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
                 self._log(last)
             if self.step == total:  # before the last evaluation: one that fails loses nothing
                 self.last_checkpoint = self._save(state)
