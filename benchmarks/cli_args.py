@@ -34,7 +34,6 @@ OPTIONAL = {
     "onnxscript": "pip install 'cliplab[onnx]'",
     "imagehash": "pip install 'cliplab[curate]'",
     "langid": "pip install 'cliplab[curate]'",
-    "webdataset": "pip install webdataset",
 }
 
 
@@ -143,8 +142,8 @@ def missing_package(err: ImportError) -> str | None:
     """The one-line message for ``err`` if it is an optional package (`OPTIONAL`) that is not
     installed, else None (any other import error is a bug: its traceback is kept)."""
     name = (getattr(err, "name", None) or "").partition(".")[0]
-    if name not in OPTIONAL:
-        return None
+    if name not in OPTIONAL or not isinstance(err, ModuleNotFoundError):
+        return None  # installed, but failing to import: its traceback says why
     return f"this benchmark needs {name}, which is not installed: {OPTIONAL[name]}"
 
 

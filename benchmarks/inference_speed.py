@@ -116,7 +116,7 @@ def speed_rows(size: str, batches: int, repeats: int, threads: int, tmp: Path) -
 def cpu_model() -> str | None:
     """The CPU's model name (Linux's /proc/cpuinfo), None where it is not told."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():

@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import make_parser, non_negative_int, positive_int  # noqa: E402
-from cli_args import require, run_main  # noqa: E402
+from cli_args import run_main  # noqa: E402
 
 
 def _decode(sample: dict) -> dict:
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed epochs per reader, alternating (median and runs reported)")
     args = parser.parse_args(argv)
-    require(parser, "webdataset")  # the reader compared with: said before the shards are written
 
     from cliplab.data.shards import write_shards
     from cliplab.data.sources import load_source

@@ -167,7 +167,6 @@ MISSING = [  # (script, args, an optional package it needs)
      "onnxruntime"),
     ("near_dup.py", ["--n", "5000"], "faiss"),
     ("search_latency.py", ["--n", "5000", "--dim", "32"], "faiss"),
-    ("shard_stream.py", ["--n", "100", "--workers", "0"], "webdataset"),
 ]
 
 
@@ -176,7 +175,8 @@ def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, name, 
     shadow = tmp_path / module  # "not installed": importing it fails as a missing one does
     shadow.mkdir()
     (shadow / "__init__.py").write_text(
-        f"raise ModuleNotFoundError({f'No module named {module!r}'!r}, name={module!r})\n")
+        f"raise ModuleNotFoundError({f'No module named {module!r}'!r}, name={module!r})\n",
+        encoding="utf-8")
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
                          capture_output=True, text=True, cwd=REPO, timeout=120,
@@ -186,6 +186,18 @@ def test_a_missing_optional_package_is_one_line_before_any_work(tmp_path, name, 
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith(f"{name}: error: this benchmark needs {module}"), error
     assert "pip install" in error
+
+
+def test_an_installed_package_failing_to_import_keeps_its_traceback(monkeypatch):
+    """``from faiss import X`` of a faiss without X is no missing faiss: told to install what
+    is installed, the user lost the traceback saying what failed."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from cli_args import missing_package
+
+    assert missing_package(ImportError("cannot import name 'X' from 'faiss'", name="faiss")) \
+        is None
+    assert missing_package(ModuleNotFoundError("No module named 'faiss'", name="faiss")) \
+        .startswith("this benchmark needs faiss, which is not installed: pip install")
 
 
 def test_a_cliplab_error_in_a_run_is_one_line_and_exit_2(tmp_path):

@@ -294,9 +294,10 @@ def test_milvus_holds_only_ids_and_vectors(tmp_path):
         client.close()
 
 
-def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_path):
+def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_path, capfd):
     """An --add (of this index, or of a copy of its folder) drops the collection a running
-    server searches: each search was a 500 "internal error"."""
+    server searches: each search was a 500 "internal error". A 503 the schema declares, and
+    no pymilvus traceback in the server's log per search."""
     model_dir = save_tiny_model(tmp_path / "model")
     record = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
                    uri=str(tmp_path / "search.db"))
@@ -304,15 +305,19 @@ def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_pa
     client = TestClient(create_app(index, DualEncoder.load(model_dir)))
     assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
     index._milvus.drop()
+    document = client.get("/openapi.json").json()
+    capfd.readouterr()
     try:
         for path, params in (("/api/search", {"q": "a red circle"}),
                              ("/api/search/similar", {"id": 3})):
             answer = client.get(path, params=params)
             assert answer.status_code == 503, answer.text
+            assert "503" in document["paths"][path]["get"]["responses"]
             assert answer.json()["error"] == (
                 f"Milvus collection {record['milvus']['collection']} at {tmp_path / 'search.db'} "
                 "is gone (an `index --add` of this index, or of a copy of its folder, replaced "
                 "it): restart `cliplab serve`")
+        assert "Traceback" not in capfd.readouterr().err
     finally:
         index.close()
 
@@ -323,25 +328,40 @@ def test_a_missing_milvus_lite_file_is_named_and_not_created(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=str(tmp_path / "search.db"))
     (tmp_path / "search.db").rename(tmp_path / "moved.db")
-    with pytest.raises(DataError, match=rf"^the Milvus Lite database "
-                                        rf"{re.escape(str(tmp_path / 'search.db'))} holding "
-                                        r"collection cliplab_\w+ does not exist \(moved or "
-                                        r"deleted\?\); put it back at that path$"):
+    gone = (rf"^the Milvus Lite database {re.escape(str(tmp_path / 'search.db'))} holding "
+            r"collection cliplab_\w+ does not exist \(moved or deleted\?\); put it back at "
+            r"that path$")
+    with pytest.raises(DataError, match=gone):
         SearchIndex(tmp_path / "idx")
+    assert not (tmp_path / "search.db").exists()
+    # an --add too, before its embedding (it made a new empty file there and added into it)
+    with pytest.raises(DataError, match=gone):
+        build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx", add=True)
     assert not (tmp_path / "search.db").exists()
 
 
+CREDENTIALS = "--uri: give Milvus's credentials in $CLIPLAB_MILVUS_TOKEN"
+
+
 @pytest.mark.parametrize("uri, words", [
-    ("http://root:s3cret@127.0.0.1:19530", "--uri: give Milvus's credentials in "
-                                           "$CLIPLAB_MILVUS_TOKEN"),
+    ("http://root:s3cret@127.0.0.1:19530", CREDENTIALS),
+    ("https://db_admin_9f8e7d6c@in01.example.com:443", CREDENTIALS),  # a token alone
+    ("http://root%3AMilvus@127.0.0.1:19530", CREDENTIALS),
     ("grpc://127.0.0.1:19530", "--uri grpc://127.0.0.1:19530: Milvus takes http, https, tcp, "
                                "unix URIs"),
 ])
-def test_a_milvus_uri_pymilvus_refuses_or_that_would_record_a_password_is_refused(uri, words):
+def test_a_milvus_uri_pymilvus_refuses_or_that_would_record_credentials_is_refused(
+        uri, words, tmp_path):
+    """Typed: refused before anything (the index records and shows its URI). Recorded by an
+    older index (credentials in the URI were the only way then): still opened as it was."""
     from cliplab.serve.milvus_index import normalise_uri
 
     with pytest.raises(ConfigError, match=re.escape(words)):
-        normalise_uri(uri)
+        build(save_tiny_model(tmp_path / "model"), SHAPES, tmp_path / "idx", backend="milvus",
+              uri=uri)
+    assert not (tmp_path / "idx.partial").exists()
+    if words == CREDENTIALS:
+        assert normalise_uri(uri) == uri
     assert normalise_uri("unix:///run/milvus.sock") == "unix:///run/milvus.sock"
     assert normalise_uri("HTTP://127.0.0.1:19530") == "HTTP://127.0.0.1:19530"
 
@@ -431,3 +451,55 @@ def test_without_pymilvus_the_milvus_backend_is_refused_before_the_embedding(tmp
         build(model_dir, SHAPES, tmp_path / "idx", backend="milvus",
               uri=str(tmp_path / "search.db"))
     assert not (tmp_path / "idx.partial").exists()
+
+
+def test_milvus_pages_copies_in_id_order_at_real_embedding_sizes(tmp_path):
+    """A matrix product scored copies of one 512-d vector ~1 ulp apart by where they sat in
+    the candidates (the 16-d test model hid it): pages of one showed 32 of 40 items."""
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    rng = np.random.default_rng(0)
+    copy = rng.normal(size=512).astype(np.float32)
+    vectors = np.concatenate([rng.normal(size=(5, 512)), np.repeat(copy[None], 30, 0),
+                              rng.normal(size=(5, 512))]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    milvus = MilvusVectors(str(tmp_path / "search.db"), "copies")
+    try:
+        milvus.create(512)
+        milvus.insert(np.arange(40), vectors)
+        milvus.load()
+        query = vectors[5] + 0.3 * vectors[0]  # near the copies, none of them
+        query /= np.linalg.norm(query)
+        _, whole = milvus.search(query, 40, 0, vectors)
+        assert whole[0, :30].tolist() == list(range(5, 35))  # the copies first, in id order
+        pages = [int(milvus.search(query, 1, offset, vectors)[1][0, 0]) for offset in range(40)]
+        assert pages == whole[0].tolist()
+    finally:
+        milvus.close()
+
+
+def test_a_resumed_run_whose_named_collection_was_taken_meanwhile_is_refused_at_once(
+        tmp_path, monkeypatch):
+    """A run stopped before embedding, another index taking its collection=NAME, the first
+    command run again: refused before the embedding, not after it."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(build_module, "_embed_collection", killed)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "first", backend="milvus", uri=uri,
+              collection="shared")
+    assert (tmp_path / "first.partial" / "progress.json").is_file()
+    monkeypatch.undo()
+    build(model_dir, SHAPES, tmp_path / "second", backend="milvus", uri=uri, collection="shared")
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the collection")
+
+    monkeypatch.setattr(build_module, "_embed_collection", no_embedding)
+    with pytest.raises(ConfigError, match=r"^collection=shared already exists at "):
+        build(model_dir, SHAPES, tmp_path / "first", backend="milvus", uri=uri,
+              collection="shared")

@@ -39,8 +39,8 @@ COMMANDS: dict[str, ModuleType] = {
 # independent copies writing the same files
 DISTRIBUTED_COMMANDS = ("pretrain",)
 QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves its error to local rank 0 waits
-# the system refusing a write: one line naming the file, not a traceback
 LOG_BAR_INTERVAL_S = 30  # tqdm's TQDM_MININTERVAL where stderr is no terminal
+# the system refusing a write: one line naming the file, not a traceback
 WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 

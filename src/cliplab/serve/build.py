@@ -111,6 +111,10 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
                           f"--add: {out} is not a complete index to append to")
     if cfg.add and existing is not None:
         _check_appendable(out)
+    if cfg.uri:  # as typed (a recorded one of an older index may hold them: it still opens)
+        from cliplab.serve.milvus_index import check_no_credentials
+
+        check_no_credentials(cfg.uri)
     cfg = _resolve_settings(cfg, existing, out)
     if cfg.uri and cfg.backend != "milvus":
         raise ConfigError("--uri is where a Milvus index lives; add --backend milvus (the "
@@ -137,7 +141,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             raise ConfigError(f"{' and '.join(tuned)} tune{'s' * one} the FAISS index's type "
                               "and search breadth; Milvus indexes with FLAT or AUTOINDEX: leave "
                               f"{'it' if one else 'them'} out with --backend milvus")
-        _check_reachable(cfg.uri)
+        _check_reachable(cfg.uri, (existing or {}).get("milvus", {}).get("collection"))
     model = model if model is not None else load_model(cfg.model, cfg.device)
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
@@ -180,6 +184,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             not (work / PROGRESS_FILE).is_file():  # a named one: refused before the work folder
         _check_collection(cfg.uri, {"collection": request["collection"]})
     state = _open_work(work, out, request, existing)
+    if cfg.backend == "milvus" and request["collection"] is not None:
+        _check_collection(cfg.uri, state)  # resumed: unless this run created it
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
     refused = False
@@ -288,13 +294,14 @@ def _check_collection(uri: str, state: dict, milvus=None) -> None:
                           "name another collection, or leave it out for a fresh one")
 
 
-def _check_reachable(uri: str) -> None:
+def _check_reachable(uri: str, collection: str | None) -> None:
     """Connect to the Milvus at ``uri`` once before the embedding: a server that cannot be
     reached, a missing pymilvus or a Milvus Lite file another process holds fail in seconds,
-    not after hours of embedding."""
+    not after hours of embedding. An --add's (the index's ``collection`` given): a Milvus Lite
+    file that is gone (moved) is refused, not made anew."""
     from cliplab.serve.milvus_index import MilvusVectors
 
-    MilvusVectors(uri, "").close()
+    MilvusVectors(uri, collection or "", must_exist=collection is not None).close()
 
 
 def _drop_replaced_collection(existing: dict | None, record: dict) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplab.errors import DataError, ModelError
+from cliplab.errors import CliplabError, DataError, ModelError
 from cliplab.serve import faiss_index
 from cliplab.output_folder import partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
@@ -44,7 +44,7 @@ class SearchIndex:
                                          int(self.record["dim"]))  # [N, D], by id
             if search:
                 self._open_backend()
-        except DataError:
+        except CliplabError:
             self.close()
             raise
 

@@ -37,15 +37,20 @@ def is_remote(uri: str) -> bool:
     return urlsplit(uri).scheme.lower() in REMOTE_SCHEMES
 
 
+def check_no_credentials(uri: str) -> None:
+    """Refuse a ``--uri`` with credentials in it (``user:password@``, ``token@``): pymilvus
+    would take them, and the index would record them in index.json and show them."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() in REMOTE_SCHEMES and "@" in parts.netloc:
+        raise ConfigError(f"--uri: give Milvus's credentials in ${TOKEN_VARIABLE} "
+                          "(user:password or a token), not in the URI, which the index "
+                          "records in index.json and shows")
+
+
 def normalise_uri(uri: str) -> str:
-    """Remote URIs as given (without credentials: they go in ``$CLIPLAB_MILVUS_TOKEN``); a
-    Milvus Lite file as an absolute path ending in ``.db``."""
+    """Remote URIs as given; a Milvus Lite file as an absolute path ending in ``.db``."""
     scheme = urlsplit(uri).scheme.lower()
     if scheme in REMOTE_SCHEMES:
-        if urlsplit(uri).password is not None:
-            raise ConfigError(f"--uri: give Milvus's credentials in ${TOKEN_VARIABLE} "
-                              "(user:password or a token), not in the URI, which the index "
-                              "records in index.json and shows")
         return uri
     if "://" in uri:
         raise ConfigError(f"--uri {uri}: Milvus takes {', '.join(REMOTE_SCHEMES)} URIs "
@@ -78,10 +83,10 @@ def lite_file_in_use(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_milvus_lite():
-    """Milvus Lite logs a traceback for a file it cannot open; the error cliplab raises says
-    why in one line."""
-    logger = logging.getLogger("milvus_lite")
+def _quiet(name: str):
+    """The logger ``name`` silenced: Milvus Lite and pymilvus log a traceback for a failure
+    they then raise, which cliplab says in one line (or as a 503)."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
@@ -93,7 +98,7 @@ def _quiet_milvus_lite():
 class MilvusVectors:
     """One Milvus collection: ``id`` (primary) and ``vector``."""
 
-    def __init__(self, uri: str, collection: str, must_exist: bool = False):
+    def __init__(self, uri: str, collection: str, *, must_exist: bool = False):
         """Connect to the Milvus at ``uri`` (credentials from ``$CLIPLAB_MILVUS_TOKEN``);
         ``must_exist``: a Milvus Lite file that is not there is refused, not created."""
         try:
@@ -104,10 +109,11 @@ class MilvusVectors:
         self.uri, self.collection = normalise_uri(uri), collection
         local = None if is_remote(self.uri) else Path(self.uri)
         if local is not None and must_exist and not local.exists():
-            raise DataError(f"the Milvus Lite database {local} holding collection {collection} "
-                            "does not exist (moved or deleted?); put it back at that path")
+            holding = f" holding collection {collection}" if collection else ""
+            raise DataError(f"the Milvus Lite database {local}{holding} does not exist (moved or "
+                            "deleted?); put it back at that path")
         try:
-            with _quiet_milvus_lite():
+            with _quiet("milvus_lite"):
                 self.client = MilvusClient(self.uri, token=os.environ.get(TOKEN_VARIABLE, ""))
         except Exception as err:  # pymilvus raises its own MilvusException family
             if local is not None and lite_file_in_use(local):
@@ -195,14 +201,15 @@ class MilvusVectors:
         if not len(queries):
             return scores, ids
         try:
-            hits = self.client.search(self.collection, data=[q.tolist() for q in queries],
-                                      limit=limit, search_params={"metric_type": "IP"},
-                                      output_fields=[])
-        except Exception as err:  # pymilvus raises its own MilvusException family
-            if "not exist" in str(err) or "not found" in str(err):
+            with _quiet("pymilvus.decorators"):  # it logs a traceback of each failed call
+                hits = self.client.search(self.collection, data=[q.tolist() for q in queries],
+                                          limit=limit, search_params={"metric_type": "IP"},
+                                          output_fields=[])
+        except Exception:  # pymilvus raises its own MilvusException family
+            if not self.client.has_collection(self.collection):
                 raise CollectionGone(f"Milvus collection {self.collection} at {self.uri} is gone "
-                                "(an `index --add` of this index, or of a copy of its folder, "
-                                "replaced it): restart `cliplab serve`") from None
+                                     "(an `index --add` of this index, or of a copy of its "
+                                     "folder, replaced it): restart `cliplab serve`") from None
             raise
         for row, found in enumerate(hits):
             for col, hit in enumerate(list(found)[:limit]):
@@ -220,5 +227,7 @@ def _scored_again(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> 
     scores = np.full(ids.shape, np.finfo(np.float32).min, dtype=np.float32)
     for row in range(len(ids)):
         rows = np.asarray(vectors[ids[row, found[row]]], dtype=np.float32)
-        scores[row, found[row]] = rows @ queries[row]
+        # summed per row: a matrix product scores copies of one vector ~1 ulp apart by where
+        # they sit in ``rows``, which reordered ties between pages (at 256+ dimensions)
+        scores[row, found[row]] = (rows * queries[row]).sum(axis=1)
     return scores

@@ -32,7 +32,7 @@ def health(request: Request, service: SearchService = SERVICE) -> dict:
             "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS}
 
 
-@router.get("/api/search", response_model=QueryPage, responses=errors(422))
+@router.get("/api/search", response_model=QueryPage, responses=errors(422, 503))
 def search_text(q: str = Query(..., max_length=MAX_QUERY_CHARS,
                                description="the text to find (not blank)"),
                 k: int = K_QUERY, offset: int = OFFSET_QUERY,
@@ -68,7 +68,8 @@ def search_image(file: UploadFile = File(..., description="an image file"),
     return service.page({"query": file.filename or "upload"}, vector[0], k, offset)
 
 
-@router.get("/api/search/similar", response_model=SimilarPage, responses=errors(404, 422))
+@router.get("/api/search/similar", response_model=SimilarPage,
+            responses=errors(404, 422, 503))
 def search_similar(id: int = Query(..., ge=0, le=MAX_ID,  # noqa: A002
                                    description="an indexed image id"),
                    k: int = K_QUERY, offset: int = OFFSET_QUERY,
