@@ -324,6 +324,29 @@ def test_a_finished_run_names_its_model_absolute(tmp_path, monkeypatch, capsys):
     assert f"model: {results['model_dir']}" in capsys.readouterr().out
 
 
+def test_resume_auto_starts_goes_on_or_reports_a_complete_run(tmp_path, monkeypatch, capsys):
+    """One command line for a job a scheduler may stop and start again: it starts a run, goes
+    on from the latest checkpoint (here: a longer run extending it), and reports a complete
+    run with exit 0 (a fresh start with --resume latest, and a retry of a complete run, were
+    exit 2, bad input's code)."""
+    recipe = REPO / "configs" / "pretrain" / "tiny-shapes.yaml"
+    monkeypatch.chdir(tmp_path)
+    line = ["pretrain", "--config", str(recipe), "--out", "run", "--resume", "auto",
+            "--no-progress", "data.train.n=32", "train.batch_size=16", "eval.tasks.0.data.n=8",
+            "eval.tasks.1.data.n=8"]
+    assert main([*line, "train.epochs=1"]) == 0
+    first = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
+    assert first["train"]["step"] == 2 and first["resumed_from"] is None
+    capsys.readouterr()
+    assert main([*line, "train.epochs=1"]) == 0  # again: complete, reported as it was
+    said = capsys.readouterr()
+    assert said.err == "pretrain: run is complete already (--resume auto); its results:\n"
+    assert f"model: {first['model_dir']}" in said.out
+    assert main([*line, "train.epochs=2"]) == 0  # longer: goes on from step 2
+    second = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
+    assert second["train"]["step"] == 4 and second["resumed_from"]["step"] == 2
+
+
 def test_version_is_the_package_version():
     from cliplab import __version__
     from importlib.metadata import version

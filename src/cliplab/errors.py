@@ -22,6 +22,10 @@ class ConfigError(CliplabError):
     """A config file, key or value is wrong."""
 
 
+class RunComplete(ConfigError):
+    """A resume of a run that has trained every step already."""
+
+
 class DataError(CliplabError):
     """A dataset, manifest or data folder is missing or malformed."""
 

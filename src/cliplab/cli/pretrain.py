@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,22 +35,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run folder (default: the config's 'out' or runs/pretrain-<time>)")
     p.add_argument("--resume", metavar="CKPT",
                    help="continue from a checkpoint folder, or 'latest' in the run folder; "
-                   "without --config the run's own config.yaml is read (with the overrides "
-                   "it was started with)")
+                   "'auto': latest if the run folder holds a checkpoint, else start (a "
+                   "complete run is reported, exit 0: one command for a job that may be "
+                   "stopped and started again); without --config the run's own config.yaml "
+                   "is read (with the overrides it was started with)")
     add_debug(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """`cliplab pretrain`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.config import config_source, load_config
+    from cliplab.errors import RunComplete
+    from cliplab.runs import RESULTS_FILE, latest_checkpoint
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
     cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
                       extra={"out": args.out})
     earlier_runs = set(Path("runs").glob("pretrain-*"))
+    resume = args.resume
+    if resume == "auto":  # a checkpoint to go on from, or a start
+        resume = "latest" if cfg.out and latest_checkpoint(Path(cfg.out)) else None
     try:
-        results = run_pretrain(cfg, resume=args.resume, progress=not args.no_progress,
+        results = run_pretrain(cfg, resume=resume, progress=not args.no_progress,
                                where=config_source(_pretrain_recipe(args), bool(args.overrides)))
+    except RunComplete:
+        done = Path(cfg.out) / RESULTS_FILE
+        if args.resume != "auto" or not done.is_file():
+            raise
+        if os.environ.get("RANK", "0") == "0":  # said once, by the rank that reports
+            print(f"pretrain: {cfg.out} is complete already (--resume auto); its results:",
+                  file=sys.stderr)
+        results = json.loads(done.read_text(encoding="utf-8"))
     except KeyboardInterrupt:
         _resume_hint(cfg.out, earlier_runs)
         raise

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cliplab.data.types import ImageTextPairs, LabelledImages
-from cliplab.errors import ConfigError, InputError, TrainingDiverged, warn
+from cliplab.errors import ConfigError, InputError, RunComplete, TrainingDiverged, warn
 from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.finite import all_finite
@@ -427,7 +427,7 @@ class Trainer:
                               "extends a run, it cannot shorten one below its checkpoint")
         if self.step == total and not (unfinished and self._own(folder)):
             # training on would write its results anew from nothing
-            raise ConfigError(f"nothing to resume: {folder} is at step {self.step} of "
+            raise RunComplete(f"nothing to resume: {folder} is at step {self.step} of "
                               f"{total}, the run is complete; a longer {self.settings}.steps "
                               f"or {self.settings}.epochs extends it")
         if self.run_dir and self.rank == 0:
