@@ -318,6 +318,9 @@ def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_pa
                 "is gone (an `index --add` of this index, or of a copy of its folder, replaced "
                 "it): restart `cliplab serve`")
         assert "Traceback" not in capfd.readouterr().err
+        health = client.get("/api/health")  # it said "ok" of an index that cannot search
+        assert health.status_code == 503 and "is gone" in health.json()["error"]
+        assert "503" in document["paths"]["/api/health"]["get"]["responses"]
     finally:
         index.close()
 

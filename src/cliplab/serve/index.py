@@ -73,6 +73,15 @@ class SearchIndex:
                             f"{found} vectors, the index {self.path} {self.record['count']}; "
                             "rebuild the index")
 
+    def backend_problem(self) -> str | None:
+        """What keeps the open index from searching (its Milvus collection dropped since it was
+        opened), or None."""
+        if self._milvus is not None and not self._milvus.exists():
+            from cliplab.serve.milvus_index import gone_message
+
+            return gone_message(self._milvus.collection, self._milvus.uri)
+        return None
+
     @property
     def count(self) -> int:
         return int(self.record["count"])

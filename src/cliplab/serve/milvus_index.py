@@ -33,6 +33,12 @@ class CollectionGone(DataError):
     """An index's Milvus collection was dropped after the index was opened."""
 
 
+def gone_message(collection: str, uri: str) -> str:
+    """What a server says of an index whose collection was dropped under it."""
+    return (f"Milvus collection {collection} at {uri} is gone (an `index --add` of this index, "
+            "or of a copy of its folder, replaced it): restart `cliplab serve`")
+
+
 def is_remote(uri: str) -> bool:
     return urlsplit(uri).scheme.lower() in REMOTE_SCHEMES
 
@@ -207,9 +213,7 @@ class MilvusVectors:
                                           output_fields=[])
         except Exception:  # pymilvus raises its own MilvusException family
             if not self.client.has_collection(self.collection):
-                raise CollectionGone(f"Milvus collection {self.collection} at {self.uri} is gone "
-                                     "(an `index --add` of this index, or of a copy of its "
-                                     "folder, replaced it): restart `cliplab serve`") from None
+                raise CollectionGone(gone_message(self.collection, self.uri)) from None
             raise
         for row, found in enumerate(hits):
             for col, hit in enumerate(list(found)[:limit]):

@@ -19,10 +19,14 @@ router = APIRouter()
 # HEAD too: uptime checks and load balancers often probe with it (registered after GET, so a
 # 405's Allow names GET: Starlette takes it from the first route of the path)
 @router.head("/api/health", include_in_schema=False)
-@router.get("/api/health", response_model=Health)
+@router.get("/api/health", response_model=Health, responses=errors(503))
 def health(request: Request, service: SearchService = SERVICE) -> dict:
-    """Index size, model and backend."""
+    """Index size, model and backend; a 503 when the index cannot search (a load balancer
+    takes the server out)."""
     index = service.index
+    problem = index.backend_problem()
+    if problem:
+        fail(503, problem)
     rec = index.record
     return {"status": "ok", "count": index.count, "model": rec["model"]["name"],
             "fingerprint": index.fingerprint, "backend": index.backend,
