@@ -40,6 +40,17 @@ def build(model: Path, data, out: Path, **kw) -> dict:
     return build_index(index_config(model, data, out, **kw), progress=False)
 
 
+def shapes_index(root: Path):
+    """``(SearchIndex, DualEncoder)``: a tiny model and the `SHAPES` index built with it under
+    ``root``."""
+    from cliplab.models.dual_encoder import DualEncoder
+    from cliplab.serve.index import SearchIndex
+
+    model_dir = save_tiny_model(root / "model")
+    build(model_dir, SHAPES, root / "idx")
+    return SearchIndex(root / "idx"), DualEncoder.load(model_dir)
+
+
 def direct_image_embeddings(model, images: torch.Tensor) -> np.ndarray:
     """Embeddings computed straight from the model (no index code)."""
     with torch.no_grad():

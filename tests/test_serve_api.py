@@ -19,7 +19,8 @@ from cliplab.evaluate.zeroshot import zeroshot_classifier  # noqa: E402
 from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
-from tests.serve_helpers import SHAPES, build, direct_image_embeddings, save_tiny_model  # noqa: E402
+from tests.serve_helpers import (SHAPES, build, direct_image_embeddings, save_tiny_model,  # noqa: E402
+                                 shapes_index)
 
 KEY = "s3cret-key"
 
@@ -27,10 +28,7 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    model_dir = save_tiny_model(root / "model")
-    build(model_dir, SHAPES, root / "idx")
-    model = DualEncoder.load(model_dir)
-    index = SearchIndex(root / "idx")
+    index, model = shapes_index(root)
     client = TestClient(create_app(index, model, max_upload_bytes=200_000))
     data = load_shapes(n=40, seed=3, kinds=["single"], image_size=32)
     return {"client": client, "model": model, "index": index, "data": data, "root": root,

@@ -14,20 +14,15 @@ pytest.importorskip("fastapi")
 jsonschema = pytest.importorskip("jsonschema")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
-from cliplab.serve.index import SearchIndex  # noqa: E402
-from tests.serve_helpers import SHAPES, build, save_tiny_model  # noqa: E402
+from tests.serve_helpers import shapes_index  # noqa: E402
 
 KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
 def app_parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openapi")
-    model_dir = save_tiny_model(root / "model")
-    build(model_dir, SHAPES, root / "idx")
-    return SearchIndex(root / "idx"), DualEncoder.load(model_dir)
+    return shapes_index(tmp_path_factory.mktemp("openapi"))
 
 
 @pytest.fixture(scope="module")
