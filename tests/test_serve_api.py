@@ -19,8 +19,8 @@ from cliplab.evaluate.zeroshot import zeroshot_classifier  # noqa: E402
 from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
-from tests.serve_helpers import (SHAPES, build, direct_image_embeddings, save_tiny_model,  # noqa: E402
-                                 shapes_index)
+from tests.serve_helpers import (  # noqa: E402
+    SHAPES, build, direct_image_embeddings, save_tiny_model, shapes_index)
 
 KEY = "s3cret-key"
 
