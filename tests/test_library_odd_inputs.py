@@ -107,9 +107,12 @@ class _FakeMilvusClient:
     def __init__(self):
         self.data = None
 
-    def search(self, collection, data, limit, offset, search_params, output_fields):
+    def search(self, collection, data, limit, search_params, output_fields):
         self.data = data
         return [[] for _ in data]
+
+    def has_collection(self, collection):
+        return True
 
 
 def _fake_milvus() -> MilvusVectors:

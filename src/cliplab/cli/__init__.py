@@ -28,6 +28,7 @@ from cliplab.cli import (adapt, convert, curate, data, evaluate, export, index, 
                          quickstart, report, serve)
 from cliplab.cli.arguments import EXIT_BAD_INPUT, GIVEN, CommandParser, under_torchrun
 from cliplab.cli.config_owner import other_command_hint
+from cliplab.cli.progress_bars import end_progress_bars
 from cliplab.errors import CliplabError, ConfigError, show_warning_on_one_line
 
 # each command's module, in the order `cliplab --help` lists them
@@ -132,15 +133,6 @@ def _copies_under_torchrun(command: str, typed: str) -> str | None:
     return (f"cliplab {typed} runs in one process, but torchrun launched WORLD_SIZE={world} "
             f"copies (each would run it whole into the same output); run it without torchrun "
             f"(only {shared} shares its work over ranks)")
-
-
-def end_progress_bars() -> None:
-    """Close the progress bars an error left open (a bar's line ends in ``\\r`` until it
-    closes), so the ``cliplab: error: ...`` line after them starts a line of its own."""
-    tqdm = sys.modules.get("tqdm")  # no bar was made unless some module imported tqdm
-    if tqdm is not None:
-        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
-            bar.close()
 
 
 def _command_name(args: argparse.Namespace) -> str:

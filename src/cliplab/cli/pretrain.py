@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cliplab.cli.arguments import add_common, add_debug, under_torchrun
+from cliplab.cli.progress_bars import end_progress_bars
 from cliplab.errors import ConfigError
 
 
@@ -120,8 +121,6 @@ def _resume_hint(out: str | None, earlier_runs: set[Path]) -> None:
                       key=lambda p: p.stat().st_mtime)
         run = runs[-1] if runs else None
     if run is not None and latest_checkpoint(run) is not None:
-        from cliplab.cli import end_progress_bars
-
         end_progress_bars()  # the hint on a line of its own, not after the bar's
         print(f"cliplab: {run} holds checkpoints up to {latest_checkpoint(run).name}; resume "
               f"with: {_launcher()}cliplab pretrain --out {run} --resume latest",
