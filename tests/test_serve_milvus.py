@@ -370,7 +370,7 @@ def test_a_milvus_uri_pymilvus_refuses_or_that_would_record_credentials_is_refus
 
 
 def test_a_milvus_lite_file_another_process_holds_is_refused_before_the_embedding(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capfd):
     """Milvus Lite lets one process use a file (a running `cliplab serve` holds it): said in
     one line before the embedding, not after it with milvus-lite's traceback."""
     from cliplab.errors import DataError
@@ -395,6 +395,7 @@ def test_a_milvus_lite_file_another_process_holds_is_refused_before_the_embeddin
                                             r"serve` or `cliplab index`\?\)"):
             build(model_dir, SHAPES, tmp_path / "second", backend="milvus", uri=str(db))
         assert not (tmp_path / "second.partial").exists()
+        assert "Traceback" not in capfd.readouterr().err  # milvus-lite's own, hidden
     finally:
         holder.kill()
         holder.wait()
@@ -506,3 +507,31 @@ def test_a_resumed_run_whose_named_collection_was_taken_meanwhile_is_refused_at_
     with pytest.raises(ConfigError, match=r"^collection=shared already exists at "):
         build(model_dir, SHAPES, tmp_path / "first", backend="milvus", uri=uri,
               collection="shared")
+
+
+def test_a_quieted_milvus_logger_is_quiet_in_that_thread_only(caplog):
+    """A server searches from many threads: a level set and put back by each raced, and could
+    leave pymilvus silenced for good; records of other threads, and later ones, are kept."""
+    import logging
+    import threading
+
+    from cliplab.serve.milvus_index import _quiet
+
+    logger = logging.getLogger("pymilvus.decorators")
+    inside, done = threading.Event(), threading.Event()
+
+    def quiet_search():
+        with _quiet("pymilvus.decorators"):
+            logger.error("hidden")
+            inside.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=quiet_search)
+    with caplog.at_level(logging.ERROR, logger="pymilvus.decorators"):
+        worker.start()
+        assert inside.wait(10)
+        logger.error("another thread's")
+        done.set()
+        worker.join()
+        logger.error("later")
+    assert [r.getMessage() for r in caplog.records] == ["another thread's", "later"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -88,17 +89,36 @@ def lite_file_in_use(path: Path) -> bool:
     return False
 
 
+class _QuietInThisThread(logging.Filter):
+    """Drops the records of the threads inside `_quiet` (a server searches from many: a level
+    set and put back by each would race, and could leave the logger silenced for good)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.inside, "on", False)
+
+
+_QUIET_FILTERS: dict[str, _QuietInThisThread] = {}
+_QUIET_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet(name: str):
-    """The logger ``name`` silenced: Milvus Lite and pymilvus log a traceback for a failure
-    they then raise, which cliplab says in one line (or as a 503)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """The logger ``name`` silenced in this thread: Milvus Lite and pymilvus log a traceback
+    of a failure they then raise, which cliplab says in one line (or as a 503)."""
+    with _QUIET_LOCK:
+        if name not in _QUIET_FILTERS:
+            _QUIET_FILTERS[name] = _QuietInThisThread()
+            logging.getLogger(name).addFilter(_QUIET_FILTERS[name])
+    inside = _QUIET_FILTERS[name].inside
+    inside.on = True
     try:
         yield
     finally:
-        logger.setLevel(level)
+        inside.on = False
 
 
 class MilvusVectors:
@@ -119,7 +139,7 @@ class MilvusVectors:
             raise DataError(f"the Milvus Lite database {local}{holding} does not exist (moved or "
                             "deleted?); put it back at that path")
         try:
-            with _quiet("milvus_lite"):
+            with _quiet("milvus_lite.server_manager"):
                 self.client = MilvusClient(self.uri, token=os.environ.get(TOKEN_VARIABLE, ""))
         except Exception as err:  # pymilvus raises its own MilvusException family
             if local is not None and lite_file_in_use(local):
