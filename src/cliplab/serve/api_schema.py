@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from cliplab.serve.api_key import GUARDED
@@ -128,10 +127,11 @@ def document_api_key(app: FastAPI) -> None:
     401 without it), so ``/docs`` can send it and a generated client asks for it; the check
     itself is `ApiKeyCheck`, which runs before a body is read."""
 
+    make_schema = app.openapi  # FastAPI's own, which keeps what it made in app.openapi_schema
+
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version,
-                                 description=app.description, routes=app.routes)
+            schema = make_schema()
             schema.setdefault("components", {})["securitySchemes"] = {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
             for path, operations in schema.get("paths", {}).items():

@@ -180,12 +180,13 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         swap_in(work, out)
         _drop_replaced_collection(existing, finished)
         return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now)}
-    if cfg.backend == "milvus" and request["collection"] is not None and \
-            not (work / PROGRESS_FILE).is_file():  # a named one: refused before the work folder
+    named = cfg.backend == "milvus" and request["collection"] is not None
+    resumable = (work / PROGRESS_FILE).is_file()
+    if named and not resumable:  # a named collection: refused before the work folder is made
         _check_collection(cfg.uri, {"collection": request["collection"]})
     state = _open_work(work, out, request, existing)
-    if cfg.backend == "milvus" and request["collection"] is not None:
-        _check_collection(cfg.uri, state)  # resumed: unless this run created it
+    if named and resumable:  # refused unless this run created it
+        _check_collection(cfg.uri, state)
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
     refused = False
