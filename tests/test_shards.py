@@ -632,6 +632,18 @@ def test_sharding_a_folder_into_itself_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "pets").rglob("*")) == before
 
 
+def test_shard_patterns_naming_tars_in_the_output_folder_are_refused_as_inputs(tmp_path, shapes):
+    """A brace pattern or a ``::`` list is the input as much as its folder: ``--overwrite`` once
+    deleted the very shards it was reading."""
+    sets = tmp_path / "sets"
+    write_shards(shapes, sets, samples_per_shard=20, image_format="png", progress=False)
+    before = {p.name: p.read_bytes() for p in sets.iterdir()}
+    for pattern in (f"{sets}/{{00000..00002}}.tar", f"{sets}/00000.tar::{sets}/00001.tar"):
+        assert main(["data", "shard", "--source", "shards", f"data.path={pattern}", "--out",
+                     str(sets), "--overwrite", "--no-progress"]) == 2
+    assert {p.name: p.read_bytes() for p in sets.iterdir()} == before
+
+
 def test_a_shard_ending_in_a_block_that_is_no_end_marker_is_not_whole(tmp_path):
     from cliplab.data.shards.layout import tar_is_whole
 

@@ -139,9 +139,20 @@ DATA_PATH_KEYS = ("path", "root", "data_dir")
 
 
 def spec_paths(*specs: object) -> list[str]:
-    """The paths a data spec names (``{source: manifest, path: X}``), of every spec given."""
-    return [str(spec[key]) for spec in specs if isinstance(spec, dict)
-            for key in DATA_PATH_KEYS if spec.get(key) is not None]
+    """The paths a data spec names (``{source: manifest, path: X}``), of every spec given; a
+    shard pattern (``dir/{00000..00009}.tar``, ``a.tar::b.tar``) as each file it names."""
+    return [path for spec in specs if isinstance(spec, dict)
+            for key in DATA_PATH_KEYS if spec.get(key) is not None
+            for path in _named_files(str(spec[key]))]
+
+
+def _named_files(path: str) -> list[str]:
+    """``path``, or the files a shard pattern that is no file of its own names."""
+    if ("{" not in path and "::" not in path) or Path(path).expanduser().exists():
+        return [path]
+    from webdataset.shardlists import expand_urls
+
+    return expand_urls(path)
 
 
 def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],

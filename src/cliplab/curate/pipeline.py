@@ -46,7 +46,7 @@ from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
-                                   partial_path, remove_own_work, swap_in, write_json)
+                                   partial_path, remove_own_work, spec_paths, swap_in, write_json)
 
 FORMAT = 1
 READ_STEP = "read"
@@ -65,7 +65,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     if out is None and not config.out:
         raise ConfigError("say where to write the curated pool: --out DIR")
     out = Path(out if out is not None else config.out).expanduser().resolve()
-    check_apart_from_inputs(out, [config.data.get("path")])  # sources are never written to
+    check_apart_from_inputs(out, spec_paths(config.data))  # sources are never written to
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
     _check_packages(config)  # before the models: resolving one may reach the Hub

@@ -12,7 +12,7 @@ from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
 from cliplab.data.sources import DataSpecField, load_source, refuse_multilabel
-from cliplab.output_folder import same_folder
+from cliplab.output_folder import same_folder, spec_paths
 from cliplab.errors import ConfigError
 
 
@@ -54,7 +54,7 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
         if key in spec and same_folder(Path(str(spec[key])).resolve(), out.resolve()):
             raise ConfigError(f"--out {out} is the source's own folder; write the shards elsewhere")
     overwrite = config.overwrite
-    check_out_folder(out, overwrite)  # before the possibly long load
+    check_out_folder(out, overwrite, spec_paths(spec))  # before the possibly long load
     spec = with_folder_captions(spec)
     if streams(spec):  # a source read from files: image by image, each at its own size
         return write_source(spec, out, samples_per_shard=config.samples_per_shard,
