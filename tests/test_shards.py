@@ -645,7 +645,7 @@ def test_shard_patterns_naming_tars_in_the_output_folder_are_refused_as_inputs(t
 
 
 def test_a_shard_ending_in_a_block_that_is_no_end_marker_is_not_whole(tmp_path):
-    from cliplab.data.shards.layout import tar_is_whole
+    from cliplab.data.shards.tar_members import tar_is_whole
 
     whole = tmp_path / "whole.tar"
     write_tar(whole, [("a", {"png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "txt": b"x"})])

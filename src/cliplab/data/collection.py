@@ -27,7 +27,9 @@ from PIL import Image
 from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs, image_caption,
                                        image_metadata, list_folder, require_folder)
 from cliplab.data.images import open_image, to_pil
-from cliplab.data.shards.samples import damage_text, image_part, txt_caption
+from cliplab.data.shards.samples import image_part, txt_caption
+from cliplab.data.shards.tar_members import (MemberGroups, compression, damage_text, marker_follows,
+                                             member_key)
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
@@ -75,7 +77,9 @@ def _folder_kind(path: Path) -> str:
     both shards and images (beside them, or in a sub-folder of its own) is refused, naming both
     spellings (a stray archive made a photo folder a shard folder, its photos unread). Other
     files and folders beside shards (logs, an img2dataset's parquet) are no matter."""
-    tars = next(path.glob("*.tar"), None)
+    from cliplab.data.shards.layout import folder_tars
+
+    tars = next(iter(folder_tars(path)), None)
     if tars is None:
         return "image-folder"
     other = next((entry for entry in path.iterdir() if _holds_images(entry)), None)
@@ -346,7 +350,9 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
     from cliplab.data.shards.layout import index_counts
 
     _reject_options(spec)
-    for tar in expand_shards(folder):
+    tars = expand_shards(folder)
+    _refuse_compressed(tars)
+    for tar in tars:
         samples, damage = _tar_samples(tar)
         for key, members, duplicate in samples:
             yield _duplicate_item(tar, key) if duplicate else _tar_item(tar, key, members)
@@ -361,6 +367,16 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
             yield Item(tar.name, "", {"tar": str(tar), "offset": 0, "size": 0}, fail)
             for number in range(len(samples) + 1, (expected or 0) + 1):
                 yield _cut_off_item(tar, number, expected)
+
+
+def _refuse_compressed(tars: list[Path]) -> None:
+    """A `DataError` naming the first compressed tar: index, curate and serve read each image
+    in place by its byte range, which a compressed file does not keep."""
+    for tar in tars:
+        if (kind := compression(tar)) is not None:
+            raise DataError(f"{tar} is {kind}-compressed: index and curate read images in place "
+                            "and need plain .tar shards (pretrain and eval take it); write them "
+                            f"with `cliplab data shard --data {tar.parent} --out NEW_FOLDER`")
 
 
 def _cut_off_item(tar: Path, number: int, count: int) -> Item:
@@ -410,38 +426,23 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
 
 
 def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None]:
-    """``[(key, {ext: (offset, size, member name)}, duplicate)]`` in tar order, and what stopped
-    the reading early (None when the tar was read to its end). A sample's parts may lie apart
-    (a tar of a folder is in listing order); a part its key's sample already has begins another
-    sample of that key, marked ``duplicate``. A sample whose members the damage cut off is left
-    out; one whose data runs past the end fails when its image is read."""
-    from cliplab.data.shards.layout import ends_with_marker
-
-    samples: list[tuple[str, Members, bool]] = []
-    first: dict[str, int] = {}  # key -> its first sample's index
+    """``[(key, {ext: (offset, size, member name)}, duplicate)]`` as `MemberGroups` gathers
+    them (a sample's parts may lie apart: a tar of a folder is in listing order), and what
+    stopped the reading early (None when the tar was read to its end). A sample whose members
+    the damage cut off is left out; one whose data runs past the end fails when its image is
+    read."""
+    groups = MemberGroups()
     try:
         with tarfile.open(tar) as archive:
             for member in archive:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                key = member.name[: len(member.name) - len(base)] + key
-                ext = ext.lower()
-                last = samples[-1] if samples else None
-                if last is not None and last[0] == key and ext not in last[1]:
-                    entry = last  # the sample being read
-                elif key in first and ext not in samples[first[key]][1]:
-                    entry = samples[first[key]]  # a part stored apart (`tar` of a folder)
-                else:  # a new key, or a part the key's sample already has: another sample
-                    entry = (key, {}, key in first)
-                    first.setdefault(key, len(samples))
-                    samples.append(entry)
-                entry[1][ext] = (member.offset_data, member.size, member.name)
-            damage = None if ends_with_marker(tar, archive.offset) else \
+                named = member_key(member.name) if member.isfile() else None
+                if named is not None:
+                    groups.add(*named, (member.offset_data, member.size, member.name))
+            damage = None if marker_follows(archive) else \
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:
         damage = damage_text(err)
+    samples = groups.samples
     if damage is not None and samples:  # the damage may have cut the last sample's data
         size = tar.stat().st_size  # kept when its members are whole, as the stream keeps it
         if any(offset + length > size for offset, length, _ in samples[-1][1].values()):

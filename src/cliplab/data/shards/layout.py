@@ -9,13 +9,12 @@ paths works too for reading, with counts read from the tar headers when asked fo
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import Sequence
 
+from cliplab.data.shards.tar_members import count_tar_samples, tar_is_whole
 from cliplab.errors import DataError, warn
 
 INDEX_FILE = "index.json"
@@ -75,6 +74,25 @@ def index_counts(folder: Path) -> dict[str, int]:
     return {name: int(e["count"]) for name, e in _listed(folder).items() if "count" in e}
 
 
+# the shard files of a folder: webdataset reads compressed tars as well
+TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+
+
+def folder_tars(folder: Path) -> list[Path]:
+    """The tar files in ``folder`` (``TAR_PATTERNS``), sorted by name."""
+    return sorted({p for pattern in TAR_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+
+
+def _warn_unlisted(folder: Path, listed: list[Path]) -> None:
+    """Warn of tars in ``folder`` its ``index.json`` does not list: the index decides the set."""
+    known = set(listed)
+    unlisted = [p.name for p in folder_tars(folder) if p not in known]
+    if unlisted:
+        warn(f"{folder}: {len(unlisted)} tar file(s) not listed in its {INDEX_FILE} are not read "
+             f"({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}); name the "
+             "shards in a brace pattern (DIR/{00000..00009}.tar) or a `::` list to read them")
+
+
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Local shard paths from a folder, a brace pattern (``::`` joins several) or a list
     (``~`` is the home folder).
@@ -89,8 +107,9 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             index = read_index(folder)
             if index is not None:
                 paths = [folder / entry["name"] for entry in index["shards"]]
+                _warn_unlisted(folder, paths)
             else:
-                paths = sorted(folder.glob("*.tar"))
+                paths = folder_tars(folder)
             if not paths:
                 raise DataError(f"no .tar shards in {folder}; write some with `cliplab data shard`")
         else:
@@ -110,51 +129,6 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return paths
 
 
-def count_tar_samples(path: Path) -> int:
-    """Number of distinct sample keys in a tar (reads headers only)."""
-    keys = set()
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isreg():
-                    name = member.name.rsplit("/", 1)[-1]
-                    keys.add(member.name[: len(member.name) - len(name)] + name.split(".", 1)[0])
-    except (tarfile.TarError, OSError) as err:
-        raise DataError(f"cannot read shard {path}: {err}") from None
-    return len(keys)
-
-
-def ends_with_marker(path: Path, offset: int) -> bool:
-    """Whether a zero block follows the last member of the tar at ``path`` (at ``offset``), as
-    it does in every complete tar; `tarfile` stops without an error where a cut-off file runs
-    out instead."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        block = f.read(512)
-    return len(block) == 512 and not any(block)
-
-
-def tar_is_whole(path: Path) -> bool:
-    """Whether the tar at ``path`` reads to its end-of-archive marker (reads headers only;
-    once per file and version, though the stream asks every epoch)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    return _tar_is_whole(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _tar_is_whole(path: str, size: int, mtime_ns: int) -> bool:
-    try:
-        with tarfile.open(path) as tar:
-            for _ in tar:
-                pass
-            return ends_with_marker(Path(path), tar.offset)
-    except (tarfile.TarError, OSError):
-        return False
-
-
 def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
     """Samples per shard: from each folder's ``index.json`` where it lists the shard, else
     counted. A whole tar of another size than the one listed (replaced since: its count may
@@ -167,7 +141,10 @@ def shard_sample_counts(paths: Sequence[Path]) -> list[int]:
             indexes[path.parent] = _listed(path.parent)
         entry = indexes[path.parent].get(path.name, {})
         known = int(entry["count"]) if "count" in entry else None
-        written, size = entry.get("bytes"), path.stat().st_size
+        try:
+            written, size = entry.get("bytes"), path.stat().st_size
+        except OSError:  # gone since it was listed: the stream says so where it reads it
+            written = size = None
         if known is not None and written is not None and size != written and tar_is_whole(path):
             warn(f"{path}: not the shard {INDEX_FILE} lists ({written} bytes when "
                  f"written, {size} now): its samples are counted")

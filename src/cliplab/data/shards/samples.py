@@ -8,7 +8,6 @@ CLIP_benchmark reader read shards through ``raw_samples``.
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -17,11 +16,14 @@ from typing import NamedTuple
 
 from cliplab.data.folder_files import SkippedFile
 from cliplab.data.images import IMAGE_EXTS
+from cliplab.data.shards.tar_members import MemberGroups, damage_text, member_key, tar_layout
 
 
 def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) -> Iterator[dict]:
     """Samples as ``{ext: bytes, "__key__", "__shard__"}``, shard after shard: the tar members
-    sharing a key, grouped as webdataset groups them. A shard that cannot be read to its end
+    sharing a key, grouped as webdataset groups them (a tar without a count in its folder's
+    ``index.json`` whose samples' members lie apart, a ``tar`` of a folder, each sample gathered
+    whole from its headers instead). A shard that cannot be read to its end
     yields every whole sample before the damage, then one ``{"__error__": "unreadable_shard"}``
     item saying where and why it stopped; one holding fewer samples than ``expected`` says (the
     counts of its folder's ``index.json``), or without a count one that ends before its
@@ -29,12 +31,13 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
     is known, each sample the damage lost follows as a ``{"__error__": "cut_off"}`` item, so
     skip reports count them one by one. A sample whose key an earlier one of its tar has is
     ``{"__error__": "duplicate_key"}``, as the collection reader (index, curate) skips it."""
-    from cliplab.data.shards.layout import tar_is_whole
-
     expected = expected or {}
     for shard in shards:
         read, damage, seen = 0, None, set()
-        samples = _tar_samples(shard)
+        # a shard of cliplab's (its folder's index.json counts it) keeps a sample's parts
+        # together; another may not (a `tar` of a folder), and is then read by its headers
+        apart = shard not in expected and tar_layout(shard).apart is not None
+        samples = _regrouped_samples(shard) if apart else _tar_samples(shard)
         while True:
             try:
                 sample = next(samples)
@@ -56,9 +59,9 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
             reason, where = "unreadable_shard", f"after {read}{of} samples ({damage})"
         elif count is not None and read < count:
             reason, where = "truncated_shard", f"{read}{of} samples (" + (
-                "the tar ends before index.json's count)" if tar_is_whole(shard)
+                "the tar ends before index.json's count)" if tar_layout(shard).whole
                 else "the file ends early)")
-        elif count is None and not tar_is_whole(shard):
+        elif count is None and not tar_layout(shard).whole:
             reason, where = "truncated_shard", f"{read} samples, then the file ends early " \
                                                "(no end-of-archive marker)"
         else:
@@ -71,6 +74,26 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
 
 class ShardDamage(Exception):
     """Why a shard could not be read on, in plain words (its message)."""
+
+
+def _regrouped_samples(shard: Path) -> Iterator[dict]:
+    """The samples of a tar whose members of one key lie apart, as `MemberGroups` gathers
+    them from the headers, each read whole from its members (a ``tar`` of a folder, which
+    webdataset would read as fragments); `ShardDamage` where reading stops early."""
+    groups = MemberGroups()
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                named = member_key(member.name) if member.isreg() else None
+                if named is not None:
+                    groups.add(*named, member)
+            for key, parts, _ in groups.samples:
+                sample = {"__key__": key, "__shard__": shard.name, "__url__": str(shard)}
+                for ext, member in parts.items():
+                    sample[ext] = tar.extractfile(member).read()
+                yield sample
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise ShardDamage(damage_text(err)) from None
 
 
 def _tar_samples(shard: Path) -> Iterator[dict]:
@@ -86,13 +109,10 @@ def _tar_samples(shard: Path) -> Iterator[dict]:
     try:
         with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                name = member.name
-                if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                named = member_key(member.name) if member.isreg() else None
+                if named is None:
                     continue
-                match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-                if match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
+                key, ext = named
                 # a part the current sample has already starts another sample of its key
                 # (`raw_samples` skips it as a duplicate key)
                 repeated = current is not None and key == current["__key__"] and ext in current
@@ -115,21 +135,6 @@ def _tar_samples(shard: Path) -> Iterator[dict]:
         yield current
     if damage is not None:
         raise damage
-
-
-def damage_text(err: BaseException) -> str:
-    """What stopped the reading of a tar, in plain words (no Python object reprs)."""
-    lines = str(err.args[0] if err.args else err).splitlines()
-    text = lines[0] if lines else type(err).__name__
-    if isinstance(err, EOFError) or "unexpected end of data" in text:
-        return "the file ends early, cut off inside a member"
-    if text == "empty file":
-        return "the file is empty"
-    if isinstance(err, tarfile.TarError):
-        return f"damaged tar header: {text}"
-    if isinstance(err, OSError) and err.strerror:
-        return f"read error: {err.strerror}"
-    return f"read error: {text}"
 
 
 def sample_key(raw: dict) -> str:

@@ -33,14 +33,15 @@ def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None
 
 
 def _holds_a_shard_set(folder: Path) -> bool:
-    """Whether ``folder`` holds a shard set `--overwrite` may replace: its files, and an
-    ``index.json`` only of a shard set (a search index's has the same name: replacing it
-    destroyed the index)."""
+    """Whether ``folder`` holds a shard set `--overwrite` may replace: a previous run's, by
+    its ``index.json`` (a search index's has the same name: replacing it destroyed the index),
+    or by ``_unfinished`` when it stopped. Another tool's tars are not cliplab's to delete
+    (img2dataset's ``.parquet`` files beside them would describe shards that are gone)."""
     if not set_files(folder):
         return False
     index = folder / INDEX_FILE
     if not index.is_file():
-        return True
+        return (folder / UNFINISHED_FILE).is_file()
     try:
         record = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
