@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from cliplab.cli import main
-from cliplab.data.shards import ShardLoader, ShardStream, collate_samples, write_shards
+from cliplab.data.shards import (ShardLoader, ShardStream, collate_samples, load_shards,
+                                 write_shards)
 from cliplab.data.sources import as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
@@ -41,6 +42,9 @@ def test_writer_layout_counts_and_metadata(shard_dir, shapes):
     assert [s["count"] for s in index["shards"]] == [6] * 8 + [5]
     assert index["total"] == 53 and index["source"] is None
     assert json.loads((shard_dir / "00008_stats.json").read_text())["count"] == 5
+    # OpenCLIP's loader takes the counts from sizes.json beside the shards
+    assert json.loads((shard_dir / "sizes.json").read_text()) == {
+        s["name"]: s["count"] for s in index["shards"]}
     with tarfile.open(shard_dir / "00001.tar") as tar:
         names = tar.getnames()
         meta = json.loads(tar.extractfile("000000006.json").read())
@@ -87,6 +91,31 @@ def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
     lossy = load_source({"source": "shards", "path": str(tmp_path / "jpg"), "progress": False})
     error = (lossy.images.float() - digits.images.float()).abs().mean()
     assert 0 < error < 8  # JPEG: close, not equal
+
+
+def test_labelled_shards_carry_the_class_as_webdataset_reads_it_and_reshard_alike(tmp_path):
+    """``KEY.cls`` beside the image, as webdataset's and CLIP_benchmark's readers take a class;
+    a set sharded again keeps its name (it became ``digits-test-pairs-pairs``)."""
+    import webdataset as wds
+
+    digits = load_source({"source": "digits", "split": "test"}).subset(torch.arange(12))
+    write_shards(digits, tmp_path / "dg", samples_per_shard=12, image_format="png", progress=False)
+    read = wds.WebDataset(str(tmp_path / "dg" / "00000.tar"), shardshuffle=False)
+    assert [int(cls) for cls, in read.to_tuple("cls")] == digits.labels.tolist()
+    assert main(["data", "shard", "--source", str(tmp_path / "dg"), "--out", str(tmp_path / "dg2"),
+                 "--format", "png", "--no-progress"]) == 0
+    names = [json.loads((tmp_path / d / "index.json").read_text())["name"] for d in ("dg", "dg2")]
+    assert names == ["digits-test-pairs", "digits-test-pairs"]
+
+
+def test_shards_of_classes_without_captions_point_to_the_clip_benchmark_reader(tmp_path):
+    (tmp_path / "cls").mkdir()
+    write_tar(tmp_path / "cls" / "00000.tar",
+              [(k, {"png": png_bytes(np.zeros((8, 8, 3), np.uint8)), "cls": b"1"}) for k in "ab"])
+    with pytest.raises(DataError, match=r"class_only=2\); its samples hold a class \(KEY.cls\) "
+                                        r"and no caption: read such a set as \{source: "
+                                        r"clip-benchmark"):
+        load_shards(tmp_path / "cls", progress=False)
 
 
 def test_shards_read_back_labelled_only_when_every_group_is_a_listed_class(tmp_path):
@@ -554,14 +583,14 @@ def test_resharding_a_truncated_shard_counts_only_lost_samples_in_the_stats(tmp_
     tar = tmp_path / "whole" / "00000.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     cut = load_source({"source": "shards", "path": str(tmp_path / "whole"), "progress": False})
-    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image; the other 2
-    # are cut off (index.json gives the count)
-    assert cut.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
+    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its .txt (its captions
+    # are in its .json); the other 2 are cut off (index.json gives the count)
+    assert cut.skipped.counts == {"truncated_shard": 1, "cut_off": 2}
     index = write_shards(cut, tmp_path / "again", samples_per_shard=6, image_format="png",
                          progress=False)
-    assert index["total"] == 9 and index["skipped"]["total"] == 3
-    assert json.loads((tmp_path / "again" / "stats.json").read_text()) == {"count": 9,
-                                                                           "skipped": 3}
+    assert index["total"] == 10 and index["skipped"]["total"] == 2
+    assert json.loads((tmp_path / "again" / "stats.json").read_text()) == {"count": 10,
+                                                                           "skipped": 2}
 
 
 def test_partner_keys_follow_the_renumbering_after_a_skipped_sample(tmp_path, shapes):

@@ -19,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data_sub.required = True
     p = data_sub.add_parser("shard", help="write a dataset as WebDataset tar shards",
                             description="Write a dataset as WebDataset tar shards in img2dataset's "
-                            "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json per "
-                            "sample, NNNNN_stats.json per shard, stats.json and index.json. "
+                            "layout: OUT/00000.tar ... with KEY.jpg|png, KEY.txt, KEY.json (and "
+                            "KEY.cls of a labelled set) per sample, NNNNN_stats.json per shard, "
+                            "stats.json, sizes.json and index.json. "
                             "Config keys: "
                             "data (the source spec), out, samples_per_shard, image_format, "
                             "quality, overwrite; key=value overrides set any of them, e.g. "

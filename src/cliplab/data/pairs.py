@@ -99,7 +99,13 @@ def labelled_to_pairs(data: LabelledImages, templates: list[str] | None = None) 
     per_class = [[t.format(name) for t in templates] for name in data.prompt_names]
     captions = [per_class[int(y)] for y in data.labels]
     return ImageTextPairs(data.images, captions, groups=data.labels.clone(),
-                          name=f"{data.name}-pairs", skipped=data.skipped)  # nothing lost unsaid
+                          name=pairs_name(data.name), skipped=data.skipped)  # nothing lost unsaid
+
+
+def pairs_name(name: str) -> str:
+    """A labelled set's name as pairs: ``NAME-pairs`` (once: a set read back from its shards
+    has the suffix already)."""
+    return name if name.endswith("-pairs") else f"{name}-pairs"
 
 
 def concat_pairs(first: ImageTextPairs, second: ImageTextPairs) -> ImageTextPairs:

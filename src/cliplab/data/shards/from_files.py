@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cliplab.data.pairs import pairs_name
 from cliplab.data.shards.write import (ShardSink, check_writer_options, class_fields,
                                        clean_captions, prepare_out, shard_sample)
 from cliplab.data.types import SkipReport
@@ -91,7 +92,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
             opened = {"image-folder": _image_folder, "manifest": _manifest}[kind](**options)
         relabel = _class_options(opened, kind, holdout, classes, templates)
     labelled = opened.classnames is not None
-    name = f"{opened.name}-pairs" if labelled else opened.name
+    name = pairs_name(opened.name) if labelled else opened.name
     if labelled:
         per_class = [[t.format(n) for t in opened.templates]
                      for n in (opened.descriptions or opened.classnames)]

@@ -20,6 +20,7 @@ from cliplab.errors import DataError, warn
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "cliplab-shards"
 STATS_FILE = "stats.json"
+SIZES_FILE = "sizes.json"  # {shard name: samples}, where OpenCLIP's loader looks for the counts
 # in a shard folder while `cliplab data shard` writes it: gone once index.json is written, so a
 # run stopped half-way (Ctrl-C, a kill) is never read as the whole set
 UNFINISHED_FILE = "_unfinished"
@@ -34,7 +35,7 @@ def shard_stats_name(shard_name: str) -> str:
 def set_files(folder: Path) -> list[Path]:
     """The files of a shard set in ``folder`` (shards, stats, index), nothing else there."""
     candidates = [*folder.glob("*.tar"), *folder.glob("*_stats.json"), folder / INDEX_FILE,
-                  folder / STATS_FILE, folder / UNFINISHED_FILE]
+                  folder / STATS_FILE, folder / SIZES_FILE, folder / UNFINISHED_FILE]
     return [p for p in candidates if p.is_file()]
 
 

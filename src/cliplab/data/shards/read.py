@@ -44,7 +44,10 @@ def load_shards(path: str | os.PathLike, image_size: PositiveInt | None = None,
         sources.append(sample["key"])
         partner_keys.append(sample["partner_key"])
     if not images:
-        raise DataError(f"no usable sample in {path} ({stream.skipped.summary()})")
+        hint = "; its samples hold a class (KEY.cls) and no caption: read such a set as " \
+               "{source: clip-benchmark, root: ROOT} (ROOT/SPLIT/*.tar, ROOT/classnames.txt)" \
+            if stream.skipped.counts.get("class_only") else ""
+        raise DataError(f"no usable sample in {path} ({stream.skipped.summary()}){hint}")
     group_ids = None
     if any(g is not None for g in groups):
         fresh = iter(range(max(g for g in groups if g is not None) + 1, 2**62))

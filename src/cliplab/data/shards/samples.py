@@ -38,6 +38,7 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
         # together; another may not (a `tar` of a folder), and is then read by its headers
         apart = shard not in expected and tar_layout(shard).apart is not None
         samples = _regrouped_samples(shard) if apart else _tar_samples(shard)
+        held = None  # the last sample: whole unless the damage came before its image
         while True:
             try:
                 sample = next(samples)
@@ -47,13 +48,20 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
                 damage = str(err)
                 break
             read += 1
+            if held is not None:
+                yield held
+            held = sample
             if sample["__key__"] in seen:  # which of the two the key means is ambiguous
-                yield {"__error__": "duplicate_key", "__shard__": shard.name,
-                       "__key__": sample["__key__"]}
-                continue
+                held = {"__error__": "duplicate_key", "__shard__": shard.name,
+                        "__key__": sample["__key__"]}
             seen.add(sample["__key__"])
-            yield sample
         count = expected.get(shard)
+        if held is not None and "__error__" not in held and image_part(held) is None and (
+                damage is not None or (count is not None and read < count)
+                or (count is None and not tar_layout(shard).whole)):
+            held, read = None, read - 1  # cut off before its image: one of the samples lost
+        if held is not None:
+            yield held
         of = f" of {count}" if count is not None else ""
         if damage is not None:
             reason, where = "unreadable_shard", f"after {read}{of} samples ({damage})"

@@ -217,8 +217,8 @@ class ShardStream(IterableDataset):
             return None, err.reason
         except (ValueError, UnicodeDecodeError):
             return None, "bad_metadata"
-        if not captions:
-            return None, "empty_caption"
+        if not captions:  # a class without captions: a classification set's shard
+            return None, "class_only" if "cls" in raw else "empty_caption"
         try:
             image = decode_image(raw[ext], self.image_size, self.channels, sample_key(raw))
         except UnreadableImage:

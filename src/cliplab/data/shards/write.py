@@ -2,7 +2,8 @@
 
 Each shard holds per sample ``{key}.jpg`` (or ``.png``, lossless), ``{key}.txt`` (the first
 caption) and ``{key}.json`` (all captions, group, label/class name, ``source_key``: the
-sample's item in the source, see `cliplab.data.types.source_keys`).
+sample's item in the source, see `cliplab.data.types.source_keys`); of a labelled set also
+``{key}.cls``, the class index as text.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 
 from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
-from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, STATS_FILE,
-                                        UNFINISHED_FILE, set_files, shard_stats_name)
+from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, SIZES_FILE,
+                                        STATS_FILE, UNFINISHED_FILE, set_files,
+                                        shard_stats_name)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport, source_keys
 from cliplab.errors import ConfigError, DataError
 from cliplab.output_folder import check_out, write_json
@@ -98,6 +100,7 @@ class ShardSink:
         index = {"format": INDEX_FORMAT, "version": 1, "name": name, "source": source, **extra,
                  "total": self.total, "shards": self.shards, "skipped": skipped.to_dict()}
         write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.lost_samples})
+        write_json(self.out / SIZES_FILE, {s["name"]: s["count"] for s in self.shards})
         write_json(self.out / INDEX_FILE, index)
         (self.out / UNFINISHED_FILE).unlink(missing_ok=True)
         return index
@@ -128,8 +131,9 @@ def shard_sample(number: int, image: torch.Tensor, captions: list[str], group: i
                  partner_key: str | None = None, label: int | None = None,
                  classname: str | None = None) -> dict:
     """The ``number``-th sample of a set as the writer stores it: the image encoded
-    (``image_format``), the first caption as ``txt`` and the sample's metadata as ``json``
-    (key, captions, group, source key, the partner's key and the class where there are)."""
+    (``image_format``), the first caption as ``txt``, the sample's metadata as ``json`` (key,
+    captions, group, source key, the partner's key and the class where there are) and, of a
+    labelled set, the class index as ``cls`` (webdataset's and CLIP_benchmark's member)."""
     meta = {"key": f"{number:09d}", "captions": captions, "group": group,
             "source_key": source_key}
     if partner_key is not None:
@@ -137,10 +141,13 @@ def shard_sample(number: int, image: torch.Tensor, captions: list[str], group: i
     if label is not None:
         meta["label"] = label
         meta["classname"] = classname
-    return {"__key__": meta["key"],
-            image_format: encode_image(image, image_format, quality),
-            "txt": captions[0].encode("utf-8"),
-            "json": json.dumps(meta).encode("utf-8")}
+    sample = {"__key__": meta["key"],
+              image_format: encode_image(image, image_format, quality),
+              "txt": captions[0].encode("utf-8"),
+              "json": json.dumps(meta).encode("utf-8")}
+    if label is not None:
+        sample["cls"] = str(label).encode("ascii")
+    return sample
 
 
 def class_fields(classnames: list[str] | None, templates: list[str] | None,
