@@ -170,3 +170,28 @@ def test_index_json_of_a_written_set_names_every_shard_it_reads(tmp_path, recwar
     warned(recwarn)
     _stream(sets)
     assert warned(recwarn) == ""
+
+
+@pytest.mark.parametrize("theirs", [
+    {"version": 2, "shards": [{"raw_data": {"basename": "shard.00000.mds"}, "samples": 3}]},
+    {"wids_version": 1, "name": "x", "shardlist": [{"url": "00000.tar", "nsamples": 3}]}])
+def test_another_tools_index_json_is_no_shard_list(tmp_path, recwarn, theirs):
+    """MosaicML's and wids' files share the name: a KeyError traceback, or a refusal."""
+    folder = _one_tar(tmp_path)
+    (folder / "index.json").write_text(json.dumps(theirs), encoding="utf-8")
+    warned(recwarn)
+    assert _captions(_stream(folder)) == ["a", "b", "c"]
+    assert len(list(iter_items({"source": "shards", "path": str(folder)}, progress=False))) == 3
+    assert f"{folder / 'index.json'} is not a cliplab shard index" in warned(recwarn)
+
+
+def test_overwrite_removes_the_old_sets_files_and_nothing_else(tmp_path):
+    sets, pairs = tmp_path / "sets", load_shards(_one_tar(tmp_path), progress=False)
+    write_shards(pairs, sets, samples_per_shard=2, image_format="png", progress=False)
+    mine = {"originals_backup.tar": b"keep", "experiment_stats.json": b"{}", "notes.txt": b"n"}
+    for name, data in mine.items():
+        (sets / name).write_bytes(data)
+    write_shards(pairs, sets, samples_per_shard=3, image_format="png", overwrite=True,
+                 progress=False)
+    assert {name: (sets / name).read_bytes() for name in mine} == mine
+    assert not (sets / "00001.tar").exists() and (sets / "00000.tar").exists()

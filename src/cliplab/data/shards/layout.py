@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -33,9 +34,21 @@ def shard_stats_name(shard_name: str) -> str:
 
 
 def set_files(folder: Path) -> list[Path]:
-    """The files of a shard set in ``folder`` (shards, stats, index), nothing else there."""
-    candidates = [*folder.glob("*.tar"), *folder.glob("*_stats.json"), folder / INDEX_FILE,
-                  folder / STATS_FILE, folder / SIZES_FILE, folder / UNFINISHED_FILE]
+    """The files of the shard set in ``folder`` and nothing else there: the shards its
+    ``index.json`` lists (without one, a run that stopped: those named as the writer names
+    them), their stats files, and the set's own files."""
+    try:
+        index = read_index(folder, quiet=True)
+    except DataError:  # unreadable: not a set whose shards it could name
+        index = None
+    if index is not None:
+        shards = [folder / e["name"] for e in index["shards"]
+                  if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    else:
+        shards = [p for p in folder.glob("*.tar") if re.fullmatch(r"\d{5}\.tar", p.name)]
+    candidates = [*shards, *(folder / shard_stats_name(p.name) for p in shards),
+                  folder / INDEX_FILE, folder / STATS_FILE, folder / SIZES_FILE,
+                  folder / UNFINISHED_FILE]
     return [p for p in candidates if p.is_file()]
 
 
@@ -50,8 +63,10 @@ def check_finished(folder: Path) -> None:
                         f"{folder / UNFINISHED_FILE} to read what it wrote")
 
 
-def read_index(folder: str | os.PathLike) -> dict | None:
-    """The folder's ``index.json`` as a dict, None if it has none; ``DataError`` if it is bad."""
+def read_index(folder: str | os.PathLike, quiet: bool = False) -> dict | None:
+    """The folder's ``index.json`` as a dict; None if it has none, or if another tool's file
+    has the name (MosaicML's, a wids shard list: no ``"format": "cliplab-shards"``; warned of
+    unless ``quiet``); ``DataError`` if it is bad."""
     path = Path(folder) / INDEX_FILE
     if not path.is_file():
         return None
@@ -59,8 +74,15 @@ def read_index(folder: str | os.PathLike) -> dict | None:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err}); rewrite it with `cliplab data shard`") from None
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise DataError(f"{path}: expected a mapping with a 'shards' list")
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        if not quiet:  # every index cliplab has written says its format
+            warn(f"{path} is not a cliplab shard index (no \"format\": \"{INDEX_FORMAT}\"): "
+                 "the folder's tars are read")
+        return None
+    if not isinstance(index.get("shards"), list) or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) for e in index["shards"]):
+        raise DataError(f"{path}: expected a 'shards' list of {{name: ..., count: ...}} "
+                        "entries; rewrite it with `cliplab data shard`")
     return index
 
 
