@@ -148,3 +148,25 @@ def test_precomputed_features_give_what_encoding_the_images_gives_on_mixed_kinds
     given = compositional(model, pairs.images, scenes, progress=False, image_emb=emb)
     assert given == pytest.approx(encoded, abs=1e-6)
     assert encoded["n"] == sum(s.kind == "relation" for s in scenes) < len(scenes)
+
+
+def test_bf16_suites_encode_the_captions_in_bf16_as_the_images():
+    """The task ran its images under the suite's bf16 autocast and its captions in fp32."""
+    from cliplab.evaluate.suite import run_suite
+    from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models import build_model
+
+    model = build_model("tiny-clip", image_size=32, patch_size=8, width=32, layers=1, heads=2,
+                        embed_dim=16)
+    seen = []
+    encode = model.encode_texts
+
+    def recording(texts, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return encode(texts, *args, **kwargs)
+
+    model.encode_texts = recording
+    suite = {"precision": "bf16", "tasks": [{"task": "compositional", "name": "c", "data": {
+        "source": "shapes", "n": 20, "seed": 1, "image_size": 32}}]}
+    result = run_suite(model, suite, TaskContext(progress=False))
+    assert seen and all(seen) and result["c"]["n"] > 0

@@ -13,6 +13,7 @@ tell these apart — scores exactly chance (0.5).
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import torch
 
@@ -21,6 +22,7 @@ from cliplab.data.caption_negatives import (NEGATIVE_TYPES, attribute_swap, rela
 from cliplab.data.shapes import Scene, object_phrase, relation_of
 from cliplab.evaluate.features import encode_images
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.precision import autocast
 
 __all__ = ["NEGATIVE_TYPES", "compositional", "preference_accuracy", "relation_negatives",
            "shuffle_words"]
@@ -47,8 +49,10 @@ def preference_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor,
 
 
 def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene], seed: int = 0,
-                  progress: bool = True, image_emb: torch.Tensor | None = None) -> dict:
-    """Accuracy of the true caption over each negative type, on relation scenes."""
+                  progress: bool = True, image_emb: torch.Tensor | None = None,
+                  precision: str = "fp32") -> dict:
+    """Accuracy of the true caption over each negative type, on relation scenes; captions
+    encoded at ``precision`` (``fp32`` or ``bf16``), as the images were."""
     rng = random.Random(seed)
     keep = [i for i, s in enumerate(scenes) if s.kind == "relation"]
     if not keep:
@@ -59,10 +63,13 @@ def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene],
         image_emb = image_emb[keep]
     built = [relation_negatives(scenes[i], rng) for i in keep]
     # on the CPU, beside the image features (encode_texts answers on the model's device)
-    true_emb = model.encode_texts([t for t, _ in built]).float().cpu()
+    with autocast(precision, model.device.type) if precision != "fp32" else nullcontext():
+        true_emb = model.encode_texts([t for t, _ in built]).float().cpu()
+        negatives = {kind: model.encode_texts([negs[kind] for _, negs in built]).float().cpu()
+                     for kind in NEGATIVE_TYPES}
     out = {}
     for kind in NEGATIVE_TYPES:
-        neg_emb = model.encode_texts([negs[kind] for _, negs in built]).float().cpu()
+        neg_emb = negatives[kind]
         out[f"{kind}_acc"] = preference_accuracy(image_emb, true_emb, neg_emb)
     out["n"] = len(keep)
     return out

@@ -50,6 +50,6 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                                    f"encode {spec.name or spec.task}")
     try:
         return compositional(model, pairs.images, scenes, seed=spec.seed,
-                             image_emb=feats.embeddings)
+                             image_emb=feats.embeddings, precision=context.precision)
     except ValueError as err:
         raise task_error(spec, str(err)) from None
