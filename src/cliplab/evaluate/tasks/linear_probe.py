@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
-from cliplab.errors import ConfigError, DataError
+from cliplab.errors import ConfigError, DataError, warn
 from cliplab.evaluate.linear_probe import linear_probe
 from cliplab.evaluate.tasks.base import DataSpec, ProbeKind, TaskContext, TaskSpecBase
 from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, EXTRA_PROBES, image_blocks
@@ -68,18 +70,41 @@ class Spec(ProbeSpecBase):
                               f"needs 2 images or more (train has {len(train)}); give l2")
 
 
+# the share of test images found among the train images that makes a probe warn of leakage
+LEAK_FRACTION = 0.1
+
+
 def probe_sets(spec: ProbeSpecBase, context: TaskContext, train: LabelledImages | None = None
                ) -> tuple[LabelledImages, LabelledImages]:
     """The train (``train`` if given, e.g. as listed) and test sets of a probe-style spec,
     checked to have the same classes (a one-line error that names the keys, not the task:
     `TaskSpecBase.check`'s)."""
+    listed = train is not None  # its images not all decoded: compared by spec only
     train = context.labelled(spec.train, "train") if train is None else train
     test = context.labelled(spec.test, "test")
     try:
         check_same_classes(train, test, "-")
     except DataError as err:  # its message without the `where` (the caller names the task)
         raise DataError(str(err).removeprefix("-: ")) from None
+    same = spec.train is spec.test or (isinstance(spec.train, dict) and spec.train == spec.test)
+    shared = len(test) if same else 0 if listed else shared_images(train, test)
+    if shared and shared >= LEAK_FRACTION * len(test):  # a few copies: the data set's own
+        warn(f"{spec.name or spec.task}: {shared} of {len(test)} test images are also train "
+             "images (equal pixels): it is scored on images it learned from; give train and "
+             "test apart (digits and fashion-mnist: split: train and split: test)")
     return train, test
+
+
+def shared_images(train: LabelledImages, test: LabelledImages) -> int:
+    """How many ``test`` images equal a ``train`` image, pixel for pixel."""
+    if train.images.shape[1:] != test.images.shape[1:]:
+        return 0
+    seen = {_image_hash(image) for image in train.images}
+    return sum(_image_hash(image) in seen for image in test.images)
+
+
+def _image_hash(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(memoryview(image.contiguous().numpy()), digest_size=16).digest()
 
 
 def probe_features(model: DualEncoder, spec: ProbeSpecBase, context: TaskContext,
