@@ -195,3 +195,20 @@ def test_overwrite_removes_the_old_sets_files_and_nothing_else(tmp_path):
                  progress=False)
     assert {name: (sets / name).read_bytes() for name in mine} == mine
     assert not (sets / "00001.tar").exists() and (sets / "00000.tar").exists()
+
+
+def test_a_shard_deleted_while_index_reads_it_fails_its_items_not_the_run(tmp_path):
+    """`cliplab index` ended in a FileNotFoundError traceback (a caption read at listing)."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        write_tar(folder / name, [(k, {"png": _image(k), "txt": k.encode()}) for k in "abc"])
+    items = iter_items({"source": "shards", "path": str(folder)}, progress=False)
+    first = next(items)
+    (folder / "00000.tar").unlink()
+    rest = list(items)
+    assert first.caption == "a" and [item.caption for item in rest] == ["", "", "a", "b", "c"]
+    for item in rest[:2]:
+        with pytest.raises(FileNotFoundError):
+            item.read()
+    assert rest[2].read().size == (8, 8)

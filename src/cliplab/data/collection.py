@@ -400,18 +400,18 @@ def _tar_item(tar: Path, key: str, members: Members) -> Item:
     """The item of sample ``key`` of ``tar``: its image read from its byte range."""
     image = members.get(image_part(members) or "")  # the member training and eval read
     caption, meta = "", {}
-    if "txt" in members:
-        try:
+    try:
+        if "txt" in members:
             caption = txt_caption(read_range(tar, *members["txt"][:2]), f"{tar.name}:{key}")
-        except SkippedFile as err:
-            def bad(err=err):
-                raise err
-            return Item(f"{tar.name}:{key}", "", {"tar": str(tar), "offset": 0, "size": 0}, bad)
-    if "json" in members:
-        try:
-            meta = json.loads(read_range(tar, *members["json"][:2]))
-        except ValueError:
-            meta = {}
+        if "json" in members:
+            try:
+                meta = json.loads(read_range(tar, *members["json"][:2]))
+            except ValueError:
+                meta = {}
+    except (SkippedFile, OSError) as err:  # OSError: the shard gone or cut since it was listed
+        def bad(err=err):
+            raise err
+        return Item(f"{tar.name}:{key}", "", {"tar": str(tar), "offset": 0, "size": 0}, bad)
     meta = meta if isinstance(meta, dict) else {}
     if image is None:
         def fail(key=key):
