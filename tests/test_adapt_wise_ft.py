@@ -125,6 +125,14 @@ def test_run_sweeps_and_saves_the_best_model(tmp_path):
     assert "train_settings" not in again
     assert res["train_settings"]["steps"] == 4 and res["train_settings"]["lr"] == 3e-3
     assert (tmp_path / "out" / "best" / "head.safetensors").is_file()
+    # this run's folder holds two models (best/ and the fine-tune): as options.finetuned it is
+    # refused, naming both, where it gave the fine-tuned end without a word
+    with pytest.raises(ConfigError, match=(
+            rf"options.finetuned: {tmp_path / 'out'} is a WiSE-FT run folder, which holds two "
+            rf"models: give {tmp_path / 'out' / 'best'} \(the model at α=.*\) or "
+            rf"{res['finetuned']} \(the fine-tuned end, α=1\)")):
+        run(str(tmp_path / "base"), {**CFG, "options": {"finetuned": str(tmp_path / "out")}},
+            tmp_path / "refused")
     # the printed summary says which fine-tune was swept, and that this run trained nothing
     assert format_results(res).splitlines()[0] == (
         f"{res['train_size']} training images (all per class, seed 0), 540 test images")

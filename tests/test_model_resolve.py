@@ -72,6 +72,31 @@ def test_checkpoint_and_run_folders_resolve_to_the_newest_model(saved, tmp_path)
         load_model(str(adapters.path))
 
 
+def test_a_wise_ft_run_folder_is_refused_naming_its_best_and_its_fine_tuned_end(saved,
+                                                                                  tmp_path):
+    """Its newest checkpoint is the fine-tune (α=1): `--model RUN` scored that, not the model
+    at the α the run chose, without a word."""
+    run = RunDir(tmp_path / "wise", tensorboard=False)
+    run.atomic_checkpoint(6, lambda f: shutil.copytree(saved, f / "model"))
+    shutil.copytree(saved, run.path / "best")
+    run.write_json("results.json", {"method": "wise-ft", "best_alpha": 0.3,
+                                    "selected_on": "validation"})
+    with pytest.raises(ModelError, match=(
+            rf"^{run.path} is a WiSE-FT run folder, which holds two models: give "
+            rf"{run.path / 'best'} \(the model at α=0.3, chosen on validation\) or "
+            rf"{run.path / 'checkpoints' / 'step-6' / 'model'} \(the fine-tuned end, α=1\)$")):
+        load_model(str(run.path))
+    assert resolve_model_path(str(run.path / "best")) == run.path / "best"
+    assert resolve_model_path(str(run.path / "checkpoints" / "step-6")) == \
+        run.path / "checkpoints" / "step-6" / "model"
+    # one that swept a given fine-tune (no checkpoints of its own) names that one
+    given = RunDir(tmp_path / "given", tensorboard=False)
+    shutil.copytree(saved, given.path / "best")
+    given.write_json("results.json", {"best_alpha": 1, "finetuned": "ft/step-9/model"})
+    with pytest.raises(ModelError, match=r"\(the model at α=1\) or ft/step-9/model \(the "):
+        load_model(str(given.path))
+
+
 def test_a_run_that_never_finished_is_used_with_a_warning(saved, tmp_path, capsys):
     """A killed run's newest checkpoint (step 20 of 46) was scored, merged and reported as the
     run without a word; a finished run (results.json) is used quietly."""

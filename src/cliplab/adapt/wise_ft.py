@@ -33,11 +33,11 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import CliplabError, ConfigError, ModelError, warn
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
-from cliplab.models.resolve import is_hub_id, resolve_model_path
+from cliplab.models.resolve import WISE_FT_BEST, is_hub_id, resolve_model_path
 from cliplab.train.trainer import MODEL_DIR
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
-BEST_DIR = "best"
+BEST_DIR = WISE_FT_BEST  # a run folder holding it is refused as a model: it holds two
 __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_sweep"]
 
 

@@ -5,7 +5,8 @@ A model spec (`cliplab.models.spec.ModelSpec`) names, in the order tried:
 1. a preset (``tiny-clip``, ...), built fresh with the spec's ``options``;
 2. an existing path: a model folder (cliplab's, or a plain HF CLIP / SigLIP /
    VisionTextDualEncoder folder), a checkpoint folder (``…/checkpoints/step-N``, holding
-   ``model/``) or a run folder (its newest complete checkpoint);
+   ``model/``) or a run folder (its newest complete checkpoint; a WiSE-FT run's with
+   ``best/`` is refused, naming ``best/`` and the fine-tuned end);
    an OpenCLIP checkpoint (converted on the way in) or an ONNX export (`cliplab export
    --format onnx`: an `OnnxEncoder` with the same encode/preprocess face, for inference);
 3. a Hugging Face Hub id (``openai/clip-vit-base-patch32``), read from transformers' own cache
@@ -15,6 +16,7 @@ A model spec (`cliplab.models.spec.ModelSpec`) names, in the order tried:
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # an ONNX export loads as one (it embeds as a DualEncoder doe
     from cliplab.models.onnx_encoder import OnnxEncoder
 
 MODEL_DIR = "model"  # a checkpoint folder's model folder
+WISE_FT_BEST = "best"  # adapt wise-ft's options.save_best: the model at the chosen α
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
@@ -129,10 +132,14 @@ def not_a_folder(file: Path) -> ModelError:
 
 def model_folder(path: str | Path) -> Path:
     """The model folder behind ``path``: a model folder itself, a checkpoint folder (``…/step-N``,
-    holding ``model/``) or a run folder (its newest complete checkpoint)."""
+    holding ``model/``) or a run folder (its newest complete checkpoint). A WiSE-FT run folder
+    with ``best/`` is refused, naming its two models."""
     path = Path(path)
     if (path / MODEL_DIR).is_dir():
         return path / MODEL_DIR
+    if (path / WISE_FT_BEST / "config.json").is_file():
+        # its newest checkpoint is the fine-tuned end (α=1), not the model the run chose
+        raise ModelError(_wise_ft_run_choice(path))
     if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -155,6 +162,26 @@ def model_folder(path: str | Path) -> Path:
                          "before its first save, so there is nothing to resume; start the run "
                          "again (remove the folder or choose a new --out), or give a model")
     return path
+
+
+def _wise_ft_run_choice(run: Path) -> str:
+    """The error for a WiSE-FT run folder given as a model: it names the two models the run
+    holds, its best α's (``best/``) and the fine-tuned end."""
+    results: dict = {}
+    try:
+        loaded = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))
+        results = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass
+    alpha = results.get("best_alpha")
+    chosen = f"α={alpha:g}" if isinstance(alpha, (int, float)) else "the best α"
+    if isinstance(results.get("selected_on"), str):
+        chosen += f", chosen on {results['selected_on']}"
+    latest = latest_checkpoint(run)
+    end = (latest / MODEL_DIR if latest is not None
+           else results.get("finetuned") or f"{run / CHECKPOINTS}/step-N/{MODEL_DIR}")
+    return (f"{run} is a WiSE-FT run folder, which holds two models: give {run / WISE_FT_BEST} "
+            f"(the model at {chosen}) or {end} (the fine-tuned end, α=1)")
 
 
 def _partial_run_hint(run: Path, latest: Path) -> str:
