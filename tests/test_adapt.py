@@ -381,8 +381,37 @@ def test_linear_probe_l2_auto_fits_the_strength_a_validation_split_chooses(model
     x = (x - x.mean(0)) / x.std(0)
     chosen, _ = choose_l2(x, train.labels, 10, grid, seed=ctx.seed)
     assert adapter.options["l2"] == chosen and chosen in grid
+    assert adapter.options["l2_chosen_on"] == ("a random 20% of the training images "
+                                               "(no validation split)")
     weight, bias = fit_logistic(x, train.labels, 10, chosen)
     torch.testing.assert_close(adapter.weight, weight)
+
+
+def test_linear_probe_l2_auto_chooses_on_the_runs_validation_split(model, digits):
+    """With a validation split (val_shots, data.val) ``l2: auto`` chose on 20% of the few
+    training shots and left the split unused; now each strength is fitted on every training
+    shot and the best on the validation split is kept (ties: the stronger), as CoOp's
+    linear-probe baseline searches C, and its validation accuracy is recorded."""
+    from cliplab.evaluate.linear_probe import fit_logistic
+    train, test = digits
+    val = test.subset(torch.arange(30, 60))
+    grid = [1e-4, 1e-2, 10.0]
+    ctx = AdaptContext(FeatureCache(), val=val, progress=False)
+    adapter = get_method("linear-probe").fit(model, train, {"l2": "auto", "l2_grid": grid}, ctx)
+    x = ctx.features(model, train).embeddings.float()
+    mean, std = x.mean(0), x.std(0)
+    vx = (ctx.features(model, val).embeddings.float() - mean) / std
+
+    def val_acc(l2):
+        w, b = fit_logistic((x - mean) / std, train.labels, 10, l2)
+        return ((vx @ w + b).argmax(1) == val.labels).float().mean().item()
+
+    accs = {l2: val_acc(l2) for l2 in grid}
+    assert adapter.options["l2"] == max(grid, key=lambda l2: (accs[l2], l2))
+    assert adapter.options["l2_chosen_on"] == "validation"
+    own = (adapter.logits(ctx.features(model, val).embeddings).argmax(1) == val.labels)
+    assert adapter.options["val_acc1"] == pytest.approx(own.float().mean().item())
+    assert adapter.options["val_acc1"] == pytest.approx(max(accs.values()))
 
 
 @pytest.mark.parametrize("features", ["tokens", "layers"])

@@ -121,6 +121,12 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
         "set val_shots=0\n") and res["train_size"] == len(load_digits("train")) - 30
     run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)  # it searches
     assert warned(recwarn) == ""
+    # linear-probe's l2: auto chooses on the split (it was told "chooses nothing" and chose
+    # on 20% of the training shots)
+    res = run_adapt({**cfg, "method": "linear-probe", "options": {"l2": "auto"}},
+                    model=load_model(model_dir), progress=False, write=False)
+    assert warned(recwarn) == "" and res["options"]["l2_chosen_on"] == "validation"
+    assert 0 <= res["options"]["val_acc1"] <= 1
     with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
                        "classes in the same order; class 0 is 'zero' in data.train but "
                        "'t-shirt' in data.val"):

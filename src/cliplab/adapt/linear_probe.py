@@ -14,13 +14,14 @@ from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import (DEFAULT_PROBE_LAYERS, EXTRA_PROBES, ImageFeatures,
                                        image_blocks)
-from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, choose_l2, fit_logistic
+from cliplab.evaluate.linear_probe import DEFAULT_L2_GRID, accuracy, choose_l2, fit_logistic
 from cliplab.models.dual_encoder import DualEncoder
 
 
 class Options(Section):
     """``features``: which frozen features the probe reads; ``l2``: the penalty, or "auto" to
-    choose it from ``l2_grid`` on a validation split of the training features."""
+    choose it from ``l2_grid`` on the run's validation split (``val_shots`` / ``data.val``), or
+    without one on a random 20% of the training features, then fit on every training shot."""
 
     features: Literal["embeddings", "backbone", "tokens", "layers"] = "embeddings"
     l2: Annotated[float, Field(ge=0)] | Literal["auto"] = 1e-3
@@ -73,12 +74,38 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
     mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 sample: nan
     x = (x - mean) / std
     num_classes = len(train.classnames)
-    l2 = opts["l2"]
-    if l2 == "auto":
-        l2, _ = choose_l2(x, train.labels, num_classes, opts["l2_grid"], seed=ctx.seed)
-    weight, bias = fit_logistic(x, train.labels, num_classes, float(l2))
-    opts["l2"] = float(l2)
+    if opts["l2"] == "auto":
+        val_x = None
+        if ctx.val is not None:
+            val_x = (ctx.features(model, ctx.val, which if which in EXTRA_PROBES else None,
+                                  desc="encode val").get(which).float() - mean) / std
+        opts.update(search_l2(x, train.labels, val_x, ctx.val.labels if ctx.val else None,
+                              num_classes, opts["l2_grid"], ctx.seed))
+    opts["l2"] = float(opts["l2"])
+    weight, bias = fit_logistic(x, train.labels, num_classes, opts["l2"])
     return LinearProbe(model, train.classnames, opts, mean, std, weight, bias)
+
+
+def search_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor | None,
+              val_y: torch.Tensor | None, num_classes: int, grid: list[float], seed: int
+              ) -> dict:
+    """``{"l2", "l2_chosen_on", ["val_acc1"]}``: the strength of ``grid`` whose fit on all of
+    ``x`` scores best on the validation features (ties: the stronger), as CoOp's linear-probe
+    baseline searches C; without them, chosen on a seeded 20% of ``x`` (`choose_l2`)."""
+    if val_x is None or val_y is None:
+        l2, _ = choose_l2(x, y, num_classes, grid, seed=seed)
+        return {"l2": l2, "l2_chosen_on": "a random 20% of the training images "
+                "(no validation split)"}
+    # each fit from zeros, as the final one is: val_acc1 is then the chosen probe's own
+    scores = {l2: accuracy(val_x, val_y, fit_logistic(x, y, num_classes, float(l2)))
+              for l2 in grid}
+    best = max(grid, key=lambda l2: (scores[l2], l2))
+    return {"l2": best, "l2_chosen_on": "validation", "val_acc1": scores[best]}
+
+
+def uses_validation(options: Options) -> bool:
+    """``l2: auto`` chooses the penalty on the validation split."""
+    return options.l2 == "auto"
 
 
 ADAPTER = LinearProbe
