@@ -225,3 +225,54 @@ def test_results_record_the_whole_train_settings_that_ran(method, lr, weight_dec
     from cliplab.evaluate.report_inputs import result_sections
 
     assert set(result_sections(written)) == {"test", "params", "run"}
+
+
+def test_a_stopped_finetune_run_is_removed_before_its_first_checkpoint_and_said_after(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM during training left config.yaml, metrics.jsonl and events, which
+    refused the same --out again (adapt cannot resume): now a run stopped before its first
+    checkpoint is removed as half-built (in a folder that was there, what it logged), and one
+    with checkpoints is kept, saying so."""
+    from cliplab.runs import RunDir, latest_checkpoint
+
+    small_model().save(tmp_path / "base")
+    cfg = {"method": "finetune", "model": str(tmp_path / "base"),
+           "data": {"train": {"source": "digits", "split": "train"},
+                    "test": {"source": "digits", "split": "test"}},
+           "shots": 0, "train_size": 64, "compare_zeroshot": False,
+           "options": {"train": {"steps": 4, "batch_size": 16, "log_every": 1,
+                                 "save_every": 2}}}
+    real_log = RunDir.log
+
+    def stop_at(step):  # the Trainer logs its record, then the user presses Ctrl-C
+        def log(self, record):
+            real_log(self, record)
+            if record.get("step") == step:
+                raise KeyboardInterrupt
+        return log
+
+    monkeypatch.setattr(RunDir, "log", stop_at(1))
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(KeyboardInterrupt):
+            run_adapt({**cfg, "out": str(out)}, progress=False)
+        if out.name == "new":
+            assert not out.exists()
+        else:  # the user's folder stays, with what the next run into it may keep
+            assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+        assert capsys.readouterr().err == ""
+    monkeypatch.setattr(RunDir, "log", stop_at(3))
+    out = tmp_path / "kept"
+    with pytest.raises(KeyboardInterrupt):
+        run_adapt({**cfg, "out": str(out)}, progress=False)
+    assert latest_checkpoint(out).name == "step-2"
+    assert capsys.readouterr().err == (
+        f"adapt: stopped; {out} keeps its checkpoints up to step-2 (each "
+        "checkpoints/step-N/model is a model folder), but adapt does not resume a run, so that "
+        "--out is refused: remove it or choose another\n")
+    monkeypatch.setattr(RunDir, "log", real_log)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_adapt({**cfg, "out": str(out)}, progress=False)
+    res = run_adapt({**cfg, "out": str(tmp_path / "empty")}, progress=False)  # accepted
+    assert (tmp_path / "empty" / "results.json").is_file() and res["train_size"] == 64

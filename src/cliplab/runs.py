@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -186,6 +187,41 @@ def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
                 {p.name for p in path.iterdir()} <= set(STARTED_FILES):
             shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
         raise
+
+
+@contextmanager
+def removed_unless_checkpointed(path: str | Path, existed: bool, command: str
+                                ) -> Iterator[None]:
+    """`removed_if_unstarted`, and for a ``command`` that cannot resume a run: stopped
+    (Ctrl-C, SIGTERM) before its first complete checkpoint, what the run wrote is removed (the
+    folder, or in a folder that was there before, its logs beside config.yaml), so its --out
+    takes the same command again; stopped after one, the folder is kept and said on stderr."""
+    try:
+        with removed_if_unstarted(path, existed):
+            yield
+    except KeyboardInterrupt:
+        path = Path(path)
+        if path.is_dir():
+            _after_stop(path, existed, command)
+        raise
+
+
+def _after_stop(run: Path, existed: bool, command: str) -> None:
+    """A stopped, non-resumable run folder: removed as half-built, or kept (with checkpoints)
+    and said."""
+    newest = latest_checkpoint(run)
+    if newest is not None:
+        print(f"{command}: stopped; {run} keeps its checkpoints up to {newest.name} (each "
+              f"{CHECKPOINTS}/step-N/model is a model folder), but {command} does not resume a "
+              "run, so that --out is refused: remove it or choose another", file=sys.stderr)
+    elif not existed:
+        shutil.rmtree(run, ignore_errors=True)
+    else:  # the user's folder: only what the run logged goes, its config.yaml may stay
+        for item in [run / METRICS_FILE, run / CHECKPOINTS, *run.glob("events.out.tfevents.*")]:
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            elif item.exists():
+                item.unlink()
 
 
 def _wait_to_name_events_after(folder: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import load_model, model_record, resolve_model_path
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
-from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
+from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_unless_checkpointed
 
 
 def checked_config(cfg: AdaptConfig | dict, where: str = "the adapt config"
@@ -243,28 +244,31 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     short = dict(classes_with_fewer(train.labels, train.classnames, shots or 0)) if trains else {}
     if short:  # "shots per class" is untrue of these: each trained on what it has
         results["fewer_than_shots"] = short
-    zeroshot = None
-    if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
-        zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
-                            TaskContext(cache=cache, progress=progress))
-    with removed_if_unstarted(run.path if run else "", existed):
+    # stopped before its first checkpoint, a run is half-built: adapt cannot resume it
+    stop_guard = (removed_unless_checkpointed(run.path, existed, "adapt") if run is not None
+                  else nullcontext())
+    with stop_guard:
+        zeroshot = None
+        if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
+            zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
+                                TaskContext(cache=cache, progress=progress))
         adapter: Adapter = method.fit(model, train, options, ctx)
-    scores = adapter.score(sets, cache, progress)
-    if run is not None:
-        adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
-                                      "seed": cfg.seed, "train_size": results["train_size"]})
-    results.update(options=adapter.options, **scores)
-    if zeroshot is not None:
-        results["zeroshot"] = zeroshot
-    results.update(adapter.summary())
-    if adapter.trained_with is not None:
-        results["train_settings"] = adapter.trained_with
-    if skipped:
-        results["skipped"] = skipped
-    results["wall_time_s"] = round(time.time() - start, 1)
-    if run is not None:
-        run.write_json("results.json", results)
-        results["out"] = str(run.path)
+        scores = adapter.score(sets, cache, progress)
+        if run is not None:
+            adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
+                                          "seed": cfg.seed, "train_size": results["train_size"]})
+        results.update(options=adapter.options, **scores)
+        if zeroshot is not None:
+            results["zeroshot"] = zeroshot
+        results.update(adapter.summary())
+        if adapter.trained_with is not None:
+            results["train_settings"] = adapter.trained_with
+        if skipped:
+            results["skipped"] = skipped
+        results["wall_time_s"] = round(time.time() - start, 1)
+        if run is not None:
+            run.write_json("results.json", results)
+            results["out"] = str(run.path)
     results["adapter"] = adapter
     return results
 
