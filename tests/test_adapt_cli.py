@@ -75,6 +75,44 @@ def test_few_shot_split_is_disjoint_and_seeded():
     assert not any(bytes(x.numpy()) in rest_rows for x in val.images)
 
 
+def test_data_val_of_the_training_data_passes_over_the_shots(recwarn):
+    """data.val: data.train's spec drew validation images among the training shots (18 of
+    160 at 16 shots); now it is drawn as val_shots from data.train are, apart from them. A
+    data.val reading the same files under other options, or all of a shots=0 training set,
+    is told."""
+    from cliplab.adapt import get_method
+    from cliplab.adapt.run import checked_config, draw_sets
+
+    spec = {"source": "digits", "split": "train"}
+    cfg = {"method": "tip-adapter", "model": "tiny-clip", "shots": 16, "val_shots": 16,
+           "seed": 1, "data": {"train": spec, "test": {"source": "digits", "split": "test"},
+                               "val": dict(spec)}, "options": {"search": True}}
+
+    def drawn(config):
+        checked, options = checked_config(config)
+        return draw_sets(checked, get_method("tip-adapter"), options, False, None)
+
+    train, val, _, _ = drawn(cfg)
+    want_train, want_val = few_shot_split(load_digits("train"), 16, 16, seed=1)
+    assert torch.equal(train.images, want_train.images)
+    assert torch.equal(val.images, want_val.images) and len(val) == 160
+    # val_shots=0: all of it but the shots
+    _, rest, _, _ = drawn({**cfg, "val_shots": 0})
+    assert len(rest) == len(load_digits("train")) - 160
+    assert warned(recwarn) == ""
+    drawn({**cfg, "data": {**cfg["data"], "val": {**spec, "shift": "noise:0.1"}}})
+    assert warned(recwarn) == (
+        "adapt: data.val reads the same data as data.train (digits train): its validation "
+        "draw may hold training shots; leave data.val out to draw val_shots apart from the "
+        "shots, or give it other images\n")
+    drawn({**cfg, "shots": 0})
+    assert "every validation image is a training image" in warned(recwarn)
+
+
+ORACLE = ("adapt: data.val is data.test, so what is chosen on validation is chosen on the "
+          "reported test set and its numbers are optimistic; give data.val other images\n")
+
+
 def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
     """``data.val``: the search's validation split comes from that set (``val_shots`` per
     class of it), never from the shots' pool."""
@@ -109,7 +147,7 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
                                    f"with these options, so its 30 images{told}")
     res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0},
                     model=load_model(model_dir), progress=False, write=False)
-    assert warned(recwarn) == (
+    assert warned(recwarn) == ORACLE + (
         "adapt: linear-probe chooses nothing on a validation split with these "
         f"options, so its {res['val_size']} images (data.val) go unused\n")
     res = run_adapt({**cfg, "method": "linear-probe", "options": {}, "shots": 0, "data": {
@@ -120,12 +158,12 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
         "options, so its 30 images (val_shots=3) go unused, and are not trained on either; "
         "set val_shots=0\n") and res["train_size"] == len(load_digits("train")) - 30
     run_adapt(cfg, model=load_model(model_dir), progress=False, write=False)  # it searches
-    assert warned(recwarn) == ""
+    assert warned(recwarn) == ORACLE  # data.val here is data.test's spec
     # linear-probe's l2: auto chooses on the split (it was told "chooses nothing" and chose
     # on 20% of the training shots)
     res = run_adapt({**cfg, "method": "linear-probe", "options": {"l2": "auto"}},
                     model=load_model(model_dir), progress=False, write=False)
-    assert warned(recwarn) == "" and res["options"]["l2_chosen_on"] == "validation"
+    assert warned(recwarn) == ORACLE and res["options"]["l2_chosen_on"] == "validation"
     assert 0 <= res["options"]["val_acc1"] <= 1
     with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
                        "classes in the same order; class 0 is 'zero' in data.train but "
@@ -296,9 +334,9 @@ def test_adapt_refuses_a_class_left_without_training_images_and_tells_short_ones
     for val in ([], [f"data.val={{source: image-folder, path: {pets}}}"]):
         assert main(["adapt", "--method", "linear-probe", *data, *val, "shots=1", "val_shots=4",
                      "--out", str(tmp_path / f"val{len(val)}")]) == 0
-        left = 2 if not val else 3  # one shot of each class is not drawn for validation
-        assert (f"cliplab: warning: adapt: 2 class(es) have fewer than val_shots=4 validation "
-                f"images and validate on what they have (cat={left}, dog={left})"
+        # the shot of each class is not drawn for validation (data.val: data.train's spec)
+        assert ("cliplab: warning: adapt: 2 class(es) have fewer than val_shots=4 validation "
+                "images and validate on what they have (cat=2, dog=2)"
                 ) in capsys.readouterr().err
 
 

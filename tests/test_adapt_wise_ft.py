@@ -219,6 +219,20 @@ def test_alpha_is_chosen_on_the_validation_split_not_on_the_reported_sets(tmp_pa
     # a validation split drawn from data.train, beside a fine-tune that may have trained on it
     assert ("adapt: the validation split (val_shots) is drawn from data.train, which the "
             "given fine-tune (options.finetuned) may have trained on") in err
+    # data.val given as data.test's spec was recorded as "validation": now an oracle's choice
+    warned(recwarn)
+    oracle = run(str(tmp_path / "base"), {
+        **CFG, "val_shots": 0, "data": {**CFG["data"], "val": {"source": "digits",
+                                                               "split": "test"}},
+        "options": {"alphas": [0, 0.5, 1], "finetuned": res["finetuned"]}}, tmp_path / "oracle")
+    assert oracle["selected_on"] == ("validation, which is data.test (the reported set, so its "
+                                     "numbers are optimistic)")
+    assert format_results(oracle).splitlines()[-1].endswith(
+        "chosen on validation, which is data.test (the reported set, so its numbers are "
+        "optimistic)")
+    assert warned(recwarn) == (
+        "adapt: data.val is data.test, so what is chosen on validation is chosen on the "
+        "reported test set and its numbers are optimistic; give data.val other images\n")
     with pytest.raises(ConfigError, match="unknown shift 'fog'"):
         run(str(tmp_path / "base"), {**cfg, "options": {"val_shift": "fog"}}, tmp_path / "o")
     # val_shift without a validation split shifted nothing, silently

@@ -42,9 +42,10 @@ O = TypeVar("O", bound=Section)
 class AdaptContext:
     """What a method may use besides its model, data and options: the shared feature cache,
     a validation split (for hyper-parameter search), the seed, whether to show progress, the
-    run folder (methods that train weights write their checkpoints there; None: nowhere) and
+    run folder (methods that train weights write their checkpoints there; None: nowhere),
     the name the model was given by (recorded as the pretrained origin of what is written;
-    None: the folder it was loaded from, see `origin`)."""
+    None: the folder it was loaded from, see `origin`) and what a choice made on ``val`` is
+    recorded as being made on (``val_label``)."""
 
     cache: FeatureCache
     val: LabelledImages | None = None
@@ -52,6 +53,7 @@ class AdaptContext:
     progress: bool = True
     run: RunDir | None = None
     model_name: str | None = None
+    val_label: str = "validation"
 
     def origin(self, model: DualEncoder) -> str | None:
         """The base recorded in what a method writes: ``model_name``, else the folder

@@ -4,6 +4,7 @@ write what was learned, ``config.yaml`` and ``results.json``."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
-from cliplab.data.sources import as_labelled, load_source
+from cliplab.data.sources import PATH_OPTIONS, as_labelled, load_source, source_loader
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError, errors_naming, warn
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -149,6 +150,71 @@ def draw_validation(cfg: AdaptConfig, val: LabelledImages | ListedImages | ShotD
     return draws.listed.data
 
 
+def filled_spec(spec: dict | None) -> dict | None:
+    """``spec`` with its source's defaults filled in, None values left out and its path or
+    root resolved, so two specs of the same data compare equal (None: a streamed shard spec,
+    or none)."""
+    if not isinstance(spec, dict) or "source" not in spec:
+        return None
+    params = inspect.signature(source_loader(spec["source"])).parameters.values()
+    filled = {p.name: p.default for p in params if p.default not in (p.empty, None)}
+    filled.update({key: value for key, value in spec.items() if value is not None})
+    for key in PATH_OPTIONS:
+        if isinstance(filled.get(key), str):
+            filled[key] = str(Path(filled[key]).expanduser().resolve())
+    return filled
+
+
+def same_source(a: dict | None, b: dict | None) -> bool:
+    """Whether specs ``a`` and ``b`` (`filled_spec`) read the same files: source, split and
+    path or root alike, whatever their other options."""
+    keys = ("source", "split", *PATH_OPTIONS)
+    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
+def val_label(cfg: AdaptConfig) -> str:
+    """What a choice made on the validation split is recorded as made on: the reported test
+    set when ``data.val`` is ``data.test``'s spec."""
+    val = filled_spec(cfg.data.val)
+    if val is not None and val == filled_spec(cfg.data.test):
+        return "validation, which is data.test (the reported set, so its numbers are optimistic)"
+    return "validation"
+
+
+def warn_validation_overlap(cfg: AdaptConfig, apart: bool) -> None:
+    """One line on stderr when ``data.val`` is ``data.test`` (choices are made on the reported
+    set) or overlaps ``data.train`` where the drawn shots could not be kept out of it
+    (``apart``: they were)."""
+    val = filled_spec(cfg.data.val)
+    if val is not None and val == filled_spec(cfg.data.test):
+        warn("adapt: data.val is data.test, so what is chosen on validation is chosen on the "
+             "reported test set and its numbers are optimistic; give data.val other images")
+    train = filled_spec(cfg.data.train)
+    if apart or not same_source(val, train):
+        return
+    why = ("the run trains on all of data.train (shots=0), so every validation image is a "
+           "training image" if val == train and not cfg.shots else
+           "its validation draw may hold training shots")
+    warn(f"adapt: data.val reads the same data as data.train ({train['source']}"
+         f"{' ' + str(train['split']) if train.get('split') else ''}): {why}; leave data.val "
+         "out to draw val_shots apart from the shots, or give it other images")
+
+
+def validation_apart(cfg: AdaptConfig, draws: ShotDraws) -> LabelledImages:
+    """The validation split of a ``data.val`` that is ``data.train``'s very spec, drawn from
+    the training listing with the drawn shots passed over (as `few_shot_split` draws
+    ``val_shots`` from data.train): ``val_shots`` per class, or all the rest with 0."""
+    taken = torch.zeros(len(draws.listed), dtype=torch.bool)
+    taken[draws.indices(int(cfg.shots), cfg.seed)] = True
+    if bool((taken | draws.unreadable).all()):
+        raise DataError("data.val is data.train, and its shots leave no image for validation; "
+                        "lower shots, or give data.val other images")
+    if cfg.val_shots:
+        return draws.draw(int(cfg.val_shots), cfg.seed + 1, exclude=taken,
+                          label="draw data.val val_shots")[0]
+    return draws.listed.data.subset((~(taken | draws.unreadable)).nonzero().flatten())
+
+
 def load_sets(cfg: AdaptConfig, progress: bool = True,
               model_input: PreprocessConfig | None = None
               ) -> tuple[LabelledImages | ListedImages, dict[str, LabelledImages]]:
@@ -226,7 +292,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
 
     torch.manual_seed(cfg.seed)
     ctx = AdaptContext(cache=cache, val=val, seed=cfg.seed, progress=progress, run=run,
-                       model_name=given)
+                       model_name=given, val_label=val_label(cfg))
     model_name = ctx.origin(model) or "(given model)"
     # a preset is its name and its options (tiny-clip with embed_dim 64 is another model)
     built = {"model_options": cfg.model.options} if cfg.model is not None and \
@@ -310,7 +376,13 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
     val_draws = ShotDraws(own_val, progress) if own_val is not None else None
     train, val = few_shot_split(train_draws, cfg.shots,
                                 0 if own_val is not None else cfg.val_shots, cfg.seed)
-    if val_draws is not None:
+    # data.val of data.train's very spec: drawn apart from the shots, as val_shots are
+    apart = bool(cfg.shots) and own_val is not None and \
+        filled_spec(cfg.data.val) == filled_spec(cfg.data.train)
+    warn_validation_overlap(cfg, apart)
+    if apart:
+        val, val_draws = validation_apart(cfg, train_draws), None
+    elif val_draws is not None:
         val = draw_validation(cfg, val_draws)
     skipped = report_skips(cfg, {"train": train_draws, **sets,
                                  **({"val": val_draws} if val_draws is not None else {})})
@@ -323,8 +395,12 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
              f"options, so its {len(val)} images (" + ("data.val" if own_val is not None else
              f"val_shots={cfg.val_shots}") + ") go unused" + (
                  ", and are not trained on either; set val_shots=0" if held_out else ""))
-    if own_val is None and cfg.val_shots and getattr(options, "finetuned", None):
-        warn("adapt: the validation split (val_shots) is drawn from data.train, which the "
+    from_train = own_val is None and cfg.val_shots or \
+        same_source(filled_spec(cfg.data.val), filled_spec(cfg.data.train))
+    if from_train and getattr(options, "finetuned", None):
+        split = ("the validation split (val_shots) is drawn from data.train" if own_val is None
+                 else "data.val reads the same data as data.train")
+        warn(f"adapt: {split}, which the "
              "given fine-tune (options.finetuned) may have trained on: a choice made on "
              "images it has seen favours it; give data.val with images it was not trained on")
     train = subsample(train, cfg.train_size, cfg.seed)

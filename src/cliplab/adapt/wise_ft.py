@@ -152,9 +152,10 @@ class WiseFT(Adapter):
 
     def __init__(self, model: DualEncoder, classnames, options: dict, zs_head: ClassifierHead,
                  finetuned: DualEncoder, ft_head: ClassifierHead, ft_dir: Path | None,
-                 base_path: str, fingerprint: str, val: LabelledImages | None = None):
+                 base_path: str, fingerprint: str, val: LabelledImages | None = None,
+                 val_label: str = "validation"):
         super().__init__(model, classnames, options)
-        self.val = val
+        self.val, self.val_label = val, val_label
         self.zs_head, self.finetuned, self.ft_head, self.ft_dir = zs_head, finetuned, ft_head, \
             ft_dir
         self.base_path, self.fingerprint = base_path, fingerprint
@@ -204,8 +205,8 @@ class WiseFT(Adapter):
             chosen_from = wise_ft_sweep(self.model, self.zs_head.weight, self.finetuned,
                                         self.ft_head.weight, val_sets, self.options["alphas"],
                                         progress)
-            extra = {"selected_on": "validation" + (f" + {self.options['val_shift']}"
-                                                    if self.options["val_shift"] else ""),
+            extra = {"selected_on": self.val_label + (f" + {self.options['val_shift']}"
+                                                      if self.options["val_shift"] else ""),
                      "validation_sweep": chosen_from}
         if self.options["select"] == "shifted" and "shifted" not in chosen_from[0]:
             extra["selected_by"] = "test (select=shifted, but no shifted set to choose on)"
@@ -263,7 +264,7 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
                           f"data.train's {train.classnames}")
     adapter = WiseFT(model, train.classnames, opts.to_dict(),
                      zeroshot_classifier_head(model, train), finetuned, ft_head, ft_dir,
-                     ctx.origin(model), fingerprint, ctx.val)
+                     ctx.origin(model), fingerprint, ctx.val, ctx.val_label)
     adapter.trained_with = None if opts.finetuned else \
         settings_that_ran(train_cfg, trainer.precision)
     return adapter
