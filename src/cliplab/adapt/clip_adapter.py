@@ -3,8 +3,9 @@
     f' = ratio * MLP(f) + (1 - ratio) * f,     MLP(f) = ReLU(W2 ReLU(W1 f))   (no biases)
 
 and logits = logit scale x cos(f', text classifier). Only the MLP trains (cross-entropy on the
-k-shot features); the residual ratio keeps the zero-shot knowledge (ratio 0 is the zero-shot
-head exactly). Reduction 4 and ratio 0.2 are the paper's defaults.
+cached features of the un-augmented k shots; the paper's code crops and flips them every
+epoch); the residual ratio keeps the zero-shot knowledge (ratio 0 is the zero-shot head
+exactly). Reduction 4 and ratio 0.2 are the paper's defaults.
 """
 
 from __future__ import annotations

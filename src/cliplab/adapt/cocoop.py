@@ -5,8 +5,9 @@ per-image shift from a small meta-net, so the prompts adapt to each image.
 
 on the unit image embedding x. Context and meta-net train, both towers stay frozen. Every
 image gets its own C prompts, so training and inference run the text tower C times per image
-(the method's known cost). The paper's setting: SGD lr 0.002, batch 1, 10 epochs, init "a
-photo of a".
+(the method's known cost). The paper's optimiser settings (SGD lr 0.002, batch 1, 10 epochs,
+init "a photo of a"), on the cached features of the un-augmented shots, where the paper
+augments each image every epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the pr
 
 class Options(CoOpOptions):
     """CoOp's options plus the meta-net's width divisor and the images per prompt batch at
-    inference; the paper trains 10 epochs at batch 1."""
+    inference; the paper trains 10 epochs at batch 1 (on augmented images; here on the cached
+    un-augmented ones)."""
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(1, ge=1)

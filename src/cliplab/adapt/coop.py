@@ -5,8 +5,9 @@ word embeddings (`DualEncoder.token_embedding` / `encode_text_embeddings`); only
 vectors train, both towers stay frozen. The context is shared by all classes (``unified``) or
 one per class (``class_specific``), initialised from the word embeddings of ``init`` (e.g. "a
 photo of a", so before training the prompts are exactly "a photo of a <class>.") or at random
-(std 0.02; one draw per class when class-specific) when ``init`` is empty. Optimisation as the
-paper: SGD lr 0.002, momentum 0.9, cosine schedule, batch 32.
+(std 0.02; one draw per class when class-specific) when ``init`` is empty. The paper's
+optimiser settings (SGD lr 0.002, momentum 0.9, cosine schedule, batch 32), but on the cached
+features of the un-augmented shots: the paper crops and flips each image anew every epoch.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ NEEDS_PYTORCH_MODEL = "it back-propagates through the text tower to learn the pr
 class Options(TrainingOptions):
     """``init``: the words the context starts from ("" : ``n_ctx`` random vectors);
     ``class_specific``: one context per class; ``names``: class names or prompt names after
-    the context. The paper's optimisation: SGD lr 0.002, batch 32; ``warmup`` counts steps of
-    linear warm-up (1: none) — the paper's first epoch at a constant 1e-5 is not reproduced
-    (every result of `benchmarks/papers.py` was measured so)."""
+    the context. The paper's optimiser: SGD lr 0.002, batch 32 (without its augmentation: the
+    shots' features are cached once); ``warmup`` counts steps of linear warm-up (1: none) — the
+    paper's first epoch at a constant 1e-5 is not reproduced (every result of
+    `benchmarks/papers.py` was measured so)."""
 
     init: str = "a photo of a"
     n_ctx: int = Field(4, ge=1)
