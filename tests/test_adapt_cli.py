@@ -109,6 +109,24 @@ def test_data_val_of_the_training_data_passes_over_the_shots(recwarn):
     assert "every validation image is a training image" in warned(recwarn)
 
 
+def test_a_train_size_above_the_drawn_set_is_told(model_dir, recwarn):
+    """train_size above the images drawn did nothing, without a word (the shipped configs'
+    6000 on digits' 1257); now one line says all of them are used."""
+    from cliplab.adapt.run import run_adapt
+
+    cfg = {"method": "zeroshot", "shots": 4, "seed": 1, "compare_zeroshot": False,
+           "data": {"train": {"source": "digits", "split": "train"},
+                    "test": {"source": "digits", "split": "test"}}}
+    res = run_adapt({**cfg, "train_size": 1000}, model=load_model(model_dir), progress=False,
+                    write=False)
+    assert res["train_size"] == 40
+    assert warned(recwarn) == ("adapt: train_size=1000 is more than the 40 training images "
+                               "drawn, so all 40 are used\n")
+    run_adapt({**cfg, "train_size": 40}, model=load_model(model_dir), progress=False,
+              write=False)
+    assert warned(recwarn) == ""
+
+
 ORACLE = ("adapt: data.val is data.test, so what is chosen on validation is chosen on the "
           "reported test set and its numbers are optimistic; give data.val other images\n")
 

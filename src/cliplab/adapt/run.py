@@ -403,6 +403,10 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
         warn(f"adapt: {split}, which the "
              "given fine-tune (options.finetuned) may have trained on: a choice made on "
              "images it has seen favours it; give data.val with images it was not trained on")
+    if cfg.train_size is not None and cfg.train_size > len(train) and \
+            not getattr(options, "finetuned", None):  # a given fine-tune: nothing trains
+        warn(f"adapt: train_size={cfg.train_size} is more than the {len(train)} training images "
+             f"drawn, so all {len(train)} are used")
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if lost:  # a random subset of the few-shot set can miss whole classes
