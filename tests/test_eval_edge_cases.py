@@ -17,6 +17,7 @@ from cliplab.evaluate.few_shot import few_shot
 from cliplab.evaluate.linear_probe import linear_probe, standardize
 from cliplab.evaluate.suite import run_suite, run_task, suite_spec
 from cliplab.evaluate.tasks import TaskContext
+from tests.warned import warned
 
 DIGITS = {"source": "digits", "split": "test"}
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -252,7 +253,7 @@ def test_cliplab_eval_names_the_suite_file_for_layers_beyond_the_blocks(tiny_mod
 
 def test_retrieval_refuses_a_k_given_at_or_above_the_candidates(tiny_model, monkeypatch):
     """A ``ks`` that ranks every image for a caption (or every caption for an image) is
-    refused; the default ks on a small set is capped, as before."""
+    refused."""
     calls = record_encodes(monkeypatch)
     data = {"source": "shapes", "n": 5, "image_size": 32}
     # 5 images, 14 captions
@@ -263,14 +264,36 @@ def test_retrieval_refuses_a_k_given_at_or_above_the_candidates(tiny_model, monk
         run(tiny_model, GOOD, {"name": "ret", "task": "retrieval", "data": data,
                                "ks": [1, 10, 100]})
     assert calls == []
-    default = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data})
-    assert default["ret"]["image_retrieval_recall@10"] == 1.0
-    # below 10 candidates both ways the default ks run too (capped), where given ones do not
     few = {"source": "shapes", "n": 2, "image_size": 32}
-    assert run(tiny_model, {"name": "ret", "task": "retrieval", "data": few}
-               )["ret"]["text_retrieval_recall@10"] == 1.0
     with pytest.raises(ConfigError, match=r"ks: 10 ranks all 2 images"):
         run(tiny_model, {"name": "ret", "task": "retrieval", "data": few, "ks": [1, 10]})
+
+
+def test_default_retrieval_ks_leave_out_the_ks_at_or_above_the_images(tiny_model, recwarn):
+    """The default ks [1, 5, 10] on 5 images report recall@1 only (recall@5 and @10 would
+    rank every image: 1.0 whatever the model), with one warning naming the two left out."""
+    data = {"source": "shapes", "n": 5, "image_size": 32}
+    out = run(tiny_model, {"name": "ret", "task": "retrieval", "data": data})["ret"]
+    assert sorted(out) == ["image_retrieval_recall@1", "n_images", "n_texts",
+                           "text_retrieval_recall@1"]
+    assert warned(recwarn) == (
+        "ret: recall@5, recall@10 not reported (either way): of the default ks [1, 5, 10], "
+        "those of 5 or more rank all 5 images of data (image_retrieval_recall@5 would be 1.0 "
+        "whatever the model)\n")
+    six = {"source": "shapes", "n": 6, "image_size": 32}
+    out = run(tiny_model, {"name": "ret", "task": "retrieval", "data": six})["ret"]
+    assert [k for k in out if "@" in k] == [f"{d}_retrieval_recall@{k}" for k in (1, 5)
+                                           for d in ("image", "text")]
+    assert warned(recwarn).startswith("ret: recall@10 not reported (either way): ")
+    # over 10 images or more, nothing is left out and nothing is said
+    ten = {"source": "shapes", "n": 11, "image_size": 32}
+    out = run(tiny_model, {"name": "ret", "task": "retrieval", "data": ten})["ret"]
+    assert "image_retrieval_recall@10" in out and warned(recwarn) == ""
+    one = {"source": "shapes", "n": 1, "image_size": 32}
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'ret'\): data holds 1 image: "
+                                          r"every recall@k would be 1.0 whatever the model; "
+                                          r"give data of more images$"):
+        run(tiny_model, {"name": "ret", "task": "retrieval", "data": one})
 
 
 def test_retrieval_accepts_ks_below_the_images_and_refuses_the_images(tiny_model):
