@@ -42,8 +42,9 @@ def test_draws_decode_only_the_largest_shots_and_score_as_the_whole_set(
     want = run_suite(tiny_model, suite, TaskContext(progress=False))
     assert len([f for f in decodes if "/train/" in f]) == 42
     assert got.keys() == want.keys() and set(got["fs"]) == {
-        f"{m}_{k}shot" for m in ("ncm", "linear_probe") for k in (1, 3)}
-    for key, value in want["fs"].items():
+        f"{m}_{k}shot" for m in ("ncm", "linear_probe") for k in (1, 3)} | {"n"}
+    assert got["fs"]["n"] == want["fs"]["n"] == 12  # the test images, 3 per class
+    for key, value in {k: v for k, v in want["fs"].items() if k != "n"}.items():
         assert got["fs"][key]["acc1_per_seed"] == pytest.approx(value["acc1_per_seed"], abs=1e-6)
 
 

@@ -111,6 +111,7 @@ def test_suite_long_tail_task(tmp_path, tiny_model, recwarn):
         {"red": 2, "green": 1, "blue": 1, "white": 0}
     assert out["zero_frequency"]["classes"] == ["white"]
     assert out["fit"]["n_classes"] == 3 and out["n_train_samples"] == 4
+    assert out["n"] == 64  # the test images the accuracies are over
     # frequencies 2, 1, 1 span log10(2) = 0.30 decade: the slope is told to say little
     fit = out["fit"]
     assert fit["decades"] == pytest.approx(math.log10(2))

@@ -102,7 +102,7 @@ def test_suite_multilabel_task_matches_sklearn(tiny_model):
     expected = average_precision_score(data.targets[:, present].numpy(),
                                        scores[:, present].numpy(), average="macro")
     assert out["mean_average_precision"] == pytest.approx(expected, abs=1e-5)
-    assert out["n_classes"] == int(present.sum())
+    assert out["n_classes"] == int(present.sum()) and out["n"] == 40  # images scored
     # a head given to the suite scores the task, and the results say which
     from cliplab.evaluate.tasks.base import LinearHead
 

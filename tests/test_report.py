@@ -461,6 +461,19 @@ def test_a_few_shot_task_whose_data_skipped_samples_still_gets_its_plot(tmp_path
     assert "| skipped.total | 2 |" in md
 
 
+def test_a_few_shot_task_gets_its_plot_and_a_row_of_its_test_images(tmp_path):
+    """A few-shot result says how many test images it is over (``n``): its table shows the
+    count beside the accuracies and its plot draws the accuracies only."""
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"results": {"fs": {**_few_shot(0.5), "n": 540}}}))
+    assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
+                 str(res)]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    plot = tmp_path / "out" / "plots" / "few-shot-fs.png"
+    assert "(plots/few-shot-fs.png)" in md and _blue_pixels(plot) > 20
+    assert "| n | 540 |" in md
+
+
 def test_few_shot_curves_run_in_order_of_shots(tmp_path, monkeypatch):
     """Results keyed 16, 1, 4 shots drew a zig-zag."""
     import matplotlib.axes

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cliplab.errors import DataError
+from cliplab.evaluate.metrics import COUNT_KEYS
 
 RUN_FILES = ("results.json", "metrics.jsonl")
 MERGE_RECORD = "merge.json"  # what `cliplab merge` writes beside the merged model
@@ -34,9 +35,9 @@ MODEL_FILE_KEYS = ("model_type", "architectures", "transformers_version",
 
 
 def measured(metrics: dict) -> dict:
-    """A section's entries without the records beside its measurements (a task's skip record:
-    its table shows them, its plot does not)."""
-    return {k: v for k, v in metrics.items() if k not in NOT_METRICS}
+    """A section's entries without the records beside its measurements (a task's skip record,
+    the counts of what it is over: its table shows them, its plot does not)."""
+    return {k: v for k, v in metrics.items() if k not in NOT_METRICS and k not in COUNT_KEYS}
 
 
 @dataclass

@@ -45,8 +45,9 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     if isinstance(context.dataset(spec, "train"), ListedImages):
         return _run_drawn(model, spec, context)
     sets = probe_sets(spec, context)  # checked by Spec.check before the suite ran
-    return few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
-                    seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
+    out = few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
+                   seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
+    return {**out, "n": len(sets[1].labels)}  # the test images every accuracy is over
 
 
 def _run_drawn(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
@@ -73,8 +74,9 @@ def _run_drawn(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
         picks = draws.indices(k, seed)  # the first of the seed's top draw: none decoded
         return features[torch.searchsorted(index, picks)], train.labels[picks]
 
-    return few_shot(None, None, test_x, test.labels, shots=tuple(spec.shots),
-                    seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2, draw=draw)
+    out = few_shot(None, None, test_x, test.labels, shots=tuple(spec.shots),
+                   seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2, draw=draw)
+    return {**out, "n": len(test.labels)}
 
 
 def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str],

@@ -47,6 +47,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     counts, n_samples = count_mentions(captions, concepts)
     out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
     out["n_train_samples"] = n_samples
+    out["n"] = len(data.labels)  # the images the accuracies are over
     warning = narrow_span_warning(name, out["fit"])
     if warning:
         warn(warning)

@@ -34,4 +34,4 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
         metrics = multilabel_metrics(scores, data.targets, data.classnames)
     except ValueError as err:
         raise task_error(spec, str(err)) from None
-    return {**metrics, **context.scored_by(data)}
+    return {**metrics, "n": len(data.targets), **context.scored_by(data)}
