@@ -400,6 +400,53 @@ def test_eval_results_record_the_overrides_of_their_suite(tmp_path, capsys):
                                                      "attribute": "color", "image_size": 32}
 
 
+def test_eval_results_record_the_embedding_identity_and_cliplab_version(tmp_path, capsys):
+    """A model folder whose cliplab.json preprocessing changed in place keeps its weights'
+    fingerprint but embeds otherwise: the results record the towers' identity (the feature
+    cache's key) beside it, and the cliplab version that ran."""
+    import cliplab
+    from cliplab.evaluate.report_inputs import read_input
+    from cliplab.models import build_model
+    from cliplab.models.fingerprints import embedding_identity, image_tower_fingerprint
+    from cliplab.models.resolve import load_model
+
+    folder = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                         embed_dim=16, context_length=32).save(tmp_path / "model")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks: [{name: zs, task: zeroshot, data: {source: shapes, n: 20, "
+                     "attribute: color, image_size: 32}}]\n")
+
+    def evaluate(out: str) -> dict:
+        assert main(["eval", "--model", str(folder), "--config", str(suite), "--out",
+                     str(tmp_path / out), "--no-progress"]) == 0
+        capsys.readouterr()
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    before = evaluate("before")
+    config = json.loads((folder / "cliplab.json").read_text())
+    config["preprocess"]["mean"] = [0.4, 0.4, 0.4]
+    (folder / "cliplab.json").write_text(json.dumps(config))
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["image_mean"] = [0.4, 0.4, 0.4]  # agreeing, as a user edits both
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    after = evaluate("after")
+    model = load_model(str(folder))
+    assert after["fingerprint"] == before["fingerprint"]  # the same weights
+    assert after["embedding_identity"] == embedding_identity(model) != \
+        before["embedding_identity"]
+    image, text = after["embedding_identity"]["image"], after["embedding_identity"]["text"]
+    assert image["fingerprint"] == image_tower_fingerprint(model) != \
+        before["embedding_identity"]["image"]["fingerprint"]
+    assert image["preprocess"]["mean"] == [0.4, 0.4, 0.4]
+    assert before["embedding_identity"]["image"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert text == before["embedding_identity"]["text"]  # the text tower embeds as before
+    assert after["cliplab_version"] == cliplab.__version__
+    assert {"model", "model_folder", "fingerprint", "suite", "overrides", "suite_ran",
+            "precision", "head", "results"} <= set(after)
+    # settings, not scores: no section of a report
+    assert "embedding_identity" not in read_input(tmp_path / "after" / "results.json").sections
+
+
 def test_eval_results_name_the_checkpoint_and_weights_a_run_folder_resolved_to(tmp_path, capsys):
     """`--model RUN` loads the run's newest checkpoint, which moves on as the run trains: the
     results record that checkpoint's folder and its weights' fingerprint."""

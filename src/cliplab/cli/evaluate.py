@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from cliplab import __version__
 from cliplab.cli.arguments import MODEL_SPECS, add_debug, add_device, config_where
 from cliplab.errors import CliplabError
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.feature_cache import FeatureCache
     from cliplab.evaluate.suite import SuiteSpec, run_suite, suite_precision
     from cliplab.evaluate.tasks import TaskContext
+    from cliplab.models.fingerprints import embedding_identity
     from cliplab.models.resolve import load_model, model_record
     from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
 
@@ -71,9 +73,12 @@ def run(args: argparse.Namespace) -> int:
     # what run_suite runs in (it says why, when that is not what the suite asks)
     precision = suite_precision(suite, context, model, warn=False)
     # the suite is its file and these overrides of it (the file alone says other sizes)
-    # the folder and weights behind --model (a run folder moves on as it trains)
+    # the folder and weights behind --model (a run folder moves on as it trains), and all the
+    # embeddings depend on: a config.json or preprocessing changed in place keeps the weights
     # the file may change later: the suite that ran (overrides applied, defaults filled in)
-    results = {"model": args.model, **model_record(args.model, model), "suite": args.config,
+    results = {"model": args.model, **model_record(args.model, model),
+               "embedding_identity": embedding_identity(model), "cliplab_version": __version__,
+               "suite": args.config,
                "overrides": list(args.overrides or []), "suite_ran": suite.to_dict(),
                "precision": precision,
                "head": head.label if head is not None else None,

@@ -20,9 +20,9 @@ _SECTION_KEYS = ("results", "evals")  # eval results / pretrain run results
 # mappings in results files that are not metrics: adapt's hyper-parameters, a skip record
 # (its total is reported as a number of the run)
 # settings and provenance, not scores (adapt's train_settings, a preset's model_options, a
-# resumed run's resumed_from)
+# resumed run's resumed_from, eval's embedding_identity)
 NOT_METRICS = ("options", "skipped", "origin", "train_settings", "model_options",
-               "resumed_from")
+               "resumed_from", "embedding_identity")
 SCALARS = "run"  # the section of a results file's top-level numbers
 RESULTS_KINDS = ("the results JSON of `cliplab eval --out`, a run's results.json (pretrain, "
                  "adapt, quickstart), a merge.json or a benchmark's results")
