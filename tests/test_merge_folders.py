@@ -558,6 +558,36 @@ def test_folders_differing_only_in_context_length_are_refused(family, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_folders_whose_tokenizers_differ_are_refused(family, tmp_path):
+    """Two tokenizers of one vocabulary size giving other ids merged silently (the output kept
+    the first one's, its token embeddings a mix of rows meant for different tokens); the same
+    tokenizer written another way (key order, indentation, truncation) still merges."""
+    _, base, fts = family
+    swapped, reformatted = tmp_path / "swapped", tmp_path / "reformatted"
+    for folder in (swapped, reformatted):
+        shutil.copytree(fts[1], folder)
+    tok = json.loads((swapped / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["e"] = vocab["e"], vocab["a"]
+    (swapped / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    ids = [DualEncoder.load(f).tokenize(["a red circle"])["input_ids"][0].tolist()
+           for f in (fts[0], swapped)]
+    assert ids[0] != ids[1] and len(ids[0]) == len(ids[1])
+    for cfg in ({"method": "uniform", "models": [str(fts[0]), str(swapped)]},
+                {"method": "task-arithmetic", "models": [str(fts[0])], "base": str(swapped)}):
+        with pytest.raises(ModelError) as err:
+            run_merge({**cfg, "out": str(tmp_path / "o")}, progress=False)
+        assert str(err.value).startswith(
+            f"{swapped}/tokenizer.json: the tokenizer differs from {fts[0]}/tokenizer.json's")
+        assert "\n" not in str(err.value) and not (tmp_path / "o").exists()
+    tok = json.loads((reformatted / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["truncation"]["max_length"] = 7
+    (reformatted / "tokenizer.json").write_text(
+        json.dumps(dict(reversed(tok.items())), indent=4), encoding="utf-8")
+    run_merge({"method": "uniform", "models": [str(fts[0]), str(reformatted)],
+               "out": str(tmp_path / "ok")}, progress=False)
+
+
 def test_the_base_given_among_the_models_is_no_unrecorded_ingredient(family, tmp_path):
     """The base folder (no origin record of its own) listed as a model is the origin itself."""
     _, base, fts = family

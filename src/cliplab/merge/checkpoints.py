@@ -3,6 +3,7 @@ the merged folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import (CLIPLAB_FILE, read_meta, read_origin, weights_fingerprint,
                                   write_origin)
 from cliplab.models.hf_files import COMBINED_PROCESSOR_FILE, PROCESSOR_FILE
+from cliplab.models.loading import TOKENIZER_VOCABULARIES
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
 from cliplab.output_folder import built_beside, write_json
@@ -28,6 +30,11 @@ VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash",
                         "torch_dtype", "architectures"}
 # the preprocessing fields that decide how a model reads an image (augment is training-only)
 READ_PREPROCESS_KEYS = ("image_size", "mean", "std", "resize_mode", "interpolation")
+# tokenizer.json's run-time settings, not how it maps texts to ids (where it truncates is
+# context_length, compared on its own)
+TOKENIZER_SETTINGS = ("truncation", "padding")
+# the files a tokenizer without a tokenizers backend (e.g. sentencepiece) reads its vocabulary from
+TOKENIZER_FILES = (*TOKENIZER_VOCABULARIES, "merges.txt")
 # a field as it is used (the value cliplab resolves on loading) and the file it comes from
 Reading = dict[str, tuple[object, Path]]
 
@@ -112,7 +119,31 @@ def model_reading(model: DualEncoder, path: Path, meta: dict) -> Reading:
     reading["text_pooling"] = (model.text_pooling, _source(path, meta, "text_pooling", ()))
     reading["context_length"] = (model.context_length, _source(
         path, meta, "context_length", ("tokenizer_config.json",)))
+    reading["tokenizer"] = tokenizer_fingerprint(model.tokenizer, path)
     return reading
+
+
+def tokenizer_fingerprint(tokenizer, path: Path) -> tuple[str, Path]:
+    """A hash of the ids ``tokenizer`` (loaded from ``path``) gives texts, with the file it
+    comes from: its tokenizer.json content (vocabulary, merges, normaliser, pre- and
+    post-processing, special tokens) as canonical JSON without the run-time settings, so the
+    same tokenizer saved in two folders hashes the same; for a tokenizer without a tokenizers
+    backend, the bytes of the vocabulary files the folder holds."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest = hashlib.sha256()
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        for key in TOKENIZER_SETTINGS:
+            content.pop(key, None)
+        digest.update(json.dumps(content, sort_keys=True).encode("utf-8"))
+        files = [path / "tokenizer.json"]
+    else:
+        files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+        for file in files:
+            digest.update(file.name.encode("utf-8") + b"\0" + file.read_bytes())
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    digest.update(special.encode("utf-8"))
+    return digest.hexdigest(), (files[0] if files else path)
 
 
 def _same(a, b) -> bool:
@@ -129,6 +160,10 @@ def check_reading(ref: Ingredient, ing: Ingredient) -> None:
     """``ing`` reads images and texts as ``ref`` does (one-line error naming both files)."""
     for key, (want, ref_file) in ref.reading.items():
         got, file = ing.reading[key]
+        if key == "tokenizer" and want != got:  # a hash: which file says more than its value
+            raise ModelError(f"{file}: the tokenizer differs from {ref_file}'s (other token "
+                             "ids or text normalisation); merged token embeddings would mix "
+                             "rows meant for different tokens")
         if not _same(want, got):
             raise ModelError(f"{file}: {key!r} differs from {ref_file}'s ({_shown(got)} vs "
                              f"{_shown(want)}); merged weights would be read differently")
