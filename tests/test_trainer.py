@@ -419,20 +419,23 @@ def test_device_and_lock_options_are_checked(pairs):
         Trainer(small_model(), config(lock_text=True, lock_text_except_last=1), None)
 
 
+def nan_from(step: int, trainer: Trainer) -> Trainer:
+    """``trainer`` whose loss is NaN from its ``step``-th step on."""
+    backward, calls = trainer.objective.backward, []
+
+    def poisoned(batch):
+        calls.append(1)
+        loss = backward(batch)
+        return loss * float("nan") if len(calls) >= step else loss
+    trainer.objective.backward = poisoned
+    return trainer
+
+
 def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, pairs):
     """`train.lr=1e6` gave NaN from step 2, yet the run saved NaN weights, logged bare NaN
-    into metrics.jsonl and reported chance accuracy as a success."""
+    into metrics.jsonl and reported chance accuracy as a success. What it logs after step 2
+    is only the record saying it diverged."""
     from cliplab.errors import TrainingDiverged
-
-    def nan_from(step: int, trainer: Trainer) -> Trainer:
-        backward, calls = trainer.objective.backward, []
-
-        def poisoned(batch):
-            calls.append(1)
-            loss = backward(batch)
-            return loss * float("nan") if len(calls) >= step else loss
-        trainer.objective.backward = poisoned
-        return trainer
 
     run = RunDir(tmp_path / "every")
     trainer = nan_from(3, Trainer(small_model(), config(steps=8, save_every=2), run))
@@ -443,7 +446,9 @@ def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, 
                        r"train.warmup$"):
         trainer.fit(pairs)
     records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert records[2:] == [{"step": 3, "diverged": "the loss, the gradients or the weights "
+                            "became NaN or infinite at step 3 (train.lr 0.003)"}]
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
     # checked only where a step syncs anyway: here the final step, when the log is sparse
     run = RunDir(tmp_path / "sparse")
@@ -460,6 +465,33 @@ def test_a_run_whose_loss_turns_nan_stops_before_logging_or_saving_it(tmp_path, 
     with pytest.raises(TrainingDiverged, match="between steps 3 and 4 "):
         trainer.fit(pairs)
     assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-2"]
+    assert [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 4, "diverged": "the loss, the gradients or the weights became NaN or "
+                                "infinite between steps 3 and 4 (train.lr 0.003)"}]
+
+
+def test_a_diverged_run_says_so_in_its_folder_until_a_resume_redoes_the_steps(tmp_path, pairs,
+                                                                             capsys):
+    """A run stopped by a NaN loss left nothing in its folder saying so: `cliplab report` said
+    "stopped or still running", as of a killed or live run."""
+    from cliplab.errors import TrainingDiverged
+    from cliplab.evaluate.report_inputs import read_input
+
+    run = RunDir(tmp_path / "run")
+    run.write_config({"train": {}})  # what a pretrain run writes first
+    with pytest.raises(TrainingDiverged):
+        nan_from(3, Trainer(small_model(), config(steps=6, save_every=2), run)).fit(pairs)
+    note = ("no results.json: the run diverged at step 3 (the loss, the gradients or the "
+            "weights became NaN or infinite at step 3 (train.lr 0.003)), so its last logged "
+            "values only, no final evaluation")
+    assert read_input(run.path).note == note
+    assert f"report: {run.path}: {note}" in capsys.readouterr().err
+    # resumed from its last checkpoint (after the cause was fixed), the run says no more
+    Trainer(small_model(), config(steps=6, save_every=2), run).fit(pairs, resume="latest")
+    records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert not any("diverged" in r for r in records)
+    assert "diverged" not in read_input(run.path).note
 
 
 def test_a_run_whose_gradients_turn_infinite_stops_though_its_loss_is_finite(tmp_path, pairs):

@@ -255,13 +255,22 @@ def read_input(path: str | Path) -> ReportSource:
         if not source.history and not source.sections:  # as a results file without numbers
             raise DataError(f"{path / 'metrics.jsonl'}: no record yet (a run that has just "
                             "started) and no results.json beside it; nothing to report")
-        if "results.json" not in present and (path / "config.yaml").is_file():
+        diverged = _divergence(source.history)
+        if "results.json" not in present and (diverged or (path / "config.yaml").is_file()):
             # a command's run (pretrain, adapt) writes results.json at its end; a bare
             # Trainer's folder never does. Its final evaluation is missing: said, not blank
-            source.note = ("no results.json: the run stopped or is still running, so its "
-                           "last logged values only, no final evaluation")
+            source.note = f"no results.json: {diverged or 'the run stopped or is still running'}" \
+                ", so its last logged values only, no final evaluation"
             print(f"report: {path}: {source.note}", file=sys.stderr)
     return source
+
+
+def _divergence(history: list[dict]) -> str:
+    """``the run diverged at step N (why)`` when the last record is the one a run stopped by a
+    NaN or infinite loss writes (``{"step": N, "diverged": why}``), else empty."""
+    why = history[-1].get("diverged") if history else None
+    return f"the run diverged at step {history[-1]['step']} ({why})" \
+        if isinstance(why, str) else ""
 
 
 def _reported_folder(path: Path) -> Path:

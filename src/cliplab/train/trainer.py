@@ -300,10 +300,11 @@ class Trainer:
         except RuntimeError as err:  # AdamW's lr / bias correction, past float32's range
             if "overflow" not in str(err):
                 raise
-            raise TrainingDiverged(
-                f"train: {self.settings}.lr {self.config.lr:g} overflows the optimizer's "
-                f"arithmetic at step {self.step + 1} (float32 reaches 3.4e38); lower "
-                f"{self.settings}.lr") from None
+            why = (f"{self.settings}.lr {self.config.lr:g} overflows the optimizer's "
+                   f"arithmetic at step {self.step + 1}")
+            self._record_divergence(self.step + 1, why)
+            raise TrainingDiverged(f"train: {why} (float32 reaches 3.4e38); lower "
+                                   f"{self.settings}.lr") from None
 
     def _weights_finite(self) -> torch.Tensor:
         """Whether every trained weight (this rank's shards) is finite: one bool tensor."""
@@ -321,11 +322,24 @@ class Trainer:
         # a decoupled decay of lr·wd ≥ 1 flips or zeroes every weight each step
         decay = f" or {self.settings}.weight_decay" \
             if self.config.lr * self.config.weight_decay >= 1 else ""
+        why = (f"the loss, the gradients or the weights became NaN or infinite {when} "
+               f"({self.settings}.lr {self.config.lr:g})")
+        self._record_divergence(self.step, why)
         raise TrainingDiverged(
-            f"train: the loss, the gradients or the weights became NaN or infinite {when} "
-            f"({self.settings}.lr {self.config.lr:g}), so the run stopped; nothing after step "
-            f"{checked} was logged or saved. Lower {self.settings}.lr{decay}, lengthen "
-            f"{self.settings}.warmup{clip}")
+            f"train: {why}, so the run stopped; nothing after step {checked} was logged or "
+            f"saved. Lower {self.settings}.lr{decay}, lengthen {self.settings}.warmup{clip}")
+
+    def _record_divergence(self, step: int, why: str) -> None:
+        """End metrics.jsonl with ``{"step": step, "diverged": why}``, so the run folder says
+        why the run stopped (`cliplab report` reads it). ``step`` is past every checkpoint, so
+        a resume drops the record with the steps it redoes. A run that has logged and saved
+        nothing gets none: its folder is removed as one that never started."""
+        run = self.run_dir
+        if run is None or self.rank > 0 or not (run.metrics_file.is_file()
+                                                or run.latest_checkpoint() is not None):
+            return
+        with contextlib.suppress(OSError):  # a full disk must not hide the divergence
+            run.log({"step": step, "diverged": why})
 
     # -- parts of the step ----------------------------------------------------------------------
     def _named_parameters(self):
