@@ -588,3 +588,49 @@ def test_fractional_epochs_round_to_steps(tmp_path, pairs):
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
 
+
+
+def _timed(trainer: Trainer, clock: list[float], seconds: dict[int, float]) -> Trainer:
+    """``trainer`` whose steps take ``seconds[i]`` (1 by default) on the fake ``clock``."""
+    backward, calls = trainer.objective.backward, []
+
+    def timed(batch):
+        calls.append(1)
+        clock[0] += seconds.get(len(calls), 1.0)
+        return backward(batch)
+    trainer.objective.backward = timed
+    return trainer
+
+
+def test_time_s_runs_on_over_a_resume_and_images_per_s_is_the_rate_since_the_last_log(
+        tmp_path, pairs, monkeypatch):
+    """time_s restarted at 0 in a resumed process (a loss-vs-time plot went back in time), and
+    images_per_s was the average since the process began training, neither the run's nor the
+    interval's. A checkpoint of an older version (no time_s in it) continues from the time
+    its run logged."""
+    from types import SimpleNamespace
+
+    clock = [100.0]
+    monkeypatch.setattr("cliplab.train.trainer.time", SimpleNamespace(time=lambda: clock[0]))
+    run = RunDir(tmp_path / "run")
+    # 16 images a step; the third step takes 9 s, every other 1 s
+    _timed(Trainer(small_model(), config(steps=4, save_every=2), run), clock, {3: 9.0}).fit(pairs)
+    records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["time_s"] for r in records] == [1, 2, 11, 12]
+    assert [r["images_per_s"] for r in records] == [16, 16, 16 / 9, 16]
+    # a new process, its clock elsewhere, resumes from step 2 (logged at 2 s)
+    clock[0] = 5000.0
+    _timed(Trainer(small_model(), config(steps=4), run), clock, {}).fit(
+        pairs, resume=run.checkpoint_dir(2))
+    records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["time_s"] for r in records] == [1, 2, 3, 4]
+    # an older checkpoint without time_s: the run's log at its step says it
+    state_file = run.checkpoint_dir(2) / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["time_s"]
+    torch.save(state, state_file)
+    _timed(Trainer(small_model(), config(steps=4), run), clock, {}).fit(
+        pairs, resume=run.checkpoint_dir(2))
+    records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["time_s"] for r in records] == [1, 2, 3, 4]
+

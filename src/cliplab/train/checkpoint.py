@@ -50,6 +50,9 @@ class TrainingState:
     inputs: DataPosition
     sharded: bool  # FSDP: weights and optimizer state are gathered whole / put back on shards
     precision: str = "fp32"  # what the steps run in (train.precision resolved on this device)
+    # the run's wall time in seconds up to the step (metrics' time_s); None: a checkpoint of an
+    # older version, which did not save it
+    time_s: float | None = 0.0
 
 
 def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, config: dict,
@@ -70,7 +73,7 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
              # each rank's own: ranks that draw their own samples (streams) and augmentations
              # hold different generator states, and a resume must give each its own back
              "rank_rngs": distributed.gather_objects(rngs),
-             "config": config, "precision": state.precision}
+             "config": config, "precision": state.precision, "time_s": state.time_s}
 
     def write(folder: Path) -> None:
         if save_model is not None:
@@ -215,4 +218,6 @@ def load_checkpoint(folder: Path, state: TrainingState, device: torch.device,
         torch.cuda.set_rng_state(mine["cuda_rng"])  # this rank's GPU's (dropout on a GPU)
     set_mps_rng_state(mine.get("mps_rng"))  # Apple's GPU's
     state.inputs.load_state_dict(saved["batches"])
+    time_s = saved.get("time_s")
+    state.time_s = float(time_s) if isinstance(time_s, (int, float)) else None
     return int(saved["step"]), saved.get("precision")

@@ -238,7 +238,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train",
                    disable=not cfg.progress or self.rank > 0, dynamic_ncols=True)
         last: dict = {}
-        start, seen = time.time(), 0
+        clock = _Clock(state.time_s)
         # set by a NaN/inf loss or gradient norm, read only where a step syncs anyway (a
         # log, checkpoint or evaluation step): no per-step device sync
         diverged = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -261,7 +261,7 @@ class Trainer:
                 with torch.no_grad():
                     self.model.logit_scale.clamp_(0, 4.6052)
             self.step += 1
-            seen += cfg.batch_size
+            clock.images += cfg.batch_size
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == total or any(
                     every and self.step % every == 0 for every in (cfg.save_every,
@@ -276,12 +276,11 @@ class Trainer:
                         "loss": distributed.mean_over_ranks(loss).item(),
                         "lr": lr, "grad_norm": float(grad_norm),
                         "logit_scale": self.model.logit_scale.exp().item(),
-                        "images_per_s": seen / max(time.time() - start, 1e-9),
-                        "time_s": round(time.time() - start, 4)}
+                        "images_per_s": clock.rate(), "time_s": round(clock.elapsed(), 4)}
                 bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
                 self._log(last)
             if self.step == total:  # before the last evaluation: one that fails loses nothing
-                self.last_checkpoint = self._save(state)
+                self.last_checkpoint = self._save(state, clock)
                 if on_trained is not None:
                     on_trained()
             if evaluate and (self.step == total or cfg.eval_every and
@@ -289,7 +288,7 @@ class Trainer:
                 self._log({"step": self.step, **self._evaluate(evaluate)})
             # mid-run, after the evaluation: a resume continues from the RNG state it left
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
-                self._save(state)
+                self._save(state, clock)
         bar.close()
         self._eval_mode()
         return last
@@ -413,7 +412,8 @@ class Trainer:
             self.run_dir.log(record)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, state: TrainingState) -> Path | None:
+    def _save(self, state: TrainingState, clock: _Clock) -> Path | None:
+        state.time_s = clock.elapsed()  # a resume's time_s continues from it
         return checkpoint.save_checkpoint(self.run_dir, self.step, state, self.config.to_dict(),
                                           self.save_model)
 
@@ -428,6 +428,8 @@ class Trainer:
                               "no custom checkpoint writer)")
         self.step, ran_in = checkpoint.load_checkpoint(folder, state, self.device,
                                                        self.config.to_dict())
+        if state.time_s is None:  # a checkpoint of an older version: its run's log says
+            state.time_s = self._logged_time(folder)
         if ran_in is not None and ran_in != self.precision and self.step < total \
                 and self.rank == 0:
             warn(f"the steps up to {self.step} ran in {ran_in}, the rest runs in "
@@ -461,6 +463,15 @@ class Trainer:
                                  "precision": ran_in}  # of the steps before it
         return folder
 
+    def _logged_time(self, folder: Path) -> float:
+        """The ``time_s`` this run folder logged last up to the step of its checkpoint
+        ``folder`` (0 for another run's checkpoint, or none logged)."""
+        if not self._own(folder):
+            return 0.0
+        times = [r["time_s"] for r in self.run_dir.records() if isinstance(r.get("step"), int)
+                 and r["step"] <= self.step and isinstance(r.get("time_s"), (int, float))]
+        return float(times[-1]) if times else 0.0
+
     def _own(self, folder: Path) -> bool:
         """Whether checkpoint ``folder`` is one of this run folder's."""
         return self.run_dir is not None and \
@@ -486,6 +497,26 @@ class Trainer:
             self._log({"step": total, **self._evaluate(evaluate)})
         self._eval_mode()
         return last
+
+
+class _Clock:
+    """A run's wall time, ``time_s`` (continued from ``before``, the time at the checkpoint a
+    resume started from), and the images per second between two logs."""
+
+    def __init__(self, before: float | None):
+        self.start = self.last = time.time()
+        self.before = before or 0.0
+        self.images = 0  # trained on since the last log (or this process's start)
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.start
+
+    def rate(self) -> float:
+        """Images per second since the last call (or the start); starts a new window."""
+        now = time.time()
+        rate = self.images / max(now - self.last, 1e-9)
+        self.last, self.images = now, 0
+        return rate
 
 
 def _check_hard_negatives(config: TrainConfig, head: nn.Module | None, world: int) -> None:
