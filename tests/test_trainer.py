@@ -634,3 +634,22 @@ def test_time_s_runs_on_over_a_resume_and_images_per_s_is_the_rate_since_the_las
     records = [json.loads(l) for l in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["time_s"] for r in records] == [1, 2, 3, 4]
 
+
+def test_a_run_without_the_tensorboard_package_says_it_writes_no_event_files(
+        tmp_path, pairs, monkeypatch, recwarn):
+    """Installed without the tensorboard extra, runs silently wrote no event files, though
+    README tells users to open them. Said once per run; not when turned off on purpose."""
+    from tests.warned import warned
+
+    for where in ("cliplab.runs", "cliplab.train.trainer"):
+        monkeypatch.setattr(f"{where}.tensorboard_available", lambda: False, raising=False)
+    run = RunDir(tmp_path / "run")
+    Trainer(small_model(), config(steps=3, save_every=0), run).fit(pairs)
+    assert warned(recwarn) == (
+        f"train: no TensorBoard event files in {run.path}: the tensorboard package is not "
+        "installed (pip install 'cliplab[tensorboard]'; metrics.jsonl holds every record); "
+        "CLIPLAB_TENSORBOARD=0 turns them off without this note\n")
+    assert [p.name for p in run.path.iterdir() if p.name.startswith("events.")] == []
+    monkeypatch.setenv("CLIPLAB_TENSORBOARD", "0")
+    Trainer(small_model(), config(steps=3, save_every=0), RunDir(tmp_path / "off")).fit(pairs)
+    assert warned(recwarn) == ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.finite import all_finite
 from cliplab.models.precision import resolve_precision
-from cliplab.runs import CHECKPOINTS, RunDir
+from cliplab.runs import CHECKPOINTS, TENSORBOARD_ENV, RunDir, tensorboard_available
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
@@ -233,6 +234,10 @@ class Trainer:
         warning = warmup_warning(warmup, total, self.settings)
         if warning and self.rank == 0:
             warn(warning)
+        if self.rank == 0 and _lacks_tensorboard(self.run_dir):
+            warn(f"train: no TensorBoard event files in {self.run_dir.path}: the tensorboard "
+                 "package is not installed (pip install 'cliplab[tensorboard]'; metrics.jsonl "
+                 f"holds every record); {TENSORBOARD_ENV}=0 turns them off without this note")
 
         self._train_mode()
         bar = tqdm(total=total, initial=self.step, desc="train",
@@ -497,6 +502,14 @@ class Trainer:
             self._log({"step": total, **self._evaluate(evaluate)})
         self._eval_mode()
         return last
+
+
+def _lacks_tensorboard(run_dir: RunDir | None) -> bool:
+    """Whether ``run_dir`` writes no TensorBoard events only because the package is missing
+    (they were not turned off with ``CLIPLAB_TENSORBOARD=0``, read as `runs` reads it)."""
+    off = os.environ.get(TENSORBOARD_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return run_dir is not None and not run_dir.tensorboard and not off \
+        and not tensorboard_available()
 
 
 class _Clock:
