@@ -649,6 +649,10 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
     kept = rec["greedy"]["kept"]  # the folders kept
     expected = torch.stack([ClassifierHead.load(k).weight for k in kept]).mean(0)
     torch.testing.assert_close(ClassifierHead.load(tmp_path / "g").weight, expected)
+    # merge.json said "the mean of the models' heads" whatever the soup kept: it names them
+    assert json.loads((tmp_path / "g" / "merge.json").read_text())["head"] == rec["head"]
+    assert all(k in rec["head"] for k in kept) and "greedy soup kept" in rec["head"]
+    assert not any(str(h) in rec["head"] for h in headed if str(h) not in kept)
     # a head of the same classes in another order is put in the first's order, not refused
     names = heads[1].classnames
     order = list(reversed(range(len(names))))
@@ -663,6 +667,17 @@ def test_a_soup_of_classifier_fine_tunes_averages_their_heads(family, tmp_path, 
     # --overwrite replaces a merge output holding a head
     run_merge({"method": "uniform", "models": [str(h) for h in headed[:2]],
                "out": str(tmp_path / "u")}, progress=False, overwrite=True)
+
+
+def test_merge_json_names_the_heads_a_greedy_soup_kept():
+    from cliplab.merge.run import head_note
+
+    assert head_note({"method": "uniform"}) == \
+        "the mean of the models' head.safetensors (the same weights as the towers)"
+    assert head_note({"greedy": {"kept": ["ft/a"]}}) == \
+        "the head.safetensors of ft/a, the one model the greedy soup kept"
+    assert head_note({"greedy": {"kept": ["ft/a", "ft/b"]}}) == \
+        "the mean of the head.safetensors of the 2 models the greedy soup kept (ft/a, ft/b)"
 
 
 @pytest.mark.parametrize("case, why", [

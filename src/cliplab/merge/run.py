@@ -193,8 +193,20 @@ def run_merge(cfg: MergeConfig | dict, progress: bool = True,
                              else evaluate(merged)}
     merged, head = split_head(merged, classnames)
     if head is not None:
-        record["head"] = f"the mean of the models' {HEAD_FILE} (the same weights as the towers)"
+        record["head"] = head_note(record)
     record["wall_time_s"] = round(time.time() - start, 1)
     save_merged(paths[0], merged, cfg.out, origin, record, dtype, head)
     record["out"] = str(cfg.out)
     return record
+
+
+def head_note(record: dict) -> str:
+    """What merge.json says the merged head is: the mean of every model's, or of the models a
+    greedy soup kept (one kept: its head as it was)."""
+    kept = record.get("greedy", {}).get("kept")
+    if kept is None:
+        return f"the mean of the models' {HEAD_FILE} (the same weights as the towers)"
+    if len(kept) == 1:
+        return f"the {HEAD_FILE} of {kept[0]}, the one model the greedy soup kept"
+    return (f"the mean of the {HEAD_FILE} of the {len(kept)} models the greedy soup kept "
+            f"({', '.join(kept)})")
