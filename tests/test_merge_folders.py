@@ -481,6 +481,29 @@ def test_an_openclip_or_onnx_export_given_to_merge_says_what_to_do_with_it(famil
         assert len(err) == 1 and "is not a model folder (no config.json)" in err[0], err
         assert fragment in err[0]
 
+def test_a_lora_adapter_given_to_merge_says_what_to_give_instead(family, tmp_path, capsys):
+    """An adapter folder (RUN/checkpoints/step-N/adapter) got the generic "not a model
+    folder" line, though its run and checkpoint folders name the LoRA case."""
+    _, _, fts = family
+    adapter = tmp_path / "lora" / "checkpoints" / "step-6" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+
+    def error() -> str:
+        assert main(["merge", "--method", "uniform", "--models", str(fts[0]), str(adapter),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{adapter} is not a model folder (no config.json)" in err[0]
+        return err[0]
+    assert error().endswith("; a LoRA adapter, not a whole model: load it with "
+                            "cliplab.adapt.lora.load_lora, or run adapt --method lora with "
+                            "options.merge=true for a whole model folder (RUN/merged)")
+    shutil.copytree(fts[1], tmp_path / "lora" / "merged")
+    assert error().endswith(f"; a LoRA adapter: its run's merged model is "
+                            f"{tmp_path / 'lora' / 'merged'}: give that")
+    assert not (tmp_path / "o").exists()
+
+
 def test_greedy_soup_tells_what_its_heldout_data_skipped(family, tmp_path, capsys):
     _, _, fts = family
     pets = pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")

@@ -23,6 +23,7 @@ from cliplab.models.loading import TOKENIZER_VOCABULARIES
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
 from cliplab.output_folder import built_beside, write_json
+from cliplab.runs import CHECKPOINTS
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
 # tensor; a saved dtype field changes when a model is loaded and saved again)
@@ -70,17 +71,34 @@ def ingredient_folder(name: str, option: str) -> Path:
                          "or run folder, or a Hugging Face Hub id)")
     folder = resolve_model_path(name)
     if not (folder / "config.json").is_file():
-        from cliplab.models.convert.openclip_files import is_openclip_checkpoint
-        from cliplab.models.onnx_encoder import is_onnx_export
-
-        hint = (f"; an OpenCLIP checkpoint: convert it first, cliplab convert --from open_clip "
-                f"{name} --out DIR" if is_openclip_checkpoint(folder) else
-                "; an ONNX export holds graphs, not weights to merge: merge the models it was "
-                "exported from" if is_onnx_export(folder) else "")
         raise ModelError(f"{name} is not a model folder (no config.json): a merge combines "
                          "folders written by cliplab or HF save_pretrained, or run/checkpoint "
-                         f"folders holding one{hint}")
+                         f"folders holding one{_not_a_model_hint(name, folder)}")
     return folder
+
+
+def _not_a_model_hint(name: str, folder: Path) -> str:
+    """What to do with ``folder`` (given as ``name``) that holds no model but something cliplab
+    knows: an OpenCLIP checkpoint, an ONNX export, a LoRA adapter (empty: none of them)."""
+    from cliplab.models.convert.openclip_files import is_openclip_checkpoint
+    from cliplab.models.onnx_encoder import is_onnx_export
+
+    if is_openclip_checkpoint(folder):
+        return (f"; an OpenCLIP checkpoint: convert it first, cliplab convert --from open_clip "
+                f"{name} --out DIR")
+    if is_onnx_export(folder):
+        return ("; an ONNX export holds graphs, not weights to merge: merge the models it was "
+                "exported from")
+    if (folder / "adapter_config.json").is_file():
+        # RUN/checkpoints/step-N/adapter: the run's options.merge=true wrote RUN/merged
+        run = folder.parent.parent.parent
+        merged = run / "merged"
+        if folder.parent.parent.name == CHECKPOINTS and (merged / "config.json").is_file():
+            return f"; a LoRA adapter: its run's merged model is {merged}: give that"
+        return ("; a LoRA adapter, not a whole model: load it with cliplab.adapt.lora.load_lora, "
+                "or run adapt --method lora with options.merge=true for a whole model folder "
+                "(RUN/merged)")
+    return ""
 
 
 def load_ingredient(path: str | Path) -> Ingredient:
