@@ -611,6 +611,22 @@ def test_folders_whose_tokenizers_differ_are_refused(family, tmp_path):
                "out": str(tmp_path / "ok")}, progress=False)
 
 
+def test_a_tokenizer_without_a_tokenizers_backend_is_compared_by_its_files(tmp_path):
+    """A sentencepiece tokenizer has no tokenizer.json content to compare: the bytes of its
+    vocabulary files are, wherever the folder is."""
+    from types import SimpleNamespace
+
+    from cliplab.merge.checkpoints import tokenizer_fingerprint
+
+    tok = SimpleNamespace(special_tokens_map={"eos_token": "</s>"})
+    folders = [tmp_path / name for name in ("a", "b", "c")]
+    for folder, vocab in zip(folders, (b"spm-1", b"spm-1", b"spm-2")):
+        folder.mkdir()
+        (folder / "spiece.model").write_bytes(vocab)
+    a, b, c = (tokenizer_fingerprint(tok, folder) for folder in folders)
+    assert a[0] == b[0] != c[0] and a[1] == folders[0] / "spiece.model"
+
+
 def test_the_base_given_among_the_models_is_no_unrecorded_ingredient(family, tmp_path):
     """The base folder (no origin record of its own) listed as a model is the origin itself."""
     _, base, fts = family
