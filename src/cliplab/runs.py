@@ -5,7 +5,8 @@ atomically.
 Every numeric value of a logged record is also a TensorBoard scalar at the record's ``step``,
 so ``tensorboard --logdir runs/`` shows loss, lr, logit scale, throughput and eval metrics.
 TensorBoard logging is on when the ``tensorboard`` package is importable, unless turned off
-with ``RunDir(..., tensorboard=False)`` or ``CLIPLAB_TENSORBOARD=0``.
+with ``RunDir(..., tensorboard=False)`` or ``CLIPLAB_TENSORBOARD=0`` (a training run without
+the package says once that it writes no event files).
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ def tensorboard_wanted(flag: bool | None = None) -> bool:
     """``flag`` if given; else on unless ``CLIPLAB_TENSORBOARD`` is 0/false/no/off; and only
     when the package is importable."""
     if flag is None:
-        flag = os.environ.get(TENSORBOARD_ENV, "1").strip().lower() not in ("0", "false", "no",
-                                                                              "off")
+        flag = not tensorboard_turned_off()
     return bool(flag) and tensorboard_available()
+
+
+def tensorboard_turned_off() -> bool:
+    """Whether ``CLIPLAB_TENSORBOARD`` is 0/false/no/off."""
+    return os.environ.get(TENSORBOARD_ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def checkpoint_step(folder: Path) -> int | None:

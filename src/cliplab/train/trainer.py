@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from cliplab.models.device import resolve_device, seeded
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.finite import all_finite
 from cliplab.models.precision import resolve_precision
-from cliplab.runs import CHECKPOINTS, TENSORBOARD_ENV, RunDir, tensorboard_available
+from cliplab.runs import (CHECKPOINTS, TENSORBOARD_ENV, RunDir, tensorboard_available,
+                          tensorboard_turned_off)
 from cliplab.train import checkpoint, distributed, fsdp
 from cliplab.train.batches import check_batch_over_ranks
 from cliplab.train.checkpoint import MODEL_DIR, STATE_FILE, TrainingState
@@ -507,8 +507,7 @@ class Trainer:
 def _lacks_tensorboard(run_dir: RunDir | None) -> bool:
     """Whether ``run_dir`` writes no TensorBoard events only because the package is missing
     (they were not turned off with ``CLIPLAB_TENSORBOARD=0``, read as `runs` reads it)."""
-    off = os.environ.get(TENSORBOARD_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-    return run_dir is not None and not run_dir.tensorboard and not off \
+    return run_dir is not None and not run_dir.tensorboard and not tensorboard_turned_off() \
         and not tensorboard_available()
 
 
