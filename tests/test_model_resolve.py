@@ -95,6 +95,17 @@ def test_a_wise_ft_run_folder_is_refused_naming_its_best_and_its_fine_tuned_end(
     given.write_json("results.json", {"best_alpha": 1, "finetuned": "ft/step-9/model"})
     with pytest.raises(ModelError, match=r"\(the model at α=1\) or ft/step-9/model \(the "):
         load_model(str(given.path))
+    # one without best/ (save_best is off by default) holds the fine-tuned end only
+    shutil.rmtree(run.path / "best")
+    with pytest.raises(ModelError, match=(
+            rf"^{run.path} is a WiSE-FT run folder: its checkpoints hold the fine-tuned end "
+            r"\(α=1\), not the model at α=0.3, chosen on validation \(options.save_best=true")):
+        load_model(str(run.path))
+    # a model folder holding a copy of itself in best/ is a model folder
+    mine = tmp_path / "mine"
+    shutil.copytree(saved, mine)
+    shutil.copytree(saved, mine / "best")
+    assert resolve_model_path(str(mine)) == mine
 
 
 def test_a_run_that_never_finished_is_used_with_a_warning(saved, tmp_path, capsys):

@@ -133,11 +133,11 @@ def not_a_folder(file: Path) -> ModelError:
 def model_folder(path: str | Path) -> Path:
     """The model folder behind ``path``: a model folder itself, a checkpoint folder (``…/step-N``,
     holding ``model/``) or a run folder (its newest complete checkpoint). A WiSE-FT run folder
-    with ``best/`` is refused, naming its two models."""
+    is refused, naming the models it holds."""
     path = Path(path)
     if (path / MODEL_DIR).is_dir():
         return path / MODEL_DIR
-    if (path / WISE_FT_BEST / "config.json").is_file():
+    if _is_wise_ft_run(path):
         # its newest checkpoint is the fine-tuned end (α=1), not the model the run chose
         raise ModelError(_wise_ft_run_choice(path))
     if (path / CHECKPOINTS).is_dir():
@@ -164,15 +164,28 @@ def model_folder(path: str | Path) -> Path:
     return path
 
 
+def _is_wise_ft_run(path: Path) -> bool:
+    """Whether ``path`` is a WiSE-FT run folder (no model folder itself): one holding
+    ``best/``, or one its results say is."""
+    if (path / "config.json").is_file():
+        return False
+    return (path / WISE_FT_BEST / "config.json").is_file() or \
+        _results(path).get("method") == "wise-ft"
+
+
+def _results(run: Path) -> dict:
+    """The run folder's ``results.json`` as a dict (empty when it has none, or a bad one)."""
+    try:
+        loaded = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def _wise_ft_run_choice(run: Path) -> str:
     """The error for a WiSE-FT run folder given as a model: it names the two models the run
     holds, its best α's (``best/``) and the fine-tuned end."""
-    results: dict = {}
-    try:
-        loaded = json.loads((run / RESULTS_FILE).read_text(encoding="utf-8"))
-        results = loaded if isinstance(loaded, dict) else {}
-    except (OSError, ValueError):
-        pass
+    results = _results(run)
     alpha = results.get("best_alpha")
     chosen = f"α={alpha:g}" if isinstance(alpha, (int, float)) else "the best α"
     if isinstance(results.get("selected_on"), str):
@@ -180,6 +193,10 @@ def _wise_ft_run_choice(run: Path) -> str:
     latest = latest_checkpoint(run)
     end = (latest / MODEL_DIR if latest is not None
            else results.get("finetuned") or f"{run / CHECKPOINTS}/step-N/{MODEL_DIR}")
+    if not (run / WISE_FT_BEST / "config.json").is_file():
+        return (f"{run} is a WiSE-FT run folder: its checkpoints hold the fine-tuned end (α=1), "
+                f"not the model at {chosen} (options.save_best=true keeps that as "
+                f"{run / WISE_FT_BEST}); give {end} for the fine-tuned end")
     return (f"{run} is a WiSE-FT run folder, which holds two models: give {run / WISE_FT_BEST} "
             f"(the model at {chosen}) or {end} (the fine-tuned end, α=1)")
 
