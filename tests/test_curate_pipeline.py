@@ -186,15 +186,15 @@ def test_a_truncated_shard_is_read_to_its_cut_and_dropped_as_such(tmp_path):
                            tmp_path / "out", progress=False)
     drops = {d["key"]: d["reason"] for d in
              pq.read_table(tmp_path / "out/dropped.parquet").to_pylist()}
-    # the cut leaves 00000.tar's fourth sample without its image: dropped as the stream
-    # reader skips it (missing image), after the three whole ones; the two after it are lost,
-    # each dropped as cut off (index.json counts 6)
+    # the cut leaves 00000.tar's fourth sample without its image: lost, as the stream reader
+    # counts it, after the three whole ones; it and the two after it are each dropped as cut
+    # off (index.json counts 6)
     assert summary["kept"] == 6 + 3 and summary["pool"] == summary["kept"] + 4
-    assert set(drops) == {"00000.tar", "00000.tar:000000003", "00000.tar:sample 5 of 6",
+    assert set(drops) == {"00000.tar", "00000.tar:sample 4 of 6", "00000.tar:sample 5 of 6",
                           "00000.tar:sample 6 of 6"}
-    assert drops["00000.tar:sample 5 of 6"].startswith("cut off at ")
+    assert drops["00000.tar:sample 4 of 6"].startswith("cut off at ")
     assert drops["00000.tar"].startswith(
-        f"truncated shard at {first}: 00000.tar: read 4 of 6 samples, then:")
+        f"truncated shard at {first}: 00000.tar: read 3 of 6 samples, then:")
 
 def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
     folder = make_folder(tmp_path / "pool", [200, 210, 220])

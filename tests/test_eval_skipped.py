@@ -118,22 +118,22 @@ def test_a_truncated_shard_counts_lost_samples_not_the_shard_as_one(model_dir, t
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
     spec = {"source": "shards", "path": str(shards), "progress": False}
     data = load_source(spec)
-    # the cut leaves 4 of 00000.tar's 6 samples, the fourth without its image: 3 + 6 kept;
-    # the 2 after the cut count as cut_off (index.json gives the shard's count)
-    assert len(data) == 9
-    assert data.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
+    # the cut leaves 4 of 00000.tar's 6 samples whole (the fourth without its .txt: its
+    # captions are in its .json): 4 + 6 kept; the 2 after the cut count as cut_off
+    # (index.json gives the shard's count)
+    assert len(data) == 10
+    assert data.skipped.counts == {"truncated_shard": 1, "cut_off": 2}
     context = TaskContext(progress=False)
     results = run_suite(load_model(str(model_dir)),
                         [{"name": "zs", "task": "zeroshot", "data": spec}], context)
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "skipped" in line] == [
-        f"zs: skipped 3 of 12 samples (cut_off=2, missing_image=1), and 1 shard(s) read only "
+        f"zs: skipped 2 of 12 samples (cut_off=2), and 1 shard(s) read only "
         f"in part (truncated_shard=1) in {shards}"]
     assert results["zs"]["skipped"] == {
-        "total": 3, "shards_read_in_part": 1,
-        "counts": {"missing_image": 1, "truncated_shard": 1, "cut_off": 2},
-        "keys": {"missing_image": ["00000.tar:000000003"],
-                 "truncated_shard": ["00000.tar:4 of 6 samples (the file ends early)"],
+        "total": 2, "shards_read_in_part": 1,
+        "counts": {"truncated_shard": 1, "cut_off": 2},
+        "keys": {"truncated_shard": ["00000.tar:4 of 6 samples (the file ends early)"],
                  "cut_off": ["00000.tar:sample 5 of 6", "00000.tar:sample 6 of 6"]}}
 
 

@@ -137,17 +137,18 @@ def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tm
     keys = [index.items([i])[i]["key"] for i in range(index.count)]
     assert 6 < len(keys) < 12 and len(keys) == len(read)  # the 6 of 00001.tar and some of 00000
     assert keys[-6:] == [f"00001.tar:{k:09d}" for k in range(6, 12)]
-    # the cut left the fourth sample without its image: skipped as the stream reader skips it
+    # the cut left the fourth sample without its image: lost with the two after it, in
+    # both readers
     skipped = dict(index.store.skipped())
-    assert read.skipped.counts == {"missing_image": 1, "truncated_shard": 1, "cut_off": 2}
-    assert set(skipped) == {"00000.tar", "00000.tar:000000003", "00000.tar:sample 5 of 6",
+    assert read.skipped.counts == {"truncated_shard": 1, "cut_off": 3}
+    assert set(skipped) == {"00000.tar", "00000.tar:sample 4 of 6", "00000.tar:sample 5 of 6",
                             "00000.tar:sample 6 of 6"}
     assert skipped["00000.tar:sample 6 of 6"].startswith("cut_off: ")
     assert skipped["00000.tar"].startswith(
-        f"truncated_shard: 00000.tar: read {len(keys) - 6 + 1} of 6 samples, then:")
+        f"truncated_shard: 00000.tar: read {len(keys) - 6} of 6 samples, then:")
     record = json.loads((out / "index.json").read_text())
     assert record["skipped"] == 4 and record["skipped_reasons"]["truncated_shard"] == 1
-    assert record["skipped_reasons"]["cut_off"] == 2
+    assert record["skipped_reasons"]["cut_off"] == 3
     assert "each is listed with its reason in " \
         f"{out / 'meta.sqlite'} (table skipped)" in capsys.readouterr().err
 

@@ -28,8 +28,8 @@ from cliplab.data.folder_files import (IMAGE_SUFFIXES, SkippedFile, caption_dirs
                                        image_metadata, list_folder, require_folder)
 from cliplab.data.images import open_image, to_pil
 from cliplab.data.shards.samples import image_part, txt_caption
-from cliplab.data.shards.tar_members import (MemberGroups, compression, damage_text, marker_follows,
-                                             member_key)
+from cliplab.data.shards.tar_members import (MemberGroups, compression, damage_text,
+                                             marker_follows)
 from cliplab.errors import CliplabError, DataError
 from cliplab.models.preprocess import convert_image
 
@@ -434,10 +434,7 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None
     groups = MemberGroups()
     try:
         with tarfile.open(tar) as archive:
-            for member in archive:
-                named = member_key(member.name) if member.isfile() else None
-                if named is not None:
-                    groups.add(*named, (member.offset_data, member.size, member.name))
+            groups.add_members(archive, lambda m: (m.offset_data, m.size, m.name))
             damage = None if marker_follows(archive) else \
                 "the file ends early (no end-of-archive marker)"
     except (tarfile.TarError, OSError) as err:
@@ -445,7 +442,8 @@ def _tar_samples(tar: Path) -> tuple[list[tuple[str, Members, bool]], str | None
     samples = groups.samples
     if damage is not None and samples:  # the damage may have cut the last sample's data
         size = tar.stat().st_size  # kept when its members are whole, as the stream keeps it
-        if any(offset + length > size for offset, length, _ in samples[-1][1].values()):
+        if any(offset + length > size for offset, length, _ in samples[-1][1].values()) \
+                or image_part(samples[-1][1]) is None:  # or come before its image
             samples.pop()
     return samples, damage
 

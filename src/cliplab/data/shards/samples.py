@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 from cliplab.data.folder_files import SkippedFile
 from cliplab.data.images import IMAGE_EXTS
-from cliplab.data.shards.tar_members import MemberGroups, damage_text, member_key, tar_layout
+from cliplab.data.shards.tar_members import (MemberGroups, compression, damage_text, member_key,
+                                             tar_layout)
 
 
 def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) -> Iterator[dict]:
@@ -85,23 +86,36 @@ class ShardDamage(Exception):
 
 
 def _regrouped_samples(shard: Path) -> Iterator[dict]:
-    """The samples of a tar whose members of one key lie apart, as `MemberGroups` gathers
-    them from the headers, each read whole from its members (a ``tar`` of a folder, which
-    webdataset would read as fragments); `ShardDamage` where reading stops early."""
-    groups = MemberGroups()
+    """The samples of a tar whose members of one key lie apart (a ``tar`` of a folder, which
+    webdataset would read as fragments), as `MemberGroups` gathers them from the headers, each
+    read from its members' byte ranges; a sample the damage cut is left out, and `ShardDamage`
+    follows the whole ones. A compressed tar is refused so: read out of order, it would be
+    decompressed again from its start for every sample."""
+    if (kind := compression(shard)) is not None:
+        raise ShardDamage(f"its samples' members lie apart (a `tar` of a folder), which a "
+                          f"{kind}-compressed tar cannot be read in: decompress it, or "
+                          "make it again with `tar --sort=name`")
+    groups, damage = MemberGroups(), None
     try:
         with tarfile.open(shard) as tar:
-            for member in tar:
-                named = member_key(member.name) if member.isreg() else None
-                if named is not None:
-                    groups.add(*named, member)
+            groups.add_members(tar)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        damage = ShardDamage(damage_text(err))
+    try:
+        with open(shard, "rb") as f:
+            end = f.seek(0, 2)
             for key, parts, _ in groups.samples:
+                if any(m.offset_data + m.size > end for m in parts.values()):
+                    continue  # cut by the damage
                 sample = {"__key__": key, "__shard__": shard.name, "__url__": str(shard)}
                 for ext, member in parts.items():
-                    sample[ext] = tar.extractfile(member).read()
+                    f.seek(member.offset_data)
+                    sample[ext] = f.read(member.size)
                 yield sample
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+    except OSError as err:
         raise ShardDamage(damage_text(err)) from None
+    if damage is not None:
+        raise damage
 
 
 def _tar_samples(shard: Path) -> Iterator[dict]:

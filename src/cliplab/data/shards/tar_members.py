@@ -9,6 +9,7 @@ import functools
 import re
 import tarfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +54,15 @@ class MemberGroups:
             self.samples.append(entry)
         entry[1][ext] = member
 
+    def add_members(self, tar: tarfile.TarFile,
+                    part: Callable[[tarfile.TarInfo], object] = lambda member: member) -> None:
+        """Add every sample part of ``tar`` as ``part(member)``, reading it to its end (an
+        error propagates, with what was read before it added)."""
+        for member in tar:
+            named = member_key(member.name) if member.isreg() else None
+            if named is not None:
+                self.add(*named, part(member))
+
 
 def damage_text(err: BaseException) -> str:
     """What stopped the reading of a tar, in plain words (no Python object reprs)."""
@@ -95,10 +105,7 @@ def _tar_layout(path: str, size: int, mtime_ns: int) -> TarLayout:
     groups, whole, damage = MemberGroups(), False, None
     try:
         with tarfile.open(path) as tar:
-            for member in tar:
-                named = member_key(member.name) if member.isreg() else None
-                if named is not None:
-                    groups.add(*named, None)
+            groups.add_members(tar, lambda member: None)
             whole = marker_follows(tar)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         damage = damage_text(err)
