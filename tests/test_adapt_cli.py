@@ -181,7 +181,8 @@ def test_a_separate_validation_set_is_what_the_search_sees(model_dir, recwarn):
     # on 20% of the training shots)
     res = run_adapt({**cfg, "method": "linear-probe", "options": {"l2": "auto"}},
                     model=load_model(model_dir), progress=False, write=False)
-    assert warned(recwarn) == ORACLE and res["options"]["l2_chosen_on"] == "validation"
+    assert warned(recwarn) == ORACLE and res["options"]["l2_chosen_on"] == (
+        "validation, which is data.test (the reported set, so its numbers are optimistic)")
     assert 0 <= res["options"]["val_acc1"] <= 1
     with pytest.raises(DataError, match="adapt: data.train and data.val must have the same "
                        "classes in the same order; class 0 is 'zero' in data.train but "
@@ -768,3 +769,25 @@ def test_a_few_shot_warmup_longer_than_the_run_is_warned_of(recwarn):
                 lr=0.1, warmup=10, progress=False, desc="coop")
     assert warned(recwarn).startswith("coop: options.warmup=10 steps is longer than the run "
                                       "(4 steps")
+
+
+def test_data_val_of_other_shapes_scenes_or_other_rows_is_no_overlap(recwarn):
+    """Another shapes seed draws other scenes, another offset other rows: these were warned
+    as "the same data as data.train" (source and split alone were compared)."""
+    from cliplab.adapt.config import AdaptConfig
+    from cliplab.adapt.run import warn_validation_overlap
+    from cliplab.config import validate
+    from tests.warned import warned
+
+    def overlap(train: dict, val: dict) -> str:
+        cfg = validate(AdaptConfig, {"method": "linear-probe", "shots": 4, "data": {
+            "train": train, "test": {"source": "shapes", "seed": 2}, "val": val}})
+        warned(recwarn)
+        warn_validation_overlap(cfg, False)
+        return warned(recwarn)
+
+    assert overlap({"source": "shapes", "seed": 0}, {"source": "shapes", "seed": 1}) == ""
+    assert overlap({"source": "fashion-mnist", "limit": 50000},
+                   {"source": "fashion-mnist", "offset": 50000}) == ""
+    assert "data.val reads the same data as data.train (shapes)" in overlap(
+        {"source": "shapes", "seed": 0}, {"source": "shapes", "seed": 0, "image_size": 48})

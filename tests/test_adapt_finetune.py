@@ -269,8 +269,8 @@ def test_a_stopped_finetune_run_is_removed_before_its_first_checkpoint_and_said_
     assert latest_checkpoint(out).name == "step-2"
     assert capsys.readouterr().err == (
         f"adapt: stopped; {out} keeps its checkpoints up to step-2 (each "
-        "checkpoints/step-N/model is a model folder), but adapt does not resume a run, so that "
-        "--out is refused: remove it or choose another\n")
+        "checkpoints/step-N/model is what the run had trained), but adapt does not resume a "
+        "run, so that --out is refused: remove it or choose another\n")
     monkeypatch.setattr(RunDir, "log", real_log)
     with pytest.raises(ConfigError, match="already holds a run"):
         run_adapt({**cfg, "out": str(out)}, progress=False)

@@ -153,3 +153,17 @@ def test_each_fit_ends_its_tensorboard_writer_thread(tmp_path):
         Trainer(small_model(), cfg, run).fit(pairs)
         assert _scalars(tmp_path / f"run{i}")["loss"]  # it did write events
     assert threading.active_count() == before
+
+
+def test_a_stopped_lora_run_names_the_adapters_its_checkpoints_hold(tmp_path, capsys):
+    """Its checkpoints hold adapter/, not model/: the stop named a path that did not exist."""
+    from cliplab.runs import removed_unless_checkpointed
+
+    run = RunDir(tmp_path / "lora", tensorboard=False)
+    run.atomic_checkpoint(2, lambda f: (f / "adapter").mkdir())
+    with pytest.raises(KeyboardInterrupt):
+        with removed_unless_checkpointed(run.path, False, "adapt"):
+            raise KeyboardInterrupt
+    assert "(each checkpoints/step-N/adapter is what the run had trained)" in \
+        capsys.readouterr().err
+    assert (run.path / "checkpoints" / "step-2" / "adapter").is_dir()

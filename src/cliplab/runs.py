@@ -216,9 +216,11 @@ def _after_stop(run: Path, existed: bool, command: str) -> None:
     and said."""
     newest = latest_checkpoint(run)
     if newest is not None:
-        print(f"{command}: stopped; {run} keeps its checkpoints up to {newest.name} (each "
-              f"{CHECKPOINTS}/step-N/model is a model folder), but {command} does not resume a "
-              "run, so that --out is refused: remove it or choose another", file=sys.stderr)
+        held = sorted(p.name for p in newest.iterdir() if p.is_dir())  # model/ or adapter/
+        what = f"each {CHECKPOINTS}/step-N/{held[0]}" if held else "its checkpoints"
+        print(f"{command}: stopped; {run} keeps its checkpoints up to {newest.name} ({what} "
+              f"is what the run had trained), but {command} does not resume a run, so that "
+              "--out is refused: remove it or choose another", file=sys.stderr)
     elif not existed:
         shutil.rmtree(run, ignore_errors=True)
     else:  # the user's folder: only what the run logged goes, its config.yaml may stay

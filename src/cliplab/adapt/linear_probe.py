@@ -80,18 +80,19 @@ def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | Non
             val_x = (ctx.features(model, ctx.val, which if which in EXTRA_PROBES else None,
                                   desc="encode val").get(which).float() - mean) / std
         opts.update(search_l2(x, train.labels, val_x, ctx.val.labels if ctx.val else None,
-                              num_classes, opts["l2_grid"], ctx.seed))
+                              num_classes, opts["l2_grid"], ctx.seed, ctx.val_label))
     opts["l2"] = float(opts["l2"])
     weight, bias = fit_logistic(x, train.labels, num_classes, opts["l2"])
     return LinearProbe(model, train.classnames, opts, mean, std, weight, bias)
 
 
 def search_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor | None,
-              val_y: torch.Tensor | None, num_classes: int, grid: list[float], seed: int
-              ) -> dict:
+              val_y: torch.Tensor | None, num_classes: int, grid: list[float], seed: int,
+              val_label: str = "validation") -> dict:
     """``{"l2", "l2_chosen_on", ["val_acc1"]}``: the strength of ``grid`` whose fit on all of
     ``x`` scores best on the validation features (ties: the stronger), as CoOp's linear-probe
-    baseline searches C; without them, chosen on a seeded 20% of ``x`` (`choose_l2`)."""
+    baseline searches C (``l2_chosen_on``: ``val_label``, what the validation split is); without
+    them, chosen on a seeded 20% of ``x`` (`choose_l2`)."""
     if val_x is None or val_y is None:
         l2, _ = choose_l2(x, y, num_classes, grid, seed=seed)
         return {"l2": l2, "l2_chosen_on": "a random 20% of the training images "
@@ -100,7 +101,7 @@ def search_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor | None,
     scores = {l2: accuracy(val_x, val_y, fit_logistic(x, y, num_classes, float(l2)))
               for l2 in grid}
     best = max(grid, key=lambda l2: (scores[l2], l2))
-    return {"l2": best, "l2_chosen_on": "validation", "val_acc1": scores[best]}
+    return {"l2": best, "l2_chosen_on": val_label, "val_acc1": scores[best]}
 
 
 def uses_validation(options: Options) -> bool:

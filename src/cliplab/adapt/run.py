@@ -4,7 +4,6 @@ write what was learned, ``config.yaml`` and ``results.json``."""
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from contextlib import nullcontext
@@ -20,7 +19,7 @@ from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
-from cliplab.data.sources import PATH_OPTIONS, as_labelled, load_source, source_loader
+from cliplab.data.sources import as_labelled, filled_spec, load_source, same_images
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError, errors_naming, warn
 from cliplab.evaluate.feature_cache import FeatureCache
@@ -150,33 +149,11 @@ def draw_validation(cfg: AdaptConfig, val: LabelledImages | ListedImages | ShotD
     return draws.listed.data
 
 
-def filled_spec(spec: dict | None) -> dict | None:
-    """``spec`` with its source's defaults filled in, None values left out and its path or
-    root resolved, so two specs of the same data compare equal (None: a streamed shard spec,
-    or none)."""
-    if not isinstance(spec, dict) or "source" not in spec:
-        return None
-    params = inspect.signature(source_loader(spec["source"])).parameters.values()
-    filled = {p.name: p.default for p in params if p.default not in (p.empty, None)}
-    filled.update({key: value for key, value in spec.items() if value is not None})
-    for key in PATH_OPTIONS:
-        if isinstance(filled.get(key), str):
-            filled[key] = str(Path(filled[key]).expanduser().resolve())
-    return filled
-
-
-def same_source(a: dict | None, b: dict | None) -> bool:
-    """Whether specs ``a`` and ``b`` (`filled_spec`) read the same files: source, split and
-    path or root alike, whatever their other options."""
-    keys = ("source", "split", *PATH_OPTIONS)
-    return a is not None and b is not None and all(a.get(k) == b.get(k) for k in keys)
-
-
 def val_label(cfg: AdaptConfig) -> str:
     """What a choice made on the validation split is recorded as made on: the reported test
     set when ``data.val`` is ``data.test``'s spec."""
     val = filled_spec(cfg.data.val)
-    if val is not None and val == filled_spec(cfg.data.test):
+    if same_images(val, filled_spec(cfg.data.test)):
         return "validation, which is data.test (the reported set, so its numbers are optimistic)"
     return "validation"
 
@@ -186,11 +163,11 @@ def warn_validation_overlap(cfg: AdaptConfig, apart: bool) -> None:
     set) or overlaps ``data.train`` where the drawn shots could not be kept out of it
     (``apart``: they were)."""
     val = filled_spec(cfg.data.val)
-    if val is not None and val == filled_spec(cfg.data.test):
+    if same_images(val, filled_spec(cfg.data.test)):
         warn("adapt: data.val is data.test, so what is chosen on validation is chosen on the "
              "reported test set and its numbers are optimistic; give data.val other images")
     train = filled_spec(cfg.data.train)
-    if apart or not same_source(val, train):
+    if apart or not same_images(val, train):
         return
     why = ("the run trains on all of data.train (shots=0), so every validation image is a "
            "training image" if val == train and not cfg.shots else
@@ -396,7 +373,7 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
              f"val_shots={cfg.val_shots}") + ") go unused" + (
                  ", and are not trained on either; set val_shots=0" if held_out else ""))
     from_train = own_val is None and cfg.val_shots or \
-        same_source(filled_spec(cfg.data.val), filled_spec(cfg.data.train))
+        same_images(filled_spec(cfg.data.val), filled_spec(cfg.data.train))
     if from_train and getattr(options, "finetuned", None):
         split = ("the validation split (val_shots) is drawn from data.train" if own_val is None
                  else "data.val reads the same data as data.train")

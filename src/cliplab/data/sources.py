@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, ConfigDict, TypeAdapter, create_model
@@ -42,6 +43,36 @@ SOURCES: dict[str, str] = {
     "image-folder": "cliplab.data.image_folder:load_image_folder",
     "multilabel-manifest": "cliplab.data.multilabel:load_multilabel_manifest",
 }
+
+
+def filled_spec(spec: object) -> dict | None:
+    """``spec`` with its source's defaults filled in, None values left out and its path or
+    root resolved, so two specs of the same data compare equal (None: no spec mapping)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("source"), str) \
+            or spec["source"] not in SOURCES:
+        return None
+    params = inspect.signature(source_loader(spec["source"])).parameters.values()
+    filled = {p.name: p.default for p in params if p.default not in (p.empty, None)}
+    filled.update({key: value for key, value in spec.items() if value is not None})
+    for key in PATH_OPTIONS:
+        if isinstance(filled.get(key), str):
+            filled[key] = str(Path(filled[key]).expanduser().resolve())
+    return filled
+
+
+# options that change how a set's images look (a shift: a noisy copy of each), not which
+# images it holds
+PRESENTATION_OPTIONS = ("image_size", "progress", "templates", "shift", "shift_seed")
+
+
+def same_images(a: dict | None, b: dict | None) -> bool:
+    """Whether filled specs ``a`` and ``b`` (`filled_spec`) hold the same images: alike but
+    for `PRESENTATION_OPTIONS` (another ``seed`` of ``shapes``, or another ``offset``, is
+    other images)."""
+    if a is None or b is None:
+        return False
+    return {k: v for k, v in a.items() if k not in PRESENTATION_OPTIONS} == \
+        {k: v for k, v in b.items() if k not in PRESENTATION_OPTIONS}
 
 
 def source_loader(name: str) -> Callable[..., Dataset]:

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
 from cliplab.data.pairs import check_same_classes
+from cliplab.data.sources import filled_spec, same_images
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError, warn
 from cliplab.evaluate.linear_probe import linear_probe
@@ -86,13 +87,31 @@ def probe_sets(spec: ProbeSpecBase, context: TaskContext, train: LabelledImages 
         check_same_classes(train, test, "-")
     except DataError as err:  # its message without the `where` (the caller names the task)
         raise DataError(str(err).removeprefix("-: ")) from None
-    same = spec.train is spec.test or (isinstance(spec.train, dict) and spec.train == spec.test)
-    shared = len(test) if same else 0 if listed else shared_images(train, test)
-    if shared and shared >= LEAK_FRACTION * len(test):  # a few copies: the data set's own
-        warn(f"{spec.name or spec.task}: {shared} of {len(test)} test images are also train "
-             "images (equal pixels): it is scored on images it learned from; give train and "
-             "test apart (digits and fashion-mnist: split: train and split: test)")
+    _warn_of_leakage(spec, context, train, test, listed)
     return train, test
+
+
+def _warn_of_leakage(spec: ProbeSpecBase, context: TaskContext, train: LabelledImages,
+                     test: LabelledImages, listed: bool) -> None:
+    """Warn (once per context and task) when ``test`` is ``train``'s data, or a tenth or more
+    of its images equal train images pixel for pixel (``listed``: a train set not decoded,
+    compared by spec only)."""
+    name = spec.name or spec.task
+    if f"leakage {name}" in context.reported:  # checked already: the hashes cost seconds
+        return
+    hint = "give train and test apart (digits and fashion-mnist: split: train and split: test)"
+    if spec.train is spec.test or same_images(filled_spec(spec.train), filled_spec(spec.test)):
+        context.reported.add(f"leakage {name}")
+        warn(f"{name}: train and test are the same images: it is scored on images it learned "
+             f"from; {hint}")
+        return
+    if listed:  # its pixels are compared where it is decoded
+        return
+    context.reported.add(f"leakage {name}")
+    shared = shared_images(train, test)
+    if shared and shared >= LEAK_FRACTION * len(test):  # a few copies: the data set's own
+        warn(f"{name}: {shared} of {len(test)} test images are also train images (equal "
+             f"pixels): it is scored on images it learned from; {hint}")
 
 
 def shared_images(train: LabelledImages, test: LabelledImages) -> int:
