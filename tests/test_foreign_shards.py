@@ -236,3 +236,13 @@ def test_a_cut_tar_of_a_folder_keeps_its_whole_samples_and_a_gzipped_one_is_refu
     assert _captions(stream) == []
     assert ("00000.tar.gz:after 0 samples (its samples' members lie apart (a `tar` of a "
             "folder), which a gzip-compressed tar cannot be read in") in stream.skipped.summary()
+
+
+def test_a_shard_pattern_with_unbalanced_braces_is_one_line(tmp_path, capsys):
+    assert main(["data", "shard", "--source", "shards", f"data.path={tmp_path}/{{00000..00001",
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "Unbalanced braces: '" + f"{tmp_path}/{{00000..00001'; a pattern is "
+        "DIR/{00000..00009}.tar")
+    with pytest.raises(DataError, match=r"^shard pattern .*: Unbalanced braces"):
+        _stream(f"{tmp_path}/{{00000..00001")

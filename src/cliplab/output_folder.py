@@ -152,7 +152,10 @@ def _named_files(path: str) -> list[str]:
         return [path]
     from webdataset.shardlists import expand_urls
 
-    return expand_urls(path)
+    try:
+        return expand_urls(path)
+    except ValueError:  # unbalanced braces: the reader says so in its own words
+        return [path]
 
 
 def check_apart_from_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],

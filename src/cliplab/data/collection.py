@@ -370,12 +370,12 @@ def _shard_items(folder: Path, spec: dict) -> Iterator[Item]:
 
 
 def _refuse_compressed(tars: list[Path]) -> None:
-    """A `DataError` naming the first compressed tar: index, curate and serve read each image
-    in place by its byte range, which a compressed file does not keep."""
+    """A `DataError` naming the first compressed tar: index and curate (and serve, after
+    them) read each image in place by its byte range, which a compressed file does not keep."""
     for tar in tars:
         if (kind := compression(tar)) is not None:
             raise DataError(f"{tar} is {kind}-compressed: index and curate read images in place "
-                            "and need plain .tar shards (pretrain and eval take it); write them "
+                            "and need plain .tar shards (pretrain and eval take them); write them "
                             f"with `cliplab data shard --data {tar.parent} --out NEW_FOLDER`")
 
 

@@ -3,8 +3,9 @@
 A folder written by ``cliplab data shard`` holds ``00000.tar, 00001.tar, …``, beside each shard
 ``00000_stats.json`` (its count), ``stats.json`` for the whole set and ``index.json`` (shard names
 and counts, the source spec, skipped samples), written last so a folder that has it is complete.
-Any other folder of ``*.tar`` files, a brace pattern (``data/{00000..00009}.tar``) or a list of
-paths works too for reading, with counts read from the tar headers when asked for.
+Any other folder of ``*.tar`` (``*.tar.gz``, ``*.tgz``) files, a brace pattern
+(``data/{00000..00009}.tar``) or a list of paths works too for reading, with counts read from
+the tar headers when asked for.
 """
 
 from __future__ import annotations
@@ -138,7 +139,11 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         else:
             from webdataset.shardlists import expand_urls
 
-            paths = [Path(p) for p in expand_urls(text)]
+            try:
+                paths = [Path(p) for p in expand_urls(text)]
+            except ValueError as err:  # braceexpand's UnbalancedBracesError
+                raise DataError(f"shard pattern {text}: {err}; a pattern is "
+                                "DIR/{00000..00009}.tar") from None
     else:
         paths = [Path(p).expanduser() for p in urls]
     if not paths:

@@ -67,7 +67,11 @@ class MemberGroups:
 def damage_text(err: BaseException) -> str:
     """What stopped the reading of a tar, in plain words (no Python object reprs)."""
     lines = str(err.args[0] if err.args else err).splitlines()
-    text = lines[0] if lines else type(err).__name__
+    # tarfile.open tries each compression: "could not be opened successfully:" then one line
+    # per method; the plain tar's says what was wrong
+    plain = [line.split("ReadError(", 1)[-1].strip("')\"") for line in lines
+             if line.startswith("- method tar:")]
+    text = plain[0] if plain else lines[0] if lines else type(err).__name__
     if isinstance(err, EOFError) or "unexpected end of data" in text:
         return "the file ends early, cut off inside a member"
     if text == "empty file":
