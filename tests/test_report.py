@@ -609,3 +609,25 @@ def test_a_run_without_results_says_so_beside_a_finished_one(tmp_path, capsys):
     assert "- **bare**: `" + str(bare) + "`\n" in markdown
     err = capsys.readouterr().err
     assert f"report: {stopped}: no results.json" in err and str(bare) not in err
+
+
+def test_a_task_the_inputs_ran_differently_says_how_above_its_table(tmp_path):
+    """Two results of task `fs` over 500 and 100 test images, other seeds: set side by side
+    as one comparison without a word."""
+    def results(name: str, limit: int, seeds: list[int]):
+        path = tmp_path / f"{name}.json"
+        spec = {"task": "few_shot", "name": "fs", "seeds": seeds, "features": "embeddings",
+                "test": {"source": "fashion-mnist", "split": "test", "limit": limit}}
+        other = {"task": "zeroshot", "name": "zs", "data": {"source": "digits"}}
+        path.write_text(json.dumps({"model": name, "suite_ran": {"tasks": [spec, other]},
+                                    "results": {"fs": _few_shot(0.5), "zs": {"acc1": 0.5}}}))
+        return path
+
+    assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
+                 str(results("a", 500, [0, 1, 2])), str(results("b", 100, [5]))]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert ("## fs\n\nNote: the inputs ran fs differently (a, b): seeds: [0, 1, 2] / [5]; "
+            "test.limit: 500 / 100\n") in md
+    assert "## zs\n\n| metric" in md  # alike: no note
+    assert "<p>Note: the inputs ran fs differently" in \
+        (tmp_path / "out" / "report.html").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class Table:
     title: str
     columns: list[str]
     rows: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+    note: str = ""  # shown under the title: e.g. that its columns ran differently
 
 
 @dataclass
@@ -111,6 +113,7 @@ def build_tables(sources: list[ReportSource]) -> list[Table]:
         metrics = dict.fromkeys(k for s in having for k in flat[s.label])
         table.rows = [(m, {label: values.get(m) for label, values in flat.items()})
                       for m in metrics]
+        table.note = spec_differences(section, having)
         if table.rows:
             tables.append(table)
     runs = [s for s in sources if s.history]
@@ -121,6 +124,36 @@ def build_tables(sources: list[ReportSource]) -> list[Table]:
                             [s.label for s in runs],
                             [(m, {lb: v.get(m) for lb, v in last.items()}) for m in metrics]))
     return tables
+
+
+def spec_differences(task: str, sources: list[ReportSource]) -> str:
+    """A sentence naming what the inputs' specs of ``task`` differ in (``test.limit: 500 /
+    100``), so columns of the same name over other data are not read as one comparison;
+    empty when they ran it alike or do not say."""
+    specs = [(s.label, _flat_spec(s.specs[task])) for s in sources if task in s.specs]
+    if len(specs) < 2:
+        return ""
+    keys = dict.fromkeys(k for _, spec in specs for k in spec)
+    differing = [k for k in keys if len({json.dumps(spec.get(k), sort_keys=True)
+                                         for _, spec in specs}) > 1]
+    if not differing:
+        return ""
+    shown = "; ".join(f"{k}: " + " / ".join(json.dumps(spec.get(k)) for _, spec in specs)
+                      for k in differing[:4])
+    more = f"; and {len(differing) - 4} more" if len(differing) > 4 else ""
+    return (f"the inputs ran {task} differently ({', '.join(label for label, _ in specs)}): "
+            f"{shown}{more}")
+
+
+def _flat_spec(spec: dict, prefix: str = "") -> dict[str, object]:
+    """A task spec's values under dotted keys (``test.limit``), lists and texts kept."""
+    out: dict[str, object] = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            out.update(_flat_spec(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def build_figures(sources: list[ReportSource], plots_dir: Path,
@@ -170,8 +203,9 @@ def render_markdown(title: str, sources: list[ReportSource], tables: list[Table]
     lines += [f"- **{_md_cell(s.label)}**: `{s.path}`"
               + (f" ({_md_cell(s.note)})" if s.note else "") for s in sources]
     for table in tables:
-        lines += ["", f"## {_md_cell(table.title)}", "",
-                  "| metric | " + " | ".join(_md_cell(c) for c in table.columns) + " |",
+        lines += ["", f"## {_md_cell(table.title)}", ""]
+        lines += [f"Note: {_md_cell(table.note)}", ""] if table.note else []
+        lines += ["| metric | " + " | ".join(_md_cell(c) for c in table.columns) + " |",
                   "|---|" + "---:|" * len(table.columns)]
         lines += ["| " + _md_cell(metric) + " | " + " | ".join(
             format_value(values.get(c)) for c in table.columns) + " |"
@@ -200,7 +234,9 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
               + (f" ({e(s.note)})" if s.note else "") + "</li>" for s in sources]
     parts.append("</ul>")
     for table in tables:
-        parts.append(f"<h2>{e(table.title)}</h2><table><thead><tr><th>metric</th>"
+        parts.append(f"<h2>{e(table.title)}</h2>"
+                     + (f"<p>Note: {e(table.note)}</p>" if table.note else "")
+                     + "<table><thead><tr><th>metric</th>"
                      + "".join(f"<th>{e(c)}</th>" for c in table.columns)
                      + "</tr></thead><tbody>")
         for metric, values in table.rows:

@@ -50,6 +50,15 @@ class ReportSource:
     sections: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     note: str = ""
+    specs: dict[str, dict] = field(default_factory=dict)  # task name -> the spec it ran
+
+
+def task_specs(data: dict) -> dict[str, dict]:
+    """Each task's spec as an eval results file records it (``suite_ran``), by its name."""
+    suite = data.get("suite_ran")
+    tasks = suite.get("tasks") if isinstance(suite, dict) else None
+    return {t["name"]: {k: v for k, v in t.items() if k != "name"}
+            for t in tasks or [] if isinstance(t, dict) and isinstance(t.get("name"), str)}
 
 
 def read_json(path: Path) -> dict:
@@ -230,7 +239,8 @@ def read_input(path: str | Path) -> ReportSource:
                         "(cliplab eval --out) or run folders")
     if path.is_file():
         data = read_json(path)
-        source = ReportSource(_results_label(path, data), path, result_sections(data))
+        source = ReportSource(_results_label(path, data), path, result_sections(data),
+                              specs=task_specs(data))
         check_results(path, data, source.sections)
         return source
     present = [name for name in RUN_FILES if (path / name).is_file()]
