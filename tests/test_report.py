@@ -623,8 +623,11 @@ def test_a_task_the_inputs_ran_differently_says_how_above_its_table(tmp_path):
                                     "results": {"fs": _few_shot(0.5), "zs": {"acc1": 0.5}}}))
         return path
 
+    folder = tmp_path / "b-out"  # an eval --out folder, read as its results.json
+    folder.mkdir()
+    results("b", 100, [5]).rename(folder / "results.json")
     assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
-                 str(results("a", 500, [0, 1, 2])), str(results("b", 100, [5]))]) == 0
+                 str(results("a", 500, [0, 1, 2])), str(folder)]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert ("## fs\n\nNote: the inputs ran fs differently (a, b): seeds: [0, 1, 2] / [5]; "
             "test.limit: 500 / 100\n") in md

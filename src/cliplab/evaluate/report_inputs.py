@@ -259,7 +259,7 @@ def read_input(path: str | Path) -> ReportSource:
             check_results(path / "results.json", results, result_sections(results))
         if "metrics.jsonl" in present:  # its `train` is the last logged record, shown there
             results.pop("train", None)
-        source.sections = result_sections(results)
+        source.sections, source.specs = result_sections(results), task_specs(results)
     if "metrics.jsonl" in present:
         source.history = read_history(path / "metrics.jsonl")
         if not source.history and not source.sections:  # as a results file without numbers
