@@ -57,24 +57,25 @@ def raw_samples(shards: list[Path], expected: Mapping[Path, int] | None = None) 
                         "__key__": sample["__key__"]}
             seen.add(sample["__key__"])
         count = expected.get(shard)
-        if held is not None and "__error__" not in held and image_part(held) is None and (
-                damage is not None or (count is not None and read < count)
-                or (count is None and not tar_layout(shard).whole)):
+        short = count is not None and read < count  # fewer than index.json's count
+        cut = count is None and not tar_layout(shard).whole  # no end-of-archive marker
+        damaged = damage is not None or short or cut
+        if damaged and held is not None and "__error__" not in held and image_part(held) is None:
             held, read = None, read - 1  # cut off before its image: one of the samples lost
         if held is not None:
             yield held
+        if not damaged:
+            continue
         of = f" of {count}" if count is not None else ""
         if damage is not None:
             reason, where = "unreadable_shard", f"after {read}{of} samples ({damage})"
-        elif count is not None and read < count:
+        elif short:
             reason, where = "truncated_shard", f"{read}{of} samples (" + (
                 "the tar ends before index.json's count)" if tar_layout(shard).whole
                 else "the file ends early)")
-        elif count is None and not tar_layout(shard).whole:
+        else:
             reason, where = "truncated_shard", f"{read} samples, then the file ends early " \
                                                "(no end-of-archive marker)"
-        else:
-            continue
         yield {"__error__": reason, "__shard__": shard.name, "__key__": where}
         for number in range(read + 1, (count or 0) + 1):
             yield {"__error__": "cut_off", "__shard__": shard.name,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from cliplab.data.images import ENCODE_FORMATS, encode_image
 from cliplab.data.pairs import labelled_to_pairs
 from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN, SIZES_FILE,
-                                        STATS_FILE, UNFINISHED_FILE, set_files,
+                                        STATS_FILE, UNFINISHED_FILE, read_index, set_files,
                                         shard_stats_name)
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport, source_keys
 from cliplab.errors import ConfigError, DataError
@@ -41,14 +41,12 @@ def _holds_a_shard_set(folder: Path) -> bool:
     (img2dataset's ``.parquet`` files beside them would describe shards that are gone)."""
     if not set_files(folder):
         return False
-    index = folder / INDEX_FILE
-    if not index.is_file():
+    if not (folder / INDEX_FILE).is_file():
         return (folder / UNFINISHED_FILE).is_file()
     try:
-        record = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_index(folder, quiet=True) is not None  # None: another tool's index.json
+    except DataError:  # unreadable: not one cliplab can say it wrote
         return False
-    return isinstance(record, dict) and record.get("format") == INDEX_FORMAT
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
