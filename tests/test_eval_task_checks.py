@@ -71,6 +71,37 @@ def test_probe_tasks_warn_when_test_images_are_train_images(tiny_model, task, re
         warned(recwarn)
 
 
+def _shade_folder(root, shades: range):
+    """Class folders ``red`` and ``blue`` of 8x8 squares, one per shade (a distinct image)."""
+    from PIL import Image
+
+    for name, colour in (("red", lambda v: (v, 0, 0)), ("blue", lambda v: (0, 0, v))):
+        (root / name).mkdir(parents=True)
+        for v in shades:
+            Image.new("RGB", (8, 8), colour(v)).save(root / name / f"{v}.png")
+    return str(root)
+
+
+def test_probe_on_image_folders_warns_of_shared_pixels_only(tiny_model, tmp_path, recwarn):
+    """`cliplab eval` lists image folders before decoding them (each image a placeholder):
+    every probe over two disjoint folders warned "80 of 80 test images are also train
+    images" and, counted as warned, never compared the decoded pixels."""
+    from tests.warned import warned
+
+    train = _shade_folder(tmp_path / "train", range(100, 140))
+    test = _shade_folder(tmp_path / "test", range(200, 220))
+    copy = _shade_folder(tmp_path / "copy", range(100, 120))  # train's first 20 shades
+    spec = {"name": "p", "task": "linear_probe", "features": "embeddings", "l2": 0.01,
+            "train": {"source": "image-folder", "path": train}}
+    warned(recwarn)
+    run_suite(tiny_model, {"tasks": [{**spec, "test": {"source": "image-folder", "path": test}}]},
+              TaskContext(progress=False, hold=False))  # as `cliplab eval` runs a suite
+    assert "test images are also train images" not in warned(recwarn)
+    run_suite(tiny_model, {"tasks": [{**spec, "test": {"source": "image-folder", "path": copy}}]},
+              TaskContext(progress=False, hold=False))
+    assert "p: 40 of 40 test images are also train images (equal pixels)" in warned(recwarn)
+
+
 # 2. task names are unique
 
 

@@ -80,7 +80,9 @@ def probe_sets(spec: ProbeSpecBase, context: TaskContext, train: LabelledImages 
     """The train (``train`` if given, e.g. as listed) and test sets of a probe-style spec,
     checked to have the same classes (a one-line error that names the keys, not the task:
     `TaskSpecBase.check`'s)."""
-    listed = train is not None  # its images not all decoded: compared by spec only
+    # a train set given listed, or sets `TaskContext.preload` lists (their images placeholders,
+    # all equal): compared by spec only, their pixels where they are decoded
+    listed = train is not None or context.listing
     train = context.labelled(spec.train, "train") if train is None else train
     test = context.labelled(spec.test, "test")
     try:
