@@ -634,3 +634,25 @@ def test_a_task_the_inputs_ran_differently_says_how_above_its_table(tmp_path):
     assert "## zs\n\n| metric" in md  # alike: no note
     assert "<p>Note: the inputs ran fs differently" in \
         (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_task_scored_by_a_head_in_one_input_and_by_prompts_in_another_says_so(tmp_path):
+    """A fine-tuned folder's zero-shot task is scored by its head.safetensors, its export's by
+    the text prompts (an export holds the towers only): the table set them side by side as
+    one comparison, the difference dropped with the results' text values."""
+    def results(name: str, classifier: str | None):
+        path = tmp_path / f"{name}.json"
+        zs = {"acc1": 0.9, **({"classifier": classifier} if classifier else {})}
+        path.write_text(json.dumps({"model": name, "results": {"zs": zs, "lp": {"acc1": 0.5}}}))
+        return str(path)
+
+    inputs = [results("merged", "runs/merged/head.safetensors"), results("onnx", None),
+              results("back", None)]
+    assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
+                 *inputs]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert ("## zs\n\nNote: zs was scored by a classifier head in merged "
+            "(runs/merged/head.safetensors), by the text prompts in onnx, back\n") in md
+    assert "## lp\n\n| metric" in md  # no input has a head: no note
+    write_report([inputs[0], results("soup", "runs/soup/head.safetensors")], tmp_path / "same")
+    assert "Note:" not in (tmp_path / "same" / "report.md").read_text()  # all by a head

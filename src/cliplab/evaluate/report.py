@@ -113,7 +113,8 @@ def build_tables(sources: list[ReportSource]) -> list[Table]:
         metrics = dict.fromkeys(k for s in having for k in flat[s.label])
         table.rows = [(m, {label: values.get(m) for label, values in flat.items()})
                       for m in metrics]
-        table.note = spec_differences(section, having)
+        table.note = "; ".join(note for note in (spec_differences(section, having),
+                                                  scorer_differences(section, having)) if note)
         if table.rows:
             tables.append(table)
     runs = [s for s in sources if s.history]
@@ -143,6 +144,20 @@ def spec_differences(task: str, sources: list[ReportSource]) -> str:
     more = f"; and {len(differing) - 4} more" if len(differing) > 4 else ""
     return (f"the inputs ran {task} differently ({', '.join(label for label, _ in specs)}): "
             f"{shown}{more}")
+
+
+def scorer_differences(task: str, sources: list[ReportSource]) -> str:
+    """A sentence saying which inputs scored ``task`` with a learned classifier head (their
+    results' ``classifier``: a fine-tuned model's head.safetensors) and which with the text
+    prompts, when some did and some did not (an export leaves the head out); else empty."""
+    heads = [(s.label, s.sections[task].get("classifier")) for s in sources
+             if isinstance(s.sections.get(task), dict)]
+    prompted = [label for label, head in heads if not head]
+    if not prompted or len(prompted) == len(heads):
+        return ""
+    by_head = ", ".join(f"{label} ({head})" for label, head in heads if head)
+    return (f"{task} was scored by a classifier head in {by_head}, by the text prompts in "
+            f"{', '.join(prompted)}")
 
 
 def _flat_spec(spec: dict, prefix: str = "") -> dict[str, object]:
