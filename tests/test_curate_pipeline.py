@@ -408,6 +408,19 @@ def test_cli_curates_and_reports_bad_keys_in_one_line(tmp_path, capsys):
 
 
 
+def test_curated_output_records_its_pool_path_resolved(tmp_path, monkeypatch):
+    """summary.json and the curated shards' index.json recorded a relative `--data` as typed."""
+    make_folder(tmp_path / "pool", [200, 200, 60])
+    (tmp_path / "c.yaml").write_text("data: pool\nsteps:\n  - {step: exact_dedup}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["curate", "--config", "c.yaml", "--out", "out", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    index = json.loads((tmp_path / "out" / "shards" / "index.json").read_text())
+    assert summary["data"]["path"] == index["source"]["path"] == str(tmp_path / "pool")
+    assert "data:\n  source: image-folder\n  path: pool\n" in \
+        (tmp_path / "out" / "config.yaml").read_text()  # the config as given, to run again
+
+
 def test_cli_data_replaces_the_configs_whole_source(tmp_path, capsys):
     """``--data`` stands for the whole source: the config's ``n``/``seed`` (options of its
     ``shapes`` source, which an image folder does not take) are dropped, not merged in; a

@@ -508,6 +508,19 @@ def test_cli_shards_an_image_folder_of_class_subfolders(tmp_path, capsys):
     assert back.labels.tolist() == [0, 0, 1, 1]
 
 
+def test_shards_record_their_source_path_resolved(tmp_path, monkeypatch):
+    """A relative `--source` (as typed, from the working folder) was recorded as typed: read
+    from any other folder, index.json no longer named the images it was made from."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "pets" / "cat").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        tmp_path / "pets" / "cat" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "shard", "--source", "pets", "--out", "a", "--no-progress"]) == 0
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["source"]["path"] == str(tmp_path / "pets")
+
+
 def test_cli_config_manifest_by_path_and_errors(tmp_path, capsys):
     rng = np.random.default_rng(2)
     for i in range(3):

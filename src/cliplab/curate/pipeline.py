@@ -43,6 +43,7 @@ from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
+from cliplab.data.sources import with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
@@ -93,9 +94,10 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
     if not kept:
         warn(nothing_kept_warning(summary_steps))
-    outputs = write_kept(kept, work, config.output, config.data, progress)
+    source = with_paths_resolved(config.data)  # names it when read from elsewhere
+    outputs = write_kept(kept, work, config.output, source, progress)
     write_dropped(dropped, work / "dropped.parquet")
-    summary = {"format": FORMAT, "data": config.data, "pool": n_pool, "kept": len(kept),
+    summary = {"format": FORMAT, "data": source, "pool": n_pool, "kept": len(kept),
                "dropped": len(dropped), "steps": summary_steps, "output": outputs}
     write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
                  examples=config.examples, out=out)

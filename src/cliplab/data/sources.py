@@ -54,10 +54,15 @@ def filled_spec(spec: object) -> dict | None:
     params = inspect.signature(source_loader(spec["source"])).parameters.values()
     filled = {p.name: p.default for p in params if p.default not in (p.empty, None)}
     filled.update({key: value for key, value in spec.items() if value is not None})
-    for key in PATH_OPTIONS:
-        if isinstance(filled.get(key), str):
-            filled[key] = str(Path(filled[key]).expanduser().resolve())
-    return filled
+    return with_paths_resolved(filled)
+
+
+def with_paths_resolved(spec: dict) -> dict:
+    """``spec`` with its file or folder options (`PATH_OPTIONS`) expanded and resolved: as an
+    output records its source, so the record still names it when read from another folder."""
+    return {key: str(Path(value).expanduser().resolve())
+            if key in PATH_OPTIONS and isinstance(value, str) else value
+            for key, value in spec.items()}
 
 
 # options that change how a set's images look (a shift: a noisy copy of each), not which

@@ -73,7 +73,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
                  where: str | None = None) -> dict:
     """Write the source ``spec`` (one `streams` takes) as shards under ``out`` image by image;
     return the index, as `write_shards` of the loaded set would."""
-    from cliplab.data.sources import check_options, check_templates
+    from cliplab.data.sources import check_options, check_templates, with_paths_resolved
 
     check_writer_options(image_format, samples_per_shard)
     with errors_naming(where):
@@ -136,7 +136,8 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
         raise DataError(f"nothing to write: {name} has no sample with a caption "
                         f"({skipped.summary()})")
     classes = class_fields(opened.classnames, opened.templates, opened.descriptions)
-    return writer.write_index(name, spec, skipped, image_format=image_format, **classes)
+    return writer.write_index(name, with_paths_resolved(spec), skipped, image_format=image_format,
+                              **classes)
 
 
 def _remove_set(out: Path, existed: bool) -> None:

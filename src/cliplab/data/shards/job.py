@@ -11,7 +11,8 @@ from cliplab.config import OutFolder, Section, refuse_unused
 from cliplab.data.folder_files import with_folder_captions
 from cliplab.data.shards.from_files import streams, write_source
 from cliplab.data.shards.write import check_out_folder, write_shards
-from cliplab.data.sources import DataSpecField, load_source, refuse_multilabel
+from cliplab.data.sources import (DataSpecField, load_source, refuse_multilabel,
+                                  with_paths_resolved)
 from cliplab.output_folder import same_folder, spec_paths
 from cliplab.errors import ConfigError
 
@@ -64,5 +65,6 @@ def run_shard(config: ShardConfig, progress: bool = True) -> dict:
     refuse_multilabel(data, "data")
     return write_shards(data, out, samples_per_shard=config.samples_per_shard,
                         image_format=config.image_format, quality=config.quality,
-                        overwrite=overwrite, source=spec, progress=progress)
+                        overwrite=overwrite, source=with_paths_resolved(spec),
+                        progress=progress)
 
