@@ -134,6 +134,48 @@ def test_an_exact_copy_of_a_non_square_evaluation_image_is_found_whatever_the_se
         assert decision.keep.tolist() == [False, True], name
         assert decision.report["matches"][0]["hash_distance"] == 0
 
+
+def _mixed_sizes_folder(root, rng) -> list:
+    """An image folder of five noise images whose shorter sides (48, 40, 64, 30, 40) differ
+    from their median (40) but for two; the file paths, in class order."""
+    sizes = [(48, 48), (40, 40), (64, 64), (30, 96), (56, 40)]
+    paths = []
+    for i, (height, width) in enumerate(sizes):
+        path = root / ("a" if i % 2 else "b") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("source", ["image-folder", "manifest"])
+def test_exact_copies_of_an_evaluation_set_of_mixed_sizes_are_at_hash_distance_0(
+        tmp_path, source):
+    """A set of mixed sizes is held as squares of its median shorter side; its 48 and 64 px
+    files were resized to 40 px before hashing while the pool's copies were hashed at their own
+    size, so they were at distance 2-4 and kept at ``hash_distance: 0``. The pool is hashed at
+    the set's side too: every exact copy is at 0, an unrelated image is kept."""
+    rng = np.random.default_rng(1)
+    paths = _mixed_sizes_folder(tmp_path / "evals", rng)
+    data = {"source": "image-folder", "path": str(tmp_path / "evals")}
+    if source == "manifest":
+        manifest = tmp_path / "evals.csv"
+        manifest.write_text("image,caption\n" + "".join(f"{p},photo {i}\n"
+                                                        for i, p in enumerate(paths)),
+                            encoding="utf-8")
+        data = {"source": "manifest", "path": str(manifest)}
+    spec = step_spec({"step": "decontaminate", "threshold": None, "hash_distance": 0,
+                      "eval_sets": [data]}, "test")
+    copies = [Image.open(p).convert("RGB") for p in paths]
+    other = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    keys = [f"copy-{i}" for i in range(len(paths))] + ["other"]
+    batch = PoolBatch(keys, keys, copies + [other])
+    with pytest.warns(UserWarning, match="are made 40x40 squares"):
+        decision = run(spec, batch, tmp_path / "work", chunks=2)
+    assert decision.keep.tolist() == [False] * len(paths) + [True]
+    assert [m["hash_distance"] for m in decision.report["matches"]] == [0] * len(paths)
+
+
 def test_embedding_alone_finds_every_planted_copy_and_nothing_else(pool, tmp_path, monkeypatch):
     monkeypatch.setattr(decontaminate, "embed_images", pixel_embeddings)
     batch, planted = pool

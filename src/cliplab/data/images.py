@@ -43,6 +43,8 @@ _RESAMPLE = {"bilinear": _BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _MODEL_INPUT: ContextVar[PreprocessConfig | None] = ContextVar("model_input", default=None)
 # within `deferred_decoding`: each deferred image, by its sample's key
 _DEFERRED: ContextVar[dict[str, "DeferredImage"] | None] = ContextVar("deferred", default=None)
+# within `noting_squares`: the side of each set of mixed sizes `stack_images` made squares of
+_SQUARED: ContextVar[list[int] | None] = ContextVar("squared", default=None)
 # what a deferred image holds until it is decoded
 PLACEHOLDER = torch.zeros((1, 1, 3), dtype=torch.uint8)
 
@@ -160,6 +162,19 @@ def deferred_decoding() -> Iterator[dict[str, DeferredImage]]:
         _DEFERRED.reset(token)
 
 
+@contextmanager
+def noting_squares() -> Iterator[list[int]]:
+    """Within it, `stack_images` appends to the list yielded the side of each set of mixed
+    sizes it makes squares of (its median shorter side), so a caller can bring other images
+    to the frame the set is held in (`centre_square` at that side)."""
+    sides: list[int] = []
+    token = _SQUARED.set(sides)
+    try:
+        yield sides
+    finally:
+        _SQUARED.reset(token)
+
+
 def _decode_for(model_input: PreprocessConfig | None, decode: Callable[[], torch.Tensor]
                 ) -> torch.Tensor:
     with decoding_for(model_input):
@@ -239,6 +254,9 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
              f"(shorter side resized to {side} px, centre crop); give image_size: N "
              "to resize each to N x N instead", stacklevel=2)
         images = [centre_square(im, side) for im in images]
+        noted = _SQUARED.get()
+        if noted is not None:
+            noted.append(side)
     if len({im.shape[-1] for im in images}) > 1:
         images = [im.expand(-1, -1, 3) if im.shape[-1] == 1 else im for im in images]
     return torch.stack(list(images))

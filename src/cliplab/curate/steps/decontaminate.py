@@ -8,7 +8,9 @@ Two signals, computed against every image of the evaluation sets (embedded and h
 - the Hamming distance of 64-bit perceptual hashes (pHash: the signs of the low-frequency DCT
   of a 32x32 grey thumbnail of the image's centre square, `imagehash.phash`;
   ``hash_distance``), which needs no model and catches exact and resized/noised copies even
-  when the model is weak.
+  when the model is weak. An evaluation set of mixed sizes is held as squares of its median
+  shorter side (`stack_images`), so the pool's images are hashed against it as squares of that
+  side too: an exact copy of any of its files is at distance 0.
 
 A pool image is dropped when ``cosine >= threshold`` OR ``hash distance <= hash_distance``
 (either signal alone is evidence of a copy; set one to ``null`` to use only the other). The
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
-from cliplab.data.images import to_pil
+from cliplab.data.images import centre_square, noting_squares, to_pil
 from cliplab.data.sources import check_options, load_source
 from cliplab.errors import ConfigError
 from cliplab.models.resolve import load_model
@@ -100,14 +102,24 @@ def phash_bits(image: Image.Image) -> np.uint64:
 
 
 def square_phash(image: Image.Image) -> np.uint64:
-    """`phash_bits` of ``image``'s centre square (its shorter side's): an evaluation set of
-    mixed sizes is held as centre squares (`stack_images`), so the pool's images are hashed in
-    that frame too, and an exact copy of a non-square evaluation image is at distance 0 (hashed
-    whole, it was a quarter off)."""
+    """`phash_bits` of ``image``'s centre square (its shorter side's): an exact copy of a
+    non-square evaluation image is at distance 0 (hashed whole, it was a quarter off)."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return phash_bits(image.crop((left, top, left + side, top + side)))
+
+
+def frame_phash(image: Image.Image, side: int | None) -> np.uint64:
+    """`square_phash` of ``image`` as an evaluation set held at ``side`` holds its images: an
+    evaluation set of mixed sizes is made squares of its median shorter side (`stack_images`:
+    `centre_square`), so an exact copy of one of its files is at distance 0 only when the
+    pool's image is made that square too (hashed at its own size, a 64 px copy of a file held
+    at 48 px was at 4). None: at its own size (a set of one size is held as it is)."""
+    if side is None:
+        return square_phash(image)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    return phash_bits(to_pil(centre_square(pixels, side)))
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -169,6 +181,8 @@ class Decontaminate:
         self.eval_hashes = np.zeros(0, dtype=np.uint64)
         self._eval_images: list[torch.Tensor] = []  # per set; driver only (not pickled)
         self._offsets: list[int] = []
+        # per set: the sides it is held at (each set of mixed sizes squared), None its own size
+        self._frames: list[tuple[int | None, ...]] = []
         self.work: Path | None = None
 
     def prepare(self, context: StepContext) -> None:
@@ -178,7 +192,9 @@ class Decontaminate:
                       if self.spec.threshold is not None else None)
         embeddings, hashes = [], []
         for label, data_spec in eval_set_specs(self.spec):
-            data = load_source(data_spec, context.progress, label)
+            with noting_squares() as squared:
+                data = load_source(data_spec, context.progress, label)
+            self._frames.append(tuple(dict.fromkeys(squared)) or (None,))
             _tell_skipped(label, getattr(data, "skipped", None))
             images = data.images
             self._offsets.append(len(self.labels))
@@ -205,8 +221,7 @@ class Decontaminate:
         """Per pool image: its best match by cosine and by hash, each with the other signal's
         value for that same evaluation image."""
         n = len(batch)
-        hashes = np.array([square_phash(im) for im in batch.images], dtype=np.uint64)
-        distances = hamming(hashes, self.eval_hashes) if n else np.zeros((0, len(self.labels)))
+        distances = self._distances(batch.images) if n else np.zeros((0, len(self.labels)))
         if self.model is not None and n:
             sims = embed_images(self.model, batch.images, self.spec.batch_size) @ self.eval_embeddings.T
         else:
@@ -218,6 +233,23 @@ class Decontaminate:
                 "cosine_match_hash_distance": distances[rows, by_cos],
                 "hash_distance": distances[rows, by_hash], "hash_match": by_hash,
                 "hash_match_cosine": sims[rows, by_hash].astype(np.float32)}
+
+    def _distances(self, images: list[Image.Image]) -> np.ndarray:
+        """``[len(images), evaluation images]`` hash distances, each set's in the frame it
+        holds its images in (`frame_phash`; the nearest if it has several)."""
+        hashes: dict[int | None, np.ndarray] = {}  # the pool's, per frame
+        ends = [*self._offsets[1:], len(self.labels)]
+        blocks = []
+        for start, end, frames in zip(self._offsets, ends, self._frames):
+            block = None
+            for side in frames:
+                if side not in hashes:
+                    hashes[side] = np.array([frame_phash(im, side) for im in images],
+                                            dtype=np.uint64)
+                found = hamming(hashes[side], self.eval_hashes[start:end])
+                block = found if block is None else np.minimum(block, found)
+            blocks.append(block)
+        return np.concatenate(blocks, axis=1)
 
     def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
         """Drop every item whose cosine reaches ``threshold`` or hash distance is within
