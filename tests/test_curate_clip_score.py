@@ -3,11 +3,13 @@ keep_top count, its tie rule, and its equivalence with a threshold on hand-built
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
+from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext, told_apart
 from cliplab.curate.score_filter import top_fraction
 from cliplab.curate.steps.clip_score import ClipScore, Spec
 from cliplab.curate.steps.registry import step_spec
@@ -92,7 +94,9 @@ def test_threshold_and_keep_top_agree_on_distinct_scores():
     np.testing.assert_array_equal(by_top.keep, by_threshold.keep)
     assert by_top.threshold == pytest.approx(cut) and by_threshold.threshold == pytest.approx(cut)
     dropped = int(np.flatnonzero(~by_threshold.keep)[0])
-    assert by_threshold.reasons[dropped] == f"clip score {scores[dropped]:.3f} below threshold {cut:.3f}"
+    shown = re.fullmatch(r"clip score (\S+) below threshold (\S+)", by_threshold.reasons[dropped])
+    assert float(shown[1]) < float(shown[2])  # never printed alike
+    assert float(shown[2]) == pytest.approx(cut, abs=0.0005)
 
 
 def test_exactly_one_rule():
@@ -124,3 +128,14 @@ def test_top_fraction_never_keeps_a_nan_score():
     assert keep.tolist() == [True, False, True] and cut == 0.3
     keep, cut = top_fraction(np.array([np.nan, 0.1, np.nan, 0.7]), 0.75)  # round(3) = 3 > 2
     assert keep.tolist() == [False, True, False, True] and cut == 0.1
+
+
+@pytest.mark.parametrize("a, b, shown", [
+    (0.121, 0.25, ("0.121", "0.250")),  # apart at three decimals: three
+    (0.2499, 0.25, ("0.2499", "0.2500")),
+    (0.25, 0.25, ("0.250", "0.250")),  # equal: alike
+    (-0.5, -0.50001, ("-0.50000", "-0.50001")),
+    (1e-20, 2e-20, ("1e-20", "2e-20")),  # beyond 17 decimals: their shortest forms
+])
+def test_a_reasons_two_numbers_print_apart_when_they_differ(a, b, shown):
+    assert told_apart(a, b) == shown

@@ -219,7 +219,19 @@ def test_a_cosine_equal_to_the_threshold_is_a_match(tmp_path, monkeypatch):
     decision = step.decide(PoolItems(["a", "b"], ["", ""]), columns)
     assert decision.keep.tolist() == [False, True]
     assert decision.reasons[0] == ("near duplicate of evaluation image "
-                                   "eval_sets[0]:fashion-mnist#0 (cosine 0.500 >= 0.5)")
+                                   "eval_sets[0]:fashion-mnist#0 (cosine 0.500 >= 0.500)")
+
+
+def test_a_cosine_just_over_the_threshold_reads_over_it_in_the_reason(tmp_path, monkeypatch):
+    """Cosine 0.9504 against threshold 0.95 read "cosine 0.950 >= 0.95" (three decimals)."""
+    step = Decontaminate(Spec(step="decontaminate", model="tiny-clip", eval_sets=[EVAL],
+                              threshold=0.95, hash_distance=None))
+    step.labels = ["eval_sets[0]:fashion-mnist#0"]
+    monkeypatch.setattr(step, "_thumbnail", lambda index: tmp_path / f"{index}.png")
+    columns = {"cosine": np.array([0.9504], np.float32), "cosine_match": np.zeros(1, int),
+               "cosine_match_hash_distance": np.array([30]), "hash_distance": np.array([30])}
+    decision = step.decide(PoolItems(["a"], [""]), columns)
+    assert decision.reasons[0].endswith("(cosine 0.9504 >= 0.9500)")
 
 
 def test_the_eval_sets_of_a_suite_are_used_once_each(tmp_path):

@@ -55,7 +55,8 @@ def test_threshold_keeps_scores_at_or_above_it_and_drops_nan():
     d = keep_by_score(np.array([0.25, 0.2499, np.nan, 1.0]), None, 0.25, "dfn score",
                       report={"x": 1})
     assert d.keep.tolist() == [True, False, False, True]
-    assert d.reasons[1] == "dfn score 0.250 below threshold 0.250"
+    # three decimals printed both 0.250: as many as tell them apart
+    assert d.reasons[1] == "dfn score 0.2499 below threshold 0.2500"
     assert d.reasons[2] == "dfn score is not a number"
     assert d.threshold == 0.25 and d.report == {"rule": "threshold 0.25", "kept": 2, "x": 1}
 

@@ -23,6 +23,16 @@ def unit(*parts: tuple[int, float], dim: int = 6) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def test_a_cosine_just_above_the_threshold_reads_above_it_in_the_reason():
+    """Cosine 0.9502 over 0.95 read "cosine 0.950 above 0.950" at three decimals."""
+    step = SemanticDedup(Spec(step="semantic_dedup", model="tiny-clip", n_clusters=1, eps=0.05))
+    near = unit((0, 1), (1, float(np.sqrt(1 / 0.9502 ** 2 - 1))))
+    decision = step.decide(PoolItems(["a", "near"], ["", ""]),
+                           {"embedding": np.stack([unit((0, 1)), near])})
+    assert decision.keep.tolist() == [True, False]
+    assert decision.reasons[1] == "near duplicate of a (cosine 0.9502 above 0.9500)"
+
+
 def test_decide_drops_planted_near_duplicates_with_reasons_clusters_and_scores():
     step = SemanticDedup(Spec(step="semantic_dedup", model="tiny-clip", n_clusters=2, eps=0.05))
     keys = ["a", "b", "a-copy", "a-topic", "b-copy"]

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from cliplab.curate.steps.base import Decision
+from cliplab.curate.steps.base import Decision, told_apart
 
 
 def check_keep_options(keep_top: float | None, threshold: float | None) -> None:
@@ -45,7 +45,8 @@ def keep_by_score(scores: np.ndarray, keep_top: float | None, threshold: float |
                   label: str, report: dict | None = None) -> Decision:
     """The `Decision` of a score filter: ``keep_top`` or ``threshold`` (exactly one) over
     ``scores``; a dropped pair's reason reads ``"<label> 0.121 below threshold 0.250 (keep_top
-    0.3)"``; ``report`` gains ``rule`` and ``kept``."""
+    0.3)"`` (more decimals where three print the two alike, `told_apart`); ``report`` gains
+    ``rule`` and ``kept``."""
     check_keep_options(keep_top, threshold)
     scores = np.asarray(scores, dtype=np.float32)
     if keep_top is not None:
@@ -66,8 +67,10 @@ def _reason(label: str, score: float, cut: float | None, rule: str | None) -> st
         return f"{label} is not a number"
     if cut is None:
         return f"{label} {score:.3f}: {rule} of the pool keeps no pair"
+    shown, cut_shown = told_apart(score, cut)
     if rule is None:
-        return f"{label} {score:.3f} below threshold {cut:.3f}"
+        return f"{label} {shown} below threshold {cut_shown}"
     if score < cut:
-        return f"{label} {score:.3f} below threshold {cut:.3f} ({rule})"
-    return f"{label} {score:.3f} at threshold {cut:.3f}, past the cut of {rule} (ties in pool order)"
+        return f"{label} {shown} below threshold {cut_shown} ({rule})"
+    return (f"{label} {shown} at threshold {cut_shown}, past the cut of {rule} "
+            "(ties in pool order)")

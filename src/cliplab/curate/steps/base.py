@@ -32,6 +32,17 @@ from PIL import Image
 from cliplab.config import Section
 
 
+def told_apart(a: float, b: float, least: int = 3) -> tuple[str, str]:
+    """``a`` and ``b`` as a drop reason prints them: with the fewest decimals (``least`` or
+    more) that tell them apart when they differ, so 0.2499 under a cut of 0.25 reads ``0.2499``
+    and ``0.2500``, not ``0.250`` twice."""
+    for digits in range(least, 18):
+        shown = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if shown[0] != shown[1] or a == b:
+            return shown
+    return repr(a), repr(b)  # apart below 1e-17: their shortest round-trip forms differ
+
+
 class StepSpecBase(Section):
     """Keys every step takes: ``step`` (its registry name, narrowed by each subclass to a
     Literal) and an optional ``name`` for the report (default: the step name)."""

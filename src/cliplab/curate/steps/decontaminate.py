@@ -31,7 +31,8 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from cliplab.config import load_config, refuse_unused
-from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
+                                       StepSpecBase, told_apart)
 from cliplab.data.images import centre_square, noting_squares, to_pil
 from cliplab.data.sources import check_options, load_source
 from cliplab.errors import ConfigError
@@ -270,7 +271,7 @@ class Decontaminate:
                                 float(columns["hash_match_cosine"][i]), int(distance[i]))
             evidence = []
             if by_cos[i]:
-                evidence.append(f"cosine {sim:.3f} >= {thr}")
+                evidence.append("cosine {} >= {}".format(*told_apart(sim, thr)))
             if by_hash[i]:
                 evidence.append(f"hash distance {dist} <= {max_dist}")
             reasons[i] = f"near duplicate of evaluation image {self.labels[m]} ({', '.join(evidence)})"

@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import Field
 
 from cliplab.curate.semdedup import semantic_duplicates
-from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
+                                       StepSpecBase, told_apart)
 from cliplab.errors import warn
 from cliplab.models.embed import embed_images
 from cliplab.models.preprocess import PreprocessConfig
@@ -74,8 +75,8 @@ class SemanticDedup:
                  "be found; use fewer (or 'auto', about the square root of the items)")
         found = semantic_duplicates(columns["embedding"], spec.n_clusters, spec.eps, self.seed,
                                     spec.keep, spec.kmeans_iterations, compare=spec.compare)
-        reasons = [None if kept else
-                   f"near duplicate of {items.keys[dup]} (cosine {sim:.3f} above {found.threshold:.3f})"
+        reasons = [None if kept else "near duplicate of {} (cosine {} above {})".format(
+                       items.keys[dup], *told_apart(sim, found.threshold))
                    for kept, dup, sim in zip(found.keep.tolist(), found.duplicate_of.tolist(),
                                              found.similarity.tolist())]
         clusters = [[items.keys[i] for i in group] for group in found.clusters()]
