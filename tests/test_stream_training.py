@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from cliplab.data.shapes import load_shapes
 from cliplab.data.shards import write_shards
+from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError, DataError
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.train.pretrain import run_pretrain
 from cliplab.train.stream_batches import StreamBatches, caption_key
 from tests.tar_files import png_bytes, write_tar
@@ -205,3 +207,57 @@ def test_a_final_evaluation_longer_than_the_rank_timeout_finishes_a_streamed_run
     _torchrun_pretrain(path, module="tests.slow_eval_cliplab")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["step"] == 2 and results["evals"]["colour"]["n"] == 200
+
+
+# images wider, taller, smaller and larger than a 16 px model's input, grey and colour
+MIXED_SIZES = [(40, 40), (24, 24), (30, 96), (16, 16), (12, 20), (48, 32), (64, 64), (16, 16)]
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory) -> Path:
+    """Two shards of 16 pairs whose images are of the sizes above (one in four grey)."""
+    out = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        samples = []
+        for i in range(16):
+            h, w = MIXED_SIZES[i % len(MIXED_SIZES)]
+            shape = (h, w) if i % 4 == 3 else (h, w, 3)
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            samples.append((f"s{shard}_{i:02d}",
+                            {"png": png_bytes(pixels), "txt": f"picture {shard} {i}".encode()}))
+        write_tar(out / f"{shard:05d}.tar", samples)
+    return out
+
+
+def test_a_streamed_run_over_mixed_image_sizes_trains(mixed_shards, tmp_path):
+    """Mixed sizes streamed without image_size stopped at the first batch that mixed them
+    ("images of one batch differ in size"), while the same shards read whole trained."""
+    cfg = recipe(tmp_path / "run", mixed_shards, steps=3, batch_size=8)
+    del cfg["data"]["train"]["image_size"]
+    results = run_pretrain(cfg, progress=False)
+    assert results["train"]["step"] == 3
+
+
+def test_streamed_and_whole_reads_give_a_model_the_same_pixels(mixed_shards):
+    """Each image made the model's input by its preprocessing, as the whole read does."""
+    model_input = PreprocessConfig(image_size=16)
+    whole = load_source({"source": "shards", "path": str(mixed_shards)}, False, "data.train",
+                        model_input)
+    by_key = {key: whole.images[i].expand(-1, -1, 3) for i, key in enumerate(whole.keys)}
+    batches = StreamBatches.from_spec({"source": "shards", "path": str(mixed_shards),
+                                       "stream": True}, 8, 0, model_input)
+    seen = 0
+    for batch in batches.loader:
+        for key, image in zip(batch["key"], batch["image"]):
+            assert torch.equal(image, by_key[key]), key
+            seen += 1
+    assert seen == len(by_key) == 32
+
+
+def test_a_model_that_pads_needs_image_size_before_a_streamed_run(mixed_shards):
+    """A model resizing 'longest' has no per-image input a whole read would match."""
+    with pytest.raises(ConfigError, match=r"^data\.train: images streamed for a model that "
+                       r"resizes 'longest' .*; give image_size: N$"):
+        StreamBatches.from_spec({"source": "shards", "path": str(mixed_shards), "stream": True},
+                                8, 0, PreprocessConfig(image_size=16, resize_mode="longest"))

@@ -212,6 +212,22 @@ def fit_to_model(image: Image.Image, model_input: PreprocessConfig,
     return image.crop((left, top, left + side, top + side))
 
 
+def fits_each_image(model_input: PreprocessConfig | None) -> bool:
+    """Whether `as_model_input` can make any image ``model_input``'s input alone: a model that
+    resizes the shorter side or squashes (one that pads, ``longest``, is resized by batch)."""
+    return model_input is not None and model_input.resize_mode in ("shortest", "squash")
+
+
+def as_model_input(image: torch.Tensor, model_input: PreprocessConfig) -> torch.Tensor:
+    """A uint8 ``[H, W, C]`` image decoded within ``decoding_for(model_input)`` made that
+    model's input as its preprocessing makes it of the file alone (`fit_to_model`, enlarging
+    too), for a model that `fits_each_image`; one of the input's size is taken as it is."""
+    side = model_input.image_size  # a file larger than the input was fitted when decoded
+    if tuple(image.shape[:2]) == (side, side):
+        return image
+    return _to_tensor(fit_to_model(to_pil(image), model_input, enlarge=True))
+
+
 def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
     """A uint8 ``[H, W, C]`` image (C = 1 or 3) as a PIL image (mode L or RGB)."""
     array = np.ascontiguousarray(image.numpy() if isinstance(image, torch.Tensor) else image)
@@ -238,14 +254,8 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
     (no median, no warning: what the model would see of each)."""
     sizes = {tuple(im.shape[:2]) for im in images}
     model_input = _MODEL_INPUT.get()
-    if len(sizes) > 1 and model_input is not None \
-            and model_input.resize_mode in ("shortest", "squash"):
-        # each made the model's input as its preprocessing makes it of the file alone (files
-        # larger than the input were decoded so already; `decoding_for`)
-        side = model_input.image_size  # those fitted when decoded are taken as they are
-        images = [im if tuple(im.shape[:2]) == (side, side) else
-                  _to_tensor(fit_to_model(to_pil(im), model_input, enlarge=True))
-                  for im in images]
+    if len(sizes) > 1 and fits_each_image(model_input):
+        images = [as_model_input(im, model_input) for im in images]
     elif len(sizes) > 1:
         side = int(np.median([min(im.shape[:2]) for im in images]))
         shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])

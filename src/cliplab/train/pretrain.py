@@ -170,7 +170,8 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
     model_input = model.preprocess_config
     with errors_naming(where):  # a data error names its key (data.train), this its file
         if spec.get("stream"):  # validated with the config (stream: false is dropped there)
-            pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed)
+            pairs = StreamBatches.from_spec(spec, train_cfg.batch_size, train_cfg.seed,
+                                            model_input)
         else:
             pairs = _pairs(spec, progress, "data.train", model_input)
         replay, replay_ratio = _replay(cfg.data.replay, progress, model_input)

@@ -17,9 +17,12 @@ import torch
 from pydantic import StrictBool, field_validator
 
 from cliplab.config import Section, validate
+from cliplab.data.images import fits_each_image
 from cliplab.data.shards import ShardLoader, ShardStream
+from cliplab.data.shards.stream import unfit_model_message
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError, warn
+from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.tokenizer import clean_text
 from cliplab.train import distributed
 from cliplab.train.config import NonNegativeInt, NotABool, PositiveInt
@@ -41,7 +44,7 @@ class StreamedShards(Section):
     source: Literal["shards"]
     path: str | list[str]  # a shard folder, a pattern (dir/{00000..00099}.tar) or a list
     stream: Literal[True]
-    image_size: PositiveInt | None = None  # resize to this square (None: as stored)
+    image_size: PositiveInt | None = None  # resize to this square (None: the model's input)
     channels: Annotated[Literal[1, 3], NotABool] = 3
     caption: Literal["random", "first"] = "random"  # the caption a sample trains with
     shuffle_buffer: NonNegativeInt = 1000  # samples shuffled in memory (0 or 1: none)
@@ -125,15 +128,20 @@ class StreamBatches:
         self._batches: Iterator[dict] | None = None
 
     @classmethod
-    def from_spec(cls, spec: dict, global_batch: int, seed: int) -> "StreamBatches":
+    def from_spec(cls, spec: dict, global_batch: int, seed: int,
+                  model_input: PreprocessConfig | None = None) -> "StreamBatches":
         """From a ``{source: shards, path, stream: true, …}`` data spec, for this rank (a bad
-        option: a one-line error naming ``data.train.KEY``)."""
+        option: a one-line error naming ``data.train.KEY``); without ``image_size``, each image
+        becomes ``model_input`` (the model's preprocessing), as a whole read makes it."""
         opts = validate(StreamedShards, spec, "", prefix="data.train")
+        if opts.image_size is None and model_input is not None \
+                and not fits_each_image(model_input):  # refused before any step
+            raise ConfigError(f"data.train: {unfit_model_message(model_input)}")
         world = distributed.world_size()
         stream = ShardStream(opts.path, seed=seed, image_size=opts.image_size,
                              channels=opts.channels, caption=opts.caption,
                              shuffle_buffer=opts.shuffle_buffer, rank=distributed.rank(),
-                             world_size=world)
+                             world_size=world, model_input=model_input)
         loader = ShardLoader(stream, global_batch // world, opts.num_workers, drop_last=True)
         check_rank_split(loader)
         return cls(loader)

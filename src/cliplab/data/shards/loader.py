@@ -42,7 +42,8 @@ def collate_samples(samples: list[dict]) -> dict:
         other = next(s for s in samples if tuple(s["image"].shape) != tuple(first["image"].shape))
         raise DataError(f"images of one batch differ in size: {first['key']} is "
                         f"{tuple(first['image'].shape)}, {other['key']} is {tuple(other['image'].shape)}"
-                        "; set image_size (and channels) to give every image one shape")
+                        "; give the stream image_size (and channels), or the model_input of the "
+                        "model the images are for, to give every image one shape")
     return {"image": torch.stack([s["image"] for s in samples]),
             "caption": [s["caption"] for s in samples],
             "key": [s["key"] for s in samples],

@@ -35,14 +35,25 @@ from typing import Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cliplab.data.images import UnreadableImage, decode_image
+import torch
+
+from cliplab.data.images import (UnreadableImage, as_model_input, decode_image, decoding_for,
+                                 fits_each_image)
 from cliplab.data.shards.layout import expand_shards, index_counts, shard_sample_counts
 from cliplab.data.folder_files import SkippedFile
 from cliplab.data.shards.samples import image_part, raw_samples, sample_key, sample_meta
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError
+from cliplab.models.preprocess import PreprocessConfig
 
 CAPTION_MODES = ("first", "random", "all")
+
+
+def unfit_model_message(model_input: PreprocessConfig) -> str:
+    """Why a stream without ``image_size`` cannot make images ``model_input``'s input."""
+    return (f"images streamed for a model that resizes {model_input.resize_mode!r} (pads "
+            "each image, by batch) cannot each be made its input as they are read (a whole "
+            "read makes mixed sizes centre squares at their median size); give image_size: N")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -66,7 +77,11 @@ class ShardStream(IterableDataset):
 
     ``urls``: a shard folder, a brace pattern (``data/{00000..00009}.tar``) or a list of paths.
     ``caption``: ``"first"``, ``"random"`` (chosen with ``(seed, epoch, key)``) or ``"all"`` (the
-    list). ``image_size`` resizes every image to that square (needed to batch mixed sizes);
+    list). ``image_size`` resizes every image to that square; without it, ``model_input``
+    (the preprocessing of the model the images are for) makes each image that model's input as
+    its preprocessing makes it of the file alone (`as_model_input`): the pixels a whole read
+    for that model holds (`load_source`), so mixed sizes batch; without either, images come as
+    stored (a batch of mixed sizes is an error);
     ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None,
     ``partner_key`` the key of its hard-negative partner (e.g. its counterfactual twin) or None.
     Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
@@ -77,16 +92,20 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], *, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, image_size: int | None = None,
                  channels: int | None = None, caption: str = "random", rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None,
+                 model_input: PreprocessConfig | None = None) -> None:
         if caption not in CAPTION_MODES:
             raise ConfigError(f"caption must be one of {CAPTION_MODES}, not {caption!r}")
         if channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1, 3 or None, not {channels!r}")
         if image_size is not None and image_size < 1:
             raise ConfigError(f"image_size must be a positive number of pixels, not {image_size}")
+        if image_size is None and model_input is not None and not fits_each_image(model_input):
+            raise ConfigError(unfit_model_message(model_input))
         self.shards: list[Path] = expand_shards(urls)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.image_size, self.channels, self.caption = image_size, channels, caption
+        self.model_input = None if image_size else model_input
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.epoch = 0
         self.skipped = SkipReport()
@@ -220,7 +239,7 @@ class ShardStream(IterableDataset):
         if not captions:  # a class without captions: a classification set's shard
             return None, "class_only" if "cls" in raw else "empty_caption"
         try:
-            image = decode_image(raw[ext], self.image_size, self.channels, sample_key(raw))
+            image = self._image(raw[ext], sample_key(raw))
         except UnreadableImage:
             return None, "unreadable_image"
         key = raw["__key__"]
@@ -232,6 +251,13 @@ class ShardStream(IterableDataset):
             caption = captions
         return {"image": image, "caption": caption, "key": sample_key(raw),
                 "group": group, "partner_key": partner_key}, None
+
+    def _image(self, data: bytes, name: str) -> torch.Tensor:
+        """A sample's image bytes decoded, resized to ``image_size`` or made ``model_input``."""
+        if self.model_input is None:
+            return decode_image(data, self.image_size, self.channels, name)
+        with decoding_for(self.model_input):  # as a whole read for the model decodes it
+            return as_model_input(decode_image(data, None, self.channels, name), self.model_input)
 
     def _worker_stream(self) -> tuple[int, int, int]:
         """(this worker's stream, streams per rank, its start position)."""
