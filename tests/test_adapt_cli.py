@@ -395,6 +395,32 @@ def test_eval_of_a_fine_tuned_folder_scores_its_own_classes_with_its_head(model_
     assert runs["text"]["head"] is None and "classifier" not in text["digits"]
 
 
+def test_eval_tells_of_a_fine_tuned_head_only_when_a_task_used_it(model_dir, tmp_path, capsys):
+    """A retrieval-only suite on a finetune's folder was told its tasks "are scored by that
+    fine-tuned head"; the line names the tasks the head scored, and is not printed without."""
+    out = tmp_path / "ft"
+    assert main(["adapt", "--method", "finetune", "--model", str(model_dir), "--out", str(out),
+                 "--no-progress", "data.train={source: digits, split: train}",
+                 "data.test={source: digits, split: test}", "shots=0", "train_size=64",
+                 "options.train.steps=2", "options.train.batch_size=32"]) == 0
+    head = out / "checkpoints" / "step-2" / "model" / "head.safetensors"
+    suites = {"ret": "  - {name: ret, task: retrieval, data: {source: shapes, n: 12, "
+                     "image_size: 32}}\n",
+              "both": "  - {name: ret, task: retrieval, data: {source: shapes, n: 12, "
+                      "image_size: 32}}\n"
+                      "  - {name: digits, task: zeroshot, data: {source: digits, split: test}}\n"}
+    told = {}
+    for name, tasks in suites.items():
+        suite = tmp_path / f"{name}.yaml"
+        suite.write_text("tasks:\n" + tasks, encoding="utf-8")
+        capsys.readouterr()
+        assert main(["eval", "--config", str(suite), "--model", str(out), "--no-progress"]) == 0
+        told[name] = capsys.readouterr().err
+    assert "fine-tuned head" not in told["ret"]
+    assert (f"eval: digits scored by the fine-tuned head {head} (over its classes; each says "
+            "so under 'classifier'); --head text scores the text head") in told["both"]
+
+
 def test_run_and_checkpoint_folders_load_like_their_model_folders(model_dir, tmp_path):
     """load_lora, load_finetuned and saved_head_classifier take the run folder (its newest
     checkpoint) or a checkpoint folder, as every model argument does."""

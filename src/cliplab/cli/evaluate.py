@@ -67,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head
-        print(f"eval: tasks over the classes of {head.label} are scored by that fine-tuned "
-              "head (each says so under 'classifier'); --head text scores the text head",
-              file=sys.stderr)
     # what run_suite runs in (it says why, when that is not what the suite asks)
     precision = suite_precision(suite, context, model, warn=False)
     # the suite is its file and these overrides of it (the file alone says other sizes)
@@ -83,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
                "precision": precision,
                "head": head.label if head is not None else None,
                "results": run_suite(model, suite, context)}
+    if head is not None:
+        _say_head_scored(head.label, results["results"])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", results)  # atomic, as every stage writes its results
@@ -90,6 +89,17 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"wrote {out / 'results.json'}", file=sys.stderr)
     return 0
+
+
+def _say_head_scored(label: str, results: dict) -> None:
+    """One stderr line naming the tasks the fine-tuned head ``label`` scored, if any (a suite
+    without a task over its classes was told of it all the same)."""
+    tasks = [name for name, result in results.items()
+             if isinstance(result, dict) and result.get("classifier") == label]
+    if tasks:
+        print(f"eval: {', '.join(tasks)} scored by the fine-tuned head {label} (over its "
+              "classes; each says so under 'classifier'); --head text scores the text head",
+              file=sys.stderr)
 
 
 def _fine_tuned_head(model: str):
