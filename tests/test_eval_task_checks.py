@@ -51,6 +51,25 @@ def test_probe_tasks_refuse_train_and_test_with_different_classes(tiny_model, ta
 
 
 @pytest.mark.parametrize("task", ["linear_probe", "few_shot"])
+def test_a_probe_the_model_cannot_serve_is_refused_before_its_leakage_is_warned_of(
+        tiny_model, task, monkeypatch, recwarn):
+    """An ONNX export with a `features: tokens` probe on its own train set: the leakage
+    warning came first, then the error that stopped the run; now the error alone."""
+    from tests.warned import warned
+
+    monkeypatch.setattr(tiny_model, "probe_features", ("embeddings", "backbone"),
+                        raising=False)  # what an ONNX export gives
+    spec = {"name": "p", "task": task, "features": "tokens", "train": DIGITS, "test": DIGITS}
+    if task == "few_shot":
+        spec.update(shots=[1], seeds=[0])
+    warned(recwarn)
+    with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'p'\): features: tokens needs "
+                       r"the hidden states of a PyTorch model"):
+        run(tiny_model, spec)
+    assert warned(recwarn) == ""
+
+
+@pytest.mark.parametrize("task", ["linear_probe", "few_shot"])
 def test_probe_tasks_warn_when_test_images_are_train_images(tiny_model, task, recwarn):
     """digits' split defaults to `all`: a probe trained on it was scored on its own training
     images (acc1 0.80 against 0.74 on a disjoint split) without a word."""

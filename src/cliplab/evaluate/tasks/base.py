@@ -242,8 +242,8 @@ class TaskContext:
 
     def check_task(self, task: TaskSpecBase, model: DualEncoder | None = None) -> None:
         """Load ``task``'s datasets (given ``model``, decoded to its input: ``model_input``),
-        refuse an empty one, and run `TaskSpecBase.check` (and `TaskSpecBase.check_model`
-        given ``model``); errors do not name the task."""
+        refuse an empty one, and run `TaskSpecBase.check_model` (given ``model``), then
+        `TaskSpecBase.check`; errors do not name the task."""
         if model is not None:
             self.model_input = getattr(model, "preprocess_config", None)
         for key, _ in task.data_keys():
@@ -251,9 +251,11 @@ class TaskContext:
         empty = self.empty_data(task)
         if empty:
             raise DataError(f"{empty} holds no images")
-        task.check(self)
+        # the model's checks first: they read only the spec, and `check` warns (a probe's
+        # leakage), which must not come before the error that stops the run
         if model is not None:
             task.check_model(model)
+        task.check(self)
 
     def empty_data(self, task: TaskSpecBase) -> str | None:
         """The key (e.g. ``data``, ``train``) of the first dataset of ``task`` that holds no
