@@ -255,9 +255,15 @@ def test_streamed_and_whole_reads_give_a_model_the_same_pixels(mixed_shards):
     assert seen == len(by_key) == 32
 
 
-def test_a_model_that_pads_needs_image_size_before_a_streamed_run(mixed_shards):
-    """A model resizing 'longest' has no per-image input a whole read would match."""
-    with pytest.raises(ConfigError, match=r"^data\.train: images streamed for a model that "
-                       r"resizes 'longest' .*; give image_size: N$"):
-        StreamBatches.from_spec({"source": "shards", "path": str(mixed_shards), "stream": True},
-                                8, 0, PreprocessConfig(image_size=16, resize_mode="longest"))
+def test_a_model_that_pads_streams_images_as_stored(mixed_shards):
+    """A model resizing 'longest' has no per-image input a whole read would match: its images
+    come as stored (a set of one size streams; mixed sizes need image_size, told at the batch)."""
+    model_input = PreprocessConfig(image_size=16, resize_mode="longest")
+    batches = StreamBatches.from_spec({"source": "shards", "path": str(mixed_shards),
+                                       "stream": True, "image_size": 12}, 8, 0, model_input)
+    assert next(iter(batches.loader))["image"].shape == (8, 12, 12, 3)
+    batches = StreamBatches.from_spec({"source": "shards", "path": str(mixed_shards),
+                                       "stream": True}, 8, 0, model_input)
+    with pytest.raises(DataError, match="images of one batch differ in size: .*give the "
+                                        "stream image_size"):
+        next(iter(batches.loader))

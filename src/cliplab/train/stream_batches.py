@@ -17,9 +17,7 @@ import torch
 from pydantic import StrictBool, field_validator
 
 from cliplab.config import Section, validate
-from cliplab.data.images import fits_each_image
 from cliplab.data.shards import ShardLoader, ShardStream
-from cliplab.data.shards.stream import unfit_model_message
 from cliplab.data.types import SkipReport
 from cliplab.errors import ConfigError, DataError, warn
 from cliplab.models.preprocess import PreprocessConfig
@@ -134,9 +132,6 @@ class StreamBatches:
         option: a one-line error naming ``data.train.KEY``); without ``image_size``, each image
         becomes ``model_input`` (the model's preprocessing), as a whole read makes it."""
         opts = validate(StreamedShards, spec, "", prefix="data.train")
-        if opts.image_size is None and model_input is not None \
-                and not fits_each_image(model_input):  # refused before any step
-            raise ConfigError(f"data.train: {unfit_model_message(model_input)}")
         world = distributed.world_size()
         stream = ShardStream(opts.path, seed=seed, image_size=opts.image_size,
                              channels=opts.channels, caption=opts.caption,

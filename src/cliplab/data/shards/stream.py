@@ -49,13 +49,6 @@ from cliplab.models.preprocess import PreprocessConfig
 CAPTION_MODES = ("first", "random", "all")
 
 
-def unfit_model_message(model_input: PreprocessConfig) -> str:
-    """Why a stream without ``image_size`` cannot make images ``model_input``'s input."""
-    return (f"images streamed for a model that resizes {model_input.resize_mode!r} (pads "
-            "each image, by batch) cannot each be made its input as they are read (a whole "
-            "read makes mixed sizes centre squares at their median size); give image_size: N")
-
-
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit rank/world size, else torch.distributed's if initialised, else (0, 1)."""
     if rank is None and world_size is None:
@@ -80,8 +73,8 @@ class ShardStream(IterableDataset):
     list). ``image_size`` resizes every image to that square; without it, ``model_input``
     (the preprocessing of the model the images are for) makes each image that model's input as
     its preprocessing makes it of the file alone (`as_model_input`): the pixels a whole read
-    for that model holds (`load_source`), so mixed sizes batch; without either, images come as
-    stored (a batch of mixed sizes is an error);
+    for that model holds (`load_source`), so mixed sizes batch; without either (or for a model
+    that pads, ``longest``), images come as stored (a batch of mixed sizes is an error);
     ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None,
     ``partner_key`` the key of its hard-negative partner (e.g. its counterfactual twin) or None.
     Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
@@ -100,12 +93,12 @@ class ShardStream(IterableDataset):
             raise ConfigError(f"channels must be 1, 3 or None, not {channels!r}")
         if image_size is not None and image_size < 1:
             raise ConfigError(f"image_size must be a positive number of pixels, not {image_size}")
-        if image_size is None and model_input is not None and not fits_each_image(model_input):
-            raise ConfigError(unfit_model_message(model_input))
         self.shards: list[Path] = expand_shards(urls)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.image_size, self.channels, self.caption = image_size, channels, caption
-        self.model_input = None if image_size else model_input
+        # a model that pads (``longest``) has no input per image: its images come as stored
+        self.model_input = model_input if not image_size and fits_each_image(model_input) \
+            else None
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.epoch = 0
         self.skipped = SkipReport()
