@@ -35,6 +35,26 @@ def test_convert_then_export_open_clip(tmp_path, capsys):
     assert back.model.config.vision_config.hidden_size == 48
 
 
+def test_an_openclip_export_records_the_model_it_came_from(tmp_path, tiny_model_dir, capsys):
+    """As the ONNX export's onnx_export.json, an OpenCLIP export names its source (the spec,
+    its folder, the weights' fingerprint) in a file of its own: open_clip_config.json keeps
+    OpenCLIP's keys only, and the folder still loads and is replaced by --overwrite."""
+    from cliplab.models.folder import model_fingerprint
+    from cliplab.models.resolve import load_model
+
+    out = tmp_path / "oc"
+    for again in ([], ["--overwrite"]):
+        assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out),
+                     *again]) == 0
+    record = json.loads((out / "open_clip_export.json").read_text(encoding="utf-8"))
+    assert record == {"source": {
+        "model": str(tiny_model_dir), "model_folder": str(tiny_model_dir.resolve()),
+        "fingerprint": model_fingerprint(load_model(str(tiny_model_dir)))}}
+    config = json.loads((out / "open_clip_config.json").read_text(encoding="utf-8"))
+    assert set(config) == {"model_cfg", "preprocess_cfg"}
+    assert model_fingerprint(load_openclip(out)) == record["source"]["fingerprint"]
+
+
 def test_export_onnx_from_an_openclip_checkpoint(tmp_path, capsys):
     assert main(["export", str(FIXTURES / "hub-gelu"), "--format", "onnx",
                  "--out", str(tmp_path / "onnx")]) == 0

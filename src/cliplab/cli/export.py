@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab export`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.models.convert import export_openclip, is_openclip_checkpoint, load_openclip
     from cliplab.models.dual_encoder import DualEncoder
-    from cliplab.models.resolve import load_model, model_record
+    from cliplab.models.resolve import export_source, load_model
 
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
         raise CliplabError(f"{args.model} is an ONNX export; export the PyTorch model it was "
                            "made from (a model, checkpoint or run folder)")
+    source = export_source(args.model, model)
     if args.format == "onnx":
         from cliplab.models.onnx_export import export_onnx
         out = export_onnx(model, args.out, quantize=args.quantize, overwrite=args.overwrite,
-                          inputs=[args.model],
-                          source={"model": args.model, **model_record(args.model, model)})
+                          inputs=[args.model], source=source)
     else:
-        out = export_openclip(model, args.out, overwrite=args.overwrite, inputs=[args.model])
+        out = export_openclip(model, args.out, overwrite=args.overwrite, inputs=[args.model],
+                              source=source)
     print(f"exported: {out}")
     return 0
 

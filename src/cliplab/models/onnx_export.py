@@ -129,8 +129,9 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 overwrite: bool = False, inputs=(), source: dict | None = None) -> Path:
     """Write ``model``'s towers as ONNX (``quantize="int8"``: dynamically quantized) to ``out``
     (``overwrite``: replacing a previous ONNX export there; never one of the ``inputs``).
-    ``source`` (what the model was loaded from: `cliplab export` gives the spec, the folder it
-    resolved to and the weights' fingerprint) is kept in the export record."""
+    ``source`` (what the model was loaded from, `cliplab.models.resolve.export_source`: the
+    spec, the folder it resolved to and the weights' fingerprint) is kept in the export
+    record."""
     _require_onnx()
     if quantize not in (None, "int8"):
         raise ModelError(f"--quantize must be int8 (or left out), not {quantize!r}")

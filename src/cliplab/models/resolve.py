@@ -81,6 +81,12 @@ def model_record(spec: ModelSpec | str | dict | Any | None, model: Any) -> dict:
     return {"model_folder": folder, "fingerprint": model_fingerprint(model)}
 
 
+def export_source(spec: str, model: Any) -> dict:
+    """What an export records it was made from (``source`` in ``onnx_export.json`` and
+    ``open_clip_export.json``): the spec as given plus `model_record`."""
+    return {"model": spec, **model_record(spec, model)}
+
+
 def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
     """The model folder a non-preset spec names (a folder, checkpoint, run or Hub id; an
     OpenCLIP checkpoint file: the file). Any other file is refused, naming its folder."""

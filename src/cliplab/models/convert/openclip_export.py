@@ -7,7 +7,9 @@ tokenizer files in the folder and names it in ``text_cfg.hf_tokenizer_name`` as 
 folder itself: OpenCLIP's ``local-dir:`` loader reads the files from the folder, cliplab reads
 the name relative to the config; no machine path is written, so the folder can move; before
 pushing it to the Hub, set the name to the repository id, which OpenCLIP's ``hf-hub:`` loader
-reads), pooled at its end token (``pool_type: eos``).
+reads), pooled at its end token (``pool_type: eos``). ``open_clip_export.json`` (`EXPORT_FILE`)
+records under ``source`` what the folder was made from, as ``onnx_export.json`` does (OpenCLIP
+reads its config's keys, so the record is a file of its own).
 """
 
 from __future__ import annotations
@@ -56,19 +58,26 @@ def openclip_state_and_config(model: DualEncoder, tokenizer_name: str | None = N
     return state, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-# a previous OpenCLIP export: what `export_openclip` writes, and nothing else
-OPENCLIP_EXPORT = OutputFiles((CONFIG_FILE, WEIGHT_FILES[0]), TOKENIZER_FILES)
+EXPORT_FILE = "open_clip_export.json"
+
+# a previous OpenCLIP export: what `export_openclip` writes, and nothing else (exports made
+# before the record was written have none)
+OPENCLIP_EXPORT = OutputFiles((CONFIG_FILE, WEIGHT_FILES[0]), TOKENIZER_FILES | {EXPORT_FILE})
 
 
 def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False,
-                    inputs=()) -> Path:
+                    inputs=(), source: dict | None = None) -> Path:
     """Write ``model`` as an OpenCLIP folder at ``out`` (temporary folder, then moved;
-    ``overwrite``: replacing a previous OpenCLIP export there; never one of the ``inputs``)."""
+    ``overwrite``: replacing a previous OpenCLIP export there; never one of the ``inputs``).
+    ``source`` (what the model was loaded from, `cliplab.models.resolve.export_source`) is
+    kept in ``open_clip_export.json``."""
     out = Path(out)
     state, config = openclip_state_and_config(model, tokenizer_name=".")
     with atomic_folder(out, overwrite, "OpenCLIP export", OPENCLIP_EXPORT, inputs) as tmp:
         save_tensors(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_FILE).write_text(json.dumps({"source": source}, indent=2) + "\n",
+                                       encoding="utf-8")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:
             model.tokenizer.save_pretrained(tmp)
     return out
