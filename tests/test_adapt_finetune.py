@@ -97,6 +97,25 @@ def test_head_round_trip(tmp_path):
         ClassifierHead.load(tmp_path / "nowhere")
 
 
+def test_a_fine_tuned_folders_model_card_says_it_holds_a_head(tmp_path, digits):
+    """The card's pipeline example scores with the text prompts; a folder with a head says
+    that cliplab eval scores with the head instead (once, however often the head is saved);
+    a folder without one does not mention it."""
+    from cliplab.adapt.finetune import save_finetuned
+
+    model = small_model()
+    head = zeroshot_classifier_head(model, digits)
+    folder = save_finetuned(model, head, tmp_path / "ft", "tiny-clip", "abc")
+    head.save(folder)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.count("`head.safetensors` is a classifier over this model's image embeddings, "
+                      "fine-tuned with it for 10 classes") == 1
+    assert "`cliplab eval --model THIS_FOLDER` scores zero-shot tasks over those classes with " \
+        "it" in card and "scores with the text prompts, another classifier." in card
+    plain = model.save(tmp_path / "plain")
+    assert "head.safetensors" not in (plain / "README.md").read_text(encoding="utf-8")
+
+
 def test_a_fine_tuned_folder_stopped_before_its_head_is_not_left_as_a_plain_model(
         tmp_path, digits, monkeypatch):
     """lora's merged/, wise-ft's best/ and finetune's model/ were written in place: a kill after

@@ -55,6 +55,36 @@ def test_an_openclip_export_records_the_model_it_came_from(tmp_path, tiny_model_
     assert model_fingerprint(load_openclip(out)) == record["source"]["fingerprint"]
 
 
+@pytest.mark.parametrize("fmt", ["open_clip", "onnx"])
+def test_an_export_of_a_model_with_a_fine_tuned_head_warns_it_is_left_out(
+        tmp_path, tiny_model, capsys, fmt):
+    """Neither format holds head.safetensors: eval of the folder scores with that head, of the
+    export with the text head, so the export says in one line that the head is left out (for
+    a run folder too: its newest checkpoint's); a folder without a head exports silently."""
+    import torch
+
+    from cliplab.adapt.head import ClassifierHead
+
+    plain = tiny_model.save(tmp_path / "plain")
+    assert main(["export", str(plain), "--format", fmt, "--out", str(tmp_path / "p")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}", encoding="utf-8")  # a finished run
+    for spec, folder in ((tmp_path / "ft", tmp_path / "ft"),
+                         (run, run / "checkpoints" / "step-3" / "model")):
+        tiny_model.save(folder)
+        ClassifierHead(torch.randn(2, tiny_model.embed_dim), 5.0, ["a", "b"]).save(folder)
+        out = tmp_path / f"{spec.name}-{fmt}"
+        assert main(["export", str(spec), "--format", fmt, "--out", str(out)]) == 0
+        err = capsys.readouterr().err.strip()
+        assert err == (f"cliplab: warning: export: the model carries a classifier head "
+                       f"({folder / 'head.safetensors'}) that is not exported: the export holds "
+                       "the towers only, and zero-shot scores of it use the text head "
+                       f"(evaluate {spec} for the head's)")
+        assert not (out / "head.safetensors").exists()
+
+
 def test_export_onnx_from_an_openclip_checkpoint(tmp_path, capsys):
     assert main(["export", str(FIXTURES / "hub-gelu"), "--format", "onnx",
                  "--out", str(tmp_path / "onnx")]) == 0

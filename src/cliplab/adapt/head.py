@@ -23,6 +23,7 @@ from cliplab.evaluate.tasks.base import LinearHead, class_order
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.hf_files import note_head_in_card
 from cliplab.models.resolve import model_folder
 
 HEAD_FILE = "head.safetensors"
@@ -78,6 +79,7 @@ class ClassifierHead(nn.Module):
         save_tensors({"weight": self.weight.detach().cpu().contiguous(),
                       "scale": self.scale.detach().cpu().reshape(1)}, str(path),
                      metadata={"classnames": json.dumps(self.classnames)})
+        note_head_in_card(folder, len(self.classnames))  # a model folder's card says it is there
         return path
 
     @classmethod
@@ -105,11 +107,18 @@ def saved_head_classifier(folder: str | Path) -> LinearHead | None:
     """The fine-tuned head saved in a model folder (``head.safetensors``, written by
     finetune, lora, wise-ft; a checkpoint or run folder means its model's) as an eval
     `Classifier` for its own classes, labelled with its path; None for a folder without one."""
-    folder = model_folder(folder)
-    if not (folder / HEAD_FILE).is_file():
+    file = saved_head_file(folder)
+    if file is None:
         return None
-    head = ClassifierHead.load(folder)
-    return LinearHead(head.weight, head.classnames, label=str(Path(folder) / HEAD_FILE))
+    head = ClassifierHead.load(file.parent)
+    return LinearHead(head.weight, head.classnames, label=str(file))
+
+
+def saved_head_file(folder: str | Path) -> Path | None:
+    """The ``head.safetensors`` of a model folder (a checkpoint or run folder: its model's),
+    or None for a folder without one."""
+    file = model_folder(folder) / HEAD_FILE
+    return file if file.is_file() else None
 
 
 def zeroshot_classifier_head(model: DualEncoder, data: LabelledImages) -> ClassifierHead:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug
-from cliplab.errors import CliplabError
+from cliplab.errors import CliplabError, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
         raise CliplabError(f"{args.model} is an ONNX export; export the PyTorch model it was "
                            "made from (a model, checkpoint or run folder)")
+    warn_head_left_out(args.model)
     source = export_source(args.model, model)
     if args.format == "onnx":
         from cliplab.models.onnx_export import export_onnx
@@ -54,6 +56,20 @@ def run(args: argparse.Namespace) -> int:
                               source=source)
     print(f"exported: {out}")
     return 0
+
+
+def warn_head_left_out(spec: str) -> None:
+    """Warn when the model folder ``spec`` names carries a fine-tuned classifier head: neither
+    format has a place for it, and `cliplab eval` of the export scores with the text head."""
+    from cliplab.adapt.head import saved_head_file
+
+    if not Path(spec).expanduser().is_dir():
+        return  # a preset, a Hub id or a checkpoint file: no saved head
+    head = saved_head_file(Path(spec).expanduser())
+    if head is not None:
+        warn(f"export: the model carries a classifier head ({head}) that is not exported: the "
+             "export holds the towers only, and zero-shot scores of it use the text head "
+             f"(evaluate {spec} for the head's)")
 
 
 def _check_export_out(args) -> None:

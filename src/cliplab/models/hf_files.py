@@ -266,11 +266,15 @@ REPAIR_NOTE = ("that cliplab's repair before tokenizing (OpenCLIP's `ftfy.fix_te
                "`html.unescape(html.unescape(ftfy.fix_text(text)))` repairs a text alike")
 
 
+CARD_TITLE = "# A cliplab dual encoder"
+HEAD_TITLE = "## Its fine-tuned classifier head"
+
+
 def model_card(kind: str, text_pooling: str, context_length: int,
                resize_mode: str = "shortest") -> str:
     """The saved folder's README: what it is and how to open it outside cliplab."""
     lines = ["---", "library_name: transformers",
-             "tags: [cliplab, clip, zero-shot-image-classification]", "---", "", "# A cliplab dual encoder", "",
+             "tags: [cliplab, clip, zero-shot-image-classification]", "---", "", CARD_TITLE, "",
              f"A contrastive image-text model ({kind}) saved by cliplab: `config.json` and "
              "`model.safetensors` are a plain Hugging Face transformers model, with its "
              "tokenizer and `preprocessor_config.json` (cliplab's resize, interpolation, "
@@ -337,3 +341,27 @@ def write_model_card(folder: str | Path, kind: str, text_pooling: str,
     file = Path(folder) / CARD_FILE
     file.write_text(model_card(kind, text_pooling, context_length, resize_mode), encoding="utf-8")
     return file
+
+
+def head_card_section(classes: int) -> str:
+    """The model card's section on a ``head.safetensors`` of ``classes`` classes."""
+    return "\n".join([
+        HEAD_TITLE, "",
+        "`head.safetensors` is a classifier over this model's image embeddings, fine-tuned with "
+        f"it for {classes} classes (their names in the file's metadata). `cliplab eval --model "
+        "THIS_FOLDER` scores zero-shot tasks over those classes with it (`--head text`: with "
+        "the text prompts). Plain transformers does not read it: its "
+        "`pipeline(\"zero-shot-image-classification\")` scores with the text prompts, another "
+        "classifier.", ""])
+
+
+def note_head_in_card(folder: str | Path, classes: int) -> None:
+    """Add the head's section to the model card of ``folder`` (once; a folder without
+    cliplab's card, e.g. an adapter folder, is left as it is)."""
+    file = Path(folder) / CARD_FILE
+    if not file.is_file():
+        return
+    card = file.read_text(encoding="utf-8")
+    if CARD_TITLE in card.splitlines() and HEAD_TITLE not in card.splitlines():
+        file.write_text(card.rstrip("\n") + "\n\n" + head_card_section(classes),
+                        encoding="utf-8")
