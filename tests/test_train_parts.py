@@ -237,6 +237,30 @@ def test_checkpoint_holds_the_config_and_refuses_a_state_without_data_position(p
         Trainer(small_model(), config(steps=2), run).fit(pairs, resume="latest")
 
 
+def test_a_checkpoints_model_folder_names_the_run_and_step_it_came_from(pairs, tmp_path,
+                                                                       monkeypatch):
+    """A pretrained checkpoint's cliplab.json recorded no origin though its model card says it
+    holds where the weights came from: it names the run folder (absolute, though given
+    relative) and step; cliplab and plain transformers still open the folder."""
+    import json
+
+    from transformers import AutoModel
+
+    from cliplab.models.dual_encoder import DualEncoder
+
+    monkeypatch.chdir(tmp_path)
+    run = RunDir("run")
+    Trainer(small_model(), config(steps=2, save_every=1), run).fit(pairs)
+    for step in (1, 2):
+        folder = run.checkpoint_dir(step) / "model"
+        meta = json.loads((folder / "cliplab.json").read_text(encoding="utf-8"))
+        assert meta["trained_by"] == {"run": str(tmp_path.resolve() / "run"), "step": step}
+    assert DualEncoder.load(folder).context_length == meta["context_length"]
+    assert type(AutoModel.from_pretrained(folder)).__name__ == "CLIPModel"
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "`trained_by`: the training run and step" in card
+
+
 def test_a_resume_on_changed_training_data_is_refused(pairs, tmp_path):
     """The checkpoint's data position is an epoch and a place in its permutation, drawn over
     the set as it was: a set that lost images or had captions edited since made the resumed

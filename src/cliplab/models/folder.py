@@ -9,7 +9,11 @@ merged from another, its origin::
     "base": {"path": "P as given", "fingerprint": "<weights_fingerprint of P>"}
 
 The record is optional (HF folders and models trained from scratch have none); WiSE-FT,
-adapter loading and merging check it when it is there.
+adapter loading and merging check it when it is there. A checkpoint of a training run
+(pretraining, continued pretraining, the quickstart) records the run instead, which holds its
+config, start model and data::
+
+    "trained_by": {"run": "/the/run/folder", "step": N}
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class WrappedModel(Protocol):
 
 CLIPLAB_FILE = "cliplab.json"
 ORIGIN_KEY = "base"
+TRAINED_BY_KEY = "trained_by"
 
 
 # -- cliplab.json -------------------------------------------------------------------------------
@@ -129,6 +134,14 @@ def write_origin(folder: str | Path, base_path: str | Path | None, fingerprint: 
         path = str(Path(path).expanduser().resolve())
     record = {"path": path, "fingerprint": fingerprint}
     update_meta(folder, **{ORIGIN_KEY: record}, **extra)
+    return record
+
+
+def write_trained_by(folder: str | Path, run: str | Path, step: int) -> dict:
+    """Record in ``folder/cliplab.json`` that its weights are step ``step`` of the training
+    run folder ``run`` (recorded absolute); returns the record."""
+    record = {"run": str(Path(run).expanduser().resolve()), "step": int(step)}
+    update_meta(folder, **{TRAINED_BY_KEY: record})
     return record
 
 

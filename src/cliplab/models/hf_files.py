@@ -279,8 +279,10 @@ def model_card(kind: str, text_pooling: str, context_length: int,
              "`model.safetensors` are a plain Hugging Face transformers model, with its "
              "tokenizer and `preprocessor_config.json` (cliplab's resize, interpolation, "
              "centre crop if any, and normalisation); `cliplab.json` holds cliplab's own "
-             "settings (preprocessing, text pooling, context length, and where the weights "
-             "came from).", "",
+             "settings (preprocessing, text pooling, context length) and, when cliplab made "
+             "the weights, where they came from (`trained_by`: the training run and step; "
+             "`base`: the model fine-tuned, adapted or merged from; `converted_from`: the "
+             "checkpoint converted).", "",
              "In cliplab: `cliplab eval --model THIS_FOLDER ...` or "
              "`cliplab.models.resolve.load_model(\"THIS_FOLDER\")`.", ""]
     if text_pooling == "mean":  # a VTDE pooling as its own model does is reproduced there

@@ -19,6 +19,7 @@ import torch
 
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.folder import write_trained_by
 from cliplab.train import distributed, fsdp
 from cliplab.train.mps_rng import mps_rng_state, set_mps_rng_state
 from cliplab.runs import RunDir, checkpoint_step
@@ -80,6 +81,8 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
             save_model(folder)
         else:
             state.model.save(folder / MODEL_DIR, state_dict=weights)
+            # a model folder copied out of the run still names the run (config, data) and step
+            write_trained_by(folder / MODEL_DIR, run_dir.path, step)
         torch.save(saved, folder / STATE_FILE)
 
     rank0 = distributed.rank() == 0
