@@ -81,6 +81,14 @@ class FeatureCache:
                 return feats
         return None
 
+    def cached(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
+               probe_layers: int = DEFAULT_PROBE_LAYERS, precision: str = "fp32"
+               ) -> ImageFeatures | None:
+        """The features `features` would serve from memory or the folder, else None (nothing
+        encoded, the hit and miss counts unchanged)."""
+        images = to_uint8_batch(images)
+        return self._lookup(self.key(model, images, precision), self._tag(probe, probe_layers))
+
     def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                  probe_layers: int = DEFAULT_PROBE_LAYERS, progress: bool = True,
                  desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:

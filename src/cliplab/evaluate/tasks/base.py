@@ -363,6 +363,11 @@ class TaskContext:
         return self.cache.features(model, images, probe, layers, self.progress, desc,
                                    self.precision)
 
+    def cached_features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
+                        layers: int = 4) -> ImageFeatures | None:
+        """The features of ``images`` (and ``probe``'s) the cache holds already, else None."""
+        return self.cache.cached(model, images, probe, layers, self.precision)
+
     def classifier_for(self, data: LabelledImages) -> Classifier | None:
         """``classifier``; one that names the classes it scores (``in_class_order``) with its
         rows in ``data``'s class order, or None when ``data``'s are other classes (then the

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, ClassVar, Literal
 
 import torch
@@ -12,11 +13,12 @@ from cliplab.config import refuse_unused
 from cliplab.data.listed import ListedImages, listed_data
 from cliplab.data.pairs import classes_with_fewer
 from cliplab.data.sources import as_labelled
+from cliplab.data.types import LabelledImages
 from cliplab.errors import DataError
-from cliplab.evaluate.few_shot import few_shot
+from cliplab.evaluate.few_shot import few_shot, sample_k_shot
 from cliplab.evaluate.features import EXTRA_PROBES
 from cliplab.evaluate.tasks.base import ProbeKind, TaskContext
-from cliplab.evaluate.tasks.linear_probe import ProbeSpecBase, probe_features, probe_sets
+from cliplab.evaluate.tasks.linear_probe import ProbeSpecBase, probe_sets
 from cliplab.models.dual_encoder import DualEncoder
 
 
@@ -44,10 +46,41 @@ class Spec(ProbeSpecBase):
 def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     if isinstance(context.dataset(spec, "train"), ListedImages):
         return _run_drawn(model, spec, context)
-    sets = probe_sets(spec, context)  # checked by Spec.check before the suite ran
-    out = few_shot(*probe_features(model, spec, context, sets), shots=tuple(spec.shots),
-                   seeds=tuple(spec.seeds), methods=tuple(spec.methods), l2=spec.l2)
-    return {**out, "n": len(sets[1].labels)}  # the test images every accuracy is over
+    name = spec.name or spec.task
+    train, test = probe_sets(spec, context)  # checked by Spec.check before the suite ran
+    extra = spec.features if spec.features in EXTRA_PROBES else None
+    # the test set first: a train set that is the test set is then in the cache
+    test_x = context.image_features(model, test.images, spec.test, f"encode {name} test",
+                                    probe=extra, layers=spec.layers).get(spec.features)
+    whole = context.cached_features(model, train.images, extra, spec.layers)
+    options = dict(shots=tuple(spec.shots), seeds=tuple(spec.seeds), methods=tuple(spec.methods),
+                   l2=spec.l2)
+    if whole is not None:  # embedded whole by another task (a probe of the same train set)
+        out = few_shot(whole.get(spec.features), train.labels, test_x, test.labels, **options)
+    else:
+        out = few_shot(None, None, test_x, test.labels, **options,
+                       draw=_drawn_features(model, spec, context, train, extra))
+    return {**out, "n": len(test.labels)}  # the test images every accuracy is over
+
+
+def _drawn_features(model: DualEncoder, spec: Spec, context: TaskContext,
+                    train: LabelledImages, extra: str | None
+                    ) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """`few_shot`'s ``draw`` on a train set in memory: the images `sample_k_shot` picks for
+    every k and seed, embedded once (an image's features do not depend on the batch it is
+    embedded in), not the whole set."""
+    picks = {(k, seed): sample_k_shot(train.labels, k, seed)
+             for k in spec.shots for seed in spec.seeds}
+    index = torch.cat(list(picks.values())).unique()  # sorted
+    features = context.image_features(
+        model, train.images[index], None, f"encode {spec.name or spec.task} train draws",
+        probe=extra, layers=spec.layers).get(spec.features)
+
+    def draw(k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = picks[(k, seed)]
+        return features[torch.searchsorted(index, rows)], train.labels[rows]
+
+    return draw
 
 
 def _run_drawn(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
