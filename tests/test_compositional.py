@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cliplab.data.shapes import Scene, ShapeObject, captions, load_shapes_with_scenes
 from cliplab.evaluate.compositional import compositional, preference_accuracy, relation_negatives
+from cliplab.evaluate.features import encode_images
 
 
 def test_negatives_are_exact_for_a_hand_built_scene():
@@ -170,3 +171,38 @@ def test_bf16_suites_encode_the_captions_in_bf16_as_the_images():
         "source": "shapes", "n": 20, "seed": 1, "image_size": 32}}]}
     result = run_suite(model, suite, TaskContext(progress=False))
     assert seen and all(seen) and result["c"]["n"] > 0
+
+
+def test_the_task_encodes_each_distinct_caption_once_through_the_text_cache(
+        tiny_model, monkeypatch):
+    """An attribute or relation swap of one scene is often another's caption: each distinct
+    text goes through the text tower once (the suite's text cache, shared with its other
+    tasks), and the accuracies are those of encoding the 4·n captions one by one."""
+    from cliplab.evaluate.suite import run_suite
+    from cliplab.evaluate.tasks import TaskContext
+
+    data = {"source": "shapes", "n": 60, "seed": 3, "image_size": 32}
+    pairs, scenes = load_shapes_with_scenes(n=60, seed=3, kinds=["relation"], image_size=32)
+    rng = random.Random(0)
+    texts = [t for true, negs in (relation_negatives(s, rng) for s in scenes)
+             for t in (true, negs["attribute_swap"], negs["relation_swap"],
+                       negs["word_shuffle"])]
+    assert len(set(texts)) < len(texts) == 4 * 60  # duplicates to encode once
+    encoded = []
+    encode_text = type(tiny_model).encode_text
+
+    def counting(self, *args, **kwargs):  # the texts of each batch through the text tower
+        encoded.append(len(kwargs["input_ids"] if "input_ids" in kwargs else args[0]))
+        return encode_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "encode_text", counting)
+    context = TaskContext(progress=False)
+    suite = {"tasks": [{"name": "c", "task": "compositional", "data": data}]}
+    got = run_suite(tiny_model, suite, context)
+    assert sum(encoded) == len(set(texts))
+    assert context.texts.misses == len(set(texts))
+    encoded.clear()
+    assert run_suite(tiny_model, suite, context) == got and sum(encoded) == 0  # all cached
+    monkeypatch.undo()
+    image_emb = encode_images(tiny_model, pairs.images, progress=False).embeddings
+    assert got["c"] == compositional(tiny_model, pairs.images, scenes, image_emb=image_emb)

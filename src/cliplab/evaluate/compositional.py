@@ -21,6 +21,7 @@ from cliplab.data.caption_negatives import (NEGATIVE_TYPES, attribute_swap, rela
                                             shuffle_words)
 from cliplab.data.shapes import Scene, object_phrase, relation_of
 from cliplab.evaluate.features import encode_images
+from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.precision import autocast
 
@@ -50,9 +51,11 @@ def preference_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor,
 
 def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene], seed: int = 0,
                   progress: bool = True, image_emb: torch.Tensor | None = None,
-                  precision: str = "fp32") -> dict:
+                  precision: str = "fp32", texts: TextFeatureCache | None = None) -> dict:
     """Accuracy of the true caption over each negative type, on relation scenes; captions
-    encoded at ``precision`` (``fp32`` or ``bf16``), as the images were."""
+    encoded at ``precision`` (``fp32`` or ``bf16``), as the images were: in fp32 through
+    ``texts`` when given (each distinct caption once, shared with other tasks), else by the
+    model."""
     rng = random.Random(seed)
     keep = [i for i, s in enumerate(scenes) if s.kind == "relation"]
     if not keep:
@@ -62,14 +65,24 @@ def compositional(model: DualEncoder, images: torch.Tensor, scenes: list[Scene],
     else:
         image_emb = image_emb[keep]
     built = [relation_negatives(scenes[i], rng) for i in keep]
-    # on the CPU, beside the image features (encode_texts answers on the model's device)
-    with autocast(precision, model.device.type) if precision != "fp32" else nullcontext():
-        true_emb = model.encode_texts([t for t, _ in built]).float().cpu()
-        negatives = {kind: model.encode_texts([negs[kind] for _, negs in built]).float().cpu()
-                     for kind in NEGATIVE_TYPES}
-    out = {}
-    for kind in NEGATIVE_TYPES:
-        neg_emb = negatives[kind]
-        out[f"{kind}_acc"] = preference_accuracy(image_emb, true_emb, neg_emb)
+    captions = [[t for t, _ in built]] + [[negs[kind] for _, negs in built]
+                                          for kind in NEGATIVE_TYPES]
+    true_emb, *negatives = _embedded(model, captions, precision, texts)
+    out = {f"{kind}_acc": preference_accuracy(image_emb, true_emb, neg_emb)
+           for kind, neg_emb in zip(NEGATIVE_TYPES, negatives)}
     out["n"] = len(keep)
     return out
+
+
+def _embedded(model: DualEncoder, groups: list[list[str]], precision: str,
+              texts: TextFeatureCache | None) -> list[torch.Tensor]:
+    """Unit float32 CPU embeddings of each group of captions, beside the image features."""
+    # bf16 text embeddings move with the batch a caption is padded in (by ~1e-3), enough to
+    # change which of a near-tie wins: bf16 keeps the model's batches, as before the cache
+    if texts is not None and precision == "fp32":
+        flat = texts.embeddings(model, [t for group in groups for t in group],
+                                precision=precision, desc="encode captions")
+        return list(flat.split([len(group) for group in groups]))
+    # encode_texts answers on the model's device
+    with autocast(precision, model.device.type) if precision != "fp32" else nullcontext():
+        return [model.encode_texts(group).float().cpu() for group in groups]

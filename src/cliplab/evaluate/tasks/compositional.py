@@ -50,6 +50,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
                                    f"encode {spec.name or spec.task}")
     try:
         return compositional(model, pairs.images, scenes, seed=spec.seed,
-                             image_emb=feats.embeddings, precision=context.precision)
+                             image_emb=feats.embeddings, precision=context.precision,
+                             texts=context.texts)
     except ValueError as err:
         raise task_error(spec, str(err)) from None
