@@ -74,7 +74,22 @@ def test_a_train_set_a_probe_embedded_whole_is_taken_from_the_cache(tiny_model):
                                                    _task(methods=["ncm"])]},
                             TaskContext(cache, progress=False))
         assert sum(sizes) == len(train.labels) + 540  # each set once, by the probe
-        assert cache.misses == 2
+        assert (cache.misses, cache.hits) == (2, 2)  # few_shot's train and test: hits
     alone = run_suite(tiny_model, {"tasks": [_task(methods=["ncm"])]},
                       TaskContext(progress=False))
     assert got["fs"] == alone["fs"]
+
+
+def test_a_train_set_a_cache_folder_holds_is_read_from_it(tiny_model, tmp_path):
+    """A later run with the same ``--cache-dir``: few_shot alone reads the whole train set's
+    features a probe wrote there, and embeds only its test images."""
+    probe = {"name": "probe", "task": "linear_probe", "train": TRAIN, "test": TEST, "l2": 0.01,
+             "features": "embeddings"}
+    run_suite(tiny_model, {"tasks": [probe]},
+              TaskContext(FeatureCache(tmp_path / "cache"), progress=False))
+    with towered(tiny_model) as sizes:
+        got = run_suite(tiny_model, {"tasks": [_task()]},
+                        TaskContext(FeatureCache(tmp_path / "cache"), progress=False))
+    assert sizes == []  # the test set is the probe's too
+    assert got["fs"] == run_suite(tiny_model, {"tasks": [_task()]},
+                                  TaskContext(progress=False))["fs"]

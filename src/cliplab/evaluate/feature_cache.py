@@ -84,10 +84,12 @@ class FeatureCache:
     def cached(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                probe_layers: int = DEFAULT_PROBE_LAYERS, precision: str = "fp32"
                ) -> ImageFeatures | None:
-        """The features `features` would serve from memory or the folder, else None (nothing
-        encoded, the hit and miss counts unchanged)."""
+        """The features `features` would serve from memory or the folder (a hit), else None:
+        nothing encoded, no miss counted."""
         images = to_uint8_batch(images)
-        return self._lookup(self.key(model, images, precision), self._tag(probe, probe_layers))
+        feats = self._lookup(self.key(model, images, precision), self._tag(probe, probe_layers))
+        self.hits += feats is not None
+        return feats
 
     def features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                  probe_layers: int = DEFAULT_PROBE_LAYERS, progress: bool = True,
