@@ -295,9 +295,8 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
         assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
                      "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
         captured = capsys.readouterr()
-        assert "6 items (2 skipped)" in captured.out
-        assert "6 item(s) of the collection were in the index already (not added again, nor read" \
-            in captured.out
+        assert f"nothing to add: 6 item(s) of {(tmp_path / 'photos').resolve()} are in the " \
+            "index already and 2 were skipped before" in captured.out
         assert "skipped" not in captured.err  # the index's earlier skips are not this run's
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     assert record["count"] == 6 and record["skipped"] == 2
@@ -312,6 +311,54 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
     assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "more"),
                  "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
     assert capsys.readouterr().err.startswith("skipped 1 item(s) (unreadable_image=1); ")
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Each file under ``folder`` (and the folder itself): inode, mtime and bytes."""
+    files = {".": (folder.stat().st_ino, folder.stat().st_mtime_ns, b"")}
+    for path in sorted(folder.rglob("*")):
+        info = path.stat()
+        files[str(path.relative_to(folder))] = (
+            info.st_ino, info.st_mtime_ns, path.read_bytes() if path.is_file() else b"")
+    return files
+
+
+def test_an_add_that_finds_nothing_new_leaves_the_index_as_it_was(model_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A re-run of `--add` over a folder indexed whole (from cron, say) rebuilt the whole
+    index all the same (every file rewritten, the FAISS index built again) and recorded the
+    folder in `sources` once more on each run. It changes nothing now, and says so in one
+    line; an --add of the folder grown adds just its new items and records it once."""
+    _image_folder(tmp_path / "photos")
+    build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    before = _files(tmp_path / "idx")
+    monkeypatch.setattr(faiss_index, "build_faiss", None)  # not built again
+    for _ in range(2):
+        assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
+                     "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and out.startswith(f"index {tmp_path / 'idx'}: nothing to add")
+        assert _files(tmp_path / "idx") == before and not (tmp_path / "idx.partial").exists()
+    monkeypatch.undo()
+    shutil.copy(tmp_path / "photos" / "reds" / "img_1.png", tmp_path / "photos" / "new.png")
+    assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
+                 "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
+    assert "6 item(s) of the collection were in the index already" in capsys.readouterr().out
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
+    assert record["count"] == 7 and record["skipped"] == 2
+    assert record["sources"] == [{"source": "image-folder",
+                                  "path": str((tmp_path / "photos").resolve())}]
+    index = SearchIndex(tmp_path / "idx")
+    assert index.items([6])[6]["key"] == "new.png"
+    index.close()
+
+
+def test_a_source_added_again_with_more_items_is_recorded_once_by_its_last_spec(model_dir,
+                                                                               tmp_path):
+    build(model_dir, {**SHAPES, "n": 10}, tmp_path / "idx")
+    record = build(model_dir, SHAPES, tmp_path / "idx", add=True)
+    assert record["count"] == 40 and record["already_indexed"] == 10
+    assert [source["n"] for source in record["sources"]] == [40]
 
 
 def test_a_repeated_key_of_a_shard_is_listed_as_duplicate_key(model_dir, tmp_path):

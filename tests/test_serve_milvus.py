@@ -214,6 +214,23 @@ def test_add_keeps_a_milvus_index_in_milvus_in_a_new_collection(tmp_path):
     assert _collections(uri) == ["moved"]
 
 
+def test_an_add_that_finds_nothing_new_keeps_the_milvus_collection(tmp_path):
+    """An --add of items the index holds all copied every vector into a new collection and
+    dropped the old one (a server on it then answered 503 until restarted): it leaves the
+    index folder and its collection as they were now."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+    first = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    files = {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+             for path in (tmp_path / "idx").iterdir() if path.is_file()}
+    record = build(model_dir, {**SHAPES, "n": 20}, tmp_path / "idx", add=True)
+    assert record["milvus"] == first["milvus"] and record["count"] == 40
+    assert _collections(uri) == [first["milvus"]["collection"]]
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes())
+            for path in (tmp_path / "idx").iterdir() if path.is_file()} == files
+    assert _serves_its_own_vectors(tmp_path / "idx")
+
+
 def test_a_killed_add_leaves_the_milvus_index_it_grows_whole(tmp_path, monkeypatch):
     """--add killed while it fills Milvus: the index keeps serving its own vectors from its own
     collection (it was rebuilt in place, dropped first); the same command then finishes."""

@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.uri and "://" not in cfg.uri:  # a Milvus Lite file: as --out, not among the images
         check_apart_from_inputs(cfg.uri, spec_paths(cfg.data), flag="--uri")
     record = build_index(cfg, progress=not args.no_progress)
+    if record.get("unchanged"):
+        print(f"index {cfg.out}: {_nothing_to_add(record, cfg.data)}")
+        return 0
     print(f"index {cfg.out}: {describe(record)}")
     tuned = record.get("faiss", {})
     if tuned.get("parameter") and tuned["recall"] < tuned["recall_target"]:
@@ -82,3 +85,17 @@ def run(args: argparse.Namespace) -> int:
               f"listed with its reason in {Path(cfg.out) / 'meta.sqlite'} (table skipped)",
               file=sys.stderr)
     return 0
+
+
+def _nothing_to_add(record: dict, data) -> str:
+    """What an ``--add`` that found nothing new says: the index is left as it was."""
+    from cliplab.data.collection import source_spec
+    from cliplab.evaluate.tasks.base import data_origin
+
+    held, before = record["already_indexed"], record["skipped_before"]
+    source = data_origin(source_spec(data), None)
+    found = (f"{held} item(s) of {source} are in the index already and {before} were skipped "
+             "before (table skipped of meta.sqlite)" if before else
+             f"all {held} item(s) of {source} are in the index already")
+    return (f"nothing to add: {found}; the index is left as it was ({record['count']} items; "
+            "files changed since are not read again: rebuild the index to take them)")

@@ -189,7 +189,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         _check_collection(cfg.uri, state)
     store = MetadataStore(work / META_FILE)
     before = MetadataStore(out / META_FILE, readonly=True) if existing else None
-    refused = False
+    refused = unchanged = False
     try:
         if state["phase"] == "embedding":
             try:
@@ -198,19 +198,44 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             except CliplabError:  # before its first item: a source that cannot be read
                 refused = state["position"] == 0  # nothing to resume, no folder to leave
                 raise
-        record = _finish(cfg, work, store, state, request, existing, model, progress)
-        # an --add's skipped table starts with the index's earlier ones
-        skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
+        unchanged = _adds_nothing(state, existing)
+        if not unchanged:
+            record = _finish(cfg, work, store, state, request, existing, model, progress)
+            # an --add's skipped table starts with the index's earlier ones
+            skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
     finally:
         store.close()
         if before is not None:
             before.close()
         if refused:
             shutil.rmtree(work, ignore_errors=True)
+    if unchanged:  # the index's files and Milvus collection stay as they were
+        shutil.rmtree(work)
+        already = state.get("already_indexed", 0)
+        return {**existing, "unchanged": True, "already_indexed": already,
+                "skipped_before": state["position"] - already, "skipped_now": {}}
     swap_in(work, out)
     _drop_replaced_collection(existing, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
             "skipped_now": skip_counts(skipped_now)}
+
+
+def _adds_nothing(state: dict, existing: dict | None) -> bool:
+    """Whether an ``--add`` whose items are all read found none that is new, to index or to
+    list as skipped: a re-run that finds nothing new (from cron, say) leaves the index as it
+    is, rather than rebuilding it (a Milvus one into a new collection) to hold the same."""
+    return existing is not None and state["count"] == existing["count"] and \
+        state["skipped"] == existing["skipped"] and not state.get("collection_created")
+
+
+def _grown_sources(sources: list[dict], spec: dict) -> list[dict]:
+    """``sources`` of an index after ``spec`` was added to it: each source once, in the order
+    first added; one added again (its size options aside, as `key_prefix` tells sources
+    apart) keeps its place with the spec it was last read by (``n=40`` after ``n=10``)."""
+    grown: dict[str, dict] = {}
+    for source in [*sources, spec]:
+        grown[_source_identity(source)] = source  # a key keeps its first place
+    return list(grown.values())
 
 
 def _another_request(finished: dict, request: dict, existing: dict | None) -> str | None:
@@ -218,7 +243,8 @@ def _another_request(finished: dict, request: dict, existing: dict | None) -> st
     rename) was asked for otherwise than ``request`` (model, data, backend), or None."""
     if finished.get("fingerprint") != request["fingerprint"]:
         return f"model {finished['model']['name']}"
-    if finished.get("sources") != [*(existing or {}).get("sources", []), request["data"]]:
+    if finished.get("sources") != _grown_sources((existing or {}).get("sources", []),
+                                                 request["data"]):
         return f"data {data_origin((finished.get('sources') or [{}])[-1], None)}"
     if finished.get("backend") != request["backend"] or \
             (finished.get("milvus") or {}).get("uri") != request["uri"]:
@@ -574,7 +600,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
               "count": state["count"], "skipped": state["skipped"],
               "skipped_reasons": skip_counts(store.skipped()), "backend": cfg.backend,
               "index_type": cfg.index_type,
-              "sources": [*(existing or {}).get("sources", []), request["data"]]}
+              "sources": _grown_sources((existing or {}).get("sources", []),
+                                        request["data"])}
     if cfg.backend == "faiss":
         budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
         factory = faiss_index.choose_index_type(len(vectors), vectors.shape[1], cfg.index_type, budget)
