@@ -110,7 +110,8 @@ def test_pool_runs_through_the_steps_and_writes_every_output(tmp_path):
     assert by_key["img_04.png"]["step"] == "read"
     assert by_key["img_04.png"]["reason"].startswith(f"unreadable image at {folder / 'img_04.png'}")
     assert by_key["img_01.png"] == {"key": "img_01.png", "step": "bright",
-                                    "reason": "mean pixel 50 below 100", "score": 50.0}
+                                    "reason": "mean pixel 50 below 100", "score": 50.0,
+                                    "source_key": None}  # a folder item is its own file
     assert by_key["img_07.png"]["reason"] == "exact duplicate of img_00.png (identical image)"
     assert sorted(by_key) == ["img_01.png", "img_03.png", "img_04.png", "img_06.png",
                               "img_07.png", "img_08.png"]
@@ -131,6 +132,27 @@ def test_pool_runs_through_the_steps_and_writes_every_output(tmp_path):
     assert "duplicate clusters (1; the first is kept)" in md and "img_00.png, img_03.png, img_07.png" in md
     assert "note: \"hello\"" in md
     assert '<img src="report/00-bright/drop-0.png"' in (out / "report.html").read_text()
+
+
+def test_drops_over_shards_name_the_file_each_sample_was_made_from(tmp_path):
+    """dropped.parquet of a pool of shards named each drop by its shard key alone
+    (``00000.tar:000000001``): which of the user's files was dropped meant opening the tar for
+    its KEY.json. Its ``source_key`` column says (the file a `data shard` sample was made of)."""
+    from cliplab.data.shards.from_files import write_source
+
+    folder = make_folder(tmp_path / "pool", [200, 50, 150, 60])
+    for image in folder.glob("*.png"):
+        image.with_suffix(".txt").write_text(f"square {image.stem}", encoding="utf-8")
+    write_source({"source": "image-folder", "path": str(folder), "captions": True},
+                 tmp_path / "shards",
+                 samples_per_shard=2, image_format="png", progress=False)
+    run_curation(config({"source": "shards", "path": str(tmp_path / "shards")},
+                        [{"step": "bright", "threshold": 100}]), tmp_path / "out", progress=False)
+    dropped = pq.read_table(tmp_path / "out" / "dropped.parquet").to_pylist()
+    assert [(d["key"], d["source_key"]) for d in dropped] == [
+        ("00000.tar:000000001", "img_01.png"), ("00001.tar:000000003", "img_03.png")]
+    assert pq.read_table(tmp_path / "out" / "dropped.parquet").column_names == [
+        "key", "step", "reason", "score", "source_key"]
 
 
 def test_curated_shards_of_any_folder_image_type_read_back_in_training(tmp_path):

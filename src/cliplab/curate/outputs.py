@@ -1,6 +1,6 @@
 """What `cliplab curate` writes besides the report: the kept pool (WebDataset shards with each
-image's original bytes, or a manifest) and ``dropped.parquet`` (key, step, reason, score of every
-dropped item, those dropped at ``read`` included)."""
+image's original bytes, or a manifest) and ``dropped.parquet`` (key, step, reason, score and
+source key of every dropped item, those dropped at ``read`` included)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
 
 
 def write_dropped(rows: list[dict], path: Path) -> None:
-    """Every dropped item: ``key``, ``step``, ``reason``, ``score`` (NaN where none)."""
+    """Every dropped item: ``key``, ``step``, ``reason``, ``score`` (NaN where none) and
+    ``source_key`` (the item a shard sample was made from; None where the pool has none)."""
     schema = pa.schema([("key", pa.string()), ("step", pa.string()), ("reason", pa.string()),
-                        ("score", pa.float64())])
+                        ("score", pa.float64()), ("source_key", pa.string())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

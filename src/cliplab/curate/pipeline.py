@@ -285,7 +285,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
                 number += 1
                 if record is None:
                     dropped.append({"key": item.key, "step": READ_STEP, "reason": reason,
-                                    "score": math.nan})
+                                    "score": math.nan, "source_key": _source_key(item.meta)})
                 else:
                     records.append(record)
             write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
@@ -304,6 +304,14 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if not chunks:
         raise DataError(f"the pool {config.data} holds no items")
     return chunks, dropped, seconds
+
+
+def _source_key(meta) -> str | None:
+    """The item a pool item was made from, as its metadata records it: a shard sample's
+    ``source_key`` (`cliplab data shard` writes the original file or manifest row there), so
+    a drop over shards names the user's file, not only ``00000.tar:000000006``; else None."""
+    key = meta.get("source_key") if isinstance(meta, dict) else None
+    return None if key is None else str(key)
 
 
 def _skip_read(items, n: int, last_chunk: Path, source: dict, work: Path) -> None:
@@ -353,7 +361,8 @@ def _run_steps(config: CurateConfig, chunks: list[list[Record]], alive: list[np.
         for i in np.flatnonzero(~decision.keep):
             score = float(decision.scores[i]) if decision.scores is not None else math.nan
             dropped.append({"key": reached[i]["key"], "step": name,
-                            "reason": decision.reasons[i], "score": score})
+                            "reason": decision.reasons[i], "score": score,
+                            "source_key": _source_key(reached[i]["meta"])})
         summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
                               "kept": int(decision.keep.sum()),
                               "dropped": int((~decision.keep).sum()),
