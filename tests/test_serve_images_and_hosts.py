@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from cliplab.serve import image_files  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
 from tests.ports import free_port  # noqa: E402
-from tests.serve_helpers import build, save_tiny_model  # noqa: E402
+from tests.serve_helpers import SHAPES, build, save_tiny_model  # noqa: E402
 
 KEY = "s3cret-key"
 
@@ -187,6 +188,28 @@ def test_an_image_and_its_thumbnail_follow_their_file(photos, tmp_path, route):
     path.unlink()
     gone = client.get(route)
     assert gone.status_code == 404 and gone.json()["error"] == "the image file of id 0 is gone"
+
+
+def test_stored_images_of_an_index_rebuilt_under_the_server_are_refused(tmp_path):
+    """A built-in source's images are stored in the index folder and were looked up there on
+    each request: after the index was rebuilt in place (another seed), a running server sent
+    the new index's image 5 under the old index's caption of id 5. It answers 503 now, saying
+    to restart it; an --add (which keeps the stored images) goes on serving them."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, SHAPES, tmp_path / "idx")
+    client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
+    first = client.get("/images/5").content
+    build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    assert client.get("/images/5").content == first
+    assert client.get("/images/5/thumbnail").status_code == 200
+    shutil.rmtree(tmp_path / "idx")
+    build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx")
+    for route in ("/images/5", "/images/5/thumbnail"):
+        rebuilt = client.get(route)
+        assert rebuilt.status_code == 503, route
+        assert rebuilt.json()["error"] == (
+            f"the index {(tmp_path / 'idx').resolve()} was rebuilt since this server opened it: "
+            "its stored images are the new index's; restart `cliplab serve` to serve that one")
 
 
 def test_images_and_thumbnails_answer_head_and_take_the_key_in_the_url(photos):

@@ -106,7 +106,7 @@ ERROR_MEANINGS = {
     415: "not a form where one goes, or not an image",
     422: "a field missing or out of its bounds",
     503: "busy (retry after the Retry-After seconds), stopping, or the index's Milvus "
-         "collection is gone (restart the server)",
+         "collection is gone or its folder rebuilt (restart the server)",
 }
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -599,7 +600,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
               "dim": int(vectors.shape[1]),
               "count": state["count"], "skipped": state["skipped"],
               "skipped_reasons": skip_counts(store.skipped()), "backend": cfg.backend,
-              "index_type": cfg.index_type,
+              "index_type": cfg.index_type, "build": _build_id(existing),
               "sources": _grown_sources((existing or {}).get("sources", []),
                                         request["data"])}
     if cfg.backend == "faiss":
@@ -634,6 +635,12 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     (work / PROGRESS_FILE).unlink()  # from here on the folder is complete (see build_index)
     shutil.rmtree(work / CHUNKS_DIR)
     return record
+
+
+def _build_id(existing: dict | None) -> str:
+    """The id of an index as built from scratch, kept by each ``--add`` (which keeps its stored
+    images): a server tells a folder rebuilt in place under it from one grown."""
+    return (existing or {}).get("build") or uuid.uuid4().hex[:16]
 
 
 def skip_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:

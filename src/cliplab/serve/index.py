@@ -21,6 +21,11 @@ RECORD_KEYS = ("model", "fingerprint", "dim", "count", "skipped", "backend")
 BACKENDS = ("faiss", "milvus")
 
 
+class IndexReplaced(DataError):
+    """The opened index's folder holds another index now (rebuilt in place): its stored
+    images are that index's, not the ones the open index's captions describe."""
+
+
 class SearchIndex:
     """A complete index folder opened for search. ``search`` returns ``(scores, ids)``."""
 
@@ -30,6 +35,7 @@ class SearchIndex:
         (an ``--add`` reads it again itself)."""
         self.path = Path(path).expanduser().resolve()
         self.record = _complete_record(self.path)
+        self._seen: tuple = (_stamp(self.path / INDEX_FILE), None)  # index.json, what it said
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
         self.backend = self.record["backend"]
         self._milvus = None
@@ -122,8 +128,32 @@ class SearchIndex:
         stored images resolve inside the index folder only."""
         loc = dict(row["location"])
         if "stored" in loc:
+            replaced = self.replaced()
+            if replaced:
+                raise IndexReplaced(replaced)
             return {"file": str(self.path / loc["stored"])}
         return loc
+
+    def replaced(self) -> str | None:
+        """What to say when the folder holds another index now than the one opened (rebuilt
+        in place; an ``--add`` grows the same one, its stored images kept), else None. Known by
+        the ``build`` id index.json keeps: an index built before it was kept is not checked."""
+        build = self.record.get("build")
+        if build is None:
+            return None
+        stamp, found = self._seen
+        now = _stamp(self.path / INDEX_FILE)
+        if now != stamp or found is None:  # read again only when index.json was replaced
+            try:
+                now_record = read_index_json(self.path)
+            except (DataError, OSError):  # half-written or gone: the image's own check says
+                now_record = None
+            found = now_record.get("build", build) if isinstance(now_record, dict) else build
+            self._seen = (now, found)
+        if found == build:
+            return None
+        return (f"the index {self.path} was rebuilt since this server opened it: its stored "
+                "images are the new index's; restart `cliplab serve` to serve that one")
 
     def close(self) -> None:
         """Close the metadata and Milvus connections and let go of the vectors' mapping and
@@ -196,6 +226,15 @@ def _complete_record(path: Path) -> dict:
     return record
 
 
+def _stamp(path: Path) -> tuple | None:
+    """What changes when ``path`` is replaced or rewritten (inode, mtime, size), None if gone."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
 def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
     """The stored embeddings ``[count, dim]``, memory-mapped; a ``DataError`` if damaged."""
     try:
@@ -243,4 +282,4 @@ def describe(record: dict) -> str:
             f"{record['model']['name']}, {how}")
 
 
-__all__ = ["SearchIndex", "describe", "image_only_tuning"]
+__all__ = ["IndexReplaced", "SearchIndex", "describe", "image_only_tuning"]

@@ -18,7 +18,7 @@ from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
 from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
-from cliplab.serve.index import SearchIndex
+from cliplab.serve.index import IndexReplaced, SearchIndex
 from cliplab.serve.milvus_index import CollectionGone
 from cliplab.serve.sized_cache import SizedLru
 
@@ -88,10 +88,18 @@ class SearchService:
         return zero_shot_probabilities(self.model, torch.from_numpy(np.array(vectors)),
                                        self.label_head(tuple(names), prompt))
 
+    def image_source(self, item_id: int) -> dict:
+        """`SearchIndex.image_source` of ``item_id``; a 503 when the index folder was rebuilt
+        under the server (its stored image would be another index's item)."""
+        try:
+            return self.index.image_source(self.indexed(item_id))
+        except IndexReplaced as err:
+            fail(503, str(err))
+
     def stored_image(self, item_id: int) -> Path | tuple[bytes, str]:
         """Where ``item_id``'s original image is: its file, or its bytes read from a shard
         with the name they had there; a 404 when it is gone."""
-        source = self.index.image_source(self.indexed(item_id))
+        source = self.image_source(item_id)
         if "file" in source:
             path = Path(source["file"])
             if not path.is_file():
@@ -107,7 +115,7 @@ class SearchService:
         """What changes when ``item_id``'s image does (a file replaced under the same name):
         its inode and change time too, which a copy that keeps the size and the modification
         time (``cp -p``, ``rsync -t``, a restore) still changes."""
-        source = self.index.image_source(self.indexed(item_id))
+        source = self.image_source(item_id)
         path = Path(source.get("file") or source["tar"])
         try:
             stat = path.stat()
