@@ -13,7 +13,8 @@ A Milvus index gets a collection of its own (``cliplab_`` + 12 hex digits unless
 once and kept in ``progress.json``; an existing collection is never taken over, except the one
 this run created (resumed). ``--add`` writes the grown index into a new collection too and drops
 the old one only once the new index is complete, so until then the old index stays whole (a
-killed ``--add`` leaves it serving, as a FAISS index's folder does).
+killed ``--add`` leaves it serving, as a FAISS index's folder does). An ``--add`` that finds
+nothing new leaves the index, its files and its collection as they were.
 """
 
 from __future__ import annotations
