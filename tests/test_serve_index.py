@@ -340,6 +340,10 @@ def test_an_add_that_finds_nothing_new_leaves_the_index_as_it_was(model_dir, tmp
         assert out.count("\n") == 1 and out.startswith(f"index {tmp_path / 'idx'}: nothing to add")
         assert _files(tmp_path / "idx") == before and not (tmp_path / "idx.partial").exists()
     monkeypatch.undo()
+    # other settings asked are applied, though nothing is new
+    record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx", add=True,
+                   index_type="hnsw")
+    assert record["faiss"]["type"].startswith("HNSW") and "unchanged" not in record
     shutil.copy(tmp_path / "photos" / "reds" / "img_1.png", tmp_path / "photos" / "new.png")
     assert main(["index", "--model", str(model_dir), "--data", str(tmp_path / "photos"),
                  "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0

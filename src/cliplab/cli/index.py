@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add", action="store_true", default=None,
                    help="append the collection to an existing index (keeping its backend, "
                    "Milvus URI and index type; a Milvus index moves to a fresh collection, the "
-                   "old one dropped once the index is complete); with nothing new to add, the "
-                   "index is left as it was")
+                   "old one dropped once the index is complete); with nothing new to add (and "
+                   "no other index_type, recall or collection asked) the index is left as it was")
     p.add_argument("--backend", choices=("faiss", "milvus"),
                    help="vector store (default faiss; with --add the index's own)")
     p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530, "

@@ -14,7 +14,8 @@ once and kept in ``progress.json``; an existing collection is never taken over, 
 this run created (resumed). ``--add`` writes the grown index into a new collection too and drops
 the old one only once the new index is complete, so until then the old index stays whole (a
 killed ``--add`` leaves it serving, as a FAISS index's folder does). An ``--add`` that finds
-nothing new leaves the index, its files and its collection as they were.
+nothing new (and asks no other index type, recall or collection) leaves the index, its files
+and its collection as they were.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             except CliplabError:  # before its first item: a source that cannot be read
                 refused = state["position"] == 0  # nothing to resume, no folder to leave
                 raise
-        unchanged = _adds_nothing(state, existing)
+        unchanged = _adds_nothing(state, existing) and not _asks_other_settings(cfg, existing)
         if not unchanged:
             record = _finish(cfg, work, store, state, request, existing, model, progress)
             # an --add's skipped table starts with the index's earlier ones
@@ -228,6 +229,14 @@ def _adds_nothing(state: dict, existing: dict | None) -> bool:
     is, rather than rebuilding it (a Milvus one into a new collection) to hold the same."""
     return existing is not None and state["count"] == existing["count"] and \
         state["skipped"] == existing["skipped"] and not state.get("collection_created")
+
+
+def _asks_other_settings(cfg: IndexConfig, existing: dict) -> bool:
+    """Whether an ``--add`` asks the index to be built otherwise than it is (another index
+    type, recall target or Milvus collection): built again then, though nothing is new."""
+    return cfg.index_type != (existing.get("index_type") or "auto") or \
+        cfg.collection is not None or \
+        cfg.recall != (existing.get("faiss") or {}).get("recall_target", cfg.recall)
 
 
 def _grown_sources(sources: list[dict], spec: dict) -> list[dict]:
