@@ -634,3 +634,19 @@ def test_a_manifest_of_pairs_used_as_classes_names_label_col(tmp_path):
                                               r"classes when label_col: COLUMN names"):
             load_source({**spec, **extra})
     assert load_source({**spec, "label_col": "label", "classes": ["red"]}).classnames == ["red"]
+
+
+def test_a_spec_is_recorded_with_every_path_it_names_resolved(tmp_path, monkeypatch):
+    """index.json and summary.json record their source resolved; of a `::` list only the first
+    pattern was, so the record read from elsewhere named shards that were not there."""
+    from cliplab.data.sources import with_paths_resolved
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    spec = {"source": "shards", "path": "a/{00000..00001}.tar::~/b/{00000..00001}.tar",
+            "seed": 3}
+    assert with_paths_resolved(spec) == {
+        "source": "shards", "seed": 3,
+        "path": f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/home/b/{{00000..00001}}.tar"}
+    assert with_paths_resolved({"source": "shards", "path": ["a.tar", "~/b.tar"]})["path"] == \
+        [f"{tmp_path}/a.tar", f"{tmp_path}/home/b.tar"]

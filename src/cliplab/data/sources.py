@@ -58,11 +58,19 @@ def filled_spec(spec: object) -> dict | None:
 
 
 def with_paths_resolved(spec: dict) -> dict:
-    """``spec`` with its file or folder options (`PATH_OPTIONS`) expanded and resolved: as an
-    output records its source, so the record still names it when read from another folder."""
-    return {key: str(Path(value).expanduser().resolve())
-            if key in PATH_OPTIONS and isinstance(value, str) else value
+    """``spec`` with its file or folder options (`PATH_OPTIONS`) expanded and resolved (each
+    part of a ``::`` list of shard patterns, each path of a list): as an output records its
+    source, so the record still names it when read from another folder."""
+    return {key: _resolved(value) if key in PATH_OPTIONS else value
             for key, value in spec.items()}
+
+
+def _resolved(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return [_resolved(part) for part in value]
+    if not isinstance(value, str):
+        return value
+    return "::".join(str(Path(part).expanduser().resolve()) for part in value.split("::"))
 
 
 # options that change how a set's images look (a shift: a noisy copy of each), not which
