@@ -144,6 +144,9 @@ class OnnxEncoder:
         self.context_length = int(meta["context_length"])
         self.text_pooling = meta["text_pooling"]
         self.quantize = meta.get("quantize")
+        # int8 activations are scaled per batch (dynamic quantization): an image's features
+        # depend on the others embedded with it
+        self.batch_dependent = self.quantize is not None
         self.preprocess_config = PreprocessConfig.from_dict(meta["preprocess"],
                                                             source=str(path / EXPORT_FILE))
         self.preprocessor = ImagePreprocessor(self.preprocess_config)

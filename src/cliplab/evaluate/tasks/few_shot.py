@@ -53,9 +53,13 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     test_x = context.image_features(model, test.images, spec.test, f"encode {name} test",
                                     probe=extra, layers=spec.layers).get(spec.features)
     whole = context.cached_features(model, train.images, extra, spec.layers)
+    if whole is None and getattr(model, "batch_dependent", False):  # an int8 export: the
+        # drawn images embedded apart would give other features than the set's pass
+        whole = context.image_features(model, train.images, spec.train, f"encode {name} train",
+                                       probe=extra, layers=spec.layers)
     options = dict(shots=tuple(spec.shots), seeds=tuple(spec.seeds), methods=tuple(spec.methods),
                    l2=spec.l2)
-    if whole is not None:  # embedded whole by another task (a probe of the same train set)
+    if whole is not None:  # embedded whole (by another task: a probe of the same train set)
         out = few_shot(whole.get(spec.features), train.labels, test_x, test.labels, **options)
     else:
         out = few_shot(None, None, test_x, test.labels, **options,
