@@ -176,6 +176,22 @@ def test_exact_copies_of_an_evaluation_set_of_mixed_sizes_are_at_hash_distance_0
     assert [m["hash_distance"] for m in decision.report["matches"]] == [0] * len(paths)
 
 
+def test_exact_copies_of_an_evaluation_set_given_image_size_are_at_hash_distance_0(tmp_path):
+    """A set given ``image_size: N`` is held as N x N images (its files squashed); the pool's
+    copies were hashed as centre squares, exact copies of non-square files at distance 18-24."""
+    rng = np.random.default_rng(2)
+    paths = _mixed_sizes_folder(tmp_path / "evals", rng)
+    spec = step_spec({"step": "decontaminate", "threshold": None, "hash_distance": 0,
+                      "eval_sets": [{"source": "image-folder", "path": str(tmp_path / "evals"),
+                                     "image_size": 24}]}, "test")
+    copies = [Image.open(p).convert("RGB") for p in paths]
+    batch = PoolBatch([f"copy-{i}" for i in range(len(paths))],
+                      [f"copy-{i}" for i in range(len(paths))], copies)
+    decision = run(spec, batch, tmp_path / "work", chunks=2)
+    assert [m["hash_distance"] for m in decision.report["matches"]] == [0] * len(paths)
+    assert not decision.keep.any()
+
+
 def test_embedding_alone_finds_every_planted_copy_and_nothing_else(pool, tmp_path, monkeypatch):
     monkeypatch.setattr(decontaminate, "embed_images", pixel_embeddings)
     batch, planted = pool

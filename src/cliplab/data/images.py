@@ -62,6 +62,11 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
 
 
+def resized_to(image: Image.Image, size: int | Sequence[int]) -> Image.Image:
+    """``image`` resized as `decode_image`'s ``size`` resizes it (bilinear, both sides)."""
+    return _resized(image, _hw(size))
+
+
 def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     height, width = size
     return image if image.size == (width, height) else image.resize((width, height), _BILINEAR)
@@ -120,7 +125,7 @@ def decode_image(source: bytes | str | os.PathLike, size: int | Sequence[int] | 
     except Exception as err:  # PIL raises many types for corrupt files (OSError, SyntaxError, …)
         raise UnreadableImage(f"{where}: cannot decode the image ({type(err).__name__})") from None
     if size:
-        return _to_tensor(_resized(image, _hw(size)))
+        return _to_tensor(resized_to(image, size))
     model_input = _MODEL_INPUT.get()
     return _to_tensor(fit_to_model(image, model_input) if model_input else image)
 

@@ -9,8 +9,8 @@ Two signals, computed against every image of the evaluation sets (embedded and h
   of a 32x32 grey thumbnail of the image's centre square, `imagehash.phash`;
   ``hash_distance``), which needs no model and catches exact and resized/noised copies even
   when the model is weak. An evaluation set of mixed sizes is held as squares of its median
-  shorter side (`stack_images`), so the pool's images are hashed against it as squares of that
-  side too: an exact copy of any of its files is at distance 0.
+  shorter side (`stack_images`), one given ``image_size: N`` as N x N images, so the pool's
+  images are hashed against it made so too: an exact copy of any of its files is at distance 0.
 
 A pool image is dropped when ``cosine >= threshold`` OR ``hash distance <= hash_distance``
 (either signal alone is evidence of a copy; set one to ``null`` to use only the other). The
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
                                        StepSpecBase, told_apart)
-from cliplab.data.images import centre_square, noting_squares, to_pil
+from cliplab.data.images import centre_square, noting_squares, resized_to, to_pil
 from cliplab.data.sources import check_options, load_source
 from cliplab.errors import ConfigError
 from cliplab.models.resolve import load_model
@@ -111,14 +111,21 @@ def square_phash(image: Image.Image) -> np.uint64:
     return phash_bits(image.crop((left, top, left + side, top + side)))
 
 
-def frame_phash(image: Image.Image, side: int | None) -> np.uint64:
-    """`square_phash` of ``image`` as an evaluation set held at ``side`` holds its images: an
-    evaluation set of mixed sizes is made squares of its median shorter side (`stack_images`:
-    `centre_square`), so an exact copy of one of its files is at distance 0 only when the
-    pool's image is made that square too (hashed at its own size, a 64 px copy of a file held
-    at 48 px was at 4). None: at its own size (a set of one size is held as it is)."""
-    if side is None:
+# how an evaluation set holds its images: ("square", side) as centre squares of its median
+# shorter side (a set of mixed sizes, `stack_images`), ("squash", N) resized to N x N (its
+# `image_size`), None as read (a set of one size)
+Frame = tuple[str, int] | None
+
+
+def frame_phash(image: Image.Image, frame: Frame) -> np.uint64:
+    """`square_phash` of ``image`` made as an evaluation set held in ``frame`` holds its
+    images, so an exact copy of one of its files is at distance 0 (hashed at its own size, a
+    64 px copy of a file held as a 48 px square was at 4; of one squashed to N x N, at 24)."""
+    if frame is None:
         return square_phash(image)
+    kind, side = frame
+    if kind == "squash":
+        return phash_bits(resized_to(image.convert("RGB"), side))
     pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
     return phash_bits(to_pil(centre_square(pixels, side)))
 
@@ -182,8 +189,8 @@ class Decontaminate:
         self.eval_hashes = np.zeros(0, dtype=np.uint64)
         self._eval_images: list[torch.Tensor] = []  # per set; driver only (not pickled)
         self._offsets: list[int] = []
-        # per set: the sides it is held at (each set of mixed sizes squared), None its own size
-        self._frames: list[tuple[int | None, ...]] = []
+        # per set: the frames it holds its images in (`Frame`; one, or a square per part)
+        self._frames: list[tuple[Frame, ...]] = []
         self.work: Path | None = None
 
     def prepare(self, context: StepContext) -> None:
@@ -195,7 +202,10 @@ class Decontaminate:
         for label, data_spec in eval_set_specs(self.spec):
             with noting_squares() as squared:
                 data = load_source(data_spec, context.progress, label)
-            self._frames.append(tuple(dict.fromkeys(squared)) or (None,))
+            size = data_spec.get("image_size")
+            self._frames.append((("squash", int(size)),) if isinstance(size, int) and size > 0
+                                else tuple(("square", s) for s in dict.fromkeys(squared))
+                                or (None,))
             _tell_skipped(label, getattr(data, "skipped", None))
             images = data.images
             self._offsets.append(len(self.labels))
@@ -238,16 +248,16 @@ class Decontaminate:
     def _distances(self, images: list[Image.Image]) -> np.ndarray:
         """``[len(images), evaluation images]`` hash distances, each set's in the frame it
         holds its images in (`frame_phash`; the nearest if it has several)."""
-        hashes: dict[int | None, np.ndarray] = {}  # the pool's, per frame
+        hashes: dict[Frame, np.ndarray] = {}  # the pool's, per frame
         ends = [*self._offsets[1:], len(self.labels)]
         blocks = []
         for start, end, frames in zip(self._offsets, ends, self._frames):
             block = None
-            for side in frames:
-                if side not in hashes:
-                    hashes[side] = np.array([frame_phash(im, side) for im in images],
-                                            dtype=np.uint64)
-                found = hamming(hashes[side], self.eval_hashes[start:end])
+            for frame in frames:
+                if frame not in hashes:
+                    hashes[frame] = np.array([frame_phash(im, frame) for im in images],
+                                             dtype=np.uint64)
+                found = hamming(hashes[frame], self.eval_hashes[start:end])
                 block = found if block is None else np.minimum(block, found)
             blocks.append(block)
         return np.concatenate(blocks, axis=1)
