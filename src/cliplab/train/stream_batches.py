@@ -42,7 +42,8 @@ class StreamedShards(Section):
     source: Literal["shards"]
     path: str | list[str]  # a shard folder, a pattern (dir/{00000..00099}.tar) or a list
     stream: Literal[True]
-    image_size: PositiveInt | None = None  # resize to this square (None: the model's input)
+    # resize to this square (None: the model's input; as stored for a model that pads)
+    image_size: PositiveInt | None = None
     channels: Annotated[Literal[1, 3], NotABool] = 3
     caption: Literal["random", "first"] = "random"  # the caption a sample trains with
     shuffle_buffer: NonNegativeInt = 1000  # samples shuffled in memory (0 or 1: none)

@@ -69,15 +69,16 @@ def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False
                     inputs=(), source: dict | None = None) -> Path:
     """Write ``model`` as an OpenCLIP folder at ``out`` (temporary folder, then moved;
     ``overwrite``: replacing a previous OpenCLIP export there; never one of the ``inputs``).
-    ``source`` (what the model was loaded from, `cliplab.models.resolve.export_source`) is
-    kept in ``open_clip_export.json``."""
+    ``source`` (what the model was loaded from, `cliplab.models.resolve.export_source`), if
+    given, is kept in ``open_clip_export.json``."""
     out = Path(out)
     state, config = openclip_state_and_config(model, tokenizer_name=".")
     with atomic_folder(out, overwrite, "OpenCLIP export", OPENCLIP_EXPORT, inputs) as tmp:
         save_tensors(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / EXPORT_FILE).write_text(json.dumps({"source": source}, indent=2) + "\n",
-                                       encoding="utf-8")
+        if source is not None:  # a model given in Python without it: nothing to record
+            (tmp / EXPORT_FILE).write_text(json.dumps({"source": source}, indent=2) + "\n",
+                                           encoding="utf-8")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:
             model.tokenizer.save_pretrained(tmp)
     return out
