@@ -73,8 +73,9 @@ class ShardStream(IterableDataset):
     (the preprocessing of the model the images are for) makes each image that model's input as
     its preprocessing makes it of the file alone (`as_model_input`): the pixels a whole read
     for that model holds (`load_source`; of a set of one size below the input's, which a whole
-    read keeps as stored, within one level of 255), so mixed sizes batch; without either (or for a model
-    that pads, ``longest``), images come as stored (a batch of mixed sizes is an error);
+    read keeps as stored, within one level of 255), so mixed sizes batch; without either (or
+    for a model that pads, ``longest``), images come as stored (a batch of mixed sizes is an
+    error);
     ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None,
     ``partner_key`` the key of its hard-negative partner (e.g. its counterfactual twin) or None.
     Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
