@@ -360,3 +360,13 @@ def test_another_methods_key_names_the_methods_that_take_it():
         checked_config({**cfg, "options": {"rank": 4}})
     with pytest.raises(ConfigError, match=r"unknown key options.rnak \(valid: [^)]*\)$"):
         checked_config({**cfg, "options": {"rnak": 4}})  # nobody's: no owners to name
+
+
+def test_saving_an_adapter_of_a_run_folder_warns_of_nothing(tmp_path, digits, recwarn):
+    """peft looked for the base's config.json to learn whether the vocabulary was resized:
+    a base without one at its top (a run folder, a preset) warned on every save."""
+    base = small_model()
+    peft_model = add_lora(base, Options.model_validate({"rank": 4, "towers": ["image"]}))
+    recwarn.clear()
+    save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "run"), model_fingerprint(base))
+    assert [str(w.message) for w in recwarn] == []

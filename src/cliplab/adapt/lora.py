@@ -164,7 +164,9 @@ def save_adapter(peft_model: PeftModel, folder: str | Path, base_path: str, fing
     if origin["path"]:  # peft's record is the path as the base was opened (maybe relative)
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = origin["path"]
-    peft_model.save_pretrained(folder)
+    # "auto" asks the base's config.json (the Hub for a preset name, offline: a warning on
+    # every save) whether the vocabulary was resized; cliplab never resizes it
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card
     for weights in folder.glob("adapter_model*.safetensors"):  # safetensors: owner-only
         as_umask(weights)
