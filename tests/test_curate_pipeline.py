@@ -1155,3 +1155,18 @@ def test_a_collection_option_index_and_curate_do_not_read_is_named_with_the_conf
                      "--no-progress"]) == 2
         assert capsys.readouterr().err.strip() == f"cliplab: error: {cfg}: {message}"
         assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
+
+
+def test_a_caption_holding_dollar_signs_is_drawn_as_written_in_the_concept_plot(tmp_path):
+    """The balance step's entries (the pool's n-grams) are tick labels: ``$x_$`` crashed the
+    whole run at its report (matplotlib read it as math), ``$\\alpha$`` was drawn as α."""
+    import matplotlib
+
+    make_folder(tmp_path / "pool", [10, 20, 30, 40, 50])
+    captions = ["price $x_$ today"] * 3 + ["$\\alpha$ blue circle"] * 2
+    manifest = _manifest(tmp_path, [(f"pool/img_{i:02d}.png", c) for i, c in enumerate(captions)])
+    run_curation(config(str(manifest), [{"step": "balance", "t": 1}]), tmp_path / "out",
+                 progress=False)
+    assert list((tmp_path / "out" / "report").glob("*-concepts.png"))
+    assert "$x\\_$" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert matplotlib.rcParams["text.parse_math"]  # the user's own setting is left alone

@@ -656,3 +656,40 @@ def test_a_task_scored_by_a_head_in_one_input_and_by_prompts_in_another_says_so(
     assert "## lp\n\n| metric" in md  # no input has a head: no note
     write_report([inputs[0], results("soup", "runs/soup/head.safetensors")], tmp_path / "same")
     assert "Note:" not in (tmp_path / "same" / "report.md").read_text()  # all by a head
+
+
+def test_dollar_signs_in_labels_tasks_and_classes_are_drawn_as_written(tmp_path):
+    """``$x_$`` in a label, task or class name crashed the plots (matplotlib's mathtext) and
+    left a half report; every plot now draws such text as written."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    drawn: list[str] = []
+    real_draw = Text.draw
+
+    def draw(self, renderer):
+        if not self.get_parse_math():  # drawn as written, not as math
+            drawn.append(self.get_text())
+        return real_draw(self, renderer)
+
+    lt = _long_tail(0.2)
+    lt["per_class"]["$c_$ bill"] = {"acc1": 0.4, "frequency": 20}
+    paths = []
+    for n in range(2):
+        path = tmp_path / f"r{n}.json"
+        path.write_text(json.dumps({"model": f"m{n}", "results": {
+            "fs $y_$": _few_shot(0.3), "lt": lt}}))
+        paths.append(path)
+    run = tmp_path / "$r_$"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    out = tmp_path / "report"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Text, "draw", draw)
+        write_report([*paths, run], out, {"names": ["price $a_$ x", "$\\alpha$", "run"]},
+                     progress=False)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "stopped" not in md and len(list((out / "plots").glob("*.png"))) == 3
+    for text in ("price $a_$ x · ncm", "$\\alpha$ · ncm", "few-shot: fs $y_$", "$c_$ bill"):
+        assert any(text in t for t in drawn), text
+    assert matplotlib.rcParams["text.parse_math"]  # the user's own setting is left alone

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,11 @@ import numpy as np
 from cliplab.curate.pool import Record, open_image
 from cliplab.curate.steps.base import Decision
 from cliplab.data.collection import PIL_ERRORS
+from cliplab.report_text import literal_plot, md_text
 
 REPORT_DIR = "report"
 THUMB = 96
 KNOWN = ("clusters", "matches", "histogram_before", "histogram_after", "files")
-
-
-# what starts Markdown syntax inside a line: emphasis, links, HTML, code, table cells, entities
-# (an underscore only at a word's edge, so paths such as img_00.png stay as they are)
-_MARKDOWN_INLINE = re.compile(r"[\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?\w+;)")
-
-
-def md_text(text: Any) -> str:
-    """``text`` for a Markdown line or table cell: shown as written when rendered."""
-    return _MARKDOWN_INLINE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
 
 
 class _Doc:
@@ -97,6 +87,7 @@ def _thumbnail(record: Record | None, work: Path, rel: str) -> str | None:
     return rel
 
 
+@literal_plot
 def _plot_scores(decision: Decision, path: Path, title: str) -> None:
     import matplotlib
 
@@ -117,6 +108,7 @@ def _plot_scores(decision: Decision, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@literal_plot
 def _plot_concepts(before: dict, after: dict, path: Path, title: str, top: int = 30) -> None:
     import matplotlib
 

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cliplab.evaluate.report_inputs import ReportSource, measured  # noqa: E402
+from cliplab.report_text import literal_plot  # noqa: E402
 
 FEW_SHOT_KEY = re.compile(r"^(?P<method>.+)_(?P<k>\d+)shot$")
 ALPHA_KEY = re.compile(r"^α (?P<alpha>\S+)$")
@@ -62,6 +63,7 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     return _save(fig, path)
 
 
+@literal_plot
 def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
     """Accuracy vs shots per (model, method): mean line with a ± std band; log2 x axis."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -82,6 +84,7 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
                    "top-1 accuracy (mean ± std over seeds)", f"few-shot: {section}")
 
 
+@literal_plot
 def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
     """Top-1 accuracy vs the interpolation α, one line per (model, set): WiSE-FT's curve."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -97,6 +100,7 @@ def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> 
                    f"weight interpolation: {section}")
 
 
+@literal_plot
 def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Path:
     """Per-class accuracy vs training frequency (log x) with each model's fit line; classes of
     frequency zero cannot sit on a log axis and are counted in the legend instead."""
@@ -111,7 +115,8 @@ def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Pa
             text += f" (slope {fit['slope']:.3f}/decade, r² {fit['r2']:.2f})"
         if zero:
             text += f"; {zero} class(es) at frequency 0 not shown"
-        dots = ax.scatter([p[0] for p in seen], [p[1] for p in seen], label=text)
+        dots = ax.scatter([p[0] for p in seen], [p[1] for p in seen],
+                          label=text)
         for f, a, c in seen:
             ax.annotate(c, (f, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if fit.get("slope") is not None and seen:
@@ -124,6 +129,7 @@ def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Pa
                    "zero-shot top-1 accuracy of the class", f"long tail: {section}")
 
 
+@literal_plot
 def plot_training(sources: list[ReportSource], path: Path) -> Path | None:
     """Loss, learning rate and logit scale vs step, one line per run; None without history."""
     runs = [s for s in sources if s.history]

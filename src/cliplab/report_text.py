@@ -1,0 +1,38 @@
+"""What a user wrote, shown as written in cliplab's reports (`cliplab report`, the curation
+report): Markdown escaping, matplotlib text without mathtext, legend labels that stay."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# what starts Markdown syntax inside a line: emphasis, links, HTML, code, table cells, entities
+# (an underscore only at a word's edge, so paths such as img_00.png stay as they are)
+_MARKDOWN_INLINE = re.compile(r"[\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?\w+;)")
+
+
+def md_text(text: Any) -> str:
+    """``text`` for a Markdown line or table cell: shown as written when rendered."""
+    return _MARKDOWN_INLINE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
+
+
+def literal_plot(draw: F) -> F:
+    """Run a plotting function with matplotlib's mathtext off, so a ``$`` in a label, title or
+    tick is drawn as written (``$x_$`` crashed the drawing, ``$\\alpha$`` came out as α); only
+    inside the call: a program using cliplab keeps its own matplotlib settings."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+def legend_label(text: str) -> str:
+    """``text`` as a legend entry: matplotlib leaves out labels starting with ``_``, so those
+    get a zero-width space in front (drawn as nothing)."""
+    return "\u200b" + text if text.startswith("_") else text
