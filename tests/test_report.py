@@ -693,3 +693,36 @@ def test_dollar_signs_in_labels_tasks_and_classes_are_drawn_as_written(tmp_path)
     for text in ("price $a_$ x · ncm", "$\\alpha$ · ncm", "few-shot: fs $y_$", "$c_$ bill"):
         assert any(text in t for t in drawn), text
     assert matplotlib.rcParams["text.parse_math"]  # the user's own setting is left alone
+
+
+def test_labels_starting_with_an_underscore_stay_in_every_legend(tmp_path):
+    """matplotlib leaves labels starting with ``_`` out of a legend: an input named
+    ``_baseline`` (or a run folder ``_tmp_run``) was drawn but had no legend entry."""
+    from matplotlib.axes import Axes
+
+    shown: list[str] = []
+    real_legend = Axes.legend
+
+    def legend(self, *args, **kwargs):
+        made = real_legend(self, *args, **kwargs)
+        shown.extend(t.get_text().lstrip("\u200b") for t in made.get_texts())
+        return made
+
+    rows = [{"alpha": a, "test": {"acc1": 0.5 + 0.2 * a}} for a in (0.0, 1.0)]
+    paths = []
+    for n in range(2):
+        path = tmp_path / f"r{n}.json"
+        path.write_text(json.dumps({"model": f"m{n}", "results": {
+            "fs": _few_shot(0.3), "lt": _long_tail(0.1)}}))
+        paths.append(path)
+    wise = tmp_path / "wise.json"
+    wise.write_text(json.dumps({"method": "wise-ft", "sweep": rows}))
+    run = tmp_path / "_tmp_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Axes, "legend", legend)
+        write_report([*paths, wise, run], tmp_path / "report",
+                     {"names": ["plain", "_baseline", "_wise", "_tmp_run"]}, progress=False)
+    assert "_baseline · ncm" in shown and "_wise · test" in shown and "_tmp_run" in shown
+    assert any(t.startswith("_baseline (slope") for t in shown)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cliplab.evaluate.report_inputs import ReportSource, measured  # noqa: E402
-from cliplab.report_text import literal_plot  # noqa: E402
+from cliplab.report_text import legend_label, literal_plot  # noqa: E402
 
 FEW_SHOT_KEY = re.compile(r"^(?P<method>.+)_(?P<k>\d+)shot$")
 ALPHA_KEY = re.compile(r"^α (?P<alpha>\S+)$")
@@ -75,7 +75,7 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
                 (int(m["k"]), value["acc1_mean"], value.get("acc1_std", 0.0)))
         for method, points in curves.items():
             k, mean, std = zip(*sorted(points))
-            line, = ax.plot(k, mean, marker="o", label=f"{label} · {method}")
+            line, = ax.plot(k, mean, marker="o", label=legend_label(f"{label} · {method}"))
             ax.fill_between(k, [a - s for a, s in zip(mean, std)],
                             [a + s for a, s in zip(mean, std)], color=line.get_color(),
                             alpha=0.2)
@@ -95,7 +95,7 @@ def plot_alpha_sweep(section: str, runs: list[tuple[str, dict]], path: Path) -> 
             for name, acc in sets.items():
                 curves.setdefault(name, []).append((alpha, acc))
         for name, points in curves.items():
-            ax.plot(*zip(*sorted(points)), marker="o", label=f"{label} · {name}")
+            ax.plot(*zip(*sorted(points)), marker="o", label=legend_label(f"{label} · {name}"))
     return _finish(fig, ax, path, "α (0: zero-shot, 1: fine-tuned)", "top-1 accuracy",
                    f"weight interpolation: {section}")
 
@@ -115,8 +115,7 @@ def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Pa
             text += f" (slope {fit['slope']:.3f}/decade, r² {fit['r2']:.2f})"
         if zero:
             text += f"; {zero} class(es) at frequency 0 not shown"
-        dots = ax.scatter([p[0] for p in seen], [p[1] for p in seen],
-                          label=text)
+        dots = ax.scatter([p[0] for p in seen], [p[1] for p in seen], label=legend_label(text))
         for f, a, c in seen:
             ax.annotate(c, (f, a), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if fit.get("slope") is not None and seen:
@@ -142,7 +141,7 @@ def plot_training(sources: list[ReportSource], path: Path) -> Path | None:
             points = [(r["step"], r[key]) for r in source.history
                       if isinstance(r.get(key), (int, float)) and "step" in r]
             if points:  # markers on short runs: a single logged step is a dot, not nothing
-                ax.plot(*zip(*points), label=source.label,
+                ax.plot(*zip(*points), label=legend_label(source.label),
                         marker="o" if len(points) <= 30 else None, markersize=3)
         ax.set_xlabel("step")
         ax.set_title(key)
