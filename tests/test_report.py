@@ -629,7 +629,7 @@ def test_a_task_the_inputs_ran_differently_says_how_above_its_table(tmp_path):
     assert main(["report", "--out", str(tmp_path / "out"), "--no-progress", "--inputs",
                  str(results("a", 500, [0, 1, 2])), str(folder)]) == 0
     md = (tmp_path / "out" / "report.md").read_text()
-    assert ("## fs\n\nNote: the inputs ran fs differently (a, b): seeds: [0, 1, 2] / [5]; "
+    assert ("## fs\n\nNote: the inputs ran fs differently (a, b): seeds: \\[0, 1, 2\\] / \\[5\\]; "
             "test.limit: 500 / 100\n") in md
     assert "## zs\n\n| metric" in md  # alike: no note
     assert "<p>Note: the inputs ran fs differently" in \
@@ -726,3 +726,33 @@ def test_labels_starting_with_an_underscore_stay_in_every_legend(tmp_path):
                      {"names": ["plain", "_baseline", "_wise", "_tmp_run"]}, progress=False)
     assert "_baseline · ncm" in shown and "_wise · test" in shown and "_tmp_run" in shown
     assert any(t.startswith("_baseline (slope") for t in shown)
+
+
+def test_report_md_shows_labels_tasks_classes_and_notes_as_written(tmp_path):
+    """report.md escaped only ``|``: a label ``<script>`` rendered as markup, backticks as code,
+    ``&amp;`` as ``&``, and a task named ``fs [v2]] x`` broke its plot's image link."""
+    import html as html_module
+
+    from markdown_it import MarkdownIt
+
+    task, klass, label = "fs [v2]] x", "<b>bold</b>|`tick`&amp;", "<script>s</script> `c` *e*"
+    lt = _long_tail(0.2)
+    lt["per_class"][klass] = {"acc1": 0.4, "frequency": 20}
+    paths = []
+    for n, limit in enumerate((5, 6)):
+        path = tmp_path / f"r`{n}.json"
+        path.write_text(json.dumps({"model": f"m{n}", "results": {task: _few_shot(0.3), "lt": lt},
+                                    "suite_ran": {"tasks": [{"name": "lt", "limit": limit,
+                                                            "note": f"<x> `y` {n}"}]}}))
+        paths.append(path)
+    out = tmp_path / "report"
+    write_report(paths, out, {"names": [label, "_a_"], "title": "T <i>x</i> & `y`"},
+                 progress=False)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rendered = MarkdownIt("commonmark", {"html": True}).enable(["table"]).render(md)
+    assert not re.search(r"<(script|b|i|em)\b", rendered)
+    assert rendered.count("<code>") == 2  # the two input paths, backtick and all
+    for text in (label, "_a_", f"per_class.{klass}.acc1", "T <i>x</i> & `y`", "<x> `y` 1",
+                 "r`0.json"):
+        assert html_module.escape(text, quote=False) in rendered, text
+    assert len(re.findall(r'<img src="plots/', rendered)) == 2

@@ -19,6 +19,14 @@ def md_text(text: Any) -> str:
     return _MARKDOWN_INLINE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
 
 
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span: fenced by more backticks than any run inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text.replace(chr(10), ' ')}{pad}{fence}"
+
+
 def literal_plot(draw: F) -> F:
     """Run a plotting function with matplotlib's mathtext off, so a ``$`` in a label, title or
     tick is drawn as written (``$x_$`` crashed the drawing, ``$\\alpha$`` came out as α); only

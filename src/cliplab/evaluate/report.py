@@ -22,6 +22,7 @@ from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.output_folder import check_out, write_utf8
+from cliplab.report_text import md_code, md_text
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -208,28 +209,24 @@ def build_figures(sources: list[ReportSource], plots_dir: Path,
     return figures
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", r"\|").replace("\n", " ")
-
-
 def render_markdown(title: str, sources: list[ReportSource], tables: list[Table],
                     figures: list[Figure], out_dir: Path) -> str:
-    lines = [REPORT_MARK, f"# {title}", "", "Inputs:", ""]
-    lines += [f"- **{_md_cell(s.label)}**: `{s.path}`"
-              + (f" ({_md_cell(s.note)})" if s.note else "") for s in sources]
+    lines = [REPORT_MARK, f"# {md_text(title)}", "", "Inputs:", ""]
+    lines += [f"- **{md_text(s.label)}**: {md_code(str(s.path))}"
+              + (f" ({md_text(s.note)})" if s.note else "") for s in sources]
     for table in tables:
-        lines += ["", f"## {_md_cell(table.title)}", ""]
-        lines += [f"Note: {_md_cell(table.note)}", ""] if table.note else []
-        lines += ["| metric | " + " | ".join(_md_cell(c) for c in table.columns) + " |",
+        lines += ["", f"## {md_text(table.title)}", ""]
+        lines += [f"Note: {md_text(table.note)}", ""] if table.note else []
+        lines += ["| metric | " + " | ".join(md_text(c) for c in table.columns) + " |",
                   "|---|" + "---:|" * len(table.columns)]
-        lines += ["| " + _md_cell(metric) + " | " + " | ".join(
+        lines += ["| " + md_text(metric) + " | " + " | ".join(
             format_value(values.get(c)) for c in table.columns) + " |"
             for metric, values in table.rows]
     if figures:
         lines += ["", "## Plots"]
         for fig in figures:
-            lines += ["", f"### {_md_cell(fig.title)}", "",
-                      f"![{_md_cell(fig.title)}]({fig.path.relative_to(out_dir).as_posix()})"]
+            lines += ["", f"### {md_text(fig.title)}", "",
+                      f"![{md_text(fig.title)}]({fig.path.relative_to(out_dir).as_posix()})"]
     return "\n".join(lines) + "\n"
 
 
