@@ -756,3 +756,18 @@ def test_report_md_shows_labels_tasks_classes_and_notes_as_written(tmp_path):
                  "r`0.json"):
         assert html_module.escape(text, quote=False) in rendered, text
     assert len(re.findall(r'<img src="plots/', rendered)) == 2
+
+
+def test_a_merges_ingredients_whose_paths_end_alike_keep_a_row_each(tmp_path):
+    """Two ingredients labelled alike (the last two folder names) were one row: the first
+    one's score was lost without a word."""
+    from cliplab.evaluate.report_inputs import read_inputs
+
+    a, b = "/x/exp1/runs/ft/model", "/x/exp2/runs/ft/model"
+    (tmp_path / "merge.json").write_text(json.dumps(
+        {"method": "task_arithmetic", "models": [a, b], "heldout": {
+            "task": "zs", "metric": "acc1", "scores": {a: 0.61, b: 0.35, "/merged": 0.1},
+            "merged": 0.5}}))
+    source, = read_inputs([tmp_path / "merge.json"])
+    assert source.sections["heldout acc1"] == {"runs/ft": 0.61, "runs/ft#2": 0.35,
+                                               "merged#2": 0.1, "merged": 0.5}

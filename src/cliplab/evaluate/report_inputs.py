@@ -183,11 +183,12 @@ def _is_number(value: object) -> bool:
 
 def merge_heldout(value: object) -> tuple[str, dict] | None:
     """A merge's held-out record (``{"task", "metric", "scores": {model: score}, "merged"}``)
-    as the section ``("heldout METRIC", {model label: score, "merged": score})``; None for
-    anything else."""
+    as the section ``("heldout METRIC", {model label: score, "merged": score})``, two paths
+    ending alike labelled apart; None for anything else."""
     if not isinstance(value, dict) or not isinstance(value.get("scores"), dict):
         return None
-    scores = {_model_label(str(name)): score for name, score in value["scores"].items()}
+    labels = unique_labels([_model_label(str(name)) for name in value["scores"]], ("merged",))
+    scores = dict(zip(labels, value["scores"].values()))
     if isinstance(value.get("merged"), (int, float)):
         scores["merged"] = value["merged"]
     return f"heldout {value.get('metric', '')}".strip(), scores
@@ -315,12 +316,20 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
             raise DataError(f"{len(names)} names for {len(sources)} report inputs")
         for source, name in zip(sources, names):
             source.label = str(name)
-    taken: set[str] = set()
-    for source in sources:  # the first free of name, name#2, name#3, ...
-        label, number = source.label, 1
-        while label in taken:
-            number += 1
-            label = f"{source.label}#{number}"
-        taken.add(label)
+    for source, label in zip(sources, unique_labels([s.label for s in sources])):
         source.label = label
     return sources
+
+
+def unique_labels(labels: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+    """``labels`` made unique: each the first free of name, name#2, name#3, … (``reserved``
+    names count as taken)."""
+    taken, out = set(reserved), []
+    for name in labels:
+        label, number = name, 1
+        while label in taken:
+            number += 1
+            label = f"{name}#{number}"
+        taken.add(label)
+        out.append(label)
+    return out
