@@ -1170,3 +1170,16 @@ def test_a_caption_holding_dollar_signs_is_drawn_as_written_in_the_concept_plot(
     assert list((tmp_path / "out" / "report").glob("*-concepts.png"))
     assert "$x\\_$" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert matplotlib.rcParams["text.parse_math"]  # the user's own setting is left alone
+
+
+def test_report_html_tables_scroll_in_their_own_box_and_fit_a_phone(tmp_path):
+    """Wide tables (decontamination matches, absolute paths) made the whole page scroll
+    sideways, and without a viewport tag a phone laid the page out at 980 px."""
+    folder = make_folder(tmp_path / "pool", [200, 50, 200])
+    run_curation(config(str(folder), STEPS), tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert ".scroll{overflow-x:auto" in page
+    tables = page.count("<table>")
+    assert tables >= 2 and page.count('<div class="scroll"><table>') == tables
+    assert page.count("</table></div>") == tables

@@ -771,3 +771,16 @@ def test_a_merges_ingredients_whose_paths_end_alike_keep_a_row_each(tmp_path):
     source, = read_inputs([tmp_path / "merge.json"])
     assert source.sections["heldout acc1"] == {"runs/ft": 0.61, "runs/ft#2": 0.35,
                                                "merged#2": 0.1, "merged": 0.5}
+
+
+def test_report_html_tables_scroll_in_their_own_box_and_fit_a_phone(tmp_path, inputs):
+    """A wide table (many inputs, long labels) made the whole page scroll sideways, and without
+    a viewport tag a phone laid the page out at 980 px, scaled down."""
+    out = tmp_path / "report"
+    write_report(inputs, out, progress=False)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert ".scroll{overflow-x:auto" in page
+    tables = page.count("<table>")
+    assert tables > 2 and page.count('<div class="scroll"><table>') == tables
+    assert page.count("</table></div>") == tables

@@ -13,6 +13,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 # (an underscore only at a word's edge, so paths such as img_00.png stay as they are)
 _MARKDOWN_INLINE = re.compile(r"[\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|&(?=#?\w+;)")
 
+# both HTML reports: laid out at the screen's width (a phone showed a 980 px page scaled down), and
+# a wide table scrolls inside its box instead of the whole page scrolling sideways
+HTML_VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">'
+HTML_CSS = ".scroll{overflow-x:auto;margin:.5em 0 1.5em}.scroll table{margin:0}" \
+    "h1,h2,h3,p,li{overflow-wrap:anywhere}"
+TABLE_OPEN, TABLE_CLOSE = '<div class="scroll"><table>', "</table></div>"
+
 
 def md_text(text: Any) -> str:
     """``text`` for a Markdown line or table cell: shown as written when rendered."""

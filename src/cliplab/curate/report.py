@@ -16,7 +16,8 @@ import numpy as np
 from cliplab.curate.pool import Record, open_image
 from cliplab.curate.steps.base import Decision
 from cliplab.data.collection import PIL_ERRORS
-from cliplab.report_text import literal_plot, md_text
+from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, literal_plot,
+                                 md_text)
 
 REPORT_DIR = "report"
 THUMB = 96
@@ -29,11 +30,13 @@ class _Doc:
 
     def __init__(self, title: str):
         self.md = [f"# {title}", ""]
-        self.html = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        self.html = ["<!DOCTYPE html>",
+                     f'<html lang="en"><head><meta charset="utf-8">{HTML_VIEWPORT}',
                      f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
                      "max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:"
                      "collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;"
-                     "vertical-align:top}th{background:#f3f3f3}img{max-width:100%}</style>"
+                     "vertical-align:top}th{background:#f3f3f3}img{max-width:100%}"
+                     f"{HTML_CSS}</style>"
                      f"</head><body><h1>{html.escape(title)}</h1>"]
 
     def heading(self, text: str, level: int = 2) -> None:
@@ -66,10 +69,10 @@ class _Doc:
 
         self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         self.md += ["| " + " | ".join(md(c) for c in row) + " |" for row in rows] + [""]
-        self.html.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>"
+        self.html.append(f"{TABLE_OPEN}<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>"
                                                         for c in header) + "</tr></thead><tbody>")
         self.html += ["<tr>" + "".join(f"<td>{h(c)}</td>" for c in row) + "</tr>" for row in rows]
-        self.html.append("</tbody></table>")
+        self.html.append(f"</tbody>{TABLE_CLOSE}")
 
 
 def _thumbnail(record: Record | None, work: Path, rel: str) -> str | None:

@@ -22,7 +22,8 @@ from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.output_folder import check_out, write_utf8
-from cliplab.report_text import md_code, md_text
+from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, md_code,
+                                 md_text)
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -239,8 +240,8 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 
 def render_html(title: str, sources: list[ReportSource], tables: list[Table],
                 figures: list[Figure]) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+    parts = ["<!DOCTYPE html>", f'<html lang="en"><head><meta charset="utf-8">{HTML_VIEWPORT}',
+             f"<title>{e(title)}</title><style>{_CSS}{HTML_CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", "<p>Inputs:</p><ul>"]
     parts += [f"<li><b>{e(s.label)}</b>: <code>{e(str(s.path))}</code>"
               + (f" ({e(s.note)})" if s.note else "") + "</li>" for s in sources]
@@ -248,14 +249,14 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
     for table in tables:
         parts.append(f"<h2>{e(table.title)}</h2>"
                      + (f"<p>Note: {e(table.note)}</p>" if table.note else "")
-                     + "<table><thead><tr><th>metric</th>"
+                     + f"{TABLE_OPEN}<thead><tr><th>metric</th>"
                      + "".join(f"<th>{e(c)}</th>" for c in table.columns)
                      + "</tr></thead><tbody>")
         for metric, values in table.rows:
             parts.append(f"<tr><td>{e(metric)}</td>" + "".join(
                 f'<td class="v">{e(format_value(values.get(c)))}</td>' for c in table.columns)
                 + "</tr>")
-        parts.append("</tbody></table>")
+        parts.append(f"</tbody>{TABLE_CLOSE}")
     if figures:
         parts.append("<h2>Plots</h2>")
     for fig in figures:
