@@ -12,7 +12,7 @@ from cliplab.output_folder import partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
                                   read_index_json)
 from cliplab.models.fingerprints import embedding_identity, identity_difference
-from cliplab.models.folder import model_fingerprint
+from cliplab.models.folder import files_stamp, model_fingerprint
 from cliplab.serve.store import MetadataStore
 
 
@@ -35,7 +35,7 @@ class SearchIndex:
         (an ``--add`` reads it again itself)."""
         self.path = Path(path).expanduser().resolve()
         self.record = _complete_record(self.path)
-        self._seen: tuple = (_stamp(self.path / INDEX_FILE), None)  # index.json, what it said
+        self._seen: tuple = (_stamp(self.path / INDEX_FILE), None)  # index.json, its build
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
         self.backend = self.record["backend"]
         self._milvus = None
@@ -226,13 +226,13 @@ def _complete_record(path: Path) -> dict:
     return record
 
 
-def _stamp(path: Path) -> tuple | None:
-    """What changes when ``path`` is replaced or rewritten (inode, mtime, size), None if gone."""
+def _stamp(path: Path) -> str | None:
+    """`files_stamp` of ``path`` (it changes when the file is replaced or rewritten), None if
+    it is gone."""
     try:
-        info = path.stat()
+        return files_stamp(path)
     except OSError:
         return None
-    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _read_vectors(path: Path, count: int, dim: int) -> np.ndarray:
