@@ -97,7 +97,12 @@ def _margin(image_size: int) -> int:
 def _gaps(a: ShapeObject, b: ShapeObject, image_size: int) -> tuple[int, int]:
     """Background pixels between the bounding boxes of ``a`` and ``b`` along x and along y."""
     reach = size_radius(a.size, image_size) + size_radius(b.size, image_size) + 1
-    return abs(b.x - a.x) - reach, abs(b.y - a.y) - reach
+    return _box_gaps(a.x, a.y, b.x, b.y, reach)
+
+
+def _box_gaps(ax: int, ay: int, bx: int, by: int, reach: int) -> tuple[int, int]:
+    """`_gaps` of boxes centred at (ax, ay) and (bx, by) whose radii and 1 sum to ``reach``."""
+    return abs(bx - ax) - reach, abs(by - ay) - reach
 
 
 def _relation(a: ShapeObject, b: ShapeObject, image_size: int) -> str | None:
@@ -154,12 +159,12 @@ def _sample_count(rng, colors, shapes, size) -> Scene:
     n = int(rng.integers(min(COUNT_WORDS), max(COUNT_WORDS) + 1))
     first = _random_object(rng, colors, shapes, size)
     r = size_radius(first.size, size)
-    # every two objects a clear band of background apart (`_gaps`, for equal sizes): tested on
-    # plain ints, the objects built once, since a scene takes ~100 tries at 32 px
+    # every two objects a clear band of background apart: tested on plain ints, the objects
+    # built once, since a scene takes ~100 tries at 32 px
     reach, margin = 2 * r + 1, _margin(size)
     for _ in range(_MAX_TRIES):
         xy = rng.integers(r, size - r, size=(n, 2)).tolist()
-        if all(max(abs(bx - ax), abs(by - ay)) - reach >= margin
+        if all(max(_box_gaps(ax, ay, bx, by, reach)) >= margin
                for i, (ax, ay) in enumerate(xy) for bx, by in xy[i + 1:]):
             return Scene([ShapeObject(first.shape, first.color, first.size, x, y)
                           for x, y in xy], "count", size)
