@@ -431,6 +431,18 @@ def test_run_and_checkpoint_folders_merge_as_their_model_folders(family, finetun
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_load_ingredient_takes_run_and_checkpoint_folders_as_merge_does(finetune_runs):
+    """The Python API's loader refused a run folder as "not a model folder (no config.json)"
+    where `cliplab merge` takes it for its newest checkpoint's model."""
+    from cliplab.merge.checkpoints import load_ingredient
+
+    model = latest_checkpoint(finetune_runs[0]) / "model"
+    for given in (finetune_runs[0], model.parent, model):
+        ingredient = load_ingredient(given)
+        assert ingredient.path == model
+        assert all(torch.equal(ingredient.state[k], v) for k, v in _state(model).items())
+
+
 def test_hub_ids_in_the_local_cache_merge_as_their_folders(family, tmp_path, monkeypatch):
     """merge reads its inputs through the one model resolver, Hub ids included."""
     _, _, fts = family

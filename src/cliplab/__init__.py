@@ -31,7 +31,8 @@ Merging
     ``cliplab.merge.run.run_merge(config)`` (model folders in, a model folder out);
     on state dicts: ``cliplab.merge.uniform_soup``, ``greedy_soup``, ``model_stock``,
     ``task_vector``, ``apply_task_vector``, ``ties_merge``, ``dare_merge``
-    (``cliplab.merge.checkpoints.load_ingredient(folder).state`` loads one folder's state dict)
+    (``cliplab.merge.checkpoints.load_ingredient(folder).state`` loads a model, checkpoint or
+    run folder's state dict)
 Export
     ``cliplab.models.onnx_export.export_onnx(model, out)``
 Search and serving

@@ -1,8 +1,10 @@
 """Weight-space operations over checkpoints of one architecture and pretrained origin:
 uniform and greedy soups, Model Stock, task arithmetic, TIES and DARE merging.
 
-Every operation takes state dicts (``{name: tensor}``) and returns a new one; floating-point
-tensors are combined, everything else (integer buffers such as position ids) is copied.
+Every operation takes state dicts (``{name: tensor}``) and returns a new one (`model_stock`
+with its per-tensor ratios, `greedy_soup` as a `GreedySoup` whose ``.state`` it is);
+floating-point tensors are combined, everything else (integer buffers such as position ids) is
+copied.
 `cliplab.merge.run.run_merge` is the `cliplab merge` command: it reads model folders, checks
 them, merges and writes a normal model folder plus ``merge.json``.
 """

@@ -102,10 +102,10 @@ def _not_a_model_hint(name: str, folder: Path) -> str:
 
 
 def load_ingredient(path: str | Path) -> Ingredient:
-    """Load a cliplab/HF model folder's weights through `DualEncoder.load` (so HF's own key
-    conversions apply) with its config, metadata, origin record, how it reads its inputs and
-    its stored dtype."""
-    path = Path(path)
+    """Load a model folder's weights through `DualEncoder.load` (so HF's own key conversions
+    apply) with its config, metadata, origin record, how it reads its inputs and its stored
+    dtype. ``path`` may be a model, checkpoint or run folder, as `cliplab merge` takes."""
+    path = ingredient_folder(str(path), "load_ingredient")
     model = DualEncoder.load(path)
     state = {k: v.detach() for k, v in model.model.state_dict().items()}
     broken = non_finite(state)
