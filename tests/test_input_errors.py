@@ -132,7 +132,19 @@ def test_a_mistyped_local_model_path_is_no_hub_id(command, tmp_path, capsys, mon
                               for a in command])
     assert "runs/nothere does not exist" in line and "hf download" not in line
     if command[0] != "merge":  # merge's own message names --models
-        assert f"runs/nothere {NO_PRESET}" in line
+        assert f"runs/nothere {NO_PRESET} in the working folder {tmp_path}" in line
+
+
+def test_a_relative_model_path_that_may_be_a_hub_id_names_the_working_folder(
+        tmp_path, capsys, monkeypatch):
+    """A shipped config's ``model: runs/tiny-shapes`` run before tiny-shapes.yaml, from another
+    folder, was told only to `hf download runs/tiny-shapes`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    line = one_error(capsys, ["eval", "--config", str(write_suite(tmp_path)),
+                              "--model", "runs/tiny-shapes"])
+    assert f"runs/tiny-shapes {NO_PRESET} in the working folder {tmp_path}, and is not in " \
+           "the Hugging Face cache" in line
 
 
 def test_wise_ft_checks_options_finetuned_before_encoding(tmp_path, capsys, monkeypatch):

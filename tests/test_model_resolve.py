@@ -1,8 +1,10 @@
 """The one model resolver: presets, model / checkpoint / run folders and Hub ids from the
 Hugging Face cache (laid out here by hand: no network)."""
 
+import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -151,11 +153,13 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(saved, tmp_path, mon
     assert resolve_model_path("tiny-org/tiny-clip-16") == snapshot
     assert _same_weights(load_model("tiny-org/tiny-clip-16"), load_model(str(saved)))
     with pytest.raises(ModelError, match=r"openai/clip-vit-base-patch32 does not exist \(no "
-                                         r"such file or folder, and no preset of that name\) "
-                                         r"and is not in the Hugging Face cache .*hf download"):
+                                         r"such file or folder, and no preset of that name\) in "
+                                         r"the working folder .*, and is not in the Hugging "
+                                         r"Face cache .*hf download"):
         load_model("openai/clip-vit-base-patch32")
     with pytest.raises(ModelError, match=r"^no/such/model does not exist \(no such file or "
-                                        r"folder, and no preset of that name\)$"):
+                                        r"folder, and no preset of that name\) in the working "
+                                        rf"folder {re.escape(str(Path.cwd()))}$"):
         load_model("no/such/model")  # two slashes: a missing path, not a Hub id
 
 

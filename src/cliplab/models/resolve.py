@@ -111,13 +111,21 @@ def unknown_model(name: str) -> ModelError:
     does not exist when it is written as one, else the kinds of names there are (and the
     preset it is closest to)."""
     if os.sep in name or "/" in name or name.startswith((".", "~")):
-        return ModelError(f"{name} does not exist (no such file or folder, and no preset of "
-                          "that name)")
+        return ModelError(missing_path(name))
     close = difflib.get_close_matches(name, PRESETS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), a "
                       f"model, checkpoint or run folder, or a Hugging Face Hub id "
                       f"(org/name){hint}")
+
+
+def missing_path(name: str) -> str:
+    """What is said of a model path that does not exist: a relative one names the working
+    folder it was looked for in (a shipped config's ``runs/…`` is made by an earlier run)."""
+    said = f"{name} does not exist (no such file or folder, and no preset of that name)"
+    if not Path(name).expanduser().is_absolute():
+        said += f" in the working folder {Path.cwd()}"
+    return said
 
 
 def not_a_folder(file: Path) -> ModelError:
@@ -238,10 +246,10 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelError(f"Hugging Face cache entry of {repo_id} in {cache} cannot be read "
                          f"({type(err).__name__}: {err})") from None
     if hub_offline():
-        raise ModelError(f"{repo_id} does not exist (no such file or folder, and no preset of "
-                         f"that name) and is not in the Hugging Face cache ({cache}); if it is "
-                         f"a Hub id, HF_HUB_OFFLINE=1: fetch it once with `hf download "
-                         f"{repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab fetch it)")
+        raise ModelError(f"{missing_path(repo_id)}, and is not in the Hugging Face cache "
+                         f"({cache}); if it is a Hub id, HF_HUB_OFFLINE=1: fetch it once with "
+                         f"`hf download {repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab "
+                         "fetch it)")
     return _download(repo_id, cache)
 
 
