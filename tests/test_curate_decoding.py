@@ -67,9 +67,9 @@ def decodes(monkeypatch):
     opened: list[str] = []
     original = pool_module.open_image
 
-    def counting(location, work):
+    def counting(location, work, key=None):
         opened.append(location["file"])
-        return original(location, work)
+        return original(location, work, key)
     monkeypatch.setattr(pool_module, "open_image", counting)
     return opened
 

@@ -1183,3 +1183,124 @@ def test_report_html_tables_scroll_in_their_own_box_and_fit_a_phone(tmp_path):
     tables = page.count("<table>")
     assert tables >= 2 and page.count('<div class="scroll"><table>') == tables
     assert page.count("</table></div>") == tables
+
+
+@pytest.mark.parametrize("stopped", ["while reading", "after reading"])
+def test_a_source_file_changed_while_a_run_was_stopped_is_refused(tmp_path, monkeypatch,
+                                                                   stopped):
+    """A file the stopped run had read, replaced by another picture under the same name: the
+    resume took the steps done on the old picture and wrote the new bytes under the old
+    caption. Refused, naming the file; a file moved away and back (nothing changed) resumes."""
+    import cliplab.curate.pipeline as pipeline
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    steps = [{"step": "bright", "threshold": 100, "fail_on_chunk": 2}]
+    real, failed = pipeline.read_item, []
+
+    def killed_once(item, number, work, readable=None):
+        if number == 4 and not failed:
+            failed.append(True)
+            raise RuntimeError("killed")
+        return real(item, number, work, readable)
+
+    if stopped == "while reading":
+        monkeypatch.setattr(pipeline, "read_item", killed_once)
+    cfg = config(str(folder), steps, chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    done = partial_path(tmp_path / "out") / "cache" / "pool" / "done.json"
+    assert done.is_file() == (stopped == "after reading")
+    (folder / "img_02.png").rename(tmp_path / "away.png")  # moved away and back: unchanged
+    (tmp_path / "away.png").rename(folder / "img_02.png")
+    original = (folder / "img_01.png").read_bytes()
+    Image.fromarray(np.full((12, 10, 3), 220, dtype=np.uint8)).save(folder / "img_01.png")
+    work = partial_path(tmp_path / "out")
+    with pytest.raises(DataError) as refused:
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert str(refused.value) == (
+        f"{folder}: the source changed since the stopped run read it ({folder / 'img_01.png'} "
+        "was rewritten or replaced): resumed, its items would be decided on and written partly "
+        f"as they were, partly as they are; delete {work} to start over")
+    (folder / "img_01.png").write_bytes(original)  # the same bytes again: still a new write
+    with pytest.raises(DataError, match="img_01.png was rewritten or replaced"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    (folder / "img_01.png").unlink()  # while reading: the listing shifted, refused as such
+    gone = "img_01.png is gone" if stopped == "after reading" else "read twice or never"
+    with pytest.raises(DataError, match=gone):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    shutil.rmtree(work)
+    (folder / "img_01.png").write_bytes(original)
+    Bright.failed.append(True)  # no kill this time
+    assert run_curation(cfg, tmp_path / "out", progress=False)["pool"] == 10
+
+
+def test_a_stopped_run_over_shards_checks_the_shards_and_an_unchanged_one_resumes(tmp_path):
+    """Over a shard folder the shards are what is stamped: one rewritten is refused."""
+    from cliplab.data.shards.from_files import write_source
+
+    pool = tmp_path / "pool"
+    folder = make_folder(tmp_path / "images", [200, 50, 150, 90, 250, 120])
+    for image in folder.glob("*.png"):
+        image.with_suffix(".txt").write_text(f"square {image.stem}", encoding="utf-8")
+    write_source({"source": "image-folder", "path": str(folder), "captions": True}, pool,
+                 samples_per_shard=3, image_format="png", progress=False)
+    cfg = config({"source": "shards", "path": str(pool)},
+                 [{"step": "bright", "threshold": 100, "fail_on_chunk": 1}], chunk_size=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert run_curation(cfg, tmp_path / "out", progress=False)["kept"] == 4  # unchanged
+    shutil.rmtree(tmp_path / "out")
+    Bright.failed.clear()
+    Bright.calls.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    shard = sorted(pool.glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes())  # rewritten in place
+    with pytest.raises(DataError, match=rf"\({shard} was rewritten or replaced\)"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+
+
+def test_an_image_that_cannot_be_read_after_the_read_step_is_one_line_naming_it(
+        tmp_path, monkeypatch, capsys):
+    """An image read at ``read`` that a later step (or the writer) cannot read — rewritten or
+    deleted under a running run — ended in a traceback naming only a BytesIO; it is one line
+    naming the item and its file, saying the source changed."""
+    folder = make_folder(tmp_path / "pool", [200, 50, 150])
+
+    def prepare(self, context):  # the source changes once the pool was read
+        (folder / "img_01.png").write_bytes(b"not an image any more")
+
+    monkeypatch.setattr(Bright, "prepare", prepare)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {folder}\nsteps:\n  - {{step: bright}}\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    work = partial_path(tmp_path / "out")
+    assert err == (f"cliplab: error: item img_01.png: its image at {folder / 'img_01.png'} can "
+                   "no longer be read (cannot identify image file): the source changed since "
+                   f"the pool was read; put it back as it was, or delete {work} to start over")
+
+
+def test_the_writers_name_an_item_whose_image_went_since_it_was_read(tmp_path):
+    """write_kept reads each kept image's bytes again: a file gone or a shard cut short is a
+    `SourceChanged` naming the item and where its image was."""
+    from cliplab.curate.config import OutputSpec
+    from cliplab.curate.outputs import write_kept
+    from cliplab.curate.pool import SourceChanged
+
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"x" * 100)
+    records = [{"key": "a.png", "caption": "a red square", "meta": {},
+                "location": {"file": str(tmp_path / "a.png")}},
+               {"key": "00000.tar:k", "caption": "a red square", "meta": {},
+                "location": {"tar": str(shard), "offset": 512, "size": 10, "name": "k.png"}}]
+    with pytest.raises(SourceChanged, match=rf"^item a.png: its image at {tmp_path}/a.png "
+                       r"can no longer be read \(.*No such file"):
+        write_kept(records, tmp_path, OutputSpec(format="shards"), {}, progress=False)
+    for output in ("shards", "manifest"):  # a manifest copies an image out of its tar
+        with pytest.raises(SourceChanged, match=rf"^item 00000.tar:k: its image at {shard} "
+                           r"member k.png can no longer be read \(.*ends 10 bytes into the "
+                           rf"member at byte 512\): the source changed since the pool was read"):
+            write_kept(records[1:], tmp_path, OutputSpec(format=output), {}, progress=False)

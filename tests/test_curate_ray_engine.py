@@ -56,7 +56,7 @@ class FakeRay(types.ModuleType):
                         for item in items:
                             out = mapper({"chunk": np.array([item["chunk"]]),
                                           "records": np.array([item["records"]], dtype=object)})
-                            yield {"chunk": out["chunk"][0], "columns": out["columns"][0]}
+                            yield {name: column[0] for name, column in out.items()}
                 return Mapped()
         return Dataset()
 
@@ -241,3 +241,21 @@ def test_the_progress_bar_counts_every_item_and_closes_on_an_error(tmp_path, fak
         map_chunks_ray(MeanStep(short=True), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path,
                        desc="mean")
     assert len(bars) == 1 and bars[0].disable
+
+
+def test_an_image_gone_since_the_read_is_the_one_line_error_not_rays_wrapped_one(tmp_path,
+                                                                                 fake_ray):
+    """Raised in an actor, the error reached the driver as a Ray ``RayTaskError``: a page of
+    traceback that does not keep its cause. The actor hands it back as its row's ``error``;
+    the driver raises it as it was, after saving the chunks mapped before it."""
+    from cliplab.curate.pool import SourceChanged
+
+    chunks = pool(tmp_path, [2, 2])
+    (tmp_path / "1-1.png").unlink()
+    with pytest.raises(SourceChanged) as gone:
+        map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path,
+                       desc="mean", progress=False)
+    assert str(gone.value).startswith(f"item 1-1: its image at {tmp_path / '1-1.png'} can no "
+                                      "longer be read ([Errno 2] No such file or directory")
+    assert (tmp_path / "0.npz").is_file() and not (tmp_path / "1.npz").exists()
+

@@ -41,7 +41,7 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
     with ShardSink(dest, samples_per_shard) as writer:
         for number, record in enumerate(tqdm(records, desc="write shards", unit="item",
                                              disable=not progress)):
-            data, ext = image_bytes(record["location"], work)
+            data, ext = image_bytes(record["location"], work, record["key"])
             key = f"{number:09d}"
             meta = {"key": key, **carried_fields(record, new_keys),
                     "source_key": record["key"], "meta": record["meta"]}
@@ -114,7 +114,7 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
         if "file" in location:
             image = location["file"]
         else:
-            data, ext = image_bytes(location, work)
+            data, ext = image_bytes(location, work, record["key"])
             images.mkdir(exist_ok=True)
             image = f"{IMAGES_DIR}/{number:09d}.{ext or 'bin'}"
             (dest / image).write_bytes(data)

@@ -6,8 +6,9 @@ Work happens in ``OUT.partial/`` and is resumable:
 - ``state.json``: the request (the config minus output-neutral keys such as ``workers``); a
   different request on an existing partial folder is refused (or cleared with ``overwrite``);
 - ``cache/pool/N.json``: chunk ``N`` of the pool as read (records + the items dropped at
-  ``read``), ``cache/pool/done.json`` once the whole source is read; ``cache/images/``: PNGs of
-  an in-memory source's images;
+  ``read`` + a stamp of each source file its records were read from, checked on resuming),
+  ``cache/pool/done.json`` once the whole source is read; ``cache/images/``: PNGs of an
+  in-memory source's images;
 - ``cache/steps/NN-name/N.npz``: the columns step ``NN`` mapped for chunk ``N``;
 - ``steps/NN-name/decision.json``: the step's finished decision; ``steps/NN-name/work/``: what
   the step built (its `StepContext.work`), kept in the output.
@@ -38,7 +39,7 @@ from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
 from cliplab.curate.ray_engine import ray_session
 from cliplab.curate.outputs import write_dropped, write_kept
-from cliplab.curate.pool import Record, read_item
+from cliplab.curate.pool import Record, changed_source, read_item, stamp_sources
 from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step
@@ -262,12 +263,15 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     if counted != count:
         raise DataError(f"{folder} is damaged: {done.name} counts {counted} chunks, {count} "
                         f"are there; delete {work} to start this run over")
-    if not done.is_file():
+    if done.is_file():
+        _check_sources(folder, count, config.data, work)
+    else:
         size = config.chunk_size
         total, items = open_collection(config.data, progress=progress)
         items = iter(items)
         if count:
             _skip_read(items, count * size, folder / f"{count - 1:06d}.json", config.data, work)
+            _check_sources(folder, count, config.data, work)
         bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
                    total=total)
         number = count * size
@@ -290,7 +294,8 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
                     records.append(record)
             write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
                                                       "seconds": time.perf_counter() - start,
-                                                      "last_key": chunk[-1].key})
+                                                      "last_key": chunk[-1].key,
+                                                      "sources": stamp_sources(records)})
             count += 1
             bar.update(len(chunk))
         bar.close()
@@ -312,6 +317,22 @@ def _source_key(meta) -> str | None:
     a drop over shards names the user's file, not only ``00000.tar:000000006``; else None."""
     key = meta.get("source_key") if isinstance(meta, dict) else None
     return None if key is None else str(key)
+
+
+def _check_sources(folder: Path, count: int, source: dict, work: Path) -> None:
+    """Refuse to resume when a source file the stopped run's ``count`` chunks were read from
+    changed since (by its `stamp_sources` stamp: a stat, no reading): the steps would decide
+    on the file as it was, and the later steps and the kept pool read it as it is now."""
+    stamps: dict[str, list[int]] = {}
+    for c in range(count):
+        stamps.update(json.loads((folder / f"{c:06d}.json").read_text(encoding="utf-8"))
+                      .get("sources", {}))  # none: a chunk of an older version
+    changed = changed_source(stamps)
+    if changed is not None:
+        raise DataError(f"{source.get('path') or source}: the source changed since the stopped "
+                        f"run read it ({changed}): resumed, its items would be decided on and "
+                        f"written partly as they were, partly as they are; delete {work} to "
+                        "start over")
 
 
 def _skip_read(items, n: int, last_chunk: Path, source: dict, work: Path) -> None:

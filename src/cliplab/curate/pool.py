@@ -21,6 +21,7 @@ from cliplab.curate.steps.base import PoolBatch
 from cliplab.data.images import fit_to_model
 from cliplab.data.collection import (PIL_ERRORS, Item, open_rgb, read_range, skip_message,
                                      skip_reason)
+from cliplab.errors import DataError
 from cliplab.models.preprocess import PreprocessConfig
 
 Record = dict[str, Any]
@@ -39,23 +40,80 @@ def describe_location(location: dict) -> str:
     return "memory"
 
 
-def image_bytes(location: dict, work: Path) -> tuple[bytes, str]:
-    """The original encoded bytes of an item's image and its extension (``jpg``, ``png``...)."""
-    if "stored" in location:
-        path = work / location["stored"]
-        return path.read_bytes(), "png"
-    if "tar" in location:
-        data = read_range(location["tar"], int(location["offset"]), int(location["size"]))
-        return data, Path(location.get("name") or "x.bin").suffix.lstrip(".").lower()
-    path = Path(location["file"])
-    return path.read_bytes(), path.suffix.lstrip(".").lower()
+class SourceChanged(DataError):
+    """An item's image, readable when the pool was read, can no longer be read by a later
+    step or the writers: its file or shard changed (or went) since."""
 
 
-def open_image(location: dict, work: Path) -> Image.Image:
-    """The item's image, decoded as RGB (a PIL error if it cannot be)."""
+def image_bytes(location: dict, work: Path, key: str | None = None) -> tuple[bytes, str]:
+    """The original encoded bytes of an item's image and its extension (``jpg``, ``png``...);
+    `SourceChanged` (naming ``key``) when they can no longer be read."""
+    try:
+        if "stored" in location:
+            path = work / location["stored"]
+            return path.read_bytes(), "png"
+        if "tar" in location:
+            data = read_range(location["tar"], int(location["offset"]), int(location["size"]))
+            return data, Path(location.get("name") or "x.bin").suffix.lstrip(".").lower()
+        path = Path(location["file"])
+        return path.read_bytes(), path.suffix.lstrip(".").lower()
+    except OSError as err:
+        raise source_changed(location, work, key, err) from None
+
+
+def open_image(location: dict, work: Path, key: str | None = None) -> Image.Image:
+    """The item's image, decoded as RGB (`SourceChanged`, naming ``key``, if it cannot be)."""
     where = location.get("file") or (f"{location['tar']}:{location.get('name')}"
                                      if "tar" in location else str(work / location["stored"]))
-    return open_rgb(image_bytes(location, work)[0], where)
+    data = image_bytes(location, work, key)[0]
+    try:
+        return open_rgb(data, where)
+    except PIL_ERRORS as err:
+        raise source_changed(location, work, key, err) from None
+
+
+def source_changed(location: dict, work: Path, key: str | None,
+                   err: BaseException) -> SourceChanged:
+    """The one-line error of an image read at ``read`` that a later read fails on."""
+    item = f"item {key}: " if key is not None else ""
+    where = work / location["stored"] if "stored" in location else describe_location(location)
+    return SourceChanged(f"{item}its image at {where} can no longer be "
+                         f"read ({skip_message(err)}): the source changed since the pool was "
+                         f"read; put it back as it was, or delete {work} to start over")
+
+
+def source_files(location: dict) -> list[str]:
+    """The source files an item was read from: its image file or shard, and its manifest
+    (none for an in-memory source's image, which lives in the run's own cache)."""
+    return [str(location[k]) for k in ("manifest", "tar", "file") if k in location]
+
+
+def stamp_sources(records: list[Record]) -> dict[str, list[int]]:
+    """``{file: stamp}`` of every source file ``records`` were read from, what a resumed run
+    checks the source by: one ``stat`` each, no reading (`file_stamp`)."""
+    files = {f for record in records for f in source_files(record["location"])}
+    return {f: file_stamp(f) for f in sorted(files)}
+
+
+def file_stamp(file: str) -> list[int]:
+    """Size, modification time and inode of ``file``: `cliplab.models.folder.files_stamp`'s
+    idea without the change time, which a rename (moved away and back) or ``chmod`` alters
+    with nothing read changed; the inode tells a copy that kept size and time."""
+    stat = os.stat(file)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def changed_source(stamps: dict[str, list[int]]) -> str | None:
+    """The first file of ``stamps`` that is gone or was rewritten or replaced since
+    (``"FILE is gone"`` / ``"FILE was rewritten or replaced"``), or None."""
+    for file, stamp in stamps.items():
+        try:
+            now = file_stamp(file)
+        except OSError:
+            return f"{file} is gone"
+        if now != stamp:
+            return f"{file} was rewritten or replaced"
+    return None
 
 
 def read_item(item: Item, number: int, work: Path,
@@ -121,16 +179,17 @@ def load_batch(records: list[Record], work: Path, images: bool = True,
     step that does not look at them."""
     decoded: dict[tuple, Image.Image] = {}
 
-    def image(location: dict) -> Image.Image:
+    def image(location: dict, key: str) -> Image.Image:
         source = image_source(location)
         if source not in decoded:
-            decoded[source] = open_image(location, work)
+            decoded[source] = open_image(location, work, key)
             if fit is not None and "stored" not in location:  # files; in-memory sets as they are
                 decoded[source] = fit_to_model(decoded[source], fit)
         return decoded[source]
 
     return PoolBatch(keys=[r["key"] for r in records], captions=[r["caption"] for r in records],
-                     images=[image(r["location"]) for r in records] if images else None,
+                     images=[image(r["location"], r["key"]) for r in records]
+                     if images else None,
                      meta=[r["meta"] for r in records])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ import numpy as np
 from cliplab.curate.engine import chunk_progress, chunks_to_do, save_columns
 from cliplab.curate.pool import Record, map_chunk
 from cliplab.curate.steps.base import Step
-from cliplab.errors import ConfigError
+from cliplab.errors import CliplabError, ConfigError
 
 
 def start_ray(address: str | None, workers: int) -> None:
@@ -86,20 +87,30 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 class _ChunkMapper:
-    """A Ray Data actor: the prepared step, mapping one chunk (JSON records) per call."""
+    """A Ray Data actor: the prepared step, mapping one chunk (JSON records) per call. A
+    `CliplabError` (an image gone since the pool was read) comes back as the row's ``error``
+    (pickled), raised as itself on the driver: raised here, Ray wrapped it in a page of
+    traceback whose cause it does not keep."""
 
     def __init__(self, step: Step, work: str):
         self.step, self.work = step, Path(work)
 
     def __call__(self, batch: dict) -> dict:
-        chunks, blobs = [], []
+        chunks, blobs, errors = [], [], []
         for chunk, records in zip(batch["chunk"], batch["records"]):
-            columns = map_chunk(self.step, json.loads(records), self.work)
+            try:
+                columns = map_chunk(self.step, json.loads(records), self.work)
+            except CliplabError as err:
+                columns, error = {}, pickle.dumps(err)
+            else:
+                error = b""
             buffer = io.BytesIO()
             np.savez(buffer, **{name: np.asarray(col) for name, col in columns.items()})
             chunks.append(int(chunk))
             blobs.append(buffer.getvalue())
-        return {"chunk": np.array(chunks), "columns": np.array(blobs, dtype=object)}
+            errors.append(error)
+        return {"chunk": np.array(chunks), "columns": np.array(blobs, dtype=object),
+                "error": np.array(errors, dtype=object)}
 
 
 def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
@@ -119,6 +130,8 @@ def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[i
                                      batch_size=1, compute=ray.data.ActorPoolStrategy(
                                          size=max(1, min(workers, len(todo)))))
         for row in mapped.iter_rows():
+            if row["error"]:
+                raise pickle.loads(row["error"])
             c = int(row["chunk"])
             with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
                 columns = {name: data[name] for name in data.files}

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from cliplab.curate.pool import Record, open_image
+from cliplab.curate.pool import Record, SourceChanged, open_image
 from cliplab.curate.steps.base import Decision
-from cliplab.data.collection import PIL_ERRORS
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, literal_plot,
                                  md_text)
 
@@ -81,7 +80,7 @@ def _thumbnail(record: Record | None, work: Path, rel: str) -> str | None:
         return None
     try:
         image = open_image(record["location"], work)
-    except (*PIL_ERRORS, KeyError):
+    except (SourceChanged, KeyError):
         return None
     image.thumbnail((THUMB, THUMB))
     path = work / rel
