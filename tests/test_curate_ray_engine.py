@@ -259,3 +259,47 @@ def test_an_image_gone_since_the_read_is_the_one_line_error_not_rays_wrapped_one
                                       "longer be read ([Errno 2] No such file or directory")
     assert (tmp_path / "0.npz").is_file() and not (tmp_path / "1.npz").exists()
 
+
+def test_ray_address_in_the_environment_connects_as_ray_does_without_cpus(monkeypatch,
+                                                                          listening):
+    """With ``RAY_ADDRESS`` set (``ray job submit`` sets it) ``ray.init(num_cpus=...)`` is Ray
+    connecting to that cluster with a CPU count, which it refuses (a traceback once the pool
+    was read). It is connected to as ``ray_address`` is; ``ray_address`` wins; ``local`` is
+    Ray's own word for a local instance."""
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    head = f"127.0.0.1:{listening}"
+    monkeypatch.setenv("RAY_ADDRESS", head)
+    start_ray(None, 3)
+    start_ray(f"ray://{head}", 3)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    start_ray(None, 2)
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    start_ray(None, 1)
+    assert [{k: v for k, v in o.items() if k in ("address", "num_cpus")} for o in ray.inits] == [
+        {"address": head}, {"address": f"ray://{head}"}, {"num_cpus": 2}, {"num_cpus": 1}]
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_before_the_pool_is_read(
+        tmp_path, monkeypatch, capsys):
+    """The engine started only once the pool was read: a cluster nothing answers at (here
+    ``RAY_ADDRESS``'s) is one line before any work, no ``OUT.partial`` left behind."""
+    from cliplab.cli import main
+    from cliplab.output_folder import partial_path
+
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {folder}\nsteps:\n  - {{step: exact_dedup}}\n", encoding="utf-8")
+    assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--no-progress", "--engine", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cliplab: error: RAY_ADDRESS 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} "
+        "(Connection refused); start the cluster there (ray start --head), or unset "
+        "RAY_ADDRESS for a local instance")
+    assert not partial_path(tmp_path / "out").exists()

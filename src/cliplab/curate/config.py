@@ -46,9 +46,9 @@ class CurateConfig(Section):
     image folder or a ``{source: ...}`` mapping), the ``steps`` in order, the ``output``,
     pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``: in this
     process, or ``workers`` processes; ``ray``: Ray Data with ``workers`` actors, on the
-    cluster at ``ray_address`` or a local instance), ``examples`` (dropped pairs shown per
-    step in the report) and ``device``, where the steps' models run (the local engine's; Ray's
-    actors map on their CPUs)."""
+    cluster at ``ray_address`` (else ``RAY_ADDRESS``'s) or a local instance), ``examples``
+    (dropped pairs shown per step in the report) and ``device``, where the steps' models run
+    (the local engine's; Ray's actors map on their CPUs)."""
 
     data: dict[str, Any]
     steps: list[SerializeAsAny[StepSpecBase]] = []

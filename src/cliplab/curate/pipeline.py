@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from cliplab.config import changed_key_paths, validate, value_at
 from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
-from cliplab.curate.ray_engine import ray_session
+from cliplab.curate.ray_engine import check_cluster, ray_session
 from cliplab.curate.outputs import write_dropped, write_kept
 from cliplab.curate.pool import Record, changed_source, read_item, stamp_sources
 from cliplab.curate.report import write_report
@@ -71,6 +71,8 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     _check_out(out, overwrite)
     check_collection_path(config.data)  # before OUT.partial is made
     _check_packages(config)  # before the models: resolving one may reach the Hub
+    if config.engine == "ray":
+        check_cluster(config.ray_address)  # a cluster nothing answers at, before any work
     step_models = _step_models(config)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}

@@ -2,14 +2,17 @@
 chunk per batch, the prepared step held by a pool of actors), its ``decide`` on the driver (it
 sees only the columns). Each chunk's columns are saved on the driver as they stream back, so
 a killed run resumes exactly as with the local engine. ``ray.init(address=...)`` reaches an
-existing cluster; without an address a local Ray instance is started."""
+existing cluster (``ray_address``, else ``RAY_ADDRESS`` as Ray itself reads it); without an
+address a local Ray instance is started."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
+import sys
 import signal
 import socket
 import threading
@@ -26,15 +29,17 @@ from cliplab.errors import CliplabError, ConfigError
 
 
 def start_ray(address: str | None, workers: int) -> None:
-    """Connect to the cluster at ``address`` (or start a local instance with ``workers``
-    CPUs) unless Ray is already initialised in this process."""
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``; else start a local instance
+    with ``workers`` CPUs) unless Ray is already initialised in this process."""
     try:
         import ray
     except ImportError:
         raise ConfigError("engine: ray needs Ray Data: pip install 'cliplab[ray]'") from None
     if not ray.is_initialized():
+        address, named = cluster_address(address)
         if address:
-            check_reachable(address)
+            check_reachable(address, named)
+        # CPUs are a local instance's to set: Ray refuses them when connecting to a cluster
         options = {"address": address} if address else {"num_cpus": workers}
         # Ray puts its own SIGTERM handler in place (a kill then aborted the run with SIGABRT):
         # cliplab's is put back, so a kill unwinds as Ctrl-C does and says "terminated"
@@ -65,11 +70,33 @@ def ray_session(engine: str) -> Iterator[None]:
             ray.shutdown()
 
 
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster a run connects to and what named it: ``ray_address``, else the
+    ``RAY_ADDRESS`` environment variable (as ``ray.init`` reads it: ``ray job submit`` sets it
+    for a job); None (and Ray's ``local``) for a local instance."""
+    named = "ray_address"
+    if not address:
+        address, named = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+    return (None if address == "local" else address), named
+
+
+def check_cluster(address: str | None) -> None:
+    """What `start_ray` will check of the cluster, done before any work (the pool is read
+    before the first step starts Ray): a one-line `ConfigError` when nothing answers at the
+    address. Nothing to check when this process already runs Ray (the caller's)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return
+    address, named = cluster_address(address)
+    if address:
+        check_reachable(address, named)
+
+
 # host:port or ray://host:port (Ray's own "auto" and "local" find or start one themselves)
 _HOST_PORT = re.compile(r"^(?:ray://)?(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?$")
 
 
-def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+def check_reachable(address: str, named: str = "ray_address", timeout_s: float = 10.0) -> None:
     """A one-line `ConfigError` when nothing accepts a connection at ``address``: Ray itself
     retries its connection for minutes without a word. Only the TCP connection is tried, so
     a slow cluster that does answer is never cut short."""
@@ -81,9 +108,10 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
         why = err.strerror or type(err).__name__
-        raise ConfigError(f"ray_address {address}: nothing answers at {host}:{port} ({why}); "
-                          "start the cluster there (ray start --head), or leave ray_address "
-                          "out for a local instance") from None
+        instead = "unset RAY_ADDRESS" if named == "RAY_ADDRESS" else "leave ray_address out"
+        raise ConfigError(f"{named} {address}: nothing answers at {host}:{port} ({why}); "
+                          f"start the cluster there (ray start --head), or {instead} for a "
+                          "local instance") from None
 
 
 class _ChunkMapper:
