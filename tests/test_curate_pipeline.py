@@ -1260,11 +1260,12 @@ def test_a_stopped_run_over_shards_checks_the_shards_and_an_unchanged_one_resume
         run_curation(cfg, tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_an_image_that_cannot_be_read_after_the_read_step_is_one_line_naming_it(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, workers):
     """An image read at ``read`` that a later step (or the writer) cannot read — rewritten or
     deleted under a running run — ended in a traceback naming only a BytesIO; it is one line
-    naming the item and its file, saying the source changed."""
+    naming the item and its file, saying the source changed (also from a worker process)."""
     folder = make_folder(tmp_path / "pool", [200, 50, 150])
 
     def prepare(self, context):  # the source changes once the pool was read
@@ -1275,7 +1276,7 @@ def test_an_image_that_cannot_be_read_after_the_read_step_is_one_line_naming_it(
     path.write_text(f"data: {folder}\nsteps:\n  - {{step: bright}}\n", encoding="utf-8")
     capsys.readouterr()
     assert main(["curate", "--config", str(path), "--out", str(tmp_path / "out"),
-                 "--no-progress"]) == 2
+                 "--no-progress", "--workers", str(workers), "chunk_size=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     work = partial_path(tmp_path / "out")
     assert err == (f"cliplab: error: item img_01.png: its image at {folder / 'img_01.png'} can "
