@@ -8,7 +8,9 @@ On `shapes` relation captions ("a red circle left of an orange square", optional
   red circle");
 - ``word_shuffle`` (any caption): its words in a random order.
 Each generator returns None where it does not apply (not a relation caption, same colours, a
-caption whose words cannot be reordered), never the caption itself.
+caption whose words cannot be reordered), never the caption itself. "Itself" is judged as the
+text towers read it (`same_text`: letter case and whitespace aside), so "A man watching a bird"
+never gets "a man watching A bird", whose tokens are the caption's.
 """
 
 from __future__ import annotations
@@ -67,15 +69,24 @@ def relation_swap(caption: str) -> str | None:
     return f"{b.phrase()} {rel} {a.phrase()}"
 
 
+def same_text(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one text up to letter case and whitespace (CLIP's tokenizer,
+    like most text towers', lowercases: such a "negative" has the caption's own tokens)."""
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
+
+
 def shuffle_words(caption: str, rng: random.Random) -> str:
-    """The caption's words in a random order different from the original (when possible)."""
+    """The caption's words in a random order that is not the caption up to letter case (when
+    possible; else the caption)."""
     words = caption.split()
+    text = " ".join(words)
+    # one shuffle per try as before: lowercase captions (`shapes`') draw exactly what they did
     for _ in range(20):
         out = words[:]
         rng.shuffle(out)
-        if out != words:
+        if not same_text(" ".join(out), text):
             return " ".join(out)
-    return " ".join(words)
+    return text
 
 
 def caption_negatives(caption: str, rng: random.Random,
@@ -91,6 +102,6 @@ def caption_negatives(caption: str, rng: random.Random,
             text = shuffle_words(caption, rng)
         else:
             raise ValueError(f"unknown negative kind {kind!r}; valid: {list(NEGATIVE_TYPES)}")
-        if text is not None and text != caption:
+        if text is not None and not same_text(text, caption):
             out[kind] = text
     return out
