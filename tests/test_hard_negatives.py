@@ -14,6 +14,7 @@ from cliplab.data.caption_negatives import (attribute_swap, caption_negatives, p
                                             relation_swap)
 from cliplab.data.shapes import captions as scene_captions
 from cliplab.data.shapes import load_shapes, sample_scenes
+from cliplab.data.types import ImageTextPairs
 from cliplab.errors import ConfigError
 from cliplab.evaluate.compositional import relation_negatives
 from cliplab.runs import RunDir
@@ -197,12 +198,43 @@ def test_config_switch_and_errors():
 def test_kinds_that_give_no_caption_a_negative_stop_with_a_one_line_error():
     captions = ["a small red circle at the top left", "three green triangles"]
     with pytest.raises(ConfigError, match=r"^train\.hard_negatives: none of the 2 training "
-                       r"captions .*\['attribute_swap'\] \(attribute_swap needs two objects") \
-            as info:
+                       r"captions .*\['attribute_swap'\] \(attribute_swap needs a shapes "
+                       r"relation caption") as info:
         NegativeTable(captions, HardNegatives(kinds=["attribute_swap"]))
     assert "\n" not in str(info.value)
     # one caption with a negative is enough
     assert len(NegativeTable(captions, HardNegatives(kinds=["word_shuffle"])).texts) == 2
+
+
+def test_the_swaps_error_names_the_caption_pattern_they_parse():
+    # free captions with two coloured objects around a relation: the swaps do not parse them
+    captions = ["a red car left of a white house", "A red circle left of an orange square"]
+    with pytest.raises(ConfigError) as info:
+        NegativeTable(captions, HardNegatives(kinds=["attribute_swap", "relation_swap"]))
+    said = str(info.value)
+    assert "lower-case 'a|an [SIZE] COLOUR SHAPE RELATION a|an [SIZE] COLOUR SHAPE'" in said
+    assert "shapes set" in said and "\n" not in said
+    assert "add word_shuffle to the kinds (the one that applies to free-text captions)" in said
+
+
+def test_captions_without_a_negative_are_counted_and_said_once(tmp_path, capsys):
+    captions = ["dog", "cat", "sunset", "tree"] + [  # four one-word captions
+        f"a {c} {s} left of a blue cross" for c in ("red", "green", "white")
+        for s in ("circle", "square", "triangle", "cross")]
+    pairs = ImageTextPairs(torch.zeros(16, 32, 32, 3, dtype=torch.uint8),
+                           [[c] for c in captions])
+    table = NegativeTable(captions, HardNegatives())
+    assert table.record() == {"captions": 16, "without_negative": 4}
+    cfg = TrainConfig.from_dict({"steps": 2, "batch_size": 8, "augment": False,
+                                 "progress": False, "hard_negatives": True})
+    trainer = Trainer(small_model(), cfg, RunDir(tmp_path))
+    trainer.fit(pairs)
+    assert trainer.hard_negatives == {"captions": 16, "without_negative": 4}
+    said = [line for line in capsys.readouterr().err.splitlines() if "hard_negatives" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "train.hard_negatives: 4 of 16 distinct training captions get no negative (")
+    assert said[0].endswith("): they train as plain CLIP")
+    assert NegativeTable(["a red circle left of a blue square"], HardNegatives()).note() is None
 
 
 def test_training_single_object_scenes_with_swaps_only_is_refused(tmp_path):
@@ -258,3 +290,22 @@ def test_hard_negatives_teach_word_order_that_plain_training_does_not(tmp_path):
         scores[arm] = compositional(model, pairs.images, scenes, seed=0,
                                     progress=False)["word_shuffle_acc"]
     assert scores[True] > scores[False] + 0.15, scores
+
+
+def test_pretrain_records_how_many_captions_had_no_negative(tmp_path, capsys):
+    from cliplab.train.pretrain import run_pretrain
+
+    model = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
+                                              "layers": 1, "heads": 2, "embed_dim": 16}}
+    data = {"source": "shapes", "n": 32, "seed": 0, "kinds": ["single", "relation"],
+            "image_size": 32}
+    results = run_pretrain({"model": model, "data": {"train": data}, "out": str(tmp_path / "r"),
+                            "train": {"steps": 1, "batch_size": 8, "augment": False,
+                                      "hard_negatives": {"kinds": ["relation_swap"]}}},
+                           progress=False)
+    counts = results["hard_negatives"]  # the single-object scenes' captions get none
+    assert 0 < counts["without_negative"] < counts["captions"]
+    assert json.loads((tmp_path / "r" / "results.json").read_text(encoding="utf-8")
+                      )["hard_negatives"] == counts
+    assert (f"train.hard_negatives: {counts['without_negative']} of {counts['captions']} "
+            "distinct training captions get no negative") in capsys.readouterr().err

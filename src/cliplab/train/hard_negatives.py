@@ -34,11 +34,15 @@ from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 
 NegativeKind = Literal["attribute_swap", "relation_swap", "word_shuffle"]
-# what a caption needs for each kind to give it a negative (for the error when none does)
 NEIGHBOURS = 3  # candidate images per image when images: neighbours
-_NEEDS = {"attribute_swap": "two objects of different colours around a relation",
-          "relation_swap": "two objects around a relation",
-          "word_shuffle": "two or more different words"}
+# what a caption needs for each kind to give it a negative (for the messages when some do not):
+# the swaps parse only the `shapes` set's own caption pattern (caption_negatives.parse_relation)
+_NEEDS = {"attribute_swap": "a shapes relation caption whose objects differ in colour",
+          "relation_swap": "a shapes relation caption whose objects differ",
+          "word_shuffle": "two or more different words (the one kind for free-text captions)"}
+_SWAP_PATTERN = ("a shapes relation caption is the lower-case 'a|an [SIZE] COLOUR SHAPE RELATION "
+                 "a|an [SIZE] COLOUR SHAPE' the shapes set writes "
+                 "(e.g. 'a red circle left of an orange square')")
 
 
 class HardNegatives(Section):
@@ -77,9 +81,24 @@ class NegativeTable:
             offsets.append(len(flat))
         if captions and not flat:
             raise ConfigError(_no_negatives(len(captions), config.kinds))
+        self.kinds = list(config.kinds)
+        self.captions = len(captions)
+        self.without = sum(start == end for start, end in zip(offsets, offsets[1:]))
         self.texts = list(index)
         self.flat = torch.tensor(flat, dtype=torch.long)
         self.offsets = torch.tensor(offsets, dtype=torch.long)
+
+    def record(self) -> dict[str, int]:
+        """The counts a run records: distinct captions, and those without a negative."""
+        return {"captions": self.captions, "without_negative": self.without}
+
+    def note(self, settings: str = "train") -> str | None:
+        """The one-line note for captions that get no negative (None: every caption gets one);
+        ``settings`` is where the user writes the trainer's keys."""
+        if not self.without:
+            return None
+        return (f"{settings}.hard_negatives: {self.without} of {self.captions} distinct training "
+                f"captions get no negative ({_needs(self.kinds)}): they train as plain CLIP")
 
     def sample(self, caption_ids: torch.Tensor, generator: torch.Generator | None
                ) -> torch.Tensor:
@@ -92,13 +111,21 @@ class NegativeTable:
         return torch.where(count > 0, ids, torch.full_like(ids, -1))
 
 
+def _needs(kinds: list[str]) -> str:
+    """What a caption needs for each of ``kinds`` to give it a negative."""
+    needs = [f"{kind} needs {_NEEDS[kind]}" for kind in kinds]
+    if "attribute_swap" in kinds or "relation_swap" in kinds:
+        needs.append(_SWAP_PATTERN)
+    return "; ".join(needs)
+
+
 def _no_negatives(n: int, kinds: list[str]) -> str:
     """The one-line error for a caption set none of ``kinds`` gives a negative."""
-    needs = "; ".join(f"{kind} needs {_NEEDS[kind]}" for kind in kinds)
     fix = "train on captions they apply to" + \
-        ("" if "word_shuffle" in kinds else " or add word_shuffle to the kinds")
+        ("" if "word_shuffle" in kinds else
+         " or add word_shuffle to the kinds (the one that applies to free-text captions)")
     return (f"train.hard_negatives: none of the {n} training captions gets a negative of kinds "
-            f"{list(kinds)} ({needs}), so training would have no hard negatives; {fix}")
+            f"{list(kinds)} ({_needs(kinds)}), so training would have no hard negatives; {fix}")
 
 
 def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

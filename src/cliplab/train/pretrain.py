@@ -132,6 +132,8 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
                      "eval_precision": trained.eval_precision,
                      "resumed_from": trained.resumed_from,
                      "wall_time_s": round(time.time() - start, 1)}
+    if trained.hard_negatives is not None:  # how many captions trained without a negative
+        results["hard_negatives"] = trained.hard_negatives
     if trained.rank == 0:
         trained.run.write_json(RESULTS_FILE, results)
         if trained.skipped.total:  # told, not only written down
@@ -154,6 +156,7 @@ class _Trained:
     device: str
     resumed_from: dict | None
     eval_precision: str | None  # what the eval: suite ran in (None: no suite)
+    hard_negatives: dict | None  # train.hard_negatives' caption counts (None: off)
 
 
 def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
@@ -217,7 +220,8 @@ def _train(cfg: PretrainConfig, train_cfg: TrainConfig, resume: str | None,
                            unfinished=not (run.path / RESULTS_FILE).exists())
     return _Trained(last, skipped, evals, trainer.last_checkpoint / "model", run, trainer.rank,
                     trainer.precision, str(trainer.device), trainer.resumed_from,
-                    suite_precision(cfg.eval, context, model) if cfg.eval else None)
+                    suite_precision(cfg.eval, context, model) if cfg.eval else None,
+                    trainer.hard_negatives)
 
 
 def check_ranks_agree(cfg: PretrainConfig, resume: str | None) -> None:

@@ -104,6 +104,8 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.resumed_from: dict | None = None  # the checkpoint a resume started from
+        # train.hard_negatives' caption counts (NegativeTable.record), once fit built its table
+        self.hard_negatives: dict[str, int] | None = None
 
     def _prepare(self, model: DualEncoder, head: nn.Module | None,
                  save_model: Callable[[Path], None] | None) -> None:
@@ -217,6 +219,12 @@ class Trainer:
                               model=self.model, pixels=self.embed.pixels, rank=self.rank,
                               world=self.world, device=self.device, replay=replay,
                               replay_ratio=replay_ratio)
+        table = getattr(inputs, "negatives", None)
+        if table is not None:
+            self.hard_negatives = table.record()
+            note = table.note(self.settings)
+            if note and self.rank == 0:
+                print(note, file=sys.stderr)
         total = cfg.steps or max(1, round((cfg.epochs or 1.0) * inputs.per_epoch))
         warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
         optimizer = self._optimizer()
