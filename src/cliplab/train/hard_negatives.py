@@ -7,8 +7,10 @@ random among the kinds that apply to it) as an extra column of its image's image
 softmax: the image must prefer its true caption over the batch's other captions *and* over
 this near-miss (`cliplab.train.losses.clip_loss_hard_negatives`).
 
-The word shuffles are drawn once, from ``seed``; keep it apart from the evaluation's seed (the
-`compositional` task's default is 0) so the model never trains on the shuffles it is tested on.
+The word shuffles are drawn once, from ``seed`` (default 1; the `compositional` task's is 0).
+A seed of its own only makes training's draws independent of the evaluation's: they go over
+other captions in another order, so a caption may still get the same shuffle in both, by chance
+(a short caption has few orders), whatever the seed. The two swaps are the same in both.
 
 Hard-negative *images* (``images``) put near-miss images in the same batch, so each caption
 must also beat them in its text-to-image softmax (and their captions are near-miss columns of
