@@ -51,8 +51,9 @@ def is_run_folder(folder: Path) -> bool:
 class OutputFiles:
     """A previous-output test for an output a command replaces whole: the folder holds every
     file of ``markers`` and no entry but files this kind of output writes (``names``, names
-    matching a regex of ``patterns``, or a file ``more(folder)`` lists). A sub-folder or any
-    other file is the user's, so ``--overwrite`` must not replace the folder."""
+    matching a regex of ``patterns``, or a file ``more(folder)`` lists; each also as the
+    ``NAME.tmp`` an atomic write of it left). A sub-folder or any other file is the user's, so
+    ``--overwrite`` must not replace the folder."""
 
     markers: tuple[str, ...]
     names: frozenset[str] = frozenset()
@@ -86,7 +87,8 @@ class OutputFiles:
         return f"has no {self.missing(folder)}"
 
     def _own(self, entry: Path) -> bool:
-        name = entry.name
+        # NAME.tmp: what an atomic write of NAME left when the process was killed mid-write
+        name = entry.name.removesuffix(".tmp")
         return entry.is_file() and (name in self.markers or name in self.names
                                     or any(re.fullmatch(p, name) for p in self.patterns))
 
@@ -486,9 +488,23 @@ def _finite(value: Any) -> Any:
 def write_utf8(path: Path, text: str) -> None:
     """UTF-8 text written atomically (temp file + rename): a stop leaves the old file or the
     new one, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield the temporary path ``PATH`` + ``suffix`` for the block to write; it is renamed to
+    ``path`` when the block succeeds and removed when it fails (a full disk leaves no half
+    file, which a re-run would take for someone else's)."""
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _plain(value: Any) -> Any:

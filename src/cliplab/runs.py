@@ -26,7 +26,7 @@ import yaml
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, json_text,
-                                   same_folder, write_json)
+                                   same_folder, write_json, write_utf8)
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -320,9 +320,7 @@ class RunDir:
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if keep(line)]
         if len(kept) < len(lines):
-            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.metrics_file)
+            write_utf8(self.metrics_file, "".join(kept))
 
     def _log_scalars(self, record: dict) -> None:
         step = record.get("step")

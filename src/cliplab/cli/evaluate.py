@@ -111,7 +111,7 @@ def _fine_tuned_head(model: str):
     return saved_head_classifier(Path(model).expanduser())
 
 
-EVAL_FILES = ("results.json", "results.json.tmp")  # what eval writes into its --out
+EVAL_FILES = ("results.json",)  # what eval writes into its --out
 
 
 def _results_folder(out: str | None, inputs: list[str | None],
@@ -119,7 +119,7 @@ def _results_folder(out: str | None, inputs: list[str | None],
     """``--out`` of eval: a folder (made if missing) that will hold results.json: new or empty,
     or with ``overwrite`` a previous eval output (a folder of its results.json only); never a
     file, a run folder, nor an input's folder (the model's, a data folder) or inside one."""
-    from cliplab.output_folder import check_out, is_run_folder, only_files
+    from cliplab.output_folder import OutputFiles, check_out, is_run_folder
 
     if out is None:
         return None
@@ -130,7 +130,8 @@ def _results_folder(out: str | None, inputs: list[str | None],
     if not path.is_file() and is_run_folder(path):
         raise CliplabError(f"--out {out} is a run folder (its results.json is the run's); "
                            f"choose a new folder for the eval results, e.g. {path}-eval")
-    path = check_out(path, "eval", inputs, overwrite, only_files(*EVAL_FILES),
+    # no marker: a folder holding only the results.json.tmp of a failed write is eval's too
+    path = check_out(path, "eval", inputs, overwrite, OutputFiles((), frozenset(EVAL_FILES)),
                      error=CliplabError)
     previous = path / "results.json"
     if overwrite and previous.is_file() and not _is_eval_results(previous):

@@ -21,6 +21,7 @@ from cliplab.curate.pool import Record, map_chunk
 from cliplab.data.images import hide_pils_unnamed_size_warning
 from cliplab.curate.steps.base import Step
 from cliplab.errors import CliplabError, show_warning_on_one_line
+from cliplab.output_folder import atomic_path
 
 _WORKER_STEP: list = []
 
@@ -32,9 +33,8 @@ def save_columns(path: Path, columns: dict[str, np.ndarray], n: int, where: str)
         if column.dtype == object or len(column) != n:
             raise CliplabError(f"{where}: map column {name!r} must be a numeric or string array "
                                f"with one row per item ({n}), got {column.dtype} x {len(column)}")
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{name: np.asarray(c) for name, c in columns.items()})
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.npz") as tmp:
+        np.savez(tmp, **{name: np.asarray(c) for name, c in columns.items()})
 
 
 def load_columns(path: Path) -> dict[str, np.ndarray]:

@@ -215,8 +215,9 @@ def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str
                           "--out; rerun that config to move it, or pass --overwrite")
     if state.is_file() or finished:
         shutil.rmtree(work)
-    else:  # no state: a folder of that name is ours only if it holds just our cache
-        remove_own_work(work, "curate", ("cache",))
+    else:  # no state: a folder of that name is ours only if it holds just our cache (and the
+        # state.json.tmp of a first write that failed)
+        remove_own_work(work, "curate", ("cache", "state.json.tmp"))
     (work / "cache" / "pool").mkdir(parents=True)
     write_json(state, {"format": FORMAT, "request": request, "step_models": step_models})
 

@@ -10,7 +10,6 @@ holds the pool's pixels in memory, and the kept pool is written from the origina
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from cliplab.data.collection import (PIL_ERRORS, Item, open_rgb, read_range, ski
                                      skip_reason)
 from cliplab.errors import DataError
 from cliplab.models.preprocess import PreprocessConfig
+from cliplab.output_folder import atomic_path
 
 Record = dict[str, Any]
 
@@ -138,10 +138,9 @@ def read_item(item: Item, number: int, work: Path,
     location = dict(item.location)
     if stored:  # in-memory source: keep a PNG for later steps and the output
         rel = f"cache/images/{number:09d}.png"
-        tmp = work / f"{rel}.tmp"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        image.save(tmp, format="PNG")
-        os.replace(tmp, work / rel)
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(work / rel) as tmp:
+            image.save(tmp, format="PNG")
         location = {"stored": rel}
     return {"key": item.key, "caption": item.caption, "location": location,
             "meta": item.meta}, None

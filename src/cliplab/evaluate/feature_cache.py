@@ -25,6 +25,7 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import image_tower_fingerprint
 from cliplab.models.finite import finite_embeddings
 from cliplab.models.preprocess import to_uint8_batch
+from cliplab.output_folder import atomic_path
 
 
 class FeatureCache:
@@ -112,9 +113,8 @@ class FeatureCache:
             if feats.probe is not None:
                 tensors["probe"] = feats.probe
             file = self.folder / f"{key}-{tag}.safetensors"
-            tmp = file.with_name(file.name + ".tmp")
-            save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            tmp.replace(file)
+            with atomic_path(file) as tmp:
+                save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         return feats
 
 

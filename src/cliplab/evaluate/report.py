@@ -281,6 +281,13 @@ def is_previous_report(folder: Path) -> bool:
         return False
 
 
+def _previous_or_leftover(folder: Path) -> bool:
+    """Whether ``folder`` holds a previous report, or only what a report's first write left
+    when it failed (report.md.tmp: a full disk, a kill)."""
+    return is_previous_report(folder) or \
+        {p.name for p in folder.iterdir()} <= {"report.md.tmp", "report.html.tmp"}
+
+
 def _plots_of(report_md: Path) -> list[Path]:
     """The plots/*.png a previous report.md shows (none: no previous report)."""
     if not is_previous_report(report_md.parent):
@@ -306,7 +313,7 @@ def write_report(inputs: list[str | Path], out: str | Path,
     if previous_md.is_file() and not is_previous_report(Path(out)):
         raise ConfigError(f"--out {out}: its report.md was not written by cliplab report; "
                           "choose a new folder")
-    check_out(out, "report", may_exist=True, previous=is_previous_report)
+    check_out(out, "report", may_exist=True, previous=_previous_or_leftover)
     sources = read_inputs(inputs, config.names)
     title = config.title
     out_dir = Path(out)

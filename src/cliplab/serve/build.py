@@ -42,8 +42,8 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.fingerprints import embedding_identity
 from cliplab.models.folder import model_fingerprint
-from cliplab.output_folder import (check_writable_beside, hold, partial_path, remove_own_work,
-                                   same_folder, swap_in, write_json)
+from cliplab.output_folder import (atomic_path, check_writable_beside, hold, partial_path,
+                                   remove_own_work, same_folder, swap_in, write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
@@ -55,9 +55,8 @@ from cliplab.serve.tuning_queries import tuning_queries
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.npy") as tmp:
+        np.save(tmp, array)
 
 
 def _model_record(cfg: IndexConfig) -> dict:
@@ -384,7 +383,9 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
     if state_file.is_file():  # another request that embedded nothing yet
         shutil.rmtree(work)
     else:  # stopped before its first progress record (or a user's folder of that name)
-        remove_own_work(work, "index", (CHUNKS_DIR, IMAGES_DIR, META_FILE))
+        # (the progress.json.tmp of a first record that failed to write is ours too)
+        remove_own_work(work, "index",
+                        (CHUNKS_DIR, IMAGES_DIR, META_FILE, PROGRESS_FILE + ".tmp"))
     (work / CHUNKS_DIR).mkdir(parents=True)
     (work / IMAGES_DIR).mkdir()
     collection = request["collection"]
@@ -513,9 +514,8 @@ def _embed_collection(cfg: IndexConfig, model, spec: dict, work: Path, store: Me
                 image = fit_to_model(image, model_input)
             if "stored" in location:  # an in-memory source: keep its image with the index
                 rel = f"{IMAGES_DIR}/{item_id}.png"
-                tmp = work / f"{rel}.tmp"
-                image.save(tmp, format="PNG")
-                os.replace(tmp, work / rel)
+                with atomic_path(work / rel) as tmp:
+                    image.save(tmp, format="PNG")
                 location = {"stored": rel}
             rows.append({"id": item_id, "key": item.key, "caption": item.caption,
                          "location": location, "meta": item.meta})
@@ -579,15 +579,14 @@ def _gather_vectors(work: Path, state: dict, dim: int) -> np.ndarray:
     if count != state["count"] or any(chunk.shape[1:] != (dim,) for chunk in chunks):
         raise DataError(f"{work}: {count} vectors for {state['count']} rows of dimension "
                         f"{dim}; the half-built index is damaged, delete it and run again")
-    tmp = work / (VECTORS_FILE + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
-    start = 0
-    for chunk in chunks:
-        out[start:start + len(chunk)] = chunk
-        start += len(chunk)
-    out.flush()
-    del out
-    os.replace(tmp, work / VECTORS_FILE)
+    with atomic_path(work / VECTORS_FILE, ".tmp.npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+        start = 0
+        for chunk in chunks:
+            out[start:start + len(chunk)] = chunk
+            start += len(chunk)
+        out.flush()
+        del out
     return np.load(work / VECTORS_FILE, mmap_mode="r")
 
 

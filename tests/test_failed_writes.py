@@ -1,0 +1,100 @@
+"""A write the system refuses (a full disk, a file-size limit, a read-only cache): the failed
+write leaves no half file that a re-run takes for someone else's, the command ends in one line
+naming the file, and a run or output folder it leaves is one the same command takes again.
+Simulated by writers that raise as a full disk does (no root or mount needed)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from cliplab.errors import CliplabError
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _half_then_full(self, data, *args, **kwargs):
+    """Path.write_text that gets some bytes out before the disk is full."""
+    with open(self, "w", encoding="utf-8") as f:
+        f.write(data[:3])
+    raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+
+def test_a_failed_atomic_write_leaves_no_tmp_file(tmp_path, monkeypatch):
+    from cliplab.output_folder import write_json, write_utf8
+
+    (tmp_path / "old.txt").write_text("old", encoding="utf-8")
+    monkeypatch.setattr(Path, "write_text", _half_then_full)
+    with pytest.raises(OSError):
+        write_utf8(tmp_path / "old.txt", "new text")
+    with pytest.raises(OSError):
+        write_json(tmp_path / "results.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert (tmp_path / "old.txt").read_text(encoding="utf-8") == "old"
+
+
+def test_eval_takes_a_folder_holding_only_its_own_tmp_file(tmp_path):
+    """A results.json.tmp a killed eval left: its own, so --overwrite replaces it, and without
+    --overwrite the message points at it (it said "no previous eval output")."""
+    from cliplab.cli.evaluate import _results_folder
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "results.json.tmp").write_text("", encoding="utf-8")
+    assert _results_folder(str(out), [], overwrite=True) == out
+    with pytest.raises(CliplabError, match="--overwrite to replace a previous eval output"):
+        _results_folder(str(out), [])
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(CliplabError, match="holds other files"):
+        _results_folder(str(out), [], overwrite=True)
+
+
+def test_report_takes_a_folder_holding_only_its_own_tmp_file(tmp_path):
+    from cliplab.evaluate.report import _previous_or_leftover
+
+    out = tmp_path / "rp"
+    out.mkdir()
+    (out / "report.md.tmp").write_text("", encoding="utf-8")
+    assert _previous_or_leftover(out)
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    assert not _previous_or_leftover(out)
+
+
+def test_curate_and_index_take_a_work_folder_holding_their_first_records_tmp(tmp_path):
+    """The state.json.tmp / progress.json.tmp a failed first write left: the folder is the
+    command's own work folder, started over (it was refused as "not a work folder")."""
+    from cliplab.curate.pipeline import _open_work as curate_work
+    from cliplab.serve.build import _open_work as index_work
+
+    work = tmp_path / "cur.partial"
+    (work / "cache" / "pool").mkdir(parents=True)
+    (work / "state.json.tmp").write_text("", encoding="utf-8")
+    curate_work(work, {"data": "x"}, False, {})
+    assert (work / "state.json").is_file() and not (work / "state.json.tmp").exists()
+
+    work = tmp_path / "idx.partial"
+    (work / "chunks").mkdir(parents=True)
+    (work / "progress.json.tmp").write_text("", encoding="utf-8")
+    state = index_work(work, tmp_path / "idx", {"collection": None, "backend": "faiss"}, None)
+    assert state["count"] == 0 and not (work / "progress.json.tmp").exists()
+
+
+def test_other_tmp_then_rename_writers_remove_their_tmp_on_failure(tmp_path, monkeypatch):
+    import numpy as np
+
+    from cliplab.curate import engine
+    from cliplab.serve import build
+
+    monkeypatch.setattr(np, "save", lambda path, *a, **k: (Path(path).write_bytes(b"x"),
+                                                          _full_disk())[1])
+    monkeypatch.setattr(np, "savez", lambda path, *a, **k: (Path(path).write_bytes(b"x"),
+                                                           _full_disk())[1])
+    with pytest.raises(OSError):
+        build._save_npy(tmp_path / "000000.npy", np.zeros(2))
+    with pytest.raises(OSError):
+        engine.save_columns(tmp_path / "chunk.npz", {"a": np.zeros(2)}, 2, "here")
+    assert list(tmp_path.iterdir()) == []
