@@ -6,6 +6,7 @@ Simulated by writers that raise as a full disk does (no root or mount needed).""
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,48 @@ def test_other_tmp_then_rename_writers_remove_their_tmp_on_failure(tmp_path, mon
     with pytest.raises(OSError):
         engine.save_columns(tmp_path / "chunk.npz", {"a": np.zeros(2)}, 2, "here")
     assert list(tmp_path.iterdir()) == []
+
+
+REPO = Path(__file__).parents[1]
+SMALL_PRETRAIN = ["--no-progress", "data.train.n=32", "train.batch_size=16", "train.epochs=1",
+                  "eval=null", "model.options.width=32", "model.options.layers=1",
+                  "model.options.embed_dim=16"]
+
+
+def _pretrain_line(out: str = "run") -> list[str]:
+    return ["pretrain", "--config", str(REPO / "configs" / "pretrain" / "tiny-shapes.yaml"),
+            "--out", out, "--resume", "auto", *SMALL_PRETRAIN]
+
+
+def test_resume_auto_starts_again_a_run_whose_first_checkpoint_failed(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A full disk at the first checkpoint: the half-written step-N.tmp goes, and the same
+    `--resume auto` command line starts the run again once there is space (it was refused for
+    good: "already holds a run ... stopped before its first checkpoint")."""
+    from cliplab.cli import main
+    from cliplab.train import checkpoint
+
+    save = checkpoint.torch.save
+
+    def full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    assert main(_pretrain_line()) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()  # what it logged stays for now
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert main(_pretrain_line()) == 0
+    said = capsys.readouterr().err
+    assert "stopped before its first checkpoint (nothing to resume from): starting it" in said
+    records = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(r)["step"] for r in records] == [2]  # the failed attempt's went
+    # a folder holding anything else is left to the usual refusal, untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    assert main(_pretrain_line("other")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "other" / "metrics.jsonl").is_file()

@@ -231,6 +231,37 @@ def _after_stop(run: Path, existed: bool, command: str) -> None:
                 item.unlink()
 
 
+def restart_unsaved_run(out: str | Path, command: str) -> bool:
+    """Clear a run folder whose run stopped before its first complete checkpoint (an error such
+    as a full disk, a kill), for ``--resume auto``, which then starts the run there: there is
+    nothing to resume from. What the attempt logged goes (metrics.jsonl, TensorBoard events,
+    an unfinished checkpoints/step-N.tmp); its config.yaml stays. A failure itself keeps them
+    (`removed_if_unstarted`: a diverged run's record is read by ``cliplab report``); only this
+    explicit restart clears them. Touches only a folder holding nothing but such a run's own
+    files (`is_own_config`); returns whether it cleared one."""
+    out = Path(out)
+    if not out.is_dir() or latest_checkpoint(out) is not None or not is_own_config(out):
+        return False
+    events = list(out.glob("events.out.tfevents.*"))
+    ours = {*STARTED_FILES, METRICS_FILE, CHECKPOINTS, *(p.name for p in events)}
+    checkpoints = out / CHECKPOINTS
+    unfinished = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
+    if any(p.name not in ours for p in out.iterdir()) or (checkpoints.exists() and (
+            not checkpoints.is_dir() or any(not (p.is_dir() and p.name.endswith(".tmp"))
+                                            for p in unfinished))):
+        return False  # anything else: check_new_run refuses it, untouched
+    if not (out / METRICS_FILE).exists() and not checkpoints.exists():
+        return False  # only its config: the run starts over it anyway
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{command}: {out} holds a run stopped before its first checkpoint (nothing to "
+              "resume from): starting it again (--resume auto)", file=sys.stderr)
+    # every rank clears (each checks the folder next); ranks may be removing it together
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    for item in [out / METRICS_FILE, *events]:
+        item.unlink(missing_ok=True)
+    return True
+
+
 def _wait_to_name_events_after(folder: Path) -> None:
     """Wait (under a second) until a new event file's name sorts after those in ``folder``.
 
@@ -359,12 +390,17 @@ class RunDir:
 
     def atomic_checkpoint(self, step: int, write) -> Path:
         """Call ``write(tmp_folder)`` then rename the folder to ``checkpoints/step-N``, so a run
-        killed mid-write never leaves a half checkpoint under the final name."""
+        killed mid-write never leaves a half checkpoint under the final name; one whose write
+        fails (a full disk) leaves no half of it behind either."""
         final = self.checkpoint_dir(step)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab pretrain`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.config import config_source, load_config
     from cliplab.errors import RunComplete
-    from cliplab.runs import RESULTS_FILE, latest_checkpoint
+    from cliplab.runs import RESULTS_FILE, latest_checkpoint, restart_unsaved_run
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
     cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume == "auto":  # a checkpoint to go on from, or a start
         resume = "latest" if cfg.out and latest_checkpoint(Path(cfg.out)) else None
+        if resume is None and cfg.out:  # an attempt that never saved one: started again
+            restart_unsaved_run(cfg.out, "pretrain")
     try:
         results = run_pretrain(cfg, resume=resume, progress=not args.no_progress,
                                where=config_source(_pretrain_recipe(args), bool(args.overrides)))
