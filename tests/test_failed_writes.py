@@ -122,14 +122,15 @@ def test_resume_auto_starts_again_a_run_whose_first_checkpoint_failed(tmp_path, 
 
     save = checkpoint.torch.save
 
-    def full(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(obj, file, *args, **kwargs):
+        file.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(checkpoint.torch, "save", full)
     assert main(_pretrain_line()) == 2
-    assert "No space left on device" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(
+        "trainer_state.pt: No space left on device; free space there or choose another --out\n")
     assert (tmp_path / "run" / "metrics.jsonl").is_file()  # what it logged stays for now
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
     monkeypatch.setattr(checkpoint.torch, "save", save)
@@ -144,3 +145,121 @@ def test_resume_auto_starts_again_a_run_whose_first_checkpoint_failed(tmp_path, 
     assert main(_pretrain_line("other")) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "other" / "metrics.jsonl").is_file()
+
+
+class _FullDisk(__import__("io").RawIOBase):
+    """A file whose disk fills after ``room`` bytes."""
+
+    def __init__(self, room: int, code: int = errno.ENOSPC):
+        self.room, self.code = room, code
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(self.code, __import__("os").strerror(self.code))
+        self.room -= len(data)
+        return len(data)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
+def test_a_checkpoints_state_that_cannot_be_written_is_an_oserror_naming_it(tmp_path,
+                                                                             monkeypatch, code):
+    """torch's writer said `RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos`, a traceback; the system's error is raised instead, naming the file. A RuntimeError
+    that is no refused write stays what it is."""
+    import torch
+
+    from cliplab.train import checkpoint
+
+    path = tmp_path / "trainer_state.pt"
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: _FullDisk(300, code), raising=False)
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_state({"w": torch.zeros(1000)}, path)
+    assert (raised.value.errno, raised.value.filename) == (code, str(path))
+    monkeypatch.undo()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a real bug")
+    monkeypatch.setattr(checkpoint.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        checkpoint.save_state({}, path)
+
+
+def test_a_tokenizer_save_on_a_full_disk_is_an_oserror_naming_the_folder(tiny_model_dir,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    """tokenizers' `Exception: No space left on device (os error 28)` was a traceback of every
+    model write (merge, export, convert, checkpoints); any other error stays as it is."""
+    from cliplab.models.resolve import load_model
+
+    model = load_model(str(tiny_model_dir), "cpu")
+
+    def full(*args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+    monkeypatch.setattr(model.tokenizer, "save_pretrained", full)
+    with pytest.raises(OSError) as raised:
+        model.save_tokenizer(tmp_path / "m")
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "m"))
+
+    def other(*args, **kwargs):
+        raise Exception("a tokenizer bug")
+    monkeypatch.setattr(model.tokenizer, "save_pretrained", other)
+    with pytest.raises(Exception, match="a tokenizer bug"):
+        model.save_tokenizer(tmp_path / "m")
+
+
+def test_a_file_too_large_is_a_refused_write_with_what_to_do():
+    """EFBIG (`ulimit -f`, FAT32's 4 GB) was a traceback, from Python's writers and from
+    safetensors'."""
+    import argparse
+
+    from safetensors import SafetensorError
+
+    from cliplab.cli import _refused_write_line, _write_refusal
+
+    err = _write_refusal(OSError(errno.EFBIG, "File too large", "out/00000.tar"))
+    assert err is not None and "4 GB" in _refused_write_line(err, argparse.Namespace(out="out"))
+    err = _write_refusal(SafetensorError("Error while serializing: I/O error: File too large "
+                                         "(os error 27)"))
+    assert err is not None and err.errno == errno.EFBIG
+
+
+def test_a_cache_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import cliplab.output_folder as output_folder
+    from cliplab.output_folder import check_cache_dir
+
+    ro = tmp_path / "rocache"
+    ro.mkdir()
+    real = __import__("os").access
+    monkeypatch.setattr(output_folder.os, "access",
+                        lambda path, mode: Path(path) != ro and real(path, mode))
+    with pytest.raises(CliplabError, match=rf"^--cache-dir {ro}: cannot write in {ro} .*"
+                                           "choose another folder$"):
+        check_cache_dir(str(ro), [])
+
+
+def test_a_full_cache_dir_is_named_not_the_out(tmp_path, monkeypatch):
+    """safetensors names no file: a full --cache-dir was reported as --out, another disk."""
+    import argparse
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from cliplab.cli import _refused_write_line
+    from cliplab.file_modes import save_tensors
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    cached = tmp_path / "cache" / "abc-x.safetensors.tmp"
+    with pytest.raises(OSError) as raised:
+        save_tensors({"x": torch.zeros(2)}, cached)
+    assert raised.value.filename == str(cached)
+    args = argparse.Namespace(out=str(tmp_path / "ev"), cache_dir=str(tmp_path / "cache"))
+    assert _refused_write_line(raised.value, args) == (
+        f"{cached}: No space left on device; free space there or choose another --cache-dir")
+

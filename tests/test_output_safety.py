@@ -699,14 +699,16 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
 
     monkeypatch.setattr(evaluate, "run", full)
     assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite)]) == 2
-    assert _one_line(capsys) == f"{tmp_path / 'e' / 'x.json'}: No space left on device"
+    assert _one_line(capsys) == (f"{tmp_path / 'e' / 'x.json'}: No space left on device; free "
+                                 "space there or choose another --out")
 
     # a writer that names no file (a tar's, SQLite's): the --out it wrote is named
     def unnamed(args):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(evaluate, "run", unnamed)
     assert main(["eval", "--model", "m", "--config", "s", "--out", str(tmp_path / "o")]) == 2
-    assert _one_line(capsys) == f"{tmp_path / 'o'}: No space left on device"
+    assert _one_line(capsys) == (f"{tmp_path / 'o'}: No space left on device; free space there "
+                                 "or choose another --out")
 
     # safetensors reports a full disk as its own error: it was a 20-line traceback
     from safetensors import SafetensorError
@@ -718,7 +720,8 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
     monkeypatch.setattr(openclip_export, "save_tensors", weights)
     assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out",
                  str(tmp_path / "soup")]) == 2
-    assert _one_line(capsys) == f"{tmp_path / 'soup'}: No space left on device"
+    assert _one_line(capsys) == (f"{tmp_path / 'soup'}: No space left on device; free space "
+                                 "there or choose another --out")
     assert not (tmp_path / "soup").exists()
     from cliplab.cli import _write_refusal  # a denied read of an input is no refused write
     assert _write_refusal(SafetensorError("Error while deserializing header: I/O error: "

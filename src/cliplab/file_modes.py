@@ -7,6 +7,7 @@ colleague could not open them, unlike every other file a run writes."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,7 +29,21 @@ def as_umask(path: str | Path) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file`, the file then given the umask's mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # a refused write as the OSError it is, naming the file
+        code = rust_os_error(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
     as_umask(path)
+
+
+def rust_os_error(err: BaseException) -> int | None:
+    """The errno a Rust library's error names in its text (safetensors' ``I/O error: No space
+    left on device (os error 28)``, tokenizers' likewise), else None."""
+    match = re.search(r"\(os error (\d+)\)\s*$", str(err))
+    return int(match.group(1)) if match else None

@@ -190,6 +190,17 @@ def check_cache_apart_from_inputs(cache_dir: str | os.PathLike | None,
         check_apart_from_inputs(cache_dir, inputs, error, flag="--cache-dir", holding=False)
 
 
+def check_cache_dir(cache_dir: str | os.PathLike | None,
+                    inputs: Iterable[str | os.PathLike | None],
+                    error: type[CliplabError] = ConfigError) -> None:
+    """Every check of a ``--cache-dir`` before any work: apart from the inputs
+    (`check_cache_apart_from_inputs`) and writable (`check_writable`), as ``--out`` is: a
+    read-only one failed only after the features were computed."""
+    if cache_dir:
+        check_cache_apart_from_inputs(cache_dir, inputs, error)
+        check_writable(cache_dir, error, flag="--cache-dir")
+
+
 def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
               overwrite: bool = False, previous: Callable[[Path], bool] | None = None,
               error: type[CliplabError] = ConfigError, may_exist: bool = False) -> Path:
@@ -224,15 +235,16 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     raise error(f"{flag} only a previous {kind} output; {out} {why}; choose a new folder")
 
 
-def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
-    """Refuse an ``--out`` that cannot be written (a read-only file system, no permission), by
-    the folder it is or the nearest existing one it would be made in, before any work (an eval
-    found it only after running every task)."""
+def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigError,
+                   flag: str = "--out") -> None:
+    """Refuse an ``--out`` (or the folder ``flag`` names) that cannot be written (a read-only
+    file system, no permission), by the folder it is or the nearest existing one it would be
+    made in, before any work (an eval found it only after running every task)."""
     place = Path(out).expanduser().absolute()
     while not place.exists() and place != place.parent:
         place = place.parent
     if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
-        raise error(f"--out {out}: cannot write in {place} (a read-only file system, or no "
+        raise error(f"{flag} {out}: cannot write in {place} (a read-only file system, or no "
                     "permission); choose another folder")
 
 

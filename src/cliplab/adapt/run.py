@@ -31,7 +31,7 @@ from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import load_model, model_record, resolve_model_path
 from cliplab.models.spec import ModelSpec
-from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths
+from cliplab.output_folder import check_cache_dir, spec_paths
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_unless_checkpointed
 
 
@@ -335,7 +335,7 @@ def check_before_work(cfg: AdaptConfig, method: Any, model: DualEncoder | None, 
               *spec_paths(data.train, data.test, data.shifted, data.val)]
     if write and cfg.out:
         check_run_out(cfg.out, inputs)
-    check_cache_apart_from_inputs(cfg.cache_dir, inputs)
+    check_cache_dir(cfg.cache_dir, inputs)
 
 
 def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,

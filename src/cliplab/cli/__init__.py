@@ -42,7 +42,8 @@ DISTRIBUTED_COMMANDS = ("pretrain",)
 QUIET_RANK_WAIT_S = 10.0  # how long a rank that leaves its error to local rank 0 waits
 LOG_BAR_INTERVAL_S = 30  # tqdm's TQDM_MININTERVAL where stderr is no terminal
 # the system refusing a write: one line naming the file, not a traceback
-WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                errno.EFBIG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or err is None:
             raise
         end_progress_bars()
-        # a writer that does not say which file (a tar or SQLite writer): the output it wrote
-        where = err.filename or getattr(args, "out", None)
-        print(f"cliplab: error: {f'{where}: ' if where else ''}{err.strerror or err}",
-              file=sys.stderr)
+        print(f"cliplab: error: {_refused_write_line(err, args)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -238,9 +236,32 @@ def _write_refusal(err: BaseException) -> OSError | None:
     if type(err).__module__.startswith("safetensors"):
         code = re.search(r"\(os error (\d+)\)", str(err))
         # a full or read-only disk only: a permission error may be a read of an input's weights
-        if code and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if code and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                           errno.EFBIG):
             err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     return err if isinstance(err, OSError) and err.errno in WRITE_ERRNOS else None
+
+
+def _refused_write_line(err: OSError, args: argparse.Namespace) -> str:
+    """What the user reads of a refused write: the file (a writer that does not say which, a
+    tar's or SQLite's: the --out it wrote), the system's words and what to do."""
+    where = err.filename or getattr(args, "out", None)
+    cache = getattr(args, "cache_dir", None)
+    flag = "--cache-dir" if cache and err.filename and _lies_in(err.filename, cache) \
+        else "--out"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = f"free space there or choose another {flag}"
+    elif err.errno == errno.EFBIG:
+        then = (f"the file system or `ulimit -f` takes no file that large (FAT32 and exFAT "
+                f"stop at 4 GB); choose another {flag}")
+    else:
+        then = f"choose another {flag}"
+    return f"{f'{where}: ' if where else ''}{err.strerror or err}; {then}"
+
+
+def _lies_in(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    here, there = Path(path).expanduser().absolute(), Path(folder).expanduser().absolute()
+    return here == there or there in here.parents
 
 
 class Terminated(KeyboardInterrupt):

@@ -50,13 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.evaluate.tasks import TaskContext
     from cliplab.models.fingerprints import embedding_identity
     from cliplab.models.resolve import load_model, model_record
-    from cliplab.output_folder import check_cache_apart_from_inputs, spec_paths, write_json
+    from cliplab.output_folder import check_cache_dir, spec_paths, write_json
 
     suite = load_config(SuiteSpec, args.config, args.overrides)
     inputs = [args.model, *spec_paths(*(spec for task in suite.tasks
                                          for spec in task.datasets()))]
     out = _results_folder(args.out, inputs, args.overwrite)
-    check_cache_apart_from_inputs(args.cache_dir, inputs, CliplabError)
+    check_cache_dir(args.cache_dir, inputs, CliplabError)
     _check_cache_apart_from_results(args.cache_dir, out)
     # one evaluation: a set is held from its first task to its last, not through the suite
     context = TaskContext(FeatureCache(args.cache_dir), progress=not args.no_progress,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from cliplab.errors import ModelError, checked_batch_size, warn
-from cliplab.file_modes import as_umask
+from cliplab.file_modes import as_umask, rust_os_error
 from cliplab.models.device import resolve_device
 from cliplab.models.finite import finite_embeddings
 from cliplab.models.folder import CLIPLAB_FILE, read_meta, write_meta
@@ -310,7 +311,15 @@ class DualEncoder(nn.Module):
     def save_tokenizer(self, path: str | Path) -> None:
         """The tokenizer in ``path`` as plain transformers should use it: truncating where
         cliplab does (``model_max_length``), and for SigLIP returning no attention mask."""
-        self.tokenizer.save_pretrained(path)
+        try:
+            self.tokenizer.save_pretrained(path)
+        except Exception as err:
+            # tokenizers (Rust) reports a failed write as a bare Exception naming the errno
+            # ("No space left on device (os error 28)"): raised as the OSError it is
+            code = rust_os_error(err) if type(err) is Exception else None
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from err
         settings: dict = {"model_max_length": self.context_length}
         if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
             settings["model_input_names"] = ["input_ids"]

@@ -83,7 +83,7 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
             state.model.save(folder / MODEL_DIR, state_dict=weights)
             # a model folder copied out of the run still names the run (config, data) and step
             write_trained_by(folder / MODEL_DIR, run_dir.path, step)
-        torch.save(saved, folder / STATE_FILE)
+        save_state(saved, folder / STATE_FILE)
 
     rank0 = distributed.rank() == 0
     path = run_dir.atomic_checkpoint(step, write) if run_dir and rank0 else None
@@ -91,6 +91,26 @@ def save_checkpoint(run_dir: RunDir | None, step: int, state: TrainingState, con
         run_dir.keep_newest_checkpoints(int(config["keep_checkpoints"]), step)
     distributed.barrier()
     return path if run_dir is None or rank0 else run_dir.checkpoint_dir(step)
+
+
+def save_state(state: dict, path: Path) -> None:
+    """``torch.save(state, path)``, a refused write (a full disk, a file-size limit) raised as
+    the `OSError` naming ``path``: torch's writer reports it as a RuntimeError (``[enforce
+    fail at inline_container.cc] unexpected pos``), which reached the user as a traceback. The
+    file is written through Python so that the system's error is known, not guessed from
+    torch's text; any other RuntimeError is a real one and raised as it is."""
+    try:
+        with open(path, "wb") as file:
+            torch.save(state, file)
+    except RuntimeError as err:
+        cause = err.__context__  # what Python's write raised inside torch's writer
+        if not isinstance(cause, OSError) or cause.errno is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
+    except OSError as err:  # the last buffer's write, at close
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def resume_folder(resume: str | Path, run_dir: RunDir | None) -> Path:
