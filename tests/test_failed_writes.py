@@ -263,3 +263,20 @@ def test_a_full_cache_dir_is_named_not_the_out(tmp_path, monkeypatch):
     assert _refused_write_line(raised.value, args) == (
         f"{cached}: No space left on device; free space there or choose another --cache-dir")
 
+
+def test_eval_prints_its_scores_though_results_json_cannot_be_written(tiny_model_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    """eval wrote results.json before printing: a full disk after the whole suite lost every
+    score."""
+    import cliplab.output_folder as output_folder
+    from cliplab.cli import main
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: digits, "
+                     "split: test}}\n", encoding="utf-8")
+    monkeypatch.setattr(output_folder, "write_json", _full_disk)
+    assert main(["eval", "--model", str(tiny_model_dir), "--config", str(suite), "--out",
+                 str(tmp_path / "ev"), "--no-progress"]) == 2
+    said = capsys.readouterr()
+    assert json.loads(said.out)["results"]["zs"]["n"] > 0
+    assert "No space left on device; free space there" in said.err

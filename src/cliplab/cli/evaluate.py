@@ -82,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
                "results": run_suite(model, suite, context)}
     if head is not None:
         _say_head_scored(head.label, results["results"])
+    # printed first: a results.json the disk refuses (full, read-only) loses no scores of a
+    # suite that ran for hours
+    print(json.dumps(results, indent=2), flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", results)  # atomic, as every stage writes its results
-    print(json.dumps(results, indent=2))
-    if out is not None:
         print(f"wrote {out / 'results.json'}", file=sys.stderr)
     return 0
 
