@@ -280,3 +280,31 @@ def test_eval_prints_its_scores_though_results_json_cannot_be_written(tiny_model
     said = capsys.readouterr()
     assert json.loads(said.out)["results"]["zs"]["n"] > 0
     assert "No space left on device; free space there" in said.err
+
+
+def test_a_runs_config_and_an_adapters_json_are_written_whole_or_not_at_all(tmp_path,
+                                                                           monkeypatch):
+    """adapt on a full disk left a 0-byte config.yaml, which the re-run refused as "no cliplab
+    run in this folder wrote", and a 0-byte adapter.json beside complete weights."""
+    import torch
+
+    from cliplab.adapt.base import Adapter
+    from cliplab.runs import RunDir, check_no_foreign_files
+    from tests.tiny_models import small_model
+
+    class Tiny(Adapter):
+        method = "tiny"
+
+        def state(self):
+            return {"w": torch.zeros(2)}
+
+    run = RunDir(tmp_path / "ad")
+    adapter = Tiny(small_model(), ["a", "b"], {})
+    monkeypatch.setattr(Path, "write_text", _half_then_full)
+    with pytest.raises(OSError):
+        run.write_config({"out": str(run.path)})
+    with pytest.raises(OSError):
+        adapter.save(tmp_path / "saved")
+    assert list(run.path.iterdir()) == []
+    check_no_foreign_files(run.path)  # the same command takes the folder again
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["adapter.safetensors"]

@@ -294,7 +294,9 @@ class RunDir:
         self._replay: list[dict] = []  # records to write again to TensorBoard after the purge
 
     def write_config(self, config: dict) -> None:
-        (self.path / CONFIG_FILE).write_text(_dump(config), encoding="utf-8")
+        """config.yaml, written atomically: a full disk left a 0-byte one, which the re-run
+        then refused as not written by cliplab."""
+        write_utf8(self.path / CONFIG_FILE, _dump(config))
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl and its numbers to the TensorBoard events."""

@@ -26,7 +26,7 @@ from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder, kept_modes
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import to_uint8_batch
-from cliplab.output_folder import lies_inside
+from cliplab.output_folder import lies_inside, write_utf8
 from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
@@ -150,7 +150,8 @@ class Adapter:
         meta = {"format": FORMAT_VERSION, "method": self.method, "options": self.options,
                 "classnames": self.classnames, "fingerprint": model_fingerprint(self.model),
                 **(extra or {})}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        # atomic: a full disk left a 0-byte adapter.json beside complete weights
+        write_utf8(folder / META_FILE, json.dumps(meta, indent=2))
         return folder
 
 
