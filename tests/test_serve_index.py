@@ -1239,3 +1239,36 @@ def test_serving_a_folder_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(DataError, match=rf"^{tmp_path / 'nope'} does not exist; give the folder "
                                         r"`cliplab index --out` wrote$"):
         SearchIndex(tmp_path / "nope")
+
+
+def test_an_add_that_indexes_what_was_skipped_takes_it_off_the_skipped_table(tmp_path):
+    """After `index --add` read an image that was unreadable before, the index still counted
+    and listed it as skipped."""
+    from tests.image_folders import pets_folder
+
+    model = save_tiny_model(tmp_path / "model")
+    photos = pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")
+    first = build(model, str(photos), tmp_path / "idx")
+    assert (first["count"], first["skipped"]) == (4, 1)
+    Image.new("RGB", (16, 16), "green").save(photos / "cat" / "bad.png", format="PNG")
+    record = build(model, str(photos), tmp_path / "idx", add=True)
+    assert (record["count"], record["skipped"]) == (5, 0)
+    assert record["recovered"] == 1
+    assert record["skipped_reasons"] == {} and record["skipped_now"] == {}
+    store = MetadataStore(tmp_path / "idx" / "meta.sqlite", readonly=True)
+    assert store.skipped() == []
+    store.close()
+
+
+def test_a_damaged_shards_entries_go_once_all_its_items_are_indexed(tmp_path):
+    store = MetadataStore(tmp_path / "meta.sqlite")
+    rows = [{"id": i, "key": key, "caption": "", "location": {}, "meta": {}}
+            for i, key in enumerate(["a.tar:0", "a.tar:1", "b.tar:0", "x"])]
+    store.add(rows, [("a.tar", "truncated_shard: a.tar: read 0 of 2 samples, then: error"),
+                     ("a.tar:sample 1 of 2", "cut_off: a.tar:sample 1 of 2: lost"),
+                     ("b.tar:sample 2 of 3", "cut_off: b.tar:sample 2 of 3: lost"),
+                     ("x", "duplicate_key: x is also an earlier item's key"),
+                     ("y", "unreadable_image: y")])
+    assert store.drop_recovered_skips() == 2
+    assert [key for key, _ in store.skipped()] == ["b.tar:sample 2 of 3", "x", "y"]
+    store.close()

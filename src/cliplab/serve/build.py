@@ -176,12 +176,13 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
                               "that command to put it in place, or delete the folder")
         done = MetadataStore(work / META_FILE, readonly=True)
         try:
-            skipped_now = done.skipped()[existing["skipped"] if existing else 0:]
+            skipped_now, recovered = _skips_since(done, _earlier_skips(out, existing))
         finally:
             done.close()
         swap_in(work, out)
         _drop_replaced_collection(existing, finished)
-        return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now)}
+        return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now),
+                "recovered": recovered}
     named = cfg.backend == "milvus" and request["collection"] is not None
     resumable = (work / PROGRESS_FILE).is_file()
     if named and not resumable:  # a named collection: refused before the work folder is made
@@ -203,8 +204,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         unchanged = _adds_nothing(state, existing) and not _asks_other_settings(cfg, existing)
         if not unchanged:
             record = _finish(cfg, work, store, state, request, existing, model, progress)
-            # an --add's skipped table starts with the index's earlier ones
-            skipped_now = store.skipped()[existing["skipped"] if existing else 0:]
+            # an --add's skipped table holds the index's earlier ones (less those it indexed)
+            skipped_now, recovered = _skips_since(store, before.skipped() if before else [])
     finally:
         store.close()
         if before is not None:
@@ -219,7 +220,27 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     swap_in(work, out)
     _drop_replaced_collection(existing, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
-            "skipped_now": skip_counts(skipped_now)}
+            "skipped_now": skip_counts(skipped_now), "recovered": recovered}
+
+
+def _earlier_skips(out: Path, existing: dict | None) -> list[tuple[str, str]]:
+    """The skipped entries of the index ``out`` an ``--add`` adds to (none for a new one)."""
+    if existing is None:
+        return []
+    before = MetadataStore(out / META_FILE, readonly=True)
+    try:
+        return before.skipped()
+    finally:
+        before.close()
+
+
+def _skips_since(store: MetadataStore, earlier: list[tuple[str, str]]
+                 ) -> tuple[list[tuple[str, str]], int]:
+    """This run's skipped entries (those not among ``earlier``, the index's before an
+    ``--add``) and how many of ``earlier`` it has indexed since (gone from the table)."""
+    now = store.skipped()
+    old, held = {key for key, _ in earlier}, {key for key, _ in now}
+    return [row for row in now if row[0] not in old], sum(key not in held for key in old)
 
 
 def _adds_nothing(state: dict, existing: dict | None) -> bool:
@@ -599,6 +620,9 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         if progress:
             print(f"index: {text}", file=sys.stderr, flush=True)
 
+    if existing is not None:  # an --add may have indexed what the index skipped before
+        store.drop_recovered_skips()
+        state["skipped"] = store.skipped_count()
     if state["count"] == 0:
         raise DataError(f"nothing to index: every item of {data_origin(request['data'], None)}"
                         f" was skipped ({_skip_summary(store)}); delete {work} after fixing the "

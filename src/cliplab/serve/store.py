@@ -4,6 +4,7 @@ plus the skipped entries with their reasons. Look-ups by id are one indexed quer
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,12 @@ CREATE TABLE IF NOT EXISTS items (
     location TEXT NOT NULL, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS skipped (key TEXT NOT NULL, reason TEXT NOT NULL);
 """
+
+
+# the skipped entries of a damaged shard (collection.py): each sample lost past the damage,
+# ``TAR:sample N of M``, and the shard itself when its count is known (``read K of M samples``)
+_CUT_OFF_KEY = re.compile(r"(?P<shard>.+):sample \d+ of (?P<total>\d+)")
+_TRUNCATED_REASON = re.compile(r"truncated_shard: .*\bread \d+ of (?P<total>\d+) samples")
 
 
 class MetadataStore:
@@ -60,6 +67,30 @@ class MetadataStore:
             self._db.execute("DELETE FROM items WHERE id >= ?", (count,))
             self._db.execute("DELETE FROM skipped WHERE rowid NOT IN "
                              "(SELECT rowid FROM skipped ORDER BY rowid LIMIT ?)", (skipped_count,))
+
+    def drop_recovered_skips(self) -> int:
+        """Remove the skipped entries an ``--add`` has since indexed: an item whose key is
+        indexed now, and a damaged shard's entries once as many of its items are indexed as
+        it holds (a duplicate key's entry stays: its key is the earlier item's). Returns how
+        many went."""
+        with self._lock, self._db:
+            rows = list(self._db.execute("SELECT rowid, key, reason FROM skipped"))
+            gone = [(rowid,) for rowid, key, reason in rows
+                    if not reason.startswith("duplicate_key") and self._recovered(key, reason)]
+            self._db.executemany("DELETE FROM skipped WHERE rowid = ?", gone)
+        return len(gone)
+
+    def _recovered(self, key: str, reason: str) -> bool:
+        cut_off, truncated = _CUT_OFF_KEY.fullmatch(key), _TRUNCATED_REASON.match(reason)
+        if cut_off is None and truncated is None:
+            return self._db.execute("SELECT 1 FROM items WHERE key = ?", (key,)).fetchone() \
+                is not None
+        shard, total = (cut_off["shard"], cut_off["total"]) if cut_off else \
+            (key, truncated["total"])
+        # the shard's items: keys from "SHARD:" up to (not including) "SHARD;"
+        held = self._db.execute("SELECT COUNT(*) FROM items WHERE key >= ? AND key < ?",
+                                (shard + ":", shard + ";")).fetchone()[0]
+        return held >= int(total)
 
     def has_keys(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are already indexed."""
