@@ -268,3 +268,30 @@ def test_a_metadata_file_that_is_no_json_object_skips_its_image_as_bad_metadata(
     assert skip_reason(err.value) == "bad_metadata"
     assert str(err.value).startswith(f"{folder / 'a.json'}: {said}")
     assert items[1].meta == {"photographer": "Bo"}
+
+
+def test_a_sidecar_that_cannot_be_read_skips_its_image_saying_what_to_do(photos, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A caption file with no read permission stopped data shard, curate and index (`error:
+    ...: Permission denied`), where an unreadable image is skipped and counted."""
+    from pathlib import Path
+
+    locked = photos / "batch 1" / "b.txt"
+    read_bytes = Path.read_bytes
+
+    def denied(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    failed = {}
+    for item in iter_items({"source": "image-folder", "path": str(photos)}):
+        try:
+            item.read()
+        except PIL_ERRORS as err:
+            failed[item.key] = (skip_reason(err), str(err))
+    assert failed["batch 1/b.jpg"] == ("bad_caption", f"{locked}: caption file cannot be read "
+                                       "(Permission denied); fix its permissions or remove it")
+    assert main(["data", "shard", "--data", str(photos), "--out", str(tmp_path / "sh")]) == 0
+    assert "batch 1/b.jpg" not in _shard_captions(tmp_path / "sh")
+    assert "bad_caption=2" in capsys.readouterr().out

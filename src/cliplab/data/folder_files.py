@@ -13,8 +13,9 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
   images has one is a class folder: its images' caption is its name (the file name at the
   root). In a directory where some image has a ``NAME.txt`` (a caption folder) an image without
   one is skipped as ``missing_caption``, never captioned with the folder's name. A
-  ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text, or a ``NAME.json`` that is no JSON
-  object, skips its image (``bad_caption`` / ``bad_metadata``), naming the file.
+  ``NAME.txt`` / ``NAME.json`` that is not UTF-8 text or cannot be read (no permission), or a
+  ``NAME.json`` that is no JSON object, skips its image (``bad_caption`` / ``bad_metadata``),
+  naming the file.
 - Any other file is skipped and counted as ``not_an_image``; a link to nothing as
   ``missing_file``; a file whose name (or folder's) is not UTF-8 text as ``bad_name``.
   Nothing is dropped without a count.
@@ -211,11 +212,16 @@ def is_caption_folder(root: Path) -> bool:
 
 
 def sidecar_text(path: Path, what: str, reason: str) -> str:
-    """The text of sidecar ``path``; `SkippedFile` (``reason``) if it is not UTF-8 text."""
+    """The text of sidecar ``path``; `SkippedFile` (``reason``) if it is not UTF-8 text or
+    cannot be read (no permission: skipped and counted, as an unreadable image is)."""
     try:
         return path.read_bytes().decode("utf-8-sig")  # a BOM (Windows Notepad) is no text
     except UnicodeDecodeError:
         raise SkippedFile(reason, f"{path}: {what} file not UTF-8 text", path) from None
+    except OSError as err:
+        raise SkippedFile(reason, f"{path}: {what} file cannot be read "
+                          f"({err.strerror or err}); fix its permissions or remove it",
+                          path) from None
 
 
 def image_caption(image: Path, root: Path, captioned: set[Path]) -> str:
