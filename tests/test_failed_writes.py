@@ -308,3 +308,13 @@ def test_a_runs_config_and_an_adapters_json_are_written_whole_or_not_at_all(tmp_
     assert list(run.path.iterdir()) == []
     check_no_foreign_files(run.path)  # the same command takes the folder again
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["adapter.safetensors"]
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
+    """Python's write names no file: the refusal named --out, not results.json."""
+    from cliplab.output_folder import write_json
+
+    monkeypatch.setattr(Path, "write_text", _full_disk)
+    with pytest.raises(OSError) as raised:
+        write_json(tmp_path / "results.json", {})
+    assert raised.value.filename == str(tmp_path / "results.json")

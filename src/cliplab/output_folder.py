@@ -513,9 +513,11 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.errno and err.filename is None:  # a write's
+            raise OSError(err.errno, err.strerror, str(path)) from err  # error names no file
         raise
 
 
