@@ -48,7 +48,8 @@ def test_two_ranks_take_the_one_process_step(two_rank_steps, scenario):
     reference = one_step(*SCENARIOS[scenario])
     for rank in two_rank_steps:
         got = rank[scenario]
-        # FSDP really sharded the blocks of both towers, and gathers full weights on rank 0 only
+        # FSDP really sharded the blocks of both towers (a locked tower's stay sharded after
+        # the forward that cached its features), and gathers full weights on rank 0 only
         assert got["sharded"] == ({"image", "text"} if "fsdp" in scenario else set())
         if "fsdp" in scenario:
             assert (got["gathered"] > 0) == (rank is two_rank_steps[0])
@@ -132,6 +133,31 @@ def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
     # steps 3 and 4 on two ranks log the losses of the uninterrupted single process
     assert _losses(tmp_path / "from-single") == pytest.approx(
         _losses(tmp_path / "single")[2:], abs=1e-4)
+
+
+def test_fsdp_run_with_a_locked_tower_resumes_as_it_ran_on(tmp_path):
+    """A fully locked tower's features (LiT's text tower) are cached by a forward through its
+    sharded blocks before the checkpoint is loaded; those blocks stayed gathered (plain tensors,
+    not shards), and loading the checkpoint onto them was refused as "do not fit this run's
+    model". The resumed run now ends where the uninterrupted run ends, bit for bit."""
+    locked = {"lock_text": True, "fsdp": True}
+    full = tmp_path / "full.yaml"
+    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2,
+                                           **locked)))
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress",
+                    log_dir=tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, **locked)))
+    done = torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
+                    "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"),
+                    log_dir=tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 EVAL = {"tasks": [{"name": "colour", "task": "zeroshot",

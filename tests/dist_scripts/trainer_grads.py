@@ -28,6 +28,8 @@ SCENARIOS = {
     "clip-fsdp": ("tiny-clip", {"fsdp": True, "grad_clip": 0.5}),
     "siglip-fsdp-gradcache": ("tiny-siglip", {"loss": "siglip", "fsdp": True,
                                               "micro_batch_size": 5}),
+    # the locked tower's features are cached by a forward through its sharded blocks
+    "clip-fsdp-locked-image": ("tiny-clip", {"fsdp": True, "lock_image": True}),
     # each rank builds its model with its own seed: rank 0's weights are the ones trained
     "clip-fsdp-seeded-by-rank": ("tiny-clip", {"fsdp": True, "seed_by_rank": True}),
 }
@@ -50,11 +52,15 @@ def one_step(preset: str, options: dict) -> dict:
                                         log_every=1, progress=False, augment=False), **options})
     trainer = Trainer(model, cfg)
     grads: dict = {}
+    sharded: set = set()
     step = torch.optim.AdamW.step
 
     def capture(opt, *a, **kw):  # the gradients the optimizer is about to apply (after clipping)
         grads.update({k: full(p.grad) for k, p in model.model.named_parameters()
                       if p.grad is not None})
+        # which towers' blocks FSDP holds sharded while training (a gathered block is plain)
+        sharded.update(tower for tower in ("image", "text") for block in model.tower_layers(tower)
+                       for p in block.parameters() if isinstance(p, DTensor))
         return step(opt, *a, **kw)
 
     torch.optim.AdamW.step = capture
@@ -62,10 +68,8 @@ def one_step(preset: str, options: dict) -> dict:
         last = trainer.fit(pairs)
     finally:
         torch.optim.AdamW.step = step
-    # which towers' blocks FSDP sharded, and how many weights a full-state gather gives this
-    # rank (only rank 0 receives them: the others would hold a whole model for nothing)
-    sharded = {tower for tower in ("image", "text") for block in model.tower_layers(tower)
-               for p in block.parameters() if isinstance(p, DTensor)}
+    # how many weights a full-state gather gives this rank (only rank 0 receives them: the
+    # others would hold a whole model for nothing)
     gathered = len(fsdp.full_model_state(model)) if options.get("fsdp") else None
     # the eval caches key features on the towers' weights: sharded, each rank must read them
     # whole (as one process does), or ranks would key their caches on their own shards

@@ -31,7 +31,11 @@ def shard_blocks(model: DualEncoder) -> int:
     blocks = model.tower_layers("image") + model.tower_layers("text")
     mesh = distributed.sharding_mesh(model.device)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
+        # Each block is its own FSDP root, and a root left to itself keeps its weights
+        # gathered after its forward until its backward, which a frozen block never gets: a
+        # locked tower's blocks stayed whole (its cached features' forward, evaluations), and
+        # plain tensors where a resume loads shards. Said explicitly, every block reshards.
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
     return len(blocks)
 
 
