@@ -235,3 +235,43 @@ def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file; give a folder"):
         run_pretrain(recipe(tmp_path / "file"), progress=False)
+
+
+# another cliplab process holding --out as a running command does (`output_folder.hold`)
+_HOLDER = """
+import sys
+from cliplab.output_folder import hold, holding_outputs
+with holding_outputs():
+    hold(sys.argv[1])
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_live_runs_folder_is_refused_as_being_written_not_as_stopped(tmp_path):
+    """A run that had logged but not yet saved a checkpoint got "its run stopped before its
+    first checkpoint: remove it" for its folder, and a new run aimed at a live run's folder with
+    checkpoints "continue it with --resume latest": the lock that tells a live run was checked
+    after the wording was chosen. A live run's folder is now said to be one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        live = (f"--out {out} is being written by another cliplab run (pid {holder.pid}); "
+                "wait for it to end, or choose another --out")
+        for resume in ("latest", None):
+            with pytest.raises(ConfigError) as refused:
+                run_pretrain(recipe(out), resume=resume, progress=False)
+            assert str(refused.value) == live
+        (out / "checkpoints" / "step-2").mkdir(parents=True)
+        with pytest.raises(ConfigError) as refused:
+            run_pretrain(recipe(out), progress=False)
+        assert str(refused.value) == live
+    finally:
+        holder.communicate("")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    with pytest.raises(ConfigError, match="continue it with --resume latest"):  # it ended
+        run_pretrain(recipe(out), progress=False)

@@ -360,7 +360,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     path = Path(out).expanduser().resolve()
     if path in held:
         return
-    name = hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"
+    name = _lock_name(path)
     for _ in range(LOCK_ATTEMPTS):
         opened = _lock_file(name)
         if opened is None:  # no private temporary folder: the checks stand without the hold
@@ -372,8 +372,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise error(f"--out {out} is being written by another cliplab run ({holder}); "
-                        "wait for it to end, or choose another --out") from None
+            raise _being_written(out, holder, error) from None
         if _still_named(handle, lock_path):
             break
         handle.close()  # released and removed as this run opened it: open the new one
@@ -420,6 +419,39 @@ def built_beside(out: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
         raise
     swap_in(work, out)
+
+
+def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
+    """Refuse ``out`` with `hold`'s error if another process holds it now, without holding it:
+    a check that is about to refuse a run folder says a live run writes it, not how its run
+    ended."""
+    held = _HELD.get()
+    path = Path(out).expanduser().resolve()
+    if fcntl is None or (held is not None and path in held):
+        return
+    try:  # no lock file: no run holds it (nothing is made to find that out)
+        fd = os.open(Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
+                     / _lock_name(path), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    with os.fdopen(fd, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _being_written(out, handle.read().strip() or "another process",
+                                 error) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock_name(path: Path) -> str:
+    """The name of the lock file of resolved output ``path``."""
+    return hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"
+
+
+def _being_written(out: str | os.PathLike, holder: str,
+                   error: type[CliplabError]) -> CliplabError:
+    return error(f"--out {out} is being written by another cliplab run ({holder}); "
+                 "wait for it to end, or choose another --out")
 
 
 def remove_killed_builds(out: Path) -> None:

@@ -25,8 +25,8 @@ import yaml
 
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, json_text,
-                                   same_folder, write_json, write_utf8)
+from cliplab.output_folder import (check_apart_from_inputs, check_not_held, check_writable, hold,
+                                   json_text, same_folder, write_json, write_utf8)
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -93,6 +93,8 @@ def check_new_run(out: str | Path, resume: str | None = None, resumable: bool = 
         raise ConfigError(f"--out {out} is a file; give a folder for the run")
     newest = latest_checkpoint(out)
     held = [name for name in RUN_RECORDS if (out / name).exists()]
+    if held and (resume is None or resume == "latest" and newest is None):
+        check_not_held(out)  # refused below, unless a live run writes it: that is said then
     if resume == "latest" and newest is None:
         stopped = " (its run stopped before its first checkpoint: remove it or choose a new " \
                   "--out)" if held else "; start without --resume"
