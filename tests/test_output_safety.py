@@ -452,6 +452,51 @@ def test_an_interrupted_torchrun_run_is_said_once_with_a_torchrun_hint(interrupt
             assert err == ""
 
 
+def test_a_torchrun_run_stopped_by_sigterm_is_said_once_with_a_torchrun_hint(
+        interrupted_run, monkeypatch, capsys):
+    """A scheduler's stop reaches torchrun, whose agent passes SIGTERM on to every rank: the
+    ranks died of it without a word (no resume hint, a half-written step-N.tmp left), as
+    cliplab left SIGTERM alone under torchrun. Each rank now unwinds as from Ctrl-C: local
+    rank 0 says it once, with the hint, and every rank exits 143."""
+    import os
+    import signal
+    import time
+
+    import cliplab.train.pretrain as pretrain
+
+    recipe, out = interrupted_run
+
+    def stopped(cfg, resume=None, progress=True, where=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM went unhandled")
+
+    def unhandled(signum, frame):  # SIGTERM's default action would end pytest itself
+        raise AssertionError("cliplab left SIGTERM to its default action under torchrun")
+
+    monkeypatch.setattr(pretrain, "run_pretrain", stopped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("LOCAL_RANK", rank)
+            assert main(["pretrain", "--config", str(recipe), "--out", str(out),
+                         "--no-progress"]) == 143
+            err = capsys.readouterr().err
+            if rank == "0":
+                assert err.strip().splitlines() == [
+                    f"cliplab: {out} holds checkpoints up to step-4; resume with: torchrun "
+                    f"--nproc-per-node 2 -m cliplab pretrain --out {out} --resume latest",
+                    "cliplab: terminated"]
+            else:
+                assert err == ""
+            assert signal.getsignal(signal.SIGTERM) is unhandled  # put back after the command
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_interrupted_default_run_hint_names_only_the_run_it_made(tiny_model_dir, tmp_path,
                                                                  monkeypatch, capsys):
     """Without --out the run folder is a new runs/pretrain-<time>: the hint names that one,

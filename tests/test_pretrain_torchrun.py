@@ -6,9 +6,11 @@ checkpoint, and a rank that dies ends the other with one clear error line."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,6 +252,30 @@ def test_a_rank_that_dies_ends_the_run_with_one_error_line(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("cliplab: error: rank 0 of 2: ") and "another rank stopped" in last
     assert "Traceback" not in err
+
+
+def test_a_scheduler_stop_of_torchrun_is_said_once_with_the_resume_hint(tmp_path):
+    """SIGTERM to torchrun (a job scheduler's stop), which its agent passes on to the ranks:
+    they died of it without a word. Local rank 0 now says how to resume, once."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(tmp_path / "run", steps=500, save_every=2)))
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--log-dir", str(tmp_path / "logs"), "-m", "cliplab", "pretrain", "--config", str(cfg),
+         "--no-progress"], env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    first = tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.pt"
+    deadline = time.monotonic() + 120
+    while not first.is_file() and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launch.send_signal(signal.SIGTERM)
+    _, err = launch.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.startswith("cliplab:")]
+    assert len(lines) == 2, err[-3000:]
+    assert lines[0].startswith(f"cliplab: {tmp_path / 'run'} holds checkpoints up to step-")
+    assert lines[0].endswith("; resume with: torchrun --nproc-per-node 2 -m cliplab pretrain "
+                             f"--out {tmp_path / 'run'} --resume latest")
+    assert lines[1] == "cliplab: terminated"
 
 
 def _group_ends(out: Path, mode: str, *runs: tuple[str, bool]) -> list:

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command].run(args)
     except Terminated:
         end_progress_bars()
-        print("cliplab: terminated", file=sys.stderr)
+        if not _local_rank0_says_it(args):  # torchrun stops every rank: said once a machine
+            print("cliplab: terminated", file=sys.stderr)
         return 143
     except CliplabError as err:
         end_progress_bars()
@@ -271,9 +272,11 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _sigterm_as_interruption() -> Iterator[None]:
-    """Within it, SIGTERM raises `Terminated` (in the main thread of a process torchrun did
-    not launch: its agent stops ranks with SIGTERM and says why itself)."""
-    if under_torchrun() or threading.current_thread() is not threading.main_thread():
+    """Within it, SIGTERM raises `Terminated` (in the main thread). Under torchrun too: its
+    agent passes a scheduler's stop on to every rank as SIGTERM, and each unwinds as from
+    Ctrl-C, so rank 0 says how to resume; a rank still running after the agent's grace
+    period is killed."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
