@@ -147,6 +147,34 @@ def test_resume_auto_starts_again_a_run_whose_first_checkpoint_failed(tmp_path, 
     assert (tmp_path / "other" / "metrics.jsonl").is_file()
 
 
+def test_resume_auto_never_clears_a_live_run_that_has_not_saved_yet(tmp_path, monkeypatch,
+                                                                   capsys):
+    """`--resume auto` clears a run stopped before its first checkpoint; a run still going
+    before its first save looks the same on disk, and its log was deleted under it."""
+    import subprocess
+    import sys
+
+    from cliplab.cli import main
+    from cliplab.runs import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    RunDir(tmp_path / "run").write_config({"model": {"name": "tiny-clip"}, "out": "run"})
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom cliplab.output_folder import hold, "
+         "holding_outputs\nwith holding_outputs():\n    hold(sys.argv[1])\n"
+         "    print('held', flush=True)\n    sys.stdin.read()\n", str(tmp_path / "run")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(_pretrain_line()) == 2
+        assert f"is being written by another cliplab run (pid {holder.pid})" in \
+            capsys.readouterr().err
+    finally:
+        holder.communicate("")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8") == '{"step": 1}\n'
+
+
 class _FullDisk(__import__("io").RawIOBase):
     """A file whose disk fills after ``room`` bytes."""
 

@@ -254,7 +254,13 @@ def restart_unsaved_run(out: str | Path, command: str) -> bool:
         return False  # anything else: check_new_run refuses it, untouched
     if not (out / METRICS_FILE).exists() and not checkpoints.exists():
         return False  # only its config: the run starts over it anyway
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        try:  # held: by this job's rank 0, which cleared it, or a live run rank 0 refuses
+            check_not_held(out)
+        except ConfigError:
+            return False
+    else:  # a live run that has not saved yet is no stopped one: never cleared under it
+        check_not_held(out)
         print(f"{command}: {out} holds a run stopped before its first checkpoint (nothing to "
               "resume from): starting it again (--resume auto)", file=sys.stderr)
     # every rank clears (each checks the folder next); ranks may be removing it together
