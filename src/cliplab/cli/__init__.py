@@ -253,8 +253,8 @@ def _refused_write_line(err: OSError, args: argparse.Namespace) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         then = f"free space there or choose another {flag}"
     elif err.errno == errno.EFBIG:
-        then = (f"the file system or `ulimit -f` takes no file that large (FAT32 and exFAT "
-                f"stop at 4 GB); choose another {flag}")
+        then = (f"the file system or `ulimit -f` takes no file that large (FAT32 stops at "
+                f"4 GB); choose another {flag}")
     else:
         then = f"choose another {flag}"
     return f"{f'{where}: ' if where else ''}{err.strerror or err}; {then}"
