@@ -10,6 +10,7 @@ holds the pool's pixels in memory, and the kept pool is written from the origina
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
