@@ -23,6 +23,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
@@ -366,9 +367,7 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
         if opened is None:  # no private temporary folder: the checks stand without the hold
             return
         handle, lock_path = opened
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _locked(handle):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -384,6 +383,19 @@ def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> Non
     handle.flush()
     held[path] = (handle, lock_path)
     remove_killed_builds(Path(out).expanduser())  # held: no other run builds beside it now
+
+
+def _locked(handle, tries: int = 20, wait_s: float = 0.01) -> bool:
+    """Whether this process got the exclusive lock on ``handle``; a few tries, since
+    `check_not_held` takes a shared lock for an instant to look (a holder holds for a run)."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(wait_s)
+    return False
 
 
 def partial_path(out: Path) -> Path:
