@@ -1,9 +1,10 @@
 """Batches from a ``ShardStream`` through DataLoader workers, with a resumable position.
 
 Each worker reads its own stream and builds whole batches (``collate_samples``; with
-``drop_last`` each worker drops its own remainder), tagged with the stream and its position; the ``ShardLoader`` in the main process records those tags as it hands
-batches out, so ``state_dict()`` is the position of what the caller has actually received
-(prefetched batches do not count).
+``drop_last`` each worker drops its own remainder), tagged with the stream and its position;
+the ``ShardLoader`` in the main process records those tags as it hands batches out, so
+``state_dict()`` is the position of what the caller has actually received (prefetched batches
+do not count).
 
 Trainer use::
 
