@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -1183,6 +1184,22 @@ def test_report_html_tables_scroll_in_their_own_box_and_fit_a_phone(tmp_path):
     tables = page.count("<table>")
     assert tables >= 2 and page.count('<div class="scroll"><table>') == tables
     assert page.count("</table></div>") == tables
+
+
+def test_a_source_file_restored_with_its_bytes_and_time_is_unchanged(tmp_path):
+    """The stamp held the inode: a `cp -p` / rsync restore of the very same file (or a network
+    file system remounted elsewhere) was refused as "rewritten or replaced", and only deleting
+    the work went on."""
+    from cliplab.curate.pool import changed_source, file_stamp
+
+    folder = make_folder(tmp_path / "pool", VALUES)
+    image = folder / "img_03.png"
+    stamps = {str(image): file_stamp(str(image))}
+    shutil.copy2(image, tmp_path / "copy.png")
+    os.replace(tmp_path / "copy.png", image)
+    assert changed_source(stamps) is None
+    image.write_bytes(image.read_bytes() + b"x")
+    assert changed_source(stamps) == f"{image} was rewritten or replaced"
 
 
 @pytest.mark.parametrize("stopped", ["while reading", "after reading"])

@@ -97,11 +97,12 @@ def stamp_sources(records: list[Record]) -> dict[str, list[int]]:
 
 
 def file_stamp(file: str) -> list[int]:
-    """Size, modification time and inode of ``file``: `cliplab.models.folder.files_stamp`'s
-    idea without the change time, which a rename (moved away and back) or ``chmod`` alters
-    with nothing read changed; the inode tells a copy that kept size and time."""
+    """Size and modification time of ``file`` (what make and rsync tell a change by):
+    `cliplab.models.folder.files_stamp`'s idea without the change time or inode, which a
+    rename, a ``chmod``, a ``cp -p`` restore of the same bytes or a network file system's
+    remount alter with nothing read changed."""
     stat = os.stat(file)
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def changed_source(stamps: dict[str, list[int]]) -> str | None:
