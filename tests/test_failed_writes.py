@@ -346,3 +346,14 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     with pytest.raises(OSError) as raised:
         write_json(tmp_path / "results.json", {})
     assert raised.value.filename == str(tmp_path / "results.json")
+
+
+def test_a_refused_open_of_the_temporary_file_names_the_users_file(tmp_path):
+    """Out of inodes at the temporary file's creation (or its rename refused), the error named
+    results.json.tmp, a file the user never asked for."""
+    from cliplab.output_folder import atomic_path
+
+    with pytest.raises(OSError) as raised:
+        with atomic_path(tmp_path / "results.json") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert raised.value.filename == str(tmp_path / "results.json")

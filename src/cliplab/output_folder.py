@@ -560,8 +560,10 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError) and err.errno and err.filename is None:  # a write's
-            raise OSError(err.errno, err.strerror, str(path)) from err  # error names no file
+        # a write's error names no file, an open's or the rename's the temporary one: the
+        # user's is ``path``
+        if isinstance(err, OSError) and err.errno and err.filename in (None, str(tmp), tmp):
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
