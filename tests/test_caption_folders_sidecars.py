@@ -295,3 +295,11 @@ def test_a_sidecar_that_cannot_be_read_skips_its_image_saying_what_to_do(photos,
     assert main(["data", "shard", "--data", str(photos), "--out", str(tmp_path / "sh")]) == 0
     assert "batch 1/b.jpg" not in _shard_captions(tmp_path / "sh")
     assert "bad_caption=2" in capsys.readouterr().out
+    failing = OSError(5, "Input/output error", str(locked))  # no permission to fix: the disk
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: (_ for _ in ()).throw(failing) if self == locked
+                        else read_bytes(self))
+    with pytest.raises(PIL_ERRORS, match=r"caption file cannot be read \(Input/output error\); "
+                                         "check the disk it is on, or remove it$"):
+        next(i for i in iter_items({"source": "image-folder", "path": str(photos)})
+             if i.key == "batch 1/b.jpg").read()

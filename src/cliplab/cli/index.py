@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
               "already (not added again, nor read: rebuild the index to take files changed "
               "since)")
     if record.get("recovered"):
-        print(f"{record['recovered']} entr(ies) of the table skipped (items, or a damaged "
-              "shard's) were indexed now and left it", file=sys.stderr)
+        print(f"{record['recovered']} item(s) skipped before (unreadable then, or in a damaged "
+              "shard) were indexed now and taken off the skipped table", file=sys.stderr)
     skipped = record["skipped_now"]  # this run's: an --add's index also holds earlier ones
     if skipped:
         from cliplab.data.types import counts_text

@@ -78,8 +78,10 @@ def source_changed(location: dict, work: Path, key: str | None,
     """The one-line error of an image read at ``read`` that a later read fails on."""
     item = f"item {key}: " if key is not None else ""
     where = work / location["stored"] if "stored" in location else describe_location(location)
+    said = err.strerror if isinstance(err, OSError) and err.filename and err.strerror \
+        else skip_message(err)  # the path is said already
     return SourceChanged(f"{item}its image at {where} can no longer be "
-                         f"read ({skip_message(err)}): the source changed since the pool was "
+                         f"read ({said}): the source changed since the pool was "
                          f"read; put it back as it was, or delete {work} to start over")
 
 

@@ -23,6 +23,7 @@ that ``index`` and ``curate`` read), so both see the same images of one folder.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
@@ -219,9 +220,10 @@ def sidecar_text(path: Path, what: str, reason: str) -> str:
     except UnicodeDecodeError:
         raise SkippedFile(reason, f"{path}: {what} file not UTF-8 text", path) from None
     except OSError as err:
+        then = "fix its permissions or remove it" if err.errno in (errno.EACCES, errno.EPERM) \
+            else "check the disk it is on, or remove it"
         raise SkippedFile(reason, f"{path}: {what} file cannot be read "
-                          f"({err.strerror or err}); fix its permissions or remove it",
-                          path) from None
+                          f"({err.strerror or err}); {then}", path) from None
 
 
 def image_caption(image: Path, root: Path, captioned: set[Path]) -> str:
