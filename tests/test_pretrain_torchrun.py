@@ -103,23 +103,28 @@ def test_torchrun_pretrain_logs_the_single_process_losses(tmp_path, sharded):
     CLIPModel.from_pretrained(tmp_path / "two" / "checkpoints" / "step-3" / "model")
 
 
-def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
-    """Weights and AdamW state saved whole from the shards and put back onto them: a run
-    resumed at step 2 ends where the uninterrupted run ends."""
+def _run_and_resume_at_step_2(tmp_path, **train) -> tuple[dict, dict]:
+    """The step-4 weights of a 2-rank run of 4 steps (``train`` keys set) and of the same run
+    resumed under torchrun from its step-2 checkpoint."""
     full = tmp_path / "full.yaml"
-    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2,
-                                           fsdp=True)))
+    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2, **train)))
     done = torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress",
                     log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = tmp_path / "resumed.yaml"
-    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, fsdp=True)))
+    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, **train)))
     done = torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
                     "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"),
                     log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
-    a = load_file(tmp_path / "full" / "checkpoints" / "step-4" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    return tuple(load_file(tmp_path / run / "checkpoints" / "step-4" / "model" /
+                           "model.safetensors") for run in ("full", "resumed"))
+
+
+def test_fsdp_run_resumes_from_its_gathered_checkpoint(tmp_path):
+    """Weights and AdamW state saved whole from the shards and put back onto them: a run
+    resumed at step 2 ends where the uninterrupted run ends."""
+    a, b = _run_and_resume_at_step_2(tmp_path, fsdp=True)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     # a checkpoint of one process (fsdp: true shards nothing there; its AdamW state is keyed by
@@ -142,21 +147,7 @@ def test_fsdp_run_with_a_locked_tower_resumes_as_it_ran_on(tmp_path):
     sharded blocks before the checkpoint is loaded; those blocks stayed gathered (plain tensors,
     not shards), and loading the checkpoint onto them was refused as "do not fit this run's
     model". The resumed run now ends where the uninterrupted run ends, bit for bit."""
-    locked = {"lock_text": True, "fsdp": True}
-    full = tmp_path / "full.yaml"
-    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2,
-                                           **locked)))
-    done = torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress",
-                    log_dir=tmp_path / "logs")
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = tmp_path / "resumed.yaml"
-    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, **locked)))
-    done = torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
-                    "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"),
-                    log_dir=tmp_path / "logs")
-    assert done.returncode == 0, done.stderr[-3000:]
-    a = load_file(tmp_path / "full" / "checkpoints" / "step-4" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-4" / "model" / "model.safetensors")
+    a, b = _run_and_resume_at_step_2(tmp_path, lock_text=True, fsdp=True)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
