@@ -256,7 +256,8 @@ def test_an_image_gone_since_the_read_is_the_one_line_error_not_rays_wrapped_one
         map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path,
                        desc="mean", progress=False)
     assert str(gone.value).startswith(f"item 1-1: its image at {tmp_path / '1-1.png'} can no "
-                                      "longer be read ([Errno 2] No such file or directory")
+                                      "longer be read (No such file or directory): the "
+                                      "source changed")
     assert (tmp_path / "0.npz").is_file() and not (tmp_path / "1.npz").exists()
 
 
