@@ -45,5 +45,5 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 def rust_os_error(err: BaseException) -> int | None:
     """The errno a Rust library's error names in its text (safetensors' ``I/O error: No space
     left on device (os error 28)``, tokenizers' likewise), else None."""
-    match = re.search(r"\(os error (\d+)\)\s*$", str(err))
-    return int(match.group(1)) if match else None
+    codes = re.findall(r"\(os error (\d+)\)", str(err))
+    return int(codes[-1]) if codes else None

@@ -325,7 +325,7 @@ def _lock_file(name: str) -> tuple[Any, Path] | None:
     yours)."""
     if fcntl is None:  # Windows: no advisory locks; the checks stand without the hold
         return None
-    locks = Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
+    locks = _locks_folder()
     try:
         locks.mkdir(mode=0o700, exist_ok=True)
         mine = locks.lstat()
@@ -442,8 +442,7 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
     if fcntl is None or (held is not None and path in held):
         return
     try:  # no lock file: no run holds it (nothing is made to find that out)
-        fd = os.open(Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
-                     / _lock_name(path), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(_locks_folder() / _lock_name(path), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return
     with os.fdopen(fd, encoding="utf-8") as handle:
@@ -453,6 +452,11 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
             raise _being_written(out, handle.read().strip() or "another process",
                                  error) from None
         fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _locks_folder() -> Path:
+    """This user's folder of lock files in the temporary directory."""
+    return Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
 
 
 def _lock_name(path: Path) -> str:

@@ -235,11 +235,12 @@ def _write_refusal(err: BaseException) -> OSError | None:
     reports one as its own error type (``I/O error: No space left on device (os error 28)``),
     which reached the user as a traceback."""
     if type(err).__module__.startswith("safetensors"):
-        code = re.search(r"\(os error (\d+)\)", str(err))
+        from cliplab.file_modes import rust_os_error
+
+        code = rust_os_error(err)
         # a full or read-only disk only: a permission error may be a read of an input's weights
-        if code and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                           errno.EFBIG):
-            err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            err = OSError(code, os.strerror(code))
     return err if isinstance(err, OSError) and err.errno in WRITE_ERRNOS else None
 
 
