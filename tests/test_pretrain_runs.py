@@ -227,7 +227,7 @@ def test_pretraining_on_an_image_folder_reports_what_it_skipped(tmp_path, capsys
 def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="stopped before its first checkpoint.*remove it"):
         run_pretrain(recipe(out), resume="latest", progress=False)
     with pytest.raises(ConfigError, match="stopped before its first checkpoint.*or remove it"):
@@ -255,7 +255,7 @@ def test_a_live_runs_folder_is_refused_as_being_written_not_as_stopped(tmp_path)
     after the wording was chosen. A live run's folder is now said to be one."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', encoding="utf-8")
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

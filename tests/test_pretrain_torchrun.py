@@ -107,12 +107,14 @@ def _run_and_resume_at_step_2(tmp_path, **train) -> tuple[dict, dict]:
     """The step-4 weights of a 2-rank run of 4 steps (``train`` keys set) and of the same run
     resumed under torchrun from its step-2 checkpoint."""
     full = tmp_path / "full.yaml"
-    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2, **train)))
+    full.write_text(yaml.safe_dump(_recipe(tmp_path / "full", steps=4, save_every=2, **train)),
+                    encoding="utf-8")
     done = torchrun("-m", "cliplab", "pretrain", "--config", str(full), "--no-progress",
                     log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = tmp_path / "resumed.yaml"
-    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, **train)))
+    resumed.write_text(yaml.safe_dump(_recipe(tmp_path / "resumed", steps=4, **train)),
+                       encoding="utf-8")
     done = torchrun("-m", "cliplab", "pretrain", "--config", str(resumed), "--no-progress",
                     "--resume", str(tmp_path / "full" / "checkpoints" / "step-2"),
                     log_dir=tmp_path / "logs")
@@ -249,7 +251,8 @@ def test_a_scheduler_stop_of_torchrun_is_said_once_with_the_resume_hint(tmp_path
     """SIGTERM to torchrun (a job scheduler's stop), which its agent passes on to the ranks:
     they died of it without a word. Local rank 0 now says how to resume, once."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(_recipe(tmp_path / "run", steps=500, save_every=2)))
+    cfg.write_text(yaml.safe_dump(_recipe(tmp_path / "run", steps=500, save_every=2)),
+                   encoding="utf-8")
     launch = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "--log-dir", str(tmp_path / "logs"), "-m", "cliplab", "pretrain", "--config", str(cfg),

@@ -12,9 +12,9 @@ import json
 import os
 import pickle
 import re
-import sys
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
