@@ -498,6 +498,19 @@ def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatc
         assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
 
 
+def _killed_once_at_item_4(read_item, message: str):
+    """``read_item`` that stops the run (a RuntimeError, ``message``) the first time it reaches
+    item 4: a run killed while reading its pool."""
+    failed = []
+
+    def killed_once(item, number, work, readable=None):
+        if number == 4 and not failed:
+            failed.append(True)
+            raise RuntimeError(message)
+        return read_item(item, number, work, readable)
+    return killed_once
+
+
 def test_a_source_changed_while_a_run_was_stopped_reading_it_is_refused(tmp_path,
                                                                          monkeypatch):
     """The resume went on reading from item count x chunk_size of the listing as it is now: a
@@ -506,15 +519,8 @@ def test_a_source_changed_while_a_run_was_stopped_reading_it_is_refused(tmp_path
     import cliplab.curate.pipeline as pipeline
 
     folder = make_folder(tmp_path / "pool", VALUES)
-    real, failed = pipeline.read_item, []
-
-    def killed_once(item, number, work, readable=None):
-        if number == 4 and not failed:
-            failed.append(True)
-            raise RuntimeError("killed while reading")
-        return real(item, number, work, readable)
-
-    monkeypatch.setattr(pipeline, "read_item", killed_once)
+    monkeypatch.setattr(pipeline, "read_item", _killed_once_at_item_4(pipeline.read_item,
+                                                                     "killed while reading"))
     cfg = config(str(folder), [{"step": "exact_dedup"}], chunk_size=2)
     with pytest.raises(RuntimeError, match="killed while reading"):
         run_curation(cfg, tmp_path / "out", progress=False)
@@ -1212,16 +1218,9 @@ def test_a_source_file_changed_while_a_run_was_stopped_is_refused(tmp_path, monk
 
     folder = make_folder(tmp_path / "pool", VALUES)
     steps = [{"step": "bright", "threshold": 100, "fail_on_chunk": 2}]
-    real, failed = pipeline.read_item, []
-
-    def killed_once(item, number, work, readable=None):
-        if number == 4 and not failed:
-            failed.append(True)
-            raise RuntimeError("killed")
-        return real(item, number, work, readable)
-
     if stopped == "while reading":
-        monkeypatch.setattr(pipeline, "read_item", killed_once)
+        monkeypatch.setattr(pipeline, "read_item",
+                            _killed_once_at_item_4(pipeline.read_item, "killed"))
     cfg = config(str(folder), steps, chunk_size=2)
     with pytest.raises(RuntimeError, match="killed"):
         run_curation(cfg, tmp_path / "out", progress=False)
