@@ -129,6 +129,44 @@ def test_a_run_that_never_finished_is_used_with_a_warning(saved, tmp_path, capsy
         warnings.simplefilter("error")
         resolve_model_path(str(run.path))
 
+def test_a_checkpoint_a_live_run_removes_while_it_is_read_is_read_from_the_newest(
+        saved, tmp_path, monkeypatch):
+    """A run training with train.keep_checkpoints removed the newest checkpoint an eval was
+    reading; the error blamed the model ("no tokenizer ... save one there"). The run's new
+    newest is read instead; a checkpoint the user named that is gone is said to be gone."""
+    from cliplab.models.dual_encoder import DualEncoder
+
+    run = RunDir(tmp_path / "run", tensorboard=False)
+    (run.path / "results.json").write_text("{}", encoding="utf-8")
+    old = load_model({"name": "tiny-clip", "options": {**TINY, "seed": 2}})
+    run.atomic_checkpoint(5, lambda f: old.save(f / "model"))
+    real_load = DualEncoder.load
+    read = []
+
+    def trainer_saves_and_prunes_during_the_read(folder, device="cpu"):
+        read.append(Path(folder).parent.name)
+        if len(read) == 1:  # the live run saves step-6 and removes step-5 under the reader
+            run.atomic_checkpoint(6, lambda f: shutil.copytree(saved, f / "model"))
+            shutil.rmtree(run.path / "checkpoints" / "step-5")
+        return real_load(folder, device=device)
+
+    monkeypatch.setattr(DualEncoder, "load", trainer_saves_and_prunes_during_the_read)
+    assert _same_weights(load_model(str(run.path)), load_model(str(saved)))
+    assert read[:2] == ["step-5", "step-6"]
+    read.clear()
+    step_6 = run.path / "checkpoints" / "step-6"
+
+    def pruned_under_the_reader(folder, device="cpu"):
+        shutil.rmtree(step_6)
+        return real_load(folder, device=device)
+
+    monkeypatch.setattr(DualEncoder, "load", pruned_under_the_reader)
+    with pytest.raises(ModelError, match=r"step-6/model was removed while it was read \(a run "
+                                         r"still training keeps only its newest "
+                                         r"train.keep_checkpoints checkpoints\)"):
+        load_model(str(step_6))
+
+
 def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path):
     """It was "not a model folder (no config.json)", as if the path were wrong."""
     run = RunDir(tmp_path / "run", tensorboard=False)

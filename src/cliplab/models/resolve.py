@@ -37,6 +37,7 @@ MODEL_DIR = "model"  # a checkpoint folder's model folder
 WISE_FT_BEST = "best"  # adapt wise-ft's options.save_best: the model at the chosen α
 # what a dual encoder needs from a Hub repo (not its TF / Flax / ONNX copies)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+CHECKPOINT_READ_TRIES = 3  # a live run's newest checkpoint removed while read: read anew
 
 
 def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = "cpu"
@@ -62,7 +63,29 @@ def load_model(spec: ModelSpec | str | dict | Any, device: str | torch.device = 
             return load_onnx(path)
         if is_openclip_checkpoint(path):
             return load_openclip(path, device=device)
-    return DualEncoder.load(resolve_model_path(spec), device=device)
+    return _load_folder(spec, device)
+
+
+def _load_folder(spec: ModelSpec, device: torch.device) -> DualEncoder:
+    """`DualEncoder.load` of the folder ``spec`` resolves to. A run still training with
+    ``train.keep_checkpoints`` removes its older checkpoints: the one chosen as newest, removed
+    while it was read, is taken again from the run's newest (the error would blame the model)."""
+    for _ in range(CHECKPOINT_READ_TRIES):
+        folder = resolve_model_path(spec)
+        try:
+            return DualEncoder.load(folder, device=device)
+        except (ModelError, OSError):
+            checkpoint = folder.parent
+            if folder.exists() or checkpoint.parent.name != CHECKPOINTS:
+                raise
+            if Path(spec.name).expanduser() != checkpoint.parent.parent:
+                # the checkpoint the user named is gone: no newer one is what they asked for
+                raise ModelError(f"{folder} was removed while it was read (a run still training "
+                                 "keeps only its newest train.keep_checkpoints checkpoints); "
+                                 "give the run folder, or a checkpoint it keeps") from None
+    raise ModelError(f"{spec.name}: its newest checkpoint was removed while it was read, "
+                     f"{CHECKPOINT_READ_TRIES} times (a run still training keeps only its newest "
+                     "train.keep_checkpoints); try again, or give a checkpoint it keeps")
 
 
 def model_record(spec: ModelSpec | str | dict | Any | None, model: Any) -> dict:
