@@ -308,9 +308,10 @@ class DualEncoder(nn.Module):
         return not any(p.requires_grad for p in module.parameters())
 
     # -- persistence --------------------------------------------------------------------------
-    def save_tokenizer(self, path: str | Path) -> None:
+    def save_tokenizer(self, path: str | Path, input_names: list[str] | None = None) -> None:
         """The tokenizer in ``path`` as plain transformers should use it: truncating where
-        cliplab does (``model_max_length``), and for SigLIP returning no attention mask."""
+        cliplab does (``model_max_length``), and for SigLIP returning no attention mask
+        (``input_names``: the inputs it returns instead, e.g. an ONNX graph's)."""
         try:
             self.tokenizer.save_pretrained(path)
         except Exception as err:
@@ -321,7 +322,9 @@ class DualEncoder(nn.Module):
                 raise
             raise OSError(code, os.strerror(code), str(path)) from err
         settings: dict = {"model_max_length": self.context_length}
-        if self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
+        if input_names is not None:
+            settings["model_input_names"] = list(input_names)
+        elif self.kind == "siglip":  # SigLIP runs its text unmasked; HF's SigLIP tokenizers say so
             settings["model_input_names"] = ["input_ids"]
         _update_tokenizer_config(Path(path), settings)
 

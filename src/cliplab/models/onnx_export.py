@@ -2,10 +2,14 @@
 
 The folder holds ``image_encoder.onnx`` (``pixel_values [B, 3, S, S]`` → ``embeddings [B, D]``,
 unit length, and ``pooled [B, H]``, the tower output before the projection) and
-``text_encoder.onnx`` (``input_ids``, ``attention_mask [B, L]`` → ``embeddings``, ``pooled``),
-both with a dynamic batch (and text length); ``projections.safetensors`` (the two projection
-matrices, for callers that project pooled features themselves, as eval's feature cache does);
-the tokenizer files; and ``onnx_export.json``: preprocessing, context length, logit scale/bias.
+``text_encoder.onnx`` (``input_ids``, ``attention_mask [B, L]`` int64 → ``embeddings``,
+``pooled``; every kind takes both, SigLIP's graph leaves the mask unread as SigLIP runs its
+text unmasked), both with a dynamic batch (and text length); ``projections.safetensors`` (the
+two projection matrices, for callers that project pooled features themselves, as eval's feature
+cache does); the tokenizer files (returning those two inputs); and ``onnx_export.json``:
+preprocessing, context length, logit scale/bias, the graphs' text inputs and the text cleaning
+cliplab applies before the tokenizer (`cliplab.models.tokenizer.TEXT_CLEANING`), which
+``tokenizer.json`` cannot hold.
 
 int8 is onnxruntime's dynamic quantization (weights int8 per channel, activations quantized
 per batch at run time) of the exported graphs. It was measured against PyTorch's own dynamic
@@ -30,12 +34,15 @@ from cliplab.file_modes import save_tensors
 from cliplab.models.convert.atomic import atomic_folder
 from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.hf_files import PROCESSOR_FILE, write_processor_config
+from cliplab.models.tokenizer import TEXT_CLEANING
 from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
 
 EXPORT_FILE = "onnx_export.json"
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
 PROJECTIONS_FILE = "projections.safetensors"
 OPSET = 18
+# every text graph's inputs, whatever the kind of model (int64 [batch, tokens])
+TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 def external_data_files(folder: Path) -> set[str]:
@@ -110,6 +117,26 @@ def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, fil
                                         "pooled": {0: "batch"}}, dynamo=False)
 
 
+def _declare_text_inputs(file: Path) -> None:
+    """Give the text graph in ``file`` every one of `TEXT_INPUTS`: the exporter drops an input
+    the tower never reads (SigLIP's attention_mask), and a user feeding what the tokenizer
+    returns then got onnxruntime's "Invalid input name". The added input stays unread: the
+    graph's nodes, and so its outputs, are unchanged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    # its weights, where they lie in files beside it, stay there: only the graph is rewritten
+    proto = onnx.load(str(file), load_external_data=False)
+    have = {i.name for i in proto.graph.input}
+    missing = [name for name in TEXT_INPUTS if name not in have]
+    if not missing:
+        return
+    for name in missing:
+        proto.graph.input.append(
+            helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "tokens"]))
+    onnx.save(proto, str(file))
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     """onnxruntime dynamic int8 quantization of ``src`` into ``dst``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -148,15 +175,18 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 (_ImageTower(model).eval(), (pixels,), ["pixel_values"],
                  {"pixel_values": {0: "batch"}}, IMAGE_FILE),
                 (_TextTower(model).eval(), (tok["input_ids"], tok["attention_mask"]),
-                 ["input_ids", "attention_mask"],
+                 list(TEXT_INPUTS),
                  {"input_ids": {0: "batch", 1: "tokens"},
                   "attention_mask": {0: "batch", 1: "tokens"}}, TEXT_FILE)):
             target = tmp / file
+            fp32 = tmp / ("fp32-" + file) if quantize else target
             with model.attention_implementation("eager"):
-                _export(tower, args, names, dynamic, tmp / ("fp32-" + file) if quantize else target)
+                _export(tower, args, names, dynamic, fp32)
+            if file == TEXT_FILE:
+                _declare_text_inputs(fp32)
             if quantize:
-                quantize_int8(tmp / ("fp32-" + file), target)
-                (tmp / ("fp32-" + file)).unlink()
+                quantize_int8(fp32, target)
+                fp32.unlink()
         projections = {}
         for name in ("visual_projection", "text_projection"):
             layer = getattr(model.model, name, None)
@@ -165,14 +195,17 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
         if projections:
             save_tensors(projections, str(tmp / PROJECTIONS_FILE))
         # what plain transformers and onnxruntime users need beside the graphs: the tokenizer
-        # as cliplab tokenizes, the image processor as cliplab preprocesses
-        model.save_tokenizer(tmp)
+        # as cliplab tokenizes (after TEXT_CLEANING), returning the graph's inputs (not
+        # BERT's token_type_ids, nor SigLIP's ids alone), the image processor as cliplab
+        # preprocesses
+        model.save_tokenizer(tmp, input_names=list(TEXT_INPUTS))
         write_processor_config(tmp, model.preprocess_config)
         bias = model.logit_bias
         meta = {"kind": model.kind, "embed_dim": model.embed_dim,
                 "preprocess": model.preprocess_config.to_dict(),
                 "context_length": model.context_length, "text_pooling": model.text_pooling,
-                "pad_to_context": model.kind == "siglip",
+                "pad_to_context": model.kind == "siglip", "text_inputs": list(TEXT_INPUTS),
+                "text_cleaning": TEXT_CLEANING,
                 "logit_scale": float(model.logit_scale), "logit_bias":
                     None if bias is None else float(bias),
                 "quantize": quantize, "opset": OPSET, "source": source}

@@ -57,6 +57,16 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
+# `clean_text` as a record for those who tokenize without cliplab (an ONNX export's
+# onnx_export.json): the steps, and the Python that does them (what `clean_text` computes)
+TEXT_CLEANING = {
+    "steps": ["ftfy.fix_text", "html.unescape, twice",
+              "runs of whitespace made one space, the ends stripped"],
+    "python": "' '.join(html.unescape(html.unescape(ftfy.fix_text(text))).split())",
+    "applies_to": "every text, before tokenizer.json (which cannot hold these steps)",
+}
+
+
 def clean_texts(texts: Iterable[str] | str) -> list[str]:
     """`clean_text` of each text (one string: one text, not one per character): what every
     ``tokenize`` (PyTorch or ONNX) calls first."""
