@@ -167,17 +167,23 @@ def test_a_checkpoint_a_live_run_removes_while_it_is_read_is_read_from_the_newes
         load_model(str(step_6))
 
 
-def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path):
-    """It was "not a model folder (no config.json)", as if the path were wrong."""
+def test_a_run_stopped_before_its_first_save_is_named_a_run(tmp_path, capsys):
+    """It was "not a model folder (no config.json)", as if the path were wrong. Then it gave
+    pretrain's resume advice ("choose a new --out") where a model is read: export's, eval's or
+    index's --out is their own output, not the run's."""
     run = RunDir(tmp_path / "run", tensorboard=False)
     run.write_config({"model": "tiny-clip"})
     run.log({"step": 1, "loss": 2.0})
-    with pytest.raises(ModelError, match=rf"^run folder {run.path} has no checkpoint: the run "
-                                         r"stopped \(or still runs\) before its first save, "
-                                         r"so there is nothing to resume; start the run again "
-                                         r"\(remove the folder or choose a new --out\), or give "
-                                         r"a model$"):
+    with pytest.raises(ModelError, match=rf"^run folder {run.path} has no checkpoint yet: the "
+                                         r"run stopped \(or still runs\) before its first "
+                                         r"save, so it holds no model to read; give a model, a "
+                                         r"checkpoint or a run folder with a checkpoint$"):
         load_model(str(run.path))
+    assert main(["export", str(run.path), "--format", "open_clip", "--out",
+                 str(tmp_path / "e")]) == 2
+    said = capsys.readouterr().err
+    assert "has no checkpoint yet" in said and "resume" not in said and "--out" not in said
+    assert not (tmp_path / "e").exists()
     (run.path / "results.json").write_text("{}")  # a finished run without checkpoints (an
     with pytest.raises(ModelError, match=r"is not a model folder"):  # adapter's): not "stopped"
         load_model(str(run.path))

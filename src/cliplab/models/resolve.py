@@ -194,10 +194,12 @@ def model_folder(path: str | Path) -> Path:
         return latest / MODEL_DIR
     if (path / METRICS_FILE).is_file() and not (path / "config.json").is_file() \
             and not (path / RESULTS_FILE).is_file():
-        # a run stopped before its first save: "not a model folder" hid that it is a run
-        raise ModelError(f"run folder {path} has no checkpoint: the run stopped (or still runs) "
-                         "before its first save, so there is nothing to resume; start the run "
-                         "again (remove the folder or choose a new --out), or give a model")
+        # a run stopped before its first save: "not a model folder" hid that it is a run. Here
+        # a model is read (export, eval, adapt, index...): no resume advice, whose "--out" would
+        # name the reader's own output; pretrain --resume says its own (runs.check_new_run)
+        raise ModelError(f"run folder {path} has no checkpoint yet: the run stopped (or still "
+                         "runs) before its first save, so it holds no model to read; give a "
+                         "model, a checkpoint or a run folder with a checkpoint")
     return path
 
 
