@@ -352,6 +352,41 @@ def test_every_command_says_the_same_of_an_out_that_is_a_file(run, tiny_model_di
     assert ufile.read_text() == "mine"
 
 
+def test_every_command_refuses_an_out_below_a_file_up_front(run, tiny_model_dir, suite, ufile,
+                                                           tmp_path, capsys):
+    """`export --out afile/sub` passed the checks (the nearest existing path was a file, not a
+    folder) and failed after loading the model, with a raw "[Errno 17] File exists: 'afile'"."""
+    photos = tmp_path / "photos"
+    (photos / "cat").mkdir(parents=True)
+    res = tmp_path / "X" / "results.json"
+    res.parent.mkdir()
+    res.write_text(json.dumps({"model": "m", "results": {"zs": {"acc1": 0.5}}}))
+    recipe = Path(__file__).parents[1] / "configs"
+    out = ufile / "sub" / "deeper"
+    line = f"--out {out}: {ufile} is a file, so no folder can be made in it; choose another folder"
+    for args in (_merge([tiny_model_dir, run], out),
+                 ["curate", "--config", str(recipe / "curate" / "basic.yaml"),
+                  "--data", str(photos), "--out", str(out), "--no-progress"],
+                 ["index", "--model", str(tiny_model_dir), "--data", str(photos), "--out",
+                  str(out), "--no-progress"],
+                 _eval(tiny_model_dir, suite, out),
+                 ["convert", str(OPENCLIP), "--out", str(out)],
+                 ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)],
+                 ["export", str(tiny_model_dir), "--format", "onnx", "--out", str(out)],
+                 ["pretrain", "--config", str(recipe / "pretrain" / "tiny-shapes.yaml"),
+                  "--out", str(out), f"model={tiny_model_dir}", "--no-progress"],
+                 ["adapt", "--method", "zeroshot", "--model", str(tiny_model_dir), "shots=1",
+                  "data.train={source: shapes, n: 4}", "data.test={source: shapes, n: 4}",
+                  "--out", str(out), "--no-progress"],
+                 ["data", "shard", "--data", "shapes", "data.n=4", "--out", str(out)],
+                 ["report", "--inputs", str(res), "--out", str(out), "--no-progress"]):
+        assert main(args) == 2, args
+        assert _one_line(capsys) == line, args
+    assert main(_eval(tiny_model_dir, suite, tmp_path / "e", "--cache-dir", str(out))) == 2
+    assert _one_line(capsys) == line.replace("--out", "--cache-dir")
+    assert ufile.read_text() == "mine" and not (tmp_path / "e").exists()
+
+
 def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
                                                          capsys):
     import cliplab.train.pretrain as pretrain

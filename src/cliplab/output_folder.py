@@ -239,11 +239,18 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
 def check_writable(out: str | os.PathLike, error: type[CliplabError] = ConfigError,
                    flag: str = "--out") -> None:
     """Refuse an ``--out`` (or the folder ``flag`` names) that cannot be written (a read-only
-    file system, no permission), by the folder it is or the nearest existing one it would be
-    made in, before any work (an eval found it only after running every task)."""
-    place = Path(out).expanduser().absolute()
+    file system, no permission, a file where a folder would be made), by the folder it is or
+    the nearest existing one it would be made in, before any work (an eval found it only after
+    running every task; an export below a file, only after loading the model)."""
+    place = Path(out).expanduser()  # as the user spelled it, to name the file
     while not place.exists() and place != place.parent:
         place = place.parent
+    # (``out`` itself a file is each caller's to refuse, in its own words: check_out's, the
+    # feature cache's)
+    if place.exists() and not place.is_dir() and place != Path(out).expanduser():
+        raise error(f"{flag} {out}: {place} is a file, so no folder can be made in it; choose "
+                    "another folder")
+    place = place.absolute()
     if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
         raise error(f"{flag} {out}: cannot write in {place} (a read-only file system, or no "
                     "permission); choose another folder")
