@@ -6,6 +6,7 @@ PyTorch model refuse it before any work with a one-line error."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -103,6 +104,40 @@ def test_index_then_serve_an_export_finds_what_the_pytorch_model_finds(models, t
         assert len(int8_hits) == len(torch_hits)
     assert main(["index", "--model", str(models["fp32"]), *SHAPES_ARGS, "--out",
                  str(tmp_path / "fp32"), "--add", "--no-progress"]) == 0  # same fingerprint
+
+
+def test_an_index_names_an_onnx_export_of_its_model_as_such(models, tmp_path):
+    """`serve INDEX --model EXPORT` of the index's own model (or the reverse) said the given
+    model "has other weights": they are that model's, exported. Still refused, as what it is."""
+    from cliplab.models.resolve import export_source
+    from cliplab.serve.index import SearchIndex
+
+    source = export_source(str(models["torch"]), models["model"])
+    exports = {q: export_onnx(models["model"], tmp_path / f"ex-{q}", quantize=q, source=source)
+               for q in (None, "int8")}
+    _index(models["torch"], tmp_path / "by-torch")
+    _index(exports[None], tmp_path / "by-export")
+    by_torch, by_export = SearchIndex(tmp_path / "by-torch"), SearchIndex(tmp_path / "by-export")
+    try:
+        for quantize, folder in exports.items():
+            given = re.escape(str(folder))
+            with pytest.raises(ModelError, match=rf"; the given model {given} is an "
+                                                 rf"{quantize or 'fp32'} ONNX export of that "
+                                                 r"model, which an index counts as a model of "
+                                                 r"its own: serve the index with the model it "
+                                                 r"was built with, or build an index with the "
+                                                 r"export \(cliplab index --model"):
+                by_torch.check_model(load_model(str(folder)))
+        with pytest.raises(ModelError, match=r", an fp32 ONNX export of the given model, which "
+                                             r"an index counts as a model of its own: serve "
+                                             r"the index with that export"):
+            by_export.check_model(models["model"])
+        # an export of other weights is still "other weights"
+        with pytest.raises(ModelError, match="has other weights"):
+            by_torch.check_model(load_model(str(models["other"])))
+    finally:
+        by_torch.close()
+        by_export.close()
 
 
 def _adapt(method, model, out, *extra) -> int:

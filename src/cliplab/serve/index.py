@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,10 +101,27 @@ class SearchIndex:
         """Refuse a model that does not embed as the one the index was built with: other
         weights or, same weights, other preprocessing, tokenizer or tower settings."""
         differs = embeds_otherwise(self.record, model)
-        if differs:
-            raise ModelError(f"{self.path} was built with model {self.record['model']['name']} "
-                             f"({self.fingerprint[:19]}...); the given model has {differs}: "
-                             "search it with the same model or rebuild the index")
+        if not differs:
+            return
+        name = self.record["model"]["name"]
+        # an ONNX export and the model it was made from: not "other weights" (the same weights,
+        # run by onnxruntime; int8: quantized), yet each a model of its own to an index, as
+        # their fingerprints are: never accepted for the other, said as what it is
+        export = export_of(model, self.fingerprint)
+        if export:
+            raise ModelError(f"{self.path} was built with model {name}; the given model "
+                             f"{model.path} is {export} of that model, which an index counts as "
+                             "a model of its own: serve the index with the model it was built "
+                             f"with, or build an index with the export (cliplab index --model "
+                             f"{model.path} ...)")
+        export = export_of(_export_record(name), model_fingerprint(model))
+        if export:
+            raise ModelError(f"{self.path} was built with model {name}, {export} of the given "
+                             "model, which an index counts as a model of its own: serve the "
+                             "index with that export, or build an index with the given model")
+        raise ModelError(f"{self.path} was built with model {name} ({self.fingerprint[:19]}...); "
+                         f"the given model has {differs}: search it with the same model or "
+                         "rebuild the index")
 
     def search(self, queries: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids ``[Q, k]`` of hits ``offset .. offset+k-1`` (id -1 where none).
@@ -175,6 +193,29 @@ def model_difference(record: dict, fingerprint: str, identity: dict) -> str | No
     recorded = record.get("towers")
     differs = identity_difference(recorded, identity) if isinstance(recorded, dict) else None
     return f"the same weights but another {differs}" if differs else None
+
+
+def export_of(model_or_record, fingerprint: str) -> str | None:
+    """What an ONNX export is ("an fp32 ONNX export", "an int8 ONNX export") when it was made
+    from the weights of ``fingerprint`` as its record says (``model_or_record``: the loaded
+    export, `OnnxEncoder`, or its ``onnx_export.json``), else None."""
+    meta = getattr(model_or_record, "meta", model_or_record)
+    source = meta.get("source") if isinstance(meta, dict) else None
+    if not isinstance(source, dict) or source.get("fingerprint") != fingerprint:
+        return None
+    return f"an {meta.get('quantize') or 'fp32'} ONNX export"
+
+
+def _export_record(name: str) -> dict | None:
+    """The ``onnx_export.json`` of the model folder ``name`` when it is an ONNX export (and
+    still there), else None."""
+    from cliplab.models.onnx_export import EXPORT_FILE
+
+    try:
+        record = json.loads((Path(name) / EXPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def unchecked_identity(record: dict, path) -> str | None:
