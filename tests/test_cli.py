@@ -521,3 +521,15 @@ def test_every_help_fits_80_columns_and_keeps_names_whole(monkeypatch):
         broken = [line for line in text.splitlines() if re.search(r"\w-$", line)]
         assert broken == [], (name, broken)
     assert "task-arithmetic" in helps["cliplab"] and "task-arithmetic" in helps["merge"]
+
+
+def test_adapt_help_says_what_a_lora_run_writes(capsys):
+    """It said finetune and lora runs write checkpoints/step-N/model: a LoRA run's checkpoints
+    hold only the peft adapter (and `cliplab export RUN` of one is refused), the model being
+    merged/ with options.merge=true."""
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "finetune a run folder (checkpoints/step-N/model, a model folder)" in said
+    assert ("lora a run folder of peft adapter folders (checkpoints/step-N/adapter, no model "
+            "there: with options.merge=true also merged/, the model folder)") in said
