@@ -817,3 +817,28 @@ def test_data_val_of_other_shapes_scenes_or_other_rows_is_no_overlap(recwarn):
                    {"source": "fashion-mnist", "offset": 50000}) == ""
     assert "data.val reads the same data as data.train (shapes)" in overlap(
         {"source": "shapes", "seed": 0}, {"source": "shapes", "seed": 0, "image_size": 48})
+
+
+def test_written_folders_are_recorded_absolute_from_a_relative_out(model_dir, tmp_path,
+                                                                   monkeypatch):
+    """results.json's model_dir, adapter_dir, merged_dir, finetuned and best_dir load from any
+    folder (as pretrain's model_dir): a relative --out recorded them relative to where the run
+    started."""
+    monkeypatch.chdir(tmp_path)
+    data = ["data.train={source: digits, split: train}", "data.test={source: digits, "
+            "split: test}", "shots=0", "train_size=32", "compare_zeroshot=false", "--no-progress"]
+    train = ["options.train.steps=1", "options.train.batch_size=32"]
+    runs = {"ft": ["finetune", *train],
+            "lo": ["lora", *train, "options.rank=2", "options.merge=true"],
+            "wi": ["wise-ft", *train, "options.alphas=[0,1]", "options.save_best=true"],
+            "wi2": ["wise-ft", "options.alphas=[0,1]", "options.finetuned=ft"]}
+    keys = {"model_dir", "adapter_dir", "merged_dir", "finetuned", "best_dir"}
+    for out, (method, *options) in runs.items():
+        assert main(["adapt", "--method", method, "--model", str(model_dir), "--out", out,
+                     *data, *options]) == 0
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        recorded = {key: results[key] for key in keys & set(results)}
+        assert len(recorded) == {"ft": 1, "lo": 2, "wi": 2, "wi2": 1}[out], recorded
+        for key, path in recorded.items():
+            assert path == str((tmp_path / path).resolve()), (out, key, path)
+            assert path.startswith(str(tmp_path / ("ft" if out == "wi2" else out))), path

@@ -17,7 +17,7 @@ import torch
 from pydantic import field_validator
 
 from cliplab.adapt.base import (AdaptContext, Adapter, kept_training_state, method_options,
-                               require_pytorch_model, written_inside)
+                               recorded_path, require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
@@ -134,7 +134,7 @@ class FineTuned(Adapter):
     def summary(self) -> dict:
         params = self.params
         return {"params": {**params, "fraction": params["trainable"] / params["total"]},
-                "model_dir": str(self.model_dir) if self.model_dir else None}
+                "model_dir": recorded_path(self.model_dir)}
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

@@ -24,7 +24,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from cliplab.adapt.base import (AdaptContext, Adapter, copy_written, kept_training_state,
-                               method_options, require_pytorch_model, written_inside)
+                               method_options, recorded_path, require_pytorch_model,
+                               written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters, \
     refuse_contrastive_settings
 from cliplab.adapt.finetune import save_finetuned
@@ -259,8 +260,8 @@ class LoraAdapted(Adapter):
 
     def summary(self) -> dict:
         return {"params": self.params,
-                "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
-                **({"merged_dir": str(self.merged_dir)} if self.merged_dir else {})}
+                "adapter_dir": recorded_path(self.adapter_dir),
+                **({"merged_dir": recorded_path(self.merged_dir)} if self.merged_dir else {})}
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, check_named_sets, method_options, \
-    require_pytorch_model
+    recorded_path, require_pytorch_model
 from cliplab.adapt.common import head_metrics
 from cliplab.adapt.finetune import Options as FinetuneOptions
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
@@ -229,8 +229,8 @@ class WiseFT(Adapter):
         return self.best_dir
 
     def summary(self) -> dict:
-        return {"finetuned": str(self.ft_dir) if self.ft_dir else None,
-                **({"best_dir": str(self.best_dir)} if self.best_dir else {})}
+        return {"finetuned": recorded_path(self.ft_dir),
+                **({"best_dir": recorded_path(self.best_dir)} if self.best_dir else {})}
 
 
 def uses_validation(options: Options) -> bool:
