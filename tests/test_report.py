@@ -11,6 +11,7 @@ from PIL import Image
 from cliplab.cli import main
 from cliplab.errors import DataError
 from cliplab.evaluate.report import flatten_metrics, format_value, write_report
+from cliplab.evaluate.report_inputs import read_inputs
 
 
 def _few_shot(base):
@@ -170,8 +171,14 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert main(["report", "titel=x", "--out", str(tmp_path / "o"), "--inputs", str(bad)]) == 2
     assert "unknown key titel (valid: inputs, names, out, plots, title)" in \
         capsys.readouterr().err
-    with pytest.raises(DataError, match="report input .*nope.json does not exist"):
+    # it names every kind of input --help lists (merge output folders were left out)
+    with pytest.raises(DataError, match=r"report input .*nope.json does not exist; give "
+                       r"results JSON files \(cliplab eval --out\), run folders or merge "
+                       r"output folders \(merge.json\)$"):
         write_report([tmp_path / "nope.json"], tmp_path / "o")
+    with pytest.raises(DataError, match="needs at least one results file, run folder or "
+                       "merge output folder$"):
+        read_inputs([])
     # one input twice made two identical columns, as if two runs agreed
     with pytest.raises(DataError, match=r"report input \./bad\.json is given twice \(as "
                        rf"{re.escape(str(bad))} too\)"):

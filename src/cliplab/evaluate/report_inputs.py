@@ -237,7 +237,7 @@ def read_input(path: str | Path) -> ReportSource:
     path = Path(path)
     if not path.exists():
         raise DataError(f"report input {path} does not exist; give results JSON files "
-                        "(cliplab eval --out) or run folders")
+                        "(cliplab eval --out), run folders or merge output folders (merge.json)")
     if path.is_file():
         data = read_json(path)
         source = ReportSource(_results_label(path, data), path, result_sections(data),
@@ -299,7 +299,8 @@ def _reported_folder(path: Path) -> Path:
 def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list[ReportSource]:
     """Every input read; labels made unique (``name``, ``name#2``, …) or taken from ``names``."""
     if not paths:
-        raise DataError("cliplab report needs at least one results file or run folder")
+        raise DataError("cliplab report needs at least one results file, run folder or merge "
+                        "output folder")
     seen: dict[Path, tuple[str, Path]] = {}  # what is reported -> (input as given, resolved)
     for path in paths:  # two identical columns would read as two runs that agree
         resolved = Path(path).expanduser().resolve()
