@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 
 def test_in_memory_source_stores_pngs_and_embeds_like_the_model(model_dir, tmp_path):
     record = build(model_dir, SHAPES, tmp_path / "idx", chunk=16)
-    assert record["count"] == 40 and record["skipped"] == 0
+    assert record["count"] == 40 and record["skipped"]["total"] == 0
     assert record["faiss"]["type"] == "Flat"  # exact below 100k vectors
     index = SearchIndex(tmp_path / "idx")
     data = load_shapes(n=40, seed=3, kinds=["single"], image_size=32)
@@ -63,8 +63,8 @@ def _image_folder(root):
 def test_image_folder_skips_and_lists_unreadable_files(model_dir, tmp_path):
     _image_folder(tmp_path / "photos")
     record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
-    assert record["count"] == 6 and record["skipped"] == 2
-    assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
+    assert record["count"] == 6 and record["skipped"]["total"] == 2
+    assert record["skipped"]["counts"] == {"not_an_image": 1, "unreadable_image": 1}
     index = SearchIndex(tmp_path / "idx")
     skipped = dict(index.store.skipped())
     assert skipped["others/broken.png"].startswith("unreadable_image")
@@ -84,7 +84,7 @@ def test_manifest_columns_become_metadata(model_dir, tmp_path):
     lines.append(json.dumps({"image": "photos/missing.png", "caption": "gone"}))
     (tmp_path / "m.jsonl").write_text("\n".join(lines))
     record = build(model_dir, str(tmp_path / "m.jsonl"), tmp_path / "idx")
-    assert record["count"] == 3 and record["skipped"] == 1
+    assert record["count"] == 3 and record["skipped"]["total"] == 1
     row = SearchIndex(tmp_path / "idx").items([1])[1]
     assert row["caption"] == data.captions[3][0]
     assert row["meta"] == {"caption": data.captions[3][0], "license": "cc-by", "rank": 3}
@@ -147,8 +147,11 @@ def test_a_truncated_shard_keeps_what_it_holds_and_counts_the_loss(model_dir, tm
     assert skipped["00000.tar"].startswith(
         f"truncated_shard: 00000.tar: read {len(keys) - 6} of 6 samples, then:")
     record = json.loads((out / "index.json").read_text())
-    assert record["skipped"] == 4 and record["skipped_reasons"]["truncated_shard"] == 1
-    assert record["skipped_reasons"]["cut_off"] == 3
+    # as every command's skip record: the lost samples, the shard read in part apart
+    assert record["skipped"] == {"total": 3, "shards_read_in_part": 1,
+                                 "counts": {"truncated_shard": 1, "cut_off": 3},
+                                 "keys": {"truncated_shard": ["00000.tar"], "cut_off": [
+                                     f"00000.tar:sample {i} of 6" for i in (4, 5, 6)]}}
     assert "each is listed with its reason in " \
         f"{out / 'meta.sqlite'} (table skipped)" in capsys.readouterr().err
 
@@ -249,7 +252,8 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
     assert index.items([40])[40]["key"].endswith(".png") and index.items([0])[0]["key"] == "shapes#0"
     assert np.asarray(index.vectors).shape == (46, 16)
     again = build(model_dir, more, tmp_path / "idx", add=True)  # shapes#0..9 already indexed
-    assert again["count"] == 46 and again["skipped"] == 2 and again["already_indexed"] == 10
+    assert again["count"] == 46 and again["skipped"]["total"] == 2 and \
+        again["already_indexed"] == 10
     assert (tmp_path / "idx" / "images" / "39.png").is_file()
 
 
@@ -299,8 +303,8 @@ def test_adding_a_folder_again_lists_its_skips_once(model_dir, tmp_path, capsys)
             "index already and 2 were skipped before" in captured.out
         assert "skipped" not in captured.err  # the index's earlier skips are not this run's
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
-    assert record["count"] == 6 and record["skipped"] == 2
-    assert record["skipped_reasons"] == {"not_an_image": 1, "unreadable_image": 1}
+    assert record["count"] == 6 and record["skipped"]["total"] == 2
+    assert record["skipped"]["counts"] == {"not_an_image": 1, "unreadable_image": 1}
     index = SearchIndex(tmp_path / "idx")
     assert sorted(key for key, _ in index.store.skipped()) == ["notes.txt", "others/broken.png"]
     index.close()
@@ -349,7 +353,7 @@ def test_an_add_that_finds_nothing_new_leaves_the_index_as_it_was(model_dir, tmp
                  "--out", str(tmp_path / "idx"), "--add", "--no-progress"]) == 0
     assert "6 item(s) of the collection were in the index already" in capsys.readouterr().out
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
-    assert record["count"] == 7 and record["skipped"] == 2
+    assert record["count"] == 7 and record["skipped"]["total"] == 2
     assert record["sources"] == [{"source": "image-folder",
                                   "path": str((tmp_path / "photos").resolve())}]
     index = SearchIndex(tmp_path / "idx")
@@ -374,7 +378,7 @@ def test_a_repeated_key_of_a_shard_is_listed_as_duplicate_key(model_dir, tmp_pat
                       "txt": key.encode()})
                for key, value in (("a", 10), ("b", 20), ("a", 30), ("c", 40), ("c", 50))])
     record = build(model_dir, str(tmp_path / "shards"), tmp_path / "idx")
-    assert record["count"] == 3 and record["skipped_reasons"] == {"duplicate_key": 2}
+    assert record["count"] == 3 and record["skipped"]["counts"] == {"duplicate_key": 2}
 
 
 def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, tmp_path):
@@ -394,7 +398,7 @@ def test_add_of_another_source_with_the_same_names_indexes_its_items(model_dir, 
     finally:
         os.chdir(cwd)
     record = build(model_dir, str(tmp_path / "cam_b"), tmp_path / "idx", add=True)
-    assert record["count"] == 6 and record["skipped"] == 0
+    assert record["count"] == 6 and record["skipped"]["total"] == 0
     keys = [r["key"] for r in SearchIndex(tmp_path / "idx").items(range(6)).values()]
     assert keys[:3] == ["IMG_0000.png", "IMG_0001.png", "IMG_0002.png"]
     assert keys[3:] == [f"{(tmp_path / 'cam_b').resolve()}|IMG_{i:04d}.png" for i in range(3)]
@@ -513,6 +517,68 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
     record["towers"]["version"] = 99
     (tmp_path / "new" / "index.json").write_text(json.dumps(record))
     SearchIndex(tmp_path / "new").check_model(DualEncoder.load(mean))
+
+
+def _as_an_older_cliplab_wrote_it(folder: Path) -> dict:
+    """The folder's index.json rewritten in the shape cliplab wrote before 2026-12-07: the
+    skipped rows' count plus ``skipped_reasons``."""
+    record = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    skipped = record.pop("skipped")
+    old = {**record, "skipped": sum(skipped["counts"].values()), "skipped_reasons": skipped["counts"]}
+    (folder / "index.json").write_text(json.dumps(old), encoding="utf-8")
+    return old
+
+
+def test_index_json_keeps_every_commands_names(model_dir, tmp_path):
+    """index.json records what it skipped as every command does (`SkipReport.to_dict`: a
+    bare count beside ``skipped_reasons`` broke ``d["skipped"]["total"]``)."""
+    _image_folder(tmp_path / "photos")
+    build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
+    assert record["skipped"] == {"total": 2, "counts": {"not_an_image": 1, "unreadable_image": 1},
+                                 "keys": {"not_an_image": ["notes.txt"],
+                                          "unreadable_image": ["others/broken.png"]}}
+    assert "skipped_reasons" not in record
+
+
+def test_an_index_an_older_cliplab_wrote_serves_and_takes_add(model_dir, tmp_path, capsys,
+                                                              recwarn):
+    """An index folder whose index.json has the older shape (a skipped count with
+    ``skipped_reasons``) opens, serves /api/health, has its model identity
+    checked still, takes `--add` (written in the current shape) and a nothing-new `--add`."""
+    from fastapi.testclient import TestClient
+
+    from cliplab.serve.app import create_app
+
+    _image_folder(tmp_path / "photos")
+    build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
+    old = _as_an_older_cliplab_wrote_it(tmp_path / "idx")
+    assert old["skipped"] == 2
+    index = SearchIndex(tmp_path / "idx")
+    assert index.record["skipped"] == {"total": 2, "counts": old["skipped_reasons"], "keys": {}}
+    mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
+                        lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
+    with pytest.raises(ModelError, match="the same weights but another image preprocessing"):
+        index.check_model(DualEncoder.load(mean))  # its `towers` are still its identity
+    health = TestClient(create_app(index, DualEncoder.load(model_dir))).get("/api/health")
+    assert health.status_code == 200 and health.json()["count"] == 6
+    index.close()
+    # an --add of the same folder finds nothing new, and leaves the file as it was
+    command = ["index", "--model", str(model_dir), "--out", str(tmp_path / "idx"), "--add",
+               "--no-progress", "--device", "cpu"]
+    assert main([*command, "--data", str(tmp_path / "photos")]) == 0
+    assert "nothing to add" in capsys.readouterr().out
+    assert json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8")) == old
+    assert main([*command, "--data", "shapes", "data.n=4"]) == 0
+    assert "10 items (2 skipped)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
+    assert record["count"] == 10 and "skipped_reasons" not in record
+    assert record["skipped"] == {"total": 2, "counts": old["skipped_reasons"],
+                                 "keys": {"not_an_image": ["notes.txt"],
+                                          "unreadable_image": ["others/broken.png"]}}
+    with pytest.raises(ConfigError, match="this one has the same weights but another image "
+                       "preprocessing"):
+        build(mean, SHAPES, tmp_path / "idx", add=True)
 
 
 def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path):
@@ -1081,7 +1147,7 @@ def test_a_killed_run_with_skipped_files_resumes_to_the_whole_runs_index(model_d
         else:
             Image.fromarray(data.images[i % 6].numpy()).save(photos / f"{name}.png")
     whole = build(model_dir, str(photos), tmp_path / "whole", chunk=2)
-    assert (whole["count"], whole["skipped"]) == (6, 2)
+    assert (whole["count"], whole["skipped"]["total"]) == (6, 2)
 
     real_add, calls = MetadataStore.add, []
 
@@ -1096,8 +1162,8 @@ def test_a_killed_run_with_skipped_files_resumes_to_the_whole_runs_index(model_d
         build(model_dir, str(photos), tmp_path / "idx", chunk=2)
     monkeypatch.setattr(MetadataStore, "add", real_add)
     resumed = build(model_dir, str(photos), tmp_path / "idx", chunk=2)
-    assert {k: resumed[k] for k in ("count", "skipped", "skipped_reasons")} == \
-        {k: whole[k] for k in ("count", "skipped", "skipped_reasons")}
+    assert {k: resumed[k] for k in ("count", "skipped")} == \
+        {k: whole[k] for k in ("count", "skipped")}
     index = SearchIndex(tmp_path / "idx")
     assert sorted(key for key, _ in index.store.skipped()) == ["b0.png", "c0.png"]
     assert np.array_equal(np.asarray(index.vectors),
@@ -1249,12 +1315,12 @@ def test_an_add_that_indexes_what_was_skipped_takes_it_off_the_skipped_table(tmp
     model = save_tiny_model(tmp_path / "model")
     photos = pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")
     first = build(model, str(photos), tmp_path / "idx")
-    assert (first["count"], first["skipped"]) == (4, 1)
+    assert (first["count"], first["skipped"]["total"]) == (4, 1)
     Image.new("RGB", (16, 16), "green").save(photos / "cat" / "bad.png", format="PNG")
     record = build(model, str(photos), tmp_path / "idx", add=True)
-    assert (record["count"], record["skipped"]) == (5, 0)
+    assert (record["count"], record["skipped"]["total"]) == (5, 0)
     assert record["recovered"] == 1
-    assert record["skipped_reasons"] == {} and record["skipped_now"] == {}
+    assert record["skipped"]["counts"] == {} and record["skipped_now"] == {}
     store = MetadataStore(tmp_path / "idx" / "meta.sqlite", readonly=True)
     assert store.skipped() == []
     store.close()

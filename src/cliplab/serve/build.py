@@ -36,7 +36,7 @@ from cliplab.config import validate
 from cliplab.data.collection import (PIL_ERRORS, check_collection_path, open_collection,
                                      skip_message, skip_reason, source_spec)
 from cliplab.data.images import fit_to_model
-from cliplab.data.types import counts_text
+from cliplab.data.types import SkipReport, counts_text
 from cliplab.errors import CliplabError, ConfigError, DataError, first_line, warn
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
@@ -201,7 +201,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             except CliplabError:  # before its first item: a source that cannot be read
                 refused = state["position"] == 0  # nothing to resume, no folder to leave
                 raise
-        unchanged = _adds_nothing(state, existing) and not _asks_other_settings(cfg, existing)
+        unchanged = _adds_nothing(state, existing, out) and \
+            not _asks_other_settings(cfg, existing)
         if not unchanged:
             record = _finish(cfg, work, store, state, request, existing, model, progress)
             # an --add's skipped table holds the index's earlier ones (less those it indexed)
@@ -243,12 +244,14 @@ def _skips_since(store: MetadataStore, earlier: list[tuple[str, str]]
     return [row for row in now if row[0] not in old], sum(key not in held for key in old)
 
 
-def _adds_nothing(state: dict, existing: dict | None) -> bool:
-    """Whether an ``--add`` whose items are all read found none that is new, to index or to
-    list as skipped: a re-run that finds nothing new (from cron, say) leaves the index as it
-    is, rather than rebuilding it (a Milvus one into a new collection) to hold the same."""
+def _adds_nothing(state: dict, existing: dict | None, out: Path) -> bool:
+    """Whether an ``--add`` (to the index ``out``) whose items are all read found none that is
+    new, to index or to list as skipped: a re-run that finds nothing new (from cron, say)
+    leaves the index as it is, rather than rebuilding it (a Milvus one into a new collection)
+    to hold the same."""
     return existing is not None and state["count"] == existing["count"] and \
-        state["skipped"] == existing["skipped"] and not state.get("collection_created")
+        state["skipped"] == _skipped_rows(out / META_FILE) and \
+        not state.get("collection_created")
 
 
 def _asks_other_settings(cfg: IndexConfig, existing: dict) -> bool:
@@ -422,10 +425,20 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
         _save_npy(work / CHUNKS_DIR / f"{0:06d}.npy", np.load(out / VECTORS_FILE, mmap_mode="r"))
         shutil.rmtree(work / IMAGES_DIR)
         _link_tree(out / IMAGES_DIR, work / IMAGES_DIR)
-        state.update(count=existing["count"], skipped=existing["skipped"], chunks=1,
-                     base_chunks=1)
+        state.update(count=existing["count"], skipped=_skipped_rows(work / META_FILE),
+                     chunks=1, base_chunks=1)
     write_json(state_file, state)
     return state
+
+
+def _skipped_rows(meta: Path) -> int:
+    """How many entries the table ``skipped`` of the metadata file ``meta`` lists (progress
+    states count rows; index.json counts lost samples, a shard read in part apart)."""
+    store = MetadataStore(meta, readonly=True)
+    try:
+        return store.skipped_count()
+    finally:
+        store.close()
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -630,9 +643,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     vectors = _gather_vectors(work, state, model.embed_dim)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
               "fingerprint": request["fingerprint"], "towers": request["towers"],
-              "dim": int(vectors.shape[1]),
-              "count": state["count"], "skipped": state["skipped"],
-              "skipped_reasons": skip_counts(store.skipped()), "backend": cfg.backend,
+              "dim": int(vectors.shape[1]), "count": state["count"],
+              "skipped": skip_report(store.skipped()).to_dict(), "backend": cfg.backend,
               "index_type": cfg.index_type, "build": _build_id(existing),
               "sources": _grown_sources((existing or {}).get("sources", []),
                                         request["data"])}
@@ -680,6 +692,14 @@ def skip_counts(skipped: list[tuple[str, str]]) -> dict[str, int]:
     """Skipped ``(key, reason)`` rows counted by reason (``unreadable_image``,
     ``truncated_shard``, ``duplicate_key``)."""
     return dict(Counter(reason.split(":")[0] for _, reason in skipped))
+
+
+def skip_report(skipped: list[tuple[str, str]]) -> SkipReport:
+    """Skipped ``(key, reason)`` rows as every command's skip record (by reason, each key)."""
+    report = SkipReport()
+    for key, reason in skipped:
+        report.add(reason.split(":")[0], key)
+    return report
 
 
 def _skip_summary(store: MetadataStore) -> str:

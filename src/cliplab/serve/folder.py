@@ -14,11 +14,30 @@ VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index",
 
 
 def read_index_json(folder: Path) -> dict | None:
-    """The folder's ``index.json`` record, None if it has none; a ``DataError`` if damaged."""
+    """The folder's ``index.json`` record in the current shape (`current_record`: an index an
+    older cliplab wrote reads as a new one), None if it has none; a ``DataError`` if damaged."""
     file = folder / INDEX_FILE
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        record = json.loads(file.read_text(encoding="utf-8"))
     except ValueError:
         raise DataError(f"{file}: not valid JSON; the index is damaged, rebuild it") from None
+    return current_record(record) if isinstance(record, dict) else record
+
+
+def current_record(record: dict) -> dict:
+    """An ``index.json`` record with the keys this cliplab writes: ``skipped`` as every
+    command's skip record (`SkipReport.to_dict`: ``total``, ``counts``, ``keys``) where an
+    index before 2026-12-07 wrote a count of rows plus ``skipped_reasons`` (its keys are in
+    ``meta.sqlite`` only). A copy: the record given is left as it is."""
+    record = dict(record)
+    rows = record.get("skipped")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        counts = record.pop("skipped_reasons", None) or {}
+        shards = sum(n for reason, n in counts.items() if reason.endswith("_shard"))
+        record["skipped"] = {"total": rows - shards,
+                             **({"shards_read_in_part": shards} if shards else {}),
+                             "counts": counts, "keys": {}}
+    return record
+

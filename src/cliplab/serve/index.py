@@ -11,7 +11,7 @@ from cliplab.errors import CliplabError, DataError, ModelError
 from cliplab.serve import faiss_index
 from cliplab.output_folder import partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
-                                  read_index_json)
+                                  current_record, read_index_json)
 from cliplab.models.fingerprints import embedding_identity, identity_difference
 from cliplab.models.folder import files_stamp, model_fingerprint
 from cliplab.serve.store import MetadataStore
@@ -318,8 +318,8 @@ def describe(record: dict) -> str:
         f"({_tuned_recall(record['faiss'])})"
         if record["faiss"].get("parameter") else "")) if backend == "faiss" else \
         f"Milvus {record['milvus']['collection']} at {record['milvus']['uri']}"
-    count = record["count"]
-    return (f"{count} item{'s' * (count != 1)} ({record['skipped']} skipped), model "
+    count, skipped = record["count"], current_record(record)["skipped"]["total"]
+    return (f"{count} item{'s' * (count != 1)} ({skipped} skipped), model "
             f"{record['model']['name']}, {how}")
 
 
