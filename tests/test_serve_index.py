@@ -18,6 +18,7 @@ from cliplab.cli import main
 from cliplab.data.shapes import load_shapes
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.fingerprints import embedding_identity
 from cliplab.serve import build as build_module
 from cliplab.serve import faiss_index
 from cliplab.serve.index import SearchIndex
@@ -495,14 +496,14 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
     version (a later cliplab's) reads as none."""
     build(model_dir, SHAPES, tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
-    del record["towers"]
+    del record["embedding_identity"]
     (tmp_path / "idx" / "index.json").write_text(json.dumps(record), encoding="utf-8")
     mean = _edited_copy(model_dir, tmp_path / "mean", "cliplab.json",
                         lambda m: m["preprocess"].update(mean=[0.2, 0.2, 0.2]))
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(mean))
     warned(recwarn)
     added = build(model_dir, {**SHAPES, "seed": 9}, tmp_path / "idx", add=True)
-    assert added["count"] == 2 * SHAPES["n"] and added["towers"] is None
+    assert added["count"] == 2 * SHAPES["n"] and added["embedding_identity"] is None
     assert "only the weights were checked" in warned(recwarn)
     from cliplab.serve.run import open_app
 
@@ -514,37 +515,40 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
         "checked\n")]
     build(model_dir, SHAPES, tmp_path / "new")
     record = json.loads((tmp_path / "new" / "index.json").read_text())
-    record["towers"]["version"] = 99
+    record["embedding_identity"]["version"] = 99
     (tmp_path / "new" / "index.json").write_text(json.dumps(record))
     SearchIndex(tmp_path / "new").check_model(DualEncoder.load(mean))
 
 
 def _as_an_older_cliplab_wrote_it(folder: Path) -> dict:
     """The folder's index.json rewritten in the shape cliplab wrote before 2026-12-07: the
-    skipped rows' count plus ``skipped_reasons``."""
+    skipped rows' count plus ``skipped_reasons``, the model identity as ``towers``."""
     record = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     skipped = record.pop("skipped")
-    old = {**record, "skipped": sum(skipped["counts"].values()), "skipped_reasons": skipped["counts"]}
+    old = {**record, "towers": record.pop("embedding_identity"),
+           "skipped": sum(skipped["counts"].values()), "skipped_reasons": skipped["counts"]}
     (folder / "index.json").write_text(json.dumps(old), encoding="utf-8")
     return old
 
 
 def test_index_json_keeps_every_commands_names(model_dir, tmp_path):
     """index.json records what it skipped as every command does (`SkipReport.to_dict`: a
-    bare count beside ``skipped_reasons`` broke ``d["skipped"]["total"]``)."""
+    bare count beside ``skipped_reasons`` broke ``d["skipped"]["total"]``) and its model's
+    embedding identity as eval results do (``embedding_identity``, not ``towers``)."""
     _image_folder(tmp_path / "photos")
     build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     assert record["skipped"] == {"total": 2, "counts": {"not_an_image": 1, "unreadable_image": 1},
                                  "keys": {"not_an_image": ["notes.txt"],
                                           "unreadable_image": ["others/broken.png"]}}
-    assert "skipped_reasons" not in record
+    assert "skipped_reasons" not in record and "towers" not in record
+    assert record["embedding_identity"] == embedding_identity(DualEncoder.load(model_dir))
 
 
 def test_an_index_an_older_cliplab_wrote_serves_and_takes_add(model_dir, tmp_path, capsys,
                                                               recwarn):
     """An index folder whose index.json has the older shape (a skipped count with
-    ``skipped_reasons``) opens, serves /api/health, has its model identity
+    ``skipped_reasons``, ``towers``) opens, serves /api/health, has its model identity
     checked still, takes `--add` (written in the current shape) and a nothing-new `--add`."""
     from fastapi.testclient import TestClient
 
@@ -572,13 +576,56 @@ def test_an_index_an_older_cliplab_wrote_serves_and_takes_add(model_dir, tmp_pat
     assert main([*command, "--data", "shapes", "data.n=4"]) == 0
     assert "10 items (2 skipped)" in capsys.readouterr().out
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
-    assert record["count"] == 10 and "skipped_reasons" not in record
+    assert record["count"] == 10 and "skipped_reasons" not in record and "towers" not in record
     assert record["skipped"] == {"total": 2, "counts": old["skipped_reasons"],
                                  "keys": {"not_an_image": ["notes.txt"],
                                           "unreadable_image": ["others/broken.png"]}}
+    assert record["embedding_identity"] == old["towers"]
     with pytest.raises(ConfigError, match="this one has the same weights but another image "
                        "preprocessing"):
         build(mean, SHAPES, tmp_path / "idx", add=True)
+
+
+def test_a_run_an_older_cliplab_stopped_resumes(model_dir, tmp_path, monkeypatch, capsys):
+    """A half-built index whose progress.json names the model identity ``towers`` (as cliplab
+    before 2026-12-07 wrote it) is this command's: resumed, not refused as another run's."""
+    real_add, calls = MetadataStore.add, []
+
+    def add_then_die(self, rows, skipped=()):
+        real_add(self, rows, skipped)
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+
+    monkeypatch.setattr(MetadataStore, "add", add_then_die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    monkeypatch.setattr(MetadataStore, "add", real_add)
+    file = tmp_path / "idx.partial" / "progress.json"
+    state = json.loads(file.read_text(encoding="utf-8"))
+    state["request"]["towers"] = state["request"].pop("embedding_identity")
+    file.write_text(json.dumps(state), encoding="utf-8")
+    capsys.readouterr()
+    record = build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    assert record["count"] == SHAPES["n"] and "resuming the stopped run" in capsys.readouterr().err
+    assert record["embedding_identity"] == embedding_identity(DualEncoder.load(model_dir))
+
+
+def test_the_report_refuses_an_index_record(model_dir, tmp_path, capsys):
+    """`cliplab report --inputs INDEX/index.json` tabulated the record's tower settings
+    (hidden_size, pad_token_id, ...) as metrics: an index's record holds no results, so it
+    is refused, in either shape, naming what it is."""
+    build(model_dir, SHAPES, tmp_path / "idx")
+    for shape in ("current", "older"):
+        if shape == "older":
+            _as_an_older_cliplab_wrote_it(tmp_path / "idx")
+        given = tmp_path / "idx" / "index.json"
+        assert main(["report", "--inputs", str(given), "--out", str(tmp_path / "rp"),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"cliplab: error: {given}: the record of a search index "
+                              "(`cliplab index`), not results; expected ") and "\n" not in err
+        assert not (tmp_path / "rp" / "report.md").exists()
 
 
 def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path):
@@ -587,10 +634,10 @@ def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path)
     index was built with, though its fingerprints differ."""
     build(model_dir, SHAPES, tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
-    record["towers"]["text"]["settings"]["added_by_a_new_library"] = True
-    record["towers"]["text"]["fingerprint"] = "0" * 16
-    del record["towers"]["image"]["settings"]["num_channels"]
-    record["towers"]["image"]["fingerprint"] = "1" * 16
+    record["embedding_identity"]["text"]["settings"]["added_by_a_new_library"] = True
+    record["embedding_identity"]["text"]["fingerprint"] = "0" * 16
+    del record["embedding_identity"]["image"]["settings"]["num_channels"]
+    record["embedding_identity"]["image"]["fingerprint"] = "1" * 16
     (tmp_path / "idx" / "index.json").write_text(json.dumps(record), encoding="utf-8")
     SearchIndex(tmp_path / "idx").check_model(DualEncoder.load(model_dir))
 

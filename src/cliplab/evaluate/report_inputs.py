@@ -29,6 +29,9 @@ RESULTS_KINDS = ("the results JSON of `cliplab eval --out`, a run's results.json
 # keys of cliplab's results files that say what they are, so a single number beside them is
 # a result (a merge without held-out scores: its wall time)
 RESULT_MARKERS = (*_SECTION_KEYS, "model", "method", "benchmark")
+# keys every index.json of `cliplab index` holds (those of an older cliplab too): a record of
+# an index's size and settings, no scores
+INDEX_RECORD_KEYS = ("complete", "backend", "count", "fingerprint")
 # keys of a model folder's own JSON files (config.json, preprocessor_config.json, ...)
 MODEL_FILE_KEYS = ("model_type", "architectures", "transformers_version",
                    "image_processor_type", "processor_class", "tokenizer_class")
@@ -87,6 +90,9 @@ def check_results(path: Path, data: dict, sections: dict[str, dict]) -> None:
     if model_key is not None:
         raise DataError(f"{path}: a model's config ({model_key}: {data[model_key]!r}), not "
                         f"results; expected {RESULTS_KINDS}")
+    if all(key in data for key in INDEX_RECORD_KEYS):  # its model's settings read as metrics
+        raise DataError(f"{path}: the record of a search index (`cliplab index`), not results; "
+                        f"expected {RESULTS_KINDS}")
     if not sections:
         raise DataError(f"{path}: no metrics found (expected numbers under 'results' or "
                         "top-level keys)")

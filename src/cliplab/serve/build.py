@@ -148,8 +148,8 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     if cfg.backend == "faiss":  # a bad index type fails before the embedding, not after
         faiss_index.empty_faiss(model.embed_dim, faiss_index.choose_index_type(
             faiss_index.EXACT_BELOW, model.embed_dim, cfg.index_type))
-    fingerprint, towers = model_fingerprint(model), embedding_identity(model)
-    differs = model_difference(existing, fingerprint, towers) if existing else None
+    fingerprint, identity = model_fingerprint(model), embedding_identity(model)
+    differs = model_difference(existing, fingerprint, identity) if existing else None
     if differs:
         raise ConfigError(f"--add: {out} was built with model {existing['model']['name']} "
                           f"({existing['fingerprint'][:19]}); this one has {differs}: add with "
@@ -157,10 +157,11 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     unchecked = unchecked_identity(existing, out) if existing else None
     if unchecked:  # what embedded the index is not known to be this: none is recorded
         warn(f"index: {unchecked}")
-        towers = None
+        identity = None
     # index_type, recall and max_memory_gb shape only the finishing step: not part of the
     # request, so a run that failed there is finished with another index type
-    request = {"model": _model_record(cfg), "fingerprint": fingerprint, "towers": towers,
+    request = {"model": _model_record(cfg), "fingerprint": fingerprint,
+               "embedding_identity": identity,
                "data": spec, "add": cfg.add, "backend": cfg.backend, "uri": cfg.uri,
                "collection": cfg.collection}
     if existing is not None and spec["source"] == "manifest":
@@ -385,10 +386,13 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
     if work.exists() and state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
         nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
-        state["request"].setdefault("towers", request["towers"])  # stopped before they were kept
+        saved = state["request"]
+        if "towers" in saved:  # its name in a run an older cliplab stopped
+            saved["embedding_identity"] = saved.pop("towers")
+        saved.setdefault("embedding_identity", request["embedding_identity"])  # none kept then
         if state["request"] != request and not nothing_embedded:
-            if {**state["request"], "fingerprint": None, "towers": None} == \
-                    {**request, "fingerprint": None, "towers": None}:
+            if {**state["request"], "fingerprint": None, "embedding_identity": None} == \
+                    {**request, "fingerprint": None, "embedding_identity": None}:
                 raise ConfigError(
                     f"{work} is a half-built index of this command, but model "
                     f"{request['model']['name']} embeds otherwise since it was stopped (other "
@@ -642,7 +646,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
                         "data")
     vectors = _gather_vectors(work, state, model.embed_dim)
     record = {"format": FORMAT, "complete": True, "model": request["model"],
-              "fingerprint": request["fingerprint"], "towers": request["towers"],
+              "fingerprint": request["fingerprint"],
+              "embedding_identity": request["embedding_identity"],
               "dim": int(vectors.shape[1]), "count": state["count"],
               "skipped": skip_report(store.skipped()).to_dict(), "backend": cfg.backend,
               "index_type": cfg.index_type, "build": _build_id(existing),

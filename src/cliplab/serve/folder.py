@@ -30,8 +30,11 @@ def current_record(record: dict) -> dict:
     """An ``index.json`` record with the keys this cliplab writes: ``skipped`` as every
     command's skip record (`SkipReport.to_dict`: ``total``, ``counts``, ``keys``) where an
     index before 2026-12-07 wrote a count of rows plus ``skipped_reasons`` (its keys are in
-    ``meta.sqlite`` only). A copy: the record given is left as it is."""
+    ``meta.sqlite`` only), and ``embedding_identity`` where it wrote ``towers``. A copy: the
+    record given is left as it is."""
     record = dict(record)
+    if "towers" in record and "embedding_identity" not in record:
+        record["embedding_identity"] = record.pop("towers")
     rows = record.get("skipped")
     if isinstance(rows, int) and not isinstance(rows, bool):
         counts = record.pop("skipped_reasons", None) or {}

@@ -190,7 +190,7 @@ def model_difference(record: dict, fingerprint: str, identity: dict) -> str | No
     weights alone."""
     if fingerprint != record["fingerprint"]:
         return f"other weights ({fingerprint[:19]}...)"
-    recorded = record.get("towers")
+    recorded = record.get("embedding_identity")
     differs = identity_difference(recorded, identity) if isinstance(recorded, dict) else None
     return f"the same weights but another {differs}" if differs else None
 
@@ -221,7 +221,7 @@ def _export_record(name: str) -> dict | None:
 def unchecked_identity(record: dict, path) -> str | None:
     """What to say of an index written before the preprocessing and tokenizer of its model
     were recorded (only its weights can be checked), or None for a newer one."""
-    if (record.get("towers") or {}).get("version"):
+    if (record.get("embedding_identity") or {}).get("version"):
         return None
     return (f"{path} keeps no record of its model's preprocessing and tokenizer (an older "
             "index): only the weights were checked, and image searches may differ from what "
