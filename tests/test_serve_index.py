@@ -1385,3 +1385,74 @@ def test_a_damaged_shards_entries_go_once_all_its_items_are_indexed(tmp_path):
     assert store.drop_recovered_skips() == 2
     assert [key for key, _ in store.skipped()] == ["b.tar:sample 2 of 3", "x", "y"]
     store.close()
+
+
+def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsys):
+    """`index --overwrite` replaces an index at --out, as curate's --overwrite replaces a pool
+    (`rm -r` was the only way); a folder holding anything but an index's files (a file of the
+    user's beside them or among its stored images, or no index at all) is refused untouched,
+    and so is --overwrite with --add."""
+    out = tmp_path / "idx"
+    first = build(model_dir, SHAPES, out)
+    command = ["index", "--model", str(model_dir), "--data", "shapes", "--out", str(out),
+               "--no-progress", "--device", "cpu", "data.n=12", "data.seed=9"]
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cliplab: error: --out {out} already exists (an index); pass --add to append to it "
+        "or --overwrite to replace it, or choose a new --out")
+    assert main([*command, "--add", "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cliplab: error: the command line: add appends to the index at --out and overwrite "
+        "replaces it; give one of them")
+    for foreign in (out / "notes.txt", out / "images" / "mine.jpg"):
+        foreign.write_text("the user's")
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert main([*command, "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"cliplab: error: --overwrite replaces only a previous index output; "
+                       f"{out} holds other files (e.g. {foreign.relative_to(out).parts[0]}); "
+                       "choose a new folder")
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+        foreign.unlink()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("the user's")
+    assert main([*command[:6], str(tmp_path / "mine"), *command[7:], "--overwrite"]) == 2
+    assert "holds other files (e.g. a.txt)" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "a.txt").read_text() == "the user's"
+    assert main([*command, "--overwrite"]) == 0
+    record = json.loads((out / "index.json").read_text(encoding="utf-8"))
+    assert record["count"] == 12 and record["build"] != first["build"]
+    assert record["sources"] == [{"source": "shapes", "n": 12, "seed": 9}]
+    assert sorted(p.name for p in (out / "images").iterdir()) == \
+        sorted(f"{i}.png" for i in range(12))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "mine"]  # nothing left beside
+    # an index an older cliplab wrote, and a damaged one, are replaced the same way
+    _as_an_older_cliplab_wrote_it(out)
+    assert main([*command[:-2], "data.n=10", "--overwrite"]) == 0
+    (out / "index.json").write_text("{", encoding="utf-8")
+    assert main([*command[:-2], "data.n=8", "--overwrite"]) == 0
+    assert SearchIndex(out).count == 8
+
+
+def test_overwrite_starts_over_from_a_stopped_run_of_another_command(model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A half-built index of another command in OUT.partial is refused without --overwrite
+    (rerun that command, or delete it) and built over with it, as curate's does."""
+    real_add, calls = MetadataStore.add, []
+
+    def add_then_die(self, rows, skipped=()):
+        real_add(self, rows, skipped)
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+
+    monkeypatch.setattr(MetadataStore, "add", add_then_die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+    monkeypatch.setattr(MetadataStore, "add", real_add)
+    other = {**SHAPES, "seed": 4}
+    with pytest.raises(ConfigError, match="half-built index of another"):
+        build(model_dir, other, tmp_path / "idx", chunk=8)
+    record = build(model_dir, other, tmp_path / "idx", chunk=8, overwrite=True)
+    assert record["count"] == SHAPES["n"] and record["sources"][0]["seed"] == 4
+    assert not (tmp_path / "idx.partial").exists()

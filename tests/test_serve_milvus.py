@@ -214,6 +214,20 @@ def test_add_keeps_a_milvus_index_in_milvus_in_a_new_collection(tmp_path):
     assert _collections(uri) == ["moved"]
 
 
+def test_overwrite_drops_the_replaced_indexs_milvus_collection(tmp_path):
+    """`index --overwrite` of a Milvus index builds into a collection of its own and drops the
+    old index's once the new one is complete, as --add does (else it stayed in Milvus, no
+    folder pointing at it)."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+    first = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", backend="milvus",
+                   uri=uri, overwrite=True)
+    assert record["milvus"]["collection"] != first["milvus"]["collection"]
+    assert _collections(uri) == [record["milvus"]["collection"]]
+    assert _serves_its_own_vectors(tmp_path / "idx")
+
+
 def test_an_add_that_finds_nothing_new_keeps_the_milvus_collection(tmp_path):
     """An --add of items the index holds all copied every vector into a new collection and
     dropped the old one (a server on it then answered 503 until restarted): it leaves the

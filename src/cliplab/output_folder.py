@@ -53,13 +53,16 @@ class OutputFiles:
     """A previous-output test for an output a command replaces whole: the folder holds every
     file of ``markers`` and no entry but files this kind of output writes (``names``, names
     matching a regex of ``patterns``, or a file ``more(folder)`` lists; each also as the
-    ``NAME.tmp`` an atomic write of it left). A sub-folder or any other file is the user's, so
-    ``--overwrite`` must not replace the folder."""
+    ``NAME.tmp`` an atomic write of it left), and sub-folders only as ``folders`` names them,
+    ``(name, regex)``: a folder of that name holding only files the regex matches (an index's
+    stored images). Any other sub-folder or file is the user's, so ``--overwrite`` must not
+    replace the folder."""
 
     markers: tuple[str, ...]
     names: frozenset[str] = frozenset()
     patterns: tuple[str, ...] = ()
     more: Callable[[Path], Iterable[str]] | None = None
+    folders: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, folder: Path) -> bool:
         return self.missing(folder) is None and self.foreign(folder) is None
@@ -88,6 +91,10 @@ class OutputFiles:
         return f"has no {self.missing(folder)}"
 
     def _own(self, entry: Path) -> bool:
+        pattern = dict(self.folders).get(entry.name)
+        if pattern is not None and entry.is_dir() and not entry.is_symlink():
+            return all(f.is_file() and re.fullmatch(pattern, f.name.removesuffix(".tmp"))
+                       for f in entry.iterdir())
         # NAME.tmp: what an atomic write of NAME left when the process was killed mid-write
         name = entry.name.removesuffix(".tmp")
         return entry.is_file() and (name in self.markers or name in self.names

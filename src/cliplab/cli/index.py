@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "the same command is run again. key=value overrides set config keys "
                        "(index_type=hnsw, recall=0.99, batch_size=32, data.n=500, "
                        "collection=NAME for a Milvus collection of that name instead of a "
-                       "fresh one). Config keys: model, data, out, add, backend, uri, "
+                       "fresh one). Config keys: model, data, out, add, overwrite, backend, uri, "
                        "collection, index_type, recall, max_memory_gb, batch_size, chunk, "
                        "device (configs/index/collection.yaml lists each at its default).")
     add_common(p, "index_type=hnsw batch_size=32")
@@ -36,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "Milvus URI and index type; a Milvus index moves to a fresh collection, the "
                    "old one dropped once the index is complete); with nothing new to add (and "
                    "no other index_type, recall or collection asked) the index is left as it was")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing index at --out (one holding nothing but an index's "
+                   "files; the old one stays until the new one is complete, and a Milvus "
+                   "index's collection is dropped then) or a stopped run of another command; "
+                   "not with --add")
     p.add_argument("--backend", choices=("faiss", "milvus"),
                    help="vector store (default faiss; with --add the index's own)")
     p.add_argument("--uri", help="Milvus: ./file.db (Milvus Lite) or http://HOST:19530, "
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 
-    given = ("model", "out", "add", "backend", "uri", "index_type", "device")
+    given = ("model", "out", "add", "overwrite", "backend", "uri", "index_type", "device")
     extra = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
                       replace={"data": data_spec(args)})

@@ -42,11 +42,13 @@ from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.embed import embed_images
 from cliplab.models.fingerprints import embedding_identity
 from cliplab.models.folder import model_fingerprint
-from cliplab.output_folder import (atomic_path, check_writable_beside, hold, partial_path,
-                                   remove_own_work, same_folder, swap_in, write_json)
+from cliplab.output_folder import (atomic_path, check_out, check_writable_beside, hold,
+                                   partial_path, remove_own_work, same_folder, swap_in,
+                                   write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
-                                  META_FILE, PROGRESS_FILE, VECTORS_FILE, read_index_json)
+                                  INDEX_FOLDER, META_FILE, PROGRESS_FILE, VECTORS_FILE,
+                                  read_index_json)
 from cliplab.serve.index import model_difference, unchecked_identity
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
@@ -99,14 +101,19 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
             raise ConfigError(f"--out {out} is the collection's own folder; write the index elsewhere")
     check_writable_beside(out)  # OUT.partial is made beside it
     hold(out)
-    existing = read_index_json(out) if out.is_dir() else None
-    if out.exists() and not cfg.add:
+    # --overwrite: built as a new index, which replaces the old one once complete
+    replaced = _replaced_index(out, [cfg.model.name, spec.get("path")]) if cfg.overwrite \
+        else None
+    existing = read_index_json(out) if out.is_dir() and not cfg.overwrite else None
+    if out.exists() and not cfg.add and not cfg.overwrite:
         what = "an index" if existing else "a file or folder"
         stopped = " (an --add to it stopped before its end: the same command with --add " \
             f"finishes it from {partial_path(out)})" if existing and \
             (partial_path(out) / PROGRESS_FILE).is_file() else ""
-        raise ConfigError(f"--out {out} already exists ({what}){stopped}; pass --add to append "
-                          "to an index, or choose a new --out")
+        how = "pass --add to append to it or --overwrite to replace it" if existing else \
+            "pass --add to append to an index"
+        raise ConfigError(f"--out {out} already exists ({what}){stopped}; {how}, or choose a "
+                          "new --out")
     if cfg.add and existing is None and not partial_path(out).exists():
         raise ConfigError(f"--add: {out} does not exist; an --add appends to an index built "
                           "there (leave --add out to build one)" if not out.exists() else
@@ -171,24 +178,29 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
     if finished and finished.get("complete") and not (work / PROGRESS_FILE).exists():
         # killed after finishing, before the rename: put in place only what this command asks
         other = _another_request(finished, request, existing)
-        if other:
+        if other and not cfg.overwrite:
             raise ConfigError(f"{work} is a complete index of another `cliplab index` run "
                               f"({other}) that stopped before it was moved to {out}: rerun "
-                              "that command to put it in place, or delete the folder")
-        done = MetadataStore(work / META_FILE, readonly=True)
-        try:
-            skipped_now, recovered = _skips_since(done, _earlier_skips(out, existing))
-        finally:
-            done.close()
-        swap_in(work, out)
-        _drop_replaced_collection(existing, finished)
-        return {**finished, "already_indexed": 0, "skipped_now": skip_counts(skipped_now),
-                "recovered": recovered}
+                              "that command to put it in place, delete the folder, or pass "
+                              "--overwrite to build this one instead")
+        if other:  # --overwrite: that index goes, with the collection it made
+            shutil.rmtree(work)
+            _drop_replaced_collection(finished, {})
+        else:
+            done = MetadataStore(work / META_FILE, readonly=True)
+            try:
+                skipped_now, recovered = _skips_since(done, _earlier_skips(out, existing))
+            finally:
+                done.close()
+            swap_in(work, out)
+            _drop_replaced_collection(existing or replaced, finished)
+            return {**finished, "already_indexed": 0,
+                    "skipped_now": skip_counts(skipped_now), "recovered": recovered}
     named = cfg.backend == "milvus" and request["collection"] is not None
     resumable = (work / PROGRESS_FILE).is_file()
     if named and not resumable:  # a named collection: refused before the work folder is made
         _check_collection(cfg.uri, {"collection": request["collection"]})
-    state = _open_work(work, out, request, existing)
+    state = _open_work(work, out, request, existing, cfg.overwrite)
     if named and resumable:  # refused unless this run created it
         _check_collection(cfg.uri, state)
     store = MetadataStore(work / META_FILE)
@@ -220,9 +232,23 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
         return {**existing, "unchanged": True, "already_indexed": already,
                 "skipped_before": state["position"] - already, "skipped_now": {}}
     swap_in(work, out)
-    _drop_replaced_collection(existing, record)
+    _drop_replaced_collection(existing or replaced, record)
     return {**record, "already_indexed": state.get("already_indexed", 0),
             "skipped_now": skip_counts(skipped_now), "recovered": recovered}
+
+
+def _replaced_index(out: Path, inputs: list[str | None]) -> dict | None:
+    """The record of the index ``--overwrite`` replaces at ``out`` (None when there is none, or
+    its index.json is damaged), after the rule every command's ``--overwrite`` follows
+    (`check_out`): a folder holding anything but an index's files (`INDEX_FOLDER`) is refused,
+    untouched."""
+    if not out.exists():
+        return None
+    check_out(out, "index", inputs, overwrite=True, previous=INDEX_FOLDER)
+    try:
+        return read_index_json(out)
+    except DataError:  # a damaged index is replaced all the same
+        return None
 
 
 def _earlier_skips(out: Path, existing: dict | None) -> list[tuple[str, str]]:
@@ -380,8 +406,10 @@ def _drop_replaced_collection(existing: dict | None, record: dict) -> None:
             milvus.close()
 
 
-def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> dict:
-    """The progress state of ``work``: resumed if it holds this request, fresh if absent."""
+def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
+               overwrite: bool = False) -> dict:
+    """The progress state of ``work``: resumed if it holds this request, fresh if absent (or,
+    with ``overwrite``, if it holds another request's)."""
     state_file = work / PROGRESS_FILE
     if work.exists() and state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -390,7 +418,7 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None) -> d
         if "towers" in saved:  # its name in a run an older cliplab stopped
             saved["embedding_identity"] = saved.pop("towers")
         saved.setdefault("embedding_identity", request["embedding_identity"])  # none kept then
-        if state["request"] != request and not nothing_embedded:
+        if state["request"] != request and not nothing_embedded and not overwrite:
             if {**state["request"], "fingerprint": None, "embedding_identity": None} == \
                     {**request, "fingerprint": None, "embedding_identity": None}:
                 raise ConfigError(

@@ -7,10 +7,17 @@ import json
 from pathlib import Path
 
 from cliplab.errors import DataError
+from cliplab.output_folder import OutputFiles
 
 FORMAT = 1
 INDEX_FILE, PROGRESS_FILE, META_FILE = "index.json", "progress.json", "meta.sqlite"
 VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index", "images", "chunks"
+# what a complete index folder holds, all `index --overwrite` may replace (a folder holding
+# anything else is the user's): its record and metadata, vectors, FAISS index (SQLite's
+# journal of a write cut short), and the stored images of an in-memory source, ``ID.png``
+INDEX_FOLDER = OutputFiles((INDEX_FILE, META_FILE), frozenset(
+    {VECTORS_FILE, FAISS_FILE, META_FILE + "-journal", META_FILE + "-wal", META_FILE + "-shm"}),
+    folders=((IMAGES_DIR, r"\d+\.png"),))
 
 
 def read_index_json(folder: Path) -> dict | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import OutFolder, Section
 from cliplab.data.collection import source_spec_field
@@ -19,6 +19,7 @@ class IndexConfig(Section):
     data: str | dict[str, Any]   # a source name or path, or a spec: read as `source_spec`
     out: OutFolder
     add: bool = False                   # append to an existing index instead of refusing it
+    overwrite: bool = False             # replace an existing index (only one) instead
     # backend, uri, collection and index_type: None is the default, resolved by `build_index`
     # (a new index: faiss, auto, a fresh collection; --add: the index's own backend, uri and
     # index type, and a fresh collection)
@@ -36,3 +37,10 @@ class IndexConfig(Section):
     @classmethod
     def _a_source(cls, value: Any) -> dict:
         return source_spec_field(value)
+
+    @model_validator(mode="after")
+    def _add_or_overwrite(self) -> "IndexConfig":
+        if self.add and self.overwrite:
+            raise ValueError("add appends to the index at --out and overwrite replaces it; "
+                             "give one of them")
+        return self
