@@ -188,3 +188,63 @@ def test_a_change_in_the_vision_tower_body_invalidates(monkeypatch):
     assert not torch.allclose(layered.embeddings, patched.embeddings, atol=1e-4)
     fresh = FeatureCache().features(model, images, progress=False)
     assert torch.equal(layered.embeddings, fresh.embeddings)
+
+
+def test_two_writers_of_one_entry_in_a_shared_folder_both_succeed(tmp_path, monkeypatch):
+    """Two processes filling one entry of a shared --cache-dir: the second publishes between
+    the first's write and rename. They shared ``ENTRY.tmp``, and the first failed with a
+    FileNotFoundError after all its encoding; each now writes a temporary file of its own."""
+    model, images = _model(), _images()
+    real, temps = fc.save_tensors, []
+
+    def slow_first_writer(tensors, path):
+        real(tensors, path)
+        temps.append(path)
+        if len(temps) == 1:  # the other process writes the same entry before we rename
+            FeatureCache(tmp_path).features(model, images, progress=False)
+
+    monkeypatch.setattr(fc, "save_tensors", slow_first_writer)
+    first = FeatureCache(tmp_path).features(model, images, progress=False)
+    assert len(temps) == 2 and temps[0] != temps[1]
+    (file,) = tmp_path.glob("*.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+    again = FeatureCache(tmp_path)
+    assert torch.equal(again.features(model, images, progress=False).embeddings,
+                       first.embeddings) and again.hits == 1
+
+
+def test_an_entry_published_while_encoding_is_kept(tmp_path, monkeypatch):
+    """The other writer finished first: its entry (the same key, the same features) stays."""
+    model, images = _model(), _images()
+    real, writes = fc.encode_images, []
+
+    def other_process_finishes_first(*args, **kwargs):
+        if not writes:
+            writes.append(1)
+            FeatureCache(tmp_path).features(model, images, progress=False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc, "encode_images", other_process_finishes_first)
+    monkeypatch.setattr(fc, "save_tensors", lambda t, p, real=fc.save_tensors: (
+        writes.append(p), real(t, p)))
+    FeatureCache(tmp_path).features(model, images, progress=False)
+    assert len(writes) == 2  # the other's one write; ours was skipped
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_temp_files_of_killed_writers_are_removed_once_stale(tmp_path):
+    """A writer killed mid-write leaves its own temporary file, never written again: the next
+    write removes those untouched for an hour (and the ``ENTRY.tmp`` older versions left)."""
+    import os
+
+    stale = [tmp_path / "a-b-plain.safetensors.123-0badf00d.tmp",
+             tmp_path / "c-d-tokens.safetensors.tmp"]
+    fresh = tmp_path / "e-f-plain.safetensors.456-12345678.tmp"
+    other = tmp_path / "notes.tmp"  # not a cache writer's
+    for path in (*stale, fresh, other):
+        path.write_bytes(b"half")
+    for path in (*stale, other):
+        old = path.stat().st_mtime - 2 * fc.STALE_TEMP_SECONDS
+        os.utime(path, (old, old))
+    FeatureCache(tmp_path).features(_model(), _images(), progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted([fresh.name, other.name])

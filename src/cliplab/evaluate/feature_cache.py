@@ -8,8 +8,11 @@ safetensors files. ``FeatureCache.texts`` is the text-embedding cache the same t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -112,10 +115,36 @@ class FeatureCache:
             tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone}
             if feats.probe is not None:
                 tensors["probe"] = feats.probe
-            file = self.folder / f"{key}-{tag}.safetensors"
-            with atomic_path(file) as tmp:
-                save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            write_entry(self.folder / f"{key}-{tag}.safetensors", tensors)
         return feats
+
+
+STALE_TEMP_SECONDS = 3600  # a writer's temp file untouched this long: its writer was killed
+
+
+def write_entry(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a cache entry atomically through a temporary file of this writer's own (pid and
+    a random part), so processes sharing a folder never write into one file. An entry that
+    another process published meanwhile is kept: its key is ours, so are its features."""
+    if file.exists():  # published while we encoded (or one we may not read, left as it is)
+        return
+    try:
+        with atomic_path(file, f".{os.getpid()}-{secrets.token_hex(4)}.tmp") as tmp:
+            save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    except OSError:
+        if not file.is_file():  # (Windows: the rename onto a file another process reads)
+            raise
+    remove_stale_temps(file.parent)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files of cache writers that were killed mid-write (unique names
+    are never written again), once untouched for ``STALE_TEMP_SECONDS``."""
+    now = time.time()
+    for tmp in folder.glob("*.safetensors*.tmp"):
+        with contextlib.suppress(OSError):  # another process's sweep removed it first
+            if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                tmp.unlink()
 
 
 def check_cache_folder(folder: Path) -> None:
