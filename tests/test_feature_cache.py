@@ -1,5 +1,8 @@
 """The feature cache: one encode per (model, dataset, transform), invalidated by any change."""
 
+import os
+
+import pytest
 import torch
 
 from cliplab.evaluate import feature_cache as fc
@@ -248,3 +251,88 @@ def test_temp_files_of_killed_writers_are_removed_once_stale(tmp_path):
         os.utime(path, (old, old))
     FeatureCache(tmp_path).features(_model(), _images(), progress=False)
     assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted([fresh.name, other.name])
+
+
+def _entry_written_then_unreadable(tmp_path, monkeypatch, error):
+    model, images = _model(), _images()
+    first = FeatureCache(tmp_path).features(model, images, progress=False)
+    (file,) = tmp_path.glob("*.safetensors")
+    content = file.read_bytes()
+
+    def refused(path, *args, **kwargs):
+        raise error(path)
+
+    monkeypatch.setattr(fc, "load_file", refused)
+    return model, images, first, file, content
+
+
+def test_a_cache_file_without_read_permission_is_left_and_encoded_again(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A group-shared cache: another user's entry this one may not read. It was deleted as if
+    corrupt (and rewritten); it is left, and the features are encoded for this run."""
+    import errno
+
+    model, images, first, file, content = _entry_written_then_unreadable(
+        tmp_path, monkeypatch, lambda p: PermissionError(errno.EACCES, "Permission denied", p))
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(file))))
+    capsys.readouterr()
+    cache = FeatureCache(tmp_path)
+    again = cache.features(model, images, progress=False)
+    monkeypatch.undo()
+    assert torch.equal(again.embeddings, first.embeddings) and cache.misses == 1
+    assert file.read_bytes() == content and not list(tmp_path.glob("*.tmp"))
+    assert capsys.readouterr().err == (f"feature cache: {file} cannot be read (Permission "
+                                       "denied); encoding its features again and leaving the "
+                                       "file\n")
+
+
+def test_a_cache_file_safetensors_cannot_open_is_not_deleted(tmp_path, monkeypatch, capsys):
+    """safetensors reports a refused open (EACCES, say) as FileNotFoundError without errno
+    for a file that exists: an OS error, not corruption, so the file stays."""
+    model, images, first, file, content = _entry_written_then_unreadable(
+        tmp_path, monkeypatch, lambda p: FileNotFoundError(f"No such file or directory: {p}"))
+    capsys.readouterr()
+    again = FeatureCache(tmp_path).features(model, images, progress=False)
+    assert torch.equal(again.embeddings, first.embeddings) and file.read_bytes() == content
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "; encoding its features again and leaving the file" in err[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads any file; Windows has no chmod 000")
+def test_a_real_unreadable_cache_file_is_left(tmp_path, capsys):
+    model, images = _model(), _images()
+    first = FeatureCache(tmp_path).features(model, images, progress=False)
+    (file,) = tmp_path.glob("*.safetensors")
+    file.chmod(0)
+    try:
+        again = FeatureCache(tmp_path).features(model, images, progress=False)
+        assert file.exists() and torch.equal(again.embeddings, first.embeddings)
+        assert "cannot be read (Permission denied); encoding" in capsys.readouterr().err
+    finally:
+        file.chmod(0o644)
+
+
+def test_a_corrupt_cache_file_that_cannot_be_deleted_is_a_warning(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A sticky-bit shared folder: another user's corrupt entry cannot be deleted. The
+    PermissionError of the unlink ended the run; the features are encoded without it."""
+    import errno
+    from pathlib import Path
+
+    model, images = _model(), _images()
+    first = FeatureCache(tmp_path).features(model, images, progress=False)
+    (file,) = tmp_path.glob("*.safetensors")
+    file.write_bytes(file.read_bytes()[:40])  # truncated
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    capsys.readouterr()
+    again = FeatureCache(tmp_path).features(model, images, progress=False)
+    assert torch.equal(again.embeddings, first.embeddings) and file.stat().st_size == 40
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith(f"feature cache: {file} cannot be read (")
+    assert err.endswith(", and cannot be deleted (Operation not permitted); encoding again")

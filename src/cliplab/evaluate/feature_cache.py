@@ -69,7 +69,7 @@ class FeatureCache:
             return None
         files = [self.folder / f"{key}-{tag}.safetensors"]
         if tag == "plain":
-            files += sorted(self.folder.glob(f"{key}-*.safetensors"))
+            files += sorted(set(self.folder.glob(f"{key}-*.safetensors")) - set(files))
         for file in files:
             if file.is_file():
                 tensors = read_entry(file)
@@ -99,7 +99,7 @@ class FeatureCache:
                  probe_layers: int = DEFAULT_PROBE_LAYERS, progress: bool = True,
                  desc: str = "encode images", precision: str = "fp32") -> ImageFeatures:
         """The cached features of ``images`` under ``model``, computing them on a miss (an
-        unreadable file of the folder is one: it is deleted and written again)."""
+        corrupt file of the folder is one: it is deleted and written again)."""
         images = to_uint8_batch(images)  # one image, a list of PIL images: a uint8 batch
         key, tag = self.key(model, images, precision), self._tag(probe, probe_layers)
         feats = self._lookup(key, tag)
@@ -170,16 +170,46 @@ def mark_used(file: Path) -> None:
 
 def read_entry(file: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a cache file; None, with one warning on stderr, for a file that cannot
-    be read (truncated, corrupt, or lacking the embeddings), which is deleted so that the
-    features are encoded and written again."""
+    be used. A corrupt one (truncated, garbage, lacking the embeddings) is deleted so that the
+    features are encoded and written again; one the system will not let us read (no
+    permission, an I/O error) is left as it is, and its features are encoded without it."""
     try:
         tensors = load_file(file)
+    except (SafetensorError, ValueError, OSError) as err:
+        if isinstance(err, OSError) or "(os error" in str(err):
+            return _unreadable(file, err)
+        problem = f"cannot be read ({_first_line(err)})"
+    else:
         if "embeddings" in tensors and "backbone" in tensors:
             return tensors
         problem = "holds no embeddings"
-    except (SafetensorError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        problem = f"cannot be read ({reason})"
+    try:
+        file.unlink(missing_ok=True)
+    except OSError as err:  # (a sticky-bit folder: another user's file)
+        print(f"feature cache: {file} {problem}, and cannot be deleted ({_first_line(err)}); "
+              "encoding again", file=sys.stderr)
+        return None
     print(f"feature cache: {file} {problem}; deleting it and encoding again", file=sys.stderr)
-    file.unlink(missing_ok=True)
     return None
+
+
+def _unreadable(file: Path, err: Exception) -> None:
+    """Warn of a cache file the system will not let us read (a group-shared folder: another
+    user's file), which is not corrupt and so is left; None if it is gone (another process
+    deleted it), a plain miss."""
+    try:  # safetensors reports a refused open as "No such file", no errno: open names why
+        with open(file, "rb"):
+            pass
+    except FileNotFoundError:
+        return None
+    except OSError as real:
+        err = real
+    print(f"feature cache: {file} cannot be read ({_first_line(err)}); encoding its features "
+          "again and leaving the file", file=sys.stderr)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
