@@ -1321,3 +1321,123 @@ def test_the_writers_name_an_item_whose_image_went_since_it_was_read(tmp_path):
                            r"member k.png can no longer be read \(.*ends 10 bytes into the "
                            rf"member at byte 512\): the source changed since the pool was read"):
             write_kept(records[1:], tmp_path, OutputSpec(format=output), {}, progress=False)
+
+
+def test_a_step_input_file_changed_while_a_run_was_stopped_is_refused(tmp_path, capsys):
+    """balance decided from its entries file, then the run was killed: resumed after the file
+    was edited, the output kept the decision made from the old entries, with config.yaml
+    naming the new file. Refused, naming the file; --overwrite starts over (as a fresh run)."""
+    entries = tmp_path / "entries.txt"
+    entries.write_text("red\nyellow\n", encoding="utf-8")
+    data = {"source": "shapes", "n": 24, "seed": 3}
+    cfg = config(data, [{"step": "balance", "entries": str(entries), "t": 2},
+                        {"step": "bright", "threshold": 0, "fail_on_chunk": 0}], chunk_size=6)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    work = partial_path(tmp_path / "out")
+    assert (work / "steps" / "00-balance" / "decision.json").is_file()
+    entries.write_text("square\ncross\ntriangle\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(work))} is a stopped run whose "
+                       rf"steps\[0\] \(balance\) read a file that changed since "
+                       rf"\({re.escape(str(entries))} was rewritten or replaced\): resumed, its "
+                       r"decision would rest on the file as it was; pass --overwrite to start "
+                       r"over$"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    Bright.failed.append(True)  # no kill from here on
+    resumed = run_curation(cfg, tmp_path / "out", progress=False, overwrite=True)
+    fresh = run_curation(cfg, tmp_path / "fresh", progress=False)
+    assert resumed["steps"] == [{**s, "seconds": r["seconds"]}
+                                for s, r in zip(fresh["steps"], resumed["steps"])]
+
+
+def test_a_step_input_file_edited_before_the_step_started_resumes_with_it(tmp_path,
+                                                                          monkeypatch):
+    """Stamps are taken as a step starts: a run stopped while reading its pool, whose entries
+    file is edited then, resumes and balances by the file as it now is (as a fresh run)."""
+    import cliplab.curate.pipeline as pipeline
+
+    entries = tmp_path / "entries.txt"
+    entries.write_text("red\nyellow\n", encoding="utf-8")
+    cfg = config({"source": "shapes", "n": 24, "seed": 3},
+                 [{"step": "balance", "entries": str(entries), "t": 2}], chunk_size=2)
+    monkeypatch.setattr(pipeline, "read_item", _killed_once_at_item_4(pipeline.read_item,
+                                                                     "killed while reading"))
+    with pytest.raises(RuntimeError, match="killed while reading"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    entries.write_text("square\ncross\ntriangle\n", encoding="utf-8")
+    resumed = run_curation(cfg, tmp_path / "out", progress=False)
+    fresh = run_curation(cfg, tmp_path / "fresh", progress=False)
+    assert [s["kept"] for s in resumed["steps"]] == [s["kept"] for s in fresh["steps"]]
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_a_decontamination_set_changed_while_a_run_was_stopped_is_refused(tmp_path):
+    """decontaminate's evaluation images feed its cached per-chunk matches: an image of an
+    evaluation folder rewritten since the step started is refused, naming the folder; the
+    suite file it names likewise; untouched, the run resumes."""
+    pytest.importorskip("imagehash")
+    evals = tmp_path / "evals"
+    (evals / "noise").mkdir(parents=True)  # one class of two noise images (flat ones all
+    rng = np.random.default_rng(0)        # hash alike: they would match the whole pool)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            evals / "noise" / f"img_0{i}.png")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: shapes, n: 4}}\n",
+                     encoding="utf-8")
+    steps = [{"step": "decontaminate", "eval_sets": [{"source": "image-folder",
+                                                      "path": str(evals)}],
+              "suite": str(suite), "threshold": None, "hash_distance": 0},
+             {"step": "bright", "threshold": 0, "fail_on_chunk": 0}]
+    cfg = config({"source": "shapes", "n": 10, "seed": 3}, steps, chunk_size=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    work = partial_path(tmp_path / "out")
+    (evals / "noise" / "img_01.png").write_bytes((evals / "noise" / "img_00.png").read_bytes())
+    with pytest.raises(DataError, match=rf"steps\[0\] \(decontaminate\) read a file that "
+                       rf"changed since \(a file in {re.escape(str(evals))} was added, removed "
+                       r"or rewritten\)"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    shutil.rmtree(work)
+    Bright.failed.clear()
+    Bright.calls.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    suite.write_text(suite.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"\({re.escape(str(suite))} was rewritten or "
+                       r"replaced\)"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    shutil.rmtree(work)
+    Bright.failed.clear()
+    Bright.calls.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, tmp_path / "out", progress=False)
+    assert run_curation(cfg, tmp_path / "out", progress=False)["pool"] == 10  # unchanged
+
+
+def test_the_files_each_step_reads_are_named_for_stamping(tmp_path):
+    """balance's entries, dfn's trusted set and decontaminate's sets and suite (its datasets
+    too) are what a resume checks; a folder's stamp moves when any file in it does."""
+    from cliplab.curate.config import step_spec
+    from cliplab.curate.inputs import changed_input, stamp_inputs
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: manifest, "
+                     f"path: {tmp_path / 'm.csv'}}}}}\n", encoding="utf-8")
+    specs = {"balance": {"entries": "e.txt", "t": 2},
+             "dfn": {"model": "tiny-clip", "keep_top": 0.5,
+                     "trusted": {"source": "image-folder", "path": "trusted"}},
+             "decontaminate": {"eval_sets": [{"source": "manifest", "path": "a.csv"}],
+                               "suite": str(suite), "threshold": None}}
+    named = {step: step_spec({"step": step, **spec}, "c.yaml", "steps[0]").input_paths()
+             for step, spec in specs.items()}
+    assert named == {"balance": ["e.txt"], "dfn": ["trusted"],
+                     "decontaminate": [str(suite), "a.csv", str(tmp_path / "m.csv")]}
+    assert step_spec({"step": "exact_dedup"}, "c.yaml", "steps[0]").input_paths() == []
+    folder = make_folder(tmp_path / "trusted", [10, 20])
+    then = stamp_inputs([str(folder), "not-a-path"])
+    assert list(then) == [str(folder)] and changed_input(then, stamp_inputs([str(folder)])) is None
+    (folder / "img_01.png").write_bytes(b"other")
+    assert changed_input(then, stamp_inputs([str(folder)])) == (
+        f"a file in {folder} was added, removed or rewritten")
+    assert changed_input({}, then) == f"{folder} is new"

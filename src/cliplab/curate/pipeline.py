@@ -10,6 +10,8 @@ Work happens in ``OUT.partial/`` and is resumable:
   ``cache/pool/done.json`` once the whole source is read; ``cache/images/``: PNGs of an
   in-memory source's images;
 - ``cache/steps/NN-name/N.npz``: the columns step ``NN`` mapped for chunk ``N``;
+  ``cache/steps/NN-name/inputs.json``: a stamp of the files its spec names, taken as it started
+  (a resume after one changed is refused);
 - ``steps/NN-name/decision.json``: the step's finished decision; ``steps/NN-name/work/``: what
   the step built (its `StepContext.work`), kept in the output.
 
@@ -27,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +40,12 @@ from tqdm.auto import tqdm
 from cliplab.config import changed_key_paths, validate, value_at
 from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import load_columns, map_chunks
+from cliplab.curate.inputs import changed_input, stamp_inputs
 from cliplab.curate.ray_engine import check_cluster, ray_session
 from cliplab.curate.outputs import write_dropped, write_kept
 from cliplab.curate.pool import Record, changed_source, read_item, stamp_sources
 from cliplab.curate.report import write_report
-from cliplab.curate.steps.base import Decision, PoolItems, StepContext
+from cliplab.curate.steps.base import Decision, PoolItems, StepContext, StepSpecBase
 from cliplab.curate.steps.registry import make_step
 from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.data.sources import with_paths_resolved
@@ -55,6 +59,7 @@ READ_STEP = "read"
 READ_MEMORY = 200_000  # images remembered as readable at once (some tens of MB of keys)
 # keys that change how the run goes or what the report shows, not which items are kept
 NEUTRAL_KEYS = ("out", "workers", "engine", "ray_address", "examples", "device")
+INPUTS = "inputs.json"  # in a step's cache folder: the stamps of the files its spec names
 
 
 def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = None,
@@ -78,7 +83,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     if _finished_request(work) == request:  # killed after finishing, before the rename
         return _move_into_place(work, out)
-    _open_work(work, request, overwrite, step_models)
+    _open_work(work, request, overwrite, step_models, config.steps)
 
     try:
         chunks, dropped, read_seconds = _read_pool(config, work, progress)
@@ -187,7 +192,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a file; choose a folder")
 
 
-def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str, dict]) -> None:
+def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str, dict],
+               steps: Sequence[StepSpecBase] = ()) -> None:
     state = work / "state.json"
     finished = _finished_request(work) is not None
     if work.exists() and state.is_file() and not finished:
@@ -195,15 +201,20 @@ def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str
         saved = recorded["request"]
         # its steps' cached scores came from the models as they were then
         changed = _model_changed(recorded.get("step_models", step_models), step_models)
+        # and their decisions from the files their specs name
+        stale = _input_changed(work, steps) if saved == request else None
         read = any((work / "cache" / "pool").glob("*.json"))
-        if saved == request and changed is None:
+        if saved == request and changed is None and stale is None:
             if read:  # as pretrain says it resumed
                 print(f"curate: resuming the stopped run in {work} (what it finished is kept)",
                       file=sys.stderr)
             return
-        if saved == request and read and not overwrite:
+        if saved == request and read and not overwrite and changed is not None:
             raise ConfigError(f"{work} is a stopped run whose {changed} since it stopped: its "
                               "scores would mix two models; pass --overwrite to start over")
+        if saved == request and read and not overwrite:
+            raise DataError(f"{work} is a stopped run whose {stale}: resumed, its decision "
+                            "would rest on the file as it was; pass --overwrite to start over")
         # a run stopped before reading its first chunk (e.g. a bad source option) holds nothing
         if saved != request and read and not overwrite:
             raise ConfigError(f"{work} is a half-finished `cliplab curate` run of another config "
@@ -220,6 +231,26 @@ def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str
         remove_own_work(work, "curate", ("cache", "state.json.tmp"))
     (work / "cache" / "pool").mkdir(parents=True)
     write_json(state, {"format": FORMAT, "request": request, "step_models": step_models})
+
+
+def _step_folder(index: int, spec: StepSpecBase) -> str:
+    return f"{index:02d}-{step_name(spec)}"
+
+
+def _input_changed(work: Path, steps: Sequence[StepSpecBase]) -> str | None:
+    """How a file a started step of the stopped run in ``work`` read changed since (its
+    ``inputs.json`` stamps), e.g. "steps[0] (balance) read a file that changed since (FILE was
+    rewritten or replaced)", or None when none did (or no step started)."""
+    for index, spec in enumerate(steps):
+        record = work / "cache" / "steps" / _step_folder(index, spec) / INPUTS
+        if not record.is_file():
+            continue
+        changed = changed_input(json.loads(record.read_text(encoding="utf-8")),
+                                stamp_inputs(spec.input_paths()))
+        if changed is not None:
+            return (f"steps[{index}] ({step_name(spec)}) read a file that changed since "
+                    f"({changed})")
+    return None
 
 
 def _model_changed(then: dict[str, dict], now: dict[str, dict]) -> str | None:
@@ -375,7 +406,7 @@ def _run_steps(config: CurateConfig, chunks: list[list[Record]], alive: list[np.
     decisions: list[tuple[str, list[Record], Decision]] = []
     for index, spec in enumerate(config.steps):
         name = step_name(spec)
-        folder = f"{index:02d}-{name}"
+        folder = _step_folder(index, spec)
         reached = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
         decision, seconds = _run_step(config, spec, folder, chunks, alive, work, progress)
         flat = iter(decision.keep)
@@ -414,6 +445,8 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
     step_dir.mkdir(parents=True, exist_ok=True)  # also for a step no item reached
     cache = work / "cache" / "steps" / folder
     cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / INPUTS).is_file():  # before prepare reads them
+        write_json(cache / INPUTS, stamp_inputs(spec.input_paths()))
     reaching = {c: [r for r, a in zip(records, alive[c]) if a] for c, records in enumerate(chunks)}
     reaching = {c: r for c, r in reaching.items() if r}
     items = PoolItems(keys=[r["key"] for c in sorted(reaching) for r in reaching[c]],

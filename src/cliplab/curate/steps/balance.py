@@ -80,6 +80,9 @@ class Spec(StepSpecBase):
                           "default entries, the pool's own n-grams)")
         return self
 
+    def input_paths(self) -> list[str]:
+        return [self.entries] if self.entries is not None else []
+
 
 def normalise(text: str) -> str:
     """Lowercase, punctuation wrapped in spaces, whitespace collapsed (no outer spaces)."""

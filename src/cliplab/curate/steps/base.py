@@ -55,6 +55,11 @@ class StepSpecBase(Section):
         needs it: checked before a run does any work."""
         return {}
 
+    def input_paths(self) -> list[str]:
+        """The files and folders this step reads besides the pool and its model: stamped when
+        the step starts, and a resumed run refused when one changed since."""
+        return []
+
 
 @dataclass
 class PoolBatch:

@@ -35,10 +35,11 @@ from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepConte
                                        StepSpecBase, told_apart)
 from cliplab.data.images import centre_square, noting_squares, resized_to, to_pil
 from cliplab.data.sources import check_options, load_source
-from cliplab.errors import ConfigError
+from cliplab.errors import CliplabError, ConfigError
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.models.embed import embed_images
+from cliplab.output_folder import spec_paths
 
 THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
 
@@ -85,6 +86,14 @@ class Spec(StepSpecBase):
             except ConfigError as err:
                 raise ValueError(str(err)) from None
         return self
+
+    def input_paths(self) -> list[str]:
+        """The suite file, and the files of every evaluation set (the suite's too)."""
+        try:
+            sets = eval_set_specs(self)
+        except CliplabError:  # the step says what is wrong with the suite when it starts
+            sets = list(enumerate(self.eval_sets))
+        return [*([self.suite] if self.suite else []), *spec_paths(*(d for _, d in sets))]
 
 
 def _imagehash():

@@ -36,6 +36,7 @@ from cliplab.models.embed import embed_images, embed_texts
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_folder
 from cliplab.models.spec import ModelField
+from cliplab.output_folder import spec_paths
 from cliplab.runs import RunDir
 from cliplab.train.config import TrainConfig, train_over_defaults
 from cliplab.train.trainer import Trainer
@@ -72,6 +73,9 @@ class Spec(StepSpecBase):
         refuse_unused(self.train, ["fsdp", "dist_timeout_s", "eval_every"], "in a dfn step (it "
                       "trains in one process, with no evaluation)", prefix="train.")
         return self
+
+    def input_paths(self) -> list[str]:
+        return spec_paths(self.trusted)
 
 
 class DataFilteringNetwork:
