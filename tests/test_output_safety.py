@@ -808,68 +808,206 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
                                           "Permission denied (os error 13)")) is None
 
 
-def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
-    """On a shared machine another user can make the lock folder first, or plant a link at a
-    lock's (predictable) name to a file of yours: the hold writes 'pid N' into what it opens."""
-    import hashlib
+# another cliplab process holding --out as a running command does (`output_folder.hold`)
+_HOLDER = """
+import sys
+from cliplab.output_folder import hold, holding_outputs
+with holding_outputs():
+    hold(sys.argv[1])
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_hold_is_seen_whatever_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    """The lock was a file of $TMPDIR: two runs of one --out with their own temporary folders
+    (a scheduler's per-job $TMPDIR, containers with a private /tmp) both passed and wrote one
+    folder together (two records per step in metrics.jsonl, one eval's results lost). The lock
+    lives beside the output now: any process that can write it sees it."""
     import os
+    import subprocess
+    import sys
     import tempfile
 
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import check_not_held
+
+    out = tmp_path / "shards"
+    for name in ("tA", "tB"):
+        (tmp_path / name).mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path / "tA")})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tB"))
+        assert main(["data", "shard", "--data", "shapes", "data.n=4", "--out", str(out)]) == 2
+        live = (f"--out {out} is being written by another cliplab run (pid {holder.pid}); "
+                "wait for it to end, or choose another --out")
+        assert _one_line(capsys) == live
+        with pytest.raises(ConfigError) as refused:  # a run folder's "live, not stopped" look
+            check_not_held(out)
+        assert str(refused.value) == live
+        assert not out.exists()
+    finally:
+        holder.communicate("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tA", "tB"]  # the lock went with it
+    assert main(["data", "shard", "--data", "shapes", "data.n=4", "--out", str(out)]) == 0
+
+
+def test_a_holder_on_another_machine_is_named_with_it(tmp_path):
+    """Two machines sharing a folder see one lock beside the output; a pid alone would send
+    the user looking for a process on their own machine."""
+    import fcntl
+
+    from cliplab.errors import ConfigError
     from cliplab.output_folder import hold, holding_outputs
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
-    mine = tmp_path / "thesis.txt"
-    mine.write_text("years of work")
     out = tmp_path / "out"
-    locks.mkdir(mode=0o700)
-    (locks / (hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock")) \
-        .symlink_to(mine)
-    with holding_outputs():
-        hold(out)  # the link is not followed: no hold, no error, the file untouched
-    assert mine.read_text() == "years of work"
-    locks.chmod(0o777)  # a folder others may write in is not used at all
-    with holding_outputs():
-        hold(tmp_path / "other")
-    assert sorted(p.name for p in locks.iterdir()) == [
-        hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"]
+    with open(tmp_path / ".out.cliplab-lock", "wb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write(b"pid 12 on node-7")
+        other.flush()
+        with holding_outputs(), pytest.raises(ConfigError, match=r"\(pid 12 on node-7\);"):
+            hold(out)
+    assert not out.exists() and (tmp_path / ".out.cliplab-lock").read_text() == "pid 12 on node-7"
 
 
-def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
-    """Lock files were never removed (one per --out ever given: thousands in the temporary
-    folder). Released, it is removed while still locked; a run that had opened it before the
-    release gets a lock on a removed file, sees that and takes the new one."""
-    import fcntl
+def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
+    """Another user who may write in the folder can plant a link at the lock's (predictable)
+    name to a file of yours, and a file of yours may bear that name: the hold writes 'pid N'
+    into what it opens. None of them is followed, opened for writing or written: the run is
+    refused, naming it. The temporary folder's lock, used where none can be made beside the
+    output, is no more followed, and a folder of it others may write in is not used."""
     import hashlib
     import os
     import tempfile
 
     import cliplab.output_folder as output_folder
+    from cliplab.errors import ConfigError
     from cliplab.output_folder import hold, holding_outputs
+
+    mine = tmp_path / "thesis.txt"
+    mine.write_text("years of work")
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.cliplab-lock"
+    planted = [lambda: lock.symlink_to(mine), lambda: lock.write_text("years of work"),
+               lambda: os.link(mine, lock), lambda: os.mkfifo(lock), lambda: lock.mkdir()]
+    mine.write_text("pid 7")  # a second name of a file of yours, even one that reads as a lock
+    for plant in planted:
+        plant()
+        with holding_outputs(), pytest.raises(ConfigError) as refused:
+            hold(out)
+        assert str(refused.value) == (
+            f"--out {out}: {lock} is not a lock file of cliplab's (that name keeps two runs from "
+            "writing the output together); move it away, or choose another --out")
+        assert mine.read_text() == "pid 7" and not out.exists()
+        if lock.is_dir() and not lock.is_symlink():
+            lock.rmdir()
+        else:
+            assert lock.is_symlink() or lock.is_fifo() or lock.read_text() in ("years of work",
+                                                                                "pid 7")
+            lock.unlink()
+
+    monkeypatch.setattr(output_folder, "_beside_lock", lambda *args: None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700)
+    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"
+    (locks / name).symlink_to(mine)
+    with holding_outputs():
+        hold(out)  # the link is not followed: no hold, no error, the file untouched
+    assert mine.read_text() == "pid 7"
+    locks.chmod(0o777)  # a folder others may write in is not used at all
+    with holding_outputs():
+        hold(tmp_path / "other")
+    assert sorted(p.name for p in locks.iterdir()) == [name]
+
+
+def test_no_lock_beside_the_output_falls_back_to_the_temporary_folder(tmp_path, monkeypatch):
+    """A parent that takes no new file (an --out that exists in a read-only folder) or a file
+    system without flock (some NFS set-ups): the output is held in the temporary folder, as
+    before, and its check sees it there; nothing is left beside it."""
+    import errno
+    import fcntl
+    import os
+    import tempfile
+    import types
+
+    import cliplab.output_folder as output_folder
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import check_not_held, hold, holding_outputs
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
     out = tmp_path / "out"
-    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"
-    real = output_folder._lock_file
+    lock = tmp_path / ".out.cliplab-lock"
+    real_open = os.open
+
+    def read_only_parent(path, flags, *args):
+        if Path(path) == lock and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    def no_flock_beside(handle, how):
+        if os.readlink(f"/proc/self/fd/{handle.fileno()}").endswith(".cliplab-lock"):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return fcntl.flock(handle, how)
+
+    for way in ("read-only", "no flock"):
+        with monkeypatch.context() as patch:
+            if way == "read-only":
+                patch.setattr(output_folder.os, "open", read_only_parent)
+            else:
+                patch.setattr(output_folder, "fcntl", types.SimpleNamespace(
+                    **{k: getattr(fcntl, k) for k in dir(fcntl) if k.isupper()},
+                    flock=no_flock_beside))
+            with holding_outputs():
+                hold(out)
+                assert not lock.exists() and len(list(locks.iterdir())) == 1
+                other = open(next(locks.iterdir()))
+                with pytest.raises(BlockingIOError):  # really held
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                other.close()
+                with holding_outputs(), pytest.raises(ConfigError, match="being written"):
+                    check_not_held(out)  # another command's look
+            assert list(locks.iterdir()) == [] and not lock.exists()
+
+
+def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
+    """Lock files were never removed (one per --out ever given: thousands in the temporary
+    folder). Released, it is removed while still locked; a run that had opened it before the
+    release gets a lock on a removed file, sees that and takes the new one. Folders the hold
+    made for it go too unless the command wrote in them."""
+    import fcntl
+
+    import cliplab.output_folder as output_folder
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import hold, holding_outputs
+
+    out = tmp_path / "runs" / "out"
+    lock = tmp_path / "runs" / ".out.cliplab-lock"
+    real = output_folder._beside_lock
     with holding_outputs():
         hold(out)
-        late = real(name)  # another run opening it as this one ends
-        assert [p.name for p in locks.iterdir()] == [name]
-    assert list(locks.iterdir()) == []
+        late = real(out, out, ConfigError)  # another run opening it as this one ends
+        assert [p.name for p in (tmp_path / "runs").iterdir()] == [lock.name]
+        assert lock.read_text().startswith(f"pid {__import__('os').getpid()} on ")
+    assert not (tmp_path / "runs").exists()  # made for the lock, empty: removed
     handed = [late]  # the late run's open file comes first, then the path's new one
-    monkeypatch.setattr(output_folder, "_lock_file",
-                        lambda wanted: handed.pop() if handed else real(wanted))
+    monkeypatch.setattr(output_folder, "_beside_lock",
+                        lambda *args: handed.pop() if handed else real(*args))
     with holding_outputs():
         hold(out)  # the late opener's lock is on the removed file: it takes the new one
-        assert handed == [] and late[0].closed
-        other, _ = real(name)
+        assert handed == [] and late.handle.closed
+        other = open(lock)
         with pytest.raises(BlockingIOError):  # really held: a third run is refused
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.close()
-    assert list(locks.iterdir()) == []
+        out.mkdir()  # the command wrote its output
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["out"]
 
 
 def test_a_look_at_the_lock_by_check_not_held_does_not_refuse_a_hold(tmp_path, monkeypatch):
@@ -877,18 +1015,12 @@ def test_a_look_at_the_lock_by_check_not_held_does_not_refuse_a_hold(tmp_path, m
     instant (rank 0 of a torchrun job while a rank looks) refused a run "being written by
     another cliplab run" that did not exist (8 in 2 160 holds in a stress run)."""
     import fcntl
-    import hashlib
-    import tempfile
     import threading
 
-    import cliplab.output_folder as output_folder
     from cliplab.output_folder import hold, holding_outputs
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     out = tmp_path / "out"
-    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:24] + ".lock"
-    looker, _ = output_folder._lock_file(name)
+    looker = open(tmp_path / ".out.cliplab-lock", "wb")
     fcntl.flock(looker, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a look under way as the hold starts
     threading.Timer(0.03, lambda: fcntl.flock(looker, fcntl.LOCK_UN)).start()
     with holding_outputs():
@@ -896,16 +1028,40 @@ def test_a_look_at_the_lock_by_check_not_held_does_not_refuse_a_hold(tmp_path, m
     looker.close()
 
 
-def test_a_hold_released_sweeps_the_lock_files_of_killed_runs(tmp_path, monkeypatch):
-    """A run killed with SIGKILL cannot remove its lock file: 3,062 had piled up on a busy
-    machine. A run ending removes those no process holds (locked first, as its own); a lock
-    another run holds stays, and that run still holds its output."""
+def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch):
+    """A run killed with SIGKILL cannot remove its lock file: the next run into that output
+    takes it over and removes it as it ends; a lock another run holds refuses it. The temporary
+    folder's locks (3,062 had piled up on a busy machine) are swept by a run that used one:
+    those no process holds go, locked first as a run's own."""
     import fcntl
     import os
+    import signal
+    import subprocess
+    import sys
     import tempfile
 
+    from cliplab.errors import ConfigError
     from cliplab.output_folder import hold, holding_outputs
 
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.cliplab-lock"
+    killed = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline() == "held\n"
+    with holding_outputs(), pytest.raises(ConfigError, match=f"pid {killed.pid}"):
+        hold(out)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed.stdin.close()
+    killed.stdout.close()
+    assert lock.read_text().startswith(f"pid {killed.pid} on ")  # left behind
+    with holding_outputs():
+        hold(out)
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+    assert list(tmp_path.iterdir()) == []
+
+    import cliplab.output_folder as output_folder
+    monkeypatch.setattr(output_folder, "_beside_lock", lambda *args: None)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -276,8 +278,30 @@ def check_writable_beside(out: str | os.PathLike, error: type[CliplabError] = Co
 
 
 LOCK_ATTEMPTS = 5  # a lock file removed by the run releasing it is opened anew this often
+LOCK_SUFFIX = ".cliplab-lock"  # the lock beside an output: PARENT/.OUT.cliplab-lock
+_LOCK_TEXT = re.compile(r"(?:pid (\d+)(?: on (\S+))?)?")  # what a holder writes in its lock
+_LOCK_MAX_BYTES = 512  # a lock file holds one short line: a larger file is no lock of cliplab's
+# flock's "not on this file system" (some NFS set-ups, FUSE): the temporary folder's lock then
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+                       getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
+_READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+# a link is never followed, nor does a FIFO planted at a lock's name block the open
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK if fcntl is not None else 0
+
+
+@dataclass(frozen=True)
+class _Lock:
+    """A lock file open (read-only: another user's, which locks as well), its path, the folders
+    made for it (its parent and the parent's missing parents) and whether this run made it."""
+
+    handle: Any
+    path: Path
+    made: tuple[Path, ...] = ()
+    created: bool = False
+
+
 # the outputs this command holds (`holding_outputs`); None outside a command (the Python API)
-_HELD: contextvars.ContextVar[dict[Path, tuple[Any, Path]] | None] = contextvars.ContextVar(
+_HELD: contextvars.ContextVar[dict[Path, _Lock] | None] = contextvars.ContextVar(
     "held_outputs", default=None)
 
 
@@ -287,29 +311,30 @@ def holding_outputs() -> Iterator[None]:
     block ends: another cliplab process given the same output — two runs started together,
     each passing the checks before the other wrote anything — is refused in one line instead
     of mixing, losing or hiding results."""
-    held: dict[Path, tuple[Any, Path]] = {}
+    held: dict[Path, _Lock] = {}
     token = _HELD.set(held)
     try:
         yield
     finally:
         _HELD.reset(token)
-        for handle, lock_path in held.values():
+        for lock in held.values():
             # removed while still locked, then released: a run that opened it meanwhile finds
             # it gone once it gets the lock (`hold` checks) and makes a new one. Only if it is
             # still this lock's file (removed by hand meanwhile, its path may be another run's)
-            if _still_named(handle, lock_path):
+            if _still_named(lock.handle, lock.path):
                 with contextlib.suppress(OSError):
-                    os.unlink(lock_path)
-            handle.close()  # closing the file releases its lock
-        if held:
-            remove_stale_locks(next(iter(held.values()))[1].parent)
+                    os.unlink(lock.path)
+            _let_go(lock)  # closing the file releases its lock
+        if any(lock.path.parent == _locks_folder() for lock in held.values()):
+            remove_stale_locks(_locks_folder())
 
 
 def remove_stale_locks(locks: Path, limit: int = 256) -> int:
-    """Remove up to ``limit`` lock files of ``locks`` that no process holds: those of runs
-    killed with SIGKILL, which had no chance to remove theirs (thousands piled up on a busy
-    machine). Each is locked before it is removed, as a run removes its own, so a run that
-    opened it meanwhile finds it gone and makes a new one. Returns how many went."""
+    """Remove up to ``limit`` lock files of ``locks``, the temporary folder's (`_temp_lock`),
+    that no process holds: those of runs killed with SIGKILL, which had no chance to remove
+    theirs (thousands piled up on a busy machine). Each is locked before it is removed, as a
+    run removes its own, so a run that opened it meanwhile finds it gone and makes a new one.
+    Returns how many went. (A killed run's lock beside its output is the next run's there.)"""
     removed = 0
     try:
         names = [entry.name for entry in os.scandir(locks) if entry.name.endswith(".lock")]
@@ -332,13 +357,164 @@ def remove_stale_locks(locks: Path, limit: int = 256) -> int:
     return removed
 
 
-def _lock_file(name: str) -> tuple[Any, Path] | None:
-    """The lock file ``name`` in this user's private folder of the temporary directory, open
-    for reading and writing, and its path; None when that folder is not this user's alone (on
-    a shared machine another user could have made it, with a link planted in it to a file of
-    yours)."""
-    if fcntl is None:  # Windows: no advisory locks; the checks stand without the hold
+def beside_lock_path(path: Path) -> Path:
+    """The lock file of the resolved output ``path``: hidden, beside it in its parent folder
+    (``.OUT.cliplab-lock``; for a name too long for that, a hash of it)."""
+    name = f".{path.name}{LOCK_SUFFIX}"
+    if len(os.fsencode(name)) > 255:
+        name = f".{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:24]}{LOCK_SUFFIX}"
+    return path.parent / name
+
+
+def _take_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]) -> _Lock | None:
+    """The lock of the resolved output ``path``, locked: the one beside it (`_beside_lock`) or,
+    where none can be had there, the temporary folder's (`_temp_lock`); None when neither can.
+    An ``error`` naming the holder if another process holds it."""
+    beside = True
+    for _ in range(LOCK_ATTEMPTS):
+        lock = _beside_lock(path, out, error) if beside else _temp_lock(path)
+        if lock is None:
+            if not beside:  # no private temporary folder: the checks stand without the hold
+                return None
+            beside = False
+            continue
+        try:
+            locked = _locked(lock.handle)
+        except OSError as err:
+            if not beside or err.errno not in _NO_FLOCK:
+                raise
+            if lock.created:  # no process can lock it there: no use to anyone
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.path)
+            _let_go(lock)
+            beside = False
+            continue
+        if not locked:
+            holder = _holder(lock.handle)
+            _let_go(lock)
+            raise _being_written(out, holder, error) from None
+        if not _still_named(lock.handle, lock.path):
+            _let_go(lock)  # released and removed as this run opened it: open the new one
+            continue
+        if beside and not _is_lock_file(lock.handle):
+            _let_go(lock)
+            raise _not_a_lock(out, lock.path, error)
+        if not lock.handle.writable():  # another user's: replaced by one this run can write
+            try:
+                os.unlink(lock.path)
+            except OSError:  # held read-only: it says its maker's pid
+                return lock
+            _let_go(lock)
+            continue
+        return lock
+    return None  # removed under it every time: the checks stand without the hold
+
+
+def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
+                 ) -> _Lock | None:
+    """The lock file beside the resolved output ``path``, open, not yet locked (its parent
+    made if missing). The lock lives with the output, so every process that can write the
+    output sees it, whatever its temporary folder (a scheduler's per-job $TMPDIR, a container's
+    private /tmp) and on any machine sharing the folder. None where no lock file can be made
+    there (a parent that takes no new file); an ``error`` where that name holds something else
+    than a lock file (a link, a folder: never followed nor opened)."""
+    lock = beside_lock_path(path)
+    if path.parent == path:
         return None
+    made: tuple[Path, ...] = ()
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            made += _make_folders(lock.parent)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
+            return _Lock(os.fdopen(fd, "rb+"), lock, made, created=True)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its folder removed as made (a run released it): anew
+            continue
+        except OSError:  # no new file there (read-only, no permission): an existing one only
+            if not os.path.lexists(lock):
+                break
+        try:
+            try:
+                fd, mode = _open_file(lock, os.O_RDWR), "rb+"
+            except OSError as err:
+                if err.errno not in _READ_ONLY:
+                    raise
+                fd, mode = _open_file(lock, os.O_RDONLY), "rb"
+        except FileNotFoundError:  # removed by the run releasing it: made anew
+            continue
+        except OSError as err:
+            raise _not_a_lock(out, lock, error) from err
+        return _Lock(os.fdopen(fd, mode), lock, made)
+    _let_go(_Lock(None, lock, made))
+    return None
+
+
+def _open_file(path: Path, flags: int) -> int:
+    """``os.open`` of ``path`` if it is a regular file (a device's open may act: never opened),
+    never through a link."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a file", str(path))
+    return os.open(path, flags | _OPEN_FLAGS)
+
+
+def _make_folders(folder: Path) -> tuple[Path, ...]:
+    """Make ``folder`` and its missing parents; those made, outermost first."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made by another run meanwhile
+                folder.mkdir()
+                made.append(folder)
+    except OSError:
+        _let_go(_Lock(None, Path(), tuple(made)))
+        raise
+    return tuple(made)
+
+
+def _let_go(lock: _Lock) -> None:
+    """Close ``lock``'s file (which releases the lock) and remove the folders made for it that
+    stayed empty (the command wrote nothing there)."""
+    if lock.handle is not None:
+        lock.handle.close()
+    for folder in reversed(lock.made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _is_lock_file(handle) -> bool:
+    """Whether the file ``handle`` has open reads as a lock file cliplab made (only then is it
+    written over): a regular file of one name holding nothing or a holder's line."""
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1 or info.st_size > _LOCK_MAX_BYTES:
+        return False
+    handle.seek(0)
+    text = handle.read(_LOCK_MAX_BYTES).decode("utf-8", "replace").strip()
+    return _LOCK_TEXT.fullmatch(text) is not None
+
+
+def _holder(handle) -> str:
+    """Who holds the lock file ``handle`` has open, as its holder wrote it: ``pid N``, with
+    the machine's name when it is another's (a folder shared by two machines)."""
+    handle.seek(0)
+    text = handle.read(_LOCK_MAX_BYTES).decode("utf-8", "replace").strip()
+    found = _LOCK_TEXT.fullmatch(text)
+    if found is None or found.group(1) is None:
+        return "another process"
+    pid, host = found.groups()
+    return f"pid {pid}" if host in (None, socket.gethostname()) else f"pid {pid} on {host}"
+
+
+def _temp_lock(path: Path) -> _Lock | None:
+    """The lock file of the resolved output ``path`` in this user's private folder of the
+    temporary directory, open for reading and writing; None when that folder is not this user's
+    alone (on a shared machine another user could have made it, with a link planted in it to a
+    file of yours). Used only where no lock can be had beside the output: it holds off only the
+    runs of this machine that share this temporary folder."""
     locks = _locks_folder()
     try:
         locks.mkdir(mode=0o700, exist_ok=True)
@@ -346,10 +522,10 @@ def _lock_file(name: str) -> tuple[Any, Path] | None:
         if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.getuid() or \
                 mine.st_mode & 0o077:
             return None
-        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(locks / _lock_name(path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         return None
-    return os.fdopen(fd, "r+", encoding="utf-8"), locks / name
+    return _Lock(os.fdopen(fd, "rb+"), locks / _lock_name(path))
 
 
 def _still_named(handle, lock_path: Path) -> bool:
@@ -364,38 +540,27 @@ def _still_named(handle, lock_path: Path) -> bool:
 
 def hold(out: str | os.PathLike, error: type[CliplabError] = ConfigError) -> None:
     """Hold ``out`` for the command running (`holding_outputs`; nothing outside one, and
-    nothing on torchrun's ranks but rank 0, which writes for them): an advisory lock on a file
-    named by the resolved path in the temporary folder, which the system releases however the
-    process ends (a kill included). An ``error`` naming the holder if another process has it."""
+    nothing on torchrun's ranks but rank 0, which writes for them): an advisory lock on a
+    hidden file beside it, ``.OUT.cliplab-lock`` (`_take_lock`), which the system releases
+    however the process ends (a kill included; the next run into ``out`` takes over a killed
+    run's file). An ``error`` naming the holder if another process has it."""
     held = _HELD.get()
     other_rank = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and \
         os.environ.get("RANK", "0") != "0"
-    if held is None or other_rank:
+    if held is None or other_rank or fcntl is None:  # Windows: no advisory locks
         return
     path = Path(out).expanduser().resolve()
     if path in held:
         return
-    name = _lock_name(path)
-    for _ in range(LOCK_ATTEMPTS):
-        opened = _lock_file(name)
-        if opened is None:  # no private temporary folder: the checks stand without the hold
-            return
-        handle, lock_path = opened
-        if not _locked(handle):
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise _being_written(out, holder, error) from None
-        if _still_named(handle, lock_path):
-            break
-        handle.close()  # released and removed as this run opened it: open the new one
-    else:
-        return  # removed under it every time: the checks stand without the hold
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    held[path] = (handle, lock_path)
+    lock = _take_lock(path, out, error)
+    if lock is None:
+        return
+    if lock.handle.writable():
+        lock.handle.seek(0)
+        lock.handle.truncate()
+        lock.handle.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        lock.handle.flush()
+    held[path] = lock
     remove_killed_builds(Path(out).expanduser())  # held: no other run builds beside it now
 
 
@@ -455,26 +620,29 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
     path = Path(out).expanduser().resolve()
     if fcntl is None or (held is not None and path in held):
         return
-    try:  # no lock file: no run holds it (nothing is made to find that out)
-        fd = os.open(_locks_folder() / _lock_name(path), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return
-    with os.fdopen(fd, encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _being_written(out, handle.read().strip() or "another process",
-                                 error) from None
-        fcntl.flock(handle, fcntl.LOCK_UN)
+    # beside it, or in the temporary folder of a run that could have no lock there
+    for lock in (beside_lock_path(path), _locks_folder() / _lock_name(path)):
+        try:  # no lock file: no run holds it (nothing is made to find that out)
+            fd = _open_file(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _being_written(out, _holder(handle), error) from None
+            except OSError:  # no flock on that file system: no run holds it there
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _locks_folder() -> Path:
-    """This user's folder of lock files in the temporary directory."""
+    """This user's folder of lock files in the temporary directory (`_temp_lock`)."""
     return Path(tempfile.gettempdir()) / f"cliplab-locks-{os.getuid()}"
 
 
 def _lock_name(path: Path) -> str:
-    """The name of the lock file of resolved output ``path``."""
+    """The name of the lock file of resolved output ``path`` in the temporary folder."""
     return hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"
 
 
@@ -482,6 +650,11 @@ def _being_written(out: str | os.PathLike, holder: str,
                    error: type[CliplabError]) -> CliplabError:
     return error(f"--out {out} is being written by another cliplab run ({holder}); "
                  "wait for it to end, or choose another --out")
+
+
+def _not_a_lock(out: str | os.PathLike, lock: Path, error: type[CliplabError]) -> CliplabError:
+    return error(f"--out {out}: {lock} is not a lock file of cliplab's (that name keeps two runs "
+                 "from writing the output together); move it away, or choose another --out")
 
 
 def remove_killed_builds(out: Path) -> None:
