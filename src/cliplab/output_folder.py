@@ -281,8 +281,9 @@ LOCK_ATTEMPTS = 5  # a lock file removed by the run releasing it is opened anew 
 LOCK_SUFFIX = ".cliplab-lock"  # the lock beside an output: PARENT/.OUT.cliplab-lock
 _LOCK_TEXT = re.compile(r"(?:pid (\d+)(?: on (\S+))?)?")  # what a holder writes in its lock
 _LOCK_MAX_BYTES = 512  # a lock file holds one short line: a larger file is no lock of cliplab's
-# flock's "not on this file system" (some NFS set-ups, FUSE): the temporary folder's lock then
-_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+# flock's "not on this file system" (some NFS set-ups, FUSE; NFS's emulated flock of a file open
+# read-only, another user's lock, is EBADF): the temporary folder's lock is taken instead
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF,
                        getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 _READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 # a link is never followed, nor does a FIFO planted at a lock's name block the open
@@ -446,7 +447,7 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
         except OSError as err:
             raise _not_a_lock(out, lock, error) from err
         return _Lock(os.fdopen(fd, mode), lock, made)
-    _let_go(_Lock(None, lock, made))
+    _remove_empty(made)
     return None
 
 
@@ -471,7 +472,7 @@ def _make_folders(folder: Path) -> tuple[Path, ...]:
                 folder.mkdir()
                 made.append(folder)
     except OSError:
-        _let_go(_Lock(None, Path(), tuple(made)))
+        _remove_empty(made)
         raise
     return tuple(made)
 
@@ -481,7 +482,12 @@ def _let_go(lock: _Lock) -> None:
     stayed empty (the command wrote nothing there)."""
     if lock.handle is not None:
         lock.handle.close()
-    for folder in reversed(lock.made):
+    _remove_empty(lock.made)
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove those of ``folders`` (outermost first) that are empty, innermost first."""
+    for folder in reversed(list(folders)):
         with contextlib.suppress(OSError):
             folder.rmdir()
 
