@@ -952,7 +952,7 @@ def test_no_lock_beside_the_output_falls_back_to_the_temporary_folder(tmp_path, 
         return real_open(path, flags, *args)
 
     def no_flock_beside(handle, how):
-        if os.readlink(f"/proc/self/fd/{handle.fileno()}").endswith(".cliplab-lock"):
+        if lock.exists() and os.path.samestat(os.fstat(handle.fileno()), lock.stat()):
             raise OSError(errno.ENOLCK, "No locks available")
         return fcntl.flock(handle, how)
 
@@ -1041,7 +1041,8 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
     import tempfile
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import (check_not_held, hold, holding_outputs,
+                                       remove_killed_builds)
 
     out = tmp_path / "out"
     lock = tmp_path / ".out.cliplab-lock"
@@ -1055,6 +1056,9 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
     killed.stdin.close()
     killed.stdout.close()
     assert lock.read_text().startswith(f"pid {killed.pid} on ")  # left behind
+    check_not_held(out)  # a killed run's folder is not said to be written (--resume auto)
+    remove_killed_builds(out)  # not taken for a half-built output
+    assert lock.exists()
     with holding_outputs():
         hold(out)
         assert lock.read_text().startswith(f"pid {os.getpid()} on ")
