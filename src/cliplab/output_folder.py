@@ -408,7 +408,9 @@ def _take_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]) ->
             _let_go(lock)
             continue
         return lock
-    return None  # removed under it every time: the checks stand without the hold
+    # removed under it every time: other runs take and release it as fast as this one
+    # tries, and going on unheld could write with them
+    raise _being_written(out, "other processes, which took it in turn", error)
 
 
 def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
