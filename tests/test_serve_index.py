@@ -199,6 +199,26 @@ def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_p
         sorted(f"{i}.png" for i in range(40))
 
 
+def test_an_index_still_being_built_is_not_called_stopped(tmp_path):
+    """`serve` during a first `cliplab index` build said the build was stopped and to run it
+    again (which the live run's lock would refuse): a held build is said to be under way."""
+    import fcntl
+
+    (tmp_path / "idx.partial").mkdir()
+    (tmp_path / "idx.partial" / "progress.json").write_text("{}", encoding="utf-8")
+    with open(tmp_path / ".idx.cliplab-lock", "wb") as lock:  # as a live `cliplab index` holds
+        lock.write(b"pid 4242")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for given in ("idx", "idx.partial"):
+            with pytest.raises(DataError, match=r"idx is not built yet: a `cliplab index` run "
+                                                r"\(pid 4242\) is building it now; serve it "
+                                                r"once that run ends"):
+                SearchIndex(tmp_path / given)
+    with pytest.raises(DataError, match="holds a stopped `cliplab index` run"):
+        SearchIndex(tmp_path / "idx")
+
+
 def test_killed_while_finishing_is_resumed(model_dir, tmp_path, monkeypatch):
     def die(*args, **kw):
         raise Killed

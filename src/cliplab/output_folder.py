@@ -624,10 +624,18 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
     """Refuse ``out`` with `hold`'s error if another process holds it now, without holding it:
     a check that is about to refuse a run folder says a live run writes it, not how its run
     ended."""
+    holder = holder_of(out)
+    if holder is not None:
+        raise _being_written(out, holder, error)
+
+
+def holder_of(out: str | os.PathLike) -> str | None:
+    """Who holds ``out`` now (``pid N``, as `hold`'s refusal says it), if another process does;
+    looked at without holding it."""
     held = _HELD.get()
     path = Path(out).expanduser().resolve()
     if fcntl is None or (held is not None and path in held):
-        return
+        return None
     # beside it, or in the temporary folder of a run that could have no lock there
     for lock in (beside_lock_path(path), _locks_folder() / _lock_name(path)):
         try:  # no lock file: no run holds it (nothing is made to find that out)
@@ -638,10 +646,11 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise _being_written(out, _holder(handle), error) from None
+                return _holder(handle)
             except OSError:  # no flock on that file system: no run holds it there
                 continue
             fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def _locks_folder() -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 
 from cliplab.errors import CliplabError, DataError, ModelError
 from cliplab.serve import faiss_index
-from cliplab.output_folder import partial_path
+from cliplab.output_folder import holder_of, partial_path
 from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
                                   current_record, read_index_json)
 from cliplab.models.fingerprints import embedding_identity, identity_difference
@@ -233,14 +233,25 @@ def embeds_otherwise(record: dict, model) -> str | None:
     return model_difference(record, model_fingerprint(model), embedding_identity(model))
 
 
+def _check_not_being_built(index: Path) -> None:
+    """Refuse the half-built ``index`` as one a `cliplab index` run still builds, if one holds
+    it (it was said to be stopped, to be run again: that run would be refused)."""
+    holder = holder_of(index)
+    if holder is not None:
+        raise DataError(f"{index} is not built yet: a `cliplab index` run ({holder}) is building "
+                        "it now; serve it once that run ends")
+
+
 def _complete_record(path: Path) -> dict:
     """``index.json`` of a complete index, else a clear refusal (half-built, missing, damaged)."""
     if path.name.endswith(".partial") or (path / PROGRESS_FILE).exists():
+        _check_not_being_built(path.with_name(path.name.removesuffix(".partial")))
         raise DataError(f"{path} is a half-built index (its `cliplab index` run was stopped); "
                         "run the same `cliplab index` command again to resume it")
     record = read_index_json(path) if path.is_dir() else None
     if record is None:
         if partial_path(path).exists():
+            _check_not_being_built(path)
             raise DataError(f"{path} is not built yet: {partial_path(path)} holds a stopped "
                             "`cliplab index` run; run the same command again to resume it")
         if not path.exists():
