@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -1476,3 +1477,42 @@ def test_overwrite_starts_over_from_a_stopped_run_of_another_command(model_dir, 
     record = build(model_dir, other, tmp_path / "idx", chunk=8, overwrite=True)
     assert record["count"] == SHAPES["n"] and record["sources"][0]["seed"] == 4
     assert not (tmp_path / "idx.partial").exists()
+
+
+def test_an_index_path_with_uri_characters_keeps_its_metadata_inside(model_dir, tmp_path,
+                                                                      monkeypatch):
+    """``#``, ``?`` and ``%`` in the index path (and a folder above it) are file-name
+    characters, not parts of an SQLite URI: build, open and --add all use OUT/meta.sqlite,
+    and nothing lands in the working folder."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "top #1 ?x=1" / "idx #2 %41 100% ?q"
+    out.parent.mkdir()
+    assert build(model_dir, {**SHAPES, "n": 6}, out)["count"] == 6
+    assert (out / "meta.sqlite").is_file()
+    assert SearchIndex(out).store.count() == 6
+    assert build(model_dir, {**SHAPES, "n": 4, "seed": 9}, out, add=True)["count"] == 10
+    assert SearchIndex(out).store.count() == 10
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_a_read_only_metadata_open_creates_no_file(tmp_path, monkeypatch):
+    """A read-only open under a folder named with ``#`` reads that file, and never creates one
+    (a dropped ``mode=ro`` would create an empty database beside the text before the ``#``)."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "moved #2 ?%"
+    folder.mkdir()
+    with pytest.raises(sqlite3.OperationalError):
+        MetadataStore(folder / "meta.sqlite", readonly=True)
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+    writer = MetadataStore(folder / "meta.sqlite")
+    writer.add([{"id": 0, "key": "k", "caption": "c", "location": {}, "meta": {}}])
+    writer.close()
+    reader = MetadataStore(folder / "meta.sqlite", readonly=True)
+    assert reader.count() == 1
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader._db.execute("DELETE FROM items")
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

@@ -4,6 +4,7 @@ plus the skipped entries with their reasons. Look-ups by id are one indexed quer
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -26,13 +27,21 @@ _CUT_OFF_KEY = re.compile(r"(?P<shard>.+):sample \d+ of (?P<total>\d+)")
 _TRUNCATED_REASON = re.compile(r"truncated_shard: .*\bread \d+ of (?P<total>\d+) samples")
 
 
+def _file_uri(path: Path, readonly: bool) -> str:
+    """An SQLite ``file:`` URI naming exactly ``path``: its bytes percent-quoted, since SQLite
+    reads ``#``, ``?`` and ``%`` in a URI as fragment, query and escape (a read-only open must
+    also keep its ``mode=ro``, or it creates a file)."""
+    uri = Path(os.path.abspath(path)).as_uri()  # file:///… with every other byte %XX
+    return f"{uri}?mode=ro" if readonly else uri
+
+
 class MetadataStore:
     """Rows ``{id, key, caption, location, meta}``; safe to share between server threads."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
-        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._db = sqlite3.connect(_file_uri(self.path, readonly), uri=True,
+                                   check_same_thread=False)
         self._lock = threading.Lock()
         if not readonly:
             self._db.executescript(SCHEMA)
