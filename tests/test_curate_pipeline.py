@@ -1441,3 +1441,13 @@ def test_the_files_each_step_reads_are_named_for_stamping(tmp_path):
     assert changed_input(then, stamp_inputs([str(folder)])) == (
         f"a file in {folder} was added, removed or rewritten")
     assert changed_input({}, then) == f"{folder} is new"
+
+
+def test_kept_shards_land_in_an_output_folder_named_with_percent_signs(tmp_path, capsys):
+    """``%`` in ``--out`` is no shard-number pattern (it was a traceback at the very end)."""
+    recipe = Path(__file__).parents[1] / "configs" / "curate" / "basic.yaml"
+    out = tmp_path / "cur 100% %d"
+    assert main(["curate", "--config", str(recipe), "--out", str(out), "data.n=30",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert [p.name for p in (out / "shards").glob("*.tar")] == ["00000.tar"]

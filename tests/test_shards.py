@@ -903,3 +903,23 @@ def test_a_home_folder_in_a_path_is_the_home_folder_for_every_reader_and_data_sh
     assert manifest.captions == [["a red square"]]
     monkeypatch.setenv("HOME", str(shard_dir.parent))
     assert len(ShardStream(f"~/{shard_dir.name}", shuffle=False).shards) == 9
+
+
+@pytest.mark.parametrize("name", ["pp%%", "s 100% %d %s #?", "sh {a,b} {0..1}", "colon:x"])
+def test_shards_land_in_the_output_folder_whatever_its_name(tmp_path, monkeypatch, capsys,
+                                                           name):
+    """``%`` in the folder is no part of the shard-number pattern, and a relative ``name:``
+    is a folder, not a URL: the tars land in ``--out`` (a folder ``pp%`` beside ``pp%%``
+    keeps its own 00000.tar), and the set reads back from that folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pp%").mkdir()
+    (tmp_path / "pp%" / "00000.tar").write_bytes(b"someone else's")
+    assert main(["data", "shard", "--source", "shapes", "data.n=7", "data.image_size=32",
+                 "--out", name, "--samples-per-shard", "4", "--no-progress"]) == 0
+    assert f"wrote 7 samples in 2 shards to {name}" in capsys.readouterr().out
+    out = tmp_path / name
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert (tmp_path / "pp%" / "00000.tar").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"pp%", name})
+    assert len(_keys(ShardStream(name, shuffle=False))) == 7
+    assert len(load_shards(out).captions) == 7

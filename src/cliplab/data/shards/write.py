@@ -72,7 +72,12 @@ class ShardSink:
         import webdataset as wds
 
         self.out, self.shards, self._stats = Path(out), [], dict(stats or {})
-        self._writer = wds.ShardWriter(str(self.out / SHARD_PATTERN), maxcount=samples_per_shard,
+        # ShardWriter formats the whole pattern with the shard number, and opens the result
+        # through gopen, which takes a relative "name:..." for a URL: the folder as an absolute
+        # path with its own "%" escaped leaves SHARD_PATTERN the only pattern
+        folder = os.path.abspath(self.out).replace("%", "%%")
+        self._writer = wds.ShardWriter(os.path.join(folder, SHARD_PATTERN),
+                                       maxcount=samples_per_shard,
                                        maxsize=float("inf"), post=self._finished, verbose=0,
                                        encoder=False, mode=0o644,
                                        mtime=0)  # int mtime: no per-member pax header
