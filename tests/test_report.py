@@ -1,6 +1,7 @@
 """`cliplab report`: tables side by side, valid PNG plots, parseable HTML, one-line errors."""
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -791,3 +792,23 @@ def test_report_html_tables_scroll_in_their_own_box_and_fit_a_phone(tmp_path, in
     tables = page.count("<table>")
     assert tables > 2 and page.count('<div class="scroll"><table>') == tables
     assert page.count("</table></div>") == tables
+
+
+@pytest.mark.parametrize("plots", ["true", "false"])
+def test_an_input_named_with_bytes_that_are_no_utf8_is_reported_with_them_escaped(tmp_path,
+                                                                                 plots):
+    """A run folder ``run\\xe9bad`` (a Latin-1 name) was a traceback at the very end (from
+    matplotlib or the UTF-8 writer), leaving a report.md that said it had stopped."""
+    run = tmp_path / os.fsdecode(b"run\xe9bad")
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n', encoding="utf-8")
+    (run / "results.json").write_text(json.dumps({"results": {"zs": {"acc1": 0.7}}}),
+                                      encoding="utf-8")
+    out = tmp_path / "rep"
+    assert main(["report", "--out", str(out), "--no-progress", "--inputs", str(run),
+                 f"plots={plots}"]) == 0
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    shown = f"{tmp_path}/run\\xe9bad"
+    assert "- **run\\\\xe9bad**: `" + shown + "`\n" in markdown
+    assert "run\\xe9bad</b>: <code>" + shown in (out / "report.html").read_text(encoding="utf-8")
+    assert (out / "plots" / "training-curves.png").is_file() == (plots == "true")

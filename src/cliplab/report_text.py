@@ -21,6 +21,15 @@ HTML_CSS = ".scroll{overflow-x:auto;margin:.5em 0 1.5em}.scroll table{margin:0}"
 TABLE_OPEN, TABLE_CLOSE = '<div class="scroll"><table>', "</table></div>"
 
 
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a name's bytes that are not UTF-8 (lone surrogates, as
+    Python reads them from the file system) written ``\\xe9``, any other surrogate escaped."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def md_text(text: Any) -> str:
     """``text`` for a Markdown line or table cell: shown as written when rendered."""
     return _MARKDOWN_INLINE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")

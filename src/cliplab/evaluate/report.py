@@ -23,7 +23,7 @@ from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
 from cliplab.output_folder import check_out, write_utf8
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, md_code,
-                                 md_text)
+                                 md_text, printable)
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
                                            plot_alpha_sweep, plot_few_shot, plot_long_tail,
                                            plot_training, slug)
@@ -213,7 +213,7 @@ def build_figures(sources: list[ReportSource], plots_dir: Path,
 def render_markdown(title: str, sources: list[ReportSource], tables: list[Table],
                     figures: list[Figure], out_dir: Path) -> str:
     lines = [REPORT_MARK, f"# {md_text(title)}", "", "Inputs:", ""]
-    lines += [f"- **{md_text(s.label)}**: {md_code(str(s.path))}"
+    lines += [f"- **{md_text(s.label)}**: {md_code(printable(str(s.path)))}"
               + (f" ({md_text(s.note)})" if s.note else "") for s in sources]
     for table in tables:
         lines += ["", f"## {md_text(table.title)}", ""]
@@ -243,7 +243,7 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
     parts = ["<!DOCTYPE html>", f'<html lang="en"><head><meta charset="utf-8">{HTML_VIEWPORT}',
              f"<title>{e(title)}</title><style>{_CSS}{HTML_CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", "<p>Inputs:</p><ul>"]
-    parts += [f"<li><b>{e(s.label)}</b>: <code>{e(str(s.path))}</code>"
+    parts += [f"<li><b>{e(s.label)}</b>: <code>{e(printable(str(s.path)))}</code>"
               + (f" ({e(s.note)})" if s.note else "") + "</li>" for s in sources]
     parts.append("</ul>")
     for table in tables:
@@ -315,7 +315,7 @@ def write_report(inputs: list[str | Path], out: str | Path,
                           "choose a new folder")
     check_out(out, "report", may_exist=True, previous=_previous_or_leftover)
     sources = read_inputs(inputs, config.names)
-    title = config.title
+    title = printable(config.title)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "report.md").is_file():  # stopped while drawing: the same command goes on

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cliplab.errors import DataError
 from cliplab.evaluate.metrics import COUNT_KEYS
+from cliplab.report_text import printable
 
 RUN_FILES = ("results.json", "metrics.jsonl")
 MERGE_RECORD = "merge.json"  # what `cliplab merge` writes beside the merged model
@@ -323,7 +324,9 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
             raise DataError(f"{len(names)} names for {len(sources)} report inputs")
         for source, name in zip(sources, names):
             source.label = str(name)
-    for source, label in zip(sources, unique_labels([s.label for s in sources])):
+    # a label from a name that is not UTF-8 is shown with its bytes escaped (it reaches
+    # matplotlib and the UTF-8 report files)
+    for source, label in zip(sources, unique_labels([printable(s.label) for s in sources])):
         source.label = label
     return sources
 
