@@ -5,6 +5,7 @@ as it was; --overwrite replaces only a previous output of the same kind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -1206,3 +1207,18 @@ def test_an_out_the_same_folder_as_an_input_by_another_spelling_is_refused(tmp_p
     (run / "config.yaml").write_text("out: run\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="lies inside the checkpoints of the run folder"):
         check_apart_from_inputs(run / "Checkpoints" / "x", [])
+
+
+def test_an_out_named_with_bytes_that_are_no_utf8_is_held_and_written(tiny_model_dir, tmp_path):
+    """The output's lock is named by a hash of its path's bytes: a name in Latin-1 (lone
+    surrogates in Python) was a traceback before any work; FAISS takes such a path too."""
+    from cliplab.serve.index import SearchIndex
+
+    shards, index = tmp_path / os.fsdecode(b"o\xff1"), tmp_path / os.fsdecode(b"i\xff2")
+    assert main(["data", "shard", "--source", "shapes", "data.n=4", "--out", str(shards),
+                 "--no-progress"]) == 0
+    assert (shards / "00000.tar").is_file()
+    assert main(["index", "--model", str(tiny_model_dir), "--data", "shapes", "data.n=4",
+                 "--out", str(index), "--no-progress"]) == 0
+    assert (index / "meta.sqlite").is_file()
+    assert SearchIndex(index).store.count() == 4

@@ -660,7 +660,8 @@ def _locks_folder() -> Path:
 
 def _lock_name(path: Path) -> str:
     """The name of the lock file of resolved output ``path`` in the temporary folder."""
-    return hashlib.sha1(str(path).encode()).hexdigest()[:24] + ".lock"
+    # its bytes: a name that is not UTF-8 comes as lone surrogates, which encode() refuses
+    return hashlib.sha1(os.fsencode(path)).hexdigest()[:24] + ".lock"
 
 
 def _being_written(out: str | os.PathLike, holder: str,

@@ -336,14 +336,31 @@ def _exact_search(queries: np.ndarray, vectors: np.ndarray, depth: int):
     return scores, ids
 
 
+def _utf8(path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def write_faiss(index, path) -> None:
-    _faiss().write_index(index, str(path))
+    """Write ``index`` to ``path``; through Python's file when FAISS cannot take the path
+    (a name that is not UTF-8: SWIG passes a path to C++ as UTF-8 text)."""
+    if _utf8(path):
+        _faiss().write_index(index, str(path))
+        return
+    with open(path, "wb") as file:
+        _faiss().write_index(index, _faiss().PyCallbackIOWriter(file.write))
 
 
 def read_faiss(path):
     """The FAISS index in ``path``; a ``DataError`` naming the file if FAISS cannot read it."""
     try:
-        return _faiss().read_index(str(path))
+        if _utf8(path):
+            return _faiss().read_index(str(path))
+        with open(path, "rb") as file:  # as write_faiss
+            return _faiss().read_index(_faiss().PyCallbackIOReader(file.read))
     except RuntimeError as err:
         reason = str(err).splitlines()[0].rsplit(": ", 1)[-1]  # FAISS prefixes its C++ location
         raise DataError(f"{path}: not a FAISS index FAISS can read ({reason}); the index is "
