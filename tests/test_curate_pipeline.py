@@ -1451,3 +1451,23 @@ def test_kept_shards_land_in_an_output_folder_named_with_percent_signs(tmp_path,
                  "--no-progress"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert [p.name for p in (out / "shards").glob("*.tar")] == ["00000.tar"]
+
+
+@pytest.mark.parametrize("output", ["manifest", "shards"])
+def test_a_pool_folder_named_with_bytes_that_are_no_utf8_is_curated(tmp_path, output):
+    """A folder named in Latin-1 (``data\\xff``) is read; its path cannot be a Parquet string,
+    so a manifest keeps a copy of each kept image (its exact path in ``location``), and the
+    dropped list and the report show the byte escaped. It was a traceback after the run."""
+    folder = make_folder(tmp_path / os.fsdecode(b"data\xff"), VALUES)
+    out = tmp_path / "out"
+    summary = run_curation(config(str(folder), STEPS, examples=1, output={"format": output}),
+                           out, progress=False)
+    assert summary["kept"] == 4
+    if output == "manifest":
+        kept = pq.read_table(out / "kept.parquet").to_pylist()
+        assert [row["image"] for row in kept] == [f"images/{n:09d}.png" for n in range(4)]
+        assert json.loads(kept[1]["location"]) == {"file": str(folder / "img_02.png")}
+        assert (out / kept[1]["image"]).read_bytes() == (folder / "img_02.png").read_bytes()
+    reasons = {d["key"]: d["reason"] for d in pq.read_table(out / "dropped.parquet").to_pylist()}
+    assert reasons["img_04.png"].startswith(f"unreadable image at {tmp_path}/data\\xff/img_04.png")
+    assert f"{tmp_path}/data\\xff" in (out / "report.md").read_text(encoding="utf-8")

@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 from cliplab.curate.config import OutputSpec
 from cliplab.curate.pool import Record, image_bytes
+from cliplab.data.folder_files import is_utf8
 from cliplab.data.shards.write import ShardSink, clean_captions
 from cliplab.data.types import SkipReport
+from cliplab.report_text import printable
 
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
 
@@ -102,8 +104,9 @@ def _whole(value) -> int | None:
 def write_kept_manifest(records: list[Record], work: Path, dest: Path,
                         progress: bool = True) -> dict:
     """``kept.parquet``: ``image`` (the original file, or a copy under ``images/`` for images
-    that live in a tar or in memory), ``caption`` (the one the steps scored), ``key``,
-    ``location``, ``meta`` (JSON), ``captions`` (JSON: all the sample's) and ``group``.
+    that live in a tar or in memory or whose path is not UTF-8), ``caption`` (the one the
+    steps scored), ``key``, ``location``, ``meta`` (JSON), ``captions`` (JSON: all the
+    sample's) and ``group``.
     ``location`` is the source's (a file, a tar member); an in-memory source's image, which
     lived only in the run's cache, is ``{"stored": "images/N.png"}``, its copy in ``dest``."""
     images = dest / IMAGES_DIR
@@ -111,7 +114,9 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
     for number, record in enumerate(tqdm(records, desc="write manifest", unit="item",
                                          disable=not progress)):
         location = record["location"]
-        if "file" in location:
+        # a Parquet string is UTF-8: a file whose path is not (a folder named in Latin-1) is
+        # copied, its exact path kept in ``location`` (JSON escapes it)
+        if "file" in location and is_utf8(location["file"]):
             image = location["file"]
         else:
             data, ext = image_bytes(location, work, record["key"])
@@ -136,4 +141,7 @@ def write_dropped(rows: list[dict], path: Path) -> None:
     ``source_key`` (the item a shard sample was made from; None where the pool has none)."""
     schema = pa.schema([("key", pa.string()), ("step", pa.string()), ("reason", pa.string()),
                         ("score", pa.float64()), ("source_key", pa.string())])
+    # a reason names its file, whose path may not be UTF-8 (a Parquet string must be)
+    rows = [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
+            for row in rows]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

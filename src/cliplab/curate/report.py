@@ -16,7 +16,7 @@ import numpy as np
 from cliplab.curate.pool import Record, SourceChanged, open_image
 from cliplab.curate.steps.base import Decision
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, literal_plot,
-                                 md_text)
+                                 md_text, printable)
 
 REPORT_DIR = "report"
 THUMB = 96
@@ -209,9 +209,10 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
         for key, value in report.items():
             if key not in KNOWN:
                 doc.text(f"{key}: {json.dumps(value, default=str)[:2000]}")
-    (work / "report.md").write_text("\n".join(doc.md) + "\n", encoding="utf-8")
-    (work / "report.html").write_text("\n".join(doc.html + ["</body></html>"]) + "\n",
-                                      encoding="utf-8")
+    # the paths it names (a source's, a dropped file's) may hold bytes that are not UTF-8
+    (work / "report.md").write_text(printable("\n".join(doc.md) + "\n"), encoding="utf-8")
+    page = "\n".join(doc.html + ["</body></html>"]) + "\n"
+    (work / "report.html").write_text(printable(page), encoding="utf-8")
 
 
 def _or_dash(value):
