@@ -1222,3 +1222,40 @@ def test_an_out_named_with_bytes_that_are_no_utf8_is_held_and_written(tiny_model
                  "--out", str(index), "--no-progress"]) == 0
     assert (index / "meta.sqlite").is_file()
     assert SearchIndex(index).store.count() == 4
+
+
+def test_a_long_out_name_is_built_beside_under_a_name_that_fits(run, tiny_model_dir, tmp_path,
+                                                               capsys):
+    """A legal --out name of 250 bytes: OUT.partial and .OUT.partial-XXXXXXXX beside it were
+    past the 255-byte file-name limit, a traceback from index, curate and merge."""
+    name = "L" * 250
+    recipe = Path(__file__).parents[1] / "configs" / "curate" / "basic.yaml"
+    for argv in (["index", "--model", str(tiny_model_dir), "--data", "shapes", "data.n=4"],
+                 ["curate", "--config", str(recipe), "data.n=8"],
+                 ["merge", "--method", "uniform", "--models", str(tiny_model_dir), str(run)]):
+        out = tmp_path / argv[0] / name
+        out.parent.mkdir()
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+        assert [p.name for p in out.parent.iterdir()] == [name]
+    assert main(["merge", "--method", "uniform", "--models", str(tiny_model_dir), str(run),
+                 "--out", str(tmp_path / "merge" / name), "--overwrite", "--no-progress"]) == 0
+    assert [p.name for p in (tmp_path / "merge").iterdir()] == [name]
+
+
+def test_the_folders_beside_a_long_out_fit_and_are_found_again(tmp_path):
+    """The shortened names are the same each time (a killed index or curate resumes from its
+    OUT.partial; a killed merge's hidden folder is removed by the next run)."""
+    from cliplab.output_folder import built_beside, partial_path, remove_killed_builds
+
+    out = tmp_path / ("é" * 127)  # 254 bytes
+    out.mkdir()
+    work = partial_path(out)
+    assert work == partial_path(out) and work.name.endswith(".partial")
+    assert len(os.fsencode(work.name)) == 255 and work.name.isprintable()
+    work.mkdir()
+    with built_beside(out) as build:
+        assert len(os.fsencode(build.name)) == 255
+        killed = build.with_name(build.name[:-8] + "ab12cd_9")  # as a killed build leaves it
+        killed.mkdir()
+    remove_killed_builds(out)
+    assert not killed.exists() and work.is_dir() and out.is_dir()

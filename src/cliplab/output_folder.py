@@ -585,9 +585,38 @@ def _locked(handle, tries: int = 20, wait_s: float = 0.01) -> bool:
     return False
 
 
+NAME_MAX = 255  # bytes in a file name (Linux, macOS)
+
+
+def _name_beside(name: str, suffix: str, room: int = 0) -> str:
+    """``name + suffix`` for a folder beside ``name``, leaving ``room`` bytes for what
+    `tempfile.mkdtemp` adds; past the file-name limit, ``name`` is cut short and a hash of it
+    added (the same each time: a killed run's folder is found again)."""
+    raw = os.fsencode(name)
+    if len(raw) + len(os.fsencode(suffix)) + room <= NAME_MAX:
+        return name + suffix
+    tag = "~" + hashlib.sha1(raw).hexdigest()[:8]
+    keep = NAME_MAX - room - len(os.fsencode(tag + suffix))
+    head = ""
+    for char in name:  # whole characters only: a UTF-8 name stays UTF-8
+        if len(os.fsencode(head + char)) > keep:
+            break
+        head += char
+    return head + tag + suffix
+
+
 def partial_path(out: Path) -> Path:
-    """Where the output ``out`` is built until it is complete."""
-    return out.with_name(out.name + ".partial")
+    """Where the output ``out`` is built until it is complete (``OUT.partial``, shortened to fit
+    a file name for a long ``OUT``)."""
+    return out.with_name(_name_beside(out.name, ".partial"))
+
+
+_TEMP_SUFFIX = 8  # the random characters tempfile.mkdtemp adds to its prefix
+
+
+def _temp_prefix(out: Path, kind: str) -> str:
+    """The prefix of the hidden folder ``.OUT.KIND-XXXXXXXX`` beside ``out``."""
+    return _name_beside(f".{out.name}", f".{kind}-", _TEMP_SUFFIX)
 
 
 def remove_own_work(work: Path, kind: str, own: tuple[str, ...]) -> None:
@@ -610,7 +639,7 @@ def built_beside(out: Path) -> Iterator[Path]:
     (`swap_in`) when the block succeeds and is removed if it fails, leaving ``out`` as it was.
     The name is new each time, so no folder of the user's is ever taken for it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "partial"), dir=out.parent))
     as_umask(work)  # mkdtemp's 0700 would become the output's
     try:
         yield work
@@ -683,12 +712,13 @@ def remove_killed_builds(out: Path) -> None:
     the new one in: both are kept, and said, for the user to choose."""
     if not out.parent.is_dir():
         return
-    left = re.compile(re.escape(f".{out.name}.") + r"(partial|old)-[A-Za-z0-9_]{8}")
+    left = {kind: re.compile(re.escape(_temp_prefix(out, kind)) + r"[A-Za-z0-9_]{8}")
+            for kind in ("partial", "old")}
     found: dict[Path, str] = {}
     for path in sorted(out.parent.iterdir()):
-        match = left.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink():
-            found[path] = match.group(1)
+        kind = next((k for k, pattern in left.items() if pattern.fullmatch(path.name)), None)
+        if kind and path.is_dir() and not path.is_symlink():
+            found[path] = kind
     old = [path for path, kind in found.items() if kind == "old"]
     if old and not out.exists():
         warn(f"{out} is missing and {old[0]} holds the output it replaced (a run was killed "
@@ -713,7 +743,7 @@ def swap_in(work: Path, out: Path) -> None:
         # a fresh hidden name beside ``out`` (a user's own ``OUT.old`` is never touched), free
         # again before the rename: Windows renames a folder onto no existing folder, not even
         # an empty one
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
         old.rmdir()
         os.replace(out, old)
         try:
