@@ -923,3 +923,15 @@ def test_shards_land_in_the_output_folder_whatever_its_name(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"pp%", name})
     assert len(_keys(ShardStream(name, shuffle=False))) == 7
     assert len(load_shards(out).captions) == 7
+
+
+@pytest.mark.parametrize("folder", ["sh {a,b}", "sh {0..1}", "sh a::b"])
+def test_an_existing_shard_file_is_read_as_it_is_named_not_as_a_pattern(shard_dir, tmp_path,
+                                                                       folder):
+    """A tar in a folder named with braces or ``::`` was expanded as a pattern: a false
+    "shard not found" naming files that were never there."""
+    (tmp_path / folder).mkdir()
+    tar = tmp_path / folder / "00001.tar"
+    tar.write_bytes((shard_dir / "00001.tar").read_bytes())
+    keys = _keys(ShardStream(str(tar), shuffle=False))
+    assert len(keys) == 6 and keys[0].startswith("00001.tar:")

@@ -118,8 +118,8 @@ def _warn_unlisted(folder: Path, listed: list[Path]) -> None:
 
 
 def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Local shard paths from a folder, a brace pattern (``::`` joins several) or a list
-    (``~`` is the home folder).
+    """Local shard paths from a folder, a file, a brace pattern (``::`` joins several) or a
+    list (``~`` is the home folder); a path naming an existing file is no pattern.
 
     Every path must exist; order is the folder index's, else sorted, else as given.
     """
@@ -136,6 +136,8 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 paths = folder_tars(folder)
             if not paths:
                 raise DataError(f"no .tar shards in {folder}; write some with `cliplab data shard`")
+        elif Path(text).is_file():  # a tar whose path has braces or "::" is that tar
+            paths = [Path(text)]
         else:
             from webdataset.shardlists import expand_urls
 
