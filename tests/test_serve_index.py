@@ -542,11 +542,11 @@ def test_an_index_without_a_model_identity_is_checked_by_its_weights(model_dir, 
 
 
 def _as_an_older_cliplab_wrote_it(folder: Path) -> dict:
-    """The folder's index.json rewritten in the shape cliplab wrote before 2026-12-07: the
-    skipped rows' count plus ``skipped_reasons``, the model identity as ``towers``."""
+    """The folder's index.json rewritten in the shape cliplab wrote before 2026-12-07: format
+    1, the skipped rows' count plus ``skipped_reasons``, the model identity as ``towers``."""
     record = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     skipped = record.pop("skipped")
-    old = {**record, "towers": record.pop("embedding_identity"),
+    old = {**record, "format": 1, "towers": record.pop("embedding_identity"),
            "skipped": sum(skipped["counts"].values()), "skipped_reasons": skipped["counts"]}
     (folder / "index.json").write_text(json.dumps(old), encoding="utf-8")
     return old
@@ -555,10 +555,15 @@ def _as_an_older_cliplab_wrote_it(folder: Path) -> dict:
 def test_index_json_keeps_every_commands_names(model_dir, tmp_path):
     """index.json records what it skipped as every command does (`SkipReport.to_dict`: a
     bare count beside ``skipped_reasons`` broke ``d["skipped"]["total"]``) and its model's
-    embedding identity as eval results do (``embedding_identity``, not ``towers``)."""
+    embedding identity as eval results do (``embedding_identity``, not ``towers``), as
+    format 2: it kept format 1, so a cliplab from before read the new shape as its own (an
+    --add crashed leaving idx.partial, serve checked only the weights). That cliplab refuses
+    any index.json whose format is not 1 (`record.get("format") != 1`, in one line): the new
+    number is what makes it refuse a new index cleanly."""
     _image_folder(tmp_path / "photos")
     build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
+    assert record["format"] == 2
     assert record["skipped"] == {"total": 2, "counts": {"not_an_image": 1, "unreadable_image": 1},
                                  "keys": {"not_an_image": ["notes.txt"],
                                           "unreadable_image": ["others/broken.png"]}}
@@ -598,6 +603,7 @@ def test_an_index_an_older_cliplab_wrote_serves_and_takes_add(model_dir, tmp_pat
     assert "10 items (2 skipped)" in capsys.readouterr().out
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
     assert record["count"] == 10 and "skipped_reasons" not in record and "towers" not in record
+    assert record["format"] == 2
     assert record["skipped"] == {"total": 2, "counts": old["skipped_reasons"],
                                  "keys": {"not_an_image": ["notes.txt"],
                                           "unreadable_image": ["others/broken.png"]}}
@@ -609,7 +615,8 @@ def test_an_index_an_older_cliplab_wrote_serves_and_takes_add(model_dir, tmp_pat
 
 def test_a_run_an_older_cliplab_stopped_resumes(model_dir, tmp_path, monkeypatch, capsys):
     """A half-built index whose progress.json names the model identity ``towers`` (as cliplab
-    before 2026-12-07 wrote it) is this command's: resumed, not refused as another run's."""
+    before 2026-12-07 wrote it, format 1) is this command's: resumed, not refused as another
+    run's. progress.json is format 2 now, as index.json; one of another format is refused."""
     real_add, calls = MetadataStore.add, []
 
     def add_then_die(self, rows, skipped=()):
@@ -624,8 +631,14 @@ def test_a_run_an_older_cliplab_stopped_resumes(model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(MetadataStore, "add", real_add)
     file = tmp_path / "idx.partial" / "progress.json"
     state = json.loads(file.read_text(encoding="utf-8"))
+    assert state["format"] == 2
+    file.write_text(json.dumps({**state, "format": 3}), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^\S+idx.partial/progress.json: format 3, not 1 or 2 "
+                       r"\(a run another cliplab stopped\?\); resume it with that cliplab, or "
+                       "delete the folder$"):
+        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
     state["request"]["towers"] = state["request"].pop("embedding_identity")
-    file.write_text(json.dumps(state), encoding="utf-8")
+    file.write_text(json.dumps({**state, "format": 1}), encoding="utf-8")
     capsys.readouterr()
     record = build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
     assert record["count"] == SHAPES["n"] and "resuming the stopped run" in capsys.readouterr().err
@@ -666,7 +679,7 @@ def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path)
 @pytest.mark.parametrize("damage, message", [
     ("meta", r"meta.sqlite: not a readable index metadata database"),
     ("no fingerprint", r"index.json: lacks fingerprint; the index is damaged"),
-    ("format 99", r"index.json: not the record of a complete index \(format 99, not 1\); "
+    ("format 99", r"index.json: not the record of a complete index \(format 99, not 1 or 2\); "
                   r"rebuild it with `cliplab index`"),
     ("dim", r"index.json is damaged \(ValueError: invalid literal for int\(\)"),
     ("sources", r"index.json: sources must be a list of data specs, not 'oops'")])
@@ -983,8 +996,8 @@ def _record(folder, change):
      "index.json: lacks backend"),
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "faiss"}),
      "index.json: lacks faiss"),
-    (lambda f: _record(f, lambda r: {**r, "format": 2}),
-     "index.json: not the record of a complete index (format 2, not 1)"),
+    (lambda f: _record(f, lambda r: {**r, "format": 3}),
+     "index.json: not the record of a complete index (format 3, not 1 or 2)"),
 ])
 def test_index_files_that_disagree_are_refused_at_open(model_dir, tmp_path, damage, words):
     """Each file reads, but they do not belong together (a copy of another index's file, a

@@ -47,8 +47,8 @@ from cliplab.output_folder import (atomic_path, check_out, check_writable_beside
                                    write_json)
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
-                                  INDEX_FOLDER, META_FILE, PROGRESS_FILE, VECTORS_FILE,
-                                  read_index_json)
+                                  INDEX_FOLDER, META_FILE, PROGRESS_FILE, READ_FORMATS,
+                                  VECTORS_FILE, read_index_json)
 from cliplab.serve.index import model_difference, unchecked_identity
 from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
@@ -413,9 +413,13 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
     state_file = work / PROGRESS_FILE
     if work.exists() and state_file.is_file():
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("format") not in READ_FORMATS:  # its keys may mean other things
+            raise ConfigError(f"{state_file}: format {state.get('format')!r}, not "
+                              f"{' or '.join(map(str, READ_FORMATS))} (a run another cliplab "
+                              "stopped?); resume it with that cliplab, or delete the folder")
         nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
         saved = state["request"]
-        if "towers" in saved:  # its name in a run an older cliplab stopped
+        if "towers" in saved:  # its name in a run an older cliplab stopped (format 1)
             saved["embedding_identity"] = saved.pop("towers")
         saved.setdefault("embedding_identity", request["embedding_identity"])  # none kept then
         if state["request"] != request and not nothing_embedded and not overwrite:

@@ -9,7 +9,12 @@ from pathlib import Path
 from cliplab.errors import DataError
 from cliplab.output_folder import OutputFiles
 
-FORMAT = 1
+# 2 since 2026-12-07: ``skipped`` became every command's skip record and ``towers`` was named
+# ``embedding_identity`` (index.json, and progress.json's request). A cliplab from before reads
+# only format 1 (`_complete_record` refuses any other in one line): had the number stayed 1, it
+# would misread a new index (and crash on an --add, leaving OUT.partial behind).
+FORMAT = 2
+READ_FORMATS = (1, 2)  # a format-1 record is read in the current shape (`current_record`)
 INDEX_FILE, PROGRESS_FILE, META_FILE = "index.json", "progress.json", "meta.sqlite"
 VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index", "images", "chunks"
 # what a complete index folder holds, all `index --overwrite` may replace (a folder holding
@@ -37,9 +42,11 @@ def current_record(record: dict) -> dict:
     """An ``index.json`` record with the keys this cliplab writes: ``skipped`` as every
     command's skip record (`SkipReport.to_dict`: ``total``, ``counts``, ``keys``) where an
     index before 2026-12-07 wrote a count of rows plus ``skipped_reasons`` (its keys are in
-    ``meta.sqlite`` only), and ``embedding_identity`` where it wrote ``towers``. A copy: the
-    record given is left as it is."""
+    ``meta.sqlite`` only), and ``embedding_identity`` where it wrote ``towers``; format 1
+    reads as format 2 (`FORMAT`). A copy: the record given is left as it is."""
     record = dict(record)
+    if record.get("format") == 1:
+        record["format"] = FORMAT
     if "towers" in record and "embedding_identity" not in record:
         record["embedding_identity"] = record.pop("towers")
     rows = record.get("skipped")

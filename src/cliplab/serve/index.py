@@ -10,8 +10,8 @@ import numpy as np
 from cliplab.errors import CliplabError, DataError, ModelError
 from cliplab.serve import faiss_index
 from cliplab.output_folder import holder_of, partial_path
-from cliplab.serve.folder import (FAISS_FILE, INDEX_FILE, META_FILE, PROGRESS_FILE, VECTORS_FILE,
-                                  current_record, read_index_json)
+from cliplab.serve.folder import (FAISS_FILE, FORMAT, INDEX_FILE, META_FILE, PROGRESS_FILE,
+                                  READ_FORMATS, VECTORS_FILE, current_record, read_index_json)
 from cliplab.models.fingerprints import embedding_identity, identity_difference
 from cliplab.models.folder import files_stamp, model_fingerprint
 from cliplab.serve.store import MetadataStore
@@ -259,9 +259,12 @@ def _complete_record(path: Path) -> dict:
                             "wrote")
         raise DataError(f"{path} is not an index (no {INDEX_FILE}); build one with "
                         "`cliplab index --model M --data SOURCE --out INDEX`")
-    if not isinstance(record, dict) or not record.get("complete") or record.get("format") != 1:
+    # a format-1 record reads as FORMAT (`read_index_json`)
+    if not isinstance(record, dict) or not record.get("complete") or \
+            record.get("format") != FORMAT:
         why = ("not a JSON object" if not isinstance(record, dict) else
-               f"format {record.get('format')!r}, not 1" if record.get("format") != 1
+               f"format {record.get('format')!r}, not "
+               f"{' or '.join(map(str, READ_FORMATS))}" if record.get("format") != FORMAT
                else '"complete" is not true: an index still being written, or stopped')
         raise DataError(f"{path / INDEX_FILE}: not the record of a complete index ({why}); "
                         "rebuild it with `cliplab index`")
