@@ -228,6 +228,29 @@ def test_overwrite_drops_the_replaced_indexs_milvus_collection(tmp_path):
     assert _serves_its_own_vectors(tmp_path / "idx")
 
 
+def test_overwrite_over_a_stopped_run_of_another_command_drops_its_collection(tmp_path,
+                                                                              monkeypatch):
+    """`index --overwrite` starting over from a stopped Milvus run of another request deleted
+    its work folder but left the collection it had created in Milvus, no folder naming it."""
+    from cliplab.serve.milvus_index import MilvusVectors
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    uri = str(tmp_path / "search.db")
+
+    def die(self, *args):
+        raise Killed
+
+    monkeypatch.setattr(MilvusVectors, "insert", die)
+    with pytest.raises(Killed):
+        build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
+    monkeypatch.undo()
+    assert len(_collections(uri)) == 1  # created before the kill
+    record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", backend="milvus",
+                   uri=uri, overwrite=True)
+    assert _collections(uri) == [record["milvus"]["collection"]]
+    assert _serves_its_own_vectors(tmp_path / "idx")
+
+
 def test_an_add_that_finds_nothing_new_keeps_the_milvus_collection(tmp_path):
     """An --add of items the index holds all copied every vector into a new collection and
     dropped the old one (a server on it then answered 503 until restarted): it leaves the

@@ -406,6 +406,28 @@ def _drop_replaced_collection(existing: dict | None, record: dict) -> None:
             milvus.close()
 
 
+def _drop_stopped_collection(work: Path, state: dict) -> None:
+    """Drop the Milvus collection the stopped run in ``work`` (its progress ``state``) created,
+    before the folder goes: no folder would name it after. A Milvus Lite file that is gone took
+    it along; a Milvus that cannot be reached refuses the run, the folder kept."""
+    if not state.get("collection_created"):
+        return
+    from cliplab.serve.milvus_index import MilvusVectors, is_remote, normalise_uri
+
+    uri, name = normalise_uri(state["request"]["uri"]), state["collection"]
+    if not is_remote(uri) and not Path(uri).exists():
+        return
+    try:
+        milvus = MilvusVectors(uri, name)
+    except DataError as err:
+        raise DataError(f"{work} is a stopped run that created Milvus collection {name}, "
+                        f"dropped before the folder goes: {err}") from None
+    try:
+        milvus.drop()
+    finally:
+        milvus.close()
+
+
 def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
                overwrite: bool = False) -> dict:
     """The progress state of ``work``: resumed if it holds this request, fresh if absent (or,
@@ -440,7 +462,8 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
                 print(f"index: resuming the stopped run in {work} ({state['count']} items "
                       "embedded)", file=sys.stderr)
             return state
-    if state_file.is_file():  # another request that embedded nothing yet
+    if state_file.is_file():  # another request that embedded nothing yet (or --overwrite)
+        _drop_stopped_collection(work, state)
         shutil.rmtree(work)
     else:  # stopped before its first progress record (or a user's folder of that name)
         # (the progress.json.tmp of a first record that failed to write is ours too)
