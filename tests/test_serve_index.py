@@ -1434,10 +1434,16 @@ def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsy
     assert capsys.readouterr().err.strip() == (
         f"cliplab: error: --out {out} already exists (an index); pass --add to append to it "
         "or --overwrite to replace it, or choose a new --out")
-    assert main([*command, "--add", "--overwrite"]) == 2
+    assert main([*command, "--add", "--overwrite"]) == 2  # flags named as flags
     assert capsys.readouterr().err.strip() == (
-        "cliplab: error: the command line: add appends to the index at --out and overwrite "
-        "replaces it; give one of them")
+        "cliplab: error: --add appends to the index at --out and --overwrite replaces it; give "
+        "one of them")
+    (tmp_path / "add.yaml").write_text("add: true\n", encoding="utf-8")
+    assert main([*command, "--config", str(tmp_path / "add.yaml"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == (  # a file's keys named as keys
+        f"cliplab: error: {tmp_path / 'add.yaml'} + command line: add appends to the index at "
+        "--out and overwrite replaces it; give one of them")
+    (tmp_path / "add.yaml").unlink()
     for foreign in (out / "notes.txt", out / "images" / "mine.jpg"):
         foreign.write_text("the user's")
         before = sorted(p.relative_to(out) for p in out.rglob("*"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
                                    add_device, check_out_is_not_input, data_spec)
-from cliplab.errors import warn
+from cliplab.errors import ConfigError, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.serve.index import describe
     from cliplab.serve.settings import IndexConfig
 
+    if args.add and args.overwrite:  # named as flags (IndexConfig names its keys, from a file)
+        raise ConfigError("--add appends to the index at --out and --overwrite replaces it; "
+                          "give one of them")
     given = ("model", "out", "add", "overwrite", "backend", "uri", "index_type", "device")
     extra = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
