@@ -1450,7 +1450,7 @@ def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsy
         assert main([*command, "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"cliplab: error: --overwrite replaces only a previous index output; "
-                       f"{out} holds other files (e.g. {foreign.relative_to(out).parts[0]}); "
+                       f"{out} holds other files (e.g. {foreign.relative_to(out)}); "
                        "choose a new folder")
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
         foreign.unlink()
