@@ -161,21 +161,28 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing after the raise runs (not even `except Exception`)."""
 
 
-def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_path,
-                                                                 monkeypatch, capsys):
-    build(model_dir, SHAPES, tmp_path / "whole", chunk=8)
+def _killed_build(monkeypatch, adds: int, *args, **kwargs) -> None:
+    """``build(*args, **kwargs)`` killed (`Killed`) once ``adds`` chunks' rows are committed to
+    meta.sqlite, the last one's progress record never written."""
     real_add, calls = MetadataStore.add, []
 
     def add_then_die(self, rows, skipped=()):
         real_add(self, rows, skipped)
         calls.append(1)
-        if len(calls) == 3:  # rows of chunk 3 committed, its progress record never written
+        if len(calls) == adds:
             raise Killed
 
     monkeypatch.setattr(MetadataStore, "add", add_then_die)
     with pytest.raises(Killed):
-        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
+        build(*args, **kwargs)
     monkeypatch.setattr(MetadataStore, "add", real_add)
+
+
+def test_a_killed_run_is_refused_then_resumed_to_the_same_index(model_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    build(model_dir, SHAPES, tmp_path / "whole", chunk=8)
+    # rows of chunk 3 committed, its progress record never written
+    _killed_build(monkeypatch, 3, model_dir, SHAPES, tmp_path / "idx", chunk=8)
 
     assert not (tmp_path / "idx").exists()
     with pytest.raises(DataError, match="not built yet.*run the same command again"):
@@ -617,18 +624,7 @@ def test_a_run_an_older_cliplab_stopped_resumes(model_dir, tmp_path, monkeypatch
     """A half-built index whose progress.json names the model identity ``towers`` (as cliplab
     before 2026-12-07 wrote it, format 1) is this command's: resumed, not refused as another
     run's. progress.json is format 2 now, as index.json; one of another format is refused."""
-    real_add, calls = MetadataStore.add, []
-
-    def add_then_die(self, rows, skipped=()):
-        real_add(self, rows, skipped)
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-
-    monkeypatch.setattr(MetadataStore, "add", add_then_die)
-    with pytest.raises(Killed):
-        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
-    monkeypatch.setattr(MetadataStore, "add", real_add)
+    _killed_build(monkeypatch, 2, model_dir, SHAPES, tmp_path / "idx", chunk=8)
     file = tmp_path / "idx.partial" / "progress.json"
     state = json.loads(file.read_text(encoding="utf-8"))
     assert state["format"] == 2
@@ -1230,18 +1226,8 @@ def test_a_killed_run_with_skipped_files_resumes_to_the_whole_runs_index(model_d
     whole = build(model_dir, str(photos), tmp_path / "whole", chunk=2)
     assert (whole["count"], whole["skipped"]["total"]) == (6, 2)
 
-    real_add, calls = MetadataStore.add, []
-
-    def add_then_die(self, rows, skipped=()):
-        real_add(self, rows, skipped)
-        calls.append(1)
-        if len(calls) == 3:  # chunk c0, c1 (one skip) committed, its progress never written
-            raise Killed
-
-    monkeypatch.setattr(MetadataStore, "add", add_then_die)
-    with pytest.raises(Killed):
-        build(model_dir, str(photos), tmp_path / "idx", chunk=2)
-    monkeypatch.setattr(MetadataStore, "add", real_add)
+    # chunk c0, c1 (one skip) committed, its progress never written
+    _killed_build(monkeypatch, 3, model_dir, str(photos), tmp_path / "idx", chunk=2)
     resumed = build(model_dir, str(photos), tmp_path / "idx", chunk=2)
     assert {k: resumed[k] for k in ("count", "skipped")} == \
         {k: whole[k] for k in ("count", "skipped")}
@@ -1478,18 +1464,7 @@ def test_overwrite_starts_over_from_a_stopped_run_of_another_command(model_dir, 
                                                                      monkeypatch, capsys):
     """A half-built index of another command in OUT.partial is refused without --overwrite
     (rerun that command, or delete it) and built over with it, as curate's does."""
-    real_add, calls = MetadataStore.add, []
-
-    def add_then_die(self, rows, skipped=()):
-        real_add(self, rows, skipped)
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-
-    monkeypatch.setattr(MetadataStore, "add", add_then_die)
-    with pytest.raises(Killed):
-        build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
-    monkeypatch.setattr(MetadataStore, "add", real_add)
+    _killed_build(monkeypatch, 2, model_dir, SHAPES, tmp_path / "idx", chunk=8)
     other = {**SHAPES, "seed": 4}
     with pytest.raises(ConfigError, match="half-built index of another"):
         build(model_dir, other, tmp_path / "idx", chunk=8)
