@@ -836,7 +836,7 @@ def test_written_folders_are_recorded_absolute_from_a_relative_out(model_dir, tm
     for out, (method, *options) in runs.items():
         assert main(["adapt", "--method", method, "--model", str(model_dir), "--out", out,
                      *data, *options]) == 0
-        results = json.loads((tmp_path / out / "results.json").read_text())
+        results = json.loads((tmp_path / out / "results.json").read_text(encoding="utf-8"))
         recorded = {key: results[key] for key in keys & set(results)}
         assert len(recorded) == {"ft": 1, "lo": 2, "wi": 2, "wi2": 1}[out], recorded
         for key, path in recorded.items():

@@ -1431,7 +1431,7 @@ def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsy
         "--out and overwrite replaces it; give one of them")
     (tmp_path / "add.yaml").unlink()
     for foreign in (out / "notes.txt", out / "images" / "mine.jpg"):
-        foreign.write_text("the user's")
+        foreign.write_text("the user's", encoding="utf-8")
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
         assert main([*command, "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
@@ -1441,10 +1441,10 @@ def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsy
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
         foreign.unlink()
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "a.txt").write_text("the user's")
+    (tmp_path / "mine" / "a.txt").write_text("the user's", encoding="utf-8")
     assert main([*command[:6], str(tmp_path / "mine"), *command[7:], "--overwrite"]) == 2
     assert "holds other files (e.g. a.txt)" in capsys.readouterr().err
-    assert (tmp_path / "mine" / "a.txt").read_text() == "the user's"
+    assert (tmp_path / "mine" / "a.txt").read_text(encoding="utf-8") == "the user's"
     assert main([*command, "--overwrite"]) == 0
     record = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert record["count"] == 12 and record["build"] != first["build"]
