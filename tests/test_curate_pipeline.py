@@ -1415,11 +1415,14 @@ def test_a_decontamination_set_changed_while_a_run_was_stopped_is_refused(tmp_pa
     assert run_curation(cfg, tmp_path / "out", progress=False)["pool"] == 10  # unchanged
 
 
-def test_the_files_each_step_reads_are_named_for_stamping(tmp_path):
+def test_the_files_each_step_reads_are_named_for_stamping(tmp_path, monkeypatch):
     """balance's entries, dfn's trusted set and decontaminate's sets and suite (its datasets
-    too) are what a resume checks; a folder's stamp moves when any file in it does."""
+    too) are what a resume checks, resolved as the spec is loaded; a folder's stamp moves when
+    any file in it does."""
     from cliplab.curate.config import step_spec
     from cliplab.curate.inputs import changed_input, stamp_inputs
+
+    monkeypatch.chdir(tmp_path)
 
     suite = tmp_path / "suite.yaml"
     suite.write_text("tasks:\n  - {name: zs, task: zeroshot, data: {source: manifest, "
@@ -1431,8 +1434,9 @@ def test_the_files_each_step_reads_are_named_for_stamping(tmp_path):
                                "suite": str(suite), "threshold": None}}
     named = {step: step_spec({"step": step, **spec}, "c.yaml", "steps[0]").input_paths()
              for step, spec in specs.items()}
-    assert named == {"balance": ["e.txt"], "dfn": ["trusted"],
-                     "decontaminate": [str(suite), "a.csv", str(tmp_path / "m.csv")]}
+    assert named == {"balance": [str(tmp_path / "e.txt")], "dfn": [str(tmp_path / "trusted")],
+                     "decontaminate": [str(suite), str(tmp_path / "a.csv"),
+                                       str(tmp_path / "m.csv")]}
     assert step_spec({"step": "exact_dedup"}, "c.yaml", "steps[0]").input_paths() == []
     folder = make_folder(tmp_path / "trusted", [10, 20])
     then = stamp_inputs([str(folder), "not-a-path"])
@@ -1441,6 +1445,39 @@ def test_the_files_each_step_reads_are_named_for_stamping(tmp_path):
     assert changed_input(then, stamp_inputs([str(folder)])) == (
         f"a file in {folder} was added, removed or rewritten")
     assert changed_input({}, then) == f"{folder} is new"
+
+
+def test_a_relative_step_file_is_resolved_as_the_config_is_loaded(tmp_path, monkeypatch):
+    """balance's ``entries: entries.txt`` was kept as written and stamped against the current
+    folder: the same config resumed from another folder was refused as if the first file "is
+    gone" (it was there). Resolved when loaded, the request and config.yaml name the file, and
+    that resume is another config's; a run stopped with the path kept as written (before this)
+    resumes from its own folder."""
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "entries.txt").write_text("red\nyellow\n", encoding="utf-8")
+    raw = {"data": {"source": "shapes", "n": 24, "seed": 3}, "chunk_size": 6,
+           "steps": [{"step": "balance", "entries": "entries.txt", "t": 2},
+                     {"step": "bright", "threshold": 0, "fail_on_chunk": 0}]}
+    out, entries = tmp_path / "out", tmp_path / "A" / "entries.txt"
+    monkeypatch.chdir(tmp_path / "A")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(raw, out, progress=False)
+    work = partial_path(out)
+    state = json.loads((work / "state.json").read_text(encoding="utf-8"))
+    assert state["request"]["steps"][0]["entries"] == str(entries)
+    monkeypatch.chdir(tmp_path / "B")
+    with pytest.raises(ConfigError, match=r"is a half-finished `cliplab curate` run of another "
+                       r"config \(steps\.0\.entries '") as refused:
+        run_curation(raw, out, progress=False)
+    assert "is gone" not in str(refused.value)
+    state["request"]["steps"][0]["entries"] = "entries.txt"  # as a run before this kept it
+    (work / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "A")
+    Bright.failed.append(True)  # no kill from here on
+    assert run_curation(raw, out, progress=False)["pool"] == 24
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["steps"][0]["entries"] == str(entries)
 
 
 def test_kept_shards_land_in_an_output_folder_named_with_percent_signs(tmp_path, capsys):

@@ -46,7 +46,7 @@ from cliplab.curate.outputs import write_dropped, write_kept
 from cliplab.curate.pool import Record, changed_source, read_item, stamp_sources
 from cliplab.curate.report import write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext, StepSpecBase
-from cliplab.curate.steps.registry import make_step
+from cliplab.curate.steps.registry import make_step, step_spec
 from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.data.sources import with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
@@ -121,7 +121,23 @@ def _finished_request(work: Path) -> dict | None:
     if not (work / "summary.json").is_file() or not (work / "config.yaml").is_file():
         return None
     saved = yaml.safe_load((work / "config.yaml").read_text(encoding="utf-8"))
-    return {k: v for k, v in saved.items() if k not in NEUTRAL_KEYS}
+    return _paths_resolved({k: v for k, v in saved.items() if k not in NEUTRAL_KEYS})
+
+
+def _paths_resolved(request: dict) -> dict:
+    """A saved request with its steps' paths resolved, as loading a config now resolves them
+    (`resolved_path`): a run stopped before that, whose request kept ``entries.txt`` as
+    written, is still the run of its unchanged config resumed from the same folder."""
+    steps = request.get("steps")
+    if not isinstance(steps, list):
+        return request
+    resolved = []
+    for step in steps:
+        try:
+            resolved.append(step_spec(step, "").to_dict())
+        except CliplabError:  # not this version's step: it differs from the config's anyway
+            resolved.append(step)
+    return {**request, "steps": resolved}
 
 
 def _move_into_place(work: Path, out: Path) -> dict:
@@ -198,7 +214,7 @@ def _open_work(work: Path, request: dict, overwrite: bool, step_models: dict[str
     finished = _finished_request(work) is not None
     if work.exists() and state.is_file() and not finished:
         recorded = json.loads(state.read_text(encoding="utf-8"))
-        saved = recorded["request"]
+        saved = _paths_resolved(recorded["request"])
         # its steps' cached scores came from the models as they were then
         changed = _model_changed(recorded.get("step_models", step_models), step_models)
         # and their decisions from the files their specs name

@@ -46,11 +46,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cliplab.config import refuse_unused
 from cliplab.curate.concept_frequency import ConceptFrequencies
-from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
+from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
+                                       StepSpecBase, resolved_path)
 from cliplab.data.prompt_files import read_lines
 from cliplab.errors import ConfigError, DataError
 
@@ -68,6 +69,11 @@ class Spec(StepSpecBase):
     min_count: int = Field(2, ge=1)  # of the default n-gram entries
     t: int = Field(ge=1)
     seed: int | None = None  # default: the pipeline's seed
+
+    @field_validator("entries")
+    @classmethod
+    def _entries_resolved(cls, value: str | None) -> str | None:
+        return resolved_path(value)
 
     @model_validator(mode="after")
     def _one_entry_list(self) -> "Spec":

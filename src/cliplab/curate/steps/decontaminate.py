@@ -27,14 +27,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
-                                       StepSpecBase, told_apart)
+                                       StepSpecBase, resolved_path, told_apart)
 from cliplab.data.images import centre_square, noting_squares, resized_to, to_pil
-from cliplab.data.sources import check_options, load_source
+from cliplab.data.sources import check_options, load_source, with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
@@ -62,6 +62,16 @@ class Spec(StepSpecBase):
     threshold: float | None = Field(0.95, ge=-1, le=1)
     hash_distance: int | None = Field(4, ge=0, le=64)
     batch_size: int = Field(64, ge=1)
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _sets_resolved(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [with_paths_resolved(spec) for spec in value]  # as the spec names its files
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_resolved(cls, value: str | None) -> str | None:
+        return resolved_path(value)
 
     def packages(self) -> dict[str, str]:
         return {"imagehash": "perceptual hashes"} if self.hash_distance is not None else {}

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from cliplab.config import refuse_unused
 from cliplab.curate.score_filter import check_keep_options, keep_by_score
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
-from cliplab.data.sources import as_pairs, load_source
+from cliplab.data.sources import as_pairs, load_source, with_paths_resolved
 from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
@@ -64,6 +64,11 @@ class Spec(StepSpecBase):
     @classmethod
     def _small_defaults(cls, value: Any) -> Any:
         return train_over_defaults(TRAIN_DEFAULTS, value) if isinstance(value, dict) else value
+
+    @field_validator("trusted")
+    @classmethod
+    def _trusted_paths_resolved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return with_paths_resolved(value)  # as the step's spec names its files (`resolved_path`)
 
     @model_validator(mode="after")
     def _valid(self) -> "Spec":
@@ -105,7 +110,11 @@ class DataFilteringNetwork:
                       if k in ("model", "trusted", "train")}
         trained_on["train"] = {k: v for k, v in trained_on["train"].items() if k != "progress"}
         record = run_path / TRAINED_ON
-        same = record.is_file() and json.loads(record.read_text(encoding="utf-8")) == trained_on
+        saved = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+        if isinstance(saved, dict) and isinstance(saved.get("trusted"), dict):
+            # a record from before trusted's paths were resolved when the spec was loaded
+            saved["trusted"] = with_paths_resolved(saved["trusted"])
+        same = saved == trained_on
         if not same and run_path.exists():
             shutil.rmtree(run_path)  # trained from other inputs: our own artefact, rebuilt
         if same and (run_path / "results.json").is_file():
