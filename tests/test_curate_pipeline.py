@@ -1339,7 +1339,7 @@ def test_a_step_input_file_changed_while_a_run_was_stopped_is_refused(tmp_path, 
     entries.write_text("square\ncross\ntriangle\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"^{re.escape(str(work))} is a stopped run whose "
                        rf"steps\[0\] \(balance\) read a file that changed since "
-                       rf"\({re.escape(str(entries))} was rewritten or replaced\): resumed, its "
+                       rf"\({re.escape(str(entries))} holds other bytes now\): resumed, its "
                        r"decision would rest on the file as it was; pass --overwrite to start "
                        r"over$"):
         run_curation(cfg, tmp_path / "out", progress=False)
@@ -1396,7 +1396,7 @@ def test_a_decontamination_set_changed_while_a_run_was_stopped_is_refused(tmp_pa
     (evals / "noise" / "img_01.png").write_bytes((evals / "noise" / "img_00.png").read_bytes())
     with pytest.raises(DataError, match=rf"steps\[0\] \(decontaminate\) read a file that "
                        rf"changed since \(a file in {re.escape(str(evals))} was added, removed "
-                       r"or rewritten\)"):
+                       r"or changed \(told by size and modification time: a touch counts\)\)"):
         run_curation(cfg, tmp_path / "out", progress=False)
     shutil.rmtree(work)
     Bright.failed.clear()
@@ -1404,14 +1404,20 @@ def test_a_decontamination_set_changed_while_a_run_was_stopped_is_refused(tmp_pa
     with pytest.raises(RuntimeError, match="killed"):
         run_curation(cfg, tmp_path / "out", progress=False)
     suite.write_text(suite.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"\({re.escape(str(suite))} was rewritten or "
-                       r"replaced\)"):
+    with pytest.raises(DataError, match=rf"\({re.escape(str(suite))} holds other bytes now\)"):
         run_curation(cfg, tmp_path / "out", progress=False)
     shutil.rmtree(work)
     Bright.failed.clear()
     Bright.calls.clear()
     with pytest.raises(RuntimeError, match="killed"):
         run_curation(cfg, tmp_path / "out", progress=False)
+    # what its readers skip (hidden names: a Finder's .DS_Store, another run's lock) and a
+    # touch of the suite, its bytes as they were, change nothing it read
+    (evals / ".DS_Store").write_bytes(b"finder")
+    (evals / "noise" / ".out.cliplab-lock").write_text("pid 1 on host", encoding="utf-8")
+    (evals / ".hidden").mkdir()
+    (evals / ".hidden" / "img_09.png").write_bytes(b"not data")
+    os.utime(suite, ns=(suite.stat().st_atime_ns, suite.stat().st_mtime_ns + 10**9))
     assert run_curation(cfg, tmp_path / "out", progress=False)["pool"] == 10  # unchanged
 
 
@@ -1440,11 +1446,42 @@ def test_the_files_each_step_reads_are_named_for_stamping(tmp_path, monkeypatch)
     assert step_spec({"step": "exact_dedup"}, "c.yaml", "steps[0]").input_paths() == []
     folder = make_folder(tmp_path / "trusted", [10, 20])
     then = stamp_inputs([str(folder), "not-a-path"])
-    assert list(then) == [str(folder)] and changed_input(then, stamp_inputs([str(folder)])) is None
+    assert list(then) == [str(folder)] and changed_input(then, [str(folder)]) is None
     (folder / "img_01.png").write_bytes(b"other")
-    assert changed_input(then, stamp_inputs([str(folder)])) == (
-        f"a file in {folder} was added, removed or rewritten")
-    assert changed_input({}, then) == f"{folder} is new"
+    assert changed_input(then, [str(folder)]) == (
+        f"a file in {folder} was added, removed or changed (told by size and modification "
+        "time: a touch counts)")
+    assert changed_input({}, [str(folder)]) == f"{folder} is new"
+
+
+def test_a_step_input_file_touched_is_told_from_one_changed(tmp_path, monkeypatch):
+    """A small file's stamp holds a digest of its bytes: touched (its bytes as they were) it
+    is unchanged, other bytes of the same size are a change; a file over the digest limit is
+    told by size and modification time alone, and the line says a touch counts. A file the
+    step no longer reads, still there (a suite's relative path read from elsewhere), is not
+    called gone."""
+    import cliplab.curate.inputs as inputs
+
+    small, big = tmp_path / "entries.txt", tmp_path / "big.txt"
+    small.write_text("red\nyellow\n", encoding="utf-8")
+    big.write_text("x" * 64, encoding="utf-8")
+    monkeypatch.setattr(inputs, "DIGEST_LIMIT", 32)
+    then = inputs.stamp_inputs([str(small), str(big)])
+
+    def touch(path):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    touch(small)
+    assert inputs.changed_input(then, [str(small), str(big)]) is None
+    small.write_text("red\nyellaw\n", encoding="utf-8")
+    assert inputs.changed_input(then, [str(small)]) == f"{small} holds other bytes now"
+    touch(big)
+    assert inputs.changed_input({str(big): then[str(big)]}, [str(big)]) == (
+        f"{big} has another size or modification time (a file over 0 MB is not read to "
+        "compare: a touch counts)")
+    assert inputs.changed_input({str(big): then[str(big)]}, [str(small)]) == (
+        f"{big} is no longer one it reads; it reads {small} now")
 
 
 def test_a_relative_step_file_is_resolved_as_the_config_is_loaded(tmp_path, monkeypatch):

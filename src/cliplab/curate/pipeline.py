@@ -255,14 +255,14 @@ def _step_folder(index: int, spec: StepSpecBase) -> str:
 
 def _input_changed(work: Path, steps: Sequence[StepSpecBase]) -> str | None:
     """How a file a started step of the stopped run in ``work`` read changed since (its
-    ``inputs.json`` stamps), e.g. "steps[0] (balance) read a file that changed since (FILE was
-    rewritten or replaced)", or None when none did (or no step started)."""
+    ``inputs.json`` stamps), e.g. "steps[0] (balance) read a file that changed since (FILE
+    holds other bytes now)", or None when none did (or no step started)."""
     for index, spec in enumerate(steps):
         record = work / "cache" / "steps" / _step_folder(index, spec) / INPUTS
         if not record.is_file():
             continue
         changed = changed_input(json.loads(record.read_text(encoding="utf-8")),
-                                stamp_inputs(spec.input_paths()))
+                                spec.input_paths())
         if changed is not None:
             return (f"steps[{index}] ({step_name(spec)}) read a file that changed since "
                     f"({changed})")
