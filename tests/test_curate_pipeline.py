@@ -498,6 +498,16 @@ def test_in_memory_source_and_a_kill_while_reading_the_pool(tmp_path, monkeypatc
         assert np.array_equal(np.asarray(item.read()), image.numpy()[..., :3])
 
 
+def _stopped_anew(cfg, out: Path, remove: Path) -> None:
+    """Delete ``remove`` (the run so far) and run ``cfg`` into ``out`` until `Bright`'s
+    ``fail_on_chunk`` kills it again: a fresh stopped run."""
+    shutil.rmtree(remove)
+    Bright.failed.clear()
+    Bright.calls.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(cfg, out, progress=False)
+
+
 def _killed_once_at_item_4(read_item, message: str):
     """``read_item`` that stops the run (a RuntimeError, ``message``) the first time it reaches
     item 4: a run killed while reading its pool."""
@@ -1265,11 +1275,7 @@ def test_a_stopped_run_over_shards_checks_the_shards_and_an_unchanged_one_resume
     with pytest.raises(RuntimeError, match="killed"):
         run_curation(cfg, tmp_path / "out", progress=False)
     assert run_curation(cfg, tmp_path / "out", progress=False)["kept"] == 4  # unchanged
-    shutil.rmtree(tmp_path / "out")
-    Bright.failed.clear()
-    Bright.calls.clear()
-    with pytest.raises(RuntimeError, match="killed"):
-        run_curation(cfg, tmp_path / "out", progress=False)
+    _stopped_anew(cfg, tmp_path / "out", tmp_path / "out")
     shard = sorted(pool.glob("*.tar"))[1]
     shard.write_bytes(shard.read_bytes())  # rewritten in place
     with pytest.raises(DataError, match=rf"\({shard} was rewritten or replaced\)"):
@@ -1398,19 +1404,11 @@ def test_a_decontamination_set_changed_while_a_run_was_stopped_is_refused(tmp_pa
                        rf"changed since \(a file in {re.escape(str(evals))} was added, removed "
                        r"or changed \(told by size and modification time: a touch counts\)\)"):
         run_curation(cfg, tmp_path / "out", progress=False)
-    shutil.rmtree(work)
-    Bright.failed.clear()
-    Bright.calls.clear()
-    with pytest.raises(RuntimeError, match="killed"):
-        run_curation(cfg, tmp_path / "out", progress=False)
+    _stopped_anew(cfg, tmp_path / "out", work)
     suite.write_text(suite.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"\({re.escape(str(suite))} holds other bytes now\)"):
         run_curation(cfg, tmp_path / "out", progress=False)
-    shutil.rmtree(work)
-    Bright.failed.clear()
-    Bright.calls.clear()
-    with pytest.raises(RuntimeError, match="killed"):
-        run_curation(cfg, tmp_path / "out", progress=False)
+    _stopped_anew(cfg, tmp_path / "out", work)
     # what its readers skip (hidden names: a Finder's .DS_Store, another run's lock) and a
     # touch of the suite, its bytes as they were, change nothing it read
     (evals / ".DS_Store").write_bytes(b"finder")
