@@ -361,7 +361,7 @@ def test_every_command_refuses_an_out_below_a_file_up_front(run, tiny_model_dir,
     (photos / "cat").mkdir(parents=True)
     res = tmp_path / "X" / "results.json"
     res.parent.mkdir()
-    res.write_text(json.dumps({"model": "m", "results": {"zs": {"acc1": 0.5}}}))
+    res.write_text(json.dumps({"model": "m", "results": {"zs": {"acc1": 0.5}}}), encoding="utf-8")
     recipe = Path(__file__).parents[1] / "configs"
     out = ufile / "sub" / "deeper"
     line = f"--out {out}: {ufile} is a file, so no folder can be made in it; choose another folder"
@@ -385,7 +385,7 @@ def test_every_command_refuses_an_out_below_a_file_up_front(run, tiny_model_dir,
         assert _one_line(capsys) == line, args
     assert main(_eval(tiny_model_dir, suite, tmp_path / "e", "--cache-dir", str(out))) == 2
     assert _one_line(capsys) == line.replace("--out", "--cache-dir")
-    assert ufile.read_text() == "mine" and not (tmp_path / "e").exists()
+    assert ufile.read_text(encoding="utf-8") == "mine" and not (tmp_path / "e").exists()
 
 
 def test_pretrain_names_its_run_folder(tiny_model_dir, tmp_path, monkeypatch,
@@ -871,7 +871,8 @@ def test_a_holder_on_another_machine_is_named_with_it(tmp_path):
         other.flush()
         with holding_outputs(), pytest.raises(ConfigError, match=r"\(pid 12 on node-7\);"):
             hold(out)
-    assert not out.exists() and (tmp_path / ".out.cliplab-lock").read_text() == "pid 12 on node-7"
+    assert not out.exists()
+    assert (tmp_path / ".out.cliplab-lock").read_text(encoding="utf-8") == "pid 12 on node-7"
 
 
 def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
@@ -889,12 +890,14 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     from cliplab.output_folder import hold, holding_outputs
 
     mine = tmp_path / "thesis.txt"
-    mine.write_text("years of work")
+    mine.write_text("years of work", encoding="utf-8")
     out = tmp_path / "out"
     lock = tmp_path / ".out.cliplab-lock"
-    planted = [lambda: lock.symlink_to(mine), lambda: lock.write_text("years of work"),
+    planted = [lambda: lock.symlink_to(mine),
+               lambda: lock.write_text("years of work", encoding="utf-8"),
                lambda: os.link(mine, lock), lambda: os.mkfifo(lock), lambda: lock.mkdir()]
-    mine.write_text("pid 7")  # a second name of a file of yours, even one that reads as a lock
+    # a second name of a file of yours, even one that reads as a lock
+    mine.write_text("pid 7", encoding="utf-8")
     for plant in planted:
         plant()
         with holding_outputs(), pytest.raises(ConfigError) as refused:
@@ -902,12 +905,12 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
         assert str(refused.value) == (
             f"--out {out}: {lock} is not a lock file of cliplab's (that name keeps two runs from "
             "writing the output together); move it away, or choose another --out")
-        assert mine.read_text() == "pid 7" and not out.exists()
+        assert mine.read_text(encoding="utf-8") == "pid 7" and not out.exists()
         if lock.is_dir() and not lock.is_symlink():
             lock.rmdir()
         else:
-            assert lock.is_symlink() or lock.is_fifo() or lock.read_text() in ("years of work",
-                                                                                "pid 7")
+            assert lock.is_symlink() or lock.is_fifo() or \
+                lock.read_text(encoding="utf-8") in ("years of work", "pid 7")
             lock.unlink()
 
     monkeypatch.setattr(output_folder, "_beside_lock", lambda *args: None)
@@ -919,7 +922,7 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     (locks / name).symlink_to(mine)
     with holding_outputs():
         hold(out)  # the link is not followed: no hold, no error, the file untouched
-    assert mine.read_text() == "pid 7"
+    assert mine.read_text(encoding="utf-8") == "pid 7"
     locks.chmod(0o777)  # a folder others may write in is not used at all
     with holding_outputs():
         hold(tmp_path / "other")
@@ -995,7 +998,7 @@ def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
         hold(out)
         late = real(out, out, ConfigError)  # another run opening it as this one ends
         assert [p.name for p in (tmp_path / "runs").iterdir()] == [lock.name]
-        assert lock.read_text().startswith(f"pid {__import__('os').getpid()} on ")
+        assert lock.read_text(encoding="utf-8").startswith(f"pid {__import__('os').getpid()} on ")
     assert not (tmp_path / "runs").exists()  # made for the lock, empty: removed
     handed = [late]  # the late run's open file comes first, then the path's new one
     monkeypatch.setattr(output_folder, "_beside_lock",
@@ -1070,13 +1073,13 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
     killed.wait()
     killed.stdin.close()
     killed.stdout.close()
-    assert lock.read_text().startswith(f"pid {killed.pid} on ")  # left behind
+    assert lock.read_text(encoding="utf-8").startswith(f"pid {killed.pid} on ")  # left behind
     check_not_held(out)  # a killed run's folder is not said to be written (--resume auto)
     remove_killed_builds(out)  # not taken for a half-built output
     assert lock.exists()
     with holding_outputs():
         hold(out)
-        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+        assert lock.read_text(encoding="utf-8").startswith(f"pid {os.getpid()} on ")
     assert list(tmp_path.iterdir()) == []
 
     import cliplab.output_folder as output_folder
