@@ -1046,6 +1046,36 @@ def test_a_lock_removed_under_the_hold_every_time_refuses_it(tmp_path, monkeypat
             output_folder.hold(tmp_path / "out")
 
 
+def test_a_lock_made_and_removed_under_each_open_refuses_the_hold(tmp_path, monkeypatch):
+    """The same race one step earlier: each exclusive create found the lock file made by
+    another run, each open found it removed again. The hold then fell back to the temporary
+    folder's lock, which runs holding the lock beside the output never look at, and wrote with
+    them; it is refused as being written, and nothing is made in the temporary folder."""
+    import os
+    import tempfile
+
+    from cliplab import output_folder
+    from cliplab.errors import ConfigError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    real_open = os.open
+
+    def racing(path, flags, *args):  # made by another run, then removed as it releases
+        if str(path).endswith(".cliplab-lock"):
+            if flags & os.O_EXCL:
+                raise FileExistsError(17, "File exists", str(path))
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", racing)
+    with output_folder.holding_outputs():
+        with pytest.raises(ConfigError, match=r"being written by another cliplab run \(other "
+                                              r"processes, which took it in turn\)"):
+            output_folder.hold(tmp_path / "runs" / "out")
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
 def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch):
     """A run killed with SIGKILL cannot remove its lock file: the next run into that output
     takes it over and removes it as it ends; a lock another run holds refuses it. The temporary

@@ -420,7 +420,9 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
     output sees it, whatever its temporary folder (a scheduler's per-job $TMPDIR, a container's
     private /tmp) and on any machine sharing the folder. None where no lock file can be made
     there (a parent that takes no new file); an ``error`` where that name holds something else
-    than a lock file (a link, a folder: never followed nor opened)."""
+    than a lock file (a link, a folder: never followed nor opened), or where other runs made
+    and removed it under each attempt (going on with the temporary folder's lock, which they
+    never look at, could write with them)."""
     lock = beside_lock_path(path)
     if path.parent == path:
         return None
@@ -436,7 +438,8 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
             continue
         except OSError:  # no new file there (read-only, no permission): an existing one only
             if not os.path.lexists(lock):
-                break
+                _remove_empty(made)
+                return None
         try:
             try:
                 fd, mode = _open_file(lock, os.O_RDWR), "rb+"
@@ -450,7 +453,7 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
             raise _not_a_lock(out, lock, error) from err
         return _Lock(os.fdopen(fd, mode), lock, made)
     _remove_empty(made)
-    return None
+    raise _being_written(out, "other processes, which took it in turn", error)
 
 
 def _open_file(path: Path, flags: int) -> int:
