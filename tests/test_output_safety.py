@@ -1046,6 +1046,49 @@ def test_a_lock_removed_under_the_hold_every_time_refuses_it(tmp_path, monkeypat
             output_folder.hold(tmp_path / "out")
 
 
+def test_another_users_lock_is_readable_and_never_said_to_be_no_lock(tmp_path, monkeypatch):
+    """With umask 077 (many clusters) the lock was made 0600: another user could not open it
+    and was told it was "not a lock file of cliplab's; move it away" while its run wrote, and
+    `holder_of` said no run held it. The lock is made readable by all; a lock this user cannot
+    open is another user's, refused naming its owner, and not taken for free."""
+    import errno
+    import os
+    import stat
+
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import check_not_held, holder_of, hold, holding_outputs
+
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.cliplab-lock"
+    old = os.umask(0o077)
+    try:
+        with holding_outputs():
+            hold(out)
+            assert stat.S_IMODE(lock.stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+    lock.write_text("pid 12 on node-7", encoding="utf-8")  # another user's, mode 0600
+    real_open = os.open
+
+    def other_users(path, flags, *args):
+        if Path(path) == lock and not flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", other_users)
+    with holding_outputs(), pytest.raises(ConfigError) as refused:
+        hold(out)
+    assert str(refused.value) == (
+        f"--out {out}: {lock} is another user's lock file (uid {os.getuid()}), which this user "
+        "cannot open to see whether their run writes it now; wait for that run to end or ask "
+        "them, or choose another --out")
+    assert holder_of(out) == f"uid {os.getuid()}, whose lock file this user cannot read"
+    with pytest.raises(ConfigError, match="being written by another cliplab run"):
+        check_not_held(out)  # --resume auto, serve: not taken for a stopped run
+    assert lock.read_text(encoding="utf-8") == "pid 12 on node-7" and not out.exists()
+
+
 def test_a_lock_made_and_removed_under_each_open_refuses_the_hold(tmp_path, monkeypatch):
     """The same race one step earlier: each exclusive create found the lock file made by
     another run, each open found it removed again. The hold then fell back to the temporary

@@ -286,6 +286,7 @@ _LOCK_MAX_BYTES = 512  # a lock file holds one short line: a larger file is no l
 _NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF,
                        getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 _READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_NO_ACCESS = frozenset({errno.EACCES, errno.EPERM})  # another user's file, not readable
 # a link is never followed, nor does a FIFO planted at a lock's name block the open
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK if fcntl is not None else 0
 
@@ -431,6 +432,10 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
         try:
             made += _make_folders(lock.parent)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o644)
+            # readable by all whatever the umask (077 on many clusters): another user's run
+            # must open it to see it held
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, 0o644)
             return _Lock(os.fdopen(fd, "rb+"), lock, made, created=True)
         except FileExistsError:
             pass
@@ -450,6 +455,10 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
         except FileNotFoundError:  # removed by the run releasing it: made anew
             continue
         except OSError as err:
+            if err.errno in _NO_ACCESS:  # its run may be writing: never "move it away"
+                raise _others_lock(out, lock, "which this user cannot open to see whether "
+                                   "their run writes it now", "wait for that run to end or "
+                                   "ask them", error) from err
             raise _not_a_lock(out, lock, error) from err
         return _Lock(os.fdopen(fd, mode), lock, made)
     _remove_empty(made)
@@ -672,7 +681,9 @@ def holder_of(out: str | os.PathLike) -> str | None:
     for lock in (beside_lock_path(path), _locks_folder() / _lock_name(path)):
         try:  # no lock file: no run holds it (nothing is made to find that out)
             fd = _open_file(lock, os.O_RDONLY)
-        except OSError:
+        except OSError as err:
+            if err.errno in _NO_ACCESS:  # could not look: another user's run may hold it
+                return f"{_owner(lock)}, whose lock file this user cannot read"
             continue
         with os.fdopen(fd, "rb") as handle:
             try:
@@ -700,6 +711,20 @@ def _being_written(out: str | os.PathLike, holder: str,
                    error: type[CliplabError]) -> CliplabError:
     return error(f"--out {out} is being written by another cliplab run ({holder}); "
                  "wait for it to end, or choose another --out")
+
+
+def _others_lock(out: str | os.PathLike, lock: Path, why: str, todo: str,
+                 error: type[CliplabError]) -> CliplabError:
+    """Refusal of another user's lock file ``lock`` of ``out``, naming its owner."""
+    return error(f"--out {out}: {lock} is another user's lock file ({_owner(lock)}), {why}; "
+                 f"{todo}, or choose another --out")
+
+
+def _owner(path: Path) -> str:
+    try:
+        return f"uid {os.lstat(path).st_uid}"
+    except OSError:
+        return "owner unknown"
 
 
 def _not_a_lock(out: str | os.PathLike, lock: Path, error: type[CliplabError]) -> CliplabError:
