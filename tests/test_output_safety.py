@@ -1089,6 +1089,80 @@ def test_another_users_lock_is_readable_and_never_said_to_be_no_lock(tmp_path, m
     assert lock.read_text(encoding="utf-8") == "pid 12 on node-7" and not out.exists()
 
 
+def test_another_users_lock_on_nfs_is_not_passed_by(tmp_path, monkeypatch):
+    """On NFS, flock is emulated with byte-range locks: an exclusive lock needs a file open for
+    writing, and another user's lock opens only read-only, so it failed with EBADF, taken for
+    "no flock here": the run held the temporary folder's lock instead and wrote together with
+    the run holding the output. Now a held lock refuses, naming its holder; a free one (a killed
+    run's) is removed and this run makes its own; one it cannot remove is refused, named."""
+    import errno
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import hold, holding_outputs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.cliplab-lock"
+    real_open, real_flock, real_unlink = os.open, fcntl.flock, os.unlink
+
+    def as_other_user(path, flags, *args):  # the lock is not ours: no write access to it
+        if Path(path) == lock and flags & os.O_ACCMODE == os.O_RDWR and \
+                not flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    def nfs_flock(handle, how):
+        if how & fcntl.LOCK_EX and not handle.writable():
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(handle, how)
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(os, "open", as_other_user)
+        monkeypatch.setattr(fcntl, "flock", nfs_flock)
+        with holding_outputs(), pytest.raises(ConfigError) as refused:
+            hold(out)
+        assert str(refused.value) == (
+            f"--out {out} is being written by another cliplab run (pid {holder.pid}); wait for "
+            "it to end, or choose another --out")
+        assert list((tmp_path / "tmp").iterdir()) == []  # no lock elsewhere either
+    finally:
+        holder.communicate("")
+
+    lock.write_text("pid 12 on node-7", encoding="utf-8")  # a killed run's, another user's
+    with holding_outputs():
+        hold(out)
+        assert lock.read_text(encoding="utf-8").startswith(f"pid {os.getpid()} on ")
+        other = open(lock, "rb")
+        with pytest.raises(BlockingIOError):  # really held, beside the output
+            real_flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        other.close()
+    assert not lock.exists() and list((tmp_path / "tmp").iterdir()) == []
+
+    def not_removable(path, *args, **kwargs):  # a sticky folder, say: not ours to remove
+        if Path(path) == lock:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    lock.write_text("pid 12 on node-7", encoding="utf-8")
+    monkeypatch.setattr(os, "unlink", not_removable)
+    with holding_outputs(), pytest.raises(ConfigError) as refused:
+        hold(out)
+    assert str(refused.value) == (
+        f"--out {out}: {lock} is another user's lock file (uid {os.getuid()}), held by no run "
+        "now, but on this file system (NFS) this user can neither lock it nor remove it; ask "
+        "them to remove it, or choose another --out")
+    assert lock.read_text(encoding="utf-8") == "pid 12 on node-7"
+
+
 def test_a_lock_made_and_removed_under_each_open_refuses_the_hold(tmp_path, monkeypatch):
     """The same race one step earlier: each exclusive create found the lock file made by
     another run, each open found it removed again. The hold then fell back to the temporary

@@ -281,8 +281,8 @@ LOCK_ATTEMPTS = 5  # a lock file removed by the run releasing it is opened anew 
 LOCK_SUFFIX = ".cliplab-lock"  # the lock beside an output: PARENT/.OUT.cliplab-lock
 _LOCK_TEXT = re.compile(r"(?:pid (\d+)(?: on (\S+))?)?")  # what a holder writes in its lock
 _LOCK_MAX_BYTES = 512  # a lock file holds one short line: a larger file is no lock of cliplab's
-# flock's "not on this file system" (some NFS set-ups, FUSE; NFS's emulated flock of a file open
-# read-only, another user's lock, is EBADF): the temporary folder's lock is taken instead
+# flock's "not on this file system" (some NFS set-ups, FUSE): the temporary folder's lock is
+# taken instead; but not for NFS's EBADF on another user's lock, open read-only (`_others_free`)
 _NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF,
                        getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 _READ_ONLY = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -385,6 +385,9 @@ def _take_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]) ->
         except OSError as err:
             if not beside or err.errno not in _NO_FLOCK:
                 raise
+            if err.errno == errno.EBADF and not lock.handle.writable() and \
+                    _others_free(lock, out, error):
+                continue  # another user's lock no run held, removed: this run makes its own
             if lock.created:  # no process can lock it there: no use to anyone
                 with contextlib.suppress(OSError):
                     os.unlink(lock.path)
@@ -412,6 +415,40 @@ def _take_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]) ->
     # removed under it every time: other runs take and release it as fast as this one
     # tries, and going on unheld could write with them
     raise _being_written(out, "other processes, which took it in turn", error)
+
+
+def _others_free(lock: _Lock, out: str | os.PathLike, error: type[CliplabError]) -> bool:
+    """For another user's lock open read-only, whose exclusive lock failed with EBADF (NFS
+    emulates flock with byte-range locks, and an exclusive one needs a file open for writing):
+    True once it is found free and removed (a killed run's), False where this file system has
+    no flock at all. An ``error`` if a run holds it (a shared lock is refused), or if this user
+    cannot remove it: the temporary folder's lock, which their run never looks at, would let
+    both write."""
+    try:
+        fcntl.flock(lock.handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(lock.handle)
+        _let_go(lock)
+        raise _being_written(out, holder, error) from None
+    except OSError as err:
+        if err.errno in _NO_FLOCK:
+            return False
+        _let_go(lock)
+        raise
+    if not _is_lock_file(lock.handle):
+        _let_go(lock)
+        raise _not_a_lock(out, lock.path, error)
+    try:  # removed while locked, as a run removes its own
+        if _still_named(lock.handle, lock.path):
+            os.unlink(lock.path)
+    except OSError as err:
+        refusal = _others_lock(out, lock.path, "held by no run now, but on this file system "
+                               "(NFS) this user can neither lock it nor remove it",
+                               "ask them to remove it", error)
+        _let_go(lock)
+        raise refusal from err
+    _let_go(lock)
+    return True
 
 
 def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
