@@ -1250,6 +1250,62 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
     alive.close()
 
 
+def test_a_killed_runs_lock_inside_a_folder_keeps_it_no_output(tiny_model_dir, suite, tmp_path,
+                                                                capsys):
+    """A killed run into OUT/sub leaves OUT/.sub.cliplab-lock (its lock, beside its output):
+    `ls` hides it, yet it made OUT "hold other files" for eval --overwrite (and index's,
+    curate's) and a new run refused a folder holding one. No process holds it: it is cliplab's
+    and refuses nothing; a lock a live run holds still refuses, naming that run's output."""
+    import signal
+    import subprocess
+    import sys
+
+    from cliplab.errors import ConfigError
+    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.runs import check_no_foreign_files, check_run_out
+
+    out = tmp_path / "res"
+    assert main(_eval(tiny_model_dir, suite, out)) == 0
+    killed = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out / "sub")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline() == "held\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed.stdin.close()
+    killed.stdout.close()
+    assert (out / ".sub.cliplab-lock").is_file()
+    capsys.readouterr()
+    assert main(_eval(tiny_model_dir, suite, out, "--overwrite")) == 0
+    assert "results.json" in {p.name for p in out.iterdir()}
+    capsys.readouterr()
+
+    folder = tmp_path / "X"  # a folder for a new run, holding only a killed eval's lock
+    folder.mkdir()
+    (folder / ".eval.cliplab-lock").write_text("pid 999999 on vm", encoding="utf-8")
+    with holding_outputs():
+        check_run_out(folder)
+    (folder / ".notes.cliplab-lock").write_text("the user's notes", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"holds \.notes\.cliplab-lock, which no cliplab run"):
+        check_no_foreign_files(folder)  # named so, but not a lock: the user's file
+    (folder / ".notes.cliplab-lock").unlink()
+
+    live = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder / "eval")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline() == "held\n"
+        inside = (f"another cliplab run (pid {live.pid}) writes {folder / 'eval'} inside it; "
+                  "wait for it to end, or choose another --out")
+        with holding_outputs(), pytest.raises(ConfigError) as refused:
+            hold(folder)
+            check_no_foreign_files(folder)
+        assert str(refused.value) == f"--out {folder}: {inside}"
+        assert main(_eval(tiny_model_dir, suite, folder, "--overwrite")) == 2
+        assert _one_line(capsys) == f"--out {folder}: {inside}"
+    finally:
+        live.communicate("")
+    assert list(folder.iterdir()) == []  # the live run took the killed one's over, removed it
+
+
 def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, tmp_path,
                                                           monkeypatch, capsys):
     """merge, export, convert, curate and index build beside --out and rename: an empty,

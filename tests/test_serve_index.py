@@ -1445,6 +1445,8 @@ def test_overwrite_replaces_an_index_and_nothing_else(model_dir, tmp_path, capsy
     assert main([*command[:6], str(tmp_path / "mine"), *command[7:], "--overwrite"]) == 2
     assert "holds other files (e.g. a.txt)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "a.txt").read_text(encoding="utf-8") == "the user's"
+    # a killed run into idx/sub left its lock (hidden, held by no process): cliplab's own
+    (out / ".sub.cliplab-lock").write_text("pid 999999 on vm", encoding="utf-8")
     assert main([*command, "--overwrite"]) == 0
     record = json.loads((out / "index.json").read_text(encoding="utf-8"))
     assert record["count"] == 12 and record["build"] != first["build"]

@@ -93,6 +93,8 @@ class OutputFiles:
         return f"has no {self.missing(folder)}"
 
     def _own(self, entry: Path) -> bool:
+        if is_left_lock(entry):  # a killed run's into a folder inside this one: cliplab's
+            return True
         pattern = dict(self.folders).get(entry.name)
         if pattern is not None and entry.is_dir() and not entry.is_symlink():
             return all(f.is_file() and re.fullmatch(pattern, f.name.removesuffix(".tmp"))
@@ -230,6 +232,7 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     hold(path, error)
     if not path.is_dir() or not any(path.iterdir()):
         return path
+    check_no_run_inside(out, error)
     is_previous = previous is not None and previous(path)
     if is_previous and (overwrite or may_exist):
         return path
@@ -762,6 +765,52 @@ def _owner(path: Path) -> str:
         return f"uid {os.lstat(path).st_uid}"
     except OSError:
         return "owner unknown"
+
+
+def is_left_lock(entry: Path) -> bool:
+    """Whether ``entry`` is the lock file a killed run (no clean-up ran) left beside its output
+    X, ``.X.cliplab-lock``: it reads as cliplab's and no process holds it. It is cliplab's, not
+    the user's: it keeps no folder holding it from being taken as an output (the next run into
+    X takes it over)."""
+    return _look_at_lock(entry) == (True, None)
+
+
+def check_no_run_inside(out: str | os.PathLike, error: type[CliplabError] = ConfigError
+                        ) -> None:
+    """Refuse the folder ``out`` while a live cliplab run writes an output inside it (the lock
+    of that output, ``.X.cliplab-lock``, is held): the folder would be written or replaced
+    under that run."""
+    folder = Path(out).expanduser()
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        holder = _look_at_lock(entry)[1]
+        if holder is not None:
+            inside = folder / entry.name[1:-len(LOCK_SUFFIX)]
+            raise error(f"--out {out}: another cliplab run ({holder}) writes {inside} inside "
+                        "it; wait for it to end, or choose another --out")
+
+
+def _look_at_lock(entry: Path) -> tuple[bool, str | None]:
+    """Whether ``entry`` is a lock file of an output (named ``.X.cliplab-lock``, reading as
+    cliplab's), and who holds it (None: no process); looked at without holding it."""
+    if fcntl is None or not (entry.name.startswith(".") and entry.name.endswith(LOCK_SUFFIX)):
+        return False, None
+    try:
+        fd = _open_file(entry, os.O_RDONLY)
+    except OSError:  # not a file, or not ours to read: not taken for a left lock
+        return False, None
+    with os.fdopen(fd, "rb") as handle:
+        if not _is_lock_file(handle):
+            return False, None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, _holder(handle)
+        except OSError:  # no flock there: whether a run holds it cannot be told
+            return False, None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return True, None
 
 
 def _not_a_lock(out: str | os.PathLike, lock: Path, error: type[CliplabError]) -> CliplabError:

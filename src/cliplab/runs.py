@@ -25,8 +25,9 @@ import yaml
 
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_not_held, check_writable, hold,
-                                   json_text, same_folder, write_json, write_utf8)
+from cliplab.output_folder import (check_apart_from_inputs, check_no_run_inside, check_not_held,
+                                   check_writable, hold, is_left_lock, json_text, same_folder,
+                                   write_json, write_utf8)
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from
@@ -135,8 +136,11 @@ def check_no_foreign_files(out: str | Path) -> None:
     out = Path(out)
     if not out.is_dir() or any((out / name).exists() for name in RUN_RECORDS):
         return
+    check_no_run_inside(out)
     own = is_own_config(out)
-    foreign = sorted(p.name for p in out.iterdir() if not (own and p.name in STARTED_FILES))
+    # a killed run's lock of an output inside this folder is cliplab's (`is_left_lock`)
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (own and p.name in STARTED_FILES) and not is_left_lock(p))
     if foreign:
         if own:  # beside this folder's own config.yaml: a run stopped before its end
             raise ConfigError(f"--out {out} holds {foreign[0]} beside the config.yaml of a run "
@@ -191,7 +195,7 @@ def removed_if_unstarted(path: str | Path, existed: bool) -> Iterator[None]:
     except BaseException:  # a stop too: each Ctrl-C'd quickstart left a folder of its config
         path = Path(path)
         if not existed and path.is_dir() and \
-                {p.name for p in path.iterdir()} <= set(STARTED_FILES):
+                {p.name for p in path.iterdir() if not is_left_lock(p)} <= set(STARTED_FILES):
             shutil.rmtree(path, ignore_errors=True)  # other ranks may be removing it too
         raise
 
@@ -248,7 +252,8 @@ def restart_unsaved_run(out: str | Path, command: str) -> bool:
     ours = {*STARTED_FILES, METRICS_FILE, CHECKPOINTS, *(p.name for p in events)}
     checkpoints = out / CHECKPOINTS
     unfinished = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
-    if any(p.name not in ours for p in out.iterdir()) or (checkpoints.exists() and (
+    other = any(p.name not in ours and not is_left_lock(p) for p in out.iterdir())
+    if other or (checkpoints.exists() and (
             not checkpoints.is_dir() or any(not (p.is_dir() and p.name.endswith(".tmp"))
                                             for p in unfinished))):
         return False  # anything else: check_new_run refuses it, untouched

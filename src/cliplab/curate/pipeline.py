@@ -51,8 +51,9 @@ from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.data.sources import with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
-                                   partial_path, remove_own_work, spec_paths, swap_in, write_json)
+from cliplab.output_folder import (check_apart_from_inputs, check_no_run_inside,
+                                   check_writable_beside, hold, is_left_lock, partial_path,
+                                   remove_own_work, spec_paths, swap_in, write_json)
 
 FORMAT = 1
 READ_STEP = "read"
@@ -201,7 +202,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it, or "
                           "choose a new --out")
-    if out.is_dir() and (any(out.iterdir()) and not (out / "summary.json").is_file()):
+    check_no_run_inside(out)
+    if out.is_dir() and not (out / "summary.json").is_file() and \
+            any(not is_left_lock(p) for p in out.iterdir()):  # a killed run's lock: cliplab's
         raise ConfigError(f"--out {out} is a folder that is not a `cliplab curate` output; "
                           "--overwrite only replaces those, choose a new --out")
     if not out.is_dir():
