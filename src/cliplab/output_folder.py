@@ -74,12 +74,19 @@ class OutputFiles:
         return next((name for name in self.markers if not (folder / name).is_file()), None)
 
     def foreign(self, folder: Path) -> str | None:
-        """The first entry of ``folder`` (by name) that is not a file of this output."""
+        """The first entry of ``folder`` (by name) that is not a file of this output; in one of
+        its ``folders``, the first file there that is not (``images/notes.txt``: what to move)."""
         unknown = sorted(p.name for p in folder.iterdir() if not self._own(p))
         if unknown and self.more is not None:  # read only when needed: it may parse files
             listed = set(self.more(folder))
             unknown = [n for n in unknown if n not in listed or not (folder / n).is_file()]
-        return unknown[0] if unknown else None
+        if not unknown:
+            return None
+        inside, pattern = folder / unknown[0], dict(self.folders).get(unknown[0])
+        if pattern is not None and inside.is_dir() and not inside.is_symlink():
+            other = sorted(f.name for f in inside.iterdir() if not _stored(f, pattern))
+            return f"{unknown[0]}/{other[0]}" if other else unknown[0]
+        return unknown[0]
 
     def plus(self, *markers: str) -> "OutputFiles":
         """This output with more files it always holds (a merge: a model folder + merge.json)."""
@@ -97,12 +104,17 @@ class OutputFiles:
             return True
         pattern = dict(self.folders).get(entry.name)
         if pattern is not None and entry.is_dir() and not entry.is_symlink():
-            return all(f.is_file() and re.fullmatch(pattern, f.name.removesuffix(".tmp"))
-                       for f in entry.iterdir())
+            return all(_stored(f, pattern) for f in entry.iterdir())
         # NAME.tmp: what an atomic write of NAME left when the process was killed mid-write
         name = entry.name.removesuffix(".tmp")
         return entry.is_file() and (name in self.markers or name in self.names
                                     or any(re.fullmatch(p, name) for p in self.patterns))
+
+
+def _stored(file: Path, pattern: str) -> bool:
+    """Whether ``file`` is one an output stores in a folder of its files named by ``pattern``
+    (or what an atomic write of one left, ``NAME.tmp``)."""
+    return file.is_file() and re.fullmatch(pattern, file.name.removesuffix(".tmp")) is not None
 
 
 def only_files(*names: str) -> OutputFiles:
@@ -487,11 +499,11 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
                 return None
         try:
             try:
-                fd, mode = _open_file(lock, os.O_RDWR), "rb+"
+                handle = os.fdopen(_open_file(lock, os.O_RDWR), "rb+")
             except OSError as err:
                 if err.errno not in _READ_ONLY:
                     raise
-                fd, mode = _open_file(lock, os.O_RDONLY), "rb"
+                handle = os.fdopen(_open_file(lock, os.O_RDONLY), "rb")
         except FileNotFoundError:  # removed by the run releasing it: made anew
             continue
         except OSError as err:
@@ -500,7 +512,7 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
                                    "their run writes it now", "wait for that run to end or "
                                    "ask them", error) from err
             raise _not_a_lock(out, lock, error) from err
-        return _Lock(os.fdopen(fd, mode), lock, made)
+        return _Lock(handle, lock, made)
     _remove_empty(made)
     raise _being_written(out, "other processes, which took it in turn", error)
 

@@ -4,7 +4,6 @@ by the searcher alike, so neither imports the other for them)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from cliplab.errors import DataError
@@ -21,22 +20,7 @@ VECTORS_FILE, FAISS_FILE, IMAGES_DIR, CHUNKS_DIR = "vectors.npy", "faiss.index",
 # what a complete index folder holds, all `index --overwrite` may replace (a folder holding
 # anything else is the user's): its record and metadata, vectors, FAISS index (SQLite's
 # journal of a write cut short), and the stored images of an in-memory source, ``ID.png``
-class _IndexFiles(OutputFiles):
-    """`OutputFiles` that names a user's file inside ``images/`` (``images/notes.txt``, the
-    file to move away), not the folder holding it."""
-
-    def foreign(self, folder: Path) -> str | None:
-        entry = super().foreign(folder)
-        pattern = dict(self.folders).get(entry or "")
-        inside = folder / (entry or "")
-        if pattern is None or not inside.is_dir() or inside.is_symlink():
-            return entry
-        other = sorted(f.name for f in inside.iterdir() if not f.is_file()
-                       or not re.fullmatch(pattern, f.name.removesuffix(".tmp")))
-        return f"{entry}/{other[0]}" if other else entry
-
-
-INDEX_FOLDER = _IndexFiles((INDEX_FILE, META_FILE), frozenset(
+INDEX_FOLDER = OutputFiles((INDEX_FILE, META_FILE), frozenset(
     {VECTORS_FILE, FAISS_FILE, META_FILE + "-journal", META_FILE + "-wal", META_FILE + "-shm"}),
     folders=((IMAGES_DIR, r"\d+\.png"),))
 
