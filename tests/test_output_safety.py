@@ -1306,6 +1306,32 @@ def test_a_killed_runs_lock_inside_a_folder_keeps_it_no_output(tiny_model_dir, s
     assert list(folder.iterdir()) == []  # the live run took the killed one's over, removed it
 
 
+def test_a_folder_holding_only_a_killed_runs_lock_is_empty(tiny_model_dir, suite, tmp_path,
+                                                            capsys):
+    """A folder holding only a killed run's lock looks empty to `ls`, yet eval (without
+    --overwrite) called it "not empty" and report said it "holds other files (e.g.
+    .sub.cliplab-lock)". An empty lock file is no killed run's (a run between making it and
+    writing its holder, or the user's): it is not taken for one."""
+    from cliplab.output_folder import is_left_lock
+
+    res = tmp_path / "res"
+    assert main(_eval(tiny_model_dir, suite, res)) == 0
+    for name in ("E", "R"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".sub.cliplab-lock").write_text("pid 999999 on vm", encoding="utf-8")
+    assert main(_eval(tiny_model_dir, suite, tmp_path / "E")) == 0
+    assert (tmp_path / "E" / "results.json").is_file()
+    assert main(["report", "--inputs", str(res / "results.json"), "--out", str(tmp_path / "R"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "R" / "report.md").is_file()
+    capsys.readouterr()
+    (tmp_path / "F").mkdir()
+    (tmp_path / "F" / ".sub.cliplab-lock").write_bytes(b"")
+    assert not is_left_lock(tmp_path / "F" / ".sub.cliplab-lock")
+    assert main(_eval(tiny_model_dir, suite, tmp_path / "F")) == 2
+    assert "is not empty" in _one_line(capsys)
+
+
 def test_an_output_built_beside_needs_its_parent_writable(tiny_model_dir, run, tmp_path,
                                                           monkeypatch, capsys):
     """merge, export, convert, curate and index build beside --out and rename: an empty,

@@ -242,14 +242,14 @@ def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathL
     check_apart_from_inputs(out, inputs, error)
     check_writable(out, error)
     hold(path, error)
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not visible_entries(path):
         return path
     check_no_run_inside(out, error)
     is_previous = previous is not None and previous(path)
     if is_previous and (overwrite or may_exist):
         return path
     why = previous.why_not(path) if isinstance(previous, OutputFiles) else \
-        f"holds other files (e.g. {sorted(p.name for p in path.iterdir())[0]})"
+        f"holds other files (e.g. {sorted(p.name for p in visible_entries(path))[0]})"
     if not overwrite and not may_exist:
         if previous is not None and not is_previous:  # --overwrite would be refused too
             raise error(f"--out {out} is not empty and no previous {kind} output: it {why}; "
@@ -787,6 +787,12 @@ def is_left_lock(entry: Path) -> bool:
     return _look_at_lock(entry) == (True, None)
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but the locks killed runs left in it (`is_left_lock`): a folder
+    holding only those is empty, as `ls` shows it."""
+    return [entry for entry in folder.iterdir() if not is_left_lock(entry)]
+
+
 def check_no_run_inside(out: str | os.PathLike, error: type[CliplabError] = ConfigError
                         ) -> None:
     """Refuse the folder ``out`` while a live cliplab run writes an output inside it (the lock
@@ -813,7 +819,9 @@ def _look_at_lock(entry: Path) -> tuple[bool, str | None]:
     except OSError:  # not a file, or not ours to read: not taken for a left lock
         return False, None
     with os.fdopen(fd, "rb") as handle:
-        if not _is_lock_file(handle):
+        # an empty one is a run's between making and writing it (or killed in that instant):
+        # not taken for a killed run's, whose holder line is written as soon as it is locked
+        if not _is_lock_file(handle) or os.fstat(handle.fileno()).st_size == 0:
             return False, None
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
-from cliplab.output_folder import check_out, write_utf8
+from cliplab.output_folder import check_out, visible_entries, write_utf8
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, md_code,
                                  md_text, printable)
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,
@@ -285,7 +285,7 @@ def _previous_or_leftover(folder: Path) -> bool:
     """Whether ``folder`` holds a previous report, or only what a report's first write left
     when it failed (report.md.tmp: a full disk, a kill)."""
     return is_previous_report(folder) or \
-        {p.name for p in folder.iterdir()} <= {"report.md.tmp", "report.html.tmp"}
+        {p.name for p in visible_entries(folder)} <= {"report.md.tmp", "report.html.tmp"}
 
 
 def _plots_of(report_md: Path) -> list[Path]:
