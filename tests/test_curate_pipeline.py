@@ -1543,3 +1543,19 @@ def test_a_pool_folder_named_with_bytes_that_are_no_utf8_is_curated(tmp_path, ou
     reasons = {d["key"]: d["reason"] for d in pq.read_table(out / "dropped.parquet").to_pylist()}
     assert reasons["img_04.png"].startswith(f"unreadable image at {tmp_path}/data\\xff/img_04.png")
     assert f"{tmp_path}/data\\xff" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_step_input_that_is_a_fifo_is_stamped_without_reading_it(tmp_path):
+    """A small input's stamp reads its bytes for a digest; a FIFO (or device) named as a step's
+    file was read too, which waits for a writer for ever: only regular files are read."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "entries.fifo"
+    os.mkfifo(fifo)
+    code = ("import sys; from pathlib import Path; from cliplab.curate.inputs import path_stamp; "
+            "print(len(path_stamp(Path(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr  # size, mtime
+

@@ -55,7 +55,11 @@ def path_stamp(path: Path) -> list:
 
 
 def _digest(path: Path) -> str | None:
+    """The digest of regular file ``path``'s bytes; None for another kind (a FIFO's read would
+    wait for a writer) or an unreadable one."""
     try:
+        if not path.is_file():
+            return None
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:  # unreadable: the step says so when it reads it; the stamp is a stat
         return None
