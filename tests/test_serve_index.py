@@ -225,6 +225,18 @@ def test_an_index_still_being_built_is_not_called_stopped(tmp_path):
                 SearchIndex(tmp_path / given)
     with pytest.raises(DataError, match="holds a stopped `cliplab index` run"):
         SearchIndex(tmp_path / "idx")
+    # another user's lock this user cannot open: maybe building, maybe left; not said to build
+    from cliplab.output_folder import Holder
+    from cliplab.serve import index as index_module
+
+    unseen = Holder("uid 7", tmp_path / ".idx.cliplab-lock", sure=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(index_module, "holder_of", lambda path: unseen)
+        with pytest.raises(DataError, match=r"idx is not built yet, and .*\.idx\.cliplab-lock is "
+                                            r"another user's lock file \(uid 7\), which this user "
+                                            r"cannot open to see whether their `cliplab index` run "
+                                            r"builds it now; ask them$"):
+            SearchIndex(tmp_path / "idx")
 
 
 def test_killed_while_finishing_is_resumed(model_dir, tmp_path, monkeypatch):

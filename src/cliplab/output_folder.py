@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -508,9 +508,8 @@ def _beside_lock(path: Path, out: str | os.PathLike, error: type[CliplabError]
             continue
         except OSError as err:
             if err.errno in _NO_ACCESS:  # its run may be writing: never "move it away"
-                raise _others_lock(out, lock, "which this user cannot open to see whether "
-                                   "their run writes it now", "wait for that run to end or "
-                                   "ask them", error) from err
+                raise _others_lock(out, lock, _UNSEEN, "wait for that run to end or ask them",
+                                   error) from err
             raise _not_a_lock(out, lock, error) from err
         return _Lock(handle, lock, made)
     _remove_empty(made)
@@ -718,13 +717,25 @@ def check_not_held(out: str | os.PathLike, error: type[CliplabError] = ConfigErr
     a check that is about to refuse a run folder says a live run writes it, not how its run
     ended."""
     holder = holder_of(out)
+    if holder is not None and not holder.sure:
+        raise _others_lock(out, holder.lock, _UNSEEN, "wait for that run to end or ask them",
+                           error)
     if holder is not None:
-        raise _being_written(out, holder, error)
+        raise _being_written(out, holder.who, error)
 
 
-def holder_of(out: str | os.PathLike) -> str | None:
-    """Who holds ``out`` now (``pid N``, as `hold`'s refusal says it), if another process does;
-    looked at without holding it."""
+class Holder(NamedTuple):
+    """Who holds an output's ``lock`` file: ``pid N`` as `hold`'s refusal says it; not ``sure``
+    for another user's lock this user cannot open (``uid N``: their run may hold it, or be
+    gone)."""
+    who: str
+    lock: Path
+    sure: bool = True
+
+
+def holder_of(out: str | os.PathLike) -> Holder | None:
+    """Who holds ``out`` now, if another process does (or may: `Holder.sure`); looked at
+    without holding it."""
     held = _HELD.get()
     path = Path(out).expanduser().resolve()
     if fcntl is None or (held is not None and path in held):
@@ -735,13 +746,13 @@ def holder_of(out: str | os.PathLike) -> str | None:
             fd = _open_file(lock, os.O_RDONLY)
         except OSError as err:
             if err.errno in _NO_ACCESS:  # could not look: another user's run may hold it
-                return f"{_owner(lock)}, whose lock file this user cannot read"
+                return Holder(_owner(lock), lock, sure=False)
             continue
         with os.fdopen(fd, "rb") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _holder(handle)
+                return Holder(_holder(handle), lock)
             except OSError:  # no flock on that file system: no run holds it there
                 continue
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -763,6 +774,9 @@ def _being_written(out: str | os.PathLike, holder: str,
                    error: type[CliplabError]) -> CliplabError:
     return error(f"--out {out} is being written by another cliplab run ({holder}); "
                  "wait for it to end, or choose another --out")
+
+
+_UNSEEN = "which this user cannot open to see whether their run writes it now"
 
 
 def _others_lock(out: str | os.PathLike, lock: Path, why: str, todo: str,

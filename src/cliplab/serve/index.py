@@ -237,9 +237,13 @@ def _check_not_being_built(index: Path) -> None:
     """Refuse the half-built ``index`` as one a `cliplab index` run still builds, if one holds
     it (it was said to be stopped, to be run again: that run would be refused)."""
     holder = holder_of(index)
+    if holder is not None and not holder.sure:
+        raise DataError(f"{index} is not built yet, and {holder.lock} is another user's lock file "
+                        f"({holder.who}), which this user cannot open to see whether their "
+                        "`cliplab index` run builds it now; ask them")
     if holder is not None:
-        raise DataError(f"{index} is not built yet: a `cliplab index` run ({holder}) is building "
-                        "it now; serve it once that run ends")
+        raise DataError(f"{index} is not built yet: a `cliplab index` run ({holder.who}) is "
+                        "building it now; serve it once that run ends")
 
 
 def _complete_record(path: Path) -> dict:
