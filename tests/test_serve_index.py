@@ -642,8 +642,8 @@ def test_a_run_an_older_cliplab_stopped_resumes(model_dir, tmp_path, monkeypatch
     assert state["format"] == 2
     file.write_text(json.dumps({**state, "format": 3}), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"^\S+idx.partial/progress.json: format 3, not 1 or 2 "
-                       r"\(a run another cliplab stopped\?\); resume it with that cliplab, or "
-                       "delete the folder$"):
+                       r"\(another cliplab's\?\); resume it with the cliplab that stopped it, "
+                       "or delete the folder$"):
         build(model_dir, SHAPES, tmp_path / "idx", chunk=8)
     state["request"]["towers"] = state["request"].pop("embedding_identity")
     file.write_text(json.dumps({**state, "format": 1}), encoding="utf-8")
@@ -687,8 +687,9 @@ def test_a_setting_a_library_adds_or_drops_is_no_difference(model_dir, tmp_path)
 @pytest.mark.parametrize("damage, message", [
     ("meta", r"meta.sqlite: not a readable index metadata database"),
     ("no fingerprint", r"index.json: lacks fingerprint; the index is damaged"),
-    ("format 99", r"index.json: not the record of a complete index \(format 99, not 1 or 2\); "
-                  r"rebuild it with `cliplab index`"),
+    ("format 99", r"index.json: not the record of a complete index \(format 99, not 1 or 2: "
+                  r"another cliplab's\?\); open it with the cliplab that wrote it, or rebuild "
+                  r"it with `cliplab index`"),
     ("dim", r"index.json is damaged \(ValueError: invalid literal for int\(\)"),
     ("sources", r"index.json: sources must be a list of data specs, not 'oops'")])
 def test_add_refuses_a_damaged_index_and_leaves_it_as_it_was(model_dir, tmp_path, damage,
@@ -1005,7 +1006,8 @@ def _record(folder, change):
     (lambda f: _record(f, lambda r: {k: v for k, v in r.items() if k != "faiss"}),
      "index.json: lacks faiss"),
     (lambda f: _record(f, lambda r: {**r, "format": 3}),
-     "index.json: not the record of a complete index (format 3, not 1 or 2)"),
+     "index.json: not the record of a complete index (format 3, not 1 or 2: another "
+     "cliplab's?)"),
 ])
 def test_index_files_that_disagree_are_refused_at_open(model_dir, tmp_path, damage, words):
     """Each file reads, but they do not belong together (a copy of another index's file, a

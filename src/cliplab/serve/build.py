@@ -437,8 +437,8 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
         state = json.loads(state_file.read_text(encoding="utf-8"))
         if state.get("format") not in READ_FORMATS:  # its keys may mean other things
             raise ConfigError(f"{state_file}: format {state.get('format')!r}, not "
-                              f"{' or '.join(map(str, READ_FORMATS))} (a run another cliplab "
-                              "stopped?); resume it with that cliplab, or delete the folder")
+                              f"{' or '.join(map(str, READ_FORMATS))} (another cliplab's?); "
+                              "resume it with the cliplab that stopped it, or delete the folder")
         nothing_embedded = state["position"] == 0 and state["chunks"] == state["base_chunks"]
         saved = state["request"]
         if "towers" in saved:  # its name in a run an older cliplab stopped (format 1)

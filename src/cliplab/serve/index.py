@@ -266,12 +266,14 @@ def _complete_record(path: Path) -> dict:
     # a format-1 record reads as FORMAT (`read_index_json`)
     if not isinstance(record, dict) or not record.get("complete") or \
             record.get("format") != FORMAT:
+        other = isinstance(record, dict) and record.get("format") != FORMAT
         why = ("not a JSON object" if not isinstance(record, dict) else
-               f"format {record.get('format')!r}, not "
-               f"{' or '.join(map(str, READ_FORMATS))}" if record.get("format") != FORMAT
+               f"format {record.get('format')!r}, not {' or '.join(map(str, READ_FORMATS))}: "
+               "another cliplab's?" if other
                else '"complete" is not true: an index still being written, or stopped')
+        todo = "open it with the cliplab that wrote it, or " if other else ""
         raise DataError(f"{path / INDEX_FILE}: not the record of a complete index ({why}); "
-                        "rebuild it with `cliplab index`")
+                        f"{todo}rebuild it with `cliplab index`")
     backend = record.get("backend")
     needed = (*RECORD_KEYS, backend) if backend in BACKENDS else RECORD_KEYS
     missing = [key for key in needed if key not in record]
