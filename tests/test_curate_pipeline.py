@@ -1435,7 +1435,7 @@ def test_the_files_each_step_reads_are_named_for_stamping(tmp_path, monkeypatch)
              "dfn": {"model": "tiny-clip", "keep_top": 0.5,
                      "trusted": {"source": "image-folder", "path": "trusted"}},
              "decontaminate": {"eval_sets": [{"source": "manifest", "path": "a.csv"}],
-                               "suite": str(suite), "threshold": None}}
+                               "suite": suite.name, "threshold": None}}  # relative
     named = {step: step_spec({"step": step, **spec}, "c.yaml", "steps[0]").input_paths()
              for step, spec in specs.items()}
     assert named == {"balance": [str(tmp_path / "e.txt")], "dfn": [str(tmp_path / "trusted")],
