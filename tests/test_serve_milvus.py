@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,11 +149,9 @@ class Killed(BaseException):
     """Stands for SIGKILL."""
 
 
-def test_a_run_killed_while_inserting_reuses_its_collection(tmp_path, monkeypatch):
-    """The collection named in progress.json before it was created is this run's own: the
-    resumed run fills it (no refusal, no second collection left behind)."""
-    from pymilvus import MilvusClient
-
+def _killed_while_inserting(tmp_path, monkeypatch) -> tuple[Path, str]:
+    """A Milvus index build into tmp_path/idx killed as it inserts its first vectors (its
+    collection made); the model folder and Milvus Lite file it used."""
     from cliplab.serve.milvus_index import MilvusVectors
 
     model_dir = save_tiny_model(tmp_path / "model")
@@ -165,6 +164,15 @@ def test_a_run_killed_while_inserting_reuses_its_collection(tmp_path, monkeypatc
     with pytest.raises(Killed):
         build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
     monkeypatch.undo()
+    return model_dir, uri
+
+
+def test_a_run_killed_while_inserting_reuses_its_collection(tmp_path, monkeypatch):
+    """The collection named in progress.json before it was created is this run's own: the
+    resumed run fills it (no refusal, no second collection left behind)."""
+    from pymilvus import MilvusClient
+
+    model_dir, uri = _killed_while_inserting(tmp_path, monkeypatch)
     name = json.loads((tmp_path / "idx.partial" / "progress.json").read_text()).get("collection")
     record = build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
     assert record["milvus"]["collection"] == name
@@ -232,18 +240,7 @@ def test_overwrite_over_a_stopped_run_of_another_command_drops_its_collection(tm
                                                                               monkeypatch):
     """`index --overwrite` starting over from a stopped Milvus run of another request deleted
     its work folder but left the collection it had created in Milvus, no folder naming it."""
-    from cliplab.serve.milvus_index import MilvusVectors
-
-    model_dir = save_tiny_model(tmp_path / "model")
-    uri = str(tmp_path / "search.db")
-
-    def die(self, *args):
-        raise Killed
-
-    monkeypatch.setattr(MilvusVectors, "insert", die)
-    with pytest.raises(Killed):
-        build(model_dir, SHAPES, tmp_path / "idx", backend="milvus", uri=uri)
-    monkeypatch.undo()
+    model_dir, uri = _killed_while_inserting(tmp_path, monkeypatch)
     assert len(_collections(uri)) == 1  # created before the kill
     record = build(model_dir, {**SHAPES, "seed": 4}, tmp_path / "idx", backend="milvus",
                    uri=uri, overwrite=True)
