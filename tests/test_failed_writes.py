@@ -161,8 +161,9 @@ def test_resume_auto_never_clears_a_live_run_that_has_not_saved_yet(tmp_path, mo
     RunDir(tmp_path / "run").write_config({"model": {"name": "tiny-clip"}, "out": "run"})
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom cliplab.output_folder import hold, "
-         "holding_outputs\nwith holding_outputs():\n    hold(sys.argv[1])\n"
+        [sys.executable, "-c", "import sys\nfrom cliplab.output_folder import hold\n"
+         "from cliplab.output_lock import holding_outputs\nwith holding_outputs():\n"
+         "    hold(sys.argv[1])\n"
          "    print('held', flush=True)\n    sys.stdin.read()\n", str(tmp_path / "run")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

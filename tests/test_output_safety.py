@@ -695,7 +695,8 @@ def test_a_second_run_into_an_out_being_written_is_refused(tiny_model_dir, tmp_p
     mixed two configs. The output is held while a command runs; the other is refused."""
     import os
 
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     out = tmp_path / "soup"
     args = ["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out)]
@@ -812,7 +813,8 @@ def test_an_out_the_system_will_not_let_us_write_is_one_line(tiny_model_dir, sui
 # another cliplab process holding --out as a running command does (`output_folder.hold`)
 _HOLDER = """
 import sys
-from cliplab.output_folder import hold, holding_outputs
+from cliplab.output_folder import hold
+from cliplab.output_lock import holding_outputs
 with holding_outputs():
     hold(sys.argv[1])
     print("held", flush=True)
@@ -831,7 +833,7 @@ def test_the_hold_is_seen_whatever_the_temporary_folder(tmp_path, monkeypatch, c
     import tempfile
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import check_not_held
+    from cliplab.output_lock import check_not_held
 
     out = tmp_path / "shards"
     for name in ("tA", "tB"):
@@ -862,7 +864,8 @@ def test_a_holder_on_another_machine_is_named_with_it(tmp_path):
     import fcntl
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     out = tmp_path / "out"
     with open(tmp_path / ".out.cliplab-lock", "wb") as other:
@@ -885,9 +888,10 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
     import os
     import tempfile
 
-    import cliplab.output_folder as output_folder
+    import cliplab.output_lock as output_lock
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     mine = tmp_path / "thesis.txt"
     mine.write_text("years of work", encoding="utf-8")
@@ -913,7 +917,7 @@ def test_the_hold_never_writes_through_a_planted_link(tmp_path, monkeypatch):
                 lock.read_text(encoding="utf-8") in ("years of work", "pid 7")
             lock.unlink()
 
-    monkeypatch.setattr(output_folder, "_beside_lock", lambda *args: None)
+    monkeypatch.setattr(output_lock, "_beside_lock", lambda *args: None)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
@@ -940,8 +944,10 @@ def test_no_lock_beside_the_output_falls_back_to_the_temporary_folder(tmp_path, 
     import types
 
     import cliplab.output_folder as output_folder
+    import cliplab.output_lock as output_lock
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import check_not_held, hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import check_not_held, holding_outputs
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -965,7 +971,7 @@ def test_no_lock_beside_the_output_falls_back_to_the_temporary_folder(tmp_path, 
             if way == "read-only":
                 patch.setattr(output_folder.os, "open", read_only_parent)
             else:
-                patch.setattr(output_folder, "fcntl", types.SimpleNamespace(
+                patch.setattr(output_lock, "fcntl", types.SimpleNamespace(
                     **{k: getattr(fcntl, k) for k in dir(fcntl) if k.isupper()},
                     flock=no_flock_beside))
             with holding_outputs():
@@ -987,13 +993,14 @@ def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
     made for it go too unless the command wrote in them."""
     import fcntl
 
-    import cliplab.output_folder as output_folder
+    import cliplab.output_lock as output_lock
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     out = tmp_path / "runs" / "out"
     lock = tmp_path / "runs" / ".out.cliplab-lock"
-    real = output_folder._beside_lock
+    real = output_lock._beside_lock
     with holding_outputs():
         hold(out)
         late = real(out, out, ConfigError)  # another run opening it as this one ends
@@ -1001,7 +1008,7 @@ def test_a_released_hold_removes_its_lock_file_safely(tmp_path, monkeypatch):
         assert lock.read_text(encoding="utf-8").startswith(f"pid {__import__('os').getpid()} on ")
     assert not (tmp_path / "runs").exists()  # made for the lock, empty: removed
     handed = [late]  # the late run's open file comes first, then the path's new one
-    monkeypatch.setattr(output_folder, "_beside_lock",
+    monkeypatch.setattr(output_lock, "_beside_lock",
                         lambda *args: handed.pop() if handed else real(*args))
     with holding_outputs():
         hold(out)  # the late opener's lock is on the removed file: it takes the new one
@@ -1021,7 +1028,8 @@ def test_a_look_at_the_lock_by_check_not_held_does_not_refuse_a_hold(tmp_path, m
     import fcntl
     import threading
 
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     out = tmp_path / "out"
     looker = open(tmp_path / ".out.cliplab-lock", "wb")
@@ -1036,11 +1044,11 @@ def test_a_lock_removed_under_the_hold_every_time_refuses_it(tmp_path, monkeypat
     """Under contention (other runs taking and releasing the lock as this one tried) a hold
     whose lock file was removed under it on every attempt went on holding nothing (98 in 2 400
     holds of six processes): it is refused as being written."""
-    from cliplab import output_folder
+    from cliplab import output_folder, output_lock
     from cliplab.errors import ConfigError
 
-    monkeypatch.setattr(output_folder, "_still_named", lambda handle, path: False)
-    with output_folder.holding_outputs():
+    monkeypatch.setattr(output_lock, "_still_named", lambda handle, path: False)
+    with output_lock.holding_outputs():
         with pytest.raises(ConfigError, match=r"being written by another cliplab run \(other "
                                               r"processes, which took it in turn\)"):
             output_folder.hold(tmp_path / "out")
@@ -1056,7 +1064,8 @@ def test_another_users_lock_is_readable_and_never_said_to_be_no_lock(tmp_path, m
     import stat
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import check_not_held, holder_of, hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import check_not_held, holder_of, holding_outputs
 
     out = tmp_path / "out"
     lock = tmp_path / ".out.cliplab-lock"
@@ -1104,7 +1113,8 @@ def test_another_users_lock_on_nfs_is_not_passed_by(tmp_path, monkeypatch):
     import tempfile
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -1172,7 +1182,7 @@ def test_a_lock_made_and_removed_under_each_open_refuses_the_hold(tmp_path, monk
     import os
     import tempfile
 
-    from cliplab import output_folder
+    from cliplab import output_folder, output_lock
     from cliplab.errors import ConfigError
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -1187,7 +1197,7 @@ def test_a_lock_made_and_removed_under_each_open_refuses_the_hold(tmp_path, monk
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", racing)
-    with output_folder.holding_outputs():
+    with output_lock.holding_outputs():
         with pytest.raises(ConfigError, match=r"being written by another cliplab run \(other "
                                               r"processes, which took it in turn\)"):
             output_folder.hold(tmp_path / "runs" / "out")
@@ -1207,8 +1217,8 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
     import tempfile
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import (check_not_held, hold, holding_outputs,
-                                       remove_killed_builds)
+    from cliplab.output_folder import hold, remove_killed_builds
+    from cliplab.output_lock import check_not_held, holding_outputs
 
     out = tmp_path / "out"
     lock = tmp_path / ".out.cliplab-lock"
@@ -1230,8 +1240,8 @@ def test_a_killed_runs_lock_is_taken_over_by_the_next_run(tmp_path, monkeypatch)
         assert lock.read_text(encoding="utf-8").startswith(f"pid {os.getpid()} on ")
     assert list(tmp_path.iterdir()) == []
 
-    import cliplab.output_folder as output_folder
-    monkeypatch.setattr(output_folder, "_beside_lock", lambda *args: None)
+    import cliplab.output_lock as output_lock
+    monkeypatch.setattr(output_lock, "_beside_lock", lambda *args: None)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     locks = tmp_path / "tmp" / f"cliplab-locks-{os.getuid()}"
@@ -1262,7 +1272,8 @@ def test_a_killed_runs_lock_inside_a_folder_keeps_it_no_output(tiny_model_dir, s
     import sys
 
     from cliplab.errors import ConfigError
-    from cliplab.output_folder import hold, holding_outputs
+    from cliplab.output_folder import hold
+    from cliplab.output_lock import holding_outputs
     from cliplab.runs import check_no_foreign_files, check_run_out
 
     out = tmp_path / "res"
@@ -1313,7 +1324,7 @@ def test_a_folder_holding_only_a_killed_runs_lock_is_empty(tiny_model_dir, suite
     --overwrite) called it "not empty" and report said it "holds other files (e.g.
     .sub.cliplab-lock)". An empty lock file is no killed run's (a run between making it and
     writing its holder, or the user's): it is not taken for one."""
-    from cliplab.output_folder import is_left_lock
+    from cliplab.output_lock import is_left_lock
 
     res = tmp_path / "res"
     assert main(_eval(tiny_model_dir, suite, res)) == 0

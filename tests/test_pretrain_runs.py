@@ -240,7 +240,8 @@ def test_a_run_stopped_before_its_first_checkpoint_says_how_to_go_on(tmp_path):
 # another cliplab process holding --out as a running command does (`output_folder.hold`)
 _HOLDER = """
 import sys
-from cliplab.output_folder import hold, holding_outputs
+from cliplab.output_folder import hold
+from cliplab.output_lock import holding_outputs
 with holding_outputs():
     hold(sys.argv[1])
     print("held", flush=True)

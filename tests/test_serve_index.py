@@ -226,7 +226,7 @@ def test_an_index_still_being_built_is_not_called_stopped(tmp_path):
     with pytest.raises(DataError, match="holds a stopped `cliplab index` run"):
         SearchIndex(tmp_path / "idx")
     # another user's lock this user cannot open: maybe building, maybe left; not said to build
-    from cliplab.output_folder import Holder
+    from cliplab.output_lock import Holder
     from cliplab.serve import index as index_module
 
     unseen = Holder("uid 7", tmp_path / ".idx.cliplab-lock", sure=False)

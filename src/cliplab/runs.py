@@ -25,9 +25,9 @@ import yaml
 
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_no_run_inside, check_not_held,
-                                   check_writable, hold, is_left_lock, json_text, same_folder,
-                                   write_json, write_utf8)
+from cliplab.output_folder import (check_apart_from_inputs, check_writable, hold, json_text,
+                                   same_folder, write_json, write_utf8)
+from cliplab.output_lock import check_no_run_inside, check_not_held, is_left_lock
 
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints past the step a run was resumed from

@@ -294,7 +294,7 @@ def _sigterm_as_interruption() -> Iterator[None]:
 
 def _holding_outputs():
     """The outputs the command checks held while it runs (`holding_outputs`)."""
-    from cliplab.output_folder import holding_outputs  # imports torch: not for --help
+    from cliplab.output_lock import holding_outputs  # imports torch: not for --help
 
     return holding_outputs()
 

@@ -51,9 +51,9 @@ from cliplab.data.collection import check_collection_path, open_collection
 from cliplab.data.sources import with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
-from cliplab.output_folder import (check_apart_from_inputs, check_no_run_inside,
-                                   check_writable_beside, hold, is_left_lock, partial_path,
-                                   remove_own_work, spec_paths, swap_in, write_json)
+from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
+                                   partial_path, remove_own_work, spec_paths, swap_in, write_json)
+from cliplab.output_lock import check_no_run_inside, is_left_lock
 
 FORMAT = 1
 READ_STEP = "read"

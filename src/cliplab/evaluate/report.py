@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
-from cliplab.output_folder import check_out, visible_entries, write_utf8
+from cliplab.output_folder import check_out, write_utf8
+from cliplab.output_lock import visible_entries
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, md_code,
                                  md_text, printable)
 from cliplab.evaluate.report_plots import (is_alpha_sweep, is_few_shot, is_long_tail,

@@ -9,7 +9,8 @@ import numpy as np
 
 from cliplab.errors import CliplabError, DataError, ModelError
 from cliplab.serve import faiss_index
-from cliplab.output_folder import holder_of, partial_path
+from cliplab.output_folder import partial_path
+from cliplab.output_lock import holder_of
 from cliplab.serve.folder import (FAISS_FILE, FORMAT, INDEX_FILE, META_FILE, PROGRESS_FILE,
                                   READ_FORMATS, VECTORS_FILE, current_record, read_index_json)
 from cliplab.models.fingerprints import embedding_identity, identity_difference
