@@ -138,6 +138,12 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def resolved_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` with ``~`` expanded and made absolute, as a record keeps it (results.json, a
+    config's spec): it names the file from whatever folder it is read or resumed in."""
+    return None if path is None or path == "" else str(_resolved(path))
+
+
 def same_folder(a: Path, b: Path) -> bool:
     """Whether two resolved paths name one folder: equal, or the same file on disk (``Photos``
     and ``photos`` on a case-insensitive file system, as macOS's and Windows' are)."""

@@ -155,11 +155,6 @@ class Adapter:
         return folder
 
 
-def recorded_path(path: str | Path | None) -> str | None:
-    """``path`` as results.json records it: absolute, so the file is of use from any folder."""
-    return str(Path(path).resolve()) if path else None
-
-
 def written_inside(written: Path, folder: str | Path) -> bool:
     """Whether ``written`` (a folder an adapter wrote, e.g. its run's last checkpoint) lies
     inside ``folder``: saving there again would write it twice."""

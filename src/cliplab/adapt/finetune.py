@@ -17,7 +17,7 @@ import torch
 from pydantic import field_validator
 
 from cliplab.adapt.base import (AdaptContext, Adapter, kept_training_state, method_options,
-                               recorded_path, require_pytorch_model, written_inside)
+                               require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters
 from cliplab.adapt.head import ClassifierHead, zeroshot_classifier_head
 from cliplab.models.folder import model_fingerprint, require_origin, write_origin
@@ -28,7 +28,7 @@ from cliplab.data.types import LabelledImages
 from cliplab.evaluate.features import ImageFeatures
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import model_folder
-from cliplab.output_folder import built_beside
+from cliplab.output_folder import built_beside, resolved_path
 from cliplab.runs import RunDir
 from cliplab.train.trainer import MODEL_DIR, TrainConfig, Trainer
 
@@ -134,7 +134,7 @@ class FineTuned(Adapter):
     def summary(self) -> dict:
         params = self.params
         return {"params": {**params, "fraction": params["trainable"] / params["total"]},
-                "model_dir": recorded_path(self.model_dir)}
+                "model_dir": resolved_path(self.model_dir)}
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

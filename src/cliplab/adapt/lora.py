@@ -24,8 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from cliplab.adapt.base import (AdaptContext, Adapter, copy_written, kept_training_state,
-                               method_options, recorded_path, require_pytorch_model,
-                               written_inside)
+                               method_options, require_pytorch_model, written_inside)
 from cliplab.adapt.common import checked_train_section, count_parameters, \
     refuse_contrastive_settings
 from cliplab.adapt.finetune import save_finetuned
@@ -43,6 +42,7 @@ from cliplab.file_modes import as_umask
 from cliplab.models.device import seeded
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import load_model
+from cliplab.output_folder import resolved_path
 from cliplab.runs import CHECKPOINTS, latest_checkpoint
 from cliplab.train.trainer import Trainer
 
@@ -260,8 +260,8 @@ class LoraAdapted(Adapter):
 
     def summary(self) -> dict:
         return {"params": self.params,
-                "adapter_dir": recorded_path(self.adapter_dir),
-                **({"merged_dir": recorded_path(self.merged_dir)} if self.merged_dir else {})}
+                "adapter_dir": resolved_path(self.adapter_dir),
+                **({"merged_dir": resolved_path(self.merged_dir)} if self.merged_dir else {})}
 
 
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from cliplab.adapt.base import AdaptContext, Adapter, check_named_sets, method_options, \
-    recorded_path, require_pytorch_model
+    require_pytorch_model
 from cliplab.adapt.common import head_metrics
 from cliplab.adapt.finetune import Options as FinetuneOptions
 from cliplab.adapt.finetune import TRAIN_DEFAULTS, FineTuned, finetune, load_finetuned, \
@@ -34,6 +34,7 @@ from cliplab.errors import CliplabError, ConfigError, ModelError, warn
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.resolve import WISE_FT_BEST, is_hub_id, resolve_model_path
+from cliplab.output_folder import resolved_path
 from cliplab.train.trainer import MODEL_DIR
 
 DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
@@ -229,8 +230,8 @@ class WiseFT(Adapter):
         return self.best_dir
 
     def summary(self) -> dict:
-        return {"finetuned": recorded_path(self.ft_dir),
-                **({"best_dir": recorded_path(self.best_dir)} if self.best_dir else {})}
+        return {"finetuned": resolved_path(self.ft_dir),
+                **({"best_dir": resolved_path(self.best_dir)} if self.best_dir else {})}
 
 
 def uses_validation(options: Options) -> bool:

@@ -51,9 +51,10 @@ from pydantic import Field, field_validator, model_validator
 from cliplab.config import refuse_unused
 from cliplab.curate.concept_frequency import ConceptFrequencies
 from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
-                                       StepSpecBase, resolved_path)
+                                       StepSpecBase)
 from cliplab.data.prompt_files import read_lines
 from cliplab.errors import ConfigError, DataError
+from cliplab.output_folder import resolved_path
 
 PUNCTUATION = ',.;:?!`"'  # MetaCLIP's spacing, and the double quote
 _PUNCT = re.compile("([" + re.escape(PUNCTUATION) + "])")

@@ -43,13 +43,6 @@ def told_apart(a: float, b: float, least: int = 3) -> tuple[str, str]:
     return repr(a), repr(b)  # apart below 1e-17: their shortest round-trip forms differ
 
 
-def resolved_path(path: str | None) -> str | None:
-    """``path`` (a file a step's spec names) with ``~`` expanded and made absolute, as a spec
-    keeps it when loaded: the request and config.yaml name the file, whatever folder the run is
-    resumed from (`cliplab.data.sources.with_paths_resolved` does so for data specs)."""
-    return None if path is None else str(Path(path).expanduser().resolve())
-
-
 class StepSpecBase(Section):
     """Keys every step takes: ``step`` (its registry name, narrowed by each subclass to a
     Literal) and an optional ``name`` for the report (default: the step name)."""

@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from cliplab.config import load_config, refuse_unused
 from cliplab.curate.steps.base import (Decision, PoolBatch, PoolItems, StepContext,
-                                       StepSpecBase, resolved_path, told_apart)
+                                       StepSpecBase, told_apart)
 from cliplab.data.images import centre_square, noting_squares, resized_to, to_pil
 from cliplab.data.sources import check_options, load_source, with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
 from cliplab.models.embed import embed_images
-from cliplab.output_folder import spec_paths
+from cliplab.output_folder import resolved_path, spec_paths
 
 THUMBNAIL = 96  # longest side of the evaluation thumbnails the report shows
 
