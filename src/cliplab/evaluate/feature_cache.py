@@ -23,7 +23,7 @@ from cliplab.data.fingerprint import images_fingerprint
 from cliplab.errors import ConfigError
 from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures, encode_images
 from cliplab.evaluate.text_cache import TextFeatureCache
-from cliplab.file_modes import save_tensors
+from cliplab.file_modes import rust_os_error, save_tensors
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import image_tower_fingerprint
 from cliplab.models.finite import finite_embeddings
@@ -176,7 +176,7 @@ def read_entry(file: Path) -> dict[str, torch.Tensor] | None:
     try:
         tensors = load_file(file)
     except (SafetensorError, ValueError, OSError) as err:
-        if isinstance(err, OSError) or "(os error" in str(err):
+        if isinstance(err, OSError) or rust_os_error(err) is not None:
             return _unreadable(file, err)
         problem = f"cannot be read ({_first_line(err)})"
     else:
