@@ -34,6 +34,7 @@ from pathlib import Path
 from cliplab.data.images import IMAGE_EXTS
 from cliplab.data.prompt_files import CLASSNAMES_FILE, TEMPLATE_FILES
 from cliplab.errors import DataError
+from cliplab.report_text import printable
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 SIDECAR_SUFFIXES = (".txt", ".json")
@@ -143,8 +144,9 @@ def is_utf8(name: str) -> bool:
 
 
 def printable_path(path: str) -> Path:
-    """``path`` as a printable name, its bytes that are not UTF-8 written ``\\xe9``."""
-    return Path(os.fsencode(path).decode("utf-8", "backslashreplace"))
+    """``path`` as a printable name, its bytes that are not UTF-8 written ``\\xe9``
+    (`cliplab.report_text.printable`)."""
+    return Path(printable(path))
 
 
 def _leads_elsewhere(real: str, top: str, elsewhere: Collection[str]) -> bool:
