@@ -812,3 +812,38 @@ def test_an_input_named_with_bytes_that_are_no_utf8_is_reported_with_them_escape
     assert "- **run\\\\xe9bad**: `" + shown + "`\n" in markdown
     assert "run\\xe9bad</b>: <code>" + shown in (out / "report.html").read_text(encoding="utf-8")
     assert (out / "plots" / "training-curves.png").is_file() == (plots == "true")
+
+
+def test_two_dozen_inputs_get_a_look_each_and_a_legend_that_hides_no_curve(tmp_path,
+                                                                            monkeypatch):
+    """With 24 inputs matplotlib's ten colours repeated (run00 and run10 drew alike) and each
+    plot's legend sat on the curves, running off the plot with its last entries cut."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to look at
+    paths = []
+    for n in range(24):
+        run = tmp_path / f"run{n:02d}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 4.0 / s + n / 100}) + "\n" for s in (1, 2, 3)))
+        (run / "results.json").write_text(json.dumps({"model": f"m{n}", "results": {
+            "fs": _few_shot(0.01 * n), "lt": _long_tail(0.01 * n)}}))
+        paths.append(run)
+    write_report(paths, tmp_path / "report", {}, progress=False)
+    assert len(figures) == 3  # few-shot, long tail, training curves
+    for fig in figures:
+        ax = fig.axes[0]
+        looks = {(str(line.get_color()), line.get_linestyle()) for line in ax.get_lines()
+                 if not line.get_label().startswith("_")}  # a fit line is no entry
+        looks |= {(tuple(dots.get_facecolor()[0]), str(dots.get_paths()[0].vertices.tolist()))
+                  for dots in ax.collections if type(dots).__name__ == "PathCollection"}
+        assert len(looks) == 24, ax.get_title()
+        legends = [*fig.legends, *(a.get_legend() for a in fig.axes if a.get_legend())]
+        assert len(legends) == 1
+        assert len({t.get_text() for t in legends[0].get_texts()}) == 24
+        fig.canvas.draw()
+        box = legends[0].get_window_extent()
+        assert not any(box.overlaps(a.get_window_extent()) for a in fig.axes)
+        close(fig)
