@@ -343,7 +343,7 @@ def test_thumbnails_served_stay_within_the_cache_budget(served, monkeypatch):
     from cliplab.serve.sized_cache import SizedLru
 
     app = create_app(served["index"], served["model"])
-    service = app.state.service
+    service = app.state.generations.service
     service.thumbnails = SizedLru(40_000)
     client = TestClient(app)
     for item in range(served["index"].count):

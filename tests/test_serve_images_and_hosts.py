@@ -190,11 +190,16 @@ def test_an_image_and_its_thumbnail_follow_their_file(photos, tmp_path, route):
     assert gone.status_code == 404 and gone.json()["error"] == "the image file of id 0 is gone"
 
 
-def test_stored_images_of_an_index_rebuilt_under_the_server_are_refused(tmp_path):
+def test_stored_images_of_an_index_rebuilt_under_the_server_are_refused(tmp_path,
+                                                                         monkeypatch):
     """A built-in source's images are stored in the index folder and were looked up there on
     each request: after the index was rebuilt in place (another seed), a running server sent
-    the new index's image 5 under the old index's caption of id 5. It answers 503 now, saying
-    to restart it; an --add (which keeps the stored images) goes on serving them."""
+    the new index's image 5 under the old index's caption of id 5. Until it has switched to
+    the new index (`IndexGenerations`; never here) it answers 503; an --add (which keeps the
+    stored images) goes on serving them."""
+    from cliplab.serve import index_generation
+
+    monkeypatch.setattr(index_generation, "CHECK_EVERY_S", float("inf"))
     model_dir = save_tiny_model(tmp_path / "model")
     build(model_dir, SHAPES, tmp_path / "idx")
     client = TestClient(create_app(SearchIndex(tmp_path / "idx"), DualEncoder.load(model_dir)))
@@ -209,7 +214,8 @@ def test_stored_images_of_an_index_rebuilt_under_the_server_are_refused(tmp_path
         assert rebuilt.status_code == 503, route
         assert rebuilt.json()["error"] == (
             f"the index {(tmp_path / 'idx').resolve()} was rebuilt since this server opened it: "
-            "its stored images are the new index's; restart `cliplab serve` to serve that one")
+            "its stored images are the new index's; the server serves that one once it has "
+            "loaded it")
 
 
 def test_images_and_thumbnails_answer_head_and_take_the_key_in_the_url(photos):

@@ -345,7 +345,7 @@ def test_milvus_holds_only_ids_and_vectors(tmp_path):
         client.close()
 
 
-def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_path, capfd):
+def test_a_collection_dropped_under_the_server_is_a_503_saying_what_follows(tmp_path, capfd):
     """An --add (of this index, or of a copy of its folder) drops the collection a running
     server searches: each search was a 500 "internal error". A 503 the schema declares, and
     no pymilvus traceback in the server's log per search."""
@@ -367,7 +367,8 @@ def test_a_collection_dropped_under_the_server_is_a_503_saying_to_restart(tmp_pa
             assert answer.json()["error"] == (
                 f"Milvus collection {record['milvus']['collection']} at {tmp_path / 'search.db'} "
                 "is gone (an `index --add` of this index, or of a copy of its folder, replaced "
-                "it): restart `cliplab serve`")
+                "it): the server serves the index folder's new collection once it has loaded it "
+                "(a copy's --add leaves none: rebuild the index)")
         assert "Traceback" not in capfd.readouterr().err
         health = client.get("/api/health")  # it said "ok" of an index that cannot search
         assert health.status_code == 503 and "is gone" in health.json()["error"]

@@ -86,6 +86,8 @@ class Health(BaseModel):
 
     status: str = Field(description='"ok"')
     count: int = Field(description="images in the index")
+    build: str | None = Field(description="the served index's build id: another after a "
+                              "rebuild, kept by an --add (null: an index from before it was kept)")
     model: str
     fingerprint: str = Field(description="the image and text towers' fingerprint")
     backend: str = Field(description='"faiss" or "milvus"')
@@ -106,7 +108,8 @@ ERROR_MEANINGS = {
     415: "not a form where one goes, or not an image",
     422: "a field missing or out of its bounds",
     503: "busy (retry after the Retry-After seconds), stopping, or the index's Milvus "
-         "collection is gone or its folder rebuilt (restart the server)",
+         "collection is gone or its folder rebuilt (until the server has switched to the new "
+         "index)",
 }
 
 

@@ -17,6 +17,7 @@ from cliplab.serve.api_key import ApiKeyCheck
 from cliplab.serve.api_schema import document_api_key
 from cliplab.serve.error_responses import add_error_handlers
 from cliplab.serve.index import SearchIndex
+from cliplab.serve.index_generation import IndexGenerations
 from cliplab.serve.middleware import AllowedHosts, BodyLimit, HardeningHeaders
 from cliplab.serve.request_fields import DEFAULT_MAX_UPLOAD
 from cliplab.serve.routes_classify import router as classify_routes
@@ -39,8 +40,9 @@ def create_app(index: SearchIndex, model: DualEncoder, api_key: str | None = Non
     app = FastAPI(title="cliplab serve", version="1", redoc_url=None,
                   description="Search an indexed image collection by text or image and label "
                   "images zero-shot with the model the index was built with.")
-    # the routes take these per request (`current_service`), holding none of them
-    app.state.service = SearchService(index, model)
+    # the routes take these per request (`current_service`), holding none of them; the
+    # index folder's next generation is switched to by itself (`IndexGenerations`)
+    app.state.generations = IndexGenerations(SearchService(index, model))
     app.state.max_upload_bytes = max_upload_bytes
     add_error_handlers(app)
     # HEAD too: an uptime check probes the page

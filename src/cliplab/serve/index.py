@@ -36,8 +36,10 @@ class SearchIndex:
         ``search=False`` checks it without loading the FAISS index or connecting to Milvus
         (an ``--add`` reads it again itself)."""
         self.path = Path(path).expanduser().resolve()
+        # taken before the record is read: a folder swapped in meanwhile is seen as newer
+        self.stamp = index_stamp(self.path)
         self.record = _complete_record(self.path)
-        self._seen: tuple = (_stamp(self.path / INDEX_FILE), None)  # index.json, its build
+        self._seen: tuple = (self.stamp, None)  # index.json, its build
         self.store = MetadataStore(self.path / META_FILE, readonly=True)
         self.backend = self.record["backend"]
         self._milvus = None
@@ -161,7 +163,7 @@ class SearchIndex:
         if build is None:
             return None
         stamp, found = self._seen
-        now = _stamp(self.path / INDEX_FILE)
+        now = index_stamp(self.path)
         if now != stamp or found is None:  # read again only when index.json was replaced
             try:
                 now_record = read_index_json(self.path)
@@ -172,7 +174,7 @@ class SearchIndex:
         if found == build:
             return None
         return (f"the index {self.path} was rebuilt since this server opened it: its stored "
-                "images are the new index's; restart `cliplab serve` to serve that one")
+                "images are the new index's; the server serves that one once it has loaded it")
 
     def close(self) -> None:
         """Close the metadata and Milvus connections and let go of the vectors' mapping and
@@ -181,7 +183,7 @@ class SearchIndex:
         self.store.close()
         if self._milvus is not None:
             self._milvus.close()
-        self.vectors = self._faiss = None
+        self.vectors = self._faiss = self._milvus = None
 
 
 def model_difference(record: dict, fingerprint: str, identity: dict) -> str | None:
@@ -288,11 +290,12 @@ def _complete_record(path: Path) -> dict:
     return record
 
 
-def _stamp(path: Path) -> str | None:
-    """`files_stamp` of ``path`` (it changes when the file is replaced or rewritten), None if
-    it is gone."""
+def index_stamp(folder: Path) -> str | None:
+    """`files_stamp` of the ``index.json`` in ``folder``: one stat, which changes whenever
+    `cliplab index` puts another complete index in place (its folder is swapped in whole);
+    None while there is none (gone, or between the two renames of a swap)."""
     try:
-        return files_stamp(path)
+        return files_stamp(folder / INDEX_FILE)
     except OSError:
         return None
 
@@ -344,4 +347,4 @@ def describe(record: dict) -> str:
             f"{record['model']['name']}, {how}")
 
 
-__all__ = ["IndexReplaced", "SearchIndex", "describe", "image_only_tuning"]
+__all__ = ["IndexReplaced", "SearchIndex", "describe", "image_only_tuning", "index_stamp"]

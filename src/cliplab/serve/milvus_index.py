@@ -37,7 +37,8 @@ class CollectionGone(DataError):
 def gone_message(collection: str, uri: str) -> str:
     """What a server says of an index whose collection was dropped under it."""
     return (f"Milvus collection {collection} at {uri} is gone (an `index --add` of this index, "
-            "or of a copy of its folder, replaced it): restart `cliplab serve`")
+            "or of a copy of its folder, replaced it): the server serves the index folder's new "
+            "collection once it has loaded it (a copy's --add leaves none: rebuild the index)")
 
 
 def is_remote(uri: str) -> bool:

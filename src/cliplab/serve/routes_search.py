@@ -21,14 +21,15 @@ router = APIRouter()
 @router.head("/api/health", include_in_schema=False)
 @router.get("/api/health", response_model=Health, responses=errors(503))
 def health(request: Request, service: SearchService = SERVICE) -> dict:
-    """Index size, model and backend; a 503 when the index cannot search (a load balancer
-    takes the server out)."""
+    """Index size and build id (the generation served), model and backend; a 503 when the
+    index cannot search (a load balancer takes the server out)."""
     index = service.index
     problem = index.backend_problem()
     if problem:
         fail(503, problem)
     rec = index.record
-    return {"status": "ok", "count": index.count, "model": rec["model"]["name"],
+    return {"status": "ok", "count": index.count, "build": rec.get("build"),
+            "model": rec["model"]["name"],
             "fingerprint": index.fingerprint, "backend": index.backend,
             "index": rec.get("faiss") or rec.get("milvus"), "max_k": MAX_K,
             "max_offset": MAX_OFFSET, "max_query_chars": MAX_QUERY_CHARS,

@@ -4,7 +4,9 @@ and the indexed images' files and thumbnails."""
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,6 +42,20 @@ class SearchService:
         # the page shows the same cards again when paging; bounded by bytes, as a thumbnail
         # small enough to be its original file as it is may be most of a MB
         self.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
+
+    def with_index(self, index: SearchIndex) -> SearchService:
+        """This service over ``index``, the index folder's next generation (its model checked:
+        a ``ModelError`` if it embeds otherwise). The model, its lock and the text and label
+        caches are shared (they depend on the model only); the thumbnails too after an
+        ``--add``, which keeps every id's image, but not after a rebuild (another build id):
+        an id may name another image there."""
+        index.check_model(self.model)
+        served = copy.copy(self)
+        served.index = index
+        build = index.record.get("build")
+        if build is None or build != self.index.record.get("build"):
+            served.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
+        return served
 
     def _text_vector(self, text: str) -> np.ndarray:
         with self._lock:
@@ -167,12 +183,19 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
     return torch.softmax(logits, dim=-1)
 
 
-def current_service(request: Request) -> SearchService:
-    """The service of the app a request came to (the routes' dependency). The routes are
+def current_service(request: Request) -> Iterator[SearchService]:
+    """The service of the index generation the app a request came to serves now (the routes'
+    dependency), held for the whole request: a page is answered from one generation, and a
+    generation replaced meanwhile is closed only once its last request ends. The routes are
     module-level functions that take it per request: FastAPI memoises facts about every
     endpoint function process-wide, so a route closing over its service kept every app's
     index (its vectors mapped, a deleted folder's disk space held) and model alive."""
-    return request.app.state.service
+    generations = request.app.state.generations
+    generation = generations.acquire()
+    try:
+        yield generation.service
+    finally:
+        generations.release(generation)
 
 
 SERVICE = Depends(current_service)  # a route's ``service: SearchService = SERVICE``

@@ -1,0 +1,128 @@
+"""A running server's index kept current: when its folder holds another generation of the
+index (an ``index --add`` that completed, or a rebuild in place), the server loads it in the
+background and switches to it, with no restart.
+
+`cliplab index` writes in ``OUT.partial`` and puts only a complete index in place, swapping the
+folder whole, so ``index.json``'s stamp (`index_stamp`, one stat) changes exactly when another
+complete generation is there; it is looked at on a request at most once every
+`CHECK_EVERY_S`. The next generation is opened and checked whole (`SearchIndex`, the model)
+while the current one goes on answering; a request keeps the generation it started on to its
+end, and a replaced generation is closed once its last request ends. A generation that fails
+(damaged, other weights) is warned of once and the server keeps the one it serves.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from cliplab.errors import CliplabError, first_line, warn
+from cliplab.serve.index import SearchIndex, index_stamp
+from cliplab.serve.search_service import SearchService
+
+CHECK_EVERY_S = 1.0  # how often a request looks at index.json (a stat)
+
+
+class Generation:
+    """One loaded generation of the index: its service, and how many requests use it."""
+
+    def __init__(self, service: SearchService):
+        self.service = service
+        self.stamp = service.index.stamp  # index.json's, as it was opened
+        self.users = 0
+        self.retired = False
+
+
+class IndexGenerations:
+    """The generation a server answers from, switched to the index folder's next one."""
+
+    def __init__(self, service: SearchService):
+        self.path = service.index.path
+        self._current = Generation(service)
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._loading = False
+        self._refused: set[str] = set()  # stamps of generations warned of (loaded once)
+
+    @property
+    def service(self) -> SearchService:
+        """The service of the generation served now."""
+        return self._current.service
+
+    def acquire(self) -> Generation:
+        """The generation served now, held until `release` (a look for a newer one first, at
+        most once every `CHECK_EVERY_S`)."""
+        self._look()
+        with self._lock:
+            self._current.users += 1
+            return self._current
+
+    def release(self, generation: Generation) -> None:
+        """A request on ``generation`` ended: close it if it was replaced and this was its
+        last."""
+        with self._lock:
+            generation.users -= 1
+            done = generation.retired and generation.users == 0
+        if done:
+            generation.service.index.close()
+
+    def _look(self) -> None:
+        """Start loading the folder's generation in the background if it is another one."""
+        now = time.monotonic()
+        with self._lock:
+            if self._loading or now - self._checked < CHECK_EVERY_S:
+                return
+            self._checked = now
+        stamp = index_stamp(self.path)
+        if stamp is None or stamp == self._current.stamp or stamp in self._refused:
+            return
+        with self._lock:
+            if self._loading:
+                return
+            self._loading = True
+        threading.Thread(target=self._load, name="cliplab-index-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self._switch()
+        finally:
+            with self._lock:
+                self._loading = False
+
+    def _switch(self) -> None:
+        """Open the folder's generation whole and serve it; a failure is warned of once per
+        generation, unless the folder changed again meanwhile (then the next look loads it)."""
+        stamp = index_stamp(self.path)
+        try:
+            index = SearchIndex(self.path)
+        except Exception as err:  # a library's own error on a damaged file too: said once
+            self._refuse(stamp, err)
+            return
+        try:
+            service = self._current.service.with_index(index)
+        except Exception as err:
+            index.close()
+            self._refuse(index.stamp, err)
+            return
+        if index_stamp(self.path) != index.stamp:  # swapped again while it loaded: mixed
+            index.close()
+            return
+        with self._lock:
+            old, self._current = self._current, Generation(service)
+            old.retired = True
+            done = old.users == 0
+        if done:
+            old.service.index.close()
+        print(f"cliplab serve: now serving {self.path}: {index.count} items (build "
+              f"{index.record.get('build')})", file=sys.stderr, flush=True)
+
+    def _refuse(self, stamp: str | None, err: Exception) -> None:
+        """Warn once of the generation at ``stamp``, unless the folder holds another now."""
+        if stamp is None or stamp != index_stamp(self.path) or stamp in self._refused:
+            return
+        self._refused.add(stamp)
+        why = str(err) if isinstance(err, CliplabError) else first_line(err)
+        warn(f"serve: {self.path} holds another generation of the index, which cannot be "
+             f"served ({why}); still serving the one loaded before "
+             f"({self._current.service.index.count} items)")

@@ -1,0 +1,223 @@
+"""A running server switches to its index folder's next generation by itself: an `index --add`
+that completed, a rebuild in place (`--overwrite`); a damaged one, or one of other weights, is
+warned of once and the generation served before goes on answering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
+from cliplab.output_folder import swap_in  # noqa: E402
+from cliplab.serve import build as build_module, index_generation  # noqa: E402
+from cliplab.serve.app import create_app  # noqa: E402
+from cliplab.serve.index import SearchIndex  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+from tests.serve_helpers import SHAPES, build, save_tiny_model, wait_until_up  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _look_often(monkeypatch):
+    """A look at index.json on every request 50 ms apart (the server: once a second)."""
+    monkeypatch.setattr(index_generation, "CHECK_EVERY_S", 0.05, raising=False)
+
+
+def _served(client: TestClient, seconds: float = 60, **expected) -> dict:
+    """/api/health once it reports ``expected`` (e.g. count=80), asking every 50 ms; an
+    AssertionError with the last answer after ``seconds``."""
+    end = time.monotonic() + seconds
+    while True:
+        health = client.get("/api/health").json()
+        if all(health.get(key) == value for key, value in expected.items()):
+            return health
+        if time.monotonic() > end:
+            raise AssertionError(f"still serving {health} after {seconds} s, not {expected}")
+        time.sleep(0.05)
+
+
+def _server(tmp_path, **kw) -> tuple[TestClient, SearchIndex]:
+    """A client of an app opened on a `SHAPES` index under ``tmp_path`` (40 items), and
+    that index."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, SHAPES, tmp_path / "idx", **kw)
+    index = SearchIndex(tmp_path / "idx")
+    return TestClient(create_app(index, DualEncoder.load(model_dir))), index
+
+
+def test_an_add_is_served_without_a_restart(tmp_path, monkeypatch):
+    """The server kept the 40 items it opened after an --add grew the index to 80: the new
+    ones were never found until it was restarted. A killed --add (its work half-built in
+    idx.partial) is neither loaded nor warned of."""
+    client, _ = _server(tmp_path)
+    first = _served(client, count=40)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "_finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(index_generation, "CHECK_EVERY_S", 0.05)
+    assert (tmp_path / "idx.partial").is_dir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            assert _served(client, seconds=0) == first
+            time.sleep(0.06)
+    assert not caught
+    build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)  # resumed
+    grown = _served(client, count=80)
+    assert grown["build"] == first["build"] is not None  # an --add keeps the build id
+    page = client.get("/api/search/similar", params={"id": 63, "k": 3}).json()
+    assert page["total"] == 80 and page["results"][0]["id"] == 63
+    assert client.get("/api/search", params={"q": "a red circle"}).json()["total"] == 80
+    assert client.get("/images/63/thumbnail").status_code == 200
+
+
+def test_a_request_in_flight_ends_on_the_generation_it_started_on(tmp_path):
+    """A page asked before an --add and answered after the switch is the old generation's
+    whole (its total, its rows); that generation is closed once the page is sent."""
+    client, first = _server(tmp_path)
+    inside, go_on = threading.Event(), threading.Event()
+    items = first.items
+
+    def slow_items(ids):
+        inside.set()
+        assert go_on.wait(120)
+        return items(ids)
+
+    first.items = slow_items
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(client.get(
+        "/api/search/similar", params={"id": 3, "k": 40})))
+    asking.start()
+    try:
+        assert inside.wait(60)
+        build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+        _served(client, count=80)
+        assert first.vectors is not None  # still in use
+    finally:
+        go_on.set()
+        asking.join(60)
+    page = answers[0].json()
+    assert page["total"] == 40 and len(page["results"]) == 40
+    assert {row["id"] for row in page["results"]} == set(range(40))
+    assert first.vectors is None
+
+
+def test_a_rebuild_in_place_is_served_with_its_own_images(tmp_path):
+    """After `index --overwrite` of other images, the server answered 503 for the stored
+    images until restarted; it serves the new index now, and an id's thumbnail is the new
+    index's image (none cached from the old one)."""
+    client, _ = _server(tmp_path)
+    before = _served(client, count=40)
+    old = client.get("/images/5/thumbnail").content
+    build(tmp_path / "model", {**SHAPES, "seed": 9, "n": 30}, tmp_path / "idx", overwrite=True)
+    after = _served(client, count=30)
+    assert after["build"] != before["build"]
+    fresh = TestClient(create_app(SearchIndex(tmp_path / "idx"),
+                                  DualEncoder.load(tmp_path / "model")))
+    new = fresh.get("/images/5/thumbnail").content
+    assert new != old
+    assert client.get("/images/5/thumbnail").content == new
+    assert client.get("/images/5").content == fresh.get("/images/5").content
+
+
+def _damaged_vectors(tmp_path) -> None:
+    """A complete generation put in place as `cliplab index` does, its vectors cut short."""
+    shutil.copytree(tmp_path / "idx", tmp_path / "next")
+    vectors = tmp_path / "next" / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:200])
+    swap_in(tmp_path / "next", tmp_path / "idx")
+
+
+def _other_weights(tmp_path) -> None:
+    build(save_tiny_model(tmp_path / "other", seed=5), {**SHAPES, "n": 30}, tmp_path / "idx",
+          overwrite=True)
+
+
+@pytest.mark.parametrize("next_generation, words", [
+    (_damaged_vectors, "vectors.npy: not a readable NumPy array"),
+    (_other_weights, "the given model has other weights")])
+def test_a_bad_generation_is_warned_of_once_and_the_old_one_served(tmp_path, next_generation,
+                                                                  words):
+    client, _ = _server(tmp_path)
+    before = _served(client, count=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next_generation(tmp_path)
+        end = time.monotonic() + 60
+        while not caught and time.monotonic() < end:
+            assert client.get("/api/search", params={"q": "a red circle"}).json()["total"] == 40
+            time.sleep(0.05)
+        for _ in range(10):  # looked at again and again: not loaded nor warned of again
+            assert client.get("/api/search/similar", params={"id": 7}).status_code == 200
+            time.sleep(0.06)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"serve: {(tmp_path / 'idx').resolve()} holds another generation "
+                              "of the index, which cannot be served (") and words in said[0]
+    assert said[0].endswith("; still serving the one loaded before (40 items)")
+    assert _served(client, seconds=0) == before
+
+
+def test_a_milvus_add_is_served_from_its_new_collection(tmp_path):
+    """An --add of a Milvus index fills a new collection and drops the one the server
+    searched: it answered 503 until restarted. Milvus Lite lets one process use a file, so
+    the --add runs in the server's process here (a Milvus server takes one from anywhere)."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    client, _ = _server(tmp_path, backend="milvus", uri=str(tmp_path / "search.db"))
+    try:
+        first = _served(client, count=40)
+        build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+        grown = _served(client, count=80)
+        assert grown["index"]["collection"] != first["index"]["collection"]
+        page = client.get("/api/search/similar", params={"id": 63, "k": 3})
+        assert page.status_code == 200 and page.json()["results"][0]["id"] == 63
+    finally:  # the old generation was closed on the switch; Milvus Lite's client of the new
+        client.app.state.generations.service.index.close()
+
+
+def test_a_cliplab_serve_process_serves_what_a_cliplab_index_process_added(tmp_path):
+    """The commands as a user runs them, each in its own process: `cliplab serve` (its own
+    look once a second) goes on to the items `cliplab index --add` indexed, and says so."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    build(model_dir, SHAPES, tmp_path / "idx")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(tmp_path / "idx"),
+                               "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    health = f"http://127.0.0.1:{port}/api/health"
+    try:
+        wait_until_up(health, server)
+        added = subprocess.run(
+            [sys.executable, "-m", "cliplab", "index", "--model", str(model_dir), "--data",
+             "shapes", "--out", str(tmp_path / "idx"), "--add", "--no-progress", "data.n=40",
+             "data.seed=4", "data.kinds=[single]", "data.image_size=32"],
+            capture_output=True, text=True, timeout=600)
+        assert added.returncode == 0, added.stderr[-2000:]
+        end = time.monotonic() + 120
+        while True:
+            with urllib.request.urlopen(health, timeout=10) as answer:
+                count = json.load(answer)["count"]
+            if count == 80 or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+        assert count == 80
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=60)
+    assert f"cliplab serve: now serving {(tmp_path / 'idx').resolve()}: 80 items" in err
