@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -183,13 +183,15 @@ def zero_shot_probabilities(model: DualEncoder, image_embeddings: torch.Tensor,
     return torch.softmax(logits, dim=-1)
 
 
-def current_service(request: Request) -> Iterator[SearchService]:
+async def current_service(request: Request) -> AsyncIterator[SearchService]:
     """The service of the index generation the app a request came to serves now (the routes'
     dependency), held for the whole request: a page is answered from one generation, and a
     generation replaced meanwhile is closed only once its last request ends. The routes are
     module-level functions that take it per request: FastAPI memoises facts about every
     endpoint function process-wide, so a route closing over its service kept every app's
-    index (its vectors mapped, a deleted folder's disk space held) and model alive."""
+    index (its vectors mapped, a deleted folder's disk space held) and model alive. Async: a
+    plain generator would cost every request two trips through the thread pool, to enter and
+    to leave; holding and letting go are a lock and, once a second, a stat."""
     generations = request.app.state.generations
     generation = generations.acquire()
     try:
