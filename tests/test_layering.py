@@ -12,7 +12,7 @@ from tests.import_graph import SRC, cycles, import_graph
 # lower layers never import higher ones (models ← data ← evaluate/train ← stages ← cli)
 LAYERS = {
     "errors": 0, "config": 0, "runs": 0, "output_folder": 0, "output_lock": 0, "file_modes": 0,
-    "extras": 0,
+    "extras": 0, "provenance": 0,
     "report_text": 0,
     "models": 1, "export": 1,
     "data": 2,

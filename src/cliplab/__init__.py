@@ -48,7 +48,7 @@ a one-line message saying what is wrong and what to do. What it warns of is a
 
 from cliplab.errors import (CliplabError, CliplabWarning, ConfigError, DataError, InputError,
                             ModelError)
+from cliplab.provenance import __version__
 
-__version__ = "0.1.0"
 __all__ = ["CliplabError", "CliplabWarning", "ConfigError", "DataError", "InputError",
            "ModelError", "__version__"]
