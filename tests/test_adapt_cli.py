@@ -18,6 +18,7 @@ from cliplab.models import build_model
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.resolve import load_model
 from tests.image_folders import pets_folder
+from tests.stamped import assert_stamped, now
 from tests.warned import warned
 
 
@@ -35,11 +36,14 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
                    "  test: {source: digits, split: test}\nshots: 2\nseed: 3\n"
                    "options: {epochs: 2}\n")
     out = tmp_path / "run"
+    started = now()
     code = main(["adapt", "--config", str(cfg), "--model", str(model_dir), "--out", str(out),
                  "--no-progress", "options.n_ctx=2", "options.init=", "method=coop"])
+    finished = now()
     assert code == 0  # the key=value override beats the file
     assert "coop" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
+    assert_stamped(results, started, finished)  # which cliplab adapted it, and when
     assert results["method"] == "coop" and results["train_size"] == 20
     assert results["options"]["n_ctx_used"] == 2  # the override reached the method
     assert set(results["test"]) == {"acc1", "acc5", "mean_per_class_recall", "n"}
@@ -47,6 +51,7 @@ def test_adapt_cli_writes_adapter_and_results(model_dir, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json",
                                                "config.yaml", "results.json"}
     meta = json.loads((out / "adapter.json").read_text())  # what the adapter learned from
+    assert_stamped(meta, started, finished)
     assert (meta["shots"], meta["seed"], meta["train_size"]) == (2, 3, 20)
     model = load_model(model_dir)
     assert results["model_folder"] == str(model_dir.resolve())  # the base, by folder and weights

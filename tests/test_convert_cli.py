@@ -12,19 +12,24 @@ import pytest
 from cliplab.cli import main
 from cliplab.models.convert import load_openclip
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.provenance import without_provenance
 from tests.cli_output import one_line_error
+from tests.stamped import assert_stamped, now
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
 
 
 def test_convert_then_export_open_clip(tmp_path, capsys):
     src = FIXTURES / "ddp-quickgelu" / "epoch_3.pt"
+    started = now()
     assert main(["convert", "--from", "open_clip", str(src), "--out", str(tmp_path / "m")]) == 0
+    finished = now()
     model = DualEncoder.load(tmp_path / "m")
     assert model.model.config.text_config.hidden_act == "quick_gelu"
-    # the folder says where its weights came from
+    # the folder says where its weights came from, and which cliplab converted them when
     origin = json.loads((tmp_path / "m" / "cliplab.json").read_text())["converted_from"]
-    assert origin == {"format": "open_clip", "weights": str(src.resolve()),
+    assert_stamped(origin, started, finished)
+    assert without_provenance(origin) == {"format": "open_clip", "weights": str(src.resolve()),
                       "config": str((src.parent / "tiny-quickgelu.json").resolve()),
                       "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
     assert main(["export", str(tmp_path / "m"), "--format", "open_clip",
@@ -44,10 +49,12 @@ def test_an_openclip_export_records_the_model_it_came_from(tmp_path, tiny_model_
 
     out = tmp_path / "oc"
     for again in ([], ["--overwrite"]):
+        started = now()
         assert main(["export", str(tiny_model_dir), "--format", "open_clip", "--out", str(out),
                      *again]) == 0
     record = json.loads((out / "open_clip_export.json").read_text(encoding="utf-8"))
-    assert record == {"source": {
+    assert_stamped(record, started, now())  # the export --overwrite wrote last
+    assert without_provenance(record) == {"source": {
         "model": str(tiny_model_dir), "model_folder": str(tiny_model_dir.resolve()),
         "fingerprint": model_fingerprint(load_model(str(tiny_model_dir)))}}
     config = json.loads((out / "open_clip_config.json").read_text(encoding="utf-8"))

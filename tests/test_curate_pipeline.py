@@ -28,6 +28,8 @@ from cliplab.curate.steps import registry
 from cliplab.curate.steps.base import Decision, PoolBatch, PoolItems, StepContext, StepSpecBase
 from cliplab.data.collection import iter_items
 from cliplab.errors import CliplabError, ConfigError, DataError
+from cliplab.provenance import without_provenance
+from tests.stamped import assert_stamped, now
 from tests.warned import warned
 
 
@@ -100,8 +102,10 @@ VALUES = [200, 50, 150, 200, None, 120, 50, 200, 90, 250]
 def test_pool_runs_through_the_steps_and_writes_every_output(tmp_path):
     folder = make_folder(tmp_path / "pool", VALUES)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    started = now()
     summary = run_curation(config(str(folder), STEPS, chunk_size=3, examples=2),
                            tmp_path / "out", progress=False)
+    assert_stamped(summary, started, now())  # which cliplab curated it, and when
     out = tmp_path / "out"
     assert [(s["name"], s["in"], s["kept"], s["dropped"]) for s in summary["steps"]] == [
         ("read", 10, 9, 1), ("bright", 9, 6, 3), ("exact_dedup", 6, 4, 2)]
@@ -292,8 +296,9 @@ def test_a_kill_while_finishing_is_finished_by_the_next_run(tmp_path, monkeypatc
     Bright.calls.clear()
     resumed = run_curation(cfg, tmp_path / "out", progress=False)
 
-    def timeless(summary):
-        return {**summary, "steps": [{**s, "seconds": 0} for s in summary["steps"]]}
+    def timeless(summary):  # its times aside: seconds taken, and when it was written
+        return {**without_provenance(summary),
+                "steps": [{**s, "seconds": 0} for s in summary["steps"]]}
 
     assert timeless(resumed) == timeless(whole)
     assert not Bright.calls  # nothing mapped again

@@ -13,6 +13,7 @@ from cliplab.evaluate.features import encode_images
 from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.zeroshot import zeroshot_classifier
+from tests.stamped import assert_stamped, now
 
 
 def test_eval_cli_matches_hand_computed_zeroshot(tmp_path, tiny_model, capsys):
@@ -429,7 +430,9 @@ def test_eval_results_record_the_embedding_identity_and_cliplab_version(tmp_path
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     processor["image_mean"] = [0.4, 0.4, 0.4]  # agreeing, as a user edits both
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    started = now()
     after = evaluate("after")
+    assert_stamped(after, started, now())  # also when it was scored
     model = load_model(str(folder))
     assert after["fingerprint"] == before["fingerprint"]  # the same weights
     assert after["embedding_identity"] == embedding_identity(model) != \
@@ -444,7 +447,10 @@ def test_eval_results_record_the_embedding_identity_and_cliplab_version(tmp_path
     assert {"model", "model_folder", "fingerprint", "suite", "overrides", "suite_ran",
             "precision", "head", "results"} <= set(after)
     # settings, not scores: no section of a report
-    assert "embedding_identity" not in read_input(tmp_path / "after" / "results.json").sections
+    source = read_input(tmp_path / "after" / "results.json")
+    assert "embedding_identity" not in source.sections
+    # the report names which cliplab wrote each input, and when
+    assert source.provenance == f"cliplab {cliplab.__version__}, created {after['created']}"
 
 
 def test_eval_results_name_the_checkpoint_and_weights_a_run_folder_resolved_to(tmp_path, capsys):

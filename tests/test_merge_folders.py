@@ -20,6 +20,7 @@ from cliplab.models.folder import read_origin, weights_fingerprint, write_origin
 from cliplab.runs import latest_checkpoint
 from tests.hub_cache import hub_cache
 from tests.image_folders import pets_folder
+from tests.stamped import assert_stamped, now
 from tests.warned import warned
 
 TINY = dict(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16,
@@ -64,9 +65,11 @@ def test_merge_json_names_its_inputs_absolute(family, tmp_path, monkeypatch):
     folder found no model (eval and adapt record theirs absolute)."""
     _, base, fts = family
     monkeypatch.chdir(fts[0].parent)
+    started = now()
     assert main(["merge", "--method", "task-arithmetic", "--models", fts[0].name, fts[1].name,
                  "--base", str(base), "--out", str(tmp_path / "sum"), "--no-progress"]) == 0
     record = json.loads((tmp_path / "sum" / "merge.json").read_text(encoding="utf-8"))
+    assert_stamped(record, started, now())  # which cliplab merged them, and when
     assert record["models"] == [str(fts[0].resolve()), str(fts[1].resolve())]
     assert record["base"] == str(base.resolve())
     assert list(record["input_dtypes"]) == [*record["models"], record["base"]]

@@ -17,6 +17,7 @@ from cliplab.evaluate.features import encode_images
 from cliplab.models.onnx_encoder import OnnxEncoder, is_onnx_export, load_onnx
 from cliplab.models.onnx_export import export_onnx
 from cliplab.models.presets import build_model
+from tests.stamped import assert_stamped, now
 
 TEXTS = ["a photo of a cat", "x", "two red squares left of a much larger blue circle, drawn twice"]
 
@@ -322,9 +323,11 @@ def test_cli_export_records_the_model_it_came_from(tmp_path, tiny_model_dir):
     from cliplab.models.folder import model_fingerprint
     from cliplab.models.resolve import load_model
 
+    started = now()
     assert main(["export", str(tiny_model_dir), "--format", "onnx",
                  "--out", str(tmp_path / "onnx")]) == 0
     record = json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())
+    assert_stamped(record, started, now())  # which cliplab exported it, and when
     assert record["source"] == {"model": str(tiny_model_dir),
                                 "model_folder": str(tiny_model_dir.resolve()),
                                 "fingerprint": model_fingerprint(load_model(str(tiny_model_dir)))}

@@ -13,6 +13,7 @@ from transformers import VisionTextDualEncoderModel
 from cliplab.data.fashion_mnist import default_dir
 from cliplab.quickstart import format_results, quickstart_config
 from cliplab.errors import ConfigError
+from tests.stamped import assert_stamped, now
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = default_dir()  # $CLIPLAB_FASHION_MNIST, else Debian's folder
@@ -305,7 +306,9 @@ def test_quickstart_results_and_config_record_the_run_that_happened(stubbed_quic
     import yaml
 
     monkeypatch.chdir(tmp_path)
+    started = now()
     results, _, _ = stubbed_quickstart({"train": {"batch_size": 32, "epochs": 1}})
+    assert_stamped(results, started, now())  # which cliplab ran it, and when
     assert results["evaluated_on"] == "test"
     # the first 600 training images: 415 of the 7 seen classes, 185 shirts, sneakers, bags
     assert results["train_pairs"] == 415

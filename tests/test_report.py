@@ -13,6 +13,7 @@ from cliplab.cli import main
 from cliplab.errors import DataError
 from cliplab.evaluate.report import flatten_metrics, format_value, write_report
 from cliplab.evaluate.report_inputs import read_inputs
+from tests.stamped import assert_stamped, now
 
 
 def _few_shot(base):
@@ -90,6 +91,7 @@ def test_report_tables_plots_and_html(tmp_path, inputs, capsys):
     # test_output_safety (a report.md of the user's is never taken for a previous report)
     # one column per model, rows of metrics, values as written
     assert "| metric | alpha/step-10 | tiny-clip | run-x |" in md
+    assert "created" not in md  # records written before they carried it: nothing to name
     assert "| acc1 | 0.8125 | 0.2500 | 0.5000 |" in md
     assert "| image_retrieval_recall@1 | 0.3750 |" in md  # a task only one model has
     assert "| ncm_4shot | 0.6000 ± 0.0200 | 0.3000 ± 0.0200 |" in md
@@ -217,10 +219,12 @@ def test_report_errors_name_the_file(tmp_path, capsys):
 
 
 def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
-    """A run folder written by `cliplab pretrain` (a few steps) reports its curves."""
+    """A run folder written by `cliplab pretrain` (a few steps) reports its curves, and names
+    the cliplab that wrote its results.json and when."""
     from cliplab.train.pretrain import run_pretrain
 
-    run_pretrain({"model": {"name": "tiny-clip",
+    started = now()
+    returned = run_pretrain({"model": {"name": "tiny-clip",
                             "options": {"image_size": 32, "patch_size": 16, "width": 32,
                                         "layers": 1, "heads": 2, "embed_dim": 16}},
                   "data": {"train": {"source": "shapes", "n": 64, "image_size": 32}},
@@ -229,9 +233,14 @@ def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
                                       "data": {"source": "shapes", "attribute": "color",
                                                "n": 32, "image_size": 32}}]},
                   "out": str(tmp_path / "run")}, progress=False)
+    finished = now()
     written = write_report([tmp_path / "run"], tmp_path / "rep", progress=False)
     md = written["markdown"].read_text()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert_stamped(results, started, finished)
+    assert returned["created"] == results["created"]  # what it returns is what it wrote
+    provenance = f"(cliplab {results['cliplab_version']}, created {results['created']})"
+    assert provenance in md and provenance in written["html"].read_text()
     assert f"| acc1 | {results['evals']['colour']['acc1']:.4f} |" in md
     assert "| step | 4 |" in md
     assert (tmp_path / "rep" / "plots" / "training-curves.png").is_file()

@@ -25,6 +25,7 @@ from cliplab.serve import faiss_index
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.ports import free_port
+from tests.stamped import assert_stamped, now
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
 from tests.warned import warned
 
@@ -287,8 +288,12 @@ def test_add_appends_and_skips_what_is_indexed(model_dir, tmp_path):
         build(model_dir, SHAPES, tmp_path / "idx")
     more = {**SHAPES, "n": 10}  # the first 10 of the same source: shapes#0..9 again
     _image_folder(tmp_path / "photos")
+    started = now()
     record = build(model_dir, str(tmp_path / "photos"), tmp_path / "idx", add=True)
     assert record["count"] == 46 and len(record["sources"]) == 2
+    # an --add writes the record again: created is when the index took its last items
+    assert_stamped(json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8")),
+                   started, now())
     index = SearchIndex(tmp_path / "idx")
     assert index.items([40])[40]["key"].endswith(".png") and index.items([0])[0]["key"] == "shapes#0"
     assert np.asarray(index.vectors).shape == (46, 16)
@@ -580,8 +585,10 @@ def test_index_json_keeps_every_commands_names(model_dir, tmp_path):
     any index.json whose format is not 1 (`record.get("format") != 1`, in one line): the new
     number is what makes it refuse a new index cleanly."""
     _image_folder(tmp_path / "photos")
+    started = now()
     build(model_dir, str(tmp_path / "photos"), tmp_path / "idx")
     record = json.loads((tmp_path / "idx" / "index.json").read_text(encoding="utf-8"))
+    assert_stamped(record, started, now())  # which cliplab built it, and when
     assert record["format"] == 2
     assert record["skipped"] == {"total": 2, "counts": {"not_an_image": 1, "unreadable_image": 1},
                                  "keys": {"not_an_image": ["notes.txt"],

@@ -15,6 +15,7 @@ from cliplab.data.shards import (ShardLoader, ShardStream, collate_samples, load
 from cliplab.data.sources import as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.errors import DataError
+from tests.stamped import assert_stamped, now
 from tests.tar_files import png_bytes, write_tar
 from tests.warned import warned
 
@@ -75,7 +76,9 @@ def test_a_callers_progress_setting_reaches_the_shards_read_bar(shard_dir, capsy
 def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
     digits = load_source({"source": "digits", "split": "test"})
     digits = digits.subset(torch.arange(40))
+    started = now()
     write_shards(digits, tmp_path / "png", samples_per_shard=16, image_format="png", progress=False)
+    finished = now()
     back = load_source({"source": "shards", "path": str(tmp_path / "png"), "progress": False})
     assert isinstance(back, LabelledImages)  # classification stages take it
     assert back.images.shape == (40, 8, 8, 1) and torch.equal(back.images, digits.images)
@@ -87,6 +90,7 @@ def test_round_trip_labelled_grayscale_png_and_jpg(tmp_path):
                                  for t in digits.templates]
     index = json.loads((tmp_path / "png" / "index.json").read_text())
     assert index["classnames"] == digits.classnames
+    assert_stamped(index, started, finished)  # which cliplab wrote the set, and when
     write_shards(digits, tmp_path / "jpg", image_format="jpg", quality=95, progress=False)
     lossy = load_source({"source": "shards", "path": str(tmp_path / "jpg"), "progress": False})
     error = (lossy.images.float() - digits.images.float()).abs().mean()

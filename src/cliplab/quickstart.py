@@ -23,6 +23,7 @@ from cliplab.evaluate.tasks.base import ProbeKind
 from cliplab.models.precision import resolve_precision
 from cliplab.models.resolve import load_model
 from cliplab.models.spec import ModelField
+from cliplab.provenance import stamp
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_if_unstarted
 from cliplab.train.config import train_over_defaults
 from cliplab.train.trainer import TrainConfig, Trainer
@@ -179,7 +180,7 @@ def run_quickstart(config: QuickstartConfig | dict | None = None, progress: bool
                                                 / seconds["train"], 1),
                     "seconds": {k: round(v, 1) for k, v in seconds.items()},
                     "wall_time_s": round(end - start, 1)})
-    run.write_json("results.json", results)
+    run.write_json("results.json", stamp(results))
     return results
 
 

@@ -27,6 +27,7 @@ from cliplab.models.dual_encoder import DualEncoder, kept_modes
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import to_uint8_batch
 from cliplab.output_folder import lies_inside, write_utf8
+from cliplab.provenance import stamp
 from cliplab.runs import RunDir
 
 TENSORS_FILE = "adapter.safetensors"
@@ -151,7 +152,7 @@ class Adapter:
                 "classnames": self.classnames, "fingerprint": model_fingerprint(self.model),
                 **(extra or {})}
         # atomic: a full disk left a 0-byte adapter.json beside complete weights
-        write_utf8(folder / META_FILE, json.dumps(meta, indent=2))
+        write_utf8(folder / META_FILE, json.dumps(stamp(meta), indent=2))
         return folder
 
 

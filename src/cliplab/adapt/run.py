@@ -32,6 +32,7 @@ from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import load_model, model_record, resolve_model_path
 from cliplab.models.spec import ModelSpec
 from cliplab.output_folder import check_cache_dir, spec_paths
+from cliplab.provenance import stamp
 from cliplab.runs import RunDir, check_run_out, default_run_dir, removed_unless_checkpointed
 
 
@@ -310,7 +311,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
             results["skipped"] = skipped
         results["wall_time_s"] = round(time.time() - start, 1)
         if run is not None:
-            run.write_json("results.json", results)
+            run.write_json("results.json", stamp(results))
             results["out"] = str(run.path)
     results["adapter"] = adapter
     return results

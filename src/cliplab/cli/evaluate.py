@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab import __version__
 from cliplab.cli.arguments import MODEL_SPECS, add_debug, add_device, config_where
 from cliplab.errors import CliplabError
 
@@ -51,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.models.fingerprints import embedding_identity
     from cliplab.models.resolve import load_model, model_record
     from cliplab.output_folder import check_cache_dir, spec_paths, write_json
+    from cliplab.provenance import stamp
 
     suite = load_config(SuiteSpec, args.config, args.overrides)
     inputs = [args.model, *spec_paths(*(spec for task in suite.tasks
@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # embeddings depend on: a config.json or preprocessing changed in place keeps the weights
     # the file may change later: the suite that ran (overrides applied, defaults filled in)
     results = {"model": args.model, **model_record(args.model, model),
-               "embedding_identity": embedding_identity(model), "cliplab_version": __version__,
-               "suite": args.config,
+               "embedding_identity": embedding_identity(model), "suite": args.config,
                "overrides": list(args.overrides or []), "suite_ran": suite.to_dict(),
                "precision": precision,
                "head": head.label if head is not None else None,
@@ -84,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         _say_head_scored(head.label, results["results"])
     # printed first: a results.json the disk refuses (full, read-only) loses no scores of a
     # suite that ran for hours
+    stamp(results)  # the version that scored it and when, as every record cliplab writes
     print(json.dumps(results, indent=2), flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
                                    partial_path, remove_own_work, spec_paths, swap_in, write_json)
 from cliplab.output_lock import check_no_run_inside, is_left_lock
+from cliplab.provenance import stamp
 
 FORMAT = 1
 READ_STEP = "read"
@@ -108,6 +109,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     write_dropped(dropped, work / "dropped.parquet")
     summary = {"format": FORMAT, "data": source, "pool": n_pool, "kept": len(kept),
                "dropped": len(dropped), "steps": summary_steps, "output": outputs}
+    stamp(summary)
     write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
                  examples=config.examples, out=out)
     (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False),

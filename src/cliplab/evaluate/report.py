@@ -215,6 +215,7 @@ def render_markdown(title: str, sources: list[ReportSource], tables: list[Table]
                     figures: list[Figure], out_dir: Path) -> str:
     lines = [REPORT_MARK, f"# {md_text(title)}", "", "Inputs:", ""]
     lines += [f"- **{md_text(s.label)}**: {md_code(printable(str(s.path)))}"
+              + (f" ({md_text(printable(s.provenance))})" if s.provenance else "")
               + (f" ({md_text(s.note)})" if s.note else "") for s in sources]
     for table in tables:
         lines += ["", f"## {md_text(table.title)}", ""]
@@ -245,6 +246,7 @@ def render_html(title: str, sources: list[ReportSource], tables: list[Table],
              f"<title>{e(title)}</title><style>{_CSS}{HTML_CSS}</style></head><body>",
              f"<h1>{e(title)}</h1>", "<p>Inputs:</p><ul>"]
     parts += [f"<li><b>{e(s.label)}</b>: <code>{e(printable(str(s.path)))}</code>"
+              + (f" ({e(printable(s.provenance))})" if s.provenance else "")
               + (f" ({e(s.note)})" if s.note else "") + "</li>" for s in sources]
     parts.append("</ul>")
     for table in tables:

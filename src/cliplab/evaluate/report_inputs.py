@@ -55,6 +55,16 @@ class ReportSource:
     history: list[dict] = field(default_factory=list)
     note: str = ""
     specs: dict[str, dict] = field(default_factory=dict)  # task name -> the spec it ran
+    provenance: str = ""  # which cliplab wrote its record and when (`provenance_of`)
+
+
+def provenance_of(data: dict) -> str:
+    """``cliplab 0.1.0, created 2026-12-07T12:00:00Z`` from a record's ``cliplab_version`` and
+    ``created`` (`cliplab.provenance.stamp`); empty for a record an older cliplab wrote."""
+    parts = [f"{label}{data[key]}" for key, label in (("cliplab_version", "cliplab "),
+                                                      ("created", "created "))
+             if isinstance(data.get(key), str)]
+    return ", ".join(parts)
 
 
 def task_specs(data: dict) -> dict[str, dict]:
@@ -248,7 +258,7 @@ def read_input(path: str | Path) -> ReportSource:
     if path.is_file():
         data = read_json(path)
         source = ReportSource(_results_label(path, data), path, result_sections(data),
-                              specs=task_specs(data))
+                              specs=task_specs(data), provenance=provenance_of(data))
         check_results(path, data, source.sections)
         return source
     present = [name for name in RUN_FILES if (path / name).is_file()]
@@ -263,6 +273,7 @@ def read_input(path: str | Path) -> ReportSource:
         # an eval's or adapt's --out folder is labelled as its results.json is (by model);
         # a training run, whose results name no model, by its folder
         source.label = _results_label(path / "results.json", results)
+        source.provenance = provenance_of(results)
         if "metrics.jsonl" not in present:  # else the run's log is what it reports
             check_results(path / "results.json", results, result_sections(results))
         if "metrics.jsonl" in present:  # its `train` is the last logged record, shown there

@@ -23,6 +23,7 @@ from cliplab.models.loading import TOKENIZER_VOCABULARIES
 from cliplab.models.presets import PRESETS
 from cliplab.models.resolve import is_hub_id, resolve_model_path
 from cliplab.output_folder import built_beside, write_json
+from cliplab.provenance import stamp
 from cliplab.runs import CHECKPOINTS
 
 # config.json fields that say nothing about the architecture (tensor dtypes are checked per
@@ -272,5 +273,5 @@ def save_merged(template: str | Path, state: dict[str, torch.Tensor], out: str |
             write_origin(work, origin.get("path"), origin["fingerprint"])
         if head is not None:
             head.save(work)
-        write_json(work / "merge.json", record)
+        write_json(work / "merge.json", stamp(record))  # the caller's record carries it too
     return out

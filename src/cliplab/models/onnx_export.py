@@ -36,6 +36,7 @@ from cliplab.models.dual_encoder import DualEncoder, evaluating
 from cliplab.models.hf_files import PROCESSOR_FILE, write_processor_config
 from cliplab.models.tokenizer import TEXT_CLEANING
 from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
+from cliplab.provenance import stamp
 
 EXPORT_FILE = "onnx_export.json"
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
@@ -209,5 +210,6 @@ def export_onnx(model: DualEncoder, out: str | Path, quantize: str | None = None
                 "logit_scale": float(model.logit_scale), "logit_bias":
                     None if bias is None else float(bias),
                 "quantize": quantize, "opset": OPSET, "source": source}
-        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_FILE).write_text(json.dumps(stamp(meta), indent=2) + "\n",
+                                       encoding="utf-8")
     return Path(out)

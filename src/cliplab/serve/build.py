@@ -45,6 +45,7 @@ from cliplab.models.folder import model_fingerprint
 from cliplab.output_folder import (atomic_path, check_out, check_writable_beside, hold,
                                    partial_path, remove_own_work, same_folder, swap_in,
                                    write_json)
+from cliplab.provenance import stamp
 from cliplab.serve import faiss_index
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   INDEX_FOLDER, META_FILE, PROGRESS_FILE, READ_FORMATS,
@@ -736,7 +737,7 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
         finally:
             milvus.close()
         record["milvus"] = {"uri": cfg.uri, "collection": state["collection"]}
-    write_json(work / INDEX_FILE, record)
+    write_json(work / INDEX_FILE, stamp(record))
     (work / PROGRESS_FILE).unlink()  # from here on the folder is complete (see build_index)
     shutil.rmtree(work / CHUNKS_DIR)
     return record

@@ -24,6 +24,7 @@ from cliplab.models.folder import model_fingerprint
 from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_record
 from cliplab.models.spec import ModelField, model_spec
+from cliplab.provenance import stamp
 from cliplab.train import checkpoint, distributed
 from cliplab.output_folder import spec_paths
 from cliplab.runs import (RESULTS_FILE, START_MODEL_FILE, RunDir, check_run_out,
@@ -135,7 +136,7 @@ def run_pretrain(cfg: PretrainConfig | dict, resume: str | None = None,
     if trained.hard_negatives is not None:  # how many captions trained without a negative
         results["hard_negatives"] = trained.hard_negatives
     if trained.rank == 0:
-        trained.run.write_json(RESULTS_FILE, results)
+        trained.run.write_json(RESULTS_FILE, stamp(results))
         if trained.skipped.total:  # told, not only written down
             print(f"data.train: {trained.skipped.summary()}; each is listed under 'skipped' in "
                   f"{trained.run.path / RESULTS_FILE}", file=sys.stderr)

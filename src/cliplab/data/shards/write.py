@@ -23,6 +23,7 @@ from cliplab.data.shards.layout import (INDEX_FILE, INDEX_FORMAT, SHARD_PATTERN,
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport, source_keys
 from cliplab.errors import ConfigError, DataError
 from cliplab.output_folder import check_out, write_json
+from cliplab.provenance import stamp
 
 
 def check_out_folder(out: str | os.PathLike, overwrite: bool, inputs=()) -> None:
@@ -104,7 +105,7 @@ class ShardSink:
                  "total": self.total, "shards": self.shards, "skipped": skipped.to_dict()}
         write_json(self.out / STATS_FILE, {"count": self.total, "skipped": skipped.lost_samples})
         write_json(self.out / SIZES_FILE, {s["name"]: s["count"] for s in self.shards})
-        write_json(self.out / INDEX_FILE, index)
+        write_json(self.out / INDEX_FILE, stamp(index))
         (self.out / UNFINISHED_FILE).unlink(missing_ok=True)
         return index
 

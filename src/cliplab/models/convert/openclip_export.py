@@ -25,6 +25,7 @@ from cliplab.models.convert.openclip_files import CONFIG_FILE, WEIGHT_FILES
 from cliplab.models.convert.openclip_weights import hf_to_openclip
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.output_folder import TOKENIZER_FILES, OutputFiles
+from cliplab.provenance import stamp
 
 
 def _is_clip_bpe(tokenizer) -> bool:
@@ -77,8 +78,8 @@ def export_openclip(model: DualEncoder, out: str | Path, overwrite: bool = False
         save_tensors(state, str(tmp / WEIGHT_FILES[0]))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if source is not None:  # a model given in Python without it: nothing to record
-            (tmp / EXPORT_FILE).write_text(json.dumps({"source": source}, indent=2) + "\n",
-                                           encoding="utf-8")
+            (tmp / EXPORT_FILE).write_text(json.dumps(stamp({"source": source}), indent=2)
+                                           + "\n", encoding="utf-8")
         if "hf_tokenizer_name" in config["model_cfg"]["text_cfg"]:
             model.tokenizer.save_pretrained(tmp)
     return out

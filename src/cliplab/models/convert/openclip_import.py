@@ -22,6 +22,7 @@ from cliplab.models.folder import update_meta
 from cliplab.models.loading import has_tokenizer, quiet_transformers
 from cliplab.models.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, are_finite_numbers
 from cliplab.output_folder import check_out
+from cliplab.provenance import stamp
 
 
 def _tokenizer(ckpt: OpenClipCheckpoint, context_length: int):
@@ -167,9 +168,9 @@ def convert_openclip(src: str | Path, out: str | Path, config: str | Path | None
     with atomic_folder(out, overwrite, "convert", MODEL_FOLDER, inputs) as tmp:
         model.save(tmp)
         # where the weights came from (the model card says cliplab.json records it)
-        update_meta(tmp, converted_from={
+        update_meta(tmp, converted_from=stamp({
             "format": "open_clip", "weights": str(weights.resolve()),
-            "config": str(config_file.resolve()), "sha256": file_sha256(weights)})
+            "config": str(config_file.resolve()), "sha256": file_sha256(weights)}))
     return Path(out)
 
 
