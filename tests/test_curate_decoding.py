@@ -19,6 +19,7 @@ from cliplab.curate import pool as pool_module
 from cliplab.curate.config import CurateConfig
 from cliplab.curate.pipeline import run_curation
 from cliplab.curate.steps.clip_score import ClipScore
+from cliplab.provenance import without_provenance
 
 CAPTION_STEPS = [{"step": "basic", "min_words": 2, "blocklist": ["spam"]},
                  {"step": "exact_dedup", "match": "caption"},
@@ -77,7 +78,7 @@ def decodes(monkeypatch):
 def outcome(out: Path) -> dict:
     """What a run decided: the summary without timings, every drop with its step and reason,
     and the kept items (the output manifest)."""
-    summary = json.loads((out / "summary.json").read_text())
+    summary = without_provenance(json.loads((out / "summary.json").read_text()))  # not when
     steps = [{k: v for k, v in s.items() if k != "seconds"} for s in summary.pop("steps")]
     dropped = [(d["key"], d["step"], d["reason"],
                 None if math.isnan(d["score"]) else d["score"])

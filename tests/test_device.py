@@ -14,6 +14,7 @@ import yaml
 
 from cliplab.cli import main
 from cliplab.models.device import resolve_device
+from cliplab.provenance import without_provenance
 from tests.cli_output import one_line_error
 from tests.fake_gpu import fake_cuda
 
@@ -122,7 +123,7 @@ def _eval(model_dir, tmp_path, device: str, capsys) -> dict:
     suite.write_text(yaml.safe_dump({"tasks": EVAL_TASKS}))
     assert main(["eval", "--config", str(suite), "--model", str(model_dir), "--device", device,
                  "--no-progress"]) == 0
-    return json.loads(capsys.readouterr().out)
+    return without_provenance(json.loads(capsys.readouterr().out))  # not when it ran
 
 
 def test_eval_runs_every_task_on_the_gpu_with_the_cpus_results(model_dir, tmp_path, capsys):
@@ -169,7 +170,8 @@ def _adapt(method: str, model_dir, out, device: str) -> dict:
     results = run_adapt({"method": method, "model": str(model_dir), "data": DIGITS_ADAPT,
                          "shots": 2, "val_shots": 1, "seed": 0, "device": device,
                          "options": ADAPT_OPTIONS[method], "out": str(out)}, progress=False)
-    kept = {k: v for k, v in results.items() if k not in ("wall_time_s", "adapter")}
+    kept = {k: v for k, v in without_provenance(results).items()
+            if k not in ("wall_time_s", "adapter")}
     return json.loads(json.dumps(kept, default=str).replace(str(out), "OUT"))
 
 
@@ -304,7 +306,7 @@ def _curate(model_dir, out, device: str) -> dict:
          "eval_sets": [{**SHAPES, "n": 10, "seed": 4}]}]
     config = validate(CurateConfig, {"data": {**SHAPES, "n": 80}, "steps": steps, "out": str(out),
                                      "device": device, "chunk_size": 32})
-    summary = run_curation(config, progress=False)
+    summary = without_provenance(run_curation(config, progress=False))  # when: not compared
     for step in summary["steps"]:
         step.pop("seconds")
     return json.loads(json.dumps(summary).replace(str(out), "OUT"))
@@ -359,10 +361,10 @@ def _pretrain(out, device: str, train: dict, resume_at: int | None = None) -> tu
 
 
 def _untimed(value):
-    """``value`` without its timings (keys naming a time or a rate)."""
+    """``value`` without its timings (keys naming a time or a rate, and when it was written)."""
     if isinstance(value, dict):
         return {k: _untimed(v) for k, v in value.items()
-                if not any(word in k for word in ("time", "per_s", "seconds"))}
+                if not any(word in k for word in ("time", "per_s", "seconds", "created"))}
     return [_untimed(v) for v in value] if isinstance(value, list) else value
 
 
@@ -439,10 +441,10 @@ def test_an_onnx_export_runs_on_the_cpu_under_auto_and_refuses_a_named_gpu(model
     suite = tmp_path / "s.yaml"
     suite.write_text(yaml.safe_dump({"tasks": EVAL_TASKS[:1]}))
     args = ["eval", "--config", str(suite), "--model", str(exported), "--no-progress"]
-    on_cpu = main(args) == 0 and json.loads(capsys.readouterr().out)
+    on_cpu = main(args) == 0 and without_provenance(json.loads(capsys.readouterr().out))
     with fake_cuda():
-        assert main(args) == 0  # auto: the export's own CPU
-        assert json.loads(capsys.readouterr().out) == on_cpu
+        assert main(args) == 0  # auto: the export's own CPU (the same results, written later)
+        assert without_provenance(json.loads(capsys.readouterr().out)) == on_cpu
         assert main([*args, "--device", "cuda"]) == 2
     assert one_line_error(capsys) == (f"{exported} is an ONNX export, which runs on the CPU "
                                       "here (onnxruntime); device cuda cannot run it: use cpu "
