@@ -22,6 +22,7 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.folder import model_fingerprint
 from cliplab.models.onnx_export import export_onnx
 from cliplab.models.resolve import load_model
+from cliplab.provenance import PROVENANCE_KEYS, without_provenance
 from tests.serve_helpers import save_tiny_model
 
 SHAPES_ARGS = ["--data", "shapes", "data.n=50", "data.image_size=32"]
@@ -229,6 +230,17 @@ def test_tower_fingerprints_cover_the_export_record_and_every_weight_file(models
     copy = shutil.copytree(models["fp32"], tmp_path / "copy")
     assert [load_model(str(copy)).tower_fingerprint(t) for t in ("image", "text")] == \
         [base.tower_fingerprint(t) for t in ("image", "text")]
+    # when and by which cliplab the record was written is no input: the same export made again,
+    # and the record as a cliplab before `created` wrote it, key the same caches
+    for name, provenance in (("again", {"created": "2030-01-01T00:00:00Z",
+                                        "cliplab_version": "9.9"}), ("older", None)):
+        made = shutil.copytree(models["fp32"], tmp_path / name)
+        record = json.loads((made / "onnx_export.json").read_text())
+        assert set(PROVENANCE_KEYS) <= set(record)
+        record = {**without_provenance(record), **(provenance or {})}
+        (made / "onnx_export.json").write_text(json.dumps(record, indent=2) + "\n")
+        assert [load_model(str(made)).tower_fingerprint(t) for t in ("image", "text")] == \
+            [base.tower_fingerprint(t) for t in ("image", "text")]
     for key, value, tower in (("mean", [0.1, 0.2, 0.3], "image"), ("context_length", 16, "text")):
         edited = shutil.copytree(models["fp32"], tmp_path / key)
         record = json.loads((edited / "onnx_export.json").read_text())

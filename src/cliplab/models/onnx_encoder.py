@@ -19,6 +19,7 @@ from cliplab.models.onnx_export import EXPORT_FILE, IMAGE_FILE, PROJECTIONS_FILE
 from cliplab.models.preprocess import (RESIZE_VERSION, ImagePreprocessor, PreprocessConfig,
                                        is_finite_number)
 from cliplab.models.tokenizer import clean_texts
+from cliplab.provenance import PROVENANCE_KEYS, without_provenance
 
 
 def is_onnx_export(path: str | Path) -> bool:
@@ -273,17 +274,34 @@ class OnnxEncoder:
         or files beside them for towers over 2 GB), the projection matrices, the export record
         (preprocessing, logit scale, quantization) and the tokenizer. Equal for the same export loaded
         twice (and for a copy of its folder), different for other weights or an int8 export of
-        the same model; never equal to a PyTorch model's. Read once, on first use."""
+        the same model; never equal to a PyTorch model's. The record counts without when it
+        was written (`_record_digest`): the same export made again keys the same caches. Read
+        once, on first use."""
         if self._fingerprint is None:
             h = hashlib.sha256(b"cliplab-onnx-export\0")
             for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
                 h.update(file.relative_to(self.path).as_posix().encode() + b"\0")
-                h.update(_file_digest(file))
+                h.update(_record_digest(file) if file == self.path / EXPORT_FILE
+                         else _file_digest(file))
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({self.path}, kind={self.kind}, quantize={self.quantize})"
+
+
+def _record_digest(file: Path) -> bytes:
+    """The digest of ``onnx_export.json`` as written without `stamp`'s keys: what
+    `export_onnx` wrote before records carried them (the same bytes, so an older export keys
+    as before); a record without them, or not JSON, by its bytes."""
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return _file_digest(file)
+    if not isinstance(record, dict) or not any(key in record for key in PROVENANCE_KEYS):
+        return _file_digest(file)
+    text = json.dumps(without_provenance(record), indent=2) + "\n"
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _file_digest(file: Path, chunk: int = 1 << 20) -> bytes:
