@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
                "results": run_suite(model, suite, context)}
     if head is not None:
         _say_head_scored(head.label, results["results"])
+    stamp(results)  # the version that scored it and when, as every record cliplab writes
     # printed first: a results.json the disk refuses (full, read-only) loses no scores of a
     # suite that ran for hours
-    stamp(results)  # the version that scored it and when, as every record cliplab writes
     print(json.dumps(results, indent=2), flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
