@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -55,6 +56,14 @@ def direct_image_embeddings(model, images: torch.Tensor) -> np.ndarray:
     """Embeddings computed straight from the model (no index code)."""
     with torch.no_grad():
         return model.encode_image(model.preprocess(images)).numpy()
+
+
+def start_server(index: Path, port: int, *args: str) -> subprocess.Popen:
+    """`cliplab serve INDEX --port PORT ARGS...` in its own process (text pipes for its
+    output); `wait_until_up` waits for it."""
+    return subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(index), "--port",
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports import free_port
-from tests.serve_helpers import wait_until_up
+from tests.serve_helpers import start_server, wait_until_up
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -50,9 +50,7 @@ def shapes_index(tmp_path_factory):
 def test_search_upload_and_label_in_chromium(shapes_index, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(shapes_index),
-                               "--port", str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server(shapes_index, port)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(url + "api/health", server)

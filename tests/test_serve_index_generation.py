@@ -24,7 +24,8 @@ from cliplab.serve import build as build_module, index_generation  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
 from tests.ports import free_port  # noqa: E402
-from tests.serve_helpers import SHAPES, build, save_tiny_model, wait_until_up  # noqa: E402
+from tests.serve_helpers import (SHAPES, build, save_tiny_model, start_server,  # noqa: E402
+                                 wait_until_up)
 
 
 @pytest.fixture(autouse=True)
@@ -197,9 +198,7 @@ def test_a_cliplab_serve_process_serves_what_a_cliplab_index_process_added(tmp_p
     model_dir = save_tiny_model(tmp_path / "model")
     build(model_dir, SHAPES, tmp_path / "idx")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(tmp_path / "idx"),
-                               "--port", str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server(tmp_path / "idx", port)
     health = f"http://127.0.0.1:{port}/api/health"
     try:
         wait_until_up(health, server)

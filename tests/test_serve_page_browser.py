@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.ports import free_port
-from tests.serve_helpers import build, save_tiny_model, wait_until_up
+from tests.serve_helpers import build, save_tiny_model, start_server, wait_until_up
 from tests.test_serve_browser import CHROMIUM, CHROMIUM_ARGS
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -58,9 +56,7 @@ def site(tmp_path_factory):
     (files / "big.png").write_bytes(b"\x89PNG" + bytes(12 << 20))
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(root / "idx"),
-                               "--port", str(port), "--api-key", KEY],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = start_server(root / "idx", port, "--api-key", KEY)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(url, server)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from cliplab.serve.middleware import BODY_TIMEOUT_S
 from cliplab.serve.run import STOP_GRACE_S
 from tests.ports import free_port
-from tests.serve_helpers import SHAPES, build, save_tiny_model, wait_until_up
+from tests.serve_helpers import SHAPES, build, save_tiny_model, start_server, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +23,7 @@ def test_a_stop_cuts_an_upload_in_flight_after_the_grace_period(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     build(model, SHAPES, tmp_path / "index")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cliplab", "serve", str(tmp_path / "index"),
-                               "--port", str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server(tmp_path / "index", port)
     upload = None
     try:
         wait_until_up(f"http://127.0.0.1:{port}/api/health", server)
