@@ -80,6 +80,27 @@ def test_image_folder_skips_and_lists_unreadable_files(model_dir, tmp_path):
         assert r["meta"]["folder"] in ("reds", "others")
 
 
+
+def test_index_json_lists_a_few_skipped_keys_of_each_reason_and_meta_sqlite_all(
+        model_dir, tmp_path, monkeypatch):
+    """index.json listed every skipped key, and a server parses it whole: a million broken
+    links made it tens of MB. It lists `SKIPPED_KEYS_LISTED` of each reason and counts the
+    rest; meta.sqlite's table `skipped` keeps every key."""
+    monkeypatch.setattr(build_module, "SKIPPED_KEYS_LISTED", 2)
+    _image_folder(tmp_path / "photos")
+    rows = [json.dumps({"image": f"photos/reds/img_{i}.png", "caption": "red"}) for i in (1, 3)]
+    rows += [json.dumps({"image": f"photos/gone_{i}.png", "caption": "gone"}) for i in range(5)]
+    rows.append(json.dumps({"image": "photos/notes.txt", "caption": "text"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    record = build(model_dir, str(tmp_path / "m.jsonl"), tmp_path / "idx")
+    skipped = record["skipped"]
+    assert skipped["total"] == 6 and skipped["counts"] == {"missing_file": 5, "unreadable_image": 1}
+    assert len(skipped["keys"]["missing_file"]) == 2
+    assert len(skipped["keys"]["unreadable_image"]) == 1
+    assert skipped["keys_not_listed"] == 3
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["skipped"] == skipped
+    assert len(SearchIndex(tmp_path / "idx").store.skipped()) == 6
+
 def test_manifest_columns_become_metadata(model_dir, tmp_path):
     data = _image_folder(tmp_path / "photos")
     lines = [json.dumps({"image": f"photos/reds/img_{i}.png", "caption": data.captions[i][0],

@@ -82,12 +82,19 @@ class SkipReport:
                 report.add(reason, key)
         return report
 
-    def to_dict(self) -> dict:
+    def to_dict(self, keys_per_reason: int | None = None) -> dict:
         """``total``: lost samples, as `line` and `summary` count them; ``shards_read_in_part``
-        when some shard could not be read to its end."""
+        when some shard could not be read to its end. ``keys_per_reason``: list at most that many
+        keys of each reason (where all are kept elsewhere), the others counted in
+        ``keys_not_listed``."""
         shards = sum(self._samples_and_shards()[1].values())
+        keys = self.keys if keys_per_reason is None else \
+            {reason: listed[:keys_per_reason] for reason, listed in self.keys.items()}
+        not_listed = sum(len(listed) for listed in self.keys.values()) - \
+            sum(len(listed) for listed in keys.values())
         return {"total": self.lost_samples, **({"shards_read_in_part": shards} if shards else {}),
-                "counts": dict(self.counts), "keys": self.keys}
+                "counts": dict(self.counts), "keys": keys,
+                **({"keys_not_listed": not_listed} if not_listed else {})}
 
     def line(self, label: str, kept: int, where: str) -> str:
         """One line telling a user what was lost: ``zs: skipped 2 of 30 samples

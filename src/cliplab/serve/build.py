@@ -55,6 +55,9 @@ from cliplab.serve.settings import IndexConfig
 from cliplab.serve.store import MetadataStore
 from cliplab.serve.tuning_queries import tuning_queries
 
+# keys of each skip reason index.json lists: meta.sqlite's table `skipped` holds them all,
+# and a server parses index.json whole (a million broken links made it tens of MB)
+SKIPPED_KEYS_LISTED = 1000
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -705,7 +708,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
               "fingerprint": request["fingerprint"],
               "embedding_identity": request["embedding_identity"],
               "dim": int(vectors.shape[1]), "count": state["count"],
-              "skipped": skip_report(store.skipped()).to_dict(), "backend": cfg.backend,
+              "skipped": skip_report(store.skipped()).to_dict(SKIPPED_KEYS_LISTED),
+              "backend": cfg.backend,
               "index_type": cfg.index_type, "build": _build_id(existing),
               "sources": _grown_sources((existing or {}).get("sources", []),
                                         request["data"])}
