@@ -54,6 +54,59 @@ def test_device_on_the_command_line_is_checked_before_any_work(capsys, tmp_path)
         in capsys.readouterr().err
 
 
+def test_pretrain_takes_device_on_the_command_line_as_train_device(tmp_path, capsys):
+    """``--device`` of pretrain is ``train.device``: recorded in config.yaml as the key is, and a
+    resume may run on another device, as with the key."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": TINY, "data": {"train": SHAPES}, "eval": None,
+        "train": {"steps": 1, "batch_size": 20, "save_every": 1, "augment": False}}))
+    run = tmp_path / "run"
+    with fake_cuda():  # auto would take the GPU
+        assert main(["pretrain", "--config", str(recipe), "--out", str(run), "--device", "cpu",
+                     "--no-progress"]) == 0
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["device"] == "cpu"
+        assert json.loads((run / "results.json").read_text())["device"] == "cpu"
+        assert main(["pretrain", "--out", str(run), "--resume", "latest", "--device", "cuda",
+                     "train.steps=2", "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["device"].startswith("cuda") and results["resumed_from"]["step"] == 1
+    capsys.readouterr()
+    # given twice, as --device and as the key, with two values: refused naming both
+    assert main(["pretrain", "--config", str(recipe), "--device", "cpu",
+                 "train.device=auto"]) == 2
+    assert one_line_error(capsys) == ("the command line: train.device is given twice, as "
+                                      "--device cpu and as train.device=auto; give one")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "quickstart"])
+def test_a_wrong_train_device_on_the_command_line_is_refused_naming_device(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--device", "gpu"])
+    assert stop.value.code == 2
+    assert f"cliplab {command}: error: argument --device: 'gpu' is no device (cpu, cuda, " \
+        "cuda:N, mps or auto)\n" in capsys.readouterr().err
+
+
+def test_quickstart_takes_device_as_train_device_and_keeps_its_default(monkeypatch):
+    from cliplab import quickstart
+    from cliplab.errors import CliplabError
+
+    configs = []
+
+    def run_quickstart(cfg, progress=True):
+        configs.append(cfg)
+        raise CliplabError("stopped by the test")
+
+    monkeypatch.setattr(quickstart, "run_quickstart", run_quickstart)
+    assert main(["quickstart", "--device", "cpu"]) == 2
+    assert main(["quickstart"]) == 2
+    given, default = configs
+    assert given.train.device == "cpu" and default.train.device == "auto"
+    assert given.model_dump() == {**default.model_dump(),
+                                  "train": {**default.train.model_dump(), "device": "cpu"}}
+
+
 def test_a_config_device_is_refused_naming_its_key(capsys, tmp_path):
     config = tmp_path / "a.yaml"
     config.write_text(yaml.safe_dump({"method": "zeroshot", "device": "gpu",

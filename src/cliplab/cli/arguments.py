@@ -102,12 +102,18 @@ def device_name(value: str) -> str:
     return value
 
 
-def add_device(p: argparse.ArgumentParser, in_config: bool = True) -> None:
-    """``--device``: the stage config's ``device`` key (``in_config``), else the command's own
-    option (default auto)."""
+def add_device(p: argparse.ArgumentParser, in_config: bool = True, key: str = "device") -> None:
+    """``--device``: the stage config's ``key`` (``in_config``; pretrain's is ``train.device``),
+    else the command's own option (default auto)."""
     p.add_argument("--device", type=device_name, default=None if in_config else "auto",
-                   help=DEVICE_HELP + ("; default: the config's 'device', else auto"
+                   help=DEVICE_HELP + (f"; default: the config's '{key}', else auto"
                                        if in_config else "; default auto"))
+
+
+def train_options(args: argparse.Namespace) -> dict | None:
+    """The ``train`` keys set by the options of pretrain and quickstart (``--device``:
+    ``train.device``), None when none is given."""
+    return {"device": args.device} if args.device is not None else None
 
 
 def add_data_argument(p: argparse.ArgumentParser, *aliases: str) -> None:

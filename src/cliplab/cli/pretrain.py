@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.cli.arguments import add_common, add_debug, under_torchrun
+from cliplab.cli.arguments import (add_common, add_debug, add_device, train_options,
+                                   under_torchrun)
 from cliplab.cli.progress_bars import end_progress_bars
 from cliplab.errors import ConfigError
 
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "complete run is reported, exit 0: one command for a job that may be "
                    "stopped and started again); without --config the run's own config.yaml "
                    "is read (with the overrides it was started with)")
+    add_device(p, key="train.device")
     add_debug(p)
 
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.train.pretrain import PretrainConfig, run_pretrain, scalar_metrics
 
     cfg = load_config(PretrainConfig, _pretrain_recipe(args), args.overrides,
-                      extra={"out": args.out})
+                      extra={"out": args.out, "train": train_options(args)})
     earlier_runs = set(Path("runs").glob("pretrain-*"))
     resume = args.resume
     if resume == "auto":  # a checkpoint to go on from, or a start

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cliplab.cli.arguments import add_common, add_debug
+from cliplab.cli.arguments import add_common, add_debug, add_device, train_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", metavar="DIR", type=os.path.expanduser,
                    help="folder with the Fashion-MNIST IDX files (default "
                    "$CLIPLAB_FASHION_MNIST, else Debian's /usr/share/datasets/fashion-mnist)")
+    add_device(p, key="train.device")
     add_debug(p)
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.config import load_config
     from cliplab.quickstart import QuickstartConfig, format_results, run_quickstart
 
-    extra: dict = {"out": args.out}
+    extra: dict = {"out": args.out, "train": train_options(args)}
     if args.data_dir:
         extra["data"] = {"data_dir": args.data_dir}
     cfg = load_config(QuickstartConfig, args.config, args.overrides, extra=extra)
