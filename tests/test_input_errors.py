@@ -223,3 +223,65 @@ def test_messages_name_values_in_words_not_python_lists(tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and words in err, err
     assert "[" not in err.split("error: ", 1)[1].replace("tasks[0]", ""), err
+
+
+UNKNOWN = "unknown model 'nosuch': give a preset"
+MISSING = "nosuch does not exist (merge needs a model"
+
+
+def _yaml(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (lambda t: ["eval", "--config", str(write_suite(t)), "--model", "nosuch"],
+     f"--model: {UNKNOWN}"),
+    (lambda t: ["adapt", "--method", "zeroshot", "--model", "nosuch", "--out", str(t / "a"),
+                *DIGITS], f"--model: {UNKNOWN}"),
+    (lambda t: ["adapt", "--config", _yaml(t, "a.yaml", "method: zeroshot\nmodel: nosuch\n"),
+                "--out", str(t / "a"), *DIGITS], f"{{t}}/a.yaml + command line: model: {UNKNOWN}"),
+    (lambda t: ["adapt", "--method", "zeroshot", "model=nosuch", "--out", str(t / "a"),
+                *DIGITS], f"the command line: model: {UNKNOWN}"),
+    (lambda t: ["index", "--model", "nosuch", "--data", "shapes", "--out", str(t / "i")],
+     f"--model: {UNKNOWN}"),
+    (lambda t: ["index", "--config", _yaml(t, "i.yaml", "model: nosuch\n"), "--data", "shapes",
+                "--out", str(t / "i")], f"{{t}}/i.yaml: model: {UNKNOWN}"),
+    (lambda t: ["serve", str(t / "index"), "--model", "nosuch"], f"--model: {UNKNOWN}"),
+    (lambda t: ["merge", "--models", "nosuch", str(t / "m2"), "--out", str(t / "m"),
+                "--method", "uniform"], f"--models: {MISSING}"),
+    (lambda t: ["merge", "--config", _yaml(t, "m.yaml", f"models: [nosuch, {t / 'm2'}]\n"),
+                "--out", str(t / "m"), "--method", "uniform"], f"{{t}}/m.yaml: models: {MISSING}"),
+    (lambda t: ["merge", "--models", str(t / "m2"), str(t / "m2b"), "--base", "nosuch",
+                "--out", str(t / "m"), "--method", "task-arithmetic"], f"--base: {MISSING}"),
+    (lambda t: ["export", "nosuch", "--format", "onnx", "--out", str(t / "e")],
+     f"MODEL: {UNKNOWN}"),
+    (lambda t: ["convert", "nosuch", "--out", str(t / "c")],
+     "SRC: nosuch: no such OpenCLIP checkpoint file or folder"),
+    (lambda t: ["pretrain", "--config", _yaml(t, "p.yaml", "model: nosuch\ndata: {train: "
+                                                 "{source: shapes}}\ntrain: {steps: 1}\n"),
+                "--out", str(t / "p")], f"{{t}}/p.yaml: model: {UNKNOWN}"),
+], ids=["eval", "adapt", "adapt-config", "adapt-override", "index", "index-config", "serve",
+        "merge", "merge-config", "merge-base", "export", "convert", "pretrain-config"])
+def test_an_unknown_model_names_the_argument_it_came_from(argv, expected, tmp_path, capsys,
+                                                          monkeypatch, served_index):
+    """`cliplab eval --model nosuch` said what was wrong, not which argument held it: each
+    command's model argument, option or config key, is named as config errors name keys."""
+    from cliplab.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "index").symlink_to(served_index)
+    for name in ("m2", "m2b"):
+        build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=1, heads=2,
+                    embed_dim=16, context_length=48).save(tmp_path / name)
+    line = one_error(capsys, argv(tmp_path))
+    assert line.startswith("cliplab: error: " + expected.replace("{t}", str(tmp_path))), line
+
+
+@pytest.fixture(scope="module")
+def served_index(tmp_path_factory) -> Path:
+    """A small index of the shapes, for `serve`."""
+    out = tmp_path_factory.mktemp("served") / "index"
+    assert main(["index", "--model", "tiny-clip", "--data", "shapes", "data.n=8",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out

@@ -337,7 +337,7 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]),  # no bar: stderr
                  str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--models {tmp_path / 'missing'} does not exist" in err[0]
+    assert len(err) == 1 and f"--models: {tmp_path / 'missing'} does not exist" in err[0]
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -465,9 +465,9 @@ def test_missing_inputs_and_presets_are_one_line_errors(family, tmp_path, capsys
     _, base, fts = family
     missing = tmp_path / "runs" / "ft9"
     for argv, fragment in [(["--models", str(fts[0]), str(missing), "--base", str(base)],
-                            f"--models {missing} does not exist"),
+                            f"--models: {missing} does not exist"),
                            (["--models", str(fts[0]), "--base", str(missing)],
-                            f"--base {missing} does not exist"),
+                            f"--base: {missing} does not exist"),
                            (["--models", str(fts[0]), "--base", "tiny-clip"],
                             "merge needs model folders; tiny-clip (--base) is a preset")]:
         assert main(["merge", "--method", "task-arithmetic", *argv, "--out",

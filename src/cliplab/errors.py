@@ -39,6 +39,20 @@ class ModelError(CliplabError):
     """A model folder or preset cannot be built or loaded."""
 
 
+class UnknownModelError(ModelError):
+    """A model name that names no model (no preset, no existing path, no Hub id in reach).
+    ``name`` is the name given; ``where`` (the option or config key that gave it: ``--model``,
+    ``x.yaml: model``) goes before the message once known (`at`)."""
+
+    def __init__(self, message: str, name: str = "", where: str | None = None) -> None:
+        super().__init__(f"{where}: {message}" if where else message)
+        self.message, self.name, self.where = message, name, where
+
+    def at(self, where: str) -> UnknownModelError:
+        """The same error, naming ``where`` the name came from (in place of any it named)."""
+        return UnknownModelError(self.message, self.name, where)
+
+
 class DistributedError(CliplabError):
     """A distributed run cannot go on: the process group cannot form, or another rank stopped
     or stopped answering (its own error, if any, is in that rank's log)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_device, add_stage_arguments, config_where,
-                                   stage_config)
+                                   given_by, naming_models, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise ConfigError(f"{error} (the config's options are for its method {replaced!r}, "
                           f"replaced by {cfg.method!r})") from None
-    results = run_adapt(cfg, progress=not args.no_progress, where=config_where(args))
+    with naming_models({cfg.model.name: given_by(args, "--model", "model")}):
+        results = run_adapt(cfg, progress=not args.no_progress, where=config_where(args))
     print(format_results(results))
     print(f"results.json and what was learned: {results['out']}")
     return 0

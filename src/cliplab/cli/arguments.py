@@ -4,8 +4,10 @@ checks of an output folder against the inputs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import textwrap
+from collections.abc import Iterator
 
 EXIT_BAD_INPUT = 2
 # what a --model takes (export's MODEL: all but an ONNX export, which is its output)
@@ -156,3 +158,25 @@ def check_out_is_not_input(out: str | None, inputs: list) -> None:
 
     if out:
         check_out(out, "", inputs, may_exist=True, previous=lambda folder: True)
+
+
+def given_by(args: argparse.Namespace, option: str, key: str) -> str:
+    """Where a value the command line's ``option`` or the config's ``key`` may set came from,
+    as errors name it: ``--model``, else the key in the config (``x.yaml: model``)."""
+    dest = option.removeprefix("--").replace("-", "_")
+    return option if getattr(args, dest, None) is not None else f"{config_where(args)}: {key}"
+
+
+@contextlib.contextmanager
+def naming_models(sources: dict[str, str]) -> Iterator[None]:
+    """Within it, an unknown model's error names where its name was given: ``sources`` maps
+    each model name to its option or config key (`given_by`); other names' errors pass as
+    they are."""
+    from cliplab.errors import UnknownModelError
+
+    try:
+        yield
+    except UnknownModelError as err:
+        if err.name not in sources:
+            raise
+        raise err.at(sources[err.name]) from None

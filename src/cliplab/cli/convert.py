@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cliplab.cli.arguments import add_debug
+from cliplab.cli.arguments import add_debug, naming_models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab convert`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.models.convert import convert_openclip
 
-    out = convert_openclip(args.source, args.out, config=args.model_config,
-                           overwrite=args.overwrite)
+    with naming_models({args.source: "SRC"}):
+        out = convert_openclip(args.source, args.out, config=args.model_config,
+                               overwrite=args.overwrite)
     print(f"model: {out}")
     return 0

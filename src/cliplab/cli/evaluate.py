@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.cli.arguments import MODEL_SPECS, add_debug, add_device, config_where
+from cliplab.cli.arguments import (MODEL_SPECS, add_debug, add_device, config_where,
+                                   naming_models)
 from cliplab.errors import CliplabError
 
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                           where=f"{config_where(args)}: tasks", hold=False)
     # the model first: its input is what the images are decoded to (a set costs that per
     # image); run_suite then lists or reads every set, and checks every task, before any encodes
-    model = load_model(args.model, args.device)
+    with naming_models({args.model: "--model"}):
+        model = load_model(args.model, args.device)
     head = _fine_tuned_head(args.model) if args.head == "auto" else None
     if head is not None:
         context.classifier = head

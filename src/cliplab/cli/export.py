@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug
+from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug, naming_models
 from cliplab.errors import CliplabError, warn
 
 
@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
     _check_export_out(args)  # before the (slow) loading
-    model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
-        else load_model(args.model)
+    with naming_models({args.model: "MODEL"}):
+        model = load_openclip(args.model) if is_openclip_checkpoint(args.model) \
+            else load_model(args.model)
     if not isinstance(model, DualEncoder):  # an ONNX export runs, it does not re-export
         raise CliplabError(f"{args.model} is an ONNX export; export the PyTorch model it was "
                            "made from (a model, checkpoint or run folder)")

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
-                                   add_device, check_out_is_not_input, data_spec)
+                                   add_device, check_out_is_not_input, data_spec, given_by,
+                                   naming_models)
 from cliplab.errors import ConfigError, warn
 
 
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])
     if cfg.uri and "://" not in cfg.uri:  # a Milvus Lite file: as --out, not among the images
         check_apart_from_inputs(cfg.uri, spec_paths(cfg.data), flag="--uri")
-    record = build_index(cfg, progress=not args.no_progress)
+    with naming_models({cfg.model.name: given_by(args, "--model", "model")}):
+        record = build_index(cfg, progress=not args.no_progress)
     if record.get("unchanged"):
         print(f"index {cfg.out}: {_nothing_to_add(record, cfg.data)}")
         return 0

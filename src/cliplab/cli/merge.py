@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cliplab.cli.arguments import add_device, add_stage_arguments, config_where, stage_config
+from cliplab.cli.arguments import (add_device, add_stage_arguments, config_where, given_by,
+                                   naming_models, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
                        base=args.base, device=args.device)
-    record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
-                       overwrite=args.overwrite)
+    sources = {m.name: given_by(args, "--models", "models") for m in cfg.models}
+    if cfg.base is not None:
+        sources[cfg.base.name] = given_by(args, "--base", "base")
+    with naming_models(sources):
+        record = run_merge(cfg, progress=not args.no_progress, where=config_where(args),
+                           overwrite=args.overwrite)
     n = len(record["models"])
     line = f"{record['method']} merge of {n} model{'s' * (n != 1)} -> {record['out']}"
     if record["heldout"]:

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from cliplab.cli.arguments import (add_common, add_debug, add_device, train_options,
-                                   under_torchrun)
+from cliplab.cli.arguments import (add_common, add_debug, add_device, naming_models,
+                                   train_options, under_torchrun)
 from cliplab.cli.progress_bars import end_progress_bars
 from cliplab.errors import ConfigError
 
@@ -60,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
         resume = "latest" if cfg.out and latest_checkpoint(Path(cfg.out)) else None
         if resume is None and cfg.out:  # an attempt that never saved one: started again
             restart_unsaved_run(cfg.out, "pretrain")
+    where = config_source(_pretrain_recipe(args), bool(args.overrides))
     try:
-        results = run_pretrain(cfg, resume=resume, progress=not args.no_progress,
-                               where=config_source(_pretrain_recipe(args), bool(args.overrides)))
+        with naming_models({cfg.model.name: f"{where}: model"}):
+            results = run_pretrain(cfg, resume=resume, progress=not args.no_progress,
+                                   where=where)
     except RunComplete:
         done = Path(cfg.out) / RESULTS_FILE
         if args.resume != "auto" or not done.is_file():

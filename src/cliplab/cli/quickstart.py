@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from cliplab.cli.arguments import add_common, add_debug, add_device, train_options
+from cliplab.cli.arguments import (add_common, add_debug, add_device, config_where,
+                                   naming_models, train_options)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir:
         extra["data"] = {"data_dir": args.data_dir}
     cfg = load_config(QuickstartConfig, args.config, args.overrides, extra=extra)
-    results = run_quickstart(cfg, progress=not args.no_progress)
+    with naming_models({cfg.model.name: f"{config_where(args)}: model"}):
+        results = run_quickstart(cfg, progress=not args.no_progress)
     print(format_results(results))
     print(f"run folder: {Path(results['model_dir']).parents[2]}")
     return 0

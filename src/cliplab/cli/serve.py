@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cliplab.cli.arguments import add_debug, add_device
+from cliplab.cli.arguments import add_debug, add_device, naming_models
 from cliplab.errors import ConfigError
 from cliplab.extras import installed
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not api_key.strip():  # set, but to nothing: a key was meant
             raise ConfigError("CLIPLAB_API_KEY is set but empty: give it the key, or unset it "
                               "to serve without one")
-    serve(args.index, host=args.host, port=args.port, model=args.model, api_key=api_key,
-          max_upload_mb=args.max_upload_mb, device=args.device, allow_hosts=args.allow_host)
+    with naming_models({args.model: "--model"} if args.model else {}):
+        serve(args.index, host=args.host, port=args.port, model=args.model, api_key=api_key,
+              max_upload_mb=args.max_upload_mb, device=args.device, allow_hosts=args.allow_host)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cliplab.config import changed_key_paths
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, UnknownModelError
 from cliplab.merge.dtypes import set_config_dtype, stored_dtype
 from cliplab.merge.state import check_same_keys, non_finite
 from cliplab.models.dual_encoder import DualEncoder
@@ -68,8 +68,8 @@ def ingredient_folder(name: str, option: str) -> Path:
         raise ModelError(f"merge needs model folders; {name} ({option}) is a preset: save it "
                          "to a folder first")
     if not Path(name).expanduser().exists() and not is_hub_id(name):
-        raise ModelError(f"{option} {name} does not exist (merge needs a model, checkpoint "
-                         "or run folder, or a Hugging Face Hub id)")
+        raise UnknownModelError(f"{name} does not exist (merge needs a model, checkpoint or "
+                                "run folder, or a Hugging Face Hub id)", name, option)
     folder = resolve_model_path(name)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{name} is not a model folder (no config.json): a merge combines "

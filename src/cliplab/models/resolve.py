@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cliplab.errors import ModelError, warn
+from cliplab.errors import ModelError, UnknownModelError, warn
 from cliplab.models.device import resolve_device
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.presets import PRESETS, build_model
@@ -129,17 +129,17 @@ def resolve_model_path(spec: ModelSpec | str | dict | Any) -> Path:
     raise unknown_model(spec.name)
 
 
-def unknown_model(name: str) -> ModelError:
+def unknown_model(name: str) -> UnknownModelError:
     """The error for a name that is no preset, no existing path and no Hub id: a path that
     does not exist when it is written as one, else the kinds of names there are (and the
     preset it is closest to)."""
     if os.sep in name or "/" in name or name.startswith((".", "~")):
-        return ModelError(missing_path(name))
+        return UnknownModelError(missing_path(name), name)
     close = difflib.get_close_matches(name, PRESETS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), a "
-                      f"model, checkpoint or run folder, or a Hugging Face Hub id "
-                      f"(org/name){hint}")
+    return UnknownModelError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}), "
+                             f"a model, checkpoint or run folder, or a Hugging Face Hub id "
+                             f"(org/name){hint}", name)
 
 
 def missing_path(name: str) -> str:
@@ -271,10 +271,10 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelError(f"Hugging Face cache entry of {repo_id} in {cache} cannot be read "
                          f"({type(err).__name__}: {err})") from None
     if hub_offline():
-        raise ModelError(f"{missing_path(repo_id)}, and is not in the Hugging Face cache "
-                         f"({cache}); if it is a Hub id, HF_HUB_OFFLINE=1: fetch it once with "
-                         f"`hf download {repo_id}` (or set HF_HUB_OFFLINE=0 to let cliplab "
-                         "fetch it)")
+        raise UnknownModelError(f"{missing_path(repo_id)}, and is not in the Hugging Face "
+                                f"cache ({cache}); if it is a Hub id, HF_HUB_OFFLINE=1: fetch it "
+                                f"once with `hf download {repo_id}` (or set HF_HUB_OFFLINE=0 to "
+                                "let cliplab fetch it)", repo_id)
     return _download(repo_id, cache)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cliplab.errors import ModelError
+from cliplab.errors import ModelError, UnknownModelError
 from cliplab.models.loading import MODEL_CLASSES
 
 CONFIG_FILE = "open_clip_config.json"
@@ -42,7 +42,7 @@ class OpenClipCheckpoint:
 def find_openclip_files(path: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
     """``(weights_file, config_file)`` of a Hub-style folder or of a weights file (whose config
     is ``config``, or an ``open_clip_config.json`` / single ``*.json`` beside it)."""
-    path = Path(path)
+    given, path = str(path), Path(path)
     if path.is_dir():
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
@@ -54,7 +54,8 @@ def find_openclip_files(path: str | Path, config: str | Path | None = None) -> t
         else:
             raise ModelError(f"{path}: no {CONFIG_FILE}; give the model config with --config")
     elif not path.is_file():
-        raise ModelError(f"{path}: no such OpenCLIP checkpoint file or folder")
+        raise UnknownModelError(f"{path}: no such OpenCLIP checkpoint file or folder",
+                                given)
     elif config:
         weights, cfg = path, Path(config)
     else:
