@@ -285,3 +285,26 @@ def served_index(tmp_path_factory) -> Path:
     assert main(["index", "--model", "tiny-clip", "--data", "shapes", "data.n=8",
                  "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+def test_a_missing_out_is_said_in_one_wording_by_every_command(tmp_path, capsys, monkeypatch):
+    """export and convert said argparse's "the following arguments are required: --out", merge,
+    index and data shard "the command line: out is required", curate and report "say where to
+    write ...": one wording now, `missing_out`'s."""
+    monkeypatch.chdir(tmp_path)
+    commands = {
+        "the export": ["export", "tiny-clip", "--format", "onnx"],
+        "the model folder": ["convert", "x.pt"],
+        "the merged model": ["merge", "--method", "uniform", "--models", "a", "b"],
+        "the index": ["index", "--model", "tiny-clip", "--data", "shapes"],
+        "the shards": ["data", "shard", "--data", "shapes"],
+        "the curated pool": ["curate", "--config", str(CONFIGS / "curate/basic.yaml")],
+        "the report": ["report", "--inputs", "x"],
+    }
+    said = {what: one_error(capsys, argv) for what, argv in commands.items()}
+    assert said == {what: f"cliplab: error: say where to write {what}: --out DIR"
+                    for what in commands}
+    # the config's out is an output as --out is
+    assert "say where" not in one_error(capsys, ["merge", "--method", "uniform", "--config",
+                                                 _yaml(tmp_path, "m.yaml", "out: o\n"),
+                                                 "--models", "a", "b"])

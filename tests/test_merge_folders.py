@@ -333,7 +333,7 @@ def test_cli_one_line_errors(family, tmp_path, capsys):
     # without --config every setting came from the command line (it said "the config:")
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]), str(fts[1])]) == 2
     assert capsys.readouterr().err.strip() == \
-        "cliplab: error: the command line: out is required"
+        "cliplab: error: say where to write the merged model: --out DIR"
     assert main(["merge", "--method", "uniform", "--models", str(fts[0]),  # no bar: stderr
                  str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -227,6 +227,12 @@ def check_cache_dir(cache_dir: str | os.PathLike | None,
         check_writable(cache_dir, error, flag="--cache-dir")
 
 
+def missing_out(what: str) -> ConfigError:
+    """The error of a command given no output folder (no ``--out``, no config ``out``): one
+    wording for every command; ``what`` is what it writes (``the merged model``)."""
+    return ConfigError(f"say where to write {what}: --out DIR")
+
+
 def check_out(out: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
               overwrite: bool = False, previous: Callable[[Path], bool] | None = None,
               error: type[CliplabError] = ConfigError, may_exist: bool = False) -> Path:

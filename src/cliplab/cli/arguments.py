@@ -180,3 +180,19 @@ def naming_models(sources: dict[str, str]) -> Iterator[None]:
         if err.name not in sources:
             raise
         raise err.at(sources[err.name]) from None
+
+
+def require_out(args: argparse.Namespace, what: str) -> None:
+    """`missing_out` before any work when neither ``--out``, an ``out=`` override nor the
+    config file's ``out`` names the output folder (``what`` is what the command writes)."""
+    from cliplab.output_folder import missing_out
+
+    if getattr(args, "out", None) or any(o.partition("=")[0] == "out"
+                                         for o in getattr(args, "overrides", None) or []):
+        return
+    if getattr(args, "config", None):
+        from cliplab.config import load_yaml
+
+        if load_yaml(args.config).get("out") is not None:
+            return
+    raise missing_out(what)

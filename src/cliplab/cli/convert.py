@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cliplab.cli.arguments import add_debug, naming_models
+from cliplab.cli.arguments import add_debug, naming_models, require_out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source_format", choices=["open_clip"], default="open_clip",
                    help="checkpoint format (default open_clip)")
     p.add_argument("source", metavar="SRC", help="checkpoint file or OpenCLIP folder")
-    p.add_argument("--out", metavar="DIR", required=True, help="model folder to write",
+    p.add_argument("--out", metavar="DIR", help="model folder to write (required)",
                    type=os.path.expanduser)
     p.add_argument("--config", dest="model_config", metavar="JSON",
                    help="OpenCLIP model config (default: open_clip_config.json or the one "
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab convert`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.models.convert import convert_openclip
 
+    require_out(args, "the model folder")
     with naming_models({args.source: "SRC"}):
         out = convert_openclip(args.source, args.out, config=args.model_config,
                                overwrite=args.overwrite)

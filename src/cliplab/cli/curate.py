@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cliplab.cli.arguments import (add_data_argument, add_device, add_stage_arguments,
-                                   check_out_is_not_input, stage_config)
+                                   check_out_is_not_input, require_out, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.curate.pipeline import run_curation
     from cliplab.output_folder import spec_paths
 
+    require_out(args, "the curated pool")
     cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers,
                        device=args.device)
     check_out_is_not_input(cfg.out, spec_paths(cfg.data))

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug, naming_models
+from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug, naming_models, require_out
 from cliplab.errors import CliplabError, warn
 
 
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
                    help="onnx: image and text graphs for onnxruntime; open_clip: "
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write",
+    p.add_argument("--out", metavar="DIR", help="folder to write (required)",
                    type=os.path.expanduser)
     p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
     p.add_argument("--overwrite", action="store_true",
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.models.dual_encoder import DualEncoder
     from cliplab.models.resolve import export_source, load_model
 
+    require_out(args, "the export")
     if args.quantize and args.format != "onnx":
         raise CliplabError("--quantize applies to --format onnx only")
     _check_export_out(args)  # before the (slow) loading

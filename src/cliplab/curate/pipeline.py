@@ -52,7 +52,8 @@ from cliplab.data.sources import with_paths_resolved
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, warn
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
-                                   partial_path, remove_own_work, spec_paths, swap_in, write_json)
+                                   missing_out, partial_path, remove_own_work, spec_paths, swap_in,
+                                   write_json)
 from cliplab.output_lock import check_no_run_inside, is_left_lock
 from cliplab.provenance import stamp
 
@@ -72,7 +73,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     if not isinstance(config, CurateConfig):
         config = validate(CurateConfig, config, "the curate config")
     if out is None and not config.out:
-        raise ConfigError("say where to write the curated pool: --out DIR")
+        raise missing_out("the curated pool")
     out = Path(out if out is not None else config.out).expanduser().resolve()
     check_apart_from_inputs(out, spec_paths(config.data))  # sources are never written to
     _check_out(out, overwrite)
