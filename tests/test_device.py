@@ -116,17 +116,45 @@ def test_a_config_device_is_refused_naming_its_key(capsys, tmp_path):
                                       "cuda:N, mps or auto)")
 
 
+CLIP_SCORE = [{"step": "clip_score", "model": "tiny-clip", "keep_top": 0.9}]
+
+
 def test_curate_maps_on_the_gpu_locally_and_on_cpus_under_ray():
     from cliplab.curate.config import CurateConfig
 
     with fake_cuda():
         assert resolve_device(CurateConfig(data=SHAPES).step_device()) == torch.device("cuda")
-        assert CurateConfig(data=SHAPES, device="cpu").step_device() == "cpu"
+        assert CurateConfig(data=SHAPES, steps=CLIP_SCORE, device="cpu").step_device() == "cpu"
         assert CurateConfig(data=SHAPES, engine="ray").step_device() == "cpu"
         with pytest.raises(ValueError, match="device: cuda runs the steps' models with engine "
                                              "local .* engine ray maps on its actors' CPUs"):
-            CurateConfig(data=SHAPES, engine="ray", device="cuda")
+            CurateConfig(data=SHAPES, steps=CLIP_SCORE, engine="ray", device="cuda")
     assert resolve_device(CurateConfig(data=SHAPES).step_device()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", [
+    ["curate", "--config", "configs/curate/basic.yaml", "--out", "OUT/c"],
+    ["merge", "--method", "uniform", "--models", "a", "b", "--out", "OUT/m"],
+])
+def test_a_device_no_step_uses_is_refused_by_curate_as_by_merge(command, tmp_path, capsys):
+    """merge refused --device without heldout (nothing is scored), while curate took it with no
+    step that runs a model: both refuse a setting that changes nothing, naming it."""
+    argv = [a.replace("OUT", str(tmp_path)) for a in command]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert "device has no effect without" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_curate_takes_a_device_when_a_step_runs_a_model():
+    from cliplab.curate.config import CurateConfig
+
+    decontaminate = {"step": "decontaminate", "eval_sets": [SHAPES], "hash_distance": 4}
+    assert CurateConfig(data=SHAPES, steps=[{**decontaminate, "model": "tiny-clip"}],
+                        device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match="device has no effect without a step that runs a "
+                                         "model"):  # matched by perceptual hash only
+        CurateConfig(data=SHAPES, steps=[{**decontaminate, "threshold": None}], device="cpu")
+    assert CurateConfig(data=SHAPES, device="auto").device == "auto"  # the default passes
 
 
 # -- each command's work on the GPU ---------------------------------------------------------------
@@ -513,7 +541,8 @@ def test_a_curate_run_resumes_on_another_device(tmp_path, monkeypatch):
 
     def curate(device: str) -> dict:
         return pipeline.run_curation(validate(CurateConfig, {
-            "data": SHAPES, "steps": [{"step": "exact_dedup"}], "device": device,
+            "data": SHAPES, "steps": [{"step": "clip_score", "model": TINY, "keep_top": 1.0}],
+            "device": device,
             "out": str(tmp_path / "out")}), progress=False)
 
     def killed(work, out):
@@ -548,7 +577,7 @@ def test_device_on_the_command_line_reaches_each_command(command, module, functi
     import importlib
 
     curate = tmp_path / "c.yaml"
-    curate.write_text(yaml.safe_dump({"data": SHAPES, "steps": [{"step": "exact_dedup"}]}))
+    curate.write_text(yaml.safe_dump({"data": SHAPES, "steps": CLIP_SCORE}))
     (tmp_path / "M").mkdir()
     monkeypatch.chdir(tmp_path)
     seen = []

@@ -98,6 +98,10 @@ class CurateConfig(Section):
                              "its actors' CPUs")
         if self.engine != "ray":
             refuse_unused(self, ["ray_address"], "unless engine is ray")
+        if not any(getattr(spec, "model", None) is not None for spec in self.steps):
+            # as merge's device without heldout: a setting that changes nothing is refused
+            refuse_unused(self, ["device"], "without a step that runs a model (clip_score, "
+                          "semantic_dedup, dfn, decontaminate with a threshold)")
         return self
 
     def step_device(self) -> str:
