@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cliplab.curate import semdedup
 from cliplab.curate.semdedup import auto_clusters, semantic_duplicates
@@ -211,3 +212,94 @@ def test_compare_earlier_names_the_first_of_equally_similar_earlier_rows():
                                  compare="earlier")
     assert result.keep.tolist() == [True, False, False]
     assert result.duplicate_of.tolist() == [-1, 0, 0]
+
+
+def _rule_in_one_matrix(x: np.ndarray, threshold: float, compare: str):
+    """One cluster (unit rows in visit order) decided from its whole similarity matrix, as
+    `_dedup_cluster` did before identical rows were taken out: (kept, similarity, position)."""
+    xt = torch.from_numpy(x)
+    sims = (xt @ xt.T).numpy()
+    kept = np.ones(len(x), dtype=bool)
+    for b in range(1, len(x)):
+        before = sims[b, :b] if compare == "earlier" else np.where(kept[:b], sims[b, :b],
+                                                                   -np.inf)
+        kept[b] = not before.max() > threshold
+    others = sims.copy()
+    np.fill_diagonal(others, -np.inf)
+    others[:, ~kept] = -np.inf  # a row's most similar other kept row (the first of equals)
+    value, index = others.max(axis=1), others.argmax(axis=1)
+    if compare == "earlier":  # a dropped row: the most similar row before it
+        for b in np.flatnonzero(~kept):
+            value[b], index[b] = sims[b, :b].max(), sims[b, :b].argmax()
+    lonely = ~np.isfinite(value)
+    return kept, np.where(lonely, -1.0, value), np.where(lonely, -1, index)
+
+
+def with_identical_rows(seed: int, m: int = 400, dim: int = 16) -> np.ndarray:
+    """Unit rows: random ones, a fifth near duplicates of others, a third copies of 8 rows
+    (some of which are near duplicates themselves, so their first copy is dropped too)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, dim))
+    near = rng.choice(m, m // 5, replace=False)
+    x[near] = x[rng.integers(0, m, len(near))] + 0.1 * rng.standard_normal((len(near), dim))
+    same = rng.choice(m, m // 3, replace=False)
+    x[same] = x[rng.choice(m, 8)][rng.integers(0, 8, len(same))]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("compare", ["kept", "earlier"])
+@pytest.mark.parametrize("eps", [0.05, 0.3, 1e-9])  # 1e-9: identical rows are not above it
+def test_taking_identical_rows_out_first_changes_no_decision(monkeypatch, compare, eps):
+    monkeypatch.setattr(semdedup, "COLLAPSE_MIN_ROWS", 0)  # every cluster
+    for seed in range(6):
+        x = with_identical_rows(seed)
+        kept, similarity, position = semdedup._dedup_cluster(torch.from_numpy(x), 1 - eps,
+                                                             compare)
+        want_kept, want_similarity, want_position = _rule_in_one_matrix(x, 1 - eps, compare)
+        assert kept.tolist() == want_kept.tolist()
+        assert position.tolist() == want_position.tolist()
+        np.testing.assert_allclose(similarity, want_similarity, atol=1e-6)
+
+
+@pytest.mark.parametrize("compare", ["kept", "earlier"])
+@pytest.mark.parametrize("keep", ["first", "farthest"])
+def test_identical_rows_give_the_same_result_taken_out_or_not(monkeypatch, compare, keep):
+    x = np.concatenate([with_identical_rows(seed, m=300) for seed in range(3)])
+    found = {}
+    for least in (0, len(x) + 1):  # identical rows taken out of every cluster, of none
+        monkeypatch.setattr(semdedup, "COLLAPSE_MIN_ROWS", least)
+        found[least] = semantic_duplicates(x, n_clusters=4, eps=0.05, keep=keep,
+                                           compare=compare)
+    one, other = found.values()
+    assert (~one.keep).sum() > 300
+    np.testing.assert_array_equal(one.keep, other.keep)
+    np.testing.assert_array_equal(one.duplicate_of, other.duplicate_of)
+    np.testing.assert_allclose(one.similarity, other.similarity, atol=1e-6)
+
+
+@pytest.mark.parametrize("compare", ["kept", "earlier"])
+def test_a_cluster_of_identical_rows_costs_its_distinct_rows_not_all_pairs(monkeypatch,
+                                                                           compare):
+    """A placeholder image repeated m times is one cluster k-means cannot split: its rows
+    are compared O(m) times (counted: similarities computed), not m * m."""
+    rng = np.random.default_rng(0)
+    m = 3000
+    x = np.repeat(rng.standard_normal((1, 8)), m, axis=0)
+    distinct = rng.choice(m, 40, replace=False)
+    x[distinct] = rng.standard_normal((40, 8))
+    computed = []
+    matmul = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        out = matmul(a, b)
+        computed.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    result = semantic_duplicates(x.astype(np.float32), n_clusters=1, eps=0.05,
+                                 compare=compare)
+    first = min(set(range(m)) - set(distinct.tolist()))
+    copies = np.setdiff1d(np.arange(m), np.r_[distinct, first])
+    assert not result.keep[copies].any() and result.keep[first]
+    assert (result.duplicate_of[copies] == first).all()
+    assert sum(computed) < 10 * m  # all pairs: 9 000 000

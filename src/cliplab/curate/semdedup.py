@@ -23,7 +23,10 @@ comparing within clusters only (more clusters: faster, fewer pairs found).
 
 Fast at a million rows: k-means is trained on a subsample (``max_points_per_centroid`` rows per
 centroid), assignment is one FAISS search over the centroids, and within-cluster similarities
-are blocked matrix products (torch, all threads).
+are blocked matrix products (torch, all threads). In a large cluster, rows identical to an
+earlier row are taken out before the products and answered from the row they copy: a
+placeholder image repeated 40 000 times is one cluster k-means cannot split, and would cost
+1.6e9 similarities.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from cliplab.errors import ConfigError, DataError
 KeepRule = Literal["first", "farthest"]
 CompareRule = Literal["kept", "earlier"]
 BLOCK_ELEMENTS = 1 << 25  # similarities held at once per block (128 MB of float32)
+# clusters this large are searched for rows identical to an earlier one first (below it a
+# cluster of identical rows costs at most 4M similarities)
+COLLAPSE_MIN_ROWS = 2048
 
 
 @dataclass
@@ -149,8 +155,8 @@ def _drop_by_kept(kept: np.ndarray, start: int, above: torch.Tensor) -> None:
             kept[start + row] = False
 
 
-def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "kept"
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _dedup_rows(xc: torch.Tensor, threshold: float, compare: CompareRule = "kept"
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's members (unit rows in visit order): ``(kept, similarity, position)`` as
     `SemanticDuplicates` holds them, from one pass of blocked similarity rows in visit order:
     each row's maximum, and whether it is dropped (by the kept rows, or any rows, before it),
@@ -199,6 +205,85 @@ def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "k
         value[dropped], index[dropped] = earlier_sim[dropped], earlier[dropped]
     lonely = ~np.isfinite(value)  # no other kept member
     return kept, np.where(lonely, -1.0, value).astype(np.float32), np.where(lonely, -1, index)
+
+
+def _identical_copies(xc: torch.Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows bit-for-bit equal to an earlier row of the cluster whose self-similarity is
+    certainly above ``threshold`` (so the earlier one is their near duplicate, whatever
+    rounding the matrix products do): ``(copies, first)``, positions in visit order, ``first``
+    the earliest row equal to each copy."""
+    rows = np.ascontiguousarray(xc.numpy())
+    keys = rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).ravel()
+    _, first_of_key, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first = first_of_key[inverse.ravel()]  # np.unique's index: the first occurrence
+    copies = np.flatnonzero(first != np.arange(len(rows)))
+    first = first[copies]
+    reps = rows[first]
+    # a dot product of d float32 terms is within d * 2**-24 of the exact value however it is
+    # summed, so two ways of computing it differ by less than this margin
+    margin = 2 * rows.shape[1] * 2.0 ** -24
+    certain = np.einsum("nd,nd->n", reps, reps) > threshold + margin
+    return copies[certain], first[certain]
+
+
+def _best_earlier_of_copies(xc: torch.Tensor, unique: np.ndarray, copies: np.ndarray,
+                            first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``compare: earlier`` for rows identical to an earlier one: the most similar row visited
+    before each (value, position; the first of equals), the row it copies counting. Rows equal
+    to earlier rows are equally similar to everything and never the first of equals, so only
+    ``unique`` rows (sorted positions) are compared: one similarity row per copied row."""
+    sources, source_of = np.unique(first, return_inverse=True)
+    last_before = np.searchsorted(unique, copies) - 1  # the unique rows before each copy
+    xu = xc[torch.from_numpy(unique)]
+    value = np.empty(len(copies), dtype=np.float32)
+    index = np.empty(len(copies), dtype=np.int64)
+    columns = np.arange(len(unique))
+    for start, stop in _blocks(len(sources), 4 * len(unique)):  # prefix arrays: 4x the sims
+        sims = (xc[torch.from_numpy(sources[start:stop])] @ xu.T).numpy()
+        best = np.maximum.accumulate(sims, axis=1)
+        rises = np.ones(sims.shape, dtype=bool)
+        rises[:, 1:] = sims[:, 1:] > best[:, :-1]
+        arg = np.maximum.accumulate(np.where(rises, columns, 0), axis=1)
+        mine = np.flatnonzero((source_of >= start) & (source_of < stop))
+        row, col = source_of[mine] - start, last_before[mine]
+        value[mine], index[mine] = best[row, col], unique[arg[row, col]]
+    return value, index
+
+
+def _dedup_cluster(xc: torch.Tensor, threshold: float, compare: CompareRule = "kept"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_dedup_rows`, with rows identical to an earlier row taken out first in large clusters
+    (a placeholder image repeated 40 000 times is one cluster k-means cannot split: 1.6e9
+    similarities) and their results filled in from the row they copy: the same answer, at
+    the cost of the distinct rows."""
+    m = len(xc)
+    copies = np.zeros(0, dtype=np.int64)
+    if m >= COLLAPSE_MIN_ROWS:
+        copies, first = _identical_copies(xc, threshold)
+    if not len(copies):
+        return _dedup_rows(xc, threshold, compare)
+    unique = np.setdiff1d(np.arange(m), copies, assume_unique=True)
+    kept_u, value_u, index_u = _dedup_rows(xc[torch.from_numpy(unique)], threshold, compare)
+    # copies are dropped (their first row is visited before them and above the threshold),
+    # and a dropped row changes nothing for the others: not kept, and never the first of
+    # equally similar rows, so the distinct rows decide alike without them
+    kept = np.zeros(m, dtype=bool)
+    kept[unique] = kept_u
+    value = np.full(m, -1.0, dtype=np.float32)
+    index = np.full(m, -1, dtype=np.int64)
+    value[unique] = value_u
+    index[unique] = np.where(index_u >= 0, unique[index_u], -1)
+    if compare == "kept":  # a kept first row is its copies' most similar kept row, else the
+        # first row's most similar kept row is theirs
+        stands = kept[first]
+        own = xc[torch.from_numpy(first)].numpy()
+        # the self-similarity may differ in the last bit from a matrix product's, as the
+        # products of differently shaped blocks do
+        value[copies] = np.where(stands, np.einsum("nd,nd->n", own, own), value[first])
+        index[copies] = np.where(stands, first, index[first])
+    else:
+        value[copies], index[copies] = _best_earlier_of_copies(xc, unique, copies, first)
+    return kept, value, index
 
 
 def semantic_duplicates(embeddings: np.ndarray, n_clusters: int | Literal["auto"] = "auto",
