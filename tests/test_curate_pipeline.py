@@ -341,6 +341,30 @@ def test_a_saved_decision_on_another_number_of_items_is_refused(tmp_path):
                                  "to start this run over")
 
 
+def test_decisions_and_pool_chunks_are_compact_json_and_indented_ones_still_resume(tmp_path):
+    """A decision.json holds a list per item and a pool chunk a record per item: written
+    without a line per entry (indented, a step's keep list alone was 20 MB per million items);
+    one an earlier version wrote indented is read back alike by a resumed run."""
+    folder = make_folder(tmp_path / "pool", VALUES)
+    steps = [{"step": "bright", "threshold": 100},
+             {"step": "bright", "name": "again", "threshold": 100, "fail_on_chunk": 4}]
+    cfg = config(str(folder), steps, chunk_size=3)
+    with pytest.raises(RuntimeError, match="killed"):  # step 0 decided on its 4 chunks
+        run_curation(cfg, tmp_path / "out", progress=False)
+    work = partial_path(tmp_path / "out")
+    saved = work / "steps" / "00-bright" / "decision.json"
+    chunk = work / "cache" / "pool" / "000000.json"
+    for written in (saved, chunk):
+        assert "\n" not in written.read_text(encoding="utf-8").strip()
+    for written in (saved, chunk):  # as an earlier version wrote them
+        written.write_text(json.dumps(json.loads(written.read_text(encoding="utf-8")),
+                                      indent=2), encoding="utf-8")
+    resumed = run_curation(cfg, tmp_path / "out", progress=False)  # it fails once only
+    whole = run_curation(cfg, tmp_path / "whole", progress=False)
+    assert [s["kept"] for s in resumed["steps"]] == [s["kept"] for s in whole["steps"]]
+    assert dropped_rows(tmp_path / "out") == dropped_rows(tmp_path / "whole")
+
+
 def test_refusals_existing_output_other_config_and_source_folder(tmp_path):
     folder = make_folder(tmp_path / "pool", [200, 50])
     cfg = config(str(folder), STEPS)

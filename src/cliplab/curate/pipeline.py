@@ -351,7 +351,8 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
             write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
                                                       "seconds": time.perf_counter() - start,
                                                       "last_key": chunk[-1].key,
-                                                      "sources": stamp_sources(records)})
+                                                      "sources": stamp_sources(records)},
+                       indent=None)  # a record per item: compact
             count += 1
             bar.update(len(chunk))
         bar.close()
@@ -503,5 +504,5 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
                        "scores": None if decision.scores is None else
                        [float(s) for s in np.asarray(decision.scores, dtype=float)],
                        "threshold": decision.threshold, "report": decision.report,
-                       "seconds": seconds})
+                       "seconds": seconds}, indent=None)  # a list per item: no line per entry
     return decision, seconds
