@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
-from cliplab.curate.steps.exact_dedup import ExactDedup, Spec, image_hash, normalise_caption
+from cliplab.curate.steps.exact_dedup import (ExactDedup, Spec, caption_hash, image_hash,
+                                               normalise_caption)
 
 
 def image(value: int, size=(8, 8)) -> Image.Image:
@@ -65,3 +66,23 @@ def test_pair_needs_the_caption_too(tmp_path):
     captions = ["a red square", "a blue circle"]
     assert run(tmp_path, images, captions, match="pair").keep.tolist() == [True, True]
     assert run(tmp_path, images, captions, match="image").keep.tolist() == [True, False]
+
+
+def test_hashes_are_stored_in_64_bytes_and_a_cached_str_chunk_decides_alike(tmp_path):
+    """A hash column holds the hex digest as ASCII bytes (a str column took 256 bytes a hash,
+    two per item even when only captions are compared); a chunk an earlier version cached as
+    str, concatenated with new ones on a resumed run, decides as before."""
+    step = ExactDedup(Spec(step="exact_dedup", match="pair"))
+    images, captions = [image(1), image(2), image(1), image(1)], ["a", "b", "a", "c"]
+    columns = step.map(PoolBatch(["k0", "k1", "k2", "k3"], captions, images))
+    assert all(c.itemsize <= 64 for c in columns.values())
+    unhashed = ExactDedup(Spec(step="exact_dedup", match="caption")).map(
+        PoolBatch(["k0"], ["a"], None))
+    assert unhashed["image_hash"].itemsize <= 1
+    old = {"image_hash": np.array([image_hash(im) for im in images[:2]], dtype="<U64"),
+           "caption_hash": np.array([caption_hash(c) for c in captions[:2]], dtype="<U64")}
+    mixed = {k: np.concatenate([old[k], columns[k][2:]]) for k in old}
+    for cols in (columns, mixed):
+        d = step.decide(PoolItems(["k0", "k1", "k2", "k3"], captions), cols)
+        assert d.keep.tolist() == [True, True, False, True]
+        assert d.reasons[2] == "exact duplicate of k0 (identical image and caption)"

@@ -62,10 +62,13 @@ class ExactDedup:
         pass
 
     def map(self, batch: PoolBatch) -> dict[str, np.ndarray]:
-        images = [""] * len(batch) if batch.images is None else \
-            [image_hash(im) for im in batch.images]  # "": not hashed (match: caption)
-        return {"image_hash": np.array(images, dtype="<U64"),
-                "caption_hash": np.array([caption_hash(c) for c in batch.captions], dtype="<U64")}
+        # hex digests as ASCII bytes: 64 bytes a hash where a str column takes 256, and a
+        # resumed run's cached str columns concatenate with them to the same hex strings
+        images = [b""] * len(batch) if batch.images is None else \
+            [image_hash(im).encode("ascii") for im in batch.images]  # b"": not hashed
+        captions = [caption_hash(c).encode("ascii") for c in batch.captions]
+        return {"image_hash": np.array(images, dtype=np.bytes_),  # S1 when not hashed
+                "caption_hash": np.array(captions, dtype="S64")}
 
     def decide(self, items: PoolItems, columns: dict[str, np.ndarray]) -> Decision:
         match = self.spec.match
@@ -74,8 +77,9 @@ class ExactDedup:
         first: dict[tuple, int] = {}
         clusters: dict[int, list[str]] = {}
         keep, reasons = np.ones(len(items), dtype=bool), [None] * len(items)
+        hashes = {name: columns[name].tolist() for name in ("image_hash", "caption_hash")}
         for i in range(len(items)):
-            image, caption = str(columns["image_hash"][i]), str(columns["caption_hash"][i])
+            image, caption = hashes["image_hash"][i], hashes["caption_hash"][i]
             sig = {"image": (image,), "caption": (caption,), "pair": (image, caption)}[match]
             if sig in first:
                 j = first[sig]
