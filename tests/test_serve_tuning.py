@@ -26,10 +26,14 @@ model_dir = pytest.fixture(scope="module")(
     lambda tmp_path_factory: save_tiny_model(tmp_path_factory.mktemp("model") / "tiny"))
 
 
-def _recall(index, queries, vectors, value) -> float:
+def _recall(index, queries, vectors, value, ties: bool = True) -> float:
+    """Recall@10 at breadth ``value`` as tuning measures it (tie-aware), or on ids alone."""
     faiss_index.set_search_parameter(index, value)
     truth = faiss_index.exact_neighbours(queries, vectors, 10)
-    return faiss_index.recall_at_k(index.search(queries, 10)[1], truth)
+    found = index.search(queries, 10)[1]
+    if not ties:
+        return faiss_index.recall_at_k(found, truth)
+    return faiss_index.recall_at_k(found, truth, queries, vectors)
 
 
 def test_breadth_reaches_the_target_on_every_query_set():
@@ -163,3 +167,63 @@ def test_recall_counts_no_padding_on_a_collection_smaller_than_k():
     assert faiss_index.recall_at_k(half, truth) == pytest.approx(4 / 7)
     index = faiss_index.build_faiss(vectors, "HNSW32,Flat")
     assert faiss_index.tune_search(index, vectors)["value"] == 16
+
+
+def test_recall_counts_a_tied_vector_in_place_of_the_one_exact_search_listed():
+    """Vectors 0 and 1 are one image indexed twice, as are 2 and 3. Query +x: similarities
+    1, 1, 0.6, 0.6, 0; the exact top-3 is 0, 1, 2, its third place tied between 2 and 3.
+    Finding 3 for 2 is a hit; finding 3 and 4 for 1 and 2 is one hit of two. Query +y, top-2
+    4 then 2 (tied with 3): both tied vectors are one place, and do not stand in for 4."""
+    vectors = np.array([[1, 0], [1, 0], [0.6, 0.8], [0.6, 0.8], [0, 1]], dtype=np.float32)
+    x, y = np.array([[1, 0]], dtype=np.float32), np.array([[0, 1]], dtype=np.float32)
+    truth = np.array([[0, 1, 2]])
+    cases = [([[0, 1, 3]], 1.0, 2 / 3), ([[0, 3, 4]], 2 / 3, 1 / 3), ([[2, 3, 4]], 1 / 3, 1 / 3),
+             ([[3, -1, -1]], 1 / 3, 0.0)]
+    for found, with_ties, ids_only in cases:
+        found = np.array(found)
+        assert faiss_index.recall_at_k(found, truth, x, vectors) == pytest.approx(with_ties)
+        assert faiss_index.recall_at_k(found, truth) == pytest.approx(ids_only)
+    truth = np.array([[4, 2]])
+    for found, with_ties in (([[4, 3]], 1.0), ([[3, 2]], 0.5), ([[2, 4]], 1.0)):
+        assert faiss_index.recall_at_k(np.array(found), truth, y, vectors) == \
+            pytest.approx(with_ties)
+    # two rows at once, each scored by its own query: +x 1, +y 2/3 (0 is far from +y)
+    both, truth = np.array([[1, 0, 3], [4, 3, 0]]), np.array([[0, 1, 2], [4, 2, 3]])
+    assert faiss_index.recall_at_k(both, truth, np.concatenate([x, y]), vectors) == \
+        pytest.approx(5 / 6)
+
+
+def test_duplicate_images_tune_to_a_narrow_search():
+    """100 images each indexed 300 times (a web-scraped set's repeats): identical vectors can
+    land in two IVF lists with near-identical centroids, and the lists return tied copies in
+    another order than exact search. Recall on ids stopped near 0.96 from nprobe 4 up, so
+    tuning climbed to a full scan (nprobe = nlist, as slow as Flat); tie-aware, nprobe 4
+    finds them all."""
+    vectors = np.tile(_clustered(100, 128, 20), (300, 1))
+    index = faiss_index.build_faiss(vectors, "IVF256,Flat")
+    tuned = faiss_index.tune_search(index, vectors, recall_target=0.99)
+    assert tuned["value"] <= 8 and tuned["recall"] >= 0.99
+
+
+def test_a_collection_without_duplicates_tunes_as_on_ids_alone():
+    """Without ties the tie-aware recall is the recall on ids: each breadth and recall tuned
+    (IVF and HNSW, one query set and named sets) is what tuning on ids alone gives."""
+    vectors = _clustered(20_000, 32, 50)
+    far = np.random.default_rng(5).standard_normal((200, 32)).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    near = faiss_index.held_out_queries(vectors)
+    for factory, start, limit in (("IVF128,Flat", 1, 128), ("HNSW32,Flat", 16, 2048)):
+        index = faiss_index.build_faiss(vectors, factory)
+        for target, sets in ((0.99, {"queries": near}), (0.95, {"images": near, "text": far})):
+            value = start
+            while True:  # the tuning on ids alone, as before ties counted
+                recalls = {key: _recall(index, q, vectors, value, ties=False)
+                           for key, q in sets.items()}
+                if min(recalls.values()) >= target or value >= limit:
+                    break
+                value *= 2
+            tuned = faiss_index.tune_search(index, vectors, target,
+                                            queries=sets if len(sets) > 1 else near)
+            assert (tuned["value"], tuned["recall"]) == (value, round(min(recalls.values()), 4))
+            if len(sets) > 1:
+                assert tuned["recalls"] == {key: round(r, 4) for key, r in recalls.items()}
