@@ -321,16 +321,22 @@ def test_a_damaged_cache_is_refused_not_read_short(tmp_path):
         run_curation(flaky, tmp_path / "out", progress=False)
 
 
-def test_a_saved_decision_on_another_number_of_items_is_refused(tmp_path):
-    """A resumed run refuses a step's decision.json whose keep list is not one per item
-    reaching the step, rather than applying it to the wrong items."""
+def _killed_in_the_second_step(tmp_path):
+    """A run into ``tmp_path/out`` killed in its second step, once its first step decided on
+    its 4 chunks (the kill comes once only): its config and work folder."""
     folder = make_folder(tmp_path / "pool", VALUES)
     steps = [{"step": "bright", "threshold": 100},
              {"step": "bright", "name": "again", "threshold": 100, "fail_on_chunk": 4}]
     cfg = config(str(folder), steps, chunk_size=3)
-    with pytest.raises(RuntimeError, match="killed"):  # step 0 decided on its 4 chunks
+    with pytest.raises(RuntimeError, match="killed"):
         run_curation(cfg, tmp_path / "out", progress=False)
-    work = partial_path(tmp_path / "out")
+    return cfg, partial_path(tmp_path / "out")
+
+
+def test_a_saved_decision_on_another_number_of_items_is_refused(tmp_path):
+    """A resumed run refuses a step's decision.json whose keep list is not one per item
+    reaching the step, rather than applying it to the wrong items."""
+    cfg, work = _killed_in_the_second_step(tmp_path)
     saved = work / "steps" / "00-bright" / "decision.json"
     data = json.loads(saved.read_text())
     assert len(data["keep"]) == 9
@@ -345,13 +351,7 @@ def test_decisions_and_pool_chunks_are_compact_json_and_indented_ones_still_resu
     """A decision.json holds a list per item and a pool chunk a record per item: written
     without a line per entry (indented, a step's keep list alone was 20 MB per million items);
     one an earlier version wrote indented is read back alike by a resumed run."""
-    folder = make_folder(tmp_path / "pool", VALUES)
-    steps = [{"step": "bright", "threshold": 100},
-             {"step": "bright", "name": "again", "threshold": 100, "fail_on_chunk": 4}]
-    cfg = config(str(folder), steps, chunk_size=3)
-    with pytest.raises(RuntimeError, match="killed"):  # step 0 decided on its 4 chunks
-        run_curation(cfg, tmp_path / "out", progress=False)
-    work = partial_path(tmp_path / "out")
+    cfg, work = _killed_in_the_second_step(tmp_path)
     saved = work / "steps" / "00-bright" / "decision.json"
     chunk = work / "cache" / "pool" / "000000.json"
     for written in (saved, chunk):
