@@ -235,12 +235,12 @@ def test_report_from_a_real_pretrain_run(tmp_path, tiny_model):
                   "out": str(tmp_path / "run")}, progress=False)
     finished = now()
     written = write_report([tmp_path / "run"], tmp_path / "rep", progress=False)
-    md = written["markdown"].read_text()
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    md = written["markdown"].read_text(encoding="utf-8")
+    results = json.loads((tmp_path / "run" / "results.json").read_text(encoding="utf-8"))
     assert_stamped(results, started, finished)
     assert returned["created"] == results["created"]  # what it returns is what it wrote
     provenance = f"(cliplab {results['cliplab_version']}, created {results['created']})"
-    assert provenance in md and provenance in written["html"].read_text()
+    assert provenance in md and provenance in written["html"].read_text(encoding="utf-8")
     assert f"| acc1 | {results['evals']['colour']['acc1']:.4f} |" in md
     assert "| step | 4 |" in md
     assert (tmp_path / "rep" / "plots" / "training-curves.png").is_file()
@@ -836,9 +836,10 @@ def test_two_dozen_inputs_get_a_look_each_and_a_legend_that_hides_no_curve(tmp_p
         run = tmp_path / f"run{n:02d}"
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "loss": 4.0 / s + n / 100}) + "\n" for s in (1, 2, 3)))
+            json.dumps({"step": s, "loss": 4.0 / s + n / 100}) + "\n" for s in (1, 2, 3)),
+            encoding="utf-8")
         (run / "results.json").write_text(json.dumps({"model": f"m{n}", "results": {
-            "fs": _few_shot(0.01 * n), "lt": _long_tail(0.01 * n)}}))
+            "fs": _few_shot(0.01 * n), "lt": _long_tail(0.01 * n)}}), encoding="utf-8")
         paths.append(run)
     write_report(paths, tmp_path / "report", {}, progress=False)
     assert len(figures) == 3  # few-shot, long tail, training curves
@@ -852,7 +853,12 @@ def test_two_dozen_inputs_get_a_look_each_and_a_legend_that_hides_no_curve(tmp_p
         legends = [*fig.legends, *(a.get_legend() for a in fig.axes if a.get_legend())]
         assert len(legends) == 1
         assert len({t.get_text() for t in legends[0].get_texts()}) == 24
+        fits = {(str(line.get_color()), line.get_linestyle()) for line in ax.get_lines()
+                if line.get_label().startswith("_")}  # the long tail's, one per input
+        assert len(fits) in (0, 24)
         fig.canvas.draw()
+        ticks = [t.get_text() for a in fig.axes for t in a.get_xticklabels()]
+        assert ticks and not any("$" in t for t in ticks), ticks  # plain numbers, no math
         box = legends[0].get_window_extent()
         assert not any(box.overlaps(a.get_window_extent()) for a in fig.axes)
         close(fig)

@@ -25,8 +25,8 @@ from cliplab.serve import faiss_index
 from cliplab.serve.index import SearchIndex
 from cliplab.serve.store import MetadataStore
 from tests.ports import free_port
-from tests.stamped import assert_stamped, now
 from tests.serve_helpers import SHAPES, build, direct_image_embeddings, index_config, save_tiny_model
+from tests.stamped import assert_stamped, now
 from tests.warned import warned
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -80,7 +80,6 @@ def test_image_folder_skips_and_lists_unreadable_files(model_dir, tmp_path):
         assert r["meta"]["folder"] in ("reds", "others")
 
 
-
 def test_index_json_lists_a_few_skipped_keys_of_each_reason_and_meta_sqlite_all(
         model_dir, tmp_path, monkeypatch):
     """index.json listed every skipped key, and a server parses it whole: a million broken
@@ -91,15 +90,18 @@ def test_index_json_lists_a_few_skipped_keys_of_each_reason_and_meta_sqlite_all(
     rows = [json.dumps({"image": f"photos/reds/img_{i}.png", "caption": "red"}) for i in (1, 3)]
     rows += [json.dumps({"image": f"photos/gone_{i}.png", "caption": "gone"}) for i in range(5)]
     rows.append(json.dumps({"image": "photos/notes.txt", "caption": "text"}))
-    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows), encoding="utf-8")
     record = build(model_dir, str(tmp_path / "m.jsonl"), tmp_path / "idx")
     skipped = record["skipped"]
-    assert skipped["total"] == 6 and skipped["counts"] == {"missing_file": 5, "unreadable_image": 1}
+    assert skipped["total"] == 6
+    assert skipped["counts"] == {"missing_file": 5, "unreadable_image": 1}
     assert len(skipped["keys"]["missing_file"]) == 2
     assert len(skipped["keys"]["unreadable_image"]) == 1
     assert skipped["keys_not_listed"] == 3
-    assert json.loads((tmp_path / "idx" / "index.json").read_text())["skipped"] == skipped
+    written = (tmp_path / "idx" / "index.json").read_text(encoding="utf-8")
+    assert json.loads(written)["skipped"] == skipped
     assert len(SearchIndex(tmp_path / "idx").store.skipped()) == 6
+
 
 def test_manifest_columns_become_metadata(model_dir, tmp_path):
     data = _image_folder(tmp_path / "photos")

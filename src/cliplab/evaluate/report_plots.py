@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from cliplab.evaluate.report_inputs import ReportSource, measured  # noqa: E402
 from cliplab.report_text import legend_label, literal_plot  # noqa: E402
@@ -21,6 +22,7 @@ TRAINING_CURVES = ("loss", "lr", "logit_scale")
 LEGEND_INSIDE_AT_MOST = 8  # entries; more go below the plot, where they hide no data
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
+FIT_STYLES = ("--", ":", "-.", (0, (1, 3)))  # a fit line's, told from the points' solid look
 
 
 def is_few_shot(metrics: dict) -> bool:
@@ -60,8 +62,18 @@ def line_style(index: int, count: int) -> dict:
 
 
 def marker_style(index: int, count: int) -> dict:
-    """`line_style`'s colour with a marker shape for points (a scatter has no line style)."""
-    return {"color": line_style(index, count)["color"], "marker": MARKERS[index // 20 % 4]}
+    """`line_style`'s colour with a marker shape for points (a scatter has no line style) and
+    the line style of their fit line, each distinct for up to 80 inputs as `line_style`'s."""
+    return {"color": line_style(index, count)["color"], "marker": MARKERS[index // 20 % 4],
+            "fit": FIT_STYLES[index // 20 % 4]}
+
+
+def _log_x(ax, base: float) -> None:
+    """A log x axis whose ticks read as plain numbers (1, 4, 16; 10, 100): matplotlib writes
+    them as math (``$\\mathdefault{2^{0}}$``), which `literal_plot` shows as written."""
+    ax.set_xscale("log", base=base)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _legend(fig, ax) -> None:
@@ -111,7 +123,7 @@ def plot_few_shot(section: str, runs: list[tuple[str, dict]], path: Path) -> Pat
         ax.fill_between(k, [a - s for a, s in zip(mean, std)],
                         [a + s for a, s in zip(mean, std)], color=line.get_color(),
                         alpha=0.2)
-    ax.set_xscale("log", base=2)
+    _log_x(ax, 2)
     return _finish(fig, ax, path, "shots per class (k)",
                    "top-1 accuracy (mean ± std over seeds)", f"few-shot: {section}")
 
@@ -157,8 +169,8 @@ def plot_long_tail(section: str, runs: list[tuple[str, dict]], path: Path) -> Pa
             lo, hi = min(p[0] for p in seen), max(p[0] for p in seen)
             xs = [lo * (hi / lo) ** (i / 20) for i in range(21)]
             ax.plot(xs, [fit["intercept"] + fit["slope"] * math.log10(x) for x in xs],
-                    color=style["color"], linestyle="--")
-    ax.set_xscale("log")
+                    color=style["color"], linestyle=style["fit"])
+    _log_x(ax, 10)
     return _finish(fig, ax, path, "concept frequency in training captions (samples)",
                    "zero-shot top-1 accuracy of the class", f"long tail: {section}")
 
