@@ -246,3 +246,34 @@ def test_a_shard_pattern_with_unbalanced_braces_is_one_line(tmp_path, capsys):
         "DIR/{00000..00009}.tar")
     with pytest.raises(DataError, match=r"^shard pattern .*: Unbalanced braces"):
         _stream(f"{tmp_path}/{{00000..00001")
+
+
+def test_shards_of_an_unknown_count_are_read_into_one_tensor_without_a_second_copy(
+        tmp_path, monkeypatch):
+    """A count not known up front (a tar cut short) made the images' room 1024: past it they
+    went to a list that `torch.stack` copied whole, the set held twice at the end."""
+    import torch
+
+    import cliplab.data.images as images_module
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (1100, 2, 3, 3), dtype=np.uint8)
+    for shard in range(2):
+        write_tar(folder / f"{shard:05d}.tar",
+                  [(f"{i:04d}", {"png": png_bytes(arrays[i]), "txt": str(i).encode()})
+                   for i in range(shard * 550, shard * 550 + 550)])
+    known = load_shards(folder, progress=False)
+
+    def unknown(self, *args, **kwargs):
+        raise DataError("a tar cut short")
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("the images were copied whole by torch.stack")
+    monkeypatch.setattr(ShardStream, "rank_sample_counts", unknown)
+    monkeypatch.setattr(torch, "stack", no_stack)
+    monkeypatch.setattr(images_module, "stack_images", no_stack)
+    pairs = load_shards(folder, progress=False)
+    assert torch.equal(pairs.images, torch.from_numpy(arrays))
+    assert torch.equal(pairs.images, known.images) and pairs.captions == known.captions

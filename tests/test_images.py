@@ -201,6 +201,30 @@ def test_an_image_stack_holds_the_images_as_torch_stack_does():
         assert torch.equal(stack.stacked(), torch.stack(images))
 
 
+def test_an_image_stack_past_its_capacity_grows_without_a_second_copy(monkeypatch):
+    """More images than the capacity given (a count not known up front) turned the stack into
+    a list that `torch.stack` copied whole at the end: the set held twice."""
+    import cliplab.data.images as images_module
+
+    g = torch.Generator().manual_seed(2)
+    images = [torch.randint(0, 256, (3, 4, 3), generator=g, dtype=torch.uint8)
+              for _ in range(2600)]
+    want = torch.stack(images)
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("the images were copied whole by torch.stack")
+    monkeypatch.setattr(torch, "stack", no_stack)
+    monkeypatch.setattr(images_module, "stack_images", no_stack)
+    for capacity in (1, 1024, 2599):
+        stack = images_module.ImageStack(capacity)
+        for image in images:
+            stack.append(image)
+        assert len(stack) == 2600
+        got = stack.stacked()
+        assert torch.equal(got, want) and len(stack) == 2600
+        assert torch.equal(stack.stacked(), want)  # asked again: the same images
+
+
 def test_an_image_stack_of_different_shapes_is_squared_as_stack_images_squares_them():
     from cliplab.data.images import ImageStack, stack_images
 

@@ -280,28 +280,38 @@ def stack_images(images: Sequence[torch.Tensor], where: str = "images") -> torch
 class ImageStack:
     """Decoded images gathered straight into one ``[N, H, W, C]`` tensor allocated for
     ``capacity`` images (the files listed) while they share a shape, so a set is held once in
-    memory (a list of images and its `torch.stack` held it twice); an image of another shape
-    turns it into a list that `stack_images` squares at the end."""
+    memory (a list of images and its `torch.stack` held it twice); more images than
+    ``capacity`` (a count not known up front) go to further blocks, joined at the end one
+    block at a time, each freed once copied; an image of another shape turns it into a list
+    that `stack_images` squares at the end."""
 
     def __init__(self, capacity: int):
         self.capacity = max(int(capacity), 1)
-        self.buffer: torch.Tensor | None = None
-        self.count = 0
+        self.buffer: torch.Tensor | None = None  # the block being filled
+        self.count = 0  # images in ``buffer``
+        self.blocks: list[torch.Tensor] = []  # the blocks filled before it
         self.images: list[torch.Tensor] | None = None  # once shapes differ
 
     def __len__(self) -> int:
-        return self.count if self.images is None else len(self.images)
+        if self.images is not None:
+            return len(self.images)
+        return self.count + sum(len(block) for block in self.blocks)
 
     def append(self, image: torch.Tensor) -> None:
         """Add one uint8 ``[H, W, C]`` image."""
         if self.images is None and self.buffer is None:
             self.buffer = torch.empty((self.capacity, *image.shape), dtype=image.dtype)
-        if self.images is None and (image.shape != self.buffer.shape[1:]
-                                    or self.count == self.capacity):
-            self.images, self.buffer = list(self.buffer[:self.count]), None
+        if self.images is None and image.shape != self.buffer.shape[1:]:
+            self.images = [im for block in (*self.blocks, self.buffer[:self.count])
+                           for im in block]
+            self.buffer, self.blocks = None, []
         if self.images is not None:
             self.images.append(image)
             return
+        if self.count == len(self.buffer):  # full: another block, of a quarter of those held
+            size = max(1024, len(self) // 4)
+            self.blocks.append(self.buffer)
+            self.buffer, self.count = torch.empty((size, *image.shape), dtype=image.dtype), 0
         self.buffer[self.count] = image
         self.count += 1
 
@@ -326,10 +336,28 @@ class ImageStack:
             return stack_images(self.images, where)
         if self.buffer is None:
             raise ValueError(f"{where}: no image to stack")
+        if self.blocks:
+            self._join()
         # what skipped files left unused is given back, by a copy only when it is much
-        return self.buffer if self.count == self.capacity else (
-            self.buffer[:self.count] if self.count * 10 >= self.capacity * 9
+        room = len(self.buffer)
+        return self.buffer if self.count == room else (
+            self.buffer[:self.count] if self.count * 10 >= room * 9
             else self.buffer[:self.count].clone())
+
+    def _join(self) -> None:
+        """The blocks made one tensor, each block freed once copied: the set is held about
+        once (plus a block) while they are joined, not twice (as `torch.cat` would hold it)."""
+        blocks = [*self.blocks, self.buffer[:self.count]]
+        self.blocks, self.buffer = [], None
+        whole = torch.empty((sum(len(b) for b in blocks), *blocks[0].shape[1:]),
+                            dtype=blocks[0].dtype)
+        start = 0
+        while blocks:
+            block = blocks.pop(0)
+            whole[start:start + len(block)] = block
+            start += len(block)
+            del block
+        self.buffer, self.count = whole, start
 
 
 def centre_square(image: torch.Tensor, side: int) -> torch.Tensor:
