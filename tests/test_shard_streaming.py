@@ -18,6 +18,7 @@ from cliplab.data.shards import ShardStream, write_shards
 from cliplab.data.shards.job import ShardConfig, run_shard
 from cliplab.data.sources import load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages
+from cliplab.provenance import without_provenance
 
 
 def _save(path, array, fmt=None):
@@ -76,7 +77,8 @@ def _tar_samples(out):
 def _assert_same_shards(out, ref):
     index, samples = _tar_samples(out)
     ref_index, ref_samples = _tar_samples(ref)
-    assert index == ref_index
+    # not when it was written: a run crossing a second's end made two sets differ
+    assert without_provenance(index) == without_provenance(ref_index)
     assert len(samples) == len(ref_samples)
     for (meta, txt, image, ext), (ref_meta, ref_txt, ref_image, ref_ext) in zip(samples,
                                                                               ref_samples):
