@@ -19,6 +19,7 @@ from cliplab.data.shards.job import ShardConfig, run_shard
 from cliplab.data.sources import load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages
 from cliplab.provenance import without_provenance
+from tests.tar_files import png_bytes, write_tar
 
 
 def _save(path, array, fmt=None):
@@ -272,3 +273,118 @@ def test_a_corrupt_image_and_a_missing_manifest_file_are_skipped_and_counted(tmp
     assert index["total"] == 2
     folder = json.loads((tmp_path / "new-folder" / "index.json").read_text())
     assert folder["skipped"]["keys"] == {"unreadable_image": [str(root / "cat" / "bad.png")]}
+
+
+# ---- (5) a shard folder is re-sharded decoding each image once ------------------------------
+
+def _partner_shards(folder, bad=()):
+    """Two hand-written shards of 8 samples with caption groups (some none), partners (one a
+    later sample's, one naming no sample); the samples at ``bad`` hold no image."""
+    rng = np.random.default_rng(7)
+    spec = [(0, "k1"), (0, "k0"), (None, None), (1, "k6"), (None, "gone"), (2, None),
+            (1, "k3"), (None, None)]
+    samples = []
+    for i, (group, partner) in enumerate(spec):
+        meta = {"captions": [f"caption {i}", " "], "group": group, "partner_key": partner}
+        image = b"not an image" if i in bad else png_bytes(_noise(rng, 6, 6))
+        samples.append((f"k{i}", {"png": image, "json": json.dumps(meta).encode()}))
+    folder.mkdir(parents=True)
+    write_tar(folder / "00000.tar", samples[:5])
+    write_tar(folder / "00001.tar", samples[5:])
+    return {"source": "shards", "path": str(folder)}
+
+
+def _count_decodes(monkeypatch) -> list:
+    """The names of the images decoded from now on (`open_image`'s calls), one per decode."""
+    import cliplab.data.images as images
+
+    calls, real = [], images.open_image
+
+    def counted(source, name=None):
+        calls.append(name)
+        return real(source, name)
+    monkeypatch.setattr(images, "open_image", counted)
+    return calls
+
+
+def _assert_same_files(out, ref):
+    """Byte for byte the set written at ``ref`` (its index but for when and by which version
+    it was written)."""
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in ref.iterdir())
+    for name in names:
+        if name == "index.json":
+            assert without_provenance(json.loads((out / name).read_text())) == \
+                without_provenance(json.loads((ref / name).read_text()))
+        else:
+            assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_a_shard_folder_is_resharded_decoding_each_image_once(tmp_path, monkeypatch):
+    """A first pass decoded every image only to learn the set's groups and partners, and the
+    pass writing them decoded each again."""
+    spec = _partner_shards(tmp_path / "src")
+    decodes = _count_decodes(monkeypatch)
+    with pytest.warns(UserWarning, match="1 of 5 partner_key"):
+        _shard(spec, tmp_path / "new", image_format="png", samples_per_shard=3)
+    assert sorted(decodes) == [f"{shard}:k{i}" for i, shard in  # each image once
+                               enumerate(["00000.tar"] * 5 + ["00001.tar"] * 3)]
+    _reference(spec, tmp_path / "ref", image_format="png", samples_per_shard=3)
+    _assert_same_files(tmp_path / "new", tmp_path / "ref")
+
+
+def test_an_unreadable_image_is_skipped_with_one_decode_where_it_changes_nothing(
+        tmp_path, monkeypatch):
+    root = tmp_path / "foreign"
+    root.mkdir()
+    rng = np.random.default_rng(8)
+    write_tar(root / "00000.tar", [(f"s{i}", {"png": b"broken" if i == 3 else
+                                              png_bytes(_noise(rng, 5, 5)),
+                                              "txt": f"photo {i}".encode()})
+                                   for i in range(6)])
+    spec = {"source": "shards", "path": str(root)}
+    _reference(spec, tmp_path / "ref")
+    decodes = _count_decodes(monkeypatch)
+    _shard(spec, tmp_path / "new")
+    assert len(decodes) == 6
+    _assert_same_files(tmp_path / "new", tmp_path / "ref")
+    index = json.loads((tmp_path / "new" / "index.json").read_text())
+    assert index["skipped"]["keys"] == {"unreadable_image": ["00000.tar:s3"]}
+
+
+def test_unreadable_images_that_change_the_set_give_the_shards_they_gave(tmp_path):
+    """Without its unreadable images a set is another (partners renumbered, new group ids, a
+    classification set): the samples are read again without them, over a set written before."""
+    spec = _partner_shards(tmp_path / "src", bad=(2, 5))
+    _reference(spec, tmp_path / "ref", image_format="png")
+    _shard(_partner_shards(tmp_path / "good"), tmp_path / "new", image_format="png")
+    with pytest.warns(UserWarning, match="1 of 5 partner_key"):
+        _shard(spec, tmp_path / "new", image_format="png", overwrite=True)
+    _assert_same_files(tmp_path / "new", tmp_path / "ref")
+    _, samples = _tar_samples(tmp_path / "new")
+    assert [(m["source_key"], m["group"], m.get("partner_key")) for m, *_ in samples] == [
+        ("00000.tar:k0", 0, "000000001"), ("00000.tar:k1", 0, "000000000"),
+        ("00000.tar:k3", 1, "000000004"), ("00000.tar:k4", 2, None),
+        ("00001.tar:k6", 1, "000000002"), ("00001.tar:k7", 3, None)]
+
+    # a class set whose one sample of no class has an unreadable image: classes without it
+    images = torch.from_numpy(np.stack([_noise(np.random.default_rng(9), 6, 6)] * 6))
+    pets = LabelledImages(images, torch.tensor([0, 1, 2, 0, 1, 2]), ["cat", "dog", "fox"],
+                          ["a {}"], "pets")
+    write_shards(pets, tmp_path / "pets", image_format="png", progress=False)
+    shard = tmp_path / "pets" / "00000.tar"
+    with tarfile.open(shard) as tar:
+        parts = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    parts = [(name, b"junk" if name == "000000004.png" else
+              data.replace(b'"group": 1', b'"group": 7') if name == "000000004.json" else data)
+             for name, data in parts]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in parts:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    held = {"source": "shards", "path": str(tmp_path / "pets"), "holdout": ["dog"]}
+    _reference(held, tmp_path / "ref-pets", image_format="png")
+    _shard(held, tmp_path / "new-pets", image_format="png")
+    _assert_same_files(tmp_path / "new-pets", tmp_path / "ref-pets")
+    assert json.loads((tmp_path / "new-pets" / "index.json").read_text())["total"] == 4

@@ -26,7 +26,7 @@ from cliplab.data.pairs import pairs_name
 from cliplab.data.shards.write import (ShardSink, check_writer_options, class_fields,
                                        clean_captions, prepare_out, shard_sample)
 from cliplab.data.types import SkipReport
-from cliplab.errors import ConfigError, DataError, errors_naming
+from cliplab.errors import ConfigError, DataError, errors_naming, warn
 
 STREAMED = ("image-folder", "manifest", "shards")
 
@@ -66,6 +66,7 @@ class Opened:
     templates: list[str] | None = None
     descriptions: list[str] | None = None
     after: Any = None
+    maybe_labelled: bool = False  # pairs, but a classification set if some images are unreadable
 
 
 def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_format: str = "jpg",
@@ -73,6 +74,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
                  where: str | None = None) -> dict:
     """Write the source ``spec`` (one `streams` takes) as shards under ``out`` image by image;
     return the index, as `write_shards` of the loaded set would."""
+    from cliplab.data.shards.set_view import Reread, unreadable_images
     from cliplab.data.sources import check_options, check_templates, with_paths_resolved
 
     check_writer_options(image_format, samples_per_shard)
@@ -86,25 +88,65 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
         if templates is not None:
             templates = check_templates(templates, kind)
         read_bar = options.pop("progress", progress)  # the spec's own wins, as for a loader
-        if kind == "shards":
-            opened = _shards(**options, progress=read_bar)
-        else:
-            opened = {"image-folder": _image_folder, "manifest": _manifest}[kind](**options)
-        relabel = _class_options(opened, kind, holdout, classes, templates)
-    labelled = opened.classnames is not None
-    name = pairs_name(opened.name) if labelled else opened.name
-    if labelled:
-        per_class = [[t.format(n) for t in opened.templates]
-                     for n in (opened.descriptions or opened.classnames)]
 
+    def open_source(unreadable: frozenset[int] = frozenset()) -> tuple[Opened, Any]:
+        with errors_naming(where):
+            if kind == "shards":
+                opened = _shards(**options, progress=read_bar, unreadable=unreadable)
+            else:
+                opened = {"image-folder": _image_folder, "manifest": _manifest}[kind](**options)
+            try:
+                return opened, _class_options(opened, kind, holdout, classes, templates)
+            except ConfigError:
+                if not opened.maybe_labelled or not (
+                        found := unreadable_images(**options, progress=read_bar)):
+                    raise
+        return open_source(found)  # a classification set without its unreadable images?
+
+    opened, relabel = open_source()
     out = Path(out)
     existed = out.exists()
     prepare_out(out, overwrite)
-    skipped, read, number = opened.skipped, 0, 0
+    try:
+        writer, read, number = _write(opened, relabel, out, samples_per_shard, image_format,
+                                      quality, progress)
+    except Reread as again:  # images the first pass did not decode are unreadable
+        _remove_set(out, existed)
+        opened, relabel = open_source(again.unreadable)
+        prepare_out(out, overwrite)
+        writer, read, number = _write(opened, relabel, out, samples_per_shard, image_format,
+                                      quality, progress)
+    if opened.after is not None:
+        opened.after()
+    name = _set_name(opened)
+    if number == 0:
+        _remove_set(out, existed)
+        if read == 0:  # the loader's own error, as load_source names it
+            raise DataError(f"{where}: {opened.empty()}" if where else opened.empty())
+        raise DataError(f"nothing to write: {name} has no sample with a caption "
+                        f"({opened.skipped.summary()})")
+    classes = class_fields(opened.classnames, opened.templates, opened.descriptions)
+    return writer.write_index(name, with_paths_resolved(spec), opened.skipped,
+                              image_format=image_format, **classes)
+
+
+def _set_name(opened: Opened) -> str:
+    return pairs_name(opened.name) if opened.classnames is not None else opened.name
+
+
+def _write(opened: Opened, relabel: list[int | None] | None, out: Path, samples_per_shard: int,
+           image_format: str, quality: int, progress: bool) -> tuple[ShardSink, int, int]:
+    """Write ``opened``'s samples as shards in ``out``: (the writer, samples read, samples
+    written); those without a caption are counted in its ``skipped``."""
+    labelled = opened.classnames is not None
+    if labelled:
+        per_class = [[t.format(n) for t in opened.templates]
+                     for n in (opened.descriptions or opened.classnames)]
+    read, number = 0, 0
     no_caption = []  # counted after what the source skipped, as write_shards counts them
     with ShardSink(out, samples_per_shard, {"image_format": image_format}) as writer:
-        items = tqdm(opened.samples(), total=opened.total, desc=f"shard {name}", unit="img",
-                     disable=not progress)
+        items = tqdm(opened.samples(), total=opened.total, desc=f"shard {_set_name(opened)}",
+                     unit="img", disable=not progress)
         for sample in items:
             if sample is None:
                 continue  # counted in skipped by the source
@@ -126,18 +168,8 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
                                       classname))
             number += 1
     for key in no_caption:
-        skipped.add("empty_caption", key)
-    if opened.after is not None:
-        opened.after()
-    if number == 0:
-        _remove_set(out, existed)
-        if read == 0:  # the loader's own error, as load_source names it
-            raise DataError(f"{where}: {opened.empty()}" if where else opened.empty())
-        raise DataError(f"nothing to write: {name} has no sample with a caption "
-                        f"({skipped.summary()})")
-    classes = class_fields(opened.classnames, opened.templates, opened.descriptions)
-    return writer.write_index(name, with_paths_resolved(spec), skipped, image_format=image_format,
-                              **classes)
+        opened.skipped.add("empty_caption", key)
+    return writer, read, number
 
 
 def _remove_set(out: Path, existed: bool) -> None:
@@ -272,25 +304,29 @@ def _manifest(path: str, kind: str = "auto", image_size: int | None = None,
                   templates=None if pairs else data.templates)
 
 
-def _shards(path: str, image_size: int | None = None, progress: bool = True) -> Opened:
-    """`load_shards`' reading of ``path``: a first pass over the samples learns what the set is
-    (a classification set, its groups and partners, as `load_shards` sees them all at once),
-    the second writes them; each holds one image at a time."""
+def _shards(path: str, image_size: int | None = None, progress: bool = True,
+            unreadable: frozenset[int] = frozenset()) -> Opened:
+    """`load_shards`' reading of ``path``: a first pass over the samples' metadata, no image
+    decoded, learns what the set is (a classification set, its groups and partners, as
+    `load_shards` sees them all at once); the second decodes the images and writes them, one
+    at a time. Images that turn out unreadable then are skipped; if the set is another
+    without them (its partners' numbers, its new group ids, whether it is labelled), `Reread`
+    says to read it again with them left out (``unreadable``)."""
     import os
 
+    from cliplab.data.images import UnreadableImage
     from cliplab.data.shards.layout import read_index
-    from cliplab.data.shards.read import has_labels, resolve_partners
     from cliplab.data.shards.samples import bare_key
+    from cliplab.data.shards.set_view import Reread, SetView
     from cliplab.data.shards.stream import ShardStream
 
     def stream() -> ShardStream:
         return ShardStream(path, shuffle=False, caption="all", image_size=image_size,
-                           rank=0, world_size=1)
+                           rank=0, world_size=1, decode=False)
 
     first = stream()
     total = sum(first.rank_sample_counts()) if progress else None
     groups, keys, partner_keys = [], [], []
-    # images decoded (to skip what load_shards skips) and let go
     for sample in tqdm(first, total=total, desc=f"read {Path(str(path)).name}", unit="img",
                        disable=not progress, leave=False):
         groups.append(sample["group"])
@@ -298,27 +334,45 @@ def _shards(path: str, image_size: int | None = None, progress: bool = True) -> 
         partner_keys.append(sample["partner_key"])
     index = read_index(path) if os.path.isdir(path) else None
     name = (index or {}).get("name") or os.path.basename(os.path.normpath(str(path)))
-    labelled = bool(groups) and has_labels(index, groups)
-    group_ids: list[int | None] = list(groups)
-    if not labelled and any(g is not None for g in groups):
-        fresh = iter(range(max(g for g in groups if g is not None) + 1, 2**62))
-        group_ids = [g if g is not None else next(fresh) for g in groups]
-    # each sample read is written as the sample of its number (the stream's captions are
-    # stripped and non-empty), so a partner's index among them is its key in the shards
-    partners = None if labelled or not groups else resolve_partners(keys, partner_keys, path)
+    seen = SetView(index, groups, keys, partner_keys, path, unreadable)
+    skipped = SkipReport()
 
     def samples() -> Iterator[Sample | None]:
-        for i, sample in enumerate(stream()):
+        second, found = stream(), set()
+        second.skipped = skipped  # the skips in the order the stream meets them
+        for i, sample in enumerate(second):
             if i >= len(groups):
                 break  # a shard that changed since the first pass: not a sample it counted
-            partner = None if partners is None or int(partners[i]) < 0 else f"{int(partners[i]):09d}"
-            yield Sample(sample["key"], sample["image"], captions=list(sample["caption"]),
-                         label=groups[i] if labelled else None, group=group_ids[i],
-                         partner_key=partner)
+            try:
+                image = second.image_of(sample["image"], sample["key"])
+            except UnreadableImage:
+                skipped.add("unreadable_image", sample["key"])
+                found.add(i)
+                yield None
+                continue
+            fields = seen.fields(i)
+            if fields is None:  # unreadable when the set was read before
+                raise DataError(f"{path}: its shards changed while they were read; shard "
+                                "them again")
+            label, group, partner = fields
+            yield Sample(sample["key"], image, captions=list(sample["caption"]), label=label,
+                         group=group, partner_key=partner)
+        view = seen
+        if found != unreadable:  # without the unreadable images the set may be another
+            view = SetView(index, groups, keys, partner_keys, path, frozenset(found))
+            if not view.writes_as(seen):
+                if unreadable:
+                    raise DataError(f"{path}: its shards changed while they were read; "
+                                    "shard them again")
+                raise Reread(frozenset(found))
+        if view.warning:
+            warn(view.warning)
 
-    opened = Opened(name, samples, len(groups), first.skipped,
-                    lambda: f"no usable sample in {path} ({first.skipped.summary()})")
-    if labelled:
+    opened = Opened(name, samples, len(groups) - len(unreadable), skipped,
+                    lambda: f"no usable sample in {path} ({skipped.summary()})",
+                    maybe_labelled=not (seen.labelled or unreadable)
+                    and bool((index or {}).get("classnames")))
+    if seen.labelled:
         opened.classnames = list(index["classnames"])
         opened.templates = list(index.get("templates") or ["{}"])
         opened.descriptions = index.get("descriptions")

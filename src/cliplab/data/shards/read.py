@@ -78,8 +78,18 @@ def resolve_partners(keys: list[str], partner_keys: list[str | None],
     """Each sample's partner index (int64, -1: none) from its ``partner_key``, None when no
     sample names one. Keys that are missing, not unique or the sample's own become -1, and a
     warning says how many."""
+    partners, warning = partner_indices(keys, partner_keys, where)
+    if warning:
+        warn(warning)
+    return partners
+
+
+def partner_indices(keys: list[str], partner_keys: list[str | None],
+                    where: str | os.PathLike) -> tuple[torch.Tensor | None, str | None]:
+    """`resolve_partners`' indices, and its warning (None: every partner key was found)
+    to give, not given."""
     if all(p is None for p in partner_keys):
-        return None
+        return None, None
     index: dict[str, int | None] = {}
     for i, key in enumerate(keys):
         index[key] = None if key in index else i  # None: the key is not unique
@@ -90,8 +100,9 @@ def resolve_partners(keys: list[str], partner_keys: list[str | None],
             partners[i] = j
         elif key is not None:
             lost += 1
+    text = None
     if lost:
         named = sum(key is not None for key in partner_keys)
-        warn(f"{where}: {lost} of {named} partner_key(s) name no single other sample "
-             "read; those samples have no partner")
-    return torch.tensor(partners, dtype=torch.int64)
+        text = (f"{where}: {lost} of {named} partner_key(s) name no single other sample "
+                "read; those samples have no partner")
+    return torch.tensor(partners, dtype=torch.int64), text

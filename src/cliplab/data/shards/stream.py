@@ -78,6 +78,9 @@ class ShardStream(IterableDataset):
     error);
     ``channels`` forces 1 or 3 channels. ``group`` is the sample's caption group or None,
     ``partner_key`` the key of its hard-negative partner (e.g. its counterfactual twin) or None.
+    ``decode=False`` leaves each image undecoded: ``image`` is its part's bytes (`image_of`
+    decodes them as the stream would) and a sample whose image is unreadable is not skipped,
+    for a pass that needs no pixels.
     Iterate it directly (in-process) or through a ``ShardLoader`` (``cliplab.data.shards.loader``)
     for batches, workers and a resumable position; see the module docstring for how splitting
     and resuming work.
@@ -87,7 +90,7 @@ class ShardStream(IterableDataset):
                  shuffle: bool = True, shuffle_buffer: int = 1000, image_size: int | None = None,
                  channels: int | None = None, caption: str = "random", rank: int | None = None,
                  world_size: int | None = None,
-                 model_input: PreprocessConfig | None = None) -> None:
+                 model_input: PreprocessConfig | None = None, decode: bool = True) -> None:
         if caption not in CAPTION_MODES:
             raise ConfigError(f"caption must be one of {CAPTION_MODES}, not {caption!r}")
         if channels not in (None, 1, 3):
@@ -97,6 +100,7 @@ class ShardStream(IterableDataset):
         self.shards: list[Path] = expand_shards(urls)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.image_size, self.channels, self.caption = image_size, channels, caption
+        self.decode = decode
         # a model that pads (``longest``) has no input per image: its images come as stored
         self.model_input = model_input if not image_size and fits_each_image(model_input) \
             else None
@@ -232,10 +236,12 @@ class ShardStream(IterableDataset):
             return None, "bad_metadata"
         if not captions:  # a class without captions: a classification set's shard
             return None, "class_only" if "cls" in raw else "empty_caption"
-        try:
-            image = self._image(raw[ext], sample_key(raw))
-        except UnreadableImage:
-            return None, "unreadable_image"
+        image = raw[ext]
+        if self.decode:
+            try:
+                image = self.image_of(image, sample_key(raw))
+            except UnreadableImage:
+                return None, "unreadable_image"
         key = raw["__key__"]
         if self.caption == "first":
             caption = captions[0]
@@ -246,8 +252,9 @@ class ShardStream(IterableDataset):
         return {"image": image, "caption": caption, "key": sample_key(raw),
                 "group": group, "partner_key": partner_key}, None
 
-    def _image(self, data: bytes, name: str) -> torch.Tensor:
-        """A sample's image bytes decoded, resized to ``image_size`` or made ``model_input``."""
+    def image_of(self, data: bytes, name: str) -> torch.Tensor:
+        """A sample's image bytes decoded, resized to ``image_size`` or made ``model_input``
+        (`UnreadableImage` naming ``name``, the sample's ``shard:key``, if they cannot be)."""
         if self.model_input is None:
             return decode_image(data, self.image_size, self.channels, name)
         with decoding_for(self.model_input):  # as a whole read for the model decodes it
