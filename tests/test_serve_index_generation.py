@@ -4,6 +4,7 @@ warned of once and the generation served before goes on answering."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.request
 import warnings
+import weakref
 
 import pytest
 
@@ -31,7 +33,7 @@ from tests.serve_helpers import (SHAPES, build, save_tiny_model, start_server,  
 @pytest.fixture(autouse=True)
 def _look_often(monkeypatch):
     """A look at index.json on every request 50 ms apart (the server: once a second)."""
-    monkeypatch.setattr(index_generation, "CHECK_EVERY_S", 0.05, raising=False)
+    monkeypatch.setattr(index_generation, "CHECK_EVERY_S", 0.05)
 
 
 def _served(client: TestClient, seconds: float = 60, **expected) -> dict:
@@ -134,6 +136,21 @@ def test_a_rebuild_in_place_is_served_with_its_own_images(tmp_path):
     assert new != old
     assert client.get("/images/5/thumbnail").content == new
     assert client.get("/images/5").content == fresh.get("/images/5").content
+
+
+def test_a_replaced_generation_is_let_go(tmp_path):
+    """Every later generation's text and label caches were bound methods of the first
+    service: it stayed alive for the server's life, with its thumbnail cache (64 MB) and its
+    closed index."""
+    client, _ = _server(tmp_path)
+    assert client.get("/images/3/thumbnail").status_code == 200
+    assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
+    first = weakref.ref(client.app.state.generations.service)
+    build(tmp_path / "model", {**SHAPES, "seed": 9, "n": 30}, tmp_path / "idx", overwrite=True)
+    _served(client, count=30)
+    assert client.get("/api/search", params={"q": "a red circle"}).json()["total"] == 30
+    gc.collect()
+    assert first() is None
 
 
 def _damaged_vectors(tmp_path) -> None:

@@ -27,6 +27,29 @@ from cliplab.serve.sized_cache import SizedLru
 THUMBNAIL_CACHE_BYTES = 64 << 20  # thousands of cards' thumbnails
 
 
+class ModelCaches:
+    """The model, its lock (one forward pass at a time: the CPU is the bottleneck) and what
+    depends on the model only: the text embeddings and zero-shot heads asked for. Shared by
+    every generation's `SearchService`, and holding none of them: a replaced service (its
+    thumbnails, its closed index) goes once its last request ends."""
+
+    def __init__(self, model: DualEncoder):
+        self.model = model
+        self.lock = threading.Lock()
+        # per object: an lru_cache on the method would keep every model alive
+        self.text_vector = lru_cache(maxsize=1024)(self._text_vector)
+        self.label_head = lru_cache(maxsize=64)(self._label_head)
+
+    def _text_vector(self, text: str) -> np.ndarray:
+        with self.lock:
+            return embed_texts(self.model, [text])
+
+    def _label_head(self, names: tuple[str, ...], prompt: str) -> torch.Tensor:
+        """The zero-shot head of ``names`` (the page labels every image shown with one set)."""
+        with self.lock:
+            return zeroshot_classifier(self.model, list(names), [prompt])
+
+
 class SearchService:
     """An opened ``index`` and the ``model`` it was built with (checked to match)."""
 
@@ -34,11 +57,8 @@ class SearchService:
         index.check_model(model)
         model.eval()
         self.index, self.model = index, model
-        self._lock = threading.Lock()  # one forward pass at a time: the CPU is the bottleneck
+        self.caches = ModelCaches(model)
         self._model_input = getattr(model, "preprocess_config", None)
-        # per service: an lru_cache on the method would keep every service's model alive
-        self.text_vector = lru_cache(maxsize=1024)(self._text_vector)
-        self.label_head = lru_cache(maxsize=64)(self._label_head)
         # the page shows the same cards again when paging; bounded by bytes, as a thumbnail
         # small enough to be its original file as it is may be most of a MB
         self.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
@@ -46,9 +66,9 @@ class SearchService:
     def with_index(self, index: SearchIndex) -> SearchService:
         """This service over ``index``, the index folder's next generation (its model checked:
         a ``ModelError`` if it embeds otherwise). The model, its lock and the text and label
-        caches are shared (they depend on the model only); the thumbnails too after an
-        ``--add``, which keeps every id's image, but not after a rebuild (another build id):
-        an id may name another image there."""
+        caches are shared (`ModelCaches`); the thumbnails too after an ``--add``, which keeps
+        every id's image, but not after a rebuild (another build id): an id may name another
+        image there."""
         index.check_model(self.model)
         served = copy.copy(self)
         served.index = index
@@ -57,20 +77,19 @@ class SearchService:
             served.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
         return served
 
-    def _text_vector(self, text: str) -> np.ndarray:
-        with self._lock:
-            return embed_texts(self.model, [text])
+    def text_vector(self, text: str) -> np.ndarray:
+        """The embedding of ``text`` (cached)."""
+        return self.caches.text_vector(text)
 
-    def _label_head(self, names: tuple[str, ...], prompt: str) -> torch.Tensor:
-        """The zero-shot head of ``names`` (the page labels every image shown with one set)."""
-        with self._lock:
-            return zeroshot_classifier(self.model, list(names), [prompt])
+    def label_head(self, names: tuple[str, ...], prompt: str) -> torch.Tensor:
+        """The zero-shot head of ``names`` with ``prompt`` (cached)."""
+        return self.caches.label_head(names, prompt)
 
     def upload_vector(self, file: UploadFile) -> np.ndarray:
         """The embedding of an uploaded image: decoded before the model's lock is taken (a
         large upload must not hold up other requests' forward passes)."""
         image = read_upload(file.file.read(), "file", self._model_input)
-        with self._lock:
+        with self.caches.lock:
             return embed_images(self.model, [image])
 
     def results(self, vector: np.ndarray, k: int, offset: int) -> list[dict]:
