@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
 from cliplab.output_folder import swap_in  # noqa: E402
-from cliplab.serve import build as build_module, index_generation  # noqa: E402
+from cliplab.serve import build as build_module, faiss_index, index_generation  # noqa: E402
 from cliplab.serve.app import create_app  # noqa: E402
 from cliplab.serve.index import SearchIndex  # noqa: E402
 from tests.ports import free_port  # noqa: E402
@@ -206,6 +206,43 @@ def test_a_milvus_add_is_served_from_its_new_collection(tmp_path):
         page = client.get("/api/search/similar", params={"id": 63, "k": 3})
         assert page.status_code == 200 and page.json()["results"][0]["id"] == 63
     finally:  # the old generation was closed on the switch; Milvus Lite's client of the new
+        client.app.state.generations.service.index.close()
+
+
+def test_a_switched_to_generation_is_set_up_as_one_opened_at_start(tmp_path, monkeypatch):
+    """A Milvus index rebuilt in place as FAISS was searched with OpenMP teams, the setting a
+    server started on it turns off; an index whose model's preprocessing cannot be checked
+    was served without the warning a start gives."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    settings = []
+    monkeypatch.setattr(faiss_index, "one_thread_per_search", lambda: settings.append(1))
+    client, _ = _server(tmp_path, backend="milvus", uri=str(tmp_path / "search.db"))
+    try:
+        _served(client, count=40)
+        assert settings == []
+        build(tmp_path / "model", {**SHAPES, "n": 30}, tmp_path / "idx", overwrite=True,
+              backend="faiss")
+        _served(client, count=30, backend="faiss")
+        assert settings == [1]
+        shutil.copytree(tmp_path / "idx", tmp_path / "next")  # as an older cliplab wrote it
+        record = json.loads((tmp_path / "next" / "index.json").read_text(encoding="utf-8"))
+        del record["embedding_identity"]
+        (tmp_path / "next" / "index.json").write_text(json.dumps(record), encoding="utf-8")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            swap_in(tmp_path / "next", tmp_path / "idx")
+            end = time.monotonic() + 60
+            while len(settings) < 2 and time.monotonic() < end:
+                _served(client, seconds=0, count=30)
+                time.sleep(0.05)
+        assert settings == [1, 1]
+        assert [str(w.message) for w in caught] == [
+            f"serve: {(tmp_path / 'idx').resolve()} keeps no record of its model's "
+            "preprocessing and tokenizer (an older index): only the weights were checked, and "
+            "image searches may differ from what this cliplab would embed; rebuild it to have "
+            "them checked"]
+    finally:
         client.app.state.generations.service.index.close()
 
 

@@ -16,12 +16,29 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 from cliplab.errors import CliplabError, first_line, warn
-from cliplab.serve.index import SearchIndex, index_stamp
+from cliplab.serve.index import SearchIndex, image_only_tuning, index_stamp, unchecked_identity
 from cliplab.serve.search_service import SearchService
 
 CHECK_EVERY_S = 1.0  # how often a request looks at index.json (a stat)
+
+
+def prepare_index(index: SearchIndex, shown: str | Path) -> None:
+    """What serving ``index`` takes beyond opening it (at start and on a switch): FAISS
+    searched one thread per search, and warnings of an index tuned on image queries only or
+    whose model's preprocessing cannot be checked (``shown``: its path as the user gave it)."""
+    if index.backend == "faiss":  # the server's process only (a library user's torch not)
+        from cliplab.serve.faiss_index import one_thread_per_search
+
+        one_thread_per_search()
+    stale = image_only_tuning(index.record)
+    if stale:
+        warn(f"serve: {shown}: {stale}")
+    unchecked = unchecked_identity(index.record, shown)
+    if unchecked:  # --model or the recorded one: neither can be checked beyond its weights
+        warn(f"serve: {unchecked}")
 
 
 class Generation:
@@ -47,7 +64,8 @@ class IndexGenerations:
 
     @property
     def service(self) -> SearchService:
-        """The service of the generation served now."""
+        """The service of the generation served now, not held: a switch may close its index
+        at any time (a request takes it with `acquire`)."""
         return self._current.service
 
     def acquire(self) -> Generation:
@@ -101,12 +119,13 @@ class IndexGenerations:
             return
         try:
             service = self._current.service.with_index(index)
+            if index_stamp(self.path) != index.stamp:  # swapped again while it loaded: mixed
+                index.close()
+                return
+            prepare_index(index, self.path)
         except Exception as err:
             index.close()
             self._refuse(index.stamp, err)
-            return
-        if index_stamp(self.path) != index.stamp:  # swapped again while it loaded: mixed
-            index.close()
             return
         with self._lock:
             old, self._current = self._current, Generation(service)

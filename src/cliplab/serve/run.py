@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cliplab.errors import ConfigError, ModelError, warn
 from cliplab.serve.image_files import release_large_images_at_once
-from cliplab.serve.index import (SearchIndex, embeds_otherwise, image_only_tuning,
-                                 unchecked_identity)
+from cliplab.serve.index import SearchIndex, embeds_otherwise
+from cliplab.serve.index_generation import prepare_index
 from cliplab.serve.middleware import LOOPBACK_NAMES
 
 STOP_GRACE_S = 5.0  # how long a stopped server finishes requests in flight
@@ -24,21 +24,12 @@ def open_app(index_path: str, model: str | None = None, api_key: str | None = No
              allowed_hosts: list[str] | None = None):
     """The app over ``index_path`` with its own model (or ``model``, refused if its weights
     differ from the index's), on ``device``, answering the Host names ``allowed_hosts`` (None:
-    any); an index tuned on image queries only is warned of on stderr."""
+    any); set up for serving as a switched-to generation is (`prepare_index`)."""
     from cliplab.models.resolve import load_model
     from cliplab.serve.app import create_app
 
     index = SearchIndex(index_path)
-    if index.backend == "faiss":  # the server's process only (a library user's torch not)
-        from cliplab.serve.faiss_index import one_thread_per_search
-
-        one_thread_per_search()
-    stale = image_only_tuning(index.record)
-    if stale:
-        warn(f"serve: {index_path}: {stale}")
-    unchecked = unchecked_identity(index.record, index_path)
-    if unchecked:  # --model or the recorded one: neither can be checked beyond its weights
-        warn(f"serve: {unchecked}")
+    prepare_index(index, index_path)
     loaded = load_model(model, device) if model is not None else _recorded_model(index, device)
     return create_app(index, loaded, api_key=api_key,
                       max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed_hosts)
