@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from cliplab.errors import DataError, ModelError  # noqa: E402
 from cliplab.models.dual_encoder import DualEncoder  # noqa: E402
 from cliplab.output_folder import swap_in  # noqa: E402
 from cliplab.serve import build as build_module, faiss_index, index_generation  # noqa: E402
@@ -162,13 +163,14 @@ def _damaged_vectors(tmp_path) -> None:
 
 
 def _other_weights(tmp_path) -> None:
+    """The index rebuilt in place with a model of other weights (30 items)."""
     build(save_tiny_model(tmp_path / "other", seed=5), {**SHAPES, "n": 30}, tmp_path / "idx",
           overwrite=True)
 
 
 @pytest.mark.parametrize("next_generation, words", [
     (_damaged_vectors, "vectors.npy: not a readable NumPy array"),
-    (_other_weights, "the given model has other weights")])
+    (_other_weights, "the model this server loaded has other weights")])
 def test_a_bad_generation_is_warned_of_once_and_the_old_one_served(tmp_path, next_generation,
                                                                   words):
     client, _ = _server(tmp_path)
@@ -186,9 +188,65 @@ def test_a_bad_generation_is_warned_of_once_and_the_old_one_served(tmp_path, nex
     said = [str(w.message) for w in caught]
     assert len(said) == 1, said
     assert said[0].startswith(f"serve: {(tmp_path / 'idx').resolve()} holds another generation "
-                              "of the index, which cannot be served (") and words in said[0]
+                              "of the index, which this server cannot serve (") and words in said[0]
     assert said[0].endswith("; still serving the one loaded before (40 items)")
-    assert _served(client, seconds=0) == before
+    refused = said[0][len("serve: "):-len("; still serving the one loaded before (40 items)")]
+    assert _served(client, seconds=0) == {**before, "next_refused": refused}
+
+
+def test_a_refused_generation_is_said_to_need_a_restart(tmp_path):
+    """After a rebuild with a model of other weights, the old generation's stored images
+    answered 503 "the server serves that one once it has loaded it", which it never will;
+    the warning gave the library's "search it with the same model". Both, and /api/health,
+    say this server cannot serve it and that a restart (its own model) does."""
+    client, _ = _server(tmp_path)
+    assert _served(client, count=40)["next_refused"] is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _other_weights(tmp_path)
+        end = time.monotonic() + 60
+        while (health := _served(client, seconds=0, count=40))["next_refused"] is None:
+            assert time.monotonic() < end, "never refused"
+            time.sleep(0.05)
+    where = (tmp_path / "idx").resolve()
+    why = health["next_refused"]
+    assert why.startswith(f"{where} holds another generation of the index, which this server "
+                          "cannot serve (it was built with model ")
+    assert "the model this server loaded has other weights" in why
+    assert why.endswith("; restart `cliplab serve` to serve it (with the model it was built "
+                        "with)")
+    assert [str(w.message) for w in caught] == [
+        f"serve: {why}; still serving the one loaded before (40 items)"]
+    answer = client.get("/images/5")
+    assert answer.status_code == 503
+    assert answer.json()["error"] == (f"the index {where} was rebuilt since this server opened "
+                                      f"it, and its stored images are the new index's: {why}")
+    assert "once it has loaded it" not in answer.text and "same model" not in answer.text
+
+
+def test_a_load_that_fails_for_a_passing_reason_is_tried_again(tmp_path, monkeypatch):
+    """Any failure to load the next generation (here too many open files) refused it for the
+    server's life; one that is not the index's fault is warned of once and tried again."""
+    monkeypatch.setattr(index_generation, "RETRY_AFTER_S", 0.5)
+    client, _ = _server(tmp_path)
+    real, calls = index_generation.SearchIndex, []
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return real(path)
+
+    monkeypatch.setattr(index_generation, "SearchIndex", flaky)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+        grown = _served(client, count=80)
+    assert len(calls) == 2 and grown["next_refused"] is None
+    assert [str(w.message) for w in caught] == [
+        f"serve: {(tmp_path / 'idx').resolve()} holds another generation of the index, which "
+        "did not load (OSError: [Errno 24] Too many open files); still serving the one loaded "
+        "before (40 items); trying it again every 0.5 s"]
 
 
 def test_a_milvus_add_is_served_from_its_new_collection(tmp_path):
@@ -244,6 +302,74 @@ def test_a_switched_to_generation_is_set_up_as_one_opened_at_start(tmp_path, mon
             "them checked"]
     finally:
         client.app.state.generations.service.index.close()
+
+
+def test_a_milvus_add_refused_is_tried_again_while_the_old_collection_is_gone(tmp_path,
+                                                                             monkeypatch):
+    """The --add drops the collection the server searches: a generation refused then (here a
+    damaged-file error once) left the server answering 503 until restarted."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    monkeypatch.setattr(index_generation, "RETRY_AFTER_S", 0.5)
+    client, _ = _server(tmp_path, backend="milvus", uri=str(tmp_path / "search.db"))
+    real, calls = index_generation.SearchIndex, []
+
+    def damaged_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise DataError(f"{path}: damaged (for a moment)")
+        return real(path)
+
+    monkeypatch.setattr(index_generation, "SearchIndex", damaged_once)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+            _served(client, count=80)
+        assert len(calls) == 2 and len(caught) == 1 and "damaged (for a moment)" in str(
+            caught[0].message)
+        page = client.get("/api/search/similar", params={"id": 63, "k": 3})
+        assert page.status_code == 200 and page.json()["results"][0]["id"] == 63
+    finally:
+        client.app.state.generations.service.index.close()
+
+
+def test_a_milvus_add_of_other_weights_says_why_its_503s_last(tmp_path, monkeypatch):
+    """A Milvus --add refused (here: the server's model has other weights) while the old
+    collection is gone: the 503s said the server serves the new collection "once it has
+    loaded it"; they say why it cannot, and the load is tried again meanwhile."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    monkeypatch.setattr(index_generation, "RETRY_AFTER_S", 0.2)
+    client, first = _server(tmp_path, backend="milvus", uri=str(tmp_path / "search.db"))
+    calls = []
+
+    def other_weights(index):
+        calls.append(index)
+        raise ModelError("it was built with model M; the model this server loaded has other "
+                         "weights")
+
+    monkeypatch.setattr(client.app.state.generations.service, "with_index", other_weights)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", add=True)
+            end = time.monotonic() + 60
+            while len(calls) < 3:  # tried again while the collection served is gone
+                assert time.monotonic() < end, f"loaded {len(calls)} times"
+                client.get("/api/health")
+                time.sleep(0.05)
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        for answer in (client.get("/api/health"), client.get("/api/search/similar",
+                                                              params={"id": 3})):
+            assert answer.status_code == 503
+            assert answer.json()["error"].endswith(
+                f"; but {(tmp_path / 'idx').resolve()} holds another generation of the index, "
+                "which this server cannot serve (it was built with model M; the model this "
+                "server loaded has other weights); restart `cliplab serve` to serve it (with "
+                "the model it was built with)")
+    finally:
+        first.close()
 
 
 def test_a_cliplab_serve_process_serves_what_a_cliplab_index_process_added(tmp_path):

@@ -98,6 +98,9 @@ class Health(BaseModel):
     max_upload_bytes: int
     max_labels: int
     max_label_chars: int = Field(description="of a label, and of a template")
+    next_refused: str | None = Field(
+        None, description="null, or why the index folder's newer generation cannot be served "
+        "by this server, which goes on serving the one before (restart it to serve the new one)")
 
 
 ERROR_MEANINGS = {

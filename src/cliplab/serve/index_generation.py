@@ -7,8 +7,12 @@ folder whole, so ``index.json``'s stamp (`index_stamp`, one stat) changes exactl
 complete generation is there; it is looked at on a request at most once every
 `CHECK_EVERY_S`. The next generation is opened and checked whole (`SearchIndex`, the model)
 while the current one goes on answering; a request keeps the generation it started on to its
-end, and a replaced generation is closed once its last request ends. A generation that fails
-(damaged, other weights) is warned of once and the server keeps the one it serves.
+end, and a replaced generation is closed once its last request ends. A generation that is
+itself at fault (damaged, other weights: a ``CliplabError``) is warned of once and refused: the
+server keeps the one it serves, and says so (its stored images' 503, ``/api/health``). Any
+other failure (too many open files, Milvus unreachable) may pass: warned of once, tried again
+every `RETRY_AFTER_S`; so is a refused one while the generation served cannot search (its
+Milvus collection dropped by the ``--add``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-from cliplab.errors import CliplabError, first_line, warn
+from cliplab.errors import CliplabError, ModelError, first_line, warn
 from cliplab.serve.index import SearchIndex, image_only_tuning, index_stamp, unchecked_identity
+from cliplab.serve.milvus_index import MilvusUnavailable
 from cliplab.serve.search_service import SearchService
 
 CHECK_EVERY_S = 1.0  # how often a request looks at index.json (a stat)
+RETRY_AFTER_S = 30.0  # how long before a generation that failed to load is tried again
 
 
 def prepare_index(index: SearchIndex, shown: str | Path) -> None:
@@ -60,7 +66,10 @@ class IndexGenerations:
         self._lock = threading.Lock()
         self._checked = time.monotonic()
         self._loading = False
-        self._refused: set[str] = set()  # stamps of generations warned of (loaded once)
+        self._next_try: dict[str, float] = {}  # stamps that failed: when to try them again
+        self._refused: set[str] = set()  # stamps of generations at fault (tried again only
+        # while the one served cannot search)
+        self._warned: set[str] = set()
 
     @property
     def service(self) -> SearchService:
@@ -86,20 +95,32 @@ class IndexGenerations:
             generation.service.index.close()
 
     def _look(self) -> None:
-        """Start loading the folder's generation in the background if it is another one."""
+        """Start loading the folder's generation in the background if it is another one (one
+        that failed: once it is time to try it again)."""
         now = time.monotonic()
         with self._lock:
             if self._loading or now - self._checked < CHECK_EVERY_S:
                 return
             self._checked = now
         stamp = index_stamp(self.path)
-        if stamp is None or stamp == self._current.stamp or stamp in self._refused:
+        if stamp is None or stamp == self._current.stamp or now < self._next_try.get(stamp, 0):
+            return
+        if stamp in self._refused and not self._cannot_search():
+            self._next_try[stamp] = now + RETRY_AFTER_S  # asked again then
             return
         with self._lock:
             if self._loading:
                 return
             self._loading = True
         threading.Thread(target=self._load, name="cliplab-index-load", daemon=True).start()
+
+    def _cannot_search(self) -> bool:
+        """Whether the generation served cannot search (its Milvus collection dropped, or
+        Milvus unreachable)."""
+        try:
+            return self._current.service.index.backend_problem() is not None
+        except Exception:  # pymilvus raises its own MilvusException family
+            return True
 
     def _load(self) -> None:
         try:
@@ -115,7 +136,7 @@ class IndexGenerations:
         try:
             index = SearchIndex(self.path)
         except Exception as err:  # a library's own error on a damaged file too: said once
-            self._refuse(stamp, err)
+            self._failed(stamp, err)
             return
         try:
             service = self._current.service.with_index(index)
@@ -125,7 +146,7 @@ class IndexGenerations:
             prepare_index(index, self.path)
         except Exception as err:
             index.close()
-            self._refuse(index.stamp, err)
+            self._failed(index.stamp, err)
             return
         with self._lock:
             old, self._current = self._current, Generation(service)
@@ -136,12 +157,33 @@ class IndexGenerations:
         print(f"cliplab serve: now serving {self.path}: {index.count} items (build "
               f"{index.record.get('build')})", file=sys.stderr, flush=True)
 
-    def _refuse(self, stamp: str | None, err: Exception) -> None:
-        """Warn once of the generation at ``stamp``, unless the folder holds another now."""
-        if stamp is None or stamp != index_stamp(self.path) or stamp in self._refused:
+    def _failed(self, stamp: str | None, err: Exception) -> None:
+        """The generation at ``stamp`` did not load: refused if it is at fault, else tried
+        again after `RETRY_AFTER_S`; warned of once, unless the folder holds another now."""
+        if stamp is None or stamp != index_stamp(self.path):
             return
-        self._refused.add(stamp)
-        why = str(err) if isinstance(err, CliplabError) else first_line(err)
-        warn(f"serve: {self.path} holds another generation of the index, which cannot be "
-             f"served ({why}); still serving the one loaded before "
-             f"({self._current.service.index.count} items)")
+        self._next_try[stamp] = time.monotonic() + RETRY_AFTER_S
+        served = self._current.service
+        if isinstance(err, CliplabError) and not isinstance(err, MilvusUnavailable):
+            self._refused.add(stamp)
+            served.next_refused = refusal(self.path, err)
+            said, then = served.next_refused, ""
+        else:
+            said = (f"{self.path} holds another generation of the index, which did not load "
+                    f"({first_line(err)})")
+            then = f"; trying it again every {RETRY_AFTER_S:g} s"
+        if stamp in self._warned:
+            return
+        self._warned.add(stamp)
+        warn(f"serve: {said}; still serving the one loaded before ({served.index.count} "
+             f"items){then}")
+
+
+def refusal(path: Path, err: CliplabError) -> str:
+    """What to say of the index folder's generation at ``path`` refused for ``err``: that this
+    server cannot serve it, and what can."""
+    said = (f"{path} holds another generation of the index, which this server cannot serve "
+            f"({err})")
+    if isinstance(err, ModelError):  # what a restart does: load the model the index records
+        return f"{said}; restart `cliplab serve` to serve it (with the model it was built with)"
+    return said

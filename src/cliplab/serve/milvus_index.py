@@ -34,6 +34,11 @@ class CollectionGone(DataError):
     """An index's Milvus collection was dropped after the index was opened."""
 
 
+class MilvusUnavailable(DataError):
+    """Milvus cannot be used now (unreachable, or a Milvus Lite file another process holds):
+    a condition that may pass, not the index's fault."""
+
+
 def gone_message(collection: str, uri: str) -> str:
     """What a server says of an index whose collection was dropped under it."""
     return (f"Milvus collection {collection} at {uri} is gone (an `index --add` of this index, "
@@ -144,12 +149,13 @@ class MilvusVectors:
                 self.client = MilvusClient(self.uri, token=os.environ.get(TOKEN_VARIABLE, ""))
         except Exception as err:  # pymilvus raises its own MilvusException family
             if local is not None and lite_file_in_use(local):
-                raise DataError(f"the Milvus Lite database {local} is open in another process "
-                                "(a running `cliplab serve` or `cliplab index`?): Milvus Lite "
-                                "lets one process use a file at a time; stop it, then run this "
-                                "again (or use a Milvus server)") from None
-            raise DataError(f"cannot reach Milvus at {self.uri}: "
-                            f"{str(err).splitlines()[0]}") from None
+                raise MilvusUnavailable(
+                    f"the Milvus Lite database {local} is open in another process (a running "
+                    "`cliplab serve` or `cliplab index`?): Milvus Lite lets one process use a "
+                    "file at a time; stop it, then run this again (or use a Milvus server)"
+                ) from None
+            raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: "
+                                    f"{str(err).splitlines()[0]}") from None
 
     def exists(self) -> bool:
         return self.client.has_collection(self.collection)

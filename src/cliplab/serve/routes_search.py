@@ -26,7 +26,7 @@ def health(request: Request, service: SearchService = SERVICE) -> dict:
     index = service.index
     problem = index.backend_problem()
     if problem:
-        fail(503, problem)
+        fail(503, service.cannot_search(problem))
     rec = index.record
     return {"status": "ok", "count": index.count, "build": rec.get("build"),
             "model": rec["model"]["name"],
@@ -34,7 +34,8 @@ def health(request: Request, service: SearchService = SERVICE) -> dict:
             "index": rec.get("faiss") or rec.get("milvus"), "max_k": MAX_K,
             "max_offset": MAX_OFFSET, "max_query_chars": MAX_QUERY_CHARS,
             "max_upload_bytes": request.app.state.max_upload_bytes,
-            "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS}
+            "max_labels": MAX_LABELS, "max_label_chars": MAX_LABEL_CHARS,
+            "next_refused": service.next_refused}
 
 
 @router.get("/api/search", response_model=QueryPage, responses=errors(422, 503))

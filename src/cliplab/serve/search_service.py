@@ -16,11 +16,12 @@ from fastapi import Depends, Request, UploadFile
 from starlette.exceptions import HTTPException
 
 from cliplab.data.collection import read_range
+from cliplab.errors import ModelError
 from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.embed import embed_images, embed_texts
 from cliplab.serve.image_files import THUMBNAIL_SIZES, fail, read_upload, thumbnail
-from cliplab.serve.index import IndexReplaced, SearchIndex
+from cliplab.serve.index import IndexReplaced, SearchIndex, embeds_otherwise
 from cliplab.serve.milvus_index import CollectionGone
 from cliplab.serve.sized_cache import SizedLru
 
@@ -62,16 +63,22 @@ class SearchService:
         # the page shows the same cards again when paging; bounded by bytes, as a thumbnail
         # small enough to be its original file as it is may be most of a MB
         self.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
+        # why the index folder's next generation cannot be served by this server (set by
+        # `IndexGenerations` when it refuses it), else None
+        self.next_refused: str | None = None
 
     def with_index(self, index: SearchIndex) -> SearchService:
         """This service over ``index``, the index folder's next generation (its model checked:
-        a ``ModelError`` if it embeds otherwise). The model, its lock and the text and label
-        caches are shared (`ModelCaches`); the thumbnails too after an ``--add``, which keeps
-        every id's image, but not after a rebuild (another build id): an id may name another
-        image there."""
-        index.check_model(self.model)
+        a ``ModelError`` if it embeds otherwise: a restart, which loads the model the index
+        records, serves it). The model, its lock and the text and label caches are shared
+        (`ModelCaches`); the thumbnails too after an ``--add``, which keeps every id's image,
+        but not after a rebuild (another build id): an id may name another image there."""
+        differs = embeds_otherwise(index.record, self.model)
+        if differs:
+            raise ModelError(f"it was built with model {index.record['model']['name']}; the "
+                             f"model this server loaded has {differs}")
         served = copy.copy(self)
-        served.index = index
+        served.index, served.next_refused = index, None
         build = index.record.get("build")
         if build is None or build != self.index.record.get("build"):
             served.thumbnails = SizedLru(THUMBNAIL_CACHE_BYTES)
@@ -98,12 +105,17 @@ class SearchService:
         try:
             scores, ids = self.index.search(vector.reshape(1, -1), k, offset)
         except CollectionGone as err:  # dropped under the server by an --add
-            fail(503, str(err))
+            fail(503, self.cannot_search(str(err)))
         rows = self.index.items(ids[0])
         return [{"id": int(i), "score": round(float(s), 6), "caption": rows[int(i)]["caption"],
                  "key": rows[int(i)]["key"], "meta": rows[int(i)]["meta"],
                  "image": f"/images/{int(i)}", "thumbnail": f"/images/{int(i)}/thumbnail"}
                 for s, i in zip(scores[0], ids[0]) if int(i) in rows]
+
+    def cannot_search(self, problem: str) -> str:
+        """What a 503 for the index's ``problem`` says, with why its next generation is not
+        served if it was refused (the problem says it will be)."""
+        return f"{problem}; but {self.next_refused}" if self.next_refused else problem
 
     def page(self, query: dict, vector: np.ndarray, k: int, offset: int) -> dict:
         """One page of results for ``query`` (echoed), with the index's size."""
@@ -129,6 +141,9 @@ class SearchService:
         try:
             return self.index.image_source(self.indexed(item_id))
         except IndexReplaced as err:
+            if self.next_refused:  # never loaded: not "once it has loaded it"
+                fail(503, f"the index {self.index.path} was rebuilt since this server opened "
+                     f"it, and its stored images are the new index's: {self.next_refused}")
             fail(503, str(err))
 
     def stored_image(self, item_id: int) -> Path | tuple[bytes, str]:
