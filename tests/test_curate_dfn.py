@@ -13,6 +13,7 @@ from cliplab.curate.steps.dfn import NETWORK, DataFilteringNetwork, Spec
 from cliplab.curate.steps.registry import make_step, step_spec
 from cliplab.data.sources import load_source
 from cliplab.errors import ConfigError
+from cliplab.provenance import PROVENANCE_KEYS, __version__
 
 # tiny-clip at 16 px (4 patches), width 32, one block: ~1 s per 10 steps on 2 free cores
 TINY = {"name": "tiny-clip", "options": dict(image_size=16, patch_size=8, width=32, layers=1,
@@ -141,6 +142,23 @@ def test_a_resumed_run_reuses_the_network_and_changed_inputs_retrain_it(trained,
     DataFilteringNetwork(changed).prepare(StepContext(work=tmp_path, progress=False))
     assert json.loads((tmp_path / NETWORK / "results.json").read_text())["step"] == 3
     assert not (tmp_path / NETWORK / "checkpoints" / "step-2").exists()
+
+
+def test_the_networks_results_json_is_stamped_and_its_reuse_reports_the_same_metrics(tmp_path):
+    """The network's results.json is kept in the output as a record (a run folder `cliplab
+    report` reads): it carries cliplab_version and created; the step's report keeps the metrics
+    alone, the same whether the network was trained now or reused."""
+    spec = Spec(step="dfn", model=TINY, trusted={**TRUSTED, "n": 40},
+                train={"steps": 2, "batch_size": 8}, threshold=0.0)
+    trained_now = DataFilteringNetwork(spec)
+    trained_now.prepare(StepContext(work=tmp_path, progress=False))
+    written = json.loads((tmp_path / NETWORK / "results.json").read_text(encoding="utf-8"))
+    assert written["cliplab_version"] == __version__ and written["created"].endswith("Z")
+    reused = DataFilteringNetwork(spec)
+    reused.prepare(StepContext(work=tmp_path, progress=False))
+    assert reused.train_metrics == trained_now.train_metrics
+    assert not set(PROVENANCE_KEYS) & set(reused.train_metrics)
+    assert reused.train_metrics == {k: v for k, v in written.items() if k not in PROVENANCE_KEYS}
 
 
 def test_train_defaults_are_the_small_networks_under_the_given_keys():

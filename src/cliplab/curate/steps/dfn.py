@@ -37,6 +37,7 @@ from cliplab.models.preprocess import PreprocessConfig
 from cliplab.models.resolve import load_model, model_folder
 from cliplab.models.spec import ModelField
 from cliplab.output_folder import spec_paths
+from cliplab.provenance import stamp, without_provenance
 from cliplab.runs import RunDir
 from cliplab.train.config import TrainConfig, train_over_defaults
 from cliplab.train.trainer import Trainer
@@ -119,8 +120,8 @@ class DataFilteringNetwork:
             shutil.rmtree(run_path)  # trained from other inputs: our own artefact, rebuilt
         if same and (run_path / "results.json").is_file():
             self.network = model_folder(run_path)
-            self.train_metrics = json.loads(
-                (run_path / "results.json").read_text(encoding="utf-8"))
+            self.train_metrics = without_provenance(json.loads(
+                (run_path / "results.json").read_text(encoding="utf-8")))
         else:
             self._train(run_path, trained_on, context.progress)
         self.model = self.model or DualEncoder.load(self.network, self.device)
@@ -142,7 +143,8 @@ class DataFilteringNetwork:
         last = trainer.fit(pairs, resume=resume)
         run.close()
         self.train_metrics = {"trusted_pairs": len(pairs), **last}
-        run.write_json("results.json", self.train_metrics)  # marks the network complete
+        # marks the network complete; the step's report keeps the metrics alone, as on reuse
+        run.write_json("results.json", stamp(dict(self.train_metrics)))
         self.network = model_folder(run_path)
         self.model = model.eval()
 
