@@ -4,6 +4,7 @@ data path that does not exist, a WiSE-FT ``options.finetuned`` that does not exi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,17 @@ def test_an_unknown_model_names_the_argument_it_came_from(argv, expected, tmp_pa
                     embed_dim=16, context_length=48).save(tmp_path / name)
     line = one_error(capsys, argv(tmp_path))
     assert line.startswith("cliplab: error: " + expected.replace("{t}", str(tmp_path))), line
+
+
+def test_debug_shows_where_an_unknown_model_was_looked_up(tmp_path, capsys):
+    """Naming the argument an unknown model came from kept the message but lost the traceback:
+    --debug showed only the CLI's re-raise, not the resolver that found no model."""
+    assert main(["--debug", "eval", "--config", str(write_suite(tmp_path)),
+                 "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {UNKNOWN}" in err
+    frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
+    assert any(f"cliplab{os.sep}models{os.sep}" in line for line in frames), err
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,8 @@ def naming_models(sources: dict[str, str]) -> Iterator[None]:
     except UnknownModelError as err:
         if err.name not in sources:
             raise
-        raise err.at(sources[err.name]) from None
+        # the traceback --debug shows is the original one, from where the name was looked up
+        raise err.at(sources[err.name]).with_traceback(err.__traceback__) from None
 
 
 def require_out(args: argparse.Namespace, what: str) -> None:
