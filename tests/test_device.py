@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from cliplab.provenance import without_provenance
 from tests.cli_output import one_line_error
 from tests.fake_gpu import fake_cuda
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"name": "tiny-clip", "options": {"image_size": 16, "patch_size": 8, "width": 32,
                                           "layers": 1, "heads": 2, "embed_dim": 16,
                                           "context_length": 48}}
@@ -60,16 +62,18 @@ def test_pretrain_takes_device_on_the_command_line_as_train_device(tmp_path, cap
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": TINY, "data": {"train": SHAPES}, "eval": None,
-        "train": {"steps": 1, "batch_size": 20, "save_every": 1, "augment": False}}))
+        "train": {"steps": 1, "batch_size": 20, "save_every": 1, "augment": False}}),
+        encoding="utf-8")
     run = tmp_path / "run"
     with fake_cuda():  # auto would take the GPU
         assert main(["pretrain", "--config", str(recipe), "--out", str(run), "--device", "cpu",
                      "--no-progress"]) == 0
-        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["device"] == "cpu"
-        assert json.loads((run / "results.json").read_text())["device"] == "cpu"
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        assert config["train"]["device"] == "cpu"
+        assert json.loads((run / "results.json").read_text(encoding="utf-8"))["device"] == "cpu"
         assert main(["pretrain", "--out", str(run), "--resume", "latest", "--device", "cuda",
                      "train.steps=2", "--no-progress"]) == 0
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     assert results["device"].startswith("cuda") and results["resumed_from"]["step"] == 1
     capsys.readouterr()
     # given twice, as --device and as the key, with two values: refused naming both
@@ -133,7 +137,7 @@ def test_curate_maps_on_the_gpu_locally_and_on_cpus_under_ray():
 
 
 @pytest.mark.parametrize("command", [
-    ["curate", "--config", "configs/curate/basic.yaml", "--out", "OUT/c"],
+    ["curate", "--config", str(CONFIGS / "curate/basic.yaml"), "--out", "OUT/c"],
     ["merge", "--method", "uniform", "--models", "a", "b", "--out", "OUT/m"],
 ])
 def test_a_device_no_step_uses_is_refused_by_curate_as_by_merge(command, tmp_path, capsys):
@@ -577,7 +581,7 @@ def test_device_on_the_command_line_reaches_each_command(command, module, functi
     import importlib
 
     curate = tmp_path / "c.yaml"
-    curate.write_text(yaml.safe_dump({"data": SHAPES, "steps": CLIP_SCORE}))
+    curate.write_text(yaml.safe_dump({"data": SHAPES, "steps": CLIP_SCORE}), encoding="utf-8")
     (tmp_path / "M").mkdir()
     monkeypatch.chdir(tmp_path)
     seen = []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cliplab.cli import main
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -248,7 +249,8 @@ def _yaml(tmp_path: Path, name: str, text: str) -> str:
      f"--model: {UNKNOWN}"),
     (lambda t: ["index", "--config", _yaml(t, "i.yaml", "model: nosuch\n"), "--data", "shapes",
                 "--out", str(t / "i")], f"{{t}}/i.yaml: model: {UNKNOWN}"),
-    (lambda t: ["serve", str(t / "index"), "--model", "nosuch"], f"--model: {UNKNOWN}"),
+    (lambda t: ["serve", str(t / "index"), "--model", "nosuch", "--port", str(free_port())],
+     f"--model: {UNKNOWN}"),
     (lambda t: ["merge", "--models", "nosuch", str(t / "m2"), "--out", str(t / "m"),
                 "--method", "uniform"], f"--models: {MISSING}"),
     (lambda t: ["merge", "--config", _yaml(t, "m.yaml", f"models: [nosuch, {t / 'm2'}]\n"),
