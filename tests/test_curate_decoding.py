@@ -78,7 +78,8 @@ def decodes(monkeypatch):
 def outcome(out: Path) -> dict:
     """What a run decided: the summary without timings, every drop with its step and reason,
     and the kept items (the output manifest)."""
-    summary = without_provenance(json.loads((out / "summary.json").read_text()))  # not when
+    summary = without_provenance(  # not when
+        json.loads((out / "summary.json").read_text(encoding="utf-8")))
     steps = [{k: v for k, v in s.items() if k != "seconds"} for s in summary.pop("steps")]
     dropped = [(d["key"], d["step"], d["reason"],
                 None if math.isnan(d["score"]) else d["score"])

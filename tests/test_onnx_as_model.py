@@ -235,10 +235,11 @@ def test_tower_fingerprints_cover_the_export_record_and_every_weight_file(models
     for name, provenance in (("again", {"created": "2030-01-01T00:00:00Z",
                                         "cliplab_version": "9.9"}), ("older", None)):
         made = shutil.copytree(models["fp32"], tmp_path / name)
-        record = json.loads((made / "onnx_export.json").read_text())
+        record = json.loads((made / "onnx_export.json").read_text(encoding="utf-8"))
         assert set(PROVENANCE_KEYS) <= set(record)
         record = {**without_provenance(record), **(provenance or {})}
-        (made / "onnx_export.json").write_text(json.dumps(record, indent=2) + "\n")
+        (made / "onnx_export.json").write_text(json.dumps(record, indent=2) + "\n",
+                                              encoding="utf-8")
         assert [load_model(str(made)).tower_fingerprint(t) for t in ("image", "text")] == \
             [base.tower_fingerprint(t) for t in ("image", "text")]
     for key, value, tower in (("mean", [0.1, 0.2, 0.3], "image"), ("context_length", 16, "text")):
