@@ -322,3 +322,40 @@ def test_a_missing_out_is_said_in_one_wording_by_every_command(tmp_path, capsys,
     assert "say where" not in one_error(capsys, ["merge", "--method", "uniform", "--config",
                                                  _yaml(tmp_path, "m.yaml", "out: o\n"),
                                                  "--models", "a", "b"])
+
+
+# each stage command with a config that names all but its out, by what it writes
+STAGE_CONFIGS = {
+    "the merged model": (["merge"], "method: uniform\nmodels: [a, b]\n"),
+    "the index": (["index"], "model: tiny-clip\ndata: {source: shapes}\n"),
+    "the shards": (["data", "shard"], "data: {source: shapes}\n"),
+    "the curated pool": (["curate"], "data: {source: shapes}\n"),
+    "the report": (["report"], "inputs: [x]\n"),
+}
+
+
+@pytest.mark.parametrize("given, in_file", [
+    ([], 'out: ""\n'), (["out="], ""), (["out=  "], ""), (["--out", " "], "")],
+    ids=["config", "override", "override-spaces", "option-spaces"])
+def test_an_empty_out_is_a_missing_one_wherever_it_is_given(given, in_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """An empty ``out=`` (``out=$OUT`` with OUT unset) or config ``out: ""`` counted as given:
+    each command then said something else (index took the working folder for the index)."""
+    monkeypatch.chdir(tmp_path)
+    for what, (command, text) in STAGE_CONFIGS.items():
+        config = _yaml(tmp_path, "c.yaml", text + in_file)
+        line = one_error(capsys, [*command, "--config", config, *given])
+        assert line == f"cliplab: error: say where to write {what}: --out DIR", line
+        assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
+@pytest.mark.parametrize("what", list(STAGE_CONFIGS))
+def test_a_missing_out_is_listed_with_the_configs_other_problems(what, tmp_path, capsys):
+    """The missing out was said before the config was checked, hiding its other problems until
+    --out was given: both are said on one line, the out in `missing_out`'s wording."""
+    command, text = STAGE_CONFIGS[what]
+    config = _yaml(tmp_path, "c.yaml", text + "bogus: 3\n")
+    line = one_error(capsys, [*command, "--config", config])
+    assert line.startswith(f"cliplab: error: {config}: say where to write {what}: --out DIR; "
+                           "unknown key bogus (valid: "), line
+

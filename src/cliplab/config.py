@@ -305,33 +305,50 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def validate(schema: type[S], data: Any, where: str = "the config", prefix: str = "") -> S:
+def validate(schema: type[S], data: Any, where: str = "the config", prefix: str = "",
+             required: Mapping[str, str] | None = None) -> S:
     """``data`` checked against ``schema``; every problem in one `ConfigError` line that names
     ``where`` (a file, or a description such as "task 'zs'"; empty: none), the key path and the
     expectation.
     ``prefix`` is the key path of ``data`` inside a larger config (e.g. ``"options"``), so a
-    section validated on its own is still named by its full path."""
+    section validated on its own is still named by its full path. ``required`` maps top-level
+    keys the caller needs given, whatever the schema's default, to the words of their absence
+    (in place of "KEY is required"); a blank text counts as absent."""
+    data = plain_paths(data) if data is not None else {}
+    required = required or {}
+    absent = [key for key in required if isinstance(data, dict) and _blank(data.get(key))]
+    if absent:
+        data = {k: v for k, v in data.items() if k not in absent}
     try:
-        return schema.model_validate(plain_paths(data) if data is not None else {})
+        checked = schema.model_validate(data)
+        errors = []
     except ValidationError as err:
-        # the members of a union that fail at one key are alternatives: one entry, "or"
-        problems: dict[str, list[str]] = {}
-        python_only: dict[str, str] = {}  # "an instance of X": objects only Python code passes
-        for error in err.errors():
-            path, message = _describe(error, schema, prefix)
-            key = path if path else message  # missing/unknown keys: each its own entry
-            if error["type"] == "is_instance_of":
-                python_only.setdefault(key, message)
-            elif message not in problems.setdefault(key, []):
-                problems[key].append(message)
-        for key, message in python_only.items():  # said only where nothing else can be
-            if not problems.get(key):
-                problems[key] = [message]
-        error = ConfigError((f"{where}: " if where else "") + "; ".join(
-            (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
-            for key, messages in problems.items()))
-        error.key_paths = [_error_key_path(e, prefix) for e in err.errors()]
-        raise error from None
+        errors = err.errors()
+    if not errors and not absent:
+        return checked
+    # the members of a union that fail at one key are alternatives: one entry, "or"
+    problems: dict[str, list[str]] = {required[key]: [required[key]] for key in absent}
+    python_only: dict[str, str] = {}  # "an instance of X": objects only Python code passes
+    for error in errors:
+        path, message = _describe(error, schema, prefix, required)
+        key = path if path else message  # missing/unknown keys: each its own entry
+        if error["type"] == "is_instance_of":
+            python_only.setdefault(key, message)
+        elif message not in problems.setdefault(key, []):
+            problems[key].append(message)
+    for key, message in python_only.items():  # said only where nothing else can be
+        if not problems.get(key):
+            problems[key] = [message]
+    refusal = ConfigError((f"{where}: " if where else "") + "; ".join(
+        (f"{key}: " + " or ".join(messages)) if messages[0] != key else key
+        for key, messages in problems.items()))
+    refusal.key_paths = absent + [_error_key_path(e, prefix) for e in errors]
+    raise refusal
+
+
+def _blank(value: Any) -> bool:
+    """Whether a config value says nothing: absent (None) or a text of spaces only."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def plain_paths(data: Any) -> Any:
@@ -377,11 +394,14 @@ def _overlaps(a: str, b: str) -> bool:
 
 def load_config(schema: type[S], path: str | Path | None = None,
                 overrides: Sequence[str] = (), defaults: dict | None = None,
-                extra: dict | None = None, replace: dict | None = None) -> S:
+                extra: dict | None = None, replace: dict | None = None,
+                required: Mapping[str, str] | None = None) -> S:
     """A stage's validated config: ``defaults`` < the YAML file < ``extra`` (e.g. command-line
     options, merged into the file's sections) and ``replace`` (options that stand for a whole
     section, such as ``--data``: the file's section is dropped, not merged, so a new source
-    keeps none of the old one's options) < ``key=value`` overrides."""
+    keeps none of the old one's options) < ``key=value`` overrides. ``required``: keys that
+    must be given, with the words of their absence (`validate`); said alone, those words are
+    the whole error (they say where to give it: ``say where to write ...: --out DIR``)."""
     raw = load_yaml(path) if path else {}
     raw = deep_merge(defaults or {}, raw)
     raw = deep_merge(raw, {k: v for k, v in (extra or {}).items() if v is not None})
@@ -391,8 +411,10 @@ def load_config(schema: type[S], path: str | Path | None = None,
     given = [_key_path(item.partition("=")[0]) for item in overrides] + [
         key for key, v in {**(extra or {}), **(replace or {})}.items() if v is not None]
     try:
-        return validate(schema, raw, "")
+        return validate(schema, raw, "", required=required)
     except ConfigError as err:
+        if str(err) in (required or {}).values():
+            raise ConfigError(str(err)) from None
         # the file is named alone when the command line set none of the keys at fault (a
         # fault whose key is unknown may be the command line's)
         wrong = getattr(err, "key_paths", [])
@@ -458,8 +480,9 @@ def config_source(path: str | Path | None, from_command_line: bool) -> str:
     return str(path) if path else "the command line"
 
 
-def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[str, str]:
-    """One error of pydantic as (``key.path``, what is wrong)."""
+def _describe(error: dict, schema: type[BaseModel], prefix: str = "",
+              required: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """One error of pydantic as (``key.path``, what is wrong); ``required``: `validate`'s."""
     path = ".".join(_location(error, prefix))
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -469,7 +492,7 @@ def _describe(error: dict, schema: type[BaseModel], prefix: str = "") -> tuple[s
         hint = f" (valid: {', '.join(known)})" if known else ""
         return "", f"unknown key {path}{hint}"
     if kind == "missing":
-        return "", f"{path} is required"
+        return "", (required or {}).get(path) or f"{path} is required"
     return path, value_error_words(error)
 
 

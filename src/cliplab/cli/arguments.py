@@ -133,15 +133,26 @@ def data_spec(args: argparse.Namespace) -> dict | None:
     return source_spec(args.data) if getattr(args, "data", None) is not None else None
 
 
-def stage_config(schema, args: argparse.Namespace, **extra):
+def stage_config(schema, args: argparse.Namespace, writes: str | None = None, **extra):
     """The command's validated config (a `cliplab.config.Section`): the ``--config`` file,
     then the command's own options (``extra``, unset ones skipped, ``--out``, and ``--data``,
     which replaces the file's data spec), then the ``key=value`` overrides; errors name the
-    file and the key path."""
+    file and the key path. ``writes``: what the command writes, when it needs an ``out``
+    (`out_required`)."""
     from cliplab.config import load_config
 
     return load_config(schema, args.config, args.overrides, extra={**extra, "out": args.out},
-                       replace={"data": data_spec(args)})
+                       replace={"data": data_spec(args)}, required=out_required(writes))
+
+
+def out_required(writes: str | None) -> dict[str, str]:
+    """`load_config`'s ``required`` of a command that writes ``writes`` (``the merged model``):
+    an ``out`` that --out, an ``out=`` override and the config file leave absent or blank is
+    said in `missing_out`'s one wording, alone or among the config's other problems; {} for a
+    command that needs none (``writes`` None)."""
+    from cliplab.output_folder import missing_out
+
+    return {"out": str(missing_out(writes))} if writes else {}
 
 
 def config_where(args: argparse.Namespace) -> str:
@@ -184,16 +195,10 @@ def naming_models(sources: dict[str, str]) -> Iterator[None]:
 
 
 def require_out(args: argparse.Namespace, what: str) -> None:
-    """`missing_out` before any work when neither ``--out``, an ``out=`` override nor the
-    config file's ``out`` names the output folder (``what`` is what the command writes)."""
+    """`missing_out` before any work when ``--out`` is not given or blank, for a command
+    without a config (export, convert; a stage's config checks its ``out`` with its other
+    keys, `out_required`); ``what`` is what the command writes."""
     from cliplab.output_folder import missing_out
 
-    if getattr(args, "out", None) or any(o.partition("=")[0] == "out"
-                                         for o in getattr(args, "overrides", None) or []):
-        return
-    if getattr(args, "config", None):
-        from cliplab.config import load_yaml
-
-        if load_yaml(args.config).get("out") is not None:
-            return
-    raise missing_out(what)
+    if not (args.out or "").strip():
+        raise missing_out(what)

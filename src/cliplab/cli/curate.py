@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cliplab.cli.arguments import (add_data_argument, add_device, add_stage_arguments,
-                                   check_out_is_not_input, require_out, stage_config)
+                                   check_out_is_not_input, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.curate.pipeline import run_curation
     from cliplab.output_folder import spec_paths
 
-    require_out(args, "the curated pool")
-    cfg = stage_config(CurateConfig, args, engine=args.engine, workers=args.workers,
-                       device=args.device)
+    cfg = stage_config(CurateConfig, args, "the curated pool", engine=args.engine,
+                       workers=args.workers, device=args.device)
     check_out_is_not_input(cfg.out, spec_paths(cfg.data))
     summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     steps = ", ".join(f"{s['dropped']} by {s['name']}" for s in summary["steps"])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cliplab.cli.arguments import (add_data_argument, add_stage_arguments, require_out,
-                                   stage_config)
+from cliplab.cli.arguments import add_data_argument, add_stage_arguments, stage_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.data.types import SkipReport
     from cliplab.output_folder import spec_paths
 
-    require_out(args, "the shards")
-    cfg = stage_config(ShardConfig, args, samples_per_shard=args.samples_per_shard,
+    cfg = stage_config(ShardConfig, args, "the shards", samples_per_shard=args.samples_per_shard,
                        image_format=args.image_format, overwrite=args.overwrite)
     check_out_folder(cfg.out, cfg.overwrite, spec_paths(cfg.data))
     index = run_shard(cfg, progress=not args.no_progress)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cliplab.cli.arguments import (MODEL_SPECS, add_common, add_data_argument, add_debug,
                                    add_device, check_out_is_not_input, data_spec, given_by,
-                                   naming_models, require_out)
+                                   naming_models, out_required)
 from cliplab.errors import ConfigError, warn
 
 
@@ -64,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if args.add and args.overwrite:  # named as flags (IndexConfig names its keys, from a file)
         raise ConfigError("--add appends to the index at --out and --overwrite replaces it; "
                           "give one of them")
-    require_out(args, "the index")
     given = ("model", "out", "add", "overwrite", "backend", "uri", "index_type", "device")
     extra = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
     cfg = load_config(IndexConfig, args.config, args.overrides, extra=extra,
-                      replace={"data": data_spec(args)})
+                      replace={"data": data_spec(args)}, required=out_required("the index"))
     check_out_is_not_input(cfg.out, [cfg.model.name, *spec_paths(cfg.data)])
     if cfg.uri and "://" not in cfg.uri:  # a Milvus Lite file: as --out, not among the images
         check_apart_from_inputs(cfg.uri, spec_paths(cfg.data), flag="--uri")

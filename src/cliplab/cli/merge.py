@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cliplab.cli.arguments import (add_device, add_stage_arguments, config_where, given_by,
-                                   naming_models, require_out, stage_config)
+                                   naming_models, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from cliplab.merge.config import MergeConfig
     from cliplab.merge.run import run_merge
 
-    require_out(args, "the merged model")
-    cfg = stage_config(MergeConfig, args, method=args.method, models=args.models,
-                       base=args.base, device=args.device)
+    cfg = stage_config(MergeConfig, args, "the merged model", method=args.method,
+                       models=args.models, base=args.base, device=args.device)
     sources = {m.name: given_by(args, "--models", "models") for m in cfg.models}
     if cfg.base is not None:
         sources[cfg.base.name] = given_by(args, "--base", "base")

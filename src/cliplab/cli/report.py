@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cliplab.cli.arguments import add_stage_arguments, require_out, stage_config
+from cliplab.cli.arguments import add_stage_arguments, stage_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """`cliplab report`; 0 when it succeeds (bad input raises `CliplabError`)."""
     from cliplab.evaluate.report import ReportConfig, write_report
 
-    require_out(args, "the report")
-    cfg = stage_config(ReportConfig, args, inputs=args.inputs)
+    cfg = stage_config(ReportConfig, args, "the report", inputs=args.inputs)
     written = write_report(cfg.inputs, cfg.out, cfg, progress=not args.no_progress)
     plots = len(written) - 2
     print(f"report: {written['markdown']} and {written['html']} "
