@@ -264,8 +264,13 @@ def _yaml(tmp_path: Path, name: str, text: str) -> str:
     (lambda t: ["pretrain", "--config", _yaml(t, "p.yaml", "model: nosuch\ndata: {train: "
                                                  "{source: shapes}}\ntrain: {steps: 1}\n"),
                 "--out", str(t / "p")], f"{{t}}/p.yaml: model: {UNKNOWN}"),
+    (lambda t: ["curate", "--config", _yaml(t, "cu.yaml", "data: {source: shapes, n: 10}\nsteps:"
+                                             "\n  - {step: clip_score, model: nosuch, "
+                                             "keep_top: 0.5}\n"), "--out", str(t / "cu")],
+     f"{{t}}/cu.yaml: steps[0].model (clip_score): {UNKNOWN}"),
 ], ids=["eval", "adapt", "adapt-config", "adapt-override", "index", "index-config", "serve",
-        "merge", "merge-config", "merge-base", "export", "convert", "pretrain-config"])
+        "merge", "merge-config", "merge-base", "export", "convert", "pretrain-config",
+        "curate-config"])
 def test_an_unknown_model_names_the_argument_it_came_from(argv, expected, tmp_path, capsys,
                                                           monkeypatch, served_index):
     """`cliplab eval --model nosuch` said what was wrong, not which argument held it: each

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cliplab.cli.arguments import (add_data_argument, add_device, add_stage_arguments,
-                                   check_out_is_not_input, stage_config)
+                                   check_out_is_not_input, config_where, stage_config)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = stage_config(CurateConfig, args, "the curated pool", engine=args.engine,
                        workers=args.workers, device=args.device)
     check_out_is_not_input(cfg.out, spec_paths(cfg.data))
-    summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    summary = run_curation(cfg, progress=not args.no_progress, overwrite=args.overwrite,
+                           where=config_where(args))
     steps = ", ".join(f"{s['dropped']} by {s['name']}" for s in summary["steps"])
     print(f"kept {summary['kept']} of {summary['pool']} items (dropped {steps}); wrote "
           f"{Path(cfg.out) / summary['output']['path']}, dropped.parquet, report.html in {cfg.out}")

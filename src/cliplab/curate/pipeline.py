@@ -66,10 +66,11 @@ INPUTS = "inputs.json"  # in a step's cache folder: the stamps of the files its 
 
 
 def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = None,
-                 progress: bool = True, overwrite: bool = False) -> dict:
+                 progress: bool = True, overwrite: bool = False, where: str = "") -> dict:
     """Curate ``config.data`` into ``out`` (default ``config.out``); resume a killed run of the
     same config. Returns the summary (also written as ``OUT/summary.json``). ``config`` may be
-    a plain dict (checked as a config file is)."""
+    a plain dict (checked as a config file is). ``where`` names the config in errors about its
+    keys found after loading (``cu.yaml``; empty: none)."""
     if not isinstance(config, CurateConfig):
         config = validate(CurateConfig, config, "the curate config")
     if out is None and not config.out:
@@ -81,7 +82,7 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     _check_packages(config)  # before the models: resolving one may reach the Hub
     if config.engine == "ray":
         check_cluster(config.ray_address)  # a cluster nothing answers at, before any work
-    step_models = _step_models(config)
+    step_models = _step_models(config, where)
     work = partial_path(out)
     request = {k: v for k, v in config.to_dict().items() if k not in NEUTRAL_KEYS}
     if _finished_request(work) == request:  # killed after finishing, before the rename
@@ -174,11 +175,12 @@ def _check_packages(config: CurateConfig) -> None:
                               f"pip install 'cliplab[{extra}]'")
 
 
-def _step_models(config: CurateConfig) -> dict[str, dict]:
+def _step_models(config: CurateConfig, where: str = "") -> dict[str, dict]:
     """Every step's model found before any work (a misspelt one surfaced only after the pool
     was read and the steps before it ran, leaving a partial folder of that config behind):
     ``{"steps[i]": {"path": folder it resolved to, "files": its files' stamp}}``, what a
-    resumed run checks its steps' cached scores against (presets are built, not read)."""
+    resumed run checks its steps' cached scores against (presets are built, not read).
+    An unknown model is named by its config (``where``) and key, as other commands name it."""
     from cliplab.models.folder import files_stamp
     from cliplab.models.presets import PRESETS
     from cliplab.models.resolve import resolve_model_path
@@ -192,7 +194,8 @@ def _step_models(config: CurateConfig) -> dict[str, dict]:
         try:
             path = resolve_model_path(model).expanduser().resolve()
         except ModelError as err:
-            raise ConfigError(f"steps[{index}].model ({step_name(spec)}): {err}") from None
+            key = f"steps[{index}].model ({step_name(spec)})"
+            raise ConfigError(f"{where}: {key}: {err}" if where else f"{key}: {err}") from None
         found[f"steps[{index}]"] = {"path": str(path), "files": files_stamp(path)}
     return found
 
