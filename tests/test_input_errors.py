@@ -364,3 +364,13 @@ def test_a_missing_out_is_listed_with_the_configs_other_problems(what, tmp_path,
     assert line.startswith(f"cliplab: error: {config}: say where to write {what}: --out DIR; "
                            "unknown key bogus (valid: "), line
 
+
+@pytest.mark.parametrize("command", ["export", "convert"])
+def test_the_usage_shows_out_as_required_where_the_command_checks_it(command, capsys):
+    """export and convert check --out themselves (for `missing_out`'s wording), which made
+    argparse's usage show it optional: ``[--out DIR]``."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.startswith(f"usage: cliplab {command} ")
+    assert " --out DIR" in usage and "[--out DIR]" not in usage, usage

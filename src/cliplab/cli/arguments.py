@@ -194,6 +194,16 @@ def naming_models(sources: dict[str, str]) -> Iterator[None]:
         raise err.at(sources[err.name]).with_traceback(err.__traceback__) from None
 
 
+def show_required(p: argparse.ArgumentParser, action: argparse.Action) -> None:
+    """Show ``action`` (an option the command checks itself, as `require_out` does ``--out``,
+    so a missing one is said in cliplab's wording, not argparse's) as required in ``p``'s
+    usage; call it once every argument of ``p`` is added."""
+    action.required = True
+    usage = p.format_usage().removeprefix("usage: ").strip()
+    action.required = False
+    p.usage = usage.replace("%", "%%")  # argparse fills in %(prog)s
+
+
 def require_out(args: argparse.Namespace, what: str) -> None:
     """`missing_out` before any work when ``--out`` is not given or blank, for a command
     without a config (export, convert; a stage's config checks its ``out`` with its other

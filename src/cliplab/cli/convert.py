@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cliplab.cli.arguments import add_debug, naming_models, require_out
+from cliplab.cli.arguments import add_debug, naming_models, require_out, show_required
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source_format", choices=["open_clip"], default="open_clip",
                    help="checkpoint format (default open_clip)")
     p.add_argument("source", metavar="SRC", help="checkpoint file or OpenCLIP folder")
-    p.add_argument("--out", metavar="DIR", help="model folder to write (required)",
-                   type=os.path.expanduser)
+    out = p.add_argument("--out", metavar="DIR", help="model folder to write (required)",
+                         type=os.path.expanduser)
     p.add_argument("--config", dest="model_config", metavar="JSON",
                    help="OpenCLIP model config (default: open_clip_config.json or the one "
                    "*.json beside the weights)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous convert output (a model folder) at --out")
     add_debug(p)
+    show_required(p, out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from cliplab.cli.arguments import TORCH_MODEL_SPECS, add_debug, naming_models, require_out
+from cliplab.cli.arguments import (TORCH_MODEL_SPECS, add_debug, naming_models, require_out,
+                                   show_required)
 from cliplab.errors import CliplabError, warn
 
 
@@ -23,12 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "open_clip"], required=True,
                    help="onnx: image and text graphs for onnxruntime; open_clip: "
                    "open_clip_config.json + open_clip_model.safetensors (a CLIP model)")
-    p.add_argument("--out", metavar="DIR", help="folder to write (required)",
-                   type=os.path.expanduser)
+    out = p.add_argument("--out", metavar="DIR", help="folder to write (required)",
+                         type=os.path.expanduser)
     p.add_argument("--quantize", choices=["int8"], help="onnx only: dynamic int8 quantization")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous export of the same format at --out")
     add_debug(p)
+    show_required(p, out)
 
 
 def run(args: argparse.Namespace) -> int:
