@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from cliplab.evaluate.report_inputs import ReportSource, measured  # noqa: E402
 from cliplab.report_text import legend_label, literal_plot  # noqa: E402
@@ -68,12 +68,21 @@ def marker_style(index: int, count: int) -> dict:
             "fit": FIT_STYLES[index // 20 % 4]}
 
 
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks to label (the minor ones too on an axis spanning
+    less than a power of its base), each written as a plain number: its own formatter writes
+    math (``$\\mathdefault{2^{0}}$``), which `literal_plot` shows as written."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
 def _log_x(ax, base: float) -> None:
-    """A log x axis whose ticks read as plain numbers (1, 4, 16; 10, 100): matplotlib writes
-    them as math (``$\\mathdefault{2^{0}}$``), which `literal_plot` shows as written."""
+    """A log x axis whose ticks read as plain numbers (1, 4, 16; 10, 100; 20, 30, 40)."""
     ax.set_xscale("log", base=base)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        set_formatter(_PlainLogFormatter(base=base, labelOnlyBase=False,
+                                         minor_thresholds=(1, 0.4)))
 
 
 def _legend(fig, ax) -> None:
