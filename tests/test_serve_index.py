@@ -17,6 +17,7 @@ from PIL import Image
 
 from cliplab.cli import main
 from cliplab.data.shapes import load_shapes
+from cliplab.data.types import SkipReport
 from cliplab.errors import CliplabError, ConfigError, DataError, ModelError
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import embedding_identity
@@ -100,6 +101,8 @@ def test_index_json_lists_a_few_skipped_keys_of_each_reason_and_meta_sqlite_all(
     assert skipped["keys_not_listed"] == 3
     written = (tmp_path / "idx" / "index.json").read_text(encoding="utf-8")
     assert json.loads(written)["skipped"] == skipped
+    read_back = SkipReport.from_dict(skipped)  # its counts whole, not the listed keys'
+    assert read_back.total == 6 and read_back.to_dict(2) == skipped
     assert len(SearchIndex(tmp_path / "idx").store.skipped()) == 6
 
 

@@ -314,8 +314,8 @@ def _assert_same_files(out, ref):
     assert names == sorted(p.name for p in ref.iterdir())
     for name in names:
         if name == "index.json":
-            assert without_provenance(json.loads((out / name).read_text())) == \
-                without_provenance(json.loads((ref / name).read_text()))
+            assert without_provenance(json.loads((out / name).read_text(encoding="utf-8"))) == \
+                without_provenance(json.loads((ref / name).read_text(encoding="utf-8")))
         else:
             assert (out / name).read_bytes() == (ref / name).read_bytes(), name
 
@@ -348,7 +348,7 @@ def test_an_unreadable_image_is_skipped_with_one_decode_where_it_changes_nothing
     _shard(spec, tmp_path / "new")
     assert len(decodes) == 6
     _assert_same_files(tmp_path / "new", tmp_path / "ref")
-    index = json.loads((tmp_path / "new" / "index.json").read_text())
+    index = json.loads((tmp_path / "new" / "index.json").read_text(encoding="utf-8"))
     assert index["skipped"]["keys"] == {"unreadable_image": ["00000.tar:s3"]}
 
 
@@ -387,4 +387,5 @@ def test_unreadable_images_that_change_the_set_give_the_shards_they_gave(tmp_pat
     _reference(held, tmp_path / "ref-pets", image_format="png")
     _shard(held, tmp_path / "new-pets", image_format="png")
     _assert_same_files(tmp_path / "new-pets", tmp_path / "ref-pets")
-    assert json.loads((tmp_path / "new-pets" / "index.json").read_text())["total"] == 4
+    pets = (tmp_path / "new-pets" / "index.json").read_text(encoding="utf-8")
+    assert json.loads(pets)["total"] == 4

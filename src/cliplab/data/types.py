@@ -75,11 +75,13 @@ class SkipReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SkipReport":
-        """The report `to_dict` wrote."""
+        """The report `to_dict` wrote (one listing only some keys keeps its whole counts)."""
         report = cls()
         for reason, keys in data.get("keys", {}).items():
             for key in keys:
                 report.add(reason, key)
+        if data.get("keys_not_listed"):
+            report.counts = Counter({reason: int(n) for reason, n in data["counts"].items()})
         return report
 
     def to_dict(self, keys_per_reason: int | None = None) -> dict:
@@ -90,8 +92,7 @@ class SkipReport:
         shards = sum(self._samples_and_shards()[1].values())
         keys = self.keys if keys_per_reason is None else \
             {reason: listed[:keys_per_reason] for reason, listed in self.keys.items()}
-        not_listed = sum(len(listed) for listed in self.keys.values()) - \
-            sum(len(listed) for listed in keys.values())
+        not_listed = sum(self.counts.values()) - sum(len(listed) for listed in keys.values())
         return {"total": self.lost_samples, **({"shards_read_in_part": shards} if shards else {}),
                 "counts": dict(self.counts), "keys": keys,
                 **({"keys_not_listed": not_listed} if not_listed else {})}
