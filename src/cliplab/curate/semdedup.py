@@ -238,7 +238,9 @@ def _best_earlier_of_copies(xc: torch.Tensor, unique: np.ndarray, copies: np.nda
     value = np.empty(len(copies), dtype=np.float32)
     index = np.empty(len(copies), dtype=np.int64)
     columns = np.arange(len(unique))
-    for start, stop in _blocks(len(sources), 4 * len(unique)):  # prefix arrays: 4x the sims
+    # a similarity here also holds its running maximum, a flag and two int64 positions (25
+    # bytes, over 6 float32s): an eighth of the block of similarities keeps to its memory
+    for start, stop in _blocks(len(sources), 8 * len(unique)):
         sims = (xc[torch.from_numpy(sources[start:stop])] @ xu.T).numpy()
         best = np.maximum.accumulate(sims, axis=1)
         rises = np.ones(sims.shape, dtype=bool)

@@ -74,7 +74,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
                  where: str | None = None) -> dict:
     """Write the source ``spec`` (one `streams` takes) as shards under ``out`` image by image;
     return the index, as `write_shards` of the loaded set would."""
-    from cliplab.data.shards.set_view import Reread, unreadable_images
+    from cliplab.data.shards.set_view import Reread
     from cliplab.data.sources import check_options, check_templates, with_paths_resolved
 
     check_writer_options(image_format, samples_per_shard)
@@ -99,7 +99,7 @@ def write_source(spec: dict, out: Path, samples_per_shard: int = 1000, image_for
                 return opened, _class_options(opened, kind, holdout, classes, templates)
             except ConfigError:
                 if not opened.maybe_labelled or not (
-                        found := unreadable_images(**options, progress=read_bar)):
+                        found := _unreadable_images(**options, progress=read_bar)):
                     raise
         return open_source(found)  # a classification set without its unreadable images?
 
@@ -304,6 +304,36 @@ def _manifest(path: str, kind: str = "auto", image_size: int | None = None,
                   templates=None if pairs else data.templates)
 
 
+def _metadata_stream(path: str, image_size: int | None):
+    """The samples of the shards at ``path`` in order, their images left encoded
+    (`ShardStream.image_of` decodes one)."""
+    from cliplab.data.shards.stream import ShardStream
+
+    return ShardStream(path, shuffle=False, caption="all", image_size=image_size, rank=0,
+                       world_size=1, decode=False)
+
+
+def _changed_while_read(path: str) -> DataError:
+    return DataError(f"{path}: its shards changed while they were read; shard them again")
+
+
+def _unreadable_images(path: str, image_size: int | None = None,
+                       progress: bool = True) -> frozenset[int]:
+    """The places, among the samples of the shards at ``path``, of those whose images cannot
+    be decoded (each image decoded and let go)."""
+    from cliplab.data.images import UnreadableImage
+
+    stream = _metadata_stream(path, image_size)
+    found = set()
+    for i, sample in enumerate(tqdm(stream, desc=f"check {Path(str(path)).name}", unit="img",
+                                    disable=not progress, leave=False)):
+        try:
+            stream.image_of(sample["image"], sample["key"])
+        except UnreadableImage:
+            found.add(i)
+    return frozenset(found)
+
+
 def _shards(path: str, image_size: int | None = None, progress: bool = True,
             unreadable: frozenset[int] = frozenset()) -> Opened:
     """`load_shards`' reading of ``path``: a first pass over the samples' metadata, no image
@@ -318,13 +348,8 @@ def _shards(path: str, image_size: int | None = None, progress: bool = True,
     from cliplab.data.shards.layout import read_index
     from cliplab.data.shards.samples import bare_key
     from cliplab.data.shards.set_view import Reread, SetView
-    from cliplab.data.shards.stream import ShardStream
 
-    def stream() -> ShardStream:
-        return ShardStream(path, shuffle=False, caption="all", image_size=image_size,
-                           rank=0, world_size=1, decode=False)
-
-    first = stream()
+    first = _metadata_stream(path, image_size)
     total = sum(first.rank_sample_counts()) if progress else None
     groups, keys, partner_keys = [], [], []
     for sample in tqdm(first, total=total, desc=f"read {Path(str(path)).name}", unit="img",
@@ -338,7 +363,7 @@ def _shards(path: str, image_size: int | None = None, progress: bool = True,
     skipped = SkipReport()
 
     def samples() -> Iterator[Sample | None]:
-        second, found = stream(), set()
+        second, found = _metadata_stream(path, image_size), set()
         second.skipped = skipped  # the skips in the order the stream meets them
         for i, sample in enumerate(second):
             if i >= len(groups):
@@ -352,8 +377,7 @@ def _shards(path: str, image_size: int | None = None, progress: bool = True,
                 continue
             fields = seen.fields(i)
             if fields is None:  # unreadable when the set was read before
-                raise DataError(f"{path}: its shards changed while they were read; shard "
-                                "them again")
+                raise _changed_while_read(path)
             label, group, partner = fields
             yield Sample(sample["key"], image, captions=list(sample["caption"]), label=label,
                          group=group, partner_key=partner)
@@ -362,8 +386,7 @@ def _shards(path: str, image_size: int | None = None, progress: bool = True,
             view = SetView(index, groups, keys, partner_keys, path, frozenset(found))
             if not view.writes_as(seen):
                 if unreadable:
-                    raise DataError(f"{path}: its shards changed while they were read; "
-                                    "shard them again")
+                    raise _changed_while_read(path)
                 raise Reread(frozenset(found))
         if view.warning:
             warn(view.warning)

@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 
 import torch
-from tqdm.auto import tqdm
 
-from cliplab.data.images import UnreadableImage
 from cliplab.data.shards.read import has_labels, partner_indices
-from cliplab.data.shards.stream import ShardStream
 
 Fields = tuple[int | None, int | None, str | None]  # a sample's (label, group, partner key)
 
@@ -73,18 +70,3 @@ class SetView:
         return self.labelled == other.labelled and all(
             self.fields(i) == other.fields(i) for i in self.places)
 
-
-def unreadable_images(path: str, image_size: int | None = None,
-                      progress: bool = True) -> frozenset[int]:
-    """The places, among the samples a first pass finds, of those whose images cannot be
-    decoded (each image decoded and let go)."""
-    stream = ShardStream(path, shuffle=False, caption="all", image_size=image_size, rank=0,
-                         world_size=1, decode=False)
-    found = set()
-    for i, sample in enumerate(tqdm(stream, desc=f"check {os.path.basename(str(path))}",
-                                    unit="img", disable=not progress, leave=False)):
-        try:
-            stream.image_of(sample["image"], sample["key"])
-        except UnreadableImage:
-            found.add(i)
-    return frozenset(found)
