@@ -185,3 +185,24 @@ def test_suite_shares_text_embeddings_between_zeroshot_and_retrieval(tiny_model,
                                       "ks": [1]}]}, TaskContext(cache, progress=False))
     # retrieval's captions of a labelled set are its prompts: all already embedded
     assert len(calls) == 1 and cache.texts.misses == len(calls[0])
+
+
+def test_zeroshot_text_head_shows_a_bar_only_with_progress(capsys):
+    model, names = _model(), [f"class {i}" for i in range(6)]
+    zeroshot_classifier(model, names, ["a {}", "a photo of {}."], TextFeatureCache(batch_size=4),
+                        progress=True)
+    assert "text head" in capsys.readouterr().err
+    zeroshot_classifier(model, names, ["a {}", "one {}"], TextFeatureCache(batch_size=4),
+                        progress=False)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+
+
+def test_zeroshot_task_passes_the_suite_progress_to_the_text_head(tiny_model, capsys):
+    for progress in (True, False):
+        cache = FeatureCache()
+        cache.texts.batch_size = 4  # the digits' 10 prompts fill three batches
+        run_suite(tiny_model, {"tasks": [{"name": "zs", "task": "zeroshot",
+                                          "data": {"source": "digits", "split": "test"}}]},
+                  TaskContext(cache, progress=progress))
+        assert ("text head" in capsys.readouterr().err) is progress

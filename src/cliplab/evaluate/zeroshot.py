@@ -19,14 +19,15 @@ from cliplab.models.precision import autocast
 @torch.no_grad()
 def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
                         templates: Sequence[str], text_cache: TextFeatureCache | None = None,
-                        precision: str = "fp32") -> torch.Tensor:
+                        precision: str = "fp32", progress: bool = False) -> torch.Tensor:
     """``[C, D]`` unit vectors: per class, the normalised mean of its prompts' embeddings
     (CLIP's prompt ensembling). ``{}`` (or ``{c}``, as CLIP_benchmark's template files write
     it) is where the class goes; a template without it is used as the prompt itself, beside
     others that have it (templates none of which names the class are refused: every class
     would get the same prompts). With ``text_cache``, prompts already embedded (by an earlier
     task) are not encoded again. One class name or template may be given as a string (not one
-    per character)."""
+    per character). ``progress``: a bar over the prompt batches (with ``text_cache``) when
+    the prompts fill more than one batch (1000 classes x 80 templates take minutes)."""
     from cliplab.data.sources import formats_once
 
     classnames = [classnames] if isinstance(classnames, str) else list(classnames)
@@ -47,7 +48,9 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
         raise InputError(f"zeroshot_classifier: precision must be fp32 or bf16, not "
                          f"{precision!r}")
     if text_cache is not None:
-        emb = text_cache.embeddings(model, prompts, precision=precision, desc="encode prompts")
+        many = progress and len(prompts) > text_cache.batch_size
+        emb = text_cache.embeddings(model, prompts, progress=many, precision=precision,
+                                    desc=f"text head: encode {len(prompts)} prompts")
     else:  # fp32: as the model is (any object with encode_texts will do)
         with autocast(precision, model.device.type) if precision == "bf16" else nullcontext():
             emb = model.encode_texts(prompts).float().cpu()

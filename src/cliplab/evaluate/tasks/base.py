@@ -398,7 +398,7 @@ class TaskContext:
             return logits, feats
         feats = self.image_features(model, data.images, spec, desc)
         head = zeroshot_classifier(model, data.prompt_names, data.templates, self.texts,
-                                   self.precision)
+                                   self.precision, self.progress)
         return zeroshot_logits(feats.embeddings, head), feats
 
 

@@ -53,7 +53,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     else:  # the head itself restricted, exactly as zeroshot_metrics computes it
         feats = context.image_features(model, data.images, spec.data, f"encode {name}")
         head = zeroshot_classifier(model, data.prompt_names, data.templates, context.texts,
-                                   context.precision)
+                                   context.precision, context.progress)
         out = zeroshot_metrics(feats.embeddings, data.labels, head, classes)
         if spec.per_class:
             logits, labels = zeroshot_logits(feats.embeddings, head), data.labels
