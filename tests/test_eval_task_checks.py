@@ -36,6 +36,18 @@ def test_check_same_classes_names_the_first_difference():
         check_same_classes(labelled(["cat", "dog"]), labelled(["cat", "dog", "cow"]), "here")
 
 
+def test_check_same_classes_names_the_classes_only_one_side_has():
+    """999 against 1000 classes: the first names of both sides are the same, so the message
+    names the missing and extra classes, with how many there are."""
+    train = [f"n{i:04d}" for i in range(12)]
+    test = train[:3] + ["Empty class"] + train[3:] + ["x1", "x2", "x3", "x4"]
+    with pytest.raises(DataError, match=r"train has 12 classes, test has 17; 5 only in test: "
+                                        r"Empty class, x1, x2, \.\.\. \(5 in all\)$"):
+        check_same_classes(labelled(train), labelled(test), "here")
+    with pytest.raises(DataError, match=r"1 only in train: n0011; 2 only in test: a, b$"):
+        check_same_classes(labelled(train), labelled(train[:-1] + ["a", "b"]), "here")
+
+
 @pytest.mark.parametrize("task", ["linear_probe", "few_shot"])
 def test_probe_tasks_refuse_train_and_test_with_different_classes(tiny_model, task):
     spec = {"name": "p", "task": task, "features": "embeddings", "l2": 0.01,

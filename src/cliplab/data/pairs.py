@@ -47,6 +47,13 @@ def check_same_classes(first: HasClasses, second: HasClasses, where: str,
     if [c.lower() for c in a] == [c.lower() for c in b]:
         return
     one, two = names
+    only = [(side, _only_in(x, y)) for side, x, y in ((one, a, b), (two, b, a))]
+    if len(a) != len(b) and any(names for _, names in only):
+        # the first names of each side are often the same: name what differs
+        detail = f"{one} has {len(a)} classes, {two} has {len(b)}; " + "; ".join(
+            f"{len(names)} only in {side}: {_few(names, 3)}" for side, names in only if names)
+        raise DataError(f"{where}: {one} and {two} must have the same classes in the same "
+                        f"order; {detail}")
     if len(a) != len(b):
         detail = f"{one} has {len(a)} classes, {two} has {len(b)}"
     else:
@@ -54,6 +61,12 @@ def check_same_classes(first: HasClasses, second: HasClasses, where: str,
         detail = f"class {i} is {a[i]!r} in {one} but {b[i]!r} in {two}"
     raise DataError(f"{where}: {one} and {two} must have the same classes in the same order; "
                     f"{detail} ({one}: {_few(a)}; {two}: {_few(b)})")
+
+
+def _only_in(names: list[str], other: list[str]) -> list[str]:
+    """The names of ``names`` that ``other`` lacks (any case), in order."""
+    lower = {c.lower() for c in other}
+    return [c for c in names if c.lower() not in lower]
 
 
 def classes_with_fewer(labels: torch.Tensor, classnames: list[str], k: int
