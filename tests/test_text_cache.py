@@ -206,3 +206,28 @@ def test_zeroshot_task_passes_the_suite_progress_to_the_text_head(tiny_model, ca
                                           "data": {"source": "digits", "split": "test"}}]},
                   TaskContext(cache, progress=progress))
         assert ("text head" in capsys.readouterr().err) is progress
+
+
+def test_zeroshot_head_warns_once_of_prompts_cut_at_the_context_length():
+    """Two long names differing only at the end: cut to the same tokens, the same head row.
+    One warning per head says how many prompts were cut, the first class, the limit and
+    which classes the cut made the same; prompts that fit keep their numbers and no word."""
+    import warnings
+
+    from cliplab.errors import CliplabWarning
+
+    model = _model()  # context_length 32
+    names = ["cat", "x" * 60 + " alpha", "x" * 60 + " beta"]
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        head = zeroshot_classifier(model, names, ["a photo of {}.", "{}"])
+        fits = zeroshot_classifier(model, ["cat", "dog"], ["a photo of {}."])
+    said = [str(w.message) for w in got if issubclass(w.category, CliplabWarning)]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"zero-shot: 4 of 6 prompts are longer than the text tower's 32 "
+                              f"tokens and were cut (first: class {names[1]!r}); 1 class(es) "
+                              f"get the same prompts as another once cut ({names[1]!r} and "
+                              f"{names[2]!r})")
+    assert torch.dot(head[1], head[2]) > 0.9999  # what the warning is about
+    plain = tc.encode_texts_sorted(model, ["a photo of cat.", "a photo of dog."])
+    torch.testing.assert_close(fits, torch.nn.functional.normalize(plain, dim=-1))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cliplab.errors import InputError
 from cliplab.evaluate.metrics import classification_metrics, restrict_classes
+from cliplab.evaluate.prompt_length import warn_cut_prompts
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.precision import autocast
@@ -47,6 +48,7 @@ def zeroshot_classifier(model: DualEncoder, classnames: Sequence[str],
     if precision not in ("fp32", "bf16"):
         raise InputError(f"zeroshot_classifier: precision must be fp32 or bf16, not "
                          f"{precision!r}")
+    warn_cut_prompts(model, classnames, prompts)
     if text_cache is not None:
         many = progress and len(prompts) > text_cache.batch_size
         emb = text_cache.embeddings(model, prompts, progress=many, precision=precision,
