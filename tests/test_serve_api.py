@@ -107,7 +107,7 @@ def test_classify_equals_the_zero_shot_head(served):
     # indexed), the in-memory set by the model's own resize: equal within uint8 rounding
     assert [e["probability"] for e in upload["labels"]] == \
         pytest.approx([e["probability"] for e in by_id["labels"]], abs=1e-3)
-    # curl -F labels=red circle -F labels=...: one label per repeated field, as one list
+    # curl -F labels=red circle -F labels=...: repeated fields add up, each split at commas
     repeated = served["client"].post("/api/classify",
                                      data={"labels": labels[:2] + ["green triangle, red circle"],
                                            "id": "5"}).json()
@@ -130,6 +130,23 @@ def test_health_and_openapi(served):
             "/images/{id}", "/api/health"} <= set(paths)
     page = served["client"].get("/")
     assert page.status_code == 200 and 'id="search-form"' in page.text
+
+
+def test_labels_docs_say_every_field_is_split_at_commas(served):
+    """The page sends its text box as one field, so every field is split at commas (a
+    comma-holding name cannot be sent); the README and the API schema said one label per
+    repeated field."""
+    from pathlib import Path
+
+    sent = served["client"].post("/api/classify", data={
+        "labels": ["great white shark, white shark", "tench"], "id": "5"}).json()
+    assert sorted(e["label"] for e in sent["labels"]) == ["great white shark", "tench",
+                                                          "white shark"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/classify`"))
+    schema = served["client"].get("/openapi.json").text
+    assert "one per repeated" not in row and "cannot hold a comma" in row
+    assert "one per repeated labels" not in schema and "cannot hold a comma" in schema
 
 
 @pytest.mark.parametrize("params, words", [

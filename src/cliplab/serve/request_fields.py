@@ -23,7 +23,8 @@ OFFSET_QUERY = Query(0, ge=0, le=MAX_OFFSET, description="results to skip (pagin
 
 def parse_labels(fields: list[str]) -> list[str]:
     """The labels of the ``labels`` form fields: each field one or more, separated by commas
-    or new lines; repeats dropped."""
+    or new lines (every field is split, repeated ones too: the page sends its text box as one
+    field); repeats dropped."""
     labels = [part.strip() for text in fields for line in text.splitlines()
               for part in line.split(",")]
     labels = list(dict.fromkeys(label for label in labels if label))

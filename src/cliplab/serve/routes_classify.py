@@ -15,7 +15,8 @@ from cliplab.serve.request_fields import (DEFAULT_TEMPLATE, MAX_ID, MAX_K, MAX_L
 from cliplab.serve.routes_search import one_file
 from cliplab.serve.search_service import SERVICE, SearchService
 
-LABELS_HELP = "labels separated by commas or new lines (or one per repeated labels field)"
+LABELS_HELP = ("labels separated by commas or new lines; every labels field is split so, "
+               "repeated fields add up, and a label cannot hold a comma")
 TEMPLATE_HELP = "prompt template; {} is the label"
 
 
