@@ -885,3 +885,42 @@ def test_a_log_axis_spanning_less_than_a_decade_labels_its_ticks_in_plain_number
              if t.get_text() and low <= t.get_position()[0] <= high]
     assert shown == ["20", "30", "40", "50", "60"] or shown == ["20", "30", "40", "60"], shown
     close(fig)
+
+
+def test_per_class_values_follow_the_headline_metrics_and_many_classes_show_their_lowest(
+        tmp_path):
+    """Per-class rows come after a task's other metrics (``n`` was after 998 of them), and a
+    task of more than 40 classes lists only its 10 lowest (by the mean over the inputs), its
+    note saying how many there are; a long-tail entry's fields stay together per class."""
+    from cliplab.evaluate.report import build_tables
+    names = [f"class {i:03d}" for i in range(100)]
+    a = {c: 0.5 + i / 1000 for i, c in enumerate(names)}
+    b = dict(a, **{"class 050": 0.0, "class 070": 0.2})  # means 0.275 and 0.385
+    a["class 099"] = 0.1  # lowest in a alone: mean (0.1 + 0.599) / 2 = 0.3495
+    lt = {"fit": {"slope": 0.1}, "per_class": {c: {"acc1": a[c], "frequency": i}
+                                               for i, c in enumerate(names)}}
+    files = []
+    for label, per_class in (("a", a), ("b", b)):
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps({"model": label, "results": {
+            "zs": {"acc1": 0.5, "per_class_acc1": per_class, "n": 100}, "lt": lt,
+            "small": {"acc1": 0.4, "per_class_acc1": {"cat": 0.2, "dog": 0.6}, "n": 2}}}))
+        files.append(path)
+    tables = {t.title: t for t in build_tables(read_inputs(files))}
+    zs = [metric for metric, _ in tables["zs"].rows]
+    assert zs[:2] == ["acc1", "n"]
+    lowest = [m.removeprefix("per_class_acc1.") for m in zs[2:]]
+    assert lowest == ["class 050", "class 099", "class 070", *names[:7]]
+    assert dict(tables["zs"].rows)["per_class_acc1.class 050"] == {"a": 0.55, "b": 0.0}
+    assert "per_class_acc1: the 10 lowest of 100 classes" in tables["zs"].note
+    assert [m for m, _ in tables["small"].rows] == [
+        "acc1", "n", "per_class_acc1.cat", "per_class_acc1.dog"]
+    assert tables["small"].note == ""
+    lt_rows = [m for m, _ in tables["lt"].rows]
+    assert lt_rows[:3] == ["fit.slope", "per_class.class 099.acc1",  # a's acc1: 0.1
+                           "per_class.class 099.frequency"]
+    assert len(lt_rows) == 1 + 2 * 10
+    out = tmp_path / "report"
+    write_report(files, out, {"plots": False}, progress=False)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "the 10 lowest of 100 classes" in md and "class 098" not in md

@@ -1,10 +1,10 @@
 """`cliplab report`: results of several models or runs side by side, as report.md and a
 self-contained report.html (plots embedded as base64; the same PNGs also sit in ``plots/``).
 
-Each task (section) gets a table, one row per metric, one column per model. Few-shot results
-read as "mean ± std"; long-tail results also get the accuracy-vs-frequency plot, α sweeps
-(wise-ft) the accuracy-vs-α plot; runs with a metrics.jsonl get training curves and a table of
-each metric's last logged value.
+Each task (section) gets a table, one row per metric, one column per model (per-class values
+last; of more than 40 classes the 10 lowest). Few-shot results read as "mean ± std"; long-tail
+results also get the accuracy-vs-frequency plot, α sweeps (wise-ft) the accuracy-vs-α plot; runs
+with a metrics.jsonl get training curves and a table of each metric's last logged value.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from cliplab.config import OutFolder, Section, validate
 from cliplab.errors import ConfigError
 from cliplab.evaluate.report_inputs import ReportSource, read_inputs
+from cliplab.evaluate.report_per_class import per_class_rows, split_per_class
 from cliplab.output_folder import check_out, write_utf8
 from cliplab.output_lock import visible_entries
 from cliplab.report_text import (HTML_CSS, HTML_VIEWPORT, TABLE_CLOSE, TABLE_OPEN, md_code,
@@ -112,12 +113,20 @@ def build_tables(sources: list[ReportSource]) -> list[Table]:
     for section in order:
         having = [s for s in sources if section in s.sections]
         table = Table(section, [s.label for s in having])
-        flat = {s.label: flatten_metrics(s.sections[section]) for s in having}
+        split = {s.label: split_per_class(s.sections[section]) for s in having}
+        flat = {label: flatten_metrics(rest) for label, (rest, _) in split.items()}
         metrics = dict.fromkeys(k for s in having for k in flat[s.label])
         table.rows = [(m, {label: values.get(m) for label, values in flat.items()})
                       for m in metrics]
+        groups: dict[str, dict[str, dict]] = {}
+        for label, (_, found) in split.items():
+            for path, values in found.items():
+                groups.setdefault(path, {})[label] = values
+        class_rows, cut = per_class_rows(groups)
+        table.rows += class_rows
         table.note = "; ".join(note for note in (spec_differences(section, having),
-                                                  scorer_differences(section, having)) if note)
+                                                  scorer_differences(section, having), *cut)
+                               if note)
         if table.rows:
             tables.append(table)
     runs = [s for s in sources if s.history]
