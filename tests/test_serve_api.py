@@ -133,20 +133,23 @@ def test_health_and_openapi(served):
 
 
 def test_labels_docs_say_every_field_is_split_at_commas(served):
-    """The page sends its text box as one field, so every field is split at commas (a
-    comma-holding name cannot be sent); the README and the API schema said one label per
-    repeated field."""
+    """The page sends its text box as one field, so every field is split at commas; a label
+    in double quotes keeps its commas (as in CSV), which the README and the API schema say."""
     from pathlib import Path
 
     sent = served["client"].post("/api/classify", data={
         "labels": ["great white shark, white shark", "tench"], "id": "5"}).json()
     assert sorted(e["label"] for e in sent["labels"]) == ["great white shark", "tench",
                                                           "white shark"]
+    quoted = served["client"].post("/api/classify", data={
+        "labels": ['"red, white and blue",  green', '5" tall'], "id": "5"}).json()
+    assert sorted(e["label"] for e in quoted["labels"]) == ['5" tall', "green",
+                                                            "red, white and blue"]
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/classify`"))
     schema = served["client"].get("/openapi.json").text
-    assert "one per repeated" not in row and "cannot hold a comma" in row
-    assert "one per repeated labels" not in schema and "cannot hold a comma" in schema
+    assert "one per repeated" not in row and "in double quotes keeps its commas" in row
+    assert "one per repeated labels" not in schema and "in double quotes keeps its commas" in schema
 
 
 @pytest.mark.parametrize("params, words", [

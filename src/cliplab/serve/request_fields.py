@@ -3,6 +3,7 @@ ids, a prompt template): each bad value is a 422 naming the field."""
 
 from __future__ import annotations
 
+import csv
 import re
 
 from fastapi import Query
@@ -24,9 +25,10 @@ OFFSET_QUERY = Query(0, ge=0, le=MAX_OFFSET, description="results to skip (pagin
 def parse_labels(fields: list[str]) -> list[str]:
     """The labels of the ``labels`` form fields: each field one or more, separated by commas
     or new lines (every field is split, repeated ones too: the page sends its text box as one
-    field); repeats dropped."""
+    field), a label in double quotes keeping its commas (as in CSV: ``"red, white and blue",
+    green``); repeats dropped."""
     labels = [part.strip() for text in fields for line in text.splitlines()
-              for part in line.split(",")]
+              for part in next(csv.reader([line], skipinitialspace=True), [])]
     labels = list(dict.fromkeys(label for label in labels if label))
     if len(labels) < 2:
         fail(422, "labels: give at least two different labels, separated by commas or new "

@@ -16,7 +16,7 @@ from cliplab.serve.routes_search import one_file
 from cliplab.serve.search_service import SERVICE, SearchService
 
 LABELS_HELP = ("labels separated by commas or new lines; every labels field is split so, "
-               "repeated fields add up, and a label cannot hold a comma")
+               "repeated fields add up, and a label in double quotes keeps its commas")
 TEMPLATE_HELP = "prompt template; {} is the label"
 
 
