@@ -14,6 +14,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, get_method, load_adapter
 from cliplab.adapt import clip_adapter, cocoop, coop, tip_adapter, tip_adapter_f
 from cliplab.data.digits import load_digits
 from cliplab.data.pairs import select_classes
+from cliplab.data.types import LabelledImages
 from cliplab.errors import CliplabWarning, ConfigError, DataError, InputError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.few_shot import sample_k_shot
@@ -333,6 +334,64 @@ def test_cocoop_scored_by_the_zeroshot_task_follows_its_progress(model, digits, 
     assert "cocoop prompts" in capsys.readouterr().err
 
 
+@pytest.fixture
+def text_passes(model, monkeypatch) -> list[int]:
+    """The number of prompts of each pass through ``model``'s text tower, as they run."""
+    passes, encode = [], model.encode_text_embeddings
+
+    def spy(embeds, *args, **kwargs):
+        passes.append(len(embeds))
+        return encode(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_text_embeddings", spy)
+    return passes
+
+
+@pytest.fixture(scope="module")
+def learned_cocoop(model, digits, ctx):
+    return cocoop.fit(model, digits[0], {"epochs": 1, "lr": 0.05, "init": ""}, ctx)
+
+
+def _scored(adapter, passes: list[int], **options) -> tuple[torch.Tensor, list[int]]:
+    """CoCoOp ``adapter``'s logits of 64 fixed unit embeddings with ``options`` changed, and
+    the prompts of each text-tower pass they took."""
+    feats = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    adapter = cocoop.CoCoOp(adapter.model, adapter.classnames, {**adapter.options, **options},
+                            adapter.learner, adapter.net, adapter.scale)
+    passes.clear()
+    return adapter.logits(feats), list(passes)
+
+
+def test_cocoop_inference_with_many_classes_stays_within_the_prompt_budget(
+        learned_cocoop, digits, text_passes):
+    """Guards CoCoOp's inference memory: a pass of ``infer_batch`` images ran images x classes
+    prompts through the text tower at once (64 images of 997 classes: 63 808 prompts, ~20 GB
+    on tiny-clip). The images per pass now keep that within ``infer_prompts`` (1024 by
+    default), with the same logits as one pass of all the images."""
+    names = [f"thing {i}" for i in range(300)]
+    many = learned_cocoop.for_classes(LabelledImages(digits[0].images[:1], [0], names, ["{}"]))
+    cut, passes = _scored(many, text_passes)
+    assert passes == [3 * 300] * 21 + [300]  # 1024 // 300 = 3 images a pass
+    torch.testing.assert_close(cut, _scored(many, text_passes, infer_prompts=64 * 300)[0],
+                               atol=1e-5, rtol=1e-5)
+    # an adapter saved before infer_prompts existed scores within the default budget
+    assert cocoop.images_per_pass({"infer_batch": 64}, 997) == 1
+
+
+def test_cocoop_images_per_pass_change_no_logits(learned_cocoop, text_passes):
+    """With few classes the default 64 images stay one pass; ``infer_batch`` still bounds the
+    images of a pass and ``infer_prompts`` their prompts (at least one image's). Each image's
+    logits do not depend on which images share its pass (to float32 rounding: the text tower's
+    matmuls round by batch size, ~2e-7 on the unit text embeddings, as any two infer_batch
+    values always did)."""
+    whole, passes = _scored(learned_cocoop, text_passes)
+    assert passes == [64 * 10]
+    one_by_one, passes = _scored(learned_cocoop, text_passes, infer_prompts=1)
+    assert passes == [10] * 64
+    torch.testing.assert_close(one_by_one, whole, atol=1e-5, rtol=1e-5)
+    assert _scored(learned_cocoop, text_passes, infer_batch=8)[1] == [8 * 10] * 8
+
+
 @pytest.mark.parametrize("method", [coop, cocoop])
 def test_learned_prompts_transfer_to_other_classes(method, model, digits, ctx):
     """Base-to-novel: a learned (unified) context before other class names scores each of
@@ -487,6 +546,9 @@ def test_bad_inputs_are_one_line_errors(model, digits, ctx, tmp_path):
     with pytest.raises(ConfigError, match=r"options\.n_ctx: expected greater than or equal "
                                           r"to 1, got 0"):
         coop.fit(model, train, {"n_ctx": 0}, ctx)
+    with pytest.raises(ConfigError, match=r"^adapt method 'cocoop': options\.infer_prompts: "
+                       r"expected greater than or equal to 1, got 0$"):
+        cocoop.fit(model, train, {"infer_prompts": 0}, ctx)
     with pytest.raises(ConfigError, match="val_shots"):
         tip_adapter.fit(model, train, {"search": True}, ctx)
     with pytest.raises(ModelError, match="not an adapter folder"):
