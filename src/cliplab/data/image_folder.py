@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +55,31 @@ def folder_classnames(root: Path, folders: list[Path]) -> list[str]:
 
 def _warn_repeated_names(root: Path, folders: list[Path], names: list[str]) -> None:
     """Tell on stderr of class folders that share a name (``a_b/`` and ``a b/``, or WordNet's
-    two "crane"s): their zero-shot prompts are the same, so the later one never wins."""
-    counts = Counter(names)
-    shared = [(name, [f.name for f, n in zip(folders, names) if n == name])
-              for name in counts if counts[name] > 1]
-    if shared:
-        said = "; ".join(f"{name!r}: {', '.join(found)}" for name, found in shared[:3])
-        warn(f"image folder {root}: {len(shared)} class name(s) name several class folders "
-             f"({said}{'; ...' if len(shared) > 3 else ''}): zero-shot cannot tell them apart; "
-             f"give them distinct names in {CLASSNAMES_FILE}")
+    two "crane"s): their zero-shot prompts are the same, so the later one never wins; and of
+    names that differ only in case or spacing (``Dog/`` and ``dog/``): a lowercasing
+    tokenizer (cliplab's are) reads their prompts as one, and prompts collapse spaces."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(" ".join(name.casefold().split()), []).append(i)
+    shared = [found for found in groups.values() if len(found) > 1]
+    same = [found for found in shared if len({names[i] for i in found}) == 1]
+    alike = [found for found in shared if len({names[i] for i in found}) > 1]
+    for groups_of, but, why in ((same, "", "cannot"),
+                                (alike, " but for case or spacing",
+                                 "may not (a lowercasing tokenizer cannot)")):
+        if not groups_of:
+            continue
+        said = "; ".join(_named_folders(folders, names, found) for found in groups_of[:3])
+        warn(f"image folder {root}: {len(groups_of)} class name(s) name several class folders"
+             f"{but} ({said}{'; ...' if len(groups_of) > 3 else ''}): zero-shot {why} tell "
+             f"them apart; give them distinct names in {CLASSNAMES_FILE}")
+
+
+def _named_folders(folders: list[Path], names: list[str], found: list[int]) -> str:
+    """``'hot dog': hot dog, hot_dog`` (one name) or ``'Dog' / 'dog': Dog, dog``: the names
+    of the class folders ``found`` and the folders."""
+    shown = " / ".join(repr(n) for n in dict.fromkeys(names[i] for i in found))
+    return f"{shown}: {', '.join(folders[i].name for i in found)}"
 
 
 def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,

@@ -21,14 +21,29 @@ def twice(indices: list[int], classnames: Sequence[str]) -> str:
     raise ValueError("no class is named twice")
 
 
-def class_indices(classnames: list[str], names: list[str]) -> list[int]:
-    """Indices of ``names`` in ``classnames`` (case-insensitive), with a clear error if absent."""
-    lower = [c.lower() for c in classnames]
+def class_indices(classnames: list[str], names: list[str], key: str | None = "classes"
+                  ) -> list[int]:
+    """Indices of ``names`` in ``classnames``: the class of exactly that name, else the one of
+    that name in another case. A one-line `DataError` for a name of no class, and (naming
+    ``key``, the config key that gave ``names``) for one that matches several classes only in
+    another case (``dog`` of ``Dog/`` and ``DOG/``): which is meant is not guessed."""
+    by_lower: dict[str, list[int]] = {}
+    for i, c in enumerate(classnames):
+        by_lower.setdefault(c.lower(), []).append(i)
     out = []
     for name in names:
-        if name.lower() not in lower:
+        if name in classnames:  # a class of that very name wins over ones in another case
+            out.append(classnames.index(name))
+            continue
+        found = by_lower.get(name.lower(), [])
+        if not found:
             raise DataError(f"unknown class {name!r}; classes are: {', '.join(classnames)}")
-        out.append(lower.index(name.lower()))
+        if len(found) > 1:
+            candidates = ", ".join(repr(classnames[i]) for i in found)
+            raise DataError(f"{key + ': ' if key else ''}{name!r} matches {len(found)} classes "
+                            f"only in another case ({candidates}); give the one meant as it "
+                            "is written")
+        out.append(found[0])
     return out
 
 
@@ -83,7 +98,7 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 def split_classes(data: LabelledImages, heldout: list[str]) -> tuple[LabelledImages, LabelledImages]:
     """(samples of the seen classes, samples of the held-out classes), labels unchanged."""
-    held = torch.tensor(class_indices(data.classnames, heldout), dtype=torch.long)
+    held = torch.tensor(class_indices(data.classnames, heldout, "holdout"), dtype=torch.long)
     is_held = torch.isin(data.labels, held)
     return data.subset(~is_held), data.subset(is_held)
 

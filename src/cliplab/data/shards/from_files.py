@@ -208,7 +208,7 @@ def _class_options(opened: Opened, kind: str, holdout: Any, classes: Any,
 
     relabel: list[int | None] = list(range(len(opened.classnames)))
     if holdout:
-        for i in class_indices(opened.classnames, list(holdout)):
+        for i in class_indices(opened.classnames, list(holdout), "holdout"):
             relabel[i] = None
     if classes is not None:
         keep = class_indices(opened.classnames, [str(c) for c in classes])

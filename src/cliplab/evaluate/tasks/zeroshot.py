@@ -76,7 +76,7 @@ def chosen_classes(spec: Spec, classnames: list[str]) -> list[int]:
     only: a fake 100%), or for one class alone (the same)."""
     names = [c for c in spec.classes if isinstance(c, str)]
     try:
-        index = dict(zip(names, class_indices(classnames, names)))
+        index = dict(zip(names, class_indices(classnames, names, key=None)))
     except CliplabError as err:
         raise ConfigError(f"classes: {err}") from None
     out = [index[c] if isinstance(c, str) else int(c) for c in spec.classes]
