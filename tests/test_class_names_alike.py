@@ -4,6 +4,7 @@ merged in the results."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,67 @@ def test_zeroshot_classes_refuse_a_guess_naming_the_key_once(tmp_path, tiny_mode
     with pytest.raises(ConfigError, match=r"^tasks\[0\] \(name 'zs'\): classes: 'DOG' matches "
                                           r"2 classes only in another case \('Dog', 'dog'\)"):
         run_suite(tiny_model, {"tasks": [task]}, TaskContext(progress=False))
+
+
+def test_per_class_results_keep_every_class_when_names_repeat():
+    """``hot_dog/`` and ``hot dog/`` are both "hot dog": their entries collapsed into one (999
+    classes scored gave 998 entries); unique names keep their keys as before."""
+    from cliplab.data.pairs import classes_with_fewer
+    from cliplab.evaluate.metrics import per_class_accuracy
+    from cliplab.evaluate.multilabel import multilabel_metrics
+
+    logits = torch.eye(3)[[0, 1, 2, 0]]
+    labels = torch.tensor([0, 1, 2, 2])
+    names = ["hot dog", "cat", "hot dog"]
+    assert per_class_accuracy(logits, labels, names) == {"hot dog": 1.0, "cat": 1.0,
+                                                         "hot dog#2": 0.5}
+    assert per_class_accuracy(logits, labels, ["a", "b", "c"]) == {"a": 1.0, "b": 1.0, "c": 0.5}
+    assert classes_with_fewer(labels, names, 2) == [("hot dog", 1), ("cat", 1)]
+    assert classes_with_fewer(labels, names, 3) == [("hot dog", 1), ("cat", 1), ("hot dog#2", 2)]
+    targets = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    ap = multilabel_metrics(targets.float(), targets, names)["per_class_ap"]
+    assert list(ap) == ["hot dog", "cat", "hot dog#2"]
+
+
+def test_eval_and_report_show_both_classes_of_one_name(tmp_path, tiny_model_dir, capsys):
+    from cliplab.cli import main
+
+    root = class_folder(tmp_path / "f", ["hot_dog", "hot dog", "cat"])
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text("image,caption\nx.png,a hot dog\nx.png,a cat\nx.png,two cats\n",
+                        encoding="utf-8")
+    suite = tmp_path / "suite.yaml"
+    data = f"{{source: image-folder, path: '{root}'}}"
+    suite.write_text(f"tasks:\n  - {{task: zeroshot, name: zs, per_class: true, data: {data}}}\n"
+                     f"  - {{task: long_tail, name: lt, data: {data},\n"
+                     f"     train_data: {{source: manifest, path: '{manifest}'}}}}\n",
+                     encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["eval", "--config", str(suite), "--model", str(tiny_model_dir),
+                 "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))["results"]
+    assert list(results["zs"]["per_class_acc1"]) == ["cat", "hot dog", "hot dog#2"]
+    per_class = results["lt"]["per_class"]
+    assert list(per_class) == ["cat", "hot dog", "hot dog#2"]
+    assert [v["frequency"] for v in per_class.values()] == [2, 1, 1]
+    capsys.readouterr()
+    report = tmp_path / "report"
+    assert main(["report", "--out", str(report), "--no-progress", "--inputs",
+                 str(out / "results.json")]) == 0
+    table = (report / "report.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| per_class_acc1.")]
+    assert rows == ["per_class_acc1.cat", "per_class_acc1.hot dog", "per_class_acc1.hot dog#2"]
+
+
+def test_adapt_records_every_class_short_of_shots(tmp_path, tiny_model_dir):
+    from cliplab.adapt.run import run_adapt
+
+    root = class_folder(tmp_path / "f", ["hot_dog", "hot dog", "cat"], per_class=2)
+    for i in (2, 3):
+        Image.new("RGB", (16, 16), "blue").save(root / "cat" / f"{i}.png")
+    spec = {"source": "image-folder", "path": str(root)}
+    res = run_adapt({"method": "zeroshot", "model": str(tiny_model_dir), "shots": 3,
+                     "compare_zeroshot": False, "data": {"train": spec, "test": spec}},
+                    progress=False, write=False)
+    assert res["fewer_than_shots"] == {"hot dog": 2, "hot dog#2": 2}

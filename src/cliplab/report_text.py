@@ -1,5 +1,6 @@
 """What a user wrote, shown as written in cliplab's reports (`cliplab report`, the curation
-report): Markdown escaping, matplotlib text without mathtext, legend labels that stay."""
+report): Markdown escaping, matplotlib text without mathtext, legend labels that stay, and
+names made unique (`unique_labels`)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,18 @@ def legend_label(text: str) -> str:
     """``text`` as a legend entry: matplotlib leaves out labels starting with ``_``, so those
     get a zero-width space in front (drawn as nothing)."""
     return "\u200b" + text if text.startswith("_") else text
+
+
+def unique_labels(labels: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+    """``labels`` made unique: each the first free of name, name#2, name#3, … (``reserved``
+    names count as taken); labels that are unique already stay as they are. A report's
+    columns, and the keys of per-class results, whose class names may repeat."""
+    taken, out = set(reserved), []
+    for name in labels:
+        label, number = name, 1
+        while label in taken:
+            number += 1
+            label = f"{name}#{number}"
+        taken.add(label)
+        out.append(label)
+    return out

@@ -9,6 +9,7 @@ import torch
 
 from cliplab.data.types import ImageTextPairs, LabelledImages, source_keys
 from cliplab.errors import DataError
+from cliplab.report_text import unique_labels
 
 
 def twice(indices: list[int], classnames: Sequence[str]) -> str:
@@ -84,11 +85,19 @@ def _only_in(names: list[str], other: list[str]) -> list[str]:
     return [c for c in names if c.lower() not in lower]
 
 
+def class_keys(classnames: list[str]) -> list[str]:
+    """Each class's key in per-class results: its name, made unique when names repeat
+    (``hot_dog/`` and ``hot dog/`` are both "hot dog": the second keyed ``hot dog#2``), so no
+    class's entry overwrites another's."""
+    return unique_labels(list(classnames))
+
+
 def classes_with_fewer(labels: torch.Tensor, classnames: list[str], k: int
                        ) -> list[tuple[str, int]]:
-    """``(class name, count)`` of every class with fewer than ``k`` samples (none: 0)."""
+    """``(class key, count)`` of every class with fewer than ``k`` samples (none: 0), each
+    class by its `class_keys` key (its name, unless another class has it too)."""
     counts = torch.bincount(labels, minlength=len(classnames)).tolist()
-    return [(name, n) for name, n in zip(classnames, counts) if n < k]
+    return [(name, n) for name, n in zip(class_keys(classnames), counts) if n < k]
 
 
 def _few(names: list[str], limit: int = 5) -> str:

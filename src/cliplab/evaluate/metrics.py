@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from cliplab.data.pairs import class_keys
+
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` highest logits (k capped at #classes);
@@ -27,10 +29,10 @@ def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor,
 
 def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
                        classnames: list[str]) -> dict[str, float]:
-    """Top-1 accuracy (recall) of each class that has test samples, by class name."""
+    """Top-1 accuracy (recall) of each class that has test samples, by its `class_keys` key."""
     pred = logits.argmax(1)
     return {name: (pred[labels == c] == c).float().mean().item()
-            for c, name in enumerate(classnames) if (labels == c).any()}
+            for c, name in enumerate(class_keys(classnames)) if (labels == c).any()}
 
 
 def restrict_classes(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]

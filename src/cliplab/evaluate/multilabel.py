@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cliplab.data.pairs import class_keys
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,6 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, classnames: 
     if not scored.any():
         raise ValueError("no class has a positive sample; mAP is undefined")
     return {"mean_average_precision": ap[scored].mean().item(),
-            "per_class_ap": {name: ap[i].item() for i, name in enumerate(classnames)
-                             if scored[i]},
+            "per_class_ap": {name: ap[i].item()
+                             for i, name in enumerate(class_keys(classnames)) if scored[i]},
             "n_classes": int(scored.sum())}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cliplab.errors import DataError
 from cliplab.evaluate.metrics import COUNT_KEYS
-from cliplab.report_text import printable
+from cliplab.report_text import printable, unique_labels
 
 RUN_FILES = ("results.json", "metrics.jsonl")
 MERGE_RECORD = "merge.json"  # what `cliplab merge` writes beside the merged model
@@ -340,17 +340,3 @@ def read_inputs(paths: list[str | Path], names: list[str] | None = None) -> list
     for source, label in zip(sources, unique_labels([printable(s.label) for s in sources])):
         source.label = label
     return sources
-
-
-def unique_labels(labels: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
-    """``labels`` made unique: each the first free of name, name#2, name#3, … (``reserved``
-    names count as taken)."""
-    taken, out = set(reserved), []
-    for name in labels:
-        label, number = name, 1
-        while label in taken:
-            number += 1
-            label = f"{name}#{number}"
-        taken.add(label)
-        out.append(label)
-    return out

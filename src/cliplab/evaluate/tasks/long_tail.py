@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from cliplab.data.concepts import count_mentions
+from cliplab.data.pairs import class_keys
 from cliplab.errors import ConfigError, warn
 from cliplab.evaluate.long_tail import (long_tail_analysis, narrow_span_warning,
                                          training_captions)
@@ -45,7 +46,7 @@ def run(model: DualEncoder, spec: Spec, context: TaskContext) -> dict:
     logits, _ = context.class_logits(model, data, spec.data, f"encode {name}")
     acc = per_class_accuracy(logits, data.labels, data.classnames)
     counts, n_samples = count_mentions(captions, concepts)
-    out = long_tail_analysis(acc, dict(zip(data.classnames, counts)))
+    out = long_tail_analysis(acc, dict(zip(class_keys(data.classnames), counts)))
     out["n_train_samples"] = n_samples
     out["n"] = len(data.labels)  # the images the accuracies are over
     warning = narrow_span_warning(name, out["fit"])
