@@ -13,6 +13,10 @@ from cliplab.evaluate.zeroshot import zeroshot_classifier
 from cliplab.models.dual_encoder import DualEncoder
 
 
+# nothing is fitted to data.train's images: a class without any stays a class of the head
+LEARNS_FROM_IMAGES = False
+
+
 class Options(PromptOptions):
     """The zero-shot head has only its prompts."""
 

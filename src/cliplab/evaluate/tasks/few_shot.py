@@ -120,11 +120,18 @@ def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str],
                        kind: str = "") -> None:
     """A one-line `DataError` naming the classes of ``train`` with fewer images than the
     largest of ``shots`` (sampling would take all of them, and a ``<k>shot`` result would not
-    be k-shot); ``kind`` qualifies the images counted (``readable``)."""
+    be k-shot), and for a class with none how to leave it out; ``kind`` qualifies the images
+    counted (``readable``)."""
     k = max(spec.shots)
-    short = [f"{name} ({n})" for name, n in classes_with_fewer(labels, classnames, k)]
+    fewer = classes_with_fewer(labels, classnames, k)
+    short = [f"{name} ({n})" for name, n in fewer]
     if short:
         listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
                                          else "")
+        # no k is drawn from a class without images; it can only be left out of both sets
+        way_out = "" if all(n for _, n in fewer) else (
+            f"; a class with no {kind}image is never drawn: list the classes to keep in "
+            "classes: of train and of test alike (the sets must have the same classes), or "
+            "remove its empty class folder (or rename it to start with '.': no class)")
         raise DataError(f"shots {k} needs {k} {kind}train images of every class; these have "
-                        f"fewer: {listed}")
+                        f"fewer: {listed}{way_out}")
