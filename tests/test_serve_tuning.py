@@ -227,3 +227,14 @@ def test_a_collection_without_duplicates_tunes_as_on_ids_alone():
             assert (tuned["value"], tuned["recall"]) == (value, round(min(recalls.values()), 4))
             if len(sets) > 1:
                 assert tuned["recalls"] == {key: round(r, 4) for key, r in recalls.items()}
+
+
+def test_tuning_from_a_start_keeps_it_when_it_reaches_the_target():
+    """An --add checks the breadth tuned before on the grown index: kept if it reaches the
+    target, else widened from there."""
+    vectors = _clustered(20_000, 32, 50)
+    index = faiss_index.build_faiss(vectors, "IVF128,Flat")
+    best = faiss_index.tune_search(index, vectors, 0.95)["value"]
+    assert faiss_index.tune_search(index, vectors, 0.95, start=4 * best)["value"] == 4 * best
+    assert faiss_index.tune_search(index, vectors, 0.95, start=max(1, best // 4))["value"] == \
+        best

@@ -115,9 +115,21 @@ def build_faiss(vectors: np.ndarray, factory: str, seed: int = 0, train_size: in
             reason = str(err).splitlines()[0].rsplit(": ", 1)[-1]  # FAISS prefixes its location
             raise ConfigError(f"index type {factory!r} cannot be trained on {n} vectors "
                               f"({reason}); use flat or hnsw") from None
-    for start in range(0, n, 65536):
-        index.add(vectors[start:start + 65536])
+    add_vectors(index, vectors)
     return index
+
+
+def needs_training(dim: int, factory: str) -> bool:
+    """Whether an index of ``factory`` is trained on the data before it holds any (IVF, PQ):
+    its quantizer can then take more vectors without training again."""
+    return not empty_faiss(dim, factory).is_trained
+
+
+def add_vectors(index, vectors: np.ndarray) -> None:
+    """Add ``vectors`` (float32 [M, D], unit rows; a memory map is read a block at a time) to
+    the trained ``index`` under ids ``index.ntotal .. index.ntotal + M - 1``."""
+    for start in range(0, len(vectors), 65536):
+        index.add(np.ascontiguousarray(vectors[start:start + 65536], dtype=np.float32))
 
 
 def _ivf(index):
@@ -215,11 +227,13 @@ def _similarities(query: np.ndarray, vectors: np.ndarray, ids: list[int]) -> np.
 
 
 def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int = TUNE_K,
-                queries: np.ndarray | dict[str, np.ndarray] | None = None) -> dict:
+                queries: np.ndarray | dict[str, np.ndarray] | None = None,
+                start: int | None = None) -> dict:
     """The smallest nprobe / efSearch (powers of two) whose recall@k (tie-aware: see
     `recall_at_k`) reaches ``recall_target`` on every set of held-out ``queries`` (one array,
     or named sets such as image and text queries; default: indexed vectors plus noise), the
-    largest tried if none does.
+    largest tried if none does. From ``start`` (a breadth tuned before, checked first and kept
+    if it still reaches the target), else from the narrowest.
     ``{parameter, value, recall}``: ``recall`` is the lowest set's; named sets add
     ``recalls``, each set's recall at that value."""
     name = search_parameter(index)
@@ -231,7 +245,7 @@ def tune_search(index, vectors: np.ndarray, recall_target: float = 0.95, k: int 
     sets = {key: np.ascontiguousarray(q, dtype=np.float32) for key, q in sets.items()}
     truths = {key: exact_neighbours(q, vectors, k) for key, q in sets.items()}
     limit = _ivf(index).nlist if name == "nprobe" else 2048
-    value = 1 if name == "nprobe" else 16
+    value = int(start) if start is not None else 1 if name == "nprobe" else 16
     while True:
         set_search_parameter(index, value)
         recalls = {key: recall_at_k(index.search(q, k)[1], truths[key], q, vectors)
