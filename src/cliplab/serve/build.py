@@ -9,6 +9,11 @@ Only when every item is embedded are the vectors gathered, the vector index buil
 opens nothing else. The index type (and recall, memory budget) only shape that last step, so a
 run that failed there is finished by the same command with another ``index_type``.
 
+An ``--add`` starts from the index's own files: its vectors are chunk 0 as a hard link (no
+copy; nothing in the work folder is written in place, so the old index a server reads never
+changes), its metadata a copy, and a trained FAISS index (IVF) that keeps its type is read and
+given only the new vectors (`faiss_build`).
+
 A Milvus index gets a collection of its own (``cliplab_`` + 12 hex digits unless named), chosen
 once and kept in ``progress.json``; an existing collection is never taken over, except the one
 this run created (resumed). ``--add`` writes the grown index into a new collection too and drops
@@ -47,6 +52,7 @@ from cliplab.output_folder import (atomic_path, check_out, check_writable_beside
                                    write_json)
 from cliplab.provenance import stamp
 from cliplab.serve import faiss_index
+from cliplab.serve.faiss_build import finished_faiss
 from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, INDEX_FILE,
                                   INDEX_FOLDER, META_FILE, PROGRESS_FILE, READ_FORMATS,
                                   VECTORS_FILE, read_index_json)
@@ -485,7 +491,7 @@ def _open_work(work: Path, out: Path, request: dict, existing: dict | None,
              "collection": collection, "collection_created": False}
     if existing is not None:  # --add: start from a copy of the complete index
         shutil.copy2(out / META_FILE, work / META_FILE)
-        _save_npy(work / CHUNKS_DIR / f"{0:06d}.npy", np.load(out / VECTORS_FILE, mmap_mode="r"))
+        _link_or_copy(out / VECTORS_FILE, work / CHUNKS_DIR / f"{0:06d}.npy")
         shutil.rmtree(work / IMAGES_DIR)
         _link_tree(out / IMAGES_DIR, work / IMAGES_DIR)
         state.update(count=existing["count"], skipped=_skipped_rows(work / META_FILE),
@@ -504,13 +510,19 @@ def _skipped_rows(meta: Path) -> int:
         store.close()
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``src`` at ``dst`` too: a hard link (no copy of an index's vectors or images), or a
+    copy where the file system has none. Safe for the old index a server reads: no file of a
+    work folder is written in place (each is written anew and renamed in), so a linked file
+    stays as it was."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _link_tree(src: Path, dst: Path) -> None:
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link) if src.is_dir() else dst.mkdir()
+    shutil.copytree(src, dst, copy_function=_link_or_copy) if src.is_dir() else dst.mkdir()
 
 
 def _drop_unrecorded(work: Path, state: dict) -> None:
@@ -716,16 +728,13 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
     if cfg.backend == "faiss":
         budget = int(cfg.max_memory_gb * (1 << 30)) if cfg.max_memory_gb else None
         factory = faiss_index.choose_index_type(len(vectors), vectors.shape[1], cfg.index_type, budget)
-        phase(f"building a FAISS {factory} index of {len(vectors)} vectors")
-        index = faiss_index.build_faiss(vectors, factory)
-        if faiss_index.search_parameter(index):  # exact search needs no tuning, nor queries
-            phase(f"tuning its search breadth to recall {cfg.recall}")
-            queries = tuning_queries(model, store, vectors)
-        else:
-            queries = None
-        tuned = faiss_index.tune_search(index, vectors, cfg.recall, queries=queries)
+        # an --add's index is read from the old folder (never written: the new one is
+        # written here)
+        old_file = Path(cfg.out).expanduser().resolve() / FAISS_FILE
+        index, record["faiss"] = finished_faiss(
+            vectors, factory, cfg.recall, existing, old_file,
+            lambda: tuning_queries(model, store, vectors), phase)
         faiss_index.write_faiss(index, work / FAISS_FILE)
-        record["faiss"] = {"type": factory, "recall_target": cfg.recall, **tuned}
     else:
         from cliplab.serve.milvus_index import MilvusVectors
 
