@@ -151,3 +151,18 @@ def test_adapt_records_every_class_short_of_shots(tmp_path, tiny_model_dir):
                      "compare_zeroshot": False, "data": {"train": spec, "test": spec}},
                     progress=False, write=False)
     assert res["fewer_than_shots"] == {"hot dog": 2, "hot dog#2": 2}
+
+
+def test_a_name_two_classes_share_takes_the_first_with_a_warning_and_its_key_the_second(
+        recwarn):
+    """ImageNet's two "crane"s: ``crane`` took the first without a word and the second could
+    not be named; per-class results key it ``crane#2``, which now names it (a class literally
+    named so still wins)."""
+    from cliplab.data.pairs import class_indices
+    names = ["crane", "cat", "crane"]
+    assert class_indices(names, ["crane#2", "cat"]) == [2, 1]
+    assert "names" not in warned(recwarn)
+    assert class_indices(names, ["crane"], "holdout") == [0]
+    assert "holdout: 'crane' names 2 classes; taken as the first ('crane#2' is the second, " \
+           "as per-class results name them)" in warned(recwarn)
+    assert class_indices(["crane", "crane#2", "crane"], ["crane#2"]) == [1]

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from cliplab.data.types import ImageTextPairs, LabelledImages, source_keys
-from cliplab.errors import DataError
+from cliplab.errors import DataError, warn
 from cliplab.report_text import unique_labels
 
 
@@ -24,17 +24,27 @@ def twice(indices: list[int], classnames: Sequence[str]) -> str:
 
 def class_indices(classnames: list[str], names: list[str], key: str | None = "classes"
                   ) -> list[int]:
-    """Indices of ``names`` in ``classnames``: the class of exactly that name, else the one of
-    that name in another case. A one-line `DataError` for a name of no class, and (naming
-    ``key``, the config key that gave ``names``) for one that matches several classes only in
-    another case (``dog`` of ``Dog/`` and ``DOG/``): which is meant is not guessed."""
+    """Indices of ``names`` in ``classnames``: the class of exactly that name (of several, the
+    first, with a warning), else the one per-class results key so (``crane#2``: the second
+    "crane"), else the one of that name in another case. A one-line `DataError` for a name of
+    no class, and (naming ``key``, the config key that gave ``names``) for one that matches
+    several classes only in another case (``dog`` of ``Dog/`` and ``DOG/``): which is meant is
+    not guessed."""
     by_lower: dict[str, list[int]] = {}
     for i, c in enumerate(classnames):
         by_lower.setdefault(c.lower(), []).append(i)
+    keys = class_keys(list(classnames))
     out = []
     for name in names:
         if name in classnames:  # a class of that very name wins over ones in another case
             out.append(classnames.index(name))
+            if classnames.count(name) > 1:
+                warn(f"{key + ': ' if key else ''}{name!r} names {classnames.count(name)} "
+                     f"classes; taken as the first ({name + '#2'!r} is the second, as "
+                     "per-class results name them)")
+            continue
+        if name in keys:
+            out.append(keys.index(name))
             continue
         found = by_lower.get(name.lower(), [])
         if not found:
