@@ -158,11 +158,45 @@ def test_a_name_two_classes_share_takes_the_first_with_a_warning_and_its_key_the
     """ImageNet's two "crane"s: ``crane`` took the first without a word and the second could
     not be named; per-class results key it ``crane#2``, which now names it (a class literally
     named so still wins)."""
-    from cliplab.data.pairs import class_indices
+    from cliplab.data.pairs import class_indices, class_keys
     names = ["crane", "cat", "crane"]
     assert class_indices(names, ["crane#2", "cat"]) == [2, 1]
     assert "names" not in warned(recwarn)
     assert class_indices(names, ["crane"], "holdout") == [0]
     assert "holdout: 'crane' names 2 classes; taken as the first ('crane#2' is the second, " \
-           "as per-class results name them)" in warned(recwarn)
-    assert class_indices(["crane", "crane#2", "crane"], ["crane#2"]) == [1]
+           "as per-class results name it)" in warned(recwarn)
+    # a class of its own named x#2: the second x is keyed x#3, in results and in classes:
+    names = ["x", "x#2", "x"]
+    assert class_keys(names) == ["x", "x#2", "x#3"]
+    assert class_indices(names, ["x#2", "x#3"]) == [1, 2]
+    class_indices(names, ["x"])
+    assert "'x' names 2 classes; taken as the first ('x#3' is the second" in warned(recwarn)
+
+
+def test_train_and_test_listing_case_alike_classes_in_two_orders_are_refused(tmp_path):
+    """``classes: [Dog, dog, cat]`` on train and ``[dog, Dog, cat]`` on test passed the
+    "same classes in the same order" check (names compared in lower case), and a probe scored
+    33% for 100%: alike names pair two sets only one to one."""
+    from cliplab.data.pairs import check_same_classes
+    from cliplab.data.types import LabelledImages
+
+    def named(*names):
+        return LabelledImages(torch.zeros(len(names), 2, 2, 3, dtype=torch.uint8),
+                              torch.arange(len(names)), list(names), ["a photo of a {}."])
+
+    check_same_classes(named("Cat", "dog"), named("cat", "Dog"), "adapt")  # one to one: fine
+    with pytest.raises(DataError, match=r"^adapt: train and test must have the same classes "
+                                        r"in the same order; class 0 is 'Dog' in train but "
+                                        r"'dog' in test \("):
+        check_same_classes(named("Dog", "dog", "cat"), named("dog", "Dog", "cat"), "adapt")
+
+
+def test_a_group_holding_one_name_twice_is_warned_as_one_no_tokenizer_tells_apart(
+        tmp_path, recwarn):
+    """``Hot_dog/``, ``hot dog/`` and ``hot_dog/``: two of them are one name as written, so
+    "cannot" tell them apart, not "may not"."""
+    root = class_folder(tmp_path / "f", ["Hot_dog", "hot dog", "hot_dog", "cat"])
+    load_image_folder(root, progress=False)
+    err = warned(recwarn)
+    assert "1 class name(s) name several class folders (" in err and "cannot tell" in err
+    assert "may not" not in err

@@ -33,12 +33,14 @@ def adapt(model_dir: Path, folder: Path, out: Path, method: str, *extra: str) ->
                  "compare_zeroshot=false", "--out", str(out)])
 
 
-@pytest.mark.parametrize("options", [["shots=0"], ["shots=2", "train_size=3"]])
+@pytest.mark.parametrize("options", [["shots=0"], ["shots=2", "train_size=3"],
+                                     ["shots=0", "train_size=1"]])
 def test_adapt_zeroshot_keeps_an_empty_class_as_a_candidate(tmp_path, tiny_model_dir, capsys,
                                                             options):
     """``data.train leaves no training image of 1 class(es) (cow)`` stopped even the
     zero-shot head, which learns nothing from the images (and a train_size subset then blamed
-    itself for the class)."""
+    itself for the class; nor is a class the subset missed refused: the head learns from
+    none)."""
     folder = pets(tmp_path / "pets")
     out = tmp_path / "zs"
     assert adapt(tiny_model_dir, folder, out, "zeroshot", "", *options) == 0, \
@@ -55,11 +57,17 @@ def test_a_method_that_learns_refuses_an_empty_class_naming_a_way_out_that_works
     assert adapt(tiny_model_dir, folder, tmp_path / "lp", "linear-probe", "", "shots=0") == 2
     err = capsys.readouterr().err
     assert "data.train leaves no training image of 1 class(es) (cow); give images of every " \
-           "class, or leave those out: list the classes to keep in classes: of data.train and " \
-           "of data.test (and of data.val and data.shifted when given) alike, as the sets " \
-           "must have the same classes; or remove their empty class folders (or rename them " \
-           "to start with '.': no class); --method zeroshot learns from no image and runs " \
-           "with them" in err
+           "class; a class with no image " \
+           "(an empty folder, one whose images are all unreadable, or one holdout: takes out) " \
+           "is left out by listing the classes to keep in classes: of data.train and of " \
+           "data.test (and of data.val and data.shifted when given) alike (the sets must have " \
+           "the same classes), or by removing its folder (or renaming it to start with '.': " \
+           "no class); --method zeroshot learns from no image and runs with them" in err
+    # val_shots did not empty it: lowering val_shots would not help, so it is not advised
+    assert adapt(tiny_model_dir, folder, tmp_path / "lpv", "linear-probe", "", "shots=2",
+                 "val_shots=1") == 2
+    err = capsys.readouterr().err
+    assert "val_shots" not in err and "is left out by listing the classes" in err
     assert not (tmp_path / "lp").exists()
     # each way out it names
     assert adapt(tiny_model_dir, folder, tmp_path / "kept", "linear-probe",
@@ -76,11 +84,11 @@ def test_few_shot_refuses_an_empty_class_naming_a_way_out_that_works(tmp_path, t
             "methods": ["ncm"], "train": data, "test": data}
     with pytest.raises(DataError, match=r"^tasks\[0\] \(name 'fs'\): shots 2 needs 2 train "
                                         r"images of every class; these have fewer: cow \(0\); "
-                                        r"a class with no image is never drawn: list the "
-                                        r"classes to keep in classes: of train and of test "
-                                        r"alike \(the sets must have the same classes\), or "
-                                        r"remove its empty class folder \(or rename it to "
-                                        r"start with '\.': no class\)$"):
+                                        r"a class with no image \(an empty folder, .*\) is "
+                                        r"left out by listing the classes to keep in classes: "
+                                        r"of train and of test alike \(the sets must have the "
+                                        r"same classes\), or by removing its folder \(or "
+                                        r"renaming it to start with '\.': no class\)$"):
         run_suite(tiny_model, {"tasks": [task]}, TaskContext(progress=False))
     kept = {**data, "classes": ["cat", "dog"]}
     out = run_suite(tiny_model, {"tasks": [{**task, "train": kept, "test": kept}]},

@@ -63,12 +63,19 @@ def legend_label(text: str) -> str:
     return "\u200b" + text if text.startswith("_") else text
 
 
-def unique_labels(labels: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+def unique_labels(labels: list[str], reserved: tuple[str, ...] = (),
+                  keep_first: bool = False) -> list[str]:
     """``labels`` made unique: each the first free of name, name#2, name#3, … (``reserved``
     names count as taken); labels that are unique already stay as they are. A report's
-    columns, and the keys of per-class results, whose class names may repeat."""
-    taken, out = set(reserved), []
+    columns, and the keys of per-class results, whose class names may repeat. With
+    ``keep_first``, every label's first occurrence keeps its name and no suffix takes one."""
+    taken, out = set(reserved) | (set(labels) if keep_first else set()), []
+    firsts = set()
     for name in labels:
+        if keep_first and name not in firsts:
+            firsts.add(name)
+            out.append(name)
+            continue
         label, number = name, 1
         while label in taken:
             number += 1

@@ -17,7 +17,7 @@ from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
 from cliplab.config import Section, validate
-from cliplab.data.pairs import check_same_classes, classes_with_fewer
+from cliplab.data.pairs import check_same_classes, classes_with_fewer, leave_out_classes
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
 from cliplab.data.sources import as_labelled, filled_spec, load_source, same_images
 from cliplab.data.types import LabelledImages
@@ -101,26 +101,21 @@ def few_shot_split(train: LabelledImages | ListedImages | ShotDraws, shots: int 
     return drawn, val
 
 
-# how a set with a class of no image can be run by a method that learns from every class
-LEAVE_EMPTY_CLASSES_OUT = (
-    "list the classes to keep in classes: of data.train and of data.test (and of data.val and "
-    "data.shifted when given) alike, as the sets must have the same classes; or remove their "
-    "empty class folders (or rename them to start with '.': no class); --method zeroshot "
-    "learns from no image and runs with them")
-
-
 def check_training_classes(train: LabelledImages, shots: int | None, val_drawn: bool,
-                           learns: bool = True) -> None:
+                           learns: bool = True, empty: set[str] = frozenset()) -> None:
     """Every class keeps a training image after the split when the method ``learns`` from
-    images (a ``DataError`` naming those without, and the ways out); the zero-shot head learns
-    nothing from them, so a class without images stays one of its classes, as in eval's
-    zero-shot. Classes with fewer than ``shots`` are told on stderr (they train on what they
-    have, and "N per class" would not be true of them)."""
+    images (a ``DataError`` naming those without, and the ways out: of a class ``empty``
+    before any was drawn, leaving it out; of one the validation draw emptied, val_shots); the
+    zero-shot head learns nothing from them, so a class without images stays one of its
+    classes, as in eval's zero-shot. Classes with fewer than ``shots`` are told on stderr
+    (they train on what they have, and "N per class" would not be true of them)."""
     missing = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)]
     if missing and learns:
+        sets = "data.train and of data.test (and of data.val and data.shifted when given)"
         why = (" after val_shots drew the validation split from it; give more images, or "
-               "lower val_shots") if val_drawn else \
-            f"; give images of every class, or leave those out: {LEAVE_EMPTY_CLASSES_OUT}"
+               "lower val_shots") if val_drawn and not empty & set(missing) else \
+            f"; give images of every class; {leave_out_classes(sets)}; --method zeroshot " \
+            "learns from no image and runs with them"
         raise DataError(f"data.train leaves no training image of {len(missing)} class(es) "
                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}){why}")
     warn_fewer_than(train, shots, "shots", "training", "train on")
@@ -376,8 +371,11 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
         val = draw_validation(cfg, val_draws)
     skipped = report_skips(cfg, {"train": train_draws, **sets,
                                  **({"val": val_draws} if val_draws is not None else {})})
+    learns = getattr(method, "LEARNS_FROM_IMAGES", True)
+    listed = listed_data(train_all)
     check_training_classes(train, cfg.shots, val_drawn=own_val is None and bool(cfg.val_shots),
-                           learns=getattr(method, "LEARNS_FROM_IMAGES", True))
+                           learns=learns, empty={name for name, _ in classes_with_fewer(
+                               listed.labels, listed.classnames, 1)})
     if val is not None and cfg.val_shots:
         warn_fewer_than(val, cfg.val_shots, "val_shots", "validation", "validate on")
     if val is not None and not getattr(method, "uses_validation", lambda o: False)(options):
@@ -403,7 +401,7 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
     train = subsample(train, cfg.train_size, cfg.seed)
     lost = [name for name, _ in classes_with_fewer(train.labels, train.classnames, 1)
             if name not in empty]
-    if lost:  # a random subset of the few-shot set can miss whole classes
+    if lost and learns:  # a random subset of the few-shot set can miss whole classes
         raise DataError(f"train_size={cfg.train_size} leaves no training image of {len(lost)} "
                         f"class(es) ({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}); "
                         "raise it, or leave it out")

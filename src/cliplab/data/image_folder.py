@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cliplab.data.folder_files import (SkippedFile, caption_dirs, image_caption, image_metadata,
                                        is_utf8, list_folder, printable_path, require_folder)
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
+from cliplab.data.pairs import folded
 from cliplab.data.prompt_files import CLASSNAMES_FILE, read_lines, read_templates
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError, warn
@@ -60,10 +61,11 @@ def _warn_repeated_names(root: Path, folders: list[Path], names: list[str]) -> N
     tokenizer (cliplab's are) reads their prompts as one, and prompts collapse spaces."""
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        groups.setdefault(" ".join(name.casefold().split()), []).append(i)
+        groups.setdefault(folded(name), []).append(i)
     shared = [found for found in groups.values() if len(found) > 1]
-    same = [found for found in shared if len({names[i] for i in found}) == 1]
-    alike = [found for found in shared if len({names[i] for i in found}) > 1]
+    # a group holding one name twice as written cannot be told apart, whatever the tokenizer
+    same = [found for found in shared if len({names[i] for i in found}) < len(found)]
+    alike = [found for found in shared if len({names[i] for i in found}) == len(found)]
     for groups_of, but, why in ((same, "", "cannot"),
                                 (alike, " but for case or spacing",
                                  "may not (a lowercasing tokenizer cannot)")):

@@ -22,6 +22,12 @@ def twice(indices: list[int], classnames: Sequence[str]) -> str:
     raise ValueError("no class is named twice")
 
 
+def folded(name: str) -> str:
+    """A class name as zero-shot prompts read it, for telling names alike: case folded (the
+    tokenizers lowercase) and runs of spaces as one (prompts collapse them)."""
+    return " ".join(name.casefold().split())
+
+
 def class_indices(classnames: list[str], names: list[str], key: str | None = "classes"
                   ) -> list[int]:
     """Indices of ``names`` in ``classnames``: the class of exactly that name (of several, the
@@ -30,23 +36,24 @@ def class_indices(classnames: list[str], names: list[str], key: str | None = "cl
     no class, and (naming ``key``, the config key that gave ``names``) for one that matches
     several classes only in another case (``dog`` of ``Dog/`` and ``DOG/``): which is meant is
     not guessed."""
-    by_lower: dict[str, list[int]] = {}
+    by_fold: dict[str, list[int]] = {}
     for i, c in enumerate(classnames):
-        by_lower.setdefault(c.lower(), []).append(i)
+        by_fold.setdefault(folded(c), []).append(i)
     keys = class_keys(list(classnames))
     out = []
     for name in names:
         if name in classnames:  # a class of that very name wins over ones in another case
             out.append(classnames.index(name))
-            if classnames.count(name) > 1:
-                warn(f"{key + ': ' if key else ''}{name!r} names {classnames.count(name)} "
-                     f"classes; taken as the first ({name + '#2'!r} is the second, as "
-                     "per-class results name them)")
+            same = [i for i, c in enumerate(classnames) if c == name]
+            if len(same) > 1:
+                warn(f"{key + ': ' if key else ''}{name!r} names {len(same)} classes; taken "
+                     f"as the first ({keys[same[1]]!r} is the second, as per-class results "
+                     "name it)")
             continue
         if name in keys:
             out.append(keys.index(name))
             continue
-        found = by_lower.get(name.lower(), [])
+        found = by_fold.get(folded(name), [])
         if not found:
             raise DataError(f"unknown class {name!r}; classes are: {', '.join(classnames)}")
         if len(found) > 1:
@@ -67,10 +74,14 @@ class HasClasses(Protocol):
 def check_same_classes(first: HasClasses, second: HasClasses, where: str,
                        names: tuple[str, str] = ("train", "test")) -> None:
     """A one-line `DataError` unless ``first`` and ``second`` have the same class names
-    (any case) in the same order: labels are class indices, so a classifier fitted on one
+    (any case or spacing, where that pairs them one to one) in the same order: labels are
+    class indices, so a classifier fitted on one
     set is only scored right on the other when index i is the same class in both."""
     a, b = list(first.classnames), list(second.classnames)
-    if [c.lower() for c in a] == [c.lower() for c in b]:
+    fa, fb = [folded(c) for c in a], [folded(c) for c in b]
+    # names alike but for case or spacing are one class only where that pairs them one to
+    # one: of Dog/ and dog/, each side's order must be the other's as written
+    if a == b or (fa == fb and len(set(fa)) == len(fa)):
         return
     one, two = names
     only = [(side, _only_in(x, y)) for side, x, y in ((one, a, b), (two, b, a))]
@@ -83,23 +94,35 @@ def check_same_classes(first: HasClasses, second: HasClasses, where: str,
     if len(a) != len(b):
         detail = f"{one} has {len(a)} classes, {two} has {len(b)}"
     else:
-        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x.lower() != y.lower())
+        # alike all along (Dog/ and dog/ in two orders): the first that differs as written
+        i = next(i for i in range(len(a)) if (fa[i] != fb[i] if fa != fb else a[i] != b[i]))
         detail = f"class {i} is {a[i]!r} in {one} but {b[i]!r} in {two}"
     raise DataError(f"{where}: {one} and {two} must have the same classes in the same order; "
                     f"{detail} ({one}: {_few(a)}; {two}: {_few(b)})")
 
 
 def _only_in(names: list[str], other: list[str]) -> list[str]:
-    """The names of ``names`` that ``other`` lacks (any case), in order."""
-    lower = {c.lower() for c in other}
-    return [c for c in names if c.lower() not in lower]
+    """The names of ``names`` that ``other`` lacks (any case or spacing), in order."""
+    other_folded = {folded(c) for c in other}
+    return [c for c in names if folded(c) not in other_folded]
 
 
 def class_keys(classnames: list[str]) -> list[str]:
     """Each class's key in per-class results: its name, made unique when names repeat
     (``hot_dog/`` and ``hot dog/`` are both "hot dog": the second keyed ``hot dog#2``), so no
-    class's entry overwrites another's."""
-    return unique_labels(list(classnames))
+    class's entry overwrites another's; a suffix never takes another class's own name (of
+    ``x``, ``x``, ``x#2`` the second ``x`` is ``x#3``)."""
+    return unique_labels(list(classnames), keep_first=True)
+
+
+def leave_out_classes(sets: str) -> str:
+    """How a run whose sets hold a class with no image (an empty folder, one whose images are
+    all unreadable, or one ``holdout:`` takes out) leaves it out; ``sets`` names the sets
+    whose ``classes:`` must agree."""
+    return (f"a class with no image (an empty folder, one whose images are all unreadable, or "
+            f"one holdout: takes out) is left out by listing the classes to keep in classes: of "
+            f"{sets} alike (the sets must have the same classes), or by removing its folder "
+            "(or renaming it to start with '.': no class)")
 
 
 def classes_with_fewer(labels: torch.Tensor, classnames: list[str], k: int

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
 from cliplab.data.listed import ListedImages, listed_data
-from cliplab.data.pairs import classes_with_fewer
+from cliplab.data.pairs import classes_with_fewer, leave_out_classes
 from cliplab.data.sources import as_labelled
 from cliplab.data.types import LabelledImages
 from cliplab.errors import DataError
@@ -129,9 +129,7 @@ def check_enough_shots(spec: Spec, labels: torch.Tensor, classnames: list[str],
         listed = ", ".join(short[:5]) + (f", ... ({len(short)} classes)" if len(short) > 5
                                          else "")
         # no k is drawn from a class without images; it can only be left out of both sets
-        way_out = "" if all(n for _, n in fewer) else (
-            f"; a class with no {kind}image is never drawn: list the classes to keep in "
-            "classes: of train and of test alike (the sets must have the same classes), or "
-            "remove its empty class folder (or rename it to start with '.': no class)")
+        way_out = "" if all(n for _, n in fewer) else \
+            f"; {leave_out_classes('train and of test')}"
         raise DataError(f"shots {k} needs {k} {kind}train images of every class; these have "
                         f"fewer: {listed}{way_out}")
