@@ -145,6 +145,13 @@ def test_labels_docs_say_every_field_is_split_at_commas(served):
         "labels": ['"red, white and blue",  green', '5" tall'], "id": "5"}).json()
     assert sorted(e["label"] for e in quoted["labels"]) == ['5" tall', "green",
                                                             "red, white and blue"]
+    for labels, said in ((['cat, "dog, bird'], "unexpected end of data"),
+                         (['"Rock" music, jazz'], "',' expected after '\"'"),
+                         (["a" * 140_000 + ", b"], "at most 100 labels of at most 200")):
+        # an open quote merged the rest of its line into one label; a line past csv's field
+        # limit was a 500
+        response = served["client"].post("/api/classify", data={"labels": labels, "id": "5"})
+        assert response.status_code == 422 and said in response.json()["error"], response.text
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/classify`"))
     schema = served["client"].get("/openapi.json").text

@@ -28,7 +28,7 @@ def parse_labels(fields: list[str]) -> list[str]:
     field), a label in double quotes keeping its commas (as in CSV: ``"red, white and blue",
     green``); repeats dropped."""
     labels = [part.strip() for text in fields for line in text.splitlines()
-              for part in next(csv.reader([line], skipinitialspace=True), [])]
+              for part in _csv_fields(line)]
     labels = list(dict.fromkeys(label for label in labels if label))
     if len(labels) < 2:
         fail(422, "labels: give at least two different labels, separated by commas or new "
@@ -36,6 +36,19 @@ def parse_labels(fields: list[str]) -> list[str]:
     if len(labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in labels):
         fail(422, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
     return labels
+
+
+def _csv_fields(line: str) -> list[str]:
+    """The comma-separated labels of one line, a double-quoted one keeping its commas; a 422
+    for a quote left open or followed by more than spaces, and for a line too long to hold
+    the labels a request may give (it would be refused, and csv limits a field's length)."""
+    if len(line) > MAX_LABELS * (MAX_LABEL_CHARS + 4):
+        fail(422, f"labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
+    try:
+        return next(csv.reader([line], skipinitialspace=True, strict=True), [])
+    except csv.Error as err:
+        fail(422, f"labels: {err} in {line[:60]!r}; a label in double quotes keeps its commas "
+                  '("red, white and blue"), a quote inside it doubled ("")')
 
 
 def parse_ids(fields: list[str]) -> list[int]:
