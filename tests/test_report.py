@@ -924,3 +924,36 @@ def test_per_class_values_follow_the_headline_metrics_and_many_classes_show_thei
     write_report(files, out, {"plots": False}, progress=False)
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "the 10 lowest of 100 classes" in md and "class 098" not in md
+
+
+def test_per_class_values_of_other_shapes_in_two_inputs_still_report(tmp_path):
+    """One input's class holding {acc1, frequency}, another's a number or a list: the report
+    stopped with AttributeError ('float' object has no attribute 'get')."""
+    from cliplab.evaluate.report import build_tables
+    files = []
+    for label, value in (("c", {"acc1": 0.5, "frequency": 3}), ("d", 0.4), ("e", [0.4])):
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps({"model": label, "results": {
+            "lt": {"acc1": 0.5, "per_class": {"cat": value}}}}))
+        files.append(path)
+    rows = dict(next(t for t in build_tables(read_inputs(files)) if t.title == "lt").rows)
+    assert rows["per_class.cat"] == {"c": None, "d": 0.4, "e": None}
+    assert rows["per_class.cat.acc1"] == {"c": 0.5, "d": None, "e": None}
+    assert rows["per_class.cat.frequency"] == {"c": 3, "d": None, "e": None}
+
+
+def test_adapts_classes_short_of_shots_follow_its_scores_cut_as_per_class_values(tmp_path):
+    """``fewer_than_shots`` (images of each class short of its shots) was a table of its own,
+    one row per class, above the scores and never cut."""
+    from cliplab.evaluate.report import build_tables
+    short = {f"c{i:02d}": i % 3 for i in range(45)}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"method": "zeroshot", "model": "m", "shots": 4,
+                                "test": {"acc1": 0.5, "n": 9}, "fewer_than_shots": short}))
+    tables = build_tables(read_inputs([path]))
+    assert [t.title for t in tables][0] == "test" and "fewer_than_shots" not in \
+        [t.title for t in tables]
+    run = next(t for t in tables if t.title == "run")
+    listed = [m for m, _ in run.rows if m.startswith("fewer_than_shots.")]
+    assert listed == [f"fewer_than_shots.c{i:02d}" for i in range(0, 30, 3)]  # the 0s, in order
+    assert "fewer_than_shots: the 10 lowest of 45 classes" in run.note

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cliplab.errors import DataError
 from cliplab.evaluate.metrics import COUNT_KEYS
+from cliplab.evaluate.report_per_class import is_per_class
 from cliplab.report_text import printable, unique_labels
 
 RUN_FILES = ("results.json", "metrics.jsonl")
@@ -164,7 +165,8 @@ def result_sections(data: dict) -> dict[str, dict]:
     """Metric sections of a results object: its ``results``/``evals`` mapping if it has one,
     every other mapping under its own key (not adapt's ``options``), an α sweep (wise-ft's
     ``sweep``) as ``{"α 0.5": {set: acc1}}``, and numbers (top-level or directly under
-    ``results``, and the number of skipped samples) under ``run``."""
+    ``results``, and the number of skipped samples) and top-level per-class values (adapt's
+    ``fewer_than_shots``) under ``run``."""
     sections: dict[str, dict] = {}
     scalars = {}
     for key in _SECTION_KEYS:
@@ -183,7 +185,9 @@ def result_sections(data: dict) -> dict[str, dict]:
             sections.setdefault(heldout[0], heldout[1])
             continue
         sweep = alpha_sweep(value)
-        if sweep:
+        if isinstance(value, dict) and is_per_class(key):  # after the results, cut as theirs
+            scalars[key] = value
+        elif sweep:
             sections.setdefault(key, sweep)
         elif isinstance(value, dict):
             sections.setdefault(key, value)

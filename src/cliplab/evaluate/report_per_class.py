@@ -10,8 +10,9 @@ LOWEST_SHOWN = 10  # of a larger one, these lowest classes
 
 
 def is_per_class(key: str) -> bool:
-    """Whether a metrics key holds one value per class (``mean_per_class_recall`` does not)."""
-    return key == "per_class" or key.startswith("per_class_")
+    """Whether a metrics key holds one value per class (``mean_per_class_recall`` does not;
+    adapt's ``fewer_than_shots`` does: images per class short of its shots)."""
+    return key in ("per_class", "fewer_than_shots") or key.startswith("per_class_")
 
 
 def split_per_class(metrics: dict, prefix: str = "") -> tuple[dict, dict[str, dict]]:
@@ -45,16 +46,15 @@ def per_class_rows(groups: dict[str, dict[str, dict]]
             notes.append(f"{path}: the {LOWEST_SHOWN} lowest of {_count(by_column)} classes "
                          "(by the mean over the columns); every class is in the inputs' results")
         for klass in classes:
-            fields = dict.fromkeys(k for values in by_column.values()
-                                   if isinstance(values.get(klass), dict)
-                                   for k in values[klass])
-            if not fields:
+            given = [values.get(klass) for values in by_column.values()]
+            fields = dict.fromkeys(k for value in given if isinstance(value, dict)
+                                   for k in value)
+            if not fields or any(_number(value) is not None for value in given):
                 rows.append((f"{path}.{klass}", {col: _number(values.get(klass))
                                                  for col, values in by_column.items()}))
-            for name in fields:
-                rows.append((f"{path}.{klass}.{name}",
-                             {col: _number((values.get(klass) or {}).get(name))
-                              for col, values in by_column.items()}))
+            for name in fields:  # (an input's number, not a dict, has none of them)
+                rows.append((f"{path}.{klass}.{name}", {col: _field(values.get(klass), name)
+                                                        for col, values in by_column.items()}))
     return rows, notes
 
 
@@ -73,6 +73,11 @@ def _mean_score(klass: str, by_column: dict[str, dict]) -> tuple[int, float]:
     """Classes with a score first (lowest mean first), those with none after."""
     scores = [s for values in by_column.values() if (s := _score(values.get(klass))) is not None]
     return (0, sum(scores) / len(scores)) if scores else (1, 0.0)
+
+
+def _field(value: object, name: str) -> float | int | None:
+    """The number ``name`` of a class's dict of values (None for any other value)."""
+    return _number(value.get(name)) if isinstance(value, dict) else None
 
 
 def _number(value: object) -> float | int | None:
