@@ -8,8 +8,8 @@ import multiprocessing
 import os
 import threading
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
@@ -75,17 +75,44 @@ def _map_in_worker(records: list[Record], work: Path) -> dict[str, np.ndarray]:
     return _map_records(_WORKER_STEP[0], records, work)
 
 
-def chunks_to_do(chunks: dict[int, list[Record]], out: Callable[[int], Path]
-                 ) -> dict[int, list[Record]]:
-    """The chunks whose columns file does not exist yet (a resumed run skips the others)."""
-    return {c: records for c, records in chunks.items() if not out(c).exists()}
+class LazyChunks(Mapping):
+    """``{chunk number: its records}`` whose records are loaded (``load(number)``) each time
+    a chunk is asked for, not held: an engine holds only the chunks it is mapping, not the
+    pool (a dict of every chunk's records held ~1 KB per item, GBs at millions)."""
+
+    def __init__(self, sizes: dict[int, int], load: Callable[[int], list[Record]]):
+        self.sizes, self._load = sizes, load
+
+    def __getitem__(self, c: int) -> list[Record]:
+        if c not in self.sizes:
+            raise KeyError(c)
+        return self._load(c)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
 
 
-def chunk_progress(chunks: dict[int, list[Record]], todo: dict[int, list[Record]], desc: str,
-                   progress: bool) -> tqdm:
-    """A bar over every item of ``chunks``, the ones outside ``todo`` already counted."""
-    total = sum(len(r) for r in chunks.values())
-    return tqdm(total=total, initial=total - sum(len(r) for r in todo.values()), desc=desc,
+def chunk_sizes(chunks: Mapping[int, list[Record]]) -> dict[int, int]:
+    """Each chunk's number of records (of a `LazyChunks`, without loading them)."""
+    if isinstance(chunks, LazyChunks):
+        return dict(chunks.sizes)
+    return {c: len(records) for c, records in chunks.items()}
+
+
+def chunks_to_do(chunks: Mapping[int, list[Record]], out: Callable[[int], Path]) -> list[int]:
+    """The chunks (sorted) whose columns file does not exist yet (a resumed run skips the
+    others)."""
+    return [c for c in sorted(chunks) if not out(c).exists()]
+
+
+def chunk_progress(sizes: dict[int, int], todo: list[int], desc: str, progress: bool) -> tqdm:
+    """A bar over every item of the chunks of ``sizes``, those outside ``todo`` already
+    counted."""
+    total = sum(sizes.values())
+    return tqdm(total=total, initial=total - sum(sizes[c] for c in todo), desc=desc,
                 unit="item", disable=not progress)
 
 
@@ -115,15 +142,17 @@ class WorkerDied(CliplabError):
     """A curate worker process ended without its chunk (the OOM killer, ``kill -9``)."""
 
 
-def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
+def map_chunks(step: Step, chunks: Mapping[int, list[Record]], out: Callable[[int], Path],
                work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
-    """``step.map`` over every chunk (``{chunk number: records}``) whose columns file
-    ``out(number)`` does not exist yet; each result is saved as soon as it is ready."""
-    todo = chunks_to_do(chunks, out)
-    bar = chunk_progress(chunks, todo, desc, progress)
+    """``step.map`` over every chunk (``{chunk number: records}``, e.g. `LazyChunks`) whose
+    columns file ``out(number)`` does not exist yet; each result is saved as soon as it is
+    ready. A few chunks per worker are under way at once, not the whole pool."""
+    todo, sizes = chunks_to_do(chunks, out), chunk_sizes(chunks)
+    bar = chunk_progress(sizes, todo, desc, progress)
     try:
         if workers <= 1 or len(todo) <= 1:
-            for c, records in sorted(todo.items()):
+            for c in todo:
+                records = chunks[c]
                 save_columns(out(c), _map_records(step, records, work), len(records),
                              f"{desc} chunk {c}")
                 bar.update(len(records))
@@ -133,13 +162,22 @@ def map_chunks(step: Step, chunks: dict[int, list[Record]], out: Callable[[int],
                                  initargs=(step, list(warnings.filters),
                                            warnings.showwarning is show_warning_on_one_line)
                                  ) as pool:
-            futures = {pool.submit(_map_in_worker, records, work): c
-                       for c, records in sorted(todo.items())}
+            waiting, running = iter(todo), {}
+
+            def submit_next() -> None:
+                c = next(waiting, None)
+                if c is not None:
+                    running[pool.submit(_map_in_worker, chunks[c], work)] = c
+            for _ in range(2 * workers):  # a queued chunk's records are held until mapped
+                submit_next()
             try:
-                for future in as_completed(futures):
-                    c = futures[future]
-                    save_columns(out(c), future.result(), len(todo[c]), f"{desc} chunk {c}")
-                    bar.update(len(todo[c]))
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in sorted(finished, key=running.get):
+                        c = running.pop(future)
+                        save_columns(out(c), future.result(), sizes[c], f"{desc} chunk {c}")
+                        bar.update(sizes[c])
+                        submit_next()
             except BrokenProcessPool:
                 stop_workers(pool)
                 raise WorkerDied(f"step {desc}: a worker process died (killed, or out of "

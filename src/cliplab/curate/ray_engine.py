@@ -16,13 +16,13 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from cliplab.curate.engine import chunk_progress, chunks_to_do, save_columns
+from cliplab.curate.engine import chunk_progress, chunk_sizes, chunks_to_do, save_columns
 from cliplab.curate.pool import Record, map_chunk
 from cliplab.curate.steps.base import Step
 from cliplab.errors import CliplabError, ConfigError
@@ -141,29 +141,49 @@ class _ChunkMapper:
                 "error": np.array(errors, dtype=object)}
 
 
-def map_chunks_ray(step: Step, chunks: dict[int, list[Record]], out: Callable[[int], Path],
+# items whose records one Ray dataset carries: the chunks to map are sent a group at a time,
+# not the whole pool at once (its records as JSON in the driver and the object store)
+RAY_GROUP_ITEMS = 200_000
+
+
+def chunk_groups(todo: list[int], sizes: dict[int, int], workers: int,
+                 items: int = RAY_GROUP_ITEMS) -> list[list[int]]:
+    """``todo`` in groups of consecutive chunks of about ``items`` items (at least
+    ``workers`` chunks each, so every actor has one)."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for c in todo:
+        if groups[-1] and held >= items and len(groups[-1]) >= workers:
+            groups.append([])
+            held = 0
+        groups[-1].append(c)
+        held += sizes[c]
+    return [g for g in groups if g]
+
+
+def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable[[int], Path],
                    work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
-    """`cliplab.curate.engine.map_chunks` on Ray Data (Ray must be started: `start_ray`)."""
+    """`cliplab.curate.engine.map_chunks` on Ray Data (Ray must be started: `start_ray`); the
+    chunks go to Ray a group (`chunk_groups`) at a time."""
     import ray
 
-    todo = chunks_to_do(chunks, out)
-    bar = chunk_progress(chunks, todo, desc, progress)
+    todo, sizes = chunks_to_do(chunks, out), chunk_sizes(chunks)
+    bar = chunk_progress(sizes, todo, desc, progress)
     try:
-        if not todo:  # Ray Data refuses an empty dataset
-            return
-        dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(records)}
-                                       for c, records in sorted(todo.items())],
-                                      override_num_blocks=len(todo))
-        mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
-                                     batch_size=1, compute=ray.data.ActorPoolStrategy(
-                                         size=max(1, min(workers, len(todo)))))
-        for row in mapped.iter_rows():
-            if row["error"]:
-                raise pickle.loads(row["error"])
-            c = int(row["chunk"])
-            with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
-                columns = {name: data[name] for name in data.files}
-            save_columns(out(c), columns, len(todo[c]), f"{desc} chunk {c}")
-            bar.update(len(todo[c]))
+        # none to do: Ray Data refuses an empty dataset (no group is made)
+        for group in chunk_groups(todo, sizes, max(1, workers)):
+            dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(chunks[c])}
+                                           for c in group], override_num_blocks=len(group))
+            mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
+                                         batch_size=1, compute=ray.data.ActorPoolStrategy(
+                                             size=max(1, min(workers, len(group)))))
+            for row in mapped.iter_rows():
+                if row["error"]:
+                    raise pickle.loads(row["error"])
+                c = int(row["chunk"])
+                with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
+                    columns = {name: data[name] for name in data.files}
+                save_columns(out(c), columns, sizes[c], f"{desc} chunk {c}")
+                bar.update(sizes[c])
     finally:
         bar.close()
