@@ -600,7 +600,7 @@ def test_ray_engine_keeps_exactly_what_the_local_engine_keeps(tmp_path):
 
 
 def test_report_draws_matches_and_concept_histograms(tmp_path):
-    from cliplab.curate.report import write_report
+    from cliplab.curate.report import shown_step, write_report
 
     pool = make_folder(tmp_path / "pool", [10, 200])
     records = [{"key": f"img_0{i}.png", "caption": f"c{i}", "location": {"file": str(pool / f"img_0{i}.png")},
@@ -620,7 +620,9 @@ def test_report_draws_matches_and_concept_histograms(tmp_path):
     (work / step_work).mkdir(parents=True)
     (work / step_work / "c.json").write_text("{}")
     Image.open(pool / "img_00.png").save(work / step_work / "ref.png")
-    write_report(work, summary, [("x", records, decision)], [], examples=4, out=tmp_path / "final")
+    shown = shown_step("x", decision, [r["key"] for r in records],
+                       lambda at: [records[i] for i in at], examples=4)
+    write_report(work, summary, [shown], [], examples=4, out=tmp_path / "final")
     md = (work / "report.md").read_text()
     assert "### matches (1)" in md and "report/00-x/match-0.png" in md and "report/00-x/match-0-ref.png" in md
     assert (work / "report/00-x/match-0-ref.png").is_file()

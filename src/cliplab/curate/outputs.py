@@ -5,6 +5,7 @@ source key of every dropped item, those dropped at ``read`` included)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,16 +22,17 @@ from cliplab.report_text import printable
 SHARDS_DIR, MANIFEST_FILE, IMAGES_DIR = "shards", "kept.parquet", "images"
 
 
-def write_kept(records: list[Record], work: Path, output: OutputSpec, source: dict,
+def write_kept(records: Collection[Record], work: Path, output: OutputSpec, source: dict,
                progress: bool = True) -> dict:
-    """Write the kept pool under ``work`` as ``output`` says; returns what was written."""
+    """Write the kept pool under ``work`` as ``output`` says; returns what was written.
+    ``records`` is read through once or twice (a list, or one that loads them as it goes)."""
     if output.format == "shards":
         return write_kept_shards(records, work, work / SHARDS_DIR, output.samples_per_shard,
                                  source, progress)
     return write_kept_manifest(records, work, work, progress)
 
 
-def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per_shard: int,
+def write_kept_shards(records: Collection[Record], work: Path, dest: Path, samples_per_shard: int,
                       source: dict, progress: bool = True) -> dict:
     """Shards in `cliplab data shard`'s layout (``00000.tar`` ..., ``index.json``); per sample the
     original image bytes (``KEY.jpg|png|...``), ``KEY.txt`` (the caption) and ``KEY.json``
@@ -42,7 +44,7 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
     new_keys = kept_keys(records)
     with ShardSink(dest, samples_per_shard) as writer:
         for number, record in enumerate(tqdm(records, desc="write shards", unit="item",
-                                             disable=not progress)):
+                                             total=len(records), disable=not progress)):
             data, ext = image_bytes(record["location"], work, record["key"])
             key = f"{number:09d}"
             meta = {"key": key, **carried_fields(record, new_keys),
@@ -55,7 +57,7 @@ def write_kept_shards(records: list[Record], work: Path, dest: Path, samples_per
             "shards": len(writer.shards)}
 
 
-def kept_keys(records: list[Record]) -> dict[str, str]:
+def kept_keys(records: Collection[Record]) -> dict[str, str]:
     """The output key of each kept record (its number), by its pool key and by its source
     sample's own key (a shard's ``json`` key, which a partner's ``partner_key`` names). A key
     two samples share names neither (as the shard reader resolves partners)."""
@@ -101,7 +103,7 @@ def _whole(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def write_kept_manifest(records: list[Record], work: Path, dest: Path,
+def write_kept_manifest(records: Collection[Record], work: Path, dest: Path,
                         progress: bool = True) -> dict:
     """``kept.parquet``: ``image`` (the original file, or a copy under ``images/`` for images
     that live in a tar or in memory or whose path is not UTF-8), ``caption`` (the one the
@@ -110,9 +112,12 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
     ``location`` is the source's (a file, a tar member); an in-memory source's image, which
     lived only in the run's cache, is ``{"stored": "images/N.png"}``, its copy in ``dest``."""
     images = dest / IMAGES_DIR
-    rows = []
+    schema = pa.schema([*((name, pa.string()) for name in ("image", "caption", "key", "location",
+                                                           "meta", "captions")),
+                        ("group", pa.int64())])
+    rows, parts, count = [], [], 0
     for number, record in enumerate(tqdm(records, desc="write manifest", unit="item",
-                                         disable=not progress)):
+                                         total=len(records), disable=not progress)):
         location = record["location"]
         # a Parquet string is UTF-8: a file whose path is not (a folder named in Latin-1) is
         # copied, its exact path kept in ``location`` (JSON escapes it)
@@ -129,19 +134,55 @@ def write_kept_manifest(records: list[Record], work: Path, dest: Path,
         rows.append({"image": image, "caption": record["caption"], "key": record["key"],
                      "location": json.dumps(location), "meta": json.dumps(record["meta"]),
                      "captions": json.dumps(carried["captions"]), "group": carried["group"]})
-    schema = pa.schema([*((name, pa.string()) for name in ("image", "caption", "key", "location",
-                                                           "meta", "captions")),
-                        ("group", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), dest / MANIFEST_FILE)
-    return {"format": "manifest", "path": MANIFEST_FILE, "count": len(rows)}
+        count += 1
+        if len(rows) == ROWS_AT_ONCE:  # as Arrow columns: a dict per row held ~1 KB
+            parts.append(pa.Table.from_pylist(rows, schema=schema))
+            rows = []
+    parts.append(pa.Table.from_pylist(rows, schema=schema))
+    pq.write_table(whole(parts), dest / MANIFEST_FILE)
+    return {"format": "manifest", "path": MANIFEST_FILE, "count": count}
 
 
-def write_dropped(rows: list[dict], path: Path) -> None:
-    """Every dropped item: ``key``, ``step``, ``reason``, ``score`` (NaN where none) and
-    ``source_key`` (the item a shard sample was made from; None where the pool has none)."""
-    schema = pa.schema([("key", pa.string()), ("step", pa.string()), ("reason", pa.string()),
-                        ("score", pa.float64()), ("source_key", pa.string())])
-    # a reason names its file, whose path may not be UTF-8 (a Parquet string must be)
-    rows = [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
-            for row in rows]
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+ROWS_AT_ONCE = 10_000  # rows gathered as dicts before they become Arrow columns
+
+
+def whole(parts: list[pa.Table]) -> pa.Table:
+    """``parts`` as one table of one chunk per column: written as a table made at once is
+    (the same row groups, the same bytes)."""
+    return pa.concat_tables(parts).combine_chunks()
+
+
+DROPPED_SCHEMA = pa.schema([("key", pa.string()), ("step", pa.string()),
+                            ("reason", pa.string()), ("score", pa.float64()),
+                            ("source_key", pa.string())])
+
+
+class DroppedTable:
+    """Every dropped item's row, gathered step by step as Arrow columns (a reason held as its
+    bytes, not in a dict per item) and written at the end as ``dropped.parquet``: ``key``,
+    ``step``, ``reason``, ``score`` (NaN where none) and ``source_key`` (the item a shard
+    sample was made from; None where the pool has none)."""
+
+    def __init__(self) -> None:
+        self.parts = [DROPPED_SCHEMA.empty_table()]
+        self.count = 0
+
+    def add(self, keys: Sequence[str], step: str, reasons: Sequence[str | None],
+            scores: Sequence[float], source_keys: Sequence[str | None]) -> None:
+        """Add the rows of items dropped by ``step``, in pool order."""
+        self._add(keys, [step] * len(keys), reasons, scores, source_keys)
+
+    def add_rows(self, rows: list[dict]) -> None:
+        """Add rows given as dicts (``key``, ``step``, ``reason``, ``score``, ``source_key``)."""
+        self._add(*([row[f.name] for row in rows] for f in DROPPED_SCHEMA))
+
+    def _add(self, *columns: Sequence) -> None:
+        # a reason names its file, whose path may not be UTF-8 (a Parquet string must be)
+        arrays = [pa.array([printable(v) if isinstance(v, str) else v for v in column]
+                           if field.type == pa.string() else [float(v) for v in column],
+                           type=field.type) for column, field in zip(columns, DROPPED_SCHEMA)]
+        self.parts.append(pa.Table.from_arrays(arrays, schema=DROPPED_SCHEMA))
+        self.count += len(arrays[0])
+
+    def write(self, path: Path) -> None:
+        pq.write_table(whole(self.parts), path)

@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from cliplab.config import changed_key_paths, validate, value_at
 from cliplab.curate.config import CurateConfig, step_name
-from cliplab.curate.engine import load_columns, map_chunks
+from cliplab.curate.engine import LazyChunks, load_columns, map_chunks
 from cliplab.curate.inputs import changed_input, stamp_inputs
 from cliplab.curate.ray_engine import check_cluster, ray_session
-from cliplab.curate.outputs import write_dropped, write_kept
-from cliplab.curate.pool import Record, changed_source, read_item, stamp_sources
-from cliplab.curate.report import write_report
+from cliplab.curate.outputs import DroppedTable, write_kept
+from cliplab.curate.pool import changed_source, read_item, stamp_sources
+from cliplab.curate.pool_index import KeptRecords, PoolIndex, chunk_path, read_chunk
+from cliplab.curate.report import StepShown, shown_step, write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext, StepSpecBase
 from cliplab.curate.steps.registry import make_step, step_spec
 from cliplab.data.collection import check_collection_path, open_collection
@@ -90,29 +91,31 @@ def run_curation(config: CurateConfig | dict, out: str | os.PathLike | None = No
     _open_work(work, request, overwrite, step_models, config.steps)
 
     try:
-        chunks, dropped, read_seconds = _read_pool(config, work, progress)
+        pool, dropped_read, read_seconds = _read_pool(config, work, progress)
     except CliplabError:  # a source that cannot be read
-        if not (work / "cache" / "pool" / f"{0:06d}.json").is_file():
+        if not chunk_path(work / "cache" / "pool", 0).is_file():
             shutil.rmtree(work, ignore_errors=True)  # nothing read: nothing to resume
         raise
-    n_pool = sum(len(c) for c in chunks) + len(dropped)
+    n_pool = len(pool) + len(dropped_read)
     summary_steps = [{"name": READ_STEP, "step": READ_STEP, "in": n_pool,
-                      "kept": n_pool - len(dropped), "dropped": len(dropped),
+                      "kept": n_pool - len(dropped_read), "dropped": len(dropped_read),
                       "seconds": round(read_seconds, 3)}]
-    alive = [np.ones(len(c), dtype=bool) for c in chunks]
+    dropped = DroppedTable()  # the rows of dropped.parquet, as Arrow columns
+    dropped.add_rows(dropped_read)
+    alive = [np.ones(n, dtype=bool) for n in pool.sizes]
     with ray_session(config.engine):  # a Ray it starts ends with the curation
-        decisions = _run_steps(config, chunks, alive, dropped, summary_steps, work, progress)
+        decisions = _run_steps(config, pool, alive, dropped, summary_steps, work, progress)
 
-    kept = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
-    if not kept:
+    kept = KeptRecords(pool, alive)  # loaded a chunk at a time as they are written
+    if not len(kept):
         warn(nothing_kept_warning(summary_steps))
     source = with_paths_resolved(config.data)  # names it when read from elsewhere
     outputs = write_kept(kept, work, config.output, source, progress)
-    write_dropped(dropped, work / "dropped.parquet")
+    dropped.write(work / "dropped.parquet")
     summary = {"format": FORMAT, "data": source, "pool": n_pool, "kept": len(kept),
-               "dropped": len(dropped), "steps": summary_steps, "output": outputs}
+               "dropped": dropped.count, "steps": summary_steps, "output": outputs}
     stamp(summary)
-    write_report(work, summary, decisions, dropped_read=[d for d in dropped if d["step"] == READ_STEP],
+    write_report(work, summary, decisions, dropped_read=dropped_read,
                  examples=config.examples, out=out)
     (work / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False),
                                       encoding="utf-8")
@@ -310,9 +313,10 @@ def _brief(value: Any, width: int = 40) -> str:
 
 
 def _read_pool(config: CurateConfig, work: Path, progress: bool
-               ) -> tuple[list[list[Record]], list[dict], float]:
-    """The pool in chunks of records, the items dropped at ``read`` and the seconds it took
-    (chunks already read by a killed run are loaded, not read again)."""
+               ) -> tuple[PoolIndex, list[dict], float]:
+    """The pool (its chunks indexed, their records left in their cache files), the items
+    dropped at ``read`` and the seconds it took (chunks already read by a killed run are
+    indexed, not read again)."""
     folder = work / "cache" / "pool"
     done = folder / "done.json"
     count = 0
@@ -360,15 +364,15 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
             bar.update(len(chunk))
         bar.close()
         write_json(done, {"chunks": count})
-    chunks, dropped, seconds = [], [], 0.0
+    pool, dropped, seconds = PoolIndex(folder, _source_key), [], 0.0
     for c in range(count):
-        data = json.loads((folder / f"{c:06d}.json").read_text(encoding="utf-8"))
-        chunks.append(data["records"])
+        data = read_chunk(folder, c)
+        pool.add_chunk(data["records"])
         dropped += [{**d, "score": math.nan} for d in data["dropped"]]
         seconds += data["seconds"]
-    if not chunks:
+    if not count:
         raise DataError(f"the pool {config.data} holds no items")
-    return chunks, dropped, seconds
+    return pool, dropped, seconds
 
 
 def _source_key(meta) -> str | None:
@@ -424,35 +428,52 @@ def _run_relative(value, work: Path):
     return value
 
 
-def _run_steps(config: CurateConfig, chunks: list[list[Record]], alive: list[np.ndarray],
-               dropped: list[dict], summary_steps: list[dict], work: Path,
-               progress: bool) -> list[tuple[str, list[Record], Decision]]:
+def _run_steps(config: CurateConfig, pool: PoolIndex, alive: list[np.ndarray],
+               dropped: DroppedTable, summary_steps: list[dict], work: Path,
+               progress: bool) -> list[StepShown]:
     """Run every step on the items still alive (``alive`` updated in place), adding each drop
-    to ``dropped`` and each step's counts to ``summary_steps``; returns the decisions."""
-    decisions: list[tuple[str, list[Record], Decision]] = []
+    to ``dropped`` and each step's counts to ``summary_steps``; returns what the report shows
+    of each (its per-item reasons let go once in ``dropped``)."""
+    shown: list[StepShown] = []
     for index, spec in enumerate(config.steps):
         name = step_name(spec)
         folder = _step_folder(index, spec)
-        reached = [r for c, records in enumerate(chunks) for r, a in zip(records, alive[c]) if a]
-        decision, seconds = _run_step(config, spec, folder, chunks, alive, work, progress)
+        reached = pool.alive_items(alive)  # pool positions
+        decision, seconds = _run_step(config, spec, folder, pool, alive, work, progress)
         flat = iter(decision.keep)
-        for c in range(len(chunks)):
+        for c in range(len(alive)):
             for i in np.flatnonzero(alive[c]):
                 alive[c][i] = next(flat)
-        for i in np.flatnonzero(~decision.keep):
-            score = float(decision.scores[i]) if decision.scores is not None else math.nan
-            dropped.append({"key": reached[i]["key"], "step": name,
-                            "reason": decision.reasons[i], "score": score,
-                            "source_key": _source_key(reached[i]["meta"])})
+        gone = np.flatnonzero(~decision.keep)
+        dropped.add([pool.keys[reached[i]] for i in gone], name,
+                    [decision.reasons[i] for i in gone],
+                    [float(decision.scores[i]) if decision.scores is not None else math.nan
+                     for i in gone], [pool.source_keys[reached[i]] for i in gone])
         summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
                               "kept": int(decision.keep.sum()),
                               "dropped": int((~decision.keep).sum()),
                               "seconds": round(seconds, 3)})
-        decisions.append((name, reached, decision))
-    return decisions
+        shown.append(shown_step(name, decision, _Positions(pool.keys, reached),
+                                lambda at, reached=reached: pool.records_at(reached[at]),
+                                config.examples))
+        decision.reasons = []  # in dropped (each item's: ~200 characters at millions)
+    return shown
 
 
-def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]],
+class _Positions(Sequence):
+    """``values`` at ``positions`` (a step's items' keys among the pool's), not copied."""
+
+    def __init__(self, values: list, positions: np.ndarray):
+        self.values, self.positions = values, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return self.values[self.positions[i]]
+
+
+def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
               alive: list[np.ndarray], work: Path, progress: bool) -> tuple[Decision, float]:
     """The decision of one step: the saved one, or prepare → map (missing chunks) → decide."""
     step_dir = work / "steps" / folder
@@ -473,10 +494,12 @@ def _run_step(config: CurateConfig, spec, folder: str, chunks: list[list[Record]
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / INPUTS).is_file():  # before prepare reads them
         write_json(cache / INPUTS, stamp_inputs(spec.input_paths()))
-    reaching = {c: [r for r, a in zip(records, alive[c]) if a] for c, records in enumerate(chunks)}
-    reaching = {c: r for c, r in reaching.items() if r}
-    items = PoolItems(keys=[r["key"] for c in sorted(reaching) for r in reaching[c]],
-                      captions=[r["caption"] for c in sorted(reaching) for r in reaching[c]])
+    reached = pool.alive_items(alive)
+    items = PoolItems(keys=[pool.keys[i] for i in reached],
+                      captions=[pool.captions[i] for i in reached])
+    # the chunks an item reaches, each loaded when mapped (not the whole pool at once)
+    reaching = LazyChunks({c: int(a.sum()) for c, a in enumerate(alive) if a.any()},
+                          lambda c: pool.alive_records(c, alive[c]))
     if not items.keys:
         decision = Decision(keep=np.zeros(0, dtype=bool), reasons=[])
     else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,37 @@ def _plot_concepts(before: dict, after: dict, path: Path, title: str, top: int =
     plt.close(fig)
 
 
+@dataclass
+class StepShown:
+    """What the report shows of a step: its decision (its per-item ``reasons`` not needed),
+    the first dropped items' records and reasons, and the records its clusters and matches
+    name, by key (`shown_step`)."""
+
+    name: str
+    decision: Decision
+    dropped: list[tuple[Record, str | None]]
+    records: dict[str, Record]
+
+
+def shown_step(name: str, decision: Decision, keys: Sequence[str],
+               load: Callable[[list[int]], list[Record]], examples: int) -> StepShown:
+    """`StepShown` of a step whose items (the ones it decided on) have ``keys``; ``load``
+    gives the records at positions among them. Only the records the report shows are loaded;
+    ``decision.reasons`` may be let go afterwards."""
+    dropped = [int(i) for i in np.flatnonzero(~decision.keep)[:examples]]
+    report = decision.report
+    named = {key for cluster in (report.get("clusters") or [])[:examples] for key in cluster[:6]}
+    named |= {match.get("key") for match in (report.get("matches") or [])[:examples]}
+    last = {}  # a key two items share names the later (as a dict of the items by key did)
+    for i, key in enumerate(keys if named else ()):
+        if key in named:
+            last[key] = i
+    records = load(dropped + list(last.values()))
+    return StepShown(name, decision,
+                     [(r, decision.reasons[i]) for r, i in zip(records, dropped)],
+                     dict(zip(last, records[len(dropped):])))
+
+
 def _relative(value: Any, work: Path, out: Path) -> str:
     """A path the step wrote (relative to the run folder, as decisions hold them), as it will be
     named once ``work`` is renamed to ``out``."""
@@ -139,7 +172,7 @@ def _relative(value: Any, work: Path, out: Path) -> str:
     return str(out / text) if not Path(text).is_absolute() and (work / text).exists() else text
 
 
-def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Record], Decision]],
+def write_report(work: Path, summary: dict, decisions: list[StepShown],
                  dropped_read: list[dict], examples: int, out: Path) -> None:
     """Write ``work/report.md``, ``work/report.html`` and ``work/report/*`` (``out`` is where
     ``work`` goes when finished: paths in the report are given as they will be there)."""
@@ -154,23 +187,22 @@ def write_report(work: Path, summary: dict, decisions: list[tuple[str, list[Reco
         doc.table(["key", "reason"], [[d["key"], d["reason"]] for d in dropped_read[:max(examples, 1)]])
     else:
         doc.text("Every item was readable and had a caption.")
-    for index, (name, reached, decision) in enumerate(decisions):
+    for index, shown in enumerate(decisions):
+        name, decision, by_key = shown.name, shown.decision, shown.records
         slug = f"{index:02d}-{name}"
         doc.heading(f"{name}")
         row = next(s for s in summary["steps"] if s["name"] == name)
         doc.text(f"{row['in']} in, {row['kept']} kept, {row['dropped']} dropped.")
-        by_key = {r["key"]: r for r in reached}
         if decision.scores is not None and len(decision.scores):
             rel = f"{REPORT_DIR}/{slug}-scores.png"
             (work / REPORT_DIR).mkdir(exist_ok=True)
             _plot_scores(decision, work / rel, f"{name}: scores")
             doc.image(rel, f"{name} score histogram")
-        dropped = np.flatnonzero(~decision.keep)[:examples]
-        if len(dropped):
+        if shown.dropped:
             doc.heading("dropped examples", 3)
             doc.table(["image", "caption", "reason"], [
-                [("img", _thumbnail(reached[i], work, f"{REPORT_DIR}/{slug}/drop-{n}.png")),
-                 reached[i]["caption"], decision.reasons[i]] for n, i in enumerate(dropped)])
+                [("img", _thumbnail(record, work, f"{REPORT_DIR}/{slug}/drop-{n}.png")),
+                 record["caption"], reason] for n, (record, reason) in enumerate(shown.dropped)])
         report = decision.report
         if report.get("clusters"):
             doc.heading(f"duplicate clusters ({len(report['clusters'])}; the first is kept)", 3)
