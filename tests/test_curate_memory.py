@@ -122,3 +122,41 @@ def test_a_run_holds_a_few_hundred_bytes_per_item_not_its_records(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak / n < PEAK_BYTES_PER_ITEM, f"{peak / n:.0f} bytes per item"
+
+
+def test_the_local_engine_loads_a_few_chunks_per_worker_not_every_chunk(tmp_path, monkeypatch):
+    """Every chunk's records were submitted to the process pool at once (each held, pickled,
+    until a worker took it): now two per worker are under way and the next loaded as one
+    finishes; every chunk is still mapped and saved once."""
+    from cliplab.curate import engine
+    from cliplab.curate.engine import LazyChunks, map_chunks
+    from tests.curate_slow_step import SlowStep
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    loaded: list[int] = []
+    saved: list[int] = []
+
+    def load(c):
+        loaded.append(c)
+        assert len(loaded) - len(saved) <= 2 * 2 + 1, (loaded, saved)  # in flight, + this one
+        return [{"key": f"k{c}", "caption": "x", "meta": {}, "location": {}}]
+
+    save = engine.save_columns
+    monkeypatch.setattr(engine, "save_columns", lambda path, *a: saved.append(path) or
+                        save(path, *a))
+    map_chunks(SlowStep(str(marks), 0.05), LazyChunks({c: 1 for c in range(12)}, load),
+               lambda c: tmp_path / f"{c}.npz", tmp_path, workers=2, progress=False)
+    assert sorted(loaded) == list(range(12)) and len(saved) == 12
+    assert sorted(p.name for p in marks.iterdir()) == sorted(f"mapped-k{c}" for c in range(12))
+
+
+def test_ray_gets_the_chunks_a_group_at_a_time():
+    from cliplab.curate.ray_engine import chunk_groups
+
+    sizes = {c: 100 for c in range(10)}
+    assert chunk_groups(list(range(10)), sizes, workers=2, items=250) == [
+        [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert chunk_groups(list(range(10)), sizes, workers=4, items=250) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # a chunk for every actor
+    assert chunk_groups([], {}, workers=2) == []  # nothing to map: no dataset
