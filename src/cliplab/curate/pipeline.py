@@ -15,6 +15,10 @@ Work happens in ``OUT.partial/`` and is resumable:
 - ``steps/NN-name/decision.json``: the step's finished decision; ``steps/NN-name/work/``: what
   the step built (its `StepContext.work`), kept in the output.
 
+The run holds per item only its key, caption and source key (`PoolIndex`): a chunk's records
+are loaded from ``cache/pool/N.json`` when a step maps it, the report shows one of its items or
+the kept pool is written, and dropped rows are held as Arrow columns.
+
 A killed run, re-run with the same config, maps only chunks without a columns file and decides
 only steps without a decision. When everything is written the cache is removed and the folder
 renamed to ``OUT``. Sources are only ever read.
