@@ -89,6 +89,24 @@ def test_a_pair_is_kept_if_any_of_its_entries_is_drawn():
     assert abs(np.mean(kept) - 100 * 27 / 132) < 1.6
 
 
+def test_pairs_sampled_a_block_at_a_time_are_kept_as_all_at_once(monkeypatch):
+    """The draws' arrays cost ~100 bytes per match (GBs at millions of pairs), so pairs are
+    sampled a block at a time; each pair's draws are its own, so the kept set is the same."""
+    from cliplab.curate.steps import balance
+
+    captions = SINGLE + MIXED
+    items = pool(captions)
+    matcher = EntryMatcher(VOCABULARY)
+    matches = [matcher(c) for c in captions]
+    counts = np.bincount([e for ids in matches for e in ids], minlength=4)
+    monkeypatch.setattr(balance, "SAMPLE_PAIRS", 10**9)
+    whole = [balance_sample(matches, counts, T, items.keys, seed) for seed in range(5)]
+    monkeypatch.setattr(balance, "SAMPLE_PAIRS", 7)
+    for seed in range(5):
+        assert np.array_equal(balance_sample(matches, counts, T, items.keys, seed), whole[seed])
+    assert 0 < whole[0].sum() < len(captions)
+
+
 def test_decide_reasons_tables_and_histograms(tmp_path):
     decision, items = decide(SINGLE, tmp_path)
     reasons = dict(zip(items.captions, decision.reasons))

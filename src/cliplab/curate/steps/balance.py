@@ -175,6 +175,20 @@ def balance_sample(matches: Sequence[Sequence[int]], counts: np.ndarray, t: int,
     """Algorithm 1's sampling: per pair, one uniform per matched entry (drawn from its key's
     stream); kept if any uniform is below its entry's probability ``t / max(count, t)``."""
     prob = t / np.maximum(np.asarray(counts, dtype=np.float64), t)
+    keep = np.zeros(len(matches), dtype=bool)
+    # a block of pairs at a time: the draws' arrays cost ~100 bytes per match (GBs at millions
+    # of pairs at once); each pair's draws are its own, so blocks decide as the whole would
+    for start in range(0, len(matches), SAMPLE_PAIRS):
+        block = slice(start, start + SAMPLE_PAIRS)
+        keep[block] = _sample(matches[block], prob, keys[block], seed)
+    return keep
+
+
+SAMPLE_PAIRS = 16_384  # pairs `balance_sample` draws for at once
+
+
+def _sample(matches: Sequence[Sequence[int]], prob: np.ndarray, keys: Sequence[str],
+            seed: int) -> np.ndarray:
     sizes = np.array([len(ids) for ids in matches], dtype=np.int64)
     item = np.repeat(np.arange(len(matches)), sizes)
     draw = np.arange(len(item)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
