@@ -35,7 +35,14 @@ class PoolIndex:
         self.keys: list[str] = []
         self.captions: list[str] = []
         self.source_keys: list[str | None] = []
-        self.starts = np.zeros(1, dtype=np.int64)
+        self._starts: np.ndarray | None = None
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Each chunk's first pool position, and the pool's size last."""
+        if self._starts is None:  # (once: made at each of 50k chunks it cost O(chunks²))
+            self._starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        return self._starts
 
     def add_chunk(self, records: list[Record]) -> None:
         """Index the next chunk's records (as its cache file holds them)."""
@@ -43,7 +50,7 @@ class PoolIndex:
         self.keys += [r["key"] for r in records]
         self.captions += [r["caption"] for r in records]
         self.source_keys += [self._source_key(r["meta"]) for r in records]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        self._starts = None
 
     def __len__(self) -> int:
         return len(self.keys)
