@@ -167,3 +167,20 @@ def test_a_breadth_the_grown_index_misses_the_target_at_is_widened(tmp_path, mon
     assert grown(_old_ivf(10_000, value=64, target=0.5))["value"] == record["value"]
     assert said[-1] == "tuning its search breadth to recall 0.95"
 
+
+
+def test_an_add_keeps_the_recall_target_the_index_was_tuned_to(model_dir, tmp_path,
+                                                               monkeypatch):
+    """An index tuned to recall 0.99 was tuned to 0.95 by an --add that did not repeat
+    ``recall=`` (so the kept-breadth path was skipped), and an --add finding nothing new
+    rebuilt it, as "another recall target" asked."""
+    out = tmp_path / "idx"
+    build(model_dir, BASE, out, index_type="IVF8,Flat", recall=0.99)
+    _no_training(monkeypatch)
+    record = build(model_dir, MORE, out, add=True)
+    assert record["faiss"]["recall_target"] == 0.99 and record["count"] == 260
+    before = (out / "index.json").read_bytes()
+    assert build(model_dir, MORE, out, add=True)["count"] == 260  # nothing new: left as it is
+    assert (out / "index.json").read_bytes() == before
+    monkeypatch.undo()
+    assert build(model_dir, MORE, out, add=True, recall=0.9)["faiss"]["recall_target"] == 0.9

@@ -57,7 +57,7 @@ from cliplab.serve.folder import (CHUNKS_DIR, FAISS_FILE, FORMAT, IMAGES_DIR, IN
                                   INDEX_FOLDER, META_FILE, PROGRESS_FILE, READ_FORMATS,
                                   VECTORS_FILE, read_index_json)
 from cliplab.serve.index import model_difference, unchecked_identity
-from cliplab.serve.settings import IndexConfig
+from cliplab.serve.settings import DEFAULT_RECALL, IndexConfig
 from cliplab.serve.store import MetadataStore
 from cliplab.serve.tuning_queries import tuning_queries
 
@@ -349,8 +349,9 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     index's. A Milvus collection left None is named in `_open_work` (``--add`` too: the old
     collection is dropped only once the new one is complete)."""
     if existing is None:
-        return cfg.model_copy(update={"backend": cfg.backend or "faiss",
-                                      "index_type": cfg.index_type or "auto"})
+        backend = cfg.backend or "faiss"
+        return cfg.model_copy(update={"backend": backend, "index_type": cfg.index_type or "auto",
+                                      **_faiss_recall(backend, cfg.recall, None)})
     backend = existing["backend"]
     if cfg.backend not in (None, backend):
         raise ConfigError(f"--add: {out} is a {backend} index; --backend {cfg.backend} would "
@@ -358,7 +359,8 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     # an index from before index_type was recorded: auto again, as its --add always chose (its
     # recorded factory would pin e.g. Flat however large it grows)
     index_type = existing.get("index_type") or "auto"
-    update = {"backend": backend, "index_type": cfg.index_type or index_type}
+    update = {"backend": backend, "index_type": cfg.index_type or index_type,
+              **_faiss_recall(backend, cfg.recall, existing)}
     if backend == "milvus":
         from cliplab.serve.milvus_index import normalise_uri
 
@@ -372,6 +374,16 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
                               "is complete: name another, or leave collection out")
         update.update(uri=old["uri"])
     return cfg.model_copy(update=update)
+
+
+def _faiss_recall(backend: str, recall: float | None, existing: dict | None) -> dict:
+    """``{"recall": target}`` of a FAISS index: the one asked, else an ``--add``'s index's own
+    (one tuned to 0.99 was tuned to 0.95 by an --add), else `DEFAULT_RECALL`; nothing for
+    Milvus (which refuses one given)."""
+    if backend != "faiss":
+        return {}
+    own = ((existing or {}).get("faiss") or {}).get("recall_target")
+    return {"recall": recall or own or DEFAULT_RECALL}
 
 
 def _check_collection(uri: str, state: dict, milvus=None) -> None:

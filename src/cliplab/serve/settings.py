@@ -12,6 +12,9 @@ from cliplab.models.device import Device
 from cliplab.models.spec import ModelField
 
 
+DEFAULT_RECALL = 0.95
+
+
 class IndexConfig(Section):
     """What to index with which model, where, and how to search it."""
 
@@ -27,7 +30,8 @@ class IndexConfig(Section):
     uri: str | None = None              # milvus: ./file.db (Milvus Lite) or http://host:19530
     collection: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     index_type: str | None = None       # auto | flat | hnsw | ivf-flat | ivf-pq | FAISS factory
-    recall: float = Field(0.95, gt=0, le=1)   # recall@10 target the search breadth is tuned to
+    # recall@10 target the search breadth is tuned to (0.95; an --add's: the index's own)
+    recall: float | None = Field(None, gt=0, le=1)
     max_memory_gb: float | None = Field(None, gt=0)  # budget for auto (default: half the RAM)
     batch_size: int = Field(64, ge=1, le=4096)
     chunk: int = Field(1024, ge=1)      # items embedded between two progress records
