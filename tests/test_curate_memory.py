@@ -160,3 +160,29 @@ def test_ray_gets_the_chunks_a_group_at_a_time():
     assert chunk_groups(list(range(10)), sizes, workers=4, items=250) == [
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # a chunk for every actor
     assert chunk_groups([], {}, workers=2) == []  # nothing to map: no dataset
+
+
+def test_a_pool_cache_file_changed_or_removed_under_the_run_is_a_clear_error(tmp_path):
+    """The run reads a chunk's records again from its cache file when it maps or writes it; a
+    file that lost a record wrote other items to kept.parquet without a word (keys shifted),
+    and a removed one ended on a raw FileNotFoundError."""
+    from cliplab.curate.pool_index import PoolIndex, chunk_path
+    from cliplab.errors import DataError
+
+    folder = tmp_path / "run.partial" / "cache" / "pool"
+    folder.mkdir(parents=True)
+    chunks = [[{"key": f"k{c}{i}", "caption": "x", "meta": {}} for i in range(3)]
+              for c in range(2)]
+    pool = PoolIndex(folder, lambda meta: None)
+    for c, records in enumerate(chunks):
+        chunk_path(folder, c).write_text(json.dumps({"records": records}), encoding="utf-8")
+        pool.add_chunk(records)
+    assert pool.records(1) == chunks[1]
+    chunk_path(folder, 1).write_text(json.dumps({"records": chunks[1][1:]}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"000001\.json: the run's cache of the pool changed "
+                                        r"since it was read; delete .*run\.partial to start"):
+        pool.records(1)
+    chunk_path(folder, 0).unlink()
+    with pytest.raises(DataError, match=r"000000\.json: the run's cache of the pool cannot be "
+                                        r"read again \("):
+        pool.records(0)

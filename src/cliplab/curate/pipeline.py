@@ -324,7 +324,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
     folder = work / "cache" / "pool"
     done = folder / "done.json"
     count = 0
-    while (folder / f"{count:06d}.json").is_file():
+    while chunk_path(folder, count).is_file():
         count += 1
     counted = json.loads(done.read_text(encoding="utf-8"))["chunks"] if done.is_file() else count
     if counted != count:
@@ -337,7 +337,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
         total, items = open_collection(config.data, progress=progress)
         items = iter(items)
         if count:
-            _skip_read(items, count * size, folder / f"{count - 1:06d}.json", config.data, work)
+            _skip_read(items, count * size, chunk_path(folder, count - 1), config.data, work)
             _check_sources(folder, count, config.data, work)
         bar = tqdm(desc="read pool", unit="item", disable=not progress, initial=count * size,
                    total=total)
@@ -359,7 +359,7 @@ def _read_pool(config: CurateConfig, work: Path, progress: bool
                                     "score": math.nan, "source_key": _source_key(item.meta)})
                 else:
                     records.append(record)
-            write_json(folder / f"{count:06d}.json", {"records": records, "dropped": dropped,
+            write_json(chunk_path(folder, count), {"records": records, "dropped": dropped,
                                                       "seconds": time.perf_counter() - start,
                                                       "last_key": chunk[-1].key,
                                                       "sources": stamp_sources(records)},
@@ -393,7 +393,7 @@ def _check_sources(folder: Path, count: int, source: dict, work: Path) -> None:
     on the file as it was, and the later steps and the kept pool read it as it is now."""
     stamps: dict[str, list[int]] = {}
     for c in range(count):
-        stamps.update(json.loads((folder / f"{c:06d}.json").read_text(encoding="utf-8"))
+        stamps.update(read_chunk(folder, c)
                       .get("sources", {}))  # none: a chunk of an older version
     changed = changed_source(stamps)
     if changed is not None:

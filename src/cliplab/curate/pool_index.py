@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cliplab.curate.pool import Record
+from cliplab.errors import DataError, first_line
 
 
 def chunk_path(folder: Path, c: int) -> Path:
@@ -56,8 +57,22 @@ class PoolIndex:
         return len(self.keys)
 
     def records(self, c: int) -> list[Record]:
-        """Chunk ``c``'s records, loaded from its cache file."""
-        return read_chunk(self.folder, c)["records"]
+        """Chunk ``c``'s records, loaded from its cache file: a `DataError` unless they are the
+        ones indexed at the start (a cache file changed or removed under the run would have
+        other items written, silently)."""
+        where = chunk_path(self.folder, c)
+        try:
+            records = read_chunk(self.folder, c)["records"]
+            keys = [r["key"] for r in records]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{where}: the run's cache of the pool cannot be read again "
+                            f"({first_line(err)}); delete {self.folder.parents[1]} to start "
+                            "this run over") from None
+        start = int(self.starts[c])
+        if keys != self.keys[start:start + self.sizes[c]]:
+            raise DataError(f"{where}: the run's cache of the pool changed since it was read; "
+                            f"delete {self.folder.parents[1]} to start this run over")
+        return records
 
     def alive_records(self, c: int, alive: np.ndarray) -> list[Record]:
         """Chunk ``c``'s records still alive (``alive``: its mask)."""
