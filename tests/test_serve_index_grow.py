@@ -184,3 +184,25 @@ def test_an_add_keeps_the_recall_target_the_index_was_tuned_to(model_dir, tmp_pa
     assert (out / "index.json").read_bytes() == before
     monkeypatch.undo()
     assert build(model_dir, MORE, out, add=True, recall=0.9)["faiss"]["recall_target"] == 0.9
+
+
+def test_a_kill_between_completing_and_cleaning_up_leaves_no_chunks_in_the_index(
+        model_dir, tmp_path, monkeypatch):
+    """Killed after progress.json went (the folder complete) but before chunks/ did, the next
+    run put the folder in place with chunks/ in it: a second copy of the vectors, kept."""
+    out = tmp_path / "idx"
+    build(model_dir, BASE, out)
+    real = build_module.shutil.rmtree
+
+    def die_on_chunks(path, *args, **kwargs):
+        if str(path).endswith("chunks"):
+            raise Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_module.shutil, "rmtree", die_on_chunks)
+    with pytest.raises(Killed):
+        build(model_dir, MORE, out, add=True)
+    monkeypatch.undo()
+    assert (out.with_name("idx.partial") / "chunks").is_dir()
+    assert build(model_dir, MORE, out, add=True)["count"] == 260
+    assert not (out / "chunks").exists() and SearchIndex(out).count == 260

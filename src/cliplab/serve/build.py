@@ -202,6 +202,7 @@ def build_index(cfg: IndexConfig | dict, progress: bool = True, model=None) -> d
                 skipped_now, recovered = _skips_since(done, _earlier_skips(out, existing))
             finally:
                 done.close()
+            shutil.rmtree(work / CHUNKS_DIR, ignore_errors=True)  # a kill came before _finish's
             swap_in(work, out)
             _drop_replaced_collection(existing or replaced, finished)
             return {**finished, "already_indexed": 0,
