@@ -206,3 +206,23 @@ def test_a_kill_between_completing_and_cleaning_up_leaves_no_chunks_in_the_index
     assert (out.with_name("idx.partial") / "chunks").is_dir()
     assert build(model_dir, MORE, out, add=True)["count"] == 260
     assert not (out / "chunks").exists() and SearchIndex(out).count == 260
+
+
+def test_an_add_keeps_the_memory_budget_the_index_was_built_with(model_dir, tmp_path,
+                                                                 monkeypatch):
+    """``max_memory_gb`` was not recorded, so an --add (which chooses the type again for the
+    grown count) chose it for half the RAM: an IVF-PQ index of a budget became an IVF-Flat
+    over it. The type is chosen with the recorded budget now."""
+    out = tmp_path / "idx"
+    build(model_dir, BASE, out, max_memory_gb=0.25)
+    assert _record(out)["faiss"]["max_memory_gb"] == 0.25
+    budgets = []
+    real = faiss_index.choose_index_type
+
+    def spy(count, dim, kind, budget=None):
+        budgets.append(budget)
+        return real(count, dim, kind, budget)
+
+    monkeypatch.setattr(faiss_index, "choose_index_type", spy)
+    assert build(model_dir, MORE, out, add=True)["faiss"]["max_memory_gb"] == 0.25
+    assert budgets[-1] == int(0.25 * (1 << 30))  # (the first: the type checked up front)

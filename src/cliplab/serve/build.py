@@ -361,7 +361,8 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     # recorded factory would pin e.g. Flat however large it grows)
     index_type = existing.get("index_type") or "auto"
     update = {"backend": backend, "index_type": cfg.index_type or index_type,
-              **_faiss_recall(backend, cfg.recall, existing)}
+              **_faiss_recall(backend, cfg.recall, existing),
+              **_faiss_budget(backend, cfg.max_memory_gb, existing)}
     if backend == "milvus":
         from cliplab.serve.milvus_index import normalise_uri
 
@@ -385,6 +386,14 @@ def _faiss_recall(backend: str, recall: float | None, existing: dict | None) -> 
         return {}
     own = ((existing or {}).get("faiss") or {}).get("recall_target")
     return {"recall": recall or own or DEFAULT_RECALL}
+
+
+def _faiss_budget(backend: str, budget: float | None, existing: dict | None) -> dict:
+    """``{"max_memory_gb": budget}`` of a FAISS index: the one asked, else the one an
+    ``--add``'s index was built with (its IVF-PQ became an IVF-Flat rebuild past the budget);
+    nothing otherwise (half the RAM)."""
+    own = ((existing or {}).get("faiss") or {}).get("max_memory_gb")
+    return {"max_memory_gb": budget or own} if backend == "faiss" and (budget or own) else {}
 
 
 def _check_collection(uri: str, state: dict, milvus=None) -> None:
@@ -748,6 +757,8 @@ def _finish(cfg: IndexConfig, work: Path, store: MetadataStore, state: dict, req
             vectors, factory, cfg.recall, existing, old_file,
             lambda: tuning_queries(model, store, vectors), phase)
         faiss_index.write_faiss(index, work / FAISS_FILE)
+        if cfg.max_memory_gb:  # kept by an --add, which chooses the type again
+            record["faiss"]["max_memory_gb"] = cfg.max_memory_gb
     else:
         from cliplab.serve.milvus_index import MilvusVectors
 
