@@ -226,3 +226,17 @@ def test_an_add_keeps_the_memory_budget_the_index_was_built_with(model_dir, tmp_
     monkeypatch.setattr(faiss_index, "choose_index_type", spy)
     assert build(model_dir, MORE, out, add=True)["faiss"]["max_memory_gb"] == 0.25
     assert budgets[-1] == int(0.25 * (1 << 30))  # (the first: the type checked up front)
+
+
+def test_an_add_that_cannot_grow_a_damaged_faiss_file_says_why_it_trains_again(
+        model_dir, tmp_path, recwarn):
+    """A damaged old faiss.index was built anew without a word, so an --add expected to take
+    seconds trained the whole index again unexplained."""
+    out = tmp_path / "idx"
+    build(model_dir, BASE, out, index_type="IVF8,Flat")
+    (out / "faiss.index").write_bytes(b"not a faiss index")
+    record = build(model_dir, MORE, out, add=True)
+    assert record["count"] == 260 and record["faiss"]["trained_on"] == 260
+    said = [str(w.message) for w in recwarn]
+    assert any(m.startswith(f"index: {out / 'faiss.index'} cannot be grown (") and
+               m.endswith("); training the index anew") for m in said), said

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from cliplab.errors import DataError
+from cliplab.errors import DataError, first_line, warn
 from cliplab.serve import faiss_index
 
 RETRAIN_GROWTH = 2
@@ -34,7 +34,9 @@ def finished_faiss(vectors: np.ndarray, factory: str, recall: float, existing: d
     tuning queries of an approximate index; ``phase`` tells the user each step."""
     dim = int(vectors.shape[1])
     old = _growable(existing, factory, len(vectors), dim)
-    index = _read_old(old_file, existing, vectors) if old is not None else None
+    index, problem = _read_old(old_file, existing, vectors) if old is not None else (None, None)
+    if problem:  # said whatever ``phase`` shows: an add that trains again takes much longer
+        warn(f"index: {old_file} cannot be grown ({problem}); training the index anew")
     if index is None:
         phase(f"building a FAISS {factory} index of {len(vectors)} vectors")
         index = faiss_index.build_faiss(vectors, factory)
@@ -73,15 +75,18 @@ def _growable(existing: dict | None, factory: str, count: int, dim: int) -> dict
     return old if count <= RETRAIN_GROWTH * int(trained_on) else None
 
 
-def _read_old(path: Path, existing: dict, vectors: np.ndarray):
+def _read_old(path: Path, existing: dict, vectors: np.ndarray) -> tuple[object, str | None]:
     """The old index's FAISS index read from ``path`` if it holds exactly its rows (the first
-    ``existing["count"]`` of ``vectors``), else None (built anew: that also repairs it)."""
+    ``existing["count"]`` of ``vectors``), else None and what is wrong with it (built anew:
+    that also repairs it)."""
     try:
         index = faiss_index.read_faiss(path)
-    except (DataError, OSError):
-        return None
+    except (DataError, OSError) as err:
+        return None, first_line(err)
     count = int(existing["count"])
-    if index.ntotal != count or index.d != vectors.shape[1] or count > len(vectors) or \
-            not index.is_trained:
-        return None
-    return index
+    if not index.is_trained:
+        return None, "it is not trained"
+    if index.ntotal != count or index.d != vectors.shape[1] or count > len(vectors):
+        return None, (f"it holds {index.ntotal} vectors of dimension {index.d}, the index "
+                      f"{count} of {vectors.shape[1]}")
+    return index, None
