@@ -443,7 +443,8 @@ def _run_steps(config: CurateConfig, pool: PoolIndex, alive: list[np.ndarray],
         name = step_name(spec)
         folder = _step_folder(index, spec)
         reached = pool.alive_items(alive)  # pool positions
-        decision, seconds = _run_step(config, spec, folder, pool, alive, work, progress)
+        decision, seconds = _run_step(config, spec, folder, pool, alive, reached, work,
+                                      progress)
         flat = iter(decision.keep)
         for c in range(len(alive)):
             for i in np.flatnonzero(alive[c]):
@@ -478,15 +479,17 @@ class _Positions(Sequence):
 
 
 def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
-              alive: list[np.ndarray], work: Path, progress: bool) -> tuple[Decision, float]:
-    """The decision of one step: the saved one, or prepare → map (missing chunks) → decide."""
+              alive: list[np.ndarray], reached: np.ndarray, work: Path, progress: bool
+              ) -> tuple[Decision, float]:
+    """The decision of one step: the saved one, or prepare → map (missing chunks) → decide
+    (``reached``: the pool positions of the items alive, in order)."""
     step_dir = work / "steps" / folder
     saved = step_dir / "decision.json"
     if saved.is_file():
         data = json.loads(saved.read_text(encoding="utf-8"))
-        reached = sum(int(a.sum()) for a in alive)
-        if len(data["keep"]) != reached:
-            raise DataError(f"{saved} decides on {len(data['keep'])} items, {reached} reach the "
+        if len(data["keep"]) != len(reached):
+            raise DataError(f"{saved} decides on {len(data['keep'])} items, {len(reached)} "
+                            "reach the "
                             f"step; delete {work} to start this run over")
         scores = None if data["scores"] is None else np.array(data["scores"], dtype=float)
         return Decision(keep=np.array(data["keep"], dtype=bool), reasons=data["reasons"],
@@ -498,7 +501,6 @@ def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / INPUTS).is_file():  # before prepare reads them
         write_json(cache / INPUTS, stamp_inputs(spec.input_paths()))
-    reached = pool.alive_items(alive)
     items = PoolItems(keys=[pool.keys[i] for i in reached],
                       captions=[pool.captions[i] for i in reached])
     # the chunks an item reaches, each loaded when mapped (not the whole pool at once)
