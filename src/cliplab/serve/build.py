@@ -352,7 +352,7 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     if existing is None:
         backend = cfg.backend or "faiss"
         return cfg.model_copy(update={"backend": backend, "index_type": cfg.index_type or "auto",
-                                      **_faiss_recall(backend, cfg.recall, None)})
+                                      **_faiss_settings(backend, cfg, None)})
     backend = existing["backend"]
     if cfg.backend not in (None, backend):
         raise ConfigError(f"--add: {out} is a {backend} index; --backend {cfg.backend} would "
@@ -361,8 +361,7 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     # recorded factory would pin e.g. Flat however large it grows)
     index_type = existing.get("index_type") or "auto"
     update = {"backend": backend, "index_type": cfg.index_type or index_type,
-              **_faiss_recall(backend, cfg.recall, existing),
-              **_faiss_budget(backend, cfg.max_memory_gb, existing)}
+              **_faiss_settings(backend, cfg, existing)}
     if backend == "milvus":
         from cliplab.serve.milvus_index import normalise_uri
 
@@ -378,22 +377,17 @@ def _resolve_settings(cfg: IndexConfig, existing: dict | None, out: Path) -> Ind
     return cfg.model_copy(update=update)
 
 
-def _faiss_recall(backend: str, recall: float | None, existing: dict | None) -> dict:
-    """``{"recall": target}`` of a FAISS index: the one asked, else an ``--add``'s index's own
-    (one tuned to 0.99 was tuned to 0.95 by an --add), else `DEFAULT_RECALL`; nothing for
-    Milvus (which refuses one given)."""
+def _faiss_settings(backend: str, cfg: IndexConfig, existing: dict | None) -> dict:
+    """A FAISS index's ``recall`` and ``max_memory_gb``: the ones asked, else those an
+    ``--add``'s index was built with (an index tuned to 0.99 was tuned to 0.95 by an --add; an
+    IVF-PQ of a budget became an IVF-Flat over it), else `DEFAULT_RECALL` and none (half the
+    RAM); nothing for Milvus (which refuses either given)."""
     if backend != "faiss":
         return {}
-    own = ((existing or {}).get("faiss") or {}).get("recall_target")
-    return {"recall": recall or own or DEFAULT_RECALL}
-
-
-def _faiss_budget(backend: str, budget: float | None, existing: dict | None) -> dict:
-    """``{"max_memory_gb": budget}`` of a FAISS index: the one asked, else the one an
-    ``--add``'s index was built with (its IVF-PQ became an IVF-Flat rebuild past the budget);
-    nothing otherwise (half the RAM)."""
-    own = ((existing or {}).get("faiss") or {}).get("max_memory_gb")
-    return {"max_memory_gb": budget or own} if backend == "faiss" and (budget or own) else {}
+    own = (existing or {}).get("faiss") or {}
+    budget = cfg.max_memory_gb or own.get("max_memory_gb")
+    return {"recall": cfg.recall or own.get("recall_target") or DEFAULT_RECALL,
+            **({"max_memory_gb": budget} if budget else {})}
 
 
 def _check_collection(uri: str, state: dict, milvus=None) -> None:
