@@ -194,6 +194,29 @@ def test_a_bad_generation_is_warned_of_once_and_the_old_one_served(tmp_path, nex
     assert _served(client, seconds=0) == {**before, "next_refused": refused}
 
 
+def test_a_bad_generation_beside_one_that_cannot_search_does_not_claim_it_is_served(
+        tmp_path, monkeypatch):
+    """The warning said "still serving the one loaded before" also when that one could no
+    longer search (a Milvus generation whose collection an --add of a copy dropped): it
+    says what keeps it from searching."""
+    client, index = _server(tmp_path)
+    _served(client, count=40)
+    monkeypatch.setattr(index, "backend_problem", lambda: "Milvus collection c at u is gone")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _damaged_vectors(tmp_path)
+        end = time.monotonic() + 60
+        while not caught and time.monotonic() < end:
+            client.get("/api/health")
+            time.sleep(0.05)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1, said
+    assert "vectors.npy: not a readable NumPy array" in said[0]
+    assert said[0].endswith("; the one loaded before cannot search either (Milvus collection "
+                            "c at u is gone)")
+    assert "still serving" not in said[0]
+
+
 def test_a_refused_generation_is_said_to_need_a_restart(tmp_path):
     """After a rebuild with a model of other weights, the old generation's stored images
     answered 503 "the server serves that one once it has loaded it", which it never will;

@@ -117,10 +117,15 @@ class IndexGenerations:
     def _cannot_search(self) -> bool:
         """Whether the generation served cannot search (its Milvus collection dropped, or
         Milvus unreachable)."""
+        return self._served_problem() is not None
+
+    def _served_problem(self) -> str | None:
+        """What keeps the generation served from searching (its Milvus collection dropped,
+        Milvus unreachable), or None."""
         try:
-            return self._current.service.index.backend_problem() is not None
-        except Exception:  # pymilvus raises its own MilvusException family
-            return True
+            return self._current.service.index.backend_problem()
+        except Exception as err:  # pymilvus raises its own MilvusException family
+            return first_line(err)
 
     def _load(self) -> None:
         try:
@@ -175,8 +180,10 @@ class IndexGenerations:
         if stamp in self._warned:
             return
         self._warned.add(stamp)
-        warn(f"serve: {said}; still serving the one loaded before ({served.index.count} "
-             f"items){then}")
+        problem = self._served_problem()  # (a Milvus generation whose collection went)
+        kept = f"the one loaded before cannot search either ({problem})" if problem else \
+            f"still serving the one loaded before ({served.index.count} items)"
+        warn(f"serve: {said}; {kept}{then}")
 
 
 def refusal(path: Path, err: CliplabError) -> str:
