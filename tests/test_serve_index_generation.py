@@ -247,6 +247,35 @@ def test_a_refused_generation_is_said_to_need_a_restart(tmp_path):
     assert "once it has loaded it" not in answer.text and "same model" not in answer.text
 
 
+def test_a_refusal_is_not_said_of_the_generation_after_it(tmp_path, monkeypatch):
+    """/api/health (and the stored images' 503) kept the refusal of a generation of other
+    weights after the folder held a newer one, which had not loaded yet (here: for a passing
+    reason, tried again later)."""
+    monkeypatch.setattr(index_generation, "RETRY_AFTER_S", 60)
+    client, _ = _server(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _other_weights(tmp_path)
+        assert _served(client, count=40, seconds=0)["next_refused"] is None
+        end = time.monotonic() + 60
+        while _served(client, seconds=0)["next_refused"] is None:
+            assert time.monotonic() < end, "never refused"
+            time.sleep(0.05)
+
+        def busy(path):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(index_generation, "SearchIndex", busy)
+        build(tmp_path / "model", {**SHAPES, "seed": 4}, tmp_path / "idx", overwrite=True)
+        while len(caught) < 2:
+            assert time.monotonic() < end, "the newer generation was never tried"
+            client.get("/api/health")
+            time.sleep(0.05)
+    health = _served(client, seconds=0, count=40)
+    assert health["next_refused"] is None
+    assert "Too many open files" in str(caught[1].message)
+
+
 def test_a_load_that_fails_for_a_passing_reason_is_tried_again(tmp_path, monkeypatch):
     """Any failure to load the next generation (here too many open files) refused it for the
     server's life; one that is not the index's fault is warned of once and tried again."""

@@ -112,6 +112,8 @@ class IndexGenerations:
             if self._loading:
                 return
             self._loading = True
+        if stamp not in self._refused:  # a refusal said of a generation the folder no longer holds
+            self._current.service.next_refused = None
         threading.Thread(target=self._load, name="cliplab-index-load", daemon=True).start()
 
     def _cannot_search(self) -> bool:
