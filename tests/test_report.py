@@ -924,6 +924,9 @@ def test_per_class_values_follow_the_headline_metrics_and_many_classes_show_thei
     write_report(files, out, {"plots": False}, progress=False)
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "the 10 lowest of 100 classes" in md and "class 098" not in md
+    alone = {t.title: t for t in build_tables(read_inputs(files[:1]))}["zs"]
+    assert alone.note == ("per_class_acc1: the 10 lowest of 100 classes; every class is in the "
+                          "input's results")  # no "mean over the columns" of one column
 
 
 def test_per_class_values_of_other_shapes_in_two_inputs_still_report(tmp_path):

@@ -43,8 +43,10 @@ def per_class_rows(groups: dict[str, dict[str, dict]]
         classes = list(dict.fromkeys(c for values in by_column.values() for c in values))
         if len(classes) > PER_CLASS_ROWS:
             classes = sorted(classes, key=lambda c: _mean_score(c, by_column))[:LOWEST_SHOWN]
-            notes.append(f"{path}: the {LOWEST_SHOWN} lowest of {_count(by_column)} classes "
-                         "(by the mean over the columns); every class is in the inputs' results")
+            how, whose = (" (by the mean over the columns)", "inputs'") if len(by_column) > 1 \
+                else ("", "input's")
+            notes.append(f"{path}: the {LOWEST_SHOWN} lowest of {_count(by_column)} classes"
+                         f"{how}; every class is in the {whose} results")
         for klass in classes:
             given = [values.get(klass) for values in by_column.values()]
             fields = dict.fromkeys(k for value in given if isinstance(value, dict)
