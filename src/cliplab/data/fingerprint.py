@@ -18,6 +18,11 @@ def images_fingerprint(images: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def image_digest(image: torch.Tensor) -> bytes:
+    """A 16-byte hash of one uint8 image's pixels (which images of two sets are equal)."""
+    return hashlib.blake2b(memoryview(image.contiguous().numpy()), digest_size=16).digest()
+
+
 def set_fingerprint(data: ImageTextPairs | LabelledImages) -> str:
     """Hash of a set's pixels (`images_fingerprint`) and what is drawn with them: captions,
     groups and partners; labels and class names."""

@@ -109,7 +109,7 @@ def load_image_folder(path: str | Path, image_size: PositiveInt | None = None,
         key = file.relative_to(root).as_posix()
         try:
             images.add_file(key, functools.partial(decode_image, file, image_size),
-                            name=str(file))
+                            name=str(file), path=file)
         except UnreadableImage:
             skipped.add("unreadable_image", str(file))
             continue

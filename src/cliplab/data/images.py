@@ -151,6 +151,7 @@ class DeferredImage(NamedTuple):
     decode: Callable[[], torch.Tensor]
     name: str
     model_input: PreprocessConfig | None = None  # what it is decoded for (`decoding_for`)
+    path: str | None = None  # its file, when it has one (a listing's identity: `os.stat`)
 
 
 @contextmanager
@@ -315,18 +316,20 @@ class ImageStack:
         self.buffer[self.count] = image
         self.count += 1
 
-    def add_file(self, key: str, decode: Callable[[], torch.Tensor], name: str | None = None
-                 ) -> None:
+    def add_file(self, key: str, decode: Callable[[], torch.Tensor], name: str | None = None,
+                 path: str | os.PathLike | None = None) -> None:
         """Add the image ``decode()`` gives (raising `UnreadableImage` as it does), or, within
         `deferred_decoding`, a placeholder, its ``decode`` kept under the sample's ``key``
-        (``name``: how the loader's skip report names the file, if not by ``key``)."""
+        (``name``: how the loader's skip report names the file, if not by ``key``; ``path``:
+        the file it decodes)."""
         deferred = _DEFERRED.get()
         if deferred is None:
             self.append(decode())
             return
         model_input = _MODEL_INPUT.get()
         decode = functools.partial(_decode_for, model_input, decode)
-        deferred[key] = DeferredImage(decode, key if name is None else name, model_input)
+        deferred[key] = DeferredImage(decode, key if name is None else name, model_input,
+                                      None if path is None else os.fspath(path))
         self.append(PLACEHOLDER)
 
     def stacked(self, where: str = "images") -> torch.Tensor:

@@ -405,7 +405,8 @@ def load_manifest(path: str | os.PathLike, kind: str = "auto",
         if reason is None:
             try:
                 images.add_file(data.keys[i], functools.partial(decode_image, data.paths[i],
-                                                                data.image_size))
+                                                                data.image_size),
+                                path=data.paths[i])
             except UnreadableImage:
                 reason = "unreadable_image"
         if reason is not None:
