@@ -13,6 +13,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ class FeatureCache:
         if self.folder is not None:
             check_cache_folder(self.folder)
         self.memory: dict[str, dict[str, ImageFeatures]] = {}
+        # by key: what an entry of a listed set holds besides its features (`listed_features`)
+        self.extras: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
         self.texts = TextFeatureCache()
@@ -82,6 +85,9 @@ class FeatureCache:
                 feats = ImageFeatures(finite_embeddings(tensors["embeddings"], "image"),
                                       tensors["backbone"], tensors.get("probe"), probe_kind)
                 self.memory.setdefault(key, {})[kind] = feats
+                extras = {k: v for k, v in tensors.items() if k not in _FEATURES}
+                if extras:
+                    self.extras[key] = extras
                 return feats
         return None
 
@@ -119,6 +125,35 @@ class FeatureCache:
         return feats
 
 
+    def listed_features(self, model: DualEncoder, identity: str, probe: str | None,
+                        probe_layers: int, precision: str,
+                        encode: Callable[[], tuple[ImageFeatures, dict[str, torch.Tensor]]]
+                        ) -> tuple[ImageFeatures, dict[str, torch.Tensor]]:
+        """The features of a set streamed from its listing (`cliplab.evaluate.streamed`) and
+        the tensors stored with them (e.g. which files were readable), computed by
+        ``encode`` on a miss. Such a set has no pixel tensor: they are keyed by the listing's
+        ``identity`` (its files, their sizes and times, its labels and decoding)."""
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        key = f"{image_tower_fingerprint(model)}-listed{identity}{suffix}"
+        tag = self._tag(probe, probe_layers)
+        feats = self._lookup(key, tag)
+        if feats is not None and key in self.extras:
+            self.hits += 1
+            return feats, self.extras[key]
+        self.misses += 1
+        feats, extras = encode()
+        self.memory.setdefault(key, {})[tag] = feats
+        self.extras[key] = extras
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone, **extras}
+            if feats.probe is not None:
+                tensors["probe"] = feats.probe
+            write_entry(self.folder / f"{key}-{tag}.safetensors", tensors)
+        return feats, extras
+
+
+_FEATURES = ("embeddings", "backbone", "probe")  # an entry's features; other tensors: extras
 STALE_TEMP_SECONDS = 3600  # a writer's temp file untouched this long: its writer was killed
 
 
