@@ -25,8 +25,10 @@ from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import CliplabError, ConfigError, DataError
+from cliplab.data.fingerprint import image_digest
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.features import ImageFeatures
+from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures
+from cliplab.evaluate.streamed import StreamedSet, stream_set
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models.dual_encoder import DualEncoder
@@ -70,6 +72,11 @@ class TaskSpecBase(Section):
     # keys of the sets this task draws a few samples per class from (few_shot's ``train``):
     # a one-off evaluation lists their files and decodes only the drawn ones (`TaskContext`)
     drawn: ClassVar[tuple[str, ...]] = ()
+    # keys of the sets this task only encodes (reads their features, labels and classes, never
+    # their pixels): a one-off evaluation streams a listed set all its readers only encode
+    encoded: ClassVar[tuple[str, ...]] = ()
+    # keys of those it also compares image by image (`TaskContext.image_digests`)
+    hashed: ClassVar[tuple[str, ...]] = ()
 
     def datasets(self) -> list[DataSpec]:
         """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
@@ -170,7 +177,9 @@ class TaskContext:
     manifests as listed (`deferred_decoding`), a set is decoded when its first task runs and
     dropped after its last, and other sets above `HOLD_BYTES` are read again at their turn;
     a set a task only draws shots from (``TaskSpecBase.drawn``) stays listed, its draws
-    (`shot_draws`) decoding what they take.
+    (`shot_draws`) decoding what they take; a listed set every task reading it only encodes
+    (``TaskSpecBase.encoded``) is decoded and encoded a batch at a time when its first task is
+    checked (`stream_set`): ``streamed``.
     """
 
     cache: FeatureCache = field(default_factory=FeatureCache)
@@ -187,11 +196,16 @@ class TaskContext:
     listed: dict[str, ListedImages] = field(default_factory=dict)
     listing: bool = False  # within such a `preload`
     draws: dict[str, ShotDraws] = field(default_factory=dict)  # of listed sets, by key
+    # sets to stream (`preload` without ``hold``), by key: (extra probe, its layers, hashed)
+    streamable: dict[str, tuple[str | None, int, bool]] = field(default_factory=dict)
+    streamed: dict[str, StreamedSet] = field(default_factory=dict)  # by key
 
     def for_new_weights(self) -> TaskContext:
         """A copy with an empty feature cache (for a model whose weights changed, e.g. during
-        training or between soup ingredients) that keeps the loaded datasets."""
-        return dataclasses.replace(self, cache=FeatureCache())
+        training or between soup ingredients) that keeps the loaded datasets (not streamed
+        ones: their features were the old weights')."""
+        datasets = {k: v for k, v in self.datasets.items() if k not in self.streamed}
+        return dataclasses.replace(self, cache=FeatureCache(), datasets=datasets, streamed={})
 
     def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
                 model: DualEncoder | None = None) -> None:
@@ -211,6 +225,43 @@ class TaskContext:
                     self.release(tasks[i + 1:], keep_below=HOLD_BYTES)
         finally:
             self.listing = False
+        if not self.hold:
+            self.streamable = self._streamable(tasks)
+
+    def _streamable(self, tasks: Sequence[TaskSpecBase]) -> dict[str, tuple[str | None, int,
+                                                                             bool]]:
+        """The sets of ``tasks`` to stream (by `_key`): those given by spec, without a
+        ``shift`` (applied to the whole set's pixels), that every task reading them only
+        encodes; each with the extra probe its readers need (a task's `probes`, the
+        ``classifier``'s) and whether a task compares its images (``hashed``)."""
+        only: dict[str, bool] = {}
+        probes: dict[str, set[tuple[str, int]]] = {}
+        hashed: set[str] = set()
+        extra = getattr(self.classifier, "probe", None)
+        for task in tasks:
+            for key, spec in task.data_keys():
+                if not isinstance(spec, dict):
+                    continue
+                name = self._key(spec)
+                only[name] = only.get(name, True) and key in task.encoded \
+                    and spec.get("shift") is None
+                if key in task.hashed:
+                    hashed.add(name)
+                if extra:
+                    probes.setdefault(name, set()).add((extra, DEFAULT_PROBE_LAYERS))
+            for spec, kind, layers in task.probes():
+                if isinstance(spec, dict):  # (the layers of tokens do not matter)
+                    layers = layers if kind == "layers" else DEFAULT_PROBE_LAYERS
+                    probes.setdefault(self._key(spec), set()).add((kind, layers))
+        out = {}
+        for name, encoded in only.items():
+            wanted = probes.get(name, set())
+            # two extra probes of one set would need two streamed passes (or its pixels
+            # held between them): such a set is decoded whole, as before
+            if encoded and len(wanted) <= 1:
+                kind, layers = next(iter(wanted), (None, DEFAULT_PROBE_LAYERS))
+                out[name] = (kind, layers, name in hashed)
+        return out
 
     def check_named(self, i: int, task: TaskSpecBase, model: DualEncoder | None = None
                     ) -> None:
@@ -234,8 +285,9 @@ class TaskContext:
         take fewer than ``keep_below`` bytes."""
         needed = {self._key(spec) for task in later for spec in task.datasets()}
         for key in [k for k in self.datasets if k not in needed]:
-            if _image_bytes(self.datasets[key]) >= keep_below:
+            if _image_bytes(self.datasets[key]) >= keep_below or key in self.streamed:
                 del self.datasets[key]
+                self.streamed.pop(key, None)
         for key in [k for k in self.listed if k not in needed]:
             del self.listed[key]
             self.draws.pop(key, None)
@@ -246,8 +298,8 @@ class TaskContext:
         `TaskSpecBase.check`; errors do not name the task."""
         if model is not None:
             self.model_input = getattr(model, "preprocess_config", None)
-        for key, _ in task.data_keys():
-            self.dataset(task, key, where=key)  # a bad option names its key: `test: unknown ...`
+        for key, _ in task.data_keys():  # a bad option names its key: `test: unknown ...`
+            self.dataset(task, key, where=key, model=model)
         empty = self.empty_data(task)
         if empty:
             raise DataError(f"{empty} holds no images")
@@ -270,10 +322,11 @@ class TaskContext:
     def texts(self) -> TextFeatureCache:
         return self.cache.texts
 
-    def load(self, spec: DataSpec, where: str | None = None
+    def load(self, spec: DataSpec, where: str | None = None, model: DualEncoder | None = None
              ) -> LabelledImages | ImageTextPairs | MultiLabelImages:
         """The dataset a spec names, loaded once per context (``where``: the spec's key,
-        named by a loading error)."""
+        named by a loading error); given ``model``, one to stream (``streamable``) is streamed
+        (`stream_set`): its readable samples, their images placeholders."""
         if not isinstance(spec, dict):
             return spec
         key = self._key(spec)
@@ -281,18 +334,31 @@ class TaskContext:
             return self.datasets[key]
         if self.listing:
             return listed_data(self._listing(spec, where))
+        if model is not None and key in self.streamable:
+            listed = self._listing(spec, where)
+            if not isinstance(listed, ListedImages):  # nothing deferred: read (and held)
+                return listed
+            probe, layers, hashed = self.streamable[key]
+            streamed = stream_set(model, listed, self.cache, key, probe, layers,
+                                  self.precision, self.progress, hashed)
+            if streamed is not None:
+                self.listed.pop(key, None)
+                self.streamed[key] = streamed
+                self.datasets[key] = streamed.data
+                return streamed.data
         self.listed.pop(key, None)
         self.draws.pop(key, None)
         self.datasets[key] = load_source(spec, self.progress, where, self.model_input)
         return self.datasets[key]
 
-    def dataset(self, task: TaskSpecBase, key: str, where: str | None = None) -> Any:
-        """``task``'s set under ``key`` (`load`); one it draws from (``task.drawn``) in a
-        context that does not hold sets is listed (`ListedImages`), unless it is loaded
-        already or has no files to defer."""
+    def dataset(self, task: TaskSpecBase, key: str, where: str | None = None,
+                model: DualEncoder | None = None) -> Any:
+        """``task``'s set under ``key`` (`load`, given ``model``); one it draws from
+        (``task.drawn``) in a context that does not hold sets is listed (`ListedImages`),
+        unless it is loaded already or has no files to defer."""
         spec = getattr(task, key)
         if self.hold or key not in task.drawn or not isinstance(spec, dict):
-            return self.load(spec, where)
+            return self.load(spec, where, model)
         return self._listing(spec, where)
 
     def _listing(self, spec: dict, where: str | None) -> Any:
@@ -360,8 +426,28 @@ class TaskContext:
         names extra features to compute with them."""
         if probe is None and spec is not None:
             probe, layers = self.probe_plan.get(data_key(spec), (None, 4))
+        streamed = self._streamed(spec, images)
+        if streamed is not None:
+            if FeatureCache._tag(probe, layers) not in ("plain", streamed.tag):
+                raise DataError(f"{desc}: {probe} features were not computed when its set was "
+                                f"streamed (it was planned {streamed.tag})")
+            return streamed.features
         return self.cache.features(model, images, probe, layers, self.progress, desc,
                                    self.precision)
+
+    def _streamed(self, spec: DataSpec | None, images: torch.Tensor) -> StreamedSet | None:
+        """The streamed set whose (placeholder) ``images`` these are, else None."""
+        streamed = self.streamed.get(self._key(spec)) if isinstance(spec, dict) else None
+        return streamed if streamed is not None and images is streamed.data.images else None
+
+    def image_digests(self, spec: DataSpec, data: LabelledImages
+                      ) -> tuple[tuple[int, ...], Iterator[bytes]]:
+        """The shape of one image of ``data`` (loaded from ``spec``) and each image's
+        `image_digest`: a streamed set's as hashed while it was streamed."""
+        streamed = self._streamed(spec, data.images)
+        if streamed is not None and streamed.digests is not None:
+            return streamed.shape, iter(streamed.digests)
+        return tuple(data.images.shape[1:]), (image_digest(image) for image in data.images)
 
     def cached_features(self, model: DualEncoder, images: torch.Tensor, probe: str | None = None,
                         layers: int = 4) -> ImageFeatures | None:

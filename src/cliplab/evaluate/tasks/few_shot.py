@@ -30,6 +30,7 @@ class Spec(ProbeSpecBase):
     l2: float = Field(1e-3, gt=0)
     features: ProbeKind = "embeddings"
     drawn: ClassVar[tuple[str, ...]] = ("train",)  # a one-off evaluation decodes only its draws
+    encoded: ClassVar[tuple[str, ...]] = ("test",)
 
     @model_validator(mode="after")
     def _l2_only_for_the_probe(self) -> Spec:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
-from typing import Literal
+from collections.abc import Iterable
+from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
+from cliplab.data.fingerprint import image_digest
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.sources import filled_spec, same_images
 from cliplab.data.types import LabelledImages
@@ -28,6 +28,8 @@ class ProbeSpecBase(TaskSpecBase):
     test: DataSpec
     features: ProbeKind
     layers: int = Field(DEFAULT_PROBE_LAYERS, ge=1)
+    encoded: ClassVar[tuple[str, ...]] = ("train", "test")
+    hashed: ClassVar[tuple[str, ...]] = ("train", "test")  # the leakage check's
 
     @model_validator(mode="after")
     def _layers_only_for_layers(self) -> ProbeSpecBase:
@@ -110,7 +112,8 @@ def _warn_of_leakage(spec: ProbeSpecBase, context: TaskContext, train: LabelledI
     if listed:  # its pixels are compared where it is decoded
         return
     context.reported.add(f"leakage {name}")
-    shared = shared_images(train, test)
+    shared = shared_digests(*context.image_digests(spec.train, train),
+                            *context.image_digests(spec.test, test))
     if shared and shared >= LEAK_FRACTION * len(test):  # a few copies: the data set's own
         warn(f"{name}: {shared} of {len(test)} test images are also train images (equal "
              f"pixels): it is scored on images it learned from; {hint}")
@@ -118,14 +121,20 @@ def _warn_of_leakage(spec: ProbeSpecBase, context: TaskContext, train: LabelledI
 
 def shared_images(train: LabelledImages, test: LabelledImages) -> int:
     """How many ``test`` images equal a ``train`` image, pixel for pixel."""
-    if train.images.shape[1:] != test.images.shape[1:]:
+    return shared_digests(tuple(train.images.shape[1:]),
+                          (image_digest(image) for image in train.images),
+                          tuple(test.images.shape[1:]),
+                          (image_digest(image) for image in test.images))
+
+
+def shared_digests(train_shape: tuple[int, ...], train: Iterable[bytes],
+                   test_shape: tuple[int, ...], test: Iterable[bytes]) -> int:
+    """`shared_images` of two sets given as the shape of one image and each image's
+    `image_digest` (a streamed set's were taken while it was streamed)."""
+    if train_shape != test_shape:
         return 0
-    seen = {_image_hash(image) for image in train.images}
-    return sum(_image_hash(image) in seen for image in test.images)
-
-
-def _image_hash(image: torch.Tensor) -> bytes:
-    return hashlib.blake2b(memoryview(image.contiguous().numpy()), digest_size=16).digest()
+    seen = set(train)
+    return sum(digest in seen for digest in test)
 
 
 def probe_features(model: DualEncoder, spec: ProbeSpecBase, context: TaskContext,

@@ -4,7 +4,7 @@ fit of "No 'Zero-Shot' Without Exponential Data"."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cliplab.data.concepts import count_mentions
 from cliplab.data.pairs import class_keys
@@ -21,6 +21,7 @@ class Spec(TaskSpecBase):
     data: DataSpec
     train_data: dict[str, Any]
     concepts: list[str] | None = None
+    encoded: ClassVar[tuple[str, ...]] = ("data",)
 
     def check(self, context: TaskContext) -> None:
         data = context.labelled(self.data, "data")

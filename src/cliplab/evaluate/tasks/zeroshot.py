@@ -4,7 +4,7 @@ ones held out of training); ``per_class: true`` adds each class's accuracy."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -24,6 +24,7 @@ class Spec(TaskSpecBase):
     # class names (any case) or indices; omitted: every class
     classes: list[int | str] | None = Field(None, min_length=1)
     per_class: bool = False
+    encoded: ClassVar[tuple[str, ...]] = ("data",)
 
     def check(self, context: TaskContext) -> None:
         data = context.labelled(self.data, "data")

@@ -1,0 +1,144 @@
+"""A one-off evaluation streams a listed set its tasks only encode (decoded and encoded a batch
+at a time, `cliplab.evaluate.streamed`): the results equal the whole-set load's, no more than a
+batch of pixels is held, and a cache folder serves a second run without decoding."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cliplab.data.image_folder as image_folder
+import cliplab.evaluate.streamed as streamed
+import cliplab.evaluate.tasks.base as base
+from cliplab.data.digits import load_digits
+from cliplab.evaluate.feature_cache import FeatureCache
+from cliplab.evaluate.suite import run_suite
+from cliplab.evaluate.tasks import TaskContext
+
+CLASSES = ["zero", "one", "two"]
+
+
+def _write_folder(root, images, labels, bad_at=None):
+    """PNGs of ``images`` in class folders; a corrupt file sorted between a class's images."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / CLASSES[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0].numpy()).save(folder / f"{i:03d}.png")
+    if bad_at is not None:
+        (root / bad_at).write_bytes(np.random.default_rng(0).bytes(200))
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    """``test``: 30 digits (0-2) at 24 px with a corrupt file in the middle; ``train``: 30
+    others, a third of them copies of test images (the probe's leakage warning)."""
+    data = load_digits("test", image_size=24)
+    keep = (data.labels < 3).nonzero().flatten()
+    test, train = keep[:30], keep[30:60].clone()
+    train[:12] = test[:12]
+    _write_folder(tmp_path / "test", data.images[test], data.labels[test], "one/015_bad.png")
+    _write_folder(tmp_path / "train", data.images[train], data.labels[train])
+    return tmp_path / "test", tmp_path / "train"
+
+
+def _suite(test, train):
+    folder = {"source": "image-folder", "path": str(test)}
+    return [{"name": "zs", "task": "zeroshot", "per_class": True, "data": folder},
+            {"name": "probe", "task": "linear_probe", "l2": 0.01, "features": "tokens",
+             "train": {"source": "image-folder", "path": str(train)}, "test": folder}]
+
+
+@pytest.fixture()
+def record(monkeypatch, tiny_model):
+    """What the run streamed (`stream_set`'s results), the largest batch of images the model
+    was given, and how many files were decoded."""
+    seen = {"streamed": [], "batch": 0, "decoded": 0}
+    stream_set, preprocess = base.stream_set, tiny_model.preprocess
+    decode_image = image_folder.decode_image
+
+    def recording_stream(*args, **kwargs):
+        out = stream_set(*args, **kwargs)
+        seen["streamed"].append(out)
+        return out
+
+    def recording_preprocess(images):
+        seen["batch"] = max(seen["batch"], len(images))
+        return preprocess(images)
+
+    def counting_decode(*args, **kwargs):
+        seen["decoded"] += 1
+        return decode_image(*args, **kwargs)
+
+    monkeypatch.setattr(base, "stream_set", recording_stream)
+    monkeypatch.setattr(tiny_model, "preprocess", recording_preprocess)
+    monkeypatch.setattr(image_folder, "decode_image", counting_decode)
+    return seen
+
+
+def _run(model, suite, context=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_suite(model, suite, context)
+    return results, sorted(str(w.message) for w in caught if "train images" in str(w.message))
+
+
+def test_streamed_results_equal_the_whole_sets(tiny_model, folders, record, monkeypatch):
+    monkeypatch.setattr(streamed, "STREAM_BATCH", 8)  # several batches of the 30 readable
+    suite = _suite(*folders)
+    whole, whole_leak = _run(tiny_model, suite, TaskContext(progress=False))  # held: whole
+    assert record["streamed"] == [] and record["batch"] >= 30
+    record["batch"] = 0
+    got, leak = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    # never more than a batch of images encoded at once: both sets streamed
+    assert record["batch"] == 8
+    assert len(record["streamed"]) == 2 and None not in record["streamed"]
+    bad = str(folders[0] / "one" / "015_bad.png")
+    assert got["zs"]["skipped"]["keys"] == {"unreadable_image": [bad]}
+    assert got["zs"]["n"] == 30 and got["probe"]["n_test"] == 30
+    assert got == whole
+    assert leak == whole_leak and len(leak) == 1 and leak[0].startswith("probe: 12 of 30")
+
+
+def test_a_cache_folder_serves_a_second_run_without_decoding(tiny_model, folders, record,
+                                                              tmp_path):
+    suite = _suite(*folders)
+
+    def run():
+        record["decoded"] = 0
+        context = TaskContext(cache=FeatureCache(tmp_path / "cache"), progress=False, hold=False)
+        return _run(tiny_model, suite, context)
+
+    first = run()
+    assert record["decoded"] == 61  # 60 images and the corrupt file
+    assert run() == first and record["decoded"] == 0  # leakage and skips from the entries
+    changed = folders[1] / "two" / sorted(os.listdir(folders[1] / "two"))[0]
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert run() == first and record["decoded"] == 30  # the changed set's files only
+
+
+def test_a_set_a_task_reads_pixels_of_is_decoded_whole(tiny_model, folders, record):
+    folder = {"source": "image-folder", "path": str(folders[0])}
+    suite = [{"name": "zs", "task": "zeroshot", "data": folder},
+             {"name": "ret", "task": "retrieval", "ks": [1], "data": folder}]
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    assert record["streamed"] == [] and record["batch"] == 30
+    assert got["zs"]["n"] == 30
+
+
+def test_two_extra_probes_of_a_set_decode_it_whole(tiny_model, folders, record):
+    suite = _suite(*folders)
+    suite.append({**suite[1], "name": "probe2", "features": "layers", "layers": 1})
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    assert record["streamed"] == [] and got["probe2"]["n_test"] == 30
+
+
+def test_a_held_context_streams_nothing(tiny_model, folders, record):
+    context = TaskContext(progress=False)
+    suite = _suite(*folders)
+    _run(tiny_model, suite, context)
+    assert record["streamed"] == [] and context.streamed == {} and context.streamable == {}
+    held = [data.images for data in context.datasets.values() if hasattr(data, "images")]
+    assert sorted(tuple(images.shape) for images in held) == [(30, 16, 16, 3), (30, 16, 16, 3)]
