@@ -142,3 +142,19 @@ def test_a_held_context_streams_nothing(tiny_model, folders, record):
     assert record["streamed"] == [] and context.streamed == {} and context.streamable == {}
     held = [data.images for data in context.datasets.values() if hasattr(data, "images")]
     assert sorted(tuple(images.shape) for images in held) == [(30, 16, 16, 3), (30, 16, 16, 3)]
+
+
+def test_a_streamed_manifest_skips_what_its_whole_load_skips(tiny_model, folders, record,
+                                                             tmp_path):
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in folders[0].rglob("*.png"))
+    rows = [f"{name},{name.split('/')[1]}" for name in files]
+    rows.insert(7, "test/one/gone.png,one")  # a missing file among them
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("image,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    suite = [{"name": "zs", "task": "zeroshot", "per_class": True,
+              "data": {"source": "manifest", "path": str(manifest)}}]
+    whole, _ = _run(tiny_model, suite, TaskContext(progress=False))
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    assert len(record["streamed"]) == 1 and record["streamed"][0] is not None
+    assert got == whole and got["zs"]["n"] == 30
+    assert got["zs"]["skipped"]["counts"] == {"missing_file": 1, "unreadable_image": 1}
