@@ -13,6 +13,7 @@ import cliplab.data.image_folder as image_folder
 import cliplab.evaluate.streamed as streamed
 import cliplab.evaluate.tasks.base as base
 from cliplab.data.digits import load_digits
+from cliplab.errors import CliplabError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_suite
 from cliplab.evaluate.tasks import TaskContext
@@ -158,3 +159,17 @@ def test_a_streamed_manifest_skips_what_its_whole_load_skips(tiny_model, folders
     assert len(record["streamed"]) == 1 and record["streamed"][0] is not None
     assert got == whole and got["zs"]["n"] == 30
     assert got["zs"]["skipped"]["counts"] == {"missing_file": 1, "unreadable_image": 1}
+
+
+def test_pairs_given_to_a_task_that_streams_fail_as_before(tiny_model, folders, tmp_path):
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in folders[1].rglob("*.png"))
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text("image,caption\n" + "".join(f"{name},a digit\n" for name in files),
+                        encoding="utf-8")
+    suite = [{"task": "zeroshot", "data": {"source": "manifest", "path": str(manifest)}}]
+    errors = []
+    for hold in (True, False):
+        with pytest.raises(CliplabError) as err:
+            run_suite(tiny_model, suite, TaskContext(progress=False, hold=hold))
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "\n" not in errors[1]

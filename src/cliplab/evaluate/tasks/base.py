@@ -19,13 +19,13 @@ import torch
 from pydantic import InstanceOf
 
 from cliplab.config import Section
+from cliplab.data.fingerprint import image_digest
 from cliplab.data.images import deferred_decoding
 from cliplab.data.listed import ListedImages, ShotDraws, listed_data
 from cliplab.data.multilabel import MultiLabelImages
 from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import CliplabError, ConfigError, DataError
-from cliplab.data.fingerprint import image_digest
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures
 from cliplab.evaluate.streamed import StreamedSet, stream_set
@@ -339,8 +339,10 @@ class TaskContext:
             if not isinstance(listed, ListedImages):  # nothing deferred: read (and held)
                 return listed
             probe, layers, hashed = self.streamable[key]
+            # pairs or multi-label images (which the task refuses) are loaded as before
             streamed = stream_set(model, listed, self.cache, key, probe, layers,
-                                  self.precision, self.progress, hashed)
+                                  self.precision, self.progress, hashed) \
+                if isinstance(listed.data, LabelledImages) else None
             if streamed is not None:
                 self.listed.pop(key, None)
                 self.streamed[key] = streamed
