@@ -13,6 +13,7 @@ import cliplab.data.image_folder as image_folder
 import cliplab.evaluate.streamed as streamed
 import cliplab.evaluate.tasks.base as base
 from cliplab.data.digits import load_digits
+from cliplab.data.images import ImageStack
 from cliplab.errors import CliplabError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_suite
@@ -54,9 +55,9 @@ def _suite(test, train):
 @pytest.fixture()
 def record(monkeypatch, tiny_model):
     """What the run streamed (`stream_set`'s results), the largest batch of images the model
-    was given, and how many files were decoded."""
-    seen = {"streamed": [], "batch": 0, "decoded": 0}
-    stream_set, preprocess = base.stream_set, tiny_model.preprocess
+    was given, how many files were decoded and the most decoded images stacked together."""
+    seen = {"streamed": [], "batch": 0, "decoded": 0, "stacked": 0}
+    stream_set, preprocess, stacked = base.stream_set, tiny_model.preprocess, ImageStack.stacked
     decode_image = image_folder.decode_image
 
     def recording_stream(*args, **kwargs):
@@ -68,6 +69,12 @@ def record(monkeypatch, tiny_model):
         seen["batch"] = max(seen["batch"], len(images))
         return preprocess(images)
 
+    def recording_stacked(self, where="images"):
+        images = stacked(self, where)
+        if images.shape[1] > 1:  # decoded pixels, not the placeholders of a listing
+            seen["stacked"] = max(seen["stacked"], len(images))
+        return images
+
     def counting_decode(*args, **kwargs):
         seen["decoded"] += 1
         return decode_image(*args, **kwargs)
@@ -75,6 +82,7 @@ def record(monkeypatch, tiny_model):
     monkeypatch.setattr(base, "stream_set", recording_stream)
     monkeypatch.setattr(tiny_model, "preprocess", recording_preprocess)
     monkeypatch.setattr(image_folder, "decode_image", counting_decode)
+    monkeypatch.setattr(ImageStack, "stacked", recording_stacked)
     return seen
 
 
@@ -89,11 +97,11 @@ def test_streamed_results_equal_the_whole_sets(tiny_model, folders, record, monk
     monkeypatch.setattr(streamed, "STREAM_BATCH", 8)  # several batches of the 30 readable
     suite = _suite(*folders)
     whole, whole_leak = _run(tiny_model, suite, TaskContext(progress=False))  # held: whole
-    assert record["streamed"] == [] and record["batch"] >= 30
-    record["batch"] = 0
+    assert record["streamed"] == [] and record["batch"] >= 30 and record["stacked"] == 30
+    record["batch"] = record["stacked"] = 0
     got, leak = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
     # never more than a batch of images encoded at once: both sets streamed
-    assert record["batch"] == 8
+    assert record["batch"] == 8 and record["stacked"] == 0
     assert len(record["streamed"]) == 2 and None not in record["streamed"]
     bad = str(folders[0] / "one" / "015_bad.png")
     assert got["zs"]["skipped"]["keys"] == {"unreadable_image": [bad]}
@@ -173,3 +181,32 @@ def test_pairs_given_to_a_task_that_streams_fail_as_before(tiny_model, folders, 
             run_suite(tiny_model, suite, TaskContext(progress=False, hold=hold))
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "\n" not in errors[1]
+
+
+def test_few_shots_test_set_streams_while_its_train_set_is_drawn(tiny_model, folders, record):
+    suite = [{"name": "fs", "task": "few_shot", "shots": [2], "seeds": [0], "methods": ["ncm"],
+              "train": {"source": "image-folder", "path": str(folders[1])},
+              "test": {"source": "image-folder", "path": str(folders[0])}}]
+    whole, _ = _run(tiny_model, suite, TaskContext(progress=False))
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    assert len(record["streamed"]) == 1 and record["streamed"][0] is not None
+    assert got == whole and got["fs"]["n"] == 30
+
+
+class _TokensClassifier:
+    """A classifier of the ``tokens`` probe features (as an adapter of tokens is)."""
+
+    probe = "tokens"
+
+    def logits(self, features, progress=False):
+        return features.probe.flatten(1)[:, :3].float()
+
+
+def test_a_classifiers_probe_is_computed_while_streaming(tiny_model, folders, record):
+    suite = [{"name": "zs", "task": "zeroshot", "per_class": True,
+              "data": {"source": "image-folder", "path": str(folders[0])}}]
+    whole, _ = _run(tiny_model, suite, TaskContext(progress=False, classifier=_TokensClassifier()))
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False,
+                                                 classifier=_TokensClassifier()))
+    assert len(record["streamed"]) == 1 and record["streamed"][0].tag == "tokens"
+    assert got == whole
