@@ -210,3 +210,25 @@ def test_a_classifiers_probe_is_computed_while_streaming(tiny_model, folders, re
                                                  classifier=_TokensClassifier()))
     assert len(record["streamed"]) == 1 and record["streamed"][0].tag == "tokens"
     assert got == whole
+
+
+@pytest.mark.parametrize("first_side, streams", [(20, True), (10, False)])
+def test_images_of_several_sizes_are_held_as_the_whole_load_holds_them(
+        tiny_model, tmp_path, record, first_side, streams):
+    """The model's input is 16 px: a 20 px file is fitted to it when decoded, a smaller one is
+    kept; the whole load makes each of a set of mixed sizes the model's input. A stream whose
+    first image is the model's input does so too; one whose first is smaller cannot know it
+    should have (its batches are encoded already): that set is loaded whole."""
+    g = np.random.default_rng(0)
+    for name in CLASSES:  # the first listed file: one/0.png
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            side = first_side if name == min(CLASSES) and i == 0 else (12 if i % 2 else 20)
+            Image.fromarray(g.integers(0, 256, (side, side + 2 * (i % 2), 3), dtype=np.uint8)
+                            ).save(tmp_path / name / f"{i}.png")
+    suite = [{"name": "zs", "task": "zeroshot", "per_class": True,
+              "data": {"source": "image-folder", "path": str(tmp_path)}}]
+    whole, _ = _run(tiny_model, suite, TaskContext(progress=False))
+    got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
+    assert (record["streamed"][0] is not None) == streams
+    assert got == whole
