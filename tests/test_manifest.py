@@ -279,16 +279,16 @@ def test_a_record_is_named_by_its_first_line(tmp_path):
     was reported at the end of the file, not where it opened."""
     path = tmp_path / "multi.csv"
     path.write_text('image,caption\na.png,"two\nlines"\nb.png,one\n', encoding="utf-8")
-    from cliplab.data.manifest import _read_csv
+    from cliplab.data.manifest import _read_table
 
-    rows, locations, _ = _read_csv(path)
+    rows, locations, _ = _read_table(path)
     assert [r["caption"] for r in rows] == ["two\nlines", "one"]
     assert locations == ["line 2", "line 4"]
     path.write_text('image,caption\na.png,one\n\n\nb.png,"two\nlines"\n\nc.png,x,y\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"multi\.csv:line 8: 3 fields"):
         read_manifest_rows(path)
     path.write_text('image,caption\na.png,one\n\nb.png,two\n', encoding="utf-8")
-    assert _read_csv(path)[1] == ["line 2", "line 4"]
+    assert _read_table(path)[1] == ["line 2", "line 4"]
     path.write_text('image,caption\na.png,"never closed\nb.png,x\nc.png,y\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"multi\.csv:line 2: bad CSV"):
         read_manifest_rows(path)

@@ -8,11 +8,9 @@ recorded in a ``SkipReport`` under keys like ``"manifest.csv:line 4: images/x.pn
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,145 +20,36 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cliplab.data.images import ImageStack, UnreadableImage, decode_image
+from cliplab.data.manifest_table import image_data, image_data_error, iter_table
 from cliplab.data.prompt_files import DEFAULT_TEMPLATES
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import DataError, warn
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".parquet": "parquet"}
 IMAGE_COLUMNS = ("image", "path", "filepath", "image_path")
 CAPTION_COLUMNS = ("caption", "text")
 LABEL_COLUMNS = ("label", "class")
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:line {line}: not valid UTF-8 text; save the manifest as UTF-8") from None
-
-
-def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    read: list[tuple[int, str]] = []  # (number, text) of the lines the reader took since
-
-    def lines():
-        for number, line in enumerate(io.StringIO(_decode(path), newline=""), 1):
-            read.append((number, line))
-            yield line
-
-    def start() -> int:
-        """The first line of the record just read (a quoted field may run over several; blank
-        lines before it are skipped)."""
-        return next((n for n, line in read if line.strip()), read[-1][0] if read else 1)
-
-    reader = csv.DictReader(lines(), strict=True)
-    rows, locations = [], []
-    try:
-        if not reader.fieldnames:
-            raise DataError(f"{path}:line 1: no header row; the first line must name the columns, e.g. image,caption")
-        columns = [name.strip() for name in reader.fieldnames]
-        repeated = _first_repeated(columns)
-        if repeated is not None:  # the reader would keep only the last such column's values
-            raise DataError(f"{path}:line 1: the header names column {repeated!r} twice; give "
-                            "each column its own name")
-        read.clear()
-        for raw in reader:
-            if None in raw:  # more fields than the header names: a caption's comma unquoted?
-                raise DataError(f"{path}:line {start()}: {len(columns) + len(raw[None])} "
-                                f"fields, the header names {len(columns)}; put a field holding "
-                                'commas in double quotes ("a cat, sleeping")')
-            rows.append({k.strip(): v for k, v in raw.items()})
-            locations.append(f"line {start()}")
-            read.clear()
-    except csv.Error as e:
-        raise DataError(f"{path}:line {start()}: bad CSV ({_one_line(e)}); fix the quoting of the "
-                        "record starting on that line") from None
-    return rows, locations, columns
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    rows, locations, columns = [], [], {}
-    for number, line in enumerate(_decode(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, object_pairs_hook=_keys_once)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:line {number}: invalid JSON ({e.msg}, column {e.colno}); "
-                            "fix or delete that line (one JSON object per line)") from None
-        except _RepeatedKey as e:
-            raise DataError(f"{path}:line {number}: the object names {e} twice; give each key "
-                            "once") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:line {number}: expected a JSON object such as "
-                            f'{{"image": ..., "caption": ...}}, got {type(row).__name__}; one object per line')
-        rows.append(row)
-        locations.append(f"line {number}")
-        columns.update(dict.fromkeys(row))
-    return rows, locations, list(columns)
-
-
-class _RepeatedKey(ValueError):
-    """A JSON object naming a key twice (``json.loads`` would keep the last value silently)."""
-
-
-def _first_repeated(names: list[str]) -> str | None:
-    """The first name ``names`` holds twice (a column, a key), None if each is there once."""
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            return name
-        seen.add(name)
-    return None
-
-
-def _keys_once(pairs: list[tuple[str, object]]) -> dict:
-    """``json.loads``'s object hook: the object, or `_RepeatedKey` naming a key it repeats."""
-    row = dict(pairs)
-    if len(row) < len(pairs):
-        raise _RepeatedKey(repr(_first_repeated([key for key, _ in pairs])))
-    return row
-
-
-def _read_parquet(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)}); "
-                        "rewrite it with pyarrow or pandas") from None
-    rows = table.to_pylist()
-    return rows, [f"row {i}" for i in range(1, len(rows) + 1)], list(table.column_names)
+def _listed(rows: Iterator[tuple[dict, str]], columns: dict[str, None]
+            ) -> tuple[list[dict], list[str], list[str]]:
+    """A streamed table (`iter_table`) whole: its rows, their locations and columns."""
+    listed = list(rows)
+    return [row for row, _ in listed], [where for _, where in listed], list(columns)
 
 
 def _read_table(path: Path) -> tuple[list[dict], list[str], list[str]]:
     """Rows, their locations (``"line 4"`` / ``"row 3"``) and the column names of a manifest."""
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: unknown manifest format {path.suffix!r}; use .csv, .jsonl, .json-lines or .parquet")
-    if not path.is_file():
-        raise DataError(f"manifest {path} does not exist; check the path")
-    return {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path)
+    columns: dict[str, None] = {}
+    return _listed(iter_table(path, columns), columns)
 
 
 def refuse_image_data(rows: list[dict], image_key: str, path: Path) -> None:
     """A one-line `DataError` if the image column holds the images themselves (bytes, or a
     Hugging Face export's ``{bytes, path}`` structs) rather than file paths: each was read as a
     path named by its bytes."""
-    held = next((row[image_key] for row in rows if isinstance(row.get(image_key),
-                                                             (bytes, bytearray, dict))), None)
-    if held is not None:
-        what = "image bytes" if isinstance(held, (bytes, bytearray)) else \
-            f"{{{', '.join(map(str, held))}}} records"
-        raise DataError(f"{path}: column {image_key!r} holds {what}, not image file paths; "
-                        "write the images to files and their paths in the column")
+    what = next((w for row in rows if (w := image_data(row.get(image_key))) is not None), None)
+    if what is not None:
+        raise image_data_error(path, image_key, what)
 
 
 def read_manifest_rows(path: str | os.PathLike) -> list[dict]:
