@@ -267,17 +267,21 @@ def skip_message(err: BaseException) -> str:
 
 
 def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
+    """The rows of the manifest ``path`` as items: a first read checks the whole file and
+    counts its rows, holding none (a pool of millions of rows), a second gives the items."""
     from cliplab.data.manifest import (CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS, _column,
-                                       _read_table, refuse_image_data, spec_option_hint)
+                                       spec_option_hint)
+    from cliplab.data.manifest_table import image_data_error, scan_table
 
     _reject_options(spec)
-    rows, lines, _ = _read_table(path)
-    if not rows:
+    scan = scan_table(path)
+    if not scan.rows:
         raise DataError(f"{path}: manifest has no rows")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = scan.columns
     # named as the manifest reader names them (no Python tuple; the option to pass)
     image_col = _column(columns, spec.get("image_col"), IMAGE_COLUMNS, "image_col", str(path))
-    refuse_image_data(rows, image_col, path)
+    if image_col in scan.images_held:
+        raise image_data_error(path, image_col, scan.images_held[image_col])
     if spec.get("caption_col"):
         _column(columns, spec["caption_col"], CAPTION_COLUMNS, "caption_col", str(path))
     # one text column, as the manifest reader takes it: a row with an empty caption has none
@@ -290,20 +294,36 @@ def _manifest_items(path: Path, spec: dict) -> tuple[int, Iterator[Item]]:
                         f"{', '.join(CAPTION_COLUMNS + LABEL_COLUMNS)}; found: "
                         f"{', '.join(columns)}); rename a column or "
                         f"{spec_option_hint('caption_col')}")
+    return scan.rows, _manifest_rows(path, scan.rows, image_col, text_cols)
 
-    def items() -> Iterator[Item]:
-        for number, row in enumerate(rows, 1):
-            name = str(row.get(image_col) or "").strip()
-            file = (path.parent / Path(name).expanduser()).resolve()
-            # a caption that is no text (a list, an object) is none, not its Python repr
-            caption = next((str(row[c]).strip() for c in text_cols if row.get(c) not in
-                            (None, "") and not isinstance(row[c], (list, dict))), "")
-            meta = {k: v for k, v in row.items() if k != image_col}
-            where = {"manifest": str(path), "line": lines[number - 1]}  # "line 4" / "row 3"
-            yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
-                       (lambda f=file: open_rgb(f)) if name else _no_path,
-                       json.loads(json.dumps(meta, default=str)))
-    return len(rows), items()
+
+def _manifest_rows(path: Path, count: int, image_col: str, text_cols: list[str]
+                   ) -> Iterator[Item]:
+    """The items of the ``count`` rows of the manifest ``path``, read again as a stream; a
+    `DataError` if it holds another number of rows now (it changed since it was counted)."""
+    from cliplab.data.manifest_table import iter_table
+
+    number = 0
+    for number, (row, line) in enumerate(iter_table(path), 1):
+        if number > count:
+            raise _changed(path, count, f"more than {count}")
+        name = str(row.get(image_col) or "").strip()
+        file = (path.parent / Path(name).expanduser()).resolve()
+        # a caption that is no text (a list, an object) is none, not its Python repr
+        caption = next((str(row[c]).strip() for c in text_cols if row.get(c) not in
+                        (None, "") and not isinstance(row[c], (list, dict))), "")
+        meta = {k: v for k, v in row.items() if k != image_col}
+        where = {"manifest": str(path), "line": line}  # "line 4" / "row 3"
+        yield Item(f"{path.name}:{number}:{name}", caption, {"file": str(file), **where},
+                   (lambda f=file: open_rgb(f)) if name else _no_path,
+                   json.loads(json.dumps(meta, default=str)))
+    if number != count:
+        raise _changed(path, count, str(number))
+
+
+def _changed(path: Path, count: int, now: str) -> DataError:
+    return DataError(f"{path} changed while it was read: it held {count} rows, then {now}; "
+                     "run again once nothing writes to it")
 
 
 def read_range(tar: str | Path, offset: int, size: int) -> bytes:
