@@ -2,11 +2,14 @@
 at a time, `cliplab.evaluate.streamed`): the results equal the whole-set load's, no more than a
 batch of pixels is held, and a cache folder serves a second run without decoding."""
 
+import copy
+import dataclasses
 import os
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cliplab.data.image_folder as image_folder
@@ -16,8 +19,8 @@ from cliplab.data.digits import load_digits
 from cliplab.data.images import ImageStack
 from cliplab.errors import CliplabError
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.suite import run_suite
-from cliplab.evaluate.tasks import TaskContext
+from cliplab.evaluate.suite import run_suite, run_task, task_spec
+from cliplab.evaluate.tasks import TASKS, TaskContext
 
 CLASSES = ["zero", "one", "two"]
 
@@ -232,3 +235,83 @@ def test_images_of_several_sizes_are_held_as_the_whole_load_holds_them(
     got, _ = _run(tiny_model, suite, TaskContext(progress=False, hold=False))
     assert (record["streamed"][0] is not None) == streams
     assert got == whole
+
+
+def _other_weights(model):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return other
+
+
+def test_a_run_that_fails_leaves_no_streamed_set_in_the_callers_context(
+        tiny_model, folders, monkeypatch):
+    """A Python user's context, reused after a run_suite that stopped midway (an error, a
+    Ctrl-C), held the streamed sets: run_task then scored the first model's features with
+    another model, and a few_shot drew from the 1x1 placeholder images, at chance."""
+    suite = _suite(*folders)
+    zs, context = suite[0], TaskContext(progress=False, hold=False)
+    task = TASKS["linear_probe"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(TASKS, "linear_probe", dataclasses.replace(task, run=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(tiny_model, suite, context)
+    monkeypatch.setitem(TASKS, "linear_probe", task)
+    assert context.streamed == {} and context.streamable == {}
+    assert all(data.images.shape[1] > 1 for data in context.datasets.values())
+    other = _other_weights(tiny_model)
+    fresh = TaskContext(progress=False, hold=False)
+    assert run_task(other, zs, context) == run_task(other, zs, fresh)
+    few = {"name": "fs", "task": "few_shot", "shots": [2], "seeds": [0], "methods": ["ncm"],
+           "train": suite[1]["train"], "test": zs["data"]}  # (a train set streamed above)
+    assert run_task(tiny_model, few, context) == run_task(
+        tiny_model, few, TaskContext(progress=False, hold=False))
+
+
+def test_features_streamed_for_one_model_are_refused_to_another(tiny_model, folders):
+    """A context a user streamed a set in with one model (preload, then run_task) does not
+    serve that model's features to another."""
+    zs = _suite(*folders)[0]
+    context = TaskContext(progress=False, hold=False)
+    context.preload([task_spec(zs, "zs")], model=tiny_model)
+    run_task(tiny_model, zs, context)
+    assert len(context.streamed) == 1
+    with pytest.raises(CliplabError, match="its set was streamed for another model"):
+        run_task(_other_weights(tiny_model), zs, context)
+
+
+def test_the_cache_entry_of_a_listing_does_not_depend_on_what_reads_it(tiny_model, folders,
+                                                                        record, tmp_path):
+    """The entry was keyed by the whole spec and by whether a task compared images: a set's
+    `progress:`/`templates:`, or a zeroshot-only suite after one with a probe, decoded and
+    encoded it again."""
+    suite = _suite(*folders)
+
+    def run(tasks):
+        record["decoded"] = 0
+        context = TaskContext(cache=FeatureCache(tmp_path / "cache"), progress=False, hold=False)
+        return _run(tiny_model, tasks, context)[0]
+
+    both = run(suite)
+    zs = {**suite[0], "data": {**suite[0]["data"], "progress": False,
+                               "templates": ["a photo of the number {}."]}}
+    alone = run([zs])
+    assert record["decoded"] == 0 and alone["zs"]["n"] == both["zs"]["n"] == 30
+
+
+def test_a_streamed_sets_progress_bar_is_named_by_its_task(tiny_model, folders, monkeypatch):
+    """The bar named the set's folder (``encode test``), where a task's encoding was named by
+    the task (``encode zs``, ``encode probe train``)."""
+    names, bar = [], streamed.tqdm
+
+    def named(*args, **kwargs):
+        names.append(kwargs.get("desc"))
+        return bar(*args, **kwargs)
+
+    monkeypatch.setattr(streamed, "tqdm", named)
+    _run(tiny_model, _suite(*folders), TaskContext(progress=False, hold=False))
+    assert names == ["encode zs", "encode probe train"]

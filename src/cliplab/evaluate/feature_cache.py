@@ -57,7 +57,9 @@ class FeatureCache:
         return f"{image_tower_fingerprint(model)}-{images_fingerprint(images)}{suffix}"
 
     @staticmethod
-    def _tag(probe: str | None, probe_layers: int) -> str:
+    def probe_tag(probe: str | None, probe_layers: int) -> str:
+        """What an entry's file name says of its extra probe: ``plain``, ``tokens``,
+        ``layers4``."""
         if probe == "layers":
             return f"layers{probe_layers}"
         return "tokens" if probe == "tokens" else "plain"
@@ -97,7 +99,8 @@ class FeatureCache:
         """The features `features` would serve from memory or the folder (a hit), else None:
         nothing encoded, no miss counted."""
         images = to_uint8_batch(images)
-        feats = self._lookup(self.key(model, images, precision), self._tag(probe, probe_layers))
+        feats = self._lookup(self.key(model, images, precision),
+                             self.probe_tag(probe, probe_layers))
         self.hits += feats is not None
         return feats
 
@@ -107,7 +110,7 @@ class FeatureCache:
         """The cached features of ``images`` under ``model``, computing them on a miss (an
         corrupt file of the folder is one: it is deleted and written again)."""
         images = to_uint8_batch(images)  # one image, a list of PIL images: a uint8 batch
-        key, tag = self.key(model, images, precision), self._tag(probe, probe_layers)
+        key, tag = self.key(model, images, precision), self.probe_tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None:
             self.hits += 1
@@ -115,15 +118,23 @@ class FeatureCache:
         self.misses += 1
         feats = encode_images(model, images, progress=progress, desc=desc, probe=probe,
                               probe_layers=probe_layers, precision=precision)
+        self._store(key, tag, feats)
+        return feats
+
+    def _store(self, key: str, tag: str, feats: ImageFeatures,
+               extras: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep a computed entry in memory and, with a folder, on disk (``extras``: tensors
+        stored beside the features, `listed_features`)."""
         self.memory.setdefault(key, {})[tag] = feats
+        if extras:
+            self.extras[key] = extras
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone}
+            tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone,
+                       **(extras or {})}
             if feats.probe is not None:
                 tensors["probe"] = feats.probe
             write_entry(self.folder / f"{key}-{tag}.safetensors", tensors)
-        return feats
-
 
     def listed_features(self, model: DualEncoder, identity: str, probe: str | None,
                         probe_layers: int, precision: str,
@@ -135,25 +146,19 @@ class FeatureCache:
         ``identity`` (its files, their sizes and times, its labels and decoding)."""
         suffix = "" if precision == "fp32" else f"_{precision}"
         key = f"{image_tower_fingerprint(model)}-listed{identity}{suffix}"
-        tag = self._tag(probe, probe_layers)
+        tag = self.probe_tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None and key in self.extras:
             self.hits += 1
             return feats, self.extras[key]
         self.misses += 1
         feats, extras = encode()
-        self.memory.setdefault(key, {})[tag] = feats
-        self.extras[key] = extras
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = {"embeddings": feats.embeddings, "backbone": feats.backbone, **extras}
-            if feats.probe is not None:
-                tensors["probe"] = feats.probe
-            write_entry(self.folder / f"{key}-{tag}.safetensors", tensors)
+        self._store(key, tag, feats, extras)
         return feats, extras
 
 
 _FEATURES = ("embeddings", "backbone", "probe")  # an entry's features; other tensors: extras
+
 STALE_TEMP_SECONDS = 3600  # a writer's temp file untouched this long: its writer was killed
 
 

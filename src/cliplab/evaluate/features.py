@@ -39,6 +39,7 @@ class ImageFeatures:
 PROBE_FEATURES = ("embeddings", "backbone", "tokens", "layers")
 EXTRA_PROBES = ("tokens", "layers")  # the ones computed only when asked for
 DEFAULT_PROBE_LAYERS = 4  # blocks the ``layers`` probe reads, unless told
+ENCODE_BATCH = 500  # images per forward pass of `encode_images`, unless told
 
 
 def image_blocks(model: DualEncoder) -> int | None:
@@ -55,7 +56,8 @@ def image_blocks(model: DualEncoder) -> int | None:
 
 
 @torch.no_grad()
-def encode_images(model: DualEncoder, images: torch.Tensor, batch_size: int = 500,
+def encode_images(model: DualEncoder, images: torch.Tensor,
+                  batch_size: int = ENCODE_BATCH,
                   progress: bool = True, desc: str = "encode images",
                   probe: str | None = None, probe_layers: int = DEFAULT_PROBE_LAYERS,
                   precision: str = "fp32") -> ImageFeatures:

@@ -211,6 +211,14 @@ def run_suite(model: DualEncoder | str | Path | Mapping, suite: SuiteSpec | Mapp
     context = dataclasses.replace(_as_context(context),
                                   precision=suite_precision(suite, context, model),
                                   probe_plan=plan_probes(suite.tasks))
+    try:
+        return _run_tasks(model, suite, context)
+    finally:  # (the caller's context shares the copy's sets: a failed run leaves none streamed)
+        context.drop_streamed()
+
+
+def _run_tasks(model: DualEncoder, suite: SuiteSpec, context: TaskContext) -> dict:
+    """`run_suite`'s work on its copy of the context."""
     # every set read, every task checked (against its data and the model) before the first
     # task encodes
     context.preload(suite.tasks, model=model)

@@ -27,11 +27,12 @@ from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import CliplabError, ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures
-from cliplab.evaluate.streamed import StreamedSet, stream_set
+from cliplab.evaluate.features import ImageFeatures
+from cliplab.evaluate.streamed import StreamedSet, StreamPlan, stream_set, streaming_plan
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.fingerprints import image_tower_fingerprint
 from cliplab.models.preprocess import PreprocessConfig
 
 # a data spec ({source: digits, split: test, ...}) or an already loaded dataset (Python API)
@@ -75,8 +76,6 @@ class TaskSpecBase(Section):
     # keys of the sets this task only encodes (reads their features, labels and classes, never
     # their pixels): a one-off evaluation streams a listed set all its readers only encode
     encoded: ClassVar[tuple[str, ...]] = ()
-    # keys of those it also compares image by image (`TaskContext.image_digests`)
-    hashed: ClassVar[tuple[str, ...]] = ()
 
     def datasets(self) -> list[DataSpec]:
         """The data specs of this task's `DataSpec` keys (the sets it encodes)."""
@@ -196,8 +195,8 @@ class TaskContext:
     listed: dict[str, ListedImages] = field(default_factory=dict)
     listing: bool = False  # within such a `preload`
     draws: dict[str, ShotDraws] = field(default_factory=dict)  # of listed sets, by key
-    # sets to stream (`preload` without ``hold``), by key: (extra probe, its layers, hashed)
-    streamable: dict[str, tuple[str | None, int, bool]] = field(default_factory=dict)
+    # sets to stream (`preload` without ``hold``), by key: (extra probe, its layers)
+    streamable: StreamPlan = field(default_factory=dict)
     streamed: dict[str, StreamedSet] = field(default_factory=dict)  # by key
 
     def for_new_weights(self) -> TaskContext:
@@ -206,6 +205,14 @@ class TaskContext:
         ones: their features were the old weights')."""
         datasets = {k: v for k, v in self.datasets.items() if k not in self.streamed}
         return dataclasses.replace(self, cache=FeatureCache(), datasets=datasets, streamed={})
+
+    def drop_streamed(self) -> None:
+        """Forget the streamed sets and the plan that streamed them (a run's end, failed or
+        not): their placeholder images must never reach a later reader."""
+        for key in self.streamed:
+            self.datasets.pop(key, None)
+        self.streamed.clear()
+        self.streamable = {}
 
     def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
                 model: DualEncoder | None = None) -> None:
@@ -226,42 +233,8 @@ class TaskContext:
         finally:
             self.listing = False
         if not self.hold:
-            self.streamable = self._streamable(tasks)
-
-    def _streamable(self, tasks: Sequence[TaskSpecBase]) -> dict[str, tuple[str | None, int,
-                                                                             bool]]:
-        """The sets of ``tasks`` to stream (by `_key`): those given by spec, without a
-        ``shift`` (applied to the whole set's pixels), that every task reading them only
-        encodes; each with the extra probe its readers need (a task's `probes`, the
-        ``classifier``'s) and whether a task compares its images (``hashed``)."""
-        only: dict[str, bool] = {}
-        probes: dict[str, set[tuple[str, int]]] = {}
-        hashed: set[str] = set()
-        extra = getattr(self.classifier, "probe", None)
-        for task in tasks:
-            for key, spec in task.data_keys():
-                if not isinstance(spec, dict):
-                    continue
-                name = self._key(spec)
-                only[name] = only.get(name, True) and key in task.encoded \
-                    and spec.get("shift") is None
-                if key in task.hashed:
-                    hashed.add(name)
-                if extra:
-                    probes.setdefault(name, set()).add((extra, DEFAULT_PROBE_LAYERS))
-            for spec, kind, layers in task.probes():
-                if isinstance(spec, dict):  # (the layers of tokens do not matter)
-                    layers = layers if kind == "layers" else DEFAULT_PROBE_LAYERS
-                    probes.setdefault(self._key(spec), set()).add((kind, layers))
-        out = {}
-        for name, encoded in only.items():
-            wanted = probes.get(name, set())
-            # two extra probes of one set would need two streamed passes (or its pixels
-            # held between them): such a set is decoded whole, as before
-            if encoded and len(wanted) <= 1:
-                kind, layers = next(iter(wanted), (None, DEFAULT_PROBE_LAYERS))
-                out[name] = (kind, layers, name in hashed)
-        return out
+            self.streamable = streaming_plan(tasks, self._key,
+                                             getattr(self.classifier, "probe", None))
 
     def check_named(self, i: int, task: TaskSpecBase, model: DualEncoder | None = None
                     ) -> None:
@@ -298,8 +271,11 @@ class TaskContext:
         `TaskSpecBase.check`; errors do not name the task."""
         if model is not None:
             self.model_input = getattr(model, "preprocess_config", None)
+        name = task.name or task.task
         for key, _ in task.data_keys():  # a bad option names its key: `test: unknown ...`
-            self.dataset(task, key, where=key, model=model)
+            # (a streamed set's progress bar is named as its task's encoding was)
+            desc = f"encode {name}" if key == "data" else f"encode {name} {key}"
+            self.dataset(task, key, where=key, model=model, desc=desc)
         empty = self.empty_data(task)
         if empty:
             raise DataError(f"{empty} holds no images")
@@ -322,11 +298,12 @@ class TaskContext:
     def texts(self) -> TextFeatureCache:
         return self.cache.texts
 
-    def load(self, spec: DataSpec, where: str | None = None, model: DualEncoder | None = None
-             ) -> LabelledImages | ImageTextPairs | MultiLabelImages:
+    def load(self, spec: DataSpec, where: str | None = None, model: DualEncoder | None = None,
+             desc: str | None = None) -> LabelledImages | ImageTextPairs | MultiLabelImages:
         """The dataset a spec names, loaded once per context (``where``: the spec's key,
         named by a loading error); given ``model``, one to stream (``streamable``) is streamed
-        (`stream_set`): its readable samples, their images placeholders."""
+        (`stream_set`, ``desc`` naming its progress bar): its readable samples, their images
+        placeholders."""
         if not isinstance(spec, dict):
             return spec
         key = self._key(spec)
@@ -338,10 +315,10 @@ class TaskContext:
             listed = self._listing(spec, where)
             if not isinstance(listed, ListedImages):  # nothing deferred: read (and held)
                 return listed
-            probe, layers, hashed = self.streamable[key]
+            probe, layers = self.streamable[key]
             # pairs or multi-label images (which the task refuses) are loaded as before
-            streamed = stream_set(model, listed, self.cache, key, probe, layers,
-                                  self.precision, self.progress, hashed) \
+            streamed = stream_set(model, listed, self.cache, spec, self._input_key(),
+                                  probe, layers, self.precision, self.progress, desc) \
                 if isinstance(listed.data, LabelledImages) else None
             if streamed is not None:
                 self.listed.pop(key, None)
@@ -354,20 +331,20 @@ class TaskContext:
         return self.datasets[key]
 
     def dataset(self, task: TaskSpecBase, key: str, where: str | None = None,
-                model: DualEncoder | None = None) -> Any:
-        """``task``'s set under ``key`` (`load`, given ``model``); one it draws from
-        (``task.drawn``) in a context that does not hold sets is listed (`ListedImages`),
+                model: DualEncoder | None = None, desc: str | None = None) -> Any:
+        """``task``'s set under ``key`` (`load`, given ``model`` and ``desc``); one it draws
+        from (``task.drawn``) in a context that does not hold sets is listed (`ListedImages`),
         unless it is loaded already or has no files to defer."""
         spec = getattr(task, key)
         if self.hold or key not in task.drawn or not isinstance(spec, dict):
-            return self.load(spec, where, model)
+            return self.load(spec, where, model, desc)
         return self._listing(spec, where)
 
     def _listing(self, spec: dict, where: str | None) -> Any:
         """``spec``'s set listed with its decoders (`ListedImages`), once per context; as
         read (and held) when nothing in it is deferred (in memory, shards)."""
         key = self._key(spec)
-        if key in self.datasets:
+        if key in self.datasets and key not in self.streamed:  # (placeholders: listed again)
             return self.datasets[key]
         if key not in self.listed:
             with deferred_decoding() as deferred:
@@ -391,9 +368,12 @@ class TaskContext:
 
     def _key(self, spec: DataSpec) -> str:
         """``spec``'s key in ``datasets``: its `data_key`, and the model input it is decoded to."""
+        return data_key(spec) + self._input_key()
+
+    def _input_key(self) -> str:
+        """The model input image files are decoded to (`_key`'s end), empty if none."""
         fit = self.model_input
-        return data_key(spec) + ("" if fit is None else
-                                 f"@{fit.image_size}/{fit.resize_mode}/{fit.interpolation}")
+        return "" if fit is None else f"@{fit.image_size}/{fit.resize_mode}/{fit.interpolation}"
 
     def skipped(self, task: TaskSpecBase) -> tuple[SkipReport, int, list[str]]:
         """What the datasets of ``task`` skipped (merged, each set once), how many samples
@@ -430,7 +410,10 @@ class TaskContext:
             probe, layers = self.probe_plan.get(data_key(spec), (None, 4))
         streamed = self._streamed(spec, images)
         if streamed is not None:
-            if FeatureCache._tag(probe, layers) not in ("plain", streamed.tag):
+            if streamed.tower != image_tower_fingerprint(model):
+                raise DataError(f"{desc}: its set was streamed for another model (or weights); "
+                                "evaluate this one in a new TaskContext")
+            if FeatureCache.probe_tag(probe, layers) not in ("plain", streamed.tag):
                 raise DataError(f"{desc}: {probe} features were not computed when its set was "
                                 f"streamed (it was planned {streamed.tag})")
             return streamed.features
@@ -447,7 +430,7 @@ class TaskContext:
         """The shape of one image of ``data`` (loaded from ``spec``) and each image's
         `image_digest`: a streamed set's as hashed while it was streamed."""
         streamed = self._streamed(spec, data.images)
-        if streamed is not None and streamed.digests is not None:
+        if streamed is not None:
             return streamed.shape, iter(streamed.digests)
         return tuple(data.images.shape[1:]), (image_digest(image) for image in data.images)
 

@@ -9,7 +9,6 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from cliplab.config import refuse_unused
-from cliplab.data.fingerprint import image_digest
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.sources import filled_spec, same_images
 from cliplab.data.types import LabelledImages
@@ -29,7 +28,6 @@ class ProbeSpecBase(TaskSpecBase):
     features: ProbeKind
     layers: int = Field(DEFAULT_PROBE_LAYERS, ge=1)
     encoded: ClassVar[tuple[str, ...]] = ("train", "test")
-    hashed: ClassVar[tuple[str, ...]] = ("train", "test")  # the leakage check's
 
     @model_validator(mode="after")
     def _layers_only_for_layers(self) -> ProbeSpecBase:
@@ -119,18 +117,11 @@ def _warn_of_leakage(spec: ProbeSpecBase, context: TaskContext, train: LabelledI
              f"pixels): it is scored on images it learned from; {hint}")
 
 
-def shared_images(train: LabelledImages, test: LabelledImages) -> int:
-    """How many ``test`` images equal a ``train`` image, pixel for pixel."""
-    return shared_digests(tuple(train.images.shape[1:]),
-                          (image_digest(image) for image in train.images),
-                          tuple(test.images.shape[1:]),
-                          (image_digest(image) for image in test.images))
-
-
 def shared_digests(train_shape: tuple[int, ...], train: Iterable[bytes],
                    test_shape: tuple[int, ...], test: Iterable[bytes]) -> int:
-    """`shared_images` of two sets given as the shape of one image and each image's
-    `image_digest` (a streamed set's were taken while it was streamed)."""
+    """How many test images equal a train image, pixel for pixel, of two sets given as the
+    shape of one image and each image's `image_digest` (`TaskContext.image_digests`: a
+    streamed set's were taken while it was streamed)."""
     if train_shape != test_shape:
         return 0
     seen = set(train)
