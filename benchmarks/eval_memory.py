@@ -1,0 +1,113 @@
+"""Peak memory of a one-off evaluation of an image folder, side by side: the set streamed
+(decoded and encoded 500 images at a time, as ``cliplab eval`` reads a set its tasks only
+encode) against the set decoded whole before encoding (a context that holds its sets: how
+``cliplab eval`` read every set before, and how a reader that stacks a set's pixels does).
+
+The folder is made once from Fashion-MNIST's test split (``--images`` PNGs in class folders,
+resized to ``--size`` px); the model is a tiny-clip preset built for ``--size`` px input, so the
+set's pixels, not the model, dominate. Each mode runs in its own subprocess (a zeroshot task,
+fp32, CPU) and reports its peak RSS (``ru_maxrss``), wall time and accuracy; ``memory_ratio``
+is streamed over whole. The accuracies must be equal.
+
+    python benchmarks/eval_memory.py [--images 10000] [--size 224] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cli_args import make_parser, positive_int  # noqa: E402
+from cli_args import run_main  # noqa: E402
+
+MODES = ("whole", "streamed")
+
+
+def make_folder(root: Path, images: int, size: int) -> None:
+    """``images`` Fashion-MNIST test images as ``size`` px PNGs in class folders."""
+    from PIL import Image
+
+    from cliplab.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist("test", limit=images)
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        folder = root / data.classnames[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.numpy().squeeze()).resize((size, size)).save(folder / f"{i}.png")
+
+
+def make_model(folder: Path, size: int) -> None:
+    """A small tiny-clip for ``size`` px input, saved as a model folder."""
+    from cliplab.models import build_model
+
+    build_model("tiny-clip", image_size=size, patch_size=32, width=64, layers=2, heads=2,
+                embed_dim=64).save(folder)
+
+
+def measure(mode: str, folder: str, model: str) -> dict:
+    """One evaluation of ``folder`` (run in a subprocess: its peak RSS is its own)."""
+    import resource
+
+    from cliplab.evaluate.suite import run_suite
+    from cliplab.evaluate.tasks import TaskContext
+
+    suite = [{"name": "zs", "task": "zeroshot",
+              "data": {"source": "image-folder", "path": folder}}]
+    start = time.perf_counter()
+    results = run_suite(model, suite, TaskContext(progress=False, hold=mode == "whole"))
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                            / 1024, 1),
+            "seconds": round(seconds, 2), "acc1": results["zs"]["acc1"],
+            "n": results["zs"]["n"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser(__doc__)
+    parser.add_argument("--images", type=positive_int, default=10000,
+                        help="images in the folder")
+    parser.add_argument("--size", type=positive_int, default=224,
+                        help="their side and the model's input, px")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result as JSON here")
+    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # the subprocess's
+    parser.add_argument("--folder", help=argparse.SUPPRESS)  # the subprocess's
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # the subprocess's
+    args = parser.parse_args(argv)
+    if args.measure:  # the subprocess of one mode
+        print(json.dumps(measure(args.measure, args.folder, args.model)))
+        return {}
+    with tempfile.TemporaryDirectory(prefix="cliplab-eval-memory-") as tmp:
+        folder, model = Path(tmp) / "images", Path(tmp) / "model"
+        make_folder(folder, args.images, args.size)
+        make_model(model, args.size)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        runs = {}
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--measure", mode, "--folder",
+                                  str(folder), "--model", str(model)], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            runs[mode] = json.loads(out.strip().splitlines()[-1])
+    if runs["whole"]["acc1"] != runs["streamed"]["acc1"]:
+        raise SystemExit(f"eval_memory: the modes disagree: {runs}")
+    result = {"images": args.images, "size": args.size,
+              "pixels_mib": round(args.images * args.size ** 2 * 3 / 2 ** 20, 1),
+              "memory_ratio": round(runs["streamed"]["peak_mib"] / runs["whole"]["peak_mib"],
+                                    3),
+              "runs": [runs[mode] for mode in MODES]}
+    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
