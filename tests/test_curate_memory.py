@@ -9,6 +9,7 @@ import json
 import re
 import tracemalloc
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -186,3 +187,23 @@ def test_a_pool_cache_file_changed_or_removed_under_the_run_is_a_clear_error(tmp
     with pytest.raises(DataError, match=r"000000\.json: the run's cache of the pool cannot be "
                                         r"read again \("):
         pool.records(0)
+
+
+def test_the_pool_columns_give_back_each_string_as_it_was_read():
+    """`Texts` holds the pool's keys, captions and source keys as one UTF-8 buffer: each value
+    comes back equal (None, an empty string, a lone surrogate of an undecodable path byte),
+    by position, negative position, slice and iteration, across several extends."""
+    from cliplab.curate.pool_index import Picked, Texts
+
+    values = ["a", None, "", "caf\u00e9 \U0001f408", "bad\udce9name", "last"]
+    texts = Texts()
+    texts.extend(values[:2])
+    texts.extend([])
+    texts.extend(values[2:])
+    assert len(texts) == len(values) and list(texts) == values
+    assert [texts[i] for i in range(len(values))] == values and texts[-1] == "last"
+    assert texts[1:4] == values[1:4] and texts[4:] == values[4:]
+    with pytest.raises(IndexError):
+        texts[len(values)]
+    picked = Picked(texts, np.array([5, 3, 0]))
+    assert list(picked) == ["last", values[3], "a"] and picked[1:] == [values[3], "a"]

@@ -48,7 +48,7 @@ from cliplab.curate.inputs import changed_input, stamp_inputs
 from cliplab.curate.ray_engine import check_cluster, ray_session
 from cliplab.curate.outputs import DroppedTable, write_kept
 from cliplab.curate.pool import changed_source, read_item, stamp_sources
-from cliplab.curate.pool_index import KeptRecords, PoolIndex, chunk_path, read_chunk
+from cliplab.curate.pool_index import KeptRecords, Picked, PoolIndex, chunk_path, read_chunk
 from cliplab.curate.report import StepShown, shown_step, write_report
 from cliplab.curate.steps.base import Decision, PoolItems, StepContext, StepSpecBase
 from cliplab.curate.steps.registry import make_step, step_spec
@@ -458,24 +458,11 @@ def _run_steps(config: CurateConfig, pool: PoolIndex, alive: list[np.ndarray],
                               "kept": int(decision.keep.sum()),
                               "dropped": int((~decision.keep).sum()),
                               "seconds": round(seconds, 3)})
-        shown.append(shown_step(name, decision, _Positions(pool.keys, reached),
+        shown.append(shown_step(name, decision, Picked(pool.keys, reached),
                                 lambda at, reached=reached: pool.records_at(reached[at]),
                                 config.examples))
         decision.reasons = []  # in dropped (each item's: ~200 characters at millions)
     return shown
-
-
-class _Positions(Sequence):
-    """``values`` at ``positions`` (a step's items' keys among the pool's), not copied."""
-
-    def __init__(self, values: list, positions: np.ndarray):
-        self.values, self.positions = values, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i):
-        return self.values[self.positions[i]]
 
 
 def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
@@ -501,8 +488,8 @@ def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / INPUTS).is_file():  # before prepare reads them
         write_json(cache / INPUTS, stamp_inputs(spec.input_paths()))
-    items = PoolItems(keys=[pool.keys[i] for i in reached],
-                      captions=[pool.captions[i] for i in reached])
+    # views into the pool's columns: a list of each per step held ~16 bytes an item
+    items = PoolItems(keys=Picked(pool.keys, reached), captions=Picked(pool.captions, reached))
     # the chunks an item reaches, each loaded when mapped (not the whole pool at once)
     reaching = LazyChunks({c: int(a.sum()) for c, a in enumerate(alive) if a.any()},
                           lambda c: pool.alive_records(c, alive[c]))
@@ -523,6 +510,7 @@ def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
                desc=folder, progress=progress)
         parts = [load_columns(cache / f"{c:06d}.npz") for c in sorted(reaching)]
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        del parts  # (held with the whole columns through decide: ~70 bytes an item more)
         if progress:  # decide is global (k-means, balancing): minutes at millions, no bar
             print(f"curate: {folder}: deciding on {len(items)} items", file=sys.stderr,
                   flush=True)

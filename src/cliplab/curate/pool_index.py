@@ -1,5 +1,5 @@
 """The pool as a run holds it: per item only what deciding and the dropped table need (key,
-caption, source key), per chunk the cache file (``cache/pool/N.json``) its whole records are
+caption, source key: each column one UTF-8 buffer, `Texts`), per chunk the cache file (``cache/pool/N.json``) its whole records are
 loaded from when a step maps the chunk, the report shows an item or the kept pool is written.
 The pool's records held at once cost ~2.9 KB per item (37 GB at DataComp's 12.8M "small"
 pool); these columns a few hundred bytes."""
@@ -26,6 +26,71 @@ def read_chunk(folder: Path, c: int) -> dict:
     return json.loads(chunk_path(folder, c).read_text(encoding="utf-8"))
 
 
+class Texts(Sequence):
+    """Strings (or None) held as one UTF-8 buffer and end offsets, each given back as a new
+    ``str`` when asked for: ~9 bytes an item besides its text, where a list of ``str`` held
+    ~60 (an object and a pointer each: 150 of a caption-only run's ~750 bytes an item)."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []  # (ends, is None) per extend
+        self._ends = np.zeros(0, dtype=np.int64)
+        self._none = np.zeros(0, dtype=bool)
+
+    def extend(self, values: Sequence[str | None]) -> None:
+        """Add ``values`` at the end."""
+        ends = np.empty(len(values), dtype=np.int64)
+        for i, value in enumerate(values):
+            if value is not None:  # a lone surrogate (a path's undecodable byte) kept as is
+                self._data += value.encode("utf-8", "surrogatepass")
+            ends[i] = len(self._data)
+        self._parts.append((ends, np.array([v is None for v in values], dtype=bool)))
+
+    def _whole(self) -> None:
+        if self._parts:  # (once after the extends: per extend it cost O(items²))
+            self._ends = np.concatenate([self._ends, *(e for e, _ in self._parts)])
+            self._none = np.concatenate([self._none, *(n for _, n in self._parts)])
+            self._parts = []
+
+    def __len__(self) -> int:
+        return len(self._ends) + sum(len(e) for e, _ in self._parts)
+
+    def __getitem__(self, i):
+        self._whole()
+        if isinstance(i, slice):
+            return [self._at(j) for j in range(*i.indices(len(self._ends)))]
+        return self._at(range(len(self._ends))[i])
+
+    def _at(self, i: int) -> str | None:
+        if self._none[i]:
+            return None
+        start = int(self._ends[i - 1]) if i else 0
+        return str(memoryview(self._data)[start:int(self._ends[i])], "utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str | None]:
+        self._whole()
+        return (self._at(i) for i in range(len(self._ends)))
+
+
+class Picked(Sequence):
+    """``values`` at ``positions`` (e.g. the keys of the items a step decides on among the
+    pool's), not copied; a slice is a list."""
+
+    def __init__(self, values: Sequence, positions: np.ndarray):
+        self.values, self.positions = values, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.values[int(p)] for p in self.positions[i]]
+        return self.values[int(self.positions[i])]
+
+    def __iter__(self) -> Iterator:
+        return (self.values[int(p)] for p in self.positions)
+
+
 class PoolIndex:
     """The items read into ``folder``'s chunks (`add_chunk` each in order): their keys,
     captions and source keys; a chunk's records are loaded again when asked for."""
@@ -33,9 +98,7 @@ class PoolIndex:
     def __init__(self, folder: Path, source_key: Callable[[object], str | None]):
         self.folder, self._source_key = folder, source_key
         self.sizes: list[int] = []
-        self.keys: list[str] = []
-        self.captions: list[str] = []
-        self.source_keys: list[str | None] = []
+        self.keys, self.captions, self.source_keys = Texts(), Texts(), Texts()
         self._starts: np.ndarray | None = None
 
     @property
@@ -48,9 +111,9 @@ class PoolIndex:
     def add_chunk(self, records: list[Record]) -> None:
         """Index the next chunk's records (as its cache file holds them)."""
         self.sizes.append(len(records))
-        self.keys += [r["key"] for r in records]
-        self.captions += [r["caption"] for r in records]
-        self.source_keys += [self._source_key(r["meta"]) for r in records]
+        self.keys.extend([r["key"] for r in records])
+        self.captions.extend([r["caption"] for r in records])
+        self.source_keys.extend([self._source_key(r["meta"]) for r in records])
         self._starts = None
 
     def __len__(self) -> int:

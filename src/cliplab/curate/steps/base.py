@@ -22,6 +22,7 @@ Items reach a step in pool order and only if every earlier step kept them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,10 +81,11 @@ class PoolBatch:
 @dataclass
 class PoolItems:
     """What ``decide`` sees of the items that reached the step: keys and captions in pool order
-    (images are not held in memory; whatever ``decide`` needs of them ``map`` put in a column)."""
+    (images are not held in memory; whatever ``decide`` needs of them ``map`` put in a column);
+    sequences of ``str``, not necessarily lists (a run gives views of the pool's columns)."""
 
-    keys: list[str]
-    captions: list[str]
+    keys: Sequence[str]
+    captions: Sequence[str]
 
     def __len__(self) -> int:
         return len(self.keys)
