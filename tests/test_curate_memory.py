@@ -6,6 +6,7 @@ writes is the same however the pool is chunked and wherever a run was stopped.""
 from __future__ import annotations
 
 import json
+import math
 import re
 import tracemalloc
 
@@ -207,3 +208,16 @@ def test_the_pool_columns_give_back_each_string_as_it_was_read():
         texts[len(values)]
     picked = Picked(texts, np.array([5, 3, 0]))
     assert list(picked) == ["last", values[3], "a"] and picked[1:] == [values[3], "a"]
+
+
+def test_a_decision_is_written_as_it_is_encoded_with_the_bytes_a_whole_string_had(tmp_path):
+    """A step's decision.json is encoded into its file (the whole text and then its bytes held
+    ~300 bytes an item); the same bytes as `json_text`: NaN as null, numpy values plain."""
+    from cliplab.output_folder import json_text, write_json_streamed
+
+    data = {"keep": [True, False], "reasons": [None, "caf\u00e9 \udce9"],
+            "scores": [0.5, math.nan], "threshold": np.float32(0.25),
+            "report": {"files": {"a": tmp_path}, "n": np.int64(3)}, "seconds": 1.5}
+    write_json_streamed(tmp_path / "d.json", data)
+    assert (tmp_path / "d.json").read_bytes() == json_text(data).encode("utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.json"]

@@ -429,6 +429,14 @@ def write_json(path: Path, data: Any, indent: int = 2) -> None:
     write_utf8(path, json_text(data, indent))
 
 
+def write_json_streamed(path: Path, data: Any, indent: int | None = None) -> None:
+    """`write_json` for a document of a value per item (a curation step's decision): encoded
+    as it is written, the same bytes, not held whole as a string and then its bytes (~300 bytes
+    an item dropped with a reason)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(data), f, indent=indent, default=_plain, allow_nan=False)
+
+
 def json_text(data: Any, indent: int | None = None) -> str:
     """``data`` as strict JSON: numpy values and paths as plain values, a NaN or infinite
     number as null (Python's ``NaN`` token is not JSON: JavaScript, Go and Rust refuse the

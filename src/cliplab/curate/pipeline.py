@@ -46,7 +46,7 @@ from cliplab.curate.config import CurateConfig, step_name
 from cliplab.curate.engine import LazyChunks, load_columns, map_chunks
 from cliplab.curate.inputs import changed_input, stamp_inputs
 from cliplab.curate.ray_engine import check_cluster, ray_session
-from cliplab.curate.outputs import DroppedTable, write_kept
+from cliplab.curate.outputs import ROWS_AT_ONCE, DroppedTable, write_kept
 from cliplab.curate.pool import changed_source, read_item, stamp_sources
 from cliplab.curate.pool_index import KeptRecords, Picked, PoolIndex, chunk_path, read_chunk
 from cliplab.curate.report import StepShown, shown_step, write_report
@@ -58,7 +58,7 @@ from cliplab.errors import CliplabError, ConfigError, DataError, ModelError, war
 from cliplab.extras import installed
 from cliplab.output_folder import (check_apart_from_inputs, check_writable_beside, hold,
                                    missing_out, partial_path, remove_own_work, spec_paths, swap_in,
-                                   write_json)
+                                   write_json, write_json_streamed)
 from cliplab.output_lock import check_no_run_inside, is_left_lock
 from cliplab.provenance import stamp
 
@@ -450,10 +450,12 @@ def _run_steps(config: CurateConfig, pool: PoolIndex, alive: list[np.ndarray],
             for i in np.flatnonzero(alive[c]):
                 alive[c][i] = next(flat)
         gone = np.flatnonzero(~decision.keep)
-        dropped.add([pool.keys[reached[i]] for i in gone], name,
-                    [decision.reasons[i] for i in gone],
-                    [float(decision.scores[i]) if decision.scores is not None else math.nan
-                     for i in gone], [pool.source_keys[reached[i]] for i in gone])
+        for at in range(0, len(gone), ROWS_AT_ONCE):  # (at once: ~250 bytes a drop as lists)
+            part = gone[at:at + ROWS_AT_ONCE]
+            dropped.add([pool.keys[reached[i]] for i in part], name,
+                        [decision.reasons[i] for i in part],
+                        [float(decision.scores[i]) if decision.scores is not None else math.nan
+                         for i in part], [pool.source_keys[reached[i]] for i in part])
         summary_steps.append({"name": name, "step": spec.step, "in": len(reached),
                               "kept": int(decision.keep.sum()),
                               "dropped": int((~decision.keep).sum()),
@@ -520,9 +522,9 @@ def _run_step(config: CurateConfig, spec, folder: str, pool: PoolIndex,
                             f"{len(items)} reached it")
     seconds = time.perf_counter() - start
     decision.report = _run_relative(decision.report, work)
-    write_json(saved, {"keep": decision.keep.tolist(), "reasons": decision.reasons,
-                       "scores": None if decision.scores is None else
-                       [float(s) for s in np.asarray(decision.scores, dtype=float)],
-                       "threshold": decision.threshold, "report": decision.report,
-                       "seconds": seconds}, indent=None)  # a list per item: no line per entry
+    write_json_streamed(saved, {"keep": decision.keep.tolist(), "reasons": decision.reasons,
+                                "scores": None if decision.scores is None else
+                                [float(s) for s in np.asarray(decision.scores, dtype=float)],
+                                "threshold": decision.threshold, "report": decision.report,
+                                "seconds": seconds})  # a list per item: no line per entry
     return decision, seconds
