@@ -86,3 +86,21 @@ def test_hashes_are_stored_in_64_bytes_and_a_cached_str_chunk_decides_alike(tmp_
         d = step.decide(PoolItems(["k0", "k1", "k2", "k3"], captions), cols)
         assert d.keep.tolist() == [True, True, False, True]
         assert d.reasons[2] == "exact duplicate of k0 (identical image and caption)"
+
+
+def test_each_row_is_told_its_first_equal_row_by_sorting_not_a_dict(monkeypatch):
+    """`first_equal` (a stable sort of positions, ~30 bytes a row where a dict of the hashes
+    held ~250) finds the first row equal in every column, as a dict of the rows did, across
+    blocks of compared neighbours, for bytes and str columns."""
+    from cliplab.curate.steps import exact_dedup
+
+    rng = np.random.default_rng(0)
+    for compared in (1, 3, 65_536):
+        monkeypatch.setattr(exact_dedup, "COMPARED_AT_ONCE", compared)
+        for n in (0, 1, 50):
+            a = np.array([f"{v:064x}".encode() for v in rng.integers(0, 4, n)], dtype="S64")
+            b = np.array([f"{v}" for v in rng.integers(0, 3, n)], dtype="U64")
+            for columns in ([a], [b], [a, b]):
+                seen: dict = {}
+                expected = [seen.setdefault(tuple(c[i] for c in columns), i) for i in range(n)]
+                assert exact_dedup.first_equal(columns).tolist() == expected
