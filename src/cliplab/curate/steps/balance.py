@@ -241,16 +241,21 @@ class Balance:
                 after[ids] += 1
         t = self.spec.t
         reasons: list[str | None] = []
+        told: dict[tuple[int, ...], str] = {}  # one text per entries matched, shared by their
+        # items (a text per dropped item held ~160 bytes each)
         for ids, kept in zip(matches, keep):
             if kept:
                 reasons.append(None)
             elif not ids:
                 reasons.append("matches no metadata entry")
+            elif tuple(ids) in told:
+                reasons.append(told[tuple(ids)])
             else:
                 shown = ", ".join(f"'{matcher.entries[e]}' ({before[e]} pairs)" for e in ids[:3])
                 more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
-                reasons.append(f"not drawn for any of its entries {shown}{more} "
-                               f"(each kept with probability t/count, t={t})")
+                reasons.append(told.setdefault(tuple(ids), f"not drawn for any of its entries "
+                                               f"{shown}{more} (each kept with probability "
+                                               f"t/count, t={t})"))
         return Decision(keep, reasons, report=self._report(matcher.entries, before, after,
                                                             len(items), int(keep.sum())))
 
