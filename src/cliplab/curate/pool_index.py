@@ -1,8 +1,8 @@
 """The pool as a run holds it: per item only what deciding and the dropped table need (key,
-caption, source key: each column one UTF-8 buffer, `Texts`), per chunk the cache file (``cache/pool/N.json``) its whole records are
-loaded from when a step maps the chunk, the report shows an item or the kept pool is written.
-The pool's records held at once cost ~2.9 KB per item (37 GB at DataComp's 12.8M "small"
-pool); these columns a few hundred bytes."""
+caption, source key: each column one UTF-8 buffer, `Texts`), per chunk the cache file
+(``cache/pool/N.json``) its whole records are loaded from when a step maps the chunk, the
+report shows an item or the kept pool is written. The pool's records held at once cost
+~2.9 KB per item (37 GB at DataComp's 12.8M "small" pool); these columns ~90 bytes."""
 
 from __future__ import annotations
 
