@@ -223,6 +223,31 @@ def test_a_truncated_shard_is_read_to_its_cut_and_dropped_as_such(tmp_path):
     assert drops["00000.tar"].startswith(
         f"truncated shard at {first}: 00000.tar: read 3 of 6 samples, then:")
 
+def test_curated_shards_of_hard_negative_twins_keep_each_samples_partner(tmp_path):
+    """The kept pool's shards renumber each sample and its partner's key with it (only the
+    keys partners name are held while writing): read back, every twin pair whose two samples
+    were kept is a pair again, and a sample whose partner was dropped has none."""
+    from cliplab.data.shapes import load_shapes_with_scenes
+    from cliplab.data.shards import write_shards
+    from cliplab.data.sources import load_source
+
+    twins = load_shapes_with_scenes(n=12, seed=3, kinds=("relation",), image_size=32,
+                                    counterfactuals=True)[0]
+    write_shards(twins, tmp_path / "shards", samples_per_shard=10, image_format="png",
+                 progress=False)
+    summary = run_curation(config({"source": "shards", "path": str(tmp_path / "shards")},
+                                  [{"step": "basic", "blocklist": ["below"]}]),
+                           tmp_path / "out", progress=False)
+    back = load_source({"source": "shards", "path": str(tmp_path / "out" / "shards"),
+                        "progress": False})
+    first = [c[0] if isinstance(c, list) else c for c in twins.captions]
+    kept = [first.index(c[0] if isinstance(c, list) else c) for c in back.captions]
+    assert 0 < summary["kept"] < len(twins.captions)
+    want = [kept.index(int(twins.partners[i])) if int(twins.partners[i]) in kept else -1
+            for i in kept]
+    assert back.partners.tolist() == want and 0 < want.count(-1) < len(want)
+
+
 def test_manifest_rows_are_dropped_with_file_and_line(tmp_path):
     folder = make_folder(tmp_path / "pool", [200, 210, 220])
     manifest = tmp_path / "pool.csv"
@@ -1146,7 +1171,10 @@ def test_a_partner_key_two_samples_share_names_no_partner():
     records.append({"key": "c.tar:9", "caption": "z", "location": {},
                     "meta": {"key": "9", "partner_key": "8"}})
     keys = kept_keys(records)
-    assert "7" not in keys and keys["a.tar:7"] == "000000000"
+    # only the keys a partner_key names are held (a key per kept item cost ~150 bytes each):
+    # "7" is two samples' (none), "8" the third's
+    assert keys == {"8": "000000002"}
+    assert kept_keys(records[:2]) == {}  # a pool naming no partner holds none
     assert "partner_key" not in carried_fields(records[2], keys)
     assert carried_fields(records[3], keys)["partner_key"] == "000000002"
 

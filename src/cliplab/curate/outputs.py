@@ -58,26 +58,38 @@ def write_kept_shards(records: Collection[Record], work: Path, dest: Path, sampl
 
 
 def kept_keys(records: Collection[Record]) -> dict[str, str]:
-    """The output key of each kept record (its number), by its pool key and by its source
-    sample's own key (a shard's ``json`` key, which a partner's ``partner_key`` names). A key
-    two samples share names neither (as the shard reader resolves partners)."""
+    """The output key (its number) of each kept record a kept record's ``partner_key`` names,
+    by its pool key and by its source sample's own key (a shard's ``json`` key, which a
+    partner's ``partner_key`` names). A key two samples share names neither (as the shard
+    reader resolves partners). Only named keys are held (a key per kept item cost ~150 bytes
+    an item, and most pools name no partner): ``records`` is gone through once to find them,
+    and again only if there are some."""
+    named = {partner for record in records if isinstance(
+        partner := _meta(record).get("partner_key"), str)}
+    if not named:
+        return {}
     keys: dict[str, str] = {}
     shared: set[str] = set()
     for number, record in enumerate(records):
-        meta = record["meta"] if isinstance(record["meta"], dict) else {}
-        own = meta.get("key")
+        own = _meta(record).get("key")
         for key in ((own, record["key"]) if isinstance(own, str) else (record["key"],)):
+            if key not in named:
+                continue
             if key in keys and keys[key] != f"{number:09d}":
                 shared.add(key)
             keys[key] = f"{number:09d}"
     return {key: new for key, new in keys.items() if key not in shared}
 
 
+def _meta(record: Record) -> dict:
+    return record["meta"] if isinstance(record["meta"], dict) else {}
+
+
 def carried_fields(record: Record, new_keys: dict[str, str]) -> dict:
     """What a kept sample keeps of its source sample, as `cliplab data shard` writes it: every
     caption (the one the steps scored first), its group, its class, and its hard-negative
     partner's key when the partner is kept too (renumbered)."""
-    meta = record["meta"] if isinstance(record["meta"], dict) else {}
+    meta = _meta(record)
     given = meta.get("captions")
     if isinstance(given, str):  # a manifest's column (kept.parquet's is JSON)
         try:
