@@ -315,3 +315,18 @@ def test_a_streamed_sets_progress_bar_is_named_by_its_task(tiny_model, folders, 
     monkeypatch.setattr(streamed, "tqdm", named)
     _run(tiny_model, _suite(*folders), TaskContext(progress=False, hold=False))
     assert names == ["encode zs", "encode probe train"]
+
+
+def test_a_part_of_a_streamed_set_is_refused_not_encoded_from_its_placeholders(tiny_model,
+                                                                               folders):
+    """Only a streamed set's own placeholder images map to its features: a subset of them
+    (no task takes one today) would have been encoded as the 1x1 placeholders, silently."""
+    zs = _suite(*folders)[0]
+    context = TaskContext(progress=False, hold=False)
+    context.preload([task_spec(zs, "zs")], model=tiny_model)
+    run_task(tiny_model, zs, context)
+    data = context.labelled(zs["data"], "data")
+    assert context.image_features(tiny_model, data.images, zs["data"], "x").embeddings.shape[0] \
+        == len(data.labels)
+    with pytest.raises(CliplabError, match="was streamed .* a part of it is asked"):
+        context.image_features(tiny_model, data.images[:5], zs["data"], "x")

@@ -421,9 +421,15 @@ class TaskContext:
                                    self.precision)
 
     def _streamed(self, spec: DataSpec | None, images: torch.Tensor) -> StreamedSet | None:
-        """The streamed set whose (placeholder) ``images`` these are, else None."""
+        """The streamed set whose (placeholder) ``images`` these are, else None; an error for
+        other images of a streamed set (a part of it: they would be its 1x1 placeholders)."""
         streamed = self.streamed.get(self._key(spec)) if isinstance(spec, dict) else None
-        return streamed if streamed is not None and images is streamed.data.images else None
+        if streamed is None:
+            return None
+        if images is not streamed.data.images:
+            raise DataError(f"{data_origin(spec, streamed.data)} was streamed (its pixels are "
+                            "not held), but a part of it is asked to be encoded; report this")
+        return streamed
 
     def image_digests(self, spec: DataSpec, data: LabelledImages
                       ) -> tuple[tuple[int, ...], Iterator[bytes]]:
