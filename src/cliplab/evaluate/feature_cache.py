@@ -136,16 +136,17 @@ class FeatureCache:
                 tensors["probe"] = feats.probe
             write_entry(self.folder / f"{key}-{tag}.safetensors", tensors)
 
-    def listed_features(self, model: DualEncoder, identity: str, probe: str | None,
+    def listed_features(self, tower: str, identity: str, probe: str | None,
                         probe_layers: int, precision: str,
                         encode: Callable[[], tuple[ImageFeatures, dict[str, torch.Tensor]]]
                         ) -> tuple[ImageFeatures, dict[str, torch.Tensor]]:
         """The features of a set streamed from its listing (`cliplab.evaluate.streamed`) and
         the tensors stored with them (e.g. which files were readable), computed by
-        ``encode`` on a miss. Such a set has no pixel tensor: they are keyed by the listing's
-        ``identity`` (its files, their sizes and times, its labels and decoding)."""
+        ``encode`` on a miss. Such a set has no pixel tensor: they are keyed by the image
+        ``tower`` (`image_tower_fingerprint`) and the listing's ``identity`` (its files, their
+        sizes and times, its labels and decoding)."""
         suffix = "" if precision == "fp32" else f"_{precision}"
-        key = f"{image_tower_fingerprint(model)}-listed{identity}{suffix}"
+        key = f"{tower}-listed{identity}{suffix}"
         tag = self.probe_tag(probe, probe_layers)
         feats = self._lookup(key, tag)
         if feats is not None and key in self.extras:

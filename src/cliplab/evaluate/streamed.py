@@ -127,9 +127,10 @@ def stream_set(model: DualEncoder, listed: ListedImages, cache: FeatureCache, sp
     identity = listing_identity(listed, spec, model_input)
     if identity is None:
         return None
+    tower = image_tower_fingerprint(model)  # (a hash of its weights: once)
     try:
         feats, extras = cache.listed_features(
-            model, identity, probe, layers, precision,
+            tower, identity, probe, layers, precision,
             lambda: _encode(model, listed, probe, layers, precision, progress, desc))
     except _Whole:
         return None
@@ -140,7 +141,7 @@ def stream_set(model: DualEncoder, listed: ListedImages, cache: FeatureCache, sp
     for i in (~kept).nonzero().flatten().tolist():
         skipped.add("unreadable_image", listed.decoders[keys[i]].name)
     return StreamedSet(dataclasses.replace(data.subset(readable), skipped=skipped), feats,
-                       FeatureCache.probe_tag(probe, layers), image_tower_fingerprint(model),
+                       FeatureCache.probe_tag(probe, layers), tower,
                        tuple(extras["shape"].tolist()),
                        [bytes(row) for row in extras["digests"].numpy()])
 
