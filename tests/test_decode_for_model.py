@@ -134,9 +134,11 @@ def test_adapt_and_pretrain_load_their_files_for_the_model(tmp_path, monkeypatch
         return real(spec, progress, where, model_input)
 
     import cliplab.adapt.run as adapt_run
+    import cliplab.data.listed as listed
     import cliplab.train.pretrain as pretrain
     real = load_source
     monkeypatch.setattr(adapt_run, "load_source", spy)
+    monkeypatch.setattr(listed, "load_source", spy)  # adapt lists a test folder (streamed)
     monkeypatch.setattr(pretrain, "load_source", spy)
     data = {"source": "image-folder", "path": str(root)}
     adapt_run.run_adapt({"method": "zeroshot", "model": "tiny-clip",

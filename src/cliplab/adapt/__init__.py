@@ -14,7 +14,13 @@ Every method is a module registered in ``ADAPT_METHODS`` under its CLI name, exp
   before any work (`cliplab.adapt.base.require_pytorch_model`); unset, the method reads only
   image and text features, which an export gives as well;
 - ``uses_validation(options) -> bool`` (optional) — whether the method chooses anything on
-  the validation split with these options (unset: never; a split drawn anyway is told).
+  the validation split with these options (unset: never; a split drawn anyway is told);
+- ``scoring_probe(options) -> str | None`` (optional) — the extra image features (``tokens``,
+  ``layers``) its adapter scores with, computed with the zero-shot comparison's (so a streamed
+  test set is decoded once);
+- ``SCORED_WHOLE`` (optional) — set when its adapter's ``score`` scores each set with many
+  models (WiSE-FT's α sweep): its test sets are decoded whole once and held, not streamed
+  (`cliplab.adapt.scored`) once per model.
 
 An `Adapter` gives ``logits(images_or_features) -> [N, C]``, ``score(sets, cache)`` (metrics on
 the test sets), ``save(folder)`` and ``summary()`` (extra results). Few-shot adapters write

@@ -14,14 +14,13 @@ from typing import ClassVar, TypeVar
 import torch
 from safetensors.torch import load_file
 
+from cliplab.adapt.scored import ScoredSet, score_sets
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, InputError, ModelError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.features import ImageFeatures
-from cliplab.evaluate.suite import run_task
-from cliplab.evaluate.tasks import TaskContext
 from cliplab.file_modes import save_tensors
 from cliplab.models.dual_encoder import DualEncoder, kept_modes
 from cliplab.models.folder import model_fingerprint
@@ -112,18 +111,17 @@ class Adapter:
                                                    probe=self.probe, progress=progress)
         return self.feature_logits(x, progress).float()
 
-    def score(self, sets: dict[str, LabelledImages], cache: FeatureCache,
+    def score(self, sets: dict[str, ScoredSet], cache: FeatureCache,
               progress: bool = False) -> dict:
         """``{set name: acc1/acc5/mean per-class recall}`` of the adapter on each labelled set
         (``test``, and ``shifted`` when the config has one): the eval suite's ``zeroshot`` task
-        with this adapter as its classifier. Each set must have the adapter's classes in its
-        order (prompt learners score others through ``for_classes``)."""
+        with this adapter as its classifier (`score_sets`: a `ListedSet` is streamed). Each
+        set must have the adapter's classes in its order (prompt learners score others
+        through ``for_classes``)."""
         check_named_sets(sets, "score")
         for name, data in sets.items():
             check_same_classes(self, data, "score", ("the adapter", name))
-        context = TaskContext(cache=cache, progress=progress, classifier=self)
-        return {name: run_task(self.model, {"task": "zeroshot", "name": name, "data": data},
-                               context) for name, data in sets.items()}
+        return score_sets(self.model, sets, cache, progress, classifier=self)
 
     def summary(self) -> dict:
         """Extra entries for ``results.json`` (parameter counts, written folders); none here."""

@@ -59,6 +59,11 @@ class LinearProbe(Adapter):
                    tensors["weight"], tensors["bias"])
 
 
+def scoring_probe(options: Options) -> str | None:
+    """The extra image features (``tokens``, ``layers``) the fitted probe scores with."""
+    return options.features if options.features in EXTRA_PROBES else None
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> LinearProbe:
     opts = method_options(Options, options, "linear-probe").to_dict()

@@ -16,6 +16,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, Adapter, get_method
 from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
+from cliplab.adapt.scored import ListedSet, ScoredSet, score_sets, scored_data
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer, leave_out_classes
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
@@ -23,8 +24,6 @@ from cliplab.data.sources import as_labelled, filled_spec, load_source, same_ima
 from cliplab.data.types import LabelledImages
 from cliplab.errors import ConfigError, DataError, errors_naming, warn
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.suite import run_task
-from cliplab.evaluate.tasks import TaskContext
 from cliplab.evaluate.tasks.base import data_origin
 from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.preprocess import PreprocessConfig
@@ -201,14 +200,24 @@ def validation_apart(cfg: AdaptConfig, draws: ShotDraws) -> LabelledImages:
 
 
 def load_sets(cfg: AdaptConfig, progress: bool = True,
-              model_input: PreprocessConfig | None = None
-              ) -> tuple[LabelledImages | ListedImages, dict[str, LabelledImages]]:
+              model_input: PreprocessConfig | None = None, stream: bool = False
+              ) -> tuple[LabelledImages | ListedImages, dict[str, ScoredSet]]:
     """The training set and the scored sets (``test``, and ``shifted`` if given), image
     files decoded to ``model_input`` (`load_source`); with ``shots``, the training set's
-    files are only listed (`list_source`): the draw decodes what it takes."""
+    files are only listed (`list_source`): the draw decodes what it takes. With ``stream``,
+    a scored image folder or manifest is listed too (`ListedSet`: streamed when scored)."""
     def load(key: str) -> LabelledImages:
         spec = getattr(cfg.data, key)
         return as_labelled(load_source(spec, progress, f"data.{key}", model_input), f"data.{key}")
+
+    def scored(key: str) -> ScoredSet:
+        if not stream:
+            return load(key)
+        spec = getattr(cfg.data, key)
+        listed = list_source(spec, progress, f"data.{key}", model_input)
+        if isinstance(listed, ListedImages):
+            return ListedSet(spec, listed, f"data.{key}")
+        return as_labelled(listed, f"data.{key}")  # nothing deferred: read as before
 
     if cfg.shots:
         train = list_source(cfg.data.train, progress, "data.train", model_input)
@@ -216,9 +225,9 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
             train = as_labelled(train, "data.train")
     else:
         train = load("train")
-    sets = {"test": load("test")}
+    sets = {"test": scored("test")}
     if cfg.data.shifted is not None:
-        sets["shifted"] = load("shifted")
+        sets["shifted"] = scored("shifted")
     for name, data in {"train": listed_data(train), **sets}.items():
         if len(data) == 0:
             raise DataError(f"data.{name} holds no images")
@@ -248,6 +257,17 @@ def report_skips(cfg: AdaptConfig, loaded: dict[str, LabelledImages | ShotDraws]
         print(line, file=sys.stderr)
         skipped[name] = report.to_dict()
     return skipped
+
+
+def read_skips(cfg: AdaptConfig, sets: dict[str, ScoredSet], skipped: dict[str, dict]
+               ) -> dict[str, dict]:
+    """``skipped`` with what reading the streamed ``sets`` skipped (each told in one line on
+    stderr, as `report_skips` tells the others), in the sets' order (train, test, shifted,
+    val) as a whole load records them."""
+    streamed = report_skips(cfg, {name: scored_data(data) for name, data in sets.items()
+                                  if isinstance(data, ListedSet)})
+    merged = {**skipped, **streamed}
+    return {name: merged[name] for name in ("train", "test", "shifted", "val") if name in merged}
 
 
 def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progress: bool = True,
@@ -291,7 +311,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         "method": cfg.method, "model": model_name, **built,
         **model_record(cfg.model, model), "shots": shots, "seed": cfg.seed,
         "train_size": len(train) if trains else None, "val_size": len(val) if val else 0,
-        "test_size": len(sets["test"])}
+        "test_size": None}  # once scored: a streamed set's unreadable files are found then
     short = dict(classes_with_fewer(train.labels, train.classnames, shots or 0)) if trains else {}
     if short:  # "shots per class" is untrue of these: each trained on what it has
         results["fewer_than_shots"] = short
@@ -301,10 +321,16 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     with stop_guard:
         zeroshot = None
         if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
-            zeroshot = run_task(model, {"task": "zeroshot", "data": sets["test"]},
-                                TaskContext(cache=cache, progress=progress))
+            # (streamed with the adapter's extra features: served again by the cache)
+            probe = getattr(method, "scoring_probe", lambda _: None)(options)
+            with errors_naming(where):  # (a streamed set's error names its key: data.test)
+                zeroshot = score_sets(model, {"test": sets["test"]}, cache, progress,
+                                      probe=probe)["test"]
         adapter: Adapter = method.fit(model, train, options, ctx)
-        scores = adapter.score(sets, cache, progress)
+        with errors_naming(where):
+            scores = adapter.score(sets, cache, progress)
+        results["test_size"] = len(sets["test"])
+        skipped = read_skips(cfg, sets, skipped)
         if run is not None:
             adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
                                           "seed": cfg.seed, "train_size": results["train_size"]})
@@ -348,13 +374,16 @@ def check_before_work(cfg: AdaptConfig, method: Any, model: DualEncoder | None, 
 
 def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
               model_input: PreprocessConfig | None
-              ) -> tuple[LabelledImages, LabelledImages | None, dict[str, LabelledImages],
+              ) -> tuple[LabelledImages, LabelledImages | None, dict[str, ScoredSet],
                          dict[str, dict]]:
     """The training set (``shots`` per class, then ``train_size``), the validation split
-    (``data.val`` or ``val_shots`` drawn apart from training), the scored sets and what loading
-    them skipped; each class short of images, and a validation split the method will not use,
-    said on stderr."""
-    train_all, sets = load_sets(cfg, progress, model_input)
+    (``data.val`` or ``val_shots`` drawn apart from training), the scored sets (an image folder
+    or manifest listed, `ListedSet`, unless the method is ``SCORED_WHOLE``) and what loading
+    them skipped (a listed one's is known when it is scored: `read_skips`); each class short of
+    images, and a validation split the method will not use, said on stderr."""
+    # a method scoring its sets with many models (WiSE-FT's sweep) holds them: decoded once
+    train_all, sets = load_sets(cfg, progress, model_input,
+                                stream=not getattr(method, "SCORED_WHOLE", None))
     own_val = (load_validation(cfg, train_all, progress, model_input)
                if cfg.data.val is not None else None)
     train_draws = ShotDraws(train_all, progress)
@@ -369,7 +398,9 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
         val, val_draws = validation_apart(cfg, train_draws), None
     elif val_draws is not None:
         val = draw_validation(cfg, val_draws)
-    skipped = report_skips(cfg, {"train": train_draws, **sets,
+    # (a listed scored set finds its unreadable files when it is scored: told then)
+    read = {name: data for name, data in sets.items() if not isinstance(data, ListedSet)}
+    skipped = report_skips(cfg, {"train": train_draws, **read,
                                  **({"val": val_draws} if val_draws is not None else {})})
     learns = getattr(method, "LEARNS_FROM_IMAGES", True)
     listed = listed_data(train_all)

@@ -44,6 +44,9 @@ __all__ = ["Options", "WiseFT", "best_alpha", "fit", "interpolate", "wise_ft_swe
 
 NEEDS_PYTORCH_MODEL = "it fine-tunes the model's weights and interpolates them"
 INPUT_OPTIONS = ("finetuned",)  # folders of the user's that --out must keep apart from
+# the sweep scores each set with every α's model: its sets are decoded once and held, where
+# streamed (`cliplab.adapt.scored`) each would be decoded once per α
+SCORED_WHOLE = True
 
 
 class Options(FinetuneOptions):

@@ -27,7 +27,7 @@ from cliplab.data.sources import as_labelled, as_pairs, load_source
 from cliplab.data.types import ImageTextPairs, LabelledImages, SkipReport
 from cliplab.errors import CliplabError, ConfigError, DataError
 from cliplab.evaluate.feature_cache import FeatureCache
-from cliplab.evaluate.features import ImageFeatures
+from cliplab.evaluate.features import DEFAULT_PROBE_LAYERS, ImageFeatures
 from cliplab.evaluate.streamed import StreamedSet, StreamPlan, stream_set, streaming_plan
 from cliplab.evaluate.text_cache import TextFeatureCache
 from cliplab.evaluate.zeroshot import zeroshot_classifier, zeroshot_logits
@@ -213,6 +213,17 @@ class TaskContext:
             self.datasets.pop(key, None)
         self.streamed.clear()
         self.streamable = {}
+
+    def stream_listed(self, spec: dict, listed: ListedImages, model: DualEncoder,
+                      probe: str | None = None) -> None:
+        """Stream ``spec``'s set, listed already (``listed``: `list_source` with ``model``'s
+        input), with ``probe``'s features when a task first reads it with ``model``: what
+        `preload` plans for a one-off evaluation's sets, for a caller that lists and checks
+        its sets itself (``cliplab adapt``'s scored sets). `drop_streamed` after the run."""
+        self.model_input = getattr(model, "preprocess_config", None)  # (in the set's key)
+        key = self._key(spec)
+        self.listed[key] = listed
+        self.streamable = {**self.streamable, key: (probe, DEFAULT_PROBE_LAYERS)}
 
     def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
                 model: DualEncoder | None = None) -> None:

@@ -1,0 +1,143 @@
+"""`cliplab adapt` streams a scored image folder (data.test, data.shifted: decoded and encoded
+a batch at a time, `cliplab.adapt.scored`), with the results, skip lines and results.json keys
+of the whole load; the zero-shot comparison and an adapter keeping the image tower decode it
+once; WiSE-FT's sweep holds its sets whole."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cliplab.evaluate.streamed as streamed
+from cliplab.adapt import get_method
+from cliplab.adapt.run import checked_config, load_sets, run_adapt
+from cliplab.adapt.scored import ListedSet
+from cliplab.data.digits import load_digits
+from cliplab.data.images import ImageStack
+from cliplab.errors import DataError
+from tests.image_folders import counting_decodes, pets_folder
+
+CLASSES = ["zero", "one", "two"]
+TRAIN = {"steps": 2, "batch_size": 6}  # the methods that train: a couple of steps
+
+
+def _write_folder(root, images, labels, bad_at=None):
+    """PNGs of ``images`` in class folders; a corrupt file sorted among a class's images."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / CLASSES[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0].numpy()).save(folder / f"{i:03d}.png")
+    if bad_at is not None:
+        (root / bad_at).write_bytes(np.random.default_rng(0).bytes(200))
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """``train``: 30 digits (0-2) at 24 px; ``test``: 30 others with a corrupt file among
+    them; ``shifted``: 20 more."""
+    root = tmp_path_factory.mktemp("digits")
+    data = load_digits("test", image_size=24)
+    keep = (data.labels < 3).nonzero().flatten()
+    parts = {"train": keep[:30], "test": keep[30:60], "shifted": keep[60:80]}
+    bad = {"test": "one/015_bad.png"}
+    return {name: _write_folder(root / name, data.images[idx], data.labels[idx], bad.get(name))
+            for name, idx in parts.items()}
+
+
+def _config(folders, method, options=None):
+    data = {name: {"source": "image-folder", "path": str(path)}
+            for name, path in folders.items()}
+    return {"method": method, "data": data, "shots": 4, "options": options or {}}
+
+
+def _run(model_dir, cfg, capsys):
+    res = run_adapt({**cfg, "model": str(model_dir)}, progress=False, write=False)
+    err = capsys.readouterr().err.splitlines()
+    res = {k: v for k, v in res.items() if k not in ("adapter", "wall_time_s")}
+    return res, sorted(line for line in err if "skipped" in line)
+
+
+@pytest.fixture()
+def stacked(monkeypatch):
+    """The most decoded images stacked together (a listing's placeholders left out)."""
+    seen = [0]
+    stack = ImageStack.stacked
+
+    def recording(self, where="images"):
+        images = stack(self, where)
+        if images.shape[1] > 1:
+            seen[0] = max(seen[0], len(images))
+        return images
+
+    monkeypatch.setattr(ImageStack, "stacked", recording)
+    return seen
+
+
+@pytest.mark.parametrize("method, options, test_decodes", [
+    ("zeroshot", None, 1),
+    ("linear-probe", None, 1),  # the comparison's features serve the adapter's score
+    ("linear-probe", {"features": "tokens"}, 1),  # streamed with the probe's features
+    ("tip-adapter", None, 1),
+    ("finetune", {"train": TRAIN}, 2),  # its image tower trained: the second pass is new
+])
+def test_streamed_scores_equal_the_whole_loads(method, options, test_decodes, folders,
+                                               tiny_model_dir, capsys, monkeypatch, stacked):
+    monkeypatch.setattr(streamed, "STREAM_BATCH", 8)  # several batches of the 30 readable
+    cfg = _config(folders, method, options)
+    module = get_method(method)
+    monkeypatch.setattr(module, "SCORED_WHOLE", True, raising=False)  # the whole load
+    whole, whole_err = _run(tiny_model_dir, cfg, capsys)
+    assert stacked[0] == 30  # the readable test images held together
+    monkeypatch.delattr(module, "SCORED_WHOLE")
+    stacked[0] = 0
+    decodes = counting_decodes(monkeypatch)
+    got, err = _run(tiny_model_dir, cfg, capsys)
+    assert stacked[0] == 12  # only the training shots: 4 of each class
+    test = [p for p in decodes if p.startswith(str(folders["test"]))]
+    assert len(test) == 31 * test_decodes
+    bad = str(folders["test"] / "one" / "015_bad.png")
+    assert got["skipped"] == {"test": {"total": 1, "counts": {"unreadable_image": 1},
+                                       "keys": {"unreadable_image": [bad]}}}
+    assert got["test_size"] == got["test"]["n"] == 30 and got["shifted"]["n"] == 20
+    assert err == whole_err == [f"data.test: skipped 1 of 31 samples (unreadable_image=1) in "
+                                f"{folders['test']}"]
+    assert list(got) == list(whole) and got == whole
+
+
+def test_wise_ft_holds_its_sets_whole(folders):
+    """Its sweep scores every set with each α's model: streamed, each set would be decoded
+    once per α."""
+    assert get_method("wise-ft").SCORED_WHOLE
+    config, _ = checked_config({**_config(folders, "wise-ft"), "model": "tiny-clip"})
+    _, whole = load_sets(config, progress=False, stream=False)
+    _, listed = load_sets(config, progress=False, stream=True)
+    assert not any(isinstance(s, ListedSet) for s in whole.values())
+    assert all(isinstance(s, ListedSet) for s in listed.values())
+    assert [len(s) for s in listed.values()] == [31, 20]  # listed: the corrupt file counts
+
+
+def test_a_listed_test_set_of_other_classes_is_refused_before_training(
+        folders, tmp_path, tiny_model_dir, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused before training")
+
+    monkeypatch.setattr(get_method("finetune"), "fit", no_training)
+    other = {**folders, "test": pets_folder(tmp_path / "pets", per_class=2, broken_in="cat")}
+    with pytest.raises(DataError, match="data.test"):
+        run_adapt({**_config(other, "finetune", {"train": TRAIN}), "model": str(tiny_model_dir)},
+                  progress=False, write=False)
+
+
+def test_a_test_folder_with_no_readable_image_fails_as_its_whole_load(folders, tmp_path,
+                                                                      tiny_model_dir):
+    """Found when it is streamed (after training), with the whole load's words."""
+    unreadable = tmp_path / "unreadable"
+    for name in CLASSES:
+        (unreadable / name).mkdir(parents=True)
+        (unreadable / name / "bad.png").write_bytes(b"not a png")
+    cfg = {**_config({**folders, "test": unreadable}, "linear-probe"),
+           "model": str(tiny_model_dir)}
+    with pytest.raises(DataError) as err:
+        run_adapt(cfg, progress=False, write=False, where="adapt.yaml")
+    assert str(err.value) == (f"adapt.yaml: data.test: image folder {unreadable}: no readable "
+                              "image in 3 files (skipped 3 samples: unreadable_image=3)")
