@@ -78,7 +78,9 @@ def stacked(monkeypatch):
     ("linear-probe", None, 1),  # the comparison's features serve the adapter's score
     ("linear-probe", {"features": "tokens"}, 1),  # streamed with the probe's features
     ("tip-adapter", None, 1),
+    ("coop", {"epochs": 2, "batch_size": 6}, 1),  # the text side trains: the image tower kept
     ("finetune", {"train": TRAIN}, 2),  # its image tower trained: the second pass is new
+    ("lora", {"train": TRAIN}, 2),
 ])
 def test_streamed_scores_equal_the_whole_loads(method, options, test_decodes, folders,
                                                tiny_model_dir, capsys, monkeypatch, stacked):
