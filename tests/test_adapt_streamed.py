@@ -131,8 +131,14 @@ def test_a_listed_test_set_of_other_classes_is_refused_before_training(
 
 
 def test_a_test_folder_with_no_readable_image_fails_as_its_whole_load(folders, tmp_path,
-                                                                      tiny_model_dir):
-    """Found when it is streamed (after training), with the whole load's words."""
+                                                                      tiny_model_dir,
+                                                                      monkeypatch):
+    """Found when it is first streamed, with the whole load's words: by the zero-shot
+    comparison (on by default), before training."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused before training")
+
+    monkeypatch.setattr(get_method("linear-probe"), "fit", no_training)
     unreadable = tmp_path / "unreadable"
     for name in CLASSES:
         (unreadable / name).mkdir(parents=True)
