@@ -96,7 +96,7 @@ def test_streamed_scores_equal_the_whole_loads(method, options, test_decodes, fo
     got, err = _run(tiny_model_dir, cfg, capsys)
     assert stacked[0] == 12  # only the training shots: 4 of each class
     test = [p for p in decodes if p.startswith(str(folders["test"]))]
-    assert len(test) == 31 * test_decodes
+    assert len(test) == 1 + 31 * test_decodes  # (one tried before training: readable)
     bad = str(folders["test"] / "one" / "015_bad.png")
     assert got["skipped"] == {"test": {"total": 1, "counts": {"unreadable_image": 1},
                                        "keys": {"unreadable_image": [bad]}}}
@@ -130,11 +130,12 @@ def test_a_listed_test_set_of_other_classes_is_refused_before_training(
                   progress=False, write=False)
 
 
-def test_a_test_folder_with_no_readable_image_fails_as_its_whole_load(folders, tmp_path,
-                                                                      tiny_model_dir,
-                                                                      monkeypatch):
-    """Found when it is first streamed, with the whole load's words: by the zero-shot
-    comparison (on by default), before training."""
+@pytest.mark.parametrize("key, compare", [("test", True), ("test", False),
+                                          ("shifted", True)])
+def test_a_scored_folder_with_no_readable_image_fails_as_its_whole_load(
+        key, compare, folders, tmp_path, tiny_model_dir, monkeypatch):
+    """Refused before training (its files tried until one decodes), with the whole load's
+    words, whether or not the zero-shot comparison streams it first."""
     def no_training(*args, **kwargs):
         raise AssertionError("refused before training")
 
@@ -143,9 +144,19 @@ def test_a_test_folder_with_no_readable_image_fails_as_its_whole_load(folders, t
     for name in CLASSES:
         (unreadable / name).mkdir(parents=True)
         (unreadable / name / "bad.png").write_bytes(b"not a png")
-    cfg = {**_config({**folders, "test": unreadable}, "linear-probe"),
-           "model": str(tiny_model_dir)}
+    cfg = {**_config({**folders, key: unreadable}, "linear-probe"),
+           "model": str(tiny_model_dir), "compare_zeroshot": compare}
     with pytest.raises(DataError) as err:
         run_adapt(cfg, progress=False, write=False, where="adapt.yaml")
-    assert str(err.value) == (f"adapt.yaml: data.test: image folder {unreadable}: no readable "
-                              "image in 3 files (skipped 3 samples: unreadable_image=3)")
+    assert str(err.value) == (f"adapt.yaml: data.{key}: image folder {unreadable}: no "
+                              "readable image in 3 files (skipped 3 samples: "
+                              "unreadable_image=3)")
+
+
+def test_a_readable_set_costs_one_decode_before_training(folders, tiny_model_dir, monkeypatch):
+    """The check before training stops at the first file that decodes."""
+    config, _ = checked_config({**_config(folders, "linear-probe"),
+                                "model": str(tiny_model_dir)})
+    decodes = counting_decodes(monkeypatch)
+    load_sets(config, progress=False, stream=True)
+    assert len([p for p in decodes if p.startswith(str(folders["test"]))]) == 1

@@ -16,7 +16,8 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, Adapter, get_method
 from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
-from cliplab.adapt.scored import ListedSet, ScoredSet, score_sets, scored_data
+from cliplab.adapt.scored import (ListedSet, ScoredSet, check_readable, score_sets,
+                                  scored_data)
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes, classes_with_fewer, leave_out_classes
 from cliplab.data.listed import ListedImages, ShotDraws, list_source, listed_data
@@ -216,7 +217,9 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
         spec = getattr(cfg.data, key)
         listed = list_source(spec, progress, f"data.{key}", model_input)
         if isinstance(listed, ListedImages):
-            return ListedSet(spec, listed, f"data.{key}")
+            listed_set = ListedSet(spec, listed, f"data.{key}")
+            check_readable(listed_set, model_input)  # before training, as a whole load did
+            return listed_set
         return as_labelled(listed, f"data.{key}")  # nothing deferred: read as before
 
     if cfg.shots:
@@ -323,12 +326,10 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
         if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
             # (streamed with the adapter's extra features: served again by the cache)
             probe = getattr(method, "scoring_probe", lambda _: None)(options)
-            with errors_naming(where):  # (a streamed set's error names its key: data.test)
-                zeroshot = score_sets(model, {"test": sets["test"]}, cache, progress,
-                                      probe=probe)["test"]
+            zeroshot = score_sets(model, {"test": sets["test"]}, cache, progress,
+                                  probe=probe)["test"]
         adapter: Adapter = method.fit(model, train, options, ctx)
-        with errors_naming(where):
-            scores = adapter.score(sets, cache, progress)
+        scores = adapter.score(sets, cache, progress)
         results["test_size"] = len(sets["test"])
         skipped = read_skips(cfg, sets, skipped)
         if run is not None:

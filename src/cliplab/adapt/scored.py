@@ -1,7 +1,7 @@
 """The sets `cliplab adapt` scores (``data.test``, ``data.shifted``) without holding their
 pixels: an image folder or a manifest is listed (its classes, labels and what listing skipped
-known at once, so every check runs before training) and decoded and encoded a batch at a time
-when it is scored, by the eval suite's streaming (`TaskContext.stream_listed`,
+known at once, and a set without a readable file refused: `check_readable`, so every check
+runs before training) and decoded and encoded a batch at a time when it is scored, by the eval suite's streaming (`TaskContext.stream_listed`,
 `cliplab.evaluate.streamed`). Its features are cached under the listing and the image tower,
 so the zero-shot comparison and an adapter that keeps the model's image tower decode it once.
 """
@@ -12,12 +12,15 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cliplab.data.images import UnreadableImage
 from cliplab.data.listed import ListedImages
+from cliplab.data.sources import load_source
 from cliplab.data.types import LabelledImages
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_task
 from cliplab.evaluate.tasks import Classifier, TaskContext
 from cliplab.models.dual_encoder import DualEncoder
+from cliplab.models.preprocess import PreprocessConfig
 
 
 @dataclass
@@ -46,6 +49,21 @@ class ListedSet:
 
 
 ScoredSet = LabelledImages | ListedSet
+
+
+def check_readable(data: ListedSet, model_input: PreprocessConfig | None = None) -> None:
+    """Refuse now, before any training, a listed set none of whose files decodes, with the
+    whole load's error (`load_source`: "no readable image in N files"): its files are tried
+    in order until one decodes, one decode for a set that can be scored."""
+    if data.listed.deferred < len(data.listed):  # some samples held in memory already
+        return
+    for deferred in data.listed.decoders.values():
+        try:
+            deferred.decode()
+            return
+        except UnreadableImage:
+            continue
+    load_source(data.spec, False, data.where, model_input)  # raises: nothing readable
 
 
 def scored_data(data: ScoredSet) -> LabelledImages:
