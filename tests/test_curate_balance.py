@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cliplab.curate.concept_frequency import ConceptFrequencies
-from cliplab.curate.steps.balance import (Balance, EntryMatcher, Spec, balance_sample,
-                                          normalise, pool_ngrams)
+from cliplab.curate.steps.balance import (Balance, EntryMatcher, Matches, Spec,
+                                          balance_sample, normalise, pool_ngrams)
 from cliplab.curate.steps.base import PoolBatch, PoolItems, StepContext
 from cliplab.curate.steps.registry import make_step, step_spec
 from cliplab.errors import ConfigError, DataError
@@ -62,8 +62,8 @@ def test_head_entries_are_capped_at_t_in_expectation_and_tail_entries_kept_whole
     tolerance of 3 is more than 4 sd. Tail entries (count <= t) have probability 1."""
     items = pool(SINGLE)
     matcher = EntryMatcher(VOCABULARY)
-    matches = [matcher(c) for c in SINGLE]
-    counts = np.bincount([e for ids in matches for e in ids], minlength=4)
+    matches = Matches.of(matcher(c) for c in SINGLE)
+    counts = matches.counts(4)
     assert counts.tolist() == [1000, 200, 30, 5]
     per_seed = [kept_counts(SINGLE, balance_sample(matches, counts, T, items.keys, seed))
                 for seed in range(100)]
@@ -81,8 +81,8 @@ def test_a_pair_is_kept_if_any_of_its_entries_is_drawn():
     captions = SINGLE + MIXED
     items = pool(captions)
     matcher = EntryMatcher(VOCABULARY)
-    matches = [matcher(c) for c in captions]
-    counts = np.bincount([e for ids in matches for e in ids], minlength=4)
+    matches = Matches.of(matcher(c) for c in captions)
+    counts = matches.counts(4)
     assert counts.tolist() == [1100, 300, 30, 5]
     mixed = np.arange(len(SINGLE), len(captions))
     kept = [balance_sample(matches, counts, T, items.keys, seed)[mixed].sum() for seed in range(100)]
@@ -97,8 +97,8 @@ def test_pairs_sampled_a_block_at_a_time_are_kept_as_all_at_once(monkeypatch):
     captions = SINGLE + MIXED
     items = pool(captions)
     matcher = EntryMatcher(VOCABULARY)
-    matches = [matcher(c) for c in captions]
-    counts = np.bincount([e for ids in matches for e in ids], minlength=4)
+    matches = Matches.of(matcher(c) for c in captions)
+    counts = matches.counts(4)
     monkeypatch.setattr(balance, "SAMPLE_PAIRS", 10**9)
     whole = [balance_sample(matches, counts, T, items.keys, seed) for seed in range(5)]
     monkeypatch.setattr(balance, "SAMPLE_PAIRS", 7)

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -170,8 +172,48 @@ def key_uniforms(hashes: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def balance_sample(matches: Sequence[Sequence[int]], counts: np.ndarray, t: int,
-                   keys: Sequence[str], seed: int) -> np.ndarray:
+@dataclass
+class Matches:
+    """Each pair's matched entry ids, flat: pair ``i``'s are ``ids[starts[i]:starts[i + 1]]``
+    (ascending). A list of ints per pair held ~190 bytes a pair; these arrays 8 + 4 per match."""
+
+    ids: np.ndarray  # int32, every pair's ids one after another
+    starts: np.ndarray  # int64 [pairs + 1], where each pair's ids start (and the end)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ids[self.starts[i]:self.starts[i + 1]]
+
+    def sizes(self) -> np.ndarray:
+        """How many entries each pair matches."""
+        return np.diff(self.starts)
+
+    def part(self, start: int, stop: int) -> "Matches":
+        """Pairs ``start`` to ``stop`` (a view of the ids)."""
+        stop = min(stop, len(self))
+        starts = self.starts[start:stop + 1]
+        return Matches(self.ids[starts[0]:starts[-1]], starts - starts[0])
+
+    def counts(self, entries: int, pairs: np.ndarray | None = None) -> np.ndarray:
+        """How many pairs (those where the mask ``pairs`` is true, default all) match each of
+        ``entries`` entries (int64)."""
+        ids = self.ids if pairs is None else self.ids[np.repeat(pairs, self.sizes())]
+        return np.bincount(ids, minlength=entries).astype(np.int64, copy=False)
+
+    @classmethod
+    def of(cls, lists: Iterable[Sequence[int]]) -> "Matches":
+        """Held from one sequence of ids per pair (each ascending, each id once)."""
+        ids, ends = array("i"), array("q", [0])  # C int: 32 bits
+        for found in lists:
+            ids.extend(found)
+            ends.append(len(ids))
+        return cls(np.array(ids, dtype=np.int32), np.array(ends, dtype=np.int64))
+
+
+def balance_sample(matches: Matches, counts: np.ndarray, t: int, keys: Sequence[str],
+                   seed: int) -> np.ndarray:
     """Algorithm 1's sampling: per pair, one uniform per matched entry (drawn from its key's
     stream); kept if any uniform is below its entry's probability ``t / max(count, t)``."""
     prob = t / np.maximum(np.asarray(counts, dtype=np.float64), t)
@@ -180,20 +222,18 @@ def balance_sample(matches: Sequence[Sequence[int]], counts: np.ndarray, t: int,
     # of pairs at once); each pair's draws are its own, so blocks decide as the whole would
     for start in range(0, len(matches), SAMPLE_PAIRS):
         block = slice(start, start + SAMPLE_PAIRS)
-        keep[block] = _sample(matches[block], prob, keys[block], seed)
+        keep[block] = _sample(matches.part(start, start + SAMPLE_PAIRS), prob, keys[block], seed)
     return keep
 
 
 SAMPLE_PAIRS = 16_384  # pairs `balance_sample` draws for at once
 
 
-def _sample(matches: Sequence[Sequence[int]], prob: np.ndarray, keys: Sequence[str],
-            seed: int) -> np.ndarray:
-    sizes = np.array([len(ids) for ids in matches], dtype=np.int64)
+def _sample(matches: Matches, prob: np.ndarray, keys: Sequence[str], seed: int) -> np.ndarray:
+    sizes = matches.sizes()
     item = np.repeat(np.arange(len(matches)), sizes)
-    draw = np.arange(len(item)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    entry = np.fromiter((e for ids in matches for e in ids), dtype=np.int64, count=len(item))
-    drawn = key_uniforms(key_hashes(seed, keys)[item], draw) < prob[entry]
+    draw = np.arange(len(item)) - np.repeat(matches.starts[:-1], sizes)  # a pair's 0, 1, ...
+    drawn = key_uniforms(key_hashes(seed, keys)[item], draw) < prob[matches.ids]
     keep = np.zeros(len(matches), dtype=bool)
     np.logical_or.at(keep, item[drawn], True)
     return keep
@@ -230,34 +270,34 @@ class Balance:
         entries = self.entries if self.entries is not None else \
             pool_ngrams(items.captions, self.spec.min_count)
         matcher = EntryMatcher(entries)
-        matches = [matcher(c) for c in items.captions]
-        before = np.zeros(len(matcher.entries), dtype=np.int64)
-        for ids in matches:
-            before[ids] += 1
+        matches = Matches.of(matcher(c) for c in items.captions)
+        before = matches.counts(len(matcher.entries))
         keep = balance_sample(matches, before, self.spec.t, items.keys, self.seed)
-        after = np.zeros_like(before)
-        for ids, kept in zip(matches, keep):
-            if kept:
-                after[ids] += 1
-        t = self.spec.t
-        reasons: list[str | None] = []
-        told: dict[tuple[int, ...], str] = {}  # one text per entries matched, shared by their
-        # items (a text per dropped item held ~160 bytes each)
-        for ids, kept in zip(matches, keep):
-            if kept:
-                reasons.append(None)
-            elif not ids:
-                reasons.append("matches no metadata entry")
-            elif tuple(ids) in told:
-                reasons.append(told[tuple(ids)])
-            else:
-                shown = ", ".join(f"'{matcher.entries[e]}' ({before[e]} pairs)" for e in ids[:3])
-                more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
-                reasons.append(told.setdefault(tuple(ids), f"not drawn for any of its entries "
-                                               f"{shown}{more} (each kept with probability "
-                                               f"t/count, t={t})"))
+        after = matches.counts(len(matcher.entries), keep)
+        reasons = self._reasons(matches, keep, matcher.entries, before)
         return Decision(keep, reasons, report=self._report(matcher.entries, before, after,
                                                             len(items), int(keep.sum())))
+
+    def _reasons(self, matches: Matches, keep: np.ndarray, entries: list[str],
+                 before: np.ndarray) -> list[str | None]:
+        """Why each pair not kept is dropped: one text per distinct text, shared by its pairs
+        (a text per dropped pair held ~160 bytes each)."""
+        t = self.spec.t
+        reasons: list[str | None] = [None] * len(matches)
+        told: dict[tuple[int, ...], str] = {}  # by what a text shows: 3 ids and how many
+        for i in np.flatnonzero(~keep):
+            ids = matches[i]
+            if not len(ids):
+                reasons[i] = "matches no metadata entry"
+                continue
+            shows = (*ids[:3].tolist(), len(ids))
+            if shows not in told:
+                shown = ", ".join(f"'{entries[e]}' ({before[e]} pairs)" for e in shows[:-1])
+                more = f" and {len(ids) - 3} more" if len(ids) > 3 else ""
+                told[shows] = (f"not drawn for any of its entries {shown}{more} (each kept "
+                               f"with probability t/count, t={t})")
+            reasons[i] = told[shows]
+        return reasons
 
     def _report(self, entries: list[str], before: np.ndarray, after: np.ndarray,
                 n_before: int, n_after: int) -> dict:
