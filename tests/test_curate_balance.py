@@ -246,3 +246,52 @@ def test_items_dropped_for_the_same_entries_share_one_reason_text(tmp_path):
     assert all(r is cats[0] for r in cats) and all(r is mixed[0] for r in mixed)
     assert cats[0] == ("not drawn for any of its entries 'cat' (1100 pairs) (each kept with "
                        f"probability t/count, t={T})")
+
+
+def test_the_kept_set_is_algorithm_1_written_out_pair_by_pair(tmp_path, monkeypatch):
+    """`decide` (flat match arrays, drawn a block at a time) keeps exactly the pairs a plain
+    loop over each pair's entries keeps: draw ``d`` of a pair is its key's uniform number
+    ``d``, its ``d``-th matched entry (ascending ids) kept with probability t/max(count, t).
+    Pairs match 0, 1 or up to 6 entries; the reasons read as they did (up to 3 entries named)."""
+    from cliplab.curate.steps import balance
+    from cliplab.curate.steps.balance import key_hashes, key_uniforms
+
+    vocabulary = ["cat", "dog", "red fox", "owl", "tree", "sky"]
+    captions = (["a cat"] * 40 + ["a dog and a cat"] * 15 + ["red fox, owl, tree, sky, dog, cat"]
+                * 9 + ["an owl in a tree"] * 3 + ["nothing at all", ""] * 2)
+    t, seed = 4, 5
+    matcher = EntryMatcher(vocabulary)
+    ids = [matcher(c) for c in captions]
+    counts = np.bincount([e for found in ids for e in found], minlength=len(vocabulary))
+    assert counts.tolist() == [64, 24, 9, 12, 12, 9]
+    keys = [f"k{i}" for i in range(len(captions))]
+    expected = [any(key_uniforms(key_hashes(seed, [key]), np.array([d]))[0] < t / max(counts[e], t)
+                    for d, e in enumerate(found)) for key, found in zip(keys, ids)]
+    assert 0 < sum(expected) < len(captions) - 4
+    monkeypatch.setattr(balance, "SAMPLE_PAIRS", 5)  # blocks end inside runs of pairs
+    step = Balance(Spec(step="balance", t=t, vocabulary=vocabulary, seed=seed))
+    step.prepare(StepContext(work=tmp_path))
+    decision = step.decide(PoolItems(keys, captions), {})
+    assert decision.keep.tolist() == expected
+    six = next(i for i, c in enumerate(captions) if c.startswith("red fox") and not expected[i])
+    assert decision.reasons[six] == ("not drawn for any of its entries 'cat' (64 pairs), 'dog' "
+                                     "(24 pairs), 'red fox' (9 pairs) and 3 more (each kept with "
+                                     "probability t/count, t=4)")
+    assert decision.reasons[-1] == "matches no metadata entry"
+    after = ConceptFrequencies.load_csv(decision.report["files"]["counts_after"]).counts
+    assert after == np.bincount([e for found, kept in zip(ids, expected) if kept for e in found],
+                                minlength=len(vocabulary)).tolist()
+
+
+def test_matches_are_held_flat():
+    """Each pair's entry ids one after another (int32) and where each pair's start (int64):
+    a list of ints per pair held ~190 bytes a pair."""
+    matches = Matches.of([[0, 2], [], [1], [0, 1, 2]])
+    assert matches.ids.dtype == np.int32 and matches.starts.dtype == np.int64
+    assert matches.ids.tolist() == [0, 2, 1, 0, 1, 2] and matches.starts.tolist() == [0, 2, 2, 3, 6]
+    assert len(matches) == 4 and matches[3].tolist() == [0, 1, 2] and matches[1].tolist() == []
+    part = matches.part(1, 9)
+    assert len(part) == 3 and part.starts.tolist() == [0, 0, 1, 4] and part[2].tolist() == [0, 1, 2]
+    assert matches.counts(4).tolist() == [2, 2, 2, 0]
+    assert matches.counts(4, np.array([True, True, False, False])).tolist() == [1, 0, 1, 0]
+    assert len(Matches.of([])) == 0 and Matches.of([]).counts(2).tolist() == [0, 0]

@@ -127,6 +127,47 @@ def test_a_run_holds_a_few_hundred_bytes_per_item_not_its_records(tmp_path):
     assert peak / n < PEAK_BYTES_PER_ITEM, f"{peak / n:.0f} bytes per item"
 
 
+def worded_pool(root, n):
+    """A manifest of ``n`` rows of one image whose captions are 9 to 13 of 40 words: ~20
+    unigram and bigram entries of the pool's own matched per caption."""
+    root.mkdir()
+    Image.new("RGB", (8, 8), (90,) * 3).save(root / "im.png")
+    words = [f"w{j}" for j in range(40)]
+    lines = ["image,caption"] + [
+        "im.png," + " ".join(words[(i * k + k * k) % len(words)] for k in range(1, 10 + i % 5))
+        for i in range(n)]
+    (root / "pool.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "pool.csv"
+
+
+# bytes per pool item a balance run (the pool's n-grams, ~20 matched per pair) may peak at:
+# 20k pairs measured ~380 B with a list of entry ids per pair, ~280 with them flat (Matches)
+BALANCE_PEAK_BYTES_PER_ITEM = 330
+
+
+def test_a_balance_run_holds_its_matches_flat(tmp_path, monkeypatch):
+    from cliplab.curate.steps import balance
+
+    steps = [{"step": "balance", "t": 20}]
+    run_curation(config(str(worded_pool(tmp_path / "small", 50)), steps), tmp_path / "warm",
+                 progress=False)
+    # the arrays of a block of pairs drawn or counted at once are a fixed cost (at 20k pairs a
+    # block would be the whole pool): small blocks leave what is held per pair
+    monkeypatch.setattr(balance, "SAMPLE_PAIRS", 1024)
+    monkeypatch.setattr(balance, "COUNT_PAIRS", 1024, raising=False)
+    n = 20_000
+    manifest = worded_pool(tmp_path / "pool", n)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        summary = run_curation(config(str(manifest), steps), tmp_path / "out", progress=False)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert 0 < summary["steps"][1]["dropped"] < n  # balanced: head entries sampled down
+    assert peak / n < BALANCE_PEAK_BYTES_PER_ITEM, f"{peak / n:.0f} bytes per item"
+
+
 def test_the_local_engine_loads_a_few_chunks_per_worker_not_every_chunk(tmp_path, monkeypatch):
     """Every chunk's records were submitted to the process pool at once (each held, pickled,
     until a worker took it): now two per worker are under way and the next loaded as one

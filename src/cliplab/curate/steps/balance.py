@@ -199,8 +199,15 @@ class Matches:
     def counts(self, entries: int, pairs: np.ndarray | None = None) -> np.ndarray:
         """How many pairs (those where the mask ``pairs`` is true, default all) match each of
         ``entries`` entries (int64)."""
-        ids = self.ids if pairs is None else self.ids[np.repeat(pairs, self.sizes())]
-        return np.bincount(ids, minlength=entries).astype(np.int64, copy=False)
+        counts = np.zeros(entries, dtype=np.int64)
+        # a block of pairs at a time: bincount takes its ids as int64 (a copy of them all
+        # held 8 bytes per match more than the ids themselves)
+        for start in range(0, len(self), COUNT_PAIRS):
+            part = self.part(start, start + COUNT_PAIRS)
+            ids = part.ids if pairs is None else \
+                part.ids[np.repeat(pairs[start:start + COUNT_PAIRS], part.sizes())]
+            counts += np.bincount(ids, minlength=entries)
+        return counts
 
     @classmethod
     def of(cls, lists: Iterable[Sequence[int]]) -> "Matches":
@@ -209,7 +216,9 @@ class Matches:
         for found in lists:
             ids.extend(found)
             ends.append(len(ids))
-        return cls(np.array(ids, dtype=np.int32), np.array(ends, dtype=np.int64))
+        # views of the arrays' buffers, not copies (a copy doubled the peak)
+        return cls(np.frombuffer(ids, dtype=np.int32) if ids.itemsize == 4 else
+                   np.array(ids, dtype=np.int32), np.frombuffer(ends, dtype=np.int64))
 
 
 def balance_sample(matches: Matches, counts: np.ndarray, t: int, keys: Sequence[str],
@@ -227,6 +236,7 @@ def balance_sample(matches: Matches, counts: np.ndarray, t: int, keys: Sequence[
 
 
 SAMPLE_PAIRS = 16_384  # pairs `balance_sample` draws for at once
+COUNT_PAIRS = 65_536  # pairs `Matches.counts` counts at once
 
 
 def _sample(matches: Matches, prob: np.ndarray, keys: Sequence[str], seed: int) -> np.ndarray:
