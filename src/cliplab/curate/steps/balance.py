@@ -134,20 +134,24 @@ class EntryMatcher:
 
     def __init__(self, entries: Sequence[str]):
         self.entries: list[str] = []
-        self.index: dict[tuple[str, ...], int] = {}
+        # keyed by the normalised text itself (a tuple of its words held ~140 bytes an entry
+        # more: 20 MB at the 150k n-grams of 300k captions)
+        self.index: dict[str, int] = {}
+        self.longest = 0  # words of the longest entry
         for entry in entries:
-            words = tuple(normalise(entry).split())
-            if words and words not in self.index:
-                self.index[words] = len(self.entries)
-                self.entries.append(" ".join(words))
-        self.longest = max((len(w) for w in self.index), default=0)
+            text = normalise(entry)
+            text = entry if text == entry else text  # one string where it is one already
+            if text and text not in self.index:
+                self.index[text] = len(self.entries)
+                self.entries.append(text)
+                self.longest = max(self.longest, text.count(" ") + 1)
 
     def __call__(self, caption: str) -> list[int]:
         """Ids of the entries ``caption`` matches, in entry order, each once."""
         words = normalise(caption).split()
-        found = {self.index[tuple(words[i:i + n])]
+        found = {self.index[gram]
                  for i in range(len(words)) for n in range(1, min(self.longest, len(words) - i) + 1)
-                 if tuple(words[i:i + n]) in self.index}
+                 if (gram := " ".join(words[i:i + n])) in self.index}
         return sorted(found)
 
 
