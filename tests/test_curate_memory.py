@@ -263,3 +263,36 @@ def test_a_decision_is_written_as_it_is_encoded_with_the_bytes_a_whole_string_ha
     write_json_streamed(tmp_path / "d.json", data)
     assert (tmp_path / "d.json").read_bytes() == json_text(data).encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
+
+
+def test_the_dropped_table_holds_a_reason_many_rows_share_once(tmp_path):
+    """A balanced pool drops most of its items for a few texts: dropped.parquet's steps and
+    reasons are held dictionary-encoded (each row's copy of its reason held ~150 bytes until
+    the run's end) and written as the plain strings a table made at once has, byte for byte."""
+    import pyarrow as pa
+
+    from cliplab.curate.outputs import DROPPED_SCHEMA, DroppedTable
+
+    reason = ("not drawn for any of its entries 'w1' (9000 pairs), 'w2' (8000 pairs) and 12 "
+              "more (each kept with probability t/count, t=20)")
+    rows = [{"key": f"k{i}", "step": "read", "reason": "unreadable image caf\u00e9",
+             "score": math.nan, "source_key": "s"} for i in range(3)]
+    rows += [{"key": f"k{i}", "step": "balance", "reason": None if i == 7 else reason,
+              "score": 0.5 * i if i % 2 else math.nan, "source_key": None}
+             for i in range(3, 20_003)]
+    table = DroppedTable()
+    table.add_rows(rows[:3])
+    table.add([], "empty", [], [], [])
+    for at in range(3, len(rows), 10_000):
+        part = rows[at:at + 10_000]
+        table.add([r["key"] for r in part], "balance", [r["reason"] for r in part],
+                  [r["score"] for r in part], [r["source_key"] for r in part])
+    held = sum(part["reason"].nbytes + part["step"].nbytes for part in table.parts)
+    assert held / len(rows) < 20, f"{held / len(rows):.0f} bytes a row"  # 139 as text
+    table.write(tmp_path / "dropped.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=DROPPED_SCHEMA), tmp_path / "whole.parquet")
+    assert (tmp_path / "dropped.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert table.count == len(rows)
+    empty = DroppedTable()
+    empty.write(tmp_path / "empty.parquet")
+    assert pq.read_table(tmp_path / "empty.parquet").schema == DROPPED_SCHEMA

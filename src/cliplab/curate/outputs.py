@@ -169,14 +169,19 @@ DROPPED_SCHEMA = pa.schema([("key", pa.string()), ("step", pa.string()),
                             ("source_key", pa.string())])
 
 
+SHARED_COLUMNS = ("step", "reason")  # texts many rows share, held once per part
+
+
 class DroppedTable:
     """Every dropped item's row, gathered step by step as Arrow columns (a reason held as its
     bytes, not in a dict per item) and written at the end as ``dropped.parquet``: ``key``,
     ``step``, ``reason``, ``score`` (NaN where none) and ``source_key`` (the item a shard
-    sample was made from; None where the pool has none)."""
+    sample was made from; None where the pool has none). Steps and reasons are held
+    dictionary-encoded until written (a balanced pool drops most of its items for a few texts:
+    each row's copy held ~150 bytes) and written as plain strings, as before."""
 
     def __init__(self) -> None:
-        self.parts = [DROPPED_SCHEMA.empty_table()]
+        self.parts = [_held(DROPPED_SCHEMA.empty_table())]
         self.count = 0
 
     def add(self, keys: Sequence[str], step: str, reasons: Sequence[str | None],
@@ -193,8 +198,28 @@ class DroppedTable:
         arrays = [pa.array([printable(v) if isinstance(v, str) else v for v in column]
                            if field.type == pa.string() else [float(v) for v in column],
                            type=field.type) for column, field in zip(columns, DROPPED_SCHEMA)]
-        self.parts.append(pa.Table.from_arrays(arrays, schema=DROPPED_SCHEMA))
+        self.parts.append(_held(pa.Table.from_arrays(arrays, schema=DROPPED_SCHEMA)))
         self.count += len(arrays[0])
 
+    def table(self) -> pa.Table:
+        """Every row as one table of one chunk per column (`whole`), strings plain."""
+        columns = []
+        for field in DROPPED_SCHEMA:
+            chunks = pa.chunked_array([c for part in self.parts for c in part[field.name].chunks],
+                                      type=self.parts[0].schema.field(field.name).type)
+            if field.name in SHARED_COLUMNS:  # one dictionary, then its texts per row once
+                columns.append(chunks.unify_dictionaries().combine_chunks().cast(field.type))
+            else:
+                columns.append(chunks.combine_chunks())
+        return pa.Table.from_arrays(columns, schema=DROPPED_SCHEMA)
+
     def write(self, path: Path) -> None:
-        pq.write_table(whole(self.parts), path)
+        pq.write_table(self.table(), path)
+
+
+def _held(table: pa.Table) -> pa.Table:
+    """``table`` with its `SHARED_COLUMNS` dictionary-encoded."""
+    for name in SHARED_COLUMNS:
+        at = table.schema.get_field_index(name)
+        table = table.set_column(at, name, table[name].dictionary_encode())
+    return table
