@@ -179,7 +179,8 @@ def key_uniforms(hashes: np.ndarray, draws: np.ndarray) -> np.ndarray:
 @dataclass
 class Matches:
     """Each pair's matched entry ids, flat: pair ``i``'s are ``ids[starts[i]:starts[i + 1]]``
-    (ascending). A list of ints per pair held ~190 bytes a pair; these arrays 8 + 4 per match."""
+    (ascending). A list of ints per pair held ~190 bytes a pair; these arrays hold 8 bytes a
+    pair and 4 a match."""
 
     ids: np.ndarray  # int32, every pair's ids one after another
     starts: np.ndarray  # int64 [pairs + 1], where each pair's ids start (and the end)
@@ -227,8 +228,9 @@ class Matches:
 
 def balance_sample(matches: Matches, counts: np.ndarray, t: int, keys: Sequence[str],
                    seed: int) -> np.ndarray:
-    """Algorithm 1's sampling: per pair, one uniform per matched entry (drawn from its key's
-    stream); kept if any uniform is below its entry's probability ``t / max(count, t)``."""
+    """Algorithm 1's sampling: per pair (``matches``: each pair's entry ids, ``keys``: its
+    key), one uniform per matched entry (drawn from its key's stream); kept if any uniform is
+    below its entry's probability ``t / max(count, t)`` (``counts``: pairs per entry)."""
     prob = t / np.maximum(np.asarray(counts, dtype=np.float64), t)
     keep = np.zeros(len(matches), dtype=bool)
     # a block of pairs at a time: the draws' arrays cost ~100 bytes per match (GBs at millions
