@@ -154,7 +154,7 @@ def test_a_balance_run_holds_its_matches_flat(tmp_path, monkeypatch):
     # the arrays of a block of pairs drawn or counted at once are a fixed cost (at 20k pairs a
     # block would be the whole pool): small blocks leave what is held per pair
     monkeypatch.setattr(balance, "SAMPLE_PAIRS", 1024)
-    monkeypatch.setattr(balance, "COUNT_PAIRS", 1024, raising=False)
+    monkeypatch.setattr(balance, "COUNT_PAIRS", 1024)
     n = 20_000
     manifest = worded_pool(tmp_path / "pool", n)
     tracemalloc.start()
