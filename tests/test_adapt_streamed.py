@@ -160,3 +160,39 @@ def test_a_readable_set_costs_one_decode_before_training(folders, tiny_model_dir
     decodes = counting_decodes(monkeypatch)
     load_sets(config, progress=False, stream=True)
     assert len([p for p in decodes if p.startswith(str(folders["test"]))]) == 1
+
+
+def test_the_test_sets_skip_line_is_told_before_training(folders, tiny_model_dir, capsys,
+                                                          monkeypatch):
+    """Once the zero-shot comparison has read it: a training that fails still leaves it."""
+    def failing_fit(*args, **kwargs):
+        raise DataError("training failed")
+
+    monkeypatch.setattr(get_method("linear-probe"), "fit", failing_fit)
+    with pytest.raises(DataError, match="training failed"):
+        run_adapt({**_config(folders, "linear-probe"), "model": str(tiny_model_dir)},
+                  progress=False, write=False)
+    assert [line for line in capsys.readouterr().err.splitlines() if "skipped" in line] == [
+        f"data.test: skipped 1 of 31 samples (unreadable_image=1) in {folders['test']}"]
+
+
+def test_a_set_that_must_be_loaded_whole_is_streamed_in_vain_once(folders, tmp_path,
+                                                                  tiny_model_dir, monkeypatch):
+    """A class whose every file is unreadable: its first scoring streams it, finds it must be
+    loaded whole (as the whole load warns of the class), and loads it so; the adapter's
+    scoring then loads it whole at once."""
+    test = tmp_path / "test"
+    for path in folders["test"].rglob("*.png"):
+        target = test / path.relative_to(folders["test"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        unreadable = path.parent.name == "two"
+        target.write_bytes(b"not a png" if unreadable else path.read_bytes())
+    readable = len([p for p in test.rglob("*.png") if p.parent.name != "two"])
+    files = len(list(test.rglob("*.png")))
+    decodes = counting_decodes(monkeypatch)
+    with pytest.warns(UserWarning):
+        run_adapt({**_config({**folders, "test": test}, "linear-probe"),
+                   "model": str(tiny_model_dir)}, progress=False, write=False)
+    tried = 1  # before training: the first file decodes
+    assert readable and len([p for p in decodes if p.startswith(str(test))]) == \
+        tried + 3 * files  # streamed in vain, loaded whole; loaded whole

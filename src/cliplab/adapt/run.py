@@ -328,10 +328,12 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
             probe = getattr(method, "scoring_probe", lambda _: None)(options)
             zeroshot = score_sets(model, {"test": sets["test"]}, cache, progress,
                                   probe=probe)["test"]
+            # its skips told now, not after training (which may fail or be stopped)
+            skipped = read_skips(cfg, {"test": sets["test"]}, skipped)
         adapter: Adapter = method.fit(model, train, options, ctx)
         scores = adapter.score(sets, cache, progress)
         results["test_size"] = len(sets["test"])
-        skipped = read_skips(cfg, sets, skipped)
+        skipped = read_skips(cfg, {k: v for k, v in sets.items() if k not in skipped}, skipped)
         if run is not None:
             adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
                                           "seed": cfg.seed, "train_size": results["train_size"]})

@@ -28,12 +28,15 @@ class ListedSet:
     """A scored set given by ``spec`` and listed, not decoded (``listed``); ``where``: its key,
     named by an error its decoding finds (``data.test``: no readable image); ``read``: once it
     is scored, its readable samples (1x1 placeholder images) and what reading it skipped, as
-    the whole load would hold them."""
+    the whole load would hold them; ``whole``: streaming it found it must be loaded whole (a
+    class with no readable file, sizes the whole load squares together), so a later scoring
+    loads it whole at once."""
 
     spec: dict
     listed: ListedImages
     where: str = "data"
     read: LabelledImages | None = None
+    whole: bool = False
 
     @property
     def data(self) -> LabelledImages:
@@ -83,10 +86,12 @@ def score_sets(model: DualEncoder, sets: Mapping[str, ScoredSet], cache: Feature
     try:
         for name, data in sets.items():
             task = {"task": "zeroshot", "name": name, "data": data}
-            if isinstance(data, ListedSet):  # streamed now: an error names its key
+            if isinstance(data, ListedSet):
+                task["data"] = data.spec  # (one known to need it: loaded whole by the task)
+            if isinstance(data, ListedSet) and not data.whole:  # an error names its key
                 context.stream_listed(data.spec, data.listed, model, probe)
-                context.load(data.spec, data.where, model, f"encode {name}")
-                task["data"] = data.spec
+                loaded = context.load(data.spec, data.where, model, f"encode {name}")
+                data.whole = all(held.data is not loaded for held in context.streamed.values())
             scores[name] = run_task(model, task, context)
             if isinstance(data, ListedSet):
                 data.read = _without_pixels(context.labelled(data.spec, name))
