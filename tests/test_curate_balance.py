@@ -295,3 +295,10 @@ def test_matches_are_held_flat():
     assert matches.counts(4).tolist() == [2, 2, 2, 0]
     assert matches.counts(4, np.array([True, True, False, False])).tolist() == [1, 0, 1, 0]
     assert len(Matches.of([])) == 0 and Matches.of([]).counts(2).tolist() == [0, 0]
+    assert matches[-1].tolist() == [0, 1, 2] and matches[-4].tolist() == [0, 2]
+    with pytest.raises(IndexError, match="pair 4 of 4"):
+        matches[4]
+    with pytest.raises(IndexError):
+        matches[-5]
+    with pytest.raises(TypeError, match="part"):
+        matches[0:2]

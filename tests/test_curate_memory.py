@@ -296,3 +296,29 @@ def test_the_dropped_table_holds_a_reason_many_rows_share_once(tmp_path):
     empty = DroppedTable()
     empty.write(tmp_path / "empty.parquet")
     assert pq.read_table(tmp_path / "empty.parquet").schema == DROPPED_SCHEMA
+
+
+def test_the_dropped_table_holds_distinct_reasons_plainly(tmp_path):
+    """A step whose every reason differs (a duplicate names its original) is held as plain
+    strings (a dictionary of them costs more: its indices, and a second copy when written);
+    a table of such parts beside dictionary-encoded ones is written as one made at once."""
+    import pyarrow as pa
+
+    from cliplab.curate.outputs import DROPPED_SCHEMA, DroppedTable
+
+    rows = [{"key": f"k{i}", "step": "exact_dedup", "reason": f"exact duplicate of k{i + 1}",
+             "score": math.nan, "source_key": None} for i in range(1000)]
+    rows += [{"key": f"b{i}", "step": "balance", "reason": "not drawn", "score": math.nan,
+              "source_key": None} for i in range(1000)]
+    table = DroppedTable()
+    for at in (0, 1000):
+        part = rows[at:at + 1000]
+        table.add([r["key"] for r in part], part[0]["step"], [r["reason"] for r in part],
+                  [r["score"] for r in part], [r["source_key"] for r in part])
+    distinct, shared = table.parts[1], table.parts[2]
+    assert distinct["reason"].type == pa.string()
+    assert pa.types.is_dictionary(distinct["step"].type)
+    assert pa.types.is_dictionary(shared["reason"].type)
+    table.write(tmp_path / "dropped.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=DROPPED_SCHEMA), tmp_path / "whole.parquet")
+    assert (tmp_path / "dropped.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()

@@ -176,9 +176,10 @@ class DroppedTable:
     """Every dropped item's row, gathered step by step as Arrow columns (a reason held as its
     bytes, not in a dict per item) and written at the end as ``dropped.parquet``: ``key``,
     ``step``, ``reason``, ``score`` (NaN where none) and ``source_key`` (the item a shard
-    sample was made from; None where the pool has none). Steps and reasons are held
-    dictionary-encoded until written (a balanced pool drops most of its items for a few texts:
-    each row's copy held ~150 bytes) and written as plain strings, as before."""
+    sample was made from; None where the pool has none). A step's rows whose reasons are
+    mostly the same few texts (a balanced pool drops most of its items for a few) are held
+    dictionary-encoded until written (each row's copy held ~150 bytes), distinct reasons
+    (a duplicate names its original) plainly; all are written as plain strings."""
 
     def __init__(self) -> None:
         self.parts = [_held(DROPPED_SCHEMA.empty_table())]
@@ -205,12 +206,15 @@ class DroppedTable:
         """Every row as one table of one chunk per column (`whole`), strings plain."""
         columns = []
         for field in DROPPED_SCHEMA:
-            chunks = pa.chunked_array([c for part in self.parts for c in part[field.name].chunks],
-                                      type=self.parts[0].schema.field(field.name).type)
-            if field.name in SHARED_COLUMNS:  # one dictionary, then its texts per row once
-                columns.append(chunks.unify_dictionaries().combine_chunks().cast(field.type))
+            chunks = [c for part in self.parts for c in part[field.name].chunks]
+            if chunks and all(pa.types.is_dictionary(c.type) for c in chunks):
+                # one dictionary, then its texts per row once
+                columns.append(pa.chunked_array(chunks, type=chunks[0].type)
+                               .unify_dictionaries().combine_chunks().cast(field.type))
             else:
-                columns.append(chunks.combine_chunks())
+                plain = [c.cast(field.type) if pa.types.is_dictionary(c.type) else c
+                         for c in chunks]
+                columns.append(pa.chunked_array(plain, type=field.type).combine_chunks())
         return pa.Table.from_arrays(columns, schema=DROPPED_SCHEMA)
 
     def write(self, path: Path) -> None:
@@ -218,8 +222,11 @@ class DroppedTable:
 
 
 def _held(table: pa.Table) -> pa.Table:
-    """``table`` with its `SHARED_COLUMNS` dictionary-encoded."""
+    """``table`` with those of its `SHARED_COLUMNS` dictionary-encoded that hold at most one
+    distinct text in two rows (distinct texts cost more so: their indices and a second copy
+    when written)."""
     for name in SHARED_COLUMNS:
-        at = table.schema.get_field_index(name)
-        table = table.set_column(at, name, table[name].dictionary_encode())
+        encoded = table[name].dictionary_encode()
+        if sum(len(c.dictionary) for c in encoded.chunks) * 2 <= max(len(table), 1):
+            table = table.set_column(table.schema.get_field_index(name), name, encoded)
     return table
