@@ -15,12 +15,8 @@ accuracies must be equal.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,9 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cli_args import make_parser, positive_int  # noqa: E402
 from cli_args import run_main  # noqa: E402
-from eval_memory import make_folder, make_model  # noqa: E402
-
-MODES = ("whole", "streamed")
+from eval_memory import add_mode_arguments, compare_modes  # noqa: E402
 
 
 def measure(mode: str, folder: str, model: str, shots: int) -> dict:
@@ -56,45 +50,15 @@ def measure(mode: str, folder: str, model: str, shots: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
-    parser.add_argument("--images", type=positive_int, default=10000,
-                        help="images in the folder")
-    parser.add_argument("--size", type=positive_int, default=224,
-                        help="their side and the model's input, px")
+    add_mode_arguments(parser)
     parser.add_argument("--shots", type=positive_int, default=4, help="per class, to train")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="also write the result as JSON here")
-    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # the subprocess's
-    parser.add_argument("--folder", help=argparse.SUPPRESS)  # the subprocess's
-    parser.add_argument("--model", help=argparse.SUPPRESS)  # the subprocess's
     args = parser.parse_args(argv)
     if args.measure:  # the subprocess of one mode
         print(json.dumps(measure(args.measure, args.folder, args.model, args.shots)))
         return {}
-    with tempfile.TemporaryDirectory(prefix="cliplab-adapt-memory-") as tmp:
-        folder, model = Path(tmp) / "images", Path(tmp) / "model"
-        make_folder(folder, args.images, args.size)
-        make_model(model, args.size)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        runs = {}
-        for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--measure", mode, "--folder",
-                                  str(folder), "--model", str(model), "--shots",
-                                  str(args.shots)], env=env, check=True,
-                                 capture_output=True, text=True).stdout
-            runs[mode] = json.loads(out.strip().splitlines()[-1])
-    same = ("acc1", "zeroshot_acc1", "test_size")
-    if any(runs["whole"][key] != runs["streamed"][key] for key in same):
-        raise SystemExit(f"adapt_memory: the modes disagree: {runs}")
-    result = {"images": args.images, "size": args.size, "shots": args.shots,
-              "method": "linear-probe",
-              "pixels_mib": round(args.images * args.size ** 2 * 3 / 2 ** 20, 1),
-              "memory_ratio": round(runs["streamed"]["peak_mib"] / runs["whole"]["peak_mib"],
-                                    3),
-              "runs": [runs[mode] for mode in MODES]}
-    print(json.dumps(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
+    return compare_modes(__file__, args.images, args.size, ["--shots", str(args.shots)],
+                         ("acc1", "zeroshot_acc1", "test_size"),
+                         {"shots": args.shots, "method": "linear-probe"}, args.out)
 
 
 if __name__ == "__main__":

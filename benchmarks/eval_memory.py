@@ -72,6 +72,17 @@ def measure(mode: str, folder: str, model: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
+    add_mode_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.measure:  # the subprocess of one mode
+        print(json.dumps(measure(args.measure, args.folder, args.model)))
+        return {}
+    return compare_modes(__file__, args.images, args.size, [], ("acc1",), {}, args.out)
+
+
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The folder's ``--images`` and ``--size``, ``--out``, and the hidden arguments of the
+    subprocess measuring one mode (`compare_modes`)."""
     parser.add_argument("--images", type=positive_int, default=10000,
                         help="images in the folder")
     parser.add_argument("--size", type=positive_int, default=224,
@@ -81,31 +92,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # the subprocess's
     parser.add_argument("--folder", help=argparse.SUPPRESS)  # the subprocess's
     parser.add_argument("--model", help=argparse.SUPPRESS)  # the subprocess's
-    args = parser.parse_args(argv)
-    if args.measure:  # the subprocess of one mode
-        print(json.dumps(measure(args.measure, args.folder, args.model)))
-        return {}
-    with tempfile.TemporaryDirectory(prefix="cliplab-eval-memory-") as tmp:
+
+
+def compare_modes(script: str, images: int, size: int, extra: list[str], same: tuple[str, ...],
+                  fields: dict, out: Path | None) -> dict:
+    """Each of `MODES` measured by ``script --measure MODE --folder F --model M *extra`` in its
+    own process (its peak RSS its own), on a folder of ``images`` PNGs and a model made for
+    ``size`` px; the runs must agree on ``same``. The result (``fields`` after the folder's
+    size) printed as one JSON line, and written to ``out`` if given."""
+    with tempfile.TemporaryDirectory(prefix="cliplab-memory-") as tmp:
         folder, model = Path(tmp) / "images", Path(tmp) / "model"
-        make_folder(folder, args.images, args.size)
-        make_model(model, args.size)
+        make_folder(folder, images, size)
+        make_model(model, size)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         runs = {}
         for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--measure", mode, "--folder",
-                                  str(folder), "--model", str(model)], env=env, check=True,
-                                 capture_output=True, text=True).stdout
-            runs[mode] = json.loads(out.strip().splitlines()[-1])
-    if runs["whole"]["acc1"] != runs["streamed"]["acc1"]:
-        raise SystemExit(f"eval_memory: the modes disagree: {runs}")
-    result = {"images": args.images, "size": args.size,
-              "pixels_mib": round(args.images * args.size ** 2 * 3 / 2 ** 20, 1),
+            printed = subprocess.run([sys.executable, script, "--measure", mode, "--folder",
+                                      str(folder), "--model", str(model), *extra], env=env,
+                                     check=True, capture_output=True, text=True).stdout
+            runs[mode] = json.loads(printed.strip().splitlines()[-1])
+    if any(runs["whole"][key] != runs["streamed"][key] for key in same):
+        raise SystemExit(f"{Path(script).stem}: the modes disagree: {runs}")
+    result = {"images": images, "size": size, **fields,
+              "pixels_mib": round(images * size ** 2 * 3 / 2 ** 20, 1),
               "memory_ratio": round(runs["streamed"]["peak_mib"] / runs["whole"]["peak_mib"],
                                     3),
               "runs": [runs[mode] for mode in MODES]}
     print(json.dumps(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 

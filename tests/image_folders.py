@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 
@@ -32,3 +35,17 @@ def counting_decodes(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(image_folder, "decode_image", counted)
     return calls
+
+
+def digits_folder(root: Path, images: torch.Tensor, labels: torch.Tensor,
+                  classes: Sequence[str], bad_at: str | None = None) -> Path:
+    """PNGs of ``images`` (grey, ``[N, H, W, 1]``) in folders of their ``classes``, and, at
+    ``bad_at`` (e.g. ``one/015_bad.png``, sorted among a class's images), a corrupt file;
+    returns ``root``."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / classes[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0].numpy()).save(folder / f"{i:03d}.png")
+    if bad_at is not None:
+        (root / bad_at).write_bytes(np.random.default_rng(0).bytes(200))
+    return root

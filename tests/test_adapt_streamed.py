@@ -3,9 +3,7 @@ a batch at a time, `cliplab.adapt.scored`), with the results, skip lines and res
 of the whole load; the zero-shot comparison and an adapter keeping the image tower decode it
 once; WiSE-FT's sweep holds its sets whole."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import cliplab.evaluate.streamed as streamed
 from cliplab.adapt import get_method
@@ -14,21 +12,10 @@ from cliplab.adapt.scored import ListedSet
 from cliplab.data.digits import load_digits
 from cliplab.data.images import ImageStack
 from cliplab.errors import DataError
-from tests.image_folders import counting_decodes, pets_folder
+from tests.image_folders import counting_decodes, digits_folder, pets_folder
 
 CLASSES = ["zero", "one", "two"]
 TRAIN = {"steps": 2, "batch_size": 6}  # the methods that train: a couple of steps
-
-
-def _write_folder(root, images, labels, bad_at=None):
-    """PNGs of ``images`` in class folders; a corrupt file sorted among a class's images."""
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / CLASSES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[..., 0].numpy()).save(folder / f"{i:03d}.png")
-    if bad_at is not None:
-        (root / bad_at).write_bytes(np.random.default_rng(0).bytes(200))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +27,8 @@ def folders(tmp_path_factory):
     keep = (data.labels < 3).nonzero().flatten()
     parts = {"train": keep[:30], "test": keep[30:60], "shifted": keep[60:80]}
     bad = {"test": "one/015_bad.png"}
-    return {name: _write_folder(root / name, data.images[idx], data.labels[idx], bad.get(name))
+    return {name: digits_folder(root / name, data.images[idx], data.labels[idx], CLASSES,
+                                bad.get(name))
             for name, idx in parts.items()}
 
 

@@ -21,18 +21,9 @@ from cliplab.errors import CliplabError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.evaluate.suite import run_suite, run_task, task_spec
 from cliplab.evaluate.tasks import TASKS, TaskContext
+from tests.image_folders import digits_folder
 
 CLASSES = ["zero", "one", "two"]
-
-
-def _write_folder(root, images, labels, bad_at=None):
-    """PNGs of ``images`` in class folders; a corrupt file sorted between a class's images."""
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / CLASSES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[..., 0].numpy()).save(folder / f"{i:03d}.png")
-    if bad_at is not None:
-        (root / bad_at).write_bytes(np.random.default_rng(0).bytes(200))
 
 
 @pytest.fixture()
@@ -43,8 +34,9 @@ def folders(tmp_path):
     keep = (data.labels < 3).nonzero().flatten()
     test, train = keep[:30], keep[30:60].clone()
     train[:12] = test[:12]
-    _write_folder(tmp_path / "test", data.images[test], data.labels[test], "one/015_bad.png")
-    _write_folder(tmp_path / "train", data.images[train], data.labels[train])
+    digits_folder(tmp_path / "test", data.images[test], data.labels[test], CLASSES,
+                  "one/015_bad.png")
+    digits_folder(tmp_path / "train", data.images[train], data.labels[train], CLASSES)
     return tmp_path / "test", tmp_path / "train"
 
 
