@@ -7,10 +7,11 @@ The folder and the model are `eval_memory.py`'s (``--images`` Fashion-MNIST test
 ``--size`` px PNGs; a tiny-clip built for that input). Each mode runs in its own subprocess:
 ``linear-probe`` with ``--shots`` per class drawn from the same folder (only the drawn files
 are decoded, in both modes), the zero-shot comparison on, fp32 on CPU; it reports its peak RSS
-(``ru_maxrss``), wall time and accuracies; ``memory_ratio`` is streamed over whole. The
-accuracies must be equal.
+(``ru_maxrss``), wall time and accuracies, ``--repeats`` times: the medians and ranges are
+reported, ``memory_ratio`` the medians' (streamed over whole). The accuracies must be equal.
 
-    python benchmarks/adapt_memory.py [--images 10000] [--size 224] [--shots 4] [--out FILE]
+    python benchmarks/adapt_memory.py [--images 10000] [--size 224] [--shots 4] [--repeats 3]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     return compare_modes(__file__, args.images, args.size, ["--shots", str(args.shots)],
                          ("acc1", "zeroshot_acc1", "test_size"),
-                         {"shots": args.shots, "method": "linear-probe"}, args.out)
+                         {"shots": args.shots, "method": "linear-probe"}, args.out,
+                         args.repeats)
 
 
 if __name__ == "__main__":
