@@ -322,18 +322,18 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     stop_guard = (removed_unless_checkpointed(run.path, existed, "adapt") if run is not None
                   else nullcontext())
     with stop_guard:
-        zeroshot = None
+        zeroshot, told = None, set()  # told: the streamed sets whose skips are told
         if cfg.compare_zeroshot and cfg.method != "zeroshot":  # before fit: some methods train
             # (streamed with the adapter's extra features: served again by the cache)
             probe = getattr(method, "scoring_probe", lambda _: None)(options)
             zeroshot = score_sets(model, {"test": sets["test"]}, cache, progress,
                                   probe=probe)["test"]
             # its skips told now, not after training (which may fail or be stopped)
-            skipped = read_skips(cfg, {"test": sets["test"]}, skipped)
+            skipped, told = read_skips(cfg, {"test": sets["test"]}, skipped), {"test"}
         adapter: Adapter = method.fit(model, train, options, ctx)
         scores = adapter.score(sets, cache, progress)
         results["test_size"] = len(sets["test"])
-        skipped = read_skips(cfg, {k: v for k, v in sets.items() if k not in skipped}, skipped)
+        skipped = read_skips(cfg, {k: v for k, v in sets.items() if k not in told}, skipped)
         if run is not None:
             adapter.save(run.path, extra={"model": model_name, **built, "shots": shots,
                                           "seed": cfg.seed, "train_size": results["train_size"]})

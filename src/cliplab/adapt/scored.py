@@ -90,8 +90,8 @@ def score_sets(model: DualEncoder, sets: Mapping[str, ScoredSet], cache: Feature
                 task["data"] = data.spec  # (one known to need it: loaded whole by the task)
             if isinstance(data, ListedSet) and not data.whole:  # an error names its key
                 context.stream_listed(data.spec, data.listed, model, probe)
-                loaded = context.load(data.spec, data.where, model, f"encode {name}")
-                data.whole = all(held.data is not loaded for held in context.streamed.values())
+                context.load(data.spec, data.where, model, f"encode {name}")
+                data.whole = not context.is_streamed(data.spec)
             scores[name] = run_task(model, task, context)
             if isinstance(data, ListedSet):
                 data.read = _without_pixels(context.labelled(data.spec, name))

@@ -314,8 +314,9 @@ class Balance:
         t = self.spec.t
         reasons: list[str | None] = [None] * len(matches)
         told: dict[tuple[int, ...], str] = {}  # by what a text shows: 3 ids and how many
-        for i in np.flatnonzero(~keep):
-            ids = matches[i]
+        starts = matches.starts
+        for i in np.flatnonzero(~keep):  # (sliced here: `Matches[i]` checks its index)
+            ids = matches.ids[starts[i]:starts[i + 1]]
             if not len(ids):
                 reasons[i] = "matches no metadata entry"
                 continue

@@ -225,6 +225,10 @@ class TaskContext:
         self.listed[key] = listed
         self.streamable = {**self.streamable, key: (probe, DEFAULT_PROBE_LAYERS)}
 
+    def is_streamed(self, spec: DataSpec) -> bool:
+        """Whether ``spec``'s set is streamed here (its pixels not held: `stream_set`)."""
+        return isinstance(spec, dict) and self._key(spec) in self.streamed
+
     def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
                 model: DualEncoder | None = None) -> None:
         """Load every dataset ``tasks`` will encode now and check each task against its data
