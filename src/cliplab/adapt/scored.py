@@ -1,9 +1,10 @@
 """The sets `cliplab adapt` scores (``data.test``, ``data.shifted``) without holding their
 pixels: an image folder or a manifest is listed (its classes, labels and what listing skipped
 known at once, and a set without a readable file refused: `check_readable`, so every check
-runs before training) and decoded and encoded a batch at a time when it is scored, by the eval suite's streaming (`TaskContext.stream_listed`,
-`cliplab.evaluate.streamed`). Its features are cached under the listing and the image tower,
-so the zero-shot comparison and an adapter that keeps the model's image tower decode it once.
+runs before training) and decoded and encoded a batch at a time when it is scored, by the eval
+suite's streaming (`TaskContext.stream_listed`, `cliplab.evaluate.streamed`). Its features are
+cached under the listing and the image tower, so the zero-shot comparison and an adapter that
+keeps the model's image tower decode it once.
 """
 
 from __future__ import annotations
