@@ -18,6 +18,10 @@ Every method is a module registered in ``ADAPT_METHODS`` under its CLI name, exp
 - ``scoring_probe(options) -> str | None`` (optional) — the extra image features (``tokens``,
   ``layers``) its adapter scores with, computed with the zero-shot comparison's (so a streamed
   test set is decoded once);
+- ``trains_on_features(options) -> bool`` (optional) — whether ``fit`` reads the training
+  images (and a validation split drawn from them) only through their image features (with
+  ``scoring_probe``'s): with ``shots: 0`` the training set is then streamed, its pixels never
+  held (`cliplab.adapt.featured`); unset: never (it is decoded whole);
 - ``SCORED_WHOLE`` (optional) — set when its adapter's ``score`` scores each set with many
   models (WiSE-FT's α sweep): its test sets are decoded whole once and held, not streamed
   (`cliplab.adapt.scored`) once per model.

@@ -14,6 +14,7 @@ from typing import ClassVar, TypeVar
 import torch
 from safetensors.torch import load_file
 
+from cliplab.adapt.featured import FeaturedImages
 from cliplab.adapt.scored import ScoredSet, score_sets
 from cliplab.config import Section, validate
 from cliplab.data.pairs import check_same_classes
@@ -62,6 +63,10 @@ class AdaptContext:
 
     def features(self, model: DualEncoder, data: LabelledImages, probe: str | None = None,
                  desc: str = "encode images") -> ImageFeatures:
+        """``data``'s image features (with ``probe``'s) from the cache; a streamed training
+        set's (`FeaturedImages`, no pixels held) are the ones it carries."""
+        if isinstance(data, FeaturedImages):
+            return data.features_for(model, probe, desc)
         return self.cache.features(model, data.images, probe=probe, progress=self.progress,
                                    desc=desc)
 

@@ -73,6 +73,12 @@ class ClipAdapter(Adapter):
         return adapter
 
 
+def trains_on_features(options: Options) -> bool:
+    """The MLP trains on the cached embeddings of the un-augmented images only: a training
+    set of all its images is streamed."""
+    return True
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> ClipAdapter:
     given = method_options(Options, options, "clip-adapter")

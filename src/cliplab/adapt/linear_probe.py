@@ -64,6 +64,12 @@ def scoring_probe(options: Options) -> str | None:
     return options.features if options.features in EXTRA_PROBES else None
 
 
+def trains_on_features(options: Options) -> bool:
+    """The probe fits (and chooses l2 on) image features only: a training set of all its
+    images is streamed."""
+    return True
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> LinearProbe:
     opts = method_options(Options, options, "linear-probe").to_dict()

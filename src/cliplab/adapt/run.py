@@ -16,6 +16,7 @@ from cliplab.adapt import ADAPT_METHODS, AdaptContext, Adapter, get_method
 from cliplab.adapt.base import method_options, require_pytorch_model
 from cliplab.adapt.common import subsample
 from cliplab.adapt.config import AdaptConfig
+from cliplab.adapt.featured import streamed_training
 from cliplab.adapt.scored import (ListedSet, ScoredSet, check_readable, score_sets,
                                   scored_data)
 from cliplab.config import Section, validate
@@ -201,12 +202,15 @@ def validation_apart(cfg: AdaptConfig, draws: ShotDraws) -> LabelledImages:
 
 
 def load_sets(cfg: AdaptConfig, progress: bool = True,
-              model_input: PreprocessConfig | None = None, stream: bool = False
+              model_input: PreprocessConfig | None = None, stream: bool = False,
+              list_train: bool = False
               ) -> tuple[LabelledImages | ListedImages, dict[str, ScoredSet]]:
     """The training set and the scored sets (``test``, and ``shifted`` if given), image
     files decoded to ``model_input`` (`load_source`); with ``shots``, the training set's
-    files are only listed (`list_source`): the draw decodes what it takes. With ``stream``,
-    a scored image folder or manifest is listed too (`ListedSet`: streamed when scored)."""
+    files are only listed (`list_source`): the draw decodes what it takes; so are they with
+    ``list_train`` (to be streamed: `streamed_training`), a set without a readable file
+    refused now (`check_readable`). With ``stream``, a scored image folder or manifest is
+    listed too (`ListedSet`: streamed when scored)."""
     def load(key: str) -> LabelledImages:
         spec = getattr(cfg.data, key)
         return as_labelled(load_source(spec, progress, f"data.{key}", model_input), f"data.{key}")
@@ -222,10 +226,12 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
             return listed_set
         return as_labelled(listed, f"data.{key}")  # nothing deferred: read as before
 
-    if cfg.shots:
+    if cfg.shots or list_train:
         train = list_source(cfg.data.train, progress, "data.train", model_input)
         if not isinstance(train, ListedImages):
             train = as_labelled(train, "data.train")
+        elif not cfg.shots:  # before any work, as a whole load did
+            check_readable(ListedSet(cfg.data.train, train, "data.train"), model_input)
     else:
         train = load("train")
     sets = {"test": scored("test")}
@@ -286,11 +292,12 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     check_before_work(cfg, method, model, write, where)
     # the model before the data: its input is what the images are decoded to
     model = model if model is not None else load_model(cfg.model, cfg.device)
+    cache = cache or FeatureCache(cfg.cache_dir)
     with errors_naming(where):  # a data error names its key (data.train), this its file
         train, val, sets, skipped = draw_sets(cfg, method, options, progress,
-                                              getattr(model, "preprocess_config", None))
+                                              getattr(model, "preprocess_config", None),
+                                              model, cache)
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
-    cache = cache or FeatureCache(cfg.cache_dir)
     run, existed = None, True
     if write:
         out = cfg.out or default_run_dir(f"adapt-{cfg.method}")
@@ -375,20 +382,41 @@ def check_before_work(cfg: AdaptConfig, method: Any, model: DualEncoder | None, 
     check_cache_dir(cfg.cache_dir, inputs)
 
 
+def streams_training(cfg: AdaptConfig, method: Any, options: Section) -> bool:
+    """Whether ``data.train`` is streamed (`streamed_training`): the method reads it only
+    through its image features (``trains_on_features``) and all of it trains (``shots`` 0, no
+    validation split drawn from it, no ``train_size``). A split or subset of it is encoded in
+    batches of its own by the whole load: the whole set's batches could give features other
+    in their last bits (and so other weights), so it is loaded whole."""
+    if cfg.shots or cfg.train_size is not None or (cfg.data.val is None and cfg.val_shots):
+        return False
+    return bool(getattr(method, "trains_on_features", lambda _: False)(options))
+
+
 def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
-              model_input: PreprocessConfig | None
+              model_input: PreprocessConfig | None, model: DualEncoder | None = None,
+              cache: FeatureCache | None = None
               ) -> tuple[LabelledImages, LabelledImages | None, dict[str, ScoredSet],
                          dict[str, dict]]:
     """The training set (``shots`` per class, then ``train_size``), the validation split
     (``data.val`` or ``val_shots`` drawn apart from training), the scored sets (an image folder
     or manifest listed, `ListedSet`, unless the method is ``SCORED_WHOLE``) and what loading
     them skipped (a listed one's is known when it is scored: `read_skips`); each class short of
-    images, and a validation split the method will not use, said on stderr."""
+    images, and a validation split the method will not use, said on stderr. Given ``model``, a
+    training folder or manifest is streamed with it where `streams_training` says so (its
+    features cached in ``cache``)."""
+    stream_train = model is not None and streams_training(cfg, method, options)
     # a method scoring its sets with many models (WiSE-FT's sweep) holds them: decoded once
     train_all, sets = load_sets(cfg, progress, model_input,
-                                stream=not getattr(method, "SCORED_WHOLE", None))
+                                stream=not getattr(method, "SCORED_WHOLE", None),
+                                list_train=stream_train)
     own_val = (load_validation(cfg, train_all, progress, model_input)
                if cfg.data.val is not None else None)
+    if stream_train and isinstance(train_all, ListedImages):  # after the checks: the work
+        probe = getattr(method, "scoring_probe", lambda _: None)(options)
+        train_all = streamed_training(model, cfg.data.train, train_all,
+                                      cache if cache is not None else FeatureCache(), probe,
+                                      progress)
     train_draws = ShotDraws(train_all, progress)
     val_draws = ShotDraws(own_val, progress) if own_val is not None else None
     train, val = few_shot_split(train_draws, cfg.shots,

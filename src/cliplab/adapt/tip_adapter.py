@@ -209,6 +209,12 @@ def uses_validation(options: Options) -> bool:
     return options.search
 
 
+def trains_on_features(options: Options) -> bool:
+    """Without augmented views the cache keys (and Tip-Adapter-F's training) read the plain
+    embeddings only: a training set of all its images is then streamed."""
+    return not options.augment_views
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> TipAdapter:
     given = method_options(Options, options, "tip-adapter")

@@ -20,6 +20,7 @@ from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import Options as TipOptions
 from cliplab.adapt.tip_adapter import (TipAdapter, augmented_embeddings, build_cache,
                                       maybe_search, resolve_scale, tip_logits)
+from cliplab.adapt.tip_adapter import trains_on_features  # noqa: F401 (its keys', as ours)
 from cliplab.adapt.tip_adapter import uses_validation  # noqa: F401 (its search, as ours)
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import text_head

@@ -229,6 +229,10 @@ class TaskContext:
         """Whether ``spec``'s set is streamed here (its pixels not held: `stream_set`)."""
         return isinstance(spec, dict) and self._key(spec) in self.streamed
 
+    def streamed_set(self, spec: DataSpec) -> StreamedSet | None:
+        """``spec``'s streamed set (its samples and features: `stream_set`), else None."""
+        return self.streamed.get(self._key(spec)) if isinstance(spec, dict) else None
+
     def preload(self, tasks: Sequence[TaskSpecBase], where: str | None = None,
                 model: DualEncoder | None = None) -> None:
         """Load every dataset ``tasks`` will encode now and check each task against its data
