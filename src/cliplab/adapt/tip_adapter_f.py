@@ -16,16 +16,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+import cliplab.adapt.tip_adapter as tip_adapter
 from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import Options as TipOptions
 from cliplab.adapt.tip_adapter import (TipAdapter, augmented_embeddings, build_cache,
                                       maybe_search, resolve_scale, tip_logits)
-from cliplab.adapt.tip_adapter import trains_on_features  # noqa: F401 (its keys', as ours)
-from cliplab.adapt.tip_adapter import uses_validation  # noqa: F401 (its search, as ours)
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
 from cliplab.models.dual_encoder import DualEncoder
+
+
+# Tip-Adapter's hooks, as ours: its search, and its keys read from features without views
+uses_validation = tip_adapter.uses_validation
+trains_on_features = tip_adapter.trains_on_features
 
 
 class Options(TipOptions):
