@@ -195,17 +195,6 @@ def test_the_local_engine_loads_a_few_chunks_per_worker_not_every_chunk(tmp_path
     assert sorted(p.name for p in marks.iterdir()) == sorted(f"mapped-k{c}" for c in range(12))
 
 
-def test_ray_gets_the_chunks_a_group_at_a_time():
-    from cliplab.curate.ray_engine import chunk_groups
-
-    sizes = {c: 100 for c in range(10)}
-    assert chunk_groups(list(range(10)), sizes, workers=2, items=250) == [
-        [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert chunk_groups(list(range(10)), sizes, workers=4, items=250) == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # a chunk for every actor
-    assert chunk_groups([], {}, workers=2) == []  # nothing to map: no dataset
-
-
 def test_a_pool_cache_file_changed_or_removed_under_the_run_is_a_clear_error(tmp_path):
     """The run reads a chunk's records again from its cache file when it maps or writes it; a
     file that lost a record wrote other items to kept.parquet without a word (keys shifted),

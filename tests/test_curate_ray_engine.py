@@ -1,13 +1,20 @@
 """The Ray engine's driver side (`cliplab.curate.ray_engine`) against a stand-in `ray` module
-that runs Ray Data's calls in process: how Ray is started, which chunks are mapped on a resumed
-run, what is saved, and the errors. `test_curate_pipeline.py` runs the engine on a real local
-Ray instance against the local engine (slow)."""
+that runs its actors in process: how Ray is started, which chunks are mapped on a resumed run,
+what is saved, and the errors; then (slow) on a real local Ray instance: each actor given the
+prepared step once for the whole step, the chunks in flight bounded, a killed run resumed,
+outputs byte for byte the local engine's. `test_curate_pipeline.py` runs a curation on Ray
+against the local engine (slow)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
+import tempfile
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +25,15 @@ from cliplab.errors import CliplabError, ConfigError
 
 
 class FakeRay(types.ModuleType):
-    """`ray` as far as the engine uses it: ``init`` / ``is_initialized`` recorded, Ray Data's
-    ``from_items(...).map_batches(...)`` run in this process, one batch per call."""
+    """`ray` as far as the engine uses it: ``init`` / ``is_initialized`` recorded; actors
+    (``remote(cls).options(...).remote(...)``) made in this process, each call run when it is
+    made, its result an object ref (``get``, ``put``, ``kill`` as Ray's). ``wait`` gives the
+    refs in the order they were made, or the last first (``last_first``: results coming back
+    out of order)."""
 
-    def __init__(self, initialized: bool = False):
+    def __init__(self, initialized: bool = False, last_first: bool = False):
         super().__init__("ray")
-        self.initialized, self.inits, self.calls = initialized, [], []
-        context = types.SimpleNamespace(enable_progress_bars=True)
-        self.data = types.SimpleNamespace(
-            DataContext=types.SimpleNamespace(get_current=lambda: context),
-            from_items=self._from_items,
-            ActorPoolStrategy=lambda size: ("actors", size))
+        self.initialized, self.last_first, self.inits, self.calls = initialized, last_first, [], []
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -40,25 +45,49 @@ class FakeRay(types.ModuleType):
         self.shutdowns = getattr(self, "shutdowns", 0) + 1
         self.initialized = False
 
-    def _from_items(self, items, override_num_blocks):
-        self.calls.append(("from_items", [i["chunk"] for i in items], override_num_blocks))
-        if not items:
-            raise ValueError("parallelism must be -1 or > 0")  # as Ray Data does
+    def put(self, value) -> "FakeRef":
+        return FakeRef(value)
+
+    def get(self, ref: "FakeRef"):
+        return ref.value
+
+    def wait(self, refs: list, num_returns: int):
+        refs = refs[::-1] if self.last_first else refs
+        return refs[:num_returns], refs[num_returns:]
+
+    def kill(self, actor) -> None:
+        self.calls.append(("kill", actor.number))
+
+    def remote(self, cls):
         fake = self
 
-        class Dataset:
-            def map_batches(self, cls, fn_constructor_args, batch_size, compute):
-                fake.calls.append(("map_batches", batch_size, compute))
-                mapper = cls(*fn_constructor_args)
+        class ActorClass:
+            def options(self, **options):
+                fake.calls.append(("options", options))
+                return self
 
-                class Mapped:
-                    def iter_rows(self):
-                        for item in items:
-                            out = mapper({"chunk": np.array([item["chunk"]]),
-                                          "records": np.array([item["records"]], dtype=object)})
-                            yield {name: column[0] for name, column in out.items()}
-                return Mapped()
-        return Dataset()
+            def remote(self, *args):
+                values = [a.value if isinstance(a, FakeRef) else a for a in args]
+                number = sum(call[0] == "actor" for call in fake.calls)
+                fake.calls.append(("actor", number))
+                return FakeActor(cls(*values), number)
+        return ActorClass()
+
+
+class FakeRef:
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeActor:
+    """An actor's handle: ``handle.method.remote(...)`` runs the method at once."""
+
+    def __init__(self, instance, number: int):
+        self.instance, self.number = instance, number
+
+    def __getattr__(self, name: str):
+        method = getattr(self.instance, name)
+        return types.SimpleNamespace(remote=lambda *args: FakeRef(method(*args)))
 
 
 @pytest.fixture
@@ -109,7 +138,6 @@ def test_start_ray_reaches_the_address_or_starts_a_local_instance_of_workers_cpu
     start_ray(None, 3)
     assert [{k: v for k, v in o.items() if k in ("address", "num_cpus")} for o in ray.inits] == [
         {"address": head}, {"num_cpus": 3}]
-    assert ray.data.DataContext.get_current().enable_progress_bars is False
     started = FakeRay(initialized=True)  # a user's own ray.init() is kept
     monkeypatch.setitem(sys.modules, "ray", started)
     start_ray(head, 4)
@@ -176,15 +204,15 @@ def test_an_address_nothing_answers_at_is_refused_at_once(monkeypatch, listening
 
 def test_start_ray_without_ray_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(ConfigError, match=r"^engine: ray needs Ray Data: pip install "
+    with pytest.raises(ConfigError, match=r"^engine: ray needs Ray: pip install "
                                           r"'cliplab\[ray\]'$"):
         start_ray(None, 1)
 
 
 def test_a_resumed_run_maps_only_the_chunks_without_columns_and_saves_each(tmp_path, fake_ray):
-    """Chunk 0's columns exist (a killed run saved them): only chunks 1 and 2 are sent to Ray, in
-    one block each on min(workers, 2) actors, one chunk per batch; chunk 0's file is left as it
-    was; each saved column is the step's value per item (the image's flat value)."""
+    """Chunk 0's columns exist (a killed run saved them): only chunks 1 and 2 are sent to Ray, on
+    min(workers, 2) actors of a CPU each, one chunk per call; chunk 0's file is left as it was;
+    each saved column is the step's value per item (the image's flat value)."""
     chunks = pool(tmp_path, [2, 3, 1])
     out = tmp_path / "cols"
     out.mkdir()
@@ -192,14 +220,15 @@ def test_a_resumed_run_maps_only_the_chunks_without_columns_and_saves_each(tmp_p
     step = MeanStep()
     map_chunks_ray(step, chunks, lambda c: out / f"{c}.npz", tmp_path, workers=4,
                    progress=False)
-    assert fake_ray.calls == [("from_items", [1, 2], 2), ("map_batches", 1, ("actors", 2))]
+    assert fake_ray.calls == [
+        ("options", {"num_cpus": 1, "max_restarts": -1, "max_task_retries": -1}),
+        ("actor", 0), ("actor", 1), ("kill", 0), ("kill", 1)]
     assert step.mapped == [["1-0", "1-1", "1-2"], ["2-0"]]
     assert (out / "0.npz").read_bytes() == b"saved before the kill"
     for c, expected in ((1, [10, 11, 12]), (2, [20])):
         with np.load(out / f"{c}.npz") as saved:
             assert saved["mean"].tolist() == expected
-    # run again: everything is saved, so Ray is not asked for anything (an empty dataset is
-    # an error in Ray Data)
+    # run again: everything is saved, so Ray is not asked for anything (no actor is started)
     fake_ray.calls.clear()
     map_chunks_ray(step, chunks, lambda c: out / f"{c}.npz", tmp_path, workers=4,
                    progress=False)
@@ -210,7 +239,7 @@ def test_one_worker_maps_on_one_actor_and_no_progress_draws_no_bar(tmp_path, fak
     chunks = pool(tmp_path, [1, 1, 1])
     map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path, workers=1,
                    desc="mean", progress=False)
-    assert fake_ray.calls[1] == ("map_batches", 1, ("actors", 1))
+    assert [c for c in fake_ray.calls if c[0] == "actor"] == [("actor", 0)]
     assert capsys.readouterr().err == ""
 
 
@@ -304,3 +333,185 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_the_pool_is_read(
         "(Connection refused); start the cluster there (ray start --head), or unset "
         "RAY_ADDRESS for a local instance")
     assert not partial_path(tmp_path / "out").exists()
+
+
+def test_the_chunks_in_flight_are_bounded_and_saved_in_whatever_order_they_come_back(
+        tmp_path, monkeypatch):
+    """The driver sends a chunk's records only while the items in flight stay within
+    ``RAY_ITEMS_IN_FLIGHT`` (each actor is given one chunk however large), at most two per
+    actor; results coming back out of order are saved by chunk number: the files are byte
+    for byte the local engine's."""
+    import cliplab.curate.ray_engine as ray_engine
+    from cliplab.curate.engine import LazyChunks, map_chunks
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(last_first=True))
+    monkeypatch.setattr(ray_engine, "RAY_ITEMS_IN_FLIGHT", 3)
+    save = ray_engine.save_columns
+    records = pool(tmp_path, [1] * 10)
+    (tmp_path / "local").mkdir()
+    map_chunks(MeanStep(), records, lambda c: tmp_path / "local" / f"{c}.npz", tmp_path)
+    for size, most in ((1, 3), (5, 2)):  # 3 one-item chunks; one 5-item chunk per actor
+        chunks = {c: rows * size for c, rows in records.items()}
+        saved, in_flight = [], []
+
+        def load(c):
+            in_flight.append(c)
+            assert len(in_flight) <= most, in_flight
+            return chunks[c]
+
+        def saving(path, *a):
+            saved.append(int(path.stem))
+            in_flight.remove(int(path.stem))
+            save(path, *a)
+        monkeypatch.setattr(ray_engine, "save_columns", saving)
+        folder = tmp_path / f"ray{size}"
+        folder.mkdir()
+        map_chunks_ray(MeanStep(), LazyChunks({c: size for c in chunks}, load),
+                       lambda c: folder / f"{c}.npz", tmp_path, workers=2, progress=False)
+        assert sorted(saved) == list(range(10)) and saved != sorted(saved)  # out of order
+    assert all((tmp_path / "ray1" / f"{c}.npz").read_bytes() ==
+               (tmp_path / "local" / f"{c}.npz").read_bytes() for c in range(10))
+
+
+class RecordingStep:
+    """A step without images that records (in ``marks``) each time it reaches an actor (it is
+    unpickled there: the prepared step arriving; dfn then loads its network, basic its
+    language identifier) and each chunk it maps; chunk 0 is slow, so others come back first.
+    Its columns: each caption's length and each key."""
+
+    needs_images = False
+
+    def __init__(self, marks: Path):
+        self.marks = str(marks)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        with open(Path(self.marks) / "received", "a", encoding="utf-8") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def map(self, batch):
+        chunk = batch.keys[0].split("-")[0]
+        if chunk == "0":
+            time.sleep(1)
+        with open(Path(self.marks) / "mapped", "a", encoding="utf-8") as f:
+            f.write(f"{chunk}\n")
+        return {"length": np.array([len(c) for c in batch.captions]),
+                "key": np.array(batch.keys)}
+
+
+def marked(marks: Path, name: str) -> list[str]:
+    path = marks / name
+    return path.read_text(encoding="utf-8").split() if path.exists() else []
+
+
+def plain_pool(sizes: list[int]) -> dict[int, list[dict]]:
+    """Chunks of records without images: chunk c holds ``sizes[c]`` items."""
+    return {c: [{"key": f"{c}-{i}", "caption": "x" * (i % 7), "location": {}, "meta": {}}
+                for i in range(n)] for c, n in enumerate(sizes)}
+
+
+@pytest.fixture(scope="module")
+def real_ray():
+    """A local Ray instance of 2 CPUs for the module's slow tests, its session files in a
+    folder of its own (short: Ray's socket paths must fit in 107 bytes), removed after."""
+    ray = pytest.importorskip("ray")
+    sessions = tempfile.mkdtemp(prefix="ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=sessions)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(sessions, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_each_actor_gets_the_prepared_step_once_for_the_whole_step(tmp_path, real_ray,
+                                                                   monkeypatch):
+    """Ray was given a step's chunks ~200k items at a time, each time on a new pool of actors:
+    each actor received the prepared step (a model step's model) again for every 200k items
+    (a 10M pool: 50 times). Now one set of actors maps the whole step, each receiving it once;
+    the records in flight stay bounded (two chunks per actor here, 120k items); chunks come
+    back out of order and are saved by number, byte for byte the local engine's files."""
+    import cliplab.curate.ray_engine as ray_engine
+    from cliplab.curate.engine import LazyChunks, map_chunks
+
+    records = plain_pool([30_000] * 8)  # 240k items: more than one old group
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for folder in ("local", "ray"):
+        (tmp_path / folder).mkdir()
+    map_chunks(RecordingStep(marks), records, lambda c: tmp_path / "local" / f"{c}.npz",
+               tmp_path)
+    loaded, saved = [], []
+
+    def load(c):
+        loaded.append(c)
+        assert len(loaded) - len(saved) <= 4, (loaded, saved)  # 2 actors x 2 chunks
+        return records[c]
+    save = ray_engine.save_columns
+    monkeypatch.setattr(ray_engine, "save_columns", lambda path, *a: (
+        saved.append(int(path.stem)), save(path, *a)))
+    map_chunks_ray(RecordingStep(marks), LazyChunks({c: 30_000 for c in records}, load),
+                   lambda c: tmp_path / "ray" / f"{c}.npz", tmp_path, workers=2,
+                   progress=False)
+    received = marked(marks, "received")
+    assert len(received) == 2 and len(set(received)) == 2  # once per actor, two actors
+    assert sorted(saved) == list(range(8)) and saved[0] != 0  # chunk 0, slow, came back later
+    for c in range(8):
+        assert ((tmp_path / "ray" / f"{c}.npz").read_bytes() ==
+                (tmp_path / "local" / f"{c}.npz").read_bytes())
+
+
+@pytest.mark.slow
+def test_a_ray_run_stopped_midway_resumes_with_the_chunks_it_had_not_saved(tmp_path, real_ray,
+                                                                          monkeypatch):
+    """Stopped (Ctrl-C, a kill) after saving two chunks: the actors are stopped and the run
+    again maps only the chunks without columns; its files are the local engine's."""
+    import cliplab.curate.ray_engine as ray_engine
+    from cliplab.curate.engine import map_chunks
+
+    records = plain_pool([10] * 6)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for folder in ("local", "ray"):
+        (tmp_path / folder).mkdir()
+    map_chunks(RecordingStep(marks), records, lambda c: tmp_path / "local" / f"{c}.npz",
+               tmp_path)
+    save = ray_engine.save_columns
+
+    def stopped_at_the_third(path, *a):
+        if len(list((tmp_path / "ray").glob("*.npz"))) == 2:
+            raise KeyboardInterrupt
+        save(path, *a)
+    monkeypatch.setattr(ray_engine, "save_columns", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        map_chunks_ray(RecordingStep(marks), records, lambda c: tmp_path / "ray" / f"{c}.npz",
+                       tmp_path, workers=2, progress=False)
+    done = sorted(int(p.stem) for p in (tmp_path / "ray").glob("*.npz"))
+    assert len(done) == 2
+    (marks / "mapped").unlink()
+    monkeypatch.setattr(ray_engine, "save_columns", save)
+    map_chunks_ray(RecordingStep(marks), records, lambda c: tmp_path / "ray" / f"{c}.npz",
+                   tmp_path, workers=2, progress=False)
+    assert sorted(map(int, marked(marks, "mapped"))) == [c for c in range(6) if c not in done]
+    for c in range(6):
+        assert ((tmp_path / "ray" / f"{c}.npz").read_bytes() ==
+                (tmp_path / "local" / f"{c}.npz").read_bytes())
+
+
+@pytest.mark.slow
+def test_an_image_gone_is_raised_on_the_driver_as_itself_from_a_real_actor(tmp_path, real_ray):
+    """As with the stand-in: the actor hands the `SourceChanged` back and the driver raises it,
+    one line, not Ray's page of traceback."""
+    from cliplab.curate.pool import SourceChanged
+
+    chunks = pool(tmp_path, [2, 2])
+    (tmp_path / "1-1.png").unlink()
+    (tmp_path / "cols").mkdir()
+    with pytest.raises(SourceChanged) as gone:
+        map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / "cols" / f"{c}.npz", tmp_path,
+                       workers=2, desc="mean", progress=False)
+    assert str(gone.value).startswith(f"item 1-1: its image at {tmp_path / '1-1.png'} can no "
+                                      "longer be read (No such file or directory): the "
+                                      "source changed")
+    assert not (tmp_path / "cols" / "1.npz").exists()

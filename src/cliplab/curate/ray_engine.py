@@ -1,16 +1,13 @@
-"""The Ray engine: a step's ``map`` as Ray Data ``map_batches`` over the pool's chunks (one
-chunk per batch, the prepared step held by a pool of actors), its ``decide`` on the driver (it
-sees only the columns). Each chunk's columns are saved on the driver as they stream back, so
-a killed run resumes exactly as with the local engine. ``ray.init(address=...)`` reaches an
-existing cluster (``ray_address``, else ``RAY_ADDRESS`` as Ray itself reads it); without an
-address a local Ray instance is started."""
+"""The Ray engine: a step's ``map`` on a set of Ray actors that each hold the prepared step
+for the whole step (given to each once), fed the pool's chunks a few at a time; its ``decide``
+on the driver (it sees only the columns). Each chunk's columns are saved on the driver as they
+come back, so a killed run resumes exactly as with the local engine. ``ray.init(address=...)``
+reaches an existing cluster (``ray_address``, else ``RAY_ADDRESS`` as Ray itself reads it);
+without an address a local Ray instance is started."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import pickle
 import re
 import signal
 import socket
@@ -34,7 +31,7 @@ def start_ray(address: str | None, workers: int) -> None:
     try:
         import ray
     except ImportError:
-        raise ConfigError("engine: ray needs Ray Data: pip install 'cliplab[ray]'") from None
+        raise ConfigError("engine: ray needs Ray: pip install 'cliplab[ray]'") from None
     if not ray.is_initialized():
         address, named = cluster_address(address)
         if address:
@@ -48,7 +45,6 @@ def start_ray(address: str | None, workers: int) -> None:
                  configure_logging=False)
         if ours is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, ours)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 @contextmanager
@@ -115,75 +111,74 @@ def check_reachable(address: str, named: str = "ray_address", timeout_s: float =
 
 
 class _ChunkMapper:
-    """A Ray Data actor: the prepared step, mapping one chunk (JSON records) per call. A
-    `CliplabError` (an image gone since the pool was read) comes back as the row's ``error``
-    (pickled), raised as itself on the driver: raised here, Ray wrapped it in a page of
-    traceback whose cause it does not keep."""
+    """A Ray actor: the prepared step, received once and kept for the whole step, mapping one
+    chunk per call. A `CliplabError` (an image gone since the pool was read) is returned,
+    raised as itself on the driver: raised here, Ray wrapped it in a page of traceback whose
+    cause it does not keep."""
 
     def __init__(self, step: Step, work: str):
         self.step, self.work = step, Path(work)
 
-    def __call__(self, batch: dict) -> dict:
-        chunks, blobs, errors = [], [], []
-        for chunk, records in zip(batch["chunk"], batch["records"]):
-            try:
-                columns = map_chunk(self.step, json.loads(records), self.work)
-            except CliplabError as err:
-                columns, error = {}, pickle.dumps(err)
-            else:
-                error = b""
-            buffer = io.BytesIO()
-            np.savez(buffer, **{name: np.asarray(col) for name, col in columns.items()})
-            chunks.append(int(chunk))
-            blobs.append(buffer.getvalue())
-            errors.append(error)
-        return {"chunk": np.array(chunks), "columns": np.array(blobs, dtype=object),
-                "error": np.array(errors, dtype=object)}
+    def map(self, records: list[Record]) -> tuple[dict[str, np.ndarray], CliplabError | None]:
+        """The chunk's columns and no error, or no columns and the error."""
+        try:
+            return map_chunk(self.step, records, self.work), None
+        except CliplabError as err:
+            return {}, err
 
 
-# items whose records one Ray dataset carries: the chunks to map are sent a group at a time,
-# not the whole pool at once (its records as JSON in the driver and the object store)
-RAY_GROUP_ITEMS = 200_000
-
-
-def chunk_groups(todo: list[int], sizes: dict[int, int], workers: int,
-                 items: int = RAY_GROUP_ITEMS) -> list[list[int]]:
-    """``todo`` in groups of consecutive chunks of about ``items`` items (at least
-    ``workers`` chunks each, so every actor has one)."""
-    groups: list[list[int]] = [[]]
-    held = 0
-    for c in todo:
-        if groups[-1] and held >= items and len(groups[-1]) >= workers:
-            groups.append([])
-            held = 0
-        groups[-1].append(c)
-        held += sizes[c]
-    return [g for g in groups if g]
+# items whose records may be on their way to the actors at once (each actor is given a chunk
+# however large its chunks): the driver does not send the whole pool's records at once
+RAY_ITEMS_IN_FLIGHT = 200_000
+# chunks queued on one actor: the next one is there when it finishes (not a round trip away)
+PER_ACTOR = 2
 
 
 def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable[[int], Path],
                    work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
-    """`cliplab.curate.engine.map_chunks` on Ray Data (Ray must be started: `start_ray`); the
-    chunks go to Ray a group (`chunk_groups`) at a time."""
+    """`cliplab.curate.engine.map_chunks` on Ray (Ray must be started: `start_ray`): one set
+    of ``workers`` actors for the step, each given the prepared step once, fed the chunks a
+    few at a time (`RAY_ITEMS_IN_FLIGHT`); each chunk's columns saved as they come back."""
     import ray
 
     todo, sizes = chunks_to_do(chunks, out), chunk_sizes(chunks)
     bar = chunk_progress(sizes, todo, desc, progress)
+    actors: list = []
     try:
-        # none to do: Ray Data refuses an empty dataset (no group is made)
-        for group in chunk_groups(todo, sizes, max(1, workers)):
-            dataset = ray.data.from_items([{"chunk": c, "records": json.dumps(chunks[c])}
-                                           for c in group], override_num_blocks=len(group))
-            mapped = dataset.map_batches(_ChunkMapper, fn_constructor_args=(step, str(work)),
-                                         batch_size=1, compute=ray.data.ActorPoolStrategy(
-                                             size=max(1, min(workers, len(group)))))
-            for row in mapped.iter_rows():
-                if row["error"]:
-                    raise pickle.loads(row["error"])
-                c = int(row["chunk"])
-                with np.load(io.BytesIO(row["columns"]), allow_pickle=False) as data:
-                    columns = {name: data[name] for name in data.files}
-                save_columns(out(c), columns, sizes[c], f"{desc} chunk {c}")
-                bar.update(sizes[c])
+        if not todo:
+            return
+        # restarted and its chunks retried when an actor dies (a lost node), as Ray Data did
+        mapper = ray.remote(_ChunkMapper).options(num_cpus=1, max_restarts=-1,
+                                                  max_task_retries=-1)
+        shared = ray.put(step)  # in the object store once, not once per actor
+        actors = [mapper.remote(shared, str(work)) for _ in range(min(max(1, workers),
+                                                                      len(todo)))]
+        queued = [0] * len(actors)
+        running: dict = {}  # each chunk's result (an object ref): its number and actor
+        held, sent = 0, 0  # the items in flight, the chunks of todo sent
+
+        def send() -> None:
+            nonlocal held, sent
+            while sent < len(todo) and len(running) < PER_ACTOR * len(actors) and (
+                    len(running) < len(actors) or held + sizes[todo[sent]] <= RAY_ITEMS_IN_FLIGHT):
+                c, a = todo[sent], queued.index(min(queued))
+                running[actors[a].map.remote(chunks[c])] = c, a
+                queued[a] += 1
+                held += sizes[c]
+                sent += 1
+        send()
+        while running:
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            c, a = running.pop(done)
+            queued[a] -= 1
+            held -= sizes[c]
+            columns, error = ray.get(done)
+            if error is not None:
+                raise error
+            save_columns(out(c), columns, sizes[c], f"{desc} chunk {c}")
+            bar.update(sizes[c])
+            send()
     finally:
+        for actor in actors:  # chunks still queued are not mapped to be thrown away
+            ray.kill(actor)
         bar.close()
