@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (or a half-finished run of another config)")
     p.add_argument("--engine", choices=["local", "ray"], help="local (default: this process, or "
-                   "--workers processes) or ray (Ray Data; ray_address=HOST:PORT for a cluster)")
+                   "--workers processes) or ray (Ray actors; ray_address=HOST:PORT for a cluster)")
     p.add_argument("--workers", type=int, metavar="N", help="processes (local) or actors (ray) "
                    "mapping chunks in parallel (default: the config's workers, 1)")
     add_device(p)

@@ -45,7 +45,7 @@ class CurateConfig(Section):
     """What to curate (``data``: a built-in source name, a manifest file, a shard folder, an
     image folder or a ``{source: ...}`` mapping), the ``steps`` in order, the ``output``,
     pool items per cached chunk (``chunk_size``), ``seed``, the ``engine`` (``local``: in this
-    process, or ``workers`` processes; ``ray``: Ray Data with ``workers`` actors, on the
+    process, or ``workers`` processes; ``ray``: ``workers`` Ray actors per step, on the
     cluster at ``ray_address`` (else ``RAY_ADDRESS``'s) or a local instance), ``examples``
     (dropped pairs shown per step in the report) and ``device``, where the steps' models run
     (the local engine's; Ray's actors map on their CPUs)."""
