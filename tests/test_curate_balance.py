@@ -176,6 +176,47 @@ def test_default_entries_are_the_pools_frequent_ngrams(tmp_path):
     assert decision.report["histogram_before"]["blue square"] == 2
 
 
+def counted_ngrams(captions, min_count):
+    """`pool_ngrams` written out plainly: a Counter of every caption's n-grams, each once."""
+    from collections import Counter
+
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    def content(word):
+        return word not in ENGLISH_STOP_WORDS and word not in list(',.;:?!`"')
+
+    counts = Counter()
+    for caption in captions:
+        words = normalise(caption).split()
+        counts.update({w for w in words if content(w)}
+                      | {f"{a} {b}" for a, b in zip(words, words[1:])
+                         if content(a) and content(b)})
+    return sorted((g for g, c in counts.items() if c >= min_count), key=lambda g: (-counts[g], g))
+
+
+@pytest.mark.parametrize("hashed", ["python", "coarse"])
+def test_default_entries_are_those_of_a_plain_count_of_every_ngram(monkeypatch, hashed):
+    """`pool_ngrams` counts by text only the n-grams whose hash enough captions hold: the same
+    entries in the same order as counting every n-gram, however its hashes are counted (a
+    block of 5 at a time) and when n-grams share a hash (a coarse one: 7 values)."""
+    from cliplab.curate.steps import balance
+
+    monkeypatch.setattr(balance, "NGRAM_HASHES", 5)
+    if hashed == "coarse":
+        monkeypatch.setattr(balance, "_hash", lambda gram: hash(gram) % 7 - 3)
+    rng = random.Random(3)
+    words = ["cat", "Dog", "red", "fox", "a", "the", "of", "owl", "sky", "tree", "x", "y", "z",
+             "big", "house", "cat.", ",", "!", '"', "`", "w1", "w2", "w3", "w4", "w5", "w6"]
+    captions = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(400)]
+    captions += ["red fox red fox", "the red fox", "red, fox", "Red Fox!", "", "  ", "a of the",
+                 "owl owl owl", 'a "red" fox', "cat:dog", "CAT dog", "x y", "y x", "x y x y"]
+    for min_count in (1, 2, 3, 4, 7, 20, 100, 10_000):
+        expected = counted_ngrams(captions, min_count)
+        assert pool_ngrams(captions, min_count) == expected, min_count
+        assert pool_ngrams(captions[::-1], min_count) == expected, min_count
+    assert pool_ngrams([], 2) == [] and pool_ngrams(["the of a", ". ,"], 1) == []
+
+
 def test_entries_file(tmp_path):
     path = tmp_path / "entries.txt"
     path.write_text("cat\n\n  red fox \ndog\n")

@@ -168,6 +168,36 @@ def test_a_balance_run_holds_its_matches_flat(tmp_path, monkeypatch):
     assert peak / n < BALANCE_PEAK_BYTES_PER_ITEM, f"{peak / n:.0f} bytes per item"
 
 
+# bytes per caption `pool_ngrams` may peak at on a long-tailed pool (4 distinct n-grams a
+# caption, 83% in one caption only): 20k captions measured ~385 B with a Counter of every
+# n-gram, ~150 counting by text only those whose hash enough captions hold
+NGRAM_PEAK_BYTES_PER_CAPTION = 250
+
+
+def test_the_default_entries_count_by_text_only_ngrams_enough_captions_may_hold(monkeypatch):
+    import random
+
+    from cliplab.curate.steps import balance
+
+    rng = random.Random(0)  # each word a Pareto-distributed rank: a few frequent, a long tail
+    captions = [" ".join(f"w{int(rng.paretovariate(0.3))}" for _ in range(rng.randint(6, 12)))
+                for _ in range(20_000)]
+    balance.pool_ngrams(captions[:50], 2)  # imports
+    # the hashes gathered before they are counted are a fixed cost (at 20k captions a block
+    # would hold them all): a small block leaves what is held per n-gram
+    monkeypatch.setattr(balance, "NGRAM_HASHES", 4096)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        entries = balance.pool_ngrams(captions, 2)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert 10_000 < len(entries) < 20_000  # most n-grams are in one caption: not entries
+    assert peak / len(captions) < NGRAM_PEAK_BYTES_PER_CAPTION, \
+        f"{peak / len(captions):.0f} bytes per caption"
+
+
 def test_the_local_engine_loads_a_few_chunks_per_worker_not_every_chunk(tmp_path, monkeypatch):
     """Every chunk's records were submitted to the process pool at once (each held, pickled,
     until a worker took it): now two per worker are under way and the next loaded as one
