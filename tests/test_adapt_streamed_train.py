@@ -101,6 +101,8 @@ def _run(model_dir, cfg, out, capsys, recwarn):
      {"data.val": "val", "val_shots": 2}, 6),
     ("tip-adapter-f", {"augment_views": 0, "epochs": 2, "batch_size": 8}, {}, 0),
     ("clip-adapter", {"epochs": 2, "batch_size": 8}, {}, 0),
+    ("coop", {"epochs": 1, "batch_size": 8}, {}, 0),
+    ("cocoop", {"epochs": 1, "batch_size": 8}, {}, 0),
 ])
 def test_a_streamed_training_set_gives_the_whole_loads_results(
         method, options, extra, held, folders, model_dir, tmp_path, capsys, recwarn,
@@ -151,7 +153,7 @@ def test_which_training_sets_are_streamed():
         return streams_training(cfg, get_method(method), opts)
 
     assert {name for name in ADAPT_METHODS if streams(name)} == {
-        "linear-probe", "clip-adapter"}  # tip-adapter's augmented views read pixels
+        "linear-probe", "clip-adapter", "coop", "cocoop"}  # tip-adapter's views read pixels
     assert streams("tip-adapter", {"augment_views": 0})
     assert streams("tip-adapter-f", {"augment_views": 0})
     assert streams(options={"features": "layers"})

@@ -110,6 +110,12 @@ class CoCoOp(Adapter):
         return cls(model, classnames, options, learner, net, tensors["scale"])
 
 
+def trains_on_features(options: Options) -> bool:
+    """The context and meta-net train on the cached embeddings of the un-augmented images only:
+    a training set of all its images is streamed."""
+    return True
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoCoOp:
     require_pytorch_model("cocoop", NEEDS_PYTORCH_MODEL, model)

@@ -234,6 +234,12 @@ def build_learner(model: DualEncoder, train: LabelledImages, opts: dict, seed: i
                          bool(opts["init"]), seed)
 
 
+def trains_on_features(options: Options) -> bool:
+    """The context trains on the cached embeddings of the un-augmented images only: a training
+    set of all its images is streamed."""
+    return True
+
+
 def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
         ctx: AdaptContext) -> CoOp:
     require_pytorch_model("coop", NEEDS_PYTORCH_MODEL, model)
