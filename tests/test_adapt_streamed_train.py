@@ -250,3 +250,26 @@ def test_a_streamed_training_set_carries_its_features(folders, model_dir, tiny_m
         ctx.features(tiny_model, data)
     with pytest.raises(DataError, match="layers features were not computed"):
         ctx.features(model, data, "layers")
+
+
+def test_a_model_error_while_streaming_is_told_as_by_the_whole_load(
+        folders, model_dir, monkeypatch):
+    """A model that cannot give the probe's features (as an ONNX export has no ``tokens``)
+    fails with the whole load's words: not named as the config's (``adapt.yaml:``)."""
+    from cliplab.errors import ModelError
+    from cliplab.models.resolve import load_model
+
+    def no_tokens(*args, **kwargs):
+        raise ModelError(f"{model_dir}: no 'tokens' probe features")
+
+    module = get_method("linear-probe")
+    cfg = _config(folders, "linear-probe", {"features": "tokens"}, compare_zeroshot=False)
+    errors = []
+    for hook in (lambda _: False, module.trains_on_features):  # whole, then streamed
+        monkeypatch.setattr(module, "trains_on_features", hook)
+        model = load_model(str(model_dir))
+        monkeypatch.setattr(model, "image_backbone_and_probe", no_tokens)
+        with pytest.raises(ModelError) as err:
+            run_adapt(cfg, model=model, progress=False, write=False, where="adapt.yaml")
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] == f"{model_dir}: no 'tokens' probe features"

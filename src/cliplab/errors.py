@@ -103,12 +103,14 @@ def last_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def errors_naming(where: str | None) -> Iterator[None]:
-    """Re-raise a `CliplabError` of the block as ``where: message`` (the config file or key
-    path its message is about), unless it already starts so; ``where`` None: unchanged."""
+def errors_naming(where: str | None,
+                  kinds: tuple[type[CliplabError], ...] = (CliplabError,)) -> Iterator[None]:
+    """Re-raise a `CliplabError` of the block (of ``kinds``) as ``where: message`` (the config
+    file or key path its message is about), unless it already starts so; ``where`` None:
+    unchanged."""
     try:
         yield
-    except CliplabError as err:
+    except kinds as err:
         if where and not str(err).startswith(where):
             raise type(err)(f"{where}: {err}") from None
         raise

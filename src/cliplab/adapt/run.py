@@ -293,10 +293,10 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     # the model before the data: its input is what the images are decoded to
     model = model if model is not None else load_model(cfg.model, cfg.device)
     cache = cache or FeatureCache(cfg.cache_dir)
-    with errors_naming(where):  # a data error names its key (data.train), this its file
-        train, val, sets, skipped = draw_sets(cfg, method, options, progress,
-                                              getattr(model, "preprocess_config", None),
-                                              model, cache)
+    # a data error names its key (data.train), this its file
+    train, val, sets, skipped = draw_sets(cfg, method, options, progress,
+                                          getattr(model, "preprocess_config", None),
+                                          model, cache, where)
     given = str(cfg.model) if cfg.model is not None else None  # else the model's own folder
     run, existed = None, True
     if write:
@@ -395,7 +395,7 @@ def streams_training(cfg: AdaptConfig, method: Any, options: Section) -> bool:
 
 def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
               model_input: PreprocessConfig | None, model: DualEncoder | None = None,
-              cache: FeatureCache | None = None
+              cache: FeatureCache | None = None, where: str | None = None
               ) -> tuple[LabelledImages, LabelledImages | None, dict[str, ScoredSet],
                          dict[str, dict]]:
     """The training set (``shots`` per class, then ``train_size``), the validation split
@@ -404,19 +404,33 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
     them skipped (a listed one's is known when it is scored: `read_skips`); each class short of
     images, and a validation split the method will not use, said on stderr. Given ``model``, a
     training folder or manifest is streamed with it where `streams_training` says so (its
-    features cached in ``cache``)."""
+    features cached in ``cache``). Errors are named ``where`` (`errors_naming`), but for a
+    model's error while streaming: the whole load met it in ``fit``, unnamed."""
     stream_train = model is not None and streams_training(cfg, method, options)
-    # a method scoring its sets with many models (WiSE-FT's sweep) holds them: decoded once
-    train_all, sets = load_sets(cfg, progress, model_input,
-                                stream=not getattr(method, "SCORED_WHOLE", None),
-                                list_train=stream_train)
-    own_val = (load_validation(cfg, train_all, progress, model_input)
-               if cfg.data.val is not None else None)
+    with errors_naming(where):
+        # a method scoring its sets with many models (WiSE-FT's sweep) holds them: decoded once
+        train_all, sets = load_sets(cfg, progress, model_input,
+                                    stream=not getattr(method, "SCORED_WHOLE", None),
+                                    list_train=stream_train)
+        own_val = (load_validation(cfg, train_all, progress, model_input)
+                   if cfg.data.val is not None else None)
     if stream_train and isinstance(train_all, ListedImages):  # after the checks: the work
         probe = getattr(method, "scoring_probe", lambda _: None)(options)
-        train_all = streamed_training(model, cfg.data.train, train_all,
-                                      cache if cache is not None else FeatureCache(), probe,
-                                      progress)
+        with errors_naming(where, (DataError,)):
+            train_all = streamed_training(model, cfg.data.train, train_all,
+                                          cache if cache is not None else FeatureCache(),
+                                          probe, progress)
+    with errors_naming(where):
+        return drawn_sets(cfg, method, options, progress, train_all, own_val, sets)
+
+
+def drawn_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
+               train_all: LabelledImages | ListedImages, own_val: LabelledImages | None,
+               sets: dict[str, ScoredSet]
+               ) -> tuple[LabelledImages, LabelledImages | None, dict[str, ScoredSet],
+                          dict[str, dict]]:
+    """`draw_sets`' draws from the loaded (or listed) training set ``train_all`` and
+    ``data.val``'s ``own_val``, their checks and skip lines."""
     train_draws = ShotDraws(train_all, progress)
     val_draws = ShotDraws(own_val, progress) if own_val is not None else None
     train, val = few_shot_split(train_draws, cfg.shots,
