@@ -117,7 +117,7 @@ def test_a_streamed_training_set_gives_the_whole_loads_results(
     monkeypatch.setattr(module, "trains_on_features", lambda _: False)  # the whole load
     decodes = counting_decodes(monkeypatch)
     whole, whole_err, whole_files = _run(model_dir, cfg, tmp_path / "whole", capsys,
-                                            recwarn)
+                                         recwarn)
     assert stacked[0] == 30  # the readable training images held together
     whole_decodes = [p for p in decodes if p.startswith(str(folders["train"]))]
     monkeypatch.setattr(module, "trains_on_features", hook)
@@ -139,18 +139,17 @@ def test_a_streamed_training_set_gives_the_whole_loads_results(
     assert files == whole_files
 
 
-
 def test_which_training_sets_are_streamed():
     """Methods reading only features, on all of data.train: a validation split drawn from it
     or a train_size subset is encoded in batches of its own by the whole load (features other
     in their last bits than the whole set's), so it is loaded whole; so are shots."""
     from cliplab.adapt import ADAPT_METHODS
-    from cliplab.adapt.run import checked_config, streams_training
+    from cliplab.adapt.run import checked_config, should_stream_training
 
     def streams(method="linear-probe", options=None, **extra):
         cfg, opts = checked_config({**_config({"train": "a", "test": "b"}, method, options),
                                     "model": "tiny-clip", **extra})
-        return streams_training(cfg, get_method(method), opts)
+        return should_stream_training(cfg, get_method(method), opts)
 
     assert {name for name in ADAPT_METHODS if streams(name)} == {
         "linear-probe", "clip-adapter", "coop", "cocoop"}  # tip-adapter's views read pixels
@@ -273,3 +272,9 @@ def test_a_model_error_while_streaming_is_told_as_by_the_whole_load(
             run_adapt(cfg, model=model, progress=False, write=False, where="adapt.yaml")
         errors.append(str(err.value))
     assert errors[0] == errors[1] == f"{model_dir}: no 'tokens' probe features"
+
+
+def test_a_featured_set_needs_its_features():
+    """`FeaturedImages` holds no pixels to encode: its features are required."""
+    with pytest.raises(TypeError, match="features"):
+        FeaturedImages(torch.zeros(1, 1, 1, 3, dtype=torch.uint8), torch.zeros(1), ["a"], [])

@@ -24,13 +24,13 @@ from cliplab.models.dual_encoder import DualEncoder
 from cliplab.models.fingerprints import image_tower_fingerprint
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)  # keyword-only: required after the base's defaults
 class FeaturedImages(LabelledImages):
     """Samples whose images are 1x1 placeholders and whose ``features`` (one row each, with
     the extra probe ``tag``, `FeatureCache.probe_tag`) came from the image tower ``tower``
     (`image_tower_fingerprint`); ``subset`` keeps each sample's row."""
 
-    features: ImageFeatures | None = None
+    features: ImageFeatures
     tag: str = "plain"
     tower: str = ""
 
@@ -63,10 +63,11 @@ def _fields(data: LabelledImages) -> dict:
 def streamed_training(model: DualEncoder, spec: dict, listed: ListedImages,
                       cache: FeatureCache, probe: str | None = None,
                       progress: bool = True) -> LabelledImages:
-    """``data.train`` (``spec``, ``listed`` with ``model``'s input) streamed with ``probe``'s
-    features (`FeaturedImages`, features cached in ``cache`` under the listing); loaded whole
-    as `load_source` loads it when it cannot be streamed as that load holds it (a class with
-    no readable file, images of sizes the whole load squares together)."""
+    """``data.train`` (``spec``, listed as ``listed`` for ``model``'s input) streamed: its
+    images encoded a batch at a time with ``probe``'s features, which are cached in ``cache``
+    and carried by the returned `FeaturedImages`. Where streaming would not give the whole
+    load's samples (a class with no readable file, images of mixed sizes the whole load
+    would square together), the set is loaded whole instead, as `load_source` loads it."""
     context = TaskContext(cache=cache, progress=progress, hold=False)
     try:
         context.stream_listed(spec, listed, model, probe)

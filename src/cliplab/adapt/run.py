@@ -222,7 +222,8 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
         listed = list_source(spec, progress, f"data.{key}", model_input)
         if isinstance(listed, ListedImages):
             listed_set = ListedSet(spec, listed, f"data.{key}")
-            check_readable(listed_set, model_input)  # before training, as a whole load did
+            # before training, as a whole load did
+            check_readable(spec, listed, f"data.{key}", model_input)
             return listed_set
         return as_labelled(listed, f"data.{key}")  # nothing deferred: read as before
 
@@ -231,7 +232,7 @@ def load_sets(cfg: AdaptConfig, progress: bool = True,
         if not isinstance(train, ListedImages):
             train = as_labelled(train, "data.train")
         elif not cfg.shots:  # before any work, as a whole load did
-            check_readable(ListedSet(cfg.data.train, train, "data.train"), model_input)
+            check_readable(cfg.data.train, train, "data.train", model_input)
     else:
         train = load("train")
     sets = {"test": scored("test")}
@@ -382,7 +383,7 @@ def check_before_work(cfg: AdaptConfig, method: Any, model: DualEncoder | None, 
     check_cache_dir(cfg.cache_dir, inputs)
 
 
-def streams_training(cfg: AdaptConfig, method: Any, options: Section) -> bool:
+def should_stream_training(cfg: AdaptConfig, method: Any, options: Section) -> bool:
     """Whether ``data.train`` is streamed (`streamed_training`): the method reads it only
     through its image features (``trains_on_features``) and all of it trains (``shots`` 0, no
     validation split drawn from it, no ``train_size``). A split or subset of it is encoded in
@@ -403,10 +404,10 @@ def draw_sets(cfg: AdaptConfig, method: Any, options: Section, progress: bool,
     or manifest listed, `ListedSet`, unless the method is ``SCORED_WHOLE``) and what loading
     them skipped (a listed one's is known when it is scored: `read_skips`); each class short of
     images, and a validation split the method will not use, said on stderr. Given ``model``, a
-    training folder or manifest is streamed with it where `streams_training` says so (its
+    training folder or manifest is streamed with it where `should_stream_training` says so (its
     features cached in ``cache``). Errors are named ``where`` (`errors_naming`), but for a
     model's error while streaming: the whole load met it in ``fit``, unnamed."""
-    stream_train = model is not None and streams_training(cfg, method, options)
+    stream_train = model is not None and should_stream_training(cfg, method, options)
     with errors_naming(where):
         # a method scoring its sets with many models (WiSE-FT's sweep) holds them: decoded once
         train_all, sets = load_sets(cfg, progress, model_input,

@@ -55,19 +55,20 @@ class ListedSet:
 ScoredSet = LabelledImages | ListedSet
 
 
-def check_readable(data: ListedSet, model_input: PreprocessConfig | None = None) -> None:
-    """Refuse now, before any training, a listed set none of whose files decodes, with the
-    whole load's error (`load_source`: "no readable image in N files"): its files are tried
-    in order until one decodes, one decode for a set that can be scored."""
-    if data.listed.deferred < len(data.listed):  # some samples held in memory already
+def check_readable(spec: dict, listed: ListedImages, where: str,
+                   model_input: PreprocessConfig | None = None) -> None:
+    """Refuse now, before any work, a set (``spec``, ``listed``; its key ``where``) none of
+    whose files decodes, with the whole load's error (`load_source`: "no readable image in N
+    files"): its files are tried in order until one decodes, one decode for a readable set."""
+    if listed.deferred < len(listed):  # some samples held in memory already
         return
-    for deferred in data.listed.decoders.values():
+    for deferred in listed.decoders.values():
         try:
             deferred.decode()
             return
         except UnreadableImage:
             continue
-    load_source(data.spec, False, data.where, model_input)  # raises: nothing readable
+    load_source(spec, False, where, model_input)  # raises: nothing readable
 
 
 def scored_data(data: ScoredSet) -> LabelledImages:
