@@ -278,3 +278,27 @@ def test_a_featured_set_needs_its_features():
     """`FeaturedImages` holds no pixels to encode: its features are required."""
     with pytest.raises(TypeError, match="features"):
         FeaturedImages(torch.zeros(1, 1, 1, 3, dtype=torch.uint8), torch.zeros(1), ["a"], [])
+
+
+@pytest.mark.parametrize("method, options, blocks, message", [
+    ("linear-probe", {"features": "layers"}, 2,
+     "options.features: layers reads the last 4 blocks of the image tower, but this model's "
+     "has 2"),
+    ("tip-adapter", {"augment_views": 0, "search": True}, 4,
+     "tip-adapter: search=true needs a validation split (set val_shots, e.g. val_shots=16)"),
+    ("tip-adapter-f", {"augment_views": 0, "search": True}, 4,
+     "tip-adapter-f: search=true needs a validation split (set val_shots, e.g. val_shots=16)"),
+])
+def test_options_fit_would_refuse_are_refused_before_any_image_is_decoded(
+        method, options, blocks, message, folders, monkeypatch, tmp_path):
+    """Not after the training set is decoded and encoded, with fit's words."""
+    from cliplab.errors import ConfigError
+
+    model_dir = build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=blocks,
+                            heads=2, embed_dim=16, context_length=32).save(tmp_path / "model")
+    decodes = counting_decodes(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        run_adapt({**_config(folders, method, options), "model": str(model_dir)},
+                  progress=False, write=False, where="adapt.yaml")
+    assert str(err.value).startswith(message)
+    assert decodes == []

@@ -208,7 +208,7 @@ def test_a_run_refused_at_its_start_leaves_no_folder(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     assert main([*args, "data.train.n=64", "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir()
-    # adapt: a method that refuses its options while fitting
+    # adapt: a method that refuses its options (before any work, as fit would)
     assert main(["adapt", "--method", "tip-adapter", "--model", "tiny-clip", "--no-progress",
                  "--out", str(tmp_path / "adapt"), "data.train={source: digits, split: train}",
                  "data.test={source: digits, split: test}", "shots=1", "val_shots=0",

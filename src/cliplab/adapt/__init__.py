@@ -13,6 +13,9 @@ Every method is a module registered in ``ADAPT_METHODS`` under its CLI name, exp
   through a tower, weights that change): set, an ONNX export given as the model is refused
   before any work (`cliplab.adapt.base.require_pytorch_model`); unset, the method reads only
   image and text features, which an export gives as well;
+- ``check_first(model, options, validation: bool)`` (optional) — refuse, before any image is
+  decoded, what ``fit`` would refuse of these options on this model (``validation``: a
+  validation split will be given);
 - ``uses_validation(options) -> bool`` (optional) — whether the method chooses anything on
   the validation split with these options (unset: never; a split drawn anyway is told);
 - ``scoring_probe(options) -> str | None`` (optional) — the extra image features (``tokens``,

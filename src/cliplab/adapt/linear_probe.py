@@ -70,16 +70,23 @@ def trains_on_features(options: Options) -> bool:
     return True
 
 
-def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
-        ctx: AdaptContext) -> LinearProbe:
-    opts = method_options(Options, options, "linear-probe").to_dict()
-    which = opts["features"]
-    blocks = image_blocks(model) if which == "layers" else None
+def check_first(model: DualEncoder, options: Options, validation: bool) -> None:
+    """Refuse ``layers`` features on a tower of fewer blocks than they read, before any
+    image is decoded (``fit`` would only find it after)."""
+    blocks = image_blocks(model) if options.features == "layers" else None
     if blocks is not None and blocks < DEFAULT_PROBE_LAYERS:
         raise ConfigError(f"options.features: layers reads the last {DEFAULT_PROBE_LAYERS} "
                           f"blocks of the image tower, but this model's has {blocks}; use "
                           "features tokens, backbone or embeddings (or the eval suite's "
                           "linear_probe task, whose layers key takes fewer)")
+
+
+def fit(model: DualEncoder, train: LabelledImages, options: Options | dict | None,
+        ctx: AdaptContext) -> LinearProbe:
+    given = method_options(Options, options, "linear-probe")
+    check_first(model, given, ctx.val is not None)
+    opts = given.to_dict()
+    which = opts["features"]
     x = ctx.features(model, train, which if which in EXTRA_PROBES else None,
                      desc="encode train").get(which).float()
     mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)  # std of 1 sample: nan

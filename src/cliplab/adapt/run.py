@@ -293,6 +293,9 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     check_before_work(cfg, method, model, write, where)
     # the model before the data: its input is what the images are decoded to
     model = model if model is not None else load_model(cfg.model, cfg.device)
+    # what fit would refuse of its options on this model, before any image is decoded
+    getattr(method, "check_first", lambda *_: None)(
+        model, options, cfg.data.val is not None or bool(cfg.val_shots))
     cache = cache or FeatureCache(cfg.cache_dir)
     # a data error names its key (data.train), this its file
     train, val, sets, skipped = draw_sets(cfg, method, options, progress,

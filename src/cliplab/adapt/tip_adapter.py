@@ -193,8 +193,7 @@ def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> 
     if not o["search"]:
         return adapter
     if ctx.val is None:
-        raise ConfigError(f"{adapter.method}: search=true needs a validation split "
-                          "(set val_shots, e.g. val_shots=16)")
+        raise ConfigError(search_without_validation(adapter.method))
     val = F.normalize(ctx.features(model, ctx.val, desc="encode val").embeddings.float(), dim=-1)
     alpha, beta, acc = search_alpha_beta(val, ctx.val.labels, adapter.weights, adapter.keys,
                                          adapter.values, float(o["clip_scale"]),
@@ -202,6 +201,17 @@ def maybe_search(adapter: TipAdapter, model: DualEncoder, ctx: AdaptContext) -> 
                                          [int(s) for s in o["search_steps"]])
     o.update(alpha=alpha, beta=beta, val_acc1=acc)
     return adapter
+
+
+def search_without_validation(method: str) -> str:
+    """The error of ``search`` without a validation split."""
+    return f"{method}: search=true needs a validation split (set val_shots, e.g. val_shots=16)"
+
+
+def check_first(model: DualEncoder, options: Options, validation: bool) -> None:
+    """Refuse ``search`` without a validation split before any image is decoded."""
+    if options.search and not validation:
+        raise ConfigError(search_without_validation("tip-adapter"))
 
 
 def uses_validation(options: Options) -> bool:

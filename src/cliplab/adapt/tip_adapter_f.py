@@ -20,16 +20,24 @@ import cliplab.adapt.tip_adapter as tip_adapter
 from cliplab.adapt.base import AdaptContext, method_options
 from cliplab.adapt.tip_adapter import Options as TipOptions
 from cliplab.adapt.tip_adapter import (TipAdapter, augmented_embeddings, build_cache,
-                                      maybe_search, resolve_scale, tip_logits)
+                                      maybe_search, resolve_scale, search_without_validation,
+                                      tip_logits)
 from cliplab.adapt.training import train_steps
 from cliplab.adapt.zeroshot import text_head
 from cliplab.data.types import LabelledImages
+from cliplab.errors import ConfigError
 from cliplab.models.dual_encoder import DualEncoder
 
 
 # Tip-Adapter's hooks, as ours: its search, and its keys read from features without views
 uses_validation = tip_adapter.uses_validation
 trains_on_features = tip_adapter.trains_on_features
+
+
+def check_first(model: DualEncoder, options: Options, validation: bool) -> None:
+    """Refuse ``search`` without a validation split before any image is decoded."""
+    if options.search and not validation:
+        raise ConfigError(search_without_validation("tip-adapter-f"))
 
 
 class Options(TipOptions):
