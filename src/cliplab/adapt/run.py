@@ -297,7 +297,7 @@ def run_adapt(cfg: AdaptConfig | dict, model: DualEncoder | None = None, progres
     getattr(method, "check_first", lambda *_: None)(
         model, options, cfg.data.val is not None or bool(cfg.val_shots))
     cache = cache or FeatureCache(cfg.cache_dir)
-    # a data error names its key (data.train), this its file
+    # a data error names its key (data.train), and where its file (draw_sets)
     train, val, sets, skipped = draw_sets(cfg, method, options, progress,
                                           getattr(model, "preprocess_config", None),
                                           model, cache, where)
