@@ -67,3 +67,22 @@ def tiny_lit_run(tmp_path_factory):
         capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
+
+
+@pytest.fixture()
+def stacked(monkeypatch):
+    """The most decoded images stacked together (a listing's placeholders left out): how many
+    images a run held at once."""
+    from cliplab.data.images import ImageStack
+
+    seen = [0]
+    stack = ImageStack.stacked
+
+    def recording(self, where="images"):
+        images = stack(self, where)
+        if images.shape[1] > 1:
+            seen[0] = max(seen[0], len(images))
+        return images
+
+    monkeypatch.setattr(ImageStack, "stacked", recording)
+    return seen

@@ -10,7 +10,6 @@ from cliplab.adapt import get_method
 from cliplab.adapt.run import checked_config, load_sets, run_adapt
 from cliplab.adapt.scored import ListedSet
 from cliplab.data.digits import load_digits
-from cliplab.data.images import ImageStack
 from cliplab.errors import DataError
 from tests.image_folders import counting_decodes, digits_folder, pets_folder
 
@@ -43,22 +42,6 @@ def _run(model_dir, cfg, capsys):
     err = capsys.readouterr().err.splitlines()
     res = {k: v for k, v in res.items() if k not in ("adapter", "wall_time_s")}
     return res, sorted(line for line in err if "skipped" in line)
-
-
-@pytest.fixture()
-def stacked(monkeypatch):
-    """The most decoded images stacked together (a listing's placeholders left out)."""
-    seen = [0]
-    stack = ImageStack.stacked
-
-    def recording(self, where="images"):
-        images = stack(self, where)
-        if images.shape[1] > 1:
-            seen[0] = max(seen[0], len(images))
-        return images
-
-    monkeypatch.setattr(ImageStack, "stacked", recording)
-    return seen
 
 
 @pytest.mark.parametrize("method, options, test_decodes", [

@@ -13,7 +13,6 @@ from cliplab.adapt import AdaptContext, get_method
 from cliplab.adapt.featured import FeaturedImages
 from cliplab.adapt.run import run_adapt
 from cliplab.data.digits import load_digits
-from cliplab.data.images import ImageStack
 from cliplab.errors import DataError
 from cliplab.evaluate.feature_cache import FeatureCache
 from cliplab.models import build_model
@@ -45,22 +44,6 @@ def model_dir(tmp_path_factory):
     return build_model("tiny-clip", image_size=16, patch_size=8, width=32, layers=4, heads=2,
                        embed_dim=16, context_length=32).save(
         tmp_path_factory.mktemp("tiny4") / "model")
-
-
-@pytest.fixture()
-def stacked(monkeypatch):
-    """The most decoded images stacked together (a listing's placeholders left out)."""
-    seen = [0]
-    stack = ImageStack.stacked
-
-    def recording(self, where="images"):
-        images = stack(self, where)
-        if images.shape[1] > 1:
-            seen[0] = max(seen[0], len(images))
-        return images
-
-    monkeypatch.setattr(ImageStack, "stacked", recording)
-    return seen
 
 
 def _spec(path):
