@@ -27,13 +27,17 @@ from cliplab.errors import CliplabError, ConfigError
 class FakeRay(types.ModuleType):
     """`ray` as far as the engine uses it: ``init`` / ``is_initialized`` recorded; actors
     (``remote(cls).options(...).remote(...)``) made in this process, each call run when it is
-    made, its result an object ref (``get``, ``put``, ``kill`` as Ray's). ``wait`` gives the
-    refs in the order they were made, or the last first (``last_first``: results coming back
-    out of order)."""
+    made, its result an object ref (``get``, ``put``, ``kill`` as Ray's). ``wait`` gives an
+    actor's ``ready`` answers first, then the refs in the order they were made, or the last
+    first (``last_first``: results coming back out of order). The actors numbered in
+    ``never_start`` are ones Ray cannot place (no free CPU): their calls never answer, and a
+    ``wait`` on only such refs raises (Ray would wait for ever)."""
 
-    def __init__(self, initialized: bool = False, last_first: bool = False):
+    def __init__(self, initialized: bool = False, last_first: bool = False,
+                 never_start: frozenset[int] = frozenset()):
         super().__init__("ray")
         self.initialized, self.last_first, self.inits, self.calls = initialized, last_first, [], []
+        self.never_start = never_start
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -53,7 +57,11 @@ class FakeRay(types.ModuleType):
 
     def wait(self, refs: list, num_returns: int):
         refs = refs[::-1] if self.last_first else refs
-        return refs[:num_returns], refs[num_returns:]
+        ready = sorted((r for r in refs if not r.pending), key=lambda r: not r.first)
+        if len(ready) < num_returns:
+            raise AssertionError(f"ray.wait on {len(refs)} refs of which {len(ready)} can "
+                                 "ever be ready: Ray would wait for ever")
+        return ready[:num_returns], [r for r in refs if r not in ready[:num_returns]]
 
     def kill(self, actor) -> None:
         self.calls.append(("kill", actor.number))
@@ -70,24 +78,28 @@ class FakeRay(types.ModuleType):
                 values = [a.value if isinstance(a, FakeRef) else a for a in args]
                 number = sum(call[0] == "actor" for call in fake.calls)
                 fake.calls.append(("actor", number))
-                return FakeActor(cls(*values), number)
+                return FakeActor(cls(*values), number, number not in fake.never_start)
         return ActorClass()
 
 
 class FakeRef:
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, pending: bool = False, first: bool = False):
+        self.value, self.pending, self.first = value, pending, first
 
 
 class FakeActor:
-    """An actor's handle: ``handle.method.remote(...)`` runs the method at once."""
+    """An actor's handle: ``handle.method.remote(...)`` runs the method at once (never, on an
+    actor not ``started``: its ref never answers)."""
 
-    def __init__(self, instance, number: int):
-        self.instance, self.number = instance, number
+    def __init__(self, instance, number: int, started: bool = True):
+        self.instance, self.number, self.started = instance, number, started
 
     def __getattr__(self, name: str):
         method = getattr(self.instance, name)
-        return types.SimpleNamespace(remote=lambda *args: FakeRef(method(*args)))
+        if not self.started:
+            return types.SimpleNamespace(remote=lambda *args: FakeRef(None, pending=True))
+        return types.SimpleNamespace(remote=lambda *args: FakeRef(method(*args),
+                                                                  first=name == "ready"))
 
 
 @pytest.fixture
@@ -233,6 +245,23 @@ def test_a_resumed_run_maps_only_the_chunks_without_columns_and_saves_each(tmp_p
     map_chunks_ray(step, chunks, lambda c: out / f"{c}.npz", tmp_path, workers=4,
                    progress=False)
     assert fake_ray.calls == []
+
+
+def test_chunks_go_only_to_actors_that_started_and_the_others_are_killed(tmp_path,
+                                                                        monkeypatch):
+    """Ray with fewer free CPUs than ``--workers`` (a cluster's, or a caller's
+    ``ray.init(num_cpus=1)``) cannot place every actor: the chunks queued on one that never
+    started were never mapped and the step waited for ever. Chunks now go only to actors that
+    answered ``ready``; the one that never did is killed at the end with the others."""
+    ray = FakeRay(never_start=frozenset({1}))
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    chunks = pool(tmp_path, [1] * 6)
+    step = MeanStep()
+    map_chunks_ray(step, chunks, lambda c: tmp_path / f"{c}.npz", tmp_path, workers=3,
+                   progress=False)
+    assert sorted(keys[0] for keys in step.mapped) == [f"{c}-0" for c in range(6)]
+    assert all((tmp_path / f"{c}.npz").is_file() for c in range(6))
+    assert sorted(call[1] for call in ray.calls if call[0] == "kill") == [0, 1, 2]
 
 
 def test_one_worker_maps_on_one_actor_and_no_progress_draws_no_bar(tmp_path, fake_ray, capsys):
@@ -519,3 +548,19 @@ def test_an_image_gone_is_raised_on_the_driver_as_itself_from_a_real_actor(tmp_p
                                       "longer be read (No such file or directory): the "
                                       "source changed")
     assert not (tmp_path / "cols" / "1.npz").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_step_finishes_on_the_actors_ray_can_place(tmp_path, real_ray):
+    """More ``--workers`` than free CPUs (3 actors of a CPU each on a 2-CPU Ray): the actor
+    Ray could not place never started, the chunks queued on it were never mapped and the
+    step waited for ever. It finishes on the two that started; the third is killed."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "cols").mkdir()
+    map_chunks_ray(RecordingStep(marks), plain_pool([5] * 8),
+                   lambda c: tmp_path / "cols" / f"{c}.npz", tmp_path, workers=3,
+                   progress=False)
+    assert sorted(int(p.stem) for p in (tmp_path / "cols").glob("*.npz")) == list(range(8))
+    assert sorted(map(int, marked(marks, "mapped"))) == list(range(8))

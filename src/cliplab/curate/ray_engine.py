@@ -119,6 +119,10 @@ class _ChunkMapper:
     def __init__(self, step: Step, work: str):
         self.step, self.work = step, Path(work)
 
+    def ready(self) -> bool:
+        """True: answered once the actor has started (Ray placed it and built it)."""
+        return True
+
     def map(self, records: list[Record]) -> tuple[dict[str, np.ndarray], CliplabError | None]:
         """The chunk's columns and no error, or no columns and the error."""
         try:
@@ -138,7 +142,8 @@ def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable
                    work: Path, workers: int = 1, desc: str = "", progress: bool = True) -> None:
     """`cliplab.curate.engine.map_chunks` on Ray (Ray must be started: `start_ray`): one set
     of ``workers`` actors for the step, each given the prepared step once, fed the chunks a
-    few at a time (`RAY_ITEMS_IN_FLIGHT`); each chunk's columns saved as they come back."""
+    few at a time (`RAY_ITEMS_IN_FLIGHT`) once it has started (the step runs on the actors Ray
+    can place); each chunk's columns saved as they come back."""
     import ray
 
     todo, sizes = chunks_to_do(chunks, out), chunk_sizes(chunks)
@@ -153,22 +158,30 @@ def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable
         shared = ray.put(step)  # in the object store once, not once per actor
         actors = [mapper.remote(shared, str(work)) for _ in range(min(max(1, workers),
                                                                       len(todo)))]
+        # an actor is given chunks only once it has started: one Ray cannot place (fewer free
+        # CPUs than actors) would hold the chunks queued on it for ever
+        starting = {actor.ready.remote(): a for a, actor in enumerate(actors)}
+        started: list[int] = []
         queued = [0] * len(actors)
         running: dict = {}  # each chunk's result (an object ref): its number and actor
         held, sent = 0, 0  # the items in flight, the chunks of todo sent
 
         def send() -> None:
             nonlocal held, sent
-            while sent < len(todo) and len(running) < PER_ACTOR * len(actors) and (
-                    len(running) < len(actors) or held + sizes[todo[sent]] <= RAY_ITEMS_IN_FLIGHT):
-                c, a = todo[sent], queued.index(min(queued))
+            while sent < len(todo) and len(running) < PER_ACTOR * len(started) and (
+                    len(running) < len(started) or held + sizes[todo[sent]] <= RAY_ITEMS_IN_FLIGHT):
+                c, a = todo[sent], min(started, key=queued.__getitem__)
                 running[actors[a].map.remote(chunks[c])] = c, a
                 queued[a] += 1
                 held += sizes[c]
                 sent += 1
-        send()
-        while running:
-            (done,), _ = ray.wait(list(running), num_returns=1)
+        while running or sent < len(todo):
+            (done,), _ = ray.wait(list(starting) + list(running), num_returns=1)
+            if done in starting:
+                ray.get(done)  # an actor that could not be built raises its error here
+                started.append(starting.pop(done))
+                send()
+                continue
             c, a = running.pop(done)
             queued[a] -= 1
             held -= sizes[c]
