@@ -38,6 +38,7 @@ class FakeRay(types.ModuleType):
         super().__init__("ray")
         self.initialized, self.last_first, self.inits, self.calls = initialized, last_first, [], []
         self.never_start = never_start
+        self.exceptions = types.SimpleNamespace(RayActorError=FakeActorDied)
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -53,6 +54,8 @@ class FakeRay(types.ModuleType):
         return FakeRef(value)
 
     def get(self, ref: "FakeRef"):
+        if ref.died is not None:
+            raise ref.died
         return ref.value
 
     def wait(self, refs: list, num_returns: int):
@@ -82,9 +85,15 @@ class FakeRay(types.ModuleType):
         return ActorClass()
 
 
+class FakeActorDied(Exception):
+    """Ray's ``RayActorError`` (``ActorDiedError``): what ``get`` raises for a call whose actor
+    died once its restarts ran out."""
+
+
 class FakeRef:
-    def __init__(self, value, pending: bool = False, first: bool = False):
-        self.value, self.pending, self.first = value, pending, first
+    def __init__(self, value, pending: bool = False, first: bool = False,
+                 died: FakeActorDied | None = None):
+        self.value, self.pending, self.first, self.died = value, pending, first, died
 
 
 class FakeActor:
@@ -98,8 +107,13 @@ class FakeActor:
         method = getattr(self.instance, name)
         if not self.started:
             return types.SimpleNamespace(remote=lambda *args: FakeRef(None, pending=True))
-        return types.SimpleNamespace(remote=lambda *args: FakeRef(method(*args),
-                                                                  first=name == "ready"))
+
+        def call(*args) -> FakeRef:
+            try:
+                return FakeRef(method(*args), first=name == "ready")
+            except FakeActorDied as died:  # the step's map "killed" its actor
+                return FakeRef(None, died=died)
+        return types.SimpleNamespace(remote=call)
 
 
 @pytest.fixture
@@ -233,7 +247,7 @@ def test_a_resumed_run_maps_only_the_chunks_without_columns_and_saves_each(tmp_p
     map_chunks_ray(step, chunks, lambda c: out / f"{c}.npz", tmp_path, workers=4,
                    progress=False)
     assert fake_ray.calls == [
-        ("options", {"num_cpus": 1, "max_restarts": -1, "max_task_retries": -1}),
+        ("options", {"num_cpus": 1, "max_restarts": 3, "max_task_retries": 3}),
         ("actor", 0), ("actor", 1), ("kill", 0), ("kill", 1)]
     assert step.mapped == [["1-0", "1-1", "1-2"], ["2-0"]]
     assert (out / "0.npz").read_bytes() == b"saved before the kill"
@@ -262,6 +276,32 @@ def test_chunks_go_only_to_actors_that_started_and_the_others_are_killed(tmp_pat
     assert sorted(keys[0] for keys in step.mapped) == [f"{c}-0" for c in range(6)]
     assert all((tmp_path / f"{c}.npz").is_file() for c in range(6))
     assert sorted(call[1] for call in ray.calls if call[0] == "kill") == [0, 1, 2]
+
+
+def test_a_chunk_that_kills_its_actor_each_time_is_one_line_naming_the_step_and_chunk(
+        tmp_path, fake_ray):
+    """A chunk that kills its actor every time (out of memory, a native crash) was retried
+    for ever (no limit on restarts): the run never ended. Ray now gives up after
+    `RAY_RETRIES` and its actor-died error is one line, as the local engine's `WorkerDied`;
+    the chunks saved before it are kept."""
+    from cliplab.curate.engine import WorkerDied
+
+    class DyingStep(MeanStep):
+        def map(self, batch):
+            if batch.keys[0].startswith("1-"):
+                raise FakeActorDied("ActorDiedError: The actor died unexpectedly ...")
+            return super().map(batch)
+
+    chunks = pool(tmp_path, [1, 1, 1])
+    with pytest.raises(WorkerDied) as died:
+        map_chunks_ray(DyingStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path,
+                       workers=1, desc="01-clip_score", progress=False)
+    assert str(died.value) == (
+        "step 01-clip_score chunk 1: the Ray actor mapping it (or a chunk queued with it) died "
+        "4 times (killed, or out of memory?); the chunks finished are kept: run the same "
+        "command again to resume (with fewer --workers if memory is short)")
+    assert died.value.__cause__ is None and died.value.__suppress_context__
+    assert (tmp_path / "0.npz").is_file() and not (tmp_path / "1.npz").exists()
 
 
 def test_one_worker_maps_on_one_actor_and_no_progress_draws_no_bar(tmp_path, fake_ray, capsys):
@@ -564,3 +604,34 @@ def test_a_step_finishes_on_the_actors_ray_can_place(tmp_path, real_ray):
                    progress=False)
     assert sorted(int(p.stem) for p in (tmp_path / "cols").glob("*.npz")) == list(range(8))
     assert sorted(map(int, marked(marks, "mapped"))) == list(range(8))
+
+
+class ExitingStep(RecordingStep):
+    """A `RecordingStep` whose map ends its own process on chunk 1 (as the OOM killer or a
+    native crash would), each time it is tried."""
+
+    def map(self, batch):
+        if batch.keys[0].startswith("1-"):
+            os._exit(1)
+        return super().map(batch)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_chunk_that_kills_its_real_actor_each_time_ends_the_step_in_one_line(tmp_path,
+                                                                             real_ray):
+    """On real Ray: the chunk was retried on a restarted actor for ever; now `RAY_RETRIES`
+    times, then the one-line `WorkerDied` naming the step and the chunk (chunk 0, queued on
+    the same actor, may be the one named: its answer is lost with the actor each time)."""
+    from cliplab.curate.engine import WorkerDied
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "cols").mkdir()
+    with pytest.raises(WorkerDied, match=r"^step exit chunk [01]: the Ray actor mapping it "
+                       r"\(or a chunk queued with it\) died 4 times"):
+        map_chunks_ray(ExitingStep(marks), plain_pool([5] * 3),
+                       lambda c: tmp_path / "cols" / f"{c}.npz", tmp_path, workers=1,
+                       desc="exit", progress=False)
+    assert not (tmp_path / "cols" / "1.npz").exists()
+    assert len(marked(marks, "received")) == 4  # built once, restarted 3 times

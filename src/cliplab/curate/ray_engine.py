@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplab.curate.engine import chunk_progress, chunk_sizes, chunks_to_do, save_columns
+from cliplab.curate.engine import (
+    WorkerDied, chunk_progress, chunk_sizes, chunks_to_do, save_columns)
 from cliplab.curate.pool import Record, map_chunk
 from cliplab.curate.steps.base import Step
 from cliplab.errors import CliplabError, ConfigError
@@ -136,6 +137,9 @@ class _ChunkMapper:
 RAY_ITEMS_IN_FLIGHT = 200_000
 # chunks queued on one actor: the next one is there when it finishes (not a round trip away)
 PER_ACTOR = 2
+# times an actor that died is restarted and its chunks retried: enough for a lost node, not
+# for ever: a chunk that kills its actor each time (out of memory, a native crash) looped on
+RAY_RETRIES = 3
 
 
 def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable[[int], Path],
@@ -152,9 +156,9 @@ def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable
     try:
         if not todo:
             return
-        # restarted and its chunks retried when an actor dies (a lost node), as Ray Data did
-        mapper = ray.remote(_ChunkMapper).options(num_cpus=1, max_restarts=-1,
-                                                  max_task_retries=-1)
+        # restarted and its chunks retried when an actor dies (a lost node)
+        mapper = ray.remote(_ChunkMapper).options(num_cpus=1, max_restarts=RAY_RETRIES,
+                                                  max_task_retries=RAY_RETRIES)
         shared = ray.put(step)  # in the object store once, not once per actor
         actors = [mapper.remote(shared, str(work)) for _ in range(min(max(1, workers),
                                                                       len(todo)))]
@@ -185,7 +189,15 @@ def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable
             c, a = running.pop(done)
             queued[a] -= 1
             held -= sizes[c]
-            columns, error = ray.get(done)
+            try:
+                columns, error = ray.get(done)
+            except ray.exceptions.RayActorError:
+                # the chunk named may be an innocent one queued on the actor the culprit killed
+                raise WorkerDied(f"step {desc} chunk {c}: the Ray actor mapping it (or a chunk "
+                                 f"queued with it) died {RAY_RETRIES + 1} times (killed, or out "
+                                 "of memory?); the chunks finished are kept: run the same "
+                                 "command again to resume (with fewer --workers if memory is "
+                                 "short)") from None
             if error is not None:
                 raise error
             save_columns(out(c), columns, sizes[c], f"{desc} chunk {c}")
