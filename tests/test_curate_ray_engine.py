@@ -304,6 +304,26 @@ def test_a_chunk_that_kills_its_actor_each_time_is_one_line_naming_the_step_and_
     assert (tmp_path / "0.npz").is_file() and not (tmp_path / "1.npz").exists()
 
 
+def test_a_failing_kill_hides_no_error_and_spares_no_actor(tmp_path, fake_ray, monkeypatch):
+    """The actors are killed at a step's end; a ``ray.kill`` that fails (Ray's connection gone,
+    often why the map failed) raised its own error in place of the map's, left the other
+    actors running and the bar open. Each actor is still tried and the map's error raised."""
+    import cliplab.curate.ray_engine as ray_engine
+
+    def kill(actor) -> None:
+        fake_ray.calls.append(("kill", actor.number))
+        raise ConnectionError("GCS is gone")
+    fake_ray.kill = kill
+    bars = []
+    made = ray_engine.chunk_progress
+    monkeypatch.setattr(ray_engine, "chunk_progress", lambda *a: bars.append(made(*a)) or bars[-1])
+    with pytest.raises(CliplabError, match=r"^step s chunk 0: map column 'mean' must be"):
+        map_chunks_ray(MeanStep(short=True), pool(tmp_path, [2, 2]),
+                       lambda c: tmp_path / f"{c}.npz", tmp_path, workers=2, desc="step s")
+    assert [call for call in fake_ray.calls if call[0] == "kill"] == [("kill", 0), ("kill", 1)]
+    assert len(bars) == 1 and bars[0].disable
+
+
 def test_one_worker_maps_on_one_actor_and_no_progress_draws_no_bar(tmp_path, fake_ray, capsys):
     chunks = pool(tmp_path, [1, 1, 1])
     map_chunks_ray(MeanStep(), chunks, lambda c: tmp_path / f"{c}.npz", tmp_path, workers=1,

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -205,5 +205,7 @@ def map_chunks_ray(step: Step, chunks: Mapping[int, list[Record]], out: Callable
             send()
     finally:
         for actor in actors:  # chunks still queued are not mapped to be thrown away
-            ray.kill(actor)
+            # a Ray gone (often why the map failed) must not hide that error or spare the rest
+            with suppress(Exception):
+                ray.kill(actor)
         bar.close()
