@@ -516,6 +516,20 @@ def real_ray():
         shutil.rmtree(sessions, ignore_errors=True)
 
 
+def local_reference(records, tmp_path):
+    """The marks folder a `RecordingStep` records in, after the local engine has written the
+    files of ``records`` to tmp_path/local (tmp_path/ray made for Ray's)."""
+    from cliplab.curate.engine import map_chunks
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for folder in ("local", "ray"):
+        (tmp_path / folder).mkdir()
+    map_chunks(RecordingStep(marks), records, lambda c: tmp_path / "local" / f"{c}.npz",
+               tmp_path)
+    return marks
+
+
 @pytest.mark.slow
 def test_each_actor_gets_the_prepared_step_once_for_the_whole_step(tmp_path, real_ray,
                                                                    monkeypatch):
@@ -525,15 +539,10 @@ def test_each_actor_gets_the_prepared_step_once_for_the_whole_step(tmp_path, rea
     the records in flight stay bounded (two chunks per actor here, 120k items); chunks come
     back out of order and are saved by number, byte for byte the local engine's files."""
     import cliplab.curate.ray_engine as ray_engine
-    from cliplab.curate.engine import LazyChunks, map_chunks
+    from cliplab.curate.engine import LazyChunks
 
     records = plain_pool([30_000] * 8)  # 240k items: more than one old group
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    for folder in ("local", "ray"):
-        (tmp_path / folder).mkdir()
-    map_chunks(RecordingStep(marks), records, lambda c: tmp_path / "local" / f"{c}.npz",
-               tmp_path)
+    marks = local_reference(records, tmp_path)
     (marks / "mapped").unlink()
     loaded, saved = [], []
 
@@ -561,15 +570,9 @@ def test_a_ray_run_stopped_midway_resumes_with_the_chunks_it_had_not_saved(tmp_p
     """Stopped (Ctrl-C, a kill) after saving two chunks: the actors are stopped and the run
     again maps only the chunks without columns; its files are the local engine's."""
     import cliplab.curate.ray_engine as ray_engine
-    from cliplab.curate.engine import map_chunks
 
     records = plain_pool([10] * 6)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    for folder in ("local", "ray"):
-        (tmp_path / folder).mkdir()
-    map_chunks(RecordingStep(marks), records, lambda c: tmp_path / "local" / f"{c}.npz",
-               tmp_path)
+    marks = local_reference(records, tmp_path)
     save = ray_engine.save_columns
 
     def stopped_at_the_third(path, *a):
